@@ -1,0 +1,219 @@
+"""Plain, picklable records of durable broker state, and the operations on it.
+
+Stores never see a live Session or Protocol object.  The broker describes every
+change of durable state as one of the operation values below and hands it to
+``IBrokerStore.write``; a store persists the operations (journal) and can
+rebuild a :class:`StoredState` from them with :func:`apply_op`.  That function
+is the single definition of what an operation means, shared by every backend
+and by the tests.
+
+Layer L1: imports only the codec values and attrs.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Dict, Optional, Tuple
+
+import attrs
+
+from mqttd.messages import Message
+
+#: bumped whenever the shape of a record changes; stores write it in their files
+FORMAT_VERSION = 1
+
+
+class OutboundStage(enum.IntEnum):
+    """Where an outbound message to one session stands."""
+
+    QUEUED = 0          # not sent yet (session offline or window full)
+    PUBLISH_SENT = 1    # QoS 1/2 PUBLISH sent, waiting for PUBACK / PUBREC
+    PUBREL_SENT = 2     # QoS 2 PUBREL sent, waiting for PUBCOMP
+
+
+@attrs.frozen(slots=True)
+class SubscriptionRecord:
+    topic_filter: str
+    qos: int = 0
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_identifier: Optional[int] = None
+
+
+@attrs.frozen(slots=True)
+class SessionRecord:
+    client_id: str
+    protocol_level: int = 4
+    subscriptions: Tuple[SubscriptionRecord, ...] = ()
+    #: seconds the session outlives its connection; ``None`` = forever (v3)
+    expiry_interval: Optional[int] = None
+    #: broker clock time of the last disconnect; ``None`` while connected
+    disconnected_at: Optional[float] = None
+
+
+@attrs.frozen(slots=True)
+class OutboundRecord:
+    """A message owed to a session: queued, or in flight with a packet id."""
+
+    seq: int                     # per-session order of delivery
+    message: Message
+    qos: int                     # the QoS it is delivered with
+    packet_id: Optional[int] = None
+    stage: OutboundStage = OutboundStage.QUEUED
+
+
+@attrs.define
+class StoredSession:
+    """What a store holds of one persistent session (mutable while applying)."""
+
+    record: SessionRecord
+    outbound: Dict[int, OutboundRecord] = attrs.Factory(dict)   # seq -> record, in seq order
+    inbound_qos2: set = attrs.Factory(set)                       # packet ids awaiting PUBREL
+
+
+@attrs.define
+class StoredState:
+    sessions: Dict[str, StoredSession] = attrs.Factory(dict)
+    retained: Dict[str, Message] = attrs.Factory(dict)
+
+
+# --- operations -------------------------------------------------------------
+
+@attrs.frozen(slots=True)
+class PutSession:
+    """Create or replace a session's record (subscriptions, expiry).
+
+    Replacing keeps the session's outbound messages and inbound QoS 2 ids."""
+    record: SessionRecord
+
+
+@attrs.frozen(slots=True)
+class DeleteSession:
+    """Forget a session with everything it owned."""
+    client_id: str
+
+
+@attrs.frozen(slots=True)
+class PutOutbound:
+    client_id: str
+    record: OutboundRecord
+
+
+@attrs.frozen(slots=True)
+class UpdateOutbound:
+    """Move an outbound message to another stage without rewriting its body."""
+    client_id: str
+    seq: int
+    packet_id: Optional[int]
+    stage: OutboundStage
+
+
+@attrs.frozen(slots=True)
+class DeleteOutbound:
+    client_id: str
+    seq: int
+
+
+@attrs.frozen(slots=True)
+class AddInboundQos2:
+    client_id: str
+    packet_id: int
+
+
+@attrs.frozen(slots=True)
+class DeleteInboundQos2:
+    client_id: str
+    packet_id: int
+
+
+@attrs.frozen(slots=True)
+class PutRetained:
+    message: Message
+
+
+@attrs.frozen(slots=True)
+class DeleteRetained:
+    topic: str
+
+
+def _put_session(state: StoredState, op: PutSession) -> None:
+    existing = state.sessions.get(op.record.client_id)
+    if existing is None:
+        state.sessions[op.record.client_id] = StoredSession(op.record)
+    else:
+        existing.record = op.record
+
+
+def _delete_session(state: StoredState, op: DeleteSession) -> None:
+    state.sessions.pop(op.client_id, None)
+
+
+def _put_outbound(state: StoredState, op: PutOutbound) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        session.outbound[op.record.seq] = op.record
+
+
+def _update_outbound(state: StoredState, op: UpdateOutbound) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        record = session.outbound.get(op.seq)
+        if record is not None:
+            session.outbound[op.seq] = attrs.evolve(
+                record, packet_id=op.packet_id, stage=op.stage)
+
+
+def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        session.outbound.pop(op.seq, None)
+
+
+def _add_inbound(state: StoredState, op: AddInboundQos2) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        session.inbound_qos2.add(op.packet_id)
+
+
+def _delete_inbound(state: StoredState, op: DeleteInboundQos2) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        session.inbound_qos2.discard(op.packet_id)
+
+
+def _put_retained(state: StoredState, op: PutRetained) -> None:
+    state.retained[op.message.topic] = op.message
+
+
+def _delete_retained(state: StoredState, op: DeleteRetained) -> None:
+    state.retained.pop(op.topic, None)
+
+
+_APPLY = {
+    PutSession: _put_session,
+    DeleteSession: _delete_session,
+    PutOutbound: _put_outbound,
+    UpdateOutbound: _update_outbound,
+    DeleteOutbound: _delete_outbound,
+    AddInboundQos2: _add_inbound,
+    DeleteInboundQos2: _delete_inbound,
+    PutRetained: _put_retained,
+    DeleteRetained: _delete_retained,
+}
+
+#: every operation type, for allow-lists and tests
+OPERATION_TYPES = tuple(_APPLY)
+
+
+def apply_op(state: StoredState, op) -> None:
+    """Apply one operation to ``state`` in place.
+
+    Every operation is idempotent (applying it twice gives the same state),
+    so replaying a journal over a checkpoint that already holds part of it
+    is safe.  Operations on an unknown session are ignored.
+    """
+    try:
+        handler = _APPLY[type(op)]
+    except KeyError:
+        raise TypeError(f"not a store operation: {op!r}") from None
+    handler(state, op)
