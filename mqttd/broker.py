@@ -1,0 +1,619 @@
+"""The broker core: sessions, routing, retained messages, wills, QoS fan-out.
+
+Layer L3.  No transport and no global reactor here: connections implement
+:class:`~mqttd.interfaces.IClientConnection`, time comes from an injected
+``IReactorTime`` and durable state goes through an injected
+:class:`~mqttd.interfaces.IBrokerStore`.
+
+Embedding code can publish and subscribe in-process (:meth:`Broker.publish_message`,
+:meth:`Broker.subscribe_local`) and observe what happens through the mosca-named
+events (:meth:`Broker.on`): ``clientConnected``, ``clientDisconnecting``,
+``clientDisconnected``, ``published``, ``subscribed``, ``unsubscribed``.
+"""
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Callable, Dict, List, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mqttd import topics
+from mqttd.codec.errors import ReasonCode
+from mqttd.codec.packets import Pubrel
+from mqttd.messages import Message
+from mqttd.metrics import BrokerStats
+from mqttd.persistence import records as R
+from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
+from mqttd.session import OverflowPolicy, QueueLimits, Session, delivery_message
+
+log = Logger(namespace="mqttd.broker")
+
+#: the mosca event names, in the order a client's life produces them
+EVENTS = ("clientConnected", "published", "subscribed", "unsubscribed",
+          "clientDisconnecting", "clientDisconnected")
+
+#: session expiry value meaning "never" in MQTT 5 [MQTT-3.1.2-...] (0xFFFFFFFF)
+NEVER_EXPIRES = 0xFFFFFFFF
+
+
+@attrs.frozen
+class BrokerConfig:
+    """Limits and switches of the broker core (all have production defaults)."""
+
+    broker_id: str = "mqttd"
+    #: per-session queue of messages waiting for an offline/slow client
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 16 * 1024 * 1024
+    overflow_policy: str = OverflowPolicy.DROP_OLDEST
+    #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
+    queue_qos0: bool = False
+    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers it)
+    max_inflight: int = 100
+    #: largest packet accepted or sent, in bytes (fixed header included)
+    max_packet_size: int = 16 * 1024 * 1024
+    #: seconds a new connection may take to send CONNECT
+    connect_timeout: float = 10.0
+    #: the largest keepalive accepted from clients; 0 = no limit
+    max_keepalive: int = 0
+    #: the longest session expiry granted, seconds; None = unlimited
+    max_session_expiry: Optional[int] = None
+    #: prefix of assigned client identifiers
+    assigned_id_prefix: str = "mqttd-"
+
+    def queue_limits(self) -> QueueLimits:
+        return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
+                           self.overflow_policy)
+
+
+@attrs.define(eq=False)
+class LocalSubscription:
+    """An in-process subscriber registered with :meth:`Broker.subscribe_local`."""
+
+    topic_filter: str
+    callback: Callable[[Message], None]
+    qos: int = 2
+
+    @property
+    def client_id(self) -> None:
+        return None
+
+
+@attrs.frozen
+class ClientInfo:
+    """What events tell about a client."""
+
+    client_id: str
+    protocol_level: int
+    username: Optional[str] = None
+    peer: Optional[str] = None
+    clean_start: bool = True
+    keepalive: int = 0
+
+
+_drop_log_interval = 10.0
+
+
+class Broker:
+    """The broker core.  One instance serves every listener of a process."""
+
+    def __init__(self, clock, store=None, config: BrokerConfig = BrokerConfig(),
+                 authenticator=None, authorizer=None):
+        from mqttd.persistence.memory import MemoryStore
+        self.clock = clock
+        self.config = config
+        self.store = store if store is not None else MemoryStore()
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        self.stats = BrokerStats()
+        self.sessions: Dict[str, Session] = {}
+        self.retained: Dict[str, Message] = {}
+        self._trie = topics.SubscriptionTrie()
+        self._limits = config.queue_limits()
+        self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
+        self._durable = bool(getattr(self.store, "durable", False))
+        #: number of store operations written so far (see :meth:`barrier`)
+        self.write_count = 0
+        self._drop_logged: Dict[tuple, float] = {}
+        self._ids = itertools.count(1)
+        self.started_at = clock.seconds()
+
+    # --- events -------------------------------------------------------------
+
+    def on(self, event: str, callback: Callable) -> Callable[[], None]:
+        """Call ``callback(**fields)`` on ``event``; returns an unregister function.
+
+        Fields: ``client`` (:class:`ClientInfo`, ``None`` for internal
+        publishes), ``message`` (published), ``topic`` (subscribed,
+        unsubscribed), ``reason`` (clientDisconnecting / clientDisconnected).
+        """
+        if event not in self._observers:
+            raise ValueError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
+        observers = self._observers[event]
+        observers.append(callback)
+
+        def unregister():
+            if callback in observers:
+                observers.remove(callback)
+        return unregister
+
+    def emit(self, event: str, **fields) -> None:
+        for callback in list(self._observers[event]):
+            try:
+                callback(**fields)
+            except Exception:
+                log.failure("Event observer {observer!r} failed on {event}",
+                            observer=callback, event=event)
+
+    # --- durability ---------------------------------------------------------
+
+    def _write(self, op) -> None:
+        if self._durable:
+            self.store.write(op)
+            self.write_count += 1
+
+    def barrier(self, since: int) -> Optional[defer.Deferred]:
+        """A Deferred for the durability of what was written after ``since``.
+
+        ``since`` is a former :attr:`write_count`.  Acknowledgements that
+        promise a message is stored wait for it (group committed by the
+        store); None means nothing was written since, so nothing to wait for.
+        """
+        if self.write_count == since:
+            return None
+        return self.store.sync()
+
+    # --- recovery -------------------------------------------------------------
+
+    def restore(self, state: R.StoredState) -> None:
+        """Rebuild sessions, subscriptions and retained messages from the store."""
+        now = self.clock.seconds()
+        self.retained.update(state.retained)
+        for client_id, stored in state.sessions.items():
+            record = stored.record
+            session = Session(client_id=client_id, protocol_level=record.protocol_level,
+                              persistent=True, expiry_interval=record.expiry_interval)
+            session.disconnected_at = (record.disconnected_at
+                                       if record.disconnected_at is not None else now)
+            for sub in record.subscriptions:
+                session.subscriptions[sub.topic_filter] = sub
+                self._trie.add(sub.topic_filter, client_id, sub)
+            for seq in sorted(stored.outbound):
+                out = stored.outbound[seq]
+                session.restore_seq(seq)
+                if out.stage == OutboundStage.QUEUED or out.packet_id is None:
+                    session.queue.append(out)
+                    session.queued_bytes += len(out.message.payload) + len(out.message.topic)
+                else:
+                    session.inflight[out.packet_id] = out
+            session.inbound_qos2.update(stored.inbound_qos2)
+            self.sessions[client_id] = session
+            self._schedule_expiry(session, now)
+        log.info("Restored {sessions} sessions ({messages} stored messages) and "
+                 "{retained} retained messages",
+                 sessions=len(state.sessions), retained=len(state.retained),
+                 messages=sum(len(s.outbound) for s in state.sessions.values()))
+
+    # --- sessions ---------------------------------------------------------------
+
+    def assign_client_id(self) -> str:
+        return self.config.assigned_id_prefix + uuid.uuid4().hex[:16]
+
+    def open_session(self, connection, client_id: str, protocol_level: int,
+                     clean_start: bool, expiry_interval: Optional[int], will) -> tuple:
+        """Attach ``connection`` to a new or existing session.
+
+        Returns ``(session, session_present)``.  An existing connection with the
+        same client id is taken over [MQTT-3.1.4-2]; the session is discarded
+        first if ``clean_start`` [MQTT-3.1.2-4].  The session is not yet
+        online: call :meth:`session_online` once CONNACK is on the wire.
+        """
+        persistent = expiry_interval is None or expiry_interval > 0
+        if expiry_interval == NEVER_EXPIRES:
+            expiry_interval = None
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.connection is not None:
+            old = existing.connection
+            log.info("Session takeover for {client_id}", client_id=client_id)
+            self.connection_lost(existing, old, publish_will=True, reason="takeover")
+            old.disconnect(ReasonCode.SESSION_TAKEN_OVER)
+            existing = self.sessions.get(client_id)  # a clean one is gone now
+        if existing is not None and existing.expiry_call is not None:
+            if existing.expiry_call.active():
+                existing.expiry_call.cancel()
+            existing.expiry_call = None
+        session_present = False
+        if existing is not None and not clean_start:
+            session = existing
+            session_present = True
+        else:
+            if existing is not None:
+                self._discard_session(existing)
+            session = Session(client_id=client_id)
+            self.sessions[client_id] = session
+        was_persistent = session.persistent
+        session.protocol_level = protocol_level
+        session.persistent = persistent
+        session.expiry_interval = expiry_interval
+        session.will = will
+        session.connection = connection
+        session.disconnected_at = None
+        if persistent:
+            self._write(R.PutSession(session.to_record()))
+            if not was_persistent:
+                # a clean session became persistent: store what it owes
+                for out in session.outbound_records():
+                    self._write(R.PutOutbound(client_id, out))
+        elif was_persistent:
+            self._write(R.DeleteSession(client_id))
+        self.stats.connections_total += 1
+        return session, session_present
+
+    def session_online(self, session: Session) -> None:
+        """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue."""
+        conn = session.connection
+        if conn is None:
+            return
+        for pid, out in list(session.inflight.items()):
+            if out.stage == OutboundStage.PUBREL_SENT:
+                conn.send(Pubrel(pid))
+            else:
+                conn.send_publish(out.message, out.qos, pid, True)
+        self.drain(session)
+
+    def connection_lost(self, session: Session, connection, publish_will: bool,
+                        reason: str) -> None:
+        """The network connection of ``session`` is gone (for whatever reason)."""
+        if session.connection is not connection:
+            return  # already taken over
+        info = getattr(connection, "info", None)
+        self.emit("clientDisconnecting", client=info, reason=reason)
+        will = session.will
+        session.will = None
+        session.connection = None
+        now = self.clock.seconds()
+        session.disconnected_at = now
+        if publish_will and will is not None:
+            self._publish_will(session.client_id, will)
+        if not session.persistent:
+            self._discard_session(session)
+        else:
+            self._write(R.PutSession(session.to_record()))
+            self._schedule_expiry(session, now)
+        self.emit("clientDisconnected", client=info, reason=reason)
+
+    def _publish_will(self, client_id: str, will) -> None:
+        if topics_is_sys(will.topic):
+            return
+        log.info("Publishing will of {client_id} to {topic}",
+                 client_id=client_id, topic=will.topic)
+        message = Message(will.topic, will.payload, will.qos, will.retain,
+                          will.properties, origin=client_id)
+        self.publish(message, client=None)
+
+    def _schedule_expiry(self, session: Session, now: float) -> None:
+        interval = session.expiry_interval
+        if interval is None:
+            return  # never expires
+        started = session.disconnected_at if session.disconnected_at is not None else now
+        delay = max(0.0, started + interval - now)
+        session.expiry_call = self.clock.callLater(delay, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry_call = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("Session {client_id} expired", client_id=session.client_id)
+            self._discard_session(session)
+
+    def _discard_session(self, session: Session) -> None:
+        for topic_filter in list(session.subscriptions):
+            self._trie.remove(topic_filter, session.client_id)
+        session.subscriptions.clear()
+        if session.persistent:
+            self._write(R.DeleteSession(session.client_id))
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        if session.expiry_call is not None and session.expiry_call.active():
+            session.expiry_call.cancel()
+        session.expiry_call = None
+
+    def session_expiry_changed(self, session: Session, interval: int) -> None:
+        """A v5 DISCONNECT carried a new Session Expiry Interval."""
+        session.persistent = interval > 0
+        session.expiry_interval = None if interval == NEVER_EXPIRES else interval
+
+    # --- subscriptions --------------------------------------------------------
+
+    def subscribe(self, session: Session, sub: SubscriptionRecord) -> bool:
+        """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new."""
+        is_new = sub.topic_filter not in session.subscriptions
+        session.subscriptions[sub.topic_filter] = sub
+        self._trie.add(sub.topic_filter, session.client_id, sub)
+        if session.persistent:
+            self._write(R.PutSession(session.to_record()))
+        self.stats.subscriptions_total += 1
+        return is_new
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self._trie.remove(topic_filter, session.client_id)
+        if session.persistent:
+            self._write(R.PutSession(session.to_record()))
+        return True
+
+    def send_retained(self, session: Session, sub: SubscriptionRecord) -> int:
+        """Queue every retained message matching ``sub`` with retain=1 [MQTT-3.3.1-6].
+
+        None is dropped however many there are: they bypass the queue limits.
+        """
+        count = 0
+        topic_filter = sub.topic_filter
+        for topic, message in list(self.retained.items()):
+            if not topics.matches(topic_filter, topic):
+                continue
+            if message.expires_at is not None and message.expires_at <= self.clock.seconds():
+                continue
+            qos = min(message.qos, sub.qos)
+            self._deliver(session, delivery_message(message, True), qos, force=True)
+            count += 1
+        return count
+
+    def subscribe_local(self, topic_filter: str, callback: Callable[[Message], None],
+                        qos: int = 2) -> Callable[[], None]:
+        """Subscribe in-process: ``callback(message)`` for every matching message.
+
+        Returns a function that removes the subscription.  Retained messages
+        that match are delivered at once.
+        """
+        topics.validate_topic_filter(topic_filter)
+        local = LocalSubscription(topic_filter, callback, qos)
+        self._trie.add(topic_filter, local, local)
+        for topic, message in list(self.retained.items()):
+            if topics.matches(topic_filter, topic):
+                self._call_local(local, message)
+
+        def unsubscribe():
+            self._trie.remove(topic_filter, local)
+        return unsubscribe
+
+    # --- publishing -------------------------------------------------------------
+
+    def publish_message(self, topic: str, payload: bytes = b"", qos: int = 0,
+                        retain: bool = False, properties=None) -> int:
+        """Publish from inside the process (embedding API, $SYS).  Returns receivers."""
+        topics.validate_topic_name(topic)
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        kwargs = {}
+        if properties is not None:
+            kwargs["properties"] = properties
+        return self.publish(Message(topic, payload, qos, retain, **kwargs), client=None)
+
+    def publish(self, message: Message, client: Optional[ClientInfo] = None) -> int:
+        """Route ``message`` to every matching subscriber; returns how many got it.
+
+        A retained message also replaces (or, with an empty payload, clears)
+        the retained message of its topic [MQTT-3.3.1-5, 3.3.1-10, 3.3.1-11].
+        Each client gets one copy at the highest QoS of its matching
+        subscriptions [MQTT-3.3.5-1], at most the published QoS [MQTT-3.8.4-8].
+        """
+        stats = self.stats
+        stats.messages_received += 1
+        if message.retain:
+            self._retain(message)
+        observers = self._observers["published"]
+        if observers:
+            self.emit("published", message=message, client=client)
+        matches = self._trie.match(message.topic)
+        if not matches:
+            return 0
+        # merge overlapping subscriptions per client
+        best: Dict[object, SubscriptionRecord] = {}
+        for _filter, key, sub in matches:
+            prev = best.get(key)
+            if prev is None or sub.qos > prev.qos:
+                best[key] = sub
+        receivers = 0
+        origin = message.origin
+        sessions = self.sessions
+        cache: dict = {}
+        live = delivery_message(message, False) if message.retain else message
+        for key, sub in best.items():
+            if key.__class__ is LocalSubscription:
+                self._call_local(key, message)
+                receivers += 1
+                continue
+            if sub.no_local and key == origin:
+                continue  # [MQTT-3.8.3-3]
+            session = sessions.get(key)
+            if session is None:
+                continue
+            qos = sub.qos if sub.qos < message.qos else message.qos
+            out = message if (sub.retain_as_published and message.retain) else live
+            self._deliver(session, out, qos, cache=cache)
+            receivers += 1
+        return receivers
+
+    def _call_local(self, local: LocalSubscription, message: Message) -> None:
+        try:
+            local.callback(message)
+        except Exception:
+            log.failure("In-process subscriber of {filter} failed",
+                        filter=local.topic_filter)
+
+    def _retain(self, message: Message) -> None:
+        topic = message.topic
+        if not message.payload:
+            if self.retained.pop(topic, None) is not None:
+                self._write(R.DeleteRetained(topic))
+            return
+        self.retained[topic] = message
+        self._write(R.PutRetained(message))
+
+    def _deliver(self, session: Session, message: Message, qos: int,
+                 cache: Optional[dict] = None, force: bool = False) -> None:
+        conn = session.connection
+        if qos == 0:
+            if conn is not None:
+                if conn.writable() and not session.queue:
+                    conn.send_publish(message, 0, None, False, cache)
+                    return
+                if not force and not conn.writable():
+                    self._dropped(session, "slow-subscriber", message)
+                    return
+            elif not (force or (session.persistent and self.config.queue_qos0)):
+                return  # QoS 0 is not kept for offline clients unless configured
+            record = OutboundRecord(session.next_seq(), message, 0)
+            victim = session.enqueue(record, self._limits, force)
+            if victim is not None:
+                self._dropped(session, "queue-full", victim.message)
+            if conn is not None:
+                self.drain(session)
+            return
+        seq = session.next_seq()
+        if (conn is not None and not session.queue and conn.writable()
+                and len(session.inflight) < conn.send_window):
+            pid = session.allocate_packet_id()
+            record = OutboundRecord(seq, message, qos, pid, OutboundStage.PUBLISH_SENT)
+            session.inflight[pid] = record
+            if session.persistent:
+                self._write(R.PutOutbound(session.client_id, record))
+            conn.send_publish(message, qos, pid, False, cache)
+            return
+        record = OutboundRecord(seq, message, qos)
+        victim = session.enqueue(record, self._limits, force)
+        if victim is record:
+            self._dropped(session, "queue-full", message)
+            return
+        if session.persistent:
+            self._write(R.PutOutbound(session.client_id, record))
+        if victim is not None:
+            self._dropped(session, "queue-full", victim.message)
+            if session.persistent and victim.qos:
+                self._write(R.DeleteOutbound(session.client_id, victim.seq))
+        if conn is not None:
+            self.drain(session)
+
+    def drain(self, session: Session) -> None:
+        """Send queued messages while the client can take them."""
+        conn = session.connection
+        if conn is None:
+            return
+        queue = session.queue
+        inflight = session.inflight
+        window = conn.send_window
+        persistent = session.persistent
+        while queue and conn.writable():
+            head = queue[0]
+            if head.qos == 0:
+                session.dequeue()
+                conn.send_publish(head.message, 0, None, False)
+                continue
+            if len(inflight) >= window:
+                break
+            session.dequeue()
+            pid = session.allocate_packet_id()
+            record = OutboundRecord(head.seq, head.message, head.qos, pid,
+                                    OutboundStage.PUBLISH_SENT)
+            inflight[pid] = record
+            if persistent:
+                self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
+                                             OutboundStage.PUBLISH_SENT))
+            conn.send_publish(head.message, head.qos, pid, False)
+
+    def _dropped(self, session: Session, reason: str, message: Message) -> None:
+        count = session.count_drop(reason)
+        self.stats.count_drop(reason)
+        log.debug("Dropped a message to {topic} for {client_id}: {reason}",
+                  client_id=session.client_id, reason=reason, topic=message.topic)
+        key = (session.client_id, reason)
+        now = self.clock.seconds()
+        last = self._drop_logged.get(key)
+        if last is None or now - last >= _drop_log_interval:
+            if len(self._drop_logged) > 10000:
+                self._drop_logged.clear()
+            self._drop_logged[key] = now
+            log.warn("Dropping messages for {client_id}: {reason} "
+                     "({count} dropped for this reason so far)",
+                     client_id=session.client_id, reason=reason, count=count)
+
+    # --- acknowledgements from subscribers ----------------------------------------
+
+    def puback(self, session: Session, packet_id: int) -> bool:
+        record = session.inflight.get(packet_id)
+        if record is None or record.qos != 1:
+            return False
+        del session.inflight[packet_id]
+        self.stats.messages_acked += 1
+        if session.persistent:
+            self._write(R.DeleteOutbound(session.client_id, record.seq))
+        self.drain(session)
+        return True
+
+    def pubrec(self, session: Session, packet_id: int, failed: bool = False) -> bool:
+        """PUBREC for an outbound QoS 2 message; the caller sends PUBREL if True."""
+        record = session.inflight.get(packet_id)
+        if record is None or record.qos != 2:
+            return False
+        if failed:  # v5 PUBREC with a reason code >= 0x80 ends the flow [MQTT-4.3.3-...]
+            del session.inflight[packet_id]
+            if session.persistent:
+                self._write(R.DeleteOutbound(session.client_id, record.seq))
+            self.drain(session)
+            return False
+        if record.stage != OutboundStage.PUBREL_SENT:
+            session.inflight[packet_id] = OutboundRecord(
+                record.seq, record.message, 2, packet_id, OutboundStage.PUBREL_SENT)
+            if session.persistent:
+                self._write(R.UpdateOutbound(session.client_id, record.seq, packet_id,
+                                             OutboundStage.PUBREL_SENT))
+        return True
+
+    def pubcomp(self, session: Session, packet_id: int) -> bool:
+        record = session.inflight.get(packet_id)
+        if record is None or record.stage != OutboundStage.PUBREL_SENT:
+            return False
+        del session.inflight[packet_id]
+        self.stats.messages_acked += 1
+        if session.persistent:
+            self._write(R.DeleteOutbound(session.client_id, record.seq))
+        self.drain(session)
+        return True
+
+    # --- inbound QoS 2 --------------------------------------------------------------
+
+    def inbound_qos2_seen(self, session: Session, packet_id: int) -> bool:
+        return packet_id in session.inbound_qos2
+
+    def inbound_qos2_add(self, session: Session, packet_id: int) -> None:
+        session.inbound_qos2.add(packet_id)
+        if session.persistent:
+            self._write(R.AddInboundQos2(session.client_id, packet_id))
+
+    def inbound_qos2_release(self, session: Session, packet_id: int) -> bool:
+        if packet_id not in session.inbound_qos2:
+            return False
+        session.inbound_qos2.discard(packet_id)
+        if session.persistent:
+            self._write(R.DeleteInboundQos2(session.client_id, packet_id))
+        return True
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Disconnect every client (v5: 0x8B Server shutting down); keep sessions."""
+        for session in list(self.sessions.values()):
+            conn = session.connection
+            if conn is not None:
+                self.connection_lost(session, conn, publish_will=False, reason="shutdown")
+                conn.disconnect(ReasonCode.SERVER_SHUTTING_DOWN)
+            if session.expiry_call is not None and session.expiry_call.active():
+                session.expiry_call.cancel()
+                session.expiry_call = None
+
+
+def topics_is_sys(topic: str) -> bool:
+    return topic.startswith("$SYS")

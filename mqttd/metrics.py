@@ -1,0 +1,27 @@
+"""Counters of what the broker does (layer L1; exported by $SYS and metrics)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import attrs
+
+
+@attrs.define
+class BrokerStats:
+    connections_total: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
+    messages_acked: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    subscriptions_total: int = 0
+    protocol_errors: int = 0
+    #: dropped messages by reason ("queue-full", "slow-subscriber", ...)
+    dropped: Dict[str, int] = attrs.Factory(dict)
+
+    def count_drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())

@@ -1,0 +1,75 @@
+"""The Twisted glue: a thin Protocol/Factory pair (layer L4).
+
+All protocol rules live in :class:`mqttd.connection.ClientConnection`; the
+``MQTTProtocol`` only moves bytes and registers itself as a push producer of
+its transport, so a subscriber that reads slowly pauses the broker's writes to
+it (QoS 0 is then dropped and counted, QoS 1/2 waits in the bounded session
+queue) instead of growing the transport buffer without bound.
+"""
+from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from mqttd.broker import Broker
+from mqttd.connection import ClientConnection
+
+
+def _describe(address) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return str(name) if name is not None else str(address)
+
+
+@implementer(IPushProducer)
+class MQTTProtocol(Protocol):
+    connection: ClientConnection = None
+
+    def __init__(self, broker: Broker, clock):
+        self.broker = broker
+        self.clock = clock
+
+    def connectionMade(self):
+        self.connection = ClientConnection(
+            self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        self.transport.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes):
+        self.connection.data_received(data)
+
+    def connectionLost(self, reason=None):
+        if self.connection is not None:
+            self.connection.connection_lost(reason)
+
+    # IPushProducer: the transport tells us when its write buffer is full
+    def pauseProducing(self):
+        self.connection.pause_writing()
+
+    def resumeProducing(self):
+        self.connection.resume_writing()
+
+    def stopProducing(self):
+        pass
+
+
+class MQTTFactory(Factory):
+    """Listen with this factory on any Twisted server endpoint.
+
+    :param broker: the :class:`~mqttd.broker.Broker` shared by all listeners.
+    :param clock: ``IReactorTime`` for timers; defaults to the broker's clock.
+    """
+
+    protocol = MQTTProtocol
+
+    def __init__(self, broker: Broker, clock=None):
+        self.broker = broker
+        self.clock = clock if clock is not None else broker.clock
+
+    def buildProtocol(self, addr):
+        protocol = self.protocol(self.broker, self.clock)
+        protocol.factory = self
+        return protocol

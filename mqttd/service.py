@@ -1,0 +1,133 @@
+"""Composition: the broker, its store and its listeners as one Twisted service.
+
+This is the embedding entry point (layer L5)::
+
+    from twisted.internet import reactor
+    from mqttd import make_broker_service
+
+    service = make_broker_service(reactor, listen=["tcp:1883"], store="file:./mqttd-data")
+    service.startService()
+    service.broker.publish_message("hello/world", b"hi")
+
+An application that already has a ``MultiService`` adds it with
+``service.setServiceParent(application_or_parent)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from mqttd.broker import Broker, BrokerConfig
+from mqttd.protocol import MQTTFactory
+from mqttd.systopics import SysTopics
+
+log = Logger(namespace="mqttd.service")
+
+
+def _address_info(port) -> dict:
+    address = port.getHost()
+    info = {"type": type(address).__name__}
+    for name in ("host", "port", "name"):
+        value = getattr(address, name, None)
+        if value is not None:
+            info[name] = value.decode() if isinstance(value, bytes) else value
+    return info
+
+
+class BrokerService(MultiService):
+    """Opens the store, restores state, listens; closes all in reverse order."""
+
+    def __init__(self, reactor, broker: Broker, listen: Iterable[str] = (),
+                 ready_file: Optional[str] = None, sys_interval: float = 10.0):
+        super().__init__()
+        self.reactor = reactor
+        self.broker = broker
+        self.factory = MQTTFactory(broker)
+        self.endpoints = list(listen)
+        self.ready_file = ready_file
+        self.ports = []
+        self.systopics = SysTopics(broker, broker.clock, sys_interval)
+        self._started: Optional[defer.Deferred] = None
+
+    def startService(self):
+        super().startService()
+        state = self.broker.store.open()
+        self.broker.restore(state)
+        self.systopics.start()
+        self._started = defer.ensureDeferred(self._listen())
+        self._started.addErrback(self._listen_failed)
+        return self._started
+
+    async def _listen(self):
+        for description in self.endpoints:
+            endpoint = serverFromString(self.reactor, description)
+            port = await endpoint.listen(self.factory)
+            self.ports.append(port)
+            log.info("MQTT listening on {endpoint} ({address})",
+                     endpoint=description, address=_address_info(port))
+        if self.ready_file:
+            self._write_ready_file()
+        return self.ports
+
+    def _listen_failed(self, failure):
+        log.failure("Could not listen; stopping", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+        return failure
+
+    def _write_ready_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "broker_id": self.broker.config.broker_id,
+            "listeners": [dict(_address_info(p), endpoint=d)
+                          for p, d in zip(self.ports, self.endpoints)],
+        }
+        tmp = self.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.ready_file)
+
+    def when_listening(self) -> defer.Deferred:
+        """A Deferred firing with the list of listening ports."""
+        if self._started is None:
+            return defer.fail(RuntimeError("service not started"))
+        d = defer.Deferred()
+        self._started.addBoth(lambda r: (d.callback(r), r)[1])
+        return d
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        for port in self.ports:
+            yield port.stopListening()
+        self.ports = []
+        self.systopics.stop()
+        self.broker.shutdown()
+        yield self.broker.store.close()
+        log.info("mqttd stopped")
+
+
+def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="memory",
+                        config: Optional[BrokerConfig] = None,
+                        ready_file: Optional[str] = None, sys_interval: float = 10.0,
+                        authenticator=None, authorizer=None,
+                        store_options: Optional[dict] = None) -> BrokerService:
+    """Build a :class:`BrokerService`.
+
+    :param listen: Twisted server endpoint strings (``tcp:1883``,
+        ``tcp:0:interface=127.0.0.1``, ``unix:/run/mqttd.sock``, ``ssl:8883:...``).
+    :param store: an :class:`~mqttd.interfaces.IBrokerStore`, or a spec string:
+        ``memory``, ``file:PATH``, ``dbm:PATH``.
+    """
+    if isinstance(store, str):
+        from mqttd.persistence import store_from_spec
+        store = store_from_spec(store, reactor, **(store_options or {}))
+    broker = Broker(reactor, store, config or BrokerConfig(),
+                    authenticator=authenticator, authorizer=authorizer)
+    return BrokerService(reactor, broker, listen, ready_file, sys_interval)

@@ -1,0 +1,151 @@
+"""One client's session state, independent of any connection (layer L1).
+
+A session outlives its network connection when it is persistent (MQTT 3 clean
+session = 0, MQTT 5 session expiry interval > 0).  It owns the client's
+subscriptions, the bounded queue of messages not yet sent, the outbound
+in-flight window (QoS 1/2 PUBLISH or PUBREL waiting for their acknowledgement)
+and the inbound QoS 2 packet ids waiting for PUBREL.  Nothing here does I/O:
+the broker core decides what to send and what to store.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Deque, Dict, Optional
+
+import attrs
+
+from mqttd.codec.packets import Will
+from mqttd.messages import Message
+from mqttd.persistence.records import (
+    OutboundRecord, OutboundStage, SessionRecord, SubscriptionRecord)
+
+
+class OverflowPolicy:
+    """What a full session queue does with one more message."""
+
+    DROP_NEW = "drop-new"        # keep what is queued, refuse the newcomer
+    DROP_OLDEST = "drop-oldest"  # make room by dropping the oldest queued message
+    ALL = (DROP_NEW, DROP_OLDEST)
+
+
+@attrs.frozen
+class QueueLimits:
+    max_messages: int = 1000
+    max_bytes: int = 16 * 1024 * 1024
+    policy: str = OverflowPolicy.DROP_OLDEST
+
+
+class PacketIdsExhausted(Exception):
+    """All 65535 packet identifiers are in flight."""
+
+
+@attrs.define(eq=False)
+class Session:
+    client_id: str
+    protocol_level: int = 4
+    persistent: bool = False
+    #: v5 session expiry interval in seconds; ``None`` means never (v3)
+    expiry_interval: Optional[int] = None
+    #: full filter string -> subscription options
+    subscriptions: Dict[str, SubscriptionRecord] = attrs.Factory(dict)
+    #: messages waiting to be sent, in delivery order
+    queue: Deque[OutboundRecord] = attrs.Factory(collections.deque)
+    queued_bytes: int = 0
+    #: packet id -> in-flight record, in the order they were sent
+    inflight: Dict[int, OutboundRecord] = attrs.Factory(dict)
+    #: inbound QoS 2 packet ids whose PUBREL has not arrived yet
+    inbound_qos2: set = attrs.Factory(set)
+    will: Optional[Will] = None
+    #: the live connection (an IClientConnection) or None while offline
+    connection: object = None
+    disconnected_at: Optional[float] = None
+    #: counters of dropped messages by reason
+    dropped: Dict[str, int] = attrs.Factory(dict)
+    _next_seq: int = 1
+    _next_packet_id: int = 1
+    #: pending expiry timer (an IDelayedCall) while offline
+    expiry_call: object = None
+
+    # --- ordering and packet ids ------------------------------------------
+
+    def next_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        return seq
+
+    def restore_seq(self, seq: int) -> None:
+        """Make sure sequence numbers continue after ``seq`` (recovery)."""
+        if seq >= self._next_seq:
+            self._next_seq = seq + 1
+
+    def allocate_packet_id(self) -> int:
+        """A packet id not in use by an outbound in-flight message [MQTT-2.2.1-3]."""
+        inflight = self.inflight
+        if len(inflight) >= 65535:
+            raise PacketIdsExhausted(self.client_id)
+        pid = self._next_packet_id
+        while pid in inflight:
+            pid = pid % 65535 + 1
+        self._next_packet_id = pid % 65535 + 1
+        return pid
+
+    # --- queue ----------------------------------------------------------------
+
+    def enqueue(self, record: OutboundRecord, limits: QueueLimits,
+                force: bool = False) -> Optional[OutboundRecord]:
+        """Append ``record`` to the queue, applying ``limits``.
+
+        Returns the record that was dropped to respect the limits (which may be
+        ``record`` itself under DROP_NEW), or ``None``.  ``force`` bypasses the
+        limits (retained messages sent on SUBSCRIBE are never dropped).
+        """
+        size = len(record.message.payload) + len(record.message.topic)
+        victim = None
+        if not force and (len(self.queue) >= limits.max_messages
+                          or self.queued_bytes + size > limits.max_bytes):
+            if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
+                return record
+            victim = self.queue.popleft()
+            self.queued_bytes -= len(victim.message.payload) + len(victim.message.topic)
+        self.queue.append(record)
+        self.queued_bytes += size
+        return victim
+
+    def dequeue(self) -> OutboundRecord:
+        record = self.queue.popleft()
+        self.queued_bytes -= len(record.message.payload) + len(record.message.topic)
+        return record
+
+    def count_drop(self, reason: str) -> int:
+        count = self.dropped.get(reason, 0) + 1
+        self.dropped[reason] = count
+        return count
+
+    # --- records ----------------------------------------------------------
+
+    def to_record(self) -> SessionRecord:
+        return SessionRecord(
+            client_id=self.client_id,
+            protocol_level=self.protocol_level,
+            subscriptions=tuple(self.subscriptions.values()),
+            expiry_interval=self.expiry_interval,
+            disconnected_at=self.disconnected_at,
+        )
+
+    def outbound_records(self):
+        """Everything owed to the client, in-flight first, in delivery order."""
+        yield from self.inflight.values()
+        yield from self.queue
+
+
+def delivery_message(message: Message, retain: bool) -> Message:
+    """The message as one subscriber receives it (only the retain flag varies)."""
+    if message.retain == retain:
+        return message
+    return attrs.evolve(message, retain=retain)
+
+
+__all__ = [
+    "OutboundRecord", "OutboundStage", "OverflowPolicy", "PacketIdsExhausted",
+    "QueueLimits", "Session", "delivery_message",
+]

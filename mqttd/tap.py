@@ -1,0 +1,134 @@
+"""``twistd mqttd``: command line and TOML configuration (layer L6).
+
+The only module that touches the global reactor.  Every option can also be
+given in the TOML file named by ``--config`` (same key, ``-`` or ``_``);
+the command line wins over the file.
+"""
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from mqttd.broker import BrokerConfig
+from mqttd.session import OverflowPolicy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_STORE = "file:mqttd-data"
+
+#: option name -> (BrokerConfig field, converter)
+_CONFIG_OPTIONS = {
+    "max-queued-messages": ("max_queued_messages", int),
+    "max-queued-bytes": ("max_queued_bytes", int),
+    "overflow-policy": ("overflow_policy", str),
+    "max-inflight": ("max_inflight", int),
+    "max-packet-size": ("max_packet_size", int),
+    "connect-timeout": ("connect_timeout", float),
+    "max-keepalive": ("max_keepalive", int),
+    "max-session-expiry": ("max_session_expiry", int),
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run the mqttd MQTT broker (MQTT 3.1, 3.1.1 and 5.0). "
+                "Without --port/--listen it listens on tcp:1883; without "
+                "--persistence it keeps durable state in ./mqttd-data.")
+
+    optParameters = [
+        ["port", "p", None, "TCP port to listen on (shorthand for --listen tcp:PORT).", int],
+        ["config", "c", None, "TOML file with any of these options as keys."],
+        ["persistence", None, None,
+         f"Store: memory, file:PATH or dbm:PATH [default: {DEFAULT_STORE}]."],
+        ["fsync", None, None,
+         "When acknowledged writes reach the disk: always (default), "
+         "interval:MS or never. See docs/storage.rst for the risk."],
+        ["broker-id", None, None, "Name used in $SYS/<broker-id>/... [default: mqttd]."],
+        ["ready-file", None, None,
+         "Write a JSON file with pid and listening addresses once listening."],
+        ["sys-interval", None, None, "Seconds between $SYS statistics (0: off) [10].", float],
+        ["max-queued-messages", None, None, "Queue limit per session, messages [1000].", int],
+        ["max-queued-bytes", None, None, "Queue limit per session, bytes [16 MiB].", int],
+        ["overflow-policy", None, None,
+         f"A full queue drops: {' or '.join(OverflowPolicy.ALL)} [drop-oldest]."],
+        ["max-inflight", None, None, "Outbound QoS 1/2 window per client [100].", int],
+        ["max-packet-size", None, None, "Largest packet accepted, bytes [16 MiB].", int],
+        ["connect-timeout", None, None, "Seconds to wait for CONNECT [10].", float],
+        ["max-keepalive", None, None, "Largest keepalive granted, seconds; 0 = any [0].", int],
+        ["max-session-expiry", None, None, "Longest v5 session expiry granted, seconds.", int],
+    ]
+    optFlags = [
+        ["queue-qos0", None, "Queue QoS 0 messages for offline persistent sessions."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description):
+        """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
+        (repeatable)."""
+        self["listen"].append(description)
+
+    def postOptions(self):
+        if self["config"]:
+            try:
+                with open(self["config"], "rb") as f:
+                    file_options = tomllib.load(f)
+            except (OSError, tomllib.TOMLDecodeError) as error:
+                raise usage.UsageError(f"cannot read {self['config']}: {error}")
+            self._merge(file_options)
+        if self["port"] is not None:
+            self["listen"].append(f"tcp:{self['port']}")
+        if not self["listen"]:
+            self["listen"] = ["tcp:1883"]
+        policy = self["overflow-policy"]
+        if policy is not None and policy not in OverflowPolicy.ALL:
+            raise usage.UsageError(f"--overflow-policy must be one of {OverflowPolicy.ALL}")
+
+    def _merge(self, file_options: dict) -> None:
+        known = {name for name, *_ in self.optParameters} | {"queue-qos0", "listen"}
+        for key, value in file_options.items():
+            name = key.replace("_", "-")
+            if name not in known:
+                raise usage.UsageError(f"unknown key {key!r} in {self['config']}")
+            if name == "listen":
+                values = value if isinstance(value, list) else [value]
+                if not self["listen"]:
+                    self["listen"].extend(str(v) for v in values)
+            elif name == "queue-qos0":
+                self["queue-qos0"] = self["queue-qos0"] or bool(value)
+            elif self.get(name) is None:
+                self[name] = value
+
+    def broker_config(self) -> BrokerConfig:
+        kwargs = {}
+        if self["broker-id"]:
+            kwargs["broker_id"] = str(self["broker-id"])
+        for name, (field, convert) in _CONFIG_OPTIONS.items():
+            if self[name] is not None:
+                kwargs[field] = convert(self[name])
+        if self["queue-qos0"]:
+            kwargs["queue_qos0"] = True
+        return BrokerConfig(**kwargs)
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from mqttd.service import make_broker_service
+
+    store_options = {}
+    if options["fsync"]:
+        store_options["fsync"] = options["fsync"]
+    spec = options["persistence"] or DEFAULT_STORE
+    sys_interval = options["sys-interval"]
+    return make_broker_service(
+        reactor, listen=options["listen"], store=spec, config=options.broker_config(),
+        ready_file=options["ready-file"],
+        sys_interval=10.0 if sys_interval is None else float(sys_interval),
+        store_options=store_options if not spec.startswith("memory") else None)
