@@ -69,6 +69,7 @@ class ClientConnection:
         self._pending = collections.deque()
         #: the broker's write count when the current packet's handling began
         self._mark = 0
+        self._close_reason = "connection lost"
         self._keepalive = 0.0
         self._keepalive_call = None
         self._last_received = clock.seconds()
@@ -208,16 +209,18 @@ class ClientConnection:
     # --- closing --------------------------------------------------------------------
 
     def disconnect(self, reason_code: int = ReasonCode.NORMAL_DISCONNECTION,
-                   reason_string: Optional[str] = None) -> None:
+                   reason_string: Optional[str] = None,
+                   log_reason: Optional[str] = None) -> None:
         """Close from the server side; MQTT 5 clients get a DISCONNECT first."""
         if self.state == _CLOSED:
             return
         if self.state == _CONNECTED and self.protocol_level == MQTT_5:
             props = Properties(reason_string=reason_string) if reason_string else Properties()
             self.send(Disconnect(reason_code, props))
-        self._close()
+        self._close(log_reason or f"closed by server (reason 0x{reason_code:02X})")
 
-    def _close(self) -> None:
+    def _close(self, reason: str = "closed by server") -> None:
+        self._close_reason = reason
         self._online = False
         self.state = _CLOSED
         self._cancel_timers()
@@ -243,12 +246,11 @@ class ClientConnection:
             elif self.reader.level == MQTT_5:
                 self.protocol_level = MQTT_5
                 self.send(Connack(False, error.reason_code))
-            self._close()
+            self._close(f"protocol error: {error}")
             return
-        self.disconnect(error.reason_code, error.message[:200])
+        self.disconnect(error.reason_code, error.message[:200], f"protocol error: {error}")
 
     def connection_lost(self, reason=None) -> None:
-        was_open = self.state != _CLOSED
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
@@ -256,9 +258,7 @@ class ClientConnection:
         session = self.session
         if session is not None:
             self.broker.connection_lost(session, self, publish_will=self._will_on_close,
-                                        reason="connection lost" if was_open else "closed")
-            if self.info is not None:
-                log.info("Client {client_id} disconnected", client_id=self.client_id)
+                                        reason=self._close_reason)
 
     def _cancel_timers(self) -> None:
         for call in (self._connect_call, self._keepalive_call):
@@ -270,7 +270,7 @@ class ClientConnection:
         self._connect_call = None
         log.warn("No CONNECT from {peer} within {timeout} s; closing",
                  peer=self.peer, timeout=self.broker.config.connect_timeout)
-        self._close()
+        self._close("connect timeout")
 
     def _check_keepalive(self) -> None:
         self._keepalive_call = None
@@ -281,7 +281,7 @@ class ClientConnection:
             # [MQTT-3.1.2-24]: close after 1.5 keepalive periods of silence
             log.warn("Keepalive of {client_id} expired after {idle:.1f} s; closing",
                      client_id=self.client_id, idle=idle)
-            self.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT)
+            self.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, log_reason="keepalive timeout")
             return
         self._keepalive_call = self.clock.callLater(self._keepalive - idle,
                                                     self._check_keepalive)
@@ -297,7 +297,7 @@ class ClientConnection:
         else:
             code = V5_TO_V3_CONNACK.get(reason_code, 0x03)
         self.send(Connack(False, code))
-        self._close()
+        self._close(f"CONNECT refused: {why}")
 
     def _on_connect(self, packet: Connect) -> None:
         if self._connect_call is not None and self._connect_call.active():
@@ -526,8 +526,6 @@ class ClientConnection:
         session = self.session
         for record, is_new in granted:
             broker.emit("subscribed", topic=record.topic_filter, client=self.info)
-            log.info("Client {client_id} subscribed to {filter} (QoS {qos})",
-                     client_id=self.client_id, filter=record.topic_filter, qos=record.qos)
             handling = record.retain_handling
             if handling == 0 or (handling == 1 and is_new):  # [MQTT-3.3.1-9, 3.3.1-10]
                 broker.send_retained(session, record)
@@ -540,8 +538,6 @@ class ClientConnection:
             codes.append(0 if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
             if removed:
                 broker.emit("unsubscribed", topic=topic_filter, client=self.info)
-                log.info("Client {client_id} unsubscribed from {filter}",
-                         client_id=self.client_id, filter=topic_filter)
         reason_codes = tuple(codes) if self.protocol_level == MQTT_5 else ()
         self._output(Unsuback(packet.packet_id, reason_codes), durable=True)
 
@@ -569,7 +565,6 @@ class ClientConnection:
         self.transport.loseConnection()
         self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                     reason="disconnect")
-        log.info("Client {client_id} sent DISCONNECT", client_id=self.client_id)
 
     def _on_auth(self, packet: Auth) -> None:
         raise ProtocolError("AUTH without enhanced authentication", spec="MQTT-4.12.0-1")

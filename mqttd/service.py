@@ -24,6 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from mqttd.broker import Broker, BrokerConfig
+from mqttd.eventlog import EventLog
 from mqttd.protocol import MQTTFactory
 from mqttd.systopics import SysTopics
 
@@ -53,12 +54,14 @@ class BrokerService(MultiService):
         self.ready_file = ready_file
         self.ports = []
         self.systopics = SysTopics(broker, broker.clock, sys_interval)
+        self.eventlog = EventLog(broker)
         self._started: Optional[defer.Deferred] = None
 
     def startService(self):
         super().startService()
         state = self.broker.store.open()
         self.broker.restore(state)
+        self.eventlog.start()
         self.systopics.start()
         self._started = defer.ensureDeferred(self._listen())
         self._started.addErrback(self._listen_failed)
@@ -109,6 +112,7 @@ class BrokerService(MultiService):
         self.ports = []
         self.systopics.stop()
         self.broker.shutdown()
+        self.eventlog.stop()
         yield self.broker.store.close()
         log.info("mqttd stopped")
 

@@ -1,0 +1,68 @@
+"""The twistd plugin: options, TOML config, service construction."""
+import pytest
+from twisted.python import usage
+
+from mqttd import tap
+
+
+def _parse(*argv):
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_plugin_is_found_by_twistd():
+    """`twistd mqttd` finds the lazy ServiceMaker in twisted/plugins."""
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+    names = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "mqttd" in names
+    assert names["mqttd"].module == "mqttd.tap" or names["mqttd"].moduleName == "mqttd.tap"
+
+
+def test_port_and_listen_options_combine():
+    """--port N is tcp:N; --listen is repeatable; no option means tcp:1883."""
+    assert _parse()["listen"] == ["tcp:1883"]
+    assert _parse("--port", "1884")["listen"] == ["tcp:1884"]
+    assert _parse("--listen", "tcp:1", "--listen", "unix:/tmp/x")["listen"] == ["tcp:1", "unix:/tmp/x"]
+
+
+def test_toml_config_uses_the_same_keys_and_the_command_line_wins(tmp_path):
+    """Every option is also a TOML key; the command line overrides the file."""
+    config = tmp_path / "mqttd.toml"
+    config.write_text('listen = ["tcp:0:interface=127.0.0.1"]\n'
+                      'broker-id = "from-file"\n'
+                      'max_queued_messages = 7\n'
+                      'queue-qos0 = true\n'
+                      'persistence = "memory"\n')
+    options = _parse("--config", str(config), "--max-inflight", "3")
+    assert options["listen"] == ["tcp:0:interface=127.0.0.1"]
+    config_obj = options.broker_config()
+    assert config_obj.broker_id == "from-file"
+    assert config_obj.max_queued_messages == 7
+    assert config_obj.max_inflight == 3
+    assert config_obj.queue_qos0 is True
+    assert _parse("--config", str(config), "--broker-id", "cli").broker_config().broker_id == "cli"
+
+
+def test_unknown_toml_key_is_a_usage_error(tmp_path):
+    """A typo in the config file is reported, not ignored."""
+    config = tmp_path / "bad.toml"
+    config.write_text("max_queue = 1\n")
+    with pytest.raises(usage.UsageError, match="unknown key"):
+        _parse("--config", str(config))
+
+
+def test_bad_overflow_policy_is_a_usage_error():
+    """--overflow-policy accepts only the documented values."""
+    with pytest.raises(usage.UsageError):
+        _parse("--overflow-policy", "drop-everything")
+
+
+def test_make_service_builds_a_broker_service():
+    """makeService wires the options into a BrokerService with a memory store."""
+    service = tap.makeService(_parse("--persistence", "memory", "--broker-id", "x",
+                                     "--listen", "tcp:0:interface=127.0.0.1"))
+    assert service.broker.config.broker_id == "x"
+    assert service.endpoints == ["tcp:0:interface=127.0.0.1"]
+    assert service.broker.store.durable is False
