@@ -1,0 +1,65 @@
+"""Smoke test for the benchmark suite: ``bench/run --quick`` against mqttd.
+
+Not a performance test (no timed assertions): it keeps the load generator, the runner and
+the mqttd broker entry working together, so that the bench cannot rot. It needs gcc (the
+runner builds bench/loadgen.c) and taskset.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "bench", "run")
+SCENARIOS = ["fanin_qos0", "fanin_qos1", "fanout_qos0", "latency_qos1", "connect_storm", "persistent_qos1"]
+
+pytestmark = [
+    pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")),
+                       reason="gcc is missing: bench/run cannot build the C load generator"),
+    pytest.mark.skipif(not shutil.which("taskset"),
+                       reason="taskset (util-linux) is missing: bench/run pins broker and load to CPUs"),
+    pytest.mark.skipif((os.cpu_count() or 1) < 2,
+                       reason="bench/run needs 2 CPUs (broker on CPU 0, load generator on CPU 1)"),
+]
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, RUNNER, "--quick", "--brokers", "mqttd", "--reps", "1", "--out", str(out),
+         "--no-chart"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert (out / "results.md").exists()
+    return results, proc.stdout
+
+
+def test_quick_bench_covers_every_scenario_for_mqttd(quick_results):
+    """Every scenario ran against mqttd and produced data (no failed repetition)."""
+    results, log = quick_results
+    assert results["peers"]["mqttd"].get("error") is None, results["peers"]["mqttd"]
+    summary = results["summary"]["mqttd"]
+    for scenario in SCENARIOS:
+        assert scenario in summary, scenario
+        assert "error" not in summary[scenario], (scenario, summary[scenario], log[-2000:])
+        assert summary[scenario]["ok_reps"] == 1, (scenario, summary[scenario])
+
+
+def test_quick_bench_delivers_everything_with_mqttd(quick_results):
+    """mqttd delivers messages in every scenario, with no loss (a broker that drops is not faster)."""
+    results, _ = quick_results
+    for run in results["runs"]:
+        assert run["broker"] == "mqttd"
+        scenario = run["scenario"]
+        assert run.get("delivered", 0) > 0, (scenario, run)
+        assert run.get("lost", 0) == 0, (scenario, run)
+        assert run.get("errors", 0) == 0, (scenario, run)
+        if scenario != "connect_storm":
+            assert run["delivered"] == run["expected"], (scenario, run)
+    assert {r["scenario"] for r in results["runs"]} == set(SCENARIOS)
