@@ -476,6 +476,8 @@ class PacketReader:
         pos = 0
         max_size = self.max_packet_size
         decode = self._decode
+        level = self.level
+        append = out.append
         while pos < n:
             # Fixed header; the one-byte Remaining Length case inline.
             if pos + 1 < n and data[pos + 1] < 128:
@@ -491,7 +493,12 @@ class PacketReader:
             if end > n:
                 self._total = total
                 break
-            out.append(decode(data, pos, header, end))
+            byte0 = data[pos]
+            if byte0 >> 4 == PUBLISH and level is not None:     # the hot path
+                append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end))
+            else:
+                append(decode(data, pos, header, end))
+                level = self.level                              # a CONNECT sets it
             pos = end
         if pos < n:
             buf += data[pos:]
