@@ -45,8 +45,8 @@ static long opt_count = 0;         /* messages per publisher (0: until duration 
 static int opt_pubs = -1, opt_subs = -1;
 static int opt_payload = 64;
 static int opt_window = 100;
-static int opt_qos0_window = 1000; /* QoS 0: max messages a publisher runs ahead of delivery (0: open loop) */
-static double opt_stall = 0.25;    /* QoS 0 window: write off the outstanding after this long without delivery */
+static int opt_qos0_window = 500;  /* QoS 0: max messages a publisher runs ahead of delivery (0: open loop) */
+static double opt_stall = 2.0;     /* QoS 0 window: write off the outstanding after this long without delivery */
 static int opt_rate = 1000;        /* latency scenario: msg/s */
 static int opt_conns = 10000;      /* connect storm */
 static int opt_conc = 200;         /* connect storm: handshakes in progress */
