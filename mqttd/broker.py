@@ -20,7 +20,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mqttd import topics
+from mqttd import debuglog, topics
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.messages import Message
@@ -62,6 +62,11 @@ class BrokerConfig:
     max_session_expiry: Optional[int] = None
     #: prefix of assigned client identifiers
     assigned_id_prefix: str = "mqttd-"
+    #: stop reading from publishers whose messages go to an online subscriber
+    #: whose queue is over half full, instead of dropping (see drain())
+    publisher_backpressure: bool = True
+    #: seconds a congested subscriber may hold publishers back
+    max_publisher_pause: float = 5.0
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
@@ -112,6 +117,15 @@ class Broker:
         self.retained: Dict[str, Message] = {}
         self._trie = topics.SubscriptionTrie()
         self._limits = config.queue_limits()
+        self._high_water = max(1, config.max_queued_messages // 2)
+        self._high_water_bytes = max(1, config.max_queued_bytes // 2)
+        self._low_water = config.max_queued_messages // 4
+        #: online sessions whose queue is above the high-water mark
+        self._congested: set = set()
+        #: publishing connections that stopped reading until congestion clears
+        self._held: list = []
+        #: set by publish() when a message went to a congested subscriber
+        self.backpressure = False
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
         self._durable = bool(getattr(self.store, "durable", False))
         #: number of store operations written so far (see :meth:`barrier`)
@@ -273,6 +287,8 @@ class Broker:
         will = session.will
         session.will = None
         session.connection = None
+        if session.congested_since is not None:
+            self._decongested(session)
         now = self.clock.seconds()
         session.disconnected_at = now
         if publish_will and will is not None:
@@ -400,6 +416,7 @@ class Broker:
         Each client gets one copy at the highest QoS of its matching
         subscriptions [MQTT-3.3.5-1], at most the published QoS [MQTT-3.8.4-8].
         """
+        self.backpressure = False
         stats = self.stats
         stats.messages_received += 1
         if message.retain:
@@ -456,46 +473,68 @@ class Broker:
     def _deliver(self, session: Session, message: Message, qos: int,
                  cache: Optional[dict] = None, force: bool = False) -> None:
         conn = session.connection
-        if qos == 0:
-            if conn is not None:
-                if conn.writable() and not session.queue:
+        if conn is not None:
+            if not session.queue and conn.writable():
+                if qos == 0:
                     conn.send_publish(message, 0, None, False, cache)
                     return
-                if not force and not conn.writable():
-                    self._dropped(session, "slow-subscriber", message)
+                if len(session.inflight) < conn.send_window:
+                    pid = session.allocate_packet_id()
+                    record = OutboundRecord(session.next_seq(), message, qos, pid,
+                                            OutboundStage.PUBLISH_SENT)
+                    session.inflight[pid] = record
+                    if session.persistent:
+                        self._write(R.PutOutbound(session.client_id, record))
+                    conn.send_publish(message, qos, pid, False, cache)
                     return
-            elif not (force or (session.persistent and self.config.queue_qos0)):
-                return  # QoS 0 is not kept for offline clients unless configured
-            record = OutboundRecord(session.next_seq(), message, 0)
-            victim = session.enqueue(record, self._limits, force)
-            if victim is not None:
-                self._dropped(session, "queue-full", victim.message)
-            if conn is not None:
-                self.drain(session)
-            return
-        seq = session.next_seq()
-        if (conn is not None and not session.queue and conn.writable()
-                and len(session.inflight) < conn.send_window):
-            pid = session.allocate_packet_id()
-            record = OutboundRecord(seq, message, qos, pid, OutboundStage.PUBLISH_SENT)
-            session.inflight[pid] = record
-            if session.persistent:
-                self._write(R.PutOutbound(session.client_id, record))
-            conn.send_publish(message, qos, pid, False, cache)
-            return
-        record = OutboundRecord(seq, message, qos)
+        elif qos == 0 and not (force or (session.persistent and self.config.queue_qos0)):
+            return  # QoS 0 is not kept for offline clients unless configured
+        record = OutboundRecord(session.next_seq(), message, qos)
         victim = session.enqueue(record, self._limits, force)
-        if victim is record:
-            self._dropped(session, "queue-full", message)
-            return
-        if session.persistent:
+        persistent = session.persistent
+        if victim is not record and qos and persistent:
             self._write(R.PutOutbound(session.client_id, record))
         if victim is not None:
             self._dropped(session, "queue-full", victim.message)
-            if session.persistent and victim.qos:
+            if victim is not record and victim.qos and persistent:
                 self._write(R.DeleteOutbound(session.client_id, victim.seq))
         if conn is not None:
+            if (len(session.queue) >= self._high_water
+                    or session.queued_bytes >= self._high_water_bytes):
+                self._congested_by(session)
             self.drain(session)
+
+    # --- backpressure on publishers ---------------------------------------------------
+    #
+    # A subscriber that is online but cannot keep up fills its queue.  Rather
+    # than dropping, the broker stops reading from the publishers whose
+    # messages go to it (their TCP windows fill, so they slow down) until the
+    # queue is below the low-water mark again.  A subscriber that stays
+    # congested longer than max_publisher_pause no longer holds anyone back:
+    # its queue overflows by its policy, and the drops are counted.
+
+    def _congested_by(self, session: Session) -> None:
+        if not self.config.publisher_backpressure:
+            return
+        now = self.clock.seconds()
+        if session.congested_since is None:
+            session.congested_since = now
+            self._congested.add(session)
+        elif now - session.congested_since >= self.config.max_publisher_pause:
+            return
+        self.backpressure = True
+
+    def _decongested(self, session: Session) -> None:
+        session.congested_since = None
+        self._congested.discard(session)
+        if not self._congested and self._held:
+            held, self._held = self._held, []
+            for conn in held:
+                conn.release_publisher()
+
+    def hold_publisher(self, connection) -> None:
+        """Remember a publisher that paused reading because of congestion."""
+        self._held.append(connection)
 
     def drain(self, session: Session) -> None:
         """Send queued messages while the client can take them."""
@@ -523,12 +562,15 @@ class Broker:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
             conn.send_publish(head.message, head.qos, pid, False)
+        if session.congested_since is not None and len(queue) <= self._low_water:
+            self._decongested(session)
 
     def _dropped(self, session: Session, reason: str, message: Message) -> None:
         count = session.count_drop(reason)
         self.stats.count_drop(reason)
-        log.debug("Dropped a message to {topic} for {client_id}: {reason}",
-                  client_id=session.client_id, reason=reason, topic=message.topic)
+        if debuglog.enabled:
+            log.debug("Dropped a message to {topic} for {client_id}: {reason}",
+                      client_id=session.client_id, reason=reason, topic=message.topic)
         key = (session.client_id, reason)
         now = self.clock.seconds()
         last = self._drop_logged.get(key)
@@ -613,6 +655,9 @@ class Broker:
             if session.expiry_call is not None and session.expiry_call.active():
                 session.expiry_call.cancel()
                 session.expiry_call = None
+        held, self._held = self._held, []
+        for conn in held:
+            conn.release_publisher()
 
 
 def topics_is_sys(topic: str) -> bool:

@@ -70,6 +70,9 @@ class ClientConnection:
         #: the broker's write count when the current packet's handling began
         self._mark = 0
         self._close_reason = "connection lost"
+        self._held = False
+        self._hold_call = None
+        self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
         self._last_received = clock.seconds()
@@ -89,8 +92,14 @@ class ClientConnection:
         except MQTTError as error:
             self.fail(error)
             return
+        if self._held:  # a transport may still deliver what it had already read
+            self._stash = list(self._stash) + packets
+            return
+        self._process(packets)
+
+    def _process(self, packets) -> None:
         broker = self.broker
-        for packet in packets:
+        for index, packet in enumerate(packets):
             if self.state == _CLOSED:
                 return
             handler = self._handlers.get(packet.__class__)
@@ -102,6 +111,11 @@ class ClientConnection:
                     handler(packet)
             except MQTTError as error:
                 self.fail(error)
+                return
+            if self._held:
+                # held back by a congested subscriber: what was already read
+                # waits too, so the pause takes effect at once
+                self._stash = packets[index + 1:]
                 return
 
     def _unexpected(self, packet) -> None:
@@ -261,10 +275,10 @@ class ClientConnection:
                                         reason=self._close_reason)
 
     def _cancel_timers(self) -> None:
-        for call in (self._connect_call, self._keepalive_call):
+        for call in (self._connect_call, self._keepalive_call, self._hold_call):
             if call is not None and call.active():
                 call.cancel()
-        self._connect_call = self._keepalive_call = None
+        self._connect_call = self._keepalive_call = self._hold_call = None
 
     def _connect_timeout(self) -> None:
         self._connect_call = None
@@ -435,22 +449,57 @@ class ClientConnection:
         broker = self.broker
         if qos == 0:
             broker.publish(message, self.info)
+            if broker.backpressure:
+                self._hold_publisher()
             return
         pid = packet.packet_id
         if qos == 1:
             receivers = broker.publish(message, self.info)
             code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
             self._output(Puback(pid, code), durable=True)
+        else:
+            session = self.session
+            if broker.inbound_qos2_seen(session, pid):
+                # a re-sent PUBLISH before PUBREL: acknowledge, never deliver twice
+                # [MQTT-4.3.3-10]
+                self._output(Pubrec(pid), durable=False)
+                return
+            broker.inbound_qos2_add(session, pid)
+            receivers = broker.publish(message, self.info)
+            code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
+            self._output(Pubrec(pid, code), durable=True)
+        if broker.backpressure:
+            self._hold_publisher()
+
+    def _hold_publisher(self) -> None:
+        """Stop reading from this publisher until the subscribers it feeds catch up."""
+        broker = self.broker
+        broker.backpressure = False
+        if self._held or self.state != _CONNECTED:
             return
-        session = self.session
-        if broker.inbound_qos2_seen(session, pid):
-            # a re-sent PUBLISH before PUBREL: acknowledge, never deliver twice [MQTT-4.3.3-10]
-            self._output(Pubrec(pid), durable=False)
+        if self.session is not None and self.session.congested_since is not None:
+            return  # never wait for ourselves (we would not read our own PUBACKs)
+        self._held = True
+        self.transport.pauseProducing()
+        broker.hold_publisher(self)
+        self._hold_call = self.clock.callLater(broker.config.max_publisher_pause,
+                                               self.release_publisher)
+
+    def release_publisher(self) -> None:
+        if not self._held:
             return
-        broker.inbound_qos2_add(session, pid)
-        receivers = broker.publish(message, self.info)
-        code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
-        self._output(Pubrec(pid, code), durable=True)
+        self._held = False
+        if self._hold_call is not None and self._hold_call.active():
+            self._hold_call.cancel()
+        self._hold_call = None
+        if self.state == _CLOSED:
+            return
+        self._last_received = self.clock.seconds()  # we were not reading
+        stash, self._stash = self._stash, ()
+        if stash:
+            self._process(stash)
+        if not self._held and self.state != _CLOSED:
+            self.transport.resumeProducing()
 
     def _ack_refused(self, packet: Publish, code: int) -> None:
         if packet.qos == 1:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from mqttd import debuglog
+
 log = Logger(namespace="mqttd.events")
 
 
@@ -28,8 +30,9 @@ class EventLog:
             on("clientDisconnected", self._disconnected),
             on("subscribed", self._subscribed),
             on("unsubscribed", self._unsubscribed),
-            on("published", self._published),
         ]
+        if debuglog.enabled:  # once per message: only with --log-level debug
+            self._unregister.append(on("published", self._published))
 
     def stop(self) -> None:
         for unregister in self._unregister:
@@ -37,9 +40,9 @@ class EventLog:
         self._unregister = []
 
     def _connected(self, client, **_):
-        log.info("clientConnected {client_id} from {peer} (protocol level {level})",
+        log.info("clientConnected {client_id} from {peer} (protocol level {protocol_level})",
                  event="clientConnected", client_id=client.client_id, peer=client.peer,
-                 level=client.protocol_level)
+                 protocol_level=client.protocol_level)
 
     def _disconnecting(self, client, reason, **_):
         log.info("clientDisconnecting {client_id}: {reason}", event="clientDisconnecting",

@@ -16,7 +16,7 @@ class BrokerStats:
     bytes_sent: int = 0
     subscriptions_total: int = 0
     protocol_errors: int = 0
-    #: dropped messages by reason ("queue-full", "slow-subscriber", ...)
+    #: dropped messages by reason ("queue-full", "client-maximum-packet-size")
     dropped: Dict[str, int] = attrs.Factory(dict)
 
     def count_drop(self, reason: str) -> None:

@@ -65,6 +65,9 @@ class Session:
     _next_packet_id: int = 1
     #: pending expiry timer (an IDelayedCall) while offline
     expiry_call: object = None
+    #: broker clock time since which the queue of this online session is
+    #: over its high-water mark (publishers are held back); None otherwise
+    congested_since: Optional[float] = None
 
     # --- ordering and packet ids ------------------------------------------
 

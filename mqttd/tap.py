@@ -30,6 +30,7 @@ _CONFIG_OPTIONS = {
     "connect-timeout": ("connect_timeout", float),
     "max-keepalive": ("max_keepalive", int),
     "max-session-expiry": ("max_session_expiry", int),
+    "max-publisher-pause": ("max_publisher_pause", float),
 }
 
 
@@ -60,9 +61,14 @@ class Options(usage.Options):
         ["connect-timeout", None, None, "Seconds to wait for CONNECT [10].", float],
         ["max-keepalive", None, None, "Largest keepalive granted, seconds; 0 = any [0].", int],
         ["max-session-expiry", None, None, "Longest v5 session expiry granted, seconds.", int],
+        ["max-publisher-pause", None, None,
+         "Seconds a congested subscriber may hold publishers back [5].", float],
+        ["log-level", None, None, "info or debug (debug logs every message) [info]."],
     ]
     optFlags = [
         ["queue-qos0", None, "Queue QoS 0 messages for offline persistent sessions."],
+        ["no-publisher-backpressure", None,
+         "Drop for a congested subscriber instead of pausing its publishers."],
     ]
 
     def __init__(self):
@@ -86,12 +92,15 @@ class Options(usage.Options):
             self["listen"].append(f"tcp:{self['port']}")
         if not self["listen"]:
             self["listen"] = ["tcp:1883"]
+        if self["log-level"] not in (None, "info", "debug"):
+            raise usage.UsageError("--log-level must be info or debug")
         policy = self["overflow-policy"]
         if policy is not None and policy not in OverflowPolicy.ALL:
             raise usage.UsageError(f"--overflow-policy must be one of {OverflowPolicy.ALL}")
 
     def _merge(self, file_options: dict) -> None:
-        known = {name for name, *_ in self.optParameters} | {"queue-qos0", "listen"}
+        known = {name for name, *_ in self.optParameters} | {
+            "queue-qos0", "no-publisher-backpressure", "listen"}
         for key, value in file_options.items():
             name = key.replace("_", "-")
             if name not in known:
@@ -100,8 +109,8 @@ class Options(usage.Options):
                 values = value if isinstance(value, list) else [value]
                 if not self["listen"]:
                     self["listen"].extend(str(v) for v in values)
-            elif name == "queue-qos0":
-                self["queue-qos0"] = self["queue-qos0"] or bool(value)
+            elif name in ("queue-qos0", "no-publisher-backpressure"):
+                self[name] = self[name] or bool(value)
             elif self.get(name) is None:
                 self[name] = value
 
@@ -114,14 +123,18 @@ class Options(usage.Options):
                 kwargs[field] = convert(self[name])
         if self["queue-qos0"]:
             kwargs["queue_qos0"] = True
+        if self["no-publisher-backpressure"]:
+            kwargs["publisher_backpressure"] = False
         return BrokerConfig(**kwargs)
 
 
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    from mqttd import debuglog
     from mqttd.service import make_broker_service
 
+    debuglog.set_enabled(options["log-level"] == "debug")
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]

@@ -504,9 +504,9 @@ def test_sys_topics_not_matched_by_leading_wildcard():
 
 # --- bounded resources ---------------------------------------------------------------------------
 
-def test_slow_subscriber_drops_qos0_and_queues_qos1_without_stalling_others():
-    """A paused transport drops QoS 0 (counted) and queues QoS 1 (bounded); others still get all."""
-    broker, clock = make_broker(max_queued_messages=5)
+def test_slow_subscriber_queue_is_bounded_and_others_are_not_stalled():
+    """A paused subscriber's messages queue up to the limit, the overflow is counted; others get all."""
+    broker, clock = make_broker(max_queued_messages=5, publisher_backpressure=False)
     slow = FakeClient(broker, clock)
     slow.connect("slow")
     slow.subscribe("t", qos=1)
@@ -523,11 +523,54 @@ def test_slow_subscriber_drops_qos0_and_queues_qos1_without_stalling_others():
     assert len(publishes(fast.received())) == 13
     assert publishes(slow.received()) == []
     session = broker.sessions["slow"]
-    assert session.dropped == {"slow-subscriber": 3, "queue-full": 5}
+    assert session.dropped == {"queue-full": 8}
     assert len(session.queue) == 5
     slow.conn.resume_writing()
     assert [p.payload for p in publishes(slow.received())] == [b"q1-%d" % i for i in range(5, 10)]
-    assert broker.stats.dropped == {"slow-subscriber": 3, "queue-full": 5}
+    assert broker.stats.dropped == {"queue-full": 8}
+    assert pub.transport.producerState == "producing"
+
+
+def test_congested_subscriber_pauses_its_publishers_until_it_drains():
+    """Publishers feeding an online subscriber whose queue is over half full stop being read."""
+    broker, clock = make_broker(max_queued_messages=8, max_inflight=2)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("t", qos=1)
+    other = FakeClient(broker, clock)
+    other.connect("other")
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    for i in range(6):  # 2 in flight, 4 queued: the high-water mark
+        pub.publish("t", b"%d" % i, qos=1, packet_id=i + 1)
+    assert pub.transport.producerState == "paused"
+    other.publish("elsewhere", b"x", qos=1)  # publishers to other topics are not held
+    assert other.transport.producerState == "producing"
+    for _ in range(3):  # the subscriber acknowledges: the queue drains to the low-water mark
+        for p in publishes(sub.received()):
+            sub.send(Puback(p.packet_id))
+    assert pub.transport.producerState == "producing"
+    assert broker.stats.dropped == {}
+
+
+def test_stuck_subscriber_holds_publishers_back_only_for_max_publisher_pause():
+    """A subscriber that never reads releases its publishers after max_publisher_pause."""
+    broker, clock = make_broker(max_queued_messages=4, max_inflight=1, max_publisher_pause=5)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("t", qos=1)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    for i in range(4):
+        pub.publish("t", b"%d" % i, qos=1, packet_id=i + 1)
+    assert pub.transport.producerState == "paused"
+    clock.advance(5)
+    assert pub.transport.producerState == "producing"
+    clock.advance(1)
+    for i in range(10):  # past the pause: overflow by policy, counted, publisher not held
+        pub.publish("t", b"more", qos=1, packet_id=10 + i)
+    assert pub.transport.producerState == "producing"
+    assert broker.stats.dropped["queue-full"] > 0
 
 
 def test_drop_new_policy_keeps_the_oldest():

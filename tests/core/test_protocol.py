@@ -26,8 +26,8 @@ def test_protocol_registers_as_streaming_producer():
     assert transport.producer is proto and transport.streaming
 
 
-def test_paused_transport_stops_qos0_and_resumes_qos1():
-    """pauseProducing drops QoS 0 to that client; resumeProducing drains queued QoS 1."""
+def test_paused_transport_queues_and_resumes_in_order():
+    """pauseProducing stops writes to that client; resumeProducing drains its queue in order."""
     broker, clock = make_broker()
     factory = MQTTFactory(broker)
     sub, sub_transport, reader = _connected(factory, "sub")
@@ -40,8 +40,8 @@ def test_paused_transport_stops_qos0_and_resumes_qos1():
     assert sub_transport.value() == b""
     sub.resumeProducing()
     got = reader.feed(sub_transport.value())
-    assert [(p.payload, p.qos) for p in got] == [(b"q1", 1)]
-    assert broker.stats.dropped == {"slow-subscriber": 1}
+    assert [(p.payload, p.qos) for p in got] == [(b"q0", 0), (b"q1", 1)]
+    assert broker.stats.dropped == {}
 
 
 def test_connection_lost_ends_the_session():
