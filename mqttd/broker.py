@@ -408,25 +408,31 @@ class Broker:
             kwargs["properties"] = properties
         return self.publish(Message(topic, payload, qos, retain, **kwargs), client=None)
 
-    def publish(self, message: Message, client: Optional[ClientInfo] = None) -> int:
+    def publish(self, message: Message, client: Optional[ClientInfo] = None,
+                cache: Optional[dict] = None) -> int:
         """Route ``message`` to every matching subscriber; returns how many got it.
 
         A retained message also replaces (or, with an empty payload, clears)
         the retained message of its topic [MQTT-3.3.1-5, 3.3.1-10, 3.3.1-11].
         Each client gets one copy at the highest QoS of its matching
         subscriptions [MQTT-3.3.5-1], at most the published QoS [MQTT-3.8.4-8].
+        ``cache`` holds the PUBLISH bytes encoded (or received) for this
+        message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        stats = self.stats
-        stats.messages_received += 1
+        self.stats.messages_received += 1
         if message.retain:
             self._retain(message)
-        observers = self._observers["published"]
-        if observers:
+        if self._observers["published"]:
             self.emit("published", message=message, client=client)
         matches = self._trie.match(message.topic)
         if not matches:
             return 0
+        if cache is None:
+            cache = {}
+        if len(matches) == 1:  # the common case: no merging needed
+            _filter, key, sub = matches[0]
+            return self._route(key, sub, message, cache)
         # merge overlapping subscriptions per client
         best: Dict[object, SubscriptionRecord] = {}
         for _filter, key, sub in matches:
@@ -434,25 +440,28 @@ class Broker:
             if prev is None or sub.qos > prev.qos:
                 best[key] = sub
         receivers = 0
-        origin = message.origin
-        sessions = self.sessions
-        cache: dict = {}
-        live = delivery_message(message, False) if message.retain else message
         for key, sub in best.items():
-            if key.__class__ is LocalSubscription:
-                self._call_local(key, message)
-                receivers += 1
-                continue
-            if sub.no_local and key == origin:
-                continue  # [MQTT-3.8.3-3]
-            session = sessions.get(key)
-            if session is None:
-                continue
-            qos = sub.qos if sub.qos < message.qos else message.qos
-            out = message if (sub.retain_as_published and message.retain) else live
-            self._deliver(session, out, qos, cache=cache)
-            receivers += 1
+            receivers += self._route(key, sub, message, cache)
         return receivers
+
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
+        """Deliver ``message`` to one subscriber; 1 if it was a receiver."""
+        if key.__class__ is LocalSubscription:
+            self._call_local(key, message)
+            return 1
+        if sub.no_local and key == message.origin:
+            return 0  # [MQTT-3.8.3-3]
+        session = self.sessions.get(key)
+        if session is None:
+            return 0
+        qos = sub.qos if sub.qos < message.qos else message.qos
+        if message.retain and not sub.retain_as_published:
+            live = cache.get("live")
+            if live is None:
+                live = cache["live"] = delivery_message(message, False)
+            message = live
+        self._deliver(session, message, qos, cache)
+        return 1
 
     def _call_local(self, local: LocalSubscription, message: Message) -> None:
         try:

@@ -22,10 +22,11 @@ from zope.interface import implementer
 from mqttd import topics
 from mqttd.broker import Broker, ClientInfo
 from mqttd.codec import encode, publish_template
+from mqttd.codec.encoder import PublishTemplate
 from mqttd.codec.errors import (
     MQTTError, ProtocolError, ReasonCode, UnsupportedProtocolVersion, V5_TO_V3_CONNACK)
 from mqttd.codec.packets import (
-    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Pingreq, Pingresp,
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, Pingreq, Pingresp,
     Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback,
     Unsubscribe)
 from mqttd.codec.reader import PacketReader
@@ -36,6 +37,7 @@ from mqttd.persistence.records import SubscriptionRecord
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
+_ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 _VERSION_NAMES = {MQTT_3_1: "3.1", MQTT_3_1_1: "3.1.1", MQTT_5: "5.0"}
 
 
@@ -128,23 +130,31 @@ class ClientConnection:
     # --- output ------------------------------------------------------------------
 
     def send(self, packet) -> None:
-        data = encode(packet, self.protocol_level or MQTT_3_1_1)
+        first = _ACK_FIRST_BYTE.get(packet.__class__)
+        if first is not None and packet.properties is NO_PROPERTIES:
+            # the four acknowledgements, by far the most frequent: no generic encode
+            pid = packet.packet_id
+            code = packet.reason_code
+            if code == 0 or self.protocol_level != MQTT_5:
+                data = bytes((first, 2, pid >> 8, pid & 0xFF))
+            else:
+                data = bytes((first, 3, pid >> 8, pid & 0xFF, code))
+        else:
+            data = encode(packet, self.protocol_level or MQTT_3_1_1)
         self._stats.bytes_sent += len(data)
         self.transport.write(data)
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None) -> None:
-        level = self.protocol_level
-        if cache is not None:
-            key = (id(message), level, qos)
-            template = cache.get(key)
-            if template is None:
-                template = cache[key] = publish_template(
-                    message.topic, message.payload, qos, message.retain,
-                    message.properties, level)
-        else:
+        # levels 3 and 4 share the PUBLISH wire form
+        key = (id(message), 5 if self.protocol_level == MQTT_5 else 4, qos)
+        template = None if cache is None else cache.get(key)
+        if template is None:
             template = publish_template(message.topic, message.payload, qos,
-                                        message.retain, message.properties, level)
+                                        message.retain, message.properties,
+                                        self.protocol_level)
+            if cache is not None:
+                cache[key] = template
         data = template.encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
             # [MQTT-3.1.2-25]: never send more than the client's Maximum Packet Size
@@ -153,8 +163,9 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        self._stats.messages_sent += 1
-        self._stats.bytes_sent += len(data)
+        stats = self._stats
+        stats.messages_sent += 1
+        stats.bytes_sent += len(data)
         self.transport.write(data)
 
     def _discard_inflight(self, packet_id: int) -> None:
@@ -446,15 +457,20 @@ class ClientConnection:
         message = Message(topic, packet.payload, qos, packet.retain, props,
                           self.client_id,
                           None if expiry is None else self.clock.seconds() + expiry)
+        # the bytes as received serve every subscriber of the same protocol
+        # family at the same QoS: no re-encoding
+        raw = packet.raw
+        cache = None if raw is None else {
+            (id(message), 5 if level == MQTT_5 else 4, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker
         if qos == 0:
-            broker.publish(message, self.info)
+            broker.publish(message, self.info, cache)
             if broker.backpressure:
                 self._hold_publisher()
             return
         pid = packet.packet_id
         if qos == 1:
-            receivers = broker.publish(message, self.info)
+            receivers = broker.publish(message, self.info, cache)
             code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
             self._output(Puback(pid, code), durable=True)
         else:
@@ -465,7 +481,7 @@ class ClientConnection:
                 self._output(Pubrec(pid), durable=False)
                 return
             broker.inbound_qos2_add(session, pid)
-            receivers = broker.publish(message, self.info)
+            receivers = broker.publish(message, self.info, cache)
             code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
             self._output(Pubrec(pid, code), durable=True)
         if broker.backpressure:

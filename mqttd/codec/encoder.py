@@ -262,6 +262,36 @@ class PublishTemplate:
         self._head_dup = bytes((full[0] | 0x08,)) + full[1:pid_at]
         self._tail = full[pid_at + 2:]
 
+    @classmethod
+    def from_raw(cls, raw: bytes, qos: int) -> "PublishTemplate":
+        """A template from a decoded PUBLISH's own bytes (``Publish.raw``).
+
+        The result sends the same packet with the DUP bit clear and, for QoS >
+        0, another packet identifier.  Valid for receivers of the same protocol
+        family (3/4, or 5) at the same QoS and retain flag.
+        """
+        self = cls.__new__(cls)
+        self.qos = qos
+        if qos == 0:
+            self._bytes = raw
+            return self
+        header = 2
+        while raw[header - 1] & 0x80:
+            header += 1
+        # split lazily in encode(): most raw templates serve one receiver
+        self._bytes = raw
+        self._tail = header + 2 + ((raw[header] << 8) | raw[header + 1])
+        self._head = None
+        return self
+
+    def _split_raw(self) -> None:
+        raw = self._bytes
+        pid_at = self._tail
+        first = raw[0] & 0xF7
+        self._head = bytes((first,)) + raw[1:pid_at]
+        self._head_dup = bytes((first | 0x08,)) + raw[1:pid_at]
+        self._tail = raw[pid_at + 2:]
+
     def encode(self, packet_id: Optional[int] = None, dup: bool = False) -> bytes:
         """The bytes for one receiver (``packet_id`` required for QoS > 0)."""
         if self.qos == 0:
@@ -270,6 +300,8 @@ class PublishTemplate:
             return self._bytes
         if packet_id is None or not 0 < packet_id < 65536:
             raise ValueError(f"packet identifier must be in 1..65535, got {packet_id!r}")
+        if self._head is None:
+            self._split_raw()
         return b"".join((self._head_dup if dup else self._head,
                          packet_id.to_bytes(2, "big"), self._tail))
 

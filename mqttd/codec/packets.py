@@ -124,6 +124,9 @@ class Publish:
     dup: bool = False
     packet_id: Optional[int] = None   # required for qos > 0, absent for qos 0
     properties: Properties = NO_PROPERTIES
+    #: the packet's own bytes when it was decoded (not part of its value): the
+    #: broker forwards them unchanged when the form it must send is the same
+    raw: Optional[bytes] = attrs.field(default=None, eq=False, repr=False)
 
     packet_type = PUBLISH
 

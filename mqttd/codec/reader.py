@@ -76,7 +76,7 @@ def _packet_id(data, i, end, name, level, required_nonzero):
 
 # -- one decoder per packet type: (level, flags, data, start, end) -> packet -------
 
-def _decode_publish(level, flags, data, i, end):
+def _decode_publish(level, flags, data, i, end, pos=None):
     qos = (flags >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3", spec="MQTT-3.3.1-4")
@@ -123,7 +123,8 @@ def _decode_publish(level, flags, data, i, end):
         props = NO_PROPERTIES
         if not topic:
             raise MalformedPacket("PUBLISH with an empty topic name", spec="MQTT-4.7.3-1")
-    return Publish(topic, data[k:end], qos, bool(flags & 1), bool(dup), packet_id, props)
+    return Publish(topic, data[k:end], qos, bool(flags & 1), bool(dup), packet_id, props,
+                   None if pos is None else data[pos:end])
 
 
 def _decode_connect(reader, data, i, end):
@@ -495,7 +496,7 @@ class PacketReader:
                 break
             byte0 = data[pos]
             if byte0 >> 4 == PUBLISH and level is not None:     # the hot path
-                append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end))
+                append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end, pos))
             else:
                 append(decode(data, pos, header, end))
                 level = self.level                              # a CONNECT sets it
@@ -511,7 +512,7 @@ class PacketReader:
         start = pos + header
         level = self.level
         if ptype == PUBLISH and level is not None:
-            return _decode_publish(level, flags, data, start, end)
+            return _decode_publish(level, flags, data, start, end, pos)
         if level is None and ptype != CONNECT:
             raise ProtocolError("first packet must be CONNECT", spec="MQTT-3.1.0-1")
         expected = _FLAGS.get(ptype)
