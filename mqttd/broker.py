@@ -45,8 +45,8 @@ class BrokerConfig:
 
     broker_id: str = "mqttd"
     #: per-session queue of messages waiting for an offline/slow client
-    max_queued_messages: int = 1000
-    max_queued_bytes: int = 16 * 1024 * 1024
+    max_queued_messages: int = 100_000
+    max_queued_bytes: int = 64 * 1024 * 1024
     overflow_policy: str = OverflowPolicy.DROP_OLDEST
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
     queue_qos0: bool = False
@@ -63,7 +63,8 @@ class BrokerConfig:
     #: prefix of assigned client identifiers
     assigned_id_prefix: str = "mqttd-"
     #: stop reading from publishers whose messages go to an online subscriber
-    #: whose queue is over half full, instead of dropping (see drain())
+    #: that is 1,000 messages (or 1 MiB; at most half its queue limit) behind,
+    #: instead of dropping (see drain())
     publisher_backpressure: bool = True
     #: seconds a congested subscriber may hold publishers back
     max_publisher_pause: float = 5.0
@@ -117,9 +118,10 @@ class Broker:
         self.retained: Dict[str, Message] = {}
         self._trie = topics.SubscriptionTrie()
         self._limits = config.queue_limits()
-        self._high_water = max(1, config.max_queued_messages // 2)
-        self._high_water_bytes = max(1, config.max_queued_bytes // 2)
-        self._low_water = config.max_queued_messages // 4
+        # an online subscriber this far behind holds its publishers back
+        self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
+        self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
+        self._low_water = self._high_water // 2
         #: online sessions whose queue is above the high-water mark
         self._congested: set = set()
         #: publishing connections that stopped reading until congestion clears

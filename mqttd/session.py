@@ -30,8 +30,8 @@ class OverflowPolicy:
 
 @attrs.frozen
 class QueueLimits:
-    max_messages: int = 1000
-    max_bytes: int = 16 * 1024 * 1024
+    max_messages: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
     policy: str = OverflowPolicy.DROP_OLDEST
 
 

@@ -125,7 +125,8 @@ class BrokerProcess:
             find_twistd(), "-n", "--pidfile", "",
             "mqttd",
             "--listen", "tcp:0:interface=127.0.0.1",
-            "--persistence", self.persistence,
+            # persistence None: mqttd's default store (./mqttd-data in workdir)
+            *(["--persistence", self.persistence] if self.persistence else []),
             "--broker-id", self.broker_id,
             "--ready-file", str(self.ready_file),
             *self.extra_args,

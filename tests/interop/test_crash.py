@@ -1,0 +1,124 @@
+"""Durability of acknowledged messages across SIGKILL and graceful restarts.
+
+A persistent QoS 1 subscriber registers and leaves; a publisher streams
+thousands of QoS 1 messages with a window of 100; the broker is killed (or
+stopped) mid-stream and started again on the same data directory; the
+subscriber comes back: every message whose PUBACK the publisher received must
+be delivered [issue "Durable storage", item 4: acknowledge only what is safe].
+"""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from mqttd.codec import PacketReader, encode
+from mqttd.codec.packets import (
+    Connack, Connect, Disconnect, Puback, Publish, Suback, Subscribe, Subscription)
+
+pytestmark = [pytest.mark.interop, pytest.mark.mqttd_only]
+
+TOTAL = 5000
+WINDOW = 100
+
+
+class WireClient:
+    """A minimal MQTT 3.1.1 client on a blocking socket (every wait bounded)."""
+
+    def __init__(self, port, client_id, clean=True, timeout=10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.reader = PacketReader(level=4)
+        self.pending = []
+        self.sock.sendall(encode(Connect(4, client_id, clean, 0), 4))
+        self.connack = self.next_packet()
+        assert isinstance(self.connack, Connack) and self.connack.reason_code == 0
+
+    def next_packet(self, timeout=10.0):
+        self.sock.settimeout(timeout)
+        while not self.pending:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by broker")
+            self.pending.extend(self.reader.feed(data))
+        return self.pending.pop(0)
+
+    def close(self):
+        try:
+            self.sock.sendall(encode(Disconnect(), 4))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def register_subscriber(port):
+    sub = WireClient(port, "crash-sub", clean=False)
+    sub.sock.sendall(encode(Subscribe(1, (Subscription("crash/t", 1),)), 4))
+    assert sub.next_packet() == Suback(1, (1,))
+    sub.close()
+
+
+def stream_until(port, interrupt_after, interrupt):
+    """Publish up to TOTAL QoS 1 messages; call interrupt() after that many PUBACKs.
+
+    Returns the set of payload numbers whose PUBACK arrived.
+    """
+    pub = WireClient(port, "crash-pub")
+    acked, sent, unacked = set(), 0, {}
+    interrupted = False
+    deadline = time.monotonic() + 60
+    try:
+        while len(acked) < TOTAL and time.monotonic() < deadline:
+            batch = []
+            while sent < TOTAL and len(unacked) < WINDOW:
+                pid = sent % 65535 + 1
+                unacked[pid] = sent
+                batch.append(encode(Publish("crash/t", b"%d" % sent, 1, packet_id=pid), 4))
+                sent += 1
+            if batch:
+                pub.sock.sendall(b"".join(batch))
+            packet = pub.next_packet()
+            if isinstance(packet, Puback):
+                acked.add(unacked.pop(packet.packet_id))
+            if not interrupted and len(acked) >= interrupt_after:
+                interrupted = True
+                interrupt()
+    except (ConnectionError, OSError):
+        pass  # the broker went away mid-stream
+    finally:
+        pub.sock.close()
+    assert interrupted, "the stream ended before the broker was interrupted"
+    return acked
+
+
+def drain_subscriber(port, expected):
+    sub = WireClient(port, "crash-sub", clean=False)
+    assert sub.connack.session_present
+    got = set()
+    deadline = time.monotonic() + 60
+    while not expected <= got and time.monotonic() < deadline:
+        try:
+            packet = sub.next_packet(timeout=5)
+        except socket.timeout:
+            break
+        if isinstance(packet, Publish):
+            got.add(int(packet.payload))
+            sub.sock.sendall(encode(Puback(packet.packet_id), 4))
+    sub.close()
+    return got
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_every_acknowledged_message_survives_a_broker_crash(mqttd_broker_factory, how):
+    """SIGKILL (or SIGTERM) mid-stream, restart: every PUBACKed message reaches the subscriber."""
+    broker = mqttd_broker_factory(persistence=None)   # the default durable store
+    register_subscriber(broker.port)
+    stop = broker.kill if how == "sigkill" else broker.stop
+    acked = stream_until(broker.port, interrupt_after=TOTAL // 3, interrupt=stop)
+    assert TOTAL // 3 <= len(acked) < TOTAL
+    broker.start()
+    got = drain_subscriber(broker.port, acked)
+    missing = acked - got
+    print(f"{how}: acked {len(acked)}, delivered after restart {len(got)}, "
+          f"missing {len(missing)}")
+    assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:10]}"
