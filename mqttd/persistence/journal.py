@@ -1,0 +1,788 @@
+"""The write-ahead journal shared by the durable stores, with group commit.
+
+A data directory holds a *checkpoint* (what it is depends on the backend: a
+pickled snapshot for :class:`~mqttd.persistence.filestore.FileStore`, a dbm
+file set for :class:`~mqttd.persistence.dbmstore.DbmStore`) stamped with a
+generation ``g``, plus journals ``journal.<n>`` for ``n >= g``.  Recovery
+loads the checkpoint and replays the journals in order with
+:func:`~mqttd.persistence.records.apply_op`.
+
+Journal file format (all integers big-endian)::
+
+    header   8s magic b"MQTTDJNL" | u32 FORMAT_VERSION | u64 generation
+    record   4s mark  b"\\xa7MQR"  | u32 length | u32 crc32(payload) | payload
+
+``payload`` is a :mod:`~mqttd.persistence.safepickle` pickle of the list of
+operations written during one reactor turn (one ``os.write`` per batch).  The
+record mark lets recovery tell a torn tail (nothing valid follows the damage:
+skipped with a WARNING, file truncated) from damage in the middle (a valid
+record follows: ERROR, replay stops there, the journal is set aside).
+
+Group commit: :meth:`JournaledStore.sync` first writes the pending batch, then
+waits for an fsync that started after that write.  At most one fsync runs at a
+time (in a thread); requests arriving meanwhile are all served by the next one,
+and Deferreds fire in the order of the requests.
+
+Layer L3: no global reactor; the reactor (for ``callLater`` and the thread
+pool) is passed in.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import os
+import pickle
+import re
+import struct
+import time
+import zlib
+from typing import List, Optional, Tuple
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mqttd.interfaces import IBrokerStore
+from mqttd.persistence import safepickle
+from mqttd.messages import Message
+from mqttd.persistence.records import (
+    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession,
+    StoredState, apply_op)
+
+log = Logger(namespace="mqttd.persistence")
+
+MiB = 1024 * 1024
+DEFAULT_COMPACT_BYTES = 64 * MiB
+
+JOURNAL_MAGIC = b"MQTTDJNL"
+JOURNAL_HEADER = struct.Struct(">8sIQ")
+RECORD_MARK = b"\xa7MQR"
+RECORD_HEADER = struct.Struct(">4sII")
+MAX_RECORD = 1 << 31
+
+_JOURNAL_NAME = re.compile(r"^journal\.(\d+)$")
+_OP_TYPES = frozenset(OPERATION_TYPES)
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (closed, or a write/fsync failed)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process (or another store object) has this data directory open."""
+
+
+# --- helpers ----------------------------------------------------------------
+
+def parse_fsync_mode(mode: str) -> Tuple[str, Optional[float]]:
+    """``"always"``, ``"never"`` or ``"interval:N"`` (N milliseconds, > 0)."""
+    if mode in ("always", "never"):
+        return mode, None
+    if isinstance(mode, str) and mode.startswith("interval:"):
+        try:
+            ms = float(mode[len("interval:"):])
+        except ValueError:
+            ms = 0
+        if ms > 0:
+            return "interval", ms / 1000.0
+    raise ValueError(
+        f"fsync must be 'always', 'never' or 'interval:N' (N milliseconds > 0), not {mode!r}")
+
+
+def copy_state(state: StoredState) -> StoredState:
+    """A copy sharing the (immutable) records; safe to read from another thread."""
+    return StoredState(
+        {cid: StoredSession(s.record, dict(s.outbound), set(s.inbound_qos2))
+         for cid, s in state.sessions.items()},
+        dict(state.retained))
+
+
+def sort_outbound(state: StoredState) -> None:
+    """Put every session's outbound dict in seq order (in place)."""
+    for session in state.sessions.values():
+        seqs = list(session.outbound)
+        if any(a > b for a, b in zip(seqs, seqs[1:])):
+            session.outbound = dict(sorted(session.outbound.items()))
+
+
+#: records per checkpoint item: small pickles keep the reactor thread
+#: responsive while a checkpoint is pickled in a worker thread (one 100k-message
+#: pickle holds the GIL for up to 300 ms at a stretch; 1000-record chunks ~30 ms)
+CHUNK = 1000
+
+
+def state_items(state: StoredState):
+    """Cut ``state`` into picklable checkpoint items, in a stable order.
+
+    ``("s", SessionRecord, (inbound qos2 ids...))`` for each session, followed
+    by ``("o", client_id, (OutboundRecord...))`` chunks in seq order, then
+    ``("r", (Message...))`` chunks of retained messages.
+    """
+    for client_id, session in state.sessions.items():
+        yield "s", session.record, tuple(sorted(session.inbound_qos2))
+        records = sorted(session.outbound.values(), key=lambda r: r.seq)
+        for start in range(0, len(records), CHUNK):
+            yield "o", client_id, tuple(records[start:start + CHUNK])
+    retained = tuple(state.retained.values())
+    for start in range(0, len(retained), CHUNK):
+        yield "r", retained[start:start + CHUNK]
+
+
+def state_counts(state: StoredState) -> dict:
+    return {"sessions": len(state.sessions),
+            "outbound": sum(len(s.outbound) for s in state.sessions.values()),
+            "retained": len(state.retained)}
+
+
+class StateAssembler:
+    """Rebuilds a StoredState from :func:`state_items`; raises ValueError on nonsense."""
+
+    def __init__(self):
+        self.state = StoredState()
+        self._outbound = collections.defaultdict(list)
+
+    def add(self, item) -> None:
+        if not isinstance(item, tuple) or not item:
+            raise ValueError(f"not a checkpoint item: {type(item).__name__}")
+        kind = item[0]
+        if kind == "s" and len(item) == 3 and isinstance(item[1], SessionRecord):
+            self.state.sessions[item[1].client_id] = StoredSession(
+                item[1], {}, {int(p) for p in item[2]})
+        elif kind == "o" and len(item) == 3 and all(
+                isinstance(r, OutboundRecord) for r in item[2]):
+            self._outbound[item[1]].extend(item[2])
+        elif kind == "r" and len(item) == 2 and all(isinstance(m, Message) for m in item[1]):
+            for message in item[1]:
+                self.state.retained[message.topic] = message
+        else:
+            raise ValueError(f"malformed checkpoint item of kind {kind!r}")
+
+    def finish(self, expected_counts: Optional[dict] = None) -> StoredState:
+        for client_id, records in self._outbound.items():
+            session = self.state.sessions.get(client_id)
+            if session is None:
+                raise ValueError(f"outbound messages for unknown session {client_id!r}")
+            records.sort(key=lambda r: r.seq)
+            session.outbound = {r.seq: r for r in records}
+        if expected_counts is not None:
+            counts = state_counts(self.state)
+            for key, value in counts.items():
+                if expected_counts.get(key) != value:
+                    raise ValueError(f"holds {value} {key}, expected "
+                                     f"{expected_counts.get(key)}: incomplete")
+        return self.state
+
+
+def fsync_dir(path: str, fsync=os.fsync) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write(path: str, data: bytes, fsync=os.fsync) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp``, fsync, rename, fsync the dir."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".", fsync)
+
+
+def aside_path(path: str, reason: str, now: float) -> str:
+    """A free name ``<path>.<reason>-<UTC timestamp>[.<n>]`` to move a file to."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    candidate = f"{path}.{reason}-{stamp}"
+    n = 1
+    while os.path.exists(candidate):
+        candidate = f"{path}.{reason}-{stamp}.{n}"
+        n += 1
+    return candidate
+
+
+def journal_path(directory: str, generation: int) -> str:
+    return os.path.join(directory, f"journal.{generation}")
+
+
+def list_journals(directory: str) -> List[int]:
+    gens = []
+    for name in os.listdir(directory):
+        match = _JOURNAL_NAME.match(name)
+        if match:
+            gens.append(int(match.group(1)))
+    return sorted(gens)
+
+
+def encode_record(payload: bytes) -> bytes:
+    return RECORD_HEADER.pack(RECORD_MARK, len(payload), zlib.crc32(payload)) + payload
+
+
+def valid_record_at(data, offset: int) -> bool:
+    end = len(data)
+    if end - offset < RECORD_HEADER.size:
+        return False
+    mark, length, crc = RECORD_HEADER.unpack_from(data, offset)
+    start = offset + RECORD_HEADER.size
+    return (mark == RECORD_MARK and 0 < length <= end - start
+            and zlib.crc32(data[start:start + length]) == crc)
+
+
+@attrs.define
+class JournalScan:
+    """What :func:`scan_journal` found in one journal file."""
+
+    #: payloads of the good records, in order
+    payloads: list = attrs.Factory(list)
+    #: offset just after the last good record (where a torn tail is cut)
+    good_end: int = 0
+    #: None, "torn" (damage with nothing valid after it) or "corrupt"
+    damage: Optional[str] = None
+    damage_offset: int = 0
+    reason: str = ""
+
+
+def scan_journal(data: bytes, generation: int) -> JournalScan:
+    """Split a journal file's bytes into record payloads and classify damage."""
+    scan = JournalScan()
+    view = memoryview(data)
+    if len(data) < JOURNAL_HEADER.size:
+        # created but header not (fully) written: nothing was ever in it
+        scan.damage, scan.reason = "torn", "short header"
+        return scan
+    magic, version, gen = JOURNAL_HEADER.unpack_from(data, 0)
+    if magic != JOURNAL_MAGIC:
+        scan.damage, scan.reason = "corrupt", "bad journal magic"
+        return scan
+    if version > FORMAT_VERSION or version < 1:
+        scan.damage = "corrupt"
+        scan.reason = (f"journal format version {version} is not supported "
+                       f"(this mqttd reads version {FORMAT_VERSION})")
+        return scan
+    if gen != generation:
+        scan.damage, scan.reason = "corrupt", f"header says generation {gen}"
+        return scan
+    offset = JOURNAL_HEADER.size
+    end = len(data)
+    while offset < end:
+        if valid_record_at(data, offset):
+            length = RECORD_HEADER.unpack_from(data, offset)[1]
+            start = offset + RECORD_HEADER.size
+            scan.payloads.append(view[start:start + length])
+            offset = start + length
+            continue
+        # damaged: is there any valid record after it?
+        scan.damage_offset = offset
+        if end - offset < RECORD_HEADER.size:
+            reason = "short record header"
+        else:
+            mark, length, _ = RECORD_HEADER.unpack_from(data, offset)
+            if mark != RECORD_MARK:
+                reason = "bad record mark"
+            elif length == 0 or length > end - offset - RECORD_HEADER.size:
+                reason = f"record length {length} runs past the end of the file"
+            else:
+                reason = "checksum mismatch"
+        scan.reason = reason
+        probe = data.find(RECORD_MARK, offset + 1)
+        while probe != -1:
+            if valid_record_at(data, probe):
+                scan.damage = "corrupt"
+                break
+            probe = data.find(RECORD_MARK, probe + 1)
+        else:
+            scan.damage = "torn"
+        break
+    scan.good_end = offset
+    return scan
+
+
+def decode_payload(payload) -> list:
+    """The operations in one journal record; raises UnpicklingError if not ops."""
+    ops = safepickle.loads(payload)
+    if not isinstance(ops, list):
+        ops = [ops]
+    for op in ops:
+        if type(op) not in _OP_TYPES:
+            raise pickle.UnpicklingError(f"not a store operation: {type(op).__name__}")
+    return ops
+
+
+# --- the store --------------------------------------------------------------
+
+@implementer(IBrokerStore)
+class JournaledStore:
+    """Base of the durable stores: journal, mirror state, group commit, compaction.
+
+    Subclasses provide the checkpoint: :meth:`_load_checkpoint` (called in
+    :meth:`open`) and :meth:`_write_checkpoint` (called in a thread during
+    compaction, or synchronously in :meth:`open` after damage).
+
+    :param path: the data directory (created if missing).
+    :param reactor: provides ``callLater`` and, unless ``run_in_thread`` is
+        given, ``callFromThread`` for the store's own thread pool.
+    :param fsync: ``"always"`` (sync() fires after an fsync covering every
+        earlier write), ``"interval:N"`` (fsync every N ms in the background;
+        sync() fires once the batch is written to the OS) or ``"never"``.
+    :param compact_bytes: a journal larger than this triggers a checkpoint.
+    :param threadpool: a started ThreadPool to use instead of a private one.
+    :param fsync_function: replaces :func:`os.fsync` (tests count or slow it).
+    :param run_in_thread: ``f(callable, *args) -> Deferred``; replaces the thread
+        pool (tests pass a synchronous runner).
+    """
+
+    durable = True
+
+    def __init__(self, path, reactor, fsync="always", compact_bytes=DEFAULT_COMPACT_BYTES,
+                 threadpool=None, fsync_function=os.fsync, run_in_thread=None):
+        self.path = os.path.abspath(path)
+        self._reactor = reactor
+        self.fsync_mode, self._interval = parse_fsync_mode(fsync)
+        if compact_bytes <= 0:
+            raise ValueError("compact_bytes must be positive")
+        self.compact_bytes = compact_bytes
+        self._fsync = fsync_function
+        self._pool = threadpool
+        self._own_pool = False
+        self._run_in_thread = run_in_thread
+        self._shutdown_trigger = None
+
+        self._lock_fd = None
+        self._fd = None                 # current journal
+        self._gen = 0                   # current journal generation
+        self._journal_bytes = 0
+        self._retired: List[int] = []   # fds of earlier journals, closed after an fsync
+        self._dir_dirty = False         # a new journal's directory entry needs an fsync
+
+        self._mirror = StoredState()
+        self._pending: list = []
+        self._flush_call = None
+        self._interval_call = None
+
+        self._written = 0               # bytes handed to os.write, over all journals
+        self._durable = 0               # bytes covered by the last completed fsync
+        self._waiters = collections.deque()   # (target, Deferred), in request order
+        self._syncing = False
+        self._compacting: Optional[defer.Deferred] = None
+        self._broken: Optional[Failure] = None
+        self._state = "new"             # new -> open -> closing -> closed
+
+        #: completed fsync rounds (each serves every waiter of its batch)
+        self.fsync_count = 0
+        #: completed compactions
+        self.compaction_count = 0
+
+    # -- subclass hooks --
+
+    def _load_checkpoint(self) -> Tuple[Optional[StoredState], int, bool]:
+        """Return ``(state or None, generation, damaged)``; never raise for damage."""
+        raise NotImplementedError
+
+    def _write_checkpoint(self, state: StoredState, generation: int) -> None:
+        """Durably replace the checkpoint with ``state`` stamped ``generation``."""
+        raise NotImplementedError
+
+    def _remove_old_checkpoints(self, generation: int) -> None:
+        """Remove checkpoint files older than ``generation`` (after it is durable)."""
+
+    # -- IBrokerStore --
+
+    def open(self) -> StoredState:
+        if self._state != "new":
+            raise StoreError("open() may be called only once")
+        started = time.monotonic()
+        os.makedirs(self.path, exist_ok=True)
+        self._lock()
+        try:
+            state = self._recover()
+        except BaseException:
+            self._unlock()
+            raise
+        self._mirror = state
+        self._start_threads()
+        self._state = "open"
+        if self._interval is not None:
+            self._interval_call = self._reactor.callLater(self._interval, self._interval_tick)
+        outbound = sum(len(s.outbound) for s in state.sessions.values())
+        log.info("Opened store {path}: {sessions} sessions, {outbound} outbound messages, "
+                 "{retained} retained messages in {seconds:.3f}s",
+                 path=self.path, sessions=len(state.sessions), outbound=outbound,
+                 retained=len(state.retained), seconds=time.monotonic() - started)
+        result = copy_state(state)
+        sort_outbound(result)
+        return result
+
+    def write(self, op) -> None:
+        if self._state != "open":
+            raise StoreError(f"store {self.path} is not open")
+        if type(op) not in _OP_TYPES:
+            raise TypeError(f"not a store operation: {op!r}")
+        apply_op(self._mirror, op)
+        self._pending.append(op)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def sync(self) -> defer.Deferred:
+        if self._state != "open":
+            return defer.fail(StoreError(f"store {self.path} is not open"))
+        self._flush()
+        if self._broken is not None:
+            return defer.fail(self._broken)
+        if self.fsync_mode != "always":
+            return defer.succeed(None)
+        return self._wait_for_fsync()
+
+    def close(self) -> defer.Deferred:
+        if self._state in ("closing", "closed"):
+            return defer.succeed(None)
+        if self._state == "new":
+            self._state = "closed"
+            return defer.succeed(None)
+        return defer.ensureDeferred(self._close())
+
+    # -- writing --
+
+    def _flush(self) -> None:
+        """Write the pending batch as one record with one os.write."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._pending or self._broken is not None:
+            self._pending = []
+            return
+        ops, self._pending = self._pending, []
+        try:
+            record = encode_record(safepickle.dumps(ops))
+            write_all(self._fd, record)
+        except Exception:
+            self._break(Failure(), "write to journal {path} failed", journal_path(self.path, self._gen))
+            return
+        self._journal_bytes += len(record)
+        self._written += len(record)
+        if (self._journal_bytes >= self.compact_bytes and self._compacting is None
+                and self._state == "open"):
+            self._start_compaction(final=False)
+
+    def _break(self, failure: Failure, what: str, path: str) -> None:
+        log.failure("Store " + what + "; refusing further syncs", failure, path=path)
+        self._broken = failure
+        waiters, self._waiters = self._waiters, collections.deque()
+        for _, d in waiters:
+            d.errback(failure)
+
+    def _open_journal(self, generation: int, create: bool) -> int:
+        path = journal_path(self.path, generation)
+        if create:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            header = JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, generation)
+            write_all(fd, header)
+            self._dir_dirty = True
+            self._journal_bytes = len(header)
+            self._written += len(header)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self._journal_bytes = os.fstat(fd).st_size
+        self._gen = generation
+        return fd
+
+    # -- group commit --
+
+    def _wait_for_fsync(self) -> defer.Deferred:
+        target = self._written
+        if target <= self._durable and not self._waiters and not self._syncing:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append((target, d))
+        self._maybe_start_fsync()
+        return d
+
+    def _maybe_start_fsync(self, force: bool = False) -> None:
+        if self._syncing or self._broken is not None or self._fd is None:
+            return
+        if not (self._waiters or (force and (self._written > self._durable or self._retired))):
+            return
+        self._syncing = True
+        covered = self._written
+        fds = self._retired + [self._fd]
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        d = self._run(self._fsync_job, fds, dir_dirty)
+        d.addCallbacks(self._fsync_done, self._fsync_failed,
+                       callbackArgs=(covered, fds), errbackArgs=(dir_dirty,))
+
+    def _fsync_job(self, fds, dir_dirty) -> None:
+        for fd in fds:
+            self._fsync(fd)
+        if dir_dirty:
+            fsync_dir(self.path, self._fsync)
+
+    def _fsync_done(self, _, covered, fds) -> None:
+        self.fsync_count += 1
+        if covered > self._durable:
+            self._durable = covered
+        for fd in fds:
+            if fd in self._retired:
+                self._retired.remove(fd)
+                os.close(fd)
+        self._syncing = False
+        # fire in request order; a callback may write and sync again: its
+        # request queues behind the ones still to fire here (and may start
+        # the next fsync at once)
+        while self._waiters and self._waiters[0][0] <= covered:
+            _, d = self._waiters.popleft()
+            d.callback(None)
+        self._maybe_start_fsync()
+
+    def _fsync_failed(self, failure, dir_dirty) -> None:
+        self._syncing = False
+        self._dir_dirty = self._dir_dirty or dir_dirty
+        # after a failed fsync the page cache state is unknown ("fsyncgate"):
+        # never report later data as durable
+        self._break(failure, "fsync of {path} failed", self.path)
+
+    def _interval_tick(self) -> None:
+        self._interval_call = None
+        if self._state != "open":
+            return
+        self._flush()
+        self._maybe_start_fsync(force=True)
+        self._interval_call = self._reactor.callLater(self._interval, self._interval_tick)
+
+    # -- compaction --
+
+    def _start_compaction(self, final: bool) -> defer.Deferred:
+        """Checkpoint the mirror as of now; later writes go to a new journal."""
+        self._flush()
+        old_gen = self._gen
+        new_gen = old_gen + 1
+        snapshot = copy_state(self._mirror)
+        if not final:
+            old_fd = self._fd
+            self._fd = self._open_journal(new_gen, create=True)
+            self._retired.append(old_fd)
+        d = self._run(self._compaction_job, snapshot, new_gen)
+        self._compacting = d
+        d.addCallbacks(self._compaction_done, self._compaction_failed,
+                       callbackArgs=(final,))
+        return d
+
+    def _compaction_job(self, snapshot: StoredState, new_gen: int) -> None:
+        self._write_checkpoint(snapshot, new_gen)
+        for gen in list_journals(self.path):
+            if gen < new_gen:
+                try:
+                    os.unlink(journal_path(self.path, gen))
+                except FileNotFoundError:
+                    pass
+        self._remove_old_checkpoints(new_gen)
+
+    def _compaction_done(self, _, final: bool) -> None:
+        self._compacting = None
+        self.compaction_count += 1
+        if not self._syncing:
+            # the checkpoint covers the old journals: their fds are done with
+            while self._retired:
+                os.close(self._retired.pop())
+        if (not final and self._state == "open"
+                and self._journal_bytes >= self.compact_bytes):
+            self._start_compaction(final=False)
+
+    def _compaction_failed(self, failure: Failure) -> None:
+        self._compacting = None
+        # the journals still hold everything; keep running on them
+        log.failure("Compaction of {path} failed; the journals still hold the data",
+                    failure, path=self.path)
+
+    # -- closing --
+
+    async def _close(self) -> None:
+        self._state = "closing"
+        for call in (self._flush_call, self._interval_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._interval_call = None
+        self._flush()
+        try:
+            if self._compacting is not None:
+                await _quiet(self._compacting)
+            if self._broken is None:
+                # make everything written durable whatever the fsync mode
+                await _quiet(self._wait_for_fsync())
+            if self._broken is None and self._journal_bytes > JOURNAL_HEADER.size:
+                await _quiet(self._start_compaction(final=True))
+            while self._syncing or self._compacting is not None:
+                await _quiet(self._compacting or self._wait_for_fsync())
+        finally:
+            for fd in self._retired + ([self._fd] if self._fd is not None else []):
+                os.close(fd)
+            self._retired, self._fd = [], None
+            waiters, self._waiters = self._waiters, collections.deque()
+            for _, d in waiters:
+                d.errback(StoreError(f"store {self.path} closed"))
+            self._stop_threads()
+            self._unlock()
+            self._state = "closed"
+
+    # -- recovery --
+
+    def _recover(self) -> StoredState:
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.path, name))
+        state, snap_gen, damaged = self._load_checkpoint()
+        if state is None:
+            state = StoredState()
+        gens = list_journals(self.path)
+        for gen in gens:
+            if gen < snap_gen:          # already in the checkpoint
+                os.unlink(journal_path(self.path, gen))
+        live = [gen for gen in gens if gen >= snap_gen]
+        append_to = None
+        for index, gen in enumerate(live):
+            last = index == len(live) - 1
+            ok = self._replay(gen, state, last)
+            if ok:
+                append_to = gen
+                continue
+            damaged = True
+            now = self._reactor.seconds()
+            for later in live[index + 1:]:
+                path = journal_path(self.path, later)
+                moved = aside_path(path, "skipped", now)
+                os.rename(path, moved)
+                log.error("Journal {path} not replayed after damage in an earlier journal; "
+                          "moved aside to {moved}", path=path, moved=moved)
+            break
+        if damaged:
+            # start afresh from what was recovered: new checkpoint, new journal
+            new_gen = max([snap_gen] + gens) + 1
+            self._write_checkpoint(copy_state(state), new_gen)
+            for gen in list_journals(self.path):
+                if gen < new_gen:
+                    os.unlink(journal_path(self.path, gen))
+            self._remove_old_checkpoints(new_gen)
+            self._fd = self._open_journal(new_gen, create=True)
+        elif append_to is not None:
+            self._fd = self._open_journal(append_to, create=False)
+        else:
+            self._fd = self._open_journal(max(snap_gen, 1), create=True)
+        fsync_dir(self.path, self._fsync)
+        self._dir_dirty = False
+        return state
+
+    def _replay(self, gen: int, state: StoredState, last: bool) -> bool:
+        """Apply journal ``gen`` to ``state``; False if replay must stop here."""
+        path = journal_path(self.path, gen)
+        with open(path, "rb") as f:
+            data = f.read()
+        scan = scan_journal(data, gen)
+        good_end = scan.good_end
+        for payload in scan.payloads:
+            try:
+                ops = decode_payload(payload)
+            except pickle.UnpicklingError as e:
+                scan.damage, scan.reason = "corrupt", f"undecodable record: {e}"
+                scan.damage_offset = good_end
+                break
+            for op in ops:
+                apply_op(state, op)
+            good_end += RECORD_HEADER.size + len(payload)
+        if scan.damage is None:
+            return True
+        if scan.damage == "torn" and last:
+            log.warn("Torn record at the end of journal {path} at offset {offset} ({reason}); "
+                     "truncated to the last good record",
+                     path=path, offset=scan.damage_offset, reason=scan.reason)
+            if scan.good_end < JOURNAL_HEADER.size:
+                with open(path, "wb") as f:
+                    f.write(JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, gen))
+                    f.flush()
+                    self._fsync(f.fileno())
+            else:
+                with open(path, "r+b") as f:
+                    f.truncate(scan.good_end)
+                    self._fsync(f.fileno())
+            return True
+        moved = aside_path(path, "corrupt", self._reactor.seconds())
+        os.rename(path, moved)
+        log.error("Corrupt record in journal {path} at offset {offset} ({reason}); "
+                  "replay stopped there, journal moved aside to {moved}",
+                  path=path, offset=scan.damage_offset, reason=scan.reason, moved=moved)
+        return False
+
+    # -- lock --
+
+    def _lock(self) -> None:
+        lock_path = os.path.join(self.path, "LOCK")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    f"data directory {self.path} is already in use (lock file {lock_path} "
+                    f"is held, last locked by pid {holder}); is another broker running?"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- threads --
+
+    def _start_threads(self) -> None:
+        if self._run_in_thread is not None or self._pool is not None:
+            return
+        self._pool = ThreadPool(minthreads=0, maxthreads=2, name=f"mqttd-store {self.path}")
+        self._pool.start()
+        self._own_pool = True
+        add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            self._shutdown_trigger = add_trigger("during", "shutdown", self._pool.stop)
+
+    def _stop_threads(self) -> None:
+        if self._own_pool:
+            if self._shutdown_trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                self._shutdown_trigger = None
+            self._pool.stop()
+            self._own_pool = False
+
+    def _run(self, f, *args) -> defer.Deferred:
+        if self._run_in_thread is not None:
+            return self._run_in_thread(f, *args)
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+
+async def _quiet(d: defer.Deferred) -> None:
+    """Wait for ``d`` ignoring its failure (already handled and logged)."""
+    try:
+        await d
+    except Exception:
+        pass

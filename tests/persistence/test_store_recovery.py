@@ -1,0 +1,329 @@
+"""Damaged data directories: the store starts with what can be recovered and says so."""
+from __future__ import annotations
+
+import dbm.dumb
+import glob
+import os
+import pickle
+import struct
+import zlib
+
+import pytest
+from twisted.logger import LogLevel
+
+from mqttd.persistence import safepickle
+from mqttd.persistence.filestore import SNAPSHOT_HEADER, SNAPSHOT_MAGIC
+from mqttd.persistence.journal import (
+    JOURNAL_HEADER, RECORD_HEADER, StoreLockedError, encode_record)
+from mqttd.persistence.records import FORMAT_VERSION, PutRetained
+
+from .storehelpers import (
+    abandon, events_at, message, outbound, reference_state, result_of, session)
+
+
+class Evil:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def journal_file(backend, gen=1):
+    return os.path.join(backend.path, f"journal.{gen}")
+
+
+def three_batches(backend):
+    """Write three separately synced batches, then "kill" the store; return the batches."""
+    batches = [[session("c1"), outbound("c1", 1)],
+               [outbound("c1", 2), PutRetained(message("r"))],
+               [outbound("c1", 3)]]
+    store = backend()
+    store.open()
+    for batch in batches:
+        backend.write_all(store, batch)
+    abandon(store)
+    return batches
+
+
+def record_offsets(path):
+    """Start offset of every record in a journal file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    offsets, offset = [], JOURNAL_HEADER.size
+    while offset < len(data):
+        offsets.append(offset)
+        offset += RECORD_HEADER.size + RECORD_HEADER.unpack_from(data, offset)[1]
+    return offsets
+
+
+# --- journal damage ------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", [1, 3, 9])
+def test_torn_last_record_is_skipped_and_the_journal_truncated(durable_backend, log_events, cut):
+    """A half-written last record (crash mid-write) is dropped with a WARNING, the rest kept."""
+    batches = three_batches(durable_backend)
+    path = journal_file(durable_backend)
+    last = record_offsets(path)[-1]
+    size = os.path.getsize(path)
+    os.truncate(path, size - cut)
+    store = durable_backend()
+    state = store.open()
+    assert state == reference_state(batches[0] + batches[1])
+    assert os.path.getsize(path) == last
+    warnings = events_at(log_events, LogLevel.warn)
+    assert len(warnings) == 1
+    assert warnings[0]["path"] == path and warnings[0]["offset"] == last
+    assert "Torn record" in warnings[0]["log_format"]
+    assert not events_at(log_events, LogLevel.error)
+    # the journal is usable again
+    durable_backend.write_all(store, [outbound("c1", 4)])
+    store, state = durable_backend.reopen(store)
+    assert list(state.sessions["c1"].outbound) == [1, 2, 4]
+    result_of(store.close())
+
+
+def test_zeroed_tail_is_treated_as_torn(durable_backend, log_events):
+    """Zeros after the last record (size grew, data never landed) are cut off."""
+    batches = three_batches(durable_backend)
+    with open(journal_file(durable_backend), "ab") as f:
+        f.write(b"\0" * 4096)
+    store = durable_backend()
+    assert store.open() == reference_state(sum(batches, []))
+    assert len(events_at(log_events, LogLevel.warn)) == 1
+    result_of(store.close())
+
+
+def test_flipped_byte_in_the_middle_stops_replay_and_sets_the_journal_aside(
+        durable_backend, log_events):
+    """Damage followed by good records: ERROR, replay stops there, no crash, file kept aside."""
+    batches = three_batches(durable_backend)
+    path = journal_file(durable_backend)
+    second = record_offsets(path)[1]
+    with open(path, "r+b") as f:
+        f.seek(second + RECORD_HEADER.size + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    store = durable_backend()
+    assert store.open() == reference_state(batches[0])
+    errors = events_at(log_events, LogLevel.error)
+    assert len(errors) == 1
+    assert errors[0]["path"] == path and errors[0]["offset"] == second
+    assert errors[0]["reason"] == "checksum mismatch"
+    assert glob.glob(path + ".corrupt-*") == [errors[0]["moved"]]
+    result_of(store.close())
+    # a fresh checkpoint was written: the next open is clean
+    log_events.clear()
+    store = durable_backend()
+    assert store.open() == reference_state(batches[0])
+    assert not events_at(log_events, LogLevel.error)
+    result_of(store.close())
+
+
+def test_damaged_length_field_in_the_middle_is_not_mistaken_for_a_torn_tail(
+        durable_backend, log_events):
+    """A length pointing past EOF with good records after it is middle damage (ERROR)."""
+    batches = three_batches(durable_backend)
+    path = journal_file(durable_backend)
+    second = record_offsets(path)[1]
+    with open(path, "r+b") as f:
+        f.seek(second + 4)
+        f.write(struct.pack(">I", 0x7FFFFFFF))
+    store = durable_backend()
+    assert store.open() == reference_state(batches[0])
+    assert len(events_at(log_events, LogLevel.error)) == 1
+    assert not events_at(log_events, LogLevel.warn)
+    result_of(store.close())
+
+
+def test_journals_after_a_damaged_one_are_set_aside_not_replayed(durable_backend, log_events):
+    """Replay stops at the damage: later generations would leave a gap, so they are kept aside."""
+    store = durable_backend(compact_bytes=10**9)
+    store.open()
+    durable_backend.write_all(store, [session("c1"), outbound("c1", 1)])
+    durable_backend.write_all(store, [outbound("c1", 2)])
+    store._start_compaction(final=False)      # journal.2 starts; checkpoint written
+    durable_backend.write_all(store, [outbound("c1", 3)])
+    abandon(store)
+    # pretend the checkpoint never happened: remove it, recreate journal.1 damaged
+    for name in os.listdir(durable_backend.path):
+        if name.startswith(("snapshot", "CURRENT", "state.")):
+            os.unlink(os.path.join(durable_backend.path, name))
+    header = JOURNAL_HEADER.pack(b"MQTTDJNL", FORMAT_VERSION, 1)
+    good = safepickle.dumps([session("c1"), outbound("c1", 1)])
+    bad = safepickle.dumps([outbound("c1", 2)])
+    with open(journal_file(durable_backend, 1), "wb") as f:
+        f.write(header + RECORD_HEADER.pack(b"\xa7MQR", len(good), zlib.crc32(good)) + good
+                + RECORD_HEADER.pack(b"\xa7MQR", len(bad), zlib.crc32(bad) ^ 1) + bad
+                + RECORD_HEADER.pack(b"\xa7MQR", len(good), zlib.crc32(good)) + good)
+    store = durable_backend()
+    state = store.open()
+    assert list(state.sessions["c1"].outbound) == [1]
+    formats = [e["log_format"] for e in events_at(log_events, LogLevel.error)]
+    assert len(formats) == 2 and "not replayed" in formats[1]
+    assert glob.glob(journal_file(durable_backend, 2) + ".skipped-*")
+    result_of(store.close())
+
+
+def test_journal_from_a_future_version_is_set_aside(durable_backend, log_events):
+    """A journal this mqttd cannot read is not guessed at."""
+    path = journal_file(durable_backend)
+    os.makedirs(durable_backend.path)
+    with open(path, "wb") as f:
+        f.write(JOURNAL_HEADER.pack(b"MQTTDJNL", FORMAT_VERSION + 1, 1) + b"whatever")
+    store = durable_backend()
+    assert store.open().sessions == {}
+    assert "version" in events_at(log_events, LogLevel.error)[0]["reason"]
+    result_of(store.close())
+
+
+def test_empty_or_headerless_journal_is_repaired(durable_backend, log_events):
+    """A journal created but killed before its header was written holds nothing; reuse it."""
+    os.makedirs(durable_backend.path)
+    with open(journal_file(durable_backend), "wb") as f:
+        f.write(b"MQT")
+    store = durable_backend()
+    assert store.open().sessions == {}
+    durable_backend.write_all(store, [session()])
+    store, state = durable_backend.reopen(store)
+    assert list(state.sessions) == ["c1"]
+    result_of(store.close())
+
+
+# --- checkpoint damage ---------------------------------------------------------
+
+def checkpoint_then_journal(backend):
+    """c1 only in the checkpoint, c2 only in the journal after it; store "killed"."""
+    store = backend()
+    store.open()
+    backend.write_all(store, [session("c1"), outbound("c1", 1)])
+    store, _ = backend.reopen(store)          # close -> checkpoint
+    backend.write_all(store, [session("c2"), outbound("c2", 1)])
+    abandon(store)
+
+
+def snapshot_bytes(*items, version=FORMAT_VERSION, generation=2):
+    """A snapshot file framed like the real thing, holding ``items`` (pickled bytes)."""
+    return SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, version, generation) + b"".join(
+        encode_record(item) for item in items)
+
+
+def damage_checkpoint(backend, how, tmp_path):
+    """Spoil the checkpoint ``how``; return the path the ERROR line must name."""
+    marker = str(tmp_path / "pwned")
+    evil = pickle.dumps(Evil(marker), protocol=5)
+    if backend.kind == "file":
+        path = os.path.join(backend.path, "snapshot.pkl")
+        data = {
+            "garbage": os.urandom(300),
+            "disallowed_class": snapshot_bytes(evil),
+            "future_version": snapshot_bytes(
+                safepickle.dumps(("end", {"sessions": 0, "outbound": 0, "retained": 0})),
+                version=FORMAT_VERSION + 1),
+            "truncated": open(path, "rb").read()[:-10],
+        }[how]
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+    base = os.path.join(backend.path, "state.2")
+    if how == "garbage":
+        with open(base + ".dat", "r+b") as f:
+            f.write(os.urandom(300))
+    elif how == "truncated":
+        os.truncate(base + ".dat", os.path.getsize(base + ".dat") // 2)
+    elif how == "disallowed_class":
+        db = dbm.dumb.open(base, "w")
+        db[b"meta"] = struct.pack(">I", zlib.crc32(evil)) + evil
+        db.close()
+    else:
+        with open(os.path.join(backend.path, "CURRENT"), "w") as f:
+            f.write(f"mqttd-dbm-checkpoint {FORMAT_VERSION + 1} 2\n")
+    return base
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "disallowed_class", "future_version"])
+def test_corrupt_checkpoint_is_moved_aside_and_the_journals_replayed(
+        durable_backend, log_events, tmp_path, how):
+    """A bad snapshot/checkpoint: ERROR naming it, file kept aside, start from journals."""
+    checkpoint_then_journal(durable_backend)
+    named = damage_checkpoint(durable_backend, how, tmp_path)
+    store = durable_backend()
+    state = store.open()
+    assert list(state.sessions) == ["c2"]           # what the journal alone holds
+    assert list(state.sessions["c2"].outbound) == [1]
+    errors = events_at(log_events, LogLevel.error)
+    assert len(errors) == 1
+    assert errors[0]["path"] in (named, os.path.join(durable_backend.path, "CURRENT"))
+    assert "Corrupt" in errors[0]["log_format"] and errors[0]["moved"]
+    assert glob.glob(os.path.join(durable_backend.path, "*.corrupt-*"))
+    assert not os.path.exists(tmp_path / "pwned")
+    if how == "disallowed_class":
+        assert "os" in errors[0]["error"] and "system" in errors[0]["error"]
+    result_of(store.close())
+    # and it does not crash-loop: the next start is clean
+    log_events.clear()
+    store = durable_backend()
+    assert list(store.open().sessions) == ["c2"]
+    assert not events_at(log_events, LogLevel.error)
+    result_of(store.close())
+
+
+# --- lock --------------------------------------------------------------------
+
+def test_second_open_of_the_same_directory_fails_clearly(durable_backend):
+    """Two brokers on one data dir would corrupt it: the second one is refused."""
+    first = durable_backend()
+    first.open()
+    second = durable_backend()
+    with pytest.raises(StoreLockedError, match="already in use") as info:
+        second.open()
+    assert durable_backend.path in str(info.value) and str(os.getpid()) in str(info.value)
+    result_of(first.close())
+    third = durable_backend()
+    third.open()                                     # released by close()
+    result_of(third.close())
+
+
+# --- safepickle ----------------------------------------------------------------
+
+def test_safepickle_refuses_a_pickle_that_calls_os_system(tmp_path):
+    """The allow-list keeps a planted pickle from running code."""
+    marker = tmp_path / "pwned"
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        safepickle.loads(pickle.dumps(Evil(str(marker)), protocol=5))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("obj", [eval, print, type, object()],
+                         ids=["eval", "print", "type", "object"])
+def test_safepickle_refuses_anything_but_records(obj):
+    """Builtins beyond plain containers are not reachable either."""
+    with pytest.raises(pickle.UnpicklingError):
+        safepickle.loads(pickle.dumps(obj, protocol=5))
+
+
+def test_safepickle_round_trips_every_record_and_op():
+    """Every op type, with rich messages, comes back equal (compact reduction included)."""
+    from .test_store_contract import ROUND_TRIPS
+    from .storehelpers import RICH_MESSAGE
+    ops = sum(ROUND_TRIPS.values(), []) + [PutRetained(RICH_MESSAGE)]
+    state = reference_state(ops)
+    assert safepickle.loads(safepickle.dumps(ops)) == ops
+    assert safepickle.loads(safepickle.dumps(state)) == state
+    assert safepickle.loads(safepickle.dumps({frozenset([1]), b"x"})) == {frozenset([1]), b"x"}
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80\x05", b"garbage", b"\x80\x05K\x01K\x02\x86."[:-1]])
+def test_safepickle_reports_every_malformed_input_as_unpickling_error(data):
+    """Recovery catches one exception type for every kind of broken pickle."""
+    with pytest.raises(pickle.UnpicklingError):
+        safepickle.loads(data)
+
+
+def test_records_in_the_journal_are_compact():
+    """A queued message with default properties costs little more than its payload."""
+    size = len(safepickle.dumps([outbound("client-1", 1)]))
+    assert size < 200
