@@ -97,6 +97,7 @@ class ClientInfo:
     peer: Optional[str] = None
     clean_start: bool = True
     keepalive: int = 0
+    session_present: bool = False
 
 
 _drop_log_interval = 10.0

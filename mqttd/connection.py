@@ -38,7 +38,6 @@ log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
-_VERSION_NAMES = {MQTT_3_1: "3.1", MQTT_3_1_1: "3.1.1", MQTT_5: "5.0"}
 
 
 @implementer(IClientConnection)
@@ -388,7 +387,7 @@ class ClientConnection:
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
-                               packet.clean_start, packet.keepalive)
+                               packet.clean_start, packet.keepalive, present)
         if level == MQTT_5:
             ack_props = Properties(
                 assigned_client_identifier=assigned,
@@ -402,10 +401,6 @@ class ClientConnection:
             ack_props = Properties()
         self._output(Connack(present, 0, ack_props), durable=True)
         self._output(self._went_online, durable=False)
-        log.info("Client {client_id} connected from {peer} (MQTT {version}, "
-                 "clean={clean}, keepalive={keepalive}, session_present={present})",
-                 client_id=client_id, peer=self.peer, version=_VERSION_NAMES[level],
-                 clean=packet.clean_start, keepalive=packet.keepalive, present=present)
 
     def _went_online(self) -> None:
         if self.state != _CONNECTED:

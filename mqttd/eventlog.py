@@ -1,8 +1,10 @@
 """The broker's events in the log, under the names mosca's tutorial printed.
 
 One line per event through ``twisted.logger`` with stable format strings and
-named fields (``event``, ``client_id``, ``topic``, ``reason``); ``published``
-is logged at debug level only (it runs once per message), never with payloads.
+named fields (``event``, ``client_id``, ``topic``, ``reason``): one line when a
+client connects, one when it leaves.  ``published`` (once per message) and
+``clientDisconnecting`` (always followed by ``clientDisconnected``) are logged
+only with ``--log-level debug``; payloads never.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from twisted.logger import Logger
 from mqttd import debuglog
 
 log = Logger(namespace="mqttd.events")
+_VERSIONS = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 
 
 def _client_id(client) -> str:
@@ -26,13 +29,14 @@ class EventLog:
         on = self.broker.on
         self._unregister = [
             on("clientConnected", self._connected),
-            on("clientDisconnecting", self._disconnecting),
             on("clientDisconnected", self._disconnected),
             on("subscribed", self._subscribed),
             on("unsubscribed", self._unsubscribed),
         ]
         if debuglog.enabled:  # once per message: only with --log-level debug
             self._unregister.append(on("published", self._published))
+            # clientDisconnected says the same, right after
+            self._unregister.append(on("clientDisconnecting", self._disconnecting))
 
     def stop(self) -> None:
         for unregister in self._unregister:
@@ -40,13 +44,16 @@ class EventLog:
         self._unregister = []
 
     def _connected(self, client, **_):
-        log.info("clientConnected {client_id} from {peer} (protocol level {protocol_level})",
+        log.info("clientConnected {client_id} from {peer} (MQTT {version}, clean={clean}, "
+                 "keepalive={keepalive}, session_present={session_present})",
                  event="clientConnected", client_id=client.client_id, peer=client.peer,
-                 protocol_level=client.protocol_level)
+                 version=_VERSIONS.get(client.protocol_level, client.protocol_level),
+                 clean=client.clean_start, keepalive=client.keepalive,
+                 session_present=client.session_present)
 
     def _disconnecting(self, client, reason, **_):
-        log.info("clientDisconnecting {client_id}: {reason}", event="clientDisconnecting",
-                 client_id=_client_id(client), reason=reason)
+        log.debug("clientDisconnecting {client_id}: {reason}", event="clientDisconnecting",
+                  client_id=_client_id(client), reason=reason)
 
     def _disconnected(self, client, reason, **_):
         log.info("clientDisconnected {client_id}: {reason}", event="clientDisconnected",
