@@ -300,10 +300,21 @@ class PublishTemplate:
             return self._bytes
         if packet_id is None or not 0 < packet_id < 65536:
             raise ValueError(f"packet identifier must be in 1..65535, got {packet_id!r}")
-        if self._head is None:
-            self._split_raw()
+        if not self._head:                    # a raw template
+            if self._head is None:            # first receiver: one copy
+                return self._stamp_raw(packet_id, dup)
+            self._split_raw()                 # more receivers: split once
         return b"".join((self._head_dup if dup else self._head,
                          packet_id.to_bytes(2, "big"), self._tail))
+
+    def _stamp_raw(self, packet_id: int, dup: bool) -> bytes:
+        self._head = False                    # next time: split
+        out = bytearray(self._bytes)
+        out[0] = (out[0] | 0x08) if dup else (out[0] & 0xF7)
+        pid_at = self._tail
+        out[pid_at] = packet_id >> 8
+        out[pid_at + 1] = packet_id & 0xFF
+        return bytes(out)
 
 
 def publish_template(topic: str, payload: bytes, qos: int, retain: bool,

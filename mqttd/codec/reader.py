@@ -231,6 +231,10 @@ def _make_ack_decoder(cls, ptype):
     return decode
 
 
+#: first byte of an acknowledgement with valid flags -> its class
+_SHORT_ACKS = {0x40: Puback, 0x50: Pubrec, 0x62: Pubrel, 0x70: Pubcomp}
+
+
 def _decode_subscribe(level, flags, data, i, end):
     pid, i = _packet_id(data, i, end, "SUBSCRIBE", level, True)
     props = NO_PROPERTIES
@@ -497,6 +501,10 @@ class PacketReader:
             byte0 = data[pos]
             if byte0 >> 4 == PUBLISH and level is not None:     # the hot path
                 append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end, pos))
+            elif total == 4 and byte0 in _SHORT_ACKS and level is not None:
+                # PUBACK/PUBREC/PUBREL/PUBCOMP with only a packet id: the other hot path
+                pid = (data[pos + 2] << 8) | data[pos + 3]
+                append(_SHORT_ACKS[byte0](pid))
             else:
                 append(decode(data, pos, header, end))
                 level = self.level                              # a CONNECT sets it
