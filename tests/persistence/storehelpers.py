@@ -12,9 +12,8 @@ from mqttd.codec.packets import Properties
 from mqttd.messages import Message
 from mqttd.persistence import store_from_spec
 from mqttd.persistence.records import (
-    AddInboundQos2, DeleteInboundQos2, DeleteOutbound, DeleteRetained, DeleteSession,
-    OutboundRecord, OutboundStage, PutOutbound, PutRetained, PutSession, SessionRecord,
-    StoredState, SubscriptionRecord, UpdateOutbound, apply_op)
+    OutboundRecord, PutOutbound, PutSession, SessionRecord, StoredState, SubscriptionRecord,
+    apply_op)
 
 BACKENDS = ["memory", "file", "dbm"]
 DURABLE = ["file", "dbm"]
@@ -113,7 +112,3 @@ RICH_MESSAGE = Message(
                user_properties=(("k", "v"), ("k", "v2")), message_expiry_interval=60),
     origin="publisher", expires_at=1234.5)
 
-__all__ = [
-    "AddInboundQos2", "DeleteInboundQos2", "DeleteOutbound", "DeleteRetained",
-    "DeleteSession", "OutboundStage", "PutRetained", "UpdateOutbound",
-]

@@ -23,7 +23,7 @@ from mqttd.persistence.journal import StoreError, list_journals
 from mqttd.persistence.memory import MemoryStore
 from mqttd.persistence.records import (
     AddInboundQos2, DeleteInboundQos2, DeleteOutbound, DeleteRetained, DeleteSession,
-    OutboundStage, PutRetained, SessionRecord, StoredState, UpdateOutbound, PutSession)
+    OutboundStage, PutRetained, SessionRecord, StoredState, UpdateOutbound)
 
 from .storehelpers import (
     RICH_MESSAGE, StoreMaker, message, outbound, reference_state, result_of,
