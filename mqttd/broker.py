@@ -604,7 +604,8 @@ class Broker:
         self.stats.messages_acked += 1
         if session.persistent:
             self._write(R.DeleteOutbound(session.client_id, record.seq))
-        self.drain(session)
+        if session.queue:
+            self.drain(session)
         return True
 
     def pubrec(self, session: Session, packet_id: int, failed: bool = False) -> bool:

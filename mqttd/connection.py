@@ -182,7 +182,7 @@ class ClientConnection:
         return self._online and not self._paused
 
     def _output(self, item, durable: bool) -> None:
-        """Send a packet (or run a callable) in order, after the store if asked.
+        """Send a packet, its bytes, or run a callable, in order, after the store if asked.
 
         Acknowledgements that promise durability wait for the broker's store
         barrier; later output waits behind them so the order of
@@ -208,7 +208,10 @@ class ClientConnection:
         return result
 
     def _emit(self, item) -> None:
-        if callable(item):
+        if item.__class__ is bytes:
+            self._stats.bytes_sent += len(item)
+            self.transport.write(item)
+        elif callable(item):
             item()
         else:
             self.send(item)
@@ -466,8 +469,11 @@ class ClientConnection:
         pid = packet.packet_id
         if qos == 1:
             receivers = broker.publish(message, self.info, cache)
-            code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
-            self._output(Puback(pid, code), durable=True)
+            if receivers or level != MQTT_5:
+                # PUBACK as bytes: the most frequent packet the broker sends
+                self._output(bytes((0x40, 2, pid >> 8, pid & 0xFF)), durable=True)
+            else:
+                self._output(Puback(pid, ReasonCode.NO_MATCHING_SUBSCRIBERS), durable=True)
         else:
             session = self.session
             if broker.inbound_qos2_seen(session, pid):
