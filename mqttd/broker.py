@@ -51,7 +51,7 @@ class BrokerConfig:
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
     queue_qos0: bool = False
     #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers it)
-    max_inflight: int = 100
+    max_inflight: int = 1000
     #: largest packet accepted or sent, in bytes (fixed header included)
     max_packet_size: int = 16 * 1024 * 1024
     #: seconds a new connection may take to send CONNECT

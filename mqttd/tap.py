@@ -56,7 +56,7 @@ class Options(usage.Options):
         ["max-queued-bytes", None, None, "Queue limit per session, bytes [64 MiB].", int],
         ["overflow-policy", None, None,
          f"A full queue drops: {' or '.join(OverflowPolicy.ALL)} [drop-oldest]."],
-        ["max-inflight", None, None, "Outbound QoS 1/2 window per client [100].", int],
+        ["max-inflight", None, None, "Outbound QoS 1/2 window per client (v5: at most its Receive Maximum) [1000].", int],
         ["max-packet-size", None, None, "Largest packet accepted, bytes [16 MiB].", int],
         ["connect-timeout", None, None, "Seconds to wait for CONNECT [10].", float],
         ["max-keepalive", None, None, "Largest keepalive granted, seconds; 0 = any [0].", int],
