@@ -675,12 +675,15 @@ def test_puback_waits_until_the_message_is_stored():
     sub = FakeClient(broker, clock)
     sub.send(Connect(4, "s", False))
     assert sub.received() == []   # CONNACK waits for the stored session too
+    clock.advance(0)   # the broker syncs once per reactor turn
     store.fire()
     assert sub.received() == [Connack(False, 0)]
     sub.send(Subscribe(1, (Subscription("t", 1),)))
+    clock.advance(0)   # the broker syncs once per reactor turn
     store.fire()
     assert sub.received() == [Suback(1, (1,))]
     sub.drop()
+    clock.advance(0)   # the broker syncs once per reactor turn
     store.fire()
     pub = FakeClient(broker, clock)
     pub.connect("p")
@@ -688,6 +691,9 @@ def test_puback_waits_until_the_message_is_stored():
     pub.publish("other", b"not stored", qos=1, packet_id=5)
     assert pub.received() == []   # 5 waits behind 4: acks keep their order [MQTT-4.6.0-2]
     assert any(isinstance(op, R.PutOutbound) for op in store.ops)
+    clock.advance(0)
+    assert len(store.waiting) == 1  # both PUBLISHes of this turn share one sync
+    clock.advance(0)   # the broker syncs once per reactor turn
     store.fire()
     assert pub.received() == [Puback(4), Puback(5)]
 
