@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import socket
@@ -36,9 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mqttd.codec import PacketReader, encode  # noqa: E402
-from mqttd.codec.packets import (  # noqa: E402
-    Connack, Connect, Disconnect, Puback, Publish, Suback, Subscribe, Subscription)
+from mqttd.blockingclient import BlockingClient  # noqa: E402
+from mqttd.codec import encode  # noqa: E402
+from mqttd.codec.packets import Puback, Publish, Suback, Subscribe, Subscription  # noqa: E402
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 TOPIC = "durability/t"
@@ -91,44 +90,16 @@ class Broker:
             self.proc.wait(10)
 
 
-class Client:
-    """A blocking MQTT 3.1.1 client on the project's codec; every wait bounded."""
-
-    def __init__(self, port, client_id, clean=True):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.reader = PacketReader(level=4)
-        self.pending = []
-        self.sock.sendall(encode(Connect(4, client_id, clean, 0), 4))
-        self.connack = self.next()
-        assert isinstance(self.connack, Connack) and self.connack.reason_code == 0
-
-    def next(self, timeout=30.0):
-        self.sock.settimeout(timeout)
-        while not self.pending:
-            data = self.sock.recv(1 << 18)
-            if not data:
-                raise ConnectionError("closed by broker")
-            self.pending.extend(self.reader.feed(data))
-        return self.pending.pop(0)
-
-    def close(self):
-        try:
-            self.sock.sendall(encode(Disconnect(), 4))
-        except OSError:
-            pass
-        self.sock.close()
-
-
 def register(port):
-    sub = Client(port, SUB_ID, clean=False)
+    sub = BlockingClient(port, SUB_ID, clean=False)
     sub.sock.sendall(encode(Subscribe(1, (Subscription(TOPIC, 1),)), 4))
-    assert sub.next() == Suback(1, (1,))
+    assert sub.next_packet() == Suback(1, (1,))
     sub.close()
 
 
 def publish(port, count, window=100, interrupt_after=None, interrupt=None, deadline=600):
     """QoS 1 stream; returns (acked payload numbers, seconds)."""
-    pub = Client(port, "durability-pub")
+    pub = BlockingClient(port, "durability-pub")
     acked, unacked, sent = set(), {}, 0
     t0 = time.monotonic()
     try:
@@ -142,7 +113,7 @@ def publish(port, count, window=100, interrupt_after=None, interrupt=None, deadl
                 sent += 1
             if batch:
                 pub.sock.sendall(b"".join(batch))
-            packet = pub.next()
+            packet = pub.next_packet()
             if isinstance(packet, Puback):
                 acked.add(unacked.pop(packet.packet_id))
             if interrupt and len(acked) >= interrupt_after:
@@ -156,14 +127,14 @@ def publish(port, count, window=100, interrupt_after=None, interrupt=None, deadl
 
 
 def drain(port, expected, deadline=600):
-    sub = Client(port, SUB_ID, clean=False)
+    sub = BlockingClient(port, SUB_ID, clean=False)
     present = sub.connack.session_present
     got = set()
     t0 = time.monotonic()
     acks = []
     while not expected <= got and time.monotonic() - t0 < deadline:
         try:
-            packet = sub.next(timeout=10)
+            packet = sub.next_packet(timeout=10)
         except socket.timeout:
             break
         if isinstance(packet, Publish):

@@ -360,9 +360,14 @@ class Broker:
         session.expiry_call = None
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
-        """A v5 DISCONNECT carried a new Session Expiry Interval."""
+        """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
+        was_persistent = session.persistent
         session.persistent = interval > 0
         session.expiry_interval = None if interval == NEVER_EXPIRES else interval
+        if was_persistent and not session.persistent:
+            self._write(R.DeleteSession(session.client_id))  # ends with this connection
+        elif session.persistent:
+            self._write(R.PutSession(session.to_record()))
 
     # --- subscriptions --------------------------------------------------------
 
@@ -562,8 +567,13 @@ class Broker:
         self._congested.discard(session)
         if not self._congested and self._held:
             held, self._held = self._held, []
-            for conn in held:
-                conn.release_publisher()
+            # next turn: never run a publisher's stashed packets inside the
+            # handler of the subscriber packet that freed the queue
+            self.clock.callLater(0, self._release, held)
+
+    def _release(self, held: list) -> None:
+        for conn in held:
+            conn.release_publisher()
 
     def hold_publisher(self, connection) -> None:
         """Remember a publisher that paused reading because of congestion."""

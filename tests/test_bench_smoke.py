@@ -63,3 +63,19 @@ def test_quick_bench_delivers_everything_with_mqttd(quick_results):
         if scenario != "connect_storm":
             assert run["delivered"] == run["expected"], (scenario, run)
     assert {r["scenario"] for r in results["runs"]} == set(SCENARIOS)
+
+
+def test_durability_figures_script_runs_and_loses_nothing(tmp_path):
+    """bench/durability.py --quick: kill test, restart, throughput; nothing acknowledged is lost."""
+    out = tmp_path / "durability.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "durability.py"), "--quick",
+         "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    results = json.loads(out.read_text())
+    assert results["kill"]["missing"] == 0 and results["kill"]["acked"] > 0
+    assert results["kill"]["session_present"]
+    assert results["restart"]["missing"] == 0
+    assert results["restart"]["delivered_after_restart"] == results["restart"]["messages"]
+    assert results["throughput_default"]["acked"] == results["throughput_memory"]["acked"]

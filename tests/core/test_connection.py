@@ -549,6 +549,7 @@ def test_congested_subscriber_pauses_its_publishers_until_it_drains():
     for _ in range(3):  # the subscriber acknowledges: the queue drains to the low-water mark
         for p in publishes(sub.received()):
             sub.send(Puback(p.packet_id))
+    clock.advance(0)    # publishers are released on the next reactor turn
     assert pub.transport.producerState == "producing"
     assert broker.stats.dropped == {}
 
@@ -711,3 +712,17 @@ def test_clean_sessions_and_qos0_never_touch_the_store():
     pub.publish("t", b"b", qos=0)
     assert store.ops == []
     assert pub.received() == [Puback(1)]
+
+
+def test_v5_disconnect_with_expiry_0_removes_the_stored_session():
+    """Session Expiry 0 on DISCONNECT ends a persistent session, in the store too."""
+    store = SlowStore()
+    broker, clock = make_broker(store=store)
+    c = FakeClient(broker, clock, level=5)
+    c.send(Connect(5, "gone", False, properties=Properties(session_expiry_interval=60)))
+    clock.advance(0)
+    store.fire()
+    c.received()
+    c.send(Disconnect(0, Properties(session_expiry_interval=0)))
+    assert "gone" not in broker.sessions
+    assert R.DeleteSession("gone") in store.ops

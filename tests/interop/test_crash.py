@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from mqttd.codec import PacketReader, encode
-from mqttd.codec.packets import (
-    Connack, Connect, Disconnect, Puback, Publish, Suback, Subscribe, Subscription)
+from mqttd.blockingclient import BlockingClient
+from mqttd.codec import encode
+from mqttd.codec.packets import Puback, Publish, Suback, Subscribe, Subscription
 
 pytestmark = [pytest.mark.interop, pytest.mark.mqttd_only]
 
@@ -23,36 +23,8 @@ TOTAL = 5000
 WINDOW = 100
 
 
-class WireClient:
-    """A minimal MQTT 3.1.1 client on a blocking socket (every wait bounded)."""
-
-    def __init__(self, port, client_id, clean=True, timeout=10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.reader = PacketReader(level=4)
-        self.pending = []
-        self.sock.sendall(encode(Connect(4, client_id, clean, 0), 4))
-        self.connack = self.next_packet()
-        assert isinstance(self.connack, Connack) and self.connack.reason_code == 0
-
-    def next_packet(self, timeout=10.0):
-        self.sock.settimeout(timeout)
-        while not self.pending:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed by broker")
-            self.pending.extend(self.reader.feed(data))
-        return self.pending.pop(0)
-
-    def close(self):
-        try:
-            self.sock.sendall(encode(Disconnect(), 4))
-        except OSError:
-            pass
-        self.sock.close()
-
-
 def register_subscriber(port):
-    sub = WireClient(port, "crash-sub", clean=False)
+    sub = BlockingClient(port, "crash-sub", clean=False)
     sub.sock.sendall(encode(Subscribe(1, (Subscription("crash/t", 1),)), 4))
     assert sub.next_packet() == Suback(1, (1,))
     sub.close()
@@ -63,7 +35,7 @@ def stream_until(port, interrupt_after, interrupt):
 
     Returns the set of payload numbers whose PUBACK arrived.
     """
-    pub = WireClient(port, "crash-pub")
+    pub = BlockingClient(port, "crash-pub")
     acked, sent, unacked = set(), 0, {}
     interrupted = False
     deadline = time.monotonic() + 60
@@ -92,7 +64,7 @@ def stream_until(port, interrupt_after, interrupt):
 
 
 def drain_subscriber(port, expected):
-    sub = WireClient(port, "crash-sub", clean=False)
+    sub = BlockingClient(port, "crash-sub", clean=False)
     assert sub.connack.session_present
     got = set()
     deadline = time.monotonic() + 60
