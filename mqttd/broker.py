@@ -311,6 +311,7 @@ class Broker:
         will = session.will
         session.will = None
         session.connection = None
+        session.wire.clear()
         if session.congested_since is not None:
             self._decongested(session)
         now = self.clock.seconds()
@@ -530,12 +531,19 @@ class Broker:
         record = OutboundRecord(session.next_seq(), message, qos)
         victim = session.enqueue(record, self._limits, force)
         persistent = session.persistent
-        if victim is not record and qos and persistent:
-            self._write(R.PutOutbound(session.client_id, record))
+        if victim is not record:
+            if qos and persistent:
+                self._write(R.PutOutbound(session.client_id, record))
+            if conn is not None and cache:
+                template = conn.cached_template(message, qos, cache)
+                if template is not None:
+                    session.wire[record.seq] = template
         if victim is not None:
             self._dropped(session, "queue-full", victim.message)
-            if victim is not record and victim.qos and persistent:
-                self._write(R.DeleteOutbound(session.client_id, victim.seq))
+            if victim is not record:
+                session.wire.pop(victim.seq, None)
+                if victim.qos and persistent:
+                    self._write(R.DeleteOutbound(session.client_id, victim.seq))
         if conn is not None:
             if (len(session.queue) >= self._high_water
                     or session.queued_bytes >= self._high_water_bytes):
@@ -588,11 +596,13 @@ class Broker:
         inflight = session.inflight
         window = conn.send_window
         persistent = session.persistent
+        wire = session.wire
         while queue and conn.writable():
             head = queue[0]
             if head.qos == 0:
                 session.dequeue()
-                conn.send_publish(head.message, 0, None, False)
+                conn.send_publish(head.message, 0, None, False,
+                                  template=wire.pop(head.seq, None) if wire else None)
                 continue
             if len(inflight) >= window:
                 break
@@ -604,7 +614,8 @@ class Broker:
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
-            conn.send_publish(head.message, head.qos, pid, False)
+            conn.send_publish(head.message, head.qos, pid, False,
+                              template=wire.pop(head.seq, None) if wire else None)
         if session.congested_since is not None and len(queue) <= self._low_water:
             self._decongested(session)
 

@@ -143,17 +143,22 @@ class ClientConnection:
         self._stats.bytes_sent += len(data)
         self.transport.write(data)
 
-    def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
-                     cache: Optional[dict] = None) -> None:
+    def cached_template(self, message: Message, qos: int, cache: dict):
+        """The PUBLISH bytes already made for this connection's form, or None."""
         # levels 3 and 4 share the PUBLISH wire form
-        key = (id(message), 5 if self.protocol_level == MQTT_5 else 4, qos)
-        template = None if cache is None else cache.get(key)
+        return cache.get((id(message), 5 if self.protocol_level == MQTT_5 else 4, qos))
+
+    def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
+                     cache: Optional[dict] = None, template=None) -> None:
+        if template is None and cache is not None:
+            key = (id(message), 5 if self.protocol_level == MQTT_5 else 4, qos)
+            template = cache.get(key)
         if template is None:
             template = publish_template(message.topic, message.payload, qos,
                                         message.retain, message.properties,
                                         self.protocol_level)
             if cache is not None:
-                cache[key] = template
+                cache[(id(message), 5 if self.protocol_level == MQTT_5 else 4, qos)] = template
         data = template.encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
             # [MQTT-3.1.2-25]: never send more than the client's Maximum Packet Size

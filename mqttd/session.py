@@ -55,6 +55,10 @@ class Session:
     inflight: Dict[int, OutboundRecord] = attrs.Factory(dict)
     #: inbound QoS 2 packet ids whose PUBREL has not arrived yet
     inbound_qos2: set = attrs.Factory(set)
+    #: seq -> PublishTemplate of queued messages of the *online* connection
+    #: (the bytes as received, so a drained message is not encoded again);
+    #: cleared when the connection goes, since the next may speak another level
+    wire: Dict[int, object] = attrs.Factory(dict)
     will: Optional[Will] = None
     #: the live connection (an IClientConnection) or None while offline
     connection: object = None

@@ -65,3 +65,32 @@ def test_bytes_split_anywhere_are_reassembled():
     for i in range(len(data)):
         proto.dataReceived(data[i:i + 1])
     assert [m.payload for m in got] == [b"payload"]
+
+
+def test_transport_write_buffer_is_raised_to_the_factory_setting():
+    """Writes to a client pause at the factory's write_buffer (512 KiB), not Twisted's 64 KiB."""
+    broker, clock = make_broker()
+    proto = MQTTFactory(broker).buildProtocol(None)
+    transport = StringTransport()
+    transport.bufferSize = 65536
+    proto.makeConnection(transport)
+    assert transport.bufferSize == 512 * 1024
+
+
+def test_queued_messages_are_sent_with_the_bytes_received():
+    """A message queued behind a paused transport goes out as the publisher's own bytes."""
+    broker, clock = make_broker()
+    factory = MQTTFactory(broker)
+    sub, sub_transport, reader = _connected(factory, "sub")
+    sub.dataReceived(encode(Subscribe(1, (Subscription("t", 1),)), 4))
+    sub_transport.clear()
+    pub, _, _ = _connected(factory, "pub")
+    sub.pauseProducing()
+    raw = encode(Publish("t", b"q1", 1, packet_id=9), 4)
+    pub.dataReceived(raw)
+    assert broker.sessions["sub"].wire  # the received form waits with the queued record
+    sub.resumeProducing()
+    sent = sub_transport.value()
+    # same bytes but the packet id (offset 5: header 2, topic length 2, "t")
+    assert sent[:5] == raw[:5] and sent[7:] == raw[7:] and len(sent) == len(raw)
+    assert not broker.sessions["sub"].wire
