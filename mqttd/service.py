@@ -31,6 +31,19 @@ from mqttd.systopics import SysTopics
 log = Logger(namespace="mqttd.service")
 
 
+#: listen backlog given to TCP endpoints that do not choose one (Twisted's is 50,
+#: too short for a reconnect storm of thousands of clients)
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=1024`` added if it is TCP and sets none."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
 def _address_info(port) -> dict:
     address = port.getHost()
     info = {"type": type(address).__name__}
@@ -69,7 +82,7 @@ class BrokerService(MultiService):
 
     async def _listen(self):
         for description in self.endpoints:
-            endpoint = serverFromString(self.reactor, description)
+            endpoint = serverFromString(self.reactor, with_backlog(description))
             port = await endpoint.listen(self.factory)
             self.ports.append(port)
             log.info("MQTT listening on {endpoint} ({address})",

@@ -66,3 +66,11 @@ def test_make_service_builds_a_broker_service():
     assert service.broker.config.broker_id == "x"
     assert service.endpoints == ["tcp:0:interface=127.0.0.1"]
     assert service.broker.store.durable is False
+
+
+def test_tcp_listeners_get_a_deep_backlog_unless_they_choose_one():
+    """tcp endpoints without backlog= get 1024; others are left alone."""
+    from mqttd.service import with_backlog
+    assert with_backlog("tcp:1883") == "tcp:1883:backlog=1024"
+    assert with_backlog("tcp:1883:backlog=10") == "tcp:1883:backlog=10"
+    assert with_backlog("unix:/tmp/s") == "unix:/tmp/s"
