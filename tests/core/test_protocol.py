@@ -67,14 +67,16 @@ def test_bytes_split_anywhere_are_reassembled():
     assert [m.payload for m in got] == [b"payload"]
 
 
-def test_transport_write_buffer_is_raised_to_the_factory_setting():
-    """Writes to a client pause at the factory's write_buffer (512 KiB), not Twisted's 64 KiB."""
+def test_transport_write_buffer_follows_the_factory_setting():
+    """Writes to a client pause at the factory's write_buffer (64 KiB unless set)."""
     broker, clock = make_broker()
-    proto = MQTTFactory(broker).buildProtocol(None)
-    transport = StringTransport()
-    transport.bufferSize = 65536
-    proto.makeConnection(transport)
-    assert transport.bufferSize == 512 * 1024
+    for factory, expected in ((MQTTFactory(broker), 64 * 1024),
+                              (MQTTFactory(broker, write_buffer=1 << 20), 1 << 20)):
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.bufferSize = 1
+        proto.makeConnection(transport)
+        assert transport.bufferSize == expected
 
 
 def test_queued_messages_are_sent_with_the_bytes_received():

@@ -30,6 +30,29 @@ def register_subscriber(port):
     sub.close()
 
 
+def publish_retained(port, count):
+    """``count`` retained QoS 1 messages on crash/r/<n>, each acknowledged."""
+    pub = BlockingClient(port, "crash-retain")
+    for n in range(count):
+        pub.send(Publish(f"crash/r/{n}", b"kept %d" % n, 1, retain=True, packet_id=n + 1))
+        assert pub.next_packet() == Puback(n + 1)
+    pub.close()
+
+
+def retained_after_restart(port, count):
+    sub = BlockingClient(port, "crash-retained-check")
+    sub.send(Subscribe(1, (Subscription("crash/r/#", 0),)))
+    got = {}
+    deadline = time.monotonic() + 30
+    while len(got) < count and time.monotonic() < deadline:
+        packet = sub.next_packet(timeout=10)
+        if isinstance(packet, Publish):
+            assert packet.retain
+            got[packet.topic] = packet.payload
+    sub.close()
+    return got
+
+
 def stream_until(port, interrupt_after, interrupt):
     """Publish up to TOTAL QoS 1 messages; call interrupt() after that many PUBACKs.
 
@@ -85,6 +108,7 @@ def test_every_acknowledged_message_survives_a_broker_crash(mqttd_broker_factory
     """SIGKILL (or SIGTERM) mid-stream, restart: every PUBACKed message reaches the subscriber."""
     broker = mqttd_broker_factory(persistence=None)   # the default durable store
     register_subscriber(broker.port)
+    publish_retained(broker.port, 20)
     stop = broker.kill if how == "sigkill" else broker.stop
     acked = stream_until(broker.port, interrupt_after=TOTAL // 3, interrupt=stop)
     assert TOTAL // 3 <= len(acked) < TOTAL
@@ -94,3 +118,5 @@ def test_every_acknowledged_message_survives_a_broker_crash(mqttd_broker_factory
     print(f"{how}: acked {len(acked)}, delivered after restart {len(got)}, "
           f"missing {len(missing)}")
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:10]}"
+    retained = retained_after_restart(broker.port, 20)
+    assert retained == {f"crash/r/{n}": b"kept %d" % n for n in range(20)}
