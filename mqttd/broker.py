@@ -158,6 +158,16 @@ class Broker:
                 observers.remove(callback)
         return unregister
 
+    def observe(self, callbacks: Dict[str, Callable]) -> Callable[[], None]:
+        """Register several callbacks ``{event: callback}``; returns one function
+        that unregisters them all."""
+        unregisters = [self.on(event, callback) for event, callback in callbacks.items()]
+
+        def unregister_all():
+            for unregister in unregisters:
+                unregister()
+        return unregister_all
+
     def emit(self, event: str, **fields) -> None:
         for callback in list(self._observers[event]):
             try:

@@ -23,25 +23,25 @@ def _client_id(client) -> str:
 class EventLog:
     def __init__(self, broker):
         self.broker = broker
-        self._unregister = []
+        self._unregister = None
 
     def start(self) -> None:
-        on = self.broker.on
-        self._unregister = [
-            on("clientConnected", self._connected),
-            on("clientDisconnected", self._disconnected),
-            on("subscribed", self._subscribed),
-            on("unsubscribed", self._unsubscribed),
-        ]
+        callbacks = {
+            "clientConnected": self._connected,
+            "clientDisconnected": self._disconnected,
+            "subscribed": self._subscribed,
+            "unsubscribed": self._unsubscribed,
+        }
         if debuglog.enabled:  # once per message: only with --log-level debug
-            self._unregister.append(on("published", self._published))
+            callbacks["published"] = self._published
             # clientDisconnected says the same, right after
-            self._unregister.append(on("clientDisconnecting", self._disconnecting))
+            callbacks["clientDisconnecting"] = self._disconnecting
+        self._unregister = self.broker.observe(callbacks)
 
     def stop(self) -> None:
-        for unregister in self._unregister:
-            unregister()
-        self._unregister = []
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
 
     def _connected(self, client, **_):
         log.info("clientConnected {client_id} from {peer} (MQTT {version}, clean={clean}, "

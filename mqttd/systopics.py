@@ -29,26 +29,25 @@ class SysTopics:
         self.clock = clock
         self.interval = interval
         self.prefix = f"$SYS/{broker.config.broker_id}/"
-        self._unregister = []
+        self._unregister = None
         self._loop = None
 
     def start(self) -> None:
-        on = self.broker.on
-        self._unregister = [
-            on("clientConnected", self._connected),
-            on("clientDisconnected", self._disconnected),
-            on("subscribed", self._subscribed),
-            on("unsubscribed", self._unsubscribed),
-        ]
+        self._unregister = self.broker.observe({
+            "clientConnected": self._connected,
+            "clientDisconnected": self._disconnected,
+            "subscribed": self._subscribed,
+            "unsubscribed": self._unsubscribed,
+        })
         if self.interval > 0:
             self._loop = LoopingCall(self.publish_stats)
             self._loop.clock = self.clock
             self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:
-        for unregister in self._unregister:
-            unregister()
-        self._unregister = []
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

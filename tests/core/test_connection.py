@@ -1,7 +1,6 @@
 """The connection rules and the broker core, driven through StringTransport and task.Clock."""
 from __future__ import annotations
 
-import pytest
 from twisted.internet import defer
 
 from mqttd.codec.packets import (

@@ -26,8 +26,8 @@ def test_protocol_registers_as_streaming_producer():
     assert transport.producer is proto and transport.streaming
 
 
-def test_paused_transport_queues_and_resumes_in_order():
-    """pauseProducing stops writes to that client; resumeProducing drains its queue in order."""
+def _paused_subscriber_and_publisher():
+    """A QoS 1 subscriber on "t" whose transport has paused us, and a publisher."""
     broker, clock = make_broker()
     factory = MQTTFactory(broker)
     sub, sub_transport, reader = _connected(factory, "sub")
@@ -35,6 +35,12 @@ def test_paused_transport_queues_and_resumes_in_order():
     sub_transport.clear()
     pub, _, _ = _connected(factory, "pub")
     sub.pauseProducing()
+    return broker, sub, sub_transport, reader, pub
+
+
+def test_paused_transport_queues_and_resumes_in_order():
+    """pauseProducing stops writes to that client; resumeProducing drains its queue in order."""
+    broker, sub, sub_transport, reader, pub = _paused_subscriber_and_publisher()
     pub.dataReceived(encode(Publish("t", b"q0"), 4))
     pub.dataReceived(encode(Publish("t", b"q1", 1, packet_id=1), 4))
     assert sub_transport.value() == b""
@@ -81,13 +87,7 @@ def test_transport_write_buffer_follows_the_factory_setting():
 
 def test_queued_messages_are_sent_with_the_bytes_received():
     """A message queued behind a paused transport goes out as the publisher's own bytes."""
-    broker, clock = make_broker()
-    factory = MQTTFactory(broker)
-    sub, sub_transport, reader = _connected(factory, "sub")
-    sub.dataReceived(encode(Subscribe(1, (Subscription("t", 1),)), 4))
-    sub_transport.clear()
-    pub, _, _ = _connected(factory, "pub")
-    sub.pauseProducing()
+    broker, sub, sub_transport, reader, pub = _paused_subscriber_and_publisher()
     raw = encode(Publish("t", b"q1", 1, packet_id=9), 4)
     pub.dataReceived(raw)
     assert broker.sessions["sub"].wire  # the received form waits with the queued record
