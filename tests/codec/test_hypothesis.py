@@ -7,11 +7,8 @@ a parametrized ``@given`` test gets wrapped twice and fails
 """
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mqttd.codec import (
-    Connect, MQTTError, NO_PROPERTIES, PacketReader, Properties, Publish, encode,
-    publish_template,
-)
-from mqttd.codec.properties import PROPERTIES, WILL_PROPERTIES, decode_properties, encode_properties
+from mqttd.codec import Connect, MQTTError, PacketReader, Publish, encode, publish_template
+from mqttd.codec.properties import PROPERTIES, decode_properties, encode_properties
 
 from .fixtures import FIXTURES
 from .strategies import connects, packet_ids, packets, properties, publishes
