@@ -560,7 +560,7 @@ class ClientConnection:
             # we announce Subscription Identifier Available = 0
             raise MQTTError("subscription identifiers are not supported",
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                            spec="MQTT-3.8.2-...")
+                            spec="MQTT 5.0 §3.2.2.3.12")
         broker = self.broker
         session = self.session
         authorizer = broker.authorizer

@@ -725,3 +725,15 @@ def test_v5_disconnect_with_expiry_0_removes_the_stored_session():
     c.send(Disconnect(0, Properties(session_expiry_interval=0)))
     assert "gone" not in broker.sessions
     assert R.DeleteSession("gone") in store.ops
+
+
+def test_v5_subscription_identifier_is_refused_with_0xa1():
+    """We announce Subscription Identifiers Available = 0: a SUBSCRIBE carrying one gets DISCONNECT 0xA1."""
+    broker, clock = make_broker()
+    c = FakeClient(broker, clock, level=5)
+    connack = c.connect("s")[0]
+    assert connack.properties.subscription_identifier_available == 0
+    c.send(Subscribe(1, (Subscription("t", 1),), Properties(subscription_identifiers=(7,))))
+    packets = c.received()
+    assert isinstance(packets[-1], Disconnect) and packets[-1].reason_code == 0xA1
+    assert c.disconnecting
