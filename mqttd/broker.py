@@ -549,7 +549,7 @@ class Broker:
                 if template is not None:
                     session.wire[record.seq] = template
         if victim is not None:
-            self._dropped(session, "queue-full", victim.message)
+            self.count_dropped(session, "queue-full", victim.message)
             if victim is not record:
                 session.wire.pop(victim.seq, None)
                 if victim.qos and persistent:
@@ -629,7 +629,8 @@ class Broker:
         if session.congested_since is not None and len(queue) <= self._low_water:
             self._decongested(session)
 
-    def _dropped(self, session: Session, reason: str, message: Message) -> None:
+    def count_dropped(self, session: Session, reason: str, message: Message) -> None:
+        """Count, and log (rate-limited), one message not delivered to ``session``."""
         count = session.count_drop(reason)
         self.stats.count_drop(reason)
         if debuglog.enabled:

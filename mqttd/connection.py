@@ -40,6 +40,11 @@ _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 
 
+def template_key(message: Message, level: int, qos: int) -> tuple:
+    """Key of a message's PUBLISH bytes in a fan-out cache (levels 3 and 4 share a form)."""
+    return (id(message), 5 if level == MQTT_5 else 4, qos)
+
+
 @implementer(IClientConnection)
 class ClientConnection:
     """The server side of one MQTT network connection.
@@ -62,7 +67,7 @@ class ClientConnection:
         self.session = None
         self.info: Optional[ClientInfo] = None
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
-        self.send_window = config.max_inflight
+        self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
         self._online = False
         self._paused = False
@@ -145,25 +150,26 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
-        # levels 3 and 4 share the PUBLISH wire form
-        return cache.get((id(message), 5 if self.protocol_level == MQTT_5 else 4, qos))
+        return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
         if template is None and cache is not None:
-            key = (id(message), 5 if self.protocol_level == MQTT_5 else 4, qos)
+            key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
-        if template is None:
+            if template is None:
+                template = cache[key] = publish_template(
+                    message.topic, message.payload, qos, message.retain,
+                    message.properties, self.protocol_level)
+        elif template is None:
             template = publish_template(message.topic, message.payload, qos,
                                         message.retain, message.properties,
                                         self.protocol_level)
-            if cache is not None:
-                cache[(id(message), 5 if self.protocol_level == MQTT_5 else 4, qos)] = template
         data = template.encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
             # [MQTT-3.1.2-25]: never send more than the client's Maximum Packet Size
             if self.session is not None:
-                self.broker._dropped(self.session, "client-maximum-packet-size", message)
+                self.broker.count_dropped(self.session, "client-maximum-packet-size", message)
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
@@ -464,7 +470,7 @@ class ClientConnection:
         # family at the same QoS: no re-encoding
         raw = packet.raw
         cache = None if raw is None else {
-            (id(message), 5 if level == MQTT_5 else 4, qos): PublishTemplate.from_raw(raw, qos)}
+            template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker
         if qos == 0:
             broker.publish(message, self.info, cache)

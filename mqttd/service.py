@@ -109,14 +109,6 @@ class BrokerService(MultiService):
             json.dump(info, f)
         os.replace(tmp, self.ready_file)
 
-    def when_listening(self) -> defer.Deferred:
-        """A Deferred firing with the list of listening ports."""
-        if self._started is None:
-            return defer.fail(RuntimeError("service not started"))
-        d = defer.Deferred()
-        self._started.addBoth(lambda r: (d.callback(r), r)[1])
-        return d
-
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
