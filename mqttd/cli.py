@@ -1,0 +1,67 @@
+"""The ``mqttd`` console script (layer L6).
+
+``mqttd run [options]`` is ``twistd -n mqttd [options]``; every other
+subcommand belongs to a feature package and is registered in
+:data:`SUBCOMMANDS` by its import path, so this module imports no feature
+package until that subcommand is asked for.
+
+Each subcommand is a function ``main(argv: list[str]) -> int`` (the exit
+status); ``mqttd SUBCOMMAND --help`` is that function's business.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Dict, List, Optional, Tuple
+
+#: subcommand -> ("module:function", one-line help).  Feature packages add
+#: their line here; keep it sorted.
+SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
+    "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
+}
+
+
+def run(argv: List[str]) -> int:
+    """``twistd -n mqttd ARGV``: the broker in the foreground, logging to stdout."""
+    from twisted.scripts.twistd import run as twistd_run
+
+    sys.argv = ["twistd", "-n", "mqttd", *argv]
+    twistd_run()  # exits the process itself on a usage error
+    return 0
+
+
+def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: mqttd SUBCOMMAND [ARGS...]", "", "subcommands:"]
+    for name in sorted(SUBCOMMANDS):
+        lines.append(f"  {name.ljust(width)}  {SUBCOMMANDS[name][1]}")
+    lines.append("")
+    lines.append("mqttd SUBCOMMAND --help tells more.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``mqttd`` console script; returns the exit status.
+
+    Exit status 2 and the usage on stderr for an unknown or missing subcommand.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from mqttd import __version__
+        print(f"mqttd {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    entry = SUBCOMMANDS.get(name)
+    if entry is None:
+        print(f"mqttd: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = entry[0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
