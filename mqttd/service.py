@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -69,6 +69,37 @@ class BrokerService(MultiService):
         self.systopics = SysTopics(broker, broker.clock, sys_interval)
         self.eventlog = EventLog(broker)
         self._started: Optional[defer.Deferred] = None
+        #: name -> callable() run by :meth:`reload` (may return a Deferred)
+        self._reloaders: Dict[str, Callable[[], object]] = {}
+
+    # --- reload (SIGHUP) ------------------------------------------------------------
+
+    def add_reloader(self, name: str, reload: Callable[[], object]) -> None:
+        """Register ``reload()`` to run on every :meth:`reload` (e.g. on SIGHUP).
+
+        ``name`` says what it reloads in the log (``password_file``, ``acl_file``,
+        ``tls``, ``bridges``...); registering a name again replaces the callable.
+        ``reload`` may return a Deferred; if it raises or fails, the old state
+        must stay in force (the failure is logged, the others still run).
+        """
+        self._reloaders[name] = reload
+
+    @defer.inlineCallbacks
+    def reload(self):
+        """Run every registered reloader in registration order, without dropping
+        connections.  Fires with ``{name: True | False}`` (False: it failed and
+        was logged; the previous configuration stays in force)."""
+        results = {}
+        for name, reload in list(self._reloaders.items()):
+            try:
+                yield defer.maybeDeferred(reload)
+            except Exception:
+                log.failure("Reloading {what} failed; keeping the previous one", what=name)
+                results[name] = False
+            else:
+                log.info("Reloaded {what}", what=name)
+                results[name] = True
+        return results
 
     def startService(self):
         super().startService()
