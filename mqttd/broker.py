@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, topics
+from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.messages import Message
@@ -55,6 +56,9 @@ class BrokerConfig:
     max_inflight: int = 1000
     #: largest packet accepted or sent, in bytes (fixed header included)
     max_packet_size: int = 16 * 1024 * 1024
+    #: largest packet accepted before a CONNECT succeeded (the CONNECT itself),
+    #: refused from the fixed header: an unauthenticated socket buffers no more
+    max_connect_packet_size: int = 1024 * 1024
     #: seconds a new connection may take to send CONNECT
     connect_timeout: float = 10.0
     #: the largest keepalive accepted from clients; 0 = no limit
@@ -136,6 +140,9 @@ class Broker:
         self.write_count = 0
         self._turn_sync: Optional[list] = None
         self._drop_logged: Dict[tuple, float] = {}
+        #: rate limit of client-triggered log lines, keyed (client, reason);
+        #: features (auth, ACL, bridges) use it for their own lines
+        self.log_limiter = LogRateLimiter(clock)
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
 
