@@ -27,6 +27,7 @@ _CONFIG_OPTIONS = {
     "overflow-policy": ("overflow_policy", str),
     "max-inflight": ("max_inflight", int),
     "max-packet-size": ("max_packet_size", int),
+    "max-connect-packet-size": ("max_connect_packet_size", int),
     "connect-timeout": ("connect_timeout", float),
     "max-keepalive": ("max_keepalive", int),
     "max-session-expiry": ("max_session_expiry", int),
@@ -58,8 +59,13 @@ class Options(usage.Options):
          f"A full queue drops: {' or '.join(OverflowPolicy.ALL)} [drop-oldest]."],
         ["max-inflight", None, None, "Outbound QoS 1/2 window per client (v5: at most its Receive Maximum) [1000].", int],
         ["max-packet-size", None, None, "Largest packet accepted, bytes [16 MiB].", int],
+        ["max-connect-packet-size", None, None,
+         "Largest packet accepted before CONNECT succeeds, bytes; refused from the "
+         "fixed header [1 MiB].", int],
         ["connect-timeout", None, None, "Seconds to wait for CONNECT [10].", float],
-        ["max-keepalive", None, None, "Largest keepalive granted, seconds; 0 = any [0].", int],
+        ["max-keepalive", None, None,
+         "Largest keepalive granted, seconds, also bounding keepalive 0 (v5: Server Keep "
+         "Alive; v3: CONNACK 0x02); 0 = any [0].", int],
         ["max-session-expiry", None, None, "Longest v5 session expiry granted, seconds.", int],
         ["max-publisher-pause", None, None,
          "Seconds a congested subscriber may hold publishers back [5].", float],
