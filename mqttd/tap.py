@@ -31,6 +31,7 @@ _CONFIG_OPTIONS = {
     "max-keepalive": ("max_keepalive", int),
     "max-session-expiry": ("max_session_expiry", int),
     "max-publisher-pause": ("max_publisher_pause", float),
+    "publisher-pause-recovery": ("publisher_pause_recovery", float),
 }
 
 
@@ -62,7 +63,11 @@ class Options(usage.Options):
         ["max-keepalive", None, None, "Largest keepalive granted, seconds; 0 = any [0].", int],
         ["max-session-expiry", None, None, "Longest v5 session expiry granted, seconds.", int],
         ["max-publisher-pause", None, None,
-         "Seconds a congested subscriber may hold publishers back [5].", float],
+         "Seconds one congestion episode of a subscriber may hold publishers back [5].",
+         float],
+        ["publisher-pause-recovery", None, None,
+         "Seconds a subscriber that used up its pause must stay drained and healthy "
+         "before it may hold publishers again [30].", float],
         ["log-level", None, None, "info or debug (debug logs every message) [info]."],
     ]
     optFlags = [
@@ -94,6 +99,13 @@ class Options(usage.Options):
             self["listen"] = ["tcp:1883"]
         if self["log-level"] not in (None, "info", "debug"):
             raise usage.UsageError("--log-level must be info or debug")
+        for name, minimum, strict in (("max-publisher-pause", 0, True),
+                                      ("publisher-pause-recovery", 0, False)):
+            value = self[name]
+            if value is not None and (float(value) < minimum
+                                      or (strict and float(value) == minimum)):
+                raise usage.UsageError(
+                    f"--{name} must be {'>' if strict else '>='} {minimum}, not {value}")
         policy = self["overflow-policy"]
         if policy is not None and policy not in OverflowPolicy.ALL:
             raise usage.UsageError(f"--overflow-policy must be one of {OverflowPolicy.ALL}")
