@@ -43,7 +43,7 @@ class SlowConsumerGuard:
     """The state machine above, for every session of one broker.
 
     :param clock: ``IReactorTime``.
-    :param budget: seconds one congestion episode may hold publishers (> 0).
+    :param budget: seconds one congestion episode may hold publishers (0: never hold).
     :param recovery: seconds a demoted subscriber must stay healthy, after its
         queue was empty, before it may hold publishers again (>= 0).
     :param stats: a :class:`~mqttd.metrics.BrokerStats` (``publisher_holds``,
@@ -52,15 +52,15 @@ class SlowConsumerGuard:
     """
 
     def __init__(self, clock, budget: float, recovery: float, stats, enabled: bool = True):
-        if budget <= 0:
-            raise ValueError(f"max_publisher_pause must be positive, not {budget!r}")
+        if budget < 0:
+            raise ValueError(f"max_publisher_pause must be >= 0, not {budget!r}")
         if recovery < 0:
             raise ValueError(f"publisher_pause_recovery must be >= 0, not {recovery!r}")
         self.clock = clock
         self.budget = budget
         self.recovery = recovery
         self.stats = stats
-        self.enabled = enabled
+        self.enabled = enabled and budget > 0
         #: sessions in a holding episode
         self.holding: set = set()
         self._held: List[object] = []

@@ -127,10 +127,9 @@ def test_disabled_guard_holds_no_one():
     assert not g.congested(Session("s"))
 
 
-def test_invalid_budget_is_refused():
-    """A zero budget would hold and release on the same turn: refused at configuration."""
-    with pytest.raises(ValueError):
-        SlowConsumerGuard(Clock(), 0, 30, BrokerStats())
+def test_zero_budget_holds_no_one():
+    """--max-publisher-pause 0: a congested subscriber never holds publishers."""
+    assert not SlowConsumerGuard(Clock(), 0, 30, BrokerStats()).congested(Session("s"))
 
 
 # --- through the connections ----------------------------------------------------------------
