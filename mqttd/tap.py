@@ -262,6 +262,19 @@ def check_report(options: Options) -> str:
     return "\n".join(lines)
 
 
+def _one_line_for_cannot_listen(previous_hook):
+    """``sys.excepthook`` that prints :class:`~mqttd.service.CannotListen` as one
+    line (``twistd -n mqttd`` in the foreground) instead of a traceback."""
+    from mqttd.service import CannotListen
+
+    def hook(kind, value, traceback):
+        if isinstance(value, CannotListen):
+            print(f"mqttd: {value}", file=sys.__stderr__)
+        else:
+            previous_hook(kind, value, traceback)
+    return hook
+
+
 def makeService(options: Options):
     import importlib
 
@@ -271,6 +284,7 @@ def makeService(options: Options):
     from mqttd.service import make_broker_service
 
     debuglog.set_enabled(options["log-level"] == "debug")
+    sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]
