@@ -41,52 +41,120 @@ EVENTS = ("clientConnected", "published", "subscribed", "unsubscribed",
 NEVER_EXPIRES = 0xFFFFFFFF
 
 
+def _int_in(minimum: int, maximum: Optional[int] = None, optional: bool = False):
+    """attrs validator: an int (not a bool) in [minimum, maximum] (None allowed if optional)."""
+    def check(_instance, attribute, value):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{attribute.name}: must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{attribute.name}: must be at most {maximum}, got {value}")
+    return check
+
+
+def _seconds(minimum: float = 0.0, above: bool = False):
+    """attrs validator: a finite number of seconds >= minimum (> minimum if ``above``)."""
+    def check(_instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or value != value or value in (float("inf"), float("-inf")):
+            raise TypeError(f"{attribute.name}: expected a finite number, got {value!r}")
+        if value < minimum or (above and value == minimum):
+            word = "greater than" if above else "at least"
+            raise ValueError(f"{attribute.name}: must be {word} {minimum:g}, got {value:g}")
+    return check
+
+
+def _is_bool(_instance, attribute, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{attribute.name}: expected true or false, got {value!r}")
+
+
+def _topic_level(_instance, attribute, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name}: must be a non-empty string, got {value!r}")
+    bad = set(value) & set("/+#\0")
+    if bad:
+        raise ValueError(f"{attribute.name}: must be one topic level, without "
+                         f"{' '.join(sorted(bad))}: {value!r}")
+
+
+def _one_of(values):
+    def check(_instance, attribute, value):
+        if value not in values:
+            raise ValueError(f"{attribute.name}: must be one of {', '.join(values)}; "
+                             f"got {value!r}")
+    return check
+
+
+#: the largest MQTT packet: 1 + 4 bytes of fixed header + 268,435,455 [MQTT-2.2.3]
+MAX_PACKET_SIZE = 268_435_460
+#: the smallest packet limit that still admits a CONNECT (v3.1.1, empty client id)
+MIN_PACKET_SIZE = 14
+
+
 @attrs.frozen
 class BrokerConfig:
-    """Limits and switches of the broker core (all have production defaults)."""
+    """Limits and switches of the broker core (all have production defaults).
 
-    broker_id: str = "mqttd"
+    Every field is validated when the config is built: a wrong type raises
+    ``TypeError``, a value out of range ``ValueError``; the message is one
+    line starting with the field name (``max_inflight: must be at least 1,
+    got 0``).  ``twistd mqttd`` turns it into a usage error (exit status 2).
+    """
+
+    #: the <brokerId> of ``$SYS/<brokerId>/...``: one topic level
+    broker_id: str = attrs.field(default="mqttd", validator=_topic_level)
     #: per-session queue of messages waiting for an offline/slow client
-    max_queued_messages: int = 100_000
-    max_queued_bytes: int = 64 * 1024 * 1024
-    overflow_policy: str = OverflowPolicy.DROP_OLDEST
+    max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
+    max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
+    overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
+                                       validator=_one_of(OverflowPolicy.ALL))
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
-    queue_qos0: bool = False
-    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers it)
-    max_inflight: int = 1000
+    queue_qos0: bool = attrs.field(default=False, validator=_is_bool)
+    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers
+    #: it); at most 65535, the packet identifier space [MQTT-2.2.1]
+    max_inflight: int = attrs.field(default=1000, validator=_int_in(1, 65535))
     #: largest packet accepted or sent, in bytes (fixed header included)
-    max_packet_size: int = 16 * 1024 * 1024
+    max_packet_size: int = attrs.field(default=16 * 1024 * 1024,
+                                       validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
     #: seconds a new connection may take to send CONNECT
-    connect_timeout: float = 10.0
-    #: the largest keepalive accepted from clients; 0 = no limit
-    max_keepalive: int = 0
+    connect_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
+    #: the largest keepalive accepted from clients, seconds; 0 = no limit
+    max_keepalive: int = attrs.field(default=0, validator=_int_in(0, 65535))
     #: the longest session expiry granted, seconds; None = unlimited
-    max_session_expiry: Optional[int] = None
+    max_session_expiry: Optional[int] = attrs.field(
+        default=None, validator=_int_in(0, 0xFFFFFFFF, optional=True))
     #: prefix of assigned client identifiers
-    assigned_id_prefix: str = "mqttd-"
+    assigned_id_prefix: str = attrs.field(default="mqttd-",
+                                          validator=attrs.validators.instance_of(str))
     #: stop reading from publishers whose messages go to an online subscriber
     #: that is 1,000 messages (or 1 MiB; at most half its queue limit) behind,
     #: instead of dropping (see drain())
-    publisher_backpressure: bool = True
+    publisher_backpressure: bool = attrs.field(default=True, validator=_is_bool)
     #: seconds a congested subscriber may hold publishers back
-    max_publisher_pause: float = 5.0
+    max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
     #: seconds an authentication/authorization hook may take before it refuses
-    hook_timeout: float = 10.0
+    hook_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
     #: a CONNECT may take over the session of a client id created by another
     #: username (off: refused with 0x87 / v3 0x05)
-    allow_session_takeover_by_other_user: bool = False
+    allow_session_takeover_by_other_user: bool = attrs.field(default=False,
+                                                             validator=_is_bool)
     #: open client connections, all listeners together; 0 = no limit
     #: (refused with CONNACK 0x97 Quota exceeded / v3 0x03 Server unavailable)
-    max_connections: int = 0
+    max_connections: int = attrs.field(default=0, validator=_int_in(0))
     #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
-    max_subscriptions_per_client: int = 0
-    #: levels of a topic name or filter; 0 = no limit (0x90 / 0x8F)
-    max_topic_levels: int = 0
+    max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))
+    #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
+    #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
+    max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
     #: inbound PUBLISH packets per second per client (token bucket, burst of
     #: one second); over it the connection's reads pause; 0 = no limit
-    max_inbound_rate: float = 0.0
+    max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
     #: inbound bytes per second per client (same bucket rules); 0 = no limit
-    max_inbound_bytes_rate: float = 0.0
+    max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
