@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "check-config": ("mqttd.cli:check_config",
                      "check options and config file like 'run' would, then exit"),
+    "passwd": ("mqttd.auth.passwd:main",
+               "manage a mosquitto-format password file (-c create, -D delete, -b batch, --scram)"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
 }
 
