@@ -135,6 +135,8 @@ class BrokerConfig:
     publisher_backpressure: bool = attrs.field(default=True, validator=_is_bool)
     #: seconds a congested subscriber may hold publishers back
     max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
+    #: client ids whose packets are all logged at info level (``--trace-client``)
+    trace_clients: frozenset = attrs.field(default=frozenset(), converter=frozenset)
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,

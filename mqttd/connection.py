@@ -19,7 +19,7 @@ from typing import Optional
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mqttd import topics
+from mqttd import topics, trace
 from mqttd.broker import Broker, ClientInfo
 from mqttd.codec import encode, publish_template
 from mqttd.codec.encoder import PublishTemplate
@@ -391,6 +391,8 @@ class ClientConnection:
             keepalive = config.max_keepalive
             if level == MQTT_5:
                 server_keepalive = keepalive
+        if client_id in config.trace_clients:  # --trace-client
+            trace.install(self, packet)
         session, present = broker.open_session(
             self, client_id, level, packet.clean_start, expiry, will)
         self.session = session
