@@ -81,14 +81,22 @@ OPTIONS: List[Option] = [
            "(v5: at most its Receive Maximum).", default=1000, field="max_inflight"),
     Option("max-packet-size", integer(14, 268_435_460), "Largest packet accepted, bytes.",
            default=16 * 1024 * 1024, field="max_packet_size"),
+    Option("max-connect-packet-size", integer(14, 268_435_460), "Largest packet accepted "
+           "before CONNECT succeeds, bytes; refused from the fixed header.",
+           default=1024 * 1024, field="max_connect_packet_size"),
     Option("connect-timeout", number(above=0), "Seconds to wait for CONNECT.",
            default=10.0, field="connect_timeout"),
-    Option("max-keepalive", integer(0, 65535), "Largest keepalive granted, seconds; "
-           "0 = any.", default=0, field="max_keepalive"),
+    Option("max-keepalive", integer(0, 65535), "Largest keepalive granted, seconds, also "
+           "bounding keepalive 0 (v5: Server Keep Alive; v3: CONNACK 0x02); 0 = any.",
+           default=0, field="max_keepalive"),
     Option("max-session-expiry", integer(0, 0xFFFFFFFF), "Longest v5 session expiry "
            "granted, seconds.", field="max_session_expiry", doc_default="unlimited"),
-    Option("max-publisher-pause", number(0), "Seconds a congested subscriber may hold "
-           "publishers back.", default=5.0, field="max_publisher_pause"),
+    Option("max-publisher-pause", number(0), "Seconds one congestion episode of a "
+           "subscriber may hold publishers back (0: never).", default=5.0,
+           field="max_publisher_pause"),
+    Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
+           "pause must stay drained and healthy before it may hold publishers again.",
+           default=30.0, field="publisher_pause_recovery"),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
 ]
