@@ -22,9 +22,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, topics
+from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
-from mqttd.hooks import HOOK_FAILED, LogLimiter, call_hook
+from mqttd.hooks import HOOK_FAILED, call_hook
+from mqttd.flowcontrol import SlowConsumerGuard
 from mqttd.messages import Message
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
@@ -120,6 +122,10 @@ class BrokerConfig:
     #: largest packet accepted or sent, in bytes (fixed header included)
     max_packet_size: int = attrs.field(default=16 * 1024 * 1024,
                                        validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
+    #: largest packet accepted before a CONNECT succeeded (the CONNECT itself),
+    #: refused from the fixed header: an unauthenticated socket buffers no more
+    max_connect_packet_size: int = attrs.field(
+        default=1024 * 1024, validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
     #: seconds a new connection may take to send CONNECT
     connect_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
     #: the largest keepalive accepted from clients, seconds; 0 = no limit
@@ -134,7 +140,8 @@ class BrokerConfig:
     #: that is 1,000 messages (or 1 MiB; at most half its queue limit) behind,
     #: instead of dropping (see drain())
     publisher_backpressure: bool = attrs.field(default=True, validator=_is_bool)
-    #: seconds a congested subscriber may hold publishers back
+    #: seconds one congestion episode of a subscriber may hold publishers back
+    #: (0: never hold)
     max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
     #: seconds an authentication/authorization hook may take before it refuses
     hook_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
@@ -155,6 +162,11 @@ class BrokerConfig:
     max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
     #: inbound bytes per second per client (same bucket rules); 0 = no limit
     max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
+    #: seconds a subscriber that used up max_publisher_pause must stay healthy
+    #: (after its queue was empty) before it may hold publishers again
+    publisher_pause_recovery: float = attrs.field(default=30.0, validator=_seconds(0))
+    #: client ids whose packets are all logged at info level (``--trace-client``)
+    trace_clients: frozenset = attrs.field(default=frozenset(), converter=frozenset)
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
@@ -208,8 +220,6 @@ class Broker:
         self.stats = BrokerStats()
         #: open client connections (see BrokerConfig.max_connections)
         self.open_connections = 0
-        #: one log line per (client, what) per 10 s for refusals and limit hits
-        self.log_limiter = LogLimiter(clock)
         self.sessions: Dict[str, Session] = {}
         self.retained: Dict[str, Message] = {}
         self._trie = topics.SubscriptionTrie()
@@ -218,10 +228,10 @@ class Broker:
         self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
         self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
         self._low_water = self._high_water // 2
-        #: online sessions whose queue is above the high-water mark
-        self._congested: set = set()
-        #: publishing connections that stopped reading until congestion clears
-        self._held: list = []
+        #: which congested subscriber holds publishers back, for how long
+        self.flow = SlowConsumerGuard(clock, config.max_publisher_pause,
+                                      config.publisher_pause_recovery, self.stats,
+                                      enabled=config.publisher_backpressure)
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
@@ -230,6 +240,9 @@ class Broker:
         self.write_count = 0
         self._turn_sync: Optional[list] = None
         self._drop_logged: Dict[tuple, float] = {}
+        #: rate limit of client-triggered log lines, keyed (client, reason);
+        #: features (auth, ACL, bridges) use it for their own lines
+        self.log_limiter = LogRateLimiter(clock)
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
 
@@ -253,12 +266,10 @@ class Broker:
     def refused(self, what: str, client_id, peer, detail: str, **fields) -> None:
         """Count one refusal or limit hit ``what`` and log it (rate-limited per client)."""
         self.stats.count_refusal(what)
-        suppressed = self.log_limiter.allow((client_id, what))
-        if suppressed is not None:
-            log.warn("Refused {what} for {client_id} from {peer}: {detail}"
-                     " ({suppressed} similar lines suppressed)", what=what,
-                     client_id=client_id or "-", peer=peer, detail=detail,
-                     suppressed=suppressed, **fields)
+        self.log_limiter.warn(log, (client_id, what),
+                              "Refused {what} for {client_id} from {peer}: {detail}",
+                              what=what, client_id=client_id or "-", peer=peer,
+                              detail=detail, **fields)
 
     def session_client(self, session: Session) -> ClientInfo:
         """The ClientInfo of ``session`` (its owner for an offline session)."""
@@ -805,38 +816,22 @@ class Broker:
     #
     # A subscriber that is online but cannot keep up fills its queue.  Rather
     # than dropping, the broker stops reading from the publishers whose
-    # messages go to it (their TCP windows fill, so they slow down) until the
-    # queue is below the low-water mark again.  A subscriber that stays
-    # congested longer than max_publisher_pause no longer holds anyone back:
-    # its queue overflows by its policy, and the drops are counted.
+    # messages go to it until the queue is below the low-water mark again --
+    # for at most max_publisher_pause per episode; a subscriber that used up
+    # its budget holds no one until it has drained and stayed healthy
+    # (mqttd.flowcontrol.SlowConsumerGuard).  Its queue then overflows by its
+    # policy, and the drops are counted.
 
     def _congested_by(self, session: Session) -> None:
-        if not self.config.publisher_backpressure:
-            return
-        now = self.clock.seconds()
-        if session.congested_since is None:
-            session.congested_since = now
-            self._congested.add(session)
-        elif now - session.congested_since >= self.config.max_publisher_pause:
-            return
-        self.backpressure = True
+        if self.flow.congested(session):
+            self.backpressure = True
 
     def _decongested(self, session: Session) -> None:
-        session.congested_since = None
-        self._congested.discard(session)
-        if not self._congested and self._held:
-            held, self._held = self._held, []
-            # next turn: never run a publisher's stashed packets inside the
-            # handler of the subscriber packet that freed the queue
-            self.clock.callLater(0, self._release, held)
-
-    def _release(self, held: list) -> None:
-        for conn in held:
-            conn.release_publisher()
+        self.flow.decongested(session)
 
     def hold_publisher(self, connection) -> None:
         """Remember a publisher that paused reading because of congestion."""
-        self._held.append(connection)
+        self.flow.hold(connection)
 
     def drain(self, session: Session) -> None:
         """Send queued messages while the client can take them."""
@@ -867,8 +862,8 @@ class Broker:
                                              OutboundStage.PUBLISH_SENT))
             conn.send_publish(head.message, head.qos, pid, False,
                               template=wire.pop(head.seq, None) if wire else None)
-        if session.congested_since is not None and len(queue) <= self._low_water:
-            self._decongested(session)
+        if session.congested_since is not None or session.demoted_since is not None:
+            self.flow.drained(session, len(queue), self._low_water)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
@@ -962,9 +957,7 @@ class Broker:
             if session.expiry_call is not None and session.expiry_call.active():
                 session.expiry_call.cancel()
                 session.expiry_call = None
-        held, self._held = self._held, []
-        for conn in held:
-            conn.release_publisher()
+        self.flow.release_all()
 
 
 def topics_is_sys(topic: str) -> bool:

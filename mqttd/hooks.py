@@ -5,12 +5,11 @@ The connection asks the hooks of :class:`mqttd.interfaces.IAuthenticator`,
 :class:`~mqttd.interfaces.IEnhancedAuthenticator`; each may answer with a value
 or a Deferred.  This module holds what both sides share: the request and
 step values, the normalisation of answers (:func:`auth_outcome`), the
-sentinel for a hook that raised or timed out, and a log limiter so a client
-that provokes refusals cannot flood the log.
+sentinel for a hook that raised or timed out.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import attrs
 from twisted.python.failure import Failure
@@ -91,32 +90,5 @@ def auth_outcome(result, username: Optional[str]) -> Tuple[int, Optional[str]]:
     return ReasonCode.NOT_AUTHORIZED, username
 
 
-class LogLimiter:
-    """At most one log line per key per ``interval`` seconds (broker clock).
-
-    :meth:`allow` returns how many lines were suppressed for the key since the
-    last one that was allowed (>= 0), or ``None`` if this line is suppressed.
-    Bounded: at most ``max_keys`` keys are remembered (then it starts over).
-    """
-
-    def __init__(self, clock, interval: float = 10.0, max_keys: int = 10000):
-        self.clock = clock
-        self.interval = interval
-        self.max_keys = max_keys
-        self._last: Dict[object, list] = {}
-
-    def allow(self, key) -> Optional[int]:
-        now = self.clock.seconds()
-        entry = self._last.get(key)
-        if entry is not None and now - entry[0] < self.interval:
-            entry[1] += 1
-            return None
-        if entry is None and len(self._last) >= self.max_keys:
-            self._last.clear()
-        suppressed = entry[1] if entry is not None else 0
-        self._last[key] = [now, 0]
-        return suppressed
-
-
-__all__ = ["AuthOutcome", "AuthRequest", "AuthStep", "HOOK_FAILED", "LogLimiter",
+__all__ = ["AuthOutcome", "AuthRequest", "AuthStep", "HOOK_FAILED",
            "auth_outcome", "call_hook"]

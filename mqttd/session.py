@@ -79,6 +79,12 @@ class Session:
     #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
     #: [deferred, message, qos, force, answer-or-None]
     forward_waiting: Deque[list] = attrs.Factory(collections.deque)
+    #: broker clock time the session used up its publisher-pause budget
+    #: without draining (it holds no one until healthy again); None otherwise
+    demoted_since: Optional[float] = None
+    #: while demoted: when its queue was last found empty (None: not since
+    #: it last passed the high-water mark)
+    healthy_since: Optional[float] = None
 
     # --- ordering and packet ids ------------------------------------------
 
