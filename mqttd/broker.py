@@ -24,7 +24,8 @@ from twisted.python.failure import Failure
 from mqttd import debuglog, topics
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
-from mqttd.messages import Message, outbound_message, published_at, will_message
+from mqttd.messages import (
+    Message, forwarded_properties, outbound_message, published_at, will_message)
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
@@ -232,7 +233,7 @@ class Broker:
         dropped (and deleted from the store) [MQTT-3.3.2-5]."""
         now = self.clock.seconds()
         expired = 0
-        for topic, message in state.retained.items():
+        for topic, message in list(state.retained.items()):
             if message.expires_at is not None and message.expires_at <= now:
                 self._write(R.DeleteRetained(topic))
                 expired += 1
@@ -534,10 +535,12 @@ class Broker:
         topics.validate_topic_name(topic)
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        kwargs = {}
+        message = Message(topic, payload, qos, retain)
         if properties is not None:
-            kwargs["properties"] = properties
-        return self.publish(Message(topic, payload, qos, retain, **kwargs), client=None)
+            # only what a PUBLISH forwards; the expiry counts from now
+            message = published_at(attrs.evolve(
+                message, properties=forwarded_properties(properties)), self.clock.seconds())
+        return self.publish(message, client=None)
 
     def publish(self, message: Message, client: Optional[ClientInfo] = None,
                 cache: Optional[dict] = None) -> int:

@@ -20,6 +20,25 @@ else:  # pragma: no cover
 
 DEFAULT_STORE = "file:mqttd-data"
 
+#: mosquitto's duration units (``persistent_client_expiration``): hour, day,
+#: week, month (30 days), year (365 days); ``s`` (seconds) is our addition
+DURATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400,
+                  "y": 365 * 86400}
+
+
+def parse_duration(text) -> float:
+    """Seconds in a mosquitto duration such as ``1h``, ``2d``, ``3w``, ``1m``, ``1y``.
+
+    Raises ValueError for anything else (no unit, unknown unit, not a
+    positive integer).
+    """
+    text = str(text).strip()
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in DURATION_UNITS or not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"{text!r} is not a duration: a positive integer followed by "
+                         f"one of {', '.join(DURATION_UNITS)} (e.g. 1h, 2d, 3w, 1m, 1y)")
+    return float(int(number) * DURATION_UNITS[unit])
+
 #: option name -> (BrokerConfig field, converter)
 _CONFIG_OPTIONS = {
     "max-queued-messages": ("max_queued_messages", int),
@@ -31,6 +50,7 @@ _CONFIG_OPTIONS = {
     "max-keepalive": ("max_keepalive", int),
     "max-session-expiry": ("max_session_expiry", int),
     "max-publisher-pause": ("max_publisher_pause", float),
+    "persistent-client-expiration": ("persistent_client_expiration", parse_duration),
 }
 
 
@@ -63,6 +83,10 @@ class Options(usage.Options):
         ["max-session-expiry", None, None, "Longest v5 session expiry granted, seconds.", int],
         ["max-publisher-pause", None, None,
          "Seconds a congested subscriber may hold publishers back [5].", float],
+        ["persistent-client-expiration", None, None,
+         "Discard MQTT 3.x persistent sessions (clean session 0) disconnected this "
+         "long: 1h, 2d, 3w, 1m, 1y (mosquitto's syntax); v5 sessions keep their own "
+         "expiry [never]."],
         ["log-level", None, None, "info or debug (debug logs every message) [info]."],
     ]
     optFlags = [
@@ -94,6 +118,11 @@ class Options(usage.Options):
             self["listen"] = ["tcp:1883"]
         if self["log-level"] not in (None, "info", "debug"):
             raise usage.UsageError("--log-level must be info or debug")
+        if self["persistent-client-expiration"] is not None:
+            try:
+                parse_duration(self["persistent-client-expiration"])
+            except ValueError as error:
+                raise usage.UsageError(f"--persistent-client-expiration: {error}")
         policy = self["overflow-policy"]
         if policy is not None and policy not in OverflowPolicy.ALL:
             raise usage.UsageError(f"--overflow-policy must be one of {OverflowPolicy.ALL}")

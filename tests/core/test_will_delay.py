@@ -50,7 +50,8 @@ class RecordingStore(MemoryStore):
         self.state = state if state is not None else R.StoredState()
 
     def open(self):
-        return self.state
+        from mqttd.persistence.journal import copy_state
+        return copy_state(self.state)   # like the real stores: a copy
 
     def write(self, op):
         super().write(op)
