@@ -78,6 +78,12 @@ class Session:
     #: retained replays in progress: filter -> (cursor over the retained
     #: index, subscription QoS), fed by Broker.drain as the client reads
     replays: Dict[str, tuple] = attrs.Factory(dict)
+    #: broker clock time the session used up its publisher-pause budget
+    #: without draining (it holds no one until healthy again); None otherwise
+    demoted_since: Optional[float] = None
+    #: while demoted: when its queue was last found empty (None: not since
+    #: it last passed the high-water mark)
+    healthy_since: Optional[float] = None
 
     # --- ordering and packet ids ------------------------------------------
 
