@@ -36,7 +36,7 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message
+from mqttd.messages import Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
@@ -895,7 +895,9 @@ class ClientConnection:
             raise MQTTError(f"topic name has more than max_topic_levels={levels} levels",
                             ReasonCode.TOPIC_NAME_INVALID)
         expiry = props.message_expiry_interval
-        message = Message(topic, packet.payload, qos, packet.retain, props,
+        # inbound -> outbound: only what the spec forwards (§3.3.2.3)
+        forwarded = forwarded_properties(props)
+        message = Message(topic, packet.payload, qos, packet.retain, forwarded,
                           self.client_id,
                           None if expiry is None else self.clock.seconds() + expiry)
         check = broker.authorize_publish
@@ -927,8 +929,8 @@ class ClientConnection:
         qos = packet.qos
         level = self.protocol_level
         # the bytes as received serve every subscriber of the same protocol
-        # family at the same QoS: no re-encoding
-        raw = packet.raw
+        # family at the same QoS: no re-encoding (unless properties were dropped)
+        raw = packet.raw if forwarded is props else None
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker

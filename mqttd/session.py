@@ -79,6 +79,12 @@ class Session:
     #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
     #: [deferred, message, qos, force, answer-or-None]
     forward_waiting: Deque[list] = attrs.Factory(collections.deque)
+    #: packet ids of in-flight messages still to be resent on this connection
+    #: (a resumed session resends within the client's Receive Maximum)
+    resend: Deque[int] = attrs.Factory(collections.deque)
+    #: retained replays in progress: filter -> (cursor over the retained
+    #: index, subscription QoS), fed by Broker.drain as the client reads
+    replays: Dict[str, tuple] = attrs.Factory(dict)
     #: broker clock time the session used up its publisher-pause budget
     #: without draining (it holds no one until healthy again); None otherwise
     demoted_since: Optional[float] = None
