@@ -930,7 +930,7 @@ class ClientConnection:
         level = self.protocol_level
         # the bytes as received serve every subscriber of the same protocol
         # family at the same QoS: no re-encoding (unless properties were dropped)
-        raw = packet.raw if forwarded is props else None
+        raw = packet.raw if message.properties is packet.properties else None
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker
