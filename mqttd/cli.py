@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 #: subcommand -> ("module:function", one-line help).  Feature packages add
 #: their line here; keep it sorted.
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
+    "bridge": ("mqttd.bridge.mosquitto:main", "bridge import MOSQUITTO.CONF: print the equivalent [[bridge]] TOML"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
 }
 

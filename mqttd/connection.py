@@ -85,6 +85,8 @@ class ClientConnection:
         self._connect_call = clock.callLater(config.connect_timeout, self._connect_timeout)
         self._handlers = {Connect: self._on_connect}
         self._stats = broker.stats
+        #: True when the client set the bridge bit in CONNECT (see _on_connect)
+        self.bridge = False
 
     # --- input -----------------------------------------------------------------
 
@@ -344,6 +346,10 @@ class ClientConnection:
         broker = self.broker
         config = broker.config
         level = self.protocol_level = packet.protocol_level
+        # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
+        # subscriptions get No Local + Retain As Published, so what it sends us
+        # never echoes back and retained flags travel unchanged
+        self.bridge = packet.bridge
         props = packet.properties
         client_id = packet.client_id
         self.client_id = client_id or None
@@ -375,6 +381,10 @@ class ClientConnection:
             except MQTTError as error:
                 return self._refuse(ReasonCode.TOPIC_NAME_INVALID,
                                     f"will topic: {error.message}", spec="MQTT-3.1.3-11")
+            if (will.topic.startswith("$SYS")
+                    and not (self.bridge and topics.is_bridge_state_topic(will.topic))):
+                # only a bridging broker's state notification may be a $SYS will
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic in $SYS")
         if broker.authenticator is not None:
             code = broker.authenticator.authenticate(packet)
             if code:
@@ -401,7 +411,8 @@ class ClientConnection:
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
-                               packet.clean_start, packet.keepalive, present)
+                               packet.clean_start, packet.keepalive, present,
+                               bridge=self.bridge)
         if level == MQTT_5:
             ack_props = Properties(
                 assigned_client_identifier=assigned,
@@ -452,7 +463,7 @@ class ClientConnection:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
         topic = packet.topic
-        if topic.startswith("$SYS"):
+        if topic.startswith("$SYS") and not (self.bridge and topics.is_bridge_state_topic(topic)):
             log.warn("Refused PUBLISH of {client_id} to {topic}: clients cannot "
                      "publish into $SYS", client_id=self.client_id, topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
@@ -588,9 +599,13 @@ class ClientConnection:
                     self.client_id, self.info.username, topic_filter):
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
-            record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
-                                        request.retain_as_published,
-                                        request.retain_handling)
+            if self.bridge:  # mosquitto's rule for bridge connections
+                record = SubscriptionRecord(topic_filter, request.qos, True, True,
+                                            request.retain_handling)
+            else:
+                record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+                                            request.retain_as_published,
+                                            request.retain_handling)
             is_new = broker.subscribe(session, record)
             codes.append(request.qos)
             granted.append((record, is_new))

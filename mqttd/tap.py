@@ -74,6 +74,7 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["bridges"] = []
 
     def opt_listen(self, description):
         """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
@@ -102,6 +103,9 @@ class Options(usage.Options):
         known = {name for name, *_ in self.optParameters} | {
             "queue-qos0", "no-publisher-backpressure", "listen"}
         for key, value in file_options.items():
+            if key == "bridge":
+                self._bridges(value)
+                continue
             name = key.replace("_", "-")
             if name not in known:
                 raise usage.UsageError(f"unknown key {key!r} in {self['config']}")
@@ -113,6 +117,17 @@ class Options(usage.Options):
                 self[name] = self[name] or bool(value)
             elif self.get(name) is None:
                 self[name] = value
+
+    def _bridges(self, tables) -> None:
+        """``[[bridge]]`` tables: a bad one stops the start with its line (exit 2)."""
+        from mqttd.bridge.config import BridgeConfigError, bridges_from_toml
+        try:
+            with open(self["config"], encoding="utf-8") as f:
+                text = f.read()
+            self["bridges"] = bridges_from_toml(tables, text, self["config"])
+        except BridgeConfigError as error:
+            print(f"mqttd: bad bridge configuration: {error}", file=sys.stderr)
+            raise SystemExit(2)
 
     def broker_config(self) -> BrokerConfig:
         kwargs = {}
@@ -144,4 +159,6 @@ def makeService(options: Options):
         reactor, listen=options["listen"], store=spec, config=options.broker_config(),
         ready_file=options["ready-file"],
         sys_interval=10.0 if sys_interval is None else float(sys_interval),
-        store_options=store_options if not spec.startswith("memory") else None)
+        store_options=store_options if not spec.startswith("memory") else None,
+        bridges=options["bridges"],
+        bridge_config_path=options["config"] if options["bridges"] else None)
