@@ -381,10 +381,6 @@ class ClientConnection:
             except MQTTError as error:
                 return self._refuse(ReasonCode.TOPIC_NAME_INVALID,
                                     f"will topic: {error.message}", spec="MQTT-3.1.3-11")
-            if (will.topic.startswith("$SYS")
-                    and not (self.bridge and topics.is_bridge_state_topic(will.topic))):
-                # only a bridging broker's state notification may be a $SYS will
-                return self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic in $SYS")
         if broker.authenticator is not None:
             code = broker.authenticator.authenticate(packet)
             if code:
@@ -463,7 +459,9 @@ class ClientConnection:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
         topic = packet.topic
-        if topic.startswith("$SYS") and not (self.bridge and topics.is_bridge_state_topic(topic)):
+        # one $SYS topic is open to clients: a bridging broker's state
+        # notification ($SYS/broker/connection/<id>/state), as in mosquitto
+        if topic.startswith("$SYS") and not topics.is_bridge_state_topic(topic):
             log.warn("Refused PUBLISH of {client_id} to {topic}: clients cannot "
                      "publish into $SYS", client_id=self.client_id, topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)

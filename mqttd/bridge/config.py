@@ -342,8 +342,11 @@ def bridge_from_table(table: dict, index: int = 0, text: str = "",
     try:
         return BridgeConfig(**kwargs)
     except (ValueError, TypeError) as error:
-        key = _key_of_error(str(error))
-        fail(_clean_attrs_error(error), key)
+        message = _clean_attrs_error(error)
+        key = _key_of_error(message)
+        if key is not None:   # speak of the setting as the user wrote it
+            message = message.replace(f"'{TOML_KEYS[key]}'", key)
+        fail(message, key)
 
 
 def bridges_from_toml(tables, text: str = "", source: str = "") -> List[BridgeConfig]:
@@ -383,8 +386,12 @@ def _clean_attrs_error(error) -> str:
 
 
 def _key_of_error(message: str) -> Optional[str]:
-    for key, field in TOML_KEYS.items():
-        if f"'{field}'" in message or message.startswith(field) or f"{key} " in message:
+    """The TOML key an attrs/validator message is about (the bridge_* name first)."""
+    for key, field in sorted(TOML_KEYS.items(), key=lambda kv: -len(kv[0])):
+        if key == "addresses":
+            continue
+        if f"'{field}'" in message or message.startswith(field + " ") \
+                or message.startswith(key + " ") or f" {key} " in message:
             return key
     return None
 
