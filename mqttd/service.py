@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from mqttd import systemd
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.eventlog import EventLog
 from mqttd.protocol import MQTTFactory
@@ -74,6 +75,18 @@ class BrokerService(MultiService):
         self.bridges = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
+        #: an ``ILogObserver`` offered to the twistd Application it joins
+        #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
+        self.log_observer = None
+
+    def setServiceParent(self, parent):
+        """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
+        as its ``ILogObserver`` (twistd starts logging with it)."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     # --- reload (SIGHUP) ------------------------------------------------------------
 
@@ -93,6 +106,7 @@ class BrokerService(MultiService):
         connections.  Fires with ``{name: True | False}`` (False: it failed and
         was logged; the previous configuration stays in force)."""
         results = {}
+        systemd.notify("RELOADING=1")
         for name, reload in list(self._reloaders.items()):
             try:
                 yield defer.maybeDeferred(reload)
@@ -102,6 +116,7 @@ class BrokerService(MultiService):
             else:
                 log.info("Reloaded {what}", what=name)
                 results[name] = True
+        systemd.notify("READY=1")
         return results
 
     def startService(self):
@@ -124,6 +139,8 @@ class BrokerService(MultiService):
                      endpoint=description, address=_address_info(port))
         if self.ready_file:
             self._write_ready_file()
+        systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
+                       f"MAINPID={os.getpid()}")
         return self.ports
 
     def _listen_failed(self, failure):
@@ -146,6 +163,7 @@ class BrokerService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        systemd.notify("STOPPING=1")
         yield super().stopService()
         for port in self.ports:
             yield port.stopListening()
@@ -179,7 +197,7 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
     broker = Broker(reactor, store, config or BrokerConfig(),
                     authenticator=authenticator, authorizer=authorizer)
     service = BrokerService(reactor, broker, listen, ready_file, sys_interval)
-    if bridges or bridge_config_path:
+    if bridges:
         from mqttd.bridge.service import install
         install(service, list(bridges), bridge_config_path)
     return service

@@ -201,3 +201,11 @@ def install(service, configs: List[BridgeConfig], config_path: Optional[str] = N
     service.bridges = manager
     service.add_reloader("bridges", manager.reload)
     return manager
+
+
+def from_options(service, options) -> None:
+    """The ``twistd mqttd`` feature hook (``mqttd.tap.FEATURES``): run the
+    ``[[bridge]]`` tables of ``--config``; SIGHUP re-reads them."""
+    configs = options.get("bridges") or []
+    if configs:
+        install(service, configs, options["config"])
