@@ -33,7 +33,7 @@ from mqttd.codec.packets import (
     Unsubscribe)
 from mqttd.codec.reader import PacketReader
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message
+from mqttd.messages import Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
@@ -608,12 +608,14 @@ class ClientConnection:
                        "not authorized", client_id=self.client_id, topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
         expiry = props.message_expiry_interval
-        message = Message(topic, packet.payload, qos, packet.retain, props,
+        # inbound -> outbound: only what the spec forwards (§3.3.2.3)
+        forwarded = forwarded_properties(props)
+        message = Message(topic, packet.payload, qos, packet.retain, forwarded,
                           self.client_id,
                           None if expiry is None else self.clock.seconds() + expiry)
         # the bytes as received serve every subscriber of the same protocol
-        # family at the same QoS: no re-encoding
-        raw = packet.raw
+        # family at the same QoS: no re-encoding (unless properties were dropped)
+        raw = packet.raw if forwarded is props else None
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker

@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, choice, endpoint, flag, integer, number, text)
+    ConfigError, Option, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
 
 if sys.version_info >= (3, 11):
@@ -91,6 +91,10 @@ OPTIONS: List[Option] = [
            default=0, field="max_keepalive"),
     Option("max-session-expiry", integer(0, 0xFFFFFFFF), "Longest v5 session expiry "
            "granted, seconds.", field="max_session_expiry", doc_default="unlimited"),
+    Option("persistent-client-expiration", duration, "Discard MQTT 3.x persistent "
+           "sessions (clean session 0) disconnected this long: 1h, 2d, 3w, 1m (30 days), "
+           "1y, as mosquitto's persistent_client_expiration; v5 sessions keep their own "
+           "expiry.", field="persistent_client_expiration", doc_default="never"),
     Option("max-publisher-pause", number(0), "Seconds one congestion episode of a "
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
