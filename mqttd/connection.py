@@ -129,6 +129,8 @@ class ClientConnection:
         self._connect_call = clock.callLater(config.connect_timeout, self._connect_timeout)
         self._handlers = {Connect: self._on_connect}
         self._stats = broker.stats
+        #: True when the client set the bridge bit in CONNECT (see _on_connect)
+        self.bridge = False
 
     # --- input -----------------------------------------------------------------
 
@@ -568,6 +570,10 @@ class ClientConnection:
         broker = self.broker
         config = broker.config
         level = self.protocol_level = packet.protocol_level
+        # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
+        # subscriptions get No Local + Retain As Published, so what it sends us
+        # never echoes back and retained flags travel unchanged
+        self.bridge = packet.bridge
         props = packet.properties
         client_id = packet.client_id
         self.client_id = client_id or None
@@ -818,12 +824,18 @@ class ClientConnection:
             self._keepalive = keepalive * 1.5
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
+<<<<<<< HEAD
         if present:
             self.info = attrs.evolve(self.info, session_present=present)
             session.info = self.info
         if config.max_inbound_rate or config.max_inbound_bytes_rate:
             self._bucket = [config.max_inbound_rate, config.max_inbound_bytes_rate,
                             self.clock.seconds()]
+=======
+        self.info = ClientInfo(client_id, level, packet.username, self.peer,
+                               packet.clean_start, packet.keepalive, present,
+                               bridge=self.bridge)
+>>>>>>> main
         if level == MQTT_5:
             ack_props = Properties(
                 assigned_client_identifier=self._assigned,
@@ -882,7 +894,9 @@ class ClientConnection:
                     raise ProtocolError(f"Response Topic: {error.message}",
                                         spec="MQTT-3.3.2-14") from None
         topic = packet.topic
-        if topic.startswith("$SYS"):
+        # one $SYS topic is open to clients: a bridging broker's state
+        # notification ($SYS/broker/connection/<id>/state), as in mosquitto
+        if topic.startswith("$SYS") and not topics.is_bridge_state_topic(topic):
             self._warn("publish-refused", "Refused PUBLISH of {client_id} to {topic}: "
                        "clients cannot publish into $SYS", client_id=self.client_id,
                        topic=topic)
@@ -1117,6 +1131,7 @@ class ClientConnection:
                                topic_filter=topic_filter)
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
+<<<<<<< HEAD
             if (limit and topic_filter not in session.subscriptions
                     and len(session.subscriptions) >= limit):
                 broker.refused("max-subscriptions-per-client", self.client_id, self.peer,
@@ -1127,6 +1142,15 @@ class ClientConnection:
             record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
                                         request.retain_as_published,
                                         request.retain_handling)
+=======
+            if self.bridge:  # mosquitto's rule for bridge connections
+                record = SubscriptionRecord(topic_filter, request.qos, True, True,
+                                            request.retain_handling)
+            else:
+                record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+                                            request.retain_as_published,
+                                            request.retain_handling)
+>>>>>>> main
             is_new = broker.subscribe(session, record)
             codes.append(request.qos)
             granted.append((record, is_new))
