@@ -20,6 +20,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "check-config": ("mqttd.cli:check_config",
                      "check options and config file like 'run' would, then exit"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
+    "store": ("mqttd.persistence.storetool:main",
+              "check or dump a data directory offline: store check|dump DIR"),
 }
 
 

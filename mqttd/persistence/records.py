@@ -18,8 +18,10 @@ import attrs
 
 from mqttd.messages import Message
 
-#: bumped whenever the shape of a record changes; stores write it in their files
-FORMAT_VERSION = 1
+#: bumped whenever the shape of a record or file changes; stores write it in
+#: their files and read every version from 1 to this one.  2: dbm checkpoint
+#: values are frame sequences; snapshot end frames carry generation and version.
+FORMAT_VERSION = 2
 
 
 class OutboundStage(enum.IntEnum):
