@@ -7,13 +7,14 @@ and only then made current by atomically replacing the small pointer file
 ``CURRENT``; the previous generation and the journals it covers are removed
 afterwards.  Between checkpoints every change goes to the journal (the WAL).
 
-Format 2 keys; each value is a sequence of frames in the journal's framing
+Format 3 keys; each value is a sequence of frames in the journal's framing
 (``mark | u32 length | u32 crc32 | safepickle payload``), one frame per
 checkpoint item (:func:`~mqttd.persistence.journal.state_items`: a session,
 or a chunk of up to 16 outbound or retained messages)::
 
     meta                  one frame ("meta", {"version", "generation", counts...})
-    c:<n>                 up to 64 item frames, in state_items order
+    c:<n>                 up to 64 item frames, in state_items order (sessions,
+                          outbound chunks, retained chunks, pending-will chunks)
 
 ``dbm.dumb`` opens its files once per key and pads values to 512 bytes, so
 one key per message would cost ~70 µs and ~512 bytes each (7 s and 51 MB
@@ -23,8 +24,8 @@ Reading resynchronises like the journal: the ``.dat`` file is scanned for
 valid frames directly (zero padding skipped), so neither a damaged value
 nor a damaged ``.dir`` index costs more than the frames whose bytes are
 damaged; the damaged bytes are kept in ``state.<g>.dat.damaged-<time>``.
-Format 1 checkpoints (``crc32 | pickle`` values under ``s:``, ``o:`` and
-``r:`` keys) still load; a damaged format 1 value costs its key.
+Format 1 and 2 checkpoints (``crc32 | pickle`` values under ``s:``, ``o:``,
+``r:`` and ``w:`` keys) still load; a damaged value there costs its key.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ CURRENT_NAME = "CURRENT"
 CURRENT_MAGIC = "mqttd-dbm-checkpoint"
 _STATE_NAME = re.compile(r"^state\.(\d+)\.(dat|dir|bak)$")
 _CRC = struct.Struct(">I")
-#: checkpoint item frames per dbm value (format 2)
+#: checkpoint item frames per dbm value (format 3)
 FRAMES_PER_KEY = 64
 
 
@@ -103,7 +104,7 @@ class DbmStore(JournaledStore):
         generation = None
         try:
             generation, version = self._parse_current(pointer)
-            if version >= 2:
+            if version >= 3:
                 read, data = self.read_checkpoint(generation)
             else:
                 read, data = self._read_dbm_v1(generation), None
@@ -128,14 +129,14 @@ class DbmStore(JournaledStore):
             return None, 0, True
         if read.intact:
             return read.state, read.generation, False
-        if data is None:  # format 1: no byte ranges, the log line says what was lost
+        if data is None:  # format 1/2: no byte ranges, the log line says what was lost
             read.damaged = []
         report_damaged_checkpoint(self._base(generation) + ".dat", data or b"", read,
                                   self._reactor.seconds(), self._fsync)
         return read.state, read.generation, True
 
     def read_checkpoint(self, generation: int):
-        """Read format 2 checkpoint ``generation`` without side effects.
+        """Read format 3 checkpoint ``generation`` without side effects.
 
         Returns ``(SnapshotRead, dat bytes)``; raises CheckpointError when
         nothing is usable.  The ``.dat`` file is scanned for frames, so the
@@ -193,7 +194,7 @@ class DbmStore(JournaledStore):
         return generation, version
 
     def _read_dbm_v1(self, generation: int) -> SnapshotRead:
-        """Read a format 1 checkpoint; a damaged value costs its key."""
+        """Read a format 1 or 2 checkpoint; a damaged value costs its key."""
         base = self._base(generation)
         if not os.path.exists(base + ".dat") or not os.path.exists(base + ".dir"):
             raise CheckpointError(f"{base}.dat/.dir missing")

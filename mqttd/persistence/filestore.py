@@ -16,7 +16,7 @@ Snapshot format (big-endian)::
 Each frame's payload is a :mod:`~mqttd.persistence.safepickle` pickle of one
 checkpoint item (:func:`~mqttd.persistence.journal.state_items`: a session,
 a chunk of up to 16 of its outbound messages, a chunk of up to 16 retained
-messages); the last frame is ``("end", counts)`` (format 2 adds
+messages); the last frame is ``("end", counts)`` (format 3 adds
 ``generation`` and ``version`` to the counts).  Small pickles keep the
 reactor responsive while a worker thread writes a large snapshot; the end
 frame proves the snapshot complete and tells what a damaged one lost.
@@ -63,7 +63,7 @@ class SnapshotRead:
     frames: int = 0
     #: ``(start, end)`` damaged byte ranges
     damaged: list = attrs.Factory(list)
-    #: what the end frame says was written (None: end frame lost or format 1)
+    #: what the end frame says was written (None: end frame lost)
     expected: Optional[dict] = None
     #: the first reason a frame could not be used ("" if none)
     reason: str = ""
@@ -102,7 +102,7 @@ def read_snapshot(data: bytes) -> SnapshotRead:
 
     Raises :class:`SnapshotError` when nothing can be used: no header and no
     end frame to learn the generation from, a newer format, no valid frame.
-    Format 2 end frames repeat the generation and version, so a damaged
+    Format 3 end frames repeat the generation and version, so a damaged
     header costs nothing.
     """
     if len(data) < SNAPSHOT_HEADER.size:

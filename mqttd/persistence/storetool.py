@@ -64,7 +64,7 @@ def inspect(path: str) -> dict:
             with open(current, "rb") as f:
                 generation, version = store._parse_current(f.read())
             entry["file"] = f"state.{generation}.dat"
-            if version >= 2:
+            if version >= 3:
                 checkpoint, _ = store.read_checkpoint(generation)
             else:
                 checkpoint = store._read_dbm_v1(generation)
