@@ -186,6 +186,9 @@ class ClientInfo:
     clean_start: bool = True
     keepalive: int = 0
     session_present: bool = False
+    #: connected with the bridge bit (protocol level | 0x80, mosquitto's
+    #: ``try_private``): another broker bridging to this one
+    bridge: bool = False
 
 
 _drop_log_interval = 10.0
@@ -222,6 +225,8 @@ class Broker:
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
+        #: callables ``filter(message, client) -> Message | None`` (see add_publish_filter)
+        self._publish_filters: List[Callable] = []
         self._durable = bool(getattr(self.store, "durable", False))
         #: number of store operations written so far (see :meth:`barrier`)
         self.write_count = 0
@@ -269,6 +274,23 @@ class Broker:
             except Exception:
                 log.failure("Event observer {observer!r} failed on {event}",
                             observer=callback, event=event)
+
+    def add_publish_filter(self, publish_filter: Callable) -> Callable[[], None]:
+        """Run ``publish_filter(message, client)`` on every message published.
+
+        It returns the message to route (the same one, or a changed copy, e.g.
+        with a user property added) or ``None`` to drop it: the message is then
+        neither retained nor delivered, and the publisher is acknowledged as
+        usual.  Filters run in registration order before anything else.  Used
+        by feature packages (the bridge mesh guard); returns an unregister
+        function.
+        """
+        self._publish_filters.append(publish_filter)
+
+        def unregister():
+            if publish_filter in self._publish_filters:
+                self._publish_filters.remove(publish_filter)
+        return unregister
 
     # --- durability ---------------------------------------------------------
 
@@ -483,7 +505,8 @@ class Broker:
                             delay, durable=session.persistent and delay > 0)
 
     def _publish_will_now(self, client_id: str, message: Message) -> None:
-        if topics_is_sys(message.topic):
+        # one $SYS will is published: a bridging broker's state notification
+        if topics_is_sys(message.topic) and not topics.is_bridge_state_topic(message.topic):
             return
         log.info("Publishing will of {client_id} to {topic}",
                  client_id=client_id, topic=message.topic)
@@ -637,6 +660,11 @@ class Broker:
         """
         self.backpressure = False
         self.stats.messages_received += 1
+        if self._publish_filters:
+            for publish_filter in self._publish_filters:
+                message = publish_filter(message, client)
+                if message is None:
+                    return 0
         if message.retain:
             self._retain(message)
         if self._observers["published"]:

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 #: subcommand -> ("module:function", one-line help).  Feature packages add
 #: their line here; keep it sorted.
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
+    "bridge": ("mqttd.bridge.mosquitto:main",
+               "bridge import MOSQUITTO.CONF: print the equivalent [[bridge]] TOML"),
     "check-config": ("mqttd.cli:check_config",
                      "check options and config file like 'run' would, then exit"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),

@@ -109,6 +109,8 @@ class ClientConnection:
         self._connect_call = clock.callLater(config.connect_timeout, self._connect_timeout)
         self._handlers = {Connect: self._on_connect}
         self._stats = broker.stats
+        #: True when the client set the bridge bit in CONNECT (see _on_connect)
+        self.bridge = False
 
     # --- input -----------------------------------------------------------------
 
@@ -452,6 +454,10 @@ class ClientConnection:
         broker = self.broker
         config = broker.config
         level = self.protocol_level = packet.protocol_level
+        # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
+        # subscriptions get No Local + Retain As Published, so what it sends us
+        # never echoes back and retained flags travel unchanged
+        self.bridge = packet.bridge
         props = packet.properties
         client_id = packet.client_id
         self.client_id = client_id or None
@@ -530,7 +536,8 @@ class ClientConnection:
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
-                               packet.clean_start, packet.keepalive, present)
+                               packet.clean_start, packet.keepalive, present,
+                               bridge=self.bridge)
         if level == MQTT_5:
             ack_props = Properties(
                 assigned_client_identifier=assigned,
@@ -587,7 +594,9 @@ class ClientConnection:
                     raise ProtocolError(f"Response Topic: {error.message}",
                                         spec="MQTT-3.3.2-14") from None
         topic = packet.topic
-        if topic.startswith("$SYS"):
+        # one $SYS topic is open to clients: a bridging broker's state
+        # notification ($SYS/broker/connection/<id>/state), as in mosquitto
+        if topic.startswith("$SYS") and not topics.is_bridge_state_topic(topic):
             self._warn("publish-refused", "Refused PUBLISH of {client_id} to {topic}: "
                        "clients cannot publish into $SYS", client_id=self.client_id,
                        topic=topic)
@@ -753,9 +762,13 @@ class ClientConnection:
                     self.client_id, self.info.username, topic_filter):
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
-            record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
-                                        request.retain_as_published,
-                                        request.retain_handling)
+            if self.bridge:  # mosquitto's rule for bridge connections
+                record = SubscriptionRecord(topic_filter, request.qos, True, True,
+                                            request.retain_handling)
+            else:
+                record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+                                            request.retain_as_published,
+                                            request.retain_handling)
             is_new = broker.subscribe(session, record)
             codes.append(request.qos)
             granted.append((record, is_new))

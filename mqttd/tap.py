@@ -109,6 +109,7 @@ OPTIONS: List[Option] = [
 #: ``"module:function"``, each called as ``function(service, options)`` by
 #: :func:`makeService` in this order (one line per feature).
 FEATURES: List[str] = [
+    "mqttd.bridge.service:from_options",
 ]
 
 
@@ -190,6 +191,8 @@ class Options(usage.Options):
             elif value is not None:
                 given[o.name] = value
         from_file = self._read_file(given.get("config"))
+        #: the validated [[bridge]] tables of the config file (BridgeConfig values)
+        self["bridges"] = from_file.pop("bridge", [])
         # the command line wins; --port and --listen together decide the addresses
         if "port" in given or "listen" in given:
             from_file.pop("port", None)
@@ -221,6 +224,9 @@ class Options(usage.Options):
         known = {o.name: o for o in OPTIONS}
         values = {}
         for key, value in data.items():
+            if key == "bridge":   # [[bridge]] tables: see mqttd.bridge.config
+                values["bridge"] = _bridges(path, value)
+                continue
             name = key.replace("_", "-")
             opt = known.get(name)
             if opt is None or name == "config":
@@ -258,6 +264,17 @@ class Options(usage.Options):
         return self._config
 
 
+def _bridges(path, tables) -> list:
+    """The ``[[bridge]]`` tables as BridgeConfig values; ConfigError names the line."""
+    from mqttd.bridge.config import BridgeConfigError, bridges_from_toml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return bridges_from_toml(tables, text, str(path))
+    except BridgeConfigError as error:
+        raise ConfigError(f"bad bridge: {error}") from None
+
+
 def check_report(options: Options) -> str:
     """What ``--check-config`` prints for options that parsed and validated."""
     lines = ["mqttd: configuration OK" + (f" ({options['config']})" if options["config"]
@@ -271,6 +288,10 @@ def check_report(options: Options) -> str:
             continue
         lines.append(f"  {o.name} = {value!r}  ({source})")
     lines.append(f"  listen = {options['listen']!r}")
+    for bridge in options.get("bridges") or ():
+        lines.append(f"  bridge {bridge.connection} -> "
+                     + " ".join(f"{h}:{p}" for h, p in bridge.addresses)
+                     + f" ({len(bridge.topics)} topic lines)")
     return "\n".join(lines)
 
 
