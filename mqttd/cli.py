@@ -24,6 +24,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "passwd": ("mqttd.auth.passwd:main",
                "manage a mosquitto-format password file (-c create, -D delete, -b batch, --scram)"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
+    "store": ("mqttd.persistence.storetool:main",
+              "check or dump a data directory offline: store check|dump DIR"),
 }
 
 

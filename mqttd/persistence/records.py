@@ -18,10 +18,13 @@ import attrs
 
 from mqttd.messages import Message
 
-#: bumped whenever the shape of a record changes; stores write it in their files.
+#: bumped whenever the shape of a record or file changes; stores write it in
+#: their files and read every version from 1 to this one.
 #: 2: pending delayed wills (``WillRecord``, ``PutWill``, ``DeleteWill``, the
-#: ``"w"`` checkpoint item); version 1 files are still read.
-FORMAT_VERSION = 2
+#: ``"w"`` checkpoint item).
+#: 3: dbm checkpoint values are frame sequences; snapshot end frames carry the
+#: generation and version (a damaged header costs nothing).
+FORMAT_VERSION = 3
 
 
 class OutboundStage(enum.IntEnum):
