@@ -24,6 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mqttd import systemd
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.eventlog import EventLog
 from mqttd.protocol import MQTTFactory
@@ -118,8 +119,23 @@ class BrokerService(MultiService):
         self.systopics = SysTopics(broker, broker.clock, sys_interval)
         self.eventlog = EventLog(broker)
         self._started: Optional[defer.Deferred] = None
+        #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
+        #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
+        self.bridges = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
+        #: an ``ILogObserver`` offered to the twistd Application it joins
+        #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
+        self.log_observer = None
+
+    def setServiceParent(self, parent):
+        """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
+        as its ``ILogObserver`` (twistd starts logging with it)."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     # --- reload (SIGHUP) ------------------------------------------------------------
 
@@ -139,6 +155,7 @@ class BrokerService(MultiService):
         connections.  Fires with ``{name: True | False}`` (False: it failed and
         was logged; the previous configuration stays in force)."""
         results = {}
+        systemd.notify("RELOADING=1")
         for name, reload in list(self._reloaders.items()):
             try:
                 yield defer.maybeDeferred(reload)
@@ -148,15 +165,17 @@ class BrokerService(MultiService):
             else:
                 log.info("Reloaded {what}", what=name)
                 results[name] = True
+        systemd.notify("READY=1")
         return results
 
     def startService(self):
-        """Listen on every endpoint, then open the store and restore.
+        """Listen on every endpoint, then open the store, restore, start the children.
 
         Listening comes first so that a broker that cannot listen never takes
         the data-dir lock: no connection is accepted before this returns (the
         reactor is not processing events meanwhile), so clients never see a
-        broker that has not restored its state.
+        broker that has not restored its state.  Child services (bridges)
+        start after the restore and find their sessions restored.
 
         :raises CannotListen: when an endpoint cannot listen at once (port in
             use, bad address, no permission; every built-in endpoint type binds
@@ -166,28 +185,24 @@ class BrokerService(MultiService):
             that fails later, asynchronously, logs the same line and stops the
             reactor (``stopService`` then closes the store).
         """
-        super().startService()
         listening = defer.ensureDeferred(self._listen())
         if listening.called:
             outcome = []
             listening.addBoth(outcome.append)
             if isinstance(outcome[0], Failure):
                 self._close_ports()
-                self.running = 0
                 outcome[0].raiseException()
         try:
             state = self.broker.store.open()
             self.broker.restore(state)
         except BaseException:
             self._close_ports()
-            self.running = 0
             raise
+        super().startService()
         self.eventlog.start()
         self.systopics.start()
         if listening.called:
-            if self.ready_file:
-                self._write_ready_file()
-            self._started = defer.succeed(self.ports)
+            self._started = defer.succeed(self._listened(self.ports))
         else:  # an endpoint that listens asynchronously
             listening.addCallbacks(self._listened, self._listen_failed)
             self._started = listening
@@ -208,6 +223,8 @@ class BrokerService(MultiService):
     def _listened(self, ports):
         if self.ready_file:
             self._write_ready_file()
+        systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
+                       f"MAINPID={os.getpid()}")
         return ports
 
     def _listen_failed(self, failure):
@@ -234,6 +251,7 @@ class BrokerService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        systemd.notify("STOPPING=1")
         yield super().stopService()
         for port in self.ports:
             yield port.stopListening()
@@ -249,17 +267,25 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
                         config: Optional[BrokerConfig] = None,
                         ready_file: Optional[str] = None, sys_interval: float = 10.0,
                         authenticator=None, authorizer=None,
-                        store_options: Optional[dict] = None) -> BrokerService:
+                        store_options: Optional[dict] = None,
+                        bridges=(), bridge_config_path: Optional[str] = None) -> BrokerService:
     """Build a :class:`BrokerService`.
 
     :param listen: Twisted server endpoint strings (``tcp:1883``,
         ``tcp:0:interface=127.0.0.1``, ``unix:/run/mqttd.sock``, ``ssl:8883:...``).
     :param store: an :class:`~mqttd.interfaces.IBrokerStore`, or a spec string:
         ``memory``, ``file:PATH``, ``dbm:PATH``.
+    :param bridges: :class:`mqttd.bridge.config.BridgeConfig` values; each runs
+        as a bridge (see docs/bridge.rst); ``bridge_config_path`` is the TOML
+        file a reload re-reads them from.
     """
     if isinstance(store, str):
         from mqttd.persistence import store_from_spec
         store = store_from_spec(store, reactor, **(store_options or {}))
     broker = Broker(reactor, store, config or BrokerConfig(),
                     authenticator=authenticator, authorizer=authorizer)
-    return BrokerService(reactor, broker, listen, ready_file, sys_interval)
+    service = BrokerService(reactor, broker, listen, ready_file, sys_interval)
+    if bridges:
+        from mqttd.bridge.service import install
+        install(service, list(bridges), bridge_config_path)
+    return service

@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, choice, endpoint, flag, integer, number, text)
+    ConfigError, Option, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
 
 if sys.version_info >= (3, 11):
@@ -43,13 +43,37 @@ def _fsync(value: str) -> None:
     parse_fsync_mode(value)
 
 
+def _password_file(value: str) -> None:
+    from mqttd.auth.passwd import PasswordFileError, read_password_file
+    try:
+        read_password_file(value)
+    except (OSError, PasswordFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _acl_file(value: str) -> None:
+    from mqttd.auth.acl import ACLFileError, read_acl_file
+    try:
+        read_acl_file(value)
+    except (OSError, ACLFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _strcred(value: str) -> None:
+    from twisted.cred import strcred
+    try:
+        strcred.makeChecker(value)
+    except Exception as error:  # strcred raises several kinds
+        raise ValueError(f"{value.split(':')[0]!r}: {error}") from None
+
+
 #: Every option of ``twistd mqttd``, in ``--help`` order.  One entry each.
 OPTIONS: List[Option] = [
     Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
            short="p", doc_default=".."),
     Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
-           "tcp:1883:interface=127.0.0.1 (repeatable).", default=["tcp:1883"],
-           repeatable=True),
+           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
     Option("config", text(), "TOML file with any of these options as keys.", short="c"),
     Option("check-config", flag, "Check the options and the config file, print the "
            "result and exit (0: fine, 2: not) without starting."),
@@ -65,6 +89,10 @@ OPTIONS: List[Option] = [
            default=10.0),
     Option("log-level", choice(*LOG_LEVELS), "Lowest level logged (debug logs every "
            "message and every drop).", default="info"),
+    Option("log-format", choice("text", "json"), "text lines, or one JSON object per line "
+           "(twisted.logger's jsonFileLogObserver).", default="text"),
+    Option("trace-client", text(), "Log every packet of this client id at info level "
+           "(repeatable).", repeatable=True, field="trace_clients"),
     Option("max-queued-messages", integer(1), "Queue limit per session, messages.",
            default=100_000, field="max_queued_messages"),
     Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
@@ -87,6 +115,10 @@ OPTIONS: List[Option] = [
            default=0, field="max_keepalive"),
     Option("max-session-expiry", integer(0, 0xFFFFFFFF), "Longest v5 session expiry "
            "granted, seconds.", field="max_session_expiry", doc_default="unlimited"),
+    Option("persistent-client-expiration", duration, "Discard MQTT 3.x persistent "
+           "sessions (clean session 0) disconnected this long: 1h, 2d, 3w, 1m (30 days), "
+           "1y, as mosquitto's persistent_client_expiration; v5 sessions keep their own "
+           "expiry.", field="persistent_client_expiration", doc_default="never"),
     Option("max-publisher-pause", number(0), "Seconds one congestion episode of a "
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
@@ -95,12 +127,39 @@ OPTIONS: List[Option] = [
            default=30.0, field="publisher_pause_recovery"),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
+    # --- security (mqttd.auth; see docs/security.rst) ---
+    Option("password-file", text(_password_file), "mosquitto-format password file "
+           "($7$, $6$; mqttd passwd writes it); reloaded on SIGHUP."),
+    Option("acl-file", text(_acl_file), "mosquitto-format ACL file (user, topic, "
+           "pattern with %c/%u); reloaded on SIGHUP."),
+    Option("auth", text(_strcred), "A twisted.cred checker: unix, memory:USER:PASS:..., "
+           "file:PATH (repeatable).", repeatable=True),
+    Option("allow-anonymous", flag, "Let clients without a user name in even when "
+           "authentication or a non-loopback listener is configured."),
+    Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
+           "taken over by another user name.", field="allow_session_takeover_by_other_user"),
+    Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
+           "hook may take before it refuses.", default=10.0, field="hook_timeout"),
+    Option("max-connections", integer(0), "Open client connections, all listeners; "
+           "0 = no limit.", default=0, field="max_connections"),
+    Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
+           "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+    Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
+           "0 = no limit.", default=0, field="max_topic_levels"),
+    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
+           "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
+    Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
+           "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
 ]
 
 #: Feature packages that add to the service built from the options:
 #: ``"module:function"``, each called as ``function(service, options)`` by
 #: :func:`makeService` in this order (one line per feature).
 FEATURES: List[str] = [
+    "mqttd.auth.setup:install",
+
+
+    "mqttd.bridge.service:from_options",
 ]
 
 
@@ -121,7 +180,7 @@ def _field_option(field: str) -> str:
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Run the mqttd MQTT broker (MQTT 3.1, 3.1.1 and 5.0). "
-                "Without --port/--listen it listens on tcp:1883; without "
+                "Without --port/--listen it listens on tcp:1883 on loopback only; without "
                 "--persistence it keeps durable state in ./mqttd-data.")
 
     optParameters = [
@@ -139,10 +198,18 @@ class Options(usage.Options):
         self.sources: Dict[str, str] = {}
         self._config = None
 
+    def opt_trace_client(self, client_id):
+        """Log every packet of this client id at info level (repeatable)."""
+        self["trace-client"].append(client_id)
+
     def opt_listen(self, description):
         """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
         (repeatable)."""
         self["listen"].append(description)
+
+    def opt_auth(self, description):
+        """A twisted.cred checker: unix, memory:USER:PASS:..., file:PATH (repeatable)."""
+        self["auth"].append(description)
 
     def opt_version(self):
         """Print mqttd's version and exit."""
@@ -178,6 +245,8 @@ class Options(usage.Options):
             elif value is not None:
                 given[o.name] = value
         from_file = self._read_file(given.get("config"))
+        #: the validated [[bridge]] tables of the config file (BridgeConfig values)
+        self["bridges"] = from_file.pop("bridge", [])
         # the command line wins; --port and --listen together decide the addresses
         if "port" in given or "listen" in given:
             from_file.pop("port", None)
@@ -209,6 +278,9 @@ class Options(usage.Options):
         known = {o.name: o for o in OPTIONS}
         values = {}
         for key, value in data.items():
+            if key == "bridge":   # [[bridge]] tables: see mqttd.bridge.config
+                values["bridge"] = _bridges(path, value)
+                continue
             name = key.replace("_", "-")
             opt = known.get(name)
             if opt is None or name == "config":
@@ -246,6 +318,17 @@ class Options(usage.Options):
         return self._config
 
 
+def _bridges(path, tables) -> list:
+    """The ``[[bridge]]`` tables as BridgeConfig values; ConfigError names the line."""
+    from mqttd.bridge.config import BridgeConfigError, bridges_from_toml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return bridges_from_toml(tables, text, str(path))
+    except BridgeConfigError as error:
+        raise ConfigError(f"bad bridge: {error}") from None
+
+
 def check_report(options: Options) -> str:
     """What ``--check-config`` prints for options that parsed and validated."""
     lines = ["mqttd: configuration OK" + (f" ({options['config']})" if options["config"]
@@ -259,6 +342,10 @@ def check_report(options: Options) -> str:
             continue
         lines.append(f"  {o.name} = {value!r}  ({source})")
     lines.append(f"  listen = {options['listen']!r}")
+    for bridge in options.get("bridges") or ():
+        lines.append(f"  bridge {bridge.connection} -> "
+                     + " ".join(f"{h}:{p}" for h, p in bridge.addresses)
+                     + f" ({len(bridge.topics)} topic lines)")
     return "\n".join(lines)
 
 
@@ -275,16 +362,47 @@ def _one_line_for_cannot_listen(previous_hook):
     return hook
 
 
+def _log_stream(options: Options):
+    """Where twistd would write its log: --logfile PATH, else stdout."""
+    parent = options.parent
+    path = parent.get("logfile") if parent is not None else None
+    if path and path != "-":
+        from twisted.python.logfile import LogFile
+        return LogFile.fromFullPath(path)
+    return sys.stdout
+
+
+def _log_level_reloader(options: Options, settings):
+    """Re-read ``log-level`` from the config file (unless the command line set it)."""
+    def reload():
+        if options.sources.get("log-level") == "command line" or not options["config"]:
+            return
+        values = options._read_file(options["config"])
+        level = option("log-level").check(values.get("log-level", values.get("log_level",
+                                                                               "info")))
+        settings.set_level(level)
+    return reload
+
+
+def install_signal_handlers(reactor, service) -> None:
+    """SIGHUP runs ``service.reload()`` in the reactor thread (no connection dropped)."""
+    import signal
+
+    def on_sighup(_signum, _frame):
+        reactor.callFromThread(service.reload)
+    signal.signal(signal.SIGHUP, on_sighup)
+
+
 def makeService(options: Options):
     import importlib
 
     from twisted.internet import reactor
 
-    from mqttd import debuglog
+    from mqttd import logs
     from mqttd.service import make_broker_service
 
-    debuglog.set_enabled(options["log-level"] == "debug")
     sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
+    settings = logs.LogSettings(options["log-level"] or "info")
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]
@@ -295,7 +413,15 @@ def makeService(options: Options):
         ready_file=options["ready-file"],
         sys_interval=option("sys-interval").default if sys_interval is None else sys_interval,
         store_options=store_options if not spec.startswith("memory") else None)
+    service.log_settings = settings
+    if options.parent is not None and not options.parent.get("syslog"):
+        # under twistd: our observer (format, level) instead of twistd's default
+        service.log_observer = logs.make_observer(
+            _log_stream(options), options["log-format"] or "text", settings)
+    service.add_reloader("log_level", _log_level_reloader(options, settings))
     for target in FEATURES:
         module_name, function_name = target.split(":")
         getattr(importlib.import_module(module_name), function_name)(service, options)
+    if options.parent is not None:
+        install_signal_handlers(reactor, service)
     return service
