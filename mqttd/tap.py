@@ -157,8 +157,6 @@ OPTIONS: List[Option] = [
 #: :func:`makeService` in this order (one line per feature).
 FEATURES: List[str] = [
     "mqttd.auth.setup:install",
-
-
     "mqttd.bridge.service:from_options",
 ]
 
