@@ -122,6 +122,8 @@ class ClientConnection:
         #: inbound token bucket [messages, bytes, last refill time] or None
         self._bucket = None
         self._rate_call = None
+        #: set by the protocol when its listener is over its max_connections
+        self.over_listener_limit = 0
         self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
@@ -582,6 +584,10 @@ class ClientConnection:
                            f"{broker.open_connections - 1} connections open, "
                            f"max_connections is {config.max_connections}")
             return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
+        if self.over_listener_limit:
+            broker.refused("max-connections", client_id, self.peer,
+                           f"listener has {self.over_listener_limit} connections (its limit)")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached")
         if level == MQTT_5:
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)

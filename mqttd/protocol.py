@@ -34,9 +34,13 @@ class MQTTProtocol(Protocol):
         self.clock = clock
 
     def connectionMade(self):
+        factory = self.factory
         self.broker.open_connections += 1  # BrokerConfig.max_connections
+        factory.open_connections += 1      # the listener's own limit
         self.connection = ClientConnection(
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        if factory.max_connections and factory.open_connections > factory.max_connections:
+            self.connection.over_listener_limit = factory.max_connections
         if hasattr(self.transport, "bufferSize"):
             # the bound of the outgoing buffer before our writes pause.  Larger
             # is not faster: Twisted copies the unsent rest of its buffer on
@@ -50,6 +54,7 @@ class MQTTProtocol(Protocol):
 
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1
+        self.factory.open_connections -= 1
         if self.connection is not None:
             self.connection.connection_lost(reason)
 
@@ -71,13 +76,20 @@ class MQTTFactory(Factory):
     :param clock: ``IReactorTime`` for timers; defaults to the broker's clock.
     :param write_buffer: bytes buffered per connection before writes to it
         pause (push-producer backpressure).
+    :param max_connections: open connections on the listeners of this
+        factory; more are refused at CONNECT (0x97 / v3 0x03); 0 = no limit
+        (the broker-wide ``BrokerConfig.max_connections`` applies as well).
     """
 
     protocol = MQTTProtocol
 
-    def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024):
+    def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
+                 max_connections: int = 0):
         self.broker = broker
         self.clock = clock if clock is not None else broker.clock
+        self.max_connections = max_connections
+        #: connections open on this factory's listeners
+        self.open_connections = 0
         #: bytes a connection's transport buffers before it pauses our writes
         self.write_buffer = write_buffer
 
