@@ -897,8 +897,15 @@ class Broker:
         if session is None:
             return 0
         qos = sub.qos if sub.qos < message.qos else message.qos
-        if self.authorize_forward is not None:
-            allowed = self._may_forward(session, message)
+        forward = self.authorize_forward
+        if forward is not None:  # read permission at delivery time
+            if session.forward_waiting:
+                allowed = None  # answers pending before: keep the delivery order
+            else:
+                try:
+                    allowed = forward(session.info or self.session_client(session), message)
+                except Exception:
+                    allowed = Failure()
             if allowed is not True:
                 return self._forward_later(session, message, qos, allowed)
         if message.retain and not sub.retain_as_published:

@@ -917,7 +917,10 @@ class ClientConnection:
                           None if expiry is None else self.clock.seconds() + expiry)
         check = broker.authorize_publish
         if check is not None:
-            allowed = call_hook(check, self.info, message)
+            try:
+                allowed = check(self.info, message)
+            except Exception:
+                allowed = Failure()
             if allowed is not True:
                 self._await(allowed, lambda answer: self._publish_answered(
                     packet, message, answer), "authorize_publish")
