@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mqttd import debuglog, topics
+from mqttd import debuglog, shared, topics
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.messages import Message
@@ -69,6 +69,22 @@ class BrokerConfig:
     publisher_backpressure: bool = True
     #: seconds a congested subscriber may hold publishers back
     max_publisher_pause: float = 5.0
+    #: how a shared subscription group picks the member for a message
+    #: (one of :data:`mqttd.shared.STRATEGIES`)
+    shared_subscription_strategy: str = shared.DEFAULT_STRATEGY
+    #: v5 Topic Alias Maximum announced in CONNACK (0: clients may not use aliases)
+    max_topic_alias: int = 10
+    #: inbound QoS 1/2 PUBLISHes a v5 client may have unacknowledged; announced
+    #: as the server's Receive Maximum (1..65535) and enforced with 0x93
+    max_inflight_incoming: int = 65535
+    #: highest QoS accepted in PUBLISH and wills, granted in SUBSCRIBE (mosquitto's
+    #: maximum_qos); announced as Maximum QoS
+    max_qos: int = 2
+    #: retained messages (and retained wills) accepted (mosquitto's retain_available)
+    retain_available: bool = True
+    #: prefix of the Response Information sent to v5 clients that request it
+    #: (prefix + client id); None: none is sent
+    response_information: Optional[str] = None
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
@@ -119,6 +135,8 @@ class Broker:
         self.sessions: Dict[str, Session] = {}
         self.retained: Dict[str, Message] = {}
         self._trie = topics.SubscriptionTrie()
+        #: shared-subscription groups; each is one entry of the trie
+        self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
         # an online subscriber this far behind holds its publishers back
         self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
@@ -227,7 +245,7 @@ class Broker:
                                        if record.disconnected_at is not None else now)
             for sub in record.subscriptions:
                 session.subscriptions[sub.topic_filter] = sub
-                self._trie.add(sub.topic_filter, client_id, sub)
+                self._index(client_id, sub)
             for seq in sorted(stored.outbound):
                 out = stored.outbound[seq]
                 session.restore_seq(seq)
@@ -360,7 +378,7 @@ class Broker:
 
     def _discard_session(self, session: Session) -> None:
         for topic_filter in list(session.subscriptions):
-            self._trie.remove(topic_filter, session.client_id)
+            self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
         if session.persistent:
             self._write(R.DeleteSession(session.client_id))
@@ -369,6 +387,8 @@ class Broker:
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
+        if session.inflight or session.queue:
+            self._redispatch(session)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
@@ -383,10 +403,14 @@ class Broker:
     # --- subscriptions --------------------------------------------------------
 
     def subscribe(self, session: Session, sub: SubscriptionRecord) -> bool:
-        """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new."""
+        """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new.
+
+        A ``$share/{ShareName}/{filter}`` filter joins that shared
+        subscription group (:mod:`mqttd.shared`).
+        """
         is_new = sub.topic_filter not in session.subscriptions
         session.subscriptions[sub.topic_filter] = sub
-        self._trie.add(sub.topic_filter, session.client_id, sub)
+        self._index(session.client_id, sub)
         if session.persistent:
             self._write(R.PutSession(session.to_record()))
         self.stats.subscriptions_total += 1
@@ -395,10 +419,22 @@ class Broker:
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        self._trie.remove(topic_filter, session.client_id)
+        self._unindex(session.client_id, topic_filter)
         if session.persistent:
             self._write(R.PutSession(session.to_record()))
         return True
+
+    def _index(self, client_id: str, sub: SubscriptionRecord) -> None:
+        if sub.topic_filter.startswith(topics.SHARE_PREFIX):
+            self.shared.add(client_id, sub)
+        else:
+            self._trie.add(sub.topic_filter, client_id, sub)
+
+    def _unindex(self, client_id: str, topic_filter: str) -> None:
+        if topic_filter.startswith(topics.SHARE_PREFIX):
+            self.shared.remove(client_id, topic_filter)
+        else:
+            self._trie.remove(topic_filter, client_id)
 
     def send_retained(self, session: Session, sub: SubscriptionRecord) -> int:
         """Queue every retained message matching ``sub`` with retain=1 [MQTT-3.3.1-6].
@@ -413,7 +449,10 @@ class Broker:
             if message.expires_at is not None and message.expires_at <= self.clock.seconds():
                 continue
             qos = min(message.qos, sub.qos)
-            self._deliver(session, delivery_message(message, True), qos, force=True)
+            message = delivery_message(message, True)
+            if sub.subscription_identifier is not None:  # [MQTT-3.3.4-3]
+                message = with_subscription_ids(message, (sub.subscription_identifier,))
+            self._deliver(session, message, qos, force=True)
             count += 1
         return count
 
@@ -473,22 +512,45 @@ class Broker:
         if len(matches) == 1:  # the common case: no merging needed
             _filter, key, sub = matches[0]
             return self._route(key, sub, message, cache)
-        # merge overlapping subscriptions per client
+        # merge overlapping subscriptions per client: each subscription's own
+        # options first (No Local), then the highest QoS [MQTT-3.3.5-1] and
+        # every matching subscription identifier [MQTT-3.3.4-3]
+        receivers = 0
         best: Dict[object, SubscriptionRecord] = {}
+        ids: Optional[Dict[object, list]] = None
+        origin = message.origin
         for _filter, key, sub in matches:
+            if key.__class__ is not str:  # in-process subscriber or shared group
+                receivers += self._route(key, sub, message, cache)
+                continue
+            if sub.no_local and key == origin:
+                continue  # [MQTT-3.8.3-3]
+            sid = sub.subscription_identifier
+            if sid is not None:
+                if ids is None:
+                    ids = {}
+                ids.setdefault(key, []).append(sid)
             prev = best.get(key)
             if prev is None or sub.qos > prev.qos:
                 best[key] = sub
-        receivers = 0
         for key, sub in best.items():
-            receivers += self._route(key, sub, message, cache)
+            receivers += self._route(key, sub, message, cache,
+                                     None if ids is None else ids.get(key))
         return receivers
 
-    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
-        """Deliver ``message`` to one subscriber; 1 if it was a receiver."""
-        if key.__class__ is LocalSubscription:
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict,
+               ids: Optional[list] = None) -> int:
+        """Deliver ``message`` to one subscriber; 1 if it was a receiver.
+
+        ``ids``: the subscription identifiers of all the client's matching
+        subscriptions (merged by :meth:`publish`); None: ``sub``'s own.
+        """
+        cls = key.__class__
+        if cls is LocalSubscription:
             self._call_local(key, message)
             return 1
+        if cls is shared.ShareGroup:
+            return self._route_shared(key, message, cache)
         if sub.no_local and key == message.origin:
             return 0  # [MQTT-3.8.3-3]
         session = self.sessions.get(key)
@@ -500,8 +562,71 @@ class Broker:
             if live is None:
                 live = cache["live"] = delivery_message(message, False)
             message = live
+        if ids is None:
+            if sub.subscription_identifier is not None:
+                message = self._with_ids(message, (sub.subscription_identifier,), cache)
+        elif ids:
+            message = self._with_ids(message, tuple(ids), cache)
         self._deliver(session, message, qos, cache)
         return 1
+
+    def _with_ids(self, message: Message, ids: tuple, cache: dict) -> Message:
+        """``message`` carrying the Subscription Identifiers ``ids`` [MQTT-3.3.4-3];
+        one copy per distinct set, so subscribers with the same set share the bytes."""
+        key = ("ids", id(message), ids)
+        tagged = cache.get(key)
+        if tagged is None:
+            tagged = cache[key] = with_subscription_ids(message, ids)
+        return tagged
+
+    # --- shared subscriptions -----------------------------------------------------
+
+    def _availability(self, client_id: str) -> int:
+        session = self.sessions.get(client_id)
+        if session is None:
+            return shared.UNAVAILABLE
+        if session.connection is not None:
+            return shared.ONLINE
+        return shared.OFFLINE if session.persistent else shared.UNAVAILABLE
+
+    def _route_shared(self, group, message: Message, cache: dict) -> int:
+        """Deliver ``message`` to one member of a shared subscription group
+        [MQTT 5.0 §4.8.2]: online members first, then an offline persistent one."""
+        client_id = self.shared.choose(group, message.topic, message.origin,
+                                       self._availability)
+        if client_id is None:
+            return 0
+        sub = group.members[client_id]
+        session = self.sessions[client_id]
+        qos = sub.qos if sub.qos < message.qos else message.qos
+        if message.retain and not sub.retain_as_published:
+            live = cache.get("live")
+            if live is None:
+                live = cache["live"] = delivery_message(message, False)
+            message = live
+        if sub.subscription_identifier is not None:
+            message = self._with_ids(message, (sub.subscription_identifier,), cache)
+        self._deliver(session, message, qos, cache, share=group.share_filter)
+        return 1
+
+    def _redispatch(self, session: Session) -> None:
+        """A session that ended still owed QoS 1/2 messages it got through shared
+        subscriptions: each goes to another member of its group, unless the
+        client already has it (a QoS 2 message whose PUBREC arrived)."""
+        owed = [out for out in session.outbound_records()
+                if out.share is not None and out.qos
+                and out.stage != OutboundStage.PUBREL_SENT]
+        if not owed:
+            return
+        session.queue.clear()
+        session.inflight.clear()
+        for out in owed:
+            group = self.shared.group(out.share)
+            message = out.message
+            if message.properties.subscription_identifiers:
+                message = with_subscription_ids(message, ())
+            if group is None or not self._route_shared(group, message, {}):
+                self.count_dropped(session, "shared-no-member", message)
 
     def _call_local(self, local: LocalSubscription, message: Message) -> None:
         try:
@@ -520,7 +645,8 @@ class Broker:
         self._write(R.PutRetained(message))
 
     def _deliver(self, session: Session, message: Message, qos: int,
-                 cache: Optional[dict] = None, force: bool = False) -> None:
+                 cache: Optional[dict] = None, force: bool = False,
+                 share: Optional[str] = None) -> None:
         conn = session.connection
         if conn is not None:
             if not session.queue and conn.writable():
@@ -530,7 +656,7 @@ class Broker:
                 if len(session.inflight) < conn.send_window:
                     pid = session.allocate_packet_id()
                     record = OutboundRecord(session.next_seq(), message, qos, pid,
-                                            OutboundStage.PUBLISH_SENT)
+                                            OutboundStage.PUBLISH_SENT, share)
                     session.inflight[pid] = record
                     if session.persistent:
                         self._write(R.PutOutbound(session.client_id, record))
@@ -538,7 +664,7 @@ class Broker:
                     return
         elif qos == 0 and not (force or (session.persistent and self.config.queue_qos0)):
             return  # QoS 0 is not kept for offline clients unless configured
-        record = OutboundRecord(session.next_seq(), message, qos)
+        record = OutboundRecord(session.next_seq(), message, qos, share=share)
         victim = session.enqueue(record, self._limits, force)
         persistent = session.persistent
         if victim is not record:
@@ -619,7 +745,7 @@ class Broker:
             session.dequeue()
             pid = session.allocate_packet_id()
             record = OutboundRecord(head.seq, head.message, head.qos, pid,
-                                    OutboundStage.PUBLISH_SENT)
+                                    OutboundStage.PUBLISH_SENT, head.share)
             inflight[pid] = record
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
@@ -674,7 +800,8 @@ class Broker:
             return False
         if record.stage != OutboundStage.PUBREL_SENT:
             session.inflight[packet_id] = OutboundRecord(
-                record.seq, record.message, 2, packet_id, OutboundStage.PUBREL_SENT)
+                record.seq, record.message, 2, packet_id, OutboundStage.PUBREL_SENT,
+                record.share)
             if session.persistent:
                 self._write(R.UpdateOutbound(session.client_id, record.seq, packet_id,
                                              OutboundStage.PUBREL_SENT))
@@ -724,6 +851,13 @@ class Broker:
         held, self._held = self._held, []
         for conn in held:
             conn.release_publisher()
+
+
+def with_subscription_ids(message: Message, ids: tuple) -> Message:
+    """A copy of ``message`` whose Subscription Identifiers are ``ids``
+    (``()``: none), for one subscriber [MQTT-3.3.4-3, MQTT-3.3.4-5]."""
+    return attrs.evolve(message, properties=attrs.evolve(
+        message.properties, subscription_identifiers=tuple(ids)))
 
 
 def topics_is_sys(topic: str) -> bool:

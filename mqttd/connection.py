@@ -16,10 +16,12 @@ from __future__ import annotations
 import collections
 from typing import Optional
 
+import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mqttd import topics
+from mqttd.aliases import InboundAliases, OutboundAliases
 from mqttd.broker import Broker, ClientInfo
 from mqttd.codec import encode, publish_template
 from mqttd.codec.encoder import PublishTemplate
@@ -38,6 +40,16 @@ log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
+
+
+class _InboundAck:
+    """A PUBACK (as bytes) that ends one inbound QoS 1 flow of a v5 client: its
+    emission frees a place of the server's Receive Maximum [MQTT-3.3.4-8]."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 def template_key(message: Message, level: int, qos: int) -> tuple:
@@ -69,6 +81,15 @@ class ClientConnection:
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
+        #: v5 topic aliases: the client's (resolved here) and ours (sent)
+        self._in_aliases: Optional[InboundAliases] = None
+        self._out_aliases: Optional[OutboundAliases] = None
+        #: v5 inbound QoS 1 PUBLISHes whose PUBACK is not written yet, and the
+        #: Receive Maximum they count against (None: not enforced, v3)
+        self._inflight_in = 0
+        self._receive_max: Optional[int] = None
+        self._max_qos = config.max_qos
+        self._retain_available = config.retain_available
         self._online = False
         self._paused = False
         self._will_on_close = True
@@ -150,10 +171,15 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
+        if self._out_aliases is not None:
+            return None  # the topic alias makes them this connection's own
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
+        if self._out_aliases is not None:
+            self._send_aliased(message, qos, packet_id, dup)
+            return
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -173,6 +199,27 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
+        stats = self._stats
+        stats.messages_sent += 1
+        stats.bytes_sent += len(data)
+        self.transport.write(data)
+
+    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool) -> None:
+        """Send with a topic alias (the client's Topic Alias Maximum allows it):
+        the topic name only when the alias is new or rebound [MQTT-3.3.2-11]."""
+        aliases = self._out_aliases
+        topic = message.topic
+        alias, known = aliases.alias_for(topic)
+        props = attrs.evolve(message.properties, topic_alias=alias)
+        data = publish_template("" if known else topic, message.payload, qos,
+                                message.retain, props, MQTT_5).encode(packet_id, dup)
+        if self._client_max_packet is not None and len(data) > self._client_max_packet:
+            if self.session is not None:  # [MQTT-3.1.2-25]
+                self.broker.count_dropped(self.session, "client-maximum-packet-size", message)
+                if packet_id is not None:
+                    self.clock.callLater(0, self._discard_inflight, packet_id)
+            return
+        aliases.sent(topic, alias, known)
         stats = self._stats
         stats.messages_sent += 1
         stats.bytes_sent += len(data)
@@ -219,9 +266,14 @@ class ClientConnection:
         return result
 
     def _emit(self, item) -> None:
-        if item.__class__ is bytes:
+        cls = item.__class__
+        if cls is bytes:
             self._stats.bytes_sent += len(item)
             self.transport.write(item)
+        elif cls is _InboundAck:
+            self._inflight_in -= 1
+            self._stats.bytes_sent += len(item.data)
+            self.transport.write(item.data)
         elif callable(item):
             item()
         else:
@@ -355,6 +407,10 @@ class ClientConnection:
                 self.send_window = min(self.send_window, props.receive_maximum)
             if props.maximum_packet_size:
                 self._client_max_packet = props.maximum_packet_size
+            if props.topic_alias_maximum:  # the client accepts our aliases [MQTT-3.3.2-11]
+                self._out_aliases = OutboundAliases(props.topic_alias_maximum)
+            self._in_aliases = InboundAliases(config.max_topic_alias)
+            self._receive_max = config.max_inflight_incoming
         assigned = None
         if not client_id:
             if level == MQTT_3_1:
@@ -375,6 +431,14 @@ class ClientConnection:
             except MQTTError as error:
                 return self._refuse(ReasonCode.TOPIC_NAME_INVALID,
                                     f"will topic: {error.message}", spec="MQTT-3.1.3-11")
+            if will.qos > config.max_qos:
+                return self._refuse(ReasonCode.QOS_NOT_SUPPORTED,
+                                    f"will QoS {will.qos} above the maximum QoS "
+                                    f"{config.max_qos}", spec="MQTT-3.2.2-12")
+            if will.retain and not config.retain_available:
+                return self._refuse(ReasonCode.RETAIN_NOT_SUPPORTED,
+                                    "retained will but retain is not available",
+                                    spec="MQTT-3.2.2-13")
         if broker.authenticator is not None:
             code = broker.authenticator.authenticate(packet)
             if code:
@@ -403,13 +467,23 @@ class ClientConnection:
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
                                packet.clean_start, packet.keepalive, present)
         if level == MQTT_5:
+            response_information = None
+            if props.request_response_information and config.response_information:
+                response_information = config.response_information + client_id
+            # absent properties mean the spec's defaults: Receive Maximum 65535,
+            # Maximum QoS 2, Retain / Wildcard Subscription Available 1
             ack_props = Properties(
                 assigned_client_identifier=assigned,
                 server_keep_alive=server_keepalive,
                 maximum_packet_size=config.max_packet_size,
-                topic_alias_maximum=None,            # 0: no topic aliases yet
-                subscription_identifier_available=0,
-                shared_subscription_available=0,
+                receive_maximum=(config.max_inflight_incoming
+                                 if config.max_inflight_incoming < 65535 else None),
+                maximum_qos=config.max_qos if config.max_qos < 2 else None,
+                retain_available=None if config.retain_available else 0,
+                topic_alias_maximum=config.max_topic_alias or None,
+                subscription_identifier_available=1,
+                shared_subscription_available=1,
+                response_information=response_information,
             )
         else:
             ack_props = Properties()
@@ -443,15 +517,23 @@ class ClientConnection:
         qos = packet.qos
         props = packet.properties
         level = self.protocol_level
+        topic = packet.topic
+        raw = packet.raw
+        if qos > self._max_qos:
+            raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
+                            ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
+        if packet.retain and not self._retain_available:
+            raise MQTTError("retained PUBLISH but Retain Available is 0",
+                            ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
         if level == MQTT_5:
             if props.topic_alias is not None:
-                # we announce Topic Alias Maximum 0 [MQTT-3.3.2-8]
-                raise MQTTError("topic alias sent but none allowed",
-                                ReasonCode.TOPIC_ALIAS_INVALID, spec="MQTT-3.3.2-8")
+                topic = self._in_aliases.resolve(topic, props.topic_alias)
+                # the alias is this connection's: never forwarded, nor its bytes
+                props = attrs.evolve(props, topic_alias=None)
+                raw = None
             if props.subscription_identifiers:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
-        topic = packet.topic
         if topic.startswith("$SYS"):
             log.warn("Refused PUBLISH of {client_id} to {topic}: clients cannot "
                      "publish into $SYS", client_id=self.client_id, topic=topic)
@@ -468,7 +550,6 @@ class ClientConnection:
                           None if expiry is None else self.clock.seconds() + expiry)
         # the bytes as received serve every subscriber of the same protocol
         # family at the same QoS: no re-encoding
-        raw = packet.raw
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker
@@ -479,12 +560,18 @@ class ClientConnection:
             return
         pid = packet.packet_id
         if qos == 1:
-            receivers = broker.publish(message, self.info, cache)
-            if receivers or level != MQTT_5:
+            if self._receive_max is not None:  # v5
+                self._check_receive_maximum()
+                self._inflight_in += 1
+                receivers = broker.publish(message, self.info, cache)
+                self._output(_InboundAck(
+                    bytes((0x40, 2, pid >> 8, pid & 0xFF)) if receivers else
+                    bytes((0x40, 3, pid >> 8, pid & 0xFF, ReasonCode.NO_MATCHING_SUBSCRIBERS))),
+                    durable=True)
+            else:
+                broker.publish(message, self.info, cache)
                 # PUBACK as bytes: the most frequent packet the broker sends
                 self._output(bytes((0x40, 2, pid >> 8, pid & 0xFF)), durable=True)
-            else:
-                self._output(Puback(pid, ReasonCode.NO_MATCHING_SUBSCRIBERS), durable=True)
         else:
             session = self.session
             if broker.inbound_qos2_seen(session, pid):
@@ -492,12 +579,22 @@ class ClientConnection:
                 # [MQTT-4.3.3-10]
                 self._output(Pubrec(pid), durable=False)
                 return
+            if self._receive_max is not None:
+                self._check_receive_maximum()
             broker.inbound_qos2_add(session, pid)
             receivers = broker.publish(message, self.info, cache)
             code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
             self._output(Pubrec(pid, code), durable=True)
         if broker.backpressure:
             self._hold_publisher()
+
+    def _check_receive_maximum(self) -> None:
+        """A v5 client may not have more QoS 1/2 PUBLISHes unacknowledged than the
+        Receive Maximum we announced [MQTT-3.3.4-7]; 0x93 if it does [MQTT-3.3.4-8]."""
+        if self._inflight_in + len(self.session.inbound_qos2) >= self._receive_max:
+            raise MQTTError(f"more than Receive Maximum {self._receive_max} QoS 1/2 "
+                            f"PUBLISHes unacknowledged", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                            spec="MQTT-3.3.4-8")
 
     def _hold_publisher(self) -> None:
         """Stop reading from this publisher until the subscribers it feeds catch up."""
@@ -562,11 +659,14 @@ class ClientConnection:
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         v5 = self.protocol_level == MQTT_5
-        if v5 and packet.properties.subscription_identifiers:
-            # we announce Subscription Identifier Available = 0
-            raise MQTTError("subscription identifiers are not supported",
-                            ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                            spec="MQTT 5.0 §3.2.2.3.12")
+        # the codec allows one identifier in a SUBSCRIBE, 1..268435455
+        ids = packet.properties.subscription_identifiers if v5 else ()
+        sid = ids[0] if ids else None
+        max_qos = self._max_qos
+        for request in packet.subscriptions:
+            if request.no_local and request.topic_filter.startswith(topics.SHARE_PREFIX):
+                raise ProtocolError(f"No Local on the shared subscription "
+                                    f"{request.topic_filter!r}", spec="MQTT-3.8.3-4")
         broker = self.broker
         session = self.session
         authorizer = broker.authorizer
@@ -581,18 +681,16 @@ class ClientConnection:
                          client_id=self.client_id, filter=topic_filter, error=str(error))
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
                 continue
-            if topics.parse_shared(topic_filter)[0] is not None:
-                codes.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else 0x80)
-                continue
             if authorizer is not None and not authorizer.may_subscribe(
                     self.client_id, self.info.username, topic_filter):
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
-            record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+            qos = request.qos if request.qos <= max_qos else max_qos  # [MQTT-3.2.2-10]
+            record = SubscriptionRecord(topic_filter, qos, request.no_local,
                                         request.retain_as_published,
-                                        request.retain_handling)
+                                        request.retain_handling, sid)
             is_new = broker.subscribe(session, record)
-            codes.append(request.qos)
+            codes.append(qos)
             granted.append((record, is_new))
         self._output(Suback(packet.packet_id, tuple(codes)), durable=True)
         if granted:
@@ -603,6 +701,8 @@ class ClientConnection:
         session = self.session
         for record, is_new in granted:
             broker.emit("subscribed", topic=record.topic_filter, client=self.info)
+            if record.topic_filter.startswith(topics.SHARE_PREFIX):
+                continue  # no retained messages for a shared subscription [MQTT 5.0 §4.8.2]
             handling = record.retain_handling
             if handling == 0 or (handling == 1 and is_new):  # [MQTT-3.3.1-9, 3.3.1-10]
                 broker.send_retained(session, record)

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.session import OverflowPolicy
+from mqttd.shared import STRATEGIES as SHARED_STRATEGIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +32,24 @@ _CONFIG_OPTIONS = {
     "max-keepalive": ("max_keepalive", int),
     "max-session-expiry": ("max_session_expiry", int),
     "max-publisher-pause": ("max_publisher_pause", float),
+    "shared-subscription-strategy": ("shared_subscription_strategy", str),
+    "max-topic-alias": ("max_topic_alias", int),
+    "max-inflight-incoming": ("max_inflight_incoming", int),
+    "max-qos": ("max_qos", int),
+    "response-information": ("response_information", str),
 }
+
+
+def _boolean(value) -> bool:
+    """``true``/``false`` (also yes/no, on/off, 1/0) from the command line or TOML."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
 
 
 class Options(usage.Options):
@@ -64,6 +82,22 @@ class Options(usage.Options):
         ["max-publisher-pause", None, None,
          "Seconds a congested subscriber may hold publishers back [5].", float],
         ["log-level", None, None, "info or debug (debug logs every message) [info]."],
+        ["shared-subscription-strategy", None, None,
+         f"How a $share group picks the member for a message: "
+         f"{', '.join(SHARED_STRATEGIES)} [round-robin]."],
+        ["max-topic-alias", None, None,
+         "v5 Topic Alias Maximum announced to clients; 0 = no inbound aliases [10].", int],
+        ["max-inflight-incoming", None, None,
+         "Unacknowledged inbound QoS 1/2 PUBLISHes per v5 client (the server's "
+         "Receive Maximum; more gets DISCONNECT 0x93) [65535].", int],
+        ["max-qos", None, None,
+         "Highest QoS accepted in PUBLISH and wills and granted in SUBSCRIBE "
+         "(mosquitto's maximum_qos) [2].", int],
+        ["retain-available", None, None,
+         "true or false: accept retained messages (mosquitto's retain_available) [true]."],
+        ["response-information", None, None,
+         "Prefix of the Response Information for v5 clients that request it "
+         "(prefix + client id) [none]."],
     ]
     optFlags = [
         ["queue-qos0", None, "Queue QoS 0 messages for offline persistent sessions."],
@@ -97,6 +131,21 @@ class Options(usage.Options):
         policy = self["overflow-policy"]
         if policy is not None and policy not in OverflowPolicy.ALL:
             raise usage.UsageError(f"--overflow-policy must be one of {OverflowPolicy.ALL}")
+        strategy = self["shared-subscription-strategy"]
+        if strategy is not None and strategy not in SHARED_STRATEGIES:
+            raise usage.UsageError("--shared-subscription-strategy must be one of "
+                                   + ", ".join(SHARED_STRATEGIES))
+        limits = {"max-topic-alias": (0, 65535), "max-inflight-incoming": (1, 65535),
+                  "max-qos": (0, 2)}
+        for name, (low, high) in limits.items():
+            value = self[name]
+            if value is not None and not low <= int(value) <= high:
+                raise usage.UsageError(f"--{name} must be in {low}..{high}, not {value}")
+        if self["retain-available"] is not None:
+            try:
+                self["retain-available"] = _boolean(self["retain-available"])
+            except ValueError as error:
+                raise usage.UsageError(f"--retain-available: {error}")
 
     def _merge(self, file_options: dict) -> None:
         known = {name for name, *_ in self.optParameters} | {
@@ -125,6 +174,8 @@ class Options(usage.Options):
             kwargs["queue_qos0"] = True
         if self["no-publisher-backpressure"]:
             kwargs["publisher_backpressure"] = False
+        if self["retain-available"] is not None:
+            kwargs["retain_available"] = bool(self["retain-available"])
         return BrokerConfig(**kwargs)
 
 
