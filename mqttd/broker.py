@@ -22,8 +22,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
+from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
+from mqttd.flowcontrol import SlowConsumerGuard
 from mqttd.messages import Message
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
@@ -40,51 +42,127 @@ EVENTS = ("clientConnected", "published", "subscribed", "unsubscribed",
 NEVER_EXPIRES = 0xFFFFFFFF
 
 
+def _int_in(minimum: int, maximum: Optional[int] = None, optional: bool = False):
+    """attrs validator: an int (not a bool) in [minimum, maximum] (None allowed if optional)."""
+    def check(_instance, attribute, value):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{attribute.name}: must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{attribute.name}: must be at most {maximum}, got {value}")
+    return check
+
+
+def _seconds(minimum: float = 0.0, above: bool = False):
+    """attrs validator: a finite number of seconds >= minimum (> minimum if ``above``)."""
+    def check(_instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or value != value or value in (float("inf"), float("-inf")):
+            raise TypeError(f"{attribute.name}: expected a finite number, got {value!r}")
+        if value < minimum or (above and value == minimum):
+            word = "greater than" if above else "at least"
+            raise ValueError(f"{attribute.name}: must be {word} {minimum:g}, got {value:g}")
+    return check
+
+
+def _is_bool(_instance, attribute, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{attribute.name}: expected true or false, got {value!r}")
+
+
+def _topic_level(_instance, attribute, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name}: must be a non-empty string, got {value!r}")
+    bad = set(value) & set("/+#\0")
+    if bad:
+        raise ValueError(f"{attribute.name}: must be one topic level, without "
+                         f"{' '.join(sorted(bad))}: {value!r}")
+
+
+def _one_of(values):
+    def check(_instance, attribute, value):
+        if value not in values:
+            raise ValueError(f"{attribute.name}: must be one of {', '.join(values)}; "
+                             f"got {value!r}")
+    return check
+
+
+#: the largest MQTT packet: 1 + 4 bytes of fixed header + 268,435,455 [MQTT-2.2.3]
+MAX_PACKET_SIZE = 268_435_460
+#: the smallest packet limit that still admits a CONNECT (v3.1.1, empty client id)
+MIN_PACKET_SIZE = 14
+
+
 @attrs.frozen
 class BrokerConfig:
-    """Limits and switches of the broker core (all have production defaults)."""
+    """Limits and switches of the broker core (all have production defaults).
 
-    broker_id: str = "mqttd"
+    Every field is validated when the config is built: a wrong type raises
+    ``TypeError``, a value out of range ``ValueError``; the message is one
+    line starting with the field name (``max_inflight: must be at least 1,
+    got 0``).  ``twistd mqttd`` turns it into a usage error (exit status 2).
+    """
+
+    #: the <brokerId> of ``$SYS/<brokerId>/...``: one topic level
+    broker_id: str = attrs.field(default="mqttd", validator=_topic_level)
     #: per-session queue of messages waiting for an offline/slow client
-    max_queued_messages: int = 100_000
-    max_queued_bytes: int = 64 * 1024 * 1024
-    overflow_policy: str = OverflowPolicy.DROP_OLDEST
+    max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
+    max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
+    overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
+                                       validator=_one_of(OverflowPolicy.ALL))
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
-    queue_qos0: bool = False
-    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers it)
-    max_inflight: int = 1000
+    queue_qos0: bool = attrs.field(default=False, validator=_is_bool)
+    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers
+    #: it); at most 65535, the packet identifier space [MQTT-2.2.1]
+    max_inflight: int = attrs.field(default=1000, validator=_int_in(1, 65535))
     #: largest packet accepted or sent, in bytes (fixed header included)
-    max_packet_size: int = 16 * 1024 * 1024
+    max_packet_size: int = attrs.field(default=16 * 1024 * 1024,
+                                       validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
+    #: largest packet accepted before a CONNECT succeeded (the CONNECT itself),
+    #: refused from the fixed header: an unauthenticated socket buffers no more
+    max_connect_packet_size: int = attrs.field(
+        default=1024 * 1024, validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
     #: seconds a new connection may take to send CONNECT
-    connect_timeout: float = 10.0
-    #: the largest keepalive accepted from clients; 0 = no limit
-    max_keepalive: int = 0
+    connect_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
+    #: the largest keepalive accepted from clients, seconds; 0 = no limit
+    max_keepalive: int = attrs.field(default=0, validator=_int_in(0, 65535))
     #: the longest session expiry granted, seconds; None = unlimited
-    max_session_expiry: Optional[int] = None
+    max_session_expiry: Optional[int] = attrs.field(
+        default=None, validator=_int_in(0, 0xFFFFFFFF, optional=True))
     #: prefix of assigned client identifiers
-    assigned_id_prefix: str = "mqttd-"
+    assigned_id_prefix: str = attrs.field(default="mqttd-",
+                                          validator=attrs.validators.instance_of(str))
     #: stop reading from publishers whose messages go to an online subscriber
     #: that is 1,000 messages (or 1 MiB; at most half its queue limit) behind,
     #: instead of dropping (see drain())
-    publisher_backpressure: bool = True
-    #: seconds a congested subscriber may hold publishers back
-    max_publisher_pause: float = 5.0
+    publisher_backpressure: bool = attrs.field(default=True, validator=_is_bool)
+    #: seconds one congestion episode of a subscriber may hold publishers back
+    #: (0: never hold)
+    max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
+    #: seconds a subscriber that used up max_publisher_pause must stay healthy
+    #: (after its queue was empty) before it may hold publishers again
+    publisher_pause_recovery: float = attrs.field(default=30.0, validator=_seconds(0))
     #: how a shared subscription group picks the member for a message
     #: (one of :data:`mqttd.shared.STRATEGIES`)
-    shared_subscription_strategy: str = shared.DEFAULT_STRATEGY
+    shared_subscription_strategy: str = attrs.field(default=shared.DEFAULT_STRATEGY,
+                                                    validator=_one_of(shared.STRATEGIES))
     #: v5 Topic Alias Maximum announced in CONNACK (0: clients may not use aliases)
-    max_topic_alias: int = 10
+    max_topic_alias: int = attrs.field(default=10, validator=_int_in(0, 65535))
     #: inbound QoS 1/2 PUBLISHes a v5 client may have unacknowledged; announced
-    #: as the server's Receive Maximum (1..65535) and enforced with 0x93
-    max_inflight_incoming: int = 65535
+    #: as the server's Receive Maximum and enforced with 0x93 [MQTT-3.3.4-8]
+    max_inflight_incoming: int = attrs.field(default=65535, validator=_int_in(1, 65535))
     #: highest QoS accepted in PUBLISH and wills, granted in SUBSCRIBE (mosquitto's
     #: maximum_qos); announced as Maximum QoS
-    max_qos: int = 2
+    max_qos: int = attrs.field(default=2, validator=_int_in(0, 2))
     #: retained messages (and retained wills) accepted (mosquitto's retain_available)
-    retain_available: bool = True
+    retain_available: bool = attrs.field(default=True, validator=_is_bool)
     #: prefix of the Response Information sent to v5 clients that request it
     #: (prefix + client id); None: none is sent
-    response_information: Optional[str] = None
+    response_information: Optional[str] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
@@ -142,10 +220,10 @@ class Broker:
         self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
         self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
         self._low_water = self._high_water // 2
-        #: online sessions whose queue is above the high-water mark
-        self._congested: set = set()
-        #: publishing connections that stopped reading until congestion clears
-        self._held: list = []
+        #: which congested subscriber holds publishers back, for how long
+        self.flow = SlowConsumerGuard(clock, config.max_publisher_pause,
+                                      config.publisher_pause_recovery, self.stats,
+                                      enabled=config.publisher_backpressure)
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
@@ -154,6 +232,9 @@ class Broker:
         self.write_count = 0
         self._turn_sync: Optional[list] = None
         self._drop_logged: Dict[tuple, float] = {}
+        #: rate limit of client-triggered log lines, keyed (client, reason);
+        #: features (auth, ACL, bridges) use it for their own lines
+        self.log_limiter = LogRateLimiter(clock)
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
 
@@ -690,38 +771,22 @@ class Broker:
     #
     # A subscriber that is online but cannot keep up fills its queue.  Rather
     # than dropping, the broker stops reading from the publishers whose
-    # messages go to it (their TCP windows fill, so they slow down) until the
-    # queue is below the low-water mark again.  A subscriber that stays
-    # congested longer than max_publisher_pause no longer holds anyone back:
-    # its queue overflows by its policy, and the drops are counted.
+    # messages go to it until the queue is below the low-water mark again --
+    # for at most max_publisher_pause per episode; a subscriber that used up
+    # its budget holds no one until it has drained and stayed healthy
+    # (mqttd.flowcontrol.SlowConsumerGuard).  Its queue then overflows by its
+    # policy, and the drops are counted.
 
     def _congested_by(self, session: Session) -> None:
-        if not self.config.publisher_backpressure:
-            return
-        now = self.clock.seconds()
-        if session.congested_since is None:
-            session.congested_since = now
-            self._congested.add(session)
-        elif now - session.congested_since >= self.config.max_publisher_pause:
-            return
-        self.backpressure = True
+        if self.flow.congested(session):
+            self.backpressure = True
 
     def _decongested(self, session: Session) -> None:
-        session.congested_since = None
-        self._congested.discard(session)
-        if not self._congested and self._held:
-            held, self._held = self._held, []
-            # next turn: never run a publisher's stashed packets inside the
-            # handler of the subscriber packet that freed the queue
-            self.clock.callLater(0, self._release, held)
-
-    def _release(self, held: list) -> None:
-        for conn in held:
-            conn.release_publisher()
+        self.flow.decongested(session)
 
     def hold_publisher(self, connection) -> None:
         """Remember a publisher that paused reading because of congestion."""
-        self._held.append(connection)
+        self.flow.hold(connection)
 
     def drain(self, session: Session) -> None:
         """Send queued messages while the client can take them."""
@@ -752,8 +817,8 @@ class Broker:
                                              OutboundStage.PUBLISH_SENT))
             conn.send_publish(head.message, head.qos, pid, False,
                               template=wire.pop(head.seq, None) if wire else None)
-        if session.congested_since is not None and len(queue) <= self._low_water:
-            self._decongested(session)
+        if session.congested_since is not None or session.demoted_since is not None:
+            self.flow.drained(session, len(queue), self._low_water)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
@@ -848,9 +913,7 @@ class Broker:
             if session.expiry_call is not None and session.expiry_call.active():
                 session.expiry_call.cancel()
                 session.expiry_call = None
-        held, self._held = self._held, []
-        for conn in held:
-            conn.release_publisher()
+        self.flow.release_all()
 
 
 def with_subscription_ids(message: Message, ids: tuple) -> Message:

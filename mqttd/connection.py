@@ -17,6 +17,7 @@ import collections
 from typing import Optional
 
 import attrs
+
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -34,12 +35,31 @@ from mqttd.codec.packets import (
 from mqttd.codec.reader import PacketReader
 from mqttd.interfaces import IClientConnection
 from mqttd.messages import Message
-from mqttd.persistence.records import SubscriptionRecord
+from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
+#: properties a server may leave out of any packet to respect the client's
+#: Maximum Packet Size [MQTT-3.1.2-25]
+_OPTIONAL_PROPERTIES = {"reason_string": None, "user_properties": ()}
+#: CONNACK properties whose absence means the same value (MQTT 5.0 §3.2.2.3):
+#: left out next when a CONNACK still does not fit
+_CONNACK_DEFAULTS = {
+    "receive_maximum": 65535, "topic_alias_maximum": 0, "maximum_qos": 2,
+    "retain_available": 1, "wildcard_subscription_available": 1,
+    "subscription_identifier_available": 1, "shared_subscription_available": 1,
+}
+_NO_HANDLERS: dict = {}
+
+
+def _peer_host(peer: Optional[str]) -> str:
+    """``host`` of ``host:port`` (who a connection is before its CONNECT)."""
+    if not peer:
+        return "-"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 class _InboundAck:
@@ -72,7 +92,10 @@ class ClientConnection:
         self.clock = clock
         self.peer = peer
         config = broker.config
-        self.reader = PacketReader(level=None, max_packet_size=config.max_packet_size)
+        # before CONNECT succeeds only a small packet is accepted, refused from
+        # its fixed header before any of its body is buffered
+        self.reader = PacketReader(level=None, max_packet_size=min(
+            config.max_connect_packet_size, config.max_packet_size))
         self.state = _CONNECTING
         self.client_id: Optional[str] = None
         self.protocol_level: Optional[int] = None
@@ -112,13 +135,16 @@ class ClientConnection:
     def data_received(self, data: bytes) -> None:
         if self.state == _CLOSED:
             return
-        self._last_received = self.clock.seconds()
         self._stats.bytes_received += len(data)
         try:
             packets = self.reader.feed(data)
         except MQTTError as error:
             self.fail(error)
             return
+        if packets:
+            # only complete packets count for keepalive [MQTT-3.1.2-22]: a
+            # client trickling the bytes of an endless packet is still idle
+            self._last_received = self.clock.seconds()
         if self._held:  # a transport may still deliver what it had already read
             self._stash = list(self._stash) + packets
             return
@@ -166,8 +192,67 @@ class ClientConnection:
                 data = bytes((first, 3, pid >> 8, pid & 0xFF, code))
         else:
             data = encode(packet, self.protocol_level or MQTT_3_1_1)
+        limit = self._client_max_packet
+        if limit is not None and len(data) > limit:
+            data = self._fit(packet, data, limit)
+            if data is None:
+                return
         self._stats.bytes_sent += len(data)
         self.transport.write(data)
+
+    def _fit(self, packet, data: bytes, limit: int) -> Optional[bytes]:
+        """``packet`` encoded within the client's Maximum Packet Size, or None.
+
+        Every packet the server sends is bound by it [MQTT-3.1.2-24]: the
+        Reason String and User Properties are left out first
+        [MQTT-3.1.2-25].  A packet that still does not fit is not sent; the
+        connection is then useless to the client (it would wait forever for
+        that SUBACK, CONNACK...), so it is closed (a DISCONNECT is sent
+        without its properties if even that fits).  PUBLISH never gets here:
+        :meth:`send_publish` drops and counts it.
+        """
+        props = getattr(packet, "properties", None)
+        if props is not None and props is not NO_PROPERTIES and (
+                props.reason_string is not None or props.user_properties):
+            packet = attrs.evolve(packet, properties=attrs.evolve(props, **_OPTIONAL_PROPERTIES))
+            data = encode(packet, self.protocol_level or MQTT_3_1_1)
+            if len(data) <= limit:
+                return data
+        if isinstance(packet, Connack):
+            props = packet.properties
+            defaults = {name: None for name, value in _CONNACK_DEFAULTS.items()
+                        if getattr(props, name) == value}
+            if defaults:
+                packet = attrs.evolve(packet, properties=attrs.evolve(props, **defaults))
+                data = encode(packet, MQTT_5)
+                if len(data) <= limit:
+                    return data
+        if isinstance(packet, Disconnect):
+            data = encode(Disconnect(packet.reason_code), MQTT_5)
+            return data if len(data) <= limit else None
+        self._warn("client-maximum-packet-size",
+                   "Cannot send {packet} of {size} bytes to {client_id}: its Maximum "
+                   "Packet Size is {limit}; closing", packet=type(packet).__name__ if packet is not None
+                   else "acknowledgement", size=len(data), client_id=self.client_id or "-",
+                   limit=limit)
+        if self.state != _CLOSED:
+            if isinstance(packet, Connack):  # no DISCONNECT before a CONNACK [MQTT-3.14.0-1]
+                self.clock.callLater(0, self._close, "CONNACK too large for the client")
+            else:
+                self.clock.callLater(0, self.disconnect, ReasonCode.PACKET_TOO_LARGE,
+                                     None, "packet too large for the client")
+        return None
+
+    # --- client-triggered log lines, rate-limited --------------------------------------
+
+    def _who(self) -> str:
+        """The key of this client in rate limits: its id, or its host before CONNECT."""
+        return self.client_id or _peer_host(self.peer)
+
+    def _warn(self, reason: str, format: str, **fields) -> None:
+        """One WARN line per client and ``reason`` at most ``burst`` per window;
+        the next line says how many were suppressed (see :mod:`mqttd.ratelimit`)."""
+        self.broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
@@ -193,7 +278,8 @@ class ClientConnection:
                                         self.protocol_level)
         data = template.encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
-            # [MQTT-3.1.2-25]: never send more than the client's Maximum Packet Size
+            # [MQTT-3.1.2-24, 3.1.2-25]: a PUBLISH over the client's Maximum Packet
+            # Size is discarded as if it had been sent
             if self.session is not None:
                 self.broker.count_dropped(self.session, "client-maximum-packet-size", message)
                 if packet_id is not None:
@@ -267,13 +353,17 @@ class ClientConnection:
 
     def _emit(self, item) -> None:
         cls = item.__class__
+        if cls is _InboundAck:
+            self._inflight_in -= 1
+            item = item.data
+            cls = bytes
         if cls is bytes:
+            limit = self._client_max_packet
+            if limit is not None and len(item) > limit:  # [MQTT-3.1.2-24]
+                self._fit(None, item, limit)
+                return
             self._stats.bytes_sent += len(item)
             self.transport.write(item)
-        elif cls is _InboundAck:
-            self._inflight_in -= 1
-            self._stats.bytes_sent += len(item.data)
-            self.transport.write(item.data)
         elif callable(item):
             item()
         else:
@@ -314,20 +404,33 @@ class ClientConnection:
         self._online = False
         self.state = _CLOSED
         self._cancel_timers()
+        self._release()
         self.transport.loseConnection()
+
+    def _release(self) -> None:
+        """Drop what a closed connection holds, at once rather than at the next
+        full GC: the partial packet buffer, stashed and pending packets, and the
+        handler table of bound methods (a reference cycle through ``self``)."""
+        self.reader.release()
+        self._handlers = _NO_HANDLERS
+        self._stash = ()
+        self._pending.clear()
 
     def fail(self, error: MQTTError) -> None:
         """Answer a protocol error as the spec says, log it, close."""
         if self.state == _CLOSED:
             return
         self._stats.protocol_errors += 1
-        log.warn("Closing connection of {client_id} from {peer}: {error} "
-                 "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                 peer=self.peer, error=str(error), reason_code=error.reason_code,
-                 spec=error.spec)
+        self._warn(type(error).__name__,
+                   "Closing connection of {client_id} from {peer}: {error} "
+                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                   peer=self.peer, error=str(error), reason_code=error.reason_code,
+                   spec=error.spec)
         if self.state == _CONNECTING:
             if isinstance(error, UnsupportedProtocolVersion):
-                if error.protocol_level == MQTT_5:
+                if not error.answer:
+                    pass  # [MQTT-3.1.4-1]: close without a CONNACK
+                elif error.protocol_level == MQTT_5:
                     self.protocol_level = MQTT_5
                     self.send(Connack(False, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION))
                 else:  # [MQTT-3.1.2-2]: return code 0x01, v3 form
@@ -344,7 +447,7 @@ class ClientConnection:
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
-        self._pending.clear()
+        self._release()
         session = self.session
         if session is not None:
             self.broker.connection_lost(session, self, publish_will=self._will_on_close,
@@ -358,8 +461,8 @@ class ClientConnection:
 
     def _connect_timeout(self) -> None:
         self._connect_call = None
-        log.warn("No CONNECT from {peer} within {timeout} s; closing",
-                 peer=self.peer, timeout=self.broker.config.connect_timeout)
+        self._warn("connect-timeout", "No CONNECT from {peer} within {timeout} s; closing",
+                   peer=self.peer, timeout=self.broker.config.connect_timeout)
         self._close("connect timeout")
 
     def _check_keepalive(self) -> None:
@@ -368,9 +471,13 @@ class ClientConnection:
             return
         idle = self.clock.seconds() - self._last_received
         if idle >= self._keepalive:
-            # [MQTT-3.1.2-24]: close after 1.5 keepalive periods of silence
-            log.warn("Keepalive of {client_id} expired after {idle:.1f} s; closing",
-                     client_id=self.client_id, idle=idle)
+            # [MQTT-3.1.2-24] (3.1.1), [MQTT-3.1.2-22] (5.0): close after 1.5
+            # keepalive periods without a complete packet
+            partial = self.reader.buffered
+            self._warn("keepalive",
+                       "Keepalive of {client_id} expired after {idle:.1f} s without a "
+                       "complete packet ({partial} bytes of one pending); closing",
+                       client_id=self.client_id, idle=idle, partial=partial)
             self.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, log_reason="keepalive timeout")
             return
         self._keepalive_call = self.clock.callLater(self._keepalive - idle,
@@ -379,9 +486,9 @@ class ClientConnection:
     # --- CONNECT --------------------------------------------------------------------
 
     def _refuse(self, reason_code: int, why: str, spec: Optional[str] = None) -> None:
-        log.warn("Refusing CONNECT of {client_id} from {peer}: {why} "
-                 "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                 peer=self.peer, why=why, reason_code=reason_code, spec=spec)
+        self._warn("connect-refused", "Refusing CONNECT of {client_id} from {peer}: {why} "
+                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                   peer=self.peer, why=why, reason_code=reason_code, spec=spec)
         if self.protocol_level == MQTT_5:
             code = reason_code
         else:
@@ -429,8 +536,21 @@ class ClientConnection:
             try:
                 topics.validate_topic_name(will.topic)
             except MQTTError as error:
+                if level != MQTT_5:
+                    # a CONNECT that does not conform is closed without a
+                    # CONNACK [MQTT-3.1.4-1]; 0x03 would claim "server unavailable"
+                    raise ProtocolError(f"will topic: {error.message}",
+                                        spec="MQTT-3.1.4-1") from None
                 return self._refuse(ReasonCode.TOPIC_NAME_INVALID,
                                     f"will topic: {error.message}", spec="MQTT-3.1.3-11")
+            response_topic = will.properties.response_topic
+            if response_topic is not None:
+                try:
+                    topics.validate_topic_name(response_topic)
+                except MQTTError as error:  # [MQTT-3.3.2-14] applies to the will too
+                    return self._refuse(ReasonCode.PROTOCOL_ERROR,
+                                        f"will response topic: {error.message}",
+                                        spec="MQTT-3.3.2-14")
             if will.qos > config.max_qos:
                 return self._refuse(ReasonCode.QOS_NOT_SUPPORTED,
                                     f"will QoS {will.qos} above the maximum QoS "
@@ -452,13 +572,19 @@ class ClientConnection:
         keepalive = packet.keepalive
         server_keepalive = None
         if config.max_keepalive and (keepalive == 0 or keepalive > config.max_keepalive):
-            keepalive = config.max_keepalive
-            if level == MQTT_5:
-                server_keepalive = keepalive
+            # --max-keepalive also bounds keepalive 0 (no keepalive).  v5: the
+            # Server Keep Alive tells the client [MQTT-3.2.2-21]; v3 has no way to
+            # tell it, so (as mosquitto does) the CONNECT is refused with 0x02
+            if level != MQTT_5:
+                return self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                    f"keepalive {keepalive} s is 0 or over the maximum of "
+                                    f"{config.max_keepalive} s")
+            keepalive = server_keepalive = config.max_keepalive
         session, present = broker.open_session(
             self, client_id, level, packet.clean_start, expiry, will)
         self.session = session
         self.state = _CONNECTED
+        self.reader.max_packet_size = config.max_packet_size
         self._handlers = self._connected_handlers()
         if keepalive:
             self._keepalive = keepalive * 1.5
@@ -534,15 +660,22 @@ class ClientConnection:
             if props.subscription_identifiers:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
+            if props.response_topic is not None:
+                try:
+                    topics.validate_topic_name(props.response_topic)
+                except MQTTError as error:
+                    raise ProtocolError(f"Response Topic: {error.message}",
+                                        spec="MQTT-3.3.2-14") from None
         if topic.startswith("$SYS"):
-            log.warn("Refused PUBLISH of {client_id} to {topic}: clients cannot "
-                     "publish into $SYS", client_id=self.client_id, topic=topic)
+            self._warn("publish-refused", "Refused PUBLISH of {client_id} to {topic}: "
+                       "clients cannot publish into $SYS", client_id=self.client_id,
+                       topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
         authorizer = self.broker.authorizer
         if authorizer is not None and not authorizer.may_publish(
                 self.client_id, self.info.username, topic):
-            log.warn("Refused PUBLISH of {client_id} to {topic}: not authorized",
-                     client_id=self.client_id, topic=topic)
+            self._warn("publish-refused", "Refused PUBLISH of {client_id} to {topic}: "
+                       "not authorized", client_id=self.client_id, topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
         expiry = props.message_expiry_interval
         message = Message(topic, packet.payload, qos, packet.retain, props,
@@ -632,13 +765,34 @@ class ClientConnection:
         elif packet.qos == 2:
             self._output(Pubrec(packet.packet_id, code), durable=False)
 
+    def _check_ack_type(self, packet, expected_qos: int, stage=None) -> None:
+        """An acknowledgement of the wrong type for the message in flight under
+        its packet id is a protocol violation, closed [MQTT-4.8.0-1]: PUBACK
+        for a QoS 2 message, PUBREC for a QoS 1 one, PUBCOMP before PUBREC
+        [MQTT-4.3.2-1, 4.3.3-1].  An unknown packet id is not: it may answer a
+        message already completed before a reconnect."""
+        record = self.session.inflight.get(packet.packet_id)
+        if record is None:
+            return
+        if record.qos != expected_qos or (stage is not None and record.stage != stage):
+            raise ProtocolError(
+                f"{type(packet).__name__} for packet id {packet.packet_id}, a QoS "
+                f"{record.qos} message at stage {record.stage.name}",
+                spec="MQTT-4.8.0-1" if self.protocol_level != MQTT_5 else "MQTT-4.13.1-1")
+
+    def _unknown_ack(self, packet) -> None:
+        self._warn("unknown-ack", "{packet} for unknown packet id {packet_id} from "
+                   "{client_id}", packet=type(packet).__name__,
+                   packet_id=packet.packet_id, client_id=self.client_id)
+
     def _on_puback(self, packet: Puback) -> None:
         if not self.broker.puback(self.session, packet.packet_id):
-            log.debug("PUBACK for unknown packet id {packet_id} from {client_id}",
-                      packet_id=packet.packet_id, client_id=self.client_id)
+            self._check_ack_type(packet, 1)
+            self._unknown_ack(packet)
 
     def _on_pubrec(self, packet: Pubrec) -> None:
         failed = self.protocol_level == MQTT_5 and packet.reason_code >= 0x80
+        self._check_ack_type(packet, 2)
         if self.broker.pubrec(self.session, packet.packet_id, failed):
             self._output(Pubrel(packet.packet_id), durable=True)
         elif not failed:
@@ -652,8 +806,8 @@ class ClientConnection:
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         if not self.broker.pubcomp(self.session, packet.packet_id):
-            log.debug("PUBCOMP for unknown packet id {packet_id} from {client_id}",
-                      packet_id=packet.packet_id, client_id=self.client_id)
+            self._check_ack_type(packet, 2, OutboundStage.PUBREL_SENT)
+            self._unknown_ack(packet)
 
     # --- SUBSCRIBE / UNSUBSCRIBE ----------------------------------------------------------
 
@@ -677,9 +831,15 @@ class ClientConnection:
             try:
                 topics.validate_topic_filter(topic_filter)
             except MQTTError as error:
-                log.warn("Refused subscription of {client_id} to {filter!r}: {error}",
-                         client_id=self.client_id, filter=topic_filter, error=str(error))
-                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
+                if not v5:
+                    # 3.x has no per-filter refusal for a malformed filter: a
+                    # protocol violation closes the connection [MQTT-4.8.0-1]
+                    raise ProtocolError(f"SUBSCRIBE with an invalid topic filter: "
+                                        f"{error.message}", spec="MQTT-4.8.0-1") from None
+                self._warn("subscribe-refused",
+                           "Refused subscription of {client_id} to {filter!r}: {error}",
+                           client_id=self.client_id, filter=topic_filter, error=str(error))
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
                 continue
             if authorizer is not None and not authorizer.may_subscribe(
                     self.client_id, self.info.username, topic_filter):
@@ -710,7 +870,16 @@ class ClientConnection:
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         broker = self.broker
         codes = []
+        v5 = self.protocol_level == MQTT_5
         for topic_filter in packet.topic_filters:
+            try:
+                topics.validate_topic_filter(topic_filter)
+            except MQTTError as error:
+                if not v5:  # [MQTT-4.8.0-1]
+                    raise ProtocolError(f"UNSUBSCRIBE with an invalid topic filter: "
+                                        f"{error.message}", spec="MQTT-4.8.0-1") from None
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                continue
             removed = broker.unsubscribe(self.session, topic_filter)
             codes.append(0 if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
             if removed:

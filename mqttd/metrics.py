@@ -16,6 +16,10 @@ class BrokerStats:
     bytes_sent: int = 0
     subscriptions_total: int = 0
     protocol_errors: int = 0
+    #: congestion episodes in which a subscriber held publishers back
+    publisher_holds: int = 0
+    #: subscribers that used up --max-publisher-pause without draining
+    slow_subscribers_demoted: int = 0
     #: dropped messages by reason ("queue-full", "client-maximum-packet-size")
     dropped: Dict[str, int] = attrs.Factory(dict)
 

@@ -72,6 +72,12 @@ class Session:
     #: broker clock time since which the queue of this online session is
     #: over its high-water mark (publishers are held back); None otherwise
     congested_since: Optional[float] = None
+    #: broker clock time the session used up its publisher-pause budget
+    #: without draining (it holds no one until healthy again); None otherwise
+    demoted_since: Optional[float] = None
+    #: while demoted: when its queue was last found empty (None: not since
+    #: it last passed the high-water mark)
+    healthy_since: Optional[float] = None
 
     # --- ordering and packet ids ------------------------------------------
 

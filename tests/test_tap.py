@@ -53,6 +53,15 @@ def test_unknown_toml_key_is_a_usage_error(tmp_path):
         _parse("--config", str(config))
 
 
+def test_publisher_pause_options_reach_the_config_and_are_checked():
+    """Both reach BrokerConfig; a negative pause is a usage error."""
+    options = _parse("--max-publisher-pause", "2", "--publisher-pause-recovery", "10")
+    config = options.broker_config()
+    assert (config.max_publisher_pause, config.publisher_pause_recovery) == (2.0, 10.0)
+    with pytest.raises(usage.UsageError, match="max-publisher-pause"):
+        _parse("--max-publisher-pause", "-1")
+
+
 def test_bad_overflow_policy_is_a_usage_error():
     """--overflow-policy accepts only the documented values."""
     with pytest.raises(usage.UsageError):
