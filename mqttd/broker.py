@@ -26,11 +26,14 @@ from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.flowcontrol import SlowConsumerGuard
-from mqttd.messages import Message
+from mqttd.messages import (
+    Message, forwarded_properties, outbound_message, published_at, will_message)
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
+from mqttd.retained import RetainedIndex
 from mqttd.session import OverflowPolicy, QueueLimits, Session, delivery_message
+from mqttd.wills import WillScheduler
 
 log = Logger(namespace="mqttd.broker")
 
@@ -145,6 +148,14 @@ class BrokerConfig:
     #: seconds a subscriber that used up max_publisher_pause must stay healthy
     #: (after its queue was empty) before it may hold publishers again
     publisher_pause_recovery: float = attrs.field(default=30.0, validator=_seconds(0))
+    #: client ids whose packets are all logged at info level (``--trace-client``)
+    trace_clients: frozenset = attrs.field(default=frozenset(), converter=frozenset)
+    #: seconds an MQTT 3.x persistent session (clean session 0) may stay
+    #: disconnected before it is discarded (mosquitto's
+    #: ``persistent_client_expiration``); None = forever.  MQTT 5 sessions
+    #: keep their own Session Expiry Interval.
+    persistent_client_expiration: Optional[float] = attrs.field(
+        default=None, validator=attrs.validators.optional(_seconds(0)))
     #: how a shared subscription group picks the member for a message
     #: (one of :data:`mqttd.shared.STRATEGIES`)
     shared_subscription_strategy: str = attrs.field(default=shared.DEFAULT_STRATEGY,
@@ -211,7 +222,11 @@ class Broker:
         self.authorizer = authorizer
         self.stats = BrokerStats()
         self.sessions: Dict[str, Session] = {}
-        self.retained: Dict[str, Message] = {}
+        #: retained messages by topic (index, wildcard lookup, expiry)
+        self.retained = RetainedIndex()
+        self._retained_expiry_call = None
+        #: pending delayed wills [MQTT-3.1.2-8]
+        self.wills = WillScheduler(clock, self._publish_will_now, self._write)
         self._trie = topics.SubscriptionTrie()
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
@@ -315,9 +330,18 @@ class Broker:
     # --- recovery -------------------------------------------------------------
 
     def restore(self, state: R.StoredState) -> None:
-        """Rebuild sessions, subscriptions and retained messages from the store."""
+        """Rebuild sessions, subscriptions, retained messages and pending wills
+        from the store.  Messages that expired while the broker was down are
+        dropped (and deleted from the store) [MQTT-3.3.2-5]."""
         now = self.clock.seconds()
-        self.retained.update(state.retained)
+        expired = 0
+        for topic, message in list(state.retained.items()):
+            if message.expires_at is not None and message.expires_at <= now:
+                self._write(R.DeleteRetained(topic))
+                expired += 1
+                continue
+            self.retained.set(message)
+        self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
             record = stored.record
             session = Session(client_id=client_id, protocol_level=record.protocol_level,
@@ -330,6 +354,12 @@ class Broker:
             for seq in sorted(stored.outbound):
                 out = stored.outbound[seq]
                 session.restore_seq(seq)
+                expires_at = out.message.expires_at
+                if (expires_at is not None and expires_at <= now
+                        and out.stage != OutboundStage.PUBREL_SENT):
+                    self._write(R.DeleteOutbound(client_id, seq))
+                    expired += 1
+                    continue
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                     session.queue.append(out)
                     session.queued_bytes += len(out.message.payload) + len(out.message.topic)
@@ -337,11 +367,16 @@ class Broker:
                     session.inflight[out.packet_id] = out
             session.inbound_qos2.update(stored.inbound_qos2)
             self.sessions[client_id] = session
+        # wills first: a session that expired while we were down publishes its will
+        self.wills.restore(state.wills.values(), self.sessions)
+        for session in list(self.sessions.values()):
             self._schedule_expiry(session, now)
-        log.info("Restored {sessions} sessions ({messages} stored messages) and "
-                 "{retained} retained messages",
-                 sessions=len(state.sessions), retained=len(state.retained),
-                 messages=sum(len(s.outbound) for s in state.sessions.values()))
+        log.info("Restored {sessions} sessions ({messages} stored messages), "
+                 "{retained} retained messages and {wills} delayed wills; "
+                 "{expired} expired messages dropped",
+                 sessions=len(state.sessions), retained=len(self.retained),
+                 messages=sum(len(s.outbound) for s in state.sessions.values()),
+                 wills=len(state.wills), expired=expired)
 
     # --- sessions ---------------------------------------------------------------
 
@@ -375,9 +410,13 @@ class Broker:
         if existing is not None and not clean_start:
             session = existing
             session_present = True
+            # resumed in time: its delayed will is not sent [MQTT-3.1.3-9]
+            self.wills.session_resumed(client_id)
         else:
             if existing is not None:
                 self._discard_session(existing)
+            # the old session ended: a will still waiting goes out now [MQTT-3.1.2-8]
+            self.wills.session_ended(client_id)
             session = Session(client_id=client_id)
             self.sessions[client_id] = session
         was_persistent = session.persistent
@@ -399,15 +438,17 @@ class Broker:
         return session, session_present
 
     def session_online(self, session: Session) -> None:
-        """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue."""
+        """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue.
+
+        The resends count against the client's Receive Maximum like any
+        PUBLISH [MQTT-3.3.4-9]: at most ``send_window`` go out now, the others
+        as acknowledgements come back (:meth:`drain`).
+        """
         conn = session.connection
         if conn is None:
             return
-        for pid, out in list(session.inflight.items()):
-            if out.stage == OutboundStage.PUBREL_SENT:
-                conn.send(Pubrel(pid))
-            else:
-                conn.send_publish(out.message, out.qos, pid, True)
+        session.resend.clear()
+        session.resend.extend(session.inflight)
         self.drain(session)
 
     def connection_lost(self, session: Session, connection, publish_will: bool,
@@ -416,35 +457,63 @@ class Broker:
         if session.connection is not connection:
             return  # already taken over
         info = getattr(connection, "info", None)
-        self.emit("clientDisconnecting", client=info, reason=reason)
+        client_id = session.client_id
+        # every step runs even if an earlier one fails: never half torn down
+        self._teardown_step(client_id, "clientDisconnecting event", self.emit,
+                            "clientDisconnecting", client=info, reason=reason)
         will = session.will
         session.will = None
         session.connection = None
         session.wire.clear()
-        if session.congested_since is not None:
-            self._decongested(session)
+        session.resend.clear()
         now = self.clock.seconds()
         session.disconnected_at = now
+        if session.congested_since is not None:
+            self._teardown_step(client_id, "release of held publishers",
+                                self._decongested, session)
         if publish_will and will is not None:
-            self._publish_will(session.client_id, will)
+            self._teardown_step(client_id, "will", self._schedule_will, session, will)
         if not session.persistent:
-            self._discard_session(session)
+            self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
-            self._write(R.PutSession(session.to_record()))
-            self._schedule_expiry(session, now)
-        self.emit("clientDisconnected", client=info, reason=reason)
+            self._teardown_step(client_id, "session store", self._write,
+                                R.PutSession(session.to_record()))
+            self._teardown_step(client_id, "session expiry", self._schedule_expiry,
+                                session, now)
+        self._teardown_step(client_id, "clientDisconnected event", self.emit,
+                            "clientDisconnected", client=info, reason=reason)
 
-    def _publish_will(self, client_id: str, will) -> None:
-        if topics_is_sys(will.topic):
+    def _teardown_step(self, client_id: str, step: str, f, *args, **kwargs) -> None:
+        try:
+            f(*args, **kwargs)
+        except Exception:
+            log.failure("Teardown of {client_id}: {step} failed; continuing",
+                        client_id=client_id, step=step)
+
+    def _schedule_will(self, session: Session, will) -> None:
+        """The connection ended without DISCONNECT 0x00: publish its will now or
+        after its Will Delay Interval, whichever comes before the session ends
+        [MQTT-3.1.2-8] (MQTT 5.0 §3.1.3.2.2)."""
+        delay = will.properties.will_delay_interval or 0
+        if not session.persistent:
+            delay = 0  # the session ends with this connection
+        elif session.expiry_interval is not None:
+            delay = min(delay, session.expiry_interval)
+        self.wills.schedule(session.client_id, will_message(will, session.client_id),
+                            delay, durable=session.persistent and delay > 0)
+
+    def _publish_will_now(self, client_id: str, message: Message) -> None:
+        if topics_is_sys(message.topic):
             return
         log.info("Publishing will of {client_id} to {topic}",
-                 client_id=client_id, topic=will.topic)
-        message = Message(will.topic, will.payload, will.qos, will.retain,
-                          will.properties, origin=client_id)
-        self.publish(message, client=None)
+                 client_id=client_id, topic=message.topic)
+        self.publish(published_at(message, self.clock.seconds()), client=None)
 
     def _schedule_expiry(self, session: Session, now: float) -> None:
         interval = session.expiry_interval
+        if interval is None and session.protocol_level < 5:
+            # MQTT 3.x persistent sessions: --persistent-client-expiration
+            interval = self.config.persistent_client_expiration
         if interval is None:
             return  # never expires
         started = session.disconnected_at if session.disconnected_at is not None else now
@@ -468,6 +537,9 @@ class Broker:
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
+        session.replays.clear()
+        # the session ended: a will still waiting for its delay goes out now
+        self.wills.session_ended(session.client_id)
         if session.inflight or session.queue:
             self._redispatch(session)
 
@@ -517,25 +589,49 @@ class Broker:
         else:
             self._trie.remove(topic_filter, client_id)
 
-    def send_retained(self, session: Session, sub: SubscriptionRecord) -> int:
-        """Queue every retained message matching ``sub`` with retain=1 [MQTT-3.3.1-6].
+    def send_retained(self, session: Session, sub: SubscriptionRecord) -> None:
+        """Replay the retained messages matching ``sub`` with retain=1 [MQTT-3.3.1-6].
 
-        None is dropped however many there are: they bypass the queue limits.
+        The replay is streamed from a cursor over the retained index as the
+        client takes messages (:meth:`drain`), never queued all at once: no
+        retained message is dropped, and a client that does not read costs
+        one cursor per filter.  A repeated SUBSCRIBE to the same filter
+        restarts that filter's cursor.
         """
-        count = 0
-        topic_filter = sub.topic_filter
-        for topic, message in list(self.retained.items()):
-            if not topics.matches(topic_filter, topic):
+        cursor = self.retained.cursor(sub.topic_filter, self.clock.seconds())
+        session.replays.pop(sub.topic_filter, None)
+        session.replays[sub.topic_filter] = (cursor, sub.qos, sub.subscription_identifier)
+        if session.connection is not None:
+            self.drain(session)
+
+    def _replay(self, session: Session, conn) -> None:
+        """Feed the retained replay cursors while the client can take messages.
+
+        Called by :meth:`drain` once the queue is empty; leaves at most one
+        message in the queue (the one the window had no room for).
+        """
+        replays = session.replays
+        now = self.clock.seconds()
+        while replays and not session.queue and conn.writable():
+            topic_filter = next(iter(replays))
+            cursor, max_qos, sid = replays[topic_filter]
+            message = next(cursor, None)
+            if message is None:
+                del replays[topic_filter]
                 continue
-            if message.expires_at is not None and message.expires_at <= self.clock.seconds():
-                continue
-            qos = min(message.qos, sub.qos)
+            if message.expires_at is not None:
+                # retained for a while: forwarded with the interval left
+                message = outbound_message(message, now)  # [MQTT-3.3.2-6]
+                if message is None:
+                    continue
+            qos = message.qos if message.qos < max_qos else max_qos
             message = delivery_message(message, True)
-            if sub.subscription_identifier is not None:  # [MQTT-3.3.4-3]
-                message = with_subscription_ids(message, (sub.subscription_identifier,))
-            self._deliver(session, message, qos, force=True)
-            count += 1
-        return count
+            if sid is not None:  # [MQTT-3.3.4-3]
+                message = with_subscription_ids(message, (sid,))
+            try:
+                self._deliver(session, message, qos, force=True)
+            except Exception:
+                self._delivery_failed(session.client_id, message)
 
     def subscribe_local(self, topic_filter: str, callback: Callable[[Message], None],
                         qos: int = 2) -> Callable[[], None]:
@@ -547,9 +643,8 @@ class Broker:
         topics.validate_topic_filter(topic_filter)
         local = LocalSubscription(topic_filter, callback, qos)
         self._trie.add(topic_filter, local, local)
-        for topic, message in list(self.retained.items()):
-            if topics.matches(topic_filter, topic):
-                self._call_local(local, message)
+        for message in self.retained.match(topic_filter, self.clock.seconds()):
+            self._call_local(local, message)
 
         def unsubscribe():
             self._trie.remove(topic_filter, local)
@@ -563,10 +658,12 @@ class Broker:
         topics.validate_topic_name(topic)
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        kwargs = {}
+        message = Message(topic, payload, qos, retain)
         if properties is not None:
-            kwargs["properties"] = properties
-        return self.publish(Message(topic, payload, qos, retain, **kwargs), client=None)
+            # only what a PUBLISH forwards; the expiry counts from now
+            message = published_at(attrs.evolve(
+                message, properties=forwarded_properties(properties)), self.clock.seconds())
+        return self.publish(message, client=None)
 
     def publish(self, message: Message, client: Optional[ClientInfo] = None,
                 cache: Optional[dict] = None) -> int:
@@ -592,20 +689,29 @@ class Broker:
             cache = {}
         if len(matches) == 1:  # the common case: no merging needed
             _filter, key, sub = matches[0]
-            return self._route(key, sub, message, cache)
-        # merge overlapping subscriptions per client: each subscription's own
-        # options first (No Local), then the highest QoS [MQTT-3.3.5-1] and
-        # every matching subscription identifier [MQTT-3.3.4-3]
+            try:
+                return self._route(key, sub, message, cache)
+            except Exception:
+                self._delivery_failed(key, message)
+                return 0
+        # merge overlapping subscriptions per client, each subscription's
+        # options applied first: a No Local subscription of the publisher does
+        # not take part, another of its subscriptions may still deliver
+        # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
+        # matching subscription identifier [MQTT-3.3.4-4]
+        origin = message.origin
         receivers = 0
         best: Dict[object, SubscriptionRecord] = {}
         ids: Optional[Dict[object, list]] = None
-        origin = message.origin
         for _filter, key, sub in matches:
-            if key.__class__ is not str:  # in-process subscriber or shared group
-                receivers += self._route(key, sub, message, cache)
+            if key.__class__ is not str:  # an in-process subscriber or a shared group
+                try:
+                    receivers += self._route(key, sub, message, cache)
+                except Exception:
+                    self._delivery_failed(key, message)
                 continue
-            if sub.no_local and key == origin:
-                continue  # [MQTT-3.8.3-3]
+            if key == origin and sub.no_local:
+                continue
             sid = sub.subscription_identifier
             if sid is not None:
                 if ids is None:
@@ -615,9 +721,20 @@ class Broker:
             if prev is None or sub.qos > prev.qos:
                 best[key] = sub
         for key, sub in best.items():
-            receivers += self._route(key, sub, message, cache,
-                                     None if ids is None else ids.get(key))
+            # one subscriber's failure never reaches the others
+            try:
+                receivers += self._route(key, sub, message, cache,
+                                         None if ids is None else ids.get(key))
+            except Exception:
+                self._delivery_failed(key, message)
         return receivers
+
+    def _delivery_failed(self, key, message: Message) -> None:
+        client_id = getattr(key, "topic_filter", key)
+        self.stats.count_drop("delivery-error")
+        log.failure("Delivering a message to {topic} for {client_id} failed; "
+                    "other subscribers are unaffected", client_id=client_id,
+                    topic=message.topic)
 
     def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict,
                ids: Optional[list] = None) -> int:
@@ -706,8 +823,13 @@ class Broker:
             message = out.message
             if message.properties.subscription_identifiers:
                 message = with_subscription_ids(message, ())
-            if group is None or not self._route_shared(group, message, {}):
-                self.count_dropped(session, "shared-no-member", message)
+            try:
+                if group is not None and self._route_shared(group, message, {}):
+                    continue
+            except Exception:
+                self._delivery_failed(out.share, message)
+                continue
+            self.count_dropped(session, "shared-no-member", message)
 
     def _call_local(self, local: LocalSubscription, message: Message) -> None:
         try:
@@ -719,11 +841,32 @@ class Broker:
     def _retain(self, message: Message) -> None:
         topic = message.topic
         if not message.payload:
-            if self.retained.pop(topic, None) is not None:
+            if self.retained.remove(topic) is not None:
                 self._write(R.DeleteRetained(topic))
             return
-        self.retained[topic] = message
+        self.retained.set(message)
         self._write(R.PutRetained(message))
+        if message.expires_at is not None:
+            self._schedule_retained_expiry()
+
+    def _schedule_retained_expiry(self) -> None:
+        """One timer for the earliest retained expiry [MQTT-3.3.2-5]."""
+        at = self.retained.next_expiry()
+        call = self._retained_expiry_call
+        if call is not None and call.active():
+            if at is not None and call.getTime() <= at:
+                return
+            call.cancel()
+        self._retained_expiry_call = None
+        if at is not None:
+            delay = max(0.0, at - self.clock.seconds())
+            self._retained_expiry_call = self.clock.callLater(delay, self._expire_retained)
+
+    def _expire_retained(self) -> None:
+        self._retained_expiry_call = None
+        for topic in self.retained.expire(self.clock.seconds()):
+            self._write(R.DeleteRetained(topic))
+        self._schedule_retained_expiry()
 
     def _deliver(self, session: Session, message: Message, qos: int,
                  cache: Optional[dict] = None, force: bool = False,
@@ -789,10 +932,18 @@ class Broker:
         self.flow.hold(connection)
 
     def drain(self, session: Session) -> None:
-        """Send queued messages while the client can take them."""
+        """Send what the client is owed while it can take it: in-flight resends
+        first, then the queue, then the retained replay.
+
+        Queued messages that expired are dropped, the others go out with their
+        Message Expiry Interval lowered by the time they waited
+        [MQTT-3.3.2-5], [MQTT-3.3.2-6].
+        """
         conn = session.connection
         if conn is None:
             return
+        if session.resend:
+            self._resend(session, conn)
         queue = session.queue
         inflight = session.inflight
         window = conn.send_window
@@ -800,10 +951,24 @@ class Broker:
         wire = session.wire
         while queue and conn.writable():
             head = queue[0]
+            message = head.message
+            template = None
+            if message.expires_at is not None:
+                message = outbound_message(message, self.clock.seconds())
+                if message is None:
+                    session.dequeue()
+                    wire.pop(head.seq, None)
+                    if head.qos and persistent:
+                        self._write(R.DeleteOutbound(session.client_id, head.seq))
+                    self.count_dropped(session, "expired", head.message)
+                    continue
+                if message is not head.message:
+                    wire.pop(head.seq, None)  # the bytes carry the old interval
             if head.qos == 0:
                 session.dequeue()
-                conn.send_publish(head.message, 0, None, False,
-                                  template=wire.pop(head.seq, None) if wire else None)
+                if wire:
+                    template = wire.pop(head.seq, None)
+                conn.send_publish(message, 0, None, False, template=template)
                 continue
             if len(inflight) >= window:
                 break
@@ -815,10 +980,42 @@ class Broker:
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
-            conn.send_publish(head.message, head.qos, pid, False,
-                              template=wire.pop(head.seq, None) if wire else None)
+            if wire:
+                template = wire.pop(head.seq, None)
+            conn.send_publish(message, head.qos, pid, False, template=template)
         if session.congested_since is not None or session.demoted_since is not None:
             self.flow.drained(session, len(queue), self._low_water)
+        if session.replays and not queue:
+            self._replay(session, conn)
+
+    def _resend(self, session: Session, conn) -> None:
+        """Resend in-flight messages of a resumed session with DUP [MQTT-4.4.0-1],
+        their original packet ids, and no more than the client's Receive
+        Maximum unacknowledged at once [MQTT-3.3.4-9].
+
+        An expired PUBLISH is dropped rather than resent (as mosquitto does);
+        a PUBREL is always resent (the message was delivered).
+        """
+        resend = session.resend
+        inflight = session.inflight
+        window = conn.send_window
+        now = self.clock.seconds()
+        while resend and conn.writable() and len(inflight) - len(resend) < window:
+            pid = resend.popleft()
+            out = inflight.get(pid)
+            if out is None:
+                continue
+            if out.stage == OutboundStage.PUBREL_SENT:
+                conn.send(Pubrel(pid))
+                continue
+            message = outbound_message(out.message, now)
+            if message is None:
+                del inflight[pid]
+                if session.persistent:
+                    self._write(R.DeleteOutbound(session.client_id, out.seq))
+                self.count_dropped(session, "expired", out.message)
+                continue
+            conn.send_publish(message, out.qos, pid, True)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
@@ -848,7 +1045,7 @@ class Broker:
         self.stats.messages_acked += 1
         if session.persistent:
             self._write(R.DeleteOutbound(session.client_id, record.seq))
-        if session.queue:
+        if session.queue or session.resend or session.replays:
             self.drain(session)
         return True
 
@@ -913,6 +1110,11 @@ class Broker:
             if session.expiry_call is not None and session.expiry_call.active():
                 session.expiry_call.cancel()
                 session.expiry_call = None
+        # pending delayed wills stay stored and fire after the next start
+        self.wills.stop()
+        if self._retained_expiry_call is not None and self._retained_expiry_call.active():
+            self._retained_expiry_call.cancel()
+        self._retained_expiry_call = None
         self.flow.release_all()
 
 

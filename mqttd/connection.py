@@ -21,7 +21,7 @@ import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mqttd import topics
+from mqttd import topics, trace
 from mqttd.aliases import InboundAliases, OutboundAliases
 from mqttd.broker import Broker, ClientInfo
 from mqttd.codec import encode, publish_template
@@ -34,7 +34,7 @@ from mqttd.codec.packets import (
     Unsubscribe)
 from mqttd.codec.reader import PacketReader
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message
+from mqttd.messages import Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
@@ -580,6 +580,8 @@ class ClientConnection:
                                     f"keepalive {keepalive} s is 0 or over the maximum of "
                                     f"{config.max_keepalive} s")
             keepalive = server_keepalive = config.max_keepalive
+        if client_id in config.trace_clients:  # --trace-client
+            trace.install(self, packet)
         session, present = broker.open_session(
             self, client_id, level, packet.clean_start, expiry, will)
         self.session = session
@@ -654,9 +656,7 @@ class ClientConnection:
         if level == MQTT_5:
             if props.topic_alias is not None:
                 topic = self._in_aliases.resolve(topic, props.topic_alias)
-                # the alias is this connection's: never forwarded, nor its bytes
-                props = attrs.evolve(props, topic_alias=None)
-                raw = None
+                raw = None  # the alias is this connection's: never forwarded, nor its bytes
             if props.subscription_identifiers:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
@@ -678,11 +678,15 @@ class ClientConnection:
                        "not authorized", client_id=self.client_id, topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
         expiry = props.message_expiry_interval
-        message = Message(topic, packet.payload, qos, packet.retain, props,
+        # inbound -> outbound: only what the spec forwards (§3.3.2.3)
+        forwarded = forwarded_properties(props)
+        message = Message(topic, packet.payload, qos, packet.retain, forwarded,
                           self.client_id,
                           None if expiry is None else self.clock.seconds() + expiry)
         # the bytes as received serve every subscriber of the same protocol
-        # family at the same QoS: no re-encoding
+        # family at the same QoS: no re-encoding (unless properties were dropped)
+        if forwarded is not props:
+            raw = None
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from mqttd import systemd
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.eventlog import EventLog
 from mqttd.protocol import MQTTFactory
@@ -71,6 +72,18 @@ class BrokerService(MultiService):
         self._started: Optional[defer.Deferred] = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
+        #: an ``ILogObserver`` offered to the twistd Application it joins
+        #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
+        self.log_observer = None
+
+    def setServiceParent(self, parent):
+        """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
+        as its ``ILogObserver`` (twistd starts logging with it)."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     # --- reload (SIGHUP) ------------------------------------------------------------
 
@@ -90,6 +103,7 @@ class BrokerService(MultiService):
         connections.  Fires with ``{name: True | False}`` (False: it failed and
         was logged; the previous configuration stays in force)."""
         results = {}
+        systemd.notify("RELOADING=1")
         for name, reload in list(self._reloaders.items()):
             try:
                 yield defer.maybeDeferred(reload)
@@ -99,6 +113,7 @@ class BrokerService(MultiService):
             else:
                 log.info("Reloaded {what}", what=name)
                 results[name] = True
+        systemd.notify("READY=1")
         return results
 
     def startService(self):
@@ -120,6 +135,8 @@ class BrokerService(MultiService):
                      endpoint=description, address=_address_info(port))
         if self.ready_file:
             self._write_ready_file()
+        systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
+                       f"MAINPID={os.getpid()}")
         return self.ports
 
     def _listen_failed(self, failure):
@@ -142,6 +159,7 @@ class BrokerService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        systemd.notify("STOPPING=1")
         yield super().stopService()
         for port in self.ports:
             yield port.stopListening()

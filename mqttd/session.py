@@ -72,6 +72,13 @@ class Session:
     #: broker clock time since which the queue of this online session is
     #: over its high-water mark (publishers are held back); None otherwise
     congested_since: Optional[float] = None
+    #: packet ids of in-flight messages still to be resent on this connection
+    #: (a resumed session resends within the client's Receive Maximum)
+    resend: Deque[int] = attrs.Factory(collections.deque)
+    #: retained replays in progress: filter -> (cursor over the retained
+    #: index, subscription QoS, subscription identifier or None), fed by
+    #: Broker.drain as the client reads
+    replays: Dict[str, tuple] = attrs.Factory(dict)
     #: broker clock time the session used up its publisher-pause budget
     #: without draining (it holds no one until healthy again); None otherwise
     demoted_since: Optional[float] = None

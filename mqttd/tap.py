@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, boolean, choice, endpoint, flag, integer, number, text)
+    ConfigError, Option, boolean, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
 from mqttd.shared import DEFAULT_STRATEGY as SHARED_DEFAULT, STRATEGIES as SHARED_STRATEGIES
 
@@ -66,6 +66,10 @@ OPTIONS: List[Option] = [
            default=10.0),
     Option("log-level", choice(*LOG_LEVELS), "Lowest level logged (debug logs every "
            "message and every drop).", default="info"),
+    Option("log-format", choice("text", "json"), "text lines, or one JSON object per line "
+           "(twisted.logger's jsonFileLogObserver).", default="text"),
+    Option("trace-client", text(), "Log every packet of this client id at info level "
+           "(repeatable).", repeatable=True, field="trace_clients"),
     Option("max-queued-messages", integer(1), "Queue limit per session, messages.",
            default=100_000, field="max_queued_messages"),
     Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
@@ -88,6 +92,10 @@ OPTIONS: List[Option] = [
            default=0, field="max_keepalive"),
     Option("max-session-expiry", integer(0, 0xFFFFFFFF), "Longest v5 session expiry "
            "granted, seconds.", field="max_session_expiry", doc_default="unlimited"),
+    Option("persistent-client-expiration", duration, "Discard MQTT 3.x persistent "
+           "sessions (clean session 0) disconnected this long: 1h, 2d, 3w, 1m (30 days), "
+           "1y, as mosquitto's persistent_client_expiration; v5 sessions keep their own "
+           "expiry.", field="persistent_client_expiration", doc_default="never"),
     Option("max-publisher-pause", number(0), "Seconds one congestion episode of a "
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
@@ -154,6 +162,10 @@ class Options(usage.Options):
         #: where each value came from: "command line", the file name, or "default"
         self.sources: Dict[str, str] = {}
         self._config = None
+
+    def opt_trace_client(self, client_id):
+        """Log every packet of this client id at info level (repeatable)."""
+        self["trace-client"].append(client_id)
 
     def opt_listen(self, description):
         """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
@@ -278,15 +290,46 @@ def check_report(options: Options) -> str:
     return "\n".join(lines)
 
 
+def _log_stream(options: Options):
+    """Where twistd would write its log: --logfile PATH, else stdout."""
+    parent = options.parent
+    path = parent.get("logfile") if parent is not None else None
+    if path and path != "-":
+        from twisted.python.logfile import LogFile
+        return LogFile.fromFullPath(path)
+    return sys.stdout
+
+
+def _log_level_reloader(options: Options, settings):
+    """Re-read ``log-level`` from the config file (unless the command line set it)."""
+    def reload():
+        if options.sources.get("log-level") == "command line" or not options["config"]:
+            return
+        values = options._read_file(options["config"])
+        level = option("log-level").check(values.get("log-level", values.get("log_level",
+                                                                               "info")))
+        settings.set_level(level)
+    return reload
+
+
+def install_signal_handlers(reactor, service) -> None:
+    """SIGHUP runs ``service.reload()`` in the reactor thread (no connection dropped)."""
+    import signal
+
+    def on_sighup(_signum, _frame):
+        reactor.callFromThread(service.reload)
+    signal.signal(signal.SIGHUP, on_sighup)
+
+
 def makeService(options: Options):
     import importlib
 
     from twisted.internet import reactor
 
-    from mqttd import debuglog
+    from mqttd import logs
     from mqttd.service import make_broker_service
 
-    debuglog.set_enabled(options["log-level"] == "debug")
+    settings = logs.LogSettings(options["log-level"] or "info")
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]
@@ -297,7 +340,15 @@ def makeService(options: Options):
         ready_file=options["ready-file"],
         sys_interval=option("sys-interval").default if sys_interval is None else sys_interval,
         store_options=store_options if not spec.startswith("memory") else None)
+    service.log_settings = settings
+    if options.parent is not None and not options.parent.get("syslog"):
+        # under twistd: our observer (format, level) instead of twistd's default
+        service.log_observer = logs.make_observer(
+            _log_stream(options), options["log-format"] or "text", settings)
+    service.add_reloader("log_level", _log_level_reloader(options, settings))
     for target in FEATURES:
         module_name, function_name = target.split(":")
         getattr(importlib.import_module(module_name), function_name)(service, options)
+    if options.parent is not None:
+        install_signal_handlers(reactor, service)
     return service

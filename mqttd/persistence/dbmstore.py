@@ -14,6 +14,7 @@ Keys (values are ``crc32 | safepickle`` bytes of one checkpoint item, see
     s:<client_id>         ("s", SessionRecord, (inbound QoS 2 packet ids, ...))
     o:<client_id>:<n>     ("o", client_id, (OutboundRecord, ...))  n-th chunk, seq order
     r:<n>                 ("r", (Message, ...))                      n-th retained chunk
+    w:<n>                 ("w", (WillRecord, ...))                   n-th pending-will chunk
 
 Outbound and retained messages are stored in chunks of up to 1000 records:
 ``dbm.dumb`` opens its files once per key and pads values to 512 bytes, so
@@ -178,6 +179,9 @@ class DbmStore(JournaledStore):
                 elif item[0] == "o":
                     key = f"o:{item[1]}:{chunk_numbers[item[1]]}"
                     chunk_numbers[item[1]] += 1
+                elif item[0] == "w":
+                    key = f"w:{chunk_numbers[('w',)]}"
+                    chunk_numbers[('w',)] += 1
                 else:
                     key = f"r:{chunk_numbers[None]}"
                     chunk_numbers[None] += 1

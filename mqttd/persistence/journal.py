@@ -51,7 +51,7 @@ from mqttd.interfaces import IBrokerStore
 from mqttd.persistence import safepickle
 from mqttd.messages import Message
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession,
+    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession, WillRecord,
     StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
@@ -99,7 +99,7 @@ def copy_state(state: StoredState) -> StoredState:
     return StoredState(
         {cid: StoredSession(s.record, dict(s.outbound), set(s.inbound_qos2))
          for cid, s in state.sessions.items()},
-        dict(state.retained))
+        dict(state.retained), dict(state.wills))
 
 
 def sort_outbound(state: StoredState) -> None:
@@ -121,7 +121,8 @@ def state_items(state: StoredState):
 
     ``("s", SessionRecord, (inbound qos2 ids...))`` for each session, followed
     by ``("o", client_id, (OutboundRecord...))`` chunks in seq order, then
-    ``("r", (Message...))`` chunks of retained messages.
+    ``("r", (Message...))`` chunks of retained messages, then ``("w",
+    (WillRecord...))`` chunks of pending delayed wills.
     """
     for client_id, session in state.sessions.items():
         yield "s", session.record, tuple(sorted(session.inbound_qos2))
@@ -131,12 +132,16 @@ def state_items(state: StoredState):
     retained = tuple(state.retained.values())
     for start in range(0, len(retained), CHUNK):
         yield "r", retained[start:start + CHUNK]
+    wills = tuple(state.wills.values())
+    for start in range(0, len(wills), CHUNK):
+        yield "w", wills[start:start + CHUNK]
 
 
 def state_counts(state: StoredState) -> dict:
     return {"sessions": len(state.sessions),
             "outbound": sum(len(s.outbound) for s in state.sessions.values()),
-            "retained": len(state.retained)}
+            "retained": len(state.retained),
+            "wills": len(state.wills)}
 
 
 class StateAssembler:
@@ -159,6 +164,10 @@ class StateAssembler:
         elif kind == "r" and len(item) == 2 and all(isinstance(m, Message) for m in item[1]):
             for message in item[1]:
                 self.state.retained[message.topic] = message
+        elif kind == "w" and len(item) == 2 and all(
+                isinstance(w, WillRecord) for w in item[1]):
+            for will in item[1]:
+                self.state.wills[will.client_id] = will
         else:
             raise ValueError(f"malformed checkpoint item of kind {kind!r}")
 
@@ -172,7 +181,8 @@ class StateAssembler:
         if expected_counts is not None:
             counts = state_counts(self.state)
             for key, value in counts.items():
-                if expected_counts.get(key) != value:
+                # checkpoints of format 1 have no "wills" count (and no wills)
+                if expected_counts.get(key, 0 if key == "wills" else None) != value:
                     raise ValueError(f"holds {value} {key}, expected "
                                      f"{expected_counts.get(key)}: incomplete")
         return self.state

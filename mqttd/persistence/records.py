@@ -18,8 +18,10 @@ import attrs
 
 from mqttd.messages import Message
 
-#: bumped whenever the shape of a record changes; stores write it in their files
-FORMAT_VERSION = 1
+#: bumped whenever the shape of a record changes; stores write it in their files.
+#: 2: pending delayed wills (``WillRecord``, ``PutWill``, ``DeleteWill``, the
+#: ``"w"`` checkpoint item); version 1 files are still read.
+FORMAT_VERSION = 2
 
 
 class OutboundStage(enum.IntEnum):
@@ -65,6 +67,19 @@ class OutboundRecord:
     share: Optional[str] = None
 
 
+@attrs.frozen(slots=True)
+class WillRecord:
+    """A will waiting for its Will Delay Interval [MQTT-3.1.2-8] (see mqttd.wills)."""
+
+    client_id: str
+    #: the will as the PUBLISH it becomes (``expires_at`` unset until published)
+    message: Message
+    #: broker clock time (wall clock) at which it is published
+    publish_at: float
+    #: stored (the session is persistent) or only in memory
+    durable: bool = True
+
+
 @attrs.define
 class StoredSession:
     """What a store holds of one persistent session (mutable while applying)."""
@@ -78,6 +93,8 @@ class StoredSession:
 class StoredState:
     sessions: Dict[str, StoredSession] = attrs.Factory(dict)
     retained: Dict[str, Message] = attrs.Factory(dict)
+    #: client id -> pending delayed will
+    wills: Dict[str, WillRecord] = attrs.Factory(dict)
 
 
 # --- operations -------------------------------------------------------------
@@ -139,6 +156,18 @@ class DeleteRetained:
     topic: str
 
 
+@attrs.frozen(slots=True)
+class PutWill:
+    """A delayed will is pending (replaces the client's previous one)."""
+    record: WillRecord
+
+
+@attrs.frozen(slots=True)
+class DeleteWill:
+    """The client's pending will was published or cancelled."""
+    client_id: str
+
+
 def _put_session(state: StoredState, op: PutSession) -> None:
     existing = state.sessions.get(op.record.client_id)
     if existing is None:
@@ -192,6 +221,14 @@ def _delete_retained(state: StoredState, op: DeleteRetained) -> None:
     state.retained.pop(op.topic, None)
 
 
+def _put_will(state: StoredState, op: PutWill) -> None:
+    state.wills[op.record.client_id] = op.record
+
+
+def _delete_will(state: StoredState, op: DeleteWill) -> None:
+    state.wills.pop(op.client_id, None)
+
+
 _APPLY = {
     PutSession: _put_session,
     DeleteSession: _delete_session,
@@ -202,6 +239,8 @@ _APPLY = {
     DeleteInboundQos2: _delete_inbound,
     PutRetained: _put_retained,
     DeleteRetained: _delete_retained,
+    PutWill: _put_will,
+    DeleteWill: _delete_will,
 }
 
 #: every operation type, for allow-lists and tests
