@@ -18,10 +18,13 @@ import attrs
 
 from mqttd.messages import Message
 
-#: bumped whenever the shape of a record changes; stores write it in their files.
+#: bumped whenever the shape of a record or file changes; stores write it in
+#: their files and read every version from 1 to this one.
 #: 2: pending delayed wills (``WillRecord``, ``PutWill``, ``DeleteWill``, the
-#: ``"w"`` checkpoint item); version 1 files are still read.
-FORMAT_VERSION = 2
+#: ``"w"`` checkpoint item).
+#: 3: dbm checkpoint values are frame sequences; snapshot end frames carry the
+#: generation and version (a damaged header costs nothing).
+FORMAT_VERSION = 3
 
 
 class OutboundStage(enum.IntEnum):
@@ -51,6 +54,9 @@ class SessionRecord:
     expiry_interval: Optional[int] = None
     #: broker clock time of the last disconnect; ``None`` while connected
     disconnected_at: Optional[float] = None
+    #: the username that created the session (session ownership); records
+    #: written before this field existed have none (read with getattr)
+    owner: Optional[str] = None
 
 
 @attrs.frozen(slots=True)
