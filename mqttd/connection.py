@@ -161,6 +161,12 @@ class ClientConnection:
         try:
             packets = self.reader.feed(data)
         except MQTTError as error:
+            # the packets before the bad one are handled first, as they would
+            # be had they arrived in an earlier chunk
+            before, error.decoded_before = error.decoded_before, []
+            if before and not self._held:
+                self._last_received = self.clock.seconds()
+                self._process(before)
             self.fail(error)
             return
         if packets:

@@ -363,6 +363,19 @@ def check_report(options: Options) -> str:
     return "\n".join(lines)
 
 
+def _one_line_for_cannot_listen(previous_hook):
+    """``sys.excepthook`` that prints :class:`~mqttd.service.CannotListen` as one
+    line (``twistd -n mqttd`` in the foreground) instead of a traceback."""
+    from mqttd.service import CannotListen
+
+    def hook(kind, value, traceback):
+        if isinstance(value, CannotListen):
+            print(f"mqttd: {value}", file=sys.__stderr__)
+        else:
+            previous_hook(kind, value, traceback)
+    return hook
+
+
 def _log_stream(options: Options):
     """Where twistd would write its log: --logfile PATH, else stdout."""
     parent = options.parent
@@ -402,6 +415,7 @@ def makeService(options: Options):
     from mqttd import logs
     from mqttd.service import make_broker_service
 
+    sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
     settings = logs.LogSettings(options["log-level"] or "info")
     store_options = {}
     if options["fsync"]:
