@@ -20,6 +20,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "check-config": ("mqttd.cli:check_config",
                      "check options and config file like 'run' would, then exit"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
+    "why": ("mqttd.admin.cli:main", "why does (not) a message on TOPIC reach CLIENT? "
+            "(asks the admin API)"),
 }
 
 

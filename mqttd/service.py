@@ -75,6 +75,18 @@ class BrokerService(MultiService):
         #: an ``ILogObserver`` offered to the twistd Application it joins
         #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
         self.log_observer = None
+        #: name -> callable() whose JSON-ready result is added to the ready file
+        #: (the admin listeners add their ports as "http")
+        self.ready_extras: Dict[str, Callable[[], object]] = {}
+        #: metric name -> (help, label names, read() -> [(label values, value)]):
+        #: gauges features (bridges, cluster) export through the admin metrics
+        self.gauges: Dict[str, tuple] = {}
+
+    def add_gauge(self, name: str, help: str, labels, read) -> None:
+        """Export a gauge ``name`` (``mqttd_...``) read at scrape time:
+        ``read()`` returns ``[(label values, value), ...]`` (e.g. a bridge's
+        ``[(("edge",), 1)]`` for connected)."""
+        self.gauges[name] = (help, tuple(labels), read)
 
     def setServiceParent(self, parent):
         """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
@@ -129,7 +141,7 @@ class BrokerService(MultiService):
     async def _listen(self):
         for description in self.endpoints:
             endpoint = serverFromString(self.reactor, with_backlog(description))
-            port = await endpoint.listen(self.factory)
+            port = await endpoint.listen(self.factory_for(description))
             self.ports.append(port)
             log.info("MQTT listening on {endpoint} ({address})",
                      endpoint=description, address=_address_info(port))
@@ -138,6 +150,14 @@ class BrokerService(MultiService):
         systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
                        f"MAINPID={os.getpid()}")
         return self.ports
+
+    def factory_for(self, description: str) -> MQTTFactory:
+        """The factory of one listener: :attr:`factory`'s settings, named after
+        ``description`` (the ``listener`` label of metrics and the admin API)."""
+        factory = MQTTFactory(self.broker, self.factory.clock, self.factory.write_buffer,
+                              listener=description)
+        factory.protocol = self.factory.protocol
+        return factory
 
     def _listen_failed(self, failure):
         log.failure("Could not listen; stopping", failure)
@@ -152,6 +172,8 @@ class BrokerService(MultiService):
             "listeners": [dict(_address_info(p), endpoint=d)
                           for p, d in zip(self.ports, self.endpoints)],
         }
+        for name, extra in self.ready_extras.items():
+            info[name] = extra()
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(info, f)
