@@ -120,6 +120,31 @@ def endpoint(value):
 endpoint.kind = "endpoint"
 
 
+#: mosquitto's duration units (``persistent_client_expiration``): hour, day,
+#: week, month (30 days), year (365 days); ``s`` (seconds) is our addition
+DURATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400,
+                  "y": 365 * 86400}
+
+
+def duration(value) -> float:
+    """Seconds in a mosquitto duration such as ``1h``, ``2d``, ``3w``, ``1m``, ``1y``.
+
+    A positive integer followed by one unit of :data:`DURATION_UNITS`;
+    anything else raises ValueError.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration such as 2d, got {_describe(value)}")
+    text_value = value.strip()
+    number_part, unit = text_value[:-1], text_value[-1:].lower()
+    if unit not in DURATION_UNITS or not number_part.isdigit() or int(number_part) <= 0:
+        raise ValueError(f"{value!r} is not a duration: a positive integer followed by "
+                         f"one of {', '.join(DURATION_UNITS)} (e.g. 1h, 2d, 3w, 1m, 1y)")
+    return float(int(number_part) * DURATION_UNITS[unit])
+
+
+duration.kind = "duration"
+
+
 def flag(value):
     """A switch: only ``true``/``false`` in a file (present/absent on the command line)."""
     if not isinstance(value, bool):

@@ -36,6 +36,7 @@ class MQTTProtocol(Protocol):
         self.clock = clock
 
     def connectionMade(self):
+        self.broker.open_connections += 1  # BrokerConfig.max_connections
         self.connection = ClientConnection(
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
         #: the listener (endpoint description) it came in on, for metrics and admin
@@ -52,6 +53,7 @@ class MQTTProtocol(Protocol):
         self.connection.data_received(data)
 
     def connectionLost(self, reason=None):
+        self.broker.open_connections -= 1
         if self.connection is not None:
             self.connection.connection_lost(reason)
 

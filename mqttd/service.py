@@ -70,6 +70,9 @@ class BrokerService(MultiService):
         self.systopics = SysTopics(broker, broker.clock, sys_interval)
         self.eventlog = EventLog(broker)
         self._started: Optional[defer.Deferred] = None
+        #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
+        #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
+        self.bridges = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
         #: an ``ILogObserver`` offered to the twistd Application it joins
@@ -129,9 +132,10 @@ class BrokerService(MultiService):
         return results
 
     def startService(self):
-        super().startService()
+        # restore first: child services (bridges) find their sessions restored
         state = self.broker.store.open()
         self.broker.restore(state)
+        super().startService()
         self.eventlog.start()
         self.systopics.start()
         self._started = defer.ensureDeferred(self._listen())
@@ -197,17 +201,25 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
                         config: Optional[BrokerConfig] = None,
                         ready_file: Optional[str] = None, sys_interval: float = 10.0,
                         authenticator=None, authorizer=None,
-                        store_options: Optional[dict] = None) -> BrokerService:
+                        store_options: Optional[dict] = None,
+                        bridges=(), bridge_config_path: Optional[str] = None) -> BrokerService:
     """Build a :class:`BrokerService`.
 
     :param listen: Twisted server endpoint strings (``tcp:1883``,
         ``tcp:0:interface=127.0.0.1``, ``unix:/run/mqttd.sock``, ``ssl:8883:...``).
     :param store: an :class:`~mqttd.interfaces.IBrokerStore`, or a spec string:
         ``memory``, ``file:PATH``, ``dbm:PATH``.
+    :param bridges: :class:`mqttd.bridge.config.BridgeConfig` values; each runs
+        as a bridge (see docs/bridge.rst); ``bridge_config_path`` is the TOML
+        file a reload re-reads them from.
     """
     if isinstance(store, str):
         from mqttd.persistence import store_from_spec
         store = store_from_spec(store, reactor, **(store_options or {}))
     broker = Broker(reactor, store, config or BrokerConfig(),
                     authenticator=authenticator, authorizer=authorizer)
-    return BrokerService(reactor, broker, listen, ready_file, sys_interval)
+    service = BrokerService(reactor, broker, listen, ready_file, sys_interval)
+    if bridges:
+        from mqttd.bridge.service import install
+        install(service, list(bridges), bridge_config_path)
+    return service

@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, choice, endpoint, flag, integer, number, text)
+    ConfigError, Option, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
 
 if sys.version_info >= (3, 11):
@@ -43,13 +43,37 @@ def _fsync(value: str) -> None:
     parse_fsync_mode(value)
 
 
+def _password_file(value: str) -> None:
+    from mqttd.auth.passwd import PasswordFileError, read_password_file
+    try:
+        read_password_file(value)
+    except (OSError, PasswordFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _acl_file(value: str) -> None:
+    from mqttd.auth.acl import ACLFileError, read_acl_file
+    try:
+        read_acl_file(value)
+    except (OSError, ACLFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _strcred(value: str) -> None:
+    from twisted.cred import strcred
+    try:
+        strcred.makeChecker(value)
+    except Exception as error:  # strcred raises several kinds
+        raise ValueError(f"{value.split(':')[0]!r}: {error}") from None
+
+
 #: Every option of ``twistd mqttd``, in ``--help`` order.  One entry each.
 OPTIONS: List[Option] = [
     Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
            short="p", doc_default=".."),
     Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
-           "tcp:1883:interface=127.0.0.1 (repeatable).", default=["tcp:1883"],
-           repeatable=True),
+           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
     Option("config", text(), "TOML file with any of these options as keys.", short="c"),
     Option("check-config", flag, "Check the options and the config file, print the "
            "result and exit (0: fine, 2: not) without starting."),
@@ -91,6 +115,10 @@ OPTIONS: List[Option] = [
            default=0, field="max_keepalive"),
     Option("max-session-expiry", integer(0, 0xFFFFFFFF), "Longest v5 session expiry "
            "granted, seconds.", field="max_session_expiry", doc_default="unlimited"),
+    Option("persistent-client-expiration", duration, "Discard MQTT 3.x persistent "
+           "sessions (clean session 0) disconnected this long: 1h, 2d, 3w, 1m (30 days), "
+           "1y, as mosquitto's persistent_client_expiration; v5 sessions keep their own "
+           "expiry.", field="persistent_client_expiration", doc_default="never"),
     Option("max-publisher-pause", number(0), "Seconds one congestion episode of a "
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
@@ -107,12 +135,37 @@ OPTIONS: List[Option] = [
            "allowed to use the admin API with HTTP Basic (repeatable).", repeatable=True),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
+    # --- security (mqttd.auth; see docs/security.rst) ---
+    Option("password-file", text(_password_file), "mosquitto-format password file "
+           "($7$, $6$; mqttd passwd writes it); reloaded on SIGHUP."),
+    Option("acl-file", text(_acl_file), "mosquitto-format ACL file (user, topic, "
+           "pattern with %c/%u); reloaded on SIGHUP."),
+    Option("auth", text(_strcred), "A twisted.cred checker: unix, memory:USER:PASS:..., "
+           "file:PATH (repeatable).", repeatable=True),
+    Option("allow-anonymous", flag, "Let clients without a user name in even when "
+           "authentication or a non-loopback listener is configured."),
+    Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
+           "taken over by another user name.", field="allow_session_takeover_by_other_user"),
+    Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
+           "hook may take before it refuses.", default=10.0, field="hook_timeout"),
+    Option("max-connections", integer(0), "Open client connections, all listeners; "
+           "0 = no limit.", default=0, field="max_connections"),
+    Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
+           "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+    Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
+           "0 = no limit.", default=0, field="max_topic_levels"),
+    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
+           "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
+    Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
+           "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
 ]
 
 #: Feature packages that add to the service built from the options:
 #: ``"module:function"``, each called as ``function(service, options)`` by
 #: :func:`makeService` in this order (one line per feature).
 FEATURES: List[str] = [
+    "mqttd.auth.setup:install",
+    "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
 ]
 
@@ -134,7 +187,7 @@ def _field_option(field: str) -> str:
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Run the mqttd MQTT broker (MQTT 3.1, 3.1.1 and 5.0). "
-                "Without --port/--listen it listens on tcp:1883; without "
+                "Without --port/--listen it listens on tcp:1883 on loopback only; without "
                 "--persistence it keeps durable state in ./mqttd-data.")
 
     optParameters = [
@@ -186,6 +239,8 @@ class Options(usage.Options):
             elif value is not None:
                 given[o.name] = value
         from_file = self._read_file(given.get("config"))
+        #: the validated [[bridge]] tables of the config file (BridgeConfig values)
+        self["bridges"] = from_file.pop("bridge", [])
         # the command line wins; --port and --listen together decide the addresses
         if "port" in given or "listen" in given:
             from_file.pop("port", None)
@@ -223,6 +278,9 @@ class Options(usage.Options):
         known = {o.name: o for o in OPTIONS}
         values = {}
         for key, value in data.items():
+            if key == "bridge":   # [[bridge]] tables: see mqttd.bridge.config
+                values["bridge"] = _bridges(path, value)
+                continue
             name = key.replace("_", "-")
             opt = known.get(name)
             if opt is None or name == "config":
@@ -273,6 +331,17 @@ for _opt in OPTIONS:
         setattr(Options, "opt_" + _opt.name.replace("-", "_"), _repeatable(_opt))
 
 
+def _bridges(path, tables) -> list:
+    """The ``[[bridge]]`` tables as BridgeConfig values; ConfigError names the line."""
+    from mqttd.bridge.config import BridgeConfigError, bridges_from_toml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return bridges_from_toml(tables, text, str(path))
+    except BridgeConfigError as error:
+        raise ConfigError(f"bad bridge: {error}") from None
+
+
 def check_report(options: Options) -> str:
     """What ``--check-config`` prints for options that parsed and validated."""
     lines = ["mqttd: configuration OK" + (f" ({options['config']})" if options["config"]
@@ -286,6 +355,10 @@ def check_report(options: Options) -> str:
             continue
         lines.append(f"  {o.name} = {value!r}  ({source})")
     lines.append(f"  listen = {options['listen']!r}")
+    for bridge in options.get("bridges") or ():
+        lines.append(f"  bridge {bridge.connection} -> "
+                     + " ".join(f"{h}:{p}" for h, p in bridge.addresses)
+                     + f" ({len(bridge.topics)} topic lines)")
     return "\n".join(lines)
 
 

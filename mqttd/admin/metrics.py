@@ -137,6 +137,15 @@ class BrokerCollector:
             for reason, n in sorted(self.ring.counts.items()):
                 c.add_metric([reason], n)
             yield c
+        refused = getattr(stats, "refused", None)
+        if refused is not None:
+            c = CounterMetricFamily("mqttd_auth_refusals_total", "Refusals by the security "
+                                    "layer and limits, by kind (authentication, anonymous, "
+                                    "publish, subscribe, forward, max-connections...)",
+                                    labels=["kind"])
+            for kind, n in sorted(refused.items()):
+                c.add_metric([kind], n)
+            yield c
         yield _counter("mqttd_publisher_holds_total", "Congestion episodes in which a slow "
                        "subscriber held its publishers back",
                        getattr(stats, "publisher_holds", 0))

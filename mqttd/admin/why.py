@@ -110,6 +110,8 @@ def _client_info(broker, session, client_id: str):
     info = getattr(conn, "info", None)
     if info is not None:
         return info
+    if session is not None and hasattr(broker, "session_client"):
+        return broker.session_client(session)  # an offline session: its owner
     from mqttd.broker import ClientInfo
     level = session.protocol_level if session is not None else 4
     username = getattr(session, "username", None) or getattr(session, "owner", None)

@@ -32,6 +32,8 @@ from .wire import decode_binary, decode_utf8
 MAX_PACKET_SIZE = 268_435_460
 
 _SUPPORTED = {("MQIsdp", MQTT_3_1), ("MQTT", MQTT_3_1_1), ("MQTT", MQTT_5)}
+#: levels that may carry the bridge bit (0x80): 0x83 and 0x84, as mosquitto accepts
+_BRIDGE_LEVELS = {("MQIsdp", MQTT_3_1), ("MQTT", MQTT_3_1_1)}
 
 # Fixed-header flags every packet type but PUBLISH must carry.
 _FLAGS = {
@@ -138,6 +140,11 @@ def _decode_connect(reader, data, i, end):
         raise _truncated("CONNECT protocol level")
     level = data[i]
     i += 1
+    bridge = False
+    if level & 0x80 and (name, level & 0x7F) in _BRIDGE_LEVELS:
+        # mosquitto's bridge bit (try_private): a broker bridging to us
+        bridge = True
+        level &= 0x7F
     if (name, level) not in _SUPPORTED:
         if name not in ("MQTT", "MQIsdp"):
             # 3.x: close without a CONNACK [MQTT-3.1.2-1], [MQTT-3.1.4-1];
@@ -197,7 +204,7 @@ def _decode_connect(reader, data, i, end):
     if i != end:
         raise _trailing("CONNECT", level)
     return Connect(level, client_id, bool(flags & 0x02), keepalive, username,
-                   password, will, props)
+                   password, will, props, bridge=bridge)
 
 
 def _decode_connack(level, flags, data, i, end):
