@@ -43,6 +43,9 @@ from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
+#: MQTT 5 has no bridge bit: a CONNECT user property with this name marks a
+#: bridging broker instead (mqttd's bridges send it; the value is its broker id)
+BRIDGE_PROPERTY = "mqttd-bridge"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 #: properties a server may leave out of any packet to respect the client's
 #: Maximum Packet Size [MQTT-3.1.2-25]
@@ -640,8 +643,9 @@ class ClientConnection:
         # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
         # subscriptions get No Local + Retain As Published, so what it sends us
         # never echoes back and retained flags travel unchanged
-        self.bridge = packet.bridge
         props = packet.properties
+        self.bridge = packet.bridge or (level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in props.user_properties))
         client_id = packet.client_id
         self.client_id = client_id or None
         if config.max_connections and broker.open_connections > config.max_connections:

@@ -122,6 +122,9 @@ class BrokerService(MultiService):
         #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
         #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
         self.bridges = None
+        #: the bridges' :class:`mqttd.bridge.mesh.MeshGuard` (``dropped`` counts), set
+        #: by the bridge feature under ``twistd mqttd``; None otherwise
+        self.mesh_guard = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
         #: an ``ILogObserver`` offered to the twistd Application it joins
