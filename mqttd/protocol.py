@@ -8,6 +8,8 @@ queue) instead of growing the transport buffer without bound.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -41,6 +43,8 @@ class MQTTProtocol(Protocol):
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
         if factory.max_connections and factory.open_connections > factory.max_connections:
             self.connection.over_listener_limit = factory.max_connections
+        #: the listener (endpoint description) it came in on, for metrics and admin
+        self.connection.listener = self.factory.listener
         if hasattr(self.transport, "bufferSize"):
             # the bound of the outgoing buffer before our writes pause.  Larger
             # is not faster: Twisted copies the unsent rest of its buffer on
@@ -79,13 +83,17 @@ class MQTTFactory(Factory):
     :param max_connections: open connections on the listeners of this
         factory; more are refused at CONNECT (0x97 / v3 0x03); 0 = no limit
         (the broker-wide ``BrokerConfig.max_connections`` applies as well).
+    :param listener: the name of the listener in metrics and the admin API
+        (``BrokerService`` uses the endpoint description); None: unnamed.
     """
 
     protocol = MQTTProtocol
 
     def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
-                 max_connections: int = 0):
+                 listener: Optional[str] = None, max_connections: int = 0):
         self.broker = broker
+        #: a name for the listener (the endpoint description) shown in metrics
+        self.listener = listener
         self.clock = clock if clock is not None else broker.clock
         self.max_connections = max_connections
         #: connections open on this factory's listeners
