@@ -66,6 +66,13 @@ class ClientConnection:
         self.protocol_level: Optional[int] = None
         self.session = None
         self.info: Optional[ClientInfo] = None
+        #: a listener that authenticates clients itself (a TLS listener with
+        #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
+        #: sets this to a callable ``() -> Optional[str]``, asked at CONNECT:
+        #: its answer replaces the CONNECT's username (the password is not
+        #: checked: the certificate is the credential); None refuses the
+        #: CONNECT with 0x87 Not authorized (v3: 0x05).
+        self.transport_identity = None
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
@@ -375,7 +382,14 @@ class ClientConnection:
             except MQTTError as error:
                 return self._refuse(ReasonCode.TOPIC_NAME_INVALID,
                                     f"will topic: {error.message}", spec="MQTT-3.1.3-11")
-        if broker.authenticator is not None:
+        username = packet.username
+        if self.transport_identity is not None:
+            username = self.transport_identity()
+            if username is None:
+                return self._refuse(ReasonCode.NOT_AUTHORIZED,
+                                    "no client certificate identity on a listener that "
+                                    "uses it as the username")
+        elif broker.authenticator is not None:
             code = broker.authenticator.authenticate(packet)
             if code:
                 return self._refuse(code, "authentication failed")
@@ -400,7 +414,7 @@ class ClientConnection:
             self._keepalive = keepalive * 1.5
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
-        self.info = ClientInfo(client_id, level, packet.username, self.peer,
+        self.info = ClientInfo(client_id, level, username, self.peer,
                                packet.clean_start, packet.keepalive, present)
         if level == MQTT_5:
             ack_props = Properties(

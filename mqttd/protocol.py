@@ -29,6 +29,12 @@ def _describe(address) -> str:
 class MQTTProtocol(Protocol):
     connection: ClientConnection = None
 
+    #: set by a listener (e.g. ``mqtts:...:identityAsUsername=yes``) to a
+    #: callable ``(transport) -> Optional[str]`` giving the identity the
+    #: transport authenticated; handed to the connection as
+    #: :attr:`ClientConnection.transport_identity`
+    transport_identity = None
+
     def __init__(self, broker: Broker, clock):
         self.broker = broker
         self.clock = clock
@@ -36,6 +42,9 @@ class MQTTProtocol(Protocol):
     def connectionMade(self):
         self.connection = ClientConnection(
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        if self.transport_identity is not None:
+            transport, identity = self.transport, self.transport_identity
+            self.connection.transport_identity = lambda: identity(transport)
         if hasattr(self.transport, "bufferSize"):
             # the bound of the outgoing buffer before our writes pause.  Larger
             # is not faster: Twisted copies the unsent rest of its buffer on
@@ -45,7 +54,14 @@ class MQTTProtocol(Protocol):
         self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes):
-        self.connection.data_received(data)
+        # The first bytes: a wrapping transport may only now know the real
+        # peer (Twisted's PROXY protocol wrapper answers getPeer() with the
+        # address from the PROXY header once it has parsed it), so take it
+        # again; later reads go straight to the connection.
+        connection = self.connection
+        connection.peer = _describe(self.transport.getPeer())
+        self.dataReceived = connection.data_received
+        connection.data_received(data)
 
     def connectionLost(self, reason=None):
         if self.connection is not None:
