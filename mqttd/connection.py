@@ -73,6 +73,9 @@ class ClientConnection:
         #: checked: the certificate is the credential); None refuses the
         #: CONNECT with 0x87 Not authorized (v3: 0x05).
         self.transport_identity = None
+        #: called once before the connection closes its transport (the Twisted
+        #: shim unregisters its push producer here, see _lose_connection)
+        self.release_transport = None
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
@@ -264,12 +267,22 @@ class ClientConnection:
             self.send(Disconnect(reason_code, props))
         self._close(log_reason or f"closed by server (reason 0x{reason_code:02X})")
 
+    def _lose_connection(self) -> None:
+        # ITransport.loseConnection closes only once no producer is registered:
+        # TLS honours that (a refused or kicked TLS client would stay
+        # connected), plain TCP happens not to.  The shim that registered the
+        # producer hands us how to unregister it.
+        release, self.release_transport = self.release_transport, None
+        if release is not None:
+            release()
+        self.transport.loseConnection()
+
     def _close(self, reason: str = "closed by server") -> None:
         self._close_reason = reason
         self._online = False
         self.state = _CLOSED
         self._cancel_timers()
-        self.transport.loseConnection()
+        self._lose_connection()
 
     def fail(self, error: MQTTError) -> None:
         """Answer a protocol error as the spec says, log it, close."""
@@ -653,7 +666,7 @@ class ClientConnection:
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
-        self.transport.loseConnection()
+        self._lose_connection()
         self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                     reason="disconnect")
 

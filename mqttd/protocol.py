@@ -52,6 +52,7 @@ class MQTTProtocol(Protocol):
             # 512 KiB doubled QoS 0 fan-in but cut QoS 1 fan-in by a quarter)
             self.transport.bufferSize = self.factory.write_buffer
         self.transport.registerProducer(self, True)
+        self.connection.release_transport = self.transport.unregisterProducer
 
     def dataReceived(self, data: bytes):
         # The first bytes: a wrapping transport may only now know the real

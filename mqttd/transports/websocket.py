@@ -91,7 +91,9 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if not isBinary:
             log.warn("Closing WebSocket of {peer}: text frame, MQTT needs binary frames "
                      "[MQTT-6.0.0-1]", peer=self._peer_text())
-            self.sendClose(CLOSE_UNSUPPORTED_DATA, "MQTT is carried in binary frames")
+            # sendClose() only takes 1000 and 3000-4999; 1003 is the RFC 6455 code
+            self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA,
+                                reasonUtf8=b"MQTT is carried in binary frames")
             return
         self._mqtt.dataReceived(payload)
 
