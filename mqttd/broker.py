@@ -22,13 +22,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, topics
+from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
-from mqttd.messages import Message
+from mqttd.hooks import HOOK_FAILED, call_hook
+from mqttd.flowcontrol import SlowConsumerGuard
+from mqttd.messages import (
+    Message, forwarded_properties, outbound_message, published_at, will_message)
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
+from mqttd.retained import RetainedIndex
 from mqttd.session import OverflowPolicy, QueueLimits, Session, delivery_message
+from mqttd.wills import WillScheduler
 
 log = Logger(namespace="mqttd.broker")
 
@@ -40,35 +46,136 @@ EVENTS = ("clientConnected", "published", "subscribed", "unsubscribed",
 NEVER_EXPIRES = 0xFFFFFFFF
 
 
+def _int_in(minimum: int, maximum: Optional[int] = None, optional: bool = False):
+    """attrs validator: an int (not a bool) in [minimum, maximum] (None allowed if optional)."""
+    def check(_instance, attribute, value):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{attribute.name}: must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{attribute.name}: must be at most {maximum}, got {value}")
+    return check
+
+
+def _seconds(minimum: float = 0.0, above: bool = False):
+    """attrs validator: a finite number of seconds >= minimum (> minimum if ``above``)."""
+    def check(_instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or value != value or value in (float("inf"), float("-inf")):
+            raise TypeError(f"{attribute.name}: expected a finite number, got {value!r}")
+        if value < minimum or (above and value == minimum):
+            word = "greater than" if above else "at least"
+            raise ValueError(f"{attribute.name}: must be {word} {minimum:g}, got {value:g}")
+    return check
+
+
+def _is_bool(_instance, attribute, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{attribute.name}: expected true or false, got {value!r}")
+
+
+def _topic_level(_instance, attribute, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name}: must be a non-empty string, got {value!r}")
+    bad = set(value) & set("/+#\0")
+    if bad:
+        raise ValueError(f"{attribute.name}: must be one topic level, without "
+                         f"{' '.join(sorted(bad))}: {value!r}")
+
+
+def _one_of(values):
+    def check(_instance, attribute, value):
+        if value not in values:
+            raise ValueError(f"{attribute.name}: must be one of {', '.join(values)}; "
+                             f"got {value!r}")
+    return check
+
+
+#: the largest MQTT packet: 1 + 4 bytes of fixed header + 268,435,455 [MQTT-2.2.3]
+MAX_PACKET_SIZE = 268_435_460
+#: the smallest packet limit that still admits a CONNECT (v3.1.1, empty client id)
+MIN_PACKET_SIZE = 14
+
+
 @attrs.frozen
 class BrokerConfig:
-    """Limits and switches of the broker core (all have production defaults)."""
+    """Limits and switches of the broker core (all have production defaults).
 
-    broker_id: str = "mqttd"
+    Every field is validated when the config is built: a wrong type raises
+    ``TypeError``, a value out of range ``ValueError``; the message is one
+    line starting with the field name (``max_inflight: must be at least 1,
+    got 0``).  ``twistd mqttd`` turns it into a usage error (exit status 2).
+    """
+
+    #: the <brokerId> of ``$SYS/<brokerId>/...``: one topic level
+    broker_id: str = attrs.field(default="mqttd", validator=_topic_level)
     #: per-session queue of messages waiting for an offline/slow client
-    max_queued_messages: int = 100_000
-    max_queued_bytes: int = 64 * 1024 * 1024
-    overflow_policy: str = OverflowPolicy.DROP_OLDEST
+    max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
+    max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
+    overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
+                                       validator=_one_of(OverflowPolicy.ALL))
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
-    queue_qos0: bool = False
-    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers it)
-    max_inflight: int = 1000
+    queue_qos0: bool = attrs.field(default=False, validator=_is_bool)
+    #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers
+    #: it); at most 65535, the packet identifier space [MQTT-2.2.1]
+    max_inflight: int = attrs.field(default=1000, validator=_int_in(1, 65535))
     #: largest packet accepted or sent, in bytes (fixed header included)
-    max_packet_size: int = 16 * 1024 * 1024
+    max_packet_size: int = attrs.field(default=16 * 1024 * 1024,
+                                       validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
+    #: largest packet accepted before a CONNECT succeeded (the CONNECT itself),
+    #: refused from the fixed header: an unauthenticated socket buffers no more
+    max_connect_packet_size: int = attrs.field(
+        default=1024 * 1024, validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))
     #: seconds a new connection may take to send CONNECT
-    connect_timeout: float = 10.0
-    #: the largest keepalive accepted from clients; 0 = no limit
-    max_keepalive: int = 0
+    connect_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
+    #: the largest keepalive accepted from clients, seconds; 0 = no limit
+    max_keepalive: int = attrs.field(default=0, validator=_int_in(0, 65535))
     #: the longest session expiry granted, seconds; None = unlimited
-    max_session_expiry: Optional[int] = None
+    max_session_expiry: Optional[int] = attrs.field(
+        default=None, validator=_int_in(0, 0xFFFFFFFF, optional=True))
     #: prefix of assigned client identifiers
-    assigned_id_prefix: str = "mqttd-"
+    assigned_id_prefix: str = attrs.field(default="mqttd-",
+                                          validator=attrs.validators.instance_of(str))
     #: stop reading from publishers whose messages go to an online subscriber
     #: that is 1,000 messages (or 1 MiB; at most half its queue limit) behind,
     #: instead of dropping (see drain())
-    publisher_backpressure: bool = True
-    #: seconds a congested subscriber may hold publishers back
-    max_publisher_pause: float = 5.0
+    publisher_backpressure: bool = attrs.field(default=True, validator=_is_bool)
+    #: seconds one congestion episode of a subscriber may hold publishers back
+    #: (0: never hold)
+    max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
+    #: seconds an authentication/authorization hook may take before it refuses
+    hook_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
+    #: a CONNECT may take over the session of a client id created by another
+    #: username (off: refused with 0x87 / v3 0x05)
+    allow_session_takeover_by_other_user: bool = attrs.field(default=False,
+                                                             validator=_is_bool)
+    #: open client connections, all listeners together; 0 = no limit
+    #: (refused with CONNACK 0x97 Quota exceeded / v3 0x03 Server unavailable)
+    max_connections: int = attrs.field(default=0, validator=_int_in(0))
+    #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
+    max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))
+    #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
+    #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
+    max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
+    #: inbound PUBLISH packets per second per client (token bucket, burst of
+    #: one second); over it the connection's reads pause; 0 = no limit
+    max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
+    #: inbound bytes per second per client (same bucket rules); 0 = no limit
+    max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
+    #: seconds a subscriber that used up max_publisher_pause must stay healthy
+    #: (after its queue was empty) before it may hold publishers again
+    publisher_pause_recovery: float = attrs.field(default=30.0, validator=_seconds(0))
+    #: client ids whose packets are all logged at info level (``--trace-client``)
+    trace_clients: frozenset = attrs.field(default=frozenset(), converter=frozenset)
+    #: seconds an MQTT 3.x persistent session (clean session 0) may stay
+    #: disconnected before it is discarded (mosquitto's
+    #: ``persistent_client_expiration``); None = forever.  MQTT 5 sessions
+    #: keep their own Session Expiry Interval.
+    persistent_client_expiration: Optional[float] = attrs.field(
+        default=None, validator=attrs.validators.optional(_seconds(0)))
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
@@ -99,6 +206,9 @@ class ClientInfo:
     clean_start: bool = True
     keepalive: int = 0
     session_present: bool = False
+    #: connected with the bridge bit (protocol level | 0x80, mosquitto's
+    #: ``try_private``): another broker bridging to this one
+    bridge: bool = False
 
 
 _drop_log_interval = 10.0
@@ -108,36 +218,112 @@ class Broker:
     """The broker core.  One instance serves every listener of a process."""
 
     def __init__(self, clock, store=None, config: BrokerConfig = BrokerConfig(),
-                 authenticator=None, authorizer=None):
+                 authenticator=None, authorizer=None, enhanced_authenticator=None):
         from mqttd.persistence.memory import MemoryStore
         self.clock = clock
         self.config = config
         self.store = store if store is not None else MemoryStore()
+        #: an IAuthenticator (``authenticate`` hook) or None: everyone is in
         self.authenticator = authenticator
+        #: an IEnhancedAuthenticator (MQTT 5 AUTH) or None: 0x8C for any method
+        self.enhanced_authenticator = enhanced_authenticator
+        self.authorize_publish = self.authorize_subscribe = self.authorize_forward = None
         self.authorizer = authorizer
         self.stats = BrokerStats()
+        #: open client connections (see BrokerConfig.max_connections)
+        self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
-        self.retained: Dict[str, Message] = {}
+        #: retained messages by topic (index, wildcard lookup, expiry)
+        self.retained = RetainedIndex()
+        self._retained_expiry_call = None
+        #: pending delayed wills [MQTT-3.1.2-8]
+        self.wills = WillScheduler(clock, self._publish_will_now, self._write)
         self._trie = topics.SubscriptionTrie()
         self._limits = config.queue_limits()
         # an online subscriber this far behind holds its publishers back
         self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
         self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
         self._low_water = self._high_water // 2
-        #: online sessions whose queue is above the high-water mark
-        self._congested: set = set()
-        #: publishing connections that stopped reading until congestion clears
-        self._held: list = []
+        #: which congested subscriber holds publishers back, for how long
+        self.flow = SlowConsumerGuard(clock, config.max_publisher_pause,
+                                      config.publisher_pause_recovery, self.stats,
+                                      enabled=config.publisher_backpressure)
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
+        #: callables ``filter(message, client) -> Message | None`` (see add_publish_filter)
+        self._publish_filters: List[Callable] = []
         self._durable = bool(getattr(self.store, "durable", False))
         #: number of store operations written so far (see :meth:`barrier`)
         self.write_count = 0
         self._turn_sync: Optional[list] = None
         self._drop_logged: Dict[tuple, float] = {}
+        #: rate limit of client-triggered log lines, keyed (client, reason);
+        #: features (auth, ACL, bridges) use it for their own lines
+        self.log_limiter = LogRateLimiter(clock)
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
+
+    # --- authorization hooks ----------------------------------------------------
+
+    @property
+    def authorizer(self):
+        """The :class:`~mqttd.interfaces.IAuthorizer` in force (or None).
+
+        Setting it caches its ``authorize_publish``, ``authorize_subscribe``
+        and ``authorize_forward`` hooks (a missing one is skipped).
+        """
+        return self._authorizer
+
+    @authorizer.setter
+    def authorizer(self, authorizer) -> None:
+        self._authorizer = authorizer
+        for name in ("authorize_publish", "authorize_subscribe", "authorize_forward"):
+            setattr(self, name, getattr(authorizer, name, None))
+
+    def refused(self, what: str, client_id, peer, detail: str, **fields) -> None:
+        """Count one refusal or limit hit ``what`` and log it (rate-limited per client)."""
+        self.stats.count_refusal(what)
+        self.log_limiter.warn(log, (client_id, what),
+                              "Refused {what} for {client_id} from {peer}: {detail}",
+                              what=what, client_id=client_id or "-", peer=peer,
+                              detail=detail, **fields)
+
+    def session_client(self, session: Session) -> ClientInfo:
+        """The ClientInfo of ``session`` (its owner for an offline session)."""
+        info = session.info
+        if info is None:
+            info = session.info = ClientInfo(session.client_id, session.protocol_level,
+                                             session.owner)
+        return info
+
+    def recheck_subscriptions(self) -> int:
+        """Remove live subscriptions the authorizer no longer allows; returns how many.
+
+        Called after the authorizer's rules were reloaded.  Uses its optional
+        synchronous ``revalidate_subscription(client, topic_filter)``.
+        """
+        check = getattr(self._authorizer, "revalidate_subscription", None)
+        if check is None:
+            return 0
+        removed = 0
+        for session in list(self.sessions.values()):
+            client = self.session_client(session)
+            for topic_filter in list(session.subscriptions):
+                try:
+                    allowed = check(client, topic_filter)
+                except Exception:
+                    log.failure("revalidate_subscription failed for {client_id}",
+                                client_id=session.client_id)
+                    allowed = False
+                if allowed is not True:
+                    self.unsubscribe(session, topic_filter)
+                    removed += 1
+                    self.refused("subscription", session.client_id,
+                                 getattr(client, "peer", None),
+                                 f"{topic_filter!r} no longer allowed after reload; removed",
+                                 topic_filter=topic_filter)
+        return removed
 
     # --- events -------------------------------------------------------------
 
@@ -175,6 +361,23 @@ class Broker:
             except Exception:
                 log.failure("Event observer {observer!r} failed on {event}",
                             observer=callback, event=event)
+
+    def add_publish_filter(self, publish_filter: Callable) -> Callable[[], None]:
+        """Run ``publish_filter(message, client)`` on every message published.
+
+        It returns the message to route (the same one, or a changed copy, e.g.
+        with a user property added) or ``None`` to drop it: the message is then
+        neither retained nor delivered, and the publisher is acknowledged as
+        usual.  Filters run in registration order before anything else.  Used
+        by feature packages (the bridge mesh guard); returns an unregister
+        function.
+        """
+        self._publish_filters.append(publish_filter)
+
+        def unregister():
+            if publish_filter in self._publish_filters:
+                self._publish_filters.remove(publish_filter)
+        return unregister
 
     # --- durability ---------------------------------------------------------
 
@@ -216,13 +419,23 @@ class Broker:
     # --- recovery -------------------------------------------------------------
 
     def restore(self, state: R.StoredState) -> None:
-        """Rebuild sessions, subscriptions and retained messages from the store."""
+        """Rebuild sessions, subscriptions, retained messages and pending wills
+        from the store.  Messages that expired while the broker was down are
+        dropped (and deleted from the store) [MQTT-3.3.2-5]."""
         now = self.clock.seconds()
-        self.retained.update(state.retained)
+        expired = 0
+        for topic, message in list(state.retained.items()):
+            if message.expires_at is not None and message.expires_at <= now:
+                self._write(R.DeleteRetained(topic))
+                expired += 1
+                continue
+            self.retained.set(message)
+        self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
             record = stored.record
             session = Session(client_id=client_id, protocol_level=record.protocol_level,
-                              persistent=True, expiry_interval=record.expiry_interval)
+                              persistent=True, expiry_interval=record.expiry_interval,
+                              owner=getattr(record, "owner", None))  # older records: none
             session.disconnected_at = (record.disconnected_at
                                        if record.disconnected_at is not None else now)
             for sub in record.subscriptions:
@@ -231,6 +444,12 @@ class Broker:
             for seq in sorted(stored.outbound):
                 out = stored.outbound[seq]
                 session.restore_seq(seq)
+                expires_at = out.message.expires_at
+                if (expires_at is not None and expires_at <= now
+                        and out.stage != OutboundStage.PUBREL_SENT):
+                    self._write(R.DeleteOutbound(client_id, seq))
+                    expired += 1
+                    continue
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                     session.queue.append(out)
                     session.queued_bytes += len(out.message.payload) + len(out.message.topic)
@@ -238,25 +457,46 @@ class Broker:
                     session.inflight[out.packet_id] = out
             session.inbound_qos2.update(stored.inbound_qos2)
             self.sessions[client_id] = session
+        # wills first: a session that expired while we were down publishes its will
+        self.wills.restore(state.wills.values(), self.sessions)
+        for session in list(self.sessions.values()):
             self._schedule_expiry(session, now)
-        log.info("Restored {sessions} sessions ({messages} stored messages) and "
-                 "{retained} retained messages",
-                 sessions=len(state.sessions), retained=len(state.retained),
-                 messages=sum(len(s.outbound) for s in state.sessions.values()))
+        log.info("Restored {sessions} sessions ({messages} stored messages), "
+                 "{retained} retained messages and {wills} delayed wills; "
+                 "{expired} expired messages dropped",
+                 sessions=len(state.sessions), retained=len(self.retained),
+                 messages=sum(len(s.outbound) for s in state.sessions.values()),
+                 wills=len(state.wills), expired=expired)
 
     # --- sessions ---------------------------------------------------------------
 
     def assign_client_id(self) -> str:
         return self.config.assigned_id_prefix + uuid.uuid4().hex[:16]
 
+    def session_owner_conflict(self, client_id: str, username: Optional[str]) -> Optional[str]:
+        """The username owning ``client_id``'s session if it is not ``username``.
+
+        A session remembers the username that created it; another username
+        may not take it over (or discard it) unless
+        ``allow_session_takeover_by_other_user``.  Returns None when allowed.
+        """
+        existing = self.sessions.get(client_id)
+        if (existing is None or existing.owner == username
+                or self.config.allow_session_takeover_by_other_user):
+            return None
+        return existing.owner if existing.owner is not None else "(anonymous)"
+
     def open_session(self, connection, client_id: str, protocol_level: int,
-                     clean_start: bool, expiry_interval: Optional[int], will) -> tuple:
+                     clean_start: bool, expiry_interval: Optional[int], will,
+                     owner: Optional[str] = None, info: Optional[ClientInfo] = None) -> tuple:
         """Attach ``connection`` to a new or existing session.
 
         Returns ``(session, session_present)``.  An existing connection with the
         same client id is taken over [MQTT-3.1.4-2]; the session is discarded
         first if ``clean_start`` [MQTT-3.1.2-4].  The session is not yet
         online: call :meth:`session_online` once CONNACK is on the wire.
+        ``owner`` is the authenticated username, stored with the session
+        (see :meth:`session_owner_conflict`).
         """
         persistent = expiry_interval is None or expiry_interval > 0
         if expiry_interval == NEVER_EXPIRES:
@@ -276,12 +516,18 @@ class Broker:
         if existing is not None and not clean_start:
             session = existing
             session_present = True
+            # resumed in time: its delayed will is not sent [MQTT-3.1.3-9]
+            self.wills.session_resumed(client_id)
         else:
             if existing is not None:
                 self._discard_session(existing)
+            # the old session ended: a will still waiting goes out now [MQTT-3.1.2-8]
+            self.wills.session_ended(client_id)
             session = Session(client_id=client_id)
             self.sessions[client_id] = session
         was_persistent = session.persistent
+        session.owner = owner
+        session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
         session.expiry_interval = expiry_interval
@@ -300,15 +546,17 @@ class Broker:
         return session, session_present
 
     def session_online(self, session: Session) -> None:
-        """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue."""
+        """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue.
+
+        The resends count against the client's Receive Maximum like any
+        PUBLISH [MQTT-3.3.4-9]: at most ``send_window`` go out now, the others
+        as acknowledgements come back (:meth:`drain`).
+        """
         conn = session.connection
         if conn is None:
             return
-        for pid, out in list(session.inflight.items()):
-            if out.stage == OutboundStage.PUBREL_SENT:
-                conn.send(Pubrel(pid))
-            else:
-                conn.send_publish(out.message, out.qos, pid, True)
+        session.resend.clear()
+        session.resend.extend(session.inflight)
         self.drain(session)
 
     def connection_lost(self, session: Session, connection, publish_will: bool,
@@ -317,35 +565,73 @@ class Broker:
         if session.connection is not connection:
             return  # already taken over
         info = getattr(connection, "info", None)
-        self.emit("clientDisconnecting", client=info, reason=reason)
+        client_id = session.client_id
+        # every step runs even if an earlier one fails: never half torn down
+        self._teardown_step(client_id, "clientDisconnecting event", self.emit,
+                            "clientDisconnecting", client=info, reason=reason)
         will = session.will
         session.will = None
         session.connection = None
         session.wire.clear()
-        if session.congested_since is not None:
-            self._decongested(session)
+        session.resend.clear()
         now = self.clock.seconds()
         session.disconnected_at = now
+        if session.congested_since is not None:
+            self._teardown_step(client_id, "release of held publishers",
+                                self._decongested, session)
         if publish_will and will is not None:
-            self._publish_will(session.client_id, will)
+            self._teardown_step(client_id, "will", self._schedule_will, session, will)
         if not session.persistent:
-            self._discard_session(session)
+            self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
-            self._write(R.PutSession(session.to_record()))
-            self._schedule_expiry(session, now)
-        self.emit("clientDisconnected", client=info, reason=reason)
+            self._teardown_step(client_id, "session store", self._write,
+                                R.PutSession(session.to_record()))
+            self._teardown_step(client_id, "session expiry", self._schedule_expiry,
+                                session, now)
+        self._teardown_step(client_id, "clientDisconnected event", self.emit,
+                            "clientDisconnected", client=info, reason=reason)
 
-    def _publish_will(self, client_id: str, will) -> None:
-        if topics_is_sys(will.topic):
+    def _teardown_step(self, client_id: str, step: str, f, *args, **kwargs) -> None:
+        try:
+            f(*args, **kwargs)
+        except Exception:
+            log.failure("Teardown of {client_id}: {step} failed; continuing",
+                        client_id=client_id, step=step)
+
+    def _schedule_will(self, session: Session, will) -> None:
+        """The connection ended without DISCONNECT 0x00: publish its will now or
+        after its Will Delay Interval, whichever comes before the session ends
+        [MQTT-3.1.2-8] (MQTT 5.0 §3.1.3.2.2)."""
+        delay = will.properties.will_delay_interval or 0
+        if not session.persistent:
+            delay = 0  # the session ends with this connection
+        elif session.expiry_interval is not None:
+            delay = min(delay, session.expiry_interval)
+        durable = session.persistent and delay > 0
+        self.wills.schedule(session.client_id, will_message(will, session.client_id),
+                            delay, durable=durable)
+        if durable:
+            # nothing else may sync the store soon: a pending will must
+            # survive a crash right after the connection went
+            synced = self.barrier(self.write_count - 1)
+            if synced is not None:
+                synced.addErrback(lambda failure: log.failure(
+                    "Storing the delayed will of {client_id} failed", failure,
+                    client_id=session.client_id))
+
+    def _publish_will_now(self, client_id: str, message: Message) -> None:
+        # one $SYS will is published: a bridging broker's state notification
+        if topics_is_sys(message.topic) and not topics.is_bridge_state_topic(message.topic):
             return
         log.info("Publishing will of {client_id} to {topic}",
-                 client_id=client_id, topic=will.topic)
-        message = Message(will.topic, will.payload, will.qos, will.retain,
-                          will.properties, origin=client_id)
-        self.publish(message, client=None)
+                 client_id=client_id, topic=message.topic)
+        self.publish(published_at(message, self.clock.seconds()), client=None)
 
     def _schedule_expiry(self, session: Session, now: float) -> None:
         interval = session.expiry_interval
+        if interval is None and session.protocol_level < 5:
+            # MQTT 3.x persistent sessions: --persistent-client-expiration
+            interval = self.config.persistent_client_expiration
         if interval is None:
             return  # never expires
         started = session.disconnected_at if session.disconnected_at is not None else now
@@ -369,6 +655,9 @@ class Broker:
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
+        session.replays.clear()
+        # the session ended: a will still waiting for its delay goes out now
+        self.wills.session_ended(session.client_id)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
@@ -400,22 +689,108 @@ class Broker:
             self._write(R.PutSession(session.to_record()))
         return True
 
-    def send_retained(self, session: Session, sub: SubscriptionRecord) -> int:
-        """Queue every retained message matching ``sub`` with retain=1 [MQTT-3.3.1-6].
+    def send_retained(self, session: Session, sub: SubscriptionRecord) -> None:
+        """Replay the retained messages matching ``sub`` with retain=1 [MQTT-3.3.1-6].
 
-        None is dropped however many there are: they bypass the queue limits.
+        The replay is streamed from a cursor over the retained index as the
+        client takes messages (:meth:`drain`), never queued all at once: no
+        retained message is dropped, and a client that does not read costs
+        one cursor per filter.  A repeated SUBSCRIBE to the same filter
+        restarts that filter's cursor.
         """
-        count = 0
-        topic_filter = sub.topic_filter
-        for topic, message in list(self.retained.items()):
-            if not topics.matches(topic_filter, topic):
+        cursor = self.retained.cursor(sub.topic_filter, self.clock.seconds())
+        session.replays.pop(sub.topic_filter, None)
+        session.replays[sub.topic_filter] = (cursor, sub.qos)
+        if session.connection is not None:
+            self.drain(session)
+
+    def _replay(self, session: Session, conn) -> None:
+        """Feed the retained replay cursors while the client can take messages.
+
+        Called by :meth:`drain` once the queue is empty; leaves at most one
+        message in the queue (the one the window had no room for).
+        """
+        replays = session.replays
+        now = self.clock.seconds()
+        while replays and not session.queue and conn.writable():
+            topic_filter = next(iter(replays))
+            cursor, max_qos = replays[topic_filter]
+            message = next(cursor, None)
+            if message is None:
+                del replays[topic_filter]
                 continue
-            if message.expires_at is not None and message.expires_at <= self.clock.seconds():
+            if message.expires_at is not None:
+                # retained for a while: forwarded with the interval left
+                message = outbound_message(message, now)  # [MQTT-3.3.2-6]
+                if message is None:
+                    continue
+            qos = message.qos if message.qos < max_qos else max_qos
+            message = delivery_message(message, True)
+            if self.authorize_forward is not None:
+                # read permission at delivery time, retained replay included
+                allowed = self._may_forward(session, message)
+                if allowed is not True:
+                    self._forward_later(session, message, qos, allowed, force=True)
+                    continue
+            try:
+                self._deliver(session, message, qos, force=True)
+            except Exception:
+                self._delivery_failed(session.client_id, message)
+
+    # --- authorize_forward: read permission at delivery time ----------------------
+
+    def _may_forward(self, session: Session, message: Message):
+        """True, or what the hook said instead (False, a Deferred, a Failure)."""
+        if session.forward_waiting:
+            return None  # a pending answer before: keep the delivery order
+        return call_hook(self.authorize_forward, self.session_client(session), message)
+
+    def _forward_later(self, session: Session, message: Message, qos: int, allowed,
+                       force: bool = False) -> int:
+        """Deliver once a Deferred answer allows it, in order; count refusals."""
+        if allowed is None or isinstance(allowed, defer.Deferred):
+            if allowed is None:
+                allowed = defer.maybeDeferred(self.authorize_forward,
+                                              self.session_client(session), message)
+            if len(session.forward_waiting) >= self.config.max_queued_messages:
+                self.count_dropped(session, "queue-full", message)
+                allowed.cancel()
+                return 0
+            entry = [allowed, message, qos, force, None]
+            session.forward_waiting.append(entry)
+            timer = self.clock.callLater(self.config.hook_timeout, allowed.cancel)
+
+            def answered(result):
+                if timer.active():
+                    timer.cancel()
+                entry[4] = result if result is True else (
+                    HOOK_FAILED if isinstance(result, Failure) else False)
+                if isinstance(result, Failure):
+                    log.failure("authorize_forward failed for {client_id}; not delivering",
+                                result, client_id=session.client_id)
+                self._forward_answered(session)
+            allowed.addBoth(answered)
+            return 1
+        if isinstance(allowed, Failure):
+            log.failure("authorize_forward failed for {client_id}; not delivering",
+                        allowed, client_id=session.client_id)
+        self._forward_refused(session, message)
+        return 0
+
+    def _forward_answered(self, session: Session) -> None:
+        waiting = session.forward_waiting
+        while waiting and waiting[0][4] is not None:
+            _d, message, qos, force, result = waiting.popleft()
+            if self.sessions.get(session.client_id) is not session:
                 continue
-            qos = min(message.qos, sub.qos)
-            self._deliver(session, delivery_message(message, True), qos, force=True)
-            count += 1
-        return count
+            if result is True:
+                self._deliver(session, message, qos, force=force)
+            else:
+                self._forward_refused(session, message)
+
+    def _forward_refused(self, session: Session, message: Message) -> None:
+        self.refused("forward", session.client_id, None,
+                     f"no read permission for {message.topic!r}", topic=message.topic)
 
     def subscribe_local(self, topic_filter: str, callback: Callable[[Message], None],
                         qos: int = 2) -> Callable[[], None]:
@@ -427,9 +802,8 @@ class Broker:
         topics.validate_topic_filter(topic_filter)
         local = LocalSubscription(topic_filter, callback, qos)
         self._trie.add(topic_filter, local, local)
-        for topic, message in list(self.retained.items()):
-            if topics.matches(topic_filter, topic):
-                self._call_local(local, message)
+        for message in self.retained.match(topic_filter, self.clock.seconds()):
+            self._call_local(local, message)
 
         def unsubscribe():
             self._trie.remove(topic_filter, local)
@@ -443,10 +817,12 @@ class Broker:
         topics.validate_topic_name(topic)
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        kwargs = {}
+        message = Message(topic, payload, qos, retain)
         if properties is not None:
-            kwargs["properties"] = properties
-        return self.publish(Message(topic, payload, qos, retain, **kwargs), client=None)
+            # only what a PUBLISH forwards; the expiry counts from now
+            message = published_at(attrs.evolve(
+                message, properties=forwarded_properties(properties)), self.clock.seconds())
+        return self.publish(message, client=None)
 
     def publish(self, message: Message, client: Optional[ClientInfo] = None,
                 cache: Optional[dict] = None) -> int:
@@ -461,6 +837,11 @@ class Broker:
         """
         self.backpressure = False
         self.stats.messages_received += 1
+        if self._publish_filters:
+            for publish_filter in self._publish_filters:
+                message = publish_filter(message, client)
+                if message is None:
+                    return 0
         if message.retain:
             self._retain(message)
         if self._observers["published"]:
@@ -472,17 +853,38 @@ class Broker:
             cache = {}
         if len(matches) == 1:  # the common case: no merging needed
             _filter, key, sub = matches[0]
-            return self._route(key, sub, message, cache)
-        # merge overlapping subscriptions per client
+            try:
+                return self._route(key, sub, message, cache)
+            except Exception:
+                self._delivery_failed(key, message)
+                return 0
+        # merge overlapping subscriptions per client, each subscription's
+        # options applied first: a No Local subscription of the publisher does
+        # not take part, another of its subscriptions may still deliver
+        # [MQTT-3.8.3-3], [MQTT-3.3.5-1]
+        origin = message.origin
         best: Dict[object, SubscriptionRecord] = {}
         for _filter, key, sub in matches:
+            if key == origin and sub.no_local:
+                continue
             prev = best.get(key)
             if prev is None or sub.qos > prev.qos:
                 best[key] = sub
         receivers = 0
         for key, sub in best.items():
-            receivers += self._route(key, sub, message, cache)
+            # one subscriber's failure never reaches the others
+            try:
+                receivers += self._route(key, sub, message, cache)
+            except Exception:
+                self._delivery_failed(key, message)
         return receivers
+
+    def _delivery_failed(self, key, message: Message) -> None:
+        client_id = getattr(key, "topic_filter", key)
+        self.stats.count_drop("delivery-error")
+        log.failure("Delivering a message to {topic} for {client_id} failed; "
+                    "other subscribers are unaffected", client_id=client_id,
+                    topic=message.topic)
 
     def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one subscriber; 1 if it was a receiver."""
@@ -495,6 +897,10 @@ class Broker:
         if session is None:
             return 0
         qos = sub.qos if sub.qos < message.qos else message.qos
+        if self.authorize_forward is not None:
+            allowed = self._may_forward(session, message)
+            if allowed is not True:
+                return self._forward_later(session, message, qos, allowed)
         if message.retain and not sub.retain_as_published:
             live = cache.get("live")
             if live is None:
@@ -513,11 +919,32 @@ class Broker:
     def _retain(self, message: Message) -> None:
         topic = message.topic
         if not message.payload:
-            if self.retained.pop(topic, None) is not None:
+            if self.retained.remove(topic) is not None:
                 self._write(R.DeleteRetained(topic))
             return
-        self.retained[topic] = message
+        self.retained.set(message)
         self._write(R.PutRetained(message))
+        if message.expires_at is not None:
+            self._schedule_retained_expiry()
+
+    def _schedule_retained_expiry(self) -> None:
+        """One timer for the earliest retained expiry [MQTT-3.3.2-5]."""
+        at = self.retained.next_expiry()
+        call = self._retained_expiry_call
+        if call is not None and call.active():
+            if at is not None and call.getTime() <= at:
+                return
+            call.cancel()
+        self._retained_expiry_call = None
+        if at is not None:
+            delay = max(0.0, at - self.clock.seconds())
+            self._retained_expiry_call = self.clock.callLater(delay, self._expire_retained)
+
+    def _expire_retained(self) -> None:
+        self._retained_expiry_call = None
+        for topic in self.retained.expire(self.clock.seconds()):
+            self._write(R.DeleteRetained(topic))
+        self._schedule_retained_expiry()
 
     def _deliver(self, session: Session, message: Message, qos: int,
                  cache: Optional[dict] = None, force: bool = False) -> None:
@@ -564,44 +991,36 @@ class Broker:
     #
     # A subscriber that is online but cannot keep up fills its queue.  Rather
     # than dropping, the broker stops reading from the publishers whose
-    # messages go to it (their TCP windows fill, so they slow down) until the
-    # queue is below the low-water mark again.  A subscriber that stays
-    # congested longer than max_publisher_pause no longer holds anyone back:
-    # its queue overflows by its policy, and the drops are counted.
+    # messages go to it until the queue is below the low-water mark again --
+    # for at most max_publisher_pause per episode; a subscriber that used up
+    # its budget holds no one until it has drained and stayed healthy
+    # (mqttd.flowcontrol.SlowConsumerGuard).  Its queue then overflows by its
+    # policy, and the drops are counted.
 
     def _congested_by(self, session: Session) -> None:
-        if not self.config.publisher_backpressure:
-            return
-        now = self.clock.seconds()
-        if session.congested_since is None:
-            session.congested_since = now
-            self._congested.add(session)
-        elif now - session.congested_since >= self.config.max_publisher_pause:
-            return
-        self.backpressure = True
+        if self.flow.congested(session):
+            self.backpressure = True
 
     def _decongested(self, session: Session) -> None:
-        session.congested_since = None
-        self._congested.discard(session)
-        if not self._congested and self._held:
-            held, self._held = self._held, []
-            # next turn: never run a publisher's stashed packets inside the
-            # handler of the subscriber packet that freed the queue
-            self.clock.callLater(0, self._release, held)
-
-    def _release(self, held: list) -> None:
-        for conn in held:
-            conn.release_publisher()
+        self.flow.decongested(session)
 
     def hold_publisher(self, connection) -> None:
         """Remember a publisher that paused reading because of congestion."""
-        self._held.append(connection)
+        self.flow.hold(connection)
 
     def drain(self, session: Session) -> None:
-        """Send queued messages while the client can take them."""
+        """Send what the client is owed while it can take it: in-flight resends
+        first, then the queue, then the retained replay.
+
+        Queued messages that expired are dropped, the others go out with their
+        Message Expiry Interval lowered by the time they waited
+        [MQTT-3.3.2-5], [MQTT-3.3.2-6].
+        """
         conn = session.connection
         if conn is None:
             return
+        if session.resend:
+            self._resend(session, conn)
         queue = session.queue
         inflight = session.inflight
         window = conn.send_window
@@ -609,10 +1028,24 @@ class Broker:
         wire = session.wire
         while queue and conn.writable():
             head = queue[0]
+            message = head.message
+            template = None
+            if message.expires_at is not None:
+                message = outbound_message(message, self.clock.seconds())
+                if message is None:
+                    session.dequeue()
+                    wire.pop(head.seq, None)
+                    if head.qos and persistent:
+                        self._write(R.DeleteOutbound(session.client_id, head.seq))
+                    self.count_dropped(session, "expired", head.message)
+                    continue
+                if message is not head.message:
+                    wire.pop(head.seq, None)  # the bytes carry the old interval
             if head.qos == 0:
                 session.dequeue()
-                conn.send_publish(head.message, 0, None, False,
-                                  template=wire.pop(head.seq, None) if wire else None)
+                if wire:
+                    template = wire.pop(head.seq, None)
+                conn.send_publish(message, 0, None, False, template=template)
                 continue
             if len(inflight) >= window:
                 break
@@ -624,10 +1057,42 @@ class Broker:
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
-            conn.send_publish(head.message, head.qos, pid, False,
-                              template=wire.pop(head.seq, None) if wire else None)
-        if session.congested_since is not None and len(queue) <= self._low_water:
-            self._decongested(session)
+            if wire:
+                template = wire.pop(head.seq, None)
+            conn.send_publish(message, head.qos, pid, False, template=template)
+        if session.congested_since is not None or session.demoted_since is not None:
+            self.flow.drained(session, len(queue), self._low_water)
+        if session.replays and not queue:
+            self._replay(session, conn)
+
+    def _resend(self, session: Session, conn) -> None:
+        """Resend in-flight messages of a resumed session with DUP [MQTT-4.4.0-1],
+        their original packet ids, and no more than the client's Receive
+        Maximum unacknowledged at once [MQTT-3.3.4-9].
+
+        An expired PUBLISH is dropped rather than resent (as mosquitto does);
+        a PUBREL is always resent (the message was delivered).
+        """
+        resend = session.resend
+        inflight = session.inflight
+        window = conn.send_window
+        now = self.clock.seconds()
+        while resend and conn.writable() and len(inflight) - len(resend) < window:
+            pid = resend.popleft()
+            out = inflight.get(pid)
+            if out is None:
+                continue
+            if out.stage == OutboundStage.PUBREL_SENT:
+                conn.send(Pubrel(pid))
+                continue
+            message = outbound_message(out.message, now)
+            if message is None:
+                del inflight[pid]
+                if session.persistent:
+                    self._write(R.DeleteOutbound(session.client_id, out.seq))
+                self.count_dropped(session, "expired", out.message)
+                continue
+            conn.send_publish(message, out.qos, pid, True)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
@@ -657,7 +1122,7 @@ class Broker:
         self.stats.messages_acked += 1
         if session.persistent:
             self._write(R.DeleteOutbound(session.client_id, record.seq))
-        if session.queue:
+        if session.queue or session.resend or session.replays:
             self.drain(session)
         return True
 
@@ -721,9 +1186,12 @@ class Broker:
             if session.expiry_call is not None and session.expiry_call.active():
                 session.expiry_call.cancel()
                 session.expiry_call = None
-        held, self._held = self._held, []
-        for conn in held:
-            conn.release_publisher()
+        # pending delayed wills stay stored and fire after the next start
+        self.wills.stop()
+        if self._retained_expiry_call is not None and self._retained_expiry_call.active():
+            self._retained_expiry_call.cancel()
+        self._retained_expiry_call = None
+        self.flow.release_all()
 
 
 def topics_is_sys(topic: str) -> bool:

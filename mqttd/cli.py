@@ -17,14 +17,58 @@ from typing import Dict, List, Optional, Tuple
 #: subcommand -> ("module:function", one-line help).  Feature packages add
 #: their line here; keep it sorted.
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
+    "bridge": ("mqttd.bridge.mosquitto:main",
+               "bridge import MOSQUITTO.CONF: print the equivalent [[bridge]] TOML"),
+    "check-config": ("mqttd.cli:check_config",
+                     "check options and config file like 'run' would, then exit"),
+    "passwd": ("mqttd.auth.passwd:main",
+               "manage a mosquitto-format password file (-c create, -D delete, -b batch, --scram)"),
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
+    "store": ("mqttd.persistence.storetool:main",
+              "check or dump a data directory offline: store check|dump DIR"),
 }
 
 
+def _parse_options(argv: List[str]):
+    """mqttd's options parsed and validated, or None after a one-line error."""
+    from twisted.python import usage
+
+    from mqttd.tap import Options
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as error:
+        print(f"mqttd: error: {error}", file=sys.stderr)
+        return None
+    return options
+
+
+def check_config(argv: List[str]) -> int:
+    """``mqttd check-config [options]``: validate like ``run``; 0 if fine, 2 if not."""
+    from mqttd.tap import check_report
+    options = _parse_options(argv)
+    if options is None:
+        return 2
+    print(check_report(options))
+    return 0
+
+
 def run(argv: List[str]) -> int:
-    """``twistd -n mqttd ARGV``: the broker in the foreground, logging to stdout."""
+    """``twistd -n mqttd ARGV``: the broker in the foreground, logging to stdout.
+
+    The options are validated first: a wrong one is one line on stderr and
+    exit status 2 (``--check-config``: the check's result, exit 0).
+    """
     from twisted.scripts.twistd import run as twistd_run
 
+    if any(a in ("-h", "--help", "--version") for a in argv):
+        pass  # twistd prints them
+    else:
+        options = _parse_options(argv)
+        if options is None:
+            return 2
+        if options["check-config"]:
+            return check_config([a for a in argv if a != "--check-config"])
     sys.argv = ["twistd", "-n", "mqttd", *argv]
     twistd_run()  # exits the process itself on a usage error
     return 0

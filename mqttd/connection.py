@@ -16,10 +16,13 @@ from __future__ import annotations
 import collections
 from typing import Optional
 
+import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mqttd import topics
+from mqttd import topics, trace
 from mqttd.broker import Broker, ClientInfo
 from mqttd.codec import encode, publish_template
 from mqttd.codec.encoder import PublishTemplate
@@ -30,14 +33,42 @@ from mqttd.codec.packets import (
     Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback,
     Unsubscribe)
 from mqttd.codec.reader import PacketReader
+from mqttd.hooks import (
+    HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message
-from mqttd.persistence.records import SubscriptionRecord
+from mqttd.messages import Message, forwarded_properties
+from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
+#: properties a server may leave out of any packet to respect the client's
+#: Maximum Packet Size [MQTT-3.1.2-25]
+_OPTIONAL_PROPERTIES = {"reason_string": None, "user_properties": ()}
+#: CONNACK properties whose absence means the same value (MQTT 5.0 §3.2.2.3):
+#: left out next when a CONNACK still does not fit
+_CONNACK_DEFAULTS = {
+    "receive_maximum": 65535, "topic_alias_maximum": 0, "maximum_qos": 2,
+    "retain_available": 1, "wildcard_subscription_available": 1,
+    "subscription_identifier_available": 1, "shared_subscription_available": 1,
+}
+_NO_HANDLERS: dict = {}
+
+
+def _peer_host(peer: Optional[str]) -> str:
+    """``host`` of ``host:port`` (who a connection is before its CONNECT)."""
+    if not peer:
+        return "-"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+@attrs.frozen
+class _Refused:
+    """A SUBACK code decided before any hook was asked."""
+
+    code: int
 
 
 def template_key(message: Message, level: int, qos: int) -> tuple:
@@ -60,7 +91,10 @@ class ClientConnection:
         self.clock = clock
         self.peer = peer
         config = broker.config
-        self.reader = PacketReader(level=None, max_packet_size=config.max_packet_size)
+        # before CONNECT succeeds only a small packet is accepted, refused from
+        # its fixed header before any of its body is buffered
+        self.reader = PacketReader(level=None, max_packet_size=min(
+            config.max_connect_packet_size, config.max_packet_size))
         self.state = _CONNECTING
         self.client_id: Optional[str] = None
         self.protocol_level: Optional[int] = None
@@ -88,6 +122,16 @@ class ClientConnection:
         self._close_reason = "connection lost"
         self._held = False
         self._hold_call = None
+        #: hooks (authenticate, authorize_*) whose Deferred answer is awaited:
+        #: input waits meanwhile, so acknowledgements keep their order
+        self._waiting = 0
+        #: the enhanced-authentication exchange in progress and its method
+        self._auth_exchange = None
+        self._auth_method: Optional[str] = None
+        self._connect_packet: Optional[Connect] = None
+        #: inbound token bucket [messages, bytes, last refill time] or None
+        self._bucket = None
+        self._rate_call = None
         self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
@@ -95,20 +139,28 @@ class ClientConnection:
         self._connect_call = clock.callLater(config.connect_timeout, self._connect_timeout)
         self._handlers = {Connect: self._on_connect}
         self._stats = broker.stats
+        #: True when the client set the bridge bit in CONNECT (see _on_connect)
+        self.bridge = False
 
     # --- input -----------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self.state == _CLOSED:
             return
-        self._last_received = self.clock.seconds()
         self._stats.bytes_received += len(data)
         try:
             packets = self.reader.feed(data)
         except MQTTError as error:
             self.fail(error)
             return
-        if self._held:  # a transport may still deliver what it had already read
+        if packets:
+            # only complete packets count for keepalive [MQTT-3.1.2-22]: a
+            # client trickling the bytes of an endless packet is still idle
+            self._last_received = self.clock.seconds()
+        if self._bucket is not None and packets:
+            self._take_tokens(packets, len(data))
+        if self._held or self._waiting:
+            # a transport may still deliver what it had already read
             self._stash = list(self._stash) + packets
             return
         self._process(packets)
@@ -128,9 +180,9 @@ class ClientConnection:
             except MQTTError as error:
                 self.fail(error)
                 return
-            if self._held:
-                # held back by a congested subscriber: what was already read
-                # waits too, so the pause takes effect at once
+            if self._held or self._waiting:
+                # held back by a congested subscriber or waiting for a hook's
+                # answer: what was already read waits too
                 self._stash = packets[index + 1:]
                 return
 
@@ -155,8 +207,67 @@ class ClientConnection:
                 data = bytes((first, 3, pid >> 8, pid & 0xFF, code))
         else:
             data = encode(packet, self.protocol_level or MQTT_3_1_1)
+        limit = self._client_max_packet
+        if limit is not None and len(data) > limit:
+            data = self._fit(packet, data, limit)
+            if data is None:
+                return
         self._stats.bytes_sent += len(data)
         self.transport.write(data)
+
+    def _fit(self, packet, data: bytes, limit: int) -> Optional[bytes]:
+        """``packet`` encoded within the client's Maximum Packet Size, or None.
+
+        Every packet the server sends is bound by it [MQTT-3.1.2-24]: the
+        Reason String and User Properties are left out first
+        [MQTT-3.1.2-25].  A packet that still does not fit is not sent; the
+        connection is then useless to the client (it would wait forever for
+        that SUBACK, CONNACK...), so it is closed (a DISCONNECT is sent
+        without its properties if even that fits).  PUBLISH never gets here:
+        :meth:`send_publish` drops and counts it.
+        """
+        props = getattr(packet, "properties", None)
+        if props is not None and props is not NO_PROPERTIES and (
+                props.reason_string is not None or props.user_properties):
+            packet = attrs.evolve(packet, properties=attrs.evolve(props, **_OPTIONAL_PROPERTIES))
+            data = encode(packet, self.protocol_level or MQTT_3_1_1)
+            if len(data) <= limit:
+                return data
+        if isinstance(packet, Connack):
+            props = packet.properties
+            defaults = {name: None for name, value in _CONNACK_DEFAULTS.items()
+                        if getattr(props, name) == value}
+            if defaults:
+                packet = attrs.evolve(packet, properties=attrs.evolve(props, **defaults))
+                data = encode(packet, MQTT_5)
+                if len(data) <= limit:
+                    return data
+        if isinstance(packet, Disconnect):
+            data = encode(Disconnect(packet.reason_code), MQTT_5)
+            return data if len(data) <= limit else None
+        self._warn("client-maximum-packet-size",
+                   "Cannot send {packet} of {size} bytes to {client_id}: its Maximum "
+                   "Packet Size is {limit}; closing", packet=type(packet).__name__ if packet is not None
+                   else "acknowledgement", size=len(data), client_id=self.client_id or "-",
+                   limit=limit)
+        if self.state != _CLOSED:
+            if isinstance(packet, Connack):  # no DISCONNECT before a CONNACK [MQTT-3.14.0-1]
+                self.clock.callLater(0, self._close, "CONNACK too large for the client")
+            else:
+                self.clock.callLater(0, self.disconnect, ReasonCode.PACKET_TOO_LARGE,
+                                     None, "packet too large for the client")
+        return None
+
+    # --- client-triggered log lines, rate-limited --------------------------------------
+
+    def _who(self) -> str:
+        """The key of this client in rate limits: its id, or its host before CONNECT."""
+        return self.client_id or _peer_host(self.peer)
+
+    def _warn(self, reason: str, format: str, **fields) -> None:
+        """One WARN line per client and ``reason`` at most ``burst`` per window;
+        the next line says how many were suppressed (see :mod:`mqttd.ratelimit`)."""
+        self.broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
@@ -177,7 +288,8 @@ class ClientConnection:
                                         self.protocol_level)
         data = template.encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
-            # [MQTT-3.1.2-25]: never send more than the client's Maximum Packet Size
+            # [MQTT-3.1.2-24, 3.1.2-25]: a PUBLISH over the client's Maximum Packet
+            # Size is discarded as if it had been sent
             if self.session is not None:
                 self.broker.count_dropped(self.session, "client-maximum-packet-size", message)
                 if packet_id is not None:
@@ -230,6 +342,10 @@ class ClientConnection:
 
     def _emit(self, item) -> None:
         if item.__class__ is bytes:
+            limit = self._client_max_packet
+            if limit is not None and len(item) > limit:  # [MQTT-3.1.2-24]
+                self._fit(None, item, limit)
+                return
             self._stats.bytes_sent += len(item)
             self.transport.write(item)
         elif callable(item):
@@ -282,20 +398,33 @@ class ClientConnection:
         self._online = False
         self.state = _CLOSED
         self._cancel_timers()
+        self._release()
         self._lose_connection()
+
+    def _release(self) -> None:
+        """Drop what a closed connection holds, at once rather than at the next
+        full GC: the partial packet buffer, stashed and pending packets, and the
+        handler table of bound methods (a reference cycle through ``self``)."""
+        self.reader.release()
+        self._handlers = _NO_HANDLERS
+        self._stash = ()
+        self._pending.clear()
 
     def fail(self, error: MQTTError) -> None:
         """Answer a protocol error as the spec says, log it, close."""
         if self.state == _CLOSED:
             return
         self._stats.protocol_errors += 1
-        log.warn("Closing connection of {client_id} from {peer}: {error} "
-                 "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                 peer=self.peer, error=str(error), reason_code=error.reason_code,
-                 spec=error.spec)
+        self._warn(type(error).__name__,
+                   "Closing connection of {client_id} from {peer}: {error} "
+                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                   peer=self.peer, error=str(error), reason_code=error.reason_code,
+                   spec=error.spec)
         if self.state == _CONNECTING:
             if isinstance(error, UnsupportedProtocolVersion):
-                if error.protocol_level == MQTT_5:
+                if not error.answer:
+                    pass  # [MQTT-3.1.4-1]: close without a CONNACK
+                elif error.protocol_level == MQTT_5:
                     self.protocol_level = MQTT_5
                     self.send(Connack(False, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION))
                 else:  # [MQTT-3.1.2-2]: return code 0x01, v3 form
@@ -312,22 +441,115 @@ class ClientConnection:
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
-        self._pending.clear()
+        self._release()
         session = self.session
         if session is not None:
             self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                         reason=self._close_reason)
 
     def _cancel_timers(self) -> None:
-        for call in (self._connect_call, self._keepalive_call, self._hold_call):
+        for call in (self._connect_call, self._keepalive_call, self._hold_call,
+                     self._rate_call):
             if call is not None and call.active():
                 call.cancel()
         self._connect_call = self._keepalive_call = self._hold_call = None
+        self._rate_call = None
+
+    # --- hooks that may answer later -----------------------------------------------
+
+    def _await(self, result, then, hook: str) -> None:
+        """Call ``then(answer)`` with a hook's answer, now or when its Deferred fires.
+
+        While a Deferred is pending, nothing more is read from this connection
+        (later packets wait), so acknowledgements keep their order
+        [MQTT-4.6.0-2].  A hook that raised, failed or did not answer within
+        ``hook_timeout`` answers :data:`~mqttd.hooks.HOOK_FAILED` (a refusal),
+        with a log line.
+        """
+        if not isinstance(result, defer.Deferred):
+            if isinstance(result, Failure):
+                result = self._hook_failed(result, hook)
+            then(result)
+            return
+        box = []
+        result.addBoth(box.append)
+        if box:  # already answered
+            answer = box[0]
+            then(self._hook_failed(answer, hook) if isinstance(answer, Failure) else answer)
+            return
+        self._waiting += 1
+        self.transport.pauseProducing()
+        timer = self.clock.callLater(self.broker.config.hook_timeout, result.cancel)
+
+        def answered(_):
+            if timer.active():
+                timer.cancel()
+            self._waiting -= 1
+            if self.state == _CLOSED:
+                return
+            answer = box[0]
+            if isinstance(answer, Failure):
+                answer = self._hook_failed(answer, hook)
+            self._mark = self.broker.write_count
+            try:
+                then(answer)
+            except MQTTError as error:
+                self.fail(error)
+                return
+            self._resume_input()
+        result.addCallback(answered)
+
+    def _hook_failed(self, failure: Failure, hook: str):
+        why = ("no answer within the hook timeout"
+               if failure.check(defer.CancelledError, defer.TimeoutError) else
+               failure.getErrorMessage() or failure.type.__name__)
+        log.failure("Hook {hook} failed for {client_id} from {peer}: {why}; refusing",
+                    failure, hook=hook, client_id=self.client_id or "-", peer=self.peer,
+                    why=why)
+        return HOOK_FAILED
+
+    def _resume_input(self) -> None:
+        """Process what waited for a hook, then read again (unless still blocked)."""
+        if self._waiting or self._held or self.state == _CLOSED:
+            return
+        self._last_received = self.clock.seconds()  # we were not reading
+        stash, self._stash = self._stash, ()
+        if stash:
+            self._process(stash)
+        if not (self._waiting or self._held or self._rate_call) and self.state != _CLOSED:
+            self.transport.resumeProducing()
+
+    # --- inbound rate limit (token bucket; backpressure, not disconnect) -------------
+
+    def _take_tokens(self, packets, size: int) -> None:
+        config = self.broker.config
+        bucket = self._bucket
+        now = self.clock.seconds()
+        elapsed = now - bucket[2]
+        bucket[2] = now
+        rates = (config.max_inbound_rate, config.max_inbound_bytes_rate)
+        bucket[0] = min(rates[0], bucket[0] + elapsed * rates[0]) - sum(
+            1 for p in packets if p.__class__ is Publish)
+        bucket[1] = min(rates[1], bucket[1] + elapsed * rates[1]) - size
+        wait = 0.0
+        for tokens, rate in zip(bucket[:2], rates):
+            if rate and tokens < 0:
+                wait = max(wait, -tokens / rate)
+        if wait > 0 and self._rate_call is None and self.state != _CLOSED:
+            self.broker.refused("inbound-rate", self.client_id, self.peer,
+                                f"over the inbound rate limit; reads paused {wait:.2f} s")
+            self.transport.pauseProducing()
+            self._rate_call = self.clock.callLater(wait, self._rate_resume)
+
+    def _rate_resume(self) -> None:
+        self._rate_call = None
+        if self.state != _CLOSED and not self._held and not self._waiting:
+            self.transport.resumeProducing()
 
     def _connect_timeout(self) -> None:
         self._connect_call = None
-        log.warn("No CONNECT from {peer} within {timeout} s; closing",
-                 peer=self.peer, timeout=self.broker.config.connect_timeout)
+        self._warn("connect-timeout", "No CONNECT from {peer} within {timeout} s; closing",
+                   peer=self.peer, timeout=self.broker.config.connect_timeout)
         self._close("connect timeout")
 
     def _check_keepalive(self) -> None:
@@ -336,9 +558,13 @@ class ClientConnection:
             return
         idle = self.clock.seconds() - self._last_received
         if idle >= self._keepalive:
-            # [MQTT-3.1.2-24]: close after 1.5 keepalive periods of silence
-            log.warn("Keepalive of {client_id} expired after {idle:.1f} s; closing",
-                     client_id=self.client_id, idle=idle)
+            # [MQTT-3.1.2-24] (3.1.1), [MQTT-3.1.2-22] (5.0): close after 1.5
+            # keepalive periods without a complete packet
+            partial = self.reader.buffered
+            self._warn("keepalive",
+                       "Keepalive of {client_id} expired after {idle:.1f} s without a "
+                       "complete packet ({partial} bytes of one pending); closing",
+                       client_id=self.client_id, idle=idle, partial=partial)
             self.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, log_reason="keepalive timeout")
             return
         self._keepalive_call = self.clock.callLater(self._keepalive - idle,
@@ -347,9 +573,9 @@ class ClientConnection:
     # --- CONNECT --------------------------------------------------------------------
 
     def _refuse(self, reason_code: int, why: str, spec: Optional[str] = None) -> None:
-        log.warn("Refusing CONNECT of {client_id} from {peer}: {why} "
-                 "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                 peer=self.peer, why=why, reason_code=reason_code, spec=spec)
+        self._warn("connect-refused", "Refusing CONNECT of {client_id} from {peer}: {why} "
+                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                   peer=self.peer, why=why, reason_code=reason_code, spec=spec)
         if self.protocol_level == MQTT_5:
             code = reason_code
         else:
@@ -364,13 +590,19 @@ class ClientConnection:
         broker = self.broker
         config = broker.config
         level = self.protocol_level = packet.protocol_level
+        # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
+        # subscriptions get No Local + Retain As Published, so what it sends us
+        # never echoes back and retained flags travel unchanged
+        self.bridge = packet.bridge
         props = packet.properties
         client_id = packet.client_id
         self.client_id = client_id or None
+        if config.max_connections and broker.open_connections > config.max_connections:
+            broker.refused("max-connections", client_id, self.peer,
+                           f"{broker.open_connections - 1} connections open, "
+                           f"max_connections is {config.max_connections}")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
         if level == MQTT_5:
-            if props.authentication_method is not None:
-                return self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD,
-                                    "enhanced authentication is not supported")
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)
             if props.maximum_packet_size:
@@ -393,19 +625,208 @@ class ClientConnection:
             try:
                 topics.validate_topic_name(will.topic)
             except MQTTError as error:
+                if level != MQTT_5:
+                    # a CONNECT that does not conform is closed without a
+                    # CONNACK [MQTT-3.1.4-1]; 0x03 would claim "server unavailable"
+                    raise ProtocolError(f"will topic: {error.message}",
+                                        spec="MQTT-3.1.4-1") from None
                 return self._refuse(ReasonCode.TOPIC_NAME_INVALID,
                                     f"will topic: {error.message}", spec="MQTT-3.1.3-11")
-        username = packet.username
-        if self.transport_identity is not None:
-            username = self.transport_identity()
+            response_topic = will.properties.response_topic
+            if response_topic is not None:
+                try:
+                    topics.validate_topic_name(response_topic)
+                except MQTTError as error:  # [MQTT-3.3.2-14] applies to the will too
+                    return self._refuse(ReasonCode.PROTOCOL_ERROR,
+                                        f"will response topic: {error.message}",
+                                        spec="MQTT-3.3.2-14")
+        levels = config.max_topic_levels
+        if will is not None and levels and will.topic.count("/") >= levels:
+            broker.refused("max-topic-levels", client_id, self.peer,
+                           f"will topic has more than {levels} levels")
+            return self._refuse(ReasonCode.TOPIC_NAME_INVALID, "will topic too deep")
+        self._connect_packet = packet
+        self.info = ClientInfo(client_id, level, packet.username, self.peer,
+                               packet.clean_start, packet.keepalive, False,
+                               bridge=self.bridge)
+        self._assigned = assigned
+        identity = self.transport_identity
+        if identity is not None:
+            # the listener authenticated the client (TLS client certificate,
+            # mosquitto's use_identity_as_username): that identity is the
+            # username and no password or AUTH exchange is asked for
+            username = identity()
             if username is None:
-                return self._refuse(ReasonCode.NOT_AUTHORIZED,
-                                    "no client certificate identity on a listener that "
-                                    "uses it as the username")
-        elif broker.authenticator is not None:
-            code = broker.authenticator.authenticate(packet)
-            if code:
-                return self._refuse(code, "authentication failed")
+                broker.refused("authentication", client_id, self.peer,
+                               "no client certificate identity on a listener that uses "
+                               "it as the username")
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "no certificate identity")
+            return self._authenticated(username)
+        if level == MQTT_5 and props.authentication_method is not None:
+            return self._start_exchange(props.authentication_method,
+                                        props.authentication_data, reauth=False)
+        authenticator = broker.authenticator
+        if authenticator is None:
+            return self._authenticated(packet.username)
+        request = AuthRequest(client_id, packet.username, packet.password, self.peer,
+                              level, packet)
+        self._await(call_hook(authenticator.authenticate, request),
+                    self._authenticate_answered, "authenticate")
+
+    def _authenticate_answered(self, answer) -> None:
+        packet = self._connect_packet
+        code, username = auth_outcome(answer, packet.username)
+        if code:
+            what = "anonymous" if packet.username is None else "authentication"
+            self.broker.refused(what, self.client_id, self.peer,
+                                f"CONNECT refused (0x{code:02X}) for username "
+                                f"{packet.username!r}", username=packet.username)
+            return self._refuse(code, "authentication failed")
+        self._authenticated(username)
+
+    # --- MQTT 5 enhanced authentication [MQTT-4.12] -------------------------------------
+
+    def _start_exchange(self, method: str, data, reauth: bool) -> None:
+        enhanced = self.broker.enhanced_authenticator
+        exchange = None
+        if enhanced is not None:
+            try:
+                exchange = enhanced.start(method, self.info)
+            except Exception:
+                log.failure("Enhanced authentication {method} failed to start for "
+                            "{client_id}", method=method, client_id=self.client_id)
+                exchange = None
+                self.broker.refused("authentication", self.client_id, self.peer,
+                                    f"method {method!r} failed to start")
+                return self._auth_failed(ReasonCode.NOT_AUTHORIZED, reauth)
+        if exchange is None:
+            self.broker.refused("authentication", self.client_id, self.peer,
+                                f"unknown authentication method {method!r}")
+            return self._auth_failed(ReasonCode.BAD_AUTHENTICATION_METHOD, reauth,
+                                     f"authentication method {method!r} not supported")
+        self._auth_exchange = exchange
+        self._auth_method = method
+        self._await(call_hook(exchange.step, data),
+                    lambda step: self._exchange_stepped(step, reauth), "authenticate")
+
+    def _exchange_stepped(self, step, reauth: bool) -> None:
+        if self.state == _CLOSED:
+            return
+        if not isinstance(step, AuthStep):
+            step = AuthStep(AuthOutcome.FAILURE)
+        method = self._auth_method
+        if step.outcome == AuthOutcome.CONTINUE:
+            self.send(Auth(ReasonCode.CONTINUE_AUTHENTICATION, Properties(
+                authentication_method=method, authentication_data=step.data)))
+            if not reauth:
+                self._handlers = {Auth: self._on_auth_during_connect,
+                                  Disconnect: self._on_disconnect_during_connect}
+            return
+        self._auth_exchange = None
+        if step.outcome == AuthOutcome.SUCCESS:
+            if not reauth:
+                self._authenticated(step.username, auth_data=step.data)
+                return
+            if step.username is not None and step.username != self.info.username:
+                self.broker.refused("authentication", self.client_id, self.peer,
+                                    f"re-authenticated as {step.username!r}, not "
+                                    f"{self.info.username!r}")
+                self.disconnect(ReasonCode.NOT_AUTHORIZED, "identity changed")
+                return
+            log.info("Re-authenticated {client_id} ({method})", client_id=self.client_id,
+                     method=method)
+            self._output(Auth(ReasonCode.SUCCESS, Properties(
+                authentication_method=method, authentication_data=step.data)), durable=False)
+            return
+        self.broker.refused("authentication", self.client_id, self.peer,
+                            f"{method} authentication failed (0x{step.reason_code:02X})")
+        self._auth_failed(step.reason_code, reauth, "authentication failed")
+
+    def _auth_failed(self, code: int, reauth: bool, why: str = "authentication failed"):
+        self._auth_exchange = None
+        if reauth:
+            if code == ReasonCode.BAD_USER_NAME_OR_PASSWORD:
+                code = ReasonCode.NOT_AUTHORIZED  # 0x86 is no DISCONNECT reason code
+            self.disconnect(code, why)  # [MQTT-4.12.1-2]
+        else:
+            self._refuse(code, why)
+
+    def _on_auth_during_connect(self, packet: Auth) -> None:
+        if packet.reason_code != ReasonCode.CONTINUE_AUTHENTICATION:
+            raise ProtocolError("AUTH during CONNECT must continue authentication "
+                                "(0x18)", spec="MQTT-4.12.0-2")
+        self._continue_exchange(packet, reauth=False)
+
+    def _on_disconnect_during_connect(self, packet: Disconnect) -> None:
+        self._close("disconnect during authentication")
+
+    def _continue_exchange(self, packet: Auth, reauth: bool) -> None:
+        props = packet.properties
+        if self._auth_exchange is None:
+            raise ProtocolError("AUTH continue without an authentication in progress",
+                                spec="MQTT-4.12.0-2")
+        if props.authentication_method != self._auth_method:
+            raise ProtocolError("AUTH with another authentication method",
+                                spec="MQTT-4.12.0-5")
+        self._await(call_hook(self._auth_exchange.step, props.authentication_data),
+                    lambda step: self._exchange_stepped(step, reauth), "authenticate")
+
+    def _on_auth(self, packet: Auth) -> None:
+        """AUTH on a live connection: re-authentication [MQTT-4.12.1]."""
+        if self.protocol_level != MQTT_5 or self._auth_method is None:
+            raise ProtocolError("AUTH without enhanced authentication", spec="MQTT-4.12.0-1")
+        method = packet.properties.authentication_method
+        if packet.reason_code == ReasonCode.REAUTHENTICATE:
+            if method != self._auth_method:
+                raise ProtocolError("re-authentication with another method",
+                                    spec="MQTT-4.12.1-1")
+            if self._auth_exchange is not None:
+                raise ProtocolError("re-authentication while one is in progress")
+            return self._start_exchange(method, packet.properties.authentication_data,
+                                        reauth=True)
+        if packet.reason_code == ReasonCode.CONTINUE_AUTHENTICATION:
+            return self._continue_exchange(packet, reauth=True)
+        raise ProtocolError(f"AUTH from a client with reason 0x{packet.reason_code:02X}")
+
+    # --- the rest of CONNECT: ownership, will permission, session -----------------------
+
+    def _authenticated(self, username: Optional[str], auth_data=None) -> None:
+        """Authentication passed; check session ownership and the will, then connect."""
+        packet = self._connect_packet
+        broker = self.broker
+        if username != self.info.username:
+            self.info = attrs.evolve(self.info, username=username)
+        owner = broker.session_owner_conflict(self.client_id, username)
+        if owner is not None:
+            broker.refused("session-owner", self.client_id, self.peer,
+                           f"session belongs to {owner!r}, not {username!r}",
+                           username=username)
+            return self._refuse(ReasonCode.NOT_AUTHORIZED,
+                                "client id owned by another user")
+        will = packet.will
+        check = broker.authorize_publish
+        if will is None or check is None:
+            return self._connected(auth_data)
+        message = Message(will.topic, will.payload, will.qos, will.retain,
+                          will.properties, self.client_id)
+
+        def will_answered(answer):
+            if answer is not True:
+                broker.refused("will", self.client_id, self.peer,
+                               f"no write permission for will topic {will.topic!r}",
+                               topic=will.topic)
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic not authorized")
+            self._connected(auth_data)
+        self._await(call_hook(check, self.info, message), will_answered, "authorize_publish")
+
+    def _connected(self, auth_data=None) -> None:
+        packet = self._connect_packet
+        self._connect_packet = None
+        broker = self.broker
+        config = broker.config
+        level = self.protocol_level
+        props = packet.properties
+        client_id = self.client_id
         if level == MQTT_5:
             expiry = props.session_expiry_interval or 0
             if config.max_session_expiry is not None and expiry > config.max_session_expiry:
@@ -415,28 +836,43 @@ class ClientConnection:
         keepalive = packet.keepalive
         server_keepalive = None
         if config.max_keepalive and (keepalive == 0 or keepalive > config.max_keepalive):
-            keepalive = config.max_keepalive
-            if level == MQTT_5:
-                server_keepalive = keepalive
+            # --max-keepalive also bounds keepalive 0 (no keepalive).  v5: the
+            # Server Keep Alive tells the client [MQTT-3.2.2-21]; v3 has no way to
+            # tell it, so (as mosquitto does) the CONNECT is refused with 0x02
+            if level != MQTT_5:
+                return self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                    f"keepalive {keepalive} s is 0 or over the maximum of "
+                                    f"{config.max_keepalive} s")
+            keepalive = server_keepalive = config.max_keepalive
+        if client_id in config.trace_clients:  # --trace-client
+            trace.install(self, packet)
         session, present = broker.open_session(
-            self, client_id, level, packet.clean_start, expiry, will)
+            self, client_id, level, packet.clean_start, expiry, packet.will,
+            owner=self.info.username, info=self.info)
         self.session = session
         self.state = _CONNECTED
+        self.reader.max_packet_size = config.max_packet_size
         self._handlers = self._connected_handlers()
         if keepalive:
             self._keepalive = keepalive * 1.5
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
-        self.info = ClientInfo(client_id, level, username, self.peer,
-                               packet.clean_start, packet.keepalive, present)
+        if present:
+            self.info = attrs.evolve(self.info, session_present=present)
+            session.info = self.info
+        if config.max_inbound_rate or config.max_inbound_bytes_rate:
+            self._bucket = [config.max_inbound_rate, config.max_inbound_bytes_rate,
+                            self.clock.seconds()]
         if level == MQTT_5:
             ack_props = Properties(
-                assigned_client_identifier=assigned,
+                assigned_client_identifier=self._assigned,
                 server_keep_alive=server_keepalive,
                 maximum_packet_size=config.max_packet_size,
                 topic_alias_maximum=None,            # 0: no topic aliases yet
                 subscription_identifier_available=0,
                 shared_subscription_available=0,
+                authentication_method=self._auth_method,
+                authentication_data=auth_data,
             )
         else:
             ack_props = Properties()
@@ -478,24 +914,64 @@ class ClientConnection:
             if props.subscription_identifiers:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
+            if props.response_topic is not None:
+                try:
+                    topics.validate_topic_name(props.response_topic)
+                except MQTTError as error:
+                    raise ProtocolError(f"Response Topic: {error.message}",
+                                        spec="MQTT-3.3.2-14") from None
         topic = packet.topic
-        if topic.startswith("$SYS"):
-            log.warn("Refused PUBLISH of {client_id} to {topic}: clients cannot "
-                     "publish into $SYS", client_id=self.client_id, topic=topic)
+        # one $SYS topic is open to clients: a bridging broker's state
+        # notification ($SYS/broker/connection/<id>/state), as in mosquitto
+        if topic.startswith("$SYS") and not topics.is_bridge_state_topic(topic):
+            self._warn("publish-refused", "Refused PUBLISH of {client_id} to {topic}: "
+                       "clients cannot publish into $SYS", client_id=self.client_id,
+                       topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
-        authorizer = self.broker.authorizer
-        if authorizer is not None and not authorizer.may_publish(
-                self.client_id, self.info.username, topic):
-            log.warn("Refused PUBLISH of {client_id} to {topic}: not authorized",
-                     client_id=self.client_id, topic=topic)
-            return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
+        broker = self.broker
+        levels = broker.config.max_topic_levels
+        if levels and topic.count("/") >= levels:
+            broker.refused("max-topic-levels", self.client_id, self.peer,
+                           f"PUBLISH topic has more than {levels} levels")
+            raise MQTTError(f"topic name has more than max_topic_levels={levels} levels",
+                            ReasonCode.TOPIC_NAME_INVALID)
         expiry = props.message_expiry_interval
-        message = Message(topic, packet.payload, qos, packet.retain, props,
+        # inbound -> outbound: only what the spec forwards (§3.3.2.3)
+        forwarded = forwarded_properties(props)
+        message = Message(topic, packet.payload, qos, packet.retain, forwarded,
                           self.client_id,
                           None if expiry is None else self.clock.seconds() + expiry)
+        check = broker.authorize_publish
+        if check is not None:
+            allowed = call_hook(check, self.info, message)
+            if allowed is not True:
+                self._await(allowed, lambda answer: self._publish_answered(
+                    packet, message, answer), "authorize_publish")
+                return
+        self._publish_allowed(packet, message)
+
+    def _publish_answered(self, packet: Publish, message: Message, answer) -> None:
+        if answer is True:
+            return self._publish_allowed(packet, message)
+        self.broker.refused("publish", self.client_id, self.peer,
+                            f"no write permission for {packet.topic!r}", topic=packet.topic)
+        if self.protocol_level == MQTT_5:
+            return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
+        # MQTT 3 has no refusal in PUBACK/PUBREC: acknowledged and dropped (as mosquitto)
+        pid = packet.packet_id
+        if packet.qos == 1:
+            self._output(Puback(pid), durable=False)
+        elif packet.qos == 2:
+            if not self.broker.inbound_qos2_seen(self.session, pid):
+                self.broker.inbound_qos2_add(self.session, pid)
+            self._output(Pubrec(pid), durable=True)
+
+    def _publish_allowed(self, packet: Publish, message: Message) -> None:
+        qos = packet.qos
+        level = self.protocol_level
         # the bytes as received serve every subscriber of the same protocol
-        # family at the same QoS: no re-encoding
-        raw = packet.raw
+        # family at the same QoS: no re-encoding (unless properties were dropped)
+        raw = packet.raw if message.properties is packet.properties else None
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker
@@ -549,11 +1025,13 @@ class ClientConnection:
         self._hold_call = None
         if self.state == _CLOSED:
             return
+        if self._waiting:
+            return  # the hook's answer resumes input
         self._last_received = self.clock.seconds()  # we were not reading
         stash, self._stash = self._stash, ()
         if stash:
             self._process(stash)
-        if not self._held and self.state != _CLOSED:
+        if not (self._held or self._waiting or self._rate_call) and self.state != _CLOSED:
             self.transport.resumeProducing()
 
     def _ack_refused(self, packet: Publish, code: int) -> None:
@@ -562,13 +1040,34 @@ class ClientConnection:
         elif packet.qos == 2:
             self._output(Pubrec(packet.packet_id, code), durable=False)
 
+    def _check_ack_type(self, packet, expected_qos: int, stage=None) -> None:
+        """An acknowledgement of the wrong type for the message in flight under
+        its packet id is a protocol violation, closed [MQTT-4.8.0-1]: PUBACK
+        for a QoS 2 message, PUBREC for a QoS 1 one, PUBCOMP before PUBREC
+        [MQTT-4.3.2-1, 4.3.3-1].  An unknown packet id is not: it may answer a
+        message already completed before a reconnect."""
+        record = self.session.inflight.get(packet.packet_id)
+        if record is None:
+            return
+        if record.qos != expected_qos or (stage is not None and record.stage != stage):
+            raise ProtocolError(
+                f"{type(packet).__name__} for packet id {packet.packet_id}, a QoS "
+                f"{record.qos} message at stage {record.stage.name}",
+                spec="MQTT-4.8.0-1" if self.protocol_level != MQTT_5 else "MQTT-4.13.1-1")
+
+    def _unknown_ack(self, packet) -> None:
+        self._warn("unknown-ack", "{packet} for unknown packet id {packet_id} from "
+                   "{client_id}", packet=type(packet).__name__,
+                   packet_id=packet.packet_id, client_id=self.client_id)
+
     def _on_puback(self, packet: Puback) -> None:
         if not self.broker.puback(self.session, packet.packet_id):
-            log.debug("PUBACK for unknown packet id {packet_id} from {client_id}",
-                      packet_id=packet.packet_id, client_id=self.client_id)
+            self._check_ack_type(packet, 1)
+            self._unknown_ack(packet)
 
     def _on_pubrec(self, packet: Pubrec) -> None:
         failed = self.protocol_level == MQTT_5 and packet.reason_code >= 0x80
+        self._check_ack_type(packet, 2)
         if self.broker.pubrec(self.session, packet.packet_id, failed):
             self._output(Pubrel(packet.packet_id), durable=True)
         elif not failed:
@@ -582,8 +1081,8 @@ class ClientConnection:
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         if not self.broker.pubcomp(self.session, packet.packet_id):
-            log.debug("PUBCOMP for unknown packet id {packet_id} from {client_id}",
-                      packet_id=packet.packet_id, client_id=self.client_id)
+            self._check_ack_type(packet, 2, OutboundStage.PUBREL_SENT)
+            self._unknown_ack(packet)
 
     # --- SUBSCRIBE / UNSUBSCRIBE ----------------------------------------------------------
 
@@ -595,29 +1094,84 @@ class ClientConnection:
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
                             spec="MQTT 5.0 §3.2.2.3.12")
         broker = self.broker
-        session = self.session
-        authorizer = broker.authorizer
-        codes = []
-        granted = []
+        check = broker.authorize_subscribe
+        levels = broker.config.max_topic_levels
+        answers = []   # a final code, or a hook answer (value or Deferred) to wait for
+        pending = False
         for request in packet.subscriptions:
             topic_filter = request.topic_filter
             try:
                 topics.validate_topic_filter(topic_filter)
             except MQTTError as error:
-                log.warn("Refused subscription of {client_id} to {filter!r}: {error}",
-                         client_id=self.client_id, filter=topic_filter, error=str(error))
-                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
+                if not v5:
+                    # 3.x has no per-filter refusal for a malformed filter: a
+                    # protocol violation closes the connection [MQTT-4.8.0-1]
+                    raise ProtocolError(f"SUBSCRIBE with an invalid topic filter: "
+                                        f"{error.message}", spec="MQTT-4.8.0-1") from None
+                self._warn("subscribe-refused",
+                           "Refused subscription of {client_id} to {filter!r}: {error}",
+                           client_id=self.client_id, filter=topic_filter, error=str(error))
+                answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID))
                 continue
             if topics.parse_shared(topic_filter)[0] is not None:
-                codes.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else 0x80)
+                answers.append(_Refused(
+                    ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else 0x80))
                 continue
-            if authorizer is not None and not authorizer.may_subscribe(
-                    self.client_id, self.info.username, topic_filter):
+            if levels and topic_filter.count("/") >= levels:
+                broker.refused("max-topic-levels", self.client_id, self.peer,
+                               f"filter {topic_filter!r} has more than {levels} levels")
+                answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80))
+                continue
+            if check is None:
+                answers.append(True)
+                continue
+            answer = call_hook(check, self.info, topic_filter, request.qos)
+            if isinstance(answer, defer.Deferred):
+                pending = True
+            answers.append(answer)
+        if not pending:
+            return self._subscribe_answered(packet, answers)
+        waits = [a if isinstance(a, defer.Deferred) else defer.succeed(a) for a in answers]
+        gathered = defer.DeferredList(waits, consumeErrors=True)
+        gathered.addCallback(lambda results: [value for _ok, value in results])
+        self._await(gathered, lambda answer: self._subscribe_answered(
+            packet, answer if isinstance(answer, list) else [HOOK_FAILED] * len(answers)),
+            "authorize_subscribe")
+
+    def _subscribe_answered(self, packet: Subscribe, answers) -> None:
+        v5 = self.protocol_level == MQTT_5
+        broker = self.broker
+        session = self.session
+        limit = broker.config.max_subscriptions_per_client
+        codes = []
+        granted = []
+        for request, answer in zip(packet.subscriptions, answers):
+            topic_filter = request.topic_filter
+            if answer is not True:
+                if isinstance(answer, Failure):
+                    self._hook_failed(answer, "authorize_subscribe")
+                if answer.__class__ is _Refused:  # refused before asking the hook
+                    codes.append(answer.code)
+                    continue
+                broker.refused("subscribe", self.client_id, self.peer,
+                               f"no read permission for filter {topic_filter!r}",
+                               topic_filter=topic_filter)
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
-            record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
-                                        request.retain_as_published,
-                                        request.retain_handling)
+            if (limit and topic_filter not in session.subscriptions
+                    and len(session.subscriptions) >= limit):
+                broker.refused("max-subscriptions-per-client", self.client_id, self.peer,
+                               f"already {limit} subscriptions; {topic_filter!r} refused",
+                               topic_filter=topic_filter)
+                codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else 0x80)
+                continue
+            if self.bridge:  # mosquitto's rule for bridge connections
+                record = SubscriptionRecord(topic_filter, request.qos, True, True,
+                                            request.retain_handling)
+            else:
+                record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+                                            request.retain_as_published,
+                                            request.retain_handling)
             is_new = broker.subscribe(session, record)
             codes.append(request.qos)
             granted.append((record, is_new))
@@ -637,7 +1191,16 @@ class ClientConnection:
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         broker = self.broker
         codes = []
+        v5 = self.protocol_level == MQTT_5
         for topic_filter in packet.topic_filters:
+            try:
+                topics.validate_topic_filter(topic_filter)
+            except MQTTError as error:
+                if not v5:  # [MQTT-4.8.0-1]
+                    raise ProtocolError(f"UNSUBSCRIBE with an invalid topic filter: "
+                                        f"{error.message}", spec="MQTT-4.8.0-1") from None
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                continue
             removed = broker.unsubscribe(self.session, topic_filter)
             codes.append(0 if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
             if removed:
@@ -670,8 +1233,6 @@ class ClientConnection:
         self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                     reason="disconnect")
 
-    def _on_auth(self, packet: Auth) -> None:
-        raise ProtocolError("AUTH without enhanced authentication", spec="MQTT-4.12.0-1")
 
 
 __all__ = ["ClientConnection"]

@@ -24,24 +24,37 @@ class EventLog:
     def __init__(self, broker):
         self.broker = broker
         self._unregister = None
+        self._unregister_debug = None
+        self._unlisten = None
 
     def start(self) -> None:
-        callbacks = {
+        self._unregister = self.broker.observe({
             "clientConnected": self._connected,
             "clientDisconnected": self._disconnected,
             "subscribed": self._subscribed,
             "unsubscribed": self._unsubscribed,
-        }
-        if debuglog.enabled:  # once per message: only with --log-level debug
-            callbacks["published"] = self._published
-            # clientDisconnected says the same, right after
-            callbacks["clientDisconnecting"] = self._disconnecting
-        self._unregister = self.broker.observe(callbacks)
+        })
+        self._debug_changed(debuglog.enabled)
+        self._unlisten = debuglog.on_change(self._debug_changed)
+
+    def _debug_changed(self, enabled: bool) -> None:
+        """Per-message observers only with --log-level debug (also after a reload)."""
+        if enabled and self._unregister_debug is None:
+            self._unregister_debug = self.broker.observe({
+                "published": self._published,
+                # clientDisconnected says the same, right after
+                "clientDisconnecting": self._disconnecting,
+            })
+        elif not enabled and self._unregister_debug is not None:
+            self._unregister_debug()
+            self._unregister_debug = None
 
     def stop(self) -> None:
-        if self._unregister is not None:
-            self._unregister()
-            self._unregister = None
+        for name in ("_unregister", "_unregister_debug", "_unlisten"):
+            unregister = getattr(self, name)
+            if unregister is not None:
+                unregister()
+                setattr(self, name, None)
 
     def _connected(self, client, **_):
         log.info("clientConnected {client_id} from {peer} (MQTT {version}, clean={clean}, "

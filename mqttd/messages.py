@@ -1,6 +1,22 @@
-"""The application message as the broker routes and stores it (layer L1)."""
+"""The application message as the broker routes and stores it (layer L1).
+
+Converting one packet form into another goes through the functions here, so
+every path maps properties by what the *target* packet allows (MQTT 5.0
+§2.2.2.2, §3.3.2.3):
+
+* inbound PUBLISH -> stored :class:`Message`: :func:`forwarded_properties`
+  keeps what the spec forwards to subscribers and drops what belongs to one
+  network connection (Topic Alias, Subscription Identifiers);
+* will (CONNECT payload) -> PUBLISH: :func:`will_message` (Will Delay Interval
+  never reaches a PUBLISH; the will's Message Expiry Interval starts when it is
+  published) [MQTT-3.1.3-...], §3.1.3.2;
+* stored / queued / retained / in-flight -> outbound PUBLISH:
+  :func:`outbound_message` drops an expired message and lowers the Message
+  Expiry Interval by the time the message waited [MQTT-3.3.2-5], [MQTT-3.3.2-6].
+"""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import attrs
@@ -28,3 +44,75 @@ class Message:
     #: absolute time (the broker clock's ``seconds()``) after which the message
     #: is no longer delivered; ``None`` means it never expires
     expires_at: Optional[float] = None
+
+
+#: the properties a server forwards from a PUBLISH (or a will) to the
+#: subscribers' PUBLISH packets (MQTT 5.0 §3.3.2.3.2-§3.3.2.3.9)
+FORWARDED = ("payload_format_indicator", "message_expiry_interval", "content_type",
+             "response_topic", "correlation_data", "user_properties")
+
+_FORWARDED = frozenset(FORWARDED)
+_NOT_FORWARDED = tuple(a.name for a in attrs.fields(Properties) if a.name not in _FORWARDED)
+
+
+def forwarded_properties(props: Properties) -> Properties:
+    """The part of ``props`` that may travel on in a subscriber's PUBLISH.
+
+    Everything else (Will Delay Interval, Topic Alias, Subscription
+    Identifiers, any CONNECT/CONNACK property) is dropped.  Returns ``props``
+    itself when nothing has to go (the common case costs no allocation).
+    """
+    if props is NO_PROPERTIES:
+        return props
+    for name in _NOT_FORWARDED:
+        value = getattr(props, name)
+        if value is not None and value != ():
+            break
+    else:
+        return props
+    kept = Properties(**{name: getattr(props, name) for name in FORWARDED})
+    return NO_PROPERTIES if kept == NO_PROPERTIES else kept
+
+
+def will_message(will, client_id: Optional[str]) -> Message:
+    """The application message a will becomes (not yet timed: ``expires_at`` None).
+
+    ``will`` is a :class:`~mqttd.codec.packets.Will`.  Use :func:`published_at`
+    when it is actually published, so its Message Expiry Interval counts from
+    then (MQTT 5.0 §3.1.3.2.4).
+    """
+    return Message(will.topic, will.payload, will.qos, will.retain,
+                   forwarded_properties(will.properties), origin=client_id)
+
+
+def published_at(message: Message, now: float) -> Message:
+    """``message`` as published at ``now``: its expiry starts counting."""
+    interval = message.properties.message_expiry_interval
+    if interval is None:
+        return message
+    return attrs.evolve(message, expires_at=now + interval)
+
+
+def remaining_interval(expires_at: float, now: float) -> int:
+    """Whole seconds left before ``expires_at`` (at least 1, rounded up)."""
+    return max(1, math.ceil(expires_at - now - 1e-6))
+
+
+def outbound_message(message: Message, now: float) -> Optional[Message]:
+    """``message`` as sent at ``now``: None if expired [MQTT-3.3.2-5], else with
+    its Message Expiry Interval lowered by the time it waited [MQTT-3.3.2-6].
+
+    Returns ``message`` itself when it does not expire or nothing changed, so
+    PUBLISH bytes cached for it stay valid.
+    """
+    expires_at = message.expires_at
+    if expires_at is None:
+        return message
+    if expires_at <= now:
+        return None
+    interval = remaining_interval(expires_at, now)
+    props = message.properties
+    if props.message_expiry_interval == interval:
+        return message
+    return attrs.evolve(message, properties=attrs.evolve(
+        props, message_expiry_interval=interval))

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from mqttd import systemd
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.eventlog import EventLog
 from mqttd.protocol import MQTTFactory
@@ -87,8 +88,23 @@ class BrokerService(MultiService):
         self.systopics = SysTopics(broker, broker.clock, sys_interval)
         self.eventlog = EventLog(broker)
         self._started: Optional[defer.Deferred] = None
+        #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
+        #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
+        self.bridges = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
+        #: an ``ILogObserver`` offered to the twistd Application it joins
+        #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
+        self.log_observer = None
+
+    def setServiceParent(self, parent):
+        """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
+        as its ``ILogObserver`` (twistd starts logging with it)."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     # --- reload (SIGHUP) ------------------------------------------------------------
 
@@ -108,6 +124,7 @@ class BrokerService(MultiService):
         connections.  Fires with ``{name: True | False}`` (False: it failed and
         was logged; the previous configuration stays in force)."""
         results = {}
+        systemd.notify("RELOADING=1")
         for name, reload in list(self._reloaders.items()):
             try:
                 yield defer.maybeDeferred(reload)
@@ -117,12 +134,14 @@ class BrokerService(MultiService):
             else:
                 log.info("Reloaded {what}", what=name)
                 results[name] = True
+        systemd.notify("READY=1")
         return results
 
     def startService(self):
-        super().startService()
+        # restore first: child services (bridges) find their sessions restored
         state = self.broker.store.open()
         self.broker.restore(state)
+        super().startService()
         self.eventlog.start()
         self.systopics.start()
         self._started = defer.ensureDeferred(self._listen())
@@ -144,6 +163,8 @@ class BrokerService(MultiService):
             self.add_reloader("tls", lambda: _reload_all(tls))
         if self.ready_file:
             self._write_ready_file()
+        systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
+                       f"MAINPID={os.getpid()}")
         return self.ports
 
     def _listen_failed(self, failure):
@@ -166,6 +187,7 @@ class BrokerService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        systemd.notify("STOPPING=1")
         yield super().stopService()
         for port in self.ports:
             yield port.stopListening()
@@ -181,7 +203,8 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
                         config: Optional[BrokerConfig] = None,
                         ready_file: Optional[str] = None, sys_interval: float = 10.0,
                         authenticator=None, authorizer=None,
-                        store_options: Optional[dict] = None) -> BrokerService:
+                        store_options: Optional[dict] = None,
+                        bridges=(), bridge_config_path: Optional[str] = None) -> BrokerService:
     """Build a :class:`BrokerService`.
 
     :param listen: Twisted server endpoint strings (``tcp:1883``,
@@ -190,10 +213,17 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
         ``haproxy:tcp:1883``; see docs/transports.rst).
     :param store: an :class:`~mqttd.interfaces.IBrokerStore`, or a spec string:
         ``memory``, ``file:PATH``, ``dbm:PATH``.
+    :param bridges: :class:`mqttd.bridge.config.BridgeConfig` values; each runs
+        as a bridge (see docs/bridge.rst); ``bridge_config_path`` is the TOML
+        file a reload re-reads them from.
     """
     if isinstance(store, str):
         from mqttd.persistence import store_from_spec
         store = store_from_spec(store, reactor, **(store_options or {}))
     broker = Broker(reactor, store, config or BrokerConfig(),
                     authenticator=authenticator, authorizer=authorizer)
-    return BrokerService(reactor, broker, listen, ready_file, sys_interval)
+    service = BrokerService(reactor, broker, listen, ready_file, sys_interval)
+    if bridges:
+        from mqttd.bridge.service import install
+        install(service, list(bridges), bridge_config_path)
+    return service

@@ -1,16 +1,26 @@
 """``twistd mqttd``: command line and TOML configuration (layer L6).
 
-The only module that touches the global reactor.  Every option can also be
-given in the TOML file named by ``--config`` (same key, ``-`` or ``_``);
-the command line wins over the file.
+The only module that touches the global reactor.  Every option is one entry
+of :data:`OPTIONS` (see :mod:`mqttd.options`): adding an option is adding one
+line there and one row to the README options table (``tests/test_tap.py``
+checks both agree).  Every option can also be given in the TOML file named by
+``--config`` (same key, ``-`` or ``_``); the command line wins over the file,
+``--port``/``--listen`` included.
+
+A wrong value is a one-line error naming the option and exit status 2, under
+``twistd mqttd`` as under ``mqttd run``; ``--check-config`` checks everything
+(files readable, endpoints parseable, store spec) and exits 0 without starting.
 """
 from __future__ import annotations
 
 import sys
+from typing import Dict, List
 
 from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
+from mqttd.options import (
+    ConfigError, Option, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
 
 if sys.version_info >= (3, 11):
@@ -19,129 +29,383 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_STORE = "file:mqttd-data"
+LOG_LEVELS = ("debug", "info", "warn", "error")
 
-#: option name -> (BrokerConfig field, converter)
-_CONFIG_OPTIONS = {
-    "max-queued-messages": ("max_queued_messages", int),
-    "max-queued-bytes": ("max_queued_bytes", int),
-    "overflow-policy": ("overflow_policy", str),
-    "max-inflight": ("max_inflight", int),
-    "max-packet-size": ("max_packet_size", int),
-    "connect-timeout": ("connect_timeout", float),
-    "max-keepalive": ("max_keepalive", int),
-    "max-session-expiry": ("max_session_expiry", int),
-    "max-publisher-pause": ("max_publisher_pause", float),
-}
+
+def _persistence(value: str) -> None:
+    from mqttd.persistence import store_from_spec
+    from twisted.internet.testing import MemoryReactor
+    store_from_spec(value, MemoryReactor())  # raises ValueError; opens nothing
+
+
+def _fsync(value: str) -> None:
+    from mqttd.persistence.journal import parse_fsync_mode
+    parse_fsync_mode(value)
+
+
+def _password_file(value: str) -> None:
+    from mqttd.auth.passwd import PasswordFileError, read_password_file
+    try:
+        read_password_file(value)
+    except (OSError, PasswordFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _acl_file(value: str) -> None:
+    from mqttd.auth.acl import ACLFileError, read_acl_file
+    try:
+        read_acl_file(value)
+    except (OSError, ACLFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _strcred(value: str) -> None:
+    from twisted.cred import strcred
+    try:
+        strcred.makeChecker(value)
+    except Exception as error:  # strcred raises several kinds
+        raise ValueError(f"{value.split(':')[0]!r}: {error}") from None
+
+
+#: Every option of ``twistd mqttd``, in ``--help`` order.  One entry each.
+OPTIONS: List[Option] = [
+    Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
+           short="p", doc_default=".."),
+    Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
+           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
+    Option("config", text(), "TOML file with any of these options as keys.", short="c"),
+    Option("check-config", flag, "Check the options and the config file, print the "
+           "result and exit (0: fine, 2: not) without starting."),
+    Option("persistence", text(_persistence), "Store: memory, file:PATH or dbm:PATH.",
+           default=DEFAULT_STORE),
+    Option("fsync", text(_fsync), "When acknowledged writes reach the disk: always, "
+           "interval:MS or never. See docs/storage.rst for the risk.", default="always"),
+    Option("broker-id", text(), "Name used in $SYS/<broker-id>/...", default="mqttd",
+           field="broker_id"),
+    Option("ready-file", text(), "Write a JSON file with pid and listening addresses "
+           "once listening."),
+    Option("sys-interval", number(0), "Seconds between $SYS statistics (0: off).",
+           default=10.0),
+    Option("log-level", choice(*LOG_LEVELS), "Lowest level logged (debug logs every "
+           "message and every drop).", default="info"),
+    Option("log-format", choice("text", "json"), "text lines, or one JSON object per line "
+           "(twisted.logger's jsonFileLogObserver).", default="text"),
+    Option("trace-client", text(), "Log every packet of this client id at info level "
+           "(repeatable).", repeatable=True, field="trace_clients"),
+    Option("max-queued-messages", integer(1), "Queue limit per session, messages.",
+           default=100_000, field="max_queued_messages"),
+    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
+           default=64 * 1024 * 1024, field="max_queued_bytes"),
+    Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
+           default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
+    Option("queue-qos0", flag, "Queue QoS 0 messages for offline persistent sessions.",
+           field="queue_qos0"),
+    Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "
+           "(v5: at most its Receive Maximum).", default=1000, field="max_inflight"),
+    Option("max-packet-size", integer(14, 268_435_460), "Largest packet accepted, bytes.",
+           default=16 * 1024 * 1024, field="max_packet_size"),
+    Option("max-connect-packet-size", integer(14, 268_435_460), "Largest packet accepted "
+           "before CONNECT succeeds, bytes; refused from the fixed header.",
+           default=1024 * 1024, field="max_connect_packet_size"),
+    Option("connect-timeout", number(above=0), "Seconds to wait for CONNECT.",
+           default=10.0, field="connect_timeout"),
+    Option("max-keepalive", integer(0, 65535), "Largest keepalive granted, seconds, also "
+           "bounding keepalive 0 (v5: Server Keep Alive; v3: CONNACK 0x02); 0 = any.",
+           default=0, field="max_keepalive"),
+    Option("max-session-expiry", integer(0, 0xFFFFFFFF), "Longest v5 session expiry "
+           "granted, seconds.", field="max_session_expiry", doc_default="unlimited"),
+    Option("persistent-client-expiration", duration, "Discard MQTT 3.x persistent "
+           "sessions (clean session 0) disconnected this long: 1h, 2d, 3w, 1m (30 days), "
+           "1y, as mosquitto's persistent_client_expiration; v5 sessions keep their own "
+           "expiry.", field="persistent_client_expiration", doc_default="never"),
+    Option("max-publisher-pause", number(0), "Seconds one congestion episode of a "
+           "subscriber may hold publishers back (0: never).", default=5.0,
+           field="max_publisher_pause"),
+    Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
+           "pause must stay drained and healthy before it may hold publishers again.",
+           default=30.0, field="publisher_pause_recovery"),
+    Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
+           "of pausing its publishers."),
+    # --- security (mqttd.auth; see docs/security.rst) ---
+    Option("password-file", text(_password_file), "mosquitto-format password file "
+           "($7$, $6$; mqttd passwd writes it); reloaded on SIGHUP."),
+    Option("acl-file", text(_acl_file), "mosquitto-format ACL file (user, topic, "
+           "pattern with %c/%u); reloaded on SIGHUP."),
+    Option("auth", text(_strcred), "A twisted.cred checker: unix, memory:USER:PASS:..., "
+           "file:PATH (repeatable).", repeatable=True),
+    Option("allow-anonymous", flag, "Let clients without a user name in even when "
+           "authentication or a non-loopback listener is configured."),
+    Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
+           "taken over by another user name.", field="allow_session_takeover_by_other_user"),
+    Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
+           "hook may take before it refuses.", default=10.0, field="hook_timeout"),
+    Option("max-connections", integer(0), "Open client connections, all listeners; "
+           "0 = no limit.", default=0, field="max_connections"),
+    Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
+           "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+    Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
+           "0 = no limit.", default=0, field="max_topic_levels"),
+    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
+           "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
+    Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
+           "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
+]
+
+#: Feature packages that add to the service built from the options:
+#: ``"module:function"``, each called as ``function(service, options)`` by
+#: :func:`makeService` in this order (one line per feature).
+FEATURES: List[str] = [
+    "mqttd.auth.setup:install",
+    "mqttd.bridge.service:from_options",
+]
+
+
+def option(name: str) -> Option:
+    for opt in OPTIONS:
+        if opt.name == name:
+            return opt
+    raise KeyError(name)
+
+
+def _field_option(field: str) -> str:
+    for opt in OPTIONS:
+        if opt.field == field:
+            return opt.name
+    return field.replace("_", "-")
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Run the mqttd MQTT broker (MQTT 3.1, 3.1.1 and 5.0). "
-                "Without --port/--listen it listens on tcp:1883; without "
+                "Without --port/--listen it listens on tcp:1883 on loopback only; without "
                 "--persistence it keeps durable state in ./mqttd-data.")
 
     optParameters = [
-        ["port", "p", None, "TCP port to listen on (shorthand for --listen tcp:PORT).", int],
-        ["config", "c", None, "TOML file with any of these options as keys."],
-        ["persistence", None, None,
-         f"Store: memory, file:PATH or dbm:PATH [default: {DEFAULT_STORE}]."],
-        ["fsync", None, None,
-         "When acknowledged writes reach the disk: always (default), "
-         "interval:MS or never. See docs/storage.rst for the risk."],
-        ["broker-id", None, None, "Name used in $SYS/<broker-id>/... [default: mqttd]."],
-        ["ready-file", None, None,
-         "Write a JSON file with pid and listening addresses once listening."],
-        ["sys-interval", None, None, "Seconds between $SYS statistics (0: off) [10].", float],
-        ["max-queued-messages", None, None, "Queue limit per session, messages [100000].", int],
-        ["max-queued-bytes", None, None, "Queue limit per session, bytes [64 MiB].", int],
-        ["overflow-policy", None, None,
-         f"A full queue drops: {' or '.join(OverflowPolicy.ALL)} [drop-oldest]."],
-        ["max-inflight", None, None, "Outbound QoS 1/2 window per client (v5: at most its Receive Maximum) [1000].", int],
-        ["max-packet-size", None, None, "Largest packet accepted, bytes [16 MiB].", int],
-        ["connect-timeout", None, None, "Seconds to wait for CONNECT [10].", float],
-        ["max-keepalive", None, None, "Largest keepalive granted, seconds; 0 = any [0].", int],
-        ["max-session-expiry", None, None, "Longest v5 session expiry granted, seconds.", int],
-        ["max-publisher-pause", None, None,
-         "Seconds a congested subscriber may hold publishers back [5].", float],
-        ["log-level", None, None, "info or debug (debug logs every message) [info]."],
-    ]
-    optFlags = [
-        ["queue-qos0", None, "Queue QoS 0 messages for offline persistent sessions."],
-        ["no-publisher-backpressure", None,
-         "Drop for a congested subscriber instead of pausing its publishers."],
-    ]
+        [o.name, o.short, None, o.help + ("" if o.documented_default() == ".." else
+                                          f" [default: {o.documented_default().strip('`')}]")]
+        for o in OPTIONS if not o.is_flag and not o.repeatable]
+    optFlags = [[o.name, o.short, o.help] for o in OPTIONS if o.is_flag]
 
     def __init__(self):
         super().__init__()
-        self["listen"] = []
+        for o in OPTIONS:
+            if o.repeatable:
+                self[o.name] = []
+        #: where each value came from: "command line", the file name, or "default"
+        self.sources: Dict[str, str] = {}
+        self._config = None
+
+    def opt_trace_client(self, client_id):
+        """Log every packet of this client id at info level (repeatable)."""
+        self["trace-client"].append(client_id)
 
     def opt_listen(self, description):
         """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
         (repeatable)."""
         self["listen"].append(description)
 
+    def opt_auth(self, description):
+        """A twisted.cred checker: unix, memory:USER:PASS:..., file:PATH (repeatable)."""
+        self["auth"].append(description)
+
+    def opt_version(self):
+        """Print mqttd's version and exit."""
+        from mqttd import __version__
+        print(f"mqttd {__version__}")
+        raise SystemExit(0)
+
+    # --- parsing ----------------------------------------------------------------------
+
+    def parseOptions(self, options=None):
+        """Parse and validate; under ``twistd`` a bad option is one line and exit 2."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if self.parent is None:
+                raise
+            print(f"mqttd: error: {error}", file=sys.stderr)
+            raise SystemExit(2)
+        if self["check-config"] and self.parent is not None:
+            print(check_report(self))
+            raise SystemExit(0)
+
     def postOptions(self):
-        if self["config"]:
-            try:
-                with open(self["config"], "rb") as f:
-                    file_options = tomllib.load(f)
-            except (OSError, tomllib.TOMLDecodeError) as error:
-                raise usage.UsageError(f"cannot read {self['config']}: {error}")
-            self._merge(file_options)
+        given = {}
+        for o in OPTIONS:
+            value = self[o.name]
+            if o.repeatable:
+                if value:
+                    given[o.name] = value
+            elif o.is_flag:
+                if value:
+                    given[o.name] = True
+            elif value is not None:
+                given[o.name] = value
+        from_file = self._read_file(given.get("config"))
+        #: the validated [[bridge]] tables of the config file (BridgeConfig values)
+        self["bridges"] = from_file.pop("bridge", [])
+        # the command line wins; --port and --listen together decide the addresses
+        if "port" in given or "listen" in given:
+            from_file.pop("port", None)
+            from_file.pop("listen", None)
+        for o in OPTIONS:
+            if o.name in given:
+                self[o.name] = o.check(given[o.name])
+                self.sources[o.name] = "command line"
+            elif o.name in from_file:
+                self[o.name] = o.check(from_file[o.name])
+                self.sources[o.name] = self["config"]
+            else:
+                self[o.name] = [] if o.repeatable else (False if o.is_flag else None)
+                self.sources[o.name] = "default"
+        listen = list(self["listen"])
         if self["port"] is not None:
-            self["listen"].append(f"tcp:{self['port']}")
-        if not self["listen"]:
-            self["listen"] = ["tcp:1883"]
-        if self["log-level"] not in (None, "info", "debug"):
-            raise usage.UsageError("--log-level must be info or debug")
-        policy = self["overflow-policy"]
-        if policy is not None and policy not in OverflowPolicy.ALL:
-            raise usage.UsageError(f"--overflow-policy must be one of {OverflowPolicy.ALL}")
+            listen.append(f"tcp:{self['port']}")
+        self["listen"] = listen or list(option("listen").default)
+        self._config = self._broker_config()
 
-    def _merge(self, file_options: dict) -> None:
-        known = {name for name, *_ in self.optParameters} | {
-            "queue-qos0", "no-publisher-backpressure", "listen"}
-        for key, value in file_options.items():
+    def _read_file(self, path) -> dict:
+        if path is None:
+            return {}
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"--config: cannot read {path}: {error}")
+        known = {o.name: o for o in OPTIONS}
+        values = {}
+        for key, value in data.items():
+            if key == "bridge":   # [[bridge]] tables: see mqttd.bridge.config
+                values["bridge"] = _bridges(path, value)
+                continue
             name = key.replace("_", "-")
-            if name not in known:
-                raise usage.UsageError(f"unknown key {key!r} in {self['config']}")
-            if name == "listen":
-                values = value if isinstance(value, list) else [value]
-                if not self["listen"]:
-                    self["listen"].extend(str(v) for v in values)
-            elif name in ("queue-qos0", "no-publisher-backpressure"):
-                self[name] = self[name] or bool(value)
-            elif self.get(name) is None:
-                self[name] = value
+            opt = known.get(name)
+            if opt is None or name == "config":
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            kind = getattr(opt.parse, "kind", None)
+            items = value if (opt.repeatable and isinstance(value, list)) else [value]
+            for item in items:
+                if kind in ("integer", "number") and isinstance(item, str):
+                    raise ConfigError(f"{path}: {key} must be a number, not the string "
+                                      f"{item!r} (write it without quotes)")
+            values[name] = value
+        return values
 
-    def broker_config(self) -> BrokerConfig:
+    def _broker_config(self) -> BrokerConfig:
         kwargs = {}
-        if self["broker-id"]:
-            kwargs["broker_id"] = str(self["broker-id"])
-        for name, (field, convert) in _CONFIG_OPTIONS.items():
-            if self[name] is not None:
-                kwargs[field] = convert(self[name])
-        if self["queue-qos0"]:
-            kwargs["queue_qos0"] = True
+        for o in OPTIONS:
+            if o.field is None or self.sources.get(o.name) == "default":
+                continue
+            value = self[o.name]
+            if value is None or (o.is_flag and not value):
+                continue
+            kwargs[o.field] = value
         if self["no-publisher-backpressure"]:
             kwargs["publisher_backpressure"] = False
-        return BrokerConfig(**kwargs)
+        try:
+            return BrokerConfig(**kwargs)
+        except (TypeError, ValueError) as error:
+            field, _, why = str(error).partition(": ")
+            raise ConfigError(f"--{_field_option(field)}: {why or error}") from None
+
+    def broker_config(self) -> BrokerConfig:
+        """The validated :class:`BrokerConfig` of these options."""
+        if self._config is None:
+            self._config = self._broker_config()
+        return self._config
+
+
+def _bridges(path, tables) -> list:
+    """The ``[[bridge]]`` tables as BridgeConfig values; ConfigError names the line."""
+    from mqttd.bridge.config import BridgeConfigError, bridges_from_toml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return bridges_from_toml(tables, text, str(path))
+    except BridgeConfigError as error:
+        raise ConfigError(f"bad bridge: {error}") from None
+
+
+def check_report(options: Options) -> str:
+    """What ``--check-config`` prints for options that parsed and validated."""
+    lines = ["mqttd: configuration OK" + (f" ({options['config']})" if options["config"]
+                                          else "")]
+    for o in OPTIONS:
+        if o.name in ("check-config", "config", "port"):
+            continue
+        value = options[o.name]
+        source = options.sources.get(o.name, "default")
+        if source == "default":
+            continue
+        lines.append(f"  {o.name} = {value!r}  ({source})")
+    lines.append(f"  listen = {options['listen']!r}")
+    for bridge in options.get("bridges") or ():
+        lines.append(f"  bridge {bridge.connection} -> "
+                     + " ".join(f"{h}:{p}" for h, p in bridge.addresses)
+                     + f" ({len(bridge.topics)} topic lines)")
+    return "\n".join(lines)
+
+
+def _log_stream(options: Options):
+    """Where twistd would write its log: --logfile PATH, else stdout."""
+    parent = options.parent
+    path = parent.get("logfile") if parent is not None else None
+    if path and path != "-":
+        from twisted.python.logfile import LogFile
+        return LogFile.fromFullPath(path)
+    return sys.stdout
+
+
+def _log_level_reloader(options: Options, settings):
+    """Re-read ``log-level`` from the config file (unless the command line set it)."""
+    def reload():
+        if options.sources.get("log-level") == "command line" or not options["config"]:
+            return
+        values = options._read_file(options["config"])
+        level = option("log-level").check(values.get("log-level", values.get("log_level",
+                                                                               "info")))
+        settings.set_level(level)
+    return reload
+
+
+def install_signal_handlers(reactor, service) -> None:
+    """SIGHUP runs ``service.reload()`` in the reactor thread (no connection dropped)."""
+    import signal
+
+    def on_sighup(_signum, _frame):
+        reactor.callFromThread(service.reload)
+    signal.signal(signal.SIGHUP, on_sighup)
 
 
 def makeService(options: Options):
+    import importlib
+
     from twisted.internet import reactor
 
-    from mqttd import debuglog
+    from mqttd import logs
     from mqttd.service import make_broker_service
 
-    debuglog.set_enabled(options["log-level"] == "debug")
+    settings = logs.LogSettings(options["log-level"] or "info")
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]
     spec = options["persistence"] or DEFAULT_STORE
     sys_interval = options["sys-interval"]
-    return make_broker_service(
+    service = make_broker_service(
         reactor, listen=options["listen"], store=spec, config=options.broker_config(),
         ready_file=options["ready-file"],
-        sys_interval=10.0 if sys_interval is None else float(sys_interval),
+        sys_interval=option("sys-interval").default if sys_interval is None else sys_interval,
         store_options=store_options if not spec.startswith("memory") else None)
+    service.log_settings = settings
+    if options.parent is not None and not options.parent.get("syslog"):
+        # under twistd: our observer (format, level) instead of twistd's default
+        service.log_observer = logs.make_observer(
+            _log_stream(options), options["log-format"] or "text", settings)
+    service.add_reloader("log_level", _log_level_reloader(options, settings))
+    for target in FEATURES:
+        module_name, function_name = target.split(":")
+        getattr(importlib.import_module(module_name), function_name)(service, options)
+    if options.parent is not None:
+        install_signal_handlers(reactor, service)
+    return service

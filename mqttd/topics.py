@@ -427,3 +427,13 @@ class SubscriptionTrie:
                     f = node.topic_filter
                     out.extend([(f, k, v) for k, v in node.subs.items()])
         return out
+
+
+def is_bridge_state_topic(topic: str) -> bool:
+    """True for ``$SYS/broker/connection/<id>/state``: the one ``$SYS`` topic a
+    bridging broker (connected with the bridge bit) may publish to, as mosquitto
+    bridges do with ``notifications true``."""
+    parts = topic.split("/")
+    return (len(parts) == 5 and parts[0] == "$SYS" and parts[1] == "broker"
+            and parts[2] == "connection" and parts[3] != "" and parts[4] == "state"
+            and "+" not in parts[3] and "#" not in parts[3])

@@ -21,8 +21,9 @@ def test_plugin_is_found_by_twistd():
 
 
 def test_port_and_listen_options_combine():
-    """--port N is tcp:N; --listen is repeatable; no option means tcp:1883."""
-    assert _parse()["listen"] == ["tcp:1883"]
+    """--port N is tcp:N; --listen is repeatable; no option means loopback tcp:1883
+    (secure by default, as mosquitto 2)."""
+    assert _parse()["listen"] == ["tcp:1883:interface=127.0.0.1"]
     assert _parse("--port", "1884")["listen"] == ["tcp:1884"]
     assert _parse("--listen", "tcp:1", "--listen", "unix:/tmp/x")["listen"] == ["tcp:1", "unix:/tmp/x"]
 
@@ -51,6 +52,15 @@ def test_unknown_toml_key_is_a_usage_error(tmp_path):
     config.write_text("max_queue = 1\n")
     with pytest.raises(usage.UsageError, match="unknown key"):
         _parse("--config", str(config))
+
+
+def test_publisher_pause_options_reach_the_config_and_are_checked():
+    """Both reach BrokerConfig; a negative pause is a usage error."""
+    options = _parse("--max-publisher-pause", "2", "--publisher-pause-recovery", "10")
+    config = options.broker_config()
+    assert (config.max_publisher_pause, config.publisher_pause_recovery) == (2.0, 10.0)
+    with pytest.raises(usage.UsageError, match="max-publisher-pause"):
+        _parse("--max-publisher-pause", "-1")
 
 
 def test_bad_overflow_policy_is_a_usage_error():

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .packets import (
-    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_3_1, MQTT_5, NO_PROPERTIES,
+    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES,
     PROTOCOL_NAMES, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, SUBSCRIBE,
     UNSUBACK, UNSUBSCRIBE, Auth, Connack, Connect, Disconnect, Pingreq, Pingresp,
     Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
@@ -71,7 +71,12 @@ def _encode_connect(p: Connect, level: int) -> bytes:
         flags |= 0x40
     if p.username is not None:
         flags |= 0x80
-    parts = [encode_utf8(name), bytes((p.protocol_level, flags)),
+    level_byte = p.protocol_level
+    if p.bridge:
+        if p.protocol_level not in (MQTT_3_1, MQTT_3_1_1):
+            raise ValueError("the bridge bit exists only for MQTT 3.1 and 3.1.1")
+        level_byte |= 0x80
+    parts = [encode_utf8(name), bytes((level_byte, flags)),
              p.keepalive.to_bytes(2, "big")]
     if level == MQTT_5:
         parts.append(encode_properties(p.properties, CONNECT))

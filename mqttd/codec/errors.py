@@ -127,12 +127,18 @@ class PacketTooLarge(MQTTError):
 
 
 class UnsupportedProtocolVersion(MQTTError):
-    """CONNECT with an unknown protocol name or level (v5 0x84, v3 0x01)."""
+    """CONNECT with an unknown protocol name or level (v5 0x84, v3 0x01).
+
+    ``answer`` is False when the connection must be closed without any
+    CONNACK: a 3.x CONNECT whose protocol name is wrong [MQTT-3.1.4-1].
+    """
 
     default_reason_code = ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
 
     def __init__(self, message: str, protocol_level: Optional[int] = None,
-                 spec: Optional[str] = None):
+                 spec: Optional[str] = None, answer: bool = True):
         super().__init__(message, spec=spec)
         #: the level the client asked for, used to choose the CONNACK form
         self.protocol_level = protocol_level
+        #: whether a CONNACK answers it (False: close only)
+        self.answer = answer

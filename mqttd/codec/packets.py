@@ -102,6 +102,9 @@ class Connect:
     will: Optional[Will] = None
     properties: Properties = NO_PROPERTIES
     protocol_name: str = ""          # "" means: the standard name for protocol_level
+    #: the "bridge bit": protocol level | 0x80 on the wire (MQTT 3.1 / 3.1.1 only),
+    #: mosquitto's ``try_private`` marking a broker-to-broker bridge connection
+    bridge: bool = False
 
     packet_type = CONNECT
 

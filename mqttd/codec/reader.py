@@ -32,6 +32,8 @@ from .wire import decode_binary, decode_utf8
 MAX_PACKET_SIZE = 268_435_460
 
 _SUPPORTED = {("MQIsdp", MQTT_3_1), ("MQTT", MQTT_3_1_1), ("MQTT", MQTT_5)}
+#: levels that may carry the bridge bit (0x80): 0x83 and 0x84, as mosquitto accepts
+_BRIDGE_LEVELS = {("MQIsdp", MQTT_3_1), ("MQTT", MQTT_3_1_1)}
 
 # Fixed-header flags every packet type but PUBLISH must carry.
 _FLAGS = {
@@ -39,6 +41,11 @@ _FLAGS = {
     SUBSCRIBE: 2, SUBACK: 0, UNSUBSCRIBE: 2, UNSUBACK: 0, PINGREQ: 0,
     PINGRESP: 0, DISCONNECT: 0, AUTH: 0,
 }
+
+#: MQTT 3.1 (level 3) lets a retransmitted SUBSCRIBE, UNSUBSCRIBE or PUBREL
+#: carry the DUP bit (first bytes 0x8A, 0xAA, 0x6A; MQTT 3.1 §2.1 "DUP flag");
+#: 3.1.1 and 5.0 reserve those flags [MQTT-2.2.2-2], [MQTT-2.1.3-1]
+_V31_DUP = {SUBSCRIBE: 0x0A, UNSUBSCRIBE: 0x0A, PUBREL: 0x0A}
 
 _NAMES = {
     CONNECT: "CONNECT", CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK",
@@ -133,11 +140,18 @@ def _decode_connect(reader, data, i, end):
         raise _truncated("CONNECT protocol level")
     level = data[i]
     i += 1
+    bridge = False
+    if level & 0x80 and (name, level & 0x7F) in _BRIDGE_LEVELS:
+        # mosquitto's bridge bit (try_private): a broker bridging to us
+        bridge = True
+        level &= 0x7F
     if (name, level) not in _SUPPORTED:
         if name not in ("MQTT", "MQIsdp"):
+            # 3.x: close without a CONNACK [MQTT-3.1.2-1], [MQTT-3.1.4-1];
+            # a level-5 CONNECT is answered with CONNACK 0x84
             raise UnsupportedProtocolVersion(
                 f"unsupported protocol name {name!r}", protocol_level=level,
-                spec="MQTT-3.1.2-1")
+                spec="MQTT-3.1.2-1", answer=level == MQTT_5)
         raise UnsupportedProtocolVersion(
             f"unsupported protocol level {level} for {name!r}", protocol_level=level,
             spec="MQTT-3.1.2-2")
@@ -148,7 +162,8 @@ def _decode_connect(reader, data, i, end):
     flags = data[i]
     keepalive = (data[i + 1] << 8) | data[i + 2]
     i += 3
-    if flags & 0x01:
+    if flags & 0x01 and level != MQTT_3_1:
+        # MQTT 3.1 has no rule for the reserved bit; 3.1.1 and 5.0 do
         raise MalformedPacket("CONNECT reserved flag is set", spec="MQTT-3.1.2-3")
     will_flag = flags & 0x04
     will_qos = (flags >> 3) & 3
@@ -189,7 +204,7 @@ def _decode_connect(reader, data, i, end):
     if i != end:
         raise _trailing("CONNECT", level)
     return Connect(level, client_id, bool(flags & 0x02), keepalive, username,
-                   password, will, props)
+                   password, will, props, bridge=bridge)
 
 
 def _decode_connack(level, flags, data, i, end):
@@ -215,7 +230,9 @@ def _make_ack_decoder(cls, ptype):
     name = _NAMES[ptype]
 
     def decode(level, flags, data, i, end):
-        pid, i = _packet_id(data, i, end, name, level, False)
+        # an acknowledgement carries the id of the packet it acknowledges,
+        # never 0 [MQTT-2.3.1-1] (3.1.1), [MQTT-2.2.1-3] (5.0)
+        pid, i = _packet_id(data, i, end, name, level, True)
         if i == end:
             return cls(pid)
         if level != MQTT_5:
@@ -273,7 +290,7 @@ def _decode_subscribe(level, flags, data, i, end):
 
 
 def _decode_suback(level, flags, data, i, end):
-    pid, i = _packet_id(data, i, end, "SUBACK", level, False)
+    pid, i = _packet_id(data, i, end, "SUBACK", level, True)
     props = NO_PROPERTIES
     if level == MQTT_5:
         props, i = decode_properties(data, i, SUBACK, end)
@@ -298,7 +315,7 @@ def _decode_unsubscribe(level, flags, data, i, end):
 
 
 def _decode_unsuback(level, flags, data, i, end):
-    pid, i = _packet_id(data, i, end, "UNSUBACK", level, False)
+    pid, i = _packet_id(data, i, end, "UNSUBACK", level, True)
     if level != MQTT_5:
         if i != end:
             raise _trailing("UNSUBACK", level)
@@ -399,6 +416,18 @@ class PacketReader:
         self._buf = bytearray()   # at most one incomplete packet
         self._total = 0           # its whole size, once its fixed header is complete
         self._error = None
+
+    def release(self) -> None:
+        """Drop the buffered part of a packet (the connection is closed).
+
+        Also drops the traceback of a stored error: its frames reference the
+        caller (the connection), a cycle that would keep everything alive
+        until a full garbage collection.
+        """
+        self._buf = bytearray()
+        self._total = 0
+        if self._error is not None:
+            self._error.__traceback__ = None
 
     @property
     def buffered(self) -> int:
@@ -504,6 +533,10 @@ class PacketReader:
             elif total == 4 and byte0 in _SHORT_ACKS and level is not None:
                 # PUBACK/PUBREC/PUBREL/PUBCOMP with only a packet id: the other hot path
                 pid = (data[pos + 2] << 8) | data[pos + 3]
+                if not pid:
+                    raise ProtocolError(
+                        f"{_NAMES[byte0 >> 4]} with packet identifier 0",
+                        spec=_spec(level, "MQTT-2.3.1-1", "MQTT-2.2.1-3"))
                 append(_SHORT_ACKS[byte0](pid))
             else:
                 append(decode(data, pos, header, end))
@@ -527,7 +560,7 @@ class PacketReader:
         if expected is None:
             raise MalformedPacket(f"reserved packet type {ptype}",
                                   spec=_spec(level, "MQTT 3.1.1 §2.2.1", "MQTT 5.0 §2.1.2"))
-        if flags != expected:
+        if flags != expected and not (level == MQTT_3_1 and flags == _V31_DUP.get(ptype)):
             raise MalformedPacket(
                 f"{_NAMES[ptype]} with invalid fixed header flags {flags:#06b}",
                 spec=_spec(level, "MQTT-2.2.2-2", "MQTT-2.1.3-1"))

@@ -7,22 +7,28 @@ and only then made current by atomically replacing the small pointer file
 ``CURRENT``; the previous generation and the journals it covers are removed
 afterwards.  Between checkpoints every change goes to the journal (the WAL).
 
-Keys (values are ``crc32 | safepickle`` bytes of one checkpoint item, see
-:func:`~mqttd.persistence.journal.state_items`)::
+Format 3 keys; each value is a sequence of frames in the journal's framing
+(``mark | u32 length | u32 crc32 | safepickle payload``), one frame per
+checkpoint item (:func:`~mqttd.persistence.journal.state_items`: a session,
+or a chunk of up to 16 outbound or retained messages)::
 
-    meta                  {"version": FORMAT_VERSION, "generation": g, counts...}
-    s:<client_id>         ("s", SessionRecord, (inbound QoS 2 packet ids, ...))
-    o:<client_id>:<n>     ("o", client_id, (OutboundRecord, ...))  n-th chunk, seq order
-    r:<n>                 ("r", (Message, ...))                      n-th retained chunk
+    meta                  one frame ("meta", {"version", "generation", counts...})
+    c:<n>                 up to 64 item frames, in state_items order (sessions,
+                          outbound chunks, retained chunks, pending-will chunks)
 
-Outbound and retained messages are stored in chunks of up to 1000 records:
 ``dbm.dumb`` opens its files once per key and pads values to 512 bytes, so
-one key per message costs ~70 µs and ~512 bytes each (7 s and 51 MB for
-100,000 messages, measured) where chunks cost next to nothing.
+one key per message would cost ~70 µs and ~512 bytes each (7 s and 51 MB
+for 100,000 messages, measured); 64 frames per key cost next to nothing.
+
+Reading resynchronises like the journal: the ``.dat`` file is scanned for
+valid frames directly (zero padding skipped), so neither a damaged value
+nor a damaged ``.dir`` index costs more than the frames whose bytes are
+damaged; the damaged bytes are kept in ``state.<g>.dat.damaged-<time>``.
+Format 1 and 2 checkpoints (``crc32 | pickle`` values under ``s:``, ``o:``,
+``r:`` and ``w:`` keys) still load; a damaged value there costs its key.
 """
 from __future__ import annotations
 
-import collections
 import dbm.dumb
 import os
 import re
@@ -32,9 +38,10 @@ import zlib
 from twisted.logger import Logger
 
 from mqttd.persistence import safepickle
+from mqttd.persistence.filestore import SnapshotRead, report_damaged_checkpoint
 from mqttd.persistence.journal import (
-    DEFAULT_COMPACT_BYTES, JournaledStore, StateAssembler, aside_path, atomic_write,
-    fsync_dir, state_counts, state_items)
+    DEFAULT_COMPACT_BYTES, RECORD_HEADER, JournaledStore, StateAssembler, aside_path,
+    atomic_write, encode_record, fsync_dir, scan_frames, state_counts, state_items)
 from mqttd.persistence.records import FORMAT_VERSION, StoredState
 
 log = Logger(namespace="mqttd.persistence")
@@ -43,6 +50,8 @@ CURRENT_NAME = "CURRENT"
 CURRENT_MAGIC = "mqttd-dbm-checkpoint"
 _STATE_NAME = re.compile(r"^state\.(\d+)\.(dat|dir|bak)$")
 _CRC = struct.Struct(">I")
+#: checkpoint item frames per dbm value (format 3)
+FRAMES_PER_KEY = 64
 
 
 class CheckpointError(Exception):
@@ -94,9 +103,12 @@ class DbmStore(JournaledStore):
             return None, 0, False
         generation = None
         try:
-            generation = self._parse_current(pointer)
-            state = self._read_dbm(generation)
-        except Exception as e:  # any damage: set aside, start from journals
+            generation, version = self._parse_current(pointer)
+            if version >= 3:
+                read, data = self.read_checkpoint(generation)
+            else:
+                read, data = self._read_dbm_v1(generation), None
+        except Exception as e:  # unusable: set aside, start from journals
             now = self._reactor.seconds()
             moved = []
             names = [CURRENT_NAME]
@@ -115,7 +127,56 @@ class DbmStore(JournaledStore):
                       path=self._base(generation) if generation is not None else self.current_path,
                       moved=", ".join(moved), error=str(e))
             return None, 0, True
-        return state, generation, False
+        if read.intact:
+            return read.state, read.generation, False
+        if data is None:  # format 1/2: no byte ranges, the log line says what was lost
+            read.damaged = []
+        report_damaged_checkpoint(self._base(generation) + ".dat", data or b"", read,
+                                  self._reactor.seconds(), self._fsync)
+        return read.state, read.generation, True
+
+    def read_checkpoint(self, generation: int):
+        """Read format 3 checkpoint ``generation`` without side effects.
+
+        Returns ``(SnapshotRead, dat bytes)``; raises CheckpointError when
+        nothing is usable.  The ``.dat`` file is scanned for frames, so the
+        ``.dir`` index is not needed.
+        """
+        base = self._base(generation)
+        try:
+            with open(base + ".dat", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"{base}.dat missing") from None
+        scan = scan_frames(data, 0, padding=True)
+        if not scan.frames:
+            raise CheckpointError(f"{base}.dat holds no readable frame")
+        assembler = StateAssembler()
+        damaged = list(scan.damaged)
+        meta = None
+        reason = ""
+        for offset, payload in scan.frames:
+            where = (offset, offset + RECORD_HEADER.size + len(payload))
+            try:
+                item = safepickle.loads(payload)
+                if isinstance(item, tuple) and len(item) == 2 and item[0] == "meta":
+                    meta = item[1]
+                    continue
+                assembler.add(item)
+            except Exception as e:  # UnpicklingError, ValueError
+                damaged.append(where)
+                reason = reason or f"frame at offset {offset}: {e}"
+        if meta is not None:
+            if not isinstance(meta, dict) or meta.get("generation") != generation:
+                raise CheckpointError(f"meta of {base} does not match generation {generation}")
+            if meta.get("version", 0) > FORMAT_VERSION:
+                raise CheckpointError(f"format version {meta.get('version')} is newer than "
+                                      f"this mqttd supports ({FORMAT_VERSION})")
+        else:
+            reason = reason or "meta frame damaged: cannot tell how much was lost"
+        state = assembler.finish(tolerant=True)
+        return SnapshotRead(state, generation, len(scan.frames), sorted(damaged), meta,
+                            reason, assembler.orphans), data
 
     def _parse_current(self, pointer: bytes) -> int:
         try:
@@ -130,35 +191,35 @@ class DbmStore(JournaledStore):
                                   f"supports ({FORMAT_VERSION})")
         if version < 1:
             raise CheckpointError(f"unknown format version {version}")
-        return generation
+        return generation, version
 
-    def _read_dbm(self, generation: int) -> StoredState:
+    def _read_dbm_v1(self, generation: int) -> SnapshotRead:
+        """Read a format 1 or 2 checkpoint; a damaged value costs its key."""
         base = self._base(generation)
         if not os.path.exists(base + ".dat") or not os.path.exists(base + ".dir"):
             raise CheckpointError(f"{base}.dat/.dir missing")
         assembler = StateAssembler()
+        bad_keys = []
+        reason = ""
         db = dbm.dumb.open(base, "r")
         try:
             meta = _unpack(db[b"meta"], "meta")
             if not isinstance(meta, dict) or meta.get("generation") != generation:
                 raise CheckpointError(f"meta of {base} does not match generation {generation}")
-            if meta.get("version", 0) > FORMAT_VERSION:
-                raise CheckpointError(f"format version {meta.get('version')} is newer than "
-                                      f"this mqttd supports ({FORMAT_VERSION})")
             for raw_key in db.keys():
                 if raw_key == b"meta":
                     continue
                 key = raw_key.decode("utf-8", "surrogatepass")
                 try:
                     assembler.add(_unpack(db[raw_key], key))
-                except ValueError as e:
-                    raise CheckpointError(f"value of {key!r}: {e}") from e
+                except (ValueError, CheckpointError) as e:
+                    bad_keys.append(key)
+                    reason = reason or f"value of {key!r}: {e}"
         finally:
             db.close()
-        try:
-            return assembler.finish(meta)
-        except ValueError as e:
-            raise CheckpointError(f"{base}: {e}") from e
+        state = assembler.finish(tolerant=True)
+        return SnapshotRead(state, generation, 0, [], meta,
+                            reason, assembler.orphans)
 
     # -- writing (in a thread, or in open() after damage) --
 
@@ -171,20 +232,19 @@ class DbmStore(JournaledStore):
                 pass
         db = dbm.dumb.open(base, "n")
         try:
-            chunk_numbers = collections.Counter()
-            for item in state_items(state):
-                if item[0] == "s":
-                    key = f"s:{item[1].client_id}"
-                elif item[0] == "o":
-                    key = f"o:{item[1]}:{chunk_numbers[item[1]]}"
-                    chunk_numbers[item[1]] += 1
-                else:
-                    key = f"r:{chunk_numbers[None]}"
-                    chunk_numbers[None] += 1
-                db[_key(key)] = _pack(item)
             meta = {"version": FORMAT_VERSION, "generation": generation}
             meta.update(state_counts(state))
-            db[b"meta"] = _pack(meta)
+            db[b"meta"] = encode_record(safepickle.dumps(("meta", meta)))
+            frames = []
+            number = 0
+            for item in state_items(state):
+                frames.append(encode_record(safepickle.dumps(item)))
+                if len(frames) == FRAMES_PER_KEY:
+                    db[_key(f"c:{number}")] = b"".join(frames)
+                    number += 1
+                    frames = []
+            if frames:
+                db[_key(f"c:{number}")] = b"".join(frames)
             db.sync()
         finally:
             db.close()

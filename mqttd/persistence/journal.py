@@ -51,7 +51,7 @@ from mqttd.interfaces import IBrokerStore
 from mqttd.persistence import safepickle
 from mqttd.messages import Message
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession,
+    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession, WillRecord,
     StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
@@ -99,7 +99,7 @@ def copy_state(state: StoredState) -> StoredState:
     return StoredState(
         {cid: StoredSession(s.record, dict(s.outbound), set(s.inbound_qos2))
          for cid, s in state.sessions.items()},
-        dict(state.retained))
+        dict(state.retained), dict(state.wills))
 
 
 def sort_outbound(state: StoredState) -> None:
@@ -113,7 +113,9 @@ def sort_outbound(state: StoredState) -> None:
 #: records per checkpoint item: small pickles keep the reactor thread
 #: responsive while a checkpoint is pickled in a worker thread (one 100k-message
 #: pickle holds the GIL for up to 300 ms at a stretch; 1000-record chunks ~30 ms)
-CHUNK = 1000
+#: (and 16 records per item bounds what one damaged byte of a checkpoint
+#: costs: the frame it is in)
+CHUNK = 16
 
 
 def state_items(state: StoredState):
@@ -121,7 +123,8 @@ def state_items(state: StoredState):
 
     ``("s", SessionRecord, (inbound qos2 ids...))`` for each session, followed
     by ``("o", client_id, (OutboundRecord...))`` chunks in seq order, then
-    ``("r", (Message...))`` chunks of retained messages.
+    ``("r", (Message...))`` chunks of retained messages, then ``("w",
+    (WillRecord...))`` chunks of pending delayed wills.
     """
     for client_id, session in state.sessions.items():
         yield "s", session.record, tuple(sorted(session.inbound_qos2))
@@ -131,12 +134,16 @@ def state_items(state: StoredState):
     retained = tuple(state.retained.values())
     for start in range(0, len(retained), CHUNK):
         yield "r", retained[start:start + CHUNK]
+    wills = tuple(state.wills.values())
+    for start in range(0, len(wills), CHUNK):
+        yield "w", wills[start:start + CHUNK]
 
 
 def state_counts(state: StoredState) -> dict:
     return {"sessions": len(state.sessions),
             "outbound": sum(len(s.outbound) for s in state.sessions.values()),
-            "retained": len(state.retained)}
+            "retained": len(state.retained),
+            "wills": len(state.wills)}
 
 
 class StateAssembler:
@@ -145,6 +152,9 @@ class StateAssembler:
     def __init__(self):
         self.state = StoredState()
         self._outbound = collections.defaultdict(list)
+        #: client ids whose outbound messages were found without their session
+        #: record (tolerant finish: kept under a record without subscriptions)
+        self.orphans: List[str] = []
 
     def add(self, item) -> None:
         if not isinstance(item, tuple) or not item:
@@ -159,23 +169,49 @@ class StateAssembler:
         elif kind == "r" and len(item) == 2 and all(isinstance(m, Message) for m in item[1]):
             for message in item[1]:
                 self.state.retained[message.topic] = message
+        elif kind == "w" and len(item) == 2 and all(
+                isinstance(w, WillRecord) for w in item[1]):
+            for will in item[1]:
+                self.state.wills[will.client_id] = will
         else:
             raise ValueError(f"malformed checkpoint item of kind {kind!r}")
 
-    def finish(self, expected_counts: Optional[dict] = None) -> StoredState:
+    def finish(self, expected_counts: Optional[dict] = None,
+               tolerant: bool = False) -> StoredState:
+        """The state; strict (default) raises ValueError if it is incomplete.
+
+        ``tolerant``: outbound messages of a session whose record is missing
+        are kept under a fresh :class:`SessionRecord` (no subscriptions,
+        never expires), listed in :attr:`orphans`; counts are not checked
+        (see :func:`lost_counts`).
+        """
         for client_id, records in self._outbound.items():
             session = self.state.sessions.get(client_id)
             if session is None:
-                raise ValueError(f"outbound messages for unknown session {client_id!r}")
+                if not tolerant:
+                    raise ValueError(f"outbound messages for unknown session {client_id!r}")
+                session = self.state.sessions[client_id] = StoredSession(
+                    SessionRecord(client_id), {}, set())
+                self.orphans.append(client_id)
             records.sort(key=lambda r: r.seq)
             session.outbound = {r.seq: r for r in records}
-        if expected_counts is not None:
+        if expected_counts is not None and not tolerant:
             counts = state_counts(self.state)
             for key, value in counts.items():
-                if expected_counts.get(key) != value:
+                # checkpoints of format 1 have no "wills" count (and no wills)
+                if expected_counts.get(key, 0 if key == "wills" else None) != value:
                     raise ValueError(f"holds {value} {key}, expected "
                                      f"{expected_counts.get(key)}: incomplete")
         return self.state
+
+
+def lost_counts(state: StoredState, expected: Optional[dict]) -> Optional[dict]:
+    """How many sessions/outbound/retained ``state`` lacks against ``expected``
+    (a checkpoint's end-frame counts); None when they are unknown."""
+    if not expected:
+        return None
+    counts = state_counts(state)
+    return {key: max(0, int(expected.get(key, 0)) - counts[key]) for key in counts}
 
 
 def fsync_dir(path: str, fsync=os.fsync) -> None:
@@ -244,73 +280,177 @@ def valid_record_at(data, offset: int) -> bool:
             and zlib.crc32(data[start:start + length]) == crc)
 
 
+def next_valid_frame(data, position: int) -> Optional[int]:
+    """Offset of the first frame at or after ``position`` with a valid mark,
+    length and CRC (the resynchronisation point after damage), or None."""
+    probe = data.find(RECORD_MARK, position)
+    while probe != -1:
+        if valid_record_at(data, probe):
+            return probe
+        probe = data.find(RECORD_MARK, probe + 1)
+    return None
+
+
+def _looks_torn(data, offset: int) -> bool:
+    """Damage running to EOF that looks like an interrupted append (not a flipped byte)."""
+    remaining = len(data) - offset
+    if remaining < RECORD_HEADER.size:
+        return True
+    mark, length, _ = RECORD_HEADER.unpack_from(data, offset)
+    if not any(data[offset:offset + min(remaining, 4096)]):
+        return True   # zeros: the size grew but the data never landed
+    return mark == RECORD_MARK and length > remaining - RECORD_HEADER.size
+
+
 @attrs.define
-class JournalScan:
-    """What :func:`scan_journal` found in one journal file."""
+class FrameScan:
+    """What :func:`scan_frames` found in a run of frames."""
 
-    #: payloads of the good records, in order
-    payloads: list = attrs.Factory(list)
-    #: offset just after the last good record (where a torn tail is cut)
-    good_end: int = 0
-    #: None, "torn" (damage with nothing valid after it) or "corrupt"
-    damage: Optional[str] = None
-    damage_offset: int = 0
-    reason: str = ""
+    #: ``(offset, payload)`` of every frame with a valid mark, length and CRC
+    frames: list = attrs.Factory(list)
+    #: ``(start, end)`` byte ranges no valid frame covers, in order
+    damaged: list = attrs.Factory(list)
+    #: the last damaged range runs to the end of the data and looks like an
+    #: interrupted write (a torn tail), not like damage
+    torn: bool = False
+
+    @property
+    def damaged_bytes(self) -> int:
+        return sum(end - start for start, end in self.damaged)
 
 
-def scan_journal(data: bytes, generation: int) -> JournalScan:
-    """Split a journal file's bytes into record payloads and classify damage."""
-    scan = JournalScan()
+def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
+    """Split ``data[start:]`` into frames, resynchronising after damage.
+
+    After a bad frame the scan continues at the next offset holding a frame
+    with a valid mark, length and CRC32, so one damaged byte costs the
+    frame it is in, not everything after it.  With ``padding``, runs of
+    zero bytes between frames (dbm.dumb pads values) are not damage.
+    """
+    scan = FrameScan()
     view = memoryview(data)
-    if len(data) < JOURNAL_HEADER.size:
-        # created but header not (fully) written: nothing was ever in it
-        scan.damage, scan.reason = "torn", "short header"
-        return scan
-    magic, version, gen = JOURNAL_HEADER.unpack_from(data, 0)
-    if magic != JOURNAL_MAGIC:
-        scan.damage, scan.reason = "corrupt", "bad journal magic"
-        return scan
-    if version > FORMAT_VERSION or version < 1:
-        scan.damage = "corrupt"
-        scan.reason = (f"journal format version {version} is not supported "
-                       f"(this mqttd reads version {FORMAT_VERSION})")
-        return scan
-    if gen != generation:
-        scan.damage, scan.reason = "corrupt", f"header says generation {gen}"
-        return scan
-    offset = JOURNAL_HEADER.size
     end = len(data)
+    offset = start
+    header = RECORD_HEADER.size
     while offset < end:
         if valid_record_at(data, offset):
             length = RECORD_HEADER.unpack_from(data, offset)[1]
-            start = offset + RECORD_HEADER.size
-            scan.payloads.append(view[start:start + length])
-            offset = start + length
+            body = offset + header
+            scan.frames.append((offset, view[body:body + length]))
+            offset = body + length
             continue
-        # damaged: is there any valid record after it?
-        scan.damage_offset = offset
-        if end - offset < RECORD_HEADER.size:
-            reason = "short record header"
-        else:
-            mark, length, _ = RECORD_HEADER.unpack_from(data, offset)
-            if mark != RECORD_MARK:
-                reason = "bad record mark"
-            elif length == 0 or length > end - offset - RECORD_HEADER.size:
-                reason = f"record length {length} runs past the end of the file"
-            else:
-                reason = "checksum mismatch"
-        scan.reason = reason
-        probe = data.find(RECORD_MARK, offset + 1)
-        while probe != -1:
-            if valid_record_at(data, probe):
-                scan.damage = "corrupt"
-                break
-            probe = data.find(RECORD_MARK, probe + 1)
-        else:
-            scan.damage = "torn"
-        break
-    scan.good_end = offset
+        probe = next_valid_frame(data, offset + 1)
+        stop = end if probe is None else probe
+        if padding:
+            gap = bytes(view[offset:stop]).rstrip(b"\0")
+            if not gap:
+                offset = stop
+                continue
+            if probe is None:
+                stop = offset + len(gap)
+        scan.damaged.append((offset, stop))
+        if probe is None:
+            scan.torn = not padding and _looks_torn(data, offset)
+            break
+        offset = probe
     return scan
+
+
+DAMAGED_MAGIC = b"MQTTDDMG"
+DAMAGED_RANGE = struct.Struct(">QI")
+
+
+def keep_damaged(path: str, data, ranges, now: float, fsync=os.fsync) -> Optional[str]:
+    """Copy the damaged byte ``ranges`` of ``data`` (read from ``path``) to a
+    new file ``<path>.damaged-<time>`` and return its name (None if no ranges).
+
+    Format: ``b"MQTTDDMG"`` then per range ``u64 offset | u32 length | bytes``.
+    """
+    if not ranges:
+        return None
+    target = aside_path(path, "damaged", now)
+    out = [DAMAGED_MAGIC]
+    for start, end in ranges:
+        out.append(DAMAGED_RANGE.pack(start, end - start))
+        out.append(bytes(data[start:end]))
+    atomic_write(target, b"".join(out), fsync)
+    return target
+
+
+def read_damaged(data: bytes) -> list:
+    """The ``(offset, bytes)`` ranges of a ``.damaged`` file."""
+    if not data.startswith(DAMAGED_MAGIC):
+        raise ValueError("not a .damaged file")
+    ranges, offset = [], len(DAMAGED_MAGIC)
+    while offset + DAMAGED_RANGE.size <= len(data):
+        start, length = DAMAGED_RANGE.unpack_from(data, offset)
+        offset += DAMAGED_RANGE.size
+        ranges.append((start, data[offset:offset + length]))
+        offset += length
+    return ranges
+
+
+@attrs.define
+class JournalRead:
+    """One journal file, read without side effects (:func:`read_journal`)."""
+
+    generation: int
+    #: operation lists of the good records, in order
+    batches: list = attrs.Factory(list)
+    #: ``(start, end)`` damaged byte ranges (undecodable records included)
+    damaged: list = attrs.Factory(list)
+    #: offset to truncate a torn tail at (None: no torn tail)
+    torn_at: Optional[int] = None
+    #: what is wrong with the header ("" if nothing)
+    header: str = ""
+    #: the file is from a newer mqttd: nothing in it could be read
+    newer: bool = False
+
+    @property
+    def operations(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    @property
+    def clean(self) -> bool:
+        return not self.damaged and self.torn_at is None and not self.header
+
+
+def read_journal(data: bytes, generation: int) -> JournalRead:
+    """Decode a journal file's bytes, resynchronising after damage.
+
+    The generation comes from the file name; a damaged header is noted and
+    the records are read all the same (each is checked by its CRC and the
+    allow-listing unpickler).  A file whose header names a newer format and
+    none of whose records decode is reported as ``newer``.
+    """
+    read = JournalRead(generation)
+    if len(data) < JOURNAL_HEADER.size:
+        # created but header not (fully) written: nothing was ever in it
+        read.torn_at = 0
+        return read
+    magic, version, gen = JOURNAL_HEADER.unpack_from(data, 0)
+    problems = []
+    if magic != JOURNAL_MAGIC:
+        problems.append("bad journal magic")
+    if version > FORMAT_VERSION or version < 1:
+        problems.append(f"journal format version {version} is not supported "
+                        f"(this mqttd reads versions 1 to {FORMAT_VERSION})")
+    if gen != generation:
+        problems.append(f"header says generation {gen}")
+    read.header = "; ".join(problems)
+    scan = scan_frames(data, JOURNAL_HEADER.size)
+    damaged = list(scan.damaged)
+    if scan.torn:
+        read.torn_at = damaged.pop()[0]
+    for offset, payload in scan.frames:
+        try:
+            read.batches.append(decode_payload(payload))
+        except Exception:  # CRC-valid but not operations: damage all the same
+            damaged.append((offset, offset + RECORD_HEADER.size + len(payload)))
+    read.damaged = sorted(damaged)
+    if problems and not read.batches and (version > FORMAT_VERSION and magic == JOURNAL_MAGIC):
+        read.newer = True
+    return read
 
 
 def decode_payload(payload) -> list:
@@ -656,19 +796,9 @@ class JournaledStore:
         append_to = None
         for index, gen in enumerate(live):
             last = index == len(live) - 1
-            ok = self._replay(gen, state, last)
-            if ok:
-                append_to = gen
-                continue
-            damaged = True
-            now = self._reactor.seconds()
-            for later in live[index + 1:]:
-                path = journal_path(self.path, later)
-                moved = aside_path(path, "skipped", now)
-                os.rename(path, moved)
-                log.error("Journal {path} not replayed after damage in an earlier journal; "
-                          "moved aside to {moved}", path=path, moved=moved)
-            break
+            if not self._replay(gen, state, last):
+                damaged = True
+            append_to = gen
         if damaged:
             # start afresh from what was recovered: new checkpoint, new journal
             new_gen = max([snap_gen] + gens) + 1
@@ -687,43 +817,57 @@ class JournaledStore:
         return state
 
     def _replay(self, gen: int, state: StoredState, last: bool) -> bool:
-        """Apply journal ``gen`` to ``state``; False if replay must stop here."""
+        """Apply journal ``gen`` to ``state``; False if it was damaged.
+
+        Damage costs only the damaged records: replay resynchronises on the
+        next valid frame, the damaged bytes are kept in ``journal.<g>.damaged-
+        <time>``, one ERROR line gives the counts, and the caller starts a
+        fresh checkpoint.  A torn tail of the last journal (a crash during a
+        write, never acknowledged) is cut off with a WARNING.
+        """
         path = journal_path(self.path, gen)
         with open(path, "rb") as f:
             data = f.read()
-        scan = scan_journal(data, gen)
-        good_end = scan.good_end
-        for payload in scan.payloads:
-            try:
-                ops = decode_payload(payload)
-            except pickle.UnpicklingError as e:
-                scan.damage, scan.reason = "corrupt", f"undecodable record: {e}"
-                scan.damage_offset = good_end
-                break
-            for op in ops:
+        read = read_journal(data, gen)
+        for batch in read.batches:
+            for op in batch:
                 apply_op(state, op)
-            good_end += RECORD_HEADER.size + len(payload)
-        if scan.damage is None:
+        if read.clean:
             return True
-        if scan.damage == "torn" and last:
-            log.warn("Torn record at the end of journal {path} at offset {offset} ({reason}); "
-                     "truncated to the last good record",
-                     path=path, offset=scan.damage_offset, reason=scan.reason)
-            if scan.good_end < JOURNAL_HEADER.size:
+        now = self._reactor.seconds()
+        if read.newer:
+            moved = aside_path(path, "corrupt", now)
+            os.rename(path, moved)
+            log.error("Journal {path} is from a newer mqttd ({reason}); nothing in it "
+                      "could be read, moved aside to {moved}",
+                      path=path, reason=read.header, moved=moved)
+            return False
+        if not read.damaged and not read.header and last:
+            log.warn("Torn record at the end of journal {path} at offset {offset}; "
+                     "truncated to the last good record", path=path, offset=read.torn_at)
+            if read.torn_at < JOURNAL_HEADER.size:
                 with open(path, "wb") as f:
                     f.write(JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, gen))
                     f.flush()
                     self._fsync(f.fileno())
             else:
                 with open(path, "r+b") as f:
-                    f.truncate(scan.good_end)
+                    f.truncate(read.torn_at)
                     self._fsync(f.fileno())
             return True
-        moved = aside_path(path, "corrupt", self._reactor.seconds())
-        os.rename(path, moved)
-        log.error("Corrupt record in journal {path} at offset {offset} ({reason}); "
-                  "replay stopped there, journal moved aside to {moved}",
-                  path=path, offset=scan.damage_offset, reason=scan.reason, moved=moved)
+        ranges = list(read.damaged)
+        if read.torn_at is not None:
+            ranges.append((read.torn_at, len(data)))
+        if read.header:
+            ranges.insert(0, (0, JOURNAL_HEADER.size))
+        moved = keep_damaged(path, data, ranges, now, self._fsync)
+        log.error("Damaged journal {path}: {ranges} damaged byte ranges ({damaged} bytes, "
+                  "first at offset {offset}{header}) kept in {moved}; replay resynchronised "
+                  "and applied {records} good records ({operations} operations)",
+                  path=path, ranges=len(ranges), offset=ranges[0][0],
+                  damaged=sum(e - s for s, e in ranges), moved=moved,
+                  header=f"; header: {read.header}" if read.header else "",
+                  records=len(read.batches), operations=read.operations)
         return False
 
     # -- lock --

@@ -18,8 +18,13 @@ import attrs
 
 from mqttd.messages import Message
 
-#: bumped whenever the shape of a record changes; stores write it in their files
-FORMAT_VERSION = 1
+#: bumped whenever the shape of a record or file changes; stores write it in
+#: their files and read every version from 1 to this one.
+#: 2: pending delayed wills (``WillRecord``, ``PutWill``, ``DeleteWill``, the
+#: ``"w"`` checkpoint item).
+#: 3: dbm checkpoint values are frame sequences; snapshot end frames carry the
+#: generation and version (a damaged header costs nothing).
+FORMAT_VERSION = 3
 
 
 class OutboundStage(enum.IntEnum):
@@ -49,6 +54,9 @@ class SessionRecord:
     expiry_interval: Optional[int] = None
     #: broker clock time of the last disconnect; ``None`` while connected
     disconnected_at: Optional[float] = None
+    #: the username that created the session (session ownership); records
+    #: written before this field existed have none (read with getattr)
+    owner: Optional[str] = None
 
 
 @attrs.frozen(slots=True)
@@ -60,6 +68,19 @@ class OutboundRecord:
     qos: int                     # the QoS it is delivered with
     packet_id: Optional[int] = None
     stage: OutboundStage = OutboundStage.QUEUED
+
+
+@attrs.frozen(slots=True)
+class WillRecord:
+    """A will waiting for its Will Delay Interval [MQTT-3.1.2-8] (see mqttd.wills)."""
+
+    client_id: str
+    #: the will as the PUBLISH it becomes (``expires_at`` unset until published)
+    message: Message
+    #: broker clock time (wall clock) at which it is published
+    publish_at: float
+    #: stored (the session is persistent) or only in memory
+    durable: bool = True
 
 
 @attrs.define
@@ -75,6 +96,8 @@ class StoredSession:
 class StoredState:
     sessions: Dict[str, StoredSession] = attrs.Factory(dict)
     retained: Dict[str, Message] = attrs.Factory(dict)
+    #: client id -> pending delayed will
+    wills: Dict[str, WillRecord] = attrs.Factory(dict)
 
 
 # --- operations -------------------------------------------------------------
@@ -136,6 +159,18 @@ class DeleteRetained:
     topic: str
 
 
+@attrs.frozen(slots=True)
+class PutWill:
+    """A delayed will is pending (replaces the client's previous one)."""
+    record: WillRecord
+
+
+@attrs.frozen(slots=True)
+class DeleteWill:
+    """The client's pending will was published or cancelled."""
+    client_id: str
+
+
 def _put_session(state: StoredState, op: PutSession) -> None:
     existing = state.sessions.get(op.record.client_id)
     if existing is None:
@@ -189,6 +224,14 @@ def _delete_retained(state: StoredState, op: DeleteRetained) -> None:
     state.retained.pop(op.topic, None)
 
 
+def _put_will(state: StoredState, op: PutWill) -> None:
+    state.wills[op.record.client_id] = op.record
+
+
+def _delete_will(state: StoredState, op: DeleteWill) -> None:
+    state.wills.pop(op.client_id, None)
+
+
 _APPLY = {
     PutSession: _put_session,
     DeleteSession: _delete_session,
@@ -199,6 +242,8 @@ _APPLY = {
     DeleteInboundQos2: _delete_inbound,
     PutRetained: _put_retained,
     DeleteRetained: _delete_retained,
+    PutWill: _put_will,
+    DeleteWill: _delete_will,
 }
 
 #: every operation type, for allow-lists and tests

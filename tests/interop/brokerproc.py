@@ -87,7 +87,10 @@ class BrokerProcess:
         extra_args: Sequence[str] = (),
         kind: Optional[str] = None,
         ready_timeout: float = READY_TIMEOUT,
+        env: Optional[dict] = None,
     ) -> None:
+        #: extra environment variables for the broker process
+        self.env = dict(env or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.broker_id = broker_id
@@ -145,7 +148,7 @@ class BrokerProcess:
         cmd = self.command()
         self._log = open(self.log_path, "ab", buffering=0)
         self._log.write(("\n=== start #%d: %s\n" % (self.starts, " ".join(map(repr, cmd)))).encode())
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self._proc = subprocess.Popen(
             cmd,
             cwd=str(self.workdir),
@@ -177,6 +180,12 @@ class BrokerProcess:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
         return self._finish()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` (e.g. SIGHUP) to the running broker through its own handle."""
+        if not self.running:
+            raise RuntimeError("broker not running")
+        self._proc.send_signal(signum)
 
     def kill(self) -> Optional[int]:
         """SIGKILL: a crash, as far as the broker can tell."""

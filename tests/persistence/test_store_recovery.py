@@ -14,7 +14,7 @@ from twisted.logger import LogLevel
 from mqttd.persistence import safepickle
 from mqttd.persistence.filestore import SNAPSHOT_HEADER, SNAPSHOT_MAGIC
 from mqttd.persistence.journal import (
-    JOURNAL_HEADER, RECORD_HEADER, StoreLockedError, encode_record)
+    JOURNAL_HEADER, RECORD_HEADER, StoreLockedError, encode_record, read_damaged)
 from mqttd.persistence.records import FORMAT_VERSION, PutRetained
 
 from .storehelpers import (
@@ -96,31 +96,44 @@ def test_zeroed_tail_is_treated_as_torn(durable_backend, log_events):
     result_of(store.close())
 
 
-def test_flipped_byte_in_the_middle_stops_replay_and_sets_the_journal_aside(
-        durable_backend, log_events):
-    """Damage followed by good records: ERROR, replay stops there, no crash, file kept aside."""
+def test_flipped_byte_in_the_middle_loses_only_that_record(durable_backend, log_events):
+    """Damage followed by good records: replay resynchronises, ERROR once, bytes kept aside."""
     batches = three_batches(durable_backend)
     path = journal_file(durable_backend)
     second = record_offsets(path)[1]
+    with open(path, "rb") as f:
+        original = f.read()
     with open(path, "r+b") as f:
         f.seek(second + RECORD_HEADER.size + 5)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x40]))
     store = durable_backend()
-    assert store.open() == reference_state(batches[0])
+    assert store.open() == reference_state(batches[0] + batches[2])
     errors = events_at(log_events, LogLevel.error)
     assert len(errors) == 1
     assert errors[0]["path"] == path and errors[0]["offset"] == second
-    assert errors[0]["reason"] == "checksum mismatch"
-    assert glob.glob(path + ".corrupt-*") == [errors[0]["moved"]]
+    assert errors[0]["records"] == 2 and errors[0]["ranges"] == 1
+    kept = glob.glob(path + ".damaged-*")
+    assert kept == [errors[0]["moved"]]
+    (offset, damaged), = read_damaged(open(kept[0], "rb").read())
+    third = record_offsets_of(original)[2]
+    assert offset == second and len(damaged) == third - second
     result_of(store.close())
     # a fresh checkpoint was written: the next open is clean
     log_events.clear()
     store = durable_backend()
-    assert store.open() == reference_state(batches[0])
+    assert store.open() == reference_state(batches[0] + batches[2])
     assert not events_at(log_events, LogLevel.error)
     result_of(store.close())
+
+
+def record_offsets_of(data):
+    offsets, offset = [], JOURNAL_HEADER.size
+    while offset < len(data):
+        offsets.append(offset)
+        offset += RECORD_HEADER.size + RECORD_HEADER.unpack_from(data, offset)[1]
+    return offsets
 
 
 def test_damaged_length_field_in_the_middle_is_not_mistaken_for_a_torn_tail(
@@ -133,14 +146,14 @@ def test_damaged_length_field_in_the_middle_is_not_mistaken_for_a_torn_tail(
         f.seek(second + 4)
         f.write(struct.pack(">I", 0x7FFFFFFF))
     store = durable_backend()
-    assert store.open() == reference_state(batches[0])
+    assert store.open() == reference_state(batches[0] + batches[2])
     assert len(events_at(log_events, LogLevel.error)) == 1
     assert not events_at(log_events, LogLevel.warn)
     result_of(store.close())
 
 
-def test_journals_after_a_damaged_one_are_set_aside_not_replayed(durable_backend, log_events):
-    """Replay stops at the damage: later generations would leave a gap, so they are kept aside."""
+def test_journals_after_a_damaged_one_are_still_replayed(durable_backend, log_events):
+    """Damage in journal.1 costs its damaged record; journal.2 is replayed after it."""
     store = durable_backend(compact_bytes=10**9)
     store.open()
     durable_backend.write_all(store, [session("c1"), outbound("c1", 1)])
@@ -161,10 +174,9 @@ def test_journals_after_a_damaged_one_are_set_aside_not_replayed(durable_backend
                 + RECORD_HEADER.pack(b"\xa7MQR", len(good), zlib.crc32(good)) + good)
     store = durable_backend()
     state = store.open()
-    assert list(state.sessions["c1"].outbound) == [1]
-    formats = [e["log_format"] for e in events_at(log_events, LogLevel.error)]
-    assert len(formats) == 2 and "not replayed" in formats[1]
-    assert glob.glob(journal_file(durable_backend, 2) + ".skipped-*")
+    assert list(state.sessions["c1"].outbound) == [1, 3]
+    assert len(events_at(log_events, LogLevel.error)) == 1
+    assert not glob.glob(journal_file(durable_backend, 2) + ".skipped-*")
     result_of(store.close())
 
 
@@ -244,29 +256,37 @@ def damage_checkpoint(backend, how, tmp_path):
     return base
 
 
+def unusable(backend, how):
+    return how == "future_version" or (how == "garbage" and backend.kind == "file")
+
+
 @pytest.mark.parametrize("how", ["garbage", "truncated", "disallowed_class", "future_version"])
-def test_corrupt_checkpoint_is_moved_aside_and_the_journals_replayed(
+def test_damaged_checkpoint_costs_only_its_damaged_frames(
         durable_backend, log_events, tmp_path, how):
-    """A bad snapshot/checkpoint: ERROR naming it, file kept aside, start from journals."""
+    """A bad snapshot/checkpoint: ERROR naming it, what can be read is kept, journals replayed."""
     checkpoint_then_journal(durable_backend)
     named = damage_checkpoint(durable_backend, how, tmp_path)
     store = durable_backend()
     state = store.open()
-    assert list(state.sessions) == ["c2"]           # what the journal alone holds
-    assert list(state.sessions["c2"].outbound) == [1]
+    assert "c2" in state.sessions and list(state.sessions["c2"].outbound) == [1]
     errors = events_at(log_events, LogLevel.error)
     assert len(errors) == 1
-    assert errors[0]["path"] in (named, os.path.join(durable_backend.path, "CURRENT"))
-    assert "Corrupt" in errors[0]["log_format"] and errors[0]["moved"]
-    assert glob.glob(os.path.join(durable_backend.path, "*.corrupt-*"))
     assert not os.path.exists(tmp_path / "pwned")
-    if how == "disallowed_class":
-        assert "os" in errors[0]["error"] and "system" in errors[0]["error"]
+    if unusable(durable_backend, how):
+        # nothing readable, or a newer format: the whole file is set aside
+        assert list(state.sessions) == ["c2"]
+        assert errors[0]["path"] in (named, os.path.join(durable_backend.path, "CURRENT"))
+        assert "Corrupt" in errors[0]["log_format"] and errors[0]["moved"]
+        assert glob.glob(os.path.join(durable_backend.path, "*.corrupt-*"))
+    else:
+        assert "Damaged checkpoint" in errors[0]["log_format"]
+        if how == "disallowed_class" and durable_backend.kind == "file":
+            assert "system" in errors[0]["error"]
     result_of(store.close())
     # and it does not crash-loop: the next start is clean
     log_events.clear()
     store = durable_backend()
-    assert list(store.open().sessions) == ["c2"]
+    assert store.open() == state
     assert not events_at(log_events, LogLevel.error)
     result_of(store.close())
 

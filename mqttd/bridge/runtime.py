@@ -1,0 +1,456 @@
+"""One running bridge: a persistent internal session here, an MQTT client there.
+
+The local end is a session of the broker like any client's, registered under
+``local_clientid`` but attached to a :class:`LocalEnd` instead of a TCP
+connection.  It subscribes to the ``out``/``both`` topics with No Local and
+Retain As Published, so:
+
+- while the remote is unreachable the session is *offline*: QoS 1/2 messages
+  for the remote queue in it, in the broker's store, within the broker's
+  queue limits (``max_queued_messages`` / ``max_queued_bytes``, counted drops);
+- once the remote accepts CONNECT the session goes online: in-flight messages
+  are re-sent with DUP and the *same packet ids* (the session's ids are the
+  ids on the remote link), then the queue drains within ``bridge_max_inflight``
+  (and the remote's Receive Maximum).  A message leaves the store only when
+  the remote acknowledged it (PUBACK / PUBCOMP), so QoS 1/2 survive a restart
+  of either broker and a kill -9 of this one.
+
+Messages from the remote (``in``/``both``) are published here with the
+session's client id as origin (so its own ``out`` subscriptions skip them:
+No Local) and acknowledged to the remote only once the store has them; QoS 2
+packet ids are kept in the session (exactly once across reconnects).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import attrs
+from twisted.application.internet import ClientService
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mqttd.broker import ClientInfo
+from mqttd.client import ClientOptions, MQTTClientFactory
+from mqttd.codec.packets import (
+    MQTT_5, NO_PROPERTIES, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
+    Subscribe, Subscription, Unsubscribe, Will)
+from mqttd.interfaces import IClientConnection
+from mqttd.messages import Message
+from mqttd.persistence.records import SubscriptionRecord
+
+log = Logger(namespace="mqttd.bridge")
+
+#: CONNACK codes meaning "I do not speak that protocol level" (v3: 1, v5: 0x84)
+_BAD_LEVEL = (0x01, 0x84)
+
+
+@attrs.define
+class BridgeStats:
+    """Counters of one bridge (read by $SYS and the Prometheus collector).
+
+    ``queued`` is live: messages waiting for the remote (queue + in flight).
+    """
+
+    name: str
+    connected: bool = False
+    #: messages received from the remote and published here
+    messages_in: int = 0
+    #: messages sent to the remote (re-sends with DUP not counted)
+    messages_out: int = 0
+    #: messages from the remote that matched no ``in`` topic line
+    unmapped: int = 0
+    #: connection attempts that ended (refused, lost, failed)
+    reconnects: int = 0
+    last_error: str = ""
+    connected_since: Optional[float] = None
+    _session_queued: object = attrs.field(default=None, repr=False)
+
+    @property
+    def queued(self) -> int:
+        return self._session_queued() if self._session_queued is not None else 0
+
+
+@implementer(IClientConnection)
+class LocalEnd:
+    """The bridge session's "connection": hands what the broker sends to the remote."""
+
+    def __init__(self, bridge: "Bridge"):
+        self.bridge = bridge
+        self.client_id = bridge.config.local_clientid
+        self.protocol_level = MQTT_5
+        self.send_window = bridge.config.max_inflight
+        self.info = ClientInfo(self.client_id, MQTT_5, None, "bridge:" + bridge.config.connection,
+                               False, 0, True, bridge=True)
+
+    def writable(self) -> bool:
+        remote = self.bridge.remote
+        return remote is not None and remote.writable()
+
+    def cached_template(self, message, qos, cache):
+        return None  # the remote topic differs: nothing to share with clients
+
+    def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
+                     cache=None, template=None) -> None:
+        self.bridge.send_to_remote(message, qos, packet_id, dup)
+
+    def send(self, packet) -> None:
+        remote = self.bridge.remote
+        if remote is not None:
+            remote.send(packet)   # PUBREL on a session resume
+
+    def disconnect(self, reason_code: int = 0, reason_string=None) -> None:
+        if reason_code == 0x8E:   # session taken over: someone used our client id
+            log.error("Bridge {name}: a client connected with the bridge's local client "
+                      "id {client_id} and took its session over",
+                      name=self.bridge.config.connection, client_id=self.client_id)
+        self.bridge.local_detached()
+
+    def release_publisher(self) -> None:
+        pass
+
+
+class Bridge(Service):
+    """One ``[[bridge]]``: a ClientService to the remote and the local session.
+
+    :param broker: the local :class:`~mqttd.broker.Broker`.
+    :param reactor: ``IReactorTime`` + the endpoint's reactor.
+    :param endpoint: the ``IStreamClientEndpoint`` to the remote (failover
+        included, see :class:`mqttd.bridge.service.FailoverEndpoint`).
+    """
+
+    def __init__(self, config, broker, reactor, endpoint):
+        self.config = config
+        self.name = config.connection
+        self.broker = broker
+        self.reactor = reactor
+        self.remote = None               # the MQTTClientProtocol while connected
+        self.session = None
+        self.stats = BridgeStats(config.connection)
+        self.stats._session_queued = self._queued
+        self.policy = config.restart_policy()
+        self._private = config.try_private and config.protocol_level != MQTT_5
+        self._local = LocalEnd(self)
+        self._out = [t for t in config.topics if t.outgoing]
+        self._in = [t for t in config.topics if t.incoming]
+        self._acks = collections.deque()
+        self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
+                                      retryPolicy=self._retry_delay, clock=reactor)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._open_local_session()
+        self._notify_local(False)
+        log.info("Bridge {name}: connecting to {addresses} as {client_id}",
+                 name=self.name, client_id=self.config.remote_clientid,
+                 addresses=" ".join(f"{h}:{p}" for h, p in self.config.addresses))
+        self._service.startService()
+
+    def stopService(self):
+        super().stopService()
+        remote = self.remote
+        if remote is not None:
+            if self.config.notifications and not self.config.notifications_local_only:
+                self._publish_remote_state(remote, b"0")
+            remote.disconnect()
+        d = self._service.stopService()
+        self._detach()
+        return d
+
+    def _queued(self) -> int:
+        session = self.broker.sessions.get(self.config.local_clientid)
+        if session is None:
+            return 0
+        return len(session.queue) + len(session.inflight)
+
+    def _retry_delay(self, attempt: int) -> float:
+        return self.policy(attempt)
+
+    def _options(self) -> ClientOptions:
+        config = self.config
+        level = config.protocol_level
+        will = None
+        if config.notifications and not config.notifications_local_only:
+            will = Will(config.notification_topic, b"0", 1, True)
+        props = NO_PROPERTIES
+        if level == MQTT_5:
+            props = Properties(
+                session_expiry_interval=0 if config.cleansession else 0xFFFFFFFF,
+                receive_maximum=min(65535, max(config.max_inflight, 1)))
+        password = config.remote_password
+        return ClientOptions(
+            client_id=config.remote_clientid, protocol_level=level,
+            clean_start=config.cleansession, keepalive=config.keepalive_interval,
+            username=config.remote_username,
+            password=password.encode("utf-8") if password is not None else None,
+            will=will, properties=props, bridge=self._private,
+            connect_timeout=max(10.0, float(config.keepalive_interval)))
+
+    # --- the local session ---------------------------------------------------------
+
+    def _open_local_session(self) -> None:
+        """Create (or find the restored) session and its ``out`` subscriptions."""
+        broker = self.broker
+        config = self.config
+        expiry = 0 if config.local_cleansession else None
+        session, _present = broker.open_session(
+            self._local, config.local_clientid, MQTT_5, config.local_cleansession, expiry, None)
+        self.session = session
+        wanted = {}
+        for topic in self._out:
+            prev = wanted.get(topic.local_filter)
+            if prev is None or topic.qos > prev:
+                wanted[topic.local_filter] = topic.qos
+        for topic_filter in list(session.subscriptions):
+            if topic_filter not in wanted:
+                broker.unsubscribe(session, topic_filter)   # removed from the config
+        for topic_filter, qos in wanted.items():
+            old = session.subscriptions.get(topic_filter)
+            record = SubscriptionRecord(topic_filter, qos, True, True, 1)
+            if old != record:
+                is_new = broker.subscribe(session, record)
+                if is_new:
+                    # local retained messages go to the remote once, like a new
+                    # subscriber's (Retain Handling 1)
+                    broker.send_retained(session, record)
+        broker.connection_lost(session, self._local, publish_will=False, reason="bridge offline")
+
+    def local_detached(self) -> None:
+        """The broker dropped the local end (shutdown or takeover): close the remote."""
+        remote = self.remote
+        if remote is not None:
+            remote.disconnect()
+
+    def _detach(self) -> None:
+        session = self.session
+        if session is not None and session.connection is self._local:
+            self.broker.connection_lost(session, self._local, publish_will=False,
+                                        reason="bridge offline")
+
+    # --- handler calls from MQTTClientProtocol ---------------------------------------
+
+    def mqtt_connected(self, protocol, connack) -> None:
+        config = self.config
+        self.remote = protocol
+        self.policy.reset()
+        stats = self.stats
+        stats.connected = True
+        stats.connected_since = self.reactor.seconds()
+        stats.last_error = ""
+        self._local.send_window = min(config.max_inflight, protocol.send_window)
+        log.info("Bridge {name}: connected to {peer} (MQTT level {protocol_level}{private}, "
+                 "remote session present: {present})", name=self.name,
+                 peer=_peer(protocol), protocol_level=protocol.level,
+                 private=", bridge bit" if protocol.options.bridge else "",
+                 present=bool(connack.session_present))
+        self._subscribe_remote(protocol)
+        if config.notifications:
+            if not config.notifications_local_only:
+                self._publish_remote_state(protocol, b"1")
+            self._notify_local(True)
+        # attach the session: re-send in flight (DUP, same ids), then drain
+        broker = self.broker
+        session, _present = broker.open_session(
+            self._local, config.local_clientid, MQTT_5, config.local_cleansession,
+            0 if config.local_cleansession else None, None)
+        self.session = session
+        broker.session_online(session)
+
+    def mqtt_refused(self, protocol, connack) -> None:
+        code = connack.reason_code
+        if protocol.options.bridge and code in _BAD_LEVEL:
+            # the remote does not accept the bridge bit: fall back to a plain
+            # client connection, as mosquitto does (no echo protection there
+            # beyond our own No Local, and retain flags are not kept)
+            self._private = False
+            log.warn("Bridge {name}: the remote refused the bridge bit (try_private); "
+                     "connecting as a plain MQTT client", name=self.name)
+        self.stats.last_error = f"CONNACK code 0x{code:02X}"
+        log.warn("Bridge {name}: remote refused CONNECT with code 0x{code:02X}",
+                 name=self.name, code=code)
+
+    def mqtt_disconnected(self, protocol, reason: str) -> None:
+        was_connected = self.remote is protocol
+        self.stats.reconnects += 1
+        if not was_connected:
+            self.stats.last_error = reason
+            log.info("Bridge {name}: connection attempt failed: {reason}",
+                     name=self.name, reason=reason)
+            return
+        self.remote = None
+        self._acks.clear()
+        stats = self.stats
+        stats.connected = False
+        stats.connected_since = None
+        stats.last_error = reason
+        log.warn("Bridge {name}: disconnected from remote: {reason}; {queued} messages "
+                 "waiting", name=self.name, reason=reason, queued=self._queued())
+        self._detach()
+        if self.config.notifications and self.running:
+            self._notify_local(False)
+
+    def mqtt_writable(self, protocol) -> None:
+        session = self.session
+        if session is not None and session.connection is self._local:
+            self.broker.drain(session)
+
+    def mqtt_packet(self, protocol, packet) -> None:
+        kind = packet.__class__
+        broker = self.broker
+        session = self.session
+        if kind is Publish:
+            self._from_remote(protocol, packet)
+        elif kind is Puback:
+            broker.puback(session, packet.packet_id)
+        elif kind is Pubrec:
+            failed = protocol.level == MQTT_5 and packet.reason_code >= 0x80
+            if broker.pubrec(session, packet.packet_id, failed):
+                self._ack(protocol, Pubrel(packet.packet_id), durable=True)
+            elif not failed:
+                protocol.send(Pubrel(packet.packet_id, 0x92 if protocol.level == MQTT_5 else 0))
+        elif kind is Pubcomp:
+            broker.pubcomp(session, packet.packet_id)
+        elif kind is Pubrel:
+            found = broker.inbound_qos2_release(session, packet.packet_id)
+            code = 0 if found or protocol.level != MQTT_5 else 0x92
+            self._ack(protocol, Pubcomp(packet.packet_id, code), durable=True)
+        # SUBACK / UNSUBACK: refused filters are logged in _check_suback
+        elif kind is Suback:
+            self._check_suback(packet)
+
+    # --- remote -> local ------------------------------------------------------------
+
+    def _from_remote(self, protocol, packet: Publish) -> None:
+        broker = self.broker
+        session = self.session
+        qos = packet.qos
+        pid = packet.packet_id
+        local_topic = None
+        for topic in self._in:
+            local_topic = topic.to_local(packet.topic)
+            if local_topic is not None:
+                break
+        mark = broker.write_count
+        if qos == 2 and broker.inbound_qos2_seen(session, pid):
+            self._ack(protocol, Pubrec(pid), durable=False)   # [MQTT-4.3.3-10]
+            return
+        if local_topic is None:
+            self.stats.unmapped += 1
+            log.debug("Bridge {name}: no 'in' topic maps {topic}; dropped",
+                      name=self.name, topic=packet.topic)
+        else:
+            props = packet.properties
+            expires = None
+            if props is not NO_PROPERTIES:
+                if props.message_expiry_interval is not None:
+                    expires = self.reactor.seconds() + props.message_expiry_interval
+                if props.topic_alias is not None or props.subscription_identifiers:
+                    props = attrs.evolve(props, topic_alias=None, subscription_identifiers=())
+            if qos == 2:
+                broker.inbound_qos2_add(session, pid)
+            broker.publish(Message(local_topic, packet.payload, qos, packet.retain, props,
+                                   self.config.local_clientid, expires), self._local.info)
+            self.stats.messages_in += 1
+        if qos == 1:
+            self._ack(protocol, Puback(pid), durable=True, since=mark)
+        elif qos == 2:
+            if local_topic is None:
+                broker.inbound_qos2_add(session, pid)
+            self._ack(protocol, Pubrec(pid), durable=True, since=mark)
+
+    def _ack(self, protocol, packet, durable: bool, since: Optional[int] = None) -> None:
+        """Acknowledge in order, each after the store has what it promises."""
+        barrier = self.broker.barrier(since) if durable and since is not None else None
+        if barrier is None and not self._acks:
+            protocol.send(packet)
+            return
+        self._acks.append((barrier, protocol, packet))
+        if barrier is not None:
+            barrier.addBoth(self._flush_acks)
+
+    def _flush_acks(self, result=None):
+        acks = self._acks
+        while acks:
+            barrier, protocol, packet = acks[0]
+            if barrier is not None and not barrier.called:
+                break
+            acks.popleft()
+            if protocol is self.remote:
+                protocol.send(packet)
+        return None
+
+    # --- local -> remote ------------------------------------------------------------
+
+    def send_to_remote(self, message: Message, qos: int, packet_id, dup: bool) -> None:
+        remote = self.remote
+        if remote is None:
+            return   # the session is re-sent on the next connection
+        remote_topic = None
+        for topic in self._out:
+            remote_topic = topic.to_remote(message.topic)
+            if remote_topic is not None:
+                break
+        if remote_topic is None:  # a subscription left over from an older config
+            remote_topic = message.topic
+        retain = message.retain and self.config.outgoing_retain
+        props = message.properties if remote.level == MQTT_5 else NO_PROPERTIES
+        if props is not NO_PROPERTIES and message.expires_at is not None:
+            left = int(message.expires_at - self.reactor.seconds())
+            props = attrs.evolve(props, message_expiry_interval=max(1, left))
+        remote.send(Publish(remote_topic, message.payload, qos, retain, dup, packet_id, props))
+        if not dup:
+            self.stats.messages_out += 1
+
+    def _subscribe_remote(self, protocol) -> None:
+        config = self.config
+        v5 = protocol.level == MQTT_5
+        subs = []
+        seen = set()
+        for topic in self._in:
+            if topic.remote_filter in seen:
+                continue
+            seen.add(topic.remote_filter)
+            # v5: No Local + Retain As Published (the bridge's echo guard) [MQTT-3.8.3-3]
+            subs.append(Subscription(topic.remote_filter, topic.qos, v5, v5, 0))
+        # packet ids share one space with the session's in-flight PUBLISHes
+        busy = self.session.inflight if self.session is not None else {}
+        free = (pid for pid in range(65535, 0, -1) if pid not in busy)
+        if subs:
+            protocol.send(Subscribe(next(free), tuple(subs)))
+        if config.attempt_unsubscribe:
+            stale = [t.remote_filter for t in self._out
+                     if not t.incoming and t.remote_filter not in seen]
+            if stale:
+                protocol.send(Unsubscribe(next(free), tuple(dict.fromkeys(stale))))
+
+    def _check_suback(self, packet) -> None:
+        for code in packet.reason_codes:
+            if code >= 0x80:
+                log.warn("Bridge {name}: the remote refused a subscription "
+                         "(code 0x{code:02X})", name=self.name, code=code)
+
+    # --- notifications -----------------------------------------------------------------
+
+    def _notify_local(self, up: bool) -> None:
+        if not self.config.notifications:
+            return
+        self.broker.publish_message(self.config.notification_topic, b"1" if up else b"0",
+                                    qos=1, retain=True)
+        log.info("Bridge {name}: state {state}", name=self.name, state=1 if up else 0)
+
+    def _publish_remote_state(self, protocol, payload: bytes) -> None:
+        # QoS 0 so that it needs no packet id outside the session's id space;
+        # the remote's will ("0", QoS 1, retained) covers an unclean end
+        protocol.send(Publish(self.config.notification_topic, payload, 0, True))
+
+
+def _peer(protocol) -> str:
+    transport = getattr(protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)

@@ -1,0 +1,211 @@
+"""The bridges of one broker as a Twisted service, with SIGHUP reload.
+
+:class:`BridgeManager` runs one :class:`~mqttd.bridge.runtime.Bridge` per
+configured ``[[bridge]]``, installs the :class:`~mqttd.bridge.mesh.MeshGuard`
+and publishes the per-bridge counters:
+
+``BrokerService.bridges.stats``
+    ``{connection name: BridgeStats}`` with ``connected`` (bool),
+    ``messages_in``, ``messages_out``, ``queued`` (live: queue + in flight
+    of the bridge's local session), ``unmapped``, ``reconnects``,
+    ``last_error`` -- what the Prometheus collector and ``$SYS`` read.
+``BrokerService.bridges.mesh.dropped``
+    ``{"duplicate"|"loop"|"hop-limit": count}``.
+
+Reload (``BrokerService.reload()`` / SIGHUP, registered as ``"bridges"``)
+re-reads the TOML file, and stops removed bridges, restarts changed ones and
+starts new ones; unchanged bridges keep their connection.  A bad file keeps
+the running bridges (the error, with its line, is logged).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, List, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mqttd.bridge.config import BridgeConfig, BridgeConfigError, bridges_from_toml
+from mqttd.bridge.mesh import MeshGuard
+from mqttd.bridge.runtime import Bridge
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = Logger(namespace="mqttd.bridge")
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """Connect to the first address, then the next after each failed attempt.
+
+    With ``round_robin`` false (mosquitto's default) every successful
+    connection resets to the first address, so a bridge that fell back to a
+    secondary returns to the primary at its next reconnect; with
+    ``round_robin`` true it stays on the address that worked.
+    """
+
+    def __init__(self, endpoints: List, round_robin: bool = False):
+        self.endpoints = list(endpoints)
+        self.round_robin = round_robin
+        self.index = 0
+
+    def connect(self, factory):
+        endpoint = self.endpoints[self.index]
+
+        def failed(failure):
+            self.index = (self.index + 1) % len(self.endpoints)
+            return failure
+
+        def made(protocol):
+            if not self.round_robin:
+                self.index = 0
+            return protocol
+        return endpoint.connect(factory).addCallbacks(made, failed)
+
+
+def endpoint_for(reactor, config: BridgeConfig):
+    """The client endpoint of ``config``'s addresses (TLS if ``bridge_cafile``)."""
+    endpoints = []
+    for host, port in config.addresses:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=30)
+        if config.tls:
+            endpoint = wrapClientTLS(_tls_options(config, host), endpoint)
+        endpoints.append(endpoint)
+    if len(endpoints) == 1:
+        return endpoints[0]
+    return FailoverEndpoint(endpoints, config.round_robin)
+
+
+def _tls_options(config: BridgeConfig, host: str):
+    try:
+        from twisted.internet import ssl
+    except ImportError as error:  # pragma: no cover - pyOpenSSL missing
+        raise BridgeConfigError(f"bridge_cafile needs TLS support: {error}")
+    try:
+        with open(config.cafile, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        client_cert = None
+        if config.certfile is not None:
+            with open(config.certfile, "rb") as f:
+                cert = f.read()
+            with open(config.keyfile, "rb") as f:
+                key = f.read()
+            client_cert = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
+    except (OSError, Exception) as error:
+        raise BridgeConfigError(f"bridge {config.connection!r}: cannot load TLS files: "
+                                f"{error}")
+    if config.insecure:
+        # bridge_insecure: trust the CA but do not check the host name
+        return ssl.CertificateOptions(
+            trustRoot=trust, **({} if client_cert is None else
+                                {"certificate": client_cert.original,
+                                 "privateKey": client_cert.privateKey.original}))
+    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert)
+
+
+def load_bridges(path: str) -> List[BridgeConfig]:
+    """The ``[[bridge]]`` tables of the TOML file ``path`` (raises BridgeConfigError)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise BridgeConfigError(f"cannot read {path}: {error}")
+    return bridges_from_toml(data.get("bridge", []), raw.decode("utf-8"), path)
+
+
+class BridgeManager(MultiService):
+    """All bridges of one broker (a child of :class:`~mqttd.service.BrokerService`).
+
+    :param endpoint_factory: ``(reactor, config) -> endpoint`` (tests inject one).
+    """
+
+    def __init__(self, broker, reactor, configs: List[BridgeConfig],
+                 config_path: Optional[str] = None,
+                 endpoint_factory: Callable = endpoint_for):
+        super().__init__()
+        self.broker = broker
+        self.reactor = reactor
+        self.config_path = config_path
+        self.endpoint_factory = endpoint_factory
+        self.bridges: Dict[str, Bridge] = {}
+        hop_limit = max([c.hop_limit for c in configs] or [8])
+        self.mesh = MeshGuard(broker.config.broker_id, hop_limit)
+        self._unregister_mesh = None
+        for config in configs:
+            self._add(config)
+
+    @property
+    def stats(self) -> dict:
+        """``{name: BridgeStats}`` of the running bridges."""
+        return {name: bridge.stats for name, bridge in self.bridges.items()}
+
+    def _add(self, config: BridgeConfig) -> Bridge:
+        endpoint = self.endpoint_factory(self.reactor, config)
+        bridge = Bridge(config, self.broker, self.reactor, endpoint)
+        bridge.setName(config.connection)
+        bridge.setServiceParent(self)
+        self.bridges[config.connection] = bridge
+        return bridge
+
+    def startService(self):
+        if self.bridges and self._unregister_mesh is None:
+            self._unregister_mesh = self.broker.add_publish_filter(self.mesh)
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        if self._unregister_mesh is not None:
+            self._unregister_mesh()
+            self._unregister_mesh = None
+
+    @defer.inlineCallbacks
+    def reload(self, configs: Optional[List[BridgeConfig]] = None):
+        """Apply a new bridge list (default: re-read ``config_path``)."""
+        if configs is None:
+            if self.config_path is None:
+                return
+            configs = load_bridges(self.config_path)   # raises: old bridges stay
+        wanted = {c.connection: c for c in configs}
+        for name, bridge in list(self.bridges.items()):
+            if name not in wanted or wanted[name] != bridge.config:
+                log.info("Bridge {name}: {what} by reload", name=name,
+                         what="removed" if name not in wanted else "restarted")
+                del self.bridges[name]
+                yield defer.maybeDeferred(bridge.disownServiceParent)
+        for name, config in wanted.items():
+            if name not in self.bridges:
+                self._add(config)   # setServiceParent starts it if we run
+        if self.bridges and self._unregister_mesh is None and self.running:
+            self._unregister_mesh = self.broker.add_publish_filter(self.mesh)
+
+
+def install(service, configs: List[BridgeConfig], config_path: Optional[str] = None,
+            endpoint_factory: Callable = endpoint_for) -> BridgeManager:
+    """Add a :class:`BridgeManager` to a :class:`~mqttd.service.BrokerService`.
+
+    Sets ``service.bridges`` and registers the ``"bridges"`` reloader.
+    """
+    manager = BridgeManager(service.broker, service.reactor, configs, config_path,
+                            endpoint_factory)
+    manager.setName("bridges")
+    manager.setServiceParent(service)
+    service.bridges = manager
+    service.add_reloader("bridges", manager.reload)
+    return manager
+
+
+def from_options(service, options) -> None:
+    """The ``twistd mqttd`` feature hook (``mqttd.tap.FEATURES``): run the
+    ``[[bridge]]`` tables of ``--config``; SIGHUP re-reads them."""
+    configs = options.get("bridges") or []
+    if configs:
+        install(service, configs, options["config"])

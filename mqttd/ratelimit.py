@@ -1,0 +1,146 @@
+"""Rate limits for log lines that clients can trigger (layer L1).
+
+A client that sends 140,000 malformed packets, refused publishes or wrong
+passwords must not write 140,000 log lines.  :class:`LogRateLimiter` lets the
+first ``burst`` lines per key (a client and a reason) through in every window
+of ``interval`` seconds, counts the rest, and hands the count of suppressed
+lines to the next line that passes, so nothing is silently lost::
+
+    limiter = LogRateLimiter(clock)
+    limiter.warn(log, ("c1", "malformed"), "Closing {client_id}: {error}",
+                 client_id="c1", error="...")
+
+logs ``Closing c1: ...`` and, after a suppressed stretch,
+``Closing c1: ... (12 similar lines suppressed)`` with the named field
+``suppressed=12``.  A second bound per reason (``reason_burst`` lines per
+window over all keys) stops a flood spread over many client ids or peers.
+Memory is bounded: at most ``max_keys`` keys are tracked (the oldest windows
+are forgotten first).
+
+The broker owns one instance (``Broker.log_limiter``); features (auth, ACL,
+bridges) call it for their own client-triggered lines.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, Optional
+
+#: seconds per window
+DEFAULT_INTERVAL = 10.0
+#: lines per key per window
+DEFAULT_BURST = 3
+#: lines per reason per window, over all keys
+DEFAULT_REASON_BURST = 50
+#: keys tracked at most
+DEFAULT_MAX_KEYS = 10_000
+
+
+class _Window:
+    __slots__ = ("start", "passed", "suppressed")
+
+    def __init__(self, start: float):
+        self.start = start
+        self.passed = 0
+        self.suppressed = 0
+
+
+def _reason_of(key: Hashable):
+    """The reason part of a key: its last element if it is a tuple."""
+    return key[-1] if isinstance(key, tuple) and key else key
+
+
+class LogRateLimiter:
+    """Fixed-window limiter of log lines per key and per reason.
+
+    :param clock: ``IReactorTime`` (only ``seconds()`` is used).
+    :param interval: window length in seconds (> 0).
+    :param burst: lines let through per key per window (>= 1).
+    :param reason_burst: lines let through per reason (the key's last element
+        when the key is a tuple) per window, over all keys; ``None``: no bound.
+    :param max_keys: windows kept at most; beyond it the oldest are dropped
+        (their suppressed counts are then reported under the reason bound).
+    """
+
+    def __init__(self, clock, interval: float = DEFAULT_INTERVAL,
+                 burst: int = DEFAULT_BURST,
+                 reason_burst: Optional[int] = DEFAULT_REASON_BURST,
+                 max_keys: int = DEFAULT_MAX_KEYS):
+        if interval <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("interval > 0, burst >= 1 and max_keys >= 1 are required")
+        self.clock = clock
+        self.interval = float(interval)
+        self.burst = burst
+        self.reason_burst = reason_burst
+        self.max_keys = max_keys
+        self._windows: Dict[Hashable, _Window] = {}
+        self._reasons: Dict[Hashable, _Window] = {}
+        #: lines let through and lines suppressed since start (for metrics)
+        self.passed = 0
+        self.suppressed = 0
+
+    def _window(self, table: dict, key: Hashable, now: float) -> _Window:
+        window = table.get(key)
+        if window is None or now - window.start >= self.interval:
+            carried = window.suppressed if window is not None else 0
+            if window is not None:
+                del table[key]   # re-insert: insertion order is age order
+            elif len(table) >= self.max_keys:
+                self._evict(table, now)
+            window = table[key] = _Window(now)
+            window.suppressed = carried
+        return window
+
+    def _evict(self, table: dict, now: float) -> None:
+        stale = [k for k, w in table.items() if now - w.start >= self.interval]
+        for k in stale:
+            del table[k]
+        if len(table) >= self.max_keys:
+            for k in list(table)[:max(1, len(table) // 2)]:
+                del table[k]
+
+    def check(self, key: Hashable) -> Optional[int]:
+        """Count one line for ``key``.
+
+        :returns: ``None`` if the line must be suppressed, else the number of
+            lines suppressed for this key (and its reason) since the last one
+            that passed (0 usually).
+        """
+        now = self.clock.seconds()
+        window = self._window(self._windows, key, now)
+        if window.passed >= self.burst:
+            window.suppressed += 1
+            self.suppressed += 1
+            return None
+        reason_window = None
+        if self.reason_burst is not None:
+            reason_window = self._window(self._reasons, _reason_of(key), now)
+            if reason_window.passed >= self.reason_burst:
+                reason_window.suppressed += 1
+                window.suppressed += 1
+                self.suppressed += 1
+                return None
+            reason_window.passed += 1
+        window.passed += 1
+        self.passed += 1
+        suppressed, window.suppressed = window.suppressed, 0
+        return suppressed
+
+    def emit(self, log_method: Callable, key: Hashable, format: str, **fields) -> bool:
+        """Log ``format`` with ``log_method`` (e.g. ``log.warn``) unless suppressed.
+
+        Adds the field ``suppressed`` (an int) and, when it is not 0, the text
+        `` ({suppressed} similar lines suppressed)``.  Returns whether it logged.
+        """
+        suppressed = self.check(key)
+        if suppressed is None:
+            return False
+        if suppressed:
+            format += " ({suppressed} similar lines suppressed)"
+        log_method(format, suppressed=suppressed, **fields)
+        return True
+
+    def warn(self, logger, key: Hashable, format: str, **fields) -> bool:
+        """:meth:`emit` at warn level on a ``twisted.logger.Logger``."""
+        return self.emit(logger.warn, key, format, **fields)
+
+
+__all__ = ["LogRateLimiter"]

@@ -1,0 +1,198 @@
+"""Retained messages: the index by topic, wildcard lookup and expiry (layer L1).
+
+:class:`RetainedIndex` is the broker's only view of retained messages
+(one per topic name [MQTT-3.3.1-5]).  Besides the topic -> message mapping it
+keeps the topic names in a trie by level, so a SUBSCRIBE's filter finds its
+retained messages by walking only the matching branches instead of testing
+every retained topic, and a min-heap of expiry times so expired messages
+[MQTT-3.3.2-5] are removed without a scan.
+
+:meth:`RetainedIndex.cursor` walks the matches lazily: the broker replays
+retained messages to a subscriber from such a cursor under flow control
+(``Broker.drain``), so a client that does not read never has every retained
+message queued for it at once, and a repeated SUBSCRIBE replaces its cursor.
+
+No I/O, no clock: times are passed in (the broker clock's ``seconds()``).
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from mqttd.messages import Message
+
+__all__ = ["RetainedIndex"]
+
+
+class _Level:
+    """One topic level: child levels and the message whose topic ends here."""
+
+    __slots__ = ("children", "message")
+
+    def __init__(self) -> None:
+        self.children: Dict[str, _Level] = {}
+        self.message: Optional[Message] = None
+
+
+class RetainedIndex:
+    """Retained messages by topic name, matched by topic filter.
+
+    The hot path of ``publish`` only reaches :meth:`set` / :meth:`remove` for
+    messages with the RETAIN flag; lookups by exact topic are dict lookups.
+    """
+
+    def __init__(self) -> None:
+        self._by_topic: Dict[str, Message] = {}
+        self._root = _Level()
+        #: (expires_at, topic) of messages with an expiry; stale entries are
+        #: skipped when popped (the topic's message was replaced or removed)
+        self._expiries: List[Tuple[float, str]] = []
+
+    # --- mapping ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._by_topic)
+
+    def __contains__(self, topic: object) -> bool:
+        return topic in self._by_topic
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_topic)
+
+    def get(self, topic: str) -> Optional[Message]:
+        return self._by_topic.get(topic)
+
+    def __getitem__(self, topic: str) -> Message:
+        return self._by_topic[topic]
+
+    def items(self):
+        return self._by_topic.items()
+
+    def values(self):
+        return self._by_topic.values()
+
+    def set(self, message: Message) -> None:
+        """Make ``message`` the retained message of its topic [MQTT-3.3.1-5]."""
+        topic = message.topic
+        node = self._root
+        for level in topic.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Level()
+            node = child
+        node.message = message
+        self._by_topic[topic] = message
+        if message.expires_at is not None:
+            heapq.heappush(self._expiries, (message.expires_at, topic))
+
+    def remove(self, topic: str) -> Optional[Message]:
+        """Forget the retained message of ``topic``; returns it (None if none)."""
+        message = self._by_topic.pop(topic, None)
+        if message is None:
+            return None
+        path = []
+        node = self._root
+        for level in topic.split("/"):
+            path.append((node, level))
+            node = node.children[level]
+        node.message = None
+        # prune levels that hold nothing any more
+        for parent, level in reversed(path):
+            child = parent.children[level]
+            if child.message is not None or child.children:
+                break
+            del parent.children[level]
+        return message
+
+    def clear(self) -> None:
+        self._by_topic.clear()
+        self._root = _Level()
+        self._expiries.clear()
+
+    # --- expiry ---------------------------------------------------------------
+
+    def next_expiry(self) -> Optional[float]:
+        """The earliest time a retained message expires (None: no expiring ones)."""
+        expiries = self._expiries
+        while expiries:
+            at, topic = expiries[0]
+            message = self._by_topic.get(topic)
+            if message is not None and message.expires_at == at:
+                return at
+            heapq.heappop(expiries)  # stale
+        return None
+
+    def expire(self, now: float) -> List[str]:
+        """Remove every message expired at ``now`` [MQTT-3.3.2-5]; returns their topics."""
+        removed = []
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            at, topic = heapq.heappop(expiries)
+            message = self._by_topic.get(topic)
+            if message is not None and message.expires_at == at:
+                self.remove(topic)
+                removed.append(topic)
+        return removed
+
+    # --- matching ---------------------------------------------------------------
+
+    def cursor(self, topic_filter: str, now: Optional[float] = None) -> Iterator[Message]:
+        """Lazily yield the retained messages matching the plain ``topic_filter``.
+
+        A filter starting with a wildcard does not match ``$`` topics
+        [MQTT-4.7.2-1]; ``a/#`` also matches ``a`` [MQTT-4.7.1-2].  Messages
+        expired at ``now`` (if given) are skipped.  Safe while the index
+        changes: each level's children are copied when the walk reaches it,
+        and a message is read when it is yielded (a replaced message is
+        yielded in its newest form, a removed one not at all).
+        """
+        levels = topic_filter.split("/")
+        last = len(levels)
+        # explicit stack of (node, depth); depth = index of the next filter level
+        stack = [(self._root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            if depth == last:
+                message = node.message
+                if message is not None and (now is None or message.expires_at is None
+                                            or message.expires_at > now):
+                    yield message
+                continue
+            level = levels[depth]
+            if level == "#":
+                # this level (the parent, "a/#" matches "a") and everything below
+                yield from self._subtree(node, now, root=depth == 0,
+                                         include_self=depth > 0)
+                continue
+            if level == "+":
+                children = list(node.children.items())
+                for name, child in reversed(children):
+                    if depth == 0 and name.startswith("$"):
+                        continue  # [MQTT-4.7.2-1]
+                    stack.append((child, depth + 1))
+                continue
+            child = node.children.get(level)
+            if child is not None:
+                stack.append((child, depth + 1))
+
+    def _subtree(self, node: _Level, now: Optional[float], root: bool,
+                 include_self: bool) -> Iterator[Message]:
+        if include_self:
+            message = node.message
+            if message is not None and (now is None or message.expires_at is None
+                                        or message.expires_at > now):
+                yield message
+        stack = [(name, child) for name, child in reversed(list(node.children.items()))
+                 if not (root and name.startswith("$"))]  # [MQTT-4.7.2-1]
+        while stack:
+            _name, current = stack.pop()
+            message = current.message
+            if message is not None and (now is None or message.expires_at is None
+                                        or message.expires_at > now):
+                yield message
+            if current.children:
+                stack.extend(reversed(list(current.children.items())))
+
+    def match(self, topic_filter: str, now: Optional[float] = None) -> List[Message]:
+        """All retained messages matching ``topic_filter`` (see :meth:`cursor`)."""
+        return list(self.cursor(topic_filter, now))

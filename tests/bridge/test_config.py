@@ -1,0 +1,212 @@
+"""Bridge configuration: mosquitto's topic syntax, TOML tables, errors with lines, import."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mqttd.bridge.config import (
+    BridgeConfig, BridgeConfigError, TopicMap, bridges_from_toml, parse_topic_line)
+from mqttd.bridge.mosquitto import main as import_main
+from mqttd.bridge.mosquitto import parse_mosquitto, to_toml
+from mqttd.client import ConstantDelay, DecorrelatedJitter
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("sensors/#", TopicMap("sensors/#", "out", 0)),
+    ("sensors/# in", TopicMap("sensors/#", "in", 0)),
+    ("sensors/# both 2", TopicMap("sensors/#", "both", 2)),
+    ('# out 1 "" site/a/', TopicMap("#", "out", 1, "", "site/a/")),
+    ('"" in 1 local/x remote/y', TopicMap("", "in", 1, "local/x", "remote/y")),
+])
+def test_topic_lines_in_mosquitto_syntax(line, expected):
+    """Every form of mosquitto's 'topic' directive parses to the same mapping."""
+    assert parse_topic_line(line) == expected
+
+
+@pytest.mark.parametrize("line, why", [
+    ("a/# sideways 1", "direction"),
+    ("a/# out 3", "QoS"),
+    ("a/# out 1 only-local", "expected PATTERN"),
+    ('"" out 1 "" ""', "prefix"),
+    ("a/# out 1 lo/+/ re/", "wildcards"),
+    ("a/#/b out 1", "filter"),
+])
+def test_bad_topic_lines_say_what_is_wrong(line, why):
+    """A wrong topic line is refused with the reason."""
+    with pytest.raises(ValueError, match=why):
+        parse_topic_line(line)
+
+
+def test_topic_map_translates_both_ways():
+    """Prefixes are stripped and added per direction; other topics are not mapped."""
+    t = parse_topic_line("sensors/# both 1 edge/ site/a/")
+    assert t.to_remote("edge/sensors/t") == "site/a/sensors/t"
+    assert t.to_local("site/a/sensors/t") == "edge/sensors/t"
+    assert t.to_remote("sensors/t") is None
+
+
+TOML = textwrap.dedent('''\
+    listen = "tcp:1883"
+
+    [[bridge]]
+    connection = "cloud"
+    address = "broker1.example:8883 broker2.example"
+    topic = [
+        "sensors/# out 1 \\"\\" site/edge-17/",
+        "cmd/# in 1 \\"\\" site/edge-17/",
+    ]
+    remote_clientid = "edge-17"
+    restart_timeout = "5 30"
+    bridge_protocol_version = "mqttv50"
+
+    [[bridge]]
+    connection = "backup"
+    address = ["10.0.0.9:1883"]
+    topic = "x/# both 2"
+    keepalive_interval = 2
+    ''')
+
+
+def test_toml_tables_become_bridge_configs_with_mosquitto_defaults():
+    """[[bridge]] keys mirror mosquitto's directives; defaults are mosquitto's."""
+    data = tomllib.loads(TOML)
+    with pytest.raises(BridgeConfigError) as info:
+        bridges_from_toml(data["bridge"], TOML, "mqttd.toml")
+    # keepalive_interval 2 is on line 18, in the second table
+    assert info.value.line == 18 and "keepalive_interval" in str(info.value)
+    fixed = TOML.replace("keepalive_interval = 2", "keepalive_interval = 20")
+    cloud, backup = bridges_from_toml(tomllib.loads(fixed)["bridge"], fixed)
+    assert cloud.addresses == (("broker1.example", 8883), ("broker2.example", 1883))
+    assert cloud.topics[0] == TopicMap("sensors/#", "out", 1, "", "site/edge-17/")
+    assert cloud.local_clientid == "local.edge-17"
+    assert cloud.notification_topic == "$SYS/broker/connection/edge-17/state"
+    assert cloud.protocol_level == 5 and cloud.try_private and not cloud.cleansession
+    assert isinstance(cloud.restart_policy(), DecorrelatedJitter)
+    assert backup.keepalive_interval == 20 and backup.remote_clientid.endswith(".backup")
+
+
+@pytest.mark.parametrize("bad, key", [
+    ('topic = ["a/# out 7"]', "a/# out 7"),
+    ('bridge_protocol_version = "mqttv6"', "bridge_protocol_version"),
+    ('restart_timeout = "30 5"', "restart_timeout"),
+    ('address = "host:99999"', "address"),
+    ('frobnicate = true', "frobnicate"),
+    ('cleansession = "yes"', "cleansession"),
+])
+def test_bad_bridge_settings_name_their_line(bad, key):
+    """Each kind of bad value is reported with the line it is on."""
+    text = ('[[bridge]]\nconnection = "x"\naddress = "h:1883"\n'
+            'topic = ["a/# out 1"]\n') + bad + "\n"
+    if bad.startswith(("topic", "address")):
+        text = text.replace('topic = ["a/# out 1"]\n', "") if bad.startswith("topic") \
+            else text.replace('address = "h:1883"\n', "")
+    lines = text.splitlines()
+    expected = next(n for n, line in enumerate(lines, 1) if line.startswith(bad.split(" ")[0]))
+    with pytest.raises(BridgeConfigError) as info:
+        bridges_from_toml(tomllib.loads(text)["bridge"], text, "f.toml")
+    assert info.value.line == expected, str(info.value)
+    assert key in str(info.value)
+
+
+def test_duplicate_bridge_names_are_refused():
+    """Two bridges with one name would fight over one session."""
+    table = {"connection": "x", "address": "h", "topic": "a/#"}
+    with pytest.raises(BridgeConfigError, match="two bridges"):
+        bridges_from_toml([table, dict(table)])
+
+
+def test_restart_timeout_policies():
+    """'restart_timeout N' is constant; 'BASE CAP' is decorrelated jitter within [base, cap]."""
+    assert isinstance(BridgeConfig("x", (("h", 1),), (TopicMap("a"),),
+                                   restart_timeout=(7.0,)).restart_policy(), ConstantDelay)
+    policy = DecorrelatedJitter(2, 30)
+    delays = [policy(n) for n in range(200)]
+    assert all(2 <= d <= 30 for d in delays) and max(delays) > 20
+    policy.reset()
+    assert policy(1) <= 6   # back to uniform(base, 3 * base)
+
+
+MOSQUITTO_CONF = textwrap.dedent('''\
+    listener 1883
+    allow_anonymous true
+
+    # the cloud bridge
+    connection cloud
+    address broker1.example:8883 broker2.example:8883
+    topic sensors/# out 1 "" site/edge-17/
+    topic cmd/# in 1 "" site/edge-17/
+    remote_clientid edge-17
+    remote_username edge-17
+    remote_password s3cret
+    cleansession false
+    try_private true
+    bridge_protocol_version mqttv311
+    keepalive_interval 60
+    restart_timeout 5 30
+    notifications true
+    bridge_cafile /etc/mqttd/ca.pem
+    start_type automatic
+
+    connection second
+    address 10.1.1.1
+    topic # both 0
+    ''')
+
+
+def test_mosquitto_import_round_trips_to_the_same_bridges(tmp_path):
+    """The TOML printed for a mosquitto.conf loads to the bridges mosquitto would run."""
+    tables, warnings = parse_mosquitto(MOSQUITTO_CONF)
+    assert any("start_type" in w for w in warnings)
+    text = to_toml(tables)
+    cloud, second = bridges_from_toml(tomllib.loads(text)["bridge"], text)
+    assert cloud.addresses == (("broker1.example", 8883), ("broker2.example", 8883))
+    assert cloud.topics == (TopicMap("sensors/#", "out", 1, "", "site/edge-17/"),
+                            TopicMap("cmd/#", "in", 1, "", "site/edge-17/"))
+    assert (cloud.remote_username, cloud.remote_password) == ("edge-17", "s3cret")
+    assert cloud.cafile == "/etc/mqttd/ca.pem" and cloud.restart_timeout == (5.0, 30.0)
+    assert second.topics == (TopicMap("#", "both", 0),)
+
+
+def test_mosquitto_import_names_the_bad_line(tmp_path, capsys):
+    """A bad directive in mosquitto.conf fails with exit 2 and its line number."""
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(MOSQUITTO_CONF.replace("topic # both 0", "topic # both 5"))
+    assert import_main(["import", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert "line 23" in err and "QoS" in err
+    conf.write_text(MOSQUITTO_CONF)
+    assert import_main(["import", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "[[bridge]]" in out and 'connection = "cloud"' in out
+
+
+def test_console_script_bridge_import(tmp_path):
+    """'mqttd bridge import FILE' is registered in the console script."""
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(MOSQUITTO_CONF)
+    result = subprocess.run([sys.executable, "-m", "mqttd.cli", "bridge", "import", str(conf)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads(result.stdout)["bridge"][1]["connection"] == "second"
+
+
+def test_bad_bridge_in_broker_config_exits_2_with_the_line(tmp_path):
+    """twistd mqttd --config with a bad [[bridge]] stops at startup: exit 2, file and line."""
+    config = tmp_path / "mqttd.toml"
+    config.write_text('[[bridge]]\nconnection = "x"\naddress = "h"\n'
+                      'topic = ["a/# out 1", "b/# up 1"]\n')
+    from pathlib import Path
+    twistd = [str(Path(sys.executable).parent / "twistd")]
+    result = subprocess.run([*twistd, "-n", "--pidfile", "", "mqttd", "--config", str(config),
+                             "--persistence", "memory"],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert f"{config}, line 4" in result.stderr and "b/# up 1" in result.stderr

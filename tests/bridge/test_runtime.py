@@ -1,0 +1,201 @@
+"""Bridges between in-process brokers (iosim links, task.Clock): routing, queueing, loops."""
+from __future__ import annotations
+
+import pytest
+
+from mqttd.bridge.mesh import MID, PATH
+
+from .harness import Collector, Net
+
+
+@pytest.fixture
+def net():
+    return Net()
+
+
+def test_out_topics_map_prefixes_and_keep_qos_and_retain(net):
+    """An 'out' line strips the local prefix, adds the remote one, keeps QoS and retain."""
+    a, b = net.broker("A"), net.broker("B")
+    got = Collector(b, "site/#")
+    net.bridge("A", "B", ['sensors/# out 1 edge/ site/a/'])
+    net.settle()
+    a.publish_message("edge/sensors/t", b"21", qos=1, retain=True)
+    a.publish_message("other/t", b"x", qos=1)
+    net.settle()
+    assert got.messages == [("site/a/sensors/t", b"21", True)]
+    assert b.retained["site/a/sensors/t"].payload == b"21"
+
+
+def test_in_topics_map_remote_to_local(net):
+    """An 'in' line subscribes remotely and publishes locally under the local prefix."""
+    a, b = net.broker("A"), net.broker("B")
+    got = Collector(a, "cmd/#")
+    net.bridge("A", "B", ['cmd/# in 2 "" site/a/'])
+    net.settle()
+    b.publish_message("site/a/cmd/reboot", b"now", qos=2)
+    b.publish_message("site/b/cmd/reboot", b"not for a", qos=2)
+    net.settle()
+    assert got.messages == [("cmd/reboot", b"now", False)]
+
+
+def test_both_direction_does_not_echo(net):
+    """A 'both' bridge never sends a message back where it came from (No Local both ends)."""
+    a, b = net.broker("A"), net.broker("B")
+    got_a, got_b = Collector(a, "t/#"), Collector(b, "t/#")
+    net.bridge("A", "B", ["t/# both 1"])
+    net.settle()
+    a.publish_message("t/1", b"from a", qos=1)
+    b.publish_message("t/2", b"from b", qos=1)
+    net.settle(3)
+    assert sorted(got_a.payloads()) == [b"from a", b"from b"]
+    assert sorted(got_b.payloads()) == [b"from a", b"from b"]
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv50"])
+def test_messages_queue_while_remote_is_down_and_arrive_in_order(net, version):
+    """Remote unreachable: QoS 1 messages wait in the bridge session, then all arrive in order."""
+    a, b = net.broker("A"), net.broker("B")
+    got = Collector(b, "q/#")
+    manager = net.bridge("A", "B", ["q/# out 1"], protocol_version=version)
+    net.settle()
+    net.down("B")
+    for n in range(50):
+        a.publish_message("q/x", str(n).encode(), qos=1)
+    stats = manager.stats["A-B"]
+    assert stats.connected is False
+    assert stats.queued == 50
+    net.up("B")
+    net.settle(5)
+    assert got.payloads() == [str(n).encode() for n in range(50)]
+    assert stats.connected is True and stats.queued == 0 and stats.messages_out == 50
+
+
+def test_inflight_messages_are_resent_with_the_same_packet_ids(net):
+    """Messages sent but not acknowledged when the link broke are re-sent with DUP, none lost."""
+    a, b = net.broker("A"), net.broker("B")
+    got = Collector(b, "q/#")
+    net.bridge("A", "B", ["q/# out 2"])
+    net.settle()
+    # publish, then cut the link before any acknowledgement travels back
+    for n in range(5):
+        a.publish_message("q/x", str(n).encode(), qos=2)
+    net.clock.advance(0)
+    session = a.sessions["local.A-to-B"]
+    assert len(session.inflight) == 5
+    net.down("B")
+    assert len(session.inflight) == 5
+    net.up("B")
+    net.settle(5)
+    assert got.payloads() == [str(n).encode() for n in range(5)]
+    assert not session.inflight and not session.queue
+
+
+def test_state_notifications_are_retained_locally_and_remotely(net):
+    """$SYS/broker/connection/<remote_clientid>/state is 1 while up and 0 after, both sides."""
+    a, b = net.broker("A"), net.broker("B")
+    net.bridge("A", "B", ["q/# out 1"], remote_clientid="edge")
+    topic = "$SYS/broker/connection/edge/state"
+    assert a.retained[topic].payload == b"0"
+    net.settle()
+    assert a.retained[topic].payload == b"1"
+    assert b.retained[topic].payload == b"1"
+    net.down("B")
+    assert a.retained[topic].payload == b"0"
+    assert b.retained[topic].payload == b"0"   # the bridge's will on B
+
+
+def test_refused_bridge_bit_falls_back_to_a_plain_connection(net):
+    """A remote that refuses level 0x84 (CONNACK 1) gets a plain MQTT 3.1.1 CONNECT next."""
+    a, b = net.broker("A"), net.broker("B")
+    from mqttd.codec import reader as codec_reader
+    saved = codec_reader._BRIDGE_LEVELS
+    codec_reader._BRIDGE_LEVELS = set()   # B behaves like a broker without bridge support
+    try:
+        got = Collector(b, "q/#")
+        manager = net.bridge("A", "B", ["q/# out 1"])
+        net.settle(5)
+        assert manager.stats["A-B"].connected
+        a.publish_message("q/1", b"x", qos=1)
+        net.settle()
+        assert got.payloads() == [b"x"]
+    finally:
+        codec_reader._BRIDGE_LEVELS = saved
+
+
+def test_bridge_bit_client_gets_no_local_and_retain_as_published(net):
+    """mqttd as the remote: a v3 bridge's subscriptions are forced to No Local + RAP."""
+    a, b = net.broker("A"), net.broker("B")
+    net.bridge("A", "B", ["t/# both 1"])
+    net.settle()
+    remote_session = b.sessions["A-to-B"]
+    sub = remote_session.subscriptions["t/#"]
+    assert sub.no_local and sub.retain_as_published
+    assert remote_session.connection.bridge
+
+
+def test_chain_forwards_through_the_middle_broker(net):
+    """A -> B -> C: a message published on A reaches C once."""
+    a, b, c = net.broker("A"), net.broker("B"), net.broker("C")
+    got_c = Collector(c, "#")
+    net.bridge("A", "B", ["x/# out 1"])
+    net.bridge("B", "C", ["x/# out 1"])
+    net.settle()
+    a.publish_message("x/1", b"hop", qos=1)
+    net.settle(2)
+    assert got_c.payloads() == [b"hop"]
+
+
+def test_triangle_mesh_delivers_once_and_never_circulates(net):
+    """A<->B<->C<->A bridged 'both' on # (MQTT 5): each broker gets each message once."""
+    brokers = {n: net.broker(n) for n in "ABC"}
+    got = {n: Collector(b, "#") for n, b in brokers.items()}
+    managers = [net.bridge(x, y, ["# both 1"], protocol_version="mqttv50")
+                for x, y in (("A", "B"), ("B", "C"), ("C", "A"))]
+    net.settle()
+    for n, broker in brokers.items():
+        broker.publish_message(f"from/{n}", n.encode(), qos=1)
+    net.settle(5)
+    for n in "ABC":
+        assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
+    dropped = sum(sum(m.mesh.dropped.values()) for m in managers)
+    assert dropped > 0   # the second copies were stopped, not delivered
+    # and nothing keeps flowing
+    before = {n: b.stats.messages_received for n, b in brokers.items()}
+    net.settle(5)
+    assert {n: b.stats.messages_received for n, b in brokers.items()} == before
+
+
+def test_mesh_guard_stamps_local_messages_and_drops_seen_ones():
+    """The guard stamps mqttd-mid/path once, appends its id, drops duplicates and loops."""
+    from mqttd.bridge.mesh import MeshGuard
+    from mqttd.messages import Message
+    a, b = MeshGuard("A"), MeshGuard("B", hop_limit=2)
+    stamped = a(Message("t", b"x", 1), None)
+    props = dict(stamped.properties.user_properties)
+    assert props[PATH] == "A" and props[MID].startswith("A:")
+    at_b = b(stamped, None)
+    assert dict(at_b.properties.user_properties)[PATH] == "A,B"
+    assert b(stamped, None) is None and b.dropped["duplicate"] == 1
+    assert a(at_b, None) is None    # A's own message came back: seen
+    far = MeshGuard("C", hop_limit=2)
+    assert far(at_b, None) is None and far.dropped["hop-limit"] == 1
+
+
+def test_reload_restarts_changed_bridges_only(net):
+    """SIGHUP reload: an unchanged bridge keeps its link, a changed one restarts, a removed one stops."""
+    import attrs
+    a, b = net.broker("A"), net.broker("B")
+    manager = net.bridge("A", "B", ["q/# out 1"])
+    net.settle()
+    first = manager.bridges["A-B"].remote
+    config = manager.bridges["A-B"].config
+    manager.reload([config])
+    net.settle()
+    assert manager.bridges["A-B"].remote is first
+    manager.reload([attrs.evolve(config, keepalive_interval=30)])
+    net.settle(3)
+    assert manager.bridges["A-B"].remote is not None
+    assert manager.bridges["A-B"].remote is not first
+    manager.reload([])
+    net.settle()
+    assert manager.bridges == {}

@@ -1,0 +1,251 @@
+"""Fair slow-consumer handling: a subscriber holds publishers at most its budget, once."""
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from mqttd.codec.packets import Puback, Publish
+from mqttd.flowcontrol import SlowConsumerGuard
+from mqttd.metrics import BrokerStats
+from mqttd.session import Session
+
+from core.harness import FakeClient, make_broker
+
+
+def publishes(packets):
+    return [p for p in packets if isinstance(p, Publish)]
+
+
+@pytest.fixture
+def log_events():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+class HeldPublisher:
+    def __init__(self):
+        self.released = 0
+
+    def release_publisher(self):
+        self.released += 1
+
+
+# --- the state machine alone ----------------------------------------------------------------
+
+def guard(budget=5.0, recovery=30.0):
+    clock = Clock()
+    stats = BrokerStats()
+    return SlowConsumerGuard(clock, budget, recovery, stats), clock, stats
+
+
+def test_episode_holds_until_budget_then_demotes_and_releases():
+    """A congested subscriber holds publishers for at most the budget, then no one."""
+    g, clock, stats = guard()
+    s = Session("s")
+    pub = HeldPublisher()
+    assert g.congested(s)
+    g.hold(pub)
+    clock.advance(4.9)
+    assert g.congested(s) and pub.released == 0
+    clock.advance(0.1)            # budget spent
+    clock.advance(0)              # release on the next turn
+    assert pub.released == 1
+    assert s.demoted_since == 5.0 and s.congested_since is None
+    assert not g.congested(s)     # demoted: holds no one
+    assert (stats.publisher_holds, stats.slow_subscribers_demoted) == (1, 1)
+
+
+def test_catching_up_a_little_does_not_rearm_the_hold():
+    """Draining below the low-water mark but not to empty keeps a demoted subscriber demoted."""
+    g, clock, _ = guard()
+    s = Session("s")
+    g.congested(s)
+    clock.advance(5)
+    g.drained(s, queued=10, low_water=500)
+    clock.advance(100)
+    assert not g.congested(s)
+
+
+def test_demoted_subscriber_must_stay_healthy_for_the_recovery_period():
+    """Empty queue, then recovery seconds without congestion, before it may hold again."""
+    g, clock, stats = guard(budget=5, recovery=30)
+    s = Session("s")
+    g.congested(s)
+    clock.advance(5)
+    g.drained(s, queued=0, low_water=500)       # fully drained at t=5
+    clock.advance(20)
+    assert not g.congested(s)                   # froze again at t=25: healthy period starts over
+    clock.advance(40)
+    assert not g.congested(s)                   # still not drained since
+    g.drained(s, queued=0, low_water=500)       # drained at t=65
+    clock.advance(29)
+    g.drained(s, queued=0, low_water=500)       # staying empty does not restart the period
+    clock.advance(1)
+    assert g.congested(s)                       # t=95: healthy for 30 s, a new episode
+    assert s.demoted_since is None
+    assert stats.publisher_holds == 2
+
+
+def test_merely_slow_subscriber_is_never_demoted():
+    """Episodes that drain to the low-water mark within the budget never exhaust it."""
+    g, clock, stats = guard(budget=5)
+    s = Session("s")
+    pub = HeldPublisher()
+    for _ in range(100):
+        assert g.congested(s)
+        g.hold(pub)
+        clock.advance(4)
+        g.drained(s, queued=400, low_water=500)
+        clock.advance(0)
+    assert stats.slow_subscribers_demoted == 0 and s.demoted_since is None
+    assert pub.released == 100
+
+
+def test_publishers_stay_held_while_another_subscriber_holds():
+    """Held publishers are released once no subscriber holds any more."""
+    g, clock, _ = guard(budget=5)
+    a, b = Session("a"), Session("b")
+    pub = HeldPublisher()
+    g.congested(a)
+    clock.advance(2)
+    g.congested(b)
+    g.hold(pub)
+    clock.advance(3)               # a's budget spent; b holds for 2 s more
+    clock.advance(0)
+    assert pub.released == 0
+    clock.advance(2)
+    clock.advance(0)
+    assert pub.released == 1
+
+
+def test_disabled_guard_holds_no_one():
+    """--no-publisher-backpressure: congestion never holds anybody."""
+    g = SlowConsumerGuard(Clock(), 5, 30, BrokerStats(), enabled=False)
+    assert not g.congested(Session("s"))
+
+
+def test_zero_budget_holds_no_one():
+    """--max-publisher-pause 0: a congested subscriber never holds publishers."""
+    assert not SlowConsumerGuard(Clock(), 0, 30, BrokerStats()).congested(Session("s"))
+
+
+# --- through the connections ----------------------------------------------------------------
+
+def _setup(**config):
+    broker, clock = make_broker(**config)
+    frozen = FakeClient(broker, clock)
+    frozen.connect("frozen")
+    frozen.subscribe("t", qos=1)
+    healthy = FakeClient(broker, clock)
+    healthy.connect("healthy")
+    healthy.subscribe("t", qos=1)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    return broker, clock, frozen, healthy, pub
+
+
+def _ack_all(client):
+    got = publishes(client.received())
+    for p in got:
+        client.send(Puback(p.packet_id))
+    return got
+
+
+class Flood:
+    def __init__(self, pub):
+        self.pub = pub
+        self.pid = 0
+
+    def __call__(self, n):
+        """Publish n QoS 1 messages, as far as the publisher is read."""
+        for _ in range(n):
+            self.pid = self.pid % 65535 + 1
+            self.pub.publish("t", b"m%d" % self.pid, qos=1, packet_id=self.pid)
+        return self.pub.transport.producerState
+
+
+def test_freeze_drain_freeze_holds_publishers_once():
+    """A subscriber that freezes, drains and freezes again holds the publisher only the first time."""
+    broker, clock, frozen, healthy, pub = _setup(
+        max_queued_messages=8, max_inflight=100, max_publisher_pause=5,
+        publisher_pause_recovery=30)
+    flood = Flood(pub)
+    frozen.conn.pause_writing()
+    assert flood(6) == "paused"                 # first freeze: one bounded hold
+    clock.advance(5)
+    clock.advance(0)
+    assert pub.transport.producerState == "producing"
+    _ack_all(healthy)
+    assert flood(20) == "producing"             # demoted: overflow by policy instead
+    frozen.conn.resume_writing()                # it drains completely...
+    for _ in range(10):
+        _ack_all(frozen)
+    assert not broker.sessions["frozen"].queue
+    clock.advance(1)
+    frozen.conn.pause_writing()                 # ...and freezes again
+    assert flood(20) == "producing"             # no second gap for the others
+    assert broker.stats.publisher_holds == 1
+    assert broker.stats.dropped["queue-full"] > 0
+    assert len(publishes(healthy.received())) == 40
+
+
+def test_demoted_subscriber_may_hold_again_after_staying_healthy():
+    """After draining and recovery seconds of health, a new congestion episode holds again."""
+    broker, clock, frozen, healthy, pub = _setup(
+        max_queued_messages=8, max_inflight=100, max_publisher_pause=5,
+        publisher_pause_recovery=30)
+    flood = Flood(pub)
+    frozen.conn.pause_writing()
+    flood(6)
+    clock.advance(5)
+    clock.advance(0)
+    frozen.conn.resume_writing()
+    for _ in range(10):
+        _ack_all(frozen)
+    clock.advance(31)
+    frozen.conn.pause_writing()
+    assert flood(6) == "paused"
+    assert broker.stats.publisher_holds == 2
+
+
+def test_ten_frozen_qos1_subscribers_stay_within_their_queue_limits(log_events):
+    """10 frozen QoS 1 subscribers and a flood: queues bounded, drops counted, one WARN each."""
+    broker, clock = make_broker(max_queued_messages=50, max_queued_bytes=4000,
+                                max_inflight=200, max_publisher_pause=1)
+    frozen = []
+    for i in range(10):
+        c = FakeClient(broker, clock)
+        c.connect("frozen%d" % i)
+        c.subscribe("flood/#", qos=1)
+        c.conn.pause_writing()
+        frozen.append(c)
+    healthy = FakeClient(broker, clock)
+    healthy.connect("healthy")
+    healthy.subscribe("flood/#", qos=1)
+    pubs = [FakeClient(broker, clock) for _ in range(4)]
+    for i, p in enumerate(pubs):
+        p.connect("pub%d" % i)
+    received = 0
+    for turn in range(40):
+        for p in pubs:
+            for k in range(1, 26):
+                p.publish("flood/x", b"y" * 100, qos=1, packet_id=k)
+            for _ in range(10):
+                received += len(_ack_all(healthy))
+        clock.advance(0.1)
+    for _ in range(10):
+        received += len(_ack_all(healthy))
+    for c in frozen:
+        session = broker.sessions[c.conn.client_id]
+        assert len(session.queue) <= 50 and session.queued_bytes <= 4000
+        assert session.dropped["queue-full"] > 0
+        assert session.demoted_since is not None
+    assert all(p.transport.producerState == "producing" for p in pubs)
+    assert broker.stats.slow_subscribers_demoted == 10
+    assert received == 4 * 25 * 40
+    warnings = [e for e in log_events if e.get("log_namespace") == "mqttd.broker"
+                and "Dropping messages" in e.get("log_format", "")]
+    assert len(warnings) == 10      # rate-limited: one per client and reason per 10 s

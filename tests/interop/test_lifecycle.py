@@ -1,0 +1,111 @@
+"""Signals and lifecycle of a real broker process: SIGHUP, SIGTERM, systemd, log formats."""
+import json
+import signal
+import socket
+import time
+
+import pytest
+
+from mqttd.blockingclient import BlockingClient
+from mqttd.codec.packets import (
+    Disconnect, Pingreq, Pingresp, Properties, Publish, Suback, Subscribe, Subscription)
+
+pytestmark = [pytest.mark.interop, pytest.mark.mqttd_only]
+
+
+def _wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _log(broker):
+    return broker.log_path.read_text(errors="replace")
+
+
+def test_sighup_reloads_log_level_without_dropping_connections(mqttd_broker_factory, tmp_path):
+    """SIGHUP re-reads the config file's log level; connected clients stay connected."""
+    config = tmp_path / "mqttd.toml"
+    config.write_text('log-level = "info"\n')
+    broker = mqttd_broker_factory(extra_args=["--config", str(config)])
+    client = BlockingClient(broker.port, "hup-client", level=5)
+    client.send(Publish("before/reload", b"x", 0, False))
+    client.send(Pingreq())  # the PUBLISH is handled before the SIGHUP (no race)
+    assert isinstance(client.next_packet(5), Pingresp)
+    config.write_text('log-level = "debug"\n')
+    broker.signal(signal.SIGHUP)
+    _wait_for(lambda: "Reloaded log_level" in _log(broker), what="reload log line")
+    client.send(Pingreq())
+    assert isinstance(client.next_packet(5), Pingresp)  # same connection still served
+    client.send(Publish("after/reload", b"x", 0, False))
+    _wait_for(lambda: "after/reload" in _log(broker), what="a debug line")
+    assert "before/reload" not in _log(broker)  # debug lines only since the reload
+    assert broker.running
+    client.close()
+
+
+def test_sigterm_sends_v5_disconnect_0x8b_and_keeps_the_stored_session(mqttd_broker_factory):
+    """SIGTERM: every v5 client gets DISCONNECT 0x8B, the store is flushed, sessions survive."""
+    broker = mqttd_broker_factory(persistence="file:data")
+    client = BlockingClient(broker.port, "term-client", clean=False, level=5,
+                            properties=Properties(session_expiry_interval=3600))
+    client.send(Subscribe(1, (Subscription("term/#", 1),)))
+    assert isinstance(client.next_packet(5), Suback)
+    broker.signal(signal.SIGTERM)
+    packet = client.next_packet(10)
+    assert isinstance(packet, Disconnect) and packet.reason_code == 0x8B
+    _wait_for(lambda: not broker.running, what="broker exit")
+    assert broker.returncode in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on
+    broker.start()
+    again = BlockingClient(broker.port, "term-client", clean=False, level=5,
+                           properties=Properties(session_expiry_interval=3600))
+    assert again.connack.session_present
+    again.close()
+
+
+def test_systemd_notify_ready_and_stopping(mqttd_broker_factory, tmp_path):
+    """With NOTIFY_SOCKET set (Type=notify), READY=1 arrives once listening, STOPPING=1 on stop."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    try:
+        broker = mqttd_broker_factory(env={"NOTIFY_SOCKET": path})
+        ready = sock.recv(4096).decode()
+        assert "READY=1" in ready.splitlines()
+        assert f"MAINPID={broker.pid}" in ready.splitlines()
+        broker.stop()
+        assert "STOPPING=1" in sock.recv(4096).decode()
+    finally:
+        sock.close()
+
+
+def test_json_log_format_writes_one_json_event_per_line(mqttd_broker_factory):
+    """--log-format json: every line is a twisted.logger JSON event with named fields."""
+    broker = mqttd_broker_factory(extra_args=["--log-format", "json"])
+    BlockingClient(broker.port, "json-client").close()
+    _wait_for(lambda: "json-client" in _log(broker), what="client log line")
+    events = [json.loads(line.strip("\x1e")) for line in _log(broker).splitlines()
+              if line.strip() and not line.startswith("===")]
+    listening = [e for e in events if e.get("log_namespace") == "mqttd.service"
+                 and "MQTT listening" in e.get("log_format", "")]
+    assert listening and listening[0]["endpoint"] == "tcp:0:interface=127.0.0.1"
+
+
+def test_trace_client_logs_that_clients_packets_only(mqttd_broker_factory):
+    """--trace-client ID logs each packet of that client at info, other clients' not."""
+    broker = mqttd_broker_factory(extra_args=["--trace-client", "traced"])
+    traced = BlockingClient(broker.port, "traced")
+    traced.send(Pingreq())
+    traced.next_packet(5)
+    BlockingClient(broker.port, "other").close()
+    traced.close()
+    _wait_for(lambda: "trace traced <- Disconnect" in _log(broker), what="trace lines")
+    text = _log(broker)
+    assert "trace traced <- Connect(" in text and "password=None" in text
+    assert "trace traced -> Connack(" in text
+    assert "trace traced <- Pingreq()" in text and "trace traced -> Pingresp()" in text
+    assert "trace other" not in text

@@ -1,0 +1,81 @@
+"""Log format and level, packet tracing and systemd notification, in-process."""
+import io
+import json
+import socket
+
+from twisted.logger import Logger, capturedLogs
+
+from mqttd import debuglog, logs, systemd, trace
+from mqttd.codec.packets import Connect, Publish, Will
+from tests.core.harness import FakeClient, make_broker
+
+
+def test_level_filter_drops_lower_levels_and_can_change_at_run_time():
+    """--log-level warn hides info lines; set_level (SIGHUP reload) changes it at once."""
+    out = io.StringIO()
+    settings = logs.LogSettings("warn")
+    observer = logs.make_observer(out, "text", settings)
+    log = Logger(namespace="t", observer=observer)
+    log.info("hidden {x}", x=1)
+    log.warn("shown {x}", x=2)
+    settings.set_level("debug")
+    log.debug("now shown {x}", x=3)
+    text = out.getvalue()
+    assert "hidden" not in text and "shown 2" in text and "now shown 3" in text
+    assert debuglog.enabled
+    settings.set_level("info")
+    assert not debuglog.enabled
+
+
+def test_json_format_round_trips_named_fields():
+    """--log-format json writes events whose named fields survive as JSON."""
+    out = io.StringIO()
+    log = Logger(namespace="mqttd.x", observer=logs.make_observer(out, "json"))
+    log.info("Client {client_id} connected", client_id="c1")
+    event = json.loads(out.getvalue().strip("\x1e\n"))
+    assert event["client_id"] == "c1" and event["log_namespace"] == "mqttd.x"
+
+
+def test_trace_logs_packets_of_a_traced_client_without_payload_bytes():
+    """A traced client's packets are logged both ways; payloads and passwords never."""
+    broker, clock = make_broker(trace_clients={"c1"})
+    client = FakeClient(broker, clock)
+    with capturedLogs() as events:
+        client.send(Connect(4, "c1", True, 0, "user", b"secret",
+                            will=Will("w", b"will-bytes", 0, False)))
+        client.received()
+        client.publish("a/b", b"payload-bytes")
+    from twisted.logger import formatEvent
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mqttd.trace"]
+    assert lines[0].startswith("trace c1 <- Connect(")
+    assert "password=<hidden>" in lines[0] and "secret" not in lines[0]
+    assert "will-bytes" not in lines[0] and "payload=<10 bytes>" in lines[0]
+    assert any(line.startswith("trace c1 -> Connack(") for line in lines)
+    assert any("Publish(" in line and "payload=<13 bytes>" in line for line in lines)
+    assert all(e["log_level"].name == "info" for e in events
+               if e.get("log_namespace") == "mqttd.trace")
+
+
+def test_untraced_client_is_not_wrapped():
+    """Clients not named by --trace-client pay nothing: reader and transport untouched."""
+    broker, clock = make_broker(trace_clients={"someone-else"})
+    client = FakeClient(broker, clock)
+    client.connect("c1")
+    assert not isinstance(client.conn.reader, trace._TracingReader)
+    assert client.conn.transport is client.transport
+
+
+def test_describe_leaves_out_empty_properties():
+    assert trace.describe(Publish("t", b"xy", 1, False, packet_id=3)) == (
+        "Publish(topic='t', payload=<2 bytes>, qos=1, retain=False, dup=False, packet_id=3)")
+
+
+def test_sd_notify_sends_to_notify_socket(tmp_path):
+    """sd_notify: one datagram to $NOTIFY_SOCKET; nothing (False) without it."""
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        assert systemd.notify("READY=1", {"NOTIFY_SOCKET": path})
+        assert sock.recv(100) == b"READY=1"
+    assert systemd.notify("READY=1", {}) is False
+    assert systemd.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
