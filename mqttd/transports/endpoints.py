@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mqttd.transports.tls import TLSConfigError, TLSServerOptions, certificate_identity
@@ -101,17 +103,27 @@ class MQTTServerEndpoint:
         self.tls_options = tls
         self.websocket_path = websocket_path
         self.identity_as_username = identity_as_username
-        if tls is None:
-            self._endpoint = TCP4ServerEndpoint(reactor, port, backlog, interface)
-        else:
-            self._endpoint = SSL4ServerEndpoint(reactor, port, tls, backlog, interface)
+        self._endpoint = TCP4ServerEndpoint(reactor, port, backlog, interface)
 
     def listen(self, factory):
+        """Listen with the layers in wire order: [PROXY] TLS [WebSocket] MQTT.
+
+        Twisted's ``haproxy:`` wraps the factory it is given, which would put
+        the PROXY header *inside* TLS; balancers send it in clear before the
+        handshake, so a PROXY wrapper handed in is moved outside TLS.
+        """
+        proxied = isinstance(factory, HAProxyWrappingFactory)
+        if proxied:
+            factory = factory.wrappedFactory
         if self.identity_as_username:
             factory = _ConfiguringFactory(factory, transport_identity=certificate_identity)
         if self.websocket_path is not None:
             path = None if self.websocket_path == "*" else self.websocket_path
             factory = MQTTWebSocketFactory(factory, path=path, secure=self.tls_options is not None)
+        if self.tls_options is not None:
+            factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
+        if proxied:
+            factory = HAProxyWrappingFactory(factory)
         return self._endpoint.listen(factory)
 
 

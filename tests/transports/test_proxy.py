@@ -105,3 +105,65 @@ def test_connection_without_proxy_header_is_closed(proxied_service):
     probe.transport.write(encode(Connect(4, "sneaky"), 4))
     yield probe.lost
     assert probe.packets == [] and seen == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_header_comes_before_tls_and_identity_still_works(proxied_service, pki):
+    """haproxy:mqtts: the balancer's header is in clear before the handshake; CN and real peer both reach the broker."""
+    from .test_tls import client_options
+
+    service = yield proxied_service("haproxy:" + pki.mqtts(
+        caCerts=pki.ca.cert_path, requireCert="yes", identityAsUsername="yes"))
+    seen = []
+    service.broker.on("clientConnected", lambda client: seen.append((client.username, client.peer)))
+    probe = yield raw_client(service)
+    probe.transport.write(v2_header("192.0.2.44", 61000))
+    probe.transport.startTLS(client_options(pki, client=(pki.alice_cert, pki.alice_key)))
+    probe.send(Connect(4, "tls-behind-lb", True, 0))
+    connack = yield probe.next_packet()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert seen == [("alice", "192.0.2.44:61000")]
+    probe.transport.loseConnection()
+    yield probe.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_header_before_websocket(proxied_service):
+    """haproxy:ws: the MQTT connection behind a WebSocket gets the proxied peer too."""
+    from .test_websocket import client_frame, handshake
+
+    service = yield proxied_service("haproxy:ws:0:interface=127.0.0.1")
+    seen = []
+    service.broker.on("clientConnected", lambda client: seen.append(client.peer))
+    probe = yield raw_client(service)
+    probe.transport.write(v1_header("203.0.113.99", 1234) + handshake())
+    probe.reader = _Discard()
+    for _ in range(100):
+        if probe.reader.data.startswith(b"HTTP/1.1 101") and b"\r\n\r\n" in probe.reader.data:
+            break
+        yield _later()
+    assert probe.reader.data.startswith(b"HTTP/1.1 101"), probe.reader.data
+    probe.transport.write(client_frame(encode(Connect(4, "ws-behind-lb"), 4)))
+    for _ in range(100):
+        if seen:
+            break
+        yield _later()
+    assert seen == ["203.0.113.99:1234"]
+    probe.transport.loseConnection()
+    yield probe.lost
+
+
+class _Discard:
+    """Stands in for the packet reader: keeps the raw bytes (HTTP and frames)."""
+
+    def __init__(self):
+        self.data = b""
+
+    def feed(self, data):
+        self.data += data
+        return []
+
+
+def _later(seconds=0.02):
+    from twisted.internet import task
+    return task.deferLater(reactor, seconds, lambda: None)

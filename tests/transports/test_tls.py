@@ -286,3 +286,27 @@ def test_haproxy_wrapped_tls_listener_is_reloaded_too(pki, service_factory):
     """haproxy:mqtts:... registers its TLS options with the service's reload."""
     service = yield service_factory("haproxy:" + pki.mqtts())
     assert (yield service.reload()) == {"tls": True}
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_identity_bypasses_password_authentication(pki, service_factory):
+    """As mosquitto: on an identityAsUsername listener the certificate is the credential, no password hook is asked."""
+    service = yield service_factory(pki.mqtts(caCerts=pki.ca.cert_path, requireCert="yes",
+                                              identityAsUsername="yes"))
+    asked = []
+
+    class RefuseAll:
+        def authenticate(self, request):
+            asked.append(request)
+            return False
+
+    service.broker.authenticator = RefuseAll()
+    seen = []
+    service.broker.on("clientConnected", lambda client: seen.append(client.username))
+    probe = yield connect(service, pki, client=(pki.alice_cert, pki.alice_key), level=5)
+    probe.send(Connect(5, "alice-5", True, 0))
+    connack = yield probe.next_packet()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert seen == ["alice"] and asked == []
+    probe.transport.loseConnection()
+    yield probe.lost
