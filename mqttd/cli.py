@@ -69,8 +69,14 @@ def run(argv: List[str]) -> int:
             return 2
         if options["check-config"]:
             return check_config([a for a in argv if a != "--check-config"])
+    from mqttd.service import CannotListen
+
     sys.argv = ["twistd", "-n", "mqttd", *argv]
-    twistd_run()  # exits the process itself on a usage error
+    try:
+        twistd_run()  # exits the process itself on a usage error
+    except CannotListen as error:  # one line, exit 1; the store was released
+        print(f"mqttd: {error}", file=sys.__stderr__)
+        return 1
     return 0
 
 

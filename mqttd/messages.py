@@ -30,8 +30,9 @@ class Message:
 
     ``properties`` holds what is forwarded to subscribers unchanged (payload
     format indicator, content type, response topic, correlation data, user
-    properties, message expiry); per-connection properties such as a topic
-    alias or subscription identifiers are never stored here.
+    properties, message expiry).  A topic alias is per connection and never
+    stored here; subscription identifiers are per subscriber: only the copy
+    made for one subscriber (and queued or stored for it) carries them.
     """
 
     topic: str

@@ -20,8 +20,9 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, choice, duration, endpoint, flag, integer, number, text)
+    ConfigError, Option, boolean, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
+from mqttd.shared import DEFAULT_STRATEGY as SHARED_DEFAULT, STRATEGIES as SHARED_STRATEGIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,6 +130,21 @@ OPTIONS: List[Option] = [
            default=30.0, field="publisher_pause_recovery"),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
+    Option("shared-subscription-strategy", choice(*SHARED_STRATEGIES), "How a $share/ "
+           "group picks the member for a message.", default=SHARED_DEFAULT,
+           field="shared_subscription_strategy"),
+    Option("max-topic-alias", integer(0, 65535), "v5 Topic Alias Maximum announced to "
+           "clients; 0 = no inbound aliases.", default=10, field="max_topic_alias"),
+    Option("max-inflight-incoming", integer(1, 65535), "Unacknowledged inbound QoS 1/2 "
+           "PUBLISHes per v5 client (the server's Receive Maximum; more gets DISCONNECT "
+           "0x93).", default=65535, field="max_inflight_incoming"),
+    Option("max-qos", integer(0, 2), "Highest QoS accepted in PUBLISH and wills and "
+           "granted in SUBSCRIBE (mosquitto's maximum_qos).", default=2, field="max_qos"),
+    Option("retain-available", boolean, "true or false: accept retained messages "
+           "(mosquitto's retain_available).", default=True, field="retain_available"),
+    Option("response-information", text(), "Prefix of the Response Information for v5 "
+           "clients that request it (prefix + client id).", field="response_information",
+           doc_default="none"),
     # --- security (mqttd.auth; see docs/security.rst) ---
     Option("password-file", text(_password_file), "mosquitto-format password file "
            "($7$, $6$; mqttd passwd writes it); reloaded on SIGHUP."),
@@ -349,6 +365,19 @@ def check_report(options: Options) -> str:
     return "\n".join(lines)
 
 
+def _one_line_for_cannot_listen(previous_hook):
+    """``sys.excepthook`` that prints :class:`~mqttd.service.CannotListen` as one
+    line (``twistd -n mqttd`` in the foreground) instead of a traceback."""
+    from mqttd.service import CannotListen
+
+    def hook(kind, value, traceback):
+        if isinstance(value, CannotListen):
+            print(f"mqttd: {value}", file=sys.__stderr__)
+        else:
+            previous_hook(kind, value, traceback)
+    return hook
+
+
 def _log_stream(options: Options):
     """Where twistd would write its log: --logfile PATH, else stdout."""
     parent = options.parent
@@ -388,6 +417,7 @@ def makeService(options: Options):
     from mqttd import logs
     from mqttd.service import make_broker_service
 
+    sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
     settings = logs.LogSettings(options["log-level"] or "info")
     store_options = {}
     if options["fsync"]:
