@@ -18,7 +18,7 @@ from typing import Optional
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,12 +37,15 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message, forwarded_properties
+from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
+#: MQTT 5 has no bridge bit: a CONNECT user property with this name marks a
+#: bridging broker instead (mqttd's bridges send it; the value is its broker id)
+BRIDGE_PROPERTY = "mqttd-bridge"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 #: properties a server may leave out of any packet to respect the client's
 #: Maximum Packet Size [MQTT-3.1.2-25]
@@ -95,6 +98,9 @@ class ClientConnection:
         ``abortConnection``, ``getPeer``).
     :param clock: ``IReactorTime`` for the CONNECT and keepalive timers.
     """
+
+    #: the listener it came in on (set by the protocol; metrics and admin)
+    listener: Optional[str] = None
 
     def __init__(self, broker: Broker, transport, clock, peer: Optional[str] = None):
         self.broker = broker
@@ -293,7 +299,11 @@ class ClientConnection:
     def _warn(self, reason: str, format: str, **fields) -> None:
         """One WARN line per client and ``reason`` at most ``burst`` per window;
         the next line says how many were suppressed (see :mod:`mqttd.ratelimit`)."""
-        self.broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
+        broker = self.broker
+        broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
+        if broker.incident_listeners:  # the admin's per-client ring (not rate-limited)
+            broker.incident(self.client_id or self.peer, reason,
+                            formatEvent(dict(fields, log_format=format)))
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
@@ -326,9 +336,12 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        stats = self._stats
-        stats.messages_sent += 1
-        stats.bytes_sent += len(data)
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self._stats
+            stats.messages_sent += 1
+            stats.bytes_sent += len(data)
+            stats.messages_out[qos] += 1
+            stats.payload_out[qos] += len(message.payload)
         self.transport.write(data)
 
     def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool) -> None:
@@ -650,8 +663,9 @@ class ClientConnection:
         # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
         # subscriptions get No Local + Retain As Published, so what it sends us
         # never echoes back and retained flags travel unchanged
-        self.bridge = packet.bridge
         props = packet.properties
+        self.bridge = packet.bridge or (level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in props.user_properties))
         client_id = packet.client_id
         self.client_id = client_id or None
         if config.max_connections and broker.open_connections > config.max_connections:

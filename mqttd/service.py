@@ -140,11 +140,26 @@ class BrokerService(MultiService):
         #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
         #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
         self.bridges = None
+        #: the bridges' :class:`mqttd.bridge.mesh.MeshGuard` (``dropped`` counts), set
+        #: by the bridge feature under ``twistd mqttd``; None otherwise
+        self.mesh_guard = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
         #: an ``ILogObserver`` offered to the twistd Application it joins
         #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
         self.log_observer = None
+        #: name -> callable() whose JSON-ready result is added to the ready file
+        #: (the admin listeners add their ports as "http")
+        self.ready_extras: Dict[str, Callable[[], object]] = {}
+        #: metric name -> (help, label names, read() -> [(label values, value)]):
+        #: gauges features (bridges, cluster) export through the admin metrics
+        self.gauges: Dict[str, tuple] = {}
+
+    def add_gauge(self, name: str, help: str, labels, read) -> None:
+        """Export a gauge ``name`` (``mqttd_...``) read at scrape time:
+        ``read()`` returns ``[(label values, value), ...]`` (e.g. a bridge's
+        ``[(("edge",), 1)]`` for connected)."""
+        self.gauges[name] = (help, tuple(labels), read)
 
     def setServiceParent(self, parent):
         """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
@@ -232,7 +247,7 @@ class BrokerService(MultiService):
             try:
                 endpoint = serverFromString(self.reactor, with_backlog(description))
                 tls.extend(tls_options_in(endpoint))
-                port = await endpoint.listen(self.factory)
+                port = await endpoint.listen(self.factory_for(description))
             except Exception as error:
                 raise CannotListen(description, error) from None
             self.ports.append(bound_accepts(port, self.max_accepts_per_turn))
@@ -251,6 +266,14 @@ class BrokerService(MultiService):
                        f"MAINPID={os.getpid()}")
         return ports
 
+    def factory_for(self, description: str) -> MQTTFactory:
+        """The factory of one listener: :attr:`factory`'s settings, named after
+        ``description`` (the ``listener`` label of metrics and the admin API)."""
+        factory = MQTTFactory(self.broker, self.factory.clock, self.factory.write_buffer,
+                              listener=description)
+        factory.protocol = self.factory.protocol
+        return factory
+
     def _listen_failed(self, failure):
         if self.reactor.running:
             self.reactor.stop()
@@ -268,6 +291,8 @@ class BrokerService(MultiService):
             "listeners": [dict(_address_info(p), endpoint=d)
                           for p, d in zip(self.ports, self.endpoints)],
         }
+        for name, extra in self.ready_extras.items():
+            info[name] = extra()
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(info, f)
