@@ -206,3 +206,20 @@ def test_forwarded_publish_drops_per_connection_properties_of_stored_messages():
     back.connect("s", clean=False, properties=Properties(session_expiry_interval=60))
     (p,) = publishes(back.received())
     assert p.properties == Properties(user_properties=(("k", "v"),))
+
+
+def test_restore_keeps_the_subscription_identifiers_of_a_queued_message():
+    """The mapping on restore keeps what the broker itself set for that subscriber."""
+    from mqttd.persistence import records as R
+    props = Properties(will_delay_interval=3, subscription_identifiers=(7,))
+    state = R.StoredState()
+    state.sessions["s"] = R.StoredSession(
+        R.SessionRecord("s", 5, (R.SubscriptionRecord("q/#", 1, subscription_identifier=7),),
+                        300, 0.0),
+        {1: R.OutboundRecord(1, Message("q/x", b"q", 1, False, props), 1)})
+    broker, clock = make_broker()
+    broker.restore(state)
+    sub = FakeClient(broker, clock, level=5)
+    sub.connect("s", clean=False, properties=Properties(session_expiry_interval=300))
+    (p,) = publishes(sub.received())
+    assert p.properties == Properties(subscription_identifiers=(7,))
