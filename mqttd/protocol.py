@@ -31,6 +31,12 @@ def _describe(address) -> str:
 class MQTTProtocol(Protocol):
     connection: ClientConnection = None
 
+    #: set by a listener (e.g. ``mqtts:...:identityAsUsername=yes``) to a
+    #: callable ``(transport) -> Optional[str]`` giving the identity the
+    #: transport authenticated; handed to the connection as
+    #: :attr:`ClientConnection.transport_identity`
+    transport_identity = None
+
     def __init__(self, broker: Broker, clock):
         self.broker = broker
         self.clock = clock
@@ -45,6 +51,9 @@ class MQTTProtocol(Protocol):
             self.connection.over_listener_limit = factory.max_connections
         #: the listener (endpoint description) it came in on, for metrics and admin
         self.connection.listener = self.factory.listener
+        if self.transport_identity is not None:
+            transport, identity = self.transport, self.transport_identity
+            self.connection.transport_identity = lambda: identity(transport)
         if hasattr(self.transport, "bufferSize"):
             # the bound of the outgoing buffer before our writes pause.  Larger
             # is not faster: Twisted copies the unsent rest of its buffer on
@@ -52,9 +61,17 @@ class MQTTProtocol(Protocol):
             # 512 KiB doubled QoS 0 fan-in but cut QoS 1 fan-in by a quarter)
             self.transport.bufferSize = self.factory.write_buffer
         self.transport.registerProducer(self, True)
+        self.connection.release_transport = self.transport.unregisterProducer
 
     def dataReceived(self, data: bytes):
-        self.connection.data_received(data)
+        # The first bytes: a wrapping transport may only now know the real
+        # peer (Twisted's PROXY protocol wrapper answers getPeer() with the
+        # address from the PROXY header once it has parsed it), so take it
+        # again; later reads go straight to the connection.
+        connection = self.connection
+        connection.peer = _describe(self.transport.getPeer())
+        self.dataReceived = connection.data_received
+        connection.data_received(data)
 
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1

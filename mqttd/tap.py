@@ -79,7 +79,9 @@ OPTIONS: List[Option] = [
     Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
            short="p", doc_default=".."),
     Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
-           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           "tcp:1883:interface=127.0.0.1, mqtts:8883:privateKey=K:certKey=C, ws:9001, "
+           "wss:9443:privateKey=K:certKey=C, haproxy:tcp:1884 (repeatable; "
+           "docs/transports.rst).",
            default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
     Option("config", text(), "TOML file with any of these options as keys.", short="c"),
     Option("check-config", flag, "Check the options and the config file, print the "
