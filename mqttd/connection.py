@@ -1189,9 +1189,11 @@ class ClientConnection:
                 spec="MQTT-4.8.0-1" if self.protocol_level != MQTT_5 else "MQTT-4.13.1-1")
 
     def _unknown_ack(self, packet) -> None:
-        self._warn("unknown-ack", "{packet} for unknown packet id {packet_id} from "
-                   "{client_id}", packet=type(packet).__name__,
-                   packet_id=packet.packet_id, client_id=self.client_id)
+        # normal after a reconnect (the message was completed meanwhile): info, rate-limited
+        self.broker.log_limiter.emit(
+            log.info, (self._who(), "unknown-ack"),
+            "{packet} for unknown packet id {packet_id} from {client_id}",
+            packet=type(packet).__name__, packet_id=packet.packet_id, client_id=self.client_id)
 
     def _on_puback(self, packet: Puback) -> None:
         if not self.broker.puback(self.session, packet.packet_id):
