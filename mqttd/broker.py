@@ -25,6 +25,7 @@ from mqttd import debuglog, topics
 from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
+from mqttd.hooks import HOOK_FAILED, call_hook
 from mqttd.flowcontrol import SlowConsumerGuard
 from mqttd.messages import (
     Message, forwarded_properties, outbound_message, published_at, will_message)
@@ -145,6 +146,25 @@ class BrokerConfig:
     #: seconds one congestion episode of a subscriber may hold publishers back
     #: (0: never hold)
     max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
+    #: seconds an authentication/authorization hook may take before it refuses
+    hook_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
+    #: a CONNECT may take over the session of a client id created by another
+    #: username (off: refused with 0x87 / v3 0x05)
+    allow_session_takeover_by_other_user: bool = attrs.field(default=False,
+                                                             validator=_is_bool)
+    #: open client connections, all listeners together; 0 = no limit
+    #: (refused with CONNACK 0x97 Quota exceeded / v3 0x03 Server unavailable)
+    max_connections: int = attrs.field(default=0, validator=_int_in(0))
+    #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
+    max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))
+    #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
+    #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
+    max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
+    #: inbound PUBLISH packets per second per client (token bucket, burst of
+    #: one second); over it the connection's reads pause; 0 = no limit
+    max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
+    #: inbound bytes per second per client (same bucket rules); 0 = no limit
+    max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
     #: seconds a subscriber that used up max_publisher_pause must stay healthy
     #: (after its queue was empty) before it may hold publishers again
     publisher_pause_recovery: float = attrs.field(default=30.0, validator=_seconds(0))
@@ -198,14 +218,20 @@ class Broker:
     """The broker core.  One instance serves every listener of a process."""
 
     def __init__(self, clock, store=None, config: BrokerConfig = BrokerConfig(),
-                 authenticator=None, authorizer=None):
+                 authenticator=None, authorizer=None, enhanced_authenticator=None):
         from mqttd.persistence.memory import MemoryStore
         self.clock = clock
         self.config = config
         self.store = store if store is not None else MemoryStore()
+        #: an IAuthenticator (``authenticate`` hook) or None: everyone is in
         self.authenticator = authenticator
+        #: an IEnhancedAuthenticator (MQTT 5 AUTH) or None: 0x8C for any method
+        self.enhanced_authenticator = enhanced_authenticator
+        self.authorize_publish = self.authorize_subscribe = self.authorize_forward = None
         self.authorizer = authorizer
         self.stats = BrokerStats()
+        #: open client connections (see BrokerConfig.max_connections)
+        self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
         #: retained messages by topic (index, wildcard lookup, expiry)
         self.retained = RetainedIndex()
@@ -237,6 +263,67 @@ class Broker:
         self.log_limiter = LogRateLimiter(clock)
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
+
+    # --- authorization hooks ----------------------------------------------------
+
+    @property
+    def authorizer(self):
+        """The :class:`~mqttd.interfaces.IAuthorizer` in force (or None).
+
+        Setting it caches its ``authorize_publish``, ``authorize_subscribe``
+        and ``authorize_forward`` hooks (a missing one is skipped).
+        """
+        return self._authorizer
+
+    @authorizer.setter
+    def authorizer(self, authorizer) -> None:
+        self._authorizer = authorizer
+        for name in ("authorize_publish", "authorize_subscribe", "authorize_forward"):
+            setattr(self, name, getattr(authorizer, name, None))
+
+    def refused(self, what: str, client_id, peer, detail: str, **fields) -> None:
+        """Count one refusal or limit hit ``what`` and log it (rate-limited per client)."""
+        self.stats.count_refusal(what)
+        self.log_limiter.warn(log, (client_id, what),
+                              "Refused {what} for {client_id} from {peer}: {detail}",
+                              what=what, client_id=client_id or "-", peer=peer,
+                              detail=detail, **fields)
+
+    def session_client(self, session: Session) -> ClientInfo:
+        """The ClientInfo of ``session`` (its owner for an offline session)."""
+        info = session.info
+        if info is None:
+            info = session.info = ClientInfo(session.client_id, session.protocol_level,
+                                             session.owner)
+        return info
+
+    def recheck_subscriptions(self) -> int:
+        """Remove live subscriptions the authorizer no longer allows; returns how many.
+
+        Called after the authorizer's rules were reloaded.  Uses its optional
+        synchronous ``revalidate_subscription(client, topic_filter)``.
+        """
+        check = getattr(self._authorizer, "revalidate_subscription", None)
+        if check is None:
+            return 0
+        removed = 0
+        for session in list(self.sessions.values()):
+            client = self.session_client(session)
+            for topic_filter in list(session.subscriptions):
+                try:
+                    allowed = check(client, topic_filter)
+                except Exception:
+                    log.failure("revalidate_subscription failed for {client_id}",
+                                client_id=session.client_id)
+                    allowed = False
+                if allowed is not True:
+                    self.unsubscribe(session, topic_filter)
+                    removed += 1
+                    self.refused("subscription", session.client_id,
+                                 getattr(client, "peer", None),
+                                 f"{topic_filter!r} no longer allowed after reload; removed",
+                                 topic_filter=topic_filter)
+        return removed
 
     # --- events -------------------------------------------------------------
 
@@ -347,7 +434,8 @@ class Broker:
         for client_id, stored in state.sessions.items():
             record = stored.record
             session = Session(client_id=client_id, protocol_level=record.protocol_level,
-                              persistent=True, expiry_interval=record.expiry_interval)
+                              persistent=True, expiry_interval=record.expiry_interval,
+                              owner=getattr(record, "owner", None))  # older records: none
             session.disconnected_at = (record.disconnected_at
                                        if record.disconnected_at is not None else now)
             for sub in record.subscriptions:
@@ -385,14 +473,30 @@ class Broker:
     def assign_client_id(self) -> str:
         return self.config.assigned_id_prefix + uuid.uuid4().hex[:16]
 
+    def session_owner_conflict(self, client_id: str, username: Optional[str]) -> Optional[str]:
+        """The username owning ``client_id``'s session if it is not ``username``.
+
+        A session remembers the username that created it; another username
+        may not take it over (or discard it) unless
+        ``allow_session_takeover_by_other_user``.  Returns None when allowed.
+        """
+        existing = self.sessions.get(client_id)
+        if (existing is None or existing.owner == username
+                or self.config.allow_session_takeover_by_other_user):
+            return None
+        return existing.owner if existing.owner is not None else "(anonymous)"
+
     def open_session(self, connection, client_id: str, protocol_level: int,
-                     clean_start: bool, expiry_interval: Optional[int], will) -> tuple:
+                     clean_start: bool, expiry_interval: Optional[int], will,
+                     owner: Optional[str] = None, info: Optional[ClientInfo] = None) -> tuple:
         """Attach ``connection`` to a new or existing session.
 
         Returns ``(session, session_present)``.  An existing connection with the
         same client id is taken over [MQTT-3.1.4-2]; the session is discarded
         first if ``clean_start`` [MQTT-3.1.2-4].  The session is not yet
         online: call :meth:`session_online` once CONNACK is on the wire.
+        ``owner`` is the authenticated username, stored with the session
+        (see :meth:`session_owner_conflict`).
         """
         persistent = expiry_interval is None or expiry_interval > 0
         if expiry_interval == NEVER_EXPIRES:
@@ -422,6 +526,8 @@ class Broker:
             session = Session(client_id=client_id)
             self.sessions[client_id] = session
         was_persistent = session.persistent
+        session.owner = owner
+        session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
         session.expiry_interval = expiry_interval
@@ -610,10 +716,72 @@ class Broker:
                 if message is None:
                     continue
             qos = message.qos if message.qos < max_qos else max_qos
+            message = delivery_message(message, True)
+            if self.authorize_forward is not None:
+                # read permission at delivery time, retained replay included
+                allowed = self._may_forward(session, message)
+                if allowed is not True:
+                    self._forward_later(session, message, qos, allowed, force=True)
+                    continue
             try:
-                self._deliver(session, delivery_message(message, True), qos, force=True)
+                self._deliver(session, message, qos, force=True)
             except Exception:
                 self._delivery_failed(session.client_id, message)
+
+    # --- authorize_forward: read permission at delivery time ----------------------
+
+    def _may_forward(self, session: Session, message: Message):
+        """True, or what the hook said instead (False, a Deferred, a Failure)."""
+        if session.forward_waiting:
+            return None  # a pending answer before: keep the delivery order
+        return call_hook(self.authorize_forward, self.session_client(session), message)
+
+    def _forward_later(self, session: Session, message: Message, qos: int, allowed,
+                       force: bool = False) -> int:
+        """Deliver once a Deferred answer allows it, in order; count refusals."""
+        if allowed is None or isinstance(allowed, defer.Deferred):
+            if allowed is None:
+                allowed = defer.maybeDeferred(self.authorize_forward,
+                                              self.session_client(session), message)
+            if len(session.forward_waiting) >= self.config.max_queued_messages:
+                self.count_dropped(session, "queue-full", message)
+                allowed.cancel()
+                return 0
+            entry = [allowed, message, qos, force, None]
+            session.forward_waiting.append(entry)
+            timer = self.clock.callLater(self.config.hook_timeout, allowed.cancel)
+
+            def answered(result):
+                if timer.active():
+                    timer.cancel()
+                entry[4] = result if result is True else (
+                    HOOK_FAILED if isinstance(result, Failure) else False)
+                if isinstance(result, Failure):
+                    log.failure("authorize_forward failed for {client_id}; not delivering",
+                                result, client_id=session.client_id)
+                self._forward_answered(session)
+            allowed.addBoth(answered)
+            return 1
+        if isinstance(allowed, Failure):
+            log.failure("authorize_forward failed for {client_id}; not delivering",
+                        allowed, client_id=session.client_id)
+        self._forward_refused(session, message)
+        return 0
+
+    def _forward_answered(self, session: Session) -> None:
+        waiting = session.forward_waiting
+        while waiting and waiting[0][4] is not None:
+            _d, message, qos, force, result = waiting.popleft()
+            if self.sessions.get(session.client_id) is not session:
+                continue
+            if result is True:
+                self._deliver(session, message, qos, force=force)
+            else:
+                self._forward_refused(session, message)
+
+    def _forward_refused(self, session: Session, message: Message) -> None:
+        self.refused("forward", session.client_id, None,
+                     f"no read permission for {message.topic!r}", topic=message.topic)
 
     def subscribe_local(self, topic_filter: str, callback: Callable[[Message], None],
                         qos: int = 2) -> Callable[[], None]:
@@ -720,6 +888,10 @@ class Broker:
         if session is None:
             return 0
         qos = sub.qos if sub.qos < message.qos else message.qos
+        if self.authorize_forward is not None:
+            allowed = self._may_forward(session, message)
+            if allowed is not True:
+                return self._forward_later(session, message, qos, allowed)
         if message.retain and not sub.retain_as_published:
             live = cache.get("live")
             if live is None:

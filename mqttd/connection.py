@@ -17,8 +17,9 @@ import collections
 from typing import Optional
 
 import attrs
-
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mqttd import topics, trace
@@ -32,6 +33,8 @@ from mqttd.codec.packets import (
     Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback,
     Unsubscribe)
 from mqttd.codec.reader import PacketReader
+from mqttd.hooks import (
+    HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
 from mqttd.messages import Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
@@ -59,6 +62,13 @@ def _peer_host(peer: Optional[str]) -> str:
         return "-"
     host, sep, port = peer.rpartition(":")
     return host if sep and port.isdigit() else peer
+
+
+@attrs.frozen
+class _Refused:
+    """A SUBACK code decided before any hook was asked."""
+
+    code: int
 
 
 def template_key(message: Message, level: int, qos: int) -> tuple:
@@ -102,6 +112,16 @@ class ClientConnection:
         self._close_reason = "connection lost"
         self._held = False
         self._hold_call = None
+        #: hooks (authenticate, authorize_*) whose Deferred answer is awaited:
+        #: input waits meanwhile, so acknowledgements keep their order
+        self._waiting = 0
+        #: the enhanced-authentication exchange in progress and its method
+        self._auth_exchange = None
+        self._auth_method: Optional[str] = None
+        self._connect_packet: Optional[Connect] = None
+        #: inbound token bucket [messages, bytes, last refill time] or None
+        self._bucket = None
+        self._rate_call = None
         self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
@@ -127,7 +147,10 @@ class ClientConnection:
             # only complete packets count for keepalive [MQTT-3.1.2-22]: a
             # client trickling the bytes of an endless packet is still idle
             self._last_received = self.clock.seconds()
-        if self._held:  # a transport may still deliver what it had already read
+        if self._bucket is not None and packets:
+            self._take_tokens(packets, len(data))
+        if self._held or self._waiting:
+            # a transport may still deliver what it had already read
             self._stash = list(self._stash) + packets
             return
         self._process(packets)
@@ -147,9 +170,9 @@ class ClientConnection:
             except MQTTError as error:
                 self.fail(error)
                 return
-            if self._held:
-                # held back by a congested subscriber: what was already read
-                # waits too, so the pause takes effect at once
+            if self._held or self._waiting:
+                # held back by a congested subscriber or waiting for a hook's
+                # answer: what was already read waits too
                 self._stash = packets[index + 1:]
                 return
 
@@ -405,10 +428,103 @@ class ClientConnection:
                                         reason=self._close_reason)
 
     def _cancel_timers(self) -> None:
-        for call in (self._connect_call, self._keepalive_call, self._hold_call):
+        for call in (self._connect_call, self._keepalive_call, self._hold_call,
+                     self._rate_call):
             if call is not None and call.active():
                 call.cancel()
         self._connect_call = self._keepalive_call = self._hold_call = None
+        self._rate_call = None
+
+    # --- hooks that may answer later -----------------------------------------------
+
+    def _await(self, result, then, hook: str) -> None:
+        """Call ``then(answer)`` with a hook's answer, now or when its Deferred fires.
+
+        While a Deferred is pending, nothing more is read from this connection
+        (later packets wait), so acknowledgements keep their order
+        [MQTT-4.6.0-2].  A hook that raised, failed or did not answer within
+        ``hook_timeout`` answers :data:`~mqttd.hooks.HOOK_FAILED` (a refusal),
+        with a log line.
+        """
+        if not isinstance(result, defer.Deferred):
+            if isinstance(result, Failure):
+                result = self._hook_failed(result, hook)
+            then(result)
+            return
+        box = []
+        result.addBoth(box.append)
+        if box:  # already answered
+            answer = box[0]
+            then(self._hook_failed(answer, hook) if isinstance(answer, Failure) else answer)
+            return
+        self._waiting += 1
+        self.transport.pauseProducing()
+        timer = self.clock.callLater(self.broker.config.hook_timeout, result.cancel)
+
+        def answered(_):
+            if timer.active():
+                timer.cancel()
+            self._waiting -= 1
+            if self.state == _CLOSED:
+                return
+            answer = box[0]
+            if isinstance(answer, Failure):
+                answer = self._hook_failed(answer, hook)
+            self._mark = self.broker.write_count
+            try:
+                then(answer)
+            except MQTTError as error:
+                self.fail(error)
+                return
+            self._resume_input()
+        result.addCallback(answered)
+
+    def _hook_failed(self, failure: Failure, hook: str):
+        why = ("no answer within the hook timeout"
+               if failure.check(defer.CancelledError, defer.TimeoutError) else
+               failure.getErrorMessage() or failure.type.__name__)
+        log.failure("Hook {hook} failed for {client_id} from {peer}: {why}; refusing",
+                    failure, hook=hook, client_id=self.client_id or "-", peer=self.peer,
+                    why=why)
+        return HOOK_FAILED
+
+    def _resume_input(self) -> None:
+        """Process what waited for a hook, then read again (unless still blocked)."""
+        if self._waiting or self._held or self.state == _CLOSED:
+            return
+        self._last_received = self.clock.seconds()  # we were not reading
+        stash, self._stash = self._stash, ()
+        if stash:
+            self._process(stash)
+        if not (self._waiting or self._held or self._rate_call) and self.state != _CLOSED:
+            self.transport.resumeProducing()
+
+    # --- inbound rate limit (token bucket; backpressure, not disconnect) -------------
+
+    def _take_tokens(self, packets, size: int) -> None:
+        config = self.broker.config
+        bucket = self._bucket
+        now = self.clock.seconds()
+        elapsed = now - bucket[2]
+        bucket[2] = now
+        rates = (config.max_inbound_rate, config.max_inbound_bytes_rate)
+        bucket[0] = min(rates[0], bucket[0] + elapsed * rates[0]) - sum(
+            1 for p in packets if p.__class__ is Publish)
+        bucket[1] = min(rates[1], bucket[1] + elapsed * rates[1]) - size
+        wait = 0.0
+        for tokens, rate in zip(bucket[:2], rates):
+            if rate and tokens < 0:
+                wait = max(wait, -tokens / rate)
+        if wait > 0 and self._rate_call is None and self.state != _CLOSED:
+            self.broker.refused("inbound-rate", self.client_id, self.peer,
+                                f"over the inbound rate limit; reads paused {wait:.2f} s")
+            self.transport.pauseProducing()
+            self._rate_call = self.clock.callLater(wait, self._rate_resume)
+
+    def _rate_resume(self) -> None:
+        self._rate_call = None
+        if self.state != _CLOSED and not self._held and not self._waiting:
+            self.transport.resumeProducing()
 
     def _connect_timeout(self) -> None:
         self._connect_call = None
@@ -461,10 +577,12 @@ class ClientConnection:
         props = packet.properties
         client_id = packet.client_id
         self.client_id = client_id or None
+        if config.max_connections and broker.open_connections > config.max_connections:
+            broker.refused("max-connections", client_id, self.peer,
+                           f"{broker.open_connections - 1} connections open, "
+                           f"max_connections is {config.max_connections}")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
         if level == MQTT_5:
-            if props.authentication_method is not None:
-                return self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD,
-                                    "enhanced authentication is not supported")
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)
             if props.maximum_packet_size:
@@ -502,10 +620,180 @@ class ClientConnection:
                     return self._refuse(ReasonCode.PROTOCOL_ERROR,
                                         f"will response topic: {error.message}",
                                         spec="MQTT-3.3.2-14")
-        if broker.authenticator is not None:
-            code = broker.authenticator.authenticate(packet)
-            if code:
-                return self._refuse(code, "authentication failed")
+        levels = config.max_topic_levels
+        if will is not None and levels and will.topic.count("/") >= levels:
+            broker.refused("max-topic-levels", client_id, self.peer,
+                           f"will topic has more than {levels} levels")
+            return self._refuse(ReasonCode.TOPIC_NAME_INVALID, "will topic too deep")
+        self._connect_packet = packet
+        self.info = ClientInfo(client_id, level, packet.username, self.peer,
+                               packet.clean_start, packet.keepalive, False)
+        self._assigned = assigned
+        if level == MQTT_5 and props.authentication_method is not None:
+            return self._start_exchange(props.authentication_method,
+                                        props.authentication_data, reauth=False)
+        authenticator = broker.authenticator
+        if authenticator is None:
+            return self._authenticated(packet.username)
+        request = AuthRequest(client_id, packet.username, packet.password, self.peer,
+                              level, packet)
+        self._await(call_hook(authenticator.authenticate, request),
+                    self._authenticate_answered, "authenticate")
+
+    def _authenticate_answered(self, answer) -> None:
+        packet = self._connect_packet
+        code, username = auth_outcome(answer, packet.username)
+        if code:
+            what = "anonymous" if packet.username is None else "authentication"
+            self.broker.refused(what, self.client_id, self.peer,
+                                f"CONNECT refused (0x{code:02X}) for username "
+                                f"{packet.username!r}", username=packet.username)
+            return self._refuse(code, "authentication failed")
+        self._authenticated(username)
+
+    # --- MQTT 5 enhanced authentication [MQTT-4.12] -------------------------------------
+
+    def _start_exchange(self, method: str, data, reauth: bool) -> None:
+        enhanced = self.broker.enhanced_authenticator
+        exchange = None
+        if enhanced is not None:
+            try:
+                exchange = enhanced.start(method, self.info)
+            except Exception:
+                log.failure("Enhanced authentication {method} failed to start for "
+                            "{client_id}", method=method, client_id=self.client_id)
+                exchange = None
+                self.broker.refused("authentication", self.client_id, self.peer,
+                                    f"method {method!r} failed to start")
+                return self._auth_failed(ReasonCode.NOT_AUTHORIZED, reauth)
+        if exchange is None:
+            self.broker.refused("authentication", self.client_id, self.peer,
+                                f"unknown authentication method {method!r}")
+            return self._auth_failed(ReasonCode.BAD_AUTHENTICATION_METHOD, reauth,
+                                     f"authentication method {method!r} not supported")
+        self._auth_exchange = exchange
+        self._auth_method = method
+        self._await(call_hook(exchange.step, data),
+                    lambda step: self._exchange_stepped(step, reauth), "authenticate")
+
+    def _exchange_stepped(self, step, reauth: bool) -> None:
+        if self.state == _CLOSED:
+            return
+        if not isinstance(step, AuthStep):
+            step = AuthStep(AuthOutcome.FAILURE)
+        method = self._auth_method
+        if step.outcome == AuthOutcome.CONTINUE:
+            self.send(Auth(ReasonCode.CONTINUE_AUTHENTICATION, Properties(
+                authentication_method=method, authentication_data=step.data)))
+            if not reauth:
+                self._handlers = {Auth: self._on_auth_during_connect,
+                                  Disconnect: self._on_disconnect_during_connect}
+            return
+        self._auth_exchange = None
+        if step.outcome == AuthOutcome.SUCCESS:
+            if not reauth:
+                self._authenticated(step.username, auth_data=step.data)
+                return
+            if step.username is not None and step.username != self.info.username:
+                self.broker.refused("authentication", self.client_id, self.peer,
+                                    f"re-authenticated as {step.username!r}, not "
+                                    f"{self.info.username!r}")
+                self.disconnect(ReasonCode.NOT_AUTHORIZED, "identity changed")
+                return
+            log.info("Re-authenticated {client_id} ({method})", client_id=self.client_id,
+                     method=method)
+            self._output(Auth(ReasonCode.SUCCESS, Properties(
+                authentication_method=method, authentication_data=step.data)), durable=False)
+            return
+        self.broker.refused("authentication", self.client_id, self.peer,
+                            f"{method} authentication failed (0x{step.reason_code:02X})")
+        self._auth_failed(step.reason_code, reauth, "authentication failed")
+
+    def _auth_failed(self, code: int, reauth: bool, why: str = "authentication failed"):
+        self._auth_exchange = None
+        if reauth:
+            if code == ReasonCode.BAD_USER_NAME_OR_PASSWORD:
+                code = ReasonCode.NOT_AUTHORIZED  # 0x86 is no DISCONNECT reason code
+            self.disconnect(code, why)  # [MQTT-4.12.1-2]
+        else:
+            self._refuse(code, why)
+
+    def _on_auth_during_connect(self, packet: Auth) -> None:
+        if packet.reason_code != ReasonCode.CONTINUE_AUTHENTICATION:
+            raise ProtocolError("AUTH during CONNECT must continue authentication "
+                                "(0x18)", spec="MQTT-4.12.0-2")
+        self._continue_exchange(packet, reauth=False)
+
+    def _on_disconnect_during_connect(self, packet: Disconnect) -> None:
+        self._close("disconnect during authentication")
+
+    def _continue_exchange(self, packet: Auth, reauth: bool) -> None:
+        props = packet.properties
+        if self._auth_exchange is None:
+            raise ProtocolError("AUTH continue without an authentication in progress",
+                                spec="MQTT-4.12.0-2")
+        if props.authentication_method != self._auth_method:
+            raise ProtocolError("AUTH with another authentication method",
+                                spec="MQTT-4.12.0-5")
+        self._await(call_hook(self._auth_exchange.step, props.authentication_data),
+                    lambda step: self._exchange_stepped(step, reauth), "authenticate")
+
+    def _on_auth(self, packet: Auth) -> None:
+        """AUTH on a live connection: re-authentication [MQTT-4.12.1]."""
+        if self.protocol_level != MQTT_5 or self._auth_method is None:
+            raise ProtocolError("AUTH without enhanced authentication", spec="MQTT-4.12.0-1")
+        method = packet.properties.authentication_method
+        if packet.reason_code == ReasonCode.REAUTHENTICATE:
+            if method != self._auth_method:
+                raise ProtocolError("re-authentication with another method",
+                                    spec="MQTT-4.12.1-1")
+            if self._auth_exchange is not None:
+                raise ProtocolError("re-authentication while one is in progress")
+            return self._start_exchange(method, packet.properties.authentication_data,
+                                        reauth=True)
+        if packet.reason_code == ReasonCode.CONTINUE_AUTHENTICATION:
+            return self._continue_exchange(packet, reauth=True)
+        raise ProtocolError(f"AUTH from a client with reason 0x{packet.reason_code:02X}")
+
+    # --- the rest of CONNECT: ownership, will permission, session -----------------------
+
+    def _authenticated(self, username: Optional[str], auth_data=None) -> None:
+        """Authentication passed; check session ownership and the will, then connect."""
+        packet = self._connect_packet
+        broker = self.broker
+        if username != self.info.username:
+            self.info = attrs.evolve(self.info, username=username)
+        owner = broker.session_owner_conflict(self.client_id, username)
+        if owner is not None:
+            broker.refused("session-owner", self.client_id, self.peer,
+                           f"session belongs to {owner!r}, not {username!r}",
+                           username=username)
+            return self._refuse(ReasonCode.NOT_AUTHORIZED,
+                                "client id owned by another user")
+        will = packet.will
+        check = broker.authorize_publish
+        if will is None or check is None:
+            return self._connected(auth_data)
+        message = Message(will.topic, will.payload, will.qos, will.retain,
+                          will.properties, self.client_id)
+
+        def will_answered(answer):
+            if answer is not True:
+                broker.refused("will", self.client_id, self.peer,
+                               f"no write permission for will topic {will.topic!r}",
+                               topic=will.topic)
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic not authorized")
+            self._connected(auth_data)
+        self._await(call_hook(check, self.info, message), will_answered, "authorize_publish")
+
+    def _connected(self, auth_data=None) -> None:
+        packet = self._connect_packet
+        self._connect_packet = None
+        broker = self.broker
+        config = broker.config
+        level = self.protocol_level
+        props = packet.properties
+        client_id = self.client_id
         if level == MQTT_5:
             expiry = props.session_expiry_interval or 0
             if config.max_session_expiry is not None and expiry > config.max_session_expiry:
@@ -526,7 +814,8 @@ class ClientConnection:
         if client_id in config.trace_clients:  # --trace-client
             trace.install(self, packet)
         session, present = broker.open_session(
-            self, client_id, level, packet.clean_start, expiry, will)
+            self, client_id, level, packet.clean_start, expiry, packet.will,
+            owner=self.info.username, info=self.info)
         self.session = session
         self.state = _CONNECTED
         self.reader.max_packet_size = config.max_packet_size
@@ -535,17 +824,28 @@ class ClientConnection:
             self._keepalive = keepalive * 1.5
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
+<<<<<<< HEAD
+        if present:
+            self.info = attrs.evolve(self.info, session_present=present)
+            session.info = self.info
+        if config.max_inbound_rate or config.max_inbound_bytes_rate:
+            self._bucket = [config.max_inbound_rate, config.max_inbound_bytes_rate,
+                            self.clock.seconds()]
+=======
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
                                packet.clean_start, packet.keepalive, present,
                                bridge=self.bridge)
+>>>>>>> main
         if level == MQTT_5:
             ack_props = Properties(
-                assigned_client_identifier=assigned,
+                assigned_client_identifier=self._assigned,
                 server_keep_alive=server_keepalive,
                 maximum_packet_size=config.max_packet_size,
                 topic_alias_maximum=None,            # 0: no topic aliases yet
                 subscription_identifier_available=0,
                 shared_subscription_available=0,
+                authentication_method=self._auth_method,
+                authentication_data=auth_data,
             )
         else:
             ack_props = Properties()
@@ -601,21 +901,50 @@ class ClientConnection:
                        "clients cannot publish into $SYS", client_id=self.client_id,
                        topic=topic)
             return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
-        authorizer = self.broker.authorizer
-        if authorizer is not None and not authorizer.may_publish(
-                self.client_id, self.info.username, topic):
-            self._warn("publish-refused", "Refused PUBLISH of {client_id} to {topic}: "
-                       "not authorized", client_id=self.client_id, topic=topic)
-            return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
+        broker = self.broker
+        levels = broker.config.max_topic_levels
+        if levels and topic.count("/") >= levels:
+            broker.refused("max-topic-levels", self.client_id, self.peer,
+                           f"PUBLISH topic has more than {levels} levels")
+            raise MQTTError(f"topic name has more than max_topic_levels={levels} levels",
+                            ReasonCode.TOPIC_NAME_INVALID)
         expiry = props.message_expiry_interval
         # inbound -> outbound: only what the spec forwards (§3.3.2.3)
         forwarded = forwarded_properties(props)
         message = Message(topic, packet.payload, qos, packet.retain, forwarded,
                           self.client_id,
                           None if expiry is None else self.clock.seconds() + expiry)
+        check = broker.authorize_publish
+        if check is not None:
+            allowed = call_hook(check, self.info, message)
+            if allowed is not True:
+                self._await(allowed, lambda answer: self._publish_answered(
+                    packet, message, answer), "authorize_publish")
+                return
+        self._publish_allowed(packet, message)
+
+    def _publish_answered(self, packet: Publish, message: Message, answer) -> None:
+        if answer is True:
+            return self._publish_allowed(packet, message)
+        self.broker.refused("publish", self.client_id, self.peer,
+                            f"no write permission for {packet.topic!r}", topic=packet.topic)
+        if self.protocol_level == MQTT_5:
+            return self._ack_refused(packet, ReasonCode.NOT_AUTHORIZED)
+        # MQTT 3 has no refusal in PUBACK/PUBREC: acknowledged and dropped (as mosquitto)
+        pid = packet.packet_id
+        if packet.qos == 1:
+            self._output(Puback(pid), durable=False)
+        elif packet.qos == 2:
+            if not self.broker.inbound_qos2_seen(self.session, pid):
+                self.broker.inbound_qos2_add(self.session, pid)
+            self._output(Pubrec(pid), durable=True)
+
+    def _publish_allowed(self, packet: Publish, message: Message) -> None:
+        qos = packet.qos
+        level = self.protocol_level
         # the bytes as received serve every subscriber of the same protocol
         # family at the same QoS: no re-encoding (unless properties were dropped)
-        raw = packet.raw if forwarded is props else None
+        raw = packet.raw if message.properties is packet.properties else None
         cache = None if raw is None else {
             template_key(message, level, qos): PublishTemplate.from_raw(raw, qos)}
         broker = self.broker
@@ -669,11 +998,13 @@ class ClientConnection:
         self._hold_call = None
         if self.state == _CLOSED:
             return
+        if self._waiting:
+            return  # the hook's answer resumes input
         self._last_received = self.clock.seconds()  # we were not reading
         stash, self._stash = self._stash, ()
         if stash:
             self._process(stash)
-        if not self._held and self.state != _CLOSED:
+        if not (self._held or self._waiting or self._rate_call) and self.state != _CLOSED:
             self.transport.resumeProducing()
 
     def _ack_refused(self, packet: Publish, code: int) -> None:
@@ -736,10 +1067,10 @@ class ClientConnection:
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
                             spec="MQTT 5.0 §3.2.2.3.12")
         broker = self.broker
-        session = self.session
-        authorizer = broker.authorizer
-        codes = []
-        granted = []
+        check = broker.authorize_subscribe
+        levels = broker.config.max_topic_levels
+        answers = []   # a final code, or a hook answer (value or Deferred) to wait for
+        pending = False
         for request in packet.subscriptions:
             topic_filter = request.topic_filter
             try:
@@ -753,15 +1084,65 @@ class ClientConnection:
                 self._warn("subscribe-refused",
                            "Refused subscription of {client_id} to {filter!r}: {error}",
                            client_id=self.client_id, filter=topic_filter, error=str(error))
-                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID))
                 continue
             if topics.parse_shared(topic_filter)[0] is not None:
-                codes.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else 0x80)
+                answers.append(_Refused(
+                    ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else 0x80))
                 continue
-            if authorizer is not None and not authorizer.may_subscribe(
-                    self.client_id, self.info.username, topic_filter):
+            if levels and topic_filter.count("/") >= levels:
+                broker.refused("max-topic-levels", self.client_id, self.peer,
+                               f"filter {topic_filter!r} has more than {levels} levels")
+                answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80))
+                continue
+            if check is None:
+                answers.append(True)
+                continue
+            answer = call_hook(check, self.info, topic_filter, request.qos)
+            if isinstance(answer, defer.Deferred):
+                pending = True
+            answers.append(answer)
+        if not pending:
+            return self._subscribe_answered(packet, answers)
+        waits = [a if isinstance(a, defer.Deferred) else defer.succeed(a) for a in answers]
+        gathered = defer.DeferredList(waits, consumeErrors=True)
+        gathered.addCallback(lambda results: [value for _ok, value in results])
+        self._await(gathered, lambda answer: self._subscribe_answered(
+            packet, answer if isinstance(answer, list) else [HOOK_FAILED] * len(answers)),
+            "authorize_subscribe")
+
+    def _subscribe_answered(self, packet: Subscribe, answers) -> None:
+        v5 = self.protocol_level == MQTT_5
+        broker = self.broker
+        session = self.session
+        limit = broker.config.max_subscriptions_per_client
+        codes = []
+        granted = []
+        for request, answer in zip(packet.subscriptions, answers):
+            topic_filter = request.topic_filter
+            if answer is not True:
+                if isinstance(answer, Failure):
+                    self._hook_failed(answer, "authorize_subscribe")
+                if answer.__class__ is _Refused:  # refused before asking the hook
+                    codes.append(answer.code)
+                    continue
+                broker.refused("subscribe", self.client_id, self.peer,
+                               f"no read permission for filter {topic_filter!r}",
+                               topic_filter=topic_filter)
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
+<<<<<<< HEAD
+            if (limit and topic_filter not in session.subscriptions
+                    and len(session.subscriptions) >= limit):
+                broker.refused("max-subscriptions-per-client", self.client_id, self.peer,
+                               f"already {limit} subscriptions; {topic_filter!r} refused",
+                               topic_filter=topic_filter)
+                codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else 0x80)
+                continue
+            record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+                                        request.retain_as_published,
+                                        request.retain_handling)
+=======
             if self.bridge:  # mosquitto's rule for bridge connections
                 record = SubscriptionRecord(topic_filter, request.qos, True, True,
                                             request.retain_handling)
@@ -769,6 +1150,7 @@ class ClientConnection:
                 record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
                                             request.retain_as_published,
                                             request.retain_handling)
+>>>>>>> main
             is_new = broker.subscribe(session, record)
             codes.append(request.qos)
             granted.append((record, is_new))
@@ -830,8 +1212,6 @@ class ClientConnection:
         self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                     reason="disconnect")
 
-    def _on_auth(self, packet: Auth) -> None:
-        raise ProtocolError("AUTH without enhanced authentication", spec="MQTT-4.12.0-1")
 
 
 __all__ = ["ClientConnection"]

@@ -62,17 +62,91 @@ class IBrokerStore(Interface):
 
 
 class IAuthenticator(Interface):
-    """Decides whether a CONNECT may proceed."""
+    """Decides whether a CONNECT may proceed: the broker's ``authenticate`` hook.
 
-    def authenticate(connect):
-        """Return (or Deferred of) a reason code: 0 to accept."""
+    Implemented by :class:`mqttd.auth.Authenticator` (a ``twisted.cred``
+    ``Portal`` behind the anonymous policy); embedders may plug their own.
+    """
+
+    def authenticate(request):
+        """Decide on one CONNECT.
+
+        :param request: an :class:`AuthRequest`-like value with ``client_id``,
+            ``username`` (``None`` if absent), ``password`` (bytes or ``None``),
+            ``peer`` (``"host:port"``), ``protocol_level`` and ``connect`` (the
+            packet).
+        :returns: (or a Deferred firing with) ``True``/``0`` to accept with the
+            CONNECT's username, a ``str`` to accept with that username (e.g.
+            a certificate identity), or ``False`` / a CONNACK reason code
+            (MQTT 5 value, >= 0x80; mapped for MQTT 3 clients) to refuse.  A
+            Deferred that fails or takes longer than the broker's
+            ``hook_timeout`` refuses with 0x87 Not authorized (v3: 0x05).
+        """
 
 
 class IAuthorizer(Interface):
-    """Per-topic permissions."""
+    """Per-topic permissions: the broker's ``authorize_*`` hooks.
 
-    def may_publish(client_id, username, topic):
-        """True if the client may publish to ``topic``."""
+    ``client`` is a :class:`mqttd.broker.ClientInfo` (``client_id``,
+    ``username``, ``peer``, ``protocol_level``...).  Every method may return a
+    value or a Deferred; ``True`` allows, anything else refuses (``False`` or a
+    reason code >= 0x80).  A Deferred that fails or times out refuses, with a
+    log line.  While a hook of a connection is pending, the later packets of
+    that connection wait, so acknowledgements keep their order [MQTT-4.6.0-2].
+    An implementation may leave out a method (``None`` attribute): that check
+    is then skipped.
+    """
 
-    def may_subscribe(client_id, username, topic_filter):
-        """True if the client may subscribe to ``topic_filter``."""
+    def authorize_publish(client, message):
+        """May ``client`` publish ``message`` (a :class:`mqttd.messages.Message`)?
+
+        Also asked for the will message at CONNECT (refusal: CONNACK 0x87/0x05).
+        Refused: MQTT 5 PUBACK/PUBREC 0x87; MQTT 3 acknowledged and dropped.
+        """
+
+    def authorize_subscribe(client, topic_filter, qos):
+        """May ``client`` subscribe to ``topic_filter``?  (SUBACK 0x87 / 0x80)."""
+
+    def authorize_forward(client, message):
+        """May ``message`` be delivered to the subscriber ``client``?
+
+        Asked per delivery (live routing and retained replay).  ``client`` of
+        an offline persistent session carries its owner's username.  A refusal
+        silently skips this subscriber.
+        """
+
+    def revalidate_subscription(client, topic_filter):
+        """Optional: after a reload, is the live subscription still allowed?
+
+        Must answer synchronously (bool).  Used by :meth:`Broker.recheck_subscriptions`.
+        """
+
+
+class IEnhancedAuthenticator(Interface):
+    """MQTT 5 enhanced authentication (AUTH packets) [MQTT-4.12].
+
+    The broker asks :meth:`start` when a CONNECT (or a re-authentication AUTH
+    0x19) carries an Authentication Method.
+    """
+
+    def start(method, client):
+        """An :class:`IAuthExchange` for ``method``, or ``None`` if unknown.
+
+        ``client`` is the :class:`mqttd.broker.ClientInfo` known so far.  An
+        unknown method is refused with CONNACK 0x8C Bad authentication method
+        (re-authentication: DISCONNECT 0x8C).
+        """
+
+
+class IAuthExchange(Interface):
+    """One enhanced-authentication conversation (a SASL-style mechanism)."""
+
+    def step(data):
+        """Consume the client's Authentication Data (bytes or ``None``).
+
+        :returns: (or a Deferred firing with) an :class:`mqttd.hooks.AuthStep`:
+            continue (the server sends AUTH 0x18), success (CONNACK 0x00 or,
+            on re-authentication, AUTH 0x00; its ``username`` is the
+            authenticated identity) or failure (its ``reason_code``, 0x87 by
+            default).  Raising, failing or timing out is a failure.
+        """

@@ -22,6 +22,14 @@ class BrokerStats:
     slow_subscribers_demoted: int = 0
     #: dropped messages by reason ("queue-full", "client-maximum-packet-size")
     dropped: Dict[str, int] = attrs.Factory(dict)
+    #: refusals and limit hits by kind: "authentication", "anonymous",
+    #: "session-owner", "publish", "subscribe", "forward", "will",
+    #: "subscription" (removed on reload), "max-connections",
+    #: "max-subscriptions-per-client", "max-topic-levels", "inbound-rate"
+    refused: Dict[str, int] = attrs.Factory(dict)
+
+    def count_refusal(self, what: str) -> None:
+        self.refused[what] = self.refused.get(what, 0) + 1
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

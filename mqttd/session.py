@@ -72,6 +72,13 @@ class Session:
     #: broker clock time since which the queue of this online session is
     #: over its high-water mark (publishers are held back); None otherwise
     congested_since: Optional[float] = None
+    #: the authenticated username that created the session (None: anonymous)
+    owner: Optional[str] = None
+    #: the ClientInfo of the connection (or of the owner while offline), for hooks
+    info: object = None
+    #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
+    #: [deferred, message, qos, force, answer-or-None]
+    forward_waiting: Deque[list] = attrs.Factory(collections.deque)
     #: packet ids of in-flight messages still to be resent on this connection
     #: (a resumed session resends within the client's Receive Maximum)
     resend: Deque[int] = attrs.Factory(collections.deque)
@@ -149,6 +156,7 @@ class Session:
             subscriptions=tuple(self.subscriptions.values()),
             expiry_interval=self.expiry_interval,
             disconnected_at=self.disconnected_at,
+            owner=self.owner,
         )
 
     def outbound_records(self):

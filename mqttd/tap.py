@@ -43,13 +43,37 @@ def _fsync(value: str) -> None:
     parse_fsync_mode(value)
 
 
+def _password_file(value: str) -> None:
+    from mqttd.auth.passwd import PasswordFileError, read_password_file
+    try:
+        read_password_file(value)
+    except (OSError, PasswordFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _acl_file(value: str) -> None:
+    from mqttd.auth.acl import ACLFileError, read_acl_file
+    try:
+        read_acl_file(value)
+    except (OSError, ACLFileError) as error:
+        raise ValueError(str(error)) from None
+
+
+def _strcred(value: str) -> None:
+    from twisted.cred import strcred
+    try:
+        strcred.makeChecker(value)
+    except Exception as error:  # strcred raises several kinds
+        raise ValueError(f"{value.split(':')[0]!r}: {error}") from None
+
+
 #: Every option of ``twistd mqttd``, in ``--help`` order.  One entry each.
 OPTIONS: List[Option] = [
     Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
            short="p", doc_default=".."),
     Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
-           "tcp:1883:interface=127.0.0.1 (repeatable).", default=["tcp:1883"],
-           repeatable=True),
+           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
     Option("config", text(), "TOML file with any of these options as keys.", short="c"),
     Option("check-config", flag, "Check the options and the config file, print the "
            "result and exit (0: fine, 2: not) without starting."),
@@ -103,13 +127,40 @@ OPTIONS: List[Option] = [
            default=30.0, field="publisher_pause_recovery"),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
+    # --- security (mqttd.auth; see docs/security.rst) ---
+    Option("password-file", text(_password_file), "mosquitto-format password file "
+           "($7$, $6$; mqttd passwd writes it); reloaded on SIGHUP."),
+    Option("acl-file", text(_acl_file), "mosquitto-format ACL file (user, topic, "
+           "pattern with %c/%u); reloaded on SIGHUP."),
+    Option("auth", text(_strcred), "A twisted.cred checker: unix, memory:USER:PASS:..., "
+           "file:PATH (repeatable).", repeatable=True),
+    Option("allow-anonymous", flag, "Let clients without a user name in even when "
+           "authentication or a non-loopback listener is configured."),
+    Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
+           "taken over by another user name.", field="allow_session_takeover_by_other_user"),
+    Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
+           "hook may take before it refuses.", default=10.0, field="hook_timeout"),
+    Option("max-connections", integer(0), "Open client connections, all listeners; "
+           "0 = no limit.", default=0, field="max_connections"),
+    Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
+           "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+    Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
+           "0 = no limit.", default=0, field="max_topic_levels"),
+    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
+           "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
+    Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
+           "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
 ]
 
 #: Feature packages that add to the service built from the options:
 #: ``"module:function"``, each called as ``function(service, options)`` by
 #: :func:`makeService` in this order (one line per feature).
 FEATURES: List[str] = [
+<<<<<<< HEAD
+    "mqttd.auth.setup:install",
+=======
     "mqttd.bridge.service:from_options",
+>>>>>>> main
 ]
 
 
@@ -130,7 +181,7 @@ def _field_option(field: str) -> str:
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Run the mqttd MQTT broker (MQTT 3.1, 3.1.1 and 5.0). "
-                "Without --port/--listen it listens on tcp:1883; without "
+                "Without --port/--listen it listens on tcp:1883 on loopback only; without "
                 "--persistence it keeps durable state in ./mqttd-data.")
 
     optParameters = [
@@ -156,6 +207,10 @@ class Options(usage.Options):
         """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
         (repeatable)."""
         self["listen"].append(description)
+
+    def opt_auth(self, description):
+        """A twisted.cred checker: unix, memory:USER:PASS:..., file:PATH (repeatable)."""
+        self["auth"].append(description)
 
     def opt_version(self):
         """Print mqttd's version and exit."""

@@ -21,8 +21,9 @@ def test_plugin_is_found_by_twistd():
 
 
 def test_port_and_listen_options_combine():
-    """--port N is tcp:N; --listen is repeatable; no option means tcp:1883."""
-    assert _parse()["listen"] == ["tcp:1883"]
+    """--port N is tcp:N; --listen is repeatable; no option means loopback tcp:1883
+    (secure by default, as mosquitto 2)."""
+    assert _parse()["listen"] == ["tcp:1883:interface=127.0.0.1"]
     assert _parse("--port", "1884")["listen"] == ["tcp:1884"]
     assert _parse("--listen", "tcp:1", "--listen", "unix:/tmp/x")["listen"] == ["tcp:1", "unix:/tmp/x"]
 

@@ -54,6 +54,9 @@ class SessionRecord:
     expiry_interval: Optional[int] = None
     #: broker clock time of the last disconnect; ``None`` while connected
     disconnected_at: Optional[float] = None
+    #: the username that created the session (session ownership); records
+    #: written before this field existed have none (read with getattr)
+    owner: Optional[str] = None
 
 
 @attrs.frozen(slots=True)

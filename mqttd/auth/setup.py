@@ -1,0 +1,135 @@
+"""Compose the security of a broker from its options: policy, checkers, ACL, SCRAM.
+
+:func:`install` is the ``twistd mqttd`` feature hook (``mqttd.tap.FEATURES``);
+embedders call :func:`configure` with the same choices.
+
+Anonymous policy (as mosquitto 2, see docs/security.rst): clients without a
+user name are let in only when nothing else is configured -- no password file,
+no checker, no ACL, every listener on loopback (or a UNIX socket) -- or when
+``allow_anonymous`` says so.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import attrs
+from twisted.logger import Logger
+
+from mqttd.auth.acl import ACLAuthorizer
+from mqttd.auth.checkers import Authenticator, PasswordFileChecker, make_portal
+from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
+
+log = Logger(namespace="mqttd.auth")
+
+_LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|0*:0*:0*:0*:0*:0*:0*:0*1|localhost)$")
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """True for a listener reachable from this host only.
+
+    UNIX sockets, and TCP-like endpoints (also wrapped ones such as
+    ``haproxy:tcp:...`` or ``ws:...``) whose ``interface=`` is a loopback
+    address.  Any other listener -- no ``interface=`` means all interfaces --
+    is not.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind == "unix":
+        return True
+    for arg in re.split(r"(?<!\\):", description):
+        if arg.startswith("interface="):
+            address = arg[len("interface="):].replace("\\:", ":").strip("[]")
+            return bool(_LOOPBACK.match(address))
+    return False
+
+
+def anonymous_policy(listen: Iterable[str], authentication_configured: bool,
+                     allow_anonymous: Optional[bool]) -> Tuple[bool, str]:
+    """``(anonymous allowed, why)`` by mosquitto 2's rules."""
+    if allow_anonymous:
+        return True, "--allow-anonymous is set"
+    if allow_anonymous is False:
+        return False, "allow_anonymous is false"
+    if authentication_configured:
+        return False, "authentication is configured (use --allow-anonymous to let them in)"
+    exposed = [d for d in listen if not is_loopback_endpoint(d)]
+    if exposed:
+        return False, (f"listening beyond loopback on {', '.join(exposed)} "
+                       "(use --allow-anonymous to let them in)")
+    return True, "every listener is on loopback and no authentication is configured"
+
+
+@attrs.define
+class Security:
+    """What :func:`configure` built; :meth:`attach` puts it into a broker service."""
+
+    authenticator: Authenticator
+    authorizer: Optional[ACLAuthorizer]
+    enhanced: EnhancedAuthenticator
+    password_checker: Optional[PasswordFileChecker]
+    allow_anonymous: bool
+    policy: str
+
+    def attach(self, service) -> None:
+        broker = service.broker
+        broker.authenticator = self.authenticator
+        broker.enhanced_authenticator = self.enhanced
+        if self.authorizer is not None:
+            broker.authorizer = self.authorizer
+        if self.password_checker is not None:
+            service.add_reloader("password_file", self.password_checker.reload)
+        if self.authorizer is not None and self.authorizer.path is not None:
+            authorizer = self.authorizer
+
+            def reload_acl():
+                authorizer.reload()
+                removed = broker.recheck_subscriptions()
+                log.info("ACL reloaded; {removed} live subscriptions no longer allowed "
+                         "were removed", removed=removed)
+            service.add_reloader("acl_file", reload_acl)
+        log.info("Anonymous clients are {policy}: {why}",
+                 policy="allowed" if self.allow_anonymous else "refused", why=self.policy)
+
+
+def configure(reactor, listen: Sequence[str], password_file: Optional[str] = None,
+              acl_file: Optional[str] = None, auth: Sequence[str] = (),
+              checkers: Sequence = (), allow_anonymous: Optional[bool] = None) -> Security:
+    """Build the :class:`Security` for these choices.
+
+    :param password_file: mosquitto password file (also serves SCRAM-SHA-256).
+    :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...).
+    :param checkers: more ``ICredentialsChecker`` objects (embedders).
+    :param allow_anonymous: True/False to force; None for the automatic policy.
+    Raises OSError / ValueError for unreadable files or bad descriptions.
+    """
+    from twisted.cred import strcred
+
+    all_checkers: List = list(checkers)
+    password_checker = None
+    if password_file:
+        password_checker = PasswordFileChecker(password_file, reactor)
+        all_checkers.insert(0, password_checker)
+    for description in auth:
+        all_checkers.append(strcred.makeChecker(description))
+    authorizer = ACLAuthorizer.from_file(acl_file) if acl_file else None
+    configured = bool(all_checkers)
+    allowed, why = anonymous_policy(listen, configured, allow_anonymous)
+    portal = make_portal(all_checkers) if all_checkers else None
+    enhanced = EnhancedAuthenticator()
+    if password_checker is not None:
+        enhanced.register(SCRAM_SHA_256,
+                          scram_mechanism(lambda user: password_checker.users.get(user)))
+    return Security(Authenticator(portal, allowed), authorizer, enhanced,
+                    password_checker, allowed, why)
+
+
+def install(service, options) -> None:
+    """``mqttd.tap.FEATURES`` hook: security from the ``twistd mqttd`` options."""
+    security = configure(
+        service.reactor, service.endpoints,
+        password_file=options["password-file"], acl_file=options["acl-file"],
+        auth=options["auth"] or (), allow_anonymous=True if options["allow-anonymous"] else None)
+    security.attach(service)
+
+
+__all__ = ["Security", "anonymous_policy", "configure", "install", "is_loopback_endpoint"]

@@ -1,0 +1,94 @@
+"""The values and helpers of the broker's authentication and authorization hooks (layer L3).
+
+The connection asks the hooks of :class:`mqttd.interfaces.IAuthenticator`,
+:class:`~mqttd.interfaces.IAuthorizer` and
+:class:`~mqttd.interfaces.IEnhancedAuthenticator`; each may answer with a value
+or a Deferred.  This module holds what both sides share: the request and
+step values, the normalisation of answers (:func:`auth_outcome`), the
+sentinel for a hook that raised or timed out.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import attrs
+from twisted.python.failure import Failure
+
+from mqttd.codec.errors import ReasonCode
+
+
+@attrs.frozen
+class AuthRequest:
+    """What :meth:`IAuthenticator.authenticate` is asked about one CONNECT."""
+
+    client_id: str
+    username: Optional[str]
+    password: Optional[bytes]
+    peer: Optional[str]
+    protocol_level: int
+    connect: object = None
+
+
+class AuthOutcome:
+    CONTINUE = "continue"
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+@attrs.frozen
+class AuthStep:
+    """One answer of an enhanced-authentication exchange [MQTT-4.12].
+
+    ``outcome``: :attr:`AuthOutcome.CONTINUE` (the server sends AUTH 0x18 with
+    ``data``), ``SUCCESS`` (CONNACK 0x00, or AUTH 0x00 on re-authentication,
+    with ``data``; ``username`` is the authenticated identity) or ``FAILURE``
+    (CONNACK / DISCONNECT with ``reason_code``, 0x87 by default).
+    """
+
+    outcome: str
+    data: Optional[bytes] = None
+    username: Optional[str] = None
+    reason_code: int = ReasonCode.NOT_AUTHORIZED
+
+
+class _HookFailed:
+    """A hook raised, failed or timed out: the broker refuses."""
+
+    def __repr__(self) -> str:
+        return "HOOK_FAILED"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+HOOK_FAILED = _HookFailed()
+
+
+def call_hook(hook, *args):
+    """``hook(*args)``; an exception becomes a :class:`Failure` value (never raised)."""
+    try:
+        return hook(*args)
+    except Exception:
+        return Failure()
+
+
+def auth_outcome(result, username: Optional[str]) -> Tuple[int, Optional[str]]:
+    """Normalise an ``authenticate`` answer to ``(reason_code, username)``.
+
+    ``True``/``0``/``None``: accepted with ``username``; a ``str``: accepted as
+    that username; ``False``: 0x86 Bad user name or password; an int >= 0x80:
+    that code; :data:`HOOK_FAILED` or anything else: 0x87 Not authorized.
+    """
+    if result is True or result is None or (type(result) is int and result == 0):
+        return 0, username
+    if isinstance(result, str):
+        return 0, result
+    if result is False:
+        return ReasonCode.BAD_USER_NAME_OR_PASSWORD, username
+    if isinstance(result, int) and result >= 0x80:
+        return result, username
+    return ReasonCode.NOT_AUTHORIZED, username
+
+
+__all__ = ["AuthOutcome", "AuthRequest", "AuthStep", "HOOK_FAILED",
+           "auth_outcome", "call_hook"]

@@ -1,0 +1,183 @@
+"""mosquitto ACL files: parsing, decisions, caching, reload with live re-check."""
+from __future__ import annotations
+
+import pytest
+
+from mqttd.auth.acl import ACLAuthorizer, ACLFileError, covers, overlaps, parse_acl
+from mqttd.broker import ClientInfo
+from mqttd.codec.packets import Publish, Suback, Will
+from mqttd.messages import Message
+from tests.core.harness import FakeClient, make_broker
+
+ACL_TEXT = """
+# anonymous clients
+topic read public/#
+
+user alice
+topic readwrite alice/#
+topic deny alice/secret/#
+topic write shared/in
+topic shared/both
+
+user bob
+topic read $SYS/#
+
+pattern write devices/%c/status
+pattern read users/%u/#
+"""
+
+
+def client(client_id, username=None):
+    return ClientInfo(client_id, 4, username)
+
+
+def msg(topic):
+    return Message(topic, b"")
+
+
+@pytest.fixture
+def acl():
+    return ACLAuthorizer(parse_acl(ACL_TEXT))
+
+
+def test_parse_puts_rules_before_the_first_user_to_anonymous():
+    """mosquitto's layout: anonymous block, user blocks, patterns for everyone."""
+    parsed = parse_acl(ACL_TEXT)
+    assert [r.topic_filter for r in parsed.anonymous] == ["public/#"]
+    assert [r.topic_filter for r in parsed.users["alice"]] == [
+        "alice/#", "alice/secret/#", "shared/in", "shared/both"]
+    assert parsed.users["alice"][3].access == 3  # "topic FILTER" alone is readwrite
+    assert len(parsed.patterns) == 2 and parsed.rule_count == 8
+
+
+@pytest.mark.parametrize("text", ["topic", "user", "topic read", "frobnicate x",
+                                  "topic read a/#/b"])
+def test_bad_lines_are_refused_with_the_location(text):
+    """A typo is a clear error, never a silently wider (or narrower) permission."""
+    with pytest.raises(ACLFileError, match="<acl>:2"):
+        parse_acl("# x\n" + text)
+
+
+def test_publish_needs_write_and_deny_wins(acl):
+    """write/readwrite grants publishing; a matching deny refuses even then."""
+    alice = client("a1", "alice")
+    assert acl.authorize_publish(alice, msg("alice/x"))
+    assert not acl.authorize_publish(alice, msg("alice/secret/x"))
+    assert acl.authorize_publish(alice, msg("shared/in"))
+    assert not acl.authorize_publish(alice, msg("bob/x"))
+    assert not acl.authorize_publish(client("anon"), msg("public/x"))  # read only
+
+
+def test_delivery_needs_read(acl):
+    """authorize_forward is the read check at delivery time."""
+    alice = client("a1", "alice")
+    assert acl.authorize_forward(alice, msg("shared/both"))
+    assert not acl.authorize_forward(alice, msg("shared/in"))        # write only
+    assert acl.authorize_forward(client("anon"), msg("public/news"))
+    assert not acl.authorize_forward(client("anon"), msg("alice/x"))
+
+
+def test_patterns_substitute_client_id_and_username(acl):
+    """%c and %u; anonymous has no %u; a value with + # / never matches."""
+    assert acl.authorize_publish(client("dev7", "bob"), msg("devices/dev7/status"))
+    assert not acl.authorize_publish(client("dev7", "bob"), msg("devices/dev8/status"))
+    assert acl.authorize_forward(client("x", "bob"), msg("users/bob/inbox"))
+    assert not acl.authorize_forward(client("x"), msg("users/None/inbox"))
+    assert not acl.authorize_publish(client("+"), msg("devices/+/status"))
+    assert not acl.authorize_publish(client("a/b"), msg("devices/a/b/status"))
+
+
+def test_subscribe_refused_when_denied_or_nothing_readable(acl):
+    """'#' is allowed (delivery filters it); a filter nothing may read is refused."""
+    alice = client("a1", "alice")
+    assert acl.authorize_subscribe(alice, "#", 0)
+    assert acl.authorize_subscribe(alice, "alice/+", 0)
+    assert not acl.authorize_subscribe(alice, "alice/secret/#", 0)   # covered by deny
+    assert not acl.authorize_subscribe(alice, "bob/#", 0)            # nothing readable
+    assert not acl.authorize_subscribe(client("anon"), "alice/#", 0)
+
+
+def test_dollar_topics_match_only_dollar_rules(acl):
+    """'#' rules never grant $SYS [MQTT-4.7.2-1]; an explicit $SYS rule does."""
+    everything = ACLAuthorizer(parse_acl("topic readwrite #"))
+    assert not everything.authorize_forward(client("a"), msg("$SYS/broker/uptime"))
+    assert acl.authorize_forward(client("b", "bob"), msg("$SYS/broker/uptime"))
+    assert not acl.authorize_subscribe(client("anon"), "$SYS/#", 0)
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("#", "a/b", True), ("a/+", "a/b/c", False), ("a/#", "a", True), ("+/b", "a/+", True),
+    ("a/b", "a/c", False), ("#", "$SYS/x", False), ("$SYS/#", "$SYS/+", True),
+])
+def test_overlaps(a, b, expected):
+    """Some topic matches both filters."""
+    assert overlaps(a, b) is expected and overlaps(b, a) is expected
+
+
+@pytest.mark.parametrize("outer,inner,expected", [
+    ("#", "a/+/c", True), ("a/#", "a", True), ("a/+", "a/#", False), ("a/+", "a/b", True),
+    ("a/b", "a/+", False), ("#", "$SYS/x", False), ("$SYS/#", "$SYS/x", True),
+    ("+/x", "a/x", True), ("a/b/c", "a/b", False),
+])
+def test_covers(outer, inner, expected):
+    """Every topic of the inner filter matches the outer one."""
+    assert covers(outer, inner) is expected
+
+
+def test_decisions_are_cached_and_reload_clears_the_cache(tmp_path):
+    """Repeated topics are one dict lookup; a reload applies the new rules at once."""
+    path = tmp_path / "acl"
+    path.write_text("topic readwrite a/#\n")
+    acl = ACLAuthorizer.from_file(str(path))
+    anon = client("c")
+    assert acl.authorize_publish(anon, msg("a/1"))
+    assert acl._views["c"].decisions  # cached
+    path.write_text("topic read a/#\n")
+    acl.reload()
+    assert not acl.authorize_publish(anon, msg("a/1"))
+    path.write_text("tpoic read a/#\n")
+    with pytest.raises(ACLFileError):
+        acl.reload()
+    assert acl.authorize_forward(anon, msg("a/1"))  # the old rules stay in force
+
+
+def test_live_subscriptions_are_rechecked_after_reload(tmp_path):
+    """A subscription the new ACL forbids is removed; delivery stops."""
+    path = tmp_path / "acl"
+    path.write_text("topic readwrite a/#\ntopic readwrite b/#\n")
+    broker, clock = make_broker()
+    broker.authorizer = ACLAuthorizer.from_file(str(path))
+    sub = FakeClient(broker, clock)
+    sub.connect("s")
+    assert sub.subscribe("a/#", "b/#") == [Suback(1, (0, 0))]
+    path.write_text("topic readwrite a/#\n")
+    broker.authorizer.reload()
+    assert broker.recheck_subscriptions() == 1
+    assert set(broker.sessions["s"].subscriptions) == {"a/#"}
+    broker.publish_message("b/x", b"1")
+    broker.publish_message("a/x", b"2")
+    assert [p.payload for p in sub.received()] == [b"2"]
+
+
+def test_acl_applies_to_publish_subscribe_retained_and_will_end_to_end():
+    """One ACL, all four places: PUBLISH, SUBSCRIBE, retained replay, the will."""
+    broker, clock = make_broker()
+    broker.authorizer = ACLAuthorizer(parse_acl(
+        "user alice\ntopic readwrite alice/#\ntopic read public/#\n"
+        "pattern readwrite clients/%c/#\n"))
+    broker.publish_message("public/r", b"pub", retain=True)
+    broker.publish_message("secret/r", b"sec", retain=True)
+    from mqttd.codec.packets import Connect
+    alice = FakeClient(broker, clock, level=5)
+    alice.send(Connect(5, "dev1", True, 0, username="alice", password=b"x",
+                       will=Will("clients/dev1/gone", b"bye")))
+    assert alice.received()[0].reason_code == 0
+    got = alice.subscribe("#", "secret/#", "clients/dev1/#")
+    assert got[0] == Suback(1, (0, 0x87, 0))
+    assert [p.topic for p in got[1:] if isinstance(p, Publish)] == ["public/r"]
+    alice.publish("public/x", qos=1, packet_id=5)
+    assert alice.received()[0].reason_code == 0x87
+    bad_will = FakeClient(broker, clock, level=5)
+    bad_will.send(Connect(5, "dev2", True, 0, username="alice", password=b"x",
+                          will=Will("clients/dev1/gone", b"spoof")))
+    assert bad_will.received()[0].reason_code == 0x87

@@ -1,0 +1,115 @@
+"""MQTT 5 enhanced authentication with SCRAM-SHA-256 [MQTT-4.12], driven by a scramp client."""
+from __future__ import annotations
+
+import pytest
+from scramp import ScramClient
+
+from mqttd.auth.checkers import Authenticator
+from mqttd.auth.passwd import make_entry
+from mqttd.auth.scram import EnhancedAuthenticator, scram_mechanism
+from mqttd.codec.packets import Auth, Connack, Connect, Disconnect, Properties
+from tests.core.harness import FakeClient, make_broker
+
+METHOD = "SCRAM-SHA-256"
+
+
+@pytest.fixture
+def broker_clock():
+    broker, clock = make_broker()
+    users = {"alice": make_entry("alice", "wonderland", iterations=4096, scram=True),
+             "plain": make_entry("plain", "pw", iterations=1000)}
+    enhanced = EnhancedAuthenticator()
+    enhanced.register(METHOD, scram_mechanism(users.get))
+    broker.enhanced_authenticator = enhanced
+    broker.authenticator = Authenticator(None, allow_anonymous=False)
+    return broker, clock
+
+
+def _auth(code, data):
+    return Auth(code, Properties(authentication_method=METHOD, authentication_data=data))
+
+
+def _connect(client, scram, client_id="c1"):
+    client.send(Connect(5, client_id, True, 0, properties=Properties(
+        authentication_method=METHOD,
+        authentication_data=scram.get_client_first().encode())))
+    (challenge,) = client.received()
+    assert isinstance(challenge, Auth) and challenge.reason_code == 0x18
+    assert challenge.properties.authentication_method == METHOD
+    scram.set_server_first(challenge.properties.authentication_data.decode())
+    client.send(_auth(0x18, scram.get_client_final().encode()))
+    return client.received()
+
+
+def test_scram_exchange_connects_and_proves_the_server(broker_clock):
+    """client-first in CONNECT, AUTH 0x18 both ways, CONNACK 0 with server-final."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    scram = ScramClient([METHOD], "alice", "wonderland")
+    (connack,) = _connect(client, scram)
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert connack.properties.authentication_method == METHOD
+    scram.set_server_final(connack.properties.authentication_data.decode())  # verifies
+    assert broker.sessions["c1"].owner == "alice"
+
+
+@pytest.mark.parametrize("user,password", [("alice", "wrong"), ("nobody", "x"),
+                                           ("plain", "pw")])
+def test_wrong_proof_or_unknown_user_is_refused_0x86_and_closed(broker_clock, user, password):
+    """A bad proof ends with CONNACK 0x86; unknown users look the same (no enumeration)."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    (connack,) = _connect(client, ScramClient([METHOD], user, password))
+    assert isinstance(connack, Connack) and connack.reason_code == 0x86
+    assert client.disconnecting
+    assert broker.stats.refused["authentication"] == 1
+
+
+def test_unknown_method_is_0x8c(broker_clock):
+    """An Authentication Method the broker does not know: CONNACK 0x8C."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    client.send(Connect(5, "c", True, 0, properties=Properties(
+        authentication_method="KERBEROS")))
+    (connack,) = client.received()
+    assert connack.reason_code == 0x8C and client.disconnecting
+
+
+def test_reauthentication_on_a_live_connection(broker_clock):
+    """AUTH 0x19 restarts the exchange; success is AUTH 0x00 [MQTT-4.12.1]."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    _connect(client, ScramClient([METHOD], "alice", "wonderland"))
+    again = ScramClient([METHOD], "alice", "wonderland")
+    client.send(_auth(0x19, again.get_client_first().encode()))
+    (challenge,) = client.received()
+    assert challenge.reason_code == 0x18
+    again.set_server_first(challenge.properties.authentication_data.decode())
+    client.send(_auth(0x18, again.get_client_final().encode()))
+    (done,) = client.received()
+    assert isinstance(done, Auth) and done.reason_code == 0
+    again.set_server_final(done.properties.authentication_data.decode())
+    assert not client.disconnecting
+
+
+def test_failed_reauthentication_disconnects_0x87(broker_clock):
+    """A wrong proof on re-authentication: DISCONNECT 0x87 and close [MQTT-4.12.1-2]."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    _connect(client, ScramClient([METHOD], "alice", "wonderland"))
+    again = ScramClient([METHOD], "alice", "nope")
+    client.send(_auth(0x19, again.get_client_first().encode()))
+    again.set_server_first(client.received()[0].properties.authentication_data.decode())
+    client.send(_auth(0x18, again.get_client_final().encode()))
+    (disconnect,) = client.received()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x87
+    assert client.disconnecting
+
+
+def test_reauthentication_with_another_method_is_a_protocol_error(broker_clock):
+    """The method of re-authentication must be the CONNECT's [MQTT-4.12.1-1]."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    _connect(client, ScramClient([METHOD], "alice", "wonderland"))
+    client.send(Auth(0x19, Properties(authentication_method="OTHER")))
+    assert client.received()[0].reason_code == 0x82
