@@ -627,7 +627,8 @@ class ClientConnection:
             return self._refuse(ReasonCode.TOPIC_NAME_INVALID, "will topic too deep")
         self._connect_packet = packet
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
-                               packet.clean_start, packet.keepalive, False)
+                               packet.clean_start, packet.keepalive, False,
+                               bridge=self.bridge)
         self._assigned = assigned
         if level == MQTT_5 and props.authentication_method is not None:
             return self._start_exchange(props.authentication_method,
@@ -824,18 +825,12 @@ class ClientConnection:
             self._keepalive = keepalive * 1.5
             self._keepalive_call = self.clock.callLater(self._keepalive,
                                                         self._check_keepalive)
-<<<<<<< HEAD
         if present:
             self.info = attrs.evolve(self.info, session_present=present)
             session.info = self.info
         if config.max_inbound_rate or config.max_inbound_bytes_rate:
             self._bucket = [config.max_inbound_rate, config.max_inbound_bytes_rate,
                             self.clock.seconds()]
-=======
-        self.info = ClientInfo(client_id, level, packet.username, self.peer,
-                               packet.clean_start, packet.keepalive, present,
-                               bridge=self.bridge)
->>>>>>> main
         if level == MQTT_5:
             ack_props = Properties(
                 assigned_client_identifier=self._assigned,
@@ -1131,7 +1126,6 @@ class ClientConnection:
                                topic_filter=topic_filter)
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
-<<<<<<< HEAD
             if (limit and topic_filter not in session.subscriptions
                     and len(session.subscriptions) >= limit):
                 broker.refused("max-subscriptions-per-client", self.client_id, self.peer,
@@ -1139,10 +1133,6 @@ class ClientConnection:
                                topic_filter=topic_filter)
                 codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else 0x80)
                 continue
-            record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
-                                        request.retain_as_published,
-                                        request.retain_handling)
-=======
             if self.bridge:  # mosquitto's rule for bridge connections
                 record = SubscriptionRecord(topic_filter, request.qos, True, True,
                                             request.retain_handling)
@@ -1150,7 +1140,6 @@ class ClientConnection:
                 record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
                                             request.retain_as_published,
                                             request.retain_handling)
->>>>>>> main
             is_new = broker.subscribe(session, record)
             codes.append(request.qos)
             granted.append((record, is_new))

@@ -156,11 +156,8 @@ OPTIONS: List[Option] = [
 #: ``"module:function"``, each called as ``function(service, options)`` by
 #: :func:`makeService` in this order (one line per feature).
 FEATURES: List[str] = [
-<<<<<<< HEAD
     "mqttd.auth.setup:install",
-=======
     "mqttd.bridge.service:from_options",
->>>>>>> main
 ]
 
 
