@@ -607,8 +607,17 @@ class Broker:
             delay = 0  # the session ends with this connection
         elif session.expiry_interval is not None:
             delay = min(delay, session.expiry_interval)
+        durable = session.persistent and delay > 0
         self.wills.schedule(session.client_id, will_message(will, session.client_id),
-                            delay, durable=session.persistent and delay > 0)
+                            delay, durable=durable)
+        if durable:
+            # nothing else may sync the store soon: a pending will must
+            # survive a crash right after the connection went
+            synced = self.barrier(self.write_count - 1)
+            if synced is not None:
+                synced.addErrback(lambda failure: log.failure(
+                    "Storing the delayed will of {client_id} failed", failure,
+                    client_id=session.client_id))
 
     def _publish_will_now(self, client_id: str, message: Message) -> None:
         # one $SYS will is published: a bridging broker's state notification

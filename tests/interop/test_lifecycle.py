@@ -33,6 +33,8 @@ def test_sighup_reloads_log_level_without_dropping_connections(mqttd_broker_fact
     broker = mqttd_broker_factory(extra_args=["--config", str(config)])
     client = BlockingClient(broker.port, "hup-client", level=5)
     client.send(Publish("before/reload", b"x", 0, False))
+    client.send(Pingreq())  # the PUBLISH is handled before the SIGHUP (no race)
+    assert isinstance(client.next_packet(5), Pingresp)
     config.write_text('log-level = "debug"\n')
     broker.signal(signal.SIGHUP)
     _wait_for(lambda: "Reloaded log_level" in _log(broker), what="reload log line")
