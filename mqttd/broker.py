@@ -22,14 +22,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mqttd import debuglog, topics
+from mqttd import debuglog, shared, topics
 from mqttd.ratelimit import LogRateLimiter
+from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.hooks import HOOK_FAILED, call_hook
 from mqttd.flowcontrol import SlowConsumerGuard
 from mqttd.messages import (
-    Message, forwarded_properties, outbound_message, published_at, will_message)
+    SYS_ORIGIN, Message, forwarded_properties, outbound_message, published_at, will_message)
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
@@ -184,6 +185,24 @@ class BrokerConfig:
     #: keep their own Session Expiry Interval.
     persistent_client_expiration: Optional[float] = attrs.field(
         default=None, validator=attrs.validators.optional(_seconds(0)))
+    #: how a shared subscription group picks the member for a message
+    #: (one of :data:`mqttd.shared.STRATEGIES`)
+    shared_subscription_strategy: str = attrs.field(default=shared.DEFAULT_STRATEGY,
+                                                    validator=_one_of(shared.STRATEGIES))
+    #: v5 Topic Alias Maximum announced in CONNACK (0: clients may not use aliases)
+    max_topic_alias: int = attrs.field(default=10, validator=_int_in(0, 65535))
+    #: inbound QoS 1/2 PUBLISHes a v5 client may have unacknowledged; announced
+    #: as the server's Receive Maximum and enforced with 0x93 [MQTT-3.3.4-8]
+    max_inflight_incoming: int = attrs.field(default=65535, validator=_int_in(1, 65535))
+    #: highest QoS accepted in PUBLISH and wills, granted in SUBSCRIBE (mosquitto's
+    #: maximum_qos); announced as Maximum QoS
+    max_qos: int = attrs.field(default=2, validator=_int_in(0, 2))
+    #: retained messages (and retained wills) accepted (mosquitto's retain_available)
+    retain_available: bool = attrs.field(default=True, validator=_is_bool)
+    #: prefix of the Response Information sent to v5 clients that request it
+    #: (prefix + client id); None: none is sent
+    response_information: Optional[str] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
@@ -247,6 +266,8 @@ class Broker:
         #: pending delayed wills [MQTT-3.1.2-8]
         self.wills = WillScheduler(clock, self._publish_will_now, self._write)
         self._trie = topics.SubscriptionTrie()
+        #: shared-subscription groups; each is one entry of the trie
+        self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
         #: client ids of the persistent sessions (--max-sessions)
         self._persistent: set = set()
@@ -272,6 +293,10 @@ class Broker:
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
         self.log_limiter = LogRateLimiter(clock)
+        #: callables(client_id, reason, text) told of every drop and refusal
+        self.incident_listeners: List[Callable[[str, str, str], None]] = []
+        #: sessions with a connection attached now
+        self.online = 0
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
 
@@ -299,6 +324,8 @@ class Broker:
                               "Refused {what} for {client_id} from {peer}: {detail}",
                               what=what, client_id=client_id or "-", peer=peer,
                               detail=detail, **fields)
+        if self.incident_listeners:  # the admin's per-client ring (not rate-limited)
+            self.incident(client_id, f"refused-{what}", f"refused {what}: {detail}")
 
     def session_client(self, session: Session) -> ClientInfo:
         """The ClientInfo of ``session`` (its owner for an offline session)."""
@@ -373,6 +400,84 @@ class Broker:
                 log.failure("Event observer {observer!r} failed on {event}",
                             observer=callback, event=event)
 
+    # --- inspection -----------------------------------------------------------
+
+    def clients(self, online: Optional[bool] = None) -> List[ClientSummary]:
+        """Every session as a :class:`~mqttd.clients.ClientSummary`, sorted by client id.
+
+        ``online=True``: only connected clients; ``False``: only offline
+        persistent sessions; ``None`` (default): all.  The summaries are
+        copies taken now (O(sessions)); they do not change afterwards.
+        """
+        return [summarize(session) for _id, session in sorted(self.sessions.items())
+                if online is None or (session.connection is not None) == online]
+
+    # --- administration (the admin API; also for embedders) -------------------------
+
+    def disconnect_client(self, client_id: str,
+                          reason_code: int = ReasonCode.ADMINISTRATIVE_ACTION) -> bool:
+        """Close the connection of ``client_id`` (v5: DISCONNECT with ``reason_code``,
+        0x98 Administrative action by default); its will is published and a
+        persistent session stays.  False if it is not connected."""
+        session = self.sessions.get(client_id)
+        if session is None or session.connection is None:
+            return False
+        conn = session.connection
+        log.info("Disconnecting {client_id} (administrative action)", client_id=client_id)
+        self.connection_lost(session, conn, publish_will=True, reason="administrative action")
+        conn.disconnect(reason_code)
+        return True
+
+    def delete_session(self, client_id: str) -> bool:
+        """Discard the session of ``client_id`` with its subscriptions and queued
+        messages (from the store too), disconnecting it first if it is online.
+        False if there is no such session."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return False
+        if session.connection is not None:
+            self.disconnect_client(client_id)
+        session = self.sessions.get(client_id)
+        if session is not None:
+            log.info("Deleting session {client_id} (administrative action)",
+                     client_id=client_id)
+            self._discard_session(session)
+        return True
+
+    def clear_retained(self, topic: str) -> bool:
+        """Remove the retained message of ``topic`` (from the store too); False if none."""
+        if topic not in self.retained:
+            return False
+        self._retain(Message(topic, b"", 0, True))
+        self.retained.remove(topic)  # a volatile ($SYS) one is not in the store
+        return True
+
+    # --- incidents: drops and refusals, per client ------------------------------
+
+    def on_incident(self, callback: Callable[[str, str, str], None]) -> Callable[[], None]:
+        """Call ``callback(client_id, reason, text)`` for every message dropped for a
+        client and every refusal of a client's packet (rate limits do not apply:
+        the admin's per-client ring of recent drops and refusals is fed here).
+
+        ``reason`` is a stable token (``queue-full``, ``publish-refused``,
+        ``connect-refused``, ``session-expired``...); ``text`` one line for
+        humans.  Returns an unregister function.  Only the rare paths call it.
+        """
+        self.incident_listeners.append(callback)
+
+        def unregister():
+            if callback in self.incident_listeners:
+                self.incident_listeners.remove(callback)
+        return unregister
+
+    def incident(self, client_id: Optional[str], reason: str, text: str) -> None:
+        """Report one drop or refusal to the :meth:`on_incident` listeners."""
+        for callback in list(self.incident_listeners):
+            try:
+                callback(client_id, reason, text)
+            except Exception:
+                log.failure("Incident listener {listener!r} failed", listener=callback)
+
     def add_publish_filter(self, publish_filter: Callable) -> Callable[[], None]:
         """Run ``publish_filter(message, client)`` on every message published.
 
@@ -432,7 +537,9 @@ class Broker:
     def restore(self, state: R.StoredState) -> None:
         """Rebuild sessions, subscriptions, retained messages and pending wills
         from the store.  Messages that expired while the broker was down are
-        dropped (and deleted from the store) [MQTT-3.3.2-5]."""
+        dropped (and deleted from the store) [MQTT-3.3.2-5].  Stored messages
+        written by older versions go through the same property mapping as
+        live ones (a retained will could carry its Will Delay Interval)."""
         now = self.clock.seconds()
         expired = 0
         for topic, message in list(state.retained.items()):
@@ -440,7 +547,7 @@ class Broker:
                 self._write(R.DeleteRetained(topic))
                 expired += 1
                 continue
-            self.retained.set(message)
+            self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
             record = stored.record
@@ -453,7 +560,7 @@ class Broker:
                                        if record.disconnected_at is not None else now)
             for sub in record.subscriptions:
                 session.subscriptions[sub.topic_filter] = sub
-                self._trie.add(sub.topic_filter, client_id, sub)
+                self._index(client_id, sub)
             for seq in sorted(stored.outbound):
                 out = stored.outbound[seq]
                 session.restore_seq(seq)
@@ -463,6 +570,9 @@ class Broker:
                     self._write(R.DeleteOutbound(client_id, seq))
                     expired += 1
                     continue
+                forwardable = _forwardable(out.message, keep_subscription_ids=True)
+                if forwardable is not out.message:
+                    out = attrs.evolve(out, message=forwardable)
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                     session.restore_queued(out)
                 else:
@@ -547,6 +657,9 @@ class Broker:
         session.will = will
         session.connection = connection
         session.disconnected_at = None
+        self.online += 1
+        if self.online > self.stats.clients_maximum:
+            self.stats.clients_maximum = self.online
         if persistent:
             self._write(R.PutSession(session.to_record()))
             if not was_persistent:
@@ -614,6 +727,7 @@ class Broker:
         """The network connection of ``session`` is gone (for whatever reason)."""
         if session.connection is not connection:
             return  # already taken over
+        self.online -= 1
         info = getattr(connection, "info", None)
         client_id = session.client_id
         # every step runs even if an earlier one fails: never half torn down
@@ -692,11 +806,17 @@ class Broker:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.info("Session {client_id} expired", client_id=session.client_id)
+            queued = len(session.queue) + len(session.inflight)
+            self.stats.sessions_expired += 1
             self._discard_session(session)
+            if self.incident_listeners:
+                self.incident(session.client_id, "session-expired",
+                              f"session expired after {session.expiry_interval} s offline; "
+                              f"{queued} queued or in-flight messages discarded")
 
     def _discard_session(self, session: Session) -> None:
         for topic_filter in list(session.subscriptions):
-            self._trie.remove(topic_filter, session.client_id)
+            self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
         session.clear_queue()
         if session.persistent:
@@ -711,6 +831,8 @@ class Broker:
         session.replays.clear()
         # the session ended: a will still waiting for its delay goes out now
         self.wills.session_ended(session.client_id)
+        if session.inflight or session.queue:
+            self._redispatch(session)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
@@ -726,10 +848,14 @@ class Broker:
     # --- subscriptions --------------------------------------------------------
 
     def subscribe(self, session: Session, sub: SubscriptionRecord) -> bool:
-        """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new."""
+        """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new.
+
+        A ``$share/{ShareName}/{filter}`` filter joins that shared
+        subscription group (:mod:`mqttd.shared`).
+        """
         is_new = sub.topic_filter not in session.subscriptions
         session.subscriptions[sub.topic_filter] = sub
-        self._trie.add(sub.topic_filter, session.client_id, sub)
+        self._index(session.client_id, sub)
         if session.persistent:
             self._write(R.PutSession(session.to_record()))
         self.stats.subscriptions_total += 1
@@ -738,10 +864,22 @@ class Broker:
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        self._trie.remove(topic_filter, session.client_id)
+        self._unindex(session.client_id, topic_filter)
         if session.persistent:
             self._write(R.PutSession(session.to_record()))
         return True
+
+    def _index(self, client_id: str, sub: SubscriptionRecord) -> None:
+        if sub.topic_filter.startswith(topics.SHARE_PREFIX):
+            self.shared.add(client_id, sub)
+        else:
+            self._trie.add(sub.topic_filter, client_id, sub)
+
+    def _unindex(self, client_id: str, topic_filter: str) -> None:
+        if topic_filter.startswith(topics.SHARE_PREFIX):
+            self.shared.remove(client_id, topic_filter)
+        else:
+            self._trie.remove(topic_filter, client_id)
 
     def send_retained(self, session: Session, sub: SubscriptionRecord) -> None:
         """Replay the retained messages matching ``sub`` with retain=1 [MQTT-3.3.1-6].
@@ -754,7 +892,7 @@ class Broker:
         """
         cursor = self.retained.cursor(sub.topic_filter, self.clock.seconds())
         session.replays.pop(sub.topic_filter, None)
-        session.replays[sub.topic_filter] = (cursor, sub.qos)
+        session.replays[sub.topic_filter] = (cursor, sub.qos, sub.subscription_identifier)
         if session.connection is not None:
             self.drain(session)
 
@@ -768,7 +906,7 @@ class Broker:
         now = self.clock.seconds()
         while replays and not session.queue and conn.writable():
             topic_filter = next(iter(replays))
-            cursor, max_qos = replays[topic_filter]
+            cursor, max_qos, sid = replays[topic_filter]
             message = next(cursor, None)
             if message is None:
                 del replays[topic_filter]
@@ -780,6 +918,8 @@ class Broker:
                     continue
             qos = message.qos if message.qos < max_qos else max_qos
             message = delivery_message(message, True)
+            if sid is not None:  # [MQTT-3.3.4-3]
+                message = with_subscription_ids(message, (sid,))
             if self.authorize_forward is not None:
                 # read permission at delivery time, retained replay included
                 allowed = self._may_forward(session, message)
@@ -865,6 +1005,18 @@ class Broker:
 
     # --- publishing -------------------------------------------------------------
 
+    def publish_volatile(self, message: Message) -> int:
+        """Publish ``message``; if retained, it becomes its topic's retained message
+        in memory only (never written to the store, gone after a restart).
+
+        For ``$SYS`` statistics: new subscribers get the latest value at once
+        without one store write per value per interval.  Returns receivers.
+        """
+        if message.retain:
+            self.retained.set(message)
+            message = attrs.evolve(message, retain=False)
+        return self.publish(message, client=None)
+
     def publish_message(self, topic: str, payload: bytes = b"", qos: int = 0,
                         retain: bool = False, properties=None) -> int:
         """Publish from inside the process (embedding API, $SYS).  Returns receivers."""
@@ -890,7 +1042,11 @@ class Broker:
         message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        self.stats.messages_received += 1
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self.stats
+            stats.messages_received += 1
+            stats.messages_in[message.qos] += 1
+            stats.payload_in[message.qos] += len(message.payload)
         if self._publish_filters:
             for publish_filter in self._publish_filters:
                 message = publish_filter(message, client)
@@ -915,20 +1071,34 @@ class Broker:
         # merge overlapping subscriptions per client, each subscription's
         # options applied first: a No Local subscription of the publisher does
         # not take part, another of its subscriptions may still deliver
-        # [MQTT-3.8.3-3], [MQTT-3.3.5-1]
+        # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
+        # matching subscription identifier [MQTT-3.3.4-4]
         origin = message.origin
+        receivers = 0
         best: Dict[object, SubscriptionRecord] = {}
+        ids: Optional[Dict[object, list]] = None
         for _filter, key, sub in matches:
+            if key.__class__ is not str:  # an in-process subscriber or a shared group
+                try:
+                    receivers += self._route(key, sub, message, cache)
+                except Exception:
+                    self._delivery_failed(key, message)
+                continue
             if key == origin and sub.no_local:
                 continue
+            sid = sub.subscription_identifier
+            if sid is not None:
+                if ids is None:
+                    ids = {}
+                ids.setdefault(key, []).append(sid)
             prev = best.get(key)
             if prev is None or sub.qos > prev.qos:
                 best[key] = sub
-        receivers = 0
         for key, sub in best.items():
             # one subscriber's failure never reaches the others
             try:
-                receivers += self._route(key, sub, message, cache)
+                receivers += self._route(key, sub, message, cache,
+                                         None if ids is None else ids.get(key))
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
@@ -940,28 +1110,108 @@ class Broker:
                     "other subscribers are unaffected", client_id=client_id,
                     topic=message.topic)
 
-    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
-        """Deliver ``message`` to one subscriber; 1 if it was a receiver."""
-        if key.__class__ is LocalSubscription:
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict,
+               ids: Optional[list] = None) -> int:
+        """Deliver ``message`` to one subscriber; 1 if it was a receiver.
+
+        ``ids``: the subscription identifiers of all the client's matching
+        subscriptions (merged by :meth:`publish`); None: ``sub``'s own.
+        """
+        cls = key.__class__
+        if cls is LocalSubscription:
             self._call_local(key, message)
             return 1
+        if cls is shared.ShareGroup:
+            return self._route_shared(key, message, cache)
         if sub.no_local and key == message.origin:
             return 0  # [MQTT-3.8.3-3]
         session = self.sessions.get(key)
         if session is None:
             return 0
         qos = sub.qos if sub.qos < message.qos else message.qos
-        if self.authorize_forward is not None:
-            allowed = self._may_forward(session, message)
-            if allowed is not True:
-                return self._forward_later(session, message, qos, allowed)
         if message.retain and not sub.retain_as_published:
             live = cache.get("live")
             if live is None:
                 live = cache["live"] = delivery_message(message, False)
             message = live
+        if ids is None:
+            if sub.subscription_identifier is not None:
+                message = self._with_ids(message, (sub.subscription_identifier,), cache)
+        elif ids:
+            message = self._with_ids(message, tuple(ids), cache)
+        if self.authorize_forward is not None:
+            allowed = self._may_forward(session, message)
+            if allowed is not True:
+                return self._forward_later(session, message, qos, allowed)
         self._deliver(session, message, qos, cache)
         return 1
+
+    def _with_ids(self, message: Message, ids: tuple, cache: dict) -> Message:
+        """``message`` carrying the Subscription Identifiers ``ids`` [MQTT-3.3.4-3];
+        one copy per distinct set, so subscribers with the same set share the bytes."""
+        key = ("ids", id(message), ids)
+        tagged = cache.get(key)
+        if tagged is None:
+            tagged = cache[key] = with_subscription_ids(message, ids)
+        return tagged
+
+    # --- shared subscriptions -----------------------------------------------------
+
+    def _availability(self, client_id: str) -> int:
+        session = self.sessions.get(client_id)
+        if session is None:
+            return shared.UNAVAILABLE
+        if session.connection is not None:
+            return shared.ONLINE
+        return shared.OFFLINE if session.persistent else shared.UNAVAILABLE
+
+    def _route_shared(self, group, message: Message, cache: dict) -> int:
+        """Deliver ``message`` to one member of a shared subscription group
+        [MQTT 5.0 §4.8.2]: online members first, then an offline persistent one."""
+        client_id = self.shared.choose(group, message.topic, message.origin,
+                                       self._availability)
+        if client_id is None:
+            return 0
+        sub = group.members[client_id]
+        session = self.sessions[client_id]
+        qos = sub.qos if sub.qos < message.qos else message.qos
+        if message.retain and not sub.retain_as_published:
+            live = cache.get("live")
+            if live is None:
+                live = cache["live"] = delivery_message(message, False)
+            message = live
+        if sub.subscription_identifier is not None:
+            message = self._with_ids(message, (sub.subscription_identifier,), cache)
+        if self.authorize_forward is not None:
+            allowed = self._may_forward(session, message)
+            if allowed is not True:
+                return self._forward_later(session, message, qos, allowed)
+        self._deliver(session, message, qos, cache, share=group.share_filter)
+        return 1
+
+    def _redispatch(self, session: Session) -> None:
+        """A session that ended still owed QoS 1/2 messages it got through shared
+        subscriptions: each goes to another member of its group, unless the
+        client already has it (a QoS 2 message whose PUBREC arrived)."""
+        owed = [out for out in session.outbound_records()
+                if out.share is not None and out.qos
+                and out.stage != OutboundStage.PUBREL_SENT]
+        if not owed:
+            return
+        session.queue.clear()
+        session.inflight.clear()
+        for out in owed:
+            group = self.shared.group(out.share)
+            message = out.message
+            if message.properties.subscription_identifiers:
+                message = with_subscription_ids(message, ())
+            try:
+                if group is not None and self._route_shared(group, message, {}):
+                    continue
+            except Exception:
+                self._delivery_failed(out.share, message)
+                continue
+            self.count_dropped(session, "shared-no-member", message)
 
     def _call_local(self, local: LocalSubscription, message: Message) -> None:
         try:
@@ -1001,7 +1251,8 @@ class Broker:
         self._schedule_retained_expiry()
 
     def _deliver(self, session: Session, message: Message, qos: int,
-                 cache: Optional[dict] = None, force: bool = False) -> None:
+                 cache: Optional[dict] = None, force: bool = False,
+                 share: Optional[str] = None) -> None:
         conn = session.connection
         if conn is not None:
             if not session.queue and conn.writable():
@@ -1011,7 +1262,7 @@ class Broker:
                 if len(session.inflight) < conn.send_window:
                     pid = session.allocate_packet_id()
                     record = OutboundRecord(session.next_seq(), message, qos, pid,
-                                            OutboundStage.PUBLISH_SENT)
+                                            OutboundStage.PUBLISH_SENT, share)
                     session.inflight[pid] = record
                     if session.persistent:
                         self._write(R.PutOutbound(session.client_id, record))
@@ -1019,7 +1270,7 @@ class Broker:
                     return
         elif qos == 0 and not (force or (session.persistent and self.config.queue_qos0)):
             return  # QoS 0 is not kept for offline clients unless configured
-        record = OutboundRecord(session.next_seq(), message, qos)
+        record = OutboundRecord(session.next_seq(), message, qos, share=share)
         victim = session.enqueue(record, self._limits, force)
         persistent = session.persistent
         if victim is not record:
@@ -1109,7 +1360,7 @@ class Broker:
             session.dequeue()
             pid = session.allocate_packet_id()
             record = OutboundRecord(head.seq, head.message, head.qos, pid,
-                                    OutboundStage.PUBLISH_SENT)
+                                    OutboundStage.PUBLISH_SENT, head.share)
             inflight[pid] = record
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
@@ -1165,6 +1416,9 @@ class Broker:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
         count = session.count_drop(reason)
         self.stats.count_drop(reason)
+        if self.incident_listeners:
+            self.incident(session.client_id, reason,
+                          f"dropped a QoS {message.qos} message to {message.topic!r}: {reason}")
         if debuglog.enabled:
             log.debug("Dropped a message to {topic} for {client_id}: {reason}",
                       client_id=session.client_id, reason=reason, topic=message.topic)
@@ -1206,7 +1460,8 @@ class Broker:
             return False
         if record.stage != OutboundStage.PUBREL_SENT:
             session.inflight[packet_id] = OutboundRecord(
-                record.seq, record.message, 2, packet_id, OutboundStage.PUBREL_SENT)
+                record.seq, record.message, 2, packet_id, OutboundStage.PUBREL_SENT,
+                record.share)
             if session.persistent:
                 self._write(R.UpdateOutbound(session.client_id, record.seq, packet_id,
                                              OutboundStage.PUBREL_SENT))
@@ -1259,6 +1514,28 @@ class Broker:
             self._retained_expiry_call.cancel()
         self._retained_expiry_call = None
         self.flow.release_all()
+
+
+def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Message:
+    """``message`` with only the properties a PUBLISH forwards (see mqttd.messages).
+
+    ``keep_subscription_ids``: a message owed to one session carries that
+    subscriber's Subscription Identifiers, which the broker itself set.
+    """
+    props = forwarded_properties(message.properties)
+    if props is message.properties:
+        return message
+    ids = message.properties.subscription_identifiers
+    if keep_subscription_ids and ids:
+        props = attrs.evolve(props, subscription_identifiers=ids)
+    return attrs.evolve(message, properties=props)
+
+
+def with_subscription_ids(message: Message, ids: tuple) -> Message:
+    """A copy of ``message`` whose Subscription Identifiers are ``ids``
+    (``()``: none), for one subscriber [MQTT-3.3.4-3, MQTT-3.3.4-5]."""
+    return attrs.evolve(message, properties=attrs.evolve(
+        message.properties, subscription_identifiers=tuple(ids)))
 
 
 def topics_is_sys(topic: str) -> bool:

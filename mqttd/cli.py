@@ -26,6 +26,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
     "store": ("mqttd.persistence.storetool:main",
               "check or dump a data directory offline: store check|dump DIR"),
+    "why": ("mqttd.admin.cli:main", "why does (not) a message on TOPIC reach CLIENT? "
+            "(asks the admin API)"),
 }
 
 
@@ -69,8 +71,14 @@ def run(argv: List[str]) -> int:
             return 2
         if options["check-config"]:
             return check_config([a for a in argv if a != "--check-config"])
+    from mqttd.service import CannotListen
+
     sys.argv = ["twistd", "-n", "mqttd", *argv]
-    twistd_run()  # exits the process itself on a usage error
+    try:
+        twistd_run()  # exits the process itself on a usage error
+    except CannotListen as error:  # one line, exit 1; the store was released
+        print(f"mqttd: {error}", file=sys.__stderr__)
+        return 1
     return 0
 
 

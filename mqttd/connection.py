@@ -19,11 +19,12 @@ from typing import Optional
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mqttd import topics, trace
+from mqttd.aliases import InboundAliases, OutboundAliases
 from mqttd.broker import Broker, ClientInfo
 from mqttd.codec import encode, publish_template
 from mqttd.codec.encoder import PublishTemplate
@@ -37,12 +38,15 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message, forwarded_properties
+from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
+#: MQTT 5 has no bridge bit: a CONNECT user property with this name marks a
+#: bridging broker instead (mqttd's bridges send it; the value is its broker id)
+BRIDGE_PROPERTY = "mqttd-bridge"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 #: properties a server may leave out of any packet to respect the client's
 #: Maximum Packet Size [MQTT-3.1.2-25]
@@ -63,6 +67,16 @@ def _peer_host(peer: Optional[str]) -> str:
         return "-"
     host, sep, port = peer.rpartition(":")
     return host if sep and port.isdigit() else peer
+
+
+class _InboundAck:
+    """A PUBACK (as bytes) that ends one inbound QoS 1 flow of a v5 client: its
+    emission frees a place of the server's Receive Maximum [MQTT-3.3.4-8]."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 @attrs.frozen
@@ -86,6 +100,9 @@ class ClientConnection:
     :param clock: ``IReactorTime`` for the CONNECT and keepalive timers.
     """
 
+    #: the listener it came in on (set by the protocol; metrics and admin)
+    listener: Optional[str] = None
+
     def __init__(self, broker: Broker, transport, clock, peer: Optional[str] = None):
         self.broker = broker
         self.transport = transport
@@ -104,6 +121,15 @@ class ClientConnection:
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
+        #: v5 topic aliases: the client's (resolved here) and ours (sent)
+        self._in_aliases: Optional[InboundAliases] = None
+        self._out_aliases: Optional[OutboundAliases] = None
+        #: v5 inbound QoS 1 PUBLISHes whose PUBACK is not written yet, and the
+        #: Receive Maximum they count against (None: not enforced, v3)
+        self._inflight_in = 0
+        self._receive_max: Optional[int] = None
+        self._max_qos = config.max_qos
+        self._retain_available = config.retain_available
         self._online = False
         self._paused = False
         self._will_on_close = True
@@ -142,6 +168,12 @@ class ClientConnection:
         try:
             packets = self.reader.feed(data)
         except MQTTError as error:
+            # the packets before the bad one are handled first, as they would
+            # be had they arrived in an earlier chunk
+            before, error.decoded_before = error.decoded_before, []
+            if before and not self._held:
+                self._last_received = self.clock.seconds()
+                self._process(before)
             self.fail(error)
             return
         if packets:
@@ -258,14 +290,23 @@ class ClientConnection:
     def _warn(self, reason: str, format: str, **fields) -> None:
         """One WARN line per client and ``reason`` at most ``burst`` per window;
         the next line says how many were suppressed (see :mod:`mqttd.ratelimit`)."""
-        self.broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
+        broker = self.broker
+        broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
+        if broker.incident_listeners:  # the admin's per-client ring (not rate-limited)
+            broker.incident(self.client_id or self.peer, reason,
+                            formatEvent(dict(fields, log_format=format)))
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
+        if self._out_aliases is not None:
+            return None  # the topic alias makes them this connection's own
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
+        if self._out_aliases is not None:
+            self._send_aliased(message, qos, packet_id, dup)
+            return
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -286,6 +327,30 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self._stats
+            stats.messages_sent += 1
+            stats.bytes_sent += len(data)
+            stats.messages_out[qos] += 1
+            stats.payload_out[qos] += len(message.payload)
+        self.transport.write(data)
+
+    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool) -> None:
+        """Send with a topic alias (the client's Topic Alias Maximum allows it):
+        the topic name only when the alias is new or rebound [MQTT-3.3.2-11]."""
+        aliases = self._out_aliases
+        topic = message.topic
+        alias, known = aliases.alias_for(topic)
+        props = attrs.evolve(message.properties, topic_alias=alias)
+        data = publish_template("" if known else topic, message.payload, qos,
+                                message.retain, props, MQTT_5).encode(packet_id, dup)
+        if self._client_max_packet is not None and len(data) > self._client_max_packet:
+            if self.session is not None:  # [MQTT-3.1.2-25]
+                self.broker.count_dropped(self.session, "client-maximum-packet-size", message)
+                if packet_id is not None:
+                    self.clock.callLater(0, self._discard_inflight, packet_id)
+            return
+        aliases.sent(topic, alias, known)
         stats = self._stats
         stats.messages_sent += 1
         stats.bytes_sent += len(data)
@@ -332,7 +397,12 @@ class ClientConnection:
         return result
 
     def _emit(self, item) -> None:
-        if item.__class__ is bytes:
+        cls = item.__class__
+        if cls is _InboundAck:
+            self._inflight_in -= 1
+            item = item.data
+            cls = bytes
+        if cls is bytes:
             limit = self._client_max_packet
             if limit is not None and len(item) > limit:  # [MQTT-3.1.2-24]
                 self._fit(None, item, limit)
@@ -356,7 +426,8 @@ class ClientConnection:
         error = failure.value
         full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         if self.state == _CONNECTED and not self._online:
-            self.broker.stats.count_refused_connect("store-unavailable")
+            self.broker.stats.connects_refused += 1
+            self.broker.stats.count_refusal("store-unavailable")
             self._will_on_close = False     # it never connected
             self._refuse(ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE,
                          f"the store cannot write ({error})")
@@ -590,8 +661,9 @@ class ClientConnection:
         # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
         # subscriptions get No Local + Retain As Published, so what it sends us
         # never echoes back and retained flags travel unchanged
-        self.bridge = packet.bridge
         props = packet.properties
+        self.bridge = packet.bridge or (level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in props.user_properties))
         client_id = packet.client_id
         self.client_id = client_id or None
         if config.max_connections and broker.open_connections > config.max_connections:
@@ -604,6 +676,10 @@ class ClientConnection:
                 self.send_window = min(self.send_window, props.receive_maximum)
             if props.maximum_packet_size:
                 self._client_max_packet = props.maximum_packet_size
+            if props.topic_alias_maximum:  # the client accepts our aliases [MQTT-3.3.2-11]
+                self._out_aliases = OutboundAliases(props.topic_alias_maximum)
+            self._in_aliases = InboundAliases(config.max_topic_alias)
+            self._receive_max = config.max_inflight_incoming
         assigned = None
         if not client_id:
             if level == MQTT_3_1:
@@ -637,6 +713,14 @@ class ClientConnection:
                     return self._refuse(ReasonCode.PROTOCOL_ERROR,
                                         f"will response topic: {error.message}",
                                         spec="MQTT-3.3.2-14")
+            if will.qos > config.max_qos:
+                return self._refuse(ReasonCode.QOS_NOT_SUPPORTED,
+                                    f"will QoS {will.qos} above the maximum QoS "
+                                    f"{config.max_qos}", spec="MQTT-3.2.2-12")
+            if will.retain and not config.retain_available:
+                return self._refuse(ReasonCode.RETAIN_NOT_SUPPORTED,
+                                    "retained will but retain is not available",
+                                    spec="MQTT-3.2.2-13")
         levels = config.max_topic_levels
         if will is not None and levels and will.topic.count("/") >= levels:
             broker.refused("max-topic-levels", client_id, self.peer,
@@ -832,7 +916,8 @@ class ClientConnection:
         refusal = broker.session_refusal(client_id, expiry is None or expiry > 0)
         if refusal is not None:
             code, why, reason = refusal
-            broker.stats.count_refused_connect(reason)
+            broker.stats.connects_refused += 1
+            broker.stats.count_refusal(reason)
             return self._refuse(code, why)
         if client_id in config.trace_clients:  # --trace-client
             trace.install(self, packet)
@@ -854,13 +939,23 @@ class ClientConnection:
             self._bucket = [config.max_inbound_rate, config.max_inbound_bytes_rate,
                             self.clock.seconds()]
         if level == MQTT_5:
+            response_information = None
+            if props.request_response_information and config.response_information:
+                response_information = config.response_information + client_id
+            # absent properties mean the spec's defaults: Receive Maximum 65535,
+            # Maximum QoS 2, Retain / Wildcard Subscription Available 1
             ack_props = Properties(
                 assigned_client_identifier=self._assigned,
                 server_keep_alive=server_keepalive,
                 maximum_packet_size=config.max_packet_size,
-                topic_alias_maximum=None,            # 0: no topic aliases yet
-                subscription_identifier_available=0,
-                shared_subscription_available=0,
+                receive_maximum=(config.max_inflight_incoming
+                                 if config.max_inflight_incoming < 65535 else None),
+                maximum_qos=config.max_qos if config.max_qos < 2 else None,
+                retain_available=None if config.retain_available else 0,
+                topic_alias_maximum=config.max_topic_alias or None,
+                subscription_identifier_available=1,
+                shared_subscription_available=1,
+                response_information=response_information,
                 authentication_method=self._auth_method,
                 authentication_data=auth_data,
             )
@@ -896,11 +991,20 @@ class ClientConnection:
         qos = packet.qos
         props = packet.properties
         level = self.protocol_level
+        topic = packet.topic
+        if qos > self._max_qos:
+            raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
+                            ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
+        if packet.retain and not self._retain_available:
+            raise MQTTError("retained PUBLISH but Retain Available is 0",
+                            ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
         if level == MQTT_5:
             if props.topic_alias is not None:
-                # we announce Topic Alias Maximum 0 [MQTT-3.3.2-8]
-                raise MQTTError("topic alias sent but none allowed",
-                                ReasonCode.TOPIC_ALIAS_INVALID, spec="MQTT-3.3.2-8")
+                # the alias is this connection's: resolved here, never forwarded
+                # (forwarded_properties drops it, so the received bytes are not reused)
+                topic = self._in_aliases.resolve(topic, props.topic_alias)
+            if qos:
+                self._check_receive_maximum(packet)
             if props.subscription_identifiers:
                 raise ProtocolError("PUBLISH from a client carries a subscription "
                                     "identifier", spec="MQTT-3.3.4-6")
@@ -910,7 +1014,6 @@ class ClientConnection:
                 except MQTTError as error:
                     raise ProtocolError(f"Response Topic: {error.message}",
                                         spec="MQTT-3.3.2-14") from None
-        topic = packet.topic
         # one $SYS topic is open to clients: a bridging broker's state
         # notification ($SYS/broker/connection/<id>/state), as in mosquitto
         if topic.startswith("$SYS") and not topics.is_bridge_state_topic(topic):
@@ -973,11 +1076,14 @@ class ClientConnection:
         pid = packet.packet_id
         if qos == 1:
             receivers = broker.publish(message, self.info, cache)
-            if receivers or level != MQTT_5:
+            if level != MQTT_5:
                 # PUBACK as bytes: the most frequent packet the broker sends
                 self._output(bytes((0x40, 2, pid >> 8, pid & 0xFF)), durable=True)
-            else:
-                self._output(Puback(pid, ReasonCode.NO_MATCHING_SUBSCRIBERS), durable=True)
+            else:  # frees its place of the Receive Maximum once written
+                self._output(_InboundAck(
+                    bytes((0x40, 2, pid >> 8, pid & 0xFF)) if receivers else
+                    bytes((0x40, 3, pid >> 8, pid & 0xFF, ReasonCode.NO_MATCHING_SUBSCRIBERS))),
+                    durable=True)
         else:
             session = self.session
             if broker.inbound_qos2_seen(session, pid):
@@ -991,6 +1097,21 @@ class ClientConnection:
             self._output(Pubrec(pid, code), durable=True)
         if broker.backpressure:
             self._hold_publisher()
+
+    def _check_receive_maximum(self, packet: Publish) -> None:
+        """A v5 client may not have more QoS 1/2 PUBLISHes unacknowledged than the
+        Receive Maximum we announced [MQTT-3.3.4-7]; 0x93 if it does [MQTT-3.3.4-8].
+
+        A QoS 1 PUBLISH counts until its PUBACK is written, a QoS 2 one until its
+        PUBREL arrives (a re-sent QoS 2 PUBLISH is already counted)."""
+        if packet.qos == 2 and self.broker.inbound_qos2_seen(self.session, packet.packet_id):
+            return
+        if self._inflight_in + len(self.session.inbound_qos2) >= self._receive_max:
+            raise MQTTError(f"more than Receive Maximum {self._receive_max} QoS 1/2 "
+                            f"PUBLISHes unacknowledged", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                            spec="MQTT-3.3.4-8")
+        if packet.qos == 1:
+            self._inflight_in += 1
 
     def _hold_publisher(self) -> None:
         """Stop reading from this publisher until the subscribers it feeds catch up."""
@@ -1026,6 +1147,11 @@ class ClientConnection:
 
     def _ack_refused(self, packet: Publish, code: int) -> None:
         if packet.qos == 1:
+            if self._receive_max is not None:  # counted in _on_publish
+                pid = packet.packet_id
+                self._output(_InboundAck(bytes((0x40, 3, pid >> 8, pid & 0xFF, code))),
+                             durable=False)
+                return
             self._output(Puback(packet.packet_id, code), durable=False)
         elif packet.qos == 2:
             self._output(Pubrec(packet.packet_id, code), durable=False)
@@ -1078,11 +1204,10 @@ class ClientConnection:
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         v5 = self.protocol_level == MQTT_5
-        if v5 and packet.properties.subscription_identifiers:
-            # we announce Subscription Identifier Available = 0
-            raise MQTTError("subscription identifiers are not supported",
-                            ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                            spec="MQTT 5.0 §3.2.2.3.12")
+        for request in packet.subscriptions:
+            if request.no_local and request.topic_filter.startswith(topics.SHARE_PREFIX):
+                raise ProtocolError(f"No Local on the shared subscription "
+                                    f"{request.topic_filter!r}", spec="MQTT-3.8.3-4")
         broker = self.broker
         check = broker.authorize_subscribe
         levels = broker.config.max_topic_levels
@@ -1102,10 +1227,6 @@ class ClientConnection:
                            "Refused subscription of {client_id} to {filter!r}: {error}",
                            client_id=self.client_id, filter=topic_filter, error=str(error))
                 answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID))
-                continue
-            if topics.parse_shared(topic_filter)[0] is not None:
-                answers.append(_Refused(
-                    ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else 0x80))
                 continue
             if levels and topic_filter.count("/") >= levels:
                 broker.refused("max-topic-levels", self.client_id, self.peer,
@@ -1133,6 +1254,10 @@ class ClientConnection:
         broker = self.broker
         session = self.session
         limit = broker.config.max_subscriptions_per_client
+        # the codec allows one identifier in a SUBSCRIBE, 1..268435455
+        ids = packet.properties.subscription_identifiers if v5 else ()
+        sid = ids[0] if ids else None
+        max_qos = self._max_qos
         codes = []
         granted = []
         for request, answer in zip(packet.subscriptions, answers):
@@ -1155,15 +1280,16 @@ class ClientConnection:
                                topic_filter=topic_filter)
                 codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else 0x80)
                 continue
+            qos = request.qos if request.qos <= max_qos else max_qos  # [MQTT-3.2.2-10]
             if self.bridge:  # mosquitto's rule for bridge connections
-                record = SubscriptionRecord(topic_filter, request.qos, True, True,
-                                            request.retain_handling)
+                record = SubscriptionRecord(topic_filter, qos, True, True,
+                                            request.retain_handling, sid)
             else:
-                record = SubscriptionRecord(topic_filter, request.qos, request.no_local,
+                record = SubscriptionRecord(topic_filter, qos, request.no_local,
                                             request.retain_as_published,
-                                            request.retain_handling)
+                                            request.retain_handling, sid)
             is_new = broker.subscribe(session, record)
-            codes.append(request.qos)
+            codes.append(qos)
             granted.append((record, is_new))
         self._output(Suback(packet.packet_id, tuple(codes)), durable=True)
         if granted:
@@ -1174,6 +1300,8 @@ class ClientConnection:
         session = self.session
         for record, is_new in granted:
             broker.emit("subscribed", topic=record.topic_filter, client=self.info)
+            if record.topic_filter.startswith(topics.SHARE_PREFIX):
+                continue  # no retained messages for a shared subscription [MQTT 5.0 §4.8.2]
             handling = record.retain_handling
             if handling == 0 or (handling == 1 and is_new):  # [MQTT-3.3.1-9, 3.3.1-10]
                 broker.send_retained(session, record)

@@ -23,6 +23,11 @@ import attrs
 
 from mqttd.codec.packets import NO_PROPERTIES, Properties
 
+#: ``Message.origin`` of the broker's own ``$SYS`` publications: not counted in
+#: the message and byte statistics.  Client ids cannot contain U+0000
+#: [MQTT-1.5.4-2], so no client can be mistaken for it.
+SYS_ORIGIN = "\x00$SYS"
+
 
 @attrs.frozen(slots=True)
 class Message:
@@ -30,8 +35,9 @@ class Message:
 
     ``properties`` holds what is forwarded to subscribers unchanged (payload
     format indicator, content type, response topic, correlation data, user
-    properties, message expiry); per-connection properties such as a topic
-    alias or subscription identifiers are never stored here.
+    properties, message expiry).  A topic alias is per connection and never
+    stored here; subscription identifiers are per subscriber: only the copy
+    made for one subscriber (and queued or stored for it) carries them.
     """
 
     topic: str

@@ -155,6 +155,23 @@ def flag(value):
 flag.kind = "flag"
 
 
+def boolean(value):
+    """An option with a true/false value (mosquitto style ``retain_available false``):
+    ``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``, or a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+    raise ValueError(f"expected true or false, got {_describe(value)}")
+
+
+boolean.kind = "boolean"
+
+
 @attrs.frozen
 class Option:
     """One option of ``twistd mqttd``: command line, TOML key and validation.
@@ -196,7 +213,9 @@ class Option:
         if self.default is None:
             return ".."
         value = self.default
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, (list, tuple)):
             value = ", ".join(str(v) for v in value)

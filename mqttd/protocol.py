@@ -8,6 +8,8 @@ queue) instead of growing the transport buffer without bound.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -37,6 +39,8 @@ class MQTTProtocol(Protocol):
         self.broker.open_connections += 1  # BrokerConfig.max_connections
         self.connection = ClientConnection(
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        #: the listener (endpoint description) it came in on, for metrics and admin
+        self.connection.listener = self.factory.listener
         if hasattr(self.transport, "bufferSize"):
             # the bound of the outgoing buffer before our writes pause.  Larger
             # is not faster: Twisted copies the unsent rest of its buffer on
@@ -71,12 +75,17 @@ class MQTTFactory(Factory):
     :param clock: ``IReactorTime`` for timers; defaults to the broker's clock.
     :param write_buffer: bytes buffered per connection before writes to it
         pause (push-producer backpressure).
+    :param listener: the name of the listener in metrics and the admin API
+        (``BrokerService`` uses the endpoint description); None: unnamed.
     """
 
     protocol = MQTTProtocol
 
-    def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024):
+    def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
+                 listener: Optional[str] = None):
         self.broker = broker
+        #: a name for the listener (the endpoint description) shown in metrics
+        self.listener = listener
         self.clock = clock if clock is not None else broker.clock
         #: bytes a connection's transport buffers before it pauses our writes
         self.write_buffer = write_buffer

@@ -22,6 +22,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mqttd import systemd
 from mqttd.broker import Broker, BrokerConfig
@@ -55,6 +56,52 @@ def _address_info(port) -> dict:
     return info
 
 
+class CannotListen(Exception):
+    """An endpoint could not listen; ``str()`` is the one line for the operator:
+    ``cannot listen on ENDPOINT: CAUSE``."""
+
+    def __init__(self, endpoint: str, cause: BaseException):
+        self.endpoint = endpoint
+        self.cause = cause
+        socket_error = getattr(cause, "socketError", None)
+        reason = getattr(socket_error, "strerror", None) or str(socket_error or cause) or \
+            type(cause).__name__
+        super().__init__(f"cannot listen on {endpoint}: {reason}")
+        log.critical("Cannot listen on {endpoint}: {cause}; stopping",
+                     endpoint=endpoint, cause=reason)
+
+
+#: connections a listener accepts per reactor turn at most (Twisted's default
+#: grows by 20 per turn without bound during an accept storm)
+DEFAULT_MAX_ACCEPTS_PER_TURN = 64
+
+
+def bound_accepts(port, limit: int = DEFAULT_MAX_ACCEPTS_PER_TURN):
+    """Bound the connections ``port`` accepts per reactor turn to ``limit``.
+
+    Twisted's TCP/UNIX ports accept up to ``numberAccepts`` connections per
+    readable event and raise it by 20 each time they all succeed, so during a
+    flood of connections one turn of the reactor can accept (and set up)
+    thousands of them while established clients wait.  Capping it keeps each
+    turn short; the kernel's listen backlog holds the rest.  Ports without
+    ``numberAccepts`` are returned unchanged.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    if not hasattr(port, "numberAccepts") or not hasattr(port, "doRead"):
+        return port
+    do_read = port.doRead
+
+    def bounded_do_read():
+        if port.numberAccepts > limit:
+            port.numberAccepts = limit
+        return do_read()
+
+    port.doRead = bounded_do_read
+    port.numberAccepts = min(port.numberAccepts, limit)
+    return port
+
+
 class BrokerService(MultiService):
     """Opens the store, restores state, listens; closes all in reverse order."""
 
@@ -67,17 +114,34 @@ class BrokerService(MultiService):
         self.endpoints = list(listen)
         self.ready_file = ready_file
         self.ports = []
+        #: connections each listener accepts per reactor turn at most
+        self.max_accepts_per_turn = DEFAULT_MAX_ACCEPTS_PER_TURN
         self.systopics = SysTopics(broker, broker.clock, sys_interval)
         self.eventlog = EventLog(broker)
         self._started: Optional[defer.Deferred] = None
         #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
         #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
         self.bridges = None
+        #: the bridges' :class:`mqttd.bridge.mesh.MeshGuard` (``dropped`` counts), set
+        #: by the bridge feature under ``twistd mqttd``; None otherwise
+        self.mesh_guard = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
         #: an ``ILogObserver`` offered to the twistd Application it joins
         #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
         self.log_observer = None
+        #: name -> callable() whose JSON-ready result is added to the ready file
+        #: (the admin listeners add their ports as "http")
+        self.ready_extras: Dict[str, Callable[[], object]] = {}
+        #: metric name -> (help, label names, read() -> [(label values, value)]):
+        #: gauges features (bridges, cluster) export through the admin metrics
+        self.gauges: Dict[str, tuple] = {}
+
+    def add_gauge(self, name: str, help: str, labels, read) -> None:
+        """Export a gauge ``name`` (``mqttd_...``) read at scrape time:
+        ``read()`` returns ``[(label values, value), ...]`` (e.g. a bridge's
+        ``[(("edge",), 1)]`` for connected)."""
+        self.gauges[name] = (help, tuple(labels), read)
 
     def setServiceParent(self, parent):
         """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
@@ -120,34 +184,81 @@ class BrokerService(MultiService):
         return results
 
     def startService(self):
-        # restore first: child services (bridges) find their sessions restored
-        state = self.broker.store.open()
-        self.broker.restore(state)
+        """Listen on every endpoint, then open the store, restore, start the children.
+
+        Listening comes first so that a broker that cannot listen never takes
+        the data-dir lock: no connection is accepted before this returns (the
+        reactor is not processing events meanwhile), so clients never see a
+        broker that has not restored its state.  Child services (bridges)
+        start after the restore and find their sessions restored.
+
+        :raises CannotListen: when an endpoint cannot listen at once (port in
+            use, bad address, no permission; every built-in endpoint type binds
+            synchronously).  The ports already listening are closed and the
+            store is left unopened, so ``twistd`` exits non-zero (a daemonized
+            ``twistd`` reports the line through its status pipe).  An endpoint
+            that fails later, asynchronously, logs the same line and stops the
+            reactor (``stopService`` then closes the store).
+        """
+        listening = defer.ensureDeferred(self._listen())
+        if listening.called:
+            outcome = []
+            listening.addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                self._close_ports()
+                outcome[0].raiseException()
+        try:
+            state = self.broker.store.open()
+            self.broker.restore(state)
+        except BaseException:
+            self._close_ports()
+            raise
         super().startService()
         self.eventlog.start()
         self.systopics.start()
-        self._started = defer.ensureDeferred(self._listen())
-        self._started.addErrback(self._listen_failed)
+        if listening.called:
+            self._started = defer.succeed(self._listened(self.ports))
+        else:  # an endpoint that listens asynchronously
+            listening.addCallbacks(self._listened, self._listen_failed)
+            self._started = listening
         return self._started
 
     async def _listen(self):
         for description in self.endpoints:
-            endpoint = serverFromString(self.reactor, with_backlog(description))
-            port = await endpoint.listen(self.factory)
-            self.ports.append(port)
+            try:
+                endpoint = serverFromString(self.reactor, with_backlog(description))
+                port = await endpoint.listen(self.factory_for(description))
+            except Exception as error:
+                raise CannotListen(description, error) from None
+            self.ports.append(bound_accepts(port, self.max_accepts_per_turn))
             log.info("MQTT listening on {endpoint} ({address})",
                      endpoint=description, address=_address_info(port))
+        return self.ports
+
+    def _listened(self, ports):
         if self.ready_file:
             self._write_ready_file()
         systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
                        f"MAINPID={os.getpid()}")
-        return self.ports
+        return ports
+
+    def factory_for(self, description: str) -> MQTTFactory:
+        """The factory of one listener: :attr:`factory`'s settings, named after
+        ``description`` (the ``listener`` label of metrics and the admin API)."""
+        factory = MQTTFactory(self.broker, self.factory.clock, self.factory.write_buffer,
+                              listener=description)
+        factory.protocol = self.factory.protocol
+        return factory
 
     def _listen_failed(self, failure):
-        log.failure("Could not listen; stopping", failure)
         if self.reactor.running:
             self.reactor.stop()
         return failure
+
+    def _close_ports(self) -> None:
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
 
     def _write_ready_file(self) -> None:
         info = {
@@ -156,6 +267,8 @@ class BrokerService(MultiService):
             "listeners": [dict(_address_info(p), endpoint=d)
                           for p, d in zip(self.ports, self.endpoints)],
         }
+        for name, extra in self.ready_extras.items():
+            info[name] = extra()
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(info, f)

@@ -95,7 +95,8 @@ class Session:
     #: (a resumed session resends within the client's Receive Maximum)
     resend: Deque[int] = attrs.Factory(collections.deque)
     #: retained replays in progress: filter -> (cursor over the retained
-    #: index, subscription QoS), fed by Broker.drain as the client reads
+    #: index, subscription QoS, subscription identifier or None), fed by
+    #: Broker.drain as the client reads
     replays: Dict[str, tuple] = attrs.Factory(dict)
     #: broker clock time the session used up its publisher-pause budget
     #: without draining (it holds no one until healthy again); None otherwise

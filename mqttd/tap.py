@@ -20,8 +20,9 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, choice, duration, endpoint, flag, integer, number, text)
+    ConfigError, Option, boolean, choice, duration, endpoint, flag, integer, number, text)
 from mqttd.session import OverflowPolicy
+from mqttd.shared import DEFAULT_STRATEGY as SHARED_DEFAULT, STRATEGIES as SHARED_STRATEGIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -105,6 +106,9 @@ OPTIONS: List[Option] = [
            field="max_sessions"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
+    Option("bridge-dedup-window", number(0), "Seconds a message that came over a bridge "
+           "is remembered by its topic and payload, so a copy arriving by another MQTT 3.1.1 "
+           "bridge path is dropped (meshes; see docs/bridge.rst); 0 = off.", default=0.0),
     Option("queue-qos0", flag, "Queue QoS 0 messages for offline persistent sessions.",
            field="queue_qos0"),
     Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "
@@ -131,8 +135,31 @@ OPTIONS: List[Option] = [
     Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
            "pause must stay drained and healthy before it may hold publishers again.",
            default=30.0, field="publisher_pause_recovery"),
+    Option("metrics-listen", endpoint, "Serve Prometheus metrics at /metrics on this "
+           "endpoint, e.g. tcp:9883:interface=127.0.0.1 (repeatable).", repeatable=True),
+    Option("admin-listen", endpoint, "Serve the admin API and dashboard on this endpoint; "
+           "beyond loopback only with --admin-token (repeatable).", repeatable=True),
+    Option("admin-token", text(), "Bearer token the admin API requires "
+           "(Authorization: Bearer TOKEN)."),
+    Option("admin-user", text(), "Broker user (checked by the broker's authenticator) "
+           "allowed to use the admin API with HTTP Basic (repeatable).", repeatable=True),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
+    Option("shared-subscription-strategy", choice(*SHARED_STRATEGIES), "How a $share/ "
+           "group picks the member for a message.", default=SHARED_DEFAULT,
+           field="shared_subscription_strategy"),
+    Option("max-topic-alias", integer(0, 65535), "v5 Topic Alias Maximum announced to "
+           "clients; 0 = no inbound aliases.", default=10, field="max_topic_alias"),
+    Option("max-inflight-incoming", integer(1, 65535), "Unacknowledged inbound QoS 1/2 "
+           "PUBLISHes per v5 client (the server's Receive Maximum; more gets DISCONNECT "
+           "0x93).", default=65535, field="max_inflight_incoming"),
+    Option("max-qos", integer(0, 2), "Highest QoS accepted in PUBLISH and wills and "
+           "granted in SUBSCRIBE (mosquitto's maximum_qos).", default=2, field="max_qos"),
+    Option("retain-available", boolean, "true or false: accept retained messages "
+           "(mosquitto's retain_available).", default=True, field="retain_available"),
+    Option("response-information", text(), "Prefix of the Response Information for v5 "
+           "clients that request it (prefix + client id).", field="response_information",
+           doc_default="none"),
     # --- security (mqttd.auth; see docs/security.rst) ---
     Option("password-file", text(_password_file), "mosquitto-format password file "
            "($7$, $6$; mqttd passwd writes it); reloaded on SIGHUP."),
@@ -164,6 +191,7 @@ OPTIONS: List[Option] = [
 FEATURES: List[str] = [
     "mqttd.auth.setup:install",
     "mqttd.bridge.service:from_options",
+    "mqttd.admin.service:install",
 ]
 
 
@@ -201,19 +229,6 @@ class Options(usage.Options):
         #: where each value came from: "command line", the file name, or "default"
         self.sources: Dict[str, str] = {}
         self._config = None
-
-    def opt_trace_client(self, client_id):
-        """Log every packet of this client id at info level (repeatable)."""
-        self["trace-client"].append(client_id)
-
-    def opt_listen(self, description):
-        """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
-        (repeatable)."""
-        self["listen"].append(description)
-
-    def opt_auth(self, description):
-        """A twisted.cred checker: unix, memory:USER:PASS:..., file:PATH (repeatable)."""
-        self["auth"].append(description)
 
     def opt_version(self):
         """Print mqttd's version and exit."""
@@ -269,6 +284,12 @@ class Options(usage.Options):
         if self["port"] is not None:
             listen.append(f"tcp:{self['port']}")
         self["listen"] = listen or list(option("listen").default)
+        from mqttd.admin.service import check_admin_listen
+        for description in self["admin-listen"]:
+            try:
+                check_admin_listen(description, self["admin-token"], self["admin-user"])
+            except ValueError as error:
+                raise ConfigError(f"--admin-listen: {error}") from None
         self._config = self._broker_config()
 
     def _read_file(self, path) -> dict:
@@ -322,6 +343,19 @@ class Options(usage.Options):
         return self._config
 
 
+def _repeatable(opt: Option):
+    def append(self, value):
+        self[opt.name].append(value)
+    append.__doc__ = opt.help
+    return append
+
+
+# a repeatable option is an opt_NAME method of usage.Options (one per entry above)
+for _opt in OPTIONS:
+    if _opt.repeatable:
+        setattr(Options, "opt_" + _opt.name.replace("-", "_"), _repeatable(_opt))
+
+
 def _bridges(path, tables) -> list:
     """The ``[[bridge]]`` tables as BridgeConfig values; ConfigError names the line."""
     from mqttd.bridge.config import BridgeConfigError, bridges_from_toml
@@ -351,6 +385,19 @@ def check_report(options: Options) -> str:
                      + " ".join(f"{h}:{p}" for h, p in bridge.addresses)
                      + f" ({len(bridge.topics)} topic lines)")
     return "\n".join(lines)
+
+
+def _one_line_for_cannot_listen(previous_hook):
+    """``sys.excepthook`` that prints :class:`~mqttd.service.CannotListen` as one
+    line (``twistd -n mqttd`` in the foreground) instead of a traceback."""
+    from mqttd.service import CannotListen
+
+    def hook(kind, value, traceback):
+        if isinstance(value, CannotListen):
+            print(f"mqttd: {value}", file=sys.__stderr__)
+        else:
+            previous_hook(kind, value, traceback)
+    return hook
 
 
 def _log_stream(options: Options):
@@ -392,6 +439,7 @@ def makeService(options: Options):
     from mqttd import logs
     from mqttd.service import make_broker_service
 
+    sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
     settings = logs.LogSettings(options["log-level"] or "info")
     store_options = {}
     if options["fsync"]:

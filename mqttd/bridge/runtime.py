@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from mqttd.broker import ClientInfo
 from mqttd.client import ClientOptions, MQTTClientFactory
+from mqttd.connection import BRIDGE_PROPERTY
 from mqttd.codec.packets import (
     MQTT_5, NO_PROPERTIES, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, Subscription, Unsubscribe, Will)
@@ -180,7 +181,9 @@ class Bridge(Service):
         if level == MQTT_5:
             props = Properties(
                 session_expiry_interval=0 if config.cleansession else 0xFFFFFFFF,
-                receive_maximum=min(65535, max(config.max_inflight, 1)))
+                receive_maximum=min(65535, max(config.max_inflight, 1)),
+                # the MQTT 5 stand-in for the bridge bit (see mqttd.connection)
+                user_properties=((BRIDGE_PROPERTY, self.broker.config.broker_id),))
         password = config.remote_password
         return ClientOptions(
             client_id=config.remote_clientid, protocol_level=level,

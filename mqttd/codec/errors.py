@@ -94,6 +94,8 @@ class MQTTError(Exception):
     """
 
     default_reason_code = ReasonCode.UNSPECIFIED_ERROR
+    #: packets a ``PacketReader.feed`` call completed before this error
+    decoded_before: list = ()
 
     def __init__(self, message: str, reason_code: Optional[int] = None,
                  spec: Optional[str] = None):

@@ -435,14 +435,23 @@ class PacketReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> List[object]:
-        """Consume ``data``; return the packets it completes, in order."""
+        """Consume ``data``; return the packets it completes, in order.
+
+        :raises MQTTError: at the first violation.  The packets ``data``
+            completed before it are in the error's ``decoded_before`` list, so
+            a caller handles the same packets however the stream was split
+            into chunks.
+        """
         if self._error is not None:
+            self._error.decoded_before = []
             raise self._error
+        out = []
         try:
-            return self._feed(data)
+            return self._feed(data, out)
         except MQTTError as e:
             self._error = e
             self._buf = bytearray()
+            e.decoded_before = out
             raise
 
     # -- framing ---------------------------------------------------------------
@@ -473,8 +482,7 @@ class PacketReader:
                 f"{self.max_packet_size}", spec="MQTT-3.2.2-15")
         return total, header
 
-    def _feed(self, data):
-        out = []
+    def _feed(self, data, out):
         buf = self._buf
         if buf:
             # Complete the one pending packet first.
@@ -530,7 +538,7 @@ class PacketReader:
             byte0 = data[pos]
             if byte0 >> 4 == PUBLISH and level is not None:     # the hot path
                 append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end, pos))
-            elif total == 4 and byte0 in _SHORT_ACKS and level is not None:
+            elif total == 4 and header == 2 and byte0 in _SHORT_ACKS and level is not None:
                 # PUBACK/PUBREC/PUBREL/PUBCOMP with only a packet id: the other hot path
                 pid = (data[pos + 2] << 8) | data[pos + 3]
                 if not pid:
@@ -565,5 +573,9 @@ class PacketReader:
                 f"{_NAMES[ptype]} with invalid fixed header flags {flags:#06b}",
                 spec=_spec(level, "MQTT-2.2.2-2", "MQTT-2.1.3-1"))
         if ptype == CONNECT:
+            if level is not None:
+                # the level is fixed by the first CONNECT; a later one must not
+                # change how the rest of the stream is decoded [MQTT-3.1.0-2]
+                raise ProtocolError("second CONNECT on a connection", spec="MQTT-3.1.0-2")
             return _decode_connect(self, data, start, end)
         return _DECODERS[ptype](level, flags, data, start, end)

@@ -68,6 +68,9 @@ class OutboundRecord:
     qos: int                     # the QoS it is delivered with
     packet_id: Optional[int] = None
     stage: OutboundStage = OutboundStage.QUEUED
+    #: ``$share/{ShareName}/{filter}`` when the message came through that shared
+    #: subscription (it goes to another member if this session ends first)
+    share: Optional[str] = None
 
 
 @attrs.frozen(slots=True)

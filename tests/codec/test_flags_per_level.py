@@ -110,3 +110,40 @@ def test_suback_and_unsuback_with_packet_id_0_are_refused(data):
     """SUBACK/UNSUBACK carry the non-zero id of what they acknowledge."""
     with pytest.raises(MQTTError):
         PacketReader(level=4).feed(data)
+
+
+# --- found by bench/fuzz.py -------------------------------------------------------------------
+
+@pytest.mark.parametrize("level", [3, 4, 5])
+def test_short_ack_with_a_two_byte_remaining_length_is_framed_by_its_header(level):
+    """70 81 00 3b: PUBCOMP whose Remaining Length 1 takes two bytes: the packet id is
+    truncated (malformed), fed whole or byte by byte — not PUBCOMP 59 from the wrong offset."""
+    data = hexb("70 81 00 3b")
+    with pytest.raises(MalformedPacket):
+        PacketReader(level=level).feed(data)
+    reader = PacketReader(level=level)
+    with pytest.raises(MalformedPacket):
+        for byte in data:
+            reader.feed(bytes((byte,)))
+
+
+def test_second_connect_does_not_change_the_level_of_the_stream():
+    """A CONNECT after the level is known is a protocol error in the reader itself
+    [MQTT-3.1.0-2]: what follows is never decoded at another level."""
+    v4_connect = hexb("10 0e 00 04 4d 51 54 54 04 02 00 3c 00 02 63 31")
+    reader = PacketReader(level=5)
+    with pytest.raises(ProtocolError):
+        reader.feed(v4_connect)
+    assert reader.level == 5
+
+
+def test_packets_before_an_error_in_the_same_chunk_are_kept():
+    """PINGREQ then a reserved packet type in one chunk: the PINGREQ is in
+    decoded_before, as it would have been returned had it come in its own chunk."""
+    reader = PacketReader(level=4)
+    with pytest.raises(MalformedPacket) as info:
+        reader.feed(hexb("c0 00 f0 00"))
+    assert [type(p).__name__ for p in info.value.decoded_before] == ["Pingreq"]
+    with pytest.raises(MalformedPacket) as again:
+        reader.feed(b"")
+    assert again.value.decoded_before == []

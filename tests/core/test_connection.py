@@ -723,36 +723,3 @@ def test_v5_disconnect_with_expiry_0_removes_the_stored_session():
     c.send(Disconnect(0, Properties(session_expiry_interval=0)))
     assert "gone" not in broker.sessions
     assert R.DeleteSession("gone") in store.ops
-
-
-def test_v5_subscription_identifier_is_refused_with_0xa1():
-    """We announce Subscription Identifiers Available = 0: a SUBSCRIBE carrying one gets DISCONNECT 0xA1."""
-    broker, clock = make_broker()
-    c = FakeClient(broker, clock, level=5)
-    connack = c.connect("s")[0]
-    assert connack.properties.subscription_identifier_available == 0
-    c.send(Subscribe(1, (Subscription("t", 1),), Properties(subscription_identifiers=(7,))))
-    packets = c.received()
-    assert isinstance(packets[-1], Disconnect) and packets[-1].reason_code == 0xA1
-    assert c.disconnecting
-
-
-def test_v5_topic_alias_is_refused_with_0x94():
-    """Topic Alias Maximum is 0, so a PUBLISH with a topic alias gets DISCONNECT 0x94 [MQTT-3.3.2-8]."""
-    broker, clock = make_broker()
-    c = FakeClient(broker, clock, level=5)
-    c.connect("a")
-    c.publish("t", b"x", properties=Properties(topic_alias=1))
-    packets = c.received()
-    assert isinstance(packets[-1], Disconnect) and packets[-1].reason_code == 0x94
-
-
-def test_shared_subscription_gets_0x9e_in_v5_and_0x80_in_v3():
-    """$share/... filters are refused per item until shared subscriptions exist."""
-    broker, clock = make_broker()
-    v5 = FakeClient(broker, clock, level=5)
-    v5.connect("five")
-    assert v5.subscribe("$share/g/t", "t", qos=1)[0] == Suback(1, (0x9E, 1))
-    v3 = FakeClient(broker, clock)
-    v3.connect("three")
-    assert v3.subscribe("$share/g/t", qos=1)[0] == Suback(1, (0x80,))

@@ -96,3 +96,48 @@ def test_queued_messages_are_sent_with_the_bytes_received():
     # same bytes but the packet id (offset 5: header 2, topic length 2, "t")
     assert sent[:5] == raw[:5] and sent[7:] == raw[7:] and len(sent) == len(raw)
     assert not broker.sessions["sub"].wire
+
+
+def test_listener_accepts_a_bounded_number_of_connections_per_reactor_turn():
+    """During an accept storm one reactor turn accepts at most max_accepts_per_turn
+    connections (Twisted's own bound grows by 20 per turn without limit); the kernel
+    backlog keeps the rest for the next turns (issue 8 item 10)."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqttd.service import bound_accepts
+
+    broker, clock = make_broker()
+    built = []
+
+    class CountingFactory(MQTTFactory):
+        def buildProtocol(self, addr):
+            built.append(addr)
+            return super().buildProtocol(addr)
+
+    reactor = MemoryReactorClock()
+    port = tcp.Port(0, CountingFactory(broker, clock), 500, "127.0.0.1", reactor)
+    port.startListening()
+    bound_accepts(port, 16)
+    clients = []
+    try:
+        for _ in range(100):
+            c = socket.socket()
+            c.connect(("127.0.0.1", port.getHost().port))
+            clients.append(c)
+        port.numberAccepts = 10_000   # what Twisted reaches after a long storm
+        turns = []
+        for _ in range(20):
+            before = len(built)
+            port.doRead()
+            turns.append(len(built) - before)
+            if len(built) == 100:
+                break
+        assert max(turns) == 16
+        assert len(built) == 100
+    finally:
+        for c in clients:
+            c.close()
+        port.stopListening()

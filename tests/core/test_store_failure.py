@@ -83,7 +83,7 @@ def test_persistent_connect_gets_a_connack_refusal_while_the_store_cannot_write(
     assert [type(p) for p in packets] == [Connack]
     assert packets[0].reason_code == code
     assert c.disconnecting
-    assert broker.stats.connects_refused["store-unavailable"] == 1
+    assert broker.stats.refused["store-unavailable"] == 1
 
 
 def test_connect_whose_session_write_fails_is_refused_by_connack_not_disconnect(setup):

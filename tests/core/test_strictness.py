@@ -305,3 +305,17 @@ def test_v5_valid_response_topic_is_delivered():
     c.publish("t", b"x", properties=Properties(response_topic="reply/c"))
     [p] = [p for p in c.received() if isinstance(p, Publish)]
     assert p.properties.response_topic == "reply/c"
+
+
+def test_packets_before_a_malformed_one_in_the_same_chunk_are_handled():
+    """PUBLISH then garbage in one TCP chunk: the PUBLISH is delivered, then the close —
+    the same as when they arrive in two chunks (found by bench/fuzz.py)."""
+    broker, clock = make_broker()
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("t")
+    c = FakeClient(broker, clock)
+    c.connect("pub")
+    c.send_bytes(encode(Publish("t", b"first", 0), 4) + b"\xf0\x00")
+    assert c.disconnecting
+    assert [p.payload for p in sub.received() if isinstance(p, Publish)] == [b"first"]

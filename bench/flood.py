@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Longest gap an established client sees during a flood of short abusive connections.
+
+    .venv/bin/python bench/flood.py                                 # 20,000 connections
+    .venv/bin/python bench/flood.py --connections 100000 --workers 2
+    .venv/bin/python bench/flood.py --broker-root /tmp/old-mqttd    # measure another checkout
+    .venv/bin/python bench/flood.py --rss                           # item 2: huge declared lengths
+
+Everything on 127.0.0.1: one ``twistd -n mqttd`` process (memory store); a
+*canary* pair (a subscriber of ``canary/t`` and a publisher sending one QoS 0
+message every ``--interval`` s with its send time in the payload) and
+``--workers`` processes that each keep ``--concurrency`` short connections in
+flight until ``--connections`` in all were made: each connects and sends one
+of: a malformed packet, a partial CONNECT, a CONNECT then nothing, a CONNECT
+then DISCONNECT, or nothing at all — then closes.
+
+Reports the canary's longest gap between two deliveries and its worst latency
+during the flood, the connections per second achieved, the broker's CPU time
+and its log lines per second.  ``--rss`` instead opens ``--sockets`` sockets
+that each declare a 16 MiB CONNECT and send ``--body`` bytes of it, and reports
+the broker's RSS before, while they are open and after they closed.  Every
+wait is bounded; the broker is stopped through its own process handle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mqttd.blockingclient import BlockingClient  # noqa: E402
+from mqttd.codec import encode  # noqa: E402
+from mqttd.codec.packets import Connect, Disconnect, Publish, Subscribe, Subscription  # noqa: E402
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def start_broker(workdir: Path, broker_root, extra) -> tuple:
+    ready = workdir / "ready.json"
+    cmd = [TWISTD, "-n", "--pidfile", "", "mqttd", "--listen", "tcp:0:interface=127.0.0.1",
+           "--ready-file", str(ready), "--sys-interval", "0", "--persistence", "memory",
+           *extra]
+    env = dict(os.environ)
+    if broker_root:
+        env["PYTHONPATH"] = str(broker_root)
+    log = open(workdir / "broker.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"broker did not start; see {workdir / 'broker.log'}")
+        time.sleep(0.02)
+    return proc, json.loads(ready.read_text())["listeners"][0]["port"]
+
+
+def stop_broker(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the flood -------------------------------------------------------------------------------
+
+_CONNECT = encode(Connect(4, "", True, 0), 4)
+_PAYLOADS = [
+    b"\xf0\x00",                                  # reserved packet type: malformed
+    _CONNECT[:7],                                 # partial CONNECT, then close
+    _CONNECT,                                     # CONNECT, then close without DISCONNECT
+    _CONNECT + encode(Disconnect(), 4),           # a polite short session
+    b"",                                          # connect and close
+    b"\x10\xff\xff\xff\x7f",                      # a CONNECT declaring 256 MiB
+]
+
+
+def flood_worker(port: int, count: int, concurrency: int, deadline: float, seed: int,
+                 out) -> None:
+    """Open ``count`` short connections, ``concurrency`` at a time, until ``deadline``."""
+    rng = random.Random(seed)
+    sel = selectors.DefaultSelector()
+    started = done = errors = 0
+    open_socks = 0
+    while done < count and time.monotonic() < deadline:
+        while open_socks < concurrency and started < count:
+            s = socket.socket()
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close()
+                errors += 1
+                started += 1
+                done += 1
+                continue
+            sel.register(s, selectors.EVENT_WRITE, rng.choice(_PAYLOADS))
+            open_socks += 1
+            started += 1
+        for key, _ in sel.select(0.05):
+            s = key.fileobj
+            sel.unregister(s)
+            try:
+                if key.data:
+                    s.send(key.data)
+            except OSError:
+                errors += 1
+            s.close()
+            open_socks -= 1
+            done += 1
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    out.put((done, errors))
+
+
+# --- the canary --------------------------------------------------------------------------------
+
+def canary(port, stop, arrivals, interval) -> None:
+    sub = BlockingClient(port, "canary-sub", timeout=30)
+    sub.send(Subscribe(1, (Subscription("canary/t", 0),)))
+    sub.next_packet(30)
+    pub = BlockingClient(port, "canary-pub", timeout=30)
+
+    def publish():
+        seq = 0
+        while not stop.is_set():
+            pub.send(Publish("canary/t", struct.pack("!dI", time.monotonic(), seq)))
+            seq += 1
+            time.sleep(interval)
+
+    t = threading.Thread(target=publish, daemon=True)
+    t.start()
+    while not stop.is_set():
+        try:
+            packet = sub.next_packet(0.5)
+        except socket.timeout:
+            continue
+        except (ConnectionError, OSError):
+            break
+        if isinstance(packet, Publish):
+            sent, _ = struct.unpack("!dI", packet.payload)
+            now = time.monotonic()
+            arrivals.append((now, now - sent))
+    t.join(5)
+
+
+def gaps(arrivals, start, end):
+    inside = [a for a in arrivals if start <= a[0] <= end]
+    times = [start] + [a[0] for a in inside] + [end]
+    longest = max(b - a for a, b in zip(times, times[1:]))
+    worst_latency = max((a[1] for a in inside), default=float("nan"))
+    return longest, worst_latency, len(inside)
+
+
+def run_flood(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mqttd-flood-") as tmp:
+        workdir = Path(tmp)
+        proc, port = start_broker(workdir, args.broker_root, args.broker_arg)
+        try:
+            stop = threading.Event()
+            arrivals = []
+            t = threading.Thread(target=canary, args=(port, stop, arrivals, args.interval),
+                                 daemon=True)
+            t.start()
+            time.sleep(1.0)
+            cpu0 = cpu_seconds(proc.pid)
+            log0 = (workdir / "broker.log").stat().st_size
+            start = time.monotonic()
+            deadline = start + args.timeout
+            out = multiprocessing.Queue()
+            per = args.connections // args.workers
+            workers = [multiprocessing.Process(
+                target=flood_worker, args=(port, per, args.concurrency, deadline, i, out))
+                for i in range(args.workers)]
+            for w in workers:
+                w.start()
+            results = [out.get(timeout=args.timeout + 30) for _ in workers]
+            for w in workers:
+                w.join(10)
+            end = time.monotonic()
+            time.sleep(1.0)
+            stop.set()
+            t.join(10)
+            longest, worst, received = gaps(arrivals, start, end)
+            log_lines = sum(1 for _ in open(workdir / "broker.log", "rb")
+                            .read()[log0:].splitlines())
+            made = sum(r[0] for r in results)
+            return {
+                "connections": made,
+                "connect_errors": sum(r[1] for r in results),
+                "flood_seconds": round(end - start, 2),
+                "connections_per_second": round(made / (end - start)),
+                "canary_longest_gap_s": round(longest, 3),
+                "canary_worst_latency_s": round(worst, 3),
+                "canary_messages": received,
+                "broker_cpu_s": round(cpu_seconds(proc.pid) - cpu0, 2),
+                "broker_log_lines": log_lines,
+                "broker_log_lines_per_second": round(log_lines / (end - start), 1),
+                "broker_alive": proc.poll() is None,
+            }
+        finally:
+            stop_broker(proc)
+            if args.keep_log:
+                Path(args.keep_log).write_bytes((workdir / "broker.log").read_bytes())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def run_rss(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mqttd-rss-") as tmp:
+        workdir = Path(tmp)
+        proc, port = start_broker(workdir, args.broker_root, args.broker_arg)
+        try:
+            time.sleep(1.0)
+            before = rss_kib(proc.pid)
+            socks = []
+            chunk = b"\x00" * 65536
+            header = b"\x10" + _varint(args.declared)  # a CONNECT declaring --declared bytes
+            for _ in range(args.sockets):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(header)
+                socks.append(s)
+            sent = [0] * len(socks)
+            deadline = time.monotonic() + args.timeout
+            for i, s in enumerate(socks):
+                try:
+                    s.settimeout(2)
+                    while sent[i] < args.body and time.monotonic() < deadline:
+                        s.sendall(chunk)
+                        sent[i] += len(chunk)
+                except OSError:
+                    pass                          # refused and closed by the broker
+            time.sleep(1.0)
+            during = rss_kib(proc.pid)
+            for s in socks:
+                s.close()
+            time.sleep(2.0)
+            after = rss_kib(proc.pid)
+            return {
+                "sockets": args.sockets,
+                "declared_bytes": args.declared,
+                "bytes_sent_per_socket_max": max(sent),
+                "rss_before_mib": round(before / 1024, 1),
+                "rss_open_mib": round(during / 1024, 1),
+                "rss_after_close_mib": round(after / 1024, 1),
+                "growth_open_mib": round((during - before) / 1024, 1),
+                "growth_after_close_mib": round((after - before) / 1024, 1),
+            }
+        finally:
+            stop_broker(proc)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--connections", type=int, default=20_000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=200, help="per worker")
+    p.add_argument("--interval", type=float, default=0.01, help="canary publish interval, s")
+    p.add_argument("--timeout", type=float, default=120.0, help="flood deadline, s")
+    p.add_argument("--broker-root", default=None,
+                   help="run the broker from this source tree (PYTHONPATH)")
+    p.add_argument("--broker-arg", action="append", default=[],
+                   help="extra mqttd option (repeatable)")
+    p.add_argument("--keep-log", default=None, help="copy the broker's log here")
+    p.add_argument("--rss", action="store_true", help="measure memory instead (item 2)")
+    p.add_argument("--sockets", type=int, default=20)
+    p.add_argument("--body", type=int, default=15 * 1024 * 1024,
+                   help="--rss: bytes each socket tries to send")
+    p.add_argument("--declared", type=int, default=16 * 1024 * 1024 - 16,
+                   help="--rss: remaining length each CONNECT declares (default: just "
+                        "under the default --max-packet-size)")
+    args = p.parse_args(argv)
+    result = run_rss(args) if args.rss else run_flood(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

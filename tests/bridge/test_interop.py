@@ -1,0 +1,229 @@
+"""Bridges between real brokers: mqttd and Debian's mosquitto on 127.0.0.1.
+
+Each test starts its brokers itself (ports picked on 127.0.0.1) and stops
+them through their own handles; every wait is bounded.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from .procs import Client, Mosquitto, Mqttd, free_port, wait_for
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+FAST = '''
+keepalive_interval = 5
+restart_timeout = "0.5 1"
+'''
+
+
+@pytest.fixture
+def stack(request):
+    """Collects brokers and clients; stops them all at teardown, logs on failure."""
+    things = []
+    yield things
+    for thing in reversed(things):
+        with contextlib.suppress(Exception):
+            (thing.close if isinstance(thing, Client) else thing.stop)()
+
+
+def _bridge(name, port, topics, extra=""):
+    lines = ",\n    ".join(f"'{t}'" for t in topics)   # TOML literal strings
+    return f'''
+[[bridge]]
+connection = "{name}"
+address = "127.0.0.1:{port}"
+remote_clientid = "{name}"
+topic = [
+    {lines},
+]
+{FAST}{extra}
+'''
+
+
+def _state(port, remote_clientid):
+    """The retained state notification as read on the broker at ``port``."""
+    c = Client(port)
+    try:
+        c.subscribe(f"$SYS/broker/connection/{remote_clientid}/state")
+        return c.collect(1, 10)[0][1]
+    finally:
+        c.close()
+
+
+def test_mqttd_to_mosquitto_both_directions_with_prefixes_qos_and_retained(tmp_path, stack):
+    """mqttd bridges to mosquitto (bridge bit accepted): out and in with prefixes, QoS 0/1/2, retained."""
+    mosq = Mosquitto(tmp_path / "mosq").start()
+    stack.append(mosq)
+    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge(
+        "edge1", mosq.port, ['sensors/# out 2 local/ site/edge1/', 'cmd/# in 2 local/ site/edge1/']))
+    stack.append(edge.start())
+    wait_for(lambda: "New bridge connected" in mosq.log(), 15, what="bridge bit accepted")
+    assert _state(edge.port, "edge1") == b"1"
+    up = Client(mosq.port)
+    stack.append(up)
+    up.subscribe("site/edge1/sensors/#", qos=2)
+    down = Client(edge.port)
+    stack.append(down)
+    down.subscribe("local/cmd/#", qos=2)
+    for qos in (0, 1, 2):
+        down.publish(f"local/sensors/q{qos}", f"up{qos}".encode(), qos)
+        up.publish(f"site/edge1/cmd/q{qos}", f"down{qos}".encode(), qos)
+    got_up = sorted(up.collect(3))
+    got_down = sorted(down.collect(3))
+    assert [(t, p, q) for t, p, q, _r in got_up] == [
+        (f"site/edge1/sensors/q{n}", f"up{n}".encode(), n) for n in range(3)]
+    assert [(t, p, q) for t, p, q, _r in got_down] == [
+        (f"local/cmd/q{n}", f"down{n}".encode(), n) for n in range(3)]
+    # retained travels both ways and stays retained on the far side
+    down.publish("local/sensors/kept", b"r-up", 1, retain=True)
+    up.publish("site/edge1/cmd/kept", b"r-down", 1, retain=True)
+    up.collect(1)
+    down.collect(1)
+    late_up, late_down = Client(mosq.port), Client(edge.port)
+    stack += [late_up, late_down]
+    late_up.subscribe("site/edge1/sensors/kept")
+    late_down.subscribe("local/cmd/kept")
+    assert late_up.collect(1)[0][1:] == (b"r-up", 1, True)
+    assert late_down.collect(1)[0][1:] == (b"r-down", 1, True)
+    # nothing echoed back over the bridge
+    assert up.quiet(0.5) == [] and down.quiet(0.5) == []
+
+
+def test_mosquitto_bridges_to_mqttd_with_try_private(tmp_path, stack):
+    """mosquitto -> mqttd with try_private: mqttd accepts level 0x84, no echo, state topic kept."""
+    hub = Mqttd(tmp_path / "hub", "hub", config="")
+    stack.append(hub.start())
+    mosq = Mosquitto(tmp_path / "mosq", extra=f'''
+        connection leaf
+        address 127.0.0.1:{hub.port}
+        remote_clientid leaf
+        try_private true
+        cleansession false
+        restart_timeout 1 2
+        topic t/# both 1 leaf/ hub/leaf/
+        ''').start()
+    stack.append(mosq)
+    wait_for(lambda: _state_or_none(hub.port, "leaf") == b"1", 20, what="leaf state 1 on hub")
+    at_hub = Client(hub.port)
+    at_leaf = Client(mosq.port)
+    stack += [at_hub, at_leaf]
+    at_hub.subscribe("hub/leaf/#")
+    at_leaf.subscribe("leaf/#")
+    at_leaf.publish("leaf/t/up", b"from-leaf")
+    at_hub.publish("hub/leaf/t/down", b"from-hub")
+    # each side sees both messages exactly once: its own and the bridged one
+    assert sorted(m[:2] for m in at_hub.collect(2)) == [
+        ("hub/leaf/t/down", b"from-hub"), ("hub/leaf/t/up", b"from-leaf")]
+    assert sorted(m[:2] for m in at_leaf.collect(2)) == [
+        ("leaf/t/down", b"from-hub"), ("leaf/t/up", b"from-leaf")]
+    assert at_hub.quiet(0.5) == [] and at_leaf.quiet(0.3) == []   # no echo, no loop
+    mosq.stop()
+    wait_for(lambda: _state_or_none(hub.port, "leaf") == b"0", 15, what="leaf will 0 on hub")
+
+
+def _state_or_none(port, remote_clientid):
+    try:
+        return _state(port, remote_clientid)
+    except AssertionError:
+        return None
+
+
+def test_remote_down_messages_queue_and_arrive_in_order(tmp_path, stack):
+    """Remote stopped: QoS 1 messages queue in mqttd's store and all arrive, in order, once it is back."""
+    mosq = Mosquitto(tmp_path / "mosq", persistent=True).start()
+    stack.append(mosq)
+    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge("e", mosq.port, ["q/# out 1"]))
+    stack.append(edge.start())
+    wait_for(lambda: "New bridge connected" in mosq.log(), 15, what="bridge up")
+    sub = Client(mosq.port, "far-sub", clean=False)
+    sub.subscribe("q/#", qos=1)
+    sub.close()
+    mosq.stop()
+    pub = Client(edge.port)
+    stack.append(pub)
+    for n in range(200):
+        pub.publish("q/n", str(n).encode(), 1)
+    mosq.start()
+    sub = Client(mosq.port, "far-sub", clean=False)
+    stack.append(sub)
+    got = sub.collect(200, 30)
+    assert [p for _t, p, _q, _r in got] == [str(n).encode() for n in range(200)]
+
+
+def test_local_kill_9_while_remote_down_still_delivers(tmp_path, stack):
+    """kill -9 of the bridging mqttd while the remote is down loses nothing acknowledged."""
+    far_port = free_port()
+    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge("e", far_port, ["q/# out 1"]))
+    stack.append(edge.start())
+    pub = Client(edge.port)
+    for n in range(100):
+        pub.publish("q/n", str(n).encode(), 1)   # PUBACK: stored
+    pub.close()
+    edge.kill()
+    mosq = Mosquitto(tmp_path / "mosq", port=far_port).start()
+    stack.append(mosq)
+    sub = Client(mosq.port)
+    stack.append(sub)
+    sub.subscribe("q/#")
+    edge.start()
+    got = sub.collect(100, 30)
+    assert sorted(int(p) for _t, p, _q, _r in got) == list(range(100))
+    assert [int(p) for _t, p, _q, _r in got] == list(range(100))
+
+
+def test_mqttd_chain_a_to_b_to_c(tmp_path, stack):
+    """A -> B -> C (all mqttd): a message published on A reaches C once, prefixes applied per hop."""
+    c = Mqttd(tmp_path / "c", "C", config="")
+    stack.append(c.start())
+    b = Mqttd(tmp_path / "b", "B", config=_bridge("b-c", c.port, ['x/# out 1 "" from-b/']))
+    stack.append(b.start())
+    a = Mqttd(tmp_path / "a", "A", config=_bridge("a-b", b.port, ["x/# out 1"]))
+    stack.append(a.start())
+    wait_for(lambda: _state_or_none(a.port, "a-b") == b"1", 15, what="a-b up")
+    wait_for(lambda: _state_or_none(b.port, "b-c") == b"1", 15, what="b-c up")
+    sub = Client(c.port)
+    stack.append(sub)
+    sub.subscribe("from-b/#")
+    pub = Client(a.port)
+    stack.append(pub)
+    pub.publish("x/1", b"hop", 1)
+    assert sub.collect(1)[0][:2] == ("from-b/x/1", b"hop")
+    assert sub.quiet(0.5) == []
+
+
+@pytest.mark.parametrize("links", ["mqttv50", "mqttv311+dedup"])
+def test_triangle_mesh_delivers_each_message_once(tmp_path, stack, links):
+    """A<->B<->C<->A bridged 'both' on #: every subscriber gets each message once (MQTT 5
+    links: the mesh guard's properties; MQTT 3.1.1: --bridge-dedup-window)."""
+    ports = {n: free_port() for n in "ABC"}
+    nodes = {}
+    for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
+        if links == "mqttv50":
+            top, extra = "", 'bridge_protocol_version = "mqttv50"\n'
+        else:
+            top, extra = "bridge_dedup_window = 2.0\n", ""
+        nodes[here] = Mqttd(tmp_path / here, here, port=ports[here], config=top + _bridge(
+            f"{here}-{there}", ports[there], ["m/# both 1"], extra))
+    for node in nodes.values():
+        stack.append(node.start())
+    for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
+        wait_for(lambda: _state_or_none(ports[here], f"{here}-{there}") == b"1", 20,
+                 what=f"{here}-{there} up")
+    subs = {n: Client(ports[n]) for n in "ABC"}
+    stack.extend(subs.values())
+    for sub in subs.values():
+        sub.subscribe("m/#")
+    for n in "ABC":
+        pub = Client(ports[n])
+        stack.append(pub)
+        for i in range(10):
+            pub.publish(f"m/{n}/{i}", f"{n}{i}".encode(), 1)
+    for n, sub in subs.items():
+        got = sub.collect(30, 30)
+        assert sorted(p for _t, p, _q, _r in got) == sorted(
+            f"{x}{i}".encode() for x in "ABC" for i in range(10)), n
+    for n, sub in subs.items():
+        assert sub.quiet(1.0 if n == "A" else 0.2) == [], f"extra copies at {n}"

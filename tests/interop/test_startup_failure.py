@@ -1,0 +1,85 @@
+"""A broker that cannot listen exits non-zero at once with one line (issue 8 item 9)."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brokerproc import BrokerProcess, find_twistd
+
+pytestmark = pytest.mark.interop
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+def busy_port():
+    """A loopback port held by a listening socket of this test."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    yield s.getsockname()[1]
+    s.close()
+
+
+def _mqttd():
+    return [sys.executable, "-m", "mqttd.cli"]
+
+
+def _run(cmd, cwd):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_port_in_use_exits_1_with_one_line_and_no_data_dir_lock(tmp_path, busy_port):
+    """mqttd run on a busy port: exit 1, one stderr line naming endpoint and cause, and the
+    data dir is free for the next broker."""
+    endpoint = f"tcp:{busy_port}:interface=127.0.0.1"
+    data = tmp_path / "data"
+    result = _run(_mqttd() + ["run", "--listen", endpoint, "--persistence", f"file:{data}"],
+                  tmp_path)
+    assert result.returncode == 1
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert lines == [f"mqttd: cannot listen on {endpoint}: Address already in use"]
+    assert "Traceback" not in result.stdout + result.stderr
+    broker = BrokerProcess(tmp_path / "next", persistence=f"file:{data}", kind="mqttd").start()
+    try:
+        assert broker.running and broker.port
+    finally:
+        broker.stop()
+
+
+def test_twistd_foreground_prints_one_line_not_a_traceback(tmp_path, busy_port):
+    """twistd -n mqttd on a busy port: exit 1, the one line, no traceback on stderr."""
+    endpoint = f"tcp:{busy_port}:interface=127.0.0.1"
+    result = _run([find_twistd(), "-n", "--pidfile", "", "mqttd", "--listen", endpoint,
+                   "--persistence", "memory"], tmp_path)
+    assert result.returncode == 1
+    assert f"cannot listen on {endpoint}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_daemonized_twistd_exits_1_naming_endpoint_and_cause(tmp_path, busy_port):
+    """Daemonized, the parent exits 1 with the cause from the child's status pipe."""
+    endpoint = f"tcp:{busy_port}:interface=127.0.0.1"
+    pidfile = tmp_path / "mqttd.pid"
+    result = _run([find_twistd(), "--pidfile", str(pidfile), "--logfile",
+                   str(tmp_path / "mqttd.log"), "mqttd", "--listen", endpoint,
+                   "--persistence", f"file:{tmp_path / 'data'}"], tmp_path)
+    assert result.returncode == 1
+    assert f"cannot listen on {endpoint}: Address already in use" in result.stderr
+    assert not pidfile.exists()
+    log = Path(tmp_path / "mqttd.log").read_text()
+    assert f"Cannot listen on {endpoint}: Address already in use" in log
+
+
+def test_unusable_address_exits_1_after_closing_the_other_listeners(tmp_path):
+    """An address this host does not have (TEST-NET-1): exit 1 naming it, even when an
+    earlier listener already bound."""
+    endpoint = "tcp:0:interface=192.0.2.1"
+    result = _run(_mqttd() + ["run", "--listen", "tcp:0:interface=127.0.0.1",
+                              "--listen", endpoint, "--persistence", "memory"], tmp_path)
+    assert result.returncode == 1
+    assert f"mqttd: cannot listen on {endpoint}: " in result.stderr

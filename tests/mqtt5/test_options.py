@@ -1,0 +1,58 @@
+"""The MQTT 5 feature options of ``twistd mqttd`` (tap.py) reach BrokerConfig."""
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from mqttd import tap
+
+
+def _parse(*argv):
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_feature_options_reach_the_broker_config():
+    """Every new option maps onto its BrokerConfig field."""
+    config = _parse("--shared-subscription-strategy", "sticky", "--max-topic-alias", "20",
+                    "--max-inflight-incoming", "50", "--max-qos", "1",
+                    "--retain-available", "false",
+                    "--response-information", "replies/").broker_config()
+    assert config.shared_subscription_strategy == "sticky"
+    assert config.max_topic_alias == 20
+    assert config.max_inflight_incoming == 50
+    assert config.max_qos == 1
+    assert config.retain_available is False
+    assert config.response_information == "replies/"
+
+
+def test_feature_defaults():
+    """Without options: round-robin, 10 aliases, Receive Maximum 65535, QoS 2, retain on."""
+    config = _parse().broker_config()
+    assert (config.shared_subscription_strategy, config.max_topic_alias,
+            config.max_inflight_incoming, config.max_qos, config.retain_available,
+            config.response_information) == ("round-robin", 10, 65535, 2, True, None)
+
+
+def test_feature_options_from_toml(tmp_path):
+    """The same keys work in the TOML file, booleans as TOML booleans."""
+    path = tmp_path / "mqttd.toml"
+    path.write_text('retain_available = false\nmax-qos = 0\n'
+                    'shared_subscription_strategy = "hash-topic"\n')
+    config = _parse("--config", str(path)).broker_config()
+    assert (config.retain_available, config.max_qos,
+            config.shared_subscription_strategy) == (False, 0, "hash-topic")
+
+
+@pytest.mark.parametrize("argv", [
+    ("--shared-subscription-strategy", "fastest"),
+    ("--max-qos", "3"),
+    ("--max-topic-alias", "70000"),
+    ("--max-inflight-incoming", "0"),
+    ("--retain-available", "maybe"),
+])
+def test_bad_feature_option_values_are_usage_errors(argv):
+    """Out-of-range or unknown values are refused before the broker starts."""
+    with pytest.raises(usage.UsageError):
+        _parse(*argv)
