@@ -37,7 +37,7 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties
+from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties, will_message
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
@@ -858,8 +858,7 @@ class ClientConnection:
         check = broker.authorize_publish
         if will is None or check is None:
             return self._connected(auth_data)
-        message = Message(will.topic, will.payload, will.qos, will.retain,
-                          will.properties, self.client_id)
+        message = will_message(will, self.client_id)   # the PUBLISH it would become
 
         def will_answered(answer):
             if answer is not True:
