@@ -15,8 +15,9 @@ browser that reads slowly pauses the broker's writes to it exactly as a TCP
 client would; ``pauseProducing``/``resumeProducing`` on the adapter pause the
 reads of the socket underneath.
 
-Refusals get an HTTP answer and one log line: a path other than the
-listener's (404), no acceptable subprotocol (400), a request header over
+Refusals get an HTTP answer (a text frame: close 1003) and are counted and
+logged rate-limited as the broker's refusal ``websocket``: a path other than
+the listener's (404), no acceptable subprotocol (400), a request header over
 16 KiB (400); the opening handshake must finish in 5 s.
 """
 from __future__ import annotations
@@ -54,24 +55,20 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def processHandshake(self):
         if len(self.data) > MAX_HANDSHAKE_BYTES and b"\r\n\r\n" not in self.data:
-            log.warn("WebSocket handshake from {peer} refused: request header over "
-                     "{limit} bytes", peer=self._peer_text(), limit=MAX_HANDSHAKE_BYTES)
+            self._refused(f"request header over {MAX_HANDSHAKE_BYTES} bytes")
             return self.failHandshake("HTTP request header too large")
         return super().processHandshake()
 
     def onConnect(self, request):
         path = self.factory.mqtt_path
         if path is not None and request.path != path:
-            log.warn("WebSocket handshake from {peer} refused: path {path!r} is not "
-                     "{expected!r}", peer=self._peer_text(), path=request.path,
-                     expected=path)
+            self._refused(f"path {request.path!r} is not {path!r}")
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no MQTT endpoint at {request.path}")
         for offered in request.protocols:
             if offered in SUBPROTOCOLS:
                 return offered
-        log.warn("WebSocket handshake from {peer} refused: subprotocols {offered} offer "
-                 "none of {supported} [MQTT-6.0.0-3]", peer=self._peer_text(),
-                 offered=list(request.protocols), supported=list(SUBPROTOCOLS))
+        self._refused(f"subprotocols {list(request.protocols)} offer none of "
+                      f"{list(SUBPROTOCOLS)} [MQTT-6.0.0-3]")
         raise ConnectionDeny(ConnectionDeny.BAD_REQUEST,
                              "the WebSocket subprotocol must be mqtt or mqttv3.1")
 
@@ -89,8 +86,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if self._mqtt is None:
             return
         if not isBinary:
-            log.warn("Closing WebSocket of {peer}: text frame, MQTT needs binary frames "
-                     "[MQTT-6.0.0-1]", peer=self._peer_text())
+            self._refused("text frame; MQTT needs binary frames [MQTT-6.0.0-1]")
             # sendClose() only takes 1000 and 3000-4999; 1003 is the RFC 6455 code
             self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA,
                                 reasonUtf8=b"MQTT is carried in binary frames")
@@ -137,6 +133,16 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
+
+    def _refused(self, detail: str) -> None:
+        """Count and log (rate-limited, through the broker when there is one)."""
+        broker = getattr(self.factory.wrapped, "broker", None)
+        client_id = getattr(getattr(self._mqtt, "connection", None), "client_id", None)
+        if broker is not None and hasattr(broker, "refused"):
+            broker.refused("websocket", client_id, self._peer_text(), detail)
+        else:
+            log.warn("Refused websocket from {peer}: {detail}", peer=self._peer_text(),
+                     detail=detail)
 
     def _peer_text(self) -> str:
         try:

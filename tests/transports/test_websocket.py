@@ -124,6 +124,7 @@ def test_other_path_gets_404():
     head = client.response()
     assert head.startswith(b"HTTP/1.1 404")
     assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
 
 
 def test_any_path_when_configured_with_star():
@@ -141,6 +142,7 @@ def test_handshake_without_mqtt_subprotocol_is_refused(protocols):
     head = client.response()
     assert head.startswith(b"HTTP/1.1 400"), head
     assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
 
 
 def test_text_frame_closes_with_1003():
@@ -151,6 +153,7 @@ def test_text_frame_closes_with_1003():
     frames = server_frames(client.response())
     assert frames[0][0] == 8  # close
     assert struct.unpack("!H", frames[0][1][:2])[0] == 1003
+    assert client.broker.stats.refused == {"websocket": 1}
 
 
 def test_oversized_handshake_is_refused():
