@@ -158,6 +158,8 @@ class ClientConnection:
         #: inbound token bucket [messages, bytes, last refill time] or None
         self._bucket = None
         self._rate_call = None
+        #: set by the protocol when its listener is over its max_connections
+        self.over_listener_limit = 0
         self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
@@ -673,6 +675,10 @@ class ClientConnection:
                            f"{broker.open_connections - 1} connections open, "
                            f"max_connections is {config.max_connections}")
             return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
+        if self.over_listener_limit:
+            broker.refused("max-connections", client_id, self.peer,
+                           f"listener has {self.over_listener_limit} connections (its limit)")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached")
         if level == MQTT_5:
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)
@@ -1044,7 +1050,10 @@ class ClientConnection:
                           None if expiry is None else self.clock.seconds() + expiry)
         check = broker.authorize_publish
         if check is not None:
-            allowed = call_hook(check, self.info, message)
+            try:
+                allowed = check(self.info, message)
+            except Exception:
+                allowed = Failure()
             if allowed is not True:
                 self._await(allowed, lambda answer: self._publish_answered(
                     packet, message, answer), "authorize_publish")

@@ -51,9 +51,13 @@ class MQTTProtocol(Protocol):
         self.clock = clock
 
     def connectionMade(self):
+        factory = self.factory
         self.broker.open_connections += 1  # BrokerConfig.max_connections
+        factory.open_connections += 1      # the listener's own limit
         self.connection = ClientConnection(
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        if factory.max_connections and factory.open_connections > factory.max_connections:
+            self.connection.over_listener_limit = factory.max_connections
         #: the listener (endpoint description) it came in on, for metrics and admin
         self.connection.listener = self.factory.listener
         if self.transport_identity is not None:
@@ -80,6 +84,7 @@ class MQTTProtocol(Protocol):
 
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1
+        self.factory.open_connections -= 1
         error = getattr(reason, "value", None)
         if error is not None and type(error).__module__.startswith("OpenSSL"):
             # a TLS listener: failed handshake (no or untrusted client
@@ -109,6 +114,9 @@ class MQTTFactory(Factory):
     :param clock: ``IReactorTime`` for timers; defaults to the broker's clock.
     :param write_buffer: bytes buffered per connection before writes to it
         pause (push-producer backpressure).
+    :param max_connections: open connections on the listeners of this
+        factory; more are refused at CONNECT (0x97 / v3 0x03); 0 = no limit
+        (the broker-wide ``BrokerConfig.max_connections`` applies as well).
     :param listener: the name of the listener in metrics and the admin API
         (``BrokerService`` uses the endpoint description); None: unnamed.
     """
@@ -116,11 +124,14 @@ class MQTTFactory(Factory):
     protocol = MQTTProtocol
 
     def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
-                 listener: Optional[str] = None):
+                 listener: Optional[str] = None, max_connections: int = 0):
         self.broker = broker
         #: a name for the listener (the endpoint description) shown in metrics
         self.listener = listener
         self.clock = clock if clock is not None else broker.clock
+        self.max_connections = max_connections
+        #: connections open on this factory's listeners
+        self.open_connections = 0
         #: bytes a connection's transport buffers before it pauses our writes
         self.write_buffer = write_buffer
 

@@ -130,6 +130,8 @@ class BrokerService(MultiService):
         self.broker = broker
         self.factory = MQTTFactory(broker)
         self.endpoints = list(listen)
+        #: endpoint description -> its own max_connections (a factory each)
+        self.listener_max_connections: Dict[str, int] = {}
         self.ready_file = ready_file
         self.ports = []
         #: connections each listener accepts per reactor turn at most
@@ -270,7 +272,8 @@ class BrokerService(MultiService):
         """The factory of one listener: :attr:`factory`'s settings, named after
         ``description`` (the ``listener`` label of metrics and the admin API)."""
         factory = MQTTFactory(self.broker, self.factory.clock, self.factory.write_buffer,
-                              listener=description)
+                              listener=description,
+                              max_connections=self.listener_max_connections.get(description, 0))
         factory.protocol = self.factory.protocol
         return factory
 
@@ -317,6 +320,7 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
                         ready_file: Optional[str] = None, sys_interval: float = 10.0,
                         authenticator=None, authorizer=None,
                         store_options: Optional[dict] = None,
+                        enhanced_authenticator=None,
                         bridges=(), bridge_config_path: Optional[str] = None) -> BrokerService:
     """Build a :class:`BrokerService`.
 
@@ -326,6 +330,15 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
         ``haproxy:tcp:1883``; see docs/transports.rst).
     :param store: an :class:`~mqttd.interfaces.IBrokerStore`, or a spec string:
         ``memory``, ``file:PATH``, ``dbm:PATH``.
+    :param authenticator: an :class:`~mqttd.interfaces.IAuthenticator` (the
+        ``authenticate`` hook); None lets every client in.  ``twistd mqttd``
+        installs :class:`mqttd.auth.Authenticator` with the anonymous policy;
+        an embedder builds the same with :func:`mqttd.auth.configure`.
+    :param authorizer: an :class:`~mqttd.interfaces.IAuthorizer`
+        (``authorize_publish`` / ``_subscribe`` / ``_forward``), e.g.
+        :class:`mqttd.auth.ACLAuthorizer`; None allows everything.
+    :param enhanced_authenticator: an
+        :class:`~mqttd.interfaces.IEnhancedAuthenticator` (MQTT 5 AUTH).
     :param bridges: :class:`mqttd.bridge.config.BridgeConfig` values; each runs
         as a bridge (see docs/bridge.rst); ``bridge_config_path`` is the TOML
         file a reload re-reads them from.
@@ -334,7 +347,8 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
         from mqttd.persistence import store_from_spec
         store = store_from_spec(store, reactor, **(store_options or {}))
     broker = Broker(reactor, store, config or BrokerConfig(),
-                    authenticator=authenticator, authorizer=authorizer)
+                    authenticator=authenticator, authorizer=authorizer,
+                    enhanced_authenticator=enhanced_authenticator)
     service = BrokerService(reactor, broker, listen, ready_file, sys_interval)
     if bridges:
         from mqttd.bridge.service import install
