@@ -22,10 +22,12 @@ the listener's (404), no acceptable subprotocol (400), a request header over
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Optional
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITransport
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -45,11 +47,34 @@ MAX_HANDSHAKE_BYTES = 16 * 1024
 CLOSE_UNSUPPORTED_DATA = 1003
 
 
+def _forwarded_peer(header: Optional[str], trusted: int):
+    """The address ``trusted`` hops from the right of an ``X-Forwarded-For``
+    header (each trusted proxy appends the address it saw), or None.
+
+    ``X-Forwarded-For: client, proxy1`` with 2 trusted proxies gives ``client``;
+    anything that is not an IP address gives None (the socket's peer is kept).
+    """
+    if not header:
+        return None
+    hops = [part.strip() for part in header.split(",") if part.strip()]
+    if not hops:
+        return None
+    candidate = hops[-trusted] if len(hops) >= trusted else hops[0]
+    try:
+        address = ipaddress.ip_address(candidate.strip("[]"))
+    except ValueError:
+        return None
+    if address.version == 6:
+        return IPv6Address("TCP", str(address), 0)
+    return IPv4Address("TCP", str(address), 0)
+
+
 @implementer(ITransport)
 class MQTTWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket connection carrying one MQTT connection."""
 
     _mqtt = None
+    _forwarded_peer = None
 
     # --- the opening handshake ----------------------------------------------------
 
@@ -60,6 +85,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         return super().processHandshake()
 
     def onConnect(self, request):
+        trusted = self.factory.trust_x_forwarded_for
+        if trusted:
+            self._forwarded_peer = _forwarded_peer(request.headers.get("x-forwarded-for"),
+                                                   trusted)
         path = self.factory.mqtt_path
         if path is not None and request.path != path:
             self._refused(f"path {request.path!r} is not {path!r}")
@@ -117,6 +146,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def getPeer(self):
+        """The socket's peer, or with ``trustXForwardedFor=N`` the client address
+        the trusted reverse proxies reported (port 0: a proxy does not say)."""
+        if self._forwarded_peer is not None:
+            return self._forwarded_peer
         return self.transport.getPeer()
 
     def getHost(self):
@@ -162,16 +195,23 @@ class MQTTWebSocketFactory(WebSocketServerFactory):
         to the broker's maximum packet size plus 64 KiB (a message may hold
         several packets).
     :param secure: the listener is ``wss:`` (used in the URL autobahn reports).
+    :param trust_x_forwarded_for: number of reverse proxies in front whose
+        ``X-Forwarded-For`` is believed (0: ignore the header, the default);
+        the client's address then comes from it.
     """
 
     protocol = MQTTWebSocketProtocol
 
     def __init__(self, wrapped, path: Optional[str] = DEFAULT_PATH,
-                 max_message: Optional[int] = None, secure: bool = False):
+                 max_message: Optional[int] = None, secure: bool = False,
+                 trust_x_forwarded_for: int = 0):
         super().__init__(url=("wss" if secure else "ws") + "://localhost",
                          protocols=list(SUBPROTOCOLS), server="mqttd")
         self.wrapped = wrapped
         self.mqtt_path = path
+        if trust_x_forwarded_for < 0:
+            raise ValueError("trustXForwardedFor must be 0 or more")
+        self.trust_x_forwarded_for = trust_x_forwarded_for
         if max_message is None:
             broker = getattr(wrapped, "broker", None)
             max_packet = getattr(getattr(broker, "config", None), "max_packet_size",

@@ -326,3 +326,11 @@ def test_failed_handshake_is_counted_and_logged_as_a_tls_refusal(pki, service_fa
             break
         yield deferLater(reactor, 0.02, lambda: None)
     assert service.broker.stats.refused.get("tls") == 1
+
+
+def test_trust_x_forwarded_for_must_be_a_count():
+    """trustXForwardedFor takes the number of proxies in front; anything else is refused at startup."""
+    assert serverFromString(reactor, "ws:0:trustXForwardedFor=2").trust_x_forwarded_for == 2
+    for bad in ("yes", "-1"):
+        with pytest.raises(ValueError, match="trustXForwardedFor"):
+            serverFromString(reactor, f"ws:0:trustXForwardedFor={bad}")
