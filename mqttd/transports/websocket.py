@@ -110,17 +110,33 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         mqtt.makeConnection(self)
 
     # --- frames in ----------------------------------------------------------------
+    #
+    # autobahn's frame-level hooks (IWebSocketChannel): each frame's payload goes
+    # straight to the MQTT reader, which takes any chunking, instead of being
+    # joined into a message and dispatched through onMessage (a future and an
+    # observer round per message: MQTT.js sends each PUBLISH as several
+    # messages, so that cost was most of the broker's time over WebSocket).
+    # autobahn still counts the message size against maxMessagePayloadSize.
 
-    def onMessage(self, payload, isBinary):
-        if self._mqtt is None:
-            return
-        if not isBinary:
+    def onMessageBegin(self, isBinary):
+        super().onMessageBegin(isBinary)
+        if not isBinary and self._mqtt is not None:
             self._refused("text frame; MQTT needs binary frames [MQTT-6.0.0-1]")
             # sendClose() only takes 1000 and 3000-4999; 1003 is the RFC 6455 code
             self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA,
                                 reasonUtf8=b"MQTT is carried in binary frames")
-            return
-        self._mqtt.dataReceived(payload)
+
+    def onMessageFrameData(self, payload):
+        mqtt = self._mqtt
+        if (mqtt is not None and self.message_is_binary and not self.failedByMe
+                and self.state == self.STATE_OPEN):
+            mqtt.dataReceived(payload)
+
+    def onMessageFrameEnd(self):
+        pass
+
+    def onMessageEnd(self):
+        pass
 
     def onClose(self, wasClean, code, reason):
         mqtt, self._mqtt = self._mqtt, None
