@@ -330,10 +330,73 @@ class FrameScan:
     #: the last damaged range runs to the end of the data and looks like an
     #: interrupted write (a torn tail), not like damage
     torn: bool = False
+    #: ``(start, end)`` of frames with one flipped bit, repaired (their
+    #: payloads are in ``frames``)
+    repaired: list = attrs.Factory(list)
 
     @property
     def damaged_bytes(self) -> int:
         return sum(end - start for start, end in self.damaged)
+
+
+# --- single-bit repair ---------------------------------------------------------
+#
+# CRC-32 (IEEE) has a Hamming distance of at least 4 for frames up to 11 KiB:
+# any single flipped bit of a frame (mark, length, CRC or payload) is located
+# exactly from the CRC syndrome, and no 2-bit error can pass for a 1-bit one.
+# So a frame whose only damage is one flipped bit is repaired, not lost.
+
+_CRC_POLY = 0xEDB88320
+_CRC_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ _CRC_POLY if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+_CRC_TOP = {_CRC_TABLE[_i] >> 24: _i for _i in range(256)}
+_CRC_BIT = {_CRC_TABLE[1 << _b]: _b for _b in range(8)}
+#: largest frame (header included) repaired: where CRC-32's distance is >= 4
+MAX_REPAIRABLE = 11 * 1024
+
+
+def _bits(a: bytes, b: bytes) -> int:
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
+
+
+def _flip_one_bit(payload: bytes, stored_crc: int) -> Optional[bytes]:
+    """``payload`` with the one bit flipped that makes its CRC ``stored_crc``, or None."""
+    reg = zlib.crc32(payload) ^ stored_crc
+    n = len(payload)
+    for k in range(n):     # walk the syndrome back one byte at a time
+        bit = _CRC_BIT.get(reg)
+        if bit is not None:
+            fixed = bytearray(payload)
+            fixed[n - 1 - k] ^= 1 << bit
+            if zlib.crc32(fixed) == stored_crc:
+                return bytes(fixed)
+        i = _CRC_TOP[reg >> 24]
+        reg = (((reg ^ _CRC_TABLE[i]) << 8) & 0xFFFFFFFF) | i
+    return None
+
+
+def repair_frame(data, start: int, stop: int) -> Optional[bytes]:
+    """The payload of the frame filling ``data[start:stop]`` if exactly one bit
+    of it is flipped (mark, length, CRC or payload), else None."""
+    size = stop - start
+    header = RECORD_HEADER.size
+    if size <= header or size > MAX_REPAIRABLE:
+        return None
+    raw = bytes(data[start:stop])
+    payload = raw[header:]
+    actual = zlib.crc32(payload)
+    expected_header = RECORD_HEADER.pack(RECORD_MARK, len(payload), actual)
+    flipped = _bits(raw[:header], expected_header)
+    if flipped == 1:
+        return payload      # one bit of the header; the payload matches a CRC
+    if flipped == 0 or raw[:8] != expected_header[:8]:
+        return None
+    # mark and length right, CRC field differs: one bit of the payload?
+    return _flip_one_bit(payload, RECORD_HEADER.unpack_from(raw)[2])
 
 
 def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
@@ -341,8 +404,9 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
 
     After a bad frame the scan continues at the next offset holding a frame
     with a valid mark, length and CRC32, so one damaged byte costs the
-    frame it is in, not everything after it.  With ``padding``, runs of
-    zero bytes between frames (dbm.dumb pads values) are not damage.
+    frame it is in, not everything after it -- and a frame with a single
+    flipped bit is repaired (:func:`repair_frame`).  With ``padding``, runs
+    of zero bytes between frames (dbm.dumb pads values) are not damage.
     """
     scan = FrameScan()
     view = memoryview(data)
@@ -359,12 +423,20 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
         probe = next_valid_frame(data, offset + 1)
         stop = end if probe is None else probe
         if padding:
+            # pickles end with b"." (STOP): trailing zeros are dbm.dumb's padding
             gap = bytes(view[offset:stop]).rstrip(b"\0")
             if not gap:
                 offset = stop
                 continue
+            stop = offset + len(gap)
+        payload = repair_frame(data, offset, stop)
+        if payload is not None:
+            scan.frames.append((offset, memoryview(payload)))
+            scan.repaired.append((offset, stop))
             if probe is None:
-                stop = offset + len(gap)
+                break
+            offset = probe
+            continue
         scan.damaged.append((offset, stop))
         if probe is None:
             scan.torn = not padding and _looks_torn(data, offset)
@@ -422,6 +494,8 @@ class JournalRead:
     header: str = ""
     #: the file is from a newer mqttd: nothing in it could be read
     newer: bool = False
+    #: records with one flipped bit that were repaired
+    repaired: int = 0
 
     @property
     def operations(self) -> int:
@@ -429,7 +503,8 @@ class JournalRead:
 
     @property
     def clean(self) -> bool:
-        return not self.damaged and self.torn_at is None and not self.header
+        return (not self.damaged and self.torn_at is None and not self.header
+                and not self.repaired)
 
 
 def read_journal(data: bytes, generation: int) -> JournalRead:
@@ -456,6 +531,7 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
         problems.append(f"header says generation {gen}")
     read.header = "; ".join(problems)
     scan = scan_frames(data, JOURNAL_HEADER.size)
+    read.repaired = len(scan.repaired)
     damaged = list(scan.damaged)
     if scan.torn:
         read.torn_at = damaged.pop()[0]
@@ -1021,7 +1097,12 @@ class JournaledStore:
                       "could be read, moved aside to {moved}",
                       path=path, reason=read.header, moved=moved)
             return False
-        if not read.damaged and not read.header and last:
+        if not read.damaged and read.torn_at is None:
+            log.warn("Repaired {repaired} records with one flipped bit in journal {path}"
+                     "{header}; nothing lost", path=path, repaired=read.repaired,
+                     header=f" and its header ({read.header})" if read.header else "")
+            return False            # a fresh checkpoint replaces the damaged file
+        if not read.damaged and not read.header and not read.repaired and last:
             log.warn("Torn record at the end of journal {path} at offset {offset}; "
                      "truncated to the last good record", path=path, offset=read.torn_at)
             if read.torn_at < JOURNAL_HEADER.size:
@@ -1042,7 +1123,8 @@ class JournaledStore:
         moved = keep_damaged(path, data, ranges, now, self._fsync)
         log.error("Damaged journal {path}: {ranges} damaged byte ranges ({damaged} bytes, "
                   "first at offset {offset}{header}) kept in {moved}; replay resynchronised "
-                  "and applied {records} good records ({operations} operations)",
+                  "and applied {records} good records ({operations} operations, "
+                  "{repaired} repaired)", repaired=read.repaired,
                   path=path, ranges=len(ranges), offset=ranges[0][0],
                   damaged=sum(e - s for s, e in ranges), moved=moved,
                   header=f"; header: {read.header}" if read.header else "",
