@@ -67,6 +67,7 @@ RECORD_HEADER = struct.Struct(">4sII")
 MAX_RECORD = 1 << 31
 
 _JOURNAL_NAME = re.compile(r"^journal\.(\d+)$")
+_NON_ZERO = re.compile(rb"[^\x00]")
 _OP_TYPES = frozenset(OPERATION_TYPES)
 
 
@@ -419,6 +420,10 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
             body = offset + header
             scan.frames.append((offset, view[body:body + length]))
             offset = body + length
+            continue
+        if padding and data[offset] == 0:
+            found = _NON_ZERO.search(data, offset)    # skip dbm.dumb's padding
+            offset = end if found is None else found.start()
             continue
         probe = next_valid_frame(data, offset + 1)
         stop = end if probe is None else probe
