@@ -52,8 +52,8 @@ from mqttd.persistence import safepickle
 from mqttd.messages import Message
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession, WillRecord,
-    StoredState, apply_op)
+    FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, PutOutbound,
+    SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
 
@@ -549,6 +549,25 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
     if problems and not read.batches and (version > FORMAT_VERSION and magic == JOURNAL_MAGIC):
         read.newer = True
     return read
+
+
+def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) -> None:
+    """Apply journal ``batches`` to ``state``.
+
+    ``tolerant`` (after damage was found): a queued message or inbound QoS 2
+    id of a session whose record was in a damaged record is kept under a
+    fresh :class:`SessionRecord` (no subscriptions, never expires) instead of
+    being ignored, and the client id added to ``orphans`` -- so losing one
+    record never cascades into losing every later message of its session.
+    """
+    sessions = state.sessions
+    for batch in batches:
+        for op in batch:
+            if tolerant and op.__class__ in (PutOutbound, AddInboundQos2) \
+                    and op.client_id not in sessions:
+                sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
+                orphans.add(op.client_id)
+            apply_op(state, op)
 
 
 def decode_payload(payload) -> list:
@@ -1054,11 +1073,17 @@ class JournaledStore:
                 os.unlink(journal_path(self.path, gen))
         live = [gen for gen in gens if gen >= snap_gen]
         append_to = None
+        orphans: set = set()
         for index, gen in enumerate(live):
             last = index == len(live) - 1
-            if not self._replay(gen, state, last):
+            if not self._replay(gen, state, last, damaged, orphans):
                 damaged = True
             append_to = gen
+        if orphans:
+            log.error("Session records of {count} clients were in damaged records; their "
+                      "later messages are kept under sessions without subscriptions: "
+                      "{clients}", count=len(orphans),
+                      clients=", ".join(sorted(orphans)[:20]))
         if damaged:
             # start afresh from what was recovered: new checkpoint, new journal
             new_gen = max([snap_gen] + gens) + 1
@@ -1076,7 +1101,8 @@ class JournaledStore:
         self._dir_dirty = False
         return state
 
-    def _replay(self, gen: int, state: StoredState, last: bool) -> bool:
+    def _replay(self, gen: int, state: StoredState, last: bool, after_damage: bool = False,
+                orphans: Optional[set] = None) -> bool:
         """Apply journal ``gen`` to ``state``; False if it was damaged.
 
         Damage costs only the damaged records: replay resynchronises on the
@@ -1089,9 +1115,8 @@ class JournaledStore:
         with open(path, "rb") as f:
             data = f.read()
         read = read_journal(data, gen)
-        for batch in read.batches:
-            for op in batch:
-                apply_op(state, op)
+        replay_batches(state, read.batches, after_damage or bool(read.damaged),
+                       orphans if orphans is not None else set())
         if read.clean:
             return True
         now = self._reactor.seconds()

@@ -23,8 +23,9 @@ import os
 import sys
 from typing import List, Optional
 
-from mqttd.persistence.journal import journal_path, list_journals, read_journal
-from mqttd.persistence.records import StoredState, apply_op
+from mqttd.persistence.journal import (
+    journal_path, list_journals, read_journal, replay_batches)
+from mqttd.persistence.records import StoredState
 
 
 def _locked(path: str) -> bool:
@@ -101,15 +102,14 @@ def inspect(path: str) -> dict:
             entry["error"] = checkpoint.reason
         report["damaged"] |= not checkpoint.intact
     journals = [g for g in list_journals(path) if g >= generation]
+    orphans: set = set()
     if journals and report["kind"] is None:
         report["kind"] = "file"
     for index, gen in enumerate(journals):
         with open(journal_path(path, gen), "rb") as f:
             data = f.read()
         read = read_journal(data, gen)
-        for batch in read.batches:
-            for op in batch:
-                apply_op(state, op)
+        replay_batches(state, read.batches, report["damaged"] or bool(read.damaged), orphans)
         last = index == len(journals) - 1
         torn_only = (not read.damaged and not read.header and not read.repaired
                      and read.torn_at is not None)
@@ -131,6 +131,7 @@ def inspect(path: str) -> dict:
             entry["torn_at"] = read.torn_at
         report["files"].append(entry)
         report["damaged"] |= status in ("damaged", "repaired")
+    report["orphaned_sessions"] = sorted(orphans)
     if report["kind"] is None:
         raise FileNotFoundError(f"{path} holds no mqttd store (no snapshot.pkl, CURRENT "
                                 f"or journal.<n>)")
@@ -195,6 +196,9 @@ def _print_check(report: dict, out) -> None:
         if entry.get("orphaned_sessions"):
             print(f"    session records lost (messages kept): "
                   f"{', '.join(entry['orphaned_sessions'])}", file=out)
+    if report.get("orphaned_sessions"):
+        print(f"  session records lost in journals (messages kept): "
+              f"{', '.join(report['orphaned_sessions'])}", file=out)
     for name in report["aside"]:
         print(f"  set aside earlier: {name}", file=out)
     counts = report["counts"]

@@ -91,6 +91,21 @@ def test_damaged_journal_byte_loses_at_most_its_record(durable_backend, log_even
     result_of(store.close())
 
 
+def test_losing_the_session_record_does_not_cascade(durable_backend, log_events):
+    """Damage to the record holding PutSession costs that record, not every later message."""
+    ops, path = journal_with_records(durable_backend)
+    with open(path, "rb") as f:
+        first = frame_offsets(f.read(), JOURNAL_HEADER.size)[0]
+    flip(path, first + RECORD_HEADER.size + 4, 0xFF)
+    store = durable_backend()
+    state = store.open()
+    assert messages_of(state) == messages_of(reference_state(ops))
+    assert state.sessions["c1"].record.subscriptions == ()     # its record was lost
+    errors = events_at(log_events, LogLevel.error)
+    assert any("Session records of" in e["log_format"] and e["count"] == 1 for e in errors)
+    result_of(store.close())
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 def checkpointed(backend, sessions=3):
