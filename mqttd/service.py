@@ -208,8 +208,7 @@ class BrokerService(MultiService):
                 self._close_ports()
                 outcome[0].raiseException()
         try:
-            state = self.broker.store.open()
-            self.broker.restore(state)
+            self.broker.start()  # opens and restores the store once (idempotent)
         except BaseException:
             self._close_ports()
             raise
@@ -248,6 +247,7 @@ class BrokerService(MultiService):
         factory = MQTTFactory(self.broker, self.factory.clock, self.factory.write_buffer,
                               listener=description)
         factory.protocol = self.factory.protocol
+        factory.start_broker = False  # startService opens the store after listening
         return factory
 
     def _listen_failed(self, failure):
