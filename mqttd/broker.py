@@ -529,7 +529,9 @@ class Broker:
     def restore(self, state: R.StoredState) -> None:
         """Rebuild sessions, subscriptions, retained messages and pending wills
         from the store.  Messages that expired while the broker was down are
-        dropped (and deleted from the store) [MQTT-3.3.2-5]."""
+        dropped (and deleted from the store) [MQTT-3.3.2-5].  Stored messages
+        written by older versions go through the same property mapping as
+        live ones (a retained will could carry its Will Delay Interval)."""
         self.started = True
         now = self.clock.seconds()
         expired = 0
@@ -538,7 +540,7 @@ class Broker:
                 self._write(R.DeleteRetained(topic))
                 expired += 1
                 continue
-            self.retained.set(message)
+            self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
             record = stored.record
@@ -559,6 +561,9 @@ class Broker:
                     self._write(R.DeleteOutbound(client_id, seq))
                     expired += 1
                     continue
+                forwardable = _forwardable(out.message, keep_subscription_ids=True)
+                if forwardable is not out.message:
+                    out = attrs.evolve(out, message=forwardable)
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                     session.queue.append(out)
                     session.queued_bytes += len(out.message.payload) + len(out.message.topic)
@@ -1532,6 +1537,21 @@ class Broker:
             self._retained_expiry_call.cancel()
         self._retained_expiry_call = None
         self.flow.release_all()
+
+
+def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Message:
+    """``message`` with only the properties a PUBLISH forwards (see mqttd.messages).
+
+    ``keep_subscription_ids``: a message owed to one session carries that
+    subscriber's Subscription Identifiers, which the broker itself set.
+    """
+    props = forwarded_properties(message.properties)
+    if props is message.properties:
+        return message
+    ids = message.properties.subscription_identifiers
+    if keep_subscription_ids and ids:
+        props = attrs.evolve(props, subscription_identifiers=ids)
+    return attrs.evolve(message, properties=props)
 
 
 def with_subscription_ids(message: Message, ids: tuple) -> Message:
