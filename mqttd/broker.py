@@ -1139,8 +1139,15 @@ class Broker:
                 message = self._with_ids(message, (sub.subscription_identifier,), cache)
         elif ids:
             message = self._with_ids(message, tuple(ids), cache)
-        if self.authorize_forward is not None:
-            allowed = self._may_forward(session, message)
+        forward = self.authorize_forward
+        if forward is not None:  # read permission at delivery time
+            if session.forward_waiting:
+                allowed = None  # answers pending before: keep the delivery order
+            else:
+                try:
+                    allowed = forward(session.info or self.session_client(session), message)
+                except Exception:
+                    allowed = Failure()
             if allowed is not True:
                 return self._forward_later(session, message, qos, allowed)
         self._deliver(session, message, qos, cache)

@@ -37,7 +37,7 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties
+from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties, will_message
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
@@ -117,6 +117,16 @@ class ClientConnection:
         self.protocol_level: Optional[int] = None
         self.session = None
         self.info: Optional[ClientInfo] = None
+        #: a listener that authenticates clients itself (a TLS listener with
+        #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
+        #: sets this to a callable ``() -> Optional[str]``, asked at CONNECT:
+        #: its answer replaces the CONNECT's username (the password is not
+        #: checked: the certificate is the credential); None refuses the
+        #: CONNECT with 0x87 Not authorized (v3: 0x05).
+        self.transport_identity = None
+        #: called once before the connection closes its transport (the Twisted
+        #: shim unregisters its push producer here, see _lose_connection)
+        self.release_transport = None
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
@@ -148,6 +158,8 @@ class ClientConnection:
         #: inbound token bucket [messages, bytes, last refill time] or None
         self._bucket = None
         self._rate_call = None
+        #: set by the protocol when its listener is over its max_connections
+        self.over_listener_limit = 0
         self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
@@ -443,13 +455,23 @@ class ClientConnection:
             self.send(Disconnect(reason_code, props))
         self._close(log_reason or f"closed by server (reason 0x{reason_code:02X})")
 
+    def _lose_connection(self) -> None:
+        # ITransport.loseConnection closes only once no producer is registered:
+        # TLS honours that (a refused or kicked TLS client would stay
+        # connected), plain TCP happens not to.  The shim that registered the
+        # producer hands us how to unregister it.
+        release, self.release_transport = self.release_transport, None
+        if release is not None:
+            release()
+        self.transport.loseConnection()
+
     def _close(self, reason: str = "closed by server") -> None:
         self._close_reason = reason
         self._online = False
         self.state = _CLOSED
         self._cancel_timers()
         self._release()
-        self.transport.loseConnection()
+        self._lose_connection()
 
     def _release(self) -> None:
         """Drop what a closed connection holds, at once rather than at the next
@@ -653,6 +675,10 @@ class ClientConnection:
                            f"{broker.open_connections - 1} connections open, "
                            f"max_connections is {config.max_connections}")
             return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
+        if self.over_listener_limit:
+            broker.refused("max-connections", client_id, self.peer,
+                           f"listener has {self.over_listener_limit} connections (its limit)")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached")
         if level == MQTT_5:
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)
@@ -713,6 +739,18 @@ class ClientConnection:
                                packet.clean_start, packet.keepalive, False,
                                bridge=self.bridge)
         self._assigned = assigned
+        identity = self.transport_identity
+        if identity is not None:
+            # the listener authenticated the client (TLS client certificate,
+            # mosquitto's use_identity_as_username): that identity is the
+            # username and no password or AUTH exchange is asked for
+            username = identity()
+            if username is None:
+                broker.refused("authentication", client_id, self.peer,
+                               "no client certificate identity on a listener that uses "
+                               "it as the username")
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "no certificate identity")
+            return self._authenticated(username)
         if level == MQTT_5 and props.authentication_method is not None:
             return self._start_exchange(props.authentication_method,
                                         props.authentication_data, reauth=False)
@@ -858,8 +896,7 @@ class ClientConnection:
         check = broker.authorize_publish
         if will is None or check is None:
             return self._connected(auth_data)
-        message = Message(will.topic, will.payload, will.qos, will.retain,
-                          will.properties, self.client_id)
+        message = will_message(will, self.client_id)   # the PUBLISH it would become
 
         def will_answered(answer):
             if answer is not True:
@@ -1012,7 +1049,10 @@ class ClientConnection:
                           None if expiry is None else self.clock.seconds() + expiry)
         check = broker.authorize_publish
         if check is not None:
-            allowed = call_hook(check, self.info, message)
+            try:
+                allowed = check(self.info, message)
+            except Exception:
+                allowed = Failure()
             if allowed is not True:
                 self._await(allowed, lambda answer: self._publish_answered(
                     packet, message, answer), "authorize_publish")
@@ -1323,7 +1363,7 @@ class ClientConnection:
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
-        self.transport.loseConnection()
+        self._lose_connection()
         self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                     reason="disconnect")
 

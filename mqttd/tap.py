@@ -60,6 +60,12 @@ def _acl_file(value: str) -> None:
         raise ValueError(str(error)) from None
 
 
+def _listener_limit(value: str) -> None:
+    description, sep, count = value.rpartition("=")
+    if not sep or not description or not count.strip().isdigit() or int(count) < 1:
+        raise ValueError(f"expected ENDPOINT=N with N >= 1, got {value!r}")
+
+
 def _strcred(value: str) -> None:
     from twisted.cred import strcred
     try:
@@ -73,7 +79,9 @@ OPTIONS: List[Option] = [
     Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
            short="p", doc_default=".."),
     Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
-           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           "tcp:1883:interface=127.0.0.1, mqtts:8883:privateKey=K:certKey=C, ws:9001, "
+           "wss:9443:privateKey=K:certKey=C, haproxy:tcp:1884 (repeatable; "
+           "docs/transports.rst).",
            default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
     Option("config", text(), "TOML file with any of these options as keys.", short="c"),
     Option("check-config", flag, "Check the options and the config file, print the "
@@ -169,6 +177,8 @@ OPTIONS: List[Option] = [
            "hook may take before it refuses.", default=10.0, field="hook_timeout"),
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
+    Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
+           "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
            "0 = no limit.", default=0, field="max_subscriptions_per_client"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
