@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
+from mqttd.shared import ShareGroup
 from mqttd.ratelimit import LogRateLimiter
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
@@ -904,31 +905,42 @@ class Broker:
         # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
         # matching subscription identifier [MQTT-3.3.4-4]
         origin = message.origin
-        receivers = 0
         best: Dict[object, SubscriptionRecord] = {}
-        ids: Optional[Dict[object, list]] = None
+        overlapping = None
         for _filter, key, sub in matches:
-            if key.__class__ is not str:  # an in-process subscriber or a shared group
+            if key == origin and sub.no_local:
+                continue
+            prev = best.get(key)
+            if prev is None:
+                best[key] = sub
+                continue
+            if overlapping is None:
+                overlapping = set()
+            overlapping.add(key)
+            if sub.qos > prev.qos:
+                best[key] = sub
+        ids = None
+        if overlapping is not None:
+            # a client with several matching subscriptions gets all their
+            # identifiers (rare: the common path above never looks at them)
+            ids = {}
+            for _filter, key, sub in matches:
+                if key in overlapping and not (key == origin and sub.no_local):
+                    sid = sub.subscription_identifier
+                    if sid is not None:
+                        ids.setdefault(key, []).append(sid)
+        receivers = 0
+        if not ids:
+            for key, sub in best.items():
+                # one subscriber's failure never reaches the others
                 try:
                     receivers += self._route(key, sub, message, cache)
                 except Exception:
                     self._delivery_failed(key, message)
-                continue
-            if key == origin and sub.no_local:
-                continue
-            sid = sub.subscription_identifier
-            if sid is not None:
-                if ids is None:
-                    ids = {}
-                ids.setdefault(key, []).append(sid)
-            prev = best.get(key)
-            if prev is None or sub.qos > prev.qos:
-                best[key] = sub
+            return receivers
         for key, sub in best.items():
-            # one subscriber's failure never reaches the others
             try:
-                receivers += self._route(key, sub, message, cache,
-                                         None if ids is None else ids.get(key))
+                receivers += self._route(key, sub, message, cache, ids.get(key))
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
@@ -951,7 +963,7 @@ class Broker:
         if cls is LocalSubscription:
             self._call_local(key, message)
             return 1
-        if cls is shared.ShareGroup:
+        if cls is ShareGroup:
             return self._route_shared(key, message, cache)
         if sub.no_local and key == message.origin:
             return 0  # [MQTT-3.8.3-3]
@@ -964,11 +976,10 @@ class Broker:
             if live is None:
                 live = cache["live"] = delivery_message(message, False)
             message = live
-        if ids is None:
-            if sub.subscription_identifier is not None:
-                message = self._with_ids(message, (sub.subscription_identifier,), cache)
-        elif ids:
+        if ids is not None:
             message = self._with_ids(message, tuple(ids), cache)
+        elif sub.subscription_identifier is not None:
+            message = self._with_ids(message, (sub.subscription_identifier,), cache)
         if self.authorize_forward is not None:
             allowed = self._may_forward(session, message)
             if allowed is not True:

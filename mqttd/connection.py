@@ -287,15 +287,12 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
-        if self._out_aliases is not None:
-            return None  # the topic alias makes them this connection's own
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
-        if self._out_aliases is not None:
-            self._send_aliased(message, qos, packet_id, dup)
-            return
+        # (a connection that sends topic aliases replaces this method by
+        # _send_aliased at CONNECT: no cost here for the others)
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -321,9 +318,14 @@ class ClientConnection:
         stats.bytes_sent += len(data)
         self.transport.write(data)
 
-    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool) -> None:
-        """Send with a topic alias (the client's Topic Alias Maximum allows it):
-        the topic name only when the alias is new or rebound [MQTT-3.3.2-11]."""
+    def _no_template(self, message: Message, qos: int, cache: dict) -> None:
+        return None  # the topic aliases make this connection's bytes its own
+
+    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool,
+                      cache: Optional[dict] = None, template=None) -> None:
+        """:meth:`send_publish` with a topic alias (the client's Topic Alias Maximum
+        allows it): the topic name only when the alias is new or rebound
+        [MQTT-3.3.2-11]; shared bytes (``cache``, ``template``) are not used."""
         aliases = self._out_aliases
         topic = message.topic
         alias, known = aliases.alias_for(topic)
@@ -646,6 +648,8 @@ class ClientConnection:
                 self._client_max_packet = props.maximum_packet_size
             if props.topic_alias_maximum:  # the client accepts our aliases [MQTT-3.3.2-11]
                 self._out_aliases = OutboundAliases(props.topic_alias_maximum)
+                self.send_publish = self._send_aliased
+                self.cached_template = self._no_template
             self._in_aliases = InboundAliases(config.max_topic_alias)
             self._receive_max = config.max_inflight_incoming
         assigned = None
