@@ -57,6 +57,8 @@ static double opt_hold = 1.0;      /* connect storm: settle before RSS read */
 static long opt_cap = 4000000;     /* max messages per publisher (bitmap size) */
 static int opt_warmup = 200;       /* latency: samples discarded */
 static const char *opt_client_prefix = "lg";
+static const char *opt_username = NULL;   /* CONNECT user name (and password) if set */
+static const char *opt_password = NULL;
 
 /* ------------------------------------------------------------------ */
 /* time */
@@ -218,13 +220,16 @@ static size_t put_str(uint8_t *p, const char *s) {
 }
 
 static void send_connect(conn *c) {
-    uint8_t body[256], pkt[300];
+    uint8_t body[512], pkt[600];
     size_t n = 0;
     n += put_str(body + n, "MQTT");
     body[n++] = 4;                          /* protocol level 3.1.1 */
-    body[n++] = c->clean ? 0x02 : 0x00;     /* connect flags */
+    body[n++] = (c->clean ? 0x02 : 0x00)    /* connect flags */
+              | (opt_username ? 0x80 : 0) | (opt_username && opt_password ? 0x40 : 0);
     body[n++] = 0; body[n++] = 0;           /* keepalive 0: no pings */
     n += put_str(body + n, c->client_id);
+    if (opt_username) n += put_str(body + n, opt_username);
+    if (opt_username && opt_password) n += put_str(body + n, opt_password);
     size_t m = 0;
     pkt[m++] = 0x10;
     m += put_varint(pkt + m, n);
@@ -883,7 +888,8 @@ static void usage(void) {
         "scenarios: fanin_qos0 fanin_qos1 fanout_qos0 latency_qos1 connect_storm persistent_qos1\n"
         "  --host H --port P --duration S --count N --pubs N --subs N --payload B\n"
         "  --window N --rate N --conns N --conc N --pid PID --drain S --idle S --hold S\n"
-        "  --cap N --warmup N --client-prefix STR --qos0-window N --stall S\n");
+        "  --cap N --warmup N --client-prefix STR --qos0-window N --stall S\n"
+        "  --username U --password P   (CONNECT credentials, each at most 100 bytes)\n");
     exit(2);
 }
 
@@ -893,7 +899,8 @@ int main(int argc, char **argv) {
         {"pubs", 1, 0, 'P'}, {"subs", 1, 0, 'S'}, {"payload", 1, 0, 'b'}, {"window", 1, 0, 'w'},
         {"rate", 1, 0, 'r'}, {"conns", 1, 0, 'c'}, {"conc", 1, 0, 'C'}, {"pid", 1, 0, 'i'},
         {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'}, {"hold", 1, 0, 'H'}, {"cap", 1, 0, 'K'},
-        {"warmup", 1, 0, 'W'}, {"qos0-window", 1, 0, 'q'}, {"stall", 1, 0, 's'}, {"client-prefix", 1, 0, 'x'}, {0, 0, 0, 0}};
+        {"warmup", 1, 0, 'W'}, {"qos0-window", 1, 0, 'q'}, {"stall", 1, 0, 's'}, {"client-prefix", 1, 0, 'x'},
+        {"username", 1, 0, 'u'}, {"password", 1, 0, 'a'}, {0, 0, 0, 0}};
     if (argc < 2) usage();
     opt_scenario = argv[1];
     optind = 2;
@@ -920,9 +927,13 @@ int main(int argc, char **argv) {
         case 'q': opt_qos0_window = atoi(optarg); break;
         case 's': opt_stall = atof(optarg); break;
         case 'x': opt_client_prefix = optarg; break;
+        case 'u': opt_username = optarg; break;
+        case 'a': opt_password = optarg; break;
         default: usage();
         }
     }
+    if ((opt_username && strlen(opt_username) > 100) || (opt_password && strlen(opt_password) > 100))
+        usage();
     if (opt_payload < STAMP_BYTES) opt_payload = STAMP_BYTES;
     if (opt_payload > 400) opt_payload = 400;
     if (opt_window < 1) opt_window = 1;

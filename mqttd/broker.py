@@ -24,12 +24,13 @@ from twisted.python.failure import Failure
 from mqttd import debuglog, shared, topics
 from mqttd.shared import ShareGroup
 from mqttd.ratelimit import LogRateLimiter
+from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.hooks import HOOK_FAILED, call_hook
 from mqttd.flowcontrol import SlowConsumerGuard
 from mqttd.messages import (
-    Message, forwarded_properties, outbound_message, published_at, will_message)
+    SYS_ORIGIN, Message, forwarded_properties, outbound_message, published_at, will_message)
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
@@ -282,6 +283,10 @@ class Broker:
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
         self.log_limiter = LogRateLimiter(clock)
+        #: callables(client_id, reason, text) told of every drop and refusal
+        self.incident_listeners: List[Callable[[str, str, str], None]] = []
+        #: sessions with a connection attached now
+        self.online = 0
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
 
@@ -309,6 +314,8 @@ class Broker:
                               "Refused {what} for {client_id} from {peer}: {detail}",
                               what=what, client_id=client_id or "-", peer=peer,
                               detail=detail, **fields)
+        if self.incident_listeners:  # the admin's per-client ring (not rate-limited)
+            self.incident(client_id, f"refused-{what}", f"refused {what}: {detail}")
 
     def session_client(self, session: Session) -> ClientInfo:
         """The ClientInfo of ``session`` (its owner for an offline session)."""
@@ -383,6 +390,84 @@ class Broker:
                 log.failure("Event observer {observer!r} failed on {event}",
                             observer=callback, event=event)
 
+    # --- inspection -----------------------------------------------------------
+
+    def clients(self, online: Optional[bool] = None) -> List[ClientSummary]:
+        """Every session as a :class:`~mqttd.clients.ClientSummary`, sorted by client id.
+
+        ``online=True``: only connected clients; ``False``: only offline
+        persistent sessions; ``None`` (default): all.  The summaries are
+        copies taken now (O(sessions)); they do not change afterwards.
+        """
+        return [summarize(session) for _id, session in sorted(self.sessions.items())
+                if online is None or (session.connection is not None) == online]
+
+    # --- administration (the admin API; also for embedders) -------------------------
+
+    def disconnect_client(self, client_id: str,
+                          reason_code: int = ReasonCode.ADMINISTRATIVE_ACTION) -> bool:
+        """Close the connection of ``client_id`` (v5: DISCONNECT with ``reason_code``,
+        0x98 Administrative action by default); its will is published and a
+        persistent session stays.  False if it is not connected."""
+        session = self.sessions.get(client_id)
+        if session is None or session.connection is None:
+            return False
+        conn = session.connection
+        log.info("Disconnecting {client_id} (administrative action)", client_id=client_id)
+        self.connection_lost(session, conn, publish_will=True, reason="administrative action")
+        conn.disconnect(reason_code)
+        return True
+
+    def delete_session(self, client_id: str) -> bool:
+        """Discard the session of ``client_id`` with its subscriptions and queued
+        messages (from the store too), disconnecting it first if it is online.
+        False if there is no such session."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return False
+        if session.connection is not None:
+            self.disconnect_client(client_id)
+        session = self.sessions.get(client_id)
+        if session is not None:
+            log.info("Deleting session {client_id} (administrative action)",
+                     client_id=client_id)
+            self._discard_session(session)
+        return True
+
+    def clear_retained(self, topic: str) -> bool:
+        """Remove the retained message of ``topic`` (from the store too); False if none."""
+        if topic not in self.retained:
+            return False
+        self._retain(Message(topic, b"", 0, True))
+        self.retained.remove(topic)  # a volatile ($SYS) one is not in the store
+        return True
+
+    # --- incidents: drops and refusals, per client ------------------------------
+
+    def on_incident(self, callback: Callable[[str, str, str], None]) -> Callable[[], None]:
+        """Call ``callback(client_id, reason, text)`` for every message dropped for a
+        client and every refusal of a client's packet (rate limits do not apply:
+        the admin's per-client ring of recent drops and refusals is fed here).
+
+        ``reason`` is a stable token (``queue-full``, ``publish-refused``,
+        ``connect-refused``, ``session-expired``...); ``text`` one line for
+        humans.  Returns an unregister function.  Only the rare paths call it.
+        """
+        self.incident_listeners.append(callback)
+
+        def unregister():
+            if callback in self.incident_listeners:
+                self.incident_listeners.remove(callback)
+        return unregister
+
+    def incident(self, client_id: Optional[str], reason: str, text: str) -> None:
+        """Report one drop or refusal to the :meth:`on_incident` listeners."""
+        for callback in list(self.incident_listeners):
+            try:
+                callback(client_id, reason, text)
+            except Exception:
+                log.failure("Incident listener {listener!r} failed", listener=callback)
+
     def add_publish_filter(self, publish_filter: Callable) -> Callable[[], None]:
         """Run ``publish_filter(message, client)`` on every message published.
 
@@ -442,7 +527,9 @@ class Broker:
     def restore(self, state: R.StoredState) -> None:
         """Rebuild sessions, subscriptions, retained messages and pending wills
         from the store.  Messages that expired while the broker was down are
-        dropped (and deleted from the store) [MQTT-3.3.2-5]."""
+        dropped (and deleted from the store) [MQTT-3.3.2-5].  Stored messages
+        written by older versions go through the same property mapping as
+        live ones (a retained will could carry its Will Delay Interval)."""
         now = self.clock.seconds()
         expired = 0
         for topic, message in list(state.retained.items()):
@@ -450,7 +537,7 @@ class Broker:
                 self._write(R.DeleteRetained(topic))
                 expired += 1
                 continue
-            self.retained.set(message)
+            self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
             record = stored.record
@@ -471,6 +558,9 @@ class Broker:
                     self._write(R.DeleteOutbound(client_id, seq))
                     expired += 1
                     continue
+                forwardable = _forwardable(out.message, keep_subscription_ids=True)
+                if forwardable is not out.message:
+                    out = attrs.evolve(out, message=forwardable)
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                     session.queue.append(out)
                     session.queued_bytes += len(out.message.payload) + len(out.message.topic)
@@ -555,6 +645,9 @@ class Broker:
         session.will = will
         session.connection = connection
         session.disconnected_at = None
+        self.online += 1
+        if self.online > self.stats.clients_maximum:
+            self.stats.clients_maximum = self.online
         if persistent:
             self._write(R.PutSession(session.to_record()))
             if not was_persistent:
@@ -585,6 +678,7 @@ class Broker:
         """The network connection of ``session`` is gone (for whatever reason)."""
         if session.connection is not connection:
             return  # already taken over
+        self.online -= 1
         info = getattr(connection, "info", None)
         client_id = session.client_id
         # every step runs even if an earlier one fails: never half torn down
@@ -663,7 +757,13 @@ class Broker:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.info("Session {client_id} expired", client_id=session.client_id)
+            queued = len(session.queue) + len(session.inflight)
+            self.stats.sessions_expired += 1
             self._discard_session(session)
+            if self.incident_listeners:
+                self.incident(session.client_id, "session-expired",
+                              f"session expired after {session.expiry_interval} s offline; "
+                              f"{queued} queued or in-flight messages discarded")
 
     def _discard_session(self, session: Session) -> None:
         for topic_filter in list(session.subscriptions):
@@ -852,6 +952,18 @@ class Broker:
 
     # --- publishing -------------------------------------------------------------
 
+    def publish_volatile(self, message: Message) -> int:
+        """Publish ``message``; if retained, it becomes its topic's retained message
+        in memory only (never written to the store, gone after a restart).
+
+        For ``$SYS`` statistics: new subscribers get the latest value at once
+        without one store write per value per interval.  Returns receivers.
+        """
+        if message.retain:
+            self.retained.set(message)
+            message = attrs.evolve(message, retain=False)
+        return self.publish(message, client=None)
+
     def publish_message(self, topic: str, payload: bytes = b"", qos: int = 0,
                         retain: bool = False, properties=None) -> int:
         """Publish from inside the process (embedding API, $SYS).  Returns receivers."""
@@ -877,7 +989,11 @@ class Broker:
         message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        self.stats.messages_received += 1
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self.stats
+            stats.messages_received += 1
+            stats.messages_in[message.qos] += 1
+            stats.payload_in[message.qos] += len(message.payload)
         if self._publish_filters:
             for publish_filter in self._publish_filters:
                 message = publish_filter(message, client)
@@ -980,8 +1096,15 @@ class Broker:
             message = self._with_ids(message, tuple(ids), cache)
         elif sub.subscription_identifier is not None:
             message = self._with_ids(message, (sub.subscription_identifier,), cache)
-        if self.authorize_forward is not None:
-            allowed = self._may_forward(session, message)
+        forward = self.authorize_forward
+        if forward is not None:  # read permission at delivery time
+            if session.forward_waiting:
+                allowed = None  # answers pending before: keep the delivery order
+            else:
+                try:
+                    allowed = forward(session.info or self.session_client(session), message)
+                except Exception:
+                    allowed = Failure()
             if allowed is not True:
                 return self._forward_later(session, message, qos, allowed)
         self._deliver(session, message, qos, cache)
@@ -1244,6 +1367,9 @@ class Broker:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
         count = session.count_drop(reason)
         self.stats.count_drop(reason)
+        if self.incident_listeners:
+            self.incident(session.client_id, reason,
+                          f"dropped a QoS {message.qos} message to {message.topic!r}: {reason}")
         if debuglog.enabled:
             log.debug("Dropped a message to {topic} for {client_id}: {reason}",
                       client_id=session.client_id, reason=reason, topic=message.topic)
@@ -1339,6 +1465,21 @@ class Broker:
             self._retained_expiry_call.cancel()
         self._retained_expiry_call = None
         self.flow.release_all()
+
+
+def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Message:
+    """``message`` with only the properties a PUBLISH forwards (see mqttd.messages).
+
+    ``keep_subscription_ids``: a message owed to one session carries that
+    subscriber's Subscription Identifiers, which the broker itself set.
+    """
+    props = forwarded_properties(message.properties)
+    if props is message.properties:
+        return message
+    ids = message.properties.subscription_identifiers
+    if keep_subscription_ids and ids:
+        props = attrs.evolve(props, subscription_identifiers=ids)
+    return attrs.evolve(message, properties=props)
 
 
 def with_subscription_ids(message: Message, ids: tuple) -> Message:

@@ -26,6 +26,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
     "store": ("mqttd.persistence.storetool:main",
               "check or dump a data directory offline: store check|dump DIR"),
+    "why": ("mqttd.admin.cli:main", "why does (not) a message on TOPIC reach CLIENT? "
+            "(asks the admin API)"),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,12 +37,15 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message, forwarded_properties
+from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
+#: MQTT 5 has no bridge bit: a CONNECT user property with this name marks a
+#: bridging broker instead (mqttd's bridges send it; the value is its broker id)
+BRIDGE_PROPERTY = "mqttd-bridge"
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 #: properties a server may leave out of any packet to respect the client's
 #: Maximum Packet Size [MQTT-3.1.2-25]
@@ -96,6 +99,9 @@ class ClientConnection:
     :param clock: ``IReactorTime`` for the CONNECT and keepalive timers.
     """
 
+    #: the listener it came in on (set by the protocol; metrics and admin)
+    listener: Optional[str] = None
+
     def __init__(self, broker: Broker, transport, clock, peer: Optional[str] = None):
         self.broker = broker
         self.transport = transport
@@ -111,6 +117,16 @@ class ClientConnection:
         self.protocol_level: Optional[int] = None
         self.session = None
         self.info: Optional[ClientInfo] = None
+        #: a listener that authenticates clients itself (a TLS listener with
+        #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
+        #: sets this to a callable ``() -> Optional[str]``, asked at CONNECT:
+        #: its answer replaces the CONNECT's username (the password is not
+        #: checked: the certificate is the credential); None refuses the
+        #: CONNECT with 0x87 Not authorized (v3: 0x05).
+        self.transport_identity = None
+        #: called once before the connection closes its transport (the Twisted
+        #: shim unregisters its push producer here, see _lose_connection)
+        self.release_transport = None
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._client_max_packet = None
@@ -142,6 +158,8 @@ class ClientConnection:
         #: inbound token bucket [messages, bytes, last refill time] or None
         self._bucket = None
         self._rate_call = None
+        #: set by the protocol when its listener is over its max_connections
+        self.over_listener_limit = 0
         self._stash = ()
         self._keepalive = 0.0
         self._keepalive_call = None
@@ -283,7 +301,11 @@ class ClientConnection:
     def _warn(self, reason: str, format: str, **fields) -> None:
         """One WARN line per client and ``reason`` at most ``burst`` per window;
         the next line says how many were suppressed (see :mod:`mqttd.ratelimit`)."""
-        self.broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
+        broker = self.broker
+        broker.log_limiter.warn(log, (self._who(), reason), format, **fields)
+        if broker.incident_listeners:  # the admin's per-client ring (not rate-limited)
+            broker.incident(self.client_id or self.peer, reason,
+                            formatEvent(dict(fields, log_format=format)))
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
@@ -313,9 +335,12 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        stats = self._stats
-        stats.messages_sent += 1
-        stats.bytes_sent += len(data)
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self._stats
+            stats.messages_sent += 1
+            stats.bytes_sent += len(data)
+            stats.messages_out[qos] += 1
+            stats.payload_out[qos] += len(message.payload)
         self.transport.write(data)
 
     def _no_template(self, message: Message, qos: int, cache: dict) -> None:
@@ -432,13 +457,23 @@ class ClientConnection:
             self.send(Disconnect(reason_code, props))
         self._close(log_reason or f"closed by server (reason 0x{reason_code:02X})")
 
+    def _lose_connection(self) -> None:
+        # ITransport.loseConnection closes only once no producer is registered:
+        # TLS honours that (a refused or kicked TLS client would stay
+        # connected), plain TCP happens not to.  The shim that registered the
+        # producer hands us how to unregister it.
+        release, self.release_transport = self.release_transport, None
+        if release is not None:
+            release()
+        self.transport.loseConnection()
+
     def _close(self, reason: str = "closed by server") -> None:
         self._close_reason = reason
         self._online = False
         self.state = _CLOSED
         self._cancel_timers()
         self._release()
-        self.transport.loseConnection()
+        self._lose_connection()
 
     def _release(self) -> None:
         """Drop what a closed connection holds, at once rather than at the next
@@ -632,8 +667,9 @@ class ClientConnection:
         # a broker bridging to us (level 0x83/0x84): as mosquitto does, its
         # subscriptions get No Local + Retain As Published, so what it sends us
         # never echoes back and retained flags travel unchanged
-        self.bridge = packet.bridge
         props = packet.properties
+        self.bridge = packet.bridge or (level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in props.user_properties))
         client_id = packet.client_id
         self.client_id = client_id or None
         if config.max_connections and broker.open_connections > config.max_connections:
@@ -641,6 +677,10 @@ class ClientConnection:
                            f"{broker.open_connections - 1} connections open, "
                            f"max_connections is {config.max_connections}")
             return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
+        if self.over_listener_limit:
+            broker.refused("max-connections", client_id, self.peer,
+                           f"listener has {self.over_listener_limit} connections (its limit)")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached")
         if level == MQTT_5:
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)
@@ -703,6 +743,18 @@ class ClientConnection:
                                packet.clean_start, packet.keepalive, False,
                                bridge=self.bridge)
         self._assigned = assigned
+        identity = self.transport_identity
+        if identity is not None:
+            # the listener authenticated the client (TLS client certificate,
+            # mosquitto's use_identity_as_username): that identity is the
+            # username and no password or AUTH exchange is asked for
+            username = identity()
+            if username is None:
+                broker.refused("authentication", client_id, self.peer,
+                               "no client certificate identity on a listener that uses "
+                               "it as the username")
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "no certificate identity")
+            return self._authenticated(username)
         if level == MQTT_5 and props.authentication_method is not None:
             return self._start_exchange(props.authentication_method,
                                         props.authentication_data, reauth=False)
@@ -1002,7 +1054,10 @@ class ClientConnection:
                           None if expiry is None else self.clock.seconds() + expiry)
         check = broker.authorize_publish
         if check is not None:
-            allowed = call_hook(check, self.info, message)
+            try:
+                allowed = check(self.info, message)
+            except Exception:
+                allowed = Failure()
             if allowed is not True:
                 self._await(allowed, lambda answer: self._publish_answered(
                     packet, message, answer), "authorize_publish")
@@ -1313,7 +1368,7 @@ class ClientConnection:
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
-        self.transport.loseConnection()
+        self._lose_connection()
         self.broker.connection_lost(session, self, publish_will=self._will_on_close,
                                     reason="disconnect")
 

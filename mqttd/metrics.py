@@ -1,9 +1,43 @@
 """Counters of what the broker does (layer L1; exported by $SYS and metrics)."""
 from __future__ import annotations
 
-from typing import Dict
+import bisect
+from typing import Dict, List, Sequence
 
 import attrs
+
+#: upper bounds (seconds) of the store latency histograms
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class LatencyHistogram:
+    """Cumulative-export histogram of durations in seconds (cheap ``observe``).
+
+    ``counts[i]`` counts observations ``<= buckets[i]`` but above the bucket
+    before; the last slot counts those above every bucket (``+Inf``).
+    """
+
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts: List[int] = [0] * (len(self.buckets) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def cumulative(self) -> List[tuple]:
+        """``[(upper bound as str, cumulative count), ..., ("+Inf", count)]``."""
+        out, running = [], 0
+        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
 
 
 @attrs.define
@@ -22,6 +56,18 @@ class BrokerStats:
     slow_subscribers_demoted: int = 0
     #: dropped messages by reason ("queue-full", "client-maximum-packet-size")
     dropped: Dict[str, int] = attrs.Factory(dict)
+    #: PUBLISHes received / sent, and their payload bytes, indexed by QoS
+    #: (the broker's own $SYS messages are not counted)
+    messages_in: List[int] = attrs.Factory(lambda: [0, 0, 0])
+    payload_in: List[int] = attrs.Factory(lambda: [0, 0, 0])
+    messages_out: List[int] = attrs.Factory(lambda: [0, 0, 0])
+    payload_out: List[int] = attrs.Factory(lambda: [0, 0, 0])
+    #: CONNECTs refused (any reason) and by authentication/authorization
+    connects_refused: int = 0
+    #: the most clients connected at once since start
+    clients_maximum: int = 0
+    #: sessions that expired while offline
+    sessions_expired: int = 0
     #: refusals and limit hits by kind: "authentication", "anonymous",
     #: "session-owner", "publish", "subscribe", "forward", "will",
     #: "subscription" (removed on reload), "max-connections",

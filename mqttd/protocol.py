@@ -8,6 +8,8 @@ queue) instead of growing the transport buffer without bound.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -29,14 +31,29 @@ def _describe(address) -> str:
 class MQTTProtocol(Protocol):
     connection: ClientConnection = None
 
+    #: set by a listener (e.g. ``mqtts:...:identityAsUsername=yes``) to a
+    #: callable ``(transport) -> Optional[str]`` giving the identity the
+    #: transport authenticated; handed to the connection as
+    #: :attr:`ClientConnection.transport_identity`
+    transport_identity = None
+
     def __init__(self, broker: Broker, clock):
         self.broker = broker
         self.clock = clock
 
     def connectionMade(self):
+        factory = self.factory
         self.broker.open_connections += 1  # BrokerConfig.max_connections
+        factory.open_connections += 1      # the listener's own limit
         self.connection = ClientConnection(
             self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        if factory.max_connections and factory.open_connections > factory.max_connections:
+            self.connection.over_listener_limit = factory.max_connections
+        #: the listener (endpoint description) it came in on, for metrics and admin
+        self.connection.listener = self.factory.listener
+        if self.transport_identity is not None:
+            transport, identity = self.transport, self.transport_identity
+            self.connection.transport_identity = lambda: identity(transport)
         if hasattr(self.transport, "bufferSize"):
             # the bound of the outgoing buffer before our writes pause.  Larger
             # is not faster: Twisted copies the unsent rest of its buffer on
@@ -44,12 +61,21 @@ class MQTTProtocol(Protocol):
             # 512 KiB doubled QoS 0 fan-in but cut QoS 1 fan-in by a quarter)
             self.transport.bufferSize = self.factory.write_buffer
         self.transport.registerProducer(self, True)
+        self.connection.release_transport = self.transport.unregisterProducer
 
     def dataReceived(self, data: bytes):
-        self.connection.data_received(data)
+        # The first bytes: a wrapping transport may only now know the real
+        # peer (Twisted's PROXY protocol wrapper answers getPeer() with the
+        # address from the PROXY header once it has parsed it), so take it
+        # again; later reads go straight to the connection.
+        connection = self.connection
+        connection.peer = _describe(self.transport.getPeer())
+        self.dataReceived = connection.data_received
+        connection.data_received(data)
 
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1
+        self.factory.open_connections -= 1
         if self.connection is not None:
             self.connection.connection_lost(reason)
 
@@ -71,13 +97,24 @@ class MQTTFactory(Factory):
     :param clock: ``IReactorTime`` for timers; defaults to the broker's clock.
     :param write_buffer: bytes buffered per connection before writes to it
         pause (push-producer backpressure).
+    :param max_connections: open connections on the listeners of this
+        factory; more are refused at CONNECT (0x97 / v3 0x03); 0 = no limit
+        (the broker-wide ``BrokerConfig.max_connections`` applies as well).
+    :param listener: the name of the listener in metrics and the admin API
+        (``BrokerService`` uses the endpoint description); None: unnamed.
     """
 
     protocol = MQTTProtocol
 
-    def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024):
+    def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
+                 listener: Optional[str] = None, max_connections: int = 0):
         self.broker = broker
+        #: a name for the listener (the endpoint description) shown in metrics
+        self.listener = listener
         self.clock = clock if clock is not None else broker.clock
+        self.max_connections = max_connections
+        #: connections open on this factory's listeners
+        self.open_connections = 0
         #: bytes a connection's transport buffers before it pauses our writes
         self.write_buffer = write_buffer
 

@@ -29,6 +29,7 @@ from mqttd.broker import Broker, BrokerConfig
 from mqttd.eventlog import EventLog
 from mqttd.protocol import MQTTFactory
 from mqttd.systopics import SysTopics
+from mqttd.transports.endpoints import tls_options_in
 
 log = Logger(namespace="mqttd.service")
 
@@ -39,9 +40,12 @@ DEFAULT_BACKLOG = 1024
 
 
 def with_backlog(description: str) -> str:
-    """``description`` with ``backlog=1024`` added if it is TCP and sets none."""
+    """``description`` with ``backlog=1024`` added if it is TCP (also under
+    ``haproxy:``, or with ``ssl:``) and sets none."""
     kind = description.split(":", 1)[0]
-    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+    if kind == "haproxy":
+        kind = description.split(":", 2)[1] if description.count(":") >= 2 else ""
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
 
@@ -54,6 +58,20 @@ def _address_info(port) -> dict:
         if value is not None:
             info[name] = value.decode() if isinstance(value, bytes) else value
     return info
+
+
+def _reload_all(tls_options) -> None:
+    """Reload every listener's TLS files; raise the first error after trying all."""
+    errors = []
+    for options in tls_options:
+        try:
+            options.reload()
+        except Exception as error:
+            log.error("TLS reload of {certificate} failed, keeping the previous one: "
+                      "{error}", certificate=options.certificate, error=str(error))
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 class CannotListen(Exception):
@@ -112,6 +130,8 @@ class BrokerService(MultiService):
         self.broker = broker
         self.factory = MQTTFactory(broker)
         self.endpoints = list(listen)
+        #: endpoint description -> its own max_connections (a factory each)
+        self.listener_max_connections: Dict[str, int] = {}
         self.ready_file = ready_file
         self.ports = []
         #: connections each listener accepts per reactor turn at most
@@ -122,11 +142,26 @@ class BrokerService(MultiService):
         #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
         #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
         self.bridges = None
+        #: the bridges' :class:`mqttd.bridge.mesh.MeshGuard` (``dropped`` counts), set
+        #: by the bridge feature under ``twistd mqttd``; None otherwise
+        self.mesh_guard = None
         #: name -> callable() run by :meth:`reload` (may return a Deferred)
         self._reloaders: Dict[str, Callable[[], object]] = {}
         #: an ``ILogObserver`` offered to the twistd Application it joins
         #: (``twistd mqttd --log-format/--log-level``); None: twistd's own
         self.log_observer = None
+        #: name -> callable() whose JSON-ready result is added to the ready file
+        #: (the admin listeners add their ports as "http")
+        self.ready_extras: Dict[str, Callable[[], object]] = {}
+        #: metric name -> (help, label names, read() -> [(label values, value)]):
+        #: gauges features (bridges, cluster) export through the admin metrics
+        self.gauges: Dict[str, tuple] = {}
+
+    def add_gauge(self, name: str, help: str, labels, read) -> None:
+        """Export a gauge ``name`` (``mqttd_...``) read at scrape time:
+        ``read()`` returns ``[(label values, value), ...]`` (e.g. a bridge's
+        ``[(("edge",), 1)]`` for connected)."""
+        self.gauges[name] = (help, tuple(labels), read)
 
     def setServiceParent(self, parent):
         """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`
@@ -209,15 +244,21 @@ class BrokerService(MultiService):
         return self._started
 
     async def _listen(self):
+        tls = []
         for description in self.endpoints:
             try:
                 endpoint = serverFromString(self.reactor, with_backlog(description))
-                port = await endpoint.listen(self.factory)
+                tls.extend(tls_options_in(endpoint))
+                port = await endpoint.listen(self.factory_for(description))
             except Exception as error:
                 raise CannotListen(description, error) from None
             self.ports.append(bound_accepts(port, self.max_accepts_per_turn))
             log.info("MQTT listening on {endpoint} ({address})",
                      endpoint=description, address=_address_info(port))
+        if tls:
+            # certificates and CA files are read again on reload (SIGHUP): new
+            # connections use them, established ones keep theirs
+            self.add_reloader("tls", lambda: _reload_all(tls))
         return self.ports
 
     def _listened(self, ports):
@@ -226,6 +267,15 @@ class BrokerService(MultiService):
         systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(self.endpoints)}\n"
                        f"MAINPID={os.getpid()}")
         return ports
+
+    def factory_for(self, description: str) -> MQTTFactory:
+        """The factory of one listener: :attr:`factory`'s settings, named after
+        ``description`` (the ``listener`` label of metrics and the admin API)."""
+        factory = MQTTFactory(self.broker, self.factory.clock, self.factory.write_buffer,
+                              listener=description,
+                              max_connections=self.listener_max_connections.get(description, 0))
+        factory.protocol = self.factory.protocol
+        return factory
 
     def _listen_failed(self, failure):
         if self.reactor.running:
@@ -244,6 +294,8 @@ class BrokerService(MultiService):
             "listeners": [dict(_address_info(p), endpoint=d)
                           for p, d in zip(self.ports, self.endpoints)],
         }
+        for name, extra in self.ready_extras.items():
+            info[name] = extra()
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(info, f)
@@ -268,13 +320,25 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
                         ready_file: Optional[str] = None, sys_interval: float = 10.0,
                         authenticator=None, authorizer=None,
                         store_options: Optional[dict] = None,
+                        enhanced_authenticator=None,
                         bridges=(), bridge_config_path: Optional[str] = None) -> BrokerService:
     """Build a :class:`BrokerService`.
 
     :param listen: Twisted server endpoint strings (``tcp:1883``,
-        ``tcp:0:interface=127.0.0.1``, ``unix:/run/mqttd.sock``, ``ssl:8883:...``).
+        ``tcp:0:interface=127.0.0.1``, ``unix:/run/mqttd.sock``, ``ssl:8883:...``,
+        and mqttd's ``mqtts:8883:...``, ``ws:9001``, ``wss:9443:...``,
+        ``haproxy:tcp:1883``; see docs/transports.rst).
     :param store: an :class:`~mqttd.interfaces.IBrokerStore`, or a spec string:
         ``memory``, ``file:PATH``, ``dbm:PATH``.
+    :param authenticator: an :class:`~mqttd.interfaces.IAuthenticator` (the
+        ``authenticate`` hook); None lets every client in.  ``twistd mqttd``
+        installs :class:`mqttd.auth.Authenticator` with the anonymous policy;
+        an embedder builds the same with :func:`mqttd.auth.configure`.
+    :param authorizer: an :class:`~mqttd.interfaces.IAuthorizer`
+        (``authorize_publish`` / ``_subscribe`` / ``_forward``), e.g.
+        :class:`mqttd.auth.ACLAuthorizer`; None allows everything.
+    :param enhanced_authenticator: an
+        :class:`~mqttd.interfaces.IEnhancedAuthenticator` (MQTT 5 AUTH).
     :param bridges: :class:`mqttd.bridge.config.BridgeConfig` values; each runs
         as a bridge (see docs/bridge.rst); ``bridge_config_path`` is the TOML
         file a reload re-reads them from.
@@ -283,7 +347,8 @@ def make_broker_service(reactor, listen: Iterable[str] = ("tcp:1883",), store="m
         from mqttd.persistence import store_from_spec
         store = store_from_spec(store, reactor, **(store_options or {}))
     broker = Broker(reactor, store, config or BrokerConfig(),
-                    authenticator=authenticator, authorizer=authorizer)
+                    authenticator=authenticator, authorizer=authorizer,
+                    enhanced_authenticator=enhanced_authenticator)
     service = BrokerService(reactor, broker, listen, ready_file, sys_interval)
     if bridges:
         from mqttd.bridge.service import install

@@ -60,6 +60,12 @@ def _acl_file(value: str) -> None:
         raise ValueError(str(error)) from None
 
 
+def _listener_limit(value: str) -> None:
+    description, sep, count = value.rpartition("=")
+    if not sep or not description or not count.strip().isdigit() or int(count) < 1:
+        raise ValueError(f"expected ENDPOINT=N with N >= 1, got {value!r}")
+
+
 def _strcred(value: str) -> None:
     from twisted.cred import strcred
     try:
@@ -73,7 +79,9 @@ OPTIONS: List[Option] = [
     Option("port", integer(0, 65535), "TCP port to listen on (shorthand for --listen tcp:PORT).",
            short="p", doc_default=".."),
     Option("listen", endpoint, "Listen on a Twisted server endpoint, e.g. "
-           "tcp:1883:interface=127.0.0.1 (repeatable).",
+           "tcp:1883:interface=127.0.0.1, mqtts:8883:privateKey=K:certKey=C, ws:9001, "
+           "wss:9443:privateKey=K:certKey=C, haproxy:tcp:1884 (repeatable; "
+           "docs/transports.rst).",
            default=["tcp:1883:interface=127.0.0.1"], repeatable=True),
     Option("config", text(), "TOML file with any of these options as keys.", short="c"),
     Option("check-config", flag, "Check the options and the config file, print the "
@@ -100,6 +108,9 @@ OPTIONS: List[Option] = [
            default=64 * 1024 * 1024, field="max_queued_bytes"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
+    Option("bridge-dedup-window", number(0), "Seconds a message that came over a bridge "
+           "is remembered by its topic and payload, so a copy arriving by another MQTT 3.1.1 "
+           "bridge path is dropped (meshes; see docs/bridge.rst); 0 = off.", default=0.0),
     Option("queue-qos0", flag, "Queue QoS 0 messages for offline persistent sessions.",
            field="queue_qos0"),
     Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "
@@ -126,6 +137,14 @@ OPTIONS: List[Option] = [
     Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
            "pause must stay drained and healthy before it may hold publishers again.",
            default=30.0, field="publisher_pause_recovery"),
+    Option("metrics-listen", endpoint, "Serve Prometheus metrics at /metrics on this "
+           "endpoint, e.g. tcp:9883:interface=127.0.0.1 (repeatable).", repeatable=True),
+    Option("admin-listen", endpoint, "Serve the admin API and dashboard on this endpoint; "
+           "beyond loopback only with --admin-token (repeatable).", repeatable=True),
+    Option("admin-token", text(), "Bearer token the admin API requires "
+           "(Authorization: Bearer TOKEN)."),
+    Option("admin-user", text(), "Broker user (checked by the broker's authenticator) "
+           "allowed to use the admin API with HTTP Basic (repeatable).", repeatable=True),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
            "of pausing its publishers."),
     Option("shared-subscription-strategy", choice(*SHARED_STRATEGIES), "How a $share/ "
@@ -158,6 +177,8 @@ OPTIONS: List[Option] = [
            "hook may take before it refuses.", default=10.0, field="hook_timeout"),
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
+    Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
+           "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
            "0 = no limit.", default=0, field="max_subscriptions_per_client"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
@@ -174,6 +195,7 @@ OPTIONS: List[Option] = [
 FEATURES: List[str] = [
     "mqttd.auth.setup:install",
     "mqttd.bridge.service:from_options",
+    "mqttd.admin.service:install",
 ]
 
 
@@ -211,19 +233,6 @@ class Options(usage.Options):
         #: where each value came from: "command line", the file name, or "default"
         self.sources: Dict[str, str] = {}
         self._config = None
-
-    def opt_trace_client(self, client_id):
-        """Log every packet of this client id at info level (repeatable)."""
-        self["trace-client"].append(client_id)
-
-    def opt_listen(self, description):
-        """Listen on a Twisted server endpoint, e.g. tcp:1883:interface=127.0.0.1
-        (repeatable)."""
-        self["listen"].append(description)
-
-    def opt_auth(self, description):
-        """A twisted.cred checker: unix, memory:USER:PASS:..., file:PATH (repeatable)."""
-        self["auth"].append(description)
 
     def opt_version(self):
         """Print mqttd's version and exit."""
@@ -279,6 +288,12 @@ class Options(usage.Options):
         if self["port"] is not None:
             listen.append(f"tcp:{self['port']}")
         self["listen"] = listen or list(option("listen").default)
+        from mqttd.admin.service import check_admin_listen
+        for description in self["admin-listen"]:
+            try:
+                check_admin_listen(description, self["admin-token"], self["admin-user"])
+            except ValueError as error:
+                raise ConfigError(f"--admin-listen: {error}") from None
         self._config = self._broker_config()
 
     def _read_file(self, path) -> dict:
@@ -330,6 +345,19 @@ class Options(usage.Options):
         if self._config is None:
             self._config = self._broker_config()
         return self._config
+
+
+def _repeatable(opt: Option):
+    def append(self, value):
+        self[opt.name].append(value)
+    append.__doc__ = opt.help
+    return append
+
+
+# a repeatable option is an opt_NAME method of usage.Options (one per entry above)
+for _opt in OPTIONS:
+    if _opt.repeatable:
+        setattr(Options, "opt_" + _opt.name.replace("-", "_"), _repeatable(_opt))
 
 
 def _bridges(path, tables) -> list:

@@ -186,9 +186,17 @@ def covers(outer: str, inner: str) -> bool:
 
 @attrs.define(eq=False)
 class _ClientView:
+    """One client's rules and its cached decisions, one dict per kind of access."""
+
     username: Optional[str]
     rules: List[Rule]
-    decisions: Dict[Tuple[int, str], bool] = attrs.Factory(dict)
+    write: Dict[str, bool] = attrs.Factory(dict)
+    read: Dict[str, bool] = attrs.Factory(dict)
+    subscribe: Dict[str, bool] = attrs.Factory(dict)
+
+    def table(self, access: int) -> Dict[str, bool]:
+        return self.write if access == WRITE else (
+            self.read if access == READ else self.subscribe)
 
 
 @implementer(IAuthorizer)
@@ -231,16 +239,16 @@ class ACLAuthorizer:
 
     def _decide(self, client, access: int, topic: str) -> bool:
         view = self._view(client)
-        key = (access, topic)
-        decision = view.decisions.get(key)
+        table = view.table(access)
+        decision = table.get(topic)
         if decision is None:
             if access == _SUBSCRIBE:
                 decision = self._filter_allowed(view.rules, topic)
             else:
                 decision = self._topic_allowed(view.rules, access, topic)
-            if len(view.decisions) >= self.cache_size:
-                view.decisions.clear()
-            view.decisions[key] = decision
+            if len(table) >= self.cache_size:
+                table.clear()
+            table[topic] = decision
         return decision
 
     @staticmethod
@@ -266,11 +274,21 @@ class ACLAuthorizer:
                 readable = True
         return readable
 
-    # IAuthorizer
+    # IAuthorizer (publish and forward run per message: the cached answer first)
     def authorize_publish(self, client, message) -> bool:
+        view = self._views.get(client.client_id)
+        if view is not None and view.username == client.username:
+            decision = view.write.get(message.topic)
+            if decision is not None:
+                return decision
         return self._decide(client, WRITE, message.topic)
 
     def authorize_forward(self, client, message) -> bool:
+        view = self._views.get(client.client_id)
+        if view is not None and view.username == client.username:
+            decision = view.read.get(message.topic)
+            if decision is not None:
+                return decision
         return self._decide(client, READ, message.topic)
 
     def authorize_subscribe(self, client, topic_filter: str, qos: int) -> bool:

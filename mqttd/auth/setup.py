@@ -124,12 +124,22 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
 
 
 def install(service, options) -> None:
-    """``mqttd.tap.FEATURES`` hook: security from the ``twistd mqttd`` options."""
+    """``mqttd.tap.FEATURES`` hook: security (and per-listener connection limits)
+    from the ``twistd mqttd`` options."""
     security = configure(
         service.reactor, service.endpoints,
         password_file=options["password-file"], acl_file=options["acl-file"],
         auth=options["auth"] or (), allow_anonymous=True if options["allow-anonymous"] else None)
     security.attach(service)
+    limits = {}
+    for value in options["listener-max-connections"] or ():
+        description, _, count = value.rpartition("=")
+        if description not in service.endpoints:
+            from twisted.python.usage import UsageError
+            raise UsageError(f"--listener-max-connections: {description!r} is not one of "
+                             f"the --listen endpoints {service.endpoints}")
+        limits[description] = int(count)
+    service.listener_max_connections.update(limits)
 
 
 __all__ = ["Security", "anonymous_policy", "configure", "install", "is_loopback_endpoint"]

@@ -20,6 +20,20 @@ in :attr:`MeshGuard.dropped`.  Limits: MQTT 3.1.1 links cannot carry
 properties, so a cycle that contains a v3 link relies on No Local / the
 bridge bit only and may deliver duplicates — use ``mqttv50`` for meshes, or
 trees.  mosquitto forwards the properties unchanged but does not check them.
+
+**MQTT 3.1.1 links** (the remote-side equivalent, opt-in): with
+``--bridge-dedup-window S`` each mqttd remembers a fingerprint (topic, payload,
+QoS, retain) of every message it accepted in the last ``S`` seconds and drops
+a message *arriving over a bridge* (a bridge-bit connection, or one of its own
+bridges) whose fingerprint it has seen.  That makes a v3 triangle deliver once
+too, at a price: two genuinely identical messages sent over bridges within
+``S`` seconds are taken as one.  Keep ``S`` small (the time a message needs to
+go round the mesh; 1-2 s on a LAN) or use MQTT 5 links.
+
+The guard is active in every mqttd that runs a bridge or has had a bridging
+broker connect to it (bridge bit, or an MQTT 5 CONNECT carrying the user
+property ``mqttd-bridge``, which mqttd's bridges send); before that it costs
+nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +43,8 @@ import os
 import attrs
 from twisted.logger import Logger
 
-from mqttd.messages import Message
+from mqttd.codec.packets import NO_PROPERTIES, Properties
+from mqttd.messages import FORWARDED, Message
 
 log = Logger(namespace="mqttd.bridge.mesh")
 
@@ -38,17 +53,55 @@ PATH = "mqttd-path"
 
 
 class MeshGuard:
-    """A broker publish filter (see :meth:`mqttd.broker.Broker.add_publish_filter`)."""
+    """A broker publish filter (see :meth:`mqttd.broker.Broker.add_publish_filter`).
 
-    def __init__(self, broker_id: str, hop_limit: int = 8, window: int = 100_000):
+    :param window: message ids remembered (the oldest are forgotten first).
+    :param dedup_window: seconds of v3 fingerprints kept (0: off); needs ``clock``.
+    """
+
+    def __init__(self, broker_id: str, hop_limit: int = 8, window: int = 100_000,
+                 dedup_window: float = 0.0, clock=None):
         self.broker_id = broker_id
         self.hop_limit = hop_limit
         self.window = window
+        self.dedup_window = dedup_window
+        self.clock = clock
+        self.broker = None
+        self.active = False
         self._boot = os.urandom(4).hex()
         self._counter = 0
         self._seen: "collections.OrderedDict[str, None]" = collections.OrderedDict()
-        #: messages dropped by reason: "duplicate", "loop", "hop-limit"
-        self.dropped = {"duplicate": 0, "loop": 0, "hop-limit": 0}
+        self._prints: "collections.OrderedDict[tuple, float]" = collections.OrderedDict()
+        self._unregister = None
+        self._unobserve = None
+        #: messages dropped by reason: "duplicate", "loop", "hop-limit", "v3-duplicate"
+        self.dropped = {"duplicate": 0, "loop": 0, "hop-limit": 0, "v3-duplicate": 0}
+
+    def attach(self, broker) -> "MeshGuard":
+        """Watch ``broker``: activate when a bridging broker connects."""
+        if self.broker is None:
+            self.broker = broker
+            self._unobserve = broker.on("clientConnected", self._connected)
+        return self
+
+    def _connected(self, client=None, **_):
+        if client is not None and getattr(client, "bridge", False) and not self.active:
+            log.info("Mesh guard on: bridging broker {client_id} connected",
+                     client_id=client.client_id)
+            self.activate()
+
+    def activate(self) -> None:
+        if not self.active and self.broker is not None:
+            self.active = True
+            self._unregister = self.broker.add_publish_filter(self)
+
+    def detach(self) -> None:
+        for undo in (self._unregister, self._unobserve):
+            if undo is not None:
+                undo()
+        self._unregister = self._unobserve = None
+        self.active = False
+        self.broker = None
 
     def __call__(self, message: Message, client) -> "Message | None":
         if message.topic.startswith("$"):
@@ -62,12 +115,25 @@ class MeshGuard:
                     mid = value
                 elif name == PATH:
                     path = value
+        if self.dedup_window and mid is None:
+            key = (message.topic, message.payload, message.qos, message.retain)
+            now = self.clock.seconds()
+            prints = self._prints
+            while prints:
+                oldest, at = next(iter(prints.items()))
+                if now - at < self.dedup_window and len(prints) < self.window:
+                    break
+                del prints[oldest]
+            if client is not None and getattr(client, "bridge", False) and key in prints:
+                return self._drop("v3-duplicate", message, "-")
+            prints.pop(key, None)
+            prints[key] = now
         if mid is None:
             self._counter += 1
             mid = f"{self.broker_id}:{self._boot}:{self._counter}"
             self._remember(mid)
-            return attrs.evolve(message, properties=attrs.evolve(
-                props, user_properties=tuple(user) + ((MID, mid), (PATH, self.broker_id))))
+            return _with_user_properties(
+                message, tuple(user) + ((MID, mid), (PATH, self.broker_id)))
         hops = path.split(",") if path else []
         if mid in self._seen:
             return self._drop("duplicate", message, mid)
@@ -78,8 +144,7 @@ class MeshGuard:
         self._remember(mid)
         hops.append(self.broker_id)
         rest = tuple((n, v) for n, v in user if n != PATH)
-        return attrs.evolve(message, properties=attrs.evolve(
-            props, user_properties=rest + ((PATH, ",".join(hops)),)))
+        return _with_user_properties(message, rest + ((PATH, ",".join(hops)),))
 
     def _remember(self, mid: str) -> None:
         seen = self._seen
@@ -92,3 +157,25 @@ class MeshGuard:
         log.debug("Mesh guard dropped {topic} ({mid}): {reason}",
                   topic=message.topic, mid=mid, reason=reason)
         return None
+
+
+_MESSAGE_FIELDS = tuple(a.name for a in attrs.fields(Message))
+_FAST = _MESSAGE_FIELDS == ("topic", "payload", "qos", "retain", "properties", "origin",
+                            "expires_at")
+_KEPT = tuple(name for name in FORWARDED if name != "user_properties")
+
+
+def _with_user_properties(message: Message, user: tuple) -> Message:
+    """``message`` with its user properties replaced (per message: no attrs.evolve)."""
+    props = message.properties
+    if props is NO_PROPERTIES:
+        props = Properties(user_properties=user)
+    else:
+        kwargs = {name: getattr(props, name) for name in _KEPT}
+        if props.subscription_identifiers:
+            kwargs["subscription_identifiers"] = props.subscription_identifiers
+        props = Properties(user_properties=user, **kwargs)
+    if not _FAST:   # Message grew a field: stay correct
+        return attrs.evolve(message, properties=props)
+    return Message(message.topic, message.payload, message.qos, message.retain, props,
+                   message.origin, message.expires_at)

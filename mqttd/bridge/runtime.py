@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from mqttd.broker import ClientInfo
 from mqttd.client import ClientOptions, MQTTClientFactory
+from mqttd.connection import BRIDGE_PROPERTY
 from mqttd.codec.packets import (
     MQTT_5, NO_PROPERTIES, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, Subscription, Unsubscribe, Will)
@@ -136,6 +137,8 @@ class Bridge(Service):
         self._out = [t for t in config.topics if t.outgoing]
         self._in = [t for t in config.topics if t.incoming]
         self._acks = collections.deque()
+        #: local topic -> remote topic (bounded cache of the topic-line mapping)
+        self._remote_names = {}
         self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
                                       retryPolicy=self._retry_delay, clock=reactor)
 
@@ -180,7 +183,9 @@ class Bridge(Service):
         if level == MQTT_5:
             props = Properties(
                 session_expiry_interval=0 if config.cleansession else 0xFFFFFFFF,
-                receive_maximum=min(65535, max(config.max_inflight, 1)))
+                receive_maximum=min(65535, max(config.max_inflight, 1)),
+                # the MQTT 5 stand-in for the bridge bit (see mqttd.connection)
+                user_properties=((BRIDGE_PROPERTY, self.broker.config.broker_id),))
         password = config.remote_password
         return ClientOptions(
             client_id=config.remote_clientid, protocol_level=level,
@@ -389,13 +394,17 @@ class Bridge(Service):
         remote = self.remote
         if remote is None:
             return   # the session is re-sent on the next connection
-        remote_topic = None
-        for topic in self._out:
-            remote_topic = topic.to_remote(message.topic)
-            if remote_topic is not None:
-                break
-        if remote_topic is None:  # a subscription left over from an older config
-            remote_topic = message.topic
+        remote_topic = self._remote_names.get(message.topic)
+        if remote_topic is None:
+            for topic in self._out:
+                remote_topic = topic.to_remote(message.topic)
+                if remote_topic is not None:
+                    break
+            if remote_topic is None:  # a subscription left over from an older config
+                remote_topic = message.topic
+            if len(self._remote_names) >= 10_000:
+                self._remote_names.clear()
+            self._remote_names[message.topic] = remote_topic
         retain = message.retain and self.config.outgoing_retain
         props = message.properties if remote.level == MQTT_5 else NO_PROPERTIES
         if props is not NO_PROPERTIES and message.expires_at is not None:

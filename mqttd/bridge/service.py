@@ -129,7 +129,7 @@ class BridgeManager(MultiService):
 
     def __init__(self, broker, reactor, configs: List[BridgeConfig],
                  config_path: Optional[str] = None,
-                 endpoint_factory: Callable = endpoint_for):
+                 endpoint_factory: Callable = endpoint_for, mesh: Optional[MeshGuard] = None):
         super().__init__()
         self.broker = broker
         self.reactor = reactor
@@ -137,8 +137,9 @@ class BridgeManager(MultiService):
         self.endpoint_factory = endpoint_factory
         self.bridges: Dict[str, Bridge] = {}
         hop_limit = max([c.hop_limit for c in configs] or [8])
-        self.mesh = MeshGuard(broker.config.broker_id, hop_limit)
-        self._unregister_mesh = None
+        self._own_mesh = mesh is None
+        self.mesh = mesh if mesh is not None else MeshGuard(broker.config.broker_id, hop_limit)
+        self.mesh.hop_limit = max(self.mesh.hop_limit, hop_limit)
         for config in configs:
             self._add(config)
 
@@ -156,16 +157,16 @@ class BridgeManager(MultiService):
         return bridge
 
     def startService(self):
-        if self.bridges and self._unregister_mesh is None:
-            self._unregister_mesh = self.broker.add_publish_filter(self.mesh)
+        self.mesh.attach(self.broker)
+        if self.bridges:
+            self.mesh.activate()
         super().startService()
 
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
-        if self._unregister_mesh is not None:
-            self._unregister_mesh()
-            self._unregister_mesh = None
+        if self._own_mesh:
+            self.mesh.detach()
 
     @defer.inlineCallbacks
     def reload(self, configs: Optional[List[BridgeConfig]] = None):
@@ -184,18 +185,19 @@ class BridgeManager(MultiService):
         for name, config in wanted.items():
             if name not in self.bridges:
                 self._add(config)   # setServiceParent starts it if we run
-        if self.bridges and self._unregister_mesh is None and self.running:
-            self._unregister_mesh = self.broker.add_publish_filter(self.mesh)
+        if self.bridges and self.running:
+            self.mesh.activate()
 
 
 def install(service, configs: List[BridgeConfig], config_path: Optional[str] = None,
-            endpoint_factory: Callable = endpoint_for) -> BridgeManager:
+            endpoint_factory: Callable = endpoint_for,
+            mesh: Optional[MeshGuard] = None) -> BridgeManager:
     """Add a :class:`BridgeManager` to a :class:`~mqttd.service.BrokerService`.
 
     Sets ``service.bridges`` and registers the ``"bridges"`` reloader.
     """
     manager = BridgeManager(service.broker, service.reactor, configs, config_path,
-                            endpoint_factory)
+                            endpoint_factory, mesh)
     manager.setName("bridges")
     manager.setServiceParent(service)
     service.bridges = manager
@@ -207,5 +209,12 @@ def from_options(service, options) -> None:
     """The ``twistd mqttd`` feature hook (``mqttd.tap.FEATURES``): run the
     ``[[bridge]]`` tables of ``--config``; SIGHUP re-reads them."""
     configs = options.get("bridges") or []
+    broker = service.broker
+    # every broker gets the mesh guard: it turns itself on when it runs a
+    # bridge or a bridging broker connects (a hub of a mesh needs it too)
+    mesh = MeshGuard(broker.config.broker_id, max([c.hop_limit for c in configs] or [8]),
+                     dedup_window=float(options.get("bridge-dedup-window") or 0.0),
+                     clock=broker.clock).attach(broker)
+    service.mesh_guard = mesh
     if configs:
-        install(service, configs, options["config"])
+        install(service, configs, options["config"], mesh=mesh)

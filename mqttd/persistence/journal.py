@@ -50,6 +50,7 @@ from zope.interface import implementer
 from mqttd.interfaces import IBrokerStore
 from mqttd.persistence import safepickle
 from mqttd.messages import Message
+from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
     FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession, WillRecord,
     StoredState, apply_op)
@@ -498,6 +499,9 @@ class JournaledStore:
             raise ValueError("compact_bytes must be positive")
         self.compact_bytes = compact_bytes
         self._fsync = fsync_function
+        #: seconds per batch write and per fsync (exported by the admin metrics)
+        self.write_latency = LatencyHistogram()
+        self.fsync_latency = LatencyHistogram()
         self._pool = threadpool
         self._own_pool = False
         self._run_in_thread = run_in_thread
@@ -608,9 +612,11 @@ class JournaledStore:
             self._pending = []
             return
         ops, self._pending = self._pending, []
+        started = time.monotonic()
         try:
             record = encode_record(safepickle.dumps(ops))
             write_all(self._fd, record)
+            self.write_latency.observe(time.monotonic() - started)
         except Exception:
             self._break(Failure(), "write to journal {path} failed", journal_path(self.path, self._gen))
             return
@@ -666,14 +672,18 @@ class JournaledStore:
         d.addCallbacks(self._fsync_done, self._fsync_failed,
                        callbackArgs=(covered, fds), errbackArgs=(dir_dirty,))
 
-    def _fsync_job(self, fds, dir_dirty) -> None:
+    def _fsync_job(self, fds, dir_dirty) -> float:
+        started = time.monotonic()
         for fd in fds:
             self._fsync(fd)
         if dir_dirty:
             fsync_dir(self.path, self._fsync)
+        return time.monotonic() - started
 
-    def _fsync_done(self, _, covered, fds) -> None:
+    def _fsync_done(self, seconds, covered, fds) -> None:
         self.fsync_count += 1
+        if isinstance(seconds, float):
+            self.fsync_latency.observe(seconds)
         if covered > self._durable:
             self._durable = covered
         for fd in fds:

@@ -16,6 +16,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from mqttd.bridge.config import BridgeConfig, parse_topic_line
+from mqttd.bridge.mesh import MeshGuard
 from mqttd.bridge.service import BridgeManager
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.protocol import MQTTFactory
@@ -47,6 +48,7 @@ class Net:
         self.factories = {}
         self.reachable = {}
         self.managers = {}
+        self.guards = {}
         self.pumps = []
 
     def broker(self, name: str, **config) -> Broker:
@@ -56,13 +58,21 @@ class Net:
         self.reachable[name] = True
         return broker
 
+    def guard(self, name: str, dedup_window: float = 0.0):
+        """Broker ``name``'s mesh guard, as ``twistd mqttd`` installs it on every broker."""
+        if name not in self.guards:
+            self.guards[name] = MeshGuard(name, dedup_window=dedup_window,
+                                          clock=self.clock).attach(self.brokers[name])
+        return self.guards[name]
+
     def bridge(self, local: str, remote: str, topics, start=True, **options) -> BridgeManager:
         options.setdefault("remote_clientid", f"{local}-to-{remote}")
         options.setdefault("restart_timeout", (1.0, 2.0))
         config = BridgeConfig(connection=f"{local}-{remote}", addresses=(("127.0.0.1", 1883),),
                               topics=tuple(parse_topic_line(t) for t in topics), **options)
         manager = BridgeManager(self.brokers[local], self.clock, [config],
-                                endpoint_factory=lambda reactor, c: NetEndpoint(self, remote))
+                                endpoint_factory=lambda reactor, c: NetEndpoint(self, remote),
+                                mesh=self.guards.get(local))
         self.managers.setdefault(local, []).append(manager)
         if start:
             manager.startService()

@@ -194,14 +194,19 @@ def test_mqttd_chain_a_to_b_to_c(tmp_path, stack):
     assert sub.quiet(0.5) == []
 
 
-def test_triangle_mesh_delivers_each_message_once(tmp_path, stack):
-    """A<->B<->C<->A bridged 'both' on # over MQTT 5: every subscriber gets each message once."""
+@pytest.mark.parametrize("links", ["mqttv50", "mqttv311+dedup"])
+def test_triangle_mesh_delivers_each_message_once(tmp_path, stack, links):
+    """A<->B<->C<->A bridged 'both' on #: every subscriber gets each message once (MQTT 5
+    links: the mesh guard's properties; MQTT 3.1.1: --bridge-dedup-window)."""
     ports = {n: free_port() for n in "ABC"}
     nodes = {}
     for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
-        nodes[here] = Mqttd(tmp_path / here, here, port=ports[here], config=_bridge(
-            f"{here}-{there}", ports[there], ["m/# both 1"],
-            'bridge_protocol_version = "mqttv50"\n'))
+        if links == "mqttv50":
+            top, extra = "", 'bridge_protocol_version = "mqttv50"\n'
+        else:
+            top, extra = "bridge_dedup_window = 2.0\n", ""
+        nodes[here] = Mqttd(tmp_path / here, here, port=ports[here], config=top + _bridge(
+            f"{here}-{there}", ports[there], ["m/# both 1"], extra))
     for node in nodes.values():
         stack.append(node.start())
     for here, there in (("A", "B"), ("B", "C"), ("C", "A")):

@@ -199,3 +199,55 @@ def test_reload_restarts_changed_bridges_only(net):
     manager.reload([])
     net.settle()
     assert manager.bridges == {}
+
+
+def test_mesh_with_a_hub_that_runs_no_bridge_delivers_once(net):
+    """A->B, A->C, B->C (C only accepts bridges, MQTT 5): C's guard turns on, C's messages go out once."""
+    brokers = {n: net.broker(n) for n in "ABC"}
+    guards = {n: net.guard(n) for n in "ABC"}
+    got = {n: Collector(b, "#") for n, b in brokers.items()}
+    for x, y in (("A", "B"), ("A", "C"), ("B", "C")):
+        net.bridge(x, y, ["# both 1"], protocol_version="mqttv50")
+    net.settle()
+    assert all(g.active for g in guards.values())   # C: a bridging broker connected
+    for n, broker in brokers.items():
+        broker.publish_message(f"from/{n}", n.encode(), qos=1)
+    net.settle(5)
+    for n in "ABC":
+        assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
+
+
+def test_v3_triangle_with_dedup_window_delivers_once(net):
+    """MQTT 3.1.1 links carry no properties: --bridge-dedup-window stops the second copies."""
+    brokers = {n: net.broker(n) for n in "ABC"}
+    for n in "ABC":
+        net.guard(n, dedup_window=2.0)
+    got = {n: Collector(b, "#") for n, b in brokers.items()}
+    for x, y in (("A", "B"), ("B", "C"), ("C", "A")):
+        net.bridge(x, y, ["# both 1"])
+    net.settle()
+    for n, broker in brokers.items():
+        broker.publish_message(f"from/{n}", n.encode(), qos=1)
+    net.settle(5)
+    for n in "ABC":
+        assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
+    assert sum(g.dropped["v3-duplicate"] for g in net.guards.values()) > 0
+    # outside the window the same content is a new message again
+    net.settle(3)
+    brokers["A"].publish_message("from/A", b"A", qos=1)
+    net.settle(5)
+    assert got["B"].payloads().count(b"A") == 2
+
+
+def test_mesh_guard_is_idle_until_a_bridge_appears():
+    """Without bridges the guard costs nothing: no publish filter until a bridging broker connects."""
+    from mqttd.bridge.mesh import MeshGuard
+    from mqttd.broker import ClientInfo
+    net = Net()
+    broker = net.broker("H")
+    guard = MeshGuard("H").attach(broker)
+    assert not broker._publish_filters
+    broker.emit("clientConnected", client=ClientInfo("plain", 4))
+    assert not guard.active
+    broker.emit("clientConnected", client=ClientInfo("edge", 4, bridge=True))
+    assert guard.active and broker._publish_filters == [guard]

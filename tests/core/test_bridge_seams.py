@@ -71,3 +71,15 @@ def test_publish_filter_can_rewrite_or_drop_messages():
     unregister()
     publisher.publish("t", b"odd", qos=1, packet_id=3)
     assert [m.payload for m in seen] == [b"even!", b"odd"]
+
+
+def test_mqtt5_bridge_marks_itself_with_a_user_property():
+    """MQTT 5 has no bridge bit: CONNECT user property mqttd-bridge marks a bridging broker."""
+    from mqttd.codec.packets import Properties
+    broker, clock = make_broker()
+    bridge = FakeClient(broker, clock, level=5)
+    bridge.connect("edge5", properties=Properties(user_properties=(("mqttd-bridge", "A"),)))
+    assert bridge.conn.bridge and bridge.conn.info.bridge
+    plain = FakeClient(broker, clock, level=5)
+    plain.connect("plain5")
+    assert not plain.conn.bridge

@@ -111,15 +111,25 @@ def test_retained_will_with_delay_property_does_not_break_later_subscribe():
         assert not sub.disconnecting
 
 
-def test_retained_message_with_non_forwardable_properties_is_replayed_cleanly():
-    """Retained -> live and stored -> resent: a stored message from an older version with a
-    Will Delay Interval in its properties is still mapped before it is sent."""
+def test_stored_messages_of_older_versions_are_mapped_on_restore():
+    """Stored -> resent: a retained will and a queued message stored with a Will Delay
+    Interval (as earlier versions did) are delivered, without it, after a restart."""
+    from mqttd.persistence import records as R
+    bad = Properties(will_delay_interval=3, user_properties=(("a", "b"),))
+    state = R.StoredState()
+    state.retained["w/old"] = Message("w/old", b"r", 1, True, bad)
+    state.sessions["s"] = R.StoredSession(
+        R.SessionRecord("s", 5, (R.SubscriptionRecord("q/#", 1),), 300, 0.0),
+        {1: R.OutboundRecord(1, Message("q/x", b"q", 1, False, bad), 1)})
     broker, clock = make_broker()
-    broker.retained.set(Message("w/old", b"x", 0, True, Properties(will_delay_interval=3)))
+    broker.restore(state)
     sub = FakeClient(broker, clock, level=5)
-    sub.connect("s")
-    packets = sub.subscribe("w/#")
-    assert isinstance(packets[0], Suback)
+    sub.connect("s", clean=False, properties=Properties(session_expiry_interval=300))
+    packets = publishes(sub.received())
+    packets += publishes(sub.subscribe("w/#", qos=1, packet_id=2))
+    assert [(p.topic, p.properties) for p in packets] == [
+        ("q/x", Properties(user_properties=(("a", "b"),))),
+        ("w/old", Properties(user_properties=(("a", "b"),)))]
     assert not sub.disconnecting
 
 
@@ -196,3 +206,20 @@ def test_forwarded_publish_drops_per_connection_properties_of_stored_messages():
     back.connect("s", clean=False, properties=Properties(session_expiry_interval=60))
     (p,) = publishes(back.received())
     assert p.properties == Properties(user_properties=(("k", "v"),))
+
+
+def test_restore_keeps_the_subscription_identifiers_of_a_queued_message():
+    """The mapping on restore keeps what the broker itself set for that subscriber."""
+    from mqttd.persistence import records as R
+    props = Properties(will_delay_interval=3, subscription_identifiers=(7,))
+    state = R.StoredState()
+    state.sessions["s"] = R.StoredSession(
+        R.SessionRecord("s", 5, (R.SubscriptionRecord("q/#", 1, subscription_identifier=7),),
+                        300, 0.0),
+        {1: R.OutboundRecord(1, Message("q/x", b"q", 1, False, props), 1)})
+    broker, clock = make_broker()
+    broker.restore(state)
+    sub = FakeClient(broker, clock, level=5)
+    sub.connect("s", clean=False, properties=Properties(session_expiry_interval=300))
+    (p,) = publishes(sub.received())
+    assert p.properties == Properties(subscription_identifiers=(7,))

@@ -1,0 +1,86 @@
+"""A bounded per-client ring of recent drops and refusals, with reasons.
+
+Fed by ``Broker.on_incident`` (every dropped message and every refused
+packet, before log rate limiting) and by the broker's disconnect events, so
+``mqttd why`` can say "3 messages to a/b were dropped at 12:01:07: queue-full".
+Memory is bounded twice: ``per_client`` entries per client, ``max_clients``
+clients (the least recently active are forgotten first).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Deque, Dict, List, Optional
+
+import attrs
+
+
+@attrs.frozen
+class Incident:
+    """One drop or refusal: ``at`` is broker clock time (seconds since the epoch)."""
+
+    at: float
+    reason: str
+    text: str
+    #: how many identical incidents (same reason and text) in a row this stands for
+    repeated: int = 1
+
+    def to_json(self) -> dict:
+        return attrs.asdict(self)
+
+
+class IncidentRing:
+    """Recent incidents per client id (and counts per reason over all clients)."""
+
+    def __init__(self, clock, per_client: int = 50, max_clients: int = 10_000):
+        self.clock = clock
+        self.per_client = per_client
+        self.max_clients = max_clients
+        self._rings: "collections.OrderedDict[str, Deque[Incident]]" = collections.OrderedDict()
+        #: incidents by reason since start, over all clients (exported as metrics)
+        self.counts: Dict[str, int] = {}
+        self._unregister = []
+
+    def attach(self, broker) -> None:
+        """Listen to ``broker``'s incidents and disconnects until :meth:`detach`."""
+        self._unregister.append(broker.on_incident(self.record))
+        self._unregister.append(broker.on("clientDisconnected", self._disconnected))
+
+    def detach(self) -> None:
+        for unregister in self._unregister:
+            unregister()
+        self._unregister = []
+
+    def _disconnected(self, client=None, reason=None, **_):
+        if client is not None:
+            self.record(client.client_id, "disconnected", f"disconnected: {reason}",
+                        count=False)
+
+    def record(self, client_id: Optional[str], reason: str, text: str,
+               count: bool = True) -> None:
+        """Remember one incident of ``client_id`` (None: not attributable)."""
+        if count:
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+        if client_id is None:
+            return
+        ring = self._rings.get(client_id)
+        if ring is None:
+            if len(self._rings) >= self.max_clients:
+                self._rings.popitem(last=False)
+            ring = self._rings[client_id] = collections.deque(maxlen=self.per_client)
+        else:
+            self._rings.move_to_end(client_id)
+        now = self.clock.seconds()
+        if ring and ring[-1].reason == reason and ring[-1].text == text:
+            ring[-1] = attrs.evolve(ring[-1], at=now, repeated=ring[-1].repeated + 1)
+        else:
+            ring.append(Incident(now, reason, text))
+
+    def recent(self, client_id: str) -> List[Incident]:
+        """The client's incidents, oldest first (at most ``per_client``)."""
+        return list(self._rings.get(client_id, ()))
+
+    def last(self, client_id: str, reason: str) -> Optional[Incident]:
+        for incident in reversed(self._rings.get(client_id, ())):
+            if incident.reason == reason:
+                return incident
+        return None

@@ -1,0 +1,154 @@
+"""``--metrics-listen``, ``--admin-listen``: the admin listeners as child services.
+
+:func:`install` is the tap ``FEATURES`` hook: from the options it adds an
+:class:`AdminService` to the :class:`~mqttd.service.BrokerService`.  The admin
+listener refuses to start beyond loopback without credentials
+(:func:`check_admin_options`, run at option time: one line, exit 2).
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Optional, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from mqttd.admin.api import AccessPolicy, AdminAPI, Dashboard, StatsHistory, TopTopics
+from mqttd.admin.metrics import make_registry, metrics_resource
+from mqttd.admin.ring import IncidentRing
+
+log = Logger(namespace="mqttd.admin")
+
+
+def endpoint_interface(description: str) -> Optional[str]:
+    """The interface a server endpoint string binds: ``tcp:8080:interface=127.0.0.1``
+    gives ``127.0.0.1``; ``tcp:8080`` gives ``""`` (every interface); ``unix:...``
+    gives ``"unix"``; other kinds None (unknown)."""
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return "unix"
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    for part in re.split(r"(?<!\\):", rest):  # "\:" escapes a colon (IPv6)
+        if part.startswith("interface="):
+            return part[len("interface="):].replace("\\:", ":")
+    return ""
+
+
+def is_loopback(interface: Optional[str]) -> bool:
+    """True for a loopback address, ``localhost`` or a UNIX socket."""
+    if interface in ("unix", "localhost"):
+        return True
+    if not interface:
+        return False
+    try:
+        return ipaddress.ip_address(interface.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin_listen(description: str, token: Optional[str], users: Sequence[str]) -> None:
+    """Raise ValueError if ``description`` reaches beyond loopback without credentials."""
+    if token or users:
+        return
+    interface = endpoint_interface(description)
+    if not is_loopback(interface):
+        where = "every interface" if interface == "" else (interface or "an unknown address")
+        raise ValueError(f"{description} listens on {where}: beyond loopback the admin API "
+                         "needs --admin-token TOKEN (or --admin-user with the broker's "
+                         "password file)")
+
+
+class AdminService(Service):
+    """Serves ``/metrics`` and/or the admin API + dashboard for one BrokerService."""
+
+    name = "mqttd-admin"
+
+    def __init__(self, reactor, broker_service, metrics_listen: Sequence[str] = (),
+                 admin_listen: Sequence[str] = (), token: Optional[str] = None,
+                 users: Sequence[str] = ()):
+        self.reactor = reactor
+        self.broker_service = broker_service
+        broker = broker_service.broker
+        self.broker = broker
+        self.metrics_listen = list(metrics_listen)
+        self.admin_listen = list(admin_listen)
+        for description in self.admin_listen:
+            check_admin_listen(description, token, users)
+        self.ring = IncidentRing(broker.clock)
+        self.registry = make_registry(broker, broker_service, self.ring)
+        self.history = StatsHistory(broker, broker.clock)
+        self.top = TopTopics(broker, broker.clock)
+        policy = AccessPolicy(token, users, broker.authenticator)
+        self.api = AdminAPI(broker, self.ring, policy, broker_service, self.history, self.top)
+        self.ports = {}  # "metrics" / "admin" -> [IListeningPort]
+
+    def startService(self):
+        super().startService()
+        self.ring.attach(self.broker)
+        self.history.start()
+        metrics_site = Site(metrics_resource(self.registry))
+        metrics_site.displayTracebacks = False
+        admin_site = Site(Dashboard(self.api))
+        admin_site.displayTracebacks = False
+        admin_site.noisy = metrics_site.noisy = False
+        done = []
+        for kind, site, descriptions in (("metrics", metrics_site, self.metrics_listen),
+                                         ("admin", admin_site, self.admin_listen)):
+            for description in descriptions:
+                d = serverFromString(self.reactor, description).listen(site)
+                d.addCallback(self._listening, kind, description)
+                done.append(d)
+        return defer.gatherResults(done, consumeErrors=True)
+
+    def _listening(self, port, kind: str, description: str):
+        self.ports.setdefault(kind, []).append(port)
+        host = port.getHost()
+        if kind == "admin":
+            # the check above read the description; this one reads the bound address
+            address = getattr(host, "host", None)
+            if address is not None and not self.api.policy.token and \
+                    not self.api.policy.users and not is_loopback(address):
+                port.stopListening()
+                raise ValueError(f"admin listener {description} bound {address}, "
+                                 "not a loopback address, without --admin-token")
+        log.info("{kind} HTTP listening on {endpoint} ({host}:{port})", kind=kind,
+                 endpoint=description, host=getattr(host, "host", None),
+                 port=getattr(host, "port", None))
+        return port
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        self.history.stop()
+        self.top.stop()
+        self.ring.detach()
+        for ports in self.ports.values():
+            for port in ports:
+                yield port.stopListening()
+        self.ports = {}
+
+    def ready_info(self) -> dict:
+        """``{"metrics": [{"host", "port"}], "admin": [...]}`` for the ready file."""
+        out = {}
+        for kind, ports in self.ports.items():
+            out[kind] = [{"host": getattr(p.getHost(), "host", None),
+                          "port": getattr(p.getHost(), "port", None)} for p in ports]
+        return out
+
+
+def install(service, options) -> Optional[AdminService]:
+    """The tap FEATURES hook: add the admin listeners the options ask for."""
+    metrics = options["metrics-listen"] or []
+    admin = options["admin-listen"] or []
+    if not metrics and not admin:
+        return None
+    admin_service = AdminService(service.reactor, service, metrics, admin,
+                                 options["admin-token"], options["admin-user"] or [])
+    admin_service.setServiceParent(service)
+    service.ready_extras["http"] = admin_service.ready_info
+    return admin_service

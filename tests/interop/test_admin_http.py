@@ -1,0 +1,120 @@
+"""The admin listeners of a real broker: Prometheus scrapes /metrics, `mqttd why` asks the API."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from brokerproc import free_port
+from mqttd.blockingclient import BlockingClient
+from mqttd.codec.packets import Suback, Subscribe, Subscription
+
+pytestmark = [pytest.mark.interop, pytest.mark.mqttd_only]
+
+HTTP = ["--metrics-listen", "tcp:0:interface=127.0.0.1",
+        "--admin-listen", "tcp:0:interface=127.0.0.1"]
+
+
+def _http_port(broker, kind):
+    entry = broker.ready["http"][kind][0]
+    assert entry["host"] == "127.0.0.1"
+    return entry["port"]
+
+
+def _get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+@pytest.fixture
+def prometheus_bin():
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("prometheus is not installed (Debian package prometheus): run ./dev test",
+                    pytrace=False)
+    return path
+
+
+def test_real_prometheus_scrapes_mqttd_metrics(mqttd_broker_factory, prometheus_bin, tmp_path):
+    """Debian's Prometheus, started here on loopback, scrapes /metrics and answers a query."""
+    broker = mqttd_broker_factory(extra_args=HTTP)
+    client = BlockingClient(broker.port, "scraped-client")
+    metrics_port = _http_port(broker, "metrics")
+    assert b"mqttd_connections{" in _get(f"http://127.0.0.1:{metrics_port}/metrics")
+    web_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: mqttd\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen(
+        [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(tmp_path))
+    try:
+        query = (f"http://127.0.0.1:{web_port}/api/v1/query?query="
+                 "mqttd_connections%7Bprotocol%3D%223.1.1%22%7D")
+        deadline = time.monotonic() + 60
+        result = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                answer = json.loads(_get(query, timeout=2))
+            except OSError:
+                answer = None
+            if answer and answer["status"] == "success" and answer["data"]["result"]:
+                result = answer["data"]["result"]
+                break
+            time.sleep(0.5)
+        assert result, "Prometheus never had the mqttd series; log:\n" + \
+            (tmp_path / "prometheus.log").read_text()
+        series = result[0]
+        assert series["metric"]["job"] == "mqttd"
+        assert series["metric"]["listener"] == "tcp:0:interface=127.0.0.1"
+        assert float(series["value"][1]) == 1.0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        client.close()
+
+
+def test_mqttd_why_explains_from_the_running_broker(mqttd_broker_factory):
+    """`mqttd why CLIENT TOPIC` asks the admin API and names the case mismatch."""
+    broker = mqttd_broker_factory(extra_args=HTTP)
+    client = BlockingClient(broker.port, "sensor-reader")
+    client.send(Subscribe(1, (Subscription("Sensors/+/temp", 1),)))
+    assert isinstance(client.next_packet(5), Suback)
+    admin = f"http://127.0.0.1:{_http_port(broker, 'admin')}"
+    result = subprocess.run(
+        [sys.executable, "-m", "mqttd.cli", "why", "sensor-reader", "sensors/1/temp",
+         "--admin", admin], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("NOT-DELIVERED: no subscription of 'sensor-reader'")
+    assert "differs only in letter case" in result.stdout
+    ok = subprocess.run(
+        [sys.executable, "-m", "mqttd.cli", "why", "sensor-reader", "Sensors/1/temp",
+         "--admin", admin], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("DELIVERED")
+    clients = json.loads(_get(f"{admin}/api/clients"))
+    assert clients["clients"][0]["client_id"] == "sensor-reader"
+    client.close()
+
+
+def test_mqttd_why_reports_an_unreachable_api():
+    """No admin API there: one line on stderr and exit 3."""
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "mqttd.cli", "why", "c", "t", "--admin",
+         f"http://127.0.0.1:{port}", "--timeout", "5"], capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 3
+    assert result.stderr.startswith("mqttd why: cannot reach the admin API")

@@ -1,0 +1,210 @@
+"""MQTT over WebSocket at the byte level: handshake rules, frames, backpressure.
+
+The WebSocket protocol runs over a ``StringTransport``; the broker over a
+``task.Clock``.  Handshake and close timers are off, so nothing touches the
+global reactor.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from mqttd.codec import PacketReader, encode
+from mqttd.codec.packets import Connack, Connect, Pingreq, Pingresp
+from mqttd.protocol import MQTTFactory
+from mqttd.transports.websocket import MAX_HANDSHAKE_BYTES, MQTTWebSocketFactory
+
+from core.harness import make_broker
+
+
+def handshake(path="/mqtt", protocols="mqtt", extra=""):
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1:9001", "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+             "Sec-WebSocket-Version: 13"]
+    if protocols:
+        lines.append(f"Sec-WebSocket-Protocol: {protocols}")
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+def client_frame(payload: bytes, opcode: int = 2) -> bytes:
+    """A masked, final frame, as a browser sends it (RFC 6455 5.3)."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + struct.pack("!H", n)
+    return header + mask + masked
+
+
+def server_frames(data: bytes):
+    """[(opcode, payload)] of the unmasked frames in ``data``."""
+    frames = []
+    while data:
+        opcode, n = data[0] & 0x0F, data[1] & 0x7F
+        offset = 2
+        if n == 126:
+            n, offset = struct.unpack("!H", data[2:4])[0], 4
+        assert not data[1] & 0x80, "server frames are never masked"
+        frames.append((opcode, data[offset:offset + n]))
+        data = data[offset + n:]
+    return frames
+
+
+class SocketTransport(StringTransport):
+    """StringTransport that, like Twisted's TCP and TLS transports, allows
+    unregistering when no producer is registered (autobahn does that on close)."""
+
+    def unregisterProducer(self):
+        if self.producer is not None:
+            super().unregisterProducer()
+
+
+class WebSocketClient:
+    def __init__(self, path="/mqtt", broker_config=None):
+        self.broker, self.clock = make_broker(**(broker_config or {}))
+        self.mqtt_factory = MQTTFactory(self.broker)
+        self.factory = MQTTWebSocketFactory(self.mqtt_factory, path=path)
+        self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
+        self.transport = SocketTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        self.protocol.makeConnection(self.transport)
+
+    def response(self) -> bytes:
+        head = self.transport.value()
+        self.transport.clear()
+        return head
+
+    def open(self, protocols="mqtt"):
+        self.protocol.dataReceived(handshake(protocols=protocols))
+        head = self.response()
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return head
+
+
+def test_mqtt_travels_in_binary_frames_not_aligned_with_packets():
+    """CONNECT split over two frames is read whole; CONNACK comes back as one binary frame [MQTT-6.0.0-2]."""
+    client = WebSocketClient()
+    head = client.open()
+    assert b"Sec-WebSocket-Protocol: mqtt\r\n" in head
+    connect = encode(Connect(4, "browser"), 4)
+    client.protocol.dataReceived(client_frame(connect[:5]) + client_frame(connect[5:]))
+    frames = server_frames(client.response())
+    assert [opcode for opcode, _ in frames] == [2]
+    assert PacketReader(level=4).feed(frames[0][1]) == [Connack(False, 0)]
+    client.protocol.dataReceived(client_frame(encode(Pingreq(), 4) * 2))
+    replies = [p for _, payload in server_frames(client.response())
+               for p in PacketReader(level=4).feed(payload)]
+    assert replies == [Pingresp(), Pingresp()]
+
+
+def test_mqtt_v3_1_subprotocol_is_accepted():
+    """Old MQTT 3.1 clients offer mqttv3.1; it is chosen when mqtt is not offered."""
+    head = WebSocketClient().open(protocols="mqttv3.1")
+    assert b"Sec-WebSocket-Protocol: mqttv3.1\r\n" in head
+
+
+def test_peer_is_the_socket_address():
+    """The MQTT connection's peer is the WebSocket's remote address."""
+    client = WebSocketClient()
+    client.open()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "peer"), 4)))
+    assert client.protocol._mqtt.connection.peer == "192.0.2.1:40000"
+
+
+def test_other_path_gets_404():
+    """A request for a path the listener does not serve is answered 404 and closed."""
+    client = WebSocketClient(path="/mqtt")
+    client.protocol.dataReceived(handshake(path="/other"))
+    head = client.response()
+    assert head.startswith(b"HTTP/1.1 404")
+    assert client.protocol._mqtt is None
+
+
+def test_any_path_when_configured_with_star():
+    """path=* (None here) answers whatever path the client asks for."""
+    client = WebSocketClient(path=None)
+    client.protocol.dataReceived(handshake(path="/anything/at/all"))
+    assert client.response().startswith(b"HTTP/1.1 101")
+
+
+@pytest.mark.parametrize("protocols", [None, "binary, base64", "mqttv5"])
+def test_handshake_without_mqtt_subprotocol_is_refused(protocols):
+    """A client must offer mqtt (or mqttv3.1) [MQTT-6.0.0-3]; anything else gets 400."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(handshake(protocols=protocols))
+    head = client.response()
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert client.protocol._mqtt is None
+
+
+def test_text_frame_closes_with_1003():
+    """MQTT needs binary frames; a text frame closes the connection with 1003 [MQTT-6.0.0-1]."""
+    client = WebSocketClient()
+    client.open()
+    client.protocol.dataReceived(client_frame(b"hello", opcode=1))
+    frames = server_frames(client.response())
+    assert frames[0][0] == 8  # close
+    assert struct.unpack("!H", frames[0][1][:2])[0] == 1003
+
+
+def test_oversized_handshake_is_refused():
+    """An opening request header over 16 KiB is refused instead of buffered."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(b"GET /mqtt HTTP/1.1\r\nX-Junk: " + b"a" * (MAX_HANDSHAKE_BYTES + 1))
+    assert client.response().startswith(b"HTTP/1.1 400")
+
+
+def test_message_larger_than_the_limit_closes_the_connection():
+    """A WebSocket message over max packet size + 64 KiB is refused (bounded buffering)."""
+    client = WebSocketClient(broker_config={"max_packet_size": 1024})
+    assert client.factory.maxMessagePayloadSize == 1024 + 64 * 1024
+    client.open()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "big"), 4)))
+    client.response()
+    big = b"\x30" + b"\x00" * (70 * 1024)
+    header = bytes((0x82, 0x80 | 127)) + struct.pack("!Q", len(big)) + b"\x00\x00\x00\x00"
+    client.protocol.dataReceived(header + big)
+    frames = server_frames(client.response())
+    assert frames and frames[-1][0] == 8   # close frame: 1009 message too big
+    assert struct.unpack("!H", frames[-1][1][:2])[0] == 1009
+
+
+def test_backpressure_reaches_the_mqtt_protocol():
+    """The MQTT protocol is the socket's push producer: a full socket buffer pauses its writes."""
+    client = WebSocketClient()
+    client.open()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "slow-reader"), 4)))
+    mqtt = client.protocol._mqtt
+    assert client.transport.producer is mqtt and client.transport.streaming
+    client.transport.producer.pauseProducing()
+    assert not mqtt.connection.writable()
+    client.transport.producer.resumeProducing()
+    assert mqtt.connection.writable()
+
+
+def test_reads_pause_on_the_socket_underneath():
+    """pauseProducing on the adapter (an inbound limit) pauses the socket's reads."""
+    client = WebSocketClient()
+    client.open()
+    client.protocol.pauseProducing()
+    assert client.transport.producerState == "paused"
+    client.protocol.resumeProducing()
+    assert client.transport.producerState == "producing"
+
+
+def test_server_close_unregisters_the_producer_and_sends_close():
+    """When the broker closes (here: a second CONNECT) the socket is released and a close frame sent."""
+    client = WebSocketClient()
+    client.open()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "twice"), 4)))
+    client.response()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "twice"), 4)))
+    frames = server_frames(client.response())
+    assert frames[-1][0] == 8
+    assert client.transport.producer is None
