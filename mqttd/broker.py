@@ -22,7 +22,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
-from mqttd.shared import ShareGroup
 from mqttd.ratelimit import LogRateLimiter
 from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import ReasonCode
@@ -1035,31 +1034,31 @@ class Broker:
             overlapping.add(key)
             if sub.qos > prev.qos:
                 best[key] = sub
-        ids = None
         if overlapping is not None:
-            # a client with several matching subscriptions gets all their
-            # identifiers (rare: the common path above never looks at them)
-            ids = {}
-            for _filter, key, sub in matches:
-                if key in overlapping and not (key == origin and sub.no_local):
-                    sid = sub.subscription_identifier
-                    if sid is not None:
-                        ids.setdefault(key, []).append(sid)
+            self._merge_identifiers(matches, origin, overlapping, best)
         receivers = 0
-        if not ids:
-            for key, sub in best.items():
-                # one subscriber's failure never reaches the others
-                try:
-                    receivers += self._route(key, sub, message, cache)
-                except Exception:
-                    self._delivery_failed(key, message)
-            return receivers
         for key, sub in best.items():
+            # one subscriber's failure never reaches the others
             try:
-                receivers += self._route(key, sub, message, cache, ids.get(key))
+                receivers += self._route(key, sub, message, cache)
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
+
+    @staticmethod
+    def _merge_identifiers(matches, origin, overlapping: set, best: dict) -> None:
+        """A client with several matching subscriptions gets one copy carrying the
+        identifiers of all of them [MQTT-3.3.4-4]: its entry in ``best`` becomes a
+        routing-only record whose ``subscription_identifier`` is that tuple (never
+        stored).  Rare, so the common path of :meth:`publish` never looks at ids."""
+        ids: Dict[object, list] = {}
+        for _filter, key, sub in matches:
+            if key in overlapping and not (key == origin and sub.no_local):
+                sid = sub.subscription_identifier
+                if sid is not None:
+                    ids.setdefault(key, []).append(sid)
+        for key, found in ids.items():
+            best[key] = attrs.evolve(best[key], subscription_identifier=tuple(found))
 
     def _delivery_failed(self, key, message: Message) -> None:
         client_id = getattr(key, "topic_filter", key)
@@ -1068,18 +1067,18 @@ class Broker:
                     "other subscribers are unaffected", client_id=client_id,
                     topic=message.topic)
 
-    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict,
-               ids: Optional[list] = None) -> int:
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one subscriber; 1 if it was a receiver.
 
-        ``ids``: the subscription identifiers of all the client's matching
-        subscriptions (merged by :meth:`publish`); None: ``sub``'s own.
+        ``key`` is a client id, a :class:`LocalSubscription` or a shared
+        subscription group; ``sub.subscription_identifier`` may be a tuple of
+        identifiers (see :meth:`_merge_identifiers`).
         """
         cls = key.__class__
-        if cls is LocalSubscription:
-            self._call_local(key, message)
-            return 1
-        if cls is ShareGroup:
+        if cls is not _STR:
+            if cls is LocalSubscription:
+                self._call_local(key, message)
+                return 1
             return self._route_shared(key, message, cache)
         if sub.no_local and key == message.origin:
             return 0  # [MQTT-3.8.3-3]
@@ -1092,10 +1091,9 @@ class Broker:
             if live is None:
                 live = cache["live"] = delivery_message(message, False)
             message = live
-        if ids is not None:
-            message = self._with_ids(message, tuple(ids), cache)
-        elif sub.subscription_identifier is not None:
-            message = self._with_ids(message, (sub.subscription_identifier,), cache)
+        sid = sub.subscription_identifier
+        if sid is not None:
+            message = self._with_ids(message, sid, cache)
         forward = self.authorize_forward
         if forward is not None:  # read permission at delivery time
             if session.forward_waiting:
@@ -1110,13 +1108,15 @@ class Broker:
         self._deliver(session, message, qos, cache)
         return 1
 
-    def _with_ids(self, message: Message, ids: tuple, cache: dict) -> Message:
-        """``message`` carrying the Subscription Identifiers ``ids`` [MQTT-3.3.4-3];
-        one copy per distinct set, so subscribers with the same set share the bytes."""
+    def _with_ids(self, message: Message, ids, cache: dict) -> Message:
+        """``message`` carrying the Subscription Identifiers ``ids`` (one int or a
+        tuple) [MQTT-3.3.4-3]; one copy per distinct set, so subscribers with
+        the same set share the encoded bytes."""
         key = ("ids", id(message), ids)
         tagged = cache.get(key)
         if tagged is None:
-            tagged = cache[key] = with_subscription_ids(message, ids)
+            tagged = cache[key] = with_subscription_ids(
+                message, ids if ids.__class__ is tuple else (ids,))
         return tagged
 
     # --- shared subscriptions -----------------------------------------------------
@@ -1145,7 +1145,7 @@ class Broker:
                 live = cache["live"] = delivery_message(message, False)
             message = live
         if sub.subscription_identifier is not None:
-            message = self._with_ids(message, (sub.subscription_identifier,), cache)
+            message = self._with_ids(message, sub.subscription_identifier, cache)
         if self.authorize_forward is not None:
             allowed = self._may_forward(session, message)
             if allowed is not True:
@@ -1480,6 +1480,11 @@ def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Messa
     if keep_subscription_ids and ids:
         props = attrs.evolve(props, subscription_identifiers=ids)
     return attrs.evolve(message, properties=props)
+
+
+#: ``str`` as a module global: the client-id check in :meth:`Broker._route`
+#: (a global lookup, cheaper than the builtin one)
+_STR = str
 
 
 def with_subscription_ids(message: Message, ids: tuple) -> Message:

@@ -139,6 +139,8 @@ class ClientConnection:
         self._receive_max: Optional[int] = None
         self._max_qos = config.max_qos
         self._retain_available = config.retain_available
+        #: --max-qos or --retain-available restrict PUBLISH (one check when not)
+        self._limited = config.max_qos < 2 or not config.retain_available
         self._online = False
         self._paused = False
         self._will_on_close = True
@@ -1010,12 +1012,13 @@ class ClientConnection:
         props = packet.properties
         level = self.protocol_level
         topic = packet.topic
-        if qos > self._max_qos:
-            raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
-                            ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
-        if packet.retain and not self._retain_available:
-            raise MQTTError("retained PUBLISH but Retain Available is 0",
-                            ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
+        if self._limited:
+            if qos > self._max_qos:
+                raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
+                                ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
+            if packet.retain and not self._retain_available:
+                raise MQTTError("retained PUBLISH but Retain Available is 0",
+                                ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
         if level == MQTT_5:
             if props.topic_alias is not None:
                 # the alias is this connection's: resolved here, never forwarded
