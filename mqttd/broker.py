@@ -12,6 +12,7 @@ events (:meth:`Broker.on`): ``clientConnected``, ``clientDisconnecting``,
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import uuid
 from typing import Callable, Dict, List, Optional
@@ -116,6 +117,13 @@ class BrokerConfig:
     #: per-session queue of messages waiting for an offline/slow client
     max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
     max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
+    #: payload + topic bytes queued in all sessions together; beyond it the
+    #: overflow policy drops (reason "queued-bytes-total"); 0 = no cap
+    max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
+                                              validator=_int_in(0))
+    #: persistent sessions held at most; a CONNECT that would create one more
+    #: is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
+    max_sessions: int = attrs.field(default=100_000, validator=_int_in(0))
     overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
                                        validator=_one_of(OverflowPolicy.ALL))
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
@@ -198,7 +206,7 @@ class BrokerConfig:
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
-                           self.overflow_policy)
+                           self.overflow_policy, self.max_queued_bytes_total)
 
 
 @attrs.define(eq=False)
@@ -261,6 +269,9 @@ class Broker:
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
+        #: client ids of the persistent sessions (--max-sessions)
+        self._persistent: set = set()
+        self._total_logged = None
         # an online subscriber this far behind holds its publishers back
         self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
         self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
@@ -546,7 +557,9 @@ class Broker:
             record = stored.record
             session = Session(client_id=client_id, protocol_level=record.protocol_level,
                               persistent=True, expiry_interval=record.expiry_interval,
-                              owner=getattr(record, "owner", None))  # older records: none
+                              owner=getattr(record, "owner", None),  # older records: none
+                              ledger=self.stats)
+            self._persistent.add(client_id)
             session.disconnected_at = (record.disconnected_at
                                        if record.disconnected_at is not None else now)
             for sub in record.subscriptions:
@@ -565,8 +578,7 @@ class Broker:
                 if forwardable is not out.message:
                     out = attrs.evolve(out, message=forwardable)
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
-                    session.queue.append(out)
-                    session.queued_bytes += len(out.message.payload) + len(out.message.topic)
+                    session.restore_queued(out)
                 else:
                     session.inflight[out.packet_id] = out
             session.inbound_qos2.update(stored.inbound_qos2)
@@ -637,13 +649,14 @@ class Broker:
                 self._discard_session(existing)
             # the old session ended: a will still waiting goes out now [MQTT-3.1.2-8]
             self.wills.session_ended(client_id)
-            session = Session(client_id=client_id)
+            session = Session(client_id=client_id, ledger=self.stats)
             self.sessions[client_id] = session
         was_persistent = session.persistent
         session.owner = owner
         session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
+        self._track_persistent(session)
         session.expiry_interval = expiry_interval
         session.will = will
         session.connection = connection
@@ -661,6 +674,43 @@ class Broker:
             self._write(R.DeleteSession(client_id))
         self.stats.connections_total += 1
         return session, session_present
+
+    def _track_persistent(self, session: Session) -> None:
+        if session.persistent:
+            self._persistent.add(session.client_id)
+        else:
+            self._persistent.discard(session.client_id)
+        self.stats.persistent_sessions = len(self._persistent)
+
+    def session_refusal(self, client_id: str, persistent: bool) -> Optional[tuple]:
+        """Why a CONNECT for ``client_id`` must be refused before its session is
+        touched: ``(reason_code, why, stats_reason)``, or None to go on.
+
+        * the store cannot write (disk full, I/O error) and the session would be
+          persistent: v5 0x97 Quota exceeded for a full disk, else 0x88 Server
+          unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
+          CONNACK [MQTT-3.14.0-1];
+        * it would create one persistent session more than ``max_sessions``:
+          0x97 Quota exceeded (v3: 0x03).  Resuming or replacing an existing
+          persistent session is always allowed.
+        """
+        if not persistent:
+            return None
+        failure = getattr(self.store, "failure", None)
+        if failure is not None:
+            full = getattr(failure, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            return ((ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE),
+                    f"the store cannot write ({failure})", "store-unavailable")
+        limit = self.config.max_sessions
+        if limit and client_id not in self._persistent and len(self._persistent) >= limit:
+            # repair the count if anything removed sessions behind our back
+            self._persistent = {cid for cid, s in self.sessions.items() if s.persistent}
+            self.stats.persistent_sessions = len(self._persistent)
+            if len(self._persistent) >= limit:
+                return (ReasonCode.QUOTA_EXCEEDED,
+                        f"{len(self._persistent)} persistent sessions, the maximum "
+                        f"(--max-sessions)", "max-sessions")
+        return None
 
     def session_online(self, session: Session) -> None:
         """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue.
@@ -772,10 +822,13 @@ class Broker:
         for topic_filter in list(session.subscriptions):
             self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
+        session.clear_queue()
         if session.persistent:
             self._write(R.DeleteSession(session.client_id))
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._persistent.discard(session.client_id)
+            self.stats.persistent_sessions = len(self._persistent)
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
@@ -789,6 +842,7 @@ class Broker:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
         was_persistent = session.persistent
         session.persistent = interval > 0
+        self._track_persistent(session)
         session.expiry_interval = None if interval == NEVER_EXPIRES else interval
         if was_persistent and not session.persistent:
             self._write(R.DeleteSession(session.client_id))  # ends with this connection
@@ -1074,34 +1128,45 @@ class Broker:
         # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
         # matching subscription identifier [MQTT-3.3.4-4]
         origin = message.origin
-        receivers = 0
         best: Dict[object, SubscriptionRecord] = {}
-        ids: Optional[Dict[object, list]] = None
+        overlapping = None
         for _filter, key, sub in matches:
-            if key.__class__ is not str:  # an in-process subscriber or a shared group
-                try:
-                    receivers += self._route(key, sub, message, cache)
-                except Exception:
-                    self._delivery_failed(key, message)
-                continue
             if key == origin and sub.no_local:
                 continue
-            sid = sub.subscription_identifier
-            if sid is not None:
-                if ids is None:
-                    ids = {}
-                ids.setdefault(key, []).append(sid)
             prev = best.get(key)
-            if prev is None or sub.qos > prev.qos:
+            if prev is None:
                 best[key] = sub
+                continue
+            if overlapping is None:
+                overlapping = set()
+            overlapping.add(key)
+            if sub.qos > prev.qos:
+                best[key] = sub
+        if overlapping is not None:
+            self._merge_identifiers(matches, origin, overlapping, best)
+        receivers = 0
         for key, sub in best.items():
             # one subscriber's failure never reaches the others
             try:
-                receivers += self._route(key, sub, message, cache,
-                                         None if ids is None else ids.get(key))
+                receivers += self._route(key, sub, message, cache)
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
+
+    @staticmethod
+    def _merge_identifiers(matches, origin, overlapping: set, best: dict) -> None:
+        """A client with several matching subscriptions gets one copy carrying the
+        identifiers of all of them [MQTT-3.3.4-4]: its entry in ``best`` becomes a
+        routing-only record whose ``subscription_identifier`` is that tuple (never
+        stored).  Rare, so the common path of :meth:`publish` never looks at ids."""
+        ids: Dict[object, list] = {}
+        for _filter, key, sub in matches:
+            if key in overlapping and not (key == origin and sub.no_local):
+                sid = sub.subscription_identifier
+                if sid is not None:
+                    ids.setdefault(key, []).append(sid)
+        for key, found in ids.items():
+            best[key] = attrs.evolve(best[key], subscription_identifier=tuple(found))
 
     def _delivery_failed(self, key, message: Message) -> None:
         client_id = getattr(key, "topic_filter", key)
@@ -1110,18 +1175,18 @@ class Broker:
                     "other subscribers are unaffected", client_id=client_id,
                     topic=message.topic)
 
-    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict,
-               ids: Optional[list] = None) -> int:
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one subscriber; 1 if it was a receiver.
 
-        ``ids``: the subscription identifiers of all the client's matching
-        subscriptions (merged by :meth:`publish`); None: ``sub``'s own.
+        ``key`` is a client id, a :class:`LocalSubscription` or a shared
+        subscription group; ``sub.subscription_identifier`` may be a tuple of
+        identifiers (see :meth:`_merge_identifiers`).
         """
         cls = key.__class__
-        if cls is LocalSubscription:
-            self._call_local(key, message)
-            return 1
-        if cls is shared.ShareGroup:
+        if cls is not _STR:
+            if cls is LocalSubscription:
+                self._call_local(key, message)
+                return 1
             return self._route_shared(key, message, cache)
         if sub.no_local and key == message.origin:
             return 0  # [MQTT-3.8.3-3]
@@ -1134,11 +1199,9 @@ class Broker:
             if live is None:
                 live = cache["live"] = delivery_message(message, False)
             message = live
-        if ids is None:
-            if sub.subscription_identifier is not None:
-                message = self._with_ids(message, (sub.subscription_identifier,), cache)
-        elif ids:
-            message = self._with_ids(message, tuple(ids), cache)
+        sid = sub.subscription_identifier
+        if sid is not None:
+            message = self._with_ids(message, sid, cache)
         forward = self.authorize_forward
         if forward is not None:  # read permission at delivery time
             if session.forward_waiting:
@@ -1153,13 +1216,15 @@ class Broker:
         self._deliver(session, message, qos, cache)
         return 1
 
-    def _with_ids(self, message: Message, ids: tuple, cache: dict) -> Message:
-        """``message`` carrying the Subscription Identifiers ``ids`` [MQTT-3.3.4-3];
-        one copy per distinct set, so subscribers with the same set share the bytes."""
+    def _with_ids(self, message: Message, ids, cache: dict) -> Message:
+        """``message`` carrying the Subscription Identifiers ``ids`` (one int or a
+        tuple) [MQTT-3.3.4-3]; one copy per distinct set, so subscribers with
+        the same set share the encoded bytes."""
         key = ("ids", id(message), ids)
         tagged = cache.get(key)
         if tagged is None:
-            tagged = cache[key] = with_subscription_ids(message, ids)
+            tagged = cache[key] = with_subscription_ids(
+                message, ids if ids.__class__ is tuple else (ids,))
         return tagged
 
     # --- shared subscriptions -----------------------------------------------------
@@ -1188,7 +1253,7 @@ class Broker:
                 live = cache["live"] = delivery_message(message, False)
             message = live
         if sub.subscription_identifier is not None:
-            message = self._with_ids(message, (sub.subscription_identifier,), cache)
+            message = self._with_ids(message, sub.subscription_identifier, cache)
         if self.authorize_forward is not None:
             allowed = self._may_forward(session, message)
             if allowed is not True:
@@ -1288,7 +1353,10 @@ class Broker:
                 if template is not None:
                     session.wire[record.seq] = template
         if victim is not None:
-            self.count_dropped(session, "queue-full", victim.message)
+            reason = session.overflow
+            if reason == "queued-bytes-total":
+                self._total_cap_hit()
+            self.count_dropped(session, reason, victim.message)
             if victim is not record:
                 session.wire.pop(victim.seq, None)
                 if victim.qos and persistent:
@@ -1405,6 +1473,16 @@ class Broker:
                 self.count_dropped(session, "expired", out.message)
                 continue
             conn.send_publish(message, out.qos, pid, True)
+
+    def _total_cap_hit(self) -> None:
+        now = self.clock.seconds()
+        if self._total_logged is None or now - self._total_logged >= 60.0:
+            self._total_logged = now
+            log.warn("All sessions' queues together hold {queued} bytes, the maximum "
+                     "(--max-queued-bytes-total {limit}); messages beyond it are dropped "
+                     "by the overflow policy ({policy}) and counted as queued-bytes-total",
+                     queued=self.stats.queued_bytes, policy=self.config.overflow_policy,
+                     limit=self.config.max_queued_bytes_total)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
         """Count, and log (rate-limited), one message not delivered to ``session``."""
@@ -1559,6 +1637,11 @@ def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Messa
     if keep_subscription_ids and ids:
         props = attrs.evolve(props, subscription_identifiers=ids)
     return attrs.evolve(message, properties=props)
+
+
+#: ``str`` as a module global: the client-id check in :meth:`Broker._route`
+#: (a global lookup, cheaper than the builtin one)
+_STR = str
 
 
 def with_subscription_ids(message: Message, ids: tuple) -> Message:
