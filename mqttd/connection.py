@@ -14,6 +14,7 @@ answers with a CONNACK (during CONNECT), a DISCONNECT with the reason code
 from __future__ import annotations
 
 import collections
+import errno
 from typing import Optional
 
 import attrs
@@ -139,6 +140,8 @@ class ClientConnection:
         self._receive_max: Optional[int] = None
         self._max_qos = config.max_qos
         self._retain_available = config.retain_available
+        #: --max-qos or --retain-available restrict PUBLISH (one check when not)
+        self._limited = config.max_qos < 2 or not config.retain_available
         self._online = False
         self._paused = False
         self._will_on_close = True
@@ -325,15 +328,12 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
-        if self._out_aliases is not None:
-            return None  # the topic alias makes them this connection's own
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
-        if self._out_aliases is not None:
-            self._send_aliased(message, qos, packet_id, dup)
-            return
+        # (a connection that sends topic aliases replaces this method by
+        # _send_aliased at CONNECT: no cost here for the others)
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -362,9 +362,14 @@ class ClientConnection:
             stats.payload_out[qos] += len(message.payload)
         self.transport.write(data)
 
-    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool) -> None:
-        """Send with a topic alias (the client's Topic Alias Maximum allows it):
-        the topic name only when the alias is new or rebound [MQTT-3.3.2-11]."""
+    def _no_template(self, message: Message, qos: int, cache: dict) -> None:
+        return None  # the topic aliases make this connection's bytes its own
+
+    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool,
+                      cache: Optional[dict] = None, template=None) -> None:
+        """:meth:`send_publish` with a topic alias (the client's Topic Alias Maximum
+        allows it): the topic name only when the alias is new or rebound
+        [MQTT-3.3.2-11]; shared bytes (``cache``, ``template``) are not used."""
         aliases = self._out_aliases
         topic = message.topic
         alias, known = aliases.alias_for(topic)
@@ -442,10 +447,27 @@ class ClientConnection:
             self.send(item)
 
     def _store_failed(self, failure):
-        log.failure("Store write failed; disconnecting {client_id} without acknowledging",
-                    failure, client_id=self.client_id)
+        """The store could not make an acknowledgement durable: never send it.
+
+        Before CONNACK the answer is a CONNACK refusal (v5 0x97 for a full
+        disk, else 0x88; v3 0x03), never a DISCONNECT [MQTT-3.14.0-1]; after
+        it, v5 DISCONNECT 0x97 / 0x83 or a v3 close.  The store logs the failure
+        itself (once); this line is rate-limited per client.
+        """
         self._pending.clear()
-        self.disconnect(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "storage failure")
+        error = failure.value
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if self.state == _CONNECTED and not self._online:
+            self.broker.stats.connects_refused += 1
+            self.broker.stats.count_refusal("store-unavailable")
+            self._will_on_close = False     # it never connected
+            self._refuse(ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE,
+                         f"the store cannot write ({error})")
+            return None
+        self._warn("store-failed", "Store cannot write ({error}); disconnecting {client_id} "
+                   "without acknowledging", error=str(error), client_id=self.client_id)
+        self.disconnect(ReasonCode.QUOTA_EXCEEDED if full
+                        else ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "storage failure")
         return None
 
     # --- flow control from the transport (push producer) ---------------------------
@@ -702,6 +724,8 @@ class ClientConnection:
                 self._client_max_packet = props.maximum_packet_size
             if props.topic_alias_maximum:  # the client accepts our aliases [MQTT-3.3.2-11]
                 self._out_aliases = OutboundAliases(props.topic_alias_maximum)
+                self.send_publish = self._send_aliased
+                self.cached_template = self._no_template
             self._in_aliases = InboundAliases(config.max_topic_alias)
             self._receive_max = config.max_inflight_incoming
         assigned = None
@@ -948,6 +972,12 @@ class ClientConnection:
                                     f"keepalive {keepalive} s is 0 or over the maximum of "
                                     f"{config.max_keepalive} s")
             keepalive = server_keepalive = config.max_keepalive
+        refusal = broker.session_refusal(client_id, expiry is None or expiry > 0)
+        if refusal is not None:
+            code, why, reason = refusal
+            broker.stats.connects_refused += 1
+            broker.stats.count_refusal(reason)
+            return self._refuse(code, why)
         if client_id in config.trace_clients:  # --trace-client
             trace.install(self, packet)
         session, present = broker.open_session(
@@ -1021,12 +1051,13 @@ class ClientConnection:
         props = packet.properties
         level = self.protocol_level
         topic = packet.topic
-        if qos > self._max_qos:
-            raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
-                            ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
-        if packet.retain and not self._retain_available:
-            raise MQTTError("retained PUBLISH but Retain Available is 0",
-                            ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
+        if self._limited:
+            if qos > self._max_qos:
+                raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
+                                ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
+            if packet.retain and not self._retain_available:
+                raise MQTTError("retained PUBLISH but Retain Available is 0",
+                                ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
         if level == MQTT_5:
             if props.topic_alias is not None:
                 # the alias is this connection's: resolved here, never forwarded
@@ -1204,9 +1235,11 @@ class ClientConnection:
                 spec="MQTT-4.8.0-1" if self.protocol_level != MQTT_5 else "MQTT-4.13.1-1")
 
     def _unknown_ack(self, packet) -> None:
-        self._warn("unknown-ack", "{packet} for unknown packet id {packet_id} from "
-                   "{client_id}", packet=type(packet).__name__,
-                   packet_id=packet.packet_id, client_id=self.client_id)
+        # normal after a reconnect (the message was completed meanwhile): info, rate-limited
+        self.broker.log_limiter.emit(
+            log.info, (self._who(), "unknown-ack"),
+            "{packet} for unknown packet id {packet_id} from {client_id}",
+            packet=type(packet).__name__, packet_id=packet.packet_id, client_id=self.client_id)
 
     def _on_puback(self, packet: Puback) -> None:
         if not self.broker.puback(self.session, packet.packet_id):
