@@ -52,8 +52,8 @@ from mqttd.persistence import safepickle
 from mqttd.messages import Message
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession, WillRecord,
-    StoredState, apply_op)
+    FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, PutOutbound,
+    SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
 
@@ -67,11 +67,24 @@ RECORD_HEADER = struct.Struct(">4sII")
 MAX_RECORD = 1 << 31
 
 _JOURNAL_NAME = re.compile(r"^journal\.(\d+)$")
+_NON_ZERO = re.compile(rb"[^\x00]")
 _OP_TYPES = frozenset(OPERATION_TYPES)
 
 
 class StoreError(Exception):
     """The store cannot do what was asked (closed, or a write/fsync failed)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot write right now (disk full, I/O error); it retries by itself.
+
+    ``errno`` is the OS error number of the failure (``errno.ENOSPC`` for a
+    full disk), or None.
+    """
+
+    def __init__(self, message: str, errno_: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno_
 
 
 class StoreLockedError(StoreError):
@@ -223,10 +236,14 @@ def fsync_dir(path: str, fsync=os.fsync) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def _write(fd: int, data) -> int:
+    return os.write(fd, data)
+
+
+def write_all(fd: int, data: bytes, write=_write) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = write(fd, view)
         view = view[written:]
 
 
@@ -314,10 +331,73 @@ class FrameScan:
     #: the last damaged range runs to the end of the data and looks like an
     #: interrupted write (a torn tail), not like damage
     torn: bool = False
+    #: ``(start, end)`` of frames with one flipped bit, repaired (their
+    #: payloads are in ``frames``)
+    repaired: list = attrs.Factory(list)
 
     @property
     def damaged_bytes(self) -> int:
         return sum(end - start for start, end in self.damaged)
+
+
+# --- single-bit repair ---------------------------------------------------------
+#
+# CRC-32 (IEEE) has a Hamming distance of at least 4 for frames up to 11 KiB:
+# any single flipped bit of a frame (mark, length, CRC or payload) is located
+# exactly from the CRC syndrome, and no 2-bit error can pass for a 1-bit one.
+# So a frame whose only damage is one flipped bit is repaired, not lost.
+
+_CRC_POLY = 0xEDB88320
+_CRC_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ _CRC_POLY if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+_CRC_TOP = {_CRC_TABLE[_i] >> 24: _i for _i in range(256)}
+_CRC_BIT = {_CRC_TABLE[1 << _b]: _b for _b in range(8)}
+#: largest frame (header included) repaired: where CRC-32's distance is >= 4
+MAX_REPAIRABLE = 11 * 1024
+
+
+def _bits(a: bytes, b: bytes) -> int:
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
+
+
+def _flip_one_bit(payload: bytes, stored_crc: int) -> Optional[bytes]:
+    """``payload`` with the one bit flipped that makes its CRC ``stored_crc``, or None."""
+    reg = zlib.crc32(payload) ^ stored_crc
+    n = len(payload)
+    for k in range(n):     # walk the syndrome back one byte at a time
+        bit = _CRC_BIT.get(reg)
+        if bit is not None:
+            fixed = bytearray(payload)
+            fixed[n - 1 - k] ^= 1 << bit
+            if zlib.crc32(fixed) == stored_crc:
+                return bytes(fixed)
+        i = _CRC_TOP[reg >> 24]
+        reg = (((reg ^ _CRC_TABLE[i]) << 8) & 0xFFFFFFFF) | i
+    return None
+
+
+def repair_frame(data, start: int, stop: int) -> Optional[bytes]:
+    """The payload of the frame filling ``data[start:stop]`` if exactly one bit
+    of it is flipped (mark, length, CRC or payload), else None."""
+    size = stop - start
+    header = RECORD_HEADER.size
+    if size <= header or size > MAX_REPAIRABLE:
+        return None
+    raw = bytes(data[start:stop])
+    payload = raw[header:]
+    actual = zlib.crc32(payload)
+    expected_header = RECORD_HEADER.pack(RECORD_MARK, len(payload), actual)
+    flipped = _bits(raw[:header], expected_header)
+    if flipped == 1:
+        return payload      # one bit of the header; the payload matches a CRC
+    if flipped == 0 or raw[:8] != expected_header[:8]:
+        return None
+    # mark and length right, CRC field differs: one bit of the payload?
+    return _flip_one_bit(payload, RECORD_HEADER.unpack_from(raw)[2])
 
 
 def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
@@ -325,8 +405,9 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
 
     After a bad frame the scan continues at the next offset holding a frame
     with a valid mark, length and CRC32, so one damaged byte costs the
-    frame it is in, not everything after it.  With ``padding``, runs of
-    zero bytes between frames (dbm.dumb pads values) are not damage.
+    frame it is in, not everything after it -- and a frame with a single
+    flipped bit is repaired (:func:`repair_frame`).  With ``padding``, runs
+    of zero bytes between frames (dbm.dumb pads values) are not damage.
     """
     scan = FrameScan()
     view = memoryview(data)
@@ -340,15 +421,27 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
             scan.frames.append((offset, view[body:body + length]))
             offset = body + length
             continue
+        if padding and data[offset] == 0:
+            found = _NON_ZERO.search(data, offset)    # skip dbm.dumb's padding
+            offset = end if found is None else found.start()
+            continue
         probe = next_valid_frame(data, offset + 1)
         stop = end if probe is None else probe
         if padding:
+            # pickles end with b"." (STOP): trailing zeros are dbm.dumb's padding
             gap = bytes(view[offset:stop]).rstrip(b"\0")
             if not gap:
                 offset = stop
                 continue
+            stop = offset + len(gap)
+        payload = repair_frame(data, offset, stop)
+        if payload is not None:
+            scan.frames.append((offset, memoryview(payload)))
+            scan.repaired.append((offset, stop))
             if probe is None:
-                stop = offset + len(gap)
+                break
+            offset = probe
+            continue
         scan.damaged.append((offset, stop))
         if probe is None:
             scan.torn = not padding and _looks_torn(data, offset)
@@ -406,6 +499,8 @@ class JournalRead:
     header: str = ""
     #: the file is from a newer mqttd: nothing in it could be read
     newer: bool = False
+    #: records with one flipped bit that were repaired
+    repaired: int = 0
 
     @property
     def operations(self) -> int:
@@ -413,7 +508,8 @@ class JournalRead:
 
     @property
     def clean(self) -> bool:
-        return not self.damaged and self.torn_at is None and not self.header
+        return (not self.damaged and self.torn_at is None and not self.header
+                and not self.repaired)
 
 
 def read_journal(data: bytes, generation: int) -> JournalRead:
@@ -440,6 +536,7 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
         problems.append(f"header says generation {gen}")
     read.header = "; ".join(problems)
     scan = scan_frames(data, JOURNAL_HEADER.size)
+    read.repaired = len(scan.repaired)
     damaged = list(scan.damaged)
     if scan.torn:
         read.torn_at = damaged.pop()[0]
@@ -452,6 +549,25 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
     if problems and not read.batches and (version > FORMAT_VERSION and magic == JOURNAL_MAGIC):
         read.newer = True
     return read
+
+
+def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) -> None:
+    """Apply journal ``batches`` to ``state``.
+
+    ``tolerant`` (after damage was found): a queued message or inbound QoS 2
+    id of a session whose record was in a damaged record is kept under a
+    fresh :class:`SessionRecord` (no subscriptions, never expires) instead of
+    being ignored, and the client id added to ``orphans`` -- so losing one
+    record never cascades into losing every later message of its session.
+    """
+    sessions = state.sessions
+    for batch in batches:
+        for op in batch:
+            if tolerant and op.__class__ in (PutOutbound, AddInboundQos2) \
+                    and op.client_id not in sessions:
+                sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
+                orphans.add(op.client_id)
+            apply_op(state, op)
 
 
 def decode_payload(payload) -> list:
@@ -484,14 +600,21 @@ class JournaledStore:
     :param compact_bytes: a journal larger than this triggers a checkpoint.
     :param threadpool: a started ThreadPool to use instead of a private one.
     :param fsync_function: replaces :func:`os.fsync` (tests count or slow it).
+    :param write_function: replaces :func:`os.write` for journal appends (tests
+        inject ENOSPC).
     :param run_in_thread: ``f(callable, *args) -> Deferred``; replaces the thread
         pool (tests pass a synchronous runner).
     """
 
     durable = True
+    #: seconds before the first recovery attempt after a failed write or
+    #: fsync; doubled after each failed attempt, up to RETRY_MAX
+    RETRY_INITIAL = 0.5
+    RETRY_MAX = 10.0
 
     def __init__(self, path, reactor, fsync="always", compact_bytes=DEFAULT_COMPACT_BYTES,
-                 threadpool=None, fsync_function=os.fsync, run_in_thread=None):
+                 threadpool=None, fsync_function=os.fsync, run_in_thread=None,
+                 write_function=None):
         self.path = os.path.abspath(path)
         self._reactor = reactor
         self.fsync_mode, self._interval = parse_fsync_mode(fsync)
@@ -499,6 +622,7 @@ class JournaledStore:
             raise ValueError("compact_bytes must be positive")
         self.compact_bytes = compact_bytes
         self._fsync = fsync_function
+        self._os_write = write_function or _write
         #: seconds per batch write and per fsync (exported by the admin metrics)
         self.write_latency = LatencyHistogram()
         self.fsync_latency = LatencyHistogram()
@@ -524,13 +648,24 @@ class JournaledStore:
         self._waiters = collections.deque()   # (target, Deferred), in request order
         self._syncing = False
         self._compacting: Optional[defer.Deferred] = None
-        self._broken: Optional[Failure] = None
+        #: the failure that makes the store refuse syncs until a recovery
+        #: checkpoint succeeds (disk full, I/O error); None while healthy
+        self._failing: Optional[Failure] = None
+        self._failed_at = 0.0
+        self._retry_call = None
+        self._retry_delay = self.RETRY_INITIAL
+        self._recovering = False
+        self._refused = 0               # syncs refused during the current failure
+        self._compaction_blocked_until = 0.0
         self._state = "new"             # new -> open -> closing -> closed
 
         #: completed fsync rounds (each serves every waiter of its batch)
         self.fsync_count = 0
         #: completed compactions
         self.compaction_count = 0
+        #: write/fsync failure episodes, and recoveries from them
+        self.failure_count = 0
+        self.recovery_count = 0
 
     # -- subclass hooks --
 
@@ -586,8 +721,9 @@ class JournaledStore:
         if self._state != "open":
             return defer.fail(StoreError(f"store {self.path} is not open"))
         self._flush()
-        if self._broken is not None:
-            return defer.fail(self._broken)
+        if self._failing is not None:
+            self._refused += 1
+            return defer.fail(self._unavailable())
         if self.fsync_mode != "always":
             return defer.succeed(None)
         return self._wait_for_fsync()
@@ -608,37 +744,148 @@ class JournaledStore:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
-        if not self._pending or self._broken is not None:
-            self._pending = []
+        if not self._pending:
+            return
+        if self._failing is not None:
+            if not self._recovering:
+                # the mirror holds them; the recovery checkpoint will write them
+                self._pending = []
             return
         ops, self._pending = self._pending, []
         started = time.monotonic()
         try:
             record = encode_record(safepickle.dumps(ops))
-            write_all(self._fd, record)
+            write_all(self._fd, record, self._os_write)
             self.write_latency.observe(time.monotonic() - started)
         except Exception:
-            self._break(Failure(), "write to journal {path} failed", journal_path(self.path, self._gen))
+            failure = Failure()
+            try:  # never leave half a record behind (shrinking needs no space)
+                os.ftruncate(self._fd, self._journal_bytes)
+            except OSError:
+                pass
+            self._fail(failure, "write to journal")
             return
         self._journal_bytes += len(record)
         self._written += len(record)
         if (self._journal_bytes >= self.compact_bytes and self._compacting is None
-                and self._state == "open"):
-            self._start_compaction(final=False)
+                and self._state == "open"
+                and self._reactor.seconds() >= self._compaction_blocked_until):
+            try:
+                self._start_compaction(final=False)
+            except OSError:
+                self._fail(Failure(), "starting a new journal")
 
-    def _break(self, failure: Failure, what: str, path: str) -> None:
-        log.failure("Store " + what + "; refusing further syncs", failure, path=path)
-        self._broken = failure
+    # -- failure and recovery --
+
+    @property
+    def failure(self) -> Optional[StoreUnavailable]:
+        """While writes fail: the :class:`StoreUnavailable` that syncs fail with."""
+        return self._unavailable() if self._failing is not None else None
+
+    def _unavailable(self) -> StoreUnavailable:
+        error = self._failing.value
+        return StoreUnavailable(f"store {self.path} cannot write: {error}",
+                                getattr(error, "errno", None))
+
+    def _fail(self, failure: Failure, what: str) -> None:
+        """A write or fsync failed: refuse syncs, retry with backoff, log once."""
+        first = self._failing is None
+        if first:
+            self._failing = failure
+            self._failed_at = self._reactor.seconds()
+            self._refused = 0
+            self.failure_count += 1
+            self._retry_delay = self.RETRY_INITIAL
+            error = failure.value
+            log.error("Store {path}: {what} failed ({error}); acknowledgements that need "
+                      "the store are refused until it can write again (retrying every "
+                      "{initial}-{maximum} s, nothing acknowledged is lost)",
+                      path=self.path, what=what, error=str(error),
+                      errno=getattr(error, "errno", None),
+                      initial=self.RETRY_INITIAL, maximum=self.RETRY_MAX)
+        unavailable = self._unavailable()
         waiters, self._waiters = self._waiters, collections.deque()
         for _, d in waiters:
-            d.errback(failure)
+            self._refused += 1
+            d.errback(unavailable)
+        if first:
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._state != "open" or self._retry_call is not None:
+            return
+        self._retry_call = self._reactor.callLater(self._retry_delay, self._retry)
+
+    def _retry(self) -> None:
+        """Try to make the whole state durable again: checkpoint + fresh journal."""
+        self._retry_call = None
+        if self._state != "open" or self._failing is None:
+            return
+        if self._syncing or self._compacting is not None:
+            self._retry_call = self._reactor.callLater(0.05, self._retry)
+            return
+        self._recovering = True
+        self._pending = []          # all in the mirror, so all in the checkpoint
+        new_gen = self._gen + 1
+        d = self._run(self._recovery_job, copy_state(self._mirror), new_gen)
+        d.addCallbacks(self._recovered, self._recovery_failed, callbackArgs=(new_gen,))
+
+    def _recovery_job(self, snapshot: StoredState, new_gen: int) -> int:
+        self._write_checkpoint(snapshot, new_gen)
+        path = journal_path(self.path, new_gen)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            write_all(fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, new_gen),
+                      self._os_write)
+            self._fsync(fd)
+            fsync_dir(self.path, self._fsync)
+        except BaseException:
+            os.close(fd)
+            raise
+        for gen in list_journals(self.path):
+            if gen < new_gen:
+                try:
+                    os.unlink(journal_path(self.path, gen))
+                except FileNotFoundError:
+                    pass
+        self._remove_old_checkpoints(new_gen)
+        return fd
+
+    def _recovered(self, fd: int, new_gen: int) -> None:
+        self._recovering = False
+        old = [self._fd] if self._fd is not None else []
+        for old_fd in self._retired + old:
+            os.close(old_fd)
+        self._retired = []
+        self._fd = fd
+        self._gen = new_gen
+        self._journal_bytes = JOURNAL_HEADER.size
+        self._written += JOURNAL_HEADER.size
+        self._durable = self._written
+        self._failing = None
+        self.recovery_count += 1
+        log.info("Store {path} writes again after {seconds:.1f} s (checkpoint {generation} "
+                 "holds everything); {refused} syncs were refused meanwhile",
+                 path=self.path, seconds=self._reactor.seconds() - self._failed_at,
+                 generation=new_gen, refused=self._refused)
+        if self._state != "open":
+            return
+        self._flush()              # what arrived while the checkpoint was written
+        self._maybe_start_fsync()
+
+    def _recovery_failed(self, failure: Failure) -> None:
+        self._recovering = False
+        log.debug("Store {path} still cannot write: {error}", path=self.path,
+                  error=str(failure.value))
+        self._retry_delay = min(self._retry_delay * 2, self.RETRY_MAX)
+        self._schedule_retry()
 
     def _open_journal(self, generation: int, create: bool) -> int:
         path = journal_path(self.path, generation)
         if create:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             header = JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, generation)
-            write_all(fd, header)
+            write_all(fd, header, self._os_write)
             self._dir_dirty = True
             self._journal_bytes = len(header)
             self._written += len(header)
@@ -660,7 +907,7 @@ class JournaledStore:
         return d
 
     def _maybe_start_fsync(self, force: bool = False) -> None:
-        if self._syncing or self._broken is not None or self._fd is None:
+        if self._syncing or self._failing is not None or self._fd is None:
             return
         if not (self._waiters or (force and (self._written > self._durable or self._retired))):
             return
@@ -703,8 +950,8 @@ class JournaledStore:
         self._syncing = False
         self._dir_dirty = self._dir_dirty or dir_dirty
         # after a failed fsync the page cache state is unknown ("fsyncgate"):
-        # never report later data as durable
-        self._break(failure, "fsync of {path} failed", self.path)
+        # never report later data as durable; recovery rewrites everything
+        self._fail(failure, "fsync")
 
     def _interval_tick(self) -> None:
         self._interval_call = None
@@ -755,9 +1002,16 @@ class JournaledStore:
 
     def _compaction_failed(self, failure: Failure) -> None:
         self._compacting = None
-        # the journals still hold everything; keep running on them
-        log.failure("Compaction of {path} failed; the journals still hold the data",
-                    failure, path=self.path)
+        # the journals still hold everything; keep running on them, and do not
+        # try again on every write (a full disk would make that a storm)
+        self._compaction_blocked_until = self._reactor.seconds() + self.RETRY_MAX
+        if isinstance(failure.value, OSError):
+            log.warn("Compaction of {path} failed ({error}); the journals still hold "
+                     "the data; next attempt in {seconds} s at the earliest",
+                     path=self.path, error=str(failure.value), seconds=self.RETRY_MAX)
+        else:
+            log.failure("Compaction of {path} failed; the journals still hold the data",
+                        failure, path=self.path)
 
     # -- closing --
 
@@ -771,10 +1025,25 @@ class JournaledStore:
         try:
             if self._compacting is not None:
                 await _quiet(self._compacting)
-            if self._broken is None:
+            if self._retry_call is not None and self._retry_call.active():
+                self._retry_call.cancel()
+            self._retry_call = None
+            if self._failing is not None and not self._recovering:
+                # one last attempt to save the state; unacknowledged only, if it fails
+                try:
+                    fd = await self._run(self._recovery_job, copy_state(self._mirror),
+                                         self._gen + 1)
+                except Exception as e:
+                    log.error("Store {path} closed while it cannot write ({error}); what "
+                              "was never acknowledged since {seconds:.1f} s ago is not "
+                              "saved", path=self.path, error=str(e),
+                              seconds=self._reactor.seconds() - self._failed_at)
+                else:
+                    self._recovered(fd, self._gen + 1)
+            if self._failing is None:
                 # make everything written durable whatever the fsync mode
                 await _quiet(self._wait_for_fsync())
-            if self._broken is None and self._journal_bytes > JOURNAL_HEADER.size:
+            if self._failing is None and self._journal_bytes > JOURNAL_HEADER.size:
                 await _quiet(self._start_compaction(final=True))
             while self._syncing or self._compacting is not None:
                 await _quiet(self._compacting or self._wait_for_fsync())
@@ -804,11 +1073,17 @@ class JournaledStore:
                 os.unlink(journal_path(self.path, gen))
         live = [gen for gen in gens if gen >= snap_gen]
         append_to = None
+        orphans: set = set()
         for index, gen in enumerate(live):
             last = index == len(live) - 1
-            if not self._replay(gen, state, last):
+            if not self._replay(gen, state, last, damaged, orphans):
                 damaged = True
             append_to = gen
+        if orphans:
+            log.error("Session records of {count} clients were in damaged records; their "
+                      "later messages are kept under sessions without subscriptions: "
+                      "{clients}", count=len(orphans),
+                      clients=", ".join(sorted(orphans)[:20]))
         if damaged:
             # start afresh from what was recovered: new checkpoint, new journal
             new_gen = max([snap_gen] + gens) + 1
@@ -826,7 +1101,8 @@ class JournaledStore:
         self._dir_dirty = False
         return state
 
-    def _replay(self, gen: int, state: StoredState, last: bool) -> bool:
+    def _replay(self, gen: int, state: StoredState, last: bool, after_damage: bool = False,
+                orphans: Optional[set] = None) -> bool:
         """Apply journal ``gen`` to ``state``; False if it was damaged.
 
         Damage costs only the damaged records: replay resynchronises on the
@@ -839,9 +1115,8 @@ class JournaledStore:
         with open(path, "rb") as f:
             data = f.read()
         read = read_journal(data, gen)
-        for batch in read.batches:
-            for op in batch:
-                apply_op(state, op)
+        replay_batches(state, read.batches, after_damage or bool(read.damaged),
+                       orphans if orphans is not None else set())
         if read.clean:
             return True
         now = self._reactor.seconds()
@@ -852,7 +1127,12 @@ class JournaledStore:
                       "could be read, moved aside to {moved}",
                       path=path, reason=read.header, moved=moved)
             return False
-        if not read.damaged and not read.header and last:
+        if not read.damaged and read.torn_at is None:
+            log.warn("Repaired {repaired} records with one flipped bit in journal {path}"
+                     "{header}; nothing lost", path=path, repaired=read.repaired,
+                     header=f" and its header ({read.header})" if read.header else "")
+            return False            # a fresh checkpoint replaces the damaged file
+        if not read.damaged and not read.header and not read.repaired and last:
             log.warn("Torn record at the end of journal {path} at offset {offset}; "
                      "truncated to the last good record", path=path, offset=read.torn_at)
             if read.torn_at < JOURNAL_HEADER.size:
@@ -873,7 +1153,8 @@ class JournaledStore:
         moved = keep_damaged(path, data, ranges, now, self._fsync)
         log.error("Damaged journal {path}: {ranges} damaged byte ranges ({damaged} bytes, "
                   "first at offset {offset}{header}) kept in {moved}; replay resynchronised "
-                  "and applied {records} good records ({operations} operations)",
+                  "and applied {records} good records ({operations} operations, "
+                  "{repaired} repaired)", repaired=read.repaired,
                   path=path, ranges=len(ranges), offset=ranges[0][0],
                   damaged=sum(e - s for s, e in ranges), moved=moved,
                   header=f"; header: {read.header}" if read.header else "",
