@@ -188,3 +188,9 @@ class IRetainedStore(Interface):
 
     def __len__():
         """How many retained messages there are."""
+
+    def __iter__():
+        """The topic names that have a retained message."""
+
+    def __contains__(topic):
+        """Whether ``topic`` has a retained message."""
