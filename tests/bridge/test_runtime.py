@@ -251,3 +251,31 @@ def test_mesh_guard_is_idle_until_a_bridge_appears():
     assert not guard.active
     broker.emit("clientConnected", client=ClientInfo("edge", 4, bridge=True))
     assert guard.active and broker._publish_filters == [guard]
+
+
+def test_failover_endpoint_tries_the_next_address_and_returns_to_the_primary():
+    """address list: a failed attempt moves to the next address; success resets to the first
+    (round_robin false) or stays (round_robin true)."""
+    from twisted.internet import defer
+
+    from mqttd.bridge.service import FailoverEndpoint
+
+    class Fake:
+        def __init__(self, ok):
+            self.ok = ok
+            self.calls = 0
+
+        def connect(self, factory):
+            self.calls += 1
+            return defer.succeed("p") if self.ok else defer.fail(ConnectionRefusedError())
+
+    primary, secondary = Fake(False), Fake(True)
+    endpoint = FailoverEndpoint([primary, secondary])
+    failures = []
+    endpoint.connect(None).addErrback(failures.append)
+    assert len(failures) == 1 and endpoint.index == 1
+    assert endpoint.connect(None).result == "p" and endpoint.index == 0
+    sticky = FailoverEndpoint([Fake(False), Fake(True)], round_robin=True)
+    sticky.connect(None).addErrback(lambda f: None)
+    sticky.connect(None)
+    assert sticky.index == 1
