@@ -279,3 +279,17 @@ def test_failover_endpoint_tries_the_next_address_and_returns_to_the_primary():
     sticky.connect(None).addErrback(lambda f: None)
     sticky.connect(None)
     assert sticky.index == 1
+
+
+def test_message_over_the_remote_maximum_packet_size_is_dropped_not_retried(net):
+    """MQTT 5: a message the remote could never take is counted and dropped; the rest flows."""
+    a, b = net.broker("A"), net.broker("B", max_packet_size=1024)
+    got = Collector(b, "q/#")
+    manager = net.bridge("A", "B", ["q/# out 1"], protocol_version="mqttv50")
+    net.settle()
+    a.publish_message("q/big", b"x" * 4096, qos=1)
+    a.publish_message("q/small", b"ok", qos=1)
+    net.settle(2)
+    stats = manager.stats["A-B"]
+    assert got.payloads() == [b"ok"]
+    assert stats.too_large == 1 and stats.queued == 0 and stats.connected
