@@ -7,8 +7,8 @@ and publishes the per-bridge counters:
 ``BrokerService.bridges.stats``
     ``{connection name: BridgeStats}`` with ``connected`` (bool),
     ``messages_in``, ``messages_out``, ``queued`` (live: queue + in flight
-    of the bridge's local session), ``unmapped``, ``reconnects``,
-    ``last_error`` -- what the Prometheus collector and ``$SYS`` read.
+    of the bridge's local session), ``unmapped``, ``refused``, ``too_large``,
+    ``reconnects``, ``last_error`` -- what a Prometheus collector reads.
 ``BrokerService.bridges.mesh.dropped``
     ``{"duplicate"|"loop"|"hop-limit": count}``.
 
