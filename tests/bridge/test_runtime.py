@@ -293,3 +293,20 @@ def test_message_over_the_remote_maximum_packet_size_is_dropped_not_retried(net)
     stats = manager.stats["A-B"]
     assert got.payloads() == [b"ok"]
     assert stats.too_large == 1 and stats.queued == 0 and stats.connected
+
+
+def test_bridge_gauges_are_exported_for_prometheus():
+    """install() registers mqttd_bridge_* gauges that read the live BridgeStats."""
+    from mqttd.bridge.config import BridgeConfig, TopicMap
+    from mqttd.bridge.service import install
+    from mqttd.service import make_broker_service
+    net = Net()
+    service = make_broker_service(net.clock, listen=[], store="memory")
+    config = BridgeConfig("up", (("127.0.0.1", 1),), (TopicMap("q/#", "out", 1),),
+                          remote_clientid="edge")
+    install(service, [config], endpoint_factory=lambda reactor, c: None)
+    gauges = service.gauges
+    assert gauges["mqttd_bridge_connected"][2]() == [(("up",), 0)]
+    service.bridges.stats["up"].messages_out = 7
+    assert gauges["mqttd_bridge_messages_out"][2]() == [(("up",), 7)]
+    assert ("duplicate", 0) in gauges["mqttd_bridge_mesh_dropped"][2]()
