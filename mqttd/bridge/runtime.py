@@ -40,7 +40,7 @@ from mqttd.codec.packets import (
     MQTT_5, NO_PROPERTIES, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, Subscription, Unsubscribe, Will)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message
+from mqttd.messages import Message, forwarded_properties, remaining_interval
 from mqttd.persistence.records import SubscriptionRecord
 
 log = Logger(namespace="mqttd.bridge")
@@ -209,7 +209,15 @@ class Bridge(Service):
     # --- the local session ---------------------------------------------------------
 
     def _open_local_session(self) -> None:
-        """Create (or find the restored) session and its ``out`` subscriptions."""
+        """Create (or find the restored) session and its ``out`` subscriptions,
+        offline until the remote accepts us (a clean one ends at once: with
+        ``local_cleansession true`` nothing waits for the remote)."""
+        self._attach_local()
+        self.broker.connection_lost(self.session, self._local, publish_will=False,
+                                    reason="bridge offline")
+
+    def _attach_local(self):
+        """Attach the local end to the bridge session; make its subscriptions match."""
         broker = self.broker
         config = self.config
         expiry = 0 if config.local_cleansession else None
@@ -233,7 +241,7 @@ class Bridge(Service):
                     # local retained messages go to the remote once, like a new
                     # subscriber's (Retain Handling 1)
                     broker.send_retained(session, record)
-        broker.connection_lost(session, self._local, publish_will=False, reason="bridge offline")
+        return session
 
     def local_detached(self) -> None:
         """The broker dropped the local end (shutdown or takeover): close the remote."""
@@ -269,12 +277,8 @@ class Bridge(Service):
                 self._publish_remote_state(protocol, b"1")
             self._notify_local(True)
         # attach the session: re-send in flight (DUP, same ids), then drain
-        broker = self.broker
-        session, _present = broker.open_session(
-            self._local, config.local_clientid, MQTT_5, config.local_cleansession,
-            0 if config.local_cleansession else None, None)
-        self.session = session
-        broker.session_online(session)
+        session = self._attach_local()
+        self.broker.session_online(session)
 
     def mqtt_refused(self, protocol, connack) -> None:
         code = connack.reason_code
@@ -374,8 +378,8 @@ class Bridge(Service):
             if props is not NO_PROPERTIES:
                 if props.message_expiry_interval is not None:
                     expires = self.reactor.seconds() + props.message_expiry_interval
-                if props.topic_alias is not None or props.subscription_identifiers:
-                    props = attrs.evolve(props, topic_alias=None, subscription_identifiers=())
+                # inbound -> outbound: the one mapping every path uses (§3.3.2.3)
+                props = forwarded_properties(props)
             if qos == 2:
                 broker.inbound_qos2_add(session, pid)
             broker.publish(Message(local_topic, packet.payload, qos, packet.retain, props,
@@ -427,10 +431,14 @@ class Bridge(Service):
                 self._remote_names.clear()
             self._remote_names[message.topic] = remote_topic
         retain = message.retain and self.config.outgoing_retain
-        props = message.properties if remote.level == MQTT_5 else NO_PROPERTIES
-        if props is not NO_PROPERTIES and message.expires_at is not None:
-            left = int(message.expires_at - self.reactor.seconds())
-            props = attrs.evolve(props, message_expiry_interval=max(1, left))
+        props = NO_PROPERTIES
+        if remote.level == MQTT_5:
+            # local -> remote PUBLISH: what a PUBLISH forwards (never this broker's
+            # Subscription Identifiers [MQTT-3.3.4-6]), expiry lowered by the wait
+            props = forwarded_properties(message.properties)
+            if props is not NO_PROPERTIES and message.expires_at is not None:
+                props = attrs.evolve(props, message_expiry_interval=remaining_interval(
+                    message.expires_at, self.reactor.seconds()))
         data = encode(Publish(remote_topic, message.payload, qos, retain, dup, packet_id, props),
                       remote.level)
         limit = remote.server_max_packet

@@ -310,3 +310,21 @@ def test_bridge_gauges_are_exported_for_prometheus():
     service.bridges.stats["up"].messages_out = 7
     assert gauges["mqttd_bridge_messages_out"][2]() == [(("up",), 7)]
     assert ("duplicate", 0) in gauges["mqttd_bridge_mesh_dropped"][2]()
+
+
+def test_local_cleansession_forwards_while_up_and_keeps_nothing_while_down(net):
+    """local_cleansession true: messages flow while connected; nothing queues while down."""
+    a, b = net.broker("A"), net.broker("B")
+    got = Collector(b, "q/#")
+    manager = net.bridge("A", "B", ["q/# out 1"], local_cleansession=True)
+    net.settle()
+    a.publish_message("q/1", b"up", qos=1)
+    net.settle()
+    net.down("B")
+    a.publish_message("q/2", b"lost", qos=1)
+    assert manager.stats["A-B"].queued == 0
+    net.up("B")
+    net.settle(5)
+    a.publish_message("q/3", b"up again", qos=1)
+    net.settle()
+    assert got.payloads() == [b"up", b"up again"]
