@@ -27,6 +27,15 @@ def _describe(address) -> str:
     return str(name) if name is not None else str(address)
 
 
+def _tls_error_text(error) -> str:
+    """OpenSSL's ``[(lib, func, reason), ...]`` as ``reason; reason``."""
+    try:
+        reasons = [str(item[-1]) for item in error.args[0] if item and item[-1]]
+    except (IndexError, TypeError):
+        reasons = []
+    return "; ".join(reasons) or str(error) or type(error).__name__
+
+
 @implementer(IPushProducer)
 class MQTTProtocol(Protocol):
     connection: ClientConnection = None
@@ -76,6 +85,14 @@ class MQTTProtocol(Protocol):
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1
         self.factory.open_connections -= 1
+        error = getattr(reason, "value", None)
+        if error is not None and type(error).__module__.startswith("OpenSSL"):
+            # a TLS listener: failed handshake (no or untrusted client
+            # certificate, protocol version, ...) or a broken TLS stream
+            connection = self.connection
+            self.broker.refused(
+                "tls", connection.client_id if connection is not None else None,
+                _describe(self.transport.getPeer()), f"TLS failed: {_tls_error_text(error)}")
         if self.connection is not None:
             self.connection.connection_lost(reason)
 
@@ -105,6 +122,9 @@ class MQTTFactory(Factory):
     """
 
     protocol = MQTTProtocol
+    #: open the broker's store when listening starts (BrokerService opens it
+    #: itself, after every listener is up, and turns this off)
+    start_broker = True
 
     def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
                  listener: Optional[str] = None, max_connections: int = 0):
@@ -117,6 +137,13 @@ class MQTTFactory(Factory):
         self.open_connections = 0
         #: bytes a connection's transport buffers before it pauses our writes
         self.write_buffer = write_buffer
+
+    def startFactory(self):
+        """Listening starts: the broker opens and restores its store if nobody did
+        (``Broker.start`` is idempotent), so ``Broker(reactor, store=...)`` plus
+        ``MQTTFactory`` is enough for durable sessions."""
+        if self.start_broker:
+            self.broker.start()
 
     def buildProtocol(self, addr):
         protocol = self.protocol(self.broker, self.clock)
