@@ -29,7 +29,7 @@ from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.hooks import HOOK_FAILED, call_hook
-from mqttd.flowcontrol import SlowConsumerGuard
+from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.messages import (
     SYS_ORIGIN, Message, forwarded_properties, outbound_message, published_at, will_message)
 from mqttd.metrics import BrokerStats
@@ -277,14 +277,13 @@ class Broker:
         #: client ids of the persistent sessions (--max-sessions)
         self._persistent: set = set()
         self._total_logged = None
-        # an online subscriber this far behind holds its publishers back
-        self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
-        self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
-        self._low_water = self._high_water // 2
-        #: which congested subscriber holds publishers back, for how long
-        self.flow = SlowConsumerGuard(clock, config.max_publisher_pause,
-                                      config.publisher_pause_recovery, self.stats,
-                                      enabled=config.publisher_backpressure)
+        #: which congested subscriber holds publishers back, for how long; an
+        #: online subscriber this far behind (messages or bytes) holds them
+        self.flow = SlowConsumerGuard(
+            clock, config.max_publisher_pause, config.publisher_pause_recovery, self.stats,
+            enabled=config.publisher_backpressure,
+            watermarks=Watermarks.for_limits(config.max_queued_messages,
+                                             config.max_queued_bytes))
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
@@ -1367,9 +1366,8 @@ class Broker:
                 if victim.qos and persistent:
                     self._write(R.DeleteOutbound(session.client_id, victim.seq))
         if conn is not None:
-            if (len(session.queue) >= self._high_water
-                    or session.queued_bytes >= self._high_water_bytes):
-                self._congested_by(session)
+            if self.flow.routed(session):
+                self.backpressure = True
             self.drain(session)
 
     # --- backpressure on publishers ---------------------------------------------------
@@ -1381,10 +1379,6 @@ class Broker:
     # its budget holds no one until it has drained and stayed healthy
     # (mqttd.flowcontrol.SlowConsumerGuard).  Its queue then overflows by its
     # policy, and the drops are counted.
-
-    def _congested_by(self, session: Session) -> None:
-        if self.flow.congested(session):
-            self.backpressure = True
 
     def _decongested(self, session: Session) -> None:
         self.flow.decongested(session)
@@ -1446,7 +1440,7 @@ class Broker:
                 template = wire.pop(head.seq, None)
             conn.send_publish(message, head.qos, pid, False, template=template)
         if session.congested_since is not None or session.demoted_since is not None:
-            self.flow.drained(session, len(queue), self._low_water)
+            self.flow.drained(session)
         if session.replays and not queue:
             self._replay(session, conn)
 

@@ -5,7 +5,13 @@ Layer L3 (no transport, no global reactor: the clock is injected).
 An online subscriber whose queue passes the high-water mark is *congested*.
 To lose nothing for a subscriber that is merely slow, the broker stops reading
 from the publishers that feed it (their TCP windows fill, they slow down)
-until its queue is back at the low-water mark.  That pause costs every other
+until its queue is back at the low-water mark.  Both marks are pairs
+(messages, bytes) held by one :class:`Watermarks`: the queue is over the
+high-water mark when *either* count reaches its mark, and back at the
+low-water mark only when *both* are at or below theirs -- so whatever started
+an episode (many small messages or a few large ones) is also what must drain
+to end it, and an episode can never end while its own start condition still
+holds.  That pause costs every other
 subscriber of those publishers a gap, so it is bounded:
 
 ``holding``
@@ -32,11 +38,61 @@ still demoted until it has drained.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import attrs
 from twisted.logger import Logger
 
 log = Logger(namespace="mqttd.flowcontrol")
+
+
+def _positive(instance, attribute, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, not {value!r}")
+
+
+@attrs.frozen
+class Watermarks:
+    """High- and low-water marks of a subscriber's queue, in messages and bytes.
+
+    :param high: messages at which a queue is congested (>= 1).
+    :param low: messages at or below which a congested queue has drained (>= 0, < ``high``).
+    :param high_bytes: queued payload bytes at which a queue is congested (>= 1).
+    :param low_bytes: bytes at or below which it has drained (>= 0, < ``high_bytes``).
+    :raises ValueError: for marks out of these ranges.
+    """
+
+    high: int = attrs.field(validator=_positive)
+    low: int = attrs.field()
+    high_bytes: int = attrs.field(validator=_positive)
+    low_bytes: int = attrs.field()
+
+    @low.validator
+    def _check_low(self, attribute, value) -> None:
+        if not 0 <= value < self.high:
+            raise ValueError(f"low must be in [0, high={self.high}), not {value!r}")
+
+    @low_bytes.validator
+    def _check_low_bytes(self, attribute, value) -> None:
+        if not 0 <= value < self.high_bytes:
+            raise ValueError(f"low_bytes must be in [0, high_bytes={self.high_bytes}), "
+                             f"not {value!r}")
+
+    @classmethod
+    def for_limits(cls, max_queued_messages: int, max_queued_bytes: int) -> "Watermarks":
+        """The broker's marks: high at half the queue limits (at most 1000 messages,
+        1 MiB), low at half the high marks."""
+        high = max(1, min(max_queued_messages // 2, 1000))
+        high_bytes = max(1, min(max_queued_bytes // 2, 1024 * 1024))
+        return cls(high, high // 2, high_bytes, high_bytes // 2)
+
+    def over_high(self, session) -> bool:
+        """``session``'s queue has reached the high-water mark in messages or in bytes."""
+        return len(session.queue) >= self.high or session.queued_bytes >= self.high_bytes
+
+    def at_low(self, session) -> bool:
+        """``session``'s queue is at or below the low-water mark in messages *and* bytes."""
+        return len(session.queue) <= self.low and session.queued_bytes <= self.low_bytes
 
 
 class SlowConsumerGuard:
@@ -49,9 +105,12 @@ class SlowConsumerGuard:
     :param stats: a :class:`~mqttd.metrics.BrokerStats` (``publisher_holds``,
         ``slow_subscribers_demoted`` are counted).
     :param enabled: False: nobody is ever held (``--no-publisher-backpressure``).
+    :param watermarks: when a queue is congested and when it has drained
+        (default: :meth:`Watermarks.for_limits` of the broker's default limits).
     """
 
-    def __init__(self, clock, budget: float, recovery: float, stats, enabled: bool = True):
+    def __init__(self, clock, budget: float, recovery: float, stats, enabled: bool = True,
+                 watermarks: Optional[Watermarks] = None):
         if budget < 0:
             raise ValueError(f"max_publisher_pause must be >= 0, not {budget!r}")
         if recovery < 0:
@@ -61,6 +120,8 @@ class SlowConsumerGuard:
         self.recovery = recovery
         self.stats = stats
         self.enabled = enabled and budget > 0
+        self.watermarks = (watermarks if watermarks is not None
+                           else Watermarks.for_limits(100_000, 64 * 1024 * 1024))
         #: sessions in a holding episode
         self.holding: set = set()
         self._held: List[object] = []
@@ -68,6 +129,17 @@ class SlowConsumerGuard:
         self._release_call = None
 
     # --- transitions -------------------------------------------------------------
+
+    def routed(self, session) -> bool:
+        """A message was queued for the online ``session``.
+
+        Returns True if its publisher must be held back: the queue is over the
+        high-water mark (messages or bytes) and a holding episode is running
+        or starts now (see :meth:`congested`).
+        """
+        if not self.watermarks.over_high(session):
+            return False
+        return self.congested(session)
 
     def congested(self, session) -> bool:
         """``session``'s queue is at or over the high-water mark.
@@ -95,11 +167,17 @@ class SlowConsumerGuard:
         self.stats.publisher_holds += 1
         return True
 
-    def drained(self, session, queued: int, low_water: int) -> None:
-        """Called after ``session``'s queue shrank to ``queued`` messages."""
-        if session.congested_since is not None and queued <= low_water:
+    def drained(self, session) -> None:
+        """Called after ``session``'s queue may have shrunk.
+
+        Ends a holding episode only when the queue is at the low-water mark in
+        messages *and* bytes (:meth:`Watermarks.at_low`); starts a demoted
+        subscriber's healthy period when its queue is empty.
+        """
+        if session.congested_since is not None and self.watermarks.at_low(session):
             self.decongested(session)
-        if session.demoted_since is not None and queued == 0 and session.healthy_since is None:
+        if (session.demoted_since is not None and not session.queue
+                and session.healthy_since is None):
             session.healthy_since = self.clock.seconds()
 
     def decongested(self, session) -> None:
@@ -167,4 +245,4 @@ class SlowConsumerGuard:
             conn.release_publisher()
 
 
-__all__ = ["SlowConsumerGuard"]
+__all__ = ["SlowConsumerGuard", "Watermarks"]

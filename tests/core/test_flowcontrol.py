@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from mqttd.codec.packets import Puback, Publish
-from mqttd.flowcontrol import SlowConsumerGuard
+from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.metrics import BrokerStats
 from mqttd.session import Session
 
@@ -35,10 +35,21 @@ class HeldPublisher:
 
 # --- the state machine alone ----------------------------------------------------------------
 
+MARKS = Watermarks(high=1000, low=500, high_bytes=1_000_000, low_bytes=500_000)
+
+
 def guard(budget=5.0, recovery=30.0):
     clock = Clock()
     stats = BrokerStats()
-    return SlowConsumerGuard(clock, budget, recovery, stats), clock, stats
+    return SlowConsumerGuard(clock, budget, recovery, stats, watermarks=MARKS), clock, stats
+
+
+def queued(session, messages, nbytes=0):
+    """Give ``session`` a queue of ``messages`` records totalling ``nbytes`` bytes."""
+    session.queue.clear()
+    session.queue.extend(object() for _ in range(messages))
+    session.queued_bytes = nbytes
+    return session
 
 
 def test_episode_holds_until_budget_then_demotes_and_releases():
@@ -64,7 +75,7 @@ def test_catching_up_a_little_does_not_rearm_the_hold():
     s = Session("s")
     g.congested(s)
     clock.advance(5)
-    g.drained(s, queued=10, low_water=500)
+    g.drained(queued(s, 10))
     clock.advance(100)
     assert not g.congested(s)
 
@@ -75,14 +86,14 @@ def test_demoted_subscriber_must_stay_healthy_for_the_recovery_period():
     s = Session("s")
     g.congested(s)
     clock.advance(5)
-    g.drained(s, queued=0, low_water=500)       # fully drained at t=5
+    g.drained(queued(s, 0))       # fully drained at t=5
     clock.advance(20)
     assert not g.congested(s)                   # froze again at t=25: healthy period starts over
     clock.advance(40)
     assert not g.congested(s)                   # still not drained since
-    g.drained(s, queued=0, low_water=500)       # drained at t=65
+    g.drained(queued(s, 0))       # drained at t=65
     clock.advance(29)
-    g.drained(s, queued=0, low_water=500)       # staying empty does not restart the period
+    g.drained(queued(s, 0))       # staying empty does not restart the period
     clock.advance(1)
     assert g.congested(s)                       # t=95: healthy for 30 s, a new episode
     assert s.demoted_since is None
@@ -98,10 +109,62 @@ def test_merely_slow_subscriber_is_never_demoted():
         assert g.congested(s)
         g.hold(pub)
         clock.advance(4)
-        g.drained(s, queued=400, low_water=500)
+        g.drained(queued(s, 400))
         clock.advance(0)
     assert stats.slow_subscribers_demoted == 0 and s.demoted_since is None
     assert pub.released == 100
+
+
+def test_byte_congestion_ends_only_when_the_bytes_drain():
+    """An episode started by queued bytes (few large messages) is not ended by a low message count."""
+    g, clock, stats = guard(budget=5)
+    s = queued(Session("s"), 105, 1_050_000)          # 105 messages of 10 kB
+    pub = HeldPublisher()
+    assert g.routed(s)
+    g.hold(pub)
+    for _ in range(9):                                # the subscriber never reads
+        clock.advance(0.5)
+        g.drained(s)
+        assert s.congested_since == 0 and g.routed(s)
+    clock.advance(0.5)                                # budget spent: demoted, released
+    clock.advance(0)
+    assert s.demoted_since == 5.0 and pub.released == 1
+    assert not g.routed(queued(s, 200, 2_000_000))    # demoted: holds no one any more
+    assert (stats.publisher_holds, stats.slow_subscribers_demoted) == (1, 1)
+
+
+def test_episode_ends_when_messages_and_bytes_are_both_at_low_water():
+    """Draining ends an episode only at the low-water mark in both messages and bytes."""
+    for start, not_yet, done in [((1000, 10), (400, 600_000), (400, 500_000)),
+                                 ((10, 1_000_000), (501, 0), (500, 0))]:
+        g, clock, _ = guard()
+        s = queued(Session("s"), *start)
+        assert g.routed(s)
+        g.drained(queued(s, *not_yet))
+        assert s.congested_since is not None
+        g.drained(queued(s, *done))
+        assert s.congested_since is None and not g.holding
+
+
+def test_queue_below_both_high_water_marks_is_not_congested():
+    """routed() starts an episode only at the high-water mark in messages or bytes."""
+    g, _, stats = guard()
+    assert not g.routed(queued(Session("s"), 999, 999_999))
+    assert g.routed(queued(Session("m"), 1000, 0))
+    assert g.routed(queued(Session("b"), 1, 1_000_000))
+    assert stats.publisher_holds == 2
+
+
+def test_watermarks_reject_low_marks_not_below_high():
+    """A low-water mark at or over its high mark could never end an episode consistently."""
+    with pytest.raises(ValueError):
+        Watermarks(high=10, low=10, high_bytes=100, low_bytes=50)
+    with pytest.raises(ValueError):
+        Watermarks(high=10, low=5, high_bytes=100, low_bytes=100)
+    with pytest.raises(ValueError):
+        Watermarks(high=0, low=0, high_bytes=100, low_bytes=50)
+    marks = Watermarks.for_limits(1, 1)
+    assert (marks.high, marks.low, marks.high_bytes, marks.low_bytes) == (1, 0, 1, 0)
 
 
 def test_publishers_stay_held_while_another_subscriber_holds():
@@ -209,6 +272,44 @@ def test_demoted_subscriber_may_hold_again_after_staying_healthy():
     frozen.conn.pause_writing()
     assert flood(6) == "paused"
     assert broker.stats.publisher_holds == 2
+
+
+def test_frozen_qos0_subscriber_of_large_messages_is_demoted_after_the_budget(log_events):
+    """Byte-triggered congestion (10 kB payloads) holds the publisher once, then demotes the subscriber."""
+    broker, clock = make_broker(max_publisher_pause=5, publisher_pause_recovery=30)
+    frozen = FakeClient(broker, clock)
+    frozen.connect("frozen")
+    frozen.subscribe("flood/#", qos=0)
+    frozen.conn.pause_writing()
+    healthy = FakeClient(broker, clock)
+    healthy.connect("healthy")
+    healthy.subscribe("flood/#", qos=0)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    payload = b"x" * 10_000
+    received = 0
+    for _ in range(60):                        # 6 s of a publisher sending as fast as it is read
+        for _ in range(20):
+            if pub.transport.producerState == "paused":
+                break
+            pub.publish("flood/a", payload, qos=0)
+        received += len(publishes(healthy.received()))
+        clock.advance(0.1)
+    clock.advance(0)
+    session = broker.sessions["frozen"]
+    assert session.demoted_since is not None and session.congested_since is None
+    assert broker.stats.publisher_holds == 1
+    assert broker.stats.slow_subscribers_demoted == 1
+    assert pub.transport.producerState == "producing"
+    before = received
+    for _ in range(200):                       # demoted: the publisher runs at full speed
+        pub.publish("flood/a", payload, qos=0)
+    received += len(publishes(healthy.received()))
+    assert received - before == 200
+    assert pub.transport.producerState == "producing"
+    assert broker.stats.publisher_holds == 1
+    assert sum(1 for e in log_events if e.get("log_namespace") == "mqttd.flowcontrol"
+               and e.get("log_level").name == "warn") == 1
 
 
 def test_ten_frozen_qos1_subscribers_stay_within_their_queue_limits(log_events):
