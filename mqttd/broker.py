@@ -321,10 +321,12 @@ class Broker:
         for name in ("authorize_publish", "authorize_subscribe", "authorize_forward"):
             setattr(self, name, getattr(authorizer, name, None))
 
-    def refused(self, what: str, client_id, peer, detail: str, **fields) -> None:
-        """Count one refusal or limit hit ``what`` and log it (rate-limited per client)."""
+    def refused(self, what: str, client_id, peer, detail: str, key=None, **fields) -> None:
+        """Count one refusal or limit hit ``what`` and log it (rate-limited per
+        ``key``, by default ``(client_id, what)``; a transport refusing a peer
+        before any client id passes ``(peer host, what)``)."""
         self.stats.count_refusal(what)
-        self.log_limiter.warn(log, (client_id, what),
+        self.log_limiter.warn(log, key if key is not None else (client_id, what),
                               "Refused {what} for {client_id} from {peer}: {detail}",
                               what=what, client_id=client_id or "-", peer=peer,
                               detail=detail, **fields)

@@ -18,12 +18,22 @@ reads of the socket underneath.
 Refusals get an HTTP answer (a text frame: close 1003) and are counted and
 logged rate-limited as the broker's refusal ``websocket``: a path other than
 the listener's (404), no acceptable subprotocol (400), a request header over
-16 KiB (400); the opening handshake must finish in 5 s.
+16 KiB (400), any other handshake autobahn fails (a plain HTTP request, a
+missing or bad WebSocket header: 400); the opening handshake must finish in 5 s.
+
+autobahn's own log lines about a connection (a failed handshake, a dropped
+connection, a protocol violation, a timeout: all of them things a remote peer
+can trigger) go through the broker's log rate limiter too
+(:class:`PeerRateLimitedLog`), under the same key as the refusal lines: one
+peer gets at most the limiter's burst of lines per window whatever it sends.
+autobahn's debug and trace lines are dropped.
 """
 from __future__ import annotations
 
 import ipaddress
 from typing import Optional
+
+from mqttd.ratelimit import LogRateLimiter
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -69,20 +79,97 @@ def _forwarded_peer(header: Optional[str], trusted: int):
     return IPv4Address("TCP", str(address), 0)
 
 
+#: the limiter key's reason for WebSocket refusals and autobahn's lines
+REFUSAL = "websocket"
+
+
+class PeerRateLimitedLog:
+    """The txaio ``ILogger`` autobahn logs a connection's events to, rate-limited.
+
+    Every line at ``info`` level or above goes to ``mqttd.transports.websocket``
+    at its own level with its own format and fields plus ``peer``, through
+    ``protocol``'s log limiter under the key ``(peer host, "websocket")`` (the
+    refusal lines' key); ``debug`` and ``trace`` lines are dropped.
+
+    :param protocol: the :class:`MQTTWebSocketProtocol` the lines are about.
+    """
+
+    def __init__(self, protocol: "MQTTWebSocketProtocol"):
+        self._protocol = protocol
+
+    def _emit(self, level: str, format: str, **fields) -> None:
+        protocol = self._protocol
+        peer = protocol._peer_text()
+        fields = {k: v for k, v in fields.items() if not k.startswith("log_")}
+        fields["peer"] = peer
+        protocol.factory.log_limiter().emit(
+            getattr(log, level), (protocol._peer_host(), REFUSAL),
+            "autobahn, peer {peer}: " + str(format), **fields)
+
+    def critical(self, format: str = "", **fields) -> None:
+        self._emit("critical", format, **fields)
+
+    def error(self, format: str = "", **fields) -> None:
+        self._emit("error", format, **fields)
+
+    def warn(self, format: str = "", **fields) -> None:
+        self._emit("warn", format, **fields)
+
+    def info(self, format: str = "", **fields) -> None:
+        self._emit("info", format, **fields)
+
+    def failure(self, format: str = "", failure=None, level: str = "error", **fields) -> None:
+        if failure is not None:
+            fields["error"] = failure.getErrorMessage()
+            format = str(format) + " ({error})"
+        self._emit(level if level in ("critical", "error", "warn", "info") else "error",
+                   format, **fields)
+
+    def debug(self, format: str = "", **fields) -> None:
+        pass
+
+    def trace(self, format: str = "", **fields) -> None:
+        pass
+
+    def emit(self, level: str, format: str = "", **fields) -> None:
+        if level in ("critical", "error", "warn", "info"):
+            self._emit(level, format, **fields)
+
+
 @implementer(ITransport)
 class MQTTWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket connection carrying one MQTT connection."""
 
     _mqtt = None
     _forwarded_peer = None
+    _refusal_logged = False
+
+    @property
+    def log(self) -> PeerRateLimitedLog:
+        """autobahn's logger for this connection (rate-limited, see :class:`PeerRateLimitedLog`)."""
+        limited = self.__dict__.get("_limited_log")
+        if limited is None:
+            limited = self.__dict__["_limited_log"] = PeerRateLimitedLog(self)
+        return limited
 
     # --- the opening handshake ----------------------------------------------------
 
     def processHandshake(self):
-        if len(self.data) > MAX_HANDSHAKE_BYTES and b"\r\n\r\n" not in self.data:
+        # the header, wherever it ends: complete in one read or not yet ended
+        # (bytes after it are the client's first frames, not header)
+        end = self.data.find(b"\r\n\r\n")
+        header = len(self.data) if end < 0 else end + 4
+        if header > MAX_HANDSHAKE_BYTES:
             self._refused(f"request header over {MAX_HANDSHAKE_BYTES} bytes")
             return self.failHandshake("HTTP request header too large")
         return super().processHandshake()
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
+        """Every failed opening handshake is a counted, logged refusal (a plain
+        HTTP request too), then autobahn answers it with ``code``."""
+        if not self._refusal_logged:
+            self._refused(f"opening handshake failed ({code}): {reason}")
+        return super().failHandshake(reason, code, responseHeaders)
 
     def onConnect(self, request):
         trusted = self.factory.trust_x_forwarded_for
@@ -184,14 +271,23 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self.transport.resumeProducing()
 
     def _refused(self, detail: str) -> None:
-        """Count and log (rate-limited, through the broker when there is one)."""
+        """Count and log (rate-limited per peer host, through the broker when there is one)."""
+        self._refusal_logged = True
         broker = getattr(self.factory.wrapped, "broker", None)
         client_id = getattr(getattr(self._mqtt, "connection", None), "client_id", None)
+        key = (client_id if client_id is not None else self._peer_host(), REFUSAL)
         if broker is not None and hasattr(broker, "refused"):
-            broker.refused("websocket", client_id, self._peer_text(), detail)
+            broker.refused(REFUSAL, client_id, self._peer_text(), detail, key=key)
         else:
-            log.warn("Refused websocket from {peer}: {detail}", peer=self._peer_text(),
-                     detail=detail)
+            self.factory.log_limiter().warn(
+                log, key, "Refused websocket from {peer}: {detail}",
+                peer=self._peer_text(), detail=detail)
+
+    def _peer_host(self) -> str:
+        try:
+            return str(self.transport.getPeer().host)
+        except Exception:
+            return str(self.peer)
 
     def _peer_text(self) -> str:
         try:
@@ -243,6 +339,17 @@ class MQTTWebSocketFactory(WebSocketServerFactory):
             # permessage-deflate is not offered: MQTT payloads are often
             # compressed already, and inflating is a memory lever for clients
         )
+
+    def log_limiter(self) -> LogRateLimiter:
+        """The broker's log rate limiter, or this factory's own (no broker)."""
+        broker = getattr(self.wrapped, "broker", None)
+        limiter = getattr(broker, "log_limiter", None)
+        if limiter is None:
+            limiter = self.__dict__.get("_own_limiter")
+            if limiter is None:
+                from twisted.internet import reactor
+                limiter = self._own_limiter = LogRateLimiter(reactor)
+        return limiter
 
     def startFactory(self):
         self.wrapped.doStart()

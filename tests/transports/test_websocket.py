@@ -11,7 +11,10 @@ import struct
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 
 from mqttd.codec import PacketReader, encode
 from mqttd.codec.packets import Connack, Connect, Pingreq, Pingresp
@@ -162,6 +165,95 @@ def test_oversized_handshake_is_refused():
     client = WebSocketClient()
     client.protocol.dataReceived(b"GET /mqtt HTTP/1.1\r\nX-Junk: " + b"a" * (MAX_HANDSHAKE_BYTES + 1))
     assert client.response().startswith(b"HTTP/1.1 400")
+
+
+@pytest.mark.parametrize("size", [MAX_HANDSHAKE_BYTES, 40_000])
+def test_complete_header_over_16_kib_in_one_read_is_refused(size):
+    """The 16 KiB bound holds for a header that arrives whole in one read, not only for an unfinished one."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(handshake(extra="X-Big: " + "a" * size + "\r\n"))
+    head = client.response()
+    assert head.startswith(b"HTTP/1.1 400"), head[:40]
+    assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
+
+
+def test_header_of_exactly_the_limit_with_a_frame_after_it_is_accepted():
+    """Bytes after the header (the client's first frame) do not count against the header bound."""
+    client = WebSocketClient()
+    base = handshake(extra="X-Pad: \r\n")
+    request = handshake(extra="X-Pad: " + "a" * (MAX_HANDSHAKE_BYTES - len(base)) + "\r\n")
+    assert len(request) == MAX_HANDSHAKE_BYTES
+    over = WebSocketClient()
+    over.protocol.dataReceived(request.replace(b"X-Pad: ", b"X-Pad: a"))
+    assert over.response().startswith(b"HTTP/1.1 400")          # one byte more
+    connect = encode(Connect(4, "big-header"), 4)
+    client.protocol.dataReceived(request + client_frame(connect))
+    data = client.response()
+    assert data.startswith(b"HTTP/1.1 101"), data[:40]
+    frames = server_frames(data[data.index(b"\r\n\r\n") + 4:])
+    assert PacketReader(level=4).feed(frames[0][1]) == [Connack(False, 0)]
+
+
+@pytest.fixture
+def log_events():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _connection(client, host="192.0.2.1", port=40000):
+    """Another connection to ``client``'s listener, from ``host``."""
+    protocol = client.factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = SocketTransport(peerAddress=IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+BAD_REQUESTS = {
+    "subprotocol": handshake(protocols="foo"),
+    "path": handshake(path="/other"),
+    "plain GET": b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "bad version": handshake().replace(b"Version: 13", b"Version: 7"),
+    "no key": handshake().replace(b"Sec-WebSocket-Key", b"X-Key"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REQUESTS))
+def test_failed_handshakes_of_one_peer_log_at_most_the_burst(kind, log_events):
+    """30 refused handshakes of one peer: every one counted, at most 3 log lines (autobahn's included)."""
+    client = WebSocketClient()
+    for i in range(30):
+        protocol, transport = _connection(client, port=41000 + i)
+        protocol.dataReceived(BAD_REQUESTS[kind])
+        assert transport.value().startswith(b"HTTP/1.1 4"), transport.value()[:40]
+        protocol.connectionLost(Failure(ConnectionDone()))
+    lines = [e for e in log_events if e.get("log_level", LogLevel.debug) >= LogLevel.info]
+    assert client.broker.stats.refused == {"websocket": 30}
+    assert len(lines) <= 3, [e.get("log_namespace") for e in lines]
+    assert any("192.0.2.1" in str(e.get("peer")) for e in lines)
+    assert not [e for e in lines if not e.get("log_namespace", "").startswith("mqttd.")]
+    # another peer is not silenced by the first one's flood
+    protocol, transport = _connection(client, host="192.0.2.9")
+    protocol.dataReceived(BAD_REQUESTS[kind])
+    assert any("192.0.2.9" in str(e.get("peer")) for e in log_events[len(lines):]
+               if e.get("log_level", LogLevel.debug) >= LogLevel.info)
+
+
+def test_autobahn_lines_are_rate_limited_without_a_broker(log_events):
+    """A listener wrapping a plain factory still routes autobahn's lines through a limiter."""
+    from twisted.internet.protocol import Factory, Protocol
+    factory = MQTTWebSocketFactory(Factory.forProtocol(Protocol))
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    for i in range(20):
+        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.3", 42000 + i))
+        transport = SocketTransport(peerAddress=IPv4Address("TCP", "192.0.2.3", 42000 + i))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(BAD_REQUESTS["plain GET"])
+        protocol.connectionLost(Failure(ConnectionDone()))
+    lines = [e for e in log_events if e.get("log_level", LogLevel.debug) >= LogLevel.info]
+    assert 1 <= len(lines) <= 3
 
 
 def test_message_larger_than_the_limit_closes_the_connection():
