@@ -105,6 +105,9 @@ def _one_of(values):
 MAX_PACKET_SIZE = 268_435_460
 #: the smallest packet limit that still admits a CONNECT (v3.1.1, empty client id)
 MIN_PACKET_SIZE = 14
+#: seconds a stopping broker waits for its clients' transports to write their
+#: DISCONNECT (v5: 0x8B Server shutting down) and close
+SHUTDOWN_FLUSH_TIMEOUT = 2.0
 
 
 @attrs.frozen
@@ -262,6 +265,8 @@ class Broker:
         self.authorize_publish = self.authorize_subscribe = self.authorize_forward = None
         self.authorizer = authorizer
         self.stats = BrokerStats()
+        #: Deferreds of transports_closed() waiting for open_connections to reach 0
+        self._closed_waiters: List[defer.Deferred] = []
         #: open client connections (see BrokerConfig.max_connections)
         self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
@@ -1597,13 +1602,57 @@ class Broker:
             raise
         self.restore(state)
 
-    def stop(self) -> defer.Deferred:
-        """:meth:`shutdown` (every client disconnected, v5: 0x8B), then close the store.
+    @defer.inlineCallbacks
+    def stop(self, timeout: float = SHUTDOWN_FLUSH_TIMEOUT):
+        """:meth:`shutdown` (every client disconnected, v5: 0x8B), wait until
+        their transports have written it and closed (:meth:`transports_closed`,
+        at most ``timeout`` seconds), then close the store.
 
         Fires once the store is flushed and closed; the broker cannot be
         started again (build a new one on a new store object)."""
         self.shutdown()
-        return defer.maybeDeferred(self.store.close)
+        yield self.transports_closed(timeout)
+        yield defer.maybeDeferred(self.store.close)
+
+    # --- open transports -----------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections whose transport is open (``MQTTProtocol`` counts
+        them; see ``BrokerConfig.max_connections``)."""
+        return self._open_connections
+
+    @open_connections.setter
+    def open_connections(self, value: int) -> None:
+        self._open_connections = value
+        if value <= 0 and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def transports_closed(self, timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> defer.Deferred:
+        """A Deferred that fires with None once no client transport is open
+        (every one wrote what it had, e.g. the DISCONNECT 0x8B of
+        :meth:`shutdown`, and closed), or after ``timeout`` seconds (a client
+        that does not read, a connection still before its CONNECT): the
+        reactor's shutdown closes those.  Without this wait a reactor that
+        stops right after :meth:`shutdown` drops the unwritten DISCONNECTs.
+        """
+        if self._open_connections <= 0:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._closed_waiters.append(d)
+        call = self.clock.callLater(timeout, self._stop_waiting, d)
+        d.addBoth(lambda result: (call.cancel() if call.active() else None, result)[1])
+        return d
+
+    def _stop_waiting(self, d: defer.Deferred) -> None:
+        if d in self._closed_waiters:
+            self._closed_waiters.remove(d)
+            log.info("{count} client connections still open {timeout} s after the "
+                     "shutdown; the reactor closes them", count=self._open_connections,
+                     timeout=SHUTDOWN_FLUSH_TIMEOUT)
+            d.callback(None)
 
     # --- shutdown ------------------------------------------------------------------------
 

@@ -311,6 +311,9 @@ class BrokerService(MultiService):
         self.systopics.stop()
         self.broker.shutdown()
         self.eventlog.stop()
+        # whatever the store: the reactor stops after this, so the clients'
+        # DISCONNECT 0x8B must be on the wire first
+        yield self.broker.transports_closed()
         yield self.broker.store.close()
         log.info("mqttd stopped")
 

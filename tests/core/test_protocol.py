@@ -141,3 +141,56 @@ def test_listener_accepts_a_bounded_number_of_connections_per_reactor_turn():
         for c in clients:
             c.close()
         port.stopListening()
+
+
+def _v5_connected(factory, client_id):
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(encode(Connect(5, client_id), 5))
+    transport.clear()
+    return proto, transport
+
+
+def test_stop_waits_for_the_transports_to_close_before_closing_the_store():
+    """Broker.stop: the DISCONNECT 0x8B is written and the transports close before the store closes."""
+    from mqttd.codec.packets import Disconnect
+    from mqttd.persistence.memory import MemoryStore
+    closed = []
+
+    class Store(MemoryStore):
+        def close(self):
+            closed.append(broker.open_connections)
+            return super().close()
+
+    broker, clock = make_broker(store=Store())
+    factory = MQTTFactory(broker)
+    clients = [_v5_connected(factory, "c%d" % i) for i in range(3)]
+    done = broker.stop()
+    assert not done.called and closed == []          # the transports are still open
+    for proto, transport in clients:
+        assert PacketReader(level=5).feed(transport.value())[0] == Disconnect(0x8B)
+        assert transport.disconnecting
+    for proto, transport in clients:
+        proto.connectionLost(None)                    # the reactor wrote and closed them
+    assert done.called and closed == [0]
+
+
+def test_transports_closed_gives_up_after_the_timeout():
+    """A connection that never closes (a client that does not read) delays the stop by at most the timeout."""
+    broker, clock = make_broker()
+    factory = MQTTFactory(broker)
+    _v5_connected(factory, "stuck")
+    waited = broker.transports_closed(timeout=2.0)
+    clock.advance(1.9)
+    assert not waited.called
+    clock.advance(0.1)
+    assert waited.called and broker.open_connections == 1
+    assert not clock.getDelayedCalls() or all(
+        not c.active() for c in clock.getDelayedCalls() if c.func == broker._stop_waiting)
+
+
+def test_transports_closed_fires_at_once_without_connections():
+    """Nothing open: nothing to wait for."""
+    broker, clock = make_broker()
+    assert broker.transports_closed().called

@@ -66,6 +66,23 @@ def test_sigterm_sends_v5_disconnect_0x8b_and_keeps_the_stored_session(mqttd_bro
     again.close()
 
 
+@pytest.mark.parametrize("persistence", ["memory", "file:data"])
+def test_sigterm_disconnect_0x8b_reaches_every_v5_client_whatever_the_store(
+        mqttd_broker_factory, persistence):
+    """The DISCONNECT 0x8B is written before the reactor stops, also when closing the store takes no reactor turn."""
+    broker = mqttd_broker_factory(persistence=persistence)
+    clients = [BlockingClient(broker.port, "term-%d" % i, level=5) for i in range(3)]
+    v3 = BlockingClient(broker.port, "term-v3", level=4)
+    broker.signal(signal.SIGTERM)
+    for client in clients:
+        packet = client.next_packet(10)
+        assert isinstance(packet, Disconnect) and packet.reason_code == 0x8B, packet
+    v3.sock.settimeout(10)
+    assert v3.sock.recv(10) == b""    # v3 has no server DISCONNECT: the connection closes
+    _wait_for(lambda: not broker.running, what="broker exit")
+    assert broker.returncode in (0, -signal.SIGTERM)
+
+
 def test_systemd_notify_ready_and_stopping(mqttd_broker_factory, tmp_path):
     """With NOTIFY_SOCKET set (Type=notify), READY=1 arrives once listening, STOPPING=1 on stop."""
     path = str(tmp_path / "notify.sock")
