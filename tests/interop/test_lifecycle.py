@@ -150,3 +150,22 @@ def test_sighup_reloads_the_password_file_and_keeps_connected_clients(
     alice.send(Pingreq())
     assert isinstance(alice.next_packet(5), Pingresp)  # not dropped by the reload
     alice.close()
+
+
+def test_subscribe_with_many_filters_writes_one_event_line(mqttd_broker_factory):
+    """One SUBSCRIBE of 20,000 filters: one ``subscribed`` line (not 20,000), a SUBACK for all, other clients served."""
+    broker = mqttd_broker_factory()
+    client = BlockingClient(broker.port, "many", level=4)
+    filters = tuple(Subscription("x/%d/+" % i, 1) for i in range(20_000))
+    client.send(Subscribe(7, filters))
+    probe = BlockingClient(broker.port, "probe", level=4)   # CONNACK while the big one is handled
+    probe.send(Pingreq())
+    assert isinstance(probe.next_packet(10), Pingresp)
+    suback = client.next_packet(30)
+    assert isinstance(suback, Suback) and len(suback.reason_codes) == 20_000
+    client.send(Pingreq())
+    assert isinstance(client.next_packet(10), Pingresp)    # its lines are flushed by now
+    _wait_for(lambda: "subscribed many to 20000 filters" in _log(broker), what="the event line")
+    assert _log(broker).count("subscribed many") == 1
+    probe.close()
+    client.close()

@@ -1,0 +1,105 @@
+"""The event log: one line per event, per SUBSCRIBE packet, all through the log rate limiter."""
+from __future__ import annotations
+
+import pytest
+from twisted.logger import LogLevel, globalLogPublisher
+
+from mqttd.codec.packets import Unsubscribe
+from mqttd.eventlog import MAX_TOPICS_PER_LINE, EventLog
+
+from core.harness import FakeClient, make_broker
+
+
+@pytest.fixture
+def event_lines():
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == "mqttd.events" and event["log_level"] >= LogLevel.info:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def _logged_broker():
+    broker, clock = make_broker()
+    eventlog = EventLog(broker)
+    eventlog.start()
+    return broker, clock, eventlog
+
+
+def test_one_subscribe_of_many_filters_is_one_line(event_lines):
+    """A SUBSCRIBE with 10,000 filters writes one line naming the count, not 10,000 lines."""
+    broker, clock, _ = _logged_broker()
+    client = FakeClient(broker, clock)
+    client.connect("many")
+    client.subscribe(*["x/%d/+" % i for i in range(10_000)])
+    clock.advance(0)
+    lines = [e for e in event_lines if e["event"] == "subscribed"]
+    assert len(lines) == 1
+    assert lines[0]["count"] == 10_000 and lines[0]["client_id"] == "many"
+    assert lines[0]["topics"] == ["x/%d/+" % i for i in range(MAX_TOPICS_PER_LINE)]
+    assert lines[0]["topic"] == "x/0/+"
+
+
+def test_single_filter_line_keeps_its_format(event_lines):
+    """One filter: the plain ``subscribed ID to FILTER`` line, and one for the unsubscribe."""
+    broker, clock, _ = _logged_broker()
+    client = FakeClient(broker, clock)
+    client.connect("one")
+    client.subscribe("a/b")
+    clock.advance(0)
+    client.send(Unsubscribe(2, ("a/b",)))
+    clock.advance(0)
+    lines = [e for e in event_lines if e["event"] in ("subscribed", "unsubscribed")]
+    assert [(e["event"], e["log_format"]) for e in lines] == [
+        ("subscribed", "subscribed {client_id} to {topic}"),
+        ("unsubscribed", "unsubscribed {client_id} from {topic}")]
+
+
+def test_subscription_lines_of_one_client_are_rate_limited(event_lines):
+    """100 SUBSCRIBE packets in a burst: 3 lines, and the next window's line reports the rest."""
+    broker, clock, _ = _logged_broker()
+    client = FakeClient(broker, clock)
+    client.connect("loop")
+    for i in range(100):
+        client.subscribe("t/%d" % i)
+        clock.advance(0)
+    lines = [e for e in event_lines if e["event"] == "subscribed"]
+    assert len(lines) == 3
+    clock.advance(10)
+    client.subscribe("t/last")
+    clock.advance(0)
+    lines = [e for e in event_lines if e["event"] == "subscribed"]
+    assert len(lines) == 4 and lines[-1]["suppressed"] == 97
+    other = FakeClient(broker, clock)        # another client is not silenced
+    other.connect("other")
+    other.subscribe("o")
+    clock.advance(0)
+    assert [e["client_id"] for e in event_lines if e["event"] == "subscribed"][-1] == "other"
+
+
+def test_reconnect_loop_lines_are_rate_limited(event_lines):
+    """A client that reconnects 50 times writes at most 3 connect and 3 disconnect lines per window."""
+    broker, clock, _ = _logged_broker()
+    for _ in range(50):
+        client = FakeClient(broker, clock)
+        client.connect("flappy")
+        client.drop()
+    assert sum(e["event"] == "clientConnected" for e in event_lines) == 3
+    assert sum(e["event"] == "clientDisconnected" for e in event_lines) == 3
+
+
+def test_pending_subscription_line_comes_before_the_disconnect_line(event_lines):
+    """Coalescing keeps the order: a client's subscriptions are logged before it leaves."""
+    broker, clock, eventlog = _logged_broker()
+    client = FakeClient(broker, clock)
+    client.connect("order")
+    client.subscribe("a", "b")
+    client.drop()
+    assert [e["event"] for e in event_lines] == [
+        "clientConnected", "subscribed", "clientDisconnected"]
+    eventlog.stop()
+    assert not clock.getDelayedCalls() or all(not c.active() for c in clock.getDelayedCalls())
