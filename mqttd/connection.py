@@ -682,10 +682,22 @@ class ClientConnection:
 
     # --- CONNECT --------------------------------------------------------------------
 
-    def _refuse(self, reason_code: int, why: str, spec: Optional[str] = None) -> None:
-        self._warn("connect-refused", "Refusing CONNECT of {client_id} from {peer}: {why} "
-                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                   peer=self.peer, why=why, reason_code=reason_code, spec=spec)
+    def _refuse(self, reason_code: int, why: str, spec: Optional[str] = None,
+                what: Optional[str] = None, detail: Optional[str] = None, **fields) -> None:
+        """Answer the CONNECT with ``reason_code`` (v3: its v3 equivalent) and close.
+
+        One log line per refusal, rate-limited: with ``what`` (a refusal kind
+        counted in ``BrokerStats.refused``) the broker's ``Refused WHAT for ID
+        from PEER: DETAIL (CONNACK 0x..)`` line, else ``Refusing CONNECT ...``.
+        """
+        if what is not None:
+            self.broker.refused(what, self.client_id, self.peer,
+                                f"{detail or why} (CONNACK 0x{reason_code:02X})",
+                                reason_code=reason_code, **fields)
+        else:
+            self._warn("connect-refused", "Refusing CONNECT of {client_id} from {peer}: {why} "
+                       "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                       peer=self.peer, why=why, reason_code=reason_code, spec=spec)
         if self.protocol_level == MQTT_5:
             code = reason_code
         else:
@@ -709,14 +721,15 @@ class ClientConnection:
         client_id = packet.client_id
         self.client_id = client_id or None
         if config.max_connections and broker.open_connections > config.max_connections:
-            broker.refused("max-connections", client_id, self.peer,
-                           f"{broker.open_connections - 1} connections open, "
-                           f"max_connections is {config.max_connections}")
-            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached",
+                                what="max-connections",
+                                detail=f"{broker.open_connections - 1} connections open, "
+                                       f"max_connections is {config.max_connections}")
         if self.over_listener_limit:
-            broker.refused("max-connections", client_id, self.peer,
-                           f"listener has {self.over_listener_limit} connections (its limit)")
-            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached")
+            return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached",
+                                what="max-connections",
+                                detail=f"listener has {self.over_listener_limit} connections "
+                                       f"(its limit)")
         if level == MQTT_5:
             if props.receive_maximum:
                 self.send_window = min(self.send_window, props.receive_maximum)
@@ -771,9 +784,9 @@ class ClientConnection:
                                     spec="MQTT-3.2.2-13")
         levels = config.max_topic_levels
         if will is not None and levels and will.topic.count("/") >= levels:
-            broker.refused("max-topic-levels", client_id, self.peer,
-                           f"will topic has more than {levels} levels")
-            return self._refuse(ReasonCode.TOPIC_NAME_INVALID, "will topic too deep")
+            return self._refuse(ReasonCode.TOPIC_NAME_INVALID, "will topic too deep",
+                                what="max-topic-levels",
+                                detail=f"will topic has more than {levels} levels")
         self._connect_packet = packet
         self.info = ClientInfo(client_id, level, packet.username, self.peer,
                                packet.clean_start, packet.keepalive, False,
@@ -786,10 +799,10 @@ class ClientConnection:
             # username and no password or AUTH exchange is asked for
             username = identity()
             if username is None:
-                broker.refused("authentication", client_id, self.peer,
-                               "no client certificate identity on a listener that uses "
-                               "it as the username")
-                return self._refuse(ReasonCode.NOT_AUTHORIZED, "no certificate identity")
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "no certificate identity",
+                                    what="authentication",
+                                    detail="no client certificate identity on a listener "
+                                           "that uses it as the username")
             return self._authenticated(username)
         if level == MQTT_5 and props.authentication_method is not None:
             return self._start_exchange(props.authentication_method,
@@ -807,10 +820,9 @@ class ClientConnection:
         code, username = auth_outcome(answer, packet.username)
         if code:
             what = "anonymous" if packet.username is None else "authentication"
-            self.broker.refused(what, self.client_id, self.peer,
-                                f"CONNECT refused (0x{code:02X}) for username "
-                                f"{packet.username!r}", username=packet.username)
-            return self._refuse(code, "authentication failed")
+            return self._refuse(code, "authentication failed", what=what,
+                                detail=f"username {packet.username!r}",
+                                username=packet.username)
         self._authenticated(username)
 
     # --- MQTT 5 enhanced authentication [MQTT-4.12] -------------------------------------
@@ -825,14 +837,12 @@ class ClientConnection:
                 log.failure("Enhanced authentication {method} failed to start for "
                             "{client_id}", method=method, client_id=self.client_id)
                 exchange = None
-                self.broker.refused("authentication", self.client_id, self.peer,
-                                    f"method {method!r} failed to start")
-                return self._auth_failed(ReasonCode.NOT_AUTHORIZED, reauth)
+                return self._auth_failed(ReasonCode.NOT_AUTHORIZED, reauth,
+                                         detail=f"method {method!r} failed to start")
         if exchange is None:
-            self.broker.refused("authentication", self.client_id, self.peer,
-                                f"unknown authentication method {method!r}")
             return self._auth_failed(ReasonCode.BAD_AUTHENTICATION_METHOD, reauth,
-                                     f"authentication method {method!r} not supported")
+                                     f"authentication method {method!r} not supported",
+                                     detail=f"unknown authentication method {method!r}")
         self._auth_exchange = exchange
         self._auth_method = method
         self._await(call_hook(exchange.step, data),
@@ -867,18 +877,25 @@ class ClientConnection:
             self._output(Auth(ReasonCode.SUCCESS, Properties(
                 authentication_method=method, authentication_data=step.data)), durable=False)
             return
-        self.broker.refused("authentication", self.client_id, self.peer,
-                            f"{method} authentication failed (0x{step.reason_code:02X})")
-        self._auth_failed(step.reason_code, reauth, "authentication failed")
+        detail = getattr(step, "detail", None)
+        self._auth_failed(step.reason_code, reauth, "authentication failed",
+                          detail=f"{method} authentication failed"
+                                 + (f": {detail}" if detail else ""))
 
-    def _auth_failed(self, code: int, reauth: bool, why: str = "authentication failed"):
+    def _auth_failed(self, code: int, reauth: bool, why: str = "authentication failed",
+                     detail: Optional[str] = None):
+        """Refuse the CONNECT (or end the connection on re-authentication) with
+        ``code``; one rate-limited refusal line ``authentication`` with ``detail``."""
         self._auth_exchange = None
         if reauth:
             if code == ReasonCode.BAD_USER_NAME_OR_PASSWORD:
                 code = ReasonCode.NOT_AUTHORIZED  # 0x86 is no DISCONNECT reason code
+            self.broker.refused("authentication", self.client_id, self.peer,
+                                f"{detail or why} (DISCONNECT 0x{code:02X})",
+                                reason_code=code)
             self.disconnect(code, why)  # [MQTT-4.12.1-2]
         else:
-            self._refuse(code, why)
+            self._refuse(code, why, what="authentication", detail=detail)
 
     def _on_auth_during_connect(self, packet: Auth) -> None:
         if packet.reason_code != ReasonCode.CONTINUE_AUTHENTICATION:
@@ -927,11 +944,10 @@ class ClientConnection:
             self.info = attrs.evolve(self.info, username=username)
         owner = broker.session_owner_conflict(self.client_id, username)
         if owner is not None:
-            broker.refused("session-owner", self.client_id, self.peer,
-                           f"session belongs to {owner!r}, not {username!r}",
-                           username=username)
             return self._refuse(ReasonCode.NOT_AUTHORIZED,
-                                "client id owned by another user")
+                                "client id owned by another user", what="session-owner",
+                                detail=f"session belongs to {owner!r}, not {username!r}",
+                                username=username)
         will = packet.will
         check = broker.authorize_publish
         if will is None or check is None:
@@ -940,10 +956,10 @@ class ClientConnection:
 
         def will_answered(answer):
             if answer is not True:
-                broker.refused("will", self.client_id, self.peer,
-                               f"no write permission for will topic {will.topic!r}",
-                               topic=will.topic)
-                return self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic not authorized")
+                return self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic not authorized",
+                                    what="will",
+                                    detail=f"no write permission for will topic "
+                                           f"{will.topic!r}", topic=will.topic)
             self._connected(auth_data)
         self._await(call_hook(check, self.info, message), will_answered, "authorize_publish")
 

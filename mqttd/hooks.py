@@ -42,13 +42,16 @@ class AuthStep:
     ``outcome``: :attr:`AuthOutcome.CONTINUE` (the server sends AUTH 0x18 with
     ``data``), ``SUCCESS`` (CONNACK 0x00, or AUTH 0x00 on re-authentication,
     with ``data``; ``username`` is the authenticated identity) or ``FAILURE``
-    (CONNACK / DISCONNECT with ``reason_code``, 0x87 by default).
+    (CONNACK / DISCONNECT with ``reason_code``, 0x87 by default).  ``detail``
+    says why a FAILURE failed, for the broker's one rate-limited refusal line
+    (never a secret); the exchange itself logs nothing a client can trigger.
     """
 
     outcome: str
     data: Optional[bytes] = None
     username: Optional[str] = None
     reason_code: int = ReasonCode.NOT_AUTHORIZED
+    detail: Optional[str] = None
 
 
 class _HookFailed:

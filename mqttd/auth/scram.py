@@ -28,14 +28,12 @@ import os
 from typing import Callable, Dict, Optional
 
 from scramp import ScramException, ScramMechanism
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mqttd.codec.errors import ReasonCode
 from mqttd.hooks import AuthOutcome, AuthStep
 from mqttd.interfaces import IAuthExchange, IEnhancedAuthenticator
 
-log = Logger(namespace="mqttd.auth.scram")
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 
@@ -99,10 +97,13 @@ class ScramExchange:
                                     reason_code=ReasonCode.BAD_USER_NAME_OR_PASSWORD)
                 return AuthStep(AuthOutcome.SUCCESS, final, self._username)
         except (ScramException, UnicodeDecodeError) as error:
-            log.info("SCRAM-SHA-256 authentication of {username} failed: {error}",
-                     username=self._username, error=str(error))
+            # no log line here: the broker logs the refusal once, rate-limited,
+            # with this detail
+            who = (f"user {self._username!r}" if self._username is not None
+                   else "user not known yet")
             return AuthStep(AuthOutcome.FAILURE,
-                            reason_code=ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+                            reason_code=ReasonCode.BAD_USER_NAME_OR_PASSWORD,
+                            detail=f"{error} ({who})")
         return AuthStep(AuthOutcome.FAILURE)
 
 

@@ -113,3 +113,55 @@ def test_reauthentication_with_another_method_is_a_protocol_error(broker_clock):
     _connect(client, ScramClient([METHOD], "alice", "wonderland"))
     client.send(Auth(0x19, Properties(authentication_method="OTHER")))
     assert client.received()[0].reason_code == 0x82
+
+
+def test_garbage_scram_logins_log_one_rate_limited_line_each(broker_clock):
+    """120 malformed client-first messages (new client id each): every one refused 0x86, at most the limiter's lines."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    broker, clock = broker_clock
+    lines = []
+
+    def observe(event):
+        if event["log_level"] >= LogLevel.info:
+            lines.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for i in range(120):
+            client = FakeClient(broker, clock, level=5)
+            client.send(Connect(5, "s%d" % i, True, 0, properties=Properties(
+                authentication_method=METHOD, authentication_data=b"garbage")))
+            (connack,) = client.received()
+            assert connack.reason_code == 0x86
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert broker.stats.refused == {"authentication": 120}
+    assert not [e for e in lines if e.get("log_namespace") == "mqttd.auth.scram"]
+    refusals = [e for e in lines if "Refused" in e.get("log_format", "")]
+    assert refusals and len(lines) == len(refusals) <= 50      # the reason bound per 10 s
+    assert "user not known yet" in refusals[0]["detail"]
+    assert "CONNACK 0x86" in refusals[0]["detail"]
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "method"])
+def test_a_refused_connect_is_logged_once(broker_clock, kind):
+    """Each refused CONNECT writes one line (the refusal with its CONNACK code), not two."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    broker, clock = broker_clock
+    lines = []
+
+    def observe(event):
+        if event["log_level"] >= LogLevel.warn:
+            lines.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        client = FakeClient(broker, clock, level=5)
+        props = Properties(authentication_method="NOPE") if kind == "method" else Properties()
+        client.send(Connect(5, "x", True, 0, properties=props))
+        (connack,) = client.received()
+        assert connack.reason_code in (0x86, 0x87, 0x8C)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(lines) == 1, [e["log_format"] for e in lines]
+    assert "CONNACK 0x%02X" % connack.reason_code in lines[0]["detail"]
