@@ -21,7 +21,8 @@ from typing import Callable, Dict, Iterable, Optional
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mqttd import systemd
@@ -32,6 +33,20 @@ from mqttd.systopics import SysTopics
 from mqttd.transports.endpoints import tls_options_in
 
 log = Logger(namespace="mqttd.service")
+
+#: what a reloader raises when the operator's file or value is wrong (the
+#: feature's own errors derive from these: ACLFileError, PasswordFileError,
+#: TLSConfigError, BridgeConfigError are ValueErrors, ConfigError a
+#: UsageError; a missing or unreadable file is an OSError): one ERROR line
+RELOAD_ERRORS = (ValueError, usage.UsageError, OSError)
+
+
+def _error_text(error: BaseException) -> str:
+    """``str(error)``, or the exception's name when it has no message."""
+    text = str(error)
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text or type(error).__name__
 
 
 #: listen backlog given to TCP endpoints that do not choose one (Twisted's is 50,
@@ -61,17 +76,22 @@ def _address_info(port) -> dict:
 
 
 def _reload_all(tls_options) -> None:
-    """Reload every listener's TLS files; raise the first error after trying all."""
+    """Reload every listener's TLS files (a listener whose files are broken keeps
+    its previous ones); after trying all, raise one error naming every broken
+    listener's certificate (the caller logs it once), or the first unexpected
+    exception (a bug) as it is."""
     errors = []
     for options in tls_options:
         try:
             options.reload()
         except Exception as error:
-            log.error("TLS reload of {certificate} failed, keeping the previous one: "
-                      "{error}", certificate=options.certificate, error=str(error))
-            errors.append(error)
+            errors.append((options.certificate, error))
     if errors:
-        raise errors[0]
+        for _certificate, error in errors:
+            if not isinstance(error, RELOAD_ERRORS):
+                raise error
+        raise ValueError("; ".join(f"TLS files of {certificate}: {_error_text(error)}"
+                                   for certificate, error in errors)) from errors[0][1]
 
 
 class CannotListen(Exception):
@@ -194,7 +214,15 @@ class BrokerService(MultiService):
         for name, reload in list(self._reloaders.items()):
             try:
                 yield defer.maybeDeferred(reload)
+            except RELOAD_ERRORS as error:
+                # the operator's file or value is wrong: one ERROR line saying
+                # what and where (the traceback only at debug level)
+                log.error("Reloading {what} failed, keeping the previous one: {error}",
+                          what=name, error=_error_text(error))
+                log.failure("Reloading {what} failed", what=name, level=LogLevel.debug)
+                results[name] = False
             except Exception:
+                # a bug: the traceback is needed
                 log.failure("Reloading {what} failed; keeping the previous one", what=name)
                 results[name] = False
             else:

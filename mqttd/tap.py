@@ -466,7 +466,9 @@ def makeService(options: Options):
         # under twistd: our observer (format, level) instead of twistd's default
         service.log_observer = logs.make_observer(
             _log_stream(options), options["log-format"] or "text", settings)
-    service.add_reloader("log_level", _log_level_reloader(options, settings))
+    if options["config"] and options.sources.get("log-level") != "command line":
+        # only a config file's log level can change on SIGHUP
+        service.add_reloader("log_level", _log_level_reloader(options, settings))
     for target in FEATURES:
         module_name, function_name = target.split(":")
         getattr(importlib.import_module(module_name), function_name)(service, options)

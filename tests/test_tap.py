@@ -84,3 +84,16 @@ def test_tcp_listeners_get_a_deep_backlog_unless_they_choose_one():
     assert with_backlog("tcp:1883") == "tcp:1883:backlog=1024"
     assert with_backlog("tcp:1883:backlog=10") == "tcp:1883:backlog=10"
     assert with_backlog("unix:/tmp/s") == "unix:/tmp/s"
+
+
+def test_log_level_is_reloaded_only_from_a_config_file(tmp_path):
+    """SIGHUP says "Reloaded log_level" only when a --config file can change it."""
+    service = tap.makeService(_parse("--persistence", "memory"))
+    assert "log_level" not in service._reloaders
+    config = tmp_path / "mqttd.toml"
+    config.write_text('log-level = "info"\n')
+    service = tap.makeService(_parse("--persistence", "memory", "--config", str(config)))
+    assert "log_level" in service._reloaders
+    service = tap.makeService(_parse("--persistence", "memory", "--config", str(config),
+                                     "--log-level", "warn"))
+    assert "log_level" not in service._reloaders

@@ -273,8 +273,21 @@ def test_failed_reload_is_reported_and_the_listener_keeps_working(pki, service_f
     service = yield service_factory(
         f"mqtts:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
     cert.write_text("half a file")
-    results = yield service.reload()
+    from twisted.logger import LogLevel, globalLogPublisher
+    lines = []
+
+    def observe(event):
+        if event["log_level"] >= LogLevel.warn:
+            lines.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        results = yield service.reload()
+    finally:
+        globalLogPublisher.removeObserver(observe)
     assert results == {"tls": False}
+    # one ERROR line naming the file, no CRITICAL traceback
+    assert [e["log_level"] for e in lines] == [LogLevel.error]
+    assert str(cert) in lines[0]["error"] and "log_failure" not in lines[0]
     probe = yield connect(service, pki)
     probe.send(Connect(4, "still-fine", True, 0))
     assert isinstance((yield probe.next_packet()), Connack)
