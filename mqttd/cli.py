@@ -71,12 +71,12 @@ def run(argv: List[str]) -> int:
             return 2
         if options["check-config"]:
             return check_config([a for a in argv if a != "--check-config"])
-    from mqttd.service import CannotListen
+    from mqttd.service import CannotStart
 
     sys.argv = ["twistd", "-n", "mqttd", *argv]
     try:
         twistd_run()  # exits the process itself on a usage error
-    except CannotListen as error:  # one line, exit 1; the store was released
+    except CannotStart as error:  # one line, exit 1 (cannot listen, cannot open the store)
         print(f"mqttd: {error}", file=sys.__stderr__)
         return 1
     return 0

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from mqttd import systemd
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.eventlog import EventLog
+from mqttd.persistence.journal import StoreError
 from mqttd.protocol import MQTTFactory
 from mqttd.systopics import SysTopics
 from mqttd.transports.endpoints import tls_options_in
@@ -94,7 +95,23 @@ def _reload_all(tls_options) -> None:
                                    for certificate, error in errors)) from errors[0][1]
 
 
-class CannotListen(Exception):
+class CannotStart(Exception):
+    """The service cannot start for a reason the operator must fix; ``str()``
+    is the one line ``twistd``/``mqttd run`` print (``mqttd: ...``, exit
+    status 1) instead of a traceback."""
+
+
+class CannotOpenStore(CannotStart):
+    """The store cannot be opened (data directory in use by another broker,
+    unreadable, ...): ``cannot open the store: CAUSE``."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+        super().__init__(f"cannot open the store: {_error_text(cause)}")
+        log.critical("Cannot open the store: {cause}; stopping", cause=_error_text(cause))
+
+
+class CannotListen(CannotStart):
     """An endpoint could not listen; ``str()`` is the one line for the operator:
     ``cannot listen on ENDPOINT: CAUSE``."""
 
@@ -240,6 +257,9 @@ class BrokerService(MultiService):
         broker that has not restored its state.  Child services (bridges)
         start after the restore and find their sessions restored.
 
+        :raises CannotOpenStore: when the store cannot be opened (its data
+            directory is locked by another broker, unreadable): the ports are
+            closed again, ``twistd`` prints one line and exits 1.
         :raises CannotListen: when an endpoint cannot listen at once (port in
             use, bad address, no permission; every built-in endpoint type binds
             synchronously).  The ports already listening are closed and the
@@ -257,6 +277,13 @@ class BrokerService(MultiService):
                 outcome[0].raiseException()
         try:
             self.broker.start()  # opens and restores the store once (idempotent)
+        except (StoreError, OSError) as error:
+            # another broker holds the data directory, it is unreadable, ...:
+            # the operator's to fix, one line (Broker.start adds a hint for
+            # embedders to the message; the original says it all here)
+            self._close_ports()
+            cause = error.__cause__ if type(error.__cause__) is type(error) else error
+            raise CannotOpenStore(cause) from None
         except BaseException:
             self._close_ports()
             raise

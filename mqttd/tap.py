@@ -398,12 +398,13 @@ def check_report(options: Options) -> str:
 
 
 def _one_line_for_cannot_listen(previous_hook):
-    """``sys.excepthook`` that prints :class:`~mqttd.service.CannotListen` as one
-    line (``twistd -n mqttd`` in the foreground) instead of a traceback."""
-    from mqttd.service import CannotListen
+    """``sys.excepthook`` that prints :class:`~mqttd.service.CannotStart`
+    (cannot listen, cannot open the store) as one line (``twistd -n mqttd`` in
+    the foreground) instead of a traceback."""
+    from mqttd.service import CannotStart
 
     def hook(kind, value, traceback):
-        if isinstance(value, CannotListen):
+        if isinstance(value, CannotStart):
             print(f"mqttd: {value}", file=sys.__stderr__)
         else:
             previous_hook(kind, value, traceback)

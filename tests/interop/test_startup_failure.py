@@ -83,3 +83,27 @@ def test_unusable_address_exits_1_after_closing_the_other_listeners(tmp_path):
                               "--listen", endpoint, "--persistence", "memory"], tmp_path)
     assert result.returncode == 1
     assert f"mqttd: cannot listen on {endpoint}: " in result.stderr
+
+
+@pytest.mark.parametrize("how", ["run", "twistd"])
+def test_data_directory_in_use_exits_1_with_one_line(tmp_path, how):
+    """A second broker on a data directory in use: exit 1, one line naming the directory and the pid, no traceback."""
+    data = tmp_path / "data"
+    first = BrokerProcess(tmp_path / "first", persistence=f"file:{data}", kind="mqttd").start()
+    try:
+        args = ["--listen", "tcp:0:interface=127.0.0.1", "--persistence", f"file:{data}"]
+        if how == "run":
+            cmd = _mqttd() + ["run"] + args
+        else:
+            cmd = [find_twistd(), "-n", "--pidfile", "", "mqttd"] + args
+        result = _run(cmd, tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output
+        assert "broker.restore" not in output          # the embedder's hint is not for twistd users
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("mqttd: cannot open the store: "), lines
+        assert str(data) in lines[0] and str(first.pid) in lines[0]
+        assert first.running
+    finally:
+        first.stop()
