@@ -41,7 +41,7 @@ import json
 import math
 import os
 import resource
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -107,6 +107,8 @@ class SysTopics:
         self._unregister = None
         self._loop = None
         self._loads: Dict[str, LoadAverage] = {}
+        #: the largest resident memory seen (heap/maximum), bytes
+        self._heap_peak = 0
         self._last_tick: Optional[float] = None
 
     def start(self) -> None:
@@ -185,9 +187,12 @@ class SysTopics:
                 disconnected += 1
             subscriptions += len(session.subscriptions)
             stored += len(session.queue) + len(session.inflight)
-            stored_bytes += session.queued_bytes
-        retained = _retained_count(broker)
+            stored_bytes += session.queued_bytes + sum(
+                len(r.message.payload) + len(r.message.topic)
+                for r in session.inflight.values() if r.message is not None)
+        retained, retained_bytes = _retained_stats(broker)
         stored += retained
+        stored_bytes += retained_bytes
         publish_received = sum(stats.messages_in)
         publish_sent = sum(stats.messages_out)
         counters = {
@@ -226,9 +231,12 @@ class SysTopics:
             "bytes/sent": stats.bytes_sent,
             "subscriptions/count": subscriptions,
             "retained messages/count": retained,
-            "heap/maximum": peak_resident_memory(),
         }
+        # the peak of getrusage and of every sample taken (ru_maxrss and
+        # /proc/self/statm count slightly differently: maximum >= current)
         rss = resident_memory()
+        self._heap_peak = max(self._heap_peak, peak_resident_memory(), rss or 0)
+        values["heap/maximum"] = self._heap_peak
         if rss is not None:
             values["heap/current"] = rss
         size = directory_size(getattr(broker.store, "path", None))
@@ -249,3 +257,18 @@ class SysTopics:
 def _retained_count(broker) -> int:
     """Retained messages of clients (the volatile ``$SYS`` ones not counted)."""
     return sum(1 for topic in list(broker.retained) if not topic.startswith("$SYS"))
+
+
+def _retained_stats(broker) -> Tuple[int, int]:
+    """(count, bytes of topic + payload) of the retained messages of clients."""
+    count = size = 0
+    retained = broker.retained
+    for topic in list(retained):
+        if topic.startswith("$SYS"):
+            continue
+        message = retained.get(topic)
+        if message is None:
+            continue
+        count += 1
+        size += len(message.payload) + len(topic)
+    return count, size

@@ -113,3 +113,38 @@ def test_store_size_is_the_data_directory_size(tmp_path):
     broker.store.path = str(tmp_path)
     tree = SysTopics(broker, clock).broker_tree()
     assert tree[BROKER + "store/size"] == "1234"
+
+
+def test_heap_maximum_is_never_below_heap_current(monkeypatch):
+    """heap/maximum is the peak of every sample and getrusage, so never below heap/current."""
+    import mqttd.systopics as systopics
+    broker, clock = make_broker()
+    sys_topics = SysTopics(broker, clock)
+    samples = iter([68_763_648, 90_000_000, 50_000_000])
+    monkeypatch.setattr(systopics, "resident_memory", lambda: next(samples))
+    monkeypatch.setattr(systopics, "peak_resident_memory", lambda: 68_550_656)
+    seen = []
+    for _ in range(3):
+        tree = sys_topics.broker_tree()
+        seen.append((int(tree[BROKER + "heap/current"]), int(tree[BROKER + "heap/maximum"])))
+    assert seen == [(68_763_648, 68_763_648), (90_000_000, 90_000_000),
+                    (50_000_000, 90_000_000)]
+
+
+def test_store_bytes_count_retained_queued_and_inflight_messages():
+    """store/messages/bytes counts topic + payload of every stored message, retained ones too."""
+    broker, clock = make_broker()
+    publisher = FakeClient(broker, clock)
+    publisher.connect("p")
+    publisher.publish("r/t", b"abc", retain=True)           # retained: 3 + 3 bytes
+    tree = SysTopics(broker, clock).broker_tree()
+    assert tree[BROKER + "store/messages/count"] == "1"
+    assert tree[BROKER + "store/messages/bytes"] == "6"
+    sub = FakeClient(broker, clock)
+    sub.connect("s", clean=False)
+    sub.subscribe("q", qos=1)
+    sub.conn.pause_writing()
+    publisher.publish("q", b"12345", qos=1, packet_id=1)   # queued: 1 + 5 bytes
+    tree = SysTopics(broker, clock).broker_tree()
+    assert tree[BROKER + "store/messages/count"] == "2"
+    assert tree[BROKER + "store/messages/bytes"] == "12"
