@@ -73,7 +73,9 @@ def run(argv: List[str]) -> int:
             return check_config([a for a in argv if a != "--check-config"])
     from mqttd.service import CannotStart
 
-    sys.argv = ["twistd", "-n", "mqttd", *argv]
+    # foreground: no twistd.pid in the working directory (a stale one after
+    # kill -9 would refuse the next start; systemd tracks the pid itself)
+    sys.argv = ["twistd", "-n", "--pidfile", "", "mqttd", *argv]
     try:
         twistd_run()  # exits the process itself on a usage error
     except CannotStart as error:  # one line, exit 1 (cannot listen, cannot open the store)

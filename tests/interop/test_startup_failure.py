@@ -105,5 +105,26 @@ def test_data_directory_in_use_exits_1_with_one_line(tmp_path, how):
         assert len(lines) == 1 and lines[0].startswith("mqttd: cannot open the store: "), lines
         assert str(data) in lines[0] and str(first.pid) in lines[0]
         assert first.running
+        if how == "run":   # foreground: no pid file left behind to refuse the next start
+            assert not (tmp_path / "twistd.pid").exists()
     finally:
         first.stop()
+
+
+def test_mqttd_run_writes_no_pid_file_in_the_working_directory(tmp_path):
+    """mqttd run is a foreground command: no twistd.pid that a kill -9 would leave to refuse the next start."""
+    import signal
+    import time
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(_mqttd() + ["run", "--listen", "tcp:0:interface=127.0.0.1",
+                                        "--persistence", "memory", "--ready-file", str(ready)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists(), "broker did not become ready"
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(TIMEOUT)
