@@ -44,36 +44,45 @@ def _read(path: str, what: str) -> bytes:
 
 
 def load_certificates(path: str, what: str = "certificate file") -> list:
-    """Every PEM certificate in ``path``, in file order, as ``OpenSSL.crypto.X509``.
+    """Every PEM certificate in ``path``, in file order, as
+    ``cryptography.x509.Certificate``.
 
     :raises TLSConfigError: unreadable file, or no certificate in it.
     """
     from cryptography import x509
-    from OpenSSL.crypto import X509
 
     data = _read(path, what)
     try:
-        certificates = x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError as error:
         raise TLSConfigError(f"no PEM certificate in {what} {path!r}: {error}") from None
-    return [X509.from_cryptography(c) for c in certificates]
 
 
 def load_private_key(path: str):
-    """The PEM private key (unencrypted) in ``path`` as ``OpenSSL.crypto.PKey``.
+    """The PEM private key (unencrypted) in ``path``, a ``cryptography`` private key.
 
     :raises TLSConfigError: unreadable, encrypted or not a private key.
     """
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    from OpenSSL.crypto import PKey
 
     data = _read(path, "private key")
     try:
-        key = load_pem_private_key(data, password=None)
+        return load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as error:
         raise TLSConfigError(f"cannot load private key {path!r} (PEM, unencrypted): "
                              f"{error}") from None
-    return PKey.from_cryptography_key(key)
+
+
+def _openssl_takes_cryptography_objects() -> bool:
+    """pyOpenSSL >= 24.3 takes ``cryptography`` certificates and keys in
+    ``Context.use_certificate`` & co. and deprecates its own ``X509``/``PKey``
+    there; older releases take only those."""
+    import OpenSSL
+    try:
+        major, minor = (int(part) for part in OpenSSL.__version__.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (24, 3)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -123,15 +132,24 @@ class TLSServerOptions:
         return "required" if self.require_certificate else "optional"
 
     def _build(self) -> ssl.CertificateOptions:
+        from OpenSSL.crypto import X509, PKey
+
         chain = load_certificates(self.certificate, "certificate file")
         if self.extra_chain:
             chain += load_certificates(self.extra_chain, "extraCertChain file")
+        key = load_private_key(self.private_key)
+        if not _openssl_takes_cryptography_objects():
+            chain = [X509.from_cryptography(c) for c in chain]
+            key = PKey.from_cryptography_key(key)
         kwargs = {}
         if self.ca_certs:
-            kwargs.update(verify=True, caCerts=load_certificates(self.ca_certs, "caCerts file"),
+            # Twisted's trust store (X509Store.add_cert) takes pyOpenSSL's X509 only
+            cas = [X509.from_cryptography(c)
+                   for c in load_certificates(self.ca_certs, "caCerts file")]
+            kwargs.update(verify=True, caCerts=cas,
                           requireCertificate=self.require_certificate)
         options = ssl.CertificateOptions(
-            privateKey=load_private_key(self.private_key), certificate=chain[0],
+            privateKey=key, certificate=chain[0],
             extraCertChain=chain[1:], raiseMinimumTo=TLS_VERSIONS[self.minimum],
             enableSessions=False, **kwargs)
         try:

@@ -17,7 +17,9 @@ from mqttd.codec import encode
 from mqttd.codec.packets import Connack, Connect
 from mqttd.service import make_broker_service
 
-from .test_tls import WAIT, Probe
+from .test_tls import CLIENT_SIDE_TWISTED_DEPRECATION, WAIT, Probe
+
+pytestmark = [CLIENT_SIDE_TWISTED_DEPRECATION]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
