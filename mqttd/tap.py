@@ -294,6 +294,14 @@ class Options(usage.Options):
         if self["port"] is not None:
             listen.append(f"tcp:{self['port']}")
         self["listen"] = listen or list(option("listen").default)
+        for value in self["listener-max-connections"]:
+            description = value.rpartition("=")[0]
+            if description not in self["listen"]:
+                raise ConfigError(f"--listener-max-connections: {description!r} is not one "
+                                  f"of the --listen endpoints {self['listen']}")
+        if self["admin-user"] and not (self["password-file"] or self["auth"]):
+            raise ConfigError("--admin-user needs --password-file or --auth: without a "
+                              "user database no admin user can ever log in")
         from mqttd.admin.service import check_admin_listen
         for description in self["admin-listen"]:
             try:
@@ -312,6 +320,7 @@ class Options(usage.Options):
             raise ConfigError(f"--config: cannot read {path}: {error}")
         known = {o.name: o for o in OPTIONS}
         values = {}
+        spelled = {}
         for key, value in data.items():
             if key == "bridge":   # [[bridge]] tables: see mqttd.bridge.config
                 values["bridge"] = _bridges(path, value)
@@ -320,6 +329,10 @@ class Options(usage.Options):
             opt = known.get(name)
             if opt is None or name == "config":
                 raise ConfigError(f"{path}: unknown key {key!r}")
+            if name in spelled:
+                raise ConfigError(f"{path}: {spelled[name]!r} and {key!r} are the same "
+                                  f"option; keep one")
+            spelled[name] = key
             kind = getattr(opt.parse, "kind", None)
             items = value if (opt.repeatable and isinstance(value, list)) else [value]
             for item in items:
@@ -377,17 +390,25 @@ def _bridges(path, tables) -> list:
         raise ConfigError(f"bad bridge: {error}") from None
 
 
+#: options whose values check-config prints as '***'
+SECRET_OPTIONS = frozenset({"admin-token"})
+
+
 def check_report(options: Options) -> str:
     """What ``--check-config`` prints for options that parsed and validated."""
     lines = ["mqttd: configuration OK" + (f" ({options['config']})" if options["config"]
                                           else "")]
     for o in OPTIONS:
-        if o.name in ("check-config", "config", "port"):
-            continue
+        if o.name in ("check-config", "config", "port", "listen"):
+            continue   # listen: printed below, with --port folded in
         value = options[o.name]
         source = options.sources.get(o.name, "default")
         if source == "default":
             continue
+        if o.name in SECRET_OPTIONS and value:
+            value = "***"   # never in terminals or CI logs
+        elif o.name == "auth":   # memory:USER:PASS:... holds passwords
+            value = [v if not v.startswith("memory:") else "memory:***" for v in value]
         lines.append(f"  {o.name} = {value!r}  ({source})")
     lines.append(f"  listen = {options['listen']!r}")
     for bridge in options.get("bridges") or ():

@@ -201,3 +201,35 @@ def test_twistd_mqttd_check_config_exits_0_without_listening():
     result = _twistd("--check-config", "--persistence", "memory", "--listen", "tcp:1")
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
+
+
+def test_check_config_masks_secrets_and_prints_listen_once():
+    """check-config never prints the admin token or in-memory passwords; listen appears once."""
+    options = _parse("--admin-token", "s3cret", "--auth", "memory:bob:hunter2",
+                     "--listen", "tcp:0")
+    report = tap.check_report(options)
+    assert "s3cret" not in report and "hunter2" not in report
+    assert "admin-token = '***'" in report
+    assert report.count("listen = ") == 1
+
+
+def test_admin_user_without_a_user_database_is_a_config_error():
+    """--admin-user with neither --password-file nor --auth: no admin could ever log in."""
+    with pytest.raises(ConfigError, match="--admin-user needs --password-file or --auth"):
+        _parse("--admin-user", "bob", "--admin-listen", "tcp:0:interface=127.0.0.1")
+
+
+def test_listener_limit_for_an_endpoint_not_listened_on_is_a_config_error():
+    """--listener-max-connections names one of the --listen endpoints, or the typo is reported."""
+    with pytest.raises(ConfigError, match="is not one of the --listen endpoints"):
+        _parse("--listen", "tcp:1883", "--listener-max-connections", "tcp:1=5")
+    ok = _parse("--listen", "tcp:1883", "--listener-max-connections", "tcp:1883=5")
+    assert ok["listener-max-connections"] == ["tcp:1883=5"]
+
+
+def test_the_same_option_twice_in_a_config_file_is_an_error(tmp_path):
+    """max-inflight and max_inflight in one file are one option given twice: refused, not last-wins."""
+    config = tmp_path / "mqttd.toml"
+    config.write_text("max-inflight = 10\nmax_inflight = 20\n")
+    with pytest.raises(ConfigError, match="the same option"):
+        _parse("--config", str(config))
