@@ -217,11 +217,27 @@ class ClientConnection:
             except MQTTError as error:
                 self.fail(error)
                 return
+            except Exception:
+                # a bug, not the client's fault: this connection ends with 0x83
+                # (v5), its teardown still runs, everyone else is unaffected
+                self._internal_error(packet)
+                return
             if self._held or self._waiting:
                 # held back by a congested subscriber or waiting for a hook's
                 # answer: what was already read waits too
                 self._stash = packets[index + 1:]
                 return
+
+    def _internal_error(self, packet) -> None:
+        log.failure("Handling {packet} from {client_id} ({peer}) failed; closing "
+                    "its connection", packet=type(packet).__name__,
+                    client_id=self.client_id or "-", peer=self.peer)
+        self._stats.protocol_errors += 1
+        if self.state == _CONNECTING:
+            self._close("internal error")
+        else:
+            self.disconnect(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR,
+                            log_reason="internal error")
 
     def _unexpected(self, packet) -> None:
         if isinstance(packet, Connect):
