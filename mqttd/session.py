@@ -97,7 +97,11 @@ class Session:
     #: retained replays in progress: filter -> (cursor over the retained
     #: index, subscription QoS, subscription identifier or None), fed by
     #: Broker.drain as the client reads
-    replays: Dict[str, tuple] = attrs.Factory(dict)
+    #: (an OrderedDict: Broker._replay takes the first entry and deletes it;
+    #: on a plain dict that scans every entry deleted before since the last
+    #: resize, so draining the replays of a SUBSCRIBE with 100,000 filters,
+    #: queued while the client was not writable, took quadratic time)
+    replays: Dict[str, tuple] = attrs.Factory(collections.OrderedDict)
     #: broker clock time the session used up its publisher-pause budget
     #: without draining (it holds no one until healthy again); None otherwise
     demoted_since: Optional[float] = None

@@ -232,3 +232,23 @@ def test_local_subscriber_gets_matching_retained_messages_from_the_index():
     seen = []
     broker.subscribe_local("r/+", seen.append)
     assert sorted(m.topic for m in seen) == ["r/0", "r/1", "r/2"]
+
+
+def test_replays_queued_while_not_writable_are_all_delivered_in_filter_order():
+    """A SUBSCRIBE of many filters while the client cannot take messages: every retained match follows, in order, once it can."""
+    from mqttd.codec.packets import Subscribe, Subscription
+    broker, clock = make_broker()
+    publisher = FakeClient(broker, clock)
+    publisher.connect("p")
+    for i in range(0, 3000, 7):
+        publisher.publish("x/%d/r" % i, b"%d" % i, retain=True)
+    client = FakeClient(broker, clock)
+    client.connect("many")
+    client.conn.pause_writing()
+    client.send(Subscribe(3, tuple(Subscription("x/%d/+" % i, 0) for i in range(3000))))
+    session = broker.sessions["many"]
+    assert len(session.replays) == 3000          # waiting for the client, nothing queued at once
+    client.conn.resume_writing()
+    got = [p.payload for p in client.received() if isinstance(p, Publish)]
+    assert got == [b"%d" % i for i in range(0, 3000, 7)]
+    assert not session.replays
