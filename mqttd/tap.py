@@ -447,9 +447,16 @@ def _log_level_reloader(options: Options, settings):
     def reload():
         if options.sources.get("log-level") == "command line" or not options["config"]:
             return
-        values = options._read_file(options["config"])
-        level = option("log-level").check(values.get("log-level", values.get("log_level",
-                                                                               "info")))
+        # only the log level: the rest of the file (bridges, ...) is the other
+        # reloaders' business, a broken [[bridge]] must not fail this one too
+        path = options["config"]
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"--config: cannot read {path}: {error}") from None
+        level = option("log-level").check(data.get("log-level", data.get("log_level",
+                                                                           "info")))
         settings.set_level(level)
     return reload
 

@@ -97,3 +97,15 @@ def test_log_level_is_reloaded_only_from_a_config_file(tmp_path):
     service = tap.makeService(_parse("--persistence", "memory", "--config", str(config),
                                      "--log-level", "warn"))
     assert "log_level" not in service._reloaders
+
+
+def test_log_level_reload_ignores_a_broken_bridge_table(tmp_path):
+    """A broken [[bridge]] at SIGHUP fails the bridges reloader only; the log level still reloads."""
+    config = tmp_path / "mqttd.toml"
+    config.write_text('log-level = "info"\n')
+    options = _parse("--persistence", "memory", "--config", str(config))
+    service = tap.makeService(options)
+    config.write_text('log-level = "warn"\n[[bridge]]\nconnection = "x"\n'
+                      'address = "127.0.0.1:1"\ntopic = ["# sideways 1"]\n')
+    service._reloaders["log_level"]()          # does not raise for the bridge table
+    assert service.log_settings.level == "warn"
