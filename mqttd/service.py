@@ -131,7 +131,55 @@ class CannotListen(CannotStart):
 DEFAULT_MAX_ACCEPTS_PER_TURN = 64
 
 
-def bound_accepts(port, limit: int = DEFAULT_MAX_ACCEPTS_PER_TURN):
+class AcceptLog:
+    """The log observer of a listening port's accept loop (``Port._logger``).
+
+    Twisted logs one info line per connection its EMFILE recovery closes (out
+    of file descriptors): a remote peer decides how many.  Here each closed
+    connection is a counted refusal ``file-descriptors`` logged through the
+    broker's log rate limiter with the process's ``RLIMIT_NOFILE``; Twisted's
+    other accept lines (``Could not accept new connection (ENOBUFS)``...) go
+    through the limiter as WARN lines; the bookkeeping lines are dropped.
+
+    :param broker: the :class:`~mqttd.broker.Broker` (``refused``, ``log_limiter``).
+    :param endpoint: the listener's endpoint description, for the lines.
+    """
+
+    def __init__(self, broker, endpoint: str):
+        self.broker = broker
+        self.endpoint = endpoint
+
+    def __call__(self, event: dict) -> None:
+        format = event.get("log_format") or ""
+        if "Closed socket from" in format:
+            address = event.get("address")
+            peer = (f"{address[0]}:{address[1]}" if isinstance(address, tuple)
+                    and len(address) >= 2 else str(address))
+            self.broker.refused(
+                "file-descriptors", None, peer,
+                f"out of file descriptors (RLIMIT_NOFILE {_nofile_limit()}): connection on "
+                f"{self.endpoint} closed at once; raise the limit (LimitNOFILE=) or set "
+                f"--max-connections", key=(None, "file-descriptors"))
+        elif "EMFILE" in format:
+            return   # "EMFILE encountered", "Re-reserving ...": said by the lines above
+        else:
+            fields = {k: v for k, v in event.items() if not k.startswith("log_")}
+            fields["endpoint"] = self.endpoint
+            self.broker.log_limiter.emit(log.warn, (None, "accept"),
+                                         "Listener {endpoint}: " + format, **fields)
+
+
+def _nofile_limit() -> str:
+    try:
+        import resource
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return str(soft)
+    except Exception:   # no resource module (not POSIX)
+        return "unknown"
+
+
+def bound_accepts(port, limit: int = DEFAULT_MAX_ACCEPTS_PER_TURN, broker=None,
+                  endpoint: str = "?"):
     """Bound the connections ``port`` accepts per reactor turn to ``limit``.
 
     Twisted's TCP/UNIX ports accept up to ``numberAccepts`` connections per
@@ -140,6 +188,9 @@ def bound_accepts(port, limit: int = DEFAULT_MAX_ACCEPTS_PER_TURN):
     thousands of them while established clients wait.  Capping it keeps each
     turn short; the kernel's listen backlog holds the rest.  Ports without
     ``numberAccepts`` are returned unchanged.
+
+    With ``broker``, the port's accept-time log lines go to an
+    :class:`AcceptLog` (counted, rate-limited) instead of one line each.
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
@@ -154,6 +205,9 @@ def bound_accepts(port, limit: int = DEFAULT_MAX_ACCEPTS_PER_TURN):
 
     port.doRead = bounded_do_read
     port.numberAccepts = min(port.numberAccepts, limit)
+    if broker is not None and hasattr(port, "_logger"):
+        port._logger = Logger(namespace="mqttd.service.accept",
+                              observer=AcceptLog(broker, endpoint))
     return port
 
 
@@ -321,7 +375,8 @@ class BrokerService(MultiService):
                 port = await endpoint.listen(self.factory_for(description))
             except Exception as error:
                 raise CannotListen(description, error) from None
-            self.ports.append(bound_accepts(port, self.max_accepts_per_turn))
+            self.ports.append(bound_accepts(port, self.max_accepts_per_turn,
+                                            self.broker, description))
             log.info("MQTT listening on {endpoint} ({address})",
                      endpoint=description, address=_address_info(port))
         for kind, description, factory in self.extra_listeners:

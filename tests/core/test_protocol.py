@@ -194,3 +194,50 @@ def test_transports_closed_fires_at_once_without_connections():
     """Nothing open: nothing to wait for."""
     broker, clock = make_broker()
     assert broker.transports_closed().called
+
+
+def test_emfile_recovery_lines_are_counted_refusals_through_the_limiter():
+    """Twisted's one line per connection closed out of file descriptors becomes a counted, rate-limited refusal."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from mqttd.service import AcceptLog
+    broker, clock = make_broker()
+    observer = AcceptLog(broker, "tcp:1883")
+    lines = []
+
+    def observe(event):
+        if event["log_level"] >= LogLevel.info:
+            lines.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        observer({"log_format": "EMFILE encountered; releasing reserved file descriptor."})
+        for i in range(61):
+            observer({"log_format": "EMFILE recovery: Closed socket from {address}",
+                      "address": ("127.0.0.1", 40000 + i)})
+        observer({"log_format": "Re-reserving EMFILE recovery file descriptor."})
+        for _ in range(10):
+            observer({"log_format": "Could not accept new connection ({acceptError})",
+                      "acceptError": "ENOBUFS"})
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert broker.stats.refused == {"file-descriptors": 61}
+    refusals = [e for e in lines if e.get("what") == "file-descriptors"]
+    assert len(refusals) == 3 and "RLIMIT_NOFILE" in refusals[0]["detail"]
+    others = [e for e in lines if e.get("what") != "file-descriptors"]
+    assert len(others) == 3 and others[0]["acceptError"] == "ENOBUFS"
+
+
+def test_bound_accepts_routes_the_ports_accept_log_through_the_broker():
+    """A listener of the service logs its accept loop through AcceptLog."""
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqttd.service import AcceptLog, bound_accepts
+    broker, clock = make_broker()
+    port = tcp.Port(0, MQTTFactory(broker, clock), 50, "127.0.0.1", MemoryReactorClock())
+    port.startListening()
+    try:
+        bound_accepts(port, 16, broker, "tcp:0")
+        assert isinstance(port._logger.observer, AcceptLog)
+    finally:
+        port.stopListening()

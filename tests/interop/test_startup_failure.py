@@ -128,3 +128,48 @@ def test_mqttd_run_writes_no_pid_file_in_the_working_directory(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(TIMEOUT)
+
+
+def test_out_of_file_descriptors_is_counted_and_logged_rate_limited(tmp_path):
+    """RLIMIT_NOFILE 64 and 100 connections: refused ones are a few rate-limited lines, not one Twisted line each; the broker recovers."""
+    import resource
+    import time
+    from mqttd.blockingclient import BlockingClient
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    ready = tmp_path / "ready.json"
+    log_path = tmp_path / "broker.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [find_twistd(), "-n", "--pidfile", "", "mqttd", "--listen",
+             "tcp:0:interface=127.0.0.1", "--persistence", "memory", "--ready-file", str(ready)],
+            cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=low_limit)
+    sockets = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        import json
+        port = json.loads(ready.read_text())["listeners"][0]["port"]
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sockets.append(s)
+        time.sleep(1.0)
+        for s in sockets:
+            s.close()
+        sockets = []
+        time.sleep(0.5)
+        probe = BlockingClient(port, "after-emfile", level=4)   # recovered
+        probe.close()
+        text = log_path.read_text(errors="replace")
+        assert "EMFILE recovery" not in text
+        refusal_lines = [l for l in text.splitlines() if "Refused file-descriptors" in l]
+        assert 1 <= len(refusal_lines) <= 4, refusal_lines
+        assert "RLIMIT_NOFILE 64" in refusal_lines[0]
+    finally:
+        for s in sockets:
+            s.close()
+        proc.terminate()
+        proc.wait(TIMEOUT)
