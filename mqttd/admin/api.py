@@ -106,9 +106,10 @@ class AccessPolicy:
     def check(self, request):
         """Fires with None if allowed, else raises HTTPError(401/403)."""
         origin = request.getHeader(b"origin")
-        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        # host names are case-insensitive (RFC 9110 4.2.3)
+        host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
         if origin is not None and request.method not in (b"GET", b"HEAD"):
-            origin_host = urlsplit(origin.decode("latin-1")).netloc
+            origin_host = urlsplit(origin.decode("latin-1")).netloc.lower()
             if origin_host != host:
                 raise HTTPError(403, "cross-origin request refused")
         if self.open:

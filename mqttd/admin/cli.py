@@ -43,10 +43,11 @@ def _parser() -> argparse.ArgumentParser:
 def fetch(base: str, path: str, params: dict, token=None, timeout: float = 10.0) -> dict:
     """GET ``base + path?params`` and decode the JSON; raises RuntimeError(one line)."""
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    request = urllib.request.Request(f"{base.rstrip('/')}{path}?{query}")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
+        # inside: a base that is no URL ("notaurl") raises ValueError here
+        request = urllib.request.Request(f"{base.rstrip('/')}{path}?{query}")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as error:

@@ -248,3 +248,17 @@ def test_admin_listen_beyond_loopback_needs_credentials(description, ok):
         with pytest.raises(ConfigError, match="--admin-listen: .*needs --admin-token"):
             tap.Options().parseOptions(argv)
         tap.Options().parseOptions(argv + ["--admin-token", "t"])
+
+
+def test_loopback_host_names_are_case_insensitive():
+    """Host: LOCALHOST is localhost (RFC 9110 host names are case-insensitive)."""
+    root, broker, clock = _site()
+    assert call(root, "GET", "/api/info", host=b"LOCALHOST:9884")[0] == 200
+    assert call(root, "GET", "/api/info", host=b"Example.COM:9884")[0] == 403
+
+
+def test_why_cli_with_an_admin_value_that_is_no_url_is_one_line():
+    """mqttd why --admin notaurl: the one-line 'cannot reach' error, not a traceback."""
+    from mqttd.admin.cli import fetch
+    with pytest.raises(RuntimeError, match="cannot reach the admin API at notaurl"):
+        fetch("notaurl", "/api/why", {"client": "x", "topic": "y"})
