@@ -7,13 +7,21 @@ getting it twice.  The guard closes both holes on MQTT 5 links with two user
 properties that travel with the message:
 
 ``mqttd-mid``
-    ``<broker_id>:<boot>:<n>``, stamped once, by the first bridged mqttd that
-    accepts the message (a local publish).  Every mqttd with bridges remembers
+    ``<broker_id>:<64 random bits>``, stamped once, by the first bridged mqttd
+    that accepts the message (a local publish); unpredictable, so nobody can
+    name another broker's future message.  Every mqttd with bridges remembers
     the ids it accepted (``window`` entries, oldest forgotten first) and drops
     a message whose id it has seen: a second copy, or one that went round.
 ``mqttd-path``
     the comma-separated broker ids that accepted it; a message whose path
     holds our own id, or already ``hop_limit`` ids, is dropped.
+
+Only a message that arrives over a bridge (a connection of a bridging broker,
+or one of this broker's own bridges) is believed to carry these properties:
+on a message from anyone else (an ordinary client, an internal publish) they
+are removed and the message is stamped afresh, so a client that forges
+``mqttd-mid`` can neither make the guard drop another broker's message nor
+fill its memory of ids.
 
 Dropped copies are acknowledged as usual (so nothing is re-sent) and counted
 in :attr:`MeshGuard.dropped`.  Limits: MQTT 3.1.1 links cannot carry
@@ -109,6 +117,12 @@ class MeshGuard:
         props = message.properties
         user = props.user_properties
         mid = path = None
+        if user and (client is None or not getattr(client, "bridge", False)):
+            # not from a bridge: its stamps are not ours to believe (forged or
+            # copied from a delivery); the message is stamped afresh below
+            kept = tuple((n, v) for n, v in user if n != MID and n != PATH)
+            if len(kept) != len(user):
+                user = kept
         if user:
             for name, value in user:
                 if name == MID:
@@ -130,7 +144,7 @@ class MeshGuard:
             prints[key] = now
         if mid is None:
             self._counter += 1
-            mid = f"{self.broker_id}:{self._boot}:{self._counter}"
+            mid = f"{self.broker_id}:{os.urandom(8).hex()}"
             self._remember(mid)
             return _with_user_properties(
                 message, tuple(user) + ((MID, mid), (PATH, self.broker_id)))

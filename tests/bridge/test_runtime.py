@@ -169,16 +169,42 @@ def test_mesh_guard_stamps_local_messages_and_drops_seen_ones():
     """The guard stamps mqttd-mid/path once, appends its id, drops duplicates and loops."""
     from mqttd.bridge.mesh import MeshGuard
     from mqttd.messages import Message
+    from mqttd.broker import ClientInfo
+    link = ClientInfo("peer", 5, None, "bridge:x", False, 0, True, bridge=True)
     a, b = MeshGuard("A"), MeshGuard("B", hop_limit=2)
     stamped = a(Message("t", b"x", 1), None)
     props = dict(stamped.properties.user_properties)
     assert props[PATH] == "A" and props[MID].startswith("A:")
-    at_b = b(stamped, None)
+    at_b = b(stamped, link)
     assert dict(at_b.properties.user_properties)[PATH] == "A,B"
-    assert b(stamped, None) is None and b.dropped["duplicate"] == 1
-    assert a(at_b, None) is None    # A's own message came back: seen
+    assert b(stamped, link) is None and b.dropped["duplicate"] == 1
+    assert a(at_b, link) is None    # A's own message came back: seen
     far = MeshGuard("C", hop_limit=2)
-    assert far(at_b, None) is None and far.dropped["hop-limit"] == 1
+    assert far(at_b, link) is None and far.dropped["hop-limit"] == 1
+
+
+def test_mesh_stamps_forged_by_a_client_are_replaced_not_believed():
+    """A client that publishes with another broker's mqttd-mid cannot make the guard drop that broker's message (REVIEW 19)."""
+    from mqttd.bridge.mesh import MeshGuard
+    from mqttd.codec.packets import Properties
+    from mqttd.broker import ClientInfo
+    from mqttd.messages import Message
+    link = ClientInfo("A-to-B", 5, None, "bridge:x", False, 0, True, bridge=True)
+    client = ClientInfo("mallory", 5, None, "127.0.0.1:1", True, 60, False)
+    a, b = MeshGuard("A"), MeshGuard("B")
+    legit = a(Message("m/legit", b"L", 1), None)          # A's next message
+    mid = dict(legit.properties.user_properties)[MID]
+    forged = Message("m/forged", b"f", 1, properties=Properties(
+        user_properties=(("k", "v"), (MID, mid), (PATH, "A"))))
+    routed = b(forged, client)
+    user = routed.properties.user_properties
+    assert ("k", "v") in user                               # the client's own properties kept
+    assert dict(user)[MID] != mid and dict(user)[PATH] == "B"   # stamped afresh by B
+    assert b(legit, link) is not None                       # A's message still gets through
+    assert b.dropped["duplicate"] == 0
+    ids = {dict(a(Message("t", b"x", 1), None).properties.user_properties)[MID]
+           for _ in range(100)}
+    assert len(ids) == 100 and not any(i.endswith(":1") for i in ids)   # not a counter
 
 
 def test_reload_restarts_changed_bridges_only(net):
