@@ -723,6 +723,10 @@ class ClientConnection:
             name == BRIDGE_PROPERTY for name, _value in props.user_properties))
         client_id = packet.client_id
         self.client_id = client_id or None
+        if client_id and client_id in config.trace_clients:
+            # --trace-client: from the CONNECT on, so a refused CONNECT and its
+            # CONNACK are traced too (the case one most needs to debug)
+            trace.install(self, packet)
         if config.max_connections and broker.open_connections > config.max_connections:
             return self._refuse(ReasonCode.QUOTA_EXCEEDED, "max_connections reached",
                                 what="max-connections",
@@ -974,10 +978,13 @@ class ClientConnection:
         level = self.protocol_level
         props = packet.properties
         client_id = self.client_id
+        granted_expiry = None
         if level == MQTT_5:
             expiry = props.session_expiry_interval or 0
             if config.max_session_expiry is not None and expiry > config.max_session_expiry:
-                expiry = config.max_session_expiry
+                # the CONNACK's Session Expiry Interval tells the client the
+                # value used instead of its own [MQTT-3.2.2-3.2 / §3.2.2.3.2]
+                expiry = granted_expiry = config.max_session_expiry
         else:
             expiry = 0 if packet.clean_start else None
         keepalive = packet.keepalive
@@ -997,8 +1004,6 @@ class ClientConnection:
             broker.stats.connects_refused += 1
             broker.stats.count_refusal(reason)
             return self._refuse(code, why)
-        if client_id in config.trace_clients:  # --trace-client
-            trace.install(self, packet)
         session, present = broker.open_session(
             self, client_id, level, packet.clean_start, expiry, packet.will,
             owner=self.info.username, info=self.info)
@@ -1024,6 +1029,7 @@ class ClientConnection:
             # Maximum QoS 2, Retain / Wildcard Subscription Available 1
             ack_props = Properties(
                 assigned_client_identifier=self._assigned,
+                session_expiry_interval=granted_expiry,
                 server_keep_alive=server_keepalive,
                 maximum_packet_size=config.max_packet_size,
                 receive_maximum=(config.max_inflight_incoming

@@ -56,3 +56,17 @@ def test_bad_feature_option_values_are_usage_errors(argv):
     """Out-of-range or unknown values are refused before the broker starts."""
     with pytest.raises(usage.UsageError):
         _parse(*argv)
+
+
+@pytest.mark.parametrize("asked, granted", [(3600, 60), (0xFFFFFFFF, 60), (30, None), (60, None)])
+def test_capped_session_expiry_is_told_in_the_connack(asked, granted):
+    """--max-session-expiry: the CONNACK carries the Session Expiry Interval used when it is not the client's [MQTT-3.2.2.3.2]."""
+    from mqttd.codec.packets import Connack, Connect, Properties
+    from tests.core.harness import FakeClient, make_broker
+    broker, clock = make_broker(max_session_expiry=60)
+    client = FakeClient(broker, clock, level=5)
+    client.send(Connect(5, "se", False, 0,
+                        properties=Properties(session_expiry_interval=asked)))
+    (connack,) = [p for p in client.received() if isinstance(p, Connack)]
+    assert connack.reason_code == 0
+    assert connack.properties.session_expiry_interval == granted

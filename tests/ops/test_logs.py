@@ -79,3 +79,21 @@ def test_sd_notify_sends_to_notify_socket(tmp_path):
         assert sock.recv(100) == b"READY=1"
     assert systemd.notify("READY=1", {}) is False
     assert systemd.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
+
+
+def test_trace_covers_a_refused_connect_and_its_connack():
+    """--trace-client traces the CONNECT and the refusing CONNACK too (the case one most needs to debug)."""
+    from twisted.logger import formatEvent
+
+    class Refuse:
+        def authenticate(self, request):
+            return 0x86
+    broker, clock = make_broker(trace_clients={"c1"})
+    broker.authenticator = Refuse()
+    client = FakeClient(broker, clock)
+    with capturedLogs() as events:
+        client.send(Connect(4, "c1", True, 0, "user", b"wrong"))
+        client.received()
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mqttd.trace"]
+    assert lines[0].startswith("trace c1 <- Connect(") and "wrong" not in lines[0]
+    assert "trace c1 -> Connack(session_present=False, reason_code=4)" in lines
