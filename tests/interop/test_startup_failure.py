@@ -70,6 +70,12 @@ def test_daemonized_twistd_exits_1_naming_endpoint_and_cause(tmp_path, busy_port
                    "--persistence", f"file:{tmp_path / 'data'}"], tmp_path)
     assert result.returncode == 1
     assert f"cannot listen on {endpoint}: Address already in use" in result.stderr
+    # the parent exits on the child's status report; the child removes its pid
+    # file as it exits, which may be a moment later on a loaded machine
+    import time
+    deadline = time.monotonic() + 10
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not pidfile.exists()
     log = Path(tmp_path / "mqttd.log").read_text()
     assert f"Cannot listen on {endpoint}: Address already in use" in log
