@@ -40,6 +40,11 @@ class IBrokerStore(Interface):
 
     durable = Attribute("True if data survives a process restart.")
 
+    # Optional: ``failure`` -- None while the store can write; while it cannot
+    # (disk full, I/O error) an exception with an ``errno`` attribute that
+    # sync() fails with.  The broker reads it with getattr() and refuses
+    # persistent CONNECTs meanwhile (CONNACK 0x97/0x88, v3 0x03).
+
     def open():
         """Load and return the recovered :class:`StoredState` (synchronous).
 
