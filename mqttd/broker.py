@@ -1101,11 +1101,11 @@ class Broker:
         message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self.stats
-            stats.messages_received += 1
-            stats.messages_in[message.qos] += 1
-            stats.payload_in[message.qos] += len(message.payload)
+            qos = message.qos
+            stats.messages_in[qos] += 1
+            stats.payload_in[qos] += len(message.payload)
         if self._publish_filters:
             for publish_filter in self._publish_filters:
                 message = publish_filter(message, client)

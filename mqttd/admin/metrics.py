@@ -112,8 +112,8 @@ class BrokerCollector:
                  "($SYS excluded)", stats.messages_out),
                 ("mqttd_payload_bytes_received_total", "Payload bytes of PUBLISHes "
                  "received, by QoS", stats.payload_in),
-                ("mqttd_payload_bytes_sent_total", "Payload bytes of PUBLISHes sent, by QoS",
-                 stats.payload_out)):
+                ("mqttd_publish_bytes_sent_total", "Bytes of the PUBLISH packets sent, by QoS",
+                 stats.bytes_out)):
             c = CounterMetricFamily(name, doc, labels=["qos"])
             for qos, value in zip(_QOS, values):
                 c.add_metric([qos], value)
