@@ -356,7 +356,6 @@ class ClientConnection:
             return
         if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
-            stats.messages_sent += 1
             stats.bytes_sent += len(data)
             stats.messages_out[qos] += 1
             stats.payload_out[qos] += len(message.payload)
@@ -383,9 +382,11 @@ class ClientConnection:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
         aliases.sent(topic, alias, known)
-        stats = self._stats
-        stats.messages_sent += 1
-        stats.bytes_sent += len(data)
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self._stats
+            stats.bytes_sent += len(data)
+            stats.messages_out[qos] += 1
+            stats.payload_out[qos] += len(message.payload)
         self.transport.write(data)
 
     def _discard_inflight(self, packet_id: int) -> None:

@@ -44,7 +44,6 @@ class LatencyHistogram:
 class BrokerStats:
     connections_total: int = 0
     messages_received: int = 0
-    messages_sent: int = 0
     messages_acked: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
@@ -85,6 +84,12 @@ class BrokerStats:
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    @property
+    def messages_sent(self) -> int:
+        """PUBLISHes sent to clients ($SYS excluded): the sum of ``messages_out``
+        (one counter fewer on the delivery path)."""
+        return sum(self.messages_out)
 
     @property
     def dropped_total(self) -> int:
