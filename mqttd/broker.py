@@ -1098,7 +1098,6 @@ class Broker:
         self.backpressure = False
         if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self.stats
-            stats.messages_received += 1
             stats.messages_in[message.qos] += 1
             stats.payload_in[message.qos] += len(message.payload)
         if self._publish_filters:

@@ -43,7 +43,6 @@ class LatencyHistogram:
 @attrs.define
 class BrokerStats:
     connections_total: int = 0
-    messages_received: int = 0
     messages_acked: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
@@ -84,6 +83,11 @@ class BrokerStats:
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    @property
+    def messages_received(self) -> int:
+        """PUBLISHes received ($SYS excluded): the sum of ``messages_in``."""
+        return sum(self.messages_in)
 
     @property
     def messages_sent(self) -> int:
