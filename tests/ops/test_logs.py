@@ -27,6 +27,22 @@ def test_level_filter_drops_lower_levels_and_can_change_at_run_time():
     assert not debuglog.enabled
 
 
+def test_text_lines_are_twisteds_text_lines_with_the_time_formatted_once_per_second():
+    """The text observer caches the formatted second (half a connect's CPU on PyPy):
+    its lines stay byte-identical to textFileLogObserver's, across second boundaries."""
+    from twisted.logger import LogLevel, textFileLogObserver
+    ours, theirs = io.StringIO(), io.StringIO()
+    mine, reference = logs.text_observer(ours), textFileLogObserver(theirs)
+    for t in (1000.0, 1000.25, 1000.999, 1001.0, 999.5, 1001.5, None):
+        event = {"log_format": "clientConnected {client_id}", "client_id": "c1",
+                 "log_namespace": "mqttd.events", "log_level": LogLevel.info,
+                 "log_time": t}
+        mine(dict(event))
+        reference(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    assert len(set(line[:25] for line in ours.getvalue().splitlines())) >= 4
+
+
 def test_json_format_round_trips_named_fields():
     """--log-format json writes events whose named fields survive as JSON."""
     out = io.StringIO()
