@@ -4,7 +4,7 @@ from __future__ import annotations
 
 try:
     import tracemalloc
-except ImportError:  # PyPy has no tracemalloc: the queue/replay checks still run
+except ImportError:  # PyPy has no tracemalloc: the queue sizes still tell
     tracemalloc = None
 
 from hypothesis import given, settings
