@@ -1245,7 +1245,7 @@ class ClientConnection:
                            client_id=self.client_id, filter=topic_filter, error=str(error))
                 answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID))
                 continue
-            if levels and topic_filter.count("/") >= levels:
+            if levels and topics.parse_shared(topic_filter)[1].count("/") >= levels:
                 broker.refused("max-topic-levels", self.client_id, self.peer,
                                f"filter {topic_filter!r} has more than {levels} levels")
                 answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80))

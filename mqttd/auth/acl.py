@@ -292,10 +292,11 @@ class ACLAuthorizer:
         return self._decide(client, READ, message.topic)
 
     def authorize_subscribe(self, client, topic_filter: str, qos: int) -> bool:
-        return self._decide(client, _SUBSCRIBE, topic_filter)
+        # a shared subscription is judged by its filter: $share/g/a/# as a/#
+        return self._decide(client, _SUBSCRIBE, topics.parse_shared(topic_filter)[1])
 
     def revalidate_subscription(self, client, topic_filter: str) -> bool:
-        return self._decide(client, _SUBSCRIBE, topic_filter)
+        return self._decide(client, _SUBSCRIBE, topics.parse_shared(topic_filter)[1])
 
 __all__ = ["ACL", "ACLAuthorizer", "ACLFileError", "Rule", "covers", "overlaps",
            "parse_acl", "read_acl_file"]
