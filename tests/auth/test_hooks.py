@@ -253,6 +253,11 @@ def test_session_of_another_user_is_refused_unless_allowed():
     assert ack.reason_code == 0x05
     assert not owner.disconnecting and broker.sessions["dev1"].connection is owner.conn
     assert broker.stats.refused["session-owner"] == 2
+    # a session created anonymously has no owner to protect: the first user claims it
+    anon, ack = _connect_as(broker, clock, 4, "dev2", None)
+    anon.drop()
+    _claim, ack = _connect_as(broker, clock, 4, "dev2", "bob")
+    assert ack.reason_code == 0 and broker.sessions["dev2"].owner == "bob"
     broker2, clock2 = make_broker(allow_session_takeover_by_other_user=True)
     _connect_as(broker2, clock2, 4, "dev1", "alice")
     _other, ack = _connect_as(broker2, clock2, 4, "dev1", "bob")
