@@ -177,6 +177,16 @@ def canary(port, stop, arrivals, interval) -> None:
     t.join(5)
 
 
+def build_c_flood() -> str:
+    """bench/.build/flood from bench/flood.c (gcc -O2), rebuilt when the source is newer."""
+    src = ROOT / "bench" / "flood.c"
+    out = ROOT / "bench" / ".build" / "flood"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
+    return str(out)
+
+
 def gaps(arrivals, start, end):
     inside = [a for a in arrivals if start <= a[0] <= end]
     times = [start] + [a[0] for a in inside] + [end]
@@ -200,16 +210,27 @@ def run_flood(args) -> dict:
             log0 = (workdir / "broker.log").stat().st_size
             start = time.monotonic()
             deadline = start + args.timeout
-            out = multiprocessing.Queue()
             per = args.connections // args.workers
-            workers = [multiprocessing.Process(
-                target=flood_worker, args=(port, per, args.concurrency, deadline, i, out))
-                for i in range(args.workers)]
-            for w in workers:
-                w.start()
-            results = [out.get(timeout=args.timeout + 30) for _ in workers]
-            for w in workers:
-                w.join(10)
+            if args.c_flood:
+                binary = build_c_flood()
+                procs = [subprocess.Popen([binary, str(port), str(per), str(args.concurrency),
+                                           str(args.timeout)], stdout=subprocess.PIPE, text=True)
+                         for _ in range(args.workers)]
+                results = []
+                for p in procs:
+                    out_text, _ = p.communicate(timeout=args.timeout + 30)
+                    r = json.loads(out_text)
+                    results.append((r["connections"], r["errors"]))
+            else:
+                out = multiprocessing.Queue()
+                workers = [multiprocessing.Process(
+                    target=flood_worker, args=(port, per, args.concurrency, deadline, i, out))
+                    for i in range(args.workers)]
+                for w in workers:
+                    w.start()
+                results = [out.get(timeout=args.timeout + 30) for _ in workers]
+                for w in workers:
+                    w.join(10)
             end = time.monotonic()
             time.sleep(1.0)
             stop.set()
@@ -235,6 +256,37 @@ def run_flood(args) -> dict:
             stop_broker(proc)
             if args.keep_log:
                 Path(args.keep_log).write_bytes((workdir / "broker.log").read_bytes())
+
+
+def run_bad_publishes(args) -> dict:
+    """One client sends --bad-publishes PUBLISHes the broker refuses ($SYS): log lines."""
+    with tempfile.TemporaryDirectory(prefix="mqttd-logflood-") as tmp:
+        workdir = Path(tmp)
+        proc, port = start_broker(workdir, args.broker_root, args.broker_arg)
+        try:
+            client = BlockingClient(port, "log-flood", timeout=30)
+            log0 = (workdir / "broker.log").stat().st_size
+            batch = encode(Publish("$SYS/x", b"p", 1, packet_id=1), 4) * 1000
+            start = time.monotonic()
+            for _ in range(args.bad_publishes // 1000):
+                client.sock.sendall(batch)
+            client.send(Publish("done/marker", b"", 1, packet_id=2))
+            client.sock.settimeout(60)
+            acks = 0
+            while True:                           # every PUBACK, then the marker's
+                packet = client.next_packet(60)
+                acks += 1
+                if getattr(packet, "packet_id", None) == 2:
+                    break
+            seconds = time.monotonic() - start
+            data = (workdir / "broker.log").read_bytes()[log0:]
+            lines = data.splitlines()
+            return {"bad_publishes": args.bad_publishes, "acks": acks,
+                    "seconds": round(seconds, 2), "log_lines": len(lines),
+                    "log_bytes": len(data),
+                    "log_lines_per_second": round(len(lines) / seconds, 2)}
+        finally:
+            stop_broker(proc)
 
 
 def _varint(n: int) -> bytes:
@@ -301,7 +353,13 @@ def main(argv=None) -> int:
                    help="run the broker from this source tree (PYTHONPATH)")
     p.add_argument("--broker-arg", action="append", default=[],
                    help="extra mqttd option (repeatable)")
+    p.add_argument("--c-flood", action="store_true",
+                   help="flood from bench/flood.c (gcc) instead of Python workers: "
+                        "fast enough to saturate the broker")
     p.add_argument("--keep-log", default=None, help="copy the broker's log here")
+    p.add_argument("--bad-publishes", type=int, default=0,
+                   help="instead: one client sends this many refused PUBLISHes; count log "
+                        "lines (item 8)")
     p.add_argument("--rss", action="store_true", help="measure memory instead (item 2)")
     p.add_argument("--sockets", type=int, default=20)
     p.add_argument("--body", type=int, default=15 * 1024 * 1024,
@@ -310,7 +368,12 @@ def main(argv=None) -> int:
                    help="--rss: remaining length each CONNECT declares (default: just "
                         "under the default --max-packet-size)")
     args = p.parse_args(argv)
-    result = run_rss(args) if args.rss else run_flood(args)
+    if args.bad_publishes:
+        result = run_bad_publishes(args)
+    elif args.rss:
+        result = run_rss(args)
+    else:
+        result = run_flood(args)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -12,6 +12,7 @@ events (:meth:`Broker.on`): ``clientConnected``, ``clientDisconnecting``,
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import uuid
 from typing import Callable, Dict, List, Optional
@@ -116,6 +117,13 @@ class BrokerConfig:
     #: per-session queue of messages waiting for an offline/slow client
     max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
     max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
+    #: payload + topic bytes queued in all sessions together; beyond it the
+    #: overflow policy drops (reason "queued-bytes-total"); 0 = no cap
+    max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
+                                              validator=_int_in(0))
+    #: persistent sessions held at most; a CONNECT that would create one more
+    #: is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
+    max_sessions: int = attrs.field(default=100_000, validator=_int_in(0))
     overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
                                        validator=_one_of(OverflowPolicy.ALL))
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
@@ -198,7 +206,7 @@ class BrokerConfig:
 
     def queue_limits(self) -> QueueLimits:
         return QueueLimits(self.max_queued_messages, self.max_queued_bytes,
-                           self.overflow_policy)
+                           self.overflow_policy, self.max_queued_bytes_total)
 
 
 @attrs.define(eq=False)
@@ -261,6 +269,9 @@ class Broker:
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
+        #: client ids of the persistent sessions (--max-sessions)
+        self._persistent: set = set()
+        self._total_logged = None
         # an online subscriber this far behind holds its publishers back
         self._high_water = max(1, min(config.max_queued_messages // 2, 1000))
         self._high_water_bytes = max(1, min(config.max_queued_bytes // 2, 1024 * 1024))
@@ -542,7 +553,9 @@ class Broker:
             record = stored.record
             session = Session(client_id=client_id, protocol_level=record.protocol_level,
                               persistent=True, expiry_interval=record.expiry_interval,
-                              owner=getattr(record, "owner", None))  # older records: none
+                              owner=getattr(record, "owner", None),  # older records: none
+                              ledger=self.stats)
+            self._persistent.add(client_id)
             session.disconnected_at = (record.disconnected_at
                                        if record.disconnected_at is not None else now)
             for sub in record.subscriptions:
@@ -561,8 +574,7 @@ class Broker:
                 if forwardable is not out.message:
                     out = attrs.evolve(out, message=forwardable)
                 if out.stage == OutboundStage.QUEUED or out.packet_id is None:
-                    session.queue.append(out)
-                    session.queued_bytes += len(out.message.payload) + len(out.message.topic)
+                    session.restore_queued(out)
                 else:
                     session.inflight[out.packet_id] = out
             session.inbound_qos2.update(stored.inbound_qos2)
@@ -636,13 +648,14 @@ class Broker:
                 self._discard_session(existing)
             # the old session ended: a will still waiting goes out now [MQTT-3.1.2-8]
             self.wills.session_ended(client_id)
-            session = Session(client_id=client_id)
+            session = Session(client_id=client_id, ledger=self.stats)
             self.sessions[client_id] = session
         was_persistent = session.persistent
         session.owner = owner
         session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
+        self._track_persistent(session)
         session.expiry_interval = expiry_interval
         session.will = will
         session.connection = connection
@@ -660,6 +673,43 @@ class Broker:
             self._write(R.DeleteSession(client_id))
         self.stats.connections_total += 1
         return session, session_present
+
+    def _track_persistent(self, session: Session) -> None:
+        if session.persistent:
+            self._persistent.add(session.client_id)
+        else:
+            self._persistent.discard(session.client_id)
+        self.stats.persistent_sessions = len(self._persistent)
+
+    def session_refusal(self, client_id: str, persistent: bool) -> Optional[tuple]:
+        """Why a CONNECT for ``client_id`` must be refused before its session is
+        touched: ``(reason_code, why, stats_reason)``, or None to go on.
+
+        * the store cannot write (disk full, I/O error) and the session would be
+          persistent: v5 0x97 Quota exceeded for a full disk, else 0x88 Server
+          unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
+          CONNACK [MQTT-3.14.0-1];
+        * it would create one persistent session more than ``max_sessions``:
+          0x97 Quota exceeded (v3: 0x03).  Resuming or replacing an existing
+          persistent session is always allowed.
+        """
+        if not persistent:
+            return None
+        failure = getattr(self.store, "failure", None)
+        if failure is not None:
+            full = getattr(failure, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            return ((ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE),
+                    f"the store cannot write ({failure})", "store-unavailable")
+        limit = self.config.max_sessions
+        if limit and client_id not in self._persistent and len(self._persistent) >= limit:
+            # repair the count if anything removed sessions behind our back
+            self._persistent = {cid for cid, s in self.sessions.items() if s.persistent}
+            self.stats.persistent_sessions = len(self._persistent)
+            if len(self._persistent) >= limit:
+                return (ReasonCode.QUOTA_EXCEEDED,
+                        f"{len(self._persistent)} persistent sessions, the maximum "
+                        f"(--max-sessions)", "max-sessions")
+        return None
 
     def session_online(self, session: Session) -> None:
         """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue.
@@ -771,10 +821,13 @@ class Broker:
         for topic_filter in list(session.subscriptions):
             self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
+        session.clear_queue()
         if session.persistent:
             self._write(R.DeleteSession(session.client_id))
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._persistent.discard(session.client_id)
+            self.stats.persistent_sessions = len(self._persistent)
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
@@ -788,6 +841,7 @@ class Broker:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
         was_persistent = session.persistent
         session.persistent = interval > 0
+        self._track_persistent(session)
         session.expiry_interval = None if interval == NEVER_EXPIRES else interval
         if was_persistent and not session.persistent:
             self._write(R.DeleteSession(session.client_id))  # ends with this connection
@@ -1237,7 +1291,10 @@ class Broker:
                 if template is not None:
                     session.wire[record.seq] = template
         if victim is not None:
-            self.count_dropped(session, "queue-full", victim.message)
+            reason = session.overflow
+            if reason == "queued-bytes-total":
+                self._total_cap_hit()
+            self.count_dropped(session, reason, victim.message)
             if victim is not record:
                 session.wire.pop(victim.seq, None)
                 if victim.qos and persistent:
@@ -1354,6 +1411,16 @@ class Broker:
                 self.count_dropped(session, "expired", out.message)
                 continue
             conn.send_publish(message, out.qos, pid, True)
+
+    def _total_cap_hit(self) -> None:
+        now = self.clock.seconds()
+        if self._total_logged is None or now - self._total_logged >= 60.0:
+            self._total_logged = now
+            log.warn("All sessions' queues together hold {queued} bytes, the maximum "
+                     "(--max-queued-bytes-total {limit}); messages beyond it are dropped "
+                     "by the overflow policy ({policy}) and counted as queued-bytes-total",
+                     queued=self.stats.queued_bytes, policy=self.config.overflow_policy,
+                     limit=self.config.max_queued_bytes_total)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
         """Count, and log (rate-limited), one message not delivered to ``session``."""

@@ -14,6 +14,7 @@ answers with a CONNACK (during CONNECT), a DISCONNECT with the reason code
 from __future__ import annotations
 
 import collections
+import errno
 from typing import Optional
 
 import attrs
@@ -37,7 +38,7 @@ from mqttd.codec.reader import PacketReader
 from mqttd.hooks import (
     HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties
+from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties, will_message
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 
 log = Logger(namespace="mqttd.connection")
@@ -426,10 +427,27 @@ class ClientConnection:
             self.send(item)
 
     def _store_failed(self, failure):
-        log.failure("Store write failed; disconnecting {client_id} without acknowledging",
-                    failure, client_id=self.client_id)
+        """The store could not make an acknowledgement durable: never send it.
+
+        Before CONNACK the answer is a CONNACK refusal (v5 0x97 for a full
+        disk, else 0x88; v3 0x03), never a DISCONNECT [MQTT-3.14.0-1]; after
+        it, v5 DISCONNECT 0x97 / 0x83 or a v3 close.  The store logs the failure
+        itself (once); this line is rate-limited per client.
+        """
         self._pending.clear()
-        self.disconnect(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "storage failure")
+        error = failure.value
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if self.state == _CONNECTED and not self._online:
+            self.broker.stats.connects_refused += 1
+            self.broker.stats.count_refusal("store-unavailable")
+            self._will_on_close = False     # it never connected
+            self._refuse(ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE,
+                         f"the store cannot write ({error})")
+            return None
+        self._warn("store-failed", "Store cannot write ({error}); disconnecting {client_id} "
+                   "without acknowledging", error=str(error), client_id=self.client_id)
+        self.disconnect(ReasonCode.QUOTA_EXCEEDED if full
+                        else ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "storage failure")
         return None
 
     # --- flow control from the transport (push producer) ---------------------------
@@ -902,8 +920,7 @@ class ClientConnection:
         check = broker.authorize_publish
         if will is None or check is None:
             return self._connected(auth_data)
-        message = Message(will.topic, will.payload, will.qos, will.retain,
-                          will.properties, self.client_id)
+        message = will_message(will, self.client_id)   # the PUBLISH it would become
 
         def will_answered(answer):
             if answer is not True:
@@ -939,6 +956,12 @@ class ClientConnection:
                                     f"keepalive {keepalive} s is 0 or over the maximum of "
                                     f"{config.max_keepalive} s")
             keepalive = server_keepalive = config.max_keepalive
+        refusal = broker.session_refusal(client_id, expiry is None or expiry > 0)
+        if refusal is not None:
+            code, why, reason = refusal
+            broker.stats.connects_refused += 1
+            broker.stats.count_refusal(reason)
+            return self._refuse(code, why)
         if client_id in config.trace_clients:  # --trace-client
             trace.install(self, packet)
         session, present = broker.open_session(

@@ -54,8 +54,13 @@ class BrokerStats:
     publisher_holds: int = 0
     #: subscribers that used up --max-publisher-pause without draining
     slow_subscribers_demoted: int = 0
-    #: dropped messages by reason ("queue-full", "client-maximum-packet-size")
+    #: dropped messages by reason ("queue-full", "queued-bytes-total",
+    #: "client-maximum-packet-size", "expired")
     dropped: Dict[str, int] = attrs.Factory(dict)
+    #: gauge: payload + topic bytes queued in all sessions (--max-queued-bytes-total)
+    queued_bytes: int = 0
+    #: gauge: persistent sessions held (--max-sessions)
+    persistent_sessions: int = 0
     #: PUBLISHes received / sent, and their payload bytes, indexed by QoS
     #: (the broker's own $SYS messages are not counted)
     messages_in: List[int] = attrs.Factory(lambda: [0, 0, 0])
@@ -71,7 +76,8 @@ class BrokerStats:
     #: refusals and limit hits by kind: "authentication", "anonymous",
     #: "session-owner", "publish", "subscribe", "forward", "will",
     #: "subscription" (removed on reload), "max-connections",
-    #: "max-subscriptions-per-client", "max-topic-levels", "inbound-rate"
+    #: "max-subscriptions-per-client", "max-topic-levels", "inbound-rate",
+    #: "max-sessions", "store-unavailable" (CONNECTs refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)
 
     def count_refusal(self, what: str) -> None:

@@ -33,6 +33,14 @@ class QueueLimits:
     max_messages: int = 100_000
     max_bytes: int = 64 * 1024 * 1024
     policy: str = OverflowPolicy.DROP_OLDEST
+    #: cap on the queued bytes of all sessions together (their ``ledger``); 0 = none
+    max_total_bytes: int = 0
+
+
+class QueueLedger:
+    """The queued bytes of every session sharing it (``--max-queued-bytes-total``)."""
+
+    queued_bytes: int = 0
 
 
 class PacketIdsExhausted(Exception):
@@ -65,6 +73,10 @@ class Session:
     disconnected_at: Optional[float] = None
     #: counters of dropped messages by reason
     dropped: Dict[str, int] = attrs.Factory(dict)
+    #: the queued-bytes account shared by the broker's sessions (None: own only)
+    ledger: Optional[QueueLedger] = None
+    #: which limit the last enqueue() that dropped a message hit
+    overflow: str = "queue-full"
     _next_seq: int = 1
     _next_packet_id: int = 1
     #: pending expiry timer (an IDelayedCall) while offline
@@ -123,25 +135,62 @@ class Session:
         """Append ``record`` to the queue, applying ``limits``.
 
         Returns the record that was dropped to respect the limits (which may be
-        ``record`` itself under DROP_NEW), or ``None``.  ``force`` bypasses the
-        limits (retained messages sent on SUBSCRIBE are never dropped).
+        ``record`` itself under DROP_NEW), or ``None``; :attr:`overflow` then
+        says which limit (``"queue-full"``: this session's count or bytes;
+        ``"queued-bytes-total"``: all sessions' bytes, ``limits.max_total_bytes``
+        against the shared :attr:`ledger`).  Under DROP_OLDEST one message of
+        this session's queue makes room, so the total stays within one message
+        of its cap.  ``force`` bypasses the limits (retained messages sent on
+        SUBSCRIBE are never dropped).
         """
         size = len(record.message.payload) + len(record.message.topic)
         victim = None
-        if not force and (len(self.queue) >= limits.max_messages
-                          or self.queued_bytes + size > limits.max_bytes):
-            if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
-                return record
-            victim = self.queue.popleft()
-            self.queued_bytes -= len(victim.message.payload) + len(victim.message.topic)
+        ledger = self.ledger
+        if not force:
+            over = (len(self.queue) >= limits.max_messages
+                    or self.queued_bytes + size > limits.max_bytes)
+            if over:
+                self.overflow = "queue-full"
+            elif (limits.max_total_bytes and ledger is not None
+                  and ledger.queued_bytes + size > limits.max_total_bytes):
+                over = True
+                self.overflow = "queued-bytes-total"
+            if over:
+                if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
+                    return record
+                victim = self.queue.popleft()
+                victim_size = len(victim.message.payload) + len(victim.message.topic)
+                self.queued_bytes -= victim_size
+                if ledger is not None:
+                    ledger.queued_bytes -= victim_size
         self.queue.append(record)
         self.queued_bytes += size
+        if ledger is not None:
+            ledger.queued_bytes += size
         return victim
 
     def dequeue(self) -> OutboundRecord:
         record = self.queue.popleft()
-        self.queued_bytes -= len(record.message.payload) + len(record.message.topic)
+        size = len(record.message.payload) + len(record.message.topic)
+        self.queued_bytes -= size
+        if self.ledger is not None:
+            self.ledger.queued_bytes -= size
         return record
+
+    def restore_queued(self, record: OutboundRecord) -> None:
+        """Append a recovered queued record (no limits: it was accepted before)."""
+        size = len(record.message.payload) + len(record.message.topic)
+        self.queue.append(record)
+        self.queued_bytes += size
+        if self.ledger is not None:
+            self.ledger.queued_bytes += size
+
+    def clear_queue(self) -> None:
+        """Forget every queued message (the session is discarded)."""
+        if self.ledger is not None:
+            self.ledger.queued_bytes -= self.queued_bytes
+        self.queue.clear()
+        self.queued_bytes = 0
 
     def count_drop(self, reason: str) -> int:
         count = self.dropped.get(reason, 0) + 1

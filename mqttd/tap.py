@@ -106,6 +106,12 @@ OPTIONS: List[Option] = [
            default=100_000, field="max_queued_messages"),
     Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
            default=64 * 1024 * 1024, field="max_queued_bytes"),
+    Option("max-queued-bytes-total", integer(0), "Queued bytes of all sessions together; "
+           "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
+           field="max_queued_bytes_total"),
+    Option("max-sessions", integer(0), "Persistent sessions held at most; a CONNECT for "
+           "one more is refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
+           field="max_sessions"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
     Option("bridge-dedup-window", number(0), "Seconds a message that came over a bridge "

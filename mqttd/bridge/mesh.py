@@ -43,7 +43,8 @@ import os
 import attrs
 from twisted.logger import Logger
 
-from mqttd.messages import Message
+from mqttd.codec.packets import NO_PROPERTIES, Properties
+from mqttd.messages import FORWARDED, Message
 
 log = Logger(namespace="mqttd.bridge.mesh")
 
@@ -131,8 +132,8 @@ class MeshGuard:
             self._counter += 1
             mid = f"{self.broker_id}:{self._boot}:{self._counter}"
             self._remember(mid)
-            return attrs.evolve(message, properties=attrs.evolve(
-                props, user_properties=tuple(user) + ((MID, mid), (PATH, self.broker_id))))
+            return _with_user_properties(
+                message, tuple(user) + ((MID, mid), (PATH, self.broker_id)))
         hops = path.split(",") if path else []
         if mid in self._seen:
             return self._drop("duplicate", message, mid)
@@ -143,8 +144,7 @@ class MeshGuard:
         self._remember(mid)
         hops.append(self.broker_id)
         rest = tuple((n, v) for n, v in user if n != PATH)
-        return attrs.evolve(message, properties=attrs.evolve(
-            props, user_properties=rest + ((PATH, ",".join(hops)),)))
+        return _with_user_properties(message, rest + ((PATH, ",".join(hops)),))
 
     def _remember(self, mid: str) -> None:
         seen = self._seen
@@ -157,3 +157,25 @@ class MeshGuard:
         log.debug("Mesh guard dropped {topic} ({mid}): {reason}",
                   topic=message.topic, mid=mid, reason=reason)
         return None
+
+
+_MESSAGE_FIELDS = tuple(a.name for a in attrs.fields(Message))
+_FAST = _MESSAGE_FIELDS == ("topic", "payload", "qos", "retain", "properties", "origin",
+                            "expires_at")
+_KEPT = tuple(name for name in FORWARDED if name != "user_properties")
+
+
+def _with_user_properties(message: Message, user: tuple) -> Message:
+    """``message`` with its user properties replaced (per message: no attrs.evolve)."""
+    props = message.properties
+    if props is NO_PROPERTIES:
+        props = Properties(user_properties=user)
+    else:
+        kwargs = {name: getattr(props, name) for name in _KEPT}
+        if props.subscription_identifiers:
+            kwargs["subscription_identifiers"] = props.subscription_identifiers
+        props = Properties(user_properties=user, **kwargs)
+    if not _FAST:   # Message grew a field: stay correct
+        return attrs.evolve(message, properties=props)
+    return Message(message.topic, message.payload, message.qos, message.retain, props,
+                   message.origin, message.expires_at)

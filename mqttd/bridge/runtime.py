@@ -39,7 +39,7 @@ from mqttd.codec.packets import (
     MQTT_5, NO_PROPERTIES, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, Subscription, Unsubscribe, Will)
 from mqttd.interfaces import IClientConnection
-from mqttd.messages import Message
+from mqttd.messages import Message, forwarded_properties, remaining_interval
 from mqttd.persistence.records import SubscriptionRecord
 
 log = Logger(namespace="mqttd.bridge")
@@ -137,6 +137,8 @@ class Bridge(Service):
         self._out = [t for t in config.topics if t.outgoing]
         self._in = [t for t in config.topics if t.incoming]
         self._acks = collections.deque()
+        #: local topic -> remote topic (bounded cache of the topic-line mapping)
+        self._remote_names = {}
         self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
                                       retryPolicy=self._retry_delay, clock=reactor)
 
@@ -351,8 +353,8 @@ class Bridge(Service):
             if props is not NO_PROPERTIES:
                 if props.message_expiry_interval is not None:
                     expires = self.reactor.seconds() + props.message_expiry_interval
-                if props.topic_alias is not None or props.subscription_identifiers:
-                    props = attrs.evolve(props, topic_alias=None, subscription_identifiers=())
+                # inbound -> outbound: the one mapping every path uses (§3.3.2.3)
+                props = forwarded_properties(props)
             if qos == 2:
                 broker.inbound_qos2_add(session, pid)
             broker.publish(Message(local_topic, packet.payload, qos, packet.retain, props,
@@ -392,18 +394,26 @@ class Bridge(Service):
         remote = self.remote
         if remote is None:
             return   # the session is re-sent on the next connection
-        remote_topic = None
-        for topic in self._out:
-            remote_topic = topic.to_remote(message.topic)
-            if remote_topic is not None:
-                break
-        if remote_topic is None:  # a subscription left over from an older config
-            remote_topic = message.topic
+        remote_topic = self._remote_names.get(message.topic)
+        if remote_topic is None:
+            for topic in self._out:
+                remote_topic = topic.to_remote(message.topic)
+                if remote_topic is not None:
+                    break
+            if remote_topic is None:  # a subscription left over from an older config
+                remote_topic = message.topic
+            if len(self._remote_names) >= 10_000:
+                self._remote_names.clear()
+            self._remote_names[message.topic] = remote_topic
         retain = message.retain and self.config.outgoing_retain
-        props = message.properties if remote.level == MQTT_5 else NO_PROPERTIES
-        if props is not NO_PROPERTIES and message.expires_at is not None:
-            left = int(message.expires_at - self.reactor.seconds())
-            props = attrs.evolve(props, message_expiry_interval=max(1, left))
+        props = NO_PROPERTIES
+        if remote.level == MQTT_5:
+            # local -> remote PUBLISH: what a PUBLISH forwards (never this broker's
+            # Subscription Identifiers [MQTT-3.3.4-6]), expiry lowered by the wait
+            props = forwarded_properties(message.properties)
+            if props is not NO_PROPERTIES and message.expires_at is not None:
+                props = attrs.evolve(props, message_expiry_interval=remaining_interval(
+                    message.expires_at, self.reactor.seconds()))
         remote.send(Publish(remote_topic, message.payload, qos, retain, dup, packet_id, props))
         if not dup:
             self.stats.messages_out += 1

@@ -74,6 +74,18 @@ class StoreError(Exception):
     """The store cannot do what was asked (closed, or a write/fsync failed)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot write right now (disk full, I/O error); it retries by itself.
+
+    ``errno`` is the OS error number of the failure (``errno.ENOSPC`` for a
+    full disk), or None.
+    """
+
+    def __init__(self, message: str, errno_: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
 class StoreLockedError(StoreError):
     """Another process (or another store object) has this data directory open."""
 
@@ -223,10 +235,14 @@ def fsync_dir(path: str, fsync=os.fsync) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def _write(fd: int, data) -> int:
+    return os.write(fd, data)
+
+
+def write_all(fd: int, data: bytes, write=_write) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = write(fd, view)
         view = view[written:]
 
 
@@ -484,14 +500,21 @@ class JournaledStore:
     :param compact_bytes: a journal larger than this triggers a checkpoint.
     :param threadpool: a started ThreadPool to use instead of a private one.
     :param fsync_function: replaces :func:`os.fsync` (tests count or slow it).
+    :param write_function: replaces :func:`os.write` for journal appends (tests
+        inject ENOSPC).
     :param run_in_thread: ``f(callable, *args) -> Deferred``; replaces the thread
         pool (tests pass a synchronous runner).
     """
 
     durable = True
+    #: seconds before the first recovery attempt after a failed write or
+    #: fsync; doubled after each failed attempt, up to RETRY_MAX
+    RETRY_INITIAL = 0.5
+    RETRY_MAX = 10.0
 
     def __init__(self, path, reactor, fsync="always", compact_bytes=DEFAULT_COMPACT_BYTES,
-                 threadpool=None, fsync_function=os.fsync, run_in_thread=None):
+                 threadpool=None, fsync_function=os.fsync, run_in_thread=None,
+                 write_function=None):
         self.path = os.path.abspath(path)
         self._reactor = reactor
         self.fsync_mode, self._interval = parse_fsync_mode(fsync)
@@ -499,6 +522,7 @@ class JournaledStore:
             raise ValueError("compact_bytes must be positive")
         self.compact_bytes = compact_bytes
         self._fsync = fsync_function
+        self._os_write = write_function or _write
         #: seconds per batch write and per fsync (exported by the admin metrics)
         self.write_latency = LatencyHistogram()
         self.fsync_latency = LatencyHistogram()
@@ -524,13 +548,24 @@ class JournaledStore:
         self._waiters = collections.deque()   # (target, Deferred), in request order
         self._syncing = False
         self._compacting: Optional[defer.Deferred] = None
-        self._broken: Optional[Failure] = None
+        #: the failure that makes the store refuse syncs until a recovery
+        #: checkpoint succeeds (disk full, I/O error); None while healthy
+        self._failing: Optional[Failure] = None
+        self._failed_at = 0.0
+        self._retry_call = None
+        self._retry_delay = self.RETRY_INITIAL
+        self._recovering = False
+        self._refused = 0               # syncs refused during the current failure
+        self._compaction_blocked_until = 0.0
         self._state = "new"             # new -> open -> closing -> closed
 
         #: completed fsync rounds (each serves every waiter of its batch)
         self.fsync_count = 0
         #: completed compactions
         self.compaction_count = 0
+        #: write/fsync failure episodes, and recoveries from them
+        self.failure_count = 0
+        self.recovery_count = 0
 
     # -- subclass hooks --
 
@@ -586,8 +621,9 @@ class JournaledStore:
         if self._state != "open":
             return defer.fail(StoreError(f"store {self.path} is not open"))
         self._flush()
-        if self._broken is not None:
-            return defer.fail(self._broken)
+        if self._failing is not None:
+            self._refused += 1
+            return defer.fail(self._unavailable())
         if self.fsync_mode != "always":
             return defer.succeed(None)
         return self._wait_for_fsync()
@@ -608,37 +644,148 @@ class JournaledStore:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
-        if not self._pending or self._broken is not None:
-            self._pending = []
+        if not self._pending:
+            return
+        if self._failing is not None:
+            if not self._recovering:
+                # the mirror holds them; the recovery checkpoint will write them
+                self._pending = []
             return
         ops, self._pending = self._pending, []
         started = time.monotonic()
         try:
             record = encode_record(safepickle.dumps(ops))
-            write_all(self._fd, record)
+            write_all(self._fd, record, self._os_write)
             self.write_latency.observe(time.monotonic() - started)
         except Exception:
-            self._break(Failure(), "write to journal {path} failed", journal_path(self.path, self._gen))
+            failure = Failure()
+            try:  # never leave half a record behind (shrinking needs no space)
+                os.ftruncate(self._fd, self._journal_bytes)
+            except OSError:
+                pass
+            self._fail(failure, "write to journal")
             return
         self._journal_bytes += len(record)
         self._written += len(record)
         if (self._journal_bytes >= self.compact_bytes and self._compacting is None
-                and self._state == "open"):
-            self._start_compaction(final=False)
+                and self._state == "open"
+                and self._reactor.seconds() >= self._compaction_blocked_until):
+            try:
+                self._start_compaction(final=False)
+            except OSError:
+                self._fail(Failure(), "starting a new journal")
 
-    def _break(self, failure: Failure, what: str, path: str) -> None:
-        log.failure("Store " + what + "; refusing further syncs", failure, path=path)
-        self._broken = failure
+    # -- failure and recovery --
+
+    @property
+    def failure(self) -> Optional[StoreUnavailable]:
+        """While writes fail: the :class:`StoreUnavailable` that syncs fail with."""
+        return self._unavailable() if self._failing is not None else None
+
+    def _unavailable(self) -> StoreUnavailable:
+        error = self._failing.value
+        return StoreUnavailable(f"store {self.path} cannot write: {error}",
+                                getattr(error, "errno", None))
+
+    def _fail(self, failure: Failure, what: str) -> None:
+        """A write or fsync failed: refuse syncs, retry with backoff, log once."""
+        first = self._failing is None
+        if first:
+            self._failing = failure
+            self._failed_at = self._reactor.seconds()
+            self._refused = 0
+            self.failure_count += 1
+            self._retry_delay = self.RETRY_INITIAL
+            error = failure.value
+            log.error("Store {path}: {what} failed ({error}); acknowledgements that need "
+                      "the store are refused until it can write again (retrying every "
+                      "{initial}-{maximum} s, nothing acknowledged is lost)",
+                      path=self.path, what=what, error=str(error),
+                      errno=getattr(error, "errno", None),
+                      initial=self.RETRY_INITIAL, maximum=self.RETRY_MAX)
+        unavailable = self._unavailable()
         waiters, self._waiters = self._waiters, collections.deque()
         for _, d in waiters:
-            d.errback(failure)
+            self._refused += 1
+            d.errback(unavailable)
+        if first:
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._state != "open" or self._retry_call is not None:
+            return
+        self._retry_call = self._reactor.callLater(self._retry_delay, self._retry)
+
+    def _retry(self) -> None:
+        """Try to make the whole state durable again: checkpoint + fresh journal."""
+        self._retry_call = None
+        if self._state != "open" or self._failing is None:
+            return
+        if self._syncing or self._compacting is not None:
+            self._retry_call = self._reactor.callLater(0.05, self._retry)
+            return
+        self._recovering = True
+        self._pending = []          # all in the mirror, so all in the checkpoint
+        new_gen = self._gen + 1
+        d = self._run(self._recovery_job, copy_state(self._mirror), new_gen)
+        d.addCallbacks(self._recovered, self._recovery_failed, callbackArgs=(new_gen,))
+
+    def _recovery_job(self, snapshot: StoredState, new_gen: int) -> int:
+        self._write_checkpoint(snapshot, new_gen)
+        path = journal_path(self.path, new_gen)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            write_all(fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, new_gen),
+                      self._os_write)
+            self._fsync(fd)
+            fsync_dir(self.path, self._fsync)
+        except BaseException:
+            os.close(fd)
+            raise
+        for gen in list_journals(self.path):
+            if gen < new_gen:
+                try:
+                    os.unlink(journal_path(self.path, gen))
+                except FileNotFoundError:
+                    pass
+        self._remove_old_checkpoints(new_gen)
+        return fd
+
+    def _recovered(self, fd: int, new_gen: int) -> None:
+        self._recovering = False
+        old = [self._fd] if self._fd is not None else []
+        for old_fd in self._retired + old:
+            os.close(old_fd)
+        self._retired = []
+        self._fd = fd
+        self._gen = new_gen
+        self._journal_bytes = JOURNAL_HEADER.size
+        self._written += JOURNAL_HEADER.size
+        self._durable = self._written
+        self._failing = None
+        self.recovery_count += 1
+        log.info("Store {path} writes again after {seconds:.1f} s (checkpoint {generation} "
+                 "holds everything); {refused} syncs were refused meanwhile",
+                 path=self.path, seconds=self._reactor.seconds() - self._failed_at,
+                 generation=new_gen, refused=self._refused)
+        if self._state != "open":
+            return
+        self._flush()              # what arrived while the checkpoint was written
+        self._maybe_start_fsync()
+
+    def _recovery_failed(self, failure: Failure) -> None:
+        self._recovering = False
+        log.debug("Store {path} still cannot write: {error}", path=self.path,
+                  error=str(failure.value))
+        self._retry_delay = min(self._retry_delay * 2, self.RETRY_MAX)
+        self._schedule_retry()
 
     def _open_journal(self, generation: int, create: bool) -> int:
         path = journal_path(self.path, generation)
         if create:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             header = JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, generation)
-            write_all(fd, header)
+            write_all(fd, header, self._os_write)
             self._dir_dirty = True
             self._journal_bytes = len(header)
             self._written += len(header)
@@ -660,7 +807,7 @@ class JournaledStore:
         return d
 
     def _maybe_start_fsync(self, force: bool = False) -> None:
-        if self._syncing or self._broken is not None or self._fd is None:
+        if self._syncing or self._failing is not None or self._fd is None:
             return
         if not (self._waiters or (force and (self._written > self._durable or self._retired))):
             return
@@ -703,8 +850,8 @@ class JournaledStore:
         self._syncing = False
         self._dir_dirty = self._dir_dirty or dir_dirty
         # after a failed fsync the page cache state is unknown ("fsyncgate"):
-        # never report later data as durable
-        self._break(failure, "fsync of {path} failed", self.path)
+        # never report later data as durable; recovery rewrites everything
+        self._fail(failure, "fsync")
 
     def _interval_tick(self) -> None:
         self._interval_call = None
@@ -755,9 +902,16 @@ class JournaledStore:
 
     def _compaction_failed(self, failure: Failure) -> None:
         self._compacting = None
-        # the journals still hold everything; keep running on them
-        log.failure("Compaction of {path} failed; the journals still hold the data",
-                    failure, path=self.path)
+        # the journals still hold everything; keep running on them, and do not
+        # try again on every write (a full disk would make that a storm)
+        self._compaction_blocked_until = self._reactor.seconds() + self.RETRY_MAX
+        if isinstance(failure.value, OSError):
+            log.warn("Compaction of {path} failed ({error}); the journals still hold "
+                     "the data; next attempt in {seconds} s at the earliest",
+                     path=self.path, error=str(failure.value), seconds=self.RETRY_MAX)
+        else:
+            log.failure("Compaction of {path} failed; the journals still hold the data",
+                        failure, path=self.path)
 
     # -- closing --
 
@@ -771,10 +925,25 @@ class JournaledStore:
         try:
             if self._compacting is not None:
                 await _quiet(self._compacting)
-            if self._broken is None:
+            if self._retry_call is not None and self._retry_call.active():
+                self._retry_call.cancel()
+            self._retry_call = None
+            if self._failing is not None and not self._recovering:
+                # one last attempt to save the state; unacknowledged only, if it fails
+                try:
+                    fd = await self._run(self._recovery_job, copy_state(self._mirror),
+                                         self._gen + 1)
+                except Exception as e:
+                    log.error("Store {path} closed while it cannot write ({error}); what "
+                              "was never acknowledged since {seconds:.1f} s ago is not "
+                              "saved", path=self.path, error=str(e),
+                              seconds=self._reactor.seconds() - self._failed_at)
+                else:
+                    self._recovered(fd, self._gen + 1)
+            if self._failing is None:
                 # make everything written durable whatever the fsync mode
                 await _quiet(self._wait_for_fsync())
-            if self._broken is None and self._journal_bytes > JOURNAL_HEADER.size:
+            if self._failing is None and self._journal_bytes > JOURNAL_HEADER.size:
                 await _quiet(self._start_compaction(final=True))
             while self._syncing or self._compacting is not None:
                 await _quiet(self._compacting or self._wait_for_fsync())

@@ -210,3 +210,34 @@ def test_bad_bridge_in_broker_config_exits_2_with_the_line(tmp_path):
                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert result.returncode == 2
     assert f"{config}, line 4" in result.stderr and "b/# up 1" in result.stderr
+
+
+def test_check_config_lists_the_bridges(tmp_path):
+    """'mqttd check-config' validates [[bridge]] tables and lists them; a bad one exits 2."""
+    from mqttd.cli import main as cli_main
+    config = tmp_path / "mqttd.toml"
+    config.write_text('[[bridge]]\nconnection = "up"\naddress = "h1:1884 h2"\n'
+                      'topic = ["a/# out 1"]\n')
+    assert cli_main(["check-config", "--config", str(config)]) == 0
+    config.write_text('[[bridge]]\nconnection = "up"\naddress = "h1:1884"\n'
+                      'topic = ["a/# out 1"]\nkeepalive_interval = 1\n')
+    assert cli_main(["check-config", "--config", str(config)]) == 2
+
+
+def test_reload_from_a_bad_file_keeps_the_running_bridges(tmp_path):
+    """SIGHUP with a broken [[bridge]] raises (logged by BrokerService.reload); nothing changes."""
+    from twisted.internet.task import Clock
+
+    from mqttd.bridge.service import BridgeManager, load_bridges
+    from mqttd.broker import Broker
+    config = tmp_path / "mqttd.toml"
+    config.write_text('[[bridge]]\nconnection = "up"\naddress = "h1"\ntopic = ["a/# out 1"]\n')
+    configs = load_bridges(str(config))
+    manager = BridgeManager(Broker(Clock()), Clock(), configs, str(config),
+                            endpoint_factory=lambda reactor, c: None)
+    config.write_text('[[bridge]]\nconnection = "up"\naddress = "h1"\ntopic = ["a/# out 9"]\n')
+    failures = []
+    manager.reload().addErrback(failures.append)
+    assert failures and isinstance(failures[0].value, BridgeConfigError)
+    assert "line 4" in str(failures[0].value)
+    assert list(manager.bridges) == ["up"]

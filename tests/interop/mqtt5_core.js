@@ -14,7 +14,7 @@ const mqtt = require(process.env.MQTTJS_MODULE || path.join(__dirname, 'node', '
 
 const scenario = process.argv[2];
 const port = Number(process.argv[3]);
-const host = process.argv[4] || '127.0.0.1';
+const host = process.argv[4] || '127.0.0.1';   // argv[5]: a scenario's argument
 const STEP_MS = 5000;
 const TOTAL_MS = 25000;
 const url = `mqtt://${host}:${port}`;
@@ -143,6 +143,28 @@ const scenarios = {
     return { early: early.map((m) => m.topic), resumed: connack.sessionPresent,
       delayed: delayedWill.payload, waitedMs: delayedWill.at - dropped,
       after: after.map((m) => m.topic) };
+  },
+
+  // fault 2 across a crash, phase 1: arm a 3 s will on a persistent session and drop
+  async willArm() {
+    const will = { topic: `wk${run}/t`, payload: 'durable', qos: 1, retain: true,
+      properties: { willDelayInterval: 3 } };
+    const [w] = await connect({ clientId: `wk-${run}`, clean: false,
+      properties: { sessionExpiryInterval: 600 }, will });
+    const dropped = Date.now();
+    drop(w);
+    await sleep(300);   // the broker sees the close and stores the pending will
+    return { dropped, topic: will.topic };
+  },
+
+  // phase 2 (after the broker was killed and restarted): the will arrives on time
+  async willCollect() {
+    const topic = process.argv[5];
+    let got;
+    const [sub] = await connect({ clientId: `wsub-${run}` }, (c) => { got = collect(c); });
+    await sub.subscribeAsync(topic, { qos: 1 });
+    await until(STEP_MS + 3000, 'the delayed will', () => got.length > 0);
+    return { payload: got[0].payload, at: got[0].at };
   },
 
   // fault 3: the issue's s1 example (two 1 s and two 60 s messages, 3 s offline)

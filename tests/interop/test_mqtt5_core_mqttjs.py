@@ -14,11 +14,11 @@ pytestmark = pytest.mark.interop
 SCRIPT = Path(__file__).resolve().parent / "mqtt5_core.js"
 
 
-def run(node_mqtt, broker, scenario):
+def run(node_mqtt, broker, scenario, *args):
     env = dict(os.environ, MQTTJS_MODULE=node_mqtt.module)
     try:
         proc = subprocess.run(
-            [node_mqtt.node, str(SCRIPT), scenario, str(broker.port), broker.host],
+            [node_mqtt.node, str(SCRIPT), scenario, str(broker.port), broker.host, *args],
             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=40)
     except subprocess.TimeoutExpired as e:
         pytest.fail("mqtt5_core.js %s still running after %ss\nstdout: %s\nstderr: %s"
@@ -50,6 +50,16 @@ def test_mqttjs_will_delay_and_cancel_by_reconnect(mqttd_broker, node_mqtt):
     assert r["resumed"] is True
     assert r["delayed"] == "late" and r["waitedMs"] >= 800
     assert r["after"] == []
+
+
+def test_mqttjs_pending_will_fires_on_time_after_kill_9(mqttd_broker_factory, node_mqtt):
+    """Fault 2, durable: a 3 s will armed before SIGKILL is published about 3 s after the drop."""
+    broker = mqttd_broker_factory(persistence="file:data")
+    armed = run(node_mqtt, broker, "willArm")
+    broker.restart(kill=True)
+    got = run(node_mqtt, broker, "willCollect", armed["topic"])
+    assert got["payload"] == "durable"
+    assert got["at"] - armed["dropped"] >= 2800
 
 
 def test_mqttjs_s1_message_expiry(mqttd_broker, node_mqtt):

@@ -249,3 +249,36 @@ def test_no_local_subscription_does_not_hide_the_overlapping_one(mqttd_broker, v
     with pytest.raises(queue.Empty):
         n1.messages.get(timeout=0.3)
     assert marker(n1, n1, base + "/marker") == []
+
+
+def test_message_expiry_holds_across_a_restart(mqttd_broker_factory, v5):
+    """Fault 3 across a restart: what expired meanwhile is gone, the rest keeps counting down."""
+    broker = mqttd_broker_factory(persistence="file:data")
+    cid = unique("sr")
+    s = v5(broker, cid, session_expiry=300)
+    s.connect()
+    s.subscribe("x/#", qos=1)
+    s.disconnect()
+    pub = v5(broker)
+    pub.connect()
+    for payload, interval in ((b"short", 1), (b"long", 60)):
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = interval
+        pub.publish("x/" + payload.decode(), payload, qos=1, properties=props)
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 1
+    pub.publish("x/retained", b"r", qos=1, retain=True, properties=props)
+    pub.close()
+    broker.restart()
+    time.sleep(1.5)   # the 1 s messages expire while nobody asks for them
+    back = v5(broker, cid)
+    assert connect_with(back, clean=False, SessionExpiryInterval=300).session_present
+    helper = v5(broker)
+    helper.connect()
+    got = marker(helper, back, "x/marker")
+    assert [m.payload for m in got] == [b"long"]
+    assert got[0].properties.MessageExpiryInterval <= 59
+    late = v5(broker)
+    late.connect()
+    late.subscribe("x/retained", qos=1)
+    assert marker(helper, late, "x/retained") == []

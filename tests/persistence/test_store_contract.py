@@ -19,7 +19,7 @@ from mqttd.interfaces import IBrokerStore
 from mqttd.persistence import store_from_spec
 from mqttd.persistence.dbmstore import DbmStore
 from mqttd.persistence.filestore import FileStore
-from mqttd.persistence.journal import StoreError, list_journals
+from mqttd.persistence.journal import StoreError, StoreUnavailable, list_journals
 from mqttd.persistence.memory import MemoryStore
 from mqttd.persistence.records import (
     AddInboundQos2, DeleteInboundQos2, DeleteOutbound, DeleteRetained, DeleteSession,
@@ -332,10 +332,11 @@ def test_failed_fsync_fails_the_sync_and_all_later_ones(durable_backend):
     store.open()
     store._fsync = broken
     store.write(session())
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable) as info:
         result_of(store.sync())
+    assert info.value.errno == 5
     store.write(outbound())
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable):
         result_of(store.sync())
     store._fsync = os.fsync
     result_of(store.close())
