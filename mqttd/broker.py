@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from mqttd import debuglog, shared, topics
 from mqttd.ratelimit import LogRateLimiter
 from mqttd.clients import ClientSummary, summarize
-from mqttd.codec.errors import ReasonCode
+from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.hooks import HOOK_FAILED, call_hook
 from mqttd.flowcontrol import SlowConsumerGuard
@@ -534,12 +534,16 @@ class Broker:
 
     # --- recovery -------------------------------------------------------------
 
+    #: True once the store's state was restored (see :meth:`start`)
+    started = False
+
     def restore(self, state: R.StoredState) -> None:
         """Rebuild sessions, subscriptions, retained messages and pending wills
         from the store.  Messages that expired while the broker was down are
         dropped (and deleted from the store) [MQTT-3.3.2-5].  Stored messages
         written by older versions go through the same property mapping as
         live ones (a retained will could carry its Will Delay Interval)."""
+        self.started = True
         now = self.clock.seconds()
         expired = 0
         for topic, message in list(state.retained.items()):
@@ -1022,16 +1026,66 @@ class Broker:
 
     def publish_message(self, topic: str, payload: bytes = b"", qos: int = 0,
                         retain: bool = False, properties=None) -> int:
-        """Publish from inside the process (embedding API, $SYS).  Returns receivers."""
-        topics.validate_topic_name(topic)
+        """Publish from inside the process (the embedding API); returns the receivers.
+
+        :param topic: a topic name (``str``; no wildcards, no U+0000, at most
+            65,535 bytes of UTF-8) [MQTT-4.7.3-1, 4.7.3-2, 4.7.3-3].
+        :param payload: ``bytes`` (or ``bytearray``/``memoryview``), or ``str``
+            sent as UTF-8.  Empty with ``retain=True`` clears the retained message.
+        :param qos: 0, 1 or 2: the most a subscriber gets (each gets the lower
+            of this and its granted QoS).
+        :param retain: make it the retained message of ``topic``.
+        :param properties: :class:`~mqttd.codec.packets.Properties` forwarded to
+            MQTT 5 subscribers (user properties, content type, message expiry
+            interval counted from now...); per-connection ones are dropped.
+        :returns: how many subscribers (sessions and in-process subscribers)
+            got it or have it queued.
+        :raises TypeError: ``topic`` not a ``str``, ``payload`` neither bytes nor
+            ``str``, ``qos`` not an ``int``, ``retain`` not a ``bool``,
+            ``properties`` not ``Properties``.
+        :raises ValueError: an invalid topic name, or ``qos`` not 0, 1 or 2.
+
+        **Durability when it returns**: the message has been routed — sent to
+        online subscribers' transports, queued for offline persistent sessions
+        (QoS 1/2; QoS 0 only with ``queue_qos0``) and, if retained, made the
+        retained message — and every store write it caused is *buffered* in the
+        store, not yet on disk.  ``yield broker.flush()`` waits until it is
+        (one group-committed fsync; at once for the memory store).
+        """
+        if not isinstance(topic, str):
+            raise TypeError(f"topic must be a str, not {type(topic).__name__}")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
+        elif isinstance(payload, (bytearray, memoryview)):
+            payload = bytes(payload)
+        elif not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
+        if isinstance(qos, bool) or not isinstance(qos, int):
+            raise TypeError(f"qos must be an int, not {type(qos).__name__}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos}")
+        if not isinstance(retain, bool):
+            raise TypeError(f"retain must be a bool, not {type(retain).__name__}")
+        try:
+            topics.validate_topic_name(topic)
+        except MQTTError as error:
+            raise ValueError(f"invalid topic name {topic!r}: {error.message}") from None
         message = Message(topic, payload, qos, retain)
         if properties is not None:
+            from mqttd.codec.packets import Properties
+            if not isinstance(properties, Properties):
+                raise TypeError("properties must be mqttd.Properties, not "
+                                f"{type(properties).__name__}")
             # only what a PUBLISH forwards; the expiry counts from now
             message = published_at(attrs.evolve(
                 message, properties=forwarded_properties(properties)), self.clock.seconds())
         return self.publish(message, client=None)
+
+    def flush(self) -> defer.Deferred:
+        """A Deferred firing once everything written to the store so far is on
+        disk (after :meth:`publish_message`, for example); at once for the
+        memory store.  Fails if the store failed (the write is then not durable)."""
+        return self.store.sync()
 
     def publish(self, message: Message, client: Optional[ClientInfo] = None,
                 cache: Optional[dict] = None) -> int:
@@ -1077,34 +1131,45 @@ class Broker:
         # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
         # matching subscription identifier [MQTT-3.3.4-4]
         origin = message.origin
-        receivers = 0
         best: Dict[object, SubscriptionRecord] = {}
-        ids: Optional[Dict[object, list]] = None
+        overlapping = None
         for _filter, key, sub in matches:
-            if key.__class__ is not str:  # an in-process subscriber or a shared group
-                try:
-                    receivers += self._route(key, sub, message, cache)
-                except Exception:
-                    self._delivery_failed(key, message)
-                continue
             if key == origin and sub.no_local:
                 continue
-            sid = sub.subscription_identifier
-            if sid is not None:
-                if ids is None:
-                    ids = {}
-                ids.setdefault(key, []).append(sid)
             prev = best.get(key)
-            if prev is None or sub.qos > prev.qos:
+            if prev is None:
                 best[key] = sub
+                continue
+            if overlapping is None:
+                overlapping = set()
+            overlapping.add(key)
+            if sub.qos > prev.qos:
+                best[key] = sub
+        if overlapping is not None:
+            self._merge_identifiers(matches, origin, overlapping, best)
+        receivers = 0
         for key, sub in best.items():
             # one subscriber's failure never reaches the others
             try:
-                receivers += self._route(key, sub, message, cache,
-                                         None if ids is None else ids.get(key))
+                receivers += self._route(key, sub, message, cache)
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
+
+    @staticmethod
+    def _merge_identifiers(matches, origin, overlapping: set, best: dict) -> None:
+        """A client with several matching subscriptions gets one copy carrying the
+        identifiers of all of them [MQTT-3.3.4-4]: its entry in ``best`` becomes a
+        routing-only record whose ``subscription_identifier`` is that tuple (never
+        stored).  Rare, so the common path of :meth:`publish` never looks at ids."""
+        ids: Dict[object, list] = {}
+        for _filter, key, sub in matches:
+            if key in overlapping and not (key == origin and sub.no_local):
+                sid = sub.subscription_identifier
+                if sid is not None:
+                    ids.setdefault(key, []).append(sid)
+        for key, found in ids.items():
+            best[key] = attrs.evolve(best[key], subscription_identifier=tuple(found))
 
     def _delivery_failed(self, key, message: Message) -> None:
         client_id = getattr(key, "topic_filter", key)
@@ -1113,18 +1178,18 @@ class Broker:
                     "other subscribers are unaffected", client_id=client_id,
                     topic=message.topic)
 
-    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict,
-               ids: Optional[list] = None) -> int:
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one subscriber; 1 if it was a receiver.
 
-        ``ids``: the subscription identifiers of all the client's matching
-        subscriptions (merged by :meth:`publish`); None: ``sub``'s own.
+        ``key`` is a client id, a :class:`LocalSubscription` or a shared
+        subscription group; ``sub.subscription_identifier`` may be a tuple of
+        identifiers (see :meth:`_merge_identifiers`).
         """
         cls = key.__class__
-        if cls is LocalSubscription:
-            self._call_local(key, message)
-            return 1
-        if cls is shared.ShareGroup:
+        if cls is not _STR:
+            if cls is LocalSubscription:
+                self._call_local(key, message)
+                return 1
             return self._route_shared(key, message, cache)
         if sub.no_local and key == message.origin:
             return 0  # [MQTT-3.8.3-3]
@@ -1137,11 +1202,9 @@ class Broker:
             if live is None:
                 live = cache["live"] = delivery_message(message, False)
             message = live
-        if ids is None:
-            if sub.subscription_identifier is not None:
-                message = self._with_ids(message, (sub.subscription_identifier,), cache)
-        elif ids:
-            message = self._with_ids(message, tuple(ids), cache)
+        sid = sub.subscription_identifier
+        if sid is not None:
+            message = self._with_ids(message, sid, cache)
         forward = self.authorize_forward
         if forward is not None:  # read permission at delivery time
             if session.forward_waiting:
@@ -1156,13 +1219,15 @@ class Broker:
         self._deliver(session, message, qos, cache)
         return 1
 
-    def _with_ids(self, message: Message, ids: tuple, cache: dict) -> Message:
-        """``message`` carrying the Subscription Identifiers ``ids`` [MQTT-3.3.4-3];
-        one copy per distinct set, so subscribers with the same set share the bytes."""
+    def _with_ids(self, message: Message, ids, cache: dict) -> Message:
+        """``message`` carrying the Subscription Identifiers ``ids`` (one int or a
+        tuple) [MQTT-3.3.4-3]; one copy per distinct set, so subscribers with
+        the same set share the encoded bytes."""
         key = ("ids", id(message), ids)
         tagged = cache.get(key)
         if tagged is None:
-            tagged = cache[key] = with_subscription_ids(message, ids)
+            tagged = cache[key] = with_subscription_ids(
+                message, ids if ids.__class__ is tuple else (ids,))
         return tagged
 
     # --- shared subscriptions -----------------------------------------------------
@@ -1191,7 +1256,7 @@ class Broker:
                 live = cache["live"] = delivery_message(message, False)
             message = live
         if sub.subscription_identifier is not None:
-            message = self._with_ids(message, (sub.subscription_identifier,), cache)
+            message = self._with_ids(message, sub.subscription_identifier, cache)
         if self.authorize_forward is not None:
             allowed = self._may_forward(session, message)
             if allowed is not True:
@@ -1506,6 +1571,42 @@ class Broker:
             self._write(R.DeleteInboundQos2(session.client_id, packet_id))
         return True
 
+    # --- start and stop (embedding) ------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store given to the constructor and restore its state, once.
+
+        Idempotent: later calls do nothing, and so does a call after
+        :meth:`restore` was called directly.  :class:`~mqttd.protocol.MQTTFactory`
+        calls it when it starts listening and ``BrokerService`` when it starts,
+        so a broker embedded with ``Broker(reactor, store=...)`` serves its
+        persistent sessions and retained messages without more code.
+
+        :raises: whatever the store's ``open()`` raises (e.g. ``StoreError``
+            when another process holds its directory, or when the store was
+            already opened by someone else: open it yourself and call
+            :meth:`restore` instead).
+        """
+        if self.started:
+            return
+        try:
+            state = self.store.open()
+        except Exception as error:
+            hint = ("the broker opens the store it is given: pass an unopened store, "
+                    "or call broker.restore(store.open()) yourself")
+            if _rewrappable(error):
+                raise type(error)(f"{error} ({hint})") from error
+            raise
+        self.restore(state)
+
+    def stop(self) -> defer.Deferred:
+        """:meth:`shutdown` (every client disconnected, v5: 0x8B), then close the store.
+
+        Fires once the store is flushed and closed; the broker cannot be
+        started again (build a new one on a new store object)."""
+        self.shutdown()
+        return defer.maybeDeferred(self.store.close)
+
     # --- shutdown ------------------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -1541,11 +1642,25 @@ def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Messa
     return attrs.evolve(message, properties=props)
 
 
+#: ``str`` as a module global: the client-id check in :meth:`Broker._route`
+#: (a global lookup, cheaper than the builtin one)
+_STR = str
+
+
 def with_subscription_ids(message: Message, ids: tuple) -> Message:
     """A copy of ``message`` whose Subscription Identifiers are ``ids``
     (``()``: none), for one subscriber [MQTT-3.3.4-3, MQTT-3.3.4-5]."""
     return attrs.evolve(message, properties=attrs.evolve(
         message.properties, subscription_identifiers=tuple(ids)))
+
+
+def _rewrappable(error: Exception) -> bool:
+    """Can ``type(error)(message)`` rebuild ``error`` with a longer message?"""
+    try:
+        type(error)("x")
+    except Exception:
+        return False
+    return True
 
 
 def topics_is_sys(topic: str) -> bool:

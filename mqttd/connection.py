@@ -140,6 +140,8 @@ class ClientConnection:
         self._receive_max: Optional[int] = None
         self._max_qos = config.max_qos
         self._retain_available = config.retain_available
+        #: --max-qos or --retain-available restrict PUBLISH (one check when not)
+        self._limited = config.max_qos < 2 or not config.retain_available
         self._online = False
         self._paused = False
         self._will_on_close = True
@@ -215,11 +217,27 @@ class ClientConnection:
             except MQTTError as error:
                 self.fail(error)
                 return
+            except Exception:
+                # a bug, not the client's fault: this connection ends with 0x83
+                # (v5), its teardown still runs, everyone else is unaffected
+                self._internal_error(packet)
+                return
             if self._held or self._waiting:
                 # held back by a congested subscriber or waiting for a hook's
                 # answer: what was already read waits too
                 self._stash = packets[index + 1:]
                 return
+
+    def _internal_error(self, packet) -> None:
+        log.failure("Handling {packet} from {client_id} ({peer}) failed; closing "
+                    "its connection", packet=type(packet).__name__,
+                    client_id=self.client_id or "-", peer=self.peer)
+        self._stats.protocol_errors += 1
+        if self.state == _CONNECTING:
+            self._close("internal error")
+        else:
+            self.disconnect(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR,
+                            log_reason="internal error")
 
     def _unexpected(self, packet) -> None:
         if isinstance(packet, Connect):
@@ -310,15 +328,12 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
-        if self._out_aliases is not None:
-            return None  # the topic alias makes them this connection's own
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
-        if self._out_aliases is not None:
-            self._send_aliased(message, qos, packet_id, dup)
-            return
+        # (a connection that sends topic aliases replaces this method by
+        # _send_aliased at CONNECT: no cost here for the others)
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -347,9 +362,14 @@ class ClientConnection:
             stats.payload_out[qos] += len(message.payload)
         self.transport.write(data)
 
-    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool) -> None:
-        """Send with a topic alias (the client's Topic Alias Maximum allows it):
-        the topic name only when the alias is new or rebound [MQTT-3.3.2-11]."""
+    def _no_template(self, message: Message, qos: int, cache: dict) -> None:
+        return None  # the topic aliases make this connection's bytes its own
+
+    def _send_aliased(self, message: Message, qos: int, packet_id, dup: bool,
+                      cache: Optional[dict] = None, template=None) -> None:
+        """:meth:`send_publish` with a topic alias (the client's Topic Alias Maximum
+        allows it): the topic name only when the alias is new or rebound
+        [MQTT-3.3.2-11]; shared bytes (``cache``, ``template``) are not used."""
         aliases = self._out_aliases
         topic = message.topic
         alias, known = aliases.alias_for(topic)
@@ -704,6 +724,8 @@ class ClientConnection:
                 self._client_max_packet = props.maximum_packet_size
             if props.topic_alias_maximum:  # the client accepts our aliases [MQTT-3.3.2-11]
                 self._out_aliases = OutboundAliases(props.topic_alias_maximum)
+                self.send_publish = self._send_aliased
+                self.cached_template = self._no_template
             self._in_aliases = InboundAliases(config.max_topic_alias)
             self._receive_max = config.max_inflight_incoming
         assigned = None
@@ -1035,12 +1057,13 @@ class ClientConnection:
         props = packet.properties
         level = self.protocol_level
         topic = packet.topic
-        if qos > self._max_qos:
-            raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
-                            ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
-        if packet.retain and not self._retain_available:
-            raise MQTTError("retained PUBLISH but Retain Available is 0",
-                            ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
+        if self._limited:
+            if qos > self._max_qos:
+                raise MQTTError(f"PUBLISH QoS {qos} above the Maximum QoS {self._max_qos}",
+                                ReasonCode.QOS_NOT_SUPPORTED, spec="MQTT-3.2.2-11")
+            if packet.retain and not self._retain_available:
+                raise MQTTError("retained PUBLISH but Retain Available is 0",
+                                ReasonCode.RETAIN_NOT_SUPPORTED, spec="MQTT-3.2.2-14")
         if level == MQTT_5:
             if props.topic_alias is not None:
                 # the alias is this connection's: resolved here, never forwarded
@@ -1218,9 +1241,11 @@ class ClientConnection:
                 spec="MQTT-4.8.0-1" if self.protocol_level != MQTT_5 else "MQTT-4.13.1-1")
 
     def _unknown_ack(self, packet) -> None:
-        self._warn("unknown-ack", "{packet} for unknown packet id {packet_id} from "
-                   "{client_id}", packet=type(packet).__name__,
-                   packet_id=packet.packet_id, client_id=self.client_id)
+        # normal after a reconnect (the message was completed meanwhile): info, rate-limited
+        self.broker.log_limiter.emit(
+            log.info, (self._who(), "unknown-ack"),
+            "{packet} for unknown packet id {packet_id} from {client_id}",
+            packet=type(packet).__name__, packet_id=packet.packet_id, client_id=self.client_id)
 
     def _on_puback(self, packet: Puback) -> None:
         if not self.broker.puback(self.session, packet.packet_id):

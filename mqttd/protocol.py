@@ -105,6 +105,9 @@ class MQTTFactory(Factory):
     """
 
     protocol = MQTTProtocol
+    #: open the broker's store when listening starts (BrokerService opens it
+    #: itself, after every listener is up, and turns this off)
+    start_broker = True
 
     def __init__(self, broker: Broker, clock=None, write_buffer: int = 64 * 1024,
                  listener: Optional[str] = None, max_connections: int = 0):
@@ -117,6 +120,13 @@ class MQTTFactory(Factory):
         self.open_connections = 0
         #: bytes a connection's transport buffers before it pauses our writes
         self.write_buffer = write_buffer
+
+    def startFactory(self):
+        """Listening starts: the broker opens and restores its store if nobody did
+        (``Broker.start`` is idempotent), so ``Broker(reactor, store=...)`` plus
+        ``MQTTFactory`` is enough for durable sessions."""
+        if self.start_broker:
+            self.broker.start()
 
     def buildProtocol(self, addr):
         protocol = self.protocol(self.broker, self.clock)

@@ -228,8 +228,7 @@ class BrokerService(MultiService):
                 self._close_ports()
                 outcome[0].raiseException()
         try:
-            state = self.broker.store.open()
-            self.broker.restore(state)
+            self.broker.start()  # opens and restores the store once (idempotent)
         except BaseException:
             self._close_ports()
             raise
@@ -275,6 +274,7 @@ class BrokerService(MultiService):
                               listener=description,
                               max_connections=self.listener_max_connections.get(description, 0))
         factory.protocol = self.factory.protocol
+        factory.start_broker = False  # startService opens the store after listening
         return factory
 
     def _listen_failed(self, failure):

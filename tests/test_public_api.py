@@ -5,9 +5,9 @@ import mqttd
 def test_public_api_is_pinned():
     """mqttd.__all__ lists exactly the documented names, all importable."""
     assert sorted(mqttd.__all__) == sorted([
-        "EVENTS", "Broker", "BrokerConfig", "BrokerService", "ClientInfo", "MQTTError",
-        "MQTTFactory", "Message", "Properties", "ReasonCode", "make_broker_service",
-        "__version__",
+        "EVENTS", "Broker", "BrokerConfig", "BrokerService", "ClientInfo", "ClientSummary",
+        "MQTTError", "MQTTFactory", "Message", "Properties", "ReasonCode",
+        "SubscriptionSummary", "make_broker_service", "store_from_spec", "__version__",
     ])
     for name in mqttd.__all__:
         assert getattr(mqttd, name) is not None
@@ -27,3 +27,15 @@ def test_codec_has_no_twisted_imports():
     for path in codec.glob("*.py"):
         text = path.read_text()
         assert "import twisted" not in text and "from twisted" not in text, path
+
+
+def test_package_ships_py_typed():
+    """PEP 561: type checkers use mqttd's annotations (py.typed is package data)."""
+    import configparser
+    import pathlib
+    root = pathlib.Path(mqttd.__file__).parent
+    assert (root / "py.typed").exists()
+    config = configparser.ConfigParser()
+    config.read(root.parent / "setup.cfg")
+    assert "py.typed" in config["options.package_data"]["mqttd"]
+    assert "static/*" in config["options.package_data"]["mqttd.admin"]

@@ -347,7 +347,7 @@ class AdminAPI(Resource):
             "clients": {"online": online, "offline": len(broker.sessions) - online,
                         "maximum": getattr(stats, "clients_maximum", None)},
             "subscriptions": sum(len(s.subscriptions) for s in broker.sessions.values()),
-            "retained": len(broker.retained),
+            "retained": sum(1 for t in list(broker.retained) if not t.startswith("$SYS")),
             "messages": {"received": stats.messages_received, "sent": stats.messages_sent,
                          "dropped": stats.dropped_total},
             "bytes": {"received": stats.bytes_received, "sent": stats.bytes_sent},

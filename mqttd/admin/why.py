@@ -105,6 +105,43 @@ def _safe_matches(topic_filter: str, topic: str) -> bool:
         return False
 
 
+def _shared_assignment(broker, share_filter: str, topic: str, publisher: Optional[str]):
+    """``(members, online members, strategy, next member or None)`` of a shared group,
+    predicted without changing the group's state (round-robin turn, sticky member)."""
+    registry = getattr(broker, "shared", None)
+    group = registry.group(share_filter) if registry is not None else None
+    if group is None:  # no registry: the sessions that hold the filter
+        members = sorted(c for c, s in broker.sessions.items()
+                         if share_filter in s.subscriptions)
+        strategy = "unknown"
+    else:
+        members = list(group.members)
+        strategy = registry.strategy
+    online = [c for c in members if c in broker.sessions
+              and broker.sessions[c].connection is not None]
+    offline = [c for c in members if c in broker.sessions
+               and broker.sessions[c].connection is None and broker.sessions[c].persistent]
+    candidates = online or offline
+    assigned = None
+    if len(candidates) == 1:
+        assigned = candidates[0]
+    elif candidates and group is not None:
+        import zlib
+        if strategy == "round-robin":
+            assigned = candidates[group._turn % len(candidates)]
+        elif strategy == "sticky":
+            sticky = group._sticky
+            assigned = sticky if sticky in candidates else \
+                candidates[group._turn % len(candidates)]
+        elif strategy == "hash-topic":
+            assigned = candidates[zlib.crc32(topic.encode("utf-8", "surrogatepass"))
+                                  % len(candidates)]
+        elif strategy == "hash-clientid" and publisher is not None:
+            assigned = candidates[zlib.crc32(publisher.encode("utf-8", "surrogatepass"))
+                                  % len(candidates)]
+    return sorted(members), sorted(online), strategy, assigned
+
+
 def _client_info(broker, session, client_id: str):
     conn = session.connection if session is not None else None
     info = getattr(conn, "info", None)
@@ -277,6 +314,8 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
 
     best = None
     shared_only = True
+    shared_mine = False
+    shared_assigned: list = []
     for topic_filter, sub in matching:
         group, _inner = topics.parse_shared(topic_filter)
         granted = getattr(sub, "qos", 0)
@@ -285,17 +324,26 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
                  "no_local": bool(getattr(sub, "no_local", False)),
                  "retain_as_published": bool(getattr(sub, "retain_as_published", False))}
         if group is not None:
-            members = sorted(c for c, s in broker.sessions.items()
-                             if topic_filter in s.subscriptions)
+            members, online_members, strategy, assigned = _shared_assignment(
+                broker, topic_filter, topic, publisher)
             entry["share_group"] = group
             entry["group_members"] = members
-            online_members = [c for c in members
-                              if broker.sessions[c].connection is not None]
-            _step(steps, "shared", None,
+            entry["strategy"] = strategy
+            entry["next_member"] = assigned
+            if assigned is None:
+                who = ("the member is picked at random" if strategy == "random" else
+                       "no member can take it now")
+            elif assigned == client_id:
+                who = f"the next message on {topic!r} goes to {client_id!r}"
+                shared_mine = True
+            else:
+                who = f"the next message on {topic!r} goes to {assigned!r}, not {client_id!r}"
+            _step(steps, "shared", None if assigned is None else assigned == client_id,
                   f"{topic_filter!r} is a shared subscription: each message goes to ONE of "
                   f"the {len(members)} members of group {group!r} ({len(online_members)} "
-                  f"online: {', '.join(online_members) or 'none'}); {client_id!r} gets only "
-                  "its share")
+                  f"online: {', '.join(online_members) or 'none'}; strategy {strategy}): "
+                  f"{who}")
+            shared_assigned.append(assigned)
         else:
             shared_only = False
         result["matching"].append(entry)
@@ -349,9 +397,11 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
     if session.dropped:
         _step(steps, "dropped", False, "dropped for this session so far: " +
               ", ".join(f"{n} {reason}" for reason, n in sorted(session.dropped.items())))
-    if expired_queued:
+    expired_dropped = session.dropped.get("expired", 0)
+    if expired_queued or expired_dropped:
         _step(steps, "expiry", False, f"{expired_queued} queued message(s) passed their "
-                                      "Message Expiry Interval and will not be delivered")
+                                      "Message Expiry Interval and will not be delivered; "
+                                      f"{expired_dropped} expired before delivery so far")
     else:
         _step(steps, "expiry", True, "a message published with a Message Expiry Interval "
                                      "is dropped if it is still queued when it expires")
@@ -367,7 +417,15 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
         _step(steps, "queue", True, f"queue {len(session.queue)}/{limit_msgs} messages, "
                                     f"{session.queued_bytes}/{limit_bytes} bytes")
 
-    maybe = "maybe" if shared_only else None
+    maybe = None
+    if shared_only:
+        if shared_mine:
+            maybe = None  # this client is the member chosen next
+        elif shared_assigned and all(a is not None for a in shared_assigned):
+            return done("not-delivered", f"the shared group gives the next message on "
+                                         f"{topic!r} to {shared_assigned[0]!r}")
+        else:
+            maybe = "maybe"
     if online:
         if result["queue"]["congested"] or session.queue:
             _step(steps, "delivery", True, "the client is behind: the message waits in its "

@@ -292,7 +292,8 @@ class ACLAuthorizer:
         return self._decide(client, READ, message.topic)
 
     def authorize_subscribe(self, client, topic_filter: str, qos: int) -> bool:
-        # a shared subscription is judged by its filter: $share/g/a/# as a/#
+        # a shared subscription $share/{ShareName}/{filter} reads what
+        # {filter} matches: the rules apply to that filter
         return self._decide(client, _SUBSCRIBE, topics.parse_shared(topic_filter)[1])
 
     def revalidate_subscription(self, client, topic_filter: str) -> bool:

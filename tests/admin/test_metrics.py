@@ -103,3 +103,21 @@ def test_publishing_with_nobody_scraping_touches_no_metric_object():
     assert calls == []
     generate_latest(registry)
     assert calls == [1]
+
+
+def test_bridge_state_is_exported_when_bridges_run():
+    """BrokerService.bridges.stats (mqttd.bridge) become mqttd_bridge_* series per bridge."""
+    from types import SimpleNamespace
+    broker, clock = make_broker()
+    edge = SimpleNamespace(connected=True, messages_in=3, messages_out=5, queued=2,
+                           reconnects=1)
+    cloud = SimpleNamespace(connected=False, messages_in=0, messages_out=0, queued=7,
+                            reconnects=4)
+    service = SimpleNamespace(bridges=SimpleNamespace(stats={"edge": edge, "cloud": cloud}),
+                              gauges={})
+    s = _samples(make_registry(broker, service))
+    assert s[("mqttd_bridge_connected", (("bridge", "edge"),))] == 1
+    assert s[("mqttd_bridge_connected", (("bridge", "cloud"),))] == 0
+    assert s[("mqttd_bridge_messages_sent_total", (("bridge", "edge"),))] == 5
+    assert s[("mqttd_bridge_queued_messages", (("bridge", "cloud"),))] == 7
+    assert s[("mqttd_bridge_reconnects_total", (("bridge", "cloud"),))] == 4

@@ -6,7 +6,6 @@ from mqttd.admin.ring import IncidentRing
 from mqttd.admin.why import diagnose_mismatch, explain
 from mqttd.codec.packets import Properties
 from mqttd.messages import Message
-from mqttd.persistence.records import SubscriptionRecord
 from tests.core.harness import FakeClient, make_broker
 
 
@@ -180,20 +179,36 @@ def test_acl_verdicts_come_from_the_authorizer_seam():
     assert _why(broker, ring, "c1", "open/x", publisher="c3")["verdict"] == "delivered"
 
 
-def test_shared_subscription_names_the_group_and_its_members():
-    """A $share subscription: each message goes to one member, so the answer is 'maybe'."""
-    broker, clock, ring = _setup()
-    members = []
+def _shared_group(**config):
+    broker, clock, ring = _setup(**config)
     for cid in ("c1", "c2"):
         client = FakeClient(broker, clock)
         client.connect(cid)
-        members.append(client)
-        broker.subscribe(client.conn.session, SubscriptionRecord("$share/g/a/#", 1))
+        client.subscribe("$share/g/a/#", qos=1)
+    return broker, clock, ring
+
+
+def test_shared_subscription_says_which_member_gets_the_next_message():
+    """Round-robin: the answer names the member chosen next; after one message it moves on."""
+    broker, clock, ring = _shared_group()
     answer = _why(broker, ring, "c1", "a/b")
-    assert answer["verdict"] == "maybe"
     assert answer["matching"][0]["share_group"] == "g"
     assert answer["matching"][0]["group_members"] == ["c1", "c2"]
+    assert answer["matching"][0]["next_member"] == "c1"
+    assert answer["verdict"] == "delivered"
     assert "ONE of the 2 members" in _checks(answer)["shared"]["detail"]
+    broker.publish_message("a/b", b"x", qos=1)  # goes to c1; c2 is next
+    answer = _why(broker, ring, "c1", "a/b")
+    assert answer["verdict"] == "not-delivered"
+    assert "goes to 'c2', not 'c1'" in _checks(answer)["shared"]["detail"]
+
+
+def test_shared_subscription_with_random_strategy_is_a_maybe():
+    """A random pick cannot be predicted: the verdict is 'maybe'."""
+    broker, clock, ring = _shared_group(shared_subscription_strategy="random")
+    answer = _why(broker, ring, "c1", "a/b")
+    assert answer["verdict"] == "maybe"
+    assert "picked at random" in _checks(answer)["shared"]["detail"]
 
 
 def test_queued_messages_past_their_expiry_are_counted():

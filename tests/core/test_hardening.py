@@ -230,3 +230,14 @@ def test_malformed_packets_from_reconnecting_host_write_a_bounded_number_of_line
             conn.connection_lost(None)
     assert broker.stats.protocol_errors == 5000
     assert len(lines.events) <= 5
+
+
+def test_unknown_acknowledgements_write_a_bounded_number_of_lines():
+    """10,000 PUBACKs for unknown packet ids: not a close, and at most a few log lines."""
+    broker, clock = make_broker()
+    c = FakeClient(broker, clock)
+    c.connect("acker")
+    with _Lines("mqttd.connection") as lines:
+        c.send_bytes(b"".join(bytes((0x40, 2, i >> 8, i & 0xFF)) for i in range(1, 10_001)))
+    assert not c.disconnecting
+    assert 1 <= len(lines.events) <= 3

@@ -166,3 +166,41 @@ def test_expiry_applies_to_v3_subscribers_too_without_the_property():
     back.connect("v3", clean=False)
     assert publishes(back.received()) == []
     back.send(Puback(1))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages=st.lists(st.tuples(st.sampled_from([0, 1, 2, 5]),          # wait before
+                                   st.one_of(st.none(), st.integers(1, 12)),  # interval
+                                   st.sampled_from([0, 1, 2])),               # QoS
+                         min_size=1, max_size=8),
+       offline_for=st.sampled_from([0, 1, 3, 7, 20]))
+def test_any_schedule_delivers_exactly_the_unexpired_messages_with_the_time_left(
+        messages, offline_for):
+    """Whatever was published when, with which interval and QoS: the returning subscriber
+    gets exactly the messages not yet expired, in order, each with the interval left."""
+    broker, clock = make_broker(queue_qos0=True)
+    s = FakeClient(broker, clock, level=5)
+    s.connect("s", clean=False, properties=Properties(session_expiry_interval=3000))
+    s.subscribe("e/#", qos=2)
+    s.drop()
+    pub = FakeClient(broker, clock, level=5)
+    pub.connect("pub")
+    published = []
+    for n, (wait, interval, qos) in enumerate(messages):
+        clock.advance(wait)
+        props = Properties() if interval is None else expiring(interval)
+        pub.publish("e/%d" % n, b"%d" % n, qos=qos, packet_id=(n + 1) if qos else None,
+                    properties=props)
+        published.append((clock.seconds(), interval, b"%d" % n))
+    clock.advance(offline_for)
+    now = clock.seconds()
+    back = reconnect(broker, clock, "s", receive_maximum=65535)
+    got = [(p.payload, p.properties.message_expiry_interval) for p in publishes(back.received())]
+    expected = [(payload, None if interval is None else int(at + interval - now))
+                for at, interval, payload in published
+                if interval is None or at + interval > now]
+    assert got == expected

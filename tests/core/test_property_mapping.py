@@ -223,3 +223,33 @@ def test_restore_keeps_the_subscription_identifiers_of_a_queued_message():
     sub.connect("s", clean=False, properties=Properties(session_expiry_interval=300))
     (p,) = publishes(sub.received())
     assert p.properties == Properties(subscription_identifiers=(7,))
+
+
+def test_unexpected_error_in_a_handler_closes_only_that_connection(logged):
+    """A bug while handling one packet: DISCONNECT 0x83, one log line with the client id,
+    the session torn down, other clients served."""
+    from mqttd.codec.packets import Disconnect
+    broker, clock = make_broker()
+    other = FakeClient(broker, clock, level=5)
+    other.connect("other")
+    other.subscribe("t/#")
+    c = FakeClient(broker, clock, level=5)
+    c.connect("c1")
+    real = broker.subscribe
+
+    def broken(session, record, *args, **kwargs):
+        if session.client_id == "c1":
+            raise KeyError("bug")
+        return real(session, record, *args, **kwargs)
+    broker.subscribe = broken
+    packets = c.subscribe("x/#")
+    assert [(type(p), p.reason_code) for p in packets] == [(Disconnect, 0x83)]
+    assert c.disconnecting
+    c.conn.connection_lost(None)
+    assert "c1" not in broker.sessions
+    failures = [e for e in logged if e.get("log_failure") and e.get("client_id") == "c1"]
+    assert len(failures) == 1
+    pub = FakeClient(broker, clock, level=5)
+    pub.connect("pub")
+    pub.publish("t/1", b"still")
+    assert [p.payload for p in publishes(other.received())] == [b"still"]

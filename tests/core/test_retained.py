@@ -56,6 +56,36 @@ def test_cursor_agrees_with_the_reference_matcher(names, flt, hash_tail):
     assert sorted(m.topic for m in index.cursor(flt)) == expected
 
 
+_topic = st.lists(st.sampled_from(["a", "b", "", "$x"]), min_size=1, max_size=4).map("/".join)
+
+
+def _levels(node):
+    for child in node.children.values():
+        yield child
+        yield from _levels(child)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), _topic), max_size=30),
+       flt=st.lists(st.sampled_from(["a", "b", "", "+", "$x"]), min_size=1, max_size=4)
+       .map("/".join), hash_tail=st.booleans())
+def test_index_after_any_puts_and_removes_matches_a_plain_dict(ops, flt, hash_tail):
+    """Sets and removes in any order: lookups agree with a dict, and no empty level is left."""
+    if hash_tail:
+        flt = flt + "/#"
+    index, reference = RetainedIndex(), {}
+    for put, name in ops:
+        if put:
+            index.set(Message(name, b"v", retain=True))
+            reference[name] = True
+        else:
+            assert (index.remove(name) is not None) == (reference.pop(name, None) is not None)
+    assert sorted(index) == sorted(reference)
+    expected = sorted(n for n in reference if topics.matches(flt, n))
+    assert sorted(m.topic for m in index.cursor(flt)) == expected
+    assert all(level.message is not None or level.children for level in _levels(index._root))
+
+
 def test_remove_prunes_and_replacing_keeps_one_message_per_topic():
     """One retained message per topic [MQTT-3.3.1-5]; removed topics leave no levels behind."""
     index = index_of("a/b/c")

@@ -218,3 +218,92 @@ def test_sys_will_is_never_published_even_delayed():
     c.drop()
     clock.advance(2)
     assert seen == []
+
+
+# --- any history: a model of [MQTT-3.1.2-8] / [MQTT-3.1.3-9] ------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NEVER = 0xFFFFFFFF
+_action = st.one_of(
+    st.just(("drop",)), st.just(("resume",)), st.just(("clean",)), st.just(("restart",)),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 1, 2, 3, 5, 8])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(delay=st.sampled_from([0, 1, 3, 6]), expiry=st.sampled_from([0, 2, 5, NEVER]),
+       actions=st.lists(_action, max_size=12))
+def test_any_history_publishes_the_will_exactly_when_the_spec_says(delay, expiry, actions):
+    """Drops, resumes, clean starts, time and restarts in any order: the will goes out after
+    its delay or at the session's end, whichever first, never after a resume in time."""
+    from twisted.internet.task import Clock
+    store = RecordingStore()
+    broker, clock = make_broker(store)
+    published = []
+
+    def attach(b):
+        b.subscribe_local("w/#", lambda m: published.append(round(b.clock.seconds(), 3)))
+
+    clock_now = [0.0]
+    attach(broker)
+    finite = None if expiry == NEVER else expiry
+    # the model
+    connected, session, due, ends, expected = False, False, None, None, []
+
+    def connect(clean):
+        nonlocal connected, session, due, ends
+        resumed = session and not clean
+        if due is not None and not resumed:
+            expected.append(clock_now[0])   # the old session ends: its will goes now
+        due = None if resumed or due is None else None
+        ends = None
+        connected, session = True, expiry > 0 or False
+        c = FakeClient(broker, clock, level=5)
+        c.send(Connect(5, "w1", clean, 0, will=Will("w/t", b"gone", 1, properties=Properties(
+            will_delay_interval=delay)), properties=Properties(session_expiry_interval=expiry)))
+        clock.advance(0)
+        return c
+
+    client = connect(True)
+    for action in actions:
+        kind = action[0]
+        if kind == "drop" and connected:
+            client.drop()
+            connected = False
+            if expiry == 0 or delay == 0:
+                expected.append(clock_now[0])
+            else:
+                due = clock_now[0] + (delay if finite is None else min(delay, finite))
+            if expiry == 0:
+                session = False
+            elif finite is not None:
+                ends = clock_now[0] + finite
+        elif kind in ("resume", "clean") and not connected:
+            client = connect(kind == "clean")
+        elif kind == "advance":
+            target = clock_now[0] + action[1]
+            if due is not None and due <= target:
+                expected.append(due)
+                due = None
+            if ends is not None and ends <= target:
+                session, ends = False, None
+            clock_now[0] = target
+            for _ in range(int(action[1] / 0.5)):   # task.Clock fires at the step's end
+                clock.advance(0.5)
+        elif kind == "restart":
+            broker.shutdown()
+            if connected:   # a graceful shutdown publishes no will; the session stays
+                connected = False
+                if expiry == 0:
+                    session = False
+                elif finite is not None:
+                    ends = clock_now[0] + finite
+            new_clock = Clock()
+            new_clock.advance(clock.seconds())
+            clock = new_clock
+            broker = Broker(clock, store, BrokerConfig())
+            attach(broker)
+            broker.restore(store.open())
+            clock.advance(0)
+    assert published == [round(t, 3) for t in expected]

@@ -5,7 +5,7 @@
 //   node mqtt5_features.js PORT HOST SCENARIO RUN_ID
 //   (MQTTJS_MODULE = path of the mqtt package)
 //
-// SCENARIO is one of: connack, shared, ids, aliases, prepare-restart, resume-restart.
+// SCENARIO is one of: connack, shared, ids, aliases, limits, prepare-restart, resume-restart.
 // Prints one JSON object on stdout and exits 0, or {"error": ...} and exits 1.
 // Every wait is bounded: each step by STEP_MS, the whole run by TOTAL_MS.
 'use strict';
@@ -157,6 +157,34 @@ async function aliasesScenario() {
   return { serverTopicAliasMaximum: props(pubConnack).topicAliasMaximum, messages: sub.received };
 }
 
+// A connection that the broker must refuse or close: resolves with the reason code seen
+// (CONNACK refusal or DISCONNECT), never hangs (bounded by STEP_MS).
+function refused(opts, action) {
+  return within(STEP_MS, `refusal of ${opts.clientId}`, new Promise((resolve) => {
+    const client = mqtt.connect(url, {
+      protocolVersion: 5, reconnectPeriod: 0, connectTimeout: STEP_MS, ...opts,
+    });
+    open.add(client);
+    client.once('disconnect', (packet) => resolve({ disconnect: packet.reasonCode }));
+    client.once('error', (err) => resolve({ connack: err.code }));
+    client.once('connect', () => { if (action) action(client); });
+  }));
+}
+
+async function limitsScenario() {
+  // broker started with --max-qos 1 --retain-available false
+  const [c] = await connect({ clientId: `js-limits-${run}` });
+  const granted = await within(STEP_MS, 'subscribe qos 2', c.subscribeAsync(`lim/${run}`, { qos: 2 }));
+  await end(c);
+  const retained = await refused({ clientId: `js-ret-${run}` },
+    (client) => client.publish(`lim/${run}`, 'r', { qos: 0, retain: true }));
+  const qos2 = await refused({ clientId: `js-qos2-${run}` },
+    (client) => client.publish(`lim/${run}`, 'q', { qos: 2 }));
+  const willQos = await refused({ clientId: `js-will-${run}`, will: { topic: `lim/${run}`, payload: 'w', qos: 2 } });
+  const willRetain = await refused({ clientId: `js-willr-${run}`, will: { topic: `lim/${run}`, payload: 'w', qos: 0, retain: true } });
+  return { granted: granted.map((g) => g.qos), retained, qos2, willQos, willRetain };
+}
+
 async function prepareRestart() {
   // a persistent member of a shared group with a subscription identifier, then away
   const [m] = await connect({ clientId: `js-durable-${run}`, clean: false, properties: { sessionExpiryInterval: 600 } });
@@ -182,6 +210,7 @@ const SCENARIOS = {
   shared: sharedScenario,
   ids: idsScenario,
   aliases: aliasesScenario,
+  limits: limitsScenario,
   'prepare-restart': prepareRestart,
   'resume-restart': resumeRestart,
 };

@@ -109,3 +109,27 @@ def test_trace_client_logs_that_clients_packets_only(mqttd_broker_factory):
     assert "trace traced -> Connack(" in text
     assert "trace traced <- Pingreq()" in text and "trace traced -> Pingresp()" in text
     assert "trace other" not in text
+
+
+def test_sighup_reloads_the_password_file_and_keeps_connected_clients(
+        mqttd_broker_factory, tmp_path):
+    """A user added to the password file can connect after SIGHUP; others stay connected."""
+    import subprocess
+    import sys
+    passwords = tmp_path / "passwords"
+
+    def passwd(*args):
+        subprocess.run([sys.executable, "-m", "mqttd.cli", "passwd", *args],
+                       check=True, capture_output=True, timeout=60)
+    passwd("-c", "-b", str(passwords), "alice", "wonderland")
+    broker = mqttd_broker_factory(extra_args=["--password-file", str(passwords)])
+    alice = BlockingClient(broker.port, "alice-1", username="alice", password=b"wonderland")
+    with pytest.raises(ConnectionError):
+        BlockingClient(broker.port, "bob-1", username="bob", password=b"builder")
+    passwd("-b", str(passwords), "bob", "builder")
+    broker.signal(signal.SIGHUP)
+    _wait_for(lambda: "Reloaded password_file" in _log(broker), what="password reload")
+    BlockingClient(broker.port, "bob-1", username="bob", password=b"builder").close()
+    alice.send(Pingreq())
+    assert isinstance(alice.next_packet(5), Pingresp)  # not dropped by the reload
+    alice.close()

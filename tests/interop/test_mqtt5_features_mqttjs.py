@@ -54,6 +54,18 @@ def test_mqttjs_sees_the_announced_capabilities(mqttd_broker_factory, node_mqtt)
     assert props["responseInformation"] == "reply/js-connack-cap"
 
 
+def test_mqttjs_maximum_qos_and_retain_available_are_enforced(mqttd_broker_factory, node_mqtt):
+    """--max-qos 1, --retain-available false: SUBSCRIBE granted 1; retained PUBLISH 0x9A,
+    QoS 2 PUBLISH 0x9B (DISCONNECT); will QoS 2 0x9B, retained will 0x9A (CONNACK)."""
+    broker = mqttd_broker_factory(extra_args=["--max-qos", "1", "--retain-available", "false"])
+    result = run_scenario(node_mqtt, broker, "limits")
+    assert result["granted"] == [1]
+    assert result["retained"] == {"disconnect": 0x9A}
+    assert result["qos2"] == {"disconnect": 0x9B}
+    assert result["willQos"] == {"connack": 0x9B}
+    assert result["willRetain"] == {"connack": 0x9A}
+
+
 def test_mqttjs_shared_subscription_gives_each_message_to_one_member(mqttd_broker, node_mqtt):
     """Three members (two v5, one v3.1.1), six messages: two each (round-robin), none twice;
     No Local on a shared subscription gets DISCONNECT 0x82."""

@@ -293,3 +293,14 @@ def test_shared_subscription_strategy_from_the_broker_config():
     """--shared-subscription-strategy reaches the broker's groups."""
     broker, clock = make_broker(shared_subscription_strategy="hash-topic")
     assert broker.shared.strategy == "hash-topic"
+
+
+def test_acl_read_rules_apply_to_the_filter_inside_a_shared_subscription():
+    """ACL: $share/g/jobs/# is allowed where jobs/# is readable, refused where it is not."""
+    from mqttd.auth.acl import ACLAuthorizer, parse_acl
+    from mqttd.broker import ClientInfo
+    acl = ACLAuthorizer(parse_acl("topic read jobs/#\ntopic deny jobs/secret/#\n"))
+    who = ClientInfo("w1", 5)
+    assert acl.authorize_subscribe(who, "$share/g/jobs/#", 1) is True
+    assert acl.authorize_subscribe(who, "$share/g/jobs/secret/x", 1) is False
+    assert acl.authorize_subscribe(who, "$share/g/other/#", 1) is False
