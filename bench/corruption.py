@@ -9,7 +9,9 @@ queued QoS 1 message each) and (b) a checkpoint of ``--sessions`` sessions
 holding ``--messages`` queued messages in all plus ``--retained`` retained
 messages; then, ``--flips`` times each, restores the pristine copy, flips one
 random bit of one random byte of the file, opens the store (recovery) and
-counts what is missing against the reference.  Offline, no network.
+counts what is missing against the reference.  ``--damage bit`` flips one
+bit (repaired by CRC-32 single-bit correction), ``--damage byte`` XORs one
+byte with a random value (1 to 8 bits).  Offline, no network.
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ def build(kind, path, ops, per_record):
         settle(store.close())
 
 
-def measure(kind, ops, per_record, target, flips, rng, workdir):
+def measure(kind, ops, per_record, target, flips, rng, workdir, damage="bit"):
     pristine = os.path.join(workdir, "pristine")
     build(kind, pristine, ops, per_record)
     want = contents(reference(ops))
@@ -101,7 +103,8 @@ def measure(kind, ops, per_record, target, flips, rng, workdir):
             f.seek(offset)
             byte = f.read(1)[0]
             f.seek(offset)
-            f.write(bytes([byte ^ (1 << rng.randrange(8))]))
+            mask = (1 << rng.randrange(8)) if damage == "bit" else rng.randrange(1, 256)
+            f.write(bytes([byte ^ mask]))
         store = make(kind, live)
         got = contents(store.open())
         settle(store.close())
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--retained", type=int, default=200)
     parser.add_argument("--kinds", default="file,dbm")
     parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument("--damage", choices=("bit", "byte"), default="bit",
+                        help="flip one random bit, or XOR one byte with a random value")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
     globalLogPublisher.addObserver(lambda event: None)
@@ -147,12 +152,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mqttd-corruption-") as workdir:
         for kind in args.kinds.split(","):
             row = measure(kind, journal_ops, True, lambda n: n.startswith("journal."),
-                          args.flips, rng, workdir)
-            results.append(dict(store=kind, what=f"journal, {args.records} records", **row))
+                          args.flips, rng, workdir, args.damage)
+            results.append(dict(store=kind, damage=args.damage,
+                                what=f"journal, {args.records} records", **row))
             target = (lambda n: n == "snapshot.pkl") if kind == "file" else (
                 lambda n: n.endswith(".dat"))
-            row = measure(kind, snapshot_ops, False, target, args.flips, rng, workdir)
-            results.append(dict(store=kind, what=f"checkpoint, {args.messages} messages / "
+            row = measure(kind, snapshot_ops, False, target, args.flips, rng, workdir,
+                          args.damage)
+            results.append(dict(store=kind, damage=args.damage, what=f"checkpoint, {args.messages} messages / "
                                 f"{args.sessions} sessions / {args.retained} retained", **row))
     print(json.dumps(results, indent=2))
     return 0

@@ -1273,7 +1273,7 @@ class Broker:
                 and out.stage != OutboundStage.PUBREL_SENT]
         if not owed:
             return
-        session.queue.clear()
+        session.clear_queue()       # gives its bytes back to --max-queued-bytes-total
         session.inflight.clear()
         for out in owed:
             group = self.shared.group(out.share)

@@ -1299,6 +1299,7 @@ class ClientConnection:
                            client_id=self.client_id, filter=topic_filter, error=str(error))
                 answers.append(_Refused(ReasonCode.TOPIC_FILTER_INVALID))
                 continue
+            # a shared subscription's levels are those of the filter it shares
             if levels and topics.parse_shared(topic_filter)[1].count("/") >= levels:
                 broker.refused("max-topic-levels", self.client_id, self.peer,
                                f"filter {topic_filter!r} has more than {levels} levels")

@@ -27,6 +27,15 @@ def _describe(address) -> str:
     return str(name) if name is not None else str(address)
 
 
+def _tls_error_text(error) -> str:
+    """OpenSSL's ``[(lib, func, reason), ...]`` as ``reason; reason``."""
+    try:
+        reasons = [str(item[-1]) for item in error.args[0] if item and item[-1]]
+    except (IndexError, TypeError):
+        reasons = []
+    return "; ".join(reasons) or str(error) or type(error).__name__
+
+
 @implementer(IPushProducer)
 class MQTTProtocol(Protocol):
     connection: ClientConnection = None
@@ -76,6 +85,14 @@ class MQTTProtocol(Protocol):
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1
         self.factory.open_connections -= 1
+        error = getattr(reason, "value", None)
+        if error is not None and type(error).__module__.startswith("OpenSSL"):
+            # a TLS listener: failed handshake (no or untrusted client
+            # certificate, protocol version, ...) or a broken TLS stream
+            connection = self.connection
+            self.broker.refused(
+                "tls", connection.client_id if connection is not None else None,
+                _describe(self.transport.getPeer()), f"TLS failed: {_tls_error_text(error)}")
         if self.connection is not None:
             self.connection.connection_lost(reason)
 

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from mqttd.broker import ClientInfo
 from mqttd.client import ClientOptions, MQTTClientFactory
+from mqttd.codec import encode
 from mqttd.connection import BRIDGE_PROPERTY
 from mqttd.codec.packets import (
     MQTT_5, NO_PROPERTIES, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
@@ -63,6 +64,10 @@ class BridgeStats:
     messages_out: int = 0
     #: messages from the remote that matched no ``in`` topic line
     unmapped: int = 0
+    #: messages the remote refused (MQTT 5 PUBACK/PUBREC reason >= 0x80): not retried
+    refused: int = 0
+    #: messages larger than the remote's Maximum Packet Size (MQTT 5): dropped
+    too_large: int = 0
     #: connection attempts that ended (refused, lost, failed)
     reconnects: int = 0
     last_error: str = ""
@@ -139,6 +144,7 @@ class Bridge(Service):
         self._acks = collections.deque()
         #: local topic -> remote topic (bounded cache of the topic-line mapping)
         self._remote_names = {}
+        self._warned = {}
         self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
                                       retryPolicy=self._retry_delay, clock=reactor)
 
@@ -184,6 +190,8 @@ class Bridge(Service):
             props = Properties(
                 session_expiry_interval=0 if config.cleansession else 0xFFFFFFFF,
                 receive_maximum=min(65535, max(config.max_inflight, 1)),
+                # the remote must not send more [MQTT-3.1.2-25]
+                maximum_packet_size=self.broker.config.max_packet_size,
                 # the MQTT 5 stand-in for the bridge bit (see mqttd.connection)
                 user_properties=((BRIDGE_PROPERTY, self.broker.config.broker_id),))
         password = config.remote_password
@@ -193,12 +201,23 @@ class Bridge(Service):
             username=config.remote_username,
             password=password.encode("utf-8") if password is not None else None,
             will=will, properties=props, bridge=self._private,
+            # v3 remotes cannot be told a limit: take what they send (256 MiB cap)
+            **({"max_packet_size": self.broker.config.max_packet_size}
+               if level == MQTT_5 else {}),
             connect_timeout=max(10.0, float(config.keepalive_interval)))
 
     # --- the local session ---------------------------------------------------------
 
     def _open_local_session(self) -> None:
-        """Create (or find the restored) session and its ``out`` subscriptions."""
+        """Create (or find the restored) session and its ``out`` subscriptions,
+        offline until the remote accepts us (a clean one ends at once: with
+        ``local_cleansession true`` nothing waits for the remote)."""
+        self._attach_local()
+        self.broker.connection_lost(self.session, self._local, publish_will=False,
+                                    reason="bridge offline")
+
+    def _attach_local(self):
+        """Attach the local end to the bridge session; make its subscriptions match."""
         broker = self.broker
         config = self.config
         expiry = 0 if config.local_cleansession else None
@@ -222,7 +241,7 @@ class Bridge(Service):
                     # local retained messages go to the remote once, like a new
                     # subscriber's (Retain Handling 1)
                     broker.send_retained(session, record)
-        broker.connection_lost(session, self._local, publish_will=False, reason="bridge offline")
+        return session
 
     def local_detached(self) -> None:
         """The broker dropped the local end (shutdown or takeover): close the remote."""
@@ -258,12 +277,8 @@ class Bridge(Service):
                 self._publish_remote_state(protocol, b"1")
             self._notify_local(True)
         # attach the session: re-send in flight (DUP, same ids), then drain
-        broker = self.broker
-        session, _present = broker.open_session(
-            self._local, config.local_clientid, MQTT_5, config.local_cleansession,
-            0 if config.local_cleansession else None, None)
-        self.session = session
-        broker.session_online(session)
+        session = self._attach_local()
+        self.broker.session_online(session)
 
     def mqtt_refused(self, protocol, connack) -> None:
         code = connack.reason_code
@@ -310,9 +325,13 @@ class Bridge(Service):
         if kind is Publish:
             self._from_remote(protocol, packet)
         elif kind is Puback:
+            if protocol.level == MQTT_5 and packet.reason_code >= 0x80:
+                self._refused(packet)
             broker.puback(session, packet.packet_id)
         elif kind is Pubrec:
             failed = protocol.level == MQTT_5 and packet.reason_code >= 0x80
+            if failed:
+                self._refused(packet)
             if broker.pubrec(session, packet.packet_id, failed):
                 self._ack(protocol, Pubrel(packet.packet_id), durable=True)
             elif not failed:
@@ -326,6 +345,12 @@ class Bridge(Service):
         # SUBACK / UNSUBACK: refused filters are logged in _check_suback
         elif kind is Suback:
             self._check_suback(packet)
+
+    def _refused(self, packet) -> None:
+        self.stats.refused += 1
+        self._warn("refused", "Bridge {name}: the remote refused a message "
+                   "(reason 0x{code:02X}); it is not retried", name=self.name,
+                   code=packet.reason_code)
 
     # --- remote -> local ------------------------------------------------------------
 
@@ -414,9 +439,40 @@ class Bridge(Service):
             if props is not NO_PROPERTIES and message.expires_at is not None:
                 props = attrs.evolve(props, message_expiry_interval=remaining_interval(
                     message.expires_at, self.reactor.seconds()))
-        remote.send(Publish(remote_topic, message.payload, qos, retain, dup, packet_id, props))
+        data = encode(Publish(remote_topic, message.payload, qos, retain, dup, packet_id, props),
+                      remote.level)
+        limit = remote.server_max_packet
+        if limit is not None and len(data) > limit:
+            # the remote would close the link on it, and the re-send after the
+            # reconnect would do the same forever [MQTT-3.1.2-24]: give it up
+            self.stats.too_large += 1
+            self._warn("too-large", "Bridge {name}: dropped a {size} byte message to {topic}: "
+                       "the remote's Maximum Packet Size is {limit}", name=self.name,
+                       size=len(data), topic=remote_topic, limit=limit)
+            if packet_id is not None:
+                self.reactor.callLater(0, self._give_up, packet_id)
+            return
+        remote.write(data)
         if not dup:
             self.stats.messages_out += 1
+
+    def _give_up(self, packet_id: int) -> None:
+        """End the flow of an in-flight message that can never be delivered."""
+        session = self.session
+        record = session.inflight.get(packet_id) if session is not None else None
+        if record is None:
+            return
+        if record.qos == 1:
+            self.broker.puback(session, packet_id)
+        else:
+            self.broker.pubrec(session, packet_id, failed=True)
+
+    def _warn(self, key: str, fmt: str, **fields) -> None:
+        """A warning at most once per 10 s per kind (counted in stats meanwhile)."""
+        now = self.reactor.seconds()
+        if now - self._warned.get(key, -1e9) >= 10.0:
+            self._warned[key] = now
+            log.warn(fmt, **fields)
 
     def _subscribe_remote(self, protocol) -> None:
         config = self.config

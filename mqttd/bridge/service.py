@@ -7,8 +7,8 @@ and publishes the per-bridge counters:
 ``BrokerService.bridges.stats``
     ``{connection name: BridgeStats}`` with ``connected`` (bool),
     ``messages_in``, ``messages_out``, ``queued`` (live: queue + in flight
-    of the bridge's local session), ``unmapped``, ``reconnects``,
-    ``last_error`` -- what the Prometheus collector and ``$SYS`` read.
+    of the bridge's local session), ``unmapped``, ``refused``, ``too_large``,
+    ``reconnects``, ``last_error`` -- what a Prometheus collector reads.
 ``BrokerService.bridges.mesh.dropped``
     ``{"duplicate"|"loop"|"hop-limit": count}``.
 
@@ -202,7 +202,37 @@ def install(service, configs: List[BridgeConfig], config_path: Optional[str] = N
     manager.setServiceParent(service)
     service.bridges = manager
     service.add_reloader("bridges", manager.reload)
+    _export_gauges(service, manager)
     return manager
+
+
+#: Prometheus gauges (``BrokerService.add_gauge``, read at scrape time):
+#: name -> (help, BridgeStats attribute)
+GAUGES = {
+    "mqttd_bridge_connected": ("1 while the bridge is connected to its remote", "connected"),
+    "mqttd_bridge_messages_in": ("Messages received from the remote and published here",
+                                 "messages_in"),
+    "mqttd_bridge_messages_out": ("Messages sent to the remote (re-sends not counted)",
+                                  "messages_out"),
+    "mqttd_bridge_queued": ("Messages waiting for the remote (queued + in flight)", "queued"),
+    "mqttd_bridge_reconnects": ("Connection attempts that ended", "reconnects"),
+    "mqttd_bridge_refused": ("Messages the remote refused (MQTT 5 reason >= 0x80)", "refused"),
+    "mqttd_bridge_too_large": ("Messages over the remote's Maximum Packet Size, dropped",
+                               "too_large"),
+}
+
+
+def _export_gauges(service, manager: BridgeManager) -> None:
+    add_gauge = getattr(service, "add_gauge", None)
+    if add_gauge is None:   # a service without the metrics seam
+        return
+    for name, (doc, attribute) in GAUGES.items():
+        def read(attribute=attribute):
+            return [((bridge,), int(getattr(stats, attribute)))
+                    for bridge, stats in manager.stats.items()]
+        add_gauge(name, doc, ("bridge",), read)
+    add_gauge("mqttd_bridge_mesh_dropped", "Messages the mesh guard dropped, by reason",
+              ("reason",), lambda: sorted(manager.mesh.dropped.items()))
 
 
 def from_options(service, options) -> None:

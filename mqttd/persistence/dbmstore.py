@@ -176,7 +176,7 @@ class DbmStore(JournaledStore):
             reason = reason or "meta frame damaged: cannot tell how much was lost"
         state = assembler.finish(tolerant=True)
         return SnapshotRead(state, generation, len(scan.frames), sorted(damaged), meta,
-                            reason, assembler.orphans), data
+                            reason, assembler.orphans, len(scan.repaired)), data
 
     def _parse_current(self, pointer: bytes) -> int:
         try:

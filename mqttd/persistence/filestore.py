@@ -69,6 +69,8 @@ class SnapshotRead:
     reason: str = ""
     #: client ids whose session record was lost but whose messages were kept
     orphans: list = attrs.Factory(list)
+    #: frames with one flipped bit that were repaired
+    repaired: int = 0
 
     @property
     def lost(self) -> Optional[dict]:
@@ -79,7 +81,7 @@ class SnapshotRead:
         """Nothing damaged, nothing missing against the counts written."""
         lost = self.lost
         return (not self.damaged and lost is not None and not any(lost.values())
-                and not self.orphans and not self.reason)
+                and not self.orphans and not self.reason and not self.repaired)
 
 
 def write_snapshot(path: str, state: StoredState, generation: int, fsync=os.fsync) -> None:
@@ -114,6 +116,7 @@ def read_snapshot(data: bytes) -> SnapshotRead:
                             else f"no readable frame after offset {SNAPSHOT_HEADER.size}")
     assembler = StateAssembler()
     damaged = list(scan.damaged)
+    repaired = len(scan.repaired)
     end = None
     reason = ""
     for offset, payload in scan.frames:
@@ -139,8 +142,7 @@ def read_snapshot(data: bytes) -> SnapshotRead:
             raise SnapshotError(f"format version {end.get('version')} is newer than this "
                                 f"mqttd supports ({FORMAT_VERSION})")
         if not header_ok or generation != end["generation"]:
-            damaged.insert(0, (0, SNAPSHOT_HEADER.size))
-            reason = reason or "damaged header (generation taken from the end frame)"
+            repaired += 1           # rebuilt from the end frame: nothing lost
             generation = end["generation"]
     else:
         if magic != SNAPSHOT_MAGIC:
@@ -154,7 +156,7 @@ def read_snapshot(data: bytes) -> SnapshotRead:
             reason = reason or "end frame missing: cannot tell how much was lost"
     state = assembler.finish(tolerant=True)
     return SnapshotRead(state, generation, len(scan.frames), sorted(damaged), end,
-                        reason, assembler.orphans)
+                        reason, assembler.orphans, repaired)
 
 
 def decode_snapshot(data: bytes):
@@ -203,11 +205,16 @@ class FileStore(JournaledStore):
 
 def report_damaged_checkpoint(path, data, read, now, fsync) -> None:
     """Keep the damaged bytes of a checkpoint aside and log once what was lost."""
-    moved = keep_damaged(path, data, read.damaged, now, fsync)
     lost = read.lost
+    if (read.repaired and not read.damaged and not read.reason and not read.orphans
+            and lost is not None and not any(lost.values())):
+        log.warn("Repaired {repaired} frames with one flipped bit in checkpoint {path}; "
+                 "nothing lost", path=path, repaired=read.repaired)
+        return
+    moved = keep_damaged(path, data, read.damaged, now, fsync)
     log.error("Damaged checkpoint {path}: {ranges} damaged byte ranges ({damaged} bytes) "
-              "kept in {moved} ({error}); recovered {frames} good frames; lost {lost}"
-              "{orphans}",
+              "kept in {moved} ({error}); recovered {frames} good frames ({repaired} "
+              "repaired); lost {lost}{orphans}", repaired=read.repaired,
               path=path, ranges=len(read.damaged), moved=moved,
               error=read.reason or "frames missing",
               damaged=sum(e - s for s, e in read.damaged), frames=read.frames,

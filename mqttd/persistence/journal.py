@@ -52,8 +52,8 @@ from mqttd.persistence import safepickle
 from mqttd.messages import Message
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, OutboundRecord, SessionRecord, StoredSession, WillRecord,
-    StoredState, apply_op)
+    FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, PutOutbound,
+    SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
 
@@ -67,6 +67,7 @@ RECORD_HEADER = struct.Struct(">4sII")
 MAX_RECORD = 1 << 31
 
 _JOURNAL_NAME = re.compile(r"^journal\.(\d+)$")
+_NON_ZERO = re.compile(rb"[^\x00]")
 _OP_TYPES = frozenset(OPERATION_TYPES)
 
 
@@ -330,10 +331,73 @@ class FrameScan:
     #: the last damaged range runs to the end of the data and looks like an
     #: interrupted write (a torn tail), not like damage
     torn: bool = False
+    #: ``(start, end)`` of frames with one flipped bit, repaired (their
+    #: payloads are in ``frames``)
+    repaired: list = attrs.Factory(list)
 
     @property
     def damaged_bytes(self) -> int:
         return sum(end - start for start, end in self.damaged)
+
+
+# --- single-bit repair ---------------------------------------------------------
+#
+# CRC-32 (IEEE) has a Hamming distance of at least 4 for frames up to 11 KiB:
+# any single flipped bit of a frame (mark, length, CRC or payload) is located
+# exactly from the CRC syndrome, and no 2-bit error can pass for a 1-bit one.
+# So a frame whose only damage is one flipped bit is repaired, not lost.
+
+_CRC_POLY = 0xEDB88320
+_CRC_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ _CRC_POLY if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+_CRC_TOP = {_CRC_TABLE[_i] >> 24: _i for _i in range(256)}
+_CRC_BIT = {_CRC_TABLE[1 << _b]: _b for _b in range(8)}
+#: largest frame (header included) repaired: where CRC-32's distance is >= 4
+MAX_REPAIRABLE = 11 * 1024
+
+
+def _bits(a: bytes, b: bytes) -> int:
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
+
+
+def _flip_one_bit(payload: bytes, stored_crc: int) -> Optional[bytes]:
+    """``payload`` with the one bit flipped that makes its CRC ``stored_crc``, or None."""
+    reg = zlib.crc32(payload) ^ stored_crc
+    n = len(payload)
+    for k in range(n):     # walk the syndrome back one byte at a time
+        bit = _CRC_BIT.get(reg)
+        if bit is not None:
+            fixed = bytearray(payload)
+            fixed[n - 1 - k] ^= 1 << bit
+            if zlib.crc32(fixed) == stored_crc:
+                return bytes(fixed)
+        i = _CRC_TOP[reg >> 24]
+        reg = (((reg ^ _CRC_TABLE[i]) << 8) & 0xFFFFFFFF) | i
+    return None
+
+
+def repair_frame(data, start: int, stop: int) -> Optional[bytes]:
+    """The payload of the frame filling ``data[start:stop]`` if exactly one bit
+    of it is flipped (mark, length, CRC or payload), else None."""
+    size = stop - start
+    header = RECORD_HEADER.size
+    if size <= header or size > MAX_REPAIRABLE:
+        return None
+    raw = bytes(data[start:stop])
+    payload = raw[header:]
+    actual = zlib.crc32(payload)
+    expected_header = RECORD_HEADER.pack(RECORD_MARK, len(payload), actual)
+    flipped = _bits(raw[:header], expected_header)
+    if flipped == 1:
+        return payload      # one bit of the header; the payload matches a CRC
+    if flipped == 0 or raw[:8] != expected_header[:8]:
+        return None
+    # mark and length right, CRC field differs: one bit of the payload?
+    return _flip_one_bit(payload, RECORD_HEADER.unpack_from(raw)[2])
 
 
 def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
@@ -341,8 +405,9 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
 
     After a bad frame the scan continues at the next offset holding a frame
     with a valid mark, length and CRC32, so one damaged byte costs the
-    frame it is in, not everything after it.  With ``padding``, runs of
-    zero bytes between frames (dbm.dumb pads values) are not damage.
+    frame it is in, not everything after it -- and a frame with a single
+    flipped bit is repaired (:func:`repair_frame`).  With ``padding``, runs
+    of zero bytes between frames (dbm.dumb pads values) are not damage.
     """
     scan = FrameScan()
     view = memoryview(data)
@@ -356,15 +421,27 @@ def scan_frames(data, start: int, padding: bool = False) -> FrameScan:
             scan.frames.append((offset, view[body:body + length]))
             offset = body + length
             continue
+        if padding and data[offset] == 0:
+            found = _NON_ZERO.search(data, offset)    # skip dbm.dumb's padding
+            offset = end if found is None else found.start()
+            continue
         probe = next_valid_frame(data, offset + 1)
         stop = end if probe is None else probe
         if padding:
+            # pickles end with b"." (STOP): trailing zeros are dbm.dumb's padding
             gap = bytes(view[offset:stop]).rstrip(b"\0")
             if not gap:
                 offset = stop
                 continue
+            stop = offset + len(gap)
+        payload = repair_frame(data, offset, stop)
+        if payload is not None:
+            scan.frames.append((offset, memoryview(payload)))
+            scan.repaired.append((offset, stop))
             if probe is None:
-                stop = offset + len(gap)
+                break
+            offset = probe
+            continue
         scan.damaged.append((offset, stop))
         if probe is None:
             scan.torn = not padding and _looks_torn(data, offset)
@@ -422,6 +499,8 @@ class JournalRead:
     header: str = ""
     #: the file is from a newer mqttd: nothing in it could be read
     newer: bool = False
+    #: records with one flipped bit that were repaired
+    repaired: int = 0
 
     @property
     def operations(self) -> int:
@@ -429,7 +508,8 @@ class JournalRead:
 
     @property
     def clean(self) -> bool:
-        return not self.damaged and self.torn_at is None and not self.header
+        return (not self.damaged and self.torn_at is None and not self.header
+                and not self.repaired)
 
 
 def read_journal(data: bytes, generation: int) -> JournalRead:
@@ -456,6 +536,7 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
         problems.append(f"header says generation {gen}")
     read.header = "; ".join(problems)
     scan = scan_frames(data, JOURNAL_HEADER.size)
+    read.repaired = len(scan.repaired)
     damaged = list(scan.damaged)
     if scan.torn:
         read.torn_at = damaged.pop()[0]
@@ -468,6 +549,25 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
     if problems and not read.batches and (version > FORMAT_VERSION and magic == JOURNAL_MAGIC):
         read.newer = True
     return read
+
+
+def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) -> None:
+    """Apply journal ``batches`` to ``state``.
+
+    ``tolerant`` (after damage was found): a queued message or inbound QoS 2
+    id of a session whose record was in a damaged record is kept under a
+    fresh :class:`SessionRecord` (no subscriptions, never expires) instead of
+    being ignored, and the client id added to ``orphans`` -- so losing one
+    record never cascades into losing every later message of its session.
+    """
+    sessions = state.sessions
+    for batch in batches:
+        for op in batch:
+            if tolerant and op.__class__ in (PutOutbound, AddInboundQos2) \
+                    and op.client_id not in sessions:
+                sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
+                orphans.add(op.client_id)
+            apply_op(state, op)
 
 
 def decode_payload(payload) -> list:
@@ -973,11 +1073,17 @@ class JournaledStore:
                 os.unlink(journal_path(self.path, gen))
         live = [gen for gen in gens if gen >= snap_gen]
         append_to = None
+        orphans: set = set()
         for index, gen in enumerate(live):
             last = index == len(live) - 1
-            if not self._replay(gen, state, last):
+            if not self._replay(gen, state, last, damaged, orphans):
                 damaged = True
             append_to = gen
+        if orphans:
+            log.error("Session records of {count} clients were in damaged records; their "
+                      "later messages are kept under sessions without subscriptions: "
+                      "{clients}", count=len(orphans),
+                      clients=", ".join(sorted(orphans)[:20]))
         if damaged:
             # start afresh from what was recovered: new checkpoint, new journal
             new_gen = max([snap_gen] + gens) + 1
@@ -995,7 +1101,8 @@ class JournaledStore:
         self._dir_dirty = False
         return state
 
-    def _replay(self, gen: int, state: StoredState, last: bool) -> bool:
+    def _replay(self, gen: int, state: StoredState, last: bool, after_damage: bool = False,
+                orphans: Optional[set] = None) -> bool:
         """Apply journal ``gen`` to ``state``; False if it was damaged.
 
         Damage costs only the damaged records: replay resynchronises on the
@@ -1008,9 +1115,8 @@ class JournaledStore:
         with open(path, "rb") as f:
             data = f.read()
         read = read_journal(data, gen)
-        for batch in read.batches:
-            for op in batch:
-                apply_op(state, op)
+        replay_batches(state, read.batches, after_damage or bool(read.damaged),
+                       orphans if orphans is not None else set())
         if read.clean:
             return True
         now = self._reactor.seconds()
@@ -1021,7 +1127,12 @@ class JournaledStore:
                       "could be read, moved aside to {moved}",
                       path=path, reason=read.header, moved=moved)
             return False
-        if not read.damaged and not read.header and last:
+        if not read.damaged and read.torn_at is None:
+            log.warn("Repaired {repaired} records with one flipped bit in journal {path}"
+                     "{header}; nothing lost", path=path, repaired=read.repaired,
+                     header=f" and its header ({read.header})" if read.header else "")
+            return False            # a fresh checkpoint replaces the damaged file
+        if not read.damaged and not read.header and not read.repaired and last:
             log.warn("Torn record at the end of journal {path} at offset {offset}; "
                      "truncated to the last good record", path=path, offset=read.torn_at)
             if read.torn_at < JOURNAL_HEADER.size:
@@ -1042,7 +1153,8 @@ class JournaledStore:
         moved = keep_damaged(path, data, ranges, now, self._fsync)
         log.error("Damaged journal {path}: {ranges} damaged byte ranges ({damaged} bytes, "
                   "first at offset {offset}{header}) kept in {moved}; replay resynchronised "
-                  "and applied {records} good records ({operations} operations)",
+                  "and applied {records} good records ({operations} operations, "
+                  "{repaired} repaired)", repaired=read.repaired,
                   path=path, ranges=len(ranges), offset=ranges[0][0],
                   damaged=sum(e - s for s, e in ranges), moved=moved,
                   header=f"; header: {read.header}" if read.header else "",

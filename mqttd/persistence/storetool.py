@@ -6,8 +6,9 @@ resynchronising readers that recovery uses, so it shows exactly what a
 broker started on the directory would recover and what damage would cost.
 
 ``check`` prints one line per file and a summary; exit status 0 when
-everything is intact, 1 when something is damaged (what would be lost is
-printed), 2 for a usage error or a directory that is not a data directory.
+everything is intact, 1 when something is damaged -- even if only single
+flipped bits that recovery repairs without loss (``repaired``) -- with what
+would be lost, 2 for a usage error or a directory that is not a data directory.
 ``dump`` prints the recovered sessions, subscriptions, queued/in-flight
 messages and retained messages (``--json`` for a JSON document,
 ``--payloads`` to include payloads, hex-escaped).
@@ -22,8 +23,9 @@ import os
 import sys
 from typing import List, Optional
 
-from mqttd.persistence.journal import journal_path, list_journals, read_journal
-from mqttd.persistence.records import StoredState, apply_op
+from mqttd.persistence.journal import (
+    journal_path, list_journals, read_journal, replay_batches)
+from mqttd.persistence.records import StoredState
 
 
 def _locked(path: str) -> bool:
@@ -87,8 +89,11 @@ def inspect(path: str) -> dict:
     if checkpoint is not None:
         state, generation = checkpoint.state, checkpoint.generation
         entry = report["files"][-1]
-        entry.update(status="ok" if checkpoint.intact else "damaged",
+        entry.update(status="ok" if checkpoint.intact else (
+                         "repaired" if checkpoint.repaired and not checkpoint.damaged
+                         and not any((checkpoint.lost or {}).values()) else "damaged"),
                      generation=generation, frames=checkpoint.frames,
+                     repaired=checkpoint.repaired,
                      damaged_ranges=[list(r) for r in checkpoint.damaged],
                      damaged_bytes=sum(e - s for s, e in checkpoint.damaged),
                      expected=checkpoint.expected, lost=checkpoint.lost,
@@ -97,20 +102,27 @@ def inspect(path: str) -> dict:
             entry["error"] = checkpoint.reason
         report["damaged"] |= not checkpoint.intact
     journals = [g for g in list_journals(path) if g >= generation]
+    orphans: set = set()
     if journals and report["kind"] is None:
         report["kind"] = "file"
     for index, gen in enumerate(journals):
         with open(journal_path(path, gen), "rb") as f:
             data = f.read()
         read = read_journal(data, gen)
-        for batch in read.batches:
-            for op in batch:
-                apply_op(state, op)
+        replay_batches(state, read.batches, report["damaged"] or bool(read.damaged), orphans)
         last = index == len(journals) - 1
-        torn_only = not read.damaged and not read.header and read.torn_at is not None
-        status = "ok" if read.clean else ("torn tail" if torn_only and last else "damaged")
+        torn_only = (not read.damaged and not read.header and not read.repaired
+                     and read.torn_at is not None)
+        if read.clean:
+            status = "ok"
+        elif torn_only and last:
+            status = "torn tail"
+        elif not read.damaged and not read.header and read.torn_at is None:
+            status = "repaired"     # single flipped bits, nothing lost
+        else:
+            status = "damaged"
         entry = {"file": f"journal.{gen}", "status": status, "records": len(read.batches),
-                 "operations": read.operations,
+                 "operations": read.operations, "repaired": read.repaired,
                  "damaged_ranges": [list(r) for r in read.damaged],
                  "damaged_bytes": sum(e - s for s, e in read.damaged)}
         if read.header:
@@ -118,7 +130,8 @@ def inspect(path: str) -> dict:
         if read.torn_at is not None:
             entry["torn_at"] = read.torn_at
         report["files"].append(entry)
-        report["damaged"] |= status == "damaged"
+        report["damaged"] |= status in ("damaged", "repaired")
+    report["orphaned_sessions"] = sorted(orphans)
     if report["kind"] is None:
         raise FileNotFoundError(f"{path} holds no mqttd store (no snapshot.pkl, CURRENT "
                                 f"or journal.<n>)")
@@ -168,7 +181,8 @@ def _print_check(report: dict, out) -> None:
              if report["locked"] else ""), file=out)
     for entry in report["files"]:
         details = [f"{k}={entry[k]}" for k in ("generation", "frames", "records",
-                                               "operations", "damaged_bytes", "torn_at")
+                                               "operations", "repaired", "damaged_bytes",
+                                               "torn_at")
                    if entry.get(k) not in (None, 0, [])]
         print(f"  {entry['file']}: {entry['status']}" + (f" ({', '.join(details)})"
                                                         if details else ""), file=out)
@@ -182,6 +196,9 @@ def _print_check(report: dict, out) -> None:
         if entry.get("orphaned_sessions"):
             print(f"    session records lost (messages kept): "
                   f"{', '.join(entry['orphaned_sessions'])}", file=out)
+    if report.get("orphaned_sessions"):
+        print(f"  session records lost in journals (messages kept): "
+              f"{', '.join(report['orphaned_sessions'])}", file=out)
     for name in report["aside"]:
         print(f"  set aside earlier: {name}", file=out)
     counts = report["counts"]

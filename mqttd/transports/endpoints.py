@@ -8,7 +8,7 @@ these, so the same strings work in ``twistd mqttd --listen``, in
     mqtts:8883:privateKey=key.pem[:certKey=cert.pem][:extraCertChain=chain.pem]
           [:caCerts=ca.pem][:requireCert=yes][:identityAsUsername=yes]
           [:tlsMinimum=1.2][:interface=ADDR][:backlog=N]
-    ws:9001[:path=/mqtt][:interface=ADDR][:backlog=N]
+    ws:9001[:path=/mqtt][:trustXForwardedFor=N][:interface=ADDR][:backlog=N]
     wss:9443:privateKey=key.pem[:certKey=cert.pem][... every mqtts: option][:path=/mqtt]
 
 ``path=*`` answers WebSocket requests on any path.  The PROXY protocol
@@ -93,7 +93,8 @@ class MQTTServerEndpoint:
 
     def __init__(self, reactor, port: int, tls: Optional[TLSServerOptions] = None,
                  websocket_path: Optional[str] = None, identity_as_username: bool = False,
-                 backlog: int = DEFAULT_BACKLOG, interface: str = ""):
+                 backlog: int = DEFAULT_BACKLOG, interface: str = "",
+                 trust_x_forwarded_for: int = 0):
         if identity_as_username and (tls is None or tls.client_certificates == "none"):
             raise TLSConfigError("identityAsUsername=yes needs caCerts=FILE (client "
                                  "certificates are the identity)")
@@ -103,6 +104,7 @@ class MQTTServerEndpoint:
         self.tls_options = tls
         self.websocket_path = websocket_path
         self.identity_as_username = identity_as_username
+        self.trust_x_forwarded_for = trust_x_forwarded_for
         self._endpoint = TCP4ServerEndpoint(reactor, port, backlog, interface)
 
     def listen(self, factory):
@@ -119,7 +121,8 @@ class MQTTServerEndpoint:
             factory = _ConfiguringFactory(factory, transport_identity=certificate_identity)
         if self.websocket_path is not None:
             path = None if self.websocket_path == "*" else self.websocket_path
-            factory = MQTTWebSocketFactory(factory, path=path, secure=self.tls_options is not None)
+            factory = MQTTWebSocketFactory(factory, path=path, secure=self.tls_options is not None,
+                                           trust_x_forwarded_for=self.trust_x_forwarded_for)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
         if proxied:
@@ -174,8 +177,15 @@ def _tls(options: dict) -> TLSServerOptions:
 
 def _listener(reactor, port, options: dict, tls=None, path=None) -> MQTTServerEndpoint:
     identity = parse_bool(options.get("identityAsUsername", "no"), "identityAsUsername")
+    try:
+        forwarded = int(options.get("trustXForwardedFor", 0))
+    except ValueError:
+        raise ValueError("trustXForwardedFor must be a number of proxies") from None
+    if forwarded < 0:
+        raise ValueError("trustXForwardedFor must be 0 or more")
     return MQTTServerEndpoint(
         reactor, int(port), tls=tls, websocket_path=path, identity_as_username=identity,
+        trust_x_forwarded_for=forwarded,
         backlog=int(options.get("backlog", DEFAULT_BACKLOG)),
         interface=options.get("interface", ""))
 
@@ -188,12 +198,12 @@ def parse_mqtts(reactor, port, *args, **kwargs) -> MQTTServerEndpoint:
 
 def parse_ws(reactor, port, *args, **kwargs) -> MQTTServerEndpoint:
     """``ws:PORT[:path=/mqtt]``: MQTT over WebSocket."""
-    options = _options("ws", args, kwargs, ("path",))
+    options = _options("ws", args, kwargs, ("path", "trustXForwardedFor"))
     return _listener(reactor, port, options, path=options.get("path", DEFAULT_PATH))
 
 
 def parse_wss(reactor, port, *args, **kwargs) -> MQTTServerEndpoint:
     """``wss:PORT:privateKey=K[:certKey=C]...``: MQTT over WebSocket over TLS."""
-    options = _options("wss", args, kwargs, _TLS_OPTIONS + ("path",))
+    options = _options("wss", args, kwargs, _TLS_OPTIONS + ("path", "trustXForwardedFor"))
     return _listener(reactor, port, options, tls=_tls(options),
                      path=options.get("path", DEFAULT_PATH))

@@ -15,7 +15,7 @@ against those CAs (``require_certificate=False``: optional, verified if sent;
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional
+from typing import Optional
 
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -112,7 +112,7 @@ class TLSServerOptions:
         #: number of successful loads (1 after construction)
         self.generation = 0
         self._options = None
-        self._on_reload: List[Callable[[], None]] = []
+        self._context = None
         self.reload()
 
     @property
@@ -147,7 +147,8 @@ class TLSServerOptions:
         Established connections are not touched.  On any error the previous
         settings stay in force and :class:`TLSConfigError` is raised.
         """
-        self._options = self._build()
+        options = self._build()
+        self._options, self._context = options, options.getContext()
         self.generation += 1
         if self.generation > 1:
             log.info("TLS certificate {certificate} reloaded (generation {generation})",
@@ -156,7 +157,11 @@ class TLSServerOptions:
 
     # IOpenSSLServerConnectionCreator
     def serverConnectionForTLS(self, tlsProtocol):
-        return self._options.serverConnectionForTLS(tlsProtocol)
+        # what Twisted does for a context factory (CertificateOptions only has
+        # serverConnectionForTLS itself since Twisted 26); the context is made
+        # once per load and shared by the connections made from it
+        from OpenSSL.SSL import Connection
+        return Connection(self._context, None)
 
 
 def certificate_identity(transport) -> Optional[str]:

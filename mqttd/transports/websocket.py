@@ -15,16 +15,19 @@ browser that reads slowly pauses the broker's writes to it exactly as a TCP
 client would; ``pauseProducing``/``resumeProducing`` on the adapter pause the
 reads of the socket underneath.
 
-Refusals get an HTTP answer and one log line: a path other than the
-listener's (404), no acceptable subprotocol (400), a request header over
+Refusals get an HTTP answer (a text frame: close 1003) and are counted and
+logged rate-limited as the broker's refusal ``websocket``: a path other than
+the listener's (404), no acceptable subprotocol (400), a request header over
 16 KiB (400); the opening handshake must finish in 5 s.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Optional
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITransport
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -44,34 +47,57 @@ MAX_HANDSHAKE_BYTES = 16 * 1024
 CLOSE_UNSUPPORTED_DATA = 1003
 
 
+def _forwarded_peer(header: Optional[str], trusted: int):
+    """The address ``trusted`` hops from the right of an ``X-Forwarded-For``
+    header (each trusted proxy appends the address it saw), or None.
+
+    ``X-Forwarded-For: client, proxy1`` with 2 trusted proxies gives ``client``;
+    anything that is not an IP address gives None (the socket's peer is kept).
+    """
+    if not header:
+        return None
+    hops = [part.strip() for part in header.split(",") if part.strip()]
+    if not hops:
+        return None
+    candidate = hops[-trusted] if len(hops) >= trusted else hops[0]
+    try:
+        address = ipaddress.ip_address(candidate.strip("[]"))
+    except ValueError:
+        return None
+    if address.version == 6:
+        return IPv6Address("TCP", str(address), 0)
+    return IPv4Address("TCP", str(address), 0)
+
+
 @implementer(ITransport)
 class MQTTWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket connection carrying one MQTT connection."""
 
     _mqtt = None
+    _forwarded_peer = None
 
     # --- the opening handshake ----------------------------------------------------
 
     def processHandshake(self):
         if len(self.data) > MAX_HANDSHAKE_BYTES and b"\r\n\r\n" not in self.data:
-            log.warn("WebSocket handshake from {peer} refused: request header over "
-                     "{limit} bytes", peer=self._peer_text(), limit=MAX_HANDSHAKE_BYTES)
+            self._refused(f"request header over {MAX_HANDSHAKE_BYTES} bytes")
             return self.failHandshake("HTTP request header too large")
         return super().processHandshake()
 
     def onConnect(self, request):
+        trusted = self.factory.trust_x_forwarded_for
+        if trusted:
+            self._forwarded_peer = _forwarded_peer(request.headers.get("x-forwarded-for"),
+                                                   trusted)
         path = self.factory.mqtt_path
         if path is not None and request.path != path:
-            log.warn("WebSocket handshake from {peer} refused: path {path!r} is not "
-                     "{expected!r}", peer=self._peer_text(), path=request.path,
-                     expected=path)
+            self._refused(f"path {request.path!r} is not {path!r}")
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no MQTT endpoint at {request.path}")
         for offered in request.protocols:
             if offered in SUBPROTOCOLS:
                 return offered
-        log.warn("WebSocket handshake from {peer} refused: subprotocols {offered} offer "
-                 "none of {supported} [MQTT-6.0.0-3]", peer=self._peer_text(),
-                 offered=list(request.protocols), supported=list(SUBPROTOCOLS))
+        self._refused(f"subprotocols {list(request.protocols)} offer none of "
+                      f"{list(SUBPROTOCOLS)} [MQTT-6.0.0-3]")
         raise ConnectionDeny(ConnectionDeny.BAD_REQUEST,
                              "the WebSocket subprotocol must be mqtt or mqttv3.1")
 
@@ -84,18 +110,33 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         mqtt.makeConnection(self)
 
     # --- frames in ----------------------------------------------------------------
+    #
+    # autobahn's frame-level hooks (IWebSocketChannel): each frame's payload goes
+    # straight to the MQTT reader, which takes any chunking, instead of being
+    # joined into a message and dispatched through onMessage (a future and an
+    # observer round per message: MQTT.js sends each PUBLISH as several
+    # messages, so that cost was most of the broker's time over WebSocket).
+    # autobahn still counts the message size against maxMessagePayloadSize.
 
-    def onMessage(self, payload, isBinary):
-        if self._mqtt is None:
-            return
-        if not isBinary:
-            log.warn("Closing WebSocket of {peer}: text frame, MQTT needs binary frames "
-                     "[MQTT-6.0.0-1]", peer=self._peer_text())
+    def onMessageBegin(self, isBinary):
+        super().onMessageBegin(isBinary)
+        if not isBinary and self._mqtt is not None:
+            self._refused("text frame; MQTT needs binary frames [MQTT-6.0.0-1]")
             # sendClose() only takes 1000 and 3000-4999; 1003 is the RFC 6455 code
             self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA,
                                 reasonUtf8=b"MQTT is carried in binary frames")
-            return
-        self._mqtt.dataReceived(payload)
+
+    def onMessageFrameData(self, payload):
+        mqtt = self._mqtt
+        if (mqtt is not None and self.message_is_binary and not self.failedByMe
+                and self.state == self.STATE_OPEN):
+            mqtt.dataReceived(payload)
+
+    def onMessageFrameEnd(self):
+        pass
+
+    def onMessageEnd(self):
+        pass
 
     def onClose(self, wasClean, code, reason):
         mqtt, self._mqtt = self._mqtt, None
@@ -121,6 +162,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def getPeer(self):
+        """The socket's peer, or with ``trustXForwardedFor=N`` the client address
+        the trusted reverse proxies reported (port 0: a proxy does not say)."""
+        if self._forwarded_peer is not None:
+            return self._forwarded_peer
         return self.transport.getPeer()
 
     def getHost(self):
@@ -137,6 +182,16 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
+
+    def _refused(self, detail: str) -> None:
+        """Count and log (rate-limited, through the broker when there is one)."""
+        broker = getattr(self.factory.wrapped, "broker", None)
+        client_id = getattr(getattr(self._mqtt, "connection", None), "client_id", None)
+        if broker is not None and hasattr(broker, "refused"):
+            broker.refused("websocket", client_id, self._peer_text(), detail)
+        else:
+            log.warn("Refused websocket from {peer}: {detail}", peer=self._peer_text(),
+                     detail=detail)
 
     def _peer_text(self) -> str:
         try:
@@ -156,16 +211,23 @@ class MQTTWebSocketFactory(WebSocketServerFactory):
         to the broker's maximum packet size plus 64 KiB (a message may hold
         several packets).
     :param secure: the listener is ``wss:`` (used in the URL autobahn reports).
+    :param trust_x_forwarded_for: number of reverse proxies in front whose
+        ``X-Forwarded-For`` is believed (0: ignore the header, the default);
+        the client's address then comes from it.
     """
 
     protocol = MQTTWebSocketProtocol
 
     def __init__(self, wrapped, path: Optional[str] = DEFAULT_PATH,
-                 max_message: Optional[int] = None, secure: bool = False):
+                 max_message: Optional[int] = None, secure: bool = False,
+                 trust_x_forwarded_for: int = 0):
         super().__init__(url=("wss" if secure else "ws") + "://localhost",
                          protocols=list(SUBPROTOCOLS), server="mqttd")
         self.wrapped = wrapped
         self.mqtt_path = path
+        if trust_x_forwarded_for < 0:
+            raise ValueError("trustXForwardedFor must be 0 or more")
+        self.trust_x_forwarded_for = trust_x_forwarded_for
         if max_message is None:
             broker = getattr(wrapped, "broker", None)
             max_packet = getattr(getattr(broker, "config", None), "max_packet_size",

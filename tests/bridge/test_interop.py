@@ -227,3 +227,37 @@ def test_triangle_mesh_delivers_each_message_once(tmp_path, stack, links):
             f"{x}{i}".encode() for x in "ABC" for i in range(10)), n
     for n, sub in subs.items():
         assert sub.quiet(1.0 if n == "A" else 0.2) == [], f"extra copies at {n}"
+
+
+def test_tls_bridge_to_mosquitto_with_client_certificate(tmp_path, stack):
+    """bridge_cafile/certfile/keyfile: TLS to mosquitto requiring a client certificate;
+    a remote whose certificate another CA signed is refused."""
+    from transports.certs import PKI
+    pki = PKI(tmp_path / "pki")
+    tls = f'''
+        listener {{port}} 127.0.0.1
+        cafile {pki.ca.cert_path}
+        certfile {pki.server_cert}
+        keyfile {pki.server_key}
+        require_certificate true
+        '''
+    plain_port, tls_port = free_port(), free_port()
+    mosq = Mosquitto(tmp_path / "mosq", port=plain_port, extra=tls.format(port=tls_port)).start()
+    stack.append(mosq)
+    extra = (f'bridge_cafile = "{pki.ca.cert_path}"\n'
+             f'bridge_certfile = "{pki.alice_cert}"\nbridge_keyfile = "{pki.alice_key}"\n')
+    wrong = (f'bridge_cafile = "{pki.other_ca.cert_path}"\n'
+             f'bridge_certfile = "{pki.alice_cert}"\nbridge_keyfile = "{pki.alice_key}"\n')
+    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge("sec", tls_port, ["s/# out 1"], extra)
+                 + _bridge("bad", tls_port, ['s/# out 1 "" bad/'], wrong))
+    stack.append(edge.start())
+    wait_for(lambda: "New bridge connected" in mosq.log(), 15, what="TLS bridge up")
+    sub = Client(plain_port)
+    stack.append(sub)
+    sub.subscribe("#")
+    pub = Client(edge.port)
+    stack.append(pub)
+    pub.publish("s/1", b"secret", 1)
+    assert [m[:2] for m in sub.collect(1)] == [("s/1", b"secret")]
+    assert sub.quiet(0.5) == []   # the bridge that does not trust the server never connected
+    assert _state(edge.port, "bad") == b"0"

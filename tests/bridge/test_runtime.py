@@ -251,3 +251,80 @@ def test_mesh_guard_is_idle_until_a_bridge_appears():
     assert not guard.active
     broker.emit("clientConnected", client=ClientInfo("edge", 4, bridge=True))
     assert guard.active and broker._publish_filters == [guard]
+
+
+def test_failover_endpoint_tries_the_next_address_and_returns_to_the_primary():
+    """address list: a failed attempt moves to the next address; success resets to the first
+    (round_robin false) or stays (round_robin true)."""
+    from twisted.internet import defer
+
+    from mqttd.bridge.service import FailoverEndpoint
+
+    class Fake:
+        def __init__(self, ok):
+            self.ok = ok
+            self.calls = 0
+
+        def connect(self, factory):
+            self.calls += 1
+            return defer.succeed("p") if self.ok else defer.fail(ConnectionRefusedError())
+
+    primary, secondary = Fake(False), Fake(True)
+    endpoint = FailoverEndpoint([primary, secondary])
+    failures = []
+    endpoint.connect(None).addErrback(failures.append)
+    assert len(failures) == 1 and endpoint.index == 1
+    assert endpoint.connect(None).result == "p" and endpoint.index == 0
+    sticky = FailoverEndpoint([Fake(False), Fake(True)], round_robin=True)
+    sticky.connect(None).addErrback(lambda f: None)
+    sticky.connect(None)
+    assert sticky.index == 1
+
+
+def test_message_over_the_remote_maximum_packet_size_is_dropped_not_retried(net):
+    """MQTT 5: a message the remote could never take is counted and dropped; the rest flows."""
+    a, b = net.broker("A"), net.broker("B", max_packet_size=1024)
+    got = Collector(b, "q/#")
+    manager = net.bridge("A", "B", ["q/# out 1"], protocol_version="mqttv50")
+    net.settle()
+    a.publish_message("q/big", b"x" * 4096, qos=1)
+    a.publish_message("q/small", b"ok", qos=1)
+    net.settle(2)
+    stats = manager.stats["A-B"]
+    assert got.payloads() == [b"ok"]
+    assert stats.too_large == 1 and stats.queued == 0 and stats.connected
+
+
+def test_bridge_gauges_are_exported_for_prometheus():
+    """install() registers mqttd_bridge_* gauges that read the live BridgeStats."""
+    from mqttd.bridge.config import BridgeConfig, TopicMap
+    from mqttd.bridge.service import install
+    from mqttd.service import make_broker_service
+    net = Net()
+    service = make_broker_service(net.clock, listen=[], store="memory")
+    config = BridgeConfig("up", (("127.0.0.1", 1),), (TopicMap("q/#", "out", 1),),
+                          remote_clientid="edge")
+    install(service, [config], endpoint_factory=lambda reactor, c: None)
+    gauges = service.gauges
+    assert gauges["mqttd_bridge_connected"][2]() == [(("up",), 0)]
+    service.bridges.stats["up"].messages_out = 7
+    assert gauges["mqttd_bridge_messages_out"][2]() == [(("up",), 7)]
+    assert ("duplicate", 0) in gauges["mqttd_bridge_mesh_dropped"][2]()
+
+
+def test_local_cleansession_forwards_while_up_and_keeps_nothing_while_down(net):
+    """local_cleansession true: messages flow while connected; nothing queues while down."""
+    a, b = net.broker("A"), net.broker("B")
+    got = Collector(b, "q/#")
+    manager = net.bridge("A", "B", ["q/# out 1"], local_cleansession=True)
+    net.settle()
+    a.publish_message("q/1", b"up", qos=1)
+    net.settle()
+    net.down("B")
+    a.publish_message("q/2", b"lost", qos=1)
+    assert manager.stats["A-B"].queued == 0
+    net.up("B")
+    net.settle(5)
+    a.publish_message("q/3", b"up again", qos=1)
+    net.settle()
+    assert got.payloads() == [b"up", b"up again"]

@@ -183,3 +183,29 @@ def test_response_information_when_requested_and_configured():
     assert props.response_information == "reply/dev7"
     other = FakeClient(broker, clock, level=5)
     assert other.connect("dev8")[0].properties.response_information is None
+
+
+def test_connack_bytes_announce_the_capabilities():
+    """The CONNACK on the wire: exactly the supported features and the configured limits."""
+    broker, clock = make_broker()
+    c = FakeClient(broker, clock, level=5)
+    c.send(Connect(5, "a", True, 0))
+    assert c.raw() == bytes.fromhex(
+        "20 0f 00 00"          # CONNACK, remaining length 15, no session, success
+        " 0c"                  # properties: 12 bytes
+        " 22 000a"             # Topic Alias Maximum 10
+        " 27 01000000"         # Maximum Packet Size 16 MiB
+        " 29 01"               # Subscription Identifier Available 1
+        " 2a 01")              # Shared Subscription Available 1
+    broker, clock = make_broker(max_inflight_incoming=5, max_qos=1, retain_available=False,
+                                max_topic_alias=0, response_information="r/")
+    c = FakeClient(broker, clock, level=5)
+    c.send(Connect(5, "a", True, 0, properties=Properties(request_response_information=1)))
+    assert c.raw() == bytes.fromhex(
+        "20 19 00 00 16"
+        " 1a 0003 722f61"      # Response Information "r/a"
+        " 21 0005"             # Receive Maximum 5
+        " 24 01"               # Maximum QoS 1
+        " 25 00"               # Retain Available 0 (no Topic Alias Maximum: 0)
+        " 27 01000000"
+        " 29 01 2a 01")

@@ -304,3 +304,11 @@ def test_acl_read_rules_apply_to_the_filter_inside_a_shared_subscription():
     assert acl.authorize_subscribe(who, "$share/g/jobs/#", 1) is True
     assert acl.authorize_subscribe(who, "$share/g/jobs/secret/x", 1) is False
     assert acl.authorize_subscribe(who, "$share/g/other/#", 1) is False
+
+
+def test_max_topic_levels_counts_the_levels_of_the_shared_filter():
+    """--max-topic-levels applies to the filter inside $share/{ShareName}/, not to the prefix."""
+    broker, clock = make_broker(max_topic_levels=2)
+    c = FakeClient(broker, clock, level=5)
+    c.connect("a")
+    assert c.subscribe("$share/g/a/b", "$share/g/a/b/c", qos=1) == [Suback(1, (1, 0x8F))]

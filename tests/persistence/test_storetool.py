@@ -48,18 +48,32 @@ def test_check_reports_an_intact_directory_and_changes_nothing(durable_backend):
     assert snapshot_of(durable_backend.path) == before
 
 
-def test_check_reports_damage_and_what_it_costs(durable_backend):
-    """check: a flipped byte in the journal -> exit 1, the damaged range named."""
-    populated(durable_backend, close=False)
-    path = os.path.join(durable_backend.path, "journal.1")
+def flip_journal(backend, mask):
+    path = os.path.join(backend.path, "journal.1")
     with open(path, "r+b") as f:
         f.seek(40)
         byte = f.read(1)
         f.seek(40)
-        f.write(bytes([byte[0] ^ 1]))
+        f.write(bytes([byte[0] ^ mask]))
+
+
+def test_check_reports_damage_and_what_it_costs(durable_backend):
+    """check: a damaged byte in the journal -> exit 1, the damaged range named."""
+    populated(durable_backend, close=False)
+    flip_journal(durable_backend, 0xFF)
     status, text = run("check", durable_backend.path)
     assert status == 1
     assert "journal.1: damaged" in text and "damaged bytes" in text and "DAMAGED" in text
+
+
+def test_check_reports_a_repairable_flipped_bit(durable_backend):
+    """check: one flipped bit is repaired by recovery without loss, but still reported (exit 1)."""
+    populated(durable_backend, close=False)
+    flip_journal(durable_backend, 0x01)
+    status, text = run("check", durable_backend.path)
+    assert status == 1
+    assert "journal.1: repaired (" in text and "repaired=1" in text
+    assert "3 queued/in-flight messages" in text
 
 
 def test_dump_lists_sessions_messages_and_retained(durable_backend):

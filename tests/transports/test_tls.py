@@ -10,6 +10,7 @@ import shutil
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 
@@ -310,3 +311,26 @@ def test_certificate_identity_bypasses_password_authentication(pki, service_fact
     assert seen == ["alice"] and asked == []
     probe.transport.loseConnection()
     yield probe.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_handshake_is_counted_and_logged_as_a_tls_refusal(pki, service_factory):
+    """A client without a certificate on requireCert=yes: closed, counted as refusal 'tls' (rate-limited log)."""
+    service = yield service_factory(pki.mqtts(caCerts=pki.ca.cert_path, requireCert="yes"))
+    probe = yield connect(service, pki)
+    probe.send(Connect(4, "no-cert", True, 0))
+    yield probe.lost
+    assert probe.packets == []
+    for _ in range(50):                     # the server may see the alert a moment later
+        if service.broker.stats.refused.get("tls"):
+            break
+        yield deferLater(reactor, 0.02, lambda: None)
+    assert service.broker.stats.refused.get("tls") == 1
+
+
+def test_trust_x_forwarded_for_must_be_a_count():
+    """trustXForwardedFor takes the number of proxies in front; anything else is refused at startup."""
+    assert serverFromString(reactor, "ws:0:trustXForwardedFor=2").trust_x_forwarded_for == 2
+    for bad in ("yes", "-1"):
+        with pytest.raises(ValueError, match="trustXForwardedFor"):
+            serverFromString(reactor, f"ws:0:trustXForwardedFor={bad}")

@@ -150,3 +150,60 @@ def test_paho_refused_on_required_listener(tls_broker, pki, cert):
         paho.connect()
         raise AssertionError("connected without an acceptable client certificate")
     paho.client.loop_stop()
+
+
+def test_sighup_swaps_the_certificate_and_keeps_connected_clients(broker_with, mosquitto_clients,
+                                                                  pki, tmp_path):
+    """SIGHUP: new clients see the renewed certificate (another CA here); a connected subscriber stays and receives."""
+    import shutil
+    import signal
+    import time
+
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    shutil.copy(pki.server_key, key)
+    shutil.copy(pki.server_cert, cert)
+    listeners = broker_with(f"mqtts:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    port = listeners.port("mqtts")
+    topic = unique("tls/reload")
+
+    # a subscriber connected before the reload, trusting the old CA
+    stdbuf = shutil.which("stdbuf")              # line-buffered, to see the SUBACK as it comes
+    sub = subprocess.Popen(
+        [*([stdbuf, "-oL"] if stdbuf else []), mosquitto_clients.sub, "-h", "127.0.0.1", "-p", str(port), "--cafile",
+         str(pki.ca.cert_path), "-t", topic, "-C", "1", "-W", str(WAIT * 2), "-q", "1",
+         "-i", unique("kept"), "-d"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        seen = ""
+        while "SUBACK" not in seen:                 # its subscription is in place
+            line = sub.stdout.readline()
+            assert line and time.monotonic() < deadline, seen
+            seen += line
+
+        renewed_cert, renewed_key = pki.other_ca.issue("server-renewed", "localhost", server=True)
+        shutil.copy(renewed_key, key)
+        shutil.copy(renewed_cert, cert)
+        listeners.broker._proc.send_signal(signal.SIGHUP)
+
+        deadline = time.monotonic() + WAIT          # SIGHUP is handled in the reactor thread
+        while "reloaded" not in listeners.broker.log_path.read_text():
+            assert time.monotonic() < deadline, listeners.broker.log_tail()
+            time.sleep(0.05)
+        # new connections get the new certificate: the other CA verifies it, the old one not
+        pub = subprocess.run(
+            [mosquitto_clients.pub, "-h", "127.0.0.1", "-p", str(port), "--cafile",
+             str(pki.other_ca.cert_path), "-t", topic, "-m", "after reload", "-q", "1"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT)
+        assert pub.returncode == 0, pub.stderr
+        old_ca = mosquitto(mosquitto_clients.pub, port, pki, "-t", unique("other"), "-m", "x")
+        assert old_ca.returncode != 0, "the old certificate is still served"
+
+        out, _ = sub.communicate(timeout=WAIT * 2)
+        assert sub.returncode == 0, seen + out
+        assert "after reload" in out                # the old connection stayed up and received
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait(5)
+    assert "TLS certificate" in listeners.broker.log_path.read_text()

@@ -66,10 +66,11 @@ class SocketTransport(StringTransport):
 
 
 class WebSocketClient:
-    def __init__(self, path="/mqtt", broker_config=None):
+    def __init__(self, path="/mqtt", broker_config=None, trust_x_forwarded_for=0):
         self.broker, self.clock = make_broker(**(broker_config or {}))
         self.mqtt_factory = MQTTFactory(self.broker)
-        self.factory = MQTTWebSocketFactory(self.mqtt_factory, path=path)
+        self.factory = MQTTWebSocketFactory(self.mqtt_factory, path=path,
+                                            trust_x_forwarded_for=trust_x_forwarded_for)
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
         self.transport = SocketTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
@@ -124,6 +125,7 @@ def test_other_path_gets_404():
     head = client.response()
     assert head.startswith(b"HTTP/1.1 404")
     assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
 
 
 def test_any_path_when_configured_with_star():
@@ -141,6 +143,7 @@ def test_handshake_without_mqtt_subprotocol_is_refused(protocols):
     head = client.response()
     assert head.startswith(b"HTTP/1.1 400"), head
     assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
 
 
 def test_text_frame_closes_with_1003():
@@ -151,6 +154,7 @@ def test_text_frame_closes_with_1003():
     frames = server_frames(client.response())
     assert frames[0][0] == 8  # close
     assert struct.unpack("!H", frames[0][1][:2])[0] == 1003
+    assert client.broker.stats.refused == {"websocket": 1}
 
 
 def test_oversized_handshake_is_refused():
@@ -208,3 +212,28 @@ def test_server_close_unregisters_the_producer_and_sends_close():
     frames = server_frames(client.response())
     assert frames[-1][0] == 8
     assert client.transport.producer is None
+
+
+@pytest.mark.parametrize("header, trusted, peer", [
+    ("198.51.100.4", 1, "198.51.100.4:0"),
+    ("198.51.100.4, 10.0.0.2", 2, "198.51.100.4:0"),
+    ("203.0.113.66, 198.51.100.4", 1, "198.51.100.4:0"),   # only the last hop is trusted
+    ("2001:db8::7", 1, "2001:db8::7:0"),
+    ("not-an-address", 1, "192.0.2.1:40000"),
+])
+def test_trusted_x_forwarded_for_gives_the_client_address(header, trusted, peer):
+    """Behind N trusted reverse proxies, the client is N hops from the right of X-Forwarded-For."""
+    client = WebSocketClient(trust_x_forwarded_for=trusted)
+    client.protocol.dataReceived(handshake(extra=f"X-Forwarded-For: {header}\r\n"))
+    assert client.response().startswith(b"HTTP/1.1 101")
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "fwd"), 4)))
+    assert client.protocol._mqtt.connection.peer == peer
+
+
+def test_x_forwarded_for_is_ignored_unless_trusted():
+    """By default the header is not believed: anyone can send it."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(handshake(extra="X-Forwarded-For: 198.51.100.4\r\n"))
+    client.response()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "fwd"), 4)))
+    assert client.protocol._mqtt.connection.peer == "192.0.2.1:40000"
