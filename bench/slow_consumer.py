@@ -10,7 +10,9 @@ publishers flooding ``flood/<n>`` with QoS 1 (64-byte payloads, 50 in flight
 each), one *healthy* subscriber to ``flood/#`` that reads and acknowledges
 everything, and one *slow* subscriber to ``flood/#`` that stops reading
 (``--mode frozen``: for the whole run; ``--mode flap``: frozen ``--freeze`` s,
-then reads and acknowledges for ``--drain`` s, again and again).
+then reads and acknowledges for ``--drain`` s, again and again).  ``--rate``
+limits each publisher (messages/s) so that a draining subscriber can catch up,
+which is what used to re-arm the hold on every freeze.
 
 Reports the healthy subscriber's longest gap between two messages, the share
 of the run spent in gaps longer than 0.5 s, messages received, and the broker's
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mqttd.blockingclient import BlockingClient  # noqa: E402
+from mqttd.codec import encode  # noqa: E402
 from mqttd.codec.packets import Puback, Publish, Subscribe, Subscription  # noqa: E402
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -70,40 +73,64 @@ def subscribe(port, client_id, rcvbuf=None) -> BlockingClient:
 
 
 def read_and_ack(client, until, arrivals=None, stop=None) -> int:
-    """Read and PUBACK until ``until`` (monotonic) or ``stop`` is set; returns messages."""
+    """Read and PUBACK until ``until`` (monotonic) or ``stop`` is set; returns messages.
+
+    Reads as fast as the socket delivers and acknowledges each chunk with one
+    send, so a subscriber that drains catches up quickly."""
     n = 0
+    sock = client.sock
+    sock.settimeout(0.2)
+    pending = client.pending
     while time.monotonic() < until and not (stop and stop.is_set()):
-        try:
-            packet = client.next_packet(0.2)
-        except socket.timeout:
-            continue
-        except (ConnectionError, OSError):
-            break
-        if isinstance(packet, Publish):
-            n += 1
-            if arrivals is not None:
-                arrivals.append(time.monotonic())
-            if packet.qos:
-                client.send(Puback(packet.packet_id))
+        if not pending:
+            try:
+                data = sock.recv(1 << 18)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            pending.extend(client.reader.feed(data))
+        acks = []
+        now = time.monotonic()
+        for packet in pending:
+            if isinstance(packet, Publish):
+                n += 1
+                if arrivals is not None:
+                    arrivals.append(now)
+                if packet.qos:
+                    acks.append(encode(Puback(packet.packet_id), 4))
+        pending.clear()
+        if acks:
+            try:
+                sock.sendall(b"".join(acks))
+            except OSError:
+                break
     return n
 
 
-def publisher(port, index, until, counts, window=50):
+def publisher(port, index, until, counts, window=50, rate=0.0):
     c = BlockingClient(port, f"bench-pub-{index}")
     payload = b"p" * 64
     pid = 0
     inflight = 0
     sent = 0
+    started = time.monotonic()
     try:
         while time.monotonic() < until:
             batch = []
-            while inflight < window:
+            allowed = (rate * (time.monotonic() - started) + window) if rate else float("inf")
+            while inflight < window and sent + len(batch) < allowed:
                 pid = pid % 65535 + 1
                 batch.append(Publish(f"flood/{index}", payload, 1, packet_id=pid))
                 inflight += 1
             if batch:
                 c.send(*batch)
                 sent += len(batch)
+            if rate and not batch and inflight == 0:
+                time.sleep(0.005)
+                continue
             try:
                 packet = c.next_packet(0.5)
             except socket.timeout:
@@ -124,13 +151,14 @@ def run(args) -> dict:
     proc, port = start_broker(workdir, args.broker_root, extra)
     try:
         healthy = subscribe(port, "bench-healthy")
-        slow = subscribe(port, "bench-slow", rcvbuf=4096)
+        slow = subscribe(port, "bench-slow", rcvbuf=65536)
         start = time.monotonic()
         until = start + args.duration
         arrivals = []
         counts = {}
         threads = [threading.Thread(target=read_and_ack, args=(healthy, until + 1, arrivals))]
-        threads += [threading.Thread(target=publisher, args=(port, i, until, counts))
+        threads += [threading.Thread(target=publisher, args=(port, i, until, counts),
+                                     kwargs={"rate": args.rate})
                     for i in range(args.publishers)]
         for t in threads:
             t.start()
@@ -174,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=("frozen", "flap"), default="frozen")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="messages per second per publisher (0: as fast as acknowledged)")
     parser.add_argument("--freeze", type=float, default=6.0)
     parser.add_argument("--drain", type=float, default=2.0)
     parser.add_argument("--max-publisher-pause", type=float, default=None)

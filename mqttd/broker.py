@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import classImplements
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
@@ -34,9 +35,13 @@ from mqttd.messages import (
 from mqttd.metrics import BrokerStats
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage, SubscriptionRecord
+from mqttd.interfaces import IRetainedStore
 from mqttd.retained import RetainedIndex
 from mqttd.session import OverflowPolicy, QueueLimits, Session, delivery_message
 from mqttd.wills import WillScheduler
+
+# the single-node retained store (mqttd.retained is L1 and imports no seam)
+classImplements(RetainedIndex, IRetainedStore)
 
 log = Logger(namespace="mqttd.broker")
 
@@ -1099,11 +1104,11 @@ class Broker:
         message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self.stats
-            stats.messages_received += 1
-            stats.messages_in[message.qos] += 1
-            stats.payload_in[message.qos] += len(message.payload)
+            qos = message.qos
+            stats.messages_in[qos] += 1
+            stats.payload_in[qos] += len(message.payload)
         if self._publish_filters:
             for publish_filter in self._publish_filters:
                 message = publish_filter(message, client)

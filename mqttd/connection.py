@@ -354,12 +354,12 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
-            stats.messages_sent += 1
-            stats.bytes_sent += len(data)
+            size = len(data)
+            stats.bytes_sent += size
             stats.messages_out[qos] += 1
-            stats.payload_out[qos] += len(message.payload)
+            stats.bytes_out[qos] += size
         self.transport.write(data)
 
     def _no_template(self, message: Message, qos: int, cache: dict) -> None:
@@ -383,9 +383,12 @@ class ClientConnection:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
         aliases.sent(topic, alias, known)
-        stats = self._stats
-        stats.messages_sent += 1
-        stats.bytes_sent += len(data)
+        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self._stats
+            size = len(data)
+            stats.bytes_sent += size
+            stats.messages_out[qos] += 1
+            stats.bytes_out[qos] += size
         self.transport.write(data)
 
     def _discard_inflight(self, packet_id: int) -> None:

@@ -40,6 +40,11 @@ class IBrokerStore(Interface):
 
     durable = Attribute("True if data survives a process restart.")
 
+    # Optional: ``failure`` -- None while the store can write; while it cannot
+    # (disk full, I/O error) an exception with an ``errno`` attribute that
+    # sync() fails with.  The broker reads it with getattr() and refuses
+    # persistent CONNECTs meanwhile (CONNACK 0x97/0x88, v3 0x03).
+
     def open():
         """Load and return the recovered :class:`StoredState` (synchronous).
 
@@ -153,3 +158,47 @@ class IAuthExchange(Interface):
             authenticated identity) or failure (its ``reason_code``, 0x87 by
             default).  Raising, failing or timing out is a failure.
         """
+
+
+class IRetainedStore(Interface):
+    """The broker's retained messages (one per topic name [MQTT-3.3.1-5]).
+
+    The single-node implementation is :class:`mqttd.retained.RetainedIndex`
+    (a topic trie with an expiry heap); a clustered one can share the
+    messages between nodes.  Durability is the broker's business (it writes
+    ``PutRetained`` / ``DeleteRetained`` to its store); times are the broker
+    clock's ``seconds()``.
+    """
+
+    def get(topic):
+        """The retained message of ``topic``, or None."""
+
+    def set(message):
+        """Make ``message`` the retained message of ``message.topic``."""
+
+    def remove(topic):
+        """Forget the retained message of ``topic``; return it (None if none)."""
+
+    def cursor(topic_filter, now=None):
+        """An iterator over the messages matching the plain ``topic_filter``,
+        walked lazily and safe while the store changes; messages expired at
+        ``now`` are skipped.  A leading wildcard never matches ``$`` topics
+        [MQTT-4.7.2-1]."""
+
+    def match(topic_filter, now=None):
+        """A list of what :meth:`cursor` yields."""
+
+    def next_expiry():
+        """The earliest expiry time of a retained message, or None."""
+
+    def expire(now):
+        """Remove the messages expired at ``now``; return their topics."""
+
+    def __len__():
+        """How many retained messages there are."""
+
+    def __iter__():
+        """The topic names that have a retained message."""
+
+    def __contains__(topic):
+        """Whether ``topic`` has a retained message."""

@@ -43,8 +43,6 @@ class LatencyHistogram:
 @attrs.define
 class BrokerStats:
     connections_total: int = 0
-    messages_received: int = 0
-    messages_sent: int = 0
     messages_acked: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
@@ -61,12 +59,13 @@ class BrokerStats:
     queued_bytes: int = 0
     #: gauge: persistent sessions held (--max-sessions)
     persistent_sessions: int = 0
-    #: PUBLISHes received / sent, and their payload bytes, indexed by QoS
-    #: (the broker's own $SYS messages are not counted)
+    #: indexed by QoS (the broker's own $SYS messages are not counted):
+    #: PUBLISHes routed (received or published in-process) and their payload
+    #: bytes; PUBLISHes sent to clients and their packet bytes
     messages_in: List[int] = attrs.Factory(lambda: [0, 0, 0])
     payload_in: List[int] = attrs.Factory(lambda: [0, 0, 0])
     messages_out: List[int] = attrs.Factory(lambda: [0, 0, 0])
-    payload_out: List[int] = attrs.Factory(lambda: [0, 0, 0])
+    bytes_out: List[int] = attrs.Factory(lambda: [0, 0, 0])
     #: CONNECTs refused (any reason) and by authentication/authorization
     connects_refused: int = 0
     #: the most clients connected at once since start
@@ -82,6 +81,16 @@ class BrokerStats:
 
     def count_refusal(self, what: str) -> None:
         self.refused[what] = self.refused.get(what, 0) + 1
+
+    @property
+    def messages_received(self) -> int:
+        """PUBLISHes routed, every QoS ($SYS excluded)."""
+        return sum(self.messages_in)
+
+    @property
+    def messages_sent(self) -> int:
+        """PUBLISHes sent to clients, every QoS ($SYS excluded)."""
+        return sum(self.messages_out)
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

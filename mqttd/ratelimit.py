@@ -101,8 +101,10 @@ class LogRateLimiter:
         """Count one line for ``key``.
 
         :returns: ``None`` if the line must be suppressed, else the number of
-            lines suppressed for this key (and its reason) since the last one
-            that passed (0 usually).
+            lines suppressed since the last one that passed: those of this key
+            (over its own burst) plus those of its reason (over the reason's
+            burst, whatever their key); 0 usually.  Every suppressed line is
+            reported exactly once, by a later line that passes.
         """
         now = self.clock.seconds()
         window = self._window(self._windows, key, now)
@@ -110,18 +112,21 @@ class LogRateLimiter:
             window.suppressed += 1
             self.suppressed += 1
             return None
-        reason_window = None
+        suppressed = 0
         if self.reason_burst is not None:
             reason_window = self._window(self._reasons, _reason_of(key), now)
             if reason_window.passed >= self.reason_burst:
+                # counted for the reason: the next line of this reason, whichever
+                # client it is about, reports it
                 reason_window.suppressed += 1
-                window.suppressed += 1
                 self.suppressed += 1
                 return None
             reason_window.passed += 1
+            suppressed, reason_window.suppressed = reason_window.suppressed, 0
         window.passed += 1
         self.passed += 1
-        suppressed, window.suppressed = window.suppressed, 0
+        suppressed += window.suppressed
+        window.suppressed = 0
         return suppressed
 
     def emit(self, log_method: Callable, key: Hashable, format: str, **fields) -> bool:

@@ -37,6 +37,9 @@ class _Level:
 class RetainedIndex:
     """Retained messages by topic name, matched by topic filter.
 
+    The single-node :class:`~mqttd.interfaces.IRetainedStore` (declared by the
+    broker core, so this L1 module imports nothing above it).
+
     The hot path of ``publish`` only reaches :meth:`set` / :meth:`remove` for
     messages with the RETAIN flag; lookups by exact topic are dict lookups.
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -156,6 +156,21 @@ class BrokerService(MultiService):
         #: metric name -> (help, label names, read() -> [(label values, value)]):
         #: gauges features (bridges, cluster) export through the admin metrics
         self.gauges: Dict[str, tuple] = {}
+        #: other listeners ``(kind, endpoint description, factory)`` that start
+        #: with the MQTT ones, before the store is opened, and fail the start
+        #: the same way (the admin and metrics HTTP listeners)
+        self.extra_listeners: List[tuple] = []
+        #: kind -> the listening ports of :attr:`extra_listeners`
+        self.extra_ports: Dict[str, list] = {}
+
+    def add_listener(self, kind: str, description: str, factory) -> None:
+        """Listen on ``description`` with ``factory`` when the service starts.
+
+        Like the MQTT listeners: before the store is opened, and a failure
+        stops the start with :class:`CannotListen` (one line, exit status 1).
+        The ports are in ``extra_ports[kind]`` and the ready file's ``http``.
+        """
+        self.extra_listeners.append((kind, description, factory))
 
     def add_gauge(self, name: str, help: str, labels, read) -> None:
         """Export a gauge ``name`` (``mqttd_...``) read at scrape time:
@@ -254,6 +269,14 @@ class BrokerService(MultiService):
             self.ports.append(bound_accepts(port, self.max_accepts_per_turn))
             log.info("MQTT listening on {endpoint} ({address})",
                      endpoint=description, address=_address_info(port))
+        for kind, description, factory in self.extra_listeners:
+            try:
+                port = await serverFromString(self.reactor, description).listen(factory)
+            except Exception as error:
+                raise CannotListen(description, error) from None
+            self.extra_ports.setdefault(kind, []).append(port)
+            log.info("{kind} HTTP listening on {endpoint} ({address})", kind=kind,
+                     endpoint=description, address=_address_info(port))
         if tls:
             # certificates and CA files are read again on reload (SIGHUP): new
             # connections use them, established ones keep theirs
@@ -283,9 +306,10 @@ class BrokerService(MultiService):
         return failure
 
     def _close_ports(self) -> None:
-        for port in self.ports:
+        for port in self.ports + [p for ps in self.extra_ports.values() for p in ps]:
             port.stopListening()
         self.ports = []
+        self.extra_ports = {}
 
     def _write_ready_file(self) -> None:
         info = {
@@ -296,6 +320,9 @@ class BrokerService(MultiService):
         }
         for name, extra in self.ready_extras.items():
             info[name] = extra()
+        if self.extra_ports:
+            info["http"] = {kind: [_address_info(p) for p in ports]
+                            for kind, ports in self.extra_ports.items()}
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(info, f)
@@ -305,9 +332,10 @@ class BrokerService(MultiService):
     def stopService(self):
         systemd.notify("STOPPING=1")
         yield super().stopService()
-        for port in self.ports:
+        for port in self.ports + [p for ps in self.extra_ports.values() for p in ps]:
             yield port.stopListening()
         self.ports = []
+        self.extra_ports = {}
         self.systopics.stop()
         self.broker.shutdown()
         self.eventlog.stop()

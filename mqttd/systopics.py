@@ -221,7 +221,7 @@ class SysTopics:
             "publish/messages/sent": publish_sent,
             "publish/messages/dropped": stats.dropped_total,
             "publish/bytes/received": sum(stats.payload_in),
-            "publish/bytes/sent": sum(stats.payload_out),
+            "publish/bytes/sent": sum(stats.bytes_out),
             "bytes/received": stats.bytes_received,
             "bytes/sent": stats.bytes_sent,
             "subscriptions/count": subscriptions,

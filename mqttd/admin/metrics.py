@@ -112,8 +112,8 @@ class BrokerCollector:
                  "($SYS excluded)", stats.messages_out),
                 ("mqttd_payload_bytes_received_total", "Payload bytes of PUBLISHes "
                  "received, by QoS", stats.payload_in),
-                ("mqttd_payload_bytes_sent_total", "Payload bytes of PUBLISHes sent, by QoS",
-                 stats.payload_out)):
+                ("mqttd_publish_bytes_sent_total", "Bytes of the PUBLISH packets sent, by QoS",
+                 stats.bytes_out)):
             c = CounterMetricFamily(name, doc, labels=["qos"])
             for qos, value in zip(_QOS, values):
                 c.add_metric([qos], value)
@@ -129,6 +129,11 @@ class BrokerCollector:
         yield c
         yield _counter("mqttd_protocol_errors_total", "Connections closed for a protocol "
                        "error", stats.protocol_errors)
+        limiter = getattr(broker, "log_limiter", None)
+        if limiter is not None:
+            yield _counter("mqttd_log_lines_suppressed_total", "Client-triggered log lines "
+                           "suppressed by the rate limit (each is counted in a later line)",
+                           limiter.suppressed)
         if self.ring is not None:
             c = CounterMetricFamily("mqttd_refusals_total", "Refused client packets and "
                                     "other incidents, by reason (connect-refused covers "

@@ -12,8 +12,6 @@ import re
 from typing import Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -85,60 +83,27 @@ class AdminService(Service):
         self.top = TopTopics(broker, broker.clock)
         policy = AccessPolicy(token, users, broker.authenticator)
         self.api = AdminAPI(broker, self.ring, policy, broker_service, self.history, self.top)
-        self.ports = {}  # "metrics" / "admin" -> [IListeningPort]
+
+    def sites(self):
+        """``[(kind, endpoint description, Site)]`` to listen on."""
+        metrics_site = Site(metrics_resource(self.registry))
+        admin_site = Site(Dashboard(self.api))
+        for site in (metrics_site, admin_site):
+            site.displayTracebacks = False
+            site.noisy = False
+        return ([("metrics", d, metrics_site) for d in self.metrics_listen] +
+                [("admin", d, admin_site) for d in self.admin_listen])
 
     def startService(self):
         super().startService()
         self.ring.attach(self.broker)
         self.history.start()
-        metrics_site = Site(metrics_resource(self.registry))
-        metrics_site.displayTracebacks = False
-        admin_site = Site(Dashboard(self.api))
-        admin_site.displayTracebacks = False
-        admin_site.noisy = metrics_site.noisy = False
-        done = []
-        for kind, site, descriptions in (("metrics", metrics_site, self.metrics_listen),
-                                         ("admin", admin_site, self.admin_listen)):
-            for description in descriptions:
-                d = serverFromString(self.reactor, description).listen(site)
-                d.addCallback(self._listening, kind, description)
-                done.append(d)
-        return defer.gatherResults(done, consumeErrors=True)
 
-    def _listening(self, port, kind: str, description: str):
-        self.ports.setdefault(kind, []).append(port)
-        host = port.getHost()
-        if kind == "admin":
-            # the check above read the description; this one reads the bound address
-            address = getattr(host, "host", None)
-            if address is not None and not self.api.policy.token and \
-                    not self.api.policy.users and not is_loopback(address):
-                port.stopListening()
-                raise ValueError(f"admin listener {description} bound {address}, "
-                                 "not a loopback address, without --admin-token")
-        log.info("{kind} HTTP listening on {endpoint} ({host}:{port})", kind=kind,
-                 endpoint=description, host=getattr(host, "host", None),
-                 port=getattr(host, "port", None))
-        return port
-
-    @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
         self.history.stop()
         self.top.stop()
         self.ring.detach()
-        for ports in self.ports.values():
-            for port in ports:
-                yield port.stopListening()
-        self.ports = {}
-
-    def ready_info(self) -> dict:
-        """``{"metrics": [{"host", "port"}], "admin": [...]}`` for the ready file."""
-        out = {}
-        for kind, ports in self.ports.items():
-            out[kind] = [{"host": getattr(p.getHost(), "host", None),
-                          "port": getattr(p.getHost(), "port", None)} for p in ports]
-        return out
 
 
 def install(service, options) -> Optional[AdminService]:
@@ -150,5 +115,8 @@ def install(service, options) -> Optional[AdminService]:
     admin_service = AdminService(service.reactor, service, metrics, admin,
                                  options["admin-token"], options["admin-user"] or [])
     admin_service.setServiceParent(service)
-    service.ready_extras["http"] = admin_service.ready_info
+    for kind, description, site in admin_service.sites():
+        # listened on with the MQTT listeners (before the store opens); a port
+        # in use stops the start with one line, like an MQTT listener
+        service.add_listener(kind, description, site)
     return admin_service

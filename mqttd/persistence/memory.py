@@ -22,6 +22,8 @@ class MemoryStore:
     """
 
     durable = False
+    #: never fails (see IBrokerStore: the optional ``failure``)
+    failure = None
 
     def __init__(self, reactor=None, **ignored_options):
         self._open = False

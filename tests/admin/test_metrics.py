@@ -105,6 +105,18 @@ def test_publishing_with_nobody_scraping_touches_no_metric_object():
     assert calls == [1]
 
 
+def test_suppressed_log_lines_are_counted():
+    """Lines held back by the client-triggered log rate limit show in
+    mqttd_log_lines_suppressed_total, so a quiet log never hides a flood."""
+    broker, clock = make_broker()
+    registry = make_registry(broker, None, None)
+    c = FakeClient(broker, clock)
+    c.connect("noisy")
+    for _ in range(10):
+        c.publish("$SYS/no", b"x")
+    assert _samples(registry)[("mqttd_log_lines_suppressed_total", ())] == 7
+
+
 def test_bridge_state_is_exported_when_bridges_run():
     """BrokerService.bridges.stats (mqttd.bridge) become mqttd_bridge_* series per bridge."""
     from types import SimpleNamespace

@@ -172,12 +172,16 @@ def test_log_limiter_reports_suppressed_count_in_the_next_line():
 
 
 def test_log_limiter_bounds_a_reason_over_many_keys_and_its_memory():
-    """A flood spread over many client ids is bounded per reason; keys are bounded."""
+    """A flood spread over many client ids is bounded per reason; keys are bounded; the
+    next line of that reason (any client) reports what the reason bound suppressed."""
     clock = Clock()
     limiter = LogRateLimiter(clock, interval=10, burst=1, reason_burst=5, max_keys=100)
     passed = sum(limiter.check((f"c{i}", "r")) is not None for i in range(10_000))
     assert passed == 5
     assert len(limiter._windows) <= 100
+    clock.advance(10)
+    assert limiter.check(("someone-else", "r")) == 9_995
+    assert limiter.passed + limiter.suppressed == 10_001
 
 
 class _Lines:

@@ -28,6 +28,15 @@ def index_of(*names, **kw):
 
 # --- the index ------------------------------------------------------------------------
 
+def test_retained_index_provides_the_retained_store_seam():
+    """The broker talks to retained messages only through IRetainedStore."""
+    from zope.interface.verify import verifyObject
+
+    import mqttd.broker  # noqa: F401 (declares the implementation)
+    from mqttd.interfaces import IRetainedStore
+    assert verifyObject(IRetainedStore, RetainedIndex())
+
+
 def test_filter_match_follows_the_topic_rules():
     """+, #, parent match of #, and no wildcard match of $ topics [MQTT-4.7.1-2, 4.7.2-1]."""
     index = index_of("a", "a/b", "a/b/c", "a/x", "$SYS/up", "b", "/lead", "a//c")

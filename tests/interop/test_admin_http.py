@@ -118,3 +118,23 @@ def test_mqttd_why_reports_an_unreachable_api():
         timeout=60)
     assert result.returncode == 3
     assert result.stderr.startswith("mqttd why: cannot reach the admin API")
+
+
+def test_an_admin_port_in_use_stops_the_start_with_one_line(tmp_path):
+    """--metrics-listen on a taken port: exit status 1 and 'cannot listen on ...', as for MQTT."""
+    import socket as socket_module
+    from brokerproc import find_twistd
+    taken = socket_module.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [find_twistd(), "-n", "--pidfile", "", "mqttd", "--persistence", "memory",
+             "--listen", "tcp:0:interface=127.0.0.1",
+             "--metrics-listen", f"tcp:{port}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert f"cannot listen on tcp:{port}:interface=127.0.0.1" in result.stdout + result.stderr
