@@ -608,14 +608,17 @@ class Broker:
         """The username owning ``client_id``'s session if it is not ``username``.
 
         A session remembers the username that created it; another username
-        may not take it over (or discard it) unless
-        ``allow_session_takeover_by_other_user``.  Returns None when allowed.
+        (or an anonymous client) may not take it over or discard it unless
+        ``allow_session_takeover_by_other_user``.  A session created
+        anonymously (or stored before owners were recorded) has no owner to
+        protect: any client may take it, and then owns it.  Returns None when
+        allowed.
         """
         existing = self.sessions.get(client_id)
-        if (existing is None or existing.owner == username
+        if (existing is None or existing.owner is None or existing.owner == username
                 or self.config.allow_session_takeover_by_other_user):
             return None
-        return existing.owner if existing.owner is not None else "(anonymous)"
+        return existing.owner
 
     def open_session(self, connection, client_id: str, protocol_level: int,
                      clean_start: bool, expiry_interval: Optional[int], will,
