@@ -44,36 +44,48 @@ def _read(path: str, what: str) -> bytes:
 
 
 def load_certificates(path: str, what: str = "certificate file") -> list:
-    """Every PEM certificate in ``path``, in file order, as ``OpenSSL.crypto.X509``.
+    """Every PEM certificate in ``path``, in file order, as ``cryptography.x509.Certificate``.
+
+    These are what pyOpenSSL >= 24.3 wants for the listener's own certificate
+    and chain (it deprecates its ``X509`` there); the CA store still takes
+    ``X509`` (see :func:`as_pyopenssl`).
 
     :raises TLSConfigError: unreadable file, or no certificate in it.
     """
     from cryptography import x509
-    from OpenSSL.crypto import X509
 
     data = _read(path, what)
     try:
-        certificates = x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError as error:
         raise TLSConfigError(f"no PEM certificate in {what} {path!r}: {error}") from None
+
+
+def as_pyopenssl(certificates: list) -> list:
+    """``cryptography`` certificates as ``OpenSSL.crypto.X509``, for the CA store only.
+
+    ``X509Store.add_cert`` (what Twisted's ``caCerts`` feed) accepts nothing
+    else and does not deprecate it; everything else gets the cryptography
+    objects themselves.
+    """
+    from OpenSSL.crypto import X509
+
     return [X509.from_cryptography(c) for c in certificates]
 
 
 def load_private_key(path: str):
-    """The PEM private key (unencrypted) in ``path`` as ``OpenSSL.crypto.PKey``.
+    """The PEM private key (unencrypted) in ``path`` as a ``cryptography`` private key.
 
     :raises TLSConfigError: unreadable, encrypted or not a private key.
     """
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    from OpenSSL.crypto import PKey
 
     data = _read(path, "private key")
     try:
-        key = load_pem_private_key(data, password=None)
+        return load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as error:
         raise TLSConfigError(f"cannot load private key {path!r} (PEM, unencrypted): "
                              f"{error}") from None
-    return PKey.from_cryptography_key(key)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -128,7 +140,8 @@ class TLSServerOptions:
             chain += load_certificates(self.extra_chain, "extraCertChain file")
         kwargs = {}
         if self.ca_certs:
-            kwargs.update(verify=True, caCerts=load_certificates(self.ca_certs, "caCerts file"),
+            kwargs.update(verify=True,
+                          caCerts=as_pyopenssl(load_certificates(self.ca_certs, "caCerts file")),
                           requireCertificate=self.require_certificate)
         options = ssl.CertificateOptions(
             privateKey=load_private_key(self.private_key), certificate=chain[0],

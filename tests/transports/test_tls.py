@@ -12,13 +12,13 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol, serverFromString
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 from mqttd.codec import PacketReader, encode
 from mqttd.codec.packets import Connack, Connect, Pingreq, Pingresp
 from mqttd.service import make_broker_service
 from mqttd.transports import MQTTServerEndpoint, TLSConfigError, TLSServerOptions
-from mqttd.transports.tls import certificate_identity
+from mqttd.transports.tls import certificate_identity, load_certificates, load_private_key
 
 WAIT = 10.0
 
@@ -62,6 +62,25 @@ def test_tls_versions_below_1_2_are_not_offered(pki):
     """tlsMinimum accepts 1.2 and 1.3 only [TLS >= 1.2]."""
     with pytest.raises(TLSConfigError, match="tlsMinimum"):
         TLSServerOptions(str(pki.server_key), str(pki.server_cert), minimum="1.0")
+
+
+def test_loading_and_serving_tls_raises_no_deprecation_warning(pki, tmp_path):
+    """Key, chain and CA files reach pyOpenSSL as cryptography objects: no deprecated API in use."""
+    import warnings
+
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(pki.ca.cert_path.read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        options = TLSServerOptions(str(pki.server_key), str(pki.server_cert),
+                                   extra_chain=str(chain), ca_certs=str(pki.ca.cert_path),
+                                   require_certificate=True)
+        options.reload()
+        options.serverConnectionForTLS(None)
+    deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert deprecations == []
+    assert options.generation == 2
 
 
 def test_reload_failure_keeps_the_previous_certificate(pki, tmp_path):
@@ -158,12 +177,14 @@ class Probe(protocol.Protocol):
 
 def client_options(pki, client=None, ca=None):
     trust = Certificate.loadPEM((ca or pki.ca.cert_path).read_bytes())
-    kwargs = {}
+    extra = {}
     if client is not None:
+        # cryptography objects, not Twisted's PrivateCertificate (which hands
+        # pyOpenSSL its deprecated X509/PKey)
         cert, key = client
-        kwargs["clientCertificate"] = PrivateCertificate.loadPEM(
-            cert.read_bytes() + key.read_bytes())
-    return optionsForClientTLS("localhost", trustRoot=trust, **kwargs)
+        extra = {"certificate": load_certificates(str(cert))[0],
+                 "privateKey": load_private_key(str(key))}
+    return optionsForClientTLS("localhost", trustRoot=trust, extraCertificateOptions=extra)
 
 
 @pytest.fixture
