@@ -24,6 +24,13 @@ decimal text unless noted:
   the data directory), ``$SYS/broker/heap/current`` (resident memory, bytes)
   and ``heap/maximum`` (peak resident memory).
 
+Every ``maximum`` is at least its ``current`` in the same interval
+(``heap/maximum`` is the peak of ``getrusage``'s and of every sampled
+``heap/current``: the kernel's peak lags its batched RSS counters by a few
+pages; ``clients/maximum`` likewise).  ``store/messages/bytes`` counts topic +
+payload bytes (as ``--max-queued-bytes`` does) of the queued, in-flight and
+retained messages that ``store/messages/count`` counts.
+
 The counts exclude the broker's own ``$SYS`` traffic (its messages carry
 ``SYS_ORIGIN``).
 
@@ -108,6 +115,8 @@ class SysTopics:
         self._loop = None
         self._loads: Dict[str, LoadAverage] = {}
         self._last_tick: Optional[float] = None
+        #: highest resident memory seen (getrusage's peak or a sample), bytes
+        self._heap_peak = 0
 
     def start(self) -> None:
         self._unregister = self.broker.observe({
@@ -186,8 +195,11 @@ class SysTopics:
             subscriptions += len(session.subscriptions)
             stored += len(session.queue) + len(session.inflight)
             stored_bytes += session.queued_bytes
-        retained = _retained_count(broker)
+            for record in session.inflight.values():
+                stored_bytes += _message_bytes(getattr(record, "message", None))
+        retained, retained_bytes = _retained_count_and_bytes(broker)
         stored += retained
+        stored_bytes += retained_bytes
         publish_received = sum(stats.messages_in)
         publish_sent = sum(stats.messages_out)
         counters = {
@@ -210,7 +222,7 @@ class SysTopics:
             "clients/connected": connected,
             "clients/disconnected": disconnected,
             "clients/total": connected + disconnected,
-            "clients/maximum": getattr(stats, "clients_maximum", connected),
+            "clients/maximum": max(getattr(stats, "clients_maximum", 0), connected),
             "clients/expired": getattr(stats, "sessions_expired", 0),
             "messages/received": stats.messages_received,
             "messages/sent": stats.messages_sent,
@@ -226,9 +238,10 @@ class SysTopics:
             "bytes/sent": stats.bytes_sent,
             "subscriptions/count": subscriptions,
             "retained messages/count": retained,
-            "heap/maximum": peak_resident_memory(),
         }
         rss = resident_memory()
+        self._heap_peak = max(self._heap_peak, peak_resident_memory(), rss or 0)
+        values["heap/maximum"] = self._heap_peak
         if rss is not None:
             values["heap/current"] = rss
         size = directory_size(getattr(broker.store, "path", None))
@@ -249,3 +262,20 @@ class SysTopics:
 def _retained_count(broker) -> int:
     """Retained messages of clients (the volatile ``$SYS`` ones not counted)."""
     return sum(1 for topic in list(broker.retained) if not topic.startswith("$SYS"))
+
+
+def _message_bytes(message) -> int:
+    """Topic + payload bytes of ``message`` (0 for None), as the queue limits count them."""
+    if message is None:
+        return 0
+    return len(message.payload) + len(message.topic)
+
+
+def _retained_count_and_bytes(broker):
+    """``(count, topic + payload bytes)`` of the clients' retained messages."""
+    count = size = 0
+    for topic, message in list(broker.retained.items()):
+        if not topic.startswith("$SYS"):
+            count += 1
+            size += _message_bytes(message)
+    return count, size

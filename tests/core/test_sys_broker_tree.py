@@ -113,3 +113,44 @@ def test_store_size_is_the_data_directory_size(tmp_path):
     broker.store.path = str(tmp_path)
     tree = SysTopics(broker, clock).broker_tree()
     assert tree[BROKER + "store/size"] == "1234"
+
+
+def test_every_maximum_is_at_least_its_current_value(monkeypatch):
+    """getrusage's peak lags the sampled RSS by a few pages (and clients_maximum can lag the
+    sessions): a published maximum is never below the current value next to it."""
+    import mqttd.systopics as systopics
+
+    broker, clock = make_broker()
+    sys_topics = SysTopics(broker, clock, interval=10)
+    monkeypatch.setattr(systopics, "peak_resident_memory", lambda: 68_550_656)
+    monkeypatch.setattr(systopics, "resident_memory", lambda: 68_763_648)
+    tree = sys_topics.broker_tree()
+    assert tree[BROKER + "heap/current"] == "68763648"
+    assert tree[BROKER + "heap/maximum"] == "68763648"
+    monkeypatch.setattr(systopics, "resident_memory", lambda: 60_000_000)
+    tree = sys_topics.broker_tree()
+    assert tree[BROKER + "heap/maximum"] == "68763648"  # a peak, not the latest sample
+    client = FakeClient(broker, clock)
+    client.connect("c")
+    broker.stats.clients_maximum = 0
+    tree = sys_topics.broker_tree()
+    assert tree[BROKER + "clients/maximum"] == tree[BROKER + "clients/connected"] == "1"
+
+
+def test_store_bytes_count_what_store_count_counts():
+    """store/messages/bytes covers retained and in-flight messages, not only queued ones."""
+    broker, clock = make_broker()
+    sys_topics = SysTopics(broker, clock, interval=10)
+    publisher = FakeClient(broker, clock)
+    publisher.connect("p")
+    publisher.publish("r", b"abc", retain=True)
+    tree = sys_topics.broker_tree()
+    assert tree[BROKER + "store/messages/count"] == "1"
+    assert tree[BROKER + "store/messages/bytes"] == str(len("r") + len(b"abc"))
+    subscriber = FakeClient(broker, clock)
+    subscriber.connect("s", clean=False)
+    subscriber.subscribe("q/#", qos=1)
+    publisher.publish("q/1", b"12345", qos=1)  # delivered, not acknowledged: in flight
+    tree = sys_topics.broker_tree()
+    assert tree[BROKER + "store/messages/count"] == "2"
+    assert tree[BROKER + "store/messages/bytes"] == str(4 + len("q/1") + 5)
