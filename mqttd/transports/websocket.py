@@ -16,9 +16,12 @@ client would; ``pauseProducing``/``resumeProducing`` on the adapter pause the
 reads of the socket underneath.
 
 Refusals get an HTTP answer (a text frame: close 1003) and are counted and
-logged rate-limited as the broker's refusal ``websocket``: a path other than
-the listener's (404), no acceptable subprotocol (400), a request header over
-16 KiB (400); the opening handshake must finish in 5 s.
+logged rate-limited as the broker's refusal ``websocket``, each connection at
+most once: a path other than the listener's (404), no acceptable subprotocol
+(400), a request header over 16 KiB (400),
+every request autobahn itself refuses (no ``Upgrade`` header: a plain HTTP
+request, 426; a wrong method, version or key: 4xx), and an opening handshake
+not finished in 5 s (dropped).
 """
 from __future__ import annotations
 
@@ -75,6 +78,8 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     _mqtt = None
     _forwarded_peer = None
+    #: this connection's refusal was counted and logged (once per connection)
+    _refusal_counted = False
 
     # --- the opening handshake ----------------------------------------------------
 
@@ -83,6 +88,20 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             self._refused(f"request header over {MAX_HANDSHAKE_BYTES} bytes")
             return self.failHandshake("HTTP request header too large")
         return super().processHandshake()
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """Every refused opening handshake passes here (autobahn's own checks
+        too, e.g. a plain HTTP request without ``Upgrade``: 426): counted and
+        logged through the broker once, then answered by autobahn."""
+        if not self._refusal_counted:
+            self._refused(f"HTTP {code} {reason}")
+        return super().failHandshake(reason, code, responseHeaders)
+
+    def onOpenHandshakeTimeout(self):
+        if self.state == self.STATE_CONNECTING and not self._refusal_counted:
+            self._refused("opening handshake not finished in time "
+                          f"({self.openHandshakeTimeout} s)")
+        return super().onOpenHandshakeTimeout()
 
     def onConnect(self, request):
         trusted = self.factory.trust_x_forwarded_for
@@ -185,6 +204,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def _refused(self, detail: str) -> None:
         """Count and log (rate-limited, through the broker when there is one)."""
+        self._refusal_counted = True
         broker = getattr(self.factory.wrapped, "broker", None)
         client_id = getattr(getattr(self._mqtt, "connection", None), "client_id", None)
         if broker is not None and hasattr(broker, "refused"):
