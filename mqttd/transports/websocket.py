@@ -18,7 +18,7 @@ reads of the socket underneath.
 Refusals get an HTTP answer (a text frame: close 1003) and are counted and
 logged rate-limited as the broker's refusal ``websocket``, each connection at
 most once: a path other than the listener's (404), no acceptable subprotocol
-(400), a request header over 16 KiB (400),
+(400), a request header over 16 KiB (400, however many reads it came in),
 every request autobahn itself refuses (no ``Upgrade`` header: a plain HTTP
 request, 426; a wrong method, version or key: 4xx), and an opening handshake
 not finished in 5 s (dropped).
@@ -84,8 +84,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     # --- the opening handshake ----------------------------------------------------
 
     def processHandshake(self):
-        if len(self.data) > MAX_HANDSHAKE_BYTES and b"\r\n\r\n" not in self.data:
-            self._refused(f"request header over {MAX_HANDSHAKE_BYTES} bytes")
+        # the bound is on the request header (up to the blank line), whether it
+        # came in one read or trickled in; frames sent right behind it don't count
+        end = self.data.find(b"\r\n\r\n")
+        size = len(self.data) if end < 0 else end + 4
+        if size > MAX_HANDSHAKE_BYTES:
+            self._refused(f"request header of {'more than ' if end < 0 else ''}{size} bytes "
+                          f"(limit {MAX_HANDSHAKE_BYTES})")
             return self.failHandshake("HTTP request header too large")
         return super().processHandshake()
 

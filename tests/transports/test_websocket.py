@@ -262,3 +262,23 @@ def test_handshake_not_finished_in_time_is_counted():
     client.protocol.onOpenHandshakeTimeout()
     assert client.broker.stats.refused == {"websocket": 1}
 
+
+@pytest.mark.parametrize("size", [MAX_HANDSHAKE_BYTES, 40_000, 60_000])
+def test_oversized_handshake_in_one_read_is_refused(size):
+    """The 16 KiB header bound holds when the whole request, terminator included, arrives in
+    one read (Twisted reads up to 64 KiB at once), not only when it trickles in."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(handshake(extra="X-Big: " + "a" * size + "\r\n"))
+    assert client.response().startswith(b"HTTP/1.1 400")
+    assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
+
+
+def test_frames_right_behind_the_handshake_do_not_count_against_the_header_bound():
+    """A small header followed at once by a 20 KiB frame (one read) is accepted."""
+    client = WebSocketClient()
+    connect = encode(Connect(4, "c" * 20_000), 4)
+    client.protocol.dataReceived(handshake() + client_frame(connect))
+    assert client.response().startswith(b"HTTP/1.1 101")
+    assert client.protocol._mqtt.connection.client_id == "c" * 20_000
+    assert client.broker.stats.refused == {}
