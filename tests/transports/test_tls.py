@@ -355,3 +355,44 @@ def test_trust_x_forwarded_for_must_be_a_count():
     for bad in ("yes", "-1"):
         with pytest.raises(ValueError, match="trustXForwardedFor"):
             serverFromString(reactor, f"ws:0:trustXForwardedFor={bad}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_ssl_listener_works_and_closes_refused_clients(pki, service_factory):
+    """Twisted's ssl: works with the default dependencies, and a broker-side close reaches the client over TLS."""
+    service = yield service_factory(
+        f"ssl:0:interface=127.0.0.1:privateKey={pki.server_key}:certKey={pki.server_cert}")
+    probe = yield connect(service, pki)
+    probe.send(Connect(4, "over-ssl", True, 0))
+    connack = yield probe.next_packet()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    probe.send(Connect(4, "over-ssl", True, 0))      # a second CONNECT: protocol error, close
+    yield probe.lost                                  # (it hung before the producer was released)
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_minimum_is_enforced(pki, service_factory):
+    """tlsMinimum=1.3 refuses a client that can only speak TLS 1.2; the default accepts it at 1.2."""
+    from twisted.internet.ssl import TLSVersion
+
+    service = yield service_factory(pki.mqtts(), pki.mqtts(tlsMinimum="1.3"))
+    trust = Certificate.loadPEM(pki.ca.cert_path.read_bytes())
+    only_12 = optionsForClientTLS("localhost", trustRoot=trust,
+                                  extraCertificateOptions={
+                                      "lowerMaximumSecurityTo": TLSVersion.TLSv1_2,
+                                      "insecurelyLowerMinimumTo": TLSVersion.TLSv1_2})
+    accepted = yield connectProtocol(
+        SSL4ClientEndpoint(reactor, "127.0.0.1", service.ports[0].getHost().port, only_12),
+        Probe()).addTimeout(WAIT, reactor)
+    accepted.send(Connect(4, "tls12", True, 0))
+    assert isinstance((yield accepted.next_packet()), Connack)
+    assert accepted.transport.getHandle().get_protocol_version_name() == "TLSv1.2"
+    accepted.transport.loseConnection()
+    yield accepted.lost
+
+    refused = yield connectProtocol(
+        SSL4ClientEndpoint(reactor, "127.0.0.1", service.ports[1].getHost().port, only_12),
+        Probe()).addTimeout(WAIT, reactor)
+    refused.send(Connect(4, "tls12-refused", True, 0))
+    yield refused.lost
+    assert refused.packets == []
