@@ -853,6 +853,9 @@ class ClientConnection:
             if not reauth:
                 self._handlers = {Auth: self._on_auth_during_connect,
                                   Disconnect: self._on_disconnect_during_connect}
+                # the client has connect_timeout seconds for its next AUTH
+                self._connect_call = self.clock.callLater(
+                    self.broker.config.connect_timeout, self._connect_timeout)
             return
         self._auth_exchange = None
         if step.outcome == AuthOutcome.SUCCESS:
@@ -884,6 +887,9 @@ class ClientConnection:
             self._refuse(code, why)
 
     def _on_auth_during_connect(self, packet: Auth) -> None:
+        if self._connect_call is not None and self._connect_call.active():
+            self._connect_call.cancel()
+        self._connect_call = None
         if packet.reason_code != ReasonCode.CONTINUE_AUTHENTICATION:
             raise ProtocolError("AUTH during CONNECT must continue authentication "
                                 "(0x18)", spec="MQTT-4.12.0-2")

@@ -110,7 +110,10 @@ class IAuthorizer(Interface):
         """
 
     def authorize_subscribe(client, topic_filter, qos):
-        """May ``client`` subscribe to ``topic_filter``?  (SUBACK 0x87 / 0x80)."""
+        """May ``client`` subscribe to ``topic_filter``?  (SUBACK 0x87 / 0x80).
+
+        ``topic_filter`` is as sent, a shared one with its ``$share/GROUP/`` prefix.
+        """
 
     def authorize_forward(client, message):
         """May ``message`` be delivered to the subscriber ``client``?

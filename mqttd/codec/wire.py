@@ -15,6 +15,7 @@ protocol error of the peer).
 """
 from __future__ import annotations
 
+from codecs import utf_8_decode as _utf8_decode
 from typing import Tuple, Union
 
 from .errors import MalformedPacket
@@ -144,7 +145,8 @@ def decode_utf8(data: Buffer, offset: int, end: int = None) -> Tuple[str, int]:
     if stop > end:
         raise _truncated("UTF-8 string")
     try:
-        text = str(data[start:stop], "utf-8")
+        # not str(..., "utf-8"): PyPy 7.3's str() lets encoded surrogates through
+        text = _utf8_decode(data[start:stop], "strict", True)[0]
     except UnicodeDecodeError:
         raise MalformedPacket("UTF-8 string is not well-formed UTF-8",
                               spec="MQTT-1.5.4-1") from None

@@ -95,6 +95,8 @@ def test_subscribe_refused_when_denied_or_nothing_readable(acl):
     assert not acl.authorize_subscribe(alice, "alice/secret/#", 0)   # covered by deny
     assert not acl.authorize_subscribe(alice, "bob/#", 0)            # nothing readable
     assert not acl.authorize_subscribe(client("anon"), "alice/#", 0)
+    assert acl.authorize_subscribe(alice, "$share/g/alice/+", 0)      # judged as alice/+
+    assert not acl.authorize_subscribe(alice, "$share/g/bob/#", 0)
 
 
 def test_dollar_topics_match_only_dollar_rules(acl):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.logger import capturedLogs
 
 from mqttd.codec.packets import (
     Auth, Connack, Connect, Disconnect, Pingreq, Pingresp, Properties, Puback, Publish, Pubrec,
@@ -91,9 +92,12 @@ def test_hook_that_raises_refuses_and_logs():
     hooks.publish["boom"] = RuntimeError("db down")
     client = FakeClient(broker, clock, level=5)
     client.connect()
-    client.publish("boom", qos=1, packet_id=1)
+    with capturedLogs() as events:
+        client.publish("boom", qos=1, packet_id=1)
     assert client.received() == [Puback(1, 0x87)]
     assert not client.disconnecting
+    failed = [e for e in events if e.get("hook") == "authorize_publish"]
+    assert len(failed) == 1 and failed[0]["why"] == "db down" and failed[0]["client_id"] == "c1"
 
 
 def test_hook_that_never_answers_times_out_and_refuses():
@@ -105,8 +109,11 @@ def test_hook_that_never_answers_times_out_and_refuses():
     client.publish("stuck", qos=1, packet_id=1)
     client.publish("ok", qos=1, packet_id=2)
     assert client.received() == []
-    clock.advance(2.0)
+    with capturedLogs() as events:
+        clock.advance(2.0)
     assert [(a.packet_id, a.reason_code) for a in client.received()] == [(1, 0x87), (2, 0x10)]
+    assert [e["why"] for e in events if e.get("hook") == "authorize_publish"] == [
+        "no answer within the hook timeout"]
 
 
 def test_subscribe_refusal_is_per_filter_0x87_or_0x80():
@@ -253,6 +260,11 @@ def test_session_of_another_user_is_refused_unless_allowed():
     assert ack.reason_code == 0x05
     assert not owner.disconnecting and broker.sessions["dev1"].connection is owner.conn
     assert broker.stats.refused["session-owner"] == 2
+    # a session created anonymously has no owner to protect: the first user claims it
+    anon, ack = _connect_as(broker, clock, 4, "dev2", None)
+    anon.drop()
+    _claim, ack = _connect_as(broker, clock, 4, "dev2", "bob")
+    assert ack.reason_code == 0 and broker.sessions["dev2"].owner == "bob"
     broker2, clock2 = make_broker(allow_session_takeover_by_other_user=True)
     _connect_as(broker2, clock2, 4, "dev1", "alice")
     _other, ack = _connect_as(broker2, clock2, 4, "dev1", "bob")

@@ -106,6 +106,18 @@ def test_failed_reauthentication_disconnects_0x87(broker_clock):
     assert client.disconnecting
 
 
+def test_client_that_stops_mid_exchange_is_closed_after_connect_timeout(broker_clock):
+    """An unfinished AUTH exchange during CONNECT is bounded by connect_timeout."""
+    broker, clock = broker_clock
+    client = FakeClient(broker, clock, level=5)
+    scram = ScramClient([METHOD], "alice", "wonderland")
+    client.send(Connect(5, "c", True, 0, properties=Properties(
+        authentication_method=METHOD, authentication_data=scram.get_client_first().encode())))
+    assert client.received()[0].reason_code == 0x18
+    clock.advance(broker.config.connect_timeout)
+    assert client.disconnecting
+
+
 def test_reauthentication_with_another_method_is_a_protocol_error(broker_clock):
     """The method of re-authentication must be the CONNECT's [MQTT-4.12.1-1]."""
     broker, clock = broker_clock

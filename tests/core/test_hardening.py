@@ -3,6 +3,7 @@ memory released on close, keepalive counts complete packets, rate-limited log li
 from __future__ import annotations
 
 import gc
+import platform
 import weakref
 
 import pytest
@@ -89,6 +90,10 @@ def test_closed_connection_is_freed_without_the_garbage_collector(scenario):
         transport.lose()
         del proto
         assert reader.buffered == 0
+        if platform.python_implementation() == "PyPy":
+            # no reference counting on PyPy: only its GC frees objects, so there
+            # "at once" cannot be observed; nothing may still reach them, though
+            gc.collect()
         assert [r() for r in refs] == [None, None]
     finally:
         gc.enable()

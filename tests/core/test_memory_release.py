@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import platform
 import socket
 import weakref
 
@@ -63,6 +64,10 @@ def test_closed_sockets_free_their_connections_without_the_garbage_collector():
             yield task.deferLater(reactor, 0.05, lambda: None)
         yield task.deferLater(reactor, 0, lambda: None)
         assert factory.lost == 20
+        if platform.python_implementation() == "PyPy":
+            # no reference counting on PyPy: only its GC frees objects, so there
+            # "at once" cannot be observed; nothing may still reach them, though
+            gc.collect()
         assert [r for r in factory.refs if r() is not None] == []
     finally:
         gc.enable()

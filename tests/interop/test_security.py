@@ -5,12 +5,15 @@ and a scramp-driven raw socket as clients.
 """
 from __future__ import annotations
 
+import json
+import os
 import queue
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5, MQTTv311
@@ -307,3 +310,26 @@ def test_scram_sha_256_auth_packets_over_a_socket(mqttd_broker_factory, tmp_path
     assert unknown.next().reason_code == 0x8C
     # the SCRAM entry also serves a plain password
     assert paho_connack(broker.port, MQTTv5, "dave", "s3cret") == 0
+
+
+@pytest.mark.parametrize("version,wrong,anonymous", [(4, 4, 5), (5, 0x86, 0x87)],
+                         ids=["v311", "v5"])
+def test_mqttjs_logs_in_with_a_password_file(mqttd_broker_factory, password_file, node_mqtt,
+                                             version, wrong, anonymous):
+    """MQTT.js: right password in; wrong and missing ones get the CONNACK codes."""
+    script = Path(__file__).resolve().parent / "mqttjs_auth.js"
+    broker = mqttd_broker_factory(extra_args=["--password-file", str(password_file)])
+
+    def login(*credentials):
+        proc = subprocess.run([node_mqtt.node, str(script), str(broker.port), broker.host,
+                               str(version), *credentials],
+                              env=dict(os.environ, MQTTJS_MODULE=node_mqtt.module),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=30)
+        lines = proc.stdout.strip().splitlines()
+        assert lines, proc.stderr
+        return json.loads(lines[-1])
+
+    assert login("alice", "wonderland") == {"connected": True, "code": 0}
+    assert login("alice", "nope") == {"connected": False, "code": wrong}
+    assert login() == {"connected": False, "code": anonymous}

@@ -27,6 +27,60 @@ def test_level_filter_drops_lower_levels_and_can_change_at_run_time():
     assert not debuglog.enabled
 
 
+def test_text_lines_are_twisteds_text_lines_with_the_time_formatted_once_per_second():
+    """The text observer caches the formatted second (half a connect's CPU on PyPy):
+    its lines stay byte-identical to textFileLogObserver's, across second boundaries."""
+    from twisted.logger import LogLevel, textFileLogObserver
+    ours, theirs = io.StringIO(), io.StringIO()
+    mine, reference = logs.text_observer(ours), textFileLogObserver(theirs)
+    for t in (1000.0, 1000.25, 1000.999, 1001.0, 999.5, 1001.5, None):
+        event = {"log_format": "clientConnected {client_id}", "client_id": "c1",
+                 "log_namespace": "mqttd.events", "log_level": LogLevel.info,
+                 "log_time": t}
+        mine(dict(event))
+        reference(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    assert len(set(line[:25] for line in ours.getvalue().splitlines())) >= 4
+
+
+def test_text_lines_match_twisted_for_every_kind_of_event():
+    """The str.format_map fast path and its fallbacks (calls, attributes, specs,
+    conversions, missing fields, failures, log_system, newlines, no format) write
+    exactly what textFileLogObserver writes."""
+    from twisted.logger import LogLevel, textFileLogObserver
+    from twisted.python.failure import Failure
+
+    class Peer:
+        host = "127.0.0.1"
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    base = {"log_namespace": "mqttd.x", "log_level": LogLevel.warn, "log_time": 1234.5}
+    events = [
+        {"log_format": "plain {a} {b!r} {c:>5} {p.host}", "a": 1, "b": "x", "c": 7,
+         "p": Peer()},
+        {"log_format": "called {f()}", "f": lambda: "yes"},
+        {"log_format": "missing {nope}"},
+        {"log_format": "positional {} {0}"},
+        {"log_format": "two\nlines {a}", "a": "and\nmore"},
+        {"log_format": "failed {a}", "a": 1, "log_failure": failure},
+        {"log_format": "system {a}", "a": 1, "log_system": "sys"},
+        {"log_format": "", "a": 1},
+        {"log_format": b"bytes {a}", "a": 1},
+        {"a": 1},
+        {"log_format": "no level {a}", "a": 1, "log_level": None},
+    ]
+    ours, theirs = io.StringIO(), io.StringIO()
+    mine, reference = logs.text_observer(ours), textFileLogObserver(theirs)
+    for extra in events:
+        mine({**base, **extra})
+        reference({**base, **extra})
+    assert ours.getvalue() == theirs.getvalue()
+    assert "plain 1 'x'     7 127.0.0.1" in ours.getvalue()
+
+
 def test_json_format_round_trips_named_fields():
     """--log-format json writes events whose named fields survive as JSON."""
     out = io.StringIO()
