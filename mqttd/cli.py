@@ -11,6 +11,7 @@ status); ``mqttd SUBCOMMAND --help`` is that function's business.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -23,7 +24,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
                      "check options and config file like 'run' would, then exit"),
     "passwd": ("mqttd.auth.passwd:main",
                "manage a mosquitto-format password file (-c create, -D delete, -b batch, --scram)"),
-    "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS)"),
+    "run": ("mqttd.cli:run", "run the broker in the foreground (twistd -n mqttd OPTIONS; "
+            "--pidfile PATH: write a crash-safe pid file)"),
     "store": ("mqttd.persistence.storetool:main",
               "check or dump a data directory offline: store check|dump DIR"),
     "why": ("mqttd.admin.cli:main", "why does (not) a message on TOPIC reach CLIENT? "
@@ -55,14 +57,35 @@ def check_config(argv: List[str]) -> int:
     return 0
 
 
+def _take_pidfile(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    """``--pidfile PATH`` / ``--pidfile=PATH`` taken out of ``argv`` (the last one wins)."""
+    path, rest, args = None, [], iter(argv)
+    for arg in args:
+        if arg == "--pidfile":
+            path = next(args, "")
+        elif arg.startswith("--pidfile="):
+            path = arg[len("--pidfile="):]
+        else:
+            rest.append(arg)
+    return path, rest
+
+
 def run(argv: List[str]) -> int:
     """``twistd -n mqttd ARGV``: the broker in the foreground, logging to stdout.
 
     The options are validated first: a wrong one is one line on stderr and
     exit status 2 (``--check-config``: the check's result, exit 0).
+
+    No pid file is written unless ``--pidfile PATH`` is given (a foreground
+    broker under systemd & co. needs none; twistd's default ``./twistd.pid``
+    would refuse a restart after ``kill -9`` while the dead pid is a zombie).
+    With ``--pidfile`` the file is locked for the broker's life
+    (:mod:`mqttd.pidfile`): a file left by a crash is taken over, one held by
+    a running broker is refused with one line and exit status 1.
     """
     from twisted.scripts.twistd import run as twistd_run
 
+    pidfile, argv = _take_pidfile(argv)
     if any(a in ("-h", "--help", "--version") for a in argv):
         pass  # twistd prints them
     else:
@@ -71,16 +94,33 @@ def run(argv: List[str]) -> int:
             return 2
         if options["check-config"]:
             return check_config([a for a in argv if a != "--check-config"])
+    from mqttd.pidfile import PidFile, PidFileError
     from mqttd.service import CannotStart
 
-    # foreground: no twistd.pid in the working directory (a stale one after
-    # kill -9 would refuse the next start; systemd tracks the pid itself)
-    sys.argv = ["twistd", "-n", "--pidfile", "", "mqttd", *argv]
+    pid_file = PidFile(pidfile) if pidfile else None
+    if pid_file is not None:
+        try:
+            stale = pid_file.acquire()
+        except PidFileError as error:
+            print(f"mqttd: {error}", file=sys.stderr)
+            return 1
+        if stale is not None and stale != os.getpid():
+            print(f"mqttd: pid file {pid_file.path} was left by pid {stale}, which no "
+                  f"longer runs a broker; taken over", file=sys.stderr)
+        # removed at reactor shutdown too: after SIGTERM twistd ends the
+        # process by re-raising the signal, and this function never returns
+        from twisted.internet import reactor
+        reactor.addSystemEventTrigger("after", "shutdown", pid_file.release)
+    # twistd's own pid file is off: ours (or none) is the one
+    sys.argv = ["twistd", "-n", "--pidfile=", "mqttd", *argv]
     try:
         twistd_run()  # exits the process itself on a usage error
     except CannotStart as error:  # one line, exit 1 (cannot listen, cannot open the store)
         print(f"mqttd: {error}", file=sys.__stderr__)
         return 1
+    finally:
+        if pid_file is not None:
+            pid_file.release()
     return 0
 
 

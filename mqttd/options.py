@@ -172,6 +172,18 @@ def boolean(value):
 boolean.kind = "boolean"
 
 
+def hide_all(value) -> str:
+    """Redaction for a value that is a secret as a whole (a token)."""
+    return "***"
+
+
+def hide_after_kind(value) -> str:
+    """Redaction for ``KIND:ARGS`` values whose arguments may hold passwords
+    (``memory:USER:PASS``): the kind stays readable, the rest is ``***``."""
+    kind, sep, _rest = str(value).partition(":")
+    return f"{kind}:***" if sep else kind
+
+
 @attrs.frozen
 class Option:
     """One option of ``twistd mqttd``: command line, TOML key and validation.
@@ -184,6 +196,8 @@ class Option:
         table; ``None`` means unset (``doc_default`` says what that means).
     :param field: the :class:`~mqttd.broker.BrokerConfig` field it sets.
     :param repeatable: may be given several times (a list in TOML).
+    :param redact: for an option whose value holds a secret, how
+        ``--check-config`` shows one value (e.g. :func:`hide_all`); None: as is.
     """
 
     name: str
@@ -195,6 +209,15 @@ class Option:
     repeatable: bool = False
     doc_default: Optional[str] = None
     metavar: Optional[str] = None
+    redact: Optional[Callable[[Any], str]] = None
+
+    def shown(self, value):
+        """``value`` as ``--check-config`` may print it: secrets replaced by ``***``."""
+        if self.redact is None or value is None:
+            return value
+        if isinstance(value, list):
+            return [self.redact(v) for v in value]
+        return self.redact(value)
 
     @property
     def is_flag(self) -> bool:

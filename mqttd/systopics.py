@@ -24,6 +24,13 @@ decimal text unless noted:
   the data directory), ``$SYS/broker/heap/current`` (resident memory, bytes)
   and ``heap/maximum`` (peak resident memory).
 
+Every ``maximum`` is at least its ``current`` in the same interval
+(``heap/maximum`` is the peak of ``getrusage``'s and of every sampled
+``heap/current``: the kernel's peak lags its batched RSS counters by a few
+pages; ``clients/maximum`` likewise).  ``store/messages/bytes`` counts topic +
+payload bytes (as ``--max-queued-bytes`` does) of the queued, in-flight and
+retained messages that ``store/messages/count`` counts.
+
 The counts exclude the broker's own ``$SYS`` traffic (its messages carry
 ``SYS_ORIGIN``).
 
@@ -41,7 +48,7 @@ import json
 import math
 import os
 import resource
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -107,9 +114,9 @@ class SysTopics:
         self._unregister = None
         self._loop = None
         self._loads: Dict[str, LoadAverage] = {}
-        #: the largest resident memory seen (heap/maximum), bytes
-        self._heap_peak = 0
         self._last_tick: Optional[float] = None
+        #: highest resident memory seen (getrusage's peak or a sample), bytes
+        self._heap_peak = 0
 
     def start(self) -> None:
         self._unregister = self.broker.observe({
@@ -187,10 +194,10 @@ class SysTopics:
                 disconnected += 1
             subscriptions += len(session.subscriptions)
             stored += len(session.queue) + len(session.inflight)
-            stored_bytes += session.queued_bytes + sum(
-                len(r.message.payload) + len(r.message.topic)
-                for r in session.inflight.values() if r.message is not None)
-        retained, retained_bytes = _retained_stats(broker)
+            stored_bytes += session.queued_bytes
+            for record in session.inflight.values():
+                stored_bytes += _message_bytes(getattr(record, "message", None))
+        retained, retained_bytes = _retained_count_and_bytes(broker)
         stored += retained
         stored_bytes += retained_bytes
         publish_received = sum(stats.messages_in)
@@ -215,7 +222,7 @@ class SysTopics:
             "clients/connected": connected,
             "clients/disconnected": disconnected,
             "clients/total": connected + disconnected,
-            "clients/maximum": getattr(stats, "clients_maximum", connected),
+            "clients/maximum": max(getattr(stats, "clients_maximum", 0), connected),
             "clients/expired": getattr(stats, "sessions_expired", 0),
             "messages/received": stats.messages_received,
             "messages/sent": stats.messages_sent,
@@ -232,8 +239,6 @@ class SysTopics:
             "subscriptions/count": subscriptions,
             "retained messages/count": retained,
         }
-        # the peak of getrusage and of every sample taken (ru_maxrss and
-        # /proc/self/statm count slightly differently: maximum >= current)
         rss = resident_memory()
         self._heap_peak = max(self._heap_peak, peak_resident_memory(), rss or 0)
         values["heap/maximum"] = self._heap_peak
@@ -259,16 +264,18 @@ def _retained_count(broker) -> int:
     return sum(1 for topic in list(broker.retained) if not topic.startswith("$SYS"))
 
 
-def _retained_stats(broker) -> Tuple[int, int]:
-    """(count, bytes of topic + payload) of the retained messages of clients."""
+def _message_bytes(message) -> int:
+    """Topic + payload bytes of ``message`` (0 for None), as the queue limits count them."""
+    if message is None:
+        return 0
+    return len(message.payload) + len(message.topic)
+
+
+def _retained_count_and_bytes(broker):
+    """``(count, topic + payload bytes)`` of the clients' retained messages."""
     count = size = 0
-    retained = broker.retained
-    for topic in list(retained):
-        if topic.startswith("$SYS"):
-            continue
-        message = retained.get(topic)
-        if message is None:
-            continue
-        count += 1
-        size += len(message.payload) + len(topic)
+    for topic, message in list(broker.retained.items()):
+        if not topic.startswith("$SYS"):
+            count += 1
+            size += _message_bytes(message)
     return count, size

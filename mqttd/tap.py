@@ -20,7 +20,8 @@ from twisted.python import usage
 
 from mqttd.broker import BrokerConfig
 from mqttd.options import (
-    ConfigError, Option, boolean, choice, duration, endpoint, flag, integer, number, text)
+    ConfigError, Option, boolean, choice, duration, endpoint, flag, hide_after_kind, hide_all,
+    integer, number, text)
 from mqttd.session import OverflowPolicy
 from mqttd.shared import DEFAULT_STRATEGY as SHARED_DEFAULT, STRATEGIES as SHARED_STRATEGIES
 
@@ -148,7 +149,7 @@ OPTIONS: List[Option] = [
     Option("admin-listen", endpoint, "Serve the admin API and dashboard on this endpoint; "
            "beyond loopback only with --admin-token (repeatable).", repeatable=True),
     Option("admin-token", text(), "Bearer token the admin API requires "
-           "(Authorization: Bearer TOKEN)."),
+           "(Authorization: Bearer TOKEN).", redact=hide_all),
     Option("admin-user", text(), "Broker user (checked by the broker's authenticator) "
            "allowed to use the admin API with HTTP Basic (repeatable).", repeatable=True),
     Option("no-publisher-backpressure", flag, "Drop for a congested subscriber instead "
@@ -174,7 +175,7 @@ OPTIONS: List[Option] = [
     Option("acl-file", text(_acl_file), "mosquitto-format ACL file (user, topic, "
            "pattern with %c/%u); reloaded on SIGHUP."),
     Option("auth", text(_strcred), "A twisted.cred checker: unix, memory:USER:PASS:..., "
-           "file:PATH (repeatable).", repeatable=True),
+           "file:PATH (repeatable).", repeatable=True, redact=hide_after_kind),
     Option("allow-anonymous", flag, "Let clients without a user name in even when "
            "authentication or a non-loopback listener is configured."),
     Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
@@ -294,14 +295,7 @@ class Options(usage.Options):
         if self["port"] is not None:
             listen.append(f"tcp:{self['port']}")
         self["listen"] = listen or list(option("listen").default)
-        for value in self["listener-max-connections"]:
-            description = value.rpartition("=")[0]
-            if description not in self["listen"]:
-                raise ConfigError(f"--listener-max-connections: {description!r} is not one "
-                                  f"of the --listen endpoints {self['listen']}")
-        if self["admin-user"] and not (self["password-file"] or self["auth"]):
-            raise ConfigError("--admin-user needs --password-file or --auth: without a "
-                              "user database no admin user can ever log in")
+        self._check_combinations()
         from mqttd.admin.service import check_admin_listen
         for description in self["admin-listen"]:
             try:
@@ -309,6 +303,19 @@ class Options(usage.Options):
             except ValueError as error:
                 raise ConfigError(f"--admin-listen: {error}") from None
         self._config = self._broker_config()
+
+    def _check_combinations(self) -> None:
+        """Options that are fine alone but cannot work together (ConfigError)."""
+        for value in self["listener-max-connections"]:
+            description = value.rpartition("=")[0]
+            if description not in self["listen"]:
+                raise ConfigError(f"--listener-max-connections: {description!r} is not one of "
+                                  f"the --listen endpoints {self['listen']} (spell it as "
+                                  f"given to --listen)")
+        if self["admin-user"] and not (self["password-file"] or self["auth"]):
+            raise ConfigError("--admin-user: needs --password-file or --auth (the admin API "
+                              "checks its users with the broker's authenticator; without one "
+                              "no admin user can log in)")
 
     def _read_file(self, path) -> dict:
         if path is None:
@@ -320,7 +327,7 @@ class Options(usage.Options):
             raise ConfigError(f"--config: cannot read {path}: {error}")
         known = {o.name: o for o in OPTIONS}
         values = {}
-        spelled = {}
+        spelled: Dict[str, str] = {}  # option name -> the key that gave it
         for key, value in data.items():
             if key == "bridge":   # [[bridge]] tables: see mqttd.bridge.config
                 values["bridge"] = _bridges(path, value)
@@ -331,7 +338,7 @@ class Options(usage.Options):
                 raise ConfigError(f"{path}: unknown key {key!r}")
             if name in spelled:
                 raise ConfigError(f"{path}: {spelled[name]!r} and {key!r} are the same "
-                                  f"option; keep one")
+                                  f"option --{name}; give it once")
             spelled[name] = key
             kind = getattr(opt.parse, "kind", None)
             items = value if (opt.repeatable and isinstance(value, list)) else [value]
@@ -400,17 +407,15 @@ def check_report(options: Options) -> str:
                                           else "")]
     for o in OPTIONS:
         if o.name in ("check-config", "config", "port", "listen"):
-            continue   # listen: printed below, with --port folded in
-        value = options[o.name]
+            continue
         source = options.sources.get(o.name, "default")
         if source == "default":
             continue
-        if o.name in SECRET_OPTIONS and value:
-            value = "***"   # never in terminals or CI logs
-        elif o.name == "auth":   # memory:USER:PASS:... holds passwords
-            value = [v if not v.startswith("memory:") else "memory:***" for v in value]
-        lines.append(f"  {o.name} = {value!r}  ({source})")
-    lines.append(f"  listen = {options['listen']!r}")
+        lines.append(f"  {o.name} = {o.shown(options[o.name])!r}  ({source})")
+    # --port and --listen together make the addresses: one line for both
+    sources = sorted({options.sources.get(name, "default") for name in ("port", "listen")}
+                     - {"default"}) or ["default"]
+    lines.append(f"  listen = {options['listen']!r}  ({', '.join(sources)})")
     for bridge in options.get("bridges") or ():
         lines.append(f"  bridge {bridge.connection} -> "
                      + " ".join(f"{h}:{p}" for h, p in bridge.addresses)

@@ -7,7 +7,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: distribution name -> import name, where they differ
-IMPORT_NAMES = {"zope.interface": "zope.interface", "prometheus_client": "prometheus_client"}
+IMPORT_NAMES = {"pyOpenSSL": "OpenSSL", "zope.interface": "zope.interface", "prometheus_client": "prometheus_client"}
 
 
 def _requirements(section: str, key: str):

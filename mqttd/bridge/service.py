@@ -84,30 +84,36 @@ def endpoint_for(reactor, config: BridgeConfig):
 
 
 def _tls_options(config: BridgeConfig, host: str):
+    """The client TLS options of one bridge: trust ``bridge_cafile``, present
+    ``bridge_certfile``/``bridge_keyfile`` if given (a certfile may hold the
+    chain after the certificate), check the host name unless ``bridge_insecure``.
+
+    The client certificate and key reach pyOpenSSL as ``cryptography`` objects
+    (Twisted's ``PrivateCertificate`` would hand it the deprecated X509/PKey).
+
+    :raises BridgeConfigError: a file is unreadable or holds no usable PEM.
+    """
     try:
         from twisted.internet import ssl
+
+        from mqttd.transports.tls import TLSConfigError, load_certificates, load_private_key
     except ImportError as error:  # pragma: no cover - pyOpenSSL missing
         raise BridgeConfigError(f"bridge_cafile needs TLS support: {error}")
+    client: dict = {}
     try:
         with open(config.cafile, "rb") as f:
             trust = ssl.Certificate.loadPEM(f.read())
-        client_cert = None
         if config.certfile is not None:
-            with open(config.certfile, "rb") as f:
-                cert = f.read()
-            with open(config.keyfile, "rb") as f:
-                key = f.read()
-            client_cert = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
-    except (OSError, Exception) as error:
+            chain = load_certificates(config.certfile, "bridge_certfile")
+            client = {"certificate": chain[0], "extraCertChain": chain[1:],
+                      "privateKey": load_private_key(config.keyfile)}
+    except (OSError, TLSConfigError, Exception) as error:
         raise BridgeConfigError(f"bridge {config.connection!r}: cannot load TLS files: "
                                 f"{error}")
     if config.insecure:
         # bridge_insecure: trust the CA but do not check the host name
-        return ssl.CertificateOptions(
-            trustRoot=trust, **({} if client_cert is None else
-                                {"certificate": client_cert.original,
-                                 "privateKey": client_cert.privateKey.original}))
-    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert)
+        return ssl.CertificateOptions(trustRoot=trust, **client)
+    return ssl.optionsForClientTLS(host, trustRoot=trust, extraCertificateOptions=client)
 
 
 def load_bridges(path: str) -> List[BridgeConfig]:

@@ -44,8 +44,11 @@ def _read(path: str, what: str) -> bytes:
 
 
 def load_certificates(path: str, what: str = "certificate file") -> list:
-    """Every PEM certificate in ``path``, in file order, as
-    ``cryptography.x509.Certificate``.
+    """Every PEM certificate in ``path``, in file order, as ``cryptography.x509.Certificate``.
+
+    These are what pyOpenSSL >= 24.3 wants for the listener's own certificate
+    and chain (it deprecates its ``X509`` there); the CA store still takes
+    ``X509`` (see :func:`as_pyopenssl`).
 
     :raises TLSConfigError: unreadable file, or no certificate in it.
     """
@@ -58,8 +61,20 @@ def load_certificates(path: str, what: str = "certificate file") -> list:
         raise TLSConfigError(f"no PEM certificate in {what} {path!r}: {error}") from None
 
 
+def as_pyopenssl(certificates: list) -> list:
+    """``cryptography`` certificates as ``OpenSSL.crypto.X509``, for the CA store only.
+
+    ``X509Store.add_cert`` (what Twisted's ``caCerts`` feed) accepts nothing
+    else and does not deprecate it; everything else gets the cryptography
+    objects themselves.
+    """
+    from OpenSSL.crypto import X509
+
+    return [X509.from_cryptography(c) for c in certificates]
+
+
 def load_private_key(path: str):
-    """The PEM private key (unencrypted) in ``path``, a ``cryptography`` private key.
+    """The PEM private key (unencrypted) in ``path`` as a ``cryptography`` private key.
 
     :raises TLSConfigError: unreadable, encrypted or not a private key.
     """
@@ -71,18 +86,6 @@ def load_private_key(path: str):
     except (ValueError, TypeError) as error:
         raise TLSConfigError(f"cannot load private key {path!r} (PEM, unencrypted): "
                              f"{error}") from None
-
-
-def _openssl_takes_cryptography_objects() -> bool:
-    """pyOpenSSL >= 24.3 takes ``cryptography`` certificates and keys in
-    ``Context.use_certificate`` & co. and deprecates its own ``X509``/``PKey``
-    there; older releases take only those."""
-    import OpenSSL
-    try:
-        major, minor = (int(part) for part in OpenSSL.__version__.split(".")[:2])
-    except ValueError:
-        return True
-    return (major, minor) >= (24, 3)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -132,24 +135,16 @@ class TLSServerOptions:
         return "required" if self.require_certificate else "optional"
 
     def _build(self) -> ssl.CertificateOptions:
-        from OpenSSL.crypto import X509, PKey
-
         chain = load_certificates(self.certificate, "certificate file")
         if self.extra_chain:
             chain += load_certificates(self.extra_chain, "extraCertChain file")
-        key = load_private_key(self.private_key)
-        if not _openssl_takes_cryptography_objects():
-            chain = [X509.from_cryptography(c) for c in chain]
-            key = PKey.from_cryptography_key(key)
         kwargs = {}
         if self.ca_certs:
-            # Twisted's trust store (X509Store.add_cert) takes pyOpenSSL's X509 only
-            cas = [X509.from_cryptography(c)
-                   for c in load_certificates(self.ca_certs, "caCerts file")]
-            kwargs.update(verify=True, caCerts=cas,
+            kwargs.update(verify=True,
+                          caCerts=as_pyopenssl(load_certificates(self.ca_certs, "caCerts file")),
                           requireCertificate=self.require_certificate)
         options = ssl.CertificateOptions(
-            privateKey=key, certificate=chain[0],
+            privateKey=load_private_key(self.private_key), certificate=chain[0],
             extraCertChain=chain[1:], raiseMinimumTo=TLS_VERSIONS[self.minimum],
             enableSessions=False, **kwargs)
         try:

@@ -171,6 +171,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             self._refused(f"opening handshake failed ({code}): {reason}")
         return super().failHandshake(reason, code, responseHeaders)
 
+    def onOpenHandshakeTimeout(self):
+        """A request not finished in time (5 s) is a counted refusal too."""
+        if self.state == self.STATE_CONNECTING and not self._refusal_logged:
+            self._refused("opening handshake not finished in time "
+                          f"({self.openHandshakeTimeout} s)")
+        return super().onOpenHandshakeTimeout()
+
     def onConnect(self, request):
         trusted = self.factory.trust_x_forwarded_for
         if trusted:

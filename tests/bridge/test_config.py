@@ -241,3 +241,35 @@ def test_reload_from_a_bad_file_keeps_the_running_bridges(tmp_path):
     assert failures and isinstance(failures[0].value, BridgeConfigError)
     assert "line 4" in str(failures[0].value)
     assert list(manager.bridges) == ["up"]
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_bridge_tls_client_certificate_uses_no_deprecated_pyopenssl_api(tmp_path, insecure):
+    """bridge_certfile/keyfile reach pyOpenSSL as cryptography objects: no DeprecationWarning."""
+    import warnings
+
+    from types import SimpleNamespace
+
+    from transports.certs import PKI
+    from twisted.internet.protocol import Factory
+
+    from mqttd.bridge.service import _tls_options
+
+    pki = PKI(tmp_path / "pki")
+    chain = tmp_path / "alice-chain.pem"
+    chain.write_bytes(pki.alice_cert.read_bytes() + pki.ca.cert_path.read_bytes())
+    config = BridgeConfig(connection="tls", addresses=[("localhost", 8883)],
+                          topics=[parse_topic_line("# out 1")], cafile=str(pki.ca.cert_path),
+                          certfile=str(chain), keyfile=str(pki.alice_key), insecure=insecure)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        options = _tls_options(config, "localhost")
+        # the context is built lazily (per connection since Twisted 26): make one
+        tls_protocol = SimpleNamespace(factory=SimpleNamespace(wrappedFactory=Factory()))
+        if hasattr(options, "clientConnectionForTLS"):
+            options.clientConnectionForTLS(tls_protocol)
+        else:
+            options.getContext()
+    deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert deprecations == []

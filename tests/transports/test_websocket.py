@@ -329,3 +329,48 @@ def test_x_forwarded_for_is_ignored_unless_trusted():
     client.response()
     client.protocol.dataReceived(client_frame(encode(Connect(4, "fwd"), 4)))
     assert client.protocol._mqtt.connection.peer == "192.0.2.1:40000"
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"426"),         # plain HTTP, curl
+    (b"POST /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"405"),
+    (handshake().replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 7"), b"400"),
+    (handshake().replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""), b"400"),
+])
+def test_requests_autobahn_refuses_are_counted_and_logged_once(request_head, status):
+    """A plain HTTP GET or a broken handshake that autobahn answers itself is still a counted,
+    broker-logged websocket refusal, exactly once."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(request_head)
+    head = client.response()
+    assert head.startswith(b"HTTP/1.1 " + status), head
+    assert client.broker.stats.refused == {"websocket": 1}
+
+
+def test_handshake_not_finished_in_time_is_counted():
+    """A client that never finishes its request is dropped at the timeout and counted."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    client.protocol.onOpenHandshakeTimeout()
+    assert client.broker.stats.refused == {"websocket": 1}
+
+
+@pytest.mark.parametrize("size", [MAX_HANDSHAKE_BYTES, 40_000, 60_000])
+def test_oversized_handshake_in_one_read_is_refused(size):
+    """The 16 KiB header bound holds when the whole request, terminator included, arrives in
+    one read (Twisted reads up to 64 KiB at once), not only when it trickles in."""
+    client = WebSocketClient()
+    client.protocol.dataReceived(handshake(extra="X-Big: " + "a" * size + "\r\n"))
+    assert client.response().startswith(b"HTTP/1.1 400")
+    assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
+
+
+def test_frames_right_behind_the_handshake_do_not_count_against_the_header_bound():
+    """A small header followed at once by a 20 KiB frame (one read) is accepted."""
+    client = WebSocketClient()
+    connect = encode(Connect(4, "c" * 20_000), 4)
+    client.protocol.dataReceived(handshake() + client_frame(connect))
+    assert client.response().startswith(b"HTTP/1.1 101")
+    assert client.protocol._mqtt.connection.client_id == "c" * 20_000
+    assert client.broker.stats.refused == {}
