@@ -28,12 +28,19 @@ _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|0*:0*:0*:0*:0*:0*:0*:0*1|local
 def is_loopback_endpoint(description: str) -> bool:
     """True for a listener reachable from this host only.
 
-    UNIX sockets, and TCP-like endpoints (also wrapped ones such as
-    ``haproxy:tcp:...`` or ``ws:...``) whose ``interface=`` is a loopback
-    address.  Any other listener -- no ``interface=`` means all interfaces --
-    is not.
+    UNIX sockets, and TCP-like endpoints (also ``ws:...``) whose
+    ``interface=`` is a loopback address.  Any other listener -- no
+    ``interface=`` means all interfaces -- is not, and neither is a listener
+    that carries other hosts' clients through a proxy on this host: a
+    ``haproxy:`` (PROXY protocol) listener, or one that trusts
+    ``X-Forwarded-For`` (``trustXForwardedFor=N``, N > 0).
     """
     kind = description.split(":", 1)[0].lower()
+    if kind == "haproxy":
+        return False  # the balancer in front forwards remote clients
+    forwarded = re.search(r"(?i)(?:^|:)trustXForwardedFor=(\d+)", description)
+    if forwarded and int(forwarded.group(1)) > 0:
+        return False  # a reverse proxy on loopback forwards remote clients
     if kind == "unix":
         return True
     for arg in re.split(r"(?<!\\):", description):

@@ -20,7 +20,10 @@ from tests.core.harness import make_broker
     ("tcp6:1883:interface=\\:\\:1", True), ("unix:/run/mqttd.sock", True),
     ("tcp:1883", False), ("tcp:1883:interface=0.0.0.0", False),
     ("tcp:1883:interface=192.168.1.5", False), ("ssl:8883:privateKey=k.pem", False),
-    ("haproxy:tcp:1883:interface=127.0.0.1", True),
+    # a proxy on loopback forwards other hosts' clients: not loopback-only
+    ("haproxy:tcp:1883:interface=127.0.0.1", False),
+    ("ws:8080:interface=127.0.0.1:trustXForwardedFor=1", False),
+    ("ws:8080:interface=127.0.0.1:trustXForwardedFor=0", True),
 ])
 def test_loopback_listeners_are_recognised(description, loopback):
     """Only loopback addresses and UNIX sockets count as local; no interface= is all."""
