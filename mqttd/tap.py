@@ -13,6 +13,7 @@ A wrong value is a one-line error naming the option and exit status 2, under
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Dict, List
 
@@ -69,6 +70,10 @@ def _listener_limit(value: str) -> None:
 
 def _strcred(value: str) -> None:
     from twisted.cred import strcred
+    kind, _, argument = value.partition(":")
+    if kind == "file" and not os.path.isfile(argument):
+        # strcred only prints a warning for a missing file and then refuses everyone
+        raise ValueError(f"'file': no such file {argument!r}")
     try:
         strcred.makeChecker(value)
     except Exception as error:  # strcred raises several kinds

@@ -252,3 +252,14 @@ def test_the_same_option_twice_in_the_file_is_refused(tmp_path, text):
     config.write_text(text)
     with pytest.raises(ConfigError, match="are the same option --"):
         _parse("--config", str(config))
+
+
+def test_auth_file_that_does_not_exist_is_refused(tmp_path):
+    """--auth file:PATH with no such file is a one-line error, not a warning and a broker
+    that refuses every client (strcred only warns)."""
+    from mqttd.tap import _strcred
+    with pytest.raises(ValueError, match="no such file"):
+        _strcred(f"file:{tmp_path / 'missing'}")
+    existing = tmp_path / "users"
+    existing.write_text("u1:secret\n")
+    _strcred(f"file:{existing}")
