@@ -165,6 +165,10 @@ class ClusterSessions:
             broker.release_session(client_id, clean_start)
         if self._kicked.get(client_id, 0) > epoch or store.epochs.get(client_id) != epoch:
             return self._lost(client_id, epoch)
+        if old_node and old_node != self.node_id:
+            # what the old owner forwarded after our load (its poke may have
+            # come before the session was installed here)
+            self.clock.callLater(1.0, self.pull, client_id)
         return None
 
     def _lost(self, client_id: str, epoch: int):
@@ -374,6 +378,27 @@ class ClusterSessions:
         d.addErrback(lambda f: log.warn("Taking forwarded messages of {client_id} failed: "
                                         "{error}", client_id=client_id, error=str(f.value)))
         return d
+
+    @defer.inlineCallbacks
+    def recheck_ownership(self):
+        """After this node was away from Redis (a new incarnation): let go of
+        every session another node adopted meanwhile."""
+        cids = list(self.store.epochs)
+        if not cids:
+            return 0
+        replies = yield self.backend.pipeline(
+            [("HMGET", self._keys(cid)[0], "node", "epoch") for cid in cids])
+        released = 0
+        for cid, (node, epoch) in zip(cids, replies):
+            if _text(node or b"") != self.node_id or int(epoch or 0) != \
+                    self.store.epochs.get(cid):
+                self.store.epochs.pop(cid, None)
+                if self.broker.release_session(cid) is not None:
+                    released += 1
+        if released:
+            log.warn("{count} sessions were adopted by other nodes while this node was "
+                     "away from Redis; released here", count=released)
+        return released
 
     # --- connections ending -------------------------------------------------------------
 

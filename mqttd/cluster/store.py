@@ -96,7 +96,11 @@ class RedisSessionStore:
     durable = True
 
     def __init__(self, backend, node_id: str, prefix: str = "mqttd:", clock=None,
-                 wait_replicas: int = 0, wait_timeout: int = 1000):
+                 wait_replicas: int = 0, wait_timeout: int = 1000, inner=None):
+        #: the node's own store (``--persistence``), kept for what is not a
+        #: session: retained messages, unless the cluster's retained store
+        #: holds them (then it sees nothing of them)
+        self.inner = inner
         self.backend = backend
         self.node_id = node_id
         self.prefix = prefix
@@ -122,11 +126,20 @@ class RedisSessionStore:
     # --- IBrokerStore -------------------------------------------------------------
 
     def open(self) -> R.StoredState:
-        return R.StoredState()
+        if self.inner is None:
+            return R.StoredState()
+        state = self.inner.open()
+        if state.sessions or state.wills:
+            log.warn("Ignoring {sessions} sessions and {wills} delayed wills of the local "
+                     "store: in a cluster, sessions live in Redis",
+                     sessions=len(state.sessions), wills=len(state.wills))
+        return R.StoredState(retained=state.retained)
 
     def write(self, op) -> None:
         cls = op.__class__
         if cls in (R.PutRetained, R.DeleteRetained):
+            if self.inner is not None:
+                self.inner.write(op)
             return
         if cls is R.PutSession:
             cid = op.record.client_id
@@ -179,6 +192,13 @@ class RedisSessionStore:
             self._flush()
 
     def sync(self) -> defer.Deferred:
+        if self.inner is not None and getattr(self.inner, "durable", False):
+            return defer.gatherResults([self.inner.sync(), self._sync()],
+                                       consumeErrors=True).addCallbacks(
+                lambda _: None, lambda f: f.value.subFailure)
+        return self._sync()
+
+    def _sync(self) -> defer.Deferred:
         if not self._pending and not self._flushing:
             if self.failure is not None:
                 return defer.fail(self.failure)
@@ -190,7 +210,10 @@ class RedisSessionStore:
         return d
 
     def close(self) -> defer.Deferred:
-        return self.sync().addErrback(lambda _f: None)
+        d = self._sync().addErrback(lambda _f: None)
+        if self.inner is not None:
+            d.addCallback(lambda _: self.inner.close())
+        return d
 
     # --- flushing -----------------------------------------------------------------
 
