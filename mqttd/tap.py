@@ -230,6 +230,10 @@ OPTIONS: List[Option] = [
     Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
            "a node counts as dead (and a node that could not reach Redis that long has "
            "fenced itself); more than 2 heartbeats.", default=5.0),
+    Option("cluster-takeover-timeout", number(above=0), "Seconds a node taking a "
+           "session over waits for the old owner node to hand it over (close the client "
+           "with 0x8E, write what it had); after it the old owner's writes are fenced.",
+           default=5.0),
 ]
 
 #: Feature packages that add to the service built from the options:
@@ -240,6 +244,7 @@ FEATURES: List[str] = [
     "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
     "mqttd.cluster.service:from_options",
+    "mqttd.cluster.sessionservice:from_options",
 ]
 
 
@@ -350,7 +355,8 @@ class Options(usage.Options):
                                   f"the --listen endpoints {self['listen']} (spell it as "
                                   f"given to --listen)")
         if self["cluster"] is None:
-            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl"):
+            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
+                         "cluster-takeover-timeout"):
                 if self.sources.get(name) != "default":
                     raise ConfigError(f"--{name}: only with --cluster")
         elif (self["cluster-node-ttl"] or option("cluster-node-ttl").default) < 2 * (
