@@ -40,7 +40,9 @@ class ControlStream:
         self.handler = handler
         self.maxlen = maxlen
         self.block_ms = block_ms
-        self._last = b"$"
+        #: the id of the last entry read ("0-0": everything of a new stream;
+        #: never "$", which would skip what arrives between two reads)
+        self._last = b"0-0"
         self._running = False
         self._reading = None
 
@@ -74,10 +76,12 @@ class ControlStream:
 
     def _got(self, reply) -> None:
         for _stream, entries in reply or ():
-            for entry_id, flat in entries:
+            for entry_id, raw in entries:
                 self._last = entry_id
+                if not isinstance(raw, dict):
+                    raw = dict(zip(raw[::2], raw[1::2]))
                 fields = {(k.decode() if isinstance(k, bytes) else k): v
-                          for k, v in zip(flat[::2], flat[1::2])}
+                          for k, v in raw.items()}
                 try:
                     self.handler(fields)
                 except Exception:
