@@ -152,7 +152,7 @@ def test_simultaneous_connects_on_two_nodes_leave_exactly_one(redis_server, aio)
     async def run():
         nodes, alive = {}, {"A": True, "B": True}
         a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
-        for trial in range(20):
+        for trial in range(10):
             cid = "race-%d" % trial
             ca, cb = a.client(), b.client()
             ca.send(Connect(5, cid, False, 0, properties=Properties(session_expiry_interval=60)))
@@ -223,4 +223,63 @@ def test_reaper_publishes_wills_and_adopts_persistent_sessions(redis_server, aio
         await settle(b, c)
         assert [(p.payload, p.dup) for p in again.received()
                 if isinstance(p, Publish)] == [(b"owed", True)]
+    aio(run)
+
+
+def test_writes_are_kept_while_redis_is_down_and_retried(redis_server, aio):
+    """Redis unreachable: sync() fails (no false acknowledgement) and the writes are kept;
+    once Redis is back (AOF) they reach it."""
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        sub = a.client()
+        await connect(a, sub, "keeper")
+        sub.subscribe("k/#", qos=1)
+        sub.conn.connection_lost()
+        await settle(a)
+        redis_server.stop()
+        a.broker.publish(Message("k/1", b"while-down", 1))
+        with pytest.raises(Exception):
+            await wait(a.store.sync())
+        assert a.store.failure is not None
+        redis_server.start(keep_port=True)
+        for _ in range(100):
+            a.clock.advance(1.0)
+            await asyncio.sleep(0.05)
+            if a.store.failure is None and not a.store._pending:
+                break
+        await wait(a.store.sync())
+        assert redis_server.cli("HLEN", "mqttd:{c:keeper}:o").strip() == "1"
+    aio(run)
+
+
+def test_a_refused_write_of_a_parked_session_moves_its_messages_to_the_owner(redis_server, aio):
+    """The store's fencing in isolation: a write with a stale epoch changes nothing but
+    forwards its queued messages, which the owner's load takes in."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        sub = a.client()
+        await connect(a, sub, "f")
+        sub.subscribe("f/#", qos=1)
+        sub.conn.connection_lost()
+        await settle(a)
+        stale = a.store.epochs["f"]
+        # B claims behind A's back (A is not told)
+        alive["A"] = False
+        sub2 = b.client()
+        await connect(b, sub2, "f")
+        await settle(b)
+        sub2.conn.connection_lost()
+        await settle(b)
+        a.store.epochs["f"] = stale
+        a.broker.publish(Message("f/1", b"fwd", 1))
+        await settle(a)
+        assert "f" not in a.broker.sessions
+        assert redis_server.cli("LLEN", "mqttd:{c:f}:f").strip() == "1"
+        sub3 = b.client()
+        ack = await connect(b, sub3, "f")
+        assert ack.session_present
+        await settle(b)
+        assert [p.payload for p in sub3.received() if isinstance(p, Publish)] == [b"fwd"]
     aio(run)
