@@ -283,3 +283,28 @@ def test_a_refused_write_of_a_parked_session_moves_its_messages_to_the_owner(red
         await settle(b)
         assert [p.payload for p in sub3.received() if isinstance(p, Publish)] == [b"fwd"]
     aio(run)
+
+
+def test_resume_on_another_node_through_redis_cluster(redis_cluster, aio):
+    """The same on a 3-master Redis Cluster: every script touches one slot
+    ({c:<client id>}), pipelines spread over the shards."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a, b = Node(redis_cluster.url, "A", nodes, alive), Node(redis_cluster.url, "B", nodes, alive)
+        subs = [a.client() for _ in range(6)]
+        for i, sub in enumerate(subs):
+            await connect(a, sub, "rc-%d" % i)
+            sub.subscribe("rc/#", qos=1)
+        await settle(a)
+        for sub in subs:
+            sub.conn.connection_lost()
+        await settle(a)
+        a.broker.publish(Message("rc/x", b"queued", 1))
+        await settle(a)
+        for i in range(6):
+            again = b.client()
+            ack = await connect(b, again, "rc-%d" % i)
+            assert ack.session_present
+            await settle(b, rounds=5)
+            assert [p.payload for p in again.received() if isinstance(p, Publish)] == [b"queued"]
+    aio(run)
