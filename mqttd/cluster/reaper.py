@@ -48,10 +48,11 @@ class Reaper:
     """Reaps dead nodes (see the module docstring).
 
     :param sessions: the node's :class:`~mqttd.cluster.sessions.ClusterSessions`.
-    :param replay_inbox: ``replay_inbox(dead_node, deliver) -> Deferred``:
-        hand every unacknowledged and unread envelope of the dead node's
-        inbox to ``deliver(message)``, acknowledging them once delivered
-        (None: no inbox to replay).
+    :param replay_inbox: ``replay_inbox(dead_node, deliver, sync) -> Deferred``
+        firing with how many envelopes it replayed: hand every unacknowledged
+        and unread envelope of the dead node's inbox to ``deliver(message)``
+        and acknowledge (or delete) them only once the Deferred of ``sync()``
+        fired (the deliveries are then in Redis); None: no inbox to replay.
     :param forget_node: ``forget_node(dead_node) -> Deferred``: drop the dead
         node's routes and node keys (None: nothing).
     :param lock_ms: milliseconds the reaper lock lasts (renewed while reaping).
@@ -109,7 +110,8 @@ class Reaper:
         try:
             adopted = yield self._adopt_all(node)
             if self.replay_inbox is not None:
-                replayed = yield self.replay_inbox(node, self.deliver_to(adopted))
+                replayed = yield self.replay_inbox(node, self.deliver_to(adopted),
+                                                   self.store.sync)
                 self.replayed += replayed or 0
             yield self.store.sync()
             if self.forget_node is not None:
