@@ -73,6 +73,8 @@ class Reaper:
         self.lock_ms = lock_ms
         self.batch = batch
         self._reaping = set()
+        self._live_boot = b""
+        self.backend.register("reaper_unlock", UNLOCK)
         self.adopted = 0
         self.ended = 0
         self.wills = 0
@@ -80,6 +82,9 @@ class Reaper:
 
     def lock_key(self, node: str) -> str:
         return f"{self.prefix}{{n:{node}}}:reaper"
+
+    def alive_key(self, node: str) -> str:
+        return f"{self.prefix}{{n:{node}}}:alive"
 
     def reap(self, node: str) -> defer.Deferred:
         """Reap ``node`` if no one else does; fires with True if this node did."""
@@ -103,6 +108,9 @@ class Reaper:
                                          "PX", self.lock_ms)
         if not won:
             return False
+        # the node id may be back as a new incarnation: its sessions stay its own
+        live_boot = yield self.backend.execute("GET", self.alive_key(node))
+        self._live_boot = live_boot or b""
         log.info("Node {node} is dead; reaping it (its wills, sessions and inbox)",
                  node=node)
         renew = self.clock.callLater(self.lock_ms / 3000.0, self._renew, node)
@@ -121,6 +129,7 @@ class Reaper:
             call = self._renew_calls.pop(node, None)
             if call is not None and call.active():
                 call.cancel()
+        yield self.backend.run("reaper_unlock", [self.lock_key(node)], [self.node_id])
         log.info("Reaped node {node}: {adopted} sessions adopted", node=node,
                  adopted=len(adopted))
         return True
@@ -151,7 +160,8 @@ class Reaper:
     @defer.inlineCallbacks
     def _adopt(self, node: str, client_id: str):
         reply = yield self.backend.run("session_adopt", session_keys(self.prefix, client_id),
-                                       [node, self.node_id])
+                                       [node, self.node_id, self._live_boot,
+                                        self.sessions.boot])
         status = _text(reply[0])
         if status == "skip":
             return False
@@ -245,6 +255,13 @@ class Reaper:
                 receivers += 1
             return receivers
         return deliver
+
+
+#: release the reaper lock only if we still hold it
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _pairs(flat):

@@ -45,7 +45,7 @@ def node_sessions_key(prefix: str, node: str) -> str:
 
 
 # claim: KEYS s o t i w f
-# ARGV node clean_start persistent username has_username allow_other_user will delay
+# ARGV node clean_start persistent username has_username allow_other_user will delay boot
 # -> {'OWNER', owner} | {'OK', old_node, old_epoch, epoch, present, old_online, will...}
 CLAIM = r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'owner')
@@ -68,7 +68,7 @@ local epoch = old_epoch + 1
 local user = ''
 if ARGV[5] == '1' then user = ARGV[4] end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
-           'persistent', ARGV[3], 'owner', user)
+           'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[5], 'kind', 'conn', 'm', ARGV[7], 'delay', ARGV[8])
 end
@@ -195,13 +195,15 @@ end
 return {'OK', gone}
 """
 
-# adopt: KEYS s o t i w f   ARGV dead_node me
-# The reaper takes a dead node's session:
+# adopt: KEYS s o t i w f   ARGV dead_node me live_boot me_boot
+# The reaper takes a dead node's session (not one of the node's live
+# incarnation ``live_boot``, when the node id came back):
 # -> {'skip', node} (moved on) | {'ended', will...} (not persistent: deleted,
-#    its will returned once) | {'adopted', epoch, rec, online, will...}
+#    its will returned once) | {'adopted', epoch, online, will...}
 ADOPT = r"""
-local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'persistent', 'online', 'rec')
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'persistent', 'online', 'rec', 'boot')
 if s[1] ~= ARGV[1] then return {'skip', s[1] or ''} end
+if ARGV[3] ~= '' and s[6] == ARGV[3] then return {'skip', s[1]} end
 local will = redis.call('HGETALL', KEYS[5])
 if s[3] ~= '1' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
@@ -210,7 +212,7 @@ if s[3] ~= '1' then
   return reply
 end
 local epoch = (tonumber(s[2]) or 0) + 1
-redis.call('HSET', KEYS[1], 'node', ARGV[2], 'epoch', epoch, 'online', 0)
+redis.call('HSET', KEYS[1], 'node', ARGV[2], 'epoch', epoch, 'online', 0, 'boot', ARGV[4])
 if redis.call('HGET', KEYS[5], 'kind') == 'conn' then redis.call('DEL', KEYS[5]) end
 local reply = {'adopted', epoch, s[4] or '0'}
 for _, v in ipairs(will) do reply[#reply + 1] = v end

@@ -79,7 +79,7 @@ class ClusterSessions:
     def __init__(self, broker, backend, store, node_id: str, clock,
                  send_control: Callable, is_alive: Callable, prefix: str = "mqttd:",
                  takeover_timeout: float = 5.0, forward_grace: float = 10.0,
-                 allow_other_user: bool = False):
+                 allow_other_user: bool = False, boot=""):
         self.broker = broker
         self.backend = backend
         self.store = store
@@ -91,6 +91,9 @@ class ClusterSessions:
         self.takeover_timeout = takeover_timeout
         self.forward_grace = forward_grace
         self.allow_other_user = allow_other_user
+        #: this incarnation's boot id: the reaper of a node id that came back
+        #: adopts only the sessions of its dead incarnation
+        self.boot = boot
         #: client id -> highest epoch a kick announced (a claim below it lost)
         self._kicked: Dict[str, int] = {}
         #: (client id, epoch) -> Deferred waiting for the old owner's done
@@ -136,7 +139,7 @@ class ClusterSessions:
         reply = yield self.backend.run("session_claim", self._keys(client_id), [
             self.node_id, int(clean_start), int(persistent),
             username or "", int(username is not None), int(self.allow_other_user),
-            will_blob, delay])
+            will_blob, delay, self.boot])
         if _text(reply[0]) == "OWNER":
             return (ReasonCode.NOT_AUTHORIZED, "client id owned by another user",
                     "session-owner")

@@ -120,7 +120,8 @@ def install(cluster, takeover_timeout: float = 5.0) -> ClusterSessions:
 
     control = ControlStream(backend, keys, node_id, clock, lambda f: sessions.handle_control(f))
     sessions = ClusterSessions(broker, backend, store, node_id, clock, control.send, is_alive,
-                               prefix=keys.prefix, takeover_timeout=takeover_timeout)
+                               prefix=keys.prefix, takeover_timeout=takeover_timeout,
+                               boot=cluster.node.boot_id)
     reaper = Reaper(sessions, replay_inbox=getattr(cluster, "replay_inbox", None),
                     forget_node=getattr(cluster, "forget_node", None))
     cluster.sessions = sessions
@@ -145,7 +146,10 @@ def install(cluster, takeover_timeout: float = 5.0) -> ClusterSessions:
         started.append(True)
     node.on("unfenced", lambda: None if started else start())
 
-    node.on("rejoined", lambda _old=None, _new=None: sessions.recheck_ownership())
+    def rejoined(_old_boot=None, new_boot=None):
+        sessions.boot = new_boot or node.boot_id
+        sessions.recheck_ownership()
+    node.on("rejoined", rejoined)
 
     def stop():
         # a clean stop: the clients go now (v5 0x8B) and Redis hears it

@@ -308,3 +308,29 @@ def test_resume_on_another_node_through_redis_cluster(redis_cluster, aio):
             await settle(b, rounds=5)
             assert [p.payload for p in again.received() if isinstance(p, Publish)] == [b"queued"]
     aio(run)
+
+
+def test_reaper_leaves_the_sessions_of_a_node_ids_new_incarnation_alone(redis_server, aio):
+    """A node id that came back (new boot id) keeps the sessions it claimed since; only
+    those of its dead incarnation are adopted."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        a.sessions.boot = "boot-1"
+        old = a.client()
+        await connect(a, old, "from-old-boot")
+        await settle(a)
+        # A restarts: a new broker, a new boot id, a live heartbeat key
+        a2 = Node(redis_server.url, "A", nodes, alive)
+        a2.sessions.boot = "boot-2"
+        redis_server.cli("SET", "mqttd:{n:A}:alive", "boot-2")
+        new = a2.client()
+        await connect(a2, new, "from-new-boot")
+        await settle(a2)
+        b = Node(redis_server.url, "B", nodes, alive)
+        assert await wait(Reaper(b.sessions).reap("A"))
+        await settle(a2, b)
+        assert "from-old-boot" in b.broker.sessions
+        assert "from-new-boot" not in b.broker.sessions
+        assert redis_server.cli("HGET", "mqttd:{c:from-new-boot}:s", "node").strip() == "A"
+    aio(run)
