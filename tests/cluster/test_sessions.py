@@ -152,7 +152,7 @@ def test_simultaneous_connects_on_two_nodes_leave_exactly_one(redis_server, aio)
     async def run():
         nodes, alive = {}, {"A": True, "B": True}
         a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
-        for trial in range(10):
+        for trial in range(6):
             cid = "race-%d" % trial
             ca, cb = a.client(), b.client()
             ca.send(Connect(5, cid, False, 0, properties=Properties(session_expiry_interval=60)))
