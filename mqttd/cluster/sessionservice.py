@@ -100,10 +100,11 @@ def from_options(service, options) -> Optional[ClusterSessions]:
     cluster = getattr(service, "cluster", None)
     if cluster is None:
         return None
-    return install(cluster, takeover_timeout=options.get("cluster-takeover-timeout") or 5.0)
+    return install(cluster, takeover_timeout=options.get("cluster-takeover-timeout") or 5.0,
+                   wait_replicas=int(options.get("cluster-wait-replicas") or 0))
 
 
-def install(cluster, takeover_timeout: float = 5.0) -> ClusterSessions:
+def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> ClusterSessions:
     """Plug sessions, control stream and reaper into a ClusterService."""
     broker = cluster.broker
     backend = cluster.backend
@@ -111,7 +112,7 @@ def install(cluster, takeover_timeout: float = 5.0) -> ClusterSessions:
     node_id = cluster.node_id
     clock = broker.clock
     store = RedisSessionStore(backend, node_id, prefix=keys.prefix, clock=clock,
-                              inner=broker.store)
+                              inner=broker.store, wait_replicas=wait_replicas)
     broker.store = store
     broker._durable = True
 

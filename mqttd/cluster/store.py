@@ -89,7 +89,9 @@ class RedisSessionStore:
     :param prefix: key prefix (``mqttd:``).
     :param clock: ``IReactorTime``; flushes run on the next reactor turn.
     :param wait_replicas: after each flush, ``WAIT`` for this many replicas
-        (0: none; Redis Cluster: per shard is not possible, so ignored).
+        and fail the flush (no acknowledgement) when fewer took it in
+        ``wait_timeout`` (0: none; ignored under Redis Cluster, where one
+        pipeline spans several primaries).
     :param wait_timeout: milliseconds ``WAIT`` may take.
     """
 
@@ -236,9 +238,12 @@ class RedisSessionStore:
             commands.append(("EVALSHA", script.sha, len(keys), *keys, self.node_id,
                              epoch, *items))
             cids.append((cid, items, epoch))
-        if self.wait_replicas and commands:
+        waiting = bool(self.wait_replicas and commands and not self.backend.is_cluster)
+        if waiting:
             commands.append(("WAIT", self.wait_replicas, self.wait_timeout))
         d = self._run(commands, cids)
+        if waiting:
+            d.addCallback(self._replicated)
         d.addCallbacks(self._flushed, self._flush_failed,
                        callbackArgs=(cids, waiters), errbackArgs=(cids, waiters))
 
@@ -260,9 +265,22 @@ class RedisSessionStore:
         d.addErrback(noscript)
         return d
 
+    def _replicated(self, replies):
+        """The WAIT reply ends the pipeline: fewer replicas than asked is a failure
+        (nothing is acknowledged that a failover could lose)."""
+        replicas = int(replies[-1])
+        if replicas < self.wait_replicas:
+            from mqttd.cluster.backend import RedisUnavailable
+            raise RedisUnavailable(f"only {replicas} of {self.wait_replicas} replicas took "
+                                   f"the writes within {self.wait_timeout} ms "
+                                   f"(--cluster-wait-replicas)")
+        return replies[:-1]
+
     def _flushed(self, replies, cids, waiters) -> None:
         self._flushing = False
         self.flushes += 1
+        if self.failure is not None:
+            log.info("Writing sessions to Redis works again")
         self.failure = None
         for (cid, _items, epoch), reply in zip(cids, replies):
             status = _text(reply[0])
@@ -283,9 +301,10 @@ class RedisSessionStore:
 
     def _flush_failed(self, failure, cids, waiters) -> None:
         self._flushing = False
+        if self.failure is None:   # one line per outage, not per retry
+            log.error("Writing sessions to Redis failed: {error}; acknowledgements that "
+                      "need it are not sent; retrying every second", error=str(failure.value))
         self.failure = failure.value
-        log.error("Writing sessions to Redis failed: {error}; acknowledgements that "
-                  "need it are not sent; retrying", error=str(failure.value))
         # the operations are kept (in order, before newer ones) and retried:
         # what the broker holds in memory must reach Redis eventually
         pending, self._pending = self._pending, {}

@@ -334,3 +334,20 @@ def test_reaper_leaves_the_sessions_of_a_node_ids_new_incarnation_alone(redis_se
         assert "from-new-boot" not in b.broker.sessions
         assert redis_server.cli("HGET", "mqttd:{c:from-new-boot}:s", "node").strip() == "A"
     aio(run)
+
+
+def test_wait_replicas_without_replicas_acknowledges_nothing(redis_server, aio):
+    """--cluster-wait-replicas 1 on a Redis without replicas: sync() fails, so no
+    PUBACK promises what a failover could lose; the writes stay for a retry."""
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        sub = a.client()
+        await connect(a, sub, "replicated")
+        await settle(a)
+        a.store.wait_replicas, a.store.wait_timeout = 1, 50
+        sub.subscribe("r/#", qos=1)
+        with pytest.raises(Exception, match="replicas"):
+            await wait(a.store.sync())
+        assert a.store._pending
+    aio(run)
