@@ -96,6 +96,12 @@ class ClusterSessions:
         self.boot = boot
         #: client id -> highest epoch a kick announced (a claim below it lost)
         self._kicked: Dict[str, int] = {}
+        #: connection -> epoch of its claim in progress (None until claimed)
+        self._claims: Dict[object, Optional[int]] = {}
+        #: connections gone while their claim was in progress
+        self._gone_early: set = set()
+        #: connection -> epoch of a claim that answered a refusal
+        self._refused: Dict[object, int] = {}
         #: (client id, epoch) -> Deferred waiting for the old owner's done
         self._done: Dict[Tuple[str, int], defer.Deferred] = {}
         #: client id -> unsubscribe functions of the forwarding subscriptions
@@ -123,10 +129,23 @@ class ClusterSessions:
 
     def claim(self, connection, client_id: str, clean_start: bool, persistent: bool,
               will, username: Optional[str]) -> defer.Deferred:
-        return self._claim(client_id, clean_start, persistent, will, username)
+        self._claims[connection] = None
+        d = self._claim(client_id, clean_start, persistent, will, username, connection)
+
+        def finished(result):
+            epoch = self._claims.pop(connection, None)
+            if connection in self._gone_early:
+                # the client went while we claimed: its session is offline here
+                self._gone_early.discard(connection)
+                self._offline(client_id, epoch)
+            elif result is not None and epoch is not None:
+                self._refused[connection] = epoch   # claim_abandoned follows
+            return result
+        d.addBoth(finished)
+        return d
 
     @defer.inlineCallbacks
-    def _claim(self, client_id, clean_start, persistent, will, username):
+    def _claim(self, client_id, clean_start, persistent, will, username, connection=None):
         broker = self.broker
         store = self.store
         # what this node still has to write of this client goes out first
@@ -147,6 +166,8 @@ class ClusterSessions:
         epoch, present, old_online = int(reply[3]), reply[4] == 1, _text(reply[5]) == "1"
         old_will = _pairs(reply[6:])
         store.epochs[client_id] = epoch
+        if connection in self._claims:
+            self._claims[connection] = epoch
         self._stop_forwarding(client_id)
         yield self.backend.execute("SADD", node_sessions_key(self.prefix, self.node_id),
                                    client_id)
@@ -168,6 +189,8 @@ class ClusterSessions:
             broker.release_session(client_id, clean_start)
         if self._kicked.get(client_id, 0) > epoch or store.epochs.get(client_id) != epoch:
             return self._lost(client_id, epoch)
+        if self._kicked.get(client_id, 0) <= epoch:
+            self._kicked.pop(client_id, None)
         if old_node and old_node != self.node_id:
             # what the old owner forwarded after our load (its poke may have
             # come before the session was installed here)
@@ -181,12 +204,21 @@ class ClusterSessions:
                 "claim-lost")
 
     def abandoned(self, client_id: str, connection) -> None:
-        """The claiming connection went: the session is offline here."""
+        """The claiming connection went (or was refused) before its session opened."""
+        if connection in self._claims:
+            self._gone_early.add(connection)   # the claim finishes first
+            return
+        self._offline(client_id, self._refused.pop(connection, None))
+
+    def _offline(self, client_id: str, epoch: Optional[int]) -> None:
+        """Mark the session offline in Redis, if that claim still owns it and no
+        newer connection of this node uses it."""
+        if epoch is None or self.store.epochs.get(client_id) != epoch:
+            return
         session = self.broker.sessions.get(client_id)
         if session is not None and session.connection is not None:
             return
-        if client_id in self.store.epochs:
-            self.store.write(Disconnected(client_id))
+        self.store.write(Disconnected(client_id))
 
     # --- takeover ---------------------------------------------------------------------
 
@@ -225,6 +257,8 @@ class ClusterSessions:
         store = self.store
         if self._kicked.get(client_id, 0) < epoch:
             self._kicked[client_id] = epoch
+            # only a claim in progress now can be overtaken by this kick
+            self.clock.callLater(60.0, self._forget_kick, client_id, epoch)
         mine = store.epochs.get(client_id)
         if mine is not None and mine >= epoch:
             return  # a stale kick: we claimed it again since
@@ -247,6 +281,10 @@ class ClusterSessions:
                                         client_id=client_id, error=str(f.value)))
         self.backend.execute("SREM", node_sessions_key(self.prefix, self.node_id),
                              client_id).addErrback(lambda _f: None)
+
+    def _forget_kick(self, client_id: str, epoch: int) -> None:
+        if self._kicked.get(client_id) == epoch:
+            del self._kicked[client_id]
 
     def _dead_owners_will(self, client_id, will: Dict[str, bytes], old_online: bool,
                           clean_start: bool) -> None:

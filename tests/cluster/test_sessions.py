@@ -351,3 +351,20 @@ def test_wait_replicas_without_replicas_acknowledges_nothing(redis_server, aio):
             await wait(a.store.sync())
         assert a.store._pending
     aio(run)
+
+
+def test_a_client_gone_during_its_claim_leaves_its_session_offline(redis_server, aio):
+    """The connection closes while its claim runs: Redis ends up saying offline (a clean
+    session's keys gone), so a reaper would not publish a will of a connection that never was."""
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        for client_id, expiry in (("hasty-clean", 0), ("hasty-kept", 600)):
+            client = a.client()
+            client.send(Connect(5, client_id, False, 0,
+                                properties=Properties(session_expiry_interval=expiry)))
+            client.conn.connection_lost()          # before the claim's reply
+            await settle(a)
+        assert redis_server.cli("EXISTS", "mqttd:{c:hasty-clean}:s").strip() == "0"
+        assert redis_server.cli("HGET", "mqttd:{c:hasty-kept}:s", "online").strip() == "0"
+    aio(run)
