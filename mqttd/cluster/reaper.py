@@ -124,6 +124,9 @@ class Reaper:
             yield self.store.sync()
             if self.forget_node is not None:
                 yield self.forget_node(node)
+            elif not self._live_boot:
+                # no longer a member: the others stop looking at it
+                yield self.backend.execute("SREM", f"{self.prefix}nodes", node)
             yield self.backend.execute("DEL", node_sessions_key(self.prefix, node))
         finally:
             call = self._renew_calls.pop(node, None)
