@@ -230,6 +230,9 @@ OPTIONS: List[Option] = [
     Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
            "a node counts as dead (and a node that could not reach Redis that long has "
            "fenced itself); more than 2 heartbeats.", default=5.0),
+    Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
+           "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
+           "have before the oldest messages for it are lost.", default=1_000_000),
 ]
 
 #: Feature packages that add to the service built from the options:
@@ -350,7 +353,8 @@ class Options(usage.Options):
                                   f"the --listen endpoints {self['listen']} (spell it as "
                                   f"given to --listen)")
         if self["cluster"] is None:
-            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl"):
+            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
+                         "cluster-inbox-maxlen"):
                 if self.sources.get(name) != "default":
                     raise ConfigError(f"--{name}: only with --cluster")
         elif (self["cluster-node-ttl"] or option("cluster-node-ttl").default) < 2 * (
