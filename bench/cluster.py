@@ -300,8 +300,6 @@ if sys.argv[1] == "redis.asyncio":
     from twisted.internet import reactor, defer
     from mqttd.cluster.backend import Backend
     b = Backend("redis://127.0.0.1:%d" % PORT)
-    async def go():
-        await defer.Deferred.fromFuture(asyncio.ensure_future(asyncio.sleep(0)))
     @defer.inlineCallbacks
     def main():
         yield b.connect()
