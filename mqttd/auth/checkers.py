@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, Tuple
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -118,7 +119,8 @@ class PasswordFileChecker:
         and password under a per-process random key, and the stored entry) so a
         reconnecting client costs no PBKDF2; cleared by :meth:`reload`.
 
-    An unknown user name costs the same as a known one: its password is
+    Identical checks in flight (same user, password and stored entry) share
+    one hash.  An unknown user name costs the same as a known one: its password is
     verified against :attr:`dummy` (a random entry shaped like the file's
     most common one) through the same gate, and then refused.  Credentials
     with a ``peer`` attribute (``host:port``, :class:`MQTTCredentials`) are
@@ -142,6 +144,8 @@ class PasswordFileChecker:
         self.gate = gate
         self._key = os.urandom(32)
         self._cache: "collections.OrderedDict[bytes, bool]" = collections.OrderedDict()
+        #: checks in flight: key -> the Deferreds waiting for its answer
+        self._inflight: Dict[bytes, list] = {}
         self.users: Dict[str, PasswordEntry] = read_password_file(path)
         #: the entry an unknown user's password is verified against
         self.dummy = dummy_entry(self.users)
@@ -167,6 +171,34 @@ class PasswordFileChecker:
         """``(iterations, salt size)`` of an unknown user's SCRAM challenge."""
         return self._scram_shape
 
+    def _verify_once(self, key: bytes, peer, entry: PasswordEntry,
+                      password: bytes) -> defer.Deferred:
+        """``entry.verify(password)`` through the gate, once for all the same
+        checks in flight (a reconnect wave of one device type, or one wrong
+        password sent many times, costs one hash, not one each)."""
+        waiters = self._inflight.get(key)
+        mine: defer.Deferred = defer.Deferred()
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        waiters = self._inflight[key] = [mine]
+        if self.gate is None:
+            d = defer.maybeDeferred(entry.verify, password)
+        else:
+            d = self.gate.submit(peer, entry.verify, password)
+
+        def fan_out(result):
+            del self._inflight[key]
+            for waiter in waiters:
+                if not waiter.called:  # not cancelled (hook timeout) meanwhile
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(result)
+            return None
+        d.addBoth(fan_out)
+        return mine
+
     def requestAvatarId(self, creds):
         username = creds.username
         if isinstance(username, bytes):
@@ -178,18 +210,14 @@ class PasswordFileChecker:
                 password = password.encode("utf-8", "surrogateescape")
         entry = self.users.get(username)
         known = entry is not None
-        if known:
-            key = hmac.new(self._key, username.encode("utf-8", "surrogateescape") + b"\0"
-                           + password + b"\0" + entry.digest, hashlib.sha256).digest()
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return defer.succeed(username)
-        else:
+        if not known:
             entry = self.dummy  # the same work as a known user's check, then refused
-        if self.gate is None:
-            d = defer.maybeDeferred(entry.verify, password)
-        else:
-            d = self.gate.submit(getattr(creds, "peer", None), entry.verify, password)
+        key = hmac.new(self._key, username.encode("utf-8", "surrogateescape") + b"\0"
+                       + password + b"\0" + entry.digest, hashlib.sha256).digest()
+        if known and key in self._cache:
+            self._cache.move_to_end(key)
+            return defer.succeed(username)
+        d = self._verify_once(key, getattr(creds, "peer", None), entry, password)
 
         def verified(ok):
             if not known:

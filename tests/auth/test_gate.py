@@ -240,7 +240,7 @@ def test_connect_refused_by_the_gate_gets_connection_rate_exceeded(tmp_path, lev
     first = FakeClient(broker, clock, level=level)
     first.send(Connect(level, "first", True, 0, username="alice", password=b"pw-alice"))
     second = FakeClient(broker, clock, level=level)  # same address 127.0.0.1
-    second.send(Connect(level, "second", True, 0, username="alice", password=b"pw-alice"))
+    second.send(Connect(level, "second", True, 0, username="alice", password=b"other"))
     (connack,) = second.received()
     assert isinstance(connack, Connack) and connack.reason_code == code
     assert second.disconnecting
@@ -259,11 +259,11 @@ def test_authenticator_passes_the_peer_to_the_checker(tmp_path):
                             per_peer_waiting=0)
     auth = Authenticator(make_portal([PasswordFileChecker(path, gate=gate)]),
                          allow_anonymous=False)
-    ask = lambda peer: auth.authenticate(  # noqa: E731
-        AuthRequest("c", "alice", b"wrong", peer, 4))
-    first = ask("203.0.113.7:1")
-    assert _result(ask("203.0.113.7:2")) == 0x9F
-    other = ask("198.51.100.1:1")
+    ask = lambda peer, password: auth.authenticate(  # noqa: E731
+        AuthRequest("c", "alice", password, peer, 4))
+    first = ask("203.0.113.7:1", b"wrong1")
+    assert _result(ask("203.0.113.7:2", b"wrong2")) == 0x9F
+    other = ask("198.51.100.1:1", b"wrong3")
     runner.finish()
     runner.finish()
     assert _result(first) == 0x86 and _result(other) == 0x86
@@ -316,3 +316,24 @@ def test_scram_challenge_of_unknown_user_looks_like_a_real_one_and_is_stable(tmp
     # a restart (a new checker on the same file) gives the same made-up salt
     restarted, clock2 = _scram_broker(path)
     assert _server_first(restarted, clock2, "nouser") == _server_first(broker, clock, "nouser")
+
+
+def test_identical_checks_in_flight_share_one_hash(tmp_path):
+    """The same user and password asked 20 times at once: one hash, 20 answers (a reconnect wave, a repeated wrong password)."""
+    path = str(tmp_path / "pw")
+    _write(path, "alice")
+    runner = ManualRunner()
+    checker = PasswordFileChecker(path, gate=VerificationGate(
+        task.Clock(), run=runner, max_concurrent=2, per_peer_waiting=0))
+    right = [checker.requestAvatarId(MQTTCredentials("alice", "pw-alice", "192.0.2.1:%d" % i))
+             for i in range(20)]
+    wrong = [checker.requestAvatarId(MQTTCredentials("alice", "nope", "192.0.2.2:%d" % i))
+             for i in range(20)]
+    assert len(runner.calls) == 2
+    runner.finish()
+    runner.finish()
+    assert [_result(d) for d in right] == ["alice"] * 20
+    assert all(_result(d).check(error.UnauthorizedLogin) for d in wrong)
+    # answered: the next wrong one is a new check (failures are not cached)
+    checker.requestAvatarId(MQTTCredentials("alice", "nope", "192.0.2.2:99"))
+    assert len(runner.calls) == 1
