@@ -337,3 +337,20 @@ def test_identical_checks_in_flight_share_one_hash(tmp_path):
     # answered: the next wrong one is a new check (failures are not cached)
     checker.requestAvatarId(MQTTCredentials("alice", "nope", "192.0.2.2:99"))
     assert len(runner.calls) == 1
+
+
+@pytest.mark.parametrize("level,code", [(4, 0x04), (5, 0x86)])
+def test_refusal_line_names_the_connack_code_on_the_wire(tmp_path, level, code):
+    """A v3.1.1 wrong password is logged as CONNACK 0x04 (what the client got), not the v5 0x86."""
+    path = str(tmp_path / "pw")
+    _write(path, "alice")
+    broker, clock = make_broker()
+    broker.authenticator = Authenticator(make_portal([PasswordFileChecker(path)]),
+                                         allow_anonymous=False)
+    details = []
+    broker.refused = lambda what, client_id, peer, detail, **fields: details.append(detail)
+    client = FakeClient(broker, clock, level=level)
+    client.send(Connect(level, "c", True, 0, username="alice", password=b"wrong"))
+    (connack,) = client.received()
+    assert connack.reason_code == code
+    assert details == ["username 'alice' (CONNACK 0x%02X)" % code]
