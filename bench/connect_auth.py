@@ -16,10 +16,10 @@ BlockingClient:
 - ``wrong_known`` / ``wrong_unknown``: a wrong password for an existing user
   and for a user name not in the file (both refused 0x04; the unknown one is
   hashed against a dummy entry, so the two cost the same);
-- ``storm``: ``--storm`` (100) wrong-password CONNECTs at once from one
-  address (127.0.0.2), then, while they are in flight, the first login of
-  another user from 127.0.0.1: its CONNECT -> CONNACK time, and how the storm
-  was answered (0x04 checked and refused, 0x03 refused unchecked by the
+- ``storm``: ``--storm`` (100) CONNECTs with distinct wrong passwords at once
+  from ``--storm-addresses`` (1) addresses (127.0.0.2, ...), then, while they
+  are in flight, the first login of another user from 127.0.0.1: its
+  CONNECT -> CONNACK time, and how the storm was answered (0x04 checked and refused, 0x03 refused unchecked by the
   bounded password-check queue).
 
 Prints one JSON line. Every wait is bounded; the broker is stopped by its own handle.
@@ -119,7 +119,9 @@ def main():
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--storm", type=int, default=100,
-                    help="wrong-password CONNECTs at once from one address [100]")
+                    help="wrong-password CONNECTs at once [100]")
+    ap.add_argument("--storm-addresses", type=int, default=1, choices=range(1, 250),
+                    metavar="N", help="from N addresses 127.0.0.2... [1]")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-connect-auth-")
     pw = os.path.join(workdir, "passwd")
@@ -169,7 +171,8 @@ def main():
 
         def attack(i):
             try:
-                _ms, code = connack(port, f"a{i}", known, "wrong", source="127.0.0.2")
+                _ms, code = connack(port, f"a{i}", known, f"wrong{i}",
+                                    source=f"127.0.0.{2 + i % args.storm_addresses}")
             except OSError as error:
                 code = type(error).__name__
             with lock:
@@ -182,7 +185,7 @@ def main():
         legit_ms, legit_code = connack(port, "legit", legit_user, "pw-" + legit_user)
         for thread in attackers:
             thread.join(60)
-        result["storm"] = {"attackers": args.storm, "legit_first_login_ms": round(legit_ms, 2),
+        result["storm"] = {"attackers": args.storm, "addresses": args.storm_addresses, "legit_first_login_ms": round(legit_ms, 2),
                            "legit_connack": legit_code, "storm_connacks": dict(answers)}
     finally:
         stop(proc)
