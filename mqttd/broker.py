@@ -248,6 +248,33 @@ class ClientInfo:
 
 _drop_log_interval = 10.0
 
+#: keys of a publish's ``cache`` set by a remote router (the cluster): the
+#: shared-subscription groups (``$share/g/f``) this broker must not serve for
+#: the message (another node does), or the only ones it serves (the message
+#: came from another node that picked this one for them)
+SKIP_SHARES = "\x00skip-shares"
+ONLY_SHARES = "\x00only-shares"
+
+
+def _both(first: defer.Deferred, second: defer.Deferred) -> defer.Deferred:
+    """Fires when both fired; fails with the first failure (the other is consumed)."""
+    d = defer.Deferred()
+    state = [2, None]
+
+    def one(result):
+        if isinstance(result, Failure) and state[1] is None:
+            state[1] = result
+        state[0] -= 1
+        if state[0] == 0:
+            if state[1] is not None:
+                d.errback(state[1])
+            else:
+                d.callback(None)
+        return None
+    first.addBoth(one)
+    second.addBoth(one)
+    return d
+
 
 class Broker:
     """The broker core.  One instance serves every listener of a process."""
@@ -312,6 +339,13 @@ class Broker:
         self.incident_listeners: List[Callable[[str, str, str], None]] = []
         #: sessions with a connection attached now
         self.online = 0
+        #: the remote router (a cluster's :class:`mqttd.cluster.bus.Router`) or
+        #: None: see :meth:`add_remote_router`
+        self.router = None
+        #: ``observer(topic_filter, key, added)`` told of every entry added to or
+        #: removed from the routing index (client subscriptions, shared-group
+        #: members with their ``$share/...`` filter, in-process subscriptions)
+        self.route_observer: Optional[Callable] = None
         #: None, or why this broker cannot serve clients now (a cluster node
         #: fenced off from Redis): every CONNECT is then refused with v5 0x88
         #: Server unavailable / v3 rc 3 and this text in the log
@@ -622,6 +656,13 @@ class Broker:
     def _sync_turn(self) -> None:
         waiting, self._turn_sync = self._turn_sync, None
         done = self.store.sync()
+        router = self.router
+        if router is not None:
+            # a QoS 1/2 message forwarded to other nodes is acknowledged once
+            # Redis took it, too
+            pending = router.sync()
+            if pending is not None:
+                done = _both(done, pending)
 
         def fire(result):
             for d in waiting:
@@ -1086,12 +1127,16 @@ class Broker:
             self.shared.add(client_id, sub)
         else:
             self._trie.add(sub.topic_filter, client_id, sub)
+        if self.route_observer is not None:
+            self.route_observer(sub.topic_filter, client_id, True)
 
     def _unindex(self, client_id: str, topic_filter: str) -> None:
         if topic_filter.startswith(topics.SHARE_PREFIX):
             self.shared.remove(client_id, topic_filter)
         else:
             self._trie.remove(topic_filter, client_id)
+        if self.route_observer is not None:
+            self.route_observer(topic_filter, client_id, False)
 
     def send_retained(self, session: Session, sub: SubscriptionRecord) -> None:
         """Replay the retained messages matching ``sub`` with retain=1 [MQTT-3.3.1-6].
@@ -1208,11 +1253,14 @@ class Broker:
         topics.validate_topic_filter(topic_filter)
         local = LocalSubscription(topic_filter, callback, qos)
         self._trie.add(topic_filter, local, local)
+        if self.route_observer is not None:
+            self.route_observer(topic_filter, local, True)
         for message in self.retained.match(topic_filter, self.clock.seconds()):
             self._call_local(local, message)
 
         def unsubscribe():
-            self._trie.remove(topic_filter, local)
+            if self._trie.remove(topic_filter, local) and self.route_observer is not None:
+                self.route_observer(topic_filter, local, False)
         return unsubscribe
 
     # --- publishing -------------------------------------------------------------
@@ -1318,6 +1366,39 @@ class Broker:
             self._retain(message)
         if self._observers["published"]:
             self.emit("published", message=message, client=client)
+        router = self.router
+        if router is None:
+            return self._dispatch(message, cache)
+        if cache is None:
+            cache = {}
+        remote = router.forward(message, cache)
+        return self._dispatch(message, cache) + remote
+
+    def add_remote_router(self, router) -> None:
+        """Install the remote router (one at most): after a message's local
+        checks, ``router.forward(message, cache) -> int`` sends it to the other
+        nodes that need it (returns how many), and may put :data:`SKIP_SHARES`
+        in ``cache``; ``router.sync() -> Deferred | None`` joins the store's
+        sync, so QoS 1/2 acknowledgements wait for the hand-off too.  Messages
+        from other nodes come in through :meth:`dispatch`, never forwarded again.
+        """
+        if self.router is not None and router is not None:
+            raise ValueError("a remote router is already installed")
+        self.router = router
+
+    def dispatch(self, message: Message, only_shares=None) -> int:
+        """Deliver ``message``, published on another node, to this broker's
+        subscribers: matching, QoS, No Local and overlapping subscriptions as
+        for :meth:`publish`, but it is neither counted as received, retained,
+        filtered, announced nor forwarded again.  ``only_shares``: the shared
+        groups (``$share/g/f``) to serve (None: all).  Returns the receivers."""
+        cache = {}
+        if only_shares is not None:
+            cache[ONLY_SHARES] = only_shares
+        return self._dispatch(message, cache)
+
+    def _dispatch(self, message: Message, cache: Optional[dict]) -> int:
+        """Deliver ``message`` to every matching local subscriber (see publish)."""
         matches = self._trie.match(message.topic)
         if not matches:
             return 0
@@ -1464,6 +1545,13 @@ class Broker:
     def _route_shared(self, group, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one member of a shared subscription group
         [MQTT 5.0 §4.8.2]: online members first, then an offline persistent one."""
+        if cache:   # a cluster node serves only the groups it was picked for
+            skip = cache.get(SKIP_SHARES)
+            if skip is not None and group.share_filter in skip:
+                return 0
+            only = cache.get(ONLY_SHARES)
+            if only is not None and group.share_filter not in only:
+                return 0
         client_id = self.shared.choose(group, message.topic, message.origin,
                                        self._availability)
         if client_id is None:

@@ -206,6 +206,11 @@ OPTIONS: List[Option] = [
            "taken over by another user name.", field="allow_session_takeover_by_other_user"),
     Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
            "hook may take before it refuses.", default=10.0, field="hook_timeout"),
+    Option("max-password-checks", integer(1), "Password-file hashes verified at once, all "
+           "clients (own threads); the others wait, bounded, then get 0x9F.",
+           doc_default="cores - 1, 1 to 4"),
+    Option("max-password-checks-per-peer", integer(1), "Password-file hashes verified at "
+           "once for one client address.", default=1),
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
     Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
@@ -238,6 +243,9 @@ OPTIONS: List[Option] = [
            "session over waits for the old owner node to hand it over (close the client "
            "with 0x8E, write what it had); after it the old owner's writes are fenced.",
            default=5.0),
+    Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
+           "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
+           "have before the oldest messages for it are lost.", default=1_000_000),
 ]
 
 #: Feature packages that add to the service built from the options:
@@ -360,7 +368,8 @@ class Options(usage.Options):
                                   f"given to --listen)")
         if self["cluster"] is None:
             for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
-                         "cluster-takeover-timeout", "cluster-wait-replicas"):
+                         "cluster-takeover-timeout", "cluster-wait-replicas",
+                         "cluster-inbox-maxlen"):
                 if self.sources.get(name) != "default":
                     raise ConfigError(f"--{name}: only with --cluster")
         elif (self["cluster-node-ttl"] or option("cluster-node-ttl").default) < 2 * (
