@@ -23,7 +23,9 @@ node is reaped once:
    PUBACK for is lost; a message delivered twice is the at-least-once
    duplicate QoS 1 allows;
 
-3. its node-level keys are removed (``forget_node``, the bus and routes).
+3. its route set is reset (the others stop routing to it) and, after a
+   short settle time for route caches, the inbox is read once more and
+   deleted (:class:`InboxReplay`).
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ class Reaper:
         and unread envelope of the dead node's inbox to ``deliver(message)``
         and acknowledge (or delete) them only once the Deferred of ``sync()``
         fired (the deliveries are then in Redis); None: no inbox to replay.
-    :param forget_node: ``forget_node(dead_node) -> Deferred``: drop the dead
-        node's routes and node keys (None: nothing).
+    :param forget_node: ``forget_node(dead_node, deliver, sync) -> Deferred``
+        firing with how many late envelopes it still delivered: drop the dead
+        node's routes and inbox (None: nothing).
     :param lock_ms: milliseconds the reaper lock lasts (renewed while reaping).
     """
 
@@ -123,8 +126,10 @@ class Reaper:
                 self.replayed += replayed or 0
             yield self.store.sync()
             if self.forget_node is not None:
-                yield self.forget_node(node)
-            elif not self._live_boot:
+                late = yield self.forget_node(node, self.deliver_to(adopted),
+                                              self.store.sync)
+                self.replayed += late or 0
+            if not self._live_boot:
                 # no longer a member: the others stop looking at it
                 yield self.backend.execute("SREM", f"{self.prefix}nodes", node)
             yield self.backend.execute("DEL", node_sessions_key(self.prefix, node))
@@ -230,7 +235,7 @@ class Reaper:
         from mqttd import topics
         broker = self.broker
 
-        def deliver(message) -> int:
+        def deliver(message, only_shares=None) -> int:
             receivers = 0
             for client_id in adopted:
                 session = broker.sessions.get(client_id)
@@ -239,8 +244,13 @@ class Reaper:
                 best = None
                 for topic_filter, sub in session.subscriptions.items():
                     if topic_filter.startswith(topics.SHARE_PREFIX):
+                        # a group's copy went to the node the publisher picked
+                        if only_shares is None or topic_filter not in only_shares:
+                            continue
                         _group, plain = topics.parse_shared(topic_filter)
                     else:
+                        if only_shares is not None and not only_shares:
+                            continue   # an entry for shared groups only
                         plain = topic_filter
                     if sub.no_local and message.origin == client_id:
                         continue
@@ -258,6 +268,113 @@ class Reaper:
                 receivers += 1
             return receivers
         return deliver
+
+
+class InboxReplay:
+    """The dead node's inbox, replayed into the sessions the reaper adopted.
+
+    Entries the dead node read but never acknowledged are claimed with
+    ``XAUTOCLAIM`` (group ``mqttd``), entries it never read are read with
+    ``XREADGROUP ... >`` as this node; each batch is delivered, made durable
+    (``sync``) and only then acknowledged.  Then the dead node's route set is
+    reset (a ``reset`` feed entry: the others stop sending to it), and after
+    ``settle`` seconds -- what publishers with a route cache not yet updated
+    still sent -- the inbox is read once more and deleted.
+    """
+
+    def __init__(self, backend, keys, node_id: str, clock, batch: int = 500,
+                 settle: float = 2.0):
+        self.backend = backend
+        self.keys = keys
+        self.node_id = node_id
+        self.clock = clock
+        self.batch = batch
+        self.settle = settle
+
+    @defer.inlineCallbacks
+    def replay(self, dead: str, deliver, sync):
+        from mqttd.cluster.bus import GROUP
+        inbox = self.keys.inbox(dead)
+        count = 0
+        cursor = b"0-0"
+        while True:
+            try:
+                reply = yield self.backend.execute("XAUTOCLAIM", inbox, GROUP, self.node_id,
+                                                   0, cursor, "COUNT", self.batch)
+            except Exception as error:
+                if "NOGROUP" in str(error) or "no such key" in str(error):
+                    return count   # no inbox (it never joined, or was deleted)
+                raise
+            cursor, entries = reply[0], reply[1]
+            count += yield self._batch(inbox, entries, deliver, sync)
+            if _text(cursor) == "0-0":
+                break
+        count += yield self._unread(inbox, deliver, sync)
+        return count
+
+    @defer.inlineCallbacks
+    def _unread(self, inbox, deliver, sync):
+        from mqttd.cluster.bus import GROUP
+        count = 0
+        while True:
+            reply = yield self.backend.execute("XREADGROUP", "GROUP", GROUP, self.node_id,
+                                               "COUNT", self.batch, "STREAMS", inbox, ">")
+            entries = []
+            for _stream, items in (reply or []):
+                entries.extend(items)
+            if not entries:
+                return count
+            count += yield self._batch(inbox, entries, deliver, sync)
+
+    @defer.inlineCallbacks
+    def _batch(self, inbox, entries, deliver, sync):
+        from mqttd.cluster.bus import GROUP, SEP, EnvelopeError, decode_envelope
+        ids = []
+        for entry in entries:
+            entry_id, fields = entry[0], entry[1]
+            ids.append(entry_id)
+            if not fields:
+                continue
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2]))
+            try:
+                message = decode_envelope(fields.get(b"e"))
+            except (EnvelopeError, TypeError) as error:
+                log.warn("Dropping entry {id} of a dead node's inbox: {error}",
+                         id=entry_id, error=str(error))
+                continue
+            share = fields.get(b"s")
+            only = None
+            if share is not None:
+                share = share.decode("utf-8")
+                only = frozenset(share.split(SEP)) if share else frozenset()
+            try:
+                deliver(message, only)
+            except Exception:
+                log.failure("Replaying a message to {topic} failed", topic=message.topic)
+        if ids:
+            yield sync()
+            yield self.backend.execute("XACK", inbox, GROUP, *ids)
+        return len(ids)
+
+    @defer.inlineCallbacks
+    def forget(self, dead: str, deliver, sync):
+        """Reset the dead node's routes, wait, take what still came, delete its inbox."""
+        from mqttd.cluster.routes import RESET_OP
+        version = yield self.backend.execute("INCR", self.keys.route_version(dead))
+        yield self.backend.execute("DEL", self.keys.routes(dead))
+        yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
+                                   "*", "n", dead, "v", version, "o", RESET_OP)
+        yield _sleep(self.clock, self.settle)
+        late = yield self._unread(self.keys.inbox(dead), deliver, sync)
+        yield self.backend.execute("DEL", self.keys.inbox(dead))
+        return late
+
+
+def _sleep(clock, seconds: float) -> defer.Deferred:
+    d = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
 
 
 #: release the reaper lock only if we still hold it

@@ -123,8 +123,9 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
     sessions = ClusterSessions(broker, backend, store, node_id, clock, control.send, is_alive,
                                prefix=keys.prefix, takeover_timeout=takeover_timeout,
                                boot=cluster.node.boot_id)
-    reaper = Reaper(sessions, replay_inbox=getattr(cluster, "replay_inbox", None),
-                    forget_node=getattr(cluster, "forget_node", None))
+    from mqttd.cluster.reaper import InboxReplay
+    inbox = InboxReplay(backend, keys, node_id, clock)
+    reaper = Reaper(sessions, replay_inbox=inbox.replay, forget_node=inbox.forget)
     cluster.sessions = sessions
     cluster.reaper = reaper
     node = cluster.node

@@ -66,18 +66,20 @@ class Subscriber:
         return client
 
 
-@pytest.mark.parametrize("subscriber", ["parked", "online"])
+@pytest.mark.parametrize("subscriber", ["parked", "online", "remote"])
 def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
         redis_server, cluster_node_factory, subscriber):
     """Every message acknowledged to the publisher reaches the persistent subscriber
-    (parked, or online with messages in flight) after its node is killed with -9;
+    (parked, or online with messages in flight, on the killed node; or parked there while
+    the publisher is on the surviving node and goes on through the kill: its messages
+    wait in the dead node's inbox for the reaper) after its node is killed with -9;
     duplicates are counted, not forbidden."""
-    fast = ["--cluster-heartbeat", "0.5", "--cluster-node-ttl", "2"]
+    fast = ["--cluster-heartbeat", "0.5", "--cluster-node-ttl", "3"]
     n1 = cluster_node_factory(redis_server.url, node_id="victim", extra_args=fast)
     n2 = cluster_node_factory(redis_server.url, node_id="survivor", extra_args=fast)
     sub = Subscriber()
     sub_client = sub.run(n1)
-    if subscriber == "parked":
+    if subscriber in ("parked", "remote"):
         sub_client.disconnect()      # parked on node 1: its queue fills in Redis
         sub_client.loop_stop()
 
@@ -111,6 +113,32 @@ def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
         client.loop_start()
         return client
 
+    if subscriber == "remote":
+        # the publisher on the survivor: every message crosses to node 1's inbox
+        # until node 2 adopted the session; it never stops
+        pub = publisher(n2)
+        for n in range(TOTAL):
+            send(pub, n)
+            if n == KILL_AFTER:
+                _wait(lambda: len(acked) >= KILL_AFTER // 2, 60,
+                      "half the acks before the kill")
+                n1.kill()
+        _wait(lambda: len(acked) == TOTAL, 120, "every PUBACK on node 2")
+        _wait(lambda: b"durable-sub" in redis_server_sessions(redis_server, "survivor"),
+              30, "node 2 to adopt the subscriber's session")
+        sub_client = sub.run(n2)
+        assert sub.session_present
+        _wait(lambda: len(sub.received) >= TOTAL, 120,
+              "the subscriber to receive every acknowledged message")
+        pub.disconnect()
+        sub_client.disconnect()
+        missing = sorted(set(acked) - set(sub.received))
+        duplicates = sum(count - 1 for count in sub.received.values())
+        print(f"\nkill -9 during {TOTAL} QoS 1 messages published on the surviving node to a "
+              f"subscriber parked on the killed node: {len(missing)} missing, "
+              f"{duplicates} duplicates")
+        assert missing == []
+        return
     pub = publisher(n1)
     for n in range(TOTAL):
         send(pub, n)
