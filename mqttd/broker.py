@@ -24,7 +24,7 @@ from zope.interface import classImplements
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
-from mqttd.ratelimit import LogRateLimiter
+from mqttd.ratelimit import LogRateLimiter, refusal_key
 from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Pubrel
@@ -326,12 +326,16 @@ class Broker:
         for name in ("authorize_publish", "authorize_subscribe", "authorize_forward"):
             setattr(self, name, getattr(authorizer, name, None))
 
-    def refused(self, what: str, client_id, peer, detail: str, key=None, **fields) -> None:
-        """Count one refusal or limit hit ``what`` and log it (rate-limited per
-        ``key``, by default ``(client_id, what)``; a transport refusing a peer
-        before any client id passes ``(peer host, what)``)."""
+    def refused(self, what: str, client_id, peer, detail: str, **fields) -> None:
+        """Count one refusal or limit hit ``what`` and log it, rate-limited per
+        :func:`~mqttd.ratelimit.refusal_key`: ``(client_id, what)``, or
+        ``(peer host, what)`` while no client id is known (``client_id`` None).
+
+        :param peer: ``"host:port"`` (as the connection describes it) or None.
+        :param fields: extra named fields of the log line.
+        """
         self.stats.count_refusal(what)
-        self.log_limiter.warn(log, key if key is not None else (client_id, what),
+        self.log_limiter.warn(log, refusal_key(what, client_id, peer),
                               "Refused {what} for {client_id} from {peer}: {detail}",
                               what=what, client_id=client_id or "-", peer=peer,
                               detail=detail, **fields)
@@ -1110,7 +1114,7 @@ class Broker:
         message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self.stats
             qos = message.qos
             stats.messages_in[qos] += 1

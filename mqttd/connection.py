@@ -354,7 +354,7 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
             size = len(data)
             stats.bytes_sent += size
@@ -383,7 +383,7 @@ class ClientConnection:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
         aliases.sent(topic, alias, known)
-        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
             size = len(data)
             stats.bytes_sent += size

@@ -167,7 +167,7 @@ class AcceptLog:
                 "file-descriptors", None, peer,
                 f"out of file descriptors (RLIMIT_NOFILE {_nofile_limit()}): connection on "
                 f"{self.endpoint} closed at once; raise the limit (LimitNOFILE=) or set "
-                f"--max-connections", key=(None, "file-descriptors"))
+                f"--max-connections")
         elif "EMFILE" in format:
             return   # "EMFILE encountered", "Re-reserving ...": said by the lines above
         else:
