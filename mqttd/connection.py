@@ -112,7 +112,8 @@ class ClientConnection:
         # before CONNECT succeeds only a small packet is accepted, refused from
         # its fixed header before any of its body is buffered
         self.reader = PacketReader(level=None, max_packet_size=min(
-            config.max_connect_packet_size, config.max_packet_size))
+            config.max_connect_packet_size, config.max_packet_size),
+            max_topic_filters=config.max_topic_filters_per_packet)
         self.state = _CONNECTING
         self.client_id: Optional[str] = None
         self.protocol_level: Optional[int] = None
@@ -528,11 +529,17 @@ class ClientConnection:
         if self.state == _CLOSED:
             return
         self._stats.protocol_errors += 1
-        self._warn(type(error).__name__,
-                   "Closing connection of {client_id} from {peer}: {error} "
-                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                   peer=self.peer, error=str(error), reason_code=error.reason_code,
-                   spec=error.spec)
+        refusal = getattr(error, "refusal", None)
+        if refusal is not None:  # a limit of this broker, not a broken client
+            self.broker.refused(refusal, self.client_id, self.peer,
+                                f"{error}; closing (reason 0x{error.reason_code:02X})",
+                                reason_code=error.reason_code)
+        else:
+            self._warn(type(error).__name__,
+                       "Closing connection of {client_id} from {peer}: {error} "
+                       "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                       peer=self.peer, error=str(error), reason_code=error.reason_code,
+                       spec=error.spec)
         if self.state == _CONNECTING:
             if isinstance(error, UnsupportedProtocolVersion):
                 if not error.answer:
@@ -1385,9 +1392,11 @@ class ClientConnection:
                 record = SubscriptionRecord(topic_filter, qos, request.no_local,
                                             request.retain_as_published,
                                             request.retain_handling, sid)
-            is_new = broker.subscribe(session, record)
+            is_new = broker.subscribe(session, record, persist=False)
             codes.append(qos)
             granted.append((record, is_new))
+        if granted:
+            broker.save_subscriptions(session)  # one record per packet, not per filter
         self._output(Suback(packet.packet_id, tuple(codes)), durable=True)
         if granted:
             self._output(lambda: self._subscribed(granted), durable=False)
@@ -1406,6 +1415,7 @@ class ClientConnection:
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         broker = self.broker
         codes = []
+        changed = False
         v5 = self.protocol_level == MQTT_5
         for topic_filter in packet.topic_filters:
             try:
@@ -1416,10 +1426,13 @@ class ClientConnection:
                                         f"{error.message}", spec="MQTT-4.8.0-1") from None
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)
                 continue
-            removed = broker.unsubscribe(self.session, topic_filter)
+            removed = broker.unsubscribe(self.session, topic_filter, persist=False)
             codes.append(0 if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
             if removed:
+                changed = True
                 broker.emit("unsubscribed", topic=topic_filter, client=self.info)
+        if changed:
+            broker.save_subscriptions(self.session)  # one record per packet
         reason_codes = tuple(codes) if self.protocol_level == MQTT_5 else ()
         self._output(Unsuback(packet.packet_id, reason_codes), durable=True)
 
