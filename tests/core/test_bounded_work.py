@@ -75,6 +75,7 @@ def test_the_filter_limit_is_1000_by_default_and_0_lifts_it():
     client = FakeClient(broker, clock, level=5)
     client.connect("c")
     client.send(Subscribe(1, tuple(Subscription(f"a/{i}", 0) for i in range(3000))))
+    clock.advance(0)                                     # handled in slices (see below)
     assert len(client.received()[0].reason_codes) == 3000
 
 
@@ -186,3 +187,76 @@ def test_the_recheck_after_an_acl_reload_takes_a_slice_per_reactor_turn(monkeypa
     assert all(f"t/{i}" not in broker.sessions[c].subscriptions
                for c in ("c0", "c2") for i in (7, 17, 27, 37, 47))
     assert len(broker.sessions["c2"].subscriptions) == 45
+
+
+# --- a long SUBSCRIBE (the filter limit lifted) is handled in slices --------------------
+
+def _slicing(monkeypatch, per_turn=10):
+    import mqttd.connection
+    monkeypatch.setattr(mqttd.connection, "FILTERS_PER_TURN", per_turn)
+
+
+def test_a_long_subscribe_is_handled_a_slice_per_turn_and_keeps_the_order(monkeypatch):
+    """With the limit lifted, a SUBSCRIBE of many filters takes FILTERS_PER_TURN per
+    reactor turn; other clients are served in between; its one SUBACK comes before the
+    retained messages and before the answer to the packet that followed it."""
+    from mqttd.codec import encode
+    from mqttd.codec.packets import Publish
+    from mqttd.messages import Message
+    _slicing(monkeypatch)
+    broker, clock = make_broker(max_topic_filters_per_packet=0)
+    broker.publish(Message("x/3/r", b"retained", retain=True))
+    other = FakeClient(broker, clock)
+    other.connect("other")
+    client = FakeClient(broker, clock)
+    client.connect("many")
+    subscribe = Subscribe(7, tuple(Subscription(f"x/{i}/+", 1) for i in range(35)))
+    client.send_bytes(encode(subscribe, 4) + encode(Pingreq(), 4))
+    assert client.received() == []                       # one slice done, nothing answered
+    assert len(broker.sessions["many"].subscriptions) == 10
+    other.send(Pingreq())
+    assert other.received() == [Pingresp()]              # served between the slices
+    clock.advance(0)
+    packets = client.received()
+    assert [type(p) for p in packets] == [Suback, Publish, Pingresp]
+    assert packets[0] == Suback(7, (1,) * 35)
+    assert packets[1].topic == "x/3/r" and packets[1].retain
+    assert len(broker.sessions["many"].subscriptions) == 35
+
+
+def test_a_long_subscribe_waits_for_the_hook_of_each_slice(monkeypatch):
+    """Deferred answers of authorize_subscribe are awaited slice by slice; a refusal
+    among them is its filter's code in the one SUBACK."""
+    from twisted.internet import defer
+    _slicing(monkeypatch)
+    broker, clock = make_broker(max_topic_filters_per_packet=0)
+    waiting = []
+
+    def authorize_subscribe(client, topic_filter, qos):
+        d = defer.Deferred()
+        waiting.append((d, topic_filter != "x/12"))
+        return d
+    broker.authorize_subscribe = authorize_subscribe
+    client = FakeClient(broker, clock, level=5)
+    client.connect("hooked")
+    client.send(Subscribe(1, tuple(Subscription(f"x/{i}", 0) for i in range(25))))
+    for _ in range(10):                                  # bounded
+        for d, allowed in waiting:
+            if not d.called:
+                d.callback(allowed)
+        clock.advance(0)
+    (suback,) = client.received()
+    assert suback.reason_codes == tuple(0x87 if i == 12 else 0 for i in range(25))
+
+
+def test_a_client_that_leaves_during_a_long_subscribe_costs_nothing_more(monkeypatch):
+    """The slices stop with the connection; no error, no subscription left behind."""
+    _slicing(monkeypatch)
+    broker, clock = make_broker(max_topic_filters_per_packet=0)
+    client = FakeClient(broker, clock)
+    client.connect("gone")
+    client.send(Subscribe(1, tuple(Subscription(f"x/{i}", 0) for i in range(35))))
+    client.drop()
+    clock.advance(0)
+    assert "gone" not in broker.sessions
+    assert broker._trie.match("x/20") == []
