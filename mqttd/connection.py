@@ -47,8 +47,9 @@ _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 #: MQTT 5 has no bridge bit: a CONNECT user property with this name marks a
 #: bridging broker instead (mqttd's bridges send it; the value is its broker id)
 BRIDGE_PROPERTY = "mqttd-bridge"
-#: topic filters of one SUBSCRIBE handled per reactor turn; a longer one (only
-#: with --max-topic-filters-per-packet above it or 0) is handled in slices
+#: topic filters of one SUBSCRIBE or UNSUBSCRIBE handled per reactor turn; a
+#: longer one (only with --max-topic-filters-per-packet above it or 0) is
+#: handled in slices
 FILTERS_PER_TURN = 1000
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 #: properties a server may leave out of any packet to respect the client's
@@ -1554,11 +1555,23 @@ class ClientConnection:
                 broker.send_retained(session, record)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        if len(packet.topic_filters) > FILTERS_PER_TURN:
+            self._waiting += 1  # later packets wait: their answers follow the UNSUBACK
+            self.transport.pauseProducing()
+            done = defer.ensureDeferred(self._unsubscribe_slices(packet))
+            done.addErrback(self._slice_failed, packet)
+            return
+        codes, changed = self._unsubscribe_filters(packet.topic_filters)
+        self._acknowledge_unsubscribe(packet, codes, changed)
+
+    def _unsubscribe_filters(self, topic_filters) -> tuple:
+        """Remove these subscriptions: ``(codes, changed)``, an UNSUBACK code per
+        filter and whether one was removed."""
         broker = self.broker
         codes = []
         changed = False
         v5 = self.protocol_level == MQTT_5
-        for topic_filter in packet.topic_filters:
+        for topic_filter in topic_filters:
             try:
                 topics.validate_topic_filter(topic_filter)
             except MQTTError as error:
@@ -1572,10 +1585,32 @@ class ClientConnection:
             if removed:
                 changed = True
                 broker.emit("unsubscribed", topic=topic_filter, client=self.info)
+        return codes, changed
+
+    def _acknowledge_unsubscribe(self, packet: Unsubscribe, codes, changed: bool) -> None:
         if changed:
-            broker.save_subscriptions(self.session)  # one record per packet
+            self.broker.save_subscriptions(self.session)  # one record per packet
         reason_codes = tuple(codes) if self.protocol_level == MQTT_5 else ()
         self._output(Unsuback(packet.packet_id, reason_codes), durable=True)
+
+    async def _unsubscribe_slices(self, packet: Unsubscribe) -> None:
+        """An UNSUBSCRIBE of more than :data:`FILTERS_PER_TURN` filters, a slice
+        per reactor turn (input held, see :meth:`_subscribe_in_slices`)."""
+        filters = packet.topic_filters
+        codes, changed = [], False
+        for start in range(0, len(filters), FILTERS_PER_TURN):
+            if start:
+                await self._next_turn()
+            if self.state == _CLOSED:
+                return
+            part_codes, part_changed = self._unsubscribe_filters(
+                filters[start:start + FILTERS_PER_TURN])
+            codes += part_codes
+            changed = changed or part_changed
+        self._mark = self.broker.write_count  # the packet's one store write is next
+        self._acknowledge_unsubscribe(packet, codes, changed)
+        self._waiting -= 1
+        self._resume_input()
 
     # --- the rest -------------------------------------------------------------------------
 

@@ -260,3 +260,30 @@ def test_a_client_that_leaves_during_a_long_subscribe_costs_nothing_more(monkeyp
     clock.advance(0)
     assert "gone" not in broker.sessions
     assert broker._trie.match("x/20") == []
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_a_long_unsubscribe_is_handled_a_slice_per_turn_and_keeps_the_order(monkeypatch,
+                                                                            level):
+    """With the limit lifted, an UNSUBSCRIBE of many filters takes FILTERS_PER_TURN per
+    turn; its UNSUBACK (a code per filter in v5) comes before the next packet's answer."""
+    from mqttd.codec import encode
+    _slicing(monkeypatch)
+    broker, clock = make_broker(max_topic_filters_per_packet=0)
+    client = FakeClient(broker, clock, level=level)
+    client.connect("many")
+    client.subscribe(*[f"x/{i}" for i in range(30)])
+    clock.advance(0)
+    client.received()
+    unsubscribe = Unsubscribe(9, tuple(f"x/{i}" for i in range(35)))
+    client.send_bytes(encode(unsubscribe, level) + encode(Pingreq(), level))
+    assert client.received() == []
+    assert len(broker.sessions["many"].subscriptions) == 20
+    clock.advance(0)
+    unsuback, pingresp = client.received()
+    assert pingresp == Pingresp()
+    if level == 5:
+        assert unsuback.reason_codes == (0,) * 30 + (0x11,) * 5
+    else:
+        assert unsuback.packet_id == 9
+    assert not broker.sessions["many"].subscriptions
