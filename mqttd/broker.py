@@ -114,8 +114,13 @@ SHUTDOWN_FLUSH_TIMEOUT = 2.0
 #: over a million retained messages the ACL hides, or a thousand filters
 #: matching nothing, never holds the reactor longer than this many steps
 REPLAY_STEPS_PER_TURN = 10_000
+#: retained-index nodes one replay step walks at most without a match (so a
+#: step is bounded however wide the index is around a wildcard filter)
+REPLAY_NODES_PER_STEP = 16
 #: live subscriptions re-checked per reactor turn after an ACL reload
 RECHECKS_PER_TURN = 5_000
+#: an exhausted replay cursor
+_END = object()
 
 
 @attrs.frozen
@@ -283,7 +288,7 @@ class Broker:
         self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
         #: retained messages by topic (index, wildcard lookup, expiry)
-        self.retained = RetainedIndex()
+        self.retained = RetainedIndex(pause_every=REPLAY_NODES_PER_STEP)
         self._retained_expiry_call = None
         #: pending delayed wills [MQTT-3.1.2-8]
         self.wills = WillScheduler(clock, self._publish_will_now, self._write)
@@ -1081,8 +1086,10 @@ class Broker:
             self._replay_steps += 1
             topic_filter = next(iter(replays))
             cursor, max_qos, sid = replays[topic_filter]
-            message = next(cursor, None)
+            message = next(cursor, _END)
             if message is None:
+                continue  # REPLAY_NODES_PER_STEP index nodes walked, no match yet
+            if message is _END:
                 del replays[topic_filter]
                 continue
             if message.expires_at is not None:
