@@ -192,6 +192,7 @@ def test_subscribe_over_the_default_filter_limit_is_refused_and_logged_once(
     client.close()
 
 
+@pytest.mark.slow
 def test_a_subscribe_of_100000_filters_with_the_limit_lifted_lets_others_be_served(
         mqttd_broker_factory):
     """--max-topic-filters-per-packet 0: the SUBSCRIBE is handled in slices; a probe's
