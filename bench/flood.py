@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from mqttd.blockingclient import BlockingClient  # noqa: E402
 from mqttd.codec import encode  # noqa: E402
+from mqttd.codec.wire import encode_varint as _varint  # noqa: E402
 from mqttd.codec.packets import Connect, Disconnect, Publish, Subscribe, Subscription  # noqa: E402
 from bench.benchlib import cpu_seconds, rss_kib, start_mqttd, stop_process  # noqa: E402
 
@@ -241,15 +242,6 @@ def run_bad_publishes(args) -> dict:
                     "log_lines_per_second": round(len(lines) / seconds, 2)}
         finally:
             stop_process(proc)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def run_rss(args) -> dict:

@@ -52,6 +52,7 @@ from twisted.logger import globalLogPublisher  # noqa: E402
 from mqttd.broker import Broker, BrokerConfig  # noqa: E402
 from mqttd.codec import PacketReader, encode  # noqa: E402
 from mqttd.codec.errors import MQTTError  # noqa: E402
+from mqttd.codec.wire import encode_varint as _varint  # noqa: E402
 from mqttd.codec.packets import (  # noqa: E402
     Auth, Connack, Connect, Disconnect, Pingreq, Pingresp, Properties, Puback, Pubcomp,
     Publish, Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback, Unsubscribe, Will)
@@ -106,15 +107,6 @@ SEEDS = {level: _sample_packets(level) for level in LEVELS}
 
 _INTERESTING = (0x00, 0x01, 0x02, 0x7F, 0x80, 0xFF, 0x10, 0x20, 0x30, 0x3F, 0x62, 0x82, 0xC0,
                 0xE0, 0xF0)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def mutate(rng: random.Random, data: bytes, level: int) -> bytes:

@@ -5,20 +5,11 @@ subscriptions in slices."""
 from __future__ import annotations
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from mqttd.codec.packets import (
     Disconnect, Pingreq, Pingresp, Suback, Subscribe, Subscription, Unsuback, Unsubscribe)
 
 from core.harness import FakeClient, make_broker
-
-
-@pytest.fixture
-def log_events():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def _refusal_lines(events, what):
