@@ -12,6 +12,7 @@ events (:meth:`Broker.on`): ``clientConnected``, ``clientDisconnecting``,
 """
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import uuid
@@ -592,7 +593,8 @@ class Broker:
                     session.restore_queued(out)
                 else:
                     session.inflight[out.packet_id] = out
-            session.inbound_qos2.update(stored.inbound_qos2)
+            if stored.inbound_qos2:
+                session.inbound_qos2 = set(stored.inbound_qos2)
             self.sessions[client_id] = session
         # wills first: a session that expired while we were down publishes its will
         self.wills.restore(state.wills.values(), self.sessions)
@@ -736,8 +738,7 @@ class Broker:
         conn = session.connection
         if conn is None:
             return
-        session.resend.clear()
-        session.resend.extend(session.inflight)
+        session.resend = collections.deque(session.inflight) if session.inflight else ()
         self.drain(session)
 
     def connection_lost(self, session: Session, connection, publish_will: bool,
@@ -755,7 +756,7 @@ class Broker:
         session.will = None
         session.connection = None
         session.wire.clear()
-        session.resend.clear()
+        session.resend = ()
         now = self.clock.seconds()
         session.disconnected_at = now
         if session.congested_since is not None:
@@ -846,7 +847,7 @@ class Broker:
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
-        session.replays.clear()
+        session.replays = ()
         # the session ended: a will still waiting for its delay goes out now
         self.wills.session_ended(session.client_id)
         if session.inflight or session.queue:
@@ -909,6 +910,8 @@ class Broker:
         restarts that filter's cursor.
         """
         cursor = self.retained.cursor(sub.topic_filter, self.clock.seconds())
+        if not session.replays:
+            session.replays = collections.OrderedDict()
         session.replays.pop(sub.topic_filter, None)
         session.replays[sub.topic_filter] = (cursor, sub.qos, sub.subscription_identifier)
         if session.connection is not None:
@@ -969,6 +972,8 @@ class Broker:
                 allowed.cancel()
                 return 0
             entry = [allowed, message, qos, force, None]
+            if not session.forward_waiting:
+                session.forward_waiting = collections.deque()
             session.forward_waiting.append(entry)
             timer = self.clock.callLater(self.config.hook_timeout, allowed.cancel)
 
@@ -1581,6 +1586,8 @@ class Broker:
         return packet_id in session.inbound_qos2
 
     def inbound_qos2_add(self, session: Session, packet_id: int) -> None:
+        if session.inbound_qos2.__class__ is frozenset:
+            session.inbound_qos2 = set()
         session.inbound_qos2.add(packet_id)
         if session.persistent:
             self._write(R.AddInboundQos2(session.client_id, packet_id))
