@@ -118,7 +118,7 @@ class ClientConnection:
         "_stats", "_assigned", "_connect_packet", "_keepalive", "_keepalive_call",
         "_held", "_hold_call", "_waiting", "_bucket", "_rate_call", "_pending", "_stash",
         "_inflight_in", "_client_max_packet", "_in_aliases", "_out_aliases", "_receive_max",
-        "__dict__", "__weakref__")
+        "_public_only", "__dict__", "__weakref__")
 
     #: a listener that authenticates clients itself (a TLS listener with
     #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
@@ -157,6 +157,9 @@ class ClientConnection:
         self.release_transport = None
         #: True when the client set the bridge bit in CONNECT (see _on_connect)
         self.bridge = False
+        #: an MQTT 5 client that is no bridge: the broker's private user properties
+        #: (Broker.add_private_user_properties) are removed from what it gets
+        self._public_only = False
         self._client_max_packet = None
         #: v5 topic aliases: the client's (resolved here) and ours (sent)
         self._in_aliases: Optional[InboundAliases] = None
@@ -380,12 +383,18 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
+        if self._public_only and self.broker.private_user_properties:
+            message = self.broker.public_form(message, cache)
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
         # (a connection that sends topic aliases replaces this method by
         # _send_aliased at CONNECT: no cost here for the others)
+        if template is None and self._public_only and self.broker.private_user_properties:
+            # the broker's own user properties (the mesh guard's stamps) reach
+            # bridges only: this client gets the publisher's unaltered [MQTT-3.3.2-17]
+            message = self.broker.public_form(message, cache)
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -422,6 +431,8 @@ class ClientConnection:
         """:meth:`send_publish` with a topic alias (the client's Topic Alias Maximum
         allows it): the topic name only when the alias is new or rebound
         [MQTT-3.3.2-11]; shared bytes (``cache``, ``template``) are not used."""
+        if self._public_only and self.broker.private_user_properties:
+            message = self.broker.public_form(message, cache)   # [MQTT-3.3.2-17]
         aliases = self._out_aliases
         topic = message.topic
         alias, known = aliases.alias_for(topic)
@@ -774,8 +785,13 @@ class ClientConnection:
         # subscriptions get No Local + Retain As Published, so what it sends us
         # never echoes back and retained flags travel unchanged
         props = packet.properties
-        self.bridge = packet.bridge or (level == MQTT_5 and any(
-            name == BRIDGE_PROPERTY for name, _value in props.user_properties))
+        mqttd_peer = level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in props.user_properties)
+        self.bridge = packet.bridge or mqttd_peer
+        # only another mqttd's bridge gets the broker's private user properties
+        # (it understands them); everyone else, a mosquitto bridge included,
+        # gets the publishers' user properties unaltered [MQTT-3.3.2-17]
+        self._public_only = level == MQTT_5 and not mqttd_peer
         client_id = packet.client_id
         self.client_id = client_id or None
         if client_id and client_id in config.trace_clients:
@@ -816,6 +832,18 @@ class ClientConnection:
             if level == MQTT_5:
                 assigned = client_id
         self.client_id = client_id
+        owner = broker.internal_owner(client_id)
+        if owner is not None:
+            # an internal session (a bridge's local end) is no network client's
+            # to claim, take over or discard, whatever the auth policy: the id
+            # itself is not allowed (v5 0x85; v3 0x02 Identifier rejected)
+            # [MQTT-3.1.3-8, MQTT-3.1.3-9]
+            broker.stats.connects_refused += 1
+            return self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                "client id of an internal session", spec="MQTT-3.1.3-8",
+                                what="internal-client-id",
+                                detail=f"{client_id!r} is reserved for the internal "
+                                       f"session of {owner}")
         will = packet.will
         if will is not None:
             try:
@@ -1102,6 +1130,10 @@ class ClientConnection:
                 response_information=response_information,
                 authentication_method=self._auth_method,
                 authentication_data=auth_data,
+                # tells an mqttd bridge that this broker speaks its private
+                # user properties (the mesh guard's stamps travel on this link)
+                user_properties=(() if self._public_only
+                                 else ((BRIDGE_PROPERTY, config.broker_id),)),
             )
         else:
             ack_props = Properties()
