@@ -119,8 +119,10 @@ def encode(ops) -> Optional[bytes]:
                 append(_U16.pack(op.packet_id))
             else:
                 return None
-    except (struct.error, OverflowError, TypeError, UnicodeEncodeError):
-        return None  # out of this form's ranges (e.g. a client id over 64 KiB): pickle it
+    except (struct.error, OverflowError, TypeError, ValueError):
+        # out of this form's ranges (a client id over 64 KiB, a negative number: PyPy's
+        # struct raises ValueError for those, CPython struct.error): pickle it
+        return None
     return b"".join(parts)
 
 

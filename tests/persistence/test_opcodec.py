@@ -57,6 +57,8 @@ def test_batches_the_form_cannot_carry_are_left_to_pickle():
     shared = PutOutbound("c", OutboundRecord(1, Message("t"), 1, share="$share/g/t"))
     assert opcodec.encode([shared]) is None
     assert opcodec.encode([put(client_id="x" * 70000)]) is None
+    assert opcodec.encode([put(seq=-1)]) is None          # PyPy: ValueError, CPython: struct.error
+    assert opcodec.encode([DeleteOutbound("c", 2 ** 64)]) is None
     # and those batches still load as pickles
     batch = [put(), DeleteSession("c")]
     assert decode_payload(safepickle.dumps(batch)) == batch
