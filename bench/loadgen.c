@@ -93,8 +93,10 @@ typedef struct conn {
     int paced;           /* latency publisher: only the timer generates */
     char client_id[64];
     const char *sub_topic;
-    uint8_t *rbuf; size_t rlen;
-    uint8_t *wbuf; size_t wlen, woff;
+    uint8_t *rbuf; size_t rlen, rcap;
+    uint8_t *wbuf; size_t wlen, woff, wcap;
+    char own_topic[48];  /* connect_subscribe: this connection's own filter */
+    int pingresp;        /* PINGRESPs received (retained scenario's barrier) */
     /* publisher */
     uint8_t tmpl[512]; size_t tmpl_len, stamp_off, pid_off;
     uint32_t seq;        /* next sequence number == messages generated */
@@ -151,9 +153,15 @@ static void conn_fail(conn *c) {
     conn_close(c, 1);
 }
 
+/* connection storms: tens of thousands of connections that only exchange a few small
+   packets get 4 KB buffers instead of 256 KB ones */
+static int g_small_bufs;
+static int opt_source_addrs = 1;   /* bind connection i to 127.0.0.(1 + i % N): > 28k connections */
+
 static void ensure_bufs(conn *c) {
-    if (!c->rbuf) { c->rbuf = malloc(RBUF_CAP); if (!c->rbuf) die("malloc"); }
-    if (!c->wbuf) { c->wbuf = malloc(WBUF_CAP); if (!c->wbuf) die("malloc"); }
+    size_t cap = g_small_bufs ? 4096 : RBUF_CAP;
+    if (!c->rbuf) { c->rbuf = malloc(cap); if (!c->rbuf) die("malloc"); c->rcap = cap; }
+    if (!c->wbuf) { c->wbuf = malloc(cap); if (!c->wbuf) die("malloc"); c->wcap = cap; }
 }
 
 static int conn_start(conn *c) {
@@ -162,6 +170,20 @@ static int conn_start(conn *c) {
     if (c->fd < 0) { g_errors++; c->state = ST_CLOSED; return -1; }
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (opt_source_addrs > 1) {
+        /* one loopback source address per 28k connections: the ephemeral port range
+           (32768-60999) limits connections per (source, destination) pair */
+        struct sockaddr_in src;
+        memset(&src, 0, sizeof src);
+        src.sin_family = AF_INET;
+        src.sin_addr.s_addr = htonl(0x7f000001u + (uint32_t)(c->idx % opt_source_addrs));
+#ifdef IP_BIND_ADDRESS_NO_PORT
+        setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+#endif
+        if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) {
+            close(c->fd); c->fd = -1; g_errors++; c->state = ST_CLOSED; return -1;
+        }
+    }
     c->state = ST_CONNECTING;
     c->rlen = c->wlen = c->woff = 0;
     c->want_out = 1;
@@ -173,12 +195,12 @@ static int conn_start(conn *c) {
 }
 
 /* append bytes to the write buffer (caller flushes) */
-static inline int wbuf_room(conn *c) { return (int)(WBUF_CAP - c->wlen); }
+static inline int wbuf_room(conn *c) { return (int)(c->wcap - c->wlen); }
 static void wbuf_put(conn *c, const void *p, size_t n) {
-    if (c->wlen + n > WBUF_CAP) {
+    if (c->wlen + n > c->wcap) {
         /* compact */
         if (c->woff) { memmove(c->wbuf, c->wbuf + c->woff, c->wlen - c->woff); c->wlen -= c->woff; c->woff = 0; }
-        if (c->wlen + n > WBUF_CAP) { fprintf(stderr, "wbuf overflow\n"); exit(2); }
+        if (c->wlen + n > c->wcap) { fprintf(stderr, "wbuf overflow\n"); exit(2); }
     }
     memcpy(c->wbuf + c->wlen, p, n);
     c->wlen += n;
@@ -270,7 +292,7 @@ static void build_publish_template(conn *c, const char *topic) {
 }
 
 static inline void put_publish(conn *c, uint64_t ts) {
-    if (c->wlen + c->tmpl_len > WBUF_CAP) wbuf_put(c, "", 0); /* compact */
+    if (c->wlen + c->tmpl_len > c->wcap) wbuf_put(c, "", 0); /* compact */
     uint8_t *p = c->wbuf + c->wlen;
     memcpy(p, c->tmpl, c->tmpl_len);
     if (c->qos) {
@@ -382,14 +404,14 @@ static void on_packet(conn *c, uint8_t hdr, const uint8_t *p, size_t len) {
     case 3: on_publish(c, p, len, hdr); break;
     case 4: /* PUBACK */
         c->acked++; c->inflight--; c->last_ack_ns = now_ns(); break;
-    case 13: break; /* PINGRESP */
+    case 13: c->pingresp++; break; /* PINGRESP */
     default: g_unexpected++; break;
     }
 }
 
 static void conn_read(conn *c) {
     for (int rounds = 0; rounds < 8 && c->state != ST_CLOSED; rounds++) {
-        ssize_t n = read(c->fd, c->rbuf + c->rlen, RBUF_CAP - c->rlen);
+        ssize_t n = read(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen);
         if (n == 0) {
             if (c->state == ST_CLOSING) conn_close(c, 0); else conn_fail(c);
             return;
@@ -417,7 +439,7 @@ static void conn_read(conn *c) {
         }
         if (c->state == ST_CLOSED) return;
         if (off) { memmove(c->rbuf, c->rbuf + off, c->rlen - off); c->rlen -= off; }
-        if ((size_t)n < RBUF_CAP / 2) break;
+        if ((size_t)n < c->rcap / 2) break;
     }
     if (c->role == ROLE_PUB) pub_pump(c); else conn_flush(c);
 }
@@ -656,6 +678,11 @@ static int scenario_throughput(int npubs, int nsubs, int qos, const char *sub_to
     return 0;
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
 static int cmp_u64(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
@@ -747,10 +774,21 @@ static long read_rss_kb(int pid) {
 
 static conn *g_storm; static int g_storm_n;
 
-static int scenario_connect_storm(void) {
+/* connect_storm: CONNECT -> CONNACK; connect_subscribe: CONNECT -> CONNACK, SUBSCRIBE to the
+   connection's own topic bench/c/<i> (QoS 0) -> SUBACK.  Either way every connection is then
+   held open, idle, and the broker's RSS read. */
+static int scenario_connect_storm(int subscribe) {
     int n = opt_conns;
+    g_small_bufs = 1;
     g_storm = calloc((size_t)n, sizeof(conn)); g_storm_n = n;
-    for (int i = 0; i < n; i++) init_conn(&g_storm[i], ROLE_IDLE, i, 0, 1, "%s-%d-c%d");
+    if (!g_storm) die("calloc");
+    for (int i = 0; i < n; i++) {
+        init_conn(&g_storm[i], subscribe ? ROLE_SUB : ROLE_IDLE, i, 0, 1, "%s-%d-c%d");
+        if (subscribe) {
+            snprintf(g_storm[i].own_topic, sizeof g_storm[i].own_topic, "bench/c/%d", i);
+            g_storm[i].sub_topic = g_storm[i].own_topic;
+        }
+    }
     long rss0 = read_rss_kb(opt_pid);
     uint64_t t0 = now_ns(), deadline = t0 + (uint64_t)((opt_duration > 30 ? opt_duration : 30) * 1e9);
     int started = 0, ready = 0, failed = 0;
@@ -779,6 +817,8 @@ static int scenario_connect_storm(void) {
     int alive = count_state(g_storm, n, ST_READY);
     jstart();
     jstr("scenario", opt_scenario);
+    jint("subscribe", subscribe);
+    jint("source_addrs", opt_source_addrs);
     jint("connections", n);
     jint("connected", ready);
     jint("alive_at_rss", alive);
@@ -798,6 +838,150 @@ static int scenario_connect_storm(void) {
 }
 
 static int sub_closed(void) { return g_subs[0].state == ST_CLOSED; }
+
+/* ------------------------------------------------------------------ */
+/* retained_subscribe: does a SUBSCRIBE cost O(matching retained messages) or a scan of all? */
+
+static long opt_retained = 1000000;      /* retained topics in the large phase */
+static long opt_retained_small = 10000;  /* ... in the small phase */
+static int opt_rounds = 20;              /* SUBSCRIBEs timed per phase */
+static long g_ret_next, g_ret_target;
+
+/* retained topic i: bench/r/A/B/C, A = i / 10000, B = i / 100 % 100, C = i % 100, so the
+   filter bench/r/A/B/+ matches exactly 100 of them */
+static void retained_fill(conn *c) {
+    char topic[64];
+    uint8_t pkt[160];
+    while (g_ret_next < g_ret_target && wbuf_room(c) > (int)sizeof pkt) {
+        long i = g_ret_next++;
+        snprintf(topic, sizeof topic, "bench/r/%ld/%ld/%ld", i / 10000, i / 100 % 100, i % 100);
+        size_t tl = strlen(topic), m = 0;
+        pkt[m++] = 0x31;                               /* PUBLISH, QoS 0, retain */
+        m += put_varint(pkt + m, 2 + tl + STAMP_BYTES);
+        m += put_str(pkt + m, topic);
+        uint64_t ts = now_ns(); uint32_t pub = 0, seq = (uint32_t)i;
+        memcpy(pkt + m, &ts, 8); memcpy(pkt + m + 8, &pub, 4); memcpy(pkt + m + 12, &seq, 4);
+        m += STAMP_BYTES;
+        wbuf_put(c, pkt, m);
+    }
+    conn_flush(c);
+}
+
+static conn *g_wait_conn; static int g_wait_pings;
+static int ping_answered(void) { return g_wait_conn->pingresp >= g_wait_pings || g_wait_conn->state == ST_CLOSED; }
+
+/* publish retained topics [g_ret_next, upto) as QoS 0, then PINGREQ as a barrier: the broker
+   handles one connection's packets in order, so the PINGRESP means all are stored */
+static int retained_load(conn *p, long upto, double *rate) {
+    uint64_t t0 = now_ns(), deadline = t0 + 600000000000ull;
+    long first = g_ret_next;
+    g_ret_target = upto;
+    for (;;) {
+        retained_fill(p);
+        if (p->state == ST_CLOSED) return -1;
+        if (g_ret_next >= upto && p->woff == p->wlen) break;
+        if (p->woff < p->wlen) loop_once(50);
+        if (now_ns() > deadline) return -1;
+    }
+    static const uint8_t ping[2] = { 0xC0, 0x00 };
+    wbuf_put(p, ping, 2);
+    conn_flush(p);
+    g_wait_conn = p; g_wait_pings = p->pingresp + 1;
+    if (!run_until(ping_answered, now_ns() + 300000000000ull) || p->state == ST_CLOSED) return -1;
+    double el = ns2s(now_ns() - t0);
+    *rate = el > 0 ? (double)(upto - first) / el : 0.0;
+    return 0;
+}
+
+static uint64_t g_sub_want;
+static int subscribe_done(void) {
+    conn *s = &g_subs[0];
+    return s->state == ST_CLOSED || (s->state == ST_READY && s->received >= g_sub_want);
+}
+
+/* time opt_rounds SUBSCRIBEs of bench/r/A/B/+ (100 matches each) from b0 on: from the
+   SUBSCRIBE's write to the SUBACK and the last of its retained messages; median in ms */
+static double time_subscribes(int b0, uint64_t *matched, int *failures) {
+    conn *s = &g_subs[0];
+    double *ms = calloc((size_t)opt_rounds, sizeof *ms);
+    int n = 0;
+    for (int r = 0; r < opt_rounds; r++) {
+        char filter[48];
+        snprintf(filter, sizeof filter, "bench/r/0/%d/+", (b0 + r) % 100);
+        uint64_t before = s->received;
+        g_sub_want = before + 100;
+        s->sub_topic = filter;
+        s->state = ST_WAIT_SUBACK;
+        uint64_t t = now_ns();
+        send_subscribe(s);
+        conn_flush(s);
+        int ok = run_until(subscribe_done, t + 30000000000ull) && s->state == ST_READY;
+        s->sub_topic = NULL;
+        *matched += s->received - before;
+        if (!ok) { (*failures)++; if (s->state == ST_CLOSED) break; continue; }
+        uint64_t end = s->last_recv_ns > t ? s->last_recv_ns : now_ns();
+        ms[n++] = ns2s(end - t) * 1e3;
+    }
+    double med = 0;
+    if (n) { qsort(ms, (size_t)n, sizeof *ms, cmp_double); med = ms[n / 2]; }
+    free(ms);
+    return med;
+}
+
+static int scenario_retained(void) {
+    g_npubs = 1; g_nsubs = 1;
+    g_pubs = calloc(1, sizeof(conn)); g_subs = calloc(1, sizeof(conn));
+    if (opt_cap < opt_retained + 1) opt_cap = opt_retained + 1;
+    alloc_bitmaps();
+    conn *p = &g_pubs[0], *s = &g_subs[0];
+    init_conn(p, ROLE_PUB, 0, 0, 1, "%s-%d-rp%d");
+    p->paced = 1;   /* no template publishing: retained_fill writes */
+    init_conn(s, ROLE_SUB, 0, 0, 1, "%s-%d-rs%d");
+    conn_start(p);
+    if (!run_until(pubs_ready, now_ns() + 15000000000ull) || p->state != ST_READY) { fprintf(stderr, "publisher failed\n"); return 1; }
+    conn_start(s);
+    if (!run_until(subs_ready, now_ns() + 15000000000ull) || s->state != ST_READY) { fprintf(stderr, "subscriber failed\n"); return 1; }
+    long rss0 = read_rss_kb(opt_pid);
+    long small = opt_retained_small < opt_retained ? opt_retained_small : opt_retained;
+    double rate_small = 0, rate_large = 0;
+    if (retained_load(p, small, &rate_small) < 0) { fprintf(stderr, "loading %ld retained failed\n", small); return 1; }
+    long rss_small = read_rss_kb(opt_pid);
+    uint64_t matched_small = 0, matched_large = 0;
+    int fail_small = 0, fail_large = 0;
+    int rounds = opt_rounds > 50 ? 50 : opt_rounds;
+    opt_rounds = rounds;
+    double ms_small = time_subscribes(0, &matched_small, &fail_small);
+    uint64_t t_load = now_ns();
+    if (retained_load(p, opt_retained, &rate_large) < 0) { fprintf(stderr, "loading %ld retained failed\n", opt_retained); return 1; }
+    double load_s = ns2s(now_ns() - t_load);
+    long rss_large = read_rss_kb(opt_pid);
+    double ms_large = time_subscribes(50, &matched_large, &fail_large);
+    uint64_t expected = (uint64_t)rounds * 200;
+    jstart();
+    jstr("scenario", opt_scenario);
+    jint("retained_small", small);
+    jint("retained", opt_retained);
+    jint("rounds", rounds);
+    jint("matches_per_subscribe", 100);
+    jnum("load_rate", rate_large);
+    jnum("load_seconds", load_s);
+    jnum("subscribe_ms_small", ms_small);
+    jnum("subscribe_ms", ms_large);
+    jnum("subscribe_ratio", ms_small > 0 ? ms_large / ms_small : 0.0);
+    jint("rss_before_kb", rss0);
+    jint("rss_small_kb", rss_small);
+    jint("rss_after_kb", rss_large);
+    jnum("rss_per_retained_bytes", (rss0 >= 0 && rss_large >= 0) ? (double)(rss_large - rss0) * 1024.0 / (double)opt_retained : -1.0);
+    jint("expected", (long long)expected);
+    jint("delivered", (long long)(matched_small + matched_large));
+    jint("lost", (long long)(expected > matched_small + matched_large ? expected - matched_small - matched_large : 0));
+    jint("subscribe_failures", fail_small + fail_large);
+    jint("errors", g_errors);
+    jint("unexpected_packets", g_unexpected);
+    jend();
+    close_all(g_pubs, 1); close_all(g_subs, 1);
+    return 0;
+}
 
 static int scenario_persistent(void) {
     g_npubs = 1; g_nsubs = 1;
@@ -885,11 +1069,14 @@ static int scenario_persistent(void) {
 static void usage(void) {
     fprintf(stderr,
         "usage: loadgen SCENARIO [options]\n"
-        "scenarios: fanin_qos0 fanin_qos1 fanout_qos0 latency_qos1 connect_storm persistent_qos1\n"
+        "scenarios: fanin_qos0 fanin_qos1 fanout_qos0 latency_qos1 connect_storm connect_subscribe\n"
+        "           persistent_qos1 retained_subscribe\n"
         "  --host H --port P --duration S --count N --pubs N --subs N --payload B\n"
         "  --window N --rate N --conns N --conc N --pid PID --drain S --idle S --hold S\n"
         "  --cap N --warmup N --client-prefix STR --qos0-window N --stall S\n"
-        "  --username U --password P   (CONNECT credentials, each at most 100 bytes)\n");
+        "  --username U --password P   (CONNECT credentials, each at most 100 bytes)\n"
+        "  --source-addrs N   bind connection i to 127.0.0.(1 + i %% N) (more than 28k connections)\n"
+        "  --retained N --retained-small N --rounds N   (retained_subscribe)\n");
     exit(2);
 }
 
@@ -900,7 +1087,8 @@ int main(int argc, char **argv) {
         {"rate", 1, 0, 'r'}, {"conns", 1, 0, 'c'}, {"conc", 1, 0, 'C'}, {"pid", 1, 0, 'i'},
         {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'}, {"hold", 1, 0, 'H'}, {"cap", 1, 0, 'K'},
         {"warmup", 1, 0, 'W'}, {"qos0-window", 1, 0, 'q'}, {"stall", 1, 0, 's'}, {"client-prefix", 1, 0, 'x'},
-        {"username", 1, 0, 'u'}, {"password", 1, 0, 'a'}, {0, 0, 0, 0}};
+        {"username", 1, 0, 'u'}, {"password", 1, 0, 'a'}, {"source-addrs", 1, 0, 'A'},
+        {"retained", 1, 0, 'R'}, {"retained-small", 1, 0, 'm'}, {"rounds", 1, 0, 'o'}, {0, 0, 0, 0}};
     if (argc < 2) usage();
     opt_scenario = argv[1];
     optind = 2;
@@ -929,6 +1117,10 @@ int main(int argc, char **argv) {
         case 'x': opt_client_prefix = optarg; break;
         case 'u': opt_username = optarg; break;
         case 'a': opt_password = optarg; break;
+        case 'A': opt_source_addrs = atoi(optarg); break;
+        case 'R': opt_retained = atol(optarg); break;
+        case 'm': opt_retained_small = atol(optarg); break;
+        case 'o': opt_rounds = atoi(optarg); break;
         default: usage();
         }
     }
@@ -939,6 +1131,11 @@ int main(int argc, char **argv) {
     if (opt_window < 1) opt_window = 1;
     if (opt_window > 60000) opt_window = 60000;
     if (opt_rate < 1) opt_rate = 1;
+    if (opt_source_addrs < 1) opt_source_addrs = 1;
+    if (opt_source_addrs > 250) opt_source_addrs = 250;
+    if (opt_retained < 1) opt_retained = 1;
+    if (opt_retained > 4000000) opt_retained = 4000000;
+    if (opt_rounds < 1) opt_rounds = 1;
     if (opt_duration <= 0 || opt_duration > 600) opt_duration = 5;
     if (opt_drain <= 0 || opt_drain > 600) opt_drain = 30;
     signal(SIGPIPE, SIG_IGN);
@@ -948,6 +1145,10 @@ int main(int argc, char **argv) {
     g_addr.sin_family = AF_INET;
     g_addr.sin_port = htons((uint16_t)opt_port);
     if (inet_pton(AF_INET, opt_host, &g_addr.sin_addr) != 1) { fprintf(stderr, "bad host %s\n", opt_host); return 2; }
+    if (opt_source_addrs > 1 && strcmp(opt_host, "127.0.0.1") != 0) {
+        fprintf(stderr, "--source-addrs needs --host 127.0.0.1 (the sources are 127.0.0.x)\n");
+        return 2;
+    }
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
     const char *s = opt_scenario;
@@ -955,7 +1156,9 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "fanin_qos1")) return scenario_throughput(opt_pubs > 0 ? opt_pubs : 10, opt_subs > 0 ? opt_subs : 1, 1, "bench/#", 0);
     if (!strcmp(s, "fanout_qos0")) return scenario_throughput(opt_pubs > 0 ? opt_pubs : 1, opt_subs > 0 ? opt_subs : 100, 0, "bench/fanout", 1);
     if (!strcmp(s, "latency_qos1")) return scenario_latency();
-    if (!strcmp(s, "connect_storm")) return scenario_connect_storm();
+    if (!strcmp(s, "connect_storm")) return scenario_connect_storm(0);
+    if (!strcmp(s, "connect_subscribe")) return scenario_connect_storm(1);
+    if (!strcmp(s, "retained_subscribe")) return scenario_retained();
     if (!strcmp(s, "persistent_qos1")) return scenario_persistent();
     usage();
     return 2;

@@ -12,6 +12,7 @@ events (:meth:`Broker.on`): ``clientConnected``, ``clientDisconnecting``,
 """
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import uuid
@@ -798,7 +799,8 @@ class Broker:
                 session.restore_queued(out)
             else:
                 session.inflight[out.packet_id] = out
-        session.inbound_qos2.update(stored.inbound_qos2)
+        if stored.inbound_qos2:
+            session.inbound_qos2 = set(stored.inbound_qos2)
         self.sessions[client_id] = session
         self.stats.persistent_sessions = len(self._persistent)
         return expired
@@ -876,7 +878,7 @@ class Broker:
             self.emit("clientDisconnecting", client=info, reason="takeover")
             session.connection = None
             session.wire.clear()
-            session.resend.clear()
+            session.resend = ()
             if session.congested_since is not None:
                 self._teardown_step(client_id, "release of held publishers",
                                     self._decongested, session)
@@ -891,7 +893,7 @@ class Broker:
             self._unindex(client_id, topic_filter)
         session.clear_queue()
         session.inflight.clear()
-        session.replays.clear()
+        session.replays = ()
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
@@ -1031,8 +1033,7 @@ class Broker:
         conn = session.connection
         if conn is None:
             return
-        session.resend.clear()
-        session.resend.extend(session.inflight)
+        session.resend = collections.deque(session.inflight) if session.inflight else ()
         self.drain(session)
 
     def connection_lost(self, session: Session, connection, publish_will: bool,
@@ -1050,7 +1051,7 @@ class Broker:
         session.will = None
         session.connection = None
         session.wire.clear()
-        session.resend.clear()
+        session.resend = ()
         now = self.clock.seconds()
         session.disconnected_at = now
         if session.congested_since is not None:
@@ -1141,7 +1142,7 @@ class Broker:
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
         session.expiry_call = None
-        session.replays.clear()
+        session.replays = ()
         # the session ended: a will still waiting for its delay goes out now
         self.wills.session_ended(session.client_id)
         if session.inflight or session.queue:
@@ -1221,6 +1222,8 @@ class Broker:
         restarts that filter's cursor.
         """
         cursor = self.retained.cursor(sub.topic_filter, self.clock.seconds())
+        if not session.replays:
+            session.replays = collections.OrderedDict()
         session.replays.pop(sub.topic_filter, None)
         session.replays[sub.topic_filter] = (cursor, sub.qos, sub.subscription_identifier)
         if session.connection is not None:
@@ -1303,6 +1306,8 @@ class Broker:
                 allowed.cancel()
                 return 0
             entry = [allowed, message, qos, force, None]
+            if not session.forward_waiting:
+                session.forward_waiting = collections.deque()
             session.forward_waiting.append(entry)
             timer = self.clock.callLater(self.config.hook_timeout, allowed.cancel)
 
@@ -1958,6 +1963,8 @@ class Broker:
         return packet_id in session.inbound_qos2
 
     def inbound_qos2_add(self, session: Session, packet_id: int) -> None:
+        if session.inbound_qos2.__class__ is frozenset:
+            session.inbound_qos2 = set()
         session.inbound_qos2.add(packet_id)
         if session.persistent:
             self._write(R.AddInboundQos2(session.client_id, packet_id))

@@ -63,6 +63,10 @@ _CONNACK_DEFAULTS = {
     "subscription_identifier_available": 1, "shared_subscription_available": 1,
 }
 _NO_HANDLERS: dict = {}
+#: the packet classes by name, for ClientConnection._HANDLER_NAMES
+_PACKETS = {cls.__name__: cls for cls in (
+    Auth, Connect, Disconnect, Pingreq, Puback, Pubcomp, Publish, Pubrec, Pubrel, Subscribe,
+    Unsubscribe)}
 
 
 def _peer_host(peer: Optional[str]) -> str:
@@ -104,11 +108,36 @@ class ClientConnection:
     :param clock: ``IReactorTime`` for the CONNECT and keepalive timers.
     """
 
-    #: the listener it came in on (set by the protocol; metrics and admin)
-    listener: Optional[str] = None
-    #: an MQTT 5 client that is no bridge: the broker's private user properties
-    #: (Broker.add_private_user_properties) are removed from what it gets
-    _public_only: bool = False
+    # Memory: an idle connection is mostly this object.  What every connection
+    # sets, and what the packet path reads, are slots (8 bytes each, the fastest
+    # attribute access); what few connections ever set is a class default below,
+    # stored in the instance's __dict__ only when it differs (the dict, about
+    # 1.3 KB with this many attributes, is made on the first such store: most
+    # connections never have one).
+    __slots__ = (
+        "broker", "transport", "clock", "peer", "reader", "state", "client_id",
+        "protocol_level", "session", "info", "send_window", "listener",
+        "release_transport", "bridge", "_max_qos", "_retain_available", "_limited",
+        "_online", "_paused", "_mark", "_last_received", "_connect_call", "_handlers",
+        "_stats", "_assigned", "_connect_packet", "_keepalive", "_keepalive_call",
+        "_held", "_hold_call", "_waiting", "_bucket", "_rate_call", "_pending", "_stash",
+        "_inflight_in", "_client_max_packet", "_in_aliases", "_out_aliases", "_receive_max",
+        "_public_only", "_claiming", "_will_on_close", "__dict__", "__weakref__")
+
+    #: a listener that authenticates clients itself (a TLS listener with
+    #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
+    #: sets this to a callable ``() -> Optional[str]``, asked at CONNECT:
+    #: its answer replaces the CONNECT's username (the password is not
+    #: checked: the certificate is the credential); None refuses the
+    #: CONNECT with 0x87 Not authorized (v3: 0x05).
+    transport_identity = None
+    #: set by the protocol when its listener is over its max_connections
+    over_listener_limit = 0
+    _will_on_close = True
+    _close_reason = "connection lost"
+    #: the enhanced-authentication exchange in progress and its method
+    _auth_exchange = None
+    _auth_method: Optional[str] = None
 
     def __init__(self, broker: Broker, transport, clock, peer: Optional[str] = None):
         self.broker = broker
@@ -126,18 +155,16 @@ class ClientConnection:
         self.protocol_level: Optional[int] = None
         self.session = None
         self.info: Optional[ClientInfo] = None
-        #: a listener that authenticates clients itself (a TLS listener with
-        #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
-        #: sets this to a callable ``() -> Optional[str]``, asked at CONNECT:
-        #: its answer replaces the CONNECT's username (the password is not
-        #: checked: the certificate is the credential); None refuses the
-        #: CONNECT with 0x87 Not authorized (v3: 0x05).
-        self.transport_identity = None
+        #: the listener it came in on (set by the protocol; metrics and admin)
+        self.listener: Optional[str] = None
         #: called once before the connection closes its transport (the Twisted
         #: shim unregisters its push producer here, see _lose_connection)
         self.release_transport = None
-        #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
-        self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
+        #: True when the client set the bridge bit in CONNECT (see _on_connect)
+        self.bridge = False
+        #: an MQTT 5 client that is no bridge: the broker's private user properties
+        #: (Broker.add_private_user_properties) are removed from what it gets
+        self._public_only = False
         self._client_max_packet = None
         #: v5 topic aliases: the client's (resolved here) and ours (sent)
         self._in_aliases: Optional[InboundAliases] = None
@@ -146,6 +173,24 @@ class ClientConnection:
         #: Receive Maximum they count against (None: not enforced, v3)
         self._inflight_in = 0
         self._receive_max: Optional[int] = None
+        self._held = False
+        self._hold_call = None
+        #: hooks (authenticate, authorize_*) whose Deferred answer is awaited:
+        #: input waits meanwhile, so acknowledgements keep their order
+        self._waiting = 0
+        self._connect_packet: Optional[Connect] = None
+        #: inbound token bucket [messages, bytes, last refill time] or None
+        self._bucket = None
+        self._rate_call = None
+        self._stash = ()
+        self._keepalive = 0.0
+        self._keepalive_call = None
+        #: output waiting behind a store barrier: ``()`` until there is any
+        #: (then a deque; an empty deque costs 760 bytes on CPython)
+        self._pending = ()
+        self._assigned = None
+        #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
+        self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
         self._max_qos = config.max_qos
         self._retain_available = config.retain_available
         #: --max-qos or --retain-available restrict PUBLISH (one check when not)
@@ -155,33 +200,41 @@ class ClientConnection:
         #: waiting for the broker's claim_session answer (the session seam)
         self._claiming = False
         self._will_on_close = True
-        self._pending = collections.deque()
         #: the broker's write count when the current packet's handling began
         self._mark = 0
-        self._close_reason = "connection lost"
-        self._held = False
-        self._hold_call = None
-        #: hooks (authenticate, authorize_*) whose Deferred answer is awaited:
-        #: input waits meanwhile, so acknowledgements keep their order
-        self._waiting = 0
-        #: the enhanced-authentication exchange in progress and its method
-        self._auth_exchange = None
-        self._auth_method: Optional[str] = None
-        self._connect_packet: Optional[Connect] = None
-        #: inbound token bucket [messages, bytes, last refill time] or None
-        self._bucket = None
-        self._rate_call = None
-        #: set by the protocol when its listener is over its max_connections
-        self.over_listener_limit = 0
-        self._stash = ()
-        self._keepalive = 0.0
-        self._keepalive_call = None
         self._last_received = clock.seconds()
         self._connect_call = clock.callLater(config.connect_timeout, self._connect_timeout)
-        self._handlers = {Connect: self._on_connect}
+        #: packet class -> handler function (called with self): a table shared
+        #: by every connection in the same state (see _handler_table)
+        self._handlers = self._handler_table("connect")
         self._stats = broker.stats
-        #: True when the client set the bridge bit in CONNECT (see _on_connect)
-        self.bridge = False
+
+    #: the packets each state handles: state -> {packet class name: method name}
+    _HANDLER_NAMES = {
+        "connect": {"Connect": "_on_connect"},
+        "auth": {"Auth": "_on_auth_during_connect", "Disconnect": "_on_disconnect_during_connect"},
+        "connected": {"Publish": "_on_publish", "Puback": "_on_puback", "Pubrec": "_on_pubrec",
+                      "Pubrel": "_on_pubrel", "Pubcomp": "_on_pubcomp", "Subscribe": "_on_subscribe",
+                      "Unsubscribe": "_on_unsubscribe", "Pingreq": "_on_pingreq",
+                      "Disconnect": "_on_disconnect", "Auth": "_on_auth"},
+    }
+
+    def _handler_table(self, state: str) -> dict:
+        """The handler table of ``state`` for this connection's class: packet
+        class -> function, called ``handler(self, packet)``.  One dict per
+        class and state, shared by every connection (a dict of ten bound
+        methods per connection cost about 1 KB each)."""
+        cls = type(self)
+        tables = cls.__dict__.get("_handler_tables")
+        if tables is None:
+            tables = {}
+            setattr(cls, "_handler_tables", tables)
+        table = tables.get(state)
+        if table is None:
+            table = tables[state] = {
+                _PACKETS[name]: getattr(cls, method)
+                for name, method in self._HANDLER_NAMES[state].items()}
+        return table
 
     # --- input -----------------------------------------------------------------
 
@@ -223,7 +276,7 @@ class ClientConnection:
                 if handler is None:
                     self._unexpected(packet)
                 else:
-                    handler(packet)
+                    handler(self, packet)
             except MQTTError as error:
                 self.fail(error)
                 return
@@ -431,10 +484,13 @@ class ClientConnection:
         acknowledgements is the order of the packets received [MQTT-4.6.0-2].
         """
         barrier = self.broker.barrier(self._mark) if durable else None
-        if barrier is None and not self._pending:
+        pending = self._pending
+        if barrier is None and not pending:
             self._emit(item)
             return
-        self._pending.append((barrier, item))
+        if pending.__class__ is tuple:
+            pending = self._pending = collections.deque()
+        pending.append((barrier, item))
         if barrier is not None:
             barrier.addCallbacks(self._flush_pending, self._store_failed)
 
@@ -475,7 +531,7 @@ class ClientConnection:
         it, v5 DISCONNECT 0x97 / 0x83 or a v3 close.  The store logs the failure
         itself (once); this line is rate-limited per client.
         """
-        self._pending.clear()
+        self._pending = ()
         error = failure.value
         full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         if self.state == _CONNECTED and not self._online:
@@ -539,7 +595,7 @@ class ClientConnection:
         self.reader.release()
         self._handlers = _NO_HANDLERS
         self._stash = ()
-        self._pending.clear()
+        self._pending = ()
 
     def fail(self, error: MQTTError) -> None:
         """Answer a protocol error as the spec says, log it, close."""
@@ -920,8 +976,7 @@ class ClientConnection:
             self.send(Auth(ReasonCode.CONTINUE_AUTHENTICATION, Properties(
                 authentication_method=method, authentication_data=step.data)))
             if not reauth:
-                self._handlers = {Auth: self._on_auth_during_connect,
-                                  Disconnect: self._on_disconnect_during_connect}
+                self._handlers = self._handler_table("auth")
                 # the client has connect_timeout seconds for its next AUTH
                 self._connect_call = self.clock.callLater(
                     self.broker.config.connect_timeout, self._connect_timeout)
@@ -1105,7 +1160,7 @@ class ClientConnection:
         self.session = session
         self.state = _CONNECTED
         self.reader.max_packet_size = config.max_packet_size
-        self._handlers = self._connected_handlers()
+        self._handlers = self._handler_table("connected")
         if keepalive:
             self._keepalive = keepalive * 1.5
             self._keepalive_call = self.clock.callLater(self._keepalive,
@@ -1153,20 +1208,6 @@ class ClientConnection:
         self._online = True
         self.broker.emit("clientConnected", client=self.info)
         self.broker.session_online(self.session)
-
-    def _connected_handlers(self) -> dict:
-        return {
-            Publish: self._on_publish,
-            Puback: self._on_puback,
-            Pubrec: self._on_pubrec,
-            Pubrel: self._on_pubrel,
-            Pubcomp: self._on_pubcomp,
-            Subscribe: self._on_subscribe,
-            Unsubscribe: self._on_unsubscribe,
-            Pingreq: self._on_pingreq,
-            Disconnect: self._on_disconnect,
-            Auth: self._on_auth,
-        }
 
     # --- PUBLISH and its flows ---------------------------------------------------------
 

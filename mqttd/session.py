@@ -56,13 +56,16 @@ class Session:
     expiry_interval: Optional[int] = None
     #: full filter string -> subscription options
     subscriptions: Dict[str, SubscriptionRecord] = attrs.Factory(dict)
-    #: messages waiting to be sent, in delivery order
-    queue: Deque[OutboundRecord] = attrs.Factory(collections.deque)
+    #: messages waiting to be sent, in delivery order: ``()`` while none has
+    #: been queued (an empty deque costs 760 bytes on CPython and most online
+    #: sessions never queue; enqueue() makes the deque)
+    queue: Deque[OutboundRecord] = ()
     queued_bytes: int = 0
     #: packet id -> in-flight record, in the order they were sent
     inflight: Dict[int, OutboundRecord] = attrs.Factory(dict)
-    #: inbound QoS 2 packet ids whose PUBREL has not arrived yet
-    inbound_qos2: set = attrs.Factory(set)
+    #: inbound QoS 2 packet ids whose PUBREL has not arrived yet (an empty
+    #: frozenset until the first; the broker makes the set)
+    inbound_qos2: set = frozenset()
     #: seq -> PublishTemplate of queued messages of the *online* connection
     #: (the bytes as received, so a drained message is not encoded again);
     #: cleared when the connection goes, since the next may speak another level
@@ -89,11 +92,14 @@ class Session:
     #: the ClientInfo of the connection (or of the owner while offline), for hooks
     info: object = None
     #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
-    #: [deferred, message, qos, force, answer-or-None]
-    forward_waiting: Deque[list] = attrs.Factory(collections.deque)
+    #: [deferred, message, qos, force, answer-or-None]; ``()`` until the first
+    #: (an empty deque costs 760 bytes on CPython, and most sessions never
+    #: have one; the broker makes the deque when it appends)
+    forward_waiting: Deque[list] = ()
     #: packet ids of in-flight messages still to be resent on this connection
-    #: (a resumed session resends within the client's Receive Maximum)
-    resend: Deque[int] = attrs.Factory(collections.deque)
+    #: (a resumed session resends within the client's Receive Maximum);
+    #: ``()`` when there are none (the broker sets a deque)
+    resend: Deque[int] = ()
     #: retained replays in progress: filter -> (cursor over the retained
     #: index, subscription QoS, subscription identifier or None), fed by
     #: Broker.drain as the client reads
@@ -101,7 +107,8 @@ class Session:
     #: on a plain dict that scans every entry deleted before since the last
     #: resize, so draining the replays of a SUBSCRIBE with 100,000 filters,
     #: queued while the client was not writable, took quadratic time)
-    replays: Dict[str, tuple] = attrs.Factory(collections.OrderedDict)
+    #: ``()`` while there is none (the broker makes the OrderedDict)
+    replays: Dict[str, tuple] = ()
     #: broker clock time the session used up its publisher-pause budget
     #: without draining (it holds no one until healthy again); None otherwise
     demoted_since: Optional[float] = None
@@ -167,7 +174,10 @@ class Session:
                 self.queued_bytes -= victim_size
                 if ledger is not None:
                     ledger.queued_bytes -= victim_size
-        self.queue.append(record)
+        queue = self.queue
+        if queue.__class__ is tuple:
+            queue = self.queue = collections.deque()
+        queue.append(record)
         self.queued_bytes += size
         if ledger is not None:
             ledger.queued_bytes += size
@@ -184,6 +194,8 @@ class Session:
     def restore_queued(self, record: OutboundRecord) -> None:
         """Append a recovered queued record (no limits: it was accepted before)."""
         size = len(record.message.payload) + len(record.message.topic)
+        if self.queue.__class__ is tuple:
+            self.queue = collections.deque()
         self.queue.append(record)
         self.queued_bytes += size
         if self.ledger is not None:
@@ -193,7 +205,7 @@ class Session:
         """Forget every queued message (the session is discarded)."""
         if self.ledger is not None:
             self.ledger.queued_bytes -= self.queued_bytes
-        self.queue.clear()
+        self.queue = ()
         self.queued_bytes = 0
 
     def count_drop(self, reason: str) -> int:

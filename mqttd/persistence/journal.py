@@ -48,7 +48,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mqttd.interfaces import IBrokerStore
-from mqttd.persistence import safepickle
+from mqttd.persistence import opcodec, safepickle
 from mqttd.messages import Message
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
@@ -571,7 +571,13 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
 
 
 def decode_payload(payload) -> list:
-    """The operations in one journal record; raises UnpicklingError if not ops."""
+    """The operations in one journal record (pickled, or in the compact form of
+    :mod:`~mqttd.persistence.opcodec`); raises UnpicklingError if not ops."""
+    if opcodec.is_encoded(payload):
+        try:
+            return opcodec.decode(payload)
+        except (ValueError, UnicodeDecodeError, struct.error, TypeError) as e:
+            raise pickle.UnpicklingError(f"compact operations record: {e}") from e
     ops = safepickle.loads(payload)
     if not isinstance(ops, list):
         ops = [ops]
@@ -754,7 +760,10 @@ class JournaledStore:
         ops, self._pending = self._pending, []
         started = time.monotonic()
         try:
-            record = encode_record(safepickle.dumps(ops))
+            payload = opcodec.encode(ops)
+            if payload is None:  # an operation the compact form does not carry
+                payload = safepickle.dumps(ops)
+            record = encode_record(payload)
             write_all(self._fd, record, self._os_write)
             self.write_latency.observe(time.monotonic() - started)
         except Exception:

@@ -24,7 +24,9 @@ from mqttd.messages import Message
 #: ``"w"`` checkpoint item).
 #: 3: dbm checkpoint values are frame sequences; snapshot end frames carry the
 #: generation and version (a damaged header costs nothing).
-FORMAT_VERSION = 3
+#: 4: journal records of outbound-message operations may be in the compact
+#: binary form of :mod:`mqttd.persistence.opcodec` (first byte 0xB4).
+FORMAT_VERSION = 4
 
 
 class OutboundStage(enum.IntEnum):

@@ -1,6 +1,8 @@
 """Fair slow-consumer handling: a subscriber holds publishers at most its budget, once."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -46,8 +48,7 @@ def guard(budget=5.0, recovery=30.0):
 
 def queued(session, messages, nbytes=0):
     """Give ``session`` a queue of ``messages`` records totalling ``nbytes`` bytes."""
-    session.queue.clear()
-    session.queue.extend(object() for _ in range(messages))
+    session.queue = collections.deque(object() for _ in range(messages))
     session.queued_bytes = nbytes
     return session
 

@@ -440,7 +440,7 @@ def test_crash_during_compaction_replays_both_journals(durable_backend):
             return defer.Deferred()
         return run_synchronously(f, *args)
 
-    store = durable_backend(compact_bytes=2000, run_in_thread=hold)
+    store = durable_backend(compact_bytes=800, run_in_thread=hold)
     store.open()
     ops = [session()] + [outbound(seq=i) for i in range(40)]
     for op in ops:
