@@ -854,6 +854,13 @@ class ClientConnection:
     def _authenticate_answered(self, answer) -> None:
         packet = self._connect_packet
         code, username = auth_outcome(answer, packet.username)
+        if code == ReasonCode.CONNECTION_RATE_EXCEEDED:
+            # the authenticator's work is bounded (e.g. password hashing): not
+            # a wrong password, a "try again later"
+            return self._refuse(code, "authentication busy", what="connection-rate",
+                                detail=f"too many authentications in progress "
+                                       f"(username {packet.username!r})",
+                                username=packet.username)
         if code:
             what = "anonymous" if packet.username is None else "authentication"
             return self._refuse(code, "authentication failed", what=what,
