@@ -29,14 +29,21 @@ properties, so a cycle that contains a v3 link relies on No Local / the
 bridge bit only and may deliver duplicates — use ``mqttv50`` for meshes, or
 trees.  mosquitto forwards the properties unchanged but does not check them.
 
-**MQTT 3.1.1 links** (the remote-side equivalent, opt-in): with
-``--bridge-dedup-window S`` each mqttd remembers a fingerprint (topic, payload,
-QoS, retain) of every message it accepted in the last ``S`` seconds and drops
-a message *arriving over a bridge* (a bridge-bit connection, or one of its own
-bridges) whose fingerprint it has seen.  That makes a v3 triangle deliver once
-too, at a price: two genuinely identical messages sent over bridges within
-``S`` seconds are taken as one.  Keep ``S`` small (the time a message needs to
-go round the mesh; 1-2 s on a LAN) or use MQTT 5 links.
+**MQTT 3.1.1 links** (on by default: ``--bridge-dedup-window S``, default
+:data:`DEFAULT_DEDUP_WINDOW` s; ``0`` turns it off): each mqttd remembers, for
+``S`` seconds, a fingerprint (topic, payload, QoS, retain) of every message it
+accepted and *the link it came from* (one of its bridges, a bridging broker's
+connection, or none: a local publisher).  A message arriving over bridge link
+``L`` is dropped when its fingerprint was accepted within ``S`` seconds from
+anywhere but ``L`` -- i.e. this broker already forwarded that message out over
+``L`` (No Local / the bridge bit keep it from going back where it came from),
+so what comes back over ``L`` is a copy that went round a cycle.  A triangle
+of default (3.1.1) links therefore delivers each message once.  Repeats over
+the *same* link (a sensor sending the same reading every second) are never
+taken for copies.  The price: a message published at this broker (or arriving
+over another link) and an identical one arriving over ``L`` within ``S``
+seconds are taken as one.  A copy that needs longer than ``S`` to go round is
+accepted once more (and dropped on its next lap).
 
 The guard is active in every mqttd that runs a bridge or has had a bridging
 broker connect to it (bridge bit, or an MQTT 5 CONNECT carrying the user
@@ -57,6 +64,8 @@ from mqttd.messages import FORWARDED, Message
 log = Logger(namespace="mqttd.bridge.mesh")
 
 MID = "mqttd-mid"
+#: seconds of the MQTT 3.1.1 loop guard by default (``--bridge-dedup-window``)
+DEFAULT_DEDUP_WINDOW = 2.0
 PATH = "mqttd-path"
 
 
@@ -64,11 +73,12 @@ class MeshGuard:
     """A broker publish filter (see :meth:`mqttd.broker.Broker.add_publish_filter`).
 
     :param window: message ids remembered (the oldest are forgotten first).
-    :param dedup_window: seconds of v3 fingerprints kept (0: off); needs ``clock``.
+    :param dedup_window: seconds of v3 fingerprints kept (0: off); ``clock``
+        (default: the attached broker's clock) measures them.
     """
 
     def __init__(self, broker_id: str, hop_limit: int = 8, window: int = 100_000,
-                 dedup_window: float = 0.0, clock=None):
+                 dedup_window: float = DEFAULT_DEDUP_WINDOW, clock=None):
         self.broker_id = broker_id
         self.hop_limit = hop_limit
         self.window = window
@@ -90,6 +100,8 @@ class MeshGuard:
         """Watch ``broker``: activate when a bridging broker connects."""
         if self.broker is None:
             self.broker = broker
+            if self.clock is None:
+                self.clock = getattr(broker, "clock", None)
             self._unobserve = broker.on("clientConnected", self._connected)
         return self
 
@@ -102,6 +114,15 @@ class MeshGuard:
     def activate(self) -> None:
         if not self.active and self.broker is not None:
             self.active = True
+            if self.dedup_window:
+                log.info("Mesh guard on: MQTT 5 links by mqttd-mid/mqttd-path; MQTT 3.1.1 "
+                         "links by a {window} s dedup window (a message coming back over a "
+                         "bridge it was forwarded to is dropped; --bridge-dedup-window)",
+                         window=self.dedup_window)
+            else:
+                log.warn("Mesh guard on: MQTT 5 links only; the MQTT 3.1.1 dedup window is "
+                         "off (--bridge-dedup-window 0): a cycle of 3.1.1 bridges "
+                         "circulates messages")
             self._unregister = self.broker.add_publish_filter(self)
             # the stamps are bookkeeping between brokers: subscribers that are
             # not bridges get the publisher's user properties unaltered
@@ -133,19 +154,28 @@ class MeshGuard:
                     mid = value
                 elif name == PATH:
                     path = value
-        if self.dedup_window and mid is None:
+        if self.dedup_window:
+            from_bridge = client is not None and getattr(client, "bridge", False)
+            link = client.client_id if from_bridge else None
             key = (message.topic, message.payload, message.qos, message.retain)
+            if self.clock is None:   # used without attach(): the global reactor's time
+                from twisted.internet import reactor
+                self.clock = reactor
             now = self.clock.seconds()
             prints = self._prints
             while prints:
-                oldest, at = next(iter(prints.items()))
+                oldest, (at, _link) = next(iter(prints.items()))
                 if now - at < self.dedup_window and len(prints) < self.window:
                     break
                 del prints[oldest]
-            if client is not None and getattr(client, "bridge", False) and key in prints:
-                return self._drop("v3-duplicate", message, "-")
+            if mid is None and from_bridge:
+                seen = prints.get(key)
+                if seen is not None and seen[1] != link:
+                    # accepted from elsewhere, so forwarded out over this link:
+                    # this is that message coming back round a cycle
+                    return self._drop("v3-duplicate", message, "-")
             prints.pop(key, None)
-            prints[key] = now
+            prints[key] = (now, link)
         if mid is None:
             self._counter += 1
             mid = f"{self.broker_id}:{os.urandom(8).hex()}"

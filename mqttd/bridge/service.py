@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mqttd.bridge.config import BridgeConfig, BridgeConfigError, bridges_from_toml
-from mqttd.bridge.mesh import MeshGuard
+from mqttd.bridge.mesh import DEFAULT_DEDUP_WINDOW, MeshGuard
 from mqttd.bridge.runtime import Bridge
 
 if sys.version_info >= (3, 11):
@@ -285,8 +285,9 @@ def from_options(service, options) -> None:
     broker = service.broker
     # every broker gets the mesh guard: it turns itself on when it runs a
     # bridge or a bridging broker connects (a hub of a mesh needs it too)
+    window = options.get("bridge-dedup-window")
     mesh = MeshGuard(broker.config.broker_id, max([c.hop_limit for c in configs] or [8]),
-                     dedup_window=float(options.get("bridge-dedup-window") or 0.0),
+                     dedup_window=DEFAULT_DEDUP_WINDOW if window is None else float(window),
                      clock=broker.clock).attach(broker)
     service.mesh_guard = mesh
     if configs:

@@ -243,26 +243,57 @@ def test_mesh_with_a_hub_that_runs_no_bridge_delivers_once(net):
         assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
 
 
-def test_v3_triangle_with_dedup_window_delivers_once(net):
-    """MQTT 3.1.1 links carry no properties: --bridge-dedup-window stops the second copies."""
+def test_v3_triangle_with_default_options_delivers_once_and_stops(net):
+    """MQTT 3.1.1 links carry no properties: the default dedup window stops the copies that go round (REVIEW-BRIDGE 6a)."""
     brokers = {n: net.broker(n) for n in "ABC"}
-    for n in "ABC":
-        net.guard(n, dedup_window=2.0)
     got = {n: Collector(b, "#") for n, b in brokers.items()}
-    for x, y in (("A", "B"), ("B", "C"), ("C", "A")):
-        net.bridge(x, y, ["# both 1"])
+    managers = [net.bridge(x, y, ["# both 1"]) for x, y in (("A", "B"), ("B", "C"), ("C", "A"))]
     net.settle()
     for n, broker in brokers.items():
         broker.publish_message(f"from/{n}", n.encode(), qos=1)
     net.settle(5)
     for n in "ABC":
         assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
-    assert sum(g.dropped["v3-duplicate"] for g in net.guards.values()) > 0
+    assert sum(m.mesh.dropped["v3-duplicate"] for m in managers) > 0
+    before = {n: b.stats.messages_received for n, b in brokers.items()}
+    net.settle(5)   # well past the window: nothing keeps flowing
+    assert {n: b.stats.messages_received for n, b in brokers.items()} == before
     # outside the window the same content is a new message again
-    net.settle(3)
     brokers["A"].publish_message("from/A", b"A", qos=1)
     net.settle(5)
     assert got["B"].payloads().count(b"A") == 2
+
+
+def test_v3_dedup_window_keeps_identical_repeats_over_the_same_link(net):
+    """A sensor repeating one reading: every repeat arrives over the link it always comes by, none is taken for a copy."""
+    a, b, c = net.broker("A"), net.broker("B"), net.broker("C")
+    got_b, got_c = Collector(b, "#"), Collector(c, "#")
+    net.bridge("A", "B", ["# both 1"])
+    net.bridge("B", "C", ["# both 1"])
+    net.settle()
+    for _ in range(5):
+        a.publish_message("sensors/temp", b"21.5", qos=1)
+        net.settle(0.2)
+    net.settle(2)
+    assert got_b.payloads() == [b"21.5"] * 5
+    assert got_c.payloads() == [b"21.5"] * 5
+
+
+def test_v3_dedup_window_zero_turns_the_guard_off():
+    """--bridge-dedup-window 0: no fingerprints, a bridged repeat of a local message goes through."""
+    from mqttd.bridge.mesh import MeshGuard
+    from mqttd.broker import ClientInfo
+    from mqttd.messages import Message
+    link = ClientInfo("peer", 4, None, "bridge:x", False, 0, True, bridge=True)
+    from twisted.internet.task import Clock
+    clock = Clock()
+    on, off = MeshGuard("A", clock=clock), MeshGuard("A", dedup_window=0, clock=clock)
+    for guard in (on, off):
+        guard(Message("t", b"x", 1), None)
+    assert on(Message("t", b"x", 1), link) is None and on.dropped["v3-duplicate"] == 1
+    assert off(Message("t", b"x", 1), link) is not None and off.dropped["v3-duplicate"] == 0
+    clock.advance(on.dedup_window)
+    assert on(Message("t", b"x", 1), link) is not None   # the window is over
 
 
 def test_mesh_guard_is_idle_until_a_bridge_appears():
