@@ -279,6 +279,46 @@ _STRS = {"connection", "remote_clientid", "local_clientid", "remote_username",
          "certfile", "keyfile"}
 
 
+class TLSFileError(ValueError):
+    """A bridge's TLS file is unusable; ``key`` is the setting that names it."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+def load_tls_files(config: "BridgeConfig") -> dict:
+    """Load and check the TLS files of ``config`` (which has ``bridge_cafile``).
+
+    Returns ``{"trust": [every certificate of bridge_cafile, in file order],
+    "chain": [certificate, its chain...] or [], "key": private key or None}``
+    as ``cryptography`` objects.  Every certificate of ``bridge_cafile`` is
+    trusted (a CA bundle), as mosquitto's ``SSL_CTX_load_verify_locations``.
+
+    :raises TLSFileError: a file is missing, unreadable, holds no PEM
+        certificate / unencrypted key, or the key does not fit the certificate.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from mqttd.transports.tls import TLSConfigError, load_certificates, load_private_key
+    key_name = "bridge_cafile"
+    try:
+        trust = load_certificates(config.cafile, "bridge_cafile")
+        chain, key = [], None
+        if config.certfile is not None:
+            key_name = "bridge_certfile"
+            chain = load_certificates(config.certfile, "bridge_certfile")
+            key_name = "bridge_keyfile"
+            key = load_private_key(config.keyfile)
+            spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+                raise TLSConfigError(f"private key {config.keyfile!r} does not fit "
+                                     f"bridge_certfile {config.certfile!r}")
+    except TLSConfigError as error:
+        raise TLSFileError(f"bridge {config.connection!r}: {error}", key_name) from None
+    return {"trust": trust, "chain": chain, "key": key}
+
+
 def _as_list(value) -> List[str]:
     if isinstance(value, list):
         return [str(x) for x in value]
@@ -286,11 +326,13 @@ def _as_list(value) -> List[str]:
 
 
 def bridge_from_table(table: dict, index: int = 0, text: str = "",
-                      source: str = "") -> BridgeConfig:
+                      source: str = "", check_files: bool = True) -> BridgeConfig:
     """A :class:`BridgeConfig` from one parsed ``[[bridge]]`` table.
 
     ``index`` is the table's position and ``text`` the TOML source, used only
-    to point at the line at fault in a :class:`BridgeConfigError`.
+    to point at the line at fault in a :class:`BridgeConfigError`.  With
+    ``check_files`` the TLS files are loaded and checked (:func:`load_tls_files`)
+    so that ``check-config`` and start-up refuse a missing or bad one.
     """
     def fail(message, key=None, needle=None):
         raise BridgeConfigError(message, _find_line(text, index, key, needle), source)
@@ -340,17 +382,25 @@ def bridge_from_table(table: dict, index: int = 0, text: str = "",
         if required not in kwargs:
             fail(f"bridge needs {key!r}", None)
     try:
-        return BridgeConfig(**kwargs)
+        config = BridgeConfig(**kwargs)
     except (ValueError, TypeError) as error:
         message = _clean_attrs_error(error)
         key = _key_of_error(message)
         if key is not None:   # speak of the setting as the user wrote it
             message = message.replace(f"'{TOML_KEYS[key]}'", key)
         fail(message, key)
+    if check_files and config.tls:
+        try:
+            load_tls_files(config)
+        except TLSFileError as error:
+            fail(str(error), error.key)
+    return config
 
 
-def bridges_from_toml(tables, text: str = "", source: str = "") -> List[BridgeConfig]:
-    """Every ``[[bridge]]`` table; names must be unique."""
+def bridges_from_toml(tables, text: str = "", source: str = "",
+                      check_files: bool = True) -> List[BridgeConfig]:
+    """Every ``[[bridge]]`` table; names must be unique (``check_files``: see
+    :func:`bridge_from_table`)."""
     if isinstance(tables, dict):
         tables = [tables]
     if not isinstance(tables, list):
@@ -361,7 +411,7 @@ def bridges_from_toml(tables, text: str = "", source: str = "") -> List[BridgeCo
     for index, table in enumerate(tables):
         if not isinstance(table, dict):
             raise BridgeConfigError("each bridge must be a table ([[bridge]])", None, source)
-        config = bridge_from_table(table, index, text, source)
+        config = bridge_from_table(table, index, text, source, check_files)
         for other in result:
             if other.connection == config.connection:
                 raise BridgeConfigError(f"two bridges named {config.connection!r}",

@@ -86,7 +86,7 @@ def parse_mosquitto(text: str, source: str = "mosquitto.conf") -> Tuple[List[dic
     # validate each block, pointing at mosquitto.conf lines
     for index, table in enumerate(tables):
         try:
-            bridge_from_table(table, index)
+            bridge_from_table(table, index, check_files=False)
         except BridgeConfigError as error:
             raise BridgeConfigError(error.message, _line_for(error.message, lines_of[index]),
                                     source) from None

@@ -29,7 +29,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mqttd.bridge.config import BridgeConfig, BridgeConfigError, bridges_from_toml
+from mqttd.bridge.config import (
+    BridgeConfig, BridgeConfigError, TLSFileError, bridges_from_toml, load_tls_files)
 from mqttd.bridge.mesh import DEFAULT_DEDUP_WINDOW, MeshGuard
 from mqttd.bridge.runtime import Bridge
 
@@ -125,7 +126,9 @@ def _tls_options(config: BridgeConfig, host: str):
     ``bridge_certfile``/``bridge_keyfile`` if given (a certfile may hold the
     chain after the certificate), check the host name unless ``bridge_insecure``.
 
-    The client certificate and key reach pyOpenSSL as ``cryptography`` objects
+    Every certificate of ``bridge_cafile`` is trusted (a CA bundle: intermediate
+    + root, or the system's ca-certificates file), as mosquitto does.  The
+    client certificate and key reach pyOpenSSL as ``cryptography`` objects
     (Twisted's ``PrivateCertificate`` would hand it the deprecated X509/PKey).
 
     :raises BridgeConfigError: a file is unreadable or holds no usable PEM.
@@ -133,20 +136,20 @@ def _tls_options(config: BridgeConfig, host: str):
     try:
         from twisted.internet import ssl
 
-        from mqttd.transports.tls import TLSConfigError, load_certificates, load_private_key
+        from mqttd.transports.tls import as_pyopenssl
     except ImportError as error:  # pragma: no cover - pyOpenSSL missing
         raise BridgeConfigError(f"bridge_cafile needs TLS support: {error}")
-    client: dict = {}
     try:
-        with open(config.cafile, "rb") as f:
-            trust = ssl.Certificate.loadPEM(f.read())
-        if config.certfile is not None:
-            chain = load_certificates(config.certfile, "bridge_certfile")
-            client = {"certificate": chain[0], "extraCertChain": chain[1:],
-                      "privateKey": load_private_key(config.keyfile)}
-    except (OSError, TLSConfigError, Exception) as error:
-        raise BridgeConfigError(f"bridge {config.connection!r}: cannot load TLS files: "
-                                f"{error}")
+        files = load_tls_files(config)
+    except TLSFileError as error:
+        raise BridgeConfigError(f"{error.key}: {error}")
+    # every certificate of the file is trusted (a CA bundle), as mosquitto does
+    trust = ssl.trustRootFromCertificates(
+        [ssl.Certificate(cert) for cert in as_pyopenssl(files["trust"])])
+    client: dict = {}
+    if files["chain"]:
+        client = {"certificate": files["chain"][0], "extraCertChain": files["chain"][1:],
+                  "privateKey": files["key"]}
     if config.insecure:
         # bridge_insecure: trust the CA but do not check the host name
         return ssl.CertificateOptions(trustRoot=trust, **client)

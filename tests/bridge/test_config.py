@@ -273,3 +273,107 @@ def test_bridge_tls_client_certificate_uses_no_deprecated_pyopenssl_api(tmp_path
     deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
                     if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
     assert deprecations == []
+
+
+def _handshake(client_options, server_key, server_cert) -> str:
+    """An in-memory TLS handshake of the bridge's client options against a server: "ok" or the error."""
+    from types import SimpleNamespace
+
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+    from twisted.internet.protocol import Factory
+
+    from mqttd.transports.tls import load_certificates, load_private_key
+    server = SSL.Connection(ssl.CertificateOptions(
+        privateKey=load_private_key(str(server_key)),
+        certificate=load_certificates(str(server_cert))[0]).getContext(), None)
+    server.set_accept_state()
+    failed = []
+    proto = SimpleNamespace(factory=SimpleNamespace(wrappedFactory=Factory()),
+                            failVerification=failed.append)
+    if hasattr(client_options, "clientConnectionForTLS"):
+        client = client_options.clientConnectionForTLS(proto)
+    else:
+        client = SSL.Connection(client_options.getContext(), None)
+    client.set_connect_state()
+    done = set()
+    for _ in range(20):   # a handshake takes a few round trips
+        for name, conn in (("client", client), ("server", server)):
+            try:
+                conn.do_handshake()
+                done.add(name)
+            except SSL.WantReadError:
+                pass
+            except SSL.Error as error:
+                return f"{name}: {error}"
+        for a, b in ((client, server), (server, client)):
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if done == {"client", "server"}:
+            return "ok" if not failed else f"verification: {failed[0]}"
+    return "no handshake"
+
+
+@pytest.mark.parametrize("order", ["other-ca first", "ca first"])
+def test_bridge_cafile_bundle_trusts_every_certificate(tmp_path, order):
+    """A CA bundle in bridge_cafile trusts each of its certificates, in either order, as mosquitto does (REVIEW-BRIDGE 9a)."""
+    from transports.certs import PKI
+
+    from mqttd.bridge.service import _tls_options
+    pki = PKI(tmp_path / "pki")
+    parts = [pki.other_ca.cert_path.read_bytes(), pki.ca.cert_path.read_bytes()]
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"".join(parts if order == "other-ca first" else parts[::-1]))
+    for insecure in (False, True):
+        config = BridgeConfig(connection="b", addresses=[("localhost", 8883)],
+                              topics=[parse_topic_line("# out 1")], cafile=str(bundle),
+                              insecure=insecure)
+        assert _handshake(_tls_options(config, "localhost"), pki.server_key,
+                          pki.server_cert) == "ok", insecure
+    # and a bundle without the server's CA still refuses it
+    alone = BridgeConfig(connection="b", addresses=[("localhost", 8883)],
+                         topics=[parse_topic_line("# out 1")],
+                         cafile=str(pki.other_ca.cert_path))
+    assert "certificate verify failed" in _handshake(
+        _tls_options(alone, "localhost"), pki.server_key, pki.server_cert)
+
+
+@pytest.mark.parametrize("what", ["missing cafile", "garbage cafile", "missing certfile",
+                                  "garbage keyfile", "key of another certificate"])
+def test_bad_bridge_tls_files_fail_check_config_and_startup_with_the_line(tmp_path, what,
+                                                                          capsys):
+    """A missing or non-PEM bridge_cafile/certfile/keyfile: check-config and run exit 2 with one line naming file, line and bridge (REVIEW-BRIDGE 4a)."""
+    from transports.certs import PKI
+
+    from mqttd.cli import main as cli_main
+    pki = PKI(tmp_path / "pki")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    files = {"bridge_cafile": str(pki.ca.cert_path), "bridge_certfile": str(pki.alice_cert),
+             "bridge_keyfile": str(pki.alice_key)}
+    key, value = {
+        "missing cafile": ("bridge_cafile", str(tmp_path / "nonexistent.pem")),
+        "garbage cafile": ("bridge_cafile", str(garbage)),
+        "missing certfile": ("bridge_certfile", str(tmp_path / "nonexistent.pem")),
+        "garbage keyfile": ("bridge_keyfile", str(garbage)),
+        "key of another certificate": ("bridge_keyfile", str(pki.mallory_key)),
+    }[what]
+    files[key] = value
+    config = tmp_path / "mqttd.toml"
+    body = "".join(f'{k} = "{v}"\n' for k, v in files.items())
+    config.write_text('listen = "tcp:0:interface=127.0.0.1"\n[[bridge]]\nconnection = "c"\n'
+                      f'address = "127.0.0.1:1"\ntopic = "a/# out 1"\n{body}')
+    line = 6 + list(files).index(key)
+    assert cli_main(["check-config", "--config", str(config), "--persistence", "memory"]) == 2
+    err = capsys.readouterr().err
+    assert f"line {line}" in err and "'c'" in err and value in err, err
+    from pathlib import Path
+    twistd = [str(Path(sys.executable).parent / "twistd")]
+    result = subprocess.run([*twistd, "-n", "--pidfile", "", "mqttd", "--config", str(config),
+                             "--persistence", "memory"],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"{config}, line {line}" in result.stderr and value in result.stderr
