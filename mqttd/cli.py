@@ -94,6 +94,10 @@ def run(argv: List[str]) -> int:
             return 2
         if options["check-config"]:
             return check_config([a for a in argv if a != "--check-config"])
+        if options["cluster"]:
+            # before anything below imports the default reactor
+            from mqttd.cluster.reactor import require_asyncio_reactor
+            require_asyncio_reactor()
     from mqttd.pidfile import PidFile, PidFileError
     from mqttd.service import CannotStart
 
@@ -115,9 +119,9 @@ def run(argv: List[str]) -> int:
     sys.argv = ["twistd", "-n", "--pidfile=", "mqttd", *argv]
     try:
         twistd_run()  # exits the process itself on a usage error
-    except CannotStart as error:  # one line, exit 1 (cannot listen, cannot open the store)
+    except CannotStart as error:  # one line: cannot listen (1), cannot open the store (2)
         print(f"mqttd: {error}", file=sys.__stderr__)
-        return 1
+        return error.exit_status
     finally:
         if pid_file is not None:
             pid_file.release()

@@ -183,7 +183,9 @@ class IRetainedStore(Interface):
         """An iterator over the messages matching the plain ``topic_filter``,
         walked lazily and safe while the store changes; messages expired at
         ``now`` are skipped.  A leading wildcard never matches ``$`` topics
-        [MQTT-4.7.2-1]."""
+        [MQTT-4.7.2-1].  It may also yield ``None`` (no match yet) to bound
+        the work of one step: the broker's replay counts each item against
+        its budget per reactor turn."""
 
     def match(topic_filter, now=None):
         """A list of what :meth:`cursor` yields."""

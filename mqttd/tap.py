@@ -62,6 +62,25 @@ def _acl_file(value: str) -> None:
         raise ValueError(str(error)) from None
 
 
+def _cluster_url(value: str) -> None:
+    from mqttd.cluster.backend import parse_url
+    parse_url(value)   # ValueError, one line
+
+
+def _node_id(value: str) -> None:
+    from mqttd.cluster.node import check_node_id
+    check_node_id(value)
+
+
+def _redact_url(value) -> str:
+    """A Redis URL with its password as ``***``."""
+    from mqttd.cluster.backend import parse_url
+    try:
+        return parse_url(value).redacted()
+    except ValueError:
+        return "***"
+
+
 def _listener_limit(value: str) -> None:
     description, sep, count = value.rpartition("=")
     if not sep or not description or not count.strip().isdigit() or int(count) < 1:
@@ -199,12 +218,30 @@ OPTIONS: List[Option] = [
            "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
            "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+    Option("max-topic-filters-per-packet", integer(0), "Topic filters in one SUBSCRIBE "
+           "or UNSUBSCRIBE; more: v5 DISCONNECT 0x97, v3 close; 0 = no limit.",
+           default=1000, field="max_topic_filters_per_packet"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
            "0 = no limit.", default=0, field="max_topic_levels"),
     Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
            "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
     Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
            "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
+    # --- cluster (mqttd.cluster; see docs/cluster.rst) ---
+    Option("cluster", text(_cluster_url), "Join the cluster whose state is in this Redis: "
+           "redis://HOST:PORT[/DB], rediss://..., redis+sentinel://H:P[,H:P]/SERVICE, "
+           "redis+cluster://H:P[,H:P] (needs the asyncio reactor; docs/cluster.rst).",
+           redact=_redact_url),
+    Option("node-id", text(_node_id), "This node's name in the cluster: unique, "
+           "[A-Za-z0-9._-], at most 64 characters.", doc_default="``HOSTNAME-PID``"),
+    Option("cluster-heartbeat", number(above=0), "Seconds between a node's heartbeats "
+           "in Redis.", default=1.0),
+    Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
+           "a node counts as dead (and a node that could not reach Redis that long has "
+           "fenced itself); more than 2 heartbeats.", default=5.0),
+    Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
+           "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
+           "have before the oldest messages for it are lost.", default=1_000_000),
 ]
 
 #: Feature packages that add to the service built from the options:
@@ -214,6 +251,7 @@ FEATURES: List[str] = [
     "mqttd.auth.setup:install",
     "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
+    "mqttd.cluster.service:from_options",
 ]
 
 
@@ -323,6 +361,15 @@ class Options(usage.Options):
                 raise ConfigError(f"--listener-max-connections: {description!r} is not one of "
                                   f"the --listen endpoints {self['listen']} (spell it as "
                                   f"given to --listen)")
+        if self["cluster"] is None:
+            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
+                         "cluster-inbox-maxlen"):
+                if self.sources.get(name) != "default":
+                    raise ConfigError(f"--{name}: only with --cluster")
+        elif (self["cluster-node-ttl"] or option("cluster-node-ttl").default) < 2 * (
+                self["cluster-heartbeat"] or option("cluster-heartbeat").default):
+            raise ConfigError("--cluster-node-ttl: must be at least twice --cluster-heartbeat "
+                              "(one lost heartbeat must not make a node dead)")
         if self["admin-user"] and not (self["password-file"] or self["auth"]):
             raise ConfigError("--admin-user: needs --password-file or --auth (the admin API "
                               "checks its users with the broker's authenticator; without one "
@@ -437,12 +484,21 @@ def check_report(options: Options) -> str:
 def _one_line_for_cannot_listen(previous_hook):
     """``sys.excepthook`` that prints :class:`~mqttd.service.CannotStart`
     (cannot listen, cannot open the store) as one line (``twistd -n mqttd`` in
-    the foreground) instead of a traceback."""
+    the foreground) instead of a traceback, and exits with its ``exit_status``
+    (the interpreter would exit 1 after any uncaught exception; twistd has
+    already removed its pid file and the log lines are flushed)."""
     from mqttd.service import CannotStart
 
     def hook(kind, value, traceback):
         if isinstance(value, CannotStart):
             print(f"mqttd: {value}", file=sys.__stderr__)
+            if value.exit_status != 1:
+                for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(value.exit_status)
         else:
             previous_hook(kind, value, traceback)
     return hook
@@ -489,6 +545,11 @@ def install_signal_handlers(reactor, service) -> None:
 def makeService(options: Options):
     import importlib
 
+    if options["cluster"]:
+        # redis.asyncio runs on Twisted's asyncio reactor: install it before
+        # anything imports the default one (exit 2 if another is installed)
+        from mqttd.cluster.reactor import require_asyncio_reactor
+        require_asyncio_reactor()
     from twisted.internet import reactor
 
     from mqttd import logs
