@@ -441,3 +441,44 @@ def test_mosquitto_import_refuses_tls_it_cannot_express(tmp_path, capsys, direct
     err = captured.err.strip().splitlines()
     assert captured.out == "" and len(err) == 1
     assert f"{conf}, line 6" in err[0] and directive.split()[0] in err[0]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("it's/# out 1", TopicMap("it's/#", "out", 1)),
+    ("a\\b/# out 1", TopicMap("a\\b/#", "out", 1)),
+    ("a/#   both   2  \"\"   r/", TopicMap("a/#", "both", 2, "", "r/")),
+    ("'q'/# in 0 l/ 'r'/", TopicMap("'q'/#", "in", 0, "l/", "'r'/")),
+])
+def test_topic_lines_split_as_mosquitto_not_as_a_shell(line, expected):
+    """mosquitto splits topic lines on blanks only; ' and \\ are topic characters, "" is the empty string (REVIEW-BRIDGE 4c)."""
+    assert parse_topic_line(line) == expected
+    assert parse_topic_line(expected.line()) == expected   # and the import writes it back
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[::1]:1884", ("::1", 1884)),
+    ("[::1]", ("::1", 1883)),
+    ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1)),
+    ("host.example", ("host.example", 1883)),
+    ("10.0.0.1:8883", ("10.0.0.1", 8883)),
+])
+def test_addresses_parse_hosts_ports_and_bracketed_ipv6(text, expected):
+    """HOST[:PORT] and [IPV6][:PORT] give the right host and port."""
+    from mqttd.bridge.config import parse_address
+    assert parse_address(text, 1883) == expected
+
+
+@pytest.mark.parametrize("value, why", [
+    ('"::1"', "brackets"),
+    ('"fe80::1:1883"', "brackets"),
+    ("18841", "must be a string"),
+    ('"18841"', "no host"),
+    ('"[::1]x"', "IPV6"),
+    ('"[::1"', "IPV6"),
+])
+def test_ambiguous_or_hostless_addresses_are_refused_with_the_line(value, why):
+    """'::1' is not host ':' port 1 and 18841 is not a host: refused, naming the line (REVIEW-BRIDGE 4b)."""
+    text = f'[[bridge]]\nconnection = "x"\ntopic = "a/# out 1"\naddress = {value}\n'
+    with pytest.raises(BridgeConfigError, match=why) as info:
+        bridges_from_toml(tomllib.loads(text)["bridge"], text, "f.toml")
+    assert info.value.line == 4
