@@ -514,3 +514,27 @@ def test_a_primary_that_refuses_the_connect_is_probed_less_and_less_often(net):
     net.brokers["P"].authenticator = None
     net.settle(4 * bridge.primary_retry + 5)
     assert _remote_of(net, bridge) == "P" and bridge._probe_interval == bridge.primary_retry
+
+
+def test_failed_reconnect_attempts_log_one_rate_limited_line(net):
+    """A remote that stays down: one warn line per failed attempt at most, at most one a minute, with the reason, the delay and the count of attempts not logged; no Twisted retry/factory lines (REVIEW-BRIDGE 9b)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    events = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        net.broker("A")
+        net.broker("B")
+        net.reachable["B"] = False
+        manager = net.bridge("A", "B", ["q/# out 1"])
+        net.settle(125, step=1.0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = [formatEvent(e) for e in events]
+    failed = [t for t in text if "connection attempt" in t and "failed" in t]
+    assert not any("Scheduling retry" in t or "Starting factory" in t
+                   or "Stopping factory" in t for t in text)
+    assert 2 <= len(failed) <= 3, failed
+    assert "B is down" in failed[0] and "next attempt in" in failed[0]
+    assert "more failed attempts not logged" in failed[1]
+    assert "B is down" in manager.stats["A-B"].last_error
