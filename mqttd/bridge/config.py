@@ -16,7 +16,6 @@ the whole topics, which then must not contain wildcards.)
 """
 from __future__ import annotations
 
-import shlex
 import socket
 from typing import List, Optional, Tuple
 
@@ -102,7 +101,7 @@ class TopicMap:
     def line(self) -> str:
         """The mosquitto ``topic`` line (without the keyword)."""
         def q(s):
-            return '""' if s == "" else (f'"{s}"' if " " in s else s)
+            return '""' if s == "" else s
         parts = [q(self.pattern), self.direction, str(self.qos)]
         if self.local_prefix or self.remote_prefix:
             parts += [q(self.local_prefix), q(self.remote_prefix)]
@@ -112,12 +111,14 @@ class TopicMap:
 def parse_topic_line(text: str) -> TopicMap:
     """Parse ``PATTERN [[[out|in|both] QOS] LOCAL-PREFIX REMOTE-PREFIX]``.
 
+    Split as mosquitto does (conf.c: ``strtok`` on spaces): the words are
+    separated by blanks, ``""`` alone stands for an empty pattern or prefix,
+    and nothing else is special -- ``'`` and ``\\`` are ordinary topic
+    characters (a topic with a space cannot be written, as in mosquitto).
+
     Raises ValueError with what is wrong.
     """
-    try:
-        words = shlex.split(text, posix=True)
-    except ValueError as error:
-        raise ValueError(f"topic {text!r}: {error}") from None
+    words = ["" if word == '""' else word for word in text.split()]
     if not words or len(words) > 5 or len(words) == 4:
         raise ValueError(f"topic {text!r}: expected PATTERN [[[out|in|both] QOS] "
                          "LOCAL-PREFIX REMOTE-PREFIX]")
@@ -140,13 +141,32 @@ def parse_topic_line(text: str) -> TopicMap:
 
 
 def parse_address(text: str, default_port: int) -> Tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        host, port = text.strip(), str(default_port)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    """``HOST[:PORT]`` or ``[IPV6]:PORT`` / ``[IPV6]`` as ``(host, port)``.
+
+    A bare IPv6 literal (``::1``) is refused rather than guessed at (its last
+    group could be a port): write ``[::1]:1883``.  A host that is only digits
+    (a port without its host) is refused too.
+
+    :raises ValueError: with what is wrong and the form expected.
+    """
+    text = text.strip()
+    expected = "must be HOST[:PORT] or [IPV6-ADDRESS][:PORT] with a port in 1..65535"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"address {text!r} {expected}")
+        port = rest[1:] if rest else str(default_port)
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"address {text!r}: an IPv6 address is written in brackets "
+                             f"with its port, e.g. [{text}]:{default_port}")
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, str(default_port)
+        if host.isdigit():
+            raise ValueError(f"address {text!r} has no host (only a number): {expected}")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {text!r} must be HOST[:PORT] with a port in 1..65535")
+        raise ValueError(f"address {text!r} {expected}")
     return host, int(port)
 
 
@@ -344,6 +364,10 @@ def bridge_from_table(table: dict, index: int = 0, text: str = "",
             fail(f"unknown bridge setting {key!r}", key)
         try:
             if field == "addresses":
+                if not isinstance(value, (str, list)) or (
+                        isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+                    raise ValueError(f"address must be a string \"HOST[:PORT]\" (or a list "
+                                     f"of them), got {value!r}")
                 addresses = []
                 for item in _as_list(value):
                     for word in item.replace(",", " ").split():

@@ -16,12 +16,16 @@ properties that travel with the message:
     the comma-separated broker ids that accepted it; a message whose path
     holds our own id, or already ``hop_limit`` ids, is dropped.
 
-Only a message that arrives over a bridge (a connection of a bridging broker,
-or one of this broker's own bridges) is believed to carry these properties:
-on a message from anyone else (an ordinary client, an internal publish) they
-are removed and the message is stamped afresh, so a client that forges
-``mqttd-mid`` can neither make the guard drop another broker's message nor
-fill its memory of ids.
+The two stamps are always the *last two* user properties (``mqttd-mid`` then
+``mqttd-path``: the stamp block).  Only a message that arrives over a bridge
+(a connection of a bridging broker, or one of this broker's own bridges) and
+ends with a stamp block is believed to carry one; every other message (an
+ordinary client's, an internal publish, a bridge's without a block) is
+stamped afresh, its own user properties -- pairs named ``mqttd-mid`` or
+``mqttd-path`` included -- kept unaltered before the block [MQTT-3.3.2-17].
+So a client that forges ``mqttd-mid`` can neither make the guard drop another
+broker's message nor fill its memory of ids, and loses nothing it sent:
+:meth:`~mqttd.broker.Broker.public_form` removes only the trailing block.
 
 Dropped copies are acknowledged as usual (so nothing is re-sent) and counted
 in :attr:`MeshGuard.dropped`.  Limits: MQTT 3.1.1 links cannot carry
@@ -140,20 +144,16 @@ class MeshGuard:
         if message.topic.startswith("$"):
             return message
         props = message.properties
-        user = props.user_properties
+        user = tuple(props.user_properties or ())
         mid = path = None
-        if user and (client is None or not getattr(client, "bridge", False)):
-            # not from a bridge: its stamps are not ours to believe (forged or
-            # copied from a delivery); the message is stamped afresh below
-            kept = tuple((n, v) for n, v in user if n != MID and n != PATH)
-            if len(kept) != len(user):
-                user = kept
-        if user:
-            for name, value in user:
-                if name == MID:
-                    mid = value
-                elif name == PATH:
-                    path = value
+        if (len(user) >= 2 and user[-2][0] == MID and user[-1][0] == PATH
+                and client is not None and getattr(client, "bridge", False)):
+            # a bridge's message ends with the stamp block of the mqttd that sent it
+            mid, path = user[-2][1], user[-1][1]
+            user = user[:-2]
+        # anything else -- a client's own pairs named mqttd-mid/mqttd-path
+        # included -- is the publisher's and travels unaltered [MQTT-3.3.2-17];
+        # a message without a stamp block is stamped afresh below
         if self.dedup_window:
             from_bridge = client is not None and getattr(client, "bridge", False)
             link = client.client_id if from_bridge else None
@@ -180,8 +180,7 @@ class MeshGuard:
             self._counter += 1
             mid = f"{self.broker_id}:{os.urandom(8).hex()}"
             self._remember(mid)
-            return _with_user_properties(
-                message, tuple(user) + ((MID, mid), (PATH, self.broker_id)))
+            return _with_user_properties(message, user + ((MID, mid), (PATH, self.broker_id)))
         hops = path.split(",") if path else []
         if mid in self._seen:
             return self._drop("duplicate", message, mid)
@@ -191,8 +190,7 @@ class MeshGuard:
             return self._drop("hop-limit", message, mid)
         self._remember(mid)
         hops.append(self.broker_id)
-        rest = tuple((n, v) for n, v in user if n != PATH)
-        return _with_user_properties(message, rest + ((PATH, ",".join(hops)),))
+        return _with_user_properties(message, user + ((MID, mid), (PATH, ",".join(hops))))
 
     def _remember(self, mid: str) -> None:
         seen = self._seen

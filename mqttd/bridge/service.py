@@ -252,33 +252,40 @@ def install(service, configs: List[BridgeConfig], config_path: Optional[str] = N
     return manager
 
 
-#: Prometheus gauges (``BrokerService.add_gauge``, read at scrape time):
-#: name -> (help, BridgeStats attribute)
-GAUGES = {
-    "mqttd_bridge_connected": ("1 while the bridge is connected to its remote", "connected"),
-    "mqttd_bridge_messages_in": ("Messages received from the remote and published here",
-                                 "messages_in"),
-    "mqttd_bridge_messages_out": ("Messages sent to the remote (re-sends not counted)",
-                                  "messages_out"),
-    "mqttd_bridge_queued": ("Messages waiting for the remote (queued + in flight)", "queued"),
-    "mqttd_bridge_reconnects": ("Connection attempts that ended", "reconnects"),
-    "mqttd_bridge_refused": ("Messages the remote refused (MQTT 5 reason >= 0x80)", "refused"),
-    "mqttd_bridge_too_large": ("Messages over the remote's Maximum Packet Size, dropped",
-                               "too_large"),
+#: Prometheus metrics (``BrokerService.add_gauge``/``add_counter``, read at scrape
+#: time), label ``bridge``: name -> (kind, help, BridgeStats attribute).  Counters
+#: are exposed with ``_total``.
+METRICS = {
+    "mqttd_bridge_connected": ("gauge", "Bridge connected to its remote (1) or not (0)",
+                               "connected"),
+    "mqttd_bridge_queued_messages": ("gauge", "Messages waiting for the remote (queued + "
+                                     "in flight)", "queued"),
+    "mqttd_bridge_messages_received": ("counter", "Messages received from the remote and "
+                                       "published here", "messages_in"),
+    "mqttd_bridge_messages_sent": ("counter", "Messages sent to the remote (re-sends not "
+                                   "counted)", "messages_out"),
+    "mqttd_bridge_reconnects": ("counter", "Connection attempts of the bridge that ended",
+                                "reconnects"),
+    "mqttd_bridge_refused": ("counter", "Messages the remote refused (MQTT 5 reason >= "
+                             "0x80)", "refused"),
+    "mqttd_bridge_too_large": ("counter", "Messages over the remote's Maximum Packet Size, "
+                               "dropped", "too_large"),
 }
 
 
 def _export_gauges(service, manager: BridgeManager) -> None:
     add_gauge = getattr(service, "add_gauge", None)
-    if add_gauge is None:   # a service without the metrics seam
+    add_counter = getattr(service, "add_counter", None)
+    if add_gauge is None or add_counter is None:   # a service without the metrics seam
         return
-    for name, (doc, attribute) in GAUGES.items():
+    for name, (kind, doc, attribute) in METRICS.items():
         def read(attribute=attribute):
             return [((bridge,), int(getattr(stats, attribute)))
-                    for bridge, stats in manager.stats.items()]
-        add_gauge(name, doc, ("bridge",), read)
-    add_gauge("mqttd_bridge_mesh_dropped", "Messages the mesh guard dropped, by reason",
-              ("reason",), lambda: sorted(manager.mesh.dropped.items()))
+                    for bridge, stats in sorted(manager.stats.items())]
+        (add_gauge if kind == "gauge" else add_counter)(name, doc, ("bridge",), read)
+    add_counter("mqttd_bridge_mesh_dropped", "Messages the mesh guard dropped, by reason",
+                ("reason",), lambda: [((reason,), count) for reason, count
+                                      in sorted(manager.mesh.dropped.items())])
 
 
 def from_options(service, options) -> None:
