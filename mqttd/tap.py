@@ -239,6 +239,14 @@ OPTIONS: List[Option] = [
     Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
            "a node counts as dead (and a node that could not reach Redis that long has "
            "fenced itself); more than 2 heartbeats.", default=5.0),
+    Option("cluster-wait-replicas", integer(0, 16), "Acknowledge QoS 1/2 and session changes "
+           "only once this many Redis replicas have the writes (Redis WAIT, 1 s at most; "
+           "fewer: no acknowledgement); 0 = the primary's acknowledgement is enough. "
+           "Not with redis+cluster://.", default=0),
+    Option("cluster-takeover-timeout", number(above=0), "Seconds a node taking a "
+           "session over waits for the old owner node to hand it over (close the client "
+           "with 0x8E, write what it had); after it the old owner's writes are fenced.",
+           default=5.0),
     Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
            "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
            "have before the oldest messages for it are lost.", default=1_000_000),
@@ -252,6 +260,7 @@ FEATURES: List[str] = [
     "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
     "mqttd.cluster.service:from_options",
+    "mqttd.cluster.sessionservice:from_options",
 ]
 
 
@@ -363,6 +372,7 @@ class Options(usage.Options):
                                   f"given to --listen)")
         if self["cluster"] is None:
             for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
+                         "cluster-takeover-timeout", "cluster-wait-replicas",
                          "cluster-inbox-maxlen"):
                 if self.sources.get(name) != "default":
                     raise ConfigError(f"--{name}: only with --cluster")
