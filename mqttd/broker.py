@@ -651,6 +651,9 @@ class Broker:
         but they are removed from every PUBLISH to any other client and from
         in-process subscribers' messages, so those get the publisher's user
         properties unaltered and in order [MQTT-3.3.2-17, MQTT-3.3.2-18].
+        They must be the *last* user properties, each name once (a block the
+        registrant appends); only that trailing block is removed, so pairs of
+        the same names that a publisher set itself are kept.
         Removed once per message and form, shared by all such subscribers.
         Returns the unregister function.
         """
@@ -679,11 +682,16 @@ class Broker:
             found = cache.get(key)
             if found is not None and found[0] is message:
                 return found[1]
-        if any(name in private for name, _value in user):
-            public = with_user_properties(
-                message, tuple(item for item in user if item[0] not in private))
-        else:
-            public = message
+        # the private names form a block at the end (each name once, as the
+        # mesh guard stamps them): only that block goes; a publisher's own
+        # pairs of the same names, before it, stay [MQTT-3.3.2-17]
+        end = len(user)
+        seen = set()
+        while end and user[end - 1][0] in private and user[end - 1][0] not in seen:
+            seen.add(user[end - 1][0])
+            end -= 1
+        public = message if end == len(user) else with_user_properties(
+            message, tuple(user[:end]))
         if cache is not None:
             cache[key] = (message, public)   # the original kept alive: its id stays unique
         return public
@@ -754,35 +762,7 @@ class Broker:
             self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
-            record = stored.record
-            session = Session(client_id=client_id, protocol_level=record.protocol_level,
-                              persistent=True, expiry_interval=record.expiry_interval,
-                              owner=getattr(record, "owner", None),  # older records: none
-                              ledger=self.stats)
-            self._persistent.add(client_id)
-            session.disconnected_at = (record.disconnected_at
-                                       if record.disconnected_at is not None else now)
-            for sub in record.subscriptions:
-                session.subscriptions[sub.topic_filter] = sub
-                self._index(client_id, sub)
-            for seq in sorted(stored.outbound):
-                out = stored.outbound[seq]
-                session.restore_seq(seq)
-                expires_at = out.message.expires_at
-                if (expires_at is not None and expires_at <= now
-                        and out.stage != OutboundStage.PUBREL_SENT):
-                    self._write(R.DeleteOutbound(client_id, seq))
-                    expired += 1
-                    continue
-                forwardable = _forwardable(out.message, keep_subscription_ids=True)
-                if forwardable is not out.message:
-                    out = attrs.evolve(out, message=forwardable)
-                if out.stage == OutboundStage.QUEUED or out.packet_id is None:
-                    session.restore_queued(out)
-                else:
-                    session.inflight[out.packet_id] = out
-            session.inbound_qos2.update(stored.inbound_qos2)
-            self.sessions[client_id] = session
+            expired += self._restore_session(stored, now)
         # wills first: a session that expired while we were down publishes its will
         self.wills.restore(state.wills.values(), self.sessions)
         for session in list(self.sessions.values()):
@@ -793,6 +773,140 @@ class Broker:
                  sessions=len(state.sessions), retained=len(self.retained),
                  messages=sum(len(s.outbound) for s in state.sessions.values()),
                  wills=len(state.wills), expired=expired)
+
+    def _restore_session(self, stored: R.StoredSession, now: float) -> int:
+        """Rebuild one stored persistent session, offline; returns how many of
+        its messages had expired (dropped and deleted from the store)."""
+        record = stored.record
+        client_id = record.client_id
+        expired = 0
+        session = Session(client_id=client_id, protocol_level=record.protocol_level,
+                          persistent=True, expiry_interval=record.expiry_interval,
+                          owner=getattr(record, "owner", None),  # older records: none
+                          ledger=self.stats)
+        self._persistent.add(client_id)
+        session.disconnected_at = (record.disconnected_at
+                                   if record.disconnected_at is not None else now)
+        for sub in record.subscriptions:
+            session.subscriptions[sub.topic_filter] = sub
+            self._index(client_id, sub)
+        for seq in sorted(stored.outbound):
+            out = stored.outbound[seq]
+            session.restore_seq(seq)
+            expires_at = out.message.expires_at
+            if (expires_at is not None and expires_at <= now
+                    and out.stage != OutboundStage.PUBREL_SENT):
+                self._write(R.DeleteOutbound(client_id, seq))
+                expired += 1
+                continue
+            forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            if forwardable is not out.message:
+                out = attrs.evolve(out, message=forwardable)
+            if out.stage == OutboundStage.QUEUED or out.packet_id is None:
+                session.restore_queued(out)
+            else:
+                session.inflight[out.packet_id] = out
+        session.inbound_qos2.update(stored.inbound_qos2)
+        self.sessions[client_id] = session
+        self.stats.persistent_sessions = len(self._persistent)
+        return expired
+
+    # --- the session seam (a cluster plugs in here) -------------------------------
+
+    #: an object with ``claim(connection, client_id, clean_start, persistent,
+    #: will, username)`` and ``abandoned(client_id, connection)``, or None (a
+    #: single node: nothing to claim).  See :meth:`claim_session`.
+    session_registry = None
+
+    def claim_session(self, connection, client_id: str, clean_start: bool,
+                      persistent: bool, will, username: Optional[str]):
+        """The step before :meth:`open_session`: make ``client_id`` ours.
+
+        A single node has nothing to claim and answers ``None`` at once (no
+        Deferred on the fast path).  With a :attr:`session_registry` (the
+        cluster) it returns its answer: ``None`` or a Deferred firing with
+        ``None`` once the client id is owned here (the session, if resumed,
+        installed with :meth:`install_session`), or with a refusal
+        ``(reason_code, why, stats_reason)`` for the CONNACK.  The connection
+        waits meanwhile; its later packets queue [MQTT-4.6.0-2].
+        """
+        registry = self.session_registry
+        if registry is None:
+            return None
+        return registry.claim(connection, client_id, clean_start, persistent, will, username)
+
+    def claim_abandoned(self, client_id: Optional[str], connection) -> None:
+        """The connection that claimed ``client_id`` went (or was refused)
+        before its session was opened."""
+        registry = self.session_registry
+        if registry is not None and client_id is not None:
+            registry.abandoned(client_id, connection)
+
+    def install_session(self, stored: R.StoredSession, will: Optional[R.WillRecord] = None,
+                        ) -> Session:
+        """Take over ``stored`` (a persistent session another node owned) as an
+        offline session of this broker, replacing any copy held here, with its
+        pending delayed will; its expiry timer starts (from its
+        ``disconnected_at``).  Writes nothing except dropping expired messages
+        [MQTT-3.3.2-5].  Returns the session."""
+        client_id = stored.record.client_id
+        existing = self.sessions.get(client_id)
+        if existing is not None:
+            self.release_session(client_id)
+        now = self.clock.seconds()
+        self._restore_session(stored, now)
+        if will is not None:
+            self.wills.restore([will], self.sessions)
+        session = self.sessions[client_id]
+        self._schedule_expiry(session, now)
+        return session
+
+    def release_session(self, client_id: str, clean_start: bool = False) -> Optional[Session]:
+        """Forget the session of ``client_id`` without touching the store:
+        another node owns it now (session takeover across nodes).
+
+        An online client is disconnected with 0x8E Session taken over
+        [MQTT-3.1.4-3]; its will is published when the new owner starts a
+        clean session or the will has no delay (a resumed session cancels a
+        delayed will [MQTT-3.1.3-9]); a pending delayed will likewise.  Nothing
+        is written: the new owner's store state wins.  Returns the session
+        forgotten, or None.
+        """
+        session = self.sessions.get(client_id)
+        if session is None:
+            self.wills.session_resumed_elsewhere(client_id, publish=clean_start)
+            return None
+        conn = session.connection
+        if conn is not None:
+            will, session.will = session.will, None
+            self.online -= 1
+            info = getattr(conn, "info", None)
+            self.emit("clientDisconnecting", client=info, reason="takeover")
+            session.connection = None
+            session.wire.clear()
+            session.resend.clear()
+            if session.congested_since is not None:
+                self._teardown_step(client_id, "release of held publishers",
+                                    self._decongested, session)
+            if will is not None and (clean_start or not session.persistent
+                                     or not will.properties.will_delay_interval):
+                self._teardown_step(client_id, "will", self.wills.schedule, client_id,
+                                    will_message(will, client_id), 0, False)
+            conn.disconnect(ReasonCode.SESSION_TAKEN_OVER)
+            self.emit("clientDisconnected", client=info, reason="takeover")
+        self.wills.session_resumed_elsewhere(client_id, publish=clean_start)
+        for topic_filter in list(session.subscriptions):
+            self._unindex(client_id, topic_filter)
+        session.clear_queue()
+        session.inflight.clear()
+        session.replays.clear()
+        if session.expiry_call is not None and session.expiry_call.active():
+            session.expiry_call.cancel()
+        session.expiry_call = None
+        del self.sessions[client_id]
+        self._persistent.discard(client_id)
+        self.stats.persistent_sessions = len(self._persistent)
+        return session
 
     # --- sessions ---------------------------------------------------------------
 

@@ -152,6 +152,8 @@ class ClientConnection:
         self._limited = config.max_qos < 2 or not config.retain_available
         self._online = False
         self._paused = False
+        #: waiting for the broker's claim_session answer (the session seam)
+        self._claiming = False
         self._will_on_close = True
         self._pending = collections.deque()
         #: the broker's write count when the current packet's handling began
@@ -577,6 +579,9 @@ class ClientConnection:
         self._online = False
         self._cancel_timers()
         self._release()
+        if self._claiming:  # gone while its session was being claimed
+            self._claiming = False
+            self.broker.claim_abandoned(self.client_id, self)
         session = self.session
         if session is not None:
             self.broker.connection_lost(session, self, publish_will=self._will_on_close,
@@ -1060,6 +1065,40 @@ class ClientConnection:
             broker.stats.connects_refused += 1
             broker.stats.count_refusal(reason)
             return self._refuse(code, why)
+        opening = (packet, auth_data, expiry, granted_expiry, keepalive, server_keepalive)
+        # the session seam: a cluster first claims the client id cluster-wide
+        # (and loads its session); a single node answers None at once
+        claim = broker.claim_session(self, client_id, packet.clean_start,
+                                     expiry is None or expiry > 0, packet.will,
+                                     self.info.username)
+        if claim is None:
+            return self._open(opening)
+        self._claiming = True
+        self._await(claim, lambda answer: self._claimed(answer, opening), "claim_session")
+
+    def _claimed(self, answer, opening) -> None:
+        """The session seam answered: None opens the session, a refusal
+        ``(reason_code, why, stats_reason)`` or a failed claim refuses."""
+        self._claiming = False
+        if answer is not None:
+            broker = self.broker
+            broker.stats.connects_refused += 1
+            if answer is HOOK_FAILED:
+                answer = (ReasonCode.SERVER_UNAVAILABLE, "session claim failed",
+                          "claim-failed")
+            code, why, reason = answer
+            broker.stats.count_refusal(reason)
+            broker.claim_abandoned(self.client_id, self)
+            return self._refuse(code, why)
+        self._open(opening)
+
+    def _open(self, opening) -> None:
+        packet, auth_data, expiry, granted_expiry, keepalive, server_keepalive = opening
+        broker = self.broker
+        config = broker.config
+        level = self.protocol_level
+        props = packet.properties
+        client_id = self.client_id
         session, present = broker.open_session(
             self, client_id, level, packet.clean_start, expiry, packet.will,
             owner=self.info.username, info=self.info)

@@ -139,9 +139,10 @@ OPTIONS: List[Option] = [
            field="max_sessions"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
-    Option("bridge-dedup-window", number(0), "Seconds a message that came over a bridge "
-           "is remembered by its topic and payload, so a copy arriving by another MQTT 3.1.1 "
-           "bridge path is dropped (meshes; see docs/bridge.rst); 0 = off.", default=0.0),
+    Option("bridge-dedup-window", number(0), "MQTT 3.1.1 mesh loop guard: seconds a "
+           "message is remembered by topic, payload, QoS and retain with the link it came "
+           "from; a copy coming back over a bridge it was forwarded to is dropped "
+           "(see docs/bridge.rst); 0 = off.", default=2.0),
     Option("queue-qos0", flag, "Queue QoS 0 messages for offline persistent sessions.",
            field="queue_qos0"),
     Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "
@@ -238,6 +239,14 @@ OPTIONS: List[Option] = [
     Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
            "a node counts as dead (and a node that could not reach Redis that long has "
            "fenced itself); more than 2 heartbeats.", default=5.0),
+    Option("cluster-wait-replicas", integer(0, 16), "Acknowledge QoS 1/2 and session changes "
+           "only once this many Redis replicas have the writes (Redis WAIT, 1 s at most; "
+           "fewer: no acknowledgement); 0 = the primary's acknowledgement is enough. "
+           "Not with redis+cluster://.", default=0),
+    Option("cluster-takeover-timeout", number(above=0), "Seconds a node taking a "
+           "session over waits for the old owner node to hand it over (close the client "
+           "with 0x8E, write what it had); after it the old owner's writes are fenced.",
+           default=5.0),
     Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
            "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
            "have before the oldest messages for it are lost.", default=1_000_000),
@@ -251,6 +260,7 @@ FEATURES: List[str] = [
     "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
     "mqttd.cluster.service:from_options",
+    "mqttd.cluster.sessionservice:from_options",
 ]
 
 
@@ -362,6 +372,7 @@ class Options(usage.Options):
                                   f"given to --listen)")
         if self["cluster"] is None:
             for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
+                         "cluster-takeover-timeout", "cluster-wait-replicas",
                          "cluster-inbox-maxlen"):
                 if self.sources.get(name) != "default":
                     raise ConfigError(f"--{name}: only with --cluster")

@@ -89,6 +89,20 @@ class WillScheduler:
         self._drop(client_id, write=record.durable)
         return True
 
+    def session_resumed_elsewhere(self, client_id: str, publish: bool) -> bool:
+        """Another broker node took the session over: a pending will is
+        published now if ``publish`` (the new owner started a clean session:
+        the old one ended [MQTT-3.1.2-8]), else forgotten without a store
+        write (the new owner resumed it [MQTT-3.1.3-9]).  True if one was pending."""
+        if client_id not in self._pending:
+            return False
+        if publish:
+            record = self._drop(client_id, write=False)
+            self._fire_message(client_id, record.message)
+        else:
+            self._drop(client_id, write=False)
+        return True
+
     def session_ended(self, client_id: str) -> bool:
         """The session is gone (expired, discarded, replaced by a clean start):
         a pending will is published now [MQTT-3.1.2-8].  True if one was."""

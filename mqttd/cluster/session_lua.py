@@ -1,0 +1,228 @@
+"""The Lua scripts of cluster sessions (each touches one session's keys only).
+
+Every persistent or online session has six keys under the hashtag
+``{c:<client id>}`` (one Redis Cluster slot, so one script changes a session
+atomically):
+
+=========  ======  =================================================================
+key        type    holds
+=========  ======  =================================================================
+``s``      HASH    ``node`` (owner), ``epoch`` (fencing token, +1 per claim),
+                   ``online`` 0/1, ``persistent`` 0/1, ``owner`` (username),
+                   ``rec`` (the pickled ``SessionRecord``: subscriptions, expiry)
+``o``      HASH    seq -> pickled ``OutboundRecord`` (queued or in flight)
+``t``      HASH    seq -> ``<packet id>:<stage>`` (in-flight stage updates)
+``i``      SET     inbound QoS 2 packet ids waiting for PUBREL
+``w``      HASH    the will: ``kind`` = ``conn`` (the live connection's will,
+                   ``m`` pickled Message, ``delay``) or ``pending`` (a delayed
+                   will, ``m`` pickled ``WillRecord``)
+``f``      LIST    pickled ``OutboundRecord``\\ s forwarded by a node that no
+                   longer owns the session (moved into ``o`` by the owner)
+=========  ======  =================================================================
+
+Writes carry ``(node, epoch)``; a write whose epoch is not the session's
+answers ``F`` (fenced) and changes nothing -- except that queued messages in
+it are appended to ``f``, so a message routed to the old owner during a
+takeover is not lost.
+"""
+from __future__ import annotations
+
+from typing import List
+
+#: the suffixes of one session's keys, in the order every script takes them
+SESSION_KEYS = ("s", "o", "t", "i", "w", "f")
+
+
+def session_keys(prefix: str, client_id: str) -> List[str]:
+    """The six keys of ``client_id``'s session (see the module docstring)."""
+    base = f"{prefix}{{c:{client_id}}}:"
+    return [base + suffix for suffix in SESSION_KEYS]
+
+
+def node_sessions_key(prefix: str, node: str) -> str:
+    """The SET of client ids whose session ``node`` owns (the reaper's list)."""
+    return f"{prefix}{{n:{node}}}:sessions"
+
+
+# claim: KEYS s o t i w f
+# ARGV node clean_start persistent username has_username allow_other_user will delay boot
+# -> {'OWNER', owner} | {'OK', old_node, old_epoch, epoch, present, old_online, will...}
+CLAIM = r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'owner')
+local old_epoch = tonumber(s[2]) or 0
+local exists = s[2] ~= false
+local present = exists and (s[4] == '1' or s[3] == '1')
+local owner = s[5]
+if present and owner and owner ~= '' and ARGV[6] ~= '1'
+   and (ARGV[5] ~= '1' or owner ~= ARGV[4]) then
+  return {'OWNER', owner}
+end
+local will = redis.call('HGETALL', KEYS[5])
+redis.call('DEL', KEYS[5])
+if ARGV[2] == '1' or not present then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
+  redis.call('HDEL', KEYS[1], 'rec')
+  present = false
+end
+local epoch = old_epoch + 1
+local user = ''
+if ARGV[5] == '1' then user = ARGV[4] end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
+           'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[5], 'kind', 'conn', 'm', ARGV[7], 'delay', ARGV[8])
+end
+local reply = {'OK', s[1] or '', old_epoch, epoch, present and 1 or 0, s[3] or '0'}
+for _, v in ipairs(will) do reply[#reply + 1] = v end
+return reply
+"""
+
+# load: KEYS s o t i w f   ARGV node epoch
+# Moves forwarded messages (f) into o after the highest seq, then returns
+# {rec, persistent, {o...}, {t...}, {i...}} or {'F', node, epoch} when fenced.
+LOAD = r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
+if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
+  return {'F', s[1] or '', s[2] or '0'}
+end
+local fwd = redis.call('LRANGE', KEYS[6], 0, -1)
+if #fwd > 0 then
+  local top = 0
+  for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
+    local n = tonumber(k)
+    if n and n > top then top = n end
+  end
+  for i, blob in ipairs(fwd) do redis.call('HSET', KEYS[2], top + i, blob) end
+  redis.call('DEL', KEYS[6])
+end
+return {'OK', s[3] or '', s[4] or '0', redis.call('HGETALL', KEYS[2]),
+        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4])}
+"""
+
+# pull: KEYS s o t i w f   ARGV node epoch base_seq max
+# The owner takes forwarded messages: each is stored in o under base_seq + k
+# (the caller reserved that range) and returned as {seq, blob, seq, blob...}.
+PULL = r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch')
+if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
+  return {'F', s[1] or '', s[2] or '0'}
+end
+local fwd = redis.call('LRANGE', KEYS[6], 0, tonumber(ARGV[4]) - 1)
+local reply = {'OK'}
+local base = tonumber(ARGV[3])
+for i, blob in ipairs(fwd) do
+  redis.call('HSET', KEYS[2], base + i - 1, blob)
+  reply[#reply + 1] = tostring(base + i - 1)
+  reply[#reply + 1] = blob
+end
+if #fwd > 0 then redis.call('LTRIM', KEYS[6], #fwd, -1) end
+return reply
+"""
+
+# apply: KEYS s o t i w f   ARGV node epoch op args op args ...
+# ops: S rec | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
+#      V | X | G blob  (G: forward a queued message to whoever owns the session)
+# -> {'OK', gone}  (gone = 1 when the session's keys were deleted) |
+#    {'F', node, epoch, forwarded}
+APPLY = r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent')
+local arity = {S=1, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, G=1}
+local fenced = s[1] ~= ARGV[1] or s[2] ~= ARGV[2]
+if fenced then
+  local forwarded = 0
+  if s[2] then
+    local i = 3
+    while i <= #ARGV do
+      local op = ARGV[i]
+      if op == 'O' then
+        redis.call('RPUSH', KEYS[6], ARGV[i + 2]); forwarded = forwarded + 1
+      elseif op == 'G' then
+        redis.call('RPUSH', KEYS[6], ARGV[i + 1]); forwarded = forwarded + 1
+      end
+      i = i + 1 + arity[op]
+    end
+  end
+  return {'F', s[1] or '', s[2] or '0', forwarded}
+end
+local online = s[3]
+local persistent = s[4]
+local gone = 0
+local i = 3
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'S' then
+    redis.call('HSET', KEYS[1], 'rec', ARGV[i + 1], 'persistent', 1); persistent = '1'
+  elseif op == 'D' then
+    redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
+    redis.call('HDEL', KEYS[1], 'rec')
+    redis.call('HSET', KEYS[1], 'persistent', 0); persistent = '0'
+    local kind = redis.call('HGET', KEYS[5], 'kind')
+    if kind == 'pending' then redis.call('DEL', KEYS[5]) end
+    if online ~= '1' then
+      redis.call('DEL', KEYS[1], KEYS[5]); gone = 1
+    end
+  elseif op == 'O' then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]); redis.call('HDEL', KEYS[3], ARGV[i + 1])
+  elseif op == 'U' then
+    if redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 1 then
+      redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])
+    end
+  elseif op == 'R' then
+    redis.call('HDEL', KEYS[2], ARGV[i + 1]); redis.call('HDEL', KEYS[3], ARGV[i + 1])
+  elseif op == 'I' then
+    redis.call('SADD', KEYS[4], ARGV[i + 1])
+  elseif op == 'J' then
+    redis.call('SREM', KEYS[4], ARGV[i + 1])
+  elseif op == 'W' then
+    redis.call('DEL', KEYS[5])
+    redis.call('HSET', KEYS[5], 'kind', 'pending', 'm', ARGV[i + 1])
+  elseif op == 'V' then
+    if redis.call('HGET', KEYS[5], 'kind') == 'pending' then redis.call('DEL', KEYS[5]) end
+  elseif op == 'X' then
+    online = '0'
+    redis.call('HSET', KEYS[1], 'online', 0)
+    if redis.call('HGET', KEYS[5], 'kind') == 'conn' then redis.call('DEL', KEYS[5]) end
+    if persistent ~= '1' then
+      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]); gone = 1
+    end
+  elseif op == 'G' then
+    redis.call('RPUSH', KEYS[6], ARGV[i + 1])
+  else
+    return redis.error_reply('unknown op ' .. tostring(op))
+  end
+  i = i + 1 + arity[op]
+end
+return {'OK', gone}
+"""
+
+# adopt: KEYS s o t i w f   ARGV dead_node me live_boot me_boot
+# The reaper takes a dead node's session (not one of the node's live
+# incarnation ``live_boot``, when the node id came back):
+# -> {'skip', node} (moved on) | {'ended', will...} (not persistent: deleted,
+#    its will returned once) | {'adopted', epoch, online, will...}
+ADOPT = r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'persistent', 'online', 'rec', 'boot')
+if s[1] ~= ARGV[1] then return {'skip', s[1] or ''} end
+if ARGV[3] ~= '' and s[6] == ARGV[3] then return {'skip', s[1]} end
+local will = redis.call('HGETALL', KEYS[5])
+if s[3] ~= '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  local reply = {'ended'}
+  for _, v in ipairs(will) do reply[#reply + 1] = v end
+  return reply
+end
+local epoch = (tonumber(s[2]) or 0) + 1
+redis.call('HSET', KEYS[1], 'node', ARGV[2], 'epoch', epoch, 'online', 0, 'boot', ARGV[4])
+if redis.call('HGET', KEYS[5], 'kind') == 'conn' then redis.call('DEL', KEYS[5]) end
+local reply = {'adopted', epoch, s[4] or '0'}
+for _, v in ipairs(will) do reply[#reply + 1] = v end
+return reply
+"""
+
+SCRIPTS = {
+    "session_claim": CLAIM,
+    "session_load": LOAD,
+    "session_pull": PULL,
+    "session_apply": APPLY,
+    "session_adopt": ADOPT,
+}

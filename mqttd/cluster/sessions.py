@@ -1,0 +1,451 @@
+"""Session ownership across the cluster: claim, takeover, resume on any node.
+
+:class:`ClusterSessions` is the broker's ``session_registry`` (the session
+seam, :meth:`mqttd.broker.Broker.claim_session`).  On every CONNECT:
+
+1. ``session_claim`` (one script on the session's keys) makes this node the
+   owner with the next **epoch**, wipes the session on Clean Start, takes the
+   will the previous connection left, and answers who owned it before;
+2. if another node that is alive owned it, it gets a ``kick`` on its control
+   stream; it closes that client with DISCONNECT 0x8E Session taken over
+   (publishing its will as MQTT 5 says), writes what it still had (its writes
+   are fenced now: queued messages are forwarded to the new owner), and
+   answers ``done``.  The claimant waits for it at most ``takeover_timeout``;
+   a node that does not answer is a zombie the epoch fences;
+3. a dead previous owner cannot publish its client's will: the claimant does
+   (no delay, Clean Start, or MQTT 3.x), or drops it (a resumed session
+   cancels a delayed will [MQTT-3.1.3-9]);
+4. a present session is loaded (``session_load``: subscriptions, queued and
+   in-flight messages with their packet ids, inbound QoS 2 ids) and installed
+   in the broker, which then resumes it as any stored session: DUP resends,
+   the queue, live traffic.
+
+Two simultaneous CONNECTs of one client id on two nodes are serialized by
+Redis: the later claim wins and kicks the earlier (which may not even have
+answered its client yet: its claim then answers "taken over", and the client
+is refused with 0x88 / v3 0x03).  Exactly one stays.
+
+After a node gave a session away it keeps, for ``forward_grace`` seconds,
+in-process subscriptions on the session's filters: a message that still
+reaches it (other nodes' route caches lag) is forwarded to the new owner
+(``f`` list + a ``poke``), never dropped.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mqttd.codec.errors import ReasonCode
+from mqttd.messages import will_message
+from mqttd.persistence import records as R
+from mqttd.persistence import safepickle
+from mqttd.cluster.session_lua import node_sessions_key, session_keys
+from mqttd.cluster.store import Disconnected, Forward, decode_outbound
+
+log = Logger(namespace="mqttd.cluster.sessions")
+
+__all__ = ["ClusterSessions"]
+
+#: how many forwarded messages one pull moves (and seq numbers it reserves)
+PULL_BATCH = 10000
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat) -> Dict[str, bytes]:
+    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+class ClusterSessions:
+    """The cluster's session registry (see the module docstring).
+
+    :param broker: the local :class:`~mqttd.broker.Broker`.
+    :param backend: the :class:`~mqttd.cluster.backend.Backend`.
+    :param store: the :class:`~mqttd.cluster.store.RedisSessionStore` of the broker.
+    :param node_id: this node's id.
+    :param clock: ``IReactorTime``.
+    :param send_control: ``send_control(node, fields: dict) -> Deferred``: put
+        a control message on ``node``'s control stream.
+    :param is_alive: ``is_alive(node) -> Deferred[bool]``.
+    :param takeover_timeout: seconds a claimant waits for the old owner's ``done``.
+    :param forward_grace: seconds a node forwards messages of a session it
+        gave away.
+    """
+
+    def __init__(self, broker, backend, store, node_id: str, clock,
+                 send_control: Callable, is_alive: Callable, prefix: str = "mqttd:",
+                 takeover_timeout: float = 5.0, forward_grace: float = 10.0,
+                 allow_other_user: bool = False, boot=""):
+        self.broker = broker
+        self.backend = backend
+        self.store = store
+        self.node_id = node_id
+        self.clock = clock
+        self.prefix = prefix
+        self.send_control = send_control
+        self.is_alive = is_alive
+        self.takeover_timeout = takeover_timeout
+        self.forward_grace = forward_grace
+        self.allow_other_user = allow_other_user
+        #: this incarnation's boot id: the reaper of a node id that came back
+        #: adopts only the sessions of its dead incarnation
+        self.boot = boot
+        #: client id -> highest epoch a kick announced (a claim below it lost)
+        self._kicked: Dict[str, int] = {}
+        #: connection -> epoch of its claim in progress (None until claimed)
+        self._claims: Dict[object, Optional[int]] = {}
+        #: connections gone while their claim was in progress
+        self._gone_early: set = set()
+        #: connection -> epoch of a claim that answered a refusal
+        self._refused: Dict[object, int] = {}
+        #: (client id, epoch) -> Deferred waiting for the old owner's done
+        self._done: Dict[Tuple[str, int], defer.Deferred] = {}
+        #: client id -> unsubscribe functions of the forwarding subscriptions
+        self._forwarding: Dict[str, list] = {}
+        self.takeovers = 0
+        self.forwarded = 0
+        store.on_fenced = self._fenced
+        store.on_gone = self._gone
+        self._unobserve = broker.on("clientDisconnected", self._disconnected)
+        broker.session_registry = self
+
+    def stop(self) -> None:
+        self._unobserve()
+        if self.broker.session_registry is self:
+            self.broker.session_registry = None
+        for unsubscribers in self._forwarding.values():
+            for unsubscribe in unsubscribers:
+                unsubscribe()
+        self._forwarding.clear()
+
+    def _keys(self, client_id: str):
+        return session_keys(self.prefix, client_id)
+
+    # --- the seam -------------------------------------------------------------------
+
+    def claim(self, connection, client_id: str, clean_start: bool, persistent: bool,
+              will, username: Optional[str]) -> defer.Deferred:
+        self._claims[connection] = None
+        d = self._claim(client_id, clean_start, persistent, will, username, connection)
+
+        def finished(result):
+            epoch = self._claims.pop(connection, None)
+            if connection in self._gone_early:
+                # the client went while we claimed: its session is offline here
+                self._gone_early.discard(connection)
+                self._offline(client_id, epoch)
+            elif result is not None and epoch is not None:
+                self._refused[connection] = epoch   # claim_abandoned follows
+            return result
+        d.addBoth(finished)
+        return d
+
+    @defer.inlineCallbacks
+    def _claim(self, client_id, clean_start, persistent, will, username, connection=None):
+        broker = self.broker
+        store = self.store
+        # what this node still has to write of this client goes out first
+        yield store.sync()
+        will_blob = b""
+        delay = 0
+        if will is not None:
+            will_blob = safepickle.dumps(will_message(will, client_id))
+            delay = will.properties.will_delay_interval or 0
+        reply = yield self.backend.run("session_claim", self._keys(client_id), [
+            self.node_id, int(clean_start), int(persistent),
+            username or "", int(username is not None), int(self.allow_other_user),
+            will_blob, delay, self.boot])
+        if _text(reply[0]) == "OWNER":
+            return (ReasonCode.NOT_AUTHORIZED, "client id owned by another user",
+                    "session-owner")
+        old_node, old_epoch = _text(reply[1]), int(reply[2])
+        epoch, present, old_online = int(reply[3]), reply[4] == 1, _text(reply[5]) == "1"
+        old_will = _pairs(reply[6:])
+        store.epochs[client_id] = epoch
+        if connection in self._claims:
+            self._claims[connection] = epoch
+        self._stop_forwarding(client_id)
+        yield self.backend.execute("SADD", node_sessions_key(self.prefix, self.node_id),
+                                   client_id)
+        if old_node and old_node != self.node_id:
+            self.takeovers += 1
+            alive = yield self.is_alive(old_node)
+            if alive:
+                yield self._kick(old_node, client_id, epoch, clean_start)
+            else:
+                self._dead_owners_will(client_id, old_will, old_online, clean_start)
+        if self._kicked.get(client_id, 0) > epoch:
+            return self._lost(client_id, epoch)
+        local = broker.sessions.get(client_id)
+        if present and not (old_node == self.node_id and local is not None):
+            ok = yield self._load(client_id, epoch)
+            if not ok:
+                return self._lost(client_id, epoch)
+        elif local is not None and old_node != self.node_id:
+            broker.release_session(client_id, clean_start)
+        if self._kicked.get(client_id, 0) > epoch or store.epochs.get(client_id) != epoch:
+            return self._lost(client_id, epoch)
+        if self._kicked.get(client_id, 0) <= epoch:
+            self._kicked.pop(client_id, None)
+        if old_node and old_node != self.node_id:
+            # what the old owner forwarded after our load (its poke may have
+            # come before the session was installed here)
+            self.clock.callLater(1.0, self.pull, client_id)
+        return None
+
+    def _lost(self, client_id: str, epoch: int):
+        log.info("CONNECT of {client_id} lost its claim (epoch {epoch}) to a newer one "
+                 "on another node", client_id=client_id, epoch=epoch)
+        return (ReasonCode.SERVER_UNAVAILABLE, "session taken over on another node meanwhile",
+                "claim-lost")
+
+    def abandoned(self, client_id: str, connection) -> None:
+        """The claiming connection went (or was refused) before its session opened."""
+        if connection in self._claims:
+            self._gone_early.add(connection)   # the claim finishes first
+            return
+        self._offline(client_id, self._refused.pop(connection, None))
+
+    def _offline(self, client_id: str, epoch: Optional[int]) -> None:
+        """Mark the session offline in Redis, if that claim still owns it and no
+        newer connection of this node uses it."""
+        if epoch is None or self.store.epochs.get(client_id) != epoch:
+            return
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            return
+        self.store.write(Disconnected(client_id))
+
+    # --- takeover ---------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _kick(self, node: str, client_id: str, epoch: int, clean_start: bool):
+        d = self._done[(client_id, epoch)] = defer.Deferred()
+        timer = self.clock.callLater(self.takeover_timeout, d.callback, False)
+        try:
+            yield self.send_control(node, {"op": "kick", "cid": client_id, "epoch": epoch,
+                                           "from": self.node_id, "clean": int(clean_start)})
+            answered = yield d
+        finally:
+            self._done.pop((client_id, epoch), None)
+            if timer.active():
+                timer.cancel()
+        if answered is False:
+            log.warn("Node {node} did not hand over the session of {client_id} within "
+                     "{timeout} s; its writes are fenced (epoch {epoch})", node=node,
+                     client_id=client_id, timeout=self.takeover_timeout, epoch=epoch)
+
+    def handle_control(self, fields: Dict[str, object]) -> None:
+        """A control message for this node (``kick``, ``done``, ``poke``)."""
+        op = _text(fields.get("op", b""))
+        client_id = _text(fields.get("cid", b""))
+        if op == "kick":
+            self._on_kick(client_id, int(fields["epoch"]), _text(fields["from"]),
+                          _text(fields.get("clean", b"0")) == "1")
+        elif op == "done":
+            d = self._done.get((client_id, int(fields["epoch"])))
+            if d is not None and not d.called:
+                d.callback(True)
+        elif op == "poke":
+            self.pull(client_id)
+
+    def _on_kick(self, client_id: str, epoch: int, claimant: str, clean: bool) -> None:
+        store = self.store
+        if self._kicked.get(client_id, 0) < epoch:
+            self._kicked[client_id] = epoch
+            # only a claim in progress now can be overtaken by this kick
+            self.clock.callLater(60.0, self._forget_kick, client_id, epoch)
+        mine = store.epochs.get(client_id)
+        if mine is not None and mine >= epoch:
+            return  # a stale kick: we claimed it again since
+        session = self.broker.sessions.get(client_id)
+        subscriptions = dict(session.subscriptions) if session is not None else {}
+        if session is not None:
+            log.info("Session {client_id} taken over by node {node}", client_id=client_id,
+                     node=claimant)
+            self.broker.release_session(client_id, clean)
+            if subscriptions and not clean:
+                self._forward(client_id, subscriptions)
+        d = store.sync()
+
+        def done(_):
+            store.epochs.pop(client_id, None)
+            return self.send_control(claimant, {"op": "done", "cid": client_id,
+                                                "epoch": epoch, "from": self.node_id})
+        d.addBoth(done)
+        d.addErrback(lambda f: log.warn("Answering the kick of {client_id} failed: {error}",
+                                        client_id=client_id, error=str(f.value)))
+        self.backend.execute("SREM", node_sessions_key(self.prefix, self.node_id),
+                             client_id).addErrback(lambda _f: None)
+
+    def _forget_kick(self, client_id: str, epoch: int) -> None:
+        if self._kicked.get(client_id) == epoch:
+            del self._kicked[client_id]
+
+    def _dead_owners_will(self, client_id, will: Dict[str, bytes], old_online: bool,
+                          clean_start: bool) -> None:
+        """The previous owner died: its client's will is ours to decide."""
+        kind = _text(will.get("kind", b""))
+        if not kind:
+            return
+        if kind == "conn" and old_online:
+            delay = int(will.get("delay", b"0") or 0)
+            if clean_start or not delay:
+                self._publish_will(client_id, safepickle.loads(will["m"]))
+        elif kind == "pending":
+            record = safepickle.loads(will["m"])
+            if clean_start or record.publish_at <= self.clock.seconds():
+                self._publish_will(client_id, record.message)
+
+    def _publish_will(self, client_id: str, message) -> None:
+        try:
+            self.broker._publish_will_now(client_id, message)
+        except Exception:
+            log.failure("Publishing the will of {client_id} failed", client_id=client_id)
+
+    # --- loading ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _load(self, client_id: str, epoch: int):
+        """Load the session from Redis and install it here; False if fenced."""
+        reply = yield self.backend.run("session_load", self._keys(client_id),
+                                       [self.node_id, epoch])
+        if _text(reply[0]) == "F":
+            return False
+        stored = self.stored_session(client_id, reply[1], reply[3], reply[4], reply[5])
+        if stored is None:
+            self.broker.release_session(client_id)
+            return True
+        self.broker.install_session(stored)
+        return True
+
+    @staticmethod
+    def stored_session(client_id, rec, outbound, states, inbound) -> Optional[R.StoredSession]:
+        """A StoredSession from ``session_load``'s reply parts (None: no record)."""
+        if not rec:
+            return None
+        record = safepickle.loads(rec)
+        stored = R.StoredSession(record)
+        states = _pairs(states)
+        for seq, blob in _pairs(outbound).items():
+            out = decode_outbound(seq, blob, states.get(seq))
+            stored.outbound[out.seq] = out
+        stored.inbound_qos2.update(int(pid) for pid in inbound)
+        return stored
+
+    # --- forwarding what still reaches a node that gave a session away -------------------
+
+    def _forward(self, client_id: str, subscriptions) -> None:
+        unsubscribers = []
+        installing = [True]
+
+        def forward(message, sub=None):
+            if installing[0]:
+                return  # retained messages replayed by subscribe_local itself
+            qos = min(sub.qos, message.qos)
+            if not qos:
+                return
+            self.forwarded += 1
+            record = R.OutboundRecord(0, message, qos)
+            self.store.write(Forward(client_id, record))
+        for topic_filter, sub in subscriptions.items():
+            if topic_filter.startswith("$share/"):
+                continue
+            unsubscribers.append(self.broker.subscribe_local(
+                topic_filter, lambda m, sub=sub: forward(m, sub), qos=sub.qos))
+        installing[0] = False
+        self._forwarding[client_id] = unsubscribers
+        self.clock.callLater(self.forward_grace, self._stop_forwarding, client_id,
+                             unsubscribers)
+
+    def _stop_forwarding(self, client_id: str, only=None) -> None:
+        unsubscribers = self._forwarding.get(client_id)
+        if unsubscribers is None or (only is not None and unsubscribers is not only):
+            return
+        del self._forwarding[client_id]
+        for unsubscribe in unsubscribers:
+            unsubscribe()
+
+    def _fenced(self, client_id: str, node: str, epoch: int, forwarded: int) -> None:
+        """Redis refused a write: another node owns the session now."""
+        mine = self.store.epochs.get(client_id)
+        if node == self.node_id and mine is not None and mine == epoch:
+            return  # our own newer claim overtook an older batch (same node)
+        if mine is not None and mine < epoch:
+            self.store.epochs.pop(client_id, None)
+            session = self.broker.sessions.get(client_id)
+            if session is not None:
+                log.warn("Session {client_id} is owned by node {node} (epoch {epoch}); "
+                         "closing it here", client_id=client_id, node=node, epoch=epoch)
+                self.broker.release_session(client_id)
+        if forwarded and node:
+            self.send_control(node, {"op": "poke", "cid": client_id}).addErrback(
+                lambda f: log.warn("Poking {node} failed: {error}", node=node,
+                                   error=str(f.value)))
+
+    def _gone(self, client_id: str) -> None:
+        self.backend.execute("SREM", node_sessions_key(self.prefix, self.node_id),
+                             client_id).addErrback(lambda _f: None)
+
+    # --- the owner takes what was forwarded ---------------------------------------------
+
+    def pull(self, client_id: str) -> Optional[defer.Deferred]:
+        """Move messages forwarded to ``client_id``'s session into it (owner only)."""
+        session = self.broker.sessions.get(client_id)
+        epoch = self.store.epochs.get(client_id)
+        if session is None or epoch is None:
+            return None
+        base = session.next_seq()
+        session.restore_seq(base + PULL_BATCH)
+        d = self.backend.run("session_pull", self._keys(client_id),
+                             [self.node_id, epoch, base, PULL_BATCH])
+
+        def pulled(reply):
+            if _text(reply[0]) != "OK" or self.broker.sessions.get(client_id) is not session:
+                return
+            items = reply[1:]
+            for i in range(0, len(items) - 1, 2):
+                out = decode_outbound(items[i], items[i + 1])
+                session.restore_queued(out)
+            if session.connection is not None:
+                self.broker.drain(session)
+            if len(items) // 2 >= PULL_BATCH:
+                self.pull(client_id)
+        d.addCallback(pulled)
+        d.addErrback(lambda f: log.warn("Taking forwarded messages of {client_id} failed: "
+                                        "{error}", client_id=client_id, error=str(f.value)))
+        return d
+
+    @defer.inlineCallbacks
+    def recheck_ownership(self):
+        """After this node was away from Redis (a new incarnation): let go of
+        every session another node adopted meanwhile."""
+        cids = list(self.store.epochs)
+        if not cids:
+            return 0
+        replies = yield self.backend.pipeline(
+            [("HMGET", self._keys(cid)[0], "node", "epoch") for cid in cids])
+        released = 0
+        for cid, (node, epoch) in zip(cids, replies):
+            if _text(node or b"") != self.node_id or int(epoch or 0) != \
+                    self.store.epochs.get(cid):
+                self.store.epochs.pop(cid, None)
+                if self.broker.release_session(cid) is not None:
+                    released += 1
+        if released:
+            log.warn("{count} sessions were adopted by other nodes while this node was "
+                     "away from Redis; released here", count=released)
+        return released
+
+    # --- connections ending -------------------------------------------------------------
+
+    def _disconnected(self, client=None, reason=None, **_fields) -> None:
+        if client is None or reason == "takeover":
+            return
+        client_id = client.client_id
+        if client_id in self.store.epochs:
+            self.store.write(Disconnected(client_id))

@@ -1,0 +1,345 @@
+"""The cluster's IBrokerStore: persistent sessions in Redis, fenced by epoch.
+
+The broker describes every change of durable state as an operation value
+(:mod:`mqttd.persistence.records`); :class:`RedisSessionStore` groups the
+operations of one reactor turn by client id and applies each group with one
+``session_apply`` script call (see :mod:`mqttd.cluster.session_lua`), all of
+them in one pipeline.  Each call carries this node's id and the epoch it
+claimed the session with; Redis refuses (``F``) the writes of a node that lost
+the session to another (a zombie after a takeover, or a node the reaper
+declared dead), except queued messages, which are forwarded to the new owner
+(its ``f`` list) so a message routed to the old owner is not lost.
+
+``sync()`` fires once Redis acknowledged every operation written before it
+(and, with ``wait_replicas`` > 0, once ``WAIT`` saw that many replicas take
+them); it fails while Redis is unreachable (:attr:`failure` is then set, and
+the broker refuses persistent CONNECTs meanwhile).
+
+Retained messages are not this store's business (``PutRetained`` /
+``DeleteRetained`` are ignored): the cluster's retained store keeps them in
+Redis itself.  ``open()`` returns no sessions: a session is loaded from Redis
+when its client connects (:mod:`mqttd.cluster.sessions`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mqttd.interfaces import IBrokerStore
+from mqttd.persistence import records as R
+from mqttd.persistence import safepickle
+from mqttd.cluster.session_lua import SCRIPTS, session_keys
+
+log = Logger(namespace="mqttd.cluster.store")
+
+__all__ = ["RedisSessionStore", "Disconnected", "Forward", "decode_outbound"]
+
+
+class Disconnected:
+    """Internal op: the session's connection ended (``online`` = 0; a
+    non-persistent session's keys go)."""
+
+    __slots__ = ("client_id",)
+
+    def __init__(self, client_id: str):
+        self.client_id = client_id
+
+
+class Forward:
+    """Internal op: hand a queued message to whichever node owns the session now."""
+
+    __slots__ = ("client_id", "record")
+
+    def __init__(self, client_id: str, record: R.OutboundRecord):
+        self.client_id = client_id
+        self.record = record
+
+
+def encode_outbound(record: R.OutboundRecord) -> bytes:
+    return safepickle.dumps(record)
+
+
+def decode_outbound(seq, blob: bytes, state: Optional[bytes] = None) -> R.OutboundRecord:
+    """The stored OutboundRecord under ``seq`` (the key is authoritative), with
+    its stage update ``<packet id>:<stage>`` applied."""
+    record = safepickle.loads(blob)
+    seq = int(seq)
+    changes = {}
+    if record.seq != seq:
+        changes["seq"] = seq
+    if state is not None:
+        pid, stage = state.decode().split(":")
+        changes["packet_id"] = int(pid) if pid else None
+        changes["stage"] = R.OutboundStage(int(stage))
+    if changes:
+        import attrs
+        record = attrs.evolve(record, **changes)
+    return record
+
+
+@implementer(IBrokerStore)
+class RedisSessionStore:
+    """Persistent sessions in Redis (see the module docstring).
+
+    :param backend: a :class:`mqttd.cluster.backend.Backend`.
+    :param node_id: this node's id (the ``node`` of the sessions it owns).
+    :param prefix: key prefix (``mqttd:``).
+    :param clock: ``IReactorTime``; flushes run on the next reactor turn.
+    :param wait_replicas: after each flush, ``WAIT`` for this many replicas
+        and fail the flush (no acknowledgement) when fewer took it in
+        ``wait_timeout`` (0: none; ignored under Redis Cluster, where one
+        pipeline spans several primaries).
+    :param wait_timeout: milliseconds ``WAIT`` may take.
+    """
+
+    durable = True
+
+    def __init__(self, backend, node_id: str, prefix: str = "mqttd:", clock=None,
+                 wait_replicas: int = 0, wait_timeout: int = 1000, inner=None):
+        #: the node's own store (``--persistence``), kept for what is not a
+        #: session: retained messages, unless the cluster's retained store
+        #: holds them (then it sees nothing of them)
+        self.inner = inner
+        self.backend = backend
+        self.node_id = node_id
+        self.prefix = prefix
+        self.clock = clock
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        #: client id -> the epoch this node claimed the session with
+        self.epochs: Dict[str, int] = {}
+        #: None, or the error of the last failed flush (cleared by a good one)
+        self.failure = None
+        #: ``fenced(client_id, node, epoch, forwarded)``: a write was refused
+        self.on_fenced: Optional[Callable] = None
+        #: ``gone(client_id)``: the session's keys were deleted (ended)
+        self.on_gone: Optional[Callable] = None
+        self._pending: Dict[str, List] = {}
+        self._waiters: List[defer.Deferred] = []
+        self._flushing = False
+        self._scheduled = False
+        self.flushes = 0
+        self._scripts = {name: backend.register(name, source)
+                         for name, source in SCRIPTS.items()}
+
+    # --- IBrokerStore -------------------------------------------------------------
+
+    def open(self) -> R.StoredState:
+        if self.inner is None:
+            return R.StoredState()
+        state = self.inner.open()
+        if state.sessions or state.wills:
+            log.warn("Ignoring {sessions} sessions and {wills} delayed wills of the local "
+                     "store: in a cluster, sessions live in Redis",
+                     sessions=len(state.sessions), wills=len(state.wills))
+        return R.StoredState(retained=state.retained)
+
+    def write(self, op) -> None:
+        cls = op.__class__
+        if cls in (R.PutRetained, R.DeleteRetained):
+            if self.inner is not None:
+                self.inner.write(op)
+            return
+        if cls is R.PutSession:
+            cid = op.record.client_id
+            item = ("S", safepickle.dumps(op.record))
+        elif cls is R.PutOutbound:
+            cid = op.client_id
+            item = ("O", op.record.seq, encode_outbound(op.record))
+        elif cls is R.UpdateOutbound:
+            cid = op.client_id
+            pid = "" if op.packet_id is None else op.packet_id
+            item = ("U", op.seq, f"{pid}:{int(op.stage)}")
+        elif cls is R.DeleteOutbound:
+            cid = op.client_id
+            item = ("R", op.seq)
+        elif cls is R.AddInboundQos2:
+            cid = op.client_id
+            item = ("I", op.packet_id)
+        elif cls is R.DeleteInboundQos2:
+            cid = op.client_id
+            item = ("J", op.packet_id)
+        elif cls is R.DeleteSession:
+            cid = op.client_id
+            item = ("D",)
+        elif cls is R.PutWill:
+            cid = op.record.client_id
+            item = ("W", safepickle.dumps(op.record))
+        elif cls is R.DeleteWill:
+            cid = op.client_id
+            item = ("V",)
+        elif cls is Disconnected:
+            cid = op.client_id
+            item = ("X",)
+        elif cls is Forward:
+            cid = op.client_id
+            item = ("G", encode_outbound(op.record))
+        else:
+            raise TypeError(f"not a store operation: {op!r}")
+        pending = self._pending.get(cid)
+        if pending is None:
+            pending = self._pending[cid] = []
+        pending.extend(item)
+        if not self._scheduled and not self._flushing and self.clock is not None:
+            # written without a sync (e.g. a stage update): out on the next turn
+            self._scheduled = True
+            self.clock.callLater(0, self._auto_flush)
+
+    def _auto_flush(self) -> None:
+        self._scheduled = False
+        if self._pending and not self._flushing:
+            self._flush()
+
+    def sync(self) -> defer.Deferred:
+        if self.inner is not None and getattr(self.inner, "durable", False):
+            return defer.gatherResults([self.inner.sync(), self._sync()],
+                                       consumeErrors=True).addCallbacks(
+                lambda _: None, lambda f: f.value.subFailure)
+        return self._sync()
+
+    def _sync(self) -> defer.Deferred:
+        if not self._pending and not self._flushing:
+            if self.failure is not None:
+                return defer.fail(self.failure)
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        if not self._flushing:
+            self._flush()
+        return d
+
+    def close(self) -> defer.Deferred:
+        d = self._sync().addErrback(lambda _f: None)
+        if self.inner is not None:
+            d.addCallback(lambda _: self.inner.close())
+        return d
+
+    # --- flushing -----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flushing = True
+        batch, self._pending = self._pending, {}
+        waiters, self._waiters = self._waiters, []
+        commands = []
+        cids = []
+        for cid, items in batch.items():
+            epoch = self.epochs.get(cid)
+            if epoch is None:
+                # not (or no longer) ours: only forwards may go out
+                forwards = _only_forwards(items)
+                if not forwards:
+                    continue
+                items, epoch = forwards, 0
+            keys = session_keys(self.prefix, cid)
+            script = self._scripts["session_apply"]
+            commands.append(("EVALSHA", script.sha, len(keys), *keys, self.node_id,
+                             epoch, *items))
+            cids.append((cid, items, epoch))
+        waiting = bool(self.wait_replicas and commands and not self.backend.is_cluster)
+        if waiting:
+            commands.append(("WAIT", self.wait_replicas, self.wait_timeout))
+        d = self._run(commands, cids)
+        if waiting:
+            d.addCallback(self._replicated)
+        d.addCallbacks(self._flushed, self._flush_failed,
+                       callbackArgs=(cids, waiters), errbackArgs=(cids, waiters))
+
+    def _run(self, commands, cids) -> defer.Deferred:
+        if not commands:
+            return defer.succeed([])
+        d = self.backend.pipeline(commands)
+
+        def noscript(failure):
+            # after a Redis restart the script cache is empty: run each call
+            # with EVAL fallback (the ops are idempotent, except forwards)
+            text = str(failure.value)
+            if not any(s in text for s in ("NOSCRIPT", "NoScript", "No matching script")):
+                return failure
+            calls = [self.backend.run("session_apply", session_keys(self.prefix, cid),
+                                      [self.node_id, epoch, *items])
+                     for cid, items, epoch in cids]
+            return defer.gatherResults(calls, consumeErrors=True)
+        d.addErrback(noscript)
+        return d
+
+    def _replicated(self, replies):
+        """The WAIT reply ends the pipeline: fewer replicas than asked is a failure
+        (nothing is acknowledged that a failover could lose)."""
+        replicas = int(replies[-1])
+        if replicas < self.wait_replicas:
+            from mqttd.cluster.backend import RedisUnavailable
+            raise RedisUnavailable(f"only {replicas} of {self.wait_replicas} replicas took "
+                                   f"the writes within {self.wait_timeout} ms "
+                                   f"(--cluster-wait-replicas)")
+        return replies[:-1]
+
+    def _flushed(self, replies, cids, waiters) -> None:
+        self._flushing = False
+        self.flushes += 1
+        if self.failure is not None:
+            log.info("Writing sessions to Redis works again")
+        self.failure = None
+        for (cid, _items, epoch), reply in zip(cids, replies):
+            status = _text(reply[0])
+            if status == "F":
+                if self.on_fenced is not None:
+                    try:
+                        self.on_fenced(cid, _text(reply[1]), int(reply[2]), int(reply[3]))
+                    except Exception:
+                        log.failure("fenced handler failed for {client_id}", client_id=cid)
+            elif int(reply[1]) == 1:
+                if self.epochs.get(cid) == epoch:
+                    del self.epochs[cid]
+                if self.on_gone is not None:
+                    self.on_gone(cid)
+        for d in waiters:
+            d.callback(None)
+        self._next()
+
+    def _flush_failed(self, failure, cids, waiters) -> None:
+        self._flushing = False
+        if self.failure is None:   # one line per outage, not per retry
+            log.error("Writing sessions to Redis failed: {error}; acknowledgements that "
+                      "need it are not sent; retrying every second", error=str(failure.value))
+        self.failure = failure.value
+        # the operations are kept (in order, before newer ones) and retried:
+        # what the broker holds in memory must reach Redis eventually
+        pending, self._pending = self._pending, {}
+        for cid, items, _epoch in cids:
+            self._pending[cid] = [item for item in items]
+        for cid, items in pending.items():
+            self._pending.setdefault(cid, []).extend(items)
+        for d in waiters:
+            d.errback(failure)
+        if self._waiters:
+            self._flush()
+        elif self._pending and self.clock is not None and not self._scheduled:
+            self._scheduled = True
+            self.clock.callLater(1.0, self._auto_flush)
+
+    def _next(self) -> None:
+        if (self._waiters or self._pending) and not self._flushing:
+            self._flush()
+
+
+def _only_forwards(items: list) -> list:
+    """The ``G`` forwards and the queued messages (``O``) of an op list, as forwards."""
+    arity = {"S": 1, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
+             "X": 0, "G": 1}
+    out = []
+    i = 0
+    while i < len(items):
+        op = items[i]
+        if op == "O":
+            out.extend(("G", items[i + 2]))
+        elif op == "G":
+            out.extend(("G", items[i + 1]))
+        i += 1 + arity[op]
+    return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
