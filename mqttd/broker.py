@@ -652,6 +652,9 @@ class Broker:
         but they are removed from every PUBLISH to any other client and from
         in-process subscribers' messages, so those get the publisher's user
         properties unaltered and in order [MQTT-3.3.2-17, MQTT-3.3.2-18].
+        They must be the *last* user properties, each name once (a block the
+        registrant appends); only that trailing block is removed, so pairs of
+        the same names that a publisher set itself are kept.
         Removed once per message and form, shared by all such subscribers.
         Returns the unregister function.
         """
@@ -680,11 +683,16 @@ class Broker:
             found = cache.get(key)
             if found is not None and found[0] is message:
                 return found[1]
-        if any(name in private for name, _value in user):
-            public = with_user_properties(
-                message, tuple(item for item in user if item[0] not in private))
-        else:
-            public = message
+        # the private names form a block at the end (each name once, as the
+        # mesh guard stamps them): only that block goes; a publisher's own
+        # pairs of the same names, before it, stay [MQTT-3.3.2-17]
+        end = len(user)
+        seen = set()
+        while end and user[end - 1][0] in private and user[end - 1][0] not in seen:
+            seen.add(user[end - 1][0])
+            end -= 1
+        public = message if end == len(user) else with_user_properties(
+            message, tuple(user[:end]))
         if cache is not None:
             cache[key] = (message, public)   # the original kept alive: its id stays unique
         return public

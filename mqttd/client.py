@@ -381,6 +381,9 @@ class MQTTClientFactory(Factory):
     """
 
     protocol = MQTTClientProtocol
+    #: no "Starting factory"/"Stopping factory" line per connection attempt
+    #: (a reconnecting client logs its attempts itself)
+    noisy = False
 
     def __init__(self, options, handler, clock):
         self.options = options

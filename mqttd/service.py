@@ -258,6 +258,8 @@ class BrokerService(MultiService):
         #: metric name -> (help, label names, read() -> [(label values, value)]):
         #: gauges features (bridges, cluster) export through the admin metrics
         self.gauges: Dict[str, tuple] = {}
+        #: the same for counters (:meth:`add_counter`): exported as ``<name>_total``
+        self.counters: Dict[str, tuple] = {}
         #: other listeners ``(kind, endpoint description, factory)`` that start
         #: with the MQTT ones, before the store is opened, and fail the start
         #: the same way (the admin and metrics HTTP listeners)
@@ -279,6 +281,13 @@ class BrokerService(MultiService):
         ``read()`` returns ``[(label values, value), ...]`` (e.g. a bridge's
         ``[(("edge",), 1)]`` for connected)."""
         self.gauges[name] = (help, tuple(labels), read)
+
+    def add_counter(self, name: str, help: str, labels, read) -> None:
+        """Export a counter as :meth:`add_gauge` does a gauge; ``name`` without
+        ``_total`` (the exposition adds it), values only ever grow.  One name is
+        one metric: a name registered as a gauge is not a counter too."""
+        self.gauges.pop(name, None)
+        self.counters[name] = (help, tuple(labels), read)
 
     def setServiceParent(self, parent):
         """Join ``parent``; a twistd ``Application`` also gets :attr:`log_observer`

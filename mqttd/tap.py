@@ -139,9 +139,10 @@ OPTIONS: List[Option] = [
            field="max_sessions"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
-    Option("bridge-dedup-window", number(0), "Seconds a message that came over a bridge "
-           "is remembered by its topic and payload, so a copy arriving by another MQTT 3.1.1 "
-           "bridge path is dropped (meshes; see docs/bridge.rst); 0 = off.", default=0.0),
+    Option("bridge-dedup-window", number(0), "MQTT 3.1.1 mesh loop guard: seconds a "
+           "message is remembered by topic, payload, QoS and retain with the link it came "
+           "from; a copy coming back over a bridge it was forwarded to is dropped "
+           "(see docs/bridge.rst); 0 = off.", default=2.0),
     Option("queue-qos0", flag, "Queue QoS 0 messages for offline persistent sessions.",
            field="queue_qos0"),
     Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "

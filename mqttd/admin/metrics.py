@@ -28,8 +28,8 @@ class BrokerCollector:
     """Collects ``mqttd_*`` metrics from a broker (and its service, if given).
 
     :param broker: the :class:`~mqttd.broker.Broker`.
-    :param service: its :class:`~mqttd.service.BrokerService` (for extra gauges
-        registered by features with ``add_gauge``), or None.
+    :param service: its :class:`~mqttd.service.BrokerService` (for the gauges
+        and counters features register with ``add_gauge``/``add_counter``), or None.
     :param ring: the admin :class:`~mqttd.admin.ring.IncidentRing` (refusals
         by reason), or None.
     """
@@ -173,45 +173,24 @@ class BrokerCollector:
                 h.add_metric([], histogram.cumulative(), histogram.total)
                 yield h
 
-        # --- bridges (mqttd.bridge: BrokerService.bridges.stats) ----------------------------
-        bridges = getattr(self.service, "bridges", None)
-        if bridges is not None:
-            yield from _bridge_metrics(getattr(bridges, "stats", {}) or {})
-
-        # --- features' gauges (bridges, cluster...) ---------------------------------------
-        gauges: Dict[str, tuple] = getattr(self.service, "gauges", {}) or {}
-        for name, (doc, labels, read) in sorted(gauges.items()):
-            g = GaugeMetricFamily(name, doc, labels=list(labels))
-            try:
-                for label_values, value in read():
-                    g.add_metric([str(v) for v in label_values], value)
-            except Exception:
-                continue  # a feature's failing gauge must not break the scrape
-            yield g
-
-
-def _bridge_metrics(stats: dict) -> Iterable:
-    """``mqttd_bridge_*`` by bridge name from ``{name: BridgeStats}``."""
-    families = [
-        (GaugeMetricFamily, "mqttd_bridge_connected", "Bridge connected to its remote (1) "
-         "or not (0)", lambda b: 1 if b.connected else 0),
-        (CounterMetricFamily, "mqttd_bridge_messages_received", "Messages the bridge "
-         "received from its remote", lambda b: b.messages_in),
-        (CounterMetricFamily, "mqttd_bridge_messages_sent", "Messages the bridge sent to "
-         "its remote", lambda b: b.messages_out),
-        (GaugeMetricFamily, "mqttd_bridge_queued_messages", "Messages waiting for the "
-         "remote (queued + in flight)", lambda b: b.queued),
-        (CounterMetricFamily, "mqttd_bridge_reconnects", "Connection attempts of the "
-         "bridge that ended", lambda b: b.reconnects),
-    ]
-    for family, name, doc, read in families:
-        metric = family(name, doc, labels=["bridge"])
-        for bridge_name, bridge in sorted(stats.items()):
-            try:
-                metric.add_metric([str(bridge_name)], read(bridge))
-            except Exception:
-                continue
-        yield metric
+        # --- features' gauges and counters (bridges, cluster...) -------------------------
+        # (a feature exports its own metrics through the service's seam; this
+        # package knows no feature, so no metric is exported twice)
+        seen = set()
+        for attribute, family in (("gauges", GaugeMetricFamily),
+                                  ("counters", CounterMetricFamily)):
+            metrics: Dict[str, tuple] = getattr(self.service, attribute, {}) or {}
+            for name, (doc, labels, read) in sorted(metrics.items()):
+                if name in seen:
+                    continue   # one name, one metric family (a valid exposition)
+                seen.add(name)
+                metric = family(name, doc, labels=list(labels))
+                try:
+                    for label_values, value in read():
+                        metric.add_metric([str(v) for v in label_values], value)
+                except Exception:
+                    continue  # a feature's failing metric must not break the scrape
+                yield metric
 
 
 def _held_publishers(broker) -> Optional[int]:

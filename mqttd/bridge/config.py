@@ -16,7 +16,6 @@ the whole topics, which then must not contain wildcards.)
 """
 from __future__ import annotations
 
-import shlex
 import socket
 from typing import List, Optional, Tuple
 
@@ -102,7 +101,7 @@ class TopicMap:
     def line(self) -> str:
         """The mosquitto ``topic`` line (without the keyword)."""
         def q(s):
-            return '""' if s == "" else (f'"{s}"' if " " in s else s)
+            return '""' if s == "" else s
         parts = [q(self.pattern), self.direction, str(self.qos)]
         if self.local_prefix or self.remote_prefix:
             parts += [q(self.local_prefix), q(self.remote_prefix)]
@@ -112,12 +111,14 @@ class TopicMap:
 def parse_topic_line(text: str) -> TopicMap:
     """Parse ``PATTERN [[[out|in|both] QOS] LOCAL-PREFIX REMOTE-PREFIX]``.
 
+    Split as mosquitto does (conf.c: ``strtok`` on spaces): the words are
+    separated by blanks, ``""`` alone stands for an empty pattern or prefix,
+    and nothing else is special -- ``'`` and ``\\`` are ordinary topic
+    characters (a topic with a space cannot be written, as in mosquitto).
+
     Raises ValueError with what is wrong.
     """
-    try:
-        words = shlex.split(text, posix=True)
-    except ValueError as error:
-        raise ValueError(f"topic {text!r}: {error}") from None
+    words = ["" if word == '""' else word for word in text.split()]
     if not words or len(words) > 5 or len(words) == 4:
         raise ValueError(f"topic {text!r}: expected PATTERN [[[out|in|both] QOS] "
                          "LOCAL-PREFIX REMOTE-PREFIX]")
@@ -140,13 +141,32 @@ def parse_topic_line(text: str) -> TopicMap:
 
 
 def parse_address(text: str, default_port: int) -> Tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        host, port = text.strip(), str(default_port)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    """``HOST[:PORT]`` or ``[IPV6]:PORT`` / ``[IPV6]`` as ``(host, port)``.
+
+    A bare IPv6 literal (``::1``) is refused rather than guessed at (its last
+    group could be a port): write ``[::1]:1883``.  A host that is only digits
+    (a port without its host) is refused too.
+
+    :raises ValueError: with what is wrong and the form expected.
+    """
+    text = text.strip()
+    expected = "must be HOST[:PORT] or [IPV6-ADDRESS][:PORT] with a port in 1..65535"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"address {text!r} {expected}")
+        port = rest[1:] if rest else str(default_port)
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"address {text!r}: an IPv6 address is written in brackets "
+                             f"with its port, e.g. [{text}]:{default_port}")
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, str(default_port)
+        if host.isdigit():
+            raise ValueError(f"address {text!r} has no host (only a number): {expected}")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {text!r} must be HOST[:PORT] with a port in 1..65535")
+        raise ValueError(f"address {text!r} {expected}")
     return host, int(port)
 
 
@@ -279,6 +299,46 @@ _STRS = {"connection", "remote_clientid", "local_clientid", "remote_username",
          "certfile", "keyfile"}
 
 
+class TLSFileError(ValueError):
+    """A bridge's TLS file is unusable; ``key`` is the setting that names it."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+def load_tls_files(config: "BridgeConfig") -> dict:
+    """Load and check the TLS files of ``config`` (which has ``bridge_cafile``).
+
+    Returns ``{"trust": [every certificate of bridge_cafile, in file order],
+    "chain": [certificate, its chain...] or [], "key": private key or None}``
+    as ``cryptography`` objects.  Every certificate of ``bridge_cafile`` is
+    trusted (a CA bundle), as mosquitto's ``SSL_CTX_load_verify_locations``.
+
+    :raises TLSFileError: a file is missing, unreadable, holds no PEM
+        certificate / unencrypted key, or the key does not fit the certificate.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from mqttd.transports.tls import TLSConfigError, load_certificates, load_private_key
+    key_name = "bridge_cafile"
+    try:
+        trust = load_certificates(config.cafile, "bridge_cafile")
+        chain, key = [], None
+        if config.certfile is not None:
+            key_name = "bridge_certfile"
+            chain = load_certificates(config.certfile, "bridge_certfile")
+            key_name = "bridge_keyfile"
+            key = load_private_key(config.keyfile)
+            spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+                raise TLSConfigError(f"private key {config.keyfile!r} does not fit "
+                                     f"bridge_certfile {config.certfile!r}")
+    except TLSConfigError as error:
+        raise TLSFileError(f"bridge {config.connection!r}: {error}", key_name) from None
+    return {"trust": trust, "chain": chain, "key": key}
+
+
 def _as_list(value) -> List[str]:
     if isinstance(value, list):
         return [str(x) for x in value]
@@ -286,11 +346,13 @@ def _as_list(value) -> List[str]:
 
 
 def bridge_from_table(table: dict, index: int = 0, text: str = "",
-                      source: str = "") -> BridgeConfig:
+                      source: str = "", check_files: bool = True) -> BridgeConfig:
     """A :class:`BridgeConfig` from one parsed ``[[bridge]]`` table.
 
     ``index`` is the table's position and ``text`` the TOML source, used only
-    to point at the line at fault in a :class:`BridgeConfigError`.
+    to point at the line at fault in a :class:`BridgeConfigError`.  With
+    ``check_files`` the TLS files are loaded and checked (:func:`load_tls_files`)
+    so that ``check-config`` and start-up refuse a missing or bad one.
     """
     def fail(message, key=None, needle=None):
         raise BridgeConfigError(message, _find_line(text, index, key, needle), source)
@@ -302,6 +364,10 @@ def bridge_from_table(table: dict, index: int = 0, text: str = "",
             fail(f"unknown bridge setting {key!r}", key)
         try:
             if field == "addresses":
+                if not isinstance(value, (str, list)) or (
+                        isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+                    raise ValueError(f"address must be a string \"HOST[:PORT]\" (or a list "
+                                     f"of them), got {value!r}")
                 addresses = []
                 for item in _as_list(value):
                     for word in item.replace(",", " ").split():
@@ -340,17 +406,25 @@ def bridge_from_table(table: dict, index: int = 0, text: str = "",
         if required not in kwargs:
             fail(f"bridge needs {key!r}", None)
     try:
-        return BridgeConfig(**kwargs)
+        config = BridgeConfig(**kwargs)
     except (ValueError, TypeError) as error:
         message = _clean_attrs_error(error)
         key = _key_of_error(message)
         if key is not None:   # speak of the setting as the user wrote it
             message = message.replace(f"'{TOML_KEYS[key]}'", key)
         fail(message, key)
+    if check_files and config.tls:
+        try:
+            load_tls_files(config)
+        except TLSFileError as error:
+            fail(str(error), error.key)
+    return config
 
 
-def bridges_from_toml(tables, text: str = "", source: str = "") -> List[BridgeConfig]:
-    """Every ``[[bridge]]`` table; names must be unique."""
+def bridges_from_toml(tables, text: str = "", source: str = "",
+                      check_files: bool = True) -> List[BridgeConfig]:
+    """Every ``[[bridge]]`` table; names must be unique (``check_files``: see
+    :func:`bridge_from_table`)."""
     if isinstance(tables, dict):
         tables = [tables]
     if not isinstance(tables, list):
@@ -361,7 +435,7 @@ def bridges_from_toml(tables, text: str = "", source: str = "") -> List[BridgeCo
     for index, table in enumerate(tables):
         if not isinstance(table, dict):
             raise BridgeConfigError("each bridge must be a table ([[bridge]])", None, source)
-        config = bridge_from_table(table, index, text, source)
+        config = bridge_from_table(table, index, text, source, check_files)
         for other in result:
             if other.connection == config.connection:
                 raise BridgeConfigError(f"two bridges named {config.connection!r}",

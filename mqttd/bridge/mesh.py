@@ -16,12 +16,16 @@ properties that travel with the message:
     the comma-separated broker ids that accepted it; a message whose path
     holds our own id, or already ``hop_limit`` ids, is dropped.
 
-Only a message that arrives over a bridge (a connection of a bridging broker,
-or one of this broker's own bridges) is believed to carry these properties:
-on a message from anyone else (an ordinary client, an internal publish) they
-are removed and the message is stamped afresh, so a client that forges
-``mqttd-mid`` can neither make the guard drop another broker's message nor
-fill its memory of ids.
+The two stamps are always the *last two* user properties (``mqttd-mid`` then
+``mqttd-path``: the stamp block).  Only a message that arrives over a bridge
+(a connection of a bridging broker, or one of this broker's own bridges) and
+ends with a stamp block is believed to carry one; every other message (an
+ordinary client's, an internal publish, a bridge's without a block) is
+stamped afresh, its own user properties -- pairs named ``mqttd-mid`` or
+``mqttd-path`` included -- kept unaltered before the block [MQTT-3.3.2-17].
+So a client that forges ``mqttd-mid`` can neither make the guard drop another
+broker's message nor fill its memory of ids, and loses nothing it sent:
+:meth:`~mqttd.broker.Broker.public_form` removes only the trailing block.
 
 Dropped copies are acknowledged as usual (so nothing is re-sent) and counted
 in :attr:`MeshGuard.dropped`.  Limits: MQTT 3.1.1 links cannot carry
@@ -29,14 +33,21 @@ properties, so a cycle that contains a v3 link relies on No Local / the
 bridge bit only and may deliver duplicates — use ``mqttv50`` for meshes, or
 trees.  mosquitto forwards the properties unchanged but does not check them.
 
-**MQTT 3.1.1 links** (the remote-side equivalent, opt-in): with
-``--bridge-dedup-window S`` each mqttd remembers a fingerprint (topic, payload,
-QoS, retain) of every message it accepted in the last ``S`` seconds and drops
-a message *arriving over a bridge* (a bridge-bit connection, or one of its own
-bridges) whose fingerprint it has seen.  That makes a v3 triangle deliver once
-too, at a price: two genuinely identical messages sent over bridges within
-``S`` seconds are taken as one.  Keep ``S`` small (the time a message needs to
-go round the mesh; 1-2 s on a LAN) or use MQTT 5 links.
+**MQTT 3.1.1 links** (on by default: ``--bridge-dedup-window S``, default
+:data:`DEFAULT_DEDUP_WINDOW` s; ``0`` turns it off): each mqttd remembers, for
+``S`` seconds, a fingerprint (topic, payload, QoS, retain) of every message it
+accepted and *the link it came from* (one of its bridges, a bridging broker's
+connection, or none: a local publisher).  A message arriving over bridge link
+``L`` is dropped when its fingerprint was accepted within ``S`` seconds from
+anywhere but ``L`` -- i.e. this broker already forwarded that message out over
+``L`` (No Local / the bridge bit keep it from going back where it came from),
+so what comes back over ``L`` is a copy that went round a cycle.  A triangle
+of default (3.1.1) links therefore delivers each message once.  Repeats over
+the *same* link (a sensor sending the same reading every second) are never
+taken for copies.  The price: a message published at this broker (or arriving
+over another link) and an identical one arriving over ``L`` within ``S``
+seconds are taken as one.  A copy that needs longer than ``S`` to go round is
+accepted once more (and dropped on its next lap).
 
 The guard is active in every mqttd that runs a bridge or has had a bridging
 broker connect to it (bridge bit, or an MQTT 5 CONNECT carrying the user
@@ -57,6 +68,8 @@ from mqttd.messages import FORWARDED, Message
 log = Logger(namespace="mqttd.bridge.mesh")
 
 MID = "mqttd-mid"
+#: seconds of the MQTT 3.1.1 loop guard by default (``--bridge-dedup-window``)
+DEFAULT_DEDUP_WINDOW = 2.0
 PATH = "mqttd-path"
 
 
@@ -64,11 +77,12 @@ class MeshGuard:
     """A broker publish filter (see :meth:`mqttd.broker.Broker.add_publish_filter`).
 
     :param window: message ids remembered (the oldest are forgotten first).
-    :param dedup_window: seconds of v3 fingerprints kept (0: off); needs ``clock``.
+    :param dedup_window: seconds of v3 fingerprints kept (0: off); ``clock``
+        (default: the attached broker's clock) measures them.
     """
 
     def __init__(self, broker_id: str, hop_limit: int = 8, window: int = 100_000,
-                 dedup_window: float = 0.0, clock=None):
+                 dedup_window: float = DEFAULT_DEDUP_WINDOW, clock=None):
         self.broker_id = broker_id
         self.hop_limit = hop_limit
         self.window = window
@@ -90,6 +104,8 @@ class MeshGuard:
         """Watch ``broker``: activate when a bridging broker connects."""
         if self.broker is None:
             self.broker = broker
+            if self.clock is None:
+                self.clock = getattr(broker, "clock", None)
             self._unobserve = broker.on("clientConnected", self._connected)
         return self
 
@@ -102,6 +118,15 @@ class MeshGuard:
     def activate(self) -> None:
         if not self.active and self.broker is not None:
             self.active = True
+            if self.dedup_window:
+                log.info("Mesh guard on: MQTT 5 links by mqttd-mid/mqttd-path; MQTT 3.1.1 "
+                         "links by a {window} s dedup window (a message coming back over a "
+                         "bridge it was forwarded to is dropped; --bridge-dedup-window)",
+                         window=self.dedup_window)
+            else:
+                log.warn("Mesh guard on: MQTT 5 links only; the MQTT 3.1.1 dedup window is "
+                         "off (--bridge-dedup-window 0): a cycle of 3.1.1 bridges "
+                         "circulates messages")
             self._unregister = self.broker.add_publish_filter(self)
             # the stamps are bookkeeping between brokers: subscribers that are
             # not bridges get the publisher's user properties unaltered
@@ -119,39 +144,43 @@ class MeshGuard:
         if message.topic.startswith("$"):
             return message
         props = message.properties
-        user = props.user_properties
+        user = tuple(props.user_properties or ())
         mid = path = None
-        if user and (client is None or not getattr(client, "bridge", False)):
-            # not from a bridge: its stamps are not ours to believe (forged or
-            # copied from a delivery); the message is stamped afresh below
-            kept = tuple((n, v) for n, v in user if n != MID and n != PATH)
-            if len(kept) != len(user):
-                user = kept
-        if user:
-            for name, value in user:
-                if name == MID:
-                    mid = value
-                elif name == PATH:
-                    path = value
-        if self.dedup_window and mid is None:
+        if (len(user) >= 2 and user[-2][0] == MID and user[-1][0] == PATH
+                and client is not None and getattr(client, "bridge", False)):
+            # a bridge's message ends with the stamp block of the mqttd that sent it
+            mid, path = user[-2][1], user[-1][1]
+            user = user[:-2]
+        # anything else -- a client's own pairs named mqttd-mid/mqttd-path
+        # included -- is the publisher's and travels unaltered [MQTT-3.3.2-17];
+        # a message without a stamp block is stamped afresh below
+        if self.dedup_window:
+            from_bridge = client is not None and getattr(client, "bridge", False)
+            link = client.client_id if from_bridge else None
             key = (message.topic, message.payload, message.qos, message.retain)
+            if self.clock is None:   # used without attach(): the global reactor's time
+                from twisted.internet import reactor
+                self.clock = reactor
             now = self.clock.seconds()
             prints = self._prints
             while prints:
-                oldest, at = next(iter(prints.items()))
+                oldest, (at, _link) = next(iter(prints.items()))
                 if now - at < self.dedup_window and len(prints) < self.window:
                     break
                 del prints[oldest]
-            if client is not None and getattr(client, "bridge", False) and key in prints:
-                return self._drop("v3-duplicate", message, "-")
+            if mid is None and from_bridge:
+                seen = prints.get(key)
+                if seen is not None and seen[1] != link:
+                    # accepted from elsewhere, so forwarded out over this link:
+                    # this is that message coming back round a cycle
+                    return self._drop("v3-duplicate", message, "-")
             prints.pop(key, None)
-            prints[key] = now
+            prints[key] = (now, link)
         if mid is None:
             self._counter += 1
             mid = f"{self.broker_id}:{os.urandom(8).hex()}"
             self._remember(mid)
-            return _with_user_properties(
-                message, tuple(user) + ((MID, mid), (PATH, self.broker_id)))
+            return _with_user_properties(message, user + ((MID, mid), (PATH, self.broker_id)))
         hops = path.split(",") if path else []
         if mid in self._seen:
             return self._drop("duplicate", message, mid)
@@ -161,8 +190,7 @@ class MeshGuard:
             return self._drop("hop-limit", message, mid)
         self._remember(mid)
         hops.append(self.broker_id)
-        rest = tuple((n, v) for n, v in user if n != PATH)
-        return _with_user_properties(message, rest + ((PATH, ",".join(hops)),))
+        return _with_user_properties(message, user + ((MID, mid), (PATH, ",".join(hops))))
 
     def _remember(self, mid: str) -> None:
         seen = self._seen

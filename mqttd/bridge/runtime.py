@@ -29,6 +29,7 @@ import attrs
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -42,6 +43,7 @@ from mqttd.codec.packets import (
 from mqttd.interfaces import IClientConnection
 from mqttd.messages import Message, forwarded_properties, remaining_interval
 from mqttd.persistence.records import SubscriptionRecord
+from mqttd.ratelimit import LogRateLimiter
 
 log = Logger(namespace="mqttd.bridge")
 
@@ -118,6 +120,34 @@ class LocalEnd:
         pass
 
 
+#: seconds between two "connection attempt failed" lines of one bridge (the
+#: lines in between are counted and the count given with the next one)
+ATTEMPT_LOG_INTERVAL = 60.0
+
+
+class _QuietClientService(ClientService):
+    """ClientService without its own "Scheduling retry" line per attempt: the
+    bridge logs one rate-limited line per failed attempt (with the delay)."""
+
+    _log = Logger(namespace="mqttd.bridge.retry", observer=lambda event: None)
+
+
+@implementer(IStreamClientEndpoint)
+class _NotingEndpoint:
+    """Passes ``connect`` through and tells the bridge why a connection failed."""
+
+    def __init__(self, endpoint, bridge: "Bridge"):
+        self.endpoint = endpoint
+        self.bridge = bridge
+
+    def connect(self, factory):
+        def failed(failure):
+            self.bridge.attempt_error(
+                failure.getErrorMessage() or failure.type.__name__)
+            return failure
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
 class Bridge(Service):
     """One ``[[bridge]]``: a ClientService to the remote and the local session.
 
@@ -160,8 +190,14 @@ class Bridge(Service):
         self._moving_back = False
         #: the last move back ended on a secondary again (probe less often)
         self._moved_back = False
-        self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
-                                      retryPolicy=self._retry_delay, clock=reactor)
+        #: why the current connection attempt failed (logged once, in _retry_delay)
+        self._attempt_error: Optional[str] = None
+        #: one line per failed attempt at most, and at most 1 per ATTEMPT_LOG_INTERVAL s
+        self._attempt_log = LogRateLimiter(reactor, interval=ATTEMPT_LOG_INTERVAL, burst=1,
+                                           reason_burst=None)
+        self._service = _QuietClientService(
+            _NotingEndpoint(endpoint, self), MQTTClientFactory(self._options, self, reactor),
+            retryPolicy=self._retry_delay, clock=reactor)
         # the local session is internal: no network client may claim it, take
         # it over (knocking the bridge off) or read what waits for the remote
         self._release_client_id = broker.reserve_client_id(
@@ -203,9 +239,26 @@ class Bridge(Service):
         return len(session.queue) + len(session.inflight)
 
     def _retry_delay(self, attempt: int) -> float:
+        """ClientService's retry policy: the delay before attempt ``attempt + 1``,
+        and the one (rate-limited) log line of the failed attempt."""
+        error, self._attempt_error = self._attempt_error, None
         if self._moving_back:
             return 0.0     # left a secondary on purpose: the primary answers now
-        return self.policy(attempt)
+        delay = self.policy(attempt)
+        suppressed = self._attempt_log.check("attempt")
+        if suppressed is not None:
+            log.warn("Bridge {name}: connection attempt {attempt} failed: {reason}; next "
+                     "attempt in {delay:.1f} s{more}", name=self.name, attempt=attempt,
+                     reason=error or "no connection", delay=delay,
+                     more=f" ({suppressed} more failed attempts not logged)"
+                     if suppressed else "", suppressed=suppressed)
+        return delay
+
+    def attempt_error(self, reason: str) -> None:
+        """Note why the current connection attempt failed (the first reason wins)."""
+        if self._attempt_error is None:
+            self._attempt_error = reason
+            self.stats.last_error = reason
 
     # --- back to the primary address (round_robin false) ----------------------------
 
@@ -369,9 +422,8 @@ class Bridge(Service):
             self._private = False
             log.warn("Bridge {name}: the remote refused the bridge bit (try_private); "
                      "connecting as a plain MQTT client", name=self.name)
+        self.attempt_error(f"remote refused CONNECT with code 0x{code:02X}")
         self.stats.last_error = f"CONNACK code 0x{code:02X}"
-        log.warn("Bridge {name}: remote refused CONNECT with code 0x{code:02X}",
-                 name=self.name, code=code)
 
     def mqtt_disconnected(self, protocol, reason: str) -> None:
         was_connected = self.remote is protocol
@@ -380,9 +432,7 @@ class Bridge(Service):
             failed = getattr(self._endpoint, "attempt_failed", None)
             if failed is not None:
                 failed()  # refused, or lost before the CONNACK: try the next address
-            self.stats.last_error = reason
-            log.info("Bridge {name}: connection attempt failed: {reason}",
-                     name=self.name, reason=reason)
+            self.attempt_error(reason)   # logged once with the retry (_retry_delay)
             return
         self.remote = None
         self._cancel_probe()

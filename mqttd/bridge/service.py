@@ -29,8 +29,9 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mqttd.bridge.config import BridgeConfig, BridgeConfigError, bridges_from_toml
-from mqttd.bridge.mesh import MeshGuard
+from mqttd.bridge.config import (
+    BridgeConfig, BridgeConfigError, TLSFileError, bridges_from_toml, load_tls_files)
+from mqttd.bridge.mesh import DEFAULT_DEDUP_WINDOW, MeshGuard
 from mqttd.bridge.runtime import Bridge
 
 if sys.version_info >= (3, 11):
@@ -125,7 +126,9 @@ def _tls_options(config: BridgeConfig, host: str):
     ``bridge_certfile``/``bridge_keyfile`` if given (a certfile may hold the
     chain after the certificate), check the host name unless ``bridge_insecure``.
 
-    The client certificate and key reach pyOpenSSL as ``cryptography`` objects
+    Every certificate of ``bridge_cafile`` is trusted (a CA bundle: intermediate
+    + root, or the system's ca-certificates file), as mosquitto does.  The
+    client certificate and key reach pyOpenSSL as ``cryptography`` objects
     (Twisted's ``PrivateCertificate`` would hand it the deprecated X509/PKey).
 
     :raises BridgeConfigError: a file is unreadable or holds no usable PEM.
@@ -133,20 +136,20 @@ def _tls_options(config: BridgeConfig, host: str):
     try:
         from twisted.internet import ssl
 
-        from mqttd.transports.tls import TLSConfigError, load_certificates, load_private_key
+        from mqttd.transports.tls import as_pyopenssl
     except ImportError as error:  # pragma: no cover - pyOpenSSL missing
         raise BridgeConfigError(f"bridge_cafile needs TLS support: {error}")
-    client: dict = {}
     try:
-        with open(config.cafile, "rb") as f:
-            trust = ssl.Certificate.loadPEM(f.read())
-        if config.certfile is not None:
-            chain = load_certificates(config.certfile, "bridge_certfile")
-            client = {"certificate": chain[0], "extraCertChain": chain[1:],
-                      "privateKey": load_private_key(config.keyfile)}
-    except (OSError, TLSConfigError, Exception) as error:
-        raise BridgeConfigError(f"bridge {config.connection!r}: cannot load TLS files: "
-                                f"{error}")
+        files = load_tls_files(config)
+    except TLSFileError as error:
+        raise BridgeConfigError(f"{error.key}: {error}")
+    # every certificate of the file is trusted (a CA bundle), as mosquitto does
+    trust = ssl.trustRootFromCertificates(
+        [ssl.Certificate(cert) for cert in as_pyopenssl(files["trust"])])
+    client: dict = {}
+    if files["chain"]:
+        client = {"certificate": files["chain"][0], "extraCertChain": files["chain"][1:],
+                  "privateKey": files["key"]}
     if config.insecure:
         # bridge_insecure: trust the CA but do not check the host name
         return ssl.CertificateOptions(trustRoot=trust, **client)
@@ -249,33 +252,40 @@ def install(service, configs: List[BridgeConfig], config_path: Optional[str] = N
     return manager
 
 
-#: Prometheus gauges (``BrokerService.add_gauge``, read at scrape time):
-#: name -> (help, BridgeStats attribute)
-GAUGES = {
-    "mqttd_bridge_connected": ("1 while the bridge is connected to its remote", "connected"),
-    "mqttd_bridge_messages_in": ("Messages received from the remote and published here",
-                                 "messages_in"),
-    "mqttd_bridge_messages_out": ("Messages sent to the remote (re-sends not counted)",
-                                  "messages_out"),
-    "mqttd_bridge_queued": ("Messages waiting for the remote (queued + in flight)", "queued"),
-    "mqttd_bridge_reconnects": ("Connection attempts that ended", "reconnects"),
-    "mqttd_bridge_refused": ("Messages the remote refused (MQTT 5 reason >= 0x80)", "refused"),
-    "mqttd_bridge_too_large": ("Messages over the remote's Maximum Packet Size, dropped",
-                               "too_large"),
+#: Prometheus metrics (``BrokerService.add_gauge``/``add_counter``, read at scrape
+#: time), label ``bridge``: name -> (kind, help, BridgeStats attribute).  Counters
+#: are exposed with ``_total``.
+METRICS = {
+    "mqttd_bridge_connected": ("gauge", "Bridge connected to its remote (1) or not (0)",
+                               "connected"),
+    "mqttd_bridge_queued_messages": ("gauge", "Messages waiting for the remote (queued + "
+                                     "in flight)", "queued"),
+    "mqttd_bridge_messages_received": ("counter", "Messages received from the remote and "
+                                       "published here", "messages_in"),
+    "mqttd_bridge_messages_sent": ("counter", "Messages sent to the remote (re-sends not "
+                                   "counted)", "messages_out"),
+    "mqttd_bridge_reconnects": ("counter", "Connection attempts of the bridge that ended",
+                                "reconnects"),
+    "mqttd_bridge_refused": ("counter", "Messages the remote refused (MQTT 5 reason >= "
+                             "0x80)", "refused"),
+    "mqttd_bridge_too_large": ("counter", "Messages over the remote's Maximum Packet Size, "
+                               "dropped", "too_large"),
 }
 
 
 def _export_gauges(service, manager: BridgeManager) -> None:
     add_gauge = getattr(service, "add_gauge", None)
-    if add_gauge is None:   # a service without the metrics seam
+    add_counter = getattr(service, "add_counter", None)
+    if add_gauge is None or add_counter is None:   # a service without the metrics seam
         return
-    for name, (doc, attribute) in GAUGES.items():
+    for name, (kind, doc, attribute) in METRICS.items():
         def read(attribute=attribute):
             return [((bridge,), int(getattr(stats, attribute)))
-                    for bridge, stats in manager.stats.items()]
-        add_gauge(name, doc, ("bridge",), read)
-    add_gauge("mqttd_bridge_mesh_dropped", "Messages the mesh guard dropped, by reason",
-              ("reason",), lambda: sorted(manager.mesh.dropped.items()))
+                    for bridge, stats in sorted(manager.stats.items())]
+        (add_gauge if kind == "gauge" else add_counter)(name, doc, ("bridge",), read)
+    add_counter("mqttd_bridge_mesh_dropped", "Messages the mesh guard dropped, by reason",
+                ("reason",), lambda: [((reason,), count) for reason, count
+                                      in sorted(manager.mesh.dropped.items())])
 
 
 def from_options(service, options) -> None:
@@ -285,8 +295,9 @@ def from_options(service, options) -> None:
     broker = service.broker
     # every broker gets the mesh guard: it turns itself on when it runs a
     # bridge or a bridging broker connects (a hub of a mesh needs it too)
+    window = options.get("bridge-dedup-window")
     mesh = MeshGuard(broker.config.broker_id, max([c.hop_limit for c in configs] or [8]),
-                     dedup_window=float(options.get("bridge-dedup-window") or 0.0),
+                     dedup_window=DEFAULT_DEDUP_WINDOW if window is None else float(window),
                      clock=broker.clock).attach(broker)
     service.mesh_guard = mesh
     if configs:

@@ -117,19 +117,22 @@ def test_suppressed_log_lines_are_counted():
     assert _samples(registry)[("mqttd_log_lines_suppressed_total", ())] == 7
 
 
-def test_bridge_state_is_exported_when_bridges_run():
-    """BrokerService.bridges.stats (mqttd.bridge) become mqttd_bridge_* series per bridge."""
-    from types import SimpleNamespace
+def test_feature_counters_are_exported_as_counters_once():
+    """BrokerService.add_counter: a feature's counters are typed counter (name_total); a name is
+    exported once, so the page stays a valid exposition (REVIEW-BRIDGE 11a)."""
+    from mqttd.service import BrokerService
     broker, clock = make_broker()
-    edge = SimpleNamespace(connected=True, messages_in=3, messages_out=5, queued=2,
-                           reconnects=1)
-    cloud = SimpleNamespace(connected=False, messages_in=0, messages_out=0, queued=7,
-                            reconnects=4)
-    service = SimpleNamespace(bridges=SimpleNamespace(stats={"edge": edge, "cloud": cloud}),
-                              gauges={})
-    s = _samples(make_registry(broker, service))
-    assert s[("mqttd_bridge_connected", (("bridge", "edge"),))] == 1
-    assert s[("mqttd_bridge_connected", (("bridge", "cloud"),))] == 0
+    service = BrokerService(clock, broker, listen=[], sys_interval=0)
+    service.add_gauge("mqttd_bridge_messages_sent", "x", ["bridge"], lambda: [(("e",), 1)])
+    service.add_counter("mqttd_bridge_messages_sent", "Messages sent", ["bridge"],
+                        lambda: [(("edge",), 5), (("cloud",), 0)])
+    registry = make_registry(broker, service)
+    s = _samples(registry)
     assert s[("mqttd_bridge_messages_sent_total", (("bridge", "edge"),))] == 5
-    assert s[("mqttd_bridge_queued_messages", (("bridge", "cloud"),))] == 7
-    assert s[("mqttd_bridge_reconnects_total", (("bridge", "cloud"),))] == 4
+    assert ("mqttd_bridge_messages_sent", (("bridge", "e"),)) not in s
+    text = generate_latest(registry).decode()
+    types = [line for line in text.splitlines()
+             if line.startswith("# TYPE mqttd_bridge_messages_sent")]
+    assert len(types) == 1 and types[0].endswith(" counter"), types
+    assert len([line for line in text.splitlines()
+                if line.startswith("# HELP mqttd_bridge_messages_sent")]) == 1

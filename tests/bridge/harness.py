@@ -16,7 +16,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from mqttd.bridge.config import BridgeConfig, parse_topic_line
-from mqttd.bridge.mesh import MeshGuard
+from mqttd.bridge.mesh import DEFAULT_DEDUP_WINDOW, MeshGuard
 from mqttd.bridge.service import BridgeManager
 from mqttd.broker import Broker, BrokerConfig
 from mqttd.protocol import MQTTFactory
@@ -58,7 +58,7 @@ class Net:
         self.reachable[name] = True
         return broker
 
-    def guard(self, name: str, dedup_window: float = 0.0):
+    def guard(self, name: str, dedup_window: float = DEFAULT_DEDUP_WINDOW):
         """Broker ``name``'s mesh guard, as ``twistd mqttd`` installs it on every broker."""
         if name not in self.guards:
             self.guards[name] = MeshGuard(name, dedup_window=dedup_window,

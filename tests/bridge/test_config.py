@@ -166,7 +166,7 @@ def test_mosquitto_import_round_trips_to_the_same_bridges(tmp_path):
     tables, warnings = parse_mosquitto(MOSQUITTO_CONF)
     assert any("start_type" in w for w in warnings)
     text = to_toml(tables)
-    cloud, second = bridges_from_toml(tomllib.loads(text)["bridge"], text)
+    cloud, second = bridges_from_toml(tomllib.loads(text)["bridge"], text, check_files=False)
     assert cloud.addresses == (("broker1.example", 8883), ("broker2.example", 8883))
     assert cloud.topics == (TopicMap("sensors/#", "out", 1, "", "site/edge-17/"),
                             TopicMap("cmd/#", "in", 1, "", "site/edge-17/"))
@@ -273,3 +273,212 @@ def test_bridge_tls_client_certificate_uses_no_deprecated_pyopenssl_api(tmp_path
     deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
                     if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
     assert deprecations == []
+
+
+def _handshake(client_options, server_key, server_cert) -> str:
+    """An in-memory TLS handshake of the bridge's client options against a server: "ok" or the error."""
+    from types import SimpleNamespace
+
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+    from twisted.internet.protocol import Factory
+
+    from mqttd.transports.tls import load_certificates, load_private_key
+    server = SSL.Connection(ssl.CertificateOptions(
+        privateKey=load_private_key(str(server_key)),
+        certificate=load_certificates(str(server_cert))[0]).getContext(), None)
+    server.set_accept_state()
+    failed = []
+    proto = SimpleNamespace(factory=SimpleNamespace(wrappedFactory=Factory()),
+                            failVerification=failed.append)
+    if hasattr(client_options, "clientConnectionForTLS"):
+        client = client_options.clientConnectionForTLS(proto)
+    else:
+        client = SSL.Connection(client_options.getContext(), None)
+    client.set_connect_state()
+    done = set()
+    for _ in range(20):   # a handshake takes a few round trips
+        for name, conn in (("client", client), ("server", server)):
+            try:
+                conn.do_handshake()
+                done.add(name)
+            except SSL.WantReadError:
+                pass
+            except SSL.Error as error:
+                return f"{name}: {error}"
+        for a, b in ((client, server), (server, client)):
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if done == {"client", "server"}:
+            return "ok" if not failed else f"verification: {failed[0]}"
+    return "no handshake"
+
+
+@pytest.mark.parametrize("order", ["other-ca first", "ca first"])
+def test_bridge_cafile_bundle_trusts_every_certificate(tmp_path, order):
+    """A CA bundle in bridge_cafile trusts each of its certificates, in either order, as mosquitto does (REVIEW-BRIDGE 9a)."""
+    from transports.certs import PKI
+
+    from mqttd.bridge.service import _tls_options
+    pki = PKI(tmp_path / "pki")
+    parts = [pki.other_ca.cert_path.read_bytes(), pki.ca.cert_path.read_bytes()]
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"".join(parts if order == "other-ca first" else parts[::-1]))
+    for insecure in (False, True):
+        config = BridgeConfig(connection="b", addresses=[("localhost", 8883)],
+                              topics=[parse_topic_line("# out 1")], cafile=str(bundle),
+                              insecure=insecure)
+        assert _handshake(_tls_options(config, "localhost"), pki.server_key,
+                          pki.server_cert) == "ok", insecure
+    # and a bundle without the server's CA still refuses it
+    alone = BridgeConfig(connection="b", addresses=[("localhost", 8883)],
+                         topics=[parse_topic_line("# out 1")],
+                         cafile=str(pki.other_ca.cert_path))
+    assert "certificate verify failed" in _handshake(
+        _tls_options(alone, "localhost"), pki.server_key, pki.server_cert)
+
+
+@pytest.mark.parametrize("what", ["missing cafile", "garbage cafile", "missing certfile",
+                                  "garbage keyfile", "key of another certificate"])
+def test_bad_bridge_tls_files_fail_check_config_and_startup_with_the_line(tmp_path, what,
+                                                                          capsys):
+    """A missing or non-PEM bridge_cafile/certfile/keyfile: check-config and run exit 2 with one line naming file, line and bridge (REVIEW-BRIDGE 4a)."""
+    from transports.certs import PKI
+
+    from mqttd.cli import main as cli_main
+    pki = PKI(tmp_path / "pki")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    files = {"bridge_cafile": str(pki.ca.cert_path), "bridge_certfile": str(pki.alice_cert),
+             "bridge_keyfile": str(pki.alice_key)}
+    key, value = {
+        "missing cafile": ("bridge_cafile", str(tmp_path / "nonexistent.pem")),
+        "garbage cafile": ("bridge_cafile", str(garbage)),
+        "missing certfile": ("bridge_certfile", str(tmp_path / "nonexistent.pem")),
+        "garbage keyfile": ("bridge_keyfile", str(garbage)),
+        "key of another certificate": ("bridge_keyfile", str(pki.mallory_key)),
+    }[what]
+    files[key] = value
+    config = tmp_path / "mqttd.toml"
+    body = "".join(f'{k} = "{v}"\n' for k, v in files.items())
+    config.write_text('listen = "tcp:0:interface=127.0.0.1"\n[[bridge]]\nconnection = "c"\n'
+                      f'address = "127.0.0.1:1"\ntopic = "a/# out 1"\n{body}')
+    line = 6 + list(files).index(key)
+    assert cli_main(["check-config", "--config", str(config), "--persistence", "memory"]) == 2
+    err = capsys.readouterr().err
+    assert f"line {line}" in err and "'c'" in err and value in err, err
+    from pathlib import Path
+    twistd = [str(Path(sys.executable).parent / "twistd")]
+    result = subprocess.run([*twistd, "-n", "--pidfile", "", "mqttd", "--config", str(config),
+                             "--persistence", "memory"],
+                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"{config}, line {line}" in result.stderr and value in result.stderr
+
+
+def test_mosquitto_import_reads_the_older_clientid_username_password_names(tmp_path, capsys):
+    """mosquitto's conf.c reads clientid/username/password as remote_*: the import keeps the identity and credentials (REVIEW-BRIDGE 5a)."""
+    conf = tmp_path / "m.conf"
+    conf.write_text("connection cloud\naddress 127.0.0.1:1884\ntopic sensors/# out 1\n"
+                    "clientid edge-17\nusername edge\npassword s3cret\n")
+    assert import_main(["import", str(conf)]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    (bridge,) = tomllib.loads(captured.out)["bridge"]
+    assert (bridge["remote_clientid"], bridge["remote_username"],
+            bridge["remote_password"]) == ("edge-17", "edge", "s3cret")
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False),
+                                             ("true", True), ("false", False)])
+def test_mosquitto_import_reads_mosquitto_booleans(value, expected):
+    """mosquitto's booleans are true/false/1/0 (conf__parse_bool); the import reads all four."""
+    tables, _ = parse_mosquitto(f"connection c\naddress h\ntopic # out 0\n"
+                                f"try_private {value}\ncleansession {value}\n")
+    assert tables[0]["try_private"] is expected and tables[0]["cleansession"] is expected
+
+
+def test_mosquitto_import_refuses_booleans_mosquitto_refuses(tmp_path, capsys):
+    """'yes' is not a mosquitto boolean (mosquitto stops: Invalid try_private value): exit 2, one line with file and line."""
+    conf = tmp_path / "m.conf"
+    conf.write_text("connection c\naddress h\ntopic # out 0\ntry_private yes\n")
+    assert import_main(["import", str(conf)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{conf}, line 4" in err[0] and "try_private" in err[0]
+
+
+def test_mosquitto_import_follows_include_dir(tmp_path, capsys):
+    """Debian's layout: mosquitto.conf holds 'include_dir conf.d' and the bridge lives in conf.d/*.conf (read in name order)."""
+    confd = tmp_path / "conf.d"
+    confd.mkdir()
+    (confd / "b-second.conf").write_text("connection second\naddress 10.0.0.2\ntopic # both 0\n")
+    (confd / "a-first.conf").write_text("connection first\naddress 10.0.0.1\n"
+                                        "topic a/# out 1\nkeepalive_interval 1\n")
+    (confd / "ignored.txt").write_text("connection nope\n")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"pid_file /run/mosquitto.pid\ninclude_dir {confd}\n")
+    assert import_main(["import", str(conf)]) == 2   # the bad value: named in its own file
+    err = capsys.readouterr().err
+    assert f"{confd / 'a-first.conf'}, line 4" in err and "keepalive" in err, err
+    (confd / "a-first.conf").write_text("connection first\naddress 10.0.0.1\ntopic a/# out 1\n")
+    assert import_main(["import", str(conf)]) == 0
+    names = [b["connection"] for b in tomllib.loads(capsys.readouterr().out)["bridge"]]
+    assert names == ["first", "second"]
+
+
+@pytest.mark.parametrize("directive", ["bridge_capath /etc/ssl/certs",
+                                       "bridge_identity edge\nbridge_psk 0123abcd"])
+def test_mosquitto_import_refuses_tls_it_cannot_express(tmp_path, capsys, directive):
+    """A TLS bridge by bridge_capath or PSK never becomes a plaintext bridge carrying the password: exit 2, one line (REVIEW-BRIDGE 5b)."""
+    conf = tmp_path / "m.conf"
+    conf.write_text("connection cloud\naddress h:8883\ntopic # out 1\nremote_username u\n"
+                    f"remote_password p\n{directive}\n")
+    assert import_main(["import", str(conf)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1
+    assert f"{conf}, line 6" in err[0] and directive.split()[0] in err[0]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("it's/# out 1", TopicMap("it's/#", "out", 1)),
+    ("a\\b/# out 1", TopicMap("a\\b/#", "out", 1)),
+    ("a/#   both   2  \"\"   r/", TopicMap("a/#", "both", 2, "", "r/")),
+    ("'q'/# in 0 l/ 'r'/", TopicMap("'q'/#", "in", 0, "l/", "'r'/")),
+])
+def test_topic_lines_split_as_mosquitto_not_as_a_shell(line, expected):
+    """mosquitto splits topic lines on blanks only; ' and \\ are topic characters, "" is the empty string (REVIEW-BRIDGE 4c)."""
+    assert parse_topic_line(line) == expected
+    assert parse_topic_line(expected.line()) == expected   # and the import writes it back
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[::1]:1884", ("::1", 1884)),
+    ("[::1]", ("::1", 1883)),
+    ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1)),
+    ("host.example", ("host.example", 1883)),
+    ("10.0.0.1:8883", ("10.0.0.1", 8883)),
+])
+def test_addresses_parse_hosts_ports_and_bracketed_ipv6(text, expected):
+    """HOST[:PORT] and [IPV6][:PORT] give the right host and port."""
+    from mqttd.bridge.config import parse_address
+    assert parse_address(text, 1883) == expected
+
+
+@pytest.mark.parametrize("value, why", [
+    ('"::1"', "brackets"),
+    ('"fe80::1:1883"', "brackets"),
+    ("18841", "must be a string"),
+    ('"18841"', "no host"),
+    ('"[::1]x"', "IPV6"),
+    ('"[::1"', "IPV6"),
+])
+def test_ambiguous_or_hostless_addresses_are_refused_with_the_line(value, why):
+    """'::1' is not host ':' port 1 and 18841 is not a host: refused, naming the line (REVIEW-BRIDGE 4b)."""
+    text = f'[[bridge]]\nconnection = "x"\ntopic = "a/# out 1"\naddress = {value}\n'
+    with pytest.raises(BridgeConfigError, match=why) as info:
+        bridges_from_toml(tomllib.loads(text)["bridge"], text, "f.toml")
+    assert info.value.line == 4

@@ -119,8 +119,33 @@ def test_forged_stamps_still_cannot_make_a_peer_drop_a_brokers_message(net):
     net.settle(2)
     got = _publishes(watcher)
     assert [p.payload for p in got if p.topic == "m/legit"] == [b"L%d" % n for n in range(5)]
-    assert all(p.properties.user_properties == () for p in got)
+    assert all(p.properties.user_properties == () for p in got if p.topic == "m/legit")
+    # the forger's own pairs are its data: delivered unaltered [MQTT-3.3.2-17]
+    assert sorted(p.properties.user_properties for p in got if p.topic == "m/forged") == [
+        ((MID, f"A:{n:016x}"), (PATH, "A")) for n in range(5)]
     assert net.guards["B"].dropped["duplicate"] == 0
+
+
+def test_clients_own_mqttd_named_user_properties_cross_a_v5_mesh_unaltered(net):
+    """A client's own user properties named mqttd-path/mqttd-mid are never deleted: local v5 subscribers and those across an MQTT 5 bridge get them as sent (REVIEW-BRIDGE 13a) [MQTT-3.3.2-17]."""
+    a, b = net.broker("A"), net.broker("B")
+    net.guard("A")
+    net.guard("B")
+    net.bridge("A", "B", ["u/# both 1"], protocol_version="mqttv50")
+    net.settle()
+    here, there = _v5(a, net, "here"), _v5(b, net, "there")
+    here.subscribe("u/#", qos=1)
+    there.subscribe("u/#", qos=1)
+    sent = ((PATH, "mine"), ("k", "v"), (MID, "x"), (PATH, "last"))
+    publisher = _v5(a, net, "pub")
+    publisher.publish("u/c", b"custom", qos=1, packet_id=1,
+                      properties=Properties(user_properties=sent))
+    publisher.publish("u/d", b"only", qos=1, packet_id=2,
+                      properties=Properties(user_properties=((PATH, "mine"),)))
+    net.settle(2)
+    for sub in (here, there):
+        got = {p.topic: p.properties.user_properties for p in _publishes(sub)}
+        assert got == {"u/c": sent, "u/d": ((PATH, "mine"),)}
 
 
 def _refusals(lines):

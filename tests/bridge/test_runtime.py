@@ -243,26 +243,57 @@ def test_mesh_with_a_hub_that_runs_no_bridge_delivers_once(net):
         assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
 
 
-def test_v3_triangle_with_dedup_window_delivers_once(net):
-    """MQTT 3.1.1 links carry no properties: --bridge-dedup-window stops the second copies."""
+def test_v3_triangle_with_default_options_delivers_once_and_stops(net):
+    """MQTT 3.1.1 links carry no properties: the default dedup window stops the copies that go round (REVIEW-BRIDGE 6a)."""
     brokers = {n: net.broker(n) for n in "ABC"}
-    for n in "ABC":
-        net.guard(n, dedup_window=2.0)
     got = {n: Collector(b, "#") for n, b in brokers.items()}
-    for x, y in (("A", "B"), ("B", "C"), ("C", "A")):
-        net.bridge(x, y, ["# both 1"])
+    managers = [net.bridge(x, y, ["# both 1"]) for x, y in (("A", "B"), ("B", "C"), ("C", "A"))]
     net.settle()
     for n, broker in brokers.items():
         broker.publish_message(f"from/{n}", n.encode(), qos=1)
     net.settle(5)
     for n in "ABC":
         assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
-    assert sum(g.dropped["v3-duplicate"] for g in net.guards.values()) > 0
+    assert sum(m.mesh.dropped["v3-duplicate"] for m in managers) > 0
+    before = {n: b.stats.messages_received for n, b in brokers.items()}
+    net.settle(5)   # well past the window: nothing keeps flowing
+    assert {n: b.stats.messages_received for n, b in brokers.items()} == before
     # outside the window the same content is a new message again
-    net.settle(3)
     brokers["A"].publish_message("from/A", b"A", qos=1)
     net.settle(5)
     assert got["B"].payloads().count(b"A") == 2
+
+
+def test_v3_dedup_window_keeps_identical_repeats_over_the_same_link(net):
+    """A sensor repeating one reading: every repeat arrives over the link it always comes by, none is taken for a copy."""
+    a, b, c = net.broker("A"), net.broker("B"), net.broker("C")
+    got_b, got_c = Collector(b, "#"), Collector(c, "#")
+    net.bridge("A", "B", ["# both 1"])
+    net.bridge("B", "C", ["# both 1"])
+    net.settle()
+    for _ in range(5):
+        a.publish_message("sensors/temp", b"21.5", qos=1)
+        net.settle(0.2)
+    net.settle(2)
+    assert got_b.payloads() == [b"21.5"] * 5
+    assert got_c.payloads() == [b"21.5"] * 5
+
+
+def test_v3_dedup_window_zero_turns_the_guard_off():
+    """--bridge-dedup-window 0: no fingerprints, a bridged repeat of a local message goes through."""
+    from mqttd.bridge.mesh import MeshGuard
+    from mqttd.broker import ClientInfo
+    from mqttd.messages import Message
+    link = ClientInfo("peer", 4, None, "bridge:x", False, 0, True, bridge=True)
+    from twisted.internet.task import Clock
+    clock = Clock()
+    on, off = MeshGuard("A", clock=clock), MeshGuard("A", dedup_window=0, clock=clock)
+    for guard in (on, off):
+        guard(Message("t", b"x", 1), None)
+    assert on(Message("t", b"x", 1), link) is None and on.dropped["v3-duplicate"] == 1
+    assert off(Message("t", b"x", 1), link) is not None and off.dropped["v3-duplicate"] == 0
+    clock.advance(on.dedup_window)
+    assert on(Message("t", b"x", 1), link) is not None   # the window is over
 
 
 def test_mesh_guard_is_idle_until_a_bridge_appears():
@@ -321,8 +352,9 @@ def test_message_over_the_remote_maximum_packet_size_is_dropped_not_retried(net)
     assert stats.too_large == 1 and stats.queued == 0 and stats.connected
 
 
-def test_bridge_gauges_are_exported_for_prometheus():
-    """install() registers mqttd_bridge_* gauges that read the live BridgeStats."""
+def test_bridge_metrics_are_exported_once_typed_and_labelled():
+    """install() exports one mqttd_bridge_* set through the service seam: gauges, counters as counters, mesh reasons as whole words (REVIEW-BRIDGE 11a, 11b)."""
+    from mqttd.admin.metrics import make_registry
     from mqttd.bridge.config import BridgeConfig, TopicMap
     from mqttd.bridge.service import install
     from mqttd.service import make_broker_service
@@ -331,11 +363,51 @@ def test_bridge_gauges_are_exported_for_prometheus():
     config = BridgeConfig("up", (("127.0.0.1", 1),), (TopicMap("q/#", "out", 1),),
                           remote_clientid="edge")
     install(service, [config], endpoint_factory=lambda reactor, c: None)
-    gauges = service.gauges
-    assert gauges["mqttd_bridge_connected"][2]() == [(("up",), 0)]
     service.bridges.stats["up"].messages_out = 7
-    assert gauges["mqttd_bridge_messages_out"][2]() == [(("up",), 7)]
-    assert ("duplicate", 0) in gauges["mqttd_bridge_mesh_dropped"][2]()
+    service.bridges.mesh.dropped["hop-limit"] = 2
+    samples = {(m.name, s.name, tuple(sorted(s.labels.items()))): (m.type, s.value)
+               for m in make_registry(service.broker, service).collect() for s in m.samples}
+    assert samples[("mqttd_bridge_connected", "mqttd_bridge_connected", (("bridge", "up"),))] \
+        == ("gauge", 0)
+    assert samples[("mqttd_bridge_messages_sent", "mqttd_bridge_messages_sent_total",
+                    (("bridge", "up"),))] == ("counter", 7)
+    assert samples[("mqttd_bridge_mesh_dropped", "mqttd_bridge_mesh_dropped_total",
+                    (("reason", "hop-limit"),))] == ("counter", 2)
+    reasons = {labels for (name, _s, labels) in samples if name == "mqttd_bridge_mesh_dropped"}
+    assert reasons == {(("reason", r),) for r in ("duplicate", "loop", "hop-limit",
+                                                  "v3-duplicate")}
+    families = [m.name for m in make_registry(service.broker, service).collect()
+                if m.name.startswith("mqttd_bridge_")]
+    assert len(families) == len(set(families)) == 8   # one family per name
+
+
+def test_metrics_page_with_a_bridge_passes_promtool(tmp_path):
+    """The whole /metrics page of a broker running a bridge is a valid exposition: `promtool check metrics` (REVIEW-BRIDGE 11a)."""
+    import shutil
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    from mqttd.admin.metrics import make_registry
+    from mqttd.bridge.config import BridgeConfig, TopicMap
+    from mqttd.bridge.service import install
+    from mqttd.service import make_broker_service
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not on PATH (./dev installs the prometheus package)")
+    net = Net()
+    service = make_broker_service(net.clock, listen=[], store="memory")
+    configs = [BridgeConfig(name, (("127.0.0.1", 1),), (TopicMap("q/#", "out", 1),),
+                            remote_clientid=name) for name in ("up", "down")]
+    install(service, configs, endpoint_factory=lambda reactor, c: None)
+    page = generate_latest(make_registry(service.broker, service))
+    assert b"mqttd_bridge_connected{" in page
+    result = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True,
+                            timeout=60)
+    # exit 1 is also promtool's "lint problems" (naming advice); errors are parse failures
+    assert b"error" not in result.stderr.lower() and b"parsing" not in result.stderr, \
+        result.stderr.decode()
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
 def test_local_cleansession_forwards_while_up_and_keeps_nothing_while_down(net):
@@ -442,3 +514,27 @@ def test_a_primary_that_refuses_the_connect_is_probed_less_and_less_often(net):
     net.brokers["P"].authenticator = None
     net.settle(4 * bridge.primary_retry + 5)
     assert _remote_of(net, bridge) == "P" and bridge._probe_interval == bridge.primary_retry
+
+
+def test_failed_reconnect_attempts_log_one_rate_limited_line(net):
+    """A remote that stays down: one warn line per failed attempt at most, at most one a minute, with the reason, the delay and the count of attempts not logged; no Twisted retry/factory lines (REVIEW-BRIDGE 9b)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    events = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        net.broker("A")
+        net.broker("B")
+        net.reachable["B"] = False
+        manager = net.bridge("A", "B", ["q/# out 1"])
+        net.settle(125, step=1.0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = [formatEvent(e) for e in events]
+    failed = [t for t in text if "connection attempt" in t and "failed" in t]
+    assert not any("Scheduling retry" in t or "Starting factory" in t
+                   or "Stopping factory" in t for t in text)
+    assert 2 <= len(failed) <= 3, failed
+    assert "B is down" in failed[0] and "next attempt in" in failed[0]
+    assert "more failed attempts not logged" in failed[1]
+    assert "B is down" in manager.stats["A-B"].last_error
