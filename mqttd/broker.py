@@ -461,25 +461,28 @@ class Broker:
             self._discard_session(session)
         return True
 
-    def use_retained_store(self, store) -> None:
+    def use_retained_store(self, store, hand_over: bool = False) -> None:
         """Keep retained messages in ``store`` (an :class:`~mqttd.interfaces.IRetainedStore`,
         e.g. a cluster's, shared by every node) instead of the in-memory index.
 
-        Call it before clients connect.  The messages already retained here
-        (restored from the local store, or ``$SYS`` values) are handed to
-        ``store.set``; their writes are tracked like any other
-        (:meth:`track_write`).  The local expiry timer stops: a store whose
-        ``next_expiry`` answers None expires messages itself.
+        Call it before clients connect.  The messages retained here so far
+        (restored from the local store, ``$SYS`` values) are dropped unless
+        ``hand_over``: a cluster's retained messages are authoritative, and a
+        node's old local copy must not overwrite newer ones.  With
+        ``hand_over`` each goes to ``store.set`` (its writes are tracked like
+        any other, :meth:`track_write`).  The local expiry timer stops: a
+        store whose ``next_expiry`` answers None expires messages itself.
         """
         old, self.retained = self.retained, store
         call = self._retained_expiry_call
         if call is not None and call.active():
             call.cancel()
         self._retained_expiry_call = None
-        for message in list(old.values()):
-            stored = store.set(message)
-            if stored is not None:
-                self.track_write(stored)
+        if hand_over:
+            for message in list(old.values()):
+                stored = store.set(message)
+                if stored is not None:
+                    self.track_write(stored)
         self._schedule_retained_expiry()
 
     def clear_retained(self, topic: str) -> bool:

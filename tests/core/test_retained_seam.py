@@ -212,14 +212,19 @@ def test_local_subscriber_gets_retained_messages_from_an_asynchronous_store():
     assert [m.topic for m in seen] == ["r/1"]
 
 
-def test_use_retained_store_hands_over_what_is_retained_here():
-    """Messages retained before the switch (restored, $SYS) move to the new store."""
+def test_use_retained_store_hands_over_only_when_asked():
+    """A node's old local copy never overwrites the cluster's messages; an embedder may hand over."""
     broker, clock = make_broker()
     broker.publish_message("keep/me", b"k", retain=True)
     store = AsyncRetained()
     broker.use_retained_store(store)
-    assert broker.retained is store and store.get("keep/me").payload == b"k"
-    store.fire("set")
+    assert broker.retained is store and store.get("keep/me") is None
+    broker2, _ = make_broker()
+    broker2.publish_message("keep/me", b"k", retain=True)
+    store2 = AsyncRetained()
+    broker2.use_retained_store(store2, hand_over=True)
+    assert store2.get("keep/me").payload == b"k"
+    store2.fire("set")
 
 
 def test_pending_writes_report_a_failure_that_happened_before_anyone_asked():
