@@ -199,6 +199,10 @@ OPTIONS: List[Option] = [
            "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
     Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
            "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
+    # --- all cores of one machine (mqttd.cluster.workers; see docs/cluster.rst) ---
+    Option("workers", integer(1, 1024), "With --cluster: run N worker processes (cluster "
+           "nodes <node-id>-w1..wN) sharing the listening ports (SO_REUSEPORT); this "
+           "process supervises them (restart with backoff, SIGTERM stops all).", default=1),
 ]
 
 #: Feature packages that add to the service built from the options:
@@ -256,6 +260,8 @@ class Options(usage.Options):
 
     def parseOptions(self, options=None):
         """Parse and validate; under ``twistd`` a bad option is one line and exit 2."""
+        #: the options as given (``--workers`` starts its workers with them)
+        self.raw_args = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as error:
@@ -317,6 +323,9 @@ class Options(usage.Options):
                 raise ConfigError(f"--listener-max-connections: {description!r} is not one of "
                                   f"the --listen endpoints {self['listen']} (spell it as "
                                   f"given to --listen)")
+        if (self["workers"] or 1) > 1 and not self.get("cluster"):
+            raise ConfigError("--workers: needs --cluster (workers are cluster nodes sharing "
+                              "Redis; without it they would be separate brokers on one port)")
         if self["admin-user"] and not (self["password-file"] or self["auth"]):
             raise ConfigError("--admin-user: needs --password-file or --auth (the admin API "
                               "checks its users with the broker's authenticator; without one "
@@ -490,6 +499,16 @@ def makeService(options: Options):
 
     sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
     settings = logs.LogSettings(options["log-level"] or "info")
+    from mqttd.cluster import workers
+    if workers.prepare_worker() is None and (options["workers"] or 1) > 1:
+        # this process supervises the workers and runs no broker itself
+        supervisor = workers.make_supervisor(options, reactor)
+        if options.parent is not None and not options.parent.get("syslog"):
+            supervisor.log_observer = logs.make_observer(
+                _log_stream(options), options["log-format"] or "text", settings)
+        if options.parent is not None:
+            install_signal_handlers(reactor, supervisor)
+        return supervisor
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]
