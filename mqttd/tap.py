@@ -212,6 +212,7 @@ FEATURES: List[str] = [
     "mqttd.auth.setup:install",
     "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
+    "mqttd.cluster.retained:install",
 ]
 
 

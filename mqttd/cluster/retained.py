@@ -7,9 +7,10 @@ costs O(index nodes on the matching paths), not O(all retained topics).
 Key layout (``P`` = the cluster's key prefix, ``mqttd:`` by default)::
 
     P ret:m:<topic>              STRING  the packed message (see pack_message)
-    P ret:c:<depth>:<prefix>     HASH    child level name -> number of retained
-                                         topics in that child's subtree
-                                         (the child included)
+    P ret:c:<depth>:<prefix>     HASH    child level name -> 2 x the number of
+                                         retained topics in that child's subtree
+                                         (the child included), + 1 when the child
+                                         is itself a retained topic
     P ret:exp                    ZSET    topic -> expiry time (unix s), only for
                                          messages with a Message Expiry Interval
 
@@ -22,8 +23,10 @@ work is a pipeline of independent single-key commands).
 **Write.**  ``ret_set`` (``SET ... GET``) answers created (1) or replaced (0);
 an empty payload runs ``ret_del`` (1 deleted, 0 there was none)
 [MQTT-3.3.1-10, 3.3.1-11].  Only a *transition* (created / deleted) touches
-the index: one ``ret_idx`` per level, ``HINCRBY`` +1/-1 and ``HDEL`` at 0,
-atomic per hash.  Replacing a retained message -- the common case, a device
+the index: one ``ret_idx`` per level, ``HINCRBY`` +2/-2 (the topic's own
+last level +3/-3) and ``HDEL`` at 0, atomic per hash.  A topic exists once, so
+an odd count says "this child is a retained topic": a walk fetches only
+those values.  Replacing a retained message -- the common case, a device
 updating its state -- costs one command.  The counts are commutative, so two
 nodes creating and deleting one topic concurrently converge to the right
 index whatever order the increments arrive in.  One node's writes of one topic
@@ -167,11 +170,14 @@ class RedisRetained:
     def expiry_key(self) -> str:
         return f"{self.prefix}ret:exp"
 
-    def index_entries(self, topic: str) -> List[Tuple[str, str]]:
-        """``(hash key, field)`` of every level of ``topic``: what a created
-        topic increments and a deleted one decrements."""
+    def index_entries(self, topic: str) -> List[Tuple[str, str, int]]:
+        """``(hash key, field, weight)`` of every level of ``topic``: a created
+        topic adds the weight, a deleted one subtracts it (2 per level the
+        topic passes through, 3 for its own last level)."""
         levels = topic.split("/")
-        return [(self.index_key(levels, depth), levels[depth]) for depth in range(len(levels))]
+        last = len(levels) - 1
+        return [(self.index_key(levels, depth), levels[depth], 3 if depth == last else 2)
+                for depth in range(len(levels))]
 
     # --- writes -----------------------------------------------------------------------
 
@@ -245,8 +251,8 @@ class RedisRetained:
         return self._serialized(topic, write)
 
     def _index(self, topic: str, delta: int) -> defer.Deferred:
-        steps = [self.backend.run("ret_idx", [key], [field, delta])
-                 for key, field in self.index_entries(topic)]
+        steps = [self.backend.run("ret_idx", [key], [field, delta * weight])
+                 for key, field, weight in self.index_entries(topic)]
         self.commands += len(steps)
         return _gather(steps)
 
@@ -278,8 +284,14 @@ class RedisRetained:
             if level == "+":
                 children = yield self._read([("HGETALL", self.index_key(c, depth))
                                              for c in candidates])
+                # a child is kept if it can match: itself a topic for a last
+                # level, anything for "+/#" (# matches the parent), else
+                # topics below it
+                following = levels[depth + 1] if depth + 1 < len(levels) else None
                 candidates = [c + (name,) for c, fields in zip(candidates, children)
-                              for name in _present(fields, root=depth == 0)]
+                              for name, leaf, below in _present(fields, root=depth == 0)
+                              if (leaf if following is None else
+                                  (following == "#" or below))]
             elif level == "#":
                 # the parent level too ("a/#" matches "a") [MQTT-4.7.1-2]
                 frontier = candidates if depth > 0 else []
@@ -290,15 +302,20 @@ class RedisRetained:
                     values.extend(replies)
                 frontier, at = candidates, depth
                 while frontier:
+                    # this level's children, and the values of the previous
+                    # level's topics, in one round trip
                     hashes = yield self._read([("HGETALL", self.index_key(c, at))
                                                for c in frontier])
-                    frontier = [c + (name,) for c, fields in zip(frontier, hashes)
-                                for name in _present(fields, root=at == 0)]
+                    children = [(c + (name,), leaf, below)
+                                for c, fields in zip(frontier, hashes)
+                                for name, leaf, below in _present(fields, root=at == 0)]
+                    frontier = [c for c, _leaf, below in children if below]
+                    leaves = [c for c, leaf, _below in children if leaf]
                     at += 1
-                    if frontier:
+                    if leaves:
                         replies = yield self._read([("GET", self.value_key("/".join(c)))
-                                                    for c in frontier])
-                        found.extend(frontier)
+                                                    for c in leaves])
+                        found.extend(leaves)
                         values.extend(replies)
                 walked = True
                 candidates = []
@@ -383,7 +400,7 @@ class RedisRetained:
     def count(self):
         """How many retained messages the cluster holds (from the index root)."""
         fields = yield self.backend.execute("HGETALL", self.index_key((), 0))
-        return sum(n for _name, n in _counts(fields))
+        return sum(n // 2 for _name, n in _counts(fields))
 
     @defer.inlineCallbacks
     def reindex(self, scan_count: int = 1000):
@@ -398,8 +415,8 @@ class RedisRetained:
         counts: Dict[Tuple[str, str], int] = {}
         for key in values:
             topic = (key.decode("utf-8") if isinstance(key, bytes) else key)[start:]
-            for entry in self.index_entries(topic):
-                counts[entry] = counts.get(entry, 0) + 1
+            for hash_key, field, weight in self.index_entries(topic):
+                counts[hash_key, field] = counts.get((hash_key, field), 0) + weight
         commands = [("HSET", key, field, n) for (key, field), n in counts.items()]
         for i in range(0, len(commands), PIPELINE_CHUNK):
             yield self._write_all(commands[i:i + PIPELINE_CHUNK])
@@ -433,11 +450,17 @@ def _counts(fields) -> Iterable[Tuple[str, int]]:
         yield name, int(count)
 
 
-def _present(fields, root: bool) -> List[str]:
-    """The child names with retained topics below them; at the root level not
-    the ``$`` ones (a leading wildcard never matches them) [MQTT-4.7.2-1]."""
-    return [name for name, count in _counts(fields)
-            if count > 0 and not (root and name.startswith("$"))]
+def _present(fields, root: bool) -> List[Tuple[str, bool, bool]]:
+    """(name, is a retained topic, has retained topics below) of the children
+    with retained topics; at the root level not the ``$`` ones (a leading
+    wildcard never matches them) [MQTT-4.7.2-1]."""
+    out = []
+    for name, count in _counts(fields):
+        if count <= 0 or (root and name.startswith("$")):
+            continue
+        leaf = bool(count & 1)
+        out.append((name, leaf, count > 3 if leaf else True))
+    return out
 
 
 def _gather(ds: List[defer.Deferred]) -> defer.Deferred:
@@ -557,3 +580,24 @@ def _may_match_shared_sys(topic_filter: str) -> bool:
         if level != "+" and want[i] is not None and level != want[i]:
             return False
     return len(levels) == len(want)
+
+
+#: seconds between two sweeps of expired retained messages on each node
+SWEEP_INTERVAL = 30.0
+
+
+def install(service, options) -> Optional[ClusterRetainedStore]:
+    """The ``twistd mqttd`` feature hook (``mqttd.tap.FEATURES``, after the
+    cluster's): with ``--cluster``, the broker keeps its retained messages in
+    Redis, shared by every node.  Returns the store (None without a cluster)."""
+    cluster = getattr(service, "cluster", None)
+    if cluster is None:
+        return None
+    broker = service.broker
+    redis = RedisRetained(cluster.backend, prefix=cluster.keys.prefix)
+    store = ClusterRetainedStore(redis, broker.clock)
+    broker.use_retained_store(store)
+    store.start(SWEEP_INTERVAL)
+    cluster.stoppers.append(store.stop)
+    cluster.retained = store
+    return store

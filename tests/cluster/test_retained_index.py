@@ -59,14 +59,14 @@ def test_unpack_refuses_what_is_not_a_stored_message():
 
 
 def test_index_counts_retained_topics_per_level_and_prunes_on_delete():
-    """Creating adds 1 per level, deleting removes it; empty hashes disappear."""
+    """2 per topic below a level, +1 if the level is a topic itself; deleting subtracts; empty hashes disappear."""
     backend, redis = store("a/b/c", "a/b", "a/x")
-    assert backend.hashes["t:ret:c:0:"] == {"a": 3}
-    assert backend.hashes["t:ret:c:1:a"] == {"b": 2, "x": 1}
-    assert backend.hashes["t:ret:c:2:a/b"] == {"c": 1}
+    assert backend.hashes["t:ret:c:0:"] == {"a": 6}
+    assert backend.hashes["t:ret:c:1:a"] == {"b": 5, "x": 3}
+    assert backend.hashes["t:ret:c:2:a/b"] == {"c": 3}
     fired(redis.delete("a/b/c"))
     assert "t:ret:c:2:a/b" not in backend.hashes
-    assert backend.hashes["t:ret:c:1:a"] == {"b": 1, "x": 1}
+    assert backend.hashes["t:ret:c:1:a"] == {"b": 3, "x": 3}
     fired(redis.delete("a/b"))
     fired(redis.delete("a/x"))
     assert backend.hashes == {} and backend.strings == {}
@@ -129,7 +129,7 @@ def test_lookups_skip_expired_messages_and_remove_them_once():
     assert found(redis, "#", now=100.0) == ["gone", "keep"]
     assert found(redis, "#", now=106.0) == ["keep"]
     assert "t:ret:m:gone" not in backend.strings
-    assert backend.hashes["t:ret:c:0:"] == {"keep": 1}
+    assert backend.hashes["t:ret:c:0:"] == {"keep": 3}
     assert redis.expired == 1
 
 
@@ -231,7 +231,7 @@ def test_one_nodes_writes_of_a_topic_apply_in_order():
     for _ in range(10):
         backend.release()
     assert unpack_message(backend.strings["t:ret:m:t"]).payload == b"3"
-    assert backend.hashes["t:ret:c:0:"] == {"t": 1}
+    assert backend.hashes["t:ret:c:0:"] == {"t": 3}
 
 
 _level = st.sampled_from(["a", "b", "", "$x", "$SYS", "c d", "é"])
