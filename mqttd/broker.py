@@ -312,6 +312,10 @@ class Broker:
         self.incident_listeners: List[Callable[[str, str, str], None]] = []
         #: sessions with a connection attached now
         self.online = 0
+        #: None, or why this broker cannot serve clients now (a cluster node
+        #: fenced off from Redis): every CONNECT is then refused with v5 0x88
+        #: Server unavailable / v3 rc 3 and this text in the log
+        self.unavailable: Optional[str] = None
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
 

@@ -94,6 +94,10 @@ def run(argv: List[str]) -> int:
             return 2
         if options["check-config"]:
             return check_config([a for a in argv if a != "--check-config"])
+        if options["cluster"]:
+            # before anything below imports the default reactor
+            from mqttd.cluster.reactor import require_asyncio_reactor
+            require_asyncio_reactor()
     from mqttd.pidfile import PidFile, PidFileError
     from mqttd.service import CannotStart
 

@@ -732,6 +732,9 @@ class ClientConnection:
                                 what="max-connections",
                                 detail=f"{broker.open_connections - 1} connections open, "
                                        f"max_connections is {config.max_connections}")
+        if broker.unavailable is not None:
+            return self._refuse(ReasonCode.SERVER_UNAVAILABLE, broker.unavailable,
+                                what="unavailable", detail=broker.unavailable)
         if self.over_listener_limit:
             return self._refuse(ReasonCode.QUOTA_EXCEEDED, "listener max_connections reached",
                                 what="max-connections",

@@ -233,6 +233,8 @@ class BrokerService(MultiService):
         #: the :class:`mqttd.bridge.service.BridgeManager` when bridges are
         #: configured (its ``stats`` maps bridge name -> BridgeStats), else None
         self.bridges = None
+        #: the :class:`mqttd.cluster.service.ClusterService` under ``--cluster``, else None
+        self.cluster = None
         #: the bridges' :class:`mqttd.bridge.mesh.MeshGuard` (``dropped`` counts), set
         #: by the bridge feature under ``twistd mqttd``; None otherwise
         self.mesh_guard = None

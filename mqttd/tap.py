@@ -62,6 +62,25 @@ def _acl_file(value: str) -> None:
         raise ValueError(str(error)) from None
 
 
+def _cluster_url(value: str) -> None:
+    from mqttd.cluster.backend import parse_url
+    parse_url(value)   # ValueError, one line
+
+
+def _node_id(value: str) -> None:
+    from mqttd.cluster.node import check_node_id
+    check_node_id(value)
+
+
+def _redact_url(value) -> str:
+    """A Redis URL with its password as ``***``."""
+    from mqttd.cluster.backend import parse_url
+    try:
+        return parse_url(value).redacted()
+    except ValueError:
+        return "***"
+
+
 def _listener_limit(value: str) -> None:
     description, sep, count = value.rpartition("=")
     if not sep or not description or not count.strip().isdigit() or int(count) < 1:
@@ -199,6 +218,18 @@ OPTIONS: List[Option] = [
            "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
     Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
            "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
+    # --- cluster (mqttd.cluster; see docs/cluster.rst) ---
+    Option("cluster", text(_cluster_url), "Join the cluster whose state is in this Redis: "
+           "redis://HOST:PORT[/DB], rediss://..., redis+sentinel://H:P[,H:P]/SERVICE, "
+           "redis+cluster://H:P[,H:P] (needs the asyncio reactor; docs/cluster.rst).",
+           redact=_redact_url),
+    Option("node-id", text(_node_id), "This node's name in the cluster: unique, "
+           "[A-Za-z0-9._-], at most 64 characters.", doc_default="``HOSTNAME-PID``"),
+    Option("cluster-heartbeat", number(above=0), "Seconds between a node's heartbeats "
+           "in Redis.", default=1.0),
+    Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
+           "a node counts as dead (and a node that could not reach Redis that long has "
+           "fenced itself); more than 2 heartbeats.", default=5.0),
     # --- all cores of one machine (mqttd.cluster.workers; see docs/cluster.rst) ---
     Option("workers", integer(1, 1024), "With --cluster: run N worker processes (cluster "
            "nodes <node-id>-w1..wN) sharing the listening ports (SO_REUSEPORT); this "
@@ -212,6 +243,7 @@ FEATURES: List[str] = [
     "mqttd.auth.setup:install",
     "mqttd.bridge.service:from_options",
     "mqttd.admin.service:install",
+    "mqttd.cluster.service:from_options",
     "mqttd.cluster.retained:install",
 ]
 
@@ -324,6 +356,14 @@ class Options(usage.Options):
                 raise ConfigError(f"--listener-max-connections: {description!r} is not one of "
                                   f"the --listen endpoints {self['listen']} (spell it as "
                                   f"given to --listen)")
+        if self["cluster"] is None:
+            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl"):
+                if self.sources.get(name) != "default":
+                    raise ConfigError(f"--{name}: only with --cluster")
+        elif (self["cluster-node-ttl"] or option("cluster-node-ttl").default) < 2 * (
+                self["cluster-heartbeat"] or option("cluster-heartbeat").default):
+            raise ConfigError("--cluster-node-ttl: must be at least twice --cluster-heartbeat "
+                              "(one lost heartbeat must not make a node dead)")
         if (self["workers"] or 1) > 1 and not self.get("cluster"):
             raise ConfigError("--workers: needs --cluster (workers are cluster nodes sharing "
                               "Redis; without it they would be separate brokers on one port)")
@@ -493,6 +533,11 @@ def install_signal_handlers(reactor, service) -> None:
 def makeService(options: Options):
     import importlib
 
+    if options["cluster"]:
+        # redis.asyncio runs on Twisted's asyncio reactor: install it before
+        # anything imports the default one (exit 2 if another is installed)
+        from mqttd.cluster.reactor import require_asyncio_reactor
+        require_asyncio_reactor()
     from twisted.internet import reactor
 
     from mqttd import logs

@@ -1,0 +1,367 @@
+"""The one module of mqttd that talks to Redis (``redis.asyncio``).
+
+``redis.asyncio`` (redis-py >= 5) is the well-kept Python client that speaks
+standalone Redis, Sentinel and Redis Cluster; it runs on Twisted's asyncio
+reactor (``twisted.internet.asyncioreactor``), and this module turns its
+coroutines into Deferreds with ``Deferred.fromFuture(ensure_future(coro))``
+(:func:`as_deferred`).  Nothing else in mqttd calls redis directly; every
+cluster module goes through a :class:`Backend`.
+
+URLs (:func:`parse_url`)::
+
+    redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]          standalone Redis
+    rediss://...                                        the same over TLS
+    redis+sentinel://[[USER]:PASSWORD@]H:P[,H:P...]/SERVICE[/DB]
+                                                        the primary Sentinel names
+    redis+cluster://[[USER]:PASSWORD@]H:P[,H:P...]      Redis Cluster (seed nodes)
+    rediss+sentinel://..., rediss+cluster://...         TLS variants
+
+Errors: every failure of a command reaches the caller's errback as a
+:class:`BackendError`: :class:`RedisUnavailable` when Redis cannot be reached
+or did not answer in time (connection refused, reset, timeout, cluster down,
+failover in progress: *retry later, nothing is known to be written*) and
+:class:`RedisReplyError` when Redis answered with an error (a script's
+``FENCED``, a wrong type: *a bug or a lost race, not an outage*).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger(namespace="mqttd.cluster.backend")
+
+DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+           "rediss+cluster")
+
+
+class BackendError(Exception):
+    """A Redis command failed; ``str()`` is one line for the log."""
+
+
+class RedisUnavailable(BackendError):
+    """Redis could not be reached or did not answer in time; nothing is known
+    to have been written (the caller retries or fails the acknowledgement)."""
+
+
+class RedisReplyError(BackendError):
+    """Redis answered with an error reply (``FENCED`` from a script, ...)."""
+
+
+@attrs.frozen
+class RedisURL:
+    """A parsed ``--cluster`` URL.
+
+    :ivar kind: ``standalone``, ``sentinel`` or ``cluster``.
+    :ivar hosts: ``((host, port), ...)``: the server, the Sentinels or the
+        cluster's seed nodes.
+    :ivar db: database number (standalone and Sentinel only; Redis Cluster has 0).
+    :ivar service: the Sentinel service (primary) name.
+    :ivar tls: connect with TLS (``rediss``).
+    :ivar options: query parameters, e.g. ``?socket_timeout=2`` (seconds).
+    """
+
+    kind: str
+    hosts: Tuple[Tuple[str, int], ...]
+    db: int = 0
+    service: Optional[str] = None
+    username: Optional[str] = None
+    password: Optional[str] = attrs.field(default=None, repr=False)
+    tls: bool = False
+    options: Tuple[Tuple[str, str], ...] = ()
+
+    def redacted(self) -> str:
+        """The URL for logs: the password as ``***``."""
+        scheme = ("rediss" if self.tls else "redis") + \
+            {"standalone": "", "sentinel": "+sentinel", "cluster": "+cluster"}[self.kind]
+        auth = ""
+        if self.username or self.password:
+            auth = f"{self.username or ''}{':***' if self.password else ''}@"
+        hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
+        path = ""
+        if self.kind == "sentinel":
+            path = f"/{self.service}" + (f"/{self.db}" if self.db else "")
+        elif self.kind == "standalone" and self.db:
+            path = f"/{self.db}"
+        return f"{scheme}://{auth}{hosts}{path}"
+
+
+_FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout", "health_check_interval")
+
+
+def parse_url(url: str) -> RedisURL:
+    """Parse a ``--cluster`` URL (see the module docstring).
+
+    :raises ValueError: one line naming what is wrong (unknown scheme, no
+        host, a bad port, a Sentinel URL without service name, a database
+        number with Redis Cluster, an unknown query parameter).
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"expected a URL like redis://127.0.0.1:6379, got {url!r}")
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r} in {url!r}; expected one of "
+                         f"{', '.join(s + '://' for s in SCHEMES)}")
+    tls = scheme.startswith("rediss")
+    kind = "standalone" if "+" not in scheme else scheme.split("+", 1)[1]
+    # urlsplit cannot take several host:port pairs: split the netloc ourselves
+    parts = urlsplit("x://" + rest)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    username = password = None
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        user, sep, secret = auth.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    default_port = DEFAULT_SENTINEL_PORT if kind == "sentinel" else DEFAULT_PORT
+    hosts = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty host in {url!r}")
+        if item.startswith("["):   # [::1]:6379
+            host, _, port_text = item[1:].partition("]")
+            port_text = port_text.lstrip(":")
+        else:
+            host, _, port_text = item.partition(":")
+        if not host:
+            raise ValueError(f"empty host in {url!r}")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ValueError(f"bad port {port_text!r} in {url!r}") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range in {url!r}")
+        hosts.append((host, port))
+    if kind == "standalone" and len(hosts) > 1:
+        raise ValueError(f"several hosts need redis+sentinel:// or redis+cluster://: {url!r}")
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    service = None
+    db = 0
+    if kind == "sentinel":
+        if not path:
+            raise ValueError(f"redis+sentinel:// needs the service name: "
+                             f"redis+sentinel://HOST:PORT/SERVICE, got {url!r}")
+        service = path.pop(0)
+    if path:
+        if kind == "cluster":
+            raise ValueError(f"Redis Cluster has only database 0; no /DB in {url!r}")
+        if len(path) > 1 or not path[0].isdigit():
+            raise ValueError(f"bad database number {'/'.join(path)!r} in {url!r}")
+        db = int(path[0])
+    options = []
+    for key, values in sorted(parse_qs(parts.query, keep_blank_values=True).items()):
+        if key not in _FLOAT_OPTIONS:
+            raise ValueError(f"unknown parameter {key!r} in {url!r}; known: "
+                             f"{', '.join(_FLOAT_OPTIONS)}")
+        try:
+            if float(values[-1]) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{key} must be a positive number of seconds in {url!r}") \
+                from None
+        options.append((key, values[-1]))
+    return RedisURL(kind, tuple(hosts), db, service, username, password, tls, tuple(options))
+
+
+def as_deferred(coro) -> defer.Deferred:
+    """A Deferred for the coroutine ``coro``, run on the running asyncio loop
+    (Twisted's asyncio reactor in production).  Errors of redis-py come out
+    as :class:`BackendError` subclasses (see :func:`translate`)."""
+    d = defer.Deferred.fromFuture(asyncio.ensure_future(coro))
+    d.addErrback(_translate_failure)
+    return d
+
+
+def _translate_failure(failure):
+    error = translate(failure.value)
+    if error is failure.value:
+        return failure
+    raise error from failure.value
+
+
+def translate(error: BaseException) -> BaseException:
+    """redis-py's exception as a :class:`BackendError` (others unchanged)."""
+    import redis.exceptions as rx
+    if isinstance(error, BackendError):
+        return error
+    unavailable = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError,
+                   asyncio.TimeoutError, OSError, ConnectionError)
+    for name in ("ClusterDownError", "TryAgainError", "MasterNotFoundError",
+                 "SlaveNotFoundError", "ReadOnlyError", "MaxConnectionsError"):
+        kind = getattr(rx, name, None)
+        if kind is not None:
+            unavailable = unavailable + (kind,)
+    if isinstance(error, unavailable):
+        return RedisUnavailable(f"{type(error).__name__}: {error}".rstrip(": "))
+    if isinstance(error, rx.RedisError):
+        return RedisReplyError(f"{type(error).__name__}: {error}".rstrip(": "))
+    return error
+
+
+class Script:
+    """A Lua script run with ``EVALSHA`` (``EVAL`` once after a ``NOSCRIPT``,
+    e.g. after a Redis restart or on a cluster shard that never saw it).
+
+    Every key a script touches must be in ``keys`` and, under Redis Cluster,
+    in one slot (the ``{hashtag}`` of the key layout ensures it).
+    """
+
+    def __init__(self, name: str, source: str):
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+
+class Backend:
+    """A connection (pool) to Redis, standalone, through Sentinel or a Redis Cluster.
+
+    Every method returns a Deferred and must be called in the reactor thread
+    with the asyncio reactor running (or, in tests, inside a running asyncio
+    loop).  Replies are ``bytes`` (no decoding): payloads are binary.
+
+    :param url: a ``--cluster`` URL or a :class:`RedisURL`.
+    :param socket_timeout: seconds a command may take before it fails with
+        :class:`RedisUnavailable` (default 5; URL ``?socket_timeout=``).
+    :param client: an already built ``redis.asyncio`` client (tests).
+    """
+
+    def __init__(self, url, socket_timeout: float = 5.0, client=None,
+                 name: str = "mqttd"):
+        self.url = url if isinstance(url, RedisURL) else parse_url(url)
+        self.socket_timeout = float(dict(self.url.options).get("socket_timeout",
+                                                               socket_timeout))
+        self.name = name
+        self._client = client
+        self._sentinel = None
+        self._scripts: Dict[str, Script] = {}
+
+    @property
+    def is_cluster(self) -> bool:
+        """True for Redis Cluster (keys of one call must share a slot)."""
+        return self.url.kind == "cluster"
+
+    # --- connecting ------------------------------------------------------------------
+
+    def _build(self):
+        from redis.asyncio import Redis
+        options = dict(self.url.options)
+        kwargs: Dict[str, Any] = dict(
+            username=self.url.username, password=self.url.password,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=float(options.get("socket_connect_timeout",
+                                                     min(self.socket_timeout, 2.0))),
+            decode_responses=False, client_name=self.name)
+        if "health_check_interval" in options:
+            kwargs["health_check_interval"] = float(options["health_check_interval"])
+        if self.url.tls:
+            kwargs["ssl"] = True
+        # a broken pooled connection (Redis restarted) is retried twice on a
+        # fresh one within ~0.3 s: bounded, so an outage surfaces quickly
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=0.2, base=0.05), 2)
+        if self.url.kind == "standalone":
+            host, port = self.url.hosts[0]
+            return Redis(host=host, port=port, db=self.url.db, **kwargs)
+        if self.url.kind == "sentinel":
+            from redis.asyncio.sentinel import Sentinel
+            sentinel_kwargs = {"socket_timeout": kwargs["socket_timeout"],
+                               "socket_connect_timeout": kwargs["socket_connect_timeout"]}
+            self._sentinel = Sentinel(list(self.url.hosts), sentinel_kwargs=sentinel_kwargs,
+                                      db=self.url.db, **kwargs)
+            return self._sentinel.master_for(self.url.service)
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        kwargs.pop("client_name", None)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.url.hosts],
+                            **kwargs)
+
+    @property
+    def client(self):
+        """The ``redis.asyncio`` client (built on first use)."""
+        if self._client is None:
+            self._client = self._build()
+        return self._client
+
+    def connect(self) -> defer.Deferred:
+        """Reach Redis once (``PING``; a cluster client also loads the slot map).
+
+        Fires with None, or fails with :class:`RedisUnavailable`."""
+        return as_deferred(self._connect())
+
+    async def _connect(self):
+        client = self.client
+        if self.is_cluster:
+            await client.initialize()
+        await client.execute_command("PING")
+
+    def close(self) -> defer.Deferred:
+        """Close every connection; fires when done (never fails)."""
+        client, self._client = self._client, None
+
+        async def close():
+            if client is not None:
+                try:
+                    await client.aclose()
+                except AttributeError:   # redis-py 5.0.0
+                    await client.close()
+        d = as_deferred(close())
+        d.addErrback(lambda f: log.debug("Closing Redis: {error}", error=str(f.value)))
+        return d
+
+    # --- commands --------------------------------------------------------------------
+
+    def execute(self, *args) -> defer.Deferred:
+        """One command, e.g. ``execute("XADD", key, "*", "m", data)``; fires with the reply."""
+        return as_deferred(self.client.execute_command(*args))
+
+    def pipeline(self, commands: Sequence[Sequence]) -> defer.Deferred:
+        """Several commands in one round trip (not a transaction; under Redis
+        Cluster grouped by node).  Fires with the list of replies; if any
+        command failed, fails with the first error (the others may have run)."""
+        return as_deferred(self._pipeline(commands))
+
+    async def _pipeline(self, commands):
+        if not commands:
+            return []
+        if self.is_cluster:
+            pipe = self.client.pipeline()
+        else:
+            pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=True)
+
+    def register(self, name: str, source: str) -> Script:
+        """Register a Lua script under ``name`` (see :meth:`run`)."""
+        script = self._scripts[name] = Script(name, source)
+        return script
+
+    def run(self, name: str, keys: Sequence = (), args: Sequence = ()) -> defer.Deferred:
+        """Run the registered script ``name``: ``EVALSHA``, and ``EVAL`` on ``NOSCRIPT``.
+
+        :raises KeyError: no script registered under ``name``.
+        """
+        return as_deferred(self._run(self._scripts[name], list(keys), list(args)))
+
+    async def _run(self, script: Script, keys: List, args: List):
+        import redis.exceptions as rx
+        client = self.client
+        try:
+            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            return await client.execute_command("EVAL", script.source, len(keys), *keys,
+                                                *args)
+
+    def server_info(self, section: Optional[str] = None) -> defer.Deferred:
+        """``INFO [section]`` as a dict (under Redis Cluster: ``{node: dict}``)."""
+        args = ("INFO",) + ((section,) if section else ())
+        return as_deferred(self.client.execute_command(*args))

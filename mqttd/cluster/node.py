@@ -1,0 +1,356 @@
+"""Node membership: identity, heartbeat, liveness of the others, self-fencing.
+
+Each node has a stable **node id** (``--node-id``, default ``HOSTNAME-PID``)
+and a random **boot id** per incarnation.  Its heartbeat is the key
+``mqttd:{n:<id>}:alive`` holding the boot id with a TTL of ``ttl`` seconds
+(Redis's own clock expires it: no clock skew between nodes matters), renewed
+every ``heartbeat`` seconds.  The set ``mqttd:nodes`` lists the members; a
+member whose ``alive`` key is gone is dead (the reaper of
+:mod:`mqttd.cluster.reaper` takes over its clients).
+
+**Self-fencing.**  A node that has not had a heartbeat acknowledged for
+``ttl - heartbeat`` seconds (measured from when the last acknowledged one
+was *sent*, so before its key can have expired in Redis) fences itself: the
+listeners refuse CONNECT (v5 0x88 Server unavailable, v3 rc 3) and its
+clients are disconnected (v5 0x89 Server busy), because the others are about
+to declare it dead and adopt its sessions.  When Redis answers again it
+re-joins: with the same boot id if its key survived (a short hiccup), else as
+a new incarnation (new boot id), telling its listeners to re-publish what
+the others may have reaped (routes, inbox consumer group).
+
+Every wait is a timer on the injected clock; every Redis call is bounded by
+the backend's socket timeout.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from typing import Callable, Dict, List, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mqttd.cluster.backend import BackendError
+from mqttd.cluster.keys import Keys
+from mqttd.ratelimit import LogRateLimiter
+
+log = Logger(namespace="mqttd.cluster.node")
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+JOIN = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then
+  return {0, cur, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local prev = redis.call('HGET', KEYS[2], 'boot')
+redis.call('HSET', KEYS[2], 'boot', ARGV[1], 'started', ARGV[3], 'host', ARGV[4],
+           'pid', ARGV[5])
+return {1, prev or false}
+"""
+
+BEAT = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not cur then return 0 end
+return -1
+"""
+
+LEAVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+def check_node_id(value: str) -> str:
+    """``value`` if it is a valid node id: 1-64 of ``[A-Za-z0-9._-]``.
+
+    :raises ValueError: one line saying what is allowed.
+    """
+    if not isinstance(value, str) or not _NODE_ID.match(value):
+        raise ValueError(f"a node id is 1 to 64 characters of A-Z a-z 0-9 . _ -, "
+                         f"got {value!r}")
+    return value
+
+
+def default_node_id() -> str:
+    """``HOSTNAME-PID`` with characters outside ``[A-Za-z0-9._-]`` as ``-``
+    (unique per process on a machine; give ``--node-id`` for a stable name)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname() or "mqttd")
+    suffix = f"-{os.getpid()}"
+    return host[:64 - len(suffix)] + suffix
+
+
+class Node:
+    """This node's membership in the cluster.
+
+    :param backend: a :class:`~mqttd.cluster.backend.Backend`.
+    :param clock: ``IReactorTime``.
+    :param node_id: this node's id (see :func:`check_node_id`).
+    :param heartbeat: seconds between heartbeats (> 0).
+    :param ttl: seconds a heartbeat keeps the node alive (>= 2 heartbeats).
+
+    Listeners (lists of callables, called in the reactor thread):
+    ``fenced(reason)``, ``unfenced()``, ``rejoined(old_boot, new_boot)``
+    (this node lost its membership and joined as a new incarnation),
+    ``peer_up(node, boot)``, ``peer_down(node, boot)`` (a peer's alive key
+    vanished or its boot id changed: that incarnation is dead).
+    """
+
+    def __init__(self, backend, clock, node_id: str, heartbeat: float = 1.0,
+                 ttl: float = 5.0, keys: Keys = Keys()):
+        if heartbeat <= 0 or ttl < 2 * heartbeat:
+            raise ValueError("heartbeat > 0 and ttl >= 2 * heartbeat are required")
+        self.backend = backend
+        self.clock = clock
+        self.node_id = check_node_id(node_id)
+        self.heartbeat = float(heartbeat)
+        self.ttl = float(ttl)
+        self.keys = keys
+        self.boot_id = _new_boot()
+        #: the boot id of this node id's previous incarnation (None: first start)
+        self.previous_boot: Optional[bytes] = None
+        #: fenced: not a member that may serve clients (True until joined)
+        self.fenced = True
+        self.fence_reason = "joining the cluster"
+        self.joined = False
+        #: other nodes' boot ids, of those alive at the last look
+        self.peers: Dict[str, bytes] = {}
+        #: counters for $SYS and metrics
+        self.stats = {"heartbeats": 0, "heartbeat_failures": 0, "fences": 0, "rejoins": 0}
+        self.log_limiter = LogRateLimiter(clock, interval=10.0, burst=1, reason_burst=None)
+        self.listeners: Dict[str, List[Callable]] = {
+            "fenced": [], "unfenced": [], "rejoined": [], "peer_up": [], "peer_down": []}
+        self._last_ok_sent: Optional[float] = None
+        self._call = None
+        self._busy = False
+        self._stopped = False
+        self._blocked_since: Optional[float] = None
+        backend.register("node-join", JOIN)
+        backend.register("node-beat", BEAT)
+        backend.register("node-leave", LEAVE)
+
+    @property
+    def fence_after(self) -> float:
+        """Seconds without an acknowledged heartbeat after which this node fences."""
+        return self.ttl - self.heartbeat
+
+    def on(self, event: str, callback: Callable) -> None:
+        self.listeners[event].append(callback)
+
+    def _tell(self, event: str, *args) -> None:
+        for callback in list(self.listeners[event]):
+            try:
+                callback(*args)
+            except Exception:
+                log.failure("Cluster node listener {callback!r} failed on {event}",
+                            callback=callback, event=event)
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start joining and heartbeating (the first tick runs at once)."""
+        self._stopped = False
+        self._schedule(0)
+
+    def stop(self) -> defer.Deferred:
+        """Stop heartbeating and leave the cluster (delete the alive key, so
+        the others see this node gone at once, not after the TTL)."""
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if not self.joined:
+            return defer.succeed(None)
+        self.joined = False
+        d = self.backend.run("node-leave", [self.keys.alive(self.node_id)], [self.boot_id])
+        d.addCallback(lambda _: self.backend.execute("SREM", self.keys.nodes(), self.node_id))
+        d.addCallback(lambda _: log.info("Node {node_id} left the cluster",
+                                         node_id=self.node_id))
+        d.addErrback(lambda f: log.warn("Node {node_id} could not leave the cluster cleanly "
+                                        "({error}); the others see it dead after {ttl} s",
+                                        node_id=self.node_id, error=str(f.value),
+                                        ttl=self.ttl))
+        return d
+
+    def _schedule(self, delay: float) -> None:
+        if not self._stopped:
+            self._call = self.clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._call = None
+        if self._busy:   # the previous round trip is still out (bounded by its timeout)
+            self._check_fence()
+            self._schedule(self.heartbeat)
+            return
+        self._busy = True
+        sent = self.clock.seconds()
+        d = self._join(sent) if not self.joined else self._beat(sent)
+        d.addErrback(self._failed)
+        d.addBoth(self._round_done)
+
+    def _round_done(self, _):
+        self._busy = False
+        self._check_fence()
+        self._schedule(self.heartbeat)
+
+    # --- joining --------------------------------------------------------------------
+
+    def _ttl_ms(self) -> int:
+        return int(self.ttl * 1000)
+
+    @defer.inlineCallbacks
+    def _join(self, sent: float):
+        keys = [self.keys.alive(self.node_id), self.keys.info(self.node_id)]
+        reply = yield self.backend.run(
+            "node-join", keys, [self.boot_id, self._ttl_ms(), int(time.time()),
+                                socket.gethostname(), os.getpid()])
+        if reply[0] == 0:
+            holder, pttl = reply[1], reply[2]
+            now = self.clock.seconds()
+            if self._blocked_since is None:
+                self._blocked_since = now
+            # the previous incarnation's key outlives a kill -9 by < ttl; longer
+            # means a running node has this id
+            if now - self._blocked_since > self.ttl + self.heartbeat:
+                self.log_limiter.emit(
+                    log.error, "node-id-in-use",
+                    "Node id {node_id} is in use by another running node (boot {holder}); "
+                    "this node stays fenced: give each node its own --node-id",
+                    node_id=self.node_id, holder=_text(holder))
+            else:
+                self.log_limiter.emit(
+                    log.info, "node-id-wait",
+                    "Node id {node_id} still alive as boot {holder} (a previous run of this "
+                    "node?); waiting up to {pttl} ms for it to expire",
+                    node_id=self.node_id, holder=_text(holder), pttl=pttl)
+            return
+        self._blocked_since = None
+        yield self.backend.execute("SADD", self.keys.nodes(), self.node_id)
+        if not self.joined:
+            prev = reply[1] if len(reply) > 1 else None
+            if prev and prev != self.boot_id.encode():
+                self.previous_boot = prev
+        self.joined = True
+        self._ok(sent)
+        log.info("Node {node_id} joined the cluster at {url} (boot {boot})",
+                 node_id=self.node_id, url=self.backend.url.redacted(), boot=self.boot_id)
+        yield self._look_at_peers()
+
+    # --- heartbeat ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _beat(self, sent: float):
+        reply = yield self.backend.run("node-beat", [self.keys.alive(self.node_id)],
+                                       [self.boot_id, self._ttl_ms()])
+        if reply != 1:
+            # our key expired (we were out of touch longer than the TTL and the
+            # others may have reaped us) or another process took our id
+            old = self.boot_id
+            self.boot_id = _new_boot()
+            self.joined = False
+            self.stats["rejoins"] += 1
+            self._fence("this node's membership expired in Redis; re-joining as a new "
+                        "incarnation")
+            log.warn("Node {node_id} lost its membership (boot {old} {why}); re-joining as "
+                     "boot {new}", node_id=self.node_id, old=old, new=self.boot_id,
+                     why="expired" if reply == 0 else "taken by another process")
+            yield self._join(sent)
+            if self.joined:
+                self._tell("rejoined", old, self.boot_id)
+            return
+        self._ok(sent)
+        yield self._look_at_peers()
+
+    def _ok(self, sent: float) -> None:
+        self.stats["heartbeats"] += 1
+        if self._last_ok_sent is None or sent > self._last_ok_sent:
+            self._last_ok_sent = sent
+        if self.fenced and self.joined:
+            was = self.fence_reason
+            self.fenced = False
+            self.fence_reason = None
+            if self.stats["fences"]:
+                log.info("Node {node_id} reaches Redis again; accepting clients (was fenced: "
+                         "{reason})", node_id=self.node_id, reason=was)
+            self._tell("unfenced")
+
+    def _failed(self, failure) -> None:
+        self.stats["heartbeat_failures"] += 1
+        error = failure.value
+        if not isinstance(error, BackendError):
+            log.failure("Cluster heartbeat of {node_id} failed", failure,
+                        node_id=self.node_id)
+            return None
+        since = (self.clock.seconds() - self._last_ok_sent) if self._last_ok_sent else None
+        self.log_limiter.emit(
+            log.warn, "heartbeat",
+            "Cluster heartbeat of {node_id} failed: {error} ({since}; fencing after "
+            "{fence_after:g} s)", node_id=self.node_id, error=str(error),
+            since=("never joined" if since is None else f"last acknowledged {since:.1f} s ago"),
+            fence_after=self.fence_after)
+        return None
+
+    def _check_fence(self) -> None:
+        if self.fenced or self._last_ok_sent is None:
+            return
+        silent = self.clock.seconds() - self._last_ok_sent
+        if silent >= self.fence_after:
+            self._fence(f"no heartbeat acknowledged by Redis for {silent:.1f} s")
+
+    def _fence(self, reason: str) -> None:
+        if self.fenced:
+            return
+        self.fenced = True
+        self.fence_reason = reason
+        self.stats["fences"] += 1
+        log.error("Node {node_id} fences itself: {reason}; refusing CONNECT (0x88) and "
+                  "disconnecting its clients until Redis answers again",
+                  node_id=self.node_id, reason=reason)
+        self._tell("fenced", reason)
+
+    # --- peers ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _look_at_peers(self):
+        members = yield self.backend.execute("SMEMBERS", self.keys.nodes())
+        names = sorted(_text(m) for m in members if _text(m) != self.node_id)
+        boots = yield self.backend.pipeline([("GET", self.keys.alive(n)) for n in names])
+        alive = {n: b for n, b in zip(names, boots) if b is not None}
+        before = self.peers
+        self.peers = alive
+        for name, boot in before.items():
+            if alive.get(name) != boot:
+                self._tell("peer_down", name, boot)
+        for name, boot in alive.items():
+            if before.get(name) != boot:
+                self._tell("peer_up", name, boot)
+
+    def dead_members(self) -> defer.Deferred:
+        """Fires with the member node ids whose alive key is gone (for the reaper)."""
+        d = self.backend.execute("SMEMBERS", self.keys.nodes())
+
+        def check(members):
+            names = sorted(_text(m) for m in members if _text(m) != self.node_id)
+            p = self.backend.pipeline([("EXISTS", self.keys.alive(n)) for n in names])
+            p.addCallback(lambda found: [n for n, e in zip(names, found) if not e])
+            return p
+        d.addCallback(check)
+        return d
+
+
+def _new_boot() -> str:
+    return os.urandom(8).hex()
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

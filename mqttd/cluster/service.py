@@ -1,0 +1,125 @@
+"""``ClusterService``: the cluster's parts wired to one broker (``--cluster URL``).
+
+A child of :class:`mqttd.service.BrokerService`, so it starts after the
+store was restored and stops before the store closes.  Until the node has
+joined (and whenever it is fenced) the broker refuses CONNECT with v5 0x88 /
+v3 rc 3 (``Broker.unavailable``).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mqttd.cluster.backend import Backend
+from mqttd.cluster.keys import Keys
+from mqttd.cluster.node import Node, default_node_id
+
+log = Logger(namespace="mqttd.cluster.service")
+
+#: v5 DISCONNECT reason a fenced node closes its clients with (Server busy)
+FENCED_DISCONNECT = 0x89
+
+
+class ClusterService(MultiService):
+    """The cluster membership (and, plugged in by the other modules, routing,
+    sessions, retained messages) of one broker.
+
+    :param broker: the :class:`~mqttd.broker.Broker`.
+    :param backend: a :class:`~mqttd.cluster.backend.Backend`.
+    :param node_id: this node's id.
+    :param heartbeat: seconds between heartbeats.
+    :param ttl: node TTL, seconds.
+    """
+
+    def __init__(self, broker, backend: Backend, node_id: str, heartbeat: float = 1.0,
+                 ttl: float = 5.0, keys: Keys = Keys()):
+        super().__init__()
+        self.setName("cluster")
+        self.broker = broker
+        self.backend = backend
+        self.keys = keys
+        self.node = Node(backend, broker.clock, node_id, heartbeat, ttl, keys)
+        self.node.on("fenced", self._fenced)
+        self.node.on("unfenced", self._unfenced)
+        self._announced = False
+        #: callables run (in order) by stopService before the backend closes;
+        #: each may return a Deferred
+        self.stoppers: List[Callable[[], object]] = []
+
+    @property
+    def node_id(self) -> str:
+        return self.node.node_id
+
+    def startService(self):
+        self.broker.unavailable = f"cluster node {self.node_id} is {self.node.fence_reason}"
+        super().startService()
+        self.node.start()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield defer.maybeDeferred(super().stopService)
+        for stop in reversed(self.stoppers):
+            try:
+                yield defer.maybeDeferred(stop)
+            except Exception:
+                log.failure("Stopping a cluster part failed")
+        yield self.node.stop()
+        yield self.backend.close()
+
+    # --- fencing ---------------------------------------------------------------------
+
+    def _fenced(self, reason: str) -> None:
+        broker = self.broker
+        broker.unavailable = f"cluster node {self.node_id} is fenced: {reason}"
+        closed = 0
+        for session in list(broker.sessions.values()):
+            conn = session.connection
+            if conn is None:
+                continue
+            # no will here: the others publish this node's wills when they
+            # reap it; a will published locally would reach no one anyway
+            broker.connection_lost(session, conn, publish_will=False,
+                                   reason="cluster node fenced")
+            conn.disconnect(FENCED_DISCONNECT, "cluster node lost Redis")
+            closed += 1
+        if closed:
+            log.warn("Fenced node {node_id} disconnected {count} clients",
+                     node_id=self.node_id, count=closed)
+
+    def _unfenced(self) -> None:
+        self.broker.unavailable = None
+        parent = self.parent
+        if not self._announced and getattr(parent, "ready_file", None):
+            # the ready file again, now saying "joined": a node is ready for
+            # clients once it is a member (tests and supervisors wait for it)
+            self._announced = True
+            try:
+                parent._write_ready_file()
+            except OSError as error:
+                log.warn("Cannot rewrite the ready file {path}: {error}",
+                         path=parent.ready_file, error=str(error))
+
+    def ready_info(self) -> dict:
+        """The ``cluster`` entry of the ready file."""
+        return {"node_id": self.node_id, "boot_id": self.node.boot_id,
+                "joined": self.node.joined and not self.node.fenced}
+
+
+def from_options(service, options) -> Optional[ClusterService]:
+    """The ``twistd mqttd`` feature hook (``mqttd.tap.FEATURES``): with
+    ``--cluster URL`` run this broker as a cluster node."""
+    url = options.get("cluster")
+    if not url:
+        return None
+    node_id = options.get("node-id") or default_node_id()
+    backend = Backend(url, name=f"mqttd-{node_id}")
+    heartbeat = options.get("cluster-heartbeat") or 1.0
+    ttl = options.get("cluster-node-ttl") or 5.0
+    cluster = ClusterService(service.broker, backend, node_id, heartbeat, ttl)
+    cluster.setServiceParent(service)
+    service.cluster = cluster
+    service.ready_extras["cluster"] = cluster.ready_info
+    return cluster

@@ -1,0 +1,94 @@
+"""An in-memory stand-in for :class:`mqttd.cluster.backend.Backend` for unit
+tests of pure logic on ``task.Clock`` (node membership): only the commands and
+scripts those modules use, with key expiry on the test clock.  The Redis
+integration tests use a real redis-server instead."""
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from mqttd.cluster.backend import RedisUnavailable, parse_url
+
+
+class FakeBackend:
+    def __init__(self, clock):
+        self.clock = clock
+        self.url = parse_url("redis://127.0.0.1:1")
+        self.data = {}
+        self.expiry = {}
+        self.down = False
+        self.scripts = {}
+        self.calls = []
+
+    def register(self, name, source):
+        self.scripts[name] = source
+
+    def _get(self, key):
+        exp = self.expiry.get(key)
+        if exp is not None and self.clock.seconds() >= exp:
+            self.data.pop(key, None)
+            self.expiry.pop(key, None)
+        return self.data.get(key)
+
+    def _reply(self, fn):
+        if self.down:
+            return defer.fail(RedisUnavailable("ConnectionError: connection refused"))
+        return defer.succeed(fn())
+
+    def run(self, name, keys=(), args=()):
+        self.calls.append((name, list(keys), list(args)))
+        return self._reply(lambda: getattr(self, "_" + name.replace("-", "_"))(keys, args))
+
+    def _node_join(self, keys, args):
+        cur = self._get(keys[0])
+        boot = str(args[0]).encode()
+        if cur is not None and cur != boot:
+            left = self.expiry.get(keys[0], self.clock.seconds()) - self.clock.seconds()
+            return [0, cur, int(left * 1000)]
+        self.data[keys[0]] = boot
+        self.expiry[keys[0]] = self.clock.seconds() + int(args[1]) / 1000
+        info = self.data.setdefault(keys[1], {})
+        prev = info.get(b"boot")
+        info[b"boot"] = boot
+        return [1, prev]
+
+    def _node_beat(self, keys, args):
+        cur = self._get(keys[0])
+        if cur == str(args[0]).encode():
+            self.expiry[keys[0]] = self.clock.seconds() + int(args[1]) / 1000
+            return 1
+        return 0 if cur is None else -1
+
+    def _node_leave(self, keys, args):
+        if self._get(keys[0]) == str(args[0]).encode():
+            self.data.pop(keys[0], None)
+            return 1
+        return 0
+
+    def _command(self, *args):
+        name = args[0].upper()
+        if name == "SADD":
+            self.data.setdefault(args[1], set()).update(
+                a.encode() if isinstance(a, str) else a for a in args[2:])
+            return 1
+        if name == "SREM":
+            self.data.setdefault(args[1], set()).difference_update(
+                a.encode() if isinstance(a, str) else a for a in args[2:])
+            return 1
+        if name == "SMEMBERS":
+            return set(self.data.get(args[1], set()))
+        if name == "GET":
+            return self._get(args[1])
+        if name == "EXISTS":
+            return int(self._get(args[1]) is not None)
+        raise NotImplementedError(name)
+
+    def execute(self, *args):
+        return self._reply(lambda: self._command(*args))
+
+    def pipeline(self, commands):
+        return self._reply(lambda: [self._command(*c) for c in commands])
+
+    def expire_now(self, key):
+        """The key's TTL ran out (Redis forgot it)."""
+        self.data.pop(key, None)
+        self.expiry.pop(key, None)

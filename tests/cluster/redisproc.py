@@ -1,0 +1,231 @@
+"""Real ``redis-server`` processes for the cluster tests (loopback, ephemeral ports).
+
+``RedisServer`` is one standalone server (``--save '' --appendonly yes`` in
+its own directory), ``RedisCluster`` three of them with ``--cluster-enabled
+yes`` joined by ``redis-cli --cluster create`` (3 masters, no replicas).
+Every wait is bounded; processes are only signalled through their own
+``Popen`` handle.  ``redis-server`` cannot report an ephemeral port, so a
+free one is picked first (and the start retried on the rare collision).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Optional
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+class RedisStartError(RuntimeError):
+    """redis-server did not come up; the message carries its log tail."""
+
+
+def find(program: str) -> str:
+    found = shutil.which(program) or next(
+        (p for p in (f"/usr/bin/{program}", f"/usr/local/bin/{program}") if os.path.exists(p)),
+        None)
+    if not found:
+        raise RedisStartError(f"{program} not installed; run ./dev test (installs redis-server)")
+    return found
+
+
+def free_port(avoid=()) -> int:
+    """A currently free loopback TCP port below 55536 (its +10000 cluster bus
+    port stays valid) and not in ``avoid``."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55536 and port not in avoid:
+            return port
+    raise RedisStartError("no free port found")
+
+
+def cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    """``redis-cli -h 127.0.0.1 -p PORT ARGS``: its output (raises on failure)."""
+    out = subprocess.run([find("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
+                         capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(args)}: {out.stderr or out.stdout}")
+    return out.stdout
+
+
+class RedisServer:
+    """One ``redis-server`` on 127.0.0.1 in ``workdir``.
+
+    :param appendonly: AOF on (``appendfsync everysec``): a restart keeps the data.
+    :param cluster: ``--cluster-enabled yes`` (a node of :class:`RedisCluster`).
+    """
+
+    def __init__(self, workdir: Path, appendonly: bool = True, cluster: bool = False,
+                 extra_args=()):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.cluster = cluster
+        self.extra_args = list(extra_args)
+        self.port: Optional[int] = None
+        self.bus_port: Optional[int] = None
+        self.log_path = self.workdir / "redis.log"
+        self._proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> List[str]:
+        cmd = [find("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+               "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+               "--appendfsync", "everysec", "--dir", str(self.workdir),
+               "--logfile", str(self.log_path), "--daemonize", "no",
+               "--protected-mode", "yes"]
+        if self.cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+                    "--cluster-config-file", str(self.workdir / "nodes.conf"),
+                    "--cluster-node-timeout", "2000"]
+        return cmd + self.extra_args
+
+    def start(self, keep_port: bool = False) -> "RedisServer":
+        """Start it (again: on the same port when ``keep_port``, e.g. a restart)."""
+        if self.running:
+            raise RuntimeError(f"redis-server already running (pid {self.pid})")
+        attempts = 1 if keep_port else 3
+        for attempt in range(attempts):
+            if not keep_port or self.port is None:
+                self.port = free_port()
+                self.bus_port = free_port(avoid=(self.port,))
+            self._proc = subprocess.Popen(self.command(), cwd=str(self.workdir),
+                                          stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            try:
+                self._wait_ready()
+                return self
+            except RedisStartError:
+                self.kill()
+                if attempt == attempts - 1:
+                    raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._proc.poll() is not None:
+                raise RedisStartError(f"redis-server exited with {self._proc.returncode}\n"
+                                      f"{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"redis-server not answering on {self.port} after "
+                                      f"{START_TIMEOUT:.0f}s\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> Optional[int]:
+        """SIGTERM (Redis flushes its AOF), wait, then SIGKILL."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        self._proc = None
+        return proc.returncode
+
+    def kill(self) -> Optional[int]:
+        """SIGKILL: a crash (AOF ``everysec`` may lose the last second)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+        self._proc = None
+        return proc.returncode
+
+    def cli(self, *args: str) -> str:
+        return cli(self.port, *args)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no log at {self.log_path})"
+        return "\n".join(text)
+
+
+class RedisCluster:
+    """Three ``redis-server --cluster-enabled yes`` masters joined into one Redis
+    Cluster (``redis-cli --cluster create ... --cluster-replicas 0``), waited for
+    ``cluster_state:ok`` on every node (bounded)."""
+
+    def __init__(self, workdir: Path, masters: int = 3):
+        self.workdir = Path(workdir)
+        self.servers = [RedisServer(self.workdir / f"node{i}", cluster=True)
+                        for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def start(self) -> "RedisCluster":
+        try:
+            used = set()
+            for server in self.servers:
+                server.start()
+                used.update((server.port, server.bus_port))
+            out = subprocess.run(
+                [find("redis-cli"), "--cluster", "create",
+                 *[f"127.0.0.1:{s.port}" for s in self.servers],
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+            if out.returncode != 0:
+                raise RedisStartError(f"redis-cli --cluster create failed: "
+                                      f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for server in self.servers:
+                try:
+                    info = server.cli("CLUSTER", "INFO")
+                except Exception as error:
+                    info = str(error)
+                states.append("cluster_state:ok" in info)
+            if all(states):
+                return
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"Redis Cluster not ok after {timeout:.0f}s: {states}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

@@ -1,0 +1,111 @@
+"""The Redis backend: URL parsing (pure), and commands, pipelines, scripts and
+error kinds against a real redis-server (and the 3-master Redis Cluster)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mqttd.cluster.backend import (
+    Backend, RedisReplyError, RedisUnavailable, parse_url)
+
+from .conftest import wait
+
+
+# --- URLs (no Redis needed) -------------------------------------------------------------
+
+def test_standalone_url_defaults_to_port_6379_and_database_0():
+    """A bare redis://host must work as users write it."""
+    url = parse_url("redis://localhost")
+    assert (url.kind, url.hosts, url.db, url.tls) == ("standalone", (("localhost", 6379),), 0,
+                                                     False)
+
+
+def test_standalone_url_with_password_database_and_timeout_is_parsed_and_redacted():
+    """The password never appears in logs (redacted()), the database is kept."""
+    url = parse_url("rediss://user:s%40cret@10.0.0.1:6380/3?socket_timeout=2")
+    assert url.username == "user" and url.password == "s@cret"
+    assert url.db == 3 and url.tls and dict(url.options) == {"socket_timeout": "2"}
+    assert "s@cret" not in url.redacted() and "***" in url.redacted()
+    assert "s@cret" not in repr(url)
+
+
+def test_sentinel_url_takes_several_sentinels_and_the_service_name():
+    """Sentinel: several hosts, default port 26379, the service in the path."""
+    url = parse_url("redis+sentinel://s1,s2:26380/mymaster/2")
+    assert url.kind == "sentinel"
+    assert url.hosts == (("s1", 26379), ("s2", 26380))
+    assert (url.service, url.db) == ("mymaster", 2)
+
+
+def test_cluster_url_takes_seed_nodes():
+    """Redis Cluster: seed nodes, IPv6 in brackets."""
+    url = parse_url("redis+cluster://127.0.0.1:7000,[::1]:7001")
+    assert url.kind == "cluster" and url.hosts == (("127.0.0.1", 7000), ("::1", 7001))
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("127.0.0.1:6379", "expected a URL"),
+    ("http://h:1", "unknown scheme"),
+    ("redis://h:notaport", "bad port"),
+    ("redis://h:70000", "out of range"),
+    ("redis://a:1,b:2", "several hosts"),
+    ("redis+sentinel://h:1", "service name"),
+    ("redis+cluster://h:1/2", "only database 0"),
+    ("redis://h/x", "bad database"),
+    ("redis://h?frobnicate=1", "unknown parameter"),
+    ("redis://h?socket_timeout=-1", "positive number"),
+    ("redis://", "empty host"),
+])
+def test_bad_urls_are_refused_with_one_line_saying_why(bad, why):
+    """--cluster with a wrong URL stops the broker with a line naming the fault."""
+    with pytest.raises(ValueError) as info:
+        parse_url(bad)
+    assert why in str(info.value) and "\n" not in str(info.value)
+
+
+# --- against a real Redis -------------------------------------------------------------
+
+async def _exercise(url: str):
+    backend = Backend(url)
+    await wait(backend.connect())
+    backend.register("incr", "return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert await wait(backend.run("incr", ["{t}a"], [2])) == 2
+    # a Redis that forgot its scripts (restart, another shard): EVAL once
+    await wait(backend.pipeline([("SCRIPT", "FLUSH")])) if not backend.is_cluster else None
+    assert await wait(backend.run("incr", ["{t}a"], [3])) == 5
+    replies = await wait(backend.pipeline([("SET", "{t}b", b"\x00\xff"), ("GET", "{t}b"),
+                                           ("XADD", "{t}s", "*", "m", b"x"),
+                                           ("XLEN", "{t}s")]))
+    assert replies[1] == b"\x00\xff" and replies[3] == 1
+    with pytest.raises(RedisReplyError):
+        await wait(backend.execute("LPUSH", "{t}b", "x"))   # WRONGTYPE: an answer, not an outage
+    await wait(backend.close())
+
+
+@pytest.mark.slow
+def test_commands_pipelines_and_scripts_work_on_standalone_redis(redis_server, aio):
+    """Binary-safe replies, EVALSHA with the NOSCRIPT fallback, error replies as RedisReplyError."""
+    aio(lambda: _exercise(redis_server.url))
+
+
+@pytest.mark.slow
+def test_commands_pipelines_and_scripts_work_on_redis_cluster(redis_cluster, aio):
+    """The same through the cluster client (keys of one hashtag share a slot)."""
+    aio(lambda: _exercise(redis_cluster.url))
+
+
+@pytest.mark.slow
+def test_a_stopped_redis_is_reported_as_unavailable_and_recovery_needs_no_new_backend(
+        redis_server, aio):
+    """Redis down: RedisUnavailable (not a crash, not a reply error); back: the same backend works."""
+    async def scenario():
+        backend = Backend(redis_server.url, socket_timeout=1.0)
+        await wait(backend.connect())
+        redis_server.stop()
+        with pytest.raises(RedisUnavailable):
+            await wait(backend.execute("PING"), timeout=20)
+        redis_server.start(keep_port=True)
+        assert await wait(backend.execute("PING"), timeout=20) in (b"PONG", True)
+        await wait(backend.close())
+    aio(scenario)

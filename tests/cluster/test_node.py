@@ -1,0 +1,155 @@
+"""Node membership on a fake Redis and task.Clock: joining, heartbeats, peers,
+self-fencing and recovery (pure logic; the real-Redis behaviour is in
+test_redis_trouble.py)."""
+from __future__ import annotations
+
+import pytest
+from twisted.internet import task
+
+from mqttd.cluster.keys import Keys
+from mqttd.cluster.node import Node, check_node_id, default_node_id
+
+from .fakeredis import FakeBackend
+
+
+def make(node_id="a", heartbeat=1.0, ttl=5.0, backend=None, clock=None):
+    clock = clock or task.Clock()
+    backend = backend or FakeBackend(clock)
+    node = Node(backend, clock, node_id, heartbeat, ttl)
+    events = []
+    for name in ("fenced", "unfenced", "rejoined", "peer_up", "peer_down"):
+        node.on(name, lambda *args, name=name: events.append((name,) + args))
+    return node, backend, clock, events
+
+
+def test_node_ids_are_checked_and_the_default_is_host_and_pid():
+    """A node id becomes part of Redis keys: only a safe alphabet, at most 64 characters."""
+    assert check_node_id("edge-1.a_b") == "edge-1.a_b"
+    for bad in ("", "a b", "a{b}", "x" * 65, "é"):
+        with pytest.raises(ValueError):
+            check_node_id(bad)
+    assert check_node_id(default_node_id())
+
+
+def test_ttl_must_cover_two_heartbeats():
+    """One lost heartbeat must never make a node dead."""
+    clock = task.Clock()
+    with pytest.raises(ValueError):
+        Node(FakeBackend(clock), clock, "a", heartbeat=1.0, ttl=1.5)
+
+
+def test_a_node_is_fenced_until_it_joined_and_then_serves():
+    """No client is accepted before the node is a member."""
+    node, backend, clock, events = make()
+    assert node.fenced
+    node.start()
+    clock.advance(0)
+    assert node.joined and not node.fenced
+    assert events == [("unfenced",)]
+    assert backend.data[Keys().alive("a")] == node.boot_id.encode()
+    assert b"a" in backend.data[Keys().nodes()]
+
+
+def test_a_node_fences_itself_before_its_heartbeat_key_can_expire():
+    """Redis out of reach: fenced after ttl - heartbeat, before the others see it dead."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    backend.down = True
+    for _ in range(3):
+        clock.advance(1.0)
+    assert not node.fenced                 # 3 s silent < 4 s
+    clock.advance(1.0)
+    assert node.fenced                     # 4 s silent: fenced while its key still lives 1 s
+    assert events[-1][0] == "fenced" and "no heartbeat" in events[-1][1]
+    assert node.stats["heartbeat_failures"] == 4
+
+
+def test_an_outage_shorter_than_the_fence_delay_changes_nothing():
+    """A Redis hiccup of a few seconds neither fences the node nor changes its incarnation."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    boot = node.boot_id
+    backend.down = True
+    clock.pump([1.0] * 3)
+    backend.down = False
+    clock.advance(1.0)
+    assert not node.fenced and node.boot_id == boot
+    assert [e[0] for e in events] == ["unfenced"]
+
+
+def test_a_node_whose_key_expired_rejoins_as_a_new_incarnation():
+    """The others may have reaped it: it must come back with a new boot id and say so."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    old = node.boot_id
+    backend.down = True
+    clock.pump([1.0] * 7)
+    backend.expire_now(Keys().alive("a"))
+    backend.down = False
+    clock.advance(1.0)
+    assert node.boot_id != old and node.joined and not node.fenced
+    assert ("rejoined", old, node.boot_id) in events
+    assert node.stats["rejoins"] == 1
+
+
+def test_a_live_node_with_the_same_id_keeps_the_newcomer_fenced():
+    """Two processes with one --node-id must not both serve: the second waits, fenced."""
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    first, *_ = make("dup", backend=backend, clock=clock)
+    second, *_ = make("dup", backend=backend, clock=clock)
+    first.start()
+    clock.advance(0)
+    second.start()
+    clock.pump([1.0] * 12)
+    assert not first.fenced
+    assert second.fenced and not second.joined
+
+
+def test_a_restart_after_a_crash_waits_for_the_old_key_and_records_the_previous_boot():
+    """kill -9 leaves the alive key for < ttl; the restarted node joins after it expired."""
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    crashed, *_ = make("n", backend=backend, clock=clock)
+    crashed.start()
+    clock.advance(0)
+    crashed._stopped = True               # kill -9: no leave, no more heartbeats
+    crashed._call.cancel()
+    restarted, *_ = make("n", backend=backend, clock=clock)
+    restarted.start()
+    clock.advance(0)
+    assert restarted.fenced
+    clock.pump([1.0] * 6)
+    assert restarted.joined and not restarted.fenced
+    assert restarted.previous_boot == crashed.boot_id.encode()
+
+
+def test_peers_coming_and_going_are_reported():
+    """The reaper and the route cache need to know when another node dies."""
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    a, _, _, events = make("a", backend=backend, clock=clock)
+    b, *_ = make("b", backend=backend, clock=clock)
+    a.start()
+    b.start()
+    clock.advance(0)
+    clock.advance(1.0)
+    assert ("peer_up", "b", b.boot_id.encode()) in events
+    b._stopped = True
+    b._call.cancel()
+    clock.pump([1.0] * 6)                 # b's key expires after 5 s
+    assert ("peer_down", "b", b.boot_id.encode()) in events
+    assert a.peers == {}
+
+
+def test_leaving_deletes_the_heartbeat_so_the_others_see_it_at_once():
+    """A clean stop must not leave the others waiting a TTL."""
+    node, backend, clock, _ = make()
+    node.start()
+    clock.advance(0)
+    node.stop()
+    assert Keys().alive("a") not in backend.data
+    assert b"a" not in backend.data[Keys().nodes()]
