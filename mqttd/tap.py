@@ -367,6 +367,14 @@ class Options(usage.Options):
         if (self["workers"] or 1) > 1 and not self.get("cluster"):
             raise ConfigError("--workers: needs --cluster (workers are cluster nodes sharing "
                               "Redis; without it they would be separate brokers on one port)")
+        if (self["workers"] or 1) > 1 and self["node-id"]:
+            from mqttd.cluster.node import check_node_id
+            from mqttd.cluster.workers import worker_node_id
+            try:
+                check_node_id(worker_node_id(self["node-id"], self["workers"]))
+            except ValueError as error:
+                raise ConfigError(f"--node-id: with --workers the workers' ids "
+                                  f"<node-id>-w<k>: {error}") from None
         if self["admin-user"] and not (self["password-file"] or self["auth"]):
             raise ConfigError("--admin-user: needs --password-file or --auth (the admin API "
                               "checks its users with the broker's authenticator; without one "

@@ -356,7 +356,9 @@ class Supervisor(Service):
             if worker.pid is None or worker.ready:
                 continue
             info = _read_json(worker.ready_file)
-            if info is not None and info.get("pid") == worker.pid:
+            # a cluster node is ready once it joined (its ready file says so)
+            if (info is not None and info.get("pid") == worker.pid
+                    and info.get("cluster", {}).get("joined", True)):
                 worker.ready = worker.ever_ready = True
                 self._listeners = info.get("listeners", self._listeners)
                 changed = True
