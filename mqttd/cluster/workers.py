@@ -38,12 +38,15 @@ becomes ``F.w<k>``; without it workers log to the supervisor's stdout.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
@@ -289,6 +292,8 @@ class Supervisor(Service):
     """
 
     name = "mqttd-workers"
+    #: under twistd: the process exits with status 1 after a failed start
+    exit_on_failure = False
 
     def __init__(self, reactor, count: int, command: Callable[[int], Tuple[list, dict]],
                  node_ids: Dict[int, str], ready_files: Dict[int, str],
@@ -307,6 +312,8 @@ class Supervisor(Service):
         self.reservations: List[socket.socket] = []
         self.stopping = False
         self.failed = False
+        #: a directory of the supervisor's own (worker ready files) removed at stop
+        self.cleanup_dir: Optional[str] = None
         self._poll = None
         self._stopped: Optional[defer.Deferred] = None
         self._listeners: list = []
@@ -409,6 +416,9 @@ class Supervisor(Service):
         log.error("Worker {index} (node {node_id}) {why}; stopping all workers "
                   "(see the worker's lines above for the cause)",
                   index=worker.index, node_id=worker.node_id, why=why)
+        if self.exit_on_failure:
+            # twistd has no exit status of its own: 1 once it has cleaned up
+            atexit.register(_exit_status, 1)
         if self.reactor.running:
             self.reactor.stop()
 
@@ -461,6 +471,13 @@ class Supervisor(Service):
         for sock in self.reservations:
             sock.close()
         self.reservations = []
+        for worker in self.workers:
+            try:
+                os.unlink(worker.ready_file)
+            except FileNotFoundError:
+                pass
+        if self.cleanup_dir:
+            shutil.rmtree(self.cleanup_dir, ignore_errors=True)
         if self.ready_file:
             try:
                 os.unlink(self.ready_file)
@@ -485,6 +502,16 @@ class Supervisor(Service):
         with open(tmp, "w") as f:
             json.dump(info, f)
         os.replace(tmp, self.ready_file)
+
+
+def _exit_status(code: int) -> None:
+    """At interpreter exit: end with ``code`` (after flushing the log)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pragma: no cover - a closed stream
+            pass
+    os._exit(code)
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -538,7 +565,8 @@ def make_supervisor(options, reactor=None) -> Supervisor:
     reservations: List[socket.socket] = []
     listen = resolve_ephemeral_ports(options["listen"], reservations)
     ready_file = options["ready-file"]
-    base = ready_file or os.path.join(_private_dir(), "ready.json")
+    private = None if ready_file else tempfile.mkdtemp(prefix="mqttd-workers-")
+    base = ready_file or os.path.join(private, "ready.json")
     ready_files = {k: f"{base}.w{k}" for k in range(1, count + 1)}
     node_ids = {k: worker_node_id(node_id, k) for k in range(1, count + 1)}
     raw = list(getattr(options, "raw_args", ()) or ())
@@ -564,26 +592,11 @@ def make_supervisor(options, reactor=None) -> Supervisor:
                             ready_file=ready_file, listen=listen,
                             broker_id=options.get("broker-id") or "mqttd")
     supervisor.reservations = reservations
+    supervisor.cleanup_dir = private
+    supervisor.exit_on_failure = parent is not None
     return supervisor
 
 
 def _default_node_id() -> str:
-    try:
-        from mqttd.cluster.node import default_node_id
-    except ImportError:  # pragma: no cover - the node module names it
-        return socket.gethostname()
+    from mqttd.cluster.node import default_node_id
     return default_node_id()
-
-
-_private = None
-
-
-def _private_dir() -> str:
-    global _private
-    if _private is None:
-        import atexit
-        import shutil
-        import tempfile
-        _private = tempfile.mkdtemp(prefix="mqttd-workers-")
-        atexit.register(shutil.rmtree, _private, True)
-    return _private

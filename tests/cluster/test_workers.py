@@ -69,21 +69,26 @@ def socket_inodes(pid: int) -> set:
     return out
 
 
-def owner_of(client_port: int, pids) -> int:
-    """The worker pid holding the server side of the connection from ``client_port``."""
-    inode = None
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            remote_port = int(fields[2].split(":")[1], 16)
-            if remote_port == client_port:
-                inode = fields[9]
-                break
-    assert inode is not None, f"no server socket for client port {client_port}"
-    for pid in pids:
-        if inode in socket_inodes(pid):
-            return pid
-    raise AssertionError(f"no worker holds the connection from port {client_port}")
+def owner_of(client, pids) -> int:
+    """The worker pid holding the server side of ``client``'s connection."""
+    client_port = client.sock.getsockname()[1]
+    server_port = client.sock.getpeername()[1]
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        inodes = set()
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].split(":")[1], 16)
+                remote_port = int(fields[2].split(":")[1], 16)
+                if local_port == server_port and remote_port == client_port:
+                    inodes.add(fields[9])
+        for pid in pids:
+            if inodes & socket_inodes(pid):
+                return pid
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no worker holds the connection from port {client_port}")
+        time.sleep(0.05)
 
 
 def test_clients_land_on_both_workers_and_retained_messages_cross_them(workers):
@@ -94,7 +99,7 @@ def test_clients_land_on_both_workers_and_retained_messages_cross_them(workers):
     try:
         owners = {}
         for client in clients:
-            owners.setdefault(owner_of(client.sock.getsockname()[1], pids.values()),
+            owners.setdefault(owner_of(client, pids.values()),
                               []).append(client)
         assert set(owners) == set(pids.values()), "every connection landed on one worker"
         first, second = (owners[pids[1]][0], owners[pids[2]][0])
@@ -117,7 +122,7 @@ def on_two_workers(proc, prefix):
     spare = []
     for i in range(64):
         client = BlockingClient(proc.port, f"{prefix}{i}", level=5, timeout=TIMEOUT)
-        pid = owner_of(client.sock.getsockname()[1], pids.values())
+        pid = owner_of(client, pids.values())
         if pid in found:
             spare.append(client)
         else:
@@ -214,3 +219,25 @@ def test_supervisor_killed_with_sigkill_leaves_no_worker(workers):
     while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in pids.values())
+
+
+def test_workers_that_cannot_start_stop_the_supervisor_with_status_1(redis_server, tmp_path):
+    """A port held by another program: no restart loop, one error line, exit status 1."""
+    import socket
+    import subprocess
+
+    from brokerproc import find_twistd
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        out = subprocess.run(
+            [find_twistd(), "-n", "--pidfile=", "mqttd", "--cluster", redis_server.url,
+             "--node-id", "bad", "--workers", "2", "--persistence", "memory",
+             "--listen", f"tcp:{port}:interface=127.0.0.1", "--sys-interval", "0"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=90,
+            stdin=subprocess.DEVNULL)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "exited before it was ready" in text and "stopping all workers" in text
+    assert text.count("Started worker") == 2          # no restart loop
