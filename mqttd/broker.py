@@ -298,6 +298,12 @@ class Broker:
         self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
         #: callables ``filter(message, client) -> Message | None`` (see add_publish_filter)
         self._publish_filters: List[Callable] = []
+        #: client id -> (owner, token) of internal sessions (see reserve_client_id)
+        self._reserved_ids: Dict[str, tuple] = {}
+        #: user property names that are the broker's own bookkeeping (see
+        #: add_private_user_properties); empty: nothing is stripped, no cost
+        self.private_user_properties: frozenset = frozenset()
+        self._private_registrations: List[frozenset] = []
         self._durable = bool(getattr(self.store, "durable", False))
         #: number of store operations written so far (see :meth:`barrier`)
         self.write_count = 0
@@ -539,6 +545,84 @@ class Broker:
             if publish_filter in self._publish_filters:
                 self._publish_filters.remove(publish_filter)
         return unregister
+
+    # --- internal sessions and private user properties (seams for features) -----------
+
+    def reserve_client_id(self, client_id: str, owner: str) -> Callable[[], None]:
+        """Reserve ``client_id`` for an internal session (a bridge's local end).
+
+        No network client may use it, whatever the authentication policy: a
+        CONNECT with it is refused with CONNACK 0x85 Client Identifier not
+        valid (MQTT 3.1.1: 0x02 Identifier rejected) [MQTT-3.1.3-8, 3.1.3-9],
+        counted as the refusal ``internal-client-id`` and logged once
+        (rate-limited), so nobody can claim, take over or discard the session
+        or read what is queued in it.  ``owner`` names the feature in that
+        line (e.g. ``"bridge central"``).  The session itself is opened by the
+        feature with :meth:`open_session` as usual.  Returns the release
+        function (it releases only this reservation, not a later one of the
+        same id).
+        """
+        token = object()
+        self._reserved_ids[client_id] = (owner, token)
+
+        def release():
+            held = self._reserved_ids.get(client_id)
+            if held is not None and held[1] is token:
+                del self._reserved_ids[client_id]
+        return release
+
+    def internal_owner(self, client_id: Optional[str]) -> Optional[str]:
+        """The owner named by :meth:`reserve_client_id` if ``client_id`` is an
+        internal session's, else None."""
+        held = self._reserved_ids.get(client_id) if client_id else None
+        return held[0] if held is not None else None
+
+    def add_private_user_properties(self, names) -> Callable[[], None]:
+        """Declare the user property ``names`` the broker's own bookkeeping
+        (the bridge mesh guard's ``mqttd-mid``/``mqttd-path``).
+
+        Messages may carry them inside the broker (routing, queues, the
+        store, retained messages) and to bridges -- connections of another
+        broker (:attr:`ClientInfo.bridge`) and features' own connections --
+        but they are removed from every PUBLISH to any other client and from
+        in-process subscribers' messages, so those get the publisher's user
+        properties unaltered and in order [MQTT-3.3.2-17, MQTT-3.3.2-18].
+        Removed once per message and form, shared by all such subscribers.
+        Returns the unregister function.
+        """
+        entry = frozenset(names)
+        self._private_registrations.append(entry)
+        self.private_user_properties = frozenset().union(*self._private_registrations)
+
+        def unregister():
+            if entry in self._private_registrations:
+                self._private_registrations.remove(entry)
+                self.private_user_properties = frozenset().union(
+                    *self._private_registrations)
+        return unregister
+
+    def public_form(self, message: Message, cache: Optional[dict] = None) -> Message:
+        """``message`` as a subscriber that is not a bridge may see it: without
+        the :attr:`private_user_properties` (the same object when it has
+        none).  ``cache`` (a publish's fan-out cache) keeps one copy per
+        message, so every subscriber shares it and its encoded bytes."""
+        private = self.private_user_properties
+        user = message.properties.user_properties
+        if not private or not user:
+            return message
+        if cache is not None:
+            key = ("public", id(message))
+            found = cache.get(key)
+            if found is not None and found[0] is message:
+                return found[1]
+        if any(name in private for name, _value in user):
+            public = with_user_properties(
+                message, tuple(item for item in user if item[0] not in private))
+        else:
+            public = message
+        if cache is not None:
+            cache[key] = (message, public)   # the original kept alive: its id stays unique
+        return public
 
     # --- durability ---------------------------------------------------------
 
@@ -1409,7 +1493,7 @@ class Broker:
 
     def _call_local(self, local: LocalSubscription, message: Message) -> None:
         try:
-            local.callback(message)
+            local.callback(self.public_form(message))
         except Exception:
             log.failure("In-process subscriber of {filter} failed",
                         filter=local.topic_filter)
@@ -1811,6 +1895,12 @@ def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Messa
 #: ``str`` as a module global: the client-id check in :meth:`Broker._route`
 #: (a global lookup, cheaper than the builtin one)
 _STR = str
+
+
+def with_user_properties(message: Message, user: tuple) -> Message:
+    """A copy of ``message`` whose user properties are ``user`` (name, value pairs)."""
+    return attrs.evolve(message, properties=attrs.evolve(
+        message.properties, user_properties=tuple(user)))
 
 
 def with_subscription_ids(message: Message, ids: tuple) -> Message:

@@ -102,6 +102,9 @@ class ClientConnection:
 
     #: the listener it came in on (set by the protocol; metrics and admin)
     listener: Optional[str] = None
+    #: an MQTT 5 client that is no bridge: the broker's private user properties
+    #: (Broker.add_private_user_properties) are removed from what it gets
+    _public_only: bool = False
 
     def __init__(self, broker: Broker, transport, clock, peer: Optional[str] = None):
         self.broker = broker
@@ -328,12 +331,18 @@ class ClientConnection:
 
     def cached_template(self, message: Message, qos: int, cache: dict):
         """The PUBLISH bytes already made for this connection's form, or None."""
+        if self._public_only and self.broker.private_user_properties:
+            message = self.broker.public_form(message, cache)
         return cache.get(template_key(message, self.protocol_level, qos))
 
     def send_publish(self, message: Message, qos: int, packet_id, dup: bool,
                      cache: Optional[dict] = None, template=None) -> None:
         # (a connection that sends topic aliases replaces this method by
         # _send_aliased at CONNECT: no cost here for the others)
+        if template is None and self._public_only and self.broker.private_user_properties:
+            # the broker's own user properties (the mesh guard's stamps) reach
+            # bridges only: this client gets the publisher's unaltered [MQTT-3.3.2-17]
+            message = self.broker.public_form(message, cache)
         if template is None and cache is not None:
             key = template_key(message, self.protocol_level, qos)
             template = cache.get(key)
@@ -370,6 +379,8 @@ class ClientConnection:
         """:meth:`send_publish` with a topic alias (the client's Topic Alias Maximum
         allows it): the topic name only when the alias is new or rebound
         [MQTT-3.3.2-11]; shared bytes (``cache``, ``template``) are not used."""
+        if self._public_only and self.broker.private_user_properties:
+            message = self.broker.public_form(message, cache)   # [MQTT-3.3.2-17]
         aliases = self._out_aliases
         topic = message.topic
         alias, known = aliases.alias_for(topic)
@@ -719,8 +730,13 @@ class ClientConnection:
         # subscriptions get No Local + Retain As Published, so what it sends us
         # never echoes back and retained flags travel unchanged
         props = packet.properties
-        self.bridge = packet.bridge or (level == MQTT_5 and any(
-            name == BRIDGE_PROPERTY for name, _value in props.user_properties))
+        mqttd_peer = level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in props.user_properties)
+        self.bridge = packet.bridge or mqttd_peer
+        # only another mqttd's bridge gets the broker's private user properties
+        # (it understands them); everyone else, a mosquitto bridge included,
+        # gets the publishers' user properties unaltered [MQTT-3.3.2-17]
+        self._public_only = level == MQTT_5 and not mqttd_peer
         client_id = packet.client_id
         self.client_id = client_id or None
         if client_id and client_id in config.trace_clients:
@@ -764,6 +780,18 @@ class ClientConnection:
             if level == MQTT_5:
                 assigned = client_id
         self.client_id = client_id
+        owner = broker.internal_owner(client_id)
+        if owner is not None:
+            # an internal session (a bridge's local end) is no network client's
+            # to claim, take over or discard, whatever the auth policy: the id
+            # itself is not allowed (v5 0x85; v3 0x02 Identifier rejected)
+            # [MQTT-3.1.3-8, MQTT-3.1.3-9]
+            broker.stats.connects_refused += 1
+            return self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                                "client id of an internal session", spec="MQTT-3.1.3-8",
+                                what="internal-client-id",
+                                detail=f"{client_id!r} is reserved for the internal "
+                                       f"session of {owner}")
         will = packet.will
         if will is not None:
             try:
@@ -1051,6 +1079,10 @@ class ClientConnection:
                 response_information=response_information,
                 authentication_method=self._auth_method,
                 authentication_data=auth_data,
+                # tells an mqttd bridge that this broker speaks its private
+                # user properties (the mesh guard's stamps travel on this link)
+                user_properties=(() if self._public_only
+                                 else ((BRIDGE_PROPERTY, config.broker_id),)),
             )
         else:
             ack_props = Properties()

@@ -283,6 +283,14 @@ class AdminAPI(Resource):
             body = _json(request, {"error": "internal error"}, 500)
         self._finish(request, body)
 
+    def _not_internal(self, client_id: str) -> None:
+        """409 for an internal session (a bridge's local end): it belongs to its
+        feature -- change or remove the bridge in the config instead."""
+        owner = getattr(self.broker, "internal_owner", lambda _id: None)(client_id)
+        if owner is not None:
+            raise HTTPError(409, f"{client_id!r} is the internal session of {owner}; "
+                                 f"change {owner} in the configuration instead")
+
     def _route(self, request):
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
         while parts and parts[-1] == "":
@@ -299,10 +307,12 @@ class AdminAPI(Resource):
             if method == "GET" and len(parts) == 2:
                 return _json(request, self.client(parts[1]))
             if method == "POST" and len(parts) == 3 and parts[2] == "disconnect":
+                self._not_internal(parts[1])
                 if not self.broker.disconnect_client(parts[1]):
                     raise HTTPError(404, f"{parts[1]!r} is not connected")
                 return _json(request, {"disconnected": parts[1]})
         if parts and parts[0] == "sessions" and method == "DELETE" and len(parts) == 2:
+            self._not_internal(parts[1])
             if not self.broker.delete_session(parts[1]):
                 raise HTTPError(404, f"no session {parts[1]!r}")
             return _json(request, {"deleted": parts[1]})

@@ -82,6 +82,7 @@ class MeshGuard:
         self._prints: "collections.OrderedDict[tuple, float]" = collections.OrderedDict()
         self._unregister = None
         self._unobserve = None
+        self._unprivate = None
         #: messages dropped by reason: "duplicate", "loop", "hop-limit", "v3-duplicate"
         self.dropped = {"duplicate": 0, "loop": 0, "hop-limit": 0, "v3-duplicate": 0}
 
@@ -102,12 +103,15 @@ class MeshGuard:
         if not self.active and self.broker is not None:
             self.active = True
             self._unregister = self.broker.add_publish_filter(self)
+            # the stamps are bookkeeping between brokers: subscribers that are
+            # not bridges get the publisher's user properties unaltered
+            self._unprivate = self.broker.add_private_user_properties((MID, PATH))
 
     def detach(self) -> None:
-        for undo in (self._unregister, self._unobserve):
+        for undo in (self._unregister, self._unobserve, self._unprivate):
             if undo is not None:
                 undo()
-        self._unregister = self._unobserve = None
+        self._unregister = self._unobserve = self._unprivate = None
         self.active = False
         self.broker = None
 

@@ -142,11 +142,17 @@ class Bridge(Service):
         self._out = [t for t in config.topics if t.outgoing]
         self._in = [t for t in config.topics if t.incoming]
         self._acks = collections.deque()
+        #: the remote is an mqttd that takes the broker's private user properties
+        self._mesh_peer = False
         #: local topic -> remote topic (bounded cache of the topic-line mapping)
         self._remote_names = {}
         self._warned = {}
         self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
                                       retryPolicy=self._retry_delay, clock=reactor)
+        # the local session is internal: no network client may claim it, take
+        # it over (knocking the bridge off) or read what waits for the remote
+        self._release_client_id = broker.reserve_client_id(
+            config.local_clientid, f"bridge {config.connection}")
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -168,6 +174,12 @@ class Bridge(Service):
             remote.disconnect()
         d = self._service.stopService()
         self._detach()
+        return d
+
+    def disownServiceParent(self):
+        """Removed (SIGHUP reload): stop, and give the local client id back."""
+        d = super().disownServiceParent()
+        self._release_client_id()
         return d
 
     def _queued(self) -> int:
@@ -260,6 +272,11 @@ class Bridge(Service):
     def mqtt_connected(self, protocol, connack) -> None:
         config = self.config
         self.remote = protocol
+        # an mqttd remote answers the CONNECT's mqttd-bridge with its own: only
+        # then do the mesh guard's stamps travel (anyone else would hand them
+        # to its subscribers)
+        self._mesh_peer = protocol.level == MQTT_5 and any(
+            name == BRIDGE_PROPERTY for name, _value in connack.properties.user_properties)
         self.policy.reset()
         stats = self.stats
         stats.connected = True
@@ -433,6 +450,8 @@ class Bridge(Service):
         retain = message.retain and self.config.outgoing_retain
         props = NO_PROPERTIES
         if remote.level == MQTT_5:
+            if not self._mesh_peer and self.broker.private_user_properties:
+                message = self.broker.public_form(message)   # [MQTT-3.3.2-17]
             # local -> remote PUBLISH: what a PUBLISH forwards (never this broker's
             # Subscription Identifiers [MQTT-3.3.4-6]), expiry lowered by the wait
             props = forwarded_properties(message.properties)

@@ -126,6 +126,23 @@ def test_delete_session_discards_it_with_its_queue():
     assert call(root, "DELETE", "/api/sessions/c1")[0] == 404
 
 
+def test_internal_sessions_are_neither_deleted_nor_disconnected():
+    """A bridge's local session (reserved client id): DELETE and disconnect answer 409 and
+    leave it and its queue alone."""
+    root, broker, clock = _site()
+    client = FakeClient(broker, clock)
+    client.connect("local.edge", clean=False)
+    client.subscribe("a", qos=1)
+    broker.reserve_client_id("local.edge", "bridge central")
+    code, data = call(root, "POST", "/api/clients/local.edge/disconnect")
+    assert code == 409 and "bridge central" in data["error"]
+    client.drop()
+    broker.publish_message("a", b"x", qos=1)
+    code, data = call(root, "DELETE", "/api/sessions/local.edge")
+    assert code == 409 and "bridge central" in data["error"]
+    assert len(broker.sessions["local.edge"].queue) == 1
+
+
 def test_retained_topics_are_paged_and_can_be_cleared():
     """GET /api/retained pages sorted topics with a cursor; DELETE clears one."""
     root, broker, clock = _site()

@@ -121,8 +121,15 @@ class Client:
         kwargs = {} if v5 else {"clean_session": clean}
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=protocol, **kwargs)
-        self.client.on_message = lambda c, u, m: self.messages.put(
-            (m.topic, m.payload, m.qos, bool(m.retain)))
+        #: (topic, payload, [(name, value)] user properties) of every message (v5)
+        self.user_properties: list = []
+
+        def on_message(c, u, m):
+            props = getattr(m, "properties", None)
+            self.user_properties.append(
+                (m.topic, m.payload, list(getattr(props, "UserProperty", None) or [])))
+            self.messages.put((m.topic, m.payload, m.qos, bool(m.retain)))
+        self.client.on_message = on_message
         self._acked = set()
         self.client.on_publish = lambda c, u, mid, rc, props: self._acked.add(mid)
         self._subacks = []
@@ -135,8 +142,15 @@ class Client:
         _rc, mid = self.client.subscribe(topic_filter, qos)
         wait_for(lambda: mid in self._subacks, 10, what=f"SUBACK for {topic_filter}")
 
-    def publish(self, topic: str, payload, qos: int = 1, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos, retain)
+    def publish(self, topic: str, payload, qos: int = 1, retain: bool = False,
+                user_properties=None) -> None:
+        props = None
+        if user_properties:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = list(user_properties)
+        info = self.client.publish(topic, payload, qos, retain, properties=props)
         if qos:
             wait_for(lambda: info.mid in self._acked, 15, what=f"ack of {topic}")
 

@@ -153,6 +153,57 @@ def test_remote_down_messages_queue_and_arrive_in_order(tmp_path, stack):
     assert [p for _t, p, _q, _r in got] == [str(n).encode() for n in range(200)]
 
 
+def _raw_connect(port: int, client_id: str, level: int = 4, clean: bool = False) -> bytes:
+    """CONNECT with ``client_id`` on a raw socket: what the broker answers until it closes."""
+    import socket
+    cid = client_id.encode()
+    body = (b"\x00\x04MQTT" + bytes([level, 0x00 if not clean else 0x02]) + b"\x00\x3c"
+            + (b"\x00" if level == 5 else b"") + len(cid).to_bytes(2, "big") + cid)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(bytes([0x10, len(body)]) + body)
+        got = b""
+        while True:
+            data = sock.recv(100)
+            if not data:
+                return got
+            got += data
+
+
+def test_a_client_cannot_take_the_bridges_local_session(tmp_path, stack):
+    """REVIEW 20 with real brokers: while the remote is down, CONNECTs with the bridge's local
+    client id (v3.1.1 and v5, anonymous) are refused 0x02/0x85 and closed; the queued messages
+    still reach the remote once it is back, and the bridge stays up after further attempts."""
+    mosq = Mosquitto(tmp_path / "mosq", persistent=True).start()
+    stack.append(mosq)
+    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge("edge20", mosq.port, ["q/# out 1"]))
+    stack.append(edge.start())
+    wait_for(lambda: "New bridge connected" in mosq.log(), 15, what="bridge up")
+    sub = Client(mosq.port, "far-sub", clean=False)
+    sub.subscribe("q/#", qos=1)
+    sub.close()
+    mosq.stop()
+    pub = Client(edge.port)
+    stack.append(pub)
+    for n in range(3):
+        pub.publish(f"q/steal{n}", b"s%d" % n, 1)
+    assert _raw_connect(edge.port, "local.edge20") == b"\x20\x02\x00\x02"
+    assert _raw_connect(edge.port, "local.edge20", level=5, clean=True)[:4] == b"\x20\x03\x00\x85"
+    mosq.start()
+    sub = Client(mosq.port, "far-sub", clean=False)
+    stack.append(sub)
+    got = sub.collect(3, 30)
+    assert [p for _t, p, _q, _r in got] == [b"s0", b"s1", b"s2"]
+    wait_for(lambda: _state_or_none(edge.port, "edge20") == b"1", 20, what="bridge up again")
+    for _ in range(5):
+        assert _raw_connect(edge.port, "local.edge20") == b"\x20\x02\x00\x02"
+    pub.publish("q/after", b"after", 1)
+    assert sub.collect(1, 15)[0][:2] == ("q/after", b"after")
+    assert _state_or_none(edge.port, "edge20") == b"1"
+    lines = [line for line in edge.log_path.read_text(errors="replace").splitlines()
+             if "internal-client-id" in line]
+    assert 1 <= len(lines) <= 3 and "bridge edge20" in lines[0], lines    # rate-limited
+
+
 def test_local_kill_9_while_remote_down_still_delivers(tmp_path, stack):
     """kill -9 of the bridging mqttd while the remote is down loses nothing acknowledged."""
     far_port = free_port()
@@ -212,21 +263,53 @@ def test_triangle_mesh_delivers_each_message_once(tmp_path, stack, links):
     for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
         wait_for(lambda: _state_or_none(ports[here], f"{here}-{there}") == b"1", 20,
                  what=f"{here}-{there} up")
-    subs = {n: Client(ports[n]) for n in "ABC"}
+    v5 = links == "mqttv50"
+    subs = {n: Client(ports[n], v5=v5) for n in "ABC"}
     stack.extend(subs.values())
     for sub in subs.values():
         sub.subscribe("m/#")
     for n in "ABC":
-        pub = Client(ports[n])
+        pub = Client(ports[n], v5=v5)
         stack.append(pub)
         for i in range(10):
-            pub.publish(f"m/{n}/{i}", f"{n}{i}".encode(), 1)
+            pub.publish(f"m/{n}/{i}", f"{n}{i}".encode(), 1,
+                        user_properties=[("from", n)] if v5 else None)
     for n, sub in subs.items():
         got = sub.collect(30, 30)
         assert sorted(p for _t, p, _q, _r in got) == sorted(
             f"{x}{i}".encode() for x in "ABC" for i in range(10)), n
     for n, sub in subs.items():
         assert sub.quiet(1.0 if n == "A" else 0.2) == [], f"extra copies at {n}"
+    if v5:   # the mesh guard's stamps stay between the brokers (REVIEW 18)
+        for n, sub in subs.items():
+            assert all(props == [("from", t.split("/")[1])]
+                       for t, _p, props in sub.user_properties), (n, sub.user_properties[:3])
+
+
+def test_mqtt5_bridge_to_mosquitto_leaves_user_properties_unaltered(tmp_path, stack):
+    """REVIEW 18's example: an MQTT 5 bridge to mosquitto; a v5 subscriber on the edge and one
+    on mosquitto get the publisher's user properties only (no mqttd-mid/mqttd-path), both ways
+    [MQTT-3.3.2-17]."""
+    mosq = Mosquitto(tmp_path / "mosq").start()
+    stack.append(mosq)
+    edge = Mqttd(tmp_path / "edge", "edge5", config=_bridge(
+        "v5", mosq.port, ["b5/# both 1"], 'bridge_protocol_version = "mqttv50"\n'))
+    stack.append(edge.start())
+    wait_for(lambda: _state_or_none(edge.port, "v5") == b"1", 20, what="v5 bridge up")
+    local, central = Client(edge.port, v5=True), Client(mosq.port, v5=True)
+    stack.extend([local, central])
+    local.subscribe("b5/#")
+    central.subscribe("b5/#")
+    pub_edge, pub_central = Client(edge.port, v5=True), Client(mosq.port, v5=True)
+    stack.extend([pub_edge, pub_central])
+    pub_edge.publish("b5/e", b"fromedge", 1, user_properties=[("k", "v")])
+    pub_central.publish("b5/c", b"fromcentral", 1, user_properties=[("k", "w")])
+    expected = sorted([("b5/e", b"fromedge", [("k", "v")]),
+                       ("b5/c", b"fromcentral", [("k", "w")])])
+    for sub in (local, central):
+        sub.collect(2)
+        assert sub.quiet(0.3) == []
+        assert sorted(sub.user_properties) == expected
 
 
 def test_tls_bridge_to_mosquitto_with_client_certificate(tmp_path, stack):

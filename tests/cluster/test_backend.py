@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 
+import redis.exceptions as rx
+
 from mqttd.cluster.backend import (
-    Backend, RedisReplyError, RedisUnavailable, parse_url)
+    Backend, RedisReplyError, RedisUnavailable, parse_url, translate)
 
 from .conftest import wait
 
@@ -62,6 +64,21 @@ def test_bad_urls_are_refused_with_one_line_saying_why(bad, why):
     with pytest.raises(ValueError) as info:
         parse_url(bad)
     assert why in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("error, kind", [
+    (rx.ConnectionError("refused"), RedisUnavailable),
+    (rx.TimeoutError("slow"), RedisUnavailable),
+    (rx.BusyLoadingError("loading"), RedisUnavailable),
+    (rx.ClusterDownError("down"), RedisUnavailable),
+    (rx.ReadOnlyError("replica"), RedisUnavailable),
+    (rx.ResponseError("FENCED"), RedisReplyError),
+    (rx.NoScriptError("NOSCRIPT"), RedisReplyError),
+])
+def test_redis_errors_become_outages_or_replies(error, kind):
+    """Callers decide retry-later (outage) versus lost-race/bug (reply) from the kind alone."""
+    translated = translate(error)
+    assert isinstance(translated, kind) and str(error) in str(translated)
 
 
 # --- against a real Redis -------------------------------------------------------------
