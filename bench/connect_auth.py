@@ -12,17 +12,27 @@ BlockingClient:
 - ``cached``: the same user logging in again (the success cache answers);
 - ``ping_during_storm``: PINGREQ -> PINGRESP round trips of a connected client
   while ``--users`` first logins run concurrently (is the reactor thread free?);
-- ``no_auth``: CONNECT -> CONNACK of a broker without a password file.
+- ``no_auth``: CONNECT -> CONNACK of a broker without a password file;
+- ``wrong_known`` / ``wrong_unknown``: a wrong password for an existing user
+  and for a user name not in the file (both refused 0x04; the unknown one is
+  hashed against a dummy entry, so the two cost the same);
+- ``storm``: ``--storm`` (100) CONNECTs with distinct wrong passwords at once
+  from ``--storm-addresses`` (1) addresses (127.0.0.2, ...), then, while they
+  are in flight, the first login of another user from 127.0.0.1: its
+  CONNECT -> CONNACK time, and how the storm was answered (0x04 checked and refused, 0x03 refused unchecked by the
+  bounded password-check queue).
 
 Prints one JSON line. Every wait is bounded; the broker is stopped by its own handle.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +45,8 @@ sys.path.insert(0, ROOT)
 
 from mqttd.auth.passwd import DEFAULT_ITERATIONS, make_entry  # noqa: E402
 from mqttd.blockingclient import BlockingClient  # noqa: E402
-from mqttd.codec.packets import Pingreq  # noqa: E402
+from mqttd.codec import PacketReader, encode  # noqa: E402
+from mqttd.codec.packets import Connect, Pingreq  # noqa: E402
 
 
 def start_broker(workdir, extra):
@@ -76,6 +87,26 @@ def connect_ms(port, client_id, user=None, password=None):
     return elapsed
 
 
+def connack(port, client_id, user, password, source="127.0.0.1", timeout=30.0):
+    """``(ms, CONNACK return code)`` of one v3.1.1 CONNECT from ``source``
+    (refusals are answers here, not errors); ``(ms, None)`` if closed first."""
+    t = time.perf_counter()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+    try:
+        sock.sendall(encode(Connect(4, client_id, True, 0, user, password.encode()), 4))
+        reader = PacketReader(level=4)
+        packets = []
+        while not packets:
+            data = sock.recv(4096)
+            if not data:
+                return (time.perf_counter() - t) * 1000, None
+            packets = reader.feed(data)
+        return (time.perf_counter() - t) * 1000, packets[0].reason_code
+    finally:
+        sock.close()
+
+
 def summary(values):
     values = sorted(values)
     return {"n": len(values), "p50_ms": round(statistics.median(values), 2),
@@ -87,10 +118,14 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--storm", type=int, default=100,
+                    help="wrong-password CONNECTs at once [100]")
+    ap.add_argument("--storm-addresses", type=int, default=1, choices=range(1, 250),
+                    metavar="N", help="from N addresses 127.0.0.2... [1]")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-connect-auth-")
     pw = os.path.join(workdir, "passwd")
-    users = [f"user{i}" for i in range(2 * args.users + 1)]
+    users = [f"user{i}" for i in range(2 * args.users + 2)]
     with open(pw, "w") as f:
         for user in users:
             f.write(make_entry(user, "pw-" + user).line() + "\n")
@@ -101,9 +136,17 @@ def main():
                                    for i, u in enumerate(users[:args.users])])
         result["cached"] = summary([connect_ms(port, "again", users[0], "pw-" + users[0])
                                     for _ in range(args.repeat)])
-        watcher = BlockingClient(port, "watcher", username=users[-1],
-                                 password=("pw-" + users[-1]).encode())
-        storm = [threading.Thread(target=connect_ms, args=(port, f"s{i}", u, "pw-" + u))
+        watcher_user = users[2 * args.users]
+        watcher = BlockingClient(port, "watcher", username=watcher_user,
+                                 password=("pw-" + watcher_user).encode())
+        refused = []
+
+        def first_login(client_id, user):
+            try:
+                connect_ms(port, client_id, user, "pw-" + user)
+            except ConnectionError:  # 0x03: the bounded password-check queue was full
+                refused.append(user)
+        storm = [threading.Thread(target=first_login, args=(f"s{i}", u))
                  for i, u in enumerate(users[args.users:2 * args.users])]
         pings = []
         for thread in storm:
@@ -117,6 +160,33 @@ def main():
             thread.join(60)
         watcher.close()
         result["ping_during_storm"] = summary(pings)
+        result["ping_during_storm"]["first_logins_refused"] = len(refused)
+        known, unknown = users[0], "nosuchuser"
+        result["wrong_known"] = summary([connack(port, f"wk{i}", known, "wrong")[0]
+                                         for i in range(args.repeat)])
+        result["wrong_unknown"] = summary([connack(port, f"wu{i}", unknown, "wrong")[0]
+                                           for i in range(args.repeat)])
+        answers = collections.Counter()
+        lock = threading.Lock()
+
+        def attack(i):
+            try:
+                _ms, code = connack(port, f"a{i}", known, f"wrong{i}",
+                                    source=f"127.0.0.{2 + i % args.storm_addresses}")
+            except OSError as error:
+                code = type(error).__name__
+            with lock:
+                answers[str(code)] += 1
+        attackers = [threading.Thread(target=attack, args=(i,)) for i in range(args.storm)]
+        for thread in attackers:
+            thread.start()
+        time.sleep(0.2)  # the storm is queued at the broker
+        legit_user = users[2 * args.users + 1]  # never logged in: not cached
+        legit_ms, legit_code = connack(port, "legit", legit_user, "pw-" + legit_user)
+        for thread in attackers:
+            thread.join(60)
+        result["storm"] = {"attackers": args.storm, "addresses": args.storm_addresses, "legit_first_login_ms": round(legit_ms, 2),
+                           "legit_connack": legit_code, "storm_connacks": dict(answers)}
     finally:
         stop(proc)
     proc, port = start_broker(tempfile.mkdtemp(prefix="bench-connect-noauth-"), [])

@@ -704,18 +704,19 @@ class ClientConnection:
         counted in ``BrokerStats.refused``) the broker's ``Refused WHAT for ID
         from PEER: DETAIL (CONNACK 0x..)`` line, else ``Refusing CONNECT ...``.
         """
+        if self.protocol_level == MQTT_5:
+            code = reason_code
+        else:
+            code = V5_TO_V3_CONNACK.get(reason_code, 0x03)
         if what is not None:
+            # the line names the code the client got (v3: its v3 equivalent)
             self.broker.refused(what, self.client_id, self.peer,
-                                f"{detail or why} (CONNACK 0x{reason_code:02X})",
+                                f"{detail or why} (CONNACK 0x{code:02X})",
                                 reason_code=reason_code, **fields)
         else:
             self._warn("connect-refused", "Refusing CONNECT of {client_id} from {peer}: {why} "
                        "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
                        peer=self.peer, why=why, reason_code=reason_code, spec=spec)
-        if self.protocol_level == MQTT_5:
-            code = reason_code
-        else:
-            code = V5_TO_V3_CONNACK.get(reason_code, 0x03)
         self.send(Connack(False, code))
         self._close(f"CONNECT refused: {why}")
 
@@ -856,6 +857,13 @@ class ClientConnection:
     def _authenticate_answered(self, answer) -> None:
         packet = self._connect_packet
         code, username = auth_outcome(answer, packet.username)
+        if code == ReasonCode.CONNECTION_RATE_EXCEEDED:
+            # the authenticator's work is bounded (e.g. password hashing): not
+            # a wrong password, a "try again later"
+            return self._refuse(code, "authentication busy", what="connection-rate",
+                                detail=f"too many authentications in progress "
+                                       f"(username {packet.username!r})",
+                                username=packet.username)
         if code:
             what = "anonymous" if packet.username is None else "authentication"
             return self._refuse(code, "authentication failed", what=what,

@@ -32,6 +32,7 @@ from mqttd.persistence.journal import StoreError
 from mqttd.protocol import MQTTFactory
 from mqttd.systopics import SysTopics
 from mqttd.transports.endpoints import tls_options_in
+from mqttd.transports.proxy import count_proxy_refusals
 
 log = Logger(namespace="mqttd.service")
 
@@ -372,7 +373,8 @@ class BrokerService(MultiService):
         tls = []
         for description in self.endpoints:
             try:
-                endpoint = serverFromString(self.reactor, with_backlog(description))
+                endpoint = count_proxy_refusals(
+                    serverFromString(self.reactor, with_backlog(description)), self.broker)
                 tls.extend(tls_options_in(endpoint))
                 port = await endpoint.listen(self.factory_for(description))
             except Exception as error:

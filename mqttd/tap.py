@@ -206,6 +206,11 @@ OPTIONS: List[Option] = [
            "taken over by another user name.", field="allow_session_takeover_by_other_user"),
     Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
            "hook may take before it refuses.", default=10.0, field="hook_timeout"),
+    Option("max-password-checks", integer(1), "Password-file hashes verified at once, all "
+           "clients (own threads); the others wait, bounded, then get 0x9F.",
+           doc_default="cores - 1, 1 to 4"),
+    Option("max-password-checks-per-peer", integer(1), "Password-file hashes verified at "
+           "once for one client address.", default=1),
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
     Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "

@@ -17,15 +17,22 @@ The exchange on the wire (no channel binding; the client's GS2 header is
 
 A live connection re-authenticates with AUTH 0x19 carrying a new
 client-first; success ends with AUTH 0x00, failure with DISCONNECT 0x87
-[MQTT-4.12.1].  An unknown user gets a made-up salt and fails at the proof,
-so the exchange does not tell which user names exist.
+[MQTT-4.12.1].
+
+An unknown user (or one without SCRAM credentials) gets a made-up challenge
+that looks like a real one: the salt is ``HMAC-SHA256(server secret, user
+name)`` cut to the real salts' size -- the same on every attempt -- and the
+iteration count is the one of the real entries (the most common one in the
+file), so the server-first message does not tell which user names exist;
+the exchange then fails at the proof (0x86), in the same time as a wrong
+password (the server's SCRAM work is a few HMACs either way).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from scramp import ScramException, ScramMechanism
 from zope.interface import implementer
@@ -59,11 +66,16 @@ class ScramExchange:
 
     :param lookup: ``f(username) -> PasswordEntry | None`` (a
         ``$scram-sha-256$`` entry; any other kind is treated as unknown).
+    :param fake_key: the server secret of the made-up salts (bytes).
+    :param shape: ``f() -> (iterations, salt size)`` of the made-up
+        challenge (default: 4096 iterations, 16 bytes).
     """
 
-    def __init__(self, lookup: Callable, fake_key: bytes):
+    def __init__(self, lookup: Callable, fake_key: bytes,
+                 shape: Optional[Callable[[], Tuple[int, int]]] = None):
         self._lookup = lookup
         self._fake_key = fake_key
+        self._shape = shape
         self._server = ScramMechanism(SCRAM_SHA_256).make_server(self._auth_info)
         self._username: Optional[str] = None
         self._known = False
@@ -75,10 +87,8 @@ class ScramExchange:
         if entry is not None and entry.kind == "scram-sha-256":
             self._known = True
             return entry.salt, entry.digest, entry.server_key, entry.iterations
-        # unknown user: a stable made-up salt, and keys no proof can match
-        fake = hmac.new(self._fake_key, username.encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).digest()
-        return fake[:16], os.urandom(32), os.urandom(32), 4096
+        return fake_credentials(self._fake_key, username,
+                                *(self._shape() if self._shape else (4096, 16)))
 
     def step(self, data):
         try:
@@ -107,10 +117,33 @@ class ScramExchange:
         return AuthStep(AuthOutcome.FAILURE)
 
 
-def scram_mechanism(lookup: Callable) -> Callable:
-    """A factory for :class:`EnhancedAuthenticator` serving SCRAM-SHA-256 from ``lookup``."""
-    fake_key = os.urandom(32)
-    return lambda client: ScramExchange(lookup, fake_key)
+def fake_salt(secret: bytes, username: str, size: int = 16) -> bytes:
+    """The made-up salt of an unknown ``username``: ``HMAC-SHA256(secret,
+    username)``, repeated to ``size`` bytes (stable for a given secret)."""
+    digest = hmac.new(secret, username.encode("utf-8", "surrogateescape"),
+                      hashlib.sha256).digest()
+    return (digest * (size // len(digest) + 1))[:size]
 
 
-__all__ = ["EnhancedAuthenticator", "SCRAM_SHA_256", "ScramExchange", "scram_mechanism"]
+def fake_credentials(secret: bytes, username: str, iterations: int, salt_size: int):
+    """scramp's ``(salt, stored_key, server_key, iterations)`` for an unknown
+    user: the stable made-up salt, random keys no proof can match."""
+    return fake_salt(secret, username, salt_size), os.urandom(32), os.urandom(32), iterations
+
+
+def scram_mechanism(lookup: Callable, secret: Optional[bytes] = None,
+                    shape: Optional[Callable[[], Tuple[int, int]]] = None) -> Callable:
+    """A factory for :class:`EnhancedAuthenticator` serving SCRAM-SHA-256 from ``lookup``.
+
+    :param secret: key of the made-up salts of unknown users (default: random
+        per call, so stable for the process only; ``PasswordFileChecker.secret``
+        is derived from the password file and stable across restarts).
+    :param shape: ``f() -> (iterations, salt size)`` of the made-up
+        challenges (``PasswordFileChecker.scram_shape``: as the real entries).
+    """
+    fake_key = secret if secret is not None else os.urandom(32)
+    return lambda client: ScramExchange(lookup, fake_key, shape)
+
+
+__all__ = ["EnhancedAuthenticator", "SCRAM_SHA_256", "ScramExchange", "fake_credentials",
+           "fake_salt", "scram_mechanism"]

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from mqttd.auth.acl import ACLAuthorizer
 from mqttd.auth.checkers import Authenticator, PasswordFileChecker, make_portal
+from mqttd.auth.gate import VerificationGate
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
 
 log = Logger(namespace="mqttd.auth")
@@ -100,10 +101,15 @@ class Security:
 
 def configure(reactor, listen: Sequence[str], password_file: Optional[str] = None,
               acl_file: Optional[str] = None, auth: Sequence[str] = (),
-              checkers: Sequence = (), allow_anonymous: Optional[bool] = None) -> Security:
+              checkers: Sequence = (), allow_anonymous: Optional[bool] = None,
+              max_password_checks: Optional[int] = None,
+              max_password_checks_per_peer: int = 1) -> Security:
     """Build the :class:`Security` for these choices.
 
     :param password_file: mosquitto password file (also serves SCRAM-SHA-256).
+    :param max_password_checks: its hashes verified at once (None: cores - 1,
+        1 to 4); see :class:`~mqttd.auth.gate.VerificationGate`.
+    :param max_password_checks_per_peer: of them, for one client address (1).
     :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...).
     :param checkers: more ``ICredentialsChecker`` objects (embedders).
     :param allow_anonymous: True/False to force; None for the automatic policy.
@@ -114,7 +120,9 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     all_checkers: List = list(checkers)
     password_checker = None
     if password_file:
-        password_checker = PasswordFileChecker(password_file, reactor)
+        gate = VerificationGate(reactor, max_concurrent=max_password_checks,
+                                per_peer=max_password_checks_per_peer)
+        password_checker = PasswordFileChecker(password_file, reactor, gate=gate)
         all_checkers.insert(0, password_checker)
     for description in auth:
         all_checkers.append(strcred.makeChecker(description))
@@ -125,7 +133,9 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     enhanced = EnhancedAuthenticator()
     if password_checker is not None:
         enhanced.register(SCRAM_SHA_256,
-                          scram_mechanism(lambda user: password_checker.users.get(user)))
+                          scram_mechanism(password_checker.scram_lookup,
+                                          secret=password_checker.secret,
+                                          shape=password_checker.scram_shape))
     return Security(Authenticator(portal, allowed), authorizer, enhanced,
                     password_checker, allowed, why)
 
@@ -136,7 +146,9 @@ def install(service, options) -> None:
     security = configure(
         service.reactor, service.endpoints,
         password_file=options["password-file"], acl_file=options["acl-file"],
-        auth=options["auth"] or (), allow_anonymous=True if options["allow-anonymous"] else None)
+        auth=options["auth"] or (), allow_anonymous=True if options["allow-anonymous"] else None,
+        max_password_checks=options["max-password-checks"],
+        max_password_checks_per_peer=options["max-password-checks-per-peer"] or 1)
     security.attach(service)
     limits = {}
     for value in options["listener-max-connections"] or ():

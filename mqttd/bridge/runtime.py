@@ -127,6 +127,12 @@ class Bridge(Service):
         included, see :class:`mqttd.bridge.service.FailoverEndpoint`).
     """
 
+    #: seconds between probes of the primary address while connected to a
+    #: secondary (``round_robin false``; mosquitto probes every 5 s); doubled
+    #: after each move back that did not hold, up to :attr:`primary_retry_max`
+    primary_retry = 5.0
+    primary_retry_max = 300.0
+
     def __init__(self, config, broker, reactor, endpoint):
         self.config = config
         self.name = config.connection
@@ -147,6 +153,13 @@ class Bridge(Service):
         #: local topic -> remote topic (bounded cache of the topic-line mapping)
         self._remote_names = {}
         self._warned = {}
+        self._endpoint = endpoint
+        self._probe_call = None
+        self._probe_interval = self.primary_retry
+        #: a move back to the primary is under way (reconnect at once)
+        self._moving_back = False
+        #: the last move back ended on a secondary again (probe less often)
+        self._moved_back = False
         self._service = ClientService(endpoint, MQTTClientFactory(self._options, self, reactor),
                                       retryPolicy=self._retry_delay, clock=reactor)
         # the local session is internal: no network client may claim it, take
@@ -167,6 +180,7 @@ class Bridge(Service):
 
     def stopService(self):
         super().stopService()
+        self._cancel_probe()
         remote = self.remote
         if remote is not None:
             if self.config.notifications and not self.config.notifications_local_only:
@@ -189,7 +203,46 @@ class Bridge(Service):
         return len(session.queue) + len(session.inflight)
 
     def _retry_delay(self, attempt: int) -> float:
+        if self._moving_back:
+            return 0.0     # left a secondary on purpose: the primary answers now
         return self.policy(attempt)
+
+    # --- back to the primary address (round_robin false) ----------------------------
+
+    def _schedule_probe(self) -> None:
+        endpoint = self._endpoint
+        if (self.config.round_robin or not getattr(endpoint, "on_secondary", False)
+                or self._probe_call is not None):
+            return
+        self._probe_call = self.reactor.callLater(self._probe_interval, self._probe)
+
+    def _cancel_probe(self) -> None:
+        call, self._probe_call = self._probe_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _probe(self) -> None:
+        self._probe_call = None
+        if self.remote is None or not self.running:
+            return
+        self._endpoint.probe_primary(self.reactor).addCallback(self._probed)
+
+    def _probed(self, answered: bool) -> None:
+        remote = self.remote
+        if remote is None or not self.running:
+            return
+        if not answered:
+            self._schedule_probe()
+            return
+        host, port = self.config.addresses[0]
+        log.info("Bridge {name}: the primary address {address} answers again; leaving "
+                 "{peer} for it", name=self.name, address=f"{host}:{port}",
+                 peer=_peer(remote))
+        self._endpoint.index = 0
+        self._moving_back = True
+        if self.config.notifications and not self.config.notifications_local_only:
+            self._publish_remote_state(remote, b"0")
+        remote.disconnect()
 
     def _options(self) -> ClientOptions:
         config = self.config
@@ -277,6 +330,13 @@ class Bridge(Service):
         # to its subscribers)
         self._mesh_peer = protocol.level == MQTT_5 and any(
             name == BRIDGE_PROPERTY for name, _value in connack.properties.user_properties)
+        moved_back, self._moving_back = self._moving_back, False
+        if getattr(self._endpoint, "on_secondary", False):
+            if moved_back:   # the primary answered the probe but not as a broker
+                self._probe_interval = min(self._probe_interval * 2, self.primary_retry_max)
+            self._schedule_probe()
+        else:
+            self._probe_interval = self.primary_retry
         self.policy.reset()
         stats = self.stats
         stats.connected = True
@@ -299,6 +359,9 @@ class Bridge(Service):
 
     def mqtt_refused(self, protocol, connack) -> None:
         code = connack.reason_code
+        failed = getattr(self._endpoint, "attempt_failed", None)
+        if failed is not None:
+            failed()      # a refusing address is a failed attempt: try the next one
         if protocol.options.bridge and code in _BAD_LEVEL:
             # the remote does not accept the bridge bit: fall back to a plain
             # client connection, as mosquitto does (no echo protection there
@@ -314,11 +377,15 @@ class Bridge(Service):
         was_connected = self.remote is protocol
         self.stats.reconnects += 1
         if not was_connected:
+            failed = getattr(self._endpoint, "attempt_failed", None)
+            if failed is not None:
+                failed()  # refused, or lost before the CONNACK: try the next address
             self.stats.last_error = reason
             log.info("Bridge {name}: connection attempt failed: {reason}",
                      name=self.name, reason=reason)
             return
         self.remote = None
+        self._cancel_probe()
         self._acks.clear()
         stats = self.stats
         stats.connected = False

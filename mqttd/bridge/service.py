@@ -45,29 +45,66 @@ log = Logger(namespace="mqttd.bridge")
 class FailoverEndpoint:
     """Connect to the first address, then the next after each failed attempt.
 
-    With ``round_robin`` false (mosquitto's default) every successful
-    connection resets to the first address, so a bridge that fell back to a
-    secondary returns to the primary at its next reconnect; with
+    With ``round_robin`` false (mosquitto's default) the first address is the
+    *primary*: every connection made resets to it, so a bridge that fell back
+    to a secondary returns to the primary at its next reconnect, and while it
+    is on a secondary the bridge probes the primary (:meth:`probe_primary`,
+    every :attr:`~mqttd.bridge.runtime.Bridge.primary_retry` seconds, as
+    mosquitto does) and moves back as soon as it answers.  With
     ``round_robin`` true it stays on the address that worked.
+
+    A connection made whose CONNECT is then refused, or that is lost before
+    the CONNACK, counts as a failed attempt too (:meth:`attempt_failed`): the
+    next address is tried.
     """
 
     def __init__(self, endpoints: List, round_robin: bool = False):
         self.endpoints = list(endpoints)
         self.round_robin = round_robin
+        #: index of the address the next connect() tries
         self.index = 0
+        #: index of the address of the last connection made (None: none yet)
+        self.connected_index: Optional[int] = None
 
     def connect(self, factory):
-        endpoint = self.endpoints[self.index]
+        index = self.index
+        endpoint = self.endpoints[index]
 
         def failed(failure):
-            self.index = (self.index + 1) % len(self.endpoints)
+            self.index = (index + 1) % len(self.endpoints)
             return failure
 
         def made(protocol):
+            self.connected_index = index
             if not self.round_robin:
                 self.index = 0
             return protocol
         return endpoint.connect(factory).addCallbacks(made, failed)
+
+    @property
+    def on_secondary(self) -> bool:
+        """Connected (last) through an address other than the primary."""
+        return bool(self.connected_index)
+
+    def attempt_failed(self) -> None:
+        """The connection last made did not become an MQTT session: next address."""
+        if self.connected_index is not None:
+            self.index = (self.connected_index + 1) % len(self.endpoints)
+
+    def probe_primary(self, clock, timeout: float = 10.0) -> defer.Deferred:
+        """Whether the primary address accepts a connection now (a Deferred
+        firing True/False; the probe connection is closed at once -- the
+        check mosquitto makes).  Gives up (False) after ``timeout`` seconds."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        def answered(protocol):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
+            return True
+        d = self.endpoints[0].connect(Factory.forProtocol(Protocol))
+        d.addTimeout(timeout, clock)
+        return d.addCallbacks(answered, lambda _failure: False)
 
 
 def endpoint_for(reactor, config: BridgeConfig):

@@ -114,9 +114,9 @@ class MQTTServerEndpoint:
         the PROXY header *inside* TLS; balancers send it in clear before the
         handshake, so a PROXY wrapper handed in is moved outside TLS.
         """
-        proxied = isinstance(factory, HAProxyWrappingFactory)
-        if proxied:
-            factory = factory.wrappedFactory
+        proxy = factory if isinstance(factory, HAProxyWrappingFactory) else None
+        if proxy is not None:
+            factory = proxy.wrappedFactory
         if self.identity_as_username:
             factory = _ConfiguringFactory(factory, transport_identity=certificate_identity)
         if self.websocket_path is not None:
@@ -125,8 +125,9 @@ class MQTTServerEndpoint:
                                            trust_x_forwarded_for=self.trust_x_forwarded_for)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        if proxied:
-            factory = HAProxyWrappingFactory(factory)
+        if proxy is not None:  # the same wrapper (its class, its broker) outside
+            proxy.wrappedFactory = factory
+            factory = proxy
         return self._endpoint.listen(factory)
 
 

@@ -173,6 +173,7 @@ def test_a_network_client_cannot_take_a_bridges_local_session(net, level, code):
     assert a.stats.refused["internal-client-id"] == 22
     assert 1 <= len(_refusals(lines)) <= 3          # rate-limited, not one per attempt
     assert "bridge A-B" in _refusals(lines)[0]["detail"]
+    assert f"(CONNACK 0x{code:02X})" in _refusals(lines)[0]["detail"]   # the code sent
     assert not [e for e in lines if "took its session over" in e.get("log_format", "")]
 
 

@@ -204,6 +204,35 @@ def test_a_client_cannot_take_the_bridges_local_session(tmp_path, stack):
     assert 1 <= len(lines) <= 3 and "bridge edge20" in lines[0], lines    # rate-limited
 
 
+def test_failover_returns_to_the_primary_when_it_answers_again(tmp_path, stack):
+    """address "PRIMARY SECONDARY", round_robin false: primary down -> the bridge runs on the
+    secondary mosquitto; once the primary mosquitto starts, the bridge probes it (every 5 s,
+    as mosquitto does), leaves the secondary (its state 0) and forwards to the primary."""
+    primary_port = free_port()
+    secondary = Mosquitto(tmp_path / "secondary").start()
+    stack.append(secondary)
+    config = _bridge("fo", primary_port, ["q/# out 1"]).replace(
+        f'address = "127.0.0.1:{primary_port}"',
+        f'address = "127.0.0.1:{primary_port} 127.0.0.1:{secondary.port}"')
+    edge = Mqttd(tmp_path / "edge", "edge", config=config)
+    stack.append(edge.start())
+    wait_for(lambda: "New bridge connected" in secondary.log(), 20, what="on the secondary")
+    primary = Mosquitto(tmp_path / "primary", port=primary_port).start()
+    stack.append(primary)
+    sub = Client(primary.port)
+    stack.append(sub)
+    sub.subscribe("q/#")
+    wait_for(lambda: "New bridge connected" in primary.log(), 20, what="back on the primary")
+    wait_for(lambda: _state_or_none(primary.port, "fo") == b"1", 10, what="state 1 there")
+    assert _state_or_none(secondary.port, "fo") == b"0"
+    pub = Client(edge.port)
+    stack.append(pub)
+    pub.publish("q/1", b"primary", 1)
+    assert sub.collect(1, 15)[0][:2] == ("q/1", b"primary")
+    log = edge.log_path.read_text(errors="replace")
+    assert "answers again" in log
+
+
 def test_local_kill_9_while_remote_down_still_delivers(tmp_path, stack):
     """kill -9 of the bridging mqttd while the remote is down loses nothing acknowledged."""
     far_port = free_port()

@@ -354,3 +354,91 @@ def test_local_cleansession_forwards_while_up_and_keeps_nothing_while_down(net):
     a.publish_message("q/3", b"up again", qos=1)
     net.settle()
     assert got.payloads() == [b"up", b"up again"]
+
+
+def _failover_bridge(net, round_robin=False):
+    """A bridge A -> [P (primary), S (secondary)] (iosim), with P down at first."""
+    from mqttd.bridge.config import BridgeConfig, parse_topic_line
+    from mqttd.bridge.service import BridgeManager, FailoverEndpoint
+
+    from .harness import NetEndpoint
+    net.broker("A")
+    for name in ("P", "S"):
+        net.broker(name)
+    net.reachable["P"] = False
+    config = BridgeConfig(connection="fo", addresses=(("127.0.0.1", 1), ("127.0.0.1", 2)),
+                          remote_clientid="fo", round_robin=round_robin,
+                          restart_timeout=(1.0, 2.0),
+                          topics=(parse_topic_line("q/# out 1"),))
+    manager = BridgeManager(
+        net.brokers["A"], net.clock, [config],
+        endpoint_factory=lambda reactor, c: FailoverEndpoint(
+            [NetEndpoint(net, "P"), NetEndpoint(net, "S")], c.round_robin))
+    manager.startService()
+    return manager.bridges["fo"]
+
+
+def _remote_of(net, bridge):
+    for name in ("P", "S"):
+        if "fo" in net.brokers[name].sessions and \
+                net.brokers[name].sessions["fo"].connection is not None:
+            return name
+    return None
+
+
+def test_bridge_on_a_secondary_probes_the_primary_and_moves_back_when_it_answers(net):
+    """round_robin false (mosquitto's default): while on the secondary the primary is probed
+    every 5 s; once it answers the bridge leaves the secondary (state 0 there) and reconnects
+    to the primary at once, losing nothing queued."""
+    bridge = _failover_bridge(net)
+    net.settle(3)
+    assert _remote_of(net, bridge) == "S" and bridge.stats.connected
+    got_p = Collector(net.brokers["P"], "q/#")
+    net.settle(12)                      # the primary is still down: probes fail, stay on S
+    assert _remote_of(net, bridge) == "S"
+    net.up("P")
+    net.settle(bridge.primary_retry + 1)
+    assert _remote_of(net, bridge) == "P" and bridge.stats.connected
+    assert net.brokers["S"].retained["$SYS/broker/connection/fo/state"].payload == b"0"
+    assert net.brokers["P"].retained["$SYS/broker/connection/fo/state"].payload == b"1"
+    net.brokers["A"].publish_message("q/1", b"to the primary", qos=1)
+    net.settle(1)
+    assert got_p.payloads() == [b"to the primary"]
+    # on the primary: no more probes, it stays
+    net.settle(30)
+    assert _remote_of(net, bridge) == "P" and bridge._probe_call is None
+
+
+def test_round_robin_bridge_stays_on_the_address_that_worked(net):
+    """round_robin true: no probing, the bridge stays on the secondary while it works."""
+    bridge = _failover_bridge(net, round_robin=True)
+    net.settle(3)
+    assert _remote_of(net, bridge) == "S"
+    net.up("P")
+    net.settle(30)
+    assert _remote_of(net, bridge) == "S" and bridge._probe_call is None
+
+
+def test_a_primary_that_refuses_the_connect_is_probed_less_and_less_often(net):
+    """A primary that accepts TCP but refuses CONNECT: the bridge goes back to the secondary
+    each time and the probe interval doubles (no flapping every 5 s)."""
+    from twisted.internet import defer
+
+    class Refuser:
+        def authenticate(self, connect):
+            return defer.succeed(0x87)     # not authorized (v3: 0x05)
+    bridge = _failover_bridge(net)
+    net.settle(3)
+    assert _remote_of(net, bridge) == "S"
+    net.brokers["P"].authenticator = Refuser()
+    net.up("P")
+    net.settle(bridge.primary_retry + 5)
+    assert _remote_of(net, bridge) == "S" and bridge.stats.connected
+    assert bridge._probe_interval == 2 * bridge.primary_retry
+    net.settle(2 * bridge.primary_retry + 5)
+    assert _remote_of(net, bridge) == "S"
+    assert bridge._probe_interval == 4 * bridge.primary_retry
+    # once the primary takes it, the bridge stays there and the interval resets
+    net.brokers["P"].authenticator = None
+    net.settle(4 * bridge.primary_retry + 5)
+    assert _remote_of(net, bridge) == "P" and bridge._probe_interval == bridge.primary_retry

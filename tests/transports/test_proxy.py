@@ -110,6 +110,7 @@ def test_connection_without_proxy_header_is_closed(proxied_service):
     probe.transport.write(encode(Connect(4, "sneaky"), 4))
     yield probe.lost
     assert probe.packets == [] and seen == []
+    assert service.broker.stats.refused.get("proxy-header") == 1
 
 
 @pytest_twisted.inlineCallbacks
@@ -172,3 +173,114 @@ class _Discard:
 def _later(seconds=0.02):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+# --- refused PROXY headers are counted and logged (REVIEW: they were closed silently) ---
+
+BAD_HEADERS = {
+    "v1 garbage": b"PROXY GARBAGE\r\n" + encode(Connect(4, "x"), 4),
+    "v1 bad address": b"PROXY TCP4 999.1.1.1 127.0.0.1 1 1883\r\n",
+    "v1 IPv6 in TCP4": b"PROXY TCP4 ::1 127.0.0.1 1 1883\r\n",
+    "v1 bad port": b"PROXY TCP4 192.0.2.1 127.0.0.1 port 1883\r\n",
+    "v1 port range": b"PROXY TCP4 192.0.2.1 127.0.0.1 70000 1883\r\n",
+    "v1 not utf-8": b"PROXY TCP4 \xff\xfe 127.0.0.1 1 1883\r\n",
+    "v1 too long": b"PROXY TCP4 " + b"1" * 200,
+    "v2 bad command": V2_SIGNATURE + bytes((0x2F, 0x11)) + struct.pack("!H", 12) + bytes(12),
+    "no header": encode(Connect(4, "sneaky"), 4),
+}
+
+
+@pytest.fixture
+def log_events():
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _proxy_connection(broker, host="192.0.2.50", port=40000):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from mqttd.protocol import MQTTFactory
+    from mqttd.transports.proxy import CountedHAProxyWrappingFactory
+
+    factory = CountedHAProxyWrappingFactory(MQTTFactory(broker), broker)
+    address = IPv4Address("TCP", host, port)
+    protocol = factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _warnings(events):
+    from twisted.logger import LogLevel
+
+    return [e for e in events if e.get("log_level", LogLevel.debug) >= LogLevel.warn]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_HEADERS))
+def test_bad_proxy_header_is_closed_counted_and_logged_with_the_peer(kind, log_events):
+    """A malformed or missing PROXY header: closed, counted as proxy-header, one line naming the balancer."""
+    from tests.core.harness import make_broker
+
+    broker, _clock = make_broker()
+    protocol, transport = _proxy_connection(broker)
+    protocol.dataReceived(BAD_HEADERS[kind])
+    assert transport.disconnecting
+    assert transport.value() == b""
+    assert broker.stats.refused == {"proxy-header": 1}
+    (line,) = _warnings(log_events)
+    assert line["what"] == "proxy-header" and line["peer"] == "192.0.2.50:40000"
+    assert "PROXY header" in line["detail"]
+    assert not broker.sessions
+
+
+def test_bad_proxy_headers_of_one_balancer_log_at_most_the_burst(log_events):
+    """30 bad headers from one address: all counted, at most 3 lines; another address still logged."""
+    from tests.core.harness import make_broker
+
+    broker, _clock = make_broker()
+    for i in range(30):
+        protocol, transport = _proxy_connection(broker, port=41000 + i)
+        protocol.dataReceived(BAD_HEADERS["v1 garbage"])
+        assert transport.disconnecting
+    assert broker.stats.refused == {"proxy-header": 30}
+    assert 1 <= len(_warnings(log_events)) <= 3
+    before = len(_warnings(log_events))
+    protocol, _transport = _proxy_connection(broker, host="198.51.100.2")
+    protocol.dataReceived(BAD_HEADERS["no header"])
+    assert any(e.get("peer", "").startswith("198.51.100.2")
+               for e in _warnings(log_events)[before:])
+
+
+@pytest.mark.parametrize("header", [v1_header, v2_header], ids=["v1", "v2"])
+def test_proxy_header_split_across_reads_is_accepted(header):
+    """A header arriving a few bytes at a time is read whole (Twisted's wrapper closed it)."""
+    from mqttd.codec import PacketReader
+    from tests.core.harness import make_broker
+
+    broker, _clock = make_broker()
+    protocol, transport = _proxy_connection(broker)
+    data = header("203.0.113.8", 5555) + encode(Connect(4, "split"), 4)
+    for i in range(len(data)):
+        protocol.dataReceived(data[i:i + 1])
+    assert not transport.disconnecting
+    (connack,) = PacketReader(level=4).feed(transport.value())
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert broker.stats.refused == {}
+    assert protocol.getPeer().host == "203.0.113.8"
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_listener_counts_a_malformed_header(proxied_service):
+    """On a haproxy: listener (serverFromString), a malformed header is counted, not closed silently."""
+    service = yield proxied_service()
+    probe = yield raw_client(service)
+    probe.transport.write(b"PROXY TCP4 not-an-address 127.0.0.1 1 1883\r\n"
+                          + encode(Connect(4, "x"), 4))
+    yield probe.lost
+    assert probe.packets == []
+    assert service.broker.stats.refused.get("proxy-header") == 1

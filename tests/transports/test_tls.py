@@ -12,7 +12,9 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from zope.interface import implementer
 
 from mqttd.codec import PacketReader, encode
 from mqttd.codec.packets import Connack, Connect, Pingreq, Pingresp
@@ -373,20 +375,49 @@ def test_plain_ssl_listener_works_and_closes_refused_clients(pki, service_factor
     yield probe.lost                                  # (it hung before the producer was released)
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class TLS12OnlyClient:
+    """A client that speaks TLS 1.2 and nothing else, on pyOpenSSL's own
+    version bounds (Twisted's ``lowerMaximumSecurityTo`` + ``insecurelyLowerMinimumTo``
+    leave no protocol at all with Twisted 25.5 / OpenSSL 3.3 on PyPy)."""
+
+    def __init__(self, ca_path):
+        from OpenSSL import SSL
+
+        context = self.context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.load_verify_locations(str(ca_path))
+        context.set_verify(SSL.VERIFY_PEER, lambda _conn, _cert, _errno, _depth, ok: bool(ok))
+
+    def clientConnectionForTLS(self, tls_protocol):
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tls_protocol)
+        connection.set_tlsext_host_name(b"localhost")
+        connection.set_connect_state()
+        return connection
+
+
+class LossProbe(Probe):
+    """A Probe that keeps why its connection was lost."""
+
+    reason = None
+
+    def connectionLost(self, reason=None):
+        self.reason = reason
+        super().connectionLost(reason)
+
+
 @pytest_twisted.inlineCallbacks
 def test_tls_minimum_is_enforced(pki, service_factory):
-    """tlsMinimum=1.3 refuses a client that can only speak TLS 1.2; the default accepts it at 1.2."""
-    from twisted.internet.ssl import TLSVersion
-
+    """tlsMinimum=1.3 refuses a client that can only speak TLS 1.2 (counted); the default accepts it at 1.2."""
     service = yield service_factory(pki.mqtts(), pki.mqtts(tlsMinimum="1.3"))
-    trust = Certificate.loadPEM(pki.ca.cert_path.read_bytes())
-    only_12 = optionsForClientTLS("localhost", trustRoot=trust,
-                                  extraCertificateOptions={
-                                      "lowerMaximumSecurityTo": TLSVersion.TLSv1_2,
-                                      "insecurelyLowerMinimumTo": TLSVersion.TLSv1_2})
+    only_12 = TLS12OnlyClient(pki.ca.cert_path)
     accepted = yield connectProtocol(
         SSL4ClientEndpoint(reactor, "127.0.0.1", service.ports[0].getHost().port, only_12),
-        Probe()).addTimeout(WAIT, reactor)
+        LossProbe()).addTimeout(WAIT, reactor)
     accepted.send(Connect(4, "tls12", True, 0))
     assert isinstance((yield accepted.next_packet()), Connack)
     assert accepted.transport.getHandle().get_protocol_version_name() == "TLSv1.2"
@@ -395,7 +426,8 @@ def test_tls_minimum_is_enforced(pki, service_factory):
 
     refused = yield connectProtocol(
         SSL4ClientEndpoint(reactor, "127.0.0.1", service.ports[1].getHost().port, only_12),
-        Probe()).addTimeout(WAIT, reactor)
+        LossProbe()).addTimeout(WAIT, reactor)
     refused.send(Connect(4, "tls12-refused", True, 0))
     yield refused.lost
     assert refused.packets == []
+    assert "protocol version" in str(refused.reason.value)
