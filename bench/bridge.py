@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import stop_process  # noqa: E402
 from mqttd.codec import PacketReader, encode  # noqa: E402
 from mqttd.codec.packets import (  # noqa: E402
     Connack, Connect, Puback, Publish, Suback, Subscribe, Subscription)
@@ -104,16 +105,6 @@ bridge_max_inflight = 1000
         cwd=str(workdir), stdout=open(workdir / "mqttd.log", "wb"), stderr=subprocess.STDOUT)
     wait_port(port, proc)
     return proc
-
-
-def stop(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class Conn:
@@ -248,7 +239,7 @@ notifications false
                     "msgs_per_s": round(count / elapsed) if lost == 0 and elapsed > 0 else None}
         finally:
             for proc in reversed(procs):
-                stop(proc)
+                stop_process(proc)
 
 
 KINDS = {

@@ -31,14 +31,13 @@ import collections
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -47,34 +46,13 @@ from mqttd.auth.passwd import DEFAULT_ITERATIONS, make_entry  # noqa: E402
 from mqttd.blockingclient import BlockingClient  # noqa: E402
 from mqttd.codec import PacketReader, encode  # noqa: E402
 from mqttd.codec.packets import Connect, Pingreq  # noqa: E402
+from bench.benchlib import start_mqttd, stop_process  # noqa: E402
 
 
 def start_broker(workdir, extra):
-    ready = os.path.join(workdir, "ready.json")
-    cmd = [os.path.join(ROOT, ".venv", "bin", "twistd"), "-n", "--pidfile", "", "mqttd",
-           "--listen", "tcp:0:interface=127.0.0.1", "--persistence", "memory",
-           "--ready-file", ready, *extra]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "0", *cmd]
-    log = open(os.path.join(workdir, "broker.log"), "wb")
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(ready):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"broker did not start; see {workdir}/broker.log")
-        time.sleep(0.05)
-    with open(ready) as f:
-        return proc, json.load(f)["listeners"][0]["port"]
-
-
-def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    # the broker on CPU 0 alone, when taskset is there
+    return start_mqttd(Path(workdir), extra, timeout=30,
+                       prefix=("taskset", "-c", "0") if shutil.which("taskset") else ())
 
 
 def connect_ms(port, client_id, user=None, password=None):
@@ -188,12 +166,12 @@ def main():
         result["storm"] = {"attackers": args.storm, "addresses": args.storm_addresses, "legit_first_login_ms": round(legit_ms, 2),
                            "legit_connack": legit_code, "storm_connacks": dict(answers)}
     finally:
-        stop(proc)
+        stop_process(proc)
     proc, port = start_broker(tempfile.mkdtemp(prefix="bench-connect-noauth-"), [])
     try:
         result["no_auth"] = summary([connect_ms(port, f"n{i}") for i in range(args.repeat)])
     finally:
-        stop(proc)
+        stop_process(proc)
     print(json.dumps(result))
 
 

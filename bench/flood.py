@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import random
 import selectors
-import signal
 import socket
 import struct
 import subprocess
@@ -44,52 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from mqttd.blockingclient import BlockingClient  # noqa: E402
 from mqttd.codec import encode  # noqa: E402
+from mqttd.codec.wire import encode_varint as _varint  # noqa: E402
 from mqttd.codec.packets import Connect, Disconnect, Publish, Subscribe, Subscription  # noqa: E402
-
-TWISTD = str(Path(sys.executable).parent / "twistd")
-
-
-def start_broker(workdir: Path, broker_root, extra) -> tuple:
-    ready = workdir / "ready.json"
-    cmd = [TWISTD, "-n", "--pidfile", "", "mqttd", "--listen", "tcp:0:interface=127.0.0.1",
-           "--ready-file", str(ready), "--sys-interval", "0", "--persistence", "memory",
-           *extra]
-    env = dict(os.environ)
-    if broker_root:
-        env["PYTHONPATH"] = str(broker_root)
-    log = open(workdir / "broker.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"broker did not start; see {workdir / 'broker.log'}")
-        time.sleep(0.02)
-    return proc, json.loads(ready.read_text())["listeners"][0]["port"]
-
-
-def stop_broker(proc) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench.benchlib import cpu_seconds, rss_kib, start_mqttd, stop_process  # noqa: E402
 
 
 # --- the flood -------------------------------------------------------------------------------
@@ -198,7 +153,7 @@ def gaps(arrivals, start, end):
 def run_flood(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="mqttd-flood-") as tmp:
         workdir = Path(tmp)
-        proc, port = start_broker(workdir, args.broker_root, args.broker_arg)
+        proc, port = start_mqttd(workdir, args.broker_arg, broker_root=args.broker_root)
         try:
             stop = threading.Event()
             arrivals = []
@@ -253,7 +208,7 @@ def run_flood(args) -> dict:
                 "broker_alive": proc.poll() is None,
             }
         finally:
-            stop_broker(proc)
+            stop_process(proc)
             if args.keep_log:
                 Path(args.keep_log).write_bytes((workdir / "broker.log").read_bytes())
 
@@ -262,7 +217,7 @@ def run_bad_publishes(args) -> dict:
     """One client sends --bad-publishes PUBLISHes the broker refuses ($SYS): log lines."""
     with tempfile.TemporaryDirectory(prefix="mqttd-logflood-") as tmp:
         workdir = Path(tmp)
-        proc, port = start_broker(workdir, args.broker_root, args.broker_arg)
+        proc, port = start_mqttd(workdir, args.broker_arg, broker_root=args.broker_root)
         try:
             client = BlockingClient(port, "log-flood", timeout=30)
             log0 = (workdir / "broker.log").stat().st_size
@@ -286,22 +241,13 @@ def run_bad_publishes(args) -> dict:
                     "log_bytes": len(data),
                     "log_lines_per_second": round(len(lines) / seconds, 2)}
         finally:
-            stop_broker(proc)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+            stop_process(proc)
 
 
 def run_rss(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="mqttd-rss-") as tmp:
         workdir = Path(tmp)
-        proc, port = start_broker(workdir, args.broker_root, args.broker_arg)
+        proc, port = start_mqttd(workdir, args.broker_arg, broker_root=args.broker_root)
         try:
             time.sleep(1.0)
             before = rss_kib(proc.pid)
@@ -339,7 +285,7 @@ def run_rss(args) -> dict:
                 "growth_after_close_mib": round((after - before) / 1024, 1),
             }
         finally:
-            stop_broker(proc)
+            stop_process(proc)
 
 
 def main(argv=None) -> int:

@@ -34,9 +34,7 @@ import argparse
 import json
 import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,10 +52,12 @@ from twisted.logger import globalLogPublisher  # noqa: E402
 from mqttd.broker import Broker, BrokerConfig  # noqa: E402
 from mqttd.codec import PacketReader, encode  # noqa: E402
 from mqttd.codec.errors import MQTTError  # noqa: E402
+from mqttd.codec.wire import encode_varint as _varint  # noqa: E402
 from mqttd.codec.packets import (  # noqa: E402
     Auth, Connack, Connect, Disconnect, Pingreq, Pingresp, Properties, Puback, Pubcomp,
     Publish, Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback, Unsubscribe, Will)
 from mqttd.connection import ClientConnection  # noqa: E402
+from bench.benchlib import start_mqttd, stop_process  # noqa: E402
 
 LEVELS = (3, 4, 5)
 
@@ -107,15 +107,6 @@ SEEDS = {level: _sample_packets(level) for level in LEVELS}
 
 _INTERESTING = (0x00, 0x01, 0x02, 0x7F, 0x80, 0xFF, 0x10, 0x20, 0x30, 0x3F, 0x62, 0x82, 0xC0,
                 0xE0, 0xF0)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def mutate(rng: random.Random, data: bytes, level: int) -> bytes:
@@ -343,25 +334,6 @@ def run_inprocess(args) -> dict:
 
 # --- end to end ----------------------------------------------------------------------------------
 
-TWISTD = str(Path(sys.executable).parent / "twistd")
-
-
-def _start_broker(workdir: Path, extra) -> tuple:
-    ready = workdir / "ready.json"
-    cmd = [TWISTD, "-n", "--pidfile", "", "mqttd", "--listen", "tcp:0:interface=127.0.0.1",
-           "--ready-file", str(ready), "--sys-interval", "1", "--persistence",
-           f"file:{workdir / 'data'}", *extra]
-    log = open(workdir / "broker.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"broker did not start; see {workdir / 'broker.log'}")
-        time.sleep(0.02)
-    return proc, json.loads(ready.read_text())["listeners"][0]["port"]
-
-
 def _abuser(port, streams, seed, deadline, counter, lock) -> None:
     rng = random.Random(seed)
     target = ConnectionTarget.__new__(ConnectionTarget)
@@ -393,7 +365,8 @@ def run_e2e(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="mqttd-fuzz-") as tmp:
         workdir = Path(tmp)
-        proc, port = _start_broker(workdir, args.broker_arg)
+        proc, port = start_mqttd(workdir, args.broker_arg, persistence=f"file:{workdir / 'data'}",
+                                 sys_interval=1)
         problems = []
         sent = received = 0
         counter = [0]
@@ -434,13 +407,7 @@ def run_e2e(args) -> dict:
             if proc.poll() is not None:
                 problems.append(f"broker exited with {proc.returncode}")
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_process(proc, 15)
             log_text = (workdir / "broker.log").read_text(errors="replace")
             for marker in ("Traceback (most recent call last)", "Unhandled error",
                            "Unhandled Error"):

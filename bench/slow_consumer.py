@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,29 +36,7 @@ sys.path.insert(0, str(ROOT))
 from mqttd.blockingclient import BlockingClient  # noqa: E402
 from mqttd.codec import encode  # noqa: E402
 from mqttd.codec.packets import Puback, Publish, Subscribe, Subscription  # noqa: E402
-
-TWISTD = str(Path(sys.executable).parent / "twistd")
-
-
-def start_broker(workdir: Path, broker_root, extra) -> tuple:
-    ready = workdir / "ready.json"
-    cmd = [TWISTD, "-n", "--pidfile", "", "mqttd", "--listen", "tcp:0:interface=127.0.0.1",
-           "--ready-file", str(ready), "--sys-interval", "0", "--persistence", "memory",
-           *extra]
-    env = dict(os.environ)
-    if broker_root:
-        env["PYTHONPATH"] = str(broker_root)
-    log = open(workdir / "broker.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"broker did not start; see {workdir / 'broker.log'}")
-        time.sleep(0.02)
-    return proc, json.loads(ready.read_text())["listeners"][0]["port"]
-
+from bench.benchlib import start_mqttd, stop_process  # noqa: E402
 
 def subscribe(port, client_id, rcvbuf=None) -> BlockingClient:
     c = BlockingClient(port, client_id)
@@ -148,7 +123,7 @@ def run(args) -> dict:
     extra = []
     if args.max_publisher_pause is not None:
         extra += ["--max-publisher-pause", str(args.max_publisher_pause)]
-    proc, port = start_broker(workdir, args.broker_root, extra)
+    proc, port = start_mqttd(workdir, extra, broker_root=args.broker_root)
     try:
         healthy = subscribe(port, "bench-healthy")
         slow = subscribe(port, "bench-slow", rcvbuf=65536)
@@ -188,13 +163,7 @@ def run(args) -> dict:
         slow.sock.close()
         return result
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, 15)
 
 
 def main(argv=None) -> int:

@@ -26,12 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MQTTJS = ROOT / "tests" / "interop" / "node" / "node_modules" / "mqtt"
 SCRIPT = ROOT / "bench" / "ws_throughput.js"
+sys.path.insert(0, str(ROOT))
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench.benchlib import cpu_seconds  # noqa: E402
 
 
 def main(argv=None) -> int:

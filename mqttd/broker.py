@@ -24,7 +24,7 @@ from zope.interface import classImplements
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
-from mqttd.ratelimit import LogRateLimiter
+from mqttd.ratelimit import LogRateLimiter, refusal_key
 from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Pubrel
@@ -112,6 +112,19 @@ MIN_PACKET_SIZE = 14
 #: seconds a stopping broker waits for its clients' transports to write their
 #: DISCONNECT (v5: 0x8B Server shutting down) and close
 SHUTDOWN_FLUSH_TIMEOUT = 2.0
+#: retained-replay steps (one cursor advance: a message sent, skipped as
+#: expired or not readable, or an exhausted cursor) all sessions together take
+#: before the replay yields to the reactor for a turn; a ``#`` subscription
+#: over a million retained messages the ACL hides, or a thousand filters
+#: matching nothing, never holds the reactor longer than this many steps
+REPLAY_STEPS_PER_TURN = 10_000
+#: retained-index nodes one replay step walks at most without a match (so a
+#: step is bounded however wide the index is around a wildcard filter)
+REPLAY_NODES_PER_STEP = 16
+#: live subscriptions re-checked per reactor turn after an ACL reload
+RECHECKS_PER_TURN = 5_000
+#: an exhausted replay cursor
+_END = object()
 
 
 @attrs.frozen
@@ -178,6 +191,10 @@ class BrokerConfig:
     max_connections: int = attrs.field(default=0, validator=_int_in(0))
     #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
     max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))
+    #: topic filters one SUBSCRIBE or UNSUBSCRIBE may carry; 0 = no limit.  A
+    #: packet over it is refused while it is decoded (v5 DISCONNECT 0x97, v3
+    #: close), so no single packet costs more than this many filters' work
+    max_topic_filters_per_packet: int = attrs.field(default=1000, validator=_int_in(0))
     #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
     #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
     max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
@@ -252,6 +269,33 @@ class ClientInfo:
 
 _drop_log_interval = 10.0
 
+#: keys of a publish's ``cache`` set by a remote router (the cluster): the
+#: shared-subscription groups (``$share/g/f``) this broker must not serve for
+#: the message (another node does), or the only ones it serves (the message
+#: came from another node that picked this one for them)
+SKIP_SHARES = "\x00skip-shares"
+ONLY_SHARES = "\x00only-shares"
+
+
+def _both(first: defer.Deferred, second: defer.Deferred) -> defer.Deferred:
+    """Fires when both fired; fails with the first failure (the other is consumed)."""
+    d = defer.Deferred()
+    state = [2, None]
+
+    def one(result):
+        if isinstance(result, Failure) and state[1] is None:
+            state[1] = result
+        state[0] -= 1
+        if state[0] == 0:
+            if state[1] is not None:
+                d.errback(state[1])
+            else:
+                d.callback(None)
+        return None
+    first.addBoth(one)
+    second.addBoth(one)
+    return d
+
 
 class Broker:
     """The broker core.  One instance serves every listener of a process."""
@@ -275,7 +319,7 @@ class Broker:
         self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
         #: retained messages by topic (index, wildcard lookup, expiry)
-        self.retained = RetainedIndex()
+        self.retained = RetainedIndex(pause_every=REPLAY_NODES_PER_STEP)
         self._retained_expiry_call = None
         #: pending delayed wills [MQTT-3.1.2-8]
         self.wills = WillScheduler(clock, self._publish_will_now, self._write)
@@ -318,12 +362,24 @@ class Broker:
         self.incident_listeners: List[Callable[[str, str, str], None]] = []
         #: sessions with a connection attached now
         self.online = 0
+        #: the remote router (a cluster's :class:`mqttd.cluster.bus.Router`) or
+        #: None: see :meth:`add_remote_router`
+        self.router = None
+        #: ``observer(topic_filter, key, added)`` told of every entry added to or
+        #: removed from the routing index (client subscriptions, shared-group
+        #: members with their ``$share/...`` filter, in-process subscriptions)
+        self.route_observer: Optional[Callable] = None
         #: None, or why this broker cannot serve clients now (a cluster node
         #: fenced off from Redis): every CONNECT is then refused with v5 0x88
         #: Server unavailable / v3 rc 3 and this text in the log
         self.unavailable: Optional[str] = None
         self._ids = itertools.count(1)
         self.started_at = clock.seconds()
+        #: retained-replay steps since the last yield (see REPLAY_STEPS_PER_TURN)
+        self._replay_steps = 0
+        #: sessions whose replay waits for the next turn, and that turn's call
+        self._replay_waiting: Dict[str, Session] = {}
+        self._replay_call = None
 
     # --- authorization hooks ----------------------------------------------------
 
@@ -342,12 +398,16 @@ class Broker:
         for name in ("authorize_publish", "authorize_subscribe", "authorize_forward"):
             setattr(self, name, getattr(authorizer, name, None))
 
-    def refused(self, what: str, client_id, peer, detail: str, key=None, **fields) -> None:
-        """Count one refusal or limit hit ``what`` and log it (rate-limited per
-        ``key``, by default ``(client_id, what)``; a transport refusing a peer
-        before any client id passes ``(peer host, what)``)."""
+    def refused(self, what: str, client_id, peer, detail: str, **fields) -> None:
+        """Count one refusal or limit hit ``what`` and log it, rate-limited per
+        :func:`~mqttd.ratelimit.refusal_key`: ``(client_id, what)``, or
+        ``(peer host, what)`` while no client id is known (``client_id`` None).
+
+        :param peer: ``"host:port"`` (as the connection describes it) or None.
+        :param fields: extra named fields of the log line.
+        """
         self.stats.count_refusal(what)
-        self.log_limiter.warn(log, key if key is not None else (client_id, what),
+        self.log_limiter.warn(log, refusal_key(what, client_id, peer),
                               "Refused {what} for {client_id} from {peer}: {detail}",
                               what=what, client_id=client_id or "-", peer=peer,
                               detail=detail, **fields)
@@ -362,33 +422,67 @@ class Broker:
                                              session.owner)
         return info
 
-    def recheck_subscriptions(self) -> int:
-        """Remove live subscriptions the authorizer no longer allows; returns how many.
+    def recheck_subscriptions(self) -> defer.Deferred:
+        """Remove live subscriptions the authorizer no longer allows.
 
         Called after the authorizer's rules were reloaded.  Uses its optional
-        synchronous ``revalidate_subscription(client, topic_filter)``.
+        synchronous ``revalidate_subscription(client, topic_filter)``.  Checks
+        at most :data:`RECHECKS_PER_TURN` subscriptions per reactor turn, so a
+        million live subscriptions never hold the reactor; a session that
+        is gone by its turn is skipped, a subscription added meanwhile is
+        checked by the SUBSCRIBE itself under the new rules.
+
+        :returns: a Deferred firing with how many subscriptions were removed
+            (already fired when one turn was enough).
         """
+        done = defer.Deferred()
         check = getattr(self._authorizer, "revalidate_subscription", None)
         if check is None:
-            return 0
-        removed = 0
-        for session in list(self.sessions.values()):
-            client = self.session_client(session)
+            done.callback(0)
+            return done
+        steps = self._recheck_steps(check)
+        removed = [0]
+
+        def turn():
+            for _ in range(RECHECKS_PER_TURN):
+                try:
+                    removed[0] += next(steps)
+                except StopIteration:
+                    done.callback(removed[0])
+                    return
+            self.clock.callLater(0, turn)
+        turn()
+        return done
+
+    def _recheck_steps(self, check):
+        """Yield 1 per subscription removed, 0 per subscription kept."""
+        for client_id in list(self.sessions):
+            session = self.sessions.get(client_id)
+            if session is None:
+                continue
+            changed = False
             for topic_filter in list(session.subscriptions):
+                if self.sessions.get(client_id) is not session:
+                    break  # gone meanwhile: nothing left to check
+                client = self.session_client(session)
                 try:
                     allowed = check(client, topic_filter)
                 except Exception:
                     log.failure("revalidate_subscription failed for {client_id}",
                                 client_id=session.client_id)
                     allowed = False
-                if allowed is not True:
-                    self.unsubscribe(session, topic_filter)
-                    removed += 1
+                if allowed is not True and self.unsubscribe(session, topic_filter,
+                                                            persist=False):
+                    changed = True
                     self.refused("subscription", session.client_id,
                                  getattr(client, "peer", None),
                                  f"{topic_filter!r} no longer allowed after reload; removed",
                                  topic_filter=topic_filter)
-        return removed
+                    yield 1
+                else:
+                    yield 0
+            if changed and self.sessions.get(client_id) is session:
+                self.save_subscriptions(session)  # once per session, not per filter
 
     # --- events -------------------------------------------------------------
 
@@ -660,10 +754,17 @@ class Broker:
     def _sync_turn(self) -> None:
         waiting, self._turn_sync = self._turn_sync, None
         done = self.store.sync()
+        router = self.router
+        if router is not None:
+            # a QoS 1/2 message forwarded to other nodes is acknowledged once
+            # Redis took it, too
+            pending = router.sync()
+            if pending is not None:
+                done = _both(done, pending)
         others = self.pending_writes.settled()
         if others is not None:
-            done = defer.gatherResults([done, others], consumeErrors=True)
-            done.addErrback(lambda failure: failure.value.subFailure)
+            # a retained store kept elsewhere (a cluster's) wrote asynchronously
+            done = _both(done, others)
 
         def fire(result):
             for d in waiting:
@@ -995,39 +1096,56 @@ class Broker:
 
     # --- subscriptions --------------------------------------------------------
 
-    def subscribe(self, session: Session, sub: SubscriptionRecord) -> bool:
+    def subscribe(self, session: Session, sub: SubscriptionRecord,
+                  persist: bool = True) -> bool:
         """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new.
 
         A ``$share/{ShareName}/{filter}`` filter joins that shared
-        subscription group (:mod:`mqttd.shared`).
+        subscription group (:mod:`mqttd.shared`).  ``persist=False``: the
+        caller changes several subscriptions (one SUBSCRIBE packet) and calls
+        :meth:`save_subscriptions` once after them -- the session's record
+        holds all its subscriptions, so writing it per filter would cost the
+        square of their number.
         """
         is_new = sub.topic_filter not in session.subscriptions
         session.subscriptions[sub.topic_filter] = sub
         self._index(session.client_id, sub)
-        if session.persistent:
+        if persist and session.persistent:
             self._write(R.PutSession(session.to_record()))
         self.stats.subscriptions_total += 1
         return is_new
 
-    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+    def unsubscribe(self, session: Session, topic_filter: str, persist: bool = True) -> bool:
+        """Remove a subscription; True if there was one (``persist``: as in
+        :meth:`subscribe`)."""
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
         self._unindex(session.client_id, topic_filter)
-        if session.persistent:
+        if persist and session.persistent:
             self._write(R.PutSession(session.to_record()))
         return True
+
+    def save_subscriptions(self, session: Session) -> None:
+        """Write a persistent session's record (all its subscriptions) once,
+        after :meth:`subscribe` / :meth:`unsubscribe` calls with ``persist=False``."""
+        if session.persistent:
+            self._write(R.PutSession(session.to_record()))
 
     def _index(self, client_id: str, sub: SubscriptionRecord) -> None:
         if sub.topic_filter.startswith(topics.SHARE_PREFIX):
             self.shared.add(client_id, sub)
         else:
             self._trie.add(sub.topic_filter, client_id, sub)
+        if self.route_observer is not None:
+            self.route_observer(sub.topic_filter, client_id, True)
 
     def _unindex(self, client_id: str, topic_filter: str) -> None:
         if topic_filter.startswith(topics.SHARE_PREFIX):
             self.shared.remove(client_id, topic_filter)
         else:
             self._trie.remove(topic_filter, client_id)
+        if self.route_observer is not None:
+            self.route_observer(topic_filter, client_id, False)
 
     def send_retained(self, session: Session, sub: SubscriptionRecord) -> None:
         """Replay the retained messages matching ``sub`` with retain=1 [MQTT-3.3.1-6].
@@ -1084,12 +1202,18 @@ class Broker:
         replays = session.replays
         now = self.clock.seconds()
         while replays and not session.queue and conn.writable():
+            if self._replay_steps >= REPLAY_STEPS_PER_TURN:
+                self._replay_next_turn(session)
+                return
+            self._replay_steps += 1
             topic_filter = next(iter(replays))
             cursor, max_qos, sid = replays[topic_filter]
             if cursor is _LOOKUP_PENDING:
-                break  # resumed by _replay_found
-            message = next(cursor, None)
+                break  # an asynchronous lookup: resumed by _replay_found
+            message = next(cursor, _END)
             if message is None:
+                continue  # REPLAY_NODES_PER_STEP index nodes walked, no match yet
+            if message is _END:
                 del replays[topic_filter]
                 continue
             if message.expires_at is not None:
@@ -1111,6 +1235,22 @@ class Broker:
                 self._deliver(session, message, qos, force=True)
             except Exception:
                 self._delivery_failed(session.client_id, message)
+
+    def _replay_next_turn(self, session: Session) -> None:
+        """Continue ``session``'s replay in the next reactor turn (the budget of
+        this one is spent); every waiting session is drained then, in order."""
+        self._replay_waiting[session.client_id] = session
+        if self._replay_call is None:
+            self._replay_call = self.clock.callLater(0, self._replay_turn)
+
+    def _replay_turn(self) -> None:
+        self._replay_call = None
+        self._replay_steps = 0
+        waiting, self._replay_waiting = self._replay_waiting, {}
+        for client_id, session in waiting.items():
+            # the session may have gone (taken over, expired) or gone offline
+            if self.sessions.get(client_id) is session and session.connection is not None:
+                self.drain(session)
 
     # --- authorize_forward: read permission at delivery time ----------------------
 
@@ -1177,6 +1317,8 @@ class Broker:
         topics.validate_topic_filter(topic_filter)
         local = LocalSubscription(topic_filter, callback, qos)
         self._trie.add(topic_filter, local, local)
+        if self.route_observer is not None:
+            self.route_observer(topic_filter, local, True)
         found = self.retained.match(topic_filter, self.clock.seconds())
         if isinstance(found, defer.Deferred):
             def deliver(messages):
@@ -1191,7 +1333,8 @@ class Broker:
                 self._call_local(local, message)
 
         def unsubscribe():
-            self._trie.remove(topic_filter, local)
+            if self._trie.remove(topic_filter, local) and self.route_observer is not None:
+                self.route_observer(topic_filter, local, False)
         return unsubscribe
 
     # --- publishing -------------------------------------------------------------
@@ -1286,7 +1429,7 @@ class Broker:
         message, shared by every subscriber that gets the same form.
         """
         self.backpressure = False
-        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self.stats
             qos = message.qos
             stats.messages_in[qos] += 1
@@ -1300,6 +1443,39 @@ class Broker:
             self._retain(message)
         if self._observers["published"]:
             self.emit("published", message=message, client=client)
+        router = self.router
+        if router is None:
+            return self._dispatch(message, cache)
+        if cache is None:
+            cache = {}
+        remote = router.forward(message, cache)
+        return self._dispatch(message, cache) + remote
+
+    def add_remote_router(self, router) -> None:
+        """Install the remote router (one at most): after a message's local
+        checks, ``router.forward(message, cache) -> int`` sends it to the other
+        nodes that need it (returns how many), and may put :data:`SKIP_SHARES`
+        in ``cache``; ``router.sync() -> Deferred | None`` joins the store's
+        sync, so QoS 1/2 acknowledgements wait for the hand-off too.  Messages
+        from other nodes come in through :meth:`dispatch`, never forwarded again.
+        """
+        if self.router is not None and router is not None:
+            raise ValueError("a remote router is already installed")
+        self.router = router
+
+    def dispatch(self, message: Message, only_shares=None) -> int:
+        """Deliver ``message``, published on another node, to this broker's
+        subscribers: matching, QoS, No Local and overlapping subscriptions as
+        for :meth:`publish`, but it is neither counted as received, retained,
+        filtered, announced nor forwarded again.  ``only_shares``: the shared
+        groups (``$share/g/f``) to serve (None: all).  Returns the receivers."""
+        cache = {}
+        if only_shares is not None:
+            cache[ONLY_SHARES] = only_shares
+        return self._dispatch(message, cache)
+
+    def _dispatch(self, message: Message, cache: Optional[dict]) -> int:
+        """Deliver ``message`` to every matching local subscriber (see publish)."""
         matches = self._trie.match(message.topic)
         if not matches:
             return 0
@@ -1446,6 +1622,13 @@ class Broker:
     def _route_shared(self, group, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one member of a shared subscription group
         [MQTT 5.0 §4.8.2]: online members first, then an offline persistent one."""
+        if cache:   # a cluster node serves only the groups it was picked for
+            skip = cache.get(SKIP_SHARES)
+            if skip is not None and group.share_filter in skip:
+                return 0
+            only = cache.get(ONLY_SHARES)
+            if only is not None and group.share_filter not in only:
+                return 0
         client_id = self.shared.choose(group, message.topic, message.origin,
                                        self._availability)
         if client_id is None:
@@ -1874,6 +2057,10 @@ class Broker:
         if self._retained_expiry_call is not None and self._retained_expiry_call.active():
             self._retained_expiry_call.cancel()
         self._retained_expiry_call = None
+        if self._replay_call is not None and self._replay_call.active():
+            self._replay_call.cancel()
+        self._replay_call = None
+        self._replay_waiting = {}
         self.flow.release_all()
 
 

@@ -119,9 +119,9 @@ def run(argv: List[str]) -> int:
     sys.argv = ["twistd", "-n", "--pidfile=", "mqttd", *argv]
     try:
         twistd_run()  # exits the process itself on a usage error
-    except CannotStart as error:  # one line, exit 1 (cannot listen, cannot open the store)
+    except CannotStart as error:  # one line: cannot listen (1), cannot open the store (2)
         print(f"mqttd: {error}", file=sys.__stderr__)
-        return 1
+        return error.exit_status
     finally:
         if pid_file is not None:
             pid_file.release()

@@ -47,6 +47,10 @@ _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 #: MQTT 5 has no bridge bit: a CONNECT user property with this name marks a
 #: bridging broker instead (mqttd's bridges send it; the value is its broker id)
 BRIDGE_PROPERTY = "mqttd-bridge"
+#: topic filters of one SUBSCRIBE or UNSUBSCRIBE handled per reactor turn; a
+#: longer one (only with --max-topic-filters-per-packet above it or 0) is
+#: handled in slices
+FILTERS_PER_TURN = 1000
 _ACK_FIRST_BYTE = {Puback: 0x40, Pubrec: 0x50, Pubrel: 0x62, Pubcomp: 0x70}
 #: properties a server may leave out of any packet to respect the client's
 #: Maximum Packet Size [MQTT-3.1.2-25]
@@ -115,7 +119,8 @@ class ClientConnection:
         # before CONNECT succeeds only a small packet is accepted, refused from
         # its fixed header before any of its body is buffered
         self.reader = PacketReader(level=None, max_packet_size=min(
-            config.max_connect_packet_size, config.max_packet_size))
+            config.max_connect_packet_size, config.max_packet_size),
+            max_topic_filters=config.max_topic_filters_per_packet)
         self.state = _CONNECTING
         self.client_id: Optional[str] = None
         self.protocol_level: Optional[int] = None
@@ -363,7 +368,7 @@ class ClientConnection:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
             size = len(data)
             stats.bytes_sent += size
@@ -394,7 +399,7 @@ class ClientConnection:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
         aliases.sent(topic, alias, known)
-        if message.origin is not SYS_ORIGIN:  # $SYS traffic is not counted
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
             size = len(data)
             stats.bytes_sent += size
@@ -539,11 +544,17 @@ class ClientConnection:
         if self.state == _CLOSED:
             return
         self._stats.protocol_errors += 1
-        self._warn(type(error).__name__,
-                   "Closing connection of {client_id} from {peer}: {error} "
-                   "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
-                   peer=self.peer, error=str(error), reason_code=error.reason_code,
-                   spec=error.spec)
+        refusal = getattr(error, "refusal", None)
+        if refusal is not None:  # a limit of this broker, not a broken client
+            self.broker.refused(refusal, self.client_id, self.peer,
+                                f"{error}; closing (reason 0x{error.reason_code:02X})",
+                                reason_code=error.reason_code)
+        else:
+            self._warn(type(error).__name__,
+                       "Closing connection of {client_id} from {peer}: {error} "
+                       "(reason 0x{reason_code:02X})", client_id=self.client_id or "-",
+                       peer=self.peer, error=str(error), reason_code=error.reason_code,
+                       spec=error.spec)
         if self.state == _CONNECTING:
             if isinstance(error, UnsupportedProtocolVersion):
                 if not error.answer:
@@ -1342,17 +1353,31 @@ class ClientConnection:
     # --- SUBSCRIBE / UNSUBSCRIBE ----------------------------------------------------------
 
     def _on_subscribe(self, packet: Subscribe) -> None:
-        v5 = self.protocol_level == MQTT_5
         for request in packet.subscriptions:
             if request.no_local and request.topic_filter.startswith(topics.SHARE_PREFIX):
                 raise ProtocolError(f"No Local on the shared subscription "
                                     f"{request.topic_filter!r}", spec="MQTT-3.8.3-4")
+        if len(packet.subscriptions) > FILTERS_PER_TURN:
+            return self._subscribe_in_slices(packet)
+        answers, pending = self._subscribe_answers(packet.subscriptions)
+        if not pending:
+            return self._subscribe_answered(packet, answers)
+        self._await(self._gathered(answers), lambda answer: self._subscribe_answered(
+            packet, answer if isinstance(answer, list) else [HOOK_FAILED] * len(answers)),
+            "authorize_subscribe")
+
+    def _subscribe_answers(self, requests) -> tuple:
+        """Check each requested filter (syntax, --max-topic-levels, then the
+        authorize_subscribe hook): ``(answers, pending)``, an answer per filter
+        (True, a refusal, or a hook's answer: value or Deferred) and whether
+        one of them is a Deferred."""
+        v5 = self.protocol_level == MQTT_5
         broker = self.broker
         check = broker.authorize_subscribe
         levels = broker.config.max_topic_levels
         answers = []   # a final code, or a hook answer (value or Deferred) to wait for
         pending = False
-        for request in packet.subscriptions:
+        for request in requests:
             topic_filter = request.topic_filter
             try:
                 topics.validate_topic_filter(topic_filter)
@@ -1380,16 +1405,25 @@ class ClientConnection:
             if isinstance(answer, defer.Deferred):
                 pending = True
             answers.append(answer)
-        if not pending:
-            return self._subscribe_answered(packet, answers)
+        return answers, pending
+
+    @staticmethod
+    def _gathered(answers) -> defer.Deferred:
+        """The hook answers (some Deferreds) as one Deferred of their list."""
         waits = [a if isinstance(a, defer.Deferred) else defer.succeed(a) for a in answers]
         gathered = defer.DeferredList(waits, consumeErrors=True)
         gathered.addCallback(lambda results: [value for _ok, value in results])
-        self._await(gathered, lambda answer: self._subscribe_answered(
-            packet, answer if isinstance(answer, list) else [HOOK_FAILED] * len(answers)),
-            "authorize_subscribe")
+        return gathered
 
     def _subscribe_answered(self, packet: Subscribe, answers) -> None:
+        codes, granted = self._apply_subscriptions(packet, packet.subscriptions, answers)
+        self._acknowledge_subscribe(packet, codes, granted)
+        if granted:
+            self._output(lambda: self._subscribed(granted), durable=False)
+
+    def _apply_subscriptions(self, packet: Subscribe, requests, answers) -> tuple:
+        """Subscribe the filters answered True: ``(codes, granted)``, a SUBACK
+        code per filter and ``(record, is_new)`` per subscription made."""
         v5 = self.protocol_level == MQTT_5
         broker = self.broker
         session = self.session
@@ -1400,7 +1434,7 @@ class ClientConnection:
         max_qos = self._max_qos
         codes = []
         granted = []
-        for request, answer in zip(packet.subscriptions, answers):
+        for request, answer in zip(requests, answers):
             topic_filter = request.topic_filter
             if answer is not True:
                 if isinstance(answer, Failure):
@@ -1428,12 +1462,97 @@ class ClientConnection:
                 record = SubscriptionRecord(topic_filter, qos, request.no_local,
                                             request.retain_as_published,
                                             request.retain_handling, sid)
-            is_new = broker.subscribe(session, record)
+            is_new = broker.subscribe(session, record, persist=False)
             codes.append(qos)
             granted.append((record, is_new))
-        self._output(Suback(packet.packet_id, tuple(codes)), durable=True)
+        return codes, granted
+
+    def _acknowledge_subscribe(self, packet: Subscribe, codes, granted) -> None:
         if granted:
-            self._output(lambda: self._subscribed(granted), durable=False)
+            self.broker.save_subscriptions(self.session)  # one record per packet
+        self._output(Suback(packet.packet_id, tuple(codes)), durable=True)
+
+    # a SUBSCRIBE of more filters than FILTERS_PER_TURN: a slice per reactor turn
+
+    def _subscribe_in_slices(self, packet: Subscribe) -> None:
+        """Handle ``packet`` :data:`FILTERS_PER_TURN` filters per reactor turn:
+        checks and subscriptions, then (after its one SUBACK) the retained
+        replays.  Nothing more is read from this connection meanwhile, so its
+        later packets and their acknowledgements come after [MQTT-4.6.0-2];
+        the other clients are served between the slices."""
+        self._waiting += 1
+        self.transport.pauseProducing()
+        done = defer.ensureDeferred(self._subscribe_slices(packet))
+        done.addErrback(self._slice_failed, packet)
+
+    async def _subscribe_slices(self, packet: Subscribe) -> None:
+        requests = packet.subscriptions
+        codes, granted = [], []
+        for start in range(0, len(requests), FILTERS_PER_TURN):
+            if start:
+                await self._next_turn()
+            if self.state == _CLOSED:
+                return
+            part = requests[start:start + FILTERS_PER_TURN]
+            answers, pending = self._subscribe_answers(part)
+            if pending:
+                answers = await self._hook_answers(answers)
+                if self.state == _CLOSED:
+                    return
+            part_codes, part_granted = self._apply_subscriptions(packet, part, answers)
+            codes += part_codes
+            granted += part_granted
+        self._mark = self.broker.write_count  # the packet's one store write is next
+        self._acknowledge_subscribe(packet, codes, granted)
+        if granted:
+            replayed = defer.Deferred()
+            self._output(lambda: self._subscribed_slices(granted, replayed, packet),
+                         durable=False)
+            await replayed
+        if self.state == _CLOSED:
+            return
+        self._waiting -= 1
+        self._resume_input()
+
+    def _hook_answers(self, answers) -> defer.Deferred:
+        """The hook answers of one slice, with the hook timeout of :meth:`_await`."""
+        answered = defer.Deferred()
+        self._await(self._gathered(answers), lambda answer: answered.callback(
+            answer if isinstance(answer, list) else [HOOK_FAILED] * len(answers)),
+            "authorize_subscribe")
+        return answered
+
+    def _next_turn(self) -> defer.Deferred:
+        turn = defer.Deferred()
+        self.clock.callLater(0, turn.callback, None)
+        return turn
+
+    def _subscribed_slices(self, granted, replayed: defer.Deferred, packet) -> None:
+        def step(start):
+            if self.state == _CLOSED:
+                return
+            try:
+                self._subscribed(granted[start:start + FILTERS_PER_TURN])
+            except Exception:
+                return self._slice_failed(Failure(), packet)
+            if start + FILTERS_PER_TURN < len(granted):
+                self.clock.callLater(0, step, start + FILTERS_PER_TURN)
+            else:
+                replayed.callback(None)
+        step(0)
+
+    def _slice_failed(self, failure: Failure, packet) -> None:
+        if self.state == _CLOSED:
+            return
+        if failure.check(MQTTError):
+            self.fail(failure.value)
+        else:
+            log.failure("Handling {packet} from {client_id} ({peer}) failed; closing "
+                        "its connection", failure, packet=type(packet).__name__,
+                        client_id=self.client_id or "-", peer=self.peer)
+            self._stats.protocol_errors += 1
+            self.disconnect(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR,
+                            log_reason="internal error")
 
     def _subscribed(self, granted) -> None:
         broker = self.broker
@@ -1447,10 +1566,23 @@ class ClientConnection:
                 broker.send_retained(session, record)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        if len(packet.topic_filters) > FILTERS_PER_TURN:
+            self._waiting += 1  # later packets wait: their answers follow the UNSUBACK
+            self.transport.pauseProducing()
+            done = defer.ensureDeferred(self._unsubscribe_slices(packet))
+            done.addErrback(self._slice_failed, packet)
+            return
+        codes, changed = self._unsubscribe_filters(packet.topic_filters)
+        self._acknowledge_unsubscribe(packet, codes, changed)
+
+    def _unsubscribe_filters(self, topic_filters) -> tuple:
+        """Remove these subscriptions: ``(codes, changed)``, an UNSUBACK code per
+        filter and whether one was removed."""
         broker = self.broker
         codes = []
+        changed = False
         v5 = self.protocol_level == MQTT_5
-        for topic_filter in packet.topic_filters:
+        for topic_filter in topic_filters:
             try:
                 topics.validate_topic_filter(topic_filter)
             except MQTTError as error:
@@ -1459,12 +1591,37 @@ class ClientConnection:
                                         f"{error.message}", spec="MQTT-4.8.0-1") from None
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)
                 continue
-            removed = broker.unsubscribe(self.session, topic_filter)
+            removed = broker.unsubscribe(self.session, topic_filter, persist=False)
             codes.append(0 if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
             if removed:
+                changed = True
                 broker.emit("unsubscribed", topic=topic_filter, client=self.info)
+        return codes, changed
+
+    def _acknowledge_unsubscribe(self, packet: Unsubscribe, codes, changed: bool) -> None:
+        if changed:
+            self.broker.save_subscriptions(self.session)  # one record per packet
         reason_codes = tuple(codes) if self.protocol_level == MQTT_5 else ()
         self._output(Unsuback(packet.packet_id, reason_codes), durable=True)
+
+    async def _unsubscribe_slices(self, packet: Unsubscribe) -> None:
+        """An UNSUBSCRIBE of more than :data:`FILTERS_PER_TURN` filters, a slice
+        per reactor turn (input held, see :meth:`_subscribe_in_slices`)."""
+        filters = packet.topic_filters
+        codes, changed = [], False
+        for start in range(0, len(filters), FILTERS_PER_TURN):
+            if start:
+                await self._next_turn()
+            if self.state == _CLOSED:
+                return
+            part_codes, part_changed = self._unsubscribe_filters(
+                filters[start:start + FILTERS_PER_TURN])
+            codes += part_codes
+            changed = changed or part_changed
+        self._mark = self.broker.write_count  # the packet's one store write is next
+        self._acknowledge_unsubscribe(packet, codes, changed)
+        self._waiting -= 1
+        self._resume_input()
 
     # --- the rest -------------------------------------------------------------------------
 

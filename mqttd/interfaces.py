@@ -195,9 +195,11 @@ class IRetainedStore(Interface):
         """An iterator over the messages matching the plain ``topic_filter``,
         walked lazily and safe while the store changes; messages expired at
         ``now`` are skipped.  A leading wildcard never matches ``$`` topics
-        [MQTT-4.7.2-1].  May be a Deferred firing with an iterable (the broker
-        replays nothing of this filter, and nothing of later filters, until it
-        fires)."""
+        [MQTT-4.7.2-1].  It may also yield ``None`` (no match yet) to bound
+        the work of one step: the broker's replay counts each item against
+        its budget per reactor turn.  It may be a Deferred firing with an
+        iterable instead (the broker replays nothing of this filter, and
+        nothing of later filters, until it fires)."""
 
     def match(topic_filter, now=None):
         """A list of what :meth:`cursor` yields (or a Deferred firing with it)."""

@@ -24,9 +24,10 @@ import attrs
 from mqttd.codec.packets import NO_PROPERTIES, Properties
 
 #: ``Message.origin`` of the broker's own ``$SYS`` publications: not counted in
-#: the message and byte statistics (compared by identity on the hot path:
-#: use this object, not an equal string).  Client ids cannot contain U+0000
-#: [MQTT-1.5.4-2], so no client can be mistaken for it.
+#: the message and byte statistics.  Compared by value (``!=``), so a copy
+#: that went through a pickle (the store, a cluster peer) is still recognised.
+#: Client ids cannot contain U+0000 [MQTT-1.5.4-2], so no client can be
+#: mistaken for it.
 SYS_ORIGIN = "\x00$SYS"
 
 

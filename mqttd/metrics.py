@@ -75,7 +75,8 @@ class BrokerStats:
     #: refusals and limit hits by kind: "authentication", "anonymous",
     #: "session-owner", "publish", "subscribe", "forward", "will",
     #: "subscription" (removed on reload), "max-connections",
-    #: "max-subscriptions-per-client", "max-topic-levels", "inbound-rate",
+    #: "max-subscriptions-per-client", "max-topic-filters-per-packet",
+    #: "max-topic-levels", "inbound-rate",
     #: "max-sessions", "store-unavailable" (CONNECTs refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)
 

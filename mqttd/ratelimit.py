@@ -148,4 +148,24 @@ class LogRateLimiter:
         return self.emit(logger.warn, key, format, **fields)
 
 
-__all__ = ["LogRateLimiter"]
+def peer_host(peer) -> str:
+    """The host part of a peer as the broker describes it (``"10.0.0.7:51234"``,
+    ``"::1:51234"``; a UNIX socket's name is kept whole; ``None`` is ``"-"``)."""
+    if not peer:
+        return "-"
+    text = str(peer)
+    host, colon, port = text.rpartition(":")
+    return host if colon and host and port.isdigit() else text
+
+
+def refusal_key(what: str, client_id, peer) -> tuple:
+    """The limiter key of a refusal or limit hit ``what``: ``(client_id, what)``;
+    before a client id is known (a TLS handshake, a WebSocket opening
+    handshake, an accept the process had no file descriptor for)
+    ``(peer host, what)``, so one noisy host never silences the others' lines.
+    Every refusal line uses it (``Broker.refused``), and so do the lines that
+    belong to the same refusal (autobahn's about a refused handshake)."""
+    return (client_id if client_id is not None else peer_host(peer), what)
+
+
+__all__ = ["LogRateLimiter", "peer_host", "refusal_key"]

@@ -34,6 +34,18 @@ class _Level:
         self.message: Optional[Message] = None
 
 
+def _children(node: "_Level", names: List[str], depth: int, skip_dollar: bool):
+    """``(child, depth)`` for each of ``names`` still a child of ``node`` when
+    reached (one at a time); ``skip_dollar``: not the ``$`` topics."""
+    children = node.children
+    for name in names:
+        if skip_dollar and name.startswith("$"):
+            continue
+        child = children.get(name)
+        if child is not None:
+            yield child, depth
+
+
 class RetainedIndex:
     """Retained messages by topic name, matched by topic filter.
 
@@ -44,7 +56,9 @@ class RetainedIndex:
     messages with the RETAIN flag; lookups by exact topic are dict lookups.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pause_every: int = 0) -> None:
+        #: default of :meth:`cursor`'s ``pause_every`` (the broker sets it)
+        self.pause_every = pause_every
         self._by_topic: Dict[str, Message] = {}
         self._root = _Level()
         #: (expires_at, topic) of messages with an expiry; stale entries are
@@ -139,7 +153,8 @@ class RetainedIndex:
 
     # --- matching ---------------------------------------------------------------
 
-    def cursor(self, topic_filter: str, now: Optional[float] = None) -> Iterator[Message]:
+    def cursor(self, topic_filter: str, now: Optional[float] = None,
+               pause_every: Optional[int] = None) -> Iterator[Optional[Message]]:
         """Lazily yield the retained messages matching the plain ``topic_filter``.
 
         A filter starting with a wildcard does not match ``$`` topics
@@ -148,13 +163,35 @@ class RetainedIndex:
         changes: each level's children are copied when the walk reaches it,
         and a message is read when it is yielded (a replaced message is
         yielded in its newest form, a removed one not at all).
+
+        :param pause_every: when > 0, also yield ``None`` after visiting that
+            many index nodes without a message to yield, so that one step of
+            the cursor costs a bounded amount of work however wide the index
+            is around the filter (``+/x`` over a million topics, a ``#``
+            subtree of expired messages); the broker's replay counts it.
+            Default: :attr:`pause_every`.
         """
+        if pause_every is None:
+            pause_every = self.pause_every
         levels = topic_filter.split("/")
         last = len(levels)
-        # explicit stack of (node, depth); depth = index of the next filter level
-        stack = [(self._root, 0)]
-        while stack:
-            node, depth = stack.pop()
+        visited = 0
+        # depth-first over frames: iterators of (node, depth), depth = index of the
+        # next filter level; a "+" level's children are taken one at a time from a
+        # copy of their names (no object per child made up front: a level of a
+        # million topics costs one list, not a million tuples for the collector)
+        frames = [iter(((self._root, 0),))]
+        while frames:
+            item = next(frames[-1], None)
+            if item is None:
+                frames.pop()
+                continue
+            node, depth = item
+            if pause_every:
+                visited += 1
+                if visited >= pause_every:
+                    visited = 0
+                    yield None
             if depth == last:
                 message = node.message
                 if message is not None and (now is None or message.expires_at is None
@@ -165,37 +202,45 @@ class RetainedIndex:
             if level == "#":
                 # this level (the parent, "a/#" matches "a") and everything below
                 yield from self._subtree(node, now, root=depth == 0,
-                                         include_self=depth > 0)
+                                         include_self=depth > 0, pause_every=pause_every)
                 continue
             if level == "+":
-                children = list(node.children.items())
-                for name, child in reversed(children):
-                    if depth == 0 and name.startswith("$"):
-                        continue  # [MQTT-4.7.2-1]
-                    stack.append((child, depth + 1))
+                # [MQTT-4.7.2-1]: a leading wildcard does not match "$" topics
+                frames.append(_children(node, list(node.children), depth + 1, depth == 0))
                 continue
             child = node.children.get(level)
             if child is not None:
-                stack.append((child, depth + 1))
+                frames.append(iter(((child, depth + 1),)))
 
     def _subtree(self, node: _Level, now: Optional[float], root: bool,
-                 include_self: bool) -> Iterator[Message]:
+                 include_self: bool, pause_every: int = 0) -> Iterator[Optional[Message]]:
         if include_self:
             message = node.message
             if message is not None and (now is None or message.expires_at is None
                                         or message.expires_at > now):
                 yield message
-        stack = [(name, child) for name, child in reversed(list(node.children.items()))
-                 if not (root and name.startswith("$"))]  # [MQTT-4.7.2-1]
-        while stack:
-            _name, current = stack.pop()
+        # pre-order, depth-first, children in insertion order, each level's names
+        # copied when the walk reaches it (see cursor)
+        frames = [_children(node, list(node.children), 0, root)]  # [MQTT-4.7.2-1]
+        visited = 0
+        while frames:
+            item = next(frames[-1], None)
+            if item is None:
+                frames.pop()
+                continue
+            current = item[0]
+            if pause_every:
+                visited += 1
+                if visited >= pause_every:
+                    visited = 0
+                    yield None
             message = current.message
             if message is not None and (now is None or message.expires_at is None
                                         or message.expires_at > now):
                 yield message
             if current.children:
-                stack.extend(reversed(list(current.children.items())))
+                frames.append(_children(current, list(current.children), 0, False))
 
     def match(self, topic_filter: str, now: Optional[float] = None) -> List[Message]:
         """All retained messages matching ``topic_filter`` (see :meth:`cursor`)."""
-        return list(self.cursor(topic_filter, now))
+        return [m for m in self.cursor(topic_filter, now, 0) if m is not None]

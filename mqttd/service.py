@@ -99,12 +99,20 @@ def _reload_all(tls_options) -> None:
 class CannotStart(Exception):
     """The service cannot start for a reason the operator must fix; ``str()``
     is the one line ``twistd``/``mqttd run`` print (``mqttd: ...``, exit
-    status 1) instead of a traceback."""
+    status :attr:`exit_status`) instead of a traceback."""
+
+    #: the process's exit status under ``mqttd run`` / ``twistd -n`` (a
+    #: daemonized ``twistd`` parent always exits 1: Twisted decides it)
+    exit_status = 1
 
 
 class CannotOpenStore(CannotStart):
     """The store cannot be opened (data directory in use by another broker,
-    unreadable, ...): ``cannot open the store: CAUSE``."""
+    unreadable, ...): ``cannot open the store: CAUSE``.  Exit status 2, like
+    any other setting the operator must correct (two brokers on one data
+    directory); found before any listener opens."""
+
+    exit_status = 2
 
     def __init__(self, cause: BaseException):
         self.cause = cause
@@ -160,7 +168,7 @@ class AcceptLog:
                 "file-descriptors", None, peer,
                 f"out of file descriptors (RLIMIT_NOFILE {_nofile_limit()}): connection on "
                 f"{self.endpoint} closed at once; raise the limit (LimitNOFILE=) or set "
-                f"--max-connections", key=(None, "file-descriptors"))
+                f"--max-connections")
         elif "EMFILE" in format:
             return   # "EMFILE encountered", "Re-reserving ...": said by the lines above
         else:
@@ -321,43 +329,57 @@ class BrokerService(MultiService):
         return results
 
     def startService(self):
-        """Listen on every endpoint, then open the store, restore, start the children.
+        """Lock the store, listen on every endpoint, open the store, restore,
+        start the children.
 
-        Listening comes first so that a broker that cannot listen never takes
-        the data-dir lock: no connection is accepted before this returns (the
-        reactor is not processing events meanwhile), so clients never see a
-        broker that has not restored its state.  Child services (bridges)
+        The data directory's lock comes first: a second broker on a directory
+        in use stops before any listener opens (it never accepts a connection
+        nor logs "MQTT listening").  Listening comes before reading the store,
+        so a broker that cannot listen releases the lock without having read
+        (or repaired) anything; no connection is accepted before this returns
+        (the reactor is not processing events meanwhile), so clients never see
+        a broker that has not restored its state.  Child services (bridges)
         start after the restore and find their sessions restored.
 
-        :raises CannotOpenStore: when the store cannot be opened (its data
-            directory is locked by another broker, unreadable): the ports are
-            closed again, ``twistd`` prints one line and exits 1.
+        :raises CannotOpenStore: when the store cannot be locked or opened
+            (its data directory is locked by another broker, unreadable):
+            nothing listens, ``twistd -n``/``mqttd run`` print one line and
+            exit 2.
         :raises CannotListen: when an endpoint cannot listen at once (port in
             use, bad address, no permission; every built-in endpoint type binds
             synchronously).  The ports already listening are closed and the
-            store is left unopened, so ``twistd`` exits non-zero (a daemonized
+            store lock released, so ``twistd`` exits 1 (a daemonized
             ``twistd`` reports the line through its status pipe).  An endpoint
             that fails later, asynchronously, logs the same line and stops the
             reactor (``stopService`` then closes the store).
         """
+        lock = None if self.broker.started else getattr(self.broker.store, "lock", None)
+        if lock is not None:
+            try:
+                lock()
+            except (StoreError, OSError) as error:
+                raise CannotOpenStore(error) from None
         listening = defer.ensureDeferred(self._listen())
         if listening.called:
             outcome = []
             listening.addBoth(outcome.append)
             if isinstance(outcome[0], Failure):
                 self._close_ports()
+                self._unlock_store()
                 outcome[0].raiseException()
         try:
             self.broker.start()  # opens and restores the store once (idempotent)
         except (StoreError, OSError) as error:
-            # another broker holds the data directory, it is unreadable, ...:
+            # the data directory is unreadable, its files damaged beyond repair...:
             # the operator's to fix, one line (Broker.start adds a hint for
             # embedders to the message; the original says it all here)
             self._close_ports()
+            self._unlock_store()
             cause = error.__cause__ if type(error.__cause__) is type(error) else error
             raise CannotOpenStore(cause) from None
         except BaseException:
             self._close_ports()
+            self._unlock_store()
             raise
         super().startService()
         self.eventlog.start()
@@ -418,6 +440,11 @@ class BrokerService(MultiService):
         if self.reactor.running:
             self.reactor.stop()
         return failure
+
+    def _unlock_store(self) -> None:
+        unlock = getattr(self.broker.store, "unlock", None)
+        if unlock is not None and not self.broker.started:
+            unlock()
 
     def _close_ports(self) -> None:
         for port in self.ports + [p for ps in self.extra_ports.values() for p in ps]:

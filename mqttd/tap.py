@@ -217,6 +217,9 @@ OPTIONS: List[Option] = [
            "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
            "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+    Option("max-topic-filters-per-packet", integer(0), "Topic filters in one SUBSCRIBE "
+           "or UNSUBSCRIBE; more: v5 DISCONNECT 0x97, v3 close; 0 = no limit.",
+           default=1000, field="max_topic_filters_per_packet"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
            "0 = no limit.", default=0, field="max_topic_levels"),
     Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
@@ -235,6 +238,9 @@ OPTIONS: List[Option] = [
     Option("cluster-node-ttl", number(above=0), "Seconds without a heartbeat after which "
            "a node counts as dead (and a node that could not reach Redis that long has "
            "fenced itself); more than 2 heartbeats.", default=5.0),
+    Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
+           "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
+           "have before the oldest messages for it are lost.", default=1_000_000),
     # --- all cores of one machine (mqttd.cluster.workers; see docs/cluster.rst) ---
     Option("workers", integer(1, 1024), "With --cluster: run N worker processes (cluster "
            "nodes <node-id>-w1..wN) sharing the listening ports (SO_REUSEPORT); this "
@@ -362,7 +368,8 @@ class Options(usage.Options):
                                   f"the --listen endpoints {self['listen']} (spell it as "
                                   f"given to --listen)")
         if self["cluster"] is None:
-            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl"):
+            for name in ("node-id", "cluster-heartbeat", "cluster-node-ttl",
+                         "cluster-inbox-maxlen"):
                 if self.sources.get(name) != "default":
                     raise ConfigError(f"--{name}: only with --cluster")
         elif (self["cluster-node-ttl"] or option("cluster-node-ttl").default) < 2 * (
@@ -494,12 +501,21 @@ def check_report(options: Options) -> str:
 def _one_line_for_cannot_listen(previous_hook):
     """``sys.excepthook`` that prints :class:`~mqttd.service.CannotStart`
     (cannot listen, cannot open the store) as one line (``twistd -n mqttd`` in
-    the foreground) instead of a traceback."""
+    the foreground) instead of a traceback, and exits with its ``exit_status``
+    (the interpreter would exit 1 after any uncaught exception; twistd has
+    already removed its pid file and the log lines are flushed)."""
     from mqttd.service import CannotStart
 
     def hook(kind, value, traceback):
         if isinstance(value, CannotStart):
             print(f"mqttd: {value}", file=sys.__stderr__)
+            if value.exit_status != 1:
+                for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(value.exit_status)
         else:
             previous_hook(kind, value, traceback)
     return hook

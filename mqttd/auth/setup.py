@@ -91,9 +91,12 @@ class Security:
 
             def reload_acl():
                 authorizer.reload()
-                removed = broker.recheck_subscriptions()
-                log.info("ACL reloaded; {removed} live subscriptions no longer allowed "
-                         "were removed", removed=removed)
+                # the live subscriptions are re-checked in slices (a few
+                # thousand per reactor turn); the reload is done when they are
+                return broker.recheck_subscriptions().addCallback(
+                    lambda removed: log.info(
+                        "ACL reloaded; {removed} live subscriptions no longer allowed "
+                        "were removed", removed=removed))
             service.add_reloader("acl_file", reload_acl)
         log.info("Anonymous clients are {policy}: {why}",
                  policy="allowed" if self.allow_anonymous else "refused", why=self.policy)

@@ -176,9 +176,24 @@ def as_deferred(coro) -> defer.Deferred:
     """A Deferred for the coroutine ``coro``, run on the running asyncio loop
     (Twisted's asyncio reactor in production).  Errors of redis-py come out
     as :class:`BackendError` subclasses (see :func:`translate`)."""
-    d = defer.Deferred.fromFuture(asyncio.ensure_future(coro))
+    d = defer.Deferred.fromFuture(asyncio.ensure_future(coro, loop=_loop()))
     d.addErrback(_translate_failure)
     return d
+
+
+def _loop():
+    """The loop to run on: the running one, else the asyncio reactor's (code run
+    by ``callWhenRunning`` runs before the reactor's loop is running)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    import sys
+    reactor = sys.modules.get("twisted.internet.reactor")
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    if loop is not None:
+        return loop
+    return asyncio.get_event_loop()
 
 
 def _translate_failure(failure):

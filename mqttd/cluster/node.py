@@ -162,9 +162,11 @@ class Node:
         self._stopped = False
         self._schedule(0)
 
-    def stop(self) -> defer.Deferred:
-        """Stop heartbeating and leave the cluster (delete the alive key, so
-        the others see this node gone at once, not after the TTL)."""
+    def stop(self, leave: bool = True) -> defer.Deferred:
+        """Stop heartbeating and delete the alive key, so the others see this
+        node gone at once, not after the TTL.  ``leave``: also stop being a
+        member (nothing of this node is left for a reaper to adopt); else it
+        stays a dead member until the reaper took over its sessions."""
         self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -173,9 +175,13 @@ class Node:
             return defer.succeed(None)
         self.joined = False
         d = self.backend.run("node-leave", [self.keys.alive(self.node_id)], [self.boot_id])
-        d.addCallback(lambda _: self.backend.execute("SREM", self.keys.nodes(), self.node_id))
-        d.addCallback(lambda _: log.info("Node {node_id} left the cluster",
-                                         node_id=self.node_id))
+        if leave:
+            d.addCallback(lambda _: self.backend.execute("SREM", self.keys.nodes(),
+                                                         self.node_id))
+        d.addCallback(lambda _: log.info("Node {node_id} {what} the cluster",
+                                         node_id=self.node_id,
+                                         what="left" if leave else "stopped; it stays a "
+                                         "member for the reaper to adopt its sessions from"))
         d.addErrback(lambda f: log.warn("Node {node_id} could not leave the cluster cleanly "
                                         "({error}); the others see it dead after {ttl} s",
                                         node_id=self.node_id, error=str(f.value),

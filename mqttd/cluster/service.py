@@ -14,8 +14,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mqttd.cluster.backend import Backend
+from mqttd.cluster.bus import Router
 from mqttd.cluster.keys import Keys
 from mqttd.cluster.node import Node, default_node_id
+from mqttd.cluster.routes import RouteTable
+from mqttd.cluster.stats import ClusterStats, install_gauges
 
 log = Logger(namespace="mqttd.cluster.service")
 
@@ -35,15 +38,25 @@ class ClusterService(MultiService):
     """
 
     def __init__(self, broker, backend: Backend, node_id: str, heartbeat: float = 1.0,
-                 ttl: float = 5.0, keys: Keys = Keys()):
+                 ttl: float = 5.0, keys: Keys = Keys(), inbox_maxlen: int = 1_000_000,
+                 route_resync: float = 30.0, sys_interval: float = 10.0):
         super().__init__()
         self.setName("cluster")
         self.broker = broker
         self.backend = backend
         self.keys = keys
         self.node = Node(backend, broker.clock, node_id, heartbeat, ttl, keys)
+        #: this node's routes in Redis and the cache of everyone's
+        self.routes = RouteTable(backend, broker.clock, node_id, keys, resync=route_resync)
+        #: forwarding to the other nodes, delivering what they send here
+        self.router = Router(broker, backend, self.routes, self.node, keys,
+                             inbox_maxlen=inbox_maxlen)
+        #: $SYS/broker/cluster/...: this node and cluster-wide sums
+        self.stats = ClusterStats(self, sys_interval)
         self.node.on("fenced", self._fenced)
         self.node.on("unfenced", self._unfenced)
+        self.node.on("rejoined", lambda old, new: self._unfenced())
+        self._attach()
         self._announced = False
         #: callables run (in order) by stopService before the backend closes;
         #: each may return a Deferred
@@ -53,10 +66,34 @@ class ClusterService(MultiService):
     def node_id(self) -> str:
         return self.node.node_id
 
+    def _attach(self) -> None:
+        """Plug into the broker's seams: the route observer and the remote router."""
+        broker = self.broker
+        routes = self.routes
+
+        def observe(topic_filter, key, added):
+            if routes.observe(topic_filter, key, added):
+                broker.write_count += 1   # the SUBACK waits until the route is in Redis
+        broker.route_observer = observe
+        for topic_filter, key, value in list(broker._trie.items()):   # already subscribed
+            share = getattr(key, "share_filter", None)
+            if share is not None:
+                for client_id in key.members:
+                    routes.observe(share, client_id, True)
+            else:
+                routes.observe(topic_filter, key, True)
+        broker.add_remote_router(self.router)
+
+    def _detach(self) -> None:
+        if self.broker.router is self.router:
+            self.broker.router = None
+        self.broker.route_observer = None
+
     def startService(self):
         self.broker.unavailable = f"cluster node {self.node_id} is {self.node.fence_reason}"
         super().startService()
         self.node.start()
+        self.stats.start()
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -66,12 +103,38 @@ class ClusterService(MultiService):
                 yield defer.maybeDeferred(stop)
             except Exception:
                 log.failure("Stopping a cluster part failed")
-        yield self.node.stop()
+        self.stats.stop()
+        self.router.stop()
+        leave = self.node.joined and not self.node.fenced and not self._persistent_routes()
+        if leave:
+            # nothing here for a reaper: the others forget this node at once
+            yield self.routes.drop()
+            try:
+                yield self.backend.execute("DEL", self.keys.inbox(self.node_id))
+            except Exception as error:
+                log.warn("Cannot delete the inbox of {node_id}: {error}",
+                         node_id=self.node_id, error=str(error))
+        self.routes.stop()
+        yield self.node.stop(leave=leave)
+        self._detach()
         yield self.backend.close()
+
+    def _persistent_routes(self) -> bool:
+        """True if a persistent session has routes here (its messages must keep
+        coming to this node's inbox until a reaper adopts it)."""
+        sessions = self.broker.sessions
+        for keys in self.routes.local.values():
+            for key in keys:
+                session = sessions.get(key) if isinstance(key, str) else None
+                if session is not None and session.persistent:
+                    return True
+        return False
 
     # --- fencing ---------------------------------------------------------------------
 
     def _fenced(self, reason: str) -> None:
+        self.routes.fenced()
+        self.router.fenced()
         broker = self.broker
         broker.unavailable = f"cluster node {self.node_id} is fenced: {reason}"
         closed = 0
@@ -91,6 +154,8 @@ class ClusterService(MultiService):
 
     def _unfenced(self) -> None:
         self.broker.unavailable = None
+        self.routes.joined()
+        self.router.joined()
         parent = self.parent
         if not self._announced and getattr(parent, "ready_file", None):
             # the ready file again, now saying "joined": a node is ready for
@@ -118,8 +183,12 @@ def from_options(service, options) -> Optional[ClusterService]:
     backend = Backend(url, name=f"mqttd-{node_id}")
     heartbeat = options.get("cluster-heartbeat") or 1.0
     ttl = options.get("cluster-node-ttl") or 5.0
-    cluster = ClusterService(service.broker, backend, node_id, heartbeat, ttl)
+    sys_interval = options.get("sys-interval")
+    cluster = ClusterService(service.broker, backend, node_id, heartbeat, ttl,
+                             inbox_maxlen=options.get("cluster-inbox-maxlen") or 1_000_000,
+                             sys_interval=10.0 if sys_interval is None else sys_interval)
     cluster.setServiceParent(service)
+    install_gauges(service, cluster)
     service.cluster = cluster
     service.ready_extras["cluster"] = cluster.ready_info
     return cluster

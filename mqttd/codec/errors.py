@@ -128,6 +128,17 @@ class PacketTooLarge(MQTTError):
     default_reason_code = ReasonCode.PACKET_TOO_LARGE
 
 
+class TooManyTopicFilters(MQTTError):
+    """A SUBSCRIBE or UNSUBSCRIBE with more topic filters than the reader's
+    ``max_topic_filters`` (v5 DISCONNECT 0x97 Quota exceeded, v3 close).
+    Raised while decoding, at the first filter over the limit, so the work
+    spent on such a packet is bounded by the limit, not by its size."""
+
+    default_reason_code = ReasonCode.QUOTA_EXCEEDED
+    #: the refusal kind it is counted as (``BrokerStats.refused``)
+    refusal = "max-topic-filters-per-packet"
+
+
 class UnsupportedProtocolVersion(MQTTError):
     """CONNECT with an unknown protocol name or level (v5 0x84, v3 0x01).
 

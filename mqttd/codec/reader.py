@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from .errors import (
     MalformedPacket, MQTTError, PacketTooLarge, ProtocolError, ReasonCode,
-    UnsupportedProtocolVersion,
+    TooManyTopicFilters, UnsupportedProtocolVersion,
 )
 from .packets import (
     AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_3_1, MQTT_3_1_1, MQTT_5,
@@ -252,13 +252,20 @@ def _make_ack_decoder(cls, ptype):
 _SHORT_ACKS = {0x40: Puback, 0x50: Pubrec, 0x62: Pubrel, 0x70: Pubcomp}
 
 
-def _decode_subscribe(level, flags, data, i, end):
+def _too_many_filters(name: str, limit: int) -> TooManyTopicFilters:
+    return TooManyTopicFilters(f"{name} with more than {limit} topic filters "
+                               f"(the limit per packet)")
+
+
+def _decode_subscribe(level, flags, data, i, end, max_filters=0):
     pid, i = _packet_id(data, i, end, "SUBSCRIBE", level, True)
     props = NO_PROPERTIES
     if level == MQTT_5:
         props, i = decode_properties(data, i, SUBSCRIBE, end)
     subs = []
     while i < end:
+        if max_filters and len(subs) == max_filters:
+            raise _too_many_filters("SUBSCRIBE", max_filters)
         topic_filter, i = decode_utf8(data, i, end)
         if i >= end:
             raise _truncated("SUBSCRIBE subscription options")
@@ -300,13 +307,15 @@ def _decode_suback(level, flags, data, i, end):
     return Suback(pid, tuple(data[i:end]), props)
 
 
-def _decode_unsubscribe(level, flags, data, i, end):
+def _decode_unsubscribe(level, flags, data, i, end, max_filters=0):
     pid, i = _packet_id(data, i, end, "UNSUBSCRIBE", level, True)
     props = NO_PROPERTIES
     if level == MQTT_5:
         props, i = decode_properties(data, i, UNSUBSCRIBE, end)
     filters = []
     while i < end:
+        if max_filters and len(filters) == max_filters:
+            raise _too_many_filters("UNSUBSCRIBE", max_filters)
         topic_filter, i = decode_utf8(data, i, end)
         filters.append(topic_filter)
     if not filters:
@@ -398,6 +407,10 @@ class PacketReader:
     :param max_packet_size: the largest whole packet (fixed header included)
         accepted; larger ones raise :class:`PacketTooLarge` as soon as the
         fixed header is known.  May be changed at any time (e.g. after CONNECT).
+    :param max_topic_filters: the most topic filters one SUBSCRIBE or
+        UNSUBSCRIBE may carry (0: no limit); decoding stops at the first one
+        over it and raises :class:`TooManyTopicFilters` (0x97), so decoding
+        such a packet costs at most this many filters.
 
     Once :meth:`feed` has raised, the reader raises the same error again.
     If the error was raised after the version of a CONNECT was known,
@@ -405,14 +418,16 @@ class PacketReader:
     client's own protocol version).
     """
 
-    __slots__ = ("level", "max_packet_size", "_buf", "_total", "_error")
+    __slots__ = ("level", "max_packet_size", "max_topic_filters", "_buf", "_total",
+                 "_error")
 
     def __init__(self, level: Optional[int] = None,
-                 max_packet_size: int = MAX_PACKET_SIZE):
+                 max_packet_size: int = MAX_PACKET_SIZE, max_topic_filters: int = 0):
         if level not in (None, MQTT_3_1, MQTT_3_1_1, MQTT_5):
             raise ValueError(f"unknown protocol level {level!r}")
         self.level = level
         self.max_packet_size = max_packet_size
+        self.max_topic_filters = max_topic_filters
         self._buf = bytearray()   # at most one incomplete packet
         self._total = 0           # its whole size, once its fixed header is complete
         self._error = None
@@ -578,4 +593,6 @@ class PacketReader:
                 # change how the rest of the stream is decoded [MQTT-3.1.0-2]
                 raise ProtocolError("second CONNECT on a connection", spec="MQTT-3.1.0-2")
             return _decode_connect(self, data, start, end)
+        if ptype == SUBSCRIBE or ptype == UNSUBSCRIBE:
+            return _DECODERS[ptype](level, flags, data, start, end, self.max_topic_filters)
         return _DECODERS[ptype](level, flags, data, start, end)

@@ -686,8 +686,7 @@ class JournaledStore:
         if self._state != "new":
             raise StoreError("open() may be called only once")
         started = time.monotonic()
-        os.makedirs(self.path, exist_ok=True)
-        self._lock()
+        self.lock()
         try:
             state = self._recover()
         except BaseException:
@@ -732,6 +731,7 @@ class JournaledStore:
         if self._state in ("closing", "closed"):
             return defer.succeed(None)
         if self._state == "new":
+            self._unlock()  # locked (lock()) but never opened
             self._state = "closed"
             return defer.succeed(None)
         return defer.ensureDeferred(self._close())
@@ -1162,6 +1162,32 @@ class JournaledStore:
         return False
 
     # -- lock --
+
+    def lock(self) -> None:
+        """Take the data directory's ``LOCK`` (created with the directory if
+        missing) without reading anything else; :meth:`open` keeps it.
+
+        Idempotent.  A broker takes it before it listens, so a second broker on
+        a directory in use never accepts a connection.
+
+        :raises StoreLockedError: another process (or store object) holds it;
+            the message names the directory and the pid that last locked it.
+        :raises OSError: the directory or its ``LOCK`` cannot be created.
+        """
+        if self._lock_fd is not None:
+            return
+        if self._state != "new":
+            raise StoreError(f"store {self.path} is {self._state}; it can be locked only "
+                             f"before open()")
+        os.makedirs(self.path, exist_ok=True)
+        self._lock()
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` of a store never opened (a
+        broker that could not listen); an opened store releases it in
+        :meth:`close`."""
+        if self._state == "new":
+            self._unlock()
 
     def _lock(self) -> None:
         lock_path = os.path.join(self.path, "LOCK")

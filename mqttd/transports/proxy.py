@@ -102,9 +102,10 @@ class CountedHAProxyProtocolWrapper(HAProxyProtocolWrapper):
 class CountedHAProxyWrappingFactory(HAProxyWrappingFactory):
     """``HAProxyWrappingFactory`` that counts and logs the connections it refuses.
 
-    :param broker: its ``refused(what, client_id, peer, detail, key=...)``
-        counts the refusal and logs it through the broker's log rate limiter,
-        keyed by the balancer's host (3 lines per 10 s, then a count).
+    :param broker: its ``refused(what, client_id, peer, detail)`` counts the
+        refusal and logs it through the broker's log rate limiter, keyed by the
+        balancer's host (no client id yet: see ``ratelimit.refusal_key``; 3
+        lines per 10 s, then a count).
     """
 
     protocol = CountedHAProxyProtocolWrapper
@@ -114,9 +115,7 @@ class CountedHAProxyWrappingFactory(HAProxyWrappingFactory):
         self.broker = broker
 
     def refused(self, address, detail: str) -> None:
-        peer = _describe(address)
-        host = str(getattr(address, "host", peer))
-        self.broker.refused(REFUSAL, None, peer, detail, key=(host, REFUSAL))
+        self.broker.refused(REFUSAL, None, _describe(address), detail)
 
 
 def count_proxy_refusals(endpoint, broker):

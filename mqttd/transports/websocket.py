@@ -33,7 +33,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
-from mqttd.ratelimit import LogRateLimiter
+from mqttd.ratelimit import LogRateLimiter, refusal_key
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -103,7 +103,7 @@ class PeerRateLimitedLog:
         fields = {k: v for k, v in fields.items() if not k.startswith("log_")}
         fields["peer"] = peer
         protocol.factory.log_limiter().emit(
-            getattr(log, level), (protocol._peer_host(), REFUSAL),
+            getattr(log, level), refusal_key(REFUSAL, None, peer),
             "autobahn, peer {peer}: " + str(format), **fields)
 
     def critical(self, format: str = "", **fields) -> None:
@@ -282,19 +282,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self._refusal_logged = True
         broker = getattr(self.factory.wrapped, "broker", None)
         client_id = getattr(getattr(self._mqtt, "connection", None), "client_id", None)
-        key = (client_id if client_id is not None else self._peer_host(), REFUSAL)
         if broker is not None and hasattr(broker, "refused"):
-            broker.refused(REFUSAL, client_id, self._peer_text(), detail, key=key)
+            broker.refused(REFUSAL, client_id, self._peer_text(), detail)
         else:
             self.factory.log_limiter().warn(
-                log, key, "Refused websocket from {peer}: {detail}",
+                log, refusal_key(REFUSAL, client_id, self._peer_text()),
+                "Refused websocket from {peer}: {detail}",
                 peer=self._peer_text(), detail=detail)
-
-    def _peer_host(self) -> str:
-        try:
-            return str(self.transport.getPeer().host)
-        except Exception:
-            return str(self.peer)
 
     def _peer_text(self) -> str:
         try:

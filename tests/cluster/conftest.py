@@ -15,6 +15,8 @@
     an ephemeral port and waits until it joined (``joined=False``: does not) (a :class:`brokerproc.BrokerProcess`: ``.host``, ``.port``,
     ``.stop()``, ``.kill()``, ``.log_tail()``); every node is stopped at
     teardown and a failing test shows each node's log tail.
+``module_redis``, ``module_nodes``
+    one redis-server and three nodes (``ma``, ``mb``, ``mc``) per test module.
 ``aio``
     ``aio(coroutine_function)`` runs it on a fresh asyncio loop and returns
     its result (bounded by 30 s): in-process tests of
@@ -113,6 +115,38 @@ def wait_joined(node, timeout: float = 15.0) -> dict:
             raise AssertionError(f"{node!r} did not join in {timeout:.0f} s\n"
                                  f"{node.log_tail()}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory):
+    """A standalone redis-server shared by the tests of one module."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_nodes(module_redis, tmp_path_factory):
+    """Three mqttd nodes (``ma``, ``mb``, ``mc``) on :func:`module_redis`, shared by
+    the tests of one module (starting nodes takes seconds): give every test its
+    own client ids and topics."""
+    nodes = []
+    try:
+        for name in ("ma", "mb", "mc"):
+            node = BrokerProcess(tmp_path_factory.mktemp(name), broker_id=name,
+                                 persistence="memory",
+                                 extra_args=["--cluster", module_redis.url, "--node-id", name,
+                                             "--sys-interval", "0"])
+            nodes.append(node)
+            node.start()
+        for node in nodes:
+            wait_joined(node)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 async def wait(d, timeout: float = 10.0):

@@ -92,3 +92,34 @@ def test_error_after_good_packets_in_same_chunk_raises():
     """A malformed packet fails the feed; the connection closes [MQTT-4.13]."""
     with pytest.raises(MalformedPacket):
         PacketReader(level=4).feed(PUBLISH_QOS0 + hexb("c0 01 00"))
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_subscribe_and_unsubscribe_over_the_filter_limit_stop_decoding_at_the_limit(level):
+    """A reader with max_topic_filters decodes up to that many filters and raises
+    TooManyTopicFilters (0x97) at the first one over it, without reading the rest of the
+    packet: what decoding one packet costs is bounded by the limit, not its size."""
+    from mqttd.codec import ReasonCode, Subscribe, Subscription, TooManyTopicFilters, Unsubscribe
+    subscribe = encode(Subscribe(1, tuple(Subscription(f"t/{i}", 1) for i in range(3))), level)
+    unsubscribe = encode(Unsubscribe(2, ("a", "b", "c")), level)
+    reader = PacketReader(level=level, max_topic_filters=3)
+    assert [len(p.subscriptions) if isinstance(p, Subscribe) else len(p.topic_filters)
+            for p in reader.feed(subscribe + unsubscribe)] == [3, 3]
+    # a 4th filter whose bytes are not even a valid string: never looked at
+    for packet, extra in ((Subscribe(3, tuple(Subscription(f"t/{i}", 1) for i in range(3))),
+                           b"\x00\x05\xff\xfe"),
+                          (Unsubscribe(4, ("a", "b", "c")), b"\x00\x05\xff\xfe")):
+        data = bytearray(encode(packet, level))
+        body = bytes(data[2:]) + extra                   # one-byte remaining length
+        reader = PacketReader(level=level, max_topic_filters=3)
+        with pytest.raises(TooManyTopicFilters, match="more than 3 topic filters") as info:
+            reader.feed(bytes([data[0], len(body)]) + body)
+        assert info.value.reason_code == ReasonCode.QUOTA_EXCEEDED == 0x97
+        assert info.value.refusal == "max-topic-filters-per-packet"
+
+
+def test_no_filter_limit_by_default():
+    """PacketReader alone (a client, a tool) keeps decoding every filter."""
+    from mqttd.codec import Subscribe, Subscription
+    packet = Subscribe(1, tuple(Subscription(f"t/{i}", 0) for i in range(5000)))
+    assert PacketReader(level=4).feed(encode(packet, 4)) == [packet]

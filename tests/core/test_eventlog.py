@@ -23,23 +23,24 @@ def event_lines():
     globalLogPublisher.removeObserver(observe)
 
 
-def _logged_broker():
-    broker, clock = make_broker()
+def _logged_broker(**config):
+    broker, clock = make_broker(**config)
     eventlog = EventLog(broker)
     eventlog.start()
     return broker, clock, eventlog
 
 
 def test_one_subscribe_of_many_filters_is_one_line(event_lines):
-    """A SUBSCRIBE with 10,000 filters writes one line naming the count, not 10,000 lines."""
+    """A SUBSCRIBE with 1,000 filters (the most one packet may carry by default) writes one
+    line naming the count, not 1,000 lines."""
     broker, clock, _ = _logged_broker()
     client = FakeClient(broker, clock)
     client.connect("many")
-    client.subscribe(*["x/%d/+" % i for i in range(10_000)])
+    client.subscribe(*["x/%d/+" % i for i in range(1000)])
     clock.advance(0)
     lines = [e for e in event_lines if e["event"] == "subscribed"]
     assert len(lines) == 1
-    assert lines[0]["count"] == 10_000 and lines[0]["client_id"] == "many"
+    assert lines[0]["count"] == 1000 and lines[0]["client_id"] == "many"
     assert lines[0]["topics"] == ["x/%d/+" % i for i in range(MAX_TOPICS_PER_LINE)]
     assert lines[0]["topic"] == "x/0/+"
 

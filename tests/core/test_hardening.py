@@ -189,6 +189,27 @@ def test_log_limiter_bounds_a_reason_over_many_keys_and_its_memory():
     assert limiter.passed + limiter.suppressed == 10_001
 
 
+def test_refusals_before_a_client_id_are_limited_per_peer_host():
+    """Refusals with no client id yet (TLS, WebSocket, out of descriptors) are limited per
+    peer host: one host's flood never silences another host's line, whatever the caller."""
+    broker, _clock = make_broker()
+    lines = _Lines("mqttd.broker")
+    globalLogPublisher.addObserver(lines)
+    try:
+        for port in range(40000, 40020):                 # one host, many source ports
+            broker.refused("tls", None, f"203.0.113.7:{port}", "TLS failed: no certificate")
+        broker.refused("tls", None, "198.51.100.9:5000", "TLS failed: no certificate")
+        broker.refused("tls", None, "[2001:db8::1]:5000", "TLS failed")
+        broker.refused("tls", None, "2001:db8::1:5001", "TLS failed")
+    finally:
+        globalLogPublisher.removeObserver(lines)
+    peers = [event["peer"] for event in lines.events]
+    assert sum(p.startswith("203.0.113.7:") for p in peers) == broker.log_limiter.burst
+    assert "198.51.100.9:5000" in peers
+    assert "2001:db8::1:5001" in peers
+    assert broker.stats.refused["tls"] == 23
+
+
 class _Lines:
     def __init__(self, namespace):
         self.namespace = namespace

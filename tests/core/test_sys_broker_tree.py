@@ -76,6 +76,28 @@ def test_sys_traffic_is_not_counted():
     assert tree[BROKER + "publish/bytes/received"] == "3"
 
 
+def test_a_copied_sys_message_is_still_not_counted():
+    """$SYS messages that were copied (attrs.evolve, a pickle round trip as the store and a
+    cluster peer make) keep the origin's value, not its identity: still not counted."""
+    import attrs
+
+    from mqttd.messages import SYS_ORIGIN, Message
+    from mqttd.persistence import safepickle
+    broker, clock = make_broker()
+    watcher = FakeClient(broker, clock, level=5)
+    watcher.connect("watcher")
+    watcher.subscribe("$SYS/#")
+    original = Message("$SYS/broker/new/clients", b"x", origin=SYS_ORIGIN)
+    copied = safepickle.loads(safepickle.dumps(attrs.evolve(original, payload=b"y")))
+    assert copied.origin == SYS_ORIGIN and copied.origin is not SYS_ORIGIN
+    assert broker.publish(copied) == 1
+    assert broker.publish(attrs.evolve(original)) == 1
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"y", b"x"]
+    assert broker.stats.messages_received == 0
+    assert broker.stats.messages_sent == 0
+    assert broker.stats.bytes_out == [0, 0, 0]
+
+
 def test_sys_values_are_never_written_to_the_store():
     """Retained $SYS values live in memory only: no store write per value per interval."""
     class DurableMemory(MemoryStore):

@@ -153,19 +153,61 @@ def test_sighup_reloads_the_password_file_and_keeps_connected_clients(
 
 
 def test_subscribe_with_many_filters_writes_one_event_line(mqttd_broker_factory):
-    """One SUBSCRIBE of 20,000 filters: one ``subscribed`` line (not 20,000), a SUBACK for all, other clients served."""
+    """One SUBSCRIBE of 1,000 filters (the default limit): one ``subscribed`` line
+    (not 1,000), a SUBACK for all, other clients served."""
     broker = mqttd_broker_factory()
     client = BlockingClient(broker.port, "many", level=4)
-    filters = tuple(Subscription("x/%d/+" % i, 1) for i in range(20_000))
+    filters = tuple(Subscription("x/%d/+" % i, 1) for i in range(1000))
     client.send(Subscribe(7, filters))
     probe = BlockingClient(broker.port, "probe", level=4)   # CONNACK while the big one is handled
     probe.send(Pingreq())
     assert isinstance(probe.next_packet(10), Pingresp)
     suback = client.next_packet(30)
-    assert isinstance(suback, Suback) and len(suback.reason_codes) == 20_000
+    assert isinstance(suback, Suback) and len(suback.reason_codes) == 1000
     client.send(Pingreq())
     assert isinstance(client.next_packet(10), Pingresp)    # its lines are flushed by now
-    _wait_for(lambda: "subscribed many to 20000 filters" in _log(broker), what="the event line")
+    _wait_for(lambda: "subscribed many to 1000 filters" in _log(broker), what="the event line")
     assert _log(broker).count("subscribed many") == 1
+    probe.close()
+    client.close()
+
+
+def test_subscribe_over_the_default_filter_limit_is_refused_and_logged_once(
+        mqttd_broker_factory):
+    """Default settings: a v5 SUBSCRIBE of 100,000 filters gets DISCONNECT 0x97 and one
+    refusal line; a probe connected meanwhile is served."""
+    from mqttd.codec.packets import Disconnect
+    broker = mqttd_broker_factory()
+    client = BlockingClient(broker.port, "many", level=5)
+    probe = BlockingClient(broker.port, "probe", level=4)
+    client.send(Subscribe(7, tuple(Subscription("x/%d/+" % i, 1) for i in range(100_000))))
+    answer = client.next_packet(30)
+    assert isinstance(answer, Disconnect) and answer.reason_code == 0x97
+    probe.send(Pingreq())
+    assert isinstance(probe.next_packet(10), Pingresp)
+    _wait_for(lambda: "Refused max-topic-filters-per-packet for many" in _log(broker),
+              what="the refusal line")
+    assert _log(broker).count("max-topic-filters-per-packet") == 1
+    probe.close()
+    client.close()
+
+
+@pytest.mark.slow
+def test_a_subscribe_of_100000_filters_with_the_limit_lifted_lets_others_be_served(
+        mqttd_broker_factory):
+    """--max-topic-filters-per-packet 0: the SUBSCRIBE is handled in slices; a probe's
+    PINGREQ sent meanwhile is answered before the SUBACK of all 100,000 filters."""
+    broker = mqttd_broker_factory(extra_args=("--max-topic-filters-per-packet", "0",
+                                              "--log-level", "warn"))
+    client = BlockingClient(broker.port, "many", level=4)
+    probe = BlockingClient(broker.port, "probe", level=4)
+    client.send(Subscribe(7, tuple(Subscription("x/%d/+" % i, 1) for i in range(100_000))))
+    time.sleep(0.3)                                       # the big one is being handled
+    probe.send(Pingreq())
+    assert isinstance(probe.next_packet(10), Pingresp)
+    suback = client.next_packet(120)
+    assert isinstance(suback, Suback) and len(suback.reason_codes) == 100_000
+    client.send(Pingreq())
+    assert isinstance(client.next_packet(30), Pingresp)
     probe.close()
     client.close()

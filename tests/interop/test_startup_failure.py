@@ -92,8 +92,9 @@ def test_unusable_address_exits_1_after_closing_the_other_listeners(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["run", "twistd"])
-def test_data_directory_in_use_exits_1_with_one_line(tmp_path, how):
-    """A second broker on a data directory in use: exit 1, one line naming the directory and the pid, no traceback."""
+def test_data_directory_in_use_exits_2_with_one_line_before_listening(tmp_path, how):
+    """A second broker on a data directory in use: exit 2, one line naming the directory and
+    the pid, no traceback, and no listener ever opened (no "MQTT listening")."""
     data = tmp_path / "data"
     first = BrokerProcess(tmp_path / "first", persistence=f"file:{data}", kind="mqttd").start()
     try:
@@ -103,9 +104,10 @@ def test_data_directory_in_use_exits_1_with_one_line(tmp_path, how):
         else:
             cmd = [find_twistd(), "-n", "--pidfile", "", "mqttd"] + args
         result = _run(cmd, tmp_path)
-        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert result.returncode == 2, (result.stdout, result.stderr)
         output = result.stdout + result.stderr
         assert "Traceback" not in output
+        assert "listening" not in output
         assert "broker.restore" not in output          # the embedder's hint is not for twistd users
         lines = [l for l in result.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("mqttd: cannot open the store: "), lines

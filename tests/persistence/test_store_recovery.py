@@ -307,6 +307,71 @@ def test_second_open_of_the_same_directory_fails_clearly(durable_backend):
     result_of(third.close())
 
 
+def test_lock_before_open_is_kept_by_open_and_released_by_close(durable_backend):
+    """A broker locks its data dir before it listens: lock() alone keeps a second store out,
+    open() keeps that lock, and an unopened locked store gives it back."""
+    first = durable_backend()
+    first.lock()
+    first.lock()                                     # idempotent
+    with pytest.raises(StoreLockedError, match="already in use"):
+        durable_backend().lock()
+    first.unlock()                                   # never opened: released
+    second = durable_backend()
+    second.lock()
+    state = second.open()                            # the lock it holds is its own
+    with pytest.raises(StoreLockedError):
+        durable_backend().open()
+    result_of(second.close())
+    third = durable_backend()
+    third.lock()
+    result_of(third.close())                         # locked, never opened: close releases
+    fourth = durable_backend()
+    assert fourth.open() == state
+    result_of(fourth.close())
+
+
+def test_a_broker_on_a_locked_data_dir_stops_before_it_listens(durable_backend, log_events):
+    """A second broker on a data dir in use must never accept a connection nor log
+    "MQTT listening": the lock is taken before any listener opens (exit status 2)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqttd.service import CannotOpenStore, make_broker_service
+    first = durable_backend()
+    first.open()
+    reactor = MemoryReactorClock()
+    service = make_broker_service(reactor, listen=["tcp:1883:interface=127.0.0.1"],
+                                  store=durable_backend(), sys_interval=0)
+    service.add_listener("metrics", "tcp:9100:interface=127.0.0.1", object())
+    with pytest.raises(CannotOpenStore, match="already in use") as info:
+        service.startService()
+    assert info.value.exit_status == 2
+    assert reactor.tcpServers == []
+    assert not [e for e in log_events if "listening" in (e.get("log_format") or "")]
+    result_of(first.close())
+
+
+def test_a_broker_that_cannot_listen_leaves_the_data_dir_unlocked(durable_backend):
+    """The lock taken before listening is given back when a listener fails, so the
+    next broker (the operator fixed the port) starts at once."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqttd.service import CannotListen, make_broker_service
+
+    class Refusing(MemoryReactorClock):
+        def listenTCP(self, *args, **kwargs):
+            from twisted.internet.error import CannotListenError
+            raise CannotListenError("127.0.0.1", 1883, OSError(98, "Address already in use"))
+
+    service = make_broker_service(Refusing(), listen=["tcp:1883:interface=127.0.0.1"],
+                                  store=durable_backend(), sys_interval=0)
+    with pytest.raises(CannotListen) as info:
+        service.startService()
+    assert info.value.exit_status == 1
+    store = durable_backend()
+    store.open()
+    result_of(store.close())
+
+
 # --- safepickle ----------------------------------------------------------------
 
 def test_safepickle_refuses_a_pickle_that_calls_os_system(tmp_path):

@@ -1,0 +1,475 @@
+"""Messages between nodes: envelopes in per-node inbox streams.
+
+A message published on node A goes, after A's local delivery, **once to each
+other node** whose routes match its topic (:mod:`mqttd.cluster.routes`): one
+``XADD mqttd:{n:<B>}:inbox MAXLEN ~ N * e <envelope>`` per node, QoS 0 and
+QoS >= 1 alike (one stream keeps the order per publisher and topic).  Node B
+reads its inbox with its consumer group, hands each envelope to its broker's
+``dispatch`` (the normal matching: each subscriber once, at the lower of its
+QoS and the message's, No Local, overlapping subscriptions merged), and
+``XACK``\\ s a batch once B's own store made what it queued durable.
+
+**Durability of the hand-off.**  A QoS 1/2 PUBLISH is acknowledged (PUBACK /
+PUBREC) only after Redis acknowledged every ``XADD`` it caused: the router
+counts the write in the broker's ``write_count`` and the broker's barrier
+waits for :meth:`Router.sync`.  If Redis fails, the acknowledgement is never
+sent and the publisher is disconnected; it re-sends (at least once).
+
+**Shared subscriptions** across nodes: the publisher's node picks one node
+per matching group (its own when it has members there, else the next node
+with members in turn) and names the groups each envelope is for; the
+receiving node serves only those of its groups, one member each.
+
+**Order.**  All envelopes of a node are written by one pipeline at a time,
+in publish order, so each inbox receives them in that order.
+
+**Bounds.**  Envelopes waiting for Redis are bounded (``max_pending``): above
+the high-water mark publishers are held (the broker's backpressure), beyond
+the bound QoS 0 messages are dropped and counted.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Dict, List, Optional, Set, Tuple
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mqttd.cluster.backend import BackendError
+from mqttd.cluster.keys import Keys
+from mqttd.codec.properties import decode_properties, encode_properties
+from mqttd.messages import SYS_ORIGIN, Message
+from mqttd.ratelimit import LogRateLimiter
+
+log = Logger(namespace="mqttd.cluster.bus")
+
+GROUP = "mqttd"
+VERSION = 1
+_PUBLISH = 3
+_HEAD = struct.Struct("!BBHH")     # version, flags, topic length, origin length
+_EXPIRY = struct.Struct("!d")
+_F_RETAIN, _F_ORIGIN, _F_EXPIRY, _F_PROPS = 0x04, 0x08, 0x10, 0x20
+SEP = "\x00"
+#: inbox batches delivered and waiting for their XACK while the next is read
+MAX_UNACKED = 4
+
+
+class EnvelopeError(ValueError):
+    """An inbox entry that is not an envelope of a known version."""
+
+
+def encode_envelope(message: Message) -> bytes:
+    """The bytes of ``message`` in an inbox entry (shares travel beside them).
+
+    Layout: version (1), flags (qos | retain | origin | expiry | properties),
+    topic length (2), origin length (2), topic, origin, [expiry (8, float
+    seconds on the publisher's clock)], [properties (MQTT 5 PUBLISH property
+    block)], payload (the rest).
+    """
+    topic = message.topic.encode("utf-8")
+    origin = message.origin.encode("utf-8") if isinstance(message.origin, str) else b""
+    flags = message.qos
+    if message.retain:
+        flags |= _F_RETAIN
+    if isinstance(message.origin, str):
+        flags |= _F_ORIGIN
+    parts = [b"", topic, origin]
+    if message.expires_at is not None:
+        flags |= _F_EXPIRY
+        parts.append(_EXPIRY.pack(message.expires_at))
+    if message.properties:
+        flags |= _F_PROPS
+        parts.append(encode_properties(message.properties, _PUBLISH))
+    parts[0] = _HEAD.pack(VERSION, flags, len(topic), len(origin))
+    parts.append(message.payload)
+    return b"".join(parts)
+
+
+def decode_envelope(data: bytes) -> Message:
+    """The :class:`Message` of an inbox entry.
+
+    :raises EnvelopeError: not an envelope of version 1, or truncated.
+    """
+    try:
+        version, flags, topic_len, origin_len = _HEAD.unpack_from(data, 0)
+        if version != VERSION:
+            raise EnvelopeError(f"unknown envelope version {version}")
+        offset = _HEAD.size
+        topic = data[offset:offset + topic_len].decode("utf-8")
+        offset += topic_len
+        origin = None
+        if flags & _F_ORIGIN:
+            origin = data[offset:offset + origin_len].decode("utf-8")
+            offset += origin_len
+        expires_at = None
+        if flags & _F_EXPIRY:
+            (expires_at,) = _EXPIRY.unpack_from(data, offset)
+            offset += _EXPIRY.size
+        from mqttd.codec.packets import NO_PROPERTIES
+        properties = NO_PROPERTIES
+        if flags & _F_PROPS:
+            properties, offset = decode_properties(data, offset, _PUBLISH)
+        if offset > len(data) or not topic:
+            raise EnvelopeError("truncated envelope")
+    except EnvelopeError:
+        raise
+    except Exception as error:
+        raise EnvelopeError(f"bad envelope: {error}") from None
+    return Message(topic, bytes(data[offset:]), flags & 0x03, bool(flags & _F_RETAIN),
+                   properties, origin, expires_at)
+
+
+class _Congestion:
+    """The router as a 'session' of the broker's SlowConsumerGuard while
+    publishers are held for it (the guard only needs this attribute)."""
+
+    congested_since: Optional[float] = None
+
+
+class Router:
+    """Forwards messages to other nodes and delivers those sent to this one.
+
+    :param broker: the local :class:`~mqttd.broker.Broker`.
+    :param backend: the :class:`~mqttd.cluster.backend.Backend`.
+    :param routes: the :class:`~mqttd.cluster.routes.RouteTable`.
+    :param node: the :class:`~mqttd.cluster.node.Node` (live peers for shares).
+    :param inbox_maxlen: approximate length an inbox is trimmed to.
+    :param max_pending: envelopes waiting for Redis at most (then QoS 0 drops).
+    """
+
+    def __init__(self, broker, backend, routes, node, keys: Keys = Keys(),
+                 inbox_maxlen: int = 1_000_000, max_pending: int = 100_000,
+                 batch: int = 512, block_ms: int = 1000):
+        self.broker = broker
+        self.backend = backend
+        self.routes = routes
+        self.node = node
+        self.node_id = node.node_id
+        self.keys = keys
+        self.inbox_maxlen = inbox_maxlen
+        self.max_pending = max_pending
+        self.high_water = max(1, max_pending // 2)
+        self.batch = batch
+        self.block_ms = block_ms
+        self.clock = broker.clock
+        self.log_limiter = LogRateLimiter(self.clock, interval=10.0, burst=1,
+                                          reason_burst=None)
+        #: envelopes waiting: (node, data, shares, qos)
+        self._pending: List[Tuple[str, bytes, Optional[str], int]] = []
+        self._flushing = False
+        self._flush_call = None
+        self._queued = 0
+        self._written = 0
+        self._waiters: List[Tuple[int, defer.Deferred]] = []
+        self._turns: Dict[str, int] = {}
+        self._online = False
+        self._stopped = True
+        self._reading = False
+        self._congestion = _Congestion()
+        self.stats = {"forwarded": [0, 0, 0], "forward_failed": 0, "dropped": 0,
+                      "received": [0, 0, 0], "bad_envelopes": 0, "batches": 0,
+                      "acked": 0}
+
+    # --- forwarding (the broker's router seam) --------------------------------------------
+
+    def forward(self, message: Message, cache: dict) -> int:
+        """Called by ``Broker.publish`` for every message published on this node;
+        returns the number of other nodes it goes to.  Puts into ``cache`` the
+        shared-subscription groups this node must not serve itself."""
+        if not self._online or message.origin is SYS_ORIGIN:
+            return 0     # fenced (clients are being closed) or $SYS (per node)
+        nodes, shares = self.routes.lookup(message.topic)
+        per_node: Optional[Dict[str, List[str]]] = None
+        if shares:
+            skip = None
+            per_node = {}
+            for share, members in shares.items():
+                chosen = self._choose(share, members)
+                if chosen != self.node_id:
+                    per_node.setdefault(chosen, []).append(share)
+                    if self.node_id in members:
+                        if skip is None:
+                            skip = set()
+                        skip.add(share)
+            if skip:
+                from mqttd.broker import SKIP_SHARES
+                cache[SKIP_SHARES] = skip
+            nodes = nodes | set(per_node)
+        if not nodes:
+            return 0
+        if len(self._pending) >= self.max_pending and message.qos == 0:
+            self.stats["dropped"] += len(nodes)
+            self.broker.stats.count_drop("cluster-backlog")
+            self.log_limiter.emit(log.warn, "backlog",
+                                  "Cluster backlog full ({count} envelopes wait for Redis): "
+                                  "QoS 0 message to {topic} not forwarded",
+                                  count=len(self._pending), topic=message.topic)
+            return 0
+        data = encode_envelope(message)
+        qos = message.qos
+        pending = self._pending
+        for node in nodes:
+            share = None
+            if per_node is not None:
+                groups = per_node.get(node)
+                share = SEP.join(groups) if groups else ""
+            pending.append((node, data, share, qos))
+        self.stats["forwarded"][qos] += len(nodes)
+        if qos:
+            self._queued += 1
+            self.broker.write_count += 1    # the PUBACK waits for sync()
+        if len(pending) >= self.high_water:
+            self._congested()
+        if not self._flushing and self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+        return len(nodes)
+
+    def _choose(self, share: str, members: Set[str]) -> str:
+        """The node that serves ``share`` for one message: this one if it has
+        members, else the live nodes with members in turn."""
+        if self.node_id in members:
+            return self.node_id
+        live = sorted(n for n in members if n in self.node.peers) or sorted(members)
+        turn = self._turns.get(share, -1) + 1
+        self._turns[share] = turn
+        return live[turn % len(live)]
+
+    def sync(self) -> Optional[defer.Deferred]:
+        """The broker's barrier waits for this: a Deferred firing once Redis took
+        every QoS >= 1 envelope forwarded and every route change made so far
+        (None: nothing pending); fails if one of them could not be written."""
+        mine = None
+        if self._queued != self._written:
+            mine = defer.Deferred()
+            self._waiters.append((self._queued, mine))
+        routes = self.routes.sync()
+        if routes is None:
+            return mine
+        if mine is None:
+            return routes
+        return both(mine, routes)
+
+    def _fire(self, upto: int, failure: Optional[Failure] = None) -> None:
+        keep = []
+        for seq, d in self._waiters:
+            if seq <= upto:
+                if failure is None:
+                    d.callback(None)
+                else:
+                    d.errback(failure)
+            else:
+                keep.append((seq, d))
+        self._waiters = keep
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self._flushing or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        upto = self._queued
+        self._flushing = True
+        commands = []
+        for node, data, share, _qos in batch:
+            command = ["XADD", self.keys.inbox(node), "MAXLEN", "~", self.inbox_maxlen, "*",
+                       "e", data]
+            if share is not None:
+                command += ["s", share]
+            commands.append(command)
+        d = self.backend.pipeline(commands)
+
+        def written(_):
+            self.stats["batches"] += 1
+            self._written = max(self._written, upto)
+            self._fire(upto)
+
+        def failed(failure):
+            self.stats["forward_failed"] += len(batch)
+            self._written = max(self._written, upto)   # those are lost, not pending
+            dropped_qos0 = sum(1 for b in batch if b[3] == 0)
+            if dropped_qos0:
+                self.broker.stats.count_drop("cluster-redis-down")
+            if failure.check(BackendError):
+                self.log_limiter.emit(
+                    log.warn, "forward",
+                    "Cannot forward {count} messages to other nodes: {error}; QoS 1/2 "
+                    "publishers are not acknowledged (they re-send), QoS 0 ones are lost",
+                    count=len(batch), error=str(failure.value))
+            else:
+                log.failure("Forwarding to other nodes failed", failure)
+            self._fire(upto, failure)
+
+        def done(_):
+            self._flushing = False
+            if self._pending:
+                self._flush()
+            elif self._congestion.congested_since is not None:
+                self._decongested()
+        d.addCallbacks(written, failed)
+        d.addBoth(done)
+
+    def _congested(self) -> None:
+        flow = self.broker.flow
+        token = self._congestion
+        if token.congested_since is None and getattr(flow, "enabled", True):
+            token.congested_since = self.clock.seconds()
+            flow.holding.add(token)
+        self.broker.backpressure = True
+
+    def _decongested(self) -> None:
+        self.broker.flow.decongested(self._congestion)
+
+    # --- receiving --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def joined(self):
+        """The node (re-)joined: make sure the inbox group exists, read it."""
+        self._online = True
+        try:
+            yield self.backend.execute("XGROUP", "CREATE", self.keys.inbox(self.node_id),
+                                       GROUP, "$", "MKSTREAM")
+        except BackendError as error:
+            if "BUSYGROUP" not in str(error):
+                self.log_limiter.emit(log.warn, "group", "Cannot create the inbox group of "
+                                      "{node_id}: {error}", node_id=self.node_id,
+                                      error=str(error))
+        if self._stopped:
+            self._stopped = False
+            self._read_forever()
+
+    def fenced(self) -> None:
+        self._online = False
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._online = False
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+
+    @defer.inlineCallbacks
+    def _read_forever(self):
+        if self._reading:
+            return
+        self._reading = True
+        start = b"0"       # first what was delivered to us before and never acked
+        unacked: List[defer.Deferred] = []
+        try:
+            while not self._stopped:
+                try:
+                    reply = yield self.backend.execute(
+                        "XREADGROUP", "GROUP", GROUP, self.node_id, "COUNT", self.batch,
+                        "BLOCK", self.block_ms, "STREAMS", self.keys.inbox(self.node_id),
+                        start)
+                except Exception as error:
+                    if "NOGROUP" in str(error):
+                        yield self.joined()
+                    elif not isinstance(error, BackendError):
+                        log.failure("Reading the inbox of {node_id} failed",
+                                    node_id=self.node_id)
+                    else:
+                        self.log_limiter.emit(log.warn, "inbox",
+                                              "Cannot read the inbox of {node_id}: {error}; "
+                                              "retrying", node_id=self.node_id,
+                                              error=str(error))
+                    yield _sleep(self.clock, 0.5)
+                    start = b"0"
+                    continue
+                entries = []
+                for _stream, items in (reply or []):
+                    entries.extend(items)
+                if start == b"0" and not entries:
+                    start = b">"     # the backlog of the previous run is done
+                    continue
+                if not entries:
+                    continue
+                acked = self._deliver(entries)
+                if start == b"0":
+                    # re-reading from 0 returns what is not acknowledged yet
+                    yield acked
+                    continue
+                # new entries: read on while earlier batches wait for their
+                # acknowledgement (at most MAX_UNACKED batches)
+                unacked.append(acked)
+                acked.addBoth(lambda _, d=acked: unacked.remove(d) if d in unacked else None)
+                if len(unacked) >= MAX_UNACKED:
+                    yield unacked[0]
+        finally:
+            self._reading = False
+
+    def _deliver(self, entries) -> defer.Deferred:
+        broker = self.broker
+        since = broker.write_count
+        ids = []
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            if fields is None:
+                continue    # trimmed away before we read it (pending list only)
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2]))
+            data = fields.get(b"e")
+            try:
+                message = decode_envelope(data)
+            except (EnvelopeError, TypeError) as error:
+                self.stats["bad_envelopes"] += 1
+                self.log_limiter.emit(log.warn, "envelope", "Dropping inbox entry {id} of "
+                                      "{node_id}: {error}", id=entry_id, error=str(error),
+                                      node_id=self.node_id)
+                continue
+            share = fields.get(b"s")
+            only = None
+            if share is not None:
+                share = share.decode("utf-8")
+                only = frozenset(share.split(SEP)) if share else frozenset()
+            self.stats["received"][message.qos] += 1
+            try:
+                broker.dispatch(message, only_shares=only)
+            except Exception:
+                log.failure("Delivering a message from another node to {topic} failed",
+                            topic=message.topic)
+        barrier = broker.barrier(since)
+        if barrier is None:
+            return self._ack(ids)
+        # acknowledged to Redis once what we queued for it is durable here
+        barrier.addCallback(lambda _: self._ack(ids))
+        barrier.addErrback(lambda f: self.log_limiter.emit(
+            log.warn, "inbox-ack", "Not acknowledging {count} inbox entries: the store "
+            "failed ({error}); they are delivered again", count=len(ids), error=str(f.value)))
+        return barrier
+
+    def _ack(self, ids) -> defer.Deferred:
+        d = self.backend.execute("XACK", self.keys.inbox(self.node_id), GROUP, *ids)
+
+        def acked(_):
+            self.stats["acked"] += len(ids)
+        d.addCallback(acked)
+        d.addErrback(lambda f: self.log_limiter.emit(
+            log.warn, "xack", "Cannot acknowledge {count} inbox entries: {error} (they are "
+            "delivered again after a restart)", count=len(ids), error=str(f.value)))
+        return d
+
+
+def both(first: defer.Deferred, second: defer.Deferred) -> defer.Deferred:
+    """Fires when both fired; fails with the first failure (the other's is consumed)."""
+    d = defer.Deferred()
+    state = {"left": 2, "failure": None}
+
+    def one(result):
+        if isinstance(result, Failure) and state["failure"] is None:
+            state["failure"] = result
+        state["left"] -= 1
+        if state["left"] == 0:
+            if state["failure"] is not None:
+                d.errback(state["failure"])
+            else:
+                d.callback(None)
+        return None
+    first.addBoth(one)
+    second.addBoth(one)
+    return d
+
+
+def _sleep(clock, seconds: float) -> defer.Deferred:
+    d = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d

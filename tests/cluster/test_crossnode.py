@@ -1,0 +1,161 @@
+"""Cross-node publish/subscribe with real nodes on a real Redis: every matching
+subscriber on any node gets a message once, at its own QoS, No Local and
+overlapping subscriptions as on one broker, order per publisher and topic
+kept, each node receiving a message at most once, shared groups served once
+cluster-wide; the basic case also on a 3-master Redis Cluster."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from .mqttc import Client, wait_routed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_nodes(module_nodes):
+    return module_nodes[0], module_nodes[1]
+
+
+@pytest.fixture
+def redis_server(module_redis):
+    return module_redis
+
+
+def ready(publisher, subscriber, probe="probe/route"):
+    subscriber.subscribe(probe)
+    wait_routed(publisher, subscriber, probe)
+
+
+def test_a_message_reaches_subscribers_on_another_node_at_their_own_qos(
+        two_nodes, redis_server):
+    """QoS downgrade per subscriber [MQTT-3.8.4-8] holds across nodes."""
+    a, b = two_nodes
+    pub = Client(a.port, "pub")
+    low = Client(b.port, "low")
+    high = Client(b.port, "high", level=4)
+    assert low.subscribe("q/t", 0).reason_codes == (0,)
+    assert high.subscribe("q/t", 1).reason_codes == (1,)
+    ready(pub, low)
+    high.subscribe("probe/route")
+    wait_routed(pub, high, "probe/route")
+    ack = pub.publish("q/t", b"hello", qos=1)
+    assert ack.reason_code == 0
+    (m_low,) = low.collect(1)
+    (m_high,) = high.collect(1)
+    assert (m_low.payload, m_low.qos) == (b"hello", 0)
+    assert (m_high.payload, m_high.qos) == (b"hello", 1)
+    assert low.quiet() == [] and high.quiet() == []
+
+
+def test_no_local_skips_only_the_publisher_and_overlapping_filters_deliver_once(two_nodes):
+    """No Local [MQTT-3.8.3-3] and one copy per client for overlapping filters
+    [MQTT-3.3.5-1], whichever node the subscribers are on."""
+    a, b = two_nodes
+    pub = Client(a.port, "nl-pub")
+    pub.subscribe("nl/t", 1, no_local=True)
+    local_peer = Client(a.port, "nl-local")
+    local_peer.subscribe("nl/+", 1)
+    remote = Client(b.port, "nl-remote")
+    remote.subscribe("nl/+", 0)
+    remote.subscribe("nl/#", 1)
+    remote.subscribe("nl/t", 1)
+    ready(pub, remote)
+    pub.publish("nl/t", b"m", qos=1)
+    (got,) = remote.collect(1)
+    assert got.qos == 1 and got.payload == b"m"
+    assert [m.payload for m in local_peer.collect(1)] == [b"m"]
+    assert pub.quiet() == [] and remote.quiet() == []
+
+
+def test_order_per_publisher_and_topic_is_kept_and_each_node_gets_one_envelope(
+        two_nodes, redis_server):
+    """Many subscribers on one node cost one Redis entry per message; order holds."""
+    a, b = two_nodes
+    pub = Client(a.port, "ord-pub")
+    subs = [Client(b.port, f"ord-sub-{i}") for i in range(3)]
+    for s in subs:
+        s.subscribe("ord/t", 1)
+    ready(pub, subs[0])
+    for s in subs[1:]:
+        s.subscribe("probe/route")
+    before = int(redis_server.cli("XLEN", "mqttd:{n:mb}:inbox"))
+    count = 200
+    for i in range(count):
+        pub.publish("ord/t", str(i).encode(), qos=1 if i % 2 else 0)
+    for s in subs:
+        got = [int(m.payload) for m in s.collect(count, timeout=20) if m.topic == "ord/t"]
+        assert got == list(range(count))
+    after = int(redis_server.cli("XLEN", "mqttd:{n:mb}:inbox"))
+    assert after - before == count     # once per node, not once per subscriber
+
+
+def test_a_node_without_matching_subscribers_gets_nothing(redis_server, module_nodes):
+    """Routes decide: a node is sent only what its subscribers match."""
+    a, b, c = module_nodes
+    pub = Client(a.port, "r-pub")
+    sub = Client(b.port, "r-sub")
+    sub.subscribe("only/b", 1)
+    ready(pub, sub)
+    before = int(redis_server.cli("XLEN", "mqttd:{n:mc}:inbox") or 0)
+    other = Client(c.port, "r-other")
+    other.subscribe("else/+", 1)
+    for i in range(20):
+        pub.publish("only/b", b"x", qos=1)
+    assert len(sub.collect(20)) == 20
+    assert int(redis_server.cli("XLEN", "mqttd:{n:mc}:inbox")) == before
+
+
+def test_shared_group_members_on_other_nodes_get_each_message_once_in_total(module_nodes):
+    """$share/g/...: one delivery per group cluster-wide, spread over the nodes with members."""
+    a, b, c = module_nodes
+    pub = Client(a.port, "s-pub")
+    members = [Client(b.port, "s-b1"), Client(b.port, "s-b2"), Client(c.port, "s-c1")]
+    for m in members:
+        m.subscribe("$share/g/jobs/+", 1)
+    plain = Client(c.port, "s-plain")
+    plain.subscribe("jobs/#", 1)
+    ready(pub, plain)
+    count = 60
+    for i in range(count):
+        pub.publish("jobs/x", str(i).encode(), qos=1)
+    assert sorted(int(m.payload) for m in plain.collect(count)) == list(range(count))
+    got = collections.Counter()
+    seen = []
+    for m in members:
+        for p in m.quiet(1.0):
+            got[m.client_id] += 1
+            seen.append(int(p.payload))
+    assert sorted(seen) == list(range(count))        # each exactly once
+    assert got["s-c1"] > 0 and got["s-b1"] + got["s-b2"] > 0   # both nodes served
+
+
+def test_a_local_group_member_serves_its_node_and_no_copy_goes_elsewhere(module_nodes):
+    """With members on the publisher's node the group is served there (prefer local), once."""
+    a, b, _c = module_nodes
+    pub = Client(a.port, "l-pub")
+    local = Client(a.port, "l-local")
+    local.subscribe("$share/g/w/#", 1)
+    remote = Client(b.port, "l-remote")
+    remote.subscribe("$share/g/w/#", 1)
+    remote.subscribe("probe/route")
+    wait_routed(pub, remote, "probe/route")
+    for i in range(30):
+        pub.publish("w/1", str(i).encode(), qos=1)
+    assert len(local.collect(30)) == 30
+    assert remote.quiet(0.5) == []
+
+
+def test_cross_node_delivery_works_on_a_redis_cluster(redis_cluster, cluster_node_factory):
+    """The same basic case with the keys spread over 3 Redis Cluster masters."""
+    a = cluster_node_factory(redis_cluster.url, node_id="rcx-a")
+    b = cluster_node_factory(redis_cluster.url, node_id="rcx-b")
+    pub = Client(a.port, "rcx-pub")
+    sub = Client(b.port, "rcx-sub")
+    sub.subscribe("rc/+/t", 1)
+    ready(pub, sub)
+    for i in range(50):
+        pub.publish("rc/x/t", str(i).encode(), qos=1)
+    assert [int(m.payload) for m in sub.collect(50)] == list(range(50))
