@@ -30,6 +30,7 @@ from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Pubrel
 from mqttd.hooks import HOOK_FAILED, call_hook
+from mqttd.durability import PendingWrites
 from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.messages import (
     SYS_ORIGIN, Message, forwarded_properties, outbound_message, published_at, will_message)
@@ -43,6 +44,9 @@ from mqttd.wills import WillScheduler
 
 # the single-node retained store (mqttd.retained is L1 and imports no seam)
 classImplements(RetainedIndex, IRetainedStore)
+
+#: the cursor of a retained replay whose lookup has not answered yet
+_LOOKUP_PENDING = object()
 
 log = Logger(namespace="mqttd.broker")
 
@@ -348,6 +352,8 @@ class Broker:
         self._durable = bool(getattr(self.store, "durable", False))
         #: number of store operations written so far (see :meth:`barrier`)
         self.write_count = 0
+        #: asynchronous writes of seam implementations (see :meth:`track_write`)
+        self.pending_writes = PendingWrites()
         self._turn_sync: Optional[list] = None
         self._drop_logged: Dict[tuple, float] = {}
         #: rate limit of client-triggered log lines, keyed (client, reason);
@@ -560,6 +566,30 @@ class Broker:
             self._discard_session(session)
         return True
 
+    def use_retained_store(self, store, hand_over: bool = False) -> None:
+        """Keep retained messages in ``store`` (an :class:`~mqttd.interfaces.IRetainedStore`,
+        e.g. a cluster's, shared by every node) instead of the in-memory index.
+
+        Call it before clients connect.  The messages retained here so far
+        (restored from the local store, ``$SYS`` values) are dropped unless
+        ``hand_over``: a cluster's retained messages are authoritative, and a
+        node's old local copy must not overwrite newer ones.  With
+        ``hand_over`` each goes to ``store.set`` (its writes are tracked like
+        any other, :meth:`track_write`).  The local expiry timer stops: a
+        store whose ``next_expiry`` answers None expires messages itself.
+        """
+        old, self.retained = self.retained, store
+        call = self._retained_expiry_call
+        if call is not None and call.active():
+            call.cancel()
+        self._retained_expiry_call = None
+        if hand_over:
+            for message in list(old.values()):
+                stored = store.set(message)
+                if stored is not None:
+                    self.track_write(stored)
+        self._schedule_retained_expiry()
+
     def clear_retained(self, topic: str) -> bool:
         """Remove the retained message of ``topic`` (from the store too); False if none."""
         if topic not in self.retained:
@@ -704,6 +734,14 @@ class Broker:
             self.store.write(op)
             self.write_count += 1
 
+    def track_write(self, write: defer.Deferred) -> None:
+        """Count ``write``, an asynchronous write of a seam implementation that
+        keeps its state outside the store (a clustered retained store), as a
+        store write: the next :meth:`barrier` also waits for it, and fails if
+        it fails (no acknowledgement promises what was not stored)."""
+        self.write_count += 1
+        self.pending_writes.add(write)
+
     def barrier(self, since: int) -> Optional[defer.Deferred]:
         """A Deferred for the durability of what was written after ``since``.
 
@@ -732,6 +770,10 @@ class Broker:
             pending = router.sync()
             if pending is not None:
                 done = _both(done, pending)
+        others = self.pending_writes.settled()
+        if others is not None:
+            # a retained store kept elsewhere (a cluster's) wrote asynchronously
+            done = _both(done, others)
 
         def fire(result):
             for d in waiting:
@@ -1233,7 +1275,38 @@ class Broker:
         if not session.replays:
             session.replays = collections.OrderedDict()
         session.replays.pop(sub.topic_filter, None)
+        if isinstance(cursor, defer.Deferred):
+            # a retained store elsewhere (a cluster): the replay of this filter
+            # waits in its place (later filters wait behind it) for the lookup
+            entry = (_LOOKUP_PENDING, sub.qos, sub.subscription_identifier)
+            session.replays[sub.topic_filter] = entry
+            cursor.addCallbacks(self._replay_found, self._replay_failed,
+                                callbackArgs=(session, sub.topic_filter, entry),
+                                errbackArgs=(session, sub.topic_filter, entry))
+            return
         session.replays[sub.topic_filter] = (cursor, sub.qos, sub.subscription_identifier)
+        if session.connection is not None:
+            self.drain(session)
+
+    def _replay_found(self, messages, session: Session, topic_filter: str, entry) -> None:
+        replays = session.replays
+        if replays.get(topic_filter) is not entry:
+            return  # re-subscribed (a newer lookup) or the session ended
+        replays[topic_filter] = (iter(messages), entry[1], entry[2])
+        if session.connection is not None:
+            self.drain(session)
+
+    def _replay_failed(self, failure: Failure, session: Session, topic_filter: str,
+                       entry) -> None:
+        replays = session.replays
+        if replays.get(topic_filter) is not entry:
+            return
+        del replays[topic_filter]
+        self.log_limiter.warn(
+            log, ("retained-lookup",), "Retained messages of {topic_filter} not sent to "
+            "{client_id}: the retained store failed ({error})",
+            topic_filter=topic_filter, client_id=session.client_id,
+            error=failure.getErrorMessage())
         if session.connection is not None:
             self.drain(session)
 
@@ -1252,6 +1325,8 @@ class Broker:
             self._replay_steps += 1
             topic_filter = next(iter(replays))
             cursor, max_qos, sid = replays[topic_filter]
+            if cursor is _LOOKUP_PENDING:
+                break  # an asynchronous lookup: resumed by _replay_found
             message = next(cursor, _END)
             if message is None:
                 continue  # REPLAY_NODES_PER_STEP index nodes walked, no match yet
@@ -1363,8 +1438,18 @@ class Broker:
         self._trie.add(topic_filter, local, local)
         if self.route_observer is not None:
             self.route_observer(topic_filter, local, True)
-        for message in self.retained.match(topic_filter, self.clock.seconds()):
-            self._call_local(local, message)
+        found = self.retained.match(topic_filter, self.clock.seconds())
+        if isinstance(found, defer.Deferred):
+            def deliver(messages):
+                for message in messages:
+                    self._call_local(local, message)
+            found.addCallback(deliver).addErrback(
+                lambda failure: log.failure("Retained messages of {filter} not sent to an "
+                                            "in-process subscriber", failure,
+                                            filter=topic_filter))
+        else:
+            for message in found:
+                self._call_local(local, message)
 
         def unsubscribe():
             if self._trie.remove(topic_filter, local) and self.route_observer is not None:
@@ -1381,7 +1466,10 @@ class Broker:
         without one store write per value per interval.  Returns receivers.
         """
         if message.retain:
-            self.retained.set(message)
+            stored = self.retained.set(message)
+            if stored is not None:  # a retained store elsewhere: not waited for
+                stored.addErrback(lambda failure: log.failure(
+                    "Storing the retained {topic} failed", failure, topic=message.topic))
             message = attrs.evolve(message, retain=False)
         return self.publish(message, client=None)
 
@@ -1715,10 +1803,18 @@ class Broker:
     def _retain(self, message: Message) -> None:
         topic = message.topic
         if not message.payload:
-            if self.retained.remove(topic) is not None:
+            removed = self.retained.remove(topic)
+            if removed.__class__ is defer.Deferred:
+                self.track_write(removed)  # the retained store keeps it itself
+            elif removed is not None:
                 self._write(R.DeleteRetained(topic))
             return
-        self.retained.set(message)
+        stored = self.retained.set(message)
+        if stored is not None:
+            # a retained store that keeps its messages itself (a cluster's):
+            # acknowledgements wait for its write instead of the store's
+            self.track_write(stored)
+            return
         self._write(R.PutRetained(message))
         if message.expires_at is not None:
             self._schedule_retained_expiry()

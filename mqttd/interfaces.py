@@ -164,20 +164,32 @@ class IRetainedStore(Interface):
     """The broker's retained messages (one per topic name [MQTT-3.3.1-5]).
 
     The single-node implementation is :class:`mqttd.retained.RetainedIndex`
-    (a topic trie with an expiry heap); a clustered one can share the
-    messages between nodes.  Durability is the broker's business (it writes
-    ``PutRetained`` / ``DeleteRetained`` to its store); times are the broker
-    clock's ``seconds()``.
+    (a topic trie with an expiry heap), synchronous throughout; a clustered
+    one (:mod:`mqttd.cluster.retained`) shares the messages between nodes and
+    answers ``set``/``remove``/``cursor``/``match`` with Deferreds.
+    Durability: when ``set``/``remove`` return None, the broker writes
+    ``PutRetained`` / ``DeleteRetained`` to its store; when they return a
+    Deferred, the store keeps the message itself and the broker's
+    acknowledgements wait for that Deferred (``Broker.track_write``).  Times
+    are the broker clock's ``seconds()`` (wall-clock seconds on a reactor).
     """
 
     def get(topic):
-        """The retained message of ``topic``, or None."""
+        """The retained message of ``topic``, or None (a clustered store:
+        only what this node holds in memory, e.g. its ``$SYS`` values)."""
 
     def set(message):
-        """Make ``message`` the retained message of ``message.topic``."""
+        """Make ``message`` the retained message of ``message.topic``.
+
+        :returns: None (kept in memory; the broker stores it), or a Deferred
+            firing once the store that keeps it acknowledged the write
+            (errback: not stored)."""
 
     def remove(topic):
-        """Forget the retained message of ``topic``; return it (None if none)."""
+        """Forget the retained message of ``topic``.
+
+        :returns: the message removed (None if none) when synchronous, or a
+            Deferred firing with it (or None) once the removal is stored."""
 
     def cursor(topic_filter, now=None):
         """An iterator over the messages matching the plain ``topic_filter``,
@@ -185,10 +197,12 @@ class IRetainedStore(Interface):
         ``now`` are skipped.  A leading wildcard never matches ``$`` topics
         [MQTT-4.7.2-1].  It may also yield ``None`` (no match yet) to bound
         the work of one step: the broker's replay counts each item against
-        its budget per reactor turn."""
+        its budget per reactor turn.  It may be a Deferred firing with an
+        iterable instead (the broker replays nothing of this filter, and
+        nothing of later filters, until it fires)."""
 
     def match(topic_filter, now=None):
-        """A list of what :meth:`cursor` yields."""
+        """A list of what :meth:`cursor` yields (or a Deferred firing with it)."""
 
     def next_expiry():
         """The earliest expiry time of a retained message, or None."""

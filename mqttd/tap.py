@@ -250,6 +250,10 @@ OPTIONS: List[Option] = [
     Option("cluster-inbox-maxlen", integer(1000), "Entries a node's inbox stream is "
            "trimmed to (approximately, MAXLEN ~): the backlog a slow or dead node may "
            "have before the oldest messages for it are lost.", default=1_000_000),
+    # --- all cores of one machine (mqttd.cluster.workers; see docs/cluster.rst) ---
+    Option("workers", integer(1, 1024), "With --cluster: run N worker processes (cluster "
+           "nodes <node-id>-w1..wN) sharing the listening ports (SO_REUSEPORT); this "
+           "process supervises them (restart with backoff, SIGTERM stops all).", default=1),
 ]
 
 #: Feature packages that add to the service built from the options:
@@ -261,6 +265,7 @@ FEATURES: List[str] = [
     "mqttd.admin.service:install",
     "mqttd.cluster.service:from_options",
     "mqttd.cluster.sessionservice:from_options",
+    "mqttd.cluster.retained:install",
 ]
 
 
@@ -309,6 +314,8 @@ class Options(usage.Options):
 
     def parseOptions(self, options=None):
         """Parse and validate; under ``twistd`` a bad option is one line and exit 2."""
+        #: the options as given (``--workers`` starts its workers with them)
+        self.raw_args = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as error:
@@ -380,6 +387,17 @@ class Options(usage.Options):
                 self["cluster-heartbeat"] or option("cluster-heartbeat").default):
             raise ConfigError("--cluster-node-ttl: must be at least twice --cluster-heartbeat "
                               "(one lost heartbeat must not make a node dead)")
+        if (self["workers"] or 1) > 1 and not self.get("cluster"):
+            raise ConfigError("--workers: needs --cluster (workers are cluster nodes sharing "
+                              "Redis; without it they would be separate brokers on one port)")
+        if (self["workers"] or 1) > 1 and self["node-id"]:
+            from mqttd.cluster.node import check_node_id
+            from mqttd.cluster.workers import worker_node_id
+            try:
+                check_node_id(worker_node_id(self["node-id"], self["workers"]))
+            except ValueError as error:
+                raise ConfigError(f"--node-id: with --workers the workers' ids "
+                                  f"<node-id>-w<k>: {error}") from None
         if self["admin-user"] and not (self["password-file"] or self["auth"]):
             raise ConfigError("--admin-user: needs --password-file or --auth (the admin API "
                               "checks its users with the broker's authenticator; without one "
@@ -567,6 +585,16 @@ def makeService(options: Options):
 
     sys.excepthook = _one_line_for_cannot_listen(sys.excepthook)
     settings = logs.LogSettings(options["log-level"] or "info")
+    from mqttd.cluster import workers
+    if workers.prepare_worker() is None and (options["workers"] or 1) > 1:
+        # this process supervises the workers and runs no broker itself
+        supervisor = workers.make_supervisor(options, reactor)
+        if options.parent is not None and not options.parent.get("syslog"):
+            supervisor.log_observer = logs.make_observer(
+                _log_stream(options), options["log-format"] or "text", settings)
+        if options.parent is not None:
+            install_signal_handlers(reactor, supervisor)
+        return supervisor
     store_options = {}
     if options["fsync"]:
         store_options["fsync"] = options["fsync"]

@@ -15,6 +15,10 @@ session claim, the store, the retained store).  Layout:
   into the local broker.
 - :mod:`mqttd.cluster.service` — ``ClusterService``, wiring under
   ``twistd mqttd --cluster URL``.
+- :mod:`mqttd.cluster.retained` — retained messages in Redis with a
+  per-level index (wildcard SUBSCRIBE costs O(matching retained)).
+- :mod:`mqttd.cluster.workers` — ``--workers N``: N cluster nodes on one
+  machine sharing the listening ports, under one supervisor.
 
 See docs/cluster.rst.
 """
