@@ -33,8 +33,9 @@ import attrs
 
 #: PBKDF2-SHA512 iterations written by ``mqttd passwd`` (mosquitto writes 101,
 #: ~1000x fewer).  One check costs 0.1-0.3 s of one core on the 2-core
-#: development machine; checks run in the reactor's thread pool, never on the
-#: reactor thread, and successful ones are cached (see PasswordFileChecker).
+#: development machine; checks run in a bounded pool of their own, never on the
+#: reactor thread (mqttd.auth.gate), and successful ones are cached (see
+#: PasswordFileChecker).
 DEFAULT_ITERATIONS = 100_000
 #: SCRAM-SHA-256 iterations written by ``mqttd passwd --scram`` (RFC 7677
 #: requires >= 4096; every SCRAM login costs one such PBKDF2 on the client)
