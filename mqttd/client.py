@@ -73,11 +73,19 @@ class NotConnected(Exception):
 
 
 def reason_text(reason, default: str) -> str:
-    """A short text for a connectionLost ``Failure``."""
+    """A short text for a connectionLost ``Failure``: ``default: ErrorClass``,
+    with OpenSSL's reasons when TLS failed (``Error (certificate verify
+    failed)``) so a refused certificate says so."""
     value = getattr(reason, "value", None)
     if value is None:
         return default
-    return f"{default}: {value.__class__.__name__}"
+    text = f"{default}: {value.__class__.__name__}"
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):   # OpenSSL.SSL.Error: [(lib, func, reason)]
+        reasons = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
+        if reasons:
+            text += f" ({'; '.join(reasons)})"
+    return text
 
 
 # --- retry policies (ClientService retryPolicy callables) -------------------------

@@ -140,7 +140,7 @@ OPTIONS: List[Option] = [
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
     Option("bridge-dedup-window", number(0), "MQTT 3.1.1 mesh loop guard: seconds a "
-           "message is remembered by topic, payload, QoS and retain with the link it came "
+           "message is remembered by topic and payload with the link it came "
            "from; a copy coming back over a bridge it was forwarded to is dropped "
            "(see docs/bridge.rst); 0 = off.", default=2.0),
     Option("queue-qos0", flag, "Queue QoS 0 messages for offline persistent sessions.",

@@ -35,7 +35,8 @@ trees.  mosquitto forwards the properties unchanged but does not check them.
 
 **MQTT 3.1.1 links** (on by default: ``--bridge-dedup-window S``, default
 :data:`DEFAULT_DEDUP_WINDOW` s; ``0`` turns it off): each mqttd remembers, for
-``S`` seconds, a fingerprint (topic, payload, QoS, retain) of every message it
+``S`` seconds, a fingerprint (topic and payload -- not QoS or retain, which a
+topic line or a remote may change on the way round) of every message it
 accepted and *the link it came from* (one of its bridges, a bridging broker's
 connection, or none: a local publisher).  A message arriving over bridge link
 ``L`` is dropped when its fingerprint was accepted within ``S`` seconds from
@@ -157,7 +158,10 @@ class MeshGuard:
         if self.dedup_window:
             from_bridge = client is not None and getattr(client, "bridge", False)
             link = client.client_id if from_bridge else None
-            key = (message.topic, message.payload, message.qos, message.retain)
+            # topic and payload only: a copy that went round may come back at
+            # the links' QoS (topic lines downgrade it) and without its retain
+            # flag (a remote without the bridge bit clears it)
+            key = (message.topic, message.payload)
             if self.clock is None:   # used without attach(): the global reactor's time
                 from twisted.internet import reactor
                 self.clock = reactor

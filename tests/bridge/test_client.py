@@ -151,3 +151,15 @@ def test_subscriptions_are_renewed_when_the_server_lost_the_session():
     again.send(Connack(False, 0))
     (resub,) = again.received()
     assert isinstance(resub, Subscribe) and resub.subscriptions[0].topic_filter == "a/#"
+
+
+def test_a_tls_failure_reason_names_openssls_reason():
+    """A bridge whose TLS handshake fails says why (certificate verify failed), not just 'Error' (REVIEW-BRIDGE 9a)."""
+    from OpenSSL import SSL
+    from twisted.python.failure import Failure
+
+    from mqttd.client import reason_text
+    error = SSL.Error([("SSL routines", "", "certificate verify failed")])
+    assert reason_text(Failure(error), "connection lost before CONNACK") == (
+        "connection lost before CONNACK: Error (certificate verify failed)")
+    assert reason_text(Failure(ValueError("x")), "lost") == "lost: ValueError"

@@ -538,3 +538,17 @@ def test_failed_reconnect_attempts_log_one_rate_limited_line(net):
     assert "B is down" in failed[0] and "next attempt in" in failed[0]
     assert "more failed attempts not logged" in failed[1]
     assert "B is down" in manager.stats["A-B"].last_error
+
+
+def test_v3_triangle_with_qos_downgraded_on_the_links_delivers_once(net):
+    """A copy that went round comes back at the links' QoS (2 -> 1), not the publisher's: still recognised, each broker gets it once."""
+    brokers = {n: net.broker(n) for n in "ABC"}
+    got = {n: Collector(b, "#") for n, b in brokers.items()}
+    managers = [net.bridge(x, y, ["# both 1"]) for x, y in (("A", "B"), ("B", "C"), ("C", "A"))]
+    net.settle()
+    for n, broker in brokers.items():
+        broker.publish_message(f"from/{n}", n.encode(), qos=2)
+    net.settle(5)
+    for n in "ABC":
+        assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
+    assert sum(m.mesh.dropped["v3-duplicate"] for m in managers) > 0
