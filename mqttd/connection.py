@@ -122,7 +122,7 @@ class ClientConnection:
         "_stats", "_assigned", "_connect_packet", "_keepalive", "_keepalive_call",
         "_held", "_hold_call", "_waiting", "_bucket", "_rate_call", "_pending", "_stash",
         "_inflight_in", "_client_max_packet", "_in_aliases", "_out_aliases", "_receive_max",
-        "_public_only", "_claiming", "_will_on_close", "__dict__", "__weakref__")
+        "_public_only", "_claiming", "__dict__", "__weakref__")
 
     #: a listener that authenticates clients itself (a TLS listener with
     #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
@@ -199,7 +199,6 @@ class ClientConnection:
         self._paused = False
         #: waiting for the broker's claim_session answer (the session seam)
         self._claiming = False
-        self._will_on_close = True
         #: the broker's write count when the current packet's handling began
         self._mark = 0
         self._last_received = clock.seconds()
