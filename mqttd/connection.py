@@ -1602,6 +1602,10 @@ class ClientConnection:
         return answered
 
     def _next_turn(self) -> defer.Deferred:
+        """Fires in the next reactor turn.  The client is not idle meanwhile: the
+        broker is busy with its packet, so its keepalive is counted from now
+        [MQTT-3.1.2-22] (as after a hook's answer, see :meth:`_resume_input`)."""
+        self._last_received = self.clock.seconds()
         turn = defer.Deferred()
         self.clock.callLater(0, turn.callback, None)
         return turn

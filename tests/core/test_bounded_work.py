@@ -300,3 +300,33 @@ def test_one_replay_step_walks_a_bounded_part_of_a_wide_retained_index(monkeypat
     assert not session.replays
     assert _publishes(client) == ["wide/1999/match"]
     assert broker.retained.match("wide/+/match") == [broker.retained.get("wide/1999/match")]
+
+
+def test_a_client_is_not_idle_while_its_long_subscribe_is_handled(monkeypatch):
+    """Its keepalive runs from the last slice, not from the packet's arrival: a SUBSCRIBE
+    that takes the broker longer than 1.5 keepalives does not cost the client its
+    connection."""
+    from twisted.internet import defer
+
+    from mqttd.codec.packets import Disconnect
+    _slicing(monkeypatch)
+    broker, clock = make_broker(max_topic_filters_per_packet=0)
+    answers = []
+
+    def authorize_subscribe(client, topic_filter, qos):
+        answers.append(defer.Deferred())
+        return answers[-1]
+    broker.authorize_subscribe = authorize_subscribe
+    client = FakeClient(broker, clock, level=5)
+    client.connect("slow", keepalive=10)
+    client.send(Subscribe(1, tuple(Subscription(f"x/{i}", 0) for i in range(25))))
+    for _ in range(3):                                   # each slice's hook takes 8 s
+        clock.advance(8)
+        for d in answers:
+            if not d.called:
+                d.callback(True)
+        clock.advance(0)
+    packets = client.received()
+    assert [type(p) for p in packets] == [Suback]
+    assert not any(isinstance(p, Disconnect) for p in packets)
+    assert not client.disconnecting
