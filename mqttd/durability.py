@@ -20,12 +20,12 @@ No clock, no reactor.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-__all__ = ["PendingWrites"]
+__all__ = ["PendingWrites", "fire_waiters"]
 
 
 class PendingWrites:
@@ -76,3 +76,21 @@ class PendingWrites:
         done.addErrback(lambda failure: failure.value.subFailure)
         done.addCallback(lambda _: None)
         return done
+
+
+def fire_waiters(waiters: List[Tuple[int, defer.Deferred]], upto: int,
+                 failure: Optional[Failure] = None) -> List[Tuple[int, defer.Deferred]]:
+    """Fire the ``(seq, Deferred)`` waiters whose write sequence number is at
+    most ``upto`` (errback with ``failure`` when given); returns the others,
+    in order.  For writers that number their batches (the cluster's router and
+    route table): a waiter asked "is everything up to my ``seq`` written?"."""
+    keep = []
+    for seq, d in waiters:
+        if seq <= upto:
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)
+        else:
+            keep.append((seq, d))
+    return keep

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from mqttd.cluster.backend import BackendError
 from mqttd.cluster.keys import Keys
 from mqttd.codec.properties import decode_properties, encode_properties
+from mqttd.durability import fire_waiters
 from mqttd.messages import SYS_ORIGIN, Message
 from mqttd.ratelimit import LogRateLimiter
 
@@ -251,16 +252,7 @@ class Router:
         return both(mine, routes)
 
     def _fire(self, upto: int, failure: Optional[Failure] = None) -> None:
-        keep = []
-        for seq, d in self._waiters:
-            if seq <= upto:
-                if failure is None:
-                    d.callback(None)
-                else:
-                    d.errback(failure)
-            else:
-                keep.append((seq, d))
-        self._waiters = keep
+        self._waiters = fire_waiters(self._waiters, upto, failure)
 
     def _flush(self) -> None:
         self._flush_call = None

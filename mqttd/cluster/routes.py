@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from mqttd import topics
 from mqttd.cluster.backend import BackendError
 from mqttd.cluster.keys import Keys
+from mqttd.durability import fire_waiters
 from mqttd.ratelimit import LogRateLimiter
 from mqttd.topics import SubscriptionTrie
 
@@ -156,16 +157,7 @@ class RouteTable:
         return d
 
     def _fire_waiters(self, upto: int, failure=None) -> None:
-        keep = []
-        for seq, d in self._sync_waiters:
-            if seq <= upto:
-                if failure is None:
-                    d.callback(None)
-                else:
-                    d.errback(failure)
-            else:
-                keep.append((seq, d))
-        self._sync_waiters = keep
+        self._sync_waiters = fire_waiters(self._sync_waiters, upto, failure)
 
     def _flush(self) -> None:
         self._flush_call = None
