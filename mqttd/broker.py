@@ -45,7 +45,7 @@ from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.lifecycle import NEVER_EXPIRES, SessionLifecycle
 from mqttd.messages import Message, with_subscription_ids, with_user_properties
 from mqttd.metrics import BrokerStats
-from mqttd.ratelimit import LogRateLimiter, refusal_key
+from mqttd.ratelimit import BucketMemory, LogRateLimiter, refusal_key
 from mqttd.retained import RetainedIndex
 from mqttd.retaining import REPLAY_NODES_PER_STEP, REPLAY_STEPS_PER_TURN, Retaining
 from mqttd.routing import ONLY_SHARES, SKIP_SHARES, Routing
@@ -133,6 +133,9 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
         self.log_limiter = LogRateLimiter(clock)
+        #: inbound rate buckets left by closed connections (--max-inbound-rate):
+        #: a reconnect continues from them rather than from a full bucket
+        self.inbound_memory = BucketMemory()
         #: callables(client_id, reason, text) told of every drop and refusal
         self.incident_listeners: List[Callable[[str, str, str], None]] = []
         #: sessions with a connection attached now

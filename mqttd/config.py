@@ -146,9 +146,11 @@ class BrokerConfig:
     #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
     max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
     #: inbound PUBLISH packets per second per client (token bucket, burst of
-    #: one second); over it the connection's reads pause; 0 = no limit
+    #: one second, charged per packet); over it the connection's reads pause
+    #: and what it had read waits; a reconnect continues from the bucket the
+    #: last connection of that client id or host left; 0 = no limit
     max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
-    #: inbound bytes per second per client (same bucket rules); 0 = no limit
+    #: inbound PUBLISH bytes per second per client (same bucket rules); 0 = no limit
     max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
     #: seconds a subscriber that used up max_publisher_pause must stay healthy
     #: (after its queue was empty) before it may hold publishers again
