@@ -29,7 +29,7 @@ __all__ = ["Mosquitto", "Mqttd", "Client", "PORT_ATTEMPTS", "PortInUse", "free_p
            "start_on_free_port", "wait_for"]
 
 
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = ""):
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
