@@ -160,7 +160,8 @@ class Reaper:
             cursor, members = reply[0], reply[1]
             for member in members:
                 client_id = _text(member)
-                done = yield self._adopt(node, client_id)
+                # never side by side with a claim of the same client here
+                done = yield self.sessions.exclusive(client_id, self._adopt, node, client_id)
                 if done:
                     adopted.add(client_id)
             if _text(cursor) == "0":
@@ -190,8 +191,10 @@ class Reaper:
                                    client_id)
         loaded = yield self.backend.run("session_load", session_keys(self.prefix, client_id),
                                         [self.node_id, epoch])
-        if _text(loaded[0]) == "F":
-            self.store.epochs.pop(client_id, None)
+        if _text(loaded[0]) == "F" or self.store.epochs.get(client_id) != epoch:
+            # claimed meanwhile (a kick from another node): not ours to install
+            if self.store.epochs.get(client_id) == epoch:
+                del self.store.epochs[client_id]
             return False
         stored = self.sessions.stored_session(client_id, loaded[1], loaded[3], loaded[4],
                                               loaded[5])
