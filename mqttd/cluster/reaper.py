@@ -366,16 +366,26 @@ class InboxReplay:
 
     @defer.inlineCallbacks
     def forget(self, dead: str, deliver, sync):
-        """Reset the dead node's routes, wait, take what still came, delete its inbox."""
+        """Reset the dead node's routes, wait, take what still came, delete its inbox.
+
+        A node id that is alive again (restarted meanwhile: its heartbeat key
+        is back) keeps its routes and its inbox: they are its new
+        incarnation's."""
         from mqttd.cluster.routes import RESET_OP
+        if (yield self._back(dead)):
+            return 0
         version = yield self.backend.execute("INCR", self.keys.route_version(dead))
         yield self.backend.execute("DEL", self.keys.routes(dead))
         yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
                                    "*", "n", dead, "v", version, "o", RESET_OP)
         yield _sleep(self.clock, self.settle)
         late = yield self._unread(self.keys.inbox(dead), deliver, sync)
-        yield self.backend.execute("DEL", self.keys.inbox(dead))
+        if not (yield self._back(dead)):
+            yield self.backend.execute("DEL", self.keys.inbox(dead))
         return late
+
+    def _back(self, node: str) -> defer.Deferred:
+        return self.backend.execute("EXISTS", self.keys.alive(node)).addCallback(bool)
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:
