@@ -219,8 +219,10 @@ class ClusterSessions:
                 yield self._kick(old_node, client_id, epoch, ended)
             else:
                 self._dead_owners_will(client_id, old_will, old_online, ended)
-        elif expired:
-            # ours, and expired on Redis's clock before our own timer fired
+        elif expired and broker.sessions.get(client_id) is None \
+                and client_id not in broker.wills:
+            # ours by Redis, unknown here (an earlier incarnation's): its will
+            # is due; a session still held here ends below (its own will)
             self._dead_owners_will(client_id, old_will, old_online, True)
         if self._kicked.get(client_id, 0) > epoch:
             return self._lost(client_id, epoch)
