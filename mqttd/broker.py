@@ -16,7 +16,7 @@ import collections
 import errno
 import itertools
 import uuid
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -340,7 +340,9 @@ class Broker:
                                              config.max_queued_bytes))
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
-        self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
+        #: event -> its observers, a tuple replaced (never changed) on (un)register,
+        #: so emit iterates it without a copy
+        self._observers: Dict[str, Tuple[Callable, ...]] = {name: () for name in EVENTS}
         #: callables ``filter(message, client) -> Message | None`` (see add_publish_filter)
         self._publish_filters: List[Callable] = []
         #: client id -> (owner, token) of internal sessions (see reserve_client_id)
@@ -496,12 +498,13 @@ class Broker:
         """
         if event not in self._observers:
             raise ValueError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
-        observers = self._observers[event]
-        observers.append(callback)
+        self._observers[event] += (callback,)
 
         def unregister():
+            observers = self._observers[event]
             if callback in observers:
-                observers.remove(callback)
+                i = observers.index(callback)
+                self._observers[event] = observers[:i] + observers[i + 1:]
         return unregister
 
     def observe(self, callbacks: Dict[str, Callable]) -> Callable[[], None]:
@@ -515,7 +518,7 @@ class Broker:
         return unregister_all
 
     def emit(self, event: str, **fields) -> None:
-        for callback in list(self._observers[event]):
+        for callback in self._observers[event]:
             try:
                 callback(**fields)
             except Exception:
@@ -1569,6 +1572,16 @@ class Broker:
             cache = {}
         remote = router.forward(message, cache)
         return self._dispatch(message, cache) + remote
+
+    def reaches_anyone(self, topic: str) -> bool:
+        """Whether a message published to ``topic`` now could reach anyone: a
+        local subscription (client or in-process) whose filter matches, another
+        node (a remote router is installed), a ``published`` observer or a
+        publish filter.  False lets a producer of optional messages (the
+        per-client ``$SYS`` events) skip building one nobody would get."""
+        if self.router is not None or self._publish_filters or self._observers["published"]:
+            return True
+        return bool(self._trie.match(topic))
 
     def add_remote_router(self, router) -> None:
         """Install the remote router (one at most): after a message's local
