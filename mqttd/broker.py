@@ -357,6 +357,9 @@ class Broker:
         #: asynchronous writes of seam implementations (see :meth:`track_write`)
         self.pending_writes = PendingWrites()
         self._turn_sync: Optional[list] = None
+        #: store syncs started by barriers (a barrier taken while this count is
+        #: unchanged waits for the same sync)
+        self.sync_turns = 0
         self._drop_logged: Dict[tuple, float] = {}
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
@@ -765,6 +768,7 @@ class Broker:
 
     def _sync_turn(self) -> None:
         waiting, self._turn_sync = self._turn_sync, None
+        self.sync_turns += 1
         done = self.store.sync()
         router = self.router
         if router is not None:
