@@ -37,7 +37,8 @@ The counts exclude the broker's own ``$SYS`` traffic (its messages carry
 **mosca's topics** stay as they were: ``$SYS/<id>/new/clients`` (the client id
 of each client that connects), ``$SYS/<id>/disconnect/clients``,
 ``$SYS/<id>/new/subscribes`` and ``new/unsubscribes`` (JSON
-``{"clientId", "topic"}``), and every interval ``$SYS/<id>/uptime``,
+``{"clientId", "topic"}``; not retained, so built only while someone can receive
+them, see :meth:`~mqttd.broker.Broker.reaches_anyone`), and every interval ``$SYS/<id>/uptime``,
 ``clients/connected``, ``clients/sessions``, ``messages/received``,
 ``messages/sent``, ``messages/dropped``, ``retained/count`` and
 ``subscriptions/count``.  Clients cannot publish into ``$SYS``.
@@ -143,20 +144,27 @@ class SysTopics:
         self.broker.publish(Message(self.prefix + suffix, payload.encode("utf-8"),
                                     origin=SYS_ORIGIN), client=None)
 
+    # The per-client events are published only when someone can get them (they are
+    # not retained, so a message nobody matches is lost anyway): a storm of
+    # connections without a $SYS subscriber builds no message and no JSON.
+
     def _connected(self, client, **_):
-        self._publish("new/clients", client.client_id)
+        if self.broker.reaches_anyone(self.prefix + "new/clients"):
+            self._publish("new/clients", client.client_id)
 
     def _disconnected(self, client, **_):
-        if client is not None:
+        if client is not None and self.broker.reaches_anyone(self.prefix + "disconnect/clients"):
             self._publish("disconnect/clients", client.client_id)
 
     def _subscribed(self, topic, client, **_):
-        self._publish("new/subscribes",
-                      json.dumps({"clientId": client.client_id, "topic": topic}))
+        if self.broker.reaches_anyone(self.prefix + "new/subscribes"):
+            self._publish("new/subscribes",
+                          json.dumps({"clientId": client.client_id, "topic": topic}))
 
     def _unsubscribed(self, topic, client, **_):
-        self._publish("new/unsubscribes",
-                      json.dumps({"clientId": client.client_id, "topic": topic}))
+        if self.broker.reaches_anyone(self.prefix + "new/unsubscribes"):
+            self._publish("new/unsubscribes",
+                          json.dumps({"clientId": client.client_id, "topic": topic}))
 
     # --- the periodic values ----------------------------------------------------------
 
@@ -237,7 +245,7 @@ class SysTopics:
             "bytes/received": stats.bytes_received,
             "bytes/sent": stats.bytes_sent,
             "subscriptions/count": subscriptions,
-            "retained messages/count": retained,
+            "retained messages/count": _retained_count(broker),
         }
         rss = resident_memory()
         self._heap_peak = max(self._heap_peak, peak_resident_memory(), rss or 0)
@@ -260,8 +268,10 @@ class SysTopics:
 
 
 def _retained_count(broker) -> int:
-    """Retained messages of clients (the volatile ``$SYS`` ones not counted)."""
-    return sum(1 for topic in list(broker.retained) if not topic.startswith("$SYS"))
+    """Retained messages of clients (the volatile ``$SYS`` ones not counted;
+    in a cluster: all nodes' together)."""
+    from mqttd.retained import client_retained_count
+    return client_retained_count(broker.retained)
 
 
 def _message_bytes(message) -> int:
