@@ -78,8 +78,12 @@ class Reaper:
         self.lock_ms = lock_ms
         self.batch = batch
         self._reaping = set()
-        self._live_boot = b""
+        #: node being reaped -> client ids no longer its (off its session list)
+        self._reaped_ids = {}
+        #: node being reaped -> the boot id of its live incarnation (b"": none)
+        self._live_boots = {}
         self.backend.register("reaper_unlock", UNLOCK)
+        self.backend.register("reaper_release", RELEASE)
         self.adopted = 0
         self.ended = 0
         self.wills = 0
@@ -115,7 +119,7 @@ class Reaper:
             return False
         # the node id may be back as a new incarnation: its sessions stay its own
         live_boot = yield self.backend.execute("GET", self.alive_key(node))
-        self._live_boot = live_boot or b""
+        self._live_boots[node] = live_boot or b""
         log.info("Node {node} is dead; reaping it (its wills, sessions and inbox)",
                  node=node)
         renew = self.clock.callLater(self.lock_ms / 3000.0, self._renew, node)
@@ -131,11 +135,19 @@ class Reaper:
                 late = yield self.forget_node(node, self.deliver_to(adopted),
                                               self.store.sync)
                 self.replayed += late or 0
-            if not self._live_boot:
-                # no longer a member: the others stop looking at it
+            # the dead incarnation's session list goes -- unless the node id is
+            # alive again (a new incarnation: its list is its own; only what
+            # was reaped leaves it); checked in Redis at the moment of the change
+            gone = yield self.backend.run(
+                "reaper_release", [self.alive_key(node), node_sessions_key(self.prefix, node)],
+                list(self._reaped_ids.get(node, ())))
+            if gone:
+                # no longer a member: the others stop looking at it (a node
+                # that comes back adds itself again: node.py)
                 yield self.backend.execute("SREM", f"{self.prefix}nodes", node)
-            yield self.backend.execute("DEL", node_sessions_key(self.prefix, node))
         finally:
+            self._live_boots.pop(node, None)
+            self._reaped_ids.pop(node, None)
             call = self._renew_calls.pop(node, None)
             if call is not None and call.active():
                 call.cancel()
@@ -154,6 +166,7 @@ class Reaper:
     def _adopt_all(self, node: str):
         key = node_sessions_key(self.prefix, node)
         adopted = set()
+        self._reaped_ids[node] = []
         cursor = b"0"
         while True:
             reply = yield self.backend.execute("SSCAN", key, cursor, "COUNT", self.batch)
@@ -170,9 +183,12 @@ class Reaper:
     @defer.inlineCallbacks
     def _adopt(self, node: str, client_id: str):
         reply = yield self.backend.run("session_adopt", session_keys(self.prefix, client_id),
-                                       [node, self.node_id, self._live_boot,
+                                       [node, self.node_id, self._live_boots.get(node, b""),
                                         self.sessions.boot])
         status = _text(reply[0])
+        if status != "skip" or _text(reply[1]) != node:
+            # not (or no longer) the dead node's: off its list
+            self._reaped_ids.setdefault(node, []).append(client_id)
         if status == "skip":
             return False
         if status == "ended":
@@ -380,6 +396,21 @@ def _sleep(clock, seconds: float) -> defer.Deferred:
     clock.callLater(seconds, d.callback, None)
     return d
 
+
+#: the end of a reap (KEYS alive, the dead node's session list; ARGV the
+#: client ids reaped): if the node id is not alive the list goes and 1 says
+#: "remove it from the members"; if it is alive again (a new incarnation) only
+#: the reaped ids leave its list and 0 keeps it a member
+RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+for i = 1, #ARGV, 500 do
+  redis.call('SREM', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+return 0
+"""
 
 #: release the reaper lock only if we still hold it
 UNLOCK = """

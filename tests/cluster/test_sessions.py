@@ -334,6 +334,37 @@ def test_reaper_leaves_the_sessions_of_a_node_ids_new_incarnation_alone(redis_se
         assert "from-old-boot" in b.broker.sessions
         assert "from-new-boot" not in b.broker.sessions
         assert redis_server.cli("HGET", "mqttd:{c:from-new-boot}:s", "node").strip() == "A"
+        # its session list keeps what the new incarnation claimed (else its
+        # sessions would never be reaped if it died in turn)
+        assert redis_server.cli("SMEMBERS", "mqttd:{n:A}:sessions").split() == [
+            "from-new-boot"]
+    aio(run)
+
+
+def test_a_node_that_comes_back_while_being_reaped_stays_a_member(redis_server, aio):
+    """REVIEW-CLUSTER F5: the reaper judged the node dead seconds earlier; if it is alive
+    when the reaper ends, it must stay in mqttd:nodes (else its death is never reaped)."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        a.sessions.boot = "boot-1"
+        await connect(a, a.client(), "reaped-while-back")
+        await settle(a)
+        redis_server.cli("SADD", "mqttd:nodes", "A", "B")
+        b = Node(redis_server.url, "B", nodes, alive)
+
+        def comes_back(node, deliver, sync):
+            # during the reap (the routes' settle time) A re-joins as boot-2
+            # and claims a session
+            redis_server.cli("SET", "mqttd:{n:A}:alive", "boot-2")
+            redis_server.cli("SADD", "mqttd:{n:A}:sessions", "claimed-by-boot-2")
+            return defer.succeed(0)
+        assert await wait(Reaper(b.sessions, forget_node=comes_back).reap("A"))
+        await settle(b)
+        assert "reaped-while-back" in b.broker.sessions
+        assert sorted(redis_server.cli("SMEMBERS", "mqttd:nodes").split()) == ["A", "B"]
+        assert redis_server.cli("SMEMBERS", "mqttd:{n:A}:sessions").split() == [
+            "claimed-by-boot-2"]
     aio(run)
 
 
