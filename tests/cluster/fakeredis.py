@@ -47,9 +47,10 @@ class FakeBackend:
             return d
         return defer.succeed(fn())
 
-    def resume(self):
-        """The link answers again: every hung call runs now, in order."""
-        self.hang = False
+    def resume(self, hang_again=False):
+        """The link answers again: every hung call runs now, in order (``hang_again``:
+        the calls their answers trigger hang in turn)."""
+        self.hang = hang_again
         hung, self.hung = self.hung, []
         for d, fn in hung:
             d.callback(fn())

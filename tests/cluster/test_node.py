@@ -240,3 +240,24 @@ def test_a_live_node_removed_from_the_member_set_adds_itself_back():
     clock.advance(1.0)
     assert b"a" in backend.data[Keys().nodes()]
     assert node.stats["membership_repairs"] == 1
+
+
+def test_a_join_answered_too_late_rejoins_but_stays_fenced_until_a_fresh_beat():
+    """A JOIN sent during a hang and answered after it: the node is a member again but
+    serves only once a fresh heartbeat is acknowledged."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    backend.down = True
+    clock.pump([1.0] * 7)                  # fenced; the key expired at t = 5
+    backend.down = False
+    backend.hang = True                    # the beat of t = 8 hangs (key gone: re-join)
+    clock.advance(1.0)
+    backend.resume(hang_again=True)        # BEAT answers 0, the JOIN goes out and hangs
+    assert not node.joined and len(backend.hung) == 1
+    clock.pump([1.0] * 6)
+    backend.resume()                       # the JOIN sent at t = 8 is answered at t = 14
+    assert node.joined and node.fenced
+    assert events[-1][0] == "rejoined"
+    clock.advance(1.0)
+    assert not node.fenced
