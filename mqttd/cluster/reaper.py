@@ -313,6 +313,8 @@ class InboxReplay:
         self.clock = clock
         self.batch = batch
         self.settle = settle
+        backend.register("reaper_reset_routes", RESET_ROUTES)
+        backend.register("reaper_del_inbox", DEL_INBOX)
 
     @defer.inlineCallbacks
     def replay(self, dead: str, deliver, sync):
@@ -388,20 +390,19 @@ class InboxReplay:
         is back) keeps its routes and its inbox: they are its new
         incarnation's."""
         from mqttd.cluster.routes import RESET_OP
-        if (yield self._back(dead)):
+        alive = self.keys.alive(dead)
+        # each change checks in Redis, in the same script, that the node id is
+        # still dead (the reaper lock keeps it from re-joining meanwhile)
+        version = yield self.backend.run("reaper_reset_routes", [
+            alive, self.keys.routes(dead), self.keys.route_version(dead)])
+        if not version:
             return 0
-        version = yield self.backend.execute("INCR", self.keys.route_version(dead))
-        yield self.backend.execute("DEL", self.keys.routes(dead))
         yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
                                    "*", "n", dead, "v", version, "o", RESET_OP)
         yield _sleep(self.clock, self.settle)
         late = yield self._unread(self.keys.inbox(dead), deliver, sync)
-        if not (yield self._back(dead)):
-            yield self.backend.execute("DEL", self.keys.inbox(dead))
+        yield self.backend.run("reaper_del_inbox", [alive, self.keys.inbox(dead)])
         return late
-
-    def _back(self, node: str) -> defer.Deferred:
-        return self.backend.execute("EXISTS", self.keys.alive(node)).addCallback(bool)
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:
@@ -423,6 +424,21 @@ for i = 1, #ARGV, 500 do
   redis.call('SREM', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
 end
 return 0
+"""
+
+#: KEYS alive, routes, route version: a dead node's routes go (and its
+#: version is bumped for the ``reset`` feed entry) only if it is still dead;
+#: false if it is alive again
+RESET_ROUTES = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+redis.call('DEL', KEYS[2])
+return redis.call('INCR', KEYS[3])
+"""
+
+#: KEYS alive, inbox: a dead node's inbox goes only if it is still dead
+DEL_INBOX = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('DEL', KEYS[2])
 """
 
 #: release the reaper lock only if we still hold it

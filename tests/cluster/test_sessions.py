@@ -400,3 +400,34 @@ def test_a_client_gone_during_its_claim_leaves_its_session_offline(redis_server,
         assert redis_server.cli("EXISTS", "mqttd:{c:hasty-clean}:s").strip() == "0"
         assert redis_server.cli("HGET", "mqttd:{c:hasty-kept}:s", "online").strip() == "0"
     aio(run)
+
+
+def test_the_reaper_forgets_routes_and_inbox_only_of_a_node_id_still_dead(redis_server, aio):
+    """REVIEW-CLUSTER F5: the check and the deletion are one script, so a node id alive
+    again keeps the route set and the inbox its new incarnation uses."""
+    from mqttd.cluster.keys import Keys
+    from mqttd.cluster.reaper import InboxReplay
+
+    async def run():
+        keys = Keys()
+        backend = Backend(redis_server.url, name="forget")
+        inbox = InboxReplay(backend, keys, "B", Clock(), settle=0)
+        for node in ("X", "Y"):
+            redis_server.cli("SADD", keys.routes(node), "t/#")
+            redis_server.cli("XADD", keys.inbox(node), "*", "e", "x")
+            redis_server.cli("XGROUP", "CREATE", keys.inbox(node), "mqttd", "$")
+        redis_server.cli("SET", keys.alive("Y"), "boot-2")   # Y is back, X is not
+        for node in ("X", "Y"):
+            d = inbox.forget(node, lambda message, only=None: 0, lambda: defer.succeed(None))
+            for _ in range(300):
+                if d.called:
+                    break
+                await asyncio.sleep(0.01)
+                inbox.clock.advance(0.1)
+            await wait(d)
+        assert redis_server.cli("EXISTS", keys.routes("X")).strip() == "0"
+        assert redis_server.cli("EXISTS", keys.inbox("X")).strip() == "0"
+        assert redis_server.cli("SMEMBERS", keys.routes("Y")).split() == ["t/#"]
+        assert redis_server.cli("XLEN", keys.inbox("Y")).strip() == "1"
+        await wait(backend.close())
+    aio(run)
