@@ -78,12 +78,15 @@ class Reaper:
         self.lock_ms = lock_ms
         self.batch = batch
         self._reaping = set()
+        #: node being reaped -> the timer renewing its reaper lock
+        self._renew_calls = {}
         #: node being reaped -> client ids no longer its (off its session list)
         self._reaped_ids = {}
         #: node being reaped -> the boot id of its live incarnation (b"": none)
         self._live_boots = {}
         self.backend.register("reaper_unlock", UNLOCK)
         self.backend.register("reaper_release", RELEASE)
+        self.backend.register("reaper_renew", RENEW)
         self.adopted = 0
         self.ended = 0
         self.wills = 0
@@ -97,7 +100,8 @@ class Reaper:
 
     def reap(self, node: str) -> defer.Deferred:
         """Reap ``node`` if no one else does; fires with True if this node did."""
-        if node == self.node_id or node in self._reaping:
+        if node == self.node_id or node in self._reaping or self.sessions.is_fenced():
+            # a fenced node reaps no one: it may be the one cut off
             return defer.succeed(False)
         self._reaping.add(node)
         d = self._reap(node)
@@ -117,13 +121,16 @@ class Reaper:
                                          "PX", self.lock_ms)
         if not won:
             return False
+        if self.sessions.is_fenced():
+            yield self.backend.run("reaper_unlock", [self.lock_key(node)], [self.node_id])
+            return False
         # the node id may be back as a new incarnation: its sessions stay its own
         live_boot = yield self.backend.execute("GET", self.alive_key(node))
         self._live_boots[node] = live_boot or b""
         log.info("Node {node} is dead; reaping it (its wills, sessions and inbox)",
                  node=node)
-        renew = self.clock.callLater(self.lock_ms / 3000.0, self._renew, node)
-        self._renew_calls = {node: renew}
+        self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
+                                                       node)
         try:
             adopted = yield self._adopt_all(node)
             if self.replay_inbox is not None:
@@ -157,8 +164,15 @@ class Reaper:
         return True
 
     def _renew(self, node: str) -> None:
-        self.backend.execute("SET", self.lock_key(node), self.node_id, "PX",
-                             self.lock_ms).addErrback(lambda _f: None)
+        if node not in self._renew_calls:
+            return
+        if self.sessions.is_fenced():
+            # cut off from Redis ourselves: let the lock lapse, so the node can
+            # re-join (the reap's remaining steps check it is still dead)
+            self._renew_calls.pop(node, None)
+            return
+        self.backend.run("reaper_renew", [self.lock_key(node)],
+                         [self.node_id, self.lock_ms]).addErrback(lambda _f: None)
         self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
                                                         node)
 
@@ -439,6 +453,14 @@ return redis.call('INCR', KEYS[3])
 DEL_INBOX = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 return redis.call('DEL', KEYS[2])
+"""
+
+#: renew the reaper lock only if we still hold it (never take over another's)
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 """
 
 #: release the reaper lock only if we still hold it

@@ -431,3 +431,32 @@ def test_the_reaper_forgets_routes_and_inbox_only_of_a_node_id_still_dead(redis_
         assert redis_server.cli("XLEN", keys.inbox("Y")).strip() == "1"
         await wait(backend.close())
     aio(run)
+
+
+def test_reaping_two_nodes_at_once_releases_both_locks_for_good(redis_server, aio):
+    """After a Redis stall a node reaps several peers at once: each reaper lock must end
+    with its reap (a lock renewed forever kept its node from ever re-joining)."""
+    async def run():
+        nodes, alive = {}, {"B": True}
+        b = Node(redis_server.url, "B", nodes, alive)
+        reaper = Reaper(b.sessions, lock_ms=600)
+        results = await asyncio.gather(wait(reaper.reap("X")), wait(reaper.reap("Y")))
+        assert results == [True, True]
+        for _ in range(10):                  # several renew periods (lock_ms / 3)
+            b.clock.advance(0.2)
+            await asyncio.sleep(0.01)
+        for node in ("X", "Y"):
+            assert redis_server.cli("EXISTS", f"mqttd:{{n:{node}}}:reaper").strip() == "0"
+    aio(run)
+
+
+def test_a_fenced_node_reaps_no_one(redis_server, aio):
+    """A node cut off from Redis may be the one that is dead to the others: it must not
+    take their sessions (nor hold a reaper lock that keeps them from re-joining)."""
+    async def run():
+        nodes, alive = {}, {"B": True}
+        b = Node(redis_server.url, "B", nodes, alive)
+        b.sessions.is_fenced = lambda: True
+        assert not await wait(Reaper(b.sessions).reap("X"))
+        assert redis_server.cli("EXISTS", "mqttd:{n:X}:reaper").strip() == "0"
+    aio(run)
