@@ -460,3 +460,26 @@ def test_a_fenced_node_reaps_no_one(redis_server, aio):
         assert not await wait(Reaper(b.sessions).reap("X"))
         assert redis_server.cli("EXISTS", "mqttd:{n:X}:reaper").strip() == "0"
     aio(run)
+
+
+def test_a_connect_waiting_on_redis_is_refused_when_the_node_fences(redis_server, aio):
+    """REVIEW-CLUSTER F6: a CONNECT whose claim hangs on Redis gets CONNACK 0x88 when the
+    node fences itself, not silence; a later answer changes nothing for that client."""
+    from .test_backend import _HangingClient
+
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        a.backend._client = _HangingClient()
+        a.backend.socket_timeout = 60.0
+        client = a.client()
+        client.send(Connect(5, "waits-on-redis", True, 0))
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            a.clock.advance(0)
+        assert client.received() == []                # the claim is out, unanswered
+        assert a.sessions.refuse_claims("no heartbeat acknowledged") == 1
+        a.clock.advance(0)
+        packets = client.received()
+        assert isinstance(packets[0], Connack) and packets[0].reason_code == 0x88
+    aio(run)
