@@ -24,6 +24,11 @@ from tests.core.harness import make_broker
     ("haproxy:tcp:1883:interface=127.0.0.1", False),
     ("ws:8080:interface=127.0.0.1:trustXForwardedFor=1", False),
     ("ws:8080:interface=127.0.0.1:trustXForwardedFor=0", True),
+    # a repeated key: decided as Twisted binds it, on the last value (REVIEW-SEC S3)
+    ("tcp:1883:interface=127.0.0.1:interface=0.0.0.0", False),
+    ("tcp:1883:interface=0.0.0.0:interface=127.0.0.1", True),
+    ("ws:8080:interface=127.0.0.1:trustXForwardedFor=0:trustXForwardedFor=2", False),
+    ("tcp:1883:interface=127.0.0.1:interface=", False),
 ])
 def test_loopback_listeners_are_recognised(description, loopback):
     """Only loopback addresses and UNIX sockets count as local; no interface= is all."""
@@ -86,6 +91,22 @@ def test_bad_security_options_are_one_line_usage_errors(args):
     """A missing file or a malformed value stops the broker before it starts."""
     with pytest.raises(tap.usage.UsageError):
         tap.Options().parseOptions(["--persistence", "memory", *args])
+
+
+@pytest.mark.parametrize("option", ["--listen", "--metrics-listen", "--admin-listen"])
+def test_repeated_endpoint_option_is_refused_at_startup(option):
+    """tcp:1883:interface=127.0.0.1:interface=0.0.0.0 binds 0.0.0.0 in Twisted: refused, one line naming the key."""
+    with pytest.raises(tap.usage.UsageError, match="interface= more than once"):
+        tap.Options().parseOptions(["--persistence", "memory", option,
+                                    "tcp:1883:interface=127.0.0.1:interface=0.0.0.0"])
+
+
+def test_admin_listener_interface_is_read_as_twisted_binds_it():
+    """The admin API's loopback check uses the last interface= too."""
+    from mqttd.admin.service import endpoint_interface
+    assert endpoint_interface("tcp:8080:interface=127.0.0.1:interface=0.0.0.0") == "0.0.0.0"
+    assert endpoint_interface("tcp6:8080:interface=\\:\\:1") == "::1"
+    assert endpoint_interface("unix:/run/a.sock") == "unix"
 
 
 def test_listener_limit_refuses_connect_beyond_it():
