@@ -109,8 +109,8 @@ def test_admin_listener_interface_is_read_as_twisted_binds_it():
     assert endpoint_interface("unix:/run/a.sock") == "unix"
 
 
-def test_listener_limit_refuses_connect_beyond_it():
-    """A factory with max_connections answers the extra CONNECT with 0x97 / v3 0x03."""
+def test_listener_limit_closes_sockets_beyond_it_at_accept():
+    """A factory with max_connections closes the extra sockets at accept: no slot held until a CONNECT (REVIEW-SEC S6)."""
     broker, _clock = make_broker()
     factory = MQTTFactory(broker, clock=MemoryReactorClock(), max_connections=1)
     transports = []
@@ -120,8 +120,8 @@ def test_listener_limit_refuses_connect_beyond_it():
         protocol.makeConnection(transport)
         protocol.dataReceived(encode(Connect(level, f"c{len(transports)}", True, 0), level))
         transports.append((transport, level))
-    codes = [PacketReader(level=level).feed(t.value())[0].reason_code
-             for t, level in transports]
-    assert codes == [0, 0x97, 0x03]
-    assert factory.open_connections == 3 and broker.open_connections == 3
+    (first, _), *others = transports
+    assert PacketReader(level=4).feed(first.value())[0].reason_code == 0
+    assert all(t.disconnecting and t.value() == b"" for t, _level in others)
     assert broker.stats.refused["max-connections"] == 2
+    assert not [c for c in broker.sessions if c != "c0"]
