@@ -34,7 +34,12 @@ def _describe(address) -> str:
     return str(name) if name is not None else str(address)
 
 
-def _tls_error_text(error) -> str:
+def is_tls_error(error) -> bool:
+    """True for pyOpenSSL's errors (a failed handshake, a broken TLS stream)."""
+    return error is not None and type(error).__module__.startswith("OpenSSL")
+
+
+def tls_error_text(error) -> str:
     """OpenSSL's ``[(lib, func, reason), ...]`` as ``reason; reason``."""
     try:
         reasons = [str(item[-1]) for item in error.args[0] if item and item[-1]]
@@ -286,13 +291,13 @@ class MQTTProtocol(Protocol):
             if self.connection is not None:
                 self.connection.connect_received = None  # a cycle through self
         error = getattr(reason, "value", None)
-        if error is not None and type(error).__module__.startswith("OpenSSL"):
+        if is_tls_error(error):
             # a TLS listener: failed handshake (no or untrusted client
             # certificate, protocol version, ...) or a broken TLS stream
             connection = self.connection
             self.broker.refused(
                 "tls", connection.client_id if connection is not None else None,
-                _describe(self.transport.getPeer()), f"TLS failed: {_tls_error_text(error)}")
+                _describe(self.transport.getPeer()), f"TLS failed: {tls_error_text(error)}")
         if self.connection is not None:
             self.connection.connection_lost(reason)
 
