@@ -1432,7 +1432,7 @@ class Broker:
                 self._forward_refused(session, message)
 
     def _forward_refused(self, session: Session, message: Message) -> None:
-        self.refused("forward", session.client_id, None,
+        self.refused("forward", session.client_id, getattr(session.info, "peer", None),
                      f"no read permission for {message.topic!r}", topic=message.topic)
 
     def subscribe_local(self, topic_filter: str, callback: Callable[[Message], None],
