@@ -200,6 +200,11 @@ class BrokerConfig:
     #: packet over it is refused while it is decoded (v5 DISCONNECT 0x97, v3
     #: close), so no single packet costs more than this many filters' work
     max_topic_filters_per_packet: int = attrs.field(default=1000, validator=_int_in(0))
+    #: MQTT 5 User Properties in one property block (a PUBLISH, a CONNECT, its
+    #: will...); 0 = no limit.  A packet over it is refused while it is decoded
+    #: (v5 DISCONNECT 0x97, CONNECT: CONNACK 0x97): without it a 16 MiB PUBLISH
+    #: of empty pairs decodes into ~3 million tuples (seconds of CPU, ~300 MB)
+    max_user_properties: int = attrs.field(default=64, validator=_int_in(0))
     #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
     #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
     max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))

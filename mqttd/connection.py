@@ -153,7 +153,8 @@ class ClientConnection:
         # its fixed header before any of its body is buffered
         self.reader = PacketReader(level=None, max_packet_size=min(
             config.max_connect_packet_size, config.max_packet_size),
-            max_topic_filters=config.max_topic_filters_per_packet)
+            max_topic_filters=config.max_topic_filters_per_packet,
+            max_user_properties=config.max_user_properties)
         self.state = _CONNECTING
         self.client_id: Optional[str] = None
         self.protocol_level: Optional[int] = None

@@ -77,6 +77,7 @@ class BrokerStats:
     #: "subscription" (removed on reload), "max-connections",
     #: "max-subscriptions-per-client", "max-topic-filters-per-packet",
     #: "max-topic-levels", "inbound-rate", "max-pending-connections",
+    #: "max-user-properties",
     #: "max-sessions", "store-unavailable" (CONNECTs refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)
 

@@ -229,6 +229,9 @@ OPTIONS: List[Option] = [
     Option("max-topic-filters-per-packet", integer(0), "Topic filters in one SUBSCRIBE "
            "or UNSUBSCRIBE; more: v5 DISCONNECT 0x97, v3 close; 0 = no limit.",
            default=1000, field="max_topic_filters_per_packet"),
+    Option("max-user-properties", integer(0), "MQTT 5 User Properties one packet (or will) "
+           "may carry; more: DISCONNECT (CONNECT: CONNACK) 0x97 Quota exceeded; 0 = no "
+           "limit.", default=64, field="max_user_properties"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
            "0 = no limit.", default=0, field="max_topic_levels"),
     Option("max-inbound-rate", number(0), "PUBLISH packets per second per client (token "

@@ -271,3 +271,38 @@ def test_unknown_acknowledgements_write_a_bounded_number_of_lines():
         c.send_bytes(b"".join(bytes((0x40, 2, i >> 8, i & 0xFF)) for i in range(1, 10_001)))
     assert not c.disconnecting
     assert 1 <= len(lines.events) <= 3
+
+
+def test_publish_with_too_many_user_properties_is_disconnected_with_0x97():
+    """v5 PUBLISH over --max-user-properties: DISCONNECT 0x97 Quota exceeded, counted, one log line, others unaffected."""
+    from twisted.logger import capturedLogs
+
+    from mqttd.codec.packets import Disconnect, Properties, Publish
+    broker, clock = make_broker(max_user_properties=8)
+    sub = FakeClient(broker, clock, level=5)
+    sub.connect("sub")
+    sub.subscribe("t")
+    pub = FakeClient(broker, clock, level=5)
+    pub.connect("pub")
+    with capturedLogs() as events:
+        pub.send(Publish("t", b"x", properties=Properties(user_properties=(("k", "v"),) * 9)))
+    (disconnect,) = pub.received()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x97
+    assert pub.disconnecting
+    assert broker.stats.refused["max-user-properties"] == 1
+    lines = [e for e in events if e.get("what") == "max-user-properties"]
+    assert len(lines) == 1 and lines[0]["client_id"] == "pub"
+    assert sub.received() == []
+    sub.send(Publish("t", b"ok", properties=Properties(user_properties=(("k", "v"),) * 8)))
+    assert [p.payload for p in sub.received()] == [b"ok"]
+
+
+def test_connect_with_too_many_user_properties_gets_connack_0x97():
+    """A v5 CONNECT (or its will) over the limit: CONNACK 0x97 and close."""
+    from mqttd.codec.packets import Properties
+    broker, clock = make_broker()                        # the default: 64
+    client = FakeClient(broker, clock, level=5)
+    (connack,) = client.connect(properties=Properties(user_properties=(("k", "v"),) * 65),
+                                expect_ok=False)
+    assert connack.reason_code == 0x97 and client.disconnecting
+    assert broker.stats.refused["max-user-properties"] == 1
