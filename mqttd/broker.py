@@ -30,7 +30,7 @@ was importable from ``mqttd.broker`` still is.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -114,7 +114,9 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
                                              config.max_queued_bytes))
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
-        self._observers: Dict[str, List[Callable]] = {name: [] for name in EVENTS}
+        #: event -> its observers, a tuple replaced (never changed) on (un)register,
+        #: so emit iterates it without a copy
+        self._observers: Dict[str, Tuple[Callable, ...]] = {name: () for name in EVENTS}
         #: callables ``filter(message, client) -> Message | None`` (see add_publish_filter)
         self._publish_filters: List[Callable] = []
         #: client id -> (owner, token) of internal sessions (see reserve_client_id)
@@ -129,6 +131,9 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: asynchronous writes of seam implementations (see :meth:`track_write`)
         self.pending_writes = PendingWrites()
         self._turn_sync: Optional[list] = None
+        #: store syncs started by barriers (a barrier taken while this count is
+        #: unchanged waits for the same sync)
+        self.sync_turns = 0
         self._drop_logged: Dict[tuple, float] = {}
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
@@ -211,12 +216,13 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         """
         if event not in self._observers:
             raise ValueError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
-        observers = self._observers[event]
-        observers.append(callback)
+        self._observers[event] += (callback,)
 
         def unregister():
+            observers = self._observers[event]
             if callback in observers:
-                observers.remove(callback)
+                i = observers.index(callback)
+                self._observers[event] = observers[:i] + observers[i + 1:]
         return unregister
 
     def observe(self, callbacks: Dict[str, Callable]) -> Callable[[], None]:
@@ -230,7 +236,7 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         return unregister_all
 
     def emit(self, event: str, **fields) -> None:
-        for callback in list(self._observers[event]):
+        for callback in self._observers[event]:
             try:
                 callback(**fields)
             except Exception:

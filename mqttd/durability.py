@@ -160,6 +160,7 @@ class Durability:
 
     def _sync_turn(self) -> None:
         waiting, self._turn_sync = self._turn_sync, None
+        self.sync_turns += 1
         done = self.store.sync()
         router = self.router
         if router is not None:

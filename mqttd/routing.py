@@ -215,6 +215,16 @@ class Routing:
         remote = router.forward(message, cache)
         return self._dispatch(message, cache) + remote
 
+    def reaches_anyone(self, topic: str) -> bool:
+        """Whether a message published to ``topic`` now could reach anyone: a
+        local subscription (client or in-process) whose filter matches, another
+        node (a remote router is installed), a ``published`` observer or a
+        publish filter.  False lets a producer of optional messages (the
+        per-client ``$SYS`` events) skip building one nobody would get."""
+        if self.router is not None or self._publish_filters or self._observers["published"]:
+            return True
+        return bool(self._trie.match(topic))
+
     def add_remote_router(self, router) -> None:
         """Install the remote router (one at most): after a message's local
         checks, ``router.forward(message, cache) -> int`` sends it to the other

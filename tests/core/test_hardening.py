@@ -306,3 +306,14 @@ def test_connect_with_too_many_user_properties_gets_connack_0x97():
                                 expect_ok=False)
     assert connack.reason_code == 0x97 and client.disconnecting
     assert broker.stats.refused["max-user-properties"] == 1
+
+
+def test_log_limiter_line_suppressed_by_its_reason_keeps_no_window_of_its_own():
+    """In a flood over many keys (a connection storm) the reason bound suppresses the
+    line before a window per key is made: memory and time stay flat."""
+    clock = Clock()
+    limiter = LogRateLimiter(clock, interval=10, burst=3, reason_burst=5, max_keys=10_000)
+    for i in range(1000):
+        limiter.check((f"c{i}", "clientConnected"))
+    assert len(limiter._windows) == 5
+    assert limiter.suppressed == 995
