@@ -136,9 +136,9 @@ class BrokerConfig:
     #: open client connections, all listeners together; 0 = no limit
     #: (refused with CONNACK 0x97 Quota exceeded / v3 0x03 Server unavailable)
     max_connections: int = attrs.field(default=0, validator=_int_in(0))
-    #: sockets of one client address that have not sent their CONNECT yet
-    #: (half-open: TCP or TLS handshake done, no CONNECT); more are closed at
-    #: accept; 0 = no limit (see mqttd.protocol.Admission)
+    #: sockets of one client address that have waited 1 s or more without
+    #: sending their CONNECT (half-open); with that many, the address's next
+    #: socket is closed at accept; 0 = no limit (see mqttd.protocol.Admission)
     max_pending_connections_per_address: int = attrs.field(default=32, validator=_int_in(0))
     #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
     max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))

@@ -70,8 +70,10 @@ class Admission:
     half-open socket -- the oldest of the address holding the most, or any
     older than :data:`EVICTABLE_AGE` -- so idle sockets from one address cannot
     lock everybody else out.  And one address may hold at most
-    ``max_pending_connections_per_address`` half-open sockets; more are closed
-    at accept.  Connected clients are never closed to make room.  Each
+    ``max_pending_connections_per_address`` half-open sockets that have
+    waited :data:`EVICTABLE_AGE` or more for their CONNECT; more are closed at
+    accept (fresh ones do not count: a burst of real clients connecting at
+    once from one address is not refused).  Connected clients are never closed to make room.  Each
     refusal is counted (``max-connections``, ``max-pending-connections``) and
     logged through the broker's rate limiter with the peer.
 
@@ -123,18 +125,31 @@ class Admission:
         peer = protocol.connection.peer
         return self._place(protocol, peer_host(peer), peer)
 
+    def _idle(self, table, now: float, enough: int) -> int:
+        """How many sockets of ``table`` (oldest first) have waited at least
+        :data:`EVICTABLE_AGE` for their CONNECT (counting stops at ``enough``)."""
+        idle = 0
+        for since in table.values():
+            if now - since < EVICTABLE_AGE or idle >= enough:
+                break
+            idle += 1
+        return idle
+
     def _place(self, protocol, host: str, peer) -> bool:
         limit = self.broker.config.max_pending_connections_per_address
         table = self._pending.get(host)
-        if limit and table is not None and len(table) >= limit:
+        now = self.clock.seconds()
+        # only sockets idle for a second count: a burst of real clients (a load
+        # test, a gateway reconnecting its devices) sends its CONNECTs at once
+        if limit and table is not None and self._idle(table, now, limit) >= limit:
             self.broker.refused("max-pending-connections", None, peer,
-                                f"{len(table)} connections from this address have not sent "
-                                f"CONNECT yet (max_pending_connections_per_address); closed "
-                                f"at accept")
+                                f"{limit} connections from this address have waited "
+                                f"{EVICTABLE_AGE:g} s or more without sending CONNECT "
+                                f"(max_pending_connections_per_address); closed at accept")
             return False
         if table is None:
             table = self._pending[host] = collections.OrderedDict()
-        table[protocol] = self.clock.seconds()
+        table[protocol] = now
         protocol.admission_host = host
         self.count += 1
         return True

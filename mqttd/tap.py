@@ -220,8 +220,9 @@ OPTIONS: List[Option] = [
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
     Option("max-pending-connections-per-address", integer(0), "Sockets of one client "
-           "address that have not sent CONNECT yet; more are closed at accept; 0 = no "
-           "limit.", default=32, field="max_pending_connections_per_address"),
+           "address idle 1 s or more without a CONNECT; with that many, its next socket is "
+           "closed at accept; 0 = no limit.", default=32,
+           field="max_pending_connections_per_address"),
     Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
            "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "

@@ -96,11 +96,23 @@ def test_connected_clients_are_never_closed_to_make_room():
     assert fresh[0][1].disconnecting and not transport.disconnecting
 
 
+def test_a_burst_of_fresh_connections_from_one_address_is_not_refused():
+    """100 sockets at once from one address (a load test, a gateway): all accepted, their CONNECTs follow."""
+    broker, clock = make_broker(max_pending_connections_per_address=4)
+    factory = MQTTFactory(broker, clock=clock)
+    sockets = [_socket(factory, "127.0.0.1", 30000 + n) for n in range(100)]
+    assert not any(t.disconnecting for _p, t in sockets)
+    for n, (protocol, transport) in enumerate(sockets):
+        assert _connect(protocol, transport, f"sub{n}").reason_code == 0
+
+
 def test_one_address_holds_at_most_its_half_open_quota():
     """max_pending_connections_per_address idle sockets per address; more are closed at accept, counted."""
     broker, clock = make_broker(max_pending_connections_per_address=4)
     factory = MQTTFactory(broker, clock=clock)
-    sockets = [_socket(factory, "203.0.113.7", 30000 + n) for n in range(5)]
+    sockets = [_socket(factory, "203.0.113.7", 30000 + n) for n in range(4)]
+    clock.advance(1.0)                          # idle now: they count
+    sockets.append(_socket(factory, "203.0.113.7", 30004))
     assert [t.disconnecting for _p, t in sockets] == [False] * 4 + [True]
     assert broker.stats.refused["max-pending-connections"] == 1
     _close(*sockets[4])
@@ -140,8 +152,11 @@ def test_behind_a_proxy_header_sockets_count_under_the_client_address():
         return transport
 
     many = [proxied(f"198.51.100.{n}", n) for n in range(10)]  # ten clients, one balancer
+    clock.advance(1)
     assert not any(t.disconnecting for t in many)
-    same = [proxied("203.0.113.7", 100 + n) for n in range(3)]
+    same = [proxied("203.0.113.7", 100 + n) for n in range(2)]
+    clock.advance(1)
+    same.append(proxied("203.0.113.7", 102))
     assert [t.disconnecting for t in same] == [False, False, True]
     assert broker.stats.refused["max-pending-connections"] == 1
 
