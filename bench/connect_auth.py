@@ -18,9 +18,14 @@ BlockingClient:
   hashed against a dummy entry, so the two cost the same);
 - ``storm``: ``--storm`` (100) CONNECTs with distinct wrong passwords at once
   from ``--storm-addresses`` (1) addresses (127.0.0.2, ...), then, while they
-  are in flight, the first login of another user from 127.0.0.1: its
+  are in flight, the first login of another user from ``--legit-source``
+  (127.0.1.1, an address without failed logins): its
   CONNECT -> CONNACK time, and how the storm was answered (0x04 checked and refused, 0x03 refused unchecked by the
   bounded password-check queue).
+
+- ``mixed_file``: a wrong password in a file migrated from mosquitto (``$7$101``,
+  ``$6$`` and one ``$7$100000`` entry) for each kind of entry and an unknown
+  name: the same time for all (every check does the costliest entry's work).
 
 Prints one JSON line. Every wait is bounded; the broker is stopped by its own handle.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -42,7 +48,7 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mqttd.auth.passwd import DEFAULT_ITERATIONS, make_entry  # noqa: E402
+from mqttd.auth.passwd import DEFAULT_ITERATIONS, PasswordEntry, make_entry  # noqa: E402
 from mqttd.blockingclient import BlockingClient  # noqa: E402
 from mqttd.codec import PacketReader, encode  # noqa: E402
 from mqttd.codec.packets import Connect, Pingreq  # noqa: E402
@@ -98,6 +104,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--storm", type=int, default=100,
                     help="wrong-password CONNECTs at once [100]")
+    ap.add_argument("--legit-source", default="127.0.1.1",
+                    help="the address of the honest first login during the storm: one "
+                         "without failed logins (the wrong_* figures come from 127.0.0.1) "
+                         "[127.0.1.1]")
     ap.add_argument("--storm-addresses", type=int, default=1, choices=range(1, 250),
                     metavar="N", help="from N addresses 127.0.0.2... [1]")
     args = ap.parse_args()
@@ -160,7 +170,8 @@ def main():
             thread.start()
         time.sleep(0.2)  # the storm is queued at the broker
         legit_user = users[2 * args.users + 1]  # never logged in: not cached
-        legit_ms, legit_code = connack(port, "legit", legit_user, "pw-" + legit_user)
+        legit_ms, legit_code = connack(port, "legit", legit_user, "pw-" + legit_user,
+                                       source=args.legit_source)
         for thread in attackers:
             thread.join(60)
         result["storm"] = {"attackers": args.storm, "addresses": args.storm_addresses, "legit_first_login_ms": round(legit_ms, 2),
@@ -172,7 +183,35 @@ def main():
         result["no_auth"] = summary([connect_ms(port, f"n{i}") for i in range(args.repeat)])
     finally:
         stop_process(proc)
+    result["mixed_file"] = mixed_file_timing(args.repeat)
     print(json.dumps(result))
+
+
+def mixed_file_timing(repeat: int) -> dict:
+    """Median CONNECT -> CONNACK of a wrong password in a file migrated from
+    mosquitto ($7$101 entries, a $6$ one, one mqttd $7$100000 entry) for an
+    old entry, the $6$ one, the new one and an unknown name, interleaved:
+    equal when every check does the costliest entry's work (REVIEW-SEC S1)."""
+    workdir = tempfile.mkdtemp(prefix="bench-connect-mixed-")
+    pw = os.path.join(workdir, "passwd")
+    salt = os.urandom(12)
+    with open(pw, "w") as f:
+        for user in ("alice", "bob"):
+            f.write(make_entry(user, "pw", iterations=101).line() + "\n")
+        f.write(PasswordEntry("carol", "6", salt,
+                              hashlib.sha512(b"pw" + salt).digest()).line() + "\n")
+        f.write(make_entry("dan", "pw").line() + "\n")
+    samples = {"old_7_101": [], "old_6": [], "new_7_100000": [], "unknown": []}
+    names = {"old_7_101": "alice", "old_6": "carol", "new_7_100000": "dan", "unknown": "nobody"}
+    # no failure budget here: every attempt must be hashed to be measured
+    proc, port = start_broker(workdir, ["--password-file", pw, "--max-auth-failures", "0"])
+    try:
+        for i in range(repeat):
+            for kind, user in names.items():
+                samples[kind].append(connack(port, f"m{i}", user, "wrong")[0])
+    finally:
+        stop_process(proc)
+    return {kind: round(statistics.median(values), 2) for kind, values in samples.items()}
 
 
 if __name__ == "__main__":

@@ -136,12 +136,21 @@ class BrokerConfig:
     #: open client connections, all listeners together; 0 = no limit
     #: (refused with CONNACK 0x97 Quota exceeded / v3 0x03 Server unavailable)
     max_connections: int = attrs.field(default=0, validator=_int_in(0))
+    #: sockets of one client address that have waited 1 s or more without
+    #: sending their CONNECT (half-open); with that many, the address's next
+    #: socket is closed at accept; 0 = no limit (see mqttd.protocol.Admission)
+    max_pending_connections_per_address: int = attrs.field(default=32, validator=_int_in(0))
     #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
     max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))
     #: topic filters one SUBSCRIBE or UNSUBSCRIBE may carry; 0 = no limit.  A
     #: packet over it is refused while it is decoded (v5 DISCONNECT 0x97, v3
     #: close), so no single packet costs more than this many filters' work
     max_topic_filters_per_packet: int = attrs.field(default=1000, validator=_int_in(0))
+    #: MQTT 5 User Properties in one property block (a PUBLISH, a CONNECT, its
+    #: will...); 0 = no limit.  A packet over it is refused while it is decoded
+    #: (v5 DISCONNECT 0x97, CONNECT: CONNACK 0x97): without it a 16 MiB PUBLISH
+    #: of empty pairs decodes into ~3 million tuples (seconds of CPU, ~300 MB)
+    max_user_properties: int = attrs.field(default=64, validator=_int_in(0))
     #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
     #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
     max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))

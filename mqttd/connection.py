@@ -134,6 +134,9 @@ class ClientConnection:
     transport_identity = None
     #: set by the protocol when its listener is over its max_connections
     over_listener_limit = 0
+    #: set by the protocol: called once when the CONNECT packet arrives (the
+    #: connection is no longer half-open, see mqttd.protocol.Admission)
+    connect_received = None
     _will_on_close = True
     _close_reason = "connection lost"
     #: the enhanced-authentication exchange in progress and its method
@@ -150,7 +153,8 @@ class ClientConnection:
         # its fixed header before any of its body is buffered
         self.reader = PacketReader(level=None, max_packet_size=min(
             config.max_connect_packet_size, config.max_packet_size),
-            max_topic_filters=config.max_topic_filters_per_packet)
+            max_topic_filters=config.max_topic_filters_per_packet,
+            max_user_properties=config.max_user_properties)
         self.state = _CONNECTING
         self.client_id: Optional[str] = None
         self.protocol_level: Optional[int] = None
@@ -878,6 +882,9 @@ class ClientConnection:
         if self._connect_call is not None and self._connect_call.active():
             self._connect_call.cancel()
         self._connect_call = None
+        if self.connect_received is not None:
+            received, self.connect_received = self.connect_received, None
+            received()
         broker = self.broker
         config = broker.config
         level = self.protocol_level = packet.protocol_level

@@ -76,7 +76,8 @@ class BrokerStats:
     #: "session-owner", "publish", "subscribe", "forward", "will",
     #: "subscription" (removed on reload), "max-connections",
     #: "max-subscriptions-per-client", "max-topic-filters-per-packet",
-    #: "max-topic-levels", "inbound-rate",
+    #: "max-topic-levels", "inbound-rate", "max-pending-connections",
+    #: "max-user-properties",
     #: "max-sessions", "store-unavailable" (CONNECTs refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)
 

@@ -104,11 +104,46 @@ def text(check: Optional[Callable[[str], None]] = None) -> Parser:
     return parse
 
 
+def endpoint_keys(description: str) -> list:
+    """The ``key=value`` keys of an endpoint string in order, repeats included
+    (Twisted's own tokenizer: ``\\:`` escapes a colon)."""
+    from twisted.internet.endpoints import _STRING, _tokenize
+    keys, sofar = [], ()
+    for kind, token in _tokenize(description):
+        if kind is _STRING:
+            sofar += (token,)
+        elif token == ":":
+            if len(sofar) > 1:
+                keys.append(sofar[0])
+            sofar = ()
+    if len(sofar) > 1:
+        keys.append(sofar[0])
+    return keys
+
+
+def endpoint_parts(description: str):
+    """``(args, options)`` of an endpoint string exactly as ``serverFromString``
+    reads it -- for a repeated ``key=`` the *last* value.  Every decision
+    about a listener (loopback or not, its interface) must be made on this,
+    never on a first match in the text (REVIEW-SEC S3)."""
+    from twisted.internet.endpoints import _parse
+    return _parse(description)
+
+
 def endpoint(value):
-    """A Twisted server endpoint string, parsed (not listened on) to check it."""
+    """A Twisted server endpoint string, parsed (not listened on) to check it.
+
+    A repeated option (``tcp:1883:interface=127.0.0.1:interface=0.0.0.0``) is
+    refused: Twisted silently takes the last value, which an operator who
+    appended one to a template does not expect."""
     value = text()(value)
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
+    keys = endpoint_keys(value)
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"{value!r} gives {', '.join(k + '=' for k in repeated)} more than "
+                         "once (Twisted would use the last one); give each option once")
     try:
         serverFromString(MemoryReactor(), value)
     except Exception as error:  # ValueError, KeyError, OSError (TLS files)...

@@ -8,14 +8,21 @@ queue) instead of growing the transport buffer without bound.
 """
 from __future__ import annotations
 
-from typing import Optional
+import collections
+from typing import Dict, Optional
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from zope.interface import implementer
 
 from mqttd.broker import Broker
 from mqttd.connection import ClientConnection
+from mqttd.ratelimit import peer_host
+
+#: a half-open socket at least this old (seconds) may be closed to make room
+#: for a new one when the broker is at max_connections
+EVICTABLE_AGE = 1.0
 
 
 def _describe(address) -> str:
@@ -27,13 +34,190 @@ def _describe(address) -> str:
     return str(name) if name is not None else str(address)
 
 
-def _tls_error_text(error) -> str:
+def is_tls_error(error) -> bool:
+    """True for pyOpenSSL's errors (a failed handshake, a broken TLS stream)."""
+    return error is not None and type(error).__module__.startswith("OpenSSL")
+
+
+def tls_error_text(error) -> str:
     """OpenSSL's ``[(lib, func, reason), ...]`` as ``reason; reason``."""
     try:
         reasons = [str(item[-1]) for item in error.args[0] if item and item[-1]]
     except (IndexError, TypeError):
         reasons = []
     return "; ".join(reasons) or str(error) or type(error).__name__
+
+
+def _behind_proxy_header(transport) -> bool:
+    """True while ``transport`` (or one it wraps) still waits for a PROXY header:
+    its peer is then the balancer, not the client."""
+    seen = 0
+    while transport is not None and seen < 8:
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return transport._proxyInfo is None
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return False
+
+
+class Admission:
+    """Who may hold a socket before its CONNECT (one per broker, all listeners).
+
+    A socket is *half-open* from accept until its CONNECT packet arrives.
+    ``max_connections`` and a listener's own limit are enforced at accept: a
+    socket over them is closed at once (no slot is held for
+    ``--connect-timeout`` seconds), unless room can be made by closing a
+    half-open socket -- the oldest of the address holding the most, or any
+    older than :data:`EVICTABLE_AGE` -- so idle sockets from one address cannot
+    lock everybody else out.  And one address may hold at most
+    ``max_pending_connections_per_address`` half-open sockets that have
+    waited :data:`EVICTABLE_AGE` or more for their CONNECT; more are closed at
+    accept (fresh ones do not count: a burst of real clients connecting at
+    once from one address is not refused).  Connected clients are never closed to make room.  Each
+    refusal is counted (``max-connections``, ``max-pending-connections``) and
+    logged through the broker's rate limiter with the peer.
+
+    Behind a ``haproxy:`` listener a socket is counted under the client's
+    address once the PROXY header names it (before, the peer is the balancer).
+    """
+
+    def __init__(self, broker: Broker, clock):
+        self.broker = broker
+        self.clock = clock
+        #: host -> {protocol: accepted at}, oldest first
+        self._pending: Dict[str, "collections.OrderedDict"] = {}
+        #: half-open sockets not yet under an address (behind a PROXY header)
+        self._unplaced: "collections.OrderedDict" = collections.OrderedDict()
+        self.count = 0
+        #: sockets closed to make room whose close has not completed yet
+        #: (they still count in open_connections: not to be made room for twice)
+        self.evicting = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def pending(self, host: str) -> int:
+        table = self._pending.get(host)
+        return len(table) if table else 0
+
+    def accept(self, protocol: "MQTTProtocol", over: int) -> bool:
+        """A new socket; ``over`` is how many connections exceed the limits
+        (broker's or listener's) with it.  False: it was closed."""
+        broker = self.broker
+        peer = protocol.connection.peer
+        over -= self.evicting
+        if over > 0 and not self._make_room(protocol, over):
+            broker.refused("max-connections", None, peer,
+                           "connection limit reached; closed at accept")
+            return False
+        if _behind_proxy_header(protocol.transport):
+            self._unplaced[protocol] = self.clock.seconds()
+            self.count += 1
+            protocol.admission_host = None
+            return True
+        return self._place(protocol, peer_host(peer), peer)
+
+    def placed(self, protocol: "MQTTProtocol") -> bool:
+        """Its PROXY header was read: count it under the client's address."""
+        if self._unplaced.pop(protocol, None) is None:
+            return True
+        self.count -= 1
+        peer = protocol.connection.peer
+        return self._place(protocol, peer_host(peer), peer)
+
+    def _idle(self, table, now: float, enough: int) -> int:
+        """How many sockets of ``table`` (oldest first) have waited at least
+        :data:`EVICTABLE_AGE` for their CONNECT (counting stops at ``enough``)."""
+        idle = 0
+        for since in table.values():
+            if now - since < EVICTABLE_AGE or idle >= enough:
+                break
+            idle += 1
+        return idle
+
+    def _place(self, protocol, host: str, peer) -> bool:
+        limit = self.broker.config.max_pending_connections_per_address
+        table = self._pending.get(host)
+        now = self.clock.seconds()
+        # only sockets idle for a second count: a burst of real clients (a load
+        # test, a gateway reconnecting its devices) sends its CONNECTs at once
+        if limit and table is not None and self._idle(table, now, limit) >= limit:
+            self.broker.refused("max-pending-connections", None, peer,
+                                f"{limit} connections from this address have waited "
+                                f"{EVICTABLE_AGE:g} s or more without sending CONNECT "
+                                f"(max_pending_connections_per_address); closed at accept")
+            return False
+        if table is None:
+            table = self._pending[host] = collections.OrderedDict()
+        table[protocol] = now
+        protocol.admission_host = host
+        self.count += 1
+        return True
+
+    def done(self, protocol: "MQTTProtocol") -> None:
+        """CONNECT arrived, or the socket closed: no longer half-open."""
+        if self._unplaced.pop(protocol, None) is not None:
+            self.count -= 1
+            return
+        host = getattr(protocol, "admission_host", None)
+        table = self._pending.get(host) if host is not None else None
+        if table is not None and table.pop(protocol, None) is not None:
+            self.count -= 1
+            if not table:
+                del self._pending[host]
+
+    def _make_room(self, newcomer, over: int) -> bool:
+        """Close ``over`` half-open sockets (never connected clients) if
+        there are evictable ones; False if not."""
+        victims = []
+        now = self.clock.seconds()
+        # the address holding the most first, among equals the one with the
+        # oldest socket (one pass per room needed: O(addresses), no sort)
+        skip = set()
+        while len(victims) < over:
+            best = None
+            for host, table in self._pending.items():
+                if host in skip:
+                    continue
+                key = (len(table), -next(iter(table.values())))
+                if best is None or key > best[0]:
+                    best = (key, host)
+            if best is None:
+                break
+            (size, minus_oldest), host = best
+            if size < 2 and now + minus_oldest < EVICTABLE_AGE:
+                break  # every address holds one fresh socket: none is idle yet
+            skip.add(host)
+            for protocol, since in self._pending[host].items():
+                if len(victims) >= over:
+                    break
+                if protocol is not newcomer and (size >= 2 or now - since >= EVICTABLE_AGE):
+                    victims.append(protocol)
+        if len(victims) < over:
+            for protocol, since in self._unplaced.items():
+                if len(victims) >= over:
+                    break
+                if now - since >= EVICTABLE_AGE:
+                    victims.append(protocol)
+        if len(victims) < over:
+            return False
+        for protocol in victims:
+            self.done(protocol)
+            self.broker.refused("max-connections", None, protocol.connection.peer,
+                                "connection limit reached; closed while it had not sent "
+                                "CONNECT, to make room")
+            protocol.evicted = True
+            self.evicting += 1
+            protocol.transport.abortConnection()
+        return True
+
+
+def admission_of(broker: Broker, clock) -> Admission:
+    """The broker's :class:`Admission` (made on first use)."""
+    admission = getattr(broker, "_admission", None)
+    if admission is None:
+        admission = broker._admission = Admission(broker, clock)
+    return admission
 
 
 @implementer(IPushProducer)
@@ -46,18 +230,38 @@ class MQTTProtocol(Protocol):
     #: :attr:`ClientConnection.transport_identity`
     transport_identity = None
 
+    #: the address this socket is counted under while half-open (Admission)
+    admission_host = None
+    #: closed by Admission to make room (not an error of this client)
+    evicted = False
+    _admitted = False
+
     def __init__(self, broker: Broker, clock):
         self.broker = broker
         self.clock = clock
 
     def connectionMade(self):
         factory = self.factory
-        self.broker.open_connections += 1  # BrokerConfig.max_connections
+        broker = self.broker
+        broker.open_connections += 1  # BrokerConfig.max_connections
         factory.open_connections += 1      # the listener's own limit
         self.connection = ClientConnection(
-            self.broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+            broker, self.transport, self.clock, _describe(self.transport.getPeer()))
+        admission = admission_of(broker, self.clock)
         if factory.max_connections and factory.open_connections > factory.max_connections:
-            self.connection.over_listener_limit = factory.max_connections
+            # the listener's own limit: closed at accept (no room is made:
+            # the half-open sockets of other listeners would not help)
+            broker.refused("max-connections", None, self.connection.peer,
+                           f"listener {factory.listener or '-'} has its "
+                           f"{factory.max_connections} connections; closed at accept")
+            return self._close_at_accept()
+        over = 0
+        if broker.config.max_connections:
+            over = broker.open_connections - broker.config.max_connections
+        if not admission.accept(self, over):
+            return self._close_at_accept()
+        self._admitted = True
+        self.connection.connect_received = lambda: admission.done(self)
         #: the listener (endpoint description) it came in on, for metrics and admin
         self.connection.listener = self.factory.listener
         if self.transport_identity is not None:
@@ -72,6 +276,11 @@ class MQTTProtocol(Protocol):
         self.transport.registerProducer(self, True)
         self.connection.release_transport = self.transport.unregisterProducer
 
+    def _close_at_accept(self) -> None:
+        """Refused at accept: nothing of this socket reaches the broker."""
+        self.connection.connection_lost(None)  # its timers, its buffers
+        self.transport.abortConnection()
+
     def dataReceived(self, data: bytes):
         # The first bytes: a wrapping transport may only now know the real
         # peer (Twisted's PROXY protocol wrapper answers getPeer() with the
@@ -79,20 +288,31 @@ class MQTTProtocol(Protocol):
         # again; later reads go straight to the connection.
         connection = self.connection
         connection.peer = _describe(self.transport.getPeer())
+        if self._admitted and self.admission_host is None and \
+                not admission_of(self.broker, self.clock).placed(self):
+            return self._close_at_accept()
         self.dataReceived = connection.data_received
         connection.data_received(data)
 
     def connectionLost(self, reason=None):
         self.broker.open_connections -= 1
         self.factory.open_connections -= 1
+        if self._admitted:
+            admission = admission_of(self.broker, self.clock)
+            admission.done(self)
+            if self.evicted:
+                self.evicted = False
+                admission.evicting -= 1
+            if self.connection is not None:
+                self.connection.connect_received = None  # a cycle through self
         error = getattr(reason, "value", None)
-        if error is not None and type(error).__module__.startswith("OpenSSL"):
+        if is_tls_error(error):
             # a TLS listener: failed handshake (no or untrusted client
             # certificate, protocol version, ...) or a broken TLS stream
             connection = self.connection
             self.broker.refused(
                 "tls", connection.client_id if connection is not None else None,
-                _describe(self.transport.getPeer()), f"TLS failed: {_tls_error_text(error)}")
+                _describe(self.transport.getPeer()), f"TLS failed: {tls_error_text(error)}")
         if self.connection is not None:
             self.connection.connection_lost(reason)
 

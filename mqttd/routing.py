@@ -106,7 +106,7 @@ class Routing:
                 self._forward_refused(session, message)
 
     def _forward_refused(self, session: Session, message: Message) -> None:
-        self.refused("forward", session.client_id, None,
+        self.refused("forward", session.client_id, getattr(session.info, "peer", None),
                      f"no read permission for {message.topic!r}", topic=message.topic)
 
     def publish_volatile(self, message: Message) -> int:

@@ -219,6 +219,10 @@ OPTIONS: List[Option] = [
            "a user name's or an address's failed logins are forgotten.", default=60.0),
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
+    Option("max-pending-connections-per-address", integer(0), "Sockets of one client "
+           "address idle 1 s or more without a CONNECT; with that many, its next socket is "
+           "closed at accept; 0 = no limit.", default=32,
+           field="max_pending_connections_per_address"),
     Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
            "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
@@ -226,6 +230,9 @@ OPTIONS: List[Option] = [
     Option("max-topic-filters-per-packet", integer(0), "Topic filters in one SUBSCRIBE "
            "or UNSUBSCRIBE; more: v5 DISCONNECT 0x97, v3 close; 0 = no limit.",
            default=1000, field="max_topic_filters_per_packet"),
+    Option("max-user-properties", integer(0), "MQTT 5 User Properties one packet (or will) "
+           "may carry; more: DISCONNECT (CONNECT: CONNACK) 0x97 Quota exceeded; 0 = no "
+           "limit.", default=64, field="max_user_properties"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
            "0 = no limit.", default=0, field="max_topic_levels"),
     Option("max-inbound-rate", number(0), "PUBLISH packets per second per client (token "

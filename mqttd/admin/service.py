@@ -8,7 +8,6 @@ listener refuses to start beyond loopback without credentials
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Optional, Sequence
 
 from twisted.application.service import Service
@@ -18,6 +17,7 @@ from twisted.web.server import Site
 from mqttd.admin.api import AccessPolicy, AdminAPI, Dashboard, StatsHistory, TopTopics
 from mqttd.admin.metrics import make_registry, metrics_resource
 from mqttd.admin.ring import IncidentRing
+from mqttd.options import endpoint_parts
 
 log = Logger(namespace="mqttd.admin")
 
@@ -26,15 +26,16 @@ def endpoint_interface(description: str) -> Optional[str]:
     """The interface a server endpoint string binds: ``tcp:8080:interface=127.0.0.1``
     gives ``127.0.0.1``; ``tcp:8080`` gives ``""`` (every interface); ``unix:...``
     gives ``"unix"``; other kinds None (unknown)."""
-    kind, _, rest = description.partition(":")
+    try:
+        args, options = endpoint_parts(description)  # as Twisted reads it: last value wins
+    except Exception:
+        return None
+    kind = args[0] if args else ""
     if kind == "unix":
         return "unix"
     if kind not in ("tcp", "tcp6", "ssl"):
         return None
-    for part in re.split(r"(?<!\\):", rest):  # "\:" escapes a colon (IPv6)
-        if part.startswith("interface="):
-            return part[len("interface="):].replace("\\:", ":")
-    return ""
+    return options.get("interface", "")
 
 
 def is_loopback(interface: Optional[str]) -> bool:

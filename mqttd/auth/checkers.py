@@ -225,6 +225,8 @@ class PasswordFileChecker:
         self.max_auth_failures = max_auth_failures
         #: recent failures by ("user", name) and ("host", address key)
         self.failures = FailureLog(seconds, auth_failure_window)
+        #: successful logins for a name from an address that failed for it recently
+        self.suspicious_successes = 0
         #: checks refused without hashing (user name over its failure budget)
         self.throttled = 0
         #: password checks submitted and not answered, per user name
@@ -322,18 +324,23 @@ class PasswordFileChecker:
             entry = self.dummy  # the same work as a known user's check, then refused
         key = hmac.new(self._key, username.encode("utf-8", "surrogateescape") + b"\0"
                        + password + b"\0" + entry.digest, hashlib.sha256).digest()
-        if known and key in self._cache:
-            self._cache.move_to_end(key)
-            return defer.succeed(username)
         peer = getattr(creds, "peer", None)
         user_key, host_key = ("user", username), ("host", address_key(peer_host(peer)))
+        # The failure budget is judged before the success cache: otherwise an
+        # address over the budget would get "wrong" for free for every guess and
+        # "right" at once for a cached password - an unthrottled oracle.
         priority = self.priority(username, host_key)
         if priority is None:
             # this name is under attack and this address failed recently: refused
-            # without hashing (as a wrong password: nothing tells it apart)
+            # without hashing, whatever the password (as a wrong password: nothing
+            # tells it apart)
             self.throttled += 1
             return defer.fail(ThrottledLogin(
                 f"{self.failures.count(user_key)} recent failed logins for this user name"))
+        if known and key in self._cache:
+            self._cache.move_to_end(key)
+            self._succeeded_after_failures(username, user_key, host_key, peer)
+            return defer.succeed(username)
         d = self._verify_once(key, peer, entry, password, priority, username)
 
         def verified(ok):
@@ -343,6 +350,7 @@ class PasswordFileChecker:
                 raise error.UnauthorizedLogin("unknown user")
             if not ok:
                 raise error.UnauthorizedLogin("wrong password")
+            self._succeeded_after_failures(username, user_key, host_key, peer)
             if self.users.get(username) is entry:  # not reloaded meanwhile
                 self._cache[key] = True
                 while len(self._cache) > self.cache_size:
@@ -376,6 +384,17 @@ class PasswordFileChecker:
         if user_failures or self._pending.get(username):
             return 1
         return 0
+
+    def _succeeded_after_failures(self, username: str, user_key, host_key, peer) -> None:
+        """Log (WARN, through the log limiter's window of the failure log) a
+        successful login for a name from an address that failed for it recently:
+        a guessed password looks like this."""
+        failures = self.failures
+        if failures.count(host_key) and failures.count(user_key):
+            self.suspicious_successes += 1
+            log.warn("Login of user name {username!r} from {peer} succeeded after "
+                     "{count} recent failed logins from that address",
+                     username=username, peer=peer, count=failures.count(host_key))
 
     def _failed(self, username: str, user_key, host_key) -> None:
         failures = self.failures

@@ -21,6 +21,7 @@ from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_F
                                  Authenticator, PasswordFileChecker, make_portal)
 from mqttd.auth.gate import VerificationGate
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
+from mqttd.options import endpoint_parts
 
 log = Logger(namespace="mqttd.auth")
 
@@ -37,19 +38,26 @@ def is_loopback_endpoint(description: str) -> bool:
     ``haproxy:`` (PROXY protocol) listener, or one that trusts
     ``X-Forwarded-For`` (``trustXForwardedFor=N``, N > 0).
     """
-    kind = description.split(":", 1)[0].lower()
+    try:
+        args, options = endpoint_parts(description)  # as Twisted reads it: last value wins
+    except Exception:
+        return False  # not even parseable: certainly not known to be loopback
+    kind = args[0].lower() if args else ""
     if kind == "haproxy":
         return False  # the balancer in front forwards remote clients
-    forwarded = re.search(r"(?i)(?:^|:)trustXForwardedFor=(\d+)", description)
-    if forwarded and int(forwarded.group(1)) > 0:
-        return False  # a reverse proxy on loopback forwards remote clients
+    for key, value in options.items():
+        if key.lower() == "trustxforwardedfor":
+            try:
+                if int(value) > 0:
+                    return False  # a reverse proxy on loopback forwards remote clients
+            except ValueError:
+                return False
     if kind == "unix":
         return True
-    for arg in re.split(r"(?<!\\):", description):
-        if arg.startswith("interface="):
-            address = arg[len("interface="):].replace("\\:", ":").strip("[]")
-            return bool(_LOOPBACK.match(address))
-    return False
+    interface = options.get("interface")
+    if interface is None:
+        return False  # every interface
+    return bool(_LOOPBACK.match(interface.strip("[]")))
 
 
 def anonymous_policy(listen: Iterable[str], authentication_configured: bool,

@@ -7,7 +7,8 @@ encodes one PUBLISH once for many receivers.
 from .encoder import PublishTemplate, encode, publish_template
 from .errors import (
     V5_TO_V3_CONNACK, ConnackV3, MalformedPacket, MQTTError, PacketTooLarge,
-    ProtocolError, ReasonCode, TooManyTopicFilters, UnsupportedProtocolVersion,
+    ProtocolError, ReasonCode, TooManyTopicFilters, TooManyUserProperties,
+    UnsupportedProtocolVersion,
 )
 from .packets import (
     AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_3_1, MQTT_3_1_1, MQTT_5,
@@ -31,7 +32,7 @@ __all__ = [
     "DISCONNECT", "AUTH",
     # errors
     "MQTTError", "MalformedPacket", "ProtocolError", "PacketTooLarge",
-    "UnsupportedProtocolVersion", "TooManyTopicFilters", "ReasonCode", "ConnackV3", "V5_TO_V3_CONNACK",
+    "UnsupportedProtocolVersion", "TooManyTopicFilters", "TooManyUserProperties", "ReasonCode", "ConnackV3", "V5_TO_V3_CONNACK",
     # codec
     "PacketReader", "MAX_PACKET_SIZE", "encode", "publish_template", "PublishTemplate",
 ]

@@ -139,6 +139,19 @@ class TooManyTopicFilters(MQTTError):
     refusal = "max-topic-filters-per-packet"
 
 
+class TooManyUserProperties(MQTTError):
+    """An MQTT 5 property block with more User Properties than the reader's
+    ``max_user_properties``.  Not malformed, not a protocol error: a limit
+    this server imposes, so 0x97 Quota exceeded ("an implementation or
+    administrative imposed limit has been exceeded", MQTT 5.0 §3.14.2.1) --
+    v5 DISCONNECT 0x97, or CONNACK 0x97 for a CONNECT.  Raised while decoding,
+    at the first pair over the limit, so such a packet costs at most the limit."""
+
+    default_reason_code = ReasonCode.QUOTA_EXCEEDED
+    #: the refusal kind it is counted as (``BrokerStats.refused``)
+    refusal = "max-user-properties"
+
+
 class UnsupportedProtocolVersion(MQTTError):
     """CONNECT with an unknown protocol name or level (v5 0x84, v3 0x01).
 

@@ -11,7 +11,7 @@ from typing import Dict, Tuple, Union
 
 import attrs
 
-from .errors import MalformedPacket, ProtocolError, ReasonCode
+from .errors import MalformedPacket, ProtocolError, ReasonCode, TooManyUserProperties
 from .packets import (
     AUTH, CONNACK, CONNECT, DISCONNECT, NO_PROPERTIES, PUBACK, PUBCOMP, PUBLISH,
     PUBREC, PUBREL, SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, Properties,
@@ -164,11 +164,15 @@ def encode_properties(props: Properties, packet_type: int) -> bytes:
 
 
 def decode_properties(data: Union[bytes, bytearray, memoryview], offset: int,
-                      packet_type: int, end: int = None) -> Tuple[Properties, int]:
+                      packet_type: int, end: int = None,
+                      max_user_properties: int = 0) -> Tuple[Properties, int]:
     """Decode a property block (Property Length + properties) at ``offset``.
 
     Returns ``(Properties, new_offset)``.  ``end`` bounds the enclosing packet
-    (defaults to ``len(data)``).
+    (defaults to ``len(data)``).  ``max_user_properties`` (0: no limit) bounds
+    the User Properties of the block: decoding stops at the first one over it
+    with :class:`~mqttd.codec.errors.TooManyUserProperties` (0x97), so its
+    cost is bounded by the limit, not by the packet size.
     """
     if end is None:
         end = len(data)
@@ -226,6 +230,10 @@ def decode_properties(data: Union[bytes, bytearray, memoryview], offset: int,
             raise ProtocolError(f"property {spec.name} must be {rule[1]}, got {value}",
                                 reason_code=rule[2], spec=rule[3])
         if ident == 0x26:
+            if max_user_properties and len(user_properties) >= max_user_properties:
+                raise TooManyUserProperties(
+                    f"{where} with more than {max_user_properties} user properties "
+                    f"(the limit per packet)")
             user_properties.append(value)
         elif ident == 0x0B:
             if subscription_identifiers and packet_type != PUBLISH:

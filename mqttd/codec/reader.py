@@ -83,7 +83,7 @@ def _packet_id(data, i, end, name, level, required_nonzero):
 
 # -- one decoder per packet type: (level, flags, data, start, end) -> packet -------
 
-def _decode_publish(level, flags, data, i, end, pos=None):
+def _decode_publish(level, flags, data, i, end, pos=None, max_user=0):
     qos = (flags >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3", spec="MQTT-3.3.1-4")
@@ -122,7 +122,7 @@ def _decode_publish(level, flags, data, i, end, pos=None):
             props = NO_PROPERTIES
             k += 1
         else:
-            props, k = decode_properties(data, k, PUBLISH, end)
+            props, k = decode_properties(data, k, PUBLISH, end, max_user)
         if not topic and props.topic_alias is None:
             raise ProtocolError("PUBLISH with an empty topic name and no topic alias",
                                 spec="MQTT 5.0 §3.3.2.3.4")
@@ -183,14 +183,15 @@ def _decode_connect(reader, data, i, end):
         raise MalformedPacket("CONNECT password flag set without user name flag",
                               spec="MQTT-3.1.2-22")
     if level == MQTT_5:
-        props, i = decode_properties(data, i, CONNECT, end)
+        props, i = decode_properties(data, i, CONNECT, end, reader.max_user_properties)
     else:
         props = NO_PROPERTIES
     client_id, i = decode_utf8(data, i, end)
     will = None
     if will_flag:
         if level == MQTT_5:
-            will_props, i = decode_properties(data, i, WILL_PROPERTIES, end)
+            will_props, i = decode_properties(data, i, WILL_PROPERTIES, end,
+                                              reader.max_user_properties)
         else:
             will_props = NO_PROPERTIES
         will_topic, i = decode_utf8(data, i, end)
@@ -207,7 +208,7 @@ def _decode_connect(reader, data, i, end):
                    password, will, props, bridge=bridge)
 
 
-def _decode_connack(level, flags, data, i, end):
+def _decode_connack(level, flags, data, i, end, max_user=0):
     if i + 2 > end:
         raise _truncated("CONNACK")
     ack_flags = data[i]
@@ -220,7 +221,7 @@ def _decode_connack(level, flags, data, i, end):
                               spec="MQTT-3.2.2-1")
     props = NO_PROPERTIES
     if level == MQTT_5 and i < end:
-        props, i = decode_properties(data, i, CONNACK, end)
+        props, i = decode_properties(data, i, CONNACK, end, max_user)
     if i != end:
         raise _trailing("CONNACK", level)
     return Connack(bool(ack_flags), reason, props)
@@ -229,7 +230,7 @@ def _decode_connack(level, flags, data, i, end):
 def _make_ack_decoder(cls, ptype):
     name = _NAMES[ptype]
 
-    def decode(level, flags, data, i, end):
+    def decode(level, flags, data, i, end, max_user=0):
         # an acknowledgement carries the id of the packet it acknowledges,
         # never 0 [MQTT-2.3.1-1] (3.1.1), [MQTT-2.2.1-3] (5.0)
         pid, i = _packet_id(data, i, end, name, level, True)
@@ -241,7 +242,7 @@ def _make_ack_decoder(cls, ptype):
         i += 1
         props = NO_PROPERTIES
         if i < end:  # Remaining Length < 4: no Property Length (MQTT 5.0 §3.4.2.2.1)
-            props, i = decode_properties(data, i, ptype, end)
+            props, i = decode_properties(data, i, ptype, end, max_user)
             if i != end:
                 raise _trailing(name, level)
         return cls(pid, reason, props)
@@ -257,11 +258,11 @@ def _too_many_filters(name: str, limit: int) -> TooManyTopicFilters:
                                f"(the limit per packet)")
 
 
-def _decode_subscribe(level, flags, data, i, end, max_filters=0):
+def _decode_subscribe(level, flags, data, i, end, max_filters=0, max_user=0):
     pid, i = _packet_id(data, i, end, "SUBSCRIBE", level, True)
     props = NO_PROPERTIES
     if level == MQTT_5:
-        props, i = decode_properties(data, i, SUBSCRIBE, end)
+        props, i = decode_properties(data, i, SUBSCRIBE, end, max_user)
     subs = []
     while i < end:
         if max_filters and len(subs) == max_filters:
@@ -296,22 +297,22 @@ def _decode_subscribe(level, flags, data, i, end, max_filters=0):
     return Subscribe(pid, tuple(subs), props)
 
 
-def _decode_suback(level, flags, data, i, end):
+def _decode_suback(level, flags, data, i, end, max_user=0):
     pid, i = _packet_id(data, i, end, "SUBACK", level, True)
     props = NO_PROPERTIES
     if level == MQTT_5:
-        props, i = decode_properties(data, i, SUBACK, end)
+        props, i = decode_properties(data, i, SUBACK, end, max_user)
     if i >= end:
         raise MalformedPacket("SUBACK without any reason code",
                               spec=_spec(level, "MQTT 3.1.1 §3.9.3", "MQTT 5.0 §3.9.3"))
     return Suback(pid, tuple(data[i:end]), props)
 
 
-def _decode_unsubscribe(level, flags, data, i, end, max_filters=0):
+def _decode_unsubscribe(level, flags, data, i, end, max_filters=0, max_user=0):
     pid, i = _packet_id(data, i, end, "UNSUBSCRIBE", level, True)
     props = NO_PROPERTIES
     if level == MQTT_5:
-        props, i = decode_properties(data, i, UNSUBSCRIBE, end)
+        props, i = decode_properties(data, i, UNSUBSCRIBE, end, max_user)
     filters = []
     while i < end:
         if max_filters and len(filters) == max_filters:
@@ -323,13 +324,13 @@ def _decode_unsubscribe(level, flags, data, i, end, max_filters=0):
     return Unsubscribe(pid, tuple(filters), props)
 
 
-def _decode_unsuback(level, flags, data, i, end):
+def _decode_unsuback(level, flags, data, i, end, max_user=0):
     pid, i = _packet_id(data, i, end, "UNSUBACK", level, True)
     if level != MQTT_5:
         if i != end:
             raise _trailing("UNSUBACK", level)
         return Unsuback(pid)
-    props, i = decode_properties(data, i, UNSUBACK, end)
+    props, i = decode_properties(data, i, UNSUBACK, end, max_user)
     return Unsuback(pid, tuple(data[i:end]), props)
 
 
@@ -337,7 +338,7 @@ def _make_empty_decoder(cls, ptype):
     name = _NAMES[ptype]
     packet = cls()
 
-    def decode(level, flags, data, i, end):
+    def decode(level, flags, data, i, end, max_user=0):
         if i != end:
             raise MalformedPacket(f"{name} with a non-zero remaining length",
                                   spec=_spec(level, f"MQTT 3.1.1 §3.{ptype}",
@@ -349,7 +350,7 @@ def _make_empty_decoder(cls, ptype):
 _EMPTY_DISCONNECT = Disconnect()
 
 
-def _decode_disconnect(level, flags, data, i, end):
+def _decode_disconnect(level, flags, data, i, end, max_user=0):
     if i == end:
         return _EMPTY_DISCONNECT
     if level != MQTT_5:
@@ -359,13 +360,13 @@ def _decode_disconnect(level, flags, data, i, end):
     i += 1
     props = NO_PROPERTIES
     if i < end:  # Remaining Length < 2: no Property Length (MQTT 5.0 §3.14.2.2.1)
-        props, i = decode_properties(data, i, DISCONNECT, end)
+        props, i = decode_properties(data, i, DISCONNECT, end, max_user)
         if i != end:
             raise _trailing("DISCONNECT", level)
     return Disconnect(reason, props)
 
 
-def _decode_auth(level, flags, data, i, end):
+def _decode_auth(level, flags, data, i, end, max_user=0):
     if level != MQTT_5:
         raise MalformedPacket("AUTH (packet type 15) is reserved before MQTT 5",
                               spec="MQTT 3.1.1 §2.2.1")
@@ -375,7 +376,7 @@ def _decode_auth(level, flags, data, i, end):
     i += 1
     props = NO_PROPERTIES
     if i < end:
-        props, i = decode_properties(data, i, AUTH, end)
+        props, i = decode_properties(data, i, AUTH, end, max_user)
         if i != end:
             raise _trailing("AUTH", level)
     return Auth(reason, props)
@@ -411,6 +412,10 @@ class PacketReader:
         UNSUBSCRIBE may carry (0: no limit); decoding stops at the first one
         over it and raises :class:`TooManyTopicFilters` (0x97), so decoding
         such a packet costs at most this many filters.
+    :param max_user_properties: the most User Properties (MQTT 5) one property
+        block may carry (0: no limit); decoding stops at the first one over it
+        and raises :class:`TooManyUserProperties` (0x97 Quota exceeded), so a
+        PUBLISH of millions of empty pairs costs at most this many.
 
     Once :meth:`feed` has raised, the reader raises the same error again.
     If the error was raised after the version of a CONNECT was known,
@@ -418,16 +423,18 @@ class PacketReader:
     client's own protocol version).
     """
 
-    __slots__ = ("level", "max_packet_size", "max_topic_filters", "_buf", "_total",
-                 "_error")
+    __slots__ = ("level", "max_packet_size", "max_topic_filters", "max_user_properties",
+                 "_buf", "_total", "_error")
 
     def __init__(self, level: Optional[int] = None,
-                 max_packet_size: int = MAX_PACKET_SIZE, max_topic_filters: int = 0):
+                 max_packet_size: int = MAX_PACKET_SIZE, max_topic_filters: int = 0,
+                 max_user_properties: int = 0):
         if level not in (None, MQTT_3_1, MQTT_3_1_1, MQTT_5):
             raise ValueError(f"unknown protocol level {level!r}")
         self.level = level
         self.max_packet_size = max_packet_size
         self.max_topic_filters = max_topic_filters
+        self.max_user_properties = max_user_properties
         self._buf = bytearray()   # at most one incomplete packet
         self._total = 0           # its whole size, once its fixed header is complete
         self._error = None
@@ -534,6 +541,7 @@ class PacketReader:
         max_size = self.max_packet_size
         decode = self._decode
         level = self.level
+        max_user = self.max_user_properties
         append = out.append
         while pos < n:
             # Fixed header; the one-byte Remaining Length case inline.
@@ -552,7 +560,8 @@ class PacketReader:
                 break
             byte0 = data[pos]
             if byte0 >> 4 == PUBLISH and level is not None:     # the hot path
-                append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end, pos))
+                append(_decode_publish(level, byte0 & 0x0F, data, pos + header, end, pos,
+                                       max_user))
             elif total == 4 and header == 2 and byte0 in _SHORT_ACKS and level is not None:
                 # PUBACK/PUBREC/PUBREL/PUBCOMP with only a packet id: the other hot path
                 pid = (data[pos + 2] << 8) | data[pos + 3]
@@ -576,7 +585,8 @@ class PacketReader:
         start = pos + header
         level = self.level
         if ptype == PUBLISH and level is not None:
-            return _decode_publish(level, flags, data, start, end, pos)
+            return _decode_publish(level, flags, data, start, end, pos,
+                                   self.max_user_properties)
         if level is None and ptype != CONNECT:
             raise ProtocolError("first packet must be CONNECT", spec="MQTT-3.1.0-1")
         expected = _FLAGS.get(ptype)
@@ -594,5 +604,7 @@ class PacketReader:
                 raise ProtocolError("second CONNECT on a connection", spec="MQTT-3.1.0-2")
             return _decode_connect(self, data, start, end)
         if ptype == SUBSCRIBE or ptype == UNSUBSCRIBE:
-            return _DECODERS[ptype](level, flags, data, start, end, self.max_topic_filters)
-        return _DECODERS[ptype](level, flags, data, start, end)
+            return _DECODERS[ptype](level, flags, data, start, end, self.max_topic_filters,
+                                    self.max_user_properties)
+        return _DECODERS[ptype](level, flags, data, start, end,
+                                max_user=self.max_user_properties)

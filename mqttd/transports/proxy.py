@@ -24,6 +24,7 @@ import ipaddress
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import _WrapperServerEndpoint
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
@@ -54,6 +55,24 @@ def _check_addresses(info) -> None:
                 raise ValueError(f"port {where.port} out of range")
 
 
+class _V1Parser(V1Parser):
+    """Twisted's v1 parser, plus ``PROXY UNKNOWN`` without addresses.
+
+    The PROXY protocol spec (v1, section 2.1): for the UNKNOWN protocol "the
+    receiver must ignore anything presented before the CRLF is found" and use
+    the real connection's addresses; HAProxy sends the bare ``PROXY
+    UNKNOWN\r\n`` for connections it makes itself (health checks with
+    ``check-send-proxy``).  Twisted accepts UNKNOWN only when more words
+    follow; this accepts it in every form, like v2's LOCAL command."""
+
+    @classmethod
+    def parse(cls, line: bytes) -> ProxyInfo:
+        words = line.split(b" ", 2)
+        if len(words) >= 2 and words[0] == cls.PROXYSTR and words[1] == cls.UNKNOWN_PROTO:
+            return ProxyInfo(line, None, None)
+        return super().parse(line)
+
+
 class CountedHAProxyProtocolWrapper(HAProxyProtocolWrapper):
     """Twisted's PROXY protocol wrapper; a bad header is counted and logged before the close."""
 
@@ -72,7 +91,7 @@ class CountedHAProxyProtocolWrapper(HAProxyProtocolWrapper):
         if data[:len(v2)] == v2 and data[12] & 0xF0 == 0x20:
             self._parser = V2Parser()
         elif data[:len(V1Parser.PROXYSTR)] == V1Parser.PROXYSTR:
-            self._parser = V1Parser()
+            self._parser = _V1Parser()
         else:
             return self._refuse(f"no PROXY header (the connection starts with "
                                 f"{data[:16]!r})")

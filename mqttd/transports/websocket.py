@@ -38,9 +38,13 @@ from mqttd.ratelimit import LogRateLimiter, refusal_key
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ITransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from mqttd.protocol import is_tls_error, tls_error_text
 
 log = Logger(namespace="mqttd.transports.websocket")
 
@@ -232,6 +236,20 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def onMessageEnd(self):
         pass
 
+    def connectionLost(self, reason=None):
+        """A failed TLS handshake (or a broken TLS stream) of a ``wss:``
+        listener is the broker's refusal ``tls``, as on ``mqtts:``: counted in
+        ``BrokerStats.refused["tls"]`` and one rate-limited WARN line ``Refused
+        tls for - from PEER: TLS failed: REASON`` -- not autobahn's ERROR line
+        ``SSL error: ... (in )`` (a client's failure is no server error)."""
+        error = getattr(reason, "value", None)
+        if is_tls_error(error):
+            detail = f"TLS failed: {tls_error_text(error)}"
+            self._refused(detail, what="tls")
+            # autobahn logs a lost connection at debug level; its TLS branch at ERROR
+            reason = Failure(ConnectionLost(detail))
+        super().connectionLost(reason)
+
     def onClose(self, wasClean, code, reason):
         mqtt, self._mqtt = self._mqtt, None
         if mqtt is not None:
@@ -277,17 +295,17 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
 
-    def _refused(self, detail: str) -> None:
+    def _refused(self, detail: str, what: str = REFUSAL) -> None:
         """Count and log (rate-limited per peer host, through the broker when there is one)."""
         self._refusal_logged = True
         broker = getattr(self.factory.wrapped, "broker", None)
         client_id = getattr(getattr(self._mqtt, "connection", None), "client_id", None)
         if broker is not None and hasattr(broker, "refused"):
-            broker.refused(REFUSAL, client_id, self._peer_text(), detail)
+            broker.refused(what, client_id, self._peer_text(), detail)
         else:
             self.factory.log_limiter().warn(
-                log, refusal_key(REFUSAL, client_id, self._peer_text()),
-                "Refused websocket from {peer}: {detail}",
+                log, refusal_key(what, client_id, self._peer_text()),
+                "Refused {what} from {peer}: {detail}", what=what,
                 peer=self._peer_text(), detail=detail)
 
     def _peer_text(self) -> str:

@@ -160,6 +160,23 @@ def test_forward_refusal_skips_that_subscriber_only():
     assert broker.stats.refused["forward"] == 1
 
 
+def test_forward_refusal_is_logged_with_the_subscribers_address():
+    """The refusal line names the subscriber's peer, not None (REVIEW-SEC minor)."""
+    from twisted.logger import capturedLogs as captured
+    broker, clock, hooks = _broker()
+    hooks.forward[("nosy", "t")] = False
+    nosy = FakeClient(broker, clock)
+    nosy.conn.peer = "198.51.100.4:5123"
+    nosy.connect("nosy")
+    nosy.subscribe("#")
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    with captured() as events:
+        pub.publish("t", b"hello")
+    (line,) = [e for e in events if e.get("what") == "forward"]
+    assert line["peer"] == "198.51.100.4:5123" and line["client_id"] == "nosy"
+
+
 def test_retained_replay_asks_authorize_forward():
     """A retained message is replayed only to subscribers that may read it."""
     broker, clock, hooks = _broker()

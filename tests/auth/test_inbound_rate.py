@@ -1,6 +1,7 @@
 """The per-client inbound rate limit (--max-inbound-rate, --max-inbound-bytes-rate)."""
 from __future__ import annotations
 
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from mqttd.codec.packets import Pingreq, Pingresp, Publish
@@ -178,3 +179,45 @@ def test_no_bucket_without_a_configured_limit():
     pub.send_bytes(_tiny_publishes(3000))
     assert pub.transport.producerState == "producing"
     assert len(broker.inbound_memory) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_publisher_writing_3000_publishes_at_once_reaches_subscribers_at_the_rate():
+    """Over real sockets: one 15 KB write of 3000 PUBLISHes at 10/s; the subscriber gets the bucket's depth, not 3000 (REVIEW-SEC S5)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.task import deferLater
+
+    from mqttd.broker import BrokerConfig
+    from mqttd.codec.packets import Connect, Subscribe, Subscription
+    from mqttd.service import make_broker_service
+    from tests.transports.test_tls import WAIT, Probe
+
+    service = make_broker_service(reactor, listen=["tcp:0:interface=127.0.0.1"],
+                                  store="memory", sys_interval=0,
+                                  config=BrokerConfig(max_inbound_rate=10))
+    yield service.startService()
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", service.ports[0].getHost().port)
+        sub = yield connectProtocol(endpoint, Probe()).addTimeout(WAIT, reactor)
+        sub.send(Connect(4, "sub", True, 0))
+        sub.send(Subscribe(1, (Subscription("t", 0),)))
+        pub = yield connectProtocol(endpoint, Probe()).addTimeout(WAIT, reactor)
+        pub.send(Connect(4, "pub", True, 0))
+        yield sub.next_packet()                # CONNACK
+        yield sub.next_packet()                # SUBACK
+        yield pub.next_packet()                # CONNACK
+        pub.transport.write(_tiny_publishes(3000))
+        for _ in range(100):                   # bounded: until the first ones arrived
+            if sub.packets:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.3, lambda: None)
+        delivered = sum(1 for p in sub.packets if isinstance(p, Publish))
+        # at most the depth (10) plus what 0.3 s + the wait above refill: never thousands
+        assert 1 <= delivered <= 10 + 10 * 1.5
+        assert service.broker.stats.refused["inbound-rate"] == 1
+        for probe in (sub, pub):
+            probe.transport.loseConnection()
+    finally:
+        yield service.stopService()

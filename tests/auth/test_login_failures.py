@@ -305,3 +305,37 @@ def test_empty_password_file_on_reload_keeps_the_previous_users(tmp_path):
         checker.reload()
     assert set(checker.users) == {"alice", "bob"}
     assert isinstance(EmptyPasswordFile("x"), ValueError)   # the service's one-ERROR-line road
+
+
+def test_cached_right_password_is_refused_from_an_address_over_the_budget(tmp_path):
+    """The failure budget is judged before the success cache: an address over it gets no free oracle (REVIEW-SEC2 N3)."""
+    clock = task.Clock()
+    checker, runner = _checker(_passwd(tmp_path, "victim"), clock, max_auth_failures=3)
+    device = _login(checker, "victim", "pw-victim", "198.51.100.5:1")   # the device: now cached
+    runner.finish()
+    assert _result(device) == "victim"
+    for n in range(3):
+        d = _login(checker, "victim", "guess%d" % n, "203.0.113.9:%d" % n)
+        runner.finish()
+        assert _result(d).check(error.UnauthorizedLogin)
+    guessed = _login(checker, "victim", "pw-victim", "203.0.113.9:99")
+    assert runner.calls == []                      # answered without hashing...
+    assert _result(guessed).check(ThrottledLogin)  # ...and refused, right password or not
+    again = _login(checker, "victim", "pw-victim", "198.51.100.5:2")  # the device itself
+    assert _result(again) == "victim"              # still served from the cache
+
+
+def test_success_after_failures_from_the_same_address_is_logged(tmp_path):
+    """A login that succeeds for a name from an address that failed for it recently is counted and logged (a guessed password looks so)."""
+    clock = task.Clock()
+    checker, runner = _checker(_passwd(tmp_path, "alice"), clock, max_auth_failures=5)
+    d = _login(checker, "alice", "bad", "203.0.113.9:1")
+    runner.finish()
+    assert _result(d).check(error.UnauthorizedLogin)
+    ok = _login(checker, "alice", "pw-alice", "203.0.113.9:2")
+    runner.finish()
+    assert _result(ok) == "alice"
+    assert checker.suspicious_successes == 1
+    clean = _login(checker, "alice", "pw-alice", "198.51.100.3:1")
+    assert _result(clean) == "alice"
+    assert checker.suspicious_successes == 1

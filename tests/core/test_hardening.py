@@ -273,6 +273,41 @@ def test_unknown_acknowledgements_write_a_bounded_number_of_lines():
     assert 1 <= len(lines.events) <= 3
 
 
+def test_publish_with_too_many_user_properties_is_disconnected_with_0x97():
+    """v5 PUBLISH over --max-user-properties: DISCONNECT 0x97 Quota exceeded, counted, one log line, others unaffected."""
+    from twisted.logger import capturedLogs
+
+    from mqttd.codec.packets import Disconnect, Properties, Publish
+    broker, clock = make_broker(max_user_properties=8)
+    sub = FakeClient(broker, clock, level=5)
+    sub.connect("sub")
+    sub.subscribe("t")
+    pub = FakeClient(broker, clock, level=5)
+    pub.connect("pub")
+    with capturedLogs() as events:
+        pub.send(Publish("t", b"x", properties=Properties(user_properties=(("k", "v"),) * 9)))
+    (disconnect,) = pub.received()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x97
+    assert pub.disconnecting
+    assert broker.stats.refused["max-user-properties"] == 1
+    lines = [e for e in events if e.get("what") == "max-user-properties"]
+    assert len(lines) == 1 and lines[0]["client_id"] == "pub"
+    assert sub.received() == []
+    sub.send(Publish("t", b"ok", properties=Properties(user_properties=(("k", "v"),) * 8)))
+    assert [p.payload for p in sub.received()] == [b"ok"]
+
+
+def test_connect_with_too_many_user_properties_gets_connack_0x97():
+    """A v5 CONNECT (or its will) over the limit: CONNACK 0x97 and close."""
+    from mqttd.codec.packets import Properties
+    broker, clock = make_broker()                        # the default: 64
+    client = FakeClient(broker, clock, level=5)
+    (connack,) = client.connect(properties=Properties(user_properties=(("k", "v"),) * 65),
+                                expect_ok=False)
+    assert connack.reason_code == 0x97 and client.disconnecting
+    assert broker.stats.refused["max-user-properties"] == 1
+
+
 def test_log_limiter_line_suppressed_by_its_reason_keeps_no_window_of_its_own():
     """In a flood over many keys (a connection storm) the reason bound suppresses the
     line before a window per key is made: memory and time stay flat."""

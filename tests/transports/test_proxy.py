@@ -284,3 +284,24 @@ def test_real_listener_counts_a_malformed_header(proxied_service):
     yield probe.lost
     assert probe.packets == []
     assert service.broker.stats.refused.get("proxy-header") == 1
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY UNKNOWN\r\n",
+    b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+    b"PROXY UNKNOWN anything at all\r\n",
+], ids=["bare", "with addresses", "any text"])
+def test_proxy_unknown_uses_the_socket_addresses(header):
+    """PROXY UNKNOWN (a balancer's own health check) is accepted with the socket's addresses, as the spec says (REVIEW-SEC S4)."""
+    from mqttd.codec import PacketReader
+    from tests.core.harness import make_broker
+
+    broker, _clock = make_broker()
+    protocol, transport = _proxy_connection(broker, host="192.0.2.50", port=40000)
+    protocol.dataReceived(header + encode(Connect(4, "health"), 4))
+    assert not transport.disconnecting
+    (connack,) = PacketReader(level=4).feed(transport.value())
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert broker.stats.refused == {}
+    assert protocol.getPeer().host == "192.0.2.50"
+    assert broker.sessions["health"].info.peer == "192.0.2.50:40000"

@@ -351,6 +351,22 @@ def test_failed_handshake_is_counted_and_logged_as_a_tls_refusal(pki, service_fa
     assert service.broker.stats.refused.get("tls") == 1
 
 
+@pytest_twisted.inlineCallbacks
+def test_failed_wss_handshake_is_counted_and_logged_as_a_tls_refusal(pki, service_factory):
+    """wss: with requireCert=yes, a client without a certificate: refusal 'tls' as on mqtts: (REVIEW-SEC S7)."""
+    service = yield service_factory(
+        pki.mqtts(caCerts=pki.ca.cert_path, requireCert="yes").replace("mqtts:", "wss:", 1))
+    probe = yield connect(service, pki)
+    probe.transport.write(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n")
+    yield probe.lost
+    for _ in range(50):                     # the server may see the alert a moment later
+        if service.broker.stats.refused.get("tls"):
+            break
+        yield deferLater(reactor, 0.02, lambda: None)
+    assert service.broker.stats.refused.get("tls") == 1
+    assert "websocket" not in service.broker.stats.refused
+
+
 def test_trust_x_forwarded_for_must_be_a_count():
     """trustXForwardedFor takes the number of proxies in front; anything else is refused at startup."""
     assert serverFromString(reactor, "ws:0:trustXForwardedFor=2").trust_x_forwarded_for == 2

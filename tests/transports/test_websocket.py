@@ -374,3 +374,33 @@ def test_frames_right_behind_the_handshake_do_not_count_against_the_header_bound
     assert client.response().startswith(b"HTTP/1.1 101")
     assert client.protocol._mqtt.connection.client_id == "c" * 20_000
     assert client.broker.stats.refused == {}
+
+
+def _ssl_error(reason: str):
+    from OpenSSL.SSL import Error
+    return Error([("SSL routines", "", reason)])
+
+
+def test_failed_tls_handshake_on_wss_is_a_counted_tls_refusal(log_events):
+    """wss: a TLS failure gives mqtts:'s 'Refused tls ... from PEER' WARN line and refused["tls"], not autobahn's ERROR (REVIEW-SEC S7)."""
+    client = WebSocketClient()
+    for i in range(10):
+        protocol, _transport = _connection(client, port=43000 + i)
+        protocol.connectionLost(Failure(_ssl_error("peer did not return a certificate")))
+    assert client.broker.stats.refused == {"tls": 10}
+    lines = [e for e in log_events if e.get("log_level", LogLevel.debug) >= LogLevel.info]
+    assert 1 <= len(lines) <= 3                                # the broker's rate limiter
+    assert all(e["log_level"] == LogLevel.warn and e.get("what") == "tls" for e in lines)
+    assert lines[0]["peer"] == "192.0.2.1:43000"
+    assert "TLS failed: peer did not return a certificate" in lines[0]["detail"]
+    assert not [e for e in log_events if "SSL error" in str(e.get("log_format", ""))]
+
+
+def test_tls_broken_on_an_open_wss_connection_names_the_client():
+    """A TLS stream that breaks after CONNECT is counted once, with the client id."""
+    client = WebSocketClient()
+    client.open()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "ws-tls", True, 0), 4)))
+    client.protocol.connectionLost(Failure(_ssl_error("decryption failed or bad record mac")))
+    assert client.broker.stats.refused == {"tls": 1}
+    assert "ws-tls" not in client.broker.sessions or not client.broker.sessions["ws-tls"].online
