@@ -79,6 +79,8 @@ class Reaper:
         self.batch = batch
         self._reaping = set()
         self._live_boot = b""
+        #: wills held by recover_own until the node serves (None: publish)
+        self._held_wills = None
         self.backend.register("reaper_unlock", UNLOCK)
         self.adopted = 0
         self.ended = 0
@@ -143,6 +145,68 @@ class Reaper:
         log.info("Reaped node {node}: {adopted} sessions adopted", node=node,
                  adopted=len(adopted))
         return True
+
+    @defer.inlineCallbacks
+    def recover_own(self):
+        """Take over what a previous incarnation of this node id left behind,
+        before this node serves (``Node.recover``; REVIEW-CLUSTER F14).
+
+        A node restarted with the same ``--node-id`` right after a kill -9
+        re-joins before any reaper noticed the death: the sessions Redis
+        still says are this node's (``<prefix>{n:<id>}:sessions``), with
+        their routes, and the entries its inbox holds (read and never
+        acknowledged, or never read) are the previous incarnation's.  This is
+        the reap of that incarnation by the new one, under the same reaper
+        lock: every such session is adopted (epoch + 1, loaded, installed, so
+        its subscriptions become this node's routes *before* the route set is
+        written), the wills of its dead connections are published once the
+        node serves, and the inbox is replayed into the adopted sessions and
+        acknowledged only once they are durable.  Nothing is wiped that was
+        not handed on.
+
+        Fires with the number of sessions adopted; fails (the node stays
+        fenced and retries) while another node's reaper holds the lock or
+        Redis fails."""
+        from mqttd.cluster.backend import BackendError
+        node = self.node_id
+        won = yield self.backend.execute("SET", self.lock_key(node), self.node_id, "NX",
+                                         "PX", self.lock_ms)
+        if not won:
+            holder = yield self.backend.execute("GET", self.lock_key(node))
+            raise BackendError(f"node {_text(holder or b'?')} is reaping the previous "
+                               f"incarnation of {node}")
+        boot = self.sessions.boot
+        if self._held_wills is None:
+            self._held_wills = []    # kept across a retry: ended sessions' wills are here only
+        try:
+            previous = self._live_boot
+            # sessions already of this incarnation (none yet: it is fenced) stay
+            self._live_boot = boot.encode() if isinstance(boot, str) else boot
+            try:
+                adopted = yield self._adopt_all(node)
+            finally:
+                self._live_boot = previous
+            if self.replay_inbox is not None:
+                replayed = yield self.replay_inbox(node, self.deliver_to(adopted),
+                                                   self.store.sync)
+                self.replayed += replayed or 0
+            yield self.store.sync()
+        finally:
+            yield self.backend.run("reaper_unlock", [self.lock_key(node)], [self.node_id])
+        if adopted or self._held_wills:
+            log.info("Node {node} took over {adopted} sessions of its previous incarnation",
+                     node=node, adopted=len(adopted))
+        return len(adopted)
+
+    def release_wills(self) -> None:
+        """Publish the wills :meth:`recover_own` held until the node serves
+        (a will published while fenced would reach no other node)."""
+        self._release_wills()
+
+    def _release_wills(self) -> None:
+        held, self._held_wills = self._held_wills, None
+        for client_id, message in held or ():
+            self._publish(client_id, message)
 
     def _renew(self, node: str) -> None:
         self.backend.execute("SET", self.lock_key(node), self.node_id, "PX",
@@ -229,6 +293,9 @@ class Reaper:
         return True
 
     def _publish(self, client_id: str, message) -> None:
+        if self._held_wills is not None:
+            self._held_wills.append((client_id, message))
+            return
         self.wills += 1
         try:
             self.broker._publish_will_now(client_id, message)
