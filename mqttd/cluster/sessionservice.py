@@ -160,6 +160,7 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
     node.recover = reaper.recover_own
     node.on("unfenced", sessions.unfenced)
     node.on("unfenced", reaper.release_wills)
+    node.on("fenced", sessions.refuse_claims)
     node.on("peer_down", lambda peer, _boot=None: reaper.reap(peer))
 
     def look():
