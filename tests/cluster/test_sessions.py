@@ -521,3 +521,34 @@ def test_a_stuck_reap_is_abandoned_its_lock_released_and_the_next_reap_finishes_
         assert await wait(retry.reap("A"))
         assert seen and seen[0] == {"stuck-reap-sub"}
     aio(run)
+
+
+def test_a_connect_while_redis_is_down_is_refused_0x88_without_a_traceback(redis_server, aio):
+    """REVIEW-CLUSTER F16: a reconnect storm during a Redis outage must cost one
+    rate-limited WARN line, not one CRITICAL traceback per CONNECT: the claim that
+    cannot reach Redis is refused with CONNACK 0x88 Server unavailable."""
+    from twisted.logger import globalLogPublisher, LogLevel
+
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        await settle(a)
+        redis_server.stop()
+        seen = []
+
+        def observer(event):
+            if event.get("log_level") in (LogLevel.critical, LogLevel.error) or \
+                    event.get("log_failure") is not None:
+                seen.append(event.get("log_format"))
+        globalLogPublisher.addObserver(observer)
+        try:
+            codes = []
+            for i in range(3):
+                client = a.client()
+                ack = await connect(a, client, "outage-%d" % i)
+                codes.append(ack.reason_code)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        assert codes == [0x88, 0x88, 0x88]
+        assert seen == []
+    aio(run)
