@@ -232,6 +232,14 @@ def translate(error: BaseException) -> BaseException:
             unavailable = unavailable + (kind,)
     if isinstance(error, unavailable):
         return RedisUnavailable(f"{type(error).__name__}: {error}".rstrip(": "))
+    cluster_error = getattr(rx, "RedisClusterException", None)
+    if cluster_error is not None and isinstance(error, cluster_error):
+        # e.g. redis+cluster:// at a standalone Redis (REVIEW-CLUSTER F9): one
+        # clear, rate-limited line, not a traceback per heartbeat
+        if "cluster mode is not enabled" in str(error).lower():
+            return RedisReplyError("this Redis is not a Redis Cluster (cluster mode is not "
+                                   "enabled): use redis://HOST:PORT for a standalone Redis")
+        return RedisUnavailable(f"{type(error).__name__}: {error}".rstrip(": "))
     if isinstance(error, rx.RedisError):
         return RedisReplyError(f"{type(error).__name__}: {error}".rstrip(": "))
     return error

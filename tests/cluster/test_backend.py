@@ -206,3 +206,14 @@ def test_the_redis_cluster_client_never_resends_by_itself():
     master already ran included) on a timeout or a connection error: no automatic retry."""
     backend = Backend("redis+cluster://127.0.0.1:1")
     assert backend.client.retry.get_retries() == 0
+
+
+def test_a_redis_cluster_url_at_a_standalone_redis_says_so_in_one_line(redis_server, aio):
+    """REVIEW-CLUSTER F9: redis+cluster:// pointed at a plain Redis must fail as a
+    BackendError naming the mistake (the node logs it rate-limited), not as an
+    unexpected exception whose traceback is logged every second."""
+    async def run():
+        backend = Backend(redis_server.url.replace("redis://", "redis+cluster://"))
+        with pytest.raises(RedisReplyError, match="not a Redis Cluster.*use redis://"):
+            await wait(backend.execute("GET", "k"), timeout=10)
+    aio(run)
