@@ -217,3 +217,19 @@ def test_a_redis_cluster_url_at_a_standalone_redis_says_so_in_one_line(redis_ser
         with pytest.raises(RedisReplyError, match="not a Redis Cluster.*use redis://"):
             await wait(backend.execute("GET", "k"), timeout=10)
     aio(run)
+
+
+def test_redis_without_aof_or_with_eviction_is_warned_about(redis_server, aio):
+    """REVIEW-CLUSTER F8: the 'no acknowledged message lost' guarantee needs AOF and
+    maxmemory-policy noeviction; a node says so at join when Redis runs otherwise."""
+    from mqttd.cluster.service import check_redis_settings
+
+    async def run():
+        backend = Backend(redis_server.url)
+        assert await wait(check_redis_settings(backend)) == []     # the fixture: AOF on
+        redis_server.cli("CONFIG", "SET", "appendonly", "no")
+        redis_server.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+        assert [kind for kind, _server in await wait(check_redis_settings(backend))] == [
+            "appendonly", "maxmemory-policy"]
+        await wait(backend.close())
+    aio(run)
