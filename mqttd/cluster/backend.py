@@ -232,6 +232,14 @@ def translate(error: BaseException) -> BaseException:
             unavailable = unavailable + (kind,)
     if isinstance(error, unavailable):
         return RedisUnavailable(f"{type(error).__name__}: {error}".rstrip(": "))
+    cluster_error = getattr(rx, "RedisClusterException", None)
+    if cluster_error is not None and isinstance(error, cluster_error):
+        # e.g. redis+cluster:// at a standalone Redis (REVIEW-CLUSTER F9): one
+        # clear, rate-limited line, not a traceback per heartbeat
+        if "cluster mode is not enabled" in str(error).lower():
+            return RedisReplyError("this Redis is not a Redis Cluster (cluster mode is not "
+                                   "enabled): use redis://HOST:PORT for a standalone Redis")
+        return RedisUnavailable(f"{type(error).__name__}: {error}".rstrip(": "))
     if isinstance(error, rx.RedisError):
         return RedisReplyError(f"{type(error).__name__}: {error}".rstrip(": "))
     return error
@@ -299,10 +307,18 @@ class Backend:
         if self.url.tls:
             kwargs["ssl"] = True
         # a broken pooled connection (Redis restarted) is retried twice on a
-        # fresh one within ~0.3 s: bounded, so an outage surfaces quickly
+        # fresh one within ~0.3 s: bounded, so an outage surfaces quickly.
+        # Never a *timeout*: Redis may have run the command (an XADD re-sent
+        # delivered a message twice, a HINCRBY counted twice; REVIEW-CLUSTER
+        # F13) -- the caller sees the failure and decides.  Redis Cluster's
+        # client re-sends a whole pipeline (commands already run on one master
+        # included) on any connection error or timeout: no automatic retry there.
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
-        kwargs["retry"] = Retry(ExponentialBackoff(cap=0.2, base=0.05), 2)
+        import redis.exceptions as rx
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=0.2, base=0.05),
+                                0 if self.url.kind == "cluster" else 2,
+                                supported_errors=(rx.ConnectionError,))
         if self.url.kind == "standalone":
             host, port = self.url.hosts[0]
             return Redis(host=host, port=port, db=self.url.db, **kwargs)

@@ -354,6 +354,8 @@ class Router:
                         "BLOCK", self.block_ms, "STREAMS", self.keys.inbox(self.node_id),
                         start)
                 except Exception as error:
+                    if self._stopped:
+                        break    # a clean stop deleted the inbox under the blocked read
                     if "NOGROUP" in str(error):
                         yield self.joined()
                     elif not isinstance(error, BackendError):

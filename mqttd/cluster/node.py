@@ -155,6 +155,15 @@ class Node:
         self._busy = False
         self._stopped = False
         self._blocked_since: Optional[float] = None
+        #: ``recover() -> Deferred``, run once after the first join of this
+        #: process, before the node serves (it stays fenced until it fired):
+        #: takes over what a previous incarnation of this node id left behind
+        #: (its sessions, its inbox) when no reaper did -- e.g. a restart after
+        #: kill -9 with the same --node-id.  A failure is retried after the
+        #: next acknowledged heartbeat.
+        self.recover: Optional[Callable[[], defer.Deferred]] = None
+        self._recovered = False
+        self._recovering = False
         #: the boot id this node had before it lost its membership (until re-joined)
         self._rejoining: Optional[str] = None
         backend.register("node-join", JOIN)
@@ -328,7 +337,13 @@ class Node:
             self._fence_call.reset(left)
         else:
             self._fence_call = self.clock.callLater(left, self._fence_due)
-        if self.fenced and self.joined:
+        if self.fenced and self.joined and not self._recovered and not self._recovering:
+            self._start_recovery()
+        if self.fenced and self.joined and self._recovered:
+            self._unfence()
+
+    def _unfence(self) -> None:
+        if self.fenced:
             was = self.fence_reason
             self.fenced = False
             self.fence_reason = None
@@ -336,6 +351,31 @@ class Node:
                 log.info("Node {node_id} reaches Redis again; accepting clients (was fenced: "
                          "{reason})", node_id=self.node_id, reason=was)
             self._tell("unfenced")
+
+    def _start_recovery(self) -> None:
+        if self.recover is None:
+            self._recovered = True
+            return
+        self._recovering = True
+        self.fence_reason = "taking over what its previous incarnation left"
+        d = defer.maybeDeferred(self.recover)
+
+        def done(_):
+            self._recovering = False
+            self._recovered = True
+            if not self._stopped and self.fenced and self.joined:
+                # unfence now if the last acknowledgement is recent enough
+                last = self._last_ok_sent
+                if last is not None and self.clock.seconds() - last < self.fence_after:
+                    self._unfence()
+
+        def failed(failure):
+            self._recovering = False
+            self.log_limiter.emit(
+                log.warn, "recover", "Node {node_id} cannot take over what its previous "
+                "incarnation left yet ({error}); staying fenced, retrying",
+                node_id=self.node_id, error=str(failure.value))
+        d.addCallbacks(done, failed)
 
     def _failed(self, failure) -> None:
         self.stats["heartbeat_failures"] += 1

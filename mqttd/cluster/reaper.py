@@ -60,12 +60,19 @@ class Reaper:
     :param forget_node: ``forget_node(dead_node, deliver, sync) -> Deferred``
         firing with how many late envelopes it still delivered: drop the dead
         node's routes and inbox (None: nothing).
-    :param lock_ms: milliseconds the reaper lock lasts (renewed while reaping).
+    :param lock_ms: milliseconds the reaper lock lasts (renewed while the reap
+        makes progress).
+    :param stall: seconds a reap may go without progress (a session adopted,
+        an inbox entry replayed, a write made durable, a step done) before it
+        is abandoned: its lock is no longer renewed but released, an ERROR is
+        logged, and the next look (this node's or another's) reaps again --
+        each step is idempotent (REVIEW-CLUSTER F15: a hung reap renewed its
+        lock forever, so the node was never reaped).
     """
 
     def __init__(self, sessions, replay_inbox: Optional[Callable] = None,
                  forget_node: Optional[Callable] = None, lock_ms: int = 30000,
-                 batch: int = 200):
+                 batch: int = 200, stall: float = 30.0):
         self.sessions = sessions
         self.broker = sessions.broker
         self.backend = sessions.backend
@@ -77,7 +84,14 @@ class Reaper:
         self.forget_node = forget_node
         self.lock_ms = lock_ms
         self.batch = batch
+        self.stall = stall
         self._reaping = set()
+        #: node being reaped -> the reap's Deferred / when it last made progress
+        self._running = {}
+        self._progress = {}
+        self.abandoned = 0
+        #: wills held by recover_own until the node serves (None: publish)
+        self._held_wills = None
         #: node being reaped -> the timer renewing its reaper lock
         self._renew_calls = {}
         #: node being reaped -> client ids no longer its (off its session list)
@@ -105,15 +119,42 @@ class Reaper:
             return defer.succeed(False)
         self._reaping.add(node)
         d = self._reap(node)
+        if not d.called:
+            self._running[node] = d
 
         def done(result):
             self._reaping.discard(node)
+            self._running.pop(node, None)
+            self._progress.pop(node, None)
             return result
+
+        def failed(failure):
+            if failure.check(defer.CancelledError):
+                self.abandoned += 1
+                log.error("Reaping node {node} made no progress for {stall:g} s; abandoned "
+                          "and its lock released: another look reaps it again",
+                          node=node, stall=self.stall)
+                self.backend.run("reaper_unlock", [self.lock_key(node)],
+                                 [self.node_id]).addErrback(lambda _f: None)
+            else:
+                log.error("Reaping node {node} failed: {error}; another look will retry",
+                          node=node, error=str(failure.value))
+            return False
         d.addBoth(done)
-        d.addErrback(lambda f: (log.error("Reaping node {node} failed: {error}; another "
-                                          "look will retry", node=node,
-                                          error=str(f.value)), False)[1])
+        d.addErrback(failed)
         return d
+
+    def _advanced(self, node: str) -> None:
+        """The reap of ``node`` made progress (the lock may be renewed)."""
+        if node in self._progress:
+            self._progress[node] = self.clock.seconds()
+
+    def _tracked_sync(self, node: str) -> Callable:
+        def sync():
+            d = defer.maybeDeferred(self.store.sync)
+            d.addCallback(lambda r: (self._advanced(node), r)[1])
+            return d
+        return sync
 
     @defer.inlineCallbacks
     def _reap(self, node: str):
@@ -129,18 +170,19 @@ class Reaper:
         self._live_boots[node] = live_boot or b""
         log.info("Node {node} is dead; reaping it (its wills, sessions and inbox)",
                  node=node)
+        self._progress[node] = self.clock.seconds()
         self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
                                                        node)
+        sync = self._tracked_sync(node)
         try:
             adopted = yield self._adopt_all(node)
             if self.replay_inbox is not None:
-                replayed = yield self.replay_inbox(node, self.deliver_to(adopted),
-                                                   self.store.sync)
+                replayed = yield self.replay_inbox(node, self.deliver_to(adopted, node),
+                                                   sync)
                 self.replayed += replayed or 0
-            yield self.store.sync()
+            yield sync()
             if self.forget_node is not None:
-                late = yield self.forget_node(node, self.deliver_to(adopted),
-                                              self.store.sync)
+                late = yield self.forget_node(node, self.deliver_to(adopted, node), sync)
                 self.replayed += late or 0
             # the dead incarnation's session list goes -- unless the node id is
             # alive again (a new incarnation: its list is its own; only what
@@ -163,10 +205,102 @@ class Reaper:
                  adopted=len(adopted))
         return True
 
+    def recover_own(self) -> defer.Deferred:
+        """Take over what a previous incarnation of this node id left behind,
+        before this node serves (``Node.recover``; REVIEW-CLUSTER F14).
+
+        A node restarted with the same ``--node-id`` right after a kill -9
+        re-joins before any reaper noticed the death: the sessions Redis
+        still says are this node's (``<prefix>{n:<id>}:sessions``), with
+        their routes, and the entries its inbox holds (read and never
+        acknowledged, or never read) are the previous incarnation's.  This is
+        the reap of that incarnation by the new one, under the same reaper
+        lock: every such session is adopted (epoch + 1, loaded, installed, so
+        its subscriptions become this node's routes *before* the route set is
+        written), the wills of its dead connections are published once the
+        node serves, and the inbox is replayed into the adopted sessions and
+        acknowledged only once they are durable.  Nothing is wiped that was
+        not handed on.
+
+        Fires with the number of sessions adopted; fails (the node stays
+        fenced and retries) while another node's reaper holds the lock, when
+        Redis fails, or when it made no progress for ``stall`` seconds."""
+        node = self.node_id
+        d = self._recover_own()
+        if d.called:
+            return d
+        self._running[node] = d
+        self._progress[node] = self.clock.seconds()
+        self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
+                                                       node)
+
+        def done(result):
+            self._running.pop(node, None)
+            self._progress.pop(node, None)
+            call = self._renew_calls.pop(node, None)
+            if call is not None and call.active():
+                call.cancel()
+            return result
+        return d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _recover_own(self):
+        from mqttd.cluster.backend import BackendError
+        node = self.node_id
+        won = yield self.backend.execute("SET", self.lock_key(node), self.node_id, "NX",
+                                         "PX", self.lock_ms)
+        if not won:
+            holder = yield self.backend.execute("GET", self.lock_key(node))
+            raise BackendError(f"node {_text(holder or b'?')} is reaping the previous "
+                               f"incarnation of {node}")
+        boot = self.sessions.boot
+        if self._held_wills is None:
+            self._held_wills = []    # kept across a retry: ended sessions' wills are here only
+        try:
+            # sessions already of this incarnation (none yet: it is fenced) stay
+            self._live_boots[node] = boot.encode() if isinstance(boot, str) else boot
+            adopted = yield self._adopt_all(node)
+            if self.replay_inbox is not None:
+                replayed = yield self.replay_inbox(node, self.deliver_to(adopted, node),
+                                                   self._tracked_sync(node))
+                self.replayed += replayed or 0
+            yield self.store.sync()
+            # what moved on or ended leaves this node's session list (it is alive)
+            yield self.backend.run(
+                "reaper_release", [self.alive_key(node), node_sessions_key(self.prefix, node)],
+                list(self._reaped_ids.get(node, ())))
+        finally:
+            self._live_boots.pop(node, None)
+            self._reaped_ids.pop(node, None)
+            yield self.backend.run("reaper_unlock", [self.lock_key(node)], [self.node_id])
+        if adopted or self._held_wills:
+            log.info("Node {node} took over {adopted} sessions of its previous incarnation",
+                     node=node, adopted=len(adopted))
+        return len(adopted)
+
+    def release_wills(self) -> None:
+        """Publish the wills :meth:`recover_own` held until the node serves
+        (a will published while fenced would reach no other node)."""
+        self._release_wills()
+
+    def _release_wills(self) -> None:
+        held, self._held_wills = self._held_wills, None
+        for client_id, message in held or ():
+            self._publish(client_id, message)
+
     def _renew(self, node: str) -> None:
         if node not in self._renew_calls:
             return
-        if self.sessions.is_fenced():
+        last = self._progress.get(node)
+        if last is not None and self.clock.seconds() - last >= self.stall:
+            # stuck (a call or a sync that never answers): no renewal; the
+            # reap is cancelled and its lock released (reap(): failed)
+            self._renew_calls.pop(node, None)
+            running = self._running.get(node)
+            if running is not None:
+                running.cancel()
+            return
+        if self.sessions.is_fenced() and node != self.node_id:
             # cut off from Redis ourselves: let the lock lapse, so the node can
             # re-join (the reap's remaining steps check it is still dead)
             self._renew_calls.pop(node, None)
@@ -189,6 +323,7 @@ class Reaper:
                 client_id = _text(member)
                 # never side by side with a claim of the same client here
                 done = yield self.sessions.exclusive(client_id, self._adopt, node, client_id)
+                self._advanced(node)
                 if done:
                     adopted.add(client_id)
             if _text(cursor) == "0":
@@ -205,7 +340,9 @@ class Reaper:
             # not (or no longer) the dead node's: off its list
             self._reaped_ids.setdefault(node, []).append(client_id)
         if status == "skip":
-            return False
+            # ours already (adopted by an earlier, abandoned reap, or resumed
+            # here): the dead node's inbox entries for it are still due to it
+            return _text(reply[1]) == self.node_id and client_id in self.broker.sessions
         if status == "ended":
             self.ended += 1
             will = _pairs(reply[1:])
@@ -259,13 +396,16 @@ class Reaper:
         return True
 
     def _publish(self, client_id: str, message) -> None:
+        if self._held_wills is not None:
+            self._held_wills.append((client_id, message))
+            return
         self.wills += 1
         try:
             self.broker._publish_will_now(client_id, message)
         except Exception:
             log.failure("Publishing the will of {client_id} failed", client_id=client_id)
 
-    def deliver_to(self, adopted: set) -> Callable:
+    def deliver_to(self, adopted: set, node: Optional[str] = None) -> Callable:
         """``deliver(message)``: one replayed envelope to the adopted sessions
         whose subscriptions match it (once per session, at the highest QoS of
         its matching subscriptions, at most the message's)."""
@@ -273,6 +413,8 @@ class Reaper:
         broker = self.broker
 
         def deliver(message, only_shares=None) -> int:
+            if node is not None:
+                self._advanced(node)
             receivers = 0
             for client_id in adopted:
                 session = broker.sessions.get(client_id)

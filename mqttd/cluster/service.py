@@ -62,6 +62,7 @@ class ClusterService(MultiService):
                      lambda old, new: None if self.node.fenced else self._unfenced())
         self._attach()
         self._announced = False
+        self._settings_checked = False
         #: callables run (in order) by stopService before the backend closes;
         #: each may return a Deferred
         self.stoppers: List[Callable[[], object]] = []
@@ -159,6 +160,9 @@ class ClusterService(MultiService):
                      node_id=self.node_id, count=closed)
 
     def _unfenced(self) -> None:
+        if not self._settings_checked:
+            self._settings_checked = True
+            check_redis_settings(self.backend)
         self.broker.unavailable = None
         self.routes.joined()
         self.router.joined()
@@ -177,6 +181,47 @@ class ClusterService(MultiService):
         """The ``cluster`` entry of the ready file."""
         return {"node_id": self.node_id, "boot_id": self.node.boot_id,
                 "joined": self.node.joined and not self.node.fenced}
+
+
+@defer.inlineCallbacks
+def check_redis_settings(backend):
+    """Warn (one WARN line per setting and Redis server) when Redis runs with
+    settings that void the cluster's guarantees: no AOF (a Redis restart loses
+    every acknowledged message, session and route it held) or a
+    ``maxmemory-policy`` other than ``noeviction`` (Redis may evict sessions,
+    queued messages or a live node's alive key).  Fires with the list of
+    warnings (tests); never fails (a Redis that cannot be asked is logged at
+    debug level: the heartbeat reports outages)."""
+    warnings = []
+    try:
+        persistence = yield backend.server_info("persistence")
+        memory = yield backend.server_info("memory")
+    except Exception as error:
+        log.debug("Cannot check the Redis settings: {error}", error=str(error))
+        return warnings
+
+    def per_server(info):
+        if isinstance(info, dict) and info and all(isinstance(v, dict)
+                                                   for v in info.values()):
+            return info        # Redis Cluster: {server: INFO}
+        return {backend.url.redacted(): info or {}}
+    for server, info in sorted(per_server(persistence).items()):
+        if str(info.get("aof_enabled", "")) != "1":
+            warnings.append(("appendonly", server))
+            log.warn("Redis at {server} runs without AOF (appendonly no): a Redis restart "
+                     "loses the sessions, queued and acknowledged messages and routes it "
+                     "holds; run it with appendonly yes (docs/cluster.rst, Redis settings)",
+                     server=server)
+    for server, info in sorted(per_server(memory).items()):
+        policy = info.get("maxmemory_policy")
+        policy = policy.decode() if isinstance(policy, bytes) else policy
+        if policy and policy != "noeviction":
+            warnings.append(("maxmemory-policy", server))
+            log.warn("Redis at {server} has maxmemory-policy {policy}: when full it evicts "
+                     "keys -- sessions, queued messages, a live node's heartbeat; set "
+                     "maxmemory-policy noeviction (docs/cluster.rst, Redis settings)",
+                     server=server, policy=policy)
+    return warnings
 
 
 def from_options(service, options) -> Optional[ClusterService]:

@@ -36,7 +36,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mqttd.cluster.backend import BackendError
 from mqttd.codec.errors import ReasonCode
 from mqttd.messages import will_message
 from mqttd.persistence import records as R
@@ -169,6 +171,13 @@ class ClusterSessions:
 
         def answered(result):
             self._answers.pop(connection, None)
+            if isinstance(result, Failure) and result.check(BackendError):
+                # Redis down or slow: an expected outage, not a bug -- a refusal
+                # (v5 0x88 / v3 0x03) with the connection's rate-limited WARN
+                # line, no traceback (REVIEW-CLUSTER F16)
+                result = (ReasonCode.SERVER_UNAVAILABLE,
+                          f"Redis unavailable for the session claim: "
+                          f"{result.getErrorMessage()}", "unavailable")
             if not answer.called:
                 answer.callback(result)
         d.addBoth(answered)

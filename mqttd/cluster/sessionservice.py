@@ -156,7 +156,10 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
     cluster.reaper = reaper
     node = cluster.node
     sessions.is_fenced = lambda: node.fenced
+    # a restart with the same node id: first reap the previous incarnation
+    node.recover = reaper.recover_own
     node.on("unfenced", sessions.unfenced)
+    node.on("unfenced", reaper.release_wills)
     node.on("fenced", sessions.refuse_claims)
     node.on("peer_down", lambda peer, _boot=None: reaper.reap(peer))
 

@@ -39,8 +39,11 @@ the same Redis.  Clients see one broker on one address:
   ``--ready-file`` with its own pid, the listeners and ``"workers": [{index,
   pid, node_id, restarts}]`` (rewritten after every restart).
 
-Per-worker state: ``--persistence file:P`` / ``dbm:P`` becomes ``P-w<k>``
-(two processes never share a data directory); ``--logfile F`` (twistd)
+Per-worker state: ``--persistence file:P`` / ``dbm:P`` becomes ``P-w<k>``, and
+the default store ``file:mqttd-data`` becomes ``file:mqttd-data-w<k>`` (two
+processes never share a data directory: a store is locked by one process;
+sessions live in Redis, each worker's own store keeps what is node-local --
+its internal bridge sessions); ``--logfile F`` (twistd)
 becomes ``F.w<k>``; without it workers log to the supervisor's stdout.
 """
 from __future__ import annotations
@@ -706,7 +709,10 @@ def make_supervisor(options, reactor=None) -> Supervisor:
     raw = list(getattr(options, "raw_args", ()) or ())
     parent = options.parent
     logfile = parent.get("logfile") if parent is not None else None
-    persistence = options["persistence"]
+    # no --persistence: the default store, which every worker would share
+    # (its lock stops the second one): each gets its own, like file:P
+    from mqttd.tap import DEFAULT_STORE
+    persistence = options["persistence"] or DEFAULT_STORE
     twistd_args = _twistd_arguments(parent)
 
     def command(index: int):

@@ -167,3 +167,69 @@ def test_every_call_is_bounded_even_when_the_link_hangs(aio):
                 await wait(d, timeout=5)
         assert client.cancelled == 4
     aio(run)
+
+
+#: INCR a counter, then keep Redis busy for ARGV[1] ms (longer than the socket timeout)
+_SLOW_INCR = """
+local n = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local start = t[1] * 1000 + math.floor(t[2] / 1000)
+while true do
+  t = redis.call('TIME')
+  if t[1] * 1000 + math.floor(t[2] / 1000) - start >= tonumber(ARGV[1]) then break end
+end
+return n
+"""
+
+
+def test_a_command_that_timed_out_is_not_sent_again(redis_server, aio):
+    """REVIEW-CLUSTER F13: a timeout says nothing about whether Redis ran the command, so
+    the client must not re-send it by itself (an XADD re-sent delivered a QoS 2 message
+    twice, a HINCRBY counted twice); only a refused or broken connection is retried."""
+    async def run():
+        backend = Backend(redis_server.url, socket_timeout=0.3)
+        with pytest.raises(rx.TimeoutError):
+            # straight to redis-py: its own retry policy is what is tested
+            await asyncio.wait_for(backend.client.execute_command(
+                "EVAL", _SLOW_INCR, 1, "f13:count", 700), 10)
+        await asyncio.sleep(2.0)          # any re-sent copy has run by now
+        assert redis_server.cli("GET", "f13:count").strip() == "1"
+        retry = backend.client.get_retry()
+        assert rx.TimeoutError not in retry._supported_errors
+        assert rx.ConnectionError in retry._supported_errors
+        await wait(backend.close())
+    aio(run)
+
+
+def test_the_redis_cluster_client_never_resends_by_itself():
+    """REVIEW-CLUSTER F13: redis-py's cluster client re-sends a whole pipeline (what one
+    master already ran included) on a timeout or a connection error: no automatic retry."""
+    backend = Backend("redis+cluster://127.0.0.1:1")
+    assert backend.client.retry.get_retries() == 0
+
+
+def test_a_redis_cluster_url_at_a_standalone_redis_says_so_in_one_line(redis_server, aio):
+    """REVIEW-CLUSTER F9: redis+cluster:// pointed at a plain Redis must fail as a
+    BackendError naming the mistake (the node logs it rate-limited), not as an
+    unexpected exception whose traceback is logged every second."""
+    async def run():
+        backend = Backend(redis_server.url.replace("redis://", "redis+cluster://"))
+        with pytest.raises(RedisReplyError, match="not a Redis Cluster.*use redis://"):
+            await wait(backend.execute("GET", "k"), timeout=10)
+    aio(run)
+
+
+def test_redis_without_aof_or_with_eviction_is_warned_about(redis_server, aio):
+    """REVIEW-CLUSTER F8: the 'no acknowledged message lost' guarantee needs AOF and
+    maxmemory-policy noeviction; a node says so at join when Redis runs otherwise."""
+    from mqttd.cluster.service import check_redis_settings
+
+    async def run():
+        backend = Backend(redis_server.url)
+        assert await wait(check_redis_settings(backend)) == []     # the fixture: AOF on
+        redis_server.cli("CONFIG", "SET", "appendonly", "no")
+        redis_server.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+        assert [kind for kind, _server in await wait(check_redis_settings(backend))] == [
+            "appendonly", "maxmemory-policy"]
+        await wait(backend.close())
+    aio(run)

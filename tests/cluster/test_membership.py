@@ -41,3 +41,17 @@ def test_a_killed_node_stays_a_member_until_its_heartbeat_expires(
         assert time.monotonic() < deadline, "alive key outlived its TTL"
         time.sleep(0.05)
     assert "killed" in members(redis_server.port)   # the reaper's to remove
+
+
+def test_a_clean_stop_logs_no_warning(redis_server, cluster_node_factory):
+    """An operator alerting on WARN must not be paged by every deploy: stopping a node
+    (its inbox reader blocked in XREADGROUP while the inbox is deleted) logs no warning
+    (REVIEW-CLUSTER F10: 'Cannot read the inbox ... UNBLOCKED' on every stop)."""
+    node = cluster_node_factory(redis_server.url, node_id="quiet-stop")
+    time.sleep(1.5)                      # the inbox reader is blocked in XREADGROUP
+    node.stop()
+    log = node.log_path.read_text(errors="replace")
+    assert "left the cluster" in log
+    warnings = [line for line in log.splitlines() if "#warn]" in line or "#error]" in line
+                or "#critical]" in line]
+    assert warnings == []

@@ -156,6 +156,31 @@ def test_leaving_deletes_the_heartbeat_so_the_others_see_it_at_once():
     assert b"a" not in backend.data[Keys().nodes()]
 
 
+def test_a_restarted_node_serves_only_once_it_took_over_its_previous_incarnation():
+    """The first join of a process runs ``recover`` (the reap of the node id's previous
+    incarnation) and stays fenced until it fired -- heartbeats go on meanwhile, a failed
+    recovery is retried, and a later re-join does not run it again (REVIEW-CLUSTER F14)."""
+    from twisted.internet import defer
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    calls = []
+
+    def recover():
+        calls.append(defer.Deferred())
+        return calls[-1]
+    node.recover = recover
+    node.start()
+    clock.advance(0)
+    assert node.joined and node.fenced and len(calls) == 1
+    calls[0].errback(RuntimeError("reaper lock held"))
+    clock.pump([1.0] * 6)                 # heartbeats keep the key alive meanwhile
+    assert node.fenced and len(calls) == 2
+    assert backend.data[Keys().alive("a")] == node.boot_id.encode()
+    calls[1].callback(3)
+    assert not node.fenced and events == [("unfenced",)]
+    clock.pump([1.0] * 3)
+    assert len(calls) == 2
+
+
 # --- a hanging link (REVIEW-CLUSTER F6) and a reaped incarnation (F5) --------------------
 
 def test_a_node_whose_redis_link_hangs_fences_itself_on_time():

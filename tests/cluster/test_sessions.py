@@ -483,3 +483,72 @@ def test_a_connect_waiting_on_redis_is_refused_when_the_node_fences(redis_server
         packets = client.received()
         assert isinstance(packets[0], Connack) and packets[0].reason_code == 0x88
     aio(run)
+
+
+def test_a_stuck_reap_is_abandoned_its_lock_released_and_the_next_reap_finishes_it(
+        redis_server, aio):
+    """REVIEW-CLUSTER F15: a reap whose step never answers must not renew its lock
+    forever; after ``stall`` seconds without progress it is abandoned, the lock is
+    released, and the next reap (idempotent) hands the dead node's inbox to the session
+    the abandoned one had already adopted."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        await connect(a, a.client(), "stuck-reap-sub")
+        await settle(a)
+        alive["A"] = False
+        b = Node(redis_server.url, "B", nodes, alive)
+        hung = defer.Deferred()
+        reaper = Reaper(b.sessions, replay_inbox=lambda node, deliver, sync: hung,
+                        lock_ms=600, stall=1.0)
+        reaped = reaper.reap("A")
+        for _ in range(100):                 # 10 s of renew periods, bounded
+            if reaped.called:
+                break
+            await asyncio.sleep(0.01)
+            b.clock.advance(0.1)
+        assert reaped.called and not await wait(reaped)
+        assert hung.called                   # cancelled: the stuck step was let go
+        assert reaper.abandoned == 1
+        await settle(b)
+        assert redis_server.cli("EXISTS", "mqttd:{n:A}:reaper").strip() == "0"
+        # the retry: the session is already B's, the inbox entries still reach it
+        seen = []
+        retry = Reaper(b.sessions, replay_inbox=lambda node, deliver, sync: defer.succeed(0))
+        original = retry.deliver_to
+        retry.deliver_to = lambda adopted, node=None: (seen.append(set(adopted)),
+                                                       original(adopted, node))[1]
+        assert await wait(retry.reap("A"))
+        assert seen and seen[0] == {"stuck-reap-sub"}
+    aio(run)
+
+
+def test_a_connect_while_redis_is_down_is_refused_0x88_without_a_traceback(redis_server, aio):
+    """REVIEW-CLUSTER F16: a reconnect storm during a Redis outage must cost one
+    rate-limited WARN line, not one CRITICAL traceback per CONNECT: the claim that
+    cannot reach Redis is refused with CONNACK 0x88 Server unavailable."""
+    from twisted.logger import globalLogPublisher, LogLevel
+
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        await settle(a)
+        redis_server.stop()
+        seen = []
+
+        def observer(event):
+            if event.get("log_level") in (LogLevel.critical, LogLevel.error) or \
+                    event.get("log_failure") is not None:
+                seen.append(event.get("log_format"))
+        globalLogPublisher.addObserver(observer)
+        try:
+            codes = []
+            for i in range(3):
+                client = a.client()
+                ack = await connect(a, client, "outage-%d" % i)
+                codes.append(ack.reason_code)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        assert codes == [0x88, 0x88, 0x88]
+        assert seen == []
+    aio(run)

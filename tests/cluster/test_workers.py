@@ -301,3 +301,30 @@ def test_inherited_listening_socket_serves_both_workers_and_survives_a_restart(
     for i in range(6):   # the other worker, or the restarted one, takes each
         client = BlockingClient(proc.port, f"during{i}", timeout=TIMEOUT)
         client.sock.close()
+
+
+def test_the_documented_workers_command_runs_without_a_persistence_option(redis_server,
+                                                                            tmp_path):
+    """``twistd -n mqttd --cluster URL --workers 2 --listen ...`` exactly as documented
+    (no --persistence) starts: each worker gets its own default store
+    ``mqttd-data-w<k>`` instead of all locking ``./mqttd-data`` (REVIEW-CLUSTER F12)."""
+    workdir = tmp_path / "sup"
+    proc = BrokerProcess(workdir, broker_id="wkd", ready_timeout=60, persistence=None,
+                         extra_args=["--cluster", redis_server.url, "--node-id", "wkd",
+                                     "--workers", "2", "--sys-interval", "0"])
+    proc.start()
+    try:
+        assert len(worker_pids(proc)) == 2
+        assert (workdir / "mqttd-data-w1").is_dir() and (workdir / "mqttd-data-w2").is_dir()
+        assert not (workdir / "mqttd-data").exists()
+        client = BlockingClient(proc.port, "wkd-c", level=5, timeout=TIMEOUT)
+        try:
+            client.send(Subscribe(1, (Subscription("wkd/t", 1),)))
+            client.next_packet(TIMEOUT)                               # SUBACK
+            client.send(Publish("wkd/t", b"x", 1, False, packet_id=2))
+            got = [client.next_packet(TIMEOUT) for _ in range(2)]     # PUBACK, PUBLISH
+            assert [p.payload for p in got if isinstance(p, Publish)] == [b"x"]
+        finally:
+            client.sock.close()
+    finally:
+        proc.stop(timeout=30)
