@@ -610,8 +610,21 @@ class ClientConnection:
     def disconnect(self, reason_code: int = ReasonCode.NORMAL_DISCONNECTION,
                    reason_string: Optional[str] = None,
                    log_reason: Optional[str] = None) -> None:
-        """Close from the server side; MQTT 5 clients get a DISCONNECT first."""
+        """Close from the server side; MQTT 5 clients get a DISCONNECT first.
+
+        Before the CONNACK is on the wire (it waits for the store, or a
+        cluster claim) the client is refused with CONNACK 0x88 Server
+        unavailable (v3: 0x03) instead: the first packet a server sends is a
+        CONNACK and no DISCONNECT precedes it [MQTT-3.2.0-1, MQTT-3.14.0-1]
+        (e.g. the loser of two simultaneous CONNECTs on two cluster nodes)."""
         if self.state == _CLOSED:
+            return
+        if self.state == _CONNECTED and not self._online:
+            self._pending = ()      # the success CONNACK never goes out
+            self._will_on_close = False     # it never connected
+            self._refuse(ReasonCode.SERVER_UNAVAILABLE, reason_string or
+                         f"closed by the server before its CONNACK (reason "
+                         f"0x{reason_code:02X})", spec="MQTT-3.14.0-1")
             return
         if self.state == _CONNECTED and self.protocol_level == MQTT_5:
             props = Properties(reason_string=reason_string) if reason_string else Properties()

@@ -20,6 +20,11 @@ per matching group (its own when it has members there, else the next node
 with members in turn) and names the groups each envelope is for; the
 receiving node serves only those of its groups, one member each.
 
+**Targets.**  Each entry names every node the message went to (``n``):
+a node that gave a session away and still forwards what reaches it on the
+session's filters skips a message that went to the new owner's node too
+(:meth:`Router.also_sent_to`), so a resumed session gets it once.
+
 **Order.**  All envelopes of a node are written by one pipeline at a time,
 in publish order, so each inbox receives them in that order.
 
@@ -156,8 +161,12 @@ class Router:
         self.clock = broker.clock
         self.log_limiter = LogRateLimiter(self.clock, interval=10.0, burst=1,
                                           reason_burst=None)
-        #: envelopes waiting: (node, data, shares, qos)
-        self._pending: List[Tuple[str, bytes, Optional[str], int]] = []
+        #: envelopes waiting: (node, data, shares, qos, all target nodes)
+        self._pending: List[Tuple[str, bytes, Optional[str], int, str]] = []
+        #: the target nodes of the inbox entry being dispatched now (None: none is)
+        self._dispatching: Optional[frozenset] = None
+        #: ``observer(message, targets)`` for every inbox entry dispatched here
+        self.dispatch_observers: list = []
         self._flushing = False
         self._flush_call = None
         self._queued = 0
@@ -210,12 +219,14 @@ class Router:
         data = encode_envelope(message)
         qos = message.qos
         pending = self._pending
+        # this node delivers it too (its own subscribers): a target as well
+        targets = SEP.join(set(nodes) | {self.node_id})
         for node in nodes:
             share = None
             if per_node is not None:
                 groups = per_node.get(node)
                 share = SEP.join(groups) if groups else ""
-            pending.append((node, data, share, qos))
+            pending.append((node, data, share, qos, targets))
         self.stats["forwarded"][qos] += len(nodes)
         if qos:
             self._queued += 1
@@ -225,6 +236,18 @@ class Router:
         if not self._flushing and self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush)
         return len(nodes)
+
+    def also_sent_to(self, node: str, message: Message) -> bool:
+        """Whether ``message``, being delivered here now, also went (or goes) to
+        ``node`` directly: an inbox entry names its targets; a message published
+        on this node goes where this node's routes send it (looked up in the
+        same turn as :meth:`forward` does)."""
+        if self._dispatching is not None:
+            return node in self._dispatching
+        if not self._online or message.origin is SYS_ORIGIN:
+            return False
+        nodes, _shares = self.routes.lookup(message.topic)
+        return node in nodes
 
     def _choose(self, share: str, members: Set[str]) -> str:
         """The node that serves ``share`` for one message: this one if it has
@@ -262,9 +285,9 @@ class Router:
         upto = self._queued
         self._flushing = True
         commands = []
-        for node, data, share, _qos in batch:
+        for node, data, share, _qos, targets in batch:
             command = ["XADD", self.keys.inbox(node), "MAXLEN", "~", self.inbox_maxlen, "*",
-                       "e", data]
+                       "e", data, "n", targets]
             if share is not None:
                 command += ["s", share]
             commands.append(command)
@@ -416,11 +439,20 @@ class Router:
                 share = share.decode("utf-8")
                 only = frozenset(share.split(SEP)) if share else frozenset()
             self.stats["received"][message.qos] += 1
+            targets = fields.get(b"n")
+            # an entry of an older node names no targets: as if it went here only
+            targets = (frozenset(targets.decode("utf-8").split(SEP)) if targets
+                       else frozenset((self.node_id,)))
+            self._dispatching = targets
             try:
                 broker.dispatch(message, only_shares=only)
+                for observer in list(self.dispatch_observers):
+                    observer(message, targets)
             except Exception:
                 log.failure("Delivering a message from another node to {topic} failed",
                             topic=message.topic)
+            finally:
+                self._dispatching = None
         barrier = broker.barrier(since)
         if barrier is None:
             return self._ack(ids)

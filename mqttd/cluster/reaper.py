@@ -20,10 +20,15 @@ node is reaped once:
      here, and cancelled if the client resumes first [MQTT-3.1.3-9]);
 
 2. the dead node's inbox: entries it read but never acknowledged and
-   entries never read are delivered to the adopted sessions
-   (``replay_inbox``, provided by the bus), so no message a publisher got
-   PUBACK for is lost; a message delivered twice is the at-least-once
-   duplicate QoS 1 allows;
+   entries never read are delivered to the sessions whose subscriptions
+   they were routed for (``replay_inbox``, provided by the bus), wherever
+   each session is now: the adopted ones and those claimed on this node
+   directly, those its client already resumed on another node (a client
+   behind a load balancer reconnects before the reaper runs) through the
+   session's ``f`` list and a ``poke`` to its owner (as a node that gave a
+   session away forwards), so no message a publisher got PUBACK for is
+   lost; an entry is acknowledged only once what it caused is in Redis; a
+   message delivered twice is the at-least-once duplicate QoS 1 allows;
 
 3. its route set is reset (the others stop routing to it) and, after a
    short settle time for route caches, the inbox is read once more and
@@ -175,14 +180,17 @@ class Reaper:
                                                        node)
         sync = self._tracked_sync(node)
         try:
-            adopted = yield self._adopt_all(node)
+            adopted, moved = yield self._adopt_all(node)
+            # the dead node's sessions its clients resumed elsewhere before we came
+            targets = yield self._moved_targets(node, moved, adopted)
             if self.replay_inbox is not None:
-                replayed = yield self.replay_inbox(node, self.deliver_to(adopted, node),
-                                                   sync)
+                replayed = yield self.replay_inbox(
+                    node, self.deliver_to(adopted, targets, node), sync)
                 self.replayed += replayed or 0
             yield sync()
             if self.forget_node is not None:
-                late = yield self.forget_node(node, self.deliver_to(adopted, node), sync)
+                late = yield self.forget_node(
+                    node, self.deliver_to(adopted, targets, node), sync)
                 self.replayed += late or 0
             # the dead incarnation's session list goes -- unless the node id is
             # alive again (a new incarnation: its list is its own; only what
@@ -259,10 +267,11 @@ class Reaper:
         try:
             # sessions already of this incarnation (none yet: it is fenced) stay
             self._live_boots[node] = boot.encode() if isinstance(boot, str) else boot
-            adopted = yield self._adopt_all(node)
+            adopted, moved = yield self._adopt_all(node)
+            targets = yield self._moved_targets(node, moved, adopted)
             if self.replay_inbox is not None:
-                replayed = yield self.replay_inbox(node, self.deliver_to(adopted, node),
-                                                   self._tracked_sync(node))
+                replayed = yield self.replay_inbox(
+                    node, self.deliver_to(adopted, targets, node), self._tracked_sync(node))
                 self.replayed += replayed or 0
             yield self.store.sync()
             # what moved on or ended leaves this node's session list (it is alive)
@@ -314,6 +323,7 @@ class Reaper:
     def _adopt_all(self, node: str):
         key = node_sessions_key(self.prefix, node)
         adopted = set()
+        moved = {}
         self._reaped_ids[node] = []
         cursor = b"0"
         while True:
@@ -324,11 +334,44 @@ class Reaper:
                 # never side by side with a claim of the same client here
                 done = yield self.sessions.exclusive(client_id, self._adopt, node, client_id)
                 self._advanced(node)
-                if done:
+                if done is True:
                     adopted.add(client_id)
+                elif isinstance(done, str) and done:
+                    if done == self.node_id:
+                        # ours already (adopted by an earlier, abandoned reap, or
+                        # resumed here): the dead node's entries are due to it
+                        if client_id in self.broker.sessions:
+                            adopted.add(client_id)
+                    elif done != node:
+                        moved[client_id] = done
             if _text(cursor) == "0":
                 break
-        return adopted
+        return adopted, moved
+
+    @defer.inlineCallbacks
+    def _moved_targets(self, node: str, moved: dict, adopted: set):
+        """{client id: subscriptions} of the dead node's sessions that another
+        node (or this one, by a CONNECT) owns now: the inbox entries routed to
+        the dead node for them must follow them [issue 10 §4]."""
+        targets = {}
+        for client_id, owner in moved.items():
+            if owner == self.node_id:
+                # claimed here: delivered into the local session like an adopted one
+                if client_id in self.broker.sessions:
+                    adopted.add(client_id)
+                continue
+            rec = yield self.backend.execute(
+                "HGET", session_keys(self.prefix, client_id)[0], "rec")
+            if not rec:
+                continue   # not persistent (any more): nothing is owed to it
+            try:
+                record = safepickle.loads(rec)
+            except Exception as error:
+                log.warn("Unreadable session record of {client_id}: {error}",
+                         client_id=client_id, error=str(error))
+                continue
+            targets[client_id] = {sub.topic_filter: sub for sub in record.subscriptions}
+        return targets
 
     @defer.inlineCallbacks
     def _adopt(self, node: str, client_id: str):
@@ -341,8 +384,9 @@ class Reaper:
             self._reaped_ids.setdefault(node, []).append(client_id)
         if status == "skip":
             # ours already (adopted by an earlier, abandoned reap, or resumed
-            # here): the dead node's inbox entries for it are still due to it
-            return _text(reply[1]) == self.node_id and client_id in self.broker.sessions
+            # here) or moved on: its current owner (for the inbox replay;
+            # this node's own sessions count as adopted, see _moved_targets)
+            return _text(reply[1]) if len(reply) > 1 else ""
         if status == "ended":
             self.ended += 1
             will = _pairs(reply[1:])
@@ -405,12 +449,47 @@ class Reaper:
         except Exception:
             log.failure("Publishing the will of {client_id} failed", client_id=client_id)
 
-    def deliver_to(self, adopted: set, node: Optional[str] = None) -> Callable:
-        """``deliver(message)``: one replayed envelope to the adopted sessions
-        whose subscriptions match it (once per session, at the highest QoS of
-        its matching subscriptions, at most the message's)."""
+    def deliver_to(self, adopted: set, moved: Optional[dict] = None,
+                   node: Optional[str] = None) -> Callable:
+        """``deliver(message)``: one replayed envelope to the adopted (local)
+        sessions whose subscriptions match it (once per session, at the
+        highest QoS of its matching subscriptions, at most the message's),
+        and, as a forward (``f`` list of the session, then a ``poke`` to its
+        owner), to the sessions of ``moved`` (client id -> {filter:
+        subscription record}) now owned by other nodes; both are in Redis
+        once ``store.sync()`` fired.  ``node``: the reaped node, whose reap
+        makes progress with each envelope (the lock's renewal needs it)."""
         from mqttd import topics
+        from mqttd.persistence import records as R
+        from mqttd.cluster.store import Forward
         broker = self.broker
+        moved = moved or {}
+
+        def best_of(client_id, subscriptions, message, only_shares):
+            best = None
+            for topic_filter, sub in subscriptions.items():
+                if topic_filter.startswith(topics.SHARE_PREFIX):
+                    # a group's copy went to the node the publisher picked
+                    if only_shares is None or topic_filter not in only_shares:
+                        continue
+                    _group, plain = topics.parse_shared(topic_filter)
+                else:
+                    if only_shares is not None and not only_shares:
+                        continue   # an entry for shared groups only
+                    plain = topic_filter
+                if sub.no_local and message.origin == client_id:
+                    continue
+                if topics.matches(plain, message.topic) and (
+                        best is None or sub.qos > best.qos):
+                    best = sub
+            return best
+
+
+        def shaped(message, best):
+            if message.retain and not best.retain_as_published:
+                import attrs
+                return attrs.evolve(message, retain=False)
+            return message
 
         def deliver(message, only_shares=None) -> int:
             if node is not None:
@@ -420,30 +499,21 @@ class Reaper:
                 session = broker.sessions.get(client_id)
                 if session is None:
                     continue
-                best = None
-                for topic_filter, sub in session.subscriptions.items():
-                    if topic_filter.startswith(topics.SHARE_PREFIX):
-                        # a group's copy went to the node the publisher picked
-                        if only_shares is None or topic_filter not in only_shares:
-                            continue
-                        _group, plain = topics.parse_shared(topic_filter)
-                    else:
-                        if only_shares is not None and not only_shares:
-                            continue   # an entry for shared groups only
-                        plain = topic_filter
-                    if sub.no_local and message.origin == client_id:
-                        continue
-                    if topics.matches(plain, message.topic) and (
-                            best is None or sub.qos > best.qos):
-                        best = sub
+                best = best_of(client_id, session.subscriptions, message, only_shares)
                 if best is None:
                     continue
                 qos = min(best.qos, message.qos)
-                out = message
-                if message.retain and not best.retain_as_published:
-                    import attrs
-                    out = attrs.evolve(message, retain=False)
-                broker._deliver(session, out, qos)
+                broker._deliver(session, shaped(message, best), qos)
+                receivers += 1
+            for client_id, subscriptions in moved.items():
+                best = best_of(client_id, subscriptions, message, only_shares)
+                if best is None:
+                    continue
+                qos = min(best.qos, message.qos)
+                if not qos:
+                    continue   # QoS 0 is not owed to an offline session here
+                self.store.write(Forward(client_id, R.OutboundRecord(
+                    0, shaped(message, best), qos)))
                 receivers += 1
             return receivers
         return deliver

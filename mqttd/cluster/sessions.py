@@ -28,7 +28,12 @@ is refused with 0x88 / v3 0x03).  Exactly one stays.
 After a node gave a session away it keeps, for ``forward_grace`` seconds,
 in-process subscriptions on the session's filters: a message that still
 reaches it (other nodes' route caches lag) is forwarded to the new owner
-(``f`` list + a ``poke``), never dropped.
+(``f`` list + a ``poke``), never dropped -- unless the message also went to
+the new owner's node directly (the publisher's routes already had it:
+:meth:`mqttd.cluster.bus.Router.also_sent_to`), which then delivers it itself:
+once per session, for QoS 2 too.  What the new owner's node received
+directly while its claim was taking the session over (kick sent, session not
+installed yet) is kept and delivered into the session once it is installed.
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ __all__ = ["ClusterSessions"]
 
 #: how many forwarded messages one pull moves (and seq numbers it reserves)
 PULL_BATCH = 10000
+
+#: messages kept at most while a takeover from a live node runs (see _open_window)
+WINDOW_MAX = 100000
 
 #: the ``clientDisconnected`` reason of the clients a fenced node closes
 #: (:mod:`mqttd.cluster.service`): their wills are decided once Redis answers
@@ -118,6 +126,10 @@ class ClusterSessions:
         self._forwarding: Dict[str, list] = {}
         self.takeovers = 0
         self.forwarded = 0
+        #: ``also_sent_to(node, message) -> bool`` (the bus router; None: never)
+        self.also_sent_to: Optional[Callable] = None
+        #: the bus router (its ``dispatch_observers``), None without one
+        self.router = None
         #: wills taken back from Redis while this node cannot publish
         #: cluster-wide (fenced): published when it can (see :meth:`unfenced`)
         self._owed_wills: list = []
@@ -205,8 +217,22 @@ class ClusterSessions:
         d.addBoth(unlock)
         return d
 
-    @defer.inlineCallbacks
     def _claim(self, client_id, clean_start, persistent, will, username, connection=None):
+        window = []      # [messages] while a takeover from a live node runs
+        d = self._claim_in(window, client_id, clean_start, persistent, will, username,
+                           connection)
+
+        def delivered(result):
+            if window:
+                messages = self._close_window(window[0])
+                if result is None and self.store.epochs.get(client_id) is not None:
+                    self._deliver_window(client_id, messages)
+            return result
+        return d.addBoth(delivered)
+
+    @defer.inlineCallbacks
+    def _claim_in(self, window, client_id, clean_start, persistent, will, username,
+                  connection=None):
         broker = self.broker
         store = self.store
         # what this node still has to write of this client goes out first
@@ -240,6 +266,10 @@ class ClusterSessions:
             self.takeovers += 1
             alive = yield self.is_alive(old_node)
             if alive:
+                # what reaches this node directly while the old owner lets go
+                # is not forwarded by it: kept for the session until installed
+                if present and not ended:
+                    window.append(self._open_window(client_id))
                 yield self._kick(old_node, client_id, epoch, ended)
             else:
                 self._dead_owners_will(client_id, old_will, old_online, ended)
@@ -356,7 +386,7 @@ class ClusterSessions:
                      node=claimant)
             self.broker.release_session(client_id, clean)
             if subscriptions and not clean:
-                self._forward(client_id, subscriptions)
+                self._forward(client_id, subscriptions, claimant)
         d = store.sync()
 
         def done(_):
@@ -429,9 +459,10 @@ class ClusterSessions:
 
     # --- forwarding what still reaches a node that gave a session away -------------------
 
-    def _forward(self, client_id: str, subscriptions) -> None:
+    def _forward(self, client_id: str, subscriptions, claimant: str = "") -> None:
         unsubscribers = []
         installing = [True]
+        also_sent_to = self.also_sent_to
 
         def forward(message, sub=None):
             if installing[0]:
@@ -439,6 +470,8 @@ class ClusterSessions:
             qos = min(sub.qos, message.qos)
             if not qos:
                 return
+            if claimant and also_sent_to is not None and also_sent_to(claimant, message):
+                return  # the new owner's node got it directly: no second copy
             self.forwarded += 1
             record = R.OutboundRecord(0, message, qos)
             self.store.write(Forward(client_id, record))
@@ -451,6 +484,66 @@ class ClusterSessions:
         self._forwarding[client_id] = unsubscribers
         self.clock.callLater(self.forward_grace, self._stop_forwarding, client_id,
                              unsubscribers)
+
+    def _open_window(self, client_id: str):
+        """Start keeping what this node delivers (messages published here, and
+        inbox entries) until ``client_id``'s session is installed here:
+        ``(messages, stop functions)``."""
+        from mqttd.messages import SYS_ORIGIN
+        messages = []
+        stops = []
+        sessions = self.broker.sessions
+
+        def keep(message, *_args, **_fields):
+            if message.qos and message.origin is not SYS_ORIGIN \
+                    and client_id not in sessions and len(messages) < WINDOW_MAX:
+                messages.append(message)
+        stops.append(self.broker.on("published", lambda message=None, **_f: keep(message)))
+        router = self.router
+        if router is not None:
+            router.dispatch_observers.append(keep)
+            stops.append(lambda: router.dispatch_observers.remove(keep)
+                         if keep in router.dispatch_observers else None)
+        return messages, stops
+
+    @staticmethod
+    def _close_window(window) -> list:
+        messages, stops = window
+        for stop in stops:
+            stop()
+        return messages
+
+    def _deliver_window(self, client_id: str, messages) -> None:
+        """Deliver into the session installed here what reached this node
+        directly during the takeover (the old owner did not forward those):
+        once, at the highest QoS of its matching subscriptions."""
+        from mqttd import topics
+        broker = self.broker
+        session = broker.sessions.get(client_id)
+        if session is None or not messages:
+            return
+        for message in messages:
+            best = None
+            for topic_filter, sub in session.subscriptions.items():
+                if topic_filter.startswith(topics.SHARE_PREFIX):
+                    continue   # a group's copy went to one member already
+                if sub.no_local and message.origin == client_id:
+                    continue
+                if topics.matches(topic_filter, message.topic) and (
+                        best is None or sub.qos > best.qos):
+                    best = sub
+            if best is None:
+                continue
+            qos = min(best.qos, message.qos)
+            if not qos:
+                continue
+            out = message
+            if message.retain and not best.retain_as_published:
+                import attrs
+                out = attrs.evolve(message, retain=False)
+            broker._deliver(session, out, qos)
+        if session.connection is not None:
+            broker.drain(session)
 
     def _stop_forwarding(self, client_id: str, only=None) -> None:
         unsubscribers = self._forwarding.get(client_id)

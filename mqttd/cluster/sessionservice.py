@@ -154,6 +154,11 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
     reaper = Reaper(sessions, replay_inbox=inbox.replay, forget_node=inbox.forget)
     cluster.sessions = sessions
     cluster.reaper = reaper
+    router = getattr(cluster, "router", None)
+    if router is not None:
+        # de-duplicates the forwarding of a node that gave a session away
+        sessions.also_sent_to = router.also_sent_to
+        sessions.router = router
     node = cluster.node
     sessions.is_fenced = lambda: node.fenced
     # a restart with the same node id: first reap the previous incarnation

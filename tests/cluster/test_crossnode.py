@@ -159,3 +159,32 @@ def test_cross_node_delivery_works_on_a_redis_cluster(redis_cluster, cluster_nod
     for i in range(50):
         pub.publish("rc/x/t", str(i).encode(), qos=1)
     assert [int(m.payload) for m in sub.collect(50)] == list(range(50))
+
+
+@pytest.mark.parametrize("qos, publisher_at", [(2, "new owner"), (1, "third node"),
+                                               (2, "old owner")])
+def test_a_session_resumed_on_another_node_gets_each_message_once(
+        module_nodes, qos, publisher_at):
+    """After a resume on another node the old owner still forwards what reaches it on
+    the session's filters for a while; a message the publisher's node also sent to the
+    new owner's node must not arrive twice (QoS 2 exactly once [MQTT-4.3.3])."""
+    from mqttd.codec.packets import Disconnect, Properties
+    old, new, third = module_nodes
+    tag = f"dup{qos}{publisher_at[0]}"
+    props = Properties(session_expiry_interval=600)
+    sub = Client(old.port, tag, clean=False, properties=props)
+    assert sub.subscribe(f"{tag}/#", qos).reason_codes == (qos,)
+    sub.send(Disconnect(0))
+    sub.close()
+    sub = Client(new.port, tag, clean=False, properties=props)
+    assert sub.connack.session_present
+    node = {"new owner": new, "third node": third, "old owner": old}[publisher_at]
+    pub = Client(node.port, tag + "-pub")
+    sub.subscribe(f"probe/{tag}")
+    wait_routed(pub, sub, f"probe/{tag}")
+    for i in range(20):
+        pub.publish(f"{tag}/x", b"%d" % i, qos=qos)
+    got = sub.collect(20, timeout=10.0) + sub.quiet(1.0)
+    assert sorted(int(p.payload) for p in got) == list(range(20))
+    pub.close()
+    sub.close()

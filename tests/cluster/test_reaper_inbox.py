@@ -1,0 +1,71 @@
+"""The reaper's inbox replay follows each session to wherever it is now.
+
+In-process (as tests/cluster/test_sessions.py): brokers with their own
+RedisSessionStore and ClusterSessions against one real redis-server.  Node A
+holds a persistent subscriber and dies with acknowledged messages unread in
+its inbox; the subscriber resumes on another node *before* the reaper runs
+(a client behind a load balancer reconnects at once), so the reaper adopts
+nothing -- the messages must still reach the session (REVIEW-CLUSTER F3).
+"""
+from __future__ import annotations
+
+import pytest
+
+from mqttd.cluster.bus import GROUP, encode_envelope
+from mqttd.cluster.keys import Keys
+from mqttd.cluster.reaper import InboxReplay, Reaper
+from mqttd.codec.packets import Publish
+from mqttd.messages import Message
+
+from .conftest import wait
+from .test_sessions import Node, connect, settle
+
+COUNT = 30
+
+
+@pytest.mark.parametrize("resumed_on", ["another node", "the reaping node"])
+def test_inbox_of_a_dead_node_reaches_a_session_resumed_before_the_reaper(
+        redis_server, aio, resumed_on):
+    """Every message in a dead node's inbox reaches its subscriber's session although the
+    subscriber resumed elsewhere before the reaper ran (it adopts 0 sessions); the inbox
+    entries are acknowledged only after that."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True, "C": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        b = Node(redis_server.url, "B", nodes, alive)
+        c = Node(redis_server.url, "C", nodes, alive)
+        sub = a.client()
+        await connect(a, sub, "moving")
+        sub.subscribe("k/#", qos=1)
+        await settle(a)
+        keys = Keys()
+        inbox = keys.inbox("A")
+        redis_server.cli("XGROUP", "CREATE", inbox, GROUP, "$", "MKSTREAM")
+        # routed to A, acknowledged to their publisher, never read: A is killed
+        for i in range(COUNT):
+            await wait(b.backend.execute("XADD", inbox, "*", "e", encode_envelope(
+                Message("k/%d" % i, b"%d" % i, 1))))
+        await wait(b.backend.execute("XADD", inbox, "*", "e", encode_envelope(
+            Message("other/x", b"not-for-it", 1))))
+        alive["A"] = False
+        target = c if resumed_on == "another node" else b
+        again = target.client()
+        ack = await connect(target, again, "moving")
+        assert ack.reason_code == 0 and ack.session_present
+        await settle(b, c)
+        replay = InboxReplay(b.backend, keys, "B", b.clock)
+        reaper = Reaper(b.sessions, replay_inbox=replay.replay)
+        assert await wait(reaper.reap("A"))
+        assert reaper.adopted == 0
+        got = []
+        for _ in range(20):
+            await settle(b, c)
+            got += [p for p in again.received() if isinstance(p, Publish)]
+            if len(got) >= COUNT:
+                break
+        assert sorted(int(p.payload) for p in got) == list(range(COUNT))
+        assert all(p.qos == 1 for p in got)
+        # every entry was handed on and acknowledged; none is pending any more
+        pending = redis_server.cli("XPENDING", inbox, GROUP)
+        assert pending.split()[0] == "0"
+    aio(run)

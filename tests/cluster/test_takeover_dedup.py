@@ -1,0 +1,64 @@
+"""A takeover across live nodes delivers each message once (REVIEW-CLUSTER F4).
+
+In-process (as tests/cluster/test_sessions.py).  The old owner skips forwarding
+what the publisher's node also sent to the new owner's node; what reaches the
+new owner's node directly while its claim is still taking the session over
+(kick sent, session not installed) must then be kept for the session, not lost.
+"""
+from __future__ import annotations
+
+from mqttd.codec.packets import Publish
+from mqttd.messages import Message
+
+from .test_sessions import Node, connect, settle
+
+
+class FakeRouter:
+    """The bus router's side the sessions use: dispatch observers."""
+
+    def __init__(self, node):
+        self.node = node
+        self.dispatch_observers = []
+
+    def dispatch(self, message):
+        """An inbox entry sent to this node and to ``targets``."""
+        self.node.broker.dispatch(message)
+        for observer in list(self.dispatch_observers):
+            observer(message, frozenset(("A", "B")))
+
+
+def test_message_reaching_the_new_owner_during_the_takeover_is_delivered_once(
+        redis_server, aio):
+    """A message the publisher sent to both nodes while the session moves from A to B:
+    A does not forward it (B got it), B got it before the session was installed there;
+    B keeps it and delivers it into the session once -- not lost, not twice."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        router = FakeRouter(b)
+        b.sessions.router = router
+        a.sessions.also_sent_to = lambda node, message: node == "B"
+        sub = a.client()
+        await connect(a, sub, "mover")
+        sub.subscribe("mv/#", qos=1)
+        sub.conn.connection_lost()
+        await settle(a)
+        sent = b.sessions.send_control
+
+        def send_control(node, fields):
+            if fields.get("op") == "kick":
+                # in flight to both nodes as A lets go: B's copy arrives first
+                router.dispatch(Message("mv/1", b"during", 1))
+            return sent(node, fields)
+        b.sessions.send_control = send_control
+        again = b.client()
+        ack = await connect(b, again, "mover")
+        assert ack.reason_code == 0 and ack.session_present
+        a.broker.dispatch(Message("mv/1", b"during", 1))    # A's copy: not forwarded
+        got = []
+        for _ in range(5):
+            await settle(a, b)
+            got += [p.payload for p in again.received() if isinstance(p, Publish)]
+        assert got == [b"during"]
+        assert b.sessions.router.dispatch_observers == []
+    aio(run)
