@@ -230,11 +230,14 @@ class Router:
     :param batch: inbox entries read at once (``XREADGROUP COUNT``); each
         carries up to ``ENTRY_MESSAGES`` envelopes.
     :param block_ms: ``XREADGROUP BLOCK`` milliseconds.
+    :param wait_replicas: a flush carrying QoS >= 1 envelopes counts as
+        written (PUBACK/PUBREC) only once this many replicas have it
+        (``--cluster-wait-replicas``; ``WAIT`` after the XADDs).
     """
 
     def __init__(self, broker, backend, routes, node, keys: Keys = Keys(),
                  inbox_maxlen: int = 1_000_000, max_pending: int = 100_000,
-                 batch: int = 64, block_ms: int = 1000):
+                 batch: int = 64, block_ms: int = 1000, wait_replicas: int = 0):
         self.broker = broker
         self.backend = backend
         self.routes = routes
@@ -246,6 +249,7 @@ class Router:
         self.high_water = max(1, max_pending // 2)
         self.batch = batch
         self.block_ms = block_ms
+        self.wait_replicas = wait_replicas
         self.clock = broker.clock
         self.log_limiter = LogRateLimiter(self.clock, interval=10.0, burst=1,
                                           reason_burst=None)
@@ -354,7 +358,10 @@ class Router:
         batch, self._pending = self._pending, []
         upto = self._queued
         self._flushing = True
-        d = self.backend.pipeline(self._commands(batch))
+        wait = 0
+        if self.wait_replicas and upto != self._written:
+            wait = self.wait_replicas     # a QoS >= 1 publisher waits for this batch
+        d = self.backend.pipeline(self._commands(batch), wait_replicas=wait)
 
         def written(_):
             self.stats["batches"] += 1
