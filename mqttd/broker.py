@@ -25,7 +25,7 @@ from zope.interface import classImplements
 from twisted.python.failure import Failure
 
 from mqttd import debuglog, shared, topics
-from mqttd.ratelimit import LogRateLimiter, refusal_key
+from mqttd.ratelimit import BucketMemory, LogRateLimiter, refusal_key
 from mqttd.clients import ClientSummary, summarize
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Pubrel
@@ -200,9 +200,11 @@ class BrokerConfig:
     #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
     max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
     #: inbound PUBLISH packets per second per client (token bucket, burst of
-    #: one second); over it the connection's reads pause; 0 = no limit
+    #: one second, charged per packet); over it the connection's reads pause
+    #: and what it had read waits; a reconnect continues from the bucket the
+    #: last connection of that client id or host left; 0 = no limit
     max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
-    #: inbound bytes per second per client (same bucket rules); 0 = no limit
+    #: inbound PUBLISH bytes per second per client (same bucket rules); 0 = no limit
     max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
     #: seconds a subscriber that used up max_publisher_pause must stay healthy
     #: (after its queue was empty) before it may hold publishers again
@@ -359,6 +361,9 @@ class Broker:
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
         self.log_limiter = LogRateLimiter(clock)
+        #: inbound rate buckets left by closed connections (--max-inbound-rate):
+        #: a reconnect continues from them rather than from a full bucket
+        self.inbound_memory = BucketMemory()
         #: callables(client_id, reason, text) told of every drop and refusal
         self.incident_listeners: List[Callable[[str, str, str], None]] = []
         #: sessions with a connection attached now

@@ -40,6 +40,7 @@ from mqttd.hooks import (
 from mqttd.interfaces import IClientConnection
 from mqttd.messages import SYS_ORIGIN, Message, forwarded_properties, will_message
 from mqttd.persistence.records import OutboundStage, SubscriptionRecord
+from mqttd.ratelimit import InboundBucket
 
 log = Logger(namespace="mqttd.connection")
 
@@ -179,7 +180,7 @@ class ClientConnection:
         #: input waits meanwhile, so acknowledgements keep their order
         self._waiting = 0
         self._connect_packet: Optional[Connect] = None
-        #: inbound token bucket [messages, bytes, last refill time] or None
+        #: inbound token buckets (--max-inbound-rate), or None: not limited
         self._bucket = None
         self._rate_call = None
         self._stash = ()
@@ -247,17 +248,24 @@ class ClientConnection:
             # the packets before the bad one are handled first, as they would
             # be had they arrived in an earlier chunk
             before, error.decoded_before = error.decoded_before, []
-            if before and not self._held:
+            if before and not (self._held or self._waiting or self._rate_call):
                 self._last_received = self.clock.seconds()
-                self._process(before)
+                if self._bucket is not None:
+                    self._admit(before)
+                else:
+                    self._process(before)
             self.fail(error)
             return
         if packets:
             # only complete packets count for keepalive [MQTT-3.1.2-22]: a
             # client trickling the bytes of an endless packet is still idle
             self._last_received = self.clock.seconds()
-        if self._bucket is not None and packets:
-            self._take_tokens(packets, len(data))
+        if self._bucket is not None:  # --max-inbound-rate: charged packet by packet
+            if self._held or self._waiting or self._rate_call is not None:
+                self._stash = list(self._stash) + packets
+            elif packets:
+                self._admit(packets)
+            return
         if self._held or self._waiting:
             # a transport may still deliver what it had already read
             self._stash = list(self._stash) + packets
@@ -630,6 +638,10 @@ class ClientConnection:
         self.disconnect(error.reason_code, error.message[:200], f"protocol error: {error}")
 
     def connection_lost(self, reason=None) -> None:
+        if self._bucket is not None:
+            self.broker.inbound_memory.remember(self._bucket_keys(), self._bucket,
+                                                self.clock.seconds())
+            self._bucket = None
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
@@ -708,38 +720,72 @@ class ClientConnection:
         if self._waiting or self._held or self.state == _CLOSED:
             return
         self._last_received = self.clock.seconds()  # we were not reading
-        stash, self._stash = self._stash, ()
-        if stash:
-            self._process(stash)
+        self._run_stash()
         if not (self._waiting or self._held or self._rate_call) and self.state != _CLOSED:
             self.transport.resumeProducing()
 
+    def _run_stash(self) -> None:
+        """Handle the packets read while input was blocked (through the inbound
+        rate limit when there is one)."""
+        stash, self._stash = self._stash, ()
+        if stash:
+            if self._bucket is not None:
+                self._admit(list(stash))
+            else:
+                self._process(stash)
+
     # --- inbound rate limit (token bucket; backpressure, not disconnect) -------------
 
-    def _take_tokens(self, packets, size: int) -> None:
-        config = self.broker.config
+    def _admit(self, packets: list) -> None:
+        """Handle ``packets`` one by one while the inbound bucket affords each
+        PUBLISH; at the first it does not, keep it and the rest (decoded, in
+        order), pause reading and come back when the bucket has refilled.
+
+        So the limit bounds what reaches subscribers even inside one read of
+        many packets: at most one second's worth passes at once (the bucket's
+        depth), then the configured rate.  Other packets (acknowledgements,
+        PINGREQ, ...) are not charged but keep their place in the order.
+        """
         bucket = self._bucket
-        now = self.clock.seconds()
-        elapsed = now - bucket[2]
-        bucket[2] = now
-        rates = (config.max_inbound_rate, config.max_inbound_bytes_rate)
-        bucket[0] = min(rates[0], bucket[0] + elapsed * rates[0]) - sum(
-            1 for p in packets if p.__class__ is Publish)
-        bucket[1] = min(rates[1], bucket[1] + elapsed * rates[1]) - size
-        wait = 0.0
-        for tokens, rate in zip(bucket[:2], rates):
-            if rate and tokens < 0:
-                wait = max(wait, -tokens / rate)
-        if wait > 0 and self._rate_call is None and self.state != _CLOSED:
+        clock = self.clock
+        for index, packet in enumerate(packets):
+            if self.state == _CLOSED:
+                return
+            if self._held or self._waiting:
+                self._stash = packets[index:] + list(self._stash)
+                return
+            if packet.__class__ is Publish:
+                raw = packet.raw
+                wait = bucket.take(len(raw) if raw is not None else len(packet.payload),
+                                   clock.seconds())
+                if wait:
+                    self._stash = packets[index:] + list(self._stash)
+                    self._rate_pause(wait)
+                    return
+            self._process((packet,))
+
+    def _rate_pause(self, wait: float) -> None:
+        bucket = self._bucket
+        if not bucket.throttled:
+            bucket.throttled = True  # one count and line per throttled stretch
             self.broker.refused("inbound-rate", self.client_id, self.peer,
-                                f"over the inbound rate limit; reads paused {wait:.2f} s")
-            self.transport.pauseProducing()
-            self._rate_call = self.clock.callLater(wait, self._rate_resume)
+                                f"over the inbound rate limit ({bucket.rate:g} PUBLISH/s, "
+                                f"{bucket.bytes_rate:g} bytes/s); reads paused")
+        self.transport.pauseProducing()
+        self._rate_call = self.clock.callLater(wait, self._rate_resume)
 
     def _rate_resume(self) -> None:
         self._rate_call = None
-        if self.state != _CLOSED and not self._held and not self._waiting:
+        if self.state == _CLOSED or self._held or self._waiting:
+            return
+        self._run_stash()
+        if self.state != _CLOSED and not (self._held or self._waiting or self._rate_call):
+            self._bucket.throttled = False
             self.transport.resumeProducing()
+
+    def _bucket_keys(self) -> tuple:
+        """Where the inbound bucket is remembered: client id and peer host."""
+        return (("client", self.client_id), ("host", _peer_host(self.peer)))
 
     def _connect_timeout(self) -> None:
         self._connect_call = None
@@ -1168,8 +1214,12 @@ class ClientConnection:
             self.info = attrs.evolve(self.info, session_present=present)
             session.info = self.info
         if config.max_inbound_rate or config.max_inbound_bytes_rate:
-            self._bucket = [config.max_inbound_rate, config.max_inbound_bytes_rate,
-                            self.clock.seconds()]
+            now = self.clock.seconds()
+            self._bucket = InboundBucket(config.max_inbound_rate,
+                                         config.max_inbound_bytes_rate, now)
+            # a reconnect (same client id or same host) continues where the
+            # last connection left its bucket, not from a full one
+            broker.inbound_memory.recall(self._bucket_keys(), self._bucket, now)
         if level == MQTT_5:
             response_information = None
             if props.request_response_information and config.response_information:
@@ -1366,9 +1416,7 @@ class ClientConnection:
         if self._waiting:
             return  # the hook's answer resumes input
         self._last_received = self.clock.seconds()  # we were not reading
-        stash, self._stash = self._stash, ()
-        if stash:
-            self._process(stash)
+        self._run_stash()
         if not (self._held or self._waiting or self._rate_call) and self.state != _CLOSED:
             self.transport.resumeProducing()
 

@@ -168,4 +168,155 @@ def refusal_key(what: str, client_id, peer) -> tuple:
     return (client_id if client_id is not None else peer_host(peer), what)
 
 
-__all__ = ["LogRateLimiter", "peer_host", "refusal_key"]
+class InboundBucket:
+    """The inbound token buckets of one client (``--max-inbound-rate``,
+    ``--max-inbound-bytes-rate``): PUBLISH packets and their bytes per second.
+
+    Each bucket holds at most one second of its rate (a burst of ``rate``
+    packets, ``bytes_rate`` bytes; at least one packet) and refills
+    continuously.  :meth:`take` charges one PUBLISH of ``size`` bytes when
+    both buckets afford it; a packet larger than the whole bytes bucket passes
+    when the bucket is full and leaves it in debt (so it is not stuck forever).
+
+    :param rate: packets per second, 0 = not limited.
+    :param bytes_rate: bytes per second, 0 = not limited.
+    :param now: the clock's ``seconds()``.
+    :param state: ``(messages, bytes)`` tokens to start with (a remembered
+        state, see :class:`BucketMemory`); default: full buckets.
+    """
+
+    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "throttled")
+
+    #: a paused connection is resumed once the bucket holds at least this
+    #: share of its capacity (at most ~10 resumes per second per client)
+    RESUME_SHARE = 0.1
+    #: the shortest pause (seconds): a timer never fires in the same instant
+    MIN_WAIT = 0.001
+
+    def __init__(self, rate: float, bytes_rate: float, now: float, state=None):
+        self.rate = float(rate)
+        self.bytes_rate = float(bytes_rate)
+        if state is None:
+            self.messages, self.bytes = self.capacity
+        else:
+            self.messages, self.bytes = state
+        self.stamp = now
+        #: reads are paused by this bucket (an episode is counted once)
+        self.throttled = False
+
+    @property
+    def capacity(self):
+        """``(packets, bytes)`` a full bucket holds: one second of each rate."""
+        return (max(self.rate, 1.0), self.bytes_rate)
+
+    def refill(self, now: float) -> None:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.stamp = now
+            cap_m, cap_b = self.capacity
+            if self.rate:
+                self.messages = min(cap_m, self.messages + elapsed * self.rate)
+            if self.bytes_rate:
+                self.bytes = min(cap_b, self.bytes + elapsed * self.bytes_rate)
+
+    def take(self, size: int, now: float) -> float:
+        """Charge one PUBLISH of ``size`` bytes: 0.0 when it was taken, else
+        the seconds until it (and a useful share more) will be affordable;
+        nothing is charged then."""
+        self.refill(now)
+        cap_m, cap_b = self.capacity
+        wait = 0.0
+        # (a small tolerance: refills are float sums, 0.1 s of 10/s may be 0.9999...)
+        if self.rate and self.messages < 1.0 - 1e-9:
+            need = max(1.0, cap_m * self.RESUME_SHARE)
+            wait = (need - self.messages) / self.rate
+        if self.bytes_rate:
+            need = min(size, cap_b)
+            if self.bytes < need - 1e-6:
+                need = max(need, cap_b * self.RESUME_SHARE)
+                wait = max(wait, (need - self.bytes) / self.bytes_rate)
+        if wait > 0.0:
+            return max(wait, self.MIN_WAIT)
+        if self.rate:
+            self.messages -= 1.0
+        if self.bytes_rate:
+            self.bytes -= size
+        return 0.0
+
+    def state(self, now: float):
+        """``(messages, bytes, seconds until full)`` after refilling to ``now``."""
+        self.refill(now)
+        cap_m, cap_b = self.capacity
+        full_in = 0.0
+        if self.rate:
+            full_in = (cap_m - self.messages) / self.rate
+        if self.bytes_rate:
+            full_in = max(full_in, (cap_b - self.bytes) / self.bytes_rate)
+        return self.messages, self.bytes, full_in
+
+
+class BucketMemory:
+    """What clients left of their inbound buckets when they disconnected, so a
+    reconnect does not get a fresh allowance.
+
+    A bucket that is not full when its connection closes is remembered under
+    each of its keys (the client id and the peer's host) until it would have
+    refilled; a new connection starts with the emptiest state remembered under
+    any of its keys (refilled for the time since).  So neither a new client id
+    nor a new connection from the same host escapes the limit.  Bounded: at
+    most ``max_entries`` keys (the oldest are forgotten first), each kept at
+    most until its bucket would be full again (about a second with the default
+    one-second buckets).
+
+    :param max_entries: keys kept at most.
+    """
+
+    def __init__(self, max_entries: int = 10_000):
+        self.max_entries = max_entries
+        #: key -> (messages, bytes, stamp, expires); insertion order is age order
+        self._entries: Dict[Hashable, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, keys, bucket: InboundBucket, now: float) -> None:
+        """Keep ``bucket``'s state under ``keys`` unless it is full."""
+        messages, size, full_in = bucket.state(now)
+        if full_in <= 0:
+            return
+        entries = self._entries
+        for key in keys:
+            old = entries.pop(key, None)
+            if old is not None and old[3] > now + full_in:
+                entries[key] = old  # an emptier state is already remembered
+                continue
+            if len(entries) >= self.max_entries:
+                self._evict(now)
+            entries[key] = (messages, size, now, now + full_in)
+
+    def recall(self, keys, bucket: InboundBucket, now: float) -> None:
+        """Start ``bucket`` from the emptiest state remembered under ``keys``."""
+        entries = self._entries
+        for key in keys:
+            entry = entries.get(key)
+            if entry is None:
+                continue
+            messages, size, stamp, expires = entry
+            if expires <= now:
+                del entries[key]
+                continue
+            past = InboundBucket(bucket.rate, bucket.bytes_rate, stamp, (messages, size))
+            past.refill(now)
+            bucket.refill(now)
+            bucket.messages = min(bucket.messages, past.messages)
+            bucket.bytes = min(bucket.bytes, past.bytes)
+
+    def _evict(self, now: float) -> None:
+        entries = self._entries
+        for key in [k for k, e in entries.items() if e[3] <= now]:
+            del entries[key]
+        while len(entries) >= self.max_entries:
+            del entries[next(iter(entries))]
+
+
+__all__ = ["BucketMemory", "InboundBucket", "LogRateLimiter", "peer_host", "refusal_key"]

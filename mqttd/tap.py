@@ -212,6 +212,11 @@ OPTIONS: List[Option] = [
            doc_default="cores - 1, 1 to 4"),
     Option("max-password-checks-per-peer", integer(1), "Password-file hashes verified at "
            "once for one client address.", default=1),
+    Option("max-auth-failures", integer(0), "Failed password-file logins of one user name "
+           "(within --auth-failure-window) after which its logins from addresses with recent "
+           "failures are refused without hashing (0x86 / v3 0x04); 0 = no budget.", default=5),
+    Option("auth-failure-window", number(above=0), "Seconds without a failure after which "
+           "a user name's or an address's failed logins are forgotten.", default=60.0),
     Option("max-connections", integer(0), "Open client connections, all listeners; "
            "0 = no limit.", default=0, field="max_connections"),
     Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
@@ -223,10 +228,12 @@ OPTIONS: List[Option] = [
            default=1000, field="max_topic_filters_per_packet"),
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
            "0 = no limit.", default=0, field="max_topic_levels"),
-    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client before "
-           "its reads pause; 0 = no limit.", default=0.0, field="max_inbound_rate"),
-    Option("max-inbound-bytes-rate", number(0), "Bytes per second per client before its "
-           "reads pause; 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
+    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client (token "
+           "bucket of one second, charged per packet); over it its reads pause; a reconnect "
+           "continues from the bucket it left; 0 = no limit.", default=0.0,
+           field="max_inbound_rate"),
+    Option("max-inbound-bytes-rate", number(0), "PUBLISH bytes per second per client (same "
+           "rules); 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
     # --- cluster (mqttd.cluster; see docs/cluster.rst) ---
     Option("cluster", text(_cluster_url), "Join the cluster whose state is in this Redis: "
            "redis://HOST:PORT[/DB], rediss://..., redis+sentinel://H:P[,H:P]/SERVICE, "

@@ -22,6 +22,7 @@ import collections
 import hashlib
 import hmac
 import os
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 from twisted.cred import credentials, error, portal
@@ -31,13 +32,31 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from mqttd.auth.gate import VerificationBusy, VerificationGate
+from mqttd.auth.gate import (FailureLog, VerificationBusy, VerificationGate, address_key,
+                             peer_host)
 from mqttd.auth.passwd import (DEFAULT_ITERATIONS, DEFAULT_SCRAM_ITERATIONS, SALT_BYTES,
                                SCRAM_TAG, PasswordEntry, read_password_file)
 from mqttd.codec.errors import ReasonCode
 from mqttd.interfaces import IAuthenticator
 
 log = Logger(namespace="mqttd.auth")
+
+#: failed checks of one user name (within the window) before further checks of
+#: it from addresses with recent failures are refused without hashing
+DEFAULT_MAX_AUTH_FAILURES = 5
+#: seconds without a failure after which a user name's or address's failures
+#: are forgotten
+DEFAULT_AUTH_FAILURE_WINDOW = 60.0
+
+
+class ThrottledLogin(error.UnauthorizedLogin):
+    """Refused without checking the password: the user name has many recent
+    failures and so has the client's address (answered as a wrong password,
+    0x86 / v3 0x04)."""
+
+
+class EmptyPasswordFile(ValueError):
+    """A reloaded password file has no users while the previous one had some."""
 
 
 def _password_text(password: Optional[bytes]) -> str:
@@ -65,29 +84,80 @@ class MQTTCredentials(credentials.UsernamePassword):
         return self.password.encode("utf-8", "surrogateescape")
 
 
-def _most_common(values, default):
-    counts = collections.Counter(values)
-    return counts.most_common(1)[0][0] if counts else default
+def entry_work(entry: PasswordEntry) -> Tuple[str, int]:
+    """``(flavour, rounds)`` of hashing one check of ``entry`` costs: PBKDF2
+    iterations of SHA-512 (``$7$``) or SHA-256 (SCRAM), or one SHA-512 (``$6$``)."""
+    if entry.kind == "7":
+        return "pbkdf2-sha512", entry.iterations
+    if entry.kind == "6":
+        return "sha512", 1
+    return "pbkdf2-sha256", entry.iterations
+
+
+def work_profile(users: Dict[str, PasswordEntry]) -> Dict[str, int]:
+    """``{flavour: rounds}``: for each kind of hashing in the file, the most
+    any entry costs.  Every check does this much work (its own entry's, then
+    the rest as padding, :func:`uniform_verify`), so no user name -- unknown,
+    old-format, or with a minority iteration count -- is told apart by timing.
+    An empty file costs what ``mqttd passwd`` writes."""
+    profile: Dict[str, int] = {}
+    for entry in users.values():
+        flavour, rounds = entry_work(entry)
+        if rounds > profile.get(flavour, 0):
+            profile[flavour] = rounds
+    return profile or {"pbkdf2-sha512": DEFAULT_ITERATIONS}
+
+
+_PAD_SALT = b"mqttd work padding"
+
+
+def uniform_verify(entry: PasswordEntry, password: bytes, profile: Dict[str, int]) -> bool:
+    """``entry.verify(password)``, then hashing of the kinds and amounts of
+    ``profile`` that the entry's own check did not do: each call costs the
+    same whatever the entry (CPU-heavy: call it off the reactor thread)."""
+    ok = entry.verify(password)
+    flavour, rounds = entry_work(entry)
+    for other, wanted in profile.items():
+        rest = wanted - rounds if other == flavour else wanted
+        if rest <= 0:
+            continue
+        if other == "pbkdf2-sha512":
+            hashlib.pbkdf2_hmac("sha512", password, _PAD_SALT, rest, 64)
+        elif other == "pbkdf2-sha256":
+            hashlib.pbkdf2_hmac("sha256", password, _PAD_SALT, rest)
+        else:
+            hashlib.sha512(password + _PAD_SALT).digest()
+    return ok
 
 
 def dummy_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
-    """A random entry shaped like the file's most common one (kind, iterations,
-    salt and hash sizes): verifying a password against it costs what a known
-    user's check costs, so an unknown user name is not told apart by timing."""
-    kind, iterations, salt_size, digest_size = _most_common(
-        ((e.kind, e.iterations, len(e.salt), len(e.digest)) for e in users.values()),
-        ("7", DEFAULT_ITERATIONS, SALT_BYTES, 64))
+    """A random entry shaped like the file's most expensive one (kind,
+    iterations, salt and hash sizes): an unknown user's password is verified
+    against it (with :func:`uniform_verify`'s padding), so an unknown user
+    name costs what a known one costs and is not told apart by timing."""
+    if users:
+        costliest = max(users.values(), key=lambda e: (entry_work(e)[1], e.kind))
+        kind, iterations = costliest.kind, costliest.iterations
+        salt_size, digest_size = len(costliest.salt), len(costliest.digest)
+    else:
+        kind, iterations, salt_size, digest_size = "7", DEFAULT_ITERATIONS, SALT_BYTES, 64
     return PasswordEntry("", kind, os.urandom(salt_size), os.urandom(digest_size),
                          iterations, os.urandom(32) if kind == SCRAM_TAG else b"")
 
 
 def scram_shape(users: Dict[str, PasswordEntry]) -> Tuple[int, int]:
-    """``(iterations, salt size)`` of the file's most common SCRAM entry (the
-    made-up challenge of an unknown user looks the same); without SCRAM
-    entries ``(DEFAULT_SCRAM_ITERATIONS, 16)``, what ``mqttd passwd --scram``
-    writes."""
-    return _most_common(((e.iterations, len(e.salt)) for e in users.values()
-                         if e.kind == SCRAM_TAG), (DEFAULT_SCRAM_ITERATIONS, 16))
+    """``(iterations, salt size)`` of the made-up SCRAM challenge of an unknown
+    user (or one without SCRAM credentials): the file's highest SCRAM
+    iteration count (with its salt size), so unknown names look like the users
+    with the strongest entries; without SCRAM entries
+    ``(DEFAULT_SCRAM_ITERATIONS, 16)``, what ``mqttd passwd --scram`` writes.
+
+    SCRAM sends the count to the client (``i=``), so a user whose entry has a
+    *different* count than the highest is told apart from unknown names: keep
+    one count for all SCRAM entries (``mqttd passwd --scram`` writes one; re-hash
+    older entries when migrating)."""
+    shapes = [(e.iterations, len(e.salt)) for e in users.values() if e.kind == SCRAM_TAG]
+    return max(shapes) if shapes else (DEFAULT_SCRAM_ITERATIONS, 16)
 
 
 def file_secret(users: Dict[str, PasswordEntry]) -> bytes:
@@ -135,30 +205,60 @@ class PasswordFileChecker:
     credentialInterfaces = (credentials.IUsernamePassword,)
 
     def __init__(self, path: str, reactor=None, cache_size: int = 10000,
-                 gate: Optional[VerificationGate] = None):
+                 gate: Optional[VerificationGate] = None,
+                 max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
+                 auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW,
+                 clock=None):
         self.path = path
         self.reactor = reactor
         self.cache_size = cache_size
         if gate is None and reactor is not None:
             gate = VerificationGate(reactor)
         self.gate = gate
+        if clock is None:
+            clock = gate.clock if gate is not None else reactor
+        seconds = clock.seconds if clock is not None else time.monotonic
+        if max_auth_failures < 0 or auth_failure_window <= 0:
+            raise ValueError("max_auth_failures >= 0 and auth_failure_window > 0 are required")
+        #: failed checks per user name within the window before that name's
+        #: checks from addresses with failures are refused unhashed (0: never)
+        self.max_auth_failures = max_auth_failures
+        #: recent failures by ("user", name) and ("host", address key)
+        self.failures = FailureLog(seconds, auth_failure_window)
+        #: checks refused without hashing (user name over its failure budget)
+        self.throttled = 0
+        #: password checks submitted and not answered, per user name
+        self._pending: Dict[str, int] = {}
         self._key = os.urandom(32)
         self._cache: "collections.OrderedDict[bytes, bool]" = collections.OrderedDict()
         #: checks in flight: key -> the Deferreds waiting for its answer
         self._inflight: Dict[bytes, list] = {}
         self.users: Dict[str, PasswordEntry] = read_password_file(path)
-        #: the entry an unknown user's password is verified against
-        self.dummy = dummy_entry(self.users)
-        self._scram_shape = scram_shape(self.users)
+        self._derive()
         #: key of the made-up SCRAM salts of unknown users (see :func:`file_secret`)
         self.secret = file_secret(self.users)
 
-    def reload(self) -> None:
-        """Read the file again; raises (keeping the old users) if it is unreadable."""
-        users = read_password_file(self.path)
-        self.users = users
+    def _derive(self) -> None:
+        users = self.users
+        #: the entry an unknown user's password is verified against
         self.dummy = dummy_entry(users)
+        #: the hashing every check costs (see :func:`work_profile`)
+        self.profile = work_profile(users)
         self._scram_shape = scram_shape(users)
+
+    def reload(self) -> None:
+        """Read the file again; raises (keeping the old users) if it is
+        unreadable, and refuses (keeping the old users, :class:`EmptyPasswordFile`)
+        a file without any user when the previous one had some: a file
+        truncated while it is rewritten must not lock everybody out."""
+        users = read_password_file(self.path)
+        if not users and self.users:
+            raise EmptyPasswordFile(
+                f"{self.path} has no users (the previous one had {len(self.users)}); "
+                "keeping the previous users -- to refuse everybody, remove --password-file "
+                "or leave one disabled entry")
+        self.users = users
+        self._derive()
         self._cache.clear()
         log.info("Password file {path}: {count} users", path=self.path, count=len(users))
 
@@ -172,7 +272,8 @@ class PasswordFileChecker:
         return self._scram_shape
 
     def _verify_once(self, key: bytes, peer, entry: PasswordEntry,
-                      password: bytes) -> defer.Deferred:
+                      password: bytes, priority: int = 0,
+                      username: str = "") -> defer.Deferred:
         """``entry.verify(password)`` through the gate, once for all the same
         checks in flight (a reconnect wave of one device type, or one wrong
         password sent many times, costs one hash, not one each)."""
@@ -182,13 +283,20 @@ class PasswordFileChecker:
             waiters.append(mine)
             return mine
         waiters = self._inflight[key] = [mine]
+        self._pending[username] = self._pending.get(username, 0) + 1
         if self.gate is None:
-            d = defer.maybeDeferred(entry.verify, password)
+            d = defer.maybeDeferred(uniform_verify, entry, password, self.profile)
         else:
-            d = self.gate.submit(peer, entry.verify, password)
+            d = self.gate.submit(peer, uniform_verify, entry, password, self.profile,
+                                 priority=priority)
 
         def fan_out(result):
             del self._inflight[key]
+            count = self._pending[username] - 1
+            if count:
+                self._pending[username] = count
+            else:
+                del self._pending[username]
             for waiter in waiters:
                 if not waiter.called:  # not cancelled (hook timeout) meanwhile
                     if isinstance(result, Failure):
@@ -217,9 +325,20 @@ class PasswordFileChecker:
         if known and key in self._cache:
             self._cache.move_to_end(key)
             return defer.succeed(username)
-        d = self._verify_once(key, getattr(creds, "peer", None), entry, password)
+        peer = getattr(creds, "peer", None)
+        user_key, host_key = ("user", username), ("host", address_key(peer_host(peer)))
+        priority = self.priority(username, host_key)
+        if priority is None:
+            # this name is under attack and this address failed recently: refused
+            # without hashing (as a wrong password: nothing tells it apart)
+            self.throttled += 1
+            return defer.fail(ThrottledLogin(
+                f"{self.failures.count(user_key)} recent failed logins for this user name"))
+        d = self._verify_once(key, peer, entry, password, priority, username)
 
         def verified(ok):
+            if not (known and ok):
+                self._failed(username, user_key, host_key)
             if not known:
                 raise error.UnauthorizedLogin("unknown user")
             if not ok:
@@ -230,6 +349,43 @@ class PasswordFileChecker:
                     self._cache.popitem(last=False)
             return username
         return d.addCallback(verified)
+
+
+    def priority(self, username: str, host_key) -> Optional[int]:
+        """The gate priority of a check for ``username`` from ``host_key``
+        (see docs/security.rst, "Failed logins"), or None: refuse unhashed.
+
+        ====  ===================================================================
+        0     the address has no recent failure, the name neither (and no check
+              of it is waiting): an honest login goes first
+        1     the address has no recent failure, but the name has (it may be
+              under attack; its real user still gets a check, before suspects)
+        2     the address has recent failures (fewer than the budget)
+        3     the address has at least ``max_auth_failures`` recent failures
+        None  the name is over its budget and the address has recent failures
+        ====  ===================================================================
+        """
+        failures = self.failures
+        limit = self.max_auth_failures
+        host_failures = failures.count(host_key)
+        user_failures = failures.count(("user", username))
+        if host_failures:
+            if limit and user_failures >= limit:
+                return None
+            return 3 if limit and host_failures >= limit else 2
+        if user_failures or self._pending.get(username):
+            return 1
+        return 0
+
+    def _failed(self, username: str, user_key, host_key) -> None:
+        failures = self.failures
+        count = failures.note(user_key)
+        failures.note(host_key)
+        if count == self.max_auth_failures:
+            log.warn("{count} failed logins for user name {username!r} within "
+                     "{window:g} s: its checks from addresses with recent failures are "
+                     "refused without hashing until {window:g} s pass without one",
+                     count=count, username=username, window=failures.window)
 
 
 class IMQTTUser(Interface):
@@ -295,5 +451,6 @@ class Authenticator:
         return d.addCallbacks(accepted, refused)
 
 
-__all__ = ["Authenticator", "IMQTTUser", "MQTTCredentials", "PasswordFileChecker",
-           "UsernameRealm", "dummy_entry", "file_secret", "make_portal", "scram_shape"]
+__all__ = ["Authenticator", "EmptyPasswordFile", "IMQTTUser", "MQTTCredentials",
+           "PasswordFileChecker", "ThrottledLogin", "UsernameRealm", "dummy_entry", "file_secret",
+           "make_portal", "scram_shape", "uniform_verify", "work_profile"]

@@ -15,6 +15,12 @@ bounds that work:
   starting, fails with :class:`VerificationBusy` -- the broker answers
   CONNACK 0x9F Connection rate exceeded (MQTT 3.1.1: 0x03 Server
   unavailable) and logs the refusal (rate-limited) as ``connection-rate``;
+- every check has a **priority** (0 first) given by the caller: the password
+  checker puts checks from addresses and for user names without recent
+  failures first and addresses with many failures last (see
+  :class:`~mqttd.auth.checkers.PasswordFileChecker`), so a storm of wrong
+  passwords from many addresses does not delay an honest first login beyond
+  the check that is running; within one priority, peers take turns;
 - the checks run in a small thread pool of their own
   (:class:`HashThreadPool`, ``max_concurrent`` threads), never on the
   reactor thread, so a CONNECT's hash never delays other clients' traffic.
@@ -26,9 +32,10 @@ result is dropped.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import os
 import threading
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Deque, Dict, Hashable, Optional, Tuple
 
 from twisted.cred import error
 from twisted.internet import defer, threads
@@ -47,6 +54,65 @@ def peer_host(peer: Optional[str]) -> str:
         return "-"
     host, sep, port = peer.rpartition(":")
     return host if sep and port.isdigit() else peer
+
+
+def address_key(host: str) -> str:
+    """The key under which an address's failures are counted: the host
+    itself, or for IPv6 its /64 network (one site or one customer usually
+    has a whole /64, so a new address from it is not a new peer)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
+class FailureLog:
+    """Recent failed logins counted per key (a user name, an address).
+
+    A key's count grows by one per failure and is forgotten once ``window``
+    seconds passed since its last failure.  Bounded: at most ``max_entries``
+    keys (the longest quiet forgotten first).
+
+    :param now: ``() -> float`` seconds (a clock's ``seconds``).
+    :param window: seconds of quiet after which a key's failures are forgotten.
+    """
+
+    def __init__(self, now: Callable[[], float], window: float = 60.0,
+                 max_entries: int = 10_000):
+        self.now = now
+        self.window = window
+        self.max_entries = max_entries
+        #: key -> (failures, time of the last one); insertion order is age order
+        self._entries: "collections.OrderedDict[Hashable, Tuple[int, float]]" = \
+            collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def count(self, key: Hashable) -> int:
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0
+        if self.now() - entry[1] >= self.window:
+            del self._entries[key]
+            return 0
+        return entry[0]
+
+    def note(self, key: Hashable) -> int:
+        """Count one failure for ``key``; returns its count now."""
+        count = self.count(key) + 1
+        entries = self._entries
+        entries.pop(key, None)
+        while len(entries) >= self.max_entries:
+            entries.popitem(last=False)
+        entries[key] = (count, self.now())
+        return count
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def default_concurrency() -> int:
@@ -68,12 +134,13 @@ class HashThreadPool(ThreadPool):
 
 
 class _Job:
-    __slots__ = ("host", "fn", "args", "deferred", "timer")
+    __slots__ = ("host", "fn", "args", "deferred", "timer", "priority")
 
-    def __init__(self, host, fn, args):
+    def __init__(self, host, fn, args, priority=0):
         self.host = host
         self.fn = fn
         self.args = args
+        self.priority = priority
         self.deferred: Optional[defer.Deferred] = None
         self.timer = None
 
@@ -125,8 +192,9 @@ class VerificationGate:
         self.running = 0
         self.waiting = 0
         self._running_by_host: Dict[str, int] = {}
-        # host -> its waiting jobs; the dict's order is the round robin's
-        self._queues: "collections.OrderedDict[str, Deque[_Job]]" = collections.OrderedDict()
+        self._waiting_by_host: Dict[str, int] = {}
+        # priority -> host -> its waiting jobs; a dict's order is its round robin's
+        self._queues: "Dict[int, collections.OrderedDict[str, Deque[_Job]]]" = {}
         self.started = self.refused = self.expired = self.cancelled = 0
 
     # --- the thread pool ----------------------------------------------------------------
@@ -146,28 +214,36 @@ class VerificationGate:
 
     # --- the gate -----------------------------------------------------------------------
 
-    def submit(self, peer: Optional[str], fn: Callable, *args) -> defer.Deferred:
+    def submit(self, peer: Optional[str], fn: Callable, *args,
+               priority: int = 0) -> defer.Deferred:
         """``fn(*args)`` off the reactor thread once a place is free; a Deferred
         of its result, or failing with :class:`VerificationBusy` (queue full, or
-        ``max_wait`` seconds without a place)."""
+        ``max_wait`` seconds without a place).  Waiting checks of a lower
+        ``priority`` number start first; within one, peers take turns."""
         host = peer_host(peer)
-        job = _Job(host, fn, args)
+        job = _Job(host, fn, args, priority)
         job.deferred = defer.Deferred(lambda d: self._cancel(job))
         if self.running < self.max_concurrent and self._running_by_host.get(host, 0) < self.per_peer:
             self._start(job)
             return job.deferred
-        queue = self._queues.get(host)
-        if self.waiting >= self.max_waiting or (
-                queue is not None and len(queue) >= self.per_peer_waiting) or (
-                queue is None and self.per_peer_waiting == 0):
+        mine = self._waiting_by_host.get(host, 0)
+        if self.waiting >= self.max_waiting and mine < self.per_peer_waiting:
+            self._make_room(priority)
+        if self.waiting >= self.max_waiting or mine >= self.per_peer_waiting:
             self.refused += 1
             return defer.fail(VerificationBusy(
                 f"{self.running} password checks running, {self.waiting} waiting "
-                f"({len(queue) if queue else 0} from {host})"))
+                f"({mine} from {host})"))
+        queues = self._queues.get(priority)
+        if queues is None:
+            queues = self._queues[priority] = collections.OrderedDict()
+            self._queues = dict(sorted(self._queues.items()))
+        queue = queues.get(host)
         if queue is None:
-            queue = self._queues[host] = collections.deque()
+            queue = queues[host] = collections.deque()
         queue.append(job)
         self.waiting += 1
+        self._waiting_by_host[host] = mine + 1
         job.timer = self.clock.callLater(self.max_wait, self._expire, job)
         return job.deferred
 
@@ -200,31 +276,67 @@ class VerificationGate:
             del self._running_by_host[host]
         self._pump()
 
-    def _pump(self) -> None:
-        """Start waiting jobs while places are free, taking peers in turn."""
-        while self.running < self.max_concurrent and self._queues:
-            for host, queue in self._queues.items():
+    def _make_room(self, priority: int) -> None:
+        """The queue is full: refuse the newest waiting check of the worst
+        priority worse than ``priority`` (if any), so checks from addresses
+        without failures are never turned away by a queue full of suspects."""
+        for worst in sorted(self._queues, reverse=True):
+            if worst <= priority:
+                return
+            queues = self._queues[worst]
+            if not queues:
+                continue
+            host = next(reversed(queues))
+            job = queues[host][-1]
+            self._unqueue(job)
+            self.refused += 1
+            job.deferred.errback(VerificationBusy(
+                f"{self.waiting} password checks waiting; a check with a better priority "
+                f"took this one's place"))
+            return
+
+    def _next(self):
+        """``(queues, host, queue)`` of the next job to start, or None: the
+        first priority with a peer below its own limit, that peer's turn."""
+        for queues in self._queues.values():
+            for host, queue in queues.items():
                 if self._running_by_host.get(host, 0) < self.per_peer:
-                    break
-            else:
+                    return queues, host, queue
+        return None
+
+    def _pump(self) -> None:
+        """Start waiting jobs while places are free: by priority, peers in turn."""
+        while self.running < self.max_concurrent and self.waiting:
+            found = self._next()
+            if found is None:
                 return  # every waiting peer is at its own limit
+            queues, host, queue = found
             job = queue.popleft()
-            self.waiting -= 1
-            del self._queues[host]
+            self._left_queue(job)
+            del queues[host]
             if queue:
-                self._queues[host] = queue  # to the back of the round robin
+                queues[host] = queue  # to the back of the round robin
             if job.timer is not None and job.timer.active():
                 job.timer.cancel()
             self._start(job)
 
+    def _left_queue(self, job: _Job) -> None:
+        self.waiting -= 1
+        count = self._waiting_by_host[job.host] - 1
+        if count:
+            self._waiting_by_host[job.host] = count
+        else:
+            del self._waiting_by_host[job.host]
+
     def _unqueue(self, job: _Job) -> bool:
-        queue = self._queues.get(job.host)
+        queues = self._queues.get(job.priority)
+        queue = queues.get(job.host) if queues is not None else None
         if queue is None or job not in queue:
             return False
         queue.remove(job)
-        self.waiting -= 1
+        self._left_queue(job)
         if not queue:
-            del self._queues[job.host]
+            del queues[job.host]
         if job.timer is not None and job.timer.active():
             job.timer.cancel()
         return True
@@ -242,5 +354,5 @@ class VerificationGate:
             self.cancelled += 1
 
 
-__all__ = ["HashThreadPool", "VerificationBusy", "VerificationGate", "default_concurrency",
-           "peer_host"]
+__all__ = ["FailureLog", "HashThreadPool", "VerificationBusy", "VerificationGate",
+           "address_key", "default_concurrency", "peer_host"]

@@ -17,7 +17,8 @@ import attrs
 from twisted.logger import Logger
 
 from mqttd.auth.acl import ACLAuthorizer
-from mqttd.auth.checkers import Authenticator, PasswordFileChecker, make_portal
+from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_FAILURES,
+                                 Authenticator, PasswordFileChecker, make_portal)
 from mqttd.auth.gate import VerificationGate
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
 
@@ -106,13 +107,19 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
               acl_file: Optional[str] = None, auth: Sequence[str] = (),
               checkers: Sequence = (), allow_anonymous: Optional[bool] = None,
               max_password_checks: Optional[int] = None,
-              max_password_checks_per_peer: int = 1) -> Security:
+              max_password_checks_per_peer: int = 1,
+              max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
+              auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW) -> Security:
     """Build the :class:`Security` for these choices.
 
     :param password_file: mosquitto password file (also serves SCRAM-SHA-256).
     :param max_password_checks: its hashes verified at once (None: cores - 1,
         1 to 4); see :class:`~mqttd.auth.gate.VerificationGate`.
     :param max_password_checks_per_peer: of them, for one client address (1).
+    :param max_auth_failures: failed logins of one user name (within
+        ``auth_failure_window`` seconds) after which its checks from addresses
+        with recent failures are refused without hashing (5; 0 = no budget);
+        see :meth:`~mqttd.auth.checkers.PasswordFileChecker.priority`.
     :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...).
     :param checkers: more ``ICredentialsChecker`` objects (embedders).
     :param allow_anonymous: True/False to force; None for the automatic policy.
@@ -125,7 +132,9 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     if password_file:
         gate = VerificationGate(reactor, max_concurrent=max_password_checks,
                                 per_peer=max_password_checks_per_peer)
-        password_checker = PasswordFileChecker(password_file, reactor, gate=gate)
+        password_checker = PasswordFileChecker(
+            password_file, reactor, gate=gate, max_auth_failures=max_auth_failures,
+            auth_failure_window=auth_failure_window)
         all_checkers.insert(0, password_checker)
     for description in auth:
         all_checkers.append(strcred.makeChecker(description))
@@ -143,6 +152,10 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
                     password_checker, allowed, why)
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def install(service, options) -> None:
     """``mqttd.tap.FEATURES`` hook: security (and per-listener connection limits)
     from the ``twistd mqttd`` options."""
@@ -151,7 +164,10 @@ def install(service, options) -> None:
         password_file=options["password-file"], acl_file=options["acl-file"],
         auth=options["auth"] or (), allow_anonymous=True if options["allow-anonymous"] else None,
         max_password_checks=options["max-password-checks"],
-        max_password_checks_per_peer=options["max-password-checks-per-peer"] or 1)
+        max_password_checks_per_peer=options["max-password-checks-per-peer"] or 1,
+        max_auth_failures=_given(options["max-auth-failures"], DEFAULT_MAX_AUTH_FAILURES),
+        auth_failure_window=_given(options["auth-failure-window"],
+                                   DEFAULT_AUTH_FAILURE_WINDOW))
     security.attach(service)
     limits = {}
     for value in options["listener-max-connections"] or ():

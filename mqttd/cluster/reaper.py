@@ -10,7 +10,9 @@ node is reaped once:
 
    * a session that moved on (its client reconnected elsewhere) is skipped;
    * a non-persistent session ends: its keys are deleted and the will its
-     connection left is published -- by this node only, once;
+     connection left is published -- by this node only, once; so does a
+     persistent session that expired on Redis's clock (its pending will is
+     due);
    * a persistent session becomes this node's (epoch + 1, offline): it is
      loaded and installed in the local broker, whose subscriptions make this
      node its route; its expiry timer starts; the will of a connection that
@@ -218,6 +220,8 @@ class Reaper:
             stored.record = attrs.evolve(stored.record,
                                          disconnected_at=self.clock.seconds())
         self.broker.install_session(stored, pending)
+        # what a node that lost the session forwarded to it, under the queue limits
+        yield self.sessions.pull(client_id)
         self.adopted += 1
         return True
 

@@ -18,6 +18,7 @@ from mqttd.cluster.bus import Router
 from mqttd.cluster.keys import Keys
 from mqttd.cluster.node import Node, default_node_id
 from mqttd.cluster.routes import RouteTable
+from mqttd.cluster.sessions import FENCED_REASON
 from mqttd.cluster.stats import ClusterStats, install_gauges
 
 log = Logger(namespace="mqttd.cluster.service")
@@ -145,10 +146,12 @@ class ClusterService(MultiService):
             conn = session.connection
             if conn is None:
                 continue
-            # no will here: the others publish this node's wills when they
-            # reap it; a will published locally would reach no one anyway
+            # no will here (it would reach no one while fenced): when Redis
+            # answers, whoever owns the session then publishes it -- the
+            # reaper that adopted it, or this node if no one did
+            # (mqttd.cluster.sessions: Disconnected(take_will=True))
             broker.connection_lost(session, conn, publish_will=False,
-                                   reason="cluster node fenced")
+                                   reason=FENCED_REASON)
             conn.disconnect(FENCED_DISCONNECT, "cluster node lost Redis")
             closed += 1
         if closed:

@@ -9,7 +9,11 @@ key        type    holds
 =========  ======  =================================================================
 ``s``      HASH    ``node`` (owner), ``epoch`` (fencing token, +1 per claim),
                    ``online`` 0/1, ``persistent`` 0/1, ``owner`` (username),
-                   ``rec`` (the pickled ``SessionRecord``: subscriptions, expiry)
+                   ``rec`` (the pickled ``SessionRecord``: subscriptions, expiry),
+                   ``exp`` (the Session Expiry Interval in ms; absent: never),
+                   ``exp_at`` (Redis ``TIME`` in ms when the offline session
+                   expires; absent while online or never expiring),
+                   ``hnode``/``hepoch`` (the previous owner during a hand-off)
 ``o``      HASH    seq -> pickled ``OutboundRecord`` (queued or in flight)
 ``t``      HASH    seq -> ``<packet id>:<stage>`` (in-flight stage updates)
 ``i``      SET     inbound QoS 2 packet ids waiting for PUBREL
@@ -24,6 +28,20 @@ Writes carry ``(node, epoch)``; a write whose epoch is not the session's
 answers ``F`` (fenced) and changes nothing -- except that queued messages in
 it are appended to ``f``, so a message routed to the old owner during a
 takeover is not lost.
+
+**The hand-off is exact.**  A claim that resumes a session opens a hand-off
+window: until the new owner loads the session (``session_load`` closes it),
+the writes of the previous owner at its last epoch still change the
+session's *content* -- queued and in-flight messages, their stages, the
+inbound QoS 2 packet ids, the subscriptions -- but never its ownership,
+online state or will.  The new owner loads only after the old one answered
+the kick (having written everything it did), so it sees every PUBREC the old
+one sent and every message it accepted [MQTT-4.3.3-10].
+
+**Expiry is judged on Redis's clock.**  A disconnect (``X``) stores
+``exp_at`` = Redis ``TIME`` + ``exp``; a claim or a reaper finding an offline
+session past ``exp_at`` treats it as gone, whether or not its owner (maybe
+dead and not yet reaped) ran its expiry timer.
 """
 from __future__ import annotations
 
@@ -44,14 +62,26 @@ def node_sessions_key(prefix: str, node: str) -> str:
     return f"{prefix}{{n:{node}}}:sessions"
 
 
+#: Redis's clock in ms (``TIME``), for expiry deadlines
+NOW_MS = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # claim: KEYS s o t i w f
 # ARGV node clean_start persistent username has_username allow_other_user will delay boot
-# -> {'OWNER', owner} | {'OK', old_node, old_epoch, epoch, present, old_online, will...}
-CLAIM = r"""
-local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'owner')
+# -> {'OWNER', owner} |
+#    {'OK', old_node, old_epoch, epoch, present, old_online, expired, will...}
+CLAIM = NOW_MS + r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'owner',
+                     'exp_at')
 local old_epoch = tonumber(s[2]) or 0
 local exists = s[2] ~= false
-local present = exists and (s[4] == '1' or s[3] == '1')
+-- an offline session past its deadline is gone, reaped or not
+local expired = exists and s[3] ~= '1' and s[6] ~= false and tonumber(s[6]) <= now_ms()
+local present = exists and not expired and (s[4] == '1' or s[3] == '1')
 local owner = s[5]
 if present and owner and owner ~= '' and ARGV[6] ~= '1'
    and (ARGV[5] ~= '1' or owner ~= ARGV[4]) then
@@ -61,7 +91,7 @@ local will = redis.call('HGETALL', KEYS[5])
 redis.call('DEL', KEYS[5])
 if ARGV[2] == '1' or not present then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
-  redis.call('HDEL', KEYS[1], 'rec')
+  redis.call('HDEL', KEYS[1], 'rec', 'exp')
   present = false
 end
 local epoch = old_epoch + 1
@@ -69,32 +99,33 @@ local user = ''
 if ARGV[5] == '1' then user = ARGV[4] end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
            'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
+redis.call('HDEL', KEYS[1], 'exp_at')
+if present and s[1] then
+  -- the hand-off window: the previous owner's writes still reach the content
+  redis.call('HSET', KEYS[1], 'hnode', s[1], 'hepoch', old_epoch)
+else
+  redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
+end
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[5], 'kind', 'conn', 'm', ARGV[7], 'delay', ARGV[8])
 end
-local reply = {'OK', s[1] or '', old_epoch, epoch, present and 1 or 0, s[3] or '0'}
+local reply = {'OK', s[1] or '', old_epoch, epoch, present and 1 or 0, s[3] or '0',
+               expired and 1 or 0}
 for _, v in ipairs(will) do reply[#reply + 1] = v end
 return reply
 """
 
 # load: KEYS s o t i w f   ARGV node epoch
-# Moves forwarded messages (f) into o after the highest seq, then returns
-# {rec, persistent, {o...}, {t...}, {i...}} or {'F', node, epoch} when fenced.
+# Closes the hand-off window (the previous owner's writes are fenced from
+# now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...}} or
+# {'F', node, epoch} when fenced.  Forwarded messages (f) stay: the owner
+# pulls them (session_pull) and queues them under its queue limits.
 LOAD = r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
 if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
   return {'F', s[1] or '', s[2] or '0'}
 end
-local fwd = redis.call('LRANGE', KEYS[6], 0, -1)
-if #fwd > 0 then
-  local top = 0
-  for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
-    local n = tonumber(k)
-    if n and n > top then top = n end
-  end
-  for i, blob in ipairs(fwd) do redis.call('HSET', KEYS[2], top + i, blob) end
-  redis.call('DEL', KEYS[6])
-end
+redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
 return {'OK', s[3] or '', s[4] or '0', redis.call('HGETALL', KEYS[2]),
         redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4])}
 """
@@ -120,15 +151,27 @@ return reply
 """
 
 # apply: KEYS s o t i w f   ARGV node epoch op args op args ...
-# ops: S rec | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
-#      V | X | G blob  (G: forward a queued message to whoever owns the session)
-# -> {'OK', gone}  (gone = 1 when the session's keys were deleted) |
-#    {'F', node, epoch, forwarded}
-APPLY = r"""
-local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent')
-local arity = {S=1, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, G=1}
+# ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
+#      V | X | Y | G blob
+#   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
+#   ended, its will is void; Y: the connection ended without its node
+#   deciding on the will -- a fenced node -- the will is taken and returned;
+#   G: forward a queued message to whoever owns the session)
+# -> {'OK', gone, will...}  (gone = 1 when the session's keys were deleted;
+#    will: the pairs a Y took) | {'F', node, epoch, forwarded}
+# The previous owner's writes at its last epoch during a hand-off (hnode,
+# hepoch set by a claim, cleared by the new owner's load) change the
+# content only (S O U R I J G); D W V X Y are the owner's business.
+APPLY = NOW_MS + r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'hnode',
+                     'hepoch')
+local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1}
 local fenced = s[1] ~= ARGV[1] or s[2] ~= ARGV[2]
+local handoff = false
 if fenced then
+  handoff = s[5] ~= false and s[5] == ARGV[1] and s[6] == ARGV[2]
+end
+if fenced and not handoff then
   local forwarded = 0
   if s[2] then
     local i = 3
@@ -147,14 +190,22 @@ end
 local online = s[3]
 local persistent = s[4]
 local gone = 0
+local taken = {}
 local i = 3
 while i <= #ARGV do
   local op = ARGV[i]
-  if op == 'S' then
+  if arity[op] == nil then
+    return redis.error_reply('unknown op ' .. tostring(op))
+  end
+  if handoff and (op == 'D' or op == 'W' or op == 'V' or op == 'X' or op == 'Y') then
+    -- not the previous owner's to change any more
+  elseif op == 'S' then
     redis.call('HSET', KEYS[1], 'rec', ARGV[i + 1], 'persistent', 1); persistent = '1'
+    if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[1], 'exp')
+    else redis.call('HSET', KEYS[1], 'exp', ARGV[i + 2]) end
   elseif op == 'D' then
     redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
-    redis.call('HDEL', KEYS[1], 'rec')
+    redis.call('HDEL', KEYS[1], 'rec', 'exp', 'exp_at')
     redis.call('HSET', KEYS[1], 'persistent', 0); persistent = '0'
     local kind = redis.call('HGET', KEYS[5], 'kind')
     if kind == 'pending' then redis.call('DEL', KEYS[5]) end
@@ -178,34 +229,47 @@ while i <= #ARGV do
     redis.call('HSET', KEYS[5], 'kind', 'pending', 'm', ARGV[i + 1])
   elseif op == 'V' then
     if redis.call('HGET', KEYS[5], 'kind') == 'pending' then redis.call('DEL', KEYS[5]) end
-  elseif op == 'X' then
+  elseif op == 'X' or op == 'Y' then
     online = '0'
     redis.call('HSET', KEYS[1], 'online', 0)
-    if redis.call('HGET', KEYS[5], 'kind') == 'conn' then redis.call('DEL', KEYS[5]) end
+    local exp = redis.call('HGET', KEYS[1], 'exp')
+    if exp then
+      redis.call('HSET', KEYS[1], 'exp_at', now_ms() + tonumber(exp))
+    else
+      redis.call('HDEL', KEYS[1], 'exp_at')
+    end
+    if redis.call('HGET', KEYS[5], 'kind') == 'conn' then
+      if op == 'Y' then taken = redis.call('HGETALL', KEYS[5]) end
+      redis.call('DEL', KEYS[5])
+    end
     if persistent ~= '1' then
       redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]); gone = 1
     end
   elseif op == 'G' then
     redis.call('RPUSH', KEYS[6], ARGV[i + 1])
-  else
-    return redis.error_reply('unknown op ' .. tostring(op))
   end
   i = i + 1 + arity[op]
 end
-return {'OK', gone}
+local reply = {'OK', gone}
+for _, v in ipairs(taken) do reply[#reply + 1] = v end
+return reply
 """
 
 # adopt: KEYS s o t i w f   ARGV dead_node me live_boot me_boot
 # The reaper takes a dead node's session (not one of the node's live
 # incarnation ``live_boot``, when the node id came back):
-# -> {'skip', node} (moved on) | {'ended', will...} (not persistent: deleted,
-#    its will returned once) | {'adopted', epoch, online, will...}
-ADOPT = r"""
-local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'persistent', 'online', 'rec', 'boot')
+# -> {'skip', node} (moved on) | {'ended', will...} (not persistent, or
+#    expired on Redis's clock: deleted, its will returned once) |
+#    {'adopted', epoch, online, will...}
+ADOPT = NOW_MS + r"""
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'persistent', 'online', 'rec', 'boot',
+                     'exp_at', 'exp')
 if s[1] ~= ARGV[1] then return {'skip', s[1] or ''} end
 if ARGV[3] ~= '' and s[6] == ARGV[3] then return {'skip', s[1]} end
 local will = redis.call('HGETALL', KEYS[5])
-if s[3] ~= '1' then
+local now = now_ms()
+local expired = s[4] ~= '1' and s[7] ~= false and tonumber(s[7]) <= now
+if s[3] ~= '1' or expired then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
   local reply = {'ended'}
   for _, v in ipairs(will) do reply[#reply + 1] = v end
@@ -213,6 +277,11 @@ if s[3] ~= '1' then
 end
 local epoch = (tonumber(s[2]) or 0) + 1
 redis.call('HSET', KEYS[1], 'node', ARGV[2], 'epoch', epoch, 'online', 0, 'boot', ARGV[4])
+redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
+if s[4] == '1' and s[8] then
+  -- its connection died with the node: the session's expiry starts now
+  redis.call('HSET', KEYS[1], 'exp_at', now + tonumber(s[8]))
+end
 if redis.call('HGET', KEYS[5], 'kind') == 'conn' then redis.call('DEL', KEYS[5]) end
 local reply = {'adopted', epoch, s[4] or '0'}
 for _, v in ipairs(will) do reply[#reply + 1] = v end

@@ -51,6 +51,10 @@ __all__ = ["ClusterSessions"]
 #: how many forwarded messages one pull moves (and seq numbers it reserves)
 PULL_BATCH = 10000
 
+#: the ``clientDisconnected`` reason of the clients a fenced node closes
+#: (:mod:`mqttd.cluster.service`): their wills are decided once Redis answers
+FENCED_REASON = "cluster node fenced"
+
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -108,8 +112,16 @@ class ClusterSessions:
         self._forwarding: Dict[str, list] = {}
         self.takeovers = 0
         self.forwarded = 0
+        #: wills taken back from Redis while this node cannot publish
+        #: cluster-wide (fenced): published when it can (see :meth:`unfenced`)
+        self._owed_wills: list = []
+        #: ``is_fenced() -> bool`` (set by the wiring; default: never fenced)
+        self.is_fenced: Callable[[], bool] = lambda: False
+        self.wills_published = 0
         store.on_fenced = self._fenced
         store.on_gone = self._gone
+        store.on_will = self._will_taken
+        store.v3_expiration = broker.config.persistent_client_expiration
         self._unobserve = broker.on("clientDisconnected", self._disconnected)
         broker.session_registry = self
 
@@ -164,7 +176,11 @@ class ClusterSessions:
                     "session-owner")
         old_node, old_epoch = _text(reply[1]), int(reply[2])
         epoch, present, old_online = int(reply[3]), reply[4] == 1, _text(reply[5]) == "1"
-        old_will = _pairs(reply[6:])
+        # expired on Redis's clock (its owner, maybe dead and not reaped, did
+        # not end it yet): gone, as after a Clean Start -- its will is due
+        expired = reply[6] == 1
+        ended = clean_start or expired
+        old_will = _pairs(reply[7:])
         store.epochs[client_id] = epoch
         if connection in self._claims:
             self._claims[connection] = epoch
@@ -175,9 +191,12 @@ class ClusterSessions:
             self.takeovers += 1
             alive = yield self.is_alive(old_node)
             if alive:
-                yield self._kick(old_node, client_id, epoch, clean_start)
+                yield self._kick(old_node, client_id, epoch, ended)
             else:
-                self._dead_owners_will(client_id, old_will, old_online, clean_start)
+                self._dead_owners_will(client_id, old_will, old_online, ended)
+        elif expired:
+            # ours, and expired on Redis's clock before our own timer fired
+            self._dead_owners_will(client_id, old_will, old_online, True)
         if self._kicked.get(client_id, 0) > epoch:
             return self._lost(client_id, epoch)
         local = broker.sessions.get(client_id)
@@ -185,8 +204,11 @@ class ClusterSessions:
             ok = yield self._load(client_id, epoch)
             if not ok:
                 return self._lost(client_id, epoch)
-        elif local is not None and old_node != self.node_id:
-            broker.release_session(client_id, clean_start)
+        elif local is not None and (old_node != self.node_id or (
+                not present and not clean_start and local.connection is None)):
+            # Redis says the session is gone (expired, or someone else's):
+            # the copy here must not be resumed
+            broker.release_session(client_id, ended)
         if self._kicked.get(client_id, 0) > epoch or store.epochs.get(client_id) != epoch:
             return self._lost(client_id, epoch)
         if self._kicked.get(client_id, 0) <= epoch:
@@ -293,7 +315,7 @@ class ClusterSessions:
         if not kind:
             return
         if kind == "conn" and old_online:
-            delay = int(will.get("delay", b"0") or 0)
+            delay = float(will.get("delay", b"0") or 0)
             if clean_start or not delay:
                 self._publish_will(client_id, safepickle.loads(will["m"]))
         elif kind == "pending":
@@ -321,6 +343,9 @@ class ClusterSessions:
             self.broker.release_session(client_id)
             return True
         self.broker.install_session(stored)
+        # messages forwarded to the session by a node that lost it: queued
+        # after what the session held, under this node's queue limits
+        yield self.pull(client_id)
         return True
 
     @staticmethod
@@ -409,16 +434,32 @@ class ClusterSessions:
                 return
             items = reply[1:]
             for i in range(0, len(items) - 1, 2):
-                out = decode_outbound(items[i], items[i + 1])
-                session.restore_queued(out)
+                self._queue_forwarded(session, decode_outbound(items[i], items[i + 1]))
             if session.connection is not None:
                 self.broker.drain(session)
             if len(items) // 2 >= PULL_BATCH:
-                self.pull(client_id)
+                return self.pull(client_id)
         d.addCallback(pulled)
         d.addErrback(lambda f: log.warn("Taking forwarded messages of {client_id} failed: "
                                         "{error}", client_id=client_id, error=str(f.value)))
         return d
+
+    def _queue_forwarded(self, session, out) -> None:
+        """Queue one pulled message (already stored under ``out.seq``) as the
+        broker queues a routed one: ``--max-queued-messages``,
+        ``--max-queued-bytes`` and ``--max-queued-bytes-total`` with the
+        overflow policy; a message dropped is counted and logged as on one
+        node (``queue-full`` / ``queued-bytes-total``) and deleted from Redis."""
+        broker = self.broker
+        victim = session.enqueue(out, broker._limits)
+        if victim is None:
+            return
+        if session.overflow == "queued-bytes-total":
+            broker._total_cap_hit()
+        broker.count_dropped(session, session.overflow, victim.message)
+        session.wire.pop(victim.seq, None)
+        if victim.qos and session.persistent:
+            broker._write(R.DeleteOutbound(session.client_id, victim.seq))
 
     @defer.inlineCallbacks
     def recheck_ownership(self):
@@ -448,4 +489,41 @@ class ClusterSessions:
             return
         client_id = client.client_id
         if client_id in self.store.epochs:
-            self.store.write(Disconnected(client_id))
+            # a fenced node closed the connection without deciding on its
+            # will: whoever owns the session when Redis answers does
+            self.store.write(Disconnected(client_id, take_will=reason == FENCED_REASON))
+
+    # --- wills of connections a fenced node closed -----------------------------------
+
+    def _will_taken(self, client_id: str, will: Dict[str, bytes]) -> None:
+        """A ``Disconnected(take_will=True)`` reached Redis while this node still
+        owned the session: the will of the connection it closed when fenced is
+        this node's to publish -- at once, or, for a persistent session, after
+        its Will Delay Interval counted from the disconnect (pending like any
+        delayed will: cancelled if the client resumes first [MQTT-3.1.3-9])."""
+        if _text(will.get("kind", b"")) != "conn":
+            return
+        message = safepickle.loads(will["m"])
+        delay = float(will.get("delay", b"0") or 0)
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.persistent and delay > 0:
+            if session.expiry_interval is not None:
+                delay = min(delay, session.expiry_interval)
+            if session.disconnected_at is not None:
+                delay -= self.clock.seconds() - session.disconnected_at
+            if delay > 0 and session.connection is None:
+                self.broker.wills.schedule(client_id, message, delay, durable=True)
+                return
+            if session.connection is not None:
+                return   # resumed before its delay ran out: cancelled
+        self._owed_wills.append((client_id, message))
+        if not self.is_fenced():
+            self.unfenced()
+
+    def unfenced(self) -> None:
+        """This node reaches Redis and the others again: publish the wills due
+        that it took back while it could not forward them."""
+        owed, self._owed_wills = self._owed_wills, []
+        for client_id, message in owed:
+            self.wills_published += 1
+            self._publish_will(client_id, message)

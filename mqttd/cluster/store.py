@@ -39,13 +39,22 @@ __all__ = ["RedisSessionStore", "Disconnected", "Forward", "decode_outbound"]
 
 
 class Disconnected:
-    """Internal op: the session's connection ended (``online`` = 0; a
-    non-persistent session's keys go)."""
+    """Internal op: the session's connection ended (``online`` = 0, the
+    offline session's expiry deadline set on Redis's clock; a non-persistent
+    session's keys go).
 
-    __slots__ = ("client_id",)
+    ``take_will``: the node did not decide on the connection's will (it was
+    fenced off from Redis when the connection went): if the session is still
+    this node's, the will stored at CONNECT is taken out of Redis and handed
+    to :attr:`RedisSessionStore.on_will`; if a reaper adopted the session
+    meanwhile, the reaper published it.  Either way exactly once.
+    """
 
-    def __init__(self, client_id: str):
+    __slots__ = ("client_id", "take_will")
+
+    def __init__(self, client_id: str, take_will: bool = False):
         self.client_id = client_id
+        self.take_will = take_will
 
 
 class Forward:
@@ -117,6 +126,13 @@ class RedisSessionStore:
         self.on_fenced: Optional[Callable] = None
         #: ``gone(client_id)``: the session's keys were deleted (ended)
         self.on_gone: Optional[Callable] = None
+        #: ``will(client_id, fields)``: a ``Disconnected(take_will=True)`` took
+        #: the connection's will (``kind``, ``m``, ``delay``) out of Redis
+        self.on_will: Optional[Callable] = None
+        #: the Session Expiry Interval of MQTT 3.x persistent sessions
+        #: (``--persistent-client-expiration``; None: never), for the deadline
+        #: Redis keeps
+        self.v3_expiration: Optional[float] = None
         self._pending: Dict[str, List] = {}
         self._waiters: List[defer.Deferred] = []
         self._flushing = False
@@ -144,8 +160,13 @@ class RedisSessionStore:
                 self.inner.write(op)
             return
         if cls is R.PutSession:
-            cid = op.record.client_id
-            item = ("S", safepickle.dumps(op.record))
+            record = op.record
+            cid = record.client_id
+            expiry = record.expiry_interval
+            if expiry is None and record.protocol_level < 5:
+                expiry = self.v3_expiration
+            item = ("S", safepickle.dumps(record),
+                    "" if expiry is None else int(expiry * 1000))
         elif cls is R.PutOutbound:
             cid = op.client_id
             item = ("O", op.record.seq, encode_outbound(op.record))
@@ -173,7 +194,7 @@ class RedisSessionStore:
             item = ("V",)
         elif cls is Disconnected:
             cid = op.client_id
-            item = ("X",)
+            item = ("Y",) if op.take_will else ("X",)
         elif cls is Forward:
             cid = op.client_id
             item = ("G", encode_outbound(op.record))
@@ -280,11 +301,18 @@ class RedisSessionStore:
                         self.on_fenced(cid, _text(reply[1]), int(reply[2]), int(reply[3]))
                     except Exception:
                         log.failure("fenced handler failed for {client_id}", client_id=cid)
-            elif int(reply[1]) == 1:
-                if self.epochs.get(cid) == epoch:
-                    del self.epochs[cid]
-                if self.on_gone is not None:
-                    self.on_gone(cid)
+            else:
+                if len(reply) > 2 and self.on_will is not None:
+                    try:
+                        self.on_will(cid, {_text(reply[i]): reply[i + 1]
+                                           for i in range(2, len(reply) - 1, 2)})
+                    except Exception:
+                        log.failure("will handler failed for {client_id}", client_id=cid)
+                if int(reply[1]) == 1:
+                    if self.epochs.get(cid) == epoch:
+                        del self.epochs[cid]
+                    if self.on_gone is not None:
+                        self.on_gone(cid)
         for d in waiters:
             d.callback(None)
         self._next()
@@ -317,8 +345,8 @@ class RedisSessionStore:
 
 def _only_forwards(items: list) -> list:
     """The ``G`` forwards and the queued messages (``O``) of an op list, as forwards."""
-    arity = {"S": 1, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
-             "X": 0, "G": 1}
+    arity = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
+             "X": 0, "Y": 0, "G": 1}
     out = []
     i = 0
     while i < len(items):

@@ -16,7 +16,7 @@ from twisted.cred import error
 from twisted.internet import defer, reactor, task
 
 from mqttd.auth.checkers import (Authenticator, MQTTCredentials, PasswordFileChecker,
-                                 make_portal)
+                                 ThrottledLogin, make_portal, uniform_verify)
 from mqttd.auth.gate import VerificationBusy, VerificationGate, peer_host
 from mqttd.auth.passwd import make_entry, update_file
 from mqttd.auth.scram import EnhancedAuthenticator, scram_mechanism
@@ -68,7 +68,7 @@ def test_unknown_user_costs_a_dummy_verification_with_the_files_parameters(tmp_p
     d = checker.requestAvatarId(MQTTCredentials("nosuchuser", "pw", "192.0.2.1:1000"))
     assert not d.called  # it waits for the hash, as a known user's check does
     ((fn, args, _),) = runner.calls
-    assert fn.__self__ is checker.dummy and args == (b"pw",)
+    assert fn is uniform_verify and args == (checker.dummy, b"pw", checker.profile)
     real = checker.users["alice"]
     dummy = checker.dummy
     assert (dummy.kind, dummy.iterations, len(dummy.salt), len(dummy.digest)) == \
@@ -84,20 +84,20 @@ def test_a_known_user_with_a_wrong_password_takes_the_same_road(tmp_path):
     runner = ManualRunner()
     checker = PasswordFileChecker(path, gate=VerificationGate(task.Clock(), run=runner))
     d = checker.requestAvatarId(MQTTCredentials("alice", "wrong", "192.0.2.1:1000"))
-    ((fn, _args, _),) = runner.calls
-    assert fn.__self__ is checker.users["alice"]
+    ((fn, args, _),) = runner.calls
+    assert fn is uniform_verify and args[0] is checker.users["alice"]
     runner.finish()
     assert _result(d).check(error.UnauthorizedLogin)
 
 
-def test_dummy_entry_follows_the_most_common_entry_and_reload(tmp_path):
-    """The dummy mimics the file's most common hash kind and iterations, also after SIGHUP."""
+def test_dummy_entry_follows_the_most_expensive_entry_and_reload(tmp_path):
+    """The dummy mimics the file's costliest hash kind and iterations (not the most common), also after SIGHUP."""
     path = str(tmp_path / "pw")
     _write(path, "a", "b", iterations=1500)
     with open(path, "a") as f:
         f.write(make_entry("c", "x", iterations=4096, scram=True).line() + "\n")
     checker = PasswordFileChecker(path)
-    assert (checker.dummy.kind, checker.dummy.iterations) == ("7", 1500)
+    assert (checker.dummy.kind, checker.dummy.iterations) == ("scram-sha-256", 4096)
     _write(path, "s1", "s2", iterations=5000, scram=True)
     checker.reload()
     assert (checker.dummy.kind, checker.dummy.iterations) == ("scram-sha-256", 5000)
@@ -334,9 +334,12 @@ def test_identical_checks_in_flight_share_one_hash(tmp_path):
     runner.finish()
     assert [_result(d) for d in right] == ["alice"] * 20
     assert all(_result(d).check(error.UnauthorizedLogin) for d in wrong)
-    # answered: the next wrong one is a new check (failures are not cached)
-    checker.requestAvatarId(MQTTCredentials("alice", "nope", "192.0.2.2:99"))
+    # answered: the next wrong one is a new check (failures are not cached) ...
+    checker.requestAvatarId(MQTTCredentials("alice", "nope", "192.0.2.3:99"))
     assert len(runner.calls) == 1
+    # ... except from the address that just failed 20 times for a name over its budget
+    refused = checker.requestAvatarId(MQTTCredentials("alice", "nope", "192.0.2.2:99"))
+    assert _result(refused).check(ThrottledLogin) and len(runner.calls) == 1
 
 
 @pytest.mark.parametrize("level,code", [(4, 0x04), (5, 0x86)])

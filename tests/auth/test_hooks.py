@@ -323,31 +323,6 @@ def test_max_connections_refuses_connect_with_quota_exceeded():
     assert broker.stats.refused["max-connections"] == 2
 
 
-def test_inbound_rate_limit_pauses_reading_then_resumes():
-    """Over the messages/s budget the transport is paused (backpressure), not closed."""
-    broker, clock = make_broker(max_inbound_rate=10)
-    client = FakeClient(broker, clock)
-    client.connect()
-    data = b"".join(bytes((0x30, 3, 0, 1, ord("t"))) for _ in range(15))
-    client.send_bytes(data)
-    assert client.transport.producerState == "paused"
-    assert not client.disconnecting
-    assert broker.stats.refused["inbound-rate"] == 1
-    clock.advance(0.5)
-    assert client.transport.producerState == "producing"
-
-
-def test_inbound_bytes_rate_limit_pauses_reading():
-    """The bytes/s bucket pauses too."""
-    broker, clock = make_broker(max_inbound_bytes_rate=100)
-    client = FakeClient(broker, clock)
-    client.connect()
-    client.publish("t", b"x" * 300)
-    assert client.transport.producerState == "paused"
-    clock.advance(2.1)
-    assert client.transport.producerState == "producing"
-
-
 def test_auth_packet_without_enhanced_authentication_is_a_protocol_error():
     """AUTH on a connection that did not use enhanced authentication [MQTT-4.12.0-1]."""
     broker, clock = make_broker()

@@ -27,12 +27,13 @@ from .conftest import wait
 
 
 class Node:
-    def __init__(self, url, name, nodes, alive):
+    def __init__(self, url, name, nodes, alive, config=None):
         self.name = name
         self.clock = Clock()
         self.backend = Backend(url, name=name)
         self.store = RedisSessionStore(self.backend, name)
-        self.broker = Broker(self.clock, store=self.store)
+        self.broker = Broker(self.clock, store=self.store,
+                             **({} if config is None else {"config": config}))
         self.broker.start()
         self.nodes = nodes
         self.alive = alive

@@ -1,0 +1,180 @@
+"""The per-client inbound rate limit (--max-inbound-rate, --max-inbound-bytes-rate)."""
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from mqttd.codec.packets import Pingreq, Pingresp, Publish
+from mqttd.ratelimit import BucketMemory, InboundBucket
+from tests.core.harness import FakeClient, make_broker
+
+
+def _tiny_publishes(count: int, topic: str = "t") -> bytes:
+    """``count`` QoS 0 PUBLISHes to a one-letter topic, 5 bytes each, in one buffer."""
+    return b"".join(bytes((0x30, 3, 0, 1, ord(topic))) for _ in range(count))
+
+
+def _subscriber(broker, clock, topic="t"):
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe(topic)
+    return sub
+
+
+def _delivered(sub) -> int:
+    return sum(1 for p in sub.received() if isinstance(p, Publish))
+
+
+def test_rate_limit_stops_inside_one_read_and_bounds_what_subscribers_get():
+    """3000 PUBLISHes in one read at 10/s: 10 reach the subscriber at once, then 10 a second."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    pub.send_bytes(_tiny_publishes(3000))
+    assert _delivered(sub) == 10                      # the bucket's depth: one second
+    assert pub.transport.producerState == "paused"    # backpressure, not a disconnect
+    assert not pub.disconnecting
+    total = 10
+    for second in range(1, 6):
+        for _ in range(10):
+            clock.advance(0.1)
+        total += _delivered(sub)
+        assert total <= 10 + 10 * second + 1
+    assert total >= 55
+    assert pub.transport.producerState == "paused"    # 2,940 still wait, decoded
+    assert broker.stats.refused["inbound-rate"] == 1  # one throttled stretch, one count
+
+
+def test_rate_limited_connection_resumes_reading_once_its_backlog_passed():
+    """When the held-back packets have passed, the transport is read again."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    pub.send_bytes(_tiny_publishes(15))
+    assert _delivered(sub) == 10
+    assert pub.transport.producerState == "paused"
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert _delivered(sub) == 5
+    assert pub.transport.producerState == "producing"
+
+
+def test_rate_limit_keeps_the_order_of_packets_behind_a_held_publish():
+    """A PINGREQ read after throttled PUBLISHes is answered only after they passed."""
+    broker, clock = make_broker(max_inbound_rate=2)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    pub.send_bytes(_tiny_publishes(4) + bytes((0xC0, 0)))
+    assert pub.received() == []
+    clock.advance(1.0)
+    assert pub.received() == [Pingresp()]
+
+
+def test_bytes_rate_limit_stops_inside_one_read():
+    """At 100 bytes/s, PUBLISHes of 55 bytes: one passes, the next waits for the refill."""
+    broker, clock = make_broker(max_inbound_bytes_rate=100)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    data = b"".join(bytes((0x30, 53, 0, 1, ord("t"))) + b"x" * 50 for _ in range(4))
+    pub.send_bytes(data)
+    assert _delivered(sub) == 1
+    assert pub.transport.producerState == "paused"
+    clock.advance(0.6)
+    assert _delivered(sub) == 1
+
+
+def test_publish_larger_than_the_bytes_bucket_passes_when_it_is_full():
+    """A packet above one second's bytes is not stuck forever: it passes and leaves a debt."""
+    broker, clock = make_broker(max_inbound_bytes_rate=100)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    pub.publish("t", b"x" * 300)
+    pub.publish("t", b"y")
+    assert _delivered(sub) == 1
+    assert pub.transport.producerState == "paused"
+    clock.advance(3.5)                                 # the debt of ~205 bytes is repaid
+    assert _delivered(sub) == 1
+
+
+def test_reconnect_under_a_new_client_id_gets_no_fresh_allowance():
+    """The bucket a client left is carried to the next connection from its host."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    for n in range(6):
+        pub = FakeClient(broker, clock)
+        pub.connect(f"bp{n}")
+        pub.send_bytes(_tiny_publishes(2500))
+        clock.advance(0.05)
+        pub.drop()
+    # 10 (the depth) + what 0.3 s refill allows, not 6 × (10 + ...)
+    assert _delivered(sub) <= 10 + 3 + 1
+
+
+def test_reconnect_of_the_same_client_id_from_another_host_gets_no_fresh_allowance():
+    """The bucket is remembered under the client id as well."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("same")
+    pub.send_bytes(_tiny_publishes(100))
+    pub.drop()
+    again = FakeClient(broker, clock)
+    again.conn.peer = "192.0.2.9:4000"
+    again.connect("same")
+    again.send_bytes(_tiny_publishes(100))
+    assert _delivered(sub) == 10
+
+
+def test_other_hosts_and_clients_keep_their_own_allowance():
+    """One client's exhausted bucket does not slow an unrelated client."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("greedy")
+    pub.send_bytes(_tiny_publishes(100))
+    pub.drop()
+    other = FakeClient(broker, clock)
+    other.conn.peer = "192.0.2.9:4000"
+    other.connect("other")
+    other.send_bytes(_tiny_publishes(10))
+    assert _delivered(sub) == 20
+
+
+def test_remembered_buckets_expire_once_refilled():
+    """A state is only kept until its bucket would be full again: a later reconnect starts full."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.connect("p")
+    pub.send_bytes(_tiny_publishes(10))
+    pub.drop()
+    clock.advance(1.0)
+    again = FakeClient(broker, clock)
+    again.connect("p")
+    again.send_bytes(_tiny_publishes(10))
+    assert _delivered(sub) == 20
+
+
+def test_bucket_memory_is_bounded():
+    """At most max_entries keys are remembered (the oldest go first)."""
+    clock = Clock()
+    memory = BucketMemory(max_entries=100)
+    for n in range(1000):
+        bucket = InboundBucket(10, 0, clock.seconds())
+        bucket.take(5, clock.seconds())
+        memory.remember([("client", f"c{n}"), ("host", f"h{n}")], bucket, clock.seconds())
+    assert len(memory) <= 100
+
+
+def test_no_bucket_without_a_configured_limit():
+    """Without --max-inbound-rate nothing is charged (zero cost on the hot path)."""
+    broker, clock = make_broker()
+    pub = FakeClient(broker, clock)
+    pub.connect("p")
+    assert pub.conn._bucket is None
+    pub.send_bytes(_tiny_publishes(3000))
+    assert pub.transport.producerState == "producing"
+    assert len(broker.inbound_memory) == 0
