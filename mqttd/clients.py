@@ -4,13 +4,29 @@
 (online or not): what an operator or an embedding program asks first — who
 is connected, with which subscriptions, and whose queue is growing.  The
 summaries are copies: holding one never keeps the broker's state alive or
-changes it.
+changes it.  :class:`ClientInfo` is what events and hooks tell about a client.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
 import attrs
+
+
+@attrs.frozen
+class ClientInfo:
+    """What events and hooks tell about a client (``mqttd.broker`` re-exports it)."""
+
+    client_id: str
+    protocol_level: int
+    username: Optional[str] = None
+    peer: Optional[str] = None
+    clean_start: bool = True
+    keepalive: int = 0
+    session_present: bool = False
+    #: connected with the bridge bit (protocol level | 0x80, mosquitto's
+    #: ``try_private``): another broker bridging to this one
+    bridge: bool = False
 
 
 @attrs.frozen

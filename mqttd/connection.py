@@ -123,7 +123,7 @@ class ClientConnection:
         "_stats", "_assigned", "_connect_packet", "_keepalive", "_keepalive_call",
         "_held", "_hold_call", "_waiting", "_bucket", "_rate_call", "_pending", "_stash",
         "_inflight_in", "_client_max_packet", "_in_aliases", "_out_aliases", "_receive_max",
-        "_public_only", "_claiming", "__dict__", "__weakref__")
+        "_public_only", "_claiming", "_barrier", "_barrier_turn", "__dict__", "__weakref__")
 
     #: a listener that authenticates clients itself (a TLS listener with
     #: ``identityAsUsername=yes``, mosquitto's ``use_identity_as_username``)
@@ -189,6 +189,10 @@ class ClientConnection:
         #: output waiting behind a store barrier: ``()`` until there is any
         #: (then a deque; an empty deque costs 760 bytes on CPython)
         self._pending = ()
+        #: the store barrier of this reactor turn's sync that output already waits
+        #: for, and the broker's sync_turns when it was taken (see _output)
+        self._barrier = None
+        self._barrier_turn = -1
         self._assigned = None
         #: outbound QoS 1/2 window: min(broker limit, client's Receive Maximum)
         self.send_window = min(config.max_inflight, 65535)  # packet ids [MQTT-2.2.1-3]
@@ -490,7 +494,21 @@ class ClientConnection:
         barrier; later output waits behind them so the order of
         acknowledgements is the order of the packets received [MQTT-4.6.0-2].
         """
-        barrier = self.broker.barrier(self._mark) if durable else None
+        barrier = None
+        if durable:
+            broker = self.broker
+            if broker.write_count != self._mark:
+                # one barrier per connection and reactor turn: the turn's one
+                # store sync covers every write made before it starts, so the
+                # PUBACKs of a chunk of 100 PUBLISHes share one Deferred
+                barrier = self._barrier
+                if (barrier is None or self._barrier_turn != broker.sync_turns
+                        or barrier.called):
+                    barrier = broker.barrier(self._mark)
+                    if barrier is not None:
+                        self._barrier = barrier
+                        self._barrier_turn = broker.sync_turns
+                        barrier.addCallbacks(self._flush_pending, self._store_failed)
         pending = self._pending
         if barrier is None and not pending:
             self._emit(item)
@@ -498,19 +516,38 @@ class ClientConnection:
         if pending.__class__ is tuple:
             pending = self._pending = collections.deque()
         pending.append((barrier, item))
-        if barrier is not None:
-            barrier.addCallbacks(self._flush_pending, self._store_failed)
 
     def _flush_pending(self, result=None):
         pending = self._pending
+        transport = self.transport
+        chunks = None   # consecutive acknowledgements as bytes: one write
         while pending:
             barrier, item = pending[0]
             if barrier is not None and not barrier.called:
                 break
             pending.popleft()
-            if self.state != _CLOSED:
-                self._emit(item)
+            if self.state == _CLOSED:
+                continue
+            if item.__class__ is bytes and self._client_max_packet is None:
+                if chunks is None:
+                    chunks = [item]
+                else:
+                    chunks.append(item)
+                continue
+            if chunks is not None:
+                self._write_chunks(transport, chunks)
+                chunks = None
+            self._emit(item)
+        if chunks is not None and self.state != _CLOSED:
+            self._write_chunks(transport, chunks)
+        if not pending:
+            self._barrier = None
         return result
+
+    def _write_chunks(self, transport, chunks) -> None:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._stats.bytes_sent += len(data)
+        transport.write(data)
 
     def _emit(self, item) -> None:
         cls = item.__class__

@@ -87,13 +87,19 @@ class EventLog:
 
     def _connected(self, client, **_):
         self._flush()
-        self._emit(log.info, client.client_id, "clientConnected",
-                   "clientConnected {client_id} from {peer} (MQTT {version}, clean={clean}, "
-                   "keepalive={keepalive}, session_present={session_present})",
-                   peer=client.peer,
-                   version=_VERSIONS.get(client.protocol_level, client.protocol_level),
-                   clean=client.clean_start, keepalive=client.keepalive,
-                   session_present=client.session_present)
+        client_id = client.client_id
+        limiter = self.broker.log_limiter
+        # the limiter first: in a connection storm most lines are suppressed,
+        # and their fields are then never built
+        suppressed = limiter.check((client_id, "clientConnected"))
+        if suppressed is None:
+            return
+        limiter.log(log.info, "clientConnected {client_id} from {peer} (MQTT {version}, "
+                    "clean={clean}, keepalive={keepalive}, session_present={session_present})",
+                    suppressed, event="clientConnected", client_id=client_id, peer=client.peer,
+                    version=_VERSIONS.get(client.protocol_level, client.protocol_level),
+                    clean=client.clean_start, keepalive=client.keepalive,
+                    session_present=client.session_present)
 
     def _disconnecting(self, client, reason, **_):
         self._flush()
@@ -102,8 +108,13 @@ class EventLog:
 
     def _disconnected(self, client, reason, **_):
         self._flush()
-        self._emit(log.info, _client_id(client), "clientDisconnected",
-                   "clientDisconnected {client_id}: {reason}", reason=reason)
+        client_id = _client_id(client)
+        limiter = self.broker.log_limiter
+        suppressed = limiter.check((client_id, "clientDisconnected"))
+        if suppressed is None:
+            return
+        limiter.log(log.info, "clientDisconnected {client_id}: {reason}", suppressed,
+                    event="clientDisconnected", client_id=client_id, reason=reason)
 
     def _subscribed(self, topic, client, **_):
         self._coalesce("subscribed", _client_id(client), topic)
@@ -127,6 +138,8 @@ class EventLog:
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
+        if not self._pending:  # every connect and disconnect comes here first
+            return
         pending, self._pending = self._pending, {}
         for (event, client_id), (count, topics) in pending.items():
             verb = "to" if event == "subscribed" else "from"

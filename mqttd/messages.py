@@ -124,3 +124,16 @@ def outbound_message(message: Message, now: float) -> Optional[Message]:
         return message
     return attrs.evolve(message, properties=attrs.evolve(
         props, message_expiry_interval=interval))
+
+
+def with_user_properties(message: Message, user: tuple) -> Message:
+    """A copy of ``message`` whose user properties are ``user`` (name, value pairs)."""
+    return attrs.evolve(message, properties=attrs.evolve(
+        message.properties, user_properties=tuple(user)))
+
+
+def with_subscription_ids(message: Message, ids: tuple) -> Message:
+    """A copy of ``message`` whose Subscription Identifiers are ``ids``
+    (``()``: none), for one subscriber [MQTT-3.3.4-3, MQTT-3.3.4-5]."""
+    return attrs.evolve(message, properties=attrs.evolve(
+        message.properties, subscription_identifiers=tuple(ids)))

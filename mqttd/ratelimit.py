@@ -107,13 +107,10 @@ class LogRateLimiter:
             reported exactly once, by a later line that passes.
         """
         now = self.clock.seconds()
-        window = self._window(self._windows, key, now)
-        if window.passed >= self.burst:
-            window.suppressed += 1
-            self.suppressed += 1
-            return None
-        suppressed = 0
+        reason_window = None
         if self.reason_burst is not None:
+            # the reason first: in a flood over many keys (a connection storm)
+            # a line its reason suppresses costs no window of its own key
             reason_window = self._window(self._reasons, _reason_of(key), now)
             if reason_window.passed >= self.reason_burst:
                 # counted for the reason: the next line of this reason, whichever
@@ -121,6 +118,13 @@ class LogRateLimiter:
                 reason_window.suppressed += 1
                 self.suppressed += 1
                 return None
+        window = self._window(self._windows, key, now)
+        if window.passed >= self.burst:
+            window.suppressed += 1
+            self.suppressed += 1
+            return None
+        suppressed = 0
+        if reason_window is not None:
             reason_window.passed += 1
             suppressed, reason_window.suppressed = reason_window.suppressed, 0
         window.passed += 1
@@ -138,10 +142,16 @@ class LogRateLimiter:
         suppressed = self.check(key)
         if suppressed is None:
             return False
+        self.log(log_method, format, suppressed, **fields)
+        return True
+
+    @staticmethod
+    def log(log_method: Callable, format: str, suppressed: int, **fields) -> None:
+        """The second half of :meth:`emit`, for a caller that called :meth:`check`
+        itself (and builds the line's fields only when it passed)."""
         if suppressed:
             format += " ({suppressed} similar lines suppressed)"
         log_method(format, suppressed=suppressed, **fields)
-        return True
 
     def warn(self, logger, key: Hashable, format: str, **fields) -> bool:
         """:meth:`emit` at warn level on a ``twisted.logger.Logger``."""

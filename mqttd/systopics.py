@@ -37,7 +37,8 @@ The counts exclude the broker's own ``$SYS`` traffic (its messages carry
 **mosca's topics** stay as they were: ``$SYS/<id>/new/clients`` (the client id
 of each client that connects), ``$SYS/<id>/disconnect/clients``,
 ``$SYS/<id>/new/subscribes`` and ``new/unsubscribes`` (JSON
-``{"clientId", "topic"}``), and every interval ``$SYS/<id>/uptime``,
+``{"clientId", "topic"}``; not retained, so built only while someone can receive
+them, see :meth:`~mqttd.broker.Broker.reaches_anyone`), and every interval ``$SYS/<id>/uptime``,
 ``clients/connected``, ``clients/sessions``, ``messages/received``,
 ``messages/sent``, ``messages/dropped``, ``retained/count`` and
 ``subscriptions/count``.  Clients cannot publish into ``$SYS``.
@@ -143,20 +144,27 @@ class SysTopics:
         self.broker.publish(Message(self.prefix + suffix, payload.encode("utf-8"),
                                     origin=SYS_ORIGIN), client=None)
 
+    # The per-client events are published only when someone can get them (they are
+    # not retained, so a message nobody matches is lost anyway): a storm of
+    # connections without a $SYS subscriber builds no message and no JSON.
+
     def _connected(self, client, **_):
-        self._publish("new/clients", client.client_id)
+        if self.broker.reaches_anyone(self.prefix + "new/clients"):
+            self._publish("new/clients", client.client_id)
 
     def _disconnected(self, client, **_):
-        if client is not None:
+        if client is not None and self.broker.reaches_anyone(self.prefix + "disconnect/clients"):
             self._publish("disconnect/clients", client.client_id)
 
     def _subscribed(self, topic, client, **_):
-        self._publish("new/subscribes",
-                      json.dumps({"clientId": client.client_id, "topic": topic}))
+        if self.broker.reaches_anyone(self.prefix + "new/subscribes"):
+            self._publish("new/subscribes",
+                          json.dumps({"clientId": client.client_id, "topic": topic}))
 
     def _unsubscribed(self, topic, client, **_):
-        self._publish("new/unsubscribes",
-                      json.dumps({"clientId": client.client_id, "topic": topic}))
+        if self.broker.reaches_anyone(self.prefix + "new/unsubscribes"):
+            self._publish("new/unsubscribes",
+                          json.dumps({"clientId": client.client_id, "topic": topic}))
 
     # --- the periodic values ----------------------------------------------------------
 

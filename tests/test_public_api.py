@@ -39,3 +39,42 @@ def test_package_ships_py_typed():
     config.read(root.parent / "setup.cfg")
     assert "py.typed" in config["options.package_data"]["mqttd"]
     assert "static/*" in config["options.package_data"]["mqttd.admin"]
+
+
+#: the broker core: the broker and the parts it is composed of, the connection, the session
+CORE_MODULES = ("broker", "config", "lifecycle", "subscriptions", "routing", "delivery",
+                "retaining", "durability", "connection", "session")
+#: feature packages: they plug into the core's seams and events, never the reverse
+FEATURE_PACKAGES = ("mqttd.cluster", "mqttd.bridge", "mqttd.auth", "mqttd.transports",
+                    "mqttd.admin")
+
+
+def test_core_never_imports_a_feature_package():
+    """Features plug into the core, not the reverse (docs/architecture.rst): an
+    import of a feature package from the core, even inside a function, fails here."""
+    import ast
+    import pathlib
+    root = pathlib.Path(mqttd.__file__).parent
+    for name in CORE_MODULES:
+        path = root / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for module in imported:
+                assert not module.startswith(FEATURE_PACKAGES), \
+                    f"{path.name}:{node.lineno} imports {module}"
+
+
+def test_broker_module_keeps_its_import_surface():
+    """Everything embedders and features imported from mqttd.broker before it was
+    split into modules along its seams is still importable from there."""
+    from mqttd import broker
+    for name in ("Broker", "BrokerConfig", "ClientInfo", "EVENTS", "SKIP_SHARES",
+                 "ONLY_SHARES", "SHUTDOWN_FLUSH_TIMEOUT", "LocalSubscription",
+                 "MAX_PACKET_SIZE", "MIN_PACKET_SIZE", "NEVER_EXPIRES",
+                 "with_subscription_ids", "with_user_properties"):
+        assert hasattr(broker, name), name

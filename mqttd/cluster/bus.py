@@ -40,7 +40,7 @@ from mqttd.cluster.backend import BackendError
 from mqttd.cluster.keys import Keys
 from mqttd.codec.packets import NO_PROPERTIES
 from mqttd.codec.properties import decode_properties, encode_properties
-from mqttd.durability import fire_waiters
+from mqttd.durability import both, fire_waiters
 from mqttd.messages import SYS_ORIGIN, Message
 from mqttd.ratelimit import LogRateLimiter
 
@@ -593,26 +593,6 @@ class Router:
             log.warn, "xack", "Cannot acknowledge {count} inbox entries: {error} (they are "
             "delivered again after a restart)", count=len(ids), error=str(f.value)))
         return d
-
-
-def both(first: defer.Deferred, second: defer.Deferred) -> defer.Deferred:
-    """Fires when both fired; fails with the first failure (the other's is consumed)."""
-    d = defer.Deferred()
-    state = {"left": 2, "failure": None}
-
-    def one(result):
-        if isinstance(result, Failure) and state["failure"] is None:
-            state["failure"] = result
-        state["left"] -= 1
-        if state["left"] == 0:
-            if state["failure"] is not None:
-                d.errback(state["failure"])
-            else:
-                d.callback(None)
-        return None
-    first.addBoth(one)
-    second.addBoth(one)
-    return d
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:

@@ -199,8 +199,10 @@ def _update_outbound(state: StoredState, op: UpdateOutbound) -> None:
     if session is not None:
         record = session.outbound.get(op.seq)
         if record is not None:
-            session.outbound[op.seq] = attrs.evolve(
-                record, packet_id=op.packet_id, stage=op.stage)
+            # the constructor, not attrs.evolve: once per message sent to a
+            # persistent session (evolve costs 3x as much, more on PyPy)
+            session.outbound[op.seq] = OutboundRecord(
+                record.seq, record.message, record.qos, op.packet_id, op.stage, record.share)
 
 
 def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:

@@ -86,8 +86,8 @@ def _publishes(client):
 def test_a_big_retained_replay_yields_to_the_reactor_between_slices(monkeypatch):
     """A '#' subscription over many retained messages is replayed REPLAY_STEPS_PER_TURN
     steps per reactor turn, all of them, in order, the SUBACK first."""
-    import mqttd.broker
-    monkeypatch.setattr(mqttd.broker, "REPLAY_STEPS_PER_TURN", 100)
+    import mqttd.retaining
+    monkeypatch.setattr(mqttd.retaining, "REPLAY_STEPS_PER_TURN", 100)
     broker, clock = make_broker()
     _retain(broker, 250)
     client = FakeClient(broker, clock)
@@ -106,8 +106,8 @@ def test_a_big_retained_replay_yields_to_the_reactor_between_slices(monkeypatch)
 def test_replay_steps_that_send_nothing_are_bounded_too(monkeypatch):
     """Cursors that match nothing and retained messages the ACL hides cost steps without
     writing a byte: they count against the same budget per turn."""
-    import mqttd.broker
-    monkeypatch.setattr(mqttd.broker, "REPLAY_STEPS_PER_TURN", 100)
+    import mqttd.retaining
+    monkeypatch.setattr(mqttd.retaining, "REPLAY_STEPS_PER_TURN", 100)
     broker, clock = make_broker()
     _retain(broker, 300, prefix="hidden")
     _retain(broker, 1, prefix="shown")
@@ -127,8 +127,8 @@ def test_replay_steps_that_send_nothing_are_bounded_too(monkeypatch):
 
 def test_a_replay_waiting_for_the_next_turn_is_dropped_with_its_session(monkeypatch):
     """A client that leaves while its replay waits for the next turn costs nothing more."""
-    import mqttd.broker
-    monkeypatch.setattr(mqttd.broker, "REPLAY_STEPS_PER_TURN", 10)
+    import mqttd.retaining
+    monkeypatch.setattr(mqttd.retaining, "REPLAY_STEPS_PER_TURN", 10)
     broker, clock = make_broker()
     _retain(broker, 50)
     client = FakeClient(broker, clock)
@@ -157,8 +157,8 @@ class _Rules:
 def test_the_recheck_after_an_acl_reload_takes_a_slice_per_reactor_turn(monkeypatch):
     """Re-checking every live subscription after a reload is spread over reactor turns;
     all are checked, the forbidden ones removed, the count reported at the end."""
-    import mqttd.broker
-    monkeypatch.setattr(mqttd.broker, "RECHECKS_PER_TURN", 40)
+    import mqttd.subscriptions
+    monkeypatch.setattr(mqttd.subscriptions, "RECHECKS_PER_TURN", 40)
     broker, clock = make_broker()
     rules = _Rules()
     broker.authorizer = rules
@@ -283,10 +283,10 @@ def test_a_long_unsubscribe_is_handled_a_slice_per_turn_and_keeps_the_order(monk
 def test_one_replay_step_walks_a_bounded_part_of_a_wide_retained_index(monkeypatch):
     """'+/match' over many retained topics that do not match: the cursor pauses every
     REPLAY_NODES_PER_STEP nodes, so the walk itself is spread over turns too."""
-    import mqttd.broker
-    monkeypatch.setattr(mqttd.broker, "REPLAY_STEPS_PER_TURN", 50)
+    import mqttd.retaining
+    monkeypatch.setattr(mqttd.retaining, "REPLAY_STEPS_PER_TURN", 50)
     broker, clock = make_broker()
-    assert broker.retained.pause_every == mqttd.broker.REPLAY_NODES_PER_STEP == 16
+    assert broker.retained.pause_every == mqttd.retaining.REPLAY_NODES_PER_STEP == 16
     _retain(broker, 2000, prefix="wide")                  # wide/0 .. wide/1999
     from mqttd.messages import Message
     broker.publish(Message("wide/1999/match", b"m", retain=True))

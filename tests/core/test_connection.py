@@ -696,6 +696,43 @@ def test_puback_waits_until_the_message_is_stored():
     assert pub.received() == [Puback(4), Puback(5)]
 
 
+def test_acknowledgements_of_one_turn_share_its_sync_and_go_out_in_one_write():
+    """PUBACKs of one reactor turn wait for that turn's one sync and leave in one write,
+    in order; a PUBLISH of the next turn waits for the next sync, never an earlier one
+    (which started before its message was written) [MQTT-4.6.0-2]."""
+    store = SlowStore()
+    broker, clock = make_broker(store=store)
+    sub = FakeClient(broker, clock)
+    sub.send(Connect(4, "s", False))
+    clock.advance(0)
+    store.fire()
+    sub.send(Subscribe(1, (Subscription("t", 1),)))
+    clock.advance(0)
+    store.fire()
+    sub.drop()
+    clock.advance(0)
+    store.fire()
+    pub = FakeClient(broker, clock)
+    pub.connect("p")
+    writes = []
+    write = pub.transport.write
+    pub.transport.write = lambda data: (writes.append(data), write(data))[1]
+    for pid in (1, 2, 3):
+        pub.publish("t", b"m%d" % pid, qos=1, packet_id=pid)
+    clock.advance(0)                      # the turn ends: its sync starts
+    assert len(store.waiting) == 1
+    first_sync = store.waiting[0]
+    pub.publish("t", b"m4", qos=1, packet_id=4)   # the next turn
+    store.waiting.remove(first_sync)
+    first_sync.callback(None)             # turn 1 on disk, turn 2 not yet
+    assert writes == [b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x02\x00\x03"]
+    assert pub.received() == [Puback(1), Puback(2), Puback(3)]
+    clock.advance(0)
+    store.fire()
+    assert pub.received() == [Puback(4)]
+    assert len(writes) == 2
+
+
 def test_clean_sessions_and_qos0_never_touch_the_store():
     """Clean sessions and QoS 0 produce no store operations."""
     store = SlowStore()

@@ -271,3 +271,14 @@ def test_unknown_acknowledgements_write_a_bounded_number_of_lines():
         c.send_bytes(b"".join(bytes((0x40, 2, i >> 8, i & 0xFF)) for i in range(1, 10_001)))
     assert not c.disconnecting
     assert 1 <= len(lines.events) <= 3
+
+
+def test_log_limiter_line_suppressed_by_its_reason_keeps_no_window_of_its_own():
+    """In a flood over many keys (a connection storm) the reason bound suppresses the
+    line before a window per key is made: memory and time stay flat."""
+    clock = Clock()
+    limiter = LogRateLimiter(clock, interval=10, burst=3, reason_burst=5, max_keys=10_000)
+    for i in range(1000):
+        limiter.check((f"c{i}", "clientConnected"))
+    assert len(limiter._windows) == 5
+    assert limiter.suppressed == 995

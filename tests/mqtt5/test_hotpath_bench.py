@@ -16,3 +16,16 @@ def test_hotpath_bench_quick_mode_reports_every_scenario():
     results = json.loads(out)
     assert set(results) == {"fanin_qos0", "fanin_qos1", "fanout_qos0"}
     assert all(r["deliveries_per_cpu_second"] > 0 for r in results.values())
+
+
+CONNECT_BENCH = BENCH.parent / "connect_hotpath.py"
+
+
+def test_connect_hotpath_bench_answers_every_client():
+    """bench/connect_hotpath.py --quick: every client got CONNACK and SUBACK (it exits
+    non-zero otherwise) and the CPU time per handshake is reported."""
+    out = subprocess.run([sys.executable, str(CONNECT_BENCH), "--quick", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    result = json.loads(out)
+    assert result["clients"] == 200
+    assert result["connect_subscribe_us"] > 0 and result["teardown_us"] > 0

@@ -1,0 +1,479 @@
+"""Session lifecycle of the broker core: a session from CONNECT to its end (layer L3).
+
+:class:`SessionLifecycle` is one part of :class:`mqttd.broker.Broker` (a mixin
+whose state lives in ``Broker.__init__``): restoring sessions from the store,
+the session seam a cluster plugs into (:meth:`~SessionLifecycle.claim_session`,
+:meth:`~SessionLifecycle.install_session`, :meth:`~SessionLifecycle.release_session`),
+opening and taking over sessions [MQTT-3.1.4-2], the CONNECT refusals decided
+before a session is touched, the teardown when a connection is lost (wills
+[MQTT-3.1.2-8], Will Delay Interval, session expiry), and discarding a session.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import uuid
+from typing import Optional
+
+import attrs
+from twisted.logger import Logger
+
+from mqttd import topics
+from mqttd.codec.errors import ReasonCode
+from mqttd.messages import Message, forwarded_properties, published_at, will_message
+from mqttd.persistence import records as R
+from mqttd.persistence.records import OutboundStage
+from mqttd.clients import ClientInfo
+from mqttd.session import Session
+
+__all__ = ["SessionLifecycle", "NEVER_EXPIRES"]
+
+#: the broker's log lines keep their namespace whichever module of the core
+#: writes them (operators filter on it)
+log = Logger(namespace="mqttd.broker")
+
+#: session expiry value meaning "never" in MQTT 5 [MQTT-3.1.2-...] (0xFFFFFFFF)
+NEVER_EXPIRES = 0xFFFFFFFF
+
+
+class SessionLifecycle:
+    """Sessions: restore, claim/install/release, open, lose, expire, discard."""
+
+    #: True once the store's state was restored (see :meth:`start`)
+    started = False
+
+    def restore(self, state: R.StoredState) -> None:
+        """Rebuild sessions, subscriptions, retained messages and pending wills
+        from the store.  Messages that expired while the broker was down are
+        dropped (and deleted from the store) [MQTT-3.3.2-5].  Stored messages
+        written by older versions go through the same property mapping as
+        live ones (a retained will could carry its Will Delay Interval)."""
+        self.started = True
+        now = self.clock.seconds()
+        expired = 0
+        for topic, message in list(state.retained.items()):
+            if message.expires_at is not None and message.expires_at <= now:
+                self._write(R.DeleteRetained(topic))
+                expired += 1
+                continue
+            self.retained.set(_forwardable(message))
+        self._schedule_retained_expiry()
+        for client_id, stored in state.sessions.items():
+            expired += self._restore_session(stored, now)
+        # wills first: a session that expired while we were down publishes its will
+        self.wills.restore(state.wills.values(), self.sessions)
+        for session in list(self.sessions.values()):
+            self._schedule_expiry(session, now)
+        log.info("Restored {sessions} sessions ({messages} stored messages), "
+                 "{retained} retained messages and {wills} delayed wills; "
+                 "{expired} expired messages dropped",
+                 sessions=len(state.sessions), retained=len(self.retained),
+                 messages=sum(len(s.outbound) for s in state.sessions.values()),
+                 wills=len(state.wills), expired=expired)
+
+    def _restore_session(self, stored: R.StoredSession, now: float) -> int:
+        """Rebuild one stored persistent session, offline; returns how many of
+        its messages had expired (dropped and deleted from the store)."""
+        record = stored.record
+        client_id = record.client_id
+        expired = 0
+        session = Session(client_id=client_id, protocol_level=record.protocol_level,
+                          persistent=True, expiry_interval=record.expiry_interval,
+                          owner=getattr(record, "owner", None),  # older records: none
+                          ledger=self.stats)
+        self._persistent.add(client_id)
+        session.disconnected_at = (record.disconnected_at
+                                   if record.disconnected_at is not None else now)
+        for sub in record.subscriptions:
+            session.subscriptions[sub.topic_filter] = sub
+            self._index(client_id, sub)
+        for seq in sorted(stored.outbound):
+            out = stored.outbound[seq]
+            session.restore_seq(seq)
+            expires_at = out.message.expires_at
+            if (expires_at is not None and expires_at <= now
+                    and out.stage != OutboundStage.PUBREL_SENT):
+                self._write(R.DeleteOutbound(client_id, seq))
+                expired += 1
+                continue
+            forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            if forwardable is not out.message:
+                out = attrs.evolve(out, message=forwardable)
+            if out.stage == OutboundStage.QUEUED or out.packet_id is None:
+                session.restore_queued(out)
+            else:
+                session.inflight[out.packet_id] = out
+        if stored.inbound_qos2:
+            session.inbound_qos2 = set(stored.inbound_qos2)
+        self.sessions[client_id] = session
+        self.stats.persistent_sessions = len(self._persistent)
+        return expired
+
+    #: an object with ``claim(connection, client_id, clean_start, persistent,
+    #: will, username)`` and ``abandoned(client_id, connection)``, or None (a
+    #: single node: nothing to claim).  See :meth:`claim_session`.
+    session_registry = None
+
+    def claim_session(self, connection, client_id: str, clean_start: bool,
+                      persistent: bool, will, username: Optional[str]):
+        """The step before :meth:`open_session`: make ``client_id`` ours.
+
+        A single node has nothing to claim and answers ``None`` at once (no
+        Deferred on the fast path).  With a :attr:`session_registry` (the
+        cluster) it returns its answer: ``None`` or a Deferred firing with
+        ``None`` once the client id is owned here (the session, if resumed,
+        installed with :meth:`install_session`), or with a refusal
+        ``(reason_code, why, stats_reason)`` for the CONNACK.  The connection
+        waits meanwhile; its later packets queue [MQTT-4.6.0-2].
+        """
+        registry = self.session_registry
+        if registry is None:
+            return None
+        return registry.claim(connection, client_id, clean_start, persistent, will, username)
+
+    def claim_abandoned(self, client_id: Optional[str], connection) -> None:
+        """The connection that claimed ``client_id`` went (or was refused)
+        before its session was opened."""
+        registry = self.session_registry
+        if registry is not None and client_id is not None:
+            registry.abandoned(client_id, connection)
+
+    def install_session(self, stored: R.StoredSession, will: Optional[R.WillRecord] = None,
+                        ) -> Session:
+        """Take over ``stored`` (a persistent session another node owned) as an
+        offline session of this broker, replacing any copy held here, with its
+        pending delayed will; its expiry timer starts (from its
+        ``disconnected_at``).  Writes nothing except dropping expired messages
+        [MQTT-3.3.2-5].  Returns the session."""
+        client_id = stored.record.client_id
+        existing = self.sessions.get(client_id)
+        if existing is not None:
+            self.release_session(client_id)
+        now = self.clock.seconds()
+        self._restore_session(stored, now)
+        if will is not None:
+            self.wills.restore([will], self.sessions)
+        session = self.sessions[client_id]
+        self._schedule_expiry(session, now)
+        return session
+
+    def release_session(self, client_id: str, clean_start: bool = False) -> Optional[Session]:
+        """Forget the session of ``client_id`` without touching the store:
+        another node owns it now (session takeover across nodes).
+
+        An online client is disconnected with 0x8E Session taken over
+        [MQTT-3.1.4-3]; its will is published when the new owner starts a
+        clean session or the will has no delay (a resumed session cancels a
+        delayed will [MQTT-3.1.3-9]); a pending delayed will likewise.  Nothing
+        is written: the new owner's store state wins.  Returns the session
+        forgotten, or None.
+        """
+        session = self.sessions.get(client_id)
+        if session is None:
+            self.wills.session_resumed_elsewhere(client_id, publish=clean_start)
+            return None
+        conn = session.connection
+        if conn is not None:
+            will, session.will = session.will, None
+            self.online -= 1
+            info = getattr(conn, "info", None)
+            self.emit("clientDisconnecting", client=info, reason="takeover")
+            session.connection = None
+            session.wire.clear()
+            session.resend = ()
+            if session.congested_since is not None:
+                self._teardown_step(client_id, "release of held publishers",
+                                    self._decongested, session)
+            if will is not None and (clean_start or not session.persistent
+                                     or not will.properties.will_delay_interval):
+                self._teardown_step(client_id, "will", self.wills.schedule, client_id,
+                                    will_message(will, client_id), 0, False)
+            conn.disconnect(ReasonCode.SESSION_TAKEN_OVER)
+            self.emit("clientDisconnected", client=info, reason="takeover")
+        self.wills.session_resumed_elsewhere(client_id, publish=clean_start)
+        for topic_filter in list(session.subscriptions):
+            self._unindex(client_id, topic_filter)
+        session.clear_queue()
+        session.inflight.clear()
+        session.replays = ()
+        if session.expiry_call is not None and session.expiry_call.active():
+            session.expiry_call.cancel()
+        session.expiry_call = None
+        del self.sessions[client_id]
+        self._persistent.discard(client_id)
+        self.stats.persistent_sessions = len(self._persistent)
+        return session
+
+    def assign_client_id(self) -> str:
+        return self.config.assigned_id_prefix + uuid.uuid4().hex[:16]
+
+    def session_owner_conflict(self, client_id: str, username: Optional[str]) -> Optional[str]:
+        """The username owning ``client_id``'s session if it is not ``username``.
+
+        A session remembers the username that created it; another username
+        (or an anonymous client) may not take it over or discard it unless
+        ``allow_session_takeover_by_other_user``.  A session created
+        anonymously (or stored before owners were recorded) has no owner to
+        protect: any client may take it, and then owns it.  Returns None when
+        allowed.
+        """
+        existing = self.sessions.get(client_id)
+        if (existing is None or existing.owner is None or existing.owner == username
+                or self.config.allow_session_takeover_by_other_user):
+            return None
+        return existing.owner
+
+    def open_session(self, connection, client_id: str, protocol_level: int,
+                     clean_start: bool, expiry_interval: Optional[int], will,
+                     owner: Optional[str] = None, info: Optional[ClientInfo] = None) -> tuple:
+        """Attach ``connection`` to a new or existing session.
+
+        Returns ``(session, session_present)``.  An existing connection with the
+        same client id is taken over [MQTT-3.1.4-2]; the session is discarded
+        first if ``clean_start`` [MQTT-3.1.2-4].  The session is not yet
+        online: call :meth:`session_online` once CONNACK is on the wire.
+        ``owner`` is the authenticated username, stored with the session
+        (see :meth:`session_owner_conflict`).
+        """
+        persistent = expiry_interval is None or expiry_interval > 0
+        if expiry_interval == NEVER_EXPIRES:
+            expiry_interval = None
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.connection is not None:
+            old = existing.connection
+            log.info("Session takeover for {client_id}", client_id=client_id)
+            self.connection_lost(existing, old, publish_will=True, reason="takeover")
+            old.disconnect(ReasonCode.SESSION_TAKEN_OVER)
+            existing = self.sessions.get(client_id)  # a clean one is gone now
+        if existing is not None and existing.expiry_call is not None:
+            if existing.expiry_call.active():
+                existing.expiry_call.cancel()
+            existing.expiry_call = None
+        session_present = False
+        if existing is not None and not clean_start:
+            session = existing
+            session_present = True
+            # resumed in time: its delayed will is not sent [MQTT-3.1.3-9]
+            self.wills.session_resumed(client_id)
+        else:
+            if existing is not None:
+                self._discard_session(existing)
+            # the old session ended: a will still waiting goes out now [MQTT-3.1.2-8]
+            self.wills.session_ended(client_id)
+            session = Session(client_id=client_id, ledger=self.stats)
+            self.sessions[client_id] = session
+        was_persistent = session.persistent
+        session.owner = owner
+        session.info = info
+        session.protocol_level = protocol_level
+        session.persistent = persistent
+        self._track_persistent(session)
+        session.expiry_interval = expiry_interval
+        session.will = will
+        session.connection = connection
+        session.disconnected_at = None
+        self.online += 1
+        if self.online > self.stats.clients_maximum:
+            self.stats.clients_maximum = self.online
+        if persistent:
+            self._write(R.PutSession(session.to_record()))
+            if not was_persistent:
+                # a clean session became persistent: store what it owes
+                for out in session.outbound_records():
+                    self._write(R.PutOutbound(client_id, out))
+        elif was_persistent:
+            self._write(R.DeleteSession(client_id))
+        self.stats.connections_total += 1
+        return session, session_present
+
+    def _track_persistent(self, session: Session) -> None:
+        if session.persistent:
+            self._persistent.add(session.client_id)
+        else:
+            self._persistent.discard(session.client_id)
+        self.stats.persistent_sessions = len(self._persistent)
+
+    def session_refusal(self, client_id: str, persistent: bool) -> Optional[tuple]:
+        """Why a CONNECT for ``client_id`` must be refused before its session is
+        touched: ``(reason_code, why, stats_reason)``, or None to go on.
+
+        * the store cannot write (disk full, I/O error) and the session would be
+          persistent: v5 0x97 Quota exceeded for a full disk, else 0x88 Server
+          unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
+          CONNACK [MQTT-3.14.0-1];
+        * it would create one persistent session more than ``max_sessions``:
+          0x97 Quota exceeded (v3: 0x03).  Resuming or replacing an existing
+          persistent session is always allowed.
+        """
+        if not persistent:
+            return None
+        failure = getattr(self.store, "failure", None)
+        if failure is not None:
+            full = getattr(failure, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            return ((ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE),
+                    f"the store cannot write ({failure})", "store-unavailable")
+        limit = self.config.max_sessions
+        if limit and client_id not in self._persistent and len(self._persistent) >= limit:
+            # repair the count if anything removed sessions behind our back
+            self._persistent = {cid for cid, s in self.sessions.items() if s.persistent}
+            self.stats.persistent_sessions = len(self._persistent)
+            if len(self._persistent) >= limit:
+                return (ReasonCode.QUOTA_EXCEEDED,
+                        f"{len(self._persistent)} persistent sessions, the maximum "
+                        f"(--max-sessions)", "max-sessions")
+        return None
+
+    def session_online(self, session: Session) -> None:
+        """Resend in-flight messages with DUP [MQTT-4.4.0-1], then drain the queue.
+
+        The resends count against the client's Receive Maximum like any
+        PUBLISH [MQTT-3.3.4-9]: at most ``send_window`` go out now, the others
+        as acknowledgements come back (:meth:`drain`).
+        """
+        conn = session.connection
+        if conn is None:
+            return
+        session.resend = collections.deque(session.inflight) if session.inflight else ()
+        self.drain(session)
+
+    def connection_lost(self, session: Session, connection, publish_will: bool,
+                        reason: str) -> None:
+        """The network connection of ``session`` is gone (for whatever reason)."""
+        if session.connection is not connection:
+            return  # already taken over
+        self.online -= 1
+        info = getattr(connection, "info", None)
+        client_id = session.client_id
+        # every step runs even if an earlier one fails: never half torn down
+        self._teardown_step(client_id, "clientDisconnecting event", self.emit,
+                            "clientDisconnecting", client=info, reason=reason)
+        will = session.will
+        session.will = None
+        session.connection = None
+        session.wire.clear()
+        session.resend = ()
+        now = self.clock.seconds()
+        session.disconnected_at = now
+        if session.congested_since is not None:
+            self._teardown_step(client_id, "release of held publishers",
+                                self._decongested, session)
+        if publish_will and will is not None:
+            self._teardown_step(client_id, "will", self._schedule_will, session, will)
+        if not session.persistent:
+            self._teardown_step(client_id, "session discard", self._discard_session, session)
+        else:
+            self._teardown_step(client_id, "session store", self._write,
+                                R.PutSession(session.to_record()))
+            self._teardown_step(client_id, "session expiry", self._schedule_expiry,
+                                session, now)
+        self._teardown_step(client_id, "clientDisconnected event", self.emit,
+                            "clientDisconnected", client=info, reason=reason)
+
+    def _teardown_step(self, client_id: str, step: str, f, *args, **kwargs) -> None:
+        try:
+            f(*args, **kwargs)
+        except Exception:
+            log.failure("Teardown of {client_id}: {step} failed; continuing",
+                        client_id=client_id, step=step)
+
+    def _schedule_will(self, session: Session, will) -> None:
+        """The connection ended without DISCONNECT 0x00: publish its will now or
+        after its Will Delay Interval, whichever comes before the session ends
+        [MQTT-3.1.2-8] (MQTT 5.0 §3.1.3.2.2)."""
+        delay = will.properties.will_delay_interval or 0
+        if not session.persistent:
+            delay = 0  # the session ends with this connection
+        elif session.expiry_interval is not None:
+            delay = min(delay, session.expiry_interval)
+        durable = session.persistent and delay > 0
+        self.wills.schedule(session.client_id, will_message(will, session.client_id),
+                            delay, durable=durable)
+        if durable:
+            # nothing else may sync the store soon: a pending will must
+            # survive a crash right after the connection went
+            synced = self.barrier(self.write_count - 1)
+            if synced is not None:
+                synced.addErrback(lambda failure: log.failure(
+                    "Storing the delayed will of {client_id} failed", failure,
+                    client_id=session.client_id))
+
+    def _publish_will_now(self, client_id: str, message: Message) -> None:
+        # one $SYS will is published: a bridging broker's state notification
+        if topics_is_sys(message.topic) and not topics.is_bridge_state_topic(message.topic):
+            return
+        log.info("Publishing will of {client_id} to {topic}",
+                 client_id=client_id, topic=message.topic)
+        self.publish(published_at(message, self.clock.seconds()), client=None)
+
+    def _schedule_expiry(self, session: Session, now: float) -> None:
+        interval = session.expiry_interval
+        if interval is None and session.protocol_level < 5:
+            # MQTT 3.x persistent sessions: --persistent-client-expiration
+            interval = self.config.persistent_client_expiration
+        if interval is None:
+            return  # never expires
+        started = session.disconnected_at if session.disconnected_at is not None else now
+        delay = max(0.0, started + interval - now)
+        session.expiry_call = self.clock.callLater(delay, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry_call = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("Session {client_id} expired", client_id=session.client_id)
+            queued = len(session.queue) + len(session.inflight)
+            self.stats.sessions_expired += 1
+            self._discard_session(session)
+            if self.incident_listeners:
+                self.incident(session.client_id, "session-expired",
+                              f"session expired after {session.expiry_interval} s offline; "
+                              f"{queued} queued or in-flight messages discarded")
+
+    def _discard_session(self, session: Session) -> None:
+        for topic_filter in list(session.subscriptions):
+            self._unindex(session.client_id, topic_filter)
+        session.subscriptions.clear()
+        session.clear_queue()
+        if session.persistent:
+            self._write(R.DeleteSession(session.client_id))
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+            self._persistent.discard(session.client_id)
+            self.stats.persistent_sessions = len(self._persistent)
+        if session.expiry_call is not None and session.expiry_call.active():
+            session.expiry_call.cancel()
+        session.expiry_call = None
+        session.replays = ()
+        # the session ended: a will still waiting for its delay goes out now
+        self.wills.session_ended(session.client_id)
+        if session.inflight or session.queue:
+            self._redispatch(session)
+
+    def session_expiry_changed(self, session: Session, interval: int) -> None:
+        """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
+        was_persistent = session.persistent
+        session.persistent = interval > 0
+        self._track_persistent(session)
+        session.expiry_interval = None if interval == NEVER_EXPIRES else interval
+        if was_persistent and not session.persistent:
+            self._write(R.DeleteSession(session.client_id))  # ends with this connection
+        elif session.persistent:
+            self._write(R.PutSession(session.to_record()))
+
+
+def _forwardable(message: Message, keep_subscription_ids: bool = False) -> Message:
+    """``message`` with only the properties a PUBLISH forwards (see mqttd.messages).
+
+    ``keep_subscription_ids``: a message owed to one session carries that
+    subscriber's Subscription Identifiers, which the broker itself set.
+    """
+    props = forwarded_properties(message.properties)
+    if props is message.properties:
+        return message
+    ids = message.properties.subscription_identifiers
+    if keep_subscription_ids and ids:
+        props = attrs.evolve(props, subscription_identifiers=ids)
+    return attrs.evolve(message, properties=props)
+
+
+def topics_is_sys(topic: str) -> bool:
+    return topic.startswith("$SYS")

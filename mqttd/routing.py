@@ -1,0 +1,458 @@
+"""Routing in the broker core: from one published message to its receivers (layer L3).
+
+:class:`Routing` is one part of :class:`mqttd.broker.Broker` (a mixin whose
+state lives in ``Broker.__init__``): the publish entry points
+(:meth:`~Routing.publish`, :meth:`~Routing.publish_message`,
+:meth:`~Routing.publish_volatile`, :meth:`~Routing.dispatch` for messages of
+other nodes), the remote router seam (a cluster), the trie match with
+overlapping subscriptions merged per client [MQTT-3.3.5-1, MQTT-3.3.4-4],
+No Local [MQTT-3.8.3-3], shared-subscription groups, in-process subscribers,
+and the ``authorize_forward`` read check at delivery time.  Each receiver's
+copy then goes to :meth:`mqttd.delivery.Delivery._deliver`.
+
+This is the hot path (``bench/hotpath.py``): one method lookup per step,
+no per-message logging above debug.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Dict, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mqttd import shared, topics
+from mqttd.clients import ClientInfo
+from mqttd.codec.errors import MQTTError
+from mqttd.hooks import HOOK_FAILED, call_hook
+from mqttd.messages import (
+    SYS_ORIGIN, Message, forwarded_properties, published_at, with_subscription_ids)
+from mqttd.persistence.records import OutboundStage, SubscriptionRecord
+from mqttd.session import Session, delivery_message
+from mqttd.subscriptions import LocalSubscription
+
+__all__ = ["Routing", "SKIP_SHARES", "ONLY_SHARES"]
+
+#: the broker's log lines keep their namespace whichever module of the core
+#: writes them (operators filter on it)
+log = Logger(namespace="mqttd.broker")
+
+#: keys of a publish's ``cache`` set by a remote router (the cluster): the
+#: shared-subscription groups (``$share/g/f``) this broker must not serve for
+#: the message (another node does), or the only ones it serves (the message
+#: came from another node that picked this one for them)
+SKIP_SHARES = "\x00skip-shares"
+ONLY_SHARES = "\x00only-shares"
+
+#: ``str`` as a module global: the client-id check in :meth:`Routing._route`
+#: (a global lookup, cheaper than the builtin one)
+_STR = str
+
+
+class Routing:
+    """Publish, match, merge, pick shared members, check read permission."""
+
+    def _may_forward(self, session: Session, message: Message):
+        """True, or what the hook said instead (False, a Deferred, a Failure)."""
+        if session.forward_waiting:
+            return None  # a pending answer before: keep the delivery order
+        return call_hook(self.authorize_forward, self.session_client(session), message)
+
+    def _forward_later(self, session: Session, message: Message, qos: int, allowed,
+                       force: bool = False) -> int:
+        """Deliver once a Deferred answer allows it, in order; count refusals."""
+        if allowed is None or isinstance(allowed, defer.Deferred):
+            if allowed is None:
+                allowed = defer.maybeDeferred(self.authorize_forward,
+                                              self.session_client(session), message)
+            if len(session.forward_waiting) >= self.config.max_queued_messages:
+                self.count_dropped(session, "queue-full", message)
+                allowed.cancel()
+                return 0
+            entry = [allowed, message, qos, force, None]
+            if not session.forward_waiting:
+                session.forward_waiting = collections.deque()
+            session.forward_waiting.append(entry)
+            timer = self.clock.callLater(self.config.hook_timeout, allowed.cancel)
+
+            def answered(result):
+                if timer.active():
+                    timer.cancel()
+                entry[4] = result if result is True else (
+                    HOOK_FAILED if isinstance(result, Failure) else False)
+                if isinstance(result, Failure):
+                    log.failure("authorize_forward failed for {client_id}; not delivering",
+                                result, client_id=session.client_id)
+                self._forward_answered(session)
+            allowed.addBoth(answered)
+            return 1
+        if isinstance(allowed, Failure):
+            log.failure("authorize_forward failed for {client_id}; not delivering",
+                        allowed, client_id=session.client_id)
+        self._forward_refused(session, message)
+        return 0
+
+    def _forward_answered(self, session: Session) -> None:
+        waiting = session.forward_waiting
+        while waiting and waiting[0][4] is not None:
+            _d, message, qos, force, result = waiting.popleft()
+            if self.sessions.get(session.client_id) is not session:
+                continue
+            if result is True:
+                self._deliver(session, message, qos, force=force)
+            else:
+                self._forward_refused(session, message)
+
+    def _forward_refused(self, session: Session, message: Message) -> None:
+        self.refused("forward", session.client_id, None,
+                     f"no read permission for {message.topic!r}", topic=message.topic)
+
+    def publish_volatile(self, message: Message) -> int:
+        """Publish ``message``; if retained, it becomes its topic's retained message
+        in memory only (never written to the store, gone after a restart).
+
+        For ``$SYS`` statistics: new subscribers get the latest value at once
+        without one store write per value per interval.  Returns receivers.
+        """
+        if message.retain:
+            stored = self.retained.set(message)
+            if stored is not None:  # a retained store elsewhere: not waited for
+                stored.addErrback(lambda failure: log.failure(
+                    "Storing the retained {topic} failed", failure, topic=message.topic))
+            message = attrs.evolve(message, retain=False)
+        return self.publish(message, client=None)
+
+    def publish_message(self, topic: str, payload: bytes = b"", qos: int = 0,
+                        retain: bool = False, properties=None) -> int:
+        """Publish from inside the process (the embedding API); returns the receivers.
+
+        :param topic: a topic name (``str``; no wildcards, no U+0000, at most
+            65,535 bytes of UTF-8) [MQTT-4.7.3-1, 4.7.3-2, 4.7.3-3].
+        :param payload: ``bytes`` (or ``bytearray``/``memoryview``), or ``str``
+            sent as UTF-8.  Empty with ``retain=True`` clears the retained message.
+        :param qos: 0, 1 or 2: the most a subscriber gets (each gets the lower
+            of this and its granted QoS).
+        :param retain: make it the retained message of ``topic``.
+        :param properties: :class:`~mqttd.codec.packets.Properties` forwarded to
+            MQTT 5 subscribers (user properties, content type, message expiry
+            interval counted from now...); per-connection ones are dropped.
+        :returns: how many subscribers (sessions and in-process subscribers)
+            got it or have it queued.
+        :raises TypeError: ``topic`` not a ``str``, ``payload`` neither bytes nor
+            ``str``, ``qos`` not an ``int``, ``retain`` not a ``bool``,
+            ``properties`` not ``Properties``.
+        :raises ValueError: an invalid topic name, or ``qos`` not 0, 1 or 2.
+
+        **Durability when it returns**: the message has been routed — sent to
+        online subscribers' transports, queued for offline persistent sessions
+        (QoS 1/2; QoS 0 only with ``queue_qos0``) and, if retained, made the
+        retained message — and every store write it caused is *buffered* in the
+        store, not yet on disk.  ``yield broker.flush()`` waits until it is
+        (one group-committed fsync; at once for the memory store).
+        """
+        if not isinstance(topic, str):
+            raise TypeError(f"topic must be a str, not {type(topic).__name__}")
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        elif isinstance(payload, (bytearray, memoryview)):
+            payload = bytes(payload)
+        elif not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
+        if isinstance(qos, bool) or not isinstance(qos, int):
+            raise TypeError(f"qos must be an int, not {type(qos).__name__}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos}")
+        if not isinstance(retain, bool):
+            raise TypeError(f"retain must be a bool, not {type(retain).__name__}")
+        try:
+            topics.validate_topic_name(topic)
+        except MQTTError as error:
+            raise ValueError(f"invalid topic name {topic!r}: {error.message}") from None
+        message = Message(topic, payload, qos, retain)
+        if properties is not None:
+            from mqttd.codec.packets import Properties
+            if not isinstance(properties, Properties):
+                raise TypeError("properties must be mqttd.Properties, not "
+                                f"{type(properties).__name__}")
+            # only what a PUBLISH forwards; the expiry counts from now
+            message = published_at(attrs.evolve(
+                message, properties=forwarded_properties(properties)), self.clock.seconds())
+        return self.publish(message, client=None)
+
+    def publish(self, message: Message, client: Optional[ClientInfo] = None,
+                cache: Optional[dict] = None) -> int:
+        """Route ``message`` to every matching subscriber; returns how many got it.
+
+        A retained message also replaces (or, with an empty payload, clears)
+        the retained message of its topic [MQTT-3.3.1-5, 3.3.1-10, 3.3.1-11].
+        Each client gets one copy at the highest QoS of its matching
+        subscriptions [MQTT-3.3.5-1], at most the published QoS [MQTT-3.8.4-8].
+        ``cache`` holds the PUBLISH bytes encoded (or received) for this
+        message, shared by every subscriber that gets the same form.
+        """
+        self.backpressure = False
+        if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
+            stats = self.stats
+            qos = message.qos
+            stats.messages_in[qos] += 1
+            stats.payload_in[qos] += len(message.payload)
+        if self._publish_filters:
+            for publish_filter in self._publish_filters:
+                message = publish_filter(message, client)
+                if message is None:
+                    return 0
+        if message.retain:
+            self._retain(message)
+        if self._observers["published"]:
+            self.emit("published", message=message, client=client)
+        router = self.router
+        if router is None:
+            return self._dispatch(message, cache)
+        if cache is None:
+            cache = {}
+        remote = router.forward(message, cache)
+        return self._dispatch(message, cache) + remote
+
+    def reaches_anyone(self, topic: str) -> bool:
+        """Whether a message published to ``topic`` now could reach anyone: a
+        local subscription (client or in-process) whose filter matches, another
+        node (a remote router is installed), a ``published`` observer or a
+        publish filter.  False lets a producer of optional messages (the
+        per-client ``$SYS`` events) skip building one nobody would get."""
+        if self.router is not None or self._publish_filters or self._observers["published"]:
+            return True
+        return bool(self._trie.match(topic))
+
+    def add_remote_router(self, router) -> None:
+        """Install the remote router (one at most): after a message's local
+        checks, ``router.forward(message, cache) -> int`` sends it to the other
+        nodes that need it (returns how many), and may put :data:`SKIP_SHARES`
+        in ``cache``; ``router.sync() -> Deferred | None`` joins the store's
+        sync, so QoS 1/2 acknowledgements wait for the hand-off too.  Messages
+        from other nodes come in through :meth:`dispatch`, never forwarded again.
+        """
+        if self.router is not None and router is not None:
+            raise ValueError("a remote router is already installed")
+        self.router = router
+
+    def dispatch(self, message: Message, only_shares=None) -> int:
+        """Deliver ``message``, published on another node, to this broker's
+        subscribers: matching, QoS, No Local and overlapping subscriptions as
+        for :meth:`publish`, but it is neither counted as received, retained,
+        filtered, announced nor forwarded again.  ``only_shares``: the shared
+        groups (``$share/g/f``) to serve (None: all).  Returns the receivers."""
+        cache = {}
+        if only_shares is not None:
+            cache[ONLY_SHARES] = only_shares
+        return self._dispatch(message, cache)
+
+    def _dispatch(self, message: Message, cache: Optional[dict]) -> int:
+        """Deliver ``message`` to every matching local subscriber (see publish)."""
+        matches = self._trie.match(message.topic)
+        if not matches:
+            return 0
+        if cache is None:
+            cache = {}
+        if len(matches) == 1:  # the common case: no merging needed
+            _filter, key, sub = matches[0]
+            try:
+                return self._route(key, sub, message, cache)
+            except Exception:
+                self._delivery_failed(key, message)
+                return 0
+        # merge overlapping subscriptions per client, each subscription's
+        # options applied first: a No Local subscription of the publisher does
+        # not take part, another of its subscriptions may still deliver
+        # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
+        # matching subscription identifier [MQTT-3.3.4-4]
+        origin = message.origin
+        best: Dict[object, SubscriptionRecord] = {}
+        overlapping = None
+        for _filter, key, sub in matches:
+            if key == origin and sub.no_local:
+                continue
+            prev = best.get(key)
+            if prev is None:
+                best[key] = sub
+                continue
+            if overlapping is None:
+                overlapping = set()
+            overlapping.add(key)
+            if sub.qos > prev.qos:
+                best[key] = sub
+        if overlapping is not None:
+            self._merge_identifiers(matches, origin, overlapping, best)
+        receivers = 0
+        for key, sub in best.items():
+            # one subscriber's failure never reaches the others
+            try:
+                receivers += self._route(key, sub, message, cache)
+            except Exception:
+                self._delivery_failed(key, message)
+        return receivers
+
+    @staticmethod
+    def _merge_identifiers(matches, origin, overlapping: set, best: dict) -> None:
+        """A client with several matching subscriptions gets one copy carrying the
+        identifiers of all of them [MQTT-3.3.4-4]: its entry in ``best`` becomes a
+        routing-only record whose ``subscription_identifier`` is that tuple (never
+        stored).  Rare, so the common path of :meth:`publish` never looks at ids."""
+        ids: Dict[object, list] = {}
+        for _filter, key, sub in matches:
+            if key in overlapping and not (key == origin and sub.no_local):
+                sid = sub.subscription_identifier
+                if sid is not None:
+                    ids.setdefault(key, []).append(sid)
+        for key, found in ids.items():
+            best[key] = attrs.evolve(best[key], subscription_identifier=tuple(found))
+
+    def _delivery_failed(self, key, message: Message) -> None:
+        client_id = getattr(key, "topic_filter", key)
+        self.stats.count_drop("delivery-error")
+        log.failure("Delivering a message to {topic} for {client_id} failed; "
+                    "other subscribers are unaffected", client_id=client_id,
+                    topic=message.topic)
+
+    def _route(self, key, sub: SubscriptionRecord, message: Message, cache: dict) -> int:
+        """Deliver ``message`` to one subscriber; 1 if it was a receiver.
+
+        ``key`` is a client id, a :class:`LocalSubscription` or a shared
+        subscription group; ``sub.subscription_identifier`` may be a tuple of
+        identifiers (see :meth:`_merge_identifiers`).
+        """
+        cls = key.__class__
+        if cls is not _STR:
+            if cls is LocalSubscription:
+                self._call_local(key, message)
+                return 1
+            return self._route_shared(key, message, cache)
+        if sub.no_local and key == message.origin:
+            return 0  # [MQTT-3.8.3-3]
+        session = self.sessions.get(key)
+        if session is None:
+            return 0
+        qos = sub.qos if sub.qos < message.qos else message.qos
+        if message.retain and not sub.retain_as_published:
+            message = _live(message, cache)  # [MQTT-3.3.1-12]
+        sid = sub.subscription_identifier
+        if sid is not None or self.authorize_forward is not None:
+            # rare: Subscription Identifiers, or a read-permission hook; the plain
+            # path pays for these two reads only (bench/hotpath.py)
+            return self._route_checked(session, message, qos, sid, cache)
+        if qos == 0:  # _deliver's first case inline: the fan-out hot path
+            conn = session.connection
+            if conn is not None and not session.queue and conn.writable():
+                conn.send_publish(message, 0, None, False, cache)
+                return 1
+        self._deliver(session, message, qos, cache)
+        return 1
+
+    def _route_checked(self, session: Session, message: Message, qos: int, sid,
+                       cache: dict) -> int:
+        """The end of :meth:`_route` for a subscription with identifiers or a
+        broker with an ``authorize_forward`` hook (read permission at delivery time)."""
+        if sid is not None:
+            message = self._with_ids(message, sid, cache)
+        forward = self.authorize_forward
+        if forward is not None:
+            if session.forward_waiting:
+                allowed = None  # answers pending before: keep the delivery order
+            else:
+                try:
+                    allowed = forward(session.info or self.session_client(session), message)
+                except Exception:
+                    allowed = Failure()
+            if allowed is not True:
+                return self._forward_later(session, message, qos, allowed)
+        self._deliver(session, message, qos, cache)
+        return 1
+
+    def _with_ids(self, message: Message, ids, cache: dict) -> Message:
+        """``message`` carrying the Subscription Identifiers ``ids`` (one int or a
+        tuple) [MQTT-3.3.4-3]; one copy per distinct set, so subscribers with
+        the same set share the encoded bytes."""
+        key = ("ids", id(message), ids)
+        tagged = cache.get(key)
+        if tagged is None:
+            tagged = cache[key] = with_subscription_ids(
+                message, ids if ids.__class__ is tuple else (ids,))
+        return tagged
+
+    def _availability(self, client_id: str) -> int:
+        session = self.sessions.get(client_id)
+        if session is None:
+            return shared.UNAVAILABLE
+        if session.connection is not None:
+            return shared.ONLINE
+        return shared.OFFLINE if session.persistent else shared.UNAVAILABLE
+
+    def _route_shared(self, group, message: Message, cache: dict) -> int:
+        """Deliver ``message`` to one member of a shared subscription group
+        [MQTT 5.0 §4.8.2]: online members first, then an offline persistent one."""
+        if cache:   # a cluster node serves only the groups it was picked for
+            skip = cache.get(SKIP_SHARES)
+            if skip is not None and group.share_filter in skip:
+                return 0
+            only = cache.get(ONLY_SHARES)
+            if only is not None and group.share_filter not in only:
+                return 0
+        client_id = self.shared.choose(group, message.topic, message.origin,
+                                       self._availability)
+        if client_id is None:
+            return 0
+        sub = group.members[client_id]
+        session = self.sessions[client_id]
+        qos = sub.qos if sub.qos < message.qos else message.qos
+        if message.retain and not sub.retain_as_published:
+            message = _live(message, cache)  # [MQTT-3.3.1-12]
+        if sub.subscription_identifier is not None:
+            message = self._with_ids(message, sub.subscription_identifier, cache)
+        if self.authorize_forward is not None:
+            allowed = self._may_forward(session, message)
+            if allowed is not True:
+                return self._forward_later(session, message, qos, allowed)
+        self._deliver(session, message, qos, cache, share=group.share_filter)
+        return 1
+
+    def _redispatch(self, session: Session) -> None:
+        """A session that ended still owed QoS 1/2 messages it got through shared
+        subscriptions: each goes to another member of its group, unless the
+        client already has it (a QoS 2 message whose PUBREC arrived)."""
+        owed = [out for out in session.outbound_records()
+                if out.share is not None and out.qos
+                and out.stage != OutboundStage.PUBREL_SENT]
+        if not owed:
+            return
+        session.clear_queue()       # gives its bytes back to --max-queued-bytes-total
+        session.inflight.clear()
+        for out in owed:
+            group = self.shared.group(out.share)
+            message = out.message
+            if message.properties.subscription_identifiers:
+                message = with_subscription_ids(message, ())
+            try:
+                if group is not None and self._route_shared(group, message, {}):
+                    continue
+            except Exception:
+                self._delivery_failed(out.share, message)
+                continue
+            self.count_dropped(session, "shared-no-member", message)
+
+    def _call_local(self, local: LocalSubscription, message: Message) -> None:
+        try:
+            local.callback(self.public_form(message))
+        except Exception:
+            log.failure("In-process subscriber of {filter} failed",
+                        filter=local.topic_filter)
+
+
+def _live(message: Message, cache: dict) -> Message:
+    """A retained ``message`` as routed live: retain=0 for a subscription without
+    Retain As Published [MQTT-3.3.1-12]; one copy per fan-out (``cache``), so
+    those subscribers share its encoded bytes."""
+    live = cache.get("live")
+    if live is None:
+        live = cache["live"] = delivery_message(message, False)
+    return live

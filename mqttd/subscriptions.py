@@ -1,0 +1,192 @@
+"""Subscriptions in the broker core: the routing index and who is in it (layer L3).
+
+:class:`Subscriptions` is one part of :class:`mqttd.broker.Broker` (a mixin
+whose state lives in ``Broker.__init__``): adding and removing a session's
+subscriptions [MQTT-3.8.4-3] in the subscription trie or a shared-subscription
+group (``$share/{ShareName}/{filter}``), in-process subscribers
+(:meth:`~Subscriptions.subscribe_local`, :class:`LocalSubscription`), the
+``route_observer`` told of every index change (a cluster's route table), and
+re-checking live subscriptions after the authorizer's rules were reloaded.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mqttd import topics
+from mqttd.messages import Message
+from mqttd.persistence import records as R
+from mqttd.persistence.records import SubscriptionRecord
+from mqttd.session import Session
+
+__all__ = ["Subscriptions", "LocalSubscription", "RECHECKS_PER_TURN"]
+
+#: the broker's log lines keep their namespace whichever module of the core
+#: writes them (operators filter on it)
+log = Logger(namespace="mqttd.broker")
+
+#: live subscriptions re-checked per reactor turn after an ACL reload
+RECHECKS_PER_TURN = 5_000
+
+
+@attrs.define(eq=False)
+class LocalSubscription:
+    """An in-process subscriber registered with :meth:`Broker.subscribe_local`."""
+
+    topic_filter: str
+    callback: Callable[[Message], None]
+    qos: int = 2
+
+    @property
+    def client_id(self) -> None:
+        return None
+
+
+class Subscriptions:
+    """Subscribe, unsubscribe, in-process subscribers, re-check after a reload."""
+
+    def recheck_subscriptions(self) -> defer.Deferred:
+        """Remove live subscriptions the authorizer no longer allows.
+
+        Called after the authorizer's rules were reloaded.  Uses its optional
+        synchronous ``revalidate_subscription(client, topic_filter)``.  Checks
+        at most :data:`RECHECKS_PER_TURN` subscriptions per reactor turn, so a
+        million live subscriptions never hold the reactor; a session that
+        is gone by its turn is skipped, a subscription added meanwhile is
+        checked by the SUBSCRIBE itself under the new rules.
+
+        :returns: a Deferred firing with how many subscriptions were removed
+            (already fired when one turn was enough).
+        """
+        done = defer.Deferred()
+        check = getattr(self._authorizer, "revalidate_subscription", None)
+        if check is None:
+            done.callback(0)
+            return done
+        steps = self._recheck_steps(check)
+        removed = [0]
+
+        def turn():
+            for _ in range(RECHECKS_PER_TURN):
+                try:
+                    removed[0] += next(steps)
+                except StopIteration:
+                    done.callback(removed[0])
+                    return
+            self.clock.callLater(0, turn)
+        turn()
+        return done
+
+    def _recheck_steps(self, check):
+        """Yield 1 per subscription removed, 0 per subscription kept."""
+        for client_id in list(self.sessions):
+            session = self.sessions.get(client_id)
+            if session is None:
+                continue
+            changed = False
+            for topic_filter in list(session.subscriptions):
+                if self.sessions.get(client_id) is not session:
+                    break  # gone meanwhile: nothing left to check
+                client = self.session_client(session)
+                try:
+                    allowed = check(client, topic_filter)
+                except Exception:
+                    log.failure("revalidate_subscription failed for {client_id}",
+                                client_id=session.client_id)
+                    allowed = False
+                if allowed is not True and self.unsubscribe(session, topic_filter,
+                                                            persist=False):
+                    changed = True
+                    self.refused("subscription", session.client_id,
+                                 getattr(client, "peer", None),
+                                 f"{topic_filter!r} no longer allowed after reload; removed",
+                                 topic_filter=topic_filter)
+                    yield 1
+                else:
+                    yield 0
+            if changed and self.sessions.get(client_id) is session:
+                self.save_subscriptions(session)  # once per session, not per filter
+
+    def subscribe(self, session: Session, sub: SubscriptionRecord,
+                  persist: bool = True) -> bool:
+        """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new.
+
+        A ``$share/{ShareName}/{filter}`` filter joins that shared
+        subscription group (:mod:`mqttd.shared`).  ``persist=False``: the
+        caller changes several subscriptions (one SUBSCRIBE packet) and calls
+        :meth:`save_subscriptions` once after them -- the session's record
+        holds all its subscriptions, so writing it per filter would cost the
+        square of their number.
+        """
+        is_new = sub.topic_filter not in session.subscriptions
+        session.subscriptions[sub.topic_filter] = sub
+        self._index(session.client_id, sub)
+        if persist and session.persistent:
+            self._write(R.PutSession(session.to_record()))
+        self.stats.subscriptions_total += 1
+        return is_new
+
+    def unsubscribe(self, session: Session, topic_filter: str, persist: bool = True) -> bool:
+        """Remove a subscription; True if there was one (``persist``: as in
+        :meth:`subscribe`)."""
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self._unindex(session.client_id, topic_filter)
+        if persist and session.persistent:
+            self._write(R.PutSession(session.to_record()))
+        return True
+
+    def save_subscriptions(self, session: Session) -> None:
+        """Write a persistent session's record (all its subscriptions) once,
+        after :meth:`subscribe` / :meth:`unsubscribe` calls with ``persist=False``."""
+        if session.persistent:
+            self._write(R.PutSession(session.to_record()))
+
+    def _index(self, client_id: str, sub: SubscriptionRecord) -> None:
+        if sub.topic_filter.startswith(topics.SHARE_PREFIX):
+            self.shared.add(client_id, sub)
+        else:
+            self._trie.add(sub.topic_filter, client_id, sub)
+        if self.route_observer is not None:
+            self.route_observer(sub.topic_filter, client_id, True)
+
+    def _unindex(self, client_id: str, topic_filter: str) -> None:
+        if topic_filter.startswith(topics.SHARE_PREFIX):
+            self.shared.remove(client_id, topic_filter)
+        else:
+            self._trie.remove(topic_filter, client_id)
+        if self.route_observer is not None:
+            self.route_observer(topic_filter, client_id, False)
+
+    def subscribe_local(self, topic_filter: str, callback: Callable[[Message], None],
+                        qos: int = 2) -> Callable[[], None]:
+        """Subscribe in-process: ``callback(message)`` for every matching message.
+
+        Returns a function that removes the subscription.  Retained messages
+        that match are delivered at once.
+        """
+        topics.validate_topic_filter(topic_filter)
+        local = LocalSubscription(topic_filter, callback, qos)
+        self._trie.add(topic_filter, local, local)
+        if self.route_observer is not None:
+            self.route_observer(topic_filter, local, True)
+        found = self.retained.match(topic_filter, self.clock.seconds())
+        if isinstance(found, defer.Deferred):
+            def deliver(messages):
+                for message in messages:
+                    self._call_local(local, message)
+            found.addCallback(deliver).addErrback(
+                lambda failure: log.failure("Retained messages of {filter} not sent to an "
+                                            "in-process subscriber", failure,
+                                            filter=topic_filter))
+        else:
+            for message in found:
+                self._call_local(local, message)
+
+        def unsubscribe():
+            if self._trie.remove(topic_filter, local) and self.route_observer is not None:
+                self.route_observer(topic_filter, local, False)
+        return unsubscribe
