@@ -222,6 +222,54 @@ def translate(error: BaseException) -> BaseException:
     return error
 
 
+def _epoch_sentinel_class():
+    """redis-py's Sentinel client, choosing the primary by config epoch.
+
+    redis-py takes the first Sentinel that names a healthy primary.  Right
+    after a failover the Sentinels disagree for a few seconds (the others
+    learn of it through their hello messages) while the old primary, not yet
+    demoted, still says it is one: a client asking one Sentinel then the
+    other flips between the two primaries, and what it writes to the old one
+    is thrown away when Sentinel demotes it.  This one asks every Sentinel
+    (at once) and follows the answer with the highest ``config-epoch`` -- the
+    newest failover, the rule Sentinels apply among themselves."""
+    import asyncio as _asyncio
+
+    from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class EpochSentinel(Sentinel):
+        async def discover_master(self, service_name: str):
+            replies = await _asyncio.gather(
+                *(sentinel.sentinel_masters() for sentinel in self.sentinels),
+                return_exceptions=True)
+            best = None
+            errors = []
+            for sentinel, reply in zip(self.sentinels, replies):
+                if isinstance(reply, (RedisConnectionError, RedisTimeoutError,
+                                      _asyncio.TimeoutError, OSError)):
+                    errors.append(f"{sentinel} - {reply!r}")
+                    continue
+                if isinstance(reply, BaseException):
+                    raise reply
+                state = reply.get(service_name)
+                if not state or not self.check_master_state(state, service_name):
+                    continue
+                try:
+                    epoch = int(state.get("config-epoch") or 0)
+                except (TypeError, ValueError):
+                    epoch = 0
+                if best is None or epoch > best[0]:
+                    best = (epoch, (state["ip"], state["port"]))
+            if best is None:
+                raise MasterNotFoundError(f"No master found for {service_name!r}"
+                                          + (f" : {', '.join(errors)}" if errors else ""))
+            return best[1]
+
+    return EpochSentinel
+
+
 def _primary_connection_class(tls: bool):
     """A Sentinel-managed connection that checks, once connected, that the
     server it reached is a primary (``ROLE``).
@@ -344,7 +392,7 @@ class Backend:
             host, port = self.url.hosts[0]
             return Redis(host=host, port=port, db=self.url.db, **kwargs)
         if self.url.kind == "sentinel":
-            from redis.asyncio.sentinel import Sentinel
+            Sentinel = _epoch_sentinel_class()
             sentinel_kwargs = {"socket_timeout": kwargs["socket_timeout"],
                                "socket_connect_timeout": kwargs["socket_connect_timeout"]}
             self._sentinel = Sentinel(list(self.url.hosts), sentinel_kwargs=sentinel_kwargs,

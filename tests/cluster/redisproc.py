@@ -233,7 +233,8 @@ class RedisCluster:
 
 class RedisSentinelSet:
     """A Redis primary, one replica and ``sentinels`` Sentinels watching them
-    (service ``mymaster``, quorum 1, ``down-after-milliseconds 1000``), all
+    (service ``mymaster``, quorum 1, ``down-after-milliseconds 5000``: no
+    failover of their own on a loaded machine), all
     on 127.0.0.1 ephemeral ports.  :meth:`failover` asks a Sentinel to promote
     the replica (``SENTINEL FAILOVER``) and waits (bounded) until every
     Sentinel names the new primary and the old one follows it."""
@@ -344,7 +345,7 @@ class _Sentinel(RedisServer):
             f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
             f"logfile {self.log_path}\ndaemonize no\n"
             f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
-            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel down-after-milliseconds {self.service} 5000\n"
             f"sentinel failover-timeout {self.service} 10000\n"
             f"sentinel parallel-syncs {self.service} 1\n")
         return [find("redis-server"), str(conf), "--sentinel"]
