@@ -211,7 +211,8 @@ def translate(error: BaseException) -> BaseException:
     unavailable = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError,
                    asyncio.TimeoutError, OSError, ConnectionError)
     for name in ("ClusterDownError", "TryAgainError", "MasterNotFoundError",
-                 "SlaveNotFoundError", "ReadOnlyError", "MaxConnectionsError"):
+                 "SlaveNotFoundError", "ReadOnlyError", "MaxConnectionsError",
+                 "SlotNotCoveredError"):
         kind = getattr(rx, name, None)
         if kind is not None:
             unavailable = unavailable + (kind,)
