@@ -362,6 +362,19 @@ class _Sentinel(RedisServer):
         self.primary_port = primary_port
         self.service = service
 
+    def _wait_ready(self) -> None:
+        """Until its log says it monitors the primary (a Sentinel never logs
+        "Ready to accept connections"); bounded, with its log tail."""
+        try:
+            wait_until_ready(self._proc,
+                             lambda: "+monitor master" in self._this_start_log(),
+                             self._this_start_log, f"redis-server --sentinel on port {self.port}",
+                             START_TIMEOUT)
+        except PortInUse as error:
+            raise RedisPortInUse(str(error)) from None
+        except BrokerStartError as error:
+            raise RedisStartError(str(error)) from None
+
     def command(self) -> List[str]:
         conf = self.workdir / "sentinel.conf"
         conf.write_text(
