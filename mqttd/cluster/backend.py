@@ -172,13 +172,28 @@ def parse_url(url: str) -> RedisURL:
     return RedisURL(kind, tuple(hosts), db, service, username, password, tls, tuple(options))
 
 
-def as_deferred(coro) -> defer.Deferred:
+def as_deferred(coro, timeout: Optional[float] = None) -> defer.Deferred:
     """A Deferred for the coroutine ``coro``, run on the running asyncio loop
     (Twisted's asyncio reactor in production).  Errors of redis-py come out
-    as :class:`BackendError` subclasses (see :func:`translate`)."""
+    as :class:`BackendError` subclasses (see :func:`translate`).
+
+    :param timeout: seconds after which the call is abandoned (its coroutine
+        cancelled; redis-py then drops that connection) and the Deferred fails
+        with :class:`RedisUnavailable` -- whatever redis-py's own socket
+        timeouts and retries do (None: unbounded).
+    """
+    if timeout is not None:
+        coro = _bounded(coro, timeout)
     d = defer.Deferred.fromFuture(asyncio.ensure_future(coro, loop=_loop()))
     d.addErrback(_translate_failure)
     return d
+
+
+async def _bounded(coro, timeout: float):
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        raise RedisUnavailable(f"no answer from Redis within {timeout:g} s") from None
 
 
 def _loop():
@@ -350,7 +365,11 @@ class Backend:
 
     :param url: a ``--cluster`` URL or a :class:`RedisURL`.
     :param socket_timeout: seconds a command may take before it fails with
-        :class:`RedisUnavailable` (default 5; URL ``?socket_timeout=``).
+        :class:`RedisUnavailable` (default 5; URL ``?socket_timeout=``).  Every
+        call is bounded by it on the event loop's clock (a command with
+        ``BLOCK ms``: plus its block time), retries included, so a link that
+        hangs (packets dropped, Redis stopped) fails calls in time instead of
+        leaving them pending for as long as the kernel keeps the socket.
     :param client: an already built ``redis.asyncio`` client (tests).
     """
 
@@ -416,7 +435,7 @@ class Backend:
         """Reach Redis once (``PING``; a cluster client also loads the slot map).
 
         Fires with None, or fails with :class:`RedisUnavailable`."""
-        return as_deferred(self._connect())
+        return as_deferred(self._connect(), self.socket_timeout)
 
     async def _connect(self):
         client = self.client
@@ -438,7 +457,8 @@ class Backend:
         Sentinel answers (the caller goes on with the connections it has)."""
         if self.url.kind != "sentinel":
             return None
-        return as_deferred(self._follow_primary(self.client.connection_pool))
+        return as_deferred(self._follow_primary(self.client.connection_pool),
+                           self.socket_timeout)
 
     async def _follow_primary(self, pool):
         old = pool.master_address
@@ -471,7 +491,19 @@ class Backend:
 
     def execute(self, *args) -> defer.Deferred:
         """One command, e.g. ``execute("XADD", key, "*", "m", data)``; fires with the reply."""
-        return as_deferred(self.client.execute_command(*args))
+        return as_deferred(self.client.execute_command(*args), self._timeout(args))
+
+    def _timeout(self, args) -> float:
+        """The bound of one command: ``socket_timeout``, plus the ``BLOCK`` time."""
+        timeout = self.socket_timeout
+        for i, arg in enumerate(args[:-1]):
+            if isinstance(arg, str) and arg.upper() == "BLOCK":
+                try:
+                    timeout += int(args[i + 1]) / 1000.0
+                except (TypeError, ValueError):
+                    pass
+                break
+        return timeout
 
     def pipeline(self, commands: Sequence[Sequence], wait_replicas: int = 0,
                  wait_timeout: int = 1000) -> defer.Deferred:
@@ -487,7 +519,8 @@ class Backend:
             may be on the primary: retry; never acknowledge them).
         :param wait_timeout: milliseconds ``WAIT`` waits at most.
         """
-        return as_deferred(self._pipeline(commands, wait_replicas, wait_timeout))
+        bound = self.socket_timeout + (wait_timeout / 1000.0 if wait_replicas else 0.0)
+        return as_deferred(self._pipeline(commands, wait_replicas, wait_timeout), bound)
 
     async def _pipeline(self, commands, wait_replicas=0, wait_timeout=1000):
         if not commands:
@@ -552,7 +585,8 @@ class Backend:
 
         :raises KeyError: no script registered under ``name``.
         """
-        return as_deferred(self._run(self._scripts[name], list(keys), list(args)))
+        return as_deferred(self._run(self._scripts[name], list(keys), list(args)),
+                           self.socket_timeout)
 
     async def _run(self, script: Script, keys: List, args: List):
         import redis.exceptions as rx
@@ -566,4 +600,4 @@ class Backend:
     def server_info(self, section: Optional[str] = None) -> defer.Deferred:
         """``INFO [section]`` as a dict (under Redis Cluster: ``{node: dict}``)."""
         args = ("INFO",) + ((section,) if section else ())
-        return as_deferred(self.client.execute_command(*args))
+        return as_deferred(self.client.execute_command(*args), self.socket_timeout)

@@ -29,6 +29,10 @@ class Keys:
         """HASH boot, started (unix s), host, pid, version: what a node says about itself."""
         return f"{self.prefix}{{n:{node}}}:info"
 
+    def reaper(self, node: str) -> str:
+        """STRING the id of the node reaping ``node`` (``SET NX PX``; see the reaper)."""
+        return f"{self.prefix}{{n:{node}}}:reaper"
+
     def stats(self, node: str) -> str:
         """HASH of the node's counters for the cluster-wide $SYS sums (PX = node TTL)."""
         return f"{self.prefix}{{n:{node}}}:stats"

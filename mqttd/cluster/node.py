@@ -9,17 +9,29 @@ member whose ``alive`` key is gone is dead (the reaper of
 :mod:`mqttd.cluster.reaper` takes over its clients).
 
 **Self-fencing.**  A node that has not had a heartbeat acknowledged for
-``ttl - heartbeat`` seconds (measured from when the last acknowledged one
-was *sent*, so before its key can have expired in Redis) fences itself: the
+``ttl - heartbeat`` seconds (measured from when the acknowledged call was
+*sent*, so before its key can have expired in Redis) fences itself: the
 listeners refuse CONNECT (v5 0x88 Server unavailable, v3 rc 3) and its
 clients are disconnected (v5 0x89 Server busy), because the others are about
-to declare it dead and adopt its sessions.  When Redis answers again it
-re-joins: with the same boot id if its key survived (a short hiccup), else as
-a new incarnation (new boot id), telling its listeners to re-publish what
-the others may have reaped (routes, inbox consumer group).
+to declare it dead and adopt its sessions.  The fence is a timer of its own,
+re-armed by every acknowledgement: it fires whatever the Redis calls do
+(refused, failing or hanging), and the heartbeat ticks every ``heartbeat``
+seconds whether or not the previous round trip came back (a round still out
+-- each call is bounded by the backend's timeout -- is not doubled).  An
+acknowledgement older than the fence delay proves nothing about now and
+unfences nothing.  When Redis answers again it re-joins: with the same boot
+id if its key survived (a short hiccup), else as a new incarnation (new boot
+id) -- once no reaper is taking over its previous incarnation (the join
+waits while ``<prefix>{n:<id>}:reaper`` is held) -- telling its listeners to
+re-publish what the others may have reaped (routes, inbox consumer group).
+Every heartbeat also checks its membership in ``mqttd:nodes`` and adds itself
+back if it is missing, so the set heals whatever removed it.
 
-Every wait is a timer on the injected clock; every Redis call is bounded by
-the backend's socket timeout.
+Timing: the key of the last acknowledged heartbeat sent at ``t`` lives until
+at least ``t + ttl`` (Redis renewed it on receipt, after ``t``); the node
+fences at ``t + ttl - heartbeat``; the others reap it only once the key is
+gone, so a node is fenced at least ``heartbeat`` seconds before anyone can
+reap it.
 """
 from __future__ import annotations
 
@@ -44,6 +56,12 @@ JOIN = """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then
   return {0, cur, redis.call('PTTL', KEYS[1])}
+end
+if not cur then
+  -- a reaper is taking over a previous incarnation of this node id: join
+  -- once it is done, so nothing it reaps can be this incarnation's
+  local reaper = redis.call('GET', KEYS[3])
+  if reaper then return {2, reaper, redis.call('PTTL', KEYS[3])} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local prev = redis.call('HGET', KEYS[2], 'boot')
@@ -126,15 +144,19 @@ class Node:
         #: other nodes' boot ids, of those alive at the last look
         self.peers: Dict[str, bytes] = {}
         #: counters for $SYS and metrics
-        self.stats = {"heartbeats": 0, "heartbeat_failures": 0, "fences": 0, "rejoins": 0}
+        self.stats = {"heartbeats": 0, "heartbeat_failures": 0, "fences": 0, "rejoins": 0,
+                      "membership_repairs": 0}
         self.log_limiter = LogRateLimiter(clock, interval=10.0, burst=1, reason_burst=None)
         self.listeners: Dict[str, List[Callable]] = {
             "fenced": [], "unfenced": [], "rejoined": [], "peer_up": [], "peer_down": []}
         self._last_ok_sent: Optional[float] = None
         self._call = None
+        self._fence_call = None
         self._busy = False
         self._stopped = False
         self._blocked_since: Optional[float] = None
+        #: the boot id this node had before it lost its membership (until re-joined)
+        self._rejoining: Optional[str] = None
         backend.register("node-join", JOIN)
         backend.register("node-beat", BEAT)
         backend.register("node-leave", LEAVE)
@@ -171,6 +193,9 @@ class Node:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
+        self._fence_call = None
         if not self.joined:
             return defer.succeed(None)
         self.joined = False
@@ -194,20 +219,20 @@ class Node:
 
     def _tick(self) -> None:
         self._call = None
+        # the next tick comes whatever this round does: a call that hangs
+        # delays neither the ticks nor the fence (its own timer)
+        self._schedule(self.heartbeat)
+        self._check_fence()
         if self._busy:   # the previous round trip is still out (bounded by its timeout)
-            self._check_fence()
-            self._schedule(self.heartbeat)
             return
         self._busy = True
-        sent = self.clock.seconds()
-        d = self._join(sent) if not self.joined else self._beat(sent)
+        d = self._join() if not self.joined else self._beat()
         d.addErrback(self._failed)
         d.addBoth(self._round_done)
 
     def _round_done(self, _):
         self._busy = False
         self._check_fence()
-        self._schedule(self.heartbeat)
 
     # --- joining --------------------------------------------------------------------
 
@@ -215,11 +240,20 @@ class Node:
         return int(self.ttl * 1000)
 
     @defer.inlineCallbacks
-    def _join(self, sent: float):
-        keys = [self.keys.alive(self.node_id), self.keys.info(self.node_id)]
+    def _join(self):
+        keys = [self.keys.alive(self.node_id), self.keys.info(self.node_id),
+                self.keys.reaper(self.node_id)]
+        sent = self.clock.seconds()
         reply = yield self.backend.run(
             "node-join", keys, [self.boot_id, self._ttl_ms(), int(time.time()),
                                 socket.gethostname(), os.getpid()])
+        if reply[0] == 2:
+            self.log_limiter.emit(
+                log.warn, "node-being-reaped",
+                "Node {node_id} is being reaped by {reaper} (its previous incarnation was "
+                "declared dead); joining when that is done (at most {pttl} ms)",
+                node_id=self.node_id, reaper=_text(reply[1]), pttl=reply[2])
+            return
         if reply[0] == 0:
             holder, pttl = reply[1], reply[2]
             now = self.clock.seconds()
@@ -250,12 +284,16 @@ class Node:
         self._ok(sent)
         log.info("Node {node_id} joined the cluster at {url} (boot {boot})",
                  node_id=self.node_id, url=self.backend.url.redacted(), boot=self.boot_id)
+        if self._rejoining is not None:
+            old, self._rejoining = self._rejoining, None
+            self._tell("rejoined", old, self.boot_id)
         yield self._look_at_peers()
 
     # --- heartbeat ------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _beat(self, sent: float):
+    def _beat(self):
+        sent = self.clock.seconds()
         follow = self.backend.follow_primary()   # Sentinel: the primary may have moved
         if follow is not None:
             try:
@@ -278,17 +316,26 @@ class Node:
             log.warn("Node {node_id} lost its membership (boot {old} {why}); re-joining as "
                      "boot {new}", node_id=self.node_id, old=old, new=self.boot_id,
                      why="expired" if reply == 0 else "taken by another process")
-            yield self._join(sent)
-            if self.joined:
-                self._tell("rejoined", old, self.boot_id)
+            self._rejoining = old
+            yield self._join()
             return
         self._ok(sent)
         yield self._look_at_peers()
 
     def _ok(self, sent: float) -> None:
+        """Redis acknowledged the heartbeat (or join) call sent at ``sent``."""
         self.stats["heartbeats"] += 1
         if self._last_ok_sent is None or sent > self._last_ok_sent:
             self._last_ok_sent = sent
+        left = self._last_ok_sent + self.fence_after - self.clock.seconds()
+        if left <= 0:
+            # a late answer (the link hung): it proves nothing about now
+            self._check_fence()
+            return
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.reset(left)
+        else:
+            self._fence_call = self.clock.callLater(left, self._fence_due)
         if self.fenced and self.joined:
             was = self.fence_reason
             self.fenced = False
@@ -314,6 +361,10 @@ class Node:
             fence_after=self.fence_after)
         return None
 
+    def _fence_due(self) -> None:
+        self._fence_call = None
+        self._check_fence()
+
     def _check_fence(self) -> None:
         if self.fenced or self._last_ok_sent is None:
             return
@@ -338,6 +389,14 @@ class Node:
     def _look_at_peers(self):
         members = yield self.backend.execute("SMEMBERS", self.keys.nodes())
         names = sorted(_text(m) for m in members if _text(m) != self.node_id)
+        if self.joined and len(names) == len(members):
+            # not a member although alive (removed by a reaper that judged an
+            # older view, or by hand): back in, so it is looked after if it dies
+            yield self.backend.execute("SADD", self.keys.nodes(), self.node_id)
+            self.stats["membership_repairs"] += 1
+            self.log_limiter.emit(
+                log.warn, "membership", "Node {node_id} was missing from {key} while alive; "
+                "added it back", node_id=self.node_id, key=self.keys.nodes())
         boots = yield self.backend.pipeline([("GET", self.keys.alive(n)) for n in names])
         alive = {n: b for n, b in zip(names, boots) if b is not None}
         before = self.peers

@@ -78,8 +78,15 @@ class Reaper:
         self.lock_ms = lock_ms
         self.batch = batch
         self._reaping = set()
-        self._live_boot = b""
+        #: node being reaped -> the timer renewing its reaper lock
+        self._renew_calls = {}
+        #: node being reaped -> client ids no longer its (off its session list)
+        self._reaped_ids = {}
+        #: node being reaped -> the boot id of its live incarnation (b"": none)
+        self._live_boots = {}
         self.backend.register("reaper_unlock", UNLOCK)
+        self.backend.register("reaper_release", RELEASE)
+        self.backend.register("reaper_renew", RENEW)
         self.adopted = 0
         self.ended = 0
         self.wills = 0
@@ -93,7 +100,8 @@ class Reaper:
 
     def reap(self, node: str) -> defer.Deferred:
         """Reap ``node`` if no one else does; fires with True if this node did."""
-        if node == self.node_id or node in self._reaping:
+        if node == self.node_id or node in self._reaping or self.sessions.is_fenced():
+            # a fenced node reaps no one: it may be the one cut off
             return defer.succeed(False)
         self._reaping.add(node)
         d = self._reap(node)
@@ -113,13 +121,16 @@ class Reaper:
                                          "PX", self.lock_ms)
         if not won:
             return False
+        if self.sessions.is_fenced():
+            yield self.backend.run("reaper_unlock", [self.lock_key(node)], [self.node_id])
+            return False
         # the node id may be back as a new incarnation: its sessions stay its own
         live_boot = yield self.backend.execute("GET", self.alive_key(node))
-        self._live_boot = live_boot or b""
+        self._live_boots[node] = live_boot or b""
         log.info("Node {node} is dead; reaping it (its wills, sessions and inbox)",
                  node=node)
-        renew = self.clock.callLater(self.lock_ms / 3000.0, self._renew, node)
-        self._renew_calls = {node: renew}
+        self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
+                                                       node)
         try:
             adopted = yield self._adopt_all(node)
             if self.replay_inbox is not None:
@@ -131,11 +142,19 @@ class Reaper:
                 late = yield self.forget_node(node, self.deliver_to(adopted),
                                               self.store.sync)
                 self.replayed += late or 0
-            if not self._live_boot:
-                # no longer a member: the others stop looking at it
+            # the dead incarnation's session list goes -- unless the node id is
+            # alive again (a new incarnation: its list is its own; only what
+            # was reaped leaves it); checked in Redis at the moment of the change
+            gone = yield self.backend.run(
+                "reaper_release", [self.alive_key(node), node_sessions_key(self.prefix, node)],
+                list(self._reaped_ids.get(node, ())))
+            if gone:
+                # no longer a member: the others stop looking at it (a node
+                # that comes back adds itself again: node.py)
                 yield self.backend.execute("SREM", f"{self.prefix}nodes", node)
-            yield self.backend.execute("DEL", node_sessions_key(self.prefix, node))
         finally:
+            self._live_boots.pop(node, None)
+            self._reaped_ids.pop(node, None)
             call = self._renew_calls.pop(node, None)
             if call is not None and call.active():
                 call.cancel()
@@ -145,8 +164,15 @@ class Reaper:
         return True
 
     def _renew(self, node: str) -> None:
-        self.backend.execute("SET", self.lock_key(node), self.node_id, "PX",
-                             self.lock_ms).addErrback(lambda _f: None)
+        if node not in self._renew_calls:
+            return
+        if self.sessions.is_fenced():
+            # cut off from Redis ourselves: let the lock lapse, so the node can
+            # re-join (the reap's remaining steps check it is still dead)
+            self._renew_calls.pop(node, None)
+            return
+        self.backend.run("reaper_renew", [self.lock_key(node)],
+                         [self.node_id, self.lock_ms]).addErrback(lambda _f: None)
         self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
                                                         node)
 
@@ -154,6 +180,7 @@ class Reaper:
     def _adopt_all(self, node: str):
         key = node_sessions_key(self.prefix, node)
         adopted = set()
+        self._reaped_ids[node] = []
         cursor = b"0"
         while True:
             reply = yield self.backend.execute("SSCAN", key, cursor, "COUNT", self.batch)
@@ -171,9 +198,12 @@ class Reaper:
     @defer.inlineCallbacks
     def _adopt(self, node: str, client_id: str):
         reply = yield self.backend.run("session_adopt", session_keys(self.prefix, client_id),
-                                       [node, self.node_id, self._live_boot,
+                                       [node, self.node_id, self._live_boots.get(node, b""),
                                         self.sessions.boot])
         status = _text(reply[0])
+        if status != "skip" or _text(reply[1]) != node:
+            # not (or no longer) the dead node's: off its list
+            self._reaped_ids.setdefault(node, []).append(client_id)
         if status == "skip":
             return False
         if status == "ended":
@@ -297,6 +327,8 @@ class InboxReplay:
         self.clock = clock
         self.batch = batch
         self.settle = settle
+        backend.register("reaper_reset_routes", RESET_ROUTES)
+        backend.register("reaper_del_inbox", DEL_INBOX)
 
     @defer.inlineCallbacks
     def replay(self, dead: str, deliver, sync):
@@ -364,20 +396,19 @@ class InboxReplay:
         is back) keeps its routes and its inbox: they are its new
         incarnation's."""
         from mqttd.cluster.routes import RESET_OP
-        if (yield self._back(dead)):
+        alive = self.keys.alive(dead)
+        # each change checks in Redis, in the same script, that the node id is
+        # still dead (the reaper lock keeps it from re-joining meanwhile)
+        version = yield self.backend.run("reaper_reset_routes", [
+            alive, self.keys.routes(dead), self.keys.route_version(dead)])
+        if not version:
             return 0
-        version = yield self.backend.execute("INCR", self.keys.route_version(dead))
-        yield self.backend.execute("DEL", self.keys.routes(dead))
         yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
                                    "*", "n", dead, "v", version, "o", RESET_OP)
         yield _sleep(self.clock, self.settle)
         late = yield self._unread(self.keys.inbox(dead), deliver, sync)
-        if not (yield self._back(dead)):
-            yield self.backend.execute("DEL", self.keys.inbox(dead))
+        yield self.backend.run("reaper_del_inbox", [alive, self.keys.inbox(dead)])
         return late
-
-    def _back(self, node: str) -> defer.Deferred:
-        return self.backend.execute("EXISTS", self.keys.alive(node)).addCallback(bool)
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:
@@ -385,6 +416,44 @@ def _sleep(clock, seconds: float) -> defer.Deferred:
     clock.callLater(seconds, d.callback, None)
     return d
 
+
+#: the end of a reap (KEYS alive, the dead node's session list; ARGV the
+#: client ids reaped): if the node id is not alive the list goes and 1 says
+#: "remove it from the members"; if it is alive again (a new incarnation) only
+#: the reaped ids leave its list and 0 keeps it a member
+RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+for i = 1, #ARGV, 500 do
+  redis.call('SREM', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+return 0
+"""
+
+#: KEYS alive, routes, route version: a dead node's routes go (and its
+#: version is bumped for the ``reset`` feed entry) only if it is still dead;
+#: false if it is alive again
+RESET_ROUTES = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+redis.call('DEL', KEYS[2])
+return redis.call('INCR', KEYS[3])
+"""
+
+#: KEYS alive, inbox: a dead node's inbox goes only if it is still dead
+DEL_INBOX = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('DEL', KEYS[2])
+"""
+
+#: renew the reaper lock only if we still hold it (never take over another's)
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 #: release the reaper lock only if we still hold it
 UNLOCK = """

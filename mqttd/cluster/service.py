@@ -59,7 +59,10 @@ class ClusterService(MultiService):
         self.stats = ClusterStats(self, sys_interval)
         self.node.on("fenced", self._fenced)
         self.node.on("unfenced", self._unfenced)
-        self.node.on("rejoined", lambda old, new: self._unfenced())
+        # a new incarnation: routes and inbox again -- unless the join's answer
+        # came too late to count (still fenced: a fresh heartbeat unfences)
+        self.node.on("rejoined",
+                     lambda old, new: None if self.node.fenced else self._unfenced())
         self._attach()
         self._announced = False
         #: callables run (in order) by stopService before the backend closes;

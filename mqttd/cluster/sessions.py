@@ -102,6 +102,8 @@ class ClusterSessions:
         self._kicked: Dict[str, int] = {}
         #: connection -> epoch of its claim in progress (None until claimed)
         self._claims: Dict[object, Optional[int]] = {}
+        #: connection -> the Deferred its CONNECT waits on (see :meth:`refuse_claims`)
+        self._answers: Dict[object, defer.Deferred] = {}
         #: connections gone while their claim was in progress
         self._gone_early: set = set()
         #: connection -> epoch of a claim that answered a refusal
@@ -143,6 +145,10 @@ class ClusterSessions:
 
     def claim(self, connection, client_id: str, clean_start: bool, persistent: bool,
               will, username: Optional[str]) -> defer.Deferred:
+        """The session seam (:meth:`mqttd.broker.Broker.claim_session`).  A claim
+        still in progress when this node fences itself answers at once with a
+        refusal (v5 0x88 Server unavailable / v3 0x03): its CONNACK never waits
+        on Redis calls that cannot complete (each of them is bounded as well)."""
         self._claims[connection] = None
         d = self.exclusive(client_id, self._claim, client_id, clean_start, persistent, will,
                            username, connection)
@@ -150,14 +156,23 @@ class ClusterSessions:
         def finished(result):
             epoch = self._claims.pop(connection, None)
             if connection in self._gone_early:
-                # the client went while we claimed: its session is offline here
+                # the client went (or was refused, fenced) while we claimed:
+                # its session is offline here
                 self._gone_early.discard(connection)
                 self._offline(client_id, epoch)
             elif result is not None and epoch is not None:
                 self._refused[connection] = epoch   # claim_abandoned follows
             return result
         d.addBoth(finished)
-        return d
+        answer = defer.Deferred(lambda _answer: d.cancel())
+        self._answers[connection] = answer
+
+        def answered(result):
+            self._answers.pop(connection, None)
+            if not answer.called:
+                answer.callback(result)
+        d.addBoth(answered)
+        return answer
 
     def exclusive(self, client_id: str, f: Callable, *args) -> defer.Deferred:
         """``f(*args)`` once no other claim or adoption of ``client_id`` runs on
@@ -245,6 +260,20 @@ class ClusterSessions:
             # come before the session was installed here)
             self.clock.callLater(1.0, self.pull, client_id)
         return None
+
+    def refuse_claims(self, reason: str) -> int:
+        """This node fenced itself: every CONNECT whose claim is in progress is
+        refused now (v5 0x88 / v3 0x03); each claim finishes in the
+        background and leaves its session offline (as for a client gone
+        meanwhile).  Returns how many were refused."""
+        answers, self._answers = self._answers, {}
+        refused = 0
+        for answer in answers.values():
+            if not answer.called:
+                refused += 1
+                answer.callback((ReasonCode.SERVER_UNAVAILABLE,
+                                 f"cluster node fenced: {reason}", "unavailable"))
+        return refused
 
     def _lost(self, client_id: str, epoch: int):
         log.info("CONNECT of {client_id} lost its claim (epoch {epoch}) to a newer one "

@@ -157,6 +157,7 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
     node = cluster.node
     sessions.is_fenced = lambda: node.fenced
     node.on("unfenced", sessions.unfenced)
+    node.on("fenced", sessions.refuse_claims)
     node.on("peer_down", lambda peer, _boot=None: reaper.reap(peer))
 
     def look():

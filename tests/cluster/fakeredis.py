@@ -16,6 +16,10 @@ class FakeBackend:
         self.data = {}
         self.expiry = {}
         self.down = False
+        #: a hanging link: calls get no answer until :meth:`resume` (Redis runs
+        #: them then, as it would the bytes that waited in the network)
+        self.hang = False
+        self.hung = []
         self.scripts = {}
         self.calls = []
 
@@ -32,7 +36,24 @@ class FakeBackend:
     def _reply(self, fn):
         if self.down:
             return defer.fail(RedisUnavailable("ConnectionError: connection refused"))
+        if self.hang == "replies":    # Redis ran it; the answer hangs on the way back
+            value = fn()
+            d = defer.Deferred()
+            self.hung.append((d, lambda: value))
+            return d
+        if self.hang:
+            d = defer.Deferred()
+            self.hung.append((d, fn))
+            return d
         return defer.succeed(fn())
+
+    def resume(self, hang_again=False):
+        """The link answers again: every hung call runs now, in order (``hang_again``:
+        the calls their answers trigger hang in turn)."""
+        self.hang = hang_again
+        hung, self.hung = self.hung, []
+        for d, fn in hung:
+            d.callback(fn())
 
     def run(self, name, keys=(), args=()):
         self.calls.append((name, list(keys), list(args)))
@@ -44,6 +65,9 @@ class FakeBackend:
         if cur is not None and cur != boot:
             left = self.expiry.get(keys[0], self.clock.seconds()) - self.clock.seconds()
             return [0, cur, int(left * 1000)]
+        if cur is None and self._get(keys[2]) is not None:
+            left = self.expiry.get(keys[2], self.clock.seconds()) - self.clock.seconds()
+            return [2, self._get(keys[2]), int(left * 1000)]
         self.data[keys[0]] = boot
         self.expiry[keys[0]] = self.clock.seconds() + int(args[1]) / 1000
         info = self.data.setdefault(keys[1], {})
@@ -76,6 +100,14 @@ class FakeBackend:
             return 1
         if name == "SMEMBERS":
             return set(self.data.get(args[1], set()))
+        if name == "SET":
+            self.data[args[1]] = args[2].encode() if isinstance(args[2], str) else args[2]
+            if "PX" in args:
+                self.expiry[args[1]] = self.clock.seconds() + int(args[args.index("PX") + 1]) / 1000
+            return True
+        if name == "DEL":
+            found = sum(self.data.pop(k, None) is not None for k in args[1:])
+            return found
         if name == "GET":
             return self._get(args[1])
         if name == "EXISTS":

@@ -177,6 +177,16 @@ class RedisServer:
         self._proc = None
         return proc.returncode
 
+    def pause(self) -> None:
+        """SIGSTOP: Redis stalls (every client's packets wait unanswered)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> Optional[int]:
         """SIGKILL: a crash (AOF ``everysec`` may lose the last second)."""
         proc = self._proc

@@ -126,3 +126,44 @@ def test_a_stopped_redis_is_reported_as_unavailable_and_recovery_needs_no_new_ba
         assert await wait(backend.execute("PING"), timeout=20) in (b"PONG", True)
         await wait(backend.close())
     aio(scenario)
+
+
+class _HangingClient:
+    """A redis.asyncio stand-in whose commands never get an answer (a hung link)."""
+
+    def __init__(self):
+        self.cancelled = 0
+
+    async def execute_command(self, *args):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    def pipeline(self, transaction=False):
+        client = self
+
+        class Pipe:
+            def execute_command(self, *args):
+                pass
+
+            async def execute(self, raise_on_error=True):
+                return await client.execute_command()
+        return Pipe()
+
+
+def test_every_call_is_bounded_even_when_the_link_hangs(aio):
+    """REVIEW-CLUSTER F6: a call redis-py never answers fails as RedisUnavailable after
+    socket_timeout (plus a BLOCK time), and the call is abandoned (cancelled)."""
+    async def run():
+        client = _HangingClient()
+        backend = Backend("redis://127.0.0.1:1", socket_timeout=0.1, client=client)
+        backend.register("s", "return 1")
+        assert backend._timeout(("XREAD", "BLOCK", 1000, "STREAMS", "k", "0")) == 1.1
+        for d in (backend.execute("GET", "k"), backend.pipeline([("GET", "k")]),
+                  backend.run("s"), backend.connect()):
+            with pytest.raises(RedisUnavailable, match="no answer from Redis within 0.1 s"):
+                await wait(d, timeout=5)
+        assert client.cancelled == 4
+    aio(run)

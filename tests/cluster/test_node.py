@@ -72,9 +72,10 @@ def test_an_outage_shorter_than_the_fence_delay_changes_nothing():
     clock.advance(0)
     boot = node.boot_id
     backend.down = True
-    clock.pump([1.0] * 3)
+    clock.pump([1.0] * 2)                  # the beats of t = 1 and 2 fail
     backend.down = False
-    clock.advance(1.0)
+    clock.advance(1.0)                     # the beat of t = 3 renews the 4 s fence delay
+    clock.pump([1.0] * 3)
     assert not node.fenced and node.boot_id == boot
     assert [e[0] for e in events] == ["unfenced"]
 
@@ -153,3 +154,110 @@ def test_leaving_deletes_the_heartbeat_so_the_others_see_it_at_once():
     node.stop()
     assert Keys().alive("a") not in backend.data
     assert b"a" not in backend.data[Keys().nodes()]
+
+
+# --- a hanging link (REVIEW-CLUSTER F6) and a reaped incarnation (F5) --------------------
+
+def test_a_node_whose_redis_link_hangs_fences_itself_on_time():
+    """Packets unanswered (a partition, Redis stopped): the fence must not wait for a reply."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    backend.hang = True                    # the beat sent at t=1 never comes back
+    clock.pump([0.5] * 7)                  # t = 3.5
+    assert not node.fenced
+    clock.advance(0.5)                     # t = 4: ttl - heartbeat after the last ack (t=0)
+    assert node.fenced and "no heartbeat acknowledged" in node.fence_reason
+    clock.pump([1.0] * 8)                  # ticks go on; one call out, none doubled
+    assert len(backend.hung) == 1
+
+
+def test_a_late_answer_after_a_hang_does_not_unfence_and_a_fresh_one_does_for_good():
+    """A reply to a beat sent 11 s ago proves nothing: only a fresh acknowledgement unfences,
+    and then the node stays unfenced (no flapping)."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    boot = node.boot_id
+    backend.hang = "replies"               # Redis renews the key at t = 1; the reply hangs
+    clock.pump([1.0] * 4)
+    assert node.fenced
+    backend.data[Keys().alive("a")] = node.boot_id.encode()   # still there (a long TTL)
+    backend.expiry[Keys().alive("a")] = clock.seconds() + 60
+    clock.pump([1.0] * 8)
+    backend.resume()                       # the beat of t = 1 is acknowledged at t = 12
+    assert node.fenced
+    clock.advance(1.0)                     # a fresh beat is acknowledged
+    assert not node.fenced and node.boot_id == boot
+    clock.pump([1.0] * 10)
+    assert not node.fenced
+    assert [e[0] for e in events] == ["unfenced", "fenced", "unfenced"]
+
+
+def test_a_node_rejoining_after_a_hang_is_not_fenced_again_right_after():
+    """The key expired during the hang: the late reply makes it re-join as a new
+    incarnation, and that fresh join keeps it unfenced (it once fenced at once)."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    old = node.boot_id
+    backend.hang = True
+    clock.pump([1.0] * 12)                 # the key expired at t = 6 on Redis's clock
+    backend.resume()
+    assert node.joined and node.boot_id != old
+    assert not node.fenced
+    clock.pump([1.0] * 10)
+    assert not node.fenced
+    assert [e[0] for e in events] == ["unfenced", "fenced", "unfenced", "rejoined"]
+
+
+def test_a_reaped_node_rejoins_only_after_the_reaper_is_done():
+    """While a reaper takes over its old incarnation the node stays fenced, so nothing the
+    reaper removes (routes, inbox, sessions) can be the new incarnation's."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    old = node.boot_id
+    backend.down = True
+    clock.pump([1.0] * 7)
+    backend.expire_now(Keys().alive("a"))
+    backend.down = False
+    backend.execute("SET", Keys().reaper("a"), "b", "PX", 3000)
+    clock.pump([1.0] * 2)
+    assert node.fenced and not node.joined
+    assert Keys().alive("a") not in backend.data
+    clock.pump([1.0] * 2)                  # the lock is gone
+    assert node.joined and not node.fenced and node.boot_id != old
+    assert ("rejoined", old, node.boot_id) in events
+
+
+def test_a_live_node_removed_from_the_member_set_adds_itself_back():
+    """Membership heals: a node missing from mqttd:nodes would never be reaped if it died."""
+    node, backend, clock, events = make()
+    node.start()
+    clock.advance(0)
+    backend.data[Keys().nodes()].discard(b"a")
+    clock.advance(1.0)
+    assert b"a" in backend.data[Keys().nodes()]
+    assert node.stats["membership_repairs"] == 1
+
+
+def test_a_join_answered_too_late_rejoins_but_stays_fenced_until_a_fresh_beat():
+    """A JOIN sent during a hang and answered after it: the node is a member again but
+    serves only once a fresh heartbeat is acknowledged."""
+    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
+    node.start()
+    clock.advance(0)
+    backend.down = True
+    clock.pump([1.0] * 7)                  # fenced; the key expired at t = 5
+    backend.down = False
+    backend.hang = True                    # the beat of t = 8 hangs (key gone: re-join)
+    clock.advance(1.0)
+    backend.resume(hang_again=True)        # BEAT answers 0, the JOIN goes out and hangs
+    assert not node.joined and len(backend.hung) == 1
+    clock.pump([1.0] * 6)
+    backend.resume()                       # the JOIN sent at t = 8 is answered at t = 14
+    assert node.joined and node.fenced
+    assert events[-1][0] == "rejoined"
+    clock.advance(1.0)
+    assert not node.fenced

@@ -161,6 +161,119 @@ def test_nodes_recover_from_a_redis_restart_that_lost_everything(
     assert a.running and b.running
 
 
+# --- a hanging link (REVIEW-CLUSTER F6) ----------------------------------------------------
+
+def _raw_connect(port: int, client_id: str, will=None):
+    """A v5 socket that sent CONNECT (clean, no keepalive) and got CONNACK 0x00."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(encode(Connect(5, client_id, True, 0, will=will), 5))
+    reader = PacketReader(level=5)
+    packet = _next_packet(sock, reader, 5)
+    assert isinstance(packet, Connack) and packet.reason_code == 0, packet
+    return sock, reader
+
+
+def _next_packet(sock, reader, timeout):
+    """The next packet on ``sock`` within ``timeout`` s (socket.timeout otherwise)."""
+    sock.settimeout(timeout)
+    while True:
+        for packet in reader.feed(b""):
+            return packet
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError("closed")
+        packets = reader.feed(data)
+        if packets:
+            return packets[0]
+
+
+def test_a_node_whose_redis_link_hangs_fences_itself_and_comes_back_without_flapping(
+        redis_server, cluster_node_factory):
+    """Packets to Redis unanswered: the node must fence (0x89, CONNECT 0x88) before the
+    others reap it and publish its live clients' wills, and recover once, for good."""
+    from .tcpproxy import FreezableProxy
+    from mqttd.codec.packets import Will
+    proxy = FreezableProxy(redis_server.port).start()
+    try:
+        cut = cluster_node_factory(f"redis://127.0.0.1:{proxy.port}", node_id="hang-p",
+                                   extra_args=FAST)
+        other = cluster_node_factory(redis_server.url, node_id="hang-d", extra_args=FAST)
+        watcher = Client(other.port, "hang-watch")
+        watcher.subscribe("will/#", 0)
+        victim, reader = _raw_connect(cut.port, "hang-victim",
+                                      will=Will("will/hang-victim", b"gone", 0, False))
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        # fenced: its client is told 0x89 Server busy (within the fence delay, 2 s)
+        packet = _next_packet(victim, reader, 10)
+        assert isinstance(packet, Disconnect) and packet.reason_code == 0x89, packet
+        assert time.monotonic() - frozen_at < 8
+        victim.close()
+        # a new CONNECT gets an answer (0x88), it does not hang
+        assert connack_code(cut.port, 5, "hang-new") == 0x88
+        # the other node reaps it: the will goes out once the client is gone
+        wills = watcher.collect(1, timeout=15)
+        assert [(m.topic, m.payload) for m in wills] == [("will/hang-victim", b"gone")]
+        proxy.resume()
+        wait_for(lambda: connack_code(cut.port, 5, "hang-probe") == 0, timeout=30,
+                 what="recovery after the link came back")
+        # no flapping: a client accepted now stays connected
+        client = BlockingClient(cut.port, "hang-after", level=5)
+        with pytest.raises(socket.timeout):
+            client.next_packet(timeout=3)
+        client.close()
+        assert watcher.quiet(0.5) == []      # the will went out once
+        log = cut.log_tail(400)
+        assert "fences itself" in log and "no heartbeat acknowledged" in log
+        assert log.count("fences itself") == 1, log
+    finally:
+        proxy.stop()
+
+
+# --- a Redis stall longer than the TTL (REVIEW-CLUSTER F5) --------------------------------
+
+def test_after_a_redis_stall_longer_than_the_ttl_every_node_stays_reapable(
+        redis_server, cluster_node_factory):
+    """Every alive key expired at once and the nodes reaped each other's old incarnations:
+    live nodes must keep membership, routes and inbox, and a node killed later is reaped."""
+    from mqttd.codec.packets import Will
+    a = cluster_node_factory(redis_server.url, node_id="stall-a", extra_args=FAST)
+    b = cluster_node_factory(redis_server.url, node_id="stall-b", extra_args=FAST)
+    redis_server.pause()
+    try:
+        time.sleep(4.0)                       # > the 2.5 s TTL: every key expires
+    finally:
+        redis_server.resume()
+    for node in (a, b):
+        wait_for(lambda node=node: connack_code(node.port, 5, "stall-probe") == 0,
+                 timeout=40, what=f"{node!r} serving again")
+    # both stay members (a reaper of an old incarnation must not remove a live node)
+    wait_for(lambda: sorted(redis_server.cli("SMEMBERS", "mqttd:nodes").split()) ==
+             ["stall-a", "stall-b"], timeout=15, what="both nodes members")
+    # routes and inboxes work across the nodes
+    deadline = time.monotonic() + 40
+    while True:
+        try:
+            sub = Client(b.port, "stall-sub")
+            sub.subscribe("will/#", 1)
+            sub.subscribe("probe/route")
+            pub = Client(a.port, "stall-pub")
+            wait_routed(pub, sub, timeout=3)
+            break
+        except (AssertionError, ConnectionError, OSError):
+            assert time.monotonic() < deadline, "no cross-node delivery after the stall"
+            time.sleep(0.2)
+    assert sorted(redis_server.cli("SMEMBERS", "mqttd:nodes").split()) == [
+        "stall-a", "stall-b"]
+    # a node killed now is reaped: its client's will reaches the other node
+    victim, _reader = _raw_connect(a.port, "stall-victim",
+                                   will=Will("will/stall-victim", b"gone", 0, False))
+    a.kill()
+    wills = sub.collect(1, timeout=20)
+    assert [(m.topic, m.payload) for m in wills] == [("will/stall-victim", b"gone")]
+    victim.close()
+
+
 def test_the_wills_of_a_fenced_nodes_clients_are_published_once_when_redis_is_back(
         redis_server, cluster_node_factory):
     """A node cut off from Redis closes its clients without their wills; when Redis answers

@@ -334,6 +334,37 @@ def test_reaper_leaves_the_sessions_of_a_node_ids_new_incarnation_alone(redis_se
         assert "from-old-boot" in b.broker.sessions
         assert "from-new-boot" not in b.broker.sessions
         assert redis_server.cli("HGET", "mqttd:{c:from-new-boot}:s", "node").strip() == "A"
+        # its session list keeps what the new incarnation claimed (else its
+        # sessions would never be reaped if it died in turn)
+        assert redis_server.cli("SMEMBERS", "mqttd:{n:A}:sessions").split() == [
+            "from-new-boot"]
+    aio(run)
+
+
+def test_a_node_that_comes_back_while_being_reaped_stays_a_member(redis_server, aio):
+    """REVIEW-CLUSTER F5: the reaper judged the node dead seconds earlier; if it is alive
+    when the reaper ends, it must stay in mqttd:nodes (else its death is never reaped)."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        a.sessions.boot = "boot-1"
+        await connect(a, a.client(), "reaped-while-back")
+        await settle(a)
+        redis_server.cli("SADD", "mqttd:nodes", "A", "B")
+        b = Node(redis_server.url, "B", nodes, alive)
+
+        def comes_back(node, deliver, sync):
+            # during the reap (the routes' settle time) A re-joins as boot-2
+            # and claims a session
+            redis_server.cli("SET", "mqttd:{n:A}:alive", "boot-2")
+            redis_server.cli("SADD", "mqttd:{n:A}:sessions", "claimed-by-boot-2")
+            return defer.succeed(0)
+        assert await wait(Reaper(b.sessions, forget_node=comes_back).reap("A"))
+        await settle(b)
+        assert "reaped-while-back" in b.broker.sessions
+        assert sorted(redis_server.cli("SMEMBERS", "mqttd:nodes").split()) == ["A", "B"]
+        assert redis_server.cli("SMEMBERS", "mqttd:{n:A}:sessions").split() == [
+            "claimed-by-boot-2"]
     aio(run)
 
 
@@ -368,4 +399,87 @@ def test_a_client_gone_during_its_claim_leaves_its_session_offline(redis_server,
             await settle(a)
         assert redis_server.cli("EXISTS", "mqttd:{c:hasty-clean}:s").strip() == "0"
         assert redis_server.cli("HGET", "mqttd:{c:hasty-kept}:s", "online").strip() == "0"
+    aio(run)
+
+
+def test_the_reaper_forgets_routes_and_inbox_only_of_a_node_id_still_dead(redis_server, aio):
+    """REVIEW-CLUSTER F5: the check and the deletion are one script, so a node id alive
+    again keeps the route set and the inbox its new incarnation uses."""
+    from mqttd.cluster.keys import Keys
+    from mqttd.cluster.reaper import InboxReplay
+
+    async def run():
+        keys = Keys()
+        backend = Backend(redis_server.url, name="forget")
+        inbox = InboxReplay(backend, keys, "B", Clock(), settle=0)
+        for node in ("X", "Y"):
+            redis_server.cli("SADD", keys.routes(node), "t/#")
+            redis_server.cli("XADD", keys.inbox(node), "*", "e", "x")
+            redis_server.cli("XGROUP", "CREATE", keys.inbox(node), "mqttd", "$")
+        redis_server.cli("SET", keys.alive("Y"), "boot-2")   # Y is back, X is not
+        for node in ("X", "Y"):
+            d = inbox.forget(node, lambda message, only=None: 0, lambda: defer.succeed(None))
+            for _ in range(300):
+                if d.called:
+                    break
+                await asyncio.sleep(0.01)
+                inbox.clock.advance(0.1)
+            await wait(d)
+        assert redis_server.cli("EXISTS", keys.routes("X")).strip() == "0"
+        assert redis_server.cli("EXISTS", keys.inbox("X")).strip() == "0"
+        assert redis_server.cli("SMEMBERS", keys.routes("Y")).split() == ["t/#"]
+        assert redis_server.cli("XLEN", keys.inbox("Y")).strip() == "1"
+        await wait(backend.close())
+    aio(run)
+
+
+def test_reaping_two_nodes_at_once_releases_both_locks_for_good(redis_server, aio):
+    """After a Redis stall a node reaps several peers at once: each reaper lock must end
+    with its reap (a lock renewed forever kept its node from ever re-joining)."""
+    async def run():
+        nodes, alive = {}, {"B": True}
+        b = Node(redis_server.url, "B", nodes, alive)
+        reaper = Reaper(b.sessions, lock_ms=600)
+        results = await asyncio.gather(wait(reaper.reap("X")), wait(reaper.reap("Y")))
+        assert results == [True, True]
+        for _ in range(10):                  # several renew periods (lock_ms / 3)
+            b.clock.advance(0.2)
+            await asyncio.sleep(0.01)
+        for node in ("X", "Y"):
+            assert redis_server.cli("EXISTS", f"mqttd:{{n:{node}}}:reaper").strip() == "0"
+    aio(run)
+
+
+def test_a_fenced_node_reaps_no_one(redis_server, aio):
+    """A node cut off from Redis may be the one that is dead to the others: it must not
+    take their sessions (nor hold a reaper lock that keeps them from re-joining)."""
+    async def run():
+        nodes, alive = {}, {"B": True}
+        b = Node(redis_server.url, "B", nodes, alive)
+        b.sessions.is_fenced = lambda: True
+        assert not await wait(Reaper(b.sessions).reap("X"))
+        assert redis_server.cli("EXISTS", "mqttd:{n:X}:reaper").strip() == "0"
+    aio(run)
+
+
+def test_a_connect_waiting_on_redis_is_refused_when_the_node_fences(redis_server, aio):
+    """REVIEW-CLUSTER F6: a CONNECT whose claim hangs on Redis gets CONNACK 0x88 when the
+    node fences itself, not silence; a later answer changes nothing for that client."""
+    from .test_backend import _HangingClient
+
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        a.backend._client = _HangingClient()
+        a.backend.socket_timeout = 60.0
+        client = a.client()
+        client.send(Connect(5, "waits-on-redis", True, 0))
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            a.clock.advance(0)
+        assert client.received() == []                # the claim is out, unanswered
+        assert a.sessions.refuse_claims("no heartbeat acknowledged") == 1
+        a.clock.advance(0)
+        packets = client.received()
+        assert isinstance(packets[0], Connack) and packets[0].reason_code == 0x88
     aio(run)

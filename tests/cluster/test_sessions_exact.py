@@ -376,3 +376,33 @@ def test_a_claim_during_the_reapers_adoption_of_the_same_session_keeps_the_newer
         epoch = int(redis_server.cli("HGET", "mqttd:{c:adopted}:s", "epoch"))
         assert b.store.epochs["adopted"] == epoch
     aio(run)
+
+
+def test_a_fenced_nodes_delayed_will_waits_its_delay_and_a_resume_cancels_it(redis_server, aio):
+    """The will a fenced node takes back for a persistent session with a Will Delay Interval
+    is pending (in Redis too), not published at once; the client resuming in time cancels
+    it [MQTT-3.1.3-9]."""
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        wills = []
+        a.broker.subscribe_local("will/#", wills.append)
+        a.sessions.is_fenced = lambda: False
+        client = a.client()
+        await connect(a, client, "dw", expiry=600,
+                      will=Will("will/dw", b"late", 0, False,
+                                properties=Properties(will_delay_interval=60)))
+        await settle(a)
+        a.broker.connection_lost(a.broker.sessions["dw"], client.conn, publish_will=False,
+                                 reason=FENCED_REASON)
+        await settle(a)
+        assert wills == [] and "dw" in a.broker.wills
+        await settle(a)                 # the pending will's own write
+        assert redis_server.cli("HGET", "mqttd:{c:dw}:w", "kind").strip() == "pending"
+        again = a.client()
+        ack = await connect(a, again, "dw", expiry=600)
+        assert ack.session_present
+        a.clock.advance(61)
+        await settle(a)
+        assert wills == [] and "dw" not in a.broker.wills
+    aio(run)
