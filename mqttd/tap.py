@@ -256,7 +256,7 @@ OPTIONS: List[Option] = [
     Option("cluster-wait-replicas", integer(0, 16), "Acknowledge QoS 1/2 and session changes "
            "only once this many Redis replicas have the writes (Redis WAIT, 1 s at most; "
            "fewer: no acknowledgement); 0 = the primary's acknowledgement is enough. "
-           "Not with redis+cluster://.", default=0),
+           "Redis Cluster: one WAIT per primary written to.", default=0),
     Option("cluster-takeover-timeout", number(above=0), "Seconds a node taking a "
            "session over waits for the old owner node to hand it over (close the client "
            "with 0x8E, write what it had); after it the old owner's writes are fenced.",

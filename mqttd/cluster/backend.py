@@ -226,7 +226,8 @@ def translate(error: BaseException) -> BaseException:
     unavailable = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError,
                    asyncio.TimeoutError, OSError, ConnectionError)
     for name in ("ClusterDownError", "TryAgainError", "MasterNotFoundError",
-                 "SlaveNotFoundError", "ReadOnlyError", "MaxConnectionsError"):
+                 "SlaveNotFoundError", "ReadOnlyError", "MaxConnectionsError",
+                 "SlotNotCoveredError"):
         kind = getattr(rx, name, None)
         if kind is not None:
             unavailable = unavailable + (kind,)
@@ -243,6 +244,110 @@ def translate(error: BaseException) -> BaseException:
     if isinstance(error, rx.RedisError):
         return RedisReplyError(f"{type(error).__name__}: {error}".rstrip(": "))
     return error
+
+
+def _epoch_sentinel_class():
+    """redis-py's Sentinel client, choosing the primary by config epoch.
+
+    redis-py takes the first Sentinel that names a healthy primary.  Right
+    after a failover the Sentinels disagree for a few seconds (the others
+    learn of it through their hello messages) while the old primary, not yet
+    demoted, still says it is one: a client asking one Sentinel then the
+    other flips between the two primaries, and what it writes to the old one
+    is thrown away when Sentinel demotes it.  This one asks every Sentinel
+    (at once) and follows the answer with the highest ``config-epoch`` -- the
+    newest failover, the rule Sentinels apply among themselves."""
+    import asyncio as _asyncio
+
+    from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class EpochSentinel(Sentinel):
+        async def discover_master(self, service_name: str):
+            replies = await _asyncio.gather(
+                *(sentinel.sentinel_masters() for sentinel in self.sentinels),
+                return_exceptions=True)
+            best = None
+            errors = []
+            for sentinel, reply in zip(self.sentinels, replies):
+                if isinstance(reply, (RedisConnectionError, RedisTimeoutError,
+                                      _asyncio.TimeoutError, OSError)):
+                    errors.append(f"{sentinel} - {reply!r}")
+                    continue
+                if isinstance(reply, BaseException):
+                    raise reply
+                state = reply.get(service_name)
+                if not state or not self.check_master_state(state, service_name):
+                    continue
+                try:
+                    epoch = int(state.get("config-epoch") or 0)
+                except (TypeError, ValueError):
+                    epoch = 0
+                if best is None or epoch > best[0]:
+                    best = (epoch, (state["ip"], state["port"]))
+            if best is None:
+                raise MasterNotFoundError(f"No master found for {service_name!r}"
+                                          + (f" : {', '.join(errors)}" if errors else ""))
+            return best[1]
+
+    return EpochSentinel
+
+
+def _primary_connection_class(tls: bool):
+    """A Sentinel-managed connection that checks, once connected, that the
+    server it reached is a primary (``ROLE``).
+
+    During a failover a Sentinel that has not yet learned of it still names
+    the old primary, which may already be a replica (or a replica in the
+    middle of a full resynchronisation, with an empty data set): redis-py
+    would connect to it, and only a *write* fails there (READONLY).  A read
+    would silently answer from the wrong server -- a node's heartbeat would
+    find its own key missing and a reaper would think a live node dead.  This
+    connection refuses a server that is not a primary with a ConnectionError
+    (redis-py asks the Sentinels again; mqttd sees Redis unavailable for a
+    moment)."""
+    from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    base = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+
+    class PrimaryOnlyConnection(base):
+        async def connect_to(self, address):
+            await super().connect_to(address)
+            if not self.connection_pool.is_master:
+                return
+            await self.send_command("ROLE", check_health=False)
+            role = await self.read_response()
+            kind = role[0] if isinstance(role, (list, tuple)) and role else role
+            if isinstance(kind, bytes):
+                kind = kind.decode("ascii", "replace")
+            if kind != "master":
+                await self.disconnect()
+                raise RedisConnectionError(f"{address[0]}:{address[1]} is a {kind}, not "
+                                           f"the primary (a failover is going on)")
+
+    return PrimaryOnlyConnection
+
+
+def _first_key(command: Sequence):
+    """The first key of a command (``EVAL``/``EVALSHA``/``FCALL``: after the
+    key count; otherwise the first argument)."""
+    name = command[0].upper() if isinstance(command[0], str) else \
+        command[0].decode().upper()
+    if name in ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"):
+        if int(command[2]) < 1:
+            raise ValueError(f"{name} without keys has no slot")
+        return command[3]
+    return command[1]
+
+
+def _check_replicas(replies, wanted: int, timeout: int) -> None:
+    """Every ``WAIT`` reply must count ``wanted`` replicas."""
+    for reply in replies:
+        if int(reply) < wanted:
+            raise RedisUnavailable(f"only {int(reply)} of {wanted} replicas took the writes "
+                                   f"within {timeout} ms (--cluster-wait-replicas)")
 
 
 class Script:
@@ -323,12 +428,13 @@ class Backend:
             host, port = self.url.hosts[0]
             return Redis(host=host, port=port, db=self.url.db, **kwargs)
         if self.url.kind == "sentinel":
-            from redis.asyncio.sentinel import Sentinel
+            Sentinel = _epoch_sentinel_class()
             sentinel_kwargs = {"socket_timeout": kwargs["socket_timeout"],
                                "socket_connect_timeout": kwargs["socket_connect_timeout"]}
             self._sentinel = Sentinel(list(self.url.hosts), sentinel_kwargs=sentinel_kwargs,
                                       db=self.url.db, **kwargs)
-            return self._sentinel.master_for(self.url.service)
+            return self._sentinel.master_for(
+                self.url.service, connection_class=_primary_connection_class(self.url.tls))
         from redis.asyncio.cluster import ClusterNode, RedisCluster
         kwargs.pop("client_name", None)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.url.hosts],
@@ -352,6 +458,36 @@ class Backend:
         if self.is_cluster:
             await client.initialize()
         await client.execute_command("PING")
+
+    def follow_primary(self) -> Optional[defer.Deferred]:
+        """Sentinel only: ask the Sentinels which server is the primary now and,
+        if it changed, drop the connections to the old one (None otherwise).
+
+        redis-py asks the Sentinels only when it opens a connection, and a
+        primary that Sentinel replaced but did not demote yet still takes
+        writes on the connections it has: writes that the failover throws
+        away (the new primary never sees them; a node's heartbeat there
+        would let its membership expire on the new one).  The node's
+        heartbeat calls this every round.  Fires with the primary's
+        ``(host, port)``; fails with :class:`RedisUnavailable` when no
+        Sentinel answers (the caller goes on with the connections it has)."""
+        if self.url.kind != "sentinel":
+            return None
+        return as_deferred(self._follow_primary(self.client.connection_pool),
+                           self.socket_timeout)
+
+    async def _follow_primary(self, pool):
+        old = pool.master_address
+        new = await pool.get_master_address()
+        if old is not None and new != old:
+            # redis-py dropped the idle connections; the busy ones (a blocked
+            # XREADGROUP) still talk to the old primary: close them too (their
+            # commands fail as RedisUnavailable and are retried on the new one)
+            await pool.disconnect(inuse_connections=True)
+            log.warn("Redis primary of {service} is now {new} (was {old}): reconnected",
+                     service=self.url.service, new=f"{new[0]}:{new[1]}",
+                     old=f"{old[0]}:{old[1]}")
+        return new
 
     def close(self) -> defer.Deferred:
         """Close every connection; fires when done (never fails)."""
@@ -385,22 +521,75 @@ class Backend:
                 break
         return timeout
 
-    def pipeline(self, commands: Sequence[Sequence]) -> defer.Deferred:
+    def pipeline(self, commands: Sequence[Sequence], wait_replicas: int = 0,
+                 wait_timeout: int = 1000) -> defer.Deferred:
         """Several commands in one round trip (not a transaction; under Redis
         Cluster grouped by node).  Fires with the list of replies; if any
-        command failed, fails with the first error (the others may have run)."""
-        return as_deferred(self._pipeline(commands), self.socket_timeout)
+        command failed, fails with the first error (the others may have run).
 
-    async def _pipeline(self, commands):
+        :param wait_replicas: N > 0: the writes count only once N replicas
+            of every primary written to have them: ``WAIT N wait_timeout``
+            ends the commands on the same connection (under Redis Cluster one
+            ``WAIT`` per primary, each after that primary's commands).  Fewer
+            replicas in time fails with :class:`RedisUnavailable` (the writes
+            may be on the primary: retry; never acknowledge them).
+        :param wait_timeout: milliseconds ``WAIT`` waits at most.
+        """
+        bound = self.socket_timeout + (wait_timeout / 1000.0 if wait_replicas else 0.0)
+        return as_deferred(self._pipeline(commands, wait_replicas, wait_timeout), bound)
+
+    async def _pipeline(self, commands, wait_replicas=0, wait_timeout=1000):
         if not commands:
             return []
         if self.is_cluster:
+            if wait_replicas:
+                return await self._cluster_pipeline_wait(commands, wait_replicas,
+                                                         wait_timeout)
             pipe = self.client.pipeline()
         else:
             pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=True)
+        if wait_replicas:
+            pipe.execute_command("WAIT", wait_replicas, wait_timeout)
+        replies = await pipe.execute(raise_on_error=True)
+        if wait_replicas:
+            _check_replicas(replies[-1:], wait_replicas, wait_timeout)
+            replies = replies[:-1]
+        return replies
+
+    async def _cluster_pipeline_wait(self, commands, wait_replicas, wait_timeout):
+        """Redis Cluster: each command sent to the primary of its key's slot,
+        then ``WAIT`` on each primary written to, on the connection that
+        carried its writes (``WAIT`` counts the writes of its own connection).
+        No redirection is followed (a redirected write would be on another
+        connection, outside the ``WAIT``): a MOVED/ASK fails the batch after
+        the slot map was refreshed, and the caller retries."""
+        import redis.exceptions as rx
+        client = self.client
+        if getattr(client, "_initialize", False):
+            await client.initialize()
+        pipe = client.pipeline()
+        nodes: Dict[str, Any] = {}
+        for command in commands:
+            node = client.get_node_from_key(_first_key(command))
+            nodes.setdefault(node.name, node)
+            pipe.execute_command(*command, target_nodes=node)
+        for node in nodes.values():
+            pipe.execute_command("WAIT", wait_replicas, wait_timeout, target_nodes=node)
+        try:
+            replies = await pipe.execute(raise_on_error=True, allow_redirections=False)
+        except (rx.MovedError, rx.AskError) as error:
+            # let redis-py learn the new owner of the slot (its normal path
+            # follows and records the redirection), then fail this batch
+            try:
+                await client.execute_command("EXISTS", _first_key(commands[0]))
+            except Exception:
+                pass
+            raise RedisUnavailable(f"{type(error).__name__}: slots are moving "
+                                   f"(resharding or failover): {error}") from None
+        _check_replicas(replies[len(commands):], wait_replicas, wait_timeout)
+        return replies[:len(commands)]
 
     def register(self, name: str, source: str) -> Script:
         """Register a Lua script under ``name`` (see :meth:`run`)."""

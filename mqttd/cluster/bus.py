@@ -35,7 +35,7 @@ the bound QoS 0 messages are dropped and counted.
 from __future__ import annotations
 
 import struct
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from mqttd.cluster.backend import BackendError
 from mqttd.cluster.keys import Keys
+from mqttd.codec.packets import NO_PROPERTIES
 from mqttd.codec.properties import decode_properties, encode_properties
 from mqttd.durability import both, fire_waiters
 from mqttd.messages import SYS_ORIGIN, Message
@@ -54,11 +55,14 @@ GROUP = "mqttd"
 VERSION = 1
 _PUBLISH = 3
 _HEAD = struct.Struct("!BBHH")     # version, flags, topic length, origin length
+_HEAD_SIZE = _HEAD.size
 _EXPIRY = struct.Struct("!d")
 _F_RETAIN, _F_ORIGIN, _F_EXPIRY, _F_PROPS = 0x04, 0x08, 0x10, 0x20
 SEP = "\x00"
 #: inbox batches delivered and waiting for their XACK while the next is read
 MAX_UNACKED = 4
+#: messages from the inbox handed to the broker in one reactor turn at most
+DELIVER_SLICE = 512
 
 
 class EnvelopeError(ValueError):
@@ -97,33 +101,137 @@ def decode_envelope(data: bytes) -> Message:
 
     :raises EnvelopeError: not an envelope of version 1, or truncated.
     """
+    if not isinstance(data, (bytes, bytearray)):
+        raise EnvelopeError(f"bad envelope: {type(data).__name__}, not bytes")
+    return _decode_at(data, 0, len(data))
+
+
+def _decode_at(data: bytes, offset: int, end: int) -> Message:
+    """The envelope in ``data[offset:end]`` (no copy of the envelope itself)."""
     try:
-        version, flags, topic_len, origin_len = _HEAD.unpack_from(data, 0)
+        version, flags, topic_len, origin_len = _HEAD.unpack_from(data, offset)
         if version != VERSION:
             raise EnvelopeError(f"unknown envelope version {version}")
-        offset = _HEAD.size
-        topic = data[offset:offset + topic_len].decode("utf-8")
-        offset += topic_len
+        offset += _HEAD_SIZE
+        stop = offset + topic_len
+        topic = data[offset:stop].decode("utf-8")
+        offset = stop
         origin = None
         if flags & _F_ORIGIN:
-            origin = data[offset:offset + origin_len].decode("utf-8")
-            offset += origin_len
+            stop = offset + origin_len
+            origin = data[offset:stop].decode("utf-8")
+            offset = stop
         expires_at = None
         if flags & _F_EXPIRY:
             (expires_at,) = _EXPIRY.unpack_from(data, offset)
-            offset += _EXPIRY.size
-        from mqttd.codec.packets import NO_PROPERTIES
+            offset += 8
         properties = NO_PROPERTIES
         if flags & _F_PROPS:
-            properties, offset = decode_properties(data, offset, _PUBLISH)
-        if offset > len(data) or not topic:
+            properties, offset = decode_properties(data, offset, _PUBLISH, end)
+        if offset > end or not topic:
             raise EnvelopeError("truncated envelope")
     except EnvelopeError:
         raise
     except Exception as error:
         raise EnvelopeError(f"bad envelope: {error}") from None
-    return Message(topic, bytes(data[offset:]), flags & 0x03, bool(flags & _F_RETAIN),
+    return Message(topic, data[offset:end], flags & 0x03, bool(flags & _F_RETAIN),
                    properties, origin, expires_at)
+
+
+#: an inbox entry carrying several envelopes: field ``b``, version byte then
+#: records of (envelope length, share length + 1 or 0 for none, targets length,
+#: envelope, share, targets) -- targets: the nodes the message went to, joined
+#: by NUL (see :meth:`Router.also_sent_to`)
+BATCH_VERSION = 2
+_REC = struct.Struct("!III")
+#: envelopes in one inbox entry at most, and their bytes at most (a longer
+#: run for one node is split over several entries, in order)
+ENTRY_MESSAGES = 128
+ENTRY_BYTES = 512 * 1024
+
+
+def encode_batch(items: Sequence[Tuple[bytes, Optional[str], str]]) -> bytes:
+    """The ``b`` field of an inbox entry carrying ``items``: ``(envelope,
+    shares, targets)`` in order (``shares``: None, or the groups joined by NUL;
+    ``targets``: the nodes the message went to, joined by NUL)."""
+    parts = [bytes((BATCH_VERSION,))]
+    pack = _REC.pack
+    for data, share, targets in items:
+        raw_targets = targets.encode("utf-8") if targets else b""
+        if share is None:
+            parts.append(pack(len(data), 0, len(raw_targets)))
+            parts.append(data)
+        else:
+            raw = share.encode("utf-8")
+            parts.append(pack(len(data), len(raw) + 1, len(raw_targets)))
+            parts.append(data)
+            parts.append(raw)
+        parts.append(raw_targets)
+    return b"".join(parts)
+
+
+def _only(share) -> Optional[frozenset]:
+    if share is None:
+        return None
+    if isinstance(share, bytes):
+        share = share.decode("utf-8")
+    return frozenset(share.split(SEP)) if share else frozenset()
+
+
+def _targets(raw) -> Optional[frozenset]:
+    if not raw:
+        return None     # an entry of an older node names none
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    return frozenset(raw.split(SEP))
+
+
+def decode_entry(fields) -> Tuple[List[Tuple[Message, Optional[frozenset],
+                                             Optional[frozenset]]], List[str]]:
+    """The messages of one inbox entry, in order: ``([(message, only_shares,
+    targets), ...], [error, ...])``.  ``fields`` is the entry's field dict (or
+    flat list): ``e`` (+ ``s``, ``n``) for one envelope, ``b`` for a batch
+    (:func:`encode_batch`).  ``targets``: the nodes the message went to (None:
+    not named, an older node's entry).  A bad envelope is skipped and named in
+    the errors; a batch whose framing is broken yields what came before the break."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2]))
+    out: List[Tuple[Message, Optional[frozenset], Optional[frozenset]]] = []
+    errors: List[str] = []
+    blob = fields.get(b"b")
+    if blob is None:
+        try:
+            out.append((decode_envelope(fields.get(b"e")), _only(fields.get(b"s")),
+                        _targets(fields.get(b"n"))))
+        except (EnvelopeError, TypeError, UnicodeDecodeError) as error:
+            errors.append(str(error))
+        return out, errors
+    if not blob or blob[0] != BATCH_VERSION:
+        return out, [f"unknown batch version {blob[0] if blob else None}"]
+    offset, end = 1, len(blob)
+    unpack = _REC.unpack_from
+    size = _REC.size
+    append = out.append
+    while offset < end:
+        if offset + size > end:
+            errors.append("truncated batch")
+            break
+        data_len, share_len, targets_len = unpack(blob, offset)
+        offset += size
+        stop = offset + data_len
+        share_stop = stop + share_len - 1 if share_len else stop
+        targets_stop = share_stop + targets_len
+        if targets_stop > end:
+            errors.append("truncated batch")
+            break
+        try:
+            message = _decode_at(blob, offset, stop)
+            append((message, _only(blob[stop:share_stop]) if share_len else None,
+                    _targets(blob[share_stop:targets_stop])))
+        except (EnvelopeError, UnicodeDecodeError) as error:
+            errors.append(str(error))
+        offset = targets_stop
+    return out, errors
 
 
 class _Congestion:
@@ -142,11 +250,17 @@ class Router:
     :param node: the :class:`~mqttd.cluster.node.Node` (live peers for shares).
     :param inbox_maxlen: approximate length an inbox is trimmed to.
     :param max_pending: envelopes waiting for Redis at most (then QoS 0 drops).
+    :param batch: inbox entries read at once (``XREADGROUP COUNT``); each
+        carries up to ``ENTRY_MESSAGES`` envelopes.
+    :param block_ms: ``XREADGROUP BLOCK`` milliseconds.
+    :param wait_replicas: a flush carrying QoS >= 1 envelopes counts as
+        written (PUBACK/PUBREC) only once this many replicas have it
+        (``--cluster-wait-replicas``; ``WAIT`` after the XADDs).
     """
 
     def __init__(self, broker, backend, routes, node, keys: Keys = Keys(),
                  inbox_maxlen: int = 1_000_000, max_pending: int = 100_000,
-                 batch: int = 512, block_ms: int = 1000):
+                 batch: int = 64, block_ms: int = 1000, wait_replicas: int = 0):
         self.broker = broker
         self.backend = backend
         self.routes = routes
@@ -158,6 +272,7 @@ class Router:
         self.high_water = max(1, max_pending // 2)
         self.batch = batch
         self.block_ms = block_ms
+        self.wait_replicas = wait_replicas
         self.clock = broker.clock
         self.log_limiter = LogRateLimiter(self.clock, interval=10.0, burst=1,
                                           reason_burst=None)
@@ -178,7 +293,7 @@ class Router:
         self._reading = False
         self._congestion = _Congestion()
         self.stats = {"forwarded": [0, 0, 0], "forward_failed": 0, "dropped": 0,
-                      "received": [0, 0, 0], "bad_envelopes": 0, "batches": 0,
+                      "received": [0, 0, 0], "bad_envelopes": 0, "batches": 0, "entries": 0,
                       "acked": 0}
 
     # --- forwarding (the broker's router seam) --------------------------------------------
@@ -284,14 +399,10 @@ class Router:
         batch, self._pending = self._pending, []
         upto = self._queued
         self._flushing = True
-        commands = []
-        for node, data, share, _qos, targets in batch:
-            command = ["XADD", self.keys.inbox(node), "MAXLEN", "~", self.inbox_maxlen, "*",
-                       "e", data, "n", targets]
-            if share is not None:
-                command += ["s", share]
-            commands.append(command)
-        d = self.backend.pipeline(commands)
+        wait = 0
+        if self.wait_replicas and upto != self._written:
+            wait = self.wait_replicas     # a QoS >= 1 publisher waits for this batch
+        d = self.backend.pipeline(self._commands(batch), wait_replicas=wait)
 
         def written(_):
             self.stats["batches"] += 1
@@ -322,6 +433,43 @@ class Router:
                 self._decongested()
         d.addCallbacks(written, failed)
         d.addBoth(done)
+
+    def _commands(self, batch) -> List[list]:
+        """The XADDs for ``batch``: one entry per node for each run of up to
+        ``ENTRY_MESSAGES`` envelopes (``ENTRY_BYTES``), in publish order
+        (group commit: one Redis command carries many messages)."""
+        per_node: Dict[str, List[Tuple[bytes, Optional[str], str]]] = {}
+        for node, data, share, _qos, targets in batch:
+            items = per_node.get(node)
+            if items is None:
+                items = per_node[node] = []
+            items.append((data, share, targets))
+        commands = []
+        maxlen = self.inbox_maxlen
+        for node, items in per_node.items():
+            key = self.keys.inbox(node)
+            start = 0
+            total = len(items)
+            while start < total:
+                stop = start
+                size = 0
+                while stop < total and stop - start < ENTRY_MESSAGES and (
+                        size < ENTRY_BYTES or stop == start):
+                    size += len(items[stop][0])
+                    stop += 1
+                if stop - start == 1:
+                    data, share, targets = items[start]
+                    command = ["XADD", key, "MAXLEN", "~", maxlen, "*", "e", data,
+                               "n", targets]
+                    if share is not None:
+                        command += ["s", share]
+                else:
+                    command = ["XADD", key, "MAXLEN", "~", maxlen, "*", "b",
+                               encode_batch(items[start:stop])]
+                commands.append(command)
+                start = stop
+        self.stats["entries"] += len(commands)
+        return commands
 
     def _congested(self) -> None:
         flow = self.broker.flow
@@ -369,6 +517,7 @@ class Router:
         self._reading = True
         start = b"0"       # first what was delivered to us before and never acked
         unacked: List[defer.Deferred] = []
+        delivering: Optional[defer.Deferred] = None
         try:
             while not self._stopped:
                 try:
@@ -378,7 +527,7 @@ class Router:
                         start)
                 except Exception as error:
                     if self._stopped:
-                        break    # a clean stop deleted the inbox under the blocked read
+                        break   # e.g. UNBLOCKED: a stopping node deleted its inbox
                     if "NOGROUP" in str(error):
                         yield self.joined()
                     elif not isinstance(error, BackendError):
@@ -400,7 +549,11 @@ class Router:
                     continue
                 if not entries:
                     continue
-                acked = self._deliver(entries)
+                if delivering is not None and not delivering.called:
+                    # the previous batch is still being handed over in slices:
+                    # its messages go first (order per publisher and topic)
+                    yield delivering
+                delivering, acked = self._deliver(entries)
                 if start == b"0":
                     # re-reading from 0 returns what is not acknowledged yet
                     yield acked
@@ -414,54 +567,70 @@ class Router:
         finally:
             self._reading = False
 
-    def _deliver(self, entries) -> defer.Deferred:
+    def _deliver(self, entries) -> Tuple[defer.Deferred, defer.Deferred]:
+        """Hand the messages of ``entries`` to the broker, at most
+        ``DELIVER_SLICE`` per reactor turn (other clients are served between
+        slices); ``(delivered, acked)``: fires when every message was handed
+        over, and when the entries were acknowledged to Redis (after the
+        local store made what they queued durable)."""
         broker = self.broker
         since = broker.write_count
-        ids = []
-        for entry_id, fields in entries:
-            ids.append(entry_id)
-            if fields is None:
-                continue    # trimmed away before we read it (pending list only)
-            if isinstance(fields, list):
-                fields = dict(zip(fields[::2], fields[1::2]))
-            data = fields.get(b"e")
-            try:
-                message = decode_envelope(data)
-            except (EnvelopeError, TypeError) as error:
-                self.stats["bad_envelopes"] += 1
-                self.log_limiter.emit(log.warn, "envelope", "Dropping inbox entry {id} of "
-                                      "{node_id}: {error}", id=entry_id, error=str(error),
-                                      node_id=self.node_id)
-                continue
-            share = fields.get(b"s")
-            only = None
-            if share is not None:
-                share = share.decode("utf-8")
-                only = frozenset(share.split(SEP)) if share else frozenset()
-            self.stats["received"][message.qos] += 1
-            targets = fields.get(b"n")
-            # an entry of an older node names no targets: as if it went here only
-            targets = (frozenset(targets.decode("utf-8").split(SEP)) if targets
-                       else frozenset((self.node_id,)))
-            self._dispatching = targets
-            try:
-                broker.dispatch(message, only_shares=only)
-                for observer in list(self.dispatch_observers):
-                    observer(message, targets)
-            except Exception:
-                log.failure("Delivering a message from another node to {topic} failed",
-                            topic=message.topic)
-            finally:
-                self._dispatching = None
-        barrier = broker.barrier(since)
-        if barrier is None:
-            return self._ack(ids)
-        # acknowledged to Redis once what we queued for it is durable here
-        barrier.addCallback(lambda _: self._ack(ids))
-        barrier.addErrback(lambda f: self.log_limiter.emit(
-            log.warn, "inbox-ack", "Not acknowledging {count} inbox entries: the store "
-            "failed ({error}); they are delivered again", count=len(ids), error=str(f.value)))
-        return barrier
+        ids = [entry_id for entry_id, _fields in entries]
+        delivered: defer.Deferred = defer.Deferred()
+        acked: defer.Deferred = defer.Deferred()
+        received = self.stats["received"]
+        pending = iter(entries)
+        here = frozenset((self.node_id,))
+
+        def step():
+            budget = DELIVER_SLICE
+            for entry_id, fields in pending:
+                if fields is None:
+                    continue    # trimmed away before we read it (pending list only)
+                messages, errors = decode_entry(fields)
+                if errors:
+                    self.stats["bad_envelopes"] += len(errors)
+                    self.log_limiter.emit(log.warn, "envelope", "Dropping {count} envelopes "
+                                          "of inbox entry {id} of {node_id}: {error}",
+                                          count=len(errors), id=entry_id, error=errors[0],
+                                          node_id=self.node_id)
+                for message, only, targets in messages:
+                    received[message.qos] += 1
+                    # an entry of an older node names no targets: as if it went here only
+                    self._dispatching = targets = targets or here
+                    try:
+                        broker.dispatch(message, only_shares=only)
+                        for observer in list(self.dispatch_observers):
+                            observer(message, targets)
+                    except Exception:
+                        log.failure("Delivering a message from another node to {topic} "
+                                    "failed", topic=message.topic)
+                    finally:
+                        self._dispatching = None
+                budget -= len(messages)
+                if budget <= 0:
+                    if self._stopped:
+                        # the rest stays unacknowledged: read again after a
+                        # restart, or by the reaper
+                        delivered.callback(None)
+                        acked.callback(None)
+                        return
+                    self.clock.callLater(0, step)
+                    return
+            delivered.callback(None)
+            barrier = broker.barrier(since)
+            if barrier is None:
+                self._ack(ids).chainDeferred(acked)
+                return
+            # acknowledged to Redis once what we queued for it is durable here
+            barrier.addCallback(lambda _: self._ack(ids))
+            barrier.addErrback(lambda f: self.log_limiter.emit(
+                log.warn, "inbox-ack", "Not acknowledging {count} inbox entries: the store "
+                "failed ({error}); they are delivered again", count=len(ids),
+                error=str(f.value)))
+            barrier.chainDeferred(acked)
+        step()
+        return delivered, acked
 
     def _ack(self, ids) -> defer.Deferred:
         d = self.backend.execute("XACK", self.keys.inbox(self.node_id), GROUP, *ids)

@@ -303,6 +303,14 @@ class Node:
     @defer.inlineCallbacks
     def _beat(self):
         sent = self.clock.seconds()
+        follow = self.backend.follow_primary()   # Sentinel: the primary may have moved
+        if follow is not None:
+            try:
+                yield follow
+            except BackendError as error:
+                # no Sentinel answers: go on with the primary we know
+                self.log_limiter.emit(log.warn, "sentinel", "Cannot ask the Redis Sentinels "
+                                      "for the primary: {error}", error=str(error))
         reply = yield self.backend.run("node-beat", [self.keys.alive(self.node_id)],
                                        [self.boot_id, self._ttl_ms()])
         if reply != 1:

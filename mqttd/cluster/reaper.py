@@ -579,30 +579,22 @@ class InboxReplay:
 
     @defer.inlineCallbacks
     def _batch(self, inbox, entries, deliver, sync):
-        from mqttd.cluster.bus import GROUP, SEP, EnvelopeError, decode_envelope
+        from mqttd.cluster.bus import GROUP, decode_entry
         ids = []
         for entry in entries:
             entry_id, fields = entry[0], entry[1]
             ids.append(entry_id)
             if not fields:
                 continue
-            if isinstance(fields, list):
-                fields = dict(zip(fields[::2], fields[1::2]))
-            try:
-                message = decode_envelope(fields.get(b"e"))
-            except (EnvelopeError, TypeError) as error:
-                log.warn("Dropping entry {id} of a dead node's inbox: {error}",
-                         id=entry_id, error=str(error))
-                continue
-            share = fields.get(b"s")
-            only = None
-            if share is not None:
-                share = share.decode("utf-8")
-                only = frozenset(share.split(SEP)) if share else frozenset()
-            try:
-                deliver(message, only)
-            except Exception:
-                log.failure("Replaying a message to {topic} failed", topic=message.topic)
+            messages, errors = decode_entry(fields)
+            for error in errors:
+                log.warn("Dropping an envelope of entry {id} of a dead node's inbox: {error}",
+                         id=entry_id, error=error)
+            for message, only, _targets in messages:
+                try:
+                    deliver(message, only)
+                except Exception:
+                    log.failure("Replaying a message to {topic} failed", topic=message.topic)
         if ids:
             yield sync()
             yield self.backend.execute("XACK", inbox, GROUP, *ids)

@@ -36,11 +36,14 @@ class ClusterService(MultiService):
     :param node_id: this node's id.
     :param heartbeat: seconds between heartbeats.
     :param ttl: node TTL, seconds.
+    :param wait_replicas: ``--cluster-wait-replicas`` for the router's
+        hand-off of QoS >= 1 messages (see :class:`~mqttd.cluster.bus.Router`).
     """
 
     def __init__(self, broker, backend: Backend, node_id: str, heartbeat: float = 1.0,
                  ttl: float = 5.0, keys: Keys = Keys(), inbox_maxlen: int = 1_000_000,
-                 route_resync: float = 30.0, sys_interval: float = 10.0):
+                 route_resync: float = 30.0, sys_interval: float = 10.0,
+                 wait_replicas: int = 0):
         super().__init__()
         self.setName("cluster")
         self.broker = broker
@@ -51,7 +54,7 @@ class ClusterService(MultiService):
         self.routes = RouteTable(backend, broker.clock, node_id, keys, resync=route_resync)
         #: forwarding to the other nodes, delivering what they send here
         self.router = Router(broker, backend, self.routes, self.node, keys,
-                             inbox_maxlen=inbox_maxlen)
+                             inbox_maxlen=inbox_maxlen, wait_replicas=wait_replicas)
         #: $SYS/broker/cluster/...: this node and cluster-wide sums
         self.stats = ClusterStats(self, sys_interval)
         self.node.on("fenced", self._fenced)
@@ -237,7 +240,8 @@ def from_options(service, options) -> Optional[ClusterService]:
     sys_interval = options.get("sys-interval")
     cluster = ClusterService(service.broker, backend, node_id, heartbeat, ttl,
                              inbox_maxlen=options.get("cluster-inbox-maxlen") or 1_000_000,
-                             sys_interval=10.0 if sys_interval is None else sys_interval)
+                             sys_interval=10.0 if sys_interval is None else sys_interval,
+                             wait_replicas=int(options.get("cluster-wait-replicas") or 0))
     cluster.setServiceParent(service)
     install_gauges(service, cluster)
     service.cluster = cluster

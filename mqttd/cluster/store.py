@@ -106,8 +106,8 @@ class RedisSessionStore:
     :param clock: ``IReactorTime``; flushes run on the next reactor turn.
     :param wait_replicas: after each flush, ``WAIT`` for this many replicas
         and fail the flush (no acknowledgement) when fewer took it in
-        ``wait_timeout`` (0: none; ignored under Redis Cluster, where one
-        pipeline spans several primaries).
+        ``wait_timeout`` (0: none; under Redis Cluster one ``WAIT`` per
+        primary written to).
     :param wait_timeout: milliseconds ``WAIT`` may take.
     """
 
@@ -279,43 +279,33 @@ class RedisSessionStore:
             commands.append(("EVALSHA", script.sha, len(keys), *keys, self.node_id,
                              epoch, *items))
             cids.append((cid, items, epoch))
-        waiting = bool(self.wait_replicas and commands and not self.backend.is_cluster)
-        if waiting:
-            commands.append(("WAIT", self.wait_replicas, self.wait_timeout))
         d = self._run(commands, cids)
-        if waiting:
-            d.addCallback(self._replicated)
         d.addCallbacks(self._flushed, self._flush_failed,
                        callbackArgs=(cids, waiters), errbackArgs=(cids, waiters))
 
     def _run(self, commands, cids) -> defer.Deferred:
+        """The batch in one pipeline; with ``wait_replicas`` it ends with
+        ``WAIT`` (one per primary under Redis Cluster, see
+        :meth:`Backend.pipeline`): fewer replicas is a failure (nothing is
+        acknowledged that a failover could lose)."""
         if not commands:
             return defer.succeed([])
-        d = self.backend.pipeline(commands)
+        wait = dict(wait_replicas=self.wait_replicas, wait_timeout=self.wait_timeout)
+        d = self.backend.pipeline(commands, **wait)
 
         def noscript(failure):
-            # after a Redis restart the script cache is empty: run each call
-            # with EVAL fallback (the ops are idempotent, except forwards)
+            # after a Redis restart the script cache is empty: run the batch
+            # again with EVAL (the ops are idempotent, except forwards)
             text = str(failure.value)
             if not any(s in text for s in ("NOSCRIPT", "NoScript", "No matching script")):
                 return failure
-            calls = [self.backend.run("session_apply", session_keys(self.prefix, cid),
-                                      [self.node_id, epoch, *items])
-                     for cid, items, epoch in cids]
-            return defer.gatherResults(calls, consumeErrors=True)
+            source = self._scripts["session_apply"].source
+            keys = [session_keys(self.prefix, cid) for cid, _items, _epoch in cids]
+            return self.backend.pipeline(
+                [("EVAL", source, len(k), *k, self.node_id, epoch, *items)
+                 for k, (_cid, items, epoch) in zip(keys, cids)], **wait)
         d.addErrback(noscript)
         return d
-
-    def _replicated(self, replies):
-        """The WAIT reply ends the pipeline: fewer replicas than asked is a failure
-        (nothing is acknowledged that a failover could lose)."""
-        replicas = int(replies[-1])
-        if replicas < self.wait_replicas:
-            from mqttd.cluster.backend import RedisUnavailable
-            raise RedisUnavailable(f"only {replicas} of {self.wait_replicas} replicas took "
-                                   f"the writes within {self.wait_timeout} ms "
-                                   f"(--cluster-wait-replicas)")
-        return replies[:-1]
 
     def _flushed(self, replies, cids, waiters) -> None:
         self._flushing = False

@@ -63,8 +63,11 @@ class FakeBackend:
     def execute(self, *command):
         return self._answer(lambda: self._call(command))
 
-    def pipeline(self, commands):
+    def pipeline(self, commands, wait_replicas=0, wait_timeout=1000):
         return self._answer(lambda: [self._call(c) for c in commands])
+
+    def follow_primary(self):
+        return None   # not Sentinel
 
     def run(self, name, keys, args):
         def script():

@@ -117,8 +117,11 @@ class FakeBackend:
     def execute(self, *args):
         return self._reply(lambda: self._command(*args))
 
-    def pipeline(self, commands):
+    def pipeline(self, commands, wait_replicas=0, wait_timeout=1000):
         return self._reply(lambda: [self._command(*c) for c in commands])
+
+    def follow_primary(self):
+        return None   # not Sentinel
 
     def expire_now(self, key):
         """The key's TTL ran out (Redis forgot it)."""

@@ -262,3 +262,136 @@ class RedisCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+class RedisSentinelSet:
+    """A Redis primary, one replica and ``sentinels`` Sentinels watching them
+    (service ``mymaster``, quorum 1, ``down-after-milliseconds 5000``: no
+    failover of their own on a loaded machine), all
+    on 127.0.0.1 ephemeral ports.  :meth:`failover` asks a Sentinel to promote
+    the replica (``SENTINEL FAILOVER``) and waits (bounded) until every
+    Sentinel names the new primary and the old one follows it."""
+
+    SERVICE = "mymaster"
+
+    def __init__(self, workdir: Path, sentinels: int = 2):
+        self.workdir = Path(workdir)
+        self.primary = RedisServer(self.workdir / "primary")
+        self.replica: Optional[RedisServer] = None
+        self.sentinel_count = sentinels
+        self.sentinels: List[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}"
+
+    @property
+    def servers(self) -> List[RedisServer]:
+        return [self.primary] + ([self.replica] if self.replica else [])
+
+    def start(self) -> "RedisSentinelSet":
+        try:
+            self.primary.start()
+            self.replica = RedisServer(self.workdir / "replica", extra_args=[
+                "--replicaof", "127.0.0.1", str(self.primary.port)]).start()
+            self.wait_replicated(self.primary)
+            for i in range(self.sentinel_count):
+                self.sentinels.append(_Sentinel(self.workdir / f"sentinel{i}",
+                                                self.primary.port, self.SERVICE).start())
+            self.wait_sentinels_see_replica()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def primary_port(self, sentinel=None) -> int:
+        sentinel = sentinel or self.sentinels[0]
+        out = sentinel.cli("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE).split()
+        return int(out[1])
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def wait_replicated(self, primary: RedisServer, timeout: float = 20.0) -> None:
+        """Until ``primary`` has a replica whose link is up and in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = primary.cli("INFO", "replication")
+            if "role:master" in info and "connected_slaves:1" in info and \
+                    "state=online" in info:
+                return
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"replica not in sync after {timeout:.0f}s:\n{info}")
+            time.sleep(0.05)
+
+    def wait_sentinels_see_replica(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = [s.cli("SENTINEL", "REPLICAS", self.SERVICE).strip() != ""
+                    for s in self.sentinels]
+            if all(seen):
+                return
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"Sentinels do not see the replica after "
+                                      f"{timeout:.0f}s: {seen}")
+            time.sleep(0.1)
+
+    def failover(self, timeout: float = 30.0) -> RedisServer:
+        """Promote the replica; returns the new primary (the old one is then
+        its replica, in sync)."""
+        old = self.primary_port()
+        self.sentinels[0].cli("SENTINEL", "FAILOVER", self.SERVICE)
+        deadline = time.monotonic() + timeout
+        while True:
+            ports = {self.primary_port(s) for s in self.sentinels}
+            if len(ports) == 1 and old not in ports:
+                new = self.server_on(ports.pop())
+                if "role:master" in new.cli("INFO", "replication"):
+                    break
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"failover not done after {timeout:.0f}s: "
+                                      f"{ports}\n{self.sentinels[0].log_tail()}")
+            time.sleep(0.1)
+        self.primary, self.replica = new, self.server_on(old)
+        self.wait_replicated(new, timeout=max(1.0, deadline - time.monotonic()))
+        return new
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for server in self.servers:
+            server.stop()
+
+
+class _Sentinel(RedisServer):
+    """``redis-server sentinel.conf --sentinel`` (Sentinel rewrites its file)."""
+
+    def __init__(self, workdir: Path, primary_port: int, service: str):
+        super().__init__(workdir, appendonly=False)
+        self.primary_port = primary_port
+        self.service = service
+
+    def _wait_ready(self) -> None:
+        """Until its log says it monitors the primary (a Sentinel never logs
+        "Ready to accept connections"); bounded, with its log tail."""
+        try:
+            wait_until_ready(self._proc,
+                             lambda: "+monitor master" in self._this_start_log(),
+                             self._this_start_log, f"redis-server --sentinel on port {self.port}",
+                             START_TIMEOUT)
+        except PortInUse as error:
+            raise RedisPortInUse(str(error)) from None
+        except BrokerStartError as error:
+            raise RedisStartError(str(error)) from None
+
+    def command(self) -> List[str]:
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"logfile {self.log_path}\ndaemonize no\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 5000\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+            f"sentinel parallel-syncs {self.service} 1\n")
+        return [find("redis-server"), str(conf), "--sentinel"]

@@ -70,9 +70,35 @@ def test_no_local_skips_only_the_publisher_and_overlapping_filters_deliver_once(
     assert pub.quiet() == [] and remote.quiet() == []
 
 
+def inbox_envelopes(redis_server, node_id, after=b"0-0"):
+    """``(last entry id, [(entry id, topic), ...])`` of the envelopes in a
+    node's inbox after the entry id ``after`` (batched entries unpacked)."""
+    import redis
+
+    from mqttd.cluster.bus import decode_entry
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        entries = client.xrange(f"mqttd:{{n:{node_id}}}:inbox",
+                                min=b"(" + after if after != b"0-0" else "-")
+    finally:
+        client.close()
+    out = []
+    last = after
+    for entry_id, fields in entries:
+        messages, errors = decode_entry(fields)
+        assert errors == []
+        out.extend((entry_id, message.topic) for message, _only, _targets in messages)
+        last = entry_id
+    return last, out
+
+
+def last_inbox_id(redis_server, node_id):
+    return inbox_envelopes(redis_server, node_id)[0]
+
+
 def test_order_per_publisher_and_topic_is_kept_and_each_node_gets_one_envelope(
         two_nodes, redis_server):
-    """Many subscribers on one node cost one Redis entry per message; order holds."""
+    """Many subscribers on one node cost one envelope per message; order holds."""
     a, b = two_nodes
     pub = Client(a.port, "ord-pub")
     subs = [Client(b.port, f"ord-sub-{i}") for i in range(3)]
@@ -81,15 +107,39 @@ def test_order_per_publisher_and_topic_is_kept_and_each_node_gets_one_envelope(
     ready(pub, subs[0])
     for s in subs[1:]:
         s.subscribe("probe/route")
-    before = int(redis_server.cli("XLEN", "mqttd:{n:mb}:inbox"))
+    before = last_inbox_id(redis_server, "mb")
     count = 200
     for i in range(count):
         pub.publish("ord/t", str(i).encode(), qos=1 if i % 2 else 0)
     for s in subs:
         got = [int(m.payload) for m in s.collect(count, timeout=20) if m.topic == "ord/t"]
         assert got == list(range(count))
-    after = int(redis_server.cli("XLEN", "mqttd:{n:mb}:inbox"))
-    assert after - before == count     # once per node, not once per subscriber
+    _last, envelopes = inbox_envelopes(redis_server, "mb", before)
+    # once per node, not once per subscriber
+    assert sum(1 for _id, topic in envelopes if topic == "ord/t") == count
+
+
+def test_a_burst_to_one_node_shares_inbox_entries(two_nodes, redis_server):
+    """Group commit: the messages a node forwards in one reactor turn go to
+    another node in one inbox entry (one XADD), in order, not one entry each."""
+    from mqttd.codec import encode
+    from mqttd.codec.packets import Publish
+    a, b = two_nodes
+    pub = Client(a.port, "burst-pub", level=4)
+    sub = Client(b.port, "burst-sub")
+    sub.subscribe("burst/t", 0)
+    ready(pub, sub)
+    before = last_inbox_id(redis_server, "mb")
+    count = 100
+    # one TCP write: the node reads all of them in one turn
+    pub.sock.sendall(b"".join(encode(Publish("burst/t", str(i).encode(), 0), 4)
+                              for i in range(count)))
+    got = [int(m.payload) for m in sub.collect(count, timeout=20)]
+    assert got == list(range(count))
+    _last, envelopes = inbox_envelopes(redis_server, "mb", before)
+    burst = [entry_id for entry_id, topic in envelopes if topic == "burst/t"]
+    assert len(burst) == count
+    assert len(set(burst)) <= count // 10     # a few entries, not one per message
 
 
 def test_a_node_without_matching_subscribers_gets_nothing(redis_server, module_nodes):

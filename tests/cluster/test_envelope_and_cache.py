@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, strategies as st
 from twisted.internet import task
 
-from mqttd.cluster.bus import EnvelopeError, decode_envelope, encode_envelope
+from mqttd.cluster.bus import (EnvelopeError, decode_entry, decode_envelope, encode_batch,
+                               encode_envelope)
 from mqttd.cluster.routes import RESET_OP, SEP, RouteTable
 from mqttd.codec.packets import Properties
 from mqttd.messages import Message
@@ -37,6 +38,58 @@ def test_a_foreign_or_truncated_entry_is_an_envelope_error(data):
     """A bad inbox entry is dropped with a log line, never a crash of the reader."""
     with pytest.raises(EnvelopeError):
         decode_envelope(data)
+
+
+messages_ = st.builds(Message, topics_, st.binary(max_size=200), st.integers(0, 2),
+                      st.booleans(), st.just(Properties()), st.one_of(st.none(), strings),
+                      st.one_of(st.none(), st.floats(0, 1e10)))
+shares_ = st.one_of(st.none(), st.just(""), st.lists(strings.filter(bool), min_size=1,
+                                                      max_size=3).map("\x00".join))
+
+
+targets_ = st.lists(st.text(alphabet="abcdefghij0123456789-", min_size=1, max_size=8),
+                    max_size=3).map("\x00".join)
+
+
+@given(st.lists(st.tuples(messages_, shares_, targets_), min_size=1, max_size=20))
+def test_a_batched_entry_carries_its_messages_and_groups_in_order(items):
+    """Group commit: many envelopes in one inbox entry come out as they went
+    in, in order, each with the shared-subscription groups it is for and the
+    nodes it went to (de-duplication after a takeover)."""
+    blob = encode_batch([(encode_envelope(m), share, targets) for m, share, targets in items])
+    messages, errors = decode_entry({b"b": blob})
+    assert errors == []
+    expected = [(m, None if share is None else
+                 frozenset(share.split("\x00")) if share else frozenset(),
+                 frozenset(targets.split("\x00")) if targets else None)
+                for m, share, targets in items]
+    assert messages == expected
+    # the reply of XREADGROUP may also come as a flat list of fields
+    assert decode_entry([b"b", blob]) == (expected, [])
+
+
+def test_a_single_envelope_entry_and_its_groups_are_read_too():
+    """Entries of one envelope (field ``e``, groups in ``s``, targets in ``n``) stay readable."""
+    message = Message("a/b", b"x", 1)
+    assert decode_entry({b"e": encode_envelope(message), b"s": b"g1\x00g2"}) == \
+        ([(message, frozenset({"g1", "g2"}), None)], [])
+    assert decode_entry({b"e": encode_envelope(message), b"n": b"n1\x00n2"}) == \
+        ([(message, None, frozenset({"n1", "n2"}))], [])
+
+
+def test_a_bad_envelope_in_a_batch_is_skipped_and_a_broken_batch_keeps_its_head():
+    """A bad record costs that record (or, with broken framing, the rest of the
+    entry), never the reader: the good ones before it are delivered."""
+    good = [Message(f"t/{i}", b"p", 0) for i in range(3)]
+    blob = encode_batch([(encode_envelope(good[0]), None, "n1"), (b"\x09junk", None, "n1"),
+                         (encode_envelope(good[1]), None, "n1")])
+    messages, errors = decode_entry({b"b": blob})
+    assert [m for m, _, _ in messages] == good[:2] and len(errors) == 1
+    blob = encode_batch([(encode_envelope(m), None, "n1") for m in good])
+    messages, errors = decode_entry({b"b": blob[:-3]})
+    assert [m for m, _, _ in messages] == good[:2] and errors == ["truncated batch"]
+    assert decode_entry({b"b": b"\x07"}) == ([], ["unknown batch version 7"])
+    assert decode_entry({b"x": b""})[0] == []
 
 
 def table(node="me"):
