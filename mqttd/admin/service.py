@@ -81,7 +81,8 @@ class AdminService(Service):
         self.registry = make_registry(broker, broker_service, self.ring)
         self.history = StatsHistory(broker, broker.clock)
         self.top = TopTopics(broker, broker.clock)
-        policy = AccessPolicy(token, users, broker.authenticator)
+        policy = AccessPolicy(token, users, lambda: broker.authenticator,
+                              refused=broker.refused)
         self.api = AdminAPI(broker, self.ring, policy, broker_service, self.history, self.top)
 
     def sites(self):
