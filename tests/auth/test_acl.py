@@ -185,3 +185,15 @@ def test_acl_applies_to_publish_subscribe_retained_and_will_end_to_end():
     bad_will.send(Connect(5, "dev2", True, 0, username="alice", password=b"x",
                           will=Will("clients/dev1/gone", b"spoof")))
     assert bad_will.received()[0].reason_code == 0x87
+
+
+def test_pattern_values_are_substituted_once_never_rescanned():
+    """A user name holding '%c' stays literal: it never gets the (client-chosen) id spliced in
+    (REVIEW-SEC2 N10: user '%c' with client id 'victim' read users/victim/#)."""
+    acl = ACLAuthorizer(parse_acl("pattern readwrite users/%u/#\npattern read c/%c/%u\n"))
+    attacker = client("victim", "%c")
+    assert not acl.authorize_forward(attacker, msg("users/victim/secret"))
+    assert acl.authorize_forward(attacker, msg("users/%c/x"))              # its own, literally
+    assert not acl.authorize_forward(client("vict", "ab%cd"), msg("users/abvictd/x"))
+    assert acl.authorize_forward(client("%u", "bob"), msg("c/%u/bob"))     # id '%u' literal too
+    assert not acl.authorize_forward(client("%u", "bob"), msg("c/bob/bob"))
