@@ -151,3 +151,39 @@ def test_trace_covers_a_refused_connect_and_its_connack():
     lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mqttd.trace"]
     assert lines[0].startswith("trace c1 <- Connect(") and "wrong" not in lines[0]
     assert "trace c1 -> Connack(session_present=False, reason_code=4)" in lines
+
+
+def test_trace_hides_authentication_data_of_connect_and_auth_both_ways():
+    """SCRAM nonces, salt and proofs in a trace are a password verifier: shown as their size only
+    (REVIEW-SEC2 N17)."""
+    from twisted.logger import formatEvent
+
+    from mqttd.codec.packets import Auth, Properties
+    from mqttd.hooks import AuthOutcome, AuthStep
+
+    class Exchange:
+        def step(self, data):
+            if data == b"client-first-NONCE":
+                return AuthStep(AuthOutcome.CONTINUE, data=b"server-first-SALT")
+            return AuthStep(AuthOutcome.SUCCESS, data=b"server-final-SIG", username="sc")
+
+    class Enhanced:
+        def start(self, method, client):
+            return Exchange()
+    broker, clock = make_broker(trace_clients={"scc1"})
+    broker.enhanced_authenticator = Enhanced()
+    client = FakeClient(broker, clock, level=5)
+    with capturedLogs() as events:
+        client.send(Connect(5, "scc1", True, 0, properties=Properties(
+            authentication_method="SCRAM-SHA-256", authentication_data=b"client-first-NONCE")))
+        client.received()
+        client.send(Auth(0x18, Properties(authentication_method="SCRAM-SHA-256",
+                                          authentication_data=b"client-final-PROOF")))
+        assert client.received()[0].reason_code == 0
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mqttd.trace"]
+    text = "\n".join(lines)
+    assert len(lines) >= 4, text
+    for secret in ("NONCE", "SALT", "PROOF", "SIG"):
+        assert secret not in text, text
+    assert "authentication_data=<hidden, 18 bytes>" in lines[0]
+    assert "authentication_method='SCRAM-SHA-256'" in lines[0]
