@@ -21,7 +21,19 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from mqttd.messages import Message
 
-__all__ = ["RetainedIndex"]
+__all__ = ["RetainedIndex", "client_retained_count"]
+
+
+def client_retained_count(store) -> int:
+    """How many retained messages of clients ``store`` holds (the broker's own
+    volatile ``$SYS`` values not counted): what ``$SYS/broker/retained
+    messages/count``, the admin API and the metrics show.  A store that holds
+    them elsewhere (the cluster's, in Redis) answers with its
+    ``client_count()``."""
+    counter = getattr(store, "client_count", None)
+    if counter is not None:
+        return counter()
+    return sum(1 for topic in list(store) if not topic.startswith("$SYS"))
 
 
 class _Level:

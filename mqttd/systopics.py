@@ -245,7 +245,7 @@ class SysTopics:
             "bytes/received": stats.bytes_received,
             "bytes/sent": stats.bytes_sent,
             "subscriptions/count": subscriptions,
-            "retained messages/count": retained,
+            "retained messages/count": _retained_count(broker),
         }
         rss = resident_memory()
         self._heap_peak = max(self._heap_peak, peak_resident_memory(), rss or 0)
@@ -268,8 +268,10 @@ class SysTopics:
 
 
 def _retained_count(broker) -> int:
-    """Retained messages of clients (the volatile ``$SYS`` ones not counted)."""
-    return sum(1 for topic in list(broker.retained) if not topic.startswith("$SYS"))
+    """Retained messages of clients (the volatile ``$SYS`` ones not counted;
+    in a cluster: all nodes' together)."""
+    from mqttd.retained import client_retained_count
+    return client_retained_count(broker.retained)
 
 
 def _message_bytes(message) -> int:

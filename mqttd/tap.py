@@ -261,6 +261,10 @@ OPTIONS: List[Option] = [
     Option("workers", integer(1, 1024), "With --cluster: run N worker processes (cluster "
            "nodes <node-id>-w1..wN) sharing the listening ports (SO_REUSEPORT); this "
            "process supervises them (restart with backoff, SIGTERM stops all).", default=1),
+    Option("workers-sockets", choice("auto", "reuseport", "inherit"), "How --workers share "
+           "a port: reuseport (each worker binds with SO_REUSEPORT), inherit (the supervisor "
+           "listens and every worker adopts its sockets), auto (reuseport where the "
+           "platform has it).", default="auto"),
 ]
 
 #: Feature packages that add to the service built from the options:

@@ -40,6 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mqttd.admin import why as why_module
+from mqttd.retained import client_retained_count
 
 log = Logger(namespace="mqttd.admin")
 
@@ -365,7 +366,10 @@ class AdminAPI(Resource):
                 raise HTTPError(404, f"no session {parts[1]!r}")
             return _json(request, {"deleted": parts[1]})
         if route == ("GET", "retained"):
-            return _json(request, self.retained(request))
+            page = self.retained(request)
+            if isinstance(page, defer.Deferred):
+                return page.addCallback(lambda answer: _json(request, answer))
+            return _json(request, page)
         if route == ("DELETE", "retained"):
             topic = _arg(request, "topic")
             if not topic:
@@ -406,7 +410,7 @@ class AdminAPI(Resource):
             "clients": {"online": online, "offline": len(broker.sessions) - online,
                         "maximum": getattr(stats, "clients_maximum", None)},
             "subscriptions": sum(len(s.subscriptions) for s in broker.sessions.values()),
-            "retained": sum(1 for t in list(broker.retained) if not t.startswith("$SYS")),
+            "retained": client_retained_count(broker.retained),
             "messages": {"received": stats.messages_received, "sent": stats.messages_sent,
                          "dropped": stats.dropped_total},
             "bytes": {"received": stats.bytes_received, "sent": stats.bytes_sent},
@@ -447,16 +451,28 @@ class AdminAPI(Resource):
         data["recent"] = recent
         return data
 
-    def retained(self, request) -> dict:
+    def retained(self, request):
         prefix = _arg(request, "prefix", "")
         after = _arg(request, "after")
         limit = _int_arg(request, "limit", 100, 1, MAX_PAGE)
-        topics = sorted(t for t in self.broker.retained if t.startswith(prefix)
+        store = self.broker.retained
+        listing = getattr(store, "listing", None)
+        if listing is not None:
+            # a store that holds them elsewhere (the cluster's): all nodes' messages
+            d = listing(prefix)
+            d.addCallback(lambda messages: self._retained_page(
+                {m.topic: m for m in messages}, prefix, after, limit))
+            return d
+        return self._retained_page(store, prefix, after, limit)
+
+    @staticmethod
+    def _retained_page(store, prefix, after, limit) -> dict:
+        topics = sorted(t for t in store if t.startswith(prefix)
                         and (after is None or t > after))
         page = topics[:limit]
         items = []
         for topic in page:
-            message = self.broker.retained.get(topic)
+            message = store.get(topic)
             if message is None:
                 continue
             items.append({"topic": topic, "qos": message.qos, "bytes": len(message.payload),

@@ -20,6 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 
+from mqttd.retained import client_retained_count
+
 _LEVELS = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 _QOS = ("0", "1", "2")
 
@@ -94,8 +96,8 @@ class BrokerCollector:
         yield _counter("mqttd_sessions_expired_total", "Offline sessions that expired",
                        getattr(stats, "sessions_expired", 0))
         yield _gauge("mqttd_subscriptions", "Subscriptions of all sessions", subscriptions)
-        yield _gauge("mqttd_retained_messages", "Retained messages held",
-                     sum(1 for t in list(broker.retained) if not t.startswith("$SYS")))
+        yield _gauge("mqttd_retained_messages", "Retained messages held (in a cluster: by "
+                     "all nodes together)", client_retained_count(broker.retained))
         yield _gauge("mqttd_queued_messages", "Messages waiting in session queues", queued)
         yield _gauge("mqttd_queued_bytes", "Payload + topic bytes waiting in session queues",
                      queued_bytes)

@@ -238,7 +238,11 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
                                      "the broker's")
     _step(steps, "topic", True, f"{topic!r} is a valid topic name")
 
-    retained = broker.retained.get(topic)
+    fetch = getattr(broker.retained, "fetch", None)   # a cluster's: from Redis
+    if fetch is not None:
+        retained = yield defer.maybeDeferred(fetch, topic)
+    else:
+        retained = broker.retained.get(topic)
     if retained is not None:
         expires = getattr(retained, "expires_at", None)
         result["retained"] = {"qos": retained.qos, "bytes": len(retained.payload),

@@ -160,7 +160,8 @@ class Reaper:
             cursor, members = reply[0], reply[1]
             for member in members:
                 client_id = _text(member)
-                done = yield self._adopt(node, client_id)
+                # never side by side with a claim of the same client here
+                done = yield self.sessions.exclusive(client_id, self._adopt, node, client_id)
                 if done:
                     adopted.add(client_id)
             if _text(cursor) == "0":
@@ -190,8 +191,10 @@ class Reaper:
                                    client_id)
         loaded = yield self.backend.run("session_load", session_keys(self.prefix, client_id),
                                         [self.node_id, epoch])
-        if _text(loaded[0]) == "F":
-            self.store.epochs.pop(client_id, None)
+        if _text(loaded[0]) == "F" or self.store.epochs.get(client_id) != epoch:
+            # claimed meanwhile (a kick from another node): not ours to install
+            if self.store.epochs.get(client_id) == epoch:
+                del self.store.epochs[client_id]
             return False
         stored = self.sessions.stored_session(client_id, loaded[1], loaded[3], loaded[4],
                                               loaded[5])
@@ -363,16 +366,26 @@ class InboxReplay:
 
     @defer.inlineCallbacks
     def forget(self, dead: str, deliver, sync):
-        """Reset the dead node's routes, wait, take what still came, delete its inbox."""
+        """Reset the dead node's routes, wait, take what still came, delete its inbox.
+
+        A node id that is alive again (restarted meanwhile: its heartbeat key
+        is back) keeps its routes and its inbox: they are its new
+        incarnation's."""
         from mqttd.cluster.routes import RESET_OP
+        if (yield self._back(dead)):
+            return 0
         version = yield self.backend.execute("INCR", self.keys.route_version(dead))
         yield self.backend.execute("DEL", self.keys.routes(dead))
         yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
                                    "*", "n", dead, "v", version, "o", RESET_OP)
         yield _sleep(self.clock, self.settle)
         late = yield self._unread(self.keys.inbox(dead), deliver, sync)
-        yield self.backend.execute("DEL", self.keys.inbox(dead))
+        if not (yield self._back(dead)):
+            yield self.backend.execute("DEL", self.keys.inbox(dead))
         return late
+
+    def _back(self, node: str) -> defer.Deferred:
+        return self.backend.execute("EXISTS", self.keys.alive(node)).addCallback(bool)
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:

@@ -397,10 +397,13 @@ class RedisRetained:
         return removed
 
     @defer.inlineCallbacks
-    def count(self):
-        """How many retained messages the cluster holds (from the index root)."""
+    def count(self, clients_only: bool = False):
+        """How many retained messages the cluster holds (from the index root,
+        one ``HGETALL``); ``clients_only``: not those under ``$SYS`` (bridge
+        states), as ``$SYS/broker/retained messages/count`` counts."""
         fields = yield self.backend.execute("HGETALL", self.index_key((), 0))
-        return sum(n // 2 for _name, n in _counts(fields))
+        return sum(n // 2 for name, n in _counts(fields)
+                   if not (clients_only and name == "$SYS"))
 
     @defer.inlineCallbacks
     def reindex(self, scan_count: int = 1000):
@@ -478,8 +481,9 @@ class ClusterRetainedStore:
     node's own ``$SYS`` values stay in memory here (each node has its own
     statistics) and are merged into the lookups of filters that start with
     ``$SYS``.  ``get``, ``len``, iteration and ``in`` answer for those local
-    values only (the admin API's view; :meth:`RedisRetained.count` counts
-    the cluster's).
+    values only; the cluster-wide views are :meth:`client_count` (the count
+    of the last :meth:`refresh_count`), :meth:`fetch` and :meth:`listing`
+    (Deferreds), which the admin API, ``why``, the metrics and ``$SYS`` use.
 
     :param redis: a :class:`RedisRetained`.
     :param clock: ``IReactorTime`` (``seconds()``: wall-clock time, the same
@@ -491,6 +495,54 @@ class ClusterRetainedStore:
         self.clock = clock
         self.local = RetainedIndex()
         self._sweeper = None
+        #: retained messages of clients cluster-wide, as of the last refresh
+        self.cluster_count: Optional[int] = None
+
+    # --- cluster-wide views (admin API, why, metrics, $SYS) -----------------------------
+
+    def refresh_count(self) -> defer.Deferred:
+        """Read the cluster-wide count of clients' retained messages from the
+        index root (one command); fires with it and keeps it for
+        :meth:`client_count`."""
+        def keep(count):
+            self.cluster_count = count
+            return count
+        return self.redis.count(clients_only=True).addCallback(keep)
+
+    def client_count(self) -> int:
+        """Clients' retained messages of the whole cluster as of the last
+        :meth:`refresh_count` (every ``--sys-interval``); before the first,
+        0."""
+        return self.cluster_count or 0
+
+    def fetch(self, topic: str) -> defer.Deferred:
+        """The retained message of ``topic`` wherever it is (this node's
+        ``$SYS`` values, else Redis); fires with None if there is none."""
+        if node_local(topic):
+            return defer.succeed(self.local.get(topic))
+        return self.redis.get(topic, self.clock.seconds())
+
+    def listing(self, prefix: str = "") -> defer.Deferred:
+        """Every retained message whose topic starts with ``prefix`` (a
+        string prefix, not a filter): walks the index below the prefix's
+        complete levels, so the cost follows that subtree -- an empty prefix
+        reads them all (an admin's listing, not a client path)."""
+        levels = prefix.split("/")
+        base = "/".join(levels[:-1])
+        filters = [base + "/#"] if len(levels) > 1 else ["#", "$SYS/#"]
+        now = self.clock.seconds()
+        lookups = []
+        for topic_filter in filters:
+            found = self.cursor(topic_filter, now)
+            lookups.append(found if isinstance(found, defer.Deferred)
+                           else defer.succeed(list(found)))
+        d = defer.gatherResults(lookups, consumeErrors=True)
+        d.addErrback(lambda failure: failure.value.subFailure)
+
+        def merge(results):
+            return [m for found in results for m in found
+                    if m is not None and m.topic.startswith(prefix)]
+        return d.addCallback(merge)
 
     # --- IRetainedStore -----------------------------------------------------------------
 

@@ -108,6 +108,8 @@ class ClusterSessions:
         self._refused: Dict[object, int] = {}
         #: (client id, epoch) -> Deferred waiting for the old owner's done
         self._done: Dict[Tuple[str, int], defer.Deferred] = {}
+        #: client id -> the lock its claims and adoptions on this node take
+        self._locks: Dict[str, defer.DeferredLock] = {}
         #: client id -> unsubscribe functions of the forwarding subscriptions
         self._forwarding: Dict[str, list] = {}
         self.takeovers = 0
@@ -142,7 +144,8 @@ class ClusterSessions:
     def claim(self, connection, client_id: str, clean_start: bool, persistent: bool,
               will, username: Optional[str]) -> defer.Deferred:
         self._claims[connection] = None
-        d = self._claim(client_id, clean_start, persistent, will, username, connection)
+        d = self.exclusive(client_id, self._claim, client_id, clean_start, persistent, will,
+                           username, connection)
 
         def finished(result):
             epoch = self._claims.pop(connection, None)
@@ -154,6 +157,28 @@ class ClusterSessions:
                 self._refused[connection] = epoch   # claim_abandoned follows
             return result
         d.addBoth(finished)
+        return d
+
+    def exclusive(self, client_id: str, f: Callable, *args) -> defer.Deferred:
+        """``f(*args)`` once no other claim or adoption of ``client_id`` runs on
+        this node; fires with its result.
+
+        A claim and the reaper's adoption of one session both read it from
+        Redis and install it in the broker over several round trips; run side
+        by side, the later install replaced the earlier one (a resumed client
+        kicked by its own node, or a stale copy of the session kept in memory
+        while Redis had the newer one).  Kicks from other nodes do not take the
+        lock (two nodes claiming at once would wait for each other)."""
+        lock = self._locks.get(client_id)
+        if lock is None:
+            lock = self._locks[client_id] = defer.DeferredLock()
+        d = lock.run(f, *args)
+
+        def unlock(result):
+            if not lock.locked and not lock.waiting and self._locks.get(client_id) is lock:
+                del self._locks[client_id]
+            return result
+        d.addBoth(unlock)
         return d
 
     @defer.inlineCallbacks
@@ -194,8 +219,10 @@ class ClusterSessions:
                 yield self._kick(old_node, client_id, epoch, ended)
             else:
                 self._dead_owners_will(client_id, old_will, old_online, ended)
-        elif expired:
-            # ours, and expired on Redis's clock before our own timer fired
+        elif expired and broker.sessions.get(client_id) is None \
+                and client_id not in broker.wills:
+            # ours by Redis, unknown here (an earlier incarnation's): its will
+            # is due; a session still held here ends below (its own will)
             self._dead_owners_will(client_id, old_will, old_online, True)
         if self._kicked.get(client_id, 0) > epoch:
             return self._lost(client_id, epoch)

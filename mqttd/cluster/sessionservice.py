@@ -95,6 +95,30 @@ class ControlStream:
             self.clock.callLater(1.0, self._read)
 
 
+@defer.inlineCallbacks
+def check_internal_sessions(broker, backend, keys, node_id: str):
+    """Internal sessions (a bridge's local end) are node-local: a bridge
+    configured on two nodes forwards every message once per node.  Record
+    which node runs each (``<prefix>{c:<client id>}:local``) and log an error
+    when another live node runs the same one."""
+    for client_id in sorted(getattr(broker, "_reserved_ids", {})):
+        key = f"{keys.prefix}{{c:{client_id}}}:local"
+        try:
+            holder = yield backend.execute("GET", key)
+            holder = holder.decode() if isinstance(holder, bytes) else holder
+            if holder and holder != node_id and (
+                    yield backend.execute("EXISTS", keys.alive(holder))):
+                log.error("The internal session {client_id} ({owner}) also runs on node "
+                          "{node}: a bridge configured on several nodes forwards every "
+                          "message once per node; configure each bridge on one node",
+                          client_id=client_id, owner=broker.internal_owner(client_id),
+                          node=holder)
+            yield backend.execute("SET", key, node_id)
+        except Exception as error:
+            log.warn("Cannot record the internal session {client_id}: {error}",
+                     client_id=client_id, error=str(error))
+
+
 def from_options(service, options) -> Optional[ClusterSessions]:
     """The ``twistd mqttd`` feature hook: cluster sessions for ``--cluster``."""
     cluster = getattr(service, "cluster", None)
@@ -115,6 +139,8 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
                               inner=broker.store, wait_replicas=wait_replicas)
     broker.store = store
     broker._durable = True
+    # internal sessions (a bridge's local end) stay in this node's own store
+    store.is_local = lambda client_id: broker.internal_owner(client_id) is not None
 
     def is_alive(node):
         return backend.execute("EXISTS", keys.alive(node)).addCallback(bool)
@@ -148,6 +174,7 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
         control.start()
         sweeper.start(max(node.ttl, 1.0), now=False)
         started.append(True)
+        check_internal_sessions(broker, backend, keys, node_id)
     node.on("unfenced", lambda: None if started else start())
 
     def rejoined(_old_boot=None, new_boot=None):

@@ -13,7 +13,11 @@ memory like the rest of ``$SYS/broker``:
 - the cluster: ``$SYS/broker/cluster/nodes`` (live nodes, this one
   included), ``.../clients/connected``, ``.../clients/total`` (sessions),
   ``.../messages/received``, ``.../messages/sent``, ``.../subscriptions/count``
-  (sums over the live nodes).
+  (sums over the live nodes), ``.../retained/count`` (clients' retained
+  messages, from the Redis index);
+- every live node's own figures, whatever node the subscriber is on:
+  ``$SYS/broker/cluster/members/<node id>/<name>`` (the summed names above,
+  and ``fenced``), cleared when the node is gone.
 
 ``$SYS`` messages themselves are per node: they are never forwarded.
 """
@@ -32,6 +36,10 @@ log = Logger(namespace="mqttd.cluster.stats")
 PREFIX = "$SYS/broker/cluster/"
 SUMMED = ("clients_connected", "clients_total", "messages_received", "messages_sent",
           "subscriptions")
+#: the per-node figures under ``$SYS/broker/cluster/members/<id>/``
+MEMBER_TOPICS = {"clients_connected": "clients/connected", "clients_total": "clients/total",
+                 "messages_received": "messages/received", "messages_sent": "messages/sent",
+                 "subscriptions": "subscriptions/count"}
 
 
 def _text(value) -> str:
@@ -48,6 +56,8 @@ class ClusterStats:
         #: the last cluster-wide sums (also for the metrics)
         self.totals: Dict[str, int] = {}
         self.nodes_alive = 1
+        #: node ids whose members/<id>/ values this node published
+        self._members: set = set()
         self._loop = None
         self._busy = False
 
@@ -118,10 +128,15 @@ class ClusterStats:
             replies = yield cluster.backend.pipeline(
                 [("HMGET", keys.stats(n), *SUMMED) for n in peers])
             totals = dict(mine)
-            for reply in replies:
+            members = {cluster.node_id: mine}
+            for peer, reply in zip(peers, replies):
+                figures = {}
                 for name, value in zip(SUMMED, reply):
                     if value is not None:
+                        figures[name] = int(value)
                         totals[name] = totals.get(name, 0) + int(value)
+                if figures:
+                    members[peer] = figures
             self.totals = totals
             self.nodes_alive = 1 + len(peers)
             values.update({
@@ -132,9 +147,29 @@ class ClusterStats:
                 "messages/sent": str(totals["messages_sent"]),
                 "subscriptions/count": str(totals["subscriptions"]),
             })
+            retained = getattr(cluster, "retained", None)
+            if retained is not None:
+                count = yield retained.refresh_count()
+                values["retained/count"] = str(count)
+            values.update(self._member_values(members))
         for suffix, payload in values.items():
             self.broker.publish_volatile(Message(PREFIX + suffix, payload.encode("utf-8"), 0,
                                                  True, origin=SYS_ORIGIN))
+
+    def _member_values(self, members: Dict[str, Dict[str, int]]) -> Dict[str, str]:
+        """``members/<id>/<name>`` for every live node; the retained values of
+        the nodes gone since the last tick are forgotten."""
+        values = {}
+        for node, figures in members.items():
+            base = f"members/{node}/"
+            for name, topic in MEMBER_TOPICS.items():
+                if name in figures:
+                    values[base + topic] = str(figures[name])
+        for gone in self._members - set(members):
+            for topic in MEMBER_TOPICS.values():
+                self.broker.retained.remove(f"{PREFIX}members/{gone}/{topic}")
+        self._members = set(members)
+        return values
 
 
 def install_gauges(service, cluster) -> None:

@@ -19,6 +19,13 @@ Retained messages are not this store's business (``PutRetained`` /
 ``DeleteRetained`` are ignored): the cluster's retained store keeps them in
 Redis itself.  ``open()`` returns no sessions: a session is loaded from Redis
 when its client connects (:mod:`mqttd.cluster.sessions`).
+
+**Node-local sessions.**  The internal sessions of features (a bridge's local
+end, reserved with ``Broker.reserve_client_id``) belong to this node, not to
+the cluster: no client can claim them anywhere, no reaper adopts them.  Their
+operations go to the node's own store (``--persistence``) as on a single
+node (:attr:`RedisSessionStore.is_local`), and ``open()`` restores them from
+it.
 """
 from __future__ import annotations
 
@@ -129,6 +136,9 @@ class RedisSessionStore:
         #: ``will(client_id, fields)``: a ``Disconnected(take_will=True)`` took
         #: the connection's will (``kind``, ``m``, ``delay``) out of Redis
         self.on_will: Optional[Callable] = None
+        #: ``is_local(client_id) -> bool``: a node-local (internal) session,
+        #: kept in the node's own store rather than in Redis
+        self.is_local: Callable[[str], bool] = lambda _client_id: False
         #: the Session Expiry Interval of MQTT 3.x persistent sessions
         #: (``--persistent-client-expiration``; None: never), for the deadline
         #: Redis keeps
@@ -147,16 +157,26 @@ class RedisSessionStore:
         if self.inner is None:
             return R.StoredState()
         state = self.inner.open()
-        if state.sessions or state.wills:
+        local = {cid: stored for cid, stored in state.sessions.items() if self.is_local(cid)}
+        wills = {cid: will for cid, will in state.wills.items() if self.is_local(cid)}
+        ignored = len(state.sessions) - len(local), len(state.wills) - len(wills)
+        if any(ignored):
             log.warn("Ignoring {sessions} sessions and {wills} delayed wills of the local "
-                     "store: in a cluster, sessions live in Redis",
-                     sessions=len(state.sessions), wills=len(state.wills))
-        return R.StoredState(retained=state.retained)
+                     "store: in a cluster, sessions live in Redis (only internal sessions, "
+                     "such as bridges' local ends, stay in the node's store)",
+                     sessions=ignored[0], wills=ignored[1])
+        return R.StoredState(sessions=local, retained=state.retained, wills=wills)
 
     def write(self, op) -> None:
         cls = op.__class__
         if cls in (R.PutRetained, R.DeleteRetained):
             if self.inner is not None:
+                self.inner.write(op)
+            return
+        if self.is_local(op.record.client_id if cls in (R.PutSession, R.PutWill)
+                         else op.client_id):
+            # a node-local (internal) session: the node's own store, as on one node
+            if self.inner is not None and cls not in (Disconnected, Forward):
                 self.inner.write(op)
             return
         if cls is R.PutSession:

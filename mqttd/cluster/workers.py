@@ -11,8 +11,15 @@ the same Redis.  Clients see one broker on one address:
   macOS): the kernel spreads incoming connections over the workers by a hash
   of the connection's addresses.  An ephemeral port (``tcp:0``) is resolved
   once by the supervisor, which keeps a bound (not listening) socket on it so
-  the port stays the cluster's while workers restart.  Platforms without
-  ``SO_REUSEPORT`` are refused at start with one line.
+  the port stays the cluster's while workers restart.
+* **Or one inherited socket** (``--workers-sockets inherit``; the default
+  where ``SO_REUSEPORT`` is missing): the supervisor opens every TCP
+  listening socket itself and passes it to each worker (file descriptors 3,
+  4, ..., named in ``MQTTD_WORKER_SOCKETS``); a worker's listener on that
+  address and port adopts it (``adoptStreamPort``'s mechanism, below TLS,
+  WebSocket and PROXY, which work unchanged) instead of binding.  All
+  workers accept from one queue; connections that arrive while a worker
+  restarts wait in it instead of being reset.
 * **Supervision.**  A worker that exits while the supervisor runs is logged
   and started again after a backoff (0.5 s doubling up to 30 s; back to
   0.5 s once a worker stayed up 60 s).  A worker that cannot start at all the
@@ -60,6 +67,13 @@ log = Logger(namespace="mqttd.cluster.workers")
 
 #: environment variable telling a process it is worker ``<k>`` of supervisor ``<pid>``
 WORKER_ENV = "MQTTD_WORKER"
+#: environment variable naming the listening sockets a worker inherits:
+#: ``<fd>=<interface>|<port>`` joined by ``,``
+SOCKETS_ENV = "MQTTD_WORKER_SOCKETS"
+#: the first file descriptor of the inherited sockets in a worker
+FIRST_FD = 3
+#: how workers share a port: SO_REUSEPORT, or sockets inherited from the supervisor
+SOCKET_MODES = ("auto", "reuseport", "inherit")
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
@@ -120,6 +134,42 @@ def share_tcp_ports() -> None:
     _shared = True
 
 
+def inherit_tcp_ports(sockets: Dict[Tuple[str, int], int]) -> None:
+    """Listen on the sockets the supervisor passed: a TCP listener of this
+    process on ``(interface, port)`` in ``sockets`` takes that inherited
+    descriptor (already bound and listening) instead of binding its own --
+    what ``reactor.adoptStreamPort`` does, applied below every endpoint kind
+    (``tcp:``, ``mqtts:``, ``ws:``, ``wss:``, ``haproxy:``, the HTTP
+    listeners).  Other listeners bind as usual."""
+    global _shared
+    if _shared:
+        return
+    from twisted.internet import fdesc, tcp
+
+    start = tcp.Port.startListening
+
+    def startListening(self):
+        fd = sockets.get((self.interface, self.port))
+        if fd is not None and self._preexistingSocket is None:
+            fdesc.setNonBlocking(fd)
+            # a duplicate: the inherited descriptor stays for a later listen
+            self._preexistingSocket = socket.fromfd(fd, self.addressFamily,
+                                                    self.socketType)
+        return start(self)
+    tcp.Port.startListening = startListening
+    _shared = True
+
+
+def parse_sockets_env(value: str) -> Dict[Tuple[str, int], int]:
+    """``{(interface, port): fd}`` from :data:`SOCKETS_ENV`'s value."""
+    out: Dict[Tuple[str, int], int] = {}
+    for item in filter(None, value.split(",")):
+        fd, _, address = item.partition("=")
+        interface, _, port = address.rpartition("|")
+        out[(interface, int(port))] = int(fd)
+    return out
+
+
 def _die_with_parent(parent: int) -> None:
     """Ask for SIGTERM when the supervisor dies; exit now if it already has."""
     _set_parent_death_signal()
@@ -149,7 +199,11 @@ def prepare_worker() -> Optional[int]:
         return None
     index, parent = spec
     _die_with_parent(parent)
-    share_tcp_ports()
+    inherited = os.environ.get(SOCKETS_ENV)
+    if inherited is not None:
+        inherit_tcp_ports(parse_sockets_env(inherited))
+    else:
+        share_tcp_ports()
     return index
 
 
@@ -160,8 +214,8 @@ _PORT_KEYWORD = re.compile(r"(^|:)port=0(?=:|$)")
 _INTERFACE = re.compile(r"(?:^|:)interface=((?:[^:\\]|\\.)*)")
 
 
-def resolve_ephemeral_ports(listen: Sequence[str],
-                            reservations: List[socket.socket]) -> List[str]:
+def resolve_ephemeral_ports(listen: Sequence[str], reservations: List[socket.socket],
+                            reuse_port: bool = True) -> List[str]:
     """``listen`` with every TCP port 0 replaced by one port picked here.
 
     For each ``tcp:0`` (``ssl:``, ``mqtts:``, ``ws:``, ``wss:``, ``haproxy:tcp:``,
@@ -184,7 +238,8 @@ def resolve_ephemeral_ports(listen: Sequence[str],
         interface = match.group(1).replace("\\:", ":") if match else ""
         family = socket.AF_INET6 if ":" in interface else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, 0))
         reservations.append(sock)
         port = sock.getsockname()[1]
@@ -195,6 +250,60 @@ def resolve_ephemeral_ports(listen: Sequence[str],
             description = _PORT_KEYWORD.sub(lambda m: f"{m.group(1)}port={port}", description,
                                              count=1)
         out.append(description)
+    return out
+
+
+def tcp_address(description: str) -> Optional[Tuple[str, int]]:
+    """``(interface, port)`` a TCP-based listener description binds (``tcp:``,
+    ``mqtts:``, ``ws:``, ``wss:``, ``ssl:``, behind ``haproxy:``), None for
+    other kinds (``unix:`` ...).  The interface is ``""`` when not given (all
+    IPv4 addresses, as the endpoints default)."""
+    parts = description.split(":")
+    if parts and parts[0] == "haproxy":
+        parts = parts[1:]
+    if not parts or parts[0] not in _TCP_KINDS:
+        return None
+    port = None
+    for part in parts[1:]:
+        if part.startswith("port="):
+            port = part[len("port="):]
+        elif "=" not in part and port is None and part.isdigit():
+            port = part
+    match = _INTERFACE.search(description)
+    interface = match.group(1).replace("\\:", ":") if match else ""
+    if port is None:
+        return None
+    return interface, int(port)
+
+
+def open_listening_sockets(descriptions: Sequence[str], reservations: List[socket.socket],
+                           backlog: int = 1024) -> List[Tuple[str, int, socket.socket]]:
+    """Bind and listen on every TCP address of ``descriptions`` (each once);
+    the sockets the supervisor passes to its workers (``--workers-sockets
+    inherit``).  Ports must be resolved (no 0).
+
+    :raises OSError: an address cannot be bound (one line names it).
+    """
+    out = []
+    seen = set()
+    for description in descriptions:
+        address = tcp_address(description)
+        if address is None or address in seen or address[1] == 0:
+            continue
+        seen.add(address)
+        interface, port = address
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((interface, port))
+            sock.listen(backlog)
+        except OSError as error:
+            sock.close()
+            raise OSError(f"cannot listen on {interface or '*'}:{port} for the "
+                          f"workers: {error.strerror or error}") from None
+        reservations.append(sock)
+        out.append((interface, port, sock))
     return out
 
 
@@ -310,6 +419,9 @@ class Supervisor(Service):
         self.ready_timeout = ready_timeout
         #: sockets holding resolved ephemeral ports (closed at stop)
         self.reservations: List[socket.socket] = []
+        #: ``(interface, port, socket)`` listening sockets every worker inherits
+        #: (``--workers-sockets inherit``; empty with SO_REUSEPORT)
+        self.inherited: List[Tuple[str, int, socket.socket]] = []
         self.stopping = False
         self.failed = False
         #: a directory of the supervisor's own (worker ready files) removed at stop
@@ -346,9 +458,15 @@ class Supervisor(Service):
         argv, env = self.command(worker.index)
         worker.ready = False
         worker.started_at = self.reactor.seconds()
+        child_fds = {0: "w", 1: 1, 2: 2}
+        if self.inherited:
+            mapping = []
+            for n, (interface, port, sock) in enumerate(self.inherited):
+                child_fds[FIRST_FD + n] = sock.fileno()
+                mapping.append(f"{FIRST_FD + n}={interface}|{port}")
+            env = dict(env, **{SOCKETS_ENV: ",".join(mapping)})
         worker.transport = self.reactor.spawnProcess(
-            _WorkerProcess(self, worker), argv[0], argv, env=env,
-            childFDs={0: "w", 1: 1, 2: 2})
+            _WorkerProcess(self, worker), argv[0], argv, env=env, childFDs=child_fds)
         worker.pid = worker.transport.pid
         log.info("Started worker {index} (pid {pid}, node {node_id})",
                  index=worker.index, pid=worker.pid, node_id=worker.node_id)
@@ -559,11 +677,27 @@ def make_supervisor(options, reactor=None) -> Supervisor:
     if not options.get("cluster"):
         raise ConfigError("--workers: needs --cluster (workers are cluster nodes sharing "
                           "Redis; without it they would be separate brokers on one port)")
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigError("--workers: this platform has no SO_REUSEPORT")
+    mode = options.get("workers-sockets") or "auto"
+    if mode == "auto":
+        mode = "reuseport" if hasattr(socket, "SO_REUSEPORT") else "inherit"
+    if mode == "reuseport" and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("--workers-sockets reuseport: this platform has no SO_REUSEPORT "
+                          "(use inherit)")
     node_id = options.get("node-id") or _default_node_id()
     reservations: List[socket.socket] = []
-    listen = resolve_ephemeral_ports(options["listen"], reservations)
+    listen = resolve_ephemeral_ports(options["listen"], reservations,
+                                     reuse_port=mode == "reuseport")
+    inherited: List[Tuple[str, int, socket.socket]] = []
+    if mode == "inherit":
+        shared = list(listen) + list(options.get("admin-listen") or ()) + \
+            list(options.get("metrics-listen") or ())
+        for sock in reservations:    # the ephemeral ports' holders become the listeners
+            sock.close()
+        reservations = []
+        try:
+            inherited = open_listening_sockets(shared, reservations)
+        except OSError as error:
+            raise ConfigError(f"--workers: {error}") from None
     ready_file = options["ready-file"]
     private = None if ready_file else tempfile.mkdtemp(prefix="mqttd-workers-")
     base = ready_file or os.path.join(private, "ready.json")
@@ -592,6 +726,7 @@ def make_supervisor(options, reactor=None) -> Supervisor:
                             ready_file=ready_file, listen=listen,
                             broker_id=options.get("broker-id") or "mqttd")
     supervisor.reservations = reservations
+    supervisor.inherited = inherited
     supervisor.cleanup_dir = private
     supervisor.exit_on_failure = parent is not None
     return supervisor

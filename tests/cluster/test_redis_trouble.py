@@ -159,3 +159,45 @@ def test_nodes_recover_from_a_redis_restart_that_lost_everything(
             time.sleep(0.2)
     assert "lost its membership" in a.log_tail(400) + b.log_tail(400)
     assert a.running and b.running
+
+
+def test_the_wills_of_a_fenced_nodes_clients_are_published_once_when_redis_is_back(
+        redis_server, cluster_node_factory):
+    """A node cut off from Redis closes its clients without their wills; when Redis answers
+    again and no one reaped the node, it publishes each will -- once (a persistent watcher
+    finds exactly one copy queued for it)."""
+    from mqttd.codec.packets import Will
+    node = cluster_node_factory(redis_server.url, node_id="will-a", extra_args=FAST)
+    watcher = Client(node.port, "will-watch", level=4, clean=False)
+    watcher.subscribe("wills/#", qos=1)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.sendall(encode(Connect(4, "will-owner", True, 30,
+                                    will=Will("wills/owner", b"gone", 1, False)), 4))
+        reader = PacketReader(level=4)
+        packets = []
+        deadline = time.monotonic() + 5
+        while not packets and time.monotonic() < deadline:
+            packets = reader.feed(sock.recv(4096))
+        assert isinstance(packets[0], Connack) and packets[0].reason_code == 0
+        redis_server.stop()
+        wait_for(lambda: "fences itself" in node.log_tail(200), what="fencing")
+        # the fenced node closes its clients and publishes no will meanwhile
+        sock.settimeout(10)
+        assert sock.recv(4096) == b""
+    watcher.sock.close()
+    time.sleep(1.0)                  # Redis stays away longer than the node's TTL
+    redis_server.start(keep_port=True)
+    wait_for(lambda: connack_code(node.port, 4) == 0, timeout=60, what="recovery")
+    deadline = time.monotonic() + 20
+    wills = []
+    while time.monotonic() < deadline:
+        again = Client(node.port, "will-watch", level=4, clean=False)
+        wills += [p.payload for p in again.quiet(1.5) if p.topic == "wills/owner"]
+        again.close()
+        if wills:
+            break
+    time.sleep(1.0)
+    again = Client(node.port, "will-watch", level=4, clean=False)
+    wills += [p.payload for p in again.quiet(1.5) if p.topic == "wills/owner"]
+    again.close()
+    assert wills == [b"gone"], node.log_tail(80)

@@ -328,3 +328,51 @@ def test_a_fenced_nodes_client_will_is_published_once_by_the_reaper_that_adopted
         await settle(a, b)
         assert sorted(m.topic for m in wills) == ["will/rw-clean", "will/rw-kept"]
     aio(run)
+
+
+def test_a_claim_during_the_reapers_adoption_of_the_same_session_keeps_the_newer(redis_server, aio):
+    """The subscriber reconnects to the reaping node while that node adopts its session
+    (the kill -9 tests did exactly this): the claim waits for the adoption, so the reaper's
+    copy never replaces the resumed session -- no kick of the client by its own node, every
+    queued message once, the node's epoch Redis's."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        sub = a.client()
+        await connect(a, sub, "adopted")
+        sub.subscribe("ad/#", qos=1)
+        sub.conn.connection_lost()
+        await settle(a)
+        for i in range(3):
+            a.broker.publish(Message("ad/%d" % i, b"m%d" % i, 1))
+        await settle(a)
+        alive["A"] = False
+        again = b.client()
+        run_script = b.backend.run
+
+        def run_and_connect(name, keys, args):
+            d = run_script(name, keys, args)
+            if name == "session_adopt":
+                # the client's CONNECT arrives right after the adoption began
+                d.addCallback(lambda reply: (again.send(Connect(
+                    5, "adopted", False, 0,
+                    properties=Properties(session_expiry_interval=600))), reply)[1])
+            return d
+        b.backend.run = run_and_connect
+        reaped = Reaper(b.sessions).reap("A")
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            b.clock.advance(0)
+            if reaped.called:
+                break
+        assert reaped.called and reaped.result is True
+        await settle(b, rounds=60)
+        packets = again.received()
+        assert isinstance(packets[0], Connack) and packets[0].session_present
+        assert not [p for p in packets if type(p).__name__ == "Disconnect"]
+        assert [p.payload for p in packets if isinstance(p, Publish)] == [b"m0", b"m1", b"m2"]
+        session = b.broker.sessions["adopted"]
+        assert session.connection is again.conn
+        epoch = int(redis_server.cli("HGET", "mqttd:{c:adopted}:s", "epoch"))
+        assert b.store.epochs["adopted"] == epoch
+    aio(run)

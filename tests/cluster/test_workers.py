@@ -241,3 +241,63 @@ def test_workers_that_cannot_start_stop_the_supervisor_with_status_1(redis_serve
     assert out.returncode == 1, text[-3000:]
     assert "exited before it was ready" in text and "stopping all workers" in text
     assert text.count("Started worker") == 2          # no restart loop
+
+
+@pytest.fixture
+def inherit_workers(redis_server, tmp_path):
+    """2 workers sharing sockets the supervisor listens on (--workers-sockets inherit)."""
+    proc = BrokerProcess(tmp_path / "sup", broker_id="wi", ready_timeout=60,
+                         extra_args=["--cluster", redis_server.url, "--node-id", "wi",
+                                     "--workers", "2", "--workers-sockets", "inherit",
+                                     "--sys-interval", "0"])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop(timeout=30)
+
+
+def listening_inodes(port: int) -> set:
+    """Inodes of the sockets in LISTEN state on ``port`` (IPv4)."""
+    out = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+                out.add(fields[9])
+    return out
+
+
+def test_inherited_listening_socket_serves_both_workers_and_survives_a_restart(
+        inherit_workers):
+    """Without SO_REUSEPORT: one listening socket, opened by the supervisor and adopted by
+    both workers; connections land on both, a message crosses them, a client that connects
+    while a worker restarts is served."""
+    proc = inherit_workers
+    pids = worker_pids(proc)
+    listening = listening_inodes(proc.port)
+    assert len(listening) == 1, "one socket, not one per worker"
+    for pid in [proc.pid, *pids.values()]:
+        assert listening & socket_inodes(pid), f"pid {pid} does not hold the listening socket"
+    first, second = on_two_workers(proc, "inh")
+    try:
+        second.send(Subscribe(1, (Subscription("wi/#", 1),)))
+        second.next_packet(TIMEOUT)                                 # SUBACK
+        deadline = time.monotonic() + TIMEOUT
+        received = None
+        while received is None and time.monotonic() < deadline:
+            first.send(Publish("wi/live", b"x", 0))
+            try:
+                packet = second.next_packet(0.5)
+            except OSError:
+                continue
+            if isinstance(packet, Publish) and packet.topic == "wi/live":
+                received = packet
+        assert received is not None
+    finally:
+        first.sock.close()
+        second.sock.close()
+    os.kill(pids[1], signal.SIGKILL)
+    for i in range(6):   # the other worker, or the restarted one, takes each
+        client = BlockingClient(proc.port, f"during{i}", timeout=TIMEOUT)
+        client.sock.close()

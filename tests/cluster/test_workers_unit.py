@@ -250,3 +250,49 @@ def test_worker_whose_supervisor_is_gone_exits(monkeypatch):
     monkeypatch.setenv(W.WORKER_ENV, f"1:{os.getppid() + 100000}")
     with pytest.raises(SystemExit, match="supervisor"):
         W.prepare_worker()
+
+
+def test_tcp_addresses_of_listener_descriptions():
+    """Which (interface, port) each listener kind binds: the sockets an inheriting
+    supervisor opens; unix and other kinds none."""
+    assert W.tcp_address("tcp:1883") == ("", 1883)
+    assert W.tcp_address("tcp:port=1883:interface=127.0.0.1") == ("127.0.0.1", 1883)
+    assert W.tcp_address("haproxy:tcp:1884:interface=127.0.0.1") == ("127.0.0.1", 1884)
+    assert W.tcp_address("mqtts:8883:privateKey=k.pem:interface=\\:\\:1") == ("::1", 8883)
+    assert W.tcp_address("ws:9001:path=/mqtt") == ("", 9001)
+    assert W.tcp_address("unix:/run/mqttd.sock") is None
+
+
+def test_inherited_sockets_are_named_in_the_environment_and_adopted_by_the_listener():
+    """The worker's TCP listener on an inherited (interface, port) takes the descriptor
+    instead of binding (a second bind would fail: the supervisor holds the port)."""
+    reservations = []
+    opened = W.open_listening_sockets(["tcp:0:interface=127.0.0.1"], reservations)
+    assert opened == []                     # port 0 is resolved first, never inherited
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    holder.close()
+    opened = W.open_listening_sockets([f"tcp:{port}:interface=127.0.0.1",
+                                       f"ws:{port}:interface=127.0.0.1"], reservations)
+    try:
+        assert [(i, p) for i, p, _s in opened] == [("127.0.0.1", port)]
+        fd = opened[0][2].fileno()
+        env = f"{fd}=127.0.0.1|{port}"
+        assert W.parse_sockets_env(env) == {("127.0.0.1", port): fd}
+        from twisted.internet import tcp
+        from twisted.internet.protocol import Factory
+        saved, shared = tcp.Port.startListening, W._shared
+        W._shared = False
+        try:
+            W.inherit_tcp_ports(W.parse_sockets_env(env))
+            listener = tcp.Port(port, Factory(), interface="127.0.0.1", reactor=Clock())
+            listener.startReading = lambda: None
+            listener.startListening()
+            assert listener.socket.getsockname() == ("127.0.0.1", port)
+            listener.socket.close()
+        finally:
+            tcp.Port.startListening, W._shared = saved, shared
+    finally:
+        for sock in reservations:
+            sock.close()
