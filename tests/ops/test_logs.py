@@ -187,3 +187,49 @@ def test_trace_hides_authentication_data_of_connect_and_auth_both_ways():
         assert secret not in text, text
     assert "authentication_data=<hidden, 18 bytes>" in lines[0]
     assert "authentication_method='SCRAM-SHA-256'" in lines[0]
+
+
+def test_long_client_supplied_fields_are_cut_in_text_and_json_lines():
+    """A 60,000-character client id costs the log a bounded line, saying how long it was
+    (REVIEW-SEC2 N12: the limiter bounded lines, not bytes: ~60 KB per refusal line)."""
+    huge = "000123" + "X" * 59994
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        log = Logger(namespace="mqttd.x", observer=logs.make_observer(out, fmt))
+        log.warn("Refused {what} for {client_id} from {peer}: {detail}", what="anonymous",
+                 client_id=huge, peer="127.0.0.1:5", detail=f"username {huge!r}")
+        line = out.getvalue()
+        assert len(line) < 4000, (fmt, len(line))     # JSON repeats fields (log_flattened)
+        assert "000123XXX" in line and "...(60000 chars)" in line
+        assert "127.0.0.1:5" in line
+
+
+def test_refusal_line_of_a_real_connect_with_a_huge_client_id_is_bounded():
+    """End to end: the anonymous refusal of a CONNECT with a 60,000-character client id, through
+    the twistd observer, is one line of bounded size."""
+    class Refuse:
+        def authenticate(self, request):
+            return 0x87
+    out = io.StringIO()
+    observer = logs.make_observer(out, "text")
+    from twisted.logger import globalLogPublisher
+    globalLogPublisher.addObserver(observer)
+    try:
+        broker, clock = make_broker()
+        broker.authenticator = Refuse()
+        client = FakeClient(broker, clock)
+        client.send(Connect(4, "c" * 60000, True, 0))
+        assert client.received()[0].reason_code == 5
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = [line for line in out.getvalue().splitlines() if "Refused" in line]
+    assert lines and all(len(line) < 2000 for line in lines), [len(x) for x in lines]
+    assert "...(60000 chars)" in lines[0]
+
+
+def test_short_fields_pass_unchanged_and_uncopied():
+    """Ordinary events are not copied: the bound costs one scan per line."""
+    event = {"log_format": "{client_id}", "client_id": "dev-7", "log_namespace": "x"}
+    assert logs.bound_fields(event) is event
+    assert logs.bound("x" * 300).endswith("...(300 chars)")
+    assert logs.bound(12345) == 12345
