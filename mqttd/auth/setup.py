@@ -10,7 +10,6 @@ no checker, no ACL, every listener on loopback (or a UNIX socket) -- or when
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import attrs
@@ -21,35 +20,9 @@ from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_F
                                  Authenticator, PasswordFileChecker, make_portal)
 from mqttd.auth.gate import VerificationGate
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
+from mqttd.loopback import check_bound, is_loopback_endpoint
 
 log = Logger(namespace="mqttd.auth")
-
-_LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|0*:0*:0*:0*:0*:0*:0*:0*1|localhost)$")
-
-
-def is_loopback_endpoint(description: str) -> bool:
-    """True for a listener reachable from this host only.
-
-    UNIX sockets, and TCP-like endpoints (also ``ws:...``) whose
-    ``interface=`` is a loopback address.  Any other listener -- no
-    ``interface=`` means all interfaces -- is not, and neither is a listener
-    that carries other hosts' clients through a proxy on this host: a
-    ``haproxy:`` (PROXY protocol) listener, or one that trusts
-    ``X-Forwarded-For`` (``trustXForwardedFor=N``, N > 0).
-    """
-    kind = description.split(":", 1)[0].lower()
-    if kind == "haproxy":
-        return False  # the balancer in front forwards remote clients
-    forwarded = re.search(r"(?i)(?:^|:)trustXForwardedFor=(\d+)", description)
-    if forwarded and int(forwarded.group(1)) > 0:
-        return False  # a reverse proxy on loopback forwards remote clients
-    if kind == "unix":
-        return True
-    for arg in re.split(r"(?<!\\):", description):
-        if arg.startswith("interface="):
-            address = arg[len("interface="):].replace("\\:", ":").strip("[]")
-            return bool(_LOOPBACK.match(address))
-    return False
 
 
 def anonymous_policy(listen: Iterable[str], authentication_configured: bool,
@@ -81,6 +54,11 @@ class Security:
 
     def attach(self, service) -> None:
         broker = service.broker
+        if self.allow_anonymous and self.policy.startswith("every listener is on loopback"):
+            # the policy relied on the endpoint strings: the bound addresses must agree
+            why = "anonymous clients are allowed only while every listener is on loopback"
+            service.add_bind_check(
+                lambda description, port: check_bound(description, port, why))
         broker.authenticator = self.authenticator
         broker.enhanced_authenticator = self.enhanced
         if self.authorizer is not None:
