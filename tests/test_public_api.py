@@ -78,3 +78,11 @@ def test_broker_module_keeps_its_import_surface():
                  "MAX_PACKET_SIZE", "MIN_PACKET_SIZE", "NEVER_EXPIRES",
                  "with_subscription_ids", "with_user_properties"):
         assert hasattr(broker, name), name
+
+
+def test_hypothesis_runs_without_deadlines_and_with_bounded_examples():
+    """tests/conftest.py's profile: a loaded CI machine never fails a property test on
+    time, and no test runs an unbounded number of examples."""
+    from hypothesis import settings
+    assert settings.default.deadline is None
+    assert 0 < settings.default.max_examples <= 1000

@@ -1,14 +1,17 @@
 """Real brokers for the bridge interop tests: mosquitto and mqttd subprocesses.
 
-Both listen on 127.0.0.1 ports picked beforehand (a bridge config must name
-its remote's port before the remote starts, and meshes are cycles).  Every
-wait is bounded; processes are only signalled through their own handles.
+mqttd binds port 0 and reports its port (ready file) unless a test names the
+port (a bridge config must name its remote's port before the remote starts,
+and meshes are cycles); mosquitto cannot report one, so it gets a
+:func:`~brokerproc.free_port` and, when it was not named by the test, is
+started again on another port if that one was taken meanwhile.  Every wait is
+bounded (:data:`~brokerproc.READY_TIMEOUT` for a start, with the server's log
+tail on failure); processes are only signalled through their own handles.
 """
 from __future__ import annotations
 
 import os
 import queue
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,14 +19,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
-from brokerproc import BrokerProcess, find_mosquitto, free_port  # noqa: E402
+from brokerproc import (  # noqa: E402
+    MOSQUITTO_RUNNING, PORT_ATTEMPTS, BrokerProcess, PortInUse, find_mosquitto, free_port,
+    start_on_free_port, wait_until_ready)
 
 import paho.mqtt.client as paho  # noqa: E402
 
-__all__ = ["Mosquitto", "Mqttd", "Client", "free_port", "wait_for"]
+__all__ = ["Mosquitto", "Mqttd", "Client", "PORT_ATTEMPTS", "PortInUse", "free_port",
+           "start_on_free_port", "wait_for"]
 
 
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = ""):
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -32,32 +38,33 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
-def _wait_port(port: int, proc, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
-
-
 class Mosquitto:
     """mosquitto on ``port`` with ``extra`` lines (bridge sections) in its conf."""
 
     def __init__(self, workdir: Path, port: int = 0, extra: str = "", persistent: bool = False):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        #: a port the test named (its peers' configs know it): never changed
+        self.fixed_port = port
+        self.port = port or None
         self.extra = textwrap.dedent(extra)
         self.persistent = persistent
         self.proc = None
         self.log_path = self.workdir / "mosquitto.log"
 
     def start(self) -> "Mosquitto":
+        """Start it on its named port, or on a free one (another if that was taken)."""
+        if self.fixed_port:
+            return self._start(self.fixed_port)
+        if self.port is not None:
+            try:   # a restart: the port its clients know, if it is still free
+                return self._start(self.port)
+            except PortInUse:
+                pass
+        return start_on_free_port(self._start)
+
+    def _start(self, port: int) -> "Mosquitto":
+        self.port = port
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  "log_dest stderr", "log_type all"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -69,13 +76,23 @@ class Mosquitto:
                       "autosave_interval 1"]
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n" + self.extra + "\n")
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== start on port {port}\n".encode())
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([find_mosquitto() or "mosquitto", "-c", str(conf)],
                                      cwd=str(self.workdir), stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        _wait_port(self.port, self.proc)
+        try:
+            wait_until_ready(self.proc, lambda: MOSQUITTO_RUNNING.search(self._this_start_log()) is not None,
+                             self._this_start_log, f"mosquitto on port {port}")
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _this_start_log(self) -> str:
+        return self.log().rsplit("=== start on port", 1)[-1][-4000:]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -94,11 +111,13 @@ class Mosquitto:
 
 
 class Mqttd(BrokerProcess):
-    """mqttd with a TOML config (``[[bridge]]`` tables) on a port picked beforehand."""
+    """mqttd with a TOML config (``[[bridge]]`` tables): on port 0 (the port it got
+    is read from its ready file), or on ``port`` when a test names it beforehand
+    (a mesh: each node's config names the next one's port)."""
 
     def __init__(self, workdir: Path, broker_id: str, port: int = 0, config: str = "",
                  persistence: str = "file:data"):
-        self.fixed_port = port or free_port()
+        self.fixed_port = port
         super().__init__(workdir, broker_id=broker_id, persistence=persistence, kind="mqttd")
         path = Path(workdir) / "mqttd.toml"
         path.write_text(textwrap.dedent(config))
@@ -106,8 +125,9 @@ class Mqttd(BrokerProcess):
 
     def command(self) -> list:
         cmd = super().command()
-        i = cmd.index("--listen")
-        cmd[i + 1] = f"tcp:{self.fixed_port}:interface=127.0.0.1"
+        if self.fixed_port:
+            i = cmd.index("--listen")
+            cmd[i + 1] = f"tcp:{self.fixed_port}:interface=127.0.0.1"
         return cmd
 
 

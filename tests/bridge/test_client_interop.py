@@ -31,7 +31,7 @@ def _client(port, client_id, level, got=None, **options):
 
 
 @defer.inlineCallbacks
-def _wait(predicate, timeout=10.0):
+def _wait(predicate, timeout=30.0):
     for _ in range(int(timeout / 0.02)):
         if predicate():
             return

@@ -1,7 +1,8 @@
 """Bridges between real brokers: mqttd and Debian's mosquitto on 127.0.0.1.
 
-Each test starts its brokers itself (ports picked on 127.0.0.1) and stops
-them through their own handles; every wait is bounded.
+Each test starts its brokers itself on 127.0.0.1 (mqttd on port 0 unless a
+peer's config must name its port first; see procs.py) and stops them through
+their own handles; every wait is bounded.
 """
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import contextlib
 
 import pytest
 
-from .procs import Client, Mosquitto, Mqttd, free_port, wait_for
+from .procs import (
+    PORT_ATTEMPTS, Client, Mosquitto, Mqttd, PortInUse, free_port, start_on_free_port,
+    wait_for)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -279,17 +282,30 @@ def test_triangle_mesh_delivers_each_message_once(tmp_path, stack, links):
     """A<->B<->C<->A bridged 'both' on # with default options: every subscriber gets each message
     once and nothing circulates after the window (MQTT 5 links: the mesh guard's properties;
     default MQTT 3.1.1 links: the default --bridge-dedup-window)."""
-    ports = {n: free_port() for n in "ABC"}
-    nodes = {}
-    for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
-        if links == "mqttv50":
-            top, extra = "", 'bridge_protocol_version = "mqttv50"\n'
-        else:   # the default protocol and options (REVIEW-BRIDGE 6a)
-            top, extra = "", ""
-        nodes[here] = Mqttd(tmp_path / here, here, port=ports[here], config=top + _bridge(
-            f"{here}-{there}", ports[there], ["m/# both 1"], extra))
-    for node in nodes.values():
-        stack.append(node.start())
+    for attempt in range(PORT_ATTEMPTS):
+        # a cycle: every node's config names the next one's port before it starts,
+        # so the ports are picked first; one taken meanwhile -> a new mesh
+        ports = {}
+        for n in "ABC":
+            ports[n] = free_port(avoid=tuple(ports.values()))
+        nodes = {}
+        for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
+            if links == "mqttv50":
+                top, extra = "", 'bridge_protocol_version = "mqttv50"\n'
+            else:   # the default protocol and options (REVIEW-BRIDGE 6a)
+                top, extra = "", ""
+            nodes[here] = Mqttd(tmp_path / f"{here}{attempt}", here, port=ports[here],
+                                config=top + _bridge(f"{here}-{there}", ports[there],
+                                                     ["m/# both 1"], extra))
+        try:
+            for node in nodes.values():
+                stack.append(node.start())
+            break
+        except PortInUse:
+            for node in nodes.values():
+                node.stop()
+    else:
+        raise AssertionError(f"no free ports for the mesh in {PORT_ATTEMPTS} attempts")
     for here, there in (("A", "B"), ("B", "C"), ("C", "A")):
         wait_for(lambda: _state_or_none(ports[here], f"{here}-{there}") == b"1", 20,
                  what=f"{here}-{there} up")
@@ -355,8 +371,13 @@ def test_tls_bridge_to_mosquitto_with_client_certificate(tmp_path, stack):
         keyfile {pki.server_key}
         require_certificate true
         '''
-    plain_port, tls_port = free_port(), free_port()
-    mosq = Mosquitto(tmp_path / "mosq", port=plain_port, extra=tls.format(port=tls_port)).start()
+
+    def start_mosquitto(plain_port):
+        tls_port = free_port(avoid=(plain_port,))
+        return Mosquitto(tmp_path / f"mosq{plain_port}", port=plain_port,
+                         extra=tls.format(port=tls_port)).start(), tls_port
+    mosq, tls_port = start_on_free_port(start_mosquitto)
+    plain_port = mosq.port
     stack.append(mosq)
     extra = (f'bridge_cafile = "{pki.ca.cert_path}"\n'
              f'bridge_certfile = "{pki.alice_cert}"\nbridge_keyfile = "{pki.alice_key}"\n')

@@ -40,7 +40,7 @@ INTEROP = Path(__file__).resolve().parent.parent / "interop"
 if str(INTEROP) not in sys.path:
     sys.path.insert(0, str(INTEROP))
 
-from brokerproc import BrokerProcess  # noqa: E402  (tests/interop/brokerproc.py)
+from brokerproc import READY_TIMEOUT, BrokerProcess  # noqa: E402  (tests/interop/brokerproc.py)
 
 _nodes_key = pytest.StashKey[list]()
 _counter = itertools.count(1)
@@ -99,7 +99,7 @@ def cluster_node_factory(request, tmp_path):
         node.stop()
 
 
-def wait_joined(node, timeout: float = 15.0) -> dict:
+def wait_joined(node, timeout: float = READY_TIMEOUT) -> dict:
     """Wait (bounded) until the node's ready file says it joined the cluster."""
     deadline = time.monotonic() + timeout
     while True:

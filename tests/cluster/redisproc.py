@@ -5,21 +5,34 @@ its own directory), ``RedisCluster`` three of them with ``--cluster-enabled
 yes`` joined by ``redis-cli --cluster create`` (3 masters, no replicas).
 Every wait is bounded; processes are only signalled through their own
 ``Popen`` handle.  ``redis-server`` cannot report an ephemeral port, so a
-free one is picked first (and the start retried on the rare collision).
+free one is picked first (:func:`brokerproc.free_port`: outside the kernel's
+ephemeral range) and, when redis-server still finds it taken ("Address already
+in use"), the start is retried on new ports (bounded: ``PORT_ATTEMPTS``).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-START_TIMEOUT = 10.0
+INTEROP = Path(__file__).resolve().parent.parent / "interop"
+if str(INTEROP) not in sys.path:
+    sys.path.insert(0, str(INTEROP))
+
+from brokerproc import (  # noqa: E402  (tests/interop/brokerproc.py)
+    PORT_ATTEMPTS, READY_TIMEOUT, BrokerStartError, PortInUse, wait_until_ready)
+from brokerproc import free_port as _free_port  # noqa: E402
+
+#: seconds redis-server may take to answer PING (bounded; see READY_TIMEOUT)
+START_TIMEOUT = READY_TIMEOUT
 STOP_TIMEOUT = 5.0
+#: what redis-server logs once it listens
+REDIS_READY = "Ready to accept connections"
 
 
 class RedisStartError(RuntimeError):
@@ -35,16 +48,14 @@ def find(program: str) -> str:
     return found
 
 
+class RedisPortInUse(RedisStartError):
+    """redis-server could not listen: a port was taken meanwhile."""
+
+
 def free_port(avoid=()) -> int:
-    """A currently free loopback TCP port below 55536 (its +10000 cluster bus
-    port stays valid) and not in ``avoid``."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 55536 and port not in avoid:
-            return port
-    raise RedisStartError("no free port found")
+    """A free loopback TCP port below 55536 (its +10000 cluster bus port stays
+    valid) and not in ``avoid``."""
+    return _free_port(avoid=avoid, below=55536)
 
 
 def cli(port: int, *args: str, timeout: float = 10.0) -> str:
@@ -104,40 +115,52 @@ class RedisServer:
         """Start it (again: on the same port when ``keep_port``, e.g. a restart)."""
         if self.running:
             raise RuntimeError(f"redis-server already running (pid {self.pid})")
-        attempts = 1 if keep_port else 3
+        attempts = 1 if keep_port and self.port is not None else PORT_ATTEMPTS
         for attempt in range(attempts):
             if not keep_port or self.port is None:
                 self.port = free_port()
                 self.bus_port = free_port(avoid=(self.port,))
+            self._log_start = self._log_size()
             self._proc = subprocess.Popen(self.command(), cwd=str(self.workdir),
                                           stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             try:
                 self._wait_ready()
                 return self
-            except RedisStartError:
+            except RedisPortInUse:
                 self.kill()
                 if attempt == attempts - 1:
                     raise
+            except BaseException:
+                self.kill()
+                raise
         return self
 
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _this_start_log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._proc.poll() is not None:
-                raise RedisStartError(f"redis-server exited with {self._proc.returncode}\n"
-                                      f"{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RedisStartError(f"redis-server not answering on {self.port} after "
-                                      f"{START_TIMEOUT:.0f}s\n{self.log_tail()}")
-            time.sleep(0.02)
+        """Until its log says it accepts connections (a PING could be answered by
+        another redis-server that took the port); bounded, with its log tail."""
+        try:
+            wait_until_ready(self._proc, lambda: REDIS_READY in self._this_start_log(),
+                             self._this_start_log, f"redis-server on port {self.port}",
+                             START_TIMEOUT)
+        except PortInUse as error:
+            raise RedisPortInUse(str(error)) from None
+        except BrokerStartError as error:
+            raise RedisStartError(str(error)) from None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> Optional[int]:
         """SIGTERM (Redis flushes its AOF), wait, then SIGKILL."""
@@ -200,7 +223,7 @@ class RedisCluster:
                 [find("redis-cli"), "--cluster", "create",
                  *[f"127.0.0.1:{s.port}" for s in self.servers],
                  "--cluster-replicas", "0", "--cluster-yes"],
-                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+                capture_output=True, text=True, timeout=START_TIMEOUT, stdin=subprocess.DEVNULL)
             if out.returncode != 0:
                 raise RedisStartError(f"redis-cli --cluster create failed: "
                                       f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
@@ -210,7 +233,7 @@ class RedisCluster:
             raise
         return self
 
-    def wait_ok(self, timeout: float = 20.0) -> None:
+    def wait_ok(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while True:
             states = []

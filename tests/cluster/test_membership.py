@@ -36,7 +36,7 @@ def test_a_killed_node_stays_a_member_until_its_heartbeat_expires(
                                             "--cluster-node-ttl", "1"])
     node.kill()
     assert "killed" in members(redis_server.port)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30   # its TTL is 1 s; the bound is for a loaded machine
     while redis_server.cli("EXISTS", "mqttd:{n:killed}:alive").strip() == "1":
         assert time.monotonic() < deadline, "alive key outlived its TTL"
         time.sleep(0.05)

@@ -35,7 +35,7 @@ def connack_code(port: int, level: int = 4, client_id: str = "probe") -> int:
     raise TimeoutError("no CONNACK")
 
 
-def wait_for(predicate, timeout=15.0, what="condition"):
+def wait_for(predicate, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -9,19 +9,32 @@ atomically once every listener is up)::
 
 Development-only switch: with ``MQTTD_INTEROP_BROKER=mosquitto`` in the
 environment the same class starts ``mosquitto`` instead (on a free port picked
-beforehand, with a generated config) and writes the ready file itself. That
+beforehand, with a generated config; started again on another port if that
+one was taken meanwhile) and writes the ready file itself. That
 exists to check the client side of the interop tests against a known-good
 broker; mosquitto does not publish mqttd's ``$SYS`` topics, so the tests marked
 ``mqttd_only`` are skipped under it.
 
 Every wait here is bounded; processes are only ever signalled through their
 own ``Popen`` handle.
+
+Ports, under load (a 2-core CI machine running several suites): mqttd always
+binds port 0 and reports the port it got (its ready file), so it never races
+another process for a port.  A server that cannot report its port (mosquitto,
+redis-server, Prometheus) or whose port must be known before it starts (a
+bridge peer named in another broker's config) gets one from :func:`free_port`,
+which picks outside the kernel's ephemeral range, where no ``bind(0)`` and no
+outgoing connection is given it meanwhile; and :func:`start_on_free_port`
+starts such a server again on another port when it still finds its port taken
+(bounded: :data:`PORT_ATTEMPTS`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -29,11 +42,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 BROKER_ENV = "MQTTD_INTEROP_BROKER"
-READY_TIMEOUT = 15.0
+#: seconds a spawned server may take to be ready: generous, since a loaded
+#: 2-core machine starts a Python process slowly, but bounded (a failure then
+#: says so with the server's log tail)
+READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
+#: starts of a server on a fresh port after "address already in use"
+PORT_ATTEMPTS = 5
+#: what servers print when their port is taken (Linux strerror, Go's net
+#: package, Twisted's CannotListenError as mqttd reports it)
+ADDRESS_IN_USE = ("address already in use", "cannot listen on")
+
+#: what mosquitto logs once every listener is open (``log_type all``)
+MOSQUITTO_RUNNING = re.compile(r"mosquitto version \S+ running")
+
+T = TypeVar("T")
 
 
 class BrokerStartError(RuntimeError):
@@ -65,11 +91,96 @@ def find_mosquitto() -> Optional[str]:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port (only for mosquitto, which cannot report one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+class PortInUse(BrokerStartError):
+    """A server could not listen: its port was taken meanwhile (retry elsewhere)."""
+
+
+def address_in_use(text: str) -> bool:
+    """Does a server's output say its port was already in use?"""
+    text = text.lower()
+    return any(marker in text for marker in ADDRESS_IN_USE)
+
+
+def _ephemeral_range() -> tuple:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999   # Linux's default
+
+
+def free_port(host: str = "127.0.0.1", avoid=(), below: int = 65536) -> int:
+    """A TCP port free now, for a server that cannot report the port it got or
+    whose port must be known before it starts.
+
+    Picked at random outside the kernel's ephemeral port range (from 10000 up
+    to it, or above it), so no ``bind(0)`` and no outgoing connection of this
+    machine is handed it before the server binds it; only another test that
+    picked the same number can take it (:func:`start_on_free_port` then
+    starts the server again elsewhere).  ``avoid``: ports not to return;
+    ``below``: an exclusive upper bound (redis cluster: its bus port is +10000).
+    """
+    low, high = _ephemeral_range()
+    candidates = [r for r in (range(10000, min(low, below)), range(high + 1, below)) if len(r)]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        if candidates:
+            port = rng.choice(rng.choice(candidates))
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        if port in avoid or port >= below:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free TCP port found in 200 tries")
+
+
+def wait_until_ready(proc: subprocess.Popen, is_ready: Callable[[], bool],
+                     this_start_log: Callable[[], str], what: str,
+                     timeout: float = READY_TIMEOUT) -> None:
+    """Wait (bounded) until ``is_ready()``.  The process exiting first raises
+    :class:`PortInUse` when ``this_start_log()`` says its port was taken, else
+    :class:`BrokerStartError`; so does the timeout.  Both carry the log's tail.
+
+    ``is_ready`` should be the server's own word (a log line), not a successful
+    connect: another server that took the port would answer a connect too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if is_ready():
+            if proc.poll() is None:
+                return
+        if proc.poll() is not None:
+            text = this_start_log()
+            error = PortInUse if address_in_use(text) else BrokerStartError
+            raise error("%s exited with %s before it was ready\n--- its log ---\n%s"
+                        % (what, proc.returncode, text[-4000:]))
+        if time.monotonic() > deadline:
+            raise BrokerStartError("%s not ready after %.0f s\n--- its log ---\n%s"
+                                   % (what, timeout, this_start_log()[-4000:]))
+        time.sleep(0.02)
+
+
+def start_on_free_port(start: Callable[[int], T], attempts: int = PORT_ATTEMPTS,
+                       avoid=()) -> T:
+    """``start(port)`` on a :func:`free_port`; when it raises :class:`PortInUse`
+    (the port was taken between the pick and the bind), again on another one,
+    at most ``attempts`` times.  Returns what ``start`` returned."""
+    tried = []
+    for _ in range(attempts):
+        port = free_port(avoid=tuple(avoid) + tuple(tried))
+        tried.append(port)
+        try:
+            return start(port)
+        except PortInUse:
+            continue
+    raise PortInUse(f"ports {tried} were all taken before the server could listen")
 
 
 class BrokerProcess:
@@ -144,6 +255,13 @@ class BrokerProcess:
             self.ready_file.unlink()
         except FileNotFoundError:
             pass
+        if self.kind == "mosquitto":
+            # it cannot report a port: one picked first, another if it was taken
+            return start_on_free_port(self._start)
+        return self._start(None)
+
+    def _start(self, port: Optional[int]) -> "BrokerProcess":
+        self._mosquitto_port = port
         self.starts += 1
         cmd = self.command()
         self._log = open(self.log_path, "ab", buffering=0)
@@ -228,6 +346,9 @@ class BrokerProcess:
                     return
             rc = self._proc.poll()
             if rc is not None:
+                if address_in_use(self._this_start_log()):   # a port named by the test
+                    raise PortInUse("%s could not listen: port taken\n%s"
+                                    % (self.kind, self.log_tail()))
                 raise BrokerStartError(
                     "%s exited with %s before it was ready\n%s" % (self.kind, rc, self.log_tail())
                 )
@@ -251,7 +372,6 @@ class BrokerProcess:
     # -- mosquitto development mode ---------------------------------------
 
     def _write_mosquitto_conf(self) -> Path:
-        self._mosquitto_port = free_port()
         lines = [
             "listener %d 127.0.0.1" % self._mosquitto_port,
             "allow_anonymous true",
@@ -272,19 +392,10 @@ class BrokerProcess:
 
     def _wait_mosquitto_ready(self) -> None:
         port = self._mosquitto_port
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise BrokerStartError(
-                    "mosquitto exited with %s\n%s" % (self._proc.returncode, self.log_tail())
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BrokerStartError("mosquitto not listening on %d\n%s" % (port, self.log_tail()))
-                time.sleep(0.02)
+        # its own word, not a connect: another server on a taken port would answer
+        wait_until_ready(self._proc, lambda: MOSQUITTO_RUNNING.search(self._this_start_log()) is not None,
+                         self._this_start_log, "mosquitto on port %d" % port,
+                         self.ready_timeout)
         info = {
             "pid": self._proc.pid,
             "broker_id": self.broker_id,
@@ -300,6 +411,14 @@ class BrokerProcess:
     def _note(self, text: str) -> None:
         if self._log is not None:
             self._log.write(("=== %s\n" % text).encode())
+
+    def _this_start_log(self) -> str:
+        """The log of the latest start only."""
+        try:
+            data = self.log_path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return data.rsplit("\n=== start #", 1)[-1]
 
     def log_tail(self, lines: int = 60) -> str:
         try:

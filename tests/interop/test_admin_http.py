@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from brokerproc import free_port
+from brokerproc import start_on_free_port, wait_until_ready
 from mqttd.blockingclient import BlockingClient
 from mqttd.codec.packets import Suback, Subscribe, Subscription
 
@@ -22,6 +22,17 @@ def _http_port(broker, kind):
     entry = broker.ready["http"][kind][0]
     assert entry["host"] == "127.0.0.1"
     return entry["port"]
+
+
+#: what Prometheus logs (level info) once its web listener is up
+PROMETHEUS_READY = "Server is ready to receive web requests."
+
+
+def _text(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _get(url, timeout=5):
@@ -44,17 +55,34 @@ def test_real_prometheus_scrapes_mqttd_metrics(mqttd_broker_factory, prometheus_
     client = BlockingClient(broker.port, "scraped-client")
     metrics_port = _http_port(broker, "metrics")
     assert b"mqttd_connections{" in _get(f"http://127.0.0.1:{metrics_port}/metrics")
-    web_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: mqttd\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{metrics_port}']\n")
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(tmp_path))
+    log_path = tmp_path / "prometheus.log"
+
+    def start_prometheus(web_port):
+        """Prometheus cannot report a port: on one picked first, on another if it
+        was taken meanwhile (it exits with "address already in use")."""
+        log_path.write_bytes(b"")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [prometheus_bin, f"--config.file={config}",
+                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=info"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=str(tmp_path))
+        try:
+            wait_until_ready(proc, lambda: PROMETHEUS_READY in _text(log_path),
+                             lambda: _text(log_path), f"prometheus on port {web_port}")
+        except BaseException:
+            proc.kill()
+            proc.wait(15)
+            raise
+        return proc, web_port
+
+    proc, web_port = start_on_free_port(start_prometheus)
     try:
         query = (f"http://127.0.0.1:{web_port}/api/v1/query?query="
                  "mqttd_connections%7Bprotocol%3D%223.1.1%22%7D")
@@ -83,7 +111,6 @@ def test_real_prometheus_scrapes_mqttd_metrics(mqttd_broker_factory, prometheus_
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-        log.close()
         client.close()
 
 
@@ -111,11 +138,18 @@ def test_mqttd_why_explains_from_the_running_broker(mqttd_broker_factory):
 
 def test_mqttd_why_reports_an_unreachable_api():
     """No admin API there: one line on stderr and exit 3."""
-    port = free_port()
-    result = subprocess.run(
-        [sys.executable, "-m", "mqttd.cli", "why", "c", "t", "--admin",
-         f"http://127.0.0.1:{port}", "--timeout", "5"], capture_output=True, text=True,
-        timeout=60)
+    import socket as socket_module
+    # a port bound here but not listening: refused, and nobody can take it meanwhile
+    held = socket_module.socket()
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mqttd.cli", "why", "c", "t", "--admin",
+             f"http://127.0.0.1:{port}", "--timeout", "5"], capture_output=True, text=True,
+            timeout=60)
+    finally:
+        held.close()
     assert result.returncode == 3
     assert result.stderr.startswith("mqttd why: cannot reach the admin API")
 

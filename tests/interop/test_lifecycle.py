@@ -13,7 +13,7 @@ from mqttd.codec.packets import (
 pytestmark = [pytest.mark.interop, pytest.mark.mqttd_only]
 
 
-def _wait_for(predicate, timeout=10.0, what="condition"):
+def _wait_for(predicate, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

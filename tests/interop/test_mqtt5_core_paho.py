@@ -64,6 +64,20 @@ def marker(pub: Paho, sub: Paho, topic: str):
     return sub.expect_marker(topic, token)
 
 
+def _wait_stored(data_dir, needle: bytes, timeout: float = 60.0) -> None:
+    """Wait (bounded) until a file of the broker's file store holds ``needle``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in data_dir.rglob("*"):
+            try:
+                if path.is_file() and needle in path.read_bytes():
+                    return
+            except OSError:
+                pass   # replaced meanwhile (atomic writes): read again next round
+        assert time.monotonic() < deadline, f"{needle!r} never reached {data_dir}"
+        time.sleep(0.05)
+
+
 def user_properties(msg):
     return list(getattr(msg.properties, "UserProperty", []) or [])
 
@@ -146,7 +160,9 @@ def test_pending_will_fires_on_time_after_kill_9(mqttd_broker_factory, v5):
     w.connect()
     dropped = time.monotonic()
     w.drop()
-    time.sleep(0.5)   # the broker sees the socket close and stores the pending will
+    # the broker saw the socket close and wrote the pending will (its payload is
+    # in the store's files, so it survives SIGKILL): only then kill it
+    _wait_stored(broker.workdir / "data", b"durable")
     broker.restart(kill=True)
     sub = v5(broker)
     sub.connect()

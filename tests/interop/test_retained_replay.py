@@ -33,6 +33,26 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s kernel receive queue (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def wait_settled(read, interval: float = 0.2, rounds: int = 3, timeout: float = 60.0) -> None:
+    """Wait (bounded) until ``read()`` returns the same value ``rounds`` times in a row."""
+    deadline = time.monotonic() + timeout
+    last, same = read(), 0
+    while same < rounds:
+        assert time.monotonic() < deadline, f"still changing after {timeout:.0f} s: {last}"
+        time.sleep(interval)
+        now = read()
+        same = same + 1 if now == last else 0
+        last = now
+
+
 def round_trip(client: BlockingClient) -> None:
     client.send(Pingreq())
     for _ in range(1000):  # bounded
@@ -70,7 +90,10 @@ def test_non_reading_client_resubscribing_to_everything_does_not_grow_the_broker
     sock.sendall(encode(Connect(5, "hoarder", True, 0), 5))
     sock.sendall(encode(Subscribe(1, (Subscription("#", 0),)), 5))
     wait_for_subscribes(watcher, 1)
-    time.sleep(1.0)       # the first replay fills the kernel and transport buffers
+    # the first replay fills the kernel and transport buffers: the baseline is
+    # taken once they are full (what the client has unread and the broker's
+    # RSS stopped changing), however long that takes on a loaded machine
+    wait_settled(lambda: (unread(sock), rss_kib(broker.pid)))
     round_trip(pub)
     before = rss_kib(broker.pid)
     for n in range(SUBSCRIBES):

@@ -164,12 +164,24 @@ def test_out_of_file_descriptors_is_counted_and_logged_rate_limited(tmp_path):
         for _ in range(100):
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             sockets.append(s)
-        time.sleep(1.0)
+        # the broker hit the limit and said so (bounded wait, not a fixed sleep)
+        deadline = time.monotonic() + TIMEOUT
+        while "Refused file-descriptors" not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "no refusal line\n" + \
+                log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
         for s in sockets:
             s.close()
         sockets = []
-        time.sleep(0.5)
-        probe = BlockingClient(port, "after-emfile", level=4)   # recovered
+        # recovered: a client connects once the broker has closed the 100 (bounded retries)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                probe = BlockingClient(port, "after-emfile", level=4)
+                break
+            except (OSError, AssertionError):
+                assert time.monotonic() < deadline, "no recovery after the connections closed"
+                time.sleep(0.1)
         probe.close()
         text = log_path.read_text(errors="replace")
         assert "EMFILE recovery" not in text
