@@ -23,6 +23,25 @@ from mqttd.loopback import check_bound, is_loopback_endpoint
 log = Logger(namespace="mqttd.admin")
 
 
+def endpoint_interface(description: str) -> Optional[str]:
+    """The interface a server endpoint string binds, read as Twisted binds it
+    (the last of a repeated ``interface=``): ``tcp:8080:interface=127.0.0.1``
+    gives ``127.0.0.1``; ``tcp:8080`` gives ``""`` (every interface);
+    ``unix:...`` gives ``"unix"``; other kinds None (unknown).  For messages:
+    whether that is loopback is :func:`mqttd.loopback.is_loopback_endpoint`'s call."""
+    from twisted.internet.endpoints import _parse  # serverFromString's own parser
+    try:
+        args, options = _parse(description)
+    except Exception:
+        return None
+    kind = str(args[0]).lower() if args else ""
+    if kind == "unix":
+        return "unix"
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    return options.get("interface", "")
+
+
 def check_admin_listen(description: str, token: Optional[str], users: Sequence[str]) -> None:
     """Raise ValueError if ``description`` reaches beyond loopback without
     credentials -- judged by :func:`mqttd.loopback.is_loopback_endpoint`, the
@@ -31,12 +50,8 @@ def check_admin_listen(description: str, token: Optional[str], users: Sequence[s
     if token or users:
         return
     if not is_loopback_endpoint(description):
-        try:
-            from twisted.internet.endpoints import _parse
-            interface = _parse(description)[1].get("interface")
-        except Exception:
-            interface = None
-        where = ("every interface" if not interface else interface)
+        interface = endpoint_interface(description)
+        where = "every interface" if interface == "" else (interface or "an unknown address")
         raise ValueError(f"{description} listens on {where}: beyond loopback the admin API "
                          "needs --admin-token TOKEN (or --admin-user with the broker's "
                          "password file)")
