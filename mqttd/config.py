@@ -140,8 +140,10 @@ class BrokerConfig:
     #: sending their CONNECT (half-open); with that many, the address's next
     #: socket is closed at accept; 0 = no limit (see mqttd.protocol.Admission)
     max_pending_connections_per_address: int = attrs.field(default=32, validator=_int_in(0))
-    #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80)
-    max_subscriptions_per_client: int = attrs.field(default=0, validator=_int_in(0))
+    #: subscriptions one session may hold; 0 = no limit (SUBACK 0x97 / v3 0x80).
+    #: The default bounds what one (stolen) credential can make the broker hold
+    #: (~5 MB of subscriptions) far above what clients use; mosquitto has none
+    max_subscriptions_per_client: int = attrs.field(default=10000, validator=_int_in(0))
     #: topic filters one SUBSCRIBE or UNSUBSCRIBE may carry; 0 = no limit.  A
     #: packet over it is refused while it is decoded (v5 DISCONNECT 0x97, v3
     #: close), so no single packet costs more than this many filters' work

@@ -6,6 +6,12 @@ readable back with ``twisted.logger.eventsFromJSONLogFile``), behind a level
 filter whose level :class:`LogSettings` can change at run time (SIGHUP reload).
 ``--log-level debug`` also switches on the per-message debug lines
 (:mod:`mqttd.debuglog`), which cost nothing otherwise.
+
+Every field of a line is bounded (:func:`bound_fields`): client ids, user
+names, topics, details... are what clients send, up to 64 KiB each, and the
+log rate limiter bounds lines, not bytes; a text field over
+:data:`FIELD_LIMIT` characters is cut there and says how long it was
+(``000123XXXX...(60000 chars)``), in text and JSON alike.
 """
 from __future__ import annotations
 
@@ -41,13 +47,50 @@ class LogSettings:
         debuglog.set_enabled(level == "debug")
 
 
+#: the most characters a text field of a log line shows (REVIEW-SEC2 N12)
+FIELD_LIMIT = 256
+
+
+def bound(value, limit: int = FIELD_LIMIT):
+    """``value`` cut to ``limit`` characters plus ``...(N chars)`` if it is a
+    longer ``str``; anything else unchanged."""
+    if value.__class__ is str and len(value) > limit:
+        return f"{value[:limit]}...({len(value)} chars)"
+    return value
+
+
+def bound_fields(event: dict) -> dict:
+    """``event`` with every text field longer than :data:`FIELD_LIMIT` cut by
+    :func:`bound` (a copy; the same dict when nothing is that long).  Twisted's
+    own ``log_*`` keys are left alone."""
+    bounded = None
+    for key, value in event.items():
+        if value.__class__ is str and len(value) > FIELD_LIMIT and not key.startswith("log_"):
+            if bounded is None:
+                bounded = dict(event)
+            bounded[key] = bound(value)
+    return event if bounded is None else bounded
+
+
+class BoundedObserver:
+    """An ``ILogObserver`` passing each event through :func:`bound_fields` to
+    ``observer`` (embedders wrap their own observer in it)."""
+
+    def __init__(self, observer):
+        self.observer = observer
+
+    def __call__(self, event: dict) -> None:
+        self.observer(bound_fields(event))
+
+
 def make_observer(stream: IO[str], fmt: str = "text", settings: LogSettings = None):
-    """An ``ILogObserver`` writing to ``stream`` in ``fmt``, filtered by ``settings``."""
+    """An ``ILogObserver`` writing to ``stream`` in ``fmt``, filtered by
+    ``settings``, every field bounded (:class:`BoundedObserver`)."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be text or json, not {fmt!r}")
     settings = settings or LogSettings()
     inner = jsonFileLogObserver(stream) if fmt == "json" else text_observer(stream)
-    return FilteringLogObserver(inner, [settings.predicate])
+    return FilteringLogObserver(BoundedObserver(inner), [settings.predicate])
 
 
 class _SecondClock:

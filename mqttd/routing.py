@@ -61,8 +61,12 @@ class Routing:
         return call_hook(self.authorize_forward, self.session_client(session), message)
 
     def _forward_later(self, session: Session, message: Message, qos: int, allowed,
-                       force: bool = False) -> int:
-        """Deliver once a Deferred answer allows it, in order; count refusals."""
+                       force: bool = False, share=None, passed=None) -> int:
+        """Deliver once a Deferred answer allows it, in order; count refusals.
+
+        ``share``: the shared group (its ``$share/g/f`` filter) ``session`` was
+        chosen in for ``message``; a refusal then hands the message to another
+        member (``passed``: the members refused before this one)."""
         if allowed is None or isinstance(allowed, defer.Deferred):
             if allowed is None:
                 allowed = defer.maybeDeferred(self.authorize_forward,
@@ -71,7 +75,7 @@ class Routing:
                 self.count_dropped(session, "queue-full", message)
                 allowed.cancel()
                 return 0
-            entry = [allowed, message, qos, force, None]
+            entry = [allowed, message, qos, force, None, share, passed]
             if not session.forward_waiting:
                 session.forward_waiting = collections.deque()
             session.forward_waiting.append(entry)
@@ -92,18 +96,47 @@ class Routing:
             log.failure("authorize_forward failed for {client_id}; not delivering",
                         allowed, client_id=session.client_id)
         self._forward_refused(session, message)
+        if share is not None:
+            return self._share_refused(share, session.client_id, message, passed)
         return 0
 
     def _forward_answered(self, session: Session) -> None:
         waiting = session.forward_waiting
         while waiting and waiting[0][4] is not None:
-            _d, message, qos, force, result = waiting.popleft()
+            _d, message, qos, force, result, share, passed = waiting.popleft()
             if self.sessions.get(session.client_id) is not session:
+                if share is not None and qos:  # owed to the group: another member
+                    self._share_refused(share, session.client_id, message, passed)
                 continue
             if result is True:
-                self._deliver(session, message, qos, force=force)
+                self._deliver(session, message, qos, force=force, share=share)
             else:
                 self._forward_refused(session, message)
+                if share is not None:
+                    self._share_refused(share, session.client_id, message, passed)
+
+    def _share_refused(self, share: str, client_id: str, message: Message, passed) -> int:
+        """Member ``client_id`` of the shared group ``share`` may not read
+        ``message`` (a Deferred ``authorize_forward`` said so), or its session
+        ended while the answer was pending: the message goes to another member
+        that may read it; when none may, it is counted as dropped
+        (``shared-not-authorized``).  Returns the receivers (0 or 1)."""
+        passed = set(passed) if passed else set()
+        passed.add(client_id)
+        group = self.shared.group(share)
+        receivers = -1
+        if group is not None:
+            if message.properties.subscription_identifiers:  # the refused member's ids
+                message = with_subscription_ids(message, ())
+            try:
+                receivers = self._share_route(group, message, {}, passed)
+            except Exception:
+                self._delivery_failed(share, message)
+                return 0
+        if receivers < 0:
+            self.stats.count_drop("shared-not-authorized")
+            return 0
+        return receivers
 
     def _forward_refused(self, session: Session, message: Message) -> None:
         self.refused("forward", session.client_id, getattr(session.info, "peer", None),
@@ -390,7 +423,10 @@ class Routing:
 
     def _route_shared(self, group, message: Message, cache: dict) -> int:
         """Deliver ``message`` to one member of a shared subscription group
-        [MQTT 5.0 §4.8.2]: online members first, then an offline persistent one."""
+        [MQTT 5.0 §4.8.2]: online members first, then an offline persistent
+        one, among those that may read it (:meth:`_share_route`).  When no
+        member may read it, the message is not delivered to the group and
+        counted as dropped (``shared-not-authorized``)."""
         if cache:   # a cluster node serves only the groups it was picked for
             skip = cache.get(SKIP_SHARES)
             if skip is not None and group.share_filter in skip:
@@ -398,23 +434,53 @@ class Routing:
             only = cache.get(ONLY_SHARES)
             if only is not None and group.share_filter not in only:
                 return 0
-        client_id = self.shared.choose(group, message.topic, message.origin,
-                                       self._availability)
-        if client_id is None:
+        receivers = self._share_route(group, message, cache, None)
+        if receivers < 0:
+            self.stats.count_drop("shared-not-authorized")
             return 0
-        sub = group.members[client_id]
-        session = self.sessions[client_id]
-        qos = sub.qos if sub.qos < message.qos else message.qos
-        if message.retain and not sub.retain_as_published:
-            message = _live(message, cache)  # [MQTT-3.3.1-12]
-        if sub.subscription_identifier is not None:
-            message = self._with_ids(message, sub.subscription_identifier, cache)
-        if self.authorize_forward is not None:
-            allowed = self._may_forward(session, message)
-            if allowed is not True:
-                return self._forward_later(session, message, qos, allowed)
-        self._deliver(session, message, qos, cache, share=group.share_filter)
-        return 1
+        return receivers
+
+    def _share_route(self, group, message: Message, cache: dict, passed) -> int:
+        """Choose a member of ``group`` for ``message`` and deliver it: 1 if
+        delivered (or waiting for a Deferred ``authorize_forward``), 0 if no
+        member is available, -1 if every available member may not read it.
+
+        A member that ``authorize_forward`` refuses is passed over
+        (``passed``: the members refused so far) and another one chosen --
+        also when the refusal comes later from a Deferred
+        (:meth:`_share_refused`) -- so a member allowed to subscribe to
+        ``$share/g/#`` but not to read every topic cannot make the group lose
+        messages (REVIEW-SEC2 N13)."""
+        forward = self.authorize_forward
+        original = message
+        while True:  # at most one round per member: each refusal is passed over
+            client_id = self.shared.choose(group, original.topic, original.origin,
+                                           self._availability, passed)
+            if client_id is None:
+                return -1 if passed else 0
+            sub = group.members[client_id]
+            session = self.sessions[client_id]
+            qos = sub.qos if sub.qos < original.qos else original.qos
+            message = original
+            if message.retain and not sub.retain_as_published:
+                message = _live(message, cache)  # [MQTT-3.3.1-12]
+            if sub.subscription_identifier is not None:
+                message = self._with_ids(message, sub.subscription_identifier, cache)
+            if forward is not None:
+                allowed = self._may_forward(session, message)
+                if allowed is not True:
+                    if allowed is None or isinstance(allowed, defer.Deferred):
+                        return self._forward_later(session, message, qos, allowed,
+                                                   share=group.share_filter, passed=passed)
+                    if isinstance(allowed, Failure):
+                        log.failure("authorize_forward failed for {client_id}; not delivering",
+                                    allowed, client_id=session.client_id)
+                    self._forward_refused(session, message)
+                    passed = set(passed) if passed else set()
+                    passed.add(client_id)
+                    continue
+            self._deliver(session, message, qos, cache, share=group.share_filter)
+            return 1
 
     def _redispatch(self, session: Session) -> None:
         """A session that ended still owed QoS 1/2 messages it got through shared
@@ -432,13 +498,16 @@ class Routing:
             message = out.message
             if message.properties.subscription_identifiers:
                 message = with_subscription_ids(message, ())
+            receivers = 0
             try:
-                if group is not None and self._route_shared(group, message, {}):
-                    continue
+                if group is not None:
+                    receivers = self._share_route(group, message, {}, None)
             except Exception:
                 self._delivery_failed(out.share, message)
                 continue
-            self.count_dropped(session, "shared-no-member", message)
+            if receivers <= 0:
+                self.count_dropped(session, "shared-not-authorized" if receivers < 0
+                                   else "shared-no-member", message)
 
     def _call_local(self, local: LocalSubscription, message: Message) -> None:
         try:

@@ -260,21 +260,34 @@ class BrokerService(MultiService):
         self.gauges: Dict[str, tuple] = {}
         #: the same for counters (:meth:`add_counter`): exported as ``<name>_total``
         self.counters: Dict[str, tuple] = {}
-        #: other listeners ``(kind, endpoint description, factory)`` that start
-        #: with the MQTT ones, before the store is opened, and fail the start
-        #: the same way (the admin and metrics HTTP listeners)
+        #: other listeners ``(kind, endpoint description, factory, check)`` that
+        #: start with the MQTT ones, before the store is opened, and fail the
+        #: start the same way (the admin and metrics HTTP listeners)
         self.extra_listeners: List[tuple] = []
         #: kind -> the listening ports of :attr:`extra_listeners`
         self.extra_ports: Dict[str, list] = {}
+        #: ``check(description, port)`` run on every MQTT listener once bound
+        self.bind_checks: List[Callable[[str, object], None]] = []
 
-    def add_listener(self, kind: str, description: str, factory) -> None:
+    def add_listener(self, kind: str, description: str, factory,
+                     check: Optional[Callable[[str, object], None]] = None) -> None:
         """Listen on ``description`` with ``factory`` when the service starts.
 
         Like the MQTT listeners: before the store is opened, and a failure
         stops the start with :class:`CannotListen` (one line, exit status 1).
         The ports are in ``extra_ports[kind]`` and the ready file's ``http``.
+        ``check(description, port)``, if given, runs once the port is bound
+        and may refuse it by raising ValueError (the port is closed, the start
+        stops with :class:`CannotListen`), e.g. "must be bound to loopback".
         """
-        self.extra_listeners.append((kind, description, factory))
+        self.extra_listeners.append((kind, description, factory, check))
+
+    def add_bind_check(self, check: Callable[[str, object], None]) -> None:
+        """Run ``check(description, port)`` for every MQTT listener once it is
+        bound; ValueError refuses it as :meth:`add_listener`'s ``check`` does
+        (a policy judged on the endpoint strings is checked against the
+        addresses really bound, :mod:`mqttd.loopback`)."""
+        self.bind_checks.append(check)
 
     def add_gauge(self, name: str, help: str, labels, read) -> None:
         """Export a gauge ``name`` (``mqttd_...``) read at scrape time:
@@ -412,14 +425,18 @@ class BrokerService(MultiService):
                 raise CannotListen(description, error) from None
             self.ports.append(bound_accepts(port, self.max_accepts_per_turn,
                                             self.broker, description))
+            for check in self.bind_checks:
+                await self._check_bound(check, description, port)
             log.info("MQTT listening on {endpoint} ({address})",
                      endpoint=description, address=_address_info(port))
-        for kind, description, factory in self.extra_listeners:
+        for kind, description, factory, check in self.extra_listeners:
             try:
                 port = await serverFromString(self.reactor, description).listen(factory)
             except Exception as error:
                 raise CannotListen(description, error) from None
             self.extra_ports.setdefault(kind, []).append(port)
+            if check is not None:
+                await self._check_bound(check, description, port)
             log.info("{kind} HTTP listening on {endpoint} ({address})", kind=kind,
                      endpoint=description, address=_address_info(port))
         if tls:
@@ -427,6 +444,17 @@ class BrokerService(MultiService):
             # connections use them, established ones keep theirs
             self.add_reloader("tls", lambda: _reload_all(tls))
         return self.ports
+
+    async def _check_bound(self, check, description: str, port) -> None:
+        """``check(description, port)``; a refusal closes the port and stops the start."""
+        try:
+            check(description, port)
+        except ValueError as error:
+            try:
+                await defer.maybeDeferred(port.stopListening)
+            except Exception:
+                pass
+            raise CannotListen(description, error) from None
 
     def _listened(self, ports):
         if self.ready_file:

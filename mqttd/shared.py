@@ -29,6 +29,13 @@ Member selection
         by a stable hash (CRC-32) of the topic name: one topic's messages go to
         the same member while the candidates stay the same.
 
+Read permission
+    A member is chosen before the broker's ``authorize_forward`` check (an
+    ACL's read rules).  A member that may not read the message is passed over
+    for that message and another one chosen (``exclude``), so one member
+    subscribed to ``$share/g/#`` without read permission for every topic
+    cannot make the group lose messages.
+
 Nothing here does I/O or touches sessions: the broker passes a function
 telling each member's availability.
 """
@@ -36,7 +43,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Container, Dict, Iterator, Optional
 
 from mqttd.persistence.records import SubscriptionRecord
 from mqttd.topics import SHARE_PREFIX, parse_shared
@@ -160,16 +167,21 @@ class SharedSubscriptions:
     # --- selection -------------------------------------------------------------
 
     def choose(self, group: ShareGroup, topic: str, origin: Optional[str],
-               availability: Callable[[str], int]) -> Optional[str]:
+               availability: Callable[[str], int],
+               exclude: Optional[Container[str]] = None) -> Optional[str]:
         """The client id of the member that gets one message, or None.
 
         ``availability(client_id)`` says :data:`ONLINE`, :data:`OFFLINE`
         (persistent session, can queue) or :data:`UNAVAILABLE`.  Online
         members first; offline ones only when no member is online.
+        ``exclude``: members not to choose for this message (those that may
+        not read it: the broker asks again without them).
         """
         online = []
         offline = []
         for client_id in group.members:
+            if exclude and client_id in exclude:
+                continue
             state = availability(client_id)
             if state == ONLINE:
                 online.append(client_id)

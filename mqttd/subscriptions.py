@@ -17,7 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mqttd import topics
-from mqttd.messages import Message
+from mqttd.hooks import call_hook
+from mqttd.messages import Message, will_message
 from mqttd.persistence import records as R
 from mqttd.persistence.records import SubscriptionRecord
 from mqttd.session import Session
@@ -49,10 +50,16 @@ class Subscriptions:
     """Subscribe, unsubscribe, in-process subscribers, re-check after a reload."""
 
     def recheck_subscriptions(self) -> defer.Deferred:
-        """Remove live subscriptions the authorizer no longer allows.
+        """Remove live subscriptions the authorizer no longer allows, and
+        wills whose topic it no longer lets the client publish to.
 
         Called after the authorizer's rules were reloaded.  Uses its optional
-        synchronous ``revalidate_subscription(client, topic_filter)``.  Checks
+        synchronous ``revalidate_subscription(client, topic_filter)``; when it
+        has one, each session's will -- held by its connection, or pending
+        for its Will Delay Interval -- is asked to ``authorize_publish`` again
+        and dropped if refused (counted and logged as the refusal ``will``),
+        so a revoked write permission is never used by a will accepted
+        before the reload (REVIEW-SEC2 N14).  Checks
         at most :data:`RECHECKS_PER_TURN` subscriptions per reactor turn, so a
         million live subscriptions never hold the reactor; a session that
         is gone by its turn is skipped, a subscription added meanwhile is
@@ -109,6 +116,49 @@ class Subscriptions:
                     yield 0
             if changed and self.sessions.get(client_id) is session:
                 self.save_subscriptions(session)  # once per session, not per filter
+            if self.sessions.get(client_id) is session:
+                self._recheck_will(session)
+                yield 0
+
+    def _recheck_will(self, session: Session) -> None:
+        """Drop ``session``'s will (live or pending) if ``authorize_publish``
+        no longer allows its topic; a Deferred answer is applied when it comes,
+        if the will is still the same."""
+        check = self.authorize_publish
+        if check is None:
+            return
+        client_id = session.client_id
+        will = session.will
+        if will is not None:
+            message = will_message(will, client_id)
+        else:
+            record = self.wills.pending(client_id)
+            if record is None:
+                return
+            message = record.message
+        client = self.session_client(session)
+        pending = self.wills.pending(client_id)
+
+        def answered(allowed):
+            if allowed is True:
+                return
+            if will is not None:
+                if session.will is not will:
+                    return  # replaced or published meanwhile
+                session.will = None
+            else:
+                if self.wills.pending(client_id) is not pending:
+                    return
+                self.wills.cancel(client_id)
+            self.refused("will", client_id, getattr(client, "peer", None),
+                         f"will topic {message.topic!r} no longer allowed after reload; "
+                         "the will is dropped", topic=message.topic)
+
+        allowed = call_hook(check, client, message)
+        if isinstance(allowed, defer.Deferred):
+            allowed.addErrback(lambda failure: False).addCallback(answered)
+        else:
+            answered(allowed)
 
     def subscribe(self, session: Session, sub: SubscriptionRecord,
                   persist: bool = True) -> bool:

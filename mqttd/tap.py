@@ -226,7 +226,7 @@ OPTIONS: List[Option] = [
     Option("listener-max-connections", text(_listener_limit), "ENDPOINT=N: at most N "
            "open connections on that --listen endpoint (repeatable).", repeatable=True),
     Option("max-subscriptions-per-client", integer(0), "Subscriptions per session; "
-           "0 = no limit.", default=0, field="max_subscriptions_per_client"),
+           "0 = no limit.", default=10000, field="max_subscriptions_per_client"),
     Option("max-topic-filters-per-packet", integer(0), "Topic filters in one SUBSCRIBE "
            "or UNSUBSCRIBE; more: v5 DISCONNECT 0x97, v3 close; 0 = no limit.",
            default=1000, field="max_topic_filters_per_packet"),

@@ -4,7 +4,10 @@ The broker core calls :func:`install` once, when a client whose id is in
 ``BrokerConfig.trace_clients`` connects; it wraps that one connection's
 packet reader and transport, so untraced connections pay nothing.  Lines look
 like ``trace c1 <- Publish(topic='a/b', qos=1, ...)`` (``<-`` from the client,
-``->`` to it).  Payloads are shown by their length only, never their bytes.
+``->`` to it).  Payloads are shown by their length only, never their bytes;
+the password and the Authentication Data of CONNECT and AUTH (a SCRAM
+exchange's nonces, salt and proofs: enough to test password guesses offline)
+likewise (:data:`SECRET_FIELDS`).
 """
 from __future__ import annotations
 
@@ -17,10 +20,15 @@ from mqttd.codec.reader import PacketReader
 
 log = Logger(namespace="mqttd.trace")
 
+#: fields shown as ``<hidden>`` / ``<N bytes>``, never by value: passwords and
+#: enhanced-authentication data (REVIEW-SEC2 N17)
+SECRET_FIELDS = frozenset({"password", "authentication_data"})
+
 
 def describe(packet) -> str:
     """``Publish(topic='a', qos=1, packet_id=3, payload=<5 bytes>)``: no payload bytes,
-    no password; empty properties left out."""
+    no password, no authentication data (:data:`SECRET_FIELDS`, nested
+    properties and wills included); empty properties left out."""
     if not attrs.has(packet.__class__):
         return repr(packet)
     parts = []
@@ -28,8 +36,13 @@ def describe(packet) -> str:
         if field.name == "raw" or field.repr is False:
             continue  # the received bytes, kept by the codec for forwarding
         value = getattr(packet, field.name)
-        if field.name == "password":
-            text = "<hidden>" if value is not None else "None"
+        if field.name in SECRET_FIELDS:
+            if value is None:
+                text = "None"
+            elif field.name != "password" and isinstance(value, (bytes, bytearray)):
+                text = f"<hidden, {len(value)} bytes>"  # a password's length is hidden too
+            else:
+                text = "<hidden>"
         elif field.name == "payload" and isinstance(value, (bytes, bytearray)):
             text = f"<{len(value)} bytes>"
         elif field.name == "properties" and value == Properties():

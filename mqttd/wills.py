@@ -103,6 +103,15 @@ class WillScheduler:
             self._drop(client_id, write=False)
         return True
 
+    def cancel(self, client_id: str) -> Optional[R.WillRecord]:
+        """Forget the pending will of ``client_id`` without publishing it (its
+        topic is no longer allowed); the stored record is deleted.  Returns
+        the record, or None if none was pending."""
+        record = self._pending.get(client_id)
+        if record is None:
+            return None
+        return self._drop(client_id, write=record.durable)
+
     def session_ended(self, client_id: str) -> bool:
         """The session is gone (expired, discarded, replaced by a clean start):
         a pending will is published now [MQTT-3.1.2-8].  True if one was."""

@@ -89,15 +89,31 @@ class AccessPolicy:
 
     :param token: the ``--admin-token``; None: no token.
     :param users: broker user names accepted with HTTP Basic (their password is
-        checked by ``authenticator``, the broker's IAuthenticator).
-    :param loopback_only: no credentials configured: only loopback Host headers.
+        checked by ``authenticator``, the broker's
+        :class:`~mqttd.interfaces.IAuthenticator`, asked with an
+        :class:`~mqttd.hooks.AuthRequest` carrying the HTTP peer, so the
+        password checks' priorities and failure budgets apply to admin logins
+        as to MQTT ones).
+    :param authenticator: that IAuthenticator, or a callable returning the one
+        in force (the broker's, looked up per request).
+    :param refused: ``refused(what, client_id, peer, detail)`` -- the broker's
+        counted, rate-limited refusal log (:meth:`mqttd.broker.Broker.refused`);
+        None: a plain rate-unlimited WARN line.
     """
 
     def __init__(self, token: Optional[str] = None, users: Sequence[str] = (),
-                 authenticator=None):
+                 authenticator=None, refused=None):
         self.token = token
         self.users = frozenset(users)
-        self.authenticator = authenticator
+        self._authenticator = authenticator
+        self._refused = refused
+
+    @property
+    def authenticator(self):
+        found = self._authenticator
+        if callable(found) and not hasattr(found, "authenticate"):
+            found = found()
+        return found
 
     @property
     def open(self) -> bool:
@@ -125,31 +141,63 @@ class AccessPolicy:
         if scheme.lower() == "bearer" and self.token is not None:
             if hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
                 return None
-        if scheme.lower() == "basic" and self.users and self.authenticator is not None:
+            self._refuse(request, "wrong bearer token")
+        if scheme.lower() == "basic" and self.users:
             try:
-                user, _, password = base64.b64decode(credentials).decode("utf-8") \
-                    .partition(":")
+                user, _, password = base64.b64decode(credentials, validate=True) \
+                    .decode("utf-8").partition(":")
             except Exception:
                 user, password = None, None
-            if user in self.users:
-                ok = yield self._check_user(user, password)
-                if ok:
+            if user is None:
+                self._refuse(request, "malformed Basic credentials")
+            elif user not in self.users:
+                self._refuse(request, f"user name {user!r} is not an --admin-user")
+            else:
+                ok = yield self._check_user(user, password, _peer(request))
+                if ok is True:
                     return None
+                self._refuse(request, f"user name {user!r}: {ok}")
         raise HTTPError(401, "credentials required: Authorization: Bearer TOKEN" +
                         (" or Basic with an admin user" if self.users else ""))
 
+    def _refuse(self, request, detail: str) -> None:
+        peer = _peer(request)
+        if self._refused is not None:
+            self._refused("admin-login", None, peer, detail)
+        else:
+            log.warn("Refused admin-login from {peer}: {detail}", peer=peer, detail=detail)
+
     @defer.inlineCallbacks
-    def _check_user(self, user: str, password: str):
-        from mqttd.codec.packets import Connect
-        packet = Connect(5, "mqttd-admin-http", True, 0, user, password.encode("utf-8"))
+    def _check_user(self, user: str, password: str, peer: Optional[str]):
+        """True if the broker's authenticator accepts ``user``/``password``
+        (and authenticates exactly that admin user), else why not (a str)."""
+        from mqttd.hooks import AuthRequest, auth_outcome
         authenticate = getattr(self.authenticator, "authenticate", None)
         if authenticate is None:
-            return False
+            return "no authenticator configured"
+        request = AuthRequest("mqttd-admin-http", user, password.encode("utf-8"), peer, 5)
         try:
-            code = yield defer.maybeDeferred(authenticate, packet)
+            answer = yield defer.maybeDeferred(authenticate, request)
         except Exception:
-            return False
-        return code in (0, True, None) or (isinstance(code, str))
+            log.failure("The authenticator failed on the admin login of {user} from {peer}",
+                        user=user, peer=peer)
+            return "the authenticator failed"
+        code, identity = auth_outcome(answer, user)
+        if code:
+            return f"authentication refused (reason code 0x{code:02X})"
+        if identity != user:
+            return f"authenticated as {identity!r}"
+        return True
+
+
+def _peer(request) -> Optional[str]:
+    """``"host:port"`` of an HTTP request's client, or None."""
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    if host is None:
+        return None
+    port = getattr(address, "port", None)
+    return f"{host}:{port}" if port is not None else host
 
 
 class TopTopics:

@@ -2,12 +2,13 @@
 
 :func:`install` is the tap ``FEATURES`` hook: from the options it adds an
 :class:`AdminService` to the :class:`~mqttd.service.BrokerService`.  The admin
-listener refuses to start beyond loopback without credentials
-(:func:`check_admin_options`, run at option time: one line, exit 2).
+listener refuses to start beyond loopback without credentials: judged on the
+endpoint string at option time (:func:`check_admin_listen`: one line, exit 2)
+and on the address really bound at start (:func:`check_admin_bound`), with
+the same judgement of "loopback" as the anonymous policy (:mod:`mqttd.loopback`).
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Optional, Sequence
 
 from twisted.application.service import Service
@@ -17,20 +18,23 @@ from twisted.web.server import Site
 from mqttd.admin.api import AccessPolicy, AdminAPI, Dashboard, StatsHistory, TopTopics
 from mqttd.admin.metrics import make_registry, metrics_resource
 from mqttd.admin.ring import IncidentRing
-from mqttd.options import endpoint_parts
+from mqttd.loopback import check_bound, is_loopback_endpoint
 
 log = Logger(namespace="mqttd.admin")
 
 
 def endpoint_interface(description: str) -> Optional[str]:
-    """The interface a server endpoint string binds: ``tcp:8080:interface=127.0.0.1``
-    gives ``127.0.0.1``; ``tcp:8080`` gives ``""`` (every interface); ``unix:...``
-    gives ``"unix"``; other kinds None (unknown)."""
+    """The interface a server endpoint string binds, read as Twisted binds it
+    (the last of a repeated ``interface=``): ``tcp:8080:interface=127.0.0.1``
+    gives ``127.0.0.1``; ``tcp:8080`` gives ``""`` (every interface);
+    ``unix:...`` gives ``"unix"``; other kinds None (unknown).  For messages:
+    whether that is loopback is :func:`mqttd.loopback.is_loopback_endpoint`'s call."""
+    from twisted.internet.endpoints import _parse  # serverFromString's own parser
     try:
-        args, options = endpoint_parts(description)  # as Twisted reads it: last value wins
+        args, options = _parse(description)
     except Exception:
         return None
-    kind = args[0] if args else ""
+    kind = str(args[0]).lower() if args else ""
     if kind == "unix":
         return "unix"
     if kind not in ("tcp", "tcp6", "ssl"):
@@ -38,28 +42,25 @@ def endpoint_interface(description: str) -> Optional[str]:
     return options.get("interface", "")
 
 
-def is_loopback(interface: Optional[str]) -> bool:
-    """True for a loopback address, ``localhost`` or a UNIX socket."""
-    if interface in ("unix", "localhost"):
-        return True
-    if not interface:
-        return False
-    try:
-        return ipaddress.ip_address(interface.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_admin_listen(description: str, token: Optional[str], users: Sequence[str]) -> None:
-    """Raise ValueError if ``description`` reaches beyond loopback without credentials."""
+    """Raise ValueError if ``description`` reaches beyond loopback without
+    credentials -- judged by :func:`mqttd.loopback.is_loopback_endpoint`, the
+    one judgement the anonymous policy uses too (a repeated ``interface=`` is
+    read as Twisted binds it: the last one, REVIEW-SEC2 N6)."""
     if token or users:
         return
-    interface = endpoint_interface(description)
-    if not is_loopback(interface):
+    if not is_loopback_endpoint(description):
+        interface = endpoint_interface(description)
         where = "every interface" if interface == "" else (interface or "an unknown address")
         raise ValueError(f"{description} listens on {where}: beyond loopback the admin API "
                          "needs --admin-token TOKEN (or --admin-user with the broker's "
                          "password file)")
+
+
+def check_admin_bound(description: str, port) -> None:
+    """Once bound: a credential-less admin listener must really be on loopback."""
+    check_bound(description, port, "the admin API without --admin-token or --admin-user "
+                                   "is served on loopback only")
 
 
 class AdminService(Service):
@@ -76,13 +77,16 @@ class AdminService(Service):
         self.broker = broker
         self.metrics_listen = list(metrics_listen)
         self.admin_listen = list(admin_listen)
+        #: no credentials: the admin listeners must be on loopback (checked when bound)
+        self.open = not token and not users
         for description in self.admin_listen:
             check_admin_listen(description, token, users)
         self.ring = IncidentRing(broker.clock)
         self.registry = make_registry(broker, broker_service, self.ring)
         self.history = StatsHistory(broker, broker.clock)
         self.top = TopTopics(broker, broker.clock)
-        policy = AccessPolicy(token, users, broker.authenticator)
+        policy = AccessPolicy(token, users, lambda: broker.authenticator,
+                              refused=broker.refused)
         self.api = AdminAPI(broker, self.ring, policy, broker_service, self.history, self.top)
 
     def sites(self):
@@ -119,5 +123,6 @@ def install(service, options) -> Optional[AdminService]:
     for kind, description, site in admin_service.sites():
         # listened on with the MQTT listeners (before the store opens); a port
         # in use stops the start with one line, like an MQTT listener
-        service.add_listener(kind, description, site)
+        check = check_admin_bound if kind == "admin" and admin_service.open else None
+        service.add_listener(kind, description, site, check=check)
     return admin_service

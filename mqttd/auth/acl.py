@@ -12,6 +12,8 @@ Syntax (``acl_file`` of mosquitto.conf(5))::
 Access: ``read``, ``write``, ``readwrite`` or ``deny``.  The filter is the
 rest of the line (it may contain spaces).  A pattern whose ``%c``/``%u`` value
 is missing (anonymous ``%u``) or contains ``+``, ``#`` or ``/`` never matches.
+Both are substituted in one pass over the pattern (as mosquitto does): a user
+name containing ``%c`` is taken literally, never given the client id.
 
 Decisions, for a client's rules (its ``user`` block, or the anonymous block,
 plus every ``pattern``):
@@ -33,6 +35,7 @@ the per-message cost with a 100-rule file is one dict lookup.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 import attrs
@@ -77,18 +80,24 @@ class ACL:
         """The rules of one client, patterns substituted (unusable ones dropped)."""
         own = self.anonymous if username is None else self.users.get(username, ())
         rules = list(own)
+        values = {"%u": username, "%c": client_id}
         for rule in self.patterns:
             text = rule.topic_filter
-            if "%u" in text:
-                if username is None or _unsafe(username):
-                    continue
-                text = text.replace("%u", username)
-            if "%c" in text:
-                if _unsafe(client_id):
-                    continue
-                text = text.replace("%c", client_id)
+            user_token, client_token = "%u" in text, "%c" in text
+            if user_token and (username is None or _unsafe(username)):
+                continue
+            if client_token and _unsafe(client_id):
+                continue
+            if user_token or client_token:
+                # one pass over the pattern's own text: a value is never
+                # scanned again, so a user name holding "%c" stays literal
+                # (REVIEW-SEC2 N10)
+                text = _TOKEN.sub(lambda found: values[found.group(0)], text)
             rules.append(Rule(rule.access, text, True))
         return rules
+
+
+_TOKEN = re.compile("%[cu]")
 
 
 def _unsafe(value: str) -> bool:

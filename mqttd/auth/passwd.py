@@ -103,9 +103,22 @@ def make_entry(username: str, password: str, iterations: int = DEFAULT_ITERATION
 
 
 def validate_username(username: str) -> None:
-    if not username or ":" in username or any(c in username for c in "\r\n\0"):
+    """Refuse a user name the password file could not give back as written.
+
+    :raises PasswordFileError: empty; contains ``:`` (the separator) or a
+        control or line-separator character; starts with ``#`` (the line
+        would be read as a comment: the user could never log in); starts or
+        ends with white space (stripped when the file is read)."""
+    if not username or ":" in username or any(
+            ord(c) < 0x20 or ord(c) == 0x7F or c in "\x85\u2028\u2029" for c in username):
         raise PasswordFileError(f"invalid username {username!r}: empty or contains ':' "
                                 "or a control character")
+    if username.startswith("#"):
+        raise PasswordFileError(f"invalid username {username!r}: a line starting with '#' "
+                                "is a comment in a password file")
+    if username != username.strip():
+        raise PasswordFileError(f"invalid username {username!r}: leading or trailing "
+                                "white space is stripped when the file is read")
 
 
 def parse_line(line: str, where: str = "") -> PasswordEntry:

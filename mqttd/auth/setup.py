@@ -10,7 +10,6 @@ no checker, no ACL, every listener on loopback (or a UNIX socket) -- or when
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import attrs
@@ -21,43 +20,9 @@ from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_F
                                  Authenticator, PasswordFileChecker, make_portal)
 from mqttd.auth.gate import VerificationGate
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
-from mqttd.options import endpoint_parts
+from mqttd.loopback import check_bound, is_loopback_endpoint
 
 log = Logger(namespace="mqttd.auth")
-
-_LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|0*:0*:0*:0*:0*:0*:0*:0*1|localhost)$")
-
-
-def is_loopback_endpoint(description: str) -> bool:
-    """True for a listener reachable from this host only.
-
-    UNIX sockets, and TCP-like endpoints (also ``ws:...``) whose
-    ``interface=`` is a loopback address.  Any other listener -- no
-    ``interface=`` means all interfaces -- is not, and neither is a listener
-    that carries other hosts' clients through a proxy on this host: a
-    ``haproxy:`` (PROXY protocol) listener, or one that trusts
-    ``X-Forwarded-For`` (``trustXForwardedFor=N``, N > 0).
-    """
-    try:
-        args, options = endpoint_parts(description)  # as Twisted reads it: last value wins
-    except Exception:
-        return False  # not even parseable: certainly not known to be loopback
-    kind = args[0].lower() if args else ""
-    if kind == "haproxy":
-        return False  # the balancer in front forwards remote clients
-    for key, value in options.items():
-        if key.lower() == "trustxforwardedfor":
-            try:
-                if int(value) > 0:
-                    return False  # a reverse proxy on loopback forwards remote clients
-            except ValueError:
-                return False
-    if kind == "unix":
-        return True
-    interface = options.get("interface")
-    if interface is None:
-        return False  # every interface
-    return bool(_LOOPBACK.match(interface.strip("[]")))
 
 
 def anonymous_policy(listen: Iterable[str], authentication_configured: bool,
@@ -89,6 +54,11 @@ class Security:
 
     def attach(self, service) -> None:
         broker = service.broker
+        if self.allow_anonymous and self.policy.startswith("every listener is on loopback"):
+            # the policy relied on the endpoint strings: the bound addresses must agree
+            why = "anonymous clients are allowed only while every listener is on loopback"
+            service.add_bind_check(
+                lambda description, port: check_bound(description, port, why))
         broker.authenticator = self.authenticator
         broker.enhanced_authenticator = self.enhanced
         if self.authorizer is not None:

@@ -40,8 +40,9 @@ from twisted.logger import Logger
 from mqttd.persistence import safepickle
 from mqttd.persistence.filestore import SnapshotRead, report_damaged_checkpoint
 from mqttd.persistence.journal import (
-    DEFAULT_COMPACT_BYTES, RECORD_HEADER, JournaledStore, StateAssembler, aside_path,
-    atomic_write, encode_record, fsync_dir, scan_frames, state_counts, state_items)
+    DEFAULT_COMPACT_BYTES, FILE_MODE, RECORD_HEADER, JournaledStore, StateAssembler,
+    aside_path, atomic_write, encode_record, fsync_dir, scan_frames, state_counts,
+    state_items)
 from mqttd.persistence.records import FORMAT_VERSION, StoredState
 
 log = Logger(namespace="mqttd.persistence")
@@ -230,7 +231,7 @@ class DbmStore(JournaledStore):
                 os.unlink(f"{base}.{ext}")
             except FileNotFoundError:
                 pass
-        db = dbm.dumb.open(base, "n")
+        db = dbm.dumb.open(base, "n", FILE_MODE)
         try:
             meta = {"version": FORMAT_VERSION, "generation": generation}
             meta.update(state_counts(state))

@@ -37,9 +37,9 @@ from twisted.logger import Logger
 
 from mqttd.persistence import safepickle
 from mqttd.persistence.journal import (
-    DEFAULT_COMPACT_BYTES, RECORD_HEADER, JournaledStore, StateAssembler, aside_path,
-    encode_record, fsync_dir, keep_damaged, lost_counts, scan_frames, state_counts,
-    state_items)
+    DEFAULT_COMPACT_BYTES, FILE_MODE, RECORD_HEADER, JournaledStore, StateAssembler,
+    aside_path, encode_record, fsync_dir, keep_damaged, lost_counts, scan_frames,
+    state_counts, state_items)
 from mqttd.persistence.records import FORMAT_VERSION, StoredState
 
 log = Logger(namespace="mqttd.persistence")
@@ -84,11 +84,16 @@ class SnapshotRead:
                 and not self.orphans and not self.reason and not self.repaired)
 
 
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, FILE_MODE)
+
+
 def write_snapshot(path: str, state: StoredState, generation: int, fsync=os.fsync) -> None:
     """Write ``state`` to ``path`` atomically (tmp, fsync, rename, fsync dir)."""
     tmp = path + ".tmp"
     end = dict(state_counts(state), generation=generation, version=FORMAT_VERSION)
-    with open(tmp, "wb", buffering=1 << 20) as f:
+    with open(tmp, "wb", buffering=1 << 20, opener=_private_opener) as f:
+        os.fchmod(f.fileno(), FILE_MODE)  # a stale tmp file keeps its old mode otherwise
         f.write(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, generation))
         for item in state_items(state):
             f.write(encode_record(safepickle.dumps(item)))

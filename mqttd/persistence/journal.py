@@ -34,6 +34,7 @@ import fcntl
 import os
 import pickle
 import re
+import stat
 import struct
 import time
 import zlib
@@ -56,6 +57,12 @@ from mqttd.persistence.records import (
     SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
+
+#: mode of every file the store creates and of the data directory it creates:
+#: queued and retained payloads and session owners are for the broker's user
+#: only, whatever the umask (as mosquitto's persistence file)
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 MiB = 1024 * 1024
 DEFAULT_COMPACT_BYTES = 64 * MiB
@@ -247,11 +254,44 @@ def write_all(fd: int, data: bytes, write=_write) -> None:
         view = view[written:]
 
 
+def restrict_permissions(path: str) -> int:
+    """Make the store's files in directory ``path`` readable by their owner
+    only (files an older mqttd or another umask left group/world-readable:
+    mode & ~0o077); warn once if the directory itself lets others in (their
+    names stay visible, their contents no longer).  Files of other users are
+    left alone.  Returns the number of files changed."""
+    changed = 0
+    try:
+        names = os.listdir(path)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0
+    uid = os.getuid()
+    for name in names:
+        full = os.path.join(path, name)
+        try:
+            info = os.lstat(full)
+            if (stat.S_ISREG(info.st_mode) and info.st_mode & 0o077 and info.st_uid == uid):
+                os.chmod(full, stat.S_IMODE(info.st_mode) & ~0o077)
+                changed += 1
+        except OSError:
+            continue
+    if changed:
+        log.warn("Store files in {path} were readable by other users; {changed} made "
+                 "owner-only (mode 0600)", path=path, changed=changed)
+    if mode & 0o077:
+        log.warn("Data directory {path} is accessible to other users (mode {mode}); "
+                 "the store's files are owner-only, but consider chmod 700 {path}",
+                 path=path, mode=oct(mode)[2:])
+    return changed
+
+
 def atomic_write(path: str, data: bytes, fsync=os.fsync) -> None:
     """Write ``data`` to ``path`` via ``path.tmp``, fsync, rename, fsync the dir."""
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
+        os.fchmod(fd, FILE_MODE)  # a stale tmp file keeps its old mode otherwise
         write_all(fd, data)
         fsync(fd)
     finally:
@@ -842,7 +882,7 @@ class JournaledStore:
     def _recovery_job(self, snapshot: StoredState, new_gen: int) -> int:
         self._write_checkpoint(snapshot, new_gen)
         path = journal_path(self.path, new_gen)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, FILE_MODE)
         try:
             write_all(fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, new_gen),
                       self._os_write)
@@ -892,7 +932,7 @@ class JournaledStore:
     def _open_journal(self, generation: int, create: bool) -> int:
         path = journal_path(self.path, generation)
         if create:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, FILE_MODE)
             header = JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, generation)
             write_all(fd, header, self._os_write)
             self._dir_dirty = True
@@ -1188,8 +1228,9 @@ class JournaledStore:
         if self._state != "new":
             raise StoreError(f"store {self.path} is {self._state}; it can be locked only "
                              f"before open()")
-        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
         self._lock()
+        restrict_permissions(self.path)
 
     def unlock(self) -> None:
         """Release the lock taken by :meth:`lock` of a store never opened (a
@@ -1200,7 +1241,7 @@ class JournaledStore:
 
     def _lock(self) -> None:
         lock_path = os.path.join(self.path, "LOCK")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -8,10 +8,15 @@ these, so the same strings work in ``twistd mqttd --listen``, in
     mqtts:8883:privateKey=key.pem[:certKey=cert.pem][:extraCertChain=chain.pem]
           [:caCerts=ca.pem][:requireCert=yes][:identityAsUsername=yes]
           [:tlsMinimum=1.2][:interface=ADDR][:backlog=N]
-    ws:9001[:path=/mqtt][:trustXForwardedFor=N][:interface=ADDR][:backlog=N]
+    ws:9001[:path=/mqtt][:trustXForwardedFor=N][:allowedOrigins=LIST][:interface=ADDR][:backlog=N]
     wss:9443:privateKey=key.pem[:certKey=cert.pem][... every mqtts: option][:path=/mqtt]
+        [:allowedOrigins=LIST]
 
-``path=*`` answers WebSocket requests on any path.  The PROXY protocol
+``path=*`` answers WebSocket requests on any path.  ``allowedOrigins=`` is a
+comma-separated list of the origins browser pages may connect from
+(``app.example.com,*.example.org``: any scheme and port; ``https\\://app.example.com``
+with the colon escaped; ``*``: any origin); the default and the rules are in
+:mod:`mqttd.transports.websocket`.  The PROXY protocol
 (``haproxy:``) is Twisted's own wrapper and composes with all of them:
 ``haproxy:tcp:1883``, ``haproxy:mqtts:8883:...``.
 """
@@ -27,7 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mqttd.transports.tls import TLSConfigError, TLSServerOptions, certificate_identity
-from mqttd.transports.websocket import DEFAULT_PATH, MQTTWebSocketFactory
+from mqttd.transports.websocket import DEFAULT_PATH, MQTTWebSocketFactory, origin_patterns
 
 #: listen backlog of these listeners unless ``backlog=`` says otherwise (the
 #: same as the broker service gives TCP; Twisted's 50 drops connections in a
@@ -94,7 +99,7 @@ class MQTTServerEndpoint:
     def __init__(self, reactor, port: int, tls: Optional[TLSServerOptions] = None,
                  websocket_path: Optional[str] = None, identity_as_username: bool = False,
                  backlog: int = DEFAULT_BACKLOG, interface: str = "",
-                 trust_x_forwarded_for: int = 0):
+                 trust_x_forwarded_for: int = 0, allowed_origins=None):
         if identity_as_username and (tls is None or tls.client_certificates == "none"):
             raise TLSConfigError("identityAsUsername=yes needs caCerts=FILE (client "
                                  "certificates are the identity)")
@@ -105,6 +110,8 @@ class MQTTServerEndpoint:
         self.websocket_path = websocket_path
         self.identity_as_username = identity_as_username
         self.trust_x_forwarded_for = trust_x_forwarded_for
+        #: the WebSocket origin patterns (None: the default policy)
+        self.allowed_origins = allowed_origins
         self._endpoint = TCP4ServerEndpoint(reactor, port, backlog, interface)
 
     def listen(self, factory):
@@ -122,7 +129,9 @@ class MQTTServerEndpoint:
         if self.websocket_path is not None:
             path = None if self.websocket_path == "*" else self.websocket_path
             factory = MQTTWebSocketFactory(factory, path=path, secure=self.tls_options is not None,
-                                           trust_x_forwarded_for=self.trust_x_forwarded_for)
+                                           trust_x_forwarded_for=self.trust_x_forwarded_for,
+                                           allowed_origins=self.allowed_origins,
+                                           ambient_credentials=self.identity_as_username)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
         if proxy is not None:  # the same wrapper (its class, its broker) outside
@@ -184,9 +193,12 @@ def _listener(reactor, port, options: dict, tls=None, path=None) -> MQTTServerEn
         raise ValueError("trustXForwardedFor must be a number of proxies") from None
     if forwarded < 0:
         raise ValueError("trustXForwardedFor must be 0 or more")
+    origins = options.get("allowedOrigins")
+    if origins is not None:
+        origins = origin_patterns(origins)  # ValueError: refused at start-up
     return MQTTServerEndpoint(
         reactor, int(port), tls=tls, websocket_path=path, identity_as_username=identity,
-        trust_x_forwarded_for=forwarded,
+        trust_x_forwarded_for=forwarded, allowed_origins=origins,
         backlog=int(options.get("backlog", DEFAULT_BACKLOG)),
         interface=options.get("interface", ""))
 
@@ -199,12 +211,13 @@ def parse_mqtts(reactor, port, *args, **kwargs) -> MQTTServerEndpoint:
 
 def parse_ws(reactor, port, *args, **kwargs) -> MQTTServerEndpoint:
     """``ws:PORT[:path=/mqtt]``: MQTT over WebSocket."""
-    options = _options("ws", args, kwargs, ("path", "trustXForwardedFor"))
+    options = _options("ws", args, kwargs, ("path", "trustXForwardedFor", "allowedOrigins"))
     return _listener(reactor, port, options, path=options.get("path", DEFAULT_PATH))
 
 
 def parse_wss(reactor, port, *args, **kwargs) -> MQTTServerEndpoint:
     """``wss:PORT:privateKey=K[:certKey=C]...``: MQTT over WebSocket over TLS."""
-    options = _options("wss", args, kwargs, _TLS_OPTIONS + ("path", "trustXForwardedFor"))
+    options = _options("wss", args, kwargs,
+                       _TLS_OPTIONS + ("path", "trustXForwardedFor", "allowedOrigins"))
     return _listener(reactor, port, options, tls=_tls(options),
                      path=options.get("path", DEFAULT_PATH))

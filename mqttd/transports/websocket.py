@@ -18,8 +18,27 @@ reads of the socket underneath.
 Refusals get an HTTP answer (a text frame: close 1003) and are counted and
 logged rate-limited as the broker's refusal ``websocket``: a path other than
 the listener's (404), no acceptable subprotocol (400), a request header over
-16 KiB (400), any other handshake autobahn fails (a plain HTTP request, a
-missing or bad WebSocket header: 400); the opening handshake must finish in 5 s.
+16 KiB (400), an ``Origin`` the listener does not allow (403, below), any other
+handshake autobahn fails (a plain HTTP request, a missing or bad WebSocket
+header: 400); the opening handshake must finish in 5 s.
+
+Cross-site WebSocket hijacking
+    A browser lets any web page open a WebSocket to any address -- loopback
+    included -- and tells the server the page's origin in the ``Origin``
+    header; it is the server's job to refuse.  The origins a listener accepts
+    are autobahn's ``allowedOrigins`` (:func:`origin_patterns`): the listener's
+    ``allowedOrigins=`` option, a comma-separated list of origin patterns
+    (``https://app.example.com``, ``*.example.com`` -- without a scheme any
+    scheme and port, ``*`` matching anything).  Without the option, when the
+    broker admits anonymous clients (the loopback default) or the listener
+    takes the client certificate as the user name (credentials a browser
+    presents by itself), only pages of a loopback origin
+    (:data:`LOOPBACK_ORIGINS`) are accepted; otherwise any origin (a page must
+    then log in like any other client).  A request without ``Origin`` (MQTT.js
+    in Node, paho, every non-browser client) is never refused for it; the
+    ``null`` origin (``file:`` pages, sandboxed frames) is refused unless
+    listed as ``null``.  A refused origin is HTTP 403 and a ``websocket``
+    refusal line naming the origin (REVIEW-SEC2 N16).
 
 autobahn's own log lines about a connection (a failed handshake, a dropped
 connection, a protocol violation, a timeout: all of them things a remote peer
@@ -31,7 +50,8 @@ autobahn's debug and trace lines are dropped.
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 from mqttd.ratelimit import LogRateLimiter, refusal_key
 
@@ -85,6 +105,61 @@ def _forwarded_peer(header: Optional[str], trusted: int):
 
 #: the limiter key's reason for WebSocket refusals and autobahn's lines
 REFUSAL = "websocket"
+
+#: the origins accepted by default when the broker admits anonymous clients:
+#: pages served from this machine's loopback names (autobahn matches them
+#: against ``scheme://host:port`` with the default port filled in)
+LOOPBACK_ORIGINS = ("http://localhost:*", "https://localhost:*",
+                    "http://127.0.0.1:*", "https://127.0.0.1:*",
+                    "http://::1:*", "https://::1:*")
+
+#: autobahn's prefix of the reason it fails a handshake with for an origin
+_ORIGIN_DENIED = "WebSocket connection denied: origin"
+
+
+def origin_patterns(value) -> tuple:
+    """The origin patterns of an ``allowedOrigins=`` value.
+
+    ``value``: a comma-separated string or a sequence of patterns.  A pattern
+    with a scheme (``https://app.example.com``, ``http://*.example.com:8080``)
+    is matched against the request's ``scheme://host:port`` (port 80/443 filled
+    in when the origin gives none); one without (``app.example.com``,
+    ``*.example.com``) allows any scheme and port; ``*`` allows every origin;
+    ``null`` allows the ``null`` origin.  ``*`` is the only wildcard.
+
+    :raises ValueError: an empty list or an empty pattern.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    patterns = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            raise ValueError("allowedOrigins: an empty origin pattern")
+        if item != "*" and item != "null" and "://" not in item:
+            item = f"*://{item}:*"
+        patterns.append(item)
+    if not patterns:
+        raise ValueError("allowedOrigins: no origin pattern")
+    return tuple(patterns)
+
+
+def _compile_origins(patterns: Sequence[str]) -> list:
+    """autobahn's ``allowedOriginsPatterns`` for ``patterns`` (like
+    ``autobahn.util.wildcards2patterns``, every regex character escaped)."""
+    return [re.compile("^" + re.escape(p).replace(r"\*", ".*") + "$")
+            for p in patterns if p != "null"]
+
+
+def _unwrap_broker(factory):
+    """The broker behind a chain of wrapping factories (``.wrapped``), or None."""
+    for _ in range(8):
+        if factory is None:
+            return None
+        broker = getattr(factory, "broker", None)
+        if broker is not None:
+            return broker
+        factory = getattr(factory, "wrapped", None)
+    return None
 
 
 class PeerRateLimitedLog:
@@ -158,6 +233,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     # --- the opening handshake ----------------------------------------------------
 
+    def _connectionMade(self):
+        super()._connectionMade()
+        # the origins this connection may come from, decided now: the broker's
+        # anonymous policy may differ between brokers sharing nothing else
+        self.allowedOrigins, self.allowedOriginsPatterns, self.allowNullOrigin = \
+            self.factory.origin_policy()
+
     def processHandshake(self):
         # the header, wherever it ends: complete in one read or not yet ended
         # (bytes after it are the client's first frames, not header)
@@ -170,7 +252,14 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders=None):
         """Every failed opening handshake is a counted, logged refusal (a plain
-        HTTP request too), then autobahn answers it with ``code``."""
+        HTTP request too), then autobahn answers it with ``code``; an origin
+        the listener does not allow is 403 Forbidden (autobahn says 400)."""
+        if reason.startswith(_ORIGIN_DENIED):
+            code = 403
+            if not self._refusal_logged:
+                self._refused(f"origin {self.websocket_origin!r} not allowed (allowedOrigins: "
+                              f"{','.join(self.allowedOrigins)}; see the listener's "
+                              "allowedOrigins= option)")
         if not self._refusal_logged:
             self._refused(f"opening handshake failed ({code}): {reason}")
         return super().failHandshake(reason, code, responseHeaders)
@@ -329,13 +418,20 @@ class MQTTWebSocketFactory(WebSocketServerFactory):
     :param trust_x_forwarded_for: number of reverse proxies in front whose
         ``X-Forwarded-For`` is believed (0: ignore the header, the default);
         the client's address then comes from it.
+    :param allowed_origins: the origin patterns browsers' requests may come
+        from (see :func:`origin_patterns`); None: the default policy of the
+        module docstring (loopback origins only while the broker admits
+        anonymous clients or ``ambient_credentials``).
+    :param ambient_credentials: the listener authenticates by something a
+        browser presents by itself (the client certificate as the user name).
     """
 
     protocol = MQTTWebSocketProtocol
 
     def __init__(self, wrapped, path: Optional[str] = DEFAULT_PATH,
                  max_message: Optional[int] = None, secure: bool = False,
-                 trust_x_forwarded_for: int = 0):
+                 trust_x_forwarded_for: int = 0, allowed_origins=None,
+                 ambient_credentials: bool = False):
         super().__init__(url=("wss" if secure else "ws") + "://localhost",
                          protocols=list(SUBPROTOCOLS), server="mqttd")
         self.wrapped = wrapped
@@ -343,6 +439,10 @@ class MQTTWebSocketFactory(WebSocketServerFactory):
         if trust_x_forwarded_for < 0:
             raise ValueError("trustXForwardedFor must be 0 or more")
         self.trust_x_forwarded_for = trust_x_forwarded_for
+        self.allowed_origins = (None if allowed_origins is None
+                                else origin_patterns(allowed_origins))
+        self.ambient_credentials = ambient_credentials
+        self._origin_cache: dict = {}
         if max_message is None:
             broker = getattr(wrapped, "broker", None)
             max_packet = getattr(getattr(broker, "config", None), "max_packet_size",
@@ -358,6 +458,31 @@ class MQTTWebSocketFactory(WebSocketServerFactory):
             # permessage-deflate is not offered: MQTT payloads are often
             # compressed already, and inflating is a memory lever for clients
         )
+
+    def origin_policy(self):
+        """``(allowedOrigins, allowedOriginsPatterns, allowNullOrigin)`` in force
+        for a new connection (autobahn's per-connection options)."""
+        origins = self.allowed_origins
+        if origins is None:
+            origins = LOOPBACK_ORIGINS if self._strict_origins() else ("*",)
+        policy = self._origin_cache.get(origins)
+        if policy is None:
+            policy = self._origin_cache[origins] = (
+                list(origins), _compile_origins(origins), "null" in origins or "*" in origins)
+        return policy
+
+    def _strict_origins(self) -> bool:
+        """The default policy refuses foreign origins: anonymous clients are
+        admitted (or may be: an authenticator that does not say), or the
+        listener authenticates by the client certificate."""
+        if self.ambient_credentials:
+            return True
+        broker = _unwrap_broker(self.wrapped)
+        if broker is None:
+            return True
+        authenticator = getattr(broker, "authenticator", None)
+        return authenticator is None or getattr(authenticator, "allow_anonymous", True) \
+            is not False
 
     def log_limiter(self) -> LogRateLimiter:
         """The broker's log rate limiter, or this factory's own (no broker)."""

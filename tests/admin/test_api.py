@@ -279,3 +279,33 @@ def test_why_cli_with_an_admin_value_that_is_no_url_is_one_line():
     from mqttd.admin.cli import fetch
     with pytest.raises(RuntimeError, match="cannot reach the admin API at notaurl"):
         fetch("notaurl", "/api/why", {"client": "x", "topic": "y"})
+
+
+def test_admin_users_log_in_with_the_real_password_file_authenticator(tmp_path):
+    """The broker's own Authenticator (password file, twisted.cred) accepts the admin's Basic login
+    (REVIEW-SEC2 N7: it used to get a CONNECT packet, fail and answer 401 silently)."""
+    from twisted.logger import capturedLogs
+
+    from mqttd.auth.checkers import Authenticator, PasswordFileChecker, make_portal
+    from mqttd.auth.passwd import update_file
+    path = str(tmp_path / "pw")
+    update_file(path, "alice", "wonderland", create=True, iterations=1000)
+    checker = PasswordFileChecker(path, gate=None)
+    authenticator = Authenticator(make_portal([checker]), allow_anonymous=False)
+    broker, clock = make_broker()
+    broker.authenticator = authenticator
+    ring = IncidentRing(clock)
+    api = AdminAPI(broker, ring, AccessPolicy(None, ("alice",), lambda: broker.authenticator,
+                                              refused=broker.refused),
+                   None, StatsHistory(broker, clock), TopTopics(broker, clock))
+    root = Dashboard(api)
+
+    def basic(user, password):
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode())
+                .decode()}
+    assert call(root, "GET", "/api/info", headers=basic("alice", "wonderland"))[0] == 200
+    with capturedLogs() as events:
+        assert call(root, "GET", "/api/info", headers=basic("alice", "wrong"))[0] == 401
+    lines = [e for e in events if e.get("what") == "admin-login"]
+    assert len(lines) == 1 and "0x86" in lines[0]["detail"]
+    assert broker.stats.refused.get("admin-login") == 1

@@ -185,3 +185,69 @@ def test_acl_applies_to_publish_subscribe_retained_and_will_end_to_end():
     bad_will.send(Connect(5, "dev2", True, 0, username="alice", password=b"x",
                           will=Will("clients/dev1/gone", b"spoof")))
     assert bad_will.received()[0].reason_code == 0x87
+
+
+def test_pattern_values_are_substituted_once_never_rescanned():
+    """A user name holding '%c' stays literal: it never gets the (client-chosen) id spliced in
+    (REVIEW-SEC2 N10: user '%c' with client id 'victim' read users/victim/#)."""
+    acl = ACLAuthorizer(parse_acl("pattern readwrite users/%u/#\npattern read c/%c/%u\n"))
+    attacker = client("victim", "%c")
+    assert not acl.authorize_forward(attacker, msg("users/victim/secret"))
+    assert acl.authorize_forward(attacker, msg("users/%c/x"))              # its own, literally
+    assert not acl.authorize_forward(client("vict", "ab%cd"), msg("users/abvictd/x"))
+    assert acl.authorize_forward(client("%u", "bob"), msg("c/%u/bob"))     # id '%u' literal too
+    assert not acl.authorize_forward(client("%u", "bob"), msg("c/bob/bob"))
+
+
+def _reload(broker, path, text):
+    path.write_text(text)
+    broker.authorizer.reload()
+    done = []
+    broker.recheck_subscriptions().addCallback(done.append)
+    assert done
+
+
+def test_will_whose_topic_was_revoked_by_a_reload_is_not_published(tmp_path):
+    """A will accepted at CONNECT is dropped when a reload takes write on its topic away
+    (REVIEW-SEC2 N14), counted and logged as a will refusal; other wills stay."""
+    from mqttd.codec.packets import Connect
+    path = tmp_path / "acl"
+    path.write_text("topic readwrite #\n")
+    broker, clock = make_broker()
+    broker.authorizer = ACLAuthorizer.from_file(str(path))
+    watcher = FakeClient(broker, clock)
+    watcher.connect("watcher")
+    watcher.subscribe("q/#")
+    revoked = FakeClient(broker, clock)
+    revoked.send(Connect(4, "l2will", True, 0, will=Will("q/will", b"gone")))
+    kept = FakeClient(broker, clock)
+    kept.send(Connect(4, "other", True, 0, will=Will("q/ok/will", b"bye")))
+    assert revoked.received()[0].reason_code == 0 and kept.received()[0].reason_code == 0
+    _reload(broker, path, "topic readwrite q/ok/#\ntopic read q/#\n")
+    revoked.drop()
+    kept.drop()
+    assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["q/ok/will"]
+    assert broker.stats.refused.get("will") == 1
+
+
+def test_pending_delayed_will_is_cancelled_when_a_reload_revokes_its_topic(tmp_path):
+    """A will waiting for its Will Delay Interval is forgotten (and its stored record deleted)
+    once the topic is no longer allowed."""
+    from mqttd.codec.packets import Connect, Properties
+    path = tmp_path / "acl"
+    path.write_text("topic readwrite #\n")
+    broker, clock = make_broker()
+    broker.authorizer = ACLAuthorizer.from_file(str(path))
+    watcher = FakeClient(broker, clock)
+    watcher.connect("watcher")
+    watcher.subscribe("q/#")
+    dev = FakeClient(broker, clock, level=5)
+    dev.send(Connect(5, "dev", False, 0, will=Will("q/will", b"late", properties=Properties(
+        will_delay_interval=30)), properties=Properties(session_expiry_interval=300)))
+    assert dev.received()[0].reason_code == 0
+    dev.drop()
+    assert "dev" in broker.wills
+    _reload(broker, path, "topic read q/#\n")
+    assert "dev" not in broker.wills
+    clock.advance(60)
+    assert [p for p in watcher.received() if isinstance(p, Publish)] == []

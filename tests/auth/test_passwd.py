@@ -155,3 +155,16 @@ def test_authenticator_maps_outcomes_to_reason_codes(tmp_path):
         AuthRequest("c", None, None, None, 4)) is True
     assert Authenticator(None, allow_anonymous=False).authenticate(
         AuthRequest("c", "alice", b"pw", None, 4)) == 0x87
+
+
+@pytest.mark.parametrize("name", ["#comment", "# admin", " bob", "bob ", "a\tb", "a\x0bb",
+                                  "a\u2028b", "a:b", ""])
+def test_passwd_refuses_user_names_the_file_would_not_give_back(name, tmp_path, capsys):
+    """A name starting with '#' would be read back as a comment (the user silently never logs in);
+    white space at the ends is stripped; control and line-separator characters split the line."""
+    from mqttd.auth.passwd import main
+    path = tmp_path / "pw"
+    assert main(["-c", "-b", "--iterations", "1000", str(path), "ok", "pw"]) == 0
+    assert main(["-b", "--iterations", "1000", str(path), name, "pw"]) == 1
+    assert "invalid username" in capsys.readouterr().err
+    assert set(read_password_file(str(path))) == {"ok"}

@@ -333,3 +333,32 @@ def test_mqttjs_logs_in_with_a_password_file(mqttd_broker_factory, password_file
     assert login("alice", "wonderland") == {"connected": True, "code": 0}
     assert login("alice", "nope") == {"connected": False, "code": wrong}
     assert login() == {"connected": False, "code": anonymous}
+
+
+def test_admin_user_logs_in_with_the_password_file(mqttd_broker_factory, password_file):
+    """--admin-user alice: HTTP Basic with her mosquitto_passwd password is 200, wrong ones 401, logged."""
+    import base64
+    import urllib.error
+    import urllib.request
+    broker = mqttd_broker_factory(extra_args=[
+        "--password-file", str(password_file), "--admin-user", "alice",
+        "--admin-listen", "tcp:0:interface=127.0.0.1"])
+    port = broker.ready["http"]["admin"][0]["port"]
+
+    def get(user, password):
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/info",
+                                         headers={"Authorization": "Basic " + token})
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, None
+
+    status, info = get("alice", "wonderland")
+    assert status == 200 and info["broker_id"]
+    assert get("alice", "wrong")[0] == 401
+    assert get("bob", "builder")[0] == 401            # a broker user, but no --admin-user
+    _wait_for(lambda: "Refused admin-login" in _log(broker), what="the refusal line")
+    log = _log(broker)
+    assert "AttributeError" not in log and "wonderland" not in log and "builder" not in log

@@ -151,3 +151,85 @@ def test_trace_covers_a_refused_connect_and_its_connack():
     lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mqttd.trace"]
     assert lines[0].startswith("trace c1 <- Connect(") and "wrong" not in lines[0]
     assert "trace c1 -> Connack(session_present=False, reason_code=4)" in lines
+
+
+def test_trace_hides_authentication_data_of_connect_and_auth_both_ways():
+    """SCRAM nonces, salt and proofs in a trace are a password verifier: shown as their size only
+    (REVIEW-SEC2 N17)."""
+    from twisted.logger import formatEvent
+
+    from mqttd.codec.packets import Auth, Properties
+    from mqttd.hooks import AuthOutcome, AuthStep
+
+    class Exchange:
+        def step(self, data):
+            if data == b"client-first-NONCE":
+                return AuthStep(AuthOutcome.CONTINUE, data=b"server-first-SALT")
+            return AuthStep(AuthOutcome.SUCCESS, data=b"server-final-SIG", username="sc")
+
+    class Enhanced:
+        def start(self, method, client):
+            return Exchange()
+    broker, clock = make_broker(trace_clients={"scc1"})
+    broker.enhanced_authenticator = Enhanced()
+    client = FakeClient(broker, clock, level=5)
+    with capturedLogs() as events:
+        client.send(Connect(5, "scc1", True, 0, properties=Properties(
+            authentication_method="SCRAM-SHA-256", authentication_data=b"client-first-NONCE")))
+        client.received()
+        client.send(Auth(0x18, Properties(authentication_method="SCRAM-SHA-256",
+                                          authentication_data=b"client-final-PROOF")))
+        assert client.received()[0].reason_code == 0
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mqttd.trace"]
+    text = "\n".join(lines)
+    assert len(lines) >= 4, text
+    for secret in ("NONCE", "SALT", "PROOF", "SIG"):
+        assert secret not in text, text
+    assert "authentication_data=<hidden, 18 bytes>" in lines[0]
+    assert "authentication_method='SCRAM-SHA-256'" in lines[0]
+
+
+def test_long_client_supplied_fields_are_cut_in_text_and_json_lines():
+    """A 60,000-character client id costs the log a bounded line, saying how long it was
+    (REVIEW-SEC2 N12: the limiter bounded lines, not bytes: ~60 KB per refusal line)."""
+    huge = "000123" + "X" * 59994
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        log = Logger(namespace="mqttd.x", observer=logs.make_observer(out, fmt))
+        log.warn("Refused {what} for {client_id} from {peer}: {detail}", what="anonymous",
+                 client_id=huge, peer="127.0.0.1:5", detail=f"username {huge!r}")
+        line = out.getvalue()
+        assert len(line) < 4000, (fmt, len(line))     # JSON repeats fields (log_flattened)
+        assert "000123XXX" in line and "...(60000 chars)" in line
+        assert "127.0.0.1:5" in line
+
+
+def test_refusal_line_of_a_real_connect_with_a_huge_client_id_is_bounded():
+    """End to end: the anonymous refusal of a CONNECT with a 60,000-character client id, through
+    the twistd observer, is one line of bounded size."""
+    class Refuse:
+        def authenticate(self, request):
+            return 0x87
+    out = io.StringIO()
+    observer = logs.make_observer(out, "text")
+    from twisted.logger import globalLogPublisher
+    globalLogPublisher.addObserver(observer)
+    try:
+        broker, clock = make_broker()
+        broker.authenticator = Refuse()
+        client = FakeClient(broker, clock)
+        client.send(Connect(4, "c" * 60000, True, 0))
+        assert client.received()[0].reason_code == 5
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = [line for line in out.getvalue().splitlines() if "Refused" in line]
+    assert lines and all(len(line) < 2000 for line in lines), [len(x) for x in lines]
+    assert "...(60000 chars)" in lines[0]
+
+
+def test_short_fields_pass_unchanged_and_uncopied():
+    """Ordinary events are not copied: the bound costs one scan per line."""
+    event = {"log_format": "{client_id}", "client_id": "dev-7", "log_namespace": "x"}
+    assert logs.bound_fields(event) is event
+    assert logs.bound("x" * 300).endswith("...(300 chars)")
+    assert logs.bound(12345) == 12345

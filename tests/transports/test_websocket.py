@@ -69,11 +69,15 @@ class SocketTransport(StringTransport):
 
 
 class WebSocketClient:
-    def __init__(self, path="/mqtt", broker_config=None, trust_x_forwarded_for=0):
+    def __init__(self, path="/mqtt", broker_config=None, trust_x_forwarded_for=0,
+                 allowed_origins=None, authenticator=None, ambient_credentials=False):
         self.broker, self.clock = make_broker(**(broker_config or {}))
+        self.broker.authenticator = authenticator
         self.mqtt_factory = MQTTFactory(self.broker)
         self.factory = MQTTWebSocketFactory(self.mqtt_factory, path=path,
-                                            trust_x_forwarded_for=trust_x_forwarded_for)
+                                            trust_x_forwarded_for=trust_x_forwarded_for,
+                                            allowed_origins=allowed_origins,
+                                            ambient_credentials=ambient_credentials)
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
         self.transport = SocketTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
@@ -374,6 +378,82 @@ def test_frames_right_behind_the_handshake_do_not_count_against_the_header_bound
     assert client.response().startswith(b"HTTP/1.1 101")
     assert client.protocol._mqtt.connection.client_id == "c" * 20_000
     assert client.broker.stats.refused == {}
+
+
+class _PasswordsOnly:
+    """An authenticator that refuses anonymous clients (a password file is configured)."""
+
+    allow_anonymous = False
+
+    def authenticate(self, request):
+        return 0x86
+
+
+@pytest.mark.parametrize("origin", [
+    "http://evil.example", "http://evil.example:9001",     # a foreign page; DNS rebinding
+    "https://127.0.0.1.evil.example", "http://localhost.evil.example:80",
+    "null", "file:///home/user/page.html",
+])
+def test_foreign_origin_is_refused_403_while_anonymous_clients_are_admitted(origin):
+    """Cross-site WebSocket hijacking (REVIEW-SEC2 N16): with anonymous clients allowed, a browser
+    page of another origin gets 403, counted and logged with the origin."""
+    client = WebSocketClient()           # no authenticator: everyone is admitted
+    client.protocol.dataReceived(handshake(extra=f"Origin: {origin}\r\n"))
+    head = client.response()
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert client.protocol._mqtt is None
+    assert client.broker.stats.refused == {"websocket": 1}
+
+
+@pytest.mark.parametrize("origin", [
+    None, "http://127.0.0.1:8000", "http://localhost", "https://localhost:8443",
+    "http://[::1]:3000",
+])
+def test_no_origin_and_loopback_pages_are_accepted_by_default(origin):
+    """Node/paho send no Origin; pages served from this machine's loopback names are accepted."""
+    client = WebSocketClient()
+    extra = f"Origin: {origin}\r\n" if origin else ""
+    client.protocol.dataReceived(handshake(extra=extra))
+    assert client.response().startswith(b"HTTP/1.1 101")
+
+
+def test_any_origin_once_every_client_must_log_in():
+    """With anonymous clients refused a page has nothing a foreign site could borrow: any origin."""
+    client = WebSocketClient(authenticator=_PasswordsOnly())
+    client.protocol.dataReceived(handshake(extra="Origin: https://app.example.com\r\n"))
+    assert client.response().startswith(b"HTTP/1.1 101")
+
+
+def test_certificate_identity_listener_refuses_foreign_origins_even_with_passwords():
+    """identityAsUsername: the browser presents the certificate by itself, so foreign origins are refused."""
+    client = WebSocketClient(authenticator=_PasswordsOnly(), ambient_credentials=True)
+    client.protocol.dataReceived(handshake(extra="Origin: https://app.example.com\r\n"))
+    assert client.response().startswith(b"HTTP/1.1 403")
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("https://app.example.com", b"101"), ("http://app.example.com:8080", b"101"),
+    ("https://a.example.org", b"101"), ("https://example.org.evil.example", b"403"),
+    ("http://127.0.0.1:8000", b"403"),    # the list replaces the default
+    ("https://evil.example", b"403"),
+])
+def test_allowed_origins_option_lists_the_accepted_origins(origin, status):
+    """allowedOrigins=app.example.com,*.example.org: exactly those hosts, any scheme and port."""
+    from mqttd.transports.websocket import origin_patterns
+    client = WebSocketClient(allowed_origins=origin_patterns("app.example.com,*.example.org"))
+    client.protocol.dataReceived(handshake(extra=f"Origin: {origin}\r\n"))
+    assert client.response().startswith(b"HTTP/1.1 " + status)
+
+
+def test_allowed_origins_endpoint_option_reaches_the_factory():
+    """ws:PORT:allowedOrigins=... is parsed (a scheme's colon escaped) and an empty entry refused."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+    endpoint = serverFromString(
+        MemoryReactor(), r"ws:0:interface=127.0.0.1:allowedOrigins=https\://app.example.com,*")
+    assert endpoint.allowed_origins == ("https://app.example.com", "*")
+    with pytest.raises(ValueError, match="empty origin"):
+        serverFromString(MemoryReactor(), "ws:0:allowedOrigins=a.example,,b.example")
 
 
 def _ssl_error(reason: str):

@@ -177,3 +177,44 @@ def test_mqttjs_in_headless_chromium_runs_the_tutorial_over_ws(broker_with, node
             browser.kill()
             browser.wait(10)
         server.close()
+
+
+def _ws_handshake_status(port, origin=None, host="127.0.0.1"):
+    """The HTTP status line of one WebSocket opening handshake on a raw socket."""
+    import socket
+    lines = ["GET /mqtt HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+             "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: mqtt"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return head.split(b"\r\n", 1)[0].decode()
+
+
+def test_forged_origin_gets_403_from_a_loopback_ws_listener(broker_with):
+    """A foreign page (or a DNS-rebinding one) in a local browser cannot use the anonymous loopback
+    broker: 403, one refusal line naming the origin; Node-style clients and loopback pages still get in."""
+    broker = broker_with("ws:0:interface=127.0.0.1")
+    port = broker.port("ws")
+    assert _ws_handshake_status(port, "http://evil.example").startswith("HTTP/1.1 403 ")
+    assert _ws_handshake_status(port, f"http://evil.example:{port}",
+                                host="evil.example").startswith("HTTP/1.1 403 ")
+    assert " 101 " in _ws_handshake_status(port)                     # no Origin: MQTT.js in Node
+    assert " 101 " in _ws_handshake_status(port, "http://127.0.0.1:8080")
+    log = broker.broker.log_path.read_text(errors="replace")
+    assert "origin 'http://evil.example' not allowed" in log
+
+
+def test_allowed_origins_option_admits_the_listed_site(broker_with):
+    """ws:...:allowedOrigins=app.example.com lets that site's pages in, and only them."""
+    broker = broker_with("ws:0:interface=127.0.0.1:allowedOrigins=app.example.com")
+    port = broker.port("ws")
+    assert " 101 " in _ws_handshake_status(port, "https://app.example.com")
+    assert _ws_handshake_status(port, "https://evil.example").startswith("HTTP/1.1 403 ")
