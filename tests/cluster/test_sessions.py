@@ -516,8 +516,8 @@ def test_a_stuck_reap_is_abandoned_its_lock_released_and_the_next_reap_finishes_
         seen = []
         retry = Reaper(b.sessions, replay_inbox=lambda node, deliver, sync: defer.succeed(0))
         original = retry.deliver_to
-        retry.deliver_to = lambda adopted, node=None: (seen.append(set(adopted)),
-                                                       original(adopted, node))[1]
+        retry.deliver_to = lambda adopted, moved=None, node=None: (
+            seen.append(set(adopted)), original(adopted, moved, node))[1]
         assert await wait(retry.reap("A"))
         assert seen and seen[0] == {"stuck-reap-sub"}
     aio(run)
