@@ -10,8 +10,19 @@ slow *generator* under load, is off.
 """
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
+from twisted.logger import globalLogPublisher
 
 settings.register_profile(
     "mqttd", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mqttd")
+
+
+@pytest.fixture
+def log_events():
+    """Every twisted.logger event emitted during the test."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -23,31 +23,9 @@ from mqttd.auth.scram import EnhancedAuthenticator, scram_mechanism
 from mqttd.codec.packets import Auth, Connack, Connect, Properties
 from mqttd.hooks import AuthRequest
 from tests.core.harness import FakeClient, make_broker
+from tests.auth.gatehelpers import ManualRunner, result as _result
 
 METHOD = "SCRAM-SHA-256"
-
-
-class ManualRunner:
-    """Stands for the thread pool: records each check, the test fires it."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, fn, *args):
-        d = defer.Deferred()
-        self.calls.append((fn, args, d))
-        return d
-
-    def finish(self, index=0):
-        fn, args, d = self.calls.pop(index)
-        d.callback(fn(*args))
-
-
-def _result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    return out[0]
 
 
 def _write(path, *users, iterations=1000, scram=False):

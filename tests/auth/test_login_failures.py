@@ -13,7 +13,7 @@ import os
 
 import pytest
 from twisted.cred import error
-from twisted.internet import defer, task
+from twisted.internet import task
 
 from mqttd.auth.checkers import (
     EmptyPasswordFile, MQTTCredentials, PasswordFileChecker, ThrottledLogin, make_portal,
@@ -22,29 +22,7 @@ from mqttd.auth.gate import FailureLog, VerificationBusy, VerificationGate, addr
 from mqttd.auth.passwd import PasswordEntry, make_entry, update_file
 from mqttd.codec.packets import Connect
 from tests.core.harness import FakeClient, make_broker
-
-
-class ManualRunner:
-    """Stands for the thread pool: records each check, the test fires it."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, fn, *args):
-        d = defer.Deferred()
-        self.calls.append((fn, args, d))
-        return d
-
-    def finish(self, index=0):
-        fn, args, d = self.calls.pop(index)
-        d.callback(fn(*args))
-
-
-def _result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    return out[0]
+from tests.auth.gatehelpers import ManualRunner, result as _result
 
 
 def _passwd(tmp_path, *users, iterations=1000):

@@ -5,7 +5,6 @@ import collections
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from mqttd.codec.packets import Puback, Publish
 from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
@@ -18,13 +17,6 @@ from core.harness import FakeClient, make_broker
 def publishes(packets):
     return [p for p in packets if isinstance(p, Publish)]
 
-
-@pytest.fixture
-def log_events():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 class HeldPublisher:

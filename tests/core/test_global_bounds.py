@@ -2,19 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from mqttd.codec.packets import Connack, Disconnect, Properties, Publish
 
 from core.harness import FakeClient, make_broker
 
-
-@pytest.fixture
-def log_events():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def persistent_v5(broker, clock, client_id, expect_ok=True):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from .storehelpers import BACKENDS, DURABLE, StoreMaker
 
@@ -17,10 +16,3 @@ def durable_backend(request, tmp_path):
     return StoreMaker(request.param, str(tmp_path / "data"))
 
 
-@pytest.fixture
-def log_events():
-    """Every twisted.logger event emitted during the test."""
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)

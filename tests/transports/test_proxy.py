@@ -190,15 +190,6 @@ BAD_HEADERS = {
 }
 
 
-@pytest.fixture
-def log_events():
-    from twisted.logger import globalLogPublisher
-
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
 
 def _proxy_connection(broker, host="192.0.2.50", port=40000):
     from twisted.internet.address import IPv4Address

@@ -199,13 +199,6 @@ def test_header_of_exactly_the_limit_with_a_frame_after_it_is_accepted():
     assert PacketReader(level=4).feed(frames[0][1]) == [Connack(False, 0)]
 
 
-@pytest.fixture
-def log_events():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
 
 def _connection(client, host="192.0.2.1", port=40000):
     """Another connection to ``client``'s listener, from ``host``."""
