@@ -95,11 +95,13 @@ def bound_fields(event: dict, escape: bool = False) -> dict:
     needs either).  Twisted's own ``log_*`` keys are left alone."""
     bounded = None
     for key, value in event.items():
-        if value.__class__ is not str or key.startswith("log_"):
+        if value.__class__ is not str:
             continue
         if len(value) > FIELD_LIMIT:
+            if key.startswith("log_"):
+                continue
             value = bound(value)
-        elif not escape or value.isprintable():
+        elif not escape or value.isprintable() or key.startswith("log_"):
             continue
         if escape:
             value = escape_controls(value)
