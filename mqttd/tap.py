@@ -560,6 +560,17 @@ def _log_stream(options: Options):
     return sys.stdout
 
 
+def _log_observer(options: Options, settings):
+    """The observer twistd logs to: ``--syslog`` (prefix ``--prefix``) or
+    ``--logfile``/stdout in ``--log-format``; either with the level filter
+    ``settings`` and the field bound of :mod:`mqttd.logs`."""
+    from mqttd import logs
+    parent = options.parent
+    if parent.get("syslog"):
+        return logs.make_syslog_observer(parent.get("prefix") or "mqttd", settings)
+    return logs.make_observer(_log_stream(options), options["log-format"] or "text", settings)
+
+
 def _log_level_reloader(options: Options, settings):
     """Re-read ``log-level`` from the config file (unless the command line set it)."""
     def reload():
@@ -607,9 +618,8 @@ def makeService(options: Options):
     if workers.prepare_worker() is None and (options["workers"] or 1) > 1:
         # this process supervises the workers and runs no broker itself
         supervisor = workers.make_supervisor(options, reactor)
-        if options.parent is not None and not options.parent.get("syslog"):
-            supervisor.log_observer = logs.make_observer(
-                _log_stream(options), options["log-format"] or "text", settings)
+        if options.parent is not None:
+            supervisor.log_observer = _log_observer(options, settings)
         if options.parent is not None:
             install_signal_handlers(reactor, supervisor)
         return supervisor
@@ -624,10 +634,9 @@ def makeService(options: Options):
         sys_interval=option("sys-interval").default if sys_interval is None else sys_interval,
         store_options=store_options if not spec.startswith("memory") else None)
     service.log_settings = settings
-    if options.parent is not None and not options.parent.get("syslog"):
-        # under twistd: our observer (format, level) instead of twistd's default
-        service.log_observer = logs.make_observer(
-            _log_stream(options), options["log-format"] or "text", settings)
+    if options.parent is not None:
+        # under twistd: our observer (format, level, field bound) instead of twistd's default
+        service.log_observer = _log_observer(options, settings)
     if options["config"] and options.sources.get("log-level") != "command line":
         # only a config file's log level can change on SIGHUP
         service.add_reloader("log_level", _log_level_reloader(options, settings))
