@@ -183,12 +183,21 @@ class Reaper:
             adopted, moved = yield self._adopt_all(node)
             # the dead node's sessions its clients resumed elsewhere before we came
             targets = yield self._moved_targets(node, moved, adopted)
-            if self.replay_inbox is not None:
+            # a node id alive again (a new incarnation joined before this
+            # reap took the lock) owns its inbox: the entries it read are in
+            # its hands, the unread ones its reader takes next, for the
+            # sessions its clients resumed there.  Taking them here handed
+            # them to the sessions this reap adopted only -- the live node's
+            # were lost (REVIEW-CLUSTER F7).  What its previous incarnation's
+            # sessions (now adopted here) still get there reaches them
+            # through the live node's fenced writes and forwarding.
+            live = bool(self._live_boots.get(node))
+            if self.replay_inbox is not None and not live:
                 replayed = yield self.replay_inbox(
                     node, self.deliver_to(adopted, targets, node), sync)
                 self.replayed += replayed or 0
             yield sync()
-            if self.forget_node is not None:
+            if self.forget_node is not None and not live:
                 late = yield self.forget_node(
                     node, self.deliver_to(adopted, targets, node), sync)
                 self.replayed += late or 0

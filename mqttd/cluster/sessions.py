@@ -564,11 +564,30 @@ class ClusterSessions:
             if session is not None:
                 log.warn("Session {client_id} is owned by node {node} (epoch {epoch}); "
                          "closing it here", client_id=client_id, node=node, epoch=epoch)
-                self.broker.release_session(client_id)
+                self._let_go(client_id, node)
         if forwarded and node:
             self.send_control(node, {"op": "poke", "cid": client_id}).addErrback(
                 lambda f: log.warn("Poking {node} failed: {error}", node=node,
                                    error=str(f.value)))
+
+    def _let_go(self, client_id: str, owner: str) -> bool:
+        """Release ``client_id``'s session here: ``owner`` (another node, or
+        '' when the session is gone) holds it now.  Like a node that was
+        kicked, this one forwards what still reaches it for the session's
+        filters for ``forward_grace`` seconds -- inbox entries and publishers
+        whose route cache still names this node -- instead of dropping them
+        (REVIEW-CLUSTER F7: a node back from a Redis outage whose session a
+        reaper adopted meanwhile dropped a window of acknowledged messages).
+        True if a session was installed here."""
+        session = self.broker.sessions.get(client_id)
+        if session is None:
+            return False
+        subscriptions = dict(session.subscriptions) if session.persistent else {}
+        self.broker.release_session(client_id)
+        if subscriptions and owner and owner != self.node_id \
+                and client_id not in self._forwarding:
+            self._forward(client_id, subscriptions, owner)
+        return True
 
     def _gone(self, client_id: str) -> None:
         self.backend.execute("SREM", node_sessions_key(self.prefix, self.node_id),
@@ -633,7 +652,7 @@ class ClusterSessions:
             if _text(node or b"") != self.node_id or int(epoch or 0) != \
                     self.store.epochs.get(cid):
                 self.store.epochs.pop(cid, None)
-                if self.broker.release_session(cid) is not None:
+                if self._let_go(cid, _text(node or b"")):
                     released += 1
         if released:
             log.warn("{count} sessions were adopted by other nodes while this node was "
