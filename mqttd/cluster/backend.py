@@ -613,6 +613,33 @@ class Backend:
             return await client.execute_command("EVAL", script.source, len(keys), *keys,
                                                 *args)
 
+    def config_get(self, name: str) -> defer.Deferred:
+        """``CONFIG GET name`` of every server: fires with ``{server: value}``
+        (``value`` a str, None when the server does not know the setting;
+        under Redis Cluster one entry per primary, named ``host:port``)."""
+        return as_deferred(self._config_get(name), self.socket_timeout)
+
+    async def _config_get(self, name: str):
+        def value(reply):
+            if isinstance(reply, dict):
+                found = reply.get(name.encode(), reply.get(name))
+            elif isinstance(reply, (list, tuple)) and len(reply) >= 2:
+                found = reply[1]
+            else:
+                found = None
+            return found.decode() if isinstance(found, bytes) else found
+        client = self.client
+        if self.is_cluster:
+            if getattr(client, "_initialize", False):
+                await client.initialize()
+            primaries = client.get_primaries()
+            replies = await asyncio.gather(*(
+                client.execute_command("CONFIG", "GET", name, target_nodes=node)
+                for node in primaries))
+            return {node.name: value(reply) for node, reply in zip(primaries, replies)}
+        reply = await client.execute_command("CONFIG", "GET", name)
+        return {self.url.redacted(): value(reply)}
+
     def server_info(self, section: Optional[str] = None) -> defer.Deferred:
         """``INFO [section]`` as a dict (under Redis Cluster: ``{node: dict}``)."""
         args = ("INFO",) + ((section,) if section else ())
