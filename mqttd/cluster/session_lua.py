@@ -150,9 +150,14 @@ if #fwd > 0 then redis.call('LTRIM', KEYS[6], #fwd, -1) end
 return reply
 """
 
-# apply: KEYS s o t i w f   ARGV node epoch op args op args ...
+# apply: KEYS s o t i w f   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
 #      V | X | Y | G blob
+#   (Z wid, first if present: the batch's write id, unique per writing node:
+#   a batch re-sent after an unknown outcome -- a timeout, or a Redis Cluster
+#   pipeline that failed on another master -- is recognized (``w:<node>`` of
+#   s holds the last applied one) and not applied twice; without it, its
+#   forwards (G, and O refused by the fence) were pushed to f twice)
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
@@ -171,10 +176,22 @@ local handoff = false
 if fenced then
   handoff = s[5] ~= false and s[5] == ARGV[1] and s[6] == ARGV[2]
 end
+local first = 3
+local wid = false
+local wfield = 'w:' .. ARGV[1]
+if ARGV[3] == 'Z' then
+  wid = ARGV[4]
+  first = 5
+  if s[2] and redis.call('HGET', KEYS[1], wfield) == wid then
+    -- applied already: a re-send after an unknown outcome changes nothing
+    if fenced and not handoff then return {'F', s[1] or '', s[2] or '0', 0} end
+    return {'OK', 0}
+  end
+end
 if fenced and not handoff then
   local forwarded = 0
   if s[2] then
-    local i = 3
+    local i = first
     while i <= #ARGV do
       local op = ARGV[i]
       if op == 'O' then
@@ -184,6 +201,7 @@ if fenced and not handoff then
       end
       i = i + 1 + arity[op]
     end
+    if wid and forwarded > 0 then redis.call('HSET', KEYS[1], wfield, wid) end
   end
   return {'F', s[1] or '', s[2] or '0', forwarded}
 end
@@ -191,7 +209,7 @@ local online = s[3]
 local persistent = s[4]
 local gone = 0
 local taken = {}
-local i = 3
+local i = first
 while i <= #ARGV do
   local op = ARGV[i]
   if arity[op] == nil then
@@ -249,6 +267,9 @@ while i <= #ARGV do
     redis.call('RPUSH', KEYS[6], ARGV[i + 1])
   end
   i = i + 1 + arity[op]
+end
+if wid and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], wfield, wid)
 end
 local reply = {'OK', gone}
 for _, v in ipairs(taken) do reply[#reply + 1] = v end
