@@ -100,6 +100,9 @@ if ARGV[5] == '1' then user = ARGV[4] end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
            'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
 redis.call('HDEL', KEYS[1], 'exp_at')
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 3) == 'ho:' then redis.call('HDEL', KEYS[1], field) end
+end
 if present and s[1] then
   -- the hand-off window: the previous owner's writes still reach the content
   redis.call('HSET', KEYS[1], 'hnode', s[1], 'hepoch', old_epoch)
@@ -117,8 +120,9 @@ return reply
 
 # load: KEYS s o t i w f   ARGV node epoch
 # Closes the hand-off window (the previous owner's writes are fenced from
-# now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...}} or
-# {'F', node, epoch} when fenced.  Forwarded messages (f) stay: the owner
+# now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...},
+# {seqs}} or {'F', node, epoch} when fenced; seqs: the queued messages the
+# previous owner wrote during the hand-off (marked ``ho:<seq>`` in s).  Forwarded messages (f) stay: the owner
 # pulls them (session_pull) and queues them under its queue limits.
 LOAD = r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
@@ -126,8 +130,16 @@ if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
   return {'F', s[1] or '', s[2] or '0'}
 end
 redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
+-- the queued messages the previous owner wrote during the hand-off
+local handed = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 3) == 'ho:' then
+    handed[#handed + 1] = string.sub(field, 4)
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
 return {'OK', s[3] or '', s[4] or '0', redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4])}
+        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4]), handed}
 """
 
 # pull: KEYS s o t i w f   ARGV node epoch base_seq max
@@ -232,6 +244,9 @@ while i <= #ARGV do
     end
   elseif op == 'O' then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]); redis.call('HDEL', KEYS[3], ARGV[i + 1])
+    -- queued by the previous owner after the claim: the new owner's node may
+    -- have kept the same message for the session (see session_load)
+    if handoff then redis.call('HSET', KEYS[1], 'ho:' .. ARGV[i + 1], 1) end
   elseif op == 'U' then
     if redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 1 then
       redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])
