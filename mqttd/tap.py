@@ -115,7 +115,8 @@ OPTIONS: List[Option] = [
            default=DEFAULT_STORE),
     Option("fsync", text(_fsync), "When acknowledged writes reach the disk: always, "
            "interval:MS or never. See docs/storage.rst for the risk.", default="always"),
-    Option("broker-id", text(), "Name used in $SYS/<broker-id>/...", default="mqttd",
+    Option("broker-id", text(), "Name used in $SYS/<broker-id>/... (with --cluster: "
+           "the node id, so that every node's $SYS tree is its own).", default="mqttd",
            field="broker_id"),
     Option("ready-file", text(), "Write a JSON file with pid and listening addresses "
            "once listening."),
@@ -464,6 +465,11 @@ class Options(usage.Options):
             kwargs[o.field] = value
         if self["no-publisher-backpressure"]:
             kwargs["publisher_backpressure"] = False
+        if self.get("cluster") and "broker_id" not in kwargs:
+            # every node of a cluster would be $SYS/mqttd/...: a node's own
+            # $SYS tree is named by its node id unless --broker-id says otherwise
+            from mqttd.cluster.node import default_node_id
+            kwargs["broker_id"] = self.get("node-id") or default_node_id()
         try:
             return BrokerConfig(**kwargs)
         except (TypeError, ValueError) as error:

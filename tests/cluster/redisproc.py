@@ -208,10 +208,26 @@ class RedisCluster:
     Cluster (``redis-cli --cluster create ... --cluster-replicas 0``), waited for
     ``cluster_state:ok`` on every node (bounded)."""
 
-    def __init__(self, workdir: Path, masters: int = 3):
+    def __init__(self, workdir: Path, masters: int = 3, extra_args=()):
         self.workdir = Path(workdir)
-        self.servers = [RedisServer(self.workdir / f"node{i}", cluster=True)
+        self.servers = [RedisServer(self.workdir / f"node{i}", cluster=True,
+                                    extra_args=extra_args)
                         for i in range(masters)]
+
+    def server_of(self, key: str) -> RedisServer:
+        """The master that serves ``key``'s slot (asked of a running master)."""
+        up = next(s for s in self.servers if s.running)
+        slot = int(up.cli("CLUSTER", "KEYSLOT", key).strip())
+        for line in up.cli("CLUSTER", "NODES").splitlines():
+            parts = line.split()
+            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            for spec in parts[8:]:
+                if spec.startswith("["):
+                    continue
+                low, _, high = spec.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return next(s for s in self.servers if s.port == port)
+        raise LookupError(f"no master serves slot {slot} of {key!r}")
 
     @property
     def url(self) -> str:
