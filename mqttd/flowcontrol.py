@@ -57,7 +57,8 @@ class Watermarks:
 
     :param high: messages at which a queue is congested (>= 1).
     :param low: messages at or below which a congested queue has drained (>= 0, < ``high``).
-    :param high_bytes: queued payload bytes at which a queue is congested (>= 1).
+    :param high_bytes: queued bytes (topic + payload + properties, see
+        :func:`~mqttd.messages.message_size`) at which a queue is congested (>= 1).
     :param low_bytes: bytes at or below which it has drained (>= 0, < ``high_bytes``).
     :raises ValueError: for marks out of these ranges.
     """

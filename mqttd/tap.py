@@ -129,7 +129,8 @@ OPTIONS: List[Option] = [
            "(repeatable).", repeatable=True, field="trace_clients"),
     Option("max-queued-messages", integer(1), "Queue limit per session, messages.",
            default=100_000, field="max_queued_messages"),
-    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
+    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes (topic + payload "
+           "+ MQTT 5 properties of each message).",
            default=64 * 1024 * 1024, field="max_queued_bytes"),
     Option("max-queued-bytes-total", integer(0), "Queued bytes of all sessions together; "
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
