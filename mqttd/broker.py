@@ -111,7 +111,8 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
             clock, config.max_publisher_pause, config.publisher_pause_recovery, self.stats,
             enabled=config.publisher_backpressure,
             watermarks=Watermarks.for_limits(config.max_queued_messages,
-                                             config.max_queued_bytes))
+                                             config.max_queued_bytes),
+            identities=self._pause_identities)
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         #: event -> its observers, a tuple replaced (never changed) on (un)register,
