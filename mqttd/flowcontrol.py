@@ -26,7 +26,10 @@ subscriber of those publishers a gap, so it is bounded:
     does *not* re-arm the hold: it stays demoted until its queue has been
     **empty** and then stayed below the high-water mark for ``recovery``
     seconds (``--publisher-pause-recovery``).  Passing the high-water mark
-    again before that restarts the healthy period.
+    again before that restarts the healthy period.  A subscriber whose
+    connection goes away while holding is demoted too (and its identities
+    spent, see below), and so is one that becomes congested while one of its
+    identities is spent.
 ``healthy``
     none of the above.
 

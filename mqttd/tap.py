@@ -168,7 +168,8 @@ OPTIONS: List[Option] = [
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
     Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
-           "pause must stay drained and healthy before it may hold publishers again.",
+           "pause must stay drained and healthy before it may hold publishers again; its "
+           "client id, checked user and address hold no one for as long.",
            default=30.0, field="publisher_pause_recovery"),
     Option("metrics-listen", endpoint, "Serve Prometheus metrics at /metrics on this "
            "endpoint, e.g. tcp:9883:interface=127.0.0.1 (repeatable).", repeatable=True),
