@@ -305,7 +305,7 @@ class SlowConsumerGuard:
             if self.ledger.first_notice(spent):
                 log.warn("Subscriber {client_id} is congested but holds no publishers: "
                          "its {kind} {identity} used up its pause less than {recovery} s "
-                         "ago; it overflows by policy meanwhile",
+                         "ago; its queue fills to its limits, then overflows by policy",
                          client_id=session.client_id, kind=spent[0], identity=spent[1],
                          recovery=self.recovery)
             return False
