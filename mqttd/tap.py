@@ -130,7 +130,8 @@ OPTIONS: List[Option] = [
            "(repeatable).", repeatable=True, field="trace_clients"),
     Option("max-queued-messages", integer(1), "Queue limit per session, messages.",
            default=100_000, field="max_queued_messages"),
-    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
+    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes (topic + payload "
+           "+ MQTT 5 properties of each message).",
            default=64 * 1024 * 1024, field="max_queued_bytes"),
     Option("max-queued-bytes-total", integer(0), "Queued bytes of all sessions together; "
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
@@ -168,7 +169,8 @@ OPTIONS: List[Option] = [
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
     Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
-           "pause must stay drained and healthy before it may hold publishers again.",
+           "pause must stay drained and healthy before it may hold publishers again; its "
+           "client id, checked user and address hold no one for as long.",
            default=30.0, field="publisher_pause_recovery"),
     Option("metrics-listen", endpoint, "Serve Prometheus metrics at /metrics on this "
            "endpoint, e.g. tcp:9883:interface=127.0.0.1 (repeatable).", repeatable=True),
