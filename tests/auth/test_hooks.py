@@ -329,6 +329,23 @@ def test_max_topic_levels_refuses_deep_filters_and_topics():
     assert broker.stats.refused["max-topic-levels"] == 2
 
 
+def test_default_topic_level_limit_is_mosquittos_200():
+    """By default a 201-level filter or topic is refused: one deep SUBSCRIBE must not build
+    thousands of tree nodes (REVIEW-S9 R4: 32,000 levels per filter cost 700 MB)."""
+    broker, clock = make_broker()
+    assert broker.config.max_topic_levels == 200
+    client = FakeClient(broker, clock, level=5)
+    client.connect()
+    deep = "/".join(["x"] * 200)
+    deeper = deep + "/x"
+    huge = "/".join(["x"] * 32000)
+    assert client.subscribe(deep, deeper, huge) == [Suback(1, (0, 0x8F, 0x8F))]
+    assert broker.stats.refused["max-topic-levels"] == 2
+    client.publish(deeper)
+    packets = client.received()
+    assert isinstance(packets[-1], Disconnect) and packets[-1].reason_code == 0x90
+
+
 def test_max_connections_refuses_connect_with_quota_exceeded():
     """Over max_connections a CONNECT gets 0x97 (v5) / 0x03 (v3)."""
     broker, clock = make_broker(max_connections=1)
