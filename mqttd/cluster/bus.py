@@ -18,7 +18,11 @@ sent and the publisher is disconnected; it re-sends (at least once).
 **Shared subscriptions** across nodes: the publisher's node picks one node
 per matching group (its own when it has members there, else the next node
 with members in turn) and names the groups each envelope is for; the
-receiving node serves only those of its groups, one member each.
+receiving node serves only those of its groups, one member each.  A group
+it can no longer serve (its last member here just left) is handed on once
+to another node with members (:meth:`Router.reroute_share`; the envelope
+names the group marked ``~``: served there, never handed on again), so no
+message is dropped while the group has members anywhere (REVIEW-CLUSTER F11).
 
 **Targets.**  Each entry names every node the message went to (``n``):
 a node that gave a session away and still forwards what reaches it on the
@@ -59,6 +63,10 @@ _HEAD_SIZE = _HEAD.size
 _EXPIRY = struct.Struct("!d")
 _F_RETAIN, _F_ORIGIN, _F_EXPIRY, _F_PROPS = 0x04, 0x08, 0x10, 0x20
 SEP = "\x00"
+#: prefix of a group named in an envelope handed on by a node that could not
+#: serve it (a share filter always starts with ``$share/``): served by the
+#: receiving node's members only, never handed on again
+REROUTED = "~"
 #: inbox batches delivered and waiting for their XACK while the next is read
 MAX_UNACKED = 4
 #: messages from the inbox handed to the broker in one reactor turn at most
@@ -294,7 +302,7 @@ class Router:
         self._congestion = _Congestion()
         self.stats = {"forwarded": [0, 0, 0], "forward_failed": 0, "dropped": 0,
                       "received": [0, 0, 0], "bad_envelopes": 0, "batches": 0, "entries": 0,
-                      "acked": 0}
+                      "acked": 0, "rerouted": 0}
 
     # --- forwarding (the broker's router seam) --------------------------------------------
 
@@ -363,6 +371,57 @@ class Router:
             return False
         nodes, _shares = self.routes.lookup(message.topic)
         return node in nodes
+
+    def reroute_share(self, share: str, message: Message, tried=()) -> int:
+        """Hand ``message``, owed to the shared group ``share`` that has no
+        member left on this node, to another node with members (the live
+        ones in turn), as an envelope for that group only; 1 if one was
+        found, else 0.  Counted in the broker's write count like any
+        forward: a QoS >= 1 acknowledgement (or the inbox entry it came in)
+        waits until Redis has it."""
+        if not self._online:
+            return 0
+        _nodes, shares = self.routes.lookup(message.topic)
+        members = shares.get(share, set()) - {self.node_id} - set(tried)
+        if not members:
+            return 0
+        node = self._choose(share, members)
+        self._pending.append((node, encode_envelope(message), REROUTED + share,
+                              message.qos, node))
+        self.stats["rerouted"] += 1
+        self.stats["forwarded"][message.qos] += 1
+        if message.qos:
+            self._queued += 1
+            self.broker.write_count += 1
+        if not self._flushing and self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+        return 1
+
+    def _dispatch_entry(self, broker, message: Message, only) -> None:
+        """Deliver one message of an inbox entry here; a group this node was
+        picked for but cannot serve goes on to another node (once)."""
+        if only and next(iter(only)).startswith(REROUTED):
+            # handed on by a node whose members left: this node's members only
+            shares = [share[len(REROUTED):] for share in only]
+            served = broker.dispatch_shares(message, shares)
+            for share in shares:
+                if share not in served:
+                    self._group_lost(share, message)
+            return
+        served = set() if only else None
+        broker.dispatch(message, only_shares=only, served=served)
+        for observer in list(self.dispatch_observers):
+            observer(message, self._dispatching)
+        if only:
+            for share in only:
+                if share not in served and not self.reroute_share(share, message):
+                    self._group_lost(share, message)
+
+    def _group_lost(self, share: str, message: Message) -> None:
+        self.broker.stats.count_drop("shared-no-member")
+        self.log_limiter.emit(log.warn, "shared-lost",
+                              "No member of {share} left on any node for a message to "
+                              "{topic}: dropped", share=share, topic=message.topic)
 
     def _choose(self, share: str, members: Set[str]) -> str:
         """The node that serves ``share`` for one message: this one if it has
@@ -597,11 +656,9 @@ class Router:
                 for message, only, targets in messages:
                     received[message.qos] += 1
                     # an entry of an older node names no targets: as if it went here only
-                    self._dispatching = targets = targets or here
+                    self._dispatching = targets or here
                     try:
-                        broker.dispatch(message, only_shares=only)
-                        for observer in list(self.dispatch_observers):
-                            observer(message, targets)
+                        self._dispatch_entry(broker, message, only)
                     except Exception:
                         log.failure("Delivering a message from another node to {topic} "
                                     "failed", topic=message.topic)
