@@ -574,7 +574,8 @@ class InboxReplay:
         # each change checks in Redis, in the same script, that the node id is
         # still dead (the reaper lock keeps it from re-joining meanwhile)
         version = yield self.backend.run("reaper_reset_routes", [
-            alive, self.keys.routes(dead), self.keys.route_version(dead)])
+            alive, self.keys.routes(dead), self.keys.route_version(dead),
+            self.keys.route_applied(dead)])
         if not version:
             return 0
         yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
@@ -606,12 +607,13 @@ end
 return 0
 """
 
-#: KEYS alive, routes, route version: a dead node's routes go (and its
-#: version is bumped for the ``reset`` feed entry) only if it is still dead;
-#: false if it is alive again
+#: KEYS alive, routes, route version, route feed position: a dead node's
+#: routes (and its acknowledged feed position) go, and its version is bumped
+#: for the ``reset`` feed entry, only if it is still dead; false if it is
+#: alive again
 RESET_ROUTES = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 return redis.call('INCR', KEYS[3])
 """
 

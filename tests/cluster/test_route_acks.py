@@ -169,3 +169,35 @@ def test_a_removed_route_waits_for_no_one_and_a_second_subscriber_waits_too(
         finally:
             await nodes.stop()
     aio(run)
+
+
+def test_a_node_acknowledges_new_routes_only_after_its_earlier_retained_writes(
+        redis_server, aio):
+    """A retained message A routed (to nobody on B) before it applied B's new
+    route must be in Redis before B's SUBACK: B's retained lookup after the
+    SUBACK then finds it.  A's acknowledgement waits for its pending writes."""
+    async def run():
+        nodes = Nodes(redis_server)
+        a, b = nodes.table("A5"), nodes.table("B5")
+        holds = []
+
+        def pending_retained():
+            if holds and not holds[-1].called:
+                return holds[-1]
+            return None
+        a.before_ack = pending_retained
+        try:
+            await nodes.start("A5", "B5")
+            from twisted.internet import defer
+            holds.append(defer.Deferred())       # a retained write of A in flight
+            b.observe("f1/r", "sub", True)
+            state = fired(b.sync())
+            await nodes.pump(lambda: a.lookup("f1/r")[0] == {"B5"})
+            await asyncio.sleep(0.05)
+            assert not state["done"]             # A applied it, but its write is out
+            holds[-1].callback(None)             # the write is in Redis
+            await nodes.pump(lambda: state["done"])
+            assert state["result"] is None and b.stats["ack_timeouts"] == 0
+        finally:
+            await nodes.stop()
+    aio(run)
