@@ -28,6 +28,17 @@ with one WARN naming the nodes that did not answer (counted as
 published on it right after it resumes with its old cache; if Redis could
 not even be asked, the waiters fail (no SUBACK, as for a failed write).
 
+That limit is closed on the publishing side: a node knows how fresh its
+cache is (:meth:`fresh`: every feed read tells up to when the cache is
+complete -- a read that found nothing, up to the end of its ``BLOCK`` time;
+one that found entries, up to when it was sent), and a cache older than
+``stale_after`` (3/4 of ``ack_timeout``) is not trusted: the bus router holds
+what it would forward until the cache caught up (``fresh_listeners``).  A
+route a SUBACK elsewhere gave up waiting for was added at least
+``ack_timeout`` before any message published after that SUBACK, so a node
+whose cache lacks it is stale by more than ``stale_after`` when it routes
+one -- whatever order its event loop runs things in after a stall.
+
 Local changes come from the broker's ``route_observer`` seam (every
 subscription added to or removed from its index), are batched per reactor
 turn and written by one Lua script per batch (one slot: the node's hashtag),
@@ -74,6 +85,8 @@ RESET_OP = "reset"
 #: routes per SADD when a whole set is written
 CHUNK = 5000
 FEED_MAXLEN = 100_000
+#: feed entries read at once at most
+FEED_READ = 1000
 #: seconds a route change waits at most for every live node's acknowledgement
 ACK_TIMEOUT = 2.0
 #: delays between two looks at the other nodes' acknowledgements (seconds)
@@ -114,7 +127,7 @@ class RouteTable:
     """
 
     def __init__(self, backend, clock, node_id: str, keys: Keys = Keys(),
-                 resync: float = 30.0, block_ms: int = 2000,
+                 resync: float = 30.0, block_ms: int = 1000,
                  ack_timeout: float = ACK_TIMEOUT):
         self.backend = backend
         self.clock = clock
@@ -154,6 +167,13 @@ class RouteTable:
         self._acking = False
         #: the cache holds every node's routes (the first load finished)
         self.loaded = False
+        #: the cache is complete up to this clock time (None: not loaded)
+        self.fresh_as_of: Optional[float] = None
+        #: seconds after which the cache is not trusted for routing; a healthy
+        #: reader refreshes it every ``block_ms`` plus a round trip
+        self.stale_after = max(ack_timeout * 0.75, block_ms / 1000.0 + 0.2)
+        #: callables run after each feed read (the router releases what it held)
+        self.fresh_listeners: List[Callable[[], None]] = []
         self._loaded_waiters: List[defer.Deferred] = []
         self._online = False  # joined: changes go to Redis
         self._reset_needed = True
@@ -465,6 +485,21 @@ class RouteTable:
         if not self._acking and self._ack_wanted is not None and not self._stopped:
             self._send_ack()
 
+    def fresh(self) -> bool:
+        """Whether the cache may be trusted for routing now: complete up to at
+        most ``stale_after`` seconds ago (see the module docstring)."""
+        as_of = self.fresh_as_of
+        return as_of is not None and self.clock.seconds() - as_of <= self.stale_after
+
+    def _fresh(self, as_of: float) -> None:
+        if self.fresh_as_of is None or as_of > self.fresh_as_of:
+            self.fresh_as_of = as_of
+        for listener in list(self.fresh_listeners):
+            try:
+                listener()
+            except Exception:
+                log.failure("A route cache listener failed")
+
     def when_loaded(self) -> defer.Deferred:
         """Fires once the cache holds every node's routes (the first load)."""
         if self.loaded:
@@ -662,16 +697,21 @@ class RouteTable:
             while not self._stopped:
                 try:
                     if need_load:
+                        started = self.clock.seconds()
                         yield self.load_all()
                         need_load = False
                         self._set_loaded()
                         self._acknowledge(self._feed_id)
+                        self._fresh(started)
+                    sent = self.clock.seconds()
                     reply = yield self.backend.execute(
-                        "XREAD", "COUNT", 1000, "BLOCK", self.block_ms, "STREAMS",
+                        "XREAD", "COUNT", FEED_READ, "BLOCK", self.block_ms, "STREAMS",
                         self.keys.route_feed(), self._feed_id)
                     others = False
                     reloads = []
+                    count = 0
                     for _stream, entries in (reply or []):
+                        count += len(entries)
                         for entry_id, fields in entries:
                             self._feed_id = entry_id
                             applied = self._feed_entry(fields)
@@ -687,6 +727,11 @@ class RouteTable:
                             error.subFailure.raiseException()
                     if others:
                         self._acknowledge(self._feed_id)
+                    if not count:
+                        # nothing was added while Redis blocked the read
+                        self._fresh(sent + self.block_ms / 1000.0)
+                    elif count < FEED_READ:
+                        self._fresh(sent)   # all there was when it was sent, at least
                 except Exception as error:
                     if not isinstance(error, BackendError):
                         log.failure("Reading the route feed failed")
