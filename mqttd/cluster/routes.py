@@ -32,7 +32,7 @@ That limit is closed on the publishing side: a node knows how fresh its
 cache is (:meth:`fresh`: every feed read tells up to when the cache is
 complete -- a read that found nothing, up to the end of its ``BLOCK`` time;
 one that found entries, up to when it was sent), and a cache older than
-``stale_after`` (3/4 of ``ack_timeout``) is not trusted: the bus router holds
+``stale_after`` (``ack_timeout`` - 0.5 s) is not trusted: the bus router holds
 what it would forward until the cache caught up (``fresh_listeners``).  A
 route a SUBACK elsewhere gave up waiting for was added at least
 ``ack_timeout`` before any message published after that SUBACK, so a node
@@ -88,7 +88,7 @@ FEED_MAXLEN = 100_000
 #: feed entries read at once at most
 FEED_READ = 1000
 #: seconds a route change waits at most for every live node's acknowledgement
-ACK_TIMEOUT = 2.0
+ACK_TIMEOUT = 3.0
 #: delays between two looks at the other nodes' acknowledgements (seconds)
 POLL_DELAYS = (0.002, 0.004, 0.008, 0.016, 0.032, 0.05)
 
@@ -127,7 +127,7 @@ class RouteTable:
     """
 
     def __init__(self, backend, clock, node_id: str, keys: Keys = Keys(),
-                 resync: float = 30.0, block_ms: int = 1000,
+                 resync: float = 30.0, block_ms: int = 500,
                  ack_timeout: float = ACK_TIMEOUT):
         self.backend = backend
         self.clock = clock
@@ -171,7 +171,7 @@ class RouteTable:
         self.fresh_as_of: Optional[float] = None
         #: seconds after which the cache is not trusted for routing; a healthy
         #: reader refreshes it every ``block_ms`` plus a round trip
-        self.stale_after = max(ack_timeout * 0.75, block_ms / 1000.0 + 0.2)
+        self.stale_after = max(ack_timeout - 0.5, block_ms / 1000.0 + 0.2)
         #: callables run after each feed read (the router releases what it held)
         self.fresh_listeners: List[Callable[[], None]] = []
         self._loaded_waiters: List[defer.Deferred] = []
