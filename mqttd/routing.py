@@ -33,7 +33,7 @@ from mqttd.persistence.records import OutboundStage, SubscriptionRecord
 from mqttd.session import Session, delivery_message
 from mqttd.subscriptions import LocalSubscription
 
-__all__ = ["Routing", "SKIP_SHARES", "ONLY_SHARES"]
+__all__ = ["Routing", "SKIP_SHARES", "ONLY_SHARES", "merge_matches"]
 
 #: the broker's log lines keep their namespace whichever module of the core
 #: writes them (operators filter on it)
@@ -45,6 +45,8 @@ log = Logger(namespace="mqttd.broker")
 #: came from another node that picked this one for them)
 SKIP_SHARES = "\x00skip-shares"
 ONLY_SHARES = "\x00only-shares"
+#: key of a dispatch's ``cache``: the set the shared groups it served are put in
+SERVED_SHARES = "\x00served-shares"
 
 #: ``str`` as a module global: the client-id check in :meth:`Routing._route`
 #: (a global lookup, cheaper than the builtin one)
@@ -265,21 +267,108 @@ class Routing:
         in ``cache``; ``router.sync() -> Deferred | None`` joins the store's
         sync, so QoS 1/2 acknowledgements wait for the hand-off too.  Messages
         from other nodes come in through :meth:`dispatch`, never forwarded again.
+        Optional: ``router.reroute_share(share, message) -> int`` hands a
+        message owed to a shared group with no member left here to the
+        group's members on other nodes (1 if it did, else 0).
         """
         if self.router is not None and router is not None:
             raise ValueError("a remote router is already installed")
         self.router = router
 
-    def dispatch(self, message: Message, only_shares=None) -> int:
+    def dispatch(self, message: Message, only_shares=None, served: Optional[set] = None) -> int:
         """Deliver ``message``, published on another node, to this broker's
         subscribers: matching, QoS, No Local and overlapping subscriptions as
         for :meth:`publish`, but it is neither counted as received, retained,
         filtered, announced nor forwarded again.  ``only_shares``: the shared
-        groups (``$share/g/f``) to serve (None: all).  Returns the receivers."""
+        groups (``$share/g/f``) to serve (None: all).  ``served``: a set the
+        groups that took the message are added to (a group without an
+        available member here is not: the caller may send it to another
+        node's members).  Returns the receivers."""
         cache = {}
         if only_shares is not None:
             cache[ONLY_SHARES] = only_shares
+        if served is not None:
+            cache[SERVED_SHARES] = served
         return self._dispatch(message, cache)
+
+    def dispatch_shares(self, message: Message, shares) -> set:
+        """Deliver ``message`` to one member of each of the shared groups
+        ``shares`` (``$share/g/f`` filters) here, and to no one else (a
+        message another node could not serve to a group and handed on);
+        returns the groups that took it."""
+        served: set = set()
+        for share in shares:
+            group = self.shared.group(share)
+            if group is None or not topics.matches(group.topic_filter, message.topic):
+                continue
+            try:
+                if self._share_route(group, message, {}, None) != 0:
+                    served.add(share)
+            except Exception:
+                self._delivery_failed(share, message)
+                served.add(share)   # counted as a delivery error, not handed on
+        return served
+
+    def deliver_among(self, message: Message, client_ids, only_shares=None) -> int:
+        """Deliver ``message`` as :meth:`dispatch` does -- the same matching,
+        merging and options -- but only to the sessions ``client_ids`` and to
+        the shared groups named in ``only_shares`` (None: every group); for a
+        dead node's messages replayed into the sessions adopted from it.
+        Returns the receivers."""
+        matches = self._trie.match(message.topic)
+        if not matches:
+            return 0
+        picked = []
+        for match in matches:
+            key = match[1]
+            cls = key.__class__
+            if cls is _STR:
+                if key in client_ids:
+                    picked.append(match)
+            elif cls is not LocalSubscription:       # a shared group
+                if only_shares is None or key.share_filter in only_shares:
+                    picked.append(match)
+        if not picked:
+            return 0
+        cache = {}
+        receivers = 0
+        for key, sub in merge_matches(picked, message.origin).items():
+            try:
+                receivers += self._route(key, sub, message, cache)
+            except Exception:
+                self._delivery_failed(key, message)
+        return receivers
+
+    def judge(self, message: Message, subscriptions, client_id: str, only_shares=None):
+        """The routing judgement for one session known only by its
+        subscriptions (``{filter: SubscriptionRecord}``; a session another node
+        owns): ``(message, qos)`` as it receives ``message`` -- the highest
+        QoS of its matching subscriptions [MQTT-3.3.5-1] at most the
+        message's, No Local [MQTT-3.8.3-3], every matching Subscription
+        Identifier [MQTT-3.3.4-4], Retain As Published [MQTT-3.3.1-12] -- or
+        None when none matches.  A ``$share/g/f`` subscription counts only
+        when ``only_shares`` names it (the group's copy went to that node)."""
+        topic = message.topic
+        matches = []
+        for topic_filter, sub in subscriptions.items():
+            if topic_filter.startswith(topics.SHARE_PREFIX):
+                if only_shares is None or topic_filter not in only_shares:
+                    continue
+                _name, plain = topics.parse_shared(topic_filter)
+            else:
+                plain = topic_filter
+            if topics.matches(plain, topic):
+                matches.append((topic_filter, client_id, sub))
+        best = merge_matches(matches, message.origin).get(client_id)
+        if best is None:
+            return None
+        qos = best.qos if best.qos < message.qos else message.qos
+        if message.retain and not best.retain_as_published:
+            message = delivery_message(message, False)
+        sid = best.subscription_identifier
+        if sid is not None:
+            message = with_subscription_ids(message, sid if sid.__class__ is tuple else (sid,))
+        return message, qos
 
     def _dispatch(self, message: Message, cache: Optional[dict]) -> int:
         """Deliver ``message`` to every matching local subscriber (see publish)."""
@@ -295,51 +384,14 @@ class Routing:
             except Exception:
                 self._delivery_failed(key, message)
                 return 0
-        # merge overlapping subscriptions per client, each subscription's
-        # options applied first: a No Local subscription of the publisher does
-        # not take part, another of its subscriptions may still deliver
-        # [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1] with every
-        # matching subscription identifier [MQTT-3.3.4-4]
-        origin = message.origin
-        best: Dict[object, SubscriptionRecord] = {}
-        overlapping = None
-        for _filter, key, sub in matches:
-            if key == origin and sub.no_local:
-                continue
-            prev = best.get(key)
-            if prev is None:
-                best[key] = sub
-                continue
-            if overlapping is None:
-                overlapping = set()
-            overlapping.add(key)
-            if sub.qos > prev.qos:
-                best[key] = sub
-        if overlapping is not None:
-            self._merge_identifiers(matches, origin, overlapping, best)
         receivers = 0
-        for key, sub in best.items():
+        for key, sub in merge_matches(matches, message.origin).items():
             # one subscriber's failure never reaches the others
             try:
                 receivers += self._route(key, sub, message, cache)
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
-
-    @staticmethod
-    def _merge_identifiers(matches, origin, overlapping: set, best: dict) -> None:
-        """A client with several matching subscriptions gets one copy carrying the
-        identifiers of all of them [MQTT-3.3.4-4]: its entry in ``best`` becomes a
-        routing-only record whose ``subscription_identifier`` is that tuple (never
-        stored).  Rare, so the common path of :meth:`publish` never looks at ids."""
-        ids: Dict[object, list] = {}
-        for _filter, key, sub in matches:
-            if key in overlapping and not (key == origin and sub.no_local):
-                sid = sub.subscription_identifier
-                if sid is not None:
-                    ids.setdefault(key, []).append(sid)
-        for key, found in ids.items():
-            best[key] = attrs.evolve(best[key], subscription_identifier=tuple(found))
 
     def _delivery_failed(self, key, message: Message) -> None:
         client_id = getattr(key, "topic_filter", key)
@@ -353,7 +405,7 @@ class Routing:
 
         ``key`` is a client id, a :class:`LocalSubscription` or a shared
         subscription group; ``sub.subscription_identifier`` may be a tuple of
-        identifiers (see :meth:`_merge_identifiers`).
+        identifiers (see :func:`merge_matches`).
         """
         cls = key.__class__
         if cls is not _STR:
@@ -435,6 +487,10 @@ class Routing:
             if only is not None and group.share_filter not in only:
                 return 0
         receivers = self._share_route(group, message, cache, None)
+        if cache:
+            served = cache.get(SERVED_SHARES)
+            if served is not None and receivers:
+                served.add(group.share_filter)
         if receivers < 0:
             self.stats.count_drop("shared-not-authorized")
             return 0
@@ -502,6 +558,11 @@ class Routing:
             try:
                 if group is not None:
                     receivers = self._share_route(group, message, {}, None)
+                if receivers == 0:
+                    # no member left here: the members on other nodes (a cluster)
+                    reroute = getattr(self.router, "reroute_share", None)
+                    if reroute is not None:
+                        receivers = reroute(out.share, message)
             except Exception:
                 self._delivery_failed(out.share, message)
                 continue
@@ -515,6 +576,44 @@ class Routing:
         except Exception:
             log.failure("In-process subscriber of {filter} failed",
                         filter=local.topic_filter)
+
+
+def merge_matches(matches, origin) -> Dict[object, SubscriptionRecord]:
+    """The routing judgement over one message's matches ``[(filter, key,
+    SubscriptionRecord)]``: ``{key: the record it is delivered by}``.
+
+    Overlapping subscriptions merge per subscriber, each subscription's
+    options applied first: a No Local subscription of the publisher
+    (``origin``) does not take part, another of its subscriptions may
+    still deliver [MQTT-3.8.3-3]; then the highest QoS [MQTT-3.3.5-1]
+    with every matching Subscription Identifier [MQTT-3.3.4-4] (a
+    routing-only record whose ``subscription_identifier`` is that tuple,
+    never stored).  Used by the broker's dispatch, by
+    :meth:`Routing.deliver_among` and :meth:`Routing.judge`."""
+    best: Dict[object, SubscriptionRecord] = {}
+    overlapping = None
+    for _filter, key, sub in matches:
+        if key == origin and sub.no_local:
+            continue
+        prev = best.get(key)
+        if prev is None:
+            best[key] = sub
+            continue
+        if overlapping is None:
+            overlapping = set()
+        overlapping.add(key)
+        if sub.qos > prev.qos:
+            best[key] = sub
+    if overlapping is not None:
+        ids: Dict[object, list] = {}
+        for _filter, key, sub in matches:
+            if key in overlapping and not (key == origin and sub.no_local):
+                sid = sub.subscription_identifier
+                if sid is not None:
+                    ids.setdefault(key, []).append(sid)
+        for key, found in ids.items():
+            best[key] = attrs.evolve(best[key], subscription_identifier=tuple(found))
+    return best
 
 
 def _live(message: Message, cache: dict) -> Message:

@@ -18,7 +18,20 @@ sent and the publisher is disconnected; it re-sends (at least once).
 **Shared subscriptions** across nodes: the publisher's node picks one node
 per matching group (its own when it has members there, else the next node
 with members in turn) and names the groups each envelope is for; the
-receiving node serves only those of its groups, one member each.
+receiving node serves only those of its groups, one member each.  A group
+it can no longer serve (its last member here just left) is handed on once
+to another node with members (:meth:`Router.reroute_share`; the envelope
+names the group marked ``~``: served there, never handed on again), so no
+message is dropped while the group has members anywhere (REVIEW-CLUSTER F11).
+
+**A stale route cache is not trusted** (REVIEW-CLUSTER F1): while the
+route table says its cache may lack a route a SUBACK elsewhere already
+vouched for (:meth:`~mqttd.cluster.routes.RouteTable.fresh`: no feed read
+completed for ``stale_after`` seconds -- a stalled event loop, a hung link to
+Redis), what this node would forward is held, in order, and routed once the
+cache caught up (at most ``max_hold`` seconds; then with the cache it has,
+and a WARN).  Its own subscribers get it at once; QoS 1/2 publishers get
+their PUBACK once the held envelopes are in Redis.
 
 **Targets.**  Each entry names every node the message went to (``n``):
 a node that gave a session away and still forwards what reaches it on the
@@ -59,6 +72,10 @@ _HEAD_SIZE = _HEAD.size
 _EXPIRY = struct.Struct("!d")
 _F_RETAIN, _F_ORIGIN, _F_EXPIRY, _F_PROPS = 0x04, 0x08, 0x10, 0x20
 SEP = "\x00"
+#: prefix of a group named in an envelope handed on by a node that could not
+#: serve it (a share filter always starts with ``$share/``): served by the
+#: receiving node's members only, never handed on again
+REROUTED = "~"
 #: inbox batches delivered and waiting for their XACK while the next is read
 MAX_UNACKED = 4
 #: messages from the inbox handed to the broker in one reactor turn at most
@@ -256,11 +273,14 @@ class Router:
     :param wait_replicas: a flush carrying QoS >= 1 envelopes counts as
         written (PUBACK/PUBREC) only once this many replicas have it
         (``--cluster-wait-replicas``; ``WAIT`` after the XADDs).
+    :param max_hold: seconds messages wait at most for a stale route cache
+        to catch up before they are routed with it as it is (a WARN).
     """
 
     def __init__(self, broker, backend, routes, node, keys: Keys = Keys(),
                  inbox_maxlen: int = 1_000_000, max_pending: int = 100_000,
-                 batch: int = 64, block_ms: int = 1000, wait_replicas: int = 0):
+                 batch: int = 64, block_ms: int = 1000, wait_replicas: int = 0,
+                 max_hold: float = 5.0):
         self.broker = broker
         self.backend = backend
         self.routes = routes
@@ -292,9 +312,16 @@ class Router:
         self._stopped = True
         self._reading = False
         self._congestion = _Congestion()
+        #: messages held while the route cache is stale: (message, groups served here)
+        self._held: List[Tuple[Message, frozenset]] = []
+        #: the write sequence number of the first QoS >= 1 message held (None: none)
+        self._held_seq: Optional[int] = None
+        self._hold_call = None
+        self.max_hold = max_hold
+        routes.fresh_listeners.append(self._release)
         self.stats = {"forwarded": [0, 0, 0], "forward_failed": 0, "dropped": 0,
                       "received": [0, 0, 0], "bad_envelopes": 0, "batches": 0, "entries": 0,
-                      "acked": 0}
+                      "acked": 0, "rerouted": 0}
 
     # --- forwarding (the broker's router seam) --------------------------------------------
 
@@ -304,6 +331,8 @@ class Router:
         shared-subscription groups this node must not serve itself."""
         if not self._online or message.origin is SYS_ORIGIN:
             return 0     # fenced (clients are being closed) or $SYS (per node)
+        if self._held or not self.routes.fresh():
+            return self._hold(message)
         nodes, shares = self.routes.lookup(message.topic)
         per_node: Optional[Dict[str, List[str]]] = None
         if shares:
@@ -324,13 +353,25 @@ class Router:
         if not nodes:
             return 0
         if len(self._pending) >= self.max_pending and message.qos == 0:
-            self.stats["dropped"] += len(nodes)
-            self.broker.stats.count_drop("cluster-backlog")
-            self.log_limiter.emit(log.warn, "backlog",
-                                  "Cluster backlog full ({count} envelopes wait for Redis): "
-                                  "QoS 0 message to {topic} not forwarded",
-                                  count=len(self._pending), topic=message.topic)
+            self._backlog_full(message, len(nodes))
             return 0
+        self._append(message, nodes, per_node)
+        if message.qos:
+            self._queued += 1
+            self.broker.write_count += 1    # the PUBACK waits for sync()
+        return len(nodes)
+
+    def _backlog_full(self, message: Message, nodes: int) -> None:
+        self.stats["dropped"] += nodes
+        self.broker.stats.count_drop("cluster-backlog")
+        self.log_limiter.emit(log.warn, "backlog",
+                              "Cluster backlog full ({count} envelopes wait for Redis): "
+                              "QoS 0 message to {topic} not forwarded",
+                              count=len(self._pending) + len(self._held), topic=message.topic)
+
+    def _append(self, message: Message, nodes, per_node) -> None:
+        """Queue one envelope per node in ``nodes`` (``per_node``: the groups
+        each serves, None when no group matched) and schedule a flush."""
         data = encode_envelope(message)
         qos = message.qos
         pending = self._pending
@@ -343,14 +384,91 @@ class Router:
                 share = SEP.join(groups) if groups else ""
             pending.append((node, data, share, qos, targets))
         self.stats["forwarded"][qos] += len(nodes)
-        if qos:
-            self._queued += 1
-            self.broker.write_count += 1    # the PUBACK waits for sync()
         if len(pending) >= self.high_water:
             self._congested()
         if not self._flushing and self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush)
-        return len(nodes)
+
+    # --- holding while the route cache is stale ---------------------------------------
+
+    def _hold(self, message: Message) -> int:
+        """Keep ``message`` until the route cache caught up (see the module
+        docstring); the groups with members here are served here now."""
+        if message.qos == 0 and len(self._pending) + len(self._held) >= self.max_pending:
+            self._backlog_full(message, 1)
+            return 0
+        _nodes, shares = self.routes.lookup(message.topic)
+        here = frozenset(share for share, members in shares.items() if self.node_id in members)
+        self._held.append((message, here))
+        if message.qos:
+            self._queued += 1
+            if self._held_seq is None:
+                self._held_seq = self._queued
+            self.broker.write_count += 1    # the PUBACK waits until it went out
+        if self._hold_call is None:
+            as_of = self.routes.fresh_as_of
+            self.log_limiter.emit(
+                log.warn, "hold", "The route cache of {node_id} is {age} s old: holding "
+                "messages for other nodes until it caught up (at most {limit:g} s)",
+                node_id=self.node_id, limit=self.max_hold,
+                age="?" if as_of is None else f"{self.clock.seconds() - as_of:.1f}")
+            self._hold_call = self.clock.callLater(self.max_hold, self._release, True)
+        if len(self._held) >= self.high_water:
+            self._congested()
+        return 0
+
+    def _release(self, force: bool = False) -> None:
+        """Route what was held, in order, once the cache is fresh (``force``:
+        after ``max_hold`` seconds, with the cache as it is)."""
+        if not self._held or not self._online or not (force or self.routes.fresh()):
+            return
+        if force:
+            self.log_limiter.emit(log.warn, "hold-expired",
+                                  "The route cache of {node_id} did not catch up within "
+                                  "{limit:g} s: forwarding {count} held messages with it as "
+                                  "it is", node_id=self.node_id, limit=self.max_hold,
+                                  count=len(self._held))
+        held, self._held, self._held_seq = self._held, [], None
+        if self._hold_call is not None and self._hold_call.active():
+            self._hold_call.cancel()
+        self._hold_call = None
+        me = self.node_id
+        for message, here in held:
+            nodes, shares = self.routes.lookup(message.topic)
+            per_node: Optional[Dict[str, List[str]]] = None
+            if shares:
+                per_node = {}
+                for share, members in shares.items():
+                    if share in here:
+                        continue          # served here when it was published
+                    chosen = self._choose(share, members)
+                    if chosen == me:      # a member here since: served here now
+                        self.broker.dispatch_shares(message, (share,))
+                    else:
+                        per_node.setdefault(chosen, []).append(share)
+                nodes = nodes | set(per_node)
+            if nodes:
+                self._append(message, nodes, per_node)
+        if not self._flushing and self._flush_call is None:
+            # nothing to send: the held QoS >= 1 messages count as written
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _writable(self) -> int:
+        """The write sequence number a flush now covers: everything queued but
+        the held messages (whose numbers start at ``_held_seq``)."""
+        return self._queued if self._held_seq is None else self._held_seq - 1
+
+    def _drop_held(self) -> None:
+        """Fenced or stopping: held messages are not forwarded (their
+        publishers get no acknowledgement; they are being disconnected)."""
+        if self._hold_call is not None and self._hold_call.active():
+            self._hold_call.cancel()
+        self._hold_call = None
+        if self._held:
+            self._held, self._held_seq = [], None
+            self._written = self._queued
+            self._fire(self._queued, Failure(BackendError(
+                "the node fenced itself while messages waited for its route cache")))
 
     def also_sent_to(self, node: str, message: Message) -> bool:
         """Whether ``message``, being delivered here now, also went (or goes) to
@@ -363,6 +481,57 @@ class Router:
             return False
         nodes, _shares = self.routes.lookup(message.topic)
         return node in nodes
+
+    def reroute_share(self, share: str, message: Message, tried=()) -> int:
+        """Hand ``message``, owed to the shared group ``share`` that has no
+        member left on this node, to another node with members (the live
+        ones in turn), as an envelope for that group only; 1 if one was
+        found, else 0.  Counted in the broker's write count like any
+        forward: a QoS >= 1 acknowledgement (or the inbox entry it came in)
+        waits until Redis has it."""
+        if not self._online:
+            return 0
+        _nodes, shares = self.routes.lookup(message.topic)
+        members = shares.get(share, set()) - {self.node_id} - set(tried)
+        if not members:
+            return 0
+        node = self._choose(share, members)
+        self._pending.append((node, encode_envelope(message), REROUTED + share,
+                              message.qos, node))
+        self.stats["rerouted"] += 1
+        self.stats["forwarded"][message.qos] += 1
+        if message.qos:
+            self._queued += 1
+            self.broker.write_count += 1
+        if not self._flushing and self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+        return 1
+
+    def _dispatch_entry(self, broker, message: Message, only) -> None:
+        """Deliver one message of an inbox entry here; a group this node was
+        picked for but cannot serve goes on to another node (once)."""
+        if only and next(iter(only)).startswith(REROUTED):
+            # handed on by a node whose members left: this node's members only
+            shares = [share[len(REROUTED):] for share in only]
+            served = broker.dispatch_shares(message, shares)
+            for share in shares:
+                if share not in served:
+                    self._group_lost(share, message)
+            return
+        served = set() if only else None
+        broker.dispatch(message, only_shares=only, served=served)
+        for observer in list(self.dispatch_observers):
+            observer(message, self._dispatching)
+        if only:
+            for share in only:
+                if share not in served and not self.reroute_share(share, message):
+                    self._group_lost(share, message)
+
+    def _group_lost(self, share: str, message: Message) -> None:
+        self.broker.stats.count_drop("shared-no-member")
+        self.log_limiter.emit(log.warn, "shared-lost",
+                              "No member of {share} left on any node for a message to "
+                              "{topic}: dropped", share=share, topic=message.topic)
 
     def _choose(self, share: str, members: Set[str]) -> str:
         """The node that serves ``share`` for one message: this one if it has
@@ -394,10 +563,17 @@ class Router:
 
     def _flush(self) -> None:
         self._flush_call = None
-        if self._flushing or not self._pending:
+        if self._flushing:
+            return
+        upto = self._writable()
+        if not self._pending:
+            if upto > self._written:      # released messages no other node needed
+                self._written = upto
+                self._fire(upto)
+            if not self._held and self._congestion.congested_since is not None:
+                self._decongested()
             return
         batch, self._pending = self._pending, []
-        upto = self._queued
         self._flushing = True
         wait = 0
         if self.wait_replicas and upto != self._written:
@@ -427,7 +603,7 @@ class Router:
 
         def done(_):
             self._flushing = False
-            if self._pending:
+            if self._pending or self._writable() > self._written:
                 self._flush()
             elif self._congestion.congested_since is not None:
                 self._decongested()
@@ -502,10 +678,12 @@ class Router:
 
     def fenced(self) -> None:
         self._online = False
+        self._drop_held()
 
     def stop(self) -> None:
         self._stopped = True
         self._online = False
+        self._drop_held()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -597,11 +775,9 @@ class Router:
                 for message, only, targets in messages:
                     received[message.qos] += 1
                     # an entry of an older node names no targets: as if it went here only
-                    self._dispatching = targets = targets or here
+                    self._dispatching = targets or here
                     try:
-                        broker.dispatch(message, only_shares=only)
-                        for observer in list(self.dispatch_observers):
-                            observer(message, targets)
+                        self._dispatch_entry(broker, message, only)
                     except Exception:
                         log.failure("Delivering a message from another node to {topic} "
                                     "failed", topic=message.topic)

@@ -47,6 +47,11 @@ class Keys:
         """STRING integer, incremented by every change of the node's route set."""
         return f"{self.prefix}{{n:{node}}}:rver"
 
+    def route_applied(self, node: str) -> str:
+        """STRING: the id of the last route feed entry the node's route cache
+        applied (its acknowledgement; a SUBACK elsewhere waits for it)."""
+        return f"{self.prefix}{{n:{node}}}:rfpos"
+
     def route_feed(self) -> str:
         """STREAM of route changes of all nodes: node, version, op (+/-/reset), filter."""
         return f"{self.prefix}routefeed"

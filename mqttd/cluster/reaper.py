@@ -465,69 +465,31 @@ class Reaper:
 
     def deliver_to(self, adopted: set, moved: Optional[dict] = None,
                    node: Optional[str] = None) -> Callable:
-        """``deliver(message)``: one replayed envelope to the adopted (local)
-        sessions whose subscriptions match it (once per session, at the
-        highest QoS of its matching subscriptions, at most the message's),
-        and, as a forward (``f`` list of the session, then a ``poke`` to its
+        """``deliver(message, only_shares=None)``: one replayed envelope, routed
+        by the broker core's own judgement (matching, No Local, overlapping
+        subscriptions merged to the highest QoS with every identifier, Retain
+        As Published, read permission): into the adopted (local) sessions and
+        the shared groups the envelope names (``Broker.deliver_among``), and,
+        as a forward (``f`` list of the session, then a ``poke`` to its
         owner), to the sessions of ``moved`` (client id -> {filter:
-        subscription record}) now owned by other nodes; both are in Redis
-        once ``store.sync()`` fired.  ``node``: the reaped node, whose reap
-        makes progress with each envelope (the lock's renewal needs it)."""
-        from mqttd import topics
+        subscription record}) now owned by other nodes (``Broker.judge``;
+        QoS 0 is not owed to them).  Both are in Redis once ``store.sync()``
+        fired.  ``node``: the reaped node, whose reap makes progress with each
+        envelope (the lock's renewal needs it)."""
         from mqttd.persistence import records as R
         from mqttd.cluster.store import Forward
         broker = self.broker
         moved = moved or {}
 
-        def best_of(client_id, subscriptions, message, only_shares):
-            best = None
-            for topic_filter, sub in subscriptions.items():
-                if topic_filter.startswith(topics.SHARE_PREFIX):
-                    # a group's copy went to the node the publisher picked
-                    if only_shares is None or topic_filter not in only_shares:
-                        continue
-                    _group, plain = topics.parse_shared(topic_filter)
-                else:
-                    if only_shares is not None and not only_shares:
-                        continue   # an entry for shared groups only
-                    plain = topic_filter
-                if sub.no_local and message.origin == client_id:
-                    continue
-                if topics.matches(plain, message.topic) and (
-                        best is None or sub.qos > best.qos):
-                    best = sub
-            return best
-
-
-        def shaped(message, best):
-            if message.retain and not best.retain_as_published:
-                import attrs
-                return attrs.evolve(message, retain=False)
-            return message
-
         def deliver(message, only_shares=None) -> int:
             if node is not None:
                 self._advanced(node)
-            receivers = 0
-            for client_id in adopted:
-                session = broker.sessions.get(client_id)
-                if session is None:
-                    continue
-                best = best_of(client_id, session.subscriptions, message, only_shares)
-                if best is None:
-                    continue
-                qos = min(best.qos, message.qos)
-                broker._deliver(session, shaped(message, best), qos)
-                receivers += 1
+            receivers = broker.deliver_among(message, adopted, only_shares) if adopted else 0
             for client_id, subscriptions in moved.items():
-                best = best_of(client_id, subscriptions, message, only_shares)
-                if best is None:
+                judged = broker.judge(message, subscriptions, client_id, only_shares)
+                if judged is None or not judged[1]:
                     continue
-                qos = min(best.qos, message.qos)
-                if not qos:
-                    continue   # QoS 0 is not owed to an offline session here
-                self.store.write(Forward(client_id, R.OutboundRecord(
-                    0, shaped(message, best), qos)))
+                self.store.write(Forward(client_id, R.OutboundRecord(0, *judged)))
                 receivers += 1
             return receivers
         return deliver
@@ -626,7 +588,8 @@ class InboxReplay:
         # each change checks in Redis, in the same script, that the node id is
         # still dead (the reaper lock keeps it from re-joining meanwhile)
         version = yield self.backend.run("reaper_reset_routes", [
-            alive, self.keys.routes(dead), self.keys.route_version(dead)])
+            alive, self.keys.routes(dead), self.keys.route_version(dead),
+            self.keys.route_applied(dead)])
         if not version:
             return 0
         yield self.backend.execute("XADD", self.keys.route_feed(), "MAXLEN", "~", 100000,
@@ -658,12 +621,13 @@ end
 return 0
 """
 
-#: KEYS alive, routes, route version: a dead node's routes go (and its
-#: version is bumped for the ``reset`` feed entry) only if it is still dead;
-#: false if it is alive again
+#: KEYS alive, routes, route version, route feed position: a dead node's
+#: routes (and its acknowledged feed position) go, and its version is bumped
+#: for the ``reset`` feed entry, only if it is still dead; false if it is
+#: alive again
 RESET_ROUTES = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 return redis.call('INCR', KEYS[3])
 """
 

@@ -702,4 +702,8 @@ def install(service, options) -> Optional[ClusterRetainedStore]:
     store.start(SWEEP_INTERVAL)
     cluster.stoppers.append(store.stop)
     cluster.retained = store
+    # a node acknowledges new routes of another only once the retained messages
+    # it routed before are in Redis: the subscriber's lookup after its SUBACK
+    # finds them (docs/cluster.rst, "What a SUBACK guarantees")
+    cluster.routes.before_ack = redis.pending
     return store

@@ -166,9 +166,18 @@ class ClusterService(MultiService):
         if not self._settings_checked:
             self._settings_checked = True
             check_redis_settings(self.backend)
-        self.broker.unavailable = None
-        self.routes.joined()
+        loaded = self.routes.joined()
         self.router.joined()
+        if not loaded.called:
+            # no client before the route cache holds every node's routes: a
+            # message published here now would miss the others' subscribers
+            self.broker.unavailable = f"cluster node {self.node_id} is loading the routes"
+            loaded.addCallback(lambda _: None if self.node.fenced else self._serving())
+            return
+        self._serving()
+
+    def _serving(self) -> None:
+        self.broker.unavailable = None
         parent = self.parent
         if not self._announced and getattr(parent, "ready_file", None):
             # the ready file again, now saying "joined": a node is ready for
@@ -183,7 +192,7 @@ class ClusterService(MultiService):
     def ready_info(self) -> dict:
         """The ``cluster`` entry of the ready file."""
         return {"node_id": self.node_id, "boot_id": self.node.boot_id,
-                "joined": self.node.joined and not self.node.fenced}
+                "joined": self.node.joined and not self.node.fenced and self.routes.loaded}
 
 
 @defer.inlineCallbacks

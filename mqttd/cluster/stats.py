@@ -197,6 +197,12 @@ def install_gauges(service, cluster) -> None:
                       "cached (the other nodes')", ("kind",),
                       lambda: [(("local",), len(routes.local)),
                                (("cached",), routes.cached_routes())])
+    service.add_gauge("mqttd_cluster_route_ack_timeouts", "Route changes acknowledged "
+                      "(SUBACK) without every live node having applied them in time", (),
+                      lambda: [((), routes.stats["ack_timeouts"])])
+    service.add_gauge("mqttd_cluster_shared_rerouted", "Shared-group messages handed on to "
+                      "another node whose members could take them", (),
+                      lambda: [((), router.stats["rerouted"])])
     service.add_gauge("mqttd_cluster_heartbeat_failures", "Heartbeats Redis did not "
                       "acknowledge", (), lambda: [((), node.stats["heartbeat_failures"])])
     service.add_gauge("mqttd_cluster_clients_connected", "Clients connected to all live "

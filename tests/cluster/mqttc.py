@@ -10,7 +10,8 @@ from typing import List
 
 from mqttd.blockingclient import BlockingClient
 from mqttd.codec.packets import (
-    Puback, Publish, Pubrec, Pubrel, Pubcomp, Suback, Subscribe, Subscription)
+    Puback, Publish, Pubrec, Pubrel, Pubcomp, Suback, Subscribe, Subscription, Unsuback,
+    Unsubscribe)
 
 
 #: topics of route probes (see wait_routed): never counted as test messages
@@ -62,6 +63,11 @@ class Client(BlockingClient):
         pid = next(self._ids)
         self.send(Subscribe(pid, (Subscription(topic_filter, qos, **options),)))
         return self._wait_for(Suback, pid)
+
+    def unsubscribe(self, topic_filter: str) -> Unsuback:
+        pid = next(self._ids)
+        self.send(Unsubscribe(pid, (topic_filter,)))
+        return self._wait_for(Unsuback, pid)
 
     def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
                 wait: bool = True, timeout: float = 10.0):

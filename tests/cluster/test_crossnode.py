@@ -6,6 +6,7 @@ cluster-wide; the basic case also on a 3-master Redis Cluster."""
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 
@@ -238,3 +239,33 @@ def test_a_session_resumed_on_another_node_gets_each_message_once(
     assert sorted(int(p.payload) for p in got) == list(range(20))
     pub.close()
     sub.close()
+
+
+def test_a_shared_group_loses_nothing_when_one_nodes_only_member_leaves(module_nodes):
+    """REVIEW-CLUSTER F11: members on B and C, the one on B leaves mid-stream
+    with messages in flight and more on their way to B: every QoS 1 message
+    still reaches the group (C's member), none is dropped."""
+    a, b, c = module_nodes
+    pub = Client(a.port, "f11-pub")
+    on_b = Client(b.port, "f11-b")
+    on_c = Client(c.port, "f11-c")
+    on_b.subscribe("$share/f11/f11/#", 1)
+    on_c.subscribe("$share/f11/f11/#", 1)
+    on_c.subscribe("probe/f11")
+    wait_routed(pub, on_c, "probe/f11")
+    on_b.subscribe("probe/f11b")
+    wait_routed(pub, on_b, "probe/f11b")
+    count = 200
+    for i in range(count):
+        if i == count // 2:
+            on_b.close()     # never acknowledged what it was sent
+        pub.publish(f"f11/{i}", str(i).encode(), qos=1)
+    got = set()
+    deadline = time.monotonic() + 20
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            got.update(int(p.payload) for p in on_c.collect(1, timeout=2.0))
+        except TimeoutError:
+            break
+    got.update(int(p.payload) for p in on_c.quiet(0.5))
+    assert sorted(got) == list(range(count))

@@ -1,0 +1,101 @@
+"""A dead node's inbox, replayed by the reaper, is routed by the broker core's
+own judgement -- not by a second best-subscription loop of the reaper's: the
+adopted sessions and the shared groups the envelope names get it as live
+traffic would (and no one else on the reaping node); a session another node
+owns now gets the copy its subscriptions merge to (highest QoS, every
+Subscription Identifier, Retain As Published, No Local).  No Redis: the
+reaper's store writes are recorded."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mqttd.cluster.reaper import Reaper
+from mqttd.codec.packets import Publish
+from mqttd.messages import Message
+from mqttd.persistence.records import SubscriptionRecord
+
+from tests.core.harness import FakeClient, make_broker
+
+
+class Writes:
+    def __init__(self):
+        self.ops = []
+
+    def write(self, op):
+        self.ops.append(op)
+
+    def sync(self):
+        return None
+
+
+def reaper_on(broker, clock):
+    store = Writes()
+    backend = SimpleNamespace(register=lambda name, source: None)
+    sessions = SimpleNamespace(broker=broker, backend=backend, store=store, node_id="R",
+                               prefix="mqttd:", clock=clock, is_fenced=lambda: False)
+    return Reaper(sessions), store
+
+
+def client(broker, clock, client_id, *filters, qos=1):
+    c = FakeClient(broker, clock, level=5)
+    c.connect(client_id)
+    c.subscribe(*filters, qos=qos)
+    c.received()
+    return c
+
+
+def payloads(c):
+    return [p.payload for p in c.received() if isinstance(p, Publish)]
+
+
+def test_an_entry_for_plain_subscribers_reaches_the_adopted_session_and_no_one_else():
+    """An entry whose node served no shared group (``s`` empty: the group went
+    to another node) still reaches the adopted session's plain subscription
+    -- the reaper's own loop skipped it -- and never the reaping node's own
+    subscribers, who had their copy."""
+    broker, clock = make_broker()
+    reaper, _store = reaper_on(broker, clock)
+    adopted = client(broker, clock, "adopted", "r/#")
+    bystander = client(broker, clock, "bystander", "r/#")
+    member = client(broker, clock, "member", "$share/g/r/#")
+    deliver = reaper.deliver_to({"adopted"})
+    assert deliver(Message("r/1", b"plain-only", 1), frozenset()) == 1
+    assert payloads(adopted) == [b"plain-only"]
+    assert payloads(bystander) == [] and payloads(member) == []
+    # an entry that names the group: one member of it here gets it too
+    assert deliver(Message("r/2", b"with-group", 1), frozenset({"$share/g/r/#"})) == 2
+    assert payloads(adopted) == [b"with-group"] and payloads(member) == [b"with-group"]
+    assert payloads(bystander) == []
+
+
+def test_a_moved_session_gets_the_merged_copy_live_routing_would_give_it():
+    """Overlapping subscriptions of a session owned elsewhere merge as in the
+    core: highest QoS, both identifiers, retain flag as its subscriptions say;
+    a No Local subscription of the publisher itself takes no part."""
+    broker, clock = make_broker()
+    reaper, store = reaper_on(broker, clock)
+    subscriptions = {
+        "m/#": SubscriptionRecord("m/#", 1, subscription_identifier=7),
+        "m/+": SubscriptionRecord("m/+", 2, subscription_identifier=9),
+        "m/own": SubscriptionRecord("m/own", 2, no_local=True),
+        "$share/g/m/#": SubscriptionRecord("$share/g/m/#", 2),
+    }
+    deliver = reaper.deliver_to(set(), {"moved": subscriptions})
+    assert deliver(Message("m/x", b"v", 2, retain=True), frozenset()) == 1
+    (forward,) = store.ops
+    assert forward.client_id == "moved" and forward.record.qos == 2
+    message = forward.record.message
+    assert message.retain is False
+    assert message.properties.subscription_identifiers == (7, 9)
+    # its own message on a No Local filter: only the other filter delivers
+    store.ops.clear()
+    mine = Message("m/own", b"mine", 2, origin="moved")
+    subscriptions_own = {"m/own": SubscriptionRecord("m/own", 2, no_local=True),
+                         "m/#": SubscriptionRecord("m/#", 1)}
+    deliver = reaper.deliver_to(set(), {"moved": subscriptions_own})
+    assert deliver(mine, None) == 1
+    assert store.ops[0].record.qos == 1
+    store.ops.clear()
+    assert reaper.deliver_to(set(), {"moved": {"m/own": subscriptions_own["m/own"]}})(
+        mine, None) == 0
+    assert store.ops == []
