@@ -212,9 +212,6 @@ OPTIONS: List[Option] = [
            doc_default="cores - 1, 1 to 4"),
     Option("max-password-checks-per-peer", integer(1), "Password-file hashes verified at "
            "once for one client address.", default=1),
-    Option("max-password-checks-per-name", integer(1), "Password checks at once of one user "
-           "name with recent failures from addresses new to it; one more gets 0x9F (v3 0x03) "
-           "at once, unchecked.", default=2),
     Option("max-auth-failures", integer(0), "Failed password-file logins of one user name "
            "(within --auth-failure-window) after which its logins from addresses with recent "
            "failures are refused without hashing (0x86 / v3 0x04); 0 = no budget.", default=5),

@@ -35,7 +35,7 @@ from zope.interface import Interface, implementer
 
 from mqttd.auth.gate import VerificationBusy, VerificationGate
 from mqttd.auth.guard import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_FAILURES,
-                              DEFAULT_MAX_UNVERIFIED_PER_NAME, Judgement, LoginGuard,
+                              Judgement, LoginGuard,
                               ThrottledLogin)
 from mqttd.auth.passwd import (DEFAULT_ITERATIONS, DEFAULT_SCRAM_ITERATIONS, SALT_BYTES,
                                SCRAM_TAG, PasswordEntry, read_password_file)
@@ -218,10 +218,9 @@ class PasswordFileChecker:
         and password under a per-process random key, and the stored entry) so a
         reconnecting client costs no PBKDF2; cleared by :meth:`reload`.
     :param guard: the :class:`~mqttd.auth.guard.LoginGuard` (failure budget,
-        known-good addresses, per-name bound) shared with the SCRAM mechanism
+        known-good addresses, networks) shared with the SCRAM mechanism
         and other checkers; default: one of its own from
-        ``max_auth_failures``, ``auth_failure_window`` and
-        ``max_unverified_per_name``.
+        ``max_auth_failures`` and ``auth_failure_window``.
 
     Identical checks in flight (same user, password and stored entry) share
     one hash.  An unknown user name costs the same as a known one: its password is
@@ -245,8 +244,7 @@ class PasswordFileChecker:
                  gate: Optional[VerificationGate] = None,
                  max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
                  auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW,
-                 clock=None, guard: Optional[LoginGuard] = None,
-                 max_unverified_per_name: int = DEFAULT_MAX_UNVERIFIED_PER_NAME):
+                 clock=None, guard: Optional[LoginGuard] = None):
         self.path = path
         self.reactor = reactor
         self.cache_size = cache_size
@@ -257,9 +255,8 @@ class PasswordFileChecker:
             if clock is None:
                 clock = gate.clock if gate is not None else reactor
             seconds = clock.seconds if clock is not None else time.monotonic
-            guard = LoginGuard(seconds, max_auth_failures, auth_failure_window,
-                               max_unverified_per_name)
-        #: the failure budget, known-good addresses, per-name bound
+            guard = LoginGuard(seconds, max_auth_failures, auth_failure_window)
+        #: the failure budget, known-good addresses, failing networks
         self.guard = guard
         self._key = os.urandom(32)
         self._cache: "collections.OrderedDict[bytes, bool]" = collections.OrderedDict()
@@ -352,10 +349,7 @@ class PasswordFileChecker:
         if waiters is not None:
             waiters.append(mine)
             return mine
-        try:
-            self.guard.begin(judgement)
-        except VerificationBusy:
-            return defer.fail()
+        self.guard.begin(judgement)
         waiters = self._inflight[key] = [mine]
         if self.gate is None:
             d = defer.maybeDeferred(uniform_verify, entry, password, self.profile)
@@ -477,10 +471,7 @@ class GatedChecker:
         judgement = guard.judge(username, getattr(creds, "peer", None))
         if judgement.priority is None:
             return defer.fail(guard.refuse_unchecked(judgement))
-        try:
-            guard.begin(judgement)
-        except VerificationBusy:
-            return defer.fail()
+        guard.begin(judgement)
         d = self.gate.submit(judgement.peer, _run_checker, self.checker, creds,
                              priority=judgement.priority)
 

@@ -20,7 +20,10 @@ bounds that work:
   failures first and addresses with many failures last (see
   :class:`~mqttd.auth.checkers.PasswordFileChecker`), so a storm of wrong
   passwords from many addresses does not delay an honest first login beyond
-  the check that is running; within one priority, peers take turns;
+  the check that is running; within one priority, peers take turns (in
+  priority 1 -- new addresses of a user name under attack -- a peer new to
+  the queue goes first: a storm of guesses from a fresh address per attempt
+  waits, and times out, behind a login that arrives now);
 - the checks run in a small thread pool of their own
   (:class:`HashThreadPool`, ``max_concurrent`` threads), never on the
   reactor thread, so a CONNECT's hash never delays other clients' traffic.
@@ -172,6 +175,10 @@ class VerificationGate:
     :param deadline: seconds from submission within which a check is
         answered, waiting and running together (default 8, at least
         ``max_wait``; below the broker's ``hook_timeout``).
+    :param newest_first: priorities whose peers take turns newest first (a
+        peer new to the queue goes to the front of its priority's turns, not
+        to the back); default ``(1,)``, the new addresses of a user name under
+        attack (see :mod:`mqttd.auth.guard`).
 
     Counters (for metrics and tests): ``started``, ``refused`` (queue full),
     ``expired`` (waited ``max_wait``), ``overran`` (still running at its
@@ -182,7 +189,7 @@ class VerificationGate:
     def __init__(self, clock, run: Optional[Callable] = None,
                  max_concurrent: Optional[int] = None, per_peer: int = 1,
                  max_waiting: int = 128, per_peer_waiting: int = 16, max_wait: float = 5.0,
-                 deadline: float = 8.0):
+                 deadline: float = 8.0, newest_first: Tuple[int, ...] = (1,)):
         if max_concurrent is None:
             max_concurrent = default_concurrency()
         for name, value in (("max_concurrent", max_concurrent), ("per_peer", per_peer)):
@@ -197,6 +204,7 @@ class VerificationGate:
         if deadline < max_wait:
             raise ValueError(f"deadline ({deadline}) must be at least max_wait ({max_wait})")
         self.deadline = deadline
+        self.newest_first = frozenset(newest_first)
         self.clock = clock
         self.max_concurrent = max_concurrent
         self.per_peer = per_peer
@@ -258,6 +266,8 @@ class VerificationGate:
         queue = queues.get(host)
         if queue is None:
             queue = queues[host] = collections.deque()
+            if priority in self.newest_first:
+                queues.move_to_end(host, last=False)
         queue.append(job)
         self.waiting += 1
         self._waiting_by_host[host] = mine + 1

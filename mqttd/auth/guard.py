@@ -1,5 +1,5 @@
 """Who gets a password check, and how soon: failed-login budgets, addresses
-known to be good, a per-name bound on checks from new addresses.
+known to be good, networks with failures.
 
 One :class:`LoginGuard` serves every way a user name logs in -- the password
 file's ``$7$``/``$6$``/SCRAM entries on a plain CONNECT, MQTT 5 SCRAM-SHA-256
@@ -19,26 +19,27 @@ It keeps, all bounded:
   login is checked first (priority 0) even while its name is under attack:
   a device that logged in before from its address is not queued behind a
   storm of guesses for its name;
-- the **checks from new addresses per name**: a name that has failures or
-  checks in progress ("under attack") gets at most ``max_unverified_per_name``
-  checks at once from addresses that are neither known to be good for it nor
-  failing (priority 1).  One more is refused at once, unchecked, as busy
-  (:class:`~mqttd.auth.gate.VerificationBusy`: CONNACK 0x9F, v3 0x03): a
-  storm of guesses from a fresh address per attempt (a botnet, an IPv6 /48)
-  against one name occupies at most that many hashing places, so a new
-  login of that name waits for at most that many checks -- it is answered
-  promptly, with "busy, try again" when the places are taken -- and every
-  other name's logins are not delayed at all.
+- the **networks with failures**: an address's /24 (IPv4) or /48 (IPv6)
+  counts too.  An attacker who takes a fresh address for every guess (an
+  IPv6 /48 holds 65,536 /64s; a host can use a whole IPv4 /24) has them
+  from a few networks: once a network has failed, its new addresses rank as
+  suspects (2), behind a new login of the attacked name from elsewhere;
+- within priority 1 -- new addresses of a name under attack -- the gate
+  serves the **newest address first**
+  (:class:`~mqttd.auth.gate.VerificationGate`'s ``newest_first``): guesses
+  from a fresh address per attempt spread over many networks (a botnet)
+  wait, and time out, behind a login of the name that arrives now, instead
+  of the other way round.
 
 Priorities (0 first) of the gate's queue (:meth:`LoginGuard.judge`):
 
 ====  =======================================================================
-0     the address has no recent failure and either the name has neither
-      failures nor checks in progress, or the address is known to be good
-      for the name
-1     the address has no recent failure, the name has failures or checks in
-      progress (a new address: counted against ``max_unverified_per_name``)
-2     the address has recent failures (fewer than the budget)
+0     the address is known to be good for the name; or it has no recent
+      failure and the name has neither failures nor checks in progress
+1     the address and its network have no recent failure, the name has
+      failures or checks in progress (a new address; newest first)
+2     the address or its network has recent failures (fewer than the
+      budget)
 3     the address has at least ``max_auth_failures`` recent failures
 None  the name is over its budget and the address has recent failures:
       refused without checking
@@ -47,13 +48,14 @@ None  the name is over its budget and the address has recent failures:
 from __future__ import annotations
 
 import collections
+import ipaddress
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import attrs
 from twisted.cred import error
 from twisted.logger import Logger
 
-from mqttd.auth.gate import FailureLog, VerificationBusy, address_key, peer_host
+from mqttd.auth.gate import FailureLog, address_key, peer_host
 
 log = Logger(namespace="mqttd.auth")
 
@@ -63,10 +65,22 @@ DEFAULT_MAX_AUTH_FAILURES = 5
 #: seconds without a failure after which a user name's or address's failures
 #: are forgotten
 DEFAULT_AUTH_FAILURE_WINDOW = 60.0
-#: checks at once of one user name under attack from new addresses (priority 1)
-DEFAULT_MAX_UNVERIFIED_PER_NAME = 2
 #: (user name, address) pairs of successful logins remembered
 DEFAULT_MAX_KNOWN = 100_000
+
+
+def network_key(host: str) -> Optional[str]:
+    """The network an address's failures also count for: its /24 (IPv4,
+    IPv4-mapped IPv6 included) or /48 (IPv6); None for what is no IP address
+    (a UNIX socket's ``-``)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 class ThrottledLogin(error.UnauthorizedLogin):
@@ -83,17 +97,14 @@ class Judgement:
     peer: Optional[str]
     user_key: Tuple[str, str]
     host_key: Tuple[str, str]
+    #: ("net", network) of the address, None if it has none
+    net_key: Optional[Tuple[str, str]]
     #: the gate priority (0 first), None: refuse without checking
     priority: Optional[int]
 
-    @property
-    def unverified(self) -> bool:
-        """Counted against the per-name bound of checks from new addresses."""
-        return self.priority == 1
-
 
 class LoginGuard:
-    """The failure budget, known-good addresses and per-name bound of the
+    """The failure budget, known-good addresses and failing networks of the
     logins of every checker (see the module docstring).
 
     :param seconds: ``() -> float``, the clock (a reactor's ``seconds``).
@@ -102,38 +113,31 @@ class LoginGuard:
         unchecked (0: never).
     :param auth_failure_window: seconds of quiet after which failures are
         forgotten (> 0).
-    :param max_unverified_per_name: checks at once of one name under attack
-        from new addresses (>= 1).
     :param max_known: (user name, address) pairs of successful logins kept.
     Raises ValueError for values out of range.
 
-    Counters: ``throttled`` (refused unchecked, over budget), ``busy_names``
-    (refused unchecked, per-name bound), ``suspicious_successes`` (a success
-    from an address that failed for that name recently).
+    Counters: ``throttled`` (refused unchecked, over budget),
+    ``suspicious_successes`` (a success from an address that failed for that
+    name recently).
     """
 
     def __init__(self, seconds: Callable[[], float],
                  max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
                  auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW,
-                 max_unverified_per_name: int = DEFAULT_MAX_UNVERIFIED_PER_NAME,
                  max_known: int = DEFAULT_MAX_KNOWN):
         if max_auth_failures < 0 or auth_failure_window <= 0:
             raise ValueError("max_auth_failures >= 0 and auth_failure_window > 0 are required")
-        if max_unverified_per_name < 1 or max_known < 0:
-            raise ValueError("max_unverified_per_name >= 1 and max_known >= 0 are required")
+        if max_known < 0:
+            raise ValueError("max_known >= 0 is required")
         self.max_auth_failures = max_auth_failures
-        self.max_unverified_per_name = max_unverified_per_name
         self.max_known = max_known
-        #: recent failures by ("user", name) and ("host", address key)
+        #: recent failures by ("user", name), ("host", address key), ("net", network)
         self.failures = FailureLog(seconds, auth_failure_window)
         self._known: "collections.OrderedDict[Tuple[str, Hashable], None]" = \
             collections.OrderedDict()
         #: checks submitted and not answered, per user name
         self._pending: Dict[str, int] = {}
-        #: of them, from new addresses (priority 1), per user name
-        self._unverified: Dict[str, int] = {}
         self.throttled = 0
-        self.busy_names = 0
         self.suspicious_successes = 0
 
     # --- deciding ------------------------------------------------------------------------
@@ -142,11 +146,14 @@ class LoginGuard:
         """The :class:`Judgement` of a login of ``username`` from ``peer``
         (``host:port`` or None) now."""
         user_key = ("user", username)
-        host_key = ("host", address_key(peer_host(peer)))
-        return Judgement(username, peer, user_key, host_key,
-                         self._priority(username, user_key, host_key))
+        host = peer_host(peer)
+        host_key = ("host", address_key(host))
+        network = network_key(host)
+        net_key = ("net", network) if network is not None else None
+        return Judgement(username, peer, user_key, host_key, net_key,
+                         self._priority(username, user_key, host_key, net_key))
 
-    def _priority(self, username: str, user_key, host_key) -> Optional[int]:
+    def _priority(self, username: str, user_key, host_key, net_key=None) -> Optional[int]:
         failures = self.failures
         limit = self.max_auth_failures
         host_failures = failures.count(host_key)
@@ -156,9 +163,11 @@ class LoginGuard:
             return 3 if limit and host_failures >= limit else 2
         if (username, host_key[1]) in self._known:
             return 0
-        if failures.count(user_key) or self._pending.get(username):
-            return 1
-        return 0
+        if not (failures.count(user_key) or self._pending.get(username)):
+            return 0
+        if net_key is not None and failures.count(net_key):
+            return 2
+        return 1
 
     def refuse_unchecked(self, judgement: Judgement) -> ThrottledLogin:
         """Count a throttled attempt; the error to answer it with."""
@@ -169,28 +178,14 @@ class LoginGuard:
     # --- checks in progress -------------------------------------------------------------
 
     def begin(self, judgement: Judgement) -> None:
-        """A check of ``judgement`` is submitted; :meth:`end` when it is
-        answered.  Raises :class:`VerificationBusy` (counted, nothing
-        started) when the name already has ``max_unverified_per_name``
-        checks from new addresses in progress and this is another one."""
+        """A check of ``judgement`` is submitted (right after :meth:`judge`);
+        :meth:`end` when it is answered."""
         username = judgement.username
-        if judgement.unverified:
-            count = self._unverified.get(username, 0)
-            if count >= self.max_unverified_per_name:
-                self.busy_names += 1
-                raise VerificationBusy(
-                    f"{count} checks of this user name from new addresses in progress "
-                    f"(it has {self.failures.count(judgement.user_key)} recent failed "
-                    "logins)")
-            self._unverified[username] = count + 1
         self._pending[username] = self._pending.get(username, 0) + 1
 
     def end(self, judgement: Judgement) -> None:
         """The check :meth:`begin` counted was answered (or failed)."""
-        username = judgement.username
-        _decrement(self._pending, username)
-        if judgement.unverified:
-            _decrement(self._unverified, username)
+        _decrement(self._pending, judgement.username)
 
     # --- outcomes ------------------------------------------------------------------------
 
@@ -200,6 +195,8 @@ class LoginGuard:
         failures = self.failures
         count = failures.note(judgement.user_key)
         failures.note(judgement.host_key)
+        if judgement.net_key is not None:
+            failures.note(judgement.net_key)
         if count == self.max_auth_failures:
             log.warn("{count} failed logins for user name {username!r} within "
                      "{window:g} s: its checks from addresses with recent failures are "
@@ -239,4 +236,5 @@ def _decrement(counts: Dict[str, int], key: str) -> None:
 
 
 __all__ = ["DEFAULT_AUTH_FAILURE_WINDOW", "DEFAULT_MAX_AUTH_FAILURES",
-           "DEFAULT_MAX_UNVERIFIED_PER_NAME", "Judgement", "LoginGuard", "ThrottledLogin"]
+           "Judgement", "LoginGuard", "ThrottledLogin",
+           "network_key"]

@@ -20,7 +20,7 @@ from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_F
                                  Authenticator, GatedChecker, PasswordFileChecker,
                                  make_portal)
 from mqttd.auth.gate import VerificationGate
-from mqttd.auth.guard import DEFAULT_MAX_UNVERIFIED_PER_NAME, LoginGuard
+from mqttd.auth.guard import LoginGuard
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
 from mqttd.loopback import check_bound, is_loopback_endpoint
 
@@ -98,9 +98,7 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
               max_password_checks: Optional[int] = None,
               max_password_checks_per_peer: int = 1,
               max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
-              auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW,
-              max_password_checks_per_name: int = DEFAULT_MAX_UNVERIFIED_PER_NAME
-              ) -> Security:
+              auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW) -> Security:
     """Build the :class:`Security` for these choices.
 
     :param password_file: mosquitto password file (also serves SCRAM-SHA-256).
@@ -111,8 +109,6 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
         ``auth_failure_window`` seconds) after which its checks from addresses
         with recent failures are refused without hashing (5; 0 = no budget);
         see :mod:`mqttd.auth.guard`.
-    :param max_password_checks_per_name: checks at once of one user name under
-        attack from addresses new to it (2); one more is answered 0x9F at once.
     :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...);
         all but ``memory`` block (``crypt``, file reads): they run in the
         password checks' thread pool (:class:`~mqttd.auth.checkers.GatedChecker`).
@@ -139,8 +135,7 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     if password_file or blocking:
         gate = VerificationGate(reactor, max_concurrent=max_password_checks,
                                 per_peer=max_password_checks_per_peer)
-        guard = LoginGuard(reactor.seconds, max_auth_failures, auth_failure_window,
-                           max_password_checks_per_name)
+        guard = LoginGuard(reactor.seconds, max_auth_failures, auth_failure_window)
     if password_file:
         password_checker = PasswordFileChecker(password_file, reactor, gate=gate, guard=guard)
         all_checkers.insert(0, password_checker)
@@ -176,9 +171,7 @@ def install(service, options) -> None:
         max_password_checks_per_peer=options["max-password-checks-per-peer"] or 1,
         max_auth_failures=_given(options["max-auth-failures"], DEFAULT_MAX_AUTH_FAILURES),
         auth_failure_window=_given(options["auth-failure-window"],
-                                   DEFAULT_AUTH_FAILURE_WINDOW),
-        max_password_checks_per_name=_given(options["max-password-checks-per-name"],
-                                            DEFAULT_MAX_UNVERIFIED_PER_NAME))
+                                   DEFAULT_AUTH_FAILURE_WINDOW))
     security.attach(service)
     limits = {}
     for value in options["listener-max-connections"] or ():
