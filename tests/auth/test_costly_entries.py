@@ -190,3 +190,15 @@ def test_check_outliving_the_deadline_is_a_busy_connack_not_a_hook_failure(
     assert len(refusals) == 1 and refusals[0]["log_level"].name == "warn"
     runner.finish()                                   # the hash ends later: nothing breaks
     assert broker.stats.refused["connection-rate"] == 1
+
+
+def test_gate_answers_before_the_configured_hook_timeout(tmp_path):
+    """--hook-timeout 5: the password gate's deadline (and wait) shrink to 4 s, so an overload is 'busy', never a failed hook."""
+    from mqttd import tap
+    path = _write(tmp_path / "pw", [make_entry("u", "p", iterations=1000)])
+    options = tap.Options()
+    options.parseOptions(["--persistence", "memory", "--password-file", path,
+                          "--listen", "tcp:0:interface=127.0.0.1", "--hook-timeout", "5"])
+    service = tap.makeService(options)
+    (checker,) = {c for c in service.broker.authenticator.portal.checkers.values()}
+    assert (checker.gate.deadline, checker.gate.max_wait) == (4.0, 4.0)
