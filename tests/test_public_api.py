@@ -41,9 +41,11 @@ def test_package_ships_py_typed():
     assert "static/*" in config["options.package_data"]["mqttd.admin"]
 
 
-#: the broker core: the broker and the parts it is composed of, the connection, the session
+#: the broker core: the broker and the parts it is composed of, the connection and the
+#: parts it is composed of, the session
 CORE_MODULES = ("broker", "config", "lifecycle", "subscriptions", "routing", "delivery",
-                "retaining", "durability", "connection", "session")
+                "retaining", "durability", "connection", "connstate", "connecting",
+                "publishing", "subscribing", "inflow", "outbound", "session")
 #: feature packages: they plug into the core's seams and events, never the reverse
 FEATURE_PACKAGES = ("mqttd.cluster", "mqttd.bridge", "mqttd.auth", "mqttd.transports",
                     "mqttd.admin")
@@ -78,6 +80,39 @@ def test_broker_module_keeps_its_import_surface():
                  "MAX_PACKET_SIZE", "MIN_PACKET_SIZE", "NEVER_EXPIRES",
                  "with_subscription_ids", "with_user_properties"):
         assert hasattr(broker, name), name
+
+
+def test_connection_module_keeps_its_import_surface():
+    """Everything features, tests and benchmarks imported from mqttd.connection before
+    it was split into modules along its seams is still importable from there."""
+    from mqttd import connection
+    for name in ("ClientConnection", "BRIDGE_PROPERTY", "FILTERS_PER_TURN", "template_key",
+                 "log", "_CONNECTING", "_CONNECTED", "_CLOSED", "_peer_host", "_InboundAck",
+                 "_Refused", "_ACK_FIRST_BYTE", "_OPTIONAL_PROPERTIES", "_CONNACK_DEFAULTS",
+                 "_NO_HANDLERS", "_PACKETS"):
+        assert hasattr(connection, name), name
+    assert connection.__all__ == ["ClientConnection"]
+
+
+def test_connection_parts_keep_the_instance_slotted():
+    """Every part ClientConnection is composed of declares empty __slots__: the
+    instance keeps its one slot table and gets no __dict__ of its own until a rare
+    attribute is set (the memory of an idle connection, docs/architecture.rst)."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from mqttd.broker import Broker, BrokerConfig
+    from mqttd.connection import ClientConnection
+    parts = ClientConnection.__mro__[1:-1]
+    assert len(parts) >= 5
+    for part in parts:
+        assert part.__dict__.get("__slots__") == (), part
+    clock = Clock()
+    conn = ClientConnection(Broker(clock, None, BrokerConfig()), StringTransport(), clock,
+                            "127.0.0.1:1")
+    assert conn.__dict__ == {}
+    # a rare attribute lands in the instance dict, not in a new slot of a part
+    conn.over_listener_limit = 3
+    assert conn.__dict__ == {"over_listener_limit": 3}
 
 
 def test_hypothesis_runs_without_deadlines_and_with_bounded_examples():

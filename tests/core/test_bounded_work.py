@@ -183,8 +183,8 @@ def test_the_recheck_after_an_acl_reload_takes_a_slice_per_reactor_turn(monkeypa
 # --- a long SUBSCRIBE (the filter limit lifted) is handled in slices --------------------
 
 def _slicing(monkeypatch, per_turn=10):
-    import mqttd.connection
-    monkeypatch.setattr(mqttd.connection, "FILTERS_PER_TURN", per_turn)
+    import mqttd.subscribing  # the module of ClientConnection that slices
+    monkeypatch.setattr(mqttd.subscribing, "FILTERS_PER_TURN", per_turn)
 
 
 def test_a_long_subscribe_is_handled_a_slice_per_turn_and_keeps_the_order(monkeypatch):
