@@ -330,20 +330,25 @@ class VerificationGate:
     def _make_room(self, priority: int) -> None:
         """The queue is full: refuse the newest waiting check of the worst
         priority worse than ``priority`` (if any), so checks from addresses
-        without failures are never turned away by a queue full of suspects."""
+        without failures are never turned away by a queue full of suspects;
+        in a ``newest_first`` priority, the oldest waiting check of
+        ``priority`` itself makes room (the newest goes first there, so the
+        oldest would time out anyway)."""
         for worst in sorted(self._queues, reverse=True):
-            if worst <= priority:
+            if worst < priority or (worst == priority and priority not in self.newest_first):
                 return
             queues = self._queues[worst]
             if not queues:
                 continue
             host = next(reversed(queues))
-            job = queues[host][-1]
+            # the back of a newest_first priority holds its oldest peer: its
+            # oldest check goes; elsewhere the newest check of the last peer
+            job = queues[host][0] if worst in self.newest_first else queues[host][-1]
             self._unqueue(job)
             self.refused += 1
             job.deferred.errback(VerificationBusy(
                 f"{self.waiting} password checks waiting; a check with a better priority "
-                f"took this one's place"))
+                f"(or a newer one of a newest-first priority) took this one's place"))
             return
 
     def _next(self):

@@ -34,8 +34,8 @@ It keeps, all bounded:
 Priorities (0 first) of the gate's queue (:meth:`LoginGuard.judge`):
 
 ====  =======================================================================
-0     the address is known to be good for the name; or it has no recent
-      failure and the name has neither failures nor checks in progress
+0     the address has no recent failure, and either it is known to be good for
+      the name or the name has neither failures nor checks in progress
 1     the address and its network have no recent failure, the name has
       failures or checks in progress (a new address; newest first)
 2     the address or its network has recent failures (fewer than the

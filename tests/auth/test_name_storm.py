@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet import task
 
-from mqttd.auth.gate import VerificationGate
+from mqttd.auth.gate import VerificationBusy, VerificationGate
 from mqttd.auth.guard import network_key
 from tests.auth.gatehelpers import ManualRunner, result as _result
 from tests.auth.test_login_failures import (_checker, _login, _passwd, _slots_before_start,
@@ -122,3 +122,19 @@ def test_network_failures_rank_its_new_addresses_as_suspects(tmp_path):
     assert guard.judge("dashboard", "[2001:db8:2::9]:1").priority == 1
     assert network_key("::ffff:203.0.113.5") == network_key("203.0.113.200") == "203.0.113.0/24"
     assert network_key("-") is None
+
+
+def test_full_queue_of_new_addresses_makes_room_for_the_newest():
+    """A queue full of one attacked name's new addresses: a new one takes the oldest one's place (that one: busy) instead of being refused."""
+    runner = ManualRunner()
+    gate = VerificationGate(task.Clock(), run=runner, max_concurrent=1, max_waiting=3,
+                            newest_first=(1,))
+    gate.submit("192.0.2.1:1", lambda: "running")
+    storm = [gate.submit(f"10.0.{n}.1:1", lambda: "guess", priority=1) for n in range(3)]
+    honest = gate.submit("198.51.100.1:1", lambda: "honest", priority=1)
+    assert _result(storm[0]).check(VerificationBusy) and not honest.called
+    # a suspect (rank 2) still finds no room among rank-1 checks
+    assert _result(gate.submit("10.9.9.9:1", lambda: 0, priority=2)).check(VerificationBusy)
+    runner.finish()
+    runner.finish()
+    assert _result(honest) == "honest"
