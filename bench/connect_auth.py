@@ -23,6 +23,19 @@ BlockingClient:
   CONNECT -> CONNACK time, and how the storm was answered (0x04 checked and refused, 0x03 refused unchecked by the
   bounded password-check queue).
 
+- ``storm_one_name`` (``--storm-one-name``, REVIEW-SEC2 S2 residual): ``--storm-threads``
+  (40) attackers guess ONE name's password for ``--storm-seconds`` (25), each
+  attempt from a fresh address (``--storm-spread``: 127.1.x.y, 250 per /24, or
+  each from a new /24); the name's device logged in once
+  from 127.0.2.1 before.  Measured one after the other while the storm runs
+  (``during_storm``), each uncached (a SIGHUP empties the success cache
+  before it): the device's login from its known address, an untargeted
+  user's first login, a login of the name from a new address (127.0.3.1), and
+  the same with retries (``new_address_retried``: 0.5 s back-off after a
+  0x03, up to 10 tries; time to 0x00);
+  ``--baseline-root DIR`` runs the same against another checkout first
+  (before/after in one run).
+
 - ``mixed_file``: a wrong password in a file migrated from mosquitto (``$7$101``,
   ``$6$`` and one ``$7$100000`` entry) for each kind of entry and an unknown
   name: the same time for all (every check does the costliest entry's work).
@@ -37,6 +50,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -55,9 +69,9 @@ from mqttd.codec.packets import Connect, Pingreq  # noqa: E402
 from bench.benchlib import start_mqttd, stop_process  # noqa: E402
 
 
-def start_broker(workdir, extra):
+def start_broker(workdir, extra, broker_root=None):
     # the broker on CPU 0 alone, when taskset is there
-    return start_mqttd(Path(workdir), extra, timeout=30,
+    return start_mqttd(Path(workdir), extra, timeout=30, broker_root=broker_root,
                        prefix=("taskset", "-c", "0") if shutil.which("taskset") else ())
 
 
@@ -110,7 +124,23 @@ def main():
                          "[127.0.1.1]")
     ap.add_argument("--storm-addresses", type=int, default=1, choices=range(1, 250),
                     metavar="N", help="from N addresses 127.0.0.2... [1]")
+    ap.add_argument("--storm-one-name", action="store_true",
+                    help="only the storm_one_name scenario (see above)")
+    ap.add_argument("--storm-threads", type=int, default=40)
+    ap.add_argument("--storm-seconds", type=float, default=25.0)
+    ap.add_argument("--storm-spread", choices=("network", "scattered"), default="network",
+                    help="storm_one_name's fresh addresses: 250 per /24 (one host, an "
+                         "IPv6 /48) or each from a new /24 (a botnet) [network]")
+    ap.add_argument("--baseline-root", default=None,
+                    help="with --storm-one-name: also measure this checkout, first")
     args = ap.parse_args()
+    if args.storm_one_name:
+        result = {}
+        if args.baseline_root:
+            result["baseline"] = storm_one_name(args, args.baseline_root)
+        result["this"] = storm_one_name(args)
+        print(json.dumps(result))
+        return
     workdir = tempfile.mkdtemp(prefix="bench-connect-auth-")
     pw = os.path.join(workdir, "passwd")
     users = [f"user{i}" for i in range(2 * args.users + 2)]
@@ -185,6 +215,91 @@ def main():
         stop_process(proc)
     result["mixed_file"] = mixed_file_timing(args.repeat)
     print(json.dumps(result))
+
+
+def _wait_for_log(path: Path, text: str, timeout: float = 15.0, count: int = 1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.read_text(errors="replace").count(text) >= count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def storm_one_name(args, broker_root=None) -> dict:
+    """The S2-residual scenario (see the module docstring); one JSON object."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-connect-one-name-"))
+    pw = str(workdir / "passwd")
+    with open(pw, "w") as f:
+        for user in ("dashboard", "other"):
+            f.write(make_entry(user, "pw-" + user).line() + "\n")
+    proc, port = start_broker(workdir, ["--password-file", pw], broker_root)
+    out = {"broker": str(broker_root or ROOT), "threads": args.storm_threads,
+           "seconds": args.storm_seconds, "spread": args.storm_spread}
+    try:
+        _ms, code = connack(port, "device", "dashboard", "pw-dashboard", source="127.0.2.1")
+        assert code == 0, code
+        reloads = [0]
+
+        def reload_cache():
+            """SIGHUP: the password file is read again, the success cache emptied."""
+            reloads[0] += 1
+            proc.send_signal(signal.SIGHUP)
+            if not _wait_for_log(workdir / "broker.log", "Reloaded password_file",
+                                 count=reloads[0]):
+                raise RuntimeError("no reload after SIGHUP")
+        reload_cache()
+        answers = collections.Counter()
+        lock = threading.Lock()
+        counter = [0]
+        stop = time.monotonic() + args.storm_seconds
+
+        def attacker(t):
+            while time.monotonic() < stop:
+                with lock:
+                    counter[0] += 1
+                    n = counter[0]
+                if args.storm_spread == "scattered":   # every attempt from a new /24
+                    source = f"127.{1 + n % 200}.{n // 200 % 250}.1"
+                else:                                    # a few /24s (one host's addresses)
+                    source = f"127.1.{n // 250 % 250}.{1 + n % 250}"
+                try:
+                    _ms, code = connack(port, f"atk{t}", "dashboard", f"wrong{n}",
+                                        source=source, timeout=15)
+                except OSError as error:
+                    code = type(error).__name__
+                with lock:
+                    answers[str(code)] += 1
+        threads = [threading.Thread(target=attacker, args=(t,))
+                   for t in range(args.storm_threads)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)   # the storm is established
+
+        def measure(name, client_id, user, source, retry=False):
+            """One uncached login (a SIGHUP empties the success cache first)."""
+            reload_cache()
+            t0 = time.perf_counter()
+            tries, code = 0, None
+            while tries < (10 if retry else 1) and code != 0:
+                if tries:
+                    time.sleep(0.5)
+                tries += 1
+                _ms, code = connack(port, client_id, user, "pw-" + user, source=source)
+            out[name] = {"ms": round((time.perf_counter() - t0) * 1000, 1), "connack": code,
+                         "during_storm": time.monotonic() < stop}
+            if retry:
+                out[name]["tries"] = tries
+        measure("known_address", "device", "dashboard", "127.0.2.1")
+        measure("other_user", "other", "other", "127.0.4.1")
+        measure("new_address", "device2", "dashboard", "127.0.3.1")
+        measure("new_address_retried", "device3", "dashboard", "127.0.3.2", retry=True)
+        for thread in threads:
+            thread.join(60)
+        out["storm_connacks"] = dict(answers)
+    finally:
+        stop_process(proc)
+    return out
 
 
 def mixed_file_timing(repeat: int) -> dict:

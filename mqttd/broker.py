@@ -198,6 +198,15 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         if self.incident_listeners:  # the admin's per-client ring (not rate-limited)
             self.incident(client_id, f"refused-{what}", f"refused {what}: {detail}")
 
+    @staticmethod
+    def session_peer(session: Session) -> str:
+        """The peer a log line about ``session`` names: its connection's
+        ``host:port``, or ``"offline"`` -- never the last connection's
+        address (gone) nor ``None``."""
+        connection = session.connection
+        peer = getattr(connection, "peer", None) if connection is not None else None
+        return peer if peer else ("offline" if connection is None else "-")
+
     def session_client(self, session: Session) -> ClientInfo:
         """The ClientInfo of ``session`` (its owner for an offline session)."""
         info = session.info

@@ -21,7 +21,7 @@ from mqttd.codec.errors import MQTTError, ProtocolError, ReasonCode, V5_TO_V3_CO
 from mqttd.codec.packets import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, Properties)
 from mqttd.connstate import _CLOSED, _CONNECTED
-from mqttd.hooks import HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook
+from mqttd.hooks import HOOK_FAILED, HOOK_TIMED_OUT, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook
 from mqttd.messages import will_message
 from mqttd.ratelimit import InboundBucket
 
@@ -206,6 +206,14 @@ class Connecting:
 
     def _authenticate_answered(self, answer) -> None:
         packet = self._connect_packet
+        if answer is HOOK_TIMED_OUT:
+            # nothing was decided: the authenticator is overloaded, "try later"
+            return self._refuse(ReasonCode.SERVER_BUSY, "authentication timed out",
+                                what="hook-timeout",
+                                detail=f"authenticate gave no answer within "
+                                       f"{self.broker.config.hook_timeout:g} s "
+                                       f"(username {packet.username!r})",
+                                username=packet.username)
         code, username = auth_outcome(answer, packet.username)
         if code == ReasonCode.CONNECTION_RATE_EXCEEDED:
             # the authenticator's work is bounded (e.g. password hashing): not
@@ -255,9 +263,14 @@ class Connecting:
     def _exchange_stepped(self, step, reauth: bool) -> None:
         if self.state == _CLOSED:
             return
+        method = self._auth_method
+        if step is HOOK_TIMED_OUT:
+            return self._auth_failed(ReasonCode.SERVER_BUSY, reauth, "authentication timed out",
+                                     detail=f"{method} step gave no answer within "
+                                            f"{self.broker.config.hook_timeout:g} s",
+                                     what="hook-timeout")
         if not isinstance(step, AuthStep):
             step = AuthStep(AuthOutcome.FAILURE)
-        method = self._auth_method
         if step.outcome == AuthOutcome.CONTINUE:
             self.send(Auth(ReasonCode.CONTINUE_AUTHENTICATION, Properties(
                 authentication_method=method, authentication_data=step.data)))
@@ -289,19 +302,19 @@ class Connecting:
                                  + (f": {detail}" if detail else ""))
 
     def _auth_failed(self, code: int, reauth: bool, why: str = "authentication failed",
-                     detail: Optional[str] = None):
+                     detail: Optional[str] = None, what: str = "authentication"):
         """Refuse the CONNECT (or end the connection on re-authentication) with
-        ``code``; one rate-limited refusal line ``authentication`` with ``detail``."""
+        ``code``; one rate-limited refusal line ``what`` with ``detail``."""
         self._auth_exchange = None
         if reauth:
             if code == ReasonCode.BAD_USER_NAME_OR_PASSWORD:
                 code = ReasonCode.NOT_AUTHORIZED  # 0x86 is no DISCONNECT reason code
-            self.broker.refused("authentication", self.client_id, self.peer,
+            self.broker.refused(what, self.client_id, self.peer,
                                 f"{detail or why} (DISCONNECT 0x{code:02X})",
                                 reason_code=code)
             self.disconnect(code, why)  # [MQTT-4.12.1-2]
         else:
-            self._refuse(code, why, what="authentication", detail=detail)
+            self._refuse(code, why, what=what, detail=detail)
 
     def _on_auth_during_connect(self, packet: Auth) -> None:
         if self._connect_call is not None and self._connect_call.active():

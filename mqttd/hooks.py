@@ -57,14 +57,21 @@ class AuthStep:
 class _HookFailed:
     """A hook raised, failed or timed out: the broker refuses."""
 
+    def __init__(self, name: str = "HOOK_FAILED"):
+        self._name = name
+
     def __repr__(self) -> str:
-        return "HOOK_FAILED"
+        return self._name
 
     def __bool__(self) -> bool:
         return False
 
 
 HOOK_FAILED = _HookFailed()
+#: the ``authenticate`` hook (or an enhanced-authentication step) gave no
+#: answer within ``hook_timeout``: nothing was decided, the server is busy --
+#: CONNACK 0x89 Server busy (MQTT 3.1.1: 0x03 Server unavailable), not a refusal
+HOOK_TIMED_OUT = _HookFailed("HOOK_TIMED_OUT")
 
 
 class _Anonymous:
@@ -96,8 +103,11 @@ def auth_outcome(result, username: Optional[str]) -> Tuple[int, Optional[str]]:
     ``True``/``0``/``None``: accepted with ``username``; a ``str``: accepted as
     that username; :data:`ANONYMOUS`: accepted without a user name; ``False``:
     0x86 Bad user name or password; an int >= 0x80: that code;
-    :data:`HOOK_FAILED` or anything else: 0x87 Not authorized.
+    :data:`HOOK_TIMED_OUT`: 0x89 Server busy; :data:`HOOK_FAILED` or anything
+    else: 0x87 Not authorized.
     """
+    if result is HOOK_TIMED_OUT:
+        return ReasonCode.SERVER_BUSY, username
     if result is True or result is None or (type(result) is int and result == 0):
         return 0, username
     if result is ANONYMOUS:
@@ -112,4 +122,5 @@ def auth_outcome(result, username: Optional[str]) -> Tuple[int, Optional[str]]:
 
 
 __all__ = ["ANONYMOUS", "AuthOutcome", "AuthRequest", "AuthStep", "HOOK_FAILED",
+           "HOOK_TIMED_OUT",
            "auth_outcome", "call_hook"]

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import Publish
 from mqttd.connstate import _CLOSED, _peer_host
-from mqttd.hooks import HOOK_FAILED
+from mqttd.hooks import HOOK_FAILED, HOOK_TIMED_OUT
 
 __all__ = ["InputFlow"]
 
@@ -38,8 +38,9 @@ class InputFlow:
         While a Deferred is pending, nothing more is read from this connection
         (later packets wait), so acknowledgements keep their order
         [MQTT-4.6.0-2].  A hook that raised, failed or did not answer within
-        ``hook_timeout`` answers :data:`~mqttd.hooks.HOOK_FAILED` (a refusal),
-        with a log line.
+        ``hook_timeout`` answers :data:`~mqttd.hooks.HOOK_FAILED` (a refusal;
+        a timed-out ``authenticate``: :data:`~mqttd.hooks.HOOK_TIMED_OUT`),
+        with a log line (see :meth:`_hook_failed`).
         """
         if not isinstance(result, defer.Deferred):
             if isinstance(result, Failure):
@@ -75,9 +76,22 @@ class InputFlow:
         result.addCallback(answered)
 
     def _hook_failed(self, failure: Failure, hook: str):
-        why = ("no answer within the hook timeout"
-               if failure.check(defer.CancelledError, defer.TimeoutError) else
-               failure.getErrorMessage() or failure.type.__name__)
+        """The answer a hook that raised, failed or timed out stands for.
+
+        A timeout is an overload, not a bug: no traceback; ``authenticate``
+        answers :data:`~mqttd.hooks.HOOK_TIMED_OUT` (the CONNECT's refusal
+        line says why), other hooks :data:`~mqttd.hooks.HOOK_FAILED` with one
+        rate-limited WARN refusal line ``hook-timeout``.  Anything else is
+        logged with its traceback (CRITICAL) and answers ``HOOK_FAILED``."""
+        if failure.check(defer.CancelledError, defer.TimeoutError):
+            if hook == "authenticate":
+                return HOOK_TIMED_OUT
+            self.broker.refused(
+                "hook-timeout", self.client_id, self.peer,
+                f"{hook} gave no answer within {self.broker.config.hook_timeout:g} s; "
+                "refusing", hook=hook, why="no answer within the hook timeout")
+            return HOOK_FAILED
+        why = failure.getErrorMessage() or failure.type.__name__
         log.failure("Hook {hook} failed for {client_id} from {peer}: {why}; refusing",
                     failure, hook=hook, client_id=self.client_id or "-", peer=self.peer,
                     why=why)

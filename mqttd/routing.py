@@ -141,7 +141,7 @@ class Routing:
         return receivers
 
     def _forward_refused(self, session: Session, message: Message) -> None:
-        self.refused("forward", session.client_id, getattr(session.info, "peer", None),
+        self.refused("forward", session.client_id, self.session_peer(session),
                      f"no read permission for {message.topic!r}", topic=message.topic)
 
     def publish_volatile(self, message: Message) -> int:

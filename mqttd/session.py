@@ -205,6 +205,25 @@ class Session:
         if self.ledger is not None:
             self.ledger.queued_bytes += size
 
+    def remove_queued(self, records) -> list:
+        """Take those of ``records`` that are still queued out of the queue
+        (kept in order otherwise, byte counts adjusted); returns them.  Costs
+        one pass over the queue."""
+        wanted = {id(record) for record in records}
+        if not wanted or not self.queue:
+            return []
+        kept: Deque[OutboundRecord] = collections.deque()
+        removed = []
+        for record in self.queue:
+            (removed if id(record) in wanted else kept).append(record)
+        if removed:
+            size = sum(len(r.message.payload) + len(r.message.topic) for r in removed)
+            self.queue = kept if kept else ()
+            self.queued_bytes -= size
+            if self.ledger is not None:
+                self.ledger.queued_bytes -= size
+        return removed
+
     def clear_queue(self) -> None:
         """Forget every queued message (the session is discarded)."""
         if self.ledger is not None:

@@ -50,8 +50,9 @@ class Subscriptions:
     """Subscribe, unsubscribe, in-process subscribers, re-check after a reload."""
 
     def recheck_subscriptions(self) -> defer.Deferred:
-        """Remove live subscriptions the authorizer no longer allows, and
-        wills whose topic it no longer lets the client publish to.
+        """Remove live subscriptions the authorizer no longer allows, wills
+        whose topic it no longer lets the client publish to, and queued
+        messages it no longer lets the session read.
 
         Called after the authorizer's rules were reloaded.  Uses its optional
         synchronous ``revalidate_subscription(client, topic_filter)``; when it
@@ -59,18 +60,26 @@ class Subscriptions:
         for its Will Delay Interval -- is asked to ``authorize_publish`` again
         and dropped if refused (counted and logged as the refusal ``will``),
         so a revoked write permission is never used by a will accepted
-        before the reload (REVIEW-SEC2 N14).  Checks
-        at most :data:`RECHECKS_PER_TURN` subscriptions per reactor turn, so a
-        million live subscriptions never hold the reactor; a session that
-        is gone by its turn is skipped, a subscription added meanwhile is
-        checked by the SUBSCRIBE itself under the new rules.
+        before the reload (REVIEW-SEC2 N14).  With an ``authorize_forward``
+        hook, every message queued for a session and not sent yet (an
+        offline session's, or one waiting behind the client's Receive
+        Maximum) is asked again; a refused one is dropped -- counted as the
+        drop ``not-authorized``, one ``forward`` refusal line per session --
+        so deliveries follow the new rules from the reload on, queued ones
+        included (REVIEW-SEC2 N4); a Deferred answer applies when it comes,
+        if the message is still queued.  Checks at most
+        :data:`RECHECKS_PER_TURN` subscriptions or queued messages per
+        reactor turn, so a million of them never hold the reactor; a session
+        that is gone by its turn is skipped, a subscription added meanwhile
+        is checked by the SUBSCRIBE itself and a message routed meanwhile by
+        ``authorize_forward``, under the new rules.
 
         :returns: a Deferred firing with how many subscriptions were removed
             (already fired when one turn was enough).
         """
         done = defer.Deferred()
         check = getattr(self._authorizer, "revalidate_subscription", None)
-        if check is None:
+        if check is None and self.authorize_forward is None:
             done.callback(0)
             return done
         steps = self._recheck_steps(check)
@@ -88,13 +97,14 @@ class Subscriptions:
         return done
 
     def _recheck_steps(self, check):
-        """Yield 1 per subscription removed, 0 per subscription kept."""
+        """Yield 1 per subscription removed, 0 per subscription kept or
+        queued message checked."""
         for client_id in list(self.sessions):
             session = self.sessions.get(client_id)
             if session is None:
                 continue
             changed = False
-            for topic_filter in list(session.subscriptions):
+            for topic_filter in list(session.subscriptions) if check is not None else ():
                 if self.sessions.get(client_id) is not session:
                     break  # gone meanwhile: nothing left to check
                 client = self.session_client(session)
@@ -108,7 +118,7 @@ class Subscriptions:
                                                             persist=False):
                     changed = True
                     self.refused("subscription", session.client_id,
-                                 getattr(client, "peer", None),
+                                 self.session_peer(session),
                                  f"{topic_filter!r} no longer allowed after reload; removed",
                                  topic_filter=topic_filter)
                     yield 1
@@ -116,9 +126,49 @@ class Subscriptions:
                     yield 0
             if changed and self.sessions.get(client_id) is session:
                 self.save_subscriptions(session)  # once per session, not per filter
-            if self.sessions.get(client_id) is session:
+            if check is not None and self.sessions.get(client_id) is session:
                 self._recheck_will(session)
                 yield 0
+            if self.authorize_forward is not None and session.queue:
+                yield from self._recheck_queue(session)
+
+    def _recheck_queue(self, session: Session):
+        """Ask ``authorize_forward`` again about every message queued for
+        ``session``; drop the refused ones (yields 0 per message checked)."""
+        forward = self.authorize_forward
+        client_id = session.client_id
+        refused = []
+        for record in list(session.queue):
+            if self.sessions.get(client_id) is not session:
+                return
+            allowed = call_hook(forward, self.session_client(session), record.message)
+            if isinstance(allowed, defer.Deferred):
+                allowed.addErrback(lambda failure: False).addCallback(
+                    lambda result, record=record: result is True or self._drop_queued(
+                        session, [record]))
+            elif allowed is not True:
+                refused.append(record)
+            yield 0
+        if refused and self.sessions.get(client_id) is session:
+            self._drop_queued(session, refused)
+
+    def _drop_queued(self, session: Session, records) -> None:
+        """Drop those of ``records`` still queued for ``session``: out of
+        the queue and the store, counted ``not-authorized``, one log line."""
+        removed = session.remove_queued(records)
+        if not removed or self.sessions.get(session.client_id) is not session:
+            return
+        for record in removed:
+            session.wire.pop(record.seq, None)
+            if record.qos and session.persistent:
+                self._write(R.DeleteOutbound(session.client_id, record.seq))
+            self.count_dropped(session, "not-authorized", record.message)
+        topics_ = sorted({record.message.topic for record in removed})
+        self.refused("forward", session.client_id, self.session_peer(session),
+                     f"{len(removed)} queued messages no longer readable after reload "
+                     f"(to {', '.join(repr(t) for t in topics_[:3])}"
+                     f"{', ...' if len(topics_) > 3 else ''}); dropped",
+                     topic=topics_[0])
 
     def _recheck_will(self, session: Session) -> None:
         """Drop ``session``'s will (live or pending) if ``authorize_publish``
@@ -150,7 +200,7 @@ class Subscriptions:
                 if self.wills.pending(client_id) is not pending:
                     return
                 self.wills.cancel(client_id)
-            self.refused("will", client_id, getattr(client, "peer", None),
+            self.refused("will", client_id, self.session_peer(session),
                          f"will topic {message.topic!r} no longer allowed after reload; "
                          "the will is dropped", topic=message.topic)
 

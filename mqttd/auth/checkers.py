@@ -22,8 +22,9 @@ import collections
 import hashlib
 import hmac
 import os
+import statistics
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
@@ -32,8 +33,10 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from mqttd.auth.gate import (FailureLog, VerificationBusy, VerificationGate, address_key,
-                             peer_host)
+from mqttd.auth.gate import VerificationBusy, VerificationGate
+from mqttd.auth.guard import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_FAILURES,
+                              Judgement, LoginGuard,
+                              ThrottledLogin)
 from mqttd.auth.passwd import (DEFAULT_ITERATIONS, DEFAULT_SCRAM_ITERATIONS, SALT_BYTES,
                                SCRAM_TAG, PasswordEntry, read_password_file)
 from mqttd.codec.errors import ReasonCode
@@ -41,20 +44,6 @@ from mqttd.hooks import ANONYMOUS
 from mqttd.interfaces import IAuthenticator
 
 log = Logger(namespace="mqttd.auth")
-
-#: failed checks of one user name (within the window) before further checks of
-#: it from addresses with recent failures are refused without hashing
-DEFAULT_MAX_AUTH_FAILURES = 5
-#: seconds without a failure after which a user name's or address's failures
-#: are forgotten
-DEFAULT_AUTH_FAILURE_WINDOW = 60.0
-
-
-class ThrottledLogin(error.UnauthorizedLogin):
-    """Refused without checking the password: the user name has many recent
-    failures and so has the client's address (answered as a wrong password,
-    0x86 / v3 0x04)."""
-
 
 class EmptyPasswordFile(ValueError):
     """A reloaded password file has no users while the previous one had some."""
@@ -95,16 +84,53 @@ def entry_work(entry: PasswordEntry) -> Tuple[str, int]:
     return "pbkdf2-sha256", entry.iterations
 
 
+#: an entry costs "far more than the others" of its kind of hashing when its
+#: rounds are above ``OUTLIER_FACTOR`` x the median of that kind in the file
+#: and above :data:`PADDING_FLOOR` (REVIEW-SEC2 N5)
+OUTLIER_FACTOR = 10
+#: rounds every check may be padded to whatever the file's median: 4x what
+#: ``mqttd passwd`` writes (a file migrated from mosquitto, ``$7$101$``
+#: entries and some of mqttd's 100,000, is padded to the 100,000)
+PADDING_FLOOR = 4 * DEFAULT_ITERATIONS
+
+
+def padding_ceilings(users: Dict[str, PasswordEntry]) -> Dict[str, int]:
+    """``{flavour: rounds}``: the most rounds of each kind of hashing that
+    every check is padded to -- ``max(OUTLIER_FACTOR x median,
+    PADDING_FLOOR)`` of the entries of that kind."""
+    rounds: Dict[str, List[int]] = {}
+    for entry in users.values():
+        flavour, count = entry_work(entry)
+        rounds.setdefault(flavour, []).append(count)
+    return {flavour: max(OUTLIER_FACTOR * statistics.median_low(counts), PADDING_FLOOR)
+            for flavour, counts in rounds.items()}
+
+
+def costly_entries(users: Dict[str, PasswordEntry]) -> List[PasswordEntry]:
+    """The entries whose hashing costs far more than the others' (above
+    their kind's :func:`padding_ceilings`), costliest first: their checks are
+    not padded to (each costs its own time, so these names are told apart by
+    timing), and the broker warns about them at load."""
+    ceilings = padding_ceilings(users)
+    costly = [entry for entry in users.values()
+              if entry_work(entry)[1] > ceilings[entry_work(entry)[0]]]
+    return sorted(costly, key=lambda e: -entry_work(e)[1])
+
+
 def work_profile(users: Dict[str, PasswordEntry]) -> Dict[str, int]:
     """``{flavour: rounds}``: for each kind of hashing in the file, the most
-    any entry costs.  Every check does this much work (its own entry's, then
-    the rest as padding, :func:`uniform_verify`), so no user name -- unknown,
-    old-format, or with a minority iteration count -- is told apart by timing.
-    An empty file costs what ``mqttd passwd`` writes."""
+    any entry costs -- leaving out the :func:`costly_entries`, so one entry
+    with a huge iteration count does not make every check cost as much.
+    Every check does this much work (its own entry's, then the rest as
+    padding, :func:`uniform_verify`), so no user name -- unknown,
+    old-format, or with a minority iteration count -- is told apart by timing
+    (except the costly entries themselves).  An empty file costs what
+    ``mqttd passwd`` writes."""
+    ceilings = padding_ceilings(users)
     profile: Dict[str, int] = {}
     for entry in users.values():
         flavour, rounds = entry_work(entry)
-        if rounds > profile.get(flavour, 0):
+        if profile.get(flavour, 0) < rounds <= ceilings[flavour]:
             profile[flavour] = rounds
     return profile or {"pbkdf2-sha512": DEFAULT_ITERATIONS}
 
@@ -133,11 +159,14 @@ def uniform_verify(entry: PasswordEntry, password: bytes, profile: Dict[str, int
 
 def dummy_entry(users: Dict[str, PasswordEntry]) -> PasswordEntry:
     """A random entry shaped like the file's most expensive one (kind,
-    iterations, salt and hash sizes): an unknown user's password is verified
-    against it (with :func:`uniform_verify`'s padding), so an unknown user
-    name costs what a known one costs and is not told apart by timing."""
-    if users:
-        costliest = max(users.values(), key=lambda e: (entry_work(e)[1], e.kind))
+    iterations, salt and hash sizes; the :func:`costly_entries` left out): an
+    unknown user's password is verified against it (with
+    :func:`uniform_verify`'s padding), so an unknown user name costs what a
+    known one costs and is not told apart by timing."""
+    costly = {id(entry) for entry in costly_entries(users)}
+    candidates = [entry for entry in users.values() if id(entry) not in costly]
+    if candidates:
+        costliest = max(candidates, key=lambda e: (entry_work(e)[1], e.kind))
         kind, iterations = costliest.kind, costliest.iterations
         salt_size, digest_size = len(costliest.salt), len(costliest.digest)
     else:
@@ -189,13 +218,20 @@ class PasswordFileChecker:
     :param cache_size: successful checks remembered (keyed by an HMAC of user
         and password under a per-process random key, and the stored entry) so a
         reconnecting client costs no PBKDF2; cleared by :meth:`reload`.
+    :param guard: the :class:`~mqttd.auth.guard.LoginGuard` (failure budget,
+        known-good addresses, networks) shared with the SCRAM mechanism
+        and other checkers; default: one of its own from
+        ``max_auth_failures`` and ``auth_failure_window``.
 
     Identical checks in flight (same user, password and stored entry) share
     one hash.  An unknown user name costs the same as a known one: its password is
     verified against :attr:`dummy` (a random entry shaped like the file's
-    most common one) through the same gate, and then refused.  Credentials
+    costliest ordinary one) through the same gate, and then refused.  Every
+    check is padded to :attr:`profile` (:func:`work_profile`); entries that
+    cost far more than the others (:func:`costly_entries`) are warned about
+    at load and cost only their own checks.  Credentials
     with a ``peer`` attribute (``host:port``, :class:`MQTTCredentials`) are
-    limited per peer host; a check the gate refuses fails with
+    limited per peer host; a check the gate or the guard refuses fails with
     :class:`~mqttd.auth.gate.VerificationBusy`.
 
     The file is read at construction (OSError/PasswordFileError if unreadable)
@@ -209,59 +245,89 @@ class PasswordFileChecker:
                  gate: Optional[VerificationGate] = None,
                  max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
                  auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW,
-                 clock=None):
+                 clock=None, guard: Optional[LoginGuard] = None):
         self.path = path
         self.reactor = reactor
         self.cache_size = cache_size
         if gate is None and reactor is not None:
             gate = VerificationGate(reactor)
         self.gate = gate
-        if clock is None:
-            clock = gate.clock if gate is not None else reactor
-        seconds = clock.seconds if clock is not None else time.monotonic
-        if max_auth_failures < 0 or auth_failure_window <= 0:
-            raise ValueError("max_auth_failures >= 0 and auth_failure_window > 0 are required")
-        #: failed checks per user name within the window before that name's
-        #: checks from addresses with failures are refused unhashed (0: never)
-        self.max_auth_failures = max_auth_failures
-        #: recent failures by ("user", name) and ("host", address key)
-        self.failures = FailureLog(seconds, auth_failure_window)
-        #: successful logins for a name from an address that failed for it recently
-        self.suspicious_successes = 0
-        #: checks refused without hashing (user name over its failure budget)
-        self.throttled = 0
-        #: password checks submitted and not answered, per user name
-        self._pending: Dict[str, int] = {}
+        if guard is None:
+            if clock is None:
+                clock = gate.clock if gate is not None else reactor
+            seconds = clock.seconds if clock is not None else time.monotonic
+            guard = LoginGuard(seconds, max_auth_failures, auth_failure_window)
+        #: the failure budget, known-good addresses, failing networks
+        self.guard = guard
         self._key = os.urandom(32)
         self._cache: "collections.OrderedDict[bytes, bool]" = collections.OrderedDict()
         #: checks in flight: key -> the Deferreds waiting for its answer
         self._inflight: Dict[bytes, list] = {}
-        self.users: Dict[str, PasswordEntry] = read_password_file(path)
-        self._derive()
+        lines: Dict[str, int] = {}
+        self.users: Dict[str, PasswordEntry] = read_password_file(path, lines)
+        self._derive(lines)
         #: key of the made-up SCRAM salts of unknown users (see :func:`file_secret`)
         self.secret = file_secret(self.users)
 
-    def _derive(self) -> None:
+    # the guard's figures, as the checker's (metrics, tests)
+    @property
+    def failures(self):
+        return self.guard.failures
+
+    @property
+    def max_auth_failures(self) -> int:
+        return self.guard.max_auth_failures
+
+    @property
+    def throttled(self) -> int:
+        return self.guard.throttled
+
+    @property
+    def suspicious_successes(self) -> int:
+        return self.guard.suspicious_successes
+
+    def _derive(self, lines: Dict[str, int]) -> None:
         users = self.users
         #: the entry an unknown user's password is verified against
         self.dummy = dummy_entry(users)
         #: the hashing every check costs (see :func:`work_profile`)
         self.profile = work_profile(users)
         self._scram_shape = scram_shape(users)
+        costly = costly_entries(users)
+        if costly:
+            shown = costly[:5]
+            ceilings = padding_ceilings(users)
+            log.warn(
+                "Password file {path}: {count} entries cost far more hashing than the "
+                "others ({entries}{more}): checks are padded to at most {profile} "
+                "rounds, so a check of these entries takes longer than any other and "
+                "tells their names apart by timing; re-hash them with mqttd passwd "
+                "(default {default:,} iterations)",
+                path=self.path, count=len(costly),
+                entries=", ".join(
+                    f"{e.username!r} at line {lines.get(e.username, '?')}: "
+                    f"{entry_work(e)[1]:,} rounds of {entry_work(e)[0]} "
+                    f"(over {ceilings[entry_work(e)[0]]:,})" for e in shown),
+                more=f", and {len(costly) - len(shown)} more" if len(costly) > len(shown) else "",
+                profile=", ".join(f"{rounds:,} {flavour}"
+                                  for flavour, rounds in sorted(self.profile.items())),
+                default=DEFAULT_ITERATIONS)
 
     def reload(self) -> None:
         """Read the file again; raises (keeping the old users) if it is
-        unreadable, and refuses (keeping the old users, :class:`EmptyPasswordFile`)
+        unreadable or has an entry over :data:`~mqttd.auth.passwd.MAX_ITERATIONS`,
+        and refuses (keeping the old users, :class:`EmptyPasswordFile`)
         a file without any user when the previous one had some: a file
         truncated while it is rewritten must not lock everybody out."""
-        users = read_password_file(self.path)
+        lines: Dict[str, int] = {}
+        users = read_password_file(self.path, lines)
         if not users and self.users:
             raise EmptyPasswordFile(
                 f"{self.path} has no users (the previous one had {len(self.users)}); "
                 "keeping the previous users -- to refuse everybody, remove --password-file "
                 "or leave one disabled entry")
         self.users = users
-        self._derive()
+        self._derive(lines)
         self._cache.clear()
         log.info("Password file {path}: {count} users", path=self.path, count=len(users))
 
@@ -274,9 +340,8 @@ class PasswordFileChecker:
         """``(iterations, salt size)`` of an unknown user's SCRAM challenge."""
         return self._scram_shape
 
-    def _verify_once(self, key: bytes, peer, entry: PasswordEntry,
-                      password: bytes, priority: int = 0,
-                      username: str = "") -> defer.Deferred:
+    def _verify_once(self, key: bytes, judgement: Judgement, entry: PasswordEntry,
+                     password: bytes) -> defer.Deferred:
         """``entry.verify(password)`` through the gate, once for all the same
         checks in flight (a reconnect wave of one device type, or one wrong
         password sent many times, costs one hash, not one each)."""
@@ -285,21 +350,17 @@ class PasswordFileChecker:
         if waiters is not None:
             waiters.append(mine)
             return mine
+        self.guard.begin(judgement)
         waiters = self._inflight[key] = [mine]
-        self._pending[username] = self._pending.get(username, 0) + 1
         if self.gate is None:
             d = defer.maybeDeferred(uniform_verify, entry, password, self.profile)
         else:
-            d = self.gate.submit(peer, uniform_verify, entry, password, self.profile,
-                                 priority=priority)
+            d = self.gate.submit(judgement.peer, uniform_verify, entry, password,
+                                 self.profile, priority=judgement.priority)
 
         def fan_out(result):
             del self._inflight[key]
-            count = self._pending[username] - 1
-            if count:
-                self._pending[username] = count
-            else:
-                del self._pending[username]
+            self.guard.end(judgement)
             for waiter in waiters:
                 if not waiter.called:  # not cancelled (hook timeout) meanwhile
                     if isinstance(result, Failure):
@@ -325,33 +386,30 @@ class PasswordFileChecker:
             entry = self.dummy  # the same work as a known user's check, then refused
         key = hmac.new(self._key, username.encode("utf-8", "surrogateescape") + b"\0"
                        + password + b"\0" + entry.digest, hashlib.sha256).digest()
-        peer = getattr(creds, "peer", None)
-        user_key, host_key = ("user", username), ("host", address_key(peer_host(peer)))
+        guard = self.guard
+        judgement = guard.judge(username, getattr(creds, "peer", None))
         # The failure budget is judged before the success cache: otherwise an
         # address over the budget would get "wrong" for free for every guess and
         # "right" at once for a cached password - an unthrottled oracle.
-        priority = self.priority(username, host_key)
-        if priority is None:
+        if judgement.priority is None:
             # this name is under attack and this address failed recently: refused
             # without hashing, whatever the password (as a wrong password: nothing
             # tells it apart)
-            self.throttled += 1
-            return defer.fail(ThrottledLogin(
-                f"{self.failures.count(user_key)} recent failed logins for this user name"))
+            return defer.fail(guard.refuse_unchecked(judgement))
         if known and key in self._cache:
             self._cache.move_to_end(key)
-            self._succeeded_after_failures(username, user_key, host_key, peer)
+            guard.succeeded(judgement)
             return defer.succeed(username)
-        d = self._verify_once(key, peer, entry, password, priority, username)
+        d = self._verify_once(key, judgement, entry, password)
 
         def verified(ok):
             if not (known and ok):
-                self._failed(username, user_key, host_key)
+                guard.failed(judgement)
             if not known:
                 raise error.UnauthorizedLogin("unknown user")
             if not ok:
                 raise error.UnauthorizedLogin("wrong password")
-            self._succeeded_after_failures(username, user_key, host_key, peer)
+            guard.succeeded(judgement)
             if self.users.get(username) is entry:  # not reloaded meanwhile
                 self._cache[key] = True
                 while len(self._cache) > self.cache_size:
@@ -359,53 +417,78 @@ class PasswordFileChecker:
             return username
         return d.addCallback(verified)
 
-
     def priority(self, username: str, host_key) -> Optional[int]:
         """The gate priority of a check for ``username`` from ``host_key``
-        (see docs/security.rst, "Failed logins"), or None: refuse unhashed.
+        (see :mod:`mqttd.auth.guard`), or None: refuse unhashed."""
+        return self.guard._priority(username, ("user", username), host_key)
 
-        ====  ===================================================================
-        0     the address has no recent failure, the name neither (and no check
-              of it is waiting): an honest login goes first
-        1     the address has no recent failure, but the name has (it may be
-              under attack; its real user still gets a check, before suspects)
-        2     the address has recent failures (fewer than the budget)
-        3     the address has at least ``max_auth_failures`` recent failures
-        None  the name is over its budget and the address has recent failures
-        ====  ===================================================================
-        """
-        failures = self.failures
-        limit = self.max_auth_failures
-        host_failures = failures.count(host_key)
-        user_failures = failures.count(("user", username))
-        if host_failures:
-            if limit and user_failures >= limit:
-                return None
-            return 3 if limit and host_failures >= limit else 2
-        if user_failures or self._pending.get(username):
-            return 1
-        return 0
 
-    def _succeeded_after_failures(self, username: str, user_key, host_key, peer) -> None:
-        """Log (WARN, through the log limiter's window of the failure log) a
-        successful login for a name from an address that failed for it recently:
-        a guessed password looks like this."""
-        failures = self.failures
-        if failures.count(host_key) and failures.count(user_key):
-            self.suspicious_successes += 1
-            log.warn("Login of user name {username!r} from {peer} succeeded after "
-                     "{count} recent failed logins from that address",
-                     username=username, peer=peer, count=failures.count(host_key))
+def _run_checker(checker, creds):
+    """``checker.requestAvatarId(creds)`` in a hashing thread: its answer (a
+    blocking checker's Deferred has fired by the time it returns), raised if
+    a failure."""
+    box: list = []
+    defer.maybeDeferred(checker.requestAvatarId, creds).addBoth(box.append)
+    if not box:
+        raise RuntimeError(f"{type(checker).__name__} answered asynchronously; it does "
+                           "not need to run in a hashing thread")
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
 
-    def _failed(self, username: str, user_key, host_key) -> None:
-        failures = self.failures
-        count = failures.note(user_key)
-        failures.note(host_key)
-        if count == self.max_auth_failures:
-            log.warn("{count} failed logins for user name {username!r} within "
-                     "{window:g} s: its checks from addresses with recent failures are "
-                     "refused without hashing until {window:g} s pass without one",
-                     count=count, username=username, window=failures.window)
+
+@implementer(ICredentialsChecker)
+class GatedChecker:
+    """A blocking ``IUsernamePassword`` checker run in the password checks'
+    bounded thread pool, under the same failure budget and priorities.
+
+    ``twisted.cred``'s ``unix`` checker (``--auth unix``) calls ``crypt`` --
+    yescrypt or SHA-crypt, tens of milliseconds each -- and reads the shadow
+    file on the calling thread; ``file:`` reads its file on every check.  On
+    the reactor thread a storm of wrong passwords would stall every client.
+    Here each check goes through ``gate``
+    (:class:`~mqttd.auth.gate.VerificationGate`: bounded concurrency, queue
+    and wait, per peer) with the priority ``guard`` gives it, and its outcome
+    is counted in ``guard``'s failure log (see :mod:`mqttd.auth.guard`).
+
+    :param checker: an ``ICredentialsChecker`` for ``IUsernamePassword``
+        whose ``requestAvatarId`` answers synchronously.
+    :param gate: the gate (its thread pool runs the checks).
+    :param guard: the :class:`~mqttd.auth.guard.LoginGuard`.
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, checker, gate: VerificationGate, guard: LoginGuard):
+        self.checker = checker
+        self.gate = gate
+        self.guard = guard
+
+    def requestAvatarId(self, creds):
+        username = creds.username
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "surrogateescape")
+        guard = self.guard
+        judgement = guard.judge(username, getattr(creds, "peer", None))
+        if judgement.priority is None:
+            return defer.fail(guard.refuse_unchecked(judgement))
+        guard.begin(judgement)
+        d = self.gate.submit(judgement.peer, _run_checker, self.checker, creds,
+                             priority=judgement.priority)
+
+        def ended(result):
+            guard.end(judgement)
+            return result
+
+        def accepted(avatar_id):
+            guard.succeeded(judgement)
+            return avatar_id
+
+        def refused(failure):
+            if failure.check(error.UnauthorizedLogin):  # not VerificationBusy: checked
+                guard.failed(judgement)
+            return failure
+        return d.addBoth(ended).addCallbacks(accepted, refused)
 
 
 class IMQTTUser(Interface):
@@ -477,6 +560,7 @@ class Authenticator:
         return d.addCallbacks(accepted, refused)
 
 
-__all__ = ["Authenticator", "EmptyPasswordFile", "IMQTTUser", "MQTTCredentials",
-           "PasswordFileChecker", "ThrottledLogin", "UsernameRealm", "dummy_entry", "file_secret",
-           "make_portal", "scram_shape", "uniform_verify", "work_profile"]
+__all__ = ["Authenticator", "DEFAULT_AUTH_FAILURE_WINDOW", "DEFAULT_MAX_AUTH_FAILURES",
+           "EmptyPasswordFile", "GatedChecker", "IMQTTUser", "MQTTCredentials", "PasswordFileChecker",
+           "ThrottledLogin", "UsernameRealm", "costly_entries", "dummy_entry", "file_secret",
+           "make_portal", "padding_ceilings", "scram_shape", "uniform_verify", "work_profile"]

@@ -20,10 +20,20 @@ bounds that work:
   failures first and addresses with many failures last (see
   :class:`~mqttd.auth.checkers.PasswordFileChecker`), so a storm of wrong
   passwords from many addresses does not delay an honest first login beyond
-  the check that is running; within one priority, peers take turns;
+  the check that is running; within one priority, peers take turns (in
+  priority 1 -- new addresses of a user name under attack -- a peer new to
+  the queue goes first: a storm of guesses from a fresh address per attempt
+  waits, and times out, behind a login that arrives now);
 - the checks run in a small thread pool of their own
   (:class:`HashThreadPool`, ``max_concurrent`` threads), never on the
   reactor thread, so a CONNECT's hash never delays other clients' traffic.
+
+- a check not answered within ``deadline`` seconds of its submission
+  (default 8, below the broker's hook timeout, 10) is answered with
+  :class:`VerificationBusy` too, even while it runs (an entry whose hashing
+  takes longer than the machine can give it): the client gets "busy, try
+  again" (0x9F / 0x03) and one WARN line, never a hook timeout; its thread
+  still counts as a running check until the hash ends.
 
 Cancelling the Deferred of a waiting check (the broker's hook timeout does)
 takes it out of the queue; a running check finishes in its thread and its
@@ -134,7 +144,7 @@ class HashThreadPool(ThreadPool):
 
 
 class _Job:
-    __slots__ = ("host", "fn", "args", "deferred", "timer", "priority")
+    __slots__ = ("host", "fn", "args", "deferred", "timer", "priority", "deadline")
 
     def __init__(self, host, fn, args, priority=0):
         self.host = host
@@ -143,6 +153,7 @@ class _Job:
         self.priority = priority
         self.deferred: Optional[defer.Deferred] = None
         self.timer = None
+        self.deadline = None
 
 
 class VerificationGate:
@@ -161,15 +172,24 @@ class VerificationGate:
     :param max_wait: seconds a check may wait before it is refused (default
         5; below the broker's ``hook_timeout``, 10, so the client gets 0x9F
         rather than a hook failure).
+    :param deadline: seconds from submission within which a check is
+        answered, waiting and running together (default 8, at least
+        ``max_wait``; below the broker's ``hook_timeout``).
+    :param newest_first: priorities whose peers take turns newest first (a
+        peer new to the queue goes to the front of its priority's turns, not
+        to the back); default ``(1,)``, the new addresses of a user name under
+        attack (see :mod:`mqttd.auth.guard`).
 
     Counters (for metrics and tests): ``started``, ``refused`` (queue full),
-    ``expired`` (waited ``max_wait``), ``cancelled``; ``running`` and
-    ``waiting`` are the current figures.
+    ``expired`` (waited ``max_wait``), ``overran`` (still running at its
+    ``deadline``), ``cancelled``; ``running`` and ``waiting`` are the current
+    figures.  Raises ValueError for limits out of range.
     """
 
     def __init__(self, clock, run: Optional[Callable] = None,
                  max_concurrent: Optional[int] = None, per_peer: int = 1,
-                 max_waiting: int = 128, per_peer_waiting: int = 16, max_wait: float = 5.0):
+                 max_waiting: int = 128, per_peer_waiting: int = 16, max_wait: float = 5.0,
+                 deadline: float = 8.0, newest_first: Tuple[int, ...] = (1,)):
         if max_concurrent is None:
             max_concurrent = default_concurrency()
         for name, value in (("max_concurrent", max_concurrent), ("per_peer", per_peer)):
@@ -181,6 +201,10 @@ class VerificationGate:
                 raise ValueError(f"{name} must be 0 or more, not {value}")
         if max_wait <= 0:
             raise ValueError(f"max_wait must be above 0, not {max_wait}")
+        if deadline < max_wait:
+            raise ValueError(f"deadline ({deadline}) must be at least max_wait ({max_wait})")
+        self.deadline = deadline
+        self.newest_first = frozenset(newest_first)
         self.clock = clock
         self.max_concurrent = max_concurrent
         self.per_peer = per_peer
@@ -195,7 +219,7 @@ class VerificationGate:
         self._waiting_by_host: Dict[str, int] = {}
         # priority -> host -> its waiting jobs; a dict's order is its round robin's
         self._queues: "Dict[int, collections.OrderedDict[str, Deque[_Job]]]" = {}
-        self.started = self.refused = self.expired = self.cancelled = 0
+        self.started = self.refused = self.expired = self.cancelled = self.overran = 0
 
     # --- the thread pool ----------------------------------------------------------------
 
@@ -224,6 +248,7 @@ class VerificationGate:
         job = _Job(host, fn, args, priority)
         job.deferred = defer.Deferred(lambda d: self._cancel(job))
         if self.running < self.max_concurrent and self._running_by_host.get(host, 0) < self.per_peer:
+            self._watch(job)
             self._start(job)
             return job.deferred
         mine = self._waiting_by_host.get(host, 0)
@@ -241,11 +266,37 @@ class VerificationGate:
         queue = queues.get(host)
         if queue is None:
             queue = queues[host] = collections.deque()
+            if priority in self.newest_first:
+                queues.move_to_end(host, last=False)
         queue.append(job)
         self.waiting += 1
         self._waiting_by_host[host] = mine + 1
         job.timer = self.clock.callLater(self.max_wait, self._expire, job)
+        self._watch(job)
         return job.deferred
+
+    def _watch(self, job: _Job) -> None:
+        """Answer ``job`` busy if it has no answer ``deadline`` seconds from now."""
+        job.deadline = self.clock.callLater(self.deadline, self._overrun, job)
+
+        def answered(result):
+            if job.deadline is not None and job.deadline.active():
+                job.deadline.cancel()
+            job.deadline = None
+            return result
+        job.deferred.addBoth(answered)
+
+    def _overrun(self, job: _Job) -> None:
+        job.deadline = None
+        if job.deferred.called:
+            return
+        if self._unqueue(job):  # (only when max_wait == deadline)
+            self.expired += 1
+        else:
+            self.overran += 1
+        job.deferred.errback(VerificationBusy(
+            f"no answer within {self.deadline:g} s ({self.running} checks running, "
+            f"{self.waiting} waiting); the hashing continues in its thread"))
 
     def _start(self, job: _Job) -> None:
         self.running += 1
@@ -279,20 +330,25 @@ class VerificationGate:
     def _make_room(self, priority: int) -> None:
         """The queue is full: refuse the newest waiting check of the worst
         priority worse than ``priority`` (if any), so checks from addresses
-        without failures are never turned away by a queue full of suspects."""
+        without failures are never turned away by a queue full of suspects;
+        in a ``newest_first`` priority, the oldest waiting check of
+        ``priority`` itself makes room (the newest goes first there, so the
+        oldest would time out anyway)."""
         for worst in sorted(self._queues, reverse=True):
-            if worst <= priority:
+            if worst < priority or (worst == priority and priority not in self.newest_first):
                 return
             queues = self._queues[worst]
             if not queues:
                 continue
             host = next(reversed(queues))
-            job = queues[host][-1]
+            # the back of a newest_first priority holds its oldest peer: its
+            # oldest check goes; elsewhere the newest check of the last peer
+            job = queues[host][0] if worst in self.newest_first else queues[host][-1]
             self._unqueue(job)
             self.refused += 1
             job.deferred.errback(VerificationBusy(
                 f"{self.waiting} password checks waiting; a check with a better priority "
-                f"took this one's place"))
+                f"(or a newer one of a newest-first priority) took this one's place"))
             return
 
     def _next(self):

@@ -40,6 +40,14 @@ DEFAULT_ITERATIONS = 100_000
 #: SCRAM-SHA-256 iterations written by ``mqttd passwd --scram`` (RFC 7677
 #: requires >= 4096; every SCRAM login costs one such PBKDF2 on the client)
 DEFAULT_SCRAM_ITERATIONS = 100_000
+#: the most PBKDF2 iterations an entry may have (``$7$`` and SCRAM alike):
+#: 20x what ``mqttd passwd`` writes, ~2 s of one core per check on the 2-core
+#: development machine.  A check must end well within the broker's hook
+#: timeout (10 s) on a loaded machine; a file with a higher count is refused
+#: at load (``file:line``) -- one such entry would make every check of it
+#: time out and tie up a hashing thread for as long (REVIEW-SEC2 N5).
+#: mosquitto_passwd accepts any ``-I`` >= 1; its default is 101.
+MAX_ITERATIONS = 2_000_000
 SALT_BYTES = 12
 SCRAM_TAG = "scram-sha-256"
 
@@ -121,6 +129,20 @@ def validate_username(username: str) -> None:
                                 "white space is stripped when the file is read")
 
 
+def _iterations(text: str, where: str) -> int:
+    """The iteration count of an entry: 1 to :data:`MAX_ITERATIONS`."""
+    iterations = int(text)  # ValueError: reported as a malformed hash
+    if iterations < 1:
+        raise ValueError("iterations < 1")
+    if iterations > MAX_ITERATIONS:
+        raise PasswordFileError(
+            f"{where}: {iterations:,} iterations is above the maximum {MAX_ITERATIONS:,} "
+            "(every check of this entry would take longer than a login may wait); "
+            "re-hash the password with mqttd passwd (or mosquitto_passwd -I) "
+            "with fewer iterations")
+    return iterations
+
+
 def parse_line(line: str, where: str = "") -> PasswordEntry:
     """Parse one ``username:HASH`` line; :class:`PasswordFileError` if malformed."""
     username, sep, secret = line.partition(":")
@@ -130,9 +152,7 @@ def parse_line(line: str, where: str = "") -> PasswordEntry:
     parts = secret.split("$")
     try:
         if parts[1] == "7" and len(parts) == 5:
-            iterations = int(parts[2])
-            if iterations < 1:
-                raise ValueError("iterations < 1")
+            iterations = _iterations(parts[2], where)
             return PasswordEntry(username, "7", base64.b64decode(parts[3], validate=True),
                                  base64.b64decode(parts[4], validate=True), iterations)
         if parts[1] == "6" and len(parts) == 4:
@@ -141,18 +161,26 @@ def parse_line(line: str, where: str = "") -> PasswordEntry:
         if parts[1] == SCRAM_TAG and len(parts) == 6:
             return PasswordEntry(username, SCRAM_TAG,
                                  base64.b64decode(parts[3], validate=True),
-                                 base64.b64decode(parts[4], validate=True), int(parts[2]),
+                                 base64.b64decode(parts[4], validate=True),
+                                 _iterations(parts[2], where),
                                  base64.b64decode(parts[5], validate=True))
+    except PasswordFileError:
+        raise
     except ValueError as error:  # binascii.Error is a ValueError
         raise PasswordFileError(f"{where}: malformed hash: {error}") from None
     raise PasswordFileError(f"{where}: unknown hash type ${parts[1]}$ "
                             "(known: $7$, $6$, $scram-sha-256$)")
 
 
-def read_password_file(path: str) -> Dict[str, PasswordEntry]:
+def read_password_file(path: str,
+                       line_numbers: Optional[Dict[str, int]] = None
+                       ) -> Dict[str, PasswordEntry]:
     """``{username: entry}`` of the file; raises OSError or PasswordFileError
-    (the whole file is refused if any line is malformed, so a typo never
-    silently locks a user out or leaves an old password in force)."""
+    (the whole file is refused if any line is malformed or has more than
+    :data:`MAX_ITERATIONS` iterations, so a typo never silently locks a user
+    out or leaves an old password in force).  ``line_numbers``, if given, is
+    filled with ``{username: line number}`` (for warnings naming
+    ``file:line``)."""
     entries: Dict[str, PasswordEntry] = {}
     with open(path, encoding="utf-8") as f:
         for number, raw in enumerate(f, 1):
@@ -161,6 +189,8 @@ def read_password_file(path: str) -> Dict[str, PasswordEntry]:
                 continue
             entry = parse_line(line, f"{path}:{number}")
             entries[entry.username] = entry
+            if line_numbers is not None:
+                line_numbers[entry.username] = number
     return entries
 
 
@@ -223,7 +253,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--scram", action="store_true",
                         help="store SCRAM-SHA-256 credentials (also valid for plain CONNECT)")
     parser.add_argument("--iterations", type=int, default=None,
-                        help=f"PBKDF2 iterations [{DEFAULT_ITERATIONS}; --scram: "
+                        help=f"PBKDF2 iterations, 1 to {MAX_ITERATIONS:,} (--scram: 4096 to "
+                             f"{MAX_ITERATIONS:,}) [{DEFAULT_ITERATIONS}; --scram: "
                              f"{DEFAULT_SCRAM_ITERATIONS}]")
     parser.add_argument("file")
     parser.add_argument("username")
@@ -235,6 +266,10 @@ def main(argv: List[str]) -> int:
                                      else DEFAULT_ITERATIONS)
     if iterations < (4096 if args.scram else 1):
         parser.error("--iterations too small (SCRAM needs >= 4096)")
+    if iterations > MAX_ITERATIONS:
+        parser.error(f"--iterations {iterations:,} is above the maximum {MAX_ITERATIONS:,}: "
+                     "mqttd refuses such entries (each check would take longer than a "
+                     "login may wait)")
     try:
         if args.delete:
             update_file(args.file, args.username, None)
@@ -256,5 +291,5 @@ def main(argv: List[str]) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_ITERATIONS", "PasswordEntry", "PasswordFileError", "main",
+__all__ = ["DEFAULT_ITERATIONS", "MAX_ITERATIONS", "PasswordEntry", "PasswordFileError", "main",
            "make_entry", "parse_line", "read_password_file", "update_file"]

@@ -26,6 +26,15 @@ iteration count is the one of the real entries (the most common one in the
 file), so the server-first message does not tell which user names exist;
 the exchange then fails at the proof (0x86), in the same time as a wrong
 password (the server's SCRAM work is a few HMACs either way).
+
+Failed logins (REVIEW-SEC2 N15): with a :class:`~mqttd.auth.guard.LoginGuard`
+(the password file's), a wrong proof -- for a known or an unknown name -- is
+counted in the same per-name and per-address failure log as a wrong plain
+password, with the same budget and WARN line; a client-first for a name over
+its budget from an address with recent failures is answered 0x86 (v3: 0x04;
+on re-authentication DISCONNECT 0x87) at once, without a challenge -- so the
+broker is no faster an oracle for guesses than the plain path.  A success
+makes the address known to be good for the name.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from typing import Callable, Dict, Optional, Tuple
 from scramp import ScramException, ScramMechanism
 from zope.interface import implementer
 
+from mqttd.auth.guard import Judgement, LoginGuard
 from mqttd.codec.errors import ReasonCode
 from mqttd.hooks import AuthOutcome, AuthStep
 from mqttd.interfaces import IAuthExchange, IEnhancedAuthenticator
@@ -69,13 +79,20 @@ class ScramExchange:
     :param fake_key: the server secret of the made-up salts (bytes).
     :param shape: ``f() -> (iterations, salt size)`` of the made-up
         challenge (default: 4096 iterations, 16 bytes).
+    :param guard: the :class:`~mqttd.auth.guard.LoginGuard` whose failure
+        budget applies (None: none).
+    :param peer: the client's ``host:port`` (the guard's address key).
     """
 
     def __init__(self, lookup: Callable, fake_key: bytes,
-                 shape: Optional[Callable[[], Tuple[int, int]]] = None):
+                 shape: Optional[Callable[[], Tuple[int, int]]] = None,
+                 guard: Optional[LoginGuard] = None, peer: Optional[str] = None):
         self._lookup = lookup
         self._fake_key = fake_key
         self._shape = shape
+        self._guard = guard
+        self._peer = peer
+        self._judgement: Optional[Judgement] = None
         self._server = ScramMechanism(SCRAM_SHA_256).make_server(self._auth_info)
         self._username: Optional[str] = None
         self._known = False
@@ -83,6 +100,8 @@ class ScramExchange:
 
     def _auth_info(self, username: str):
         self._username = username
+        if self._guard is not None:
+            self._judgement = self._guard.judge(username, self._peer)
         entry = self._lookup(username)
         if entry is not None and entry.kind == "scram-sha-256":
             self._known = True
@@ -96,15 +115,32 @@ class ScramExchange:
             if self._stage == 0:
                 self._stage = 1
                 self._server.set_client_first(text)
+                judgement = self._judgement
+                if judgement is not None and judgement.priority is None:
+                    # over the name's failure budget from a failing address:
+                    # refused without a challenge, whatever comes next
+                    self._stage = 2
+                    refusal = self._guard.refuse_unchecked(judgement)
+                    return AuthStep(AuthOutcome.FAILURE,
+                                    reason_code=ReasonCode.BAD_USER_NAME_OR_PASSWORD,
+                                    detail=f"{refusal}; refused without verifying "
+                                           f"(user {self._username!r})")
                 return AuthStep(AuthOutcome.CONTINUE,
                                 self._server.get_server_first().encode("utf-8"))
             if self._stage == 1:
                 self._stage = 2
-                self._server.set_client_final(text)
-                final = self._server.get_server_final().encode("utf-8")
+                try:
+                    self._server.set_client_final(text)
+                    final = self._server.get_server_final().encode("utf-8")
+                except (ScramException, UnicodeDecodeError):
+                    self._failed()
+                    raise
                 if not self._known:  # cannot happen (random keys), but never let it in
+                    self._failed()
                     return AuthStep(AuthOutcome.FAILURE,
                                     reason_code=ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+                if self._judgement is not None:
+                    self._guard.succeeded(self._judgement)
                 return AuthStep(AuthOutcome.SUCCESS, final, self._username)
         except (ScramException, UnicodeDecodeError) as error:
             # no log line here: the broker logs the refusal once, rate-limited,
@@ -115,6 +151,11 @@ class ScramExchange:
                             reason_code=ReasonCode.BAD_USER_NAME_OR_PASSWORD,
                             detail=f"{error} ({who})")
         return AuthStep(AuthOutcome.FAILURE)
+
+    def _failed(self) -> None:
+        """A wrong proof (or garbage instead of it): one failed login."""
+        if self._judgement is not None:
+            self._guard.failed(self._judgement)
 
 
 def fake_salt(secret: bytes, username: str, size: int = 16) -> bytes:
@@ -132,7 +173,8 @@ def fake_credentials(secret: bytes, username: str, iterations: int, salt_size: i
 
 
 def scram_mechanism(lookup: Callable, secret: Optional[bytes] = None,
-                    shape: Optional[Callable[[], Tuple[int, int]]] = None) -> Callable:
+                    shape: Optional[Callable[[], Tuple[int, int]]] = None,
+                    guard: Optional[LoginGuard] = None) -> Callable:
     """A factory for :class:`EnhancedAuthenticator` serving SCRAM-SHA-256 from ``lookup``.
 
     :param secret: key of the made-up salts of unknown users (default: random
@@ -140,9 +182,12 @@ def scram_mechanism(lookup: Callable, secret: Optional[bytes] = None,
         is derived from the password file and stable across restarts).
     :param shape: ``f() -> (iterations, salt size)`` of the made-up
         challenges (``PasswordFileChecker.scram_shape``: as the real entries).
+    :param guard: the failure budget (``PasswordFileChecker.guard``), applied
+        per client address (``client.peer``).
     """
     fake_key = secret if secret is not None else os.urandom(32)
-    return lambda client: ScramExchange(lookup, fake_key, shape)
+    return lambda client: ScramExchange(lookup, fake_key, shape, guard,
+                                        getattr(client, "peer", None))
 
 
 __all__ = ["EnhancedAuthenticator", "SCRAM_SHA_256", "ScramExchange", "fake_credentials",

@@ -17,8 +17,10 @@ from twisted.logger import Logger
 
 from mqttd.auth.acl import ACLAuthorizer
 from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_FAILURES,
-                                 Authenticator, PasswordFileChecker, make_portal)
+                                 Authenticator, GatedChecker, PasswordFileChecker,
+                                 make_portal)
 from mqttd.auth.gate import VerificationGate
+from mqttd.auth.guard import LoginGuard
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
 from mqttd.loopback import check_bound, is_loopback_endpoint
 
@@ -51,9 +53,18 @@ class Security:
     password_checker: Optional[PasswordFileChecker]
     allow_anonymous: bool
     policy: str
+    #: the password checks' gate (None: nothing to hash)
+    gate: Optional[VerificationGate] = None
 
     def attach(self, service) -> None:
         broker = service.broker
+        gate = self.gate
+        if gate is not None:
+            # every check is answered (0x9F "busy" at worst) before the
+            # broker's hook timeout would refuse it as a failed hook
+            hook_timeout = broker.config.hook_timeout
+            gate.deadline = min(gate.deadline, 0.8 * hook_timeout)
+            gate.max_wait = min(gate.max_wait, gate.deadline)
         if self.allow_anonymous and self.policy.startswith("every listener is on loopback"):
             # the policy relied on the endpoint strings: the bound addresses must agree
             why = "anonymous clients are allowed only while every listener is on loopback"
@@ -97,25 +108,39 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     :param max_auth_failures: failed logins of one user name (within
         ``auth_failure_window`` seconds) after which its checks from addresses
         with recent failures are refused without hashing (5; 0 = no budget);
-        see :meth:`~mqttd.auth.checkers.PasswordFileChecker.priority`.
-    :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...).
+        see :mod:`mqttd.auth.guard`.
+    :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...);
+        all but ``memory`` block (``crypt``, file reads): they run in the
+        password checks' thread pool (:class:`~mqttd.auth.checkers.GatedChecker`).
     :param checkers: more ``ICredentialsChecker`` objects (embedders).
     :param allow_anonymous: True/False to force; None for the automatic policy.
     Raises OSError / ValueError for unreadable files or bad descriptions.
     """
     from twisted.cred import strcred
 
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+    from twisted.cred.credentials import IUsernamePassword
+
     all_checkers: List = list(checkers)
     password_checker = None
-    if password_file:
+    gate = guard = None
+    blocking = []
+    for description in auth:
+        checker = strcred.makeChecker(description)
+        if (IUsernamePassword in checker.credentialInterfaces
+                and not isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse)):
+            blocking.append(checker)
+        else:
+            all_checkers.append(checker)
+    if password_file or blocking:
         gate = VerificationGate(reactor, max_concurrent=max_password_checks,
                                 per_peer=max_password_checks_per_peer)
-        password_checker = PasswordFileChecker(
-            password_file, reactor, gate=gate, max_auth_failures=max_auth_failures,
-            auth_failure_window=auth_failure_window)
+        guard = LoginGuard(reactor.seconds, max_auth_failures, auth_failure_window)
+    if password_file:
+        password_checker = PasswordFileChecker(password_file, reactor, gate=gate, guard=guard)
         all_checkers.insert(0, password_checker)
-    for description in auth:
-        all_checkers.append(strcred.makeChecker(description))
+    for checker in blocking:
+        all_checkers.append(GatedChecker(checker, gate, guard))
     authorizer = ACLAuthorizer.from_file(acl_file) if acl_file else None
     configured = bool(all_checkers)
     allowed, why = anonymous_policy(listen, configured, allow_anonymous)
@@ -125,9 +150,10 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
         enhanced.register(SCRAM_SHA_256,
                           scram_mechanism(password_checker.scram_lookup,
                                           secret=password_checker.secret,
-                                          shape=password_checker.scram_shape))
+                                          shape=password_checker.scram_shape,
+                                          guard=guard))
     return Security(Authenticator(portal, allowed), authorizer, enhanced,
-                    password_checker, allowed, why)
+                    password_checker, allowed, why, gate)
 
 
 def _given(value, default):

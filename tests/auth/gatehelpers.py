@@ -14,8 +14,10 @@ class ManualRunner:
         return d
 
     def finish(self, index=0):
+        """Run call ``index``; its Deferred fires with the result or, as
+        ``deferToThreadPool``'s would, fails with what it raised."""
         fn, args, d = self.calls.pop(index)
-        d.callback(fn(*args))
+        defer.maybeDeferred(fn, *args).chainDeferred(d)
 
 
 def result(d):
