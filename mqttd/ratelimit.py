@@ -329,4 +329,57 @@ class BucketMemory:
             del entries[next(iter(entries))]
 
 
-__all__ = ["BucketMemory", "InboundBucket", "LogRateLimiter", "peer_host", "refusal_key"]
+class InboundBuckets:
+    """The inbound buckets of the live connections, one per client host and
+    shared by all of that host's connections, so N concurrent connections from
+    one address get one rate, not N (REVIEW-SEC2 N1); and the
+    :class:`BucketMemory` of closed ones.
+
+    :meth:`acquire` gives a new connection its host's live bucket (a first
+    connection's bucket starts from what the host and the client id left,
+    see :class:`BucketMemory`; a client id that left a lower state lowers the
+    shared bucket too, so reconnecting from another host brings no fresh
+    allowance).  :meth:`release` is called once per acquire when the
+    connection closes: the state is remembered under the client id, and under
+    the host when its last connection closed.  Bounded by the live
+    connections (one entry per host with at least one).
+
+    :param memory: where closed connections' states are kept.
+    """
+
+    def __init__(self, memory: BucketMemory):
+        self.memory = memory
+        #: host -> [bucket, live connections using it]
+        self._live: Dict[Hashable, list] = {}
+
+    def __len__(self) -> int:
+        """Hosts with a live bucket."""
+        return len(self._live)
+
+    def acquire(self, host: str, client_id, rate: float, bytes_rate: float,
+                now: float) -> InboundBucket:
+        """The bucket a new connection of ``client_id`` from ``host`` draws from."""
+        entry = self._live.get(host)
+        if entry is None:
+            bucket = InboundBucket(rate, bytes_rate, now)
+            self.memory.recall((("host", host),), bucket, now)
+            entry = self._live[host] = [bucket, 0]
+        bucket = entry[0]
+        self.memory.recall((("client", client_id),), bucket, now)
+        entry[1] += 1
+        return bucket
+
+    def release(self, host: str, client_id, bucket: InboundBucket, now: float) -> None:
+        """A connection that acquired ``bucket`` closed."""
+        self.memory.remember((("client", client_id),), bucket, now)
+        entry = self._live.get(host)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._live[host]
+            self.memory.remember((("host", host),), entry[0], now)
+
+
+__all__ = ["BucketMemory", "InboundBucket", "InboundBuckets", "LogRateLimiter", "peer_host",
+           "refusal_key"]
