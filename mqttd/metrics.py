@@ -53,7 +53,8 @@ class BrokerStats:
     #: subscribers that used up --max-publisher-pause without draining
     slow_subscribers_demoted: int = 0
     #: dropped messages by reason ("queue-full", "queued-bytes-total",
-    #: "client-maximum-packet-size", "expired")
+    #: "client-maximum-packet-size", "expired"; "held-input": packets a client
+    #: sent that were held, unhandled, when its connection ended)
     dropped: Dict[str, int] = attrs.Factory(dict)
     #: gauge: payload + topic bytes queued in all sessions (--max-queued-bytes-total)
     queued_bytes: int = 0
