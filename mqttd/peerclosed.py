@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import select
 import socket
+import sys
 from typing import Optional
 
-#: Linux only (since 2.6.17); elsewhere :func:`peer_closed` answers None
-_POLLRDHUP = getattr(select, "POLLRDHUP", None)
+#: Linux only (since 2.6.17); elsewhere :func:`peer_closed` answers None.  (PyPy's
+#: select module lacks the constant: it is 0x2000 on every Linux architecture.)
+_POLLRDHUP = getattr(select, "POLLRDHUP",
+                     0x2000 if sys.platform.startswith("linux") and hasattr(select, "poll")
+                     else None)
 _CLOSED = (_POLLRDHUP or 0) | getattr(select, "POLLHUP", 0) | getattr(select, "POLLERR", 0)
 #: wrappers followed at most (TLS over PROXY over TCP is 3)
 _MAX_DEPTH = 8
