@@ -425,7 +425,7 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
 
     def connection_lost(self, reason=None) -> None:
         if self._bucket is not None:
-            self.broker.inbound_buckets.release(self._host_key(), self.client_id, self._bucket,
+            self.broker.inbound_buckets.release(self.client_id, self._bucket,
                                                 self.clock.seconds())
             self._bucket = None
         self.state = _CLOSED

@@ -195,7 +195,7 @@ class InboundBucket:
         state, see :class:`BucketMemory`); default: full buckets.
     """
 
-    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "throttled")
+    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "host")
 
     #: a paused connection is resumed once the bucket holds at least this
     #: share of its capacity (at most ~10 resumes per second per client)
@@ -211,8 +211,8 @@ class InboundBucket:
         else:
             self.messages, self.bytes = state
         self.stamp = now
-        #: reads are paused by this bucket (an episode is counted once)
-        self.throttled = False
+        #: the client host whose live connections share it (see InboundBuckets)
+        self.host = None
 
     @property
     def capacity(self):
@@ -362,6 +362,7 @@ class InboundBuckets:
         entry = self._live.get(host)
         if entry is None:
             bucket = InboundBucket(rate, bytes_rate, now)
+            bucket.host = host
             self.memory.recall((("host", host),), bucket, now)
             entry = self._live[host] = [bucket, 0]
         bucket = entry[0]
@@ -369,11 +370,12 @@ class InboundBuckets:
         entry[1] += 1
         return bucket
 
-    def release(self, host: str, client_id, bucket: InboundBucket, now: float) -> None:
+    def release(self, client_id, bucket: InboundBucket, now: float) -> None:
         """A connection that acquired ``bucket`` closed."""
         self.memory.remember((("client", client_id),), bucket, now)
+        host = bucket.host
         entry = self._live.get(host)
-        if entry is None:
+        if entry is None or entry[0] is not bucket:
             return
         entry[1] -= 1
         if entry[1] <= 0:

@@ -288,6 +288,25 @@ def test_disconnect_behind_rate_limited_publishes_discards_the_will(log_events):
     assert len(_lines(log_events, "40 packets it had sent")) == 1
 
 
+def test_takeover_of_a_connection_holding_a_disconnect_publishes_no_will():
+    """Reconnecting before the broker noticed the close: the DISCONNECT it held still counts (N11)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    watcher = _watcher(broker, clock)
+    dev = FakeClient(broker, clock)
+    dev.connect("dev7", will=Will("wt/dead", b"dev7 died", 0, False))
+    wire = Wire(dev)
+    data = b"".join(bytes((0x30, 9, 0, 7)) + b"wt/data" for _ in range(10_000))   # 110 KB
+    wire.write(data + bytes((0xE0, 0)))
+    wire.close()
+    assert dev.transport.producerState == "paused" and not wire.lost   # the FIN is unseen
+    again = FakeClient(broker, clock)
+    again.connect("dev7")                                # takes the session over at once
+    _advance(clock, [wire], 1.0)
+    got = [p.topic for p in watcher.received() if isinstance(p, Publish)]
+    assert "wt/dead" not in got
+    assert broker.stats.dropped["held-input"] == 10_000 - got.count("wt/data")
+
+
 def test_disconnect_held_behind_a_slow_hook_discards_the_will_when_the_client_closes():
     """The client closes right after DISCONNECT while a hook is pending: no will (N11)."""
     broker, clock = make_broker(hook_timeout=20)

@@ -222,3 +222,21 @@ def test_real_publisher_writing_3000_publishes_at_once_reaches_subscribers_at_th
             probe.transport.loseConnection()
     finally:
         yield service.stopService()
+
+
+def test_host_buckets_are_released_with_the_last_connection_of_the_host():
+    """The live bucket table holds one entry per host with live connections, no more."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    clients = []
+    for n in range(3):
+        pub = FakeClient(broker, clock)
+        pub.conn.peer = f"192.0.2.{n % 2}:4000"
+        pub.connect(f"h{n}")
+        clients.append(pub)
+    assert len(broker.inbound_buckets) == 2
+    assert clients[0].conn._bucket is clients[2].conn._bucket
+    clients[0].drop()
+    assert len(broker.inbound_buckets) == 2
+    clients[2].drop()
+    clients[1].drop()
+    assert len(broker.inbound_buckets) == 0
