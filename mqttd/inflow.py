@@ -41,9 +41,10 @@ from twisted.python.failure import Failure
 
 from mqttd.codec.errors import MQTTError, ReasonCode
 from mqttd.codec.packets import MQTT_5, Disconnect, Publish
-from mqttd.connstate import _CLOSED, _peer_host
+from mqttd.connstate import _CLOSED
 from mqttd.hooks import HOOK_FAILED
 from mqttd.peerclosed import peer_closed
+from mqttd.ratelimit import address_key
 
 __all__ = ["DECODE_SLICE", "DRAIN_BYTES", "DRAIN_TIME", "HOLD_BYTES", "HeldInput", "InputFlow",
            "PROBE_INTERVAL"]
@@ -439,8 +440,9 @@ class InputFlow:
         self._resume_input()
 
     def _host_key(self) -> str:
-        """The inbound bucket is shared by the live connections of this host."""
-        return _peer_host(self.peer)
+        """The inbound bucket is shared by the live connections of this host
+        (for IPv6: of its /64, see :func:`mqttd.ratelimit.address_key`)."""
+        return address_key(self.peer)
 
     def _connect_timeout(self) -> None:
         self._connect_call = None

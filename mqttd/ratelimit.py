@@ -22,6 +22,7 @@ bridges) call it for their own client-triggered lines.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Callable, Dict, Hashable, Optional
 
 #: seconds per window
@@ -166,6 +167,23 @@ def peer_host(peer) -> str:
     text = str(peer)
     host, colon, port = text.rpartition(":")
     return host if colon and host and port.isdigit() else text
+
+
+def address_key(peer) -> str:
+    """Who a peer is for per-address limits (half-open sockets, the inbound
+    rate): its host (:func:`peer_host`), or for IPv6 its /64 network -- one site
+    or one customer usually has a whole /64, so a new address from it is not a
+    new client host (``"2001:db8:1:2::/64"``)."""
+    host = peer_host(peer)
+    if ":" not in host:
+        return host  # IPv4, a name, "-": no parsing on the common path
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
 
 
 def refusal_key(what: str, client_id, peer) -> tuple:
@@ -383,5 +401,5 @@ class InboundBuckets:
             self.memory.remember((("host", host),), entry[0], now)
 
 
-__all__ = ["BucketMemory", "InboundBucket", "InboundBuckets", "LogRateLimiter", "peer_host",
-           "refusal_key"]
+__all__ = ["BucketMemory", "InboundBucket", "InboundBuckets", "LogRateLimiter", "address_key",
+           "peer_host", "refusal_key"]

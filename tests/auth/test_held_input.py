@@ -179,6 +179,18 @@ def test_other_hosts_keep_their_own_bucket_while_one_host_is_throttled():
     assert _delivered(sub) == 20
 
 
+def test_ipv6_connections_of_one_64_share_one_inbound_bucket():
+    """New addresses from one IPv6 /64 are one host for the inbound rate."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    for n in range(4):
+        pub = FakeClient(broker, clock)
+        pub.conn.peer = f"2001:db8:1:2::{n + 1:x}:40000"
+        pub.connect(f"v6-{n}")
+        pub.send_bytes(_tiny_publishes(100))
+    assert _delivered(sub) == 10
+
+
 # --- N2: the keepalive clock stops while the broker does not read ----------------------
 
 def test_rate_limited_client_that_pings_on_time_stays_connected():
