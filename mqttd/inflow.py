@@ -62,7 +62,7 @@ DECODE_SLICE = 8192
 HOLD_BYTES = 65536
 #: seconds between two probes for the client's close while the transport is
 #: paused at HOLD_BYTES
-PROBE_INTERVAL = 0.5
+PROBE_INTERVAL = 1.0
 #: after the probe saw the close: bytes still read from the socket, and
 #: seconds, looking for a DISCONNECT; beyond either the connection is aborted
 DRAIN_BYTES = 256 * 1024
@@ -75,7 +75,7 @@ class HeldInput:
     the transport is paused, the probe, and the keepalive clock's stop."""
 
     __slots__ = ("raw", "raw_bytes", "blocked_at", "paused", "probe_call", "throttled",
-                 "dropped", "draining", "drained", "drain_call", "why")
+                 "dropped", "dropped_publishes", "draining", "drained", "drain_call", "why")
 
     def __init__(self) -> None:
         #: reads kept undecoded, in order
@@ -88,8 +88,10 @@ class HeldInput:
         self.probe_call = None
         #: this throttled stretch was counted and logged (inbound rate limit)
         self.throttled = False
-        #: packets dropped at the end (counted once, when the connection ends)
+        #: packets dropped at the end, and how many were PUBLISHes (counted
+        #: once, when the connection ends)
         self.dropped = 0
+        self.dropped_publishes = 0
         #: the client closed while we did not read: what is left is only searched
         #: for a DISCONNECT
         self.draining = False
@@ -318,12 +320,13 @@ class InputFlow:
         """Count ``packets`` (held, never to be handled) as dropped up to the
         first DISCONNECT, which is honoured; True if there was one."""
         gate = self._gate
-        for index, packet in enumerate(packets):
+        for packet in packets:
             if packet.__class__ is Disconnect:
-                gate.dropped += index
                 self._held_disconnect(packet)
                 return True
-        gate.dropped += len(packets)
+            gate.dropped += 1
+            if packet.__class__ is Publish:
+                gate.dropped_publishes += 1
         return False
 
     def _held_disconnect(self, packet: Disconnect) -> None:
@@ -387,12 +390,14 @@ class InputFlow:
                 call.cancel()
         gate.raw = []
         if gate.dropped:
-            dropped = self._stats.dropped
-            dropped["held-input"] = dropped.get("held-input", 0) + gate.dropped
+            if gate.dropped_publishes:  # messages that never reached a session
+                dropped = self._stats.dropped
+                dropped["held-input"] = dropped.get("held-input", 0) + gate.dropped_publishes
             self._warn("held-input",
                        "Closed {client_id} from {peer} with {count} packets it had sent not "
-                       "handled yet ({why}); dropped", client_id=self.client_id or "-",
-                       peer=self.peer, count=gate.dropped, why=gate.why)
+                       "handled yet ({publishes} PUBLISH; {why}); dropped",
+                       client_id=self.client_id or "-", peer=self.peer, count=gate.dropped,
+                       publishes=gate.dropped_publishes, why=gate.why)
 
     # --- inbound rate limit (token bucket; backpressure, not disconnect) -------------
 
