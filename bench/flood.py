@@ -5,6 +5,7 @@
     .venv/bin/python bench/flood.py --connections 100000 --workers 2
     .venv/bin/python bench/flood.py --broker-root /tmp/old-mqttd    # measure another checkout
     .venv/bin/python bench/flood.py --rss                           # item 2: huge declared lengths
+    .venv/bin/python bench/flood.py --zombies 400                   # rate-limited clients that close
 
 Everything on 127.0.0.1: one ``twistd -n mqttd`` process (memory store); a
 *canary* pair (a subscriber of ``canary/t`` and a publisher sending one QoS 0
@@ -288,6 +289,60 @@ def run_rss(args) -> dict:
             stop_process(proc)
 
 
+def _close_wait(port: int) -> int:
+    """Server sockets of ``port`` in CLOSE-WAIT (the client closed, the broker did not)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "08":
+                count += 1
+    return count
+
+
+def run_zombies(args) -> dict:
+    """``--zombies N`` (REVIEW-SEC2 N1): N clients from 127.0.1.x each CONNECT, write 2,500
+    PUBLISHes (70 KB) in one write under ``--max-inbound-rate 10`` and close at once.
+    Reports the broker's RSS and its sockets left in CLOSE-WAIT 3 s later."""
+    def connect_packet(client_id: bytes) -> bytes:
+        body = b"\x00\x04MQTT\x04\x02\x00\x00" + len(client_id).to_bytes(2, "big") + client_id
+        return bytes((0x10, len(body))) + body
+    burst = b"".join(bytes((0x30, 26, 0, 1, ord("t"))) + b"x" * 23 for _ in range(2500))
+    with tempfile.TemporaryDirectory(prefix="mqttd-zombies-") as tmp:
+        proc, port = start_mqttd(Path(tmp), ["--max-inbound-rate", "10",
+                                             "--max-inbound-bytes-rate", "10000",
+                                             *args.broker_arg],
+                                 broker_root=args.broker_root)
+        try:
+            time.sleep(1.0)
+            before = rss_kib(proc.pid)
+            started = time.monotonic()
+            for n in range(args.zombies):
+                with socket.socket() as s:
+                    s.settimeout(10)
+                    s.bind((f"127.0.1.{n % 250 + 1}", 0))
+                    s.connect(("127.0.0.1", port))
+                    s.sendall(connect_packet(b"zombie%d" % n))
+                    s.recv(4)                                  # CONNACK
+                    s.sendall(burst)
+            written = time.monotonic() - started
+            time.sleep(3.0)
+            return {
+                "clients": args.zombies,
+                "bytes_each": len(burst),
+                "seconds_to_write": round(written, 1),
+                "rss_before_mib": round(before / 1024, 1),
+                "rss_3s_after_mib": round(rss_kib(proc.pid) / 1024, 1),
+                "close_wait_sockets_3s_after": _close_wait(port),
+            }
+        finally:
+            stop_process(proc)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--connections", type=int, default=20_000)
@@ -313,8 +368,13 @@ def main(argv=None) -> int:
     p.add_argument("--declared", type=int, default=16 * 1024 * 1024 - 16,
                    help="--rss: remaining length each CONNECT declares (default: just "
                         "under the default --max-packet-size)")
+    p.add_argument("--zombies", type=int, default=0,
+                   help="instead: this many rate-limited clients write 70 KB and close; "
+                        "RSS and CLOSE-WAIT sockets left (REVIEW-SEC2 N1)")
     args = p.parse_args(argv)
-    if args.bad_publishes:
+    if args.zombies:
+        result = run_zombies(args)
+    elif args.bad_publishes:
         result = run_bad_publishes(args)
     elif args.rss:
         result = run_rss(args)

@@ -45,7 +45,7 @@ from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.lifecycle import NEVER_EXPIRES, SessionLifecycle
 from mqttd.messages import Message, with_subscription_ids, with_user_properties
 from mqttd.metrics import BrokerStats
-from mqttd.ratelimit import BucketMemory, LogRateLimiter, refusal_key
+from mqttd.ratelimit import BucketMemory, InboundBuckets, LogRateLimiter, refusal_key
 from mqttd.retained import RetainedIndex
 from mqttd.retaining import REPLAY_NODES_PER_STEP, REPLAY_STEPS_PER_TURN, Retaining
 from mqttd.routing import ONLY_SHARES, SKIP_SHARES, Routing
@@ -142,6 +142,8 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: inbound rate buckets left by closed connections (--max-inbound-rate):
         #: a reconnect continues from them rather than from a full bucket
         self.inbound_memory = BucketMemory()
+        #: the live connections' inbound buckets, one per client host
+        self.inbound_buckets = InboundBuckets(self.inbound_memory)
         #: callables(client_id, reason, text) told of every drop and refusal
         self.incident_listeners: List[Callable[[str, str, str], None]] = []
         #: sessions with a connection attached now

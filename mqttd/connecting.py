@@ -23,7 +23,6 @@ from mqttd.codec.packets import (
 from mqttd.connstate import _CLOSED, _CONNECTED
 from mqttd.hooks import HOOK_FAILED, HOOK_TIMED_OUT, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook
 from mqttd.messages import will_message
-from mqttd.ratelimit import InboundBucket
 
 __all__ = ["Connecting", "BRIDGE_PROPERTY"]
 
@@ -468,12 +467,12 @@ class Connecting:
             self.info = attrs.evolve(self.info, session_present=present)
             session.info = self.info
         if config.max_inbound_rate or config.max_inbound_bytes_rate:
-            now = self.clock.seconds()
-            self._bucket = InboundBucket(config.max_inbound_rate,
-                                         config.max_inbound_bytes_rate, now)
-            # a reconnect (same client id or same host) continues where the
-            # last connection left its bucket, not from a full one
-            broker.inbound_memory.recall(self._bucket_keys(), self._bucket, now)
+            # one bucket per client host, shared by its live connections; a
+            # reconnect (same client id or same host) continues where the last
+            # connection left its bucket, not from a full one
+            self._bucket = broker.inbound_buckets.acquire(
+                self._host_key(), client_id, config.max_inbound_rate,
+                config.max_inbound_bytes_rate, self.clock.seconds())
         if level == MQTT_5:
             response_information = None
             if props.request_response_information and config.response_information:

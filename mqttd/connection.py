@@ -36,7 +36,7 @@ from mqttd.codec.packets import (
 from mqttd.codec.reader import PacketReader
 from mqttd.connecting import Connecting
 from mqttd.connstate import _CLOSED, _CONNECTED, _CONNECTING, _peer_host
-from mqttd.inflow import InputFlow
+from mqttd.inflow import DECODE_SLICE, InputFlow
 from mqttd.interfaces import IClientConnection
 from mqttd.outbound import Outbound
 from mqttd.publishing import Publishing
@@ -78,7 +78,7 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         "release_transport", "bridge", "_max_qos", "_retain_available", "_limited",
         "_online", "_paused", "_mark", "_last_received", "_connect_call", "_handlers",
         "_stats", "_assigned", "_connect_packet", "_keepalive", "_keepalive_call",
-        "_held", "_hold_call", "_waiting", "_bucket", "_rate_call", "_pending", "_stash",
+        "_held", "_hold_call", "_waiting", "_bucket", "_rate_call", "_pending", "_stash", "_gate",
         "_inflight_in", "_client_max_packet", "_in_aliases", "_out_aliases", "_receive_max",
         "_public_only", "_claiming", "_barrier", "_barrier_turn", "__dict__", "__weakref__")
 
@@ -145,6 +145,8 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         self._bucket = None
         self._rate_call = None
         self._stash = ()
+        #: input held while blocked (a HeldInput, see mqttd.inflow), or None
+        self._gate = None
         self._keepalive = 0.0
         self._keepalive_call = None
         #: output waiting behind a store barrier: ``()`` until there is any
@@ -207,35 +209,69 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         if self.state == _CLOSED:
             return
         self._stats.bytes_received += len(data)
+        if self._gate is not None or self._held or self._waiting or self._rate_call is not None:
+            # input is blocked (or what was held is being handled): kept raw
+            self._hold_input(data)
+            return
+        if len(data) > DECODE_SLICE:
+            self._take_input(data)
+            return
+        # (the body of _decode, inline: this is the hot path)
         try:
             packets = self.reader.feed(data)
         except MQTTError as error:
-            # the packets before the bad one are handled first, as they would
-            # be had they arrived in an earlier chunk
-            before, error.decoded_before = error.decoded_before, []
-            if before and not (self._held or self._waiting or self._rate_call):
-                self._last_received = self.clock.seconds()
-                if self._bucket is not None:
-                    self._admit(before)
-                else:
-                    self._process(before)
-            self.fail(error)
+            self._decode_failed(error)
             return
         if packets:
             # only complete packets count for keepalive [MQTT-3.1.2-22]: a
             # client trickling the bytes of an endless packet is still idle
             self._last_received = self.clock.seconds()
-        if self._bucket is not None:  # --max-inbound-rate: charged packet by packet
-            if self._held or self._waiting or self._rate_call is not None:
-                self._stash = list(self._stash) + packets
-            elif packets:
+            if self._bucket is not None:  # --max-inbound-rate: charged packet by packet
                 self._admit(packets)
+            else:
+                self._process(packets)
+
+    def _take_input(self, data: bytes) -> None:
+        """Decode and handle ``data`` slice by slice: when input blocks, the
+        rest stays raw (held), so at most one slice's packets wait decoded."""
+        end = len(data)
+        for start in range(0, end, DECODE_SLICE):
+            self._decode(data[start:start + DECODE_SLICE] if end > DECODE_SLICE else data)
+            if self.state == _CLOSED:
+                return
+            rest = start + DECODE_SLICE
+            if rest < end and (self._held or self._waiting or self._rate_call is not None):
+                self._hold_input(data[rest:], first=True)
+                return
+
+    def _decode_failed(self, error: MQTTError) -> None:
+        # the packets before the bad one are handled first, as they would
+        # be had they arrived in an earlier chunk
+        before, error.decoded_before = error.decoded_before, []
+        if before:
+            self._last_received = self.clock.seconds()
+            if self._bucket is not None:
+                self._admit(before)
+            else:
+                self._process(before)
+        self.fail(error)
+
+    def _decode(self, data: bytes) -> None:
+        """Decode ``data`` and handle its packets (a slice of a long read, or
+        held input being handled)."""
+        try:
+            packets = self.reader.feed(data)
+        except MQTTError as error:
+            self._decode_failed(error)
             return
-        if self._held or self._waiting:
-            # a transport may still deliver what it had already read
-            self._stash = list(self._stash) + packets
-            return
-        self._process(packets)
+        if packets:
+            # only complete packets count for keepalive [MQTT-3.1.2-22]: a
+            # client trickling the bytes of an endless packet is still idle
+            self._last_received = self.clock.seconds()
+            if self._bucket is not None:  # --max-inbound-rate: charged packet by packet
+                self._admit(packets)
+            else:
+                self._process(packets)
 
     def _process(self, packets) -> None:
         broker = self.broker
@@ -346,6 +382,9 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         """Drop what a closed connection holds, at once rather than at the next
         full GC: the partial packet buffer, stashed and pending packets, and the
         handler table of bound methods (a reference cycle through ``self``)."""
+        if self._gate is not None or self._stash:
+            self._settle_held_input()   # (before the reader is released)
+            self._report_dropped()
         self.reader.release()
         self._handlers = _NO_HANDLERS
         self._stash = ()
@@ -386,7 +425,7 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
 
     def connection_lost(self, reason=None) -> None:
         if self._bucket is not None:
-            self.broker.inbound_memory.remember(self._bucket_keys(), self._bucket,
+            self.broker.inbound_buckets.release(self.client_id, self._bucket,
                                                 self.clock.seconds())
             self._bucket = None
         self.state = _CLOSED

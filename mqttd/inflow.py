@@ -2,10 +2,36 @@
 
 :class:`InputFlow` is one part of :class:`mqttd.connection.ClientConnection`
 (a mixin with ``__slots__ = ()``): hooks whose Deferred answer is awaited with
-input paused (so acknowledgements keep their order [MQTT-4.6.0-2]), the stash of
-packets read meanwhile, the inbound rate limit (``--max-inbound-rate``: reads
-paused, never a disconnect), and the CONNECT and keepalive timers
+input blocked (so acknowledgements keep their order [MQTT-4.6.0-2]), the input
+held meanwhile, the inbound rate limit (``--max-inbound-rate``: the client is
+slowed, never disconnected), and the CONNECT and keepalive timers
 [MQTT-3.1.2-22, MQTT-3.1.2-24].
+
+**Held input.**  Input is *blocked* while a hook's answer is awaited
+(``_waiting``), while the publisher is held back for a congested subscriber
+(``_held``) or while the inbound bucket refills (``_rate_call``).  Then:
+
+- what was already decoded waits in ``_stash`` -- at most one slice of
+  :data:`DECODE_SLICE` bytes, because a long read is decoded slice by slice
+  and what follows the slice in which input blocked stays raw;
+- later reads are kept raw, undecoded, and the transport goes on reading up to
+  :data:`HOLD_BYTES`; beyond that it is paused (the rest stays in the socket)
+  and the socket is probed every :data:`PROBE_INTERVAL` seconds for the
+  client's close (:func:`mqttd.peerclosed.peer_closed`), which a paused
+  transport would never read (REVIEW-SEC2 N1: "zombie" connections);
+- the keepalive clock stops: time the broker spends not reading is not the
+  client's silence [MQTT-3.1.2-24] (REVIEW-SEC2 N2).
+
+A connection that ends while input is held drops it: the packets are counted
+in ``BrokerStats.dropped["held-input"]`` and one rate-limited line says how
+many.  A DISCONNECT among them still counts [MQTT-3.14.4-3]: the will is
+discarded (v5: unless reason 0x04) and its Session Expiry Interval applies
+(REVIEW-SEC2 N11).  Held PUBLISHes are not let through unlimited when a
+DISCONNECT follows them: that would let any client pass the rate limit by
+ending each burst with a DISCONNECT.  When the close was seen by the probe,
+the bytes still in the socket are read (at most :data:`DRAIN_BYTES`, for at
+most :data:`DRAIN_TIME` seconds) only to find that DISCONNECT; nothing of
+them is handled.
 """
 from __future__ import annotations
 
@@ -14,19 +40,70 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqttd.codec.errors import MQTTError, ReasonCode
-from mqttd.codec.packets import Publish
-from mqttd.connstate import _CLOSED, _peer_host
+from mqttd.codec.packets import MQTT_5, Disconnect, Publish
+from mqttd.connstate import _CLOSED
 from mqttd.hooks import HOOK_FAILED, HOOK_TIMED_OUT
+from mqttd.peerclosed import peer_closed
+from mqttd.ratelimit import address_key
 
-__all__ = ["InputFlow"]
+__all__ = ["DECODE_SLICE", "DRAIN_BYTES", "DRAIN_TIME", "HOLD_BYTES", "HeldInput", "InputFlow",
+           "PROBE_INTERVAL"]
 
 #: the connection's log lines keep their namespace whichever module of
 #: ClientConnection writes them (operators filter on it)
 log = Logger(namespace="mqttd.connection")
 
+#: a read longer than this is decoded in slices of it, so a connection whose
+#: input blocks holds at most one slice's packets decoded (a 64 KiB read of
+#: 5-byte PUBLISHes decodes into ~13,000 objects, ~0.6 MB)
+DECODE_SLICE = 8192
+#: raw bytes a blocked connection reads ahead (and so can notice the client's
+#: close) before its transport is paused
+HOLD_BYTES = 65536
+#: seconds between two probes for the client's close while the transport is
+#: paused at HOLD_BYTES
+PROBE_INTERVAL = 1.0
+#: after the probe saw the close: bytes still read from the socket, and
+#: seconds, looking for a DISCONNECT; beyond either the connection is aborted
+DRAIN_BYTES = 256 * 1024
+DRAIN_TIME = 5.0
+
+
+class HeldInput:
+    """What a connection holds while its input is blocked (made on the first
+    block, dropped once everything held was handled): raw reads, whether
+    the transport is paused, the probe, and the keepalive clock's stop."""
+
+    __slots__ = ("raw", "raw_bytes", "blocked_at", "paused", "probe_call", "throttled",
+                 "dropped", "dropped_publishes", "draining", "drained", "drain_call", "why")
+
+    def __init__(self) -> None:
+        #: reads kept undecoded, in order
+        self.raw = []
+        self.raw_bytes = 0
+        #: when input blocked (the keepalive clock is stopped since), or None
+        self.blocked_at = None
+        #: the transport was paused by us (HOLD_BYTES reached)
+        self.paused = False
+        self.probe_call = None
+        #: this throttled stretch was counted and logged (inbound rate limit)
+        self.throttled = False
+        #: packets dropped at the end, and how many were PUBLISHes (counted
+        #: once, when the connection ends)
+        self.dropped = 0
+        self.dropped_publishes = 0
+        #: the client closed while we did not read: what is left is only searched
+        #: for a DISCONNECT
+        self.draining = False
+        self.drained = 0
+        self.drain_call = None
+        #: what blocked input last (for the log line)
+        self.why = "read ahead"
+
 
 class InputFlow:
-    """Input paused and resumed: awaited hooks, the inbound rate limit, timers."""
+    """Input blocked, held and resumed: awaited hooks, the inbound rate limit,
+    the client's close while not reading, timers."""
 
     __slots__ = ()
 
@@ -54,7 +131,7 @@ class InputFlow:
             then(self._hook_failed(answer, hook) if isinstance(answer, Failure) else answer)
             return
         self._waiting += 1
-        self.transport.pauseProducing()
+        self._block_input("waiting for a hook's answer")
         timer = self.clock.callLater(self.broker.config.hook_timeout, result.cancel)
 
         def answered(_):
@@ -97,17 +174,56 @@ class InputFlow:
                     why=why)
         return HOOK_FAILED
 
+    # --- blocked input ------------------------------------------------------------
+
+    def _blocked(self) -> bool:
+        return bool(self._held or self._waiting or self._rate_call is not None)
+
+    def _block_input(self, why: str) -> None:
+        """Input is blocked (the caller set ``_held``, ``_waiting`` or
+        ``_rate_call``): later reads are held, the keepalive clock stops."""
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = HeldInput()
+        if gate.blocked_at is None:
+            gate.blocked_at = self.clock.seconds()
+        gate.why = why
+
     def _resume_input(self) -> None:
-        """Process what waited for a hook, then read again (unless still blocked)."""
-        if self._waiting or self._held or self.state == _CLOSED:
+        """A blocker is gone: unless another still blocks, handle what was held
+        (decoded first, then the raw reads, slice by slice) until input blocks
+        again or everything passed, and read again."""
+        if self.state == _CLOSED or self._held or self._waiting or self._rate_call is not None:
             return
-        self._last_received = self.clock.seconds()  # we were not reading
+        gate = self._gate
+        if gate is None:
+            return
+        if gate.draining:
+            return
+        if gate.blocked_at is not None:
+            # the keepalive clock did not run while the broker was not reading
+            now = self.clock.seconds()
+            self._last_received = min(now, self._last_received + (now - gate.blocked_at))
+            gate.blocked_at = None
         self._run_stash()
-        if not (self._waiting or self._held or self._rate_call) and self.state != _CLOSED:
+        raw = gate.raw
+        while raw and self.state != _CLOSED and not self._blocked():
+            data = raw.pop(0)
+            gate.raw_bytes -= len(data)
+            self._take_input(data)
+        if self.state == _CLOSED or self._gate is not gate:
+            return
+        if gate.paused and gate.raw_bytes < HOLD_BYTES // 2:
+            gate.paused = False
+            if gate.probe_call is not None and gate.probe_call.active():
+                gate.probe_call.cancel()
+            gate.probe_call = None
             self.transport.resumeProducing()
+        if not self._blocked() and not raw and not self._stash:
+            self._gate = None  # everything held was handled
 
     def _run_stash(self) -> None:
-        """Handle the packets read while input was blocked (through the inbound
+        """Handle the packets decoded before input blocked (through the inbound
         rate limit when there is one)."""
         stash, self._stash = self._stash, ()
         if stash:
@@ -116,12 +232,193 @@ class InputFlow:
             else:
                 self._process(stash)
 
+    def _hold_input(self, data: bytes, first: bool = False) -> None:
+        """Keep ``data`` undecoded while input is blocked (``first``: it came
+        before what is held already); pause reading at :data:`HOLD_BYTES`."""
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = HeldInput()
+        if gate.draining:
+            self._drain(data)
+            return
+        if first:
+            gate.raw.insert(0, data)
+        else:
+            gate.raw.append(data)
+        gate.raw_bytes += len(data)
+        if gate.raw_bytes >= HOLD_BYTES and not gate.paused:
+            gate.paused = True
+            self.transport.pauseProducing()
+            gate.probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe_peer)
+        if not self._blocked():
+            self._resume_input()  # (reads arriving while held ones are handled)
+
+    @property
+    def input_blocked(self) -> bool:
+        """True while this connection's input is blocked: packets it sends are
+        held, not handled (a hook's answer, a congested subscriber, the inbound
+        rate limit)."""
+        return self._blocked()
+
+    def held_input(self) -> tuple:
+        """``(decoded packets, raw bytes)`` held now."""
+        gate = self._gate
+        return len(self._stash), gate.raw_bytes if gate is not None else 0
+
+    # --- the client closed while we did not read ------------------------------------
+
+    #: a callable ``() -> Optional[bool]`` answering whether the client closed its
+    #: end (tests set one); None: :func:`mqttd.peerclosed.peer_closed` asks the socket
+    peer_closed = None
+
+    def _probe_peer(self) -> None:
+        gate = self._gate
+        if gate is None or self.state == _CLOSED:
+            return
+        gate.probe_call = None
+        if not gate.paused:
+            return
+        check = self.peer_closed
+        closed = check() if check is not None else peer_closed(self.transport)
+        if closed is None:
+            return  # cannot be told here: the close is read once reading resumes
+        if closed:
+            self._peer_gone()
+            return
+        gate.probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe_peer)
+
+    def _peer_gone(self) -> None:
+        """The probe saw the client's close behind unread bytes: what is held is
+        dropped (a DISCONNECT among it still counts), the socket is read on
+        only to find a DISCONNECT, then the connection ends."""
+        gate = self._gate
+        if self._settle_held_input():
+            self._drain_over()  # its DISCONNECT was among what it held
+            return
+        gate.draining = True
+        gate.paused = False
+        gate.drain_call = self.clock.callLater(DRAIN_TIME, self._drain_over)
+        self.transport.resumeProducing()
+
+    def _drain(self, data: bytes) -> None:
+        gate = self._gate
+        gate.drained += len(data)
+        try:
+            packets = self.reader.feed(data)
+        except MQTTError as error:
+            packets = error.decoded_before
+            error.decoded_before = []
+            self._held_packets(packets)
+            self._drain_over()
+            return
+        if self._held_packets(packets) or gate.drained >= DRAIN_BYTES:
+            self._drain_over()
+
+    def _drain_over(self) -> None:
+        gate = self._gate
+        if gate is not None:
+            call, gate.drain_call = gate.drain_call, None
+            if call is not None and call.active():
+                call.cancel()
+        if self.state != _CLOSED:
+            self.state = _CLOSED
+            self._online = False
+            self._cancel_timers()
+            self._release()
+            release, self.release_transport = self.release_transport, None
+            if release is not None:
+                release()
+            self.transport.abortConnection()
+
+    def _held_packets(self, packets) -> bool:
+        """Count ``packets`` (held, never to be handled) as dropped up to the
+        first DISCONNECT, which is honoured; True if there was one."""
+        gate = self._gate
+        for packet in packets:
+            if packet.__class__ is Disconnect:
+                self._held_disconnect(packet)
+                return True
+            gate.dropped += 1
+            if packet.__class__ is Publish:
+                gate.dropped_publishes += 1
+        return False
+
+    def _held_disconnect(self, packet: Disconnect) -> None:
+        """A DISCONNECT the client sent but the broker had not handled when the
+        connection ended: the will is discarded all the same (v5: unless
+        reason 0x04) and its Session Expiry Interval applies [MQTT-3.14.4-3]."""
+        if self._will_on_close is False or self.session is None:
+            return
+        if self.protocol_level == MQTT_5:
+            interval = packet.properties.session_expiry_interval
+            if interval is not None:
+                if not self.session.persistent and interval > 0:
+                    return  # [MQTT-3.14.2-2]: a protocol error, not a normal DISCONNECT
+                self.broker.session_expiry_changed(self.session, interval)
+            self._will_on_close = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL
+        else:
+            self._will_on_close = False
+        self._close_reason = "disconnect"
+
+    def _settle_held_input(self) -> bool:
+        """The connection ends: drop what it holds (decoding what is raw), up to
+        a DISCONNECT, which is honoured; True if there was one.  The count is
+        reported by :meth:`_report_dropped`."""
+        gate = self._gate
+        stash, self._stash = self._stash, ()
+        if gate is None:
+            if not stash:
+                return False
+            gate = self._gate = HeldInput()
+        raw, gate.raw = gate.raw, []
+        gate.raw_bytes = 0
+        if self._held_packets(stash):
+            return True
+        reader = self.reader
+        for data in raw:
+            try:
+                packets = reader.feed(data)
+            except MQTTError as error:
+                found = self._held_packets(error.decoded_before)
+                error.decoded_before = []
+                return found
+            if self._held_packets(packets):
+                return True
+        return False
+
+    def settle_input(self) -> bool:
+        """The broker takes this connection's session over: settle what it holds
+        (see :meth:`_settle_held_input`).  False if the client had sent a
+        DISCONNECT that discards its will, else True."""
+        self._settle_held_input()
+        return self._will_on_close is not False or self._close_reason != "disconnect"
+
+    def _report_dropped(self) -> None:
+        """One count and one line (rate-limited) for what the closed connection
+        held; the held state is gone afterwards."""
+        gate, self._gate = self._gate, None
+        if gate is None:
+            return
+        for call in (gate.probe_call, gate.drain_call):
+            if call is not None and call.active():
+                call.cancel()
+        gate.raw = []
+        if gate.dropped:
+            if gate.dropped_publishes:  # messages that never reached a session
+                dropped = self._stats.dropped
+                dropped["held-input"] = dropped.get("held-input", 0) + gate.dropped_publishes
+            self._warn("held-input",
+                       "Closed {client_id} from {peer} with {count} packets it had sent not "
+                       "handled yet ({publishes} PUBLISH; {why}); dropped",
+                       client_id=self.client_id or "-", peer=self.peer, count=gate.dropped,
+                       publishes=gate.dropped_publishes, why=gate.why)
+
     # --- inbound rate limit (token bucket; backpressure, not disconnect) -------------
 
     def _admit(self, packets: list) -> None:
         """Handle ``packets`` one by one while the inbound bucket affords each
         PUBLISH; at the first it does not, keep it and the rest (decoded, in
-        order), pause reading and come back when the bucket has refilled.
+        order), block input and come back when the bucket has refilled.
 
         So the limit bounds what reaches subscribers even inside one read of
         many packets: at most one second's worth passes at once (the bucket's
@@ -148,26 +445,23 @@ class InputFlow:
 
     def _rate_pause(self, wait: float) -> None:
         bucket = self._bucket
-        if not bucket.throttled:
-            bucket.throttled = True  # one count and line per throttled stretch
+        self._rate_call = self.clock.callLater(wait, self._rate_resume)
+        self._block_input("held by the inbound rate limit")
+        gate = self._gate
+        if not gate.throttled:
+            gate.throttled = True  # one count and line per throttled stretch
             self.broker.refused("inbound-rate", self.client_id, self.peer,
                                 f"over the inbound rate limit ({bucket.rate:g} PUBLISH/s, "
-                                f"{bucket.bytes_rate:g} bytes/s); reads paused")
-        self.transport.pauseProducing()
-        self._rate_call = self.clock.callLater(wait, self._rate_resume)
+                                f"{bucket.bytes_rate:g} bytes/s); input held")
 
     def _rate_resume(self) -> None:
         self._rate_call = None
-        if self.state == _CLOSED or self._held or self._waiting:
-            return
-        self._run_stash()
-        if self.state != _CLOSED and not (self._held or self._waiting or self._rate_call):
-            self._bucket.throttled = False
-            self.transport.resumeProducing()
+        self._resume_input()
 
-    def _bucket_keys(self) -> tuple:
-        """Where the inbound bucket is remembered: client id and peer host."""
-        return (("client", self.client_id), ("host", _peer_host(self.peer)))
+    def _host_key(self) -> str:
+        """The inbound bucket is shared by the live connections of this host
+        (for IPv6: of its /64, see :func:`mqttd.ratelimit.address_key`)."""
+        return address_key(self.peer)
 
     def _connect_timeout(self) -> None:
         self._connect_call = None
@@ -178,6 +472,15 @@ class InputFlow:
     def _check_keepalive(self) -> None:
         self._keepalive_call = None
         if self.state == _CLOSED:
+            return
+        gate = self._gate
+        if gate is not None and gate.blocked_at is not None:
+            # the broker is not reading or not handling this client's input (a
+            # hook's answer, a congested subscriber, the inbound rate limit):
+            # that is not the client's silence [MQTT-3.1.2-24]; the clock
+            # goes on, shifted by the time blocked, once input resumes
+            self._keepalive_call = self.clock.callLater(self._keepalive,
+                                                        self._check_keepalive)
             return
         idle = self.clock.seconds() - self._last_received
         if idle >= self._keepalive:

@@ -242,7 +242,11 @@ class SessionLifecycle:
         if existing is not None and existing.connection is not None:
             old = existing.connection
             log.info("Session takeover for {client_id}", client_id=client_id)
-            self.connection_lost(existing, old, publish_will=True, reason="takeover")
+            # a DISCONNECT the old connection had read but not handled yet (its
+            # input held, see mqttd.inflow) still discards the will [MQTT-3.14.4-3]
+            settle = getattr(old, "settle_input", None)
+            publish_will = settle() if settle is not None else True
+            self.connection_lost(existing, old, publish_will=publish_will, reason="takeover")
             old.disconnect(ReasonCode.SESSION_TAKEN_OVER)
             existing = self.sessions.get(client_id)  # a clean one is gone now
         if existing is not None and existing.expiry_call is not None:

@@ -54,7 +54,8 @@ class BrokerStats:
     slow_subscribers_demoted: int = 0
     #: dropped messages by reason ("queue-full", "queued-bytes-total",
     #: "client-maximum-packet-size", "expired", "not-authorized": queued
-    #: before a reload took the read permission away)
+    #: before a reload took the read permission away; "held-input": PUBLISHes
+    #: a client sent that were held, unhandled, when its connection ended)
     dropped: Dict[str, int] = attrs.Factory(dict)
     #: gauge: bytes (topic + payload + properties) queued in all sessions (--max-queued-bytes-total)
     queued_bytes: int = 0

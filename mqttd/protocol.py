@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from mqttd.broker import Broker
 from mqttd.connection import ClientConnection
-from mqttd.ratelimit import peer_host
+from mqttd.ratelimit import address_key
 
 #: a half-open socket at least this old (seconds) may be closed to make room
 #: for a new one when the broker is at max_connections
@@ -73,7 +73,9 @@ class Admission:
     ``max_pending_connections_per_address`` half-open sockets that have
     waited :data:`EVICTABLE_AGE` or more for their CONNECT; more are closed at
     accept (fresh ones do not count: a burst of real clients connecting at
-    once from one address is not refused).  Connected clients are never closed to make room.  Each
+    once from one address is not refused); an IPv6 address counts under its
+    /64 (:func:`~mqttd.ratelimit.address_key`: a client with a /64 has 2^64
+    addresses).  Connected clients are never closed to make room.  Each
     refusal is counted (``max-connections``, ``max-pending-connections``) and
     logged through the broker's rate limiter with the peer.
 
@@ -115,7 +117,7 @@ class Admission:
             self.count += 1
             protocol.admission_host = None
             return True
-        return self._place(protocol, peer_host(peer), peer)
+        return self._place(protocol, address_key(peer), peer)
 
     def placed(self, protocol: "MQTTProtocol") -> bool:
         """Its PROXY header was read: count it under the client's address."""
@@ -123,7 +125,7 @@ class Admission:
             return True
         self.count -= 1
         peer = protocol.connection.peer
-        return self._place(protocol, peer_host(peer), peer)
+        return self._place(protocol, address_key(peer), peer)
 
     def _idle(self, table, now: float, enough: int) -> int:
         """How many sockets of ``table`` (oldest first) have waited at least

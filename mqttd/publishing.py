@@ -174,7 +174,7 @@ class Publishing:
         if self.session is not None and self.session.congested_since is not None:
             return  # never wait for ourselves (we would not read our own PUBACKs)
         self._held = True
-        self.transport.pauseProducing()
+        self._block_input("held back for a congested subscriber")
         broker.hold_publisher(self)
         self._hold_call = self.clock.callLater(broker.config.max_publisher_pause,
                                                self.release_publisher)
@@ -188,12 +188,7 @@ class Publishing:
         self._hold_call = None
         if self.state == _CLOSED:
             return
-        if self._waiting:
-            return  # the hook's answer resumes input
-        self._last_received = self.clock.seconds()  # we were not reading
-        self._run_stash()
-        if not (self._held or self._waiting or self._rate_call) and self.state != _CLOSED:
-            self.transport.resumeProducing()
+        self._resume_input()  # unless a hook's answer or the rate limit still blocks
 
     def _ack_refused(self, packet: Publish, code: int) -> None:
         if packet.qos == 1:

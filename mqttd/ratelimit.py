@@ -22,6 +22,7 @@ bridges) call it for their own client-triggered lines.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Callable, Dict, Hashable, Optional
 
 #: seconds per window
@@ -168,6 +169,23 @@ def peer_host(peer) -> str:
     return host if colon and host and port.isdigit() else text
 
 
+def address_key(peer) -> str:
+    """Who a peer is for per-address limits (half-open sockets, the inbound
+    rate): its host (:func:`peer_host`), or for IPv6 its /64 network -- one site
+    or one customer usually has a whole /64, so a new address from it is not a
+    new client host (``"2001:db8:1:2::/64"``)."""
+    host = peer_host(peer)
+    if ":" not in host:
+        return host  # IPv4, a name, "-": no parsing on the common path
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
 def refusal_key(what: str, client_id, peer) -> tuple:
     """The limiter key of a refusal or limit hit ``what``: ``(client_id, what)``;
     before a client id is known (a TLS handshake, a WebSocket opening
@@ -195,7 +213,7 @@ class InboundBucket:
         state, see :class:`BucketMemory`); default: full buckets.
     """
 
-    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "throttled")
+    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "host")
 
     #: a paused connection is resumed once the bucket holds at least this
     #: share of its capacity (at most ~10 resumes per second per client)
@@ -211,8 +229,8 @@ class InboundBucket:
         else:
             self.messages, self.bytes = state
         self.stamp = now
-        #: reads are paused by this bucket (an episode is counted once)
-        self.throttled = False
+        #: the client host whose live connections share it (see InboundBuckets)
+        self.host = None
 
     @property
     def capacity(self):
@@ -329,4 +347,59 @@ class BucketMemory:
             del entries[next(iter(entries))]
 
 
-__all__ = ["BucketMemory", "InboundBucket", "LogRateLimiter", "peer_host", "refusal_key"]
+class InboundBuckets:
+    """The inbound buckets of the live connections, one per client host and
+    shared by all of that host's connections, so N concurrent connections from
+    one address get one rate, not N (REVIEW-SEC2 N1); and the
+    :class:`BucketMemory` of closed ones.
+
+    :meth:`acquire` gives a new connection its host's live bucket (a first
+    connection's bucket starts from what the host and the client id left,
+    see :class:`BucketMemory`; a client id that left a lower state lowers the
+    shared bucket too, so reconnecting from another host brings no fresh
+    allowance).  :meth:`release` is called once per acquire when the
+    connection closes: the state is remembered under the client id, and under
+    the host when its last connection closed.  Bounded by the live
+    connections (one entry per host with at least one).
+
+    :param memory: where closed connections' states are kept.
+    """
+
+    def __init__(self, memory: BucketMemory):
+        self.memory = memory
+        #: host -> [bucket, live connections using it]
+        self._live: Dict[Hashable, list] = {}
+
+    def __len__(self) -> int:
+        """Hosts with a live bucket."""
+        return len(self._live)
+
+    def acquire(self, host: str, client_id, rate: float, bytes_rate: float,
+                now: float) -> InboundBucket:
+        """The bucket a new connection of ``client_id`` from ``host`` draws from."""
+        entry = self._live.get(host)
+        if entry is None:
+            bucket = InboundBucket(rate, bytes_rate, now)
+            bucket.host = host
+            self.memory.recall((("host", host),), bucket, now)
+            entry = self._live[host] = [bucket, 0]
+        bucket = entry[0]
+        self.memory.recall((("client", client_id),), bucket, now)
+        entry[1] += 1
+        return bucket
+
+    def release(self, client_id, bucket: InboundBucket, now: float) -> None:
+        """A connection that acquired ``bucket`` closed."""
+        self.memory.remember((("client", client_id),), bucket, now)
+        host = bucket.host
+        entry = self._live.get(host)
+        if entry is None or entry[0] is not bucket:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._live[host]
+            self.memory.remember((("host", host),), entry[0], now)
+
+
+__all__ = ["BucketMemory", "InboundBucket", "InboundBuckets", "LogRateLimiter", "address_key",
+           "peer_host", "refusal_key"]

@@ -176,7 +176,7 @@ class Subscribing:
         later packets and their acknowledgements come after [MQTT-4.6.0-2];
         the other clients are served between the slices."""
         self._waiting += 1
-        self.transport.pauseProducing()
+        self._block_input("a long SUBSCRIBE is handled")
         done = defer.ensureDeferred(self._subscribe_slices(packet))
         done.addErrback(self._slice_failed, packet)
 
@@ -267,7 +267,7 @@ class Subscribing:
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         if len(packet.topic_filters) > FILTERS_PER_TURN:
             self._waiting += 1  # later packets wait: their answers follow the UNSUBACK
-            self.transport.pauseProducing()
+            self._block_input("a long UNSUBSCRIBE is handled")
             done = defer.ensureDeferred(self._unsubscribe_slices(packet))
             done.addErrback(self._slice_failed, packet)
             return

@@ -152,8 +152,9 @@ OPTIONS: List[Option] = [
     Option("max-packet-size", integer(14, 268_435_460), "Largest packet accepted, bytes.",
            default=16 * 1024 * 1024, field="max_packet_size"),
     Option("max-connect-packet-size", integer(14, 268_435_460), "Largest packet accepted "
-           "before CONNECT succeeds, bytes; refused from the fixed header.",
-           default=1024 * 1024, field="max_connect_packet_size"),
+           "before CONNECT succeeds (the CONNECT with its will, AUTH packets), bytes; "
+           "refused from the fixed header.",
+           default=64 * 1024, field="max_connect_packet_size"),
     Option("connect-timeout", number(above=0), "Seconds to wait for CONNECT.",
            default=10.0, field="connect_timeout"),
     Option("max-keepalive", integer(0, 65535), "Largest keepalive granted, seconds, also "

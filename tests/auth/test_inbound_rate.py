@@ -33,7 +33,7 @@ def test_rate_limit_stops_inside_one_read_and_bounds_what_subscribers_get():
     pub.connect("pub")
     pub.send_bytes(_tiny_publishes(3000))
     assert _delivered(sub) == 10                      # the bucket's depth: one second
-    assert pub.transport.producerState == "paused"    # backpressure, not a disconnect
+    assert pub.conn.input_blocked                     # held: backpressure, not a disconnect
     assert not pub.disconnecting
     total = 10
     for second in range(1, 6):
@@ -42,7 +42,7 @@ def test_rate_limit_stops_inside_one_read_and_bounds_what_subscribers_get():
         total += _delivered(sub)
         assert total <= 10 + 10 * second + 1
     assert total >= 55
-    assert pub.transport.producerState == "paused"    # 2,940 still wait, decoded
+    assert pub.conn.input_blocked                     # 2,940 still wait (one slice decoded)
     assert broker.stats.refused["inbound-rate"] == 1  # one throttled stretch, one count
 
 
@@ -54,10 +54,11 @@ def test_rate_limited_connection_resumes_reading_once_its_backlog_passed():
     pub.connect("pub")
     pub.send_bytes(_tiny_publishes(15))
     assert _delivered(sub) == 10
-    assert pub.transport.producerState == "paused"
+    assert pub.conn.input_blocked
     clock.advance(1.0)
     clock.advance(1.0)
     assert _delivered(sub) == 5
+    assert not pub.conn.input_blocked
     assert pub.transport.producerState == "producing"
 
 
@@ -81,7 +82,7 @@ def test_bytes_rate_limit_stops_inside_one_read():
     data = b"".join(bytes((0x30, 53, 0, 1, ord("t"))) + b"x" * 50 for _ in range(4))
     pub.send_bytes(data)
     assert _delivered(sub) == 1
-    assert pub.transport.producerState == "paused"
+    assert pub.conn.input_blocked
     clock.advance(0.6)
     assert _delivered(sub) == 1
 
@@ -95,7 +96,7 @@ def test_publish_larger_than_the_bytes_bucket_passes_when_it_is_full():
     pub.publish("t", b"x" * 300)
     pub.publish("t", b"y")
     assert _delivered(sub) == 1
-    assert pub.transport.producerState == "paused"
+    assert pub.conn.input_blocked
     clock.advance(3.5)                                 # the debt of ~205 bytes is repaid
     assert _delivered(sub) == 1
 
@@ -221,3 +222,21 @@ def test_real_publisher_writing_3000_publishes_at_once_reaches_subscribers_at_th
             probe.transport.loseConnection()
     finally:
         yield service.stopService()
+
+
+def test_host_buckets_are_released_with_the_last_connection_of_the_host():
+    """The live bucket table holds one entry per host with live connections, no more."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    clients = []
+    for n in range(3):
+        pub = FakeClient(broker, clock)
+        pub.conn.peer = f"192.0.2.{n % 2}:4000"
+        pub.connect(f"h{n}")
+        clients.append(pub)
+    assert len(broker.inbound_buckets) == 2
+    assert clients[0].conn._bucket is clients[2].conn._bucket
+    clients[0].drop()
+    assert len(broker.inbound_buckets) == 2
+    clients[2].drop()
+    clients[1].drop()
+    assert len(broker.inbound_buckets) == 0

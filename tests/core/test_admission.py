@@ -8,7 +8,7 @@ and idle half-open sockets make room for newcomers.
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 
 from mqttd.codec import PacketReader, encode
@@ -19,7 +19,7 @@ from tests.transports.test_proxy import v1_header
 
 
 def _socket(factory, host, port=40000):
-    address = IPv4Address("TCP", host, port)
+    address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
     protocol = factory.buildProtocol(address)
     transport = StringTransport(peerAddress=address)
     protocol.makeConnection(transport)
@@ -203,3 +203,18 @@ def test_real_listener_idle_sockets_do_not_lock_out_a_client():
             probe.transport.loseConnection()
     finally:
         yield service.stopService()
+
+
+def test_ipv6_addresses_of_one_64_share_the_half_open_quota():
+    """A client with a /64 has 2^64 addresses: its half-open sockets count under the /64."""
+    broker, clock = make_broker(max_pending_connections_per_address=4)
+    factory = MQTTFactory(broker, clock=clock)
+    sockets = [_socket(factory, f"2001:db8:1:2::{n + 1:x}") for n in range(4)]
+    clock.advance(1.0)
+    protocol, transport = _socket(factory, "2001:db8:1:2:ffff::9")
+    assert transport.disconnecting
+    assert broker.stats.refused["max-pending-connections"] == 1
+    _close(protocol, transport)
+    _other, other_transport = _socket(factory, "2001:db8:1:3::1")   # another /64
+    assert not other_transport.disconnecting
+    assert admission_of(broker, clock).pending("2001:db8:1:2::/64") == 4

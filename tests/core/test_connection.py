@@ -540,13 +540,14 @@ def test_congested_subscriber_pauses_its_publishers_until_it_drains():
     pub.connect("pub")
     for i in range(6):  # 2 in flight, 4 queued: the high-water mark
         pub.publish("t", b"%d" % i, qos=1, packet_id=i + 1)
-    assert pub.transport.producerState == "paused"
+    assert pub.conn.input_blocked       # its input is held (read ahead up to a bound)
     other.publish("elsewhere", b"x", qos=1)  # publishers to other topics are not held
     assert other.transport.producerState == "producing"
     for _ in range(3):  # the subscriber acknowledges: the queue drains to the low-water mark
         for p in publishes(sub.received()):
             sub.send(Puback(p.packet_id))
     clock.advance(0)    # publishers are released on the next reactor turn
+    assert not pub.conn.input_blocked
     assert pub.transport.producerState == "producing"
     assert broker.stats.dropped == {}
 
@@ -561,8 +562,9 @@ def test_stuck_subscriber_holds_publishers_back_only_for_max_publisher_pause():
     pub.connect("pub")
     for i in range(4):
         pub.publish("t", b"%d" % i, qos=1, packet_id=i + 1)
-    assert pub.transport.producerState == "paused"
+    assert pub.conn.input_blocked
     clock.advance(5)
+    assert not pub.conn.input_blocked
     assert pub.transport.producerState == "producing"
     clock.advance(1)
     for i in range(10):  # past the pause: overflow by policy, counted, publisher not held

@@ -447,3 +447,28 @@ def test_tls_minimum_is_enforced(pki, service_factory):
     yield refused.lost
     assert refused.packets == []
     assert "protocol version" in str(refused.reason.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_closing_behind_held_input_over_tls_is_noticed(pki, service_factory):
+    """mqtts: a client closing behind rate-held PUBLISHes: the probe finds the socket under TLS (REVIEW-SEC2 N1)."""
+    import attrs
+    service = yield service_factory(pki.mqtts())
+    broker = service.broker
+    broker.config = attrs.evolve(broker.config, max_inbound_rate=10)
+    probe = yield connect(service, pki)
+    probe.send(Connect(4, "tls-zombie", True, 0))
+    connack = yield probe.next_packet()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    probe.transport.write(b"".join(bytes((0x30, 3, 0, 1, ord("t"))) for _ in range(30_000)))
+    yield deferLater(reactor, 0.3, lambda: None)
+    # the client process goes away: its socket closes (FIN) without waiting for
+    # the server's close_notify, which a held connection would not send
+    probe.transport.transport.loseConnection()
+    yield probe.lost
+    for _ in range(150):                    # bounded: 3 s
+        if broker.open_connections == 0:
+            break
+        yield deferLater(reactor, 0.02, lambda: None)
+    assert broker.open_connections == 0
+    assert broker.stats.dropped.get("held-input", 0) > 1000

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -477,3 +478,23 @@ def test_tls_broken_on_an_open_wss_connection_names_the_client():
     client.protocol.connectionLost(Failure(_ssl_error("decryption failed or bad record mac")))
     assert client.broker.stats.refused == {"tls": 1}
     assert "ws-tls" not in client.broker.sessions or not client.broker.sessions["ws-tls"].online
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POLLRDHUP is Linux's")
+def test_close_probe_of_held_input_finds_the_socket_under_the_websocket():
+    """A held connection's probe for the client's close (REVIEW-SEC2 N1) reaches the TCP socket under the WebSocket."""
+    import socket
+
+    from mqttd.peerclosed import peer_closed
+    client = WebSocketClient()
+    client.open()
+    client.protocol.dataReceived(client_frame(encode(Connect(4, "ws-held"), 4)))
+    connection = client.protocol._mqtt.connection
+    ours, theirs = socket.socketpair()
+    client.transport.getHandle = lambda: ours
+    try:
+        assert peer_closed(connection.transport) is False
+        theirs.close()
+        assert peer_closed(connection.transport) is True
+    finally:
+        ours.close()
