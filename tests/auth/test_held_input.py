@@ -319,6 +319,43 @@ def test_takeover_of_a_connection_holding_a_disconnect_publishes_no_will():
     assert broker.stats.dropped["held-input"] == 10_000 - got.count("wt/data")
 
 
+def _burst_then_disconnect(publishes: int) -> bytes:
+    """``publishes`` QoS 0 PUBLISHes to wt/data (11 bytes each), then a v3 DISCONNECT."""
+    return b"".join(bytes((0x30, 9, 0, 7)) + b"wt/data" for _ in range(publishes)) + b"\xe0\x00"
+
+
+def test_disconnect_still_in_the_socket_when_the_probe_sees_the_close_discards_the_will():
+    """The DISCONNECT behind 200 KB of held input is found by reading the rest after the close (N11)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    watcher = _watcher(broker, clock)
+    dev = FakeClient(broker, clock)
+    dev.connect("dev10", will=Will("wt/dead", b"dev10 died", 0, False))
+    wire = Wire(dev)
+    wire.write(_burst_then_disconnect(18_000))          # ~200 KB
+    wire.close()
+    assert len(wire.kernel) > 50_000                     # the DISCONNECT is still unread
+    _advance(clock, [wire], 2.0)
+    assert wire.lost
+    got = [p.topic for p in watcher.received() if isinstance(p, Publish)]
+    assert "wt/dead" not in got
+    assert broker.stats.dropped["held-input"] == 18_000 - got.count("wt/data")
+
+
+def test_reading_after_the_close_is_bounded_then_the_will_is_published():
+    """At most 256 KiB are read after the close: a DISCONNECT behind more is not seen (documented limit)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    watcher = _watcher(broker, clock)
+    dev = FakeClient(broker, clock)
+    dev.connect("dev11", will=Will("wt/dead", b"dev11 died", 0, False))
+    wire = Wire(dev)
+    wire.write(_burst_then_disconnect(60_000))           # ~660 KB
+    wire.close()
+    _advance(clock, [wire], 2.0)
+    assert wire.lost and len(wire.kernel) > 0            # aborted with bytes unread
+    got = [p.topic for p in watcher.received() if isinstance(p, Publish)]
+    assert got.count("wt/dead") == 1
+
+
 def test_disconnect_held_behind_a_slow_hook_discards_the_will_when_the_client_closes():
     """The client closes right after DISCONNECT while a hook is pending: no will (N11)."""
     broker, clock = make_broker(hook_timeout=20)
