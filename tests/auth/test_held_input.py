@@ -165,6 +165,49 @@ def test_connections_from_one_host_share_one_inbound_bucket():
     assert _delivered(sub) <= 20 + 1                    # and one rate for 2 s
 
 
+def test_connections_sharing_a_host_bucket_take_turns():
+    """Three flooding connections of one host each get about a third, not one of them all."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("#")
+    pubs = []
+    for n in range(3):
+        pub = FakeClient(broker, clock)
+        pub.connect(f"turn-{n}")
+        pubs.append(pub)
+    for n, pub in enumerate(pubs):
+        pub.send_bytes(_tiny_publishes(2000, topic="abc"[n]))
+    for _ in range(200):                                # 10 s
+        clock.advance(0.05)
+    topics = [p.topic for p in sub.received() if isinstance(p, Publish)]
+    assert len(topics) <= 10 + 100 + 1                  # one rate for the host
+    assert all(topics.count(t) >= 25 for t in "abc"), {t: topics.count(t) for t in "abc"}
+
+
+def test_a_connection_leaving_its_turn_hands_it_on():
+    """The connection whose turn it is closes, or a waiting one does: the others go on."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("#")
+    pubs = []
+    for n in range(3):
+        pub = FakeClient(broker, clock)
+        pub.connect(f"leave-{n}")
+        pub.send_bytes(_tiny_publishes(500, topic="abc"[n]))
+        pubs.append(pub)
+    sub.received()
+    bucket = pubs[0].conn._bucket
+    assert list(bucket.waiters) == [p.conn for p in pubs]
+    pubs[0].drop()                                      # the head
+    pubs[2].drop()                                      # one waiting behind
+    assert list(bucket.waiters) == [pubs[1].conn]
+    for _ in range(40):
+        clock.advance(0.05)
+    assert [p.topic for p in sub.received() if isinstance(p, Publish)].count("b") >= 15
+
+
 def test_other_hosts_keep_their_own_bucket_while_one_host_is_throttled():
     """Sharing is per host: another address is not slowed by a throttled one."""
     broker, clock = make_broker(max_inbound_rate=10)
