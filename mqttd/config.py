@@ -161,12 +161,13 @@ class BrokerConfig:
     #: 0 = no limit (v5 DISCONNECT 0x90 for a PUBLISH, SUBACK 0x8F per filter;
     #: v3 close / 0x80)
     max_topic_levels: int = attrs.field(default=200, validator=_int_in(0))
-    #: inbound PUBLISH packets per second per client (token bucket, burst of
-    #: one second, charged per packet); over it the connection's reads pause
-    #: and what it had read waits; a reconnect continues from the bucket the
-    #: last connection of that client id or host left; 0 = no limit
+    #: inbound PUBLISH packets per second per client host (token bucket, burst
+    #: of one second, charged per packet, shared by the host's live connections;
+    #: IPv6: per /64); over it the connection's input is held (mqttd.inflow);
+    #: a reconnect continues from the bucket the last connection of that client
+    #: id or host left; 0 = no limit
     max_inbound_rate: float = attrs.field(default=0.0, validator=_seconds(0))
-    #: inbound PUBLISH bytes per second per client (same bucket rules); 0 = no limit
+    #: inbound PUBLISH bytes per second per client host (same bucket rules); 0 = no limit
     max_inbound_bytes_rate: float = attrs.field(default=0.0, validator=_seconds(0))
     #: seconds a subscriber that used up max_publisher_pause must stay healthy
     #: (after its queue was empty) before it may hold publishers again

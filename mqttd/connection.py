@@ -382,6 +382,8 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         """Drop what a closed connection holds, at once rather than at the next
         full GC: the partial packet buffer, stashed and pending packets, and the
         handler table of bound methods (a reference cycle through ``self``)."""
+        if self._bucket is not None:
+            self._leave_turns()
         if self._gate is not None or self._stash:
             self._settle_held_input()   # (before the reader is released)
             self._report_dropped()
@@ -425,6 +427,7 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
 
     def connection_lost(self, reason=None) -> None:
         if self._bucket is not None:
+            self._leave_turns()
             self.broker.inbound_buckets.release(self.client_id, self._bucket,
                                                 self.clock.seconds())
             self._bucket = None

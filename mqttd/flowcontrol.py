@@ -3,8 +3,9 @@
 Layer L3 (no transport, no global reactor: the clock is injected).
 
 An online subscriber whose queue passes the high-water mark is *congested*.
-To lose nothing for a subscriber that is merely slow, the broker stops reading
-from the publishers that feed it (their TCP windows fill, they slow down)
+To lose nothing for a subscriber that is merely slow, the broker holds the
+input of the publishers that feed it (read ahead up to a bound, then not read:
+their TCP windows fill, they slow down; see mqttd.inflow)
 until its queue is back at the low-water mark.  Both marks are pairs
 (messages, bytes) held by one :class:`Watermarks`: the queue is over the
 high-water mark when *either* count reaches its mark, and back at the

@@ -69,13 +69,30 @@ DRAIN_BYTES = 256 * 1024
 DRAIN_TIME = 5.0
 
 
+class _Queued:
+    """``_rate_call`` of a connection waiting for its turn at its host's
+    shared inbound bucket (no timer of its own: the turn before it wakes it)."""
+
+    __slots__ = ()
+
+    def active(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        pass
+
+
+_QUEUED = _Queued()
+
+
 class HeldInput:
     """What a connection holds while its input is blocked (made on the first
     block, dropped once everything held was handled): raw reads, whether
     the transport is paused, the probe, and the keepalive clock's stop."""
 
     __slots__ = ("raw", "raw_bytes", "blocked_at", "paused", "probe_call", "throttled",
-                 "dropped", "dropped_publishes", "draining", "drained", "drain_call", "why")
+                 "turn_taken", "dropped", "dropped_publishes", "draining", "drained",
+                 "drain_call", "why")
 
     def __init__(self) -> None:
         #: reads kept undecoded, in order
@@ -88,6 +105,8 @@ class HeldInput:
         self.probe_call = None
         #: this throttled stretch was counted and logged (inbound rate limit)
         self.throttled = False
+        #: it took tokens in its current turn at its host's shared bucket
+        self.turn_taken = False
         #: packets dropped at the end, and how many were PUBLISHes (counted
         #: once, when the connection ends)
         self.dropped = 0
@@ -220,6 +239,8 @@ class InputFlow:
             gate.probe_call = None
             self.transport.resumeProducing()
         if not self._blocked() and not raw and not self._stash:
+            if self._bucket is not None:
+                self._leave_turns()
             self._gate = None  # everything held was handled
 
     def _run_stash(self) -> None:
@@ -427,27 +448,49 @@ class InputFlow:
         """
         bucket = self._bucket
         clock = self.clock
+        queue = bucket.waiters
         for index, packet in enumerate(packets):
             if self.state == _CLOSED:
                 return
             if self._held or self._waiting:
                 self._stash = packets[index:] + list(self._stash)
+                if len(queue) > 1 and queue[0] is self:
+                    self._pass_turn()  # blocked otherwise: not a turn to keep
                 return
             if packet.__class__ is Publish:
+                if queue and queue[0] is not self:
+                    # other connections of this host wait for the shared bucket
+                    # first: this one takes its turn after them
+                    self._stash = packets[index:] + list(self._stash)
+                    if self not in queue:
+                        queue.append(self)
+                    self._rate_pause(None)
+                    return
                 raw = packet.raw
                 wait = bucket.take(len(raw) if raw is not None else len(packet.payload),
                                    clock.seconds())
                 if wait:
                     self._stash = packets[index:] + list(self._stash)
+                    if not queue:
+                        queue.append(self)
+                    elif self._gate is not None and self._gate.turn_taken and len(queue) > 1:
+                        self._pass_turn()
+                        return
                     self._rate_pause(wait)
                     return
+                if queue and self._gate is not None:  # the head: others may wait behind it
+                    self._gate.turn_taken = True
             self._process((packet,))
 
-    def _rate_pause(self, wait: float) -> None:
+    def _rate_pause(self, wait) -> None:
+        """Block input for ``wait`` seconds (the bucket refills), or with
+        ``wait`` None until this connection's turn at its host's bucket."""
         bucket = self._bucket
-        self._rate_call = self.clock.callLater(wait, self._rate_resume)
+        self._rate_call = (_QUEUED if wait is None else
+                           self.clock.callLater(wait, self._rate_resume))
         self._block_input("held by the inbound rate limit")
         gate = self._gate
+        gate.turn_taken = False
         if not gate.throttled:
             gate.throttled = True  # one count and line per throttled stretch
             self.broker.refused("inbound-rate", self.client_id, self.peer,
@@ -457,6 +500,43 @@ class InputFlow:
     def _rate_resume(self) -> None:
         self._rate_call = None
         self._resume_input()
+
+    # Connections of one host share its bucket and take turns (FIFO): only the
+    # head of ``bucket.waiters`` takes tokens and has a timer; once it took some
+    # and the bucket is empty again, or it blocks for another reason, it goes
+    # to the back and the next one's turn starts.  Without turns the first
+    # timer to fire would take every refill (one connection got 110 of 110
+    # messages, the two others none).
+
+    def _pass_turn(self) -> None:
+        """The head's turn at the shared bucket is over: to the back of the queue."""
+        queue = self._bucket.waiters
+        queue.popleft()
+        queue.append(self)
+        if self._rate_call is None or self._rate_call is _QUEUED:
+            self._rate_pause(None)
+        queue[0]._take_turn()
+
+    def _take_turn(self) -> None:
+        """It is this connection's turn at its host's bucket (it is the head)."""
+        if self._rate_call is _QUEUED and self.state != _CLOSED:
+            self._rate_call = self.clock.callLater(0, self._rate_resume)
+            if self._gate is not None:
+                self._gate.turn_taken = False
+
+    def _leave_turns(self) -> None:
+        """Nothing waits for the bucket any more (everything held was handled,
+        or the connection ends): out of the queue; the next one's turn."""
+        bucket = self._bucket
+        if bucket is None or not bucket.waiters:
+            return
+        queue = bucket.waiters
+        if queue[0] is self:
+            queue.popleft()
+            if queue:
+                queue[0]._take_turn()
+        elif self in queue:
+            queue.remove(self)
 
     def _host_key(self) -> str:
         """The inbound bucket is shared by the live connections of this host

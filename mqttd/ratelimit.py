@@ -22,6 +22,7 @@ bridges) call it for their own client-triggered lines.
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 from typing import Callable, Dict, Hashable, Optional
 
@@ -213,7 +214,7 @@ class InboundBucket:
         state, see :class:`BucketMemory`); default: full buckets.
     """
 
-    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "host")
+    __slots__ = ("rate", "bytes_rate", "messages", "bytes", "stamp", "host", "waiters")
 
     #: a paused connection is resumed once the bucket holds at least this
     #: share of its capacity (at most ~10 resumes per second per client)
@@ -231,6 +232,8 @@ class InboundBucket:
         self.stamp = now
         #: the client host whose live connections share it (see InboundBuckets)
         self.host = None
+        #: the connections waiting for it, in turn (mqttd.inflow); the head's turn
+        self.waiters = collections.deque()
 
     @property
     def capacity(self):

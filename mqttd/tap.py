@@ -240,12 +240,12 @@ OPTIONS: List[Option] = [
     Option("max-topic-levels", integer(0), "Levels of a topic name or filter (as "
            "mosquitto: 200); more: v5 DISCONNECT 0x90 / SUBACK 0x8F, v3 close / 0x80; "
            "0 = no limit.", default=200, field="max_topic_levels"),
-    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client (token "
-           "bucket of one second, charged per packet); over it its reads pause; a reconnect "
-           "continues from the bucket it left; 0 = no limit.", default=0.0,
-           field="max_inbound_rate"),
-    Option("max-inbound-bytes-rate", number(0), "PUBLISH bytes per second per client (same "
-           "rules); 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
+    Option("max-inbound-rate", number(0), "PUBLISH packets per second per client host "
+           "(token bucket of one second shared by the host's live connections, charged per "
+           "packet); over it their input is held (backpressure); a reconnect continues from "
+           "the bucket it left; 0 = no limit.", default=0.0, field="max_inbound_rate"),
+    Option("max-inbound-bytes-rate", number(0), "PUBLISH bytes per second per client host "
+           "(same rules); 0 = no limit.", default=0.0, field="max_inbound_bytes_rate"),
     # --- cluster (mqttd.cluster; see docs/cluster.rst) ---
     Option("cluster", text(_cluster_url), "Join the cluster whose state is in this Redis: "
            "redis://HOST:PORT[/DB], rediss://..., redis+sentinel://H:P[,H:P]/SERVICE, "

@@ -165,6 +165,49 @@ def test_connections_from_one_host_share_one_inbound_bucket():
     assert _delivered(sub) <= 20 + 1                    # and one rate for 2 s
 
 
+def test_connections_sharing_a_host_bucket_take_turns():
+    """Three flooding connections of one host each get about a third, not one of them all."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("#")
+    pubs = []
+    for n in range(3):
+        pub = FakeClient(broker, clock)
+        pub.connect(f"turn-{n}")
+        pubs.append(pub)
+    for n, pub in enumerate(pubs):
+        pub.send_bytes(_tiny_publishes(2000, topic="abc"[n]))
+    for _ in range(200):                                # 10 s
+        clock.advance(0.05)
+    topics = [p.topic for p in sub.received() if isinstance(p, Publish)]
+    assert len(topics) <= 10 + 100 + 1                  # one rate for the host
+    assert all(topics.count(t) >= 25 for t in "abc"), {t: topics.count(t) for t in "abc"}
+
+
+def test_a_connection_leaving_its_turn_hands_it_on():
+    """The connection whose turn it is closes, or a waiting one does: the others go on."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("#")
+    pubs = []
+    for n in range(3):
+        pub = FakeClient(broker, clock)
+        pub.connect(f"leave-{n}")
+        pub.send_bytes(_tiny_publishes(500, topic="abc"[n]))
+        pubs.append(pub)
+    sub.received()
+    bucket = pubs[0].conn._bucket
+    assert list(bucket.waiters) == [p.conn for p in pubs]
+    pubs[0].drop()                                      # the head
+    pubs[2].drop()                                      # one waiting behind
+    assert list(bucket.waiters) == [pubs[1].conn]
+    for _ in range(40):
+        clock.advance(0.05)
+    assert [p.topic for p in sub.received() if isinstance(p, Publish)].count("b") >= 15
+
+
 def test_other_hosts_keep_their_own_bucket_while_one_host_is_throttled():
     """Sharing is per host: another address is not slowed by a throttled one."""
     broker, clock = make_broker(max_inbound_rate=10)
@@ -317,6 +360,43 @@ def test_takeover_of_a_connection_holding_a_disconnect_publishes_no_will():
     got = [p.topic for p in watcher.received() if isinstance(p, Publish)]
     assert "wt/dead" not in got
     assert broker.stats.dropped["held-input"] == 10_000 - got.count("wt/data")
+
+
+def _burst_then_disconnect(publishes: int) -> bytes:
+    """``publishes`` QoS 0 PUBLISHes to wt/data (11 bytes each), then a v3 DISCONNECT."""
+    return b"".join(bytes((0x30, 9, 0, 7)) + b"wt/data" for _ in range(publishes)) + b"\xe0\x00"
+
+
+def test_disconnect_still_in_the_socket_when_the_probe_sees_the_close_discards_the_will():
+    """The DISCONNECT behind 200 KB of held input is found by reading the rest after the close (N11)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    watcher = _watcher(broker, clock)
+    dev = FakeClient(broker, clock)
+    dev.connect("dev10", will=Will("wt/dead", b"dev10 died", 0, False))
+    wire = Wire(dev)
+    wire.write(_burst_then_disconnect(18_000))          # ~200 KB
+    wire.close()
+    assert len(wire.kernel) > 50_000                     # the DISCONNECT is still unread
+    _advance(clock, [wire], 2.0)
+    assert wire.lost
+    got = [p.topic for p in watcher.received() if isinstance(p, Publish)]
+    assert "wt/dead" not in got
+    assert broker.stats.dropped["held-input"] == 18_000 - got.count("wt/data")
+
+
+def test_reading_after_the_close_is_bounded_then_the_will_is_published():
+    """At most 256 KiB are read after the close: a DISCONNECT behind more is not seen (documented limit)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    watcher = _watcher(broker, clock)
+    dev = FakeClient(broker, clock)
+    dev.connect("dev11", will=Will("wt/dead", b"dev11 died", 0, False))
+    wire = Wire(dev)
+    wire.write(_burst_then_disconnect(60_000))           # ~660 KB
+    wire.close()
+    _advance(clock, [wire], 2.0)
+    assert wire.lost and len(wire.kernel) > 0            # aborted with bytes unread
+    got = [p.topic for p in watcher.received() if isinstance(p, Publish)]
+    assert got.count("wt/dead") == 1
 
 
 def test_disconnect_held_behind_a_slow_hook_discards_the_will_when_the_client_closes():

@@ -9,8 +9,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
 from mqttd.broker import BrokerConfig
-from mqttd.codec.packets import Connack, Connect, Disconnect, Pingreq, Pingresp, Publish, \
-    Subscribe, Subscription, Will
+from mqttd.codec.packets import Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, \
+    Publish, Subscribe, Subscription, Will
 from mqttd.service import make_broker_service
 from tests.transports.test_tls import WAIT, Probe
 
@@ -20,9 +20,9 @@ def _tiny_publishes(count: int, topic: str = "t") -> bytes:
 
 
 @pytest_twisted.inlineCallbacks
-def _start(**config):
+def _start(authorizer=None, **config):
     service = make_broker_service(reactor, listen=["tcp:0:interface=127.0.0.1"],
-                                  store="memory", sys_interval=0,
+                                  store="memory", sys_interval=0, authorizer=authorizer,
                                   config=BrokerConfig(**config))
     yield service.startService()
     return service
@@ -126,6 +126,28 @@ def test_rate_limited_client_that_pings_on_time_is_not_disconnected():
             yield deferLater(reactor, 0.4, lambda: None)
             assert not client.lost.called
         assert Pingresp() not in client.packets               # delayed behind the held PUBLISH
+        _close_all(client)
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_publish_authorizer_does_not_disconnect_a_client_that_pings_on_time():
+    """Keepalive 1 s, authorize_publish answers after 2.5 s, a PINGREQ every 0.4 s: connected, PUBACK before PINGRESPs (N2 addendum)."""
+    class Slow:
+        def authorize_publish(self, client, message):
+            return deferLater(reactor, 2.5, lambda: True) if message.topic == "slow" else True
+
+    service = yield _start(authorizer=Slow(), hook_timeout=20)
+    try:
+        client = yield _client(service, "hk", keepalive=1)
+        client.send(Publish("slow", b"x", 1, False, packet_id=1))
+        for _ in range(8):                                    # 3.2 s
+            client.send(Pingreq())
+            yield deferLater(reactor, 0.4, lambda: None)
+            assert not client.lost.called
+        assert client.packets[0] == Puback(1)                 # in order: then the PINGRESPs
+        assert Pingresp() in client.packets[1:]
         _close_all(client)
     finally:
         yield service.stopService()

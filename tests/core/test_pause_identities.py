@@ -217,14 +217,14 @@ def held_fraction(attack, seconds=60, reconnect_every=6.0, **config):
             attacker = attack(broker, clock, n)
             n += 1
         for _ in range(10):
-            if pub.transport.producerState == "paused":
+            if pub.conn.input_blocked:
                 break
             pid = pid % 65535 + 1
             pub.publish("t", b"m", qos=1, packet_id=pid)
         for p in honest.received():
             if isinstance(p, Publish):
                 honest.send(Puback(p.packet_id))
-        if pub.transport.producerState == "paused":
+        if pub.conn.input_blocked:
             paused += 1
         clock.advance(0.1)
     return paused / ticks, broker
