@@ -18,6 +18,8 @@ import urllib.parse
 import urllib.request
 from typing import List
 
+from mqttd.logs import escape_controls
+
 DEFAULT_ADMIN = "http://127.0.0.1:9884"
 _MARK = {True: "ok ", False: "NO ", None: " - "}
 
@@ -62,7 +64,9 @@ def fetch(base: str, path: str, params: dict, token=None, timeout: float = 10.0)
 
 
 def render(answer: dict) -> str:
-    """The explanation as text lines."""
+    """The explanation as text lines, for a terminal: what clients chose (topic
+    filters, client ids, incident texts) has its control characters escaped
+    (``\\r``, ``\\n``, ``\\x1b``: no forged line, no escape sequence)."""
     lines = [f"{answer['verdict'].upper()}: {answer['summary']}", ""]
     for step in answer["steps"]:
         lines.append(f"  [{_MARK[step['ok']]}] {step['check']}: {step['detail']}")
@@ -77,7 +81,7 @@ def render(answer: dict) -> str:
         for incident in answer["recent"][-10:]:
             times = f" (x{incident['repeated']})" if incident.get("repeated", 1) > 1 else ""
             lines.append(f"    {incident['reason']}: {incident['text']}{times}")
-    return "\n".join(lines)
+    return "\n".join(escape_controls(line) for line in lines)
 
 
 def main(argv: List[str]) -> int:

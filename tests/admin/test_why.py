@@ -277,3 +277,18 @@ def test_ring_entries_are_bounded_and_escaped_whatever_the_client_sends():
     assert "\r" not in incident.text and "\x1b" not in incident.text
     assert "x\\r\\x1b[31m" in incident.text
     assert all(len(key) < 300 for key in ring._rings)
+
+
+def test_why_output_escapes_what_clients_chose():
+    """`mqttd why` prints a client's topic filters and incident texts to the operator's
+    terminal: their control characters come out escaped (no forged line, no colours)."""
+    from mqttd.admin.cli import render
+    text = render({
+        "verdict": "not-delivered", "summary": "no subscription matches", "client": "c\x1b[2J",
+        "steps": [{"ok": False, "check": "subscription", "detail": "none of 1 filter\rmatches"}],
+        "nearest": [{"filter": "a/\n[mqttd#info] forged", "why": "level 1 differs"}],
+        "recent": [{"reason": "publish-refused", "text": "x\x1b[31mRED", "repeated": 2}]})
+    assert "\x1b" not in text and "\r" not in text
+    assert "a/\\n[mqttd#info] forged: level 1 differs" in text
+    assert not any(line.startswith("[mqttd#info]") for line in text.splitlines())
+    assert "recent drops and refusals of c\\x1b[2J:" in text
