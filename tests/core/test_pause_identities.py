@@ -263,3 +263,20 @@ def test_reconnecting_just_before_the_budget_runs_out_gains_nothing(attack):
     fraction, broker = held_fraction(attack, seconds=60, reconnect_every=4.9)
     assert broker.stats.publisher_holds <= 2
     assert fraction <= 10.5 / 60
+
+
+def test_demotion_of_many_holders_under_one_address_is_iterative(log_events):
+    """1,500 holders of one address (past the recursion limit): one demotion ends all, one log line."""
+    g, clock, stats = guard()
+    sessions = [session("s%d" % i, peer="192.0.2.1:%d" % i) for i in range(1500)]
+    for s in sessions:
+        assert g.congested(s)
+    clock.advance(5)
+    assert not g.holding
+    assert all(s.demoted_since is not None for s in sessions)
+    assert stats.slow_subscribers_demoted == 1500
+    lines = [e for e in log_events if e.get("log_namespace") == "mqttd.flowcontrol"
+             and e.get("log_level").name == "warn"]
+    assert len(lines) == 2          # the one that ran out, and one for the others under it
+    assert lines[1]["count"] == 1499
+    assert len(g.ledger) == 1501    # 1,500 client ids and the address
