@@ -385,37 +385,57 @@ class SlowConsumerGuard:
 
     def _spend(self, session, keys, now: float) -> None:
         """Put ``keys`` in the ledger and demote every other subscriber
-        holding publishers under one of them (same address, user...)."""
-        self.ledger.record(keys, now)
-        for key in keys:
-            for other in list(self._by_key.get(key, ())):
-                if other is not session and other.congested_since is not None:
-                    self._budget_spent(other, shared=key)
+        holding publishers under one of them (same address, user...), and
+        under theirs in turn: a worklist, not recursion, as one address may
+        have thousands of subscribers holding at once.  One log line for all
+        of those (each demotion is counted)."""
+        ledger = self.ledger
+        ledger.record(keys, now)
+        work = list(keys)
+        first = None
+        count = 0
+        while work:
+            key = work.pop()
+            holders = self._by_key.get(key)
+            if not holders:
+                continue
+            for other in list(holders):
+                if other.congested_since is None:
+                    continue
+                other_keys = self._keys.get(other, ())
+                self._end_episode(other)
+                self._demote(other, now)
+                self.stats.slow_subscribers_demoted += 1
+                ledger.record(other_keys, now)
+                work.extend(other_keys)
+                if first is None:
+                    first = (other, key)
+                count += 1
+        if count:
+            other, key = first
+            log.warn("{count} more subscribers ({client_id}...) stop holding publishers back: "
+                     "the {kind} {identity} they share with {spender} used up its pause; they "
+                     "queue to their limits, then overflow by policy", count=count,
+                     client_id=other.client_id, kind=key[0], identity=key[1],
+                     spender=session.client_id)
 
-    def _budget_spent(self, session, shared=None) -> None:
+    def _budget_spent(self, session) -> None:
         self._timers.pop(session, None)
         if session.congested_since is None:
             return
         now = self.clock.seconds()
-        held = now - session.congested_since
         keys = self._keys.get(session, ())
         self._end_episode(session)
         self._demote(session, now)
         self.stats.slow_subscribers_demoted += 1
         # once per demotion, and a demotion happens at most once per
         # recovery period per identity: rate-limited by construction
-        if shared is None:
-            log.warn("Subscriber {client_id} held publishers back for {budget} s without "
-                     "draining ({queued} queued); it holds no one until its queue has "
-                     "drained and stayed healthy for {recovery} s (nor does its client id, "
-                     "user or address for {recovery} s), and overflows by policy meanwhile",
-                     client_id=session.client_id, budget=self.budget,
-                     queued=len(session.queue), recovery=self.recovery)
-        else:
-            log.warn("Subscriber {client_id} stops holding publishers back after {held:.1f} s: "
-                     "its {kind} {identity} used up its pause; it overflows by policy "
-                     "meanwhile", client_id=session.client_id, held=held, kind=shared[0],
-                     identity=shared[1])
+        log.warn("Subscriber {client_id} held publishers back for {budget} s without "
+                 "draining ({queued} queued); it holds no one until its queue has "
+                 "drained and stayed healthy for {recovery} s (nor does its client id, "
+                 "user or address for {recovery} s), and overflows by policy meanwhile",
+                 client_id=session.client_id, budget=self.budget,
+                 queued=len(session.queue), recovery=self.recovery)
         self._spend(session, keys, now)
         self._maybe_release()
 

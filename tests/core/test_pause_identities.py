@@ -263,3 +263,63 @@ def test_reconnecting_just_before_the_budget_runs_out_gains_nothing(attack):
     fraction, broker = held_fraction(attack, seconds=60, reconnect_every=4.9)
     assert broker.stats.publisher_holds <= 2
     assert fraction <= 10.5 / 60
+
+
+def test_demotion_of_many_holders_under_one_address_is_iterative(log_events):
+    """1,500 holders of one address (past the recursion limit): one demotion ends all, one log line."""
+    g, clock, stats = guard()
+    sessions = [session("s%d" % i, peer="192.0.2.1:%d" % i) for i in range(1500)]
+    for s in sessions:
+        assert g.congested(s)
+    clock.advance(5)
+    assert not g.holding
+    assert all(s.demoted_since is not None for s in sessions)
+    assert stats.slow_subscribers_demoted == 1500
+    lines = [e for e in log_events if e.get("log_namespace") == "mqttd.flowcontrol"
+             and e.get("log_level").name == "warn"]
+    assert len(lines) == 2          # the one that ran out, and one for the others under it
+    assert lines[1]["count"] == 1499
+    assert len(g.ledger) == 1501    # 1,500 client ids and the address
+
+
+class AcceptAll:
+    """An authenticator that accepts every user (the name is then checked)."""
+
+    def authenticate(self, request):
+        return True
+
+
+@pytest.mark.parametrize("authenticator, second_holds", [(AcceptAll(), False), (None, True)])
+def test_broker_uses_the_user_name_only_when_its_authenticator_checked_it(authenticator,
+                                                                         second_holds):
+    """Through the broker: a checked user name is one identity across addresses, a claimed one is not."""
+    from mqttd.broker import Broker, BrokerConfig
+    from mqttd.codec.packets import Connect
+    clock = Clock()
+    broker = Broker(clock, None, BrokerConfig(max_queued_messages=8, max_inflight=100),
+                    authenticator=authenticator)
+    pub = FakeClient(broker, clock, peer="198.51.100.2:1883")
+    pub.connect("pub")
+
+    def stuck(client_id, peer):
+        c = FakeClient(broker, clock, peer=peer)
+        c.send(Connect(4, client_id, True, 0, username="alice", password=b"pw"))
+        c.received()
+        c.subscribe("t", qos=1)
+        c.conn.pause_writing()
+        return c
+
+    def flood():
+        for pid in range(1, 11):
+            if pub.transport.producerState == "paused":
+                break
+            pub.publish("t", b"m", qos=1, packet_id=pid)
+        return pub.transport.producerState == "paused"
+
+    first = stuck("one", "192.0.2.1:1")
+    assert flood()
+    clock.advance(5)                         # demoted: client id, address (and checked user) spent
+    clock.advance(0)
+    first.drop()
+    stuck("two", "192.0.2.99:1")             # another address, same user name
+    assert flood() is second_holds
