@@ -415,7 +415,9 @@ class Router:
             self._hold_call = self.clock.callLater(self.max_hold, self._release, True)
         if len(self._held) >= self.high_water:
             self._congested()
-        return 0
+        # where it goes is not known yet: never "no matching subscribers" (0x10
+        # only when the server knows there are none [MQTT 5.0 3.4.2.1])
+        return 1
 
     def _release(self, force: bool = False) -> None:
         """Route what was held, in order, once the cache is fresh (``force``:
