@@ -309,12 +309,13 @@ class Routing:
                 served.add(share)   # counted as a delivery error, not handed on
         return served
 
-    def deliver_among(self, message: Message, client_ids, only_shares=None) -> int:
+    def deliver_among(self, message: Message, client_ids, only_shares=None,
+                      served: Optional[set] = None) -> int:
         """Deliver ``message`` as :meth:`dispatch` does -- the same matching,
         merging and options -- but only to the sessions ``client_ids`` and to
         the shared groups named in ``only_shares`` (None: every group); for a
         dead node's messages replayed into the sessions adopted from it.
-        Returns the receivers."""
+        ``served``: as for :meth:`dispatch`.  Returns the receivers."""
         matches = self._trie.match(message.topic)
         if not matches:
             return 0
@@ -331,6 +332,8 @@ class Routing:
         if not picked:
             return 0
         cache = {}
+        if served is not None:
+            cache[SERVED_SHARES] = served
         receivers = 0
         for key, sub in merge_matches(picked, message.origin).items():
             try:

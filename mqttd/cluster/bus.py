@@ -331,9 +331,12 @@ class Router:
         shared-subscription groups this node must not serve itself."""
         if not self._online or message.origin is SYS_ORIGIN:
             return 0     # fenced (clients are being closed) or $SYS (per node)
-        if self._held or not self.routes.fresh():
+        routes = self.routes
+        # RouteTable.fresh() inline (the hot path): a stale cache is not trusted
+        as_of = routes.fresh_as_of
+        if self._held or as_of is None or self.clock.seconds() - as_of > routes.stale_after:
             return self._hold(message)
-        nodes, shares = self.routes.lookup(message.topic)
+        nodes, shares = routes.lookup(message.topic)
         per_node: Optional[Dict[str, List[str]]] = None
         if shares:
             skip = None
@@ -415,7 +418,9 @@ class Router:
             self._hold_call = self.clock.callLater(self.max_hold, self._release, True)
         if len(self._held) >= self.high_water:
             self._congested()
-        return 0
+        # where it goes is not known yet: never "no matching subscribers" (0x10
+        # only when the server knows there are none [MQTT 5.0 3.4.2.1])
+        return 1
 
     def _release(self, force: bool = False) -> None:
         """Route what was held, in order, once the cache is fresh (``force``:

@@ -158,6 +158,12 @@ class Reaper:
     def _tracked_sync(self, node: str) -> Callable:
         def sync():
             d = defer.maybeDeferred(self.store.sync)
+            # a group's message handed on to another node is in Redis too
+            router = getattr(self.broker, "router", None)
+            handed = router.sync() if router is not None else None
+            if handed is not None:
+                from mqttd.durability import both
+                d = both(d, handed)
             d.addCallback(lambda r: (self._advanced(node), r)[1])
             return d
         return sync
@@ -473,7 +479,9 @@ class Reaper:
         as a forward (``f`` list of the session, then a ``poke`` to its
         owner), to the sessions of ``moved`` (client id -> {filter:
         subscription record}) now owned by other nodes (``Broker.judge``;
-        QoS 0 is not owed to them).  Both are in Redis once ``store.sync()``
+        QoS 0 is not owed to them).  A shared group the envelope names that
+        no member here can take goes to its members on another node
+        (``Router.reroute_share``), else it is counted as dropped.  Both are in Redis once ``store.sync()``
         fired.  ``node``: the reaped node, whose reap makes progress with each
         envelope (the lock's renewal needs it)."""
         from mqttd.persistence import records as R
@@ -484,7 +492,20 @@ class Reaper:
         def deliver(message, only_shares=None) -> int:
             if node is not None:
                 self._advanced(node)
-            receivers = broker.deliver_among(message, adopted, only_shares) if adopted else 0
+            receivers = 0
+            served = set() if only_shares else None
+            if adopted or only_shares:
+                receivers = broker.deliver_among(message, adopted, only_shares, served)
+            if only_shares:
+                # a group the dead node was picked for and no member here can
+                # take: to its members on another node, once (as the bus does)
+                reroute = getattr(broker.router, "reroute_share", None)
+                for share in only_shares:
+                    if share not in served:
+                        if reroute is not None and reroute(share, message):
+                            receivers += 1
+                        else:
+                            broker.stats.count_drop("shared-no-member")
             for client_id, subscriptions in moved.items():
                 judged = broker.judge(message, subscriptions, client_id, only_shares)
                 if judged is None or not judged[1]:

@@ -90,7 +90,7 @@ FEED_READ = 1000
 #: seconds a route change waits at most for every live node's acknowledgement
 ACK_TIMEOUT = 3.0
 #: delays between two looks at the other nodes' acknowledgements (seconds)
-POLL_DELAYS = (0.002, 0.004, 0.008, 0.016, 0.032, 0.05)
+POLL_DELAYS = (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.05)
 
 
 def route_name(topic_filter: str, key) -> str:

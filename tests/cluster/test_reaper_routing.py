@@ -99,3 +99,30 @@ def test_a_moved_session_gets_the_merged_copy_live_routing_would_give_it():
     assert reaper.deliver_to(set(), {"moved": {"m/own": subscriptions_own["m/own"]}})(
         mine, None) == 0
     assert store.ops == []
+
+
+def test_a_group_copy_no_member_here_can_take_goes_to_the_groups_members_elsewhere():
+    """The dead node was picked for a group whose members here are none (its
+    own were clean sessions, ended): the replayed message goes to the group's
+    members on another node (the bus's hand-on), not dropped."""
+    broker, clock = make_broker()
+    handed = []
+
+    class Router:
+        def forward(self, message, cache):
+            return 0
+
+        def sync(self):
+            return None
+
+        def reroute_share(self, share, message):
+            handed.append((share, message.payload))
+            return 1
+    broker.add_remote_router(Router())
+    reaper, _store = reaper_on(broker, clock)
+    plain = client(broker, clock, "adopted-plain", "g/#")
+    deliver = reaper.deliver_to({"adopted-plain"})
+    assert deliver(Message("g/1", b"for-group", 1), frozenset({"$share/grp/g/#"})) == 2
+    assert handed == [("$share/grp/g/#", b"for-group")]
+    assert payloads(plain) == [b"for-group"]
+    assert broker.stats.dropped.get("shared-no-member", 0) == 0

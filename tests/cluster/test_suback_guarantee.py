@@ -9,9 +9,14 @@ an application that learned of the subscription would.
 """
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 
-from .mqttc import Client
+from mqttd.codec.packets import Puback
+
+from .mqttc import Client, wait_routed
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +92,34 @@ def test_a_retained_message_acknowledged_on_one_node_is_replayed_to_a_subscribe_
         assert (message.payload, message.retain) == (b"retained-%d" % i, True)
         sub.close()
         pub.publish(topic, b"", qos=1, retain=True)
+
+
+def test_a_node_stalled_through_a_suback_elsewhere_routes_its_next_message_by_the_new_route(
+        redis_server, cluster_node_factory):
+    """A's event loop stops (SIGSTOP) while a client subscribes on B: B's SUBACK
+    goes out after the acknowledgement bound (3 s) without A's.  A resumes
+    with the PUBLISH sent after that SUBACK already waiting in its socket,
+    next to its feed read: its cache is stale, so it holds the message and
+    routes it by the caught-up cache -- delivered, not lost."""
+    # a TTL far above the stall: A must not fence itself (it would refuse the PUBLISH)
+    slow_fence = ("--cluster-node-ttl", "12")
+    a = cluster_node_factory(redis_server.url, node_id="stall-a", extra_args=slow_fence)
+    b = cluster_node_factory(redis_server.url, node_id="stall-b", extra_args=slow_fence)
+    pub = Client(a.port, "stall-pub")
+    watcher = Client(b.port, "stall-watch")
+    watcher.subscribe("probe/stall")
+    wait_routed(pub, watcher, "probe/stall")
+    sub = Client(b.port, "stall-sub")
+    a.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert sub.subscribe("stall/t", 1).reason_codes == (1,)
+        waited = time.monotonic() - started
+        pid = pub.publish("stall/t", b"after-suback", qos=1, wait=False)
+    finally:
+        a.signal(signal.SIGCONT)
+    assert waited >= 2.5          # B waited for A's acknowledgement, then gave up
+    (message,) = sub.collect(1, timeout=10.0)
+    assert message.payload == b"after-suback"
+    assert pub._wait_for(Puback, pid).reason_code == 0
+    assert "did not apply new routes" in b.log_tail()
