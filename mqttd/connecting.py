@@ -219,6 +219,14 @@ class Connecting:
             return self._refuse(code, "authentication failed", what=what,
                                 detail=f"username {packet.username!r}",
                                 username=packet.username)
+        if username is None and packet.username is not None:
+            # let in as anonymous (no authentication configured): say once
+            # (rate-limited) that the name was not checked and is not used
+            self.broker.log_limiter.emit(
+                log.info, ("unchecked-username", self.client_id),
+                "User name {username!r} of {client_id} from {peer} not checked (no "
+                "authentication is configured): connected as an anonymous client",
+                username=packet.username, client_id=self.client_id, peer=self.peer)
         self._authenticated(username)
 
     # --- MQTT 5 enhanced authentication [MQTT-4.12] -------------------------------------

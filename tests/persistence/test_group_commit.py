@@ -38,6 +38,16 @@ def make(kind, tmp_path, **options):
     return store_from_spec(f"{kind}:{tmp_path / 'data'}", reactor, **options)
 
 
+def gated(kind, tmp_path):
+    """An opened ``kind`` store whose fsyncs block on a :class:`GatedFsync` from
+    now on: ``(store, fsync)``."""
+    fsync = GatedFsync()
+    store = make(kind, tmp_path, fsync_function=fsync)
+    store.open()
+    fsync.armed = True
+    return store, fsync
+
+
 def turn(seconds=0.02):
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -46,10 +56,7 @@ def turn(seconds=0.02):
 @pytest_twisted.inlineCallbacks
 def test_sync_fires_only_after_fsync_returns(kind, tmp_path):
     """An acknowledgement waiting on sync() cannot overtake the fsync."""
-    fsync = GatedFsync()
-    store = make(kind, tmp_path, fsync_function=fsync)
-    store.open()
-    fsync.armed = True
+    store, fsync = gated(kind, tmp_path)
     try:
         store.write(session())
         d = store.sync()
@@ -67,10 +74,7 @@ def test_sync_fires_only_after_fsync_returns(kind, tmp_path):
 @pytest_twisted.inlineCallbacks
 def test_sync_requested_during_an_fsync_waits_for_the_next_one(kind, tmp_path):
     """Bytes written after an fsync started are not covered by it."""
-    fsync = GatedFsync()
-    store = make(kind, tmp_path, fsync_function=fsync)
-    store.open()
-    fsync.armed = True
+    store, fsync = gated(kind, tmp_path)
     try:
         store.write(session())
         first = store.sync()
