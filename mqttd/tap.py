@@ -13,6 +13,7 @@ A wrong value is a one-line error naming the option and exit status 2, under
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Dict, List
@@ -655,4 +656,29 @@ def makeService(options: Options):
         getattr(importlib.import_module(module_name), function_name)(service, options)
     if options.parent is not None:
         install_signal_handlers(reactor, service)
+        # a broker process: what exists now lives as long as it (the store is
+        # restored later, when the service starts, and stays collectable)
+        freeze_startup_heap()
     return service
+
+
+def freeze_startup_heap() -> bool:
+    """Move every object alive now into CPython's permanent GC generation (``gc.freeze``).
+
+    A full (generation 2) collection traverses every tracked object, and CPython runs one
+    each time the number of long-lived objects has grown by a quarter -- six times during
+    a storm of 10,000 connections, each then also walking the broker's modules, classes
+    and configuration (about 70,000 objects: 30-50 ms per collection here).  Frozen, they
+    are no longer traversed: the full collections of a 20,000-client storm took 0.7-0.8 s
+    instead of 1.1-1.3 s, and each one pauses every client for that much less.  Called
+    once, when the process has imported everything and before the store is restored, so
+    what clients and the store create later stays collectable (frozen objects are still
+    freed by reference counting; only a reference cycle among them would stay).
+    Returns False where the collector has no ``freeze`` (PyPy: its collector is
+    generational and incremental; nothing to do).
+    """
+    if not hasattr(gc, "freeze"):
+        return False
+    gc.collect()
+    gc.freeze()
+    return True

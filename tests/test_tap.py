@@ -109,3 +109,32 @@ def test_log_level_reload_ignores_a_broken_bridge_table(tmp_path):
                       'address = "127.0.0.1:1"\ntopic = ["# sideways 1"]\n')
     service._reloaders["log_level"]()          # does not raise for the bridge table
     assert service.log_settings.level == "warn"
+
+
+def test_start_up_heap_is_frozen_out_of_full_collections():
+    """CPython: the objects alive at start-up are moved out of the collector's reach, so
+    the full collections of a connection storm do not walk them again (PyPy: no-op)."""
+    import gc
+    before = gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else 0
+    try:
+        frozen = tap.freeze_startup_heap()
+        assert frozen == hasattr(gc, "freeze")
+        if frozen:
+            assert gc.get_freeze_count() > before
+    finally:
+        if hasattr(gc, "unfreeze"):
+            gc.unfreeze()
+
+
+def test_start_up_heap_is_frozen_only_in_a_broker_process(monkeypatch):
+    """makeService freezes the heap under twistd (a process of its own), never when a
+    test or an embedder builds the service inside a longer-lived process."""
+    calls = []
+    monkeypatch.setattr(tap, "freeze_startup_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(tap, "install_signal_handlers", lambda reactor, service: None)
+    tap.makeService(_parse("--persistence", "memory"))
+    assert calls == []
+    options = _parse("--persistence", "memory")
+    options.parent = {"syslog": True}
+    tap.makeService(options)
+    assert calls == [1]
