@@ -165,11 +165,12 @@ return reply
 # apply: KEYS s o t i w f   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
 #      V | X | Y | G blob
-#   (Z wid, first if present: the batch's write id, unique per writing node:
-#   a batch re-sent after an unknown outcome -- a timeout, or a Redis Cluster
-#   pipeline that failed on another master -- is recognized (``w:<node>`` of
-#   s holds the last applied one) and not applied twice; without it, its
-#   forwards (G, and O refused by the fence) were pushed to f twice)
+#   (Z wid, first if present: the batch's write id ``<process>:<n>``, n
+#   growing per writing process: a batch re-sent after an unknown outcome --
+#   a timeout, or a Redis Cluster pipeline that failed on another master --
+#   is recognized (``w:<node>`` of s holds the last applied one; an id of the
+#   same process at or below it was applied) and not applied twice; without
+#   it, its forwards (G, and O refused by the fence) were pushed to f twice)
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
@@ -192,12 +193,19 @@ local first = 3
 local wid = false
 local wfield = 'w:' .. ARGV[1]
 if ARGV[3] == 'Z' then
+  -- write ids are <process>:<n>, n growing: one of this process at or
+  -- below the last applied one was applied already (a re-send after an
+  -- unknown outcome changes nothing)
   wid = ARGV[4]
   first = 5
-  if s[2] and redis.call('HGET', KEYS[1], wfield) == wid then
-    -- applied already: a re-send after an unknown outcome changes nothing
-    if fenced and not handoff then return {'F', s[1] or '', s[2] or '0', 0} end
-    return {'OK', 0}
+  local last = s[2] and redis.call('HGET', KEYS[1], wfield)
+  if last then
+    local lp, ln = string.match(last, '^(.*):(%d+)$')
+    local wp, wn = string.match(wid, '^(.*):(%d+)$')
+    if lp and lp == wp and tonumber(wn) <= tonumber(ln) then
+      if fenced and not handoff then return {'F', s[1] or '', s[2] or '0', 0} end
+      return {'OK', 0}
+    end
   end
 end
 if fenced and not handoff then

@@ -81,3 +81,27 @@ def test_a_batch_resent_after_a_lost_reply_forwards_each_message_once(redis_serv
         assert int(redis_server.cli("LLEN", "mqttd:{c:fw}:f")) == 2
         await wait(backend.close())
     aio(run)
+
+
+def test_batches_resent_twice_after_two_lost_replies_apply_once(redis_server, aio):
+    """Two flushes in a row lose their reply: the second re-sends the first batch (found
+    applied) and a newer one (applied, reply lost); the third re-sends both -- each
+    forward still lands once (the last applied write id covers the ones before it)."""
+    async def run():
+        backend = Backend(redis_server.url)
+        redis_server.cli("HSET", "mqttd:{c:fw2}:s", "node", "B", "epoch", "7", "online", "0",
+                         "persistent", "1")
+        flaky = LosesTheFirstReply(backend)
+        flaky.lose = 2
+        store = RedisSessionStore(flaky, "A", clock=Clock())
+        for payload in (b"one", b"two"):
+            store.write(Forward("fw2", R.OutboundRecord(0, Message("t/f", payload, 1), 1)))
+            try:
+                await wait(store.sync())
+                raise AssertionError("the lost reply must fail the sync")
+            except RedisUnavailable:
+                pass
+        await wait(store.sync())
+        assert int(redis_server.cli("LLEN", "mqttd:{c:fw2}:f")) == 2
+        await wait(backend.close())
+    aio(run)
