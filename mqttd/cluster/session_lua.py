@@ -121,8 +121,9 @@ return reply
 # load: KEYS s o t i w f   ARGV node epoch
 # Closes the hand-off window (the previous owner's writes are fenced from
 # now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...},
-# {seqs}} or {'F', node, epoch} when fenced; seqs: the queued messages the
-# previous owner wrote during the hand-off (marked ``ho:<seq>`` in s).  Forwarded messages (f) stay: the owner
+# {records}} or {'F', node, epoch} when fenced; records: the queued
+# messages the previous owner wrote during the hand-off (``ho:<seq>`` in s,
+# kept even if acknowledged since).  Forwarded messages (f) stay: the owner
 # pulls them (session_pull) and queues them under its queue limits.
 LOAD = r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
@@ -134,7 +135,7 @@ redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
 local handed = {}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(field, 1, 3) == 'ho:' then
-    handed[#handed + 1] = string.sub(field, 4)
+    handed[#handed + 1] = redis.call('HGET', KEYS[1], field)
     redis.call('HDEL', KEYS[1], field)
   end
 end
@@ -254,7 +255,8 @@ while i <= #ARGV do
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]); redis.call('HDEL', KEYS[3], ARGV[i + 1])
     -- queued by the previous owner after the claim: the new owner's node may
     -- have kept the same message for the session (see session_load)
-    if handoff then redis.call('HSET', KEYS[1], 'ho:' .. ARGV[i + 1], 1) end
+    -- (the record itself: it may be acknowledged and gone by the load)
+    if handoff then redis.call('HSET', KEYS[1], 'ho:' .. ARGV[i + 1], ARGV[i + 2]) end
   elseif op == 'U' then
     if redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 1 then
       redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])

@@ -230,11 +230,19 @@ class ClusterSessions:
 
     def _claim(self, client_id, clean_start, persistent, will, username, connection=None):
         window = []      # [messages] while a takeover from a live node runs
+        # kept from before the claim runs: a message this node gets while the
+        # claim script is on its way must not fall between "not ours yet" and
+        # the window (the old owner, once kicked, does not forward what was
+        # also sent here); used only if the claim turns out a takeover from a
+        # live node, else dropped
+        early = self._open_window(client_id)
         d = self._claim_in(window, client_id, clean_start, persistent, will, username,
-                           connection)
+                           connection, early)
 
         def delivered(result):
-            if window:
+            if not window:
+                self._close_window(early)
+            else:
                 messages = self._close_window(window[0])
                 if result is None and self.store.epochs.get(client_id) is not None:
                     self._deliver_window(client_id, messages)
@@ -244,7 +252,7 @@ class ClusterSessions:
 
     @defer.inlineCallbacks
     def _claim_in(self, window, client_id, clean_start, persistent, will, username,
-                  connection=None):
+                  connection=None, early=None):
         broker = self.broker
         store = self.store
         # what this node still has to write of this client goes out first
@@ -281,7 +289,8 @@ class ClusterSessions:
                 # what reaches this node directly while the old owner lets go
                 # is not forwarded by it: kept for the session until installed
                 if present and not ended:
-                    window.append(self._open_window(client_id))
+                    window.append(early if early is not None
+                                  else self._open_window(client_id))
                 yield self._kick(old_node, client_id, epoch, ended)
             else:
                 self._dead_owners_will(client_id, old_will, old_online, ended)
@@ -451,9 +460,14 @@ class ClusterSessions:
             return True
         # what the old owner queued after our claim: a message this node kept
         # for the session meanwhile may be one of them (see _deliver_window)
-        handed = {int(seq) for seq in (reply[6] if len(reply) > 6 else ())}
-        self._handed[client_id] = [out.message for seq, out in stored.outbound.items()
-                                   if seq in handed]
+        handed = []
+        for blob in (reply[6] if len(reply) > 6 else ()):
+            try:
+                handed.append(safepickle.loads(blob).message)
+            except Exception as error:
+                log.warn("Unreadable hand-off record of {client_id}: {error}",
+                         client_id=client_id, error=str(error))
+        self._handed[client_id] = handed
         self.broker.install_session(stored)
         # messages forwarded to the session by a node that lost it: queued
         # after what the session held, under this node's queue limits
