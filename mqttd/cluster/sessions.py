@@ -234,14 +234,19 @@ class ClusterSessions:
         # claim script is on its way must not fall between "not ours yet" and
         # the window (the old owner, once kicked, does not forward what was
         # also sent here); used only if the claim turns out a takeover from a
-        # live node, else dropped
-        early = self._open_window(client_id)
+        # live node, else dropped.  Only a resume of a session this node does
+        # not own can be one (each open window sees every QoS >= 1 message of
+        # the node: a clean start or a resume here costs nothing)
+        early = None
+        if not clean_start and client_id not in self.store.epochs:
+            early = self._open_window(client_id)
         d = self._claim_in(window, client_id, clean_start, persistent, will, username,
                            connection, early)
 
         def delivered(result):
             if not window:
-                self._close_window(early)
+                if early is not None:
+                    self._close_window(early)
             else:
                 messages = self._close_window(window[0])
                 if result is None and self.store.epochs.get(client_id) is not None:
