@@ -237,16 +237,14 @@ class ClusterSessions:
         # live node, else dropped.  Only a resume of a session this node does
         # not own can be one (each open window sees every QoS >= 1 message of
         # the node: a clean start or a resume here costs nothing)
-        early = None
-        if not clean_start and client_id not in self.store.epochs:
-            early = self._open_window(client_id)
+        early = []
         d = self._claim_in(window, client_id, clean_start, persistent, will, username,
                            connection, early)
 
         def delivered(result):
             if not window:
-                if early is not None:
-                    self._close_window(early)
+                for opened in early:
+                    self._close_window(opened)
             else:
                 messages = self._close_window(window[0])
                 if result is None and self.store.epochs.get(client_id) is not None:
@@ -262,6 +260,10 @@ class ClusterSessions:
         store = self.store
         # what this node still has to write of this client goes out first
         yield store.sync()
+        if early is not None and not clean_start and client_id not in store.epochs:
+            # opened as late as possible: what it keeps that the old owner
+            # delivered before the claim took effect would arrive twice
+            early.append(self._open_window(client_id))
         will_blob = b""
         delay = 0
         if will is not None:
@@ -294,8 +296,7 @@ class ClusterSessions:
                 # what reaches this node directly while the old owner lets go
                 # is not forwarded by it: kept for the session until installed
                 if present and not ended:
-                    window.append(early if early is not None
-                                  else self._open_window(client_id))
+                    window.append(early.pop() if early else self._open_window(client_id))
                 yield self._kick(old_node, client_id, epoch, ended)
             else:
                 self._dead_owners_will(client_id, old_will, old_online, ended)
