@@ -44,7 +44,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mqttd.cluster.backend import BackendError
+from mqttd.cluster.backend import BackendError, RedisReplyError
 from mqttd.codec.errors import ReasonCode
 from mqttd.messages import will_message
 from mqttd.persistence import records as R
@@ -135,6 +135,8 @@ class ClusterSessions:
         #: client id -> messages the previous owner queued during the hand-off
         #: (from session_load), until the takeover window is delivered
         self._handed: Dict[str, list] = {}
+        #: client id -> bases of pulls whose reply was lost (see pull)
+        self._lost_pulls: Dict[str, list] = {}
         self.takeovers = 0
         self.forwarded = 0
         #: ``also_sent_to(node, message) -> bool`` (the bus router; None: never)
@@ -643,11 +645,50 @@ class ClusterSessions:
     # --- the owner takes what was forwarded ---------------------------------------------
 
     def pull(self, client_id: str) -> Optional[defer.Deferred]:
-        """Move messages forwarded to ``client_id``'s session into it (owner only)."""
+        """Move messages forwarded to ``client_id``'s session into it (owner only).
+
+        A pull whose reply was lost (a timeout: Redis may have moved the
+        messages into the session's queue under the seqs reserved for it) is
+        not simply forgotten: the next pull first takes, from the queue in
+        Redis, the messages under those seqs that the session does not know
+        (REVIEW-CLUSTER F13's kind: they stayed there, undelivered, until the
+        session's next load)."""
         session = self.broker.sessions.get(client_id)
         epoch = self.store.epochs.get(client_id)
         if session is None or epoch is None:
             return None
+        lost = self._lost_pulls.pop(client_id, None)
+        if lost:
+            d = self._recover_pulls(client_id, session, lost)
+            d.addErrback(lambda f: (self._lost_pulls.setdefault(client_id, []).extend(lost),
+                                    log.warn("Recovering forwarded messages of {client_id} "
+                                             "failed: {error}", client_id=client_id,
+                                             error=str(f.value))))
+            return d.addCallback(lambda _: self._pull(client_id, session, epoch))
+        return self._pull(client_id, session, epoch)
+
+    @defer.inlineCallbacks
+    def _recover_pulls(self, client_id: str, session, bases):
+        keys = self._keys(client_id)
+        fields = yield self.backend.execute("HKEYS", keys[1])
+        known = {r.seq for r in session.queue} | {r.seq for r in session.inflight.values()}
+        seqs = sorted(int(f) for f in fields if any(
+            base <= int(f) < base + PULL_BATCH for base in bases) and int(f) not in known)
+        if not seqs:
+            return 0
+        blobs = yield self.backend.execute("HMGET", keys[1], *seqs)
+        if self.broker.sessions.get(client_id) is not session:
+            return 0
+        found = 0
+        for seq, blob in zip(seqs, blobs):
+            if blob is not None:
+                self._queue_forwarded(session, decode_outbound(seq, blob))
+                found += 1
+        if found and session.connection is not None:
+            self.broker.drain(session)
+        return found
+
+    def _pull(self, client_id: str, session, epoch: int) -> defer.Deferred:
         base = session.next_seq()
         session.restore_seq(base + PULL_BATCH)
         d = self.backend.run("session_pull", self._keys(client_id),
@@ -664,8 +705,15 @@ class ClusterSessions:
             if len(items) // 2 >= PULL_BATCH:
                 return self.pull(client_id)
         d.addCallback(pulled)
-        d.addErrback(lambda f: log.warn("Taking forwarded messages of {client_id} failed: "
-                                        "{error}", client_id=client_id, error=str(f.value)))
+
+        def failed(failure):
+            log.warn("Taking forwarded messages of {client_id} failed: {error}",
+                     client_id=client_id, error=str(failure.value))
+            if failure.check(BackendError) and not failure.check(RedisReplyError):
+                # the outcome is unknown: the messages may be in the queue now
+                self._lost_pulls.setdefault(client_id, []).append(base)
+                self.clock.callLater(1.0, self.pull, client_id)
+        d.addErrback(failed)
         return d
 
     def _queue_forwarded(self, session, out) -> None:
