@@ -25,7 +25,7 @@ if str(INTEROP) not in sys.path:
     sys.path.insert(0, str(INTEROP))
 
 from brokerproc import (  # noqa: E402  (tests/interop/brokerproc.py)
-    PORT_ATTEMPTS, READY_TIMEOUT, BrokerStartError, PortInUse, wait_until_ready)
+    PORT_ATTEMPTS, READY_TIMEOUT, BrokerStartError, PortInUse, terminate, wait_until_ready)
 from brokerproc import free_port as _free_port  # noqa: E402
 
 #: seconds redis-server may take to answer PING (bounded; see READY_TIMEOUT)
@@ -167,13 +167,7 @@ class RedisServer:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        terminate(proc, timeout)
         self._proc = None
         return proc.returncode
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mqttd.codec.packets import Publish
 from mqttd.messages import Message
 
-from .test_sessions import Node, connect, settle
+from .sessionnodes import Node, connect, settle
 
 
 class FakeRouter:
