@@ -58,6 +58,9 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # left on a demoted primary after a Sentinel failover made a heartbeat read
 # "my key is gone" from the replica's stale data set: the node fenced and
 # re-joined as a new incarnation although it was alive on the primary.
+# The heartbeat and the leave only extend or delete a key: ``allow-oom`` lets
+# them run on a full Redis (``maxmemory`` with noeviction), as PEXPIRE and DEL
+# do, so a full Redis does not make every node fence itself.
 
 JOIN = """#!lua
 local cur = redis.call('GET', KEYS[1])
@@ -77,7 +80,7 @@ redis.call('HSET', KEYS[2], 'boot', ARGV[1], 'started', ARGV[3], 'host', ARGV[4]
 return {1, prev or false}
 """
 
-BEAT = """#!lua
+BEAT = """#!lua flags=allow-oom
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -87,7 +90,7 @@ if not cur then return 0 end
 return -1
 """
 
-LEAVE = """#!lua
+LEAVE = """#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1

@@ -29,7 +29,16 @@ last level +3/-3) and ``HDEL`` at 0, atomic per hash.  On one Redis server
 ``ret_del_all``): a write whose reply is lost (a timeout) either happened
 whole or not at all, and the client's re-send finds a consistent state.
 Under Redis Cluster the value and the index levels live on different
-masters: there they stay separate steps (see *Crash window*).  A topic exists once, so
+masters, so a transition is steps, each idempotent: the value records the
+pending transition (``R0`` + an 8-byte transition id: created, not yet
+confirmed in the index; ``RD`` + id: deleted), each level applies the
+transition once (a marker field ``/<topic>#<id>``, never a level name, set in
+the same script as the ``HINCRBY``), then the value is marked done (``R1``;
+the tombstone deleted).  Whoever writes the topic next -- the client's
+re-send after a lost reply, or another node after a crash between the steps
+-- finishes a pending transition first, without counting twice.  Markers are
+removed by the sweep a minute after their transition finished (a second
+finisher of the same transition on another node has long applied its steps).  A topic exists once, so
 an odd count says "this child is a retained topic": a walk fetches only
 those values.  Replacing a retained message -- the common case, a device
 updating its state -- costs one command.  The counts are commutative, so two
@@ -54,17 +63,18 @@ are also listed in ``ret:exp``; :meth:`RedisRetained.sweep` (every node runs
 it periodically) removes those nobody reads.
 
 **Crash window (Redis Cluster only).**  A node dying between the value
-write and its index update, or an index step that fails or times out after
-the value was written, leaves a message that exact lookups find and
-wildcard lookups do not (or an index entry that leads nowhere, which costs
-only a wasted lookup); nothing re-sends an index step by itself, so no count
-is applied twice.  :meth:`RedisRetained.reindex` rebuilds the index from the
-values (``SCAN``).
+write and its index update leaves the transition pending: the message is
+found by exact lookups (a deleted one by none) and by wildcards once any
+node writes the topic again, which finishes it.  A topic nobody writes again
+stays so until :meth:`RedisRetained.reindex` (``SCAN``) rebuilds the index
+from the values, finishing every pending transition.
 """
 from __future__ import annotations
 
 import math
+import os
 import struct
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
@@ -86,23 +96,76 @@ PIPELINE_CHUNK = 2000
 SWEEP_BATCH = 500
 
 _FORMAT = b"R1"
+#: Redis Cluster: created, index transition pending / deleted, pending
+_PENDING = b"R0"
+_DELETED = b"RD"
+#: seconds a finished transition's index markers are kept
+MARKER_TTL = 60.0
 _HEADER = struct.Struct(">2sd")
 
-RET_SET = """
-local old = redis.call('SET', KEYS[1], ARGV[1], 'GET')
-if old then return 0 end
-return 1
+# --- Redis Cluster: value and index on different masters, each step idempotent.
+# A value is R1... (indexed), R0 + X + ... (created, transition X not yet
+# confirmed in the index) or RD + X (deleted, transition X pending; no
+# message).  X: 8 random bytes naming the transition; an index step carries
+# the marker field "/<topic>#<hex X>" (never a level name: levels have no
+# "/") and applies once per marker.
+
+# KEYS value  ARGV data (R1 form), new X
+# -> {0} replaced | {1, X} created or creation X pending: index +X |
+#    {2, X} deletion X pending: finish it first
+RET_SET_C = """
+local old = redis.call('GET', KEYS[1])
+if not old then
+  redis.call('SET', KEYS[1], 'R0' .. ARGV[2] .. string.sub(ARGV[1], 3))
+  return {1, ARGV[2]}
+end
+local tag = string.sub(old, 1, 2)
+if tag == 'R0' then
+  local x = string.sub(old, 3, 10)
+  redis.call('SET', KEYS[1], 'R0' .. x .. string.sub(ARGV[1], 3))
+  return {1, x}
+end
+if tag == 'RD' then return {2, string.sub(old, 3, 10)} end
+redis.call('SET', KEYS[1], ARGV[1])
+return {0}
 """
 
-RET_DEL = """
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('DEL', KEYS[1])
+# KEYS value  ARGV expected ('' any), new X
+# -> {0} nothing to delete | {1, X} deleted (or deletion X pending): index -X
+#    | {2, X} creation X pending: finish it first
+RET_DEL_C = """
+local old = redis.call('GET', KEYS[1])
+if not old then return {0} end
+local tag = string.sub(old, 1, 2)
+if tag == 'RD' then return {1, string.sub(old, 3, 10)} end
+if ARGV[1] ~= '' and old ~= ARGV[1] then return {0} end
+if tag == 'R0' then return {2, string.sub(old, 3, 10)} end
+redis.call('SET', KEYS[1], 'RD' .. ARGV[2])
+return {1, ARGV[2]}
 """
 
-RET_IDX = """
+# KEYS level hash  ARGV field, delta, marker: applied once per marker
+RET_IDX_C = """
+if redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then return false end
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 if n == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('HSET', KEYS[1], ARGV[3], 0)
 return n
+"""
+
+# KEYS value  ARGV X, '+' | '-': the transition is in the index
+RET_DONE_C = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if ARGV[2] == '+' and string.sub(v, 1, 10) == 'R0' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'R1' .. string.sub(v, 11))
+  return 1
+end
+if ARGV[2] == '-' and v == 'RD' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """
 
 # value and index in one step (one Redis server: standalone or Sentinel)
@@ -141,10 +204,15 @@ def pack_message(message: Message) -> bytes:
 
 
 def unpack_message(data: bytes) -> Message:
-    """Inverse of :func:`pack_message`.
+    """Inverse of :func:`pack_message` (also of the Redis Cluster forms: a
+    value whose creation is not yet confirmed in the index, ``R0`` + 8 bytes
+    of transition id + the rest).
 
-    :raises ValueError: not a stored retained message of a known format.
+    :raises ValueError: not a stored retained message of a known format (a
+        deleted one, ``RD``, included).
     """
+    if data[:2] == _PENDING and len(data) >= 10:
+        data = _FORMAT + data[10:]
     if len(data) < _HEADER.size or data[:2] != _FORMAT:
         raise ValueError("not a retained message of format R1")
     _tag, expires = _HEADER.unpack_from(data)
@@ -180,11 +248,16 @@ class RedisRetained:
     def __init__(self, backend, prefix: str = "mqttd:"):
         self.backend = backend
         self.prefix = prefix
-        backend.register("ret_set", RET_SET)
-        backend.register("ret_del", RET_DEL)
-        backend.register("ret_idx", RET_IDX)
         backend.register("ret_put_all", RET_PUT_ALL)
         backend.register("ret_del_all", RET_DEL_ALL)
+        backend.register("ret_set_c", RET_SET_C)
+        backend.register("ret_del_c", RET_DEL_C)
+        backend.register("ret_idx_c", RET_IDX_C)
+        backend.register("ret_done_c", RET_DONE_C)
+        #: (due time, level hash, marker field) of finished transitions, whose
+        #: markers are removed by the sweep once no concurrent finisher can
+        #: still be applying the same transition
+        self._markers: List[Tuple[float, str, str]] = []
         #: value and index written by one script (every key on one server);
         #: under Redis Cluster they live on different masters: two steps
         self.atomic = not getattr(backend, "is_cluster", False)
@@ -258,53 +331,104 @@ class RedisRetained:
                 d = self.backend.run(
                     "ret_put_all", [self.value_key(topic)] + [k for k, _f, _w in entries],
                     [data] + [a for _k, f, w in entries for a in (f, w)])
+                self.commands += 1
             else:
-                d = self.backend.run("ret_set", [self.value_key(topic)], [data])
-            self.commands += 1
+                d = self._put_in_steps(topic, data)
 
             @d.addCallback
             def indexed(created):
                 steps = []
-                if int(created) and not self.atomic:
-                    steps.append(self._index(topic, +1))
                 if message.expires_at is not None:
                     steps.append(self.backend.execute("ZADD", self.expiry_key(),
                                                       repr(message.expires_at), topic))
                     self.commands += 1
                 if not steps:
-                    return False
+                    return bool(int(created))
                 return _gather(steps).addCallback(lambda _: bool(int(created)))
             return d
         return self._serialized(topic, write)
+
+    @defer.inlineCallbacks
+    def _put_in_steps(self, topic: str, data: bytes):
+        """Redis Cluster: the value, then its index transition, each step
+        idempotent (see RET_SET_C): a re-send after a lost reply, or any
+        node's next write of the topic after a crash between the steps,
+        finishes what is pending without counting anything twice."""
+        for _attempt in range(3):
+            reply = yield self.backend.run("ret_set_c", [self.value_key(topic)],
+                                           [data, os.urandom(8)])
+            self.commands += 1
+            status = int(reply[0])
+            if status == 0:
+                return False
+            yield self._transition(topic, reply[1], +1 if status == 1 else -1)
+            if status == 1:
+                return True
+        raise RuntimeError(f"retained topic {topic!r} keeps changing under this write")
 
     def delete(self, topic: str, expected: Optional[bytes] = None) -> defer.Deferred:
         """Delete the retained message of ``topic`` (only if its stored form is
         ``expected``, when given).  Fires with True if this call deleted it."""
         def write():
-            if self.atomic:
-                entries = self.index_entries(topic)
-                d = self.backend.run(
-                    "ret_del_all", [self.value_key(topic)] + [k for k, _f, _w in entries],
-                    [expected or b""] + [a for _k, f, w in entries for a in (f, w)])
-            else:
-                d = self.backend.run("ret_del", [self.value_key(topic)], [expected or b""])
+            if not self.atomic:
+                return self._delete_in_steps(topic, expected)
+            entries = self.index_entries(topic)
+            d = self.backend.run(
+                "ret_del_all", [self.value_key(topic)] + [k for k, _f, _w in entries],
+                [expected or b""] + [a for _k, f, w in entries for a in (f, w)])
             self.commands += 1
-
-            @d.addCallback
-            def unindexed(deleted):
-                if not int(deleted):
-                    return False
-                if self.atomic:
-                    return True
-                return self._index(topic, -1).addCallback(lambda _: True)
-            return d
+            return d.addCallback(lambda deleted: bool(int(deleted)))
         return self._serialized(topic, write)
 
-    def _index(self, topic: str, delta: int) -> defer.Deferred:
-        steps = [self.backend.run("ret_idx", [key], [field, delta * weight])
-                 for key, field, weight in self.index_entries(topic)]
-        self.commands += len(steps)
-        return _gather(steps)
+    @defer.inlineCallbacks
+    def _delete_in_steps(self, topic: str, expected: Optional[bytes]):
+        """Redis Cluster: a tombstone, then its index transition, then the
+        value goes (each step idempotent, see RET_DEL_C)."""
+        for _attempt in range(3):
+            reply = yield self.backend.run("ret_del_c", [self.value_key(topic)],
+                                           [expected or b"", os.urandom(8)])
+            self.commands += 1
+            status = int(reply[0])
+            if status == 0:
+                return False
+            yield self._transition(topic, reply[1], -1 if status == 1 else +1)
+            if status == 1:
+                return True
+            if expected is not None and expected[:2] == _PENDING:
+                expected = _FORMAT + expected[10:]   # the value once indexed
+        raise RuntimeError(f"retained topic {topic!r} keeps changing under this delete")
+
+    def _transition(self, topic: str, x: bytes, sign: int) -> defer.Deferred:
+        """Apply transition ``x`` (creation: +1, deletion: -1) of ``topic`` to
+        every index level once, then record it as done in the value."""
+        marker = f"/{topic}#{bytes(x).hex()}"
+        entries = self.index_entries(topic)
+        steps = [self.backend.run("ret_idx_c", [key], [field, sign * weight, marker])
+                 for key, field, weight in entries]
+        self.commands += len(steps) + 1
+
+        def done(_):
+            return self.backend.run("ret_done_c", [self.value_key(topic)],
+                                    [x, "+" if sign > 0 else "-"])
+
+        def forget_later(result):
+            due = time.time() + MARKER_TTL
+            self._markers.extend((due, key, marker) for key, _f, _w in entries)
+            return result
+        return _gather(steps).addCallback(done).addCallback(forget_later)
+
+    @defer.inlineCallbacks
+    def drop_markers(self, now: Optional[float] = None):
+        """Remove the markers of transitions finished ``MARKER_TTL`` seconds
+        ago (a finisher of the same transition on another node has long
+        applied its steps by then); fires with how many."""
+        now = time.time() if now is None else now
+        due = [m for m in self._markers if m[0] <= now]
+        if not due:
+            return 0
+        self._markers = [m for m in self._markers if m[0] > now]
+        yield self._write_all([("HDEL", key, marker) for _due, key, marker in due])
+        return len(due)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -379,8 +503,8 @@ class RedisRetained:
                                        for c in candidates])
         out = []
         for levels_of, raw in zip(found, values):
-            if raw is None:
-                continue  # an inner level, no message of its own
+            if raw is None or raw[:2] == _DELETED:
+                continue  # an inner level, no message of its own (or deleted)
             topic = "/".join(levels_of)
             try:
                 message = unpack_message(raw)
@@ -463,7 +587,24 @@ class RedisRetained:
         keys = yield self._scan(f"{self.prefix}ret:c:*", scan_count)
         for i in range(0, len(keys), PIPELINE_CHUNK):
             yield self._write_all([("DEL", k) for k in keys[i:i + PIPELINE_CHUNK]])
-        values = yield self._scan(f"{self.prefix}ret:m:*", scan_count)
+        found = yield self._scan(f"{self.prefix}ret:m:*", scan_count)
+        # a transition left pending by a crash (Redis Cluster): the value
+        # decides -- a created one is indexed now, a deleted one goes
+        raws = yield self._read([("GET", key) for key in found]) if found else []
+        fixes = []
+        values = []
+        for key, raw in zip(found, raws):
+            if raw is None:
+                continue
+            if raw[:2] == _DELETED:
+                fixes.append(("DEL", key))
+                continue
+            if raw[:2] == _PENDING:
+                fixes.append(("SET", key, _FORMAT + raw[10:]))
+            values.append(key)
+        for i in range(0, len(fixes), PIPELINE_CHUNK):
+            yield self._write_all(fixes[i:i + PIPELINE_CHUNK])
+        self._markers = []   # their index keys are gone
         start = len(self.value_key(""))
         counts: Dict[Tuple[str, str], int] = {}
         for key in values:
@@ -500,6 +641,8 @@ def _counts(fields) -> Iterable[Tuple[str, int]]:
     for name, count in items:
         if isinstance(name, bytes):
             name = name.decode("utf-8")
+        if "/" in name:
+            continue   # a transition's marker (Redis Cluster), not a level
         yield name, int(count)
 
 
@@ -662,6 +805,9 @@ class ClusterRetainedStore:
         self._sweeper = None
 
     def _sweep(self):
+        self.redis.drop_markers().addErrback(lambda failure: log.warn(
+            "Removing finished retained index markers failed: {error}",
+            error=failure.getErrorMessage()))
         d = self.redis.sweep(self.clock.seconds())
         d.addErrback(lambda failure: log.warn(
             "Sweeping expired retained messages failed: {error}",

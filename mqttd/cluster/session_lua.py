@@ -121,8 +121,9 @@ return reply
 # load: KEYS s o t i w f   ARGV node epoch
 # Closes the hand-off window (the previous owner's writes are fenced from
 # now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...},
-# {seqs}} or {'F', node, epoch} when fenced; seqs: the queued messages the
-# previous owner wrote during the hand-off (marked ``ho:<seq>`` in s).  Forwarded messages (f) stay: the owner
+# {records}} or {'F', node, epoch} when fenced; records: the queued
+# messages the previous owner wrote during the hand-off (``ho:<seq>`` in s,
+# kept even if acknowledged since).  Forwarded messages (f) stay: the owner
 # pulls them (session_pull) and queues them under its queue limits.
 LOAD = r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
@@ -134,7 +135,7 @@ redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
 local handed = {}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(field, 1, 3) == 'ho:' then
-    handed[#handed + 1] = string.sub(field, 4)
+    handed[#handed + 1] = redis.call('HGET', KEYS[1], field)
     redis.call('HDEL', KEYS[1], field)
   end
 end
@@ -165,11 +166,12 @@ return reply
 # apply: KEYS s o t i w f   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
 #      V | X | Y | G blob
-#   (Z wid, first if present: the batch's write id, unique per writing node:
-#   a batch re-sent after an unknown outcome -- a timeout, or a Redis Cluster
-#   pipeline that failed on another master -- is recognized (``w:<node>`` of
-#   s holds the last applied one) and not applied twice; without it, its
-#   forwards (G, and O refused by the fence) were pushed to f twice)
+#   (Z wid, first if present: the batch's write id ``<process>:<n>``, n
+#   growing per writing process: a batch re-sent after an unknown outcome --
+#   a timeout, or a Redis Cluster pipeline that failed on another master --
+#   is recognized (``w:<node>`` of s holds the last applied one; an id of the
+#   same process at or below it was applied) and not applied twice; without
+#   it, its forwards (G, and O refused by the fence) were pushed to f twice)
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
@@ -192,12 +194,19 @@ local first = 3
 local wid = false
 local wfield = 'w:' .. ARGV[1]
 if ARGV[3] == 'Z' then
+  -- write ids are <process>:<n>, n growing: one of this process at or
+  -- below the last applied one was applied already (a re-send after an
+  -- unknown outcome changes nothing)
   wid = ARGV[4]
   first = 5
-  if s[2] and redis.call('HGET', KEYS[1], wfield) == wid then
-    -- applied already: a re-send after an unknown outcome changes nothing
-    if fenced and not handoff then return {'F', s[1] or '', s[2] or '0', 0} end
-    return {'OK', 0}
+  local last = s[2] and redis.call('HGET', KEYS[1], wfield)
+  if last then
+    local lp, ln = string.match(last, '^(.*):(%d+)$')
+    local wp, wn = string.match(wid, '^(.*):(%d+)$')
+    if lp and lp == wp and tonumber(wn) <= tonumber(ln) then
+      if fenced and not handoff then return {'F', s[1] or '', s[2] or '0', 0} end
+      return {'OK', 0}
+    end
   end
 end
 if fenced and not handoff then
@@ -246,7 +255,8 @@ while i <= #ARGV do
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]); redis.call('HDEL', KEYS[3], ARGV[i + 1])
     -- queued by the previous owner after the claim: the new owner's node may
     -- have kept the same message for the session (see session_load)
-    if handoff then redis.call('HSET', KEYS[1], 'ho:' .. ARGV[i + 1], 1) end
+    -- (the record itself: it may be acknowledged and gone by the load)
+    if handoff then redis.call('HSET', KEYS[1], 'ho:' .. ARGV[i + 1], ARGV[i + 2]) end
   elseif op == 'U' then
     if redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 1 then
       redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])

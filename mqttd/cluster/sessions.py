@@ -44,7 +44,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mqttd.cluster.backend import BackendError
+from mqttd.cluster.backend import BackendError, RedisReplyError
 from mqttd.codec.errors import ReasonCode
 from mqttd.messages import will_message
 from mqttd.persistence import records as R
@@ -135,6 +135,8 @@ class ClusterSessions:
         #: client id -> messages the previous owner queued during the hand-off
         #: (from session_load), until the takeover window is delivered
         self._handed: Dict[str, list] = {}
+        #: client id -> bases of pulls whose reply was lost (see pull)
+        self._lost_pulls: Dict[str, list] = {}
         self.takeovers = 0
         self.forwarded = 0
         #: ``also_sent_to(node, message) -> bool`` (the bus router; None: never)
@@ -230,11 +232,22 @@ class ClusterSessions:
 
     def _claim(self, client_id, clean_start, persistent, will, username, connection=None):
         window = []      # [messages] while a takeover from a live node runs
+        # kept from before the claim runs: a message this node gets while the
+        # claim script is on its way must not fall between "not ours yet" and
+        # the window (the old owner, once kicked, does not forward what was
+        # also sent here); used only if the claim turns out a takeover from a
+        # live node, else dropped.  Only a resume of a session this node does
+        # not own can be one (each open window sees every QoS >= 1 message of
+        # the node: a clean start or a resume here costs nothing)
+        early = []
         d = self._claim_in(window, client_id, clean_start, persistent, will, username,
-                           connection)
+                           connection, early)
 
         def delivered(result):
-            if window:
+            if not window:
+                for opened in early:
+                    self._close_window(opened)
+            else:
                 messages = self._close_window(window[0])
                 if result is None and self.store.epochs.get(client_id) is not None:
                     self._deliver_window(client_id, messages)
@@ -244,11 +257,15 @@ class ClusterSessions:
 
     @defer.inlineCallbacks
     def _claim_in(self, window, client_id, clean_start, persistent, will, username,
-                  connection=None):
+                  connection=None, early=None):
         broker = self.broker
         store = self.store
         # what this node still has to write of this client goes out first
         yield store.sync()
+        if early is not None and not clean_start and client_id not in store.epochs:
+            # opened as late as possible: what it keeps that the old owner
+            # delivered before the claim took effect would arrive twice
+            early.append(self._open_window(client_id))
         will_blob = b""
         delay = 0
         if will is not None:
@@ -281,7 +298,7 @@ class ClusterSessions:
                 # what reaches this node directly while the old owner lets go
                 # is not forwarded by it: kept for the session until installed
                 if present and not ended:
-                    window.append(self._open_window(client_id))
+                    window.append(early.pop() if early else self._open_window(client_id))
                 yield self._kick(old_node, client_id, epoch, ended)
             else:
                 self._dead_owners_will(client_id, old_will, old_online, ended)
@@ -451,9 +468,14 @@ class ClusterSessions:
             return True
         # what the old owner queued after our claim: a message this node kept
         # for the session meanwhile may be one of them (see _deliver_window)
-        handed = {int(seq) for seq in (reply[6] if len(reply) > 6 else ())}
-        self._handed[client_id] = [out.message for seq, out in stored.outbound.items()
-                                   if seq in handed]
+        handed = []
+        for blob in (reply[6] if len(reply) > 6 else ()):
+            try:
+                handed.append(safepickle.loads(blob).message)
+            except Exception as error:
+                log.warn("Unreadable hand-off record of {client_id}: {error}",
+                         client_id=client_id, error=str(error))
+        self._handed[client_id] = handed
         self.broker.install_session(stored)
         # messages forwarded to the session by a node that lost it: queued
         # after what the session held, under this node's queue limits
@@ -623,11 +645,50 @@ class ClusterSessions:
     # --- the owner takes what was forwarded ---------------------------------------------
 
     def pull(self, client_id: str) -> Optional[defer.Deferred]:
-        """Move messages forwarded to ``client_id``'s session into it (owner only)."""
+        """Move messages forwarded to ``client_id``'s session into it (owner only).
+
+        A pull whose reply was lost (a timeout: Redis may have moved the
+        messages into the session's queue under the seqs reserved for it) is
+        not simply forgotten: the next pull first takes, from the queue in
+        Redis, the messages under those seqs that the session does not know
+        (REVIEW-CLUSTER F13's kind: they stayed there, undelivered, until the
+        session's next load)."""
         session = self.broker.sessions.get(client_id)
         epoch = self.store.epochs.get(client_id)
         if session is None or epoch is None:
             return None
+        lost = self._lost_pulls.pop(client_id, None)
+        if lost:
+            d = self._recover_pulls(client_id, session, lost)
+            d.addErrback(lambda f: (self._lost_pulls.setdefault(client_id, []).extend(lost),
+                                    log.warn("Recovering forwarded messages of {client_id} "
+                                             "failed: {error}", client_id=client_id,
+                                             error=str(f.value))))
+            return d.addCallback(lambda _: self._pull(client_id, session, epoch))
+        return self._pull(client_id, session, epoch)
+
+    @defer.inlineCallbacks
+    def _recover_pulls(self, client_id: str, session, bases):
+        keys = self._keys(client_id)
+        fields = yield self.backend.execute("HKEYS", keys[1])
+        known = {r.seq for r in session.queue} | {r.seq for r in session.inflight.values()}
+        seqs = sorted(int(f) for f in fields if any(
+            base <= int(f) < base + PULL_BATCH for base in bases) and int(f) not in known)
+        if not seqs:
+            return 0
+        blobs = yield self.backend.execute("HMGET", keys[1], *seqs)
+        if self.broker.sessions.get(client_id) is not session:
+            return 0
+        found = 0
+        for seq, blob in zip(seqs, blobs):
+            if blob is not None:
+                self._queue_forwarded(session, decode_outbound(seq, blob))
+                found += 1
+        if found and session.connection is not None:
+            self.broker.drain(session)
+        return found
+
+    def _pull(self, client_id: str, session, epoch: int) -> defer.Deferred:
         base = session.next_seq()
         session.restore_seq(base + PULL_BATCH)
         d = self.backend.run("session_pull", self._keys(client_id),
@@ -644,8 +705,15 @@ class ClusterSessions:
             if len(items) // 2 >= PULL_BATCH:
                 return self.pull(client_id)
         d.addCallback(pulled)
-        d.addErrback(lambda f: log.warn("Taking forwarded messages of {client_id} failed: "
-                                        "{error}", client_id=client_id, error=str(f.value)))
+
+        def failed(failure):
+            log.warn("Taking forwarded messages of {client_id} failed: {error}",
+                     client_id=client_id, error=str(failure.value))
+            if failure.check(BackendError) and not failure.check(RedisReplyError):
+                # the outcome is unknown: the messages may be in the queue now
+                self._lost_pulls.setdefault(client_id, []).append(base)
+                self.clock.callLater(1.0, self.pull, client_id)
+        d.addErrback(failed)
         return d
 
     def _queue_forwarded(self, session, out) -> None:

@@ -60,3 +60,26 @@ def test_membership_scripts_are_refused_by_a_replica(redis_server, tmp_path, aio
         aio(run)
     finally:
         replica.stop()
+
+
+def test_the_heartbeat_runs_on_a_full_redis(redis_server, aio):
+    """A Redis at maxmemory (noeviction) refuses writes that add data, but a heartbeat
+    only extends a key: with its shebang it must still run (allow-oom), or every node
+    would fence itself when Redis fills up."""
+    keys = Keys()
+
+    async def run():
+        backend = Backend(redis_server.url)
+        backend.register("beat", BEAT)
+        backend.register("leave", LEAVE)
+        redis_server.cli("SET", keys.alive("full"), "boot", "PX", "60000")
+        redis_server.cli("CONFIG", "SET", "maxmemory", "1")
+        try:
+            with pytest.raises(BackendError, match="(?i)memory"):
+                await wait(backend.execute("SET", "mqttd:other", "x"))
+            assert await wait(backend.run("beat", [keys.alive("full")], ["boot", 5000])) == 1
+            assert await wait(backend.run("leave", [keys.alive("full")], ["boot"])) == 1
+        finally:
+            redis_server.cli("CONFIG", "SET", "maxmemory", "0")
+            await wait(backend.close())
+    aio(run)

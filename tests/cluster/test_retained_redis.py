@@ -79,11 +79,25 @@ def test_wildcard_lookups_match_the_single_node_matcher_on_redis_cluster(redis_c
 def test_concurrent_writers_leave_an_exact_index(redis_server, aio):
     """Two nodes (two connections) creating and clearing the same topics at once: the
     counts converge, wildcard lookups find exactly what is stored."""
+    concurrent_writers(redis_server.url, aio)
+
+
+def test_concurrent_writers_leave_an_exact_index_on_redis_cluster(redis_cluster, aio):
+    """The same on Redis Cluster, where a creation or a deletion is a transition in
+    idempotent steps that a concurrent writer of the topic may finish."""
+    concurrent_writers(redis_cluster.url, aio)
+
+
+def concurrent_writers(url, aio):
     topics_ = [f"w/{i % 7}/{i % 3}" for i in range(60)]
 
     async def scenario():
-        a, b = Backend(redis_server.url), Backend(redis_server.url)
+        a, b = Backend(url), Backend(url)
         try:
+            # connected first, as a node's backend is (a Redis Cluster client that
+            # loads its slot map under 60 concurrent first commands drops some)
+            await wait(a.connect())
+            await wait(b.connect())
             ra, rb = RedisRetained(a, prefix="cw:"), RedisRetained(b, prefix="cw:")
             writes = []
             for i, topic in enumerate(topics_):
@@ -100,7 +114,7 @@ def test_concurrent_writers_leave_an_exact_index(redis_server, aio):
             assert stored == exact
             assert await wait(ra.count()) == len(exact)
             root = await wait(a.execute("HGETALL", "cw:ret:c:0:"))
-            assert {k: int(v) for k, v in root.items()} == (
+            assert {k: int(v) for k, v in root.items() if b"/" not in k} == (
                 {b"w": 2 * len(exact)} if exact else {})
         finally:
             await wait(a.close())

@@ -81,3 +81,75 @@ def test_a_batch_resent_after_a_lost_reply_forwards_each_message_once(redis_serv
         assert int(redis_server.cli("LLEN", "mqttd:{c:fw}:f")) == 2
         await wait(backend.close())
     aio(run)
+
+
+def test_batches_resent_twice_after_two_lost_replies_apply_once(redis_server, aio):
+    """Two flushes in a row lose their reply: the second re-sends the first batch (found
+    applied) and a newer one (applied, reply lost); the third re-sends both -- each
+    forward still lands once (the last applied write id covers the ones before it)."""
+    async def run():
+        backend = Backend(redis_server.url)
+        redis_server.cli("HSET", "mqttd:{c:fw2}:s", "node", "B", "epoch", "7", "online", "0",
+                         "persistent", "1")
+        flaky = LosesTheFirstReply(backend)
+        flaky.lose = 2
+        store = RedisSessionStore(flaky, "A", clock=Clock())
+        for payload in (b"one", b"two"):
+            store.write(Forward("fw2", R.OutboundRecord(0, Message("t/f", payload, 1), 1)))
+            try:
+                await wait(store.sync())
+                raise AssertionError("the lost reply must fail the sync")
+            except RedisUnavailable:
+                pass
+        await wait(store.sync())
+        assert int(redis_server.cli("LLEN", "mqttd:{c:fw2}:f")) == 2
+        await wait(backend.close())
+    aio(run)
+
+
+def test_messages_a_pull_moved_before_its_reply_was_lost_are_still_delivered(
+        redis_server, aio):
+    """The owner takes forwarded messages with a pull (f list -> queue, under seqs it
+    reserved); when the reply is lost, Redis may have moved them: the next pull finds
+    them in the queue and delivers them (they sat there until the next takeover)."""
+    from mqttd.codec.packets import Publish
+    from .test_sessions import Node, connect, settle
+
+    async def run():
+        nodes, alive = {}, {"A": True}
+        a = Node(redis_server.url, "A", nodes, alive)
+        sub = a.client()
+        await connect(a, sub, "puller")
+        sub.subscribe("pl/#", qos=1)
+        await settle(a)
+        # another node forwarded two messages to the session (its f list)
+        other = RedisSessionStore(Backend(redis_server.url), "B", clock=Clock())
+        for payload in (b"f1", b"f2"):
+            other.write(Forward("puller", R.OutboundRecord(0, Message("pl/x", payload, 1), 1)))
+        await wait(other.sync())
+        flaky = LosesTheFirstReply(a.backend)
+        real_run = a.backend.run
+
+        def run_losing(name, keys=(), args=()):
+            d = real_run(name, keys, args)
+            if name == "session_pull" and flaky.lose:
+                flaky.lose -= 1
+
+                def lost(_reply):
+                    raise RedisUnavailable("no answer from Redis within 5 s")
+                d.addCallback(lost)
+            return d
+        a.sessions.backend.run = run_losing
+        a.sessions.pull("puller")
+        await settle(a)
+        assert int(redis_server.cli("LLEN", "mqttd:{c:puller}:f")) == 0   # moved by Redis
+        a.clock.advance(1.0)                       # the retry after the lost reply
+        got = []
+        for _ in range(10):
+            await settle(a)
+            got += [p.payload for p in sub.received() if isinstance(p, Publish)]
+            if len(got) >= 2:
+                break
+        assert sorted(got) == [b"f1", b"f2"]
+        await wait(other.backend.close())
+    aio(run)

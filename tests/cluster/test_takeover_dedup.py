@@ -107,3 +107,38 @@ def test_message_the_old_owner_queued_during_the_takeover_and_the_new_node_kept_
             got += [p.payload for p in again.received() if isinstance(p, Publish)]
         assert sorted(got) == [b"during", b"only-b", b"same", b"same"], got
     aio(run)
+
+
+def test_message_reaching_the_new_owner_while_its_claim_runs_is_not_lost(redis_server, aio):
+    """B's copy of a message arrives while B's claim is on its way (before the takeover
+    window used to open), A's copy after A let the session go (A skips it: B got it):
+    B must keep it for the session -- it was dropped (acknowledged QoS 1/2 messages lost
+    when a live subscriber moved between nodes under a publisher's stream)."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        router = FakeRouter(b)
+        b.sessions.router = router
+        a.sessions.also_sent_to = lambda node, message: node == "B"
+        sub = a.client()
+        await connect(a, sub, "mover3")
+        sub.subscribe("mv3/#", qos=1)
+        sub.conn.connection_lost()
+        await settle(a)
+        is_alive = b.sessions.is_alive
+
+        def alive_check(node):
+            # the claim script ran; B reads its copy before it looks at the old owner
+            router.dispatch(Message("mv3/1", b"early", 1))
+            return is_alive(node)
+        b.sessions.is_alive = alive_check
+        again = b.client()
+        ack = await connect(b, again, "mover3")
+        assert ack.reason_code == 0 and ack.session_present
+        a.broker.dispatch(Message("mv3/1", b"early", 1))    # A's copy, after the kick
+        got = []
+        for _ in range(5):
+            await settle(a, b)
+            got += [p.payload for p in again.received() if isinstance(p, Publish)]
+        assert got == [b"early"]
+    aio(run)
