@@ -129,8 +129,9 @@ class BrokerConfig:
     max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
     #: seconds an authentication/authorization hook may take before it refuses
     hook_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
-    #: a CONNECT may take over the session of a client id created by another
-    #: username (off: refused with 0x87 / v3 0x05)
+    #: a CONNECT may take over and resume the session of a client id created
+    #: by another username (off: refused with 0x87 / v3 0x05 while its owner is
+    #: connected; an offline one is discarded, never resumed)
     allow_session_takeover_by_other_user: bool = attrs.field(default=False,
                                                              validator=_is_bool)
     #: open client connections, all listeners together; 0 = no limit

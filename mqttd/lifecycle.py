@@ -208,20 +208,43 @@ class SessionLifecycle:
         return self.config.assigned_id_prefix + uuid.uuid4().hex[:16]
 
     def session_owner_conflict(self, client_id: str, username: Optional[str]) -> Optional[str]:
-        """The username owning ``client_id``'s session if it is not ``username``.
+        """The username owning ``client_id``'s *live* session if it is not ``username``.
 
-        A session remembers the username that created it; another username
-        (or an anonymous client) may not take it over or discard it unless
-        ``allow_session_takeover_by_other_user``.  A session created
-        anonymously (or stored before owners were recorded) has no owner to
-        protect: any client may take it, and then owns it.  Returns None when
-        allowed.
+        A session remembers the username that created it.  While its owner is
+        connected, another username (or an anonymous client) may not take it
+        over: the CONNECT is refused (0x87 / v3 0x05), also with Clean Start,
+        unless ``allow_session_takeover_by_other_user``.  An *offline* session
+        of another user is no reason to refuse: :meth:`open_session` discards
+        it (never resumes it), so nobody can lock a device out of its client
+        id by storing a session under it (REVIEW-S9 R17), and nobody reads
+        another user's queued messages.  A session created anonymously (or
+        stored before owners were recorded) has no owner to protect.  Returns
+        None when allowed.
         """
         existing = self.sessions.get(client_id)
-        if (existing is None or existing.owner is None or existing.owner == username
-                or self.config.allow_session_takeover_by_other_user):
+        if existing is None or existing.connection is None or self.may_resume(existing, username):
             return None
         return existing.owner
+
+    def may_resume(self, session: Session, username: Optional[str]) -> bool:
+        """Whether a client authenticated as ``username`` may resume ``session``
+        (take its subscriptions, queued and in-flight messages): it has no
+        owner, ``username`` is its owner, or
+        ``allow_session_takeover_by_other_user``."""
+        return (session.owner is None or session.owner == username
+                or self.config.allow_session_takeover_by_other_user)
+
+    def _replace_foreign(self, session: Session, username: Optional[str]) -> None:
+        """Discard the offline ``session`` of another user for a CONNECT of
+        ``username`` with the same client id: counted as ``sessions_replaced``,
+        one rate-limited line; nothing of it is handed to the new client."""
+        self.stats.sessions_replaced += 1
+        self.log_limiter.warn(
+            log, (session.client_id, "session-replaced"),
+            "Discarding offline session of {client_id} owned by {owner!r}: client id "
+            "now used by {username!r} (session ownership)",
+            client_id=session.client_id, owner=session.owner, username=username,
+            queued=len(session.queue), subscriptions=len(session.subscriptions))
 
     def open_session(self, connection, client_id: str, protocol_level: int,
                      clean_start: bool, expiry_interval: Optional[int], will,
@@ -250,6 +273,11 @@ class SessionLifecycle:
                 existing.expiry_call.cancel()
             existing.expiry_call = None
         session_present = False
+        if existing is not None and not self.may_resume(existing, owner):
+            # another user's offline session (a live one was refused by
+            # session_owner_conflict): discarded whatever Clean Start says
+            self._replace_foreign(existing, owner)
+            clean_start = True
         if existing is not None and not clean_start:
             session = existing
             session_present = True

@@ -72,6 +72,9 @@ class BrokerStats:
     clients_maximum: int = 0
     #: sessions that expired while offline
     sessions_expired: int = 0
+    #: offline sessions of another user discarded by a CONNECT with their
+    #: client id (session ownership, REVIEW-S9 R17)
+    sessions_replaced: int = 0
     #: refusals and limit hits by kind: "authentication", "anonymous",
     #: "session-owner", "publish", "subscribe", "forward", "will",
     #: "subscription" (removed on reload), "max-connections",

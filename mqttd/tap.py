@@ -206,8 +206,9 @@ OPTIONS: List[Option] = [
            "file:PATH (repeatable).", repeatable=True, redact=hide_after_kind),
     Option("allow-anonymous", flag, "Let clients without a user name in even when "
            "authentication or a non-loopback listener is configured."),
-    Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
-           "taken over by another user name.", field="allow_session_takeover_by_other_user"),
+    Option("allow-session-takeover-by-other-user", flag, "Let another user name take over "
+           "and resume a client id's session (otherwise refused while its owner is "
+           "connected; an offline one is discarded).", field="allow_session_takeover_by_other_user"),
     Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
            "hook may take before it refuses.", default=10.0, field="hook_timeout"),
     Option("max-password-checks", integer(1), "Password-file hashes verified at once, all "
