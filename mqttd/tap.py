@@ -137,8 +137,13 @@ OPTIONS: List[Option] = [
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
            field="max_queued_bytes_total"),
     Option("max-sessions", integer(0), "Persistent sessions held at most; a CONNECT for "
-           "one more is refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
+           "one more discards its user's longest-offline session, or without one is "
+           "refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
            field="max_sessions"),
+    Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (all "
+           "anonymous clients together: one) holds at most; one more discards its "
+           "longest-offline session, or without one is refused (0 = no share).",
+           default=10_000, field="max_sessions_per_user"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
     Option("bridge-dedup-window", number(0), "MQTT 3.1.1 mesh loop guard: seconds a "
