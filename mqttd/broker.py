@@ -50,6 +50,7 @@ from mqttd.retained import RetainedIndex
 from mqttd.retaining import REPLAY_NODES_PER_STEP, REPLAY_STEPS_PER_TURN, Retaining
 from mqttd.routing import ONLY_SHARES, SKIP_SHARES, Routing
 from mqttd.session import Session
+from mqttd.sessionbudget import PersistentSessions
 from mqttd.subscriptions import RECHECKS_PER_TURN, LocalSubscription, Subscriptions
 from mqttd.wills import WillScheduler
 
@@ -102,8 +103,9 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
-        #: client ids of the persistent sessions (--max-sessions)
-        self._persistent: set = set()
+        #: client ids of the persistent sessions, by owner (--max-sessions,
+        #: --max-sessions-per-user)
+        self._persistent = PersistentSessions()
         self._total_logged = None
         #: which congested subscriber holds publishers back, for how long; an
         #: online subscriber this far behind (messages or bytes) holds them

@@ -94,8 +94,14 @@ class BrokerConfig:
     max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
                                               validator=_int_in(0))
     #: persistent sessions held at most; a CONNECT that would create one more
-    #: is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
+    #: discards its owner's longest-offline session, or if it has none is
+    #: refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
     max_sessions: int = attrs.field(default=100_000, validator=_int_in(0))
+    #: persistent sessions one owner (user name; all anonymous clients are one
+    #: owner) holds at most; 0 = no share.  At this share (or at
+    #: ``max_sessions``) a new persistent session of the owner discards its
+    #: longest-offline one; refused (0x97 / v3 0x03) only if it has none offline
+    max_sessions_per_user: int = attrs.field(default=10_000, validator=_int_in(0))
     overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
                                        validator=_one_of(OverflowPolicy.ALL))
     #: queue QoS 0 messages for offline persistent sessions (off: they are dropped)
@@ -131,8 +137,9 @@ class BrokerConfig:
     max_publisher_pause: float = attrs.field(default=5.0, validator=_seconds(0))
     #: seconds an authentication/authorization hook may take before it refuses
     hook_timeout: float = attrs.field(default=10.0, validator=_seconds(0, above=True))
-    #: a CONNECT may take over the session of a client id created by another
-    #: username (off: refused with 0x87 / v3 0x05)
+    #: a CONNECT may take over and resume the session of a client id created
+    #: by another username (off: refused with 0x87 / v3 0x05 while its owner is
+    #: connected; an offline one is discarded, never resumed)
     allow_session_takeover_by_other_user: bool = attrs.field(default=False,
                                                              validator=_is_bool)
     #: open client connections, all listeners together; 0 = no limit

@@ -412,7 +412,8 @@ class Connecting:
                                     f"keepalive {keepalive} s is 0 or over the maximum of "
                                     f"{config.max_keepalive} s")
             keepalive = server_keepalive = config.max_keepalive
-        refusal = broker.session_refusal(client_id, expiry is None or expiry > 0)
+        refusal = broker.session_refusal(client_id, expiry is None or expiry > 0,
+                                         self.info.username)
         if refusal is not None:
             code, why, reason = refusal
             broker.stats.connects_refused += 1

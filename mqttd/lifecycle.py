@@ -60,6 +60,10 @@ class SessionLifecycle:
         self._schedule_retained_expiry()
         for client_id, stored in state.sessions.items():
             expired += self._restore_session(stored, now)
+        # the owners' offline sessions, longest offline first (--max-sessions)
+        for session in sorted(self.sessions.values(),
+                              key=lambda s: (s.disconnected_at or 0.0, s.client_id)):
+            self._persistent.went_offline(session.client_id)
         # wills first: a session that expired while we were down publishes its will
         self.wills.restore(state.wills.values(), self.sessions)
         for session in list(self.sessions.values()):
@@ -81,7 +85,8 @@ class SessionLifecycle:
                           persistent=True, expiry_interval=record.expiry_interval,
                           owner=getattr(record, "owner", None),  # older records: none
                           ledger=self.stats)
-        self._persistent.add(client_id)
+        self._persistent.add(client_id, session.owner)
+        self._persistent.went_offline(client_id)
         session.disconnected_at = (record.disconnected_at
                                    if record.disconnected_at is not None else now)
         for sub in record.subscriptions:
@@ -208,20 +213,43 @@ class SessionLifecycle:
         return self.config.assigned_id_prefix + uuid.uuid4().hex[:16]
 
     def session_owner_conflict(self, client_id: str, username: Optional[str]) -> Optional[str]:
-        """The username owning ``client_id``'s session if it is not ``username``.
+        """The username owning ``client_id``'s *live* session if it is not ``username``.
 
-        A session remembers the username that created it; another username
-        (or an anonymous client) may not take it over or discard it unless
-        ``allow_session_takeover_by_other_user``.  A session created
-        anonymously (or stored before owners were recorded) has no owner to
-        protect: any client may take it, and then owns it.  Returns None when
-        allowed.
+        A session remembers the username that created it.  While its owner is
+        connected, another username (or an anonymous client) may not take it
+        over: the CONNECT is refused (0x87 / v3 0x05), also with Clean Start,
+        unless ``allow_session_takeover_by_other_user``.  An *offline* session
+        of another user is no reason to refuse: :meth:`open_session` discards
+        it (never resumes it), so nobody can lock a device out of its client
+        id by storing a session under it (REVIEW-S9 R17), and nobody reads
+        another user's queued messages.  A session created anonymously (or
+        stored before owners were recorded) has no owner to protect.  Returns
+        None when allowed.
         """
         existing = self.sessions.get(client_id)
-        if (existing is None or existing.owner is None or existing.owner == username
-                or self.config.allow_session_takeover_by_other_user):
+        if existing is None or existing.connection is None or self.may_resume(existing, username):
             return None
         return existing.owner
+
+    def may_resume(self, session: Session, username: Optional[str]) -> bool:
+        """Whether a client authenticated as ``username`` may resume ``session``
+        (take its subscriptions, queued and in-flight messages): it has no
+        owner, ``username`` is its owner, or
+        ``allow_session_takeover_by_other_user``."""
+        return (session.owner is None or session.owner == username
+                or self.config.allow_session_takeover_by_other_user)
+
+    def _replace_foreign(self, session: Session, username: Optional[str]) -> None:
+        """Discard the offline ``session`` of another user for a CONNECT of
+        ``username`` with the same client id: counted as ``sessions_replaced``,
+        one rate-limited line; nothing of it is handed to the new client."""
+        self.stats.sessions_replaced += 1
+        self.log_limiter.warn(
+            log, (session.client_id, "session-replaced"),
+            "Discarding offline session of {client_id} owned by {owner!r}: client id "
+            "now used by {username!r} (session ownership)",
+            client_id=session.client_id, owner=session.owner, username=username,
+            queued=len(session.queue), subscriptions=len(session.subscriptions))
 
     def open_session(self, connection, client_id: str, protocol_level: int,
                      clean_start: bool, expiry_interval: Optional[int], will,
@@ -254,6 +282,11 @@ class SessionLifecycle:
                 existing.expiry_call.cancel()
             existing.expiry_call = None
         session_present = False
+        if existing is not None and not self.may_resume(existing, owner):
+            # another user's offline session (a live one was refused by
+            # session_owner_conflict): discarded whatever Clean Start says
+            self._replace_foreign(existing, owner)
+            clean_start = True
         if existing is not None and not clean_start:
             session = existing
             session_present = True
@@ -276,6 +309,7 @@ class SessionLifecycle:
         session.will = will
         session.connection = connection
         session.disconnected_at = None
+        self._persistent.went_online(client_id)
         self.online += 1
         if self.online > self.stats.clients_maximum:
             self.stats.clients_maximum = self.online
@@ -292,22 +326,31 @@ class SessionLifecycle:
 
     def _track_persistent(self, session: Session) -> None:
         if session.persistent:
-            self._persistent.add(session.client_id)
+            self._persistent.add(session.client_id, session.owner)
         else:
             self._persistent.discard(session.client_id)
         self.stats.persistent_sessions = len(self._persistent)
 
-    def session_refusal(self, client_id: str, persistent: bool) -> Optional[tuple]:
-        """Why a CONNECT for ``client_id`` must be refused before its session is
-        touched: ``(reason_code, why, stats_reason)``, or None to go on.
+    def session_refusal(self, client_id: str, persistent: bool,
+                        owner: Optional[str] = None) -> Optional[tuple]:
+        """Why a CONNECT for ``client_id`` by the user ``owner`` (None:
+        anonymous) must be refused before its session is touched:
+        ``(reason_code, why, stats_reason)``, or None to go on.
 
         * the store cannot write (disk full, I/O error) and the session would be
           persistent: v5 0x97 Quota exceeded for a full disk, else 0x88 Server
           unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
           CONNACK [MQTT-3.14.0-1];
-        * it would create one persistent session more than ``max_sessions``:
-          0x97 Quota exceeded (v3: 0x03).  Resuming or replacing an existing
-          persistent session is always allowed.
+        * it would create one persistent session more than ``owner`` may hold
+          (``max_sessions_per_user``) or than the broker holds
+          (``max_sessions``): ``owner``'s own persistent session that has been
+          offline longest is discarded to make room (counted as
+          ``sessions_evicted``, one rate-limited line); if ``owner`` has none
+          offline, 0x97 Quota exceeded (v3: 0x03), counted as
+          ``max-sessions-per-user`` / ``max-sessions``.  So one user filling
+          the budget with throwaway sessions evicts only its own (REVIEW-S9
+          R10).  Resuming or replacing an existing persistent session is
+          always allowed.  O(1): no scan of the sessions.
         """
         if not persistent:
             return None
@@ -316,15 +359,43 @@ class SessionLifecycle:
             full = getattr(failure, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
             return ((ReasonCode.QUOTA_EXCEEDED if full else ReasonCode.SERVER_UNAVAILABLE),
                     f"the store cannot write ({failure})", "store-unavailable")
+        if client_id in self._persistent:
+            return None
+        index = self._persistent
+        share = self.config.max_sessions_per_user
+        if share and index.count(owner) >= share:
+            refusal = self._make_room(client_id, owner, "max-sessions-per-user",
+                                      f"{index.count(owner)} persistent sessions of "
+                                      f"{owner!r}, the maximum (--max-sessions-per-user)")
+            if refusal is not None:
+                return refusal
         limit = self.config.max_sessions
-        if limit and client_id not in self._persistent and len(self._persistent) >= limit:
-            # repair the count if anything removed sessions behind our back
-            self._persistent = {cid for cid, s in self.sessions.items() if s.persistent}
-            self.stats.persistent_sessions = len(self._persistent)
-            if len(self._persistent) >= limit:
-                return (ReasonCode.QUOTA_EXCEEDED,
-                        f"{len(self._persistent)} persistent sessions, the maximum "
-                        f"(--max-sessions)", "max-sessions")
+        if limit and len(index) >= limit:
+            return self._make_room(client_id, owner, "max-sessions",
+                                   f"{len(index)} persistent sessions, the maximum "
+                                   f"(--max-sessions)")
+        return None
+
+    def _make_room(self, client_id: str, owner: Optional[str], what: str,
+                   why: str) -> Optional[tuple]:
+        """Discard ``owner``'s longest-offline persistent session for the new
+        one of ``client_id`` (None), or the refusal if it has none offline."""
+        victim = self._persistent.longest_offline(owner, self.sessions)
+        if victim is None:
+            return (ReasonCode.QUOTA_EXCEEDED, why, what)
+        self.stats.sessions_evicted += 1
+        offline = self.clock.seconds() - (victim.disconnected_at or self.clock.seconds())
+        self.log_limiter.warn(
+            log, (owner, "session-evicted"),
+            "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
+            "{queued} queued) for the new session {client_id}: {why}",
+            evicted=victim.client_id, owner=owner, offline=offline,
+            queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
+            why=why, what=what)
+        if self.incident_listeners:
+            self.incident(victim.client_id, "session-evicted",
+                          f"session evicted for {client_id}: {why}")
+        self._discard_session(victim)
         return None
 
     def session_online(self, session: Session) -> None:
@@ -366,6 +437,7 @@ class SessionLifecycle:
         if not session.persistent:
             self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
+            self._persistent.went_offline(client_id)
             self._teardown_step(client_id, "session store", self._write,
                                 R.PutSession(session.to_record()))
             self._teardown_step(client_id, "session expiry", self._schedule_expiry,

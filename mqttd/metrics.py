@@ -74,13 +74,20 @@ class BrokerStats:
     clients_maximum: int = 0
     #: sessions that expired while offline
     sessions_expired: int = 0
+    #: offline sessions of another user discarded by a CONNECT with their
+    #: client id (session ownership, REVIEW-S9 R17)
+    sessions_replaced: int = 0
+    #: offline persistent sessions discarded to make room for a new one of
+    #: the same owner (--max-sessions, --max-sessions-per-user)
+    sessions_evicted: int = 0
     #: refusals and limit hits by kind: "authentication", "anonymous",
     #: "session-owner", "publish", "subscribe", "forward", "will",
     #: "subscription" (removed on reload), "max-connections",
     #: "max-subscriptions-per-client", "max-topic-filters-per-packet",
     #: "max-topic-levels", "inbound-rate", "max-pending-connections",
     #: "max-user-properties",
-    #: "max-sessions", "store-unavailable" (CONNECTs refused for them)
+    #: "max-sessions", "max-sessions-per-user", "store-unavailable" (CONNECTs
+    #: refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)
 
     def count_refusal(self, what: str) -> None:

@@ -138,8 +138,13 @@ OPTIONS: List[Option] = [
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
            field="max_queued_bytes_total"),
     Option("max-sessions", integer(0), "Persistent sessions held at most; a CONNECT for "
-           "one more is refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
+           "one more discards its user's longest-offline session, or without one is "
+           "refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
            field="max_sessions"),
+    Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (all "
+           "anonymous clients together: one) holds at most; one more discards its "
+           "longest-offline session, or without one is refused (0 = no share).",
+           default=10_000, field="max_sessions_per_user"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
     Option("bridge-dedup-window", number(0), "MQTT 3.1.1 mesh loop guard: seconds a "
@@ -208,8 +213,9 @@ OPTIONS: List[Option] = [
            "file:PATH (repeatable).", repeatable=True, redact=hide_after_kind),
     Option("allow-anonymous", flag, "Let clients without a user name in even when "
            "authentication or a non-loopback listener is configured."),
-    Option("allow-session-takeover-by-other-user", flag, "Let a client id's session be "
-           "taken over by another user name.", field="allow_session_takeover_by_other_user"),
+    Option("allow-session-takeover-by-other-user", flag, "Let another user name take over "
+           "and resume a client id's session (otherwise refused while its owner is "
+           "connected; an offline one is discarded).", field="allow_session_takeover_by_other_user"),
     Option("hook-timeout", number(above=0), "Seconds an authentication/authorization "
            "hook may take before it refuses.", default=10.0, field="hook_timeout"),
     Option("max-password-checks", integer(1), "Password-file hashes verified at once, all "

@@ -95,6 +95,12 @@ class BrokerCollector:
                      getattr(stats, "clients_maximum", 0))
         yield _counter("mqttd_sessions_expired_total", "Offline sessions that expired",
                        getattr(stats, "sessions_expired", 0))
+        yield _counter("mqttd_sessions_replaced_total", "Offline sessions of another user "
+                       "discarded by a CONNECT with their client id",
+                       getattr(stats, "sessions_replaced", 0))
+        yield _counter("mqttd_sessions_evicted_total", "Offline persistent sessions discarded "
+                       "for a new one of the same owner (--max-sessions, "
+                       "--max-sessions-per-user)", getattr(stats, "sessions_evicted", 0))
         yield _gauge("mqttd_subscriptions", "Subscriptions of all sessions", subscriptions)
         yield _gauge("mqttd_retained_messages", "Retained messages held (in a cluster: by "
                      "all nodes together)", client_retained_count(broker.retained))

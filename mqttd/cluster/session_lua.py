@@ -72,8 +72,10 @@ end
 
 # claim: KEYS s o t i w f
 # ARGV node clean_start persistent username has_username allow_other_user will delay boot
-# -> {'OWNER', owner} |
-#    {'OK', old_node, old_epoch, epoch, present, old_online, expired, will...}
+# -> {'OWNER', owner} (the session is online and another user's) |
+#    {'OK', old_node, old_epoch, epoch, present, old_online, expired, replaced, will...}
+# An offline session of another user is discarded as by a Clean Start
+# (``replaced`` 1): never resumed by another user, never a lock-out.
 CLAIM = NOW_MS + r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'owner',
                      'exp_at')
@@ -83,13 +85,14 @@ local exists = s[2] ~= false
 local expired = exists and s[3] ~= '1' and s[6] ~= false and tonumber(s[6]) <= now_ms()
 local present = exists and not expired and (s[4] == '1' or s[3] == '1')
 local owner = s[5]
-if present and owner and owner ~= '' and ARGV[6] ~= '1'
-   and (ARGV[5] ~= '1' or owner ~= ARGV[4]) then
+local foreign = present and owner and owner ~= '' and ARGV[6] ~= '1'
+   and (ARGV[5] ~= '1' or owner ~= ARGV[4])
+if foreign and s[3] == '1' then
   return {'OWNER', owner}
 end
 local will = redis.call('HGETALL', KEYS[5])
 redis.call('DEL', KEYS[5])
-if ARGV[2] == '1' or not present then
+if ARGV[2] == '1' or not present or foreign then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
   redis.call('HDEL', KEYS[1], 'rec', 'exp')
   present = false
@@ -113,7 +116,7 @@ if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[5], 'kind', 'conn', 'm', ARGV[7], 'delay', ARGV[8])
 end
 local reply = {'OK', s[1] or '', old_epoch, epoch, present and 1 or 0, s[3] or '0',
-               expired and 1 or 0}
+               expired and 1 or 0, foreign and 1 or 0}
 for _, v in ipairs(will) do reply[#reply + 1] = v end
 return reply
 """

@@ -283,8 +283,11 @@ class ClusterSessions:
         # expired on Redis's clock (its owner, maybe dead and not reaped, did
         # not end it yet): gone, as after a Clean Start -- its will is due
         expired = reply[6] == 1
-        ended = clean_start or expired
-        old_will = _pairs(reply[7:])
+        # another user's offline session: discarded as by a Clean Start,
+        # never resumed (session ownership, REVIEW-S9 R17)
+        replaced = reply[7] == 1
+        ended = clean_start or expired or replaced
+        old_will = _pairs(reply[8:])
         store.epochs[client_id] = epoch
         if connection in self._claims:
             self._claims[connection] = epoch
@@ -319,6 +322,14 @@ class ClusterSessions:
             # Redis says the session is gone (expired, or someone else's):
             # the copy here must not be resumed
             broker.release_session(client_id, ended)
+        if replaced and broker.sessions.get(client_id) is None:
+            # (a copy still held here is discarded, counted and logged by open_session)
+            broker.stats.sessions_replaced += 1
+            broker.log_limiter.warn(
+                log, (client_id, "session-replaced"),
+                "Discarding offline session of {client_id} owned by another user: client "
+                "id now used by {username!r} (session ownership)",
+                client_id=client_id, username=username)
         if self._kicked.get(client_id, 0) > epoch or store.epochs.get(client_id) != epoch:
             return self._lost(client_id, epoch)
         if self._kicked.get(client_id, 0) <= epoch:

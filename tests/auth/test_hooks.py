@@ -1,6 +1,7 @@
 """The broker's authentication/authorization hooks, driven through a ClientConnection."""
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
 from twisted.logger import capturedLogs
 
@@ -294,8 +295,8 @@ def _connect_as(broker, clock, level, client_id, username, clean=False):
     return client, client.received()[0]
 
 
-def test_session_of_another_user_is_refused_unless_allowed():
-    """Same client id, another username: 0x87 (v5) / 0x05 (v3), the owner keeps its session."""
+def test_live_session_of_another_user_is_refused_unless_allowed():
+    """Same client id, another username, owner online: 0x87 (v5) / 0x05 (v3), the owner is not kicked."""
     broker, clock = make_broker()
     owner, ack = _connect_as(broker, clock, 4, "dev1", "alice")
     assert ack.reason_code == 0
@@ -309,11 +310,58 @@ def test_session_of_another_user_is_refused_unless_allowed():
     anon, ack = _connect_as(broker, clock, 4, "dev2", None)
     anon.drop()
     _claim, ack = _connect_as(broker, clock, 4, "dev2", "bob")
-    assert ack.reason_code == 0 and broker.sessions["dev2"].owner == "bob"
+    assert ack.reason_code == 0 and ack.session_present and broker.sessions["dev2"].owner == "bob"
     broker2, clock2 = make_broker(allow_session_takeover_by_other_user=True)
     _connect_as(broker2, clock2, 4, "dev1", "alice")
     _other, ack = _connect_as(broker2, clock2, 4, "dev1", "bob")
     assert ack.reason_code == 0 and broker2.sessions["dev1"].owner == "bob"
+
+
+def _squat(broker, clock, client_id="dev1", user="bob"):
+    """``user`` stores a persistent session with a subscription under ``client_id``."""
+    squatter, ack = _connect_as(broker, clock, 4, client_id, user)
+    assert ack.reason_code == 0
+    squatter.subscribe("squat/#")
+    squatter.drop()
+    assert broker.sessions[client_id].owner == user
+
+
+@pytest.mark.parametrize("level, clean", [(4, True), (5, True), (4, False), (5, False)])
+def test_squatted_offline_session_is_replaced_by_the_real_device(level, clean):
+    """REVIEW-S9 R17: another user's offline session under a device's id no longer locks it out."""
+    broker, clock = make_broker()
+    device, ack = _connect_as(broker, clock, 4, "dev1", "alice", clean=True)
+    device.drop()                     # a clean-session device leaves nothing behind
+    _squat(broker, clock)
+    device, ack = _connect_as(broker, clock, level, "dev1", "alice", clean=clean)
+    assert ack.reason_code == 0 and not ack.session_present
+    session = broker.sessions["dev1"]
+    assert session.owner == "alice" and session.connection is device.conn
+    assert not session.subscriptions          # bob's data was discarded, not handed over
+    publisher = FakeClient(broker, clock, level=4)
+    publisher.connect(client_id="pub")
+    publisher.publish("squat/x", b"secret", qos=1)
+    assert not [p for p in device.received() if isinstance(p, Publish)]
+    assert broker.stats.sessions_replaced == 1
+    assert "session-owner" not in broker.stats.refused
+
+
+def test_offline_session_of_another_user_is_never_resumed():
+    """Ownership still keeps queued messages from other users: the session is discarded, not resumed."""
+    broker, clock = make_broker()
+    owner, _ = _connect_as(broker, clock, 4, "dev1", "alice")
+    owner.subscribe("alice/#", qos=1)
+    owner.drop()
+    publisher = FakeClient(broker, clock, level=4)
+    publisher.connect(client_id="pub")
+    publisher.publish("alice/mail", b"private", qos=1)
+    assert broker.sessions["dev1"].queue
+    thief, ack = _connect_as(broker, clock, 4, "dev1", "mallory")
+    assert ack.reason_code == 0 and not ack.session_present
+    assert not [p for p in thief.received() if isinstance(p, Publish)]
+    assert broker.sessions["dev1"].owner == "mallory"
+    assert not broker.sessions["dev1"].subscriptions and not broker.sessions["dev1"].queue
+    assert broker.stats.sessions_replaced == 1
 
 
 def test_session_owner_is_stored_and_restored():
@@ -330,8 +378,10 @@ def test_session_owner_is_stored_and_restored():
     fresh = Broker(clock)
     fresh.restore(state)
     assert fresh.sessions["dev1"].owner == "alice"
-    _thief, ack = _connect_as(fresh, clock, 4, "dev1", "mallory")
-    assert ack.reason_code == 0x05
+    # restored, it is still alice's: another user gets a fresh session, not hers
+    _other, ack = _connect_as(fresh, clock, 4, "dev1", "mallory")
+    assert ack.reason_code == 0 and not ack.session_present
+    assert fresh.stats.sessions_replaced == 1
 
 
 def test_max_subscriptions_per_client_refuses_the_extra_filter():

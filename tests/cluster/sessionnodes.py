@@ -73,12 +73,14 @@ async def settle(*nodes, rounds=30):
         node.clock.advance(0)
 
 
-async def connect(node, client, client_id, clean=False, expiry=600, will=None, only=None):
+async def connect(node, client, client_id, clean=False, expiry=600, will=None, only=None,
+                  username=None):
     """CONNECT ``client`` on ``node``; its CONNACK (the later packets stay unread).
     The clocks of every node advance meanwhile, or only those of ``only``:
     another node's pending store writes then stay unflushed until a kick makes
-    it sync."""
-    client.send(Connect(client.level, client_id, clean, 0, will=will,
+    it sync.  ``username``: sent with the password ``b"pw"``."""
+    client.send(Connect(client.level, client_id, clean, 0, will=will, username=username,
+                        password=None if username is None else b"pw",
                         properties=Properties(session_expiry_interval=expiry)
                         if client.level == 5 else Properties()))
     for _ in range(300):

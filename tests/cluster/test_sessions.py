@@ -455,3 +455,30 @@ def test_a_connect_while_redis_is_down_is_refused_0x88_without_a_traceback(redis
         assert codes == [0x88, 0x88, 0x88]
         assert seen == []
     aio(run)
+
+
+def test_offline_session_of_another_user_is_replaced_live_one_refused(redis_server, aio):
+    """REVIEW-S9 R17 in a cluster: another user's offline session is discarded by the
+    claim (never resumed, no lock-out); while its owner is online the CONNECT is refused."""
+    async def run():
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
+        squatter = a.client()
+        ack = await connect(a, squatter, "dev", username="bob")
+        assert ack.reason_code == 0
+        squatter.subscribe("squat/#", qos=1)
+        squatter.conn.connection_lost()
+        await settle(a)
+        device = b.client()
+        ack = await connect(b, device, "dev", username="alice")
+        assert ack.reason_code == 0 and not ack.session_present
+        await settle(a, b)
+        session = b.broker.sessions["dev"]
+        assert session.owner == "alice" and not session.subscriptions
+        assert "dev" not in a.broker.sessions
+        assert a.broker.stats.sessions_replaced + b.broker.stats.sessions_replaced == 1
+        # alice is online now: bob is refused on either node, alice is not kicked
+        for node in (a, b):
+            ack = await connect(node, node.client(), "dev", username="bob", clean=True)
+            assert ack.reason_code == 0x87
+        assert b.broker.sessions["dev"].connection is device.conn and not device.disconnecting
+    aio(run)
