@@ -89,7 +89,7 @@ class BrokerConfig:
     #: per-session queue of messages waiting for an offline/slow client
     max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
     max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
-    #: payload + topic bytes queued in all sessions together; beyond it the
+    #: bytes (topic + payload + properties) queued in all sessions together; beyond it the
     #: overflow policy drops (reason "queued-bytes-total"); 0 = no cap
     max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
                                               validator=_int_in(0))

@@ -19,7 +19,7 @@ from mqttd.aliases import InboundAliases, OutboundAliases
 from mqttd.broker import ClientInfo
 from mqttd.codec.errors import MQTTError, ProtocolError, ReasonCode, V5_TO_V3_CONNACK
 from mqttd.codec.packets import (
-    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Properties)
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, Properties)
 from mqttd.connstate import _CLOSED, _CONNECTED
 from mqttd.hooks import HOOK_FAILED, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook
 from mqttd.messages import will_message
@@ -488,7 +488,7 @@ class Connecting:
                                  else ((BRIDGE_PROPERTY, config.broker_id),)),
             )
         else:
-            ack_props = Properties()
+            ack_props = NO_PROPERTIES   # v3 CONNACK: no properties (one shared instance)
         self._output(Connack(present, 0, ack_props), durable=True)
         self._output(self._went_online, durable=False)
 

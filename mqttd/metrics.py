@@ -55,7 +55,7 @@ class BrokerStats:
     #: dropped messages by reason ("queue-full", "queued-bytes-total",
     #: "client-maximum-packet-size", "expired")
     dropped: Dict[str, int] = attrs.Factory(dict)
-    #: gauge: payload + topic bytes queued in all sessions (--max-queued-bytes-total)
+    #: gauge: bytes (topic + payload + properties) queued in all sessions (--max-queued-bytes-total)
     queued_bytes: int = 0
     #: gauge: persistent sessions held (--max-sessions)
     persistent_sessions: int = 0
