@@ -449,7 +449,15 @@ class SessionLifecycle:
             self._redispatch(session)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
-        """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
+        """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2].
+
+        ``--max-session-expiry`` caps it as it caps the CONNECT's: the client may
+        change the interval on DISCONNECT (MQTT 5.0 §3.14.2.2.2), not past the
+        server's limit (0xFFFFFFFF, "never", is over any limit).
+        """
+        limit = self.config.max_session_expiry
+        if limit is not None and interval > limit:
+            interval = limit
         was_persistent = session.persistent
         session.persistent = interval > 0
         self._track_persistent(session)
