@@ -241,7 +241,10 @@ class SessionLifecycle:
         existing = self.sessions.get(client_id)
         if existing is not None and existing.connection is not None:
             old = existing.connection
-            log.info("Session takeover for {client_id}", client_id=client_id)
+            # client-triggered (a client can flap its id): rate-limited per
+            # client id and per reason, as the event lines
+            self.log_limiter.emit(log.info, (client_id, "takeover"),
+                                  "Session takeover for {client_id}", client_id=client_id)
             self.connection_lost(existing, old, publish_will=True, reason="takeover")
             old.disconnect(ReasonCode.SESSION_TAKEN_OVER)
             existing = self.sessions.get(client_id)  # a clean one is gone now
@@ -401,8 +404,9 @@ class SessionLifecycle:
         # one $SYS will is published: a bridging broker's state notification
         if topics_is_sys(message.topic) and not topics.is_bridge_state_topic(message.topic):
             return
-        log.info("Publishing will of {client_id} to {topic}",
-                 client_id=client_id, topic=message.topic)
+        self.log_limiter.emit(log.info, (client_id, "will"),
+                              "Publishing will of {client_id} to {topic}",
+                              client_id=client_id, topic=message.topic)
         self.publish(published_at(message, self.clock.seconds()), client=None)
 
     def _schedule_expiry(self, session: Session, now: float) -> None:
@@ -419,7 +423,8 @@ class SessionLifecycle:
     def _expire(self, session: Session) -> None:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
-            log.info("Session {client_id} expired", client_id=session.client_id)
+            self.log_limiter.emit(log.info, (session.client_id, "session-expired"),
+                                  "Session {client_id} expired", client_id=session.client_id)
             queued = len(session.queue) + len(session.inflight)
             self.stats.sessions_expired += 1
             self._discard_session(session)
