@@ -141,6 +141,7 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: rate limit of client-triggered log lines, keyed (client, reason);
         #: features (auth, ACL, bridges) use it for their own lines
         self.log_limiter = LogRateLimiter(clock)
+        self.wills.limiter = self.log_limiter
         #: inbound rate buckets left by closed connections (--max-inbound-rate):
         #: a reconnect continues from them rather than from a full bucket
         self.inbound_memory = BucketMemory()

@@ -290,8 +290,9 @@ class Connecting:
                                     f"{self.info.username!r}")
                 self.disconnect(ReasonCode.NOT_AUTHORIZED, "identity changed")
                 return
-            log.info("Re-authenticated {client_id} ({method})", client_id=self.client_id,
-                     method=method)
+            self.broker.log_limiter.emit(log.info, (self.client_id, "re-authenticated"),
+                                         "Re-authenticated {client_id} ({method})",
+                                         client_id=self.client_id, method=method)
             self._output(Auth(ReasonCode.SUCCESS, Properties(
                 authentication_method=method, authentication_data=step.data)), durable=False)
             return

@@ -269,7 +269,10 @@ class SessionLifecycle:
         existing = self.sessions.get(client_id)
         if existing is not None and existing.connection is not None:
             old = existing.connection
-            log.info("Session takeover for {client_id}", client_id=client_id)
+            # client-triggered (a client can flap its id): rate-limited per
+            # client id and per reason, as the event lines
+            self.log_limiter.emit(log.info, (client_id, "takeover"),
+                                  "Session takeover for {client_id}", client_id=client_id)
             # a DISCONNECT the old connection had read but not handled yet (its
             # input held, see mqttd.inflow) still discards the will [MQTT-3.14.4-3]
             settle = getattr(old, "settle_input", None)
@@ -477,8 +480,9 @@ class SessionLifecycle:
         # one $SYS will is published: a bridging broker's state notification
         if topics_is_sys(message.topic) and not topics.is_bridge_state_topic(message.topic):
             return
-        log.info("Publishing will of {client_id} to {topic}",
-                 client_id=client_id, topic=message.topic)
+        self.log_limiter.emit(log.info, (client_id, "will"),
+                              "Publishing will of {client_id} to {topic}",
+                              client_id=client_id, topic=message.topic)
         self.publish(published_at(message, self.clock.seconds()), client=None)
 
     def _schedule_expiry(self, session: Session, now: float) -> None:
@@ -495,7 +499,8 @@ class SessionLifecycle:
     def _expire(self, session: Session) -> None:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
-            log.info("Session {client_id} expired", client_id=session.client_id)
+            self.log_limiter.emit(log.info, (session.client_id, "session-expired"),
+                                  "Session {client_id} expired", client_id=session.client_id)
             queued = len(session.queue) + len(session.inflight)
             self.stats.sessions_expired += 1
             self._discard_session(session)
@@ -525,7 +530,15 @@ class SessionLifecycle:
             self._redispatch(session)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
-        """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2]."""
+        """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2].
+
+        ``--max-session-expiry`` caps it as it caps the CONNECT's: the client may
+        change the interval on DISCONNECT (MQTT 5.0 §3.14.2.2.2), not past the
+        server's limit (0xFFFFFFFF, "never", is over any limit).
+        """
+        limit = self.config.max_session_expiry
+        if limit is not None and interval > limit:
+            interval = limit
         was_persistent = session.persistent
         session.persistent = interval > 0
         self._track_persistent(session)

@@ -1,8 +1,13 @@
 """``--log-format text|json`` and ``--log-level``: the log observer of ``twistd mqttd``.
 
 :func:`make_observer` builds one ``twisted.logger`` observer: text lines
-(``textFileLogObserver``) or one JSON object per line (``jsonFileLogObserver``,
-readable back with ``twisted.logger.eventsFromJSONLogFile``), behind a level
+(``textFileLogObserver``) or one JSON object per line (NDJSON: Twisted's
+``jsonFileLogObserver`` without its RFC 7464 record separator, so per-line
+parsers -- ``json.loads``, Filebeat, Vector, Loki -- read every line; each
+object also carries plain ``level`` (``"info"``...), ``time`` (ISO 8601 UTC)
+and ``message`` (the formatted text) fields next to Twisted's own
+``log_*`` fields; ``twisted.logger.eventsFromJSONLogFile(f,
+recordSeparator="")`` reads it back), behind a level
 filter whose level :class:`LogSettings` can change at run time (SIGHUP reload).
 ``--log-level debug`` also switches on the per-message debug lines
 (:mod:`mqttd.debuglog`), which cost nothing otherwise.
@@ -29,7 +34,8 @@ from typing import IO
 
 from twisted.logger import (
     FileLogObserver, FilteringLogObserver, LegacyLogObserverWrapper, LogLevel,
-    LogLevelFilterPredicate, formatEventAsClassicLogText, formatTime, jsonFileLogObserver)
+    LogLevelFilterPredicate, formatEvent, formatEventAsClassicLogText, formatTime,
+    jsonFileLogObserver)
 
 from mqttd import debuglog
 
@@ -124,6 +130,23 @@ class BoundedObserver:
         self.observer(bound_fields(event, self.escape))
 
 
+class _PlainFields:
+    """Adds ``level``, ``time`` and ``message`` as plain strings to each event
+    (a copy) before the JSON observer: Twisted serialises ``log_level`` as an
+    object and does not format the message."""
+
+    def __init__(self, observer):
+        self.observer = observer
+
+    def __call__(self, event: dict) -> None:
+        event = dict(event)
+        level = event.get("log_level")
+        event["level"] = getattr(level, "name", None)
+        event["time"] = formatTime(event.get("log_time"), "%Y-%m-%dT%H:%M:%S%z")
+        event["message"] = formatEvent(event)
+        self.observer(event)
+
+
 def make_observer(stream: IO[str], fmt: str = "text", settings: LogSettings = None):
     """An ``ILogObserver`` writing to ``stream`` in ``fmt``, filtered by
     ``settings``, every field bounded (:class:`BoundedObserver`; text lines
@@ -132,7 +155,7 @@ def make_observer(stream: IO[str], fmt: str = "text", settings: LogSettings = No
         raise ValueError(f"log format must be text or json, not {fmt!r}")
     settings = settings or LogSettings()
     if fmt == "json":
-        inner = BoundedObserver(jsonFileLogObserver(stream))
+        inner = BoundedObserver(_PlainFields(jsonFileLogObserver(stream, recordSeparator="")))
     else:
         inner = BoundedObserver(text_observer(stream), escape=True)
     return FilteringLogObserver(inner, [settings.predicate])

@@ -38,7 +38,13 @@ class WillScheduler:
         counts from publication).
     :param write: ``write(operation)`` persists a store operation
         (``PutWill`` / ``DeleteWill``).
+
+    ``limiter``: a :class:`~mqttd.ratelimit.LogRateLimiter` for the
+    client-triggered lines (a cancelled delayed will), set by the broker;
+    None logs every line.
     """
+
+    limiter = None
 
     def __init__(self, clock, publish: Callable[[str, Message], None],
                  write: Callable[[object], None]):
@@ -84,8 +90,13 @@ class WillScheduler:
         record = self._pending.get(client_id)
         if record is None:
             return False
-        log.info("Delayed will of {client_id} cancelled: the client reconnected",
-                 client_id=client_id)
+        if self.limiter is None:
+            log.info("Delayed will of {client_id} cancelled: the client reconnected",
+                     client_id=client_id)
+        else:
+            self.limiter.emit(log.info, (client_id, "will-cancelled"),
+                              "Delayed will of {client_id} cancelled: the client reconnected",
+                              client_id=client_id)
         self._drop(client_id, write=record.durable)
         return True
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from mqttd.admin.api import AccessPolicy, AdminAPI, Dashboard, StatsHistory, TopTopics
@@ -63,6 +64,78 @@ def check_admin_bound(description: str, port) -> None:
                                    "is served on loopback only")
 
 
+#: HTTP connections one client address may hold open on one admin or metrics
+#: listener (a browser opens ~6, Prometheus 1); more are closed at accept and
+#: counted as the refusal ``http-connections``
+MAX_HTTP_CONNECTIONS_PER_ADDRESS = 16
+
+
+class _Channel(HTTPChannel):
+    """An HTTPChannel that tells its site when it closes (per-address count)."""
+
+    def connectionLost(self, reason):
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.site.channel_closed(self)
+
+
+class BoundedSite(Site):
+    """A ``twisted.web`` Site for the admin and metrics listeners, bounded like
+    the MQTT listeners: at most :data:`MAX_HTTP_CONNECTIONS_PER_ADDRESS` open
+    connections per client address (more are closed at accept, counted and
+    logged rate-limited as ``http-connections``), and twisted.web's own
+    per-connection lines (``Timing out client``...) go through the broker's
+    log rate limiter, keyed by the client's address, instead of one line per
+    socket.
+
+    :param broker: the :class:`~mqttd.broker.Broker` (its ``refused`` and
+        ``log_limiter``).
+    """
+
+    protocol = _Channel
+
+    def __init__(self, resource, broker, max_per_address: int = MAX_HTTP_CONNECTIONS_PER_ADDRESS,
+                 **kwargs):
+        super().__init__(resource, **kwargs)
+        self.broker = broker
+        self.max_per_address = max_per_address
+        self.open_by_address = {}
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", None) or str(addr)
+        count = self.open_by_address.get(host, 0)
+        if count >= self.max_per_address:
+            self.broker.refused("http-connections", None, f"{host}:{getattr(addr, 'port', 0)}",
+                                f"already {count} open HTTP connections from this address "
+                                f"(the limit per listener)")
+            return None
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        self.open_by_address[host] = count + 1
+        channel._mqttd_host = host
+        limiter = self.broker.log_limiter
+
+        def observe(event, host=host):
+            # twisted.web's lines about this socket: rate-limited by address
+            if limiter.check((host, "http")) is not None:
+                globalLogPublisher(event)
+        channel._log = Logger(namespace="twisted.web.http.HTTPChannel", source=channel,
+                              observer=observe)
+        return channel
+
+    def channel_closed(self, channel) -> None:
+        host = getattr(channel, "_mqttd_host", None)
+        if host is None:
+            return
+        left = self.open_by_address.get(host, 0) - 1
+        if left > 0:
+            self.open_by_address[host] = left
+        else:
+            self.open_by_address.pop(host, None)
+
+
 class AdminService(Service):
     """Serves ``/metrics`` and/or the admin API + dashboard for one BrokerService."""
 
@@ -91,8 +164,8 @@ class AdminService(Service):
 
     def sites(self):
         """``[(kind, endpoint description, Site)]`` to listen on."""
-        metrics_site = Site(metrics_resource(self.registry))
-        admin_site = Site(Dashboard(self.api))
+        metrics_site = BoundedSite(metrics_resource(self.registry), self.broker)
+        admin_site = BoundedSite(Dashboard(self.api), self.broker)
         for site in (metrics_site, admin_site):
             site.displayTracebacks = False
             site.noisy = False

@@ -104,3 +104,28 @@ def test_pending_subscription_line_comes_before_the_disconnect_line(event_lines)
         "clientConnected", "subscribed", "clientDisconnected"]
     eventlog.stop()
     assert not clock.getDelayedCalls() or all(not c.active() for c in clock.getDelayedCalls())
+
+
+def test_will_takeover_and_expiry_lines_of_one_client_are_rate_limited(log_events):
+    """A client that connects with a will and drops, again and again (or flaps its id, or
+    lets sessions expire), writes a few lines per reason and window, not one per time
+    (REVIEW-S9 R13: 3,000 'Publishing will' lines in 8.8 s)."""
+    from mqttd.codec.packets import Will
+    broker, clock = make_broker()
+    for _ in range(30):
+        client = FakeClient(broker, clock, level=4)
+        client.connect("flapper", will=Will("w/dead", b"x", 0, False))
+        client.drop()
+        holder = FakeClient(broker, clock, level=4)
+        holder.connect("flap2")           # a second connection takes the first over
+        FakeClient(broker, clock, level=4).connect("flap2")
+    texts = [e.get("log_format", "") for e in log_events]
+    wills = sum(t.startswith("Publishing will") for t in texts)
+    takeovers = sum(t.startswith("Session takeover") for t in texts)
+    assert 1 <= wills <= 3 and 1 <= takeovers <= 3, (wills, takeovers)
+    clock.advance(11)  # a new window: the next line says how many were suppressed
+    client = FakeClient(broker, clock, level=4)
+    client.connect("flapper", will=Will("w/dead", b"x", 0, False))
+    client.drop()
+    last = [e for e in log_events if e.get("log_format", "").startswith("Publishing will")][-1]
+    assert last["suppressed"] == 30 - wills

@@ -70,3 +70,22 @@ def test_capped_session_expiry_is_told_in_the_connack(asked, granted):
     (connack,) = [p for p in client.received() if isinstance(p, Connack)]
     assert connack.reason_code == 0
     assert connack.properties.session_expiry_interval == granted
+
+
+@pytest.mark.parametrize("on_disconnect", [0xFFFFFFFF, 61, 3600])
+def test_max_session_expiry_caps_the_disconnect_interval_too(on_disconnect):
+    """A DISCONNECT may change the Session Expiry Interval (MQTT 5.0 §3.14.2.2.2), not past
+    --max-session-expiry: CONNECT with 2 s then DISCONNECT with 0xFFFFFFFF made a session that
+    never expired (REVIEW-S9 R16)."""
+    from mqttd.codec.packets import Connect, Disconnect, Properties
+    from tests.core.harness import FakeClient, make_broker
+    broker, clock = make_broker(max_session_expiry=60)
+    client = FakeClient(broker, clock, level=5)
+    client.send(Connect(5, "se", False, 0, properties=Properties(session_expiry_interval=2)))
+    client.received()
+    client.send(Disconnect(properties=Properties(session_expiry_interval=on_disconnect)))
+    assert broker.sessions["se"].expiry_interval == 60
+    clock.advance(59)
+    assert "se" in broker.sessions
+    clock.advance(2)
+    assert "se" not in broker.sessions

@@ -86,8 +86,26 @@ def test_json_format_round_trips_named_fields():
     out = io.StringIO()
     log = Logger(namespace="mqttd.x", observer=logs.make_observer(out, "json"))
     log.info("Client {client_id} connected", client_id="c1")
-    event = json.loads(out.getvalue().strip("\x1e\n"))
+    event = json.loads(out.getvalue())
     assert event["client_id"] == "c1" and event["log_namespace"] == "mqttd.x"
+
+
+def test_json_format_is_one_plain_object_per_line():
+    """NDJSON: no RFC 7464 record separator (per-line parsers read every line), and plain
+    level / time / message strings (REVIEW-S9 R18: every line started with 0x1E)."""
+    from twisted.logger import eventsFromJSONLogFile
+    out = io.StringIO()
+    log = Logger(namespace="mqttd.x", observer=logs.make_observer(out, "json"))
+    log.info("Client {client_id} connected", client_id="c1")
+    log.warn("Refused {what}", what="x\ny")
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 3 and "\x1e" not in out.getvalue()
+    first, second = (json.loads(line) for line in lines[:2])
+    assert (first["level"], first["message"]) == ("info", "Client c1 connected")
+    assert (second["level"], second["message"]) == ("warn", "Refused x\ny")
+    assert first["time"][:2] == "20" and first["time"][10] == "T"
+    back = list(eventsFromJSONLogFile(io.StringIO(out.getvalue()), recordSeparator=""))
+    assert [e["client_id"] for e in back[:1]] == ["c1"]
 
 
 def test_trace_logs_packets_of_a_traced_client_without_payload_bytes():
@@ -275,7 +293,7 @@ def test_text_lines_escape_a_client_ids_control_characters_json_keeps_them_exact
     out = io.StringIO()
     Logger(namespace="mqttd.x", observer=logs.make_observer(out, "json")).warn(
         "Closing connection of {client_id}", client_id=FORGED)
-    assert json.loads(out.getvalue().strip("\x1e\n"))["client_id"] == FORGED
+    assert json.loads(out.getvalue())["client_id"] == FORGED
 
 
 def test_refusal_of_a_real_connect_with_a_forged_client_id_is_one_escaped_line():
