@@ -301,12 +301,13 @@ class PasswordFileChecker:
             shown = costly[:5]
             ceilings = padding_ceilings(users)
             log.warn(
-                "Password file {path}: {count} entries cost far more hashing than the "
+                "Password file {path}: {count} {noun} far more hashing than the "
                 "others ({entries}{more}): checks are padded to at most {profile} "
                 "rounds, so a check of these entries takes longer than any other and "
                 "tells their names apart by timing; re-hash them with mqttd passwd "
                 "(default {default:,} iterations)",
                 path=self.path, count=len(costly),
+                noun="entry costs" if len(costly) == 1 else "entries cost",
                 entries=", ".join(
                     f"{e.username!r} at line {lines.get(e.username, '?')}: "
                     f"{entry_work(e)[1]:,} rounds of {entry_work(e)[0]} "
