@@ -740,6 +740,14 @@ static int scenario_latency(void) {
     report_common(t0, t_stop);
     size_t skip = g_nlat > (size_t)opt_warmup * 2 ? (size_t)opt_warmup : 0;
     size_t n = g_nlat - skip;
+    if (skip > 0) {
+        /* the warm-up's own figures, so a cold start stays visible in the report */
+        qsort(g_lat, skip, sizeof *g_lat, cmp_u64);
+        jint("warmup_samples", (long long)skip);
+        jnum("warmup_p50_us", (double)g_lat[skip / 2] / 1e3);
+        jnum("warmup_p99_us", (double)g_lat[(size_t)(skip * 0.99)] / 1e3);
+        jnum("warmup_max_us", (double)g_lat[skip - 1] / 1e3);
+    }
     if (n > 0) {
         uint64_t *l = g_lat + skip;
         qsort(l, n, sizeof *l, cmp_u64);

@@ -111,7 +111,8 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
             clock, config.max_publisher_pause, config.publisher_pause_recovery, self.stats,
             enabled=config.publisher_backpressure,
             watermarks=Watermarks.for_limits(config.max_queued_messages,
-                                             config.max_queued_bytes))
+                                             config.max_queued_bytes),
+            identities=self._pause_identities)
         #: set by publish() when a message went to a congested subscriber
         self.backpressure = False
         #: event -> its observers, a tuple replaced (never changed) on (un)register,
@@ -431,9 +432,10 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
     # than dropping, the broker stops reading from the publishers whose
     # messages go to it until the queue is below the low-water mark again --
     # for at most max_publisher_pause per episode; a subscriber that used up
-    # its budget holds no one until it has drained and stayed healthy
-    # (mqttd.flowcontrol.SlowConsumerGuard).  Its queue then overflows by its
-    # policy, and the drops are counted.
+    # its budget holds no one until it has drained and stayed healthy, and its
+    # client id, checked user and address hold no one for the recovery period
+    # (mqttd.flowcontrol.SlowConsumerGuard, PauseLedger).  Its queue then
+    # overflows by its policy, and the drops are counted.
 
     # --- start and stop (embedding) ------------------------------------------------------
 

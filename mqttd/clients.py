@@ -53,7 +53,7 @@ class ClientSummary:
     :ivar expires_at: broker clock time at which an offline persistent
         session expires; None while online or if it never expires.
     :ivar queued: messages waiting in the session queue; ``queued_bytes``
-        their payload + topic bytes.
+        their bytes (topic + payload + properties).
     :ivar inflight: outbound QoS 1/2 messages sent and not yet acknowledged.
     :ivar dropped: messages dropped for this session, by reason.
     :ivar peer: ``host:port`` of the connection (None offline).

@@ -89,7 +89,7 @@ class BrokerConfig:
     #: per-session queue of messages waiting for an offline/slow client
     max_queued_messages: int = attrs.field(default=100_000, validator=_int_in(1))
     max_queued_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_int_in(1))
-    #: payload + topic bytes queued in all sessions together; beyond it the
+    #: bytes (topic + payload + properties) queued in all sessions together; beyond it the
     #: overflow policy drops (reason "queued-bytes-total"); 0 = no cap
     max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
                                               validator=_int_in(0))
@@ -153,9 +153,12 @@ class BrokerConfig:
     #: (v5 DISCONNECT 0x97, CONNECT: CONNACK 0x97): without it a 16 MiB PUBLISH
     #: of empty pairs decodes into ~3 million tuples (seconds of CPU, ~300 MB)
     max_user_properties: int = attrs.field(default=64, validator=_int_in(0))
-    #: levels of a topic name or filter; 0 = no limit (v5 DISCONNECT 0x90 for a
-    #: PUBLISH, SUBACK 0x8F per filter; v3 close / 0x80)
-    max_topic_levels: int = attrs.field(default=0, validator=_int_in(0))
+    #: levels of a topic name or filter, default 200 (mosquitto's
+    #: TOPIC_HIERARCHY_LIMIT; each level of a filter is a node of the
+    #: subscription tree, ~430 bytes: a 32,000-level filter cost 14 MB);
+    #: 0 = no limit (v5 DISCONNECT 0x90 for a PUBLISH, SUBACK 0x8F per filter;
+    #: v3 close / 0x80)
+    max_topic_levels: int = attrs.field(default=200, validator=_int_in(0))
     #: inbound PUBLISH packets per second per client (token bucket, burst of
     #: one second, charged per packet); over it the connection's reads pause
     #: and what it had read waits; a reconnect continues from the bucket the

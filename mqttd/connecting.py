@@ -19,7 +19,7 @@ from mqttd.aliases import InboundAliases, OutboundAliases
 from mqttd.broker import ClientInfo
 from mqttd.codec.errors import MQTTError, ProtocolError, ReasonCode, V5_TO_V3_CONNACK
 from mqttd.codec.packets import (
-    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Properties)
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, Properties)
 from mqttd.connstate import _CLOSED, _CONNECTED
 from mqttd.hooks import HOOK_FAILED, HOOK_TIMED_OUT, AuthOutcome, AuthRequest, AuthStep, auth_outcome, call_hook
 from mqttd.messages import will_message
@@ -227,6 +227,14 @@ class Connecting:
             return self._refuse(code, "authentication failed", what=what,
                                 detail=f"username {packet.username!r}",
                                 username=packet.username)
+        if username is None and packet.username is not None:
+            # let in as anonymous (no authentication configured): say once
+            # (rate-limited) that the name was not checked and is not used
+            self.broker.log_limiter.emit(
+                log.info, ("unchecked-username", self.client_id),
+                "User name {username!r} of {client_id} from {peer} not checked (no "
+                "authentication is configured): connected as an anonymous client",
+                username=packet.username, client_id=self.client_id, peer=self.peer)
         self._authenticated(username)
 
     # --- MQTT 5 enhanced authentication [MQTT-4.12] -------------------------------------
@@ -493,7 +501,7 @@ class Connecting:
                                  else ((BRIDGE_PROPERTY, config.broker_id),)),
             )
         else:
-            ack_props = Properties()
+            ack_props = NO_PROPERTIES   # v3 CONNACK: no properties (one shared instance)
         self._output(Connack(present, 0, ack_props), durable=True)
         self._output(self._went_online, durable=False)
 

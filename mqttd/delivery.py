@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from mqttd import debuglog
 from mqttd.codec.packets import Pubrel
+from mqttd.flowcontrol import session_identities
 from mqttd.messages import Message, outbound_message
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage
@@ -86,12 +87,22 @@ class Delivery:
     # than dropping, the broker stops reading from the publishers whose
     # messages go to it until the queue is below the low-water mark again --
     # for at most max_publisher_pause per episode; a subscriber that used up
-    # its budget holds no one until it has drained and stayed healthy
-    # (mqttd.flowcontrol.SlowConsumerGuard).  Its queue then overflows by its
-    # policy, and the drops are counted.
+    # its budget holds no one until it has drained and stayed healthy, and its
+    # client id, checked user and address hold no one for the recovery period
+    # (mqttd.flowcontrol.SlowConsumerGuard, PauseLedger).  Its queue then
+    # overflows by its policy, and the drops are counted.
 
     def _decongested(self, session: Session) -> None:
-        self.flow.decongested(session)
+        """``session``'s connection went away while it held publishers: the
+        hold ends and spends the pause budget of its client id, user and
+        address (a reconnect does not renew it; mqttd.flowcontrol)."""
+        self.flow.abandoned(session)
+
+    def _pause_identities(self, session: Session) -> frozenset:
+        """Whose publisher-pause budget ``session`` spends: its client id, its
+        user name if the broker checked it, its address."""
+        return session_identities(session,
+                                  authenticated=getattr(self, "authenticator", None) is not None)
 
     def hold_publisher(self, connection) -> None:
         """Remember a publisher that paused reading because of congestion."""

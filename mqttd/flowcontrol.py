@@ -26,7 +26,10 @@ subscriber of those publishers a gap, so it is bounded:
     does *not* re-arm the hold: it stays demoted until its queue has been
     **empty** and then stayed below the high-water mark for ``recovery``
     seconds (``--publisher-pause-recovery``).  Passing the high-water mark
-    again before that restarts the healthy period.
+    again before that restarts the healthy period.  A subscriber whose
+    connection goes away while holding is demoted too (and its identities
+    spent, see below), and so is one that becomes congested while one of its
+    identities is spent.
 ``healthy``
     none of the above.
 
@@ -35,13 +38,33 @@ of at most ``budget`` seconds per ``recovery`` period, not one per freeze.
 The state lives on the :class:`~mqttd.session.Session` (``congested_since``,
 ``demoted_since``, ``healthy_since``), so a demoted client that reconnects is
 still demoted until it has drained.
+
+The budget belongs to the subscriber's *identities*, not to one connection
+or session (REVIEW-S9 R6: a subscriber that never read and reconnected every
+6 s, under a new client id or the same clean one, got a fresh pause each
+time and stopped its publishers 75-80 % of the time).  Its identities are
+its client id, its user name when the broker authenticated it, and its
+address (the host; an IPv6 address's /64): a :class:`PauseLedger` remembers
+each identity that used up a budget -- by running out (demotion) or by going
+away while holding publishers (a disconnect, a takeover) -- for ``recovery``
+seconds.  A congested subscriber with any identity in the ledger holds no
+one: it is demoted at once.  When an identity enters the ledger, every other
+subscriber holding publishers under it is demoted too.  So one address (or
+user, or client id) stops the publishers at most once per ``recovery``
+period, whatever client ids it connects with and however often it
+reconnects.  An episode that ends because the queue drained charges nothing
+(a merely slow subscriber keeps the protection).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import collections
+import ipaddress
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import attrs
 from twisted.logger import Logger
+
+from mqttd.ratelimit import peer_host
 
 log = Logger(namespace="mqttd.flowcontrol")
 
@@ -57,7 +80,8 @@ class Watermarks:
 
     :param high: messages at which a queue is congested (>= 1).
     :param low: messages at or below which a congested queue has drained (>= 0, < ``high``).
-    :param high_bytes: queued payload bytes at which a queue is congested (>= 1).
+    :param high_bytes: queued bytes (topic + payload + properties, see
+        :func:`~mqttd.messages.message_size`) at which a queue is congested (>= 1).
     :param low_bytes: bytes at or below which it has drained (>= 0, < ``high_bytes``).
     :raises ValueError: for marks out of these ranges.
     """
@@ -95,6 +119,104 @@ class Watermarks:
         return len(session.queue) <= self.low and session.queued_bytes <= self.low_bytes
 
 
+def address_identity(peer) -> Optional[Tuple[str, str]]:
+    """The ledger key of a connection's address: ``("host", host)``, for IPv6
+    its /64 network (one site usually has a whole /64, so a new address from
+    it is not a new subscriber); None when the peer is unknown."""
+    if not peer:
+        return None
+    host = peer_host(peer)
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return ("host", host)       # a UNIX socket, a name: kept whole
+    if address.version == 6 and address.ipv4_mapped is None:
+        return ("host", str(ipaddress.ip_network(f"{address}/64", strict=False)))
+    if address.version == 6:
+        return ("host", str(address.ipv4_mapped))
+    return ("host", host)
+
+
+def session_identities(session, authenticated: bool = True) -> frozenset:
+    """The identities whose pause budget ``session``'s holds spend:
+    ``("client", client id)``, ``("user", user name)`` if ``authenticated``
+    (a name no one checked could be anybody's, so claiming it must not
+    spend the budget of its owner), and :func:`address_identity` of its
+    connection's peer."""
+    keys = [("client", session.client_id)]
+    owner = getattr(session, "owner", None)
+    if authenticated and owner is not None:
+        keys.append(("user", owner))
+    address = address_identity(getattr(getattr(session, "info", None), "peer", None))
+    if address is not None:
+        keys.append(address)
+    return frozenset(keys)
+
+
+class PauseLedger:
+    """Identities that used up a publisher-pause budget, each for ``recovery`` s.
+
+    Bounded: entries are forgotten ``recovery`` seconds after they were
+    (last) spent, and at most ``max_entries`` are kept -- beyond that the
+    oldest go first (``evicted`` counts them: filling the table needs that
+    many identities each holding publishers for a whole budget).
+
+    :param recovery: seconds an identity stays spent (>= 0; 0 keeps nothing).
+    :param max_entries: entries kept at most (>= 1).
+    """
+
+    def __init__(self, recovery: float, max_entries: int = 20_000):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, not {max_entries!r}")
+        self.recovery = recovery
+        self.max_entries = max_entries
+        #: key -> [time spent, logged]; in time order (a key spent again moves last)
+        self._spent: "collections.OrderedDict[Hashable, list]" = collections.OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._spent)
+
+    def _forget_expired(self, now: float) -> None:
+        spent = self._spent
+        horizon = now - self.recovery
+        while spent:
+            first = next(iter(spent.values()))
+            if first[0] > horizon:
+                break
+            spent.popitem(last=False)
+
+    def spent(self, keys, now: float):
+        """The first of ``keys`` spent less than ``recovery`` s ago, or None."""
+        self._forget_expired(now)
+        spent = self._spent
+        for key in keys:
+            if key in spent:
+                return key
+        return None
+
+    def first_notice(self, key) -> bool:
+        """True once per time ``key`` was spent (for one log line each)."""
+        entry = self._spent.get(key)
+        if entry is None or entry[1]:
+            return False
+        entry[1] = True
+        return True
+
+    def record(self, keys, now: float) -> None:
+        """``keys`` used up a budget at ``now``."""
+        if self.recovery <= 0:
+            return
+        spent = self._spent
+        for key in keys:
+            spent.pop(key, None)
+            spent[key] = [now, False]
+        self._forget_expired(now)
+        while len(spent) > self.max_entries:
+            spent.popitem(last=False)
+            self.evicted += 1
+
+
 class SlowConsumerGuard:
     """The state machine above, for every session of one broker.
 
@@ -107,10 +229,15 @@ class SlowConsumerGuard:
     :param enabled: False: nobody is ever held (``--no-publisher-backpressure``).
     :param watermarks: when a queue is congested and when it has drained
         (default: :meth:`Watermarks.for_limits` of the broker's default limits).
+    :param identities: ``identities(session) -> frozenset`` of the keys whose
+        budget the session's holds spend (default :func:`session_identities`).
+    :param max_identities: entries of the :class:`PauseLedger` at most.
     """
 
     def __init__(self, clock, budget: float, recovery: float, stats, enabled: bool = True,
-                 watermarks: Optional[Watermarks] = None):
+                 watermarks: Optional[Watermarks] = None,
+                 identities: Optional[Callable[[object], frozenset]] = None,
+                 max_identities: int = 20_000):
         if budget < 0:
             raise ValueError(f"max_publisher_pause must be >= 0, not {budget!r}")
         if recovery < 0:
@@ -127,6 +254,12 @@ class SlowConsumerGuard:
         self._held: List[object] = []
         self._timers: Dict[object, object] = {}
         self._release_call = None
+        self._identities = identities if identities is not None else session_identities
+        #: identities that used up a budget within the last ``recovery`` seconds
+        self.ledger = PauseLedger(recovery, max_identities)
+        #: holding session -> its identities; identity -> the sessions holding under it
+        self._keys: Dict[object, frozenset] = {}
+        self._by_key: Dict[Hashable, set] = {}
 
     # --- transitions -------------------------------------------------------------
 
@@ -161,8 +294,31 @@ class SlowConsumerGuard:
                      "it may hold publishers back again", client_id=session.client_id,
                      seconds=now - healthy)
             session.demoted_since = session.healthy_since = None
+        keys = self._identities(session)
+        spent = self.ledger.spent(keys, now)
+        if spent is not None:
+            # this client id, user or address held publishers for a whole
+            # budget (or went away holding them) less than recovery s ago:
+            # a new connection or client id does not renew it
+            self._demote(session, now)
+            self.stats.slow_subscribers_demoted += 1
+            if self.ledger.first_notice(spent):
+                log.warn("Subscriber {client_id} is congested but holds no publishers: "
+                         "its {kind} {identity} used up its pause less than {recovery} s "
+                         "ago; its queue fills to its limits, then overflows by policy",
+                         client_id=session.client_id, kind=spent[0], identity=spent[1],
+                         recovery=self.recovery)
+            return False
         session.congested_since = now
         self.holding.add(session)
+        self._keys[session] = keys
+        by_key = self._by_key
+        for key in keys:
+            holders = by_key.get(key)
+            if holders is None:
+                by_key[key] = {session}
+            else:
+                holders.add(session)
         self._timers[session] = self.clock.callLater(self.budget, self._budget_spent, session)
         self.stats.publisher_holds += 1
         return True
@@ -181,31 +337,85 @@ class SlowConsumerGuard:
             session.healthy_since = self.clock.seconds()
 
     def decongested(self, session) -> None:
-        """End ``session``'s holding episode (drained, or its connection went away)."""
+        """End ``session``'s holding episode: its queue drained (nothing is
+        charged), or the broker shuts down."""
+        self._end_episode(session)
+        self._maybe_release()
+
+    def abandoned(self, session) -> None:
+        """``session``'s connection went away (disconnect, takeover) while it
+        held publishers: the episode ends and spends its identities' budget,
+        as running out would (else reconnecting would renew it)."""
+        if session.congested_since is None:
+            return
+        now = self.clock.seconds()
+        held = now - session.congested_since
+        keys = self._keys.get(session, ())
+        self._end_episode(session)
+        self._demote(session, now)
+        self.stats.slow_subscribers_demoted += 1
+        # at most once per identity and recovery period: an identity in the
+        # ledger never starts another episode
+        log.warn("Subscriber {client_id} went away after holding publishers back for "
+                 "{held:.1f} s without draining; its client id, user and address hold no "
+                 "one for {recovery} s", client_id=session.client_id, held=held,
+                 recovery=self.recovery)
+        self._spend(session, keys, now)
+        self._maybe_release()
+
+    def _end_episode(self, session) -> None:
         timer = self._timers.pop(session, None)
         if timer is not None and timer.active():
             timer.cancel()
         session.congested_since = None
         self.holding.discard(session)
-        self._maybe_release()
+        by_key = self._by_key
+        for key in self._keys.pop(session, ()):
+            holders = by_key.get(key)
+            if holders is not None:
+                holders.discard(session)
+                if not holders:
+                    del by_key[key]
 
-    def _budget_spent(self, session) -> None:
+    @staticmethod
+    def _demote(session, now: float) -> None:
+        session.demoted_since = now
+        session.healthy_since = None
+
+    def _spend(self, session, keys, now: float) -> None:
+        """Put ``keys`` in the ledger and demote every other subscriber
+        holding publishers under one of them (same address, user...)."""
+        self.ledger.record(keys, now)
+        for key in keys:
+            for other in list(self._by_key.get(key, ())):
+                if other is not session and other.congested_since is not None:
+                    self._budget_spent(other, shared=key)
+
+    def _budget_spent(self, session, shared=None) -> None:
         self._timers.pop(session, None)
         if session.congested_since is None:
             return
         now = self.clock.seconds()
-        session.congested_since = None
-        session.demoted_since = now
-        session.healthy_since = None
-        self.holding.discard(session)
+        held = now - session.congested_since
+        keys = self._keys.get(session, ())
+        self._end_episode(session)
+        self._demote(session, now)
         self.stats.slow_subscribers_demoted += 1
         # once per demotion, and a demotion happens at most once per
-        # recovery period per session: rate-limited by construction
-        log.warn("Subscriber {client_id} held publishers back for {budget} s without "
-                 "draining ({queued} queued); it holds no one until its queue has drained "
-                 "and stayed healthy for {recovery} s, and overflows by policy meanwhile",
-                 client_id=session.client_id, budget=self.budget,
-                 queued=len(session.queue), recovery=self.recovery)
+        # recovery period per identity: rate-limited by construction
+        if shared is None:
+            log.warn("Subscriber {client_id} held publishers back for {budget} s without "
+                     "draining ({queued} queued); it holds no one until its queue has "
+                     "drained and stayed healthy for {recovery} s (nor does its client id, "
+                     "user or address for {recovery} s), and overflows by policy meanwhile",
+                     client_id=session.client_id, budget=self.budget,
+                     queued=len(session.queue), recovery=self.recovery)
+        else:
+            log.warn("Subscriber {client_id} stops holding publishers back after {held:.1f} s: "
+                     "its {kind} {identity} used up its pause; it overflows by policy "
+                     "meanwhile", client_id=session.client_id, held=held, kind=shared[0],
+                     identity=shared[1])
+        self._spend(session, keys, now)
         self._maybe_release()
 
     # --- held publishers -------------------------------------------------------------
@@ -245,4 +455,5 @@ class SlowConsumerGuard:
             conn.release_publisher()
 
 
-__all__ = ["SlowConsumerGuard", "Watermarks"]
+__all__ = ["PauseLedger", "SlowConsumerGuard", "Watermarks", "address_identity",
+           "session_identities"]

@@ -74,6 +74,21 @@ HOOK_FAILED = _HookFailed()
 HOOK_TIMED_OUT = _HookFailed("HOOK_TIMED_OUT")
 
 
+class _Anonymous:
+    """Accepted as an anonymous client: the CONNECT's user name is not taken."""
+
+    def __repr__(self) -> str:
+        return "ANONYMOUS"
+
+
+#: An ``authenticate`` answer: let the client in as anonymous -- its user name,
+#: which nobody checked, labels neither its session (ownership) nor its ACL
+#: rules.  What :class:`mqttd.auth.Authenticator` answers for a CONNECT with a
+#: user name when no checker is configured and anonymous clients are allowed
+#: (mosquitto 2 lets such clients in too).
+ANONYMOUS = _Anonymous()
+
+
 def call_hook(hook, *args):
     """``hook(*args)``; an exception becomes a :class:`Failure` value (never raised)."""
     try:
@@ -86,14 +101,17 @@ def auth_outcome(result, username: Optional[str]) -> Tuple[int, Optional[str]]:
     """Normalise an ``authenticate`` answer to ``(reason_code, username)``.
 
     ``True``/``0``/``None``: accepted with ``username``; a ``str``: accepted as
-    that username; ``False``: 0x86 Bad user name or password; an int >= 0x80:
-    that code; :data:`HOOK_TIMED_OUT`: 0x89 Server busy; :data:`HOOK_FAILED` or
-    anything else: 0x87 Not authorized.
+    that username; :data:`ANONYMOUS`: accepted without a user name; ``False``:
+    0x86 Bad user name or password; an int >= 0x80: that code;
+    :data:`HOOK_TIMED_OUT`: 0x89 Server busy; :data:`HOOK_FAILED` or anything
+    else: 0x87 Not authorized.
     """
     if result is HOOK_TIMED_OUT:
         return ReasonCode.SERVER_BUSY, username
     if result is True or result is None or (type(result) is int and result == 0):
         return 0, username
+    if result is ANONYMOUS:
+        return 0, None
     if isinstance(result, str):
         return 0, result
     if result is False:
@@ -103,5 +121,6 @@ def auth_outcome(result, username: Optional[str]) -> Tuple[int, Optional[str]]:
     return ReasonCode.NOT_AUTHORIZED, username
 
 
-__all__ = ["AuthOutcome", "AuthRequest", "AuthStep", "HOOK_FAILED", "HOOK_TIMED_OUT",
+__all__ = ["ANONYMOUS", "AuthOutcome", "AuthRequest", "AuthStep", "HOOK_FAILED",
+           "HOOK_TIMED_OUT",
            "auth_outcome", "call_hook"]

@@ -11,15 +11,25 @@ Every field of a line is bounded (:func:`bound_fields`): client ids, user
 names, topics, details... are what clients send, up to 64 KiB each, and the
 log rate limiter bounds lines, not bytes; a text field over
 :data:`FIELD_LIMIT` characters is cut there and says how long it was
-(``000123XXXX...(60000 chars)``), in text and JSON alike.
+(``000123XXXX...(60000 chars)``), in text and JSON alike.  In text lines (a
+file, stdout, syslog) a field's control characters are escaped too
+(:func:`escape_controls`: ``\r``, ``\n``, ``\x1b``...): MQTT allows them in
+client ids and topics (MQTT 5.0 §1.5.4: a SHOULD NOT, so a broker cannot
+refuse them), so a client could otherwise forge a log line or move an
+operator's terminal cursor; JSON escapes them by construction.
+
+Every observer mqttd installs goes through :class:`BoundedObserver`: the
+file/stdout observer (:func:`make_observer`) and, under ``twistd --syslog``,
+the syslog observer (:func:`make_syslog_observer`) that replaces twistd's own.
 """
 from __future__ import annotations
 
+import re
 from typing import IO
 
 from twisted.logger import (
-    FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-    formatEventAsClassicLogText, formatTime, jsonFileLogObserver)
+    FileLogObserver, FilteringLogObserver, LegacyLogObserverWrapper, LogLevel,
+    LogLevelFilterPredicate, formatEventAsClassicLogText, formatTime, jsonFileLogObserver)
 
 from mqttd import debuglog
 
@@ -59,38 +69,98 @@ def bound(value, limit: int = FIELD_LIMIT):
     return value
 
 
-def bound_fields(event: dict) -> dict:
+#: C0 controls, DEL and C1 controls: what a text line shows escaped
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\x{ord(char):02x}"
+
+
+def escape_controls(value: str) -> str:
+    """``value`` with its C0/C1 control characters and DEL written as escapes
+    (``\\r``, ``\\n``, ``\\t``, ``\\x1b``...), as ``repr`` shows them; printable
+    text (the common case) is returned as it is, after one C-speed check."""
+    if value.isprintable():
+        return value
+    return _CONTROLS.sub(_escape, value)
+
+
+def bound_fields(event: dict, escape: bool = False) -> dict:
     """``event`` with every text field longer than :data:`FIELD_LIMIT` cut by
-    :func:`bound` (a copy; the same dict when nothing is that long).  Twisted's
-    own ``log_*`` keys are left alone."""
+    :func:`bound` and, with ``escape`` (text lines), its control characters
+    escaped by :func:`escape_controls` (a copy; the same dict when no field
+    needs either).  Twisted's own ``log_*`` keys are left alone."""
     bounded = None
     for key, value in event.items():
-        if value.__class__ is str and len(value) > FIELD_LIMIT and not key.startswith("log_"):
-            if bounded is None:
-                bounded = dict(event)
-            bounded[key] = bound(value)
+        if value.__class__ is not str:
+            continue
+        if len(value) > FIELD_LIMIT:
+            if key.startswith("log_"):
+                continue
+            value = bound(value)
+        elif not escape or value.isprintable() or key.startswith("log_"):
+            continue
+        if escape:
+            value = escape_controls(value)
+        if bounded is None:
+            bounded = dict(event)
+        bounded[key] = value
     return event if bounded is None else bounded
 
 
 class BoundedObserver:
     """An ``ILogObserver`` passing each event through :func:`bound_fields` to
-    ``observer`` (embedders wrap their own observer in it)."""
+    ``observer`` (embedders wrap their own observer in it); ``escape=True`` for
+    an observer that writes text lines (the fields' control characters escaped)."""
 
-    def __init__(self, observer):
+    def __init__(self, observer, escape: bool = False):
         self.observer = observer
+        self.escape = escape
 
     def __call__(self, event: dict) -> None:
-        self.observer(bound_fields(event))
+        self.observer(bound_fields(event, self.escape))
 
 
 def make_observer(stream: IO[str], fmt: str = "text", settings: LogSettings = None):
     """An ``ILogObserver`` writing to ``stream`` in ``fmt``, filtered by
-    ``settings``, every field bounded (:class:`BoundedObserver`)."""
+    ``settings``, every field bounded (:class:`BoundedObserver`; text lines
+    also escape the fields' control characters)."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be text or json, not {fmt!r}")
     settings = settings or LogSettings()
-    inner = jsonFileLogObserver(stream) if fmt == "json" else text_observer(stream)
-    return FilteringLogObserver(BoundedObserver(inner), [settings.predicate])
+    if fmt == "json":
+        inner = BoundedObserver(jsonFileLogObserver(stream))
+    else:
+        inner = BoundedObserver(text_observer(stream), escape=True)
+    return FilteringLogObserver(inner, [settings.predicate])
+
+
+def make_syslog_observer(prefix: str = "mqttd", settings: LogSettings = None,
+                         syslog_observer=None):
+    """The ``ILogObserver`` for ``twistd --syslog``: twistd's own syslog
+    observer (``twisted.python.syslog.SyslogObserver(prefix)``, one syslog
+    message per line of text) behind the same level filter and field bound as
+    :func:`make_observer`, fields' control characters escaped (a client id with
+    a newline would otherwise be two syslog messages), each line
+    ``[namespace] message``.  ``syslog_observer``: a
+    legacy observer to use instead (tests)."""
+    settings = settings or LogSettings()
+    if syslog_observer is None:
+        from twisted.python.syslog import SyslogObserver
+        syslog_observer = SyslogObserver(prefix).emit
+    legacy = LegacyLogObserverWrapper(syslog_observer)
+
+    def with_namespace(event: dict) -> None:
+        # a syslog line shows ``[system]``: the namespace, as text lines show it
+        # (twistd's own syslog lines said ``[-]``)
+        if "log_system" not in event:
+            event = dict(event, log_system=event.get("log_namespace", "-"))
+        legacy(event)
+    return FilteringLogObserver(BoundedObserver(with_namespace, escape=True),
+                                [settings.predicate])
 
 
 class _SecondClock:

@@ -52,6 +52,78 @@ class Message:
     #: absolute time (the broker clock's ``seconds()``) after which the message
     #: is no longer delivered; ``None`` means it never expires
     expires_at: Optional[float] = None
+    #: cache of :func:`message_size`: unset until first asked (no cost when a
+    #: message is never queued), never compared, shown or pickled (a copy made
+    #: with ``attrs.evolve`` starts unset and computes its own)
+    _size: int = attrs.field(init=False, eq=False, hash=False, repr=False)
+
+    # Pickles (the stores, cluster peers) carry the seven fields above and
+    # nothing else, exactly as before the size cache existed: old records load,
+    # and an older node reads what this one writes.
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in _STATE}
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):      # attrs before 22.2 pickled a tuple
+            state = dict(zip(_STATE, state))
+        set_field = object.__setattr__
+        for name in _STATE:
+            if name in state:
+                set_field(self, name, state[name])
+
+
+#: the fields a Message pickles (all but the size cache)
+_STATE = ("topic", "payload", "qos", "retain", "properties", "origin", "expires_at")
+
+
+def properties_size(props: Properties) -> int:
+    """Bytes the PUBLISH properties ``props`` take, as encoded in a PUBLISH
+    (identifier and length prefixes included; strings counted in characters,
+    which is their UTF-8 length for ASCII).  ``NO_PROPERTIES``: 0.
+
+    Only what a PUBLISH carries counts (MQTT 5.0 §3.3.2.3): payload format,
+    message expiry, content type, response topic, correlation data,
+    subscription identifiers, user properties.
+    """
+    if props is NO_PROPERTIES:
+        return 0
+    size = 0
+    if props.payload_format_indicator is not None:
+        size += 2
+    if props.message_expiry_interval is not None:
+        size += 5
+    for value in (props.content_type, props.response_topic, props.correlation_data):
+        if value is not None:
+            size += 3 + len(value)
+    for identifier in props.subscription_identifiers:
+        size += 2 if identifier < 0x80 else 3 if identifier < 0x4000 else \
+            4 if identifier < 0x200000 else 5
+    for name, value in props.user_properties:
+        size += 5 + len(name) + len(value)
+    return size
+
+
+def message_size(message: Message) -> int:
+    """The bytes ``message`` holds: topic + payload + properties
+    (:func:`properties_size`).
+
+    Every byte limit and figure of queued or stored messages uses it
+    (``--max-queued-bytes``, ``--max-queued-bytes-total``, the slow-consumer
+    high-water mark in bytes, ``queued_bytes``, ``$SYS/broker/store/messages/bytes``),
+    so MQTT 5 properties (User Properties, Correlation Data... up to the
+    packet size) are never free.  Computed once per message object and
+    cached on it; the common case (no properties) is two ``len`` calls.
+    """
+    try:
+        return message._size
+    except AttributeError:
+        pass
+    props = message.properties
+    size = len(message.topic) + len(message.payload)
+    if props is not NO_PROPERTIES:
+        size += properties_size(props)
+    object.__setattr__(message, "_size", size)
+    return size
 
 
 #: the properties a server forwards from a PUBLISH (or a will) to the

@@ -56,7 +56,7 @@ class BrokerStats:
     #: "client-maximum-packet-size", "expired", "not-authorized": queued
     #: before a reload took the read permission away)
     dropped: Dict[str, int] = attrs.Factory(dict)
-    #: gauge: payload + topic bytes queued in all sessions (--max-queued-bytes-total)
+    #: gauge: bytes (topic + payload + properties) queued in all sessions (--max-queued-bytes-total)
     queued_bytes: int = 0
     #: gauge: persistent sessions held (--max-sessions)
     persistent_sessions: int = 0

@@ -15,7 +15,7 @@ from typing import Deque, Dict, Optional
 import attrs
 
 from mqttd.codec.packets import Will
-from mqttd.messages import Message
+from mqttd.messages import Message, message_size
 from mqttd.persistence.records import (
     OutboundRecord, OutboundStage, SessionRecord, SubscriptionRecord)
 
@@ -145,6 +145,10 @@ class Session:
                 force: bool = False) -> Optional[OutboundRecord]:
         """Append ``record`` to the queue, applying ``limits``.
 
+        Bytes are the message's held size, topic + payload + properties
+        (:func:`~mqttd.messages.message_size`), in :attr:`queued_bytes`, the
+        ledger and ``limits``.
+
         Returns the record that was dropped to respect the limits (which may be
         ``record`` itself under DROP_NEW), or ``None``; :attr:`overflow` then
         says which limit (``"queue-full"``: this session's count or bytes;
@@ -154,7 +158,7 @@ class Session:
         of its cap.  ``force`` bypasses the limits (retained messages sent on
         SUBSCRIBE are never dropped).
         """
-        size = len(record.message.payload) + len(record.message.topic)
+        size = message_size(record.message)
         victim = None
         ledger = self.ledger
         if not force:
@@ -170,7 +174,7 @@ class Session:
                 if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
                     return record
                 victim = self.queue.popleft()
-                victim_size = len(victim.message.payload) + len(victim.message.topic)
+                victim_size = message_size(victim.message)
                 self.queued_bytes -= victim_size
                 if ledger is not None:
                     ledger.queued_bytes -= victim_size
@@ -185,7 +189,7 @@ class Session:
 
     def dequeue(self) -> OutboundRecord:
         record = self.queue.popleft()
-        size = len(record.message.payload) + len(record.message.topic)
+        size = message_size(record.message)
         self.queued_bytes -= size
         if self.ledger is not None:
             self.ledger.queued_bytes -= size
@@ -193,7 +197,7 @@ class Session:
 
     def restore_queued(self, record: OutboundRecord) -> None:
         """Append a recovered queued record (no limits: it was accepted before)."""
-        size = len(record.message.payload) + len(record.message.topic)
+        size = message_size(record.message)
         if self.queue.__class__ is tuple:
             self.queue = collections.deque()
         self.queue.append(record)

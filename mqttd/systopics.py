@@ -54,7 +54,7 @@ from typing import Dict, Optional
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mqttd.messages import SYS_ORIGIN, Message
+from mqttd.messages import SYS_ORIGIN, Message, message_size
 
 log = Logger(namespace="mqttd.systopics")
 
@@ -275,14 +275,15 @@ def _retained_count(broker) -> int:
 
 
 def _message_bytes(message) -> int:
-    """Topic + payload bytes of ``message`` (0 for None), as the queue limits count them."""
+    """Topic + payload + properties bytes of ``message`` (0 for None), as the
+    queue limits count them (:func:`~mqttd.messages.message_size`)."""
     if message is None:
         return 0
-    return len(message.payload) + len(message.topic)
+    return message_size(message)
 
 
 def _retained_count_and_bytes(broker):
-    """``(count, topic + payload bytes)`` of the clients' retained messages."""
+    """``(count, topic + payload + properties bytes)`` of the clients' retained messages."""
     count = size = 0
     for topic, message in list(broker.retained.items()):
         if not topic.startswith("$SYS"):

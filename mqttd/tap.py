@@ -115,7 +115,8 @@ OPTIONS: List[Option] = [
            default=DEFAULT_STORE),
     Option("fsync", text(_fsync), "When acknowledged writes reach the disk: always, "
            "interval:MS or never. See docs/storage.rst for the risk.", default="always"),
-    Option("broker-id", text(), "Name used in $SYS/<broker-id>/...", default="mqttd",
+    Option("broker-id", text(), "Name used in $SYS/<broker-id>/... (with --cluster: "
+           "the node id, so that every node's $SYS tree is its own).", default="mqttd",
            field="broker_id"),
     Option("ready-file", text(), "Write a JSON file with pid and listening addresses "
            "once listening."),
@@ -129,7 +130,8 @@ OPTIONS: List[Option] = [
            "(repeatable).", repeatable=True, field="trace_clients"),
     Option("max-queued-messages", integer(1), "Queue limit per session, messages.",
            default=100_000, field="max_queued_messages"),
-    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes.",
+    Option("max-queued-bytes", integer(1), "Queue limit per session, bytes (topic + payload "
+           "+ MQTT 5 properties of each message).",
            default=64 * 1024 * 1024, field="max_queued_bytes"),
     Option("max-queued-bytes-total", integer(0), "Queued bytes of all sessions together; "
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
@@ -167,7 +169,8 @@ OPTIONS: List[Option] = [
            "subscriber may hold publishers back (0: never).", default=5.0,
            field="max_publisher_pause"),
     Option("publisher-pause-recovery", number(0), "Seconds a subscriber that used up its "
-           "pause must stay drained and healthy before it may hold publishers again.",
+           "pause must stay drained and healthy before it may hold publishers again; its "
+           "client id, checked user and address hold no one for as long.",
            default=30.0, field="publisher_pause_recovery"),
     Option("metrics-listen", endpoint, "Serve Prometheus metrics at /metrics on this "
            "endpoint, e.g. tcp:9883:interface=127.0.0.1 (repeatable).", repeatable=True),
@@ -233,8 +236,9 @@ OPTIONS: List[Option] = [
     Option("max-user-properties", integer(0), "MQTT 5 User Properties one packet (or will) "
            "may carry; more: DISCONNECT (CONNECT: CONNACK) 0x97 Quota exceeded; 0 = no "
            "limit.", default=64, field="max_user_properties"),
-    Option("max-topic-levels", integer(0), "Levels of a topic name or filter; "
-           "0 = no limit.", default=0, field="max_topic_levels"),
+    Option("max-topic-levels", integer(0), "Levels of a topic name or filter (as "
+           "mosquitto: 200); more: v5 DISCONNECT 0x90 / SUBACK 0x8F, v3 close / 0x80; "
+           "0 = no limit.", default=200, field="max_topic_levels"),
     Option("max-inbound-rate", number(0), "PUBLISH packets per second per client (token "
            "bucket of one second, charged per packet); over it its reads pause; a reconnect "
            "continues from the bucket it left; 0 = no limit.", default=0.0,
@@ -464,6 +468,11 @@ class Options(usage.Options):
             kwargs[o.field] = value
         if self["no-publisher-backpressure"]:
             kwargs["publisher_backpressure"] = False
+        if self.get("cluster") and "broker_id" not in kwargs:
+            # every node of a cluster would be $SYS/mqttd/...: a node's own
+            # $SYS tree is named by its node id unless --broker-id says otherwise
+            from mqttd.cluster.node import default_node_id
+            kwargs["broker_id"] = self.get("node-id") or default_node_id()
         try:
             return BrokerConfig(**kwargs)
         except (TypeError, ValueError) as error:
@@ -560,6 +569,17 @@ def _log_stream(options: Options):
     return sys.stdout
 
 
+def _log_observer(options: Options, settings):
+    """The observer twistd logs to: ``--syslog`` (prefix ``--prefix``) or
+    ``--logfile``/stdout in ``--log-format``; either with the level filter
+    ``settings`` and the field bound of :mod:`mqttd.logs`."""
+    from mqttd import logs
+    parent = options.parent
+    if parent.get("syslog"):
+        return logs.make_syslog_observer(parent.get("prefix") or "mqttd", settings)
+    return logs.make_observer(_log_stream(options), options["log-format"] or "text", settings)
+
+
 def _log_level_reloader(options: Options, settings):
     """Re-read ``log-level`` from the config file (unless the command line set it)."""
     def reload():
@@ -607,9 +627,8 @@ def makeService(options: Options):
     if workers.prepare_worker() is None and (options["workers"] or 1) > 1:
         # this process supervises the workers and runs no broker itself
         supervisor = workers.make_supervisor(options, reactor)
-        if options.parent is not None and not options.parent.get("syslog"):
-            supervisor.log_observer = logs.make_observer(
-                _log_stream(options), options["log-format"] or "text", settings)
+        if options.parent is not None:
+            supervisor.log_observer = _log_observer(options, settings)
         if options.parent is not None:
             install_signal_handlers(reactor, supervisor)
         return supervisor
@@ -624,10 +643,9 @@ def makeService(options: Options):
         sys_interval=option("sys-interval").default if sys_interval is None else sys_interval,
         store_options=store_options if not spec.startswith("memory") else None)
     service.log_settings = settings
-    if options.parent is not None and not options.parent.get("syslog"):
-        # under twistd: our observer (format, level) instead of twistd's default
-        service.log_observer = logs.make_observer(
-            _log_stream(options), options["log-format"] or "text", settings)
+    if options.parent is not None:
+        # under twistd: our observer (format, level, field bound) instead of twistd's default
+        service.log_observer = _log_observer(options, settings)
     if options["config"] and options.sources.get("log-level") != "command line":
         # only a config file's log level can change on SIGHUP
         service.add_reloader("log_level", _log_level_reloader(options, settings))

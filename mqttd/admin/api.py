@@ -40,6 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mqttd.admin import why as why_module
+from mqttd.messages import message_size
 from mqttd.retained import client_retained_count
 
 log = Logger(namespace="mqttd.admin")
@@ -475,7 +476,7 @@ class AdminAPI(Resource):
             message = store.get(topic)
             if message is None:
                 continue
-            items.append({"topic": topic, "qos": message.qos, "bytes": len(message.payload),
+            items.append({"topic": topic, "qos": message.qos, "bytes": message_size(message),
                           "expires_at": getattr(message, "expires_at", None)})
         return {"topics": items, "next": page[-1] if len(topics) > limit else None,
                 "total": len(topics) + (0 if after is None else 0)}

@@ -99,7 +99,7 @@ class BrokerCollector:
         yield _gauge("mqttd_retained_messages", "Retained messages held (in a cluster: by "
                      "all nodes together)", client_retained_count(broker.retained))
         yield _gauge("mqttd_queued_messages", "Messages waiting in session queues", queued)
-        yield _gauge("mqttd_queued_bytes", "Payload + topic bytes waiting in session queues",
+        yield _gauge("mqttd_queued_bytes", "Bytes (topic + payload + properties) waiting in session queues",
                      queued_bytes)
         yield _gauge("mqttd_queue_depth_max", "Messages in the longest session queue",
                      max_queue)

@@ -3,8 +3,13 @@
 Fed by ``Broker.on_incident`` (every dropped message and every refused
 packet, before log rate limiting) and by the broker's disconnect events, so
 ``mqttd why`` can say "3 messages to a/b were dropped at 12:01:07: queue-full".
-Memory is bounded twice: ``per_client`` entries per client, ``max_clients``
-clients (the least recently active are forgotten first).
+Memory is bounded three times: ``per_client`` entries per client,
+``max_clients`` clients (the least recently active are forgotten first), and
+each entry's size: its text is cut at :data:`TEXT_LIMIT` characters and a
+client id over :data:`mqttd.logs.FIELD_LIMIT` is kept as
+``mqttd.logs.bound(client_id)`` (a client may send a 64 KiB id; lookups cut it
+the same way).  The text's control characters are escaped as in text log lines
+(``mqttd why`` prints it to a terminal).
 """
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ import collections
 from typing import Deque, Dict, List, Optional
 
 import attrs
+
+from mqttd.logs import bound, escape_controls
+
+#: the most characters of an incident's text kept (the log lines it mirrors
+#: bound each field to 256; a text holds a few of them)
+TEXT_LIMIT = 1024
 
 
 @attrs.frozen
@@ -62,6 +73,8 @@ class IncidentRing:
             self.counts[reason] = self.counts.get(reason, 0) + 1
         if client_id is None:
             return
+        client_id = bound(client_id)
+        text = escape_controls(bound(text, TEXT_LIMIT))
         ring = self._rings.get(client_id)
         if ring is None:
             if len(self._rings) >= self.max_clients:
@@ -77,10 +90,10 @@ class IncidentRing:
 
     def recent(self, client_id: str) -> List[Incident]:
         """The client's incidents, oldest first (at most ``per_client``)."""
-        return list(self._rings.get(client_id, ()))
+        return list(self._rings.get(bound(client_id), ()))
 
     def last(self, client_id: str, reason: str) -> Optional[Incident]:
-        for incident in reversed(self._rings.get(client_id, ())):
+        for incident in reversed(self._rings.get(bound(client_id), ())):
             if incident.reason == reason:
                 return incident
         return None

@@ -23,6 +23,7 @@ from twisted.internet import defer
 
 from mqttd import topics
 from mqttd.codec.errors import MQTTError
+from mqttd.messages import message_size
 
 VERDICTS = ("delivered", "queued", "maybe", "not-delivered")
 _LEVELS = {3: "3.1", 4: "3.1.1", 5: "5.0"}
@@ -245,9 +246,9 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
         retained = broker.retained.get(topic)
     if retained is not None:
         expires = getattr(retained, "expires_at", None)
-        result["retained"] = {"qos": retained.qos, "bytes": len(retained.payload),
-                              "expires_at": expires}
-        _step(steps, "retained", True, f"a retained message ({len(retained.payload)} bytes, "
+        size = message_size(retained)
+        result["retained"] = {"qos": retained.qos, "bytes": size, "expires_at": expires}
+        _step(steps, "retained", True, f"a retained message ({size} bytes, "
                                        f"QoS {retained.qos}) is held for {topic!r}: a new "
                                        "matching subscription gets it at once")
 

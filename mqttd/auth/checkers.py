@@ -41,6 +41,7 @@ from mqttd.auth.guard import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_FAIL
 from mqttd.auth.passwd import (DEFAULT_ITERATIONS, DEFAULT_SCRAM_ITERATIONS, SALT_BYTES,
                                SCRAM_TAG, PasswordEntry, read_password_file)
 from mqttd.codec.errors import ReasonCode
+from mqttd.hooks import ANONYMOUS
 from mqttd.interfaces import IAuthenticator
 
 log = Logger(namespace="mqttd.auth")
@@ -608,8 +609,11 @@ def make_portal(checkers) -> portal.Portal:
 class Authenticator:
     """The broker's ``authenticate`` hook: anonymous policy, then a cred ``Portal``.
 
-    :param portal: a ``twisted.cred.portal.Portal`` (None: no checker; every
-        client with a user name is refused with 0x87 / v3 0x05).
+    :param portal: a ``twisted.cred.portal.Portal`` (None: no checker: a
+        client with a user name is let in as anonymous when anonymous clients are
+        allowed -- the name, which nobody can check, is dropped: it owns no
+        session and picks no ACL ``user`` block -- and refused with 0x86 / v3
+        0x04 otherwise, as an unknown user).
     :param allow_anonymous: whether a CONNECT without a user name is let in.
     :param on_login: optional ``f(username)`` called on each success.
     """
@@ -626,7 +630,10 @@ class Authenticator:
                 return True
             return ReasonCode.NOT_AUTHORIZED  # v3: 0x05, as mosquitto
         if self.portal is None:
-            return ReasonCode.NOT_AUTHORIZED
+            # Nothing can check the name: as mosquitto 2 without a password file,
+            # let the client in while anonymous clients are, as anonymous (an
+            # unchecked name must not pick another user's ACL rules or session).
+            return ANONYMOUS if self.allow_anonymous else ReasonCode.BAD_USER_NAME_OR_PASSWORD
         creds = MQTTCredentials(request.username, _password_text(request.password),
                                 request.peer)
         d = self.portal.login(creds, None, IMQTTUser)

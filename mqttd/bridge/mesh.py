@@ -209,7 +209,7 @@ class MeshGuard:
         return None
 
 
-_MESSAGE_FIELDS = tuple(a.name for a in attrs.fields(Message))
+_MESSAGE_FIELDS = tuple(a.name for a in attrs.fields(Message) if a.init)
 _FAST = _MESSAGE_FIELDS == ("topic", "payload", "qos", "retain", "properties", "origin",
                             "expires_at")
 _KEPT = tuple(name for name in FORWARDED if name != "user_properties")

@@ -389,6 +389,8 @@ class Backend:
         self.name = name
         self._client = client
         self._sentinel = None
+        #: Sentinel: the primary named at the last follow_primary()
+        self._primary: Optional[Tuple[str, int]] = None
         self._scripts: Dict[str, Script] = {}
 
     @property
@@ -477,16 +479,33 @@ class Backend:
                            self.socket_timeout)
 
     async def _follow_primary(self, pool):
-        old = pool.master_address
-        new = await pool.get_master_address()
-        if old is not None and new != old:
-            # redis-py dropped the idle connections; the busy ones (a blocked
-            # XREADGROUP) still talk to the old primary: close them too (their
-            # commands fail as RedisUnavailable and are retried on the new one)
-            await pool.disconnect(inuse_connections=True)
+        old = self._primary if self._primary is not None else pool.master_address
+        new = tuple(await pool.get_master_address())
+        self._primary = new
+        # every connection not to the primary goes, whoever noticed the move:
+        # redis-py drops only the idle ones, and only when *it* sees the
+        # address change -- a connection busy during the switch (a blocked
+        # XREADGROUP) or one opened while the Sentinels still named the old
+        # primary stayed in the pool, talking to the old primary: its writes
+        # went to a server the failover throws away, and once that server was
+        # demoted its reads answered from a replica's stale data set (a node
+        # then saw its own membership gone and re-joined as a new
+        # incarnation).  Their commands fail as RedisUnavailable and are
+        # retried on the primary.
+        stale = [c for c in list(getattr(pool, "_available_connections", ())) +
+                 list(getattr(pool, "_in_use_connections", ()))
+                 if c.is_connected and (c.host, c.port) != new]
+        if stale:
+            await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+        if old is not None and new != tuple(old):
             log.warn("Redis primary of {service} is now {new} (was {old}): reconnected",
                      service=self.url.service, new=f"{new[0]}:{new[1]}",
                      old=f"{old[0]}:{old[1]}")
+        elif stale:
+            log.info("Closed {count} connections to {servers}, not the Redis primary "
+                     "{new} of {service}", count=len(stale),
+                     servers=", ".join(sorted({f"{c.host}:{c.port}" for c in stale})),
+                     new=f"{new[0]}:{new[1]}", service=self.url.service)
         return new
 
     def close(self) -> defer.Deferred:
@@ -612,6 +631,33 @@ class Backend:
         except rx.NoScriptError:
             return await client.execute_command("EVAL", script.source, len(keys), *keys,
                                                 *args)
+
+    def config_get(self, name: str) -> defer.Deferred:
+        """``CONFIG GET name`` of every server: fires with ``{server: value}``
+        (``value`` a str, None when the server does not know the setting;
+        under Redis Cluster one entry per primary, named ``host:port``)."""
+        return as_deferred(self._config_get(name), self.socket_timeout)
+
+    async def _config_get(self, name: str):
+        def value(reply):
+            if isinstance(reply, dict):
+                found = reply.get(name.encode(), reply.get(name))
+            elif isinstance(reply, (list, tuple)) and len(reply) >= 2:
+                found = reply[1]
+            else:
+                found = None
+            return found.decode() if isinstance(found, bytes) else found
+        client = self.client
+        if self.is_cluster:
+            if getattr(client, "_initialize", False):
+                await client.initialize()
+            primaries = client.get_primaries()
+            replies = await asyncio.gather(*(
+                client.execute_command("CONFIG", "GET", name, target_nodes=node)
+                for node in primaries))
+            return {node.name: value(reply) for node, reply in zip(primaries, replies)}
+        reply = await client.execute_command("CONFIG", "GET", name)
+        return {self.url.redacted(): value(reply)}
 
     def server_info(self, section: Optional[str] = None) -> defer.Deferred:
         """``INFO [section]`` as a dict (under Redis Cluster: ``{node: dict}``)."""

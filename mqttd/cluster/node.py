@@ -52,7 +52,14 @@ log = Logger(namespace="mqttd.cluster.node")
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-JOIN = """
+# The membership scripts start with a shebang (Redis >= 7): Redis then knows
+# before running one that it may write, and a replica refuses it (READONLY)
+# instead of answering the read-only branch from its own data.  A connection
+# left on a demoted primary after a Sentinel failover made a heartbeat read
+# "my key is gone" from the replica's stale data set: the node fenced and
+# re-joined as a new incarnation although it was alive on the primary.
+
+JOIN = """#!lua
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then
   return {0, cur, redis.call('PTTL', KEYS[1])}
@@ -70,7 +77,7 @@ redis.call('HSET', KEYS[2], 'boot', ARGV[1], 'started', ARGV[3], 'host', ARGV[4]
 return {1, prev or false}
 """
 
-BEAT = """
+BEAT = """#!lua
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -80,7 +87,7 @@ if not cur then return 0 end
 return -1
 """
 
-LEAVE = """
+LEAVE = """#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1

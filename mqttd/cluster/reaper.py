@@ -103,6 +103,7 @@ class Reaper:
         self._reaped_ids = {}
         #: node being reaped -> the boot id of its live incarnation (b"": none)
         self._live_boots = {}
+        self.backend.register("reaper_lock", LOCK)
         self.backend.register("reaper_unlock", UNLOCK)
         self.backend.register("reaper_release", RELEASE)
         self.backend.register("reaper_renew", RENEW)
@@ -163,15 +164,19 @@ class Reaper:
 
     @defer.inlineCallbacks
     def _reap(self, node: str):
-        won = yield self.backend.execute("SET", self.lock_key(node), self.node_id, "NX",
-                                         "PX", self.lock_ms)
+        # the lock and the look at the node's alive key in one script, which
+        # only a primary runs: a connection left on a demoted primary (a
+        # Sentinel failover) must not make a live node look dead
+        won = yield self.backend.run("reaper_lock", [self.lock_key(node),
+                                                     self.alive_key(node)],
+                                     [self.node_id, self.lock_ms])
         if not won:
             return False
         if self.sessions.is_fenced():
             yield self.backend.run("reaper_unlock", [self.lock_key(node)], [self.node_id])
             return False
         # the node id may be back as a new incarnation: its sessions stay its own
-        live_boot = yield self.backend.execute("GET", self.alive_key(node))
+        live_boot = won[1]
         self._live_boots[node] = live_boot or b""
         log.info("Node {node} is dead; reaping it (its wills, sessions and inbox)",
                  node=node)
@@ -183,12 +188,21 @@ class Reaper:
             adopted, moved = yield self._adopt_all(node)
             # the dead node's sessions its clients resumed elsewhere before we came
             targets = yield self._moved_targets(node, moved, adopted)
-            if self.replay_inbox is not None:
+            # a node id alive again (a new incarnation joined before this
+            # reap took the lock) owns its inbox: the entries it read are in
+            # its hands, the unread ones its reader takes next, for the
+            # sessions its clients resumed there.  Taking them here handed
+            # them to the sessions this reap adopted only -- the live node's
+            # were lost (REVIEW-CLUSTER F7).  What its previous incarnation's
+            # sessions (now adopted here) still get there reaches them
+            # through the live node's fenced writes and forwarding.
+            live = bool(self._live_boots.get(node))
+            if self.replay_inbox is not None and not live:
                 replayed = yield self.replay_inbox(
                     node, self.deliver_to(adopted, targets, node), sync)
                 self.replayed += replayed or 0
             yield sync()
-            if self.forget_node is not None:
+            if self.forget_node is not None and not live:
                 late = yield self.forget_node(
                     node, self.deliver_to(adopted, targets, node), sync)
                 self.replayed += late or 0
@@ -665,6 +679,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+#: KEYS lock, alive  ARGV me, ms: take the reaper lock; false if someone holds
+#: it, else {1, the node id's live boot id or ''} (a shebang: replicas refuse it)
+LOCK = """#!lua
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return {1, redis.call('GET', KEYS[2]) or ''}
 """
 
 #: release the reaper lock only if we still hold it

@@ -24,7 +24,12 @@ work is a pipeline of independent single-key commands).
 an empty payload runs ``ret_del`` (1 deleted, 0 there was none)
 [MQTT-3.3.1-10, 3.3.1-11].  Only a *transition* (created / deleted) touches
 the index: one ``ret_idx`` per level, ``HINCRBY`` +2/-2 (the topic's own
-last level +3/-3) and ``HDEL`` at 0, atomic per hash.  A topic exists once, so
+last level +3/-3) and ``HDEL`` at 0, atomic per hash.  On one Redis server
+(standalone, Sentinel) value and index are one script (``ret_put_all`` /
+``ret_del_all``): a write whose reply is lost (a timeout) either happened
+whole or not at all, and the client's re-send finds a consistent state.
+Under Redis Cluster the value and the index levels live on different
+masters: there they stay separate steps (see *Crash window*).  A topic exists once, so
 an odd count says "this child is a retained topic": a walk fetches only
 those values.  Replacing a retained message -- the common case, a device
 updating its state -- costs one command.  The counts are commutative, so two
@@ -48,10 +53,13 @@ very message), whose winner alone decrements the index.  Expiring messages
 are also listed in ``ret:exp``; :meth:`RedisRetained.sweep` (every node runs
 it periodically) removes those nobody reads.
 
-**Crash window.**  A node dying between the value write and its index update
-leaves a message that exact lookups find and wildcard lookups do not (or an
-index entry that leads nowhere, which costs only a wasted lookup);
-:meth:`RedisRetained.reindex` rebuilds the index from the values (``SCAN``).
+**Crash window (Redis Cluster only).**  A node dying between the value
+write and its index update, or an index step that fails or times out after
+the value was written, leaves a message that exact lookups find and
+wildcard lookups do not (or an index entry that leads nowhere, which costs
+only a wasted lookup); nothing re-sends an index step by itself, so no count
+is applied twice.  :meth:`RedisRetained.reindex` rebuilds the index from the
+values (``SCAN``).
 """
 from __future__ import annotations
 
@@ -95,6 +103,29 @@ RET_IDX = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 if n == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return n
+"""
+
+# value and index in one step (one Redis server: standalone or Sentinel)
+# KEYS value, level hashes...  ARGV data, field, weight, field, weight...
+RET_PUT_ALL = """
+local old = redis.call('SET', KEYS[1], ARGV[1], 'GET')
+if old then return 0 end
+for i = 2, #KEYS do
+  local n = redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 2], ARGV[2 * i - 1])
+  if n == 0 then redis.call('HDEL', KEYS[i], ARGV[2 * i - 2]) end
+end
+return 1
+"""
+
+# KEYS value, level hashes...  ARGV expected ('' = any), field, weight, ...
+RET_DEL_ALL = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+for i = 2, #KEYS do
+  local n = redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 2], -tonumber(ARGV[2 * i - 1]))
+  if n == 0 then redis.call('HDEL', KEYS[i], ARGV[2 * i - 2]) end
+end
+return 1
 """
 
 
@@ -152,6 +183,11 @@ class RedisRetained:
         backend.register("ret_set", RET_SET)
         backend.register("ret_del", RET_DEL)
         backend.register("ret_idx", RET_IDX)
+        backend.register("ret_put_all", RET_PUT_ALL)
+        backend.register("ret_del_all", RET_DEL_ALL)
+        #: value and index written by one script (every key on one server);
+        #: under Redis Cluster they live on different masters: two steps
+        self.atomic = not getattr(backend, "is_cluster", False)
         #: this node's writes not yet done, by topic (each waits for the previous)
         self._tails: Dict[str, defer.Deferred] = {}
         #: counters for $SYS / metrics / tests
@@ -217,13 +253,19 @@ class RedisRetained:
         topic = message.topic
 
         def write():
-            d = self.backend.run("ret_set", [self.value_key(topic)], [data])
+            if self.atomic:
+                entries = self.index_entries(topic)
+                d = self.backend.run(
+                    "ret_put_all", [self.value_key(topic)] + [k for k, _f, _w in entries],
+                    [data] + [a for _k, f, w in entries for a in (f, w)])
+            else:
+                d = self.backend.run("ret_set", [self.value_key(topic)], [data])
             self.commands += 1
 
             @d.addCallback
             def indexed(created):
                 steps = []
-                if int(created):
+                if int(created) and not self.atomic:
                     steps.append(self._index(topic, +1))
                 if message.expires_at is not None:
                     steps.append(self.backend.execute("ZADD", self.expiry_key(),
@@ -239,13 +281,21 @@ class RedisRetained:
         """Delete the retained message of ``topic`` (only if its stored form is
         ``expected``, when given).  Fires with True if this call deleted it."""
         def write():
-            d = self.backend.run("ret_del", [self.value_key(topic)], [expected or b""])
+            if self.atomic:
+                entries = self.index_entries(topic)
+                d = self.backend.run(
+                    "ret_del_all", [self.value_key(topic)] + [k for k, _f, _w in entries],
+                    [expected or b""] + [a for _k, f, w in entries for a in (f, w)])
+            else:
+                d = self.backend.run("ret_del", [self.value_key(topic)], [expected or b""])
             self.commands += 1
 
             @d.addCallback
             def unindexed(deleted):
                 if not int(deleted):
                     return False
+                if self.atomic:
+                    return True
                 return self._index(topic, -1).addCallback(lambda _: True)
             return d
         return self._serialized(topic, write)

@@ -224,6 +224,26 @@ def check_redis_settings(backend):
                      "keys -- sessions, queued messages, a live node's heartbeat; set "
                      "maxmemory-policy noeviction (docs/cluster.rst, Redis settings)",
                      server=server, policy=policy)
+    if backend.is_cluster:
+        # Redis's default: one master down (no replica to take over) makes
+        # every master refuse every command, and every mqttd node fence
+        # itself (REVIEW-CLUSTER F17); with "no" only the sessions and nodes
+        # whose keys live on that master are unavailable
+        try:
+            coverage = yield backend.config_get("cluster-require-full-coverage")
+        except Exception as error:
+            log.debug("Cannot read cluster-require-full-coverage: {error}",
+                      error=str(error))
+            coverage = {}
+        for server, value in sorted(coverage.items()):
+            if value is not None and value.lower() != "no":
+                warnings.append(("cluster-require-full-coverage", server))
+                log.warn("Redis Cluster master {server} has cluster-require-full-coverage "
+                         "{value}: while any master is down every master refuses every "
+                         "command and every mqttd node fences itself; set "
+                         "cluster-require-full-coverage no, so that only the sessions and "
+                         "nodes whose keys live on the failed master are unavailable "
+                         "(docs/cluster.rst, Redis settings)", server=server, value=value)
     return warnings
 
 

@@ -100,6 +100,9 @@ if ARGV[5] == '1' then user = ARGV[4] end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
            'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
 redis.call('HDEL', KEYS[1], 'exp_at')
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 3) == 'ho:' then redis.call('HDEL', KEYS[1], field) end
+end
 if present and s[1] then
   -- the hand-off window: the previous owner's writes still reach the content
   redis.call('HSET', KEYS[1], 'hnode', s[1], 'hepoch', old_epoch)
@@ -117,8 +120,9 @@ return reply
 
 # load: KEYS s o t i w f   ARGV node epoch
 # Closes the hand-off window (the previous owner's writes are fenced from
-# now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...}} or
-# {'F', node, epoch} when fenced.  Forwarded messages (f) stay: the owner
+# now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...},
+# {seqs}} or {'F', node, epoch} when fenced; seqs: the queued messages the
+# previous owner wrote during the hand-off (marked ``ho:<seq>`` in s).  Forwarded messages (f) stay: the owner
 # pulls them (session_pull) and queues them under its queue limits.
 LOAD = r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
@@ -126,8 +130,16 @@ if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
   return {'F', s[1] or '', s[2] or '0'}
 end
 redis.call('HDEL', KEYS[1], 'hnode', 'hepoch')
+-- the queued messages the previous owner wrote during the hand-off
+local handed = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 3) == 'ho:' then
+    handed[#handed + 1] = string.sub(field, 4)
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
 return {'OK', s[3] or '', s[4] or '0', redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4])}
+        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4]), handed}
 """
 
 # pull: KEYS s o t i w f   ARGV node epoch base_seq max
@@ -150,9 +162,14 @@ if #fwd > 0 then redis.call('LTRIM', KEYS[6], #fwd, -1) end
 return reply
 """
 
-# apply: KEYS s o t i w f   ARGV node epoch op args op args ...
+# apply: KEYS s o t i w f   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
 #      V | X | Y | G blob
+#   (Z wid, first if present: the batch's write id, unique per writing node:
+#   a batch re-sent after an unknown outcome -- a timeout, or a Redis Cluster
+#   pipeline that failed on another master -- is recognized (``w:<node>`` of
+#   s holds the last applied one) and not applied twice; without it, its
+#   forwards (G, and O refused by the fence) were pushed to f twice)
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
@@ -171,10 +188,22 @@ local handoff = false
 if fenced then
   handoff = s[5] ~= false and s[5] == ARGV[1] and s[6] == ARGV[2]
 end
+local first = 3
+local wid = false
+local wfield = 'w:' .. ARGV[1]
+if ARGV[3] == 'Z' then
+  wid = ARGV[4]
+  first = 5
+  if s[2] and redis.call('HGET', KEYS[1], wfield) == wid then
+    -- applied already: a re-send after an unknown outcome changes nothing
+    if fenced and not handoff then return {'F', s[1] or '', s[2] or '0', 0} end
+    return {'OK', 0}
+  end
+end
 if fenced and not handoff then
   local forwarded = 0
   if s[2] then
-    local i = 3
+    local i = first
     while i <= #ARGV do
       local op = ARGV[i]
       if op == 'O' then
@@ -184,6 +213,7 @@ if fenced and not handoff then
       end
       i = i + 1 + arity[op]
     end
+    if wid and forwarded > 0 then redis.call('HSET', KEYS[1], wfield, wid) end
   end
   return {'F', s[1] or '', s[2] or '0', forwarded}
 end
@@ -191,7 +221,7 @@ local online = s[3]
 local persistent = s[4]
 local gone = 0
 local taken = {}
-local i = 3
+local i = first
 while i <= #ARGV do
   local op = ARGV[i]
   if arity[op] == nil then
@@ -214,6 +244,9 @@ while i <= #ARGV do
     end
   elseif op == 'O' then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2]); redis.call('HDEL', KEYS[3], ARGV[i + 1])
+    -- queued by the previous owner after the claim: the new owner's node may
+    -- have kept the same message for the session (see session_load)
+    if handoff then redis.call('HSET', KEYS[1], 'ho:' .. ARGV[i + 1], 1) end
   elseif op == 'U' then
     if redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 1 then
       redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])
@@ -249,6 +282,9 @@ while i <= #ARGV do
     redis.call('RPUSH', KEYS[6], ARGV[i + 1])
   end
   i = i + 1 + arity[op]
+end
+if wid and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], wfield, wid)
 end
 local reply = {'OK', gone}
 for _, v in ipairs(taken) do reply[#reply + 1] = v end

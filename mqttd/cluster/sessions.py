@@ -37,6 +37,7 @@ installed yet) is kept and delivered into the session once it is installed.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Dict, Optional, Tuple
 
 from twisted.internet import defer
@@ -68,6 +69,13 @@ FENCED_REASON = "cluster node fenced"
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _identity(message) -> tuple:
+    """What tells one publish from another in a takeover's two copies: the
+    stored copy may differ from the routed one in retain flag (Retain As
+    Published), QoS (downgraded) and per-subscriber properties."""
+    return (message.topic, message.payload, message.origin, message.expires_at)
 
 
 def _pairs(flat) -> Dict[str, bytes]:
@@ -124,6 +132,9 @@ class ClusterSessions:
         self._locks: Dict[str, defer.DeferredLock] = {}
         #: client id -> unsubscribe functions of the forwarding subscriptions
         self._forwarding: Dict[str, list] = {}
+        #: client id -> messages the previous owner queued during the hand-off
+        #: (from session_load), until the takeover window is delivered
+        self._handed: Dict[str, list] = {}
         self.takeovers = 0
         self.forwarded = 0
         #: ``also_sent_to(node, message) -> bool`` (the bus router; None: never)
@@ -227,6 +238,7 @@ class ClusterSessions:
                 messages = self._close_window(window[0])
                 if result is None and self.store.epochs.get(client_id) is not None:
                     self._deliver_window(client_id, messages)
+            self._handed.pop(client_id, None)
             return result
         return d.addBoth(delivered)
 
@@ -437,6 +449,11 @@ class ClusterSessions:
         if stored is None:
             self.broker.release_session(client_id)
             return True
+        # what the old owner queued after our claim: a message this node kept
+        # for the session meanwhile may be one of them (see _deliver_window)
+        handed = {int(seq) for seq in (reply[6] if len(reply) > 6 else ())}
+        self._handed[client_id] = [out.message for seq, out in stored.outbound.items()
+                                   if seq in handed]
         self.broker.install_session(stored)
         # messages forwarded to the session by a node that lost it: queued
         # after what the session held, under this node's queue limits
@@ -519,10 +536,20 @@ class ClusterSessions:
         once, at the highest QoS of its matching subscriptions."""
         from mqttd import topics
         broker = self.broker
+        handed = self._handed.pop(client_id, [])
         session = broker.sessions.get(client_id)
         if session is None or not messages:
             return
+        # a message the old owner still queued during the hand-off and this
+        # node kept too is in the session already: each queued copy cancels
+        # one kept copy of the same publish (topic, payload, publisher,
+        # expiry), so identical messages published twice still arrive twice
+        already = Counter(_identity(m) for m in handed)
         for message in messages:
+            key = _identity(message)
+            if already[key] > 0:
+                already[key] -= 1
+                continue
             best = None
             for topic_filter, sub in session.subscriptions.items():
                 if topic_filter.startswith(topics.SHARE_PREFIX):
@@ -564,11 +591,30 @@ class ClusterSessions:
             if session is not None:
                 log.warn("Session {client_id} is owned by node {node} (epoch {epoch}); "
                          "closing it here", client_id=client_id, node=node, epoch=epoch)
-                self.broker.release_session(client_id)
+                self._let_go(client_id, node)
         if forwarded and node:
             self.send_control(node, {"op": "poke", "cid": client_id}).addErrback(
                 lambda f: log.warn("Poking {node} failed: {error}", node=node,
                                    error=str(f.value)))
+
+    def _let_go(self, client_id: str, owner: str) -> bool:
+        """Release ``client_id``'s session here: ``owner`` (another node, or
+        '' when the session is gone) holds it now.  Like a node that was
+        kicked, this one forwards what still reaches it for the session's
+        filters for ``forward_grace`` seconds -- inbox entries and publishers
+        whose route cache still names this node -- instead of dropping them
+        (REVIEW-CLUSTER F7: a node back from a Redis outage whose session a
+        reaper adopted meanwhile dropped a window of acknowledged messages).
+        True if a session was installed here."""
+        session = self.broker.sessions.get(client_id)
+        if session is None:
+            return False
+        subscriptions = dict(session.subscriptions) if session.persistent else {}
+        self.broker.release_session(client_id)
+        if subscriptions and owner and owner != self.node_id \
+                and client_id not in self._forwarding:
+            self._forward(client_id, subscriptions, owner)
+        return True
 
     def _gone(self, client_id: str) -> None:
         self.backend.execute("SREM", node_sessions_key(self.prefix, self.node_id),
@@ -633,7 +679,7 @@ class ClusterSessions:
             if _text(node or b"") != self.node_id or int(epoch or 0) != \
                     self.store.epochs.get(cid):
                 self.store.epochs.pop(cid, None)
-                if self.broker.release_session(cid) is not None:
+                if self._let_go(cid, _text(node or b"")):
                     released += 1
         if released:
             log.warn("{count} sessions were adopted by other nodes while this node was "

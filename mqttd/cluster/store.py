@@ -29,7 +29,9 @@ it.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+import itertools
+import os
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -144,6 +146,12 @@ class RedisSessionStore:
         #: Redis keeps
         self.v3_expiration: Optional[float] = None
         self._pending: Dict[str, List] = {}
+        #: client id -> batches sent and failed, each ``(write id, items)``:
+        #: re-sent first, with the same write id (Redis may have applied
+        #: them: the outcome of a timeout is unknown), before newer writes
+        self._retry: Dict[str, List[Tuple[str, List]]] = {}
+        self._wid_prefix = os.urandom(6).hex()
+        self._wids = itertools.count(1)
         self._waiters: List[defer.Deferred] = []
         self._flushing = False
         self._scheduled = False
@@ -231,7 +239,7 @@ class RedisSessionStore:
 
     def _auto_flush(self) -> None:
         self._scheduled = False
-        if self._pending and not self._flushing:
+        if (self._pending or self._retry) and not self._flushing:
             self._flush()
 
     def sync(self) -> defer.Deferred:
@@ -242,7 +250,7 @@ class RedisSessionStore:
         return self._sync()
 
     def _sync(self) -> defer.Deferred:
-        if not self._pending and not self._flushing:
+        if not self._pending and not self._retry and not self._flushing:
             if self.failure is not None:
                 return defer.fail(self.failure)
             return defer.succeed(None)
@@ -263,10 +271,18 @@ class RedisSessionStore:
     def _flush(self) -> None:
         self._flushing = True
         batch, self._pending = self._pending, {}
+        retry, self._retry = self._retry, {}
         waiters, self._waiters = self._waiters, []
         commands = []
         cids = []
-        for cid, items in batch.items():
+        units = []
+        for cid in list(retry) + [cid for cid in batch if cid not in retry]:
+            for wid, items in retry.get(cid, ()):
+                units.append((cid, wid, items))
+            if cid in batch:
+                units.append((cid, f"{self._wid_prefix}:{next(self._wids)}", batch[cid]))
+        script = self._scripts["session_apply"]
+        for cid, wid, items in units:
             epoch = self.epochs.get(cid)
             if epoch is None:
                 # not (or no longer) ours: only forwards may go out
@@ -275,10 +291,9 @@ class RedisSessionStore:
                     continue
                 items, epoch = forwards, 0
             keys = session_keys(self.prefix, cid)
-            script = self._scripts["session_apply"]
             commands.append(("EVALSHA", script.sha, len(keys), *keys, self.node_id,
-                             epoch, *items))
-            cids.append((cid, items, epoch))
+                             epoch, "Z", wid, *items))
+            cids.append((cid, items, epoch, wid))
         d = self._run(commands, cids)
         d.addCallbacks(self._flushed, self._flush_failed,
                        callbackArgs=(cids, waiters), errbackArgs=(cids, waiters))
@@ -300,10 +315,10 @@ class RedisSessionStore:
             if not any(s in text for s in ("NOSCRIPT", "NoScript", "No matching script")):
                 return failure
             source = self._scripts["session_apply"].source
-            keys = [session_keys(self.prefix, cid) for cid, _items, _epoch in cids]
+            keys = [session_keys(self.prefix, cid) for cid, _items, _epoch, _wid in cids]
             return self.backend.pipeline(
-                [("EVAL", source, len(k), *k, self.node_id, epoch, *items)
-                 for k, (_cid, items, epoch) in zip(keys, cids)], **wait)
+                [("EVAL", source, len(k), *k, self.node_id, epoch, "Z", wid, *items)
+                 for k, (_cid, items, epoch, wid) in zip(keys, cids)], **wait)
         d.addErrback(noscript)
         return d
 
@@ -313,7 +328,7 @@ class RedisSessionStore:
         if self.failure is not None:
             log.info("Writing sessions to Redis works again")
         self.failure = None
-        for (cid, _items, epoch), reply in zip(cids, replies):
+        for (cid, _items, epoch, _wid), reply in zip(cids, replies):
             status = _text(reply[0])
             if status == "F":
                 if self.on_fenced is not None:
@@ -343,23 +358,23 @@ class RedisSessionStore:
             log.error("Writing sessions to Redis failed: {error}; acknowledgements that "
                       "need it are not sent; retrying every second", error=str(failure.value))
         self.failure = failure.value
-        # the operations are kept (in order, before newer ones) and retried:
-        # what the broker holds in memory must reach Redis eventually
-        pending, self._pending = self._pending, {}
-        for cid, items, _epoch in cids:
-            self._pending[cid] = [item for item in items]
-        for cid, items in pending.items():
-            self._pending.setdefault(cid, []).extend(items)
+        # the batches are kept (in order, before newer writes) and re-sent
+        # with their write ids: what the broker holds in memory must reach
+        # Redis eventually, and what Redis applied already is not applied
+        # twice (a batch that timed out may have run)
+        for cid, items, _epoch, wid in cids:
+            self._retry.setdefault(cid, []).append((wid, list(items)))
         for d in waiters:
             d.errback(failure)
         if self._waiters:
             self._flush()
-        elif self._pending and self.clock is not None and not self._scheduled:
+        elif (self._pending or self._retry) and self.clock is not None \
+                and not self._scheduled:
             self._scheduled = True
             self.clock.callLater(1.0, self._auto_flush)
 
     def _next(self) -> None:
-        if (self._waiters or self._pending) and not self._flushing:
+        if (self._waiters or self._pending or self._retry) and not self._flushing:
             self._flush()
 
 

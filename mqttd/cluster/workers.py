@@ -44,7 +44,8 @@ the default store ``file:mqttd-data`` becomes ``file:mqttd-data-w<k>`` (two
 processes never share a data directory: a store is locked by one process;
 sessions live in Redis, each worker's own store keeps what is node-local --
 its internal bridge sessions); ``--logfile F`` (twistd)
-becomes ``F.w<k>``; without it workers log to the supervisor's stdout.
+becomes ``F.w<k>``; ``--syslog`` (and its ``--prefix``) is passed on; without
+either, workers log to the supervisor's stdout.
 """
 from __future__ import annotations
 
@@ -657,13 +658,20 @@ def _describe_exit(reason) -> str:
 # --- twistd mqttd --workers N -----------------------------------------------------------------
 
 def _twistd_arguments(parent) -> List[str]:
-    """The twistd options a worker repeats: the reactor and a per-worker log file."""
+    """The twistd options a worker repeats: the reactor, and ``--syslog`` with its
+    ``--prefix`` (a worker logs where the supervisor does, through the same
+    bounded observer; the per-worker log file is added by the caller)."""
     if parent is None:
         return []
     args = []
     reactor_name = parent.get("reactor")
     if reactor_name:
         args.append(f"--reactor={reactor_name}")
+    if parent.get("syslog"):
+        args.append("--syslog")
+        prefix = parent.get("prefix")
+        if prefix:
+            args.append(f"--prefix={prefix}")
     return args
 
 

@@ -184,6 +184,8 @@ def _decode_connect(reader, data, i, end):
                               spec="MQTT-3.1.2-22")
     if level == MQTT_5:
         props, i = decode_properties(data, i, CONNECT, end, reader.max_user_properties)
+        if props is not NO_PROPERTIES:
+            _check_authentication(props, "CONNECT")
     else:
         props = NO_PROPERTIES
     client_id, i = decode_utf8(data, i, end)
@@ -222,13 +224,51 @@ def _decode_connack(level, flags, data, i, end, max_user=0):
     props = NO_PROPERTIES
     if level == MQTT_5 and i < end:
         props, i = decode_properties(data, i, CONNACK, end, max_user)
+        _check_authentication(props, "CONNACK")
     if i != end:
         raise _trailing("CONNACK", level)
     return Connack(bool(ack_flags), reason, props)
 
 
+#: The reason codes each packet may carry (MQTT 5.0 §3.4.2.1, §3.5.2.1, §3.6.2.1,
+#: §3.7.2.1, §3.14.2.1, §3.15.2.1): "The Client or Server sending the PUBACK packet
+#: MUST use one of the PUBACK Reason Codes" [MQTT-3.4.2-1] and likewise for
+#: PUBREC [MQTT-3.5.2-1], PUBREL [MQTT-3.6.2-1], PUBCOMP [MQTT-3.7.2-1],
+#: DISCONNECT [MQTT-3.14.2-1] and AUTH [MQTT-3.15.2-1].  Any other value is a
+#: Protocol Error (0x82), as in mosquitto.
+_PUBLISH_ACK_CODES = frozenset((0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99))
+_RELEASE_CODES = frozenset((0x00, 0x92))
+VALID_REASON_CODES = {
+    PUBACK: (_PUBLISH_ACK_CODES, "MQTT-3.4.2-1"),
+    PUBREC: (_PUBLISH_ACK_CODES, "MQTT-3.5.2-1"),
+    PUBREL: (_RELEASE_CODES, "MQTT-3.6.2-1"),
+    PUBCOMP: (_RELEASE_CODES, "MQTT-3.7.2-1"),
+    DISCONNECT: (frozenset((0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D,
+                            0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
+                            0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2)),
+                 "MQTT-3.14.2-1"),
+    AUTH: (frozenset((0x00, 0x18, 0x19)), "MQTT-3.15.2-1"),
+}
+
+
+def _check_reason(ptype: int, reason: int) -> None:
+    codes, rule = VALID_REASON_CODES[ptype]
+    if reason not in codes:
+        raise ProtocolError(f"{_NAMES[ptype]} with undefined reason code 0x{reason:02x}",
+                            spec=rule)
+
+
+def _check_authentication(props, where: str) -> None:
+    # "It is a Protocol Error to include Authentication Data if there is no
+    # Authentication Method" (MQTT 5.0 §3.1.2.11.10, §3.2.2.3.18, §3.15.2.2.3)
+    if props.authentication_data is not None and props.authentication_method is None:
+        raise ProtocolError(f"{where} with Authentication Data but no Authentication Method",
+                            spec="MQTT 5.0 §3.1.2.11.10")
+
+
 def _make_ack_decoder(cls, ptype):
     name = _NAMES[ptype]
+    codes = VALID_REASON_CODES[ptype][0]
 
     def decode(level, flags, data, i, end, max_user=0):
         # an acknowledgement carries the id of the packet it acknowledges,
@@ -239,6 +279,8 @@ def _make_ack_decoder(cls, ptype):
         if level != MQTT_5:
             raise _trailing(name, level)
         reason = data[i]
+        if reason not in codes:
+            _check_reason(ptype, reason)
         i += 1
         props = NO_PROPERTIES
         if i < end:  # Remaining Length < 4: no Property Length (MQTT 5.0 §3.4.2.2.1)
@@ -357,6 +399,7 @@ def _decode_disconnect(level, flags, data, i, end, max_user=0):
         raise MalformedPacket("DISCONNECT with a non-zero remaining length",
                               spec="MQTT 3.1.1 §3.14")
     reason = data[i]
+    _check_reason(DISCONNECT, reason)
     i += 1
     props = NO_PROPERTIES
     if i < end:  # Remaining Length < 2: no Property Length (MQTT 5.0 §3.14.2.2.1)
@@ -379,6 +422,8 @@ def _decode_auth(level, flags, data, i, end, max_user=0):
         props, i = decode_properties(data, i, AUTH, end, max_user)
         if i != end:
             raise _trailing("AUTH", level)
+        _check_authentication(props, "AUTH")
+    _check_reason(AUTH, reason)
     return Auth(reason, props)
 
 

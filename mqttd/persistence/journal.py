@@ -645,7 +645,13 @@ class JournaledStore:
         sync() fires once the batch is written to the OS) or ``"never"``.
     :param compact_bytes: a journal larger than this triggers a checkpoint.
     :param threadpool: a started ThreadPool to use instead of a private one.
-    :param fsync_function: replaces :func:`os.fsync` (tests count or slow it).
+    :param fsync_function: replaces both :func:`os.fsync` and :func:`os.fdatasync`
+        (tests count or slow it).  By default the journal's appends are made
+        durable with ``fdatasync`` where the OS has it (Linux): it writes the data
+        and the metadata needed to read it back (the file size), not the
+        modification time, so it costs less than ``fsync`` for the same guarantee
+        (PostgreSQL's default for its WAL on Linux); directories and checkpoints
+        get ``fsync``.
     :param write_function: replaces :func:`os.write` for journal appends (tests
         inject ENOSPC).
     :param run_in_thread: ``f(callable, *args) -> Deferred``; replaces the thread
@@ -659,7 +665,7 @@ class JournaledStore:
     RETRY_MAX = 10.0
 
     def __init__(self, path, reactor, fsync="always", compact_bytes=DEFAULT_COMPACT_BYTES,
-                 threadpool=None, fsync_function=os.fsync, run_in_thread=None,
+                 threadpool=None, fsync_function=None, run_in_thread=None,
                  write_function=None):
         self.path = os.path.abspath(path)
         self._reactor = reactor
@@ -667,7 +673,9 @@ class JournaledStore:
         if compact_bytes <= 0:
             raise ValueError("compact_bytes must be positive")
         self.compact_bytes = compact_bytes
-        self._fsync = fsync_function
+        #: directories, checkpoints: fsync; journal appends: fdatasync (see above)
+        self._fsync = fsync_function or os.fsync
+        self._datasync = fsync_function or getattr(os, "fdatasync", os.fsync)
         self._os_write = write_function or _write
         #: seconds per batch write and per fsync (exported by the admin metrics)
         self.write_latency = LatencyHistogram()
@@ -971,7 +979,7 @@ class JournaledStore:
     def _fsync_job(self, fds, dir_dirty) -> float:
         started = time.monotonic()
         for fd in fds:
-            self._fsync(fd)
+            self._datasync(fd)
         if dir_dirty:
             fsync_dir(self.path, self._fsync)
         return time.monotonic() - started

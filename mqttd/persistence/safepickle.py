@@ -65,7 +65,9 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def _make_reducer(cls):
-    fields = attrs.fields(cls)
+    # the constructor's arguments: a field the constructor does not take (a
+    # cache such as Message's size) is not written
+    fields = [f for f in attrs.fields(cls) if f.init]
     getter = operator.attrgetter(*(f.name for f in fields))
     # a trailing field may be left out when it equals a plain default
     defaults = [

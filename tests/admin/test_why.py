@@ -258,3 +258,22 @@ def test_invalid_topic_is_a_value_error():
 
 def test_diagnose_prefers_a_case_mismatch_over_a_level_mismatch():
     assert diagnose_mismatch("A/b", "a/b")["score"] > diagnose_mismatch("a/+/c", "a/b")["score"]
+
+
+def test_ring_entries_are_bounded_and_escaped_whatever_the_client_sends():
+    """A client id of 20,000 characters with CR/ESC, refused 10 times: its ring entry is
+    found under the full id, but holds the id cut to 256 characters and a text of at most
+    TEXT_LIMIT characters with its control characters escaped (`mqttd why` prints it)."""
+    from mqttd.admin.ring import TEXT_LIMIT
+    broker, clock, ring = _setup()
+    huge = "x\r\x1b[31m" + "i" * 20000
+    client = FakeClient(broker, clock, level=5)
+    client.connect(huge)
+    for _ in range(10):
+        client.publish("$SYS/x", b"x", qos=1)
+    (incident,) = [i for i in ring.recent(huge) if i.reason == "publish-refused"]
+    assert incident.repeated == 10
+    assert len(incident.text) <= TEXT_LIMIT + 20
+    assert "\r" not in incident.text and "\x1b" not in incident.text
+    assert "x\\r\\x1b[31m" in incident.text
+    assert all(len(key) < 300 for key in ring._rings)

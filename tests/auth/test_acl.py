@@ -207,10 +207,10 @@ def _reload(broker, path, text):
     assert done
 
 
-def test_will_whose_topic_was_revoked_by_a_reload_is_not_published(tmp_path):
-    """A will accepted at CONNECT is dropped when a reload takes write on its topic away
-    (REVIEW-SEC2 N14), counted and logged as a will refusal; other wills stay."""
-    from mqttd.codec.packets import Connect
+def _open_acl_and_watcher(tmp_path):
+    """A broker whose ACL file (``path``, reloadable with :func:`_reload`) allows
+    everything, and a client ``watcher`` subscribed to ``q/#``:
+    ``(path, broker, clock, watcher)``."""
     path = tmp_path / "acl"
     path.write_text("topic readwrite #\n")
     broker, clock = make_broker()
@@ -218,6 +218,14 @@ def test_will_whose_topic_was_revoked_by_a_reload_is_not_published(tmp_path):
     watcher = FakeClient(broker, clock)
     watcher.connect("watcher")
     watcher.subscribe("q/#")
+    return path, broker, clock, watcher
+
+
+def test_will_whose_topic_was_revoked_by_a_reload_is_not_published(tmp_path):
+    """A will accepted at CONNECT is dropped when a reload takes write on its topic away
+    (REVIEW-SEC2 N14), counted and logged as a will refusal; other wills stay."""
+    from mqttd.codec.packets import Connect
+    path, broker, clock, watcher = _open_acl_and_watcher(tmp_path)
     revoked = FakeClient(broker, clock)
     revoked.send(Connect(4, "l2will", True, 0, will=Will("q/will", b"gone")))
     kept = FakeClient(broker, clock)
@@ -234,13 +242,7 @@ def test_pending_delayed_will_is_cancelled_when_a_reload_revokes_its_topic(tmp_p
     """A will waiting for its Will Delay Interval is forgotten (and its stored record deleted)
     once the topic is no longer allowed."""
     from mqttd.codec.packets import Connect, Properties
-    path = tmp_path / "acl"
-    path.write_text("topic readwrite #\n")
-    broker, clock = make_broker()
-    broker.authorizer = ACLAuthorizer.from_file(str(path))
-    watcher = FakeClient(broker, clock)
-    watcher.connect("watcher")
-    watcher.subscribe("q/#")
+    path, broker, clock, watcher = _open_acl_and_watcher(tmp_path)
     dev = FakeClient(broker, clock, level=5)
     dev.send(Connect(5, "dev", False, 0, will=Will("q/will", b"late", properties=Properties(
         will_delay_interval=30)), properties=Properties(session_expiry_interval=300)))

@@ -257,6 +257,34 @@ def test_authenticate_refusal_codes_for_v3_and_v5():
             assert client.disconnecting
 
 
+def test_user_name_without_any_checker_connects_as_anonymous(log_events):
+    """No authentication configured and anonymous allowed (the default on loopback): a CONNECT
+    with a user name is let in as mosquitto does, as an anonymous client -- the unchecked name
+    owns no session and picks no ACL user block -- with one log line (REVIEW-S9 R9)."""
+    from mqttd.auth.acl import ACLAuthorizer, parse_acl
+    from mqttd.auth.checkers import Authenticator
+    broker, clock = make_broker()
+    broker.authenticator = Authenticator(None, allow_anonymous=True)
+    broker.authorizer = ACLAuthorizer(parse_acl("topic read public/#\nuser admin\ntopic readwrite #\n"))
+    for level in (4, 5):
+        client = FakeClient(broker, clock, level=level)
+        client.send(Connect(level, f"d{level}", False, 0, username="admin", password=b"x",
+                            properties=Properties(session_expiry_interval=60)
+                            if level == 5 else Properties()))
+        assert client.received()[0].reason_code == 0
+        assert broker.sessions[f"d{level}"].owner is None
+        # the anonymous block applies, not admin's
+        assert client.subscribe("public/a", "secret/#") == [
+            Suback(1, (0, 0x87 if level == 5 else 0x80))]
+    assert sum("not checked" in e.get("log_format", "") for e in log_events) == 2
+    refusing = Authenticator(None, allow_anonymous=False)
+    broker.authenticator = refusing
+    for level, code in ((5, 0x86), (4, 0x04)):
+        client = FakeClient(broker, clock, level=level)
+        client.send(Connect(level, "x", True, 0, username="admin", password=b"x"))
+        assert client.received()[0].reason_code == code
+
+
 def _connect_as(broker, clock, level, client_id, username, clean=False):
     client = FakeClient(broker, clock, level=level)
     client.send(Connect(level, client_id, clean, 0, username=username,
@@ -327,6 +355,23 @@ def test_max_topic_levels_refuses_deep_filters_and_topics():
     assert isinstance(packets[-1], Disconnect) and packets[-1].reason_code == 0x90
     assert client.disconnecting
     assert broker.stats.refused["max-topic-levels"] == 2
+
+
+def test_default_topic_level_limit_is_mosquittos_200():
+    """By default a 201-level filter or topic is refused: one deep SUBSCRIBE must not build
+    thousands of tree nodes (REVIEW-S9 R4: 32,000 levels per filter cost 700 MB)."""
+    broker, clock = make_broker()
+    assert broker.config.max_topic_levels == 200
+    client = FakeClient(broker, clock, level=5)
+    client.connect()
+    deep = "/".join(["x"] * 200)
+    deeper = deep + "/x"
+    huge = "/".join(["x"] * 32000)
+    assert client.subscribe(deep, deeper, huge) == [Suback(1, (0, 0x8F, 0x8F))]
+    assert broker.stats.refused["max-topic-levels"] == 2
+    client.publish(deeper)
+    packets = client.received()
+    assert isinstance(packets[-1], Disconnect) and packets[-1].reason_code == 0x90
 
 
 def test_max_connections_refuses_connect_with_quota_exceeded():

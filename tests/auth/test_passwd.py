@@ -6,6 +6,8 @@ import shutil
 import subprocess
 
 import pytest
+
+from mqttd.hooks import ANONYMOUS
 from twisted.cred import error
 from twisted.cred.credentials import UsernamePassword
 
@@ -143,7 +145,8 @@ def test_checker_caches_successes_and_reload_picks_up_changes(tmp_path):
 
 
 def test_authenticator_maps_outcomes_to_reason_codes(tmp_path):
-    """Bad password 0x86, anonymous refused 0x87, anonymous allowed True."""
+    """Bad password 0x86, anonymous refused 0x87, anonymous allowed True; with no checker
+    a user name is let in as anonymous where anonymous clients are, else 0x86 (unknown)."""
     path = str(tmp_path / "pw")
     update_file(path, "alice", "pw", create=True, iterations=1000)
     auth = Authenticator(make_portal([PasswordFileChecker(path)]), allow_anonymous=False)
@@ -154,7 +157,9 @@ def test_authenticator_maps_outcomes_to_reason_codes(tmp_path):
     assert Authenticator(None, allow_anonymous=True).authenticate(
         AuthRequest("c", None, None, None, 4)) is True
     assert Authenticator(None, allow_anonymous=False).authenticate(
-        AuthRequest("c", "alice", b"pw", None, 4)) == 0x87
+        AuthRequest("c", "alice", b"pw", None, 4)) == 0x86
+    assert Authenticator(None, allow_anonymous=True).authenticate(
+        AuthRequest("c", "alice", b"pw", None, 4)) is ANONYMOUS
 
 
 @pytest.mark.parametrize("name", ["#comment", "# admin", " bob", "bob ", "a\tb", "a\x0bb",

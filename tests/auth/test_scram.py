@@ -9,6 +9,7 @@ from mqttd.auth.passwd import make_entry
 from mqttd.auth.scram import EnhancedAuthenticator, scram_mechanism
 from mqttd.codec.packets import Auth, Connack, Connect, Disconnect, Properties
 from tests.core.harness import FakeClient, make_broker
+from tests.logcapture import logged
 
 METHOD = "SCRAM-SHA-256"
 
@@ -129,24 +130,15 @@ def test_reauthentication_with_another_method_is_a_protocol_error(broker_clock):
 
 def test_garbage_scram_logins_log_one_rate_limited_line_each(broker_clock):
     """120 malformed client-first messages (new client id each): every one refused 0x86, at most the limiter's lines."""
-    from twisted.logger import LogLevel, globalLogPublisher
+    from twisted.logger import LogLevel
     broker, clock = broker_clock
-    lines = []
-
-    def observe(event):
-        if event["log_level"] >= LogLevel.info:
-            lines.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged(LogLevel.info) as lines:
         for i in range(120):
             client = FakeClient(broker, clock, level=5)
             client.send(Connect(5, "s%d" % i, True, 0, properties=Properties(
                 authentication_method=METHOD, authentication_data=b"garbage")))
             (connack,) = client.received()
             assert connack.reason_code == 0x86
-    finally:
-        globalLogPublisher.removeObserver(observe)
     assert broker.stats.refused == {"authentication": 120}
     assert not [e for e in lines if e.get("log_namespace") == "mqttd.auth.scram"]
     refusals = [e for e in lines if "Refused" in e.get("log_format", "")]
@@ -158,22 +150,13 @@ def test_garbage_scram_logins_log_one_rate_limited_line_each(broker_clock):
 @pytest.mark.parametrize("kind", ["anonymous", "method"])
 def test_a_refused_connect_is_logged_once(broker_clock, kind):
     """Each refused CONNECT writes one line (the refusal with its CONNACK code), not two."""
-    from twisted.logger import LogLevel, globalLogPublisher
+    from twisted.logger import LogLevel
     broker, clock = broker_clock
-    lines = []
-
-    def observe(event):
-        if event["log_level"] >= LogLevel.warn:
-            lines.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged(LogLevel.warn) as lines:
         client = FakeClient(broker, clock, level=5)
         props = Properties(authentication_method="NOPE") if kind == "method" else Properties()
         client.send(Connect(5, "x", True, 0, properties=props))
         (connack,) = client.received()
         assert connack.reason_code in (0x86, 0x87, 0x8C)
-    finally:
-        globalLogPublisher.removeObserver(observe)
     assert len(lines) == 1, [e["log_format"] for e in lines]
     assert "CONNACK 0x%02X" % connack.reason_code in lines[0]["detail"]

@@ -35,6 +35,21 @@ def _acl_broker(**config):
     return broker, clock
 
 
+def _hooked_group():
+    """Two v5 members ``a`` and ``b`` of ``$share/g/jobs/#`` (QoS 1) on a broker whose
+    authorizer is a :class:`Hooks` (its ``forward`` answers set per test):
+    ``(broker, clock, hooks, a, b)``."""
+    broker, clock = make_broker()
+    hooks = Hooks()
+    broker.authorizer = hooks
+    a, b = (FakeClient(broker, clock, level=5) for _ in range(2))
+    a.connect("a")
+    b.connect("b")
+    for c in (a, b):
+        c.subscribe("$share/g/jobs/#", qos=1)
+    return broker, clock, hooks, a, b
+
+
 def test_low_privilege_member_cannot_make_the_group_lose_messages():
     """A member granted $share/g/# but not allowed to read other/x never takes other/x from the group."""
     broker, clock = _acl_broker()
@@ -71,14 +86,7 @@ def test_message_no_member_may_read_is_not_delivered_and_counted():
 
 def test_deferred_refusal_hands_the_message_to_another_member():
     """An asynchronous authorize_forward that refuses the chosen member redispatches to the next one."""
-    broker, clock = make_broker()
-    hooks = Hooks()
-    broker.authorizer = hooks
-    a, b = (FakeClient(broker, clock, level=5) for _ in range(2))
-    a.connect("a")
-    b.connect("b")
-    for c in (a, b):
-        c.subscribe("$share/g/jobs/#", qos=1)
+    broker, clock, hooks, a, b = _hooked_group()
     answer = defer.Deferred()
     hooks.forward[("a", "jobs/1")] = answer     # round robin picks a first
     pub = FakeClient(broker, clock, level=5)
@@ -96,14 +104,7 @@ def test_deferred_refusal_hands_the_message_to_another_member():
 
 def test_deferred_refusal_of_every_member_is_counted():
     """Each member refused in turn (sync or async): the message is dropped once and counted."""
-    broker, clock = make_broker()
-    hooks = Hooks()
-    broker.authorizer = hooks
-    a, b = (FakeClient(broker, clock, level=5) for _ in range(2))
-    a.connect("a")
-    b.connect("b")
-    for c in (a, b):
-        c.subscribe("$share/g/jobs/#", qos=1)
+    broker, clock, hooks, a, b = _hooked_group()
     answer = defer.Deferred()
     hooks.forward[("a", "jobs/1")] = answer
     hooks.forward[("b", "jobs/1")] = False
@@ -115,14 +116,7 @@ def test_deferred_refusal_of_every_member_is_counted():
 
 def test_member_leaving_while_its_answer_is_pending_does_not_lose_the_message():
     """A QoS 1 message whose chosen member went away before the hook answered goes to another member."""
-    broker, clock = make_broker()
-    hooks = Hooks()
-    broker.authorizer = hooks
-    a, b = (FakeClient(broker, clock, level=5) for _ in range(2))
-    a.connect("a")
-    b.connect("b")
-    for c in (a, b):
-        c.subscribe("$share/g/jobs/#", qos=1)
+    broker, clock, hooks, a, b = _hooked_group()
     answer = defer.Deferred()
     hooks.forward[("a", "jobs/1")] = answer
     broker.publish_message("jobs/1", b"one", qos=1)

@@ -6,11 +6,12 @@ In-process brokers joined by bridges over iosim (``harness.Net``), with real
 from __future__ import annotations
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from mqttd.bridge.mesh import MID, PATH
 from mqttd.codec.packets import Properties, Publish
 from tests.core.harness import FakeClient
+from tests.logcapture import logged
 
 from .harness import Collector, Net
 
@@ -167,13 +168,7 @@ def test_a_network_client_cannot_take_a_bridges_local_session(net, level, code):
     net.down("B")
     for n in range(3):
         a.publish_message(f"q/{n}", b"queued%d" % n, qos=1)
-    lines = []
-
-    def observe(event):
-        if event["log_level"] >= LogLevel.warn:
-            lines.append(event)
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged(LogLevel.warn) as lines:
         for clean in (False, True):     # resume it / discard it
             thief = FakeClient(a, net.clock, level=level)
             (connack,) = thief.connect(session_id, clean=clean, expect_ok=False)
@@ -191,8 +186,6 @@ def test_a_network_client_cannot_take_a_bridges_local_session(net, level, code):
             (connack,) = thief.connect(session_id, expect_ok=False)
             assert connack.reason_code == code
         net.settle(1)
-    finally:
-        globalLogPublisher.removeObserver(observe)
     assert bridge.remote is remote and bridge.stats.connected
     assert a.sessions[session_id].connection is bridge._local
     assert a.stats.refused["internal-client-id"] == 22

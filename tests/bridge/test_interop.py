@@ -134,11 +134,14 @@ def _state_or_none(port, remote_clientid):
         return None
 
 
-def test_remote_down_messages_queue_and_arrive_in_order(tmp_path, stack):
-    """Remote stopped: QoS 1 messages queue in mqttd's store and all arrive, in order, once it is back."""
+def _remote_down_for_a_parked_subscriber(tmp_path, stack, name):
+    """mqttd ``edge`` bridged (connection ``name``, ``q/# out 1``) to a persistent
+    mosquitto where ``far-sub`` has a persistent QoS 1 subscription to ``q/#`` and
+    is gone; then mosquitto is stopped.  ``(mosq, edge, pub)``: ``pub`` a client
+    of ``edge``."""
     mosq = Mosquitto(tmp_path / "mosq", persistent=True).start()
     stack.append(mosq)
-    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge("e", mosq.port, ["q/# out 1"]))
+    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge(name, mosq.port, ["q/# out 1"]))
     stack.append(edge.start())
     wait_for(lambda: "New bridge connected" in mosq.log(), 15, what="bridge up")
     sub = Client(mosq.port, "far-sub", clean=False)
@@ -147,6 +150,12 @@ def test_remote_down_messages_queue_and_arrive_in_order(tmp_path, stack):
     mosq.stop()
     pub = Client(edge.port)
     stack.append(pub)
+    return mosq, edge, pub
+
+
+def test_remote_down_messages_queue_and_arrive_in_order(tmp_path, stack):
+    """Remote stopped: QoS 1 messages queue in mqttd's store and all arrive, in order, once it is back."""
+    mosq, edge, pub = _remote_down_for_a_parked_subscriber(tmp_path, stack, "e")
     for n in range(200):
         pub.publish("q/n", str(n).encode(), 1)
     mosq.start()
@@ -176,17 +185,7 @@ def test_a_client_cannot_take_the_bridges_local_session(tmp_path, stack):
     """REVIEW 20 with real brokers: while the remote is down, CONNECTs with the bridge's local
     client id (v3.1.1 and v5, anonymous) are refused 0x02/0x85 and closed; the queued messages
     still reach the remote once it is back, and the bridge stays up after further attempts."""
-    mosq = Mosquitto(tmp_path / "mosq", persistent=True).start()
-    stack.append(mosq)
-    edge = Mqttd(tmp_path / "edge", "edge", config=_bridge("edge20", mosq.port, ["q/# out 1"]))
-    stack.append(edge.start())
-    wait_for(lambda: "New bridge connected" in mosq.log(), 15, what="bridge up")
-    sub = Client(mosq.port, "far-sub", clean=False)
-    sub.subscribe("q/#", qos=1)
-    sub.close()
-    mosq.stop()
-    pub = Client(edge.port)
-    stack.append(pub)
+    mosq, edge, pub = _remote_down_for_a_parked_subscriber(tmp_path, stack, "edge20")
     for n in range(3):
         pub.publish(f"q/steal{n}", b"s%d" % n, 1)
     assert _raw_connect(edge.port, "local.edge20") == b"\x20\x02\x00\x02"

@@ -243,17 +243,25 @@ def test_mesh_with_a_hub_that_runs_no_bridge_delivers_once(net):
         assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
 
 
-def test_v3_triangle_with_default_options_delivers_once_and_stops(net):
-    """MQTT 3.1.1 links carry no properties: the default dedup window stops the copies that go round (REVIEW-BRIDGE 6a)."""
+def _v3_ring_each_publishes_once(net, qos):
+    """Brokers A, B, C bridged in an MQTT 3.1.1 ring (``# both 1``), each publishing
+    ``from/<name>`` at ``qos``: every broker gets each message exactly once.
+    ``(brokers, managers, got)`` (``got``: a :class:`Collector` of ``#`` per broker)."""
     brokers = {n: net.broker(n) for n in "ABC"}
     got = {n: Collector(b, "#") for n, b in brokers.items()}
     managers = [net.bridge(x, y, ["# both 1"]) for x, y in (("A", "B"), ("B", "C"), ("C", "A"))]
     net.settle()
     for n, broker in brokers.items():
-        broker.publish_message(f"from/{n}", n.encode(), qos=1)
+        broker.publish_message(f"from/{n}", n.encode(), qos=qos)
     net.settle(5)
     for n in "ABC":
         assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
+    return brokers, managers, got
+
+
+def test_v3_triangle_with_default_options_delivers_once_and_stops(net):
+    """MQTT 3.1.1 links carry no properties: the default dedup window stops the copies that go round (REVIEW-BRIDGE 6a)."""
+    brokers, managers, got = _v3_ring_each_publishes_once(net, qos=1)
     assert sum(m.mesh.dropped["v3-duplicate"] for m in managers) > 0
     before = {n: b.stats.messages_received for n, b in brokers.items()}
     net.settle(5)   # well past the window: nothing keeps flowing
@@ -542,13 +550,5 @@ def test_failed_reconnect_attempts_log_one_rate_limited_line(net):
 
 def test_v3_triangle_with_qos_downgraded_on_the_links_delivers_once(net):
     """A copy that went round comes back at the links' QoS (2 -> 1), not the publisher's: still recognised, each broker gets it once."""
-    brokers = {n: net.broker(n) for n in "ABC"}
-    got = {n: Collector(b, "#") for n, b in brokers.items()}
-    managers = [net.bridge(x, y, ["# both 1"]) for x, y in (("A", "B"), ("B", "C"), ("C", "A"))]
-    net.settle()
-    for n, broker in brokers.items():
-        broker.publish_message(f"from/{n}", n.encode(), qos=2)
-    net.settle(5)
-    for n in "ABC":
-        assert sorted(got[n].payloads()) == [b"A", b"B", b"C"], n
+    brokers, managers, got = _v3_ring_each_publishes_once(net, qos=2)
     assert sum(m.mesh.dropped["v3-duplicate"] for m in managers) > 0

@@ -81,6 +81,28 @@ class FakeBackend:
                 if expected and self.strings.get(key) != expected:
                     return 0
                 return int(self.strings.pop(key, None) is not None)
+            if name in ("ret_put_all", "ret_del_all"):
+                if name == "ret_put_all":
+                    if self.strings.get(key) is not None:
+                        self.strings[key] = args[0]
+                        return 0
+                    self.strings[key] = args[0]
+                    sign = 1
+                else:
+                    if args[0] and self.strings.get(key) != args[0]:
+                        return 0
+                    if self.strings.pop(key, None) is None:
+                        return 0
+                    sign = -1
+                for i, level in enumerate(keys[1:]):
+                    field, weight = args[1 + 2 * i], int(args[2 + 2 * i])
+                    h = self.hashes.setdefault(level, {})
+                    n = h[field] = h.get(field, 0) + sign * weight
+                    if n == 0:
+                        del h[field]
+                    if not h:
+                        del self.hashes[level]
+                return 1
             if name == "ret_idx":
                 field, delta = args[0], int(args[1])
                 h = self.hashes.setdefault(key, {})

@@ -25,7 +25,7 @@ if str(INTEROP) not in sys.path:
     sys.path.insert(0, str(INTEROP))
 
 from brokerproc import (  # noqa: E402  (tests/interop/brokerproc.py)
-    PORT_ATTEMPTS, READY_TIMEOUT, BrokerStartError, PortInUse, wait_until_ready)
+    PORT_ATTEMPTS, READY_TIMEOUT, BrokerStartError, PortInUse, terminate, wait_until_ready)
 from brokerproc import free_port as _free_port  # noqa: E402
 
 #: seconds redis-server may take to answer PING (bounded; see READY_TIMEOUT)
@@ -167,13 +167,7 @@ class RedisServer:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        terminate(proc, timeout)
         self._proc = None
         return proc.returncode
 
@@ -214,10 +208,26 @@ class RedisCluster:
     Cluster (``redis-cli --cluster create ... --cluster-replicas 0``), waited for
     ``cluster_state:ok`` on every node (bounded)."""
 
-    def __init__(self, workdir: Path, masters: int = 3):
+    def __init__(self, workdir: Path, masters: int = 3, extra_args=()):
         self.workdir = Path(workdir)
-        self.servers = [RedisServer(self.workdir / f"node{i}", cluster=True)
+        self.servers = [RedisServer(self.workdir / f"node{i}", cluster=True,
+                                    extra_args=extra_args)
                         for i in range(masters)]
+
+    def server_of(self, key: str) -> RedisServer:
+        """The master that serves ``key``'s slot (asked of a running master)."""
+        up = next(s for s in self.servers if s.running)
+        slot = int(up.cli("CLUSTER", "KEYSLOT", key).strip())
+        for line in up.cli("CLUSTER", "NODES").splitlines():
+            parts = line.split()
+            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+            for spec in parts[8:]:
+                if spec.startswith("["):
+                    continue
+                low, _, high = spec.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return next(s for s in self.servers if s.port == port)
+        raise LookupError(f"no master serves slot {slot} of {key!r}")
 
     @property
     def url(self) -> str:

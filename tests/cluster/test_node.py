@@ -80,8 +80,10 @@ def test_an_outage_shorter_than_the_fence_delay_changes_nothing():
     assert [e[0] for e in events] == ["unfenced"]
 
 
-def test_a_node_whose_key_expired_rejoins_as_a_new_incarnation():
-    """The others may have reaped it: it must come back with a new boot id and say so."""
+def _expired_while_cut_off():
+    """Node ``a`` (heartbeat 1 s, TTL 5 s) joined, then cut off from Redis for 7 s
+    while its alive key expired; Redis answers again, the next beat not yet run:
+    ``(node, backend, clock, events, old boot id)``."""
     node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
     node.start()
     clock.advance(0)
@@ -90,6 +92,12 @@ def test_a_node_whose_key_expired_rejoins_as_a_new_incarnation():
     clock.pump([1.0] * 7)
     backend.expire_now(Keys().alive("a"))
     backend.down = False
+    return node, backend, clock, events, old
+
+
+def test_a_node_whose_key_expired_rejoins_as_a_new_incarnation():
+    """The others may have reaped it: it must come back with a new boot id and say so."""
+    node, backend, clock, events, old = _expired_while_cut_off()
     clock.advance(1.0)
     assert node.boot_id != old and node.joined and not node.fenced
     assert ("rejoined", old, node.boot_id) in events
@@ -239,14 +247,7 @@ def test_a_node_rejoining_after_a_hang_is_not_fenced_again_right_after():
 def test_a_reaped_node_rejoins_only_after_the_reaper_is_done():
     """While a reaper takes over its old incarnation the node stays fenced, so nothing the
     reaper removes (routes, inbox, sessions) can be the new incarnation's."""
-    node, backend, clock, events = make(heartbeat=1.0, ttl=5.0)
-    node.start()
-    clock.advance(0)
-    old = node.boot_id
-    backend.down = True
-    clock.pump([1.0] * 7)
-    backend.expire_now(Keys().alive("a"))
-    backend.down = False
+    node, backend, clock, events, old = _expired_while_cut_off()
     backend.execute("SET", Keys().reaper("a"), "b", "PX", 3000)
     clock.pump([1.0] * 2)
     assert node.fenced and not node.joined

@@ -68,6 +68,51 @@ class Subscriber:
         return client
 
 
+class Acks:
+    """Which of a QoS 1 stream's message numbers were acknowledged (paho's
+    on_publish may fire before publish() returned the mid: ``early``)."""
+
+    def __init__(self):
+        self.acked = set()
+        self.sent = {}
+        self.early = set()
+        self.lock = threading.Lock()
+
+    def on_publish(self, c, userdata, mid, reason_code, properties):
+        with self.lock:
+            n = self.sent.pop(mid, None)
+            if n is None:
+                self.early.add(mid)
+            else:
+                self.acked.add(n)
+
+    def publisher(self, node, client_id):
+        """A clean paho publisher on ``node`` reporting its PUBACKs here, started."""
+        client = _client(client_id, clean=True)
+        client.on_publish = self.on_publish
+        client.connect(node.host, node.port, keepalive=30)
+        client.loop_start()
+        return client
+
+    def send(self, client, n):
+        """Publish message number ``n`` at QoS 1 on ``load/<n % 10>``."""
+        # never hold the lock inside paho (its callback thread takes it)
+        info = client.publish("load/%d" % (n % 10), str(n).encode(), qos=1)
+        with self.lock:
+            if info.mid in self.early:
+                self.early.discard(info.mid)
+                self.acked.add(n)
+            else:
+                self.sent[info.mid] = n
+
+    def outcome(self, sub):
+        """``(missing, duplicates)``: acknowledged numbers ``sub`` never got, and
+        how many it got more than once."""
+        missing = sorted(set(self.acked) - set(sub.received))
+        duplicates = sum(count - 1 for count in sub.received.values())
+        return missing, duplicates
+
+
 @pytest.mark.parametrize("subscriber", ["parked", "online", "remote"])
 def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
         redis_server, cluster_node_factory, subscriber):
@@ -85,34 +130,19 @@ def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
         sub_client.disconnect()      # parked on node 1: its queue fills in Redis
         sub_client.loop_stop()
 
-    acked = set()
-    sent = {}
-    early = set()       # acknowledged before publish() returned its mid
-    lock = threading.Lock()
-
-    def on_publish(c, userdata, mid, reason_code, properties):
-        with lock:
-            n = sent.pop(mid, None)
-            if n is None:
-                early.add(mid)
-            else:
-                acked.add(n)
-
-    def send(client, n):
-        # never hold the lock inside paho (its callback thread takes it)
-        info = client.publish("load/%d" % (n % 10), str(n).encode(), qos=1)
-        with lock:
-            if info.mid in early:
-                early.discard(info.mid)
-                acked.add(n)
-            else:
-                sent[info.mid] = n
+    acks = Acks()
+    acked = acks.acked
+    send = acks.send
 
     def publisher(node):
-        client = _client("pub-%d" % node.port, clean=True)
-        client.on_publish = on_publish
-        client.connect(node.host, node.port, keepalive=30)
-        client.loop_start()
+        return acks.publisher(node, "pub-%d" % node.port)
+
+    def resume_on_survivor():
+        # node 2 adopted the session: the subscriber resumes there, session present
+        _wait(lambda: b"durable-sub" in redis_server_sessions(redis_server, "survivor"),
+              30, "node 2 to adopt the subscriber's session")
+        client = sub.run(n2)
+        assert sub.session_present
         return client
 
     if subscriber == "remote":
@@ -126,16 +156,12 @@ def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
                       "half the acks before the kill")
                 n1.kill()
         _wait(lambda: len(acked) == TOTAL, 120, "every PUBACK on node 2")
-        _wait(lambda: b"durable-sub" in redis_server_sessions(redis_server, "survivor"),
-              30, "node 2 to adopt the subscriber's session")
-        sub_client = sub.run(n2)
-        assert sub.session_present
+        sub_client = resume_on_survivor()
         _wait(lambda: len(sub.received) >= TOTAL, 120,
               "the subscriber to receive every acknowledged message")
         pub.disconnect()
         sub_client.disconnect()
-        missing = sorted(set(acked) - set(sub.received))
-        duplicates = sum(count - 1 for count in sub.received.values())
+        missing, duplicates = acks.outcome(sub)
         print(f"\nkill -9 during {TOTAL} QoS 1 messages published on the surviving node to a "
               f"subscriber parked on the killed node: {len(missing)} missing, "
               f"{duplicates} duplicates")
@@ -151,18 +177,15 @@ def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
     pub.loop_stop()
     if subscriber == "online":
         sub_client.loop_stop()       # no reconnects to the dead node
-    with lock:
+    with acks.lock:
         acked_before = set(acked)
-        sent.clear()
-        early.clear()
+        acks.sent.clear()
+        acks.early.clear()
     assert acked_before, "nothing was acknowledged before the kill"
 
     # node 2 sees node 1 dead (TTL 2 s) and adopts the session; the
     # subscriber comes back on node 2 with its session present
-    _wait(lambda: b"durable-sub" in redis_server_sessions(redis_server, "survivor"),
-          30, "node 2 to adopt the subscriber's session")
-    sub_client = sub.run(n2)
-    assert sub.session_present
+    sub_client = resume_on_survivor()
 
     # the publisher goes on (on node 2) with everything not acknowledged
     pub = publisher(n2)
@@ -174,8 +197,7 @@ def test_kill_9_during_qos1_stream_loses_no_acknowledged_message(
           "the subscriber to receive every acknowledged message")
     pub.disconnect()
     sub_client.disconnect()
-    missing = sorted(set(acked) - set(sub.received))
-    duplicates = sum(count - 1 for count in sub.received.values())
+    missing, duplicates = acks.outcome(sub)
     print(f"\nkill -9 during {TOTAL} QoS 1 messages to a {subscriber} subscriber: "
           f"{len(acked_before)} acknowledged by the killed node, {len(missing)} missing, "
           f"{duplicates} duplicates")
@@ -204,32 +226,12 @@ def test_kill_9_and_restart_with_the_same_node_id_loses_no_acknowledged_message(
     sub_client.disconnect()          # parked on node 1: its messages cross to node 1
     sub_client.loop_stop()
 
-    acked = set()
-    sent = {}
-    early = set()
-    lock = threading.Lock()
-
-    def on_publish(c, userdata, mid, reason_code, properties):
-        with lock:
-            n = sent.pop(mid, None)
-            if n is None:
-                early.add(mid)
-            else:
-                acked.add(n)
-
-    pub = _client("pub-restart", clean=True)
-    pub.on_publish = on_publish
-    pub.connect(n2.host, n2.port, keepalive=30)
-    pub.loop_start()
+    acks = Acks()
+    acked = acks.acked
+    pub = acks.publisher(n2, "pub-restart")
     restarted = None
     for n in range(TOTAL):
-        info = pub.publish("load/%d" % (n % 10), str(n).encode(), qos=1)
-        with lock:
-            if info.mid in early:
-                early.discard(info.mid)
-                acked.add(n)
-            else:
-                sent[info.mid] = n
+        acks.send(pub, n)
         if n == KILL_AFTER:
             _wait(lambda: len(acked) >= KILL_AFTER // 2, 60, "half the acks before the kill")
             n1.kill()
@@ -249,8 +251,7 @@ def test_kill_9_and_restart_with_the_same_node_id_loses_no_acknowledged_message(
     pub.loop_stop()
     sub_client.disconnect()
     sub_client.loop_stop()
-    missing = sorted(set(acked) - set(sub.received))
-    duplicates = sum(count - 1 for count in sub.received.values())
+    missing, duplicates = acks.outcome(sub)
     print(f"\nkill -9 and restart with the same node id during {TOTAL} QoS 1 messages: "
           f"{len(missing)} missing, {duplicates} duplicates")
     assert missing == []

@@ -64,3 +64,24 @@ def test_another_reactor_than_asyncio_is_refused_with_exit_status_2(tmp_path):
     assert out.returncode == 2
     assert "use twistd --reactor=asyncio" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_cluster_nodes_broker_id_defaults_to_its_node_id():
+    """Every node defaulting to --broker-id mqttd made the $SYS/<brokerId>/... trees of all
+    nodes collide; with --cluster the default is the node id, an explicit --broker-id wins,
+    and a single broker keeps 'mqttd'."""
+    from mqttd.cluster.node import default_node_id
+    from mqttd.systopics import SysTopics
+    assert parse("--cluster", "redis://h", "--node-id", "edge-7").broker_config() \
+        .broker_id == "edge-7"
+    assert parse("--cluster", "redis://h").broker_config().broker_id == default_node_id()
+    assert parse("--cluster", "redis://h", "--node-id", "edge-7", "--broker-id", "east") \
+        .broker_config().broker_id == "east"
+    assert parse().broker_config().broker_id == "mqttd"
+    # the $SYS tree of the node is named by it
+    from twisted.internet.task import Clock
+    from mqttd.broker import Broker
+    clock = Clock()
+    broker = Broker(clock, config=parse("--cluster", "redis://h", "--node-id", "edge-7")
+                    .broker_config())
+    assert SysTopics(broker, clock).prefix == "$SYS/edge-7/"

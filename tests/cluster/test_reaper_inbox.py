@@ -18,7 +18,7 @@ from mqttd.codec.packets import Publish
 from mqttd.messages import Message
 
 from .conftest import wait
-from .test_sessions import Node, connect, settle
+from .sessionnodes import Node, connect, settle
 
 COUNT = 30
 

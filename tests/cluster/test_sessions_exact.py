@@ -18,7 +18,7 @@ from mqttd.codec.packets import (
 from mqttd.messages import Message
 
 from .conftest import wait
-from .test_sessions import Node, connect, settle
+from .sessionnodes import claimed_behind_its_back, connect, parked, settle, start_nodes
 
 
 def _redis_now_ms(redis_server) -> int:
@@ -26,21 +26,19 @@ def _redis_now_ms(redis_server) -> int:
     return int(sec) * 1000 + int(usec) // 1000
 
 
-async def connect_on(node, client, client_id, expiry=600, only=None):
-    """CONNECT on ``node`` advancing only the clocks of ``only`` (default: that
-    node): another node's pending store writes stay unflushed until a kick
-    makes it sync."""
-    client.send(Connect(client.level, client_id, False, 0,
-                        properties=Properties(session_expiry_interval=expiry)))
-    for _ in range(300):
-        await asyncio.sleep(0.01)
-        for other in (only or (node,)):
-            other.clock.advance(0)
-        packets = client.received()
-        if packets:
-            client._unread = packets[1:]
-            return packets[0]
-    raise AssertionError("no CONNACK")
+async def _parked_with_a_delayed_will(node, client_id, topic_filter, expiry, delay):
+    """A session of ``client_id`` on ``node`` with Session Expiry ``expiry`` s and a
+    will ``will/<client_id>`` = ``bye`` delayed ``delay`` s, subscribed to
+    ``topic_filter``; its connection lost without DISCONNECT (the will waits for
+    its delay), the store flushed."""
+    old = node.client()
+    await connect(node, old, client_id, expiry=expiry,
+                  will=Will(f"will/{client_id}", b"bye", 0, False,
+                            properties=Properties(will_delay_interval=delay)))
+    old.subscribe(topic_filter, qos=1)
+    await settle(node)
+    old.conn.connection_lost()
+    await settle(node)
 
 
 def test_a_qos2_publish_whose_write_races_the_takeover_is_not_delivered_twice(redis_server, aio):
@@ -49,8 +47,7 @@ def test_a_qos2_publish_whose_write_races_the_takeover_is_not_delivered_twice(re
     sees the id, so the client's DUP resend is acknowledged, not delivered again
     [MQTT-4.3.3-10]."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
         delivered = []
         a.broker.subscribe_local("q2/#", delivered.append)
         b.broker.subscribe_local("q2/#", delivered.append)
@@ -65,7 +62,7 @@ def test_a_qos2_publish_whose_write_races_the_takeover_is_not_delivered_twice(re
         # the client reconnects on B before A flushed: B's claim comes first in Redis,
         # then A's write (it syncs when the kick reaches it)
         pub2 = b.client()
-        ack = await connect_on(b, pub2, "q2pub")
+        ack = await connect(b, pub2, "q2pub", only=(b,))
         assert isinstance(ack, Connack) and ack.reason_code == 0 and ack.session_present
         assert b.broker.sessions["q2pub"].inbound_qos2 == {7}
         # the DUP resend: acknowledged, not delivered again
@@ -86,14 +83,13 @@ def test_the_old_owners_writes_after_the_new_owner_loaded_are_fenced(redis_serve
     inbound QoS 2 id changes nothing, and the zombie lets go of the session (its client
     gets no PUBREC for a write Redis refused)."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
         pub = a.client()
         await connect(a, pub, "zq2")
         await settle(a, b)
         alive["A"] = False                 # no kick reaches A: it is a zombie
         pub2 = b.client()
-        ack = await connect_on(b, pub2, "zq2")
+        ack = await connect(b, pub2, "zq2", only=(b,))
         assert ack.session_present
         assert redis_server.cli("HEXISTS", "mqttd:{c:zq2}:s", "hnode").strip() == "0"
         pub.send(Publish("zq2/x", b"late", 2, False, packet_id=9))
@@ -109,18 +105,10 @@ def test_an_expired_session_of_a_dead_unreaped_owner_is_not_resumed(redis_server
     reaped: a CONNECT elsewhere gets Session Present 0, no stale subscriptions or messages,
     and the pending delayed will is published (the session ended)."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
         wills = []
         b.broker.subscribe_local("will/#", wills.append)
-        old = a.client()
-        await connect(a, old, "stale", expiry=600,
-                      will=Will("will/stale", b"bye", 0, False,
-                                properties=Properties(will_delay_interval=300)))
-        old.subscribe("st/#", qos=1)
-        await settle(a)
-        old.conn.connection_lost()     # no DISCONNECT: the will waits for its delay
-        await settle(a)
+        await _parked_with_a_delayed_will(a, "stale", "st/#", expiry=600, delay=300)
         a.broker.publish(Message("st/1", b"stale", 1))
         await settle(a)
         key = "mqttd:{c:stale}:s"
@@ -144,18 +132,10 @@ def test_the_reaper_ends_a_session_that_expired_instead_of_adopting_it(redis_ser
     """A dead node's parked session past its deadline on Redis's clock is ended by the
     reaper (its delayed will published once), not adopted and kept alive."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
         wills = []
         b.broker.subscribe_local("will/#", wills.append)
-        old = a.client()
-        await connect(a, old, "gone", expiry=60,
-                      will=Will("will/gone", b"bye", 0, False,
-                                properties=Properties(will_delay_interval=30)))
-        old.subscribe("g/#", qos=1)
-        await settle(a)
-        old.conn.connection_lost()
-        await settle(a)
+        await _parked_with_a_delayed_will(a, "gone", "g/#", expiry=60, delay=30)
         alive["A"] = False
         redis_server.cli("HINCRBY", "mqttd:{c:gone}:s", "exp_at", "-60001")
         assert await wait(Reaper(b.sessions).reap("A"))
@@ -169,8 +149,7 @@ def test_the_reaper_ends_a_session_that_expired_instead_of_adopting_it(redis_ser
 def test_an_online_session_does_not_expire_and_a_resumed_one_has_no_deadline(redis_server, aio):
     """The deadline exists only while the session is offline: a CONNECT clears it."""
     async def run():
-        nodes, alive = {}, {"A": True}
-        a = Node(redis_server.url, "A", nodes, alive)
+        alive, a = start_nodes(redis_server.url, "A")
         c = a.client()
         await connect(a, c, "dl", expiry=5)
         await settle(a)
@@ -191,23 +170,10 @@ def test_forwarded_messages_respect_max_queued_messages_on_the_new_owner(redis_s
     under --max-queued-messages (drop-oldest), counted and deleted from Redis like any
     overflow; the queue in Redis never holds more than the limit."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        config = BrokerConfig(max_queued_messages=3)
-        a = Node(redis_server.url, "A", nodes, alive, config=config)
-        b = Node(redis_server.url, "B", nodes, alive, config=config)
-        sub = a.client()
-        await connect(a, sub, "lim")
-        sub.subscribe("lim/#", qos=1)
-        sub.conn.connection_lost()
-        await settle(a)
-        stale = a.store.epochs["lim"]
-        alive["A"] = False             # B claims behind A's back
-        sub2 = b.client()
-        await connect(b, sub2, "lim")
-        await settle(b)
-        sub2.conn.connection_lost()
-        await settle(b)
-        a.store.epochs["lim"] = stale  # A still believes it owns the session
+        alive, a, b = start_nodes(redis_server.url, "A", "B",
+                                  config=BrokerConfig(max_queued_messages=3))
+        # B claims behind A's back; A still believes it owns the session
+        await claimed_behind_its_back(a, b, "lim", "lim/#")
         for i in range(8):
             a.broker.publish(Message("lim/%d" % i, b"m%d" % i, 1))
         await settle(a)
@@ -233,24 +199,10 @@ def test_forwarded_messages_over_the_limit_are_dropped_when_the_session_loads(re
     """The same at a takeover: what was forwarded before the new owner loaded the session
     is queued under the limit before its CONNACK."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True, "C": True}
-        config = BrokerConfig(max_queued_messages=2)
-        a = Node(redis_server.url, "A", nodes, alive, config=config)
-        b = Node(redis_server.url, "B", nodes, alive, config=config)
-        c = Node(redis_server.url, "C", nodes, alive, config=config)
-        sub = a.client()
-        await connect(a, sub, "lim2")
-        sub.subscribe("l2/#", qos=1)
-        sub.conn.connection_lost()
-        await settle(a)
-        stale = a.store.epochs["lim2"]
-        alive["A"] = False
-        sub2 = b.client()
-        await connect(b, sub2, "lim2")
-        sub2.conn.connection_lost()
-        await settle(b)
+        alive, a, b, c = start_nodes(redis_server.url, "A", "B", "C",
+                                     config=BrokerConfig(max_queued_messages=2))
+        await claimed_behind_its_back(a, b, "lim2", "l2/#", settle_claim=False)
         alive["B"] = False             # not poked: the messages wait in Redis
-        a.store.epochs["lim2"] = stale
         for i in range(5):
             a.broker.publish(Message("l2/%d" % i, b"m%d" % i, 1))
         await settle(a)
@@ -269,8 +221,7 @@ def test_a_fenced_nodes_client_will_is_published_once_by_it_when_no_one_reaped_i
     """A node that closed its clients while cut off from Redis publishes their wills once
     Redis answers again and it still owns the sessions -- not while fenced, not twice."""
     async def run():
-        nodes, alive = {}, {"A": True}
-        a = Node(redis_server.url, "A", nodes, alive)
+        alive, a = start_nodes(redis_server.url, "A")
         wills = []
         a.broker.subscribe_local("will/#", wills.append)
         fenced = [True]
@@ -302,8 +253,7 @@ def test_a_fenced_nodes_client_will_is_published_once_by_the_reaper_that_adopted
     """The fenced node was reaped before Redis answered it: the reaper published the wills;
     the recovered node's late disconnect writes are refused and publish nothing."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
         wills = []
         a.broker.subscribe_local("will/#", wills.append)
         b.broker.subscribe_local("will/#", wills.append)
@@ -336,13 +286,8 @@ def test_a_claim_during_the_reapers_adoption_of_the_same_session_keeps_the_newer
     copy never replaces the resumed session -- no kick of the client by its own node, every
     queued message once, the node's epoch Redis's."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
-        sub = a.client()
-        await connect(a, sub, "adopted")
-        sub.subscribe("ad/#", qos=1)
-        sub.conn.connection_lost()
-        await settle(a)
+        alive, a, b = start_nodes(redis_server.url, "A", "B")
+        await parked(a, "adopted", "ad/#")
         for i in range(3):
             a.broker.publish(Message("ad/%d" % i, b"m%d" % i, 1))
         await settle(a)
@@ -383,8 +328,7 @@ def test_a_fenced_nodes_delayed_will_waits_its_delay_and_a_resume_cancels_it(red
     is pending (in Redis too), not published at once; the client resuming in time cancels
     it [MQTT-3.1.3-9]."""
     async def run():
-        nodes, alive = {}, {"A": True}
-        a = Node(redis_server.url, "A", nodes, alive)
+        alive, a = start_nodes(redis_server.url, "A")
         wills = []
         a.broker.subscribe_local("will/#", wills.append)
         a.sessions.is_fenced = lambda: False

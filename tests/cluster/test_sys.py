@@ -74,7 +74,8 @@ def test_retained_views_and_member_figures_are_cluster_wide(redis_server, cluste
     listed = get("/api/retained?prefix=kept/")
     assert [item["topic"] for item in listed["topics"]] == ["kept/0", "kept/1", "kept/2"]
     why = get("/api/why?client=sys-ra-watch&topic=kept/1")
-    assert why["retained"]["bytes"] == 2
+    # what the message holds: topic "kept/1" (6) + payload "v1" (2), as every byte figure
+    assert why["retained"]["bytes"] == 8
     metrics = a.ready["http"]["metrics"][0]["port"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics",
                                   timeout=10).read().decode()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mqttd.codec.packets import Publish
 from mqttd.messages import Message
 
-from .test_sessions import Node, connect, settle
+from .sessionnodes import Node, connect, settle
 
 
 class FakeRouter:
@@ -61,4 +61,49 @@ def test_message_reaching_the_new_owner_during_the_takeover_is_delivered_once(
             got += [p.payload for p in again.received() if isinstance(p, Publish)]
         assert got == [b"during"]
         assert b.sessions.router.dispatch_observers == []
+    aio(run)
+
+
+def test_message_the_old_owner_queued_during_the_takeover_and_the_new_node_kept_is_delivered_once(
+        redis_server, aio):
+    """The last F4 edge: a message sent to both nodes while the session moves from A to B,
+    that A still delivered into the session (before the kick reached it: a hand-off write)
+    *and* B kept for the session (its claim was already running): B loads the session
+    with it queued, and must not deliver its own copy on top."""
+    async def run():
+        nodes, alive = {}, {"A": True, "B": True}
+        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
+        router = FakeRouter(b)
+        b.sessions.router = router
+        a.sessions.also_sent_to = lambda node, message: node == "B"
+        sub = a.client()
+        await connect(a, sub, "mover2")
+        sub.subscribe("mv2/#", qos=1)
+        sub.conn.connection_lost()
+        await settle(a)
+        # two identical messages before the takeover: queued on A, delivered once each
+        a.broker.dispatch(Message("mv2/0", b"same", 1))
+        a.broker.dispatch(Message("mv2/0", b"same", 1))
+        await settle(a)
+        sent = b.sessions.send_control
+
+        def send_control(node, fields):
+            if fields.get("op") == "kick":
+                # in flight to both nodes: B's copy first (kept by the claim), then A's,
+                # which A still delivers into the session it owns until the kick
+                router.dispatch(Message("mv2/1", b"during", 1))
+                a.broker.dispatch(Message("mv2/1", b"during", 1))
+                # and one that reached B only (its publisher's node had no route to A
+                # any more): kept by B, nothing of it at A
+                router.dispatch(Message("mv2/2", b"only-b", 1))
+            return sent(node, fields)
+        b.sessions.send_control = send_control
+        again = b.client()
+        ack = await connect(b, again, "mover2")
+        assert ack.reason_code == 0 and ack.session_present
+        got = []
+        for _ in range(5):
+            await settle(a, b)
+            got += [p.payload for p in again.received() if isinstance(p, Publish)]
+        assert sorted(got) == [b"during", b"only-b", b"same", b"same"], got
     aio(run)

@@ -90,6 +90,15 @@ def test_worker_arguments_replace_what_the_supervisor_decides():
                     "--listen", "tcp:40000", "--persistence", "file:d-w2"]
 
 
+def test_workers_log_to_syslog_when_the_supervisor_does():
+    """`twistd --syslog --prefix P mqttd --workers N`: each worker's twistd gets --syslog
+    and the prefix too (it used to log to the supervisor's stdout instead)."""
+    assert W._twistd_arguments({"syslog": True, "prefix": "mqttd-edge", "reactor": "epoll"}) == [
+        "--reactor=epoll", "--syslog", "--prefix=mqttd-edge"]
+    assert W._twistd_arguments({"syslog": False, "prefix": "twisted"}) == []
+    assert W._twistd_arguments(None) == []
+
+
 def test_ephemeral_ports_are_resolved_once_and_held():
     """tcp:0 becomes one real port for every worker, reserved by a socket that never listens."""
     held = []

@@ -30,6 +30,13 @@ u16 = st.integers(0, 65535)
 u32 = st.integers(0, 2**32 - 1)
 reason_codes = st.integers(0, 255)
 
+
+def valid_reason_codes(ptype):
+    """The reason codes a PUBACK/PUBREC/PUBREL/PUBCOMP/DISCONNECT/AUTH may carry
+    ([MQTT-3.4.2-1] and the like: any other value is refused by the reader)."""
+    from mqttd.codec.reader import VALID_REASON_CODES
+    return st.sampled_from(sorted(VALID_REASON_CODES[ptype][0]))
+
 _NON_ZERO = {0x0B, 0x21, 0x23, 0x27}          # subscription id, receive max, alias, max size
 _BOOLEAN = {0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A}
 
@@ -64,7 +71,16 @@ def properties(packet_type: int) -> st.SearchStrategy[Properties]:
             fields[spec.name] = st.lists(value, max_size=max_size).map(tuple)
         else:
             fields[spec.name] = st.none() | value
-    return st.fixed_dictionaries({}, optional=fields).map(lambda d: Properties(**d))
+    return st.fixed_dictionaries({}, optional=fields).map(_consistent).map(
+        lambda d: Properties(**d))
+
+
+def _consistent(fields: dict) -> dict:
+    # Authentication Data without an Authentication Method is a Protocol Error
+    # (MQTT 5.0 §3.1.2.11.10): the reader refuses it, so valid packets never carry it.
+    if fields.get("authentication_method") is None:
+        fields.pop("authentication_data", None)
+    return fields
 
 
 def _props(level, packet_type):
@@ -100,7 +116,7 @@ def publishes(draw, level):
 
 def _acks(level, cls, ptype):
     if level == 5:
-        return st.builds(cls, packet_ids, reason_codes, properties(ptype))
+        return st.builds(cls, packet_ids, valid_reason_codes(ptype), properties(ptype))
     return st.builds(cls, packet_ids)
 
 
@@ -133,11 +149,11 @@ def packets(level: int, include_connect: bool = True) -> st.SearchStrategy:
                   st.lists(reason_codes, max_size=4).map(tuple) if level == 5 else st.just(()),
                   _props(level, UNSUBACK)),
         st.just(Pingreq()), st.just(Pingresp()),
-        st.builds(Disconnect, reason_codes if level == 5 else st.just(0),
+        st.builds(Disconnect, valid_reason_codes(DISCONNECT) if level == 5 else st.just(0),
                   _props(level, DISCONNECT)),
     ]
     if level == 5:
-        choices.append(st.builds(Auth, reason_codes, properties(AUTH)))
+        choices.append(st.builds(Auth, valid_reason_codes(AUTH), properties(AUTH)))
     if include_connect:
         choices.append(connects(level))
     return st.one_of(choices)

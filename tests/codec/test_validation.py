@@ -29,6 +29,19 @@ CASES = [
     ("auth_is_reserved_in_v3", 3, "f0 00", M, MALFORMED, "MQTT 3.1.1 §2.2.1"),
     ("remaining_length_longer_than_four_bytes", 4, "30 ff ff ff ff 01", M, MALFORMED,
      "MQTT-1.5.5-1"),
+    # -- reason codes a client may send [MQTT-3.4.2-1] and the like
+    ("puback_undefined_reason_code", 5, "40 03 00 01 ff", P, PROTOCOL, "MQTT-3.4.2-1"),
+    ("pubrec_undefined_reason_code", 5, "50 03 00 01 01", P, PROTOCOL, "MQTT-3.5.2-1"),
+    ("pubrel_undefined_reason_code", 5, "62 03 00 01 10", P, PROTOCOL, "MQTT-3.6.2-1"),
+    ("pubcomp_undefined_reason_code", 5, "70 03 00 01 80", P, PROTOCOL, "MQTT-3.7.2-1"),
+    ("disconnect_undefined_reason_code", 5, "e0 01 05", P, PROTOCOL, "MQTT-3.14.2-1"),
+    ("auth_undefined_reason_code", 5, "f0 02 01 00", P, PROTOCOL, "MQTT-3.15.2-1"),
+    # -- Authentication Data needs an Authentication Method (MQTT 5.0 §3.1.2.11.10)
+    ("connect_authentication_data_without_method", None,
+     "10 13 00 04 4d 51 54 54 05 02 00 3c 04 16 00 01 41 00 02 63 31", P, PROTOCOL,
+     "MQTT 5.0 §3.1.2.11.10"),
+    ("auth_authentication_data_without_method", 5, "f0 06 18 04 16 00 01 41", P, PROTOCOL,
+     "MQTT 5.0 §3.1.2.11.10"),
     # -- PUBLISH
     ("publish_qos_3_is_malformed", 4, "36 07 00 03 61 2f 62 00 01", M, MALFORMED, "MQTT-3.3.1-4"),
     ("publish_dup_on_qos_0_is_malformed", 4, "38 05 00 03 61 2f 62", M, MALFORMED, "MQTT-3.3.1-2"),

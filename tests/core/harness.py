@@ -24,12 +24,12 @@ class Recorder:
 
 
 class FakeClient:
-    def __init__(self, broker, clock, level=4):
+    def __init__(self, broker, clock, level=4, peer="127.0.0.1:1"):
         self.broker = broker
         self.clock = clock
         self.level = level
         self.transport = StringTransport()
-        self.conn = ClientConnection(broker, self.transport, clock, peer="127.0.0.1:1")
+        self.conn = ClientConnection(broker, self.transport, clock, peer=peer)
         self.reader = PacketReader(level=level)
         self.closed = False
         self._unread = []

@@ -310,13 +310,13 @@ def test_ten_frozen_qos1_subscribers_stay_within_their_queue_limits(log_events):
     broker, clock = make_broker(max_queued_messages=50, max_queued_bytes=4000,
                                 max_inflight=200, max_publisher_pause=1)
     frozen = []
-    for i in range(10):
-        c = FakeClient(broker, clock)
+    for i in range(10):           # ten machines (one address's budget is shared)
+        c = FakeClient(broker, clock, peer="10.0.0.%d:1883" % (i + 1))
         c.connect("frozen%d" % i)
         c.subscribe("flood/#", qos=1)
         c.conn.pause_writing()
         frozen.append(c)
-    healthy = FakeClient(broker, clock)
+    healthy = FakeClient(broker, clock, peer="10.0.1.1:1883")
     healthy.connect("healthy")
     healthy.subscribe("flood/#", qos=1)
     pubs = [FakeClient(broker, clock) for _ in range(4)]

@@ -6,6 +6,7 @@ from mqttd.codec.packets import Connack, Connect, Publish, Subscribe, Subscripti
 from mqttd.protocol import MQTTFactory
 
 from core.harness import make_broker
+from tests.logcapture import logged
 
 
 def _connected(factory, client_id):
@@ -198,18 +199,12 @@ def test_transports_closed_fires_at_once_without_connections():
 
 def test_emfile_recovery_lines_are_counted_refusals_through_the_limiter():
     """Twisted's one line per connection closed out of file descriptors becomes a counted, rate-limited refusal."""
-    from twisted.logger import LogLevel, globalLogPublisher
+    from twisted.logger import LogLevel
 
     from mqttd.service import AcceptLog
     broker, clock = make_broker()
     observer = AcceptLog(broker, "tcp:1883")
-    lines = []
-
-    def observe(event):
-        if event["log_level"] >= LogLevel.info:
-            lines.append(event)
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged(LogLevel.info) as lines:
         observer({"log_format": "EMFILE encountered; releasing reserved file descriptor."})
         for i in range(61):
             observer({"log_format": "EMFILE recovery: Closed socket from {address}",
@@ -218,8 +213,6 @@ def test_emfile_recovery_lines_are_counted_refusals_through_the_limiter():
         for _ in range(10):
             observer({"log_format": "Could not accept new connection ({acceptError})",
                       "acceptError": "ENOBUFS"})
-    finally:
-        globalLogPublisher.removeObserver(observe)
     assert broker.stats.refused == {"file-descriptors": 61}
     refusals = [e for e in lines if e.get("what") == "file-descriptors"]
     assert len(refusals) == 3 and "RLIMIT_NOFILE" in refusals[0]["detail"]

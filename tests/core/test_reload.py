@@ -3,6 +3,7 @@ from twisted.internet import defer, task
 
 from mqttd.broker import Broker
 from mqttd.service import BrokerService
+from tests.logcapture import logged
 
 
 def _service():
@@ -36,17 +37,9 @@ def test_registering_a_name_again_replaces_it():
 
 
 def _reload_lines(service):
-    from twisted.logger import LogLevel, globalLogPublisher
-    lines = []
-
-    def observe(event):
-        if event["log_level"] >= LogLevel.info:
-            lines.append(event)
-    globalLogPublisher.addObserver(observe)
-    try:
+    from twisted.logger import LogLevel
+    with logged(LogLevel.info) as lines:
         service.reload()
-    finally:
-        globalLogPublisher.removeObserver(observe)
     return lines
 
 

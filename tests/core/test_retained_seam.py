@@ -78,15 +78,30 @@ def publishes(packets):
     return [p for p in packets if isinstance(p, Publish)]
 
 
-def test_replay_waits_for_an_asynchronous_lookup_then_streams_it():
-    """SUBACK goes out at once; the retained messages follow when the store answers [MQTT-3.3.1-6]."""
+def _async_store_broker(*retained):
+    """A broker whose retained store is an :class:`AsyncRetained` already holding
+    ``retained`` (``(topic, payload)`` pairs): ``(broker, clock, store)``."""
     broker, clock = make_broker()
     store = AsyncRetained()
     broker.use_retained_store(store)
+    for topic, payload in retained:
+        store.index.set(Message(topic, payload, retain=True))
+    return broker, clock, store
+
+
+def _connected(broker, clock, client_id):
+    """A v5 client ``client_id`` connected to ``broker``."""
+    client = FakeClient(broker, clock, level=5)
+    client.connect(client_id)
+    return client
+
+
+def test_replay_waits_for_an_asynchronous_lookup_then_streams_it():
+    """SUBACK goes out at once; the retained messages follow when the store answers [MQTT-3.3.1-6]."""
+    broker, clock, store = _async_store_broker()
     for i in range(3):
         store.index.set(Message(f"r/{i}", b"v%d" % i, retain=True))
-    sub = FakeClient(broker, clock, level=5)
-    sub.connect("s")
+    sub = _connected(broker, clock, "s")
     packets = sub.subscribe("r/+")
     assert isinstance(packets[0], Suback) and publishes(packets) == []
     store.fire("lookup")
@@ -98,13 +113,8 @@ def test_replay_waits_for_an_asynchronous_lookup_then_streams_it():
 def test_later_filters_wait_behind_a_pending_lookup():
     """Replays keep the filter order even when the first lookup answers last."""
     from mqttd.codec.packets import Subscribe, Subscription
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    store.index.set(Message("a", b"A", retain=True))
-    store.index.set(Message("b", b"B", retain=True))
-    sub = FakeClient(broker, clock, level=5)
-    sub.connect("s")
+    broker, clock, store = _async_store_broker(("a", b"A"), ("b", b"B"))
+    sub = _connected(broker, clock, "s")
     sub.send(Subscribe(1, (Subscription("a", 0), Subscription("b", 0))))
     lookups = [c for c in store.calls if c[0] == "lookup"]
     assert [c[1] for c in lookups] == ["a", "b"]
@@ -117,12 +127,8 @@ def test_later_filters_wait_behind_a_pending_lookup():
 
 def test_resubscribing_while_a_lookup_is_pending_replays_once():
     """The older lookup's answer is ignored: one replay per filter, from the newest lookup."""
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    store.index.set(Message("t", b"1", retain=True))
-    sub = FakeClient(broker, clock, level=5)
-    sub.connect("s")
+    broker, clock, store = _async_store_broker(("t", b"1"))
+    sub = _connected(broker, clock, "s")
     sub.subscribe("t", packet_id=1)
     sub.subscribe("t", packet_id=2)
     store.fire("lookup")
@@ -133,12 +139,8 @@ def test_resubscribing_while_a_lookup_is_pending_replays_once():
 def test_failed_lookup_is_logged_and_later_filters_still_replay():
     """A store failure costs that filter's replay only: later filters and the session go on."""
     from twisted.logger import globalLogPublisher
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    store.index.set(Message("b", b"B", retain=True))
-    sub = FakeClient(broker, clock, level=5)
-    sub.connect("s")
+    broker, clock, store = _async_store_broker(("b", b"B"))
+    sub = _connected(broker, clock, "s")
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -156,11 +158,8 @@ def test_failed_lookup_is_logged_and_later_filters_still_replay():
 
 def test_retained_publish_is_acknowledged_only_after_the_store_wrote_it():
     """QoS 1 retained PUBLISH: no PUBACK before the retained store's write is done."""
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    pub = FakeClient(broker, clock, level=5)
-    pub.connect("p")
+    broker, clock, store = _async_store_broker()
+    pub = _connected(broker, clock, "p")
     pub.publish("r/x", b"v", qos=1, retain=True, packet_id=7)
     clock.advance(0)
     assert [p for p in pub.received() if isinstance(p, Puback)] == []
@@ -171,11 +170,8 @@ def test_retained_publish_is_acknowledged_only_after_the_store_wrote_it():
 
 def test_failed_retained_write_is_never_acknowledged():
     """The store's write failed: the publisher gets no PUBACK (it will resend), nothing false."""
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    pub = FakeClient(broker, clock, level=5)
-    pub.connect("p")
+    broker, clock, store = _async_store_broker()
+    pub = _connected(broker, clock, "p")
     pub.publish("r/x", b"v", qos=1, retain=True, packet_id=7)
     store.fire("set", fail=ConnectionError("redis down"))
     clock.advance(0)
@@ -184,12 +180,8 @@ def test_failed_retained_write_is_never_acknowledged():
 
 def test_empty_retained_payload_removal_is_waited_for_too():
     """Clearing a retained message [MQTT-3.3.1-10] is a write the PUBACK waits for."""
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    store.index.set(Message("r/x", b"old", retain=True))
-    pub = FakeClient(broker, clock, level=5)
-    pub.connect("p")
+    broker, clock, store = _async_store_broker(("r/x", b"old"))
+    pub = _connected(broker, clock, "p")
     pub.publish("r/x", b"", qos=1, retain=True, packet_id=3)
     clock.advance(0)
     assert [p for p in pub.received() if isinstance(p, Puback)] == []
@@ -201,10 +193,7 @@ def test_empty_retained_payload_removal_is_waited_for_too():
 
 def test_local_subscriber_gets_retained_messages_from_an_asynchronous_store():
     """subscribe_local works with a Deferred match too."""
-    broker, clock = make_broker()
-    store = AsyncRetained()
-    broker.use_retained_store(store)
-    store.index.set(Message("r/1", b"1", retain=True))
+    broker, clock, store = _async_store_broker(("r/1", b"1"))
     seen = []
     broker.subscribe_local("r/#", seen.append)
     assert seen == []

@@ -110,6 +110,22 @@ def _ephemeral_range() -> tuple:
         return 32768, 60999   # Linux's default
 
 
+def terminate(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT,
+              on_kill: Optional[Callable[[], None]] = None) -> Optional[int]:
+    """SIGTERM ``proc`` (if it still runs), wait up to ``timeout`` s, then SIGKILL
+    (``on_kill()`` first) and wait up to :data:`STOP_TIMEOUT`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            if on_kill is not None:
+                on_kill()
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+    return proc.returncode
+
+
 def free_port(host: str = "127.0.0.1", avoid=(), below: int = 65536) -> int:
     """A TCP port free now, for a server that cannot report the port it got or
     whose port must be known before it starts.
@@ -289,14 +305,8 @@ class BrokerProcess:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._note("did not exit %.1fs after SIGTERM; sending SIGKILL" % timeout)
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        terminate(proc, timeout, lambda: self._note(
+            "did not exit %.1fs after SIGTERM; sending SIGKILL" % timeout))
         return self._finish()
 
     def signal(self, signum: int) -> None:

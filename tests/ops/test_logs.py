@@ -204,9 +204,9 @@ def test_long_client_supplied_fields_are_cut_in_text_and_json_lines():
         assert "127.0.0.1:5" in line
 
 
-def test_refusal_line_of_a_real_connect_with_a_huge_client_id_is_bounded():
-    """End to end: the anonymous refusal of a CONNECT with a 60,000-character client id, through
-    the twistd observer, is one line of bounded size."""
+def _refused_connect_log(client_id: str) -> str:
+    """What the twistd text observer writes while a v3.1.1 CONNECT with ``client_id``
+    is refused by the authenticator (CONNACK 0x05)."""
     class Refuse:
         def authenticate(self, request):
             return 0x87
@@ -218,11 +218,17 @@ def test_refusal_line_of_a_real_connect_with_a_huge_client_id_is_bounded():
         broker, clock = make_broker()
         broker.authenticator = Refuse()
         client = FakeClient(broker, clock)
-        client.send(Connect(4, "c" * 60000, True, 0))
+        client.send(Connect(4, client_id, True, 0))
         assert client.received()[0].reason_code == 5
     finally:
         globalLogPublisher.removeObserver(observer)
-    lines = [line for line in out.getvalue().splitlines() if "Refused" in line]
+    return out.getvalue()
+
+
+def test_refusal_line_of_a_real_connect_with_a_huge_client_id_is_bounded():
+    """End to end: the anonymous refusal of a CONNECT with a 60,000-character client id, through
+    the twistd observer, is one line of bounded size."""
+    lines = [line for line in _refused_connect_log("c" * 60000).splitlines() if "Refused" in line]
     assert lines and all(len(line) < 2000 for line in lines), [len(x) for x in lines]
     assert "...(60000 chars)" in lines[0]
 
@@ -233,3 +239,112 @@ def test_short_fields_pass_unchanged_and_uncopied():
     assert logs.bound_fields(event) is event
     assert logs.bound("x" * 300).endswith("...(300 chars)")
     assert logs.bound(12345) == 12345
+
+
+# --- every observer mqttd installs: bounded fields, escaped controls in text -----------
+
+#: a client id that forges a log line and recolours the operator's terminal (REVIEW-S9 R7)
+FORGED = ("x\n2026-12-01T02:20:00+0000 [mqttd.auth#info] Admin login accepted for root "
+          "from 10.0.0.1\r\n\x1b[31mRED")
+
+
+def test_escape_controls_writes_c0_c1_and_del_as_escapes_and_leaves_text_alone():
+    """CR, LF, TAB, ESC, DEL and C1 controls become their repr escapes; other text,
+    non-ASCII letters included, is returned as it is (the same object)."""
+    assert logs.escape_controls("a\rb\nc\td\x1b[31m\x7f\x85\x00") == \
+        "a\\rb\\nc\\td\\x1b[31m\\x7f\\x85\\x00"
+    plain = "sensor/é/温度 ok"
+    assert logs.escape_controls(plain) is plain
+
+
+def test_text_lines_escape_a_client_ids_control_characters_json_keeps_them_exact():
+    """A client id with CR/LF/ESC makes one text line with the characters escaped (no
+    forged line, no terminal escape); the JSON line carries the id exactly (JSON
+    escapes it by construction), and the 256-character bound still applies."""
+    out = io.StringIO()
+    log = Logger(namespace="mqttd.x", observer=logs.make_observer(out, "text"))
+    log.warn("Closing connection of {client_id}: {why}", client_id=FORGED, why="bad\rwhy")
+    log.warn("Refused {client_id}", client_id=FORGED + "\x1b" * 1000)
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 2, lines
+    assert "x\\n2026-12-01T02:20:00+0000 [mqttd.auth#info]" in lines[0]
+    assert "\\r\\n\\x1b[31mRED: bad\\rwhy" in lines[0]
+    assert f"...({len(FORGED) + 1000} chars)" in lines[1] and len(lines[1]) < 256 * 4 + 100
+    out = io.StringIO()
+    Logger(namespace="mqttd.x", observer=logs.make_observer(out, "json")).warn(
+        "Closing connection of {client_id}", client_id=FORGED)
+    assert json.loads(out.getvalue().strip("\x1e\n"))["client_id"] == FORGED
+
+
+def test_refusal_of_a_real_connect_with_a_forged_client_id_is_one_escaped_line():
+    """End to end through the twistd text observer: the refusal of a CONNECT whose
+    client id carries a forged line is one line, no raw CR or ESC."""
+    text = _refused_connect_log(FORGED)
+    assert "\r" not in text and "\x1b" not in text
+    assert not any(line.startswith("2026-12-01T02:20:00") for line in text.splitlines())
+    assert "Admin login accepted for root from 10.0.0.1\\r\\n\\x1b[31mRED" in text
+
+
+class _Syslog:
+    """Stands in for the stdlib syslog calls of twistd's SyslogObserver."""
+
+    def __init__(self, monkeypatch):
+        from twisted.python.syslog import SyslogObserver
+        self.opened, self.messages = [], []
+        monkeypatch.setattr(SyslogObserver, "openlog",
+                            lambda _self, *args: self.opened.append(args))
+        monkeypatch.setattr(SyslogObserver, "syslog",
+                            lambda _self, priority, message: self.messages.append(message))
+
+
+def _twistd_options(tmp_path, *argv, **parent):
+    from mqttd import tap
+    options = tap.Options()
+    options.parseOptions(["--persistence", "memory", *argv])
+    options.parent = parent
+    return options
+
+
+def test_twistd_syslog_gets_mqttds_observer_with_the_bound_escapes_and_level(
+        monkeypatch, tmp_path):
+    """Under `twistd --syslog` mqttd installs its own observer around twistd's syslog
+    observer (it used to leave twistd's, unbounded and unfiltered): a 60,000-character
+    client id with a newline is one syslog message of bounded size, controls escaped,
+    under --prefix, and --log-level applies."""
+    from mqttd import tap
+    monkeypatch.setattr(tap, "install_signal_handlers", lambda reactor, service: None)
+    syslog = _Syslog(monkeypatch)
+    options = _twistd_options(tmp_path, "--log-level", "warn", syslog=True,
+                              prefix="mqttd-test")
+    service = tap.makeService(options)
+    observer = service.log_observer
+    assert observer is not None and syslog.opened[0][0] == "mqttd-test"
+    log = Logger(namespace="mqttd.connection", observer=observer)
+    log.info("hidden {client_id}", client_id="c1")
+    log.warn("Refused {client_id}", client_id=FORGED + "X" * 60000)
+    assert len(syslog.messages) == 1, syslog.messages
+    (message,) = syslog.messages
+    assert "\n" not in message and "\r" not in message and "\x1b" not in message
+    assert len(message) < 1200 and "chars)" in message
+    # the namespace stands where twistd's syslog lines show a system ("[-]" before)
+    assert message.startswith("[mqttd.connection] Refused x\\n2026-12-01")
+
+
+def test_twistd_logfile_observer_bounds_and_escapes_fields(monkeypatch, tmp_path):
+    """The --logfile observer (the other branch of the same choice) bounds and escapes
+    the same way, in the --log-format it is given."""
+    from mqttd import tap
+    path = tmp_path / "mqttd.log"
+    for fmt in ("text", "json"):
+        options = _twistd_options(tmp_path, "--log-format", fmt, logfile=str(path))
+        observer = tap._log_observer(options, logs.LogSettings("info"))
+        Logger(namespace="mqttd.x", observer=observer).warn(
+            "Refused {client_id}", client_id=FORGED + "X" * 60000)
+    text = path.read_text()
+    first, second = text.split("\n", 1)
+    assert "\r" not in first and "\x1b" not in first and "...(60098 chars)" in first
+    event = json.loads(second.strip("\x1e\n"))
+    assert event["client_id"].endswith("...(60098 chars)")
+    assert event["client_id"].startswith(FORGED)

@@ -138,21 +138,29 @@ def loss(reference, state):
 CHECKPOINT_POSITIONS = ["header", "mark", "length", "crc", "payload", "last frame"]
 
 
-@pytest.mark.parametrize("where", CHECKPOINT_POSITIONS)
-def test_damaged_checkpoint_byte_loses_at_most_one_frame(durable_backend, log_events, where):
-    """One damaged byte in a snapshot/dbm checkpoint costs one frame: <= 16 messages or a session record."""
-    reference = checkpointed(durable_backend)
-    path, start = checkpoint_file(durable_backend)
+def checkpoint_byte(backend, where):
+    """``(path, offset)`` of the checkpoint byte at position ``where`` (one of
+    :data:`CHECKPOINT_POSITIONS`) in the middle frame (or the last one) of
+    ``backend``'s checkpoint."""
+    path, start = checkpoint_file(backend)
     with open(path, "rb") as f:
         data = f.read()
-    frames = frame_offsets(data, start) if durable_backend.kind == "file" else [
+    frames = frame_offsets(data, start) if backend.kind == "file" else [
         data.find(b"\xa7MQR", 600)]
     frame = frames[len(frames) // 2]
     offset = {"header": 5, "mark": frame + 2, "length": frame + 5, "crc": frame + 10,
               "payload": frame + RECORD_HEADER.size + 20,
               "last frame": (frames[-1] + RECORD_HEADER.size + 3)}[where]
-    if where == "header" and durable_backend.kind == "dbm":
+    if where == "header" and backend.kind == "dbm":
         offset = 2     # the meta frame at the start of the .dat file
+    return path, offset
+
+
+@pytest.mark.parametrize("where", CHECKPOINT_POSITIONS)
+def test_damaged_checkpoint_byte_loses_at_most_one_frame(durable_backend, log_events, where):
+    """One damaged byte in a snapshot/dbm checkpoint costs one frame: <= 16 messages or a session record."""
+    reference = checkpointed(durable_backend)
+    path, offset = checkpoint_byte(durable_backend, where)
     flip(path, offset, 0xFF)
     store = durable_backend()
     state = store.open()
@@ -176,17 +184,7 @@ def test_damaged_checkpoint_byte_loses_at_most_one_frame(durable_backend, log_ev
 def test_one_flipped_bit_in_a_checkpoint_is_repaired(durable_backend, log_events, where):
     """A single flipped bit anywhere in a checkpoint frame loses nothing (CRC-32 locates it)."""
     reference = checkpointed(durable_backend)
-    path, start = checkpoint_file(durable_backend)
-    with open(path, "rb") as f:
-        data = f.read()
-    frames = frame_offsets(data, start) if durable_backend.kind == "file" else [
-        data.find(b"\xa7MQR", 600)]
-    frame = frames[len(frames) // 2]
-    offset = {"header": 5, "mark": frame + 2, "length": frame + 5, "crc": frame + 10,
-              "payload": frame + RECORD_HEADER.size + 20,
-              "last frame": (frames[-1] + RECORD_HEADER.size + 3)}[where]
-    if where == "header" and durable_backend.kind == "dbm":
-        offset = 2
+    path, offset = checkpoint_byte(durable_backend, where)
     flip(path, offset, 0x04)
     store = durable_backend()
     assert store.open() == reference

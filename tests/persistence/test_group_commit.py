@@ -38,6 +38,16 @@ def make(kind, tmp_path, **options):
     return store_from_spec(f"{kind}:{tmp_path / 'data'}", reactor, **options)
 
 
+def gated(kind, tmp_path):
+    """An opened ``kind`` store whose fsyncs block on a :class:`GatedFsync` from
+    now on: ``(store, fsync)``."""
+    fsync = GatedFsync()
+    store = make(kind, tmp_path, fsync_function=fsync)
+    store.open()
+    fsync.armed = True
+    return store, fsync
+
+
 def turn(seconds=0.02):
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -46,10 +56,7 @@ def turn(seconds=0.02):
 @pytest_twisted.inlineCallbacks
 def test_sync_fires_only_after_fsync_returns(kind, tmp_path):
     """An acknowledgement waiting on sync() cannot overtake the fsync."""
-    fsync = GatedFsync()
-    store = make(kind, tmp_path, fsync_function=fsync)
-    store.open()
-    fsync.armed = True
+    store, fsync = gated(kind, tmp_path)
     try:
         store.write(session())
         d = store.sync()
@@ -67,10 +74,7 @@ def test_sync_fires_only_after_fsync_returns(kind, tmp_path):
 @pytest_twisted.inlineCallbacks
 def test_sync_requested_during_an_fsync_waits_for_the_next_one(kind, tmp_path):
     """Bytes written after an fsync started are not covered by it."""
-    fsync = GatedFsync()
-    store = make(kind, tmp_path, fsync_function=fsync)
-    store.open()
-    fsync.armed = True
+    store, fsync = gated(kind, tmp_path)
     try:
         store.write(session())
         first = store.sync()
@@ -132,3 +136,35 @@ def test_background_compaction_keeps_serving_syncs(kind, tmp_path):
     state = store.open()
     assert list(state.sessions["c1"].outbound) == list(range(1500))
     yield store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fdatasync"), reason="the OS has no fdatasync")
+@pytest.mark.parametrize("kind", DURABLE)
+@pytest_twisted.inlineCallbacks
+def test_journal_appends_are_made_durable_with_fdatasync(kind, tmp_path, monkeypatch):
+    """A sync() after writes waits for an fdatasync of the journal: its data and size
+    reach the disk, for less than an fsync costs (the directory still gets fsync)."""
+    calls = []
+
+    def recorder(name, real):
+        def call(fd):
+            calls.append((name, os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+                          if os.path.exists(f"/proc/self/fd/{fd}") else fd))
+            return real(fd)
+        return call
+
+    monkeypatch.setattr(os, "fdatasync", recorder("fdatasync", os.fdatasync))
+    monkeypatch.setattr(os, "fsync", recorder("fsync", os.fsync))
+    store = make(kind, tmp_path)
+    store.open()
+    try:
+        del calls[:]
+        store.write(session())
+        yield store.sync()
+        journals = [target for name, target in calls if str(target).startswith("journal.")]
+        assert journals, calls
+        assert all(name == "fdatasync" for name, target in calls
+                   if str(target).startswith("journal.")), calls
+        assert store.fsync_count == 1
+    finally:
+        yield store.close()

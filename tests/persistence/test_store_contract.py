@@ -330,7 +330,7 @@ def test_failed_fsync_fails_the_sync_and_all_later_ones(durable_backend):
 
     store = durable_backend()
     store.open()
-    store._fsync = broken
+    store._fsync = store._datasync = broken
     store.write(session())
     with pytest.raises(StoreUnavailable) as info:
         result_of(store.sync())
@@ -338,7 +338,7 @@ def test_failed_fsync_fails_the_sync_and_all_later_ones(durable_backend):
     store.write(outbound())
     with pytest.raises(StoreUnavailable):
         result_of(store.sync())
-    store._fsync = os.fsync
+    store._fsync, store._datasync = os.fsync, getattr(os, "fdatasync", os.fsync)
     result_of(store.close())
 
 
