@@ -26,6 +26,7 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import attrs
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
@@ -259,6 +260,9 @@ class PasswordFileChecker:
             guard = LoginGuard(seconds, max_auth_failures, auth_failure_window)
         #: the failure budget, known-good addresses, failing networks
         self.guard = guard
+        #: False in a :class:`CheckerChain`: the chain judges, counts failures
+        #: and successes once for all its checkers
+        self.accounting = True
         self._key = os.urandom(32)
         self._cache: "collections.OrderedDict[bytes, bool]" = collections.OrderedDict()
         #: checks in flight: key -> the Deferreds waiting for its answer
@@ -298,12 +302,13 @@ class PasswordFileChecker:
             shown = costly[:5]
             ceilings = padding_ceilings(users)
             log.warn(
-                "Password file {path}: {count} entries cost far more hashing than the "
+                "Password file {path}: {count} {noun} far more hashing than the "
                 "others ({entries}{more}): checks are padded to at most {profile} "
                 "rounds, so a check of these entries takes longer than any other and "
                 "tells their names apart by timing; re-hash them with mqttd passwd "
                 "(default {default:,} iterations)",
                 path=self.path, count=len(costly),
+                noun="entry costs" if len(costly) == 1 else "entries cost",
                 entries=", ".join(
                     f"{e.username!r} at line {lines.get(e.username, '?')}: "
                     f"{entry_work(e)[1]:,} rounds of {entry_work(e)[0]} "
@@ -387,7 +392,8 @@ class PasswordFileChecker:
         key = hmac.new(self._key, username.encode("utf-8", "surrogateescape") + b"\0"
                        + password + b"\0" + entry.digest, hashlib.sha256).digest()
         guard = self.guard
-        judgement = guard.judge(username, getattr(creds, "peer", None))
+        accounting = self.accounting
+        judgement = _judge(guard, username, creds, accounting)
         # The failure budget is judged before the success cache: otherwise an
         # address over the budget would get "wrong" for free for every guess and
         # "right" at once for a cached password - an unthrottled oracle.
@@ -398,18 +404,20 @@ class PasswordFileChecker:
             return defer.fail(guard.refuse_unchecked(judgement))
         if known and key in self._cache:
             self._cache.move_to_end(key)
-            guard.succeeded(judgement)
+            if accounting:
+                guard.succeeded(judgement)
             return defer.succeed(username)
         d = self._verify_once(key, judgement, entry, password)
 
         def verified(ok):
-            if not (known and ok):
+            if not (known and ok) and accounting:
                 guard.failed(judgement)
             if not known:
                 raise error.UnauthorizedLogin("unknown user")
             if not ok:
                 raise error.UnauthorizedLogin("wrong password")
-            guard.succeeded(judgement)
+            if accounting:
+                guard.succeeded(judgement)
             if self.users.get(username) is entry:  # not reloaded meanwhile
                 self._cache[key] = True
                 while len(self._cache) > self.cache_size:
@@ -463,13 +471,16 @@ class GatedChecker:
         self.checker = checker
         self.gate = gate
         self.guard = guard
+        #: False in a :class:`CheckerChain` (see PasswordFileChecker.accounting)
+        self.accounting = True
 
     def requestAvatarId(self, creds):
         username = creds.username
         if isinstance(username, bytes):
             username = username.decode("utf-8", "surrogateescape")
         guard = self.guard
-        judgement = guard.judge(username, getattr(creds, "peer", None))
+        accounting = self.accounting
+        judgement = _judge(guard, username, creds, accounting)
         if judgement.priority is None:
             return defer.fail(guard.refuse_unchecked(judgement))
         guard.begin(judgement)
@@ -481,14 +492,98 @@ class GatedChecker:
             return result
 
         def accepted(avatar_id):
-            guard.succeeded(judgement)
+            if accounting:
+                guard.succeeded(judgement)
             return avatar_id
 
         def refused(failure):
-            if failure.check(error.UnauthorizedLogin):  # not VerificationBusy: checked
+            # not VerificationBusy: checked
+            if failure.check(error.UnauthorizedLogin) and accounting:
                 guard.failed(judgement)
             return failure
         return d.addBoth(ended).addCallbacks(accepted, refused)
+
+
+def _judge(guard: LoginGuard, username: str, creds, accounting: bool) -> Judgement:
+    """The guard's judgement of a login; in a chain (``accounting`` False)
+    the chain has refused throttled logins already, so a None priority (the
+    budget tripped meanwhile) only ranks last."""
+    judgement = guard.judge(username, getattr(creds, "peer", None))
+    if judgement.priority is None and not accounting:
+        judgement = attrs.evolve(judgement, priority=3)
+    return judgement
+
+
+@implementer(ICredentialsChecker)
+class CheckerChain:
+    """Several ``IUsernamePassword`` checkers as one: the first that accepts
+    the credentials wins; a refusal (``UnauthorizedLogin``) or
+    ``UnhandledCredentials`` passes them to the next; the login fails as a
+    wrong password when every checker refused.  A ``twisted.cred`` Portal
+    keeps one checker per credentials interface (the last registered), so
+    without a chain ``--password-file`` together with ``--auth ...`` (or an
+    embedder's checker) silently used only one of them.
+
+    :param checkers: in order (``--password-file``, then an embedder's
+        checkers, then the ``--auth`` ones).
+    :param guard: the :class:`~mqttd.auth.guard.LoginGuard` (or None): the
+        chain judges once (over budget from a failing address: refused
+        unchecked), counts one failure when every checker refused and one
+        success otherwise; checkers with an ``accounting`` attribute are set
+        to leave that to the chain.
+    A "busy" answer (:class:`~mqttd.auth.gate.VerificationBusy`) or another
+    error ends the chain with it.
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, checkers, guard: Optional[LoginGuard] = None):
+        self.checkers = list(checkers)
+        self.guard = guard
+        for checker in self.checkers:
+            if hasattr(checker, "accounting"):
+                checker.accounting = False
+
+    def requestAvatarId(self, creds):
+        guard = self.guard
+        judgement = None
+        if guard is not None:
+            username = creds.username
+            if isinstance(username, bytes):
+                username = username.decode("utf-8", "surrogateescape")
+            judgement = guard.judge(username, getattr(creds, "peer", None))
+            if judgement.priority is None:
+                return defer.fail(guard.refuse_unchecked(judgement))
+        checkers = iter(self.checkers)
+        result: defer.Deferred = defer.Deferred()
+        first_refusal: list = []
+
+        def next_checker(_=None):
+            checker = next(checkers, None)
+            if checker is None:
+                if guard is not None:
+                    guard.failed(judgement)
+                result.errback(first_refusal[0] if first_refusal
+                               else Failure(error.UnauthorizedLogin("no checker accepted")))
+                return
+            defer.maybeDeferred(checker.requestAvatarId, creds).addCallbacks(
+                accepted, refused)
+
+        def accepted(avatar_id):
+            if guard is not None:
+                guard.succeeded(judgement)
+            result.callback(avatar_id)
+
+        def refused(failure):
+            if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials) \
+                    and not failure.check(VerificationBusy):
+                if not first_refusal and failure.check(error.UnauthorizedLogin):
+                    first_refusal.append(failure)
+                next_checker()
+            else:
+                result.errback(failure)
+        next_checker()
+        return result
 
 
 class IMQTTUser(Interface):
@@ -561,6 +656,6 @@ class Authenticator:
 
 
 __all__ = ["Authenticator", "DEFAULT_AUTH_FAILURE_WINDOW", "DEFAULT_MAX_AUTH_FAILURES",
-           "EmptyPasswordFile", "GatedChecker", "IMQTTUser", "MQTTCredentials", "PasswordFileChecker",
+           "CheckerChain", "EmptyPasswordFile", "GatedChecker", "IMQTTUser", "MQTTCredentials", "PasswordFileChecker",
            "ThrottledLogin", "UsernameRealm", "costly_entries", "dummy_entry", "file_secret",
            "make_portal", "padding_ceilings", "scram_shape", "uniform_verify", "work_profile"]

@@ -17,8 +17,8 @@ from twisted.logger import Logger
 
 from mqttd.auth.acl import ACLAuthorizer
 from mqttd.auth.checkers import (DEFAULT_AUTH_FAILURE_WINDOW, DEFAULT_MAX_AUTH_FAILURES,
-                                 Authenticator, GatedChecker, PasswordFileChecker,
-                                 make_portal)
+                                 Authenticator, CheckerChain, GatedChecker,
+                                 PasswordFileChecker, make_portal)
 from mqttd.auth.gate import VerificationGate
 from mqttd.auth.guard import LoginGuard
 from mqttd.auth.scram import SCRAM_SHA_256, EnhancedAuthenticator, scram_mechanism
@@ -112,6 +112,8 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     :param auth: ``twisted.cred.strcred`` descriptions (``unix``, ``memory:u:p``...);
         all but ``memory`` block (``crypt``, file reads): they run in the
         password checks' thread pool (:class:`~mqttd.auth.checkers.GatedChecker`).
+        Several ``IUsernamePassword`` checkers (the password file's, ``checkers``,
+        ``auth``'s) are asked in that order (:class:`~mqttd.auth.checkers.CheckerChain`).
     :param checkers: more ``ICredentialsChecker`` objects (embedders).
     :param allow_anonymous: True/False to force; None for the automatic policy.
     Raises OSError / ValueError for unreadable files or bad descriptions.
@@ -144,6 +146,11 @@ def configure(reactor, listen: Sequence[str], password_file: Optional[str] = Non
     authorizer = ACLAuthorizer.from_file(acl_file) if acl_file else None
     configured = bool(all_checkers)
     allowed, why = anonymous_policy(listen, configured, allow_anonymous)
+    passwords = [c for c in all_checkers if IUsernamePassword in c.credentialInterfaces]
+    if len(passwords) > 1:
+        # a Portal keeps one checker per interface: chain them, in order
+        all_checkers = [c for c in all_checkers if c not in passwords]
+        all_checkers.append(CheckerChain(passwords, guard))
     portal = make_portal(all_checkers) if all_checkers else None
     enhanced = EnhancedAuthenticator()
     if password_checker is not None:

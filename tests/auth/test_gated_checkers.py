@@ -76,8 +76,9 @@ def test_configure_gates_unix_and_file_checkers_but_not_memory(tmp_path):
     users.write_text("alice:secret\n")
     security = configure(clock, ["tcp:1883:interface=127.0.0.1"],
                          auth=["unix", f"file:{users}"])
-    checkers = [c for c in security.authenticator.portal.checkers.values()]
-    assert checkers and all(isinstance(c, GatedChecker) for c in checkers)
+    (chain,) = set(security.authenticator.portal.checkers.values())
+    checkers = chain.checkers                          # two checkers: asked in turn
+    assert len(checkers) == 2 and all(isinstance(c, GatedChecker) for c in checkers)
     assert security.gate is not None and checkers[0].gate is security.gate
     memory = configure(clock, ["tcp:1883:interface=127.0.0.1"], auth=["memory:bob:pw"])
     (only,) = set(memory.authenticator.portal.checkers.values())
