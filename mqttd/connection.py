@@ -36,7 +36,7 @@ from mqttd.codec.packets import (
 from mqttd.codec.reader import PacketReader
 from mqttd.connecting import Connecting
 from mqttd.connstate import _CLOSED, _CONNECTED, _CONNECTING, _peer_host
-from mqttd.inflow import DECODE_SLICE, InputFlow
+from mqttd.inflow import DECODE_SLICE, TURN_BUDGET, TURN_CHECK_MASK, InputFlow
 from mqttd.interfaces import IClientConnection
 from mqttd.outbound import Outbound
 from mqttd.publishing import Publishing
@@ -235,12 +235,18 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         """Decode and handle ``data`` slice by slice: when input blocks, the
         rest stays raw (held), so at most one slice's packets wait decoded."""
         end = len(data)
+        started = self.clock.seconds() if end > DECODE_SLICE else 0.0
         for start in range(0, end, DECODE_SLICE):
             self._decode(data[start:start + DECODE_SLICE] if end > DECODE_SLICE else data)
             if self.state == _CLOSED:
                 return
             rest = start + DECODE_SLICE
-            if rest < end and (self._held or self._waiting or self._rate_call is not None):
+            if rest >= end:
+                return
+            if not (self._held or self._waiting or self._rate_call is not None) and \
+                    self.clock.seconds() - started >= TURN_BUDGET:
+                self._yield_turn()   # this read had its share of the turn (REVIEW-S9 R8)
+            if self._held or self._waiting or self._rate_call is not None:
                 self._hold_input(data[rest:], first=True)
                 return
 
@@ -274,7 +280,11 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
                 self._process(packets)
 
     def _process(self, packets) -> None:
+        """Handle ``packets`` in order until input blocks; a long run of costly
+        packets yields the reactor after :data:`~mqttd.inflow.TURN_BUDGET`
+        seconds (REVIEW-S9 R8)."""
         broker = self.broker
+        started = None
         for index, packet in enumerate(packets):
             if self.state == _CLOSED:
                 return
@@ -298,6 +308,15 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
                 # answer: what was already read waits too
                 self._stash = packets[index + 1:]
                 return
+            if index & TURN_CHECK_MASK == TURN_CHECK_MASK and index + 1 < len(packets):
+                # every 16 packets: has this read had its share of the reactor turn?
+                now = self.clock.seconds()
+                if started is None:
+                    started = now
+                elif now - started >= TURN_BUDGET:
+                    self._stash = packets[index + 1:]
+                    self._yield_turn()   # the rest next turn, after the others
+                    return
 
     def _internal_error(self, packet) -> None:
         log.failure("Handling {packet} from {client_id} ({peer}) failed; closing "
