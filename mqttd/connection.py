@@ -447,6 +447,12 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
     def connection_lost(self, reason=None) -> None:
         if self._bucket is not None:
             self._leave_turns()
+            if self._will_on_close and self.session is not None and \
+                    self.session.connection is self:
+                if self._gate is not None or self._stash:
+                    self._settle_held_input()   # a held DISCONNECT decides first
+                if self._will_on_close and not self._will_affordable():
+                    self._will_on_close = False
             self.broker.inbound_buckets.release(self.client_id, self._bucket,
                                                 self.clock.seconds())
             self._bucket = None
@@ -489,6 +495,8 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
             self._will_on_close = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL
         else:
             self._will_on_close = False  # [MQTT-3.14.4-3]
+        if self._will_on_close and self._bucket is not None and not self._will_affordable():
+            self._will_on_close = False   # over the inbound rate (REVIEW-S9 R14)
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()
