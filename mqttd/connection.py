@@ -36,7 +36,7 @@ from mqttd.codec.packets import (
 from mqttd.codec.reader import PacketReader
 from mqttd.connecting import Connecting
 from mqttd.connstate import _CLOSED, _CONNECTED, _CONNECTING, _peer_host
-from mqttd.inflow import DECODE_SLICE, InputFlow
+from mqttd.inflow import DECODE_SLICE, TURN_BUDGET, TURN_CHECK_MASK, InputFlow
 from mqttd.interfaces import IClientConnection
 from mqttd.outbound import Outbound
 from mqttd.publishing import Publishing
@@ -235,12 +235,18 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         """Decode and handle ``data`` slice by slice: when input blocks, the
         rest stays raw (held), so at most one slice's packets wait decoded."""
         end = len(data)
+        started = self.clock.seconds() if end > DECODE_SLICE else 0.0
         for start in range(0, end, DECODE_SLICE):
             self._decode(data[start:start + DECODE_SLICE] if end > DECODE_SLICE else data)
             if self.state == _CLOSED:
                 return
             rest = start + DECODE_SLICE
-            if rest < end and (self._held or self._waiting or self._rate_call is not None):
+            if rest >= end:
+                return
+            if not (self._held or self._waiting or self._rate_call is not None) and \
+                    self.clock.seconds() - started >= TURN_BUDGET:
+                self._yield_turn()   # this read had its share of the turn (REVIEW-S9 R8)
+            if self._held or self._waiting or self._rate_call is not None:
                 self._hold_input(data[rest:], first=True)
                 return
 
@@ -274,7 +280,11 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
                 self._process(packets)
 
     def _process(self, packets) -> None:
+        """Handle ``packets`` in order until input blocks; a long run of costly
+        packets yields the reactor after :data:`~mqttd.inflow.TURN_BUDGET`
+        seconds (REVIEW-S9 R8)."""
         broker = self.broker
+        started = None
         for index, packet in enumerate(packets):
             if self.state == _CLOSED:
                 return
@@ -298,6 +308,15 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
                 # answer: what was already read waits too
                 self._stash = packets[index + 1:]
                 return
+            if index & TURN_CHECK_MASK == TURN_CHECK_MASK and index + 1 < len(packets):
+                # every 16 packets: has this read had its share of the reactor turn?
+                now = self.clock.seconds()
+                if started is None:
+                    started = now
+                elif now - started >= TURN_BUDGET:
+                    self._stash = packets[index + 1:]
+                    self._yield_turn()   # the rest next turn, after the others
+                    return
 
     def _internal_error(self, packet) -> None:
         log.failure("Handling {packet} from {client_id} ({peer}) failed; closing "
@@ -428,6 +447,12 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
     def connection_lost(self, reason=None) -> None:
         if self._bucket is not None:
             self._leave_turns()
+            if self._will_on_close and self.session is not None and \
+                    self.session.connection is self:
+                if self._gate is not None or self._stash:
+                    self._settle_held_input()   # a held DISCONNECT decides first
+                if self._will_on_close and not self._will_affordable():
+                    self._will_on_close = False
             self.broker.inbound_buckets.release(self.client_id, self._bucket,
                                                 self.clock.seconds())
             self._bucket = None
@@ -470,6 +495,8 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
             self._will_on_close = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL
         else:
             self._will_on_close = False  # [MQTT-3.14.4-3]
+        if self._will_on_close and self._bucket is not None and not self._will_affordable():
+            self._will_on_close = False   # over the inbound rate (REVIEW-S9 R14)
         self.state = _CLOSED
         self._online = False
         self._cancel_timers()

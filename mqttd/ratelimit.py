@@ -274,6 +274,20 @@ class InboundBucket:
             self.bytes -= size
         return 0.0
 
+    def overdraw(self, size: int, now: float) -> bool:
+        """Charge one PUBLISH of ``size`` bytes even beyond what the bucket
+        holds, unless it is in debt already: False then (nothing charged).
+        For what cannot wait (a will at close): one may overdraw, a second
+        waits for the debt to be repaid."""
+        self.refill(now)
+        if (self.rate and self.messages < 0) or (self.bytes_rate and self.bytes < 0):
+            return False
+        if self.rate:
+            self.messages -= 1.0
+        if self.bytes_rate:
+            self.bytes -= size
+        return True
+
     def state(self, now: float):
         """``(messages, bytes, seconds until full)`` after refilling to ``now``."""
         self.refill(now)

@@ -240,3 +240,33 @@ def test_host_buckets_are_released_with_the_last_connection_of_the_host():
     clients[2].drop()
     clients[1].drop()
     assert len(broker.inbound_buckets) == 0
+
+
+def test_wills_are_charged_to_the_inbound_bucket():
+    """Connecting with a will and dropping the socket 50 times at 5/s publishes a bucket's worth, not 50 (REVIEW-S9 R14)."""
+    from mqttd.codec.packets import Will
+    broker, clock = make_broker(max_inbound_rate=5)
+    sub = _subscriber(broker, clock, topic="wr/#")
+    for _ in range(50):
+        dev = FakeClient(broker, clock)
+        dev.connect("wr-pub", will=Will("wr/dead", b"gone", 0, False))
+        dev.drop()
+    assert _delivered(sub) <= 5 + 1
+    assert broker.stats.dropped["inbound-rate-will"] >= 44
+    clock.advance(2.0)                                   # refilled: the next will passes
+    dev = FakeClient(broker, clock)
+    dev.connect("wr-pub", will=Will("wr/dead", b"gone", 0, False))
+    dev.drop()
+    assert _delivered(sub) == 1
+
+
+def test_v5_disconnect_with_will_is_charged_too():
+    """DISCONNECT 0x04 publishes the will through the same bucket."""
+    from mqttd.codec.packets import Disconnect, Will
+    broker, clock = make_broker(max_inbound_rate=2)
+    sub = _subscriber(broker, clock, topic="wr/#")
+    for _ in range(10):
+        dev = FakeClient(broker, clock, level=5)
+        dev.connect("wr5", will=Will("wr/dead", b"gone", 0, False))
+        dev.send(Disconnect(0x04))
+    assert _delivered(sub) <= 2 + 1
