@@ -7,16 +7,13 @@ the modules the connection is composed of (:mod:`mqttd.outbound`,
 """
 from __future__ import annotations
 
-from typing import Optional
+from mqttd.ratelimit import peer_host
 
 __all__ = ["_CONNECTING", "_CONNECTED", "_CLOSED", "_peer_host"]
 
 _CONNECTING, _CONNECTED, _CLOSED = "connecting", "connected", "closed"
 
 
-def _peer_host(peer: Optional[str]) -> str:
-    """``host`` of ``host:port`` (who a connection is before its CONNECT)."""
-    if not peer:
-        return "-"
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
+#: ``host`` of ``host:port`` (who a connection is before its CONNECT): the
+#: broker's one judgement, :func:`mqttd.ratelimit.peer_host`
+_peer_host = peer_host

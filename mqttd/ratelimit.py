@@ -170,12 +170,11 @@ def peer_host(peer) -> str:
     return host if colon and host and port.isdigit() else text
 
 
-def address_key(peer) -> str:
-    """Who a peer is for per-address limits (half-open sockets, the inbound
-    rate): its host (:func:`peer_host`), or for IPv6 its /64 network -- one site
-    or one customer usually has a whole /64, so a new address from it is not a
-    new client host (``"2001:db8:1:2::/64"``)."""
-    host = peer_host(peer)
+def network_key(host: str) -> str:
+    """Who a client host is for per-address limits and failure budgets: the
+    host itself, or for IPv6 its /64 network -- one site or one customer
+    usually has a whole /64, so a new address from it is not a new client host
+    (``"2001:db8:1:2::/64"``).  ``host`` has no port (see :func:`peer_host`)."""
     if ":" not in host:
         return host  # IPv4, a name, "-": no parsing on the common path
     try:
@@ -185,6 +184,12 @@ def address_key(peer) -> str:
     if address.version == 6 and address.ipv4_mapped is None:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return host
+
+
+def address_key(peer) -> str:
+    """Who a peer (``"host:port"``) is for per-address limits (half-open
+    sockets, the inbound rate): :func:`network_key` of its :func:`peer_host`."""
+    return network_key(peer_host(peer))
 
 
 def refusal_key(what: str, client_id, peer) -> tuple:

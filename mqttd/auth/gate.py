@@ -42,7 +42,6 @@ result is dropped.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import os
 import threading
 from typing import Callable, Deque, Dict, Hashable, Optional, Tuple
@@ -52,31 +51,19 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mqttd.ratelimit import network_key, peer_host
+
 
 class VerificationBusy(error.LoginFailed):
     """Too many password checks running or waiting: refused, not checked
     (CONNACK 0x9F Connection rate exceeded; MQTT 3.1.1 0x03)."""
 
 
-def peer_host(peer: Optional[str]) -> str:
-    """The host of a ``host:port`` peer (the per-peer key); ``"-"`` if unknown."""
-    if not peer:
-        return "-"
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
-
-
-def address_key(host: str) -> str:
-    """The key under which an address's failures are counted: the host
-    itself, or for IPv6 its /64 network (one site or one customer usually
-    has a whole /64, so a new address from it is not a new peer)."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host
-    if address.version == 6 and address.ipv4_mapped is None:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return host
+#: the host of a ``host:port`` peer, and the key under which an address's
+#: failures are counted (an IPv6 address's /64): the broker's own judgements
+#: (:mod:`mqttd.ratelimit`), so a failure budget and a rate limit see one
+#: client host the same way
+address_key = network_key
 
 
 class FailureLog:

@@ -571,19 +571,11 @@ class RouteTable:
         nodes: Set[str] = set()
         shares: Dict[str, Set[str]] = {}
         me = self.node_id
+        matched = [entry for _filter, entry, _value in self._trie.match(topic)]
         exact = self._exact.get(topic)
         if exact:
-            for node, share in exact:
-                if share is None:
-                    if node != me:
-                        nodes.add(node)
-                else:
-                    found = shares.get(share)
-                    if found is None:
-                        shares[share] = {node}
-                    else:
-                        found.add(node)
-        for _filter, (node, share), _value in self._trie.match(topic):
+            matched.extend(exact)
+        for node, share in matched:
             if share is None:
                 if node != me:
                     nodes.add(node)
