@@ -194,6 +194,9 @@ class Reaper:
             adopted, moved = yield self._adopt_all(node)
             # the dead node's sessions its clients resumed elsewhere before we came
             targets = yield self._moved_targets(node, moved, adopted)
+            # ... keep a route to them here before the dead node's routes go
+            # (their new owner may still be claiming them: no routes yet)
+            yield self._hold_routes(targets, moved)
             # a node id alive again (a new incarnation joined before this
             # reap took the lock) owns its inbox: the entries it read are in
             # its hands, the unread ones its reader takes next, for the
@@ -289,6 +292,9 @@ class Reaper:
             self._live_boots[node] = boot.encode() if isinstance(boot, str) else boot
             adopted, moved = yield self._adopt_all(node)
             targets = yield self._moved_targets(node, moved, adopted)
+            # a route to them in the set this node writes when it serves (the
+            # previous incarnation's set, theirs included, is replaced then)
+            yield self._hold_routes(targets, moved, wait=False)
             if self.replay_inbox is not None:
                 replayed = yield self.replay_inbox(
                     node, self.deliver_to(adopted, targets, node), self._tracked_sync(node))
@@ -392,6 +398,27 @@ class Reaper:
                 continue
             targets[client_id] = {sub.topic_filter: sub for sub in record.subscriptions}
         return targets
+
+    @defer.inlineCallbacks
+    def _hold_routes(self, targets: dict, moved: dict, wait: bool = True):
+        """Forward, for a while, what reaches this node for the subscriptions
+        of the dead node's sessions that moved to other nodes
+        (:meth:`ClusterSessions.forward_moved`), and wait until those routes
+        are in Redis: the route feed then has them before the ``reset`` of
+        the dead node's routes, so no publisher is left with no route to a
+        session whose claim is still in progress elsewhere.  ``wait=False``
+        (a node recovering its own previous incarnation, fenced: its route
+        set, these routes included, is written when it serves)."""
+        forward = getattr(self.sessions, "forward_moved", None)
+        if forward is None or not targets:
+            return
+        since = self.broker.write_count
+        held = [client_id for client_id, subscriptions in targets.items()
+                if forward(client_id, subscriptions, moved.get(client_id, ""))]
+        if held and wait:
+            barrier = self.broker.barrier(since)
+            if barrier is not None:
+                yield barrier
 
     @defer.inlineCallbacks
     def _adopt(self, node: str, client_id: str):

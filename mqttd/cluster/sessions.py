@@ -509,7 +509,31 @@ class ClusterSessions:
 
     # --- forwarding what still reaches a node that gave a session away -------------------
 
-    def _forward(self, client_id: str, subscriptions, claimant: str = "") -> None:
+    def forward_moved(self, client_id: str, subscriptions, owner: str) -> bool:
+        """Forward to ``owner`` what reaches this node for ``client_id``'s
+        ``subscriptions`` ({filter: subscription record}) for
+        ``forward_grace`` seconds (at least twice ``takeover_timeout``: the
+        claim may wait that long for the dead owner), as a node that gave
+        the session away does.
+
+        The reaper of a dead node calls it for each of the node's sessions
+        another node owns now, before it resets the dead node's routes: a
+        claim still in progress there (waiting for the dead owner's answer
+        to its kick) has not installed the session yet, so without these
+        routes no node had any for it and what publishers sent meanwhile was
+        acknowledged and dropped (REVIEW-S9-CLUSTER C4/C5).  What the new
+        owner's node also got directly is not forwarded again.  False (and
+        nothing done) if the session is installed here or this node already
+        forwards it."""
+        if not owner or owner == self.node_id or client_id in self._forwarding \
+                or client_id in self.broker.sessions:
+            return False
+        self._forward(client_id, subscriptions, owner,
+                      max(self.forward_grace, 2 * self.takeover_timeout))
+        return True
+
+    def _forward(self, client_id: str, subscriptions, claimant: str = "",
+                 grace: Optional[float] = None) -> None:
         unsubscribers = []
         installing = [True]
         also_sent_to = self.also_sent_to
@@ -532,8 +556,8 @@ class ClusterSessions:
                 topic_filter, lambda m, sub=sub: forward(m, sub), qos=sub.qos))
         installing[0] = False
         self._forwarding[client_id] = unsubscribers
-        self.clock.callLater(self.forward_grace, self._stop_forwarding, client_id,
-                             unsubscribers)
+        self.clock.callLater(self.forward_grace if grace is None else grace,
+                             self._stop_forwarding, client_id, unsubscribers)
 
     def _open_window(self, client_id: str):
         """Start keeping what this node delivers (messages published here, and
