@@ -165,8 +165,9 @@ def test_connections_from_one_host_share_one_inbound_bucket():
     assert _delivered(sub) <= 20 + 1                    # and one rate for 2 s
 
 
-def test_connections_sharing_a_host_bucket_take_turns():
-    """Three flooding connections of one host each get about a third, not one of them all."""
+def _three_of_one_host(prefix):
+    """A broker at 10 PUBLISH/s, a subscriber to ``#`` and three connected publishers
+    of one host (``PREFIX-0..2``): ``(broker, clock, sub, pubs)``."""
     broker, clock = make_broker(max_inbound_rate=10)
     sub = FakeClient(broker, clock)
     sub.connect("sub")
@@ -174,8 +175,14 @@ def test_connections_sharing_a_host_bucket_take_turns():
     pubs = []
     for n in range(3):
         pub = FakeClient(broker, clock)
-        pub.connect(f"turn-{n}")
+        pub.connect(f"{prefix}-{n}")
         pubs.append(pub)
+    return broker, clock, sub, pubs
+
+
+def test_connections_sharing_a_host_bucket_take_turns():
+    """Three flooding connections of one host each get about a third, not one of them all."""
+    broker, clock, sub, pubs = _three_of_one_host("turn")
     for n, pub in enumerate(pubs):
         pub.send_bytes(_tiny_publishes(2000, topic="abc"[n]))
     for _ in range(200):                                # 10 s
@@ -187,16 +194,9 @@ def test_connections_sharing_a_host_bucket_take_turns():
 
 def test_a_connection_leaving_its_turn_hands_it_on():
     """The connection whose turn it is closes, or a waiting one does: the others go on."""
-    broker, clock = make_broker(max_inbound_rate=10)
-    sub = FakeClient(broker, clock)
-    sub.connect("sub")
-    sub.subscribe("#")
-    pubs = []
-    for n in range(3):
-        pub = FakeClient(broker, clock)
-        pub.connect(f"leave-{n}")
+    broker, clock, sub, pubs = _three_of_one_host("leave")
+    for n, pub in enumerate(pubs):
         pub.send_bytes(_tiny_publishes(500, topic="abc"[n]))
-        pubs.append(pub)
     sub.received()
     bucket = pubs[0].conn._bucket
     assert list(bucket.waiters) == [p.conn for p in pubs]

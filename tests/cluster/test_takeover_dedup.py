@@ -27,22 +27,30 @@ class FakeRouter:
             observer(message, frozenset(("A", "B")))
 
 
+
+async def parked_on_a(url, client_id, topic_filter):
+    """Nodes A and B (B with a :class:`FakeRouter`; A skips forwarding what the
+    publisher also sent to B) and ``client_id``'s persistent session parked on A
+    with ``topic_filter``: ``(a, b, router)``."""
+    nodes, alive = {}, {"A": True, "B": True}
+    a, b = Node(url, "A", nodes, alive), Node(url, "B", nodes, alive)
+    router = FakeRouter(b)
+    b.sessions.router = router
+    a.sessions.also_sent_to = lambda node, message: node == "B"
+    sub = a.client()
+    await connect(a, sub, client_id)
+    sub.subscribe(topic_filter, qos=1)
+    sub.conn.connection_lost()
+    await settle(a)
+    return a, b, router
+
 def test_message_reaching_the_new_owner_during_the_takeover_is_delivered_once(
         redis_server, aio):
     """A message the publisher sent to both nodes while the session moves from A to B:
     A does not forward it (B got it), B got it before the session was installed there;
     B keeps it and delivers it into the session once -- not lost, not twice."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
-        router = FakeRouter(b)
-        b.sessions.router = router
-        a.sessions.also_sent_to = lambda node, message: node == "B"
-        sub = a.client()
-        await connect(a, sub, "mover")
-        sub.subscribe("mv/#", qos=1)
-        sub.conn.connection_lost()
-        await settle(a)
+        a, b, router = await parked_on_a(redis_server.url, "mover", "mv/#")
         sent = b.sessions.send_control
 
         def send_control(node, fields):
@@ -71,16 +79,7 @@ def test_message_the_old_owner_queued_during_the_takeover_and_the_new_node_kept_
     *and* B kept for the session (its claim was already running): B loads the session
     with it queued, and must not deliver its own copy on top."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
-        router = FakeRouter(b)
-        b.sessions.router = router
-        a.sessions.also_sent_to = lambda node, message: node == "B"
-        sub = a.client()
-        await connect(a, sub, "mover2")
-        sub.subscribe("mv2/#", qos=1)
-        sub.conn.connection_lost()
-        await settle(a)
+        a, b, router = await parked_on_a(redis_server.url, "mover2", "mv2/#")
         # two identical messages before the takeover: queued on A, delivered once each
         a.broker.dispatch(Message("mv2/0", b"same", 1))
         a.broker.dispatch(Message("mv2/0", b"same", 1))
@@ -115,16 +114,7 @@ def test_message_reaching_the_new_owner_while_its_claim_runs_is_not_lost(redis_s
     B must keep it for the session -- it was dropped (acknowledged QoS 1/2 messages lost
     when a live subscriber moved between nodes under a publisher's stream)."""
     async def run():
-        nodes, alive = {}, {"A": True, "B": True}
-        a, b = Node(redis_server.url, "A", nodes, alive), Node(redis_server.url, "B", nodes, alive)
-        router = FakeRouter(b)
-        b.sessions.router = router
-        a.sessions.also_sent_to = lambda node, message: node == "B"
-        sub = a.client()
-        await connect(a, sub, "mover3")
-        sub.subscribe("mv3/#", qos=1)
-        sub.conn.connection_lost()
-        await settle(a)
+        a, b, router = await parked_on_a(redis_server.url, "mover3", "mv3/#")
         is_alive = b.sessions.is_alive
 
         def alive_check(node):
