@@ -251,8 +251,9 @@ def test_rate_limited_client_that_pings_on_time_stays_connected():
     assert Pingresp() in pub.received()                 # answered once the debt is paid
 
 
-def test_slow_publish_hook_does_not_expire_a_pinging_client():
-    """Waiting 6 s for authorize_publish is the broker's time, not the client's silence (N2)."""
+def _slow_publish_hook():
+    """A broker whose authorize_publish answers PUBLISHes to "slow" with a Deferred the
+    test fires: ``(broker, clock, that Deferred)``."""
     broker, clock = make_broker(hook_timeout=20)
     answer = defer.Deferred()
 
@@ -260,6 +261,12 @@ def test_slow_publish_hook_does_not_expire_a_pinging_client():
         def authorize_publish(self, client, message):
             return answer if message.topic == "slow" else True
     broker.authorizer = Slow()
+    return broker, clock, answer
+
+
+def test_slow_publish_hook_does_not_expire_a_pinging_client():
+    """Waiting 6 s for authorize_publish is the broker's time, not the client's silence (N2)."""
+    broker, clock, answer = _slow_publish_hook()
     client = FakeClient(broker, clock)
     client.connect("hk", keepalive=2)
     wire = Wire(client)
@@ -401,13 +408,7 @@ def test_reading_after_the_close_is_bounded_then_the_will_is_published():
 
 def test_disconnect_held_behind_a_slow_hook_discards_the_will_when_the_client_closes():
     """The client closes right after DISCONNECT while a hook is pending: no will (N11)."""
-    broker, clock = make_broker(hook_timeout=20)
-    answer = defer.Deferred()
-
-    class Slow:
-        def authorize_publish(self, client, message):
-            return answer if message.topic == "slow" else True
-    broker.authorizer = Slow()
+    broker, clock, answer = _slow_publish_hook()
     watcher = _watcher(broker, clock)
     dev = FakeClient(broker, clock, level=5)
     dev.connect("dev8", will=Will("wt/dead", b"dev8 died", 0, False))

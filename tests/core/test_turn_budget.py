@@ -25,8 +25,9 @@ def _costly(broker, clock, seconds=0.001):
     broker.on("published", cost)
 
 
-def test_costly_publishes_of_one_read_yield_the_reactor_each_turn():
-    """2,000 PUBLISHes of 1 ms in one read: about TURN_BUDGET's worth per turn, the rest later, in order."""
+def _costly_pair():
+    """A broker whose every PUBLISH costs 1 ms, a subscriber to "t" and a publisher:
+    ``(broker, clock, sub, pub)``."""
     broker, clock = make_broker()
     _costly(broker, clock)
     sub = FakeClient(broker, clock)
@@ -34,6 +35,12 @@ def test_costly_publishes_of_one_read_yield_the_reactor_each_turn():
     sub.subscribe("t")
     pub = FakeClient(broker, clock)
     pub.connect("pub")
+    return broker, clock, sub, pub
+
+
+def test_costly_publishes_of_one_read_yield_the_reactor_each_turn():
+    """2,000 PUBLISHes of 1 ms in one read: about TURN_BUDGET's worth per turn, the rest later, in order."""
+    broker, clock, sub, pub = _costly_pair()
     pub.send_bytes(_tiny_publishes(2000))
     first = [p for p in sub.received() if isinstance(p, Publish)]
     assert 16 <= len(first) <= TURN_BUDGET / 0.001 + 2 * 16   # one turn's share (checked every 16)
@@ -50,13 +57,7 @@ def test_costly_publishes_of_one_read_yield_the_reactor_each_turn():
 
 def test_other_clients_are_served_between_the_turns_of_a_costly_reader():
     """Another client's PINGREQ is answered after one turn's share, not after the whole read."""
-    broker, clock = make_broker()
-    _costly(broker, clock)
-    sub = FakeClient(broker, clock)
-    sub.connect("sub")
-    sub.subscribe("t")
-    pub = FakeClient(broker, clock)
-    pub.connect("pub")
+    broker, clock, sub, pub = _costly_pair()
     other = FakeClient(broker, clock)
     other.connect("other")
     handled = []
