@@ -1,4 +1,4 @@
-"""A reactor turn's writes leave at its end without a poll (mqttd.turnwrites).
+"""A reactor turn's writes leave at its end without a poll; reads share one buffer (mqttd.turnwrites).
 
 Each test runs Twisted's own TCP server transport over one end of a local
 ``socketpair`` with a ``MemoryReactorClock``: what the reactor is asked to
@@ -8,7 +8,7 @@ import errno
 import socket
 
 import pytest
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.error import ConnectionAborted, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
 from zope.interface import implementer
 
-from mqttd.turnwrites import TurnWriterServer, coalesce_writes
+from mqttd.turnwrites import READ_SIZE, TurnWriterServer, coalesce_writes
 
 from tests.logcapture import logged
 
@@ -197,3 +197,62 @@ def test_only_socket_transports_are_changed():
     assert coalesce_writes(transport) is True
     ours.close()
     peer.close()
+
+
+class _Keeper(_Recorder):
+    def __init__(self):
+        super().__init__()
+        self.data = []
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+
+def _server_with(protocol):
+    ours, peer = socket.socketpair()
+    reactor = MemoryReactorClock()
+    transport = tcp.Server(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)
+    protocol.makeConnection(transport)
+    coalesce_writes(transport)
+    return transport, ours, peer
+
+
+def test_reads_through_the_shared_buffer_hand_over_copies_of_just_what_came():
+    """Each read's bytes are the protocol's own: a later read into the shared buffer never changes them."""
+    protocol = _Keeper()
+    transport, ours, peer = _server_with(protocol)
+    peer.sendall(b"CONNECT")
+    assert transport.doRead() is None
+    peer.sendall(b"SUBSCRIBE and more")
+    assert transport.doRead() is None
+    assert protocol.data == [b"CONNECT", b"SUBSCRIBE and more"]
+    assert all(type(d) is bytes for d in protocol.data)
+    assert transport.doRead() is None and protocol.data[2:] == []     # EWOULDBLOCK: nothing
+    peer.close()
+    assert transport.doRead() is main.CONNECTION_DONE
+    ours.close()
+
+
+def test_a_read_takes_at_most_buffer_size_bytes_and_larger_sizes_use_twisteds_read():
+    """bufferSize bounds each read as in Twisted; over the shared buffer's size Twisted's doRead runs."""
+    protocol = _Keeper()
+    transport, ours, peer = _server_with(protocol)
+    transport.bufferSize = 10
+    peer.sendall(b"0123456789abcdef")
+    transport.doRead()
+    transport.doRead()
+    assert protocol.data == [b"0123456789", b"abcdef"]
+    transport.bufferSize = READ_SIZE * 4
+    blob = bytes(range(256)) * 1024          # 256 KiB
+    peer.setblocking(False)
+    sent = peer.send(blob)
+    got = []
+    for _ in range(100):
+        before = len(protocol.data)
+        transport.doRead()
+        if len(protocol.data) == before:
+            break
+        got.extend(protocol.data[before:])
+    assert b"".join(got) == blob[:sent]
+    peer.close()
+    ours.close()
