@@ -277,7 +277,8 @@ class MQTTProtocol(Protocol):
             # 512 KiB doubled QoS 0 fan-in but cut QoS 1 fan-in by a quarter)
             self.transport.bufferSize = self.factory.write_buffer
         # a turn's writes leave at its end, not after a poll for writability
-        # (mqttd.turnwrites: two epoll_ctl and a reactor event less per write)
+        # (two epoll_ctl and a reactor event less per write), and reads use one
+        # shared buffer (mqttd.turnwrites)
         coalesce_writes(self.transport)
         self.transport.registerProducer(self, True)
         self.connection.release_transport = self.transport.unregisterProducer

@@ -1,4 +1,5 @@
-"""A reactor turn's writes leave at its end, without a trip through the poller (layer L4).
+"""A reactor turn's writes leave at its end, without a trip through the poller; reads
+share one buffer (layer L4).
 
 Twisted's TCP transport buffers what ``write()`` is given and asks the reactor
 to watch the socket for writability (with epoll: one ``epoll_ctl``); the next
