@@ -317,9 +317,14 @@ class SessionLifecycle:
         if self.online > self.stats.clients_maximum:
             self.stats.clients_maximum = self.online
         if persistent:
-            self._write(R.PutSession(session.to_record()))
-            if not was_persistent:
-                # a clean session became persistent: store what it owes
+            if was_persistent:
+                # resumed (or taken over): its subscriptions are in the store
+                # already; the new connection's state only, O(1) (REVIEW-S9 R15)
+                self.save_session_state(session)
+            else:
+                # new, or a clean session became persistent: store it whole
+                # with what it owes
+                self._write(R.PutSession(session.to_record()))
                 for out in session.outbound_records():
                     self._write(R.PutOutbound(client_id, out))
         elif was_persistent:
@@ -441,8 +446,8 @@ class SessionLifecycle:
             self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
             self._persistent.went_offline(client_id)
-            self._teardown_step(client_id, "session store", self._write,
-                                R.PutSession(session.to_record()))
+            self._teardown_step(client_id, "session store", self.save_session_state,
+                                session)
             self._teardown_step(client_id, "session expiry", self._schedule_expiry,
                                 session, now)
         self._teardown_step(client_id, "clientDisconnected event", self.emit,
@@ -545,6 +550,8 @@ class SessionLifecycle:
         session.expiry_interval = None if interval == NEVER_EXPIRES else interval
         if was_persistent and not session.persistent:
             self._write(R.DeleteSession(session.client_id))  # ends with this connection
+        elif was_persistent:
+            self.save_session_state(session)
         elif session.persistent:
             self._write(R.PutSession(session.to_record()))
 

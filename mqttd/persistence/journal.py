@@ -54,7 +54,7 @@ from mqttd.messages import Message
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
     FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, PutOutbound,
-    SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
+    PutSubscription, SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
 
 log = Logger(namespace="mqttd.persistence")
 
@@ -594,16 +594,16 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
 def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) -> None:
     """Apply journal ``batches`` to ``state``.
 
-    ``tolerant`` (after damage was found): a queued message or inbound QoS 2
-    id of a session whose record was in a damaged record is kept under a
-    fresh :class:`SessionRecord` (no subscriptions, never expires) instead of
-    being ignored, and the client id added to ``orphans`` -- so losing one
+    ``tolerant`` (after damage was found): a queued message, inbound QoS 2
+    id or subscription delta (format 5) of a session whose record was in a
+    damaged record is kept under a fresh :class:`SessionRecord` (no other
+    subscriptions, never expires) instead of being ignored, and the client id added to ``orphans`` -- so losing one
     record never cascades into losing every later message of its session.
     """
     sessions = state.sessions
     for batch in batches:
         for op in batch:
-            if tolerant and op.__class__ in (PutOutbound, AddInboundQos2) \
+            if tolerant and op.__class__ in (PutOutbound, AddInboundQos2, PutSubscription) \
                     and op.client_id not in sessions:
                 sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
                 orphans.add(op.client_id)
@@ -659,6 +659,8 @@ class JournaledStore:
     """
 
     durable = True
+    #: takes the subscription delta operations (format 5, see IBrokerStore)
+    subscription_deltas = True
     #: seconds before the first recovery attempt after a failed write or
     #: fsync; doubled after each failed attempt, up to RETRY_MAX
     RETRY_INITIAL = 0.5
