@@ -597,8 +597,9 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
     ``tolerant`` (after damage was found): a queued message, inbound QoS 2
     id or subscription delta (format 5) of a session whose record was in a
     damaged record is kept under a fresh :class:`SessionRecord` (no other
-    subscriptions, never expires) instead of being ignored, and the client id added to ``orphans`` -- so losing one
-    record never cascades into losing every later message of its session.
+    subscriptions, never expires) instead of being ignored, and the client id
+    added to ``orphans`` -- so losing one record never cascades into losing
+    every later message of its session.
     """
     sessions = state.sessions
     for batch in batches:
