@@ -386,17 +386,20 @@ class Reaper:
                 if client_id in self.broker.sessions:
                     adopted.add(client_id)
                 continue
-            rec = yield self.backend.execute(
-                "HGET", session_keys(self.prefix, client_id)[0], "rec")
-            if not rec:
+            keys = session_keys(self.prefix, client_id)
+            rec, state = yield self.backend.execute("HMGET", keys[0], "rec", "st")
+            if not rec and not state:
                 continue   # not persistent (any more): nothing is owed to it
+            subs = yield self.backend.execute("HGETALL", keys[6])
             try:
-                record = safepickle.loads(rec)
+                stored = self.sessions.stored_session(client_id, rec, (), (), (),
+                                                      _flat(subs), state or b"")
             except Exception as error:
                 log.warn("Unreadable session record of {client_id}: {error}",
                          client_id=client_id, error=str(error))
                 continue
-            targets[client_id] = {sub.topic_filter: sub for sub in record.subscriptions}
+            targets[client_id] = {sub.topic_filter: sub
+                                  for sub in stored.record.subscriptions}
         return targets
 
     @defer.inlineCallbacks
@@ -455,7 +458,7 @@ class Reaper:
                 del self.store.epochs[client_id]
             return False
         stored = self.sessions.stored_session(client_id, loaded[1], loaded[3], loaded[4],
-                                              loaded[5])
+                                              loaded[5], loaded[7], loaded[8])
         if stored is None:
             return False
         pending = None
@@ -709,3 +712,10 @@ return 0
 
 def _pairs(flat):
     return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def _flat(reply) -> list:
+    """An ``HGETALL`` reply (a dict, or a flat list) as a flat list of pairs."""
+    if isinstance(reply, dict):
+        return [x for pair in reply.items() for x in pair]
+    return list(reply or ())

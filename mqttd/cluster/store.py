@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import itertools
 import os
+
+import attrs
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -114,6 +116,10 @@ class RedisSessionStore:
     """
 
     durable = True
+    #: takes PutSubscription / DeleteSubscription / PutSessionState (format 5):
+    #: one field of the session's ``b`` hash per changed filter, the record's
+    #: other fields without the subscriptions (REVIEW-S9 R15)
+    subscription_deltas = True
 
     def __init__(self, backend, node_id: str, prefix: str = "mqttd:", clock=None,
                  wait_replicas: int = 0, wait_timeout: int = 1000, inner=None):
@@ -188,13 +194,23 @@ class RedisSessionStore:
                 self.inner.write(op)
             return
         if cls is R.PutSession:
+            # the record without its subscriptions, then one field of the
+            # session's ``b`` hash per subscription (see session_lua)
             record = op.record
             cid = record.client_id
-            expiry = record.expiry_interval
-            if expiry is None and record.protocol_level < 5:
-                expiry = self.v3_expiration
-            item = ("S", safepickle.dumps(record),
-                    "" if expiry is None else int(expiry * 1000))
+            item = ["S", safepickle.dumps(attrs.evolve(record, subscriptions=())),
+                    self._expiry_ms(record)]
+            for sub in record.subscriptions:
+                item += ("B", sub.topic_filter, safepickle.dumps(sub))
+        elif cls is R.PutSubscription:
+            cid = op.client_id
+            item = ("B", op.record.topic_filter, safepickle.dumps(op.record))
+        elif cls is R.DeleteSubscription:
+            cid = op.client_id
+            item = ("E", op.topic_filter)
+        elif cls is R.PutSessionState:
+            cid = op.client_id
+            item = ("T", safepickle.dumps(op), self._expiry_ms(op))
         elif cls is R.PutOutbound:
             cid = op.client_id
             item = ("O", op.record.seq, encode_outbound(op.record))
@@ -236,6 +252,14 @@ class RedisSessionStore:
             # written without a sync (e.g. a stage update): out on the next turn
             self._scheduled = True
             self.clock.callLater(0, self._auto_flush)
+
+    def _expiry_ms(self, record) -> object:
+        """The Session Expiry Interval Redis keeps for ``record`` (a SessionRecord
+        or PutSessionState): milliseconds, ``""`` = never."""
+        expiry = record.expiry_interval
+        if expiry is None and record.protocol_level < 5:
+            expiry = self.v3_expiration
+        return "" if expiry is None else int(expiry * 1000)
 
     def _auto_flush(self) -> None:
         self._scheduled = False
