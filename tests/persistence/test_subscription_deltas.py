@@ -377,3 +377,58 @@ def test_subscriptions_after_reconnects_and_a_kill_are_restored_exactly(tmp_path
     assert world.broker.sessions["k"].subscriptions == expected
     assert list(expected) == ["b/+", "c", "$share/g/s"]
     world.close()
+
+
+_BROKER_FILTERS = ["a/#", "b/+", "c", "$share/g/d", "e/+/f"]
+_broker_step = st.one_of(
+    st.tuples(st.just("subscribe"), st.lists(st.tuples(st.sampled_from(_BROKER_FILTERS),
+                                                       st.integers(0, 2)),
+                                             min_size=1, max_size=3)),
+    st.tuples(st.just("unsubscribe"), st.lists(st.sampled_from(_BROKER_FILTERS),
+                                               min_size=1, max_size=3)),
+    st.sampled_from([("reconnect",), ("restart",), ("kill",)]),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["file", "dbm"]), steps=st.lists(_broker_step, max_size=12))
+def test_a_broker_restarted_after_any_history_has_the_acknowledged_subscriptions(kind, steps):
+    """SUBSCRIBE / UNSUBSCRIBE / reconnect / restart / kill in any order: the session
+    the restarted broker restores has exactly the subscriptions, in the order, that the
+    live broker had (what whole records stored) -- the deltas lose and invent nothing."""
+    from mqttd.codec.packets import Subscribe, Subscription, Unsubscribe
+    with tempfile.TemporaryDirectory() as tmp:
+        world = _World(kind, os.path.join(tmp, "data"))
+        client = world.connect("h")
+        pid = 0
+        for step in steps:
+            pid += 1
+            if step[0] == "subscribe":
+                client.send(Subscribe(pid, tuple(Subscription(f, q) for f, q in step[1])))
+            elif step[0] == "unsubscribe":
+                client.send(Unsubscribe(pid, tuple(step[1])))
+            world.clock.advance(0)
+            expected = list(world.broker.sessions["h"].subscriptions.items())
+            if step[0] == "reconnect":
+                client.drop()
+                world.clock.advance(0)
+                client = world.connect("h")
+            elif step[0] in ("restart", "kill"):
+                if step[0] == "kill":
+                    abandon(world.store)
+                    world.store = StoreMaker(kind, world.path, world.clock)()
+                    from mqttd.broker import Broker, BrokerConfig
+                    world.broker = Broker(world.clock, world.store, BrokerConfig())
+                    world.broker.restore(world.store.open())
+                else:
+                    client.drop()
+                    world.clock.advance(0)
+                    world.restart()
+                assert list(world.broker.sessions["h"].subscriptions.items()) == expected
+                client = world.connect("h")
+        client.drop()
+        world.clock.advance(0)
+        expected = list(world.broker.sessions["h"].subscriptions.items())
+        world.restart()
+        assert list(world.broker.sessions["h"].subscriptions.items()) == expected
+        world.close()
