@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import itertools
 import os
-
-import attrs
 from typing import Callable, Dict, List, Optional, Tuple
 
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -95,7 +94,6 @@ def decode_outbound(seq, blob: bytes, state: Optional[bytes] = None) -> R.Outbou
         changes["packet_id"] = int(pid) if pid else None
         changes["stage"] = R.OutboundStage(int(stage))
     if changes:
-        import attrs
         record = attrs.evolve(record, **changes)
     return record
 
