@@ -151,6 +151,7 @@ def run_inprocess(args) -> dict:
             clock.advance(0)
         reconnect = ((store._written - written) / args.reconnects,
                      (time.process_time() - cpu) / args.reconnects, None)
+        assert len(broker.sessions["heavy"].subscriptions) == len(wanted)
         client = connect()
         written, cpu = store._written, time.process_time()
         for i in range(args.subscribes):
