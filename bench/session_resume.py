@@ -13,6 +13,9 @@ one filter per SUBSCRIBE; format 4 rewrote all the filters each time.
     .venv/bin/python bench/session_resume.py --broker-root /work/main   # another checkout
     .venv/bin/python bench/session_resume.py --inprocess          # no process: the broker
         core on a task.Clock with a file store (fsync never), CPU by time.process_time
+    .venv/bin/python bench/session_resume.py --cluster            # a cluster node's Redis
+        session store (in-process node, its own redis-server): bytes sent to Redis
+    (with --inprocess / --cluster, PYTHONPATH=/work/main measures another checkout)
 
 The broker runs with ``--persistence file:DIR`` (fsync always) on an ephemeral
 127.0.0.1 port, started and stopped by its own handle; every wait is bounded.
@@ -27,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# appended: a PYTHONPATH naming another checkout's mqttd comes first (the baseline)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench.benchlib import cpu_seconds, start_mqttd, stop_process  # noqa: E402
@@ -166,6 +170,64 @@ def run_inprocess(args) -> dict:
     return {"reconnect": reconnect, "subscribe": subscribe}
 
 
+def run_cluster(args) -> dict:
+    """The cluster's session store: one in-process node (tests/cluster/sessionnodes.py)
+    on a real redis-server of its own; bytes = the arguments of the ``session_apply``
+    calls the node sends to Redis, CPU = this process's (node and client)."""
+    import asyncio
+
+    from cluster.redisproc import RedisServer
+    from cluster.sessionnodes import connect, settle, start_nodes
+
+    async def measure(url):
+        _alive, node = start_nodes(url, "A")
+        sent = [0]
+        pipeline = node.backend.pipeline
+
+        def counting(commands, **kw):
+            for command in commands:
+                sent[0] += sum(len(a) if isinstance(a, (bytes, str)) else 8
+                               for a in command[2:])
+            return pipeline(commands, **kw)
+        node.backend.pipeline = counting
+        client = node.client(level=LEVEL)
+        await connect(node, client, "heavy")
+        wanted = filters(args.filters)
+        for k in range(0, len(wanted), 1000):
+            client.subscribe(*wanted[k:k + 1000], qos=1, packet_id=k // 1000 + 1)
+        await settle(node)
+        client.conn.connection_lost()
+        await settle(node)
+        nbytes, cpu = sent[0], time.process_time()
+        for _ in range(args.reconnects):
+            client = node.client(level=LEVEL)
+            await connect(node, client, "heavy")
+            client.conn.connection_lost()
+            await settle(node, rounds=1)
+        reconnect = ((sent[0] - nbytes) / args.reconnects,
+                     (time.process_time() - cpu) / args.reconnects, None)
+        assert len(node.broker.sessions["heavy"].subscriptions) == len(wanted)
+        client = node.client(level=LEVEL)
+        await connect(node, client, "heavy")
+        await settle(node, rounds=1)
+        nbytes, cpu = sent[0], time.process_time()
+        for i in range(args.subscribes):
+            client.subscribe(wanted[0], qos=1, packet_id=i % 65535 + 1)
+            await settle(node, rounds=1)
+        subscribe = ((sent[0] - nbytes) / args.subscribes,
+                     (time.process_time() - cpu) / args.subscribes, None)
+        return {"reconnect": reconnect, "subscribe": subscribe}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(measure(server.url), 600))
+        finally:
+            loop.close()
+            server.stop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--filters", type=int, default=10_000)
@@ -174,17 +236,27 @@ def main(argv=None) -> int:
     parser.add_argument("--broker-root", default=None,
                         help="measure the mqttd of another checkout (PYTHONPATH)")
     parser.add_argument("--inprocess", action="store_true")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the cluster's Redis session store (bytes sent to Redis)")
     args = parser.parse_args(argv)
-    result = run_inprocess(args) if args.inprocess else run_process(args)
-    where = "in-process" if args.inprocess else f"process {sys.implementation.name}"
+    if args.cluster:
+        result, where = run_cluster(args), "cluster node in-process, bytes to Redis"
+    elif args.inprocess:
+        result, where = run_inprocess(args), "in-process"
+    else:
+        result, where = run_process(args), f"process {sys.implementation.name}"
     root = args.broker_root or "this tree"
+    what = "to Redis" if args.cluster else "journal"
     nbytes, cpu, wall = result["reconnect"]
+    if args.inprocess or args.cluster:
+        import mqttd
+        root = os.path.dirname(os.path.dirname(os.path.abspath(mqttd.__file__)))
     print(f"{root} ({where}), session of {args.filters} filters:")
-    print(f"  per reconnect (CONNECT + close, {args.reconnects}x): journal {nbytes / 1024:.1f} KB, "
+    print(f"  per reconnect (CONNECT + close, {args.reconnects}x): {what} {nbytes / 1024:.1f} KB, "
           f"broker CPU {cpu * 1000:.2f} ms" + (f", {wall:.1f} s in all" if wall else ""))
     nbytes, cpu, size = result["subscribe"]
     print(f"  per SUBSCRIBE of one filter it has ({args.subscribes}x"
-          + (f", {size} bytes each" if size else "") + f"): journal {nbytes / 1024:.2f} KB, "
+          + (f", {size} bytes each" if size else "") + f"): {what} {nbytes / 1024:.2f} KB, "
           f"broker CPU {cpu * 1000:.3f} ms")
     return 0
 
