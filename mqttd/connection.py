@@ -285,6 +285,9 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
         seconds (REVIEW-S9 R8)."""
         broker = self.broker
         started = None
+        # a connection still logging in may take its inbound bucket in this
+        # list (checked per packet only then: the hot path stays as it was)
+        unmetered = self.state == _CONNECTING and self._bucket is None
         for index, packet in enumerate(packets):
             if self.state == _CLOSED:
                 return
@@ -307,6 +310,14 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
                 # held back by a congested subscriber or waiting for a hook's
                 # answer: what was already read waits too
                 self._stash = packets[index + 1:]
+                return
+            if unmetered and self._bucket is not None:
+                # the connection just took its host's inbound bucket (CONNECT,
+                # or the AUTH that completed it): the packets read together
+                # with it are charged like any later ones, or a client
+                # pipelining CONNECT + PUBLISHes escapes the limit (REVIEW-S10 S1)
+                if index + 1 < len(packets):
+                    self._admit(list(packets[index + 1:]))
                 return
             if index & TURN_CHECK_MASK == TURN_CHECK_MASK and index + 1 < len(packets):
                 # every 16 packets: has this read had its share of the reactor turn?
