@@ -98,9 +98,10 @@ class Delivery:
         address (a reconnect does not renew it; mqttd.flowcontrol)."""
         self.flow.abandoned(session)
 
-    def _pause_identities(self, session: Session) -> frozenset:
+    def _pause_identities(self, session: Session) -> tuple:
         """Whose publisher-pause budget ``session`` spends: its client id, its
-        user name if the broker checked it, its address."""
+        user name if the broker checked it (else the one anonymous identity),
+        its address and network (mqttd.flowcontrol.session_identities)."""
         return session_identities(session,
                                   authenticated=getattr(self, "authenticator", None) is not None)
 

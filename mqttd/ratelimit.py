@@ -186,6 +186,22 @@ def network_key(host: str) -> str:
     return host
 
 
+def enclosing_network(host: str) -> Optional[str]:
+    """The network around a client host, for budgets that new addresses must
+    not renew: its /24 (IPv4, IPv4-mapped IPv6 included) or /48 (IPv6: what
+    one customer site is usually given), as ``"203.0.113.0/24"``; None for
+    what is no IP address (a UNIX socket's ``-``, a name).  ``host`` has no
+    port (see :func:`peer_host`)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
 def address_key(peer) -> str:
     """Who a peer (``"host:port"``) is for per-address limits (half-open
     sockets, the inbound rate): :func:`network_key` of its :func:`peer_host`."""
