@@ -29,6 +29,8 @@ was importable from ``mqttd.broker`` still is.
 """
 from __future__ import annotations
 
+import collections
+
 import itertools
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -94,6 +96,11 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: open client connections (see BrokerConfig.max_connections)
         self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
+        #: client id -> the user whose session under it ended last (not kept
+        #: with a live or stored session; bounded, oldest first): that user
+        #: takes the client id back from another user (mqttd.lifecycle,
+        #: session_owner_conflict; REVIEW-S10 S5)
+        self.earlier_owners: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         #: retained messages by topic (index, wildcard lookup, expiry)
         self.retained = RetainedIndex(pause_every=REPLAY_NODES_PER_STEP)
         self._retained_expiry_call = None
