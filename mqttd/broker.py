@@ -107,6 +107,8 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: pending delayed wills [MQTT-3.1.2-8]
         self.wills = WillScheduler(clock, self._publish_will_now, self._write)
         self._trie = topics.SubscriptionTrie()
+        #: topic -> (the trie's matches, origin, merged): mqttd.routing._merged_matches
+        self._merged: Dict[str, tuple] = {}
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
