@@ -414,7 +414,7 @@ class Routing:
             cache = self._merged
             if len(cache) >= MERGED_CACHE_SIZE:
                 del cache[next(iter(cache))]  # the oldest entry
-            depends = any(sub.no_local for _filter, _key, sub in matches)
+            depends = any(getattr(sub, "no_local", False) for _filter, _key, sub in matches)
             cache[topic] = (matches, origin if depends else _ANY_ORIGIN, merged)
         return merged
 

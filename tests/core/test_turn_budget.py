@@ -167,3 +167,19 @@ def test_cached_merge_keeps_no_local_per_publisher():
         assert not [p for p in me.received() if isinstance(p, Publish)]
         other.publish("t/x", b"theirs")
         assert len([p for p in me.received() if isinstance(p, Publish)]) == 1
+
+
+def test_cached_merge_with_an_in_process_subscriber():
+    """In-process subscribers among overlapping matches are merged and cached like clients."""
+    broker, clock = make_broker()
+    got = []
+    broker.subscribe_local("t/#", got.append)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("t/+", "+/x", packet_id=1)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    for _ in range(3):
+        pub.publish("t/x", b"m")
+    assert len(got) == 3
+    assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3
