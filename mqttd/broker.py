@@ -109,6 +109,7 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         self._trie = topics.SubscriptionTrie()
         #: topic -> (the trie's matches, origin, merged): mqttd.routing._merged_matches
         self._merged: Dict[str, tuple] = {}
+        self._merged_matches_held = 0
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()

@@ -68,7 +68,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Tuple
 import attrs
 from twisted.logger import Logger
 
-from mqttd.ratelimit import enclosing_network, network_key, peer_host
+from mqttd.ratelimit import enclosing_network, memory_key, network_key, peer_host
 
 log = Logger(namespace="mqttd.flowcontrol")
 
@@ -167,11 +167,11 @@ def session_identities(session, authenticated: bool = True) -> Tuple[Tuple[str, 
     the budget of its owner); :func:`address_identity` and
     :func:`network_identity` of its connection's peer; and for a subscriber
     without a checked user name :data:`ANONYMOUS`, which all of them share."""
-    keys = [("client", session.client_id)]
+    keys = [("client", memory_key(session.client_id))]   # a long id: its digest
     owner = getattr(session, "owner", None)
     checked = authenticated and owner is not None
     if checked:
-        keys.append(("user", owner))
+        keys.append(("user", memory_key(owner)))
     peer = getattr(getattr(session, "info", None), "peer", None)
     address = address_identity(peer)
     if address is not None:

@@ -24,6 +24,7 @@ from mqttd.messages import Message, forwarded_properties, published_at, will_mes
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundStage
 from mqttd.clients import ClientInfo
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
 
 #: client ids whose last owner is remembered after its session ended (about
@@ -237,7 +238,7 @@ class SessionLifecycle:
         existing = self.sessions.get(client_id)
         if existing is None or existing.connection is None or self.may_resume(existing, username):
             return None
-        if username is not None and existing.claimed_from == username:
+        if username is not None and existing.claimed_from == memory_key(username):
             return None
         return existing.owner
 
@@ -297,8 +298,10 @@ class SessionLifecycle:
         session_present = False
         # who had the client id first keeps the right to take it back from
         # another user (session_owner_conflict, REVIEW-S10 S5)
+        owner_key = memory_key(owner) if owner is not None else None
         if existing is None:
-            first = self.earlier_owners.get(client_id) if owner is not None else None
+            first = (self.earlier_owners.get(memory_key(client_id))
+                     if owner is not None else None)
         elif self.may_resume(existing, owner):
             first = existing.claimed_from
         else:
@@ -306,8 +309,9 @@ class SessionLifecycle:
             # session_owner_conflict): discarded whatever Clean Start says
             self._replace_foreign(existing, owner)
             clean_start = True
-            first = existing.claimed_from or existing.owner
-        claimed_from = first if first != owner else None
+            first = existing.claimed_from or (
+                memory_key(existing.owner) if existing.owner is not None else None)
+        claimed_from = first if first != owner_key else None
         if existing is not None and not clean_start:
             session = existing
             session_present = True
@@ -321,7 +325,7 @@ class SessionLifecycle:
             session = Session(client_id=client_id, ledger=self.stats)
             self.sessions[client_id] = session
         if owner is not None:
-            self.earlier_owners.pop(client_id, None)  # kept by the session now
+            self.earlier_owners.pop(memory_key(client_id), None)  # kept by the session now
         was_persistent = session.persistent
         session.owner = owner
         session.claimed_from = claimed_from
@@ -531,9 +535,10 @@ class SessionLifecycle:
                               f"{queued} queued or in-flight messages discarded")
 
     def _discard_session(self, session: Session) -> None:
-        first = session.claimed_from or session.owner
+        first = session.claimed_from or (
+            memory_key(session.owner) if session.owner is not None else None)
         if first is not None:
-            self._remember_owner(session.client_id, first)
+            self._remember_owner(memory_key(session.client_id), first)
         for topic_filter in list(session.subscriptions):
             self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
@@ -556,7 +561,9 @@ class SessionLifecycle:
     def _remember_owner(self, client_id: str, owner: str) -> None:
         """Remember that ``owner`` had ``client_id`` (its session just ended),
         for :meth:`session_owner_conflict`; at most
-        :data:`MAX_EARLIER_OWNERS` client ids, the oldest forgotten first."""
+        :data:`MAX_EARLIER_OWNERS` client ids, the oldest forgotten first.
+        Both are :func:`mqttd.ratelimit.memory_key` forms (a long one: its
+        digest), so the table's size does not grow with what clients chose."""
         owners = self.earlier_owners
         owners.pop(client_id, None)
         owners[client_id] = owner

@@ -93,6 +93,7 @@ class Session:
     #: client id from another user (the first such owner along a chain); that
     #: user takes the client id back even while this session is connected
     #: (REVIEW-S10 S5).  None: the client id was free or this owner's own.
+    #: Its :func:`mqttd.ratelimit.memory_key` form (a long name: its digest).
     claimed_from: Optional[str] = None
     #: the ClientInfo of the connection (or of the owner while offline), for hooks
     info: object = None
