@@ -97,3 +97,22 @@ def test_pause_ledger_and_earlier_owners_keep_digests_of_long_ids():
     dev = FakeClient(broker, clock)                          # the earlier owner takes it back
     dev.send(Connect(4, long_id, True, 0, username="v" * 30000, password=b"p"))
     assert dev.received()[0].reason_code == 0 and squatter.disconnecting
+
+
+def test_drop_lines_of_many_clients_are_capped_per_reason(log_events):
+    """500 subscribers that each drop every message: at most the limiter's 50 lines per reason per window (REVIEW-S10 S13)."""
+    from mqttd.codec.packets import Properties
+    broker, clock = make_broker()
+    for n in range(500):
+        sub = FakeClient(broker, clock, level=5)
+        sub.connect("s%03d" % n + "z" * 200, properties=Properties(maximum_packet_size=30))
+        sub.subscribe("lg/#")
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    pub.publish("lg/x", b"p" * 100)                     # too large for every subscriber
+    clock.advance(11)
+    pub.publish("lg/x", b"p" * 100)
+    lines = [e for e in log_events if "Dropping messages" in e.get("log_format", "")]
+    assert 2 <= len(lines) <= 2 * 50 + 2
+    assert broker.stats.dropped["client-maximum-packet-size"] == 1000
+    assert all(len(key[0]) < 300 for key in broker._drop_logged)
