@@ -22,6 +22,7 @@ from mqttd.flowcontrol import session_identities
 from mqttd.messages import Message, outbound_message
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
 
 __all__ = ["Delivery"]
@@ -98,9 +99,10 @@ class Delivery:
         address (a reconnect does not renew it; mqttd.flowcontrol)."""
         self.flow.abandoned(session)
 
-    def _pause_identities(self, session: Session) -> frozenset:
+    def _pause_identities(self, session: Session) -> tuple:
         """Whose publisher-pause budget ``session`` spends: its client id, its
-        user name if the broker checked it, its address."""
+        user name if the broker checked it (else the one anonymous identity),
+        its address and network (mqttd.flowcontrol.session_identities)."""
         return session_identities(session,
                                   authenticated=getattr(self, "authenticator", None) is not None)
 
@@ -214,16 +216,19 @@ class Delivery:
         if debuglog.enabled:
             log.debug("Dropped a message to {topic} for {client_id}: {reason}",
                       client_id=session.client_id, reason=reason, topic=message.topic)
-        key = (session.client_id, reason)
+        # one line per client and reason per interval, and through the broker's
+        # log limiter, whose cap per reason over all clients bounds a flood of
+        # clients (REVIEW-S10 S13); a long client id is kept as its digest
+        key = (memory_key(session.client_id), reason)
         now = self.clock.seconds()
         last = self._drop_logged.get(key)
         if last is None or now - last >= _drop_log_interval:
             if len(self._drop_logged) > 10000:
                 self._drop_logged.clear()
             self._drop_logged[key] = now
-            log.warn("Dropping messages for {client_id}: {reason} "
-                     "({count} dropped for this reason so far)",
-                     client_id=session.client_id, reason=reason, count=count)
+            self.log_limiter.warn(log, key, "Dropping messages for {client_id}: {reason} "
+                                  "({count} dropped for this reason so far)",
+                                  client_id=session.client_id, reason=reason, count=count)
 
     def puback(self, session: Session, packet_id: int) -> bool:
         record = session.inflight.get(packet_id)

@@ -24,7 +24,12 @@ from mqttd.messages import Message, forwarded_properties, published_at, will_mes
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundStage
 from mqttd.clients import ClientInfo
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
+
+#: client ids whose last owner is remembered after its session ended (about
+#: 150 bytes each; see ``Broker.earlier_owners``)
+MAX_EARLIER_OWNERS = 100_000
 
 __all__ = ["SessionLifecycle", "NEVER_EXPIRES"]
 
@@ -223,11 +228,17 @@ class SessionLifecycle:
         it (never resumes it), so nobody can lock a device out of its client
         id by storing a session under it (REVIEW-S9 R17), and nobody reads
         another user's queued messages.  A session created anonymously (or
-        stored before owners were recorded) has no owner to protect.  Returns
-        None when allowed.
+        stored before owners were recorded) has no owner to protect.  Nor
+        does one that took the client id from ``username``'s offline session
+        (``Session.claimed_from``): the user who had the client id first
+        takes it back, the other user's connection is closed as a takeover
+        (0x8E), so staying connected under a device's client id does not lock
+        the device out either (REVIEW-S10 S5).  Returns None when allowed.
         """
         existing = self.sessions.get(client_id)
         if existing is None or existing.connection is None or self.may_resume(existing, username):
+            return None
+        if username is not None and existing.claimed_from == memory_key(username):
             return None
         return existing.owner
 
@@ -285,11 +296,22 @@ class SessionLifecycle:
                 existing.expiry_call.cancel()
             existing.expiry_call = None
         session_present = False
-        if existing is not None and not self.may_resume(existing, owner):
+        # who had the client id first keeps the right to take it back from
+        # another user (session_owner_conflict, REVIEW-S10 S5)
+        owner_key = memory_key(owner) if owner is not None else None
+        if existing is None:
+            first = (self.earlier_owners.get(memory_key(client_id))
+                     if owner is not None else None)
+        elif self.may_resume(existing, owner):
+            first = existing.claimed_from
+        else:
             # another user's offline session (a live one was refused by
             # session_owner_conflict): discarded whatever Clean Start says
             self._replace_foreign(existing, owner)
             clean_start = True
+            first = existing.claimed_from or (
+                memory_key(existing.owner) if existing.owner is not None else None)
+        claimed_from = first if first != owner_key else None
         if existing is not None and not clean_start:
             session = existing
             session_present = True
@@ -302,8 +324,11 @@ class SessionLifecycle:
             self.wills.session_ended(client_id)
             session = Session(client_id=client_id, ledger=self.stats)
             self.sessions[client_id] = session
+        if owner is not None:
+            self.earlier_owners.pop(memory_key(client_id), None)  # kept by the session now
         was_persistent = session.persistent
         session.owner = owner
+        session.claimed_from = claimed_from
         session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
@@ -515,6 +540,10 @@ class SessionLifecycle:
                               f"{queued} queued or in-flight messages discarded")
 
     def _discard_session(self, session: Session) -> None:
+        first = session.claimed_from or (
+            memory_key(session.owner) if session.owner is not None else None)
+        if first is not None:
+            self._remember_owner(memory_key(session.client_id), first)
         for topic_filter in list(session.subscriptions):
             self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
@@ -533,6 +562,18 @@ class SessionLifecycle:
         self.wills.session_ended(session.client_id)
         if session.inflight or session.queue:
             self._redispatch(session)
+
+    def _remember_owner(self, client_id: str, owner: str) -> None:
+        """Remember that ``owner`` had ``client_id`` (its session just ended),
+        for :meth:`session_owner_conflict`; at most
+        :data:`MAX_EARLIER_OWNERS` client ids, the oldest forgotten first.
+        Both are :func:`mqttd.ratelimit.memory_key` forms (a long one: its
+        digest), so the table's size does not grow with what clients chose."""
+        owners = self.earlier_owners
+        owners.pop(client_id, None)
+        owners[client_id] = owner
+        while len(owners) > MAX_EARLIER_OWNERS:
+            owners.popitem(last=False)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2].

@@ -23,6 +23,7 @@ from mqttd.codec.packets import (
     MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Connack, Disconnect, Puback, Pubcomp, Pubrec, Pubrel)
 from mqttd.connstate import _CLOSED, _CONNECTED
 from mqttd.messages import SYS_ORIGIN, Message
+from mqttd.topics import CACHED_NAME_LIMIT
 
 __all__ = ["Outbound", "template_key"]
 
@@ -184,8 +185,13 @@ class Outbound:
             message = self.broker.public_form(message, cache)   # [MQTT-3.3.2-17]
         aliases = self._out_aliases
         topic = message.topic
-        alias, known = aliases.alias_for(topic)
-        props = attrs.evolve(message.properties, topic_alias=alias)
+        if len(topic) > CACHED_NAME_LIMIT:
+            # a long name is sent whole: an alias saves little on it, and the
+            # table would keep up to 65,535 names of 64 KiB (REVIEW-S10 S14)
+            alias, known, props = None, False, message.properties
+        else:
+            alias, known = aliases.alias_for(topic)
+            props = attrs.evolve(message.properties, topic_alias=alias)
         data = publish_template("" if known else topic, message.payload, qos,
                                 message.retain, props, MQTT_5).encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
@@ -194,7 +200,8 @@ class Outbound:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        aliases.sent(topic, alias, known)
+        if alias is not None:
+            aliases.sent(topic, alias, known)
         if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
             size = len(data)

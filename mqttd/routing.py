@@ -388,13 +388,45 @@ class Routing:
                 self._delivery_failed(key, message)
                 return 0
         receivers = 0
-        for key, sub in merge_matches(matches, message.origin).items():
+        for key, sub in self._merged_matches(message.topic, matches, message.origin).items():
             # one subscriber's failure never reaches the others
             try:
                 receivers += self._route(key, sub, message, cache)
             except Exception:
                 self._delivery_failed(key, message)
         return receivers
+
+    def _merged_matches(self, topic: str, matches, origin) -> Dict[object, SubscriptionRecord]:
+        """:func:`merge_matches` of ``matches``, the trie's (cached) answer for
+        ``topic``, remembered while the trie returns the same list: one client
+        with 10,000 overlapping filters that match a topic cost ~15 ms per
+        PUBLISH to merge (REVIEW-S10 S8), one dictionary lookup now.  Only
+        merges that collapsed overlapping subscriptions are kept (a plain
+        fan-out's merge is its own matches); a merge that depended on the
+        publisher (a No Local subscription among the matches) is kept for
+        that publisher only.  At most :data:`MERGED_CACHE_SIZE` topics of at
+        most :data:`mqttd.topics.CACHED_NAME_LIMIT` characters, holding at most
+        :data:`MERGED_CACHE_MATCHES` matches in all (the lists it keeps may be
+        ones the trie's cache has let go)."""
+        entry = self._merged.get(topic)
+        if entry is not None and entry[0] is matches and (
+                entry[1] is _ANY_ORIGIN or entry[1] == origin):
+            return entry[2]
+        merged = merge_matches(matches, origin)
+        if len(merged) < len(matches) and len(topic) <= topics.CACHED_NAME_LIMIT \
+                and len(matches) <= MERGED_CACHE_MATCHES:
+            cache = self._merged
+            old = cache.pop(topic, None)
+            if old is not None:
+                self._merged_matches_held -= len(old[0])
+            while cache and (len(cache) >= MERGED_CACHE_SIZE or
+                             self._merged_matches_held + len(matches) > MERGED_CACHE_MATCHES):
+                oldest = next(iter(cache))    # the oldest entry goes first
+                self._merged_matches_held -= len(cache.pop(oldest)[0])
+            depends = any(getattr(sub, "no_local", False) for _filter, _key, sub in matches)
+            cache[topic] = (matches, origin if depends else _ANY_ORIGIN, merged)
+            self._merged_matches_held += len(matches)
+        return merged
 
     def _delivery_failed(self, key, message: Message) -> None:
         client_id = getattr(key, "topic_filter", key)
@@ -579,6 +611,14 @@ class Routing:
         except Exception:
             log.failure("In-process subscriber of {filter} failed",
                         filter=local.topic_filter)
+
+
+#: topics whose merged matches :meth:`Routing._merged_matches` keeps
+MERGED_CACHE_SIZE = 10_000
+#: (filter, key, value) matches the kept merges hold at most, in all
+MERGED_CACHE_MATCHES = 1_000_000
+#: the cached merge did not depend on the publisher
+_ANY_ORIGIN = object()
 
 
 def merge_matches(matches, origin) -> Dict[object, SubscriptionRecord]:

@@ -89,6 +89,12 @@ class Session:
     congested_since: Optional[float] = None
     #: the authenticated username that created the session (None: anonymous)
     owner: Optional[str] = None
+    #: the owner of the offline session this one discarded when it took the
+    #: client id from another user (the first such owner along a chain); that
+    #: user takes the client id back even while this session is connected
+    #: (REVIEW-S10 S5).  None: the client id was free or this owner's own.
+    #: Its :func:`mqttd.ratelimit.memory_key` form (a long name: its digest).
+    claimed_from: Optional[str] = None
     #: the ClientInfo of the connection (or of the owner while offline), for hooks
     info: object = None
     #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
