@@ -109,6 +109,14 @@ class BrokerConfig:
     #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers
     #: it); at most 65535, the packet identifier space [MQTT-2.2.1]
     max_inflight: int = attrs.field(default=1000, validator=_int_in(1, 65535))
+    #: bytes (topic + payload + properties, :func:`mqttd.messages.message_size`)
+    #: of outbound QoS 1/2 messages in flight per client (mosquitto's
+    #: ``max_inflight_bytes``); 0 = no byte bound.  A message goes in flight
+    #: while the window's bytes stay within it, or alone when nothing is in
+    #: flight; the others wait in the queue (and count against its limits).
+    #: 16 MiB: without it a client's window held up to ``max_inflight`` x
+    #: ``max_packet_size`` (16 GiB by default)
+    max_inflight_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_int_in(0))
     #: largest packet accepted or sent, in bytes (fixed header included)
     max_packet_size: int = attrs.field(default=16 * 1024 * 1024,
                                        validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))

@@ -107,7 +107,7 @@ class SessionLifecycle:
             if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                 session.restore_queued(out)
             else:
-                session.inflight[out.packet_id] = out
+                session.restore_inflight(out)
         if stored.inbound_qos2:
             session.inbound_qos2 = set(stored.inbound_qos2)
         self.sessions[client_id] = session
@@ -199,7 +199,7 @@ class SessionLifecycle:
         for topic_filter in list(session.subscriptions):
             self._unindex(client_id, topic_filter)
         session.clear_queue()
-        session.inflight.clear()
+        session.clear_inflight()
         session.replays = ()
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()

@@ -155,6 +155,10 @@ OPTIONS: List[Option] = [
            field="queue_qos0"),
     Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "
            "(v5: at most its Receive Maximum).", default=1000, field="max_inflight"),
+    Option("max-inflight-bytes", integer(0), "Bytes (topic + payload + properties) of "
+           "outbound QoS 1/2 messages in flight per client (mosquitto's "
+           "max_inflight_bytes); more wait in the queue; a larger message goes alone "
+           "(0 = no byte bound).", default=16 * 1024 * 1024, field="max_inflight_bytes"),
     Option("max-packet-size", integer(14, 268_435_460), "Largest packet accepted, bytes.",
            default=16 * 1024 * 1024, field="max_packet_size"),
     Option("max-connect-packet-size", integer(14, 268_435_460), "Largest packet accepted "
