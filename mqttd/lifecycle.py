@@ -49,6 +49,7 @@ class SessionLifecycle:
         written by older versions go through the same property mapping as
         live ones (a retained will could carry its Will Delay Interval)."""
         self.started = True
+        self._check_session_budget()
         now = self.clock.seconds()
         expired = 0
         for topic, message in list(state.retained.items()):
@@ -74,6 +75,24 @@ class SessionLifecycle:
                  sessions=len(state.sessions), retained=len(self.retained),
                  messages=sum(len(s.outbound) for s in state.sessions.values()),
                  wills=len(state.wills), expired=expired)
+
+    def _check_session_budget(self) -> None:
+        """One WARN line at start-up when ``--max-sessions-per-user`` does not
+        divide ``--max-sessions`` (0 or at least the cap): one user name -- or
+        all anonymous clients together -- can then hold every persistent
+        session.  The fair share at the cap still lets the other users' new
+        sessions in while that user has one offline, but not while all of
+        them are connected."""
+        limit = self.config.max_sessions
+        share = self.config.max_sessions_per_user
+        if limit and (not share or share >= limit):
+            log.warn("--max-sessions-per-user {share} is not below --max-sessions {limit}: "
+                     "one user name (all anonymous clients together are one) can hold every "
+                     "persistent session; at the cap another user's new session then evicts "
+                     "that user's longest-offline session, and is refused while all of its "
+                     "sessions are connected. Set --max-sessions-per-user below "
+                     "--max-sessions (docs/security.rst, Session budget)",
+                     share=share or "0 (no share)", limit=limit)
 
     def _restore_session(self, stored: R.StoredSession, now: float) -> int:
         """Rebuild one stored persistent session, offline; returns how many of
@@ -345,15 +364,23 @@ class SessionLifecycle:
           unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
           CONNACK [MQTT-3.14.0-1];
         * it would create one persistent session more than ``owner`` may hold
-          (``max_sessions_per_user``) or than the broker holds
-          (``max_sessions``): ``owner``'s own persistent session that has been
-          offline longest is discarded to make room (counted as
+          (``max_sessions_per_user``): ``owner``'s own persistent session that
+          has been offline longest is discarded to make room (counted as
           ``sessions_evicted``, one rate-limited line); if ``owner`` has none
           offline, 0x97 Quota exceeded (v3: 0x03), counted as
-          ``max-sessions-per-user`` / ``max-sessions``.  So one user filling
-          the budget with throwaway sessions evicts only its own (REVIEW-S9
-          R10).  Resuming or replacing an existing persistent session is
-          always allowed.  O(1): no scan of the sessions.
+          ``max-sessions-per-user``;
+        * it would create one more than the broker holds (``max_sessions``):
+          the fair share decides (:meth:`PersistentSessions.fair_victim
+          <mqttd.sessionbudget.PersistentSessions.fair_victim>`): the
+          longest-offline session of the owner holding the most goes, if that
+          owner holds at least two more than ``owner``; else ``owner``'s own
+          longest-offline one; with neither, 0x97 / 0x03, counted as
+          ``max-sessions``.  So one user filling the budget with throwaway
+          sessions (REVIEW-S9 R10), even with a share at or above the cap,
+          locks no other user out.
+
+        Resuming or replacing an existing persistent session is always
+        allowed.  O(log owners): no scan of the sessions.
         """
         if not persistent:
             return None
@@ -367,34 +394,50 @@ class SessionLifecycle:
         index = self._persistent
         share = self.config.max_sessions_per_user
         if share and index.count(owner) >= share:
-            refusal = self._make_room(client_id, owner, "max-sessions-per-user",
-                                      f"{index.count(owner)} persistent sessions of "
-                                      f"{owner!r}, the maximum (--max-sessions-per-user)")
+            refusal = self._make_room(
+                client_id, owner, "max-sessions-per-user",
+                f"{index.count(owner)} persistent sessions of {owner!r}, the maximum "
+                f"(--max-sessions-per-user)",
+                index.longest_offline(owner, self.sessions))
             if refusal is not None:
                 return refusal
         limit = self.config.max_sessions
         if limit and len(index) >= limit:
             return self._make_room(client_id, owner, "max-sessions",
                                    f"{len(index)} persistent sessions, the maximum "
-                                   f"(--max-sessions)")
+                                   f"(--max-sessions)",
+                                   index.fair_victim(owner, self.sessions))
         return None
 
     def _make_room(self, client_id: str, owner: Optional[str], what: str,
-                   why: str) -> Optional[tuple]:
-        """Discard ``owner``'s longest-offline persistent session for the new
-        one of ``client_id`` (None), or the refusal if it has none offline."""
-        victim = self._persistent.longest_offline(owner, self.sessions)
+                   why: str, victim: Optional[Session]) -> Optional[tuple]:
+        """Discard ``victim`` (an offline persistent session: ``owner``'s own,
+        or at ``--max-sessions`` the biggest owner's) for the new session of
+        ``client_id``, or without one the refusal."""
         if victim is None:
             return (ReasonCode.QUOTA_EXCEEDED, why, what)
         self.stats.sessions_evicted += 1
         offline = self.clock.seconds() - (victim.disconnected_at or self.clock.seconds())
-        self.log_limiter.warn(
-            log, (owner, "session-evicted"),
-            "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
-            "{queued} queued) for the new session {client_id}: {why}",
-            evicted=victim.client_id, owner=owner, offline=offline,
-            queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
-            why=why, what=what)
+        if victim.owner == owner:
+            self.log_limiter.warn(
+                log, (owner, "session-evicted"),
+                "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
+                "{queued} queued) for the new session {client_id}: {why}",
+                evicted=victim.client_id, owner=owner, offline=offline,
+                queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
+                why=why, what=what)
+        else:
+            held = self._persistent.count(victim.owner)
+            self.log_limiter.warn(
+                log, (victim.owner, "session-evicted"),
+                "Evicting session {evicted} of {victim_owner!r} (offline {offline:.0f} s, "
+                "{queued} queued; {victim_owner!r} holds {held} persistent sessions, the "
+                "most) for the new session {client_id} of {owner!r} ({mine}): {why}; "
+                "fair share",
+                evicted=victim.client_id, victim_owner=victim.owner, owner=owner,
+                offline=offline, queued=len(victim.queue) + len(victim.inflight),
+                held=held, mine=self._persistent.count(owner), client_id=client_id,
+                why=why, what=what)
         if self.incident_listeners:
             self.incident(victim.client_id, "session-evicted",
                           f"session evicted for {client_id}: {why}")

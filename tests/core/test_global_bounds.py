@@ -132,6 +132,151 @@ def test_persistent_session_index_keeps_owners_offline_order():
     assert index.count("u") == 0 and "y" not in index and len(index) == 2
 
 
+# --- fair share at --max-sessions (owner's share at or above the cap) -------------------------
+
+def flood(broker, clock, owner, count, prefix=None):
+    """``count`` throwaway persistent sessions of ``owner``: CONNECT, then gone."""
+    prefix = prefix or f"{owner}-junk"
+    for i in range(count):
+        persistent_as(broker, clock, f"{prefix}-{i}", owner)[0].drop()
+        clock.advance(1)
+
+
+@pytest.mark.parametrize("share", [0, 5, 50])
+def test_one_owner_holding_the_whole_cap_does_not_lock_others_out(log_events, share):
+    """With --max-sessions-per-user >= --max-sessions (or 0), another user's new session
+    evicts the biggest owner's longest-offline session instead of getting 0x97."""
+    broker, clock = make_broker(max_sessions=5, max_sessions_per_user=share)
+    flood(broker, clock, "mallory", 5)
+    assert broker.stats.persistent_sessions == 5
+    _c, ack = persistent_as(broker, clock, "alice-1", "alice")
+    assert ack.reason_code == 0
+    assert "mallory-junk-0" not in broker.sessions and "alice-1" in broker.sessions
+    assert broker.stats.sessions_evicted == 1 and "max-sessions" not in broker.stats.refused
+    lines = [e for e in log_events if e.get("evicted") == "mallory-junk-0"]
+    assert len(lines) == 1
+    assert (lines[0]["victim_owner"], lines[0]["owner"], lines[0]["held"]) == (
+        "mallory", "alice", 5)
+
+
+def test_the_flooding_owner_then_evicts_only_its_own_sessions():
+    """Once others hold sessions, the flooder's new sessions evict its own, never theirs."""
+    broker, clock = make_broker(max_sessions=6, max_sessions_per_user=0)
+    flood(broker, clock, "mallory", 6)
+    for user in ("alice", "bob", "carol"):
+        persistent_as(broker, clock, f"{user}-1", user)[0].drop()   # offline too
+        clock.advance(1)
+    flood(broker, clock, "mallory", 30, prefix="again")
+    owners = sorted(s.owner for s in broker.sessions.values())
+    assert owners == ["alice", "bob", "carol", "mallory", "mallory", "mallory"]
+    assert broker.stats.persistent_sessions == 6 and "max-sessions" not in broker.stats.refused
+
+
+def test_an_owner_is_never_displaced_for_one_holding_almost_as_many():
+    """Eviction across owners needs the biggest to hold two more than the newcomer: no
+    ping-pong between owners of equal size; the newcomer evicts its own or is refused."""
+    broker, clock = make_broker(max_sessions=4, max_sessions_per_user=0)
+    flood(broker, clock, "a", 2)
+    persistent_as(broker, clock, "b-1", "b")                 # online
+    persistent_as(broker, clock, "b-2", "b")[0].drop()       # offline
+    persistent_as(broker, clock, "b-3", "b")                 # b 2, a 2: b evicts its own
+    assert {"a-junk-0", "a-junk-1", "b-1", "b-3"} == set(broker.sessions)
+    _c, ack = persistent_as(broker, clock, "c-1", "c", expect_ok=True)  # c 0 vs 2: fair
+    assert ack.reason_code == 0 and "a-junk-0" not in broker.sessions
+    # now a 1, b 2, c 1: b's next session finds no one holding b+2: its own is online
+    _c, ack = persistent_as(broker, clock, "b-4", "b", expect_ok=False)
+    assert ack.reason_code == 0x97 and broker.stats.refused["max-sessions"] == 1
+
+
+def test_the_biggest_owner_with_an_offline_session_gives_way():
+    """An owner whose sessions are all connected keeps them; the biggest owner with an
+    offline session is the one that gives way."""
+    broker, clock = make_broker(max_sessions=6, max_sessions_per_user=0)
+    for i in range(3):
+        persistent_as(broker, clock, f"busy-{i}", "busy")      # all connected
+    flood(broker, clock, "idle", 2)
+    persistent_as(broker, clock, "z-1", "z")
+    _c, ack = persistent_as(broker, clock, "new-1", "newcomer")
+    assert ack.reason_code == 0
+    assert "idle-junk-0" not in broker.sessions
+    assert all(f"busy-{i}" in broker.sessions for i in range(3))
+
+
+def test_per_user_share_still_comes_first():
+    """Under its share an owner's sessions are its own business; at its share it evicts its
+    own even when the global cap is not reached."""
+    broker, clock = make_broker(max_sessions=100, max_sessions_per_user=3)
+    flood(broker, clock, "m", 5)
+    assert sorted(cid for cid in broker.sessions) == ["m-junk-2", "m-junk-3", "m-junk-4"]
+
+
+@pytest.mark.parametrize("limit, share, warned", [
+    (100_000, 10_000, False), (10, 10, True), (10, 50, True), (10, 0, True), (0, 0, False)])
+def test_start_up_warns_when_one_user_may_hold_the_whole_cap(log_events, limit, share, warned):
+    """A per-user share at or above --max-sessions (or none) is named at start-up."""
+    from mqttd.persistence.records import StoredState
+    broker, clock = make_broker(max_sessions=limit, max_sessions_per_user=share)
+    broker.restore(StoredState())
+    lines = [e for e in log_events if "--max-sessions-per-user" in e.get("log_format", "")
+             and "not below" in e.get("log_format", "")]
+    assert len(lines) == (1 if warned else 0)
+
+
+def test_fair_victim_matches_a_brute_force_judgement():
+    """PersistentSessions.fair_victim against a model, over random owners' sessions going
+    online, offline, away and changing owner; the heap stays bounded."""
+    import random
+    from mqttd.session import Session
+    from mqttd.sessionbudget import PersistentSessions
+    rng = random.Random(11)
+    owners = ["u%d" % i for i in range(6)] + [None]
+    index, sessions = PersistentSessions(), {}
+    offline_order = []                       # client ids, longest offline first
+    for step in range(3000):
+        op = rng.random()
+        cid = "c%d" % rng.randrange(60)
+        if op < 0.35 and cid not in sessions:
+            owner = rng.choice(owners)
+            sessions[cid] = Session(client_id=cid, persistent=True, owner=owner,
+                                    connection=object())
+            index.add(cid, owner)
+        elif op < 0.6 and cid in sessions and sessions[cid].connection is not None:
+            sessions[cid].connection = None
+            index.went_offline(cid)
+            offline_order.append(cid)
+        elif op < 0.75 and cid in sessions and sessions[cid].connection is None:
+            sessions[cid].connection = object()
+            index.went_online(cid)
+            offline_order.remove(cid)
+        elif op < 0.85 and cid in sessions:
+            del sessions[cid]
+            index.discard(cid)
+            if cid in offline_order:
+                offline_order.remove(cid)
+        elif op < 0.9 and cid in sessions and sessions[cid].connection is not None:
+            owner = rng.choice(owners)       # claimed by another user (while connected)
+            sessions[cid].owner = owner
+            index.add(cid, owner)
+        # the model
+        counts = {}
+        for s in sessions.values():
+            counts[s.owner] = counts.get(s.owner, 0) + 1
+        with_offline = {sessions[c].owner for c in offline_order}
+        me = rng.choice(owners)
+        best = max((counts[o] for o in with_offline), default=0)
+        victim = index.fair_victim(me, sessions)
+        if best >= counts.get(me, 0) + 2:
+            assert victim is not None and counts[victim.owner] == best
+        else:
+            mine = [c for c in offline_order if sessions[c].owner == me]
+            assert victim is (sessions[mine[0]] if mine else None)
+        if victim is not None:
+            oldest = [c for c in offline_order if sessions[c].owner == victim.owner]
+            assert victim.client_id == oldest[0]
+        assert len(index._heap) <= 2 * len(index._marks) + 65
+        assert dict(index._counts) == counts
+
+
 # --- --max-queued-bytes-total ---------------------------------------------------------------
 
 def offline_subscribers(broker, clock, n):

@@ -362,3 +362,29 @@ def test_admin_user_logs_in_with_the_password_file(mqttd_broker_factory, passwor
     _wait_for(lambda: "Refused admin-login" in _log(broker), what="the refusal line")
     log = _log(broker)
     assert "AttributeError" not in log and "wonderland" not in log and "builder" not in log
+
+
+def test_one_user_that_took_every_session_does_not_lock_out_another(mqttd_broker_factory,
+                                                                      password_file):
+    """REVIEW-S9 R10 with --max-sessions-per-user >= --max-sessions: alice's throwaway
+    sessions fill the cap; bob's new persistent session still gets CONNACK 0 (it was 0x03),
+    one of alice's offline sessions makes room, and the start-up log warned."""
+    broker = mqttd_broker_factory(extra_args=[
+        "--password-file", str(password_file),
+        "--max-sessions", "4", "--max-sessions-per-user", "10"])
+    for i in range(6):                   # 2 more than the cap: alice evicts her own
+        BlockingClient(broker.port, f"alice-junk-{i}", clean=False, username="alice",
+                       password=b"wonderland", timeout=WAIT).close()
+    bob = BlockingClient(broker.port, "bob-device", clean=False, username="bob",
+                         password=b"builder", timeout=WAIT)
+    assert bob.connack.reason_code == 0 and not bob.connack.session_present
+    bob.close()
+    _wait_for(lambda: "fair share" in _log(broker), what="the eviction line")
+    log = _log(broker)
+    assert "--max-sessions-per-user 10 is not below --max-sessions 4" in log
+    assert "Evicting session alice-junk-2 of 'alice'" in log
+    # bob's session is there: it resumes
+    again = BlockingClient(broker.port, "bob-device", clean=False, username="bob",
+                           password=b"builder", timeout=WAIT)
+    assert again.connack.session_present
+    again.close()
