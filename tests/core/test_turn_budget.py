@@ -89,3 +89,60 @@ def test_cheap_packets_are_handled_in_the_read_that_brought_them():
     pub.send_bytes(_tiny_publishes(3000))
     assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3000
     assert not pub.conn.input_blocked
+
+
+def test_the_first_sixteen_packets_of_a_read_count_toward_its_share(monkeypatch):
+    """The turn's clock starts at the first packet, not the 16th: 1 ms PUBLISHes against a
+    10 ms budget yield after every 16 packets (before: every 32, the first 16 were free)."""
+    from mqttd.connection import ClientConnection
+    broker, clock, sub, pub = _costly_pair()
+    handled, yields = [], []
+    broker.on("published", lambda **_fields: handled.append(1))
+    original = ClientConnection._yield_turn
+
+    def yield_turn(conn):
+        yields.append(len(handled))
+        original(conn)
+    monkeypatch.setattr(ClientConnection, "_yield_turn", yield_turn)
+    pub.send_bytes(_tiny_publishes(100))
+    for _ in range(20):                                         # bounded
+        if len(handled) == 100:
+            break
+        clock.advance(0)
+    assert yields == [16, 32, 48, 64, 80, 96]
+    got = [int.from_bytes(p.payload, "big") for p in sub.received() if isinstance(p, Publish)]
+    assert got == list(range(100))
+
+
+class _CountingClock:
+    """The test clock, counting ``seconds()`` calls."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.reads = 0
+
+    def seconds(self):
+        self.reads += 1
+        return self._clock.seconds()
+
+    def __getattr__(self, name):
+        return getattr(self._clock, name)
+
+
+def test_a_read_of_up_to_sixteen_packets_never_reads_the_clock_per_packet():
+    """The turn budget costs short reads nothing: 16 PINGREQs in one read read the clock as
+    often as one PINGREQ (keepalive stamp only); longer reads add one read at the start and
+    one per check (every 16 packets, when more follow)."""
+    broker, clock = make_broker()
+    c = FakeClient(broker, clock)
+    c.connect("c")
+    counting = c.conn.clock = _CountingClock(clock)
+    reads = []
+    for count in (1, 16, 17, 64):
+        counting.reads = 0
+        c.send_bytes(bytes((0xC0, 0)) * count)
+        assert c.received() == [Pingresp()] * count
+        reads.append(counting.reads)
+    assert reads[0] == reads[1]
+    assert reads[2] == reads[0] + 2                          # start, check at packet 16
+    assert reads[3] == reads[0] + 4                          # start, checks at 16, 32, 48
