@@ -455,6 +455,7 @@ class SessionLifecycle:
         if conn is None:
             return
         session.resend = collections.deque(session.inflight) if session.inflight else ()
+        session.inflight_held = False   # a new connection: its own --max-inflight-bytes episodes
         self.drain(session)
 
     def connection_lost(self, session: Session, connection, publish_will: bool,
