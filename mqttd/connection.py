@@ -288,12 +288,9 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
     def _process(self, packets) -> None:
         """Handle ``packets`` in order until input blocks; a long run of costly
         packets yields the reactor after :data:`~mqttd.inflow.TURN_BUDGET`
-        seconds (REVIEW-S9 R8), counted from the first packet and checked
-        every 16.  A run of at most 16 packets (most reads) has nothing left
-        to defer at its only check, so it never reads the clock."""
+        seconds (REVIEW-S9 R8)."""
         broker = self.broker
-        started = (self.clock.seconds() if len(packets) > TURN_CHECK_MASK + 1
-                   else None)
+        started = None
         for index, packet in enumerate(packets):
             if self.state == _CLOSED:
                 return
@@ -319,7 +316,10 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
                 return
             if index & TURN_CHECK_MASK == TURN_CHECK_MASK and index + 1 < len(packets):
                 # every 16 packets: has this read had its share of the reactor turn?
-                if self.clock.seconds() - started >= TURN_BUDGET:
+                now = self.clock.seconds()
+                if started is None:
+                    started = now
+                elif now - started >= TURN_BUDGET:
                     self._stash = packets[index + 1:]
                     self._yield_turn()   # the rest next turn, after the others
                     return
