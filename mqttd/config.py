@@ -99,8 +99,8 @@ class BrokerConfig:
     #: ``PersistentSessions.fair_victim``) or else its owner's own, or without
     #: one is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
     max_sessions: int = attrs.field(default=100_000, validator=_int_in(0))
-    #: persistent sessions one owner (user name; all anonymous clients are one
-    #: owner) holds at most; 0 = no share.  At this share a new persistent
+    #: persistent sessions one owner (user name; the anonymous clients of one
+    #: address, an IPv6 /64, are one owner) holds at most; 0 = no share.  At this share a new persistent
     #: session of the owner discards its longest-offline one; refused (0x97 /
     #: v3 0x03) only if it has none offline.  Not below ``max_sessions`` (or 0)
     #: is warned about at start-up

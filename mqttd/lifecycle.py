@@ -25,6 +25,7 @@ from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundStage
 from mqttd.clients import ClientInfo
 from mqttd.session import Session
+from mqttd.sessionbudget import budget_owner, owner_name
 
 __all__ = ["SessionLifecycle", "NEVER_EXPIRES"]
 
@@ -77,9 +78,9 @@ class SessionLifecycle:
                  wills=len(state.wills), expired=expired)
 
     def _check_session_budget(self) -> None:
-        """One WARN line at start-up when ``--max-sessions-per-user`` does not
-        divide ``--max-sessions`` (0 or at least the cap): one user name -- or
-        all anonymous clients together -- can then hold every persistent
+        """One WARN line at start-up when ``--max-sessions-per-user`` is not
+        below ``--max-sessions`` (0 or at least the cap): one user name -- or
+        the anonymous clients of one address -- can then hold every persistent
         session.  The fair share at the cap still lets the other users' new
         sessions in while that user has one offline, but not while all of
         them are connected."""
@@ -87,7 +88,7 @@ class SessionLifecycle:
         share = self.config.max_sessions_per_user
         if limit and (not share or share >= limit):
             log.warn("--max-sessions-per-user {share} is not below --max-sessions {limit}: "
-                     "one user name (all anonymous clients together are one) can hold every "
+                     "one user name (or the anonymous clients of one address) can hold every "
                      "persistent session; at the cap another user's new session then evicts "
                      "that user's longest-offline session, and is refused while all of its "
                      "sessions are connected. Set --max-sessions-per-user below "
@@ -104,7 +105,8 @@ class SessionLifecycle:
                           persistent=True, expiry_interval=record.expiry_interval,
                           owner=getattr(record, "owner", None),  # older records: none
                           ledger=self.stats)
-        self._persistent.add(client_id, session.owner)
+        # an anonymous session's address is not stored: "-" until it reconnects
+        self._persistent.add(client_id, budget_owner(session.owner))
         self._persistent.went_offline(client_id)
         session.disconnected_at = (record.disconnected_at
                                    if record.disconnected_at is not None else now)
@@ -348,16 +350,22 @@ class SessionLifecycle:
 
     def _track_persistent(self, session: Session) -> None:
         if session.persistent:
-            self._persistent.add(session.client_id, session.owner)
+            self._persistent.add(session.client_id, budget_owner(
+                session.owner, getattr(session.info, "peer", None)))
         else:
             self._persistent.discard(session.client_id)
         self.stats.persistent_sessions = len(self._persistent)
 
     def session_refusal(self, client_id: str, persistent: bool,
-                        owner: Optional[str] = None) -> Optional[tuple]:
+                        owner: Optional[str] = None, peer: Optional[str] = None,
+                        ) -> Optional[tuple]:
         """Why a CONNECT for ``client_id`` by the user ``owner`` (None:
-        anonymous) must be refused before its session is touched:
-        ``(reason_code, why, stats_reason)``, or None to go on.
+        anonymous) from ``peer`` (``"host:port"``) must be refused before its
+        session is touched: ``(reason_code, why, stats_reason)``, or None to
+        go on.  Below, ``owner`` is the budget owner
+        (:func:`~mqttd.sessionbudget.budget_owner`): the user name, or for an
+        anonymous client its address (IPv6: /64) -- the anonymous clients of
+        one address share a budget, not all of them one (REVIEW-S10 S6).
 
         * the store cannot write (disk full, I/O error) and the session would be
           persistent: v5 0x97 Quota exceeded for a full disk, else 0x88 Server
@@ -392,12 +400,13 @@ class SessionLifecycle:
         if client_id in self._persistent:
             return None
         index = self._persistent
+        owner = budget_owner(owner, peer)
         share = self.config.max_sessions_per_user
         if share and index.count(owner) >= share:
             refusal = self._make_room(
                 client_id, owner, "max-sessions-per-user",
-                f"{index.count(owner)} persistent sessions of {owner!r}, the maximum "
-                f"(--max-sessions-per-user)",
+                f"{index.count(owner)} persistent sessions of {owner_name(owner)!r}, "
+                f"the maximum (--max-sessions-per-user)",
                 index.longest_offline(owner, self.sessions))
             if refusal is not None:
                 return refusal
@@ -409,34 +418,36 @@ class SessionLifecycle:
                                    index.fair_victim(owner, self.sessions))
         return None
 
-    def _make_room(self, client_id: str, owner: Optional[str], what: str,
+    def _make_room(self, client_id: str, owner, what: str,
                    why: str, victim: Optional[Session]) -> Optional[tuple]:
-        """Discard ``victim`` (an offline persistent session: ``owner``'s own,
-        or at ``--max-sessions`` the biggest owner's) for the new session of
-        ``client_id``, or without one the refusal."""
+        """Discard ``victim`` (an offline persistent session: budget owner
+        ``owner``'s own, or at ``--max-sessions`` the biggest owner's) for the
+        new session of ``client_id``, or without one the refusal."""
         if victim is None:
             return (ReasonCode.QUOTA_EXCEEDED, why, what)
         self.stats.sessions_evicted += 1
         offline = self.clock.seconds() - (victim.disconnected_at or self.clock.seconds())
-        if victim.owner == owner:
+        victim_owner = self._persistent.owner_of(victim.client_id)
+        if victim_owner == owner:
             self.log_limiter.warn(
                 log, (owner, "session-evicted"),
                 "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
                 "{queued} queued) for the new session {client_id}: {why}",
-                evicted=victim.client_id, owner=owner, offline=offline,
+                evicted=victim.client_id, owner=owner_name(owner), offline=offline,
                 queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
                 why=why, what=what)
         else:
-            held = self._persistent.count(victim.owner)
             self.log_limiter.warn(
-                log, (victim.owner, "session-evicted"),
+                log, (victim_owner, "session-evicted"),
                 "Evicting session {evicted} of {victim_owner!r} (offline {offline:.0f} s, "
                 "{queued} queued; {victim_owner!r} holds {held} persistent sessions, the "
                 "most) for the new session {client_id} of {owner!r} ({mine}): {why}; "
                 "fair share",
-                evicted=victim.client_id, victim_owner=victim.owner, owner=owner,
-                offline=offline, queued=len(victim.queue) + len(victim.inflight),
-                held=held, mine=self._persistent.count(owner), client_id=client_id,
+                evicted=victim.client_id, victim_owner=owner_name(victim_owner),
+                owner=owner_name(owner), offline=offline,
+                queued=len(victim.queue) + len(victim.inflight),
+                held=self._persistent.count(victim_owner),
+                mine=self._persistent.count(owner), client_id=client_id,
                 why=why, what=what)
         if self.incident_listeners:
             self.incident(victim.client_id, "session-evicted",

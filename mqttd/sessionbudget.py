@@ -1,8 +1,12 @@
 """The persistent sessions a broker holds, by owner: what ``--max-sessions`` and
 ``--max-sessions-per-user`` judge (REVIEW-S9 R10).
 
-An *owner* is the user name that created a session (``Session.owner``); every
-anonymous session has the one owner ``None``.  :class:`PersistentSessions`
+An *owner* is whose budget a session spends (:func:`budget_owner`): the user
+name that created it (``Session.owner``), or for an anonymous session the
+address it connected from (an IPv6 /64) -- the anonymous clients of one
+address are one owner, those of another address another (REVIEW-S10 S6: as
+one owner, any anonymous client evicted every other's offline sessions and
+their queued messages).  :class:`PersistentSessions`
 keeps, in O(1) per change, the client ids of the persistent sessions, how many
 each owner holds, and each owner's offline sessions in the order they went
 offline -- so a CONNECT at a cap finds the owner's longest-offline session
@@ -16,9 +20,32 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Hashable, Iterator, List, Mapping, Optional, Tuple
+
+from mqttd.ratelimit import address_key
 
 _MISSING = object()
+
+#: the first item of an anonymous budget owner, ``(ANONYMOUS, address)``
+ANONYMOUS = "anonymous"
+
+
+def budget_owner(owner: Optional[str], peer=None) -> Hashable:
+    """Whose session budget a session of the user ``owner`` (None: anonymous,
+    or a name no one checked) connected from ``peer`` (``"host:port"``)
+    spends: the user name itself, or ``("anonymous", address)`` with
+    :func:`mqttd.ratelimit.address_key` of ``peer`` (IPv4 host, IPv6 /64;
+    ``"-"`` when unknown: a session restored from the store until it
+    reconnects)."""
+    return owner if owner is not None else (ANONYMOUS, address_key(peer))
+
+
+def owner_name(key: Hashable) -> str:
+    """A budget owner as log lines name it: the user name, or
+    ``anonymous@ADDRESS``."""
+    if isinstance(key, tuple):
+        return f"{key[0]}@{key[1]}"
+    return str(key)
 
 
 class PersistentSessions:
@@ -30,16 +57,16 @@ class PersistentSessions:
     """
 
     def __init__(self) -> None:
-        self._owners: Dict[str, Optional[str]] = {}
-        self._counts: Dict[Optional[str], int] = {}
+        self._owners: Dict[str, Hashable] = {}
+        self._counts: Dict[Hashable, int] = {}
         #: owner -> client ids of its offline sessions, longest offline first
-        self._offline: Dict[Optional[str], "collections.OrderedDict[str, None]"] = {}
+        self._offline: Dict[Hashable, "collections.OrderedDict[str, None]"] = {}
         #: max-heap (by count) of the owners in ``_offline``: ``(-count, mark,
         #: owner)``; an entry is current while ``_marks[owner] == mark`` (older
         #: ones are skipped when they come to the top, and the heap is rebuilt
         #: when they outnumber the current ones)
-        self._heap: List[Tuple[int, int, Optional[str]]] = []
-        self._marks: Dict[Optional[str], int] = {}
+        self._heap: List[Tuple[int, int, Hashable]] = []
+        self._marks: Dict[Hashable, int] = {}
         self._mark = itertools.count()
 
     def __len__(self) -> int:
@@ -51,11 +78,16 @@ class PersistentSessions:
     def __iter__(self) -> Iterator[str]:
         return iter(self._owners)
 
-    def count(self, owner: Optional[str]) -> int:
-        """Persistent sessions held by ``owner`` (None: anonymous ones)."""
+    def count(self, owner: Hashable) -> int:
+        """Persistent sessions held by ``owner`` (a :func:`budget_owner`)."""
         return self._counts.get(owner, 0)
 
-    def add(self, client_id: str, owner: Optional[str]) -> None:
+    def owner_of(self, client_id: str) -> Hashable:
+        """The budget owner ``client_id``'s persistent session is counted for
+        (None if it is not counted)."""
+        return self._owners.get(client_id)
+
+    def add(self, client_id: str, owner: Hashable) -> None:
         """``client_id``'s session is persistent and owned by ``owner`` (again)."""
         old = self._owners.get(client_id, _MISSING)
         if old is not _MISSING:
@@ -73,7 +105,7 @@ class PersistentSessions:
         if old is not _MISSING:
             self._forget(client_id, old)
 
-    def _forget(self, client_id: str, owner: Optional[str]) -> None:
+    def _forget(self, client_id: str, owner: Hashable) -> None:
         left = self._counts[owner] - 1
         if left:
             self._counts[owner] = left
@@ -107,7 +139,7 @@ class PersistentSessions:
             if not order:
                 self._no_offline(owner)
 
-    def longest_offline(self, owner: Optional[str], sessions: Mapping[str, object]):
+    def longest_offline(self, owner: Hashable, sessions: Mapping[str, object]):
         """The session (from ``sessions``, client id -> Session) of ``owner`` that
         has been offline longest, or None if ``owner`` has no offline
         persistent session."""
@@ -117,7 +149,6 @@ class PersistentSessions:
             session = sessions.get(client_id)
             if (session is not None and getattr(session, "persistent", False)
                     and getattr(session, "connection", None) is None
-                    and getattr(session, "owner", None) == owner
                     and self._owners.get(client_id, _MISSING) == owner):
                 return session
             del order[client_id]        # stale: repaired once, here
@@ -127,7 +158,7 @@ class PersistentSessions:
             self._no_offline(owner)
         return None
 
-    def fair_victim(self, owner: Optional[str], sessions: Mapping[str, object]):
+    def fair_victim(self, owner: Hashable, sessions: Mapping[str, object]):
         """The session a new persistent session of ``owner`` displaces at the
         global cap (``--max-sessions``), or None (refuse it):
 
@@ -156,7 +187,7 @@ class PersistentSessions:
             # top had only stale offline entries: it left the heap; next one
         return self.longest_offline(owner, sessions)
 
-    def largest(self) -> Tuple[Optional[str], int]:
+    def largest(self) -> Tuple[Hashable, int]:
         """``(owner, count)`` of an owner with an offline session holding the
         most persistent sessions (``(None, 0)`` if no owner has one offline);
         for log lines and tests."""
@@ -168,7 +199,7 @@ class PersistentSessions:
             heapq.heappop(heap)
         return None, 0
 
-    def _rank(self, owner: Optional[str]) -> None:
+    def _rank(self, owner: Hashable) -> None:
         """(Re)enter ``owner``, which has an offline session, in the heap with
         its current count."""
         mark = next(self._mark)
@@ -180,7 +211,7 @@ class PersistentSessions:
             heap[:] = [entry for entry in heap if marks.get(entry[2]) == entry[1]]
             heapq.heapify(heap)
 
-    def _no_offline(self, owner: Optional[str]) -> None:
+    def _no_offline(self, owner: Hashable) -> None:
         """``owner`` has no offline session any more: out of the heap (lazily)."""
         del self._offline[owner]
         self._marks.pop(owner, None)

@@ -142,9 +142,10 @@ OPTIONS: List[Option] = [
            "(if at least two more; fair share) or else its own user's, or without one is "
            "refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
            field="max_sessions"),
-    Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (all "
-           "anonymous clients together: one) holds at most; one more discards its "
-           "longest-offline session, or without one is refused (0 = no share).",
+    Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (the "
+           "anonymous clients of one address, IPv6: /64, together: one) holds at most; one "
+           "more discards its longest-offline session, or without one is refused "
+           "(0 = no share).",
            default=10_000, field="max_sessions_per_user"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),

@@ -277,6 +277,79 @@ def test_fair_victim_matches_a_brute_force_judgement():
         assert dict(index._counts) == counts
 
 
+# --- anonymous clients: one budget per address (REVIEW-S10 S6) -------------------------------
+
+def anonymous_from(broker, clock, client_id, peer, expect_ok=True):
+    """An anonymous v3.1.1 persistent session from ``peer``; the client and its CONNACK."""
+    c = FakeClient(broker, clock, level=4, peer=peer)
+    c.send(Connect(4, client_id, False, 0))
+    packets = c.received()
+    ack, c._unread = packets[0], packets[1:]      # what followed stays readable
+    assert isinstance(ack, Connack)
+    if expect_ok:
+        assert ack.reason_code == 0
+    return c, ack
+
+
+def test_one_anonymous_client_cannot_evict_another_addresss_sessions(log_events):
+    """An anonymous flood from one address evicts its own sessions only: another address's
+    offline session keeps its queued QoS 1 message (before: evicted, the message lost)."""
+    broker, clock = make_broker(max_sessions_per_user=3)
+    victim, _ = anonymous_from(broker, clock, "victim", "10.0.0.1:4000")
+    victim.subscribe("v/#", qos=1)
+    victim.drop()
+    broker.publish_message("v/1", b"kept", qos=1)
+    for i in range(30):
+        anonymous_from(broker, clock, f"junk{i}", "10.0.0.2:5000")[0].drop()
+        clock.advance(1)
+    assert "victim" in broker.sessions
+    assert sorted(c for c in broker.sessions if c.startswith("junk")) == [
+        "junk27", "junk28", "junk29"]
+    back, _ = anonymous_from(broker, clock, "victim", "10.0.0.1:4001")
+    assert [p.payload for p in back.received() if isinstance(p, Publish)] == [b"kept"]
+    evictions = [e for e in log_events if "evicted" in e]
+    assert evictions and {e["owner"] for e in evictions} == {"anonymous@10.0.0.2"}
+
+
+def test_anonymous_clients_of_one_ipv6_64_share_one_budget():
+    """Addresses of one IPv6 /64 are one owner (a new address from it is not a new budget)."""
+    broker, clock = make_broker(max_sessions_per_user=2)
+    for i in range(10):
+        anonymous_from(broker, clock, f"a{i}", f"[2001:db8:1:2::{i + 1}]:4000")[0].drop()
+        clock.advance(1)
+    anonymous_from(broker, clock, "other", "[2001:db8:1:3::1]:4000")[0].drop()
+    assert sorted(broker.sessions) == ["a8", "a9", "other"]
+
+
+def test_a_restored_anonymous_session_joins_its_address_budget_when_it_reconnects():
+    """The store does not keep addresses: a restored anonymous session counts for
+    "anonymous@-" until it reconnects, then for its address."""
+    from mqttd.broker import Broker
+    from mqttd.config import BrokerConfig
+    from mqttd.persistence.records import StoredSession, StoredState
+    broker, clock = make_broker()
+    anonymous_from(broker, clock, "dev", "10.0.0.9:1")[0].drop()
+    fresh = Broker(clock, None, BrokerConfig(max_sessions_per_user=1))
+    fresh.restore(StoredState(sessions={"dev": StoredSession(
+        broker.sessions["dev"].to_record())}))
+    assert fresh._persistent.owner_of("dev") == ("anonymous", "-")
+    anonymous_from(fresh, clock, "dev", "10.0.0.9:2")[0].drop()
+    assert fresh._persistent.owner_of("dev") == ("anonymous", "10.0.0.9")
+    anonymous_from(fresh, clock, "new", "10.0.0.9:3")          # share 1: evicts "dev"
+    assert "dev" not in fresh.sessions
+
+
+def test_budget_owner_names_users_and_anonymous_addresses():
+    """budget_owner: the user name, or ("anonymous", IPv4 host / IPv6 /64 / "-")."""
+    from mqttd.sessionbudget import budget_owner, owner_name
+    assert budget_owner("alice", "10.0.0.1:1") == "alice"
+    assert budget_owner(None, "10.0.0.1:1") == ("anonymous", "10.0.0.1")
+    assert budget_owner(None, "[2001:db8::7]:1") == ("anonymous", "2001:db8::/64")
+    assert budget_owner(None) == ("anonymous", "-")
+    assert owner_name(("anonymous", "10.0.0.1")) == "anonymous@10.0.0.1"
+    assert owner_name("alice") == "alice"
+
+
 # --- --max-queued-bytes-total ---------------------------------------------------------------
 
 def offline_subscribers(broker, clock, n):
