@@ -65,7 +65,8 @@ class SessionLifecycle:
         # the owners' offline sessions, longest offline first (--max-sessions)
         for session in sorted(self.sessions.values(),
                               key=lambda s: (s.disconnected_at or 0.0, s.client_id)):
-            self._persistent.went_offline(session.client_id)
+            self._persistent.went_offline(session.client_id,
+                                          bool(session.queue or session.inflight))
         # wills first: a session that expired while we were down publishes its will
         self.wills.restore(state.wills.values(), self.sessions)
         for session in list(self.sessions.values()):
@@ -495,7 +496,7 @@ class SessionLifecycle:
         if not session.persistent:
             self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
-            self._persistent.went_offline(client_id)
+            self._persistent.went_offline(client_id, bool(session.queue or session.inflight))
             self._teardown_step(client_id, "session store", self._write,
                                 R.PutSession(session.to_record()))
             self._teardown_step(client_id, "session expiry", self._schedule_expiry,

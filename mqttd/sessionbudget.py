@@ -26,6 +26,18 @@ from mqttd.ratelimit import address_key
 
 _MISSING = object()
 
+
+class _Offline:
+    """One owner's offline sessions, each order longest offline first: those
+    that owed nothing when they went offline (or were last looked at) and
+    those that owe messages."""
+
+    __slots__ = ("idle", "owing")
+
+    def __init__(self) -> None:
+        self.idle: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self.owing: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+
 #: the first item of an anonymous budget owner, ``(ANONYMOUS, address)``
 ANONYMOUS = "anonymous"
 
@@ -59,8 +71,8 @@ class PersistentSessions:
     def __init__(self) -> None:
         self._owners: Dict[str, Hashable] = {}
         self._counts: Dict[Hashable, int] = {}
-        #: owner -> client ids of its offline sessions, longest offline first
-        self._offline: Dict[Hashable, "collections.OrderedDict[str, None]"] = {}
+        #: owner -> client ids of its offline sessions (present while it has one)
+        self._offline: Dict[Hashable, _Offline] = {}
         #: max-heap (by count) of the owners in ``_offline``: ``(-count, mark,
         #: owner)``; an entry is current while ``_marks[owner] == mark`` (older
         #: ones are skipped when they come to the top, and the heap is rebuilt
@@ -115,17 +127,20 @@ class PersistentSessions:
         if owner in self._offline:
             self._rank(owner)
 
-    def went_offline(self, client_id: str) -> None:
-        """``client_id``'s (persistent) session lost its connection just now."""
+    def went_offline(self, client_id: str, owing: bool = False) -> None:
+        """``client_id``'s (persistent) session lost its connection just now;
+        ``owing``: it has queued or in-flight messages (a session that owes
+        nothing is evicted before any that does, see :meth:`longest_offline`)."""
         owner = self._owners.get(client_id, _MISSING)
         if owner is _MISSING:
             return
-        order = self._offline.get(owner)
-        if order is None:
-            order = self._offline[owner] = collections.OrderedDict()
+        offline = self._offline.get(owner)
+        if offline is None:
+            offline = self._offline[owner] = _Offline()
             self._rank(owner)
-        order.pop(client_id, None)
-        order[client_id] = None
+        offline.idle.pop(client_id, None)
+        offline.owing.pop(client_id, None)
+        (offline.owing if owing else offline.idle)[client_id] = None
 
     def went_online(self, client_id: str, owner=_MISSING) -> None:
         """``client_id``'s session has a connection again (or is forgotten)."""
@@ -133,30 +148,47 @@ class PersistentSessions:
             owner = self._owners.get(client_id, _MISSING)
             if owner is _MISSING:
                 return
-        order = self._offline.get(owner)
-        if order is not None:
-            order.pop(client_id, None)
-            if not order:
+        offline = self._offline.get(owner)
+        if offline is not None:
+            offline.idle.pop(client_id, None)
+            offline.owing.pop(client_id, None)
+            if not (offline.idle or offline.owing):
                 self._no_offline(owner)
 
     def longest_offline(self, owner: Hashable, sessions: Mapping[str, object]):
-        """The session (from ``sessions``, client id -> Session) of ``owner`` that
-        has been offline longest, or None if ``owner`` has no offline
-        persistent session."""
-        order = self._offline.get(owner)
-        while order:
+        """The offline persistent session (from ``sessions``, client id ->
+        Session) of ``owner`` to evict first, or None if it has none: the
+        longest-offline one that owes nothing (no queued or in-flight
+        message: only its subscriptions go), else the longest-offline one
+        that owes messages (REVIEW-S10 S6: a flood of empty throwaway sessions
+        makes its own room before it costs another client its queued
+        messages).  A session found owing that was filed as owing nothing
+        (messages queued for it while offline) moves to the owing ones, once:
+        amortised O(1)."""
+        while True:
+            offline = self._offline.get(owner)
+            if offline is None:
+                return None
+            order = offline.idle if offline.idle else offline.owing
+            if not order:
+                self._no_offline(owner)
+                return None
             client_id = next(iter(order))
             session = sessions.get(client_id)
             if (session is not None and getattr(session, "persistent", False)
                     and getattr(session, "connection", None) is None
                     and self._owners.get(client_id, _MISSING) == owner):
+                if order is offline.idle and (getattr(session, "queue", ())
+                                              or getattr(session, "inflight", None)):
+                    del order[client_id]
+                    offline.owing[client_id] = None
+                    continue
                 return session
             del order[client_id]        # stale: repaired once, here
             if session is None:
-                self.discard(client_id)
-        if order is not None and not order and self._offline.get(owner) is order:
-            self._no_offline(owner)
-        return None
+                self.discard(client_id)  # (may end owner's offline entry: fetched again)
+            elif not (offline.idle or offline.owing) and self._offline.get(owner) is offline:
+                self._no_offline(owner)
 
     def fair_victim(self, owner: Hashable, sessions: Mapping[str, object]):
         """The session a new persistent session of ``owner`` displaces at the

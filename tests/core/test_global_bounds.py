@@ -229,7 +229,7 @@ def test_fair_victim_matches_a_brute_force_judgement():
     from mqttd.session import Session
     from mqttd.sessionbudget import PersistentSessions
     rng = random.Random(11)
-    owners = ["u%d" % i for i in range(6)] + [None]
+    owners = ["u%d" % i for i in range(6)] + [None, ("anonymous", "10.0.0.1")]
     index, sessions = PersistentSessions(), {}
     offline_order = []                       # client ids, longest offline first
     for step in range(3000):
@@ -242,10 +242,15 @@ def test_fair_victim_matches_a_brute_force_judgement():
             index.add(cid, owner)
         elif op < 0.6 and cid in sessions and sessions[cid].connection is not None:
             sessions[cid].connection = None
-            index.went_offline(cid)
+            if rng.random() < 0.3:
+                sessions[cid].queue = (object(),)            # owes a message
+            index.went_offline(cid, bool(sessions[cid].queue))
             offline_order.append(cid)
+        elif op < 0.65 and cid in sessions and sessions[cid].connection is None:
+            sessions[cid].queue = (object(),)                # queued for it while offline
         elif op < 0.75 and cid in sessions and sessions[cid].connection is None:
             sessions[cid].connection = object()
+            sessions[cid].queue = ()                         # drained
             index.went_online(cid)
             offline_order.remove(cid)
         elif op < 0.85 and cid in sessions:
@@ -269,10 +274,15 @@ def test_fair_victim_matches_a_brute_force_judgement():
             assert victim is not None and counts[victim.owner] == best
         else:
             mine = [c for c in offline_order if sessions[c].owner == me]
-            assert victim is (sessions[mine[0]] if mine else None)
+            assert (victim is None) == (not mine)
+            assert victim is None or victim.owner == me
         if victim is not None:
-            oldest = [c for c in offline_order if sessions[c].owner == victim.owner]
-            assert victim.client_id == oldest[0]
+            theirs = [c for c in offline_order if sessions[c].owner == victim.owner]
+            idle = [c for c in theirs if not sessions[c].queue]
+            if idle:                                         # owing nothing goes first
+                assert victim.client_id == idle[0]
+            else:
+                assert victim.client_id in theirs
         assert len(index._heap) <= 2 * len(index._marks) + 65
         assert dict(index._counts) == counts
 
@@ -337,6 +347,42 @@ def test_a_restored_anonymous_session_joins_its_address_budget_when_it_reconnect
     assert fresh._persistent.owner_of("dev") == ("anonymous", "10.0.0.9")
     anonymous_from(fresh, clock, "new", "10.0.0.9:3")          # share 1: evicts "dev"
     assert "dev" not in fresh.sessions
+
+
+def test_a_flood_from_the_same_address_evicts_its_empty_sessions_before_owed_messages():
+    """REVIEW-S10 S6 as reported (every anonymous client on loopback): the flood's own empty
+    sessions make room before a session that owes a queued QoS 1 message is evicted."""
+    broker, clock = make_broker(max_sessions_per_user=3)
+    victim, _ = anonymous_from(broker, clock, "victim", "127.0.0.1:4000")
+    victim.subscribe("v/#", qos=1)
+    victim.drop()
+    broker.publish_message("v/1", b"kept", qos=1)
+    for i in range(30):
+        anonymous_from(broker, clock, f"junk{i}", "127.0.0.1:5000")[0].drop()
+        clock.advance(1)
+    assert sorted(c for c in broker.sessions) == ["junk28", "junk29", "victim"]
+    back, _ = anonymous_from(broker, clock, "victim", "127.0.0.1:4001")
+    assert [p.payload for p in back.received() if isinstance(p, Publish)] == [b"kept"]
+
+
+def test_sessions_that_owe_messages_go_last_and_longest_offline_first():
+    """Messages queued for an offline session while it was filed as owing nothing move it
+    behind the empty ones; with only owing sessions left, the longest offline goes."""
+    broker, clock = make_broker(max_sessions_per_user=3)
+    for cid in ("old", "mid", "new"):
+        c, _ = anonymous_from(broker, clock, cid, "10.0.0.5:1")
+        c.subscribe(f"{cid}/#", qos=1)
+        c.drop()
+        clock.advance(1)
+    broker.publish_message("old/1", b"x", qos=1)             # old owes one now
+    anonymous_from(broker, clock, "n1", "10.0.0.5:2")[0].drop()
+    assert sorted(broker.sessions) == ["n1", "new", "old"]   # mid (empty) went, not old
+    broker.publish_message("new/1", b"x", qos=1)
+    broker.publish_message("n1/1", b"x", qos=1)              # n1 has no subscription: empty
+    anonymous_from(broker, clock, "n2", "10.0.0.5:3")
+    assert sorted(broker.sessions) == ["n2", "new", "old"]   # n1 (empty) went
+    anonymous_from(broker, clock, "n3", "10.0.0.5:4")        # all owe: the longest offline
+    assert sorted(broker.sessions) == ["n2", "n3", "new"]
 
 
 def test_budget_owner_names_users_and_anonymous_addresses():
