@@ -388,3 +388,27 @@ def test_one_user_that_took_every_session_does_not_lock_out_another(mqttd_broker
                            password=b"builder", timeout=WAIT)
     assert again.connack.session_present
     again.close()
+
+
+def test_an_anonymous_flood_does_not_cost_another_client_its_queued_message(
+        mqttd_broker_factory):
+    """REVIEW-S10 S6 on loopback (every anonymous client one address): 20 throwaway
+    persistent sessions under --max-sessions-per-user 5 evict their own empty sessions;
+    the offline subscriber's queued QoS 1 message is still delivered when it returns."""
+    broker = mqttd_broker_factory(extra_args=["--max-sessions-per-user", "5"])
+    victim = BlockingClient(broker.port, "victim", clean=False, timeout=WAIT)
+    victim.send(Subscribe(1, (Subscription("s6/#", 1),)))
+    assert isinstance(victim.next_packet(WAIT), Suback)
+    victim.close()
+    publisher = BlockingClient(broker.port, "s6-pub", timeout=WAIT)
+    publisher.send(Publish("s6/x", b"kept", 1, packet_id=1))
+    assert publisher.next_packet(WAIT).__class__.__name__ == "Puback"
+    publisher.close()
+    for i in range(20):
+        BlockingClient(broker.port, f"s6-junk-{i}", clean=False, timeout=WAIT).close()
+    back = BlockingClient(broker.port, "victim", clean=False, timeout=WAIT)
+    assert back.connack.session_present
+    message = back.next_packet(WAIT)
+    assert isinstance(message, Publish) and message.payload == b"kept"
+    back.close()
+    _wait_for(lambda: "anonymous@127.0.0.1" in _log(broker), what="the eviction lines")
