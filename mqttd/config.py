@@ -94,16 +94,17 @@ class BrokerConfig:
     max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
                                               validator=_int_in(0))
     #: persistent sessions held at most; a CONNECT that would create one more
-    #: discards the longest-offline session of the owner holding the most (if
-    #: it holds at least two more than the new session's owner: fair share,
-    #: ``PersistentSessions.fair_victim``) or else its owner's own, or without
-    #: one is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
+    #: discards an offline session of the owner holding the most (if it holds
+    #: at least two more than the new session's owner: fair share,
+    #: ``PersistentSessions.fair_victim``) or else one of its owner's own, or
+    #: without one is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
     max_sessions: int = attrs.field(default=100_000, validator=_int_in(0))
     #: persistent sessions one owner (user name; the anonymous clients of one
-    #: address, an IPv6 /64, are one owner) holds at most; 0 = no share.  At this share a new persistent
-    #: session of the owner discards its longest-offline one; refused (0x97 /
-    #: v3 0x03) only if it has none offline.  Not below ``max_sessions`` (or 0)
-    #: is warned about at start-up
+    #: address, an IPv6 /64, are one owner) holds at most; 0 = no share.  At
+    #: this share a new persistent session of the owner discards its
+    #: longest-offline one that owes no message (else its longest-offline
+    #: one); refused (0x97 / v3 0x03) only if it has none offline.  Not below
+    #: ``max_sessions`` (or 0) is warned about at start-up
     max_sessions_per_user: int = attrs.field(default=10_000, validator=_int_in(0))
     overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
                                        validator=_one_of(OverflowPolicy.ALL))

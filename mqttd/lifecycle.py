@@ -108,7 +108,6 @@ class SessionLifecycle:
                           ledger=self.stats)
         # an anonymous session's address is not stored: "-" until it reconnects
         self._persistent.add(client_id, budget_owner(session.owner))
-        self._persistent.went_offline(client_id)
         session.disconnected_at = (record.disconnected_at
                                    if record.disconnected_at is not None else now)
         for sub in record.subscriptions:
@@ -132,6 +131,7 @@ class SessionLifecycle:
                 session.restore_inflight(out)
         if stored.inbound_qos2:
             session.inbound_qos2 = set(stored.inbound_qos2)
+        self._persistent.went_offline(client_id, bool(session.queue or session.inflight))
         self.sessions[client_id] = session
         self.stats.persistent_sessions = len(self._persistent)
         return expired
@@ -373,17 +373,20 @@ class SessionLifecycle:
           unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
           CONNACK [MQTT-3.14.0-1];
         * it would create one persistent session more than ``owner`` may hold
-          (``max_sessions_per_user``): ``owner``'s own persistent session that
-          has been offline longest is discarded to make room (counted as
+          (``max_sessions_per_user``): one of ``owner``'s own offline sessions
+          is discarded to make room -- the longest-offline one that owes no
+          message, else the longest-offline one
+          (:meth:`PersistentSessions.longest_offline
+          <mqttd.sessionbudget.PersistentSessions.longest_offline>`; counted as
           ``sessions_evicted``, one rate-limited line); if ``owner`` has none
           offline, 0x97 Quota exceeded (v3: 0x03), counted as
           ``max-sessions-per-user``;
         * it would create one more than the broker holds (``max_sessions``):
           the fair share decides (:meth:`PersistentSessions.fair_victim
-          <mqttd.sessionbudget.PersistentSessions.fair_victim>`): the
-          longest-offline session of the owner holding the most goes, if that
-          owner holds at least two more than ``owner``; else ``owner``'s own
-          longest-offline one; with neither, 0x97 / 0x03, counted as
+          <mqttd.sessionbudget.PersistentSessions.fair_victim>`): an offline
+          session of the owner holding the most goes (chosen as above), if
+          that owner holds at least two more than ``owner``; else one of
+          ``owner``'s own; with neither, 0x97 / 0x03, counted as
           ``max-sessions``.  So one user filling the budget with throwaway
           sessions (REVIEW-S9 R10), even with a share at or above the cap,
           locks no other user out.

@@ -9,11 +9,13 @@ one owner, any anonymous client evicted every other's offline sessions and
 their queued messages).  :class:`PersistentSessions`
 keeps, in O(1) per change, the client ids of the persistent sessions, how many
 each owner holds, and each owner's offline sessions in the order they went
-offline -- so a CONNECT at a cap finds the owner's longest-offline session
-without scanning all sessions -- and, in O(log owners), which owner with an
-offline session holds the most: at ``--max-sessions`` a smaller owner's new
-session displaces that owner's longest-offline one (:meth:`fair_victim`), so
-one owner holding the whole budget does not lock the others out.
+offline, those that owe no message apart -- so a CONNECT at a cap finds the
+owner's session to evict (:meth:`longest_offline`: the longest-offline one
+that owes nothing, else the longest-offline one) without scanning all
+sessions -- and, in O(log owners), which owner with an offline session holds
+the most: at ``--max-sessions`` a smaller owner's new session displaces one of
+that owner's (:meth:`fair_victim`), so one owner holding the whole budget does
+not lock the others out.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class _Offline:
     def __init__(self) -> None:
         self.idle: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self.owing: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+
 
 #: the first item of an anonymous budget owner, ``(ANONYMOUS, address)``
 ANONYMOUS = "anonymous"
@@ -194,11 +197,11 @@ class PersistentSessions:
         """The session a new persistent session of ``owner`` displaces at the
         global cap (``--max-sessions``), or None (refuse it):
 
-        1. the longest-offline session of the owner that holds the most
+        1. the :meth:`longest_offline` session of the owner that holds the most
            persistent sessions among the owners with one offline, if that
            owner holds at least two more than ``owner`` (with one more, the
            two would only trade places on every CONNECT);
-        2. else ``owner``'s own longest-offline session.
+        2. else ``owner``'s own :meth:`longest_offline` session.
 
         So the owner holding the most can never lock a smaller one out, and
         an owner is never displaced for one holding as many.  O(log owners)

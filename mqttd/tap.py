@@ -138,9 +138,9 @@ OPTIONS: List[Option] = [
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
            field="max_queued_bytes_total"),
     Option("max-sessions", integer(0), "Persistent sessions held at most; a CONNECT for "
-           "one more discards the longest-offline session of the user holding the most "
-           "(if at least two more; fair share) or else its own user's, or without one is "
-           "refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
+           "one more discards an offline session (longest offline, owing no message first) "
+           "of the user holding the most (if at least two more; fair share) or else of its "
+           "own user, or without one is refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
            field="max_sessions"),
     Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (the "
            "anonymous clients of one address, IPv6: /64, together: one) holds at most; one "
