@@ -408,7 +408,7 @@ class SessionLifecycle:
         share = self.config.max_sessions_per_user
         if share and index.count(owner) >= share:
             refusal = self._make_room(
-                client_id, owner, "max-sessions-per-user",
+                client_id, peer, owner, "max-sessions-per-user",
                 f"{index.count(owner)} persistent sessions of {owner_name(owner)!r}, "
                 f"the maximum (--max-sessions-per-user)",
                 index.longest_offline(owner, self.sessions))
@@ -416,17 +416,17 @@ class SessionLifecycle:
                 return refusal
         limit = self.config.max_sessions
         if limit and len(index) >= limit:
-            return self._make_room(client_id, owner, "max-sessions",
+            return self._make_room(client_id, peer, owner, "max-sessions",
                                    f"{len(index)} persistent sessions, the maximum "
                                    f"(--max-sessions)",
                                    index.fair_victim(owner, self.sessions))
         return None
 
-    def _make_room(self, client_id: str, owner, what: str,
+    def _make_room(self, client_id: str, peer: Optional[str], owner, what: str,
                    why: str, victim: Optional[Session]) -> Optional[tuple]:
         """Discard ``victim`` (an offline persistent session: budget owner
         ``owner``'s own, or at ``--max-sessions`` the biggest owner's) for the
-        new session of ``client_id``, or without one the refusal."""
+        new session of ``client_id`` from ``peer``, or without one the refusal."""
         if victim is None:
             return (ReasonCode.QUOTA_EXCEEDED, why, what)
         self.stats.sessions_evicted += 1
@@ -436,23 +436,23 @@ class SessionLifecycle:
             self.log_limiter.warn(
                 log, (owner, "session-evicted"),
                 "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
-                "{queued} queued) for the new session {client_id}: {why}",
+                "{queued} queued) for the new session {client_id} from {peer}: {why}",
                 evicted=victim.client_id, owner=owner_name(owner), offline=offline,
                 queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
-                why=why, what=what)
+                peer=peer or "-", why=why, what=what)
         else:
             self.log_limiter.warn(
                 log, (victim_owner, "session-evicted"),
                 "Evicting session {evicted} of {victim_owner!r} (offline {offline:.0f} s, "
                 "{queued} queued; {victim_owner!r} holds {held} persistent sessions, the "
-                "most) for the new session {client_id} of {owner!r} ({mine}): {why}; "
-                "fair share",
+                "most) for the new session {client_id} of {owner!r} ({mine}) from {peer}: "
+                "{why}; fair share",
                 evicted=victim.client_id, victim_owner=owner_name(victim_owner),
                 owner=owner_name(owner), offline=offline,
                 queued=len(victim.queue) + len(victim.inflight),
                 held=self._persistent.count(victim_owner),
                 mine=self._persistent.count(owner), client_id=client_id,
-                why=why, what=what)
+                peer=peer or "-", why=why, what=what)
         if self.incident_listeners:
             self.incident(victim.client_id, "session-evicted",
                           f"session evicted for {client_id}: {why}")

@@ -157,6 +157,7 @@ def test_one_owner_holding_the_whole_cap_does_not_lock_others_out(log_events, sh
     assert len(lines) == 1
     assert (lines[0]["victim_owner"], lines[0]["owner"], lines[0]["held"]) == (
         "mallory", "alice", 5)
+    assert lines[0]["peer"] == "127.0.0.1:1"                 # the new session's
 
 
 def test_the_flooding_owner_then_evicts_only_its_own_sessions():
