@@ -247,7 +247,10 @@ class Delivery:
                      limit=self.config.max_queued_bytes_total)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
-        """Count, and log (rate-limited), one message not delivered to ``session``."""
+        """Count, and log (rate-limited), one message not delivered to ``session``:
+        at most one line per client and reason per 10 s, and those lines
+        through :attr:`log_limiter` (at most its per-reason burst, 50 per 10 s,
+        over all clients; the rest reported as suppressed by a later line)."""
         count = session.count_drop(reason)
         self.stats.count_drop(reason)
         if self.incident_listeners:
@@ -263,9 +266,15 @@ class Delivery:
             if len(self._drop_logged) > 10000:
                 self._drop_logged.clear()
             self._drop_logged[key] = now
-            log.warn("Dropping messages for {client_id}: {reason} "
-                     "({count} dropped for this reason so far)",
-                     client_id=session.client_id, reason=reason, count=count)
+            # one line per (client, reason) per 10 s, and through the broker's
+            # limiter: at most its per-reason burst over all clients, so 5,000
+            # subscribers dropping at once are not 5,000 lines (REVIEW-S10 S13)
+            self.log_limiter.emit(
+                log.warn, (session.client_id, "dropped-" + reason),
+                "Dropping messages for {client_id} from {peer}: {reason} "
+                "({count} dropped for this reason so far)",
+                client_id=session.client_id, peer=self.session_peer(session),
+                reason=reason, count=count)
 
     def puback(self, session: Session, packet_id: int) -> bool:
         record = session.inflight.get(packet_id)

@@ -455,3 +455,27 @@ def test_restored_sessions_are_evicted_longest_offline_first():
     fresh.restore(StoredState(sessions=records))
     persistent_as(fresh, clock, "new", "u")
     assert set(fresh.sessions) == {"late", "new"} and fresh.stats.sessions_evicted == 1
+
+
+# --- drop lines under the global log limit (REVIEW-S10 S13) -----------------------------------
+
+def test_drop_lines_of_many_clients_stay_within_the_per_reason_log_limit(log_events):
+    """120 subscribers each dropping a message at once log at most the limiter's 50 lines per
+    reason (before: one line each, growing with the connections one host opens); the next
+    line reports how many were suppressed; each line names client and peer."""
+    broker, clock = make_broker()
+    for i in range(120):
+        c = FakeClient(broker, clock, level=5, peer=f"10.0.1.{i % 250}:1")
+        c.connect(f"tiny-{i}", properties=Properties(maximum_packet_size=30))
+        c.subscribe("lg/#")
+    broker.publish_message("lg/x", b"p" * 100)
+    assert broker.stats.dropped["client-maximum-packet-size"] == 120
+
+    def lines():
+        return [e for e in log_events if "Dropping messages" in e.get("log_format", "")]
+    assert len(lines()) == 50
+    assert lines()[0]["peer"] == "10.0.1.0:1" and lines()[0]["client_id"] == "tiny-0"
+    clock.advance(11)
+    broker.publish_message("lg/x", b"p" * 100)
+    assert len(lines()) == 100
+    assert lines()[50]["suppressed"] == 70
