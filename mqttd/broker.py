@@ -41,7 +41,7 @@ from mqttd import shared, topics
 from mqttd.clients import ClientInfo, ClientSummary, summarize
 from mqttd.codec.errors import ReasonCode
 from mqttd.config import MAX_PACKET_SIZE, MIN_PACKET_SIZE, BrokerConfig
-from mqttd.delivery import Delivery
+from mqttd.delivery import MAX_INFLIGHT_UNBOUNDED, Delivery
 from mqttd.durability import Durability, PendingWrites
 from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.lifecycle import NEVER_EXPIRES, SessionLifecycle
@@ -113,6 +113,8 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
+        #: --max-inflight-bytes per client; 0 (no bound) is "never reached"
+        self._max_inflight_bytes = config.max_inflight_bytes or MAX_INFLIGHT_UNBOUNDED
         #: client ids of the persistent sessions, by owner (--max-sessions,
         #: --max-sessions-per-user)
         self._persistent = PersistentSessions()

@@ -233,11 +233,17 @@ class ClientConnection(Connecting, Publishing, Subscribing, InputFlow, Outbound)
 
     def _take_input(self, data: bytes) -> None:
         """Decode and handle ``data`` slice by slice: when input blocks, the
-        rest stays raw (held), so at most one slice's packets wait decoded."""
+        rest stays raw (held), so at most one slice's packets wait decoded.
+
+        Called for reads longer than :data:`~mqttd.inflow.DECODE_SLICE` and
+        for held input being handled (any size: one slice, no clock read)."""
         end = len(data)
-        started = self.clock.seconds() if end > DECODE_SLICE else 0.0
+        if end <= DECODE_SLICE:
+            self._decode(data)
+            return
+        started = self.clock.seconds()
         for start in range(0, end, DECODE_SLICE):
-            self._decode(data[start:start + DECODE_SLICE] if end > DECODE_SLICE else data)
+            self._decode(data[start:start + DECODE_SLICE])
             if self.state == _CLOSED:
                 return
             rest = start + DECODE_SLICE

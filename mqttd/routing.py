@@ -583,7 +583,7 @@ class Routing:
         if not owed:
             return
         session.clear_queue()       # gives its bytes back to --max-queued-bytes-total
-        session.inflight.clear()
+        session.clear_inflight()
         for out in owed:
             group = self.shared.group(out.share)
             message = out.message

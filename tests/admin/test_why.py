@@ -310,3 +310,20 @@ def test_ring_is_bounded_in_bytes_over_all_clients():
     assert ring.bytes == expected
     ring.record("rg1999", "publish", "49" + "r" * 1200)   # a repeat adds nothing
     assert ring.bytes == expected
+
+
+def test_a_full_inflight_byte_window_says_the_message_waits_for_acknowledgements():
+    """A subscriber that does not acknowledge: `why` names --max-inflight-bytes and the wait."""
+    broker, clock, ring = _setup(max_inflight_bytes=2_000)
+    client = FakeClient(broker, clock)
+    client.connect("c1")
+    client.subscribe("a/b", qos=1)
+    answer = _why(broker, ring, "c1", "a/b", qos=1)
+    assert _checks(answer)["inflight"]["ok"] is True
+    for i in range(3):
+        broker.publish_message("a/b", b"x" * 997, qos=1)
+    answer = _why(broker, ring, "c1", "a/b", qos=1)
+    step = _checks(answer)["inflight"]
+    assert step["ok"] is False and "--max-inflight-bytes" in step["detail"]
+    assert answer["session"]["inflight_bytes"] == 2_000
+    assert answer["verdict"] == "queued"
