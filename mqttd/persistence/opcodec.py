@@ -1,4 +1,4 @@
-"""A compact binary form of the journal's most frequent batches (format version 4).
+"""A compact binary form of the journal's most frequent batches (format versions 4, 6).
 
 Most journal records of a busy broker are batches of outbound-message operations:
 ``PutOutbound`` (a message queued for a persistent session), ``UpdateOutbound``,
@@ -25,6 +25,11 @@ Record layout (big-endian), after the magic byte, one item per operation::
     3 DeleteOutbound  str client_id | u64 seq
     4 AddInboundQos2  str client_id | u16 packet_id
     5 DeleteInboundQos2  str client_id | u16 packet_id
+    6 PutMessage      u64 message_id | str topic | u32 len + payload | u8 message qos
+                      | u8 retain | u8 has_origin [str origin] | u8 has_expiry [f64]
+                      (format 6: no client id)
+    7 PutOutboundRef  str client_id | u64 seq | u64 message_id | u8 qos
+                      | u16 packet_id (0: none) | u8 stage          (format 6)
 
 where ``str`` is u16 length + UTF-8 bytes.  :func:`decode` raises ``ValueError`` on
 anything else (an unknown tag, a short or overlong record, bad UTF-8, an invalid
@@ -40,20 +45,23 @@ from typing import List, Optional
 from mqttd.codec.packets import NO_PROPERTIES
 from mqttd.messages import Message
 from mqttd.persistence.records import (
-    AddInboundQos2, DeleteInboundQos2, DeleteOutbound, OutboundRecord, OutboundStage,
-    PutOutbound, UpdateOutbound)
+    AddInboundQos2, DeleteInboundQos2, DeleteOutbound, OutboundRecord, OutboundRef,
+    OutboundStage, PutMessage, PutOutbound, PutOutboundRef, UpdateOutbound)
 
 #: first byte of a record in this form (a pickle's is 0x80)
 MAGIC = 0xB4
 _MAGIC = bytes([MAGIC])
 
 _PUT, _UPDATE, _DELETE, _ADD_QOS2, _DELETE_QOS2 = 1, 2, 3, 4, 5
+_PUT_MESSAGE, _PUT_REF = 6, 7
 
 _U16 = struct.Struct(">H")
 _TAG_STR = struct.Struct(">BH")             # tag, client id length
 _SEQ_QOS_PID_STAGE = struct.Struct(">QBHB")
 _SEQ = struct.Struct(">Q")
 _SEQ_PID_STAGE = struct.Struct(">QHB")
+_TAG_MID_TOPIC = struct.Struct(">BQH")      # tag, message id, topic length
+_SEQ_MID_QOS_PID_STAGE = struct.Struct(">QQBHB")
 _U32 = struct.Struct(">I")
 _MSG_FLAGS = struct.Struct(">BBB")          # message qos, retain, has origin
 _F64 = struct.Struct(">d")
@@ -89,6 +97,34 @@ def encode(ops) -> Optional[bytes]:
                 append(_SEQ_QOS_PID_STAGE.pack(record.seq, record.qos, record.packet_id or 0,
                                                record.stage))
                 append(_U16.pack(len(topic)))
+                append(topic)
+                append(_U32.pack(len(message.payload)))
+                append(message.payload)
+                append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
+                                       0 if origin is None else 1))
+                if origin is not None:
+                    append(_str(origin))
+                if message.expires_at is None:
+                    append(b"\x00")
+                else:
+                    append(b"\x01")
+                    append(_F64.pack(message.expires_at))
+            elif cls is PutOutboundRef:
+                ref = op.ref
+                if ref.share is not None:
+                    return None
+                cid = op.client_id.encode("utf-8")
+                append(_TAG_STR.pack(_PUT_REF, len(cid)))
+                append(cid)
+                append(_SEQ_MID_QOS_PID_STAGE.pack(ref.seq, ref.message_id, ref.qos,
+                                                   ref.packet_id or 0, ref.stage))
+            elif cls is PutMessage:
+                message = op.message
+                if message.properties is not NO_PROPERTIES or message.__class__ is not Message:
+                    return None
+                topic = message.topic.encode("utf-8")
+                origin = message.origin
+                append(_TAG_MID_TOPIC.pack(_PUT_MESSAGE, op.message_id, len(topic)))
                 append(topic)
                 append(_U32.pack(len(message.payload)))
                 append(message.payload)
@@ -158,21 +194,32 @@ def decode(payload) -> List[object]:
             raise ValueError(f"invalid outbound stage {value}")
         return _STAGES[value]
 
+    def message_body(topic: str) -> Message:
+        (n,) = _U32.unpack_from(data, take(4))
+        start = take(n)
+        body = data[start:start + n]
+        mqos, retain, has_origin = _MSG_FLAGS.unpack_from(data, take(_MSG_FLAGS.size))
+        origin = text() if has_origin else None
+        expires_at = None
+        if data[take(1)]:
+            (expires_at,) = _F64.unpack_from(data, take(8))
+        return Message(topic, body, mqos, bool(retain), NO_PROPERTIES, origin, expires_at)
+
     while pos < end:
         tag = data[take(1)]
+        if tag == _PUT_MESSAGE:
+            (mid,) = _SEQ.unpack_from(data, take(8))
+            ops.append(PutMessage(mid, message_body(text())))
+            continue
         client_id = text()
-        if tag == _PUT:
+        if tag == _PUT_REF:
+            seq, mid, qos, pid, st = _SEQ_MID_QOS_PID_STAGE.unpack_from(
+                data, take(_SEQ_MID_QOS_PID_STAGE.size))
+            ops.append(PutOutboundRef(client_id, OutboundRef(seq, mid, qos, pid or None,
+                                                             stage(st))))
+        elif tag == _PUT:
             seq, qos, pid, st = _SEQ_QOS_PID_STAGE.unpack_from(data, take(_SEQ_QOS_PID_STAGE.size))
-            topic = text()
-            (n,) = _U32.unpack_from(data, take(4))
-            start = take(n)
-            body = data[start:start + n]
-            mqos, retain, has_origin = _MSG_FLAGS.unpack_from(data, take(_MSG_FLAGS.size))
-            origin = text() if has_origin else None
-            expires_at = None
-            if data[take(1)]:
-                (expires_at,) = _F64.unpack_from(data, take(8))
-            message = Message(topic, body, mqos, bool(retain), NO_PROPERTIES, origin, expires_at)
+            message = message_body(text())
             ops.append(PutOutbound(client_id, OutboundRecord(seq, message, qos, pid or None,
                                                              stage(st))))
         elif tag == _DELETE:

@@ -26,7 +26,12 @@ from mqttd.messages import Message
 #: generation and version (a damaged header costs nothing).
 #: 4: journal records of outbound-message operations may be in the compact
 #: binary form of :mod:`mqttd.persistence.opcodec` (first byte 0xB4).
-FORMAT_VERSION = 4
+#: 5: subscription deltas (taken by the subscription-delta change, R15).
+#: 6: the message table: a queued message is stored once (``PutMessage``) and
+#: each session's outbound record references it by id (``PutOutboundRef``,
+#: checkpoint items ``"m"`` and ``"l"``); ``PutOutbound`` and ``"o"`` items of
+#: earlier versions are still read (REVIEW-S9 R11).
+FORMAT_VERSION = 6
 
 
 class OutboundStage(enum.IntEnum):
@@ -103,6 +108,33 @@ class StoredState:
     retained: Dict[str, Message] = attrs.Factory(dict)
     #: client id -> pending delayed will
     wills: Dict[str, WillRecord] = attrs.Factory(dict)
+    # --- the message table (format 6): every message owed to sessions once ---
+    # Not compared (two states are equal when their sessions owe equal
+    # messages, whatever ids the messages have) and kept consistent by
+    # apply_op: an outbound record's message is always the table's object.
+    #: message id -> the message, for every message some outbound record holds
+    messages: Dict[int, Message] = attrs.field(factory=dict, eq=False, repr=False)
+    #: the id the next new message gets (ids are never reused)
+    next_message_id: int = attrs.field(default=1, eq=False, repr=False)
+    #: message id -> how many outbound records (all sessions) hold it
+    message_refs: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+    #: ``id(message object)`` -> message id (identity index; valid because the
+    #: table holds the object)
+    message_ids: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # built with a table (an unpickled state): index it, count its holders
+        if self.messages:
+            ids = self.message_ids
+            refs = self.message_refs
+            for mid, message in self.messages.items():
+                ids[id(message)] = mid
+                refs[mid] = 0
+            for session in self.sessions.values():
+                for record in session.outbound.values():
+                    mid = ids.get(id(record.message))
+                    if mid is not None:
+                        refs[mid] += 1
 
 
 # --- operations -------------------------------------------------------------
@@ -185,13 +217,14 @@ def _put_session(state: StoredState, op: PutSession) -> None:
 
 
 def _delete_session(state: StoredState, op: DeleteSession) -> None:
-    state.sessions.pop(op.client_id, None)
+    session = state.sessions.pop(op.client_id, None)
+    if session is not None and session.outbound:
+        for record in session.outbound.values():
+            release_message(state, record.message)
 
 
 def _put_outbound(state: StoredState, op: PutOutbound) -> None:
-    session = state.sessions.get(op.client_id)
-    if session is not None:
-        session.outbound[op.record.seq] = op.record
+    link_outbound(state, op.client_id, op.record)
 
 
 def _update_outbound(state: StoredState, op: UpdateOutbound) -> None:
@@ -208,7 +241,9 @@ def _update_outbound(state: StoredState, op: UpdateOutbound) -> None:
 def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:
     session = state.sessions.get(op.client_id)
     if session is not None:
-        session.outbound.pop(op.seq, None)
+        record = session.outbound.pop(op.seq, None)
+        if record is not None:
+            release_message(state, record.message)
 
 
 def _add_inbound(state: StoredState, op: AddInboundQos2) -> None:
@@ -269,3 +304,162 @@ def apply_op(state: StoredState, op) -> None:
     except KeyError:
         raise TypeError(f"not a store operation: {op!r}") from None
     handler(state, op)
+
+
+# --- the message table (format 6, REVIEW-S9 R11) ------------------------------
+#
+# A message routed to many sessions is one object in the broker; the store
+# keeps it once too.  ``StoredState.messages`` maps a message id to the
+# message, ``message_refs`` counts the outbound records holding it (over all
+# sessions) and a message leaves the table with its last record, so no
+# message's bytes outlive the last session that owed it.  The broker still
+# writes ``PutOutbound`` (the record holds the message); a store that journals
+# writes it as ``PutMessage`` (the first time the message is held) plus
+# ``PutOutboundRef`` (:func:`link_outbound` tells which), and its checkpoints
+# hold each message once (``"m"`` items) and per-session references (``"l"``
+# items).  Applying ``PutOutbound`` interns its message by identity, so
+# applying the broker's operations builds the same table.
+
+@attrs.frozen(slots=True)
+class OutboundRef:
+    """An :class:`OutboundRecord` as stored: its message by id in the table."""
+
+    seq: int
+    message_id: int
+    qos: int
+    packet_id: Optional[int] = None
+    stage: OutboundStage = OutboundStage.QUEUED
+    share: Optional[str] = None
+
+
+@attrs.frozen(slots=True)
+class PutMessage:
+    """Add ``message`` to the message table under ``message_id`` (its first
+    reference follows; a message no record references is dropped at the next
+    checkpoint or recovery)."""
+    message_id: int
+    message: Message
+
+
+@attrs.frozen(slots=True)
+class PutOutboundRef:
+    """:class:`PutOutbound` of a message already in the table."""
+    client_id: str
+    ref: OutboundRef
+
+
+def hold_message(state: StoredState, message: Message) -> Tuple[int, bool]:
+    """Count one more record holding ``message``; ``(message id, new)`` where
+    ``new`` says the table did not hold it before (interned by identity)."""
+    key = id(message)
+    mid = state.message_ids.get(key)
+    if mid is None:
+        mid = state.next_message_id
+        state.next_message_id = mid + 1
+        state.messages[mid] = message
+        state.message_ids[key] = mid
+        state.message_refs[mid] = 1
+        return mid, True
+    state.message_refs[mid] += 1
+    return mid, False
+
+
+def release_message(state: StoredState, message: Message) -> None:
+    """One record fewer holds ``message``; the last one takes it out of the table."""
+    key = id(message)
+    mid = state.message_ids.get(key)
+    if mid is None:
+        return          # not in the table (a state built without apply_op)
+    refs = state.message_refs[mid] - 1
+    if refs > 0:
+        state.message_refs[mid] = refs
+    else:
+        del state.message_refs[mid], state.messages[mid], state.message_ids[key]
+
+
+def link_outbound(state: StoredState, client_id: str,
+                  record: OutboundRecord) -> Optional[Tuple[int, bool]]:
+    """Put ``record`` in session ``client_id``'s outbound messages, holding its
+    message in the table; returns :func:`hold_message`'s ``(id, new)``, or
+    None when the session is unknown (nothing changes)."""
+    session = state.sessions.get(client_id)
+    if session is None:
+        return None
+    held = hold_message(state, record.message)
+    old = session.outbound.get(record.seq)
+    session.outbound[record.seq] = record
+    if old is not None:
+        release_message(state, old.message)
+    return held
+
+
+def resolve_ref(state: StoredState, ref: OutboundRef) -> Optional[OutboundRecord]:
+    """The record ``ref`` stands for, or None if its message is not in the table."""
+    message = state.messages.get(ref.message_id)
+    if message is None:
+        return None
+    return OutboundRecord(ref.seq, message, ref.qos, ref.packet_id, ref.stage, ref.share)
+
+
+def _put_message(state: StoredState, op: PutMessage) -> None:
+    mid = op.message_id
+    if mid not in state.messages:
+        state.messages[mid] = op.message
+        state.message_ids[id(op.message)] = mid
+        state.message_refs[mid] = 0
+    if mid >= state.next_message_id:
+        state.next_message_id = mid + 1
+
+
+def _put_outbound_ref(state: StoredState, op: PutOutboundRef) -> None:
+    if op.client_id in state.sessions:
+        record = resolve_ref(state, op.ref)
+        if record is not None:       # else: its PutMessage was in a damaged record
+            link_outbound(state, op.client_id, record)
+
+
+def drop_unreferenced(state: StoredState) -> int:
+    """Take messages no record holds out of the table (after recovery: a
+    ``PutMessage`` whose references were all deleted, or never applied).
+    Returns how many were dropped."""
+    unused = [mid for mid, refs in state.message_refs.items() if refs <= 0]
+    for mid in unused:
+        message = state.messages.pop(mid)
+        del state.message_refs[mid]
+        state.message_ids.pop(id(message), None)
+    return len(unused)
+
+
+def share_equal_messages(state: StoredState) -> int:
+    """Make outbound records holding *equal* messages hold one object (one
+    table entry): stores of format < 6 kept one copy per session, and this
+    turns them into shared ones on their first load.  Returns how many
+    duplicate messages were merged away.  Costs one hash of each distinct
+    message (its payload) once."""
+    first: Dict[Message, Message] = {}
+    merged = 0
+    for session in state.sessions.values():
+        outbound = session.outbound
+        for seq, record in list(outbound.items()):
+            message = record.message
+            try:
+                kept = first.setdefault(message, message)
+            except TypeError:       # unhashable (properties with a list): keep it
+                continue
+            if kept is not message:
+                hold_message(state, kept)
+                outbound[seq] = OutboundRecord(record.seq, kept, record.qos, record.packet_id,
+                                               record.stage, record.share)
+                before = len(state.messages)
+                release_message(state, message)
+                merged += before - len(state.messages)
+    return merged
+
+
+_APPLY.update({
+    PutMessage: _put_message,
+    PutOutboundRef: _put_outbound_ref,
+})
+#: every operation type, for allow-lists and tests (again: with the message
+#: table's operations, registered above)
+OPERATION_TYPES = tuple(_APPLY)
