@@ -40,9 +40,10 @@ def fan_out(backend, message, sessions=SESSIONS, sync=True):
     """``sessions`` offline sessions, each owed ``message`` (one object, as routed)."""
     store = backend(compact_bytes=10**9)
     store.open()
-    ops = [session(f"c{i}") for i in range(sessions)]
-    ops += [PutOutbound(f"c{i}", OutboundRecord(1, message, 1)) for i in range(sessions)]
-    backend.write_all(store, ops, sync=sync)
+    backend.write_all(store, [session(f"c{i}") for i in range(sessions)])
+    # one turn of the broker: the fan-out of one PUBLISH is one journal record
+    backend.write_all(store, [PutOutbound(f"c{i}", OutboundRecord(1, message, 1))
+                              for i in range(sessions)], sync=sync)
     return store
 
 
