@@ -53,9 +53,9 @@ from mqttd.persistence import opcodec, safepickle
 from mqttd.messages import Message
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, OutboundRef, PutMessage,
-    PutOutbound, PutOutboundRef, SessionRecord, StoredSession, WillRecord, StoredState,
-    apply_op, drop_unreferenced, hold_message, link_outbound, resolve_ref,
+    APPLY_HANDLERS, FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, OutboundRef, PutOutbound,
+    PutOutboundMessage, PutOutboundRef, SessionRecord, StoredSession, WillRecord, StoredState,
+    add_message, apply_op, drop_unreferenced, hold_message, link_outbound, resolve_ref,
     share_equal_messages)
 
 log = Logger(namespace="mqttd.persistence")
@@ -262,7 +262,7 @@ class StateAssembler:
                 isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], int)
                 and isinstance(e[1], Message) for e in item[1]):
             for mid, message in item[1]:
-                apply_op(self.state, PutMessage(mid, message))
+                add_message(self.state, mid, message)
         elif kind == "o" and len(item) == 3 and all(
                 isinstance(r, OutboundRecord) for r in item[2]):
             self._outbound[item[1]].extend(item[2])
@@ -711,7 +711,8 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
     for batch in batches:
         for op in batch:
             cls = op.__class__
-            if tolerant and cls in (PutOutbound, PutOutboundRef, AddInboundQos2) \
+            if tolerant and cls in (PutOutbound, PutOutboundMessage, PutOutboundRef,
+                                    AddInboundQos2) \
                     and op.client_id not in sessions:
                 sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
                 orphans.add(op.client_id)
@@ -719,6 +720,24 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
                 legacy += 1
             apply_op(state, op)
     return legacy
+
+
+def journal_ops(pending: list) -> list:
+    """The operations of a pending batch: ``(PutOutbound, message id, new)``
+    entries (:meth:`JournaledStore.write`) become :class:`PutOutboundMessage`
+    (``new``: the message's first record) or :class:`PutOutboundRef`."""
+    ops = []
+    for op in pending:
+        if op.__class__ is tuple:
+            put, mid, new = op
+            record = put.record
+            if new:
+                op = PutOutboundMessage(put.client_id, record, mid)
+            else:
+                op = PutOutboundRef(put.client_id, record.seq, mid, record.qos,
+                                    record.packet_id, record.stage, record.share)
+        ops.append(op)
+    return ops
 
 
 def decode_payload(payload) -> list:
@@ -876,25 +895,24 @@ class JournaledStore:
     def write(self, op) -> None:
         if self._state != "open":
             raise StoreError(f"store {self.path} is not open")
-        if type(op) not in _OP_TYPES:
-            raise TypeError(f"not a store operation: {op!r}")
-        if op.__class__ is PutOutbound:
-            # the message table: the message once, the session's record by reference
-            mirror = self._mirror
-            held = link_outbound(mirror, op.client_id, op.record)
+        cls = op.__class__
+        if cls is PutOutbound:
+            # the message table: the message with its first record only
+            held = link_outbound(self._mirror, op.client_id, op.record)
             if held is None:
                 # unknown session: the operation means nothing; journaled as given
                 self._pending.append(op)
             else:
-                mid, new = held
-                record = op.record
-                if new:
-                    self._pending.append(PutMessage(mid, record.message))
-                self._pending.append(PutOutboundRef(op.client_id, OutboundRef(
-                    record.seq, mid, record.qos, record.packet_id, record.stage,
-                    record.share)))
+                # (op, message id, new): written as PutOutboundMessage (new) or
+                # PutOutboundRef by opcodec, or made those ops for a pickle
+                # (journal_ops); no op object is made on the hot path
+                self._pending.append((op, held[0], held[1]))
         else:
-            apply_op(self._mirror, op)
+            # apply_op's own table, looked up once (once per message sent)
+            handler = APPLY_HANDLERS.get(cls)
+            if handler is None:
+                raise TypeError(f"not a store operation: {op!r}")
+            handler(self._mirror, op)
             self._pending.append(op)
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
@@ -939,7 +957,7 @@ class JournaledStore:
         try:
             payload = opcodec.encode(ops)
             if payload is None:  # an operation the compact form does not carry
-                payload = safepickle.dumps(ops)
+                payload = safepickle.dumps(journal_ops(ops))
             record = encode_record(payload)
             write_all(self._fd, record, self._os_write)
             self.write_latency.observe(time.monotonic() - started)

@@ -25,9 +25,7 @@ Record layout (big-endian), after the magic byte, one item per operation::
     3 DeleteOutbound  str client_id | u64 seq
     4 AddInboundQos2  str client_id | u16 packet_id
     5 DeleteInboundQos2  str client_id | u16 packet_id
-    6 PutMessage      u64 message_id | str topic | u32 len + payload | u8 message qos
-                      | u8 retain | u8 has_origin [str origin] | u8 has_expiry [f64]
-                      (format 6: no client id)
+    6 PutOutboundMessage  as PutOutbound, then u64 message_id          (format 6)
     7 PutOutboundRef  str client_id | u64 seq | u64 message_id | u8 qos
                       | u16 packet_id (0: none) | u8 stage          (format 6)
 
@@ -45,22 +43,21 @@ from typing import List, Optional
 from mqttd.codec.packets import NO_PROPERTIES
 from mqttd.messages import Message
 from mqttd.persistence.records import (
-    AddInboundQos2, DeleteInboundQos2, DeleteOutbound, OutboundRecord, OutboundRef,
-    OutboundStage, PutMessage, PutOutbound, PutOutboundRef, UpdateOutbound)
+    AddInboundQos2, DeleteInboundQos2, DeleteOutbound, OutboundRecord, OutboundStage,
+    PutOutbound, PutOutboundMessage, PutOutboundRef, UpdateOutbound)
 
 #: first byte of a record in this form (a pickle's is 0x80)
 MAGIC = 0xB4
 _MAGIC = bytes([MAGIC])
 
 _PUT, _UPDATE, _DELETE, _ADD_QOS2, _DELETE_QOS2 = 1, 2, 3, 4, 5
-_PUT_MESSAGE, _PUT_REF = 6, 7
+_PUT_NEW, _PUT_REF = 6, 7
 
 _U16 = struct.Struct(">H")
 _TAG_STR = struct.Struct(">BH")             # tag, client id length
 _SEQ_QOS_PID_STAGE = struct.Struct(">QBHB")
 _SEQ = struct.Struct(">Q")
 _SEQ_PID_STAGE = struct.Struct(">QHB")
-_TAG_MID_TOPIC = struct.Struct(">BQH")      # tag, message id, topic length
 _SEQ_MID_QOS_PID_STAGE = struct.Struct(">QQBHB")
 _U32 = struct.Struct(">I")
 _MSG_FLAGS = struct.Struct(">BBB")          # message qos, retain, has origin
@@ -77,13 +74,35 @@ def _str(text: str) -> bytes:
 
 def encode(ops) -> Optional[bytes]:
     """``ops`` (a list of store operations) in this form, or None when a pickle must
-    carry them (an operation or field this form does not express)."""
+    carry them (an operation or field this form does not express).  An entry may
+    also be the journal's ``(PutOutbound, message id, new)``
+    (:func:`mqttd.persistence.journal.journal_ops`): written as
+    ``PutOutboundMessage`` when ``new``, else as ``PutOutboundRef``."""
     parts = [_MAGIC]
     append = parts.append
     try:
         for op in ops:
             cls = op.__class__
-            if cls is PutOutbound:
+            mid = None
+            if cls is tuple:
+                # the journal's pending (PutOutbound, message id, new): the
+                # message's first record carries it, the others its id
+                op, mid, new = op
+                if new:
+                    cls = PutOutboundMessage
+                else:
+                    record = op.record
+                    if record.share is not None:
+                        return None
+                    cid = op.client_id.encode("utf-8")
+                    append(_TAG_STR.pack(_PUT_REF, len(cid)))
+                    append(cid)
+                    append(_SEQ_MID_QOS_PID_STAGE.pack(record.seq, mid, record.qos,
+                                                       record.packet_id or 0, record.stage))
+                    continue
+            elif cls is PutOutboundMessage:
+                mid = op.message_id
+            if cls is PutOutbound or cls is PutOutboundMessage:
                 record = op.record
                 message = record.message
                 if (record.share is not None or message.properties is not NO_PROPERTIES
@@ -92,7 +111,7 @@ def encode(ops) -> Optional[bytes]:
                 cid = op.client_id.encode("utf-8")
                 topic = message.topic.encode("utf-8")
                 origin = message.origin
-                append(_TAG_STR.pack(_PUT, len(cid)))
+                append(_TAG_STR.pack(_PUT if cls is PutOutbound else _PUT_NEW, len(cid)))
                 append(cid)
                 append(_SEQ_QOS_PID_STAGE.pack(record.seq, record.qos, record.packet_id or 0,
                                                record.stage))
@@ -109,34 +128,16 @@ def encode(ops) -> Optional[bytes]:
                 else:
                     append(b"\x01")
                     append(_F64.pack(message.expires_at))
+                if cls is PutOutboundMessage:
+                    append(_SEQ.pack(mid))
             elif cls is PutOutboundRef:
-                ref = op.ref
-                if ref.share is not None:
+                if op.share is not None:
                     return None
                 cid = op.client_id.encode("utf-8")
                 append(_TAG_STR.pack(_PUT_REF, len(cid)))
                 append(cid)
-                append(_SEQ_MID_QOS_PID_STAGE.pack(ref.seq, ref.message_id, ref.qos,
-                                                   ref.packet_id or 0, ref.stage))
-            elif cls is PutMessage:
-                message = op.message
-                if message.properties is not NO_PROPERTIES or message.__class__ is not Message:
-                    return None
-                topic = message.topic.encode("utf-8")
-                origin = message.origin
-                append(_TAG_MID_TOPIC.pack(_PUT_MESSAGE, op.message_id, len(topic)))
-                append(topic)
-                append(_U32.pack(len(message.payload)))
-                append(message.payload)
-                append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
-                                       0 if origin is None else 1))
-                if origin is not None:
-                    append(_str(origin))
-                if message.expires_at is None:
-                    append(b"\x00")
-                else:
-                    append(b"\x01")
-                    append(_F64.pack(message.expires_at))
+                append(_SEQ_MID_QOS_PID_STAGE.pack(op.seq, op.message_id, op.qos,
+                                                   op.packet_id or 0, op.stage))
             elif cls is DeleteOutbound:
                 cid = op.client_id.encode("utf-8")
                 append(_TAG_STR.pack(_DELETE, len(cid)))
@@ -207,21 +208,20 @@ def decode(payload) -> List[object]:
 
     while pos < end:
         tag = data[take(1)]
-        if tag == _PUT_MESSAGE:
-            (mid,) = _SEQ.unpack_from(data, take(8))
-            ops.append(PutMessage(mid, message_body(text())))
-            continue
         client_id = text()
         if tag == _PUT_REF:
             seq, mid, qos, pid, st = _SEQ_MID_QOS_PID_STAGE.unpack_from(
                 data, take(_SEQ_MID_QOS_PID_STAGE.size))
-            ops.append(PutOutboundRef(client_id, OutboundRef(seq, mid, qos, pid or None,
-                                                             stage(st))))
-        elif tag == _PUT:
+            ops.append(PutOutboundRef(client_id, seq, mid, qos, pid or None, stage(st)))
+        elif tag == _PUT or tag == _PUT_NEW:
             seq, qos, pid, st = _SEQ_QOS_PID_STAGE.unpack_from(data, take(_SEQ_QOS_PID_STAGE.size))
             message = message_body(text())
-            ops.append(PutOutbound(client_id, OutboundRecord(seq, message, qos, pid or None,
-                                                             stage(st))))
+            record = OutboundRecord(seq, message, qos, pid or None, stage(st))
+            if tag == _PUT:
+                ops.append(PutOutbound(client_id, record))
+            else:
+                (mid,) = _SEQ.unpack_from(data, take(8))
+                ops.append(PutOutboundMessage(client_id, record, mid))
         elif tag == _DELETE:
             (seq,) = _SEQ.unpack_from(data, take(8))
             ops.append(DeleteOutbound(client_id, seq))

@@ -27,9 +27,9 @@ from mqttd.messages import Message
 #: 4: journal records of outbound-message operations may be in the compact
 #: binary form of :mod:`mqttd.persistence.opcodec` (first byte 0xB4).
 #: 5: subscription deltas (taken by the subscription-delta change, R15).
-#: 6: the message table: a queued message is stored once (``PutMessage``) and
-#: each session's outbound record references it by id (``PutOutboundRef``,
-#: checkpoint items ``"m"`` and ``"l"``); ``PutOutbound`` and ``"o"`` items of
+#: 6: the message table: a queued message is stored once (``PutOutboundMessage``)
+#: and the outbound records of other sessions reference it by id
+#: (``PutOutboundRef``; checkpoint items ``"m"`` and ``"l"``); ``PutOutbound`` and ``"o"`` items of
 #: earlier versions are still read (REVIEW-S9 R11).
 FORMAT_VERSION = 6
 
@@ -243,7 +243,15 @@ def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:
     if session is not None:
         record = session.outbound.pop(op.seq, None)
         if record is not None:
-            release_message(state, record.message)
+            # release_message, inline: once per message acknowledged
+            key = id(record.message)
+            mid = state.message_ids.get(key)
+            if mid is not None:
+                refs = state.message_refs[mid] - 1
+                if refs > 0:
+                    state.message_refs[mid] = refs
+                else:
+                    del state.message_refs[mid], state.messages[mid], state.message_ids[key]
 
 
 def _add_inbound(state: StoredState, op: AddInboundQos2) -> None:
@@ -314,15 +322,16 @@ def apply_op(state: StoredState, op) -> None:
 # sessions) and a message leaves the table with its last record, so no
 # message's bytes outlive the last session that owed it.  The broker still
 # writes ``PutOutbound`` (the record holds the message); a store that journals
-# writes it as ``PutMessage`` (the first time the message is held) plus
-# ``PutOutboundRef`` (:func:`link_outbound` tells which), and its checkpoints
-# hold each message once (``"m"`` items) and per-session references (``"l"``
-# items).  Applying ``PutOutbound`` interns its message by identity, so
-# applying the broker's operations builds the same table.
+# writes the first record holding a message as ``PutOutboundMessage`` (the
+# message with its new id) and every other as ``PutOutboundRef`` (the id
+# only), and its checkpoints hold each message once (``"m"`` items) and
+# per-session references (``"l"`` items).  Applying ``PutOutbound`` interns
+# its message by identity, so applying the broker's operations builds the
+# same table.
 
 @attrs.frozen(slots=True)
 class OutboundRef:
-    """An :class:`OutboundRecord` as stored: its message by id in the table."""
+    """An :class:`OutboundRecord` as a checkpoint stores it: its message by id."""
 
     seq: int
     message_id: int
@@ -333,19 +342,24 @@ class OutboundRef:
 
 
 @attrs.frozen(slots=True)
-class PutMessage:
-    """Add ``message`` to the message table under ``message_id`` (its first
-    reference follows; a message no record references is dropped at the next
-    checkpoint or recovery)."""
+class PutOutboundMessage:
+    """:class:`PutOutbound` of a message the table does not hold yet: it is
+    added under ``message_id`` (later records reference it by that id)."""
+    client_id: str
+    record: OutboundRecord
     message_id: int
-    message: Message
 
 
 @attrs.frozen(slots=True)
 class PutOutboundRef:
-    """:class:`PutOutbound` of a message already in the table."""
+    """:class:`PutOutbound` of a message the table holds (``message_id``)."""
     client_id: str
-    ref: OutboundRef
+    seq: int
+    message_id: int
+    qos: int
+    packet_id: Optional[int] = None
+    stage: OutboundStage = OutboundStage.QUEUED
+    share: Optional[str] = None
 
 
 def hold_message(state: StoredState, message: Message) -> Tuple[int, bool]:
@@ -393,34 +407,50 @@ def link_outbound(state: StoredState, client_id: str,
     return held
 
 
-def resolve_ref(state: StoredState, ref: OutboundRef) -> Optional[OutboundRecord]:
-    """The record ``ref`` stands for, or None if its message is not in the table."""
+def resolve_ref(state: StoredState, ref) -> Optional[OutboundRecord]:
+    """The record an :class:`OutboundRef` (or :class:`PutOutboundRef`) stands
+    for, or None if its message is not in the table."""
     message = state.messages.get(ref.message_id)
     if message is None:
         return None
     return OutboundRecord(ref.seq, message, ref.qos, ref.packet_id, ref.stage, ref.share)
 
 
-def _put_message(state: StoredState, op: PutMessage) -> None:
-    mid = op.message_id
-    if mid not in state.messages:
-        state.messages[mid] = op.message
-        state.message_ids[id(op.message)] = mid
-        state.message_refs[mid] = 0
-    if mid >= state.next_message_id:
-        state.next_message_id = mid + 1
+def add_message(state: StoredState, message_id: int, message: Message) -> Message:
+    """Put ``message`` in the table under ``message_id`` unless it holds one
+    there already (a replay); returns the table's message, not yet counted."""
+    held = state.messages.get(message_id)
+    if held is not None:
+        return held
+    state.messages[message_id] = message
+    state.message_ids[id(message)] = message_id
+    state.message_refs[message_id] = 0
+    if message_id >= state.next_message_id:
+        state.next_message_id = message_id + 1
+    return message
+
+
+def _put_outbound_message(state: StoredState, op: PutOutboundMessage) -> None:
+    if op.client_id in state.sessions:
+        record = op.record
+        message = add_message(state, op.message_id, record.message)
+        if message is not record.message:
+            record = OutboundRecord(record.seq, message, record.qos, record.packet_id,
+                                    record.stage, record.share)
+        link_outbound(state, op.client_id, record)
 
 
 def _put_outbound_ref(state: StoredState, op: PutOutboundRef) -> None:
     if op.client_id in state.sessions:
-        record = resolve_ref(state, op.ref)
-        if record is not None:       # else: its PutMessage was in a damaged record
+        record = resolve_ref(state, op)
+        if record is not None:       # else: its message was in a damaged record
             link_outbound(state, op.client_id, record)
 
 
 def drop_unreferenced(state: StoredState) -> int:
     """Take messages no record holds out of the table (after recovery: a
-    ``PutMessage`` whose references were all deleted, or never applied).
+    message whose first record was for a session that was gone, or whose
+    records were lost with a damaged checkpoint frame).
     Returns how many were dropped."""
     unused = [mid for mid, refs in state.message_refs.items() if refs <= 0]
     for mid in unused:
@@ -457,9 +487,12 @@ def share_equal_messages(state: StoredState) -> int:
 
 
 _APPLY.update({
-    PutMessage: _put_message,
+    PutOutboundMessage: _put_outbound_message,
     PutOutboundRef: _put_outbound_ref,
 })
 #: every operation type, for allow-lists and tests (again: with the message
 #: table's operations, registered above)
 OPERATION_TYPES = tuple(_APPLY)
+#: operation class -> the function :func:`apply_op` calls for it (read only:
+#: the journal's write path looks the handler up itself, once per operation)
+APPLY_HANDLERS = _APPLY

@@ -20,8 +20,8 @@ from mqttd.messages import Message
 from mqttd.persistence import dbmstore, filestore, journal, opcodec, safepickle
 from mqttd.persistence.journal import JOURNAL_HEADER, RECORD_HEADER, scan_frames
 from mqttd.persistence.records import (
-    DeleteOutbound, DeleteSession, OutboundRecord, OutboundRef, OutboundStage, PutMessage,
-    PutOutbound, PutOutboundRef, StoredState, UpdateOutbound, apply_op)
+    DeleteOutbound, DeleteSession, OutboundRecord, OutboundStage, PutOutbound,
+    PutOutboundMessage, PutOutboundRef, StoredState, UpdateOutbound, apply_op)
 
 from .storehelpers import abandon, events_at, result_of, session
 
@@ -173,18 +173,19 @@ def test_apply_op_keeps_reference_counts_idempotent():
     """Replaying an operation twice (journal over a checkpoint) counts its reference once."""
     state = StoredState()
     message = big_message(10)
-    ops = [session("a").__class__(session("a").record), session("b"),
-           PutMessage(5, message), PutOutboundRef("a", OutboundRef(1, 5, 1)),
-           PutOutboundRef("b", OutboundRef(1, 5, 1))]
+    ops = [session("a"), session("b"),
+           PutOutboundMessage("a", OutboundRecord(1, message, 1), 5),
+           PutOutboundRef("b", 1, 5, 1)]
     for op in ops + ops:
         apply_op(state, op)
     assert state.message_refs == {5: 2} and state.next_message_id == 6
+    assert state.sessions["b"].outbound[1].message is message
     for op in [DeleteOutbound("a", 1)] * 2:
         apply_op(state, op)
     assert state.message_refs == {5: 1}
     apply_op(state, DeleteOutbound("b", 1))
     assert state.messages == {} and state.message_ids == {}
-    apply_op(state, PutOutboundRef("a", OutboundRef(1, 5, 1)))   # its message is gone
+    apply_op(state, PutOutboundRef("a", 1, 5, 1))       # its message is gone
     assert not state.sessions["a"].outbound
 
 
@@ -304,11 +305,11 @@ def test_storetool_shows_one_stored_copy_for_many_sessions(durable_backend):
 # --- the compact journal form ---------------------------------------------------------------
 
 def test_compact_form_round_trips_message_table_operations():
-    """PutMessage and PutOutboundRef have compact forms (no pickle on the hot path)."""
+    """PutOutboundMessage and PutOutboundRef have compact forms (no pickle on the hot path)."""
     message = Message("t/\u00e9", b"\x00payload", 2, True, origin="pub", expires_at=12.5)
-    ops = [PutMessage(2**40, message),
-           PutOutboundRef("c\u00e9", OutboundRef(9, 2**40, 1, 65535, OutboundStage.PUBLISH_SENT)),
-           PutOutboundRef("c", OutboundRef(10, 3, 2))]
+    ops = [PutOutboundMessage("c", OutboundRecord(3, message, 1), 2**40),
+           PutOutboundRef("c\u00e9", 9, 2**40, 1, 65535, OutboundStage.PUBLISH_SENT),
+           PutOutboundRef("c", 10, 3, 2)]
     payload = opcodec.encode(ops)
     assert payload is not None and opcodec.decode(payload) == ops
     with pytest.raises(ValueError):
@@ -318,8 +319,8 @@ def test_compact_form_round_trips_message_table_operations():
 def test_message_table_operations_opcodec_cannot_carry_are_pickled():
     """Properties or a shared-subscription reference: the batch is pickled, and round-trips."""
     rich = Message("t", b"x", 1, properties=Properties(user_properties=(("k", "v"),)))
-    for ops in ([PutMessage(1, rich)],
-                [PutOutboundRef("c", OutboundRef(1, 1, 1, share="$share/g/t"))]):
+    for ops in ([PutOutboundMessage("c", OutboundRecord(1, rich, 1), 1)],
+                [PutOutboundRef("c", 1, 1, 1, share="$share/g/t")]):
         assert opcodec.encode(ops) is None
         assert safepickle.loads(safepickle.dumps(ops)) == ops
 
