@@ -219,11 +219,15 @@ def main(argv=None) -> int:
     parser.add_argument("--best-of", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate this checkout and the baseline this many times")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="run only the --baseline checkout")
     parser.add_argument("--quick", action="store_true", help="tiny counts (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions, args.size, args.messages, args.best_of = 20, 10_000, 500, 1
     roots = [("this", ROOT)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    if args.baseline_only:
+        roots = roots[1:]
     results = []
     for round_ in range(args.rounds):
         for name, root in (roots if round_ % 2 == 0 else roots[::-1]):
