@@ -61,8 +61,8 @@ class BrokerStats:
     #: sessions hold, a message queued for several sessions counted once
     #: (--max-queued-bytes-total; mqttd.session.QueueLedger)
     queued_bytes: int = 0
-    #: id(message) -> [message, queue entries holding it] (QueueLedger)
-    queued_held: Dict[int, list] = attrs.Factory(dict)
+    #: id(message) -> queue entries holding it (QueueLedger)
+    queued_held: Dict[int, int] = attrs.Factory(dict)
     #: gauge: persistent sessions held (--max-sessions)
     persistent_sessions: int = 0
     #: indexed by QoS (the broker's own $SYS messages are not counted):

@@ -45,8 +45,9 @@ class QueueLedger:
     A message is one object however many sessions it is queued for (a fan-out,
     or the store's shared copy after a restart), so it counts **once**:
     ``queued_bytes`` is the sum of :func:`~mqttd.messages.message_size` over the
-    distinct messages queued, and ``queued_held`` maps ``id(message)`` to
-    ``[message, number of queue entries holding it]``.  (A session's own
+    distinct messages queued, and ``queued_held`` maps ``id(message)`` to the
+    number of queue entries holding it (the queues keep the message, so its id
+    stays its own while it is counted here).  (A session's own
     ``queued_bytes`` counts every message of its queue: what it is owed.)
     The broker's :class:`~mqttd.metrics.BrokerStats` is its ledger.
     """
@@ -54,29 +55,30 @@ class QueueLedger:
     queued_bytes: int = 0
 
     def __init__(self) -> None:
-        self.queued_held: Dict[int, list] = {}
+        self.queued_held: Dict[int, int] = {}
 
 
 def ledger_hold(ledger, message: Message, size: int) -> None:
     """One more queue entry holds ``message`` (``size`` bytes): counted the first time."""
     held = ledger.queued_held
-    entry = held.get(id(message))
-    if entry is None:
-        held[id(message)] = [message, 1]
+    key = id(message)
+    count = held.get(key)
+    if count is None:
+        held[key] = 1
         ledger.queued_bytes += size
     else:
-        entry[1] += 1
+        held[key] = count + 1
 
 
 def ledger_release(ledger, message: Message, size: int) -> None:
     """One queue entry fewer holds ``message``: its bytes go with the last one."""
     held = ledger.queued_held
     key = id(message)
-    entry = held.get(key)
-    if entry is None:
+    count = held.get(key)
+    if count is None:
         return
-    if entry[1] > 1:
-        entry[1] -= 1
+    if count > 1:
+        held[key] = count - 1
     else:
         del held[key]
         ledger.queued_bytes -= size
@@ -219,10 +221,9 @@ class Session:
             if over:
                 if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
                     return record
-                if self.overflow == "queued-bytes-total":
-                    entry = ledger.queued_held.get(id(self.queue[0].message))
-                    if entry is not None and entry[1] > 1:
-                        return record   # the oldest is shared: dropping it frees nothing
+                if (self.overflow == "queued-bytes-total"
+                        and ledger.queued_held.get(id(self.queue[0].message), 0) > 1):
+                    return record       # the oldest is shared: dropping it frees nothing
                 victim = self.queue.popleft()
                 victim_size = message_size(victim.message)
                 self.queued_bytes -= victim_size

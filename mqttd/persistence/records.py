@@ -116,7 +116,9 @@ class StoredState:
     messages: Dict[int, Message] = attrs.field(factory=dict, eq=False, repr=False)
     #: the id the next new message gets (ids are never reused)
     next_message_id: int = attrs.field(default=1, eq=False, repr=False)
-    #: message id -> how many outbound records (all sessions) hold it
+    #: message id -> how many outbound records (all sessions) hold it, for the
+    #: messages not held by exactly one (absent: one -- most messages are owed
+    #: to one session, and this saves them an entry)
     message_refs: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
     #: ``id(message object)`` -> message id (identity index; valid because the
     #: table holds the object)
@@ -135,6 +137,8 @@ class StoredState:
                     mid = ids.get(id(record.message))
                     if mid is not None:
                         refs[mid] += 1
+            for mid in [mid for mid, n in refs.items() if n == 1]:
+                del refs[mid]
 
 
 # --- operations -------------------------------------------------------------
@@ -243,15 +247,7 @@ def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:
     if session is not None:
         record = session.outbound.pop(op.seq, None)
         if record is not None:
-            # release_message, inline: once per message acknowledged
-            key = id(record.message)
-            mid = state.message_ids.get(key)
-            if mid is not None:
-                refs = state.message_refs[mid] - 1
-                if refs > 0:
-                    state.message_refs[mid] = refs
-                else:
-                    del state.message_refs[mid], state.messages[mid], state.message_ids[key]
+            release_message(state, record.message)
 
 
 def _add_inbound(state: StoredState, op: AddInboundQos2) -> None:
@@ -319,7 +315,8 @@ def apply_op(state: StoredState, op) -> None:
 # A message routed to many sessions is one object in the broker; the store
 # keeps it once too.  ``StoredState.messages`` maps a message id to the
 # message, ``message_refs`` counts the outbound records holding it (over all
-# sessions) and a message leaves the table with its last record, so no
+# sessions; no entry for the usual one) and a message leaves the table with
+# its last record, so no
 # message's bytes outlive the last session that owed it.  The broker still
 # writes ``PutOutbound`` (the record holds the message); a store that journals
 # writes the first record holding a message as ``PutOutboundMessage`` (the
@@ -372,9 +369,13 @@ def hold_message(state: StoredState, message: Message) -> Tuple[int, bool]:
         state.next_message_id = mid + 1
         state.messages[mid] = message
         state.message_ids[key] = mid
-        state.message_refs[mid] = 1
         return mid, True
-    state.message_refs[mid] += 1
+    refs = state.message_refs
+    count = refs.get(mid, 1) + 1
+    if count == 1:
+        del refs[mid]           # was held by none (added by add_message)
+    else:
+        refs[mid] = count
     return mid, False
 
 
@@ -384,11 +385,15 @@ def release_message(state: StoredState, message: Message) -> None:
     mid = state.message_ids.get(key)
     if mid is None:
         return          # not in the table (a state built without apply_op)
-    refs = state.message_refs[mid] - 1
-    if refs > 0:
-        state.message_refs[mid] = refs
+    refs = state.message_refs
+    count = refs.get(mid, 1) - 1
+    if count > 1:
+        refs[mid] = count
+    elif count == 1:
+        del refs[mid]
     else:
-        del state.message_refs[mid], state.messages[mid], state.message_ids[key]
+        refs.pop(mid, None)
+        del state.messages[mid], state.message_ids[key]
 
 
 def link_outbound(state: StoredState, client_id: str,
@@ -424,7 +429,7 @@ def add_message(state: StoredState, message_id: int, message: Message) -> Messag
         return held
     state.messages[message_id] = message
     state.message_ids[id(message)] = message_id
-    state.message_refs[message_id] = 0
+    state.message_refs[message_id] = 0          # held by none yet
     if message_id >= state.next_message_id:
         state.next_message_id = message_id + 1
     return message
