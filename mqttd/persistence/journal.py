@@ -285,8 +285,7 @@ class StateAssembler:
         are kept under a fresh :class:`SessionRecord` (no subscriptions,
         never expires), listed in :attr:`orphans`; counts are not checked
         (see :func:`lost_counts`).  References to a message whose frame was
-        lost are dropped (counted in :attr:`dangling`); messages no session
-        references are dropped from the table.
+        lost are dropped (counted in :attr:`dangling`).
         """
         state = self.state
         owed = collections.defaultdict(list)
@@ -313,7 +312,9 @@ class StateAssembler:
             records.sort(key=lambda r: r.seq)
             for record in records:
                 link_outbound(state, client_id, record)
-        drop_unreferenced(state)
+        # (messages no record references stay in the table until the journals
+        # were replayed: one whose "l" frame was damaged may be referenced by a
+        # later journal record; JournaledStore._recover drops the rest)
         if self.legacy:
             share_equal_messages(state)
         if self.dangling and not tolerant:
