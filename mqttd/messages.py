@@ -16,6 +16,7 @@ every path maps properties by what the *target* packet allows (MQTT 5.0
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -56,6 +57,9 @@ class Message:
     #: message is never queued), never compared, shown or pickled (a copy made
     #: with ``attrs.evolve`` starts unset and computes its own)
     _size: int = attrs.field(init=False, eq=False, hash=False, repr=False)
+    #: :func:`message_key`: unset until first asked, never compared, shown or
+    #: pickled (like ``_size``)
+    _key: int = attrs.field(init=False, eq=False, hash=False, repr=False)
 
     # Pickles (the stores, cluster peers) carry the seven fields above and
     # nothing else, exactly as before the size cache existed: old records load,
@@ -72,7 +76,7 @@ class Message:
                 set_field(self, name, state[name])
 
 
-#: the fields a Message pickles (all but the size cache)
+#: the fields a Message pickles (all but the size and key caches)
 _STATE = ("topic", "payload", "qos", "retain", "properties", "origin", "expires_at")
 
 
@@ -124,6 +128,26 @@ def message_size(message: Message) -> int:
         size += properties_size(props)
     object.__setattr__(message, "_size", size)
     return size
+
+
+_keys = itertools.count(1)
+
+
+def message_key(message: Message) -> int:
+    """A number naming this message *object* for the life of the process.
+
+    The message table of the store and the queue ledger count a message that
+    many sessions hold (one object) once; they key it by this instead of
+    ``id()``: it is never reused after the object is gone, and on PyPy
+    ``id()`` of a moving-GC object costs a side-table entry.  Set on first
+    ask (a copy made with ``attrs.evolve`` gets its own).
+    """
+    try:
+        return message._key
+    except AttributeError:
+        key = next(_keys)
+        object.__setattr__(message, "_key", key)
+        return key
 
 
 #: the properties a server forwards from a PUBLISH (or a will) to the

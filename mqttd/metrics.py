@@ -61,7 +61,7 @@ class BrokerStats:
     #: sessions hold, a message queued for several sessions counted once
     #: (--max-queued-bytes-total; mqttd.session.QueueLedger)
     queued_bytes: int = 0
-    #: id(message) -> queue entries holding it (QueueLedger)
+    #: message_key(message) -> queue entries holding it (QueueLedger)
     queued_held: Dict[int, int] = attrs.Factory(dict)
     #: gauge: persistent sessions held (--max-sessions)
     persistent_sessions: int = 0

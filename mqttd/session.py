@@ -15,7 +15,7 @@ from typing import Deque, Dict, Optional
 import attrs
 
 from mqttd.codec.packets import Will
-from mqttd.messages import Message, message_size
+from mqttd.messages import Message, message_key, message_size
 from mqttd.persistence.records import (
     OutboundRecord, OutboundStage, SessionRecord, SubscriptionRecord)
 
@@ -45,9 +45,9 @@ class QueueLedger:
     A message is one object however many sessions it is queued for (a fan-out,
     or the store's shared copy after a restart), so it counts **once**:
     ``queued_bytes`` is the sum of :func:`~mqttd.messages.message_size` over the
-    distinct messages queued, and ``queued_held`` maps ``id(message)`` to the
-    number of queue entries holding it (the queues keep the message, so its id
-    stays its own while it is counted here).  (A session's own
+    distinct messages queued, and ``queued_held`` maps
+    :func:`~mqttd.messages.message_key` of each to the number of queue entries
+    holding it.  (A session's own
     ``queued_bytes`` counts every message of its queue: what it is owed.)
     The broker's :class:`~mqttd.metrics.BrokerStats` is its ledger.
     """
@@ -61,7 +61,7 @@ class QueueLedger:
 def ledger_hold(ledger, message: Message, size: int) -> None:
     """One more queue entry holds ``message`` (``size`` bytes): counted the first time."""
     held = ledger.queued_held
-    key = id(message)
+    key = message_key(message)
     count = held.get(key)
     if count is None:
         held[key] = 1
@@ -73,7 +73,7 @@ def ledger_hold(ledger, message: Message, size: int) -> None:
 def ledger_release(ledger, message: Message, size: int) -> None:
     """One queue entry fewer holds ``message``: its bytes go with the last one."""
     held = ledger.queued_held
-    key = id(message)
+    key = message_key(message)
     count = held.get(key)
     if count is None:
         return
@@ -215,14 +215,14 @@ class Session:
                 self.overflow = "queue-full"
             elif (limits.max_total_bytes and ledger is not None
                   and ledger.queued_bytes + size > limits.max_total_bytes
-                  and id(message) not in ledger.queued_held):
+                  and message_key(message) not in ledger.queued_held):
                 over = True
                 self.overflow = "queued-bytes-total"
             if over:
                 if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
                     return record
                 if (self.overflow == "queued-bytes-total"
-                        and ledger.queued_held.get(id(self.queue[0].message), 0) > 1):
+                        and ledger.queued_held.get(message_key(self.queue[0].message), 0) > 1):
                     return record       # the oldest is shared: dropping it frees nothing
                 victim = self.queue.popleft()
                 victim_size = message_size(victim.message)

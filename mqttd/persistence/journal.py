@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from mqttd.interfaces import IBrokerStore
 from mqttd.persistence import opcodec, safepickle
-from mqttd.messages import Message
+from mqttd.messages import Message, message_key
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
     APPLY_HANDLERS, FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, OutboundRef, PutOutbound,
@@ -154,14 +154,14 @@ MESSAGE_FRAME_BYTES = 8 * 1024
 
 
 def message_index(state: StoredState) -> dict:
-    """``id(message) -> message id`` for every message an outbound record of
+    """``message_key(message) -> message id`` for every message an outbound record of
     ``state`` holds.  A message missing from the table (a state built without
     :func:`~mqttd.persistence.records.apply_op`) is added to it; a store's
     own state never lacks one."""
     index = state.message_ids
     for session in state.sessions.values():
         for record in session.outbound.values():
-            if id(record.message) not in index:
+            if message_key(record.message) not in index:
                 hold_message(state, record.message)
     return index
 
@@ -186,7 +186,7 @@ def state_items(state: StoredState):
         if session.outbound:
             refs = []
             for record in sorted(session.outbound.values(), key=lambda r: r.seq):
-                mid = index[id(record.message)]
+                mid = index[message_key(record.message)]
                 used.add(mid)
                 refs.append(OutboundRef(record.seq, mid, record.qos, record.packet_id,
                                         record.stage, record.share))

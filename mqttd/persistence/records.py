@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import attrs
 
-from mqttd.messages import Message
+from mqttd.messages import Message, message_key
 
 #: bumped whenever the shape of a record or file changes; stores write it in
 #: their files and read every version from 1 to this one.
@@ -120,8 +120,8 @@ class StoredState:
     #: messages not held by exactly one (absent: one -- most messages are owed
     #: to one session, and this saves them an entry)
     message_refs: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
-    #: ``id(message object)`` -> message id (identity index; valid because the
-    #: table holds the object)
+    #: :func:`~mqttd.messages.message_key` of the message object -> message id
+    #: (identity index)
     message_ids: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -130,11 +130,11 @@ class StoredState:
             ids = self.message_ids
             refs = self.message_refs
             for mid, message in self.messages.items():
-                ids[id(message)] = mid
+                ids[message_key(message)] = mid
                 refs[mid] = 0
             for session in self.sessions.values():
                 for record in session.outbound.values():
-                    mid = ids.get(id(record.message))
+                    mid = ids.get(message_key(record.message))
                     if mid is not None:
                         refs[mid] += 1
             for mid in [mid for mid, n in refs.items() if n == 1]:
@@ -324,7 +324,7 @@ def apply_op(state: StoredState, op) -> None:
 # only), and its checkpoints hold each message once (``"m"`` items) and
 # per-session references (``"l"`` items).  Applying ``PutOutbound`` interns
 # its message by identity, so applying the broker's operations builds the
-# same table.
+# same table (by identity: :func:`~mqttd.messages.message_key`).
 
 @attrs.frozen(slots=True)
 class OutboundRef:
@@ -362,7 +362,7 @@ class PutOutboundRef:
 def hold_message(state: StoredState, message: Message) -> Tuple[int, bool]:
     """Count one more record holding ``message``; ``(message id, new)`` where
     ``new`` says the table did not hold it before (interned by identity)."""
-    key = id(message)
+    key = message_key(message)
     mid = state.message_ids.get(key)
     if mid is None:
         mid = state.next_message_id
@@ -381,7 +381,7 @@ def hold_message(state: StoredState, message: Message) -> Tuple[int, bool]:
 
 def release_message(state: StoredState, message: Message) -> None:
     """One record fewer holds ``message``; the last one takes it out of the table."""
-    key = id(message)
+    key = message_key(message)
     mid = state.message_ids.get(key)
     if mid is None:
         return          # not in the table (a state built without apply_op)
@@ -428,7 +428,7 @@ def add_message(state: StoredState, message_id: int, message: Message) -> Messag
     if held is not None:
         return held
     state.messages[message_id] = message
-    state.message_ids[id(message)] = message_id
+    state.message_ids[message_key(message)] = message_id
     state.message_refs[message_id] = 0          # held by none yet
     if message_id >= state.next_message_id:
         state.next_message_id = message_id + 1
@@ -461,7 +461,7 @@ def drop_unreferenced(state: StoredState) -> int:
     for mid in unused:
         message = state.messages.pop(mid)
         del state.message_refs[mid]
-        state.message_ids.pop(id(message), None)
+        state.message_ids.pop(message_key(message), None)
     return len(unused)
 
 

@@ -23,6 +23,7 @@ import os
 import sys
 from typing import List, Optional
 
+from mqttd.messages import message_key
 from mqttd.persistence.journal import (
     journal_path, list_journals, read_journal, replay_batches)
 from mqttd.persistence.records import StoredState, drop_unreferenced
@@ -175,7 +176,7 @@ def state_dict(state: StoredState, payloads: bool = False) -> dict:
             "inbound_qos2": sorted(stored.inbound_qos2),
             "outbound": [dict(_message_dict(o.message, payloads), seq=o.seq, qos=o.qos,
                               packet_id=o.packet_id, stage=o.stage.name.lower(),
-                              message_id=state.message_ids.get(id(o.message)))
+                              message_id=state.message_ids.get(message_key(o.message)))
                          for o in sorted(stored.outbound.values(), key=lambda o: o.seq)],
         }
     retained = [_message_dict(m, payloads) for _, m in sorted(state.retained.items())]
