@@ -72,6 +72,11 @@ def _str(text: str) -> bytes:
     return _U16.pack(len(data)) + data
 
 
+def _name(names: dict, client_id: str) -> bytes:
+    data = names[client_id] = client_id.encode("utf-8")
+    return data
+
+
 def encode(ops) -> Optional[bytes]:
     """``ops`` (a list of store operations) in this form, or None when a pickle must
     carry them (an operation or field this form does not express).  An entry may
@@ -80,6 +85,8 @@ def encode(ops) -> Optional[bytes]:
     ``PutOutboundMessage`` when ``new``, else as ``PutOutboundRef``."""
     parts = [_MAGIC]
     append = parts.append
+    # client id -> its UTF-8 bytes: a batch is mostly one client's operations
+    names: dict = {}
     try:
         for op in ops:
             cls = op.__class__
@@ -94,7 +101,7 @@ def encode(ops) -> Optional[bytes]:
                     record = op.record
                     if record.share is not None:
                         return None
-                    cid = op.client_id.encode("utf-8")
+                    cid = (names.get(op.client_id) or _name(names, op.client_id))
                     append(_TAG_STR.pack(_PUT_REF, len(cid)))
                     append(cid)
                     append(_SEQ_MID_QOS_PID_STAGE.pack(record.seq, mid, record.qos,
@@ -108,7 +115,7 @@ def encode(ops) -> Optional[bytes]:
                 if (record.share is not None or message.properties is not NO_PROPERTIES
                         or message.__class__ is not Message):
                     return None
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 topic = message.topic.encode("utf-8")
                 origin = message.origin
                 append(_TAG_STR.pack(_PUT if cls is PutOutbound else _PUT_NEW, len(cid)))
@@ -133,23 +140,23 @@ def encode(ops) -> Optional[bytes]:
             elif cls is PutOutboundRef:
                 if op.share is not None:
                     return None
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_PUT_REF, len(cid)))
                 append(cid)
                 append(_SEQ_MID_QOS_PID_STAGE.pack(op.seq, op.message_id, op.qos,
                                                    op.packet_id or 0, op.stage))
             elif cls is DeleteOutbound:
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_DELETE, len(cid)))
                 append(cid)
                 append(_SEQ.pack(op.seq))
             elif cls is UpdateOutbound:
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_UPDATE, len(cid)))
                 append(cid)
                 append(_SEQ_PID_STAGE.pack(op.seq, op.packet_id or 0, op.stage))
             elif cls is AddInboundQos2 or cls is DeleteInboundQos2:
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_ADD_QOS2 if cls is AddInboundQos2 else _DELETE_QOS2,
                                      len(cid)))
                 append(cid)
