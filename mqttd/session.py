@@ -235,15 +235,34 @@ class Session:
         queue.append(record)
         self.queued_bytes += size
         if ledger is not None:
-            ledger_hold(ledger, message, size)
+            # ledger_hold, inline: once per message queued
+            held = ledger.queued_held
+            key = message._key or message_key(message)
+            count = held.get(key)
+            if count is None:
+                held[key] = 1
+                ledger.queued_bytes += size
+            else:
+                held[key] = count + 1
         return victim
 
     def dequeue(self) -> OutboundRecord:
         record = self.queue.popleft()
-        size = message_size(record.message)
+        message = record.message
+        size = message_size(message)
         self.queued_bytes -= size
-        if self.ledger is not None:
-            ledger_release(self.ledger, record.message, size)
+        ledger = self.ledger
+        if ledger is not None:
+            # ledger_release, inline: once per queued message sent
+            held = ledger.queued_held
+            key = message._key
+            count = held.get(key)
+            if count is not None:
+                if count > 1:
+                    held[key] = count - 1
+                else:
+                    del held[key]
+                    ledger.queued_bytes -= size
         return record
 
     def restore_queued(self, record: OutboundRecord) -> None:
