@@ -220,6 +220,67 @@ def test_damaged_message_frame_costs_its_references_and_says_so(durable_backend,
     result_of(store.close())
 
 
+def test_a_lost_reference_frame_does_not_cost_later_references(durable_backend, log_events):
+    """A damaged "l" frame costs its session's references; the message itself stays for a
+    session that was queued it after the checkpoint (a journal PutOutboundRef)."""
+    message = big_message(20_000, "kept")
+    store = fan_out(durable_backend, message, sessions=1)          # c0 owes it
+    store, state = durable_backend.reopen(store, compact_bytes=10**9)  # checkpoint: m, l(c0)
+    restored = owed(state, "c0")[0]              # the object the broker's queue holds
+    durable_backend.write_all(store, [session("late")])
+    durable_backend.write_all(store, [PutOutbound("late", OutboundRecord(1, restored, 1))])
+    assert opcodec.decode(last_journal_record(durable_backend))[0].__class__ is PutOutboundRef
+    abandon(store)
+    path, start = checkpoint_path(durable_backend)
+    with open(path, "rb") as f:
+        data = f.read()
+    frames = scan_frames(data, start, padding=durable_backend.kind == "dbm").frames
+    offset = next(o for o, p in frames if safepickle.loads(p)[0] == "l")
+    with open(path, "r+b") as f:
+        f.seek(offset + RECORD_HEADER.size + 3)
+        f.write(b"\xff\xff")
+    store = durable_backend()
+    state = store.open()
+    assert owed(state, "c0") == []                     # its reference was in the frame
+    assert owed(state, "late") == [message]
+    assert len(events_at(log_events, LogLevel.error)) == 1
+    result_of(store.close())
+
+
+def checkpoint_path(backend):
+    if backend.kind == "file":
+        return os.path.join(backend.path, "snapshot.pkl"), filestore.SNAPSHOT_HEADER.size
+    name = [n for n in os.listdir(backend.path) if n.endswith(".dat")][0]
+    return os.path.join(backend.path, name), 0
+
+
+def last_journal_record(backend):
+    names = sorted(n for n in os.listdir(backend.path) if n.startswith("journal."))
+    with open(os.path.join(backend.path, names[-1]), "rb") as f:
+        data = f.read()
+    return scan_frames(data, JOURNAL_HEADER.size).frames[-1][1]
+
+
+def test_broker_restore_keeps_a_shared_message_shared_when_its_properties_are_mapped():
+    """Stored messages go through the property mapping on restore; sessions that shared one
+    still share the mapped copy (one object, not one per session)."""
+    from mqttd.broker import Broker, BrokerConfig
+    from mqttd.persistence.records import SessionRecord, StoredSession
+    from twisted.internet.task import Clock
+
+    shared = Message("t", b"x" * 1000, 1, properties=Properties(
+        subscription_identifiers=(5,), topic_alias=3))   # an alias is never forwarded
+    state = StoredState(sessions={
+        cid: StoredSession(SessionRecord(cid), {1: OutboundRecord(1, shared, 1)})
+        for cid in ("s1", "s2", "s3")})
+    broker = Broker(Clock(), None, BrokerConfig())
+    broker.restore(state)
+    restored = [broker.sessions[cid].queue[0].message for cid in ("s1", "s2", "s3")]
+    assert restored[0].properties.topic_alias is None
+    assert restored[0].properties.subscription_identifiers == (5,)
+    assert restored[1] is restored[0] and restored[2] is restored[0]
+
+
 # --- older formats --------------------------------------------------------------------------
 
 def legacy_state_items(state):
