@@ -57,10 +57,9 @@ class Message:
     #: message is never queued), never compared, shown or pickled (a copy made
     #: with ``attrs.evolve`` starts unset and computes its own)
     _size: int = attrs.field(init=False, eq=False, hash=False, repr=False)
-    #: :func:`message_key`: 0 until first asked, never compared, shown or
-    #: pickled (like ``_size``; a default rather than unset: asking the first
-    #: time raises no AttributeError, once per queued message)
-    _key: int = attrs.field(init=False, default=0, eq=False, hash=False, repr=False)
+    #: :func:`message_key`: unset until first asked (no cost for a message
+    #: that is never queued or stored), never compared, shown or pickled
+    _key: int = attrs.field(init=False, eq=False, hash=False, repr=False)
 
     # Pickles (the stores, cluster peers) carry the seven fields above and
     # nothing else, exactly as before the size cache existed: old records load,
@@ -75,7 +74,6 @@ class Message:
         for name in _STATE:
             if name in state:
                 set_field(self, name, state[name])
-        set_field(self, "_key", 0)
 
 
 #: the fields a Message pickles (all but the size and key caches)
@@ -144,11 +142,12 @@ def message_key(message: Message) -> int:
     ``id()`` of a moving-GC object costs a side-table entry.  Set on first
     ask (a copy made with ``attrs.evolve`` gets its own).
     """
-    key = message._key
-    if not key:
+    try:
+        return message._key
+    except AttributeError:
         key = next(_keys)
         object.__setattr__(message, "_key", key)
-    return key
+        return key
 
 
 #: the properties a server forwards from a PUBLISH (or a will) to the

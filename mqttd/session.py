@@ -237,7 +237,7 @@ class Session:
         if ledger is not None:
             # ledger_hold, inline: once per message queued
             held = ledger.queued_held
-            key = message._key or message_key(message)
+            key = message_key(message)
             count = held.get(key)
             if count is None:
                 held[key] = 1
@@ -255,7 +255,7 @@ class Session:
         if ledger is not None:
             # ledger_release, inline: once per queued message sent
             held = ledger.queued_held
-            key = message._key
+            key = message_key(message)
             count = held.get(key)
             if count is not None:
                 if count > 1:
