@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from typing import Optional
 
 import attrs
 
 from mqttd.codec.packets import NO_PROPERTIES, Properties
+
+_PYPY = sys.implementation.name == "pypy"
 
 #: ``Message.origin`` of the broker's own ``$SYS`` publications: not counted in
 #: the message and byte statistics.  Compared by value (``!=``), so a copy
@@ -57,9 +60,10 @@ class Message:
     #: message is never queued), never compared, shown or pickled (a copy made
     #: with ``attrs.evolve`` starts unset and computes its own)
     _size: int = attrs.field(init=False, eq=False, hash=False, repr=False)
-    #: :func:`message_key`: unset until first asked (no cost for a message
-    #: that is never queued or stored), never compared, shown or pickled
-    _key: int = attrs.field(init=False, eq=False, hash=False, repr=False)
+    if _PYPY:
+        #: ``message_key`` on PyPy (0 until first asked), never compared, shown
+        #: or pickled; CPython keys messages by ``id()`` and has no such slot
+        _key: int = attrs.field(init=False, default=0, eq=False, hash=False, repr=False)
 
     # Pickles (the stores, cluster peers) carry the seven fields above and
     # nothing else, exactly as before the size cache existed: old records load,
@@ -74,6 +78,8 @@ class Message:
         for name in _STATE:
             if name in state:
                 set_field(self, name, state[name])
+        if _PYPY:
+            set_field(self, "_key", 0)
 
 
 #: the fields a Message pickles (all but the size and key caches)
@@ -130,24 +136,26 @@ def message_size(message: Message) -> int:
     return size
 
 
-_keys = itertools.count(1)
+# message_key(message) -> int: a number naming a message *object* while the
+# caller holds it.  The store's message table and the queue ledger count a
+# message that many sessions hold (one object) once, keyed by it.  On CPython
+# it is id(): free, and valid because the table or the queues keep the object
+# alive while it is counted.  On PyPy id() of an object of the moving GC costs
+# a side-table entry (0.8 us, measured), so there it is a number from a
+# counter kept in the message's ``_key`` slot (0 until first asked: an
+# AttributeError per new key costs PyPy's JIT more than the default costs each
+# Message), set on first ask (a copy made with attrs.evolve gets its own).
+if _PYPY:
+    _keys = itertools.count(1)
 
-
-def message_key(message: Message) -> int:
-    """A number naming this message *object* for the life of the process.
-
-    The message table of the store and the queue ledger count a message that
-    many sessions hold (one object) once; they key it by this instead of
-    ``id()``: it is never reused after the object is gone, and on PyPy
-    ``id()`` of a moving-GC object costs a side-table entry.  Set on first
-    ask (a copy made with ``attrs.evolve`` gets its own).
-    """
-    try:
-        return message._key
-    except AttributeError:
-        key = next(_keys)
-        object.__setattr__(message, "_key", key)
+    def message_key(message: Message) -> int:
+        key = message._key
+        if not key:
+            key = next(_keys)
+            object.__setattr__(message, "_key", key)
         return key
+else:
+    message_key = id
 
 
 #: the properties a server forwards from a PUBLISH (or a will) to the

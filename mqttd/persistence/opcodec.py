@@ -25,9 +25,9 @@ Record layout (big-endian), after the magic byte, one item per operation::
     3 DeleteOutbound  str client_id | u64 seq
     4 AddInboundQos2  str client_id | u16 packet_id
     5 DeleteInboundQos2  str client_id | u16 packet_id
-    6 PutOutboundMessage  as PutOutbound, then u64 message_id          (format 6)
     7 PutOutboundRef  str client_id | u64 seq | u64 message_id | u8 qos
                       | u16 packet_id (0: none) | u8 stage          (format 6)
+    6 PutOutboundMessage  as 7, then the message as in 1 (str topic ...)  (format 6)
 
 where ``str`` is u16 length + UTF-8 bytes.  :func:`decode` raises ``ValueError`` on
 anything else (an unknown tag, a short or overlong record, bad UTF-8, an invalid
@@ -90,26 +90,43 @@ def encode(ops) -> Optional[bytes]:
     try:
         for op in ops:
             cls = op.__class__
-            mid = None
-            if cls is tuple:
+            if cls is tuple or cls is PutOutboundMessage:
                 # the journal's pending (PutOutbound, message id, new): the
-                # message's first record carries it, the others its id
-                op, mid, new = op
-                if new:
-                    cls = PutOutboundMessage
+                # message's first record carries it (tag 6), the others its id
+                if cls is tuple:
+                    put, mid, new = op
                 else:
-                    record = op.record
-                    if record.share is not None:
-                        return None
-                    cid = (names.get(op.client_id) or _name(names, op.client_id))
-                    append(_TAG_STR.pack(_PUT_REF, len(cid)))
-                    append(cid)
-                    append(_SEQ_MID_QOS_PID_STAGE.pack(record.seq, mid, record.qos,
-                                                       record.packet_id or 0, record.stage))
+                    put, mid, new = op, op.message_id, True
+                record = put.record
+                if record.share is not None:
+                    return None
+                message = record.message
+                if new and (message.properties is not NO_PROPERTIES
+                            or message.__class__ is not Message):
+                    return None
+                cid = (names.get(put.client_id) or _name(names, put.client_id))
+                append(_TAG_STR.pack(_PUT_NEW if new else _PUT_REF, len(cid)))
+                append(cid)
+                append(_SEQ_MID_QOS_PID_STAGE.pack(record.seq, mid, record.qos,
+                                                   record.packet_id or 0, record.stage))
+                if not new:
                     continue
-            elif cls is PutOutboundMessage:
-                mid = op.message_id
-            if cls is PutOutbound or cls is PutOutboundMessage:
+                topic = message.topic.encode("utf-8")
+                origin = message.origin
+                append(_U16.pack(len(topic)))
+                append(topic)
+                append(_U32.pack(len(message.payload)))
+                append(message.payload)
+                append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
+                                       0 if origin is None else 1))
+                if origin is not None:
+                    append(_str(origin))
+                if message.expires_at is None:
+                    append(b"\x00")
+                else:
+                    append(b"\x01")
+                    append(_F64.pack(message.expires_at))
+            elif cls is PutOutbound:
                 record = op.record
                 message = record.message
                 if (record.share is not None or message.properties is not NO_PROPERTIES
@@ -118,7 +135,7 @@ def encode(ops) -> Optional[bytes]:
                 cid = (names.get(op.client_id) or _name(names, op.client_id))
                 topic = message.topic.encode("utf-8")
                 origin = message.origin
-                append(_TAG_STR.pack(_PUT if cls is PutOutbound else _PUT_NEW, len(cid)))
+                append(_TAG_STR.pack(_PUT, len(cid)))
                 append(cid)
                 append(_SEQ_QOS_PID_STAGE.pack(record.seq, record.qos, record.packet_id or 0,
                                                record.stage))
@@ -135,8 +152,6 @@ def encode(ops) -> Optional[bytes]:
                 else:
                     append(b"\x01")
                     append(_F64.pack(message.expires_at))
-                if cls is PutOutboundMessage:
-                    append(_SEQ.pack(mid))
             elif cls is PutOutboundRef:
                 if op.share is not None:
                     return None
@@ -216,19 +231,18 @@ def decode(payload) -> List[object]:
     while pos < end:
         tag = data[take(1)]
         client_id = text()
-        if tag == _PUT_REF:
+        if tag == _PUT_REF or tag == _PUT_NEW:
             seq, mid, qos, pid, st = _SEQ_MID_QOS_PID_STAGE.unpack_from(
                 data, take(_SEQ_MID_QOS_PID_STAGE.size))
-            ops.append(PutOutboundRef(client_id, seq, mid, qos, pid or None, stage(st)))
-        elif tag == _PUT or tag == _PUT_NEW:
-            seq, qos, pid, st = _SEQ_QOS_PID_STAGE.unpack_from(data, take(_SEQ_QOS_PID_STAGE.size))
-            message = message_body(text())
-            record = OutboundRecord(seq, message, qos, pid or None, stage(st))
-            if tag == _PUT:
-                ops.append(PutOutbound(client_id, record))
+            if tag == _PUT_REF:
+                ops.append(PutOutboundRef(client_id, seq, mid, qos, pid or None, stage(st)))
             else:
-                (mid,) = _SEQ.unpack_from(data, take(8))
+                record = OutboundRecord(seq, message_body(text()), qos, pid or None, stage(st))
                 ops.append(PutOutboundMessage(client_id, record, mid))
+        elif tag == _PUT:
+            seq, qos, pid, st = _SEQ_QOS_PID_STAGE.unpack_from(data, take(_SEQ_QOS_PID_STAGE.size))
+            record = OutboundRecord(seq, message_body(text()), qos, pid or None, stage(st))
+            ops.append(PutOutbound(client_id, record))
         elif tag == _DELETE:
             (seq,) = _SEQ.unpack_from(data, take(8))
             ops.append(DeleteOutbound(client_id, seq))

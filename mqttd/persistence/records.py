@@ -247,7 +247,19 @@ def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:
     if session is not None:
         record = session.outbound.pop(op.seq, None)
         if record is not None:
-            release_message(state, record.message)
+            # release_message, inline: once per message acknowledged
+            key = message_key(record.message)
+            mid = state.message_ids.get(key)
+            if mid is not None:
+                refs = state.message_refs
+                count = refs.get(mid, 1) - 1
+                if count > 1:
+                    refs[mid] = count
+                elif count == 1:
+                    del refs[mid]
+                else:
+                    refs.pop(mid, None)
+                    del state.messages[mid], state.message_ids[key]
 
 
 def _add_inbound(state: StoredState, op: AddInboundQos2) -> None:
