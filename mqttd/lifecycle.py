@@ -65,8 +65,11 @@ class SessionLifecycle:
                 continue
             self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
+        # one mapped copy per stored message: sessions that shared a message in
+        # the store share it in memory too (REVIEW-S9 R11)
+        mapped: dict = {}
         for client_id, stored in state.sessions.items():
-            expired += self._restore_session(stored, now)
+            expired += self._restore_session(stored, now, mapped)
         # the owners' offline sessions, longest offline first (--max-sessions)
         for session in sorted(self.sessions.values(),
                               key=lambda s: (s.disconnected_at or 0.0, s.client_id)):
@@ -101,9 +104,14 @@ class SessionLifecycle:
                      "--max-sessions (docs/security.rst, Session budget)",
                      share=share or "0 (no share)", limit=limit)
 
-    def _restore_session(self, stored: R.StoredSession, now: float) -> int:
+    def _restore_session(self, stored: R.StoredSession, now: float,
+                         mapped: Optional[dict] = None) -> int:
         """Rebuild one stored persistent session, offline; returns how many of
-        its messages had expired (dropped and deleted from the store)."""
+        its messages had expired (dropped and deleted from the store).
+
+        ``mapped`` (``id(stored message) -> (stored, message as restored)``),
+        shared by the sessions restored together, keeps a message that several
+        sessions share one object when its properties have to be mapped."""
         record = stored.record
         client_id = record.client_id
         expired = 0
@@ -127,7 +135,16 @@ class SessionLifecycle:
                 self._write(R.DeleteOutbound(client_id, seq))
                 expired += 1
                 continue
-            forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            if mapped is None:
+                forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            else:
+                known = mapped.get(id(out.message))
+                if known is None:
+                    forwardable = _forwardable(out.message, keep_subscription_ids=True)
+                    # the stored message is kept in the entry: its id stays valid
+                    mapped[id(out.message)] = (out.message, forwardable)
+                else:
+                    forwardable = known[1]
             if forwardable is not out.message:
                 out = attrs.evolve(out, message=forwardable)
             if out.stage == OutboundStage.QUEUED or out.packet_id is None:
