@@ -478,9 +478,9 @@ class Routing:
         group = self.shared.group(share_filter)
         if group is None:
             return False
-        sessions = self.sessions
+        get = self.sessions.get
         for client_id in group.members:
-            session = sessions.get(client_id)
+            session = get(client_id)
             if session is not None and session.connection is not None:
                 return True
         return False

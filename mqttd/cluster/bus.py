@@ -588,8 +588,11 @@ class Router:
         serves it itself (:meth:`_serves_here`), else the other live nodes
         with members in turn."""
         me = self.node_id
-        if me in members and self._serves_here(share, members):
-            return me
+        if me in members:
+            # _serves_here inline (the hot path: a member here, connected)
+            if len(members) == 1 or self.broker.share_online(share) or \
+                    self._serves_here(share, members):
+                return me
         peers = self.node.peers
         live = sorted(n for n in members if n != me and n in peers) or sorted(
             n for n in members if n != me) or [me]

@@ -199,3 +199,25 @@ def test_with_no_live_node_with_members_the_offline_member_here_queues_the_group
     assert redis.sent() == []
     assert queued(broker, parked) == [b"kept"]
     assert broker.stats.dropped.get("shared-no-member", 0) == 0
+
+
+def test_a_group_message_held_for_a_stale_cache_skips_the_offline_members_here_too():
+    """While B's route cache is stale its messages for other nodes are held; a
+    group whose members here are all offline is not served here meanwhile (it
+    would be queued offline *and* routed again on release): on release it goes
+    to the live node with members, once."""
+    broker, clock, router, redis = node_b()
+    parked = offline_member(broker, clock)
+    router.routes._cache_replace("B", {GROUP}, 1)
+    publisher = FakeClient(broker, clock, level=5)
+    publisher.connect("publisher")
+    publisher.publish("jobs/8", b"held", qos=1)
+    clock.advance(0)
+    assert redis.sent() == [] and queued(broker, parked) == []
+    router.routes.fresh_as_of = clock.seconds()
+    router._release()
+    clock.advance(0)
+    ((inbox, items),) = redis.sent()
+    assert inbox == "mqttd:{n:C}:inbox"
+    assert [(m.payload, only) for m, only in items] == [(b"held", frozenset({GROUP}))]
+    assert queued(broker, parked) == []
