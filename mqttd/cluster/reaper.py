@@ -574,8 +574,9 @@ class Reaper:
         (an offline persistent member queues it) or, with no member here
         either, counted as dropped.  A group copy another node handed on to
         the dead node (marked ``~``) is owed to the group the same way.
-        Both are in Redis once ``store.sync()`` fired.  ``node``: the reaped node, whose reap makes progress with each
-        envelope (the lock's renewal needs it)."""
+        Both are in Redis once ``store.sync()`` fired.  ``node``: the reaped
+        node (never picked again for a group), whose reap makes progress with
+        each envelope (the lock's renewal needs it)."""
         from mqttd.persistence import records as R
         from mqttd.cluster.bus import REROUTED
         from mqttd.cluster.store import Forward

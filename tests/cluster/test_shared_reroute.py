@@ -169,7 +169,7 @@ def test_a_group_copy_for_a_node_whose_members_are_all_offline_goes_to_a_live_no
     assert queued(broker, parked) == []
 
 
-def test_a_group_message_published_where_the_members_are_offline_goes_to_a_live_node_with_members():
+def test_a_group_message_published_where_members_are_offline_goes_to_a_live_node_with_members():
     """The publishing node itself has only an offline member of the group: the
     group's copy goes to the live node with members, not to the offline queue."""
     broker, clock, router, redis = node_b()
