@@ -500,6 +500,23 @@ class Routing:
                 message, ids if ids.__class__ is tuple else (ids,))
         return tagged
 
+    def share_online(self, share_filter: str) -> bool:
+        """Whether the shared group ``share_filter`` (``$share/g/f``) has a member
+        here whose client is connected now.  A cluster router asks it: a node
+        whose members of a group are all offline (persistent sessions, e.g.
+        adopted from a dead node) hands the group's messages to a node that may
+        have a connected one, as this broker prefers online members over
+        offline ones [MQTT 5.0 §4.8.2]."""
+        group = self.shared.group(share_filter)
+        if group is None:
+            return False
+        get = self.sessions.get
+        for client_id in group.members:
+            session = get(client_id)
+            if session is not None and session.connection is not None:
+                return True
+        return False
+
     def _availability(self, client_id: str) -> int:
         session = self.sessions.get(client_id)
         if session is None:

@@ -335,7 +335,7 @@ class Router:
         # RouteTable.fresh() inline (the hot path): a stale cache is not trusted
         as_of = routes.fresh_as_of
         if self._held or as_of is None or self.clock.seconds() - as_of > routes.stale_after:
-            return self._hold(message)
+            return self._hold(message, cache)
         nodes, shares = routes.lookup(message.topic)
         per_node: Optional[Dict[str, List[str]]] = None
         if shares:
@@ -394,14 +394,20 @@ class Router:
 
     # --- holding while the route cache is stale ---------------------------------------
 
-    def _hold(self, message: Message) -> int:
+    def _hold(self, message: Message, cache: dict) -> int:
         """Keep ``message`` until the route cache caught up (see the module
         docstring); the groups with members here are served here now."""
         if message.qos == 0 and len(self._pending) + len(self._held) >= self.max_pending:
             self._backlog_full(message, 1)
             return 0
         _nodes, shares = self.routes.lookup(message.topic)
-        here = frozenset(share for share, members in shares.items() if self.node_id in members)
+        here = frozenset(share for share, members in shares.items()
+                         if self._serves_here(share, members))
+        if len(here) != sum(1 for members in shares.values() if self.node_id in members):
+            # members here, all offline: routed with the rest once released
+            from mqttd.broker import SKIP_SHARES
+            cache[SKIP_SHARES] = set(share for share, members in shares.items()
+                                     if self.node_id in members and share not in here)
         self._held.append((message, here))
         if message.qos:
             self._queued += 1
@@ -487,19 +493,27 @@ class Router:
         nodes, _shares = self.routes.lookup(message.topic)
         return node in nodes
 
-    def reroute_share(self, share: str, message: Message, tried=()) -> int:
+    def reroute_share(self, share: str, message: Message, tried=(),
+                      live_only: bool = False) -> int:
         """Hand ``message``, owed to the shared group ``share`` that has no
-        member left on this node, to another node with members (the live
-        ones in turn), as an envelope for that group only; 1 if one was
-        found, else 0.  Counted in the broker's write count like any
-        forward: a QoS >= 1 acknowledgement (or the inbox entry it came in)
-        waits until Redis has it."""
+        member (or no connected member) left on this node, to another node
+        with members (the live ones in turn), as an envelope for that group
+        only; 1 if one was found, else 0.  ``tried``: nodes not to pick;
+        ``live_only``: only a live node (else, when none is, a node not yet
+        seen dead -- its inbox is replayed by its reaper).  Counted in the
+        broker's write count like any forward: a QoS >= 1 acknowledgement
+        (or the inbox entry it came in) waits until Redis has it."""
         if not self._online:
             return 0
         _nodes, shares = self.routes.lookup(message.topic)
         members = shares.get(share, set()) - {self.node_id} - set(tried)
         if not members:
             return 0
+        if live_only:
+            peers = self.node.peers
+            members = {node for node in members if node in peers}
+            if not members:
+                return 0
         node = self._choose(share, members)
         self._pending.append((node, encode_envelope(message), REROUTED + share,
                               message.qos, node))
@@ -523,6 +537,18 @@ class Router:
                 if share not in served:
                     self._group_lost(share, message)
             return
+        if only:
+            # a group whose members here are all offline goes to a node that
+            # may have a connected one (marked: served there, not handed on)
+            handed = None
+            for share in only:
+                if not broker.share_online(share) and self.reroute_share(
+                        share, message, live_only=True):
+                    if handed is None:
+                        handed = set()
+                    handed.add(share)
+            if handed:
+                only = only - handed
         served = set() if only else None
         broker.dispatch(message, only_shares=only, served=served)
         for observer in list(self.dispatch_observers):
@@ -538,12 +564,38 @@ class Router:
                               "No member of {share} left on any node for a message to "
                               "{topic}: dropped", share=share, topic=message.topic)
 
+    def _serves_here(self, share: str, members: Set[str]) -> bool:
+        """Whether this node serves ``share`` for a message itself: it has
+        members of the group and one of them is connected, or no other live
+        node has members (its offline persistent members then queue it).
+        Online members first cluster-wide, as on one broker: a node whose
+        members are all offline -- a persistent session adopted from a dead
+        node, or one whose client went away -- does not keep the group's
+        messages from a connected member elsewhere (REVIEW-S9-CLUSTER C6)."""
+        me = self.node_id
+        if me not in members:
+            return False
+        if len(members) == 1 or self.broker.share_online(share):
+            return True
+        peers = self.node.peers
+        for node in members:
+            if node != me and node in peers:
+                return False
+        return True
+
     def _choose(self, share: str, members: Set[str]) -> str:
-        """The node that serves ``share`` for one message: this one if it has
-        members, else the live nodes with members in turn."""
-        if self.node_id in members:
-            return self.node_id
-        live = sorted(n for n in members if n in self.node.peers) or sorted(members)
+        """The node that serves ``share`` for one message: this one if it
+        serves it itself (:meth:`_serves_here`), else the other live nodes
+        with members in turn."""
+        me = self.node_id
+        if me in members:
+            # _serves_here inline (the hot path: a member here, connected)
+            if len(members) == 1 or self.broker.share_online(share) or \
+                    self._serves_here(share, members):
+                return me
+        peers = self.node.peers
+        live = sorted(n for n in members if n != me and n in peers) or sorted(
+            n for n in members if n != me) or [me]
         turn = self._turns.get(share, -1) + 1
         self._turns[share] = turn
         return live[turn % len(live)]

@@ -65,8 +65,13 @@ class Reaper:
     :param forget_node: ``forget_node(dead_node, deliver, sync) -> Deferred``
         firing with how many late envelopes it still delivered: drop the dead
         node's routes and inbox (None: nothing).
-    :param lock_ms: milliseconds the reaper lock lasts (renewed while the reap
-        makes progress).
+    :param lock_ms: milliseconds the reaper lock lasts (renewed every third of
+        it while the reap makes progress; default 10,000): the longest a lock
+        outlives a reaper that died or lost Redis mid-reap, and so the longest
+        the dead node id is kept out after that.
+    :param retry_delay: seconds after a failed reap (its lock released at
+        once) before this node reaps again; doubled after each failure up to
+        ``retry_max`` seconds.
     :param stall: seconds a reap may go without progress (a session adopted,
         an inbox entry replayed, a write made durable, a step done) before it
         is abandoned: its lock is no longer renewed but released, an ERROR is
@@ -76,8 +81,9 @@ class Reaper:
     """
 
     def __init__(self, sessions, replay_inbox: Optional[Callable] = None,
-                 forget_node: Optional[Callable] = None, lock_ms: int = 30000,
-                 batch: int = 200, stall: float = 30.0):
+                 forget_node: Optional[Callable] = None, lock_ms: int = 10000,
+                 batch: int = 200, stall: float = 30.0, retry_delay: float = 1.0,
+                 retry_max: float = 16.0):
         self.sessions = sessions
         self.broker = sessions.broker
         self.backend = sessions.backend
@@ -91,6 +97,12 @@ class Reaper:
         self.batch = batch
         self.stall = stall
         self._reaping = set()
+        self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        #: node -> the next retry's delay / its pending call (after a failed reap)
+        self._retry_delays = {}
+        self._retry_calls = {}
+        self.retries = 0
         #: node being reaped -> the reap's Deferred / when it last made progress
         self._running = {}
         self._progress = {}
@@ -143,12 +155,60 @@ class Reaper:
                 self.backend.run("reaper_unlock", [self.lock_key(node)],
                                  [self.node_id]).addErrback(lambda _f: None)
             else:
-                log.error("Reaping node {node} failed: {error}; another look will retry",
-                          node=node, error=str(failure.value))
+                log.error("Reaping node {node} failed: {error}; its lock released, retrying "
+                          "in {delay:g} s", node=node, error=str(failure.value),
+                          delay=self._retry_delay(node))
+                # the lock goes with the failed reap: held until its TTL it
+                # kept the dead node id out (CONNACK 0x88) and this node's own
+                # next look from reaping it (REVIEW-S9-CLUSTER C7)
+                self.backend.run("reaper_unlock", [self.lock_key(node)],
+                                 [self.node_id]).addErrback(lambda _f: None)
+            self._schedule_retry(node)
             return False
+
+        def succeeded(result):
+            if result:
+                self._forget_retries(node)
+            return result
         d.addBoth(done)
-        d.addErrback(failed)
+        d.addCallbacks(succeeded, failed)
         return d
+
+    def _retry_delay(self, node: str) -> float:
+        return self._retry_delays.get(node, self.retry_delay)
+
+    def _schedule_retry(self, node: str) -> None:
+        """Reap ``node`` again after a failed or abandoned reap: after
+        ``retry_delay`` seconds, doubling up to ``retry_max`` (the periodic look
+        for dead members goes on too); a reap that runs, succeeds, or is not
+        this node's to do ends the retries."""
+        call = self._retry_calls.get(node)
+        if call is not None and call.active():
+            return
+        delay = self._retry_delay(node)
+        self._retry_delays[node] = min(delay * 2, self.retry_max)
+        self._retry_calls[node] = self.clock.callLater(delay, self._retry, node)
+
+    def _retry(self, node: str) -> None:
+        self._retry_calls.pop(node, None)
+        if node in self._reaping:
+            return
+        self.retries += 1
+        d = self.reap(node)
+        # not ours to do (another node reaps it, or we are fenced): no more retries
+        d.addCallback(lambda won: None if won or node in self._retry_calls
+                      else self._forget_retries(node))
+
+    def _forget_retries(self, node: str) -> None:
+        self._retry_delays.pop(node, None)
+        call = self._retry_calls.pop(node, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def stop(self) -> None:
+        """No more retries (the node is stopping)."""
+        for node in list(self._retry_calls):
+            self._forget_retries(node)
 
     def _advanced(self, node: str) -> None:
         """The reap of ``node`` made progress (the lock may be renewed)."""
@@ -510,34 +570,63 @@ class Reaper:
         owner), to the sessions of ``moved`` (client id -> {filter:
         subscription record}) now owned by other nodes (``Broker.judge``;
         QoS 0 is not owed to them).  A shared group the envelope names that
-        no member here can take goes to its members on another node
-        (``Router.reroute_share``), else it is counted as dropped.  Both are in Redis once ``store.sync()``
-        fired.  ``node``: the reaped node, whose reap makes progress with each
-        envelope (the lock's renewal needs it)."""
+        no *connected* member here can take goes to its members on another
+        live node (``Router.reroute_share``: online members first, as on one
+        broker; an offline session adopted here does not keep it from a
+        connected member elsewhere); with no other node it is served here
+        (an offline persistent member queues it) or, with no member here
+        either, counted as dropped.  A group copy another node handed on to
+        the dead node (marked ``~``) is owed to the group the same way.
+        Both are in Redis once ``store.sync()`` fired.  ``node``: the reaped
+        node (never picked again for a group), whose reap makes progress with
+        each envelope (the lock's renewal needs it)."""
         from mqttd.persistence import records as R
+        from mqttd.cluster.bus import REROUTED
         from mqttd.cluster.store import Forward
         broker = self.broker
         moved = moved or {}
+
+        reroute = getattr(broker.router, "reroute_share", None)
+        online = getattr(broker, "share_online", None)
+        tried = (node,) if node is not None and node != self.node_id else ()
 
         def deliver(message, only_shares=None) -> int:
             if node is not None:
                 self._advanced(node)
             receivers = 0
-            served = set() if only_shares else None
-            if adopted or only_shares:
-                receivers = broker.deliver_among(message, adopted, only_shares, served)
             if only_shares:
+                # a group copy handed on to the dead node by another (marked
+                # REROUTED) never reached a member there either: it is owed
+                # to the group like any other
+                only_shares = frozenset(share[len(REROUTED):] if share.startswith(REROUTED)
+                                        else share for share in only_shares)
+                rest = only_shares
+                if reroute is not None and online is not None:
+                    # a group with no connected member here goes to a live node
+                    # with members (one may be connected there), not into an
+                    # offline session adopted here (REVIEW-S9-CLUSTER C6)
+                    handed = set(share for share in only_shares if not online(share)
+                                 and reroute(share, message, tried, live_only=True))
+                    if handed:
+                        receivers += len(handed)
+                        rest = only_shares - handed
+            else:
+                rest = only_shares
+            served = set() if rest else None
+            if adopted or rest:
+                receivers += broker.deliver_among(message, adopted, rest, served)
+            if rest:
                 # a group the dead node was picked for and no member here can
                 # take: to its members on another node, once (as the bus does)
-                reroute = getattr(broker.router, "reroute_share", None)
-                for share in only_shares:
+                for share in rest:
                     if share not in served:
-                        if reroute is not None and reroute(share, message):
+                        if reroute is not None and reroute(share, message, tried):
                             receivers += 1
                         else:
                             broker.stats.count_drop("shared-no-member")
             for client_id, subscriptions in moved.items():
-                judged = broker.judge(message, subscriptions, client_id, only_shares)
+                # (a group copy handed on above is not owed to them as well)
+                judged = broker.judge(message, subscriptions, client_id, rest)
                 if judged is None or not judged[1]:
                     continue
                 self.store.write(Forward(client_id, R.OutboundRecord(0, *judged)))
@@ -580,7 +669,7 @@ class InboxReplay:
                 reply = yield self.backend.execute("XAUTOCLAIM", inbox, GROUP, self.node_id,
                                                    0, cursor, "COUNT", self.batch)
             except Exception as error:
-                if "NOGROUP" in str(error) or "no such key" in str(error):
+                if _missing_inbox(error):
                     return count   # no inbox (it never joined, or was deleted)
                 raise
             cursor, entries = reply[0], reply[1]
@@ -595,8 +684,16 @@ class InboxReplay:
         from mqttd.cluster.bus import GROUP
         count = 0
         while True:
-            reply = yield self.backend.execute("XREADGROUP", "GROUP", GROUP, self.node_id,
-                                               "COUNT", self.batch, "STREAMS", inbox, ">")
+            try:
+                reply = yield self.backend.execute("XREADGROUP", "GROUP", GROUP, self.node_id,
+                                                   "COUNT", self.batch, "STREAMS", inbox, ">")
+            except Exception as error:
+                if _missing_inbox(error):
+                    # gone meanwhile (deleted, or re-created without its
+                    # group by a late XADD): nothing of the dead node's to read
+                    # (REVIEW-S9-CLUSTER C7: NOGROUP failed the reap)
+                    return count
+                raise
             entries = []
             for _stream, items in (reply or []):
                 entries.extend(items)
@@ -649,6 +746,12 @@ class InboxReplay:
         late = yield self._unread(self.keys.inbox(dead), deliver, sync)
         yield self.backend.run("reaper_del_inbox", [alive, self.keys.inbox(dead)])
         return late
+
+
+def _missing_inbox(error) -> bool:
+    """Whether a Redis error says the inbox stream or its group is not there."""
+    text = str(error)
+    return "NOGROUP" in text or "no such key" in text.lower()
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:
