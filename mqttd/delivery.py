@@ -278,6 +278,19 @@ class Delivery:
         if session.persistent:
             self._write(R.AddInboundQos2(session.client_id, packet_id))
 
+    def inbound_qos2_resent(self, session: Session, packet_id: int, message) -> bool:
+        """A QoS 2 PUBLISH re-sent under a packet id ``session`` already received:
+        never delivered here twice [MQTT-4.3.3-10].  A remote router may hand
+        it to other nodes again, idempotently, when its first hand-off may not
+        have completed (a node cut off from Redis before PUBREC: see
+        ``router.resend_qos2``); True if the PUBREC must then wait for the
+        store barrier."""
+        router = self.router
+        resend = None if router is None else getattr(router, "resend_qos2", None)
+        if resend is None or not session.persistent:
+            return False
+        return resend(message, packet_id) > 0
+
     def inbound_qos2_release(self, session: Session, packet_id: int) -> bool:
         if packet_id not in session.inbound_qos2:
             return False

@@ -458,6 +458,7 @@ class Reaper:
                                               loaded[5])
         if stored is None:
             return False
+        self.store.load_instances(client_id, loaded[5])
         pending = None
         kind = _text(will.get("kind", b""))
         if kind == "conn" and online:

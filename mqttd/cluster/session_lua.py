@@ -16,7 +16,10 @@ key        type    holds
                    ``hnode``/``hepoch`` (the previous owner during a hand-off)
 ``o``      HASH    seq -> pickled ``OutboundRecord`` (queued or in flight)
 ``t``      HASH    seq -> ``<packet id>:<stage>`` (in-flight stage updates)
-``i``      SET     inbound QoS 2 packet ids waiting for PUBREL
+``i``      SET     inbound QoS 2 packet ids waiting for PUBREL, each
+                   ``<packet id>/<instance>`` (the instance id under which
+                   the message was handed to other nodes, see
+                   :mod:`mqttd.cluster.bus`; a bare id from an older node)
 ``w``      HASH    the will: ``kind`` = ``conn`` (the live connection's will,
                    ``m`` pickled Message, ``delay``) or ``pending`` (a delayed
                    will, ``m`` pickled ``WillRecord``)
@@ -270,6 +273,8 @@ while i <= #ARGV do
     redis.call('SADD', KEYS[4], ARGV[i + 1])
   elseif op == 'J' then
     redis.call('SREM', KEYS[4], ARGV[i + 1])
+    local bare = string.match(ARGV[i + 1], '^(%d+)/')
+    if bare then redis.call('SREM', KEYS[4], bare) end
   elseif op == 'W' then
     redis.call('DEL', KEYS[5])
     redis.call('HSET', KEYS[5], 'kind', 'pending', 'm', ARGV[i + 1])

@@ -15,6 +15,15 @@ declared dead), except queued messages, which are forwarded to the new owner
 them); it fails while Redis is unreachable (:attr:`failure` is then set, and
 the broker refuses persistent CONNECTs meanwhile).
 
+**Inbound QoS 2 marks carry an instance id** (REVIEW-S9-CLUSTER C2).  The
+mark of a persistent session's inbound QoS 2 packet id [MQTT-4.3.3-10] is
+stored as ``<packet id>/<instance>`` (the instance unique per message, made
+here), and the bus forwards such a message to other nodes only once Redis
+applied its mark (:meth:`RedisSessionStore.mark_applied`): a hand-off in Redis
+implies the mark, so a re-send (DUP) on any node finds the packet id already
+received, with the instance under which every node's inbox took it once
+(:mod:`mqttd.cluster.bus`).
+
 Retained messages are not this store's business (``PutRetained`` /
 ``DeleteRetained`` are ignored): the cluster's retained store keeps them in
 Redis itself.  ``open()`` returns no sessions: a session is loaded from Redis
@@ -153,6 +162,13 @@ class RedisSessionStore:
         self._wid_prefix = os.urandom(6).hex()
         self._wids = itertools.count(1)
         self._waiters: List[defer.Deferred] = []
+        #: client id -> {inbound QoS 2 packet id: its instance id} (see the
+        #: module docstring): made by the marks written here, or loaded
+        self.instances: Dict[str, Dict[int, str]] = {}
+        self._instance_ids = itertools.count(1)
+        #: (client id, packet id) -> Deferreds waiting until Redis applied the
+        #: mark written here (True) or refused it (False, fenced)
+        self._marks: Dict[Tuple[str, int], List[defer.Deferred]] = {}
         self._flushing = False
         self._scheduled = False
         self.flushes = 0
@@ -207,12 +223,17 @@ class RedisSessionStore:
             item = ("R", op.seq)
         elif cls is R.AddInboundQos2:
             cid = op.client_id
-            item = ("I", op.packet_id)
+            instance = f"{self._wid_prefix}.{next(self._instance_ids)}"
+            self.instances.setdefault(cid, {})[op.packet_id] = instance
+            self._marks.setdefault((cid, op.packet_id), [])
+            item = ("I", f"{op.packet_id}/{instance}")
         elif cls is R.DeleteInboundQos2:
             cid = op.client_id
-            item = ("J", op.packet_id)
+            instance = self.instances.get(cid, {}).pop(op.packet_id, None)
+            item = ("J", op.packet_id if instance is None else f"{op.packet_id}/{instance}")
         elif cls is R.DeleteSession:
             cid = op.client_id
+            self.instances.pop(cid, None)
             item = ("D",)
         elif cls is R.PutWill:
             cid = op.record.client_id
@@ -266,6 +287,45 @@ class RedisSessionStore:
             d.addCallback(lambda _: self.inner.close())
         return d
 
+    # --- inbound QoS 2 instances ---------------------------------------------------
+
+    def instance(self, client_id: str, packet_id: int) -> Optional[str]:
+        """The instance id of ``client_id``'s inbound QoS 2 packet id (None: not
+        a persistent session's, or marked by a node without instance ids)."""
+        instances = self.instances.get(client_id)
+        return None if instances is None else instances.get(packet_id)
+
+    def load_instances(self, client_id: str, members) -> None:
+        """Remember the instances of a session loaded from Redis (``members``: the
+        ``i`` set, ``<packet id>[/<instance>]``)."""
+        self.instances[client_id] = {pid: instance for pid, instance in
+                                     map(parse_inbound, members) if instance}
+
+    def mark_applied(self, client_id: str, packet_id: int) -> defer.Deferred:
+        """Fires True once Redis applied the mark of ``packet_id`` written here
+        (at once when none is waiting: it was applied or loaded), False when it
+        was refused (another node owns the session) or its batch failed."""
+        waiters = self._marks.get((client_id, packet_id))
+        if waiters is None:
+            return defer.succeed(True)
+        d = defer.Deferred()
+        waiters.append(d)
+        return d
+
+    def _marks_done(self, cid: str, items, outcome: str) -> None:
+        """Answer who waits for the marks in ``items``: ``applied``, ``refused``
+        (the session is another node's: no more waiting) or ``failed`` (the
+        batch is retried: a later flush decides for later waiters)."""
+        for pid in _marked(items):
+            key = (cid, pid)
+            waiters = self._marks.pop(key, None)
+            if waiters is None:
+                continue
+            for d in waiters:
+                d.callback(outcome == "applied")
+            if outcome == "failed":
+                self._marks[key] = []
+
     # --- flushing -----------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -286,6 +346,8 @@ class RedisSessionStore:
             epoch = self.epochs.get(cid)
             if epoch is None:
                 # not (or no longer) ours: only forwards may go out
+                if self._marks:
+                    self._marks_done(cid, items, "refused")
                 forwards = _only_forwards(items)
                 if not forwards:
                     continue
@@ -328,8 +390,10 @@ class RedisSessionStore:
         if self.failure is not None:
             log.info("Writing sessions to Redis works again")
         self.failure = None
-        for (cid, _items, epoch, _wid), reply in zip(cids, replies):
+        for (cid, items, epoch, _wid), reply in zip(cids, replies):
             status = _text(reply[0])
+            if self._marks:
+                self._marks_done(cid, items, "refused" if status == "F" else "applied")
             if status == "F":
                 if self.on_fenced is not None:
                     try:
@@ -364,6 +428,8 @@ class RedisSessionStore:
         # twice (a batch that timed out may have run)
         for cid, items, _epoch, wid in cids:
             self._retry.setdefault(cid, []).append((wid, list(items)))
+            if self._marks:
+                self._marks_done(cid, items, "failed")
         for d in waiters:
             d.errback(failure)
         if self._waiters:
@@ -378,10 +444,32 @@ class RedisSessionStore:
             self._flush()
 
 
+def parse_inbound(member) -> Tuple[int, Optional[str]]:
+    """``(packet id, instance or None)`` of a member of a session's ``i`` set."""
+    text = _text(member)
+    pid, _, instance = text.partition("/")
+    return int(pid), instance or None
+
+
+_ARITY = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
+          "X": 0, "Y": 0, "G": 1}
+
+
+def _marked(items: list) -> List[int]:
+    """The packet ids an op list marks (``I``)."""
+    out = []
+    i = 0
+    while i < len(items):
+        op = items[i]
+        if op == "I":
+            out.append(parse_inbound(items[i + 1])[0])
+        i += 1 + _ARITY[op]
+    return out
+
+
 def _only_forwards(items: list) -> list:
     """The ``G`` forwards and the queued messages (``O``) of an op list, as forwards."""
-    arity = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
-             "X": 0, "Y": 0, "G": 1}
+    arity = _ARITY
     out = []
     i = 0
     while i < len(items):
