@@ -37,6 +37,15 @@ _drop_log_interval = 10.0
 class Delivery:
     """Deliver, queue, drain, resend; acknowledgements; drops; backpressure."""
 
+    #: a QoS 2 PUBLISH to a persistent session leaves only once the store made
+    #: its record -- its packet id -- durable (``Connection.send_publish_stored``):
+    #: a store shared by nodes that may die (a cluster) sets it.  Else a node
+    #: killed between the send and the write left a session whose client holds
+    #: a packet id its new owner does not know: the message came again under a
+    #: new id (twice) and a later message under the held id was taken for a
+    #: re-send and dropped by the client [MQTT-4.3.3-3, 4.3.3-9]
+    qos2_sent_after_store = False
+
     def _deliver(self, session: Session, message: Message, qos: int,
                  cache: Optional[dict] = None, force: bool = False,
                  share: Optional[str] = None) -> None:
@@ -53,6 +62,9 @@ class Delivery:
                     session.inflight[pid] = record
                     if session.persistent:
                         self._write(R.PutOutbound(session.client_id, record))
+                        if qos == 2 and self.qos2_sent_after_store:
+                            conn.send_publish_stored(message, qos, pid, cache)
+                            return
                     conn.send_publish(message, qos, pid, False, cache)
                     return
         elif qos == 0 and not (force or (session.persistent and self.config.queue_qos0)):
@@ -154,11 +166,14 @@ class Delivery:
             record = OutboundRecord(head.seq, head.message, head.qos, pid,
                                     OutboundStage.PUBLISH_SENT, head.share)
             inflight[pid] = record
+            if wire:
+                template = wire.pop(head.seq, None)
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
-            if wire:
-                template = wire.pop(head.seq, None)
+                if head.qos == 2 and self.qos2_sent_after_store:
+                    conn.send_publish_stored(message, 2, pid, template=template)
+                    continue
             conn.send_publish(message, head.qos, pid, False, template=template)
         if session.congested_since is not None or session.demoted_since is not None:
             self.flow.drained(session)

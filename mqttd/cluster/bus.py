@@ -208,7 +208,12 @@ def encode_batch(items: Sequence[Tuple[bytes, Optional[str], str]]) -> bytes:
 def encode_record(data: bytes, share: Optional[str], targets: str) -> bytes:
     """One record of a batch (:func:`encode_batch` of one item, without the
     version byte): the once-only script joins the records it adds."""
-    return encode_batch(((data, share, targets),))[1:]
+    raw_targets = targets.encode("utf-8") if targets else b""
+    if share is None:
+        return b"".join((_REC.pack(len(data), 0, len(raw_targets)), data, raw_targets))
+    raw = share.encode("utf-8")
+    return b"".join((_REC.pack(len(data), len(raw) + 1, len(raw_targets)), data, raw,
+                     raw_targets))
 
 
 #: the inbox's node takes each QoS 2 instance once (see the module docstring).
@@ -732,25 +737,27 @@ class Router:
 
     def _marks(self, batch) -> Optional[defer.Deferred]:
         """None when ``batch`` forwards no QoS 2 instance made here; else a
-        Deferred firing with the set of instances whose marks Redis refused
-        (or could not take: then the publishers are not acknowledged)."""
-        mark_applied = None
-        waits = {}
-        for item in batch:
-            once = item[5]
-            if once is None or not item[1] or once in waits:
-                continue
-            if mark_applied is None:
-                mark_applied = getattr(self.broker.store, "mark_applied", None)
-                if mark_applied is None:
-                    return None
-            waits[once] = mark_applied(once[0], once[1])
-        if not waits:
+        Deferred firing, once the store applied everything written so far,
+        with the instances whose marks Redis refused (the session is another
+        node's); it fails when the store could not write (then the batch is
+        not sent and its publishers are not acknowledged)."""
+        store = self.broker.store
+        if not hasattr(store, "refused_marks"):
             return None
-        order = list(waits)
-        d = defer.gatherResults([waits[once] for once in order], consumeErrors=True)
-        return d.addCallback(lambda applied: {
-            once for once, ok in zip(order, applied) if not ok})
+        for item in batch:
+            if item[5] is not None and item[1]:
+                break
+        else:
+            return None
+
+        def refused(_):
+            marks = store.refused_marks
+            if not marks:
+                return set()
+            out = {item[5] for item in batch if item[5] is not None and item[5] in marks}
+            marks.difference_update(out)
+            return out
+        return store.sync().addCallback(refused)
 
     def _marked(self, refused, batch, wait) -> defer.Deferred:
         if refused:
@@ -932,6 +939,8 @@ class Router:
         received = self.stats["received"]
         pending = iter(entries)
         here = frozenset((self.node_id,))
+        store = broker.store if hasattr(broker.store, "source") else None
+        node_id = self.node_id
 
         def step():
             budget = DELIVER_SLICE
@@ -945,10 +954,14 @@ class Router:
                                           "of inbox entry {id} of {node_id}: {error}",
                                           count=len(errors), id=entry_id, error=errors[0],
                                           node_id=self.node_id)
-                for message, only, targets in messages:
+                for index, (message, only, targets) in enumerate(messages):
                     received[message.qos] += 1
                     # an entry of an older node names no targets: as if it went here only
                     self._dispatching = targets or here
+                    if store is not None and message.qos == 2:
+                        # the QoS 2 records it queues say so (the reaper's replay
+                        # of an entry read and not acknowledged skips them)
+                        store.source = (node_id, position(entry_id, index))
                     try:
                         self._dispatch_entry(broker, message, only)
                     except Exception:
@@ -956,6 +969,8 @@ class Router:
                                     "failed", topic=message.topic)
                     finally:
                         self._dispatching = None
+                        if store is not None:
+                            store.source = None
                 budget -= len(messages)
                 if budget <= 0:
                     if self._stopped:
@@ -991,6 +1006,24 @@ class Router:
             log.warn, "xack", "Cannot acknowledge {count} inbox entries: {error} (they are "
             "delivered again after a restart)", count=len(ids), error=str(f.value)))
         return d
+
+
+def position(entry_id, index: int) -> str:
+    """The position of the ``index``-th message of inbox entry ``entry_id``:
+    ``<ms>-<seq>-<index>``, growing in the inbox's order (see :func:`position_key`)."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return f"{entry_id}-{index}"
+
+
+def position_key(text) -> Tuple[int, ...]:
+    """A position (:func:`position`) as a comparable tuple; () for garbage."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    try:
+        return tuple(int(part) for part in text.split("-"))
+    except (ValueError, AttributeError):
+        return ()
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:

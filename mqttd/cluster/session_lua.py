@@ -13,7 +13,9 @@ key        type    holds
                    ``exp`` (the Session Expiry Interval in ms; absent: never),
                    ``exp_at`` (Redis ``TIME`` in ms when the offline session
                    expires; absent while online or never expiring),
-                   ``hnode``/``hepoch`` (the previous owner during a hand-off)
+                   ``hnode``/``hepoch`` (the previous owner during a hand-off),
+                   ``ib:<node>`` (the last entry of ``node``'s inbox whose
+                   QoS 2 message the session took: ``<entry id>-<index>``)
 ``o``      HASH    seq -> pickled ``OutboundRecord`` (queued or in flight)
 ``t``      HASH    seq -> ``<packet id>:<stage>`` (in-flight stage updates)
 ``i``      SET     inbound QoS 2 packet ids waiting for PUBREL, each
@@ -107,7 +109,8 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
            'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
 redis.call('HDEL', KEYS[1], 'exp_at')
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, 3) == 'ho:' then redis.call('HDEL', KEYS[1], field) end
+  local kind = string.sub(field, 1, 3)
+  if kind == 'ho:' or (kind == 'ib:' and not present) then redis.call('HDEL', KEYS[1], field) end
 end
 if present and s[1] then
   -- the hand-off window: the previous owner's writes still reach the content
@@ -171,7 +174,7 @@ return reply
 
 # apply: KEYS s o t i w f   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
-#      V | X | Y | G blob
+#      V | X | Y | G blob | P node position
 #   (Z wid, first if present: the batch's write id ``<process>:<n>``, n
 #   growing per writing process: a batch re-sent after an unknown outcome --
 #   a timeout, or a Redis Cluster pipeline that failed on another master --
@@ -181,7 +184,9 @@ return reply
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
-#   G: forward a queued message to whoever owns the session)
+#   G: forward a queued message to whoever owns the session; P: the session
+#   took the inbox entry ``position`` of ``node`` -- ``ib:<node>`` of s, the
+#   reaper's high-water mark, see mqttd.cluster.reaper)
 # -> {'OK', gone, will...}  (gone = 1 when the session's keys were deleted;
 #    will: the pairs a Y took) | {'F', node, epoch, forwarded}
 # The previous owner's writes at its last epoch during a hand-off (hnode,
@@ -190,7 +195,7 @@ return reply
 APPLY = NOW_MS + r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'hnode',
                      'hepoch')
-local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1}
+local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1, P=2}
 local fenced = s[1] ~= ARGV[1] or s[2] ~= ARGV[2]
 local handoff = false
 if fenced then
@@ -225,6 +230,9 @@ if fenced and not handoff then
         redis.call('RPUSH', KEYS[6], ARGV[i + 2]); forwarded = forwarded + 1
       elseif op == 'G' then
         redis.call('RPUSH', KEYS[6], ARGV[i + 1]); forwarded = forwarded + 1
+      elseif op == 'P' then
+        -- the queued message goes on (f): its inbox position counts as taken
+        redis.call('HSET', KEYS[1], 'ib:' .. ARGV[i + 1], ARGV[i + 2])
       end
       i = i + 1 + arity[op]
     end
@@ -298,6 +306,8 @@ while i <= #ARGV do
     end
   elseif op == 'G' then
     redis.call('RPUSH', KEYS[6], ARGV[i + 1])
+  elseif op == 'P' then
+    redis.call('HSET', KEYS[1], 'ib:' .. ARGV[i + 1], ARGV[i + 2])
   end
   i = i + 1 + arity[op]
 end

@@ -19,7 +19,8 @@ the broker refuses persistent CONNECTs meanwhile).
 mark of a persistent session's inbound QoS 2 packet id [MQTT-4.3.3-10] is
 stored as ``<packet id>/<instance>`` (the instance unique per message, made
 here), and the bus forwards such a message to other nodes only once Redis
-applied its mark (:meth:`RedisSessionStore.mark_applied`): a hand-off in Redis
+applied its mark (a ``sync()`` after which the mark is not among
+:attr:`RedisSessionStore.refused_marks`): a hand-off in Redis
 implies the mark, so a re-send (DUP) on any node finds the packet id already
 received, with the instance under which every node's inbox took it once
 (:mod:`mqttd.cluster.bus`).
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -166,9 +167,13 @@ class RedisSessionStore:
         #: module docstring): made by the marks written here, or loaded
         self.instances: Dict[str, Dict[int, str]] = {}
         self._instance_ids = itertools.count(1)
-        #: (client id, packet id) -> Deferreds waiting until Redis applied the
-        #: mark written here (True) or refused it (False, fenced)
-        self._marks: Dict[Tuple[str, int], List[defer.Deferred]] = {}
+        #: (client id, packet id, instance) of marks written here that Redis
+        #: refused (the session is another node's): the bus forwards none of
+        #: their messages
+        self.refused_marks: Set[Tuple[str, int, Optional[str]]] = set()
+        #: ``(node, position)`` of the inbox message being dispatched now (set
+        #: by the bus), written with the QoS 2 records it queues (op ``P``)
+        self.source: Optional[Tuple[str, str]] = None
         self._flushing = False
         self._scheduled = False
         self.flushes = 0
@@ -214,6 +219,10 @@ class RedisSessionStore:
         elif cls is R.PutOutbound:
             cid = op.client_id
             item = ("O", op.record.seq, encode_outbound(op.record))
+            source = self.source
+            if source is not None and op.record.qos == 2:
+                # from an inbox entry: the reaper must not replay it to this session
+                item = ("P", source[0], source[1]) + item
         elif cls is R.UpdateOutbound:
             cid = op.client_id
             pid = "" if op.packet_id is None else op.packet_id
@@ -225,7 +234,6 @@ class RedisSessionStore:
             cid = op.client_id
             instance = f"{self._wid_prefix}.{next(self._instance_ids)}"
             self.instances.setdefault(cid, {})[op.packet_id] = instance
-            self._marks.setdefault((cid, op.packet_id), [])
             item = ("I", f"{op.packet_id}/{instance}")
         elif cls is R.DeleteInboundQos2:
             cid = op.client_id
@@ -301,30 +309,16 @@ class RedisSessionStore:
         self.instances[client_id] = {pid: instance for pid, instance in
                                      map(parse_inbound, members) if instance}
 
-    def mark_applied(self, client_id: str, packet_id: int) -> defer.Deferred:
-        """Fires True once Redis applied the mark of ``packet_id`` written here
-        (at once when none is waiting: it was applied or loaded), False when it
-        was refused (another node owns the session) or its batch failed."""
-        waiters = self._marks.get((client_id, packet_id))
-        if waiters is None:
-            return defer.succeed(True)
-        d = defer.Deferred()
-        waiters.append(d)
-        return d
-
-    def _marks_done(self, cid: str, items, outcome: str) -> None:
-        """Answer who waits for the marks in ``items``: ``applied``, ``refused``
-        (the session is another node's: no more waiting) or ``failed`` (the
-        batch is retried: a later flush decides for later waiters)."""
-        for pid in _marked(items):
-            key = (cid, pid)
-            waiters = self._marks.pop(key, None)
-            if waiters is None:
-                continue
-            for d in waiters:
-                d.callback(outcome == "applied")
-            if outcome == "failed":
-                self._marks[key] = []
+    def _refused(self, cid: str, items) -> None:
+        """Redis refused ``items`` of ``cid`` (fenced): their marks are not applied."""
+        refused = self.refused_marks
+        if len(refused) > 100_000:
+            refused.clear()     # never looked at again: the bus checks them at once
+        for pid, instance in _marked(items):
+            refused.add((cid, pid, instance))
+        instances = self.instances.get(cid)
+        if instances is not None and self.epochs.get(cid) is None:
+            self.instances.pop(cid, None)
 
     # --- flushing -----------------------------------------------------------------
 
@@ -346,8 +340,8 @@ class RedisSessionStore:
             epoch = self.epochs.get(cid)
             if epoch is None:
                 # not (or no longer) ours: only forwards may go out
-                if self._marks:
-                    self._marks_done(cid, items, "refused")
+                if "I" in items:
+                    self._refused(cid, items)
                 forwards = _only_forwards(items)
                 if not forwards:
                     continue
@@ -392,9 +386,9 @@ class RedisSessionStore:
         self.failure = None
         for (cid, items, epoch, _wid), reply in zip(cids, replies):
             status = _text(reply[0])
-            if self._marks:
-                self._marks_done(cid, items, "refused" if status == "F" else "applied")
             if status == "F":
+                if "I" in items:
+                    self._refused(cid, items)
                 if self.on_fenced is not None:
                     try:
                         self.on_fenced(cid, _text(reply[1]), int(reply[2]), int(reply[3]))
@@ -428,8 +422,6 @@ class RedisSessionStore:
         # twice (a batch that timed out may have run)
         for cid, items, _epoch, wid in cids:
             self._retry.setdefault(cid, []).append((wid, list(items)))
-            if self._marks:
-                self._marks_done(cid, items, "failed")
         for d in waiters:
             d.errback(failure)
         if self._waiters:
@@ -452,17 +444,17 @@ def parse_inbound(member) -> Tuple[int, Optional[str]]:
 
 
 _ARITY = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
-          "X": 0, "Y": 0, "G": 1}
+          "X": 0, "Y": 0, "G": 1, "P": 2}
 
 
-def _marked(items: list) -> List[int]:
-    """The packet ids an op list marks (``I``)."""
+def _marked(items: list) -> List[Tuple[int, Optional[str]]]:
+    """The ``(packet id, instance)`` an op list marks (``I``)."""
     out = []
     i = 0
     while i < len(items):
         op = items[i]
         if op == "I":
-            out.append(parse_inbound(items[i + 1])[0])
+            out.append(parse_inbound(items[i + 1]))
         i += 1 + _ARITY[op]
     return out
 

@@ -101,4 +101,6 @@ def test_qos2_resent_after_a_hung_hand_off_reaches_a_remote_subscriber_once(
     """The hung link's late hand-off and the publisher's DUP re-send are one message."""
     got, sent = _hang_and_resend(redis_server, cluster_node_factory, f"c2{resend_on[0]}",
                                  resend_on)
+    print(f"\nC2 re-send on the {resend_on} node: {len(sent)} sent, "
+          f"{len(set(sent) - set(got))} lost, {len(got) - len(set(got))} duplicates")
     assert sorted(got) == sorted(sent), (got, sent)
