@@ -173,6 +173,16 @@ class Outbound:
             stats.bytes_out[qos] += size
         self.transport.write(data)
 
+    def send_publish_stored(self, message: Message, qos: int, packet_id: int,
+                            cache: Optional[dict] = None, template=None) -> None:
+        """:meth:`send_publish` once the broker's store made what was written
+        for it durable (the message's record with ``packet_id``), in order
+        with this connection's acknowledgements waiting for the store (see
+        ``Delivery.qos2_sent_after_store``); never if the connection closes
+        first (the record is resent with DUP on resume [MQTT-4.4.0-1])."""
+        self._output(lambda: self.send_publish(message, qos, packet_id, False, cache,
+                                               template), durable=True)
+
     def _no_template(self, message: Message, qos: int, cache: dict) -> None:
         return None  # the topic aliases make this connection's bytes its own
 

@@ -47,6 +47,9 @@ SKIP_SHARES = "\x00skip-shares"
 ONLY_SHARES = "\x00only-shares"
 #: key of a dispatch's ``cache``: the set the shared groups it served are put in
 SERVED_SHARES = "\x00served-shares"
+#: key of a publish's ``cache``: the packet id of an inbound QoS 2 PUBLISH (a
+#: remote router makes the hand-off to other nodes idempotent per packet id)
+INBOUND_PACKET_ID = "\x00inbound-packet-id"
 
 #: ``str`` as a module global: the client-id check in :meth:`Routing._route`
 #: (a global lookup, cheaper than the builtin one)
@@ -269,7 +272,11 @@ class Routing:
         from other nodes come in through :meth:`dispatch`, never forwarded again.
         Optional: ``router.reroute_share(share, message) -> int`` hands a
         message owed to a shared group with no member left here to the
-        group's members on other nodes (1 if it did, else 0).
+        group's members on other nodes (1 if it did, else 0);
+        ``router.resend_qos2(message, packet_id) -> int`` hands a re-sent QoS 2
+        PUBLISH whose packet id the session already received to the nodes
+        again, idempotently (those that took it keep one copy), and returns
+        how many it went to (see :meth:`inbound_qos2_resent`).
         """
         if self.router is not None and router is not None:
             raise ValueError("a remote router is already installed")

@@ -36,6 +36,7 @@ node is reaped once:
 """
 from __future__ import annotations
 
+import bisect
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -113,6 +114,8 @@ class Reaper:
         self._renew_calls = {}
         #: node being reaped -> client ids no longer its (off its session list)
         self._reaped_ids = {}
+        #: node being reaped -> the set its adopted sessions join when installed
+        self._installing = {}
         #: node being reaped -> the boot id of its live incarnation (b"": none)
         self._live_boots = {}
         self.backend.register("reaper_lock", LOCK)
@@ -250,8 +253,9 @@ class Reaper:
         self._renew_calls[node] = self.clock.callLater(self.lock_ms / 3000.0, self._renew,
                                                        node)
         sync = self._tracked_sync(node)
+        seen = _SeenSinceAdoption(self.broker, node)
         try:
-            adopted, moved = yield self._adopt_all(node)
+            adopted, moved = yield self._adopt_all(node, seen.adopted)
             # the dead node's sessions its clients resumed elsewhere before we came
             targets = yield self._moved_targets(node, moved, adopted)
             # ... keep a route to them here before the dead node's routes go
@@ -266,14 +270,15 @@ class Reaper:
             # sessions (now adopted here) still get there reaches them
             # through the live node's fenced writes and forwarding.
             live = bool(self._live_boots.get(node))
+            marks = yield self._inbox_marks(node, adopted, targets)
             if self.replay_inbox is not None and not live:
                 replayed = yield self.replay_inbox(
-                    node, self.deliver_to(adopted, targets, node), sync)
+                    node, self.deliver_once(adopted, targets, node, marks, seen), sync)
                 self.replayed += replayed or 0
             yield sync()
             if self.forget_node is not None and not live:
                 late = yield self.forget_node(
-                    node, self.deliver_to(adopted, targets, node), sync)
+                    node, self.deliver_once(adopted, targets, node, marks, seen), sync)
                 self.replayed += late or 0
             # the dead incarnation's session list goes -- unless the node id is
             # alive again (a new incarnation: its list is its own; only what
@@ -286,6 +291,8 @@ class Reaper:
                 # that comes back adds itself again: node.py)
                 yield self.backend.execute("SREM", f"{self.prefix}nodes", node)
         finally:
+            seen.stop()
+            self._installing.pop(node, None)
             self._live_boots.pop(node, None)
             self._reaped_ids.pop(node, None)
             call = self._renew_calls.pop(node, None)
@@ -356,8 +363,10 @@ class Reaper:
             # previous incarnation's set, theirs included, is replaced then)
             yield self._hold_routes(targets, moved, wait=False)
             if self.replay_inbox is not None:
+                marks = yield self._inbox_marks(node, adopted, targets)
                 replayed = yield self.replay_inbox(
-                    node, self.deliver_to(adopted, targets, node), self._tracked_sync(node))
+                    node, self.deliver_once(adopted, targets, node, marks),
+                    self._tracked_sync(node))
                 self.replayed += replayed or 0
             yield self.store.sync()
             # what moved on or ended leaves this node's session list (it is alive)
@@ -406,8 +415,13 @@ class Reaper:
                                                         node)
 
     @defer.inlineCallbacks
-    def _adopt_all(self, node: str):
+    def _adopt_all(self, node: str, installed: Optional[set] = None):
+        """``(adopted, moved)``: the sessions of ``node`` adopted here, and
+        {client id: owner} of those another node owns now; ``installed``
+        gets each adopted client id the moment it is installed here."""
         key = node_sessions_key(self.prefix, node)
+        if installed is not None:
+            self._installing[node] = installed
         adopted = set()
         moved = {}
         self._reaped_ids[node] = []
@@ -521,6 +535,7 @@ class Reaper:
                                               loaded[5], loaded[7], loaded[8])
         if stored is None:
             return False
+        self.store.load_instances(client_id, loaded[5])
         pending = None
         kind = _text(will.get("kind", b""))
         if kind == "conn" and online:
@@ -544,6 +559,9 @@ class Reaper:
             stored.record = attrs.evolve(stored.record,
                                          disconnected_at=self.clock.seconds())
         self.broker.install_session(stored, pending)
+        installed = self._installing.get(node)
+        if installed is not None:
+            installed.add(client_id)    # from now on it gets what is published here
         # what a node that lost the session forwarded to it, under the queue limits
         yield self.sessions.pull(client_id)
         self.adopted += 1
@@ -558,6 +576,51 @@ class Reaper:
             self.broker._publish_will_now(client_id, message)
         except Exception:
             log.failure("Publishing the will of {client_id} failed", client_id=client_id)
+
+    @defer.inlineCallbacks
+    def _inbox_marks(self, node: str, adopted: set, moved: dict):
+        """{client id: position} -- how far into ``node``'s inbox each of the
+        sessions the replay serves already took QoS 2 messages (``ib:<node>``
+        of the session, written by ``node`` with each QoS 2 record it queued
+        from its inbox): what ``node`` read, delivered and had not yet
+        acknowledged when it died is not replayed to them as a new message."""
+        from mqttd.cluster.bus import position_key
+        client_ids = sorted(set(adopted) | set(moved))
+        if not client_ids:
+            return {}
+        field = f"ib:{node}"
+        replies = yield self.backend.pipeline(
+            [("HGET", session_keys(self.prefix, cid)[0], field) for cid in client_ids])
+        return {cid: position_key(reply) for cid, reply in zip(client_ids, replies)
+                if reply}
+
+    def deliver_once(self, adopted: set, moved: Optional[dict], node: Optional[str],
+                     marks: dict, seen: Optional[_SeenSinceAdoption] = None) -> Callable:
+        """``deliver(message, only_shares=None, position=None)``: as
+        :meth:`deliver_to`, but a QoS 2 message at an inbox ``position`` a
+        session already took (``marks``: :meth:`_inbox_marks`) is not delivered
+        to that session again [MQTT-4.3.3]: it has the message (queued, in
+        flight -- resent with DUP and its packet id, or its PUBREL -- or
+        completed); nor is a message the session got on this node after its
+        adoption (``seen``: :class:`_SeenSinceAdoption`)."""
+        from mqttd.cluster.bus import position_key
+        full = self.deliver_to(adopted, moved, node)
+        moved = moved or {}
+
+        def deliver(message, only_shares=None, position=None) -> int:
+            done = set()
+            if marks and position is not None and message.qos == 2:
+                at = position_key(position)
+                done = {cid for cid, mark in marks.items() if mark >= at}
+            if seen is not None:
+                done |= seen.take(set(adopted) - done, message)
+            if not done:
+                return full(message, only_shares)
+            return self.deliver_to(
+                set(adopted) - done,
+                {cid: subs for cid, subs in moved.items() if cid not in done},
+                node)(message, only_shares)
+        return deliver
 
     def deliver_to(self, adopted: set, moved: Optional[dict] = None,
                    node: Optional[str] = None) -> Callable:
@@ -635,6 +698,96 @@ class Reaper:
         return deliver
 
 
+def _identity(message):
+    """What tells one message from another for :class:`_SeenSinceAdoption`
+    (two messages alike in all of it are the same to every subscriber)."""
+    try:
+        return hash((message.topic, message.payload, message.origin, message.retain,
+                     message.properties))
+    except TypeError:
+        return hash((message.topic, message.payload, message.origin, message.retain,
+                     repr(message.properties)))
+
+
+class _Installed(set):
+    """The sessions adopted so far, each with its place in adoption order."""
+
+    def __init__(self):
+        super().__init__()
+        self.order: dict = {}
+
+    def add(self, client_id) -> None:
+        if client_id not in self.order:
+            self.order[client_id] = len(self.order)
+        super().add(client_id)
+
+
+class _SeenSinceAdoption:
+    """The messages the sessions adopted from ``dead`` got here *after* their
+    adoption although they went to ``dead`` too -- published on this node, or
+    dispatched from its inbox, while route caches (this node's included) still
+    sent to the dead node: its inbox holds them as well, and replaying them
+    delivered them twice (a new message each time, QoS 2 included).  Each such
+    message is noted with how many sessions were installed then (O(1) per
+    message, however many sessions the reap adopts); the replay skips, per
+    session and identity (topic, payload, publisher, retain, properties), as
+    many copies as were noted after that session's installation."""
+
+    def __init__(self, broker, dead: str):
+        self.dead = dead
+        self.router = broker.router
+        self.adopted = _Installed()
+        #: identity -> the number of installed sessions at each copy noted
+        self.noted: dict = {}
+        #: (client id, identity) -> copies the replay skipped for it so far
+        self.used: dict = {}
+        self._unobserve = broker.on("published", self._published)
+        observers = getattr(self.router, "dispatch_observers", None)
+        self._observers = observers
+        if observers is not None:
+            observers.append(self._dispatched)
+
+    def stop(self) -> None:
+        self._unobserve()
+        if self._observers is not None and self._dispatched in self._observers:
+            self._observers.remove(self._dispatched)
+
+    def _published(self, message, client=None) -> None:
+        also = getattr(self.router, "also_sent_to", None)
+        if self.adopted and also is not None and also(self.dead, message):
+            self._note(message)
+
+    def _dispatched(self, message, targets) -> None:
+        if self.adopted and targets and self.dead in targets:
+            self._note(message)
+
+    def _note(self, message) -> None:
+        self.noted.setdefault(_identity(message), []).append(len(self.adopted.order))
+
+    def take(self, client_ids, message) -> set:
+        """The sessions of ``client_ids`` that got ``message`` here already
+        (one copy each is used up)."""
+        if not self.noted:
+            return set()
+        key = _identity(message)
+        noted = self.noted.get(key)
+        if not noted:
+            return set()
+        order = self.adopted.order
+        taken = set()
+        for client_id in client_ids:
+            place = order.get(client_id)
+            if place is None:
+                continue
+            # copies noted while this session was installed (counts grow)
+            got = len(noted) - bisect.bisect_right(noted, place)
+            used = self.used.get((client_id, key), 0)
+            if used < got:
+                self.used[(client_id, key)] = used + 1
+                taken.add(client_id)
+        return taken
+
+
 class InboxReplay:
     """The dead node's inbox, replayed into the sessions the reaper adopted.
 
@@ -703,7 +856,7 @@ class InboxReplay:
 
     @defer.inlineCallbacks
     def _batch(self, inbox, entries, deliver, sync):
-        from mqttd.cluster.bus import GROUP, decode_entry
+        from mqttd.cluster.bus import GROUP, decode_entry, position
         ids = []
         for entry in entries:
             entry_id, fields = entry[0], entry[1]
@@ -714,9 +867,9 @@ class InboxReplay:
             for error in errors:
                 log.warn("Dropping an envelope of entry {id} of a dead node's inbox: {error}",
                          id=entry_id, error=error)
-            for message, only, _targets in messages:
+            for index, (message, only, _targets) in enumerate(messages):
                 try:
-                    deliver(message, only)
+                    deliver(message, only, position(entry_id, index))
                 except Exception:
                     log.failure("Replaying a message to {topic} failed", topic=message.topic)
         if ids:

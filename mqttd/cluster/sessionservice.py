@@ -150,6 +150,8 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
                               inner=broker.store, wait_replicas=wait_replicas)
     broker.store = store
     broker._durable = True
+    # a node may die: a QoS 2 PUBLISH leaves once Redis has its packet id
+    broker.qos2_sent_after_store = True
     # internal sessions (a bridge's local end) stay in this node's own store
     store.is_local = lambda client_id: broker.internal_owner(client_id) is not None
 
