@@ -465,8 +465,10 @@ def parse_inbound(member) -> Tuple[int, Optional[str]]:
     return int(pid), instance or None
 
 
+#: arguments of each op of a session batch: the same table as the ``arity`` of
+#: :data:`mqttd.cluster.session_lua.APPLY` (a test keeps the two equal)
 _ARITY = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
-          "X": 0, "Y": 0, "G": 1, "P": 2}
+          "X": 0, "Y": 0, "G": 1, "P": 2, "B": 2, "E": 1, "T": 2}
 
 
 def _marked(items: list) -> List[Tuple[int, Optional[str]]]:
