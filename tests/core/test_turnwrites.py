@@ -16,6 +16,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
 from zope.interface import implementer
 
+from mqttd.broker import Broker, BrokerConfig
+from mqttd.codec import PacketReader, encode
+from mqttd.codec.packets import Connack, Connect, Suback, Subscribe, Subscription
+from mqttd.protocol import MQTTFactory
 from mqttd.turnwrites import READ_SIZE, TurnWriterServer, coalesce_writes
 
 from tests.logcapture import logged
@@ -255,4 +259,32 @@ def test_a_read_takes_at_most_buffer_size_bytes_and_larger_sizes_use_twisteds_re
         got.extend(protocol.data[before:])
     assert b"".join(got) == blob[:sent]
     peer.close()
+    ours.close()
+
+
+def test_mqtt_protocol_on_a_socket_answers_connect_and_subscribe_at_the_turns_end():
+    """MQTTProtocol applies it: CONNACK and SUBACK reach the client through the socket, never watched."""
+    reactor = MemoryReactorClock()
+    broker = Broker(reactor, None, BrokerConfig())
+    factory = MQTTFactory(broker)
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    protocol = factory.buildProtocol(None)
+    transport = tcp.Server(ours, protocol, ("127.0.0.1", 50000), None, 1, reactor)
+    protocol.makeConnection(transport)
+    assert type(transport) is TurnWriterServer
+    reader = PacketReader(level=4)
+    peer.sendall(encode(Connect(4, "c1", True, 0), 4))
+    transport.doRead()
+    assert reactor.writers == set() and _received(peer) == b""
+    reactor.advance(0)
+    assert reader.feed(_received(peer)) == [Connack(False, 0)]
+    peer.sendall(encode(Subscribe(1, (Subscription("t/#", 0),)), 4))
+    transport.doRead()
+    reactor.advance(0)
+    assert [type(p) for p in reader.feed(_received(peer))] == [Suback]
+    assert reactor.writers == set()
+    assert protocol.connection.peer == "127.0.0.1:50000"
+    peer.close()
+    assert transport.doRead() is main.CONNECTION_DONE
     ours.close()
