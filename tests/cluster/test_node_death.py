@@ -11,12 +11,12 @@ at least once) are counted and reported.
 from __future__ import annotations
 
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from .conftest import wait_joined
+from .polling import wait_for as _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
@@ -30,14 +30,6 @@ def _client(client_id, clean):
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     return client
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Subscriber:

@@ -22,6 +22,16 @@ from .sessionnodes import settle, start_nodes
 LOCK = "mqttd:{n:%s}:reaper"
 
 
+async def _retried(reaper, clock, count, steps=300):
+    """Turn the loop until ``reaper`` made ``count`` retries and none runs (bounded)."""
+    for _ in range(steps):
+        if reaper.retries == count and "X" not in reaper._reaping:
+            return
+        await asyncio.sleep(0.01)
+        clock.advance(0)
+    raise AssertionError(f"no retry {count} of X")
+
+
 async def _until(d, clock, steps=300, tick=0.0):
     """Turn the asyncio loop (and ``clock`` by ``tick``) until ``d`` fired (bounded)."""
     for _ in range(steps):
@@ -52,11 +62,7 @@ def test_a_failed_reap_releases_its_lock_at_once_and_is_retried(redis_server, ai
         assert redis_server.cli("EXISTS", LOCK % "X").strip() == "0"
         assert attempts == ["X"]
         b.clock.advance(1.0)                 # the retry
-        for _ in range(300):
-            if reaper.retries and "X" not in reaper._reaping:
-                break
-            await asyncio.sleep(0.01)
-            b.clock.advance(0)
+        await _retried(reaper, b.clock, 1)
         assert attempts == ["X", "X"]
         assert reaper.retries == 1
         assert redis_server.cli("EXISTS", LOCK % "X").strip() == "0"
@@ -75,21 +81,13 @@ def test_a_reap_whose_retries_keep_failing_backs_off_and_stops_when_another_node
         assert not await _until(reaper.reap("X"), b.clock)
         assert reaper._retry_delays["X"] == 2.0
         b.clock.advance(1.0)
-        for _ in range(300):
-            if reaper.retries == 1 and "X" not in reaper._reaping:
-                break
-            await asyncio.sleep(0.01)
-            b.clock.advance(0)
+        await _retried(reaper, b.clock, 1)
         assert reaper._retry_delays["X"] == 2.0      # capped
         assert "X" in reaper._retry_calls
         await settle(b)
         redis_server.cli("SET", LOCK % "X", "C")     # node C reaps X now
         b.clock.advance(2.0)
-        for _ in range(300):
-            if reaper.retries == 2 and "X" not in reaper._reaping:
-                break
-            await asyncio.sleep(0.01)
-            b.clock.advance(0)
+        await _retried(reaper, b.clock, 2)
         await settle(b)
         assert reaper.retries == 2
         assert not reaper._retry_calls and "X" not in reaper._retry_delays

@@ -12,11 +12,11 @@ acknowledged -- the live node's inbox into the sessions it adopted only).  With
 from __future__ import annotations
 
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
 
+from .polling import wait_for
 from .redisproc import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
@@ -27,11 +27,7 @@ FAST = ["--cluster-heartbeat", "0.5", "--cluster-node-ttl", "2.5"]
 
 
 def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    wait_for(predicate, timeout, what, interval=0.05)
 
 
 class Publisher:

@@ -21,19 +21,13 @@ import pytest
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
+from .polling import wait_for as _wait
+
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
 TOTAL = 600
 KILL_AT = 100
 FAST = ["--cluster-heartbeat", "0.5", "--cluster-node-ttl", "3"]
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Received:

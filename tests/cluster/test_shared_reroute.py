@@ -59,6 +59,13 @@ def node_b(other_routes=None):
     return broker, clock, router, redis
 
 
+def sent_to_c(redis):
+    """The [(message, groups)] of the one inbox entry sent so far, which went to C."""
+    ((inbox, items),) = redis.sent()
+    assert inbox == "mqttd:{n:C}:inbox"
+    return items
+
+
 def entry(message, shares, targets="A\x00B"):
     return {b"e": encode_envelope(message), b"s": shares.encode(), b"n": targets.encode()}
 
@@ -70,8 +77,7 @@ def test_a_group_message_for_a_node_whose_members_left_goes_to_another_node_with
     message = Message("jobs/1", b"m", 1)
     router._deliver([(b"5-0", entry(message, GROUP))])
     clock.advance(0)
-    ((inbox, items),) = redis.sent()
-    assert inbox == "mqttd:{n:C}:inbox"
+    items = sent_to_c(redis)
     assert items == [(message, frozenset({REROUTED + GROUP}))]
     assert router.stats["rerouted"] == 1
     assert broker.stats.dropped.get("shared-no-member", 0) == 0
@@ -117,8 +123,7 @@ def test_a_member_leaving_with_a_group_message_in_flight_hands_it_to_another_nod
     assert [p.payload for p in member.received() if isinstance(p, Publish)] == [b"in-flight"]
     member.drop()
     clock.advance(0)
-    ((inbox, items),) = redis.sent()
-    assert inbox == "mqttd:{n:C}:inbox"
+    items = sent_to_c(redis)
     assert [(m.payload, only) for m, only in items] == [
         (b"in-flight", frozenset({REROUTED + GROUP}))]
     assert broker.stats.dropped.get("shared-no-member", 0) == 0
@@ -163,8 +168,7 @@ def test_a_group_copy_for_a_node_whose_members_are_all_offline_goes_to_a_live_no
     message = Message("jobs/5", b"m", 1)
     router._deliver([(b"10-0", entry(message, GROUP))])
     clock.advance(0)
-    ((inbox, items),) = redis.sent()
-    assert inbox == "mqttd:{n:C}:inbox"
+    items = sent_to_c(redis)
     assert items == [(message, frozenset({REROUTED + GROUP}))]
     assert queued(broker, parked) == []
 
@@ -180,8 +184,7 @@ def test_a_group_message_published_where_members_are_offline_goes_to_a_live_node
     publisher.connect("publisher")
     publisher.publish("jobs/6", b"published-here", qos=1)
     clock.advance(0)
-    ((inbox, items),) = redis.sent()
-    assert inbox == "mqttd:{n:C}:inbox"
+    items = sent_to_c(redis)
     assert [(m.payload, only) for m, only in items] == [
         (b"published-here", frozenset({GROUP}))]
     assert queued(broker, parked) == []
@@ -217,7 +220,6 @@ def test_a_group_message_held_for_a_stale_cache_skips_the_offline_members_here_t
     router.routes.fresh_as_of = clock.seconds()
     router._release()
     clock.advance(0)
-    ((inbox, items),) = redis.sent()
-    assert inbox == "mqttd:{n:C}:inbox"
+    items = sent_to_c(redis)
     assert [(m.payload, only) for m, only in items] == [(b"held", frozenset({GROUP}))]
     assert queued(broker, parked) == []
