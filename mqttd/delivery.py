@@ -22,6 +22,7 @@ from mqttd.flowcontrol import session_identities
 from mqttd.messages import NO_PROPERTIES, Message, message_size, outbound_message
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
 
 __all__ = ["Delivery", "MAX_INFLIGHT_UNBOUNDED"]
@@ -39,6 +40,15 @@ _drop_log_interval = 10.0
 
 class Delivery:
     """Deliver, queue, drain, resend; acknowledgements; drops; backpressure."""
+
+    #: a QoS 2 PUBLISH to a persistent session leaves only once the store made
+    #: its record -- its packet id -- durable (``Connection.send_publish_stored``):
+    #: a store shared by nodes that may die (a cluster) sets it.  Else a node
+    #: killed between the send and the write left a session whose client holds
+    #: a packet id its new owner does not know: the message came again under a
+    #: new id (twice) and a later message under the held id was taken for a
+    #: re-send and dropped by the client [MQTT-4.3.3-3, 4.3.3-9]
+    qos2_sent_after_store = False
 
     def _deliver(self, session: Session, message: Message, qos: int,
                  cache: Optional[dict] = None, force: bool = False,
@@ -62,6 +72,9 @@ class Delivery:
                     session.inflight_bytes = used + size
                     if session.persistent:
                         self._write(R.PutOutbound(session.client_id, record))
+                        if qos == 2 and self.qos2_sent_after_store:
+                            conn.send_publish_stored(message, qos, pid, cache)
+                            return
                     conn.send_publish(message, qos, pid, False, cache)
                     return
         elif qos == 0 and not (force or (session.persistent and self.config.queue_qos0)):
@@ -107,9 +120,10 @@ class Delivery:
         address (a reconnect does not renew it; mqttd.flowcontrol)."""
         self.flow.abandoned(session)
 
-    def _pause_identities(self, session: Session) -> frozenset:
+    def _pause_identities(self, session: Session) -> tuple:
         """Whose publisher-pause budget ``session`` spends: its client id, its
-        user name if the broker checked it, its address."""
+        user name if the broker checked it (else the one anonymous identity),
+        its address and network (mqttd.flowcontrol.session_identities)."""
         return session_identities(session,
                                   authenticated=getattr(self, "authenticator", None) is not None)
 
@@ -176,11 +190,14 @@ class Delivery:
                                     OutboundStage.PUBLISH_SENT, head.share)
             inflight[pid] = record
             session.inflight_bytes = used + size
+            if wire:
+                template = wire.pop(head.seq, None)
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
-            if wire:
-                template = wire.pop(head.seq, None)
+                if head.qos == 2 and self.qos2_sent_after_store:
+                    conn.send_publish_stored(message, 2, pid, template=template)
+                    continue
             conn.send_publish(message, head.qos, pid, False, template=template)
         if not queue and session.inflight_held:
             session.inflight_held = False
@@ -259,18 +276,18 @@ class Delivery:
         if debuglog.enabled:
             log.debug("Dropped a message to {topic} for {client_id}: {reason}",
                       client_id=session.client_id, reason=reason, topic=message.topic)
-        key = (session.client_id, reason)
+        # one line per client and reason per interval, and through the broker's
+        # log limiter, whose cap per reason over all clients bounds a flood of
+        # clients (REVIEW-S10 S13); a long client id is kept as its digest
+        key = (memory_key(session.client_id), reason)
         now = self.clock.seconds()
         last = self._drop_logged.get(key)
         if last is None or now - last >= _drop_log_interval:
             if len(self._drop_logged) > 10000:
                 self._drop_logged.clear()
             self._drop_logged[key] = now
-            # one line per (client, reason) per 10 s, and through the broker's
-            # limiter: at most its per-reason burst over all clients, so 5,000
-            # subscribers dropping at once are not 5,000 lines (REVIEW-S10 S13)
             self.log_limiter.emit(
-                log.warn, (session.client_id, "dropped-" + reason),
+                log.warn, (key[0], "dropped-" + reason),
                 "Dropping messages for {client_id} from {peer}: {reason} "
                 "({count} dropped for this reason so far)",
                 client_id=session.client_id, peer=self.session_peer(session),
@@ -332,6 +349,19 @@ class Delivery:
         session.inbound_qos2.add(packet_id)
         if session.persistent:
             self._write(R.AddInboundQos2(session.client_id, packet_id))
+
+    def inbound_qos2_resent(self, session: Session, packet_id: int, message) -> bool:
+        """A QoS 2 PUBLISH re-sent under a packet id ``session`` already received:
+        never delivered here twice [MQTT-4.3.3-10].  A remote router may hand
+        it to other nodes again, idempotently, when its first hand-off may not
+        have completed (a node cut off from Redis before PUBREC: see
+        ``router.resend_qos2``); True if the PUBREC must then wait for the
+        store barrier."""
+        router = self.router
+        resend = None if router is None else getattr(router, "resend_qos2", None)
+        if resend is None or not session.persistent:
+            return False
+        return resend(message, packet_id) > 0
 
     def inbound_qos2_release(self, session: Session, packet_id: int) -> bool:
         if packet_id not in session.inbound_qos2:

@@ -24,8 +24,13 @@ from mqttd.messages import Message, forwarded_properties, published_at, will_mes
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundStage
 from mqttd.clients import ClientInfo
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
 from mqttd.sessionbudget import budget_owner, owner_name
+
+#: client ids whose last owner is remembered after its session ended (about
+#: 150 bytes each; see ``Broker.earlier_owners``)
+MAX_EARLIER_OWNERS = 100_000
 
 __all__ = ["SessionLifecycle", "NEVER_EXPIRES"]
 
@@ -60,8 +65,11 @@ class SessionLifecycle:
                 continue
             self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
+        # one mapped copy per stored message: sessions that shared a message in
+        # the store share it in memory too (REVIEW-S9 R11)
+        mapped: dict = {}
         for client_id, stored in state.sessions.items():
-            expired += self._restore_session(stored, now)
+            expired += self._restore_session(stored, now, mapped)
         # the owners' offline sessions, longest offline first (--max-sessions)
         for session in sorted(self.sessions.values(),
                               key=lambda s: (s.disconnected_at or 0.0, s.client_id)):
@@ -96,9 +104,14 @@ class SessionLifecycle:
                      "--max-sessions (docs/security.rst, Session budget)",
                      share=share or "0 (no share)", limit=limit)
 
-    def _restore_session(self, stored: R.StoredSession, now: float) -> int:
+    def _restore_session(self, stored: R.StoredSession, now: float,
+                         mapped: Optional[dict] = None) -> int:
         """Rebuild one stored persistent session, offline; returns how many of
-        its messages had expired (dropped and deleted from the store)."""
+        its messages had expired (dropped and deleted from the store).
+
+        ``mapped`` (``id(stored message) -> (stored, message as restored)``),
+        shared by the sessions restored together, keeps a message that several
+        sessions share one object when its properties have to be mapped."""
         record = stored.record
         client_id = record.client_id
         expired = 0
@@ -122,7 +135,16 @@ class SessionLifecycle:
                 self._write(R.DeleteOutbound(client_id, seq))
                 expired += 1
                 continue
-            forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            if mapped is None:
+                forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            else:
+                known = mapped.get(id(out.message))
+                if known is None:
+                    forwardable = _forwardable(out.message, keep_subscription_ids=True)
+                    # the stored message is kept in the entry: its id stays valid
+                    mapped[id(out.message)] = (out.message, forwardable)
+                else:
+                    forwardable = known[1]
             if forwardable is not out.message:
                 out = attrs.evolve(out, message=forwardable)
             if out.stage == OutboundStage.QUEUED or out.packet_id is None:
@@ -245,11 +267,17 @@ class SessionLifecycle:
         it (never resumes it), so nobody can lock a device out of its client
         id by storing a session under it (REVIEW-S9 R17), and nobody reads
         another user's queued messages.  A session created anonymously (or
-        stored before owners were recorded) has no owner to protect.  Returns
-        None when allowed.
+        stored before owners were recorded) has no owner to protect.  Nor
+        does one that took the client id from ``username``'s offline session
+        (``Session.claimed_from``): the user who had the client id first
+        takes it back, the other user's connection is closed as a takeover
+        (0x8E), so staying connected under a device's client id does not lock
+        the device out either (REVIEW-S10 S5).  Returns None when allowed.
         """
         existing = self.sessions.get(client_id)
         if existing is None or existing.connection is None or self.may_resume(existing, username):
+            return None
+        if username is not None and existing.claimed_from == memory_key(username):
             return None
         return existing.owner
 
@@ -307,11 +335,22 @@ class SessionLifecycle:
                 existing.expiry_call.cancel()
             existing.expiry_call = None
         session_present = False
-        if existing is not None and not self.may_resume(existing, owner):
+        # who had the client id first keeps the right to take it back from
+        # another user (session_owner_conflict, REVIEW-S10 S5)
+        owner_key = memory_key(owner) if owner is not None else None
+        if existing is None:
+            first = (self.earlier_owners.get(memory_key(client_id))
+                     if owner is not None else None)
+        elif self.may_resume(existing, owner):
+            first = existing.claimed_from
+        else:
             # another user's offline session (a live one was refused by
             # session_owner_conflict): discarded whatever Clean Start says
             self._replace_foreign(existing, owner)
             clean_start = True
+            first = existing.claimed_from or (
+                memory_key(existing.owner) if existing.owner is not None else None)
+        claimed_from = first if first != owner_key else None
         if existing is not None and not clean_start:
             session = existing
             session_present = True
@@ -324,8 +363,11 @@ class SessionLifecycle:
             self.wills.session_ended(client_id)
             session = Session(client_id=client_id, ledger=self.stats)
             self.sessions[client_id] = session
+        if owner is not None:
+            self.earlier_owners.pop(memory_key(client_id), None)  # kept by the session now
         was_persistent = session.persistent
         session.owner = owner
+        session.claimed_from = claimed_from
         session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
@@ -339,9 +381,14 @@ class SessionLifecycle:
         if self.online > self.stats.clients_maximum:
             self.stats.clients_maximum = self.online
         if persistent:
-            self._write(R.PutSession(session.to_record()))
-            if not was_persistent:
-                # a clean session became persistent: store what it owes
+            if was_persistent:
+                # resumed (or taken over): its subscriptions are in the store
+                # already; the new connection's state only, O(1) (REVIEW-S9 R15)
+                self.save_session_state(session)
+            else:
+                # new, or a clean session became persistent: store it whole
+                # with what it owes
+                self._write(R.PutSession(session.to_record()))
                 for out in session.outbound_records():
                     self._write(R.PutOutbound(client_id, out))
         elif was_persistent:
@@ -500,8 +547,8 @@ class SessionLifecycle:
             self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
             self._persistent.went_offline(client_id, bool(session.queue or session.inflight))
-            self._teardown_step(client_id, "session store", self._write,
-                                R.PutSession(session.to_record()))
+            self._teardown_step(client_id, "session store", self.save_session_state,
+                                session)
             self._teardown_step(client_id, "session expiry", self._schedule_expiry,
                                 session, now)
         self._teardown_step(client_id, "clientDisconnected event", self.emit,
@@ -569,6 +616,10 @@ class SessionLifecycle:
                               f"{queued} queued or in-flight messages discarded")
 
     def _discard_session(self, session: Session) -> None:
+        first = session.claimed_from or (
+            memory_key(session.owner) if session.owner is not None else None)
+        if first is not None:
+            self._remember_owner(memory_key(session.client_id), first)
         for topic_filter in list(session.subscriptions):
             self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
@@ -588,6 +639,18 @@ class SessionLifecycle:
         if session.inflight or session.queue:
             self._redispatch(session)
 
+    def _remember_owner(self, client_id: str, owner: str) -> None:
+        """Remember that ``owner`` had ``client_id`` (its session just ended),
+        for :meth:`session_owner_conflict`; at most
+        :data:`MAX_EARLIER_OWNERS` client ids, the oldest forgotten first.
+        Both are :func:`mqttd.ratelimit.memory_key` forms (a long one: its
+        digest), so the table's size does not grow with what clients chose."""
+        owners = self.earlier_owners
+        owners.pop(client_id, None)
+        owners[client_id] = owner
+        while len(owners) > MAX_EARLIER_OWNERS:
+            owners.popitem(last=False)
+
     def session_expiry_changed(self, session: Session, interval: int) -> None:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2].
 
@@ -604,6 +667,8 @@ class SessionLifecycle:
         session.expiry_interval = None if interval == NEVER_EXPIRES else interval
         if was_persistent and not session.persistent:
             self._write(R.DeleteSession(session.client_id))  # ends with this connection
+        elif was_persistent:
+            self.save_session_state(session)
         elif session.persistent:
             self._write(R.PutSession(session.to_record()))
 

@@ -108,6 +108,9 @@ class BrokerCollector:
         yield _gauge("mqttd_queued_messages", "Messages waiting in session queues", queued)
         yield _gauge("mqttd_queued_bytes", "Bytes (topic + payload + properties) waiting in session queues",
                      queued_bytes)
+        yield _gauge("mqttd_queued_bytes_held", "Bytes the queued messages hold, a message "
+                     "queued for several sessions counted once (what "
+                     "--max-queued-bytes-total caps)", getattr(stats, "queued_bytes", 0))
         yield _gauge("mqttd_queue_depth_max", "Messages in the longest session queue",
                      max_queue)
         yield _gauge("mqttd_inflight_messages", "Outbound QoS 1/2 messages awaiting "

@@ -294,6 +294,24 @@ def test_why_output_escapes_what_clients_chose():
     assert "recent drops and refusals of c\\x1b[2J:" in text
 
 
+def test_ring_is_bounded_in_bytes_over_all_clients():
+    """10,000 ids x 50 refusals of 1 KiB fit the byte budget; the least recently active go first (REVIEW-S10 S10)."""
+    from twisted.internet.task import Clock
+    from mqttd.admin.ring import INCIDENT_OVERHEAD
+    ring = IncidentRing(Clock(), max_bytes=1_000_000)
+    for c in range(2000):
+        for n in range(50):
+            ring.record("rg%d" % c, "publish", str(n) + "r" * 1200)
+        assert ring.bytes <= 1_000_000
+    assert not ring.recent("rg0")                       # forgotten, oldest first
+    assert len(ring.recent("rg1999")) == 50             # the latest is whole
+    expected = sum(len(cid) + INCIDENT_OVERHEAD + sum(len(i.text) + INCIDENT_OVERHEAD for i in r)
+                   for cid, r in ring._rings.items())
+    assert ring.bytes == expected
+    ring.record("rg1999", "publish", "49" + "r" * 1200)   # a repeat adds nothing
+    assert ring.bytes == expected
+
+
 def test_a_full_inflight_byte_window_says_the_message_waits_for_acknowledgements():
     """A subscriber that does not acknowledge: `why` names --max-inflight-bytes and the wait."""
     broker, clock, ring = _setup(max_inflight_bytes=2_000)

@@ -21,6 +21,13 @@ def total_queued(broker):
     return sum(s.queued_bytes for s in broker.sessions.values())
 
 
+def held_queued(broker):
+    """Bytes of the distinct messages queued (a message in several queues once)."""
+    held = {id(r.message): len(r.message.topic) + len(r.message.payload)
+            for s in broker.sessions.values() for r in s.queue}
+    return sum(held.values())
+
+
 # --- --max-sessions -------------------------------------------------------------------------
 
 def persistent_as(broker, clock, client_id, username, level=5, expect_ok=True):
@@ -408,37 +415,81 @@ def offline_subscribers(broker, clock, n):
 
 @pytest.mark.parametrize("policy", ["drop-oldest", "drop-new"])
 def test_total_queued_bytes_stay_within_the_cap(log_events, policy):
-    """Queues of all sessions together stay within the cap (plus one message); drops counted."""
+    """Messages queued for all sessions together hold at most the cap (plus one message),
+    a message queued for five sessions counted once; drops counted, one WARN line."""
     broker, clock = make_broker(max_queued_bytes_total=10_000, overflow_policy=policy)
     offline_subscribers(broker, clock, 5)
     pub = FakeClient(broker, clock)
     pub.connect("pub")
-    for i in range(200):                  # 200 x 5 x 103 bytes = 103,000 bytes offered
+    for i in range(200):                  # 200 x 103 bytes, each queued for 5 sessions
         pub.publish("t/x", b"p" * 100, qos=1, packet_id=i % 65535 + 1)
-    assert broker.stats.queued_bytes == total_queued(broker)
-    assert total_queued(broker) <= 10_000 + 103
-    assert broker.stats.dropped["queued-bytes-total"] > 900
+    assert broker.stats.queued_bytes == held_queued(broker) <= 10_000 + 103
+    assert len(broker.sessions["s0"].queue) == 97          # 97 x 103 <= 10,000
+    assert total_queued(broker) == 5 * held_queued(broker)  # each session is owed all 97
+    # dropping a session's oldest message, which 4 other queues hold, would free nothing:
+    # under drop-oldest too the new message is dropped, for each of the 5 sessions
+    assert broker.stats.dropped["queued-bytes-total"] == 5 * (200 - 97)
     warnings = [e for e in log_events if "max-queued-bytes-total" in e.get("log_format", "")]
     assert len(warnings) == 1            # rate-limited: one a minute
-    if policy == "drop-new":
-        # the oldest are kept: s0 got the first messages
-        assert broker.sessions["s0"].queue[0].message.payload == b"p" * 100
+    assert broker.sessions["s0"].queue[0].message.payload == b"p" * 100
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "drop-new"])
+def test_total_cap_with_messages_of_one_session_each(policy):
+    """Each session owed its own messages: drop-oldest makes room with the session's oldest
+    (the newest are kept), drop-new keeps the oldest; within the cap plus one message."""
+    broker, clock = make_broker(max_queued_bytes_total=10_000, overflow_policy=policy)
+    for i in range(5):
+        c, _ = persistent_v5(broker, clock, f"s{i}")
+        c.subscribe(f"t/{i}", qos=1)
+        c.drop()
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    for i in range(200):
+        pub.publish(f"t/{i % 5}", b"%03d" % i + b"p" * 97, qos=1, packet_id=i % 65535 + 1)
+    assert broker.stats.queued_bytes == held_queued(broker) == total_queued(broker)
+    assert total_queued(broker) <= 10_000 + 103
+    assert broker.stats.dropped["queued-bytes-total"] > 100
+    first = broker.sessions["s0"].queue[0].message.payload[:3]
+    assert (first == b"000") == (policy == "drop-new")
+
+
+def test_one_message_fanned_out_counts_once_against_the_total(log_events):
+    """REVIEW-S9 R11: a 100 KB message for 200 offline sessions holds 100 KB, not 20 MB:
+    under a 1 MB total cap every session gets it (before: 10 did, 190 dropped)."""
+    broker, clock = make_broker(max_queued_bytes_total=1_000_000)
+    offline_subscribers(broker, clock, 200)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    pub.publish("t/x", b"b" * 100_000, qos=1, packet_id=1)
+    assert all(len(broker.sessions[f"s{i}"].queue) == 1 for i in range(200))
+    assert broker.stats.queued_bytes == 100_003
+    assert "queued-bytes-total" not in broker.stats.dropped
+    for i in range(199):                                    # 199 sessions get it
+        persistent_v5(broker, clock, f"s{i}")
+    assert broker.stats.queued_bytes == 100_003             # s199 still owes it
+    persistent_v5(broker, clock, "s199")
+    assert broker.stats.queued_bytes == 0 and broker.stats.queued_held == {}
 
 
 def test_ledger_follows_drains_and_discarded_sessions():
-    """Delivering or discarding queued messages gives their bytes back to the total."""
+    """Delivering or discarding queued messages gives their bytes back to the total once
+    no queue holds them any more."""
     broker, clock = make_broker(max_queued_bytes_total=1_000_000)
     offline_subscribers(broker, clock, 3)
     pub = FakeClient(broker, clock)
     pub.connect("pub")
     for i in range(10):
         pub.publish("t/x", b"p" * 100, qos=1, packet_id=i + 1)
-    assert broker.stats.queued_bytes == 3 * 10 * 103
+    assert broker.stats.queued_bytes == 10 * 103 == held_queued(broker)
+    assert total_queued(broker) == 3 * 10 * 103
     back, _ = persistent_v5(broker, clock, "s0")           # drains s0
     assert len([p for p in back.received() if isinstance(p, Publish)]) == 10
-    assert broker.stats.queued_bytes == 2 * 10 * 103
+    assert broker.stats.queued_bytes == 10 * 103            # s1 and s2 still hold them
     FakeClient(broker, clock, level=5).connect("s1", clean=True)   # discards s1's queue
     assert broker.stats.queued_bytes == 10 * 103 == total_queued(broker)
+    FakeClient(broker, clock, level=5).connect("s2", clean=True)
+    assert broker.stats.queued_bytes == 0 == total_queued(broker)
 
 
 def test_restored_sessions_are_evicted_longest_offline_first():
