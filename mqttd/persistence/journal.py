@@ -53,10 +53,10 @@ from mqttd.persistence import opcodec, safepickle
 from mqttd.messages import Message, message_key
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
-    APPLY_HANDLERS, FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, OutboundRef, PutOutbound,
-    PutOutboundMessage, PutOutboundRef, SessionRecord, StoredSession, WillRecord, StoredState,
-    add_message, apply_op, drop_unreferenced, hold_message, link_outbound, resolve_ref,
-    share_equal_messages)
+    APPLY_HANDLERS, FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord,
+    OutboundRef, PutOutbound, PutOutboundMessage, PutOutboundRef, SessionRecord,
+    StoredSession, WillRecord, StoredState, add_message, apply_op, drop_unreferenced,
+    hold_message, link_outbound, resolve_ref, share_equal_messages)
 
 log = Logger(namespace="mqttd.persistence")
 
