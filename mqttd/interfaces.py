@@ -45,6 +45,13 @@ class IBrokerStore(Interface):
     # sync() fails with.  The broker reads it with getattr() and refuses
     # persistent CONNECTs meanwhile (CONNACK 0x97/0x88, v3 0x03).
 
+    # Optional: ``subscription_deltas`` -- True if the store accepts the format 5
+    # operations ``PutSubscription``, ``DeleteSubscription`` and
+    # ``PutSessionState`` (see mqttd.persistence.records); the broker then
+    # journals one changed filter per SUBSCRIBE/UNSUBSCRIBE filter and a
+    # session's (dis)connection without its subscriptions.  Read with getattr();
+    # a store without it gets whole-record ``PutSession`` operations as before.
+
     def open():
         """Load and return the recovered :class:`StoredState` (synchronous).
 

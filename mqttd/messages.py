@@ -121,17 +121,20 @@ def message_size(message: Message) -> int:
     (``--max-queued-bytes``, ``--max-queued-bytes-total``, the slow-consumer
     high-water mark in bytes, ``queued_bytes``, ``$SYS/broker/store/messages/bytes``),
     so MQTT 5 properties (User Properties, Correlation Data... up to the
-    packet size) are never free.  Computed once per message object and
-    cached on it; the common case (no properties) is two ``len`` calls.
+    packet size) are never free.  The common case (no properties) is two
+    ``len`` calls, nothing cached (a cache miss raises and catches
+    AttributeError, which costs more: this runs for every QoS 1/2 delivery
+    under ``--max-inflight-bytes``); with properties it is computed once per
+    message object and cached on it.
     """
+    props = message.properties
+    if props is NO_PROPERTIES:
+        return len(message.topic) + len(message.payload)
     try:
         return message._size
     except AttributeError:
         pass
-    props = message.properties
-    size = len(message.topic) + len(message.payload)
-    if props is not NO_PROPERTIES:
-        size += properties_size(props)
+    size = len(message.topic) + len(message.payload) + properties_size(props)
     object.__setattr__(message, "_size", size)
     return size
 

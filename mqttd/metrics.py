@@ -89,7 +89,8 @@ class BrokerStats:
     #: "subscription" (removed on reload), "max-connections",
     #: "max-subscriptions-per-client", "max-topic-filters-per-packet",
     #: "max-topic-levels", "inbound-rate", "max-pending-connections",
-    #: "max-user-properties",
+    #: "max-user-properties", "max-inflight-bytes" (a limit hit: a
+    #: subscriber's queue waits on its in-flight byte window, once per episode),
     #: "max-sessions", "max-sessions-per-user", "store-unavailable" (CONNECTs
     #: refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)

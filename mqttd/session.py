@@ -104,6 +104,14 @@ class Session:
     queued_bytes: int = 0
     #: packet id -> in-flight record, in the order they were sent
     inflight: Dict[int, OutboundRecord] = attrs.Factory(dict)
+    #: bytes (:func:`~mqttd.messages.message_size`) of the :attr:`inflight`
+    #: messages, against ``--max-inflight-bytes``; every change of
+    #: :attr:`inflight` keeps it (the broker's delivery, recovery, release)
+    inflight_bytes: int = 0
+    #: True while queued messages wait because :attr:`inflight_bytes` reached
+    #: ``--max-inflight-bytes`` (one counted limit hit per such episode; it
+    #: ends when the queue is empty)
+    inflight_held: bool = False
     #: inbound QoS 2 packet ids whose PUBREL has not arrived yet (an empty
     #: frozenset until the first; the broker makes the set)
     inbound_qos2: set = frozenset()
@@ -130,6 +138,12 @@ class Session:
     congested_since: Optional[float] = None
     #: the authenticated username that created the session (None: anonymous)
     owner: Optional[str] = None
+    #: the owner of the offline session this one discarded when it took the
+    #: client id from another user (the first such owner along a chain); that
+    #: user takes the client id back even while this session is connected
+    #: (REVIEW-S10 S5).  None: the client id was free or this owner's own.
+    #: Its :func:`mqttd.ratelimit.memory_key` form (a long name: its digest).
+    claimed_from: Optional[str] = None
     #: the ClientInfo of the connection (or of the owner while offline), for hooks
     info: object = None
     #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
@@ -179,6 +193,28 @@ class Session:
             pid = pid % 65535 + 1
         self._next_packet_id = pid % 65535 + 1
         return pid
+
+    def clear_inflight(self) -> None:
+        """Forget every in-flight message (the session is discarded or handed on)."""
+        self.inflight.clear()
+        self.inflight_bytes = 0
+        self.inflight_held = False
+
+    def restore_inflight(self, record: OutboundRecord) -> None:
+        """Put a recovered in-flight record back under its packet id (no
+        limits: it was in flight before; its bytes count)."""
+        self.inflight[record.packet_id] = record
+        self.inflight_bytes += message_size(record.message)
+
+    def pop_inflight(self, packet_id: int) -> OutboundRecord:
+        """Take the in-flight record of ``packet_id`` out (acknowledged,
+        failed or expired); :attr:`inflight_bytes` drops by its size.
+
+        :raises KeyError: nothing is in flight under ``packet_id``.
+        """
+        record = self.inflight.pop(packet_id)
+        self.inflight_bytes -= message_size(record.message)
+        return record
 
     # --- queue ----------------------------------------------------------------
 

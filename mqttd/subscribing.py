@@ -164,7 +164,10 @@ class Subscribing:
 
     def _acknowledge_subscribe(self, packet: Subscribe, codes, granted) -> None:
         if granted:
-            self.broker.save_subscriptions(self.session)  # one record per packet
+            # one store operation per filter subscribed (a whole record per
+            # packet for a store without subscription deltas)
+            self.broker.save_subscriptions(
+                self.session, [record.topic_filter for record, _ in granted])
         self._output(Suback(packet.packet_id, tuple(codes)), durable=True)
 
     # a SUBSCRIBE of more filters than FILTERS_PER_TURN: a slice per reactor turn
@@ -197,7 +200,7 @@ class Subscribing:
             part_codes, part_granted = self._apply_subscriptions(packet, part, answers)
             codes += part_codes
             granted += part_granted
-        self._mark = self.broker.write_count  # the packet's one store write is next
+        self._mark = self.broker.write_count  # the packet's store writes are next
         self._acknowledge_subscribe(packet, codes, granted)
         if granted:
             replayed = defer.Deferred()
@@ -276,10 +279,10 @@ class Subscribing:
 
     def _unsubscribe_filters(self, topic_filters) -> tuple:
         """Remove these subscriptions: ``(codes, changed)``, an UNSUBACK code per
-        filter and whether one was removed."""
+        filter and the filters removed."""
         broker = self.broker
         codes = []
-        changed = False
+        changed = []
         v5 = self.protocol_level == MQTT_5
         for topic_filter in topic_filters:
             try:
@@ -293,13 +296,14 @@ class Subscribing:
             removed = broker.unsubscribe(self.session, topic_filter, persist=False)
             codes.append(0 if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
             if removed:
-                changed = True
+                changed.append(topic_filter)
                 broker.emit("unsubscribed", topic=topic_filter, client=self.info)
         return codes, changed
 
-    def _acknowledge_unsubscribe(self, packet: Unsubscribe, codes, changed: bool) -> None:
+    def _acknowledge_unsubscribe(self, packet: Unsubscribe, codes, changed: list) -> None:
         if changed:
-            self.broker.save_subscriptions(self.session)  # one record per packet
+            # one store operation per filter removed (see _acknowledge_subscribe)
+            self.broker.save_subscriptions(self.session, changed)
         reason_codes = tuple(codes) if self.protocol_level == MQTT_5 else ()
         self._output(Unsuback(packet.packet_id, reason_codes), durable=True)
 
@@ -307,7 +311,7 @@ class Subscribing:
         """An UNSUBSCRIBE of more than :data:`FILTERS_PER_TURN` filters, a slice
         per reactor turn (input held, see :meth:`_subscribe_in_slices`)."""
         filters = packet.topic_filters
-        codes, changed = [], False
+        codes, changed = [], []
         for start in range(0, len(filters), FILTERS_PER_TURN):
             if start:
                 await self._next_turn()
@@ -316,8 +320,8 @@ class Subscribing:
             part_codes, part_changed = self._unsubscribe_filters(
                 filters[start:start + FILTERS_PER_TURN])
             codes += part_codes
-            changed = changed or part_changed
-        self._mark = self.broker.write_count  # the packet's one store write is next
+            changed += part_changed
+        self._mark = self.broker.write_count  # the packet's store writes are next
         self._acknowledge_unsubscribe(packet, codes, changed)
         self._waiting -= 1
         self._resume_input()

@@ -103,7 +103,7 @@ class Subscriptions:
             session = self.sessions.get(client_id)
             if session is None:
                 continue
-            changed = False
+            changed = []
             for topic_filter in list(session.subscriptions) if check is not None else ():
                 if self.sessions.get(client_id) is not session:
                     break  # gone meanwhile: nothing left to check
@@ -116,7 +116,7 @@ class Subscriptions:
                     allowed = False
                 if allowed is not True and self.unsubscribe(session, topic_filter,
                                                             persist=False):
-                    changed = True
+                    changed.append(topic_filter)
                     self.refused("subscription", session.client_id,
                                  self.session_peer(session),
                                  f"{topic_filter!r} no longer allowed after reload; removed",
@@ -125,7 +125,7 @@ class Subscriptions:
                 else:
                     yield 0
             if changed and self.sessions.get(client_id) is session:
-                self.save_subscriptions(session)  # once per session, not per filter
+                self.save_subscriptions(session, changed)  # once per session
             if check is not None and self.sessions.get(client_id) is session:
                 self._recheck_will(session)
                 yield 0
@@ -215,17 +215,19 @@ class Subscriptions:
         """Add or replace a subscription [MQTT-3.8.4-3]; True if it is new.
 
         A ``$share/{ShareName}/{filter}`` filter joins that shared
-        subscription group (:mod:`mqttd.shared`).  ``persist=False``: the
-        caller changes several subscriptions (one SUBSCRIBE packet) and calls
-        :meth:`save_subscriptions` once after them -- the session's record
-        holds all its subscriptions, so writing it per filter would cost the
-        square of their number.
+        subscription group (:mod:`mqttd.shared`).  A persistent session's
+        change is written to the store: one ``PutSubscription`` (O(1), format
+        5), or the whole record for a store without ``subscription_deltas``.
+        ``persist=False``: the caller changes several subscriptions (one
+        SUBSCRIBE packet) and calls :meth:`save_subscriptions` once after them
+        with the filters it changed (for a store without deltas one whole
+        record per packet, not one per filter).
         """
         is_new = sub.topic_filter not in session.subscriptions
         session.subscriptions[sub.topic_filter] = sub
         self._index(session.client_id, sub)
         if persist and session.persistent:
-            self._write(R.PutSession(session.to_record()))
+            self.save_subscriptions(session, (sub.topic_filter,))
         self.stats.subscriptions_total += 1
         return is_new
 
@@ -236,13 +238,46 @@ class Subscriptions:
             return False
         self._unindex(session.client_id, topic_filter)
         if persist and session.persistent:
-            self._write(R.PutSession(session.to_record()))
+            self.save_subscriptions(session, (topic_filter,))
         return True
 
-    def save_subscriptions(self, session: Session) -> None:
-        """Write a persistent session's record (all its subscriptions) once,
-        after :meth:`subscribe` / :meth:`unsubscribe` calls with ``persist=False``."""
-        if session.persistent:
+    def save_subscriptions(self, session: Session, changed=None) -> None:
+        """Store a persistent session's subscription changes, after
+        :meth:`subscribe` / :meth:`unsubscribe` calls with ``persist=False``.
+
+        ``changed``: the filters subscribed, replaced or removed (an iterable
+        of str; repeats are written once).  With a store taking
+        ``subscription_deltas`` each is one ``PutSubscription`` (the filter is
+        subscribed now) or ``DeleteSubscription`` (it is not): the bytes
+        written do not grow with the session's other subscriptions
+        (REVIEW-S9 R15).  Otherwise, or with ``changed=None``, the whole
+        record (every subscription) is written once.
+        """
+        if not session.persistent:
+            return
+        if changed is None or not getattr(self.store, "subscription_deltas", False):
+            self._write(R.PutSession(session.to_record()))
+            return
+        client_id = session.client_id
+        subscriptions = session.subscriptions
+        for topic_filter in dict.fromkeys(changed):
+            sub = subscriptions.get(topic_filter)
+            if sub is None:
+                self._write(R.DeleteSubscription(client_id, topic_filter))
+            else:
+                self._write(R.PutSubscription(client_id, sub))
+
+    def save_session_state(self, session: Session) -> None:
+        """Store a persistent session's (dis)connection state -- protocol level,
+        expiry interval, time of disconnect, owner -- without its
+        subscriptions when the store takes ``subscription_deltas``
+        (``PutSessionState``, O(1)), else its whole record.  The session must
+        be in the store already (written whole when it became persistent)."""
+        if getattr(self.store, "subscription_deltas", False):
+            self._write(R.PutSessionState(
+                session.client_id, session.protocol_level, session.expiry_interval,
+                session.disconnected_at, session.owner))
+        else:
             self._write(R.PutSession(session.to_record()))
 
     def _index(self, client_id: str, sub: SubscriptionRecord) -> None:

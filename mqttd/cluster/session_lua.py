@@ -1,6 +1,6 @@
 """The Lua scripts of cluster sessions (each touches one session's keys only).
 
-Every persistent or online session has six keys under the hashtag
+Every persistent or online session has seven keys under the hashtag
 ``{c:<client id>}`` (one Redis Cluster slot, so one script changes a session
 atomically):
 
@@ -9,20 +9,42 @@ key        type    holds
 =========  ======  =================================================================
 ``s``      HASH    ``node`` (owner), ``epoch`` (fencing token, +1 per claim),
                    ``online`` 0/1, ``persistent`` 0/1, ``owner`` (username),
-                   ``rec`` (the pickled ``SessionRecord``: subscriptions, expiry),
+                   ``rec`` (the pickled ``SessionRecord`` as last written whole:
+                   expiry, and the subscriptions unless ``bonly``),
+                   ``st`` (a pickled ``PutSessionState``: the record's fields
+                   but the subscriptions, written on (re)connect and close;
+                   applied over ``rec``), ``bonly`` 1 (``rec`` holds no
+                   subscriptions: they are all in ``b``),
                    ``exp`` (the Session Expiry Interval in ms; absent: never),
                    ``exp_at`` (Redis ``TIME`` in ms when the offline session
                    expires; absent while online or never expiring),
-                   ``hnode``/``hepoch`` (the previous owner during a hand-off)
+                   ``hnode``/``hepoch`` (the previous owner during a hand-off),
+                   ``ib:<node>`` (the last entry of ``node``'s inbox whose
+                   QoS 2 message the session took: ``<entry id>-<index>``)
 ``o``      HASH    seq -> pickled ``OutboundRecord`` (queued or in flight)
 ``t``      HASH    seq -> ``<packet id>:<stage>`` (in-flight stage updates)
-``i``      SET     inbound QoS 2 packet ids waiting for PUBREL
+``i``      SET     inbound QoS 2 packet ids waiting for PUBREL, each
+                   ``<packet id>/<instance>`` (the instance id under which
+                   the message was handed to other nodes, see
+                   :mod:`mqttd.cluster.bus`; a bare id from an older node)
 ``w``      HASH    the will: ``kind`` = ``conn`` (the live connection's will,
                    ``m`` pickled Message, ``delay``) or ``pending`` (a delayed
                    will, ``m`` pickled ``WillRecord``)
 ``f``      LIST    pickled ``OutboundRecord``\\ s forwarded by a node that no
                    longer owns the session (moved into ``o`` by the owner)
+``b``      HASH    filter -> pickled ``SubscriptionRecord``, one per subscription
+                   (a SUBSCRIBE writes one field per filter, an UNSUBSCRIBE deletes
+                   it: what a change costs does not grow with the session's other
+                   subscriptions, REVIEW-S9 R15); ``''`` marks a filter removed
+                   from a ``rec`` written before ``b`` existed (no ``bonly``)
 =========  ======  =================================================================
+
+A session is read as ``rec``, then ``st`` applied, then each ``b`` field (a
+subscription put, or ``''`` removed) -- by
+:func:`mqttd.persistence.records.apply_op`, as a store's journal; the order of
+the subscriptions in ``b`` is Redis's (it does not change what is delivered).
+A session written before ``b`` and ``st`` existed (``rec`` alone) reads as
+before.
 
 Writes carry ``(node, epoch)``; a write whose epoch is not the session's
 answers ``F`` (fenced) and changes nothing -- except that queued messages in
@@ -48,11 +70,11 @@ from __future__ import annotations
 from typing import List
 
 #: the suffixes of one session's keys, in the order every script takes them
-SESSION_KEYS = ("s", "o", "t", "i", "w", "f")
+SESSION_KEYS = ("s", "o", "t", "i", "w", "f", "b")
 
 
 def session_keys(prefix: str, client_id: str) -> List[str]:
-    """The six keys of ``client_id``'s session (see the module docstring)."""
+    """The seven keys of ``client_id``'s session (see the module docstring)."""
     base = f"{prefix}{{c:{client_id}}}:"
     return [base + suffix for suffix in SESSION_KEYS]
 
@@ -70,7 +92,7 @@ local function now_ms()
 end
 """
 
-# claim: KEYS s o t i w f
+# claim: KEYS s o t i w f b
 # ARGV node clean_start persistent username has_username allow_other_user will delay boot
 # -> {'OWNER', owner} (the session is online and another user's) |
 #    {'OK', old_node, old_epoch, epoch, present, old_online, expired, replaced, will...}
@@ -93,8 +115,8 @@ end
 local will = redis.call('HGETALL', KEYS[5])
 redis.call('DEL', KEYS[5])
 if ARGV[2] == '1' or not present or foreign then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
-  redis.call('HDEL', KEYS[1], 'rec', 'exp')
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7])
+  redis.call('HDEL', KEYS[1], 'rec', 'exp', 'st', 'bonly')
   present = false
 end
 local epoch = old_epoch + 1
@@ -104,7 +126,8 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
            'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
 redis.call('HDEL', KEYS[1], 'exp_at')
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, 3) == 'ho:' then redis.call('HDEL', KEYS[1], field) end
+  local kind = string.sub(field, 1, 3)
+  if kind == 'ho:' or (kind == 'ib:' and not present) then redis.call('HDEL', KEYS[1], field) end
 end
 if present and s[1] then
   -- the hand-off window: the previous owner's writes still reach the content
@@ -121,15 +144,15 @@ for _, v in ipairs(will) do reply[#reply + 1] = v end
 return reply
 """
 
-# load: KEYS s o t i w f   ARGV node epoch
+# load: KEYS s o t i w f b   ARGV node epoch
 # Closes the hand-off window (the previous owner's writes are fenced from
 # now on), then returns {'OK', rec, persistent, {o...}, {t...}, {i...},
-# {records}} or {'F', node, epoch} when fenced; records: the queued
+# {records}, {b...}, st} or {'F', node, epoch} when fenced; records: the queued
 # messages the previous owner wrote during the hand-off (``ho:<seq>`` in s,
 # kept even if acknowledged since).  Forwarded messages (f) stay: the owner
 # pulls them (session_pull) and queues them under its queue limits.
 LOAD = r"""
-local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent')
+local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'rec', 'persistent', 'st')
 if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
   return {'F', s[1] or '', s[2] or '0'}
 end
@@ -143,10 +166,11 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   end
 end
 return {'OK', s[3] or '', s[4] or '0', redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4]), handed}
+        redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4]), handed,
+        redis.call('HGETALL', KEYS[7]), s[5] or ''}
 """
 
-# pull: KEYS s o t i w f   ARGV node epoch base_seq max
+# pull: KEYS s o t i w f b   ARGV node epoch base_seq max
 # The owner takes forwarded messages: each is stored in o under base_seq + k
 # (the caller reserved that range) and returned as {seq, blob, seq, blob...}.
 PULL = r"""
@@ -166,9 +190,12 @@ if #fwd > 0 then redis.call('LTRIM', KEYS[6], #fwd, -1) end
 return reply
 """
 
-# apply: KEYS s o t i w f   ARGV node epoch [Z wid] op args op args ...
+# apply: KEYS s o t i w f b   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
-#      V | X | Y | G blob
+#      V | X | Y | G blob | P node position | B filter blob | E filter | T st exp
+#   (S: the whole record, ``b`` emptied -- the subscriptions follow as B ops
+#   of the same batch, ``bonly`` set; B: put one subscription; E: remove one;
+#   T: the record's fields but the subscriptions, a pickled PutSessionState)
 #   (Z wid, first if present: the batch's write id ``<process>:<n>``, n
 #   growing per writing process: a batch re-sent after an unknown outcome --
 #   a timeout, or a Redis Cluster pipeline that failed on another master --
@@ -178,16 +205,18 @@ return reply
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
-#   G: forward a queued message to whoever owns the session)
+#   G: forward a queued message to whoever owns the session; P: the session
+#   took the inbox entry ``position`` of ``node`` -- ``ib:<node>`` of s, the
+#   reaper's high-water mark, see mqttd.cluster.reaper)
 # -> {'OK', gone, will...}  (gone = 1 when the session's keys were deleted;
 #    will: the pairs a Y took) | {'F', node, epoch, forwarded}
 # The previous owner's writes at its last epoch during a hand-off (hnode,
 # hepoch set by a claim, cleared by the new owner's load) change the
-# content only (S O U R I J G); D W V X Y are the owner's business.
+# content only (S O U R I J G B E T); D W V X Y are the owner's business.
 APPLY = NOW_MS + r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'hnode',
                      'hepoch')
-local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1}
+local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1, P=2, B=2, E=1, T=2}
 local fenced = s[1] ~= ARGV[1] or s[2] ~= ARGV[2]
 local handoff = false
 if fenced then
@@ -222,6 +251,9 @@ if fenced and not handoff then
         redis.call('RPUSH', KEYS[6], ARGV[i + 2]); forwarded = forwarded + 1
       elseif op == 'G' then
         redis.call('RPUSH', KEYS[6], ARGV[i + 1]); forwarded = forwarded + 1
+      elseif op == 'P' then
+        -- the queued message goes on (f): its inbox position counts as taken
+        redis.call('HSET', KEYS[1], 'ib:' .. ARGV[i + 1], ARGV[i + 2])
       end
       i = i + 1 + arity[op]
     end
@@ -242,12 +274,30 @@ while i <= #ARGV do
   if handoff and (op == 'D' or op == 'W' or op == 'V' or op == 'X' or op == 'Y') then
     -- not the previous owner's to change any more
   elseif op == 'S' then
-    redis.call('HSET', KEYS[1], 'rec', ARGV[i + 1], 'persistent', 1); persistent = '1'
+    redis.call('HSET', KEYS[1], 'rec', ARGV[i + 1], 'persistent', 1, 'bonly', 1)
+    persistent = '1'
+    redis.call('HDEL', KEYS[1], 'st')
+    redis.call('DEL', KEYS[7])
     if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[1], 'exp')
     else redis.call('HSET', KEYS[1], 'exp', ARGV[i + 2]) end
+  elseif op == 'T' then
+    redis.call('HSET', KEYS[1], 'st', ARGV[i + 1], 'persistent', 1); persistent = '1'
+    if ARGV[i + 2] == '' then redis.call('HDEL', KEYS[1], 'exp')
+    else redis.call('HSET', KEYS[1], 'exp', ARGV[i + 2]) end
+  elseif op == 'B' then
+    if persistent == '1' then redis.call('HSET', KEYS[7], ARGV[i + 1], ARGV[i + 2]) end
+  elseif op == 'E' then
+    if persistent == '1' then
+      if redis.call('HGET', KEYS[1], 'bonly') == '1' then
+        redis.call('HDEL', KEYS[7], ARGV[i + 1])
+      else
+        -- the filter may be in a rec written before b existed: a tombstone
+        redis.call('HSET', KEYS[7], ARGV[i + 1], '')
+      end
+    end
   elseif op == 'D' then
-    redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
-    redis.call('HDEL', KEYS[1], 'rec', 'exp', 'exp_at')
+    redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7])
+    redis.call('HDEL', KEYS[1], 'rec', 'exp', 'exp_at', 'st', 'bonly')
     redis.call('HSET', KEYS[1], 'persistent', 0); persistent = '0'
     local kind = redis.call('HGET', KEYS[5], 'kind')
     if kind == 'pending' then redis.call('DEL', KEYS[5]) end
@@ -270,6 +320,8 @@ while i <= #ARGV do
     redis.call('SADD', KEYS[4], ARGV[i + 1])
   elseif op == 'J' then
     redis.call('SREM', KEYS[4], ARGV[i + 1])
+    local bare = string.match(ARGV[i + 1], '^(%d+)/')
+    if bare then redis.call('SREM', KEYS[4], bare) end
   elseif op == 'W' then
     redis.call('DEL', KEYS[5])
     redis.call('HSET', KEYS[5], 'kind', 'pending', 'm', ARGV[i + 1])
@@ -289,10 +341,13 @@ while i <= #ARGV do
       redis.call('DEL', KEYS[5])
     end
     if persistent ~= '1' then
-      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]); gone = 1
+      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+      gone = 1
     end
   elseif op == 'G' then
     redis.call('RPUSH', KEYS[6], ARGV[i + 1])
+  elseif op == 'P' then
+    redis.call('HSET', KEYS[1], 'ib:' .. ARGV[i + 1], ARGV[i + 2])
   end
   i = i + 1 + arity[op]
 end
@@ -304,7 +359,7 @@ for _, v in ipairs(taken) do reply[#reply + 1] = v end
 return reply
 """
 
-# adopt: KEYS s o t i w f   ARGV dead_node me live_boot me_boot
+# adopt: KEYS s o t i w f b   ARGV dead_node me live_boot me_boot
 # The reaper takes a dead node's session (not one of the node's live
 # incarnation ``live_boot``, when the node id came back):
 # -> {'skip', node} (moved on) | {'ended', will...} (not persistent, or
@@ -319,7 +374,7 @@ local will = redis.call('HGETALL', KEYS[5])
 local now = now_ms()
 local expired = s[4] ~= '1' and s[7] ~= false and tonumber(s[7]) <= now
 if s[3] ~= '1' or expired then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
   local reply = {'ended'}
   for _, v in ipairs(will) do reply[#reply + 1] = v end
   return reply

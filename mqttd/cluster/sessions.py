@@ -50,7 +50,7 @@ from mqttd.messages import will_message
 from mqttd.persistence import records as R
 from mqttd.persistence import safepickle
 from mqttd.cluster.session_lua import node_sessions_key, session_keys
-from mqttd.cluster.store import Disconnected, Forward, decode_outbound
+from mqttd.cluster.store import Disconnected, Forward, decode_outbound, parse_inbound
 
 log = Logger(namespace="mqttd.cluster.sessions")
 
@@ -473,7 +473,9 @@ class ClusterSessions:
                                        [self.node_id, epoch])
         if _text(reply[0]) == "F":
             return False
-        stored = self.stored_session(client_id, reply[1], reply[3], reply[4], reply[5])
+        stored = self.stored_session(client_id, reply[1], reply[3], reply[4], reply[5],
+                                     reply[7], reply[8])
+        self.store.load_instances(client_id, reply[5] if stored is not None else ())
         if stored is None:
             self.broker.release_session(client_id)
             return True
@@ -494,17 +496,49 @@ class ClusterSessions:
         return True
 
     @staticmethod
-    def stored_session(client_id, rec, outbound, states, inbound) -> Optional[R.StoredSession]:
-        """A StoredSession from ``session_load``'s reply parts (None: no record)."""
-        if not rec:
+    def stored_session(client_id, rec, outbound, states, inbound, subs=(),
+                       state=b"") -> Optional[R.StoredSession]:
+        """A StoredSession from ``session_load``'s reply parts (None: no record).
+
+        The record is ``rec`` (the pickled SessionRecord last written whole),
+        then ``state`` (a pickled ``PutSessionState``, the fields written on
+        (re)connect and close) and ``subs`` (the ``b`` hash as flat pairs:
+        filter, pickled SubscriptionRecord -- or ``b''``, removed) applied by
+        :func:`~mqttd.persistence.records.apply_op`, as a store replays its
+        journal (see :mod:`mqttd.cluster.session_lua`).  An unreadable
+        subscription is left out with a WARN line."""
+        if not rec and not state:
             return None
-        record = safepickle.loads(rec)
-        stored = R.StoredSession(record)
+        view = R.StoredState()
+        if rec:
+            R.apply_op(view, R.PutSession(safepickle.loads(rec)))
+        if state:
+            op = safepickle.loads(state)
+            if not isinstance(op, R.PutSessionState):
+                raise TypeError(f"not a session state: {type(op).__name__}")
+            R.apply_op(view, op)
+        if len(view.sessions) != 1:
+            raise ValueError(f"session record and state of {client_id} disagree")
+        stored = next(iter(view.sessions.values()))
+        cid = stored.record.client_id
+        for topic_filter, blob in _pairs(subs).items():
+            if not blob:
+                R.apply_op(view, R.DeleteSubscription(cid, topic_filter))
+                continue
+            try:
+                sub = safepickle.loads(blob)
+                if not isinstance(sub, R.SubscriptionRecord):
+                    raise TypeError(f"not a subscription: {type(sub).__name__}")
+            except Exception as error:
+                log.warn("Unreadable subscription {filter!r} of {client_id}: {error}",
+                         filter=topic_filter, client_id=client_id, error=str(error))
+                continue
+            R.apply_op(view, R.PutSubscription(cid, sub))
         states = _pairs(states)
         for seq, blob in _pairs(outbound).items():
             out = decode_outbound(seq, blob, states.get(seq))
             stored.outbound[out.seq] = out
-        stored.inbound_qos2.update(int(pid) for pid in inbound)
+        stored.inbound_qos2.update(parse_inbound(member)[0] for member in inbound)
         return stored
 
     # --- forwarding what still reaches a node that gave a session away -------------------

@@ -54,9 +54,9 @@ from mqttd.messages import Message, message_key
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
     APPLY_HANDLERS, FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord,
-    OutboundRef, PutOutbound, PutOutboundMessage, PutOutboundRef, SessionRecord,
-    StoredSession, WillRecord, StoredState, add_message, apply_op, drop_unreferenced,
-    hold_message, link_outbound, resolve_ref, share_equal_messages)
+    OutboundRef, PutOutbound, PutOutboundMessage, PutOutboundRef, PutSubscription,
+    SessionRecord, StoredSession, WillRecord, StoredState, add_message, apply_op,
+    drop_unreferenced, hold_message, link_outbound, resolve_ref, share_equal_messages)
 
 log = Logger(namespace="mqttd.persistence")
 
@@ -701,11 +701,12 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
     """Apply journal ``batches`` to ``state``; returns how many ``PutOutbound``
     operations (format < 6: the message in the operation) it applied.
 
-    ``tolerant`` (after damage was found): a queued message or inbound QoS 2
-    id of a session whose record was in a damaged record is kept under a
-    fresh :class:`SessionRecord` (no subscriptions, never expires) instead of
-    being ignored, and the client id added to ``orphans`` -- so losing one
-    record never cascades into losing every later message of its session.
+    ``tolerant`` (after damage was found): a queued message, inbound QoS 2
+    id or subscription delta (format 5) of a session whose record was in a
+    damaged record is kept under a fresh :class:`SessionRecord` (no other
+    subscriptions, never expires) instead of being ignored, and the client id
+    added to ``orphans`` -- so losing one record never cascades into losing
+    every later message of its session.
     """
     sessions = state.sessions
     legacy = 0
@@ -713,7 +714,7 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
         for op in batch:
             cls = op.__class__
             if tolerant and cls in (PutOutbound, PutOutboundMessage, PutOutboundRef,
-                                    AddInboundQos2) \
+                                    AddInboundQos2, PutSubscription) \
                     and op.client_id not in sessions:
                 sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
                 orphans.add(op.client_id)
@@ -790,6 +791,8 @@ class JournaledStore:
     """
 
     durable = True
+    #: takes the subscription delta operations (format 5, see IBrokerStore)
+    subscription_deltas = True
     #: seconds before the first recovery attempt after a failed write or
     #: fsync; doubled after each failed attempt, up to RETRY_MAX
     RETRY_INITIAL = 0.5

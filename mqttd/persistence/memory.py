@@ -22,6 +22,8 @@ class MemoryStore:
     """
 
     durable = False
+    #: takes the subscription delta operations (see IBrokerStore)
+    subscription_deltas = True
     #: never fails (see IBrokerStore: the optional ``failure``)
     failure = None
 

@@ -26,11 +26,15 @@ from mqttd.messages import Message, message_key
 #: generation and version (a damaged header costs nothing).
 #: 4: journal records of outbound-message operations may be in the compact
 #: binary form of :mod:`mqttd.persistence.opcodec` (first byte 0xB4).
-#: 5: subscription deltas (taken by the subscription-delta change, R15).
+#: 5: subscription deltas (``PutSubscription``, ``DeleteSubscription``) and a
+#: session's connect/disconnect state without its subscriptions
+#: (``PutSessionState``): a SUBSCRIBE or a reconnect of a session with 10,000
+#: subscriptions no longer rewrites them all (REVIEW-S9 R15).  Checkpoints
+#: still hold whole ``SessionRecord``\ s; versions 1..4 read unchanged.
 #: 6: the message table: a queued message is stored once (``PutOutboundMessage``)
 #: and the outbound records of other sessions reference it by id
-#: (``PutOutboundRef``; checkpoint items ``"m"`` and ``"l"``); ``PutOutbound`` and ``"o"`` items of
-#: earlier versions are still read (REVIEW-S9 R11).
+#: (``PutOutboundRef``; checkpoint items ``"m"`` and ``"l"``); ``PutOutbound`` and
+#: ``"o"`` items of earlier versions are still read (REVIEW-S9 R11).
 FORMAT_VERSION = 6
 
 
@@ -93,13 +97,63 @@ class WillRecord:
     durable: bool = True
 
 
-@attrs.define
+@attrs.define(eq=False)
 class StoredSession:
-    """What a store holds of one persistent session (mutable while applying)."""
+    """What a store holds of one persistent session (mutable while applying).
 
-    record: SessionRecord
+    ``record`` is the session's whole :class:`SessionRecord`.  The subscription
+    delta operations (format 5) change one filter in O(1): they keep the
+    subscriptions in a dict (filter -> record, in subscription order) and
+    ``record`` builds its ``subscriptions`` tuple again only when it is read
+    after a change (a checkpoint, the broker's restore, ``mqttd store dump``).
+    """
+
+    _record: SessionRecord
     outbound: Dict[int, OutboundRecord] = attrs.Factory(dict)   # seq -> record, in seq order
     inbound_qos2: set = attrs.Factory(set)                       # packet ids awaiting PUBREL
+    #: filter -> SubscriptionRecord once a delta was applied (then authoritative:
+    #: ``_record.subscriptions`` may be stale while ``_stale``); None before
+    _subs: Optional[Dict[str, SubscriptionRecord]] = attrs.field(default=None, init=False)
+    _stale: bool = attrs.field(default=False, init=False)
+
+    @property
+    def record(self) -> SessionRecord:
+        if self._stale:
+            self._record = attrs.evolve(self._record,
+                                        subscriptions=tuple(self._subs.values()))
+            self._stale = False
+        return self._record
+
+    @record.setter
+    def record(self, record: SessionRecord) -> None:
+        self._record = record
+        self._subs = None
+        self._stale = False
+
+    def subscription_map(self) -> Dict[str, SubscriptionRecord]:
+        """The subscriptions as a dict to change in place (then call :meth:`changed`)."""
+        if self._subs is None:
+            self._subs = {sub.topic_filter: sub for sub in self._record.subscriptions}
+        return self._subs
+
+    def changed(self) -> None:
+        self._stale = True
+
+    def __eq__(self, other):
+        if other.__class__ is not StoredSession:
+            return NotImplemented
+        return (self.record == other.record and self.outbound == other.outbound
+                and self.inbound_qos2 == other.inbound_qos2)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = None  # mutable, compared by value (as attrs' eq=True would)
+
+    def __repr__(self) -> str:
+        return (f"StoredSession(record={self.record!r}, outbound={self.outbound!r}, "
+                f"inbound_qos2={self.inbound_qos2!r})")
 
 
 @attrs.define
@@ -212,6 +266,40 @@ class DeleteWill:
     client_id: str
 
 
+# format 5: subscription deltas and session state without the subscriptions
+
+@attrs.frozen(slots=True)
+class PutSubscription:
+    """Add or replace one subscription of a session [MQTT-3.8.4-3] (others kept)."""
+    client_id: str
+    record: SubscriptionRecord
+
+
+@attrs.frozen(slots=True)
+class DeleteSubscription:
+    """Remove one subscription of a session (others kept)."""
+    client_id: str
+    topic_filter: str
+
+
+@attrs.frozen(slots=True)
+class PutSessionState:
+    """A session's record fields but its subscriptions: written on (re)connect,
+    close and a v5 DISCONNECT's new expiry interval.  Keeps the session's
+    subscriptions, outbound messages and inbound QoS 2 ids; creates the session
+    (without subscriptions) if the store has none of that client id."""
+    client_id: str
+    protocol_level: int = 4
+    expiry_interval: Optional[int] = None
+    disconnected_at: Optional[float] = None
+    owner: Optional[str] = None
+
+    @classmethod
+    def of(cls, record: SessionRecord) -> "PutSessionState":
+        return cls(record.client_id, record.protocol_level, record.expiry_interval,
+                   record.disconnected_at, record.owner)
+
+
 def _put_session(state: StoredState, op: PutSession) -> None:
     existing = state.sessions.get(op.record.client_id)
     if existing is None:
@@ -290,6 +378,35 @@ def _delete_will(state: StoredState, op: DeleteWill) -> None:
     state.wills.pop(op.client_id, None)
 
 
+def _put_subscription(state: StoredState, op: PutSubscription) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        session.subscription_map()[op.record.topic_filter] = op.record
+        session.changed()
+
+
+def _delete_subscription(state: StoredState, op: DeleteSubscription) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is not None:
+        subs = session.subscription_map()
+        if subs.pop(op.topic_filter, None) is not None:
+            session.changed()
+
+
+def _put_session_state(state: StoredState, op: PutSessionState) -> None:
+    session = state.sessions.get(op.client_id)
+    if session is None:
+        state.sessions[op.client_id] = StoredSession(SessionRecord(
+            op.client_id, op.protocol_level, (), op.expiry_interval, op.disconnected_at,
+            op.owner))
+        return
+    # the record's subscriptions as they are (possibly stale: the dict of the
+    # deltas stays authoritative), the other fields replaced -- O(1)
+    old = session._record
+    session._record = SessionRecord(op.client_id, op.protocol_level, old.subscriptions,
+                                    op.expiry_interval, op.disconnected_at, op.owner)
+
+
 _APPLY = {
     PutSession: _put_session,
     DeleteSession: _delete_session,
@@ -302,6 +419,9 @@ _APPLY = {
     DeleteRetained: _delete_retained,
     PutWill: _put_will,
     DeleteWill: _delete_will,
+    PutSubscription: _put_subscription,
+    DeleteSubscription: _delete_subscription,
+    PutSessionState: _put_session_state,
 }
 
 #: every operation type, for allow-lists and tests

@@ -104,6 +104,15 @@ for _cls in _RECORD_CLASSES:
     _DISPATCH[_cls] = _make_reducer(_cls)
 
 
+def _reduce_stored_session(stored):
+    # its public fields (``record`` built from the subscription deltas applied),
+    # not the private ones
+    return records.StoredSession, (stored.record, stored.outbound, stored.inbound_qos2)
+
+
+_DISPATCH[records.StoredSession] = _reduce_stored_session
+
+
 class _Pickler(pickle.Pickler):
     dispatch_table = _DISPATCH
 

@@ -50,6 +50,7 @@ def test_collector_reports_connections_sessions_traffic_and_drops():
     assert s[("mqttd_messages_dropped_total", (("reason", "queue-full"),))] == 1
     assert s[("mqttd_queued_messages", ())] == 1
     assert s[("mqttd_inflight_messages", ())] == 2
+    assert s[("mqttd_inflight_bytes", ())] == len("a/1") + 5 + len("a/3") + 1
     assert s[("mqttd_refusals_total", (("reason", "publish-refused"),))] == 1
     assert s[("mqttd_clients_maximum", ())] == 2
     assert ("mqttd_build_info", (("broker_id", "mqttd"), ("version", __import__("mqttd").__version__))) in s

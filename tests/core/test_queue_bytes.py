@@ -232,3 +232,15 @@ def test_v5_publish_to_v3_subscriber_is_still_counted_with_its_properties():
     got = FakeClient(broker, clock)
     got.connect("v3", clean=False)
     assert len([p for p in got.received() if isinstance(p, Publish)]) == 1
+
+
+def test_removing_queued_messages_gives_back_their_properties_too():
+    """remove_queued (an ACL reload's re-check) subtracts what enqueue added, properties included."""
+    ledger = QueueLedger()
+    session = Session("s", ledger=ledger)
+    records = [OutboundRecord(i, Message("t/x", b"1", 1, properties=HEAVY_USER), 1)
+               for i in range(3)]
+    for record in records:
+        assert session.enqueue(record, QueueLimits()) is None
+    session.remove_queued(records[:2])
+    assert session.queued_bytes == ledger.queued_bytes == message_size(records[2].message)

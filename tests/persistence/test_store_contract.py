@@ -23,8 +23,9 @@ from mqttd.persistence.journal import StoreError, StoreUnavailable, list_journal
 from mqttd.persistence.memory import MemoryStore
 from mqttd.persistence.records import (
     AddInboundQos2, DeleteInboundQos2, DeleteOutbound, DeleteRetained, DeleteSession,
-    DeleteWill, OutboundStage, PutRetained, PutWill, SessionRecord, StoredState,
-    UpdateOutbound, WillRecord)
+    DeleteSubscription, DeleteWill, OutboundStage, PutRetained, PutSessionState,
+    PutSubscription, PutWill, SessionRecord, StoredState, SubscriptionRecord, UpdateOutbound,
+    WillRecord)
 
 from .storehelpers import (
     RICH_MESSAGE, StoreMaker, message, outbound, reference_state, result_of,
@@ -489,6 +490,13 @@ _op = st.one_of(
     st.builds(lambda c, t: PutWill(WillRecord(c, message("w/" + c), t)), _client,
               st.floats(0, 1e10)),
     st.builds(DeleteWill, _client),
+    # format 5: subscription deltas and session state without the subscriptions
+    st.builds(lambda c, f, q: PutSubscription(c, SubscriptionRecord(f, q)), _client,
+              st.sampled_from(["a/#", "b/+", "c", "$share/g/d"]), st.integers(0, 2)),
+    st.builds(DeleteSubscription, _client, st.sampled_from(["a/#", "b/+", "c"])),
+    st.builds(PutSessionState, _client, st.sampled_from([4, 5]),
+              st.one_of(st.none(), st.integers(1, 10)),
+              st.one_of(st.none(), st.floats(0, 1e9)), st.sampled_from([None, "u"])),
 )
 _step = st.one_of(_op, st.sampled_from(["sync", "reopen", "crash"]))
 
