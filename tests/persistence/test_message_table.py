@@ -441,3 +441,38 @@ def test_broker_fan_out_to_offline_sessions_holds_one_copy(tmp_path, kind):
     assert all(m is restored[0] for m in restored)
     again.stop()
     pump(reactor)
+
+
+# --- the format 4 data directories an older mqttd wrote (tests/persistence/fixtures) -------
+
+@pytest.mark.parametrize("kind", ["file", "dbm"])
+def test_format_4_fixture_of_an_older_mqttd_opens_into_the_message_table(tmp_path, kind):
+    """The format 4 directories written by mqttd fd631d4 (checkpoint "o" items, a journal of
+    PutOutbound) open with every queued message in the table; the close writes format 6."""
+    import shutil
+
+    from mqttd.persistence.records import FORMAT_VERSION
+
+    from .storehelpers import StoreMaker
+    source = os.path.join(os.path.dirname(__file__), "fixtures", f"format4-{kind}")
+    path = str(tmp_path / "data")
+    shutil.copytree(source, path)
+    backend = StoreMaker(kind, path)
+    store = backend()
+    state = store.open()
+    queued = {(cid, seq): r.message for cid, s in state.sessions.items()
+              for seq, r in s.outbound.items()}
+    assert sorted(queued) == [("late", 1), ("old-v3", 1), ("old-v3", 2)]
+    assert queued[("old-v3", 2)].payload == b"two"
+    assert sorted(m.payload for m in store._mirror.messages.values()) == [b"one", b"q", b"two"]
+    result_of(store.close())
+    if kind == "file":
+        with open(os.path.join(path, "snapshot.pkl"), "rb") as f:
+            read = filestore.read_snapshot(f.read())
+    else:
+        with open(os.path.join(path, "CURRENT")) as f:
+            assert f.read().split()[1] == str(FORMAT_VERSION)
+        read, _ = dbmstore.DbmStore(path, None).read_checkpoint(int(open(
+            os.path.join(path, "CURRENT")).read().split()[2]))
+    assert read.intact and read.expected["messages"] == 3
+    assert read.expected.get("version", FORMAT_VERSION) == FORMAT_VERSION == 6
