@@ -8,14 +8,16 @@
 
 Each repetition starts a fresh ``redis-server`` (AOF on, ``appendfsync everysec``) and
 fresh mqttd nodes (``--cluster``, ``--persistence memory``) on free 127.0.0.1 ports.
-Scenarios, for QoS 0 and QoS 1:
+Scenarios, for QoS 0 and QoS 1 (``--qos 0,1,2`` adds QoS 2; ``--persistent-publisher``
+makes the publisher a persistent session, whose QoS 2 hand-off is exactly once across
+nodes):
 
 - ``1 node``: publisher and subscriber on the same cluster node (local delivery: no
   Redis operation per message is expected);
 - ``2 nodes``: publisher on node A, subscriber on node B (every message crosses Redis:
   one XADD on A, one XREADGROUP share and one XACK share on B).
 
-One publisher sends N numbered messages (QoS 1: at most ``--window`` unacknowledged);
+One publisher sends N numbered messages (QoS 1/2: at most ``--window`` unacknowledged);
 the figure is N / (time of the last message at the subscriber - time of the first
 PUBLISH).  Per delivered message it also reports Redis commands (``INFO commandstats``
 delta), Redis CPU (``INFO cpu`` delta) and each node's CPU (``/proc/PID/stat``).
@@ -44,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from mqttd.blockingclient import BlockingClient  # noqa: E402
 from mqttd.codec import encode  # noqa: E402
-from mqttd.codec.packets import Puback, Publish, Suback, Subscribe, Subscription  # noqa: E402
+from mqttd.codec.packets import (  # noqa: E402
+    Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Subscription)
 
 HOST = "127.0.0.1"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -167,9 +170,16 @@ class Subscriber(threading.Thread):
         try:
             while len(self.got) < self.count:
                 packet = client.next_packet(timeout=15)
+                if isinstance(packet, Pubrel):
+                    acks.append(encode(Pubcomp(packet.packet_id), 4))
+                    if len(acks) >= 64 or not client.pending:
+                        client.sock.sendall(b"".join(acks))
+                        acks = []
+                    continue
                 if isinstance(packet, Publish):
-                    if packet.qos == 1:
-                        acks.append(encode(Puback(packet.packet_id), 4))
+                    if packet.qos:
+                        ack = Puback if packet.qos == 1 else Pubrec
+                        acks.append(encode(ack(packet.packet_id), 4))
                         if len(acks) >= 64 or not client.pending:
                             client.sock.sendall(b"".join(acks))
                             acks = []
@@ -213,18 +223,21 @@ def publish(pub: BlockingClient, count: int, qos: int, window: int) -> float:
         chunk = []
         while sent < count and outstanding < window:
             pid = pid % 65535 + 1
-            chunk.append(encode(Publish("bench/t", str(sent).encode(), 1, packet_id=pid), 4))
+            chunk.append(encode(Publish("bench/t", str(sent).encode(), qos, packet_id=pid), 4))
             sent += 1
             outstanding += 1
         if chunk:
             pub.sock.sendall(b"".join(chunk))
         packet = pub.next_packet(timeout=30)
-        if isinstance(packet, Puback):
+        if isinstance(packet, (Puback, Pubcomp)):
             outstanding -= 1
+        elif isinstance(packet, Pubrec):
+            pub.sock.sendall(encode(Pubrel(packet.packet_id), 4))
     return start
 
 
-def scenario(tmp: Path, nodes: int, qos: int, count: int, window: int) -> dict:
+def scenario(tmp: Path, nodes: int, qos: int, count: int, window: int,
+             persistent: bool = False) -> dict:
     redis = Redis(tmp)
     started = []
     try:
@@ -234,7 +247,7 @@ def scenario(tmp: Path, nodes: int, qos: int, count: int, window: int) -> dict:
             started.append(Node(d, redis.url, f"bench-{i}"))
         pub_node, sub_node = started[0], started[-1]
         sub = Subscriber(sub_node.port, qos, count)
-        pub = BlockingClient(pub_node.port, "bench-pub")
+        pub = BlockingClient(pub_node.port, "bench-pub", clean=not persistent)
         sub.start()
         route(pub, sub)
         time.sleep(0.3)
@@ -251,7 +264,8 @@ def scenario(tmp: Path, nodes: int, qos: int, count: int, window: int) -> dict:
         per = max(received, 1)
         commands = {k: by1.get(k, 0) - by0.get(k, 0) for k in by1}
         return {
-            "nodes": nodes, "qos": qos, "messages": count, "received": received,
+            "nodes": nodes, "qos": qos, "persistent_publisher": persistent,
+            "messages": count, "received": received,
             "lost": count - received,
             "msg_per_s": round(received / elapsed) if elapsed > 0 else None,
             "redis_commands_per_msg": round((r_calls1 - r_calls0) / per, 3),
@@ -365,6 +379,13 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--qos", default="0,1",
+                        help="QoS levels of the throughput scenarios (default 0,1)")
+    parser.add_argument("--nodes", default="1,2", help="node counts (default 1,2)")
+    parser.add_argument("--persistent-publisher", action="store_true",
+                        help="the publisher is a persistent session (clean session 0)")
+    parser.add_argument("--no-connections", action="store_true",
+                        help="skip the idle-connections figure")
     parser.add_argument("--client-choice", action="store_true")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
@@ -378,14 +399,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mqttd-bench-cluster-") as tmp_name:
         tmp = Path(tmp_name)
         n = 0
-        for nodes in (1, 2):
-            for qos in (0, 1):
+        for nodes in [int(n) for n in args.nodes.split(",")]:
+            for qos in [int(q) for q in args.qos.split(",")]:
                 runs = []
                 for _ in range(args.reps):
                     n += 1
                     d = tmp / f"run{n}"
                     d.mkdir()
-                    runs.append(scenario(d, nodes, qos, args.messages, args.window))
+                    runs.append(scenario(d, nodes, qos, args.messages, args.window,
+                                         args.persistent_publisher))
                 rates = [r["msg_per_s"] for r in runs if r["msg_per_s"]]
                 summary = dict(runs[len(runs) // 2])
                 summary["msg_per_s_median"] = round(statistics.median(rates)) if rates else None
@@ -397,10 +419,11 @@ def main(argv=None) -> int:
                       f"{summary['lost_total']}, Redis {summary['redis_commands_per_msg']} "
                       f"cmd/msg {summary['redis_cpu_us_per_msg']} us CPU/msg, nodes "
                       f"{summary['node_cpu_us_per_msg']} us CPU/msg", flush=True)
-        d = tmp / "conn"
-        d.mkdir()
-        results["connections"] = connections(d, args.connections)
-        print(f"connections: {results['connections']}", flush=True)
+        if not args.no_connections:
+            d = tmp / "conn"
+            d.mkdir()
+            results["connections"] = connections(d, args.connections)
+            print(f"connections: {results['connections']}", flush=True)
         if args.client_choice:
             d = tmp / "choice"
             d.mkdir()
@@ -410,7 +433,7 @@ def main(argv=None) -> int:
     results["machine"] += f" (load after: {os.getloadavg()[0]:.1f})"
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    qos1_lost = sum(s["lost_total"] for s in results["scenarios"] if s["qos"] == 1)
+    qos1_lost = sum(s["lost_total"] for s in results["scenarios"] if s["qos"] >= 1)
     return 1 if qos1_lost else 0
 
 

@@ -29,6 +29,8 @@ was importable from ``mqttd.broker`` still is.
 """
 from __future__ import annotations
 
+import collections
+
 import itertools
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,7 +41,7 @@ from mqttd import shared, topics
 from mqttd.clients import ClientInfo, ClientSummary, summarize
 from mqttd.codec.errors import ReasonCode
 from mqttd.config import MAX_PACKET_SIZE, MIN_PACKET_SIZE, BrokerConfig
-from mqttd.delivery import Delivery
+from mqttd.delivery import MAX_INFLIGHT_UNBOUNDED, Delivery
 from mqttd.durability import Durability, PendingWrites
 from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.lifecycle import NEVER_EXPIRES, SessionLifecycle
@@ -94,15 +96,25 @@ class Broker(SessionLifecycle, Subscriptions, Routing, Delivery, Retaining, Dura
         #: open client connections (see BrokerConfig.max_connections)
         self.open_connections = 0
         self.sessions: Dict[str, Session] = {}
+        #: client id -> the user whose session under it ended last (not kept
+        #: with a live or stored session; bounded, oldest first): that user
+        #: takes the client id back from another user (mqttd.lifecycle,
+        #: session_owner_conflict; REVIEW-S10 S5)
+        self.earlier_owners: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         #: retained messages by topic (index, wildcard lookup, expiry)
         self.retained = RetainedIndex(pause_every=REPLAY_NODES_PER_STEP)
         self._retained_expiry_call = None
         #: pending delayed wills [MQTT-3.1.2-8]
         self.wills = WillScheduler(clock, self._publish_will_now, self._write)
         self._trie = topics.SubscriptionTrie()
+        #: topic -> (the trie's matches, origin, merged): mqttd.routing._merged_matches
+        self._merged: Dict[str, tuple] = {}
+        self._merged_matches_held = 0
         #: shared-subscription groups; each is one entry of the trie
         self.shared = shared.SharedSubscriptions(self._trie, config.shared_subscription_strategy)
         self._limits = config.queue_limits()
+        #: --max-inflight-bytes per client; 0 (no bound) is "never reached"
+        self._max_inflight_bytes = config.max_inflight_bytes or MAX_INFLIGHT_UNBOUNDED
         #: client ids of the persistent sessions, by owner (--max-sessions,
         #: --max-sessions-per-user)
         self._persistent = PersistentSessions()

@@ -54,7 +54,9 @@ class ClientSummary:
         session expires; None while online or if it never expires.
     :ivar queued: messages waiting in the session queue; ``queued_bytes``
         their bytes (topic + payload + properties).
-    :ivar inflight: outbound QoS 1/2 messages sent and not yet acknowledged.
+    :ivar inflight: outbound QoS 1/2 messages sent and not yet acknowledged;
+        ``inflight_bytes`` their bytes (topic + payload + properties,
+        against ``--max-inflight-bytes``).
     :ivar dropped: messages dropped for this session, by reason.
     :ivar peer: ``host:port`` of the connection (None offline).
     :ivar username: the CONNECT user name (None offline or anonymous).
@@ -77,6 +79,7 @@ class ClientSummary:
     disconnected_at: Optional[float] = None
     keepalive: Optional[int] = None
     listener: Optional[str] = None
+    inflight_bytes: int = 0
 
     def to_json(self) -> dict:
         """A JSON-ready dict (subscriptions as a list of dicts)."""
@@ -103,7 +106,8 @@ def summarize(session) -> ClientSummary:
         persistent=bool(session.persistent), protocol_level=session.protocol_level,
         expiry_interval=session.expiry_interval, expires_at=expires_at,
         subscriptions=subs, queued=len(session.queue), queued_bytes=session.queued_bytes,
-        inflight=len(session.inflight), dropped=dict(session.dropped),
+        inflight=len(session.inflight), inflight_bytes=session.inflight_bytes,
+        dropped=dict(session.dropped),
         peer=getattr(conn, "peer", None) if conn is not None else None,
         username=getattr(info, "username", None),
         disconnected_at=session.disconnected_at if conn is None else None,

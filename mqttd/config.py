@@ -94,13 +94,17 @@ class BrokerConfig:
     max_queued_bytes_total: int = attrs.field(default=1024 * 1024 * 1024,
                                               validator=_int_in(0))
     #: persistent sessions held at most; a CONNECT that would create one more
-    #: discards its owner's longest-offline session, or if it has none is
-    #: refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
+    #: discards an offline session of the owner holding the most (if it holds
+    #: at least two more than the new session's owner: fair share,
+    #: ``PersistentSessions.fair_victim``) or else one of its owner's own, or
+    #: without one is refused (v5 CONNACK 0x97, v3 0x03); 0 = no cap
     max_sessions: int = attrs.field(default=100_000, validator=_int_in(0))
-    #: persistent sessions one owner (user name; all anonymous clients are one
-    #: owner) holds at most; 0 = no share.  At this share (or at
-    #: ``max_sessions``) a new persistent session of the owner discards its
-    #: longest-offline one; refused (0x97 / v3 0x03) only if it has none offline
+    #: persistent sessions one owner (user name; the anonymous clients of one
+    #: address, an IPv6 /64, are one owner) holds at most; 0 = no share.  At
+    #: this share a new persistent session of the owner discards its
+    #: longest-offline one that owes no message (else its longest-offline
+    #: one); refused (0x97 / v3 0x03) only if it has none offline.  Not below
+    #: ``max_sessions`` (or 0) is warned about at start-up
     max_sessions_per_user: int = attrs.field(default=10_000, validator=_int_in(0))
     overflow_policy: str = attrs.field(default=OverflowPolicy.DROP_OLDEST,
                                        validator=_one_of(OverflowPolicy.ALL))
@@ -109,6 +113,14 @@ class BrokerConfig:
     #: outbound QoS 1/2 messages in flight per client (v5 Receive Maximum lowers
     #: it); at most 65535, the packet identifier space [MQTT-2.2.1]
     max_inflight: int = attrs.field(default=1000, validator=_int_in(1, 65535))
+    #: bytes (topic + payload + properties, :func:`mqttd.messages.message_size`)
+    #: of outbound QoS 1/2 messages in flight per client (mosquitto's
+    #: ``max_inflight_bytes``); 0 = no byte bound.  A message goes in flight
+    #: while the window's bytes stay within it, or alone when nothing is in
+    #: flight; the others wait in the queue (and count against its limits).
+    #: 16 MiB: without it a client's window held up to ``max_inflight`` x
+    #: ``max_packet_size`` (16 GiB by default)
+    max_inflight_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_int_in(0))
     #: largest packet accepted or sent, in bytes (fixed header included)
     max_packet_size: int = attrs.field(default=16 * 1024 * 1024,
                                        validator=_int_in(MIN_PACKET_SIZE, MAX_PACKET_SIZE))

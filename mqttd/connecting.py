@@ -414,7 +414,7 @@ class Connecting:
                                     f"{config.max_keepalive} s")
             keepalive = server_keepalive = config.max_keepalive
         refusal = broker.session_refusal(client_id, expiry is None or expiry > 0,
-                                         self.info.username)
+                                         self.info.username, self.peer)
         if refusal is not None:
             code, why, reason = refusal
             broker.stats.connects_refused += 1

@@ -19,12 +19,16 @@ from twisted.logger import Logger
 from mqttd import debuglog
 from mqttd.codec.packets import Pubrel
 from mqttd.flowcontrol import session_identities
-from mqttd.messages import Message, outbound_message
+from mqttd.messages import NO_PROPERTIES, Message, message_size, outbound_message
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundRecord, OutboundStage
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "MAX_INFLIGHT_UNBOUNDED"]
+
+#: the in-flight byte bound that ``--max-inflight-bytes 0`` means: never reached
+MAX_INFLIGHT_UNBOUNDED = 1 << 62
 
 #: the broker's log lines keep their namespace whichever module of the core
 #: writes them (operators filter on it)
@@ -37,6 +41,15 @@ _drop_log_interval = 10.0
 class Delivery:
     """Deliver, queue, drain, resend; acknowledgements; drops; backpressure."""
 
+    #: a QoS 2 PUBLISH to a persistent session leaves only once the store made
+    #: its record -- its packet id -- durable (``Connection.send_publish_stored``):
+    #: a store shared by nodes that may die (a cluster) sets it.  Else a node
+    #: killed between the send and the write left a session whose client holds
+    #: a packet id its new owner does not know: the message came again under a
+    #: new id (twice) and a later message under the held id was taken for a
+    #: re-send and dropped by the client [MQTT-4.3.3-3, 4.3.3-9]
+    qos2_sent_after_store = False
+
     def _deliver(self, session: Session, message: Message, qos: int,
                  cache: Optional[dict] = None, force: bool = False,
                  share: Optional[str] = None) -> None:
@@ -46,13 +59,22 @@ class Delivery:
                 if qos == 0:
                     conn.send_publish(message, 0, None, False, cache)
                     return
-                if len(session.inflight) < conn.send_window:
+                used = session.inflight_bytes
+                # message_size(), inlined: the QoS 1/2 hot path
+                size = (len(message.topic) + len(message.payload)
+                        if message.properties is NO_PROPERTIES else message_size(message))
+                if (len(session.inflight) < conn.send_window
+                        and (not used or used + size <= self._max_inflight_bytes)):
                     pid = session.allocate_packet_id()
                     record = OutboundRecord(session.next_seq(), message, qos, pid,
                                             OutboundStage.PUBLISH_SENT, share)
                     session.inflight[pid] = record
+                    session.inflight_bytes = used + size
                     if session.persistent:
                         self._write(R.PutOutbound(session.client_id, record))
+                        if qos == 2 and self.qos2_sent_after_store:
+                            conn.send_publish_stored(message, qos, pid, cache)
+                            return
                     conn.send_publish(message, qos, pid, False, cache)
                     return
         elif qos == 0 and not (force or (session.persistent and self.config.queue_qos0)):
@@ -98,9 +120,10 @@ class Delivery:
         address (a reconnect does not renew it; mqttd.flowcontrol)."""
         self.flow.abandoned(session)
 
-    def _pause_identities(self, session: Session) -> frozenset:
+    def _pause_identities(self, session: Session) -> tuple:
         """Whose publisher-pause budget ``session`` spends: its client id, its
-        user name if the broker checked it, its address."""
+        user name if the broker checked it (else the one anonymous identity),
+        its address and network (mqttd.flowcontrol.session_identities)."""
         return session_identities(session,
                                   authenticated=getattr(self, "authenticator", None) is not None)
 
@@ -114,7 +137,12 @@ class Delivery:
 
         Queued messages that expired are dropped, the others go out with their
         Message Expiry Interval lowered by the time they waited
-        [MQTT-3.3.2-5], [MQTT-3.3.2-6].
+        [MQTT-3.3.2-5], [MQTT-3.3.2-6].  A QoS 1/2 message goes in flight
+        while both windows allow it: fewer than ``send_window`` messages
+        (``--max-inflight``, the client's Receive Maximum [MQTT-3.3.4-9]) and
+        its bytes within ``--max-inflight-bytes`` -- or nothing in flight, so
+        a message larger than the byte bound goes alone.  Otherwise it waits
+        in the queue, in order (:meth:`_inflight_bytes_reached`).
         """
         conn = session.connection
         if conn is None:
@@ -126,6 +154,7 @@ class Delivery:
         window = conn.send_window
         persistent = session.persistent
         wire = session.wire
+        max_bytes = self._max_inflight_bytes
         while queue and conn.writable():
             head = queue[0]
             message = head.message
@@ -149,17 +178,29 @@ class Delivery:
                 continue
             if len(inflight) >= window:
                 break
+            used = session.inflight_bytes
+            size = message_size(head.message)
+            if used and used + size > max_bytes:
+                if not session.inflight_held:
+                    self._inflight_bytes_reached(session, size)
+                break
             session.dequeue()
             pid = session.allocate_packet_id()
             record = OutboundRecord(head.seq, head.message, head.qos, pid,
                                     OutboundStage.PUBLISH_SENT, head.share)
             inflight[pid] = record
+            session.inflight_bytes = used + size
+            if wire:
+                template = wire.pop(head.seq, None)
             if persistent:
                 self._write(R.UpdateOutbound(session.client_id, head.seq, pid,
                                              OutboundStage.PUBLISH_SENT))
-            if wire:
-                template = wire.pop(head.seq, None)
+                if head.qos == 2 and self.qos2_sent_after_store:
+                    conn.send_publish_stored(message, 2, pid, template=template)
+                    continue
             conn.send_publish(message, head.qos, pid, False, template=template)
+        if not queue and session.inflight_held:
+            session.inflight_held = False
         if session.congested_since is not None or session.demoted_since is not None:
             self.flow.drained(session)
         if session.replays and not queue:
@@ -172,6 +213,11 @@ class Delivery:
 
         An expired PUBLISH is dropped rather than resent (as mosquitto does);
         a PUBREL is always resent (the message was delivered).
+
+        Resends are not held back by ``--max-inflight-bytes``: their bytes
+        count in flight already (the bound admitted them, or a lower bound
+        came with a restart), every one is owed again [MQTT-4.4.0-1], and
+        nothing new goes in flight while the bytes are over the bound.
         """
         resend = session.resend
         inflight = session.inflight
@@ -187,12 +233,25 @@ class Delivery:
                 continue
             message = outbound_message(out.message, now)
             if message is None:
-                del inflight[pid]
+                session.pop_inflight(pid)
                 if session.persistent:
                     self._write(R.DeleteOutbound(session.client_id, out.seq))
                 self.count_dropped(session, "expired", out.message)
                 continue
             conn.send_publish(message, out.qos, pid, True)
+
+    def _inflight_bytes_reached(self, session: Session, size: int) -> None:
+        """The head of ``session``'s queue (``size`` bytes) waits because the
+        in-flight bytes reached ``--max-inflight-bytes``: one counted limit
+        hit (``max-inflight-bytes``) and one rate-limited line per episode,
+        which lasts until the queue is empty again."""
+        session.inflight_held = True
+        self.refused("max-inflight-bytes", session.client_id, self.session_peer(session),
+                     f"{session.inflight_bytes} bytes in {len(session.inflight)} QoS 1/2 "
+                     f"messages in flight, the maximum (--max-inflight-bytes "
+                     f"{self.config.max_inflight_bytes}); the next ({size} bytes) and "
+                     f"{len(session.queue) - 1} more wait in its queue until "
+                     "acknowledgements free the window")
 
     def _total_cap_hit(self) -> None:
         now = self.clock.seconds()
@@ -205,7 +264,10 @@ class Delivery:
                      limit=self.config.max_queued_bytes_total)
 
     def count_dropped(self, session: Session, reason: str, message: Message) -> None:
-        """Count, and log (rate-limited), one message not delivered to ``session``."""
+        """Count, and log (rate-limited), one message not delivered to ``session``:
+        at most one line per client and reason per 10 s, and those lines
+        through :attr:`log_limiter` (at most its per-reason burst, 50 per 10 s,
+        over all clients; the rest reported as suppressed by a later line)."""
         count = session.count_drop(reason)
         self.stats.count_drop(reason)
         if self.incident_listeners:
@@ -214,22 +276,32 @@ class Delivery:
         if debuglog.enabled:
             log.debug("Dropped a message to {topic} for {client_id}: {reason}",
                       client_id=session.client_id, reason=reason, topic=message.topic)
-        key = (session.client_id, reason)
+        # one line per client and reason per interval, and through the broker's
+        # log limiter, whose cap per reason over all clients bounds a flood of
+        # clients (REVIEW-S10 S13); a long client id is kept as its digest
+        key = (memory_key(session.client_id), reason)
         now = self.clock.seconds()
         last = self._drop_logged.get(key)
         if last is None or now - last >= _drop_log_interval:
             if len(self._drop_logged) > 10000:
                 self._drop_logged.clear()
             self._drop_logged[key] = now
-            log.warn("Dropping messages for {client_id}: {reason} "
-                     "({count} dropped for this reason so far)",
-                     client_id=session.client_id, reason=reason, count=count)
+            self.log_limiter.emit(
+                log.warn, (key[0], "dropped-" + reason),
+                "Dropping messages for {client_id} from {peer}: {reason} "
+                "({count} dropped for this reason so far)",
+                client_id=session.client_id, peer=self.session_peer(session),
+                reason=reason, count=count)
 
     def puback(self, session: Session, packet_id: int) -> bool:
         record = session.inflight.get(packet_id)
         if record is None or record.qos != 1:
             return False
-        del session.inflight[packet_id]
+        del session.inflight[packet_id]       # session.pop_inflight(), inlined: hot path
+        message = record.message
+        session.inflight_bytes -= (len(message.topic) + len(message.payload)
+                                   if message.properties is NO_PROPERTIES
+                                   else message_size(message))
         self.stats.messages_acked += 1
         if session.persistent:
             self._write(R.DeleteOutbound(session.client_id, record.seq))
@@ -243,7 +315,7 @@ class Delivery:
         if record is None or record.qos != 2:
             return False
         if failed:  # v5 PUBREC with a reason code >= 0x80 ends the flow [MQTT-4.3.3-...]
-            del session.inflight[packet_id]
+            session.pop_inflight(packet_id)
             if session.persistent:
                 self._write(R.DeleteOutbound(session.client_id, record.seq))
             self.drain(session)
@@ -261,7 +333,7 @@ class Delivery:
         record = session.inflight.get(packet_id)
         if record is None or record.stage != OutboundStage.PUBREL_SENT:
             return False
-        del session.inflight[packet_id]
+        session.pop_inflight(packet_id)
         self.stats.messages_acked += 1
         if session.persistent:
             self._write(R.DeleteOutbound(session.client_id, record.seq))
@@ -277,6 +349,19 @@ class Delivery:
         session.inbound_qos2.add(packet_id)
         if session.persistent:
             self._write(R.AddInboundQos2(session.client_id, packet_id))
+
+    def inbound_qos2_resent(self, session: Session, packet_id: int, message) -> bool:
+        """A QoS 2 PUBLISH re-sent under a packet id ``session`` already received:
+        never delivered here twice [MQTT-4.3.3-10].  A remote router may hand
+        it to other nodes again, idempotently, when its first hand-off may not
+        have completed (a node cut off from Redis before PUBREC: see
+        ``router.resend_qos2``); True if the PUBREC must then wait for the
+        store barrier."""
+        router = self.router
+        resend = None if router is None else getattr(router, "resend_qos2", None)
+        if resend is None or not session.persistent:
+            return False
+        return resend(message, packet_id) > 0
 
     def inbound_qos2_release(self, session: Session, packet_id: int) -> bool:
         if packet_id not in session.inbound_qos2:

@@ -44,8 +44,11 @@ The budget belongs to the subscriber's *identities*, not to one connection
 or session (REVIEW-S9 R6: a subscriber that never read and reconnected every
 6 s, under a new client id or the same clean one, got a fresh pause each
 time and stopped its publishers 75-80 % of the time).  Its identities are
-its client id, its user name when the broker authenticated it, and its
-address (the host; an IPv6 address's /64): a :class:`PauseLedger` remembers
+its client id, its user name when the broker authenticated it (every
+subscriber without one shares the single identity :data:`ANONYMOUS`: the
+broker cannot tell such subscribers apart, REVIEW-S10 S2), its address (the
+host; an IPv6 address's /64) and that address's network (/24; IPv6 /48):
+a :class:`PauseLedger` remembers
 each identity that used up a budget -- by running out (demotion) or by going
 away while holding publishers (a disconnect, a takeover) -- for ``recovery``
 seconds.  A congested subscriber with any identity in the ledger holds no
@@ -65,7 +68,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Tuple
 import attrs
 from twisted.logger import Logger
 
-from mqttd.ratelimit import peer_host
+from mqttd.ratelimit import enclosing_network, memory_key, network_key, peer_host
 
 log = Logger(namespace="mqttd.flowcontrol")
 
@@ -123,7 +126,8 @@ class Watermarks:
 def address_identity(peer) -> Optional[Tuple[str, str]]:
     """The ledger key of a connection's address: ``("host", host)``, for IPv6
     its /64 network (one site usually has a whole /64, so a new address from
-    it is not a new subscriber); None when the peer is unknown."""
+    it is not a new subscriber; :func:`mqttd.ratelimit.network_key`), a mapped
+    IPv4 as the IPv4; None when the peer is unknown."""
     if not peer:
         return None
     host = peer_host(peer)
@@ -131,27 +135,53 @@ def address_identity(peer) -> Optional[Tuple[str, str]]:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return ("host", host)       # a UNIX socket, a name: kept whole
-    if address.version == 6 and address.ipv4_mapped is None:
-        return ("host", str(ipaddress.ip_network(f"{address}/64", strict=False)))
-    if address.version == 6:
+    if address.version == 6 and address.ipv4_mapped is not None:
         return ("host", str(address.ipv4_mapped))
-    return ("host", host)
+    return ("host", network_key(host))
 
 
-def session_identities(session, authenticated: bool = True) -> frozenset:
-    """The identities whose pause budget ``session``'s holds spend:
-    ``("client", client id)``, ``("user", user name)`` if ``authenticated``
-    (a name no one checked could be anybody's, so claiming it must not
-    spend the budget of its owner), and :func:`address_identity` of its
-    connection's peer."""
-    keys = [("client", session.client_id)]
+def network_identity(peer) -> Optional[Tuple[str, str]]:
+    """The ledger key of the network around a connection's address:
+    ``("network", "a.b.c.0/24")``, for IPv6 its /48
+    (:func:`mqttd.ratelimit.enclosing_network`); None for a UNIX socket, a
+    name or an unknown peer.  New addresses from one network are cheap to get
+    (REVIEW-S10 S2: a subscriber reconnecting from 127.0.50.N, a new N each
+    time, got a fresh budget each time)."""
+    if not peer:
+        return None
+    network = enclosing_network(peer_host(peer))
+    return None if network is None else ("network", network)
+
+
+#: the one identity every subscriber without a checked user name shares: an
+#: address can be changed at will (many /24s, a /32 of IPv6), so subscribers
+#: the broker cannot tell apart spend one budget together (REVIEW-S10 S2)
+ANONYMOUS = ("anonymous", "*")
+
+
+def session_identities(session, authenticated: bool = True) -> Tuple[Tuple[str, str], ...]:
+    """The identities whose pause budget ``session``'s holds spend, most
+    specific first (the order a spent one is looked for and named in the log):
+    ``("client", client id)``; ``("user", user name)`` if ``authenticated``
+    (a name no one checked could be anybody's, so claiming it must not spend
+    the budget of its owner); :func:`address_identity` and
+    :func:`network_identity` of its connection's peer; and for a subscriber
+    without a checked user name :data:`ANONYMOUS`, which all of them share."""
+    keys = [("client", memory_key(session.client_id))]   # a long id: its digest
     owner = getattr(session, "owner", None)
-    if authenticated and owner is not None:
-        keys.append(("user", owner))
-    address = address_identity(getattr(getattr(session, "info", None), "peer", None))
+    checked = authenticated and owner is not None
+    if checked:
+        keys.append(("user", memory_key(owner)))
+    peer = getattr(getattr(session, "info", None), "peer", None)
+    address = address_identity(peer)
     if address is not None:
         keys.append(address)
-    return frozenset(keys)
+    network = network_identity(peer)
+    if network is not None:
+        keys.append(network)
+    if not checked:
+        keys.append(ANONYMOUS)
+    return tuple(keys)
 
 
 class PauseLedger:
@@ -230,14 +260,15 @@ class SlowConsumerGuard:
     :param enabled: False: nobody is ever held (``--no-publisher-backpressure``).
     :param watermarks: when a queue is congested and when it has drained
         (default: :meth:`Watermarks.for_limits` of the broker's default limits).
-    :param identities: ``identities(session) -> frozenset`` of the keys whose
-        budget the session's holds spend (default :func:`session_identities`).
+    :param identities: ``identities(session) -> tuple`` of the keys whose
+        budget the session's holds spend, most specific first (default
+        :func:`session_identities`).
     :param max_identities: entries of the :class:`PauseLedger` at most.
     """
 
     def __init__(self, clock, budget: float, recovery: float, stats, enabled: bool = True,
                  watermarks: Optional[Watermarks] = None,
-                 identities: Optional[Callable[[object], frozenset]] = None,
+                 identities: Optional[Callable[[object], tuple]] = None,
                  max_identities: int = 20_000):
         if budget < 0:
             raise ValueError(f"max_publisher_pause must be >= 0, not {budget!r}")
@@ -259,7 +290,7 @@ class SlowConsumerGuard:
         #: identities that used up a budget within the last ``recovery`` seconds
         self.ledger = PauseLedger(recovery, max_identities)
         #: holding session -> its identities; identity -> the sessions holding under it
-        self._keys: Dict[object, frozenset] = {}
+        self._keys: Dict[object, tuple] = {}
         self._by_key: Dict[Hashable, set] = {}
 
     # --- transitions -------------------------------------------------------------
@@ -476,5 +507,5 @@ class SlowConsumerGuard:
             conn.release_publisher()
 
 
-__all__ = ["PauseLedger", "SlowConsumerGuard", "Watermarks", "address_identity",
-           "session_identities"]
+__all__ = ["ANONYMOUS", "PauseLedger", "SlowConsumerGuard", "Watermarks",
+           "address_identity", "network_identity", "session_identities"]

@@ -24,7 +24,13 @@ from mqttd.messages import Message, forwarded_properties, published_at, will_mes
 from mqttd.persistence import records as R
 from mqttd.persistence.records import OutboundStage
 from mqttd.clients import ClientInfo
+from mqttd.ratelimit import memory_key
 from mqttd.session import Session
+from mqttd.sessionbudget import budget_owner, owner_name
+
+#: client ids whose last owner is remembered after its session ended (about
+#: 150 bytes each; see ``Broker.earlier_owners``)
+MAX_EARLIER_OWNERS = 100_000
 
 __all__ = ["SessionLifecycle", "NEVER_EXPIRES"]
 
@@ -49,6 +55,7 @@ class SessionLifecycle:
         written by older versions go through the same property mapping as
         live ones (a retained will could carry its Will Delay Interval)."""
         self.started = True
+        self._check_session_budget()
         now = self.clock.seconds()
         expired = 0
         for topic, message in list(state.retained.items()):
@@ -58,12 +65,16 @@ class SessionLifecycle:
                 continue
             self.retained.set(_forwardable(message))
         self._schedule_retained_expiry()
+        # one mapped copy per stored message: sessions that shared a message in
+        # the store share it in memory too (REVIEW-S9 R11)
+        mapped: dict = {}
         for client_id, stored in state.sessions.items():
-            expired += self._restore_session(stored, now)
+            expired += self._restore_session(stored, now, mapped)
         # the owners' offline sessions, longest offline first (--max-sessions)
         for session in sorted(self.sessions.values(),
                               key=lambda s: (s.disconnected_at or 0.0, s.client_id)):
-            self._persistent.went_offline(session.client_id)
+            self._persistent.went_offline(session.client_id,
+                                          bool(session.queue or session.inflight))
         # wills first: a session that expired while we were down publishes its will
         self.wills.restore(state.wills.values(), self.sessions)
         for session in list(self.sessions.values()):
@@ -75,9 +86,32 @@ class SessionLifecycle:
                  messages=sum(len(s.outbound) for s in state.sessions.values()),
                  wills=len(state.wills), expired=expired)
 
-    def _restore_session(self, stored: R.StoredSession, now: float) -> int:
+    def _check_session_budget(self) -> None:
+        """One WARN line at start-up when ``--max-sessions-per-user`` is not
+        below ``--max-sessions`` (0 or at least the cap): one user name -- or
+        the anonymous clients of one address -- can then hold every persistent
+        session.  The fair share at the cap still lets the other users' new
+        sessions in while that user has one offline, but not while all of
+        them are connected."""
+        limit = self.config.max_sessions
+        share = self.config.max_sessions_per_user
+        if limit and (not share or share >= limit):
+            log.warn("--max-sessions-per-user {share} is not below --max-sessions {limit}: "
+                     "one user name (or the anonymous clients of one address) can hold every "
+                     "persistent session; at the cap another user's new session then evicts "
+                     "that user's longest-offline session, and is refused while all of its "
+                     "sessions are connected. Set --max-sessions-per-user below "
+                     "--max-sessions (docs/security.rst, Session budget)",
+                     share=share or "0 (no share)", limit=limit)
+
+    def _restore_session(self, stored: R.StoredSession, now: float,
+                         mapped: Optional[dict] = None) -> int:
         """Rebuild one stored persistent session, offline; returns how many of
-        its messages had expired (dropped and deleted from the store)."""
+        its messages had expired (dropped and deleted from the store).
+
+        ``mapped`` (``id(stored message) -> (stored, message as restored)``),
+        shared by the sessions restored together, keeps a message that several
+        sessions share one object when its properties have to be mapped."""
         record = stored.record
         client_id = record.client_id
         expired = 0
@@ -85,8 +119,8 @@ class SessionLifecycle:
                           persistent=True, expiry_interval=record.expiry_interval,
                           owner=getattr(record, "owner", None),  # older records: none
                           ledger=self.stats)
-        self._persistent.add(client_id, session.owner)
-        self._persistent.went_offline(client_id)
+        # an anonymous session's address is not stored: "-" until it reconnects
+        self._persistent.add(client_id, budget_owner(session.owner))
         session.disconnected_at = (record.disconnected_at
                                    if record.disconnected_at is not None else now)
         for sub in record.subscriptions:
@@ -101,15 +135,25 @@ class SessionLifecycle:
                 self._write(R.DeleteOutbound(client_id, seq))
                 expired += 1
                 continue
-            forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            if mapped is None:
+                forwardable = _forwardable(out.message, keep_subscription_ids=True)
+            else:
+                known = mapped.get(id(out.message))
+                if known is None:
+                    forwardable = _forwardable(out.message, keep_subscription_ids=True)
+                    # the stored message is kept in the entry: its id stays valid
+                    mapped[id(out.message)] = (out.message, forwardable)
+                else:
+                    forwardable = known[1]
             if forwardable is not out.message:
                 out = attrs.evolve(out, message=forwardable)
             if out.stage == OutboundStage.QUEUED or out.packet_id is None:
                 session.restore_queued(out)
             else:
-                session.inflight[out.packet_id] = out
+                session.restore_inflight(out)
         if stored.inbound_qos2:
             session.inbound_qos2 = set(stored.inbound_qos2)
+        self._persistent.went_offline(client_id, bool(session.queue or session.inflight))
         self.sessions[client_id] = session
         self.stats.persistent_sessions = len(self._persistent)
         return expired
@@ -199,7 +243,7 @@ class SessionLifecycle:
         for topic_filter in list(session.subscriptions):
             self._unindex(client_id, topic_filter)
         session.clear_queue()
-        session.inflight.clear()
+        session.clear_inflight()
         session.replays = ()
         if session.expiry_call is not None and session.expiry_call.active():
             session.expiry_call.cancel()
@@ -223,11 +267,17 @@ class SessionLifecycle:
         it (never resumes it), so nobody can lock a device out of its client
         id by storing a session under it (REVIEW-S9 R17), and nobody reads
         another user's queued messages.  A session created anonymously (or
-        stored before owners were recorded) has no owner to protect.  Returns
-        None when allowed.
+        stored before owners were recorded) has no owner to protect.  Nor
+        does one that took the client id from ``username``'s offline session
+        (``Session.claimed_from``): the user who had the client id first
+        takes it back, the other user's connection is closed as a takeover
+        (0x8E), so staying connected under a device's client id does not lock
+        the device out either (REVIEW-S10 S5).  Returns None when allowed.
         """
         existing = self.sessions.get(client_id)
         if existing is None or existing.connection is None or self.may_resume(existing, username):
+            return None
+        if username is not None and existing.claimed_from == memory_key(username):
             return None
         return existing.owner
 
@@ -285,11 +335,22 @@ class SessionLifecycle:
                 existing.expiry_call.cancel()
             existing.expiry_call = None
         session_present = False
-        if existing is not None and not self.may_resume(existing, owner):
+        # who had the client id first keeps the right to take it back from
+        # another user (session_owner_conflict, REVIEW-S10 S5)
+        owner_key = memory_key(owner) if owner is not None else None
+        if existing is None:
+            first = (self.earlier_owners.get(memory_key(client_id))
+                     if owner is not None else None)
+        elif self.may_resume(existing, owner):
+            first = existing.claimed_from
+        else:
             # another user's offline session (a live one was refused by
             # session_owner_conflict): discarded whatever Clean Start says
             self._replace_foreign(existing, owner)
             clean_start = True
+            first = existing.claimed_from or (
+                memory_key(existing.owner) if existing.owner is not None else None)
+        claimed_from = first if first != owner_key else None
         if existing is not None and not clean_start:
             session = existing
             session_present = True
@@ -302,8 +363,11 @@ class SessionLifecycle:
             self.wills.session_ended(client_id)
             session = Session(client_id=client_id, ledger=self.stats)
             self.sessions[client_id] = session
+        if owner is not None:
+            self.earlier_owners.pop(memory_key(client_id), None)  # kept by the session now
         was_persistent = session.persistent
         session.owner = owner
+        session.claimed_from = claimed_from
         session.info = info
         session.protocol_level = protocol_level
         session.persistent = persistent
@@ -334,31 +398,48 @@ class SessionLifecycle:
 
     def _track_persistent(self, session: Session) -> None:
         if session.persistent:
-            self._persistent.add(session.client_id, session.owner)
+            self._persistent.add(session.client_id, budget_owner(
+                session.owner, getattr(session.info, "peer", None)))
         else:
             self._persistent.discard(session.client_id)
         self.stats.persistent_sessions = len(self._persistent)
 
     def session_refusal(self, client_id: str, persistent: bool,
-                        owner: Optional[str] = None) -> Optional[tuple]:
+                        owner: Optional[str] = None, peer: Optional[str] = None,
+                        ) -> Optional[tuple]:
         """Why a CONNECT for ``client_id`` by the user ``owner`` (None:
-        anonymous) must be refused before its session is touched:
-        ``(reason_code, why, stats_reason)``, or None to go on.
+        anonymous) from ``peer`` (``"host:port"``) must be refused before its
+        session is touched: ``(reason_code, why, stats_reason)``, or None to
+        go on.  Below, ``owner`` is the budget owner
+        (:func:`~mqttd.sessionbudget.budget_owner`): the user name, or for an
+        anonymous client its address (IPv6: /64) -- the anonymous clients of
+        one address share a budget, not all of them one (REVIEW-S10 S6).
 
         * the store cannot write (disk full, I/O error) and the session would be
           persistent: v5 0x97 Quota exceeded for a full disk, else 0x88 Server
           unavailable (v3: 0x03) -- a CONNACK refusal, never a DISCONNECT before
           CONNACK [MQTT-3.14.0-1];
         * it would create one persistent session more than ``owner`` may hold
-          (``max_sessions_per_user``) or than the broker holds
-          (``max_sessions``): ``owner``'s own persistent session that has been
-          offline longest is discarded to make room (counted as
+          (``max_sessions_per_user``): one of ``owner``'s own offline sessions
+          is discarded to make room -- the longest-offline one that owes no
+          message, else the longest-offline one
+          (:meth:`PersistentSessions.longest_offline
+          <mqttd.sessionbudget.PersistentSessions.longest_offline>`; counted as
           ``sessions_evicted``, one rate-limited line); if ``owner`` has none
           offline, 0x97 Quota exceeded (v3: 0x03), counted as
-          ``max-sessions-per-user`` / ``max-sessions``.  So one user filling
-          the budget with throwaway sessions evicts only its own (REVIEW-S9
-          R10).  Resuming or replacing an existing persistent session is
-          always allowed.  O(1): no scan of the sessions.
+          ``max-sessions-per-user``;
+        * it would create one more than the broker holds (``max_sessions``):
+          the fair share decides (:meth:`PersistentSessions.fair_victim
+          <mqttd.sessionbudget.PersistentSessions.fair_victim>`): an offline
+          session of the owner holding the most goes (chosen as above), if
+          that owner holds at least two more than ``owner``; else one of
+          ``owner``'s own; with neither, 0x97 / 0x03, counted as
+          ``max-sessions``.  So one user filling the budget with throwaway
+          sessions (REVIEW-S9 R10), even with a share at or above the cap,
+          locks no other user out.
+
+        Resuming or replacing an existing persistent session is always
+        allowed.  O(log owners): no scan of the sessions.
         """
         if not persistent:
             return None
@@ -370,36 +451,55 @@ class SessionLifecycle:
         if client_id in self._persistent:
             return None
         index = self._persistent
+        owner = budget_owner(owner, peer)
         share = self.config.max_sessions_per_user
         if share and index.count(owner) >= share:
-            refusal = self._make_room(client_id, owner, "max-sessions-per-user",
-                                      f"{index.count(owner)} persistent sessions of "
-                                      f"{owner!r}, the maximum (--max-sessions-per-user)")
+            refusal = self._make_room(
+                client_id, peer, owner, "max-sessions-per-user",
+                f"{index.count(owner)} persistent sessions of {owner_name(owner)!r}, "
+                f"the maximum (--max-sessions-per-user)",
+                index.longest_offline(owner, self.sessions))
             if refusal is not None:
                 return refusal
         limit = self.config.max_sessions
         if limit and len(index) >= limit:
-            return self._make_room(client_id, owner, "max-sessions",
+            return self._make_room(client_id, peer, owner, "max-sessions",
                                    f"{len(index)} persistent sessions, the maximum "
-                                   f"(--max-sessions)")
+                                   f"(--max-sessions)",
+                                   index.fair_victim(owner, self.sessions))
         return None
 
-    def _make_room(self, client_id: str, owner: Optional[str], what: str,
-                   why: str) -> Optional[tuple]:
-        """Discard ``owner``'s longest-offline persistent session for the new
-        one of ``client_id`` (None), or the refusal if it has none offline."""
-        victim = self._persistent.longest_offline(owner, self.sessions)
+    def _make_room(self, client_id: str, peer: Optional[str], owner, what: str,
+                   why: str, victim: Optional[Session]) -> Optional[tuple]:
+        """Discard ``victim`` (an offline persistent session: budget owner
+        ``owner``'s own, or at ``--max-sessions`` the biggest owner's) for the
+        new session of ``client_id`` from ``peer``, or without one the refusal."""
         if victim is None:
             return (ReasonCode.QUOTA_EXCEEDED, why, what)
         self.stats.sessions_evicted += 1
         offline = self.clock.seconds() - (victim.disconnected_at or self.clock.seconds())
-        self.log_limiter.warn(
-            log, (owner, "session-evicted"),
-            "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
-            "{queued} queued) for the new session {client_id}: {why}",
-            evicted=victim.client_id, owner=owner, offline=offline,
-            queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
-            why=why, what=what)
+        victim_owner = self._persistent.owner_of(victim.client_id)
+        if victim_owner == owner:
+            self.log_limiter.warn(
+                log, (owner, "session-evicted"),
+                "Evicting session {evicted} of {owner!r} (offline {offline:.0f} s, "
+                "{queued} queued) for the new session {client_id} from {peer}: {why}",
+                evicted=victim.client_id, owner=owner_name(owner), offline=offline,
+                queued=len(victim.queue) + len(victim.inflight), client_id=client_id,
+                peer=peer or "-", why=why, what=what)
+        else:
+            self.log_limiter.warn(
+                log, (victim_owner, "session-evicted"),
+                "Evicting session {evicted} of {victim_owner!r} (offline {offline:.0f} s, "
+                "{queued} queued; {victim_owner!r} holds {held} persistent sessions, the "
+                "most) for the new session {client_id} of {owner!r} ({mine}) from {peer}: "
+                "{why}; fair share",
+                evicted=victim.client_id, victim_owner=owner_name(victim_owner),
+                owner=owner_name(owner), offline=offline,
+                queued=len(victim.queue) + len(victim.inflight),
+                held=self._persistent.count(victim_owner),
+                mine=self._persistent.count(owner), client_id=client_id,
+                peer=peer or "-", why=why, what=what)
         if self.incident_listeners:
             self.incident(victim.client_id, "session-evicted",
                           f"session evicted for {client_id}: {why}")
@@ -417,6 +517,7 @@ class SessionLifecycle:
         if conn is None:
             return
         session.resend = collections.deque(session.inflight) if session.inflight else ()
+        session.inflight_held = False   # a new connection: its own --max-inflight-bytes episodes
         self.drain(session)
 
     def connection_lost(self, session: Session, connection, publish_will: bool,
@@ -445,7 +546,7 @@ class SessionLifecycle:
         if not session.persistent:
             self._teardown_step(client_id, "session discard", self._discard_session, session)
         else:
-            self._persistent.went_offline(client_id)
+            self._persistent.went_offline(client_id, bool(session.queue or session.inflight))
             self._teardown_step(client_id, "session store", self.save_session_state,
                                 session)
             self._teardown_step(client_id, "session expiry", self._schedule_expiry,
@@ -515,6 +616,10 @@ class SessionLifecycle:
                               f"{queued} queued or in-flight messages discarded")
 
     def _discard_session(self, session: Session) -> None:
+        first = session.claimed_from or (
+            memory_key(session.owner) if session.owner is not None else None)
+        if first is not None:
+            self._remember_owner(memory_key(session.client_id), first)
         for topic_filter in list(session.subscriptions):
             self._unindex(session.client_id, topic_filter)
         session.subscriptions.clear()
@@ -533,6 +638,18 @@ class SessionLifecycle:
         self.wills.session_ended(session.client_id)
         if session.inflight or session.queue:
             self._redispatch(session)
+
+    def _remember_owner(self, client_id: str, owner: str) -> None:
+        """Remember that ``owner`` had ``client_id`` (its session just ended),
+        for :meth:`session_owner_conflict`; at most
+        :data:`MAX_EARLIER_OWNERS` client ids, the oldest forgotten first.
+        Both are :func:`mqttd.ratelimit.memory_key` forms (a long one: its
+        digest), so the table's size does not grow with what clients chose."""
+        owners = self.earlier_owners
+        owners.pop(client_id, None)
+        owners[client_id] = owner
+        while len(owners) > MAX_EARLIER_OWNERS:
+            owners.popitem(last=False)
 
     def session_expiry_changed(self, session: Session, interval: int) -> None:
         """A v5 DISCONNECT carried a new Session Expiry Interval [MQTT-3.14.2-2].

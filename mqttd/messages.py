@@ -16,12 +16,16 @@ every path maps properties by what the *target* packet allows (MQTT 5.0
 """
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 from typing import Optional
 
 import attrs
 
 from mqttd.codec.packets import NO_PROPERTIES, Properties
+
+_PYPY = sys.implementation.name == "pypy"
 
 #: ``Message.origin`` of the broker's own ``$SYS`` publications: not counted in
 #: the message and byte statistics.  Compared by value (``!=``), so a copy
@@ -56,6 +60,10 @@ class Message:
     #: message is never queued), never compared, shown or pickled (a copy made
     #: with ``attrs.evolve`` starts unset and computes its own)
     _size: int = attrs.field(init=False, eq=False, hash=False, repr=False)
+    if _PYPY:
+        #: ``message_key`` on PyPy (0 until first asked), never compared, shown
+        #: or pickled; CPython keys messages by ``id()`` and has no such slot
+        _key: int = attrs.field(init=False, default=0, eq=False, hash=False, repr=False)
 
     # Pickles (the stores, cluster peers) carry the seven fields above and
     # nothing else, exactly as before the size cache existed: old records load,
@@ -70,9 +78,11 @@ class Message:
         for name in _STATE:
             if name in state:
                 set_field(self, name, state[name])
+        if _PYPY:
+            set_field(self, "_key", 0)
 
 
-#: the fields a Message pickles (all but the size cache)
+#: the fields a Message pickles (all but the size and key caches)
 _STATE = ("topic", "payload", "qos", "retain", "properties", "origin", "expires_at")
 
 
@@ -111,19 +121,44 @@ def message_size(message: Message) -> int:
     (``--max-queued-bytes``, ``--max-queued-bytes-total``, the slow-consumer
     high-water mark in bytes, ``queued_bytes``, ``$SYS/broker/store/messages/bytes``),
     so MQTT 5 properties (User Properties, Correlation Data... up to the
-    packet size) are never free.  Computed once per message object and
-    cached on it; the common case (no properties) is two ``len`` calls.
+    packet size) are never free.  The common case (no properties) is two
+    ``len`` calls, nothing cached (a cache miss raises and catches
+    AttributeError, which costs more: this runs for every QoS 1/2 delivery
+    under ``--max-inflight-bytes``); with properties it is computed once per
+    message object and cached on it.
     """
+    props = message.properties
+    if props is NO_PROPERTIES:
+        return len(message.topic) + len(message.payload)
     try:
         return message._size
     except AttributeError:
         pass
-    props = message.properties
-    size = len(message.topic) + len(message.payload)
-    if props is not NO_PROPERTIES:
-        size += properties_size(props)
+    size = len(message.topic) + len(message.payload) + properties_size(props)
     object.__setattr__(message, "_size", size)
     return size
+
+
+# message_key(message) -> int: a number naming a message *object* while the
+# caller holds it.  The store's message table and the queue ledger count a
+# message that many sessions hold (one object) once, keyed by it.  On CPython
+# it is id(): free, and valid because the table or the queues keep the object
+# alive while it is counted.  On PyPy id() of an object of the moving GC costs
+# a side-table entry (0.8 us, measured), so there it is a number from a
+# counter kept in the message's ``_key`` slot (0 until first asked: an
+# AttributeError per new key costs PyPy's JIT more than the default costs each
+# Message), set on first ask (a copy made with attrs.evolve gets its own).
+if _PYPY:
+    _keys = itertools.count(1)
+
+    def message_key(message: Message) -> int:
+        key = message._key
+        if not key:
+            key = next(_keys)
+            object.__setattr__(message, "_key", key)
+        return key
+else:
+    message_key = id
 
 
 #: the properties a server forwards from a PUBLISH (or a will) to the

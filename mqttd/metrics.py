@@ -57,8 +57,12 @@ class BrokerStats:
     #: before a reload took the read permission away; "held-input": PUBLISHes
     #: a client sent that were held, unhandled, when its connection ended)
     dropped: Dict[str, int] = attrs.Factory(dict)
-    #: gauge: bytes (topic + payload + properties) queued in all sessions (--max-queued-bytes-total)
+    #: gauge: bytes (topic + payload + properties) the messages queued in all
+    #: sessions hold, a message queued for several sessions counted once
+    #: (--max-queued-bytes-total; mqttd.session.QueueLedger)
     queued_bytes: int = 0
+    #: message_key(message) -> queue entries holding it (QueueLedger)
+    queued_held: Dict[int, int] = attrs.Factory(dict)
     #: gauge: persistent sessions held (--max-sessions)
     persistent_sessions: int = 0
     #: indexed by QoS (the broker's own $SYS messages are not counted):
@@ -85,7 +89,8 @@ class BrokerStats:
     #: "subscription" (removed on reload), "max-connections",
     #: "max-subscriptions-per-client", "max-topic-filters-per-packet",
     #: "max-topic-levels", "inbound-rate", "max-pending-connections",
-    #: "max-user-properties",
+    #: "max-user-properties", "max-inflight-bytes" (a limit hit: a
+    #: subscriber's queue waits on its in-flight byte window, once per episode),
     #: "max-sessions", "max-sessions-per-user", "store-unavailable" (CONNECTs
     #: refused for them)
     refused: Dict[str, int] = attrs.Factory(dict)

@@ -23,6 +23,7 @@ from mqttd.codec.packets import (
     MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Connack, Disconnect, Puback, Pubcomp, Pubrec, Pubrel)
 from mqttd.connstate import _CLOSED, _CONNECTED
 from mqttd.messages import SYS_ORIGIN, Message
+from mqttd.topics import CACHED_NAME_LIMIT
 
 __all__ = ["Outbound", "template_key"]
 
@@ -172,6 +173,16 @@ class Outbound:
             stats.bytes_out[qos] += size
         self.transport.write(data)
 
+    def send_publish_stored(self, message: Message, qos: int, packet_id: int,
+                            cache: Optional[dict] = None, template=None) -> None:
+        """:meth:`send_publish` once the broker's store made what was written
+        for it durable (the message's record with ``packet_id``), in order
+        with this connection's acknowledgements waiting for the store (see
+        ``Delivery.qos2_sent_after_store``); never if the connection closes
+        first (the record is resent with DUP on resume [MQTT-4.4.0-1])."""
+        self._output(lambda: self.send_publish(message, qos, packet_id, False, cache,
+                                               template), durable=True)
+
     def _no_template(self, message: Message, qos: int, cache: dict) -> None:
         return None  # the topic aliases make this connection's bytes its own
 
@@ -184,8 +195,13 @@ class Outbound:
             message = self.broker.public_form(message, cache)   # [MQTT-3.3.2-17]
         aliases = self._out_aliases
         topic = message.topic
-        alias, known = aliases.alias_for(topic)
-        props = attrs.evolve(message.properties, topic_alias=alias)
+        if len(topic) > CACHED_NAME_LIMIT:
+            # a long name is sent whole: an alias saves little on it, and the
+            # table would keep up to 65,535 names of 64 KiB (REVIEW-S10 S14)
+            alias, known, props = None, False, message.properties
+        else:
+            alias, known = aliases.alias_for(topic)
+            props = attrs.evolve(message.properties, topic_alias=alias)
         data = publish_template("" if known else topic, message.payload, qos,
                                 message.retain, props, MQTT_5).encode(packet_id, dup)
         if self._client_max_packet is not None and len(data) > self._client_max_packet:
@@ -194,7 +210,8 @@ class Outbound:
                 if packet_id is not None:
                     self.clock.callLater(0, self._discard_inflight, packet_id)
             return
-        aliases.sent(topic, alias, known)
+        if alias is not None:
+            aliases.sent(topic, alias, known)
         if message.origin != SYS_ORIGIN:  # $SYS traffic is not counted
             stats = self._stats
             size = len(data)

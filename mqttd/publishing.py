@@ -20,6 +20,7 @@ from mqttd.connstate import _CLOSED, _CONNECTED
 from mqttd.messages import Message, forwarded_properties
 from mqttd.outbound import _InboundAck, template_key
 from mqttd.persistence.records import OutboundStage
+from mqttd.routing import INBOUND_PACKET_ID
 
 __all__ = ["Publishing"]
 
@@ -140,10 +141,15 @@ class Publishing:
             session = self.session
             if broker.inbound_qos2_seen(session, pid):
                 # a re-sent PUBLISH before PUBREL: acknowledge, never deliver twice
-                # [MQTT-4.3.3-10]
-                self._output(Pubrec(pid), durable=False)
+                # [MQTT-4.3.3-10] (a cluster may complete its hand-off, idempotently)
+                self._output(Pubrec(pid), durable=broker.inbound_qos2_resent(
+                    session, pid, message))
                 return
             broker.inbound_qos2_add(session, pid)
+            if broker.router is not None:
+                if cache is None:
+                    cache = {}
+                cache[INBOUND_PACKET_ID] = pid
             receivers = broker.publish(message, self.info, cache)
             code = 0 if receivers or level != MQTT_5 else ReasonCode.NO_MATCHING_SUBSCRIBERS
             self._output(Pubrec(pid, code), durable=True)

@@ -23,6 +23,7 @@ bridges) call it for their own client-triggered lines.
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 from typing import Callable, Dict, Hashable, Optional
 
@@ -184,6 +185,40 @@ def network_key(host: str) -> str:
     if address.version == 6 and address.ipv4_mapped is None:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return host
+
+
+#: strings a client chose (client ids, user names) longer than this many
+#: characters are kept under a digest by the broker's memories of clients
+#: (see :func:`memory_key`)
+KEY_LIMIT = 256
+
+
+def memory_key(text: str) -> str:
+    """The key under which a memory that outlives a connection (inbound
+    buckets, the publisher-pause ledger, earlier owners of client ids, ACL
+    views) keeps a client-chosen string: the string itself up to
+    :data:`KEY_LIMIT` characters, else ``"sha256:"`` and its hex digest --
+    so 10,000 remembered client ids of 60,000 characters cost 10,000 short
+    keys, not 600 MB (REVIEW-S10 S16), and two long ids never share one."""
+    if len(text) <= KEY_LIMIT:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def enclosing_network(host: str) -> Optional[str]:
+    """The network around a client host, for budgets that new addresses must
+    not renew: its /24 (IPv4, IPv4-mapped IPv6 included) or /48 (IPv6: what
+    one customer site is usually given), as ``"203.0.113.0/24"``; None for
+    what is no IP address (a UNIX socket's ``-``, a name).  ``host`` has no
+    port (see :func:`peer_host`)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def address_key(peer) -> str:
@@ -406,13 +441,13 @@ class InboundBuckets:
             self.memory.recall((("host", host),), bucket, now)
             entry = self._live[host] = [bucket, 0]
         bucket = entry[0]
-        self.memory.recall((("client", client_id),), bucket, now)
+        self.memory.recall((("client", memory_key(client_id)),), bucket, now)
         entry[1] += 1
         return bucket
 
     def release(self, client_id, bucket: InboundBucket, now: float) -> None:
         """A connection that acquired ``bucket`` closed."""
-        self.memory.remember((("client", client_id),), bucket, now)
+        self.memory.remember((("client", memory_key(client_id)),), bucket, now)
         host = bucket.host
         entry = self._live.get(host)
         if entry is None or entry[0] is not bucket:

@@ -15,7 +15,7 @@ from typing import Deque, Dict, Optional
 import attrs
 
 from mqttd.codec.packets import Will
-from mqttd.messages import Message, message_size
+from mqttd.messages import Message, message_key, message_size
 from mqttd.persistence.records import (
     OutboundRecord, OutboundStage, SessionRecord, SubscriptionRecord)
 
@@ -33,14 +33,55 @@ class QueueLimits:
     max_messages: int = 100_000
     max_bytes: int = 64 * 1024 * 1024
     policy: str = OverflowPolicy.DROP_OLDEST
-    #: cap on the queued bytes of all sessions together (their ``ledger``); 0 = none
+    #: cap on the bytes the queued messages of all sessions together hold (their
+    #: ``ledger``: a message queued for many sessions counts once); 0 = none
     max_total_bytes: int = 0
 
 
 class QueueLedger:
-    """The queued bytes of every session sharing it (``--max-queued-bytes-total``)."""
+    """The bytes queued messages hold over every session sharing the ledger
+    (``--max-queued-bytes-total``).
+
+    A message is one object however many sessions it is queued for (a fan-out,
+    or the store's shared copy after a restart), so it counts **once**:
+    ``queued_bytes`` is the sum of :func:`~mqttd.messages.message_size` over the
+    distinct messages queued, and ``queued_held`` maps
+    :func:`~mqttd.messages.message_key` of each to the number of queue entries
+    holding it.  (A session's own
+    ``queued_bytes`` counts every message of its queue: what it is owed.)
+    The broker's :class:`~mqttd.metrics.BrokerStats` is its ledger.
+    """
 
     queued_bytes: int = 0
+
+    def __init__(self) -> None:
+        self.queued_held: Dict[int, int] = {}
+
+
+def ledger_hold(ledger, message: Message, size: int) -> None:
+    """One more queue entry holds ``message`` (``size`` bytes): counted the first time."""
+    held = ledger.queued_held
+    key = message_key(message)
+    count = held.get(key)
+    if count is None:
+        held[key] = 1
+        ledger.queued_bytes += size
+    else:
+        held[key] = count + 1
+
+
+def ledger_release(ledger, message: Message, size: int) -> None:
+    """One queue entry fewer holds ``message``: its bytes go with the last one."""
+    held = ledger.queued_held
+    key = message_key(message)
+    count = held.get(key)
+    if count is None:
+        return
+    if count > 1:
+        held[key] = count - 1
+    else:
+        del held[key]
+        ledger.queued_bytes -= size
 
 
 class PacketIdsExhausted(Exception):
@@ -63,6 +104,14 @@ class Session:
     queued_bytes: int = 0
     #: packet id -> in-flight record, in the order they were sent
     inflight: Dict[int, OutboundRecord] = attrs.Factory(dict)
+    #: bytes (:func:`~mqttd.messages.message_size`) of the :attr:`inflight`
+    #: messages, against ``--max-inflight-bytes``; every change of
+    #: :attr:`inflight` keeps it (the broker's delivery, recovery, release)
+    inflight_bytes: int = 0
+    #: True while queued messages wait because :attr:`inflight_bytes` reached
+    #: ``--max-inflight-bytes`` (one counted limit hit per such episode; it
+    #: ends when the queue is empty)
+    inflight_held: bool = False
     #: inbound QoS 2 packet ids whose PUBREL has not arrived yet (an empty
     #: frozenset until the first; the broker makes the set)
     inbound_qos2: set = frozenset()
@@ -89,6 +138,12 @@ class Session:
     congested_since: Optional[float] = None
     #: the authenticated username that created the session (None: anonymous)
     owner: Optional[str] = None
+    #: the owner of the offline session this one discarded when it took the
+    #: client id from another user (the first such owner along a chain); that
+    #: user takes the client id back even while this session is connected
+    #: (REVIEW-S10 S5).  None: the client id was free or this owner's own.
+    #: Its :func:`mqttd.ratelimit.memory_key` form (a long name: its digest).
+    claimed_from: Optional[str] = None
     #: the ClientInfo of the connection (or of the owner while offline), for hooks
     info: object = None
     #: deliveries waiting for a Deferred ``authorize_forward`` answer, in order:
@@ -139,6 +194,28 @@ class Session:
         self._next_packet_id = pid % 65535 + 1
         return pid
 
+    def clear_inflight(self) -> None:
+        """Forget every in-flight message (the session is discarded or handed on)."""
+        self.inflight.clear()
+        self.inflight_bytes = 0
+        self.inflight_held = False
+
+    def restore_inflight(self, record: OutboundRecord) -> None:
+        """Put a recovered in-flight record back under its packet id (no
+        limits: it was in flight before; its bytes count)."""
+        self.inflight[record.packet_id] = record
+        self.inflight_bytes += message_size(record.message)
+
+    def pop_inflight(self, packet_id: int) -> OutboundRecord:
+        """Take the in-flight record of ``packet_id`` out (acknowledged,
+        failed or expired); :attr:`inflight_bytes` drops by its size.
+
+        :raises KeyError: nothing is in flight under ``packet_id``.
+        """
+        record = self.inflight.pop(packet_id)
+        self.inflight_bytes -= message_size(record.message)
+        return record
+
     # --- queue ----------------------------------------------------------------
 
     def enqueue(self, record: OutboundRecord, limits: QueueLimits,
@@ -146,19 +223,25 @@ class Session:
         """Append ``record`` to the queue, applying ``limits``.
 
         Bytes are the message's held size, topic + payload + properties
-        (:func:`~mqttd.messages.message_size`), in :attr:`queued_bytes`, the
-        ledger and ``limits``.
+        (:func:`~mqttd.messages.message_size`): in this session's
+        :attr:`queued_bytes` and ``limits.max_bytes`` every queued message
+        counts; in the shared :attr:`ledger` and ``limits.max_total_bytes`` a
+        message queued for several sessions counts once (:class:`QueueLedger`),
+        so queuing a message another queue already holds never exceeds the
+        total.
 
         Returns the record that was dropped to respect the limits (which may be
         ``record`` itself under DROP_NEW), or ``None``; :attr:`overflow` then
         says which limit (``"queue-full"``: this session's count or bytes;
-        ``"queued-bytes-total"``: all sessions' bytes, ``limits.max_total_bytes``
-        against the shared :attr:`ledger`).  Under DROP_OLDEST one message of
-        this session's queue makes room, so the total stays within one message
-        of its cap.  ``force`` bypasses the limits (retained messages sent on
-        SUBSCRIBE are never dropped).
+        ``"queued-bytes-total"``: all sessions' bytes).  Under DROP_OLDEST one
+        message of this session's queue makes room -- for the total only if
+        no other queue holds it (dropping it would free nothing; the new one is
+        dropped instead) -- so the total stays within one message of its cap.
+        ``force`` bypasses the limits (retained messages sent on SUBSCRIBE are
+        never dropped).
         """
-        size = message_size(record.message)
+        message = record.message
+        size = message_size(message)
         victim = None
         ledger = self.ledger
         if not force:
@@ -167,32 +250,55 @@ class Session:
             if over:
                 self.overflow = "queue-full"
             elif (limits.max_total_bytes and ledger is not None
-                  and ledger.queued_bytes + size > limits.max_total_bytes):
+                  and ledger.queued_bytes + size > limits.max_total_bytes
+                  and message_key(message) not in ledger.queued_held):
                 over = True
                 self.overflow = "queued-bytes-total"
             if over:
                 if limits.policy == OverflowPolicy.DROP_NEW or not self.queue:
                     return record
+                if (self.overflow == "queued-bytes-total"
+                        and ledger.queued_held.get(message_key(self.queue[0].message), 0) > 1):
+                    return record       # the oldest is shared: dropping it frees nothing
                 victim = self.queue.popleft()
                 victim_size = message_size(victim.message)
                 self.queued_bytes -= victim_size
                 if ledger is not None:
-                    ledger.queued_bytes -= victim_size
+                    ledger_release(ledger, victim.message, victim_size)
         queue = self.queue
         if queue.__class__ is tuple:
             queue = self.queue = collections.deque()
         queue.append(record)
         self.queued_bytes += size
         if ledger is not None:
-            ledger.queued_bytes += size
+            # ledger_hold, inline: once per message queued
+            held = ledger.queued_held
+            key = message_key(message)
+            count = held.get(key)
+            if count is None:
+                held[key] = 1
+                ledger.queued_bytes += size
+            else:
+                held[key] = count + 1
         return victim
 
     def dequeue(self) -> OutboundRecord:
         record = self.queue.popleft()
-        size = message_size(record.message)
+        message = record.message
+        size = message_size(message)
         self.queued_bytes -= size
-        if self.ledger is not None:
-            self.ledger.queued_bytes -= size
+        ledger = self.ledger
+        if ledger is not None:
+            # ledger_release, inline: once per queued message sent
+            held = ledger.queued_held
+            key = message_key(message)
+            count = held.get(key)
+            if count is not None:
+                if count > 1:
+                    held[key] = count - 1
+                else:
+                    del held[key]
+                    ledger.queued_bytes -= size
         return record
 
     def restore_queued(self, record: OutboundRecord) -> None:
@@ -203,7 +309,7 @@ class Session:
         self.queue.append(record)
         self.queued_bytes += size
         if self.ledger is not None:
-            self.ledger.queued_bytes += size
+            ledger_hold(self.ledger, record.message, size)
 
     def remove_queued(self, records) -> list:
         """Take those of ``records`` that are still queued out of the queue
@@ -217,17 +323,21 @@ class Session:
         for record in self.queue:
             (removed if id(record) in wanted else kept).append(record)
         if removed:
-            size = sum(len(r.message.payload) + len(r.message.topic) for r in removed)
             self.queue = kept if kept else ()
-            self.queued_bytes -= size
-            if self.ledger is not None:
-                self.ledger.queued_bytes -= size
+            ledger = self.ledger
+            for record in removed:
+                size = message_size(record.message)
+                self.queued_bytes -= size
+                if ledger is not None:
+                    ledger_release(ledger, record.message, size)
         return removed
 
     def clear_queue(self) -> None:
         """Forget every queued message (the session is discarded)."""
-        if self.ledger is not None:
-            self.ledger.queued_bytes -= self.queued_bytes
+        ledger = self.ledger
+        if ledger is not None:
+            for record in self.queue:
+                ledger_release(ledger, record.message, message_size(record.message))
         self.queue = ()
         self.queued_bytes = 0
 

@@ -138,12 +138,14 @@ OPTIONS: List[Option] = [
            "beyond it the overflow policy drops (0 = no cap).", default=1024 * 1024 * 1024,
            field="max_queued_bytes_total"),
     Option("max-sessions", integer(0), "Persistent sessions held at most; a CONNECT for "
-           "one more discards its user's longest-offline session, or without one is "
-           "refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
+           "one more discards an offline session (longest offline, owing no message first) "
+           "of the user holding the most (if at least two more; fair share) or else of its "
+           "own user, or without one is refused (v5 0x97, v3 0x03; 0 = no cap).", default=100_000,
            field="max_sessions"),
-    Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (all "
-           "anonymous clients together: one) holds at most; one more discards its "
-           "longest-offline session, or without one is refused (0 = no share).",
+    Option("max-sessions-per-user", integer(0), "Persistent sessions one user name (the "
+           "anonymous clients of one address, IPv6: /64, together: one) holds at most; one "
+           "more discards its longest-offline session, or without one is refused "
+           "(0 = no share).",
            default=10_000, field="max_sessions_per_user"),
     Option("overflow-policy", choice(*OverflowPolicy.ALL), "What a full queue drops.",
            default=OverflowPolicy.DROP_OLDEST, field="overflow_policy"),
@@ -155,6 +157,10 @@ OPTIONS: List[Option] = [
            field="queue_qos0"),
     Option("max-inflight", integer(1, 65535), "Outbound QoS 1/2 window per client "
            "(v5: at most its Receive Maximum).", default=1000, field="max_inflight"),
+    Option("max-inflight-bytes", integer(0), "Bytes (topic + payload + properties) of "
+           "outbound QoS 1/2 messages in flight per client (mosquitto's "
+           "max_inflight_bytes); more wait in the queue; a larger message goes alone "
+           "(0 = no byte bound).", default=16 * 1024 * 1024, field="max_inflight_bytes"),
     Option("max-packet-size", integer(14, 268_435_460), "Largest packet accepted, bytes.",
            default=16 * 1024 * 1024, field="max_packet_size"),
     Option("max-connect-packet-size", integer(14, 268_435_460), "Largest packet accepted "

@@ -187,6 +187,11 @@ class _Node:
 
 Match = Tuple[str, Hashable, Any]
 
+#: topic names longer than this many characters are never kept as keys of
+#: caches (the match cache, the merged-matches cache, the outbound topic
+#: alias table): a client chooses them, up to 65,535 bytes each
+CACHED_NAME_LIMIT = 256
+
 
 class SubscriptionTrie:
     """Topic filters -> subscribers, matched by topic name.
@@ -198,18 +203,26 @@ class SubscriptionTrie:
 
     :param cache_size: how many topic names keep their :meth:`match` result
         (bounded, least recently used evicted first); ``0`` disables it.
+        Bounded in bytes too: names longer than :data:`CACHED_NAME_LIMIT`
+        characters are matched every time, never kept, and the kept results
+        hold at most ``cache_matches`` (filter, key, value) entries in all
+        (REVIEW-S10 S14: 10,000 names of 60 KB pinned ~600 MB).
         Adding or removing a filter without wildcards drops only the one
         cached topic it can match; a wildcard filter clears the cache.
     """
 
-    __slots__ = ("_root", "_count", "_cache", "_cache_size")
+    __slots__ = ("_root", "_count", "_cache", "_cache_size", "_cache_matches",
+                 "_cached_matches")
 
-    def __init__(self, cache_size: int = 10000) -> None:
+    def __init__(self, cache_size: int = 10000, cache_matches: int = 1_000_000) -> None:
         if cache_size < 0:
             raise ValueError("cache_size must be >= 0")
         self._root = _Node()
         self._count = 0
         self._cache_size = cache_size
+        self._cache_matches = cache_matches
+        #: (filter, key, value) entries in the cached results
+        self._cached_matches = 0
         self._cache: Optional["OrderedDict[str, List[Match]]"] = (
             OrderedDict() if cache_size else None)
 
@@ -220,9 +233,12 @@ class SubscriptionTrie:
         if cache:
             if "+" in topic_filter or "#" in topic_filter:
                 cache.clear()
+                self._cached_matches = 0
             else:
                 # a filter without wildcards matches exactly one topic name
-                cache.pop(topic_filter, None)
+                dropped = cache.pop(topic_filter, None)
+                if dropped is not None:
+                    self._cached_matches -= len(dropped)
 
     def add(self, topic_filter: str, key: Hashable, value: Any) -> bool:
         """Subscribe *key* to *topic_filter* with *value*.
@@ -292,6 +308,7 @@ class SubscriptionTrie:
         self._count = 0
         if self._cache is not None:
             self._cache.clear()
+            self._cached_matches = 0
 
     # -- queries ----------------------------------------------------------
 
@@ -368,9 +385,14 @@ class SubscriptionTrie:
                 cache.move_to_end(topic_name)
                 return result
             result = self._match(topic_name)
-            if len(cache) >= self._cache_size:
-                cache.popitem(last=False)
-            cache[topic_name] = result
+            if len(topic_name) > CACHED_NAME_LIMIT:
+                return result     # a long name is matched every time, never kept
+            while cache and (len(cache) >= self._cache_size or
+                             self._cached_matches + len(result) > self._cache_matches):
+                self._cached_matches -= len(cache.popitem(last=False)[1])
+            if len(result) <= self._cache_matches:
+                cache[topic_name] = result
+                self._cached_matches += len(result)
             return result
         return self._match(topic_name)
 

@@ -94,3 +94,16 @@ def test_durability_figures_script_runs_and_loses_nothing(tmp_path):
     assert results["restart"]["missing"] == 0
     assert results["restart"]["delivered_after_restart"] == results["restart"]["messages"]
     assert results["throughput_default"]["acked"] == results["throughput_memory"]["acked"]
+
+
+def test_fanout_store_script_runs_and_stores_one_copy():
+    """bench/fanout_store.py --quick: one message to 20 offline sessions is stored once
+    (the data directory holds less than two copies), and the durable CPU figure comes out."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "fanout_store.py"), "--quick"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    entry = json.loads(proc.stdout.strip().splitlines()[-1])
+    fanout = entry["fanout"]
+    assert fanout["data_dir_bytes"] < 2 * fanout["size"] < fanout["sessions"] * fanout["size"]
+    assert entry["durable"]["messages_per_cpu_second"] > 0

@@ -58,7 +58,7 @@ class BrokerCollector:
         # --- one pass over the sessions for every gauge ---------------------------------
         connections: Dict[Tuple[str, str], int] = {}
         online = offline = persistent = subscriptions = 0
-        queued = queued_bytes = inflight = 0
+        queued = queued_bytes = inflight = inflight_bytes = 0
         max_queue = 0
         for session in list(broker.sessions.values()):
             conn = session.connection
@@ -76,6 +76,7 @@ class BrokerCollector:
             queued += depth
             queued_bytes += session.queued_bytes
             inflight += len(session.inflight)
+            inflight_bytes += session.inflight_bytes
             if depth > max_queue:
                 max_queue = depth
         g = GaugeMetricFamily("mqttd_connections", "Connected clients by listener and "
@@ -107,10 +108,16 @@ class BrokerCollector:
         yield _gauge("mqttd_queued_messages", "Messages waiting in session queues", queued)
         yield _gauge("mqttd_queued_bytes", "Bytes (topic + payload + properties) waiting in session queues",
                      queued_bytes)
+        yield _gauge("mqttd_queued_bytes_held", "Bytes the queued messages hold, a message "
+                     "queued for several sessions counted once (what "
+                     "--max-queued-bytes-total caps)", getattr(stats, "queued_bytes", 0))
         yield _gauge("mqttd_queue_depth_max", "Messages in the longest session queue",
                      max_queue)
         yield _gauge("mqttd_inflight_messages", "Outbound QoS 1/2 messages awaiting "
                      "acknowledgement", inflight)
+        yield _gauge("mqttd_inflight_bytes", "Bytes (topic + payload + properties) of the "
+                     "outbound QoS 1/2 messages awaiting acknowledgement "
+                     "(--max-inflight-bytes per client)", inflight_bytes)
 
         # --- traffic counters ---------------------------------------------------------------
         for name, doc, values in (

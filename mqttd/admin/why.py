@@ -285,7 +285,9 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
     session_info = {"state": state, "persistent": bool(session.persistent),
                     "protocol": _LEVELS.get(session.protocol_level, session.protocol_level),
                     "queued": len(session.queue), "queued_bytes": session.queued_bytes,
-                    "inflight": len(session.inflight), "dropped": dict(session.dropped)}
+                    "inflight": len(session.inflight),
+                    "inflight_bytes": getattr(session, "inflight_bytes", 0),
+                    "dropped": dict(session.dropped)}
     if not online and session.expiry_interval is not None \
             and session.disconnected_at is not None:
         session_info["expires_at"] = session.disconnected_at + session.expiry_interval
@@ -431,6 +433,22 @@ def explain(broker, ring, client_id: str, topic: str, qos: Optional[int] = None,
                                          f"{topic!r} to {shared_assigned[0]!r}")
         else:
             maybe = "maybe"
+    if online and delivered_qos:
+        window = getattr(session.connection, "send_window", config.max_inflight)
+        held_bytes = getattr(session, "inflight_bytes", 0)
+        limit_inflight = config.max_inflight_bytes
+        if len(session.inflight) >= window or (
+                limit_inflight and held_bytes >= limit_inflight) or getattr(
+                    session, "inflight_held", False):
+            _step(steps, "inflight", False,
+                  f"the client's in-flight window is full ({len(session.inflight)}/{window} "
+                  f"QoS 1/2 messages, --max-inflight or its Receive Maximum; {held_bytes}/"
+                  f"{limit_inflight or 'unbounded'} bytes, --max-inflight-bytes): new "
+                  "messages wait in its queue until it acknowledges (PUBACK/PUBCOMP)")
+        else:
+            _step(steps, "inflight", True,
+                  f"in flight {len(session.inflight)}/{window} messages, {held_bytes}/"
+                  f"{limit_inflight or 'unbounded'} bytes")
     if online:
         if result["queue"]["congested"] or session.queue:
             _step(steps, "delivery", True, "the client is behind: the message waits in its "

@@ -48,7 +48,6 @@ None  the name is over its budget and the address has recent failures:
 from __future__ import annotations
 
 import collections
-import ipaddress
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import attrs
@@ -56,6 +55,7 @@ from twisted.cred import error
 from twisted.logger import Logger
 
 from mqttd.auth.gate import FailureLog, address_key, peer_host
+from mqttd.ratelimit import enclosing_network
 
 log = Logger(namespace="mqttd.auth")
 
@@ -69,18 +69,11 @@ DEFAULT_AUTH_FAILURE_WINDOW = 60.0
 DEFAULT_MAX_KNOWN = 100_000
 
 
-def network_key(host: str) -> Optional[str]:
-    """The network an address's failures also count for: its /24 (IPv4,
-    IPv4-mapped IPv6 included) or /48 (IPv6); None for what is no IP address
-    (a UNIX socket's ``-``)."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+#: the network an address's failures also count for: its /24 (IPv4,
+#: IPv4-mapped IPv6 included) or /48 (IPv6); None for what is no IP address
+#: (a UNIX socket's ``-``) -- the broker's one judgement,
+#: :func:`mqttd.ratelimit.enclosing_network`
+network_key = enclosing_network
 
 
 class ThrottledLogin(error.UnauthorizedLogin):

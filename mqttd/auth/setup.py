@@ -74,6 +74,11 @@ class Security:
         broker.enhanced_authenticator = self.enhanced
         if self.authorizer is not None:
             broker.authorizer = self.authorizer
+            forget = getattr(self.authorizer, "forget", None)
+            if forget is not None:
+                # a client's cached ACL decisions go when it does (REVIEW-S10 S9)
+                broker.on("clientDisconnected",
+                          lambda client=None, **_fields: forget(client.client_id))
         if self.password_checker is not None:
             service.add_reloader("password_file", self.password_checker.reload)
         if self.authorizer is not None and self.authorizer.path is not None:

@@ -33,6 +33,23 @@ cache caught up (at most ``max_hold`` seconds; then with the cache it has,
 and a WARN).  Its own subscribers get it at once; QoS 1/2 publishers get
 their PUBACK once the held envelopes are in Redis.
 
+**Exactly once for QoS 2** (REVIEW-S9-CLUSTER C2).  A QoS 2 PUBLISH of a
+persistent session carries an *instance*: ``(client id, packet id, instance
+id)``, the instance id made with the session's inbound mark
+(:mod:`mqttd.cluster.store`).  Its envelopes go out only once Redis applied
+that mark, and each goes through one script per inbox that adds it only if
+the inbox's node has not taken that instance yet (a ZSET
+``mqttd:{n:<B>}:q2seen`` of the instances it took in the last
+``qos2_window`` seconds, in the inbox's slot, written by the same script);
+the publishing node records the instance in its own set too, for its local
+subscribers.  A hand-off whose reply was lost but which Redis applied (a
+hung link: the node fences, its publisher re-sends with DUP on any node)
+is thereby recognised: the re-send finds the packet id received
+[MQTT-4.3.3-10] and :meth:`Router.resend_qos2` hands it, under the same
+instance, to every node with routes for it (this one through its own inbox):
+nodes that took it already keep one copy, nodes the first hand-off never
+reached get it now.
+
 **Targets.**  Each entry names every node the message went to (``n``):
 a node that gave a session away and still forwards what reaches it on the
 session's filters skips a message that went to the new owner's node too
@@ -61,6 +78,7 @@ from mqttd.codec.properties import decode_properties, encode_properties
 from mqttd.durability import both, fire_waiters
 from mqttd.messages import SYS_ORIGIN, Message
 from mqttd.ratelimit import LogRateLimiter
+from mqttd.routing import INBOUND_PACKET_ID
 
 log = Logger(namespace="mqttd.cluster.bus")
 
@@ -187,6 +205,39 @@ def encode_batch(items: Sequence[Tuple[bytes, Optional[str], str]]) -> bytes:
     return b"".join(parts)
 
 
+def encode_record(data: bytes, share: Optional[str], targets: str) -> bytes:
+    """One record of a batch (:func:`encode_batch` of one item, without the
+    version byte): the once-only script joins the records it adds."""
+    raw_targets = targets.encode("utf-8") if targets else b""
+    if share is None:
+        return b"".join((_REC.pack(len(data), 0, len(raw_targets)), data, raw_targets))
+    raw = share.encode("utf-8")
+    return b"".join((_REC.pack(len(data), len(raw) + 1, len(raw_targets)), data, raw,
+                     raw_targets))
+
+
+#: the inbox's node takes each QoS 2 instance once (see the module docstring).
+#: KEYS inbox, seen  ARGV maxlen, window_ms, batch version byte, then pairs
+#: (instance, record): a record '' only records the instance (the publishing
+#: node's own subscribers got it).  -> the number of records added
+PUT_ONCE = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local parts = {ARGV[3]}
+for i = 4, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i]) == 1 and ARGV[i + 1] ~= '' then
+    parts[#parts + 1] = ARGV[i + 1]
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if #parts > 1 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'b', table.concat(parts))
+end
+return #parts - 1
+"""
+
+
 def _only(share) -> Optional[frozenset]:
     if share is None:
         return None
@@ -275,12 +326,15 @@ class Router:
         (``--cluster-wait-replicas``; ``WAIT`` after the XADDs).
     :param max_hold: seconds messages wait at most for a stale route cache
         to catch up before they are routed with it as it is (a WARN).
+    :param qos2_window: seconds a node remembers the QoS 2 instances its
+        inbox took (a publisher's re-send later than that, after a hand-off
+        whose outcome its node never learnt, may be delivered twice).
     """
 
     def __init__(self, broker, backend, routes, node, keys: Keys = Keys(),
                  inbox_maxlen: int = 1_000_000, max_pending: int = 100_000,
                  batch: int = 64, block_ms: int = 1000, wait_replicas: int = 0,
-                 max_hold: float = 5.0):
+                 max_hold: float = 5.0, qos2_window: float = 600.0):
         self.broker = broker
         self.backend = backend
         self.routes = routes
@@ -296,8 +350,11 @@ class Router:
         self.clock = broker.clock
         self.log_limiter = LogRateLimiter(self.clock, interval=10.0, burst=1,
                                           reason_burst=None)
-        #: envelopes waiting: (node, data, shares, qos, all target nodes)
-        self._pending: List[Tuple[str, bytes, Optional[str], int, str]] = []
+        #: envelopes waiting: (node, data, shares, qos, all target nodes,
+        #: QoS 2 instance ``(client id, packet id, instance id)`` or None)
+        self._pending: List[Tuple[str, bytes, Optional[str], int, str,
+                                  Optional[Tuple[str, int, str]]]] = []
+        self.qos2_window_ms = int(qos2_window * 1000)
         #: the target nodes of the inbox entry being dispatched now (None: none is)
         self._dispatching: Optional[frozenset] = None
         #: ``observer(message, targets)`` for every inbox entry dispatched here
@@ -313,7 +370,7 @@ class Router:
         self._reading = False
         self._congestion = _Congestion()
         #: messages held while the route cache is stale: (message, groups served here)
-        self._held: List[Tuple[Message, frozenset]] = []
+        self._held: List[Tuple[Message, frozenset, Optional[Tuple[str, int, str]]]] = []
         #: the write sequence number of the first QoS >= 1 message held (None: none)
         self._held_seq: Optional[int] = None
         self._hold_call = None
@@ -321,7 +378,7 @@ class Router:
         routes.fresh_listeners.append(self._release)
         self.stats = {"forwarded": [0, 0, 0], "forward_failed": 0, "dropped": 0,
                       "received": [0, 0, 0], "bad_envelopes": 0, "batches": 0, "entries": 0,
-                      "acked": 0, "rerouted": 0}
+                      "acked": 0, "rerouted": 0, "qos2_resent": 0, "qos2_refused": 0}
 
     # --- forwarding (the broker's router seam) --------------------------------------------
 
@@ -331,11 +388,19 @@ class Router:
         shared-subscription groups this node must not serve itself."""
         if not self._online or message.origin is SYS_ORIGIN:
             return 0     # fenced (clients are being closed) or $SYS (per node)
+        once = None
+        if message.qos == 2:
+            pid = cache.get(INBOUND_PACKET_ID)
+            if pid is not None:
+                once = self._instance(message.origin, pid)
+                if once is not None:
+                    # this node's subscribers get it now: recorded with the hand-off
+                    self._pending.append((self.node_id, b"", None, 2, "", once))
         routes = self.routes
         # RouteTable.fresh() inline (the hot path): a stale cache is not trusted
         as_of = routes.fresh_as_of
         if self._held or as_of is None or self.clock.seconds() - as_of > routes.stale_after:
-            return self._hold(message)
+            return self._hold(message, cache, once)
         nodes, shares = routes.lookup(message.topic)
         per_node: Optional[Dict[str, List[str]]] = None
         if shares:
@@ -354,14 +419,60 @@ class Router:
                 cache[SKIP_SHARES] = skip
             nodes = nodes | set(per_node)
         if not nodes:
+            if once is not None:      # the PUBREC waits for the record
+                self._queued += 1
+                self.broker.write_count += 1
+                self._schedule()
             return 0
         if len(self._pending) >= self.max_pending and message.qos == 0:
             self._backlog_full(message, len(nodes))
             return 0
-        self._append(message, nodes, per_node)
+        self._append(message, nodes, per_node, once)
         if message.qos:
             self._queued += 1
             self.broker.write_count += 1    # the PUBACK waits for sync()
+        return len(nodes)
+
+    def _instance(self, client_id, packet_id: int) -> Optional[Tuple[str, int, str]]:
+        """The QoS 2 instance of ``client_id``'s inbound ``packet_id`` (None: not
+        a persistent session's, see the module docstring)."""
+        instance = getattr(self.broker.store, "instance", None)
+        if instance is None or not isinstance(client_id, str):
+            return None
+        w = instance(client_id, packet_id)
+        return None if w is None else (client_id, packet_id, w)
+
+    def _schedule(self) -> None:
+        if not self._flushing and self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def resend_qos2(self, message: Message, packet_id: int) -> int:
+        """A QoS 2 PUBLISH re-sent under a packet id its persistent session
+        received already (:meth:`mqttd.broker.Broker.inbound_qos2_resent`):
+        its first hand-off may not have completed (its node was cut off from
+        Redis before the PUBREC), so it goes again, under the same instance,
+        to every node with routes for it -- this one through its own inbox,
+        never to its subscribers directly -- and each inbox adds it only if
+        its node did not take it yet.  Returns the nodes it went to (0: not a
+        persistent session's instance, or this node is fenced); the PUBREC
+        waits until Redis took them."""
+        if not self._online or message.origin is SYS_ORIGIN:
+            return 0
+        once = self._instance(message.origin, packet_id)
+        if once is None:
+            return 0
+        nodes, shares = self.routes.lookup(message.topic)
+        per_node: Optional[Dict[str, List[str]]] = None
+        if shares:
+            per_node = {}
+            for share, members in shares.items():
+                per_node.setdefault(self._choose(share, members), []).append(share)
+            nodes = nodes | set(per_node)
+        nodes = set(nodes) | {self.node_id}
+        self.stats["qos2_resent"] += 1
+        self._append(message, nodes, per_node, once)
+        self._queued += 1
+        self.broker.write_count += 1
         return len(nodes)
 
     def _backlog_full(self, message: Message, nodes: int) -> None:
@@ -372,9 +483,10 @@ class Router:
                               "QoS 0 message to {topic} not forwarded",
                               count=len(self._pending) + len(self._held), topic=message.topic)
 
-    def _append(self, message: Message, nodes, per_node) -> None:
+    def _append(self, message: Message, nodes, per_node, once=None) -> None:
         """Queue one envelope per node in ``nodes`` (``per_node``: the groups
-        each serves, None when no group matched) and schedule a flush."""
+        each serves, None when no group matched; ``once``: the QoS 2 instance)
+        and schedule a flush."""
         data = encode_envelope(message)
         qos = message.qos
         pending = self._pending
@@ -385,7 +497,7 @@ class Router:
             if per_node is not None:
                 groups = per_node.get(node)
                 share = SEP.join(groups) if groups else ""
-            pending.append((node, data, share, qos, targets))
+            pending.append((node, data, share, qos, targets, once))
         self.stats["forwarded"][qos] += len(nodes)
         if len(pending) >= self.high_water:
             self._congested()
@@ -394,15 +506,23 @@ class Router:
 
     # --- holding while the route cache is stale ---------------------------------------
 
-    def _hold(self, message: Message) -> int:
+    def _hold(self, message: Message, cache: dict, once=None) -> int:
         """Keep ``message`` until the route cache caught up (see the module
         docstring); the groups with members here are served here now."""
         if message.qos == 0 and len(self._pending) + len(self._held) >= self.max_pending:
             self._backlog_full(message, 1)
             return 0
         _nodes, shares = self.routes.lookup(message.topic)
-        here = frozenset(share for share, members in shares.items() if self.node_id in members)
-        self._held.append((message, here))
+        here = frozenset(share for share, members in shares.items()
+                         if self._serves_here(share, members))
+        if len(here) != sum(1 for members in shares.values() if self.node_id in members):
+            # members here, all offline: routed with the rest once released
+            from mqttd.broker import SKIP_SHARES
+            cache[SKIP_SHARES] = set(share for share, members in shares.items()
+                                     if self.node_id in members and share not in here)
+        self._held.append((message, here, once))
+        if once is not None:
+            self._schedule()      # the record of this node's own delivery
         if message.qos:
             self._queued += 1
             if self._held_seq is None:
@@ -438,7 +558,7 @@ class Router:
             self._hold_call.cancel()
         self._hold_call = None
         me = self.node_id
-        for message, here in held:
+        for message, here, once in held:
             nodes, shares = self.routes.lookup(message.topic)
             per_node: Optional[Dict[str, List[str]]] = None
             if shares:
@@ -453,7 +573,7 @@ class Router:
                         per_node.setdefault(chosen, []).append(share)
                 nodes = nodes | set(per_node)
             if nodes:
-                self._append(message, nodes, per_node)
+                self._append(message, nodes, per_node, once)
         if not self._flushing and self._flush_call is None:
             # nothing to send: the held QoS >= 1 messages count as written
             self._flush_call = self.clock.callLater(0, self._flush)
@@ -487,22 +607,30 @@ class Router:
         nodes, _shares = self.routes.lookup(message.topic)
         return node in nodes
 
-    def reroute_share(self, share: str, message: Message, tried=()) -> int:
+    def reroute_share(self, share: str, message: Message, tried=(),
+                      live_only: bool = False) -> int:
         """Hand ``message``, owed to the shared group ``share`` that has no
-        member left on this node, to another node with members (the live
-        ones in turn), as an envelope for that group only; 1 if one was
-        found, else 0.  Counted in the broker's write count like any
-        forward: a QoS >= 1 acknowledgement (or the inbox entry it came in)
-        waits until Redis has it."""
+        member (or no connected member) left on this node, to another node
+        with members (the live ones in turn), as an envelope for that group
+        only; 1 if one was found, else 0.  ``tried``: nodes not to pick;
+        ``live_only``: only a live node (else, when none is, a node not yet
+        seen dead -- its inbox is replayed by its reaper).  Counted in the
+        broker's write count like any forward: a QoS >= 1 acknowledgement
+        (or the inbox entry it came in) waits until Redis has it."""
         if not self._online:
             return 0
         _nodes, shares = self.routes.lookup(message.topic)
         members = shares.get(share, set()) - {self.node_id} - set(tried)
         if not members:
             return 0
+        if live_only:
+            peers = self.node.peers
+            members = {node for node in members if node in peers}
+            if not members:
+                return 0
         node = self._choose(share, members)
         self._pending.append((node, encode_envelope(message), REROUTED + share,
-                              message.qos, node))
+                              message.qos, node, None))
         self.stats["rerouted"] += 1
         self.stats["forwarded"][message.qos] += 1
         if message.qos:
@@ -523,6 +651,18 @@ class Router:
                 if share not in served:
                     self._group_lost(share, message)
             return
+        if only:
+            # a group whose members here are all offline goes to a node that
+            # may have a connected one (marked: served there, not handed on)
+            handed = None
+            for share in only:
+                if not broker.share_online(share) and self.reroute_share(
+                        share, message, live_only=True):
+                    if handed is None:
+                        handed = set()
+                    handed.add(share)
+            if handed:
+                only = only - handed
         served = set() if only else None
         broker.dispatch(message, only_shares=only, served=served)
         for observer in list(self.dispatch_observers):
@@ -538,12 +678,38 @@ class Router:
                               "No member of {share} left on any node for a message to "
                               "{topic}: dropped", share=share, topic=message.topic)
 
+    def _serves_here(self, share: str, members: Set[str]) -> bool:
+        """Whether this node serves ``share`` for a message itself: it has
+        members of the group and one of them is connected, or no other live
+        node has members (its offline persistent members then queue it).
+        Online members first cluster-wide, as on one broker: a node whose
+        members are all offline -- a persistent session adopted from a dead
+        node, or one whose client went away -- does not keep the group's
+        messages from a connected member elsewhere (REVIEW-S9-CLUSTER C6)."""
+        me = self.node_id
+        if me not in members:
+            return False
+        if len(members) == 1 or self.broker.share_online(share):
+            return True
+        peers = self.node.peers
+        for node in members:
+            if node != me and node in peers:
+                return False
+        return True
+
     def _choose(self, share: str, members: Set[str]) -> str:
-        """The node that serves ``share`` for one message: this one if it has
-        members, else the live nodes with members in turn."""
-        if self.node_id in members:
-            return self.node_id
-        live = sorted(n for n in members if n in self.node.peers) or sorted(members)
+        """The node that serves ``share`` for one message: this one if it
+        serves it itself (:meth:`_serves_here`), else the other live nodes
+        with members in turn."""
+        me = self.node_id
+        if me in members:
+            # _serves_here inline (the hot path: a member here, connected)
+            if len(members) == 1 or self.broker.share_online(share) or \
+                    self._serves_here(share, members):
+                return me
+        peers = self.node.peers
+        live = sorted(n for n in members if n != me and n in peers) or sorted(
+            n for n in members if n != me) or [me]
         turn = self._turns.get(share, -1) + 1
         self._turns[share] = turn
         return live[turn % len(live)]
@@ -583,7 +749,13 @@ class Router:
         wait = 0
         if self.wait_replicas and upto != self._written:
             wait = self.wait_replicas     # a QoS >= 1 publisher waits for this batch
-        d = self.backend.pipeline(self._commands(batch), wait_replicas=wait)
+        marks = self._marks(batch)
+        if marks is None:
+            d = self.backend.pipeline(self._commands(batch), wait_replicas=wait)
+        else:
+            # QoS 2 instances go out only once Redis applied their marks: a
+            # hand-off in Redis then implies the mark (see the module docstring)
+            d = marks.addCallback(self._marked, batch, wait)
 
         def written(_):
             self.stats["batches"] += 1
@@ -615,16 +787,55 @@ class Router:
         d.addCallbacks(written, failed)
         d.addBoth(done)
 
+    def _marks(self, batch) -> Optional[defer.Deferred]:
+        """None when ``batch`` forwards no QoS 2 instance made here; else a
+        Deferred firing, once the store applied everything written so far,
+        with the instances whose marks Redis refused (the session is another
+        node's); it fails when the store could not write (then the batch is
+        not sent and its publishers are not acknowledged)."""
+        store = self.broker.store
+        if not hasattr(store, "refused_marks"):
+            return None
+        for item in batch:
+            if item[5] is not None and item[1]:
+                break
+        else:
+            return None
+
+        def refused(_):
+            marks = store.refused_marks
+            if not marks:
+                return set()
+            out = {item[5] for item in batch if item[5] is not None and item[5] in marks}
+            marks.difference_update(out)
+            return out
+        return store.sync().addCallback(refused)
+
+    def _marked(self, refused, batch, wait) -> defer.Deferred:
+        if refused:
+            # not received for the cluster: never handed on (the publisher
+            # gets no PUBREC and re-sends; its new owner decides afresh)
+            batch = [item for item in batch if item[5] not in refused]
+            self.stats["qos2_refused"] += len(refused)
+        d = self.backend.pipeline(self._commands(batch), wait_replicas=wait)
+        if refused:
+            def fail(_):
+                raise BackendError(f"the inbound QoS 2 marks of {len(refused)} messages "
+                                   "were not applied")
+            d.addCallback(fail)
+        return d
+
     def _commands(self, batch) -> List[list]:
         """The XADDs for ``batch``: one entry per node for each run of up to
         ``ENTRY_MESSAGES`` envelopes (``ENTRY_BYTES``), in publish order
-        (group commit: one Redis command carries many messages)."""
-        per_node: Dict[str, List[Tuple[bytes, Optional[str], str]]] = {}
-        for node, data, share, _qos, targets in batch:
+        (group commit: one Redis command carries many messages).  A run of
+        QoS 2 instances is one call of the once-only script instead."""
+        per_node: Dict[str, List[tuple]] = {}
+        for node, data, share, _qos, targets, once in batch:
             items = per_node.get(node)
             if items is None:
                 items = per_node[node] = []
-            items.append((data, share, targets))
+            items.append((data, share, targets, once))
         commands = []
         maxlen = self.inbox_maxlen
         for node, items in per_node.items():
@@ -632,25 +843,41 @@ class Router:
             start = 0
             total = len(items)
             while start < total:
+                if items[start][3] is not None:
+                    stop = start
+                    while stop < total and items[stop][3] is not None and \
+                            stop - start < ENTRY_MESSAGES:
+                        stop += 1
+                    commands.append(self._put_once(node, key, items[start:stop]))
+                    start = stop
+                    continue
                 stop = start
                 size = 0
                 while stop < total and stop - start < ENTRY_MESSAGES and (
-                        size < ENTRY_BYTES or stop == start):
+                        size < ENTRY_BYTES or stop == start) and items[stop][3] is None:
                     size += len(items[stop][0])
                     stop += 1
                 if stop - start == 1:
-                    data, share, targets = items[start]
+                    data, share, targets, _once = items[start]
                     command = ["XADD", key, "MAXLEN", "~", maxlen, "*", "e", data,
                                "n", targets]
                     if share is not None:
                         command += ["s", share]
                 else:
                     command = ["XADD", key, "MAXLEN", "~", maxlen, "*", "b",
-                               encode_batch(items[start:stop])]
+                               encode_batch([item[:3] for item in items[start:stop]])]
                 commands.append(command)
                 start = stop
         self.stats["entries"] += len(commands)
         return commands
+
+    def _put_once(self, node: str, key: str, items) -> list:
+        """One call of :data:`PUT_ONCE` for a run of QoS 2 instances to ``node``."""
+        args = [self.inbox_maxlen, self.qos2_window_ms, bytes((BATCH_VERSION,))]
+        for data, share, targets, (client_id, packet_id, instance) in items:
+            args.append(f"{client_id}\x00{packet_id}\x00{instance}")
+            args.append(encode_record(data, share, targets) if data else b"")
+        return ["EVAL", PUT_ONCE, 2, key, self.keys.qos2_seen(node), *args]
 
     def _congested(self) -> None:
         flow = self.broker.flow
@@ -764,6 +991,8 @@ class Router:
         received = self.stats["received"]
         pending = iter(entries)
         here = frozenset((self.node_id,))
+        store = broker.store if hasattr(broker.store, "source") else None
+        node_id = self.node_id
 
         def step():
             budget = DELIVER_SLICE
@@ -777,10 +1006,14 @@ class Router:
                                           "of inbox entry {id} of {node_id}: {error}",
                                           count=len(errors), id=entry_id, error=errors[0],
                                           node_id=self.node_id)
-                for message, only, targets in messages:
+                for index, (message, only, targets) in enumerate(messages):
                     received[message.qos] += 1
                     # an entry of an older node names no targets: as if it went here only
                     self._dispatching = targets or here
+                    if store is not None and message.qos == 2:
+                        # the QoS 2 records it queues say so (the reaper's replay
+                        # of an entry read and not acknowledged skips them)
+                        store.source = (node_id, position(entry_id, index))
                     try:
                         self._dispatch_entry(broker, message, only)
                     except Exception:
@@ -788,6 +1021,8 @@ class Router:
                                     "failed", topic=message.topic)
                     finally:
                         self._dispatching = None
+                        if store is not None:
+                            store.source = None
                 budget -= len(messages)
                 if budget <= 0:
                     if self._stopped:
@@ -823,6 +1058,24 @@ class Router:
             log.warn, "xack", "Cannot acknowledge {count} inbox entries: {error} (they are "
             "delivered again after a restart)", count=len(ids), error=str(f.value)))
         return d
+
+
+def position(entry_id, index: int) -> str:
+    """The position of the ``index``-th message of inbox entry ``entry_id``:
+    ``<ms>-<seq>-<index>``, growing in the inbox's order (see :func:`position_key`)."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return f"{entry_id}-{index}"
+
+
+def position_key(text) -> Tuple[int, ...]:
+    """A position (:func:`position`) as a comparable tuple; () for garbage."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    try:
+        return tuple(int(part) for part in text.split("-"))
+    except (ValueError, AttributeError):
+        return ()
 
 
 def _sleep(clock, seconds: float) -> defer.Deferred:

@@ -61,6 +61,11 @@ class Keys:
         """STREAM of envelopes for the node (consumer group ``mqttd``)."""
         return f"{self.prefix}{{n:{node}}}:inbox"
 
+    def qos2_seen(self, node: str) -> str:
+        """ZSET of the QoS 2 instances the node took (``client\\0packet id\\0instance``
+        -> Redis time in ms), for ``qos2_window``: each is added to its inbox once."""
+        return f"{self.prefix}{{n:{node}}}:q2seen"
+
     def control(self, node: str) -> str:
         """STREAM of control messages for the node (kicks, ...)."""
         return f"{self.prefix}{{n:{node}}}:ctl"

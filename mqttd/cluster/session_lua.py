@@ -18,10 +18,15 @@ key        type    holds
                    ``exp`` (the Session Expiry Interval in ms; absent: never),
                    ``exp_at`` (Redis ``TIME`` in ms when the offline session
                    expires; absent while online or never expiring),
-                   ``hnode``/``hepoch`` (the previous owner during a hand-off)
+                   ``hnode``/``hepoch`` (the previous owner during a hand-off),
+                   ``ib:<node>`` (the last entry of ``node``'s inbox whose
+                   QoS 2 message the session took: ``<entry id>-<index>``)
 ``o``      HASH    seq -> pickled ``OutboundRecord`` (queued or in flight)
 ``t``      HASH    seq -> ``<packet id>:<stage>`` (in-flight stage updates)
-``i``      SET     inbound QoS 2 packet ids waiting for PUBREL
+``i``      SET     inbound QoS 2 packet ids waiting for PUBREL, each
+                   ``<packet id>/<instance>`` (the instance id under which
+                   the message was handed to other nodes, see
+                   :mod:`mqttd.cluster.bus`; a bare id from an older node)
 ``w``      HASH    the will: ``kind`` = ``conn`` (the live connection's will,
                    ``m`` pickled Message, ``delay``) or ``pending`` (a delayed
                    will, ``m`` pickled ``WillRecord``)
@@ -121,7 +126,8 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', epoch, 'online', 1,
            'persistent', ARGV[3], 'owner', user, 'boot', ARGV[9])
 redis.call('HDEL', KEYS[1], 'exp_at')
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, 3) == 'ho:' then redis.call('HDEL', KEYS[1], field) end
+  local kind = string.sub(field, 1, 3)
+  if kind == 'ho:' or (kind == 'ib:' and not present) then redis.call('HDEL', KEYS[1], field) end
 end
 if present and s[1] then
   -- the hand-off window: the previous owner's writes still reach the content
@@ -186,7 +192,7 @@ return reply
 
 # apply: KEYS s o t i w f b   ARGV node epoch [Z wid] op args op args ...
 # ops: S rec exp | D | O seq blob | U seq state | R seq | I pid | J pid | W blob |
-#      V | X | Y | G blob | B filter blob | E filter | T st exp
+#      V | X | Y | G blob | P node position | B filter blob | E filter | T st exp
 #   (S: the whole record, ``b`` emptied -- the subscriptions follow as B ops
 #   of the same batch, ``bonly`` set; B: put one subscription; E: remove one;
 #   T: the record's fields but the subscriptions, a pickled PutSessionState)
@@ -199,7 +205,9 @@ return reply
 #   (exp: the Session Expiry Interval in ms, '' = never; X: the connection
 #   ended, its will is void; Y: the connection ended without its node
 #   deciding on the will -- a fenced node -- the will is taken and returned;
-#   G: forward a queued message to whoever owns the session)
+#   G: forward a queued message to whoever owns the session; P: the session
+#   took the inbox entry ``position`` of ``node`` -- ``ib:<node>`` of s, the
+#   reaper's high-water mark, see mqttd.cluster.reaper)
 # -> {'OK', gone, will...}  (gone = 1 when the session's keys were deleted;
 #    will: the pairs a Y took) | {'F', node, epoch, forwarded}
 # The previous owner's writes at its last epoch during a hand-off (hnode,
@@ -208,7 +216,7 @@ return reply
 APPLY = NOW_MS + r"""
 local s = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'online', 'persistent', 'hnode',
                      'hepoch')
-local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1, B=2, E=1, T=2}
+local arity = {S=2, D=0, O=2, U=2, R=1, I=1, J=1, W=1, V=0, X=0, Y=0, G=1, P=2, B=2, E=1, T=2}
 local fenced = s[1] ~= ARGV[1] or s[2] ~= ARGV[2]
 local handoff = false
 if fenced then
@@ -243,6 +251,9 @@ if fenced and not handoff then
         redis.call('RPUSH', KEYS[6], ARGV[i + 2]); forwarded = forwarded + 1
       elseif op == 'G' then
         redis.call('RPUSH', KEYS[6], ARGV[i + 1]); forwarded = forwarded + 1
+      elseif op == 'P' then
+        -- the queued message goes on (f): its inbox position counts as taken
+        redis.call('HSET', KEYS[1], 'ib:' .. ARGV[i + 1], ARGV[i + 2])
       end
       i = i + 1 + arity[op]
     end
@@ -309,6 +320,8 @@ while i <= #ARGV do
     redis.call('SADD', KEYS[4], ARGV[i + 1])
   elseif op == 'J' then
     redis.call('SREM', KEYS[4], ARGV[i + 1])
+    local bare = string.match(ARGV[i + 1], '^(%d+)/')
+    if bare then redis.call('SREM', KEYS[4], bare) end
   elseif op == 'W' then
     redis.call('DEL', KEYS[5])
     redis.call('HSET', KEYS[5], 'kind', 'pending', 'm', ARGV[i + 1])
@@ -333,6 +346,8 @@ while i <= #ARGV do
     end
   elseif op == 'G' then
     redis.call('RPUSH', KEYS[6], ARGV[i + 1])
+  elseif op == 'P' then
+    redis.call('HSET', KEYS[1], 'ib:' .. ARGV[i + 1], ARGV[i + 2])
   end
   i = i + 1 + arity[op]
 end

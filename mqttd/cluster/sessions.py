@@ -50,7 +50,7 @@ from mqttd.messages import will_message
 from mqttd.persistence import records as R
 from mqttd.persistence import safepickle
 from mqttd.cluster.session_lua import node_sessions_key, session_keys
-from mqttd.cluster.store import Disconnected, Forward, decode_outbound
+from mqttd.cluster.store import Disconnected, Forward, decode_outbound, parse_inbound
 
 log = Logger(namespace="mqttd.cluster.sessions")
 
@@ -475,6 +475,7 @@ class ClusterSessions:
             return False
         stored = self.stored_session(client_id, reply[1], reply[3], reply[4], reply[5],
                                      reply[7], reply[8])
+        self.store.load_instances(client_id, reply[5] if stored is not None else ())
         if stored is None:
             self.broker.release_session(client_id)
             return True
@@ -537,7 +538,7 @@ class ClusterSessions:
         for seq, blob in _pairs(outbound).items():
             out = decode_outbound(seq, blob, states.get(seq))
             stored.outbound[out.seq] = out
-        stored.inbound_qos2.update(int(pid) for pid in inbound)
+        stored.inbound_qos2.update(parse_inbound(member)[0] for member in inbound)
         return stored
 
     # --- forwarding what still reaches a node that gave a session away -------------------

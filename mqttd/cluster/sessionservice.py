@@ -128,6 +128,17 @@ def from_options(service, options) -> Optional[ClusterSessions]:
                    wait_replicas=int(options.get("cluster-wait-replicas") or 0))
 
 
+def settle_after_reset(stale_after: Optional[float], least: float = 2.0) -> float:
+    """Seconds the reaper waits after resetting a dead node's routes before it
+    reads the dead inbox a last time and deletes it: longer than a route cache
+    may lag and still be trusted (``stale_after``; an older one holds what it
+    would forward), so no publisher still routes to the dead node when its
+    inbox goes -- an XADD after the delete re-creates a stream nobody reads."""
+    if stale_after is None:
+        return least
+    return max(least, stale_after + 0.5)
+
+
 def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> ClusterSessions:
     """Plug sessions, control stream and reaper into a ClusterService."""
     broker = cluster.broker
@@ -139,6 +150,8 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
                               inner=broker.store, wait_replicas=wait_replicas)
     broker.store = store
     broker._durable = True
+    # a node may die: a QoS 2 PUBLISH leaves once Redis has its packet id
+    broker.qos2_sent_after_store = True
     # internal sessions (a bridge's local end) stay in this node's own store
     store.is_local = lambda client_id: broker.internal_owner(client_id) is not None
 
@@ -150,7 +163,9 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
                                prefix=keys.prefix, takeover_timeout=takeover_timeout,
                                boot=cluster.node.boot_id)
     from mqttd.cluster.reaper import InboxReplay
-    inbox = InboxReplay(backend, keys, node_id, clock)
+    routes = getattr(cluster, "routes", None)
+    inbox = InboxReplay(backend, keys, node_id, clock,
+                        settle=settle_after_reset(getattr(routes, "stale_after", None)))
     reaper = Reaper(sessions, replay_inbox=inbox.replay, forget_node=inbox.forget)
     cluster.sessions = sessions
     cluster.reaper = reaper
@@ -199,6 +214,7 @@ def install(cluster, takeover_timeout: float = 5.0, wait_replicas: int = 0) -> C
         control.stop()
         if sweeper.running:
             sweeper.stop()
+        reaper.stop()
         sessions.stop()
         return store._sync().addErrback(lambda _f: None)
     cluster.stoppers.append(stop)

@@ -15,6 +15,16 @@ declared dead), except queued messages, which are forwarded to the new owner
 them); it fails while Redis is unreachable (:attr:`failure` is then set, and
 the broker refuses persistent CONNECTs meanwhile).
 
+**Inbound QoS 2 marks carry an instance id** (REVIEW-S9-CLUSTER C2).  The
+mark of a persistent session's inbound QoS 2 packet id [MQTT-4.3.3-10] is
+stored as ``<packet id>/<instance>`` (the instance unique per message, made
+here), and the bus forwards such a message to other nodes only once Redis
+applied its mark (a ``sync()`` after which the mark is not among
+:attr:`RedisSessionStore.refused_marks`): a hand-off in Redis
+implies the mark, so a re-send (DUP) on any node finds the packet id already
+received, with the instance under which every node's inbox took it once
+(:mod:`mqttd.cluster.bus`).
+
 Retained messages are not this store's business (``PutRetained`` /
 ``DeleteRetained`` are ignored): the cluster's retained store keeps them in
 Redis itself.  ``open()`` returns no sessions: a session is loaded from Redis
@@ -31,7 +41,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -157,6 +167,17 @@ class RedisSessionStore:
         self._wid_prefix = os.urandom(6).hex()
         self._wids = itertools.count(1)
         self._waiters: List[defer.Deferred] = []
+        #: client id -> {inbound QoS 2 packet id: its instance id} (see the
+        #: module docstring): made by the marks written here, or loaded
+        self.instances: Dict[str, Dict[int, str]] = {}
+        self._instance_ids = itertools.count(1)
+        #: (client id, packet id, instance) of marks written here that Redis
+        #: refused (the session is another node's): the bus forwards none of
+        #: their messages
+        self.refused_marks: Set[Tuple[str, int, Optional[str]]] = set()
+        #: ``(node, position)`` of the inbox message being dispatched now (set
+        #: by the bus), written with the QoS 2 records it queues (op ``P``)
+        self.source: Optional[Tuple[str, str]] = None
         self._flushing = False
         self._scheduled = False
         self.flushes = 0
@@ -212,6 +233,10 @@ class RedisSessionStore:
         elif cls is R.PutOutbound:
             cid = op.client_id
             item = ("O", op.record.seq, encode_outbound(op.record))
+            source = self.source
+            if source is not None and op.record.qos == 2:
+                # from an inbox entry: the reaper must not replay it to this session
+                item = ("P", source[0], source[1]) + item
         elif cls is R.UpdateOutbound:
             cid = op.client_id
             pid = "" if op.packet_id is None else op.packet_id
@@ -221,12 +246,16 @@ class RedisSessionStore:
             item = ("R", op.seq)
         elif cls is R.AddInboundQos2:
             cid = op.client_id
-            item = ("I", op.packet_id)
+            instance = f"{self._wid_prefix}.{next(self._instance_ids)}"
+            self.instances.setdefault(cid, {})[op.packet_id] = instance
+            item = ("I", f"{op.packet_id}/{instance}")
         elif cls is R.DeleteInboundQos2:
             cid = op.client_id
-            item = ("J", op.packet_id)
+            instance = self.instances.get(cid, {}).pop(op.packet_id, None)
+            item = ("J", op.packet_id if instance is None else f"{op.packet_id}/{instance}")
         elif cls is R.DeleteSession:
             cid = op.client_id
+            self.instances.pop(cid, None)
             item = ("D",)
         elif cls is R.PutWill:
             cid = op.record.client_id
@@ -288,6 +317,31 @@ class RedisSessionStore:
             d.addCallback(lambda _: self.inner.close())
         return d
 
+    # --- inbound QoS 2 instances ---------------------------------------------------
+
+    def instance(self, client_id: str, packet_id: int) -> Optional[str]:
+        """The instance id of ``client_id``'s inbound QoS 2 packet id (None: not
+        a persistent session's, or marked by a node without instance ids)."""
+        instances = self.instances.get(client_id)
+        return None if instances is None else instances.get(packet_id)
+
+    def load_instances(self, client_id: str, members) -> None:
+        """Remember the instances of a session loaded from Redis (``members``: the
+        ``i`` set, ``<packet id>[/<instance>]``)."""
+        self.instances[client_id] = {pid: instance for pid, instance in
+                                     map(parse_inbound, members) if instance}
+
+    def _refused(self, cid: str, items) -> None:
+        """Redis refused ``items`` of ``cid`` (fenced): their marks are not applied."""
+        refused = self.refused_marks
+        if len(refused) > 100_000:
+            refused.clear()     # never looked at again: the bus checks them at once
+        for pid, instance in _marked(items):
+            refused.add((cid, pid, instance))
+        instances = self.instances.get(cid)
+        if instances is not None and self.epochs.get(cid) is None:
+            self.instances.pop(cid, None)
+
     # --- flushing -----------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -308,6 +362,8 @@ class RedisSessionStore:
             epoch = self.epochs.get(cid)
             if epoch is None:
                 # not (or no longer) ours: only forwards may go out
+                if "I" in items:
+                    self._refused(cid, items)
                 forwards = _only_forwards(items)
                 if not forwards:
                     continue
@@ -350,9 +406,11 @@ class RedisSessionStore:
         if self.failure is not None:
             log.info("Writing sessions to Redis works again")
         self.failure = None
-        for (cid, _items, epoch, _wid), reply in zip(cids, replies):
+        for (cid, items, epoch, _wid), reply in zip(cids, replies):
             status = _text(reply[0])
             if status == "F":
+                if "I" in items:
+                    self._refused(cid, items)
                 if self.on_fenced is not None:
                     try:
                         self.on_fenced(cid, _text(reply[1]), int(reply[2]), int(reply[3]))
@@ -400,10 +458,34 @@ class RedisSessionStore:
             self._flush()
 
 
+def parse_inbound(member) -> Tuple[int, Optional[str]]:
+    """``(packet id, instance or None)`` of a member of a session's ``i`` set."""
+    text = _text(member)
+    pid, _, instance = text.partition("/")
+    return int(pid), instance or None
+
+
+#: arguments of each op of a session batch: the same table as the ``arity`` of
+#: :data:`mqttd.cluster.session_lua.APPLY` (a test keeps the two equal)
+_ARITY = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
+          "X": 0, "Y": 0, "G": 1, "P": 2, "B": 2, "E": 1, "T": 2}
+
+
+def _marked(items: list) -> List[Tuple[int, Optional[str]]]:
+    """The ``(packet id, instance)`` an op list marks (``I``)."""
+    out = []
+    i = 0
+    while i < len(items):
+        op = items[i]
+        if op == "I":
+            out.append(parse_inbound(items[i + 1]))
+        i += 1 + _ARITY[op]
+    return out
+
+
 def _only_forwards(items: list) -> list:
     """The ``G`` forwards and the queued messages (``O``) of an op list, as forwards."""
-    arity = {"S": 2, "D": 0, "O": 2, "U": 2, "R": 1, "I": 1, "J": 1, "W": 1, "V": 0,
-             "X": 0, "Y": 0, "G": 1}
+    arity = _ARITY
     out = []
     i = 0
     while i < len(items):

@@ -50,11 +50,13 @@ from zope.interface import implementer
 
 from mqttd.interfaces import IBrokerStore
 from mqttd.persistence import opcodec, safepickle
-from mqttd.messages import Message
+from mqttd.messages import Message, message_key
 from mqttd.metrics import LatencyHistogram
 from mqttd.persistence.records import (
-    FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord, PutOutbound,
-    PutSubscription, SessionRecord, StoredSession, WillRecord, StoredState, apply_op)
+    APPLY_HANDLERS, FORMAT_VERSION, OPERATION_TYPES, AddInboundQos2, OutboundRecord,
+    OutboundRef, PutOutbound, PutOutboundMessage, PutOutboundRef, PutSubscription,
+    SessionRecord, StoredSession, WillRecord, StoredState, add_message, apply_op,
+    drop_unreferenced, hold_message, link_outbound, resolve_ref, share_equal_messages)
 
 log = Logger(namespace="mqttd.persistence")
 
@@ -116,11 +118,17 @@ def parse_fsync_mode(mode: str) -> Tuple[str, Optional[float]]:
 
 
 def copy_state(state: StoredState) -> StoredState:
-    """A copy sharing the (immutable) records; safe to read from another thread."""
-    return StoredState(
+    """A copy sharing the (immutable) records and messages; safe to read from
+    another thread (the message table is copied too)."""
+    copy = StoredState(
         {cid: StoredSession(s.record, dict(s.outbound), set(s.inbound_qos2))
          for cid, s in state.sessions.items()},
         dict(state.retained), dict(state.wills))
+    copy.messages = dict(state.messages)
+    copy.next_message_id = state.next_message_id
+    copy.message_refs = dict(state.message_refs)
+    copy.message_ids = dict(state.message_ids)
+    return copy
 
 
 def sort_outbound(state: StoredState) -> None:
@@ -138,20 +146,66 @@ def sort_outbound(state: StoredState) -> None:
 #: costs: the frame it is in)
 CHUNK = 16
 
+#: a message-table frame is closed once it holds this many payload bytes: a
+#: damaged frame costs its messages for every session owing them, so large
+#: messages get a frame each, and small frames stay within single-bit repair
+#: (MAX_REPAIRABLE)
+MESSAGE_FRAME_BYTES = 8 * 1024
+
+
+def message_index(state: StoredState) -> dict:
+    """``message_key(message) -> message id`` for every message an outbound record of
+    ``state`` holds.  A message missing from the table (a state built without
+    :func:`~mqttd.persistence.records.apply_op`) is added to it; a store's
+    own state never lacks one."""
+    index = state.message_ids
+    for session in state.sessions.values():
+        for record in session.outbound.values():
+            if message_key(record.message) not in index:
+                hold_message(state, record.message)
+    return index
+
 
 def state_items(state: StoredState):
     """Cut ``state`` into picklable checkpoint items, in a stable order.
 
-    ``("s", SessionRecord, (inbound qos2 ids...))`` for each session, followed
-    by ``("o", client_id, (OutboundRecord...))`` chunks in seq order, then
-    ``("r", (Message...))`` chunks of retained messages, then ``("w",
-    (WillRecord...))`` chunks of pending delayed wills.
+    ``("s", SessionRecord, (inbound qos2 ids...))`` for each session, then
+    ``("m", ((message id, Message)...))`` chunks: the message table, each
+    message that some session is owed exactly once (format 6), then ``("l",
+    client_id, (OutboundRef...))`` chunks of each session's references in
+    seq order, then ``("r", (Message...))`` chunks of retained messages, then
+    ``("w", (WillRecord...))`` chunks of pending delayed wills.  (Formats
+    before 6 had ``("o", client_id, (OutboundRecord...))`` chunks, one copy
+    of the message per session; :class:`StateAssembler` still reads them.)
     """
+    index = message_index(state)
+    used = set()
+    links = []
     for client_id, session in state.sessions.items():
         yield "s", session.record, tuple(sorted(session.inbound_qos2))
-        records = sorted(session.outbound.values(), key=lambda r: r.seq)
-        for start in range(0, len(records), CHUNK):
-            yield "o", client_id, tuple(records[start:start + CHUNK])
+        if session.outbound:
+            refs = []
+            for record in sorted(session.outbound.values(), key=lambda r: r.seq):
+                mid = index[message_key(record.message)]
+                used.add(mid)
+                refs.append(OutboundRef(record.seq, mid, record.qos, record.packet_id,
+                                        record.stage, record.share))
+            links.append((client_id, refs))
+    messages = state.messages
+    chunk: list = []
+    chunk_bytes = 0
+    for mid in sorted(used):
+        message = messages[mid]
+        chunk.append((mid, message))
+        chunk_bytes += len(message.payload) + len(message.topic)
+        if len(chunk) == CHUNK or chunk_bytes >= MESSAGE_FRAME_BYTES:
+            yield "m", tuple(chunk)
+            chunk, chunk_bytes = [], 0
+    if chunk:
+        yield "m", tuple(chunk)
+    for client_id, refs in links:
+        for start in range(0, len(refs), CHUNK):
+            yield "l", client_id, tuple(refs[start:start + CHUNK])
     retained = tuple(state.retained.values())
     for start in range(0, len(retained), CHUNK):
         yield "r", retained[start:start + CHUNK]
@@ -161,10 +215,20 @@ def state_items(state: StoredState):
 
 
 def state_counts(state: StoredState) -> dict:
+    """What a checkpoint of ``state`` holds (its end/meta frame): sessions,
+    outbound records, retained messages, wills and (format 6) distinct
+    messages of the message table."""
+    outbound = 0
+    held = set()
+    for session in state.sessions.values():
+        outbound += len(session.outbound)
+        for record in session.outbound.values():
+            held.add(id(record.message))
     return {"sessions": len(state.sessions),
-            "outbound": sum(len(s.outbound) for s in state.sessions.values()),
+            "outbound": outbound,
             "retained": len(state.retained),
-            "wills": len(state.wills)}
+            "wills": len(state.wills),
+            "messages": len(held)}
 
 
 class StateAssembler:
@@ -173,9 +237,16 @@ class StateAssembler:
     def __init__(self):
         self.state = StoredState()
         self._outbound = collections.defaultdict(list)
+        #: client id -> OutboundRefs (format 6), resolved in finish()
+        self._refs = collections.defaultdict(list)
         #: client ids whose outbound messages were found without their session
         #: record (tolerant finish: kept under a record without subscriptions)
         self.orphans: List[str] = []
+        #: references to a message that is not in the table (its frame was
+        #: damaged): those outbound messages are lost
+        self.dangling = 0
+        #: outbound records of a format < 6 checkpoint (one copy per session)
+        self.legacy = 0
 
     def add(self, item) -> None:
         if not isinstance(item, tuple) or not item:
@@ -184,9 +255,18 @@ class StateAssembler:
         if kind == "s" and len(item) == 3 and isinstance(item[1], SessionRecord):
             self.state.sessions[item[1].client_id] = StoredSession(
                 item[1], {}, {int(p) for p in item[2]})
+        elif kind == "l" and len(item) == 3 and isinstance(item[1], str) and all(
+                isinstance(r, OutboundRef) for r in item[2]):
+            self._refs[item[1]].extend(item[2])
+        elif kind == "m" and len(item) == 2 and all(
+                isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], int)
+                and isinstance(e[1], Message) for e in item[1]):
+            for mid, message in item[1]:
+                add_message(self.state, mid, message)
         elif kind == "o" and len(item) == 3 and all(
                 isinstance(r, OutboundRecord) for r in item[2]):
             self._outbound[item[1]].extend(item[2])
+            self.legacy += len(item[2])
         elif kind == "r" and len(item) == 2 and all(isinstance(m, Message) for m in item[1]):
             for message in item[1]:
                 self.state.retained[message.topic] = message
@@ -204,26 +284,52 @@ class StateAssembler:
         ``tolerant``: outbound messages of a session whose record is missing
         are kept under a fresh :class:`SessionRecord` (no subscriptions,
         never expires), listed in :attr:`orphans`; counts are not checked
-        (see :func:`lost_counts`).
+        (see :func:`lost_counts`).  References to a message whose frame was
+        lost are dropped (counted in :attr:`dangling`).
         """
+        state = self.state
+        owed = collections.defaultdict(list)
         for client_id, records in self._outbound.items():
-            session = self.state.sessions.get(client_id)
+            owed[client_id].extend(records)
+        for client_id, refs in self._refs.items():
+            records = owed[client_id]
+            for ref in refs:
+                record = resolve_ref(state, ref)
+                if record is None:
+                    self.dangling += 1
+                else:
+                    records.append(record)
+        for client_id, records in owed.items():
+            session = state.sessions.get(client_id)
             if session is None:
+                if not records:
+                    continue
                 if not tolerant:
                     raise ValueError(f"outbound messages for unknown session {client_id!r}")
-                session = self.state.sessions[client_id] = StoredSession(
+                session = state.sessions[client_id] = StoredSession(
                     SessionRecord(client_id), {}, set())
                 self.orphans.append(client_id)
             records.sort(key=lambda r: r.seq)
-            session.outbound = {r.seq: r for r in records}
+            for record in records:
+                link_outbound(state, client_id, record)
+        # (messages no record references stay in the table until the journals
+        # were replayed: one whose "l" frame was damaged may be referenced by a
+        # later journal record; JournaledStore._recover drops the rest)
+        if self.legacy:
+            share_equal_messages(state)
+        if self.dangling and not tolerant:
+            raise ValueError(f"{self.dangling} outbound messages reference a message "
+                             f"the checkpoint does not hold")
         if expected_counts is not None and not tolerant:
-            counts = state_counts(self.state)
+            counts = state_counts(state)
             for key, value in counts.items():
-                # checkpoints of format 1 have no "wills" count (and no wills)
-                if expected_counts.get(key, 0 if key == "wills" else None) != value:
+                # checkpoints of format 1 have no "wills" count (and no wills);
+                # formats before 6 no "messages" count
+                default = 0 if key == "wills" else value if key == "messages" else None
+                if expected_counts.get(key, default) != value:
                     raise ValueError(f"holds {value} {key}, expected "
                                      f"{expected_counts.get(key)}: incomplete")
-        return self.state
+        return state
 
 
 def lost_counts(state: StoredState, expected: Optional[dict]) -> Optional[dict]:
@@ -591,8 +697,9 @@ def read_journal(data: bytes, generation: int) -> JournalRead:
     return read
 
 
-def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) -> None:
-    """Apply journal ``batches`` to ``state``.
+def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) -> int:
+    """Apply journal ``batches`` to ``state``; returns how many ``PutOutbound``
+    operations (format < 6: the message in the operation) it applied.
 
     ``tolerant`` (after damage was found): a queued message, inbound QoS 2
     id or subscription delta (format 5) of a session whose record was in a
@@ -602,13 +709,37 @@ def replay_batches(state: StoredState, batches, tolerant: bool, orphans: set) ->
     every later message of its session.
     """
     sessions = state.sessions
+    legacy = 0
     for batch in batches:
         for op in batch:
-            if tolerant and op.__class__ in (PutOutbound, AddInboundQos2, PutSubscription) \
+            cls = op.__class__
+            if tolerant and cls in (PutOutbound, PutOutboundMessage, PutOutboundRef,
+                                    AddInboundQos2, PutSubscription) \
                     and op.client_id not in sessions:
                 sessions[op.client_id] = StoredSession(SessionRecord(op.client_id))
                 orphans.add(op.client_id)
+            if cls is PutOutbound and op.client_id in sessions:
+                legacy += 1
             apply_op(state, op)
+    return legacy
+
+
+def journal_ops(pending: list) -> list:
+    """The operations of a pending batch: ``(PutOutbound, message id, new)``
+    entries (:meth:`JournaledStore.write`) become :class:`PutOutboundMessage`
+    (``new``: the message's first record) or :class:`PutOutboundRef`."""
+    ops = []
+    for op in pending:
+        if op.__class__ is tuple:
+            put, mid, new = op
+            record = put.record
+            if new:
+                op = PutOutboundMessage(put.client_id, record, mid)
+            else:
+                op = PutOutboundRef(put.client_id, record.seq, mid, record.qos,
+                                    record.packet_id, record.stage, record.share)
+        ops.append(op)
+    return ops
 
 
 def decode_payload(payload) -> list:
@@ -697,6 +828,8 @@ class JournaledStore:
 
         self._mirror = StoredState()
         self._pending: list = []
+        #: PutOutbound operations (format < 6) replayed by the last recovery
+        self._legacy_outbound = 0
         self._flush_call = None
         self._interval_call = None
 
@@ -766,10 +899,25 @@ class JournaledStore:
     def write(self, op) -> None:
         if self._state != "open":
             raise StoreError(f"store {self.path} is not open")
-        if type(op) not in _OP_TYPES:
-            raise TypeError(f"not a store operation: {op!r}")
-        apply_op(self._mirror, op)
-        self._pending.append(op)
+        cls = op.__class__
+        if cls is PutOutbound:
+            # the message table: the message with its first record only
+            held = link_outbound(self._mirror, op.client_id, op.record)
+            if held is None:
+                # unknown session: the operation means nothing; journaled as given
+                self._pending.append(op)
+            else:
+                # (op, message id, new): written as PutOutboundMessage (new) or
+                # PutOutboundRef by opcodec, or made those ops for a pickle
+                # (journal_ops); no op object is made on the hot path
+                self._pending.append((op, held[0], held[1]))
+        else:
+            # apply_op's own table, looked up once (once per message sent)
+            handler = APPLY_HANDLERS.get(cls)
+            if handler is None:
+                raise TypeError(f"not a store operation: {op!r}")
+            handler(self._mirror, op)
+            self._pending.append(op)
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
 
@@ -813,7 +961,7 @@ class JournaledStore:
         try:
             payload = opcodec.encode(ops)
             if payload is None:  # an operation the compact form does not carry
-                payload = safepickle.dumps(ops)
+                payload = safepickle.dumps(journal_ops(ops))
             record = encode_record(payload)
             write_all(self._fd, record, self._os_write)
             self.write_latency.observe(time.monotonic() - started)
@@ -1134,11 +1282,22 @@ class JournaledStore:
         live = [gen for gen in gens if gen >= snap_gen]
         append_to = None
         orphans: set = set()
+        self._legacy_outbound = 0
         for index, gen in enumerate(live):
             last = index == len(live) - 1
             if not self._replay(gen, state, last, damaged, orphans):
                 damaged = True
             append_to = gen
+        # the message table: a message whose records were all deleted (or
+        # whose references were in damaged records) leaves it; a store of
+        # format < 6 held a copy per session: equal messages become one
+        drop_unreferenced(state)
+        if self._legacy_outbound:
+            merged = share_equal_messages(state)
+            if merged:
+                log.info("Store {path}: {merged} copies of queued messages written by an "
+                         "older mqttd (one per session) are now shared", path=self.path,
+                         merged=merged)
         if orphans:
             log.error("Session records of {count} clients were in damaged records; their "
                       "later messages are kept under sessions without subscriptions: "
@@ -1175,8 +1334,9 @@ class JournaledStore:
         with open(path, "rb") as f:
             data = f.read()
         read = read_journal(data, gen)
-        replay_batches(state, read.batches, after_damage or bool(read.damaged),
-                       orphans if orphans is not None else set())
+        self._legacy_outbound += replay_batches(
+            state, read.batches, after_damage or bool(read.damaged),
+            orphans if orphans is not None else set())
         if read.clean:
             return True
         now = self._reactor.seconds()

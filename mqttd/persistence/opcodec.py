@@ -1,4 +1,4 @@
-"""A compact binary form of the journal's most frequent batches (format version 4).
+"""A compact binary form of the journal's most frequent batches (format versions 4, 6).
 
 Most journal records of a busy broker are batches of outbound-message operations:
 ``PutOutbound`` (a message queued for a persistent session), ``UpdateOutbound``,
@@ -25,6 +25,9 @@ Record layout (big-endian), after the magic byte, one item per operation::
     3 DeleteOutbound  str client_id | u64 seq
     4 AddInboundQos2  str client_id | u16 packet_id
     5 DeleteInboundQos2  str client_id | u16 packet_id
+    7 PutOutboundRef  str client_id | u64 seq | u64 message_id | u8 qos
+                      | u16 packet_id (0: none) | u8 stage          (format 6)
+    6 PutOutboundMessage  as 7, then the message as in 1 (str topic ...)  (format 6)
 
 where ``str`` is u16 length + UTF-8 bytes.  :func:`decode` raises ``ValueError`` on
 anything else (an unknown tag, a short or overlong record, bad UTF-8, an invalid
@@ -41,19 +44,21 @@ from mqttd.codec.packets import NO_PROPERTIES
 from mqttd.messages import Message
 from mqttd.persistence.records import (
     AddInboundQos2, DeleteInboundQos2, DeleteOutbound, OutboundRecord, OutboundStage,
-    PutOutbound, UpdateOutbound)
+    PutOutbound, PutOutboundMessage, PutOutboundRef, UpdateOutbound)
 
 #: first byte of a record in this form (a pickle's is 0x80)
 MAGIC = 0xB4
 _MAGIC = bytes([MAGIC])
 
 _PUT, _UPDATE, _DELETE, _ADD_QOS2, _DELETE_QOS2 = 1, 2, 3, 4, 5
+_PUT_NEW, _PUT_REF = 6, 7
 
 _U16 = struct.Struct(">H")
 _TAG_STR = struct.Struct(">BH")             # tag, client id length
 _SEQ_QOS_PID_STAGE = struct.Struct(">QBHB")
 _SEQ = struct.Struct(">Q")
 _SEQ_PID_STAGE = struct.Struct(">QHB")
+_SEQ_MID_QOS_PID_STAGE = struct.Struct(">QQBHB")
 _U32 = struct.Struct(">I")
 _MSG_FLAGS = struct.Struct(">BBB")          # message qos, retain, has origin
 _F64 = struct.Struct(">d")
@@ -67,21 +72,67 @@ def _str(text: str) -> bytes:
     return _U16.pack(len(data)) + data
 
 
+def _name(names: dict, client_id: str) -> bytes:
+    data = names[client_id] = client_id.encode("utf-8")
+    return data
+
+
 def encode(ops) -> Optional[bytes]:
     """``ops`` (a list of store operations) in this form, or None when a pickle must
-    carry them (an operation or field this form does not express)."""
+    carry them (an operation or field this form does not express).  An entry may
+    also be the journal's ``(PutOutbound, message id, new)``
+    (:func:`mqttd.persistence.journal.journal_ops`): written as
+    ``PutOutboundMessage`` when ``new``, else as ``PutOutboundRef``."""
     parts = [_MAGIC]
     append = parts.append
+    # client id -> its UTF-8 bytes: a batch is mostly one client's operations
+    names: dict = {}
     try:
         for op in ops:
             cls = op.__class__
-            if cls is PutOutbound:
+            if cls is tuple or cls is PutOutboundMessage:
+                # the journal's pending (PutOutbound, message id, new): the
+                # message's first record carries it (tag 6), the others its id
+                if cls is tuple:
+                    put, mid, new = op
+                else:
+                    put, mid, new = op, op.message_id, True
+                record = put.record
+                if record.share is not None:
+                    return None
+                message = record.message
+                if new and (message.properties is not NO_PROPERTIES
+                            or message.__class__ is not Message):
+                    return None
+                cid = (names.get(put.client_id) or _name(names, put.client_id))
+                append(_TAG_STR.pack(_PUT_NEW if new else _PUT_REF, len(cid)))
+                append(cid)
+                append(_SEQ_MID_QOS_PID_STAGE.pack(record.seq, mid, record.qos,
+                                                   record.packet_id or 0, record.stage))
+                if not new:
+                    continue
+                topic = message.topic.encode("utf-8")
+                origin = message.origin
+                append(_U16.pack(len(topic)))
+                append(topic)
+                append(_U32.pack(len(message.payload)))
+                append(message.payload)
+                append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
+                                       0 if origin is None else 1))
+                if origin is not None:
+                    append(_str(origin))
+                if message.expires_at is None:
+                    append(b"\x00")
+                else:
+                    append(b"\x01")
+                    append(_F64.pack(message.expires_at))
+            elif cls is PutOutbound:
                 record = op.record
                 message = record.message
                 if (record.share is not None or message.properties is not NO_PROPERTIES
                         or message.__class__ is not Message):
                     return None
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 topic = message.topic.encode("utf-8")
                 origin = message.origin
                 append(_TAG_STR.pack(_PUT, len(cid)))
@@ -101,18 +152,26 @@ def encode(ops) -> Optional[bytes]:
                 else:
                     append(b"\x01")
                     append(_F64.pack(message.expires_at))
+            elif cls is PutOutboundRef:
+                if op.share is not None:
+                    return None
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
+                append(_TAG_STR.pack(_PUT_REF, len(cid)))
+                append(cid)
+                append(_SEQ_MID_QOS_PID_STAGE.pack(op.seq, op.message_id, op.qos,
+                                                   op.packet_id or 0, op.stage))
             elif cls is DeleteOutbound:
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_DELETE, len(cid)))
                 append(cid)
                 append(_SEQ.pack(op.seq))
             elif cls is UpdateOutbound:
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_UPDATE, len(cid)))
                 append(cid)
                 append(_SEQ_PID_STAGE.pack(op.seq, op.packet_id or 0, op.stage))
             elif cls is AddInboundQos2 or cls is DeleteInboundQos2:
-                cid = op.client_id.encode("utf-8")
+                cid = (names.get(op.client_id) or _name(names, op.client_id))
                 append(_TAG_STR.pack(_ADD_QOS2 if cls is AddInboundQos2 else _DELETE_QOS2,
                                      len(cid)))
                 append(cid)
@@ -158,23 +217,32 @@ def decode(payload) -> List[object]:
             raise ValueError(f"invalid outbound stage {value}")
         return _STAGES[value]
 
+    def message_body(topic: str) -> Message:
+        (n,) = _U32.unpack_from(data, take(4))
+        start = take(n)
+        body = data[start:start + n]
+        mqos, retain, has_origin = _MSG_FLAGS.unpack_from(data, take(_MSG_FLAGS.size))
+        origin = text() if has_origin else None
+        expires_at = None
+        if data[take(1)]:
+            (expires_at,) = _F64.unpack_from(data, take(8))
+        return Message(topic, body, mqos, bool(retain), NO_PROPERTIES, origin, expires_at)
+
     while pos < end:
         tag = data[take(1)]
         client_id = text()
-        if tag == _PUT:
+        if tag == _PUT_REF or tag == _PUT_NEW:
+            seq, mid, qos, pid, st = _SEQ_MID_QOS_PID_STAGE.unpack_from(
+                data, take(_SEQ_MID_QOS_PID_STAGE.size))
+            if tag == _PUT_REF:
+                ops.append(PutOutboundRef(client_id, seq, mid, qos, pid or None, stage(st)))
+            else:
+                record = OutboundRecord(seq, message_body(text()), qos, pid or None, stage(st))
+                ops.append(PutOutboundMessage(client_id, record, mid))
+        elif tag == _PUT:
             seq, qos, pid, st = _SEQ_QOS_PID_STAGE.unpack_from(data, take(_SEQ_QOS_PID_STAGE.size))
-            topic = text()
-            (n,) = _U32.unpack_from(data, take(4))
-            start = take(n)
-            body = data[start:start + n]
-            mqos, retain, has_origin = _MSG_FLAGS.unpack_from(data, take(_MSG_FLAGS.size))
-            origin = text() if has_origin else None
-            expires_at = None
-            if data[take(1)]:
-                (expires_at,) = _F64.unpack_from(data, take(8))
-            message = Message(topic, body, mqos, bool(retain), NO_PROPERTIES, origin, expires_at)
-            ops.append(PutOutbound(client_id, OutboundRecord(seq, message, qos, pid or None,
-                                                             stage(st))))
+            record = OutboundRecord(seq, message_body(text()), qos, pid or None, stage(st))
+            ops.append(PutOutbound(client_id, record))
         elif tag == _DELETE:
             (seq,) = _SEQ.unpack_from(data, take(8))
             ops.append(DeleteOutbound(client_id, seq))

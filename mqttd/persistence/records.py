@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import attrs
 
-from mqttd.messages import Message
+from mqttd.messages import Message, message_key
 
 #: bumped whenever the shape of a record or file changes; stores write it in
 #: their files and read every version from 1 to this one.
@@ -31,7 +31,11 @@ from mqttd.messages import Message
 #: (``PutSessionState``): a SUBSCRIBE or a reconnect of a session with 10,000
 #: subscriptions no longer rewrites them all (REVIEW-S9 R15).  Checkpoints
 #: still hold whole ``SessionRecord``\ s; versions 1..4 read unchanged.
-FORMAT_VERSION = 5
+#: 6: the message table: a queued message is stored once (``PutOutboundMessage``)
+#: and the outbound records of other sessions reference it by id
+#: (``PutOutboundRef``; checkpoint items ``"m"`` and ``"l"``); ``PutOutbound`` and
+#: ``"o"`` items of earlier versions are still read (REVIEW-S9 R11).
+FORMAT_VERSION = 6
 
 
 class OutboundStage(enum.IntEnum):
@@ -158,6 +162,37 @@ class StoredState:
     retained: Dict[str, Message] = attrs.Factory(dict)
     #: client id -> pending delayed will
     wills: Dict[str, WillRecord] = attrs.Factory(dict)
+    # --- the message table (format 6): every message owed to sessions once ---
+    # Not compared (two states are equal when their sessions owe equal
+    # messages, whatever ids the messages have) and kept consistent by
+    # apply_op: an outbound record's message is always the table's object.
+    #: message id -> the message, for every message some outbound record holds
+    messages: Dict[int, Message] = attrs.field(factory=dict, eq=False, repr=False)
+    #: the id the next new message gets (ids are never reused)
+    next_message_id: int = attrs.field(default=1, eq=False, repr=False)
+    #: message id -> how many outbound records (all sessions) hold it, for the
+    #: messages not held by exactly one (absent: one -- most messages are owed
+    #: to one session, and this saves them an entry)
+    message_refs: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+    #: :func:`~mqttd.messages.message_key` of the message object -> message id
+    #: (identity index)
+    message_ids: Dict[int, int] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # built with a table (an unpickled state): index it, count its holders
+        if self.messages:
+            ids = self.message_ids
+            refs = self.message_refs
+            for mid, message in self.messages.items():
+                ids[message_key(message)] = mid
+                refs[mid] = 0
+            for session in self.sessions.values():
+                for record in session.outbound.values():
+                    mid = ids.get(message_key(record.message))
+                    if mid is not None:
+                        refs[mid] += 1
+            for mid in [mid for mid, n in refs.items() if n == 1]:
+                del refs[mid]
 
 
 # --- operations -------------------------------------------------------------
@@ -274,13 +309,14 @@ def _put_session(state: StoredState, op: PutSession) -> None:
 
 
 def _delete_session(state: StoredState, op: DeleteSession) -> None:
-    state.sessions.pop(op.client_id, None)
+    session = state.sessions.pop(op.client_id, None)
+    if session is not None and session.outbound:
+        for record in session.outbound.values():
+            release_message(state, record.message)
 
 
 def _put_outbound(state: StoredState, op: PutOutbound) -> None:
-    session = state.sessions.get(op.client_id)
-    if session is not None:
-        session.outbound[op.record.seq] = op.record
+    link_outbound(state, op.client_id, op.record)
 
 
 def _update_outbound(state: StoredState, op: UpdateOutbound) -> None:
@@ -297,7 +333,21 @@ def _update_outbound(state: StoredState, op: UpdateOutbound) -> None:
 def _delete_outbound(state: StoredState, op: DeleteOutbound) -> None:
     session = state.sessions.get(op.client_id)
     if session is not None:
-        session.outbound.pop(op.seq, None)
+        record = session.outbound.pop(op.seq, None)
+        if record is not None:
+            # release_message, inline: once per message acknowledged
+            key = message_key(record.message)
+            mid = state.message_ids.get(key)
+            if mid is not None:
+                refs = state.message_refs
+                count = refs.get(mid, 1) - 1
+                if count > 1:
+                    refs[mid] = count
+                elif count == 1:
+                    del refs[mid]
+                else:
+                    refs.pop(mid, None)
+                    del state.messages[mid], state.message_ids[key]
 
 
 def _add_inbound(state: StoredState, op: AddInboundQos2) -> None:
@@ -390,3 +440,196 @@ def apply_op(state: StoredState, op) -> None:
     except KeyError:
         raise TypeError(f"not a store operation: {op!r}") from None
     handler(state, op)
+
+
+# --- the message table (format 6, REVIEW-S9 R11) ------------------------------
+#
+# A message routed to many sessions is one object in the broker; the store
+# keeps it once too.  ``StoredState.messages`` maps a message id to the
+# message, ``message_refs`` counts the outbound records holding it (over all
+# sessions; no entry for the usual one) and a message leaves the table with
+# its last record, so no
+# message's bytes outlive the last session that owed it.  The broker still
+# writes ``PutOutbound`` (the record holds the message); a store that journals
+# writes the first record holding a message as ``PutOutboundMessage`` (the
+# message with its new id) and every other as ``PutOutboundRef`` (the id
+# only), and its checkpoints hold each message once (``"m"`` items) and
+# per-session references (``"l"`` items).  Applying ``PutOutbound`` interns
+# its message by identity, so applying the broker's operations builds the
+# same table (by identity: :func:`~mqttd.messages.message_key`).
+
+@attrs.frozen(slots=True)
+class OutboundRef:
+    """An :class:`OutboundRecord` as a checkpoint stores it: its message by id."""
+
+    seq: int
+    message_id: int
+    qos: int
+    packet_id: Optional[int] = None
+    stage: OutboundStage = OutboundStage.QUEUED
+    share: Optional[str] = None
+
+
+@attrs.frozen(slots=True)
+class PutOutboundMessage:
+    """:class:`PutOutbound` of a message the table does not hold yet: it is
+    added under ``message_id`` (later records reference it by that id)."""
+    client_id: str
+    record: OutboundRecord
+    message_id: int
+
+
+@attrs.frozen(slots=True)
+class PutOutboundRef:
+    """:class:`PutOutbound` of a message the table holds (``message_id``)."""
+    client_id: str
+    seq: int
+    message_id: int
+    qos: int
+    packet_id: Optional[int] = None
+    stage: OutboundStage = OutboundStage.QUEUED
+    share: Optional[str] = None
+
+
+def hold_message(state: StoredState, message: Message) -> Tuple[int, bool]:
+    """Count one more record holding ``message``; ``(message id, new)`` where
+    ``new`` says the table did not hold it before (interned by identity)."""
+    key = message_key(message)
+    mid = state.message_ids.get(key)
+    if mid is None:
+        mid = state.next_message_id
+        state.next_message_id = mid + 1
+        state.messages[mid] = message
+        state.message_ids[key] = mid
+        return mid, True
+    refs = state.message_refs
+    count = refs.get(mid, 1) + 1
+    if count == 1:
+        del refs[mid]           # was held by none (added by add_message)
+    else:
+        refs[mid] = count
+    return mid, False
+
+
+def release_message(state: StoredState, message: Message) -> None:
+    """One record fewer holds ``message``; the last one takes it out of the table."""
+    key = message_key(message)
+    mid = state.message_ids.get(key)
+    if mid is None:
+        return          # not in the table (a state built without apply_op)
+    refs = state.message_refs
+    count = refs.get(mid, 1) - 1
+    if count > 1:
+        refs[mid] = count
+    elif count == 1:
+        del refs[mid]
+    else:
+        refs.pop(mid, None)
+        del state.messages[mid], state.message_ids[key]
+
+
+def link_outbound(state: StoredState, client_id: str,
+                  record: OutboundRecord) -> Optional[Tuple[int, bool]]:
+    """Put ``record`` in session ``client_id``'s outbound messages, holding its
+    message in the table; returns :func:`hold_message`'s ``(id, new)``, or
+    None when the session is unknown (nothing changes)."""
+    session = state.sessions.get(client_id)
+    if session is None:
+        return None
+    held = hold_message(state, record.message)
+    old = session.outbound.get(record.seq)
+    session.outbound[record.seq] = record
+    if old is not None:
+        release_message(state, old.message)
+    return held
+
+
+def resolve_ref(state: StoredState, ref) -> Optional[OutboundRecord]:
+    """The record an :class:`OutboundRef` (or :class:`PutOutboundRef`) stands
+    for, or None if its message is not in the table."""
+    message = state.messages.get(ref.message_id)
+    if message is None:
+        return None
+    return OutboundRecord(ref.seq, message, ref.qos, ref.packet_id, ref.stage, ref.share)
+
+
+def add_message(state: StoredState, message_id: int, message: Message) -> Message:
+    """Put ``message`` in the table under ``message_id`` unless it holds one
+    there already (a replay); returns the table's message, not yet counted."""
+    held = state.messages.get(message_id)
+    if held is not None:
+        return held
+    state.messages[message_id] = message
+    state.message_ids[message_key(message)] = message_id
+    state.message_refs[message_id] = 0          # held by none yet
+    if message_id >= state.next_message_id:
+        state.next_message_id = message_id + 1
+    return message
+
+
+def _put_outbound_message(state: StoredState, op: PutOutboundMessage) -> None:
+    if op.client_id in state.sessions:
+        record = op.record
+        message = add_message(state, op.message_id, record.message)
+        if message is not record.message:
+            record = OutboundRecord(record.seq, message, record.qos, record.packet_id,
+                                    record.stage, record.share)
+        link_outbound(state, op.client_id, record)
+
+
+def _put_outbound_ref(state: StoredState, op: PutOutboundRef) -> None:
+    if op.client_id in state.sessions:
+        record = resolve_ref(state, op)
+        if record is not None:       # else: its message was in a damaged record
+            link_outbound(state, op.client_id, record)
+
+
+def drop_unreferenced(state: StoredState) -> int:
+    """Take messages no record holds out of the table (after recovery: a
+    message whose first record was for a session that was gone, or whose
+    records were lost with a damaged checkpoint frame).
+    Returns how many were dropped."""
+    unused = [mid for mid, refs in state.message_refs.items() if refs <= 0]
+    for mid in unused:
+        message = state.messages.pop(mid)
+        del state.message_refs[mid]
+        state.message_ids.pop(message_key(message), None)
+    return len(unused)
+
+
+def share_equal_messages(state: StoredState) -> int:
+    """Make outbound records holding *equal* messages hold one object (one
+    table entry): stores of format < 6 kept one copy per session, and this
+    turns them into shared ones on their first load.  Returns how many
+    duplicate messages were merged away.  Costs one hash of each distinct
+    message (its payload) once."""
+    first: Dict[Message, Message] = {}
+    merged = 0
+    for session in state.sessions.values():
+        outbound = session.outbound
+        for seq, record in list(outbound.items()):
+            message = record.message
+            try:
+                kept = first.setdefault(message, message)
+            except TypeError:       # unhashable (properties with a list): keep it
+                continue
+            if kept is not message:
+                hold_message(state, kept)
+                outbound[seq] = OutboundRecord(record.seq, kept, record.qos, record.packet_id,
+                                               record.stage, record.share)
+                before = len(state.messages)
+                release_message(state, message)
+                merged += before - len(state.messages)
+    return merged
+
+
+_APPLY.update({
+    PutOutboundMessage: _put_outbound_message,
+    PutOutboundRef: _put_outbound_ref,
+})
+#: every operation type, for allow-lists and tests (again: with the message
+#: table's operations, registered above)
+OPERATION_TYPES = tuple(_APPLY)
+#: operation class -> the function :func:`apply_op` calls for it (read only:
+#: the journal's write path looks the handler up itself, once per operation)
+APPLY_HANDLERS = _APPLY

@@ -38,6 +38,7 @@ _RECORD_CLASSES = (
     records.SubscriptionRecord,
     records.SessionRecord,
     records.OutboundRecord,
+    records.OutboundRef,
     records.WillRecord,
     records.StoredSession,
     records.StoredState,

@@ -23,9 +23,10 @@ import os
 import sys
 from typing import List, Optional
 
+from mqttd.messages import message_key
 from mqttd.persistence.journal import (
     journal_path, list_journals, read_journal, replay_batches)
-from mqttd.persistence.records import StoredState
+from mqttd.persistence.records import StoredState, drop_unreferenced
 
 
 def _locked(path: str) -> bool:
@@ -137,10 +138,16 @@ def inspect(path: str) -> dict:
                                 f"or journal.<n>)")
     report["aside"] = sorted(n for n in os.listdir(path)
                              if ".damaged-" in n or ".corrupt-" in n or ".skipped-" in n)
+    drop_unreferenced(state)      # as recovery does
     report["state"] = state
     report["counts"] = {"sessions": len(state.sessions),
                         "outbound": sum(len(s.outbound) for s in state.sessions.values()),
-                        "retained": len(state.retained)}
+                        "retained": len(state.retained),
+                        # the message table: each queued message once, however many
+                        # sessions owe it (format 6)
+                        "messages": len(state.messages),
+                        "message_bytes": sum(len(m.topic) + len(m.payload)
+                                             for m in state.messages.values())}
     return report
 
 
@@ -168,7 +175,8 @@ def state_dict(state: StoredState, payloads: bool = False) -> dict:
                               record.subscriptions],
             "inbound_qos2": sorted(stored.inbound_qos2),
             "outbound": [dict(_message_dict(o.message, payloads), seq=o.seq, qos=o.qos,
-                              packet_id=o.packet_id, stage=o.stage.name.lower())
+                              packet_id=o.packet_id, stage=o.stage.name.lower(),
+                              message_id=state.message_ids.get(message_key(o.message)))
                          for o in sorted(stored.outbound.values(), key=lambda o: o.seq)],
         }
     retained = [_message_dict(m, payloads) for _, m in sorted(state.retained.items())]
@@ -202,6 +210,8 @@ def _print_check(report: dict, out) -> None:
     for name in report["aside"]:
         print(f"  set aside earlier: {name}", file=out)
     counts = report["counts"]
+    print(f"message table: {counts['messages']} messages ({counts['message_bytes']} bytes) "
+          f"stored once for {counts['outbound']} queued/in-flight records", file=out)
     print(f"recoverable: {counts['sessions']} sessions, {counts['outbound']} queued/in-flight "
           f"messages, {counts['retained']} retained messages; "
           + ("DAMAGED" if report["damaged"] else "intact"), file=out)
@@ -218,7 +228,8 @@ def _print_dump(report: dict, payloads: bool, out) -> None:
             print(f"  inbound qos2 packet ids {s['inbound_qos2']}", file=out)
         for o in s["outbound"]:
             line = (f"  message seq={o['seq']} {o['stage']} qos={o['qos']} "
-                    f"pid={o['packet_id']} topic={o['topic']!r} {o['payload_bytes']} bytes")
+                    f"pid={o['packet_id']} id={o['message_id']} topic={o['topic']!r} "
+                    f"{o['payload_bytes']} bytes")
             if payloads:
                 line += f" payload={o['payload']}"
             print(line, file=out)

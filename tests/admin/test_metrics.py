@@ -50,6 +50,7 @@ def test_collector_reports_connections_sessions_traffic_and_drops():
     assert s[("mqttd_messages_dropped_total", (("reason", "queue-full"),))] == 1
     assert s[("mqttd_queued_messages", ())] == 1
     assert s[("mqttd_inflight_messages", ())] == 2
+    assert s[("mqttd_inflight_bytes", ())] == len("a/1") + 5 + len("a/3") + 1
     assert s[("mqttd_refusals_total", (("reason", "publish-refused"),))] == 1
     assert s[("mqttd_clients_maximum", ())] == 2
     assert ("mqttd_build_info", (("broker_id", "mqttd"), ("version", __import__("mqttd").__version__))) in s
@@ -136,3 +137,19 @@ def test_feature_counters_are_exported_as_counters_once():
     assert len(types) == 1 and types[0].endswith(" counter"), types
     assert len([line for line in text.splitlines()
                 if line.startswith("# HELP mqttd_bridge_messages_sent")]) == 1
+
+
+def test_queued_bytes_held_counts_a_fanned_out_message_once():
+    """mqttd_queued_bytes counts what each session is owed, mqttd_queued_bytes_held what
+    the broker holds (--max-queued-bytes-total): one message for 3 offline sessions."""
+    broker, clock = make_broker()
+    registry = make_registry(broker, None, IncidentRing(clock))
+    for cid in ("a", "b", "c"):
+        away = FakeClient(broker, clock)
+        away.connect(cid, clean=False)
+        away.subscribe("t/#", qos=1)
+        away.drop()
+    broker.publish_message("t/1", b"x" * 1000, qos=1)
+    s = _samples(registry)
+    assert s[("mqttd_queued_bytes", ())] == 3 * 1003
+    assert s[("mqttd_queued_bytes_held", ())] == 1003

@@ -292,3 +292,38 @@ def test_why_output_escapes_what_clients_chose():
     assert "a/\\n[mqttd#info] forged: level 1 differs" in text
     assert not any(line.startswith("[mqttd#info]") for line in text.splitlines())
     assert "recent drops and refusals of c\\x1b[2J:" in text
+
+
+def test_ring_is_bounded_in_bytes_over_all_clients():
+    """10,000 ids x 50 refusals of 1 KiB fit the byte budget; the least recently active go first (REVIEW-S10 S10)."""
+    from twisted.internet.task import Clock
+    from mqttd.admin.ring import INCIDENT_OVERHEAD
+    ring = IncidentRing(Clock(), max_bytes=1_000_000)
+    for c in range(2000):
+        for n in range(50):
+            ring.record("rg%d" % c, "publish", str(n) + "r" * 1200)
+        assert ring.bytes <= 1_000_000
+    assert not ring.recent("rg0")                       # forgotten, oldest first
+    assert len(ring.recent("rg1999")) == 50             # the latest is whole
+    expected = sum(len(cid) + INCIDENT_OVERHEAD + sum(len(i.text) + INCIDENT_OVERHEAD for i in r)
+                   for cid, r in ring._rings.items())
+    assert ring.bytes == expected
+    ring.record("rg1999", "publish", "49" + "r" * 1200)   # a repeat adds nothing
+    assert ring.bytes == expected
+
+
+def test_a_full_inflight_byte_window_says_the_message_waits_for_acknowledgements():
+    """A subscriber that does not acknowledge: `why` names --max-inflight-bytes and the wait."""
+    broker, clock, ring = _setup(max_inflight_bytes=2_000)
+    client = FakeClient(broker, clock)
+    client.connect("c1")
+    client.subscribe("a/b", qos=1)
+    answer = _why(broker, ring, "c1", "a/b", qos=1)
+    assert _checks(answer)["inflight"]["ok"] is True
+    for i in range(3):
+        broker.publish_message("a/b", b"x" * 997, qos=1)
+    answer = _why(broker, ring, "c1", "a/b", qos=1)
+    step = _checks(answer)["inflight"]
+    assert step["ok"] is False and "--max-inflight-bytes" in step["detail"]
+    assert answer["session"]["inflight_bytes"] == 2_000
+    assert answer["verdict"] == "queued"

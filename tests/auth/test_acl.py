@@ -253,3 +253,67 @@ def test_pending_delayed_will_is_cancelled_when_a_reload_revokes_its_topic(tmp_p
     assert "dev" not in broker.wills
     clock.advance(60)
     assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+
+
+def test_long_topics_are_decided_but_never_cached(acl):
+    """A refused PUBLISH to a 16 KB topic leaves nothing cached (REVIEW-S10 S9: +60 MB per client id)."""
+    dave = client("d1", "dave")
+    for n in range(200):
+        assert not acl.authorize_publish(dave, msg("x" * 16000 + str(n)))
+    assert acl.cached_bytes < 1000
+    assert not acl._views["d1"].write
+    assert acl.authorize_publish(client("a1", "alice"), msg("alice/" + "y" * 300))  # still decided
+
+
+def test_cached_decisions_are_bounded_in_bytes_over_all_clients():
+    """Many client ids with many short topics: the whole cache stays within its byte budget."""
+    acl = ACLAuthorizer(parse_acl(ACL_TEXT), cache_bytes=50_000)
+    for c in range(40):
+        who = client("c%d" % c, "dave")
+        for n in range(100):
+            acl.authorize_publish(who, msg("t/%d/%s" % (n, "z" * 200)))
+            assert acl.cached_bytes <= 50_000
+    assert acl.cache_resets >= 1
+    assert acl.cached_bytes == sum(v.cached_bytes for v in acl._views.values())
+
+
+def test_table_rollover_and_forget_keep_the_byte_count_exact(acl):
+    """A table that starts over and a forgotten client give back exactly the bytes they were counted for."""
+    small = ACLAuthorizer(parse_acl(ACL_TEXT), cache_size=10)
+    who = client("c", "alice")
+    for n in range(25):
+        small.authorize_publish(who, msg("alice/%d" % n))
+        small.authorize_forward(who, msg("alice/%d" % n))
+    assert small.cached_bytes == small._views["c"].cached_bytes
+    assert small.cached_bytes == sum(len(t) + 100 for v in small._views.values()
+                                     for table in (v.write, v.read, v.subscribe) for t in table)
+    small.forget("c")
+    assert small.cached_bytes == 0 and "c" not in small._views
+
+
+def test_decisions_of_a_client_go_when_it_disconnects(tmp_path):
+    """Wired by the auth setup: a client's cached decisions are dropped with its connection."""
+    from mqttd.auth.setup import configure
+    from twisted.internet.task import Clock
+    path = tmp_path / "acl"
+    path.write_text(ACL_TEXT)
+    security = configure(Clock(), ["tcp:1883:interface=127.0.0.1"], acl_file=str(path))
+    broker, clock = make_broker()
+
+    class Service:
+        def __init__(self, broker):
+            self.broker = broker
+
+        def add_bind_check(self, check):
+            pass
+
+        def add_reloader(self, name, reload):
+            pass
+    security.attach(Service(broker))
+    c = FakeClient(broker, clock)
+    c.connect("gone")
+    c.publish("public/x")
+    assert "gone" in security.authorizer._views
+    c.drop()
+    assert "gone" not in security.authorizer._views
+    assert security.authorizer.cached_bytes == 0

@@ -443,3 +443,58 @@ def test_auth_packet_without_enhanced_authentication_is_a_protocol_error():
     client.send(Auth(0x19, Properties(authentication_method="SCRAM-SHA-256")))
     assert client.received()[0].reason_code == 0x82
     assert client.disconnecting
+
+
+@pytest.mark.parametrize("device_clean", [False, True], ids=["persistent-device", "clean-device"])
+def test_squatter_staying_connected_does_not_lock_the_device_out(device_clean):
+    """REVIEW-S10 S5: the user who had the client id first takes it back from a connected squatter (0x8E to the squatter)."""
+    broker, clock = make_broker()
+    device, ack = _connect_as(broker, clock, 4, "gw-device", "sensor-gw", clean=device_clean)
+    assert ack.reason_code == 0
+    device.drop()                                          # a reconnect gap
+    squatter, ack = _connect_as(broker, clock, 5, "gw-device", "dashboard")
+    assert ack.reason_code == 0                            # the gap was taken
+    for _ in range(3):
+        device, ack = _connect_as(broker, clock, 4, "gw-device", "sensor-gw", clean=device_clean)
+        assert ack.reason_code == 0
+        session = broker.sessions["gw-device"]
+        assert session.owner == "sensor-gw" and session.connection is device.conn
+        assert squatter.disconnecting
+        assert squatter.received()[-1].reason_code == 0x8E   # session taken over
+        # the squatter cannot take it back while the device is connected
+        squatter, ack = _connect_as(broker, clock, 5, "gw-device", "dashboard")
+        assert ack.reason_code == 0x87 and not device.disconnecting
+        device.drop()
+        squatter, ack = _connect_as(broker, clock, 5, "gw-device", "dashboard")
+        assert ack.reason_code == 0
+    assert "session-owner" in broker.stats.refused
+
+
+def test_precedence_survives_a_chain_of_squatters_and_the_squatters_own_reconnects():
+    """The first owner keeps the right over a second squatter, and over a squatter that resumed its session."""
+    broker, clock = make_broker()
+    device, _ = _connect_as(broker, clock, 4, "dev9", "alice")
+    device.drop()
+    bob, _ = _connect_as(broker, clock, 4, "dev9", "bob")
+    bob.drop()
+    bob, ack = _connect_as(broker, clock, 4, "dev9", "bob")          # bob resumes his own session
+    assert ack.reason_code == 0 and ack.session_present
+    bob.drop()
+    carol, ack = _connect_as(broker, clock, 4, "dev9", "carol")      # a second squatter
+    assert ack.reason_code == 0
+    bob2, ack = _connect_as(broker, clock, 4, "dev9", "bob")         # bob was no first owner
+    assert ack.reason_code == 0x05
+    device, ack = _connect_as(broker, clock, 4, "dev9", "alice")
+    assert ack.reason_code == 0 and carol.disconnecting
+    assert broker.sessions["dev9"].claimed_from is None
+
+
+def test_earlier_owners_are_bounded(monkeypatch):
+    """The memory of who had a client id keeps at most MAX_EARLIER_OWNERS ids, oldest forgotten first."""
+    import mqttd.lifecycle
+    monkeypatch.setattr(mqttd.lifecycle, "MAX_EARLIER_OWNERS", 5)
+    broker, clock = make_broker()
+    for n in range(8):
+        client, _ = _connect_as(broker, clock, 4, "id%d" % n, "u%d" % n, clean=True)
+        client.drop()
+    assert list(broker.earlier_owners) == ["id3", "id4", "id5", "id6", "id7"]

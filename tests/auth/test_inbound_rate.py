@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from mqttd.codec.packets import Pingreq, Pingresp, Publish
+from mqttd.codec import encode
+from mqttd.codec.packets import Connect, Pingreq, Pingresp, Publish
 from mqttd.ratelimit import BucketMemory, InboundBucket
 from tests.core.harness import FakeClient, make_broker
 
@@ -270,3 +271,62 @@ def test_v5_disconnect_with_will_is_charged_too():
         dev.connect("wr5", will=Will("wr/dead", b"gone", 0, False))
         dev.send(Disconnect(0x04))
     assert _delivered(sub) <= 2 + 1
+
+
+def _connect_bytes(client_id: str, level: int = 4, **fields) -> bytes:
+    return encode(Connect(level, client_id, True, 0, **fields), level)
+
+
+def test_publishes_read_together_with_the_connect_are_charged():
+    """CONNECT + 2,500 PUBLISHes in one write pass at the rate, not the whole first read (REVIEW-S10 S1)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock)
+    pub.send_bytes(_connect_bytes("pipelined") + _tiny_publishes(2500))
+    assert _delivered(sub) == 10                      # the bucket's depth, not ~1,600
+    assert pub.conn.input_blocked and not pub.disconnecting
+    clock.advance(1.0)
+    assert _delivered(sub) <= 10 + 1
+
+
+def test_short_pipelined_bursts_on_new_connections_share_the_host_rate():
+    """50 connections, each CONNECT + 900 PUBLISHes (< 8 KiB) in one write then closed: one host's rate (REVIEW-S10 S1)."""
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    for n in range(50):
+        pub = FakeClient(broker, clock)
+        pub.send_bytes(_connect_bytes(f"burst{n}") + _tiny_publishes(900))
+        clock.advance(0.01)
+        pub.drop()
+    assert _delivered(sub) <= 10 + 5 + 1              # depth + 0.5 s of refill
+
+
+def test_v5_connect_and_publishes_in_one_read_with_bytes_limit_are_charged():
+    """The bytes bucket also meters the PUBLISHes of the CONNECT's read (v5; REVIEW-S10 S1)."""
+    broker, clock = make_broker(max_inbound_bytes_rate=100)
+    sub = _subscriber(broker, clock)
+    pub = FakeClient(broker, clock, level=5)
+    data = b"".join(bytes((0x30, 54, 0, 1, ord("t"), 0)) + b"x" * 50 for _ in range(10))
+    pub.send_bytes(_connect_bytes("v5pipe", level=5) + data)
+    assert _delivered(sub) == 1
+    assert pub.conn.input_blocked
+
+
+def test_publishes_pipelined_behind_a_pending_authenticate_are_charged():
+    """CONNECT + PUBLISHes in one read wait for a Deferred authenticate, then pass at the rate (REVIEW-S10 S1)."""
+    from twisted.internet import defer
+
+    class _Auth:
+        def authenticate(self, request):
+            return pending
+
+    broker, clock = make_broker(max_inbound_rate=10)
+    sub = _subscriber(broker, clock)
+    pending = defer.Deferred()
+    broker.authenticator = _Auth()
+    pub = FakeClient(broker, clock)
+    pub.send_bytes(_connect_bytes("late", username="u", password=b"p") + _tiny_publishes(500))
+    assert _delivered(sub) == 0
+    pending.callback("u")
+    assert _delivered(sub) == 10
+    assert pub.conn.input_blocked and not pub.disconnecting

@@ -16,7 +16,11 @@ METHOD = "SCRAM-SHA-256"
 
 @pytest.fixture
 def broker_clock():
-    broker, clock = make_broker()
+    return _scram_broker()
+
+
+def _scram_broker(**config):
+    broker, clock = make_broker(**config)
     users = {"alice": make_entry("alice", "wonderland", iterations=4096, scram=True),
              "plain": make_entry("plain", "pw", iterations=1000)}
     enhanced = EnhancedAuthenticator()
@@ -160,3 +164,24 @@ def test_a_refused_connect_is_logged_once(broker_clock, kind):
         assert connack.reason_code in (0x86, 0x87, 0x8C)
     assert len(lines) == 1, [e["log_format"] for e in lines]
     assert "CONNACK 0x%02X" % connack.reason_code in lines[0]["detail"]
+
+
+def test_publishes_pipelined_with_the_final_auth_are_rate_limited():
+    """PUBLISHes read together with the AUTH that completes the login are charged (REVIEW-S10 S1)."""
+    from mqttd.codec import encode
+    broker, clock = _scram_broker(max_inbound_rate=10)
+    sub = FakeClient(broker, clock, level=5)
+    assert _connect(sub, ScramClient([METHOD], "alice", "wonderland"), "sub")[0].reason_code == 0
+    sub.subscribe("t")
+    client = FakeClient(broker, clock, level=5)
+    scram = ScramClient([METHOD], "alice", "wonderland")
+    client.send(Connect(5, "c1", True, 0, properties=Properties(
+        authentication_method=METHOD,
+        authentication_data=scram.get_client_first().encode())))
+    (challenge,) = client.received()
+    scram.set_server_first(challenge.properties.authentication_data.decode())
+    tiny = bytes((0x30, 4, 0, 1, ord("t"), 0))             # v5 QoS 0 PUBLISH, no properties
+    client.send_bytes(encode(_auth(0x18, scram.get_client_final().encode()), 5) + tiny * 500)
+    assert client.received()[0].reason_code == 0
+    assert sum(1 for p in sub.received() if p.__class__.__name__ == "Publish") == 10
+    assert client.conn.input_blocked and not client.disconnecting

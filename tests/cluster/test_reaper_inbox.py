@@ -128,3 +128,20 @@ def test_reaper_keeps_a_route_for_a_session_whose_claim_on_another_node_is_in_pr
         assert [(p.reason_code, p.session_present) for p in acks] == [(0, True)]
         assert sorted(int(p.payload) for p in got) == list(range(COUNT))
     aio(run)
+
+
+def test_a_dead_inbox_is_deleted_only_after_any_trusted_route_cache_saw_the_reset():
+    """The reaper resets the dead node's routes, waits, reads its inbox a last time
+    and deletes it: the wait must outlast the age up to which a route cache is
+    trusted (``stale_after``; an older one holds what it would forward), or a
+    publisher with a cache fresh enough to be trusted but older than the reset
+    XADDs into the deleted inbox -- a stream nobody reads, the message lost."""
+    from twisted.internet.task import Clock
+    from mqttd.cluster.routes import RouteTable
+    from mqttd.cluster.sessionservice import settle_after_reset
+    from .fakeredis import FakeBackend
+
+    clock = Clock()
+    routes = RouteTable(FakeBackend(clock), clock, "B")
+    assert settle_after_reset(routes.stale_after) > routes.stale_after
+    assert settle_after_reset(None) == 2.0

@@ -115,7 +115,7 @@ def test_a_group_copy_no_member_here_can_take_goes_to_the_groups_members_elsewhe
         def sync(self):
             return None
 
-        def reroute_share(self, share, message):
+        def reroute_share(self, share, message, tried=(), live_only=False):
             handed.append((share, message.payload))
             return 1
     broker.add_remote_router(Router())
@@ -125,4 +125,77 @@ def test_a_group_copy_no_member_here_can_take_goes_to_the_groups_members_elsewhe
     assert deliver(Message("g/1", b"for-group", 1), frozenset({"$share/grp/g/#"})) == 2
     assert handed == [("$share/grp/g/#", b"for-group")]
     assert payloads(plain) == [b"for-group"]
+    assert broker.stats.dropped.get("shared-no-member", 0) == 0
+
+
+class HandingRouter:
+    """The bus's side of a reaper test: records each group copy handed on."""
+
+    def __init__(self, live=True):
+        self.handed = []
+        self.live = live
+
+    def forward(self, message, cache):
+        return 0
+
+    def sync(self):
+        return None
+
+    def reroute_share(self, share, message, tried=(), live_only=False):
+        if live_only and not self.live:
+            return 0
+        self.handed.append((share, message.payload, tuple(tried)))
+        return 1
+
+
+def adopted_offline_member(broker, clock, client_id, share):
+    """A persistent member of ``share`` installed here with no connection (what
+    the reaper's adoption leaves: an offline session)."""
+    from mqttd.codec.packets import Properties
+    c = FakeClient(broker, clock, level=5)
+    c.connect(client_id, clean=False, properties=Properties(session_expiry_interval=600))
+    c.subscribe(share, qos=1)
+    c.received()
+    c.drop()
+    clock.advance(0)
+    return client_id
+
+
+def test_a_group_copy_goes_to_a_live_node_not_into_the_offline_member_adopted_here():
+    """REVIEW-S9-CLUSTER C6 with persistent members: the reaper adopted the dead
+    node's member (offline here); the group has members on a live node: the
+    dead node's group copies go there (one may be connected), not into the
+    adopted offline queue; the dead node is never picked again."""
+    broker, clock = make_broker()
+    router = HandingRouter()
+    broker.add_remote_router(router)
+    reaper, _store = reaper_on(broker, clock)
+    member = adopted_offline_member(broker, clock, "adopted-member", "$share/grp/g/#")
+    deliver = reaper.deliver_to({member}, node="dead")
+    assert deliver(Message("g/1", b"for-group", 1), frozenset({"$share/grp/g/#"})) == 1
+    assert router.handed == [("$share/grp/g/#", b"for-group", ("dead",))]
+    assert list(broker.sessions[member].outbound_records()) == []
+    # no live node with members: the adopted member queues it (nothing dropped)
+    router.live = False
+    router.handed.clear()
+    assert deliver(Message("g/2", b"kept", 1), frozenset({"$share/grp/g/#"})) == 1
+    assert router.handed == []
+    assert [out.message.payload for out in broker.sessions[member].outbound_records()] == [
+        b"kept"]
+    assert broker.stats.dropped.get("shared-no-member", 0) == 0
+
+
+def test_a_group_copy_handed_on_to_the_dead_node_is_still_owed_to_the_group():
+    """An envelope another node handed on to the dead node for a group (marked
+    ``~``) never reached a member there: replayed, it goes to the group like
+    any other copy -- it was dropped as a group nobody has."""
+    broker, clock = make_broker()
+    router = HandingRouter()
+    broker.add_remote_router(router)
+    reaper, _store = reaper_on(broker, clock)
+    member = client(broker, clock, "member-here", "$share/grp/g/#")
+    deliver = reaper.deliver_to(set(), node="dead")
+    assert deliver(Message("g/3", b"handed-on", 1), frozenset({"~$share/grp/g/#"})) == 1
+    assert payloads(member) == [b"handed-on"]
+    assert router.handed == []
     assert broker.stats.dropped.get("shared-no-member", 0) == 0

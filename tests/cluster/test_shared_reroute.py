@@ -131,3 +131,93 @@ def test_with_no_member_on_any_node_the_message_is_dropped_and_counted():
     clock.advance(0)
     assert redis.sent() == []
     assert broker.stats.dropped["shared-no-member"] == 1
+
+
+def offline_member(broker, clock, client_id="parked"):
+    """A persistent member of GROUP on this node whose client went away (its
+    session stays, offline: it would queue what it is given)."""
+    from mqttd.codec.packets import Properties
+    member = FakeClient(broker, clock, level=5)
+    member.connect(client_id, clean=False,
+                   properties=Properties(session_expiry_interval=600))
+    member.subscribe(GROUP, qos=1)
+    member.received()
+    member.drop()
+    clock.advance(0)
+    assert broker.sessions[client_id].connection is None
+    return client_id
+
+
+def queued(broker, client_id):
+    return [out.message.payload for out in broker.sessions[client_id].outbound_records()]
+
+
+def test_a_group_copy_for_a_node_whose_members_are_all_offline_goes_to_a_live_node_with_members():
+    """REVIEW-S9-CLUSTER C6 (persistent members): B's only member of the group is
+    an offline persistent session (its client gone, or adopted from a dead
+    node); C, live, has members: the message goes to C for the group -- online
+    members first, as on one broker -- instead of waiting in the offline queue
+    while a connected member elsewhere could take it."""
+    broker, clock, router, redis = node_b()
+    parked = offline_member(broker, clock)
+    message = Message("jobs/5", b"m", 1)
+    router._deliver([(b"10-0", entry(message, GROUP))])
+    clock.advance(0)
+    ((inbox, items),) = redis.sent()
+    assert inbox == "mqttd:{n:C}:inbox"
+    assert items == [(message, frozenset({REROUTED + GROUP}))]
+    assert queued(broker, parked) == []
+
+
+def test_a_group_message_published_where_members_are_offline_goes_to_a_live_node_with_members():
+    """The publishing node itself has only an offline member of the group: the
+    group's copy goes to the live node with members, not to the offline queue."""
+    broker, clock, router, redis = node_b()
+    parked = offline_member(broker, clock)
+    router.routes._cache_replace("B", {GROUP}, 1)     # B's own route, as the feed has it
+    router.routes.fresh_as_of = clock.seconds()
+    publisher = FakeClient(broker, clock, level=5)
+    publisher.connect("publisher")
+    publisher.publish("jobs/6", b"published-here", qos=1)
+    clock.advance(0)
+    ((inbox, items),) = redis.sent()
+    assert inbox == "mqttd:{n:C}:inbox"
+    assert [(m.payload, only) for m, only in items] == [
+        (b"published-here", frozenset({GROUP}))]
+    assert queued(broker, parked) == []
+
+
+def test_with_no_live_node_with_members_the_offline_member_here_queues_the_group_message():
+    """C has members but is not live (dead, not yet reaped): the offline member
+    here keeps the message (it waits in its queue) -- nothing is sent to a node
+    that cannot serve it."""
+    broker, clock, router, redis = node_b()
+    router.node.peers = {}
+    parked = offline_member(broker, clock)
+    router._deliver([(b"11-0", entry(Message("jobs/7", b"kept", 1), GROUP))])
+    clock.advance(0)
+    assert redis.sent() == []
+    assert queued(broker, parked) == [b"kept"]
+    assert broker.stats.dropped.get("shared-no-member", 0) == 0
+
+
+def test_a_group_message_held_for_a_stale_cache_skips_the_offline_members_here_too():
+    """While B's route cache is stale its messages for other nodes are held; a
+    group whose members here are all offline is not served here meanwhile (it
+    would be queued offline *and* routed again on release): on release it goes
+    to the live node with members, once."""
+    broker, clock, router, redis = node_b()
+    parked = offline_member(broker, clock)
+    router.routes._cache_replace("B", {GROUP}, 1)
+    publisher = FakeClient(broker, clock, level=5)
+    publisher.connect("publisher")
+    publisher.publish("jobs/8", b"held", qos=1)
+    clock.advance(0)
+    assert redis.sent() == [] and queued(broker, parked) == []
+    router.routes.fresh_as_of = clock.seconds()
+    router._release()
+    clock.advance(0)
+    ((inbox, items),) = redis.sent()
+    assert inbox == "mqttd:{n:C}:inbox"
+    assert [(m.payload, only) for m, only in items] == [(b"held", frozenset({GROUP}))]
+    assert queued(broker, parked) == []

@@ -6,7 +6,7 @@ import collections
 import pytest
 from twisted.internet.task import Clock
 
-from mqttd.codec.packets import Puback, Publish
+from mqttd.codec.packets import Connect, Puback, Publish
 from mqttd.flowcontrol import SlowConsumerGuard, Watermarks
 from mqttd.metrics import BrokerStats
 from mqttd.session import Session
@@ -163,7 +163,7 @@ def test_watermarks_reject_low_marks_not_below_high():
 def test_publishers_stay_held_while_another_subscriber_holds():
     """Held publishers are released once no subscriber holds any more."""
     g, clock, _ = guard(budget=5)
-    a, b = Session("a"), Session("b")
+    a, b = Session("a", owner="ua"), Session("b", owner="ub")   # two checked users
     pub = HeldPublisher()
     g.congested(a)
     clock.advance(2)
@@ -309,19 +309,25 @@ def test_ten_frozen_qos1_subscribers_stay_within_their_queue_limits(log_events):
     """10 frozen QoS 1 subscribers and a flood: queues bounded, drops counted, one WARN each."""
     broker, clock = make_broker(max_queued_messages=50, max_queued_bytes=4000,
                                 max_inflight=200, max_publisher_pause=1)
+    broker.authenticator = _AcceptAll()   # checked users: the healthy one has its own budget
+
+    def login(client, client_id):
+        client.send(Connect(4, client_id, True, 0, username=client_id, password=b"pw"))
+        assert client.received()[0].reason_code == 0
+
     frozen = []
-    for i in range(10):           # ten machines (one address's budget is shared)
+    for i in range(10):           # ten machines of one network (its budget is shared)
         c = FakeClient(broker, clock, peer="10.0.0.%d:1883" % (i + 1))
-        c.connect("frozen%d" % i)
+        login(c, "frozen%d" % i)
         c.subscribe("flood/#", qos=1)
         c.conn.pause_writing()
         frozen.append(c)
     healthy = FakeClient(broker, clock, peer="10.0.1.1:1883")
-    healthy.connect("healthy")
+    login(healthy, "healthy")
     healthy.subscribe("flood/#", qos=1)
     pubs = [FakeClient(broker, clock) for _ in range(4)]
     for i, p in enumerate(pubs):
-        p.connect("pub%d" % i)
+        login(p, "pub%d" % i)
     received = 0
     for turn in range(40):
         for p in pubs:
@@ -343,3 +349,10 @@ def test_ten_frozen_qos1_subscribers_stay_within_their_queue_limits(log_events):
     warnings = [e for e in log_events if e.get("log_namespace") == "mqttd.broker"
                 and "Dropping messages" in e.get("log_format", "")]
     assert len(warnings) == 10      # rate-limited: one per client and reason per 10 s
+
+
+class _AcceptAll:
+    """An authenticator that accepts every user (its name is then a checked one)."""
+
+    def authenticate(self, request):
+        return True

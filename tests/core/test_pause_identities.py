@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 
 from mqttd.codec.packets import Properties, Puback, Publish
 from mqttd.flowcontrol import (
-    PauseLedger, SlowConsumerGuard, Watermarks, address_identity, session_identities)
+    ANONYMOUS, PauseLedger, SlowConsumerGuard, Watermarks, address_identity, network_identity,
+    session_identities)
 from mqttd.metrics import BrokerStats
 from mqttd.session import Session
 
@@ -45,17 +46,17 @@ def guard(budget=5.0, recovery=30.0, authenticated=True):
 def test_new_client_id_from_a_demoted_address_holds_no_one():
     """After one address used up its budget, a new client id from it is demoted at once."""
     g, clock, stats = guard()
-    first = session("att0")
+    first = session("att0", owner="u0")
     assert g.congested(first)
     clock.advance(5)                                   # budget spent: demoted
     g.decongested(first)
     clock.advance(1)
-    second = session("att1", peer="192.0.2.1:40001")   # same host, another port and id
+    second = session("att1", peer="192.0.2.1:40001", owner="u1")  # same host, another port and id
     assert not g.congested(second)
     assert second.demoted_since == 6 and second.congested_since is None
     assert stats.publisher_holds == 1 and stats.slow_subscribers_demoted == 2
-    other_host = session("other", peer="192.0.2.2:40000")
-    assert g.congested(other_host)                     # another address has its own budget
+    other_host = session("other", peer="198.51.100.2:40000", owner="u2")
+    assert g.congested(other_host)                     # another network has its own budget
 
 
 def test_same_client_id_in_a_new_clean_session_holds_no_one():
@@ -114,8 +115,8 @@ def test_an_identity_may_hold_again_after_the_recovery_period():
 def test_demotion_stops_every_holder_of_the_same_address():
     """Two staggered connections from one address: the first one's demotion ends the second's hold."""
     g, clock, stats = guard()
-    a, b = session("a", peer="192.0.2.1:1"), session("b", peer="192.0.2.1:2")
-    far = session("far", peer="203.0.113.9:1")
+    a, b = session("a", peer="192.0.2.1:1", owner="ua"), session("b", peer="192.0.2.1:2", owner="ub")
+    far = session("far", peer="203.0.113.9:1", owner="uf")
     assert g.congested(a)
     clock.advance(3)
     assert g.congested(b) and g.congested(far)
@@ -138,11 +139,50 @@ def test_authenticated_user_name_is_one_identity_across_addresses():
 
 
 def test_unchecked_user_name_spends_no_one_elses_budget():
-    """Without authentication a user name is only a claim: claiming a victim's name blocks nobody."""
+    """Without authentication a user name is only a claim: claiming a victim's name spends the anonymous budget, not the name's."""
     g, clock, _ = guard(authenticated=False)
     assert g.congested(session("attacker", peer="192.0.2.1:1", owner="dashboard"))
     clock.advance(5)
-    assert g.congested(session("victim", peer="198.51.100.1:1", owner="dashboard"))
+    assert g.ledger.spent([("user", "dashboard")], clock.seconds()) is None
+    assert g.ledger.spent([ANONYMOUS], clock.seconds()) == ANONYMOUS
+
+
+def test_a_new_network_per_reconnect_gets_no_fresh_budget_without_a_checked_user():
+    """Subscribers without a checked user name share one budget: rotating addresses and networks renews nothing (REVIEW-S10 S2)."""
+    g, clock, stats = guard()
+    assert g.congested(session("att0", peer="10.0.0.1:1"))
+    clock.advance(5)
+    for n in range(1, 6):
+        clock.advance(1)
+        assert not g.congested(session("att%d" % n, peer="10.%d.%d.1:1" % (n, n)))
+        assert not g.congested(session("v6-%d" % n, peer="[2001:db8:%x::1]:1" % n))
+    assert stats.publisher_holds == 1
+    # a subscriber whose user name the broker checked keeps its own budget
+    assert g.congested(session("dash", peer="10.9.9.9:1", owner="dashboard"))
+
+
+def test_addresses_of_one_network_share_its_budget():
+    """A new host of the same IPv4 /24 (IPv6 /48) is no new subscriber, even for a checked user (REVIEW-S10 S2)."""
+    g, clock, _ = guard()
+    assert g.congested(session("a", peer="192.0.2.1:1", owner="ua"))
+    clock.advance(5)
+    assert not g.congested(session("b", peer="192.0.2.77:1", owner="ub"))
+    assert g.congested(session("c", peer="192.0.3.1:1", owner="uc"))
+    assert g.congested(session("d", peer="[2001:db8:1:2::1]:1", owner="ud"))
+    clock.advance(5)
+    assert not g.congested(session("e", peer="[2001:db8:1:ffff::1]:1", owner="ue"))
+
+
+@pytest.mark.parametrize("peer, key", [
+    ("10.1.2.3:5555", ("network", "10.1.2.0/24")),
+    ("[2001:db8:1:2:aaaa::1]:5555", ("network", "2001:db8:1::/48")),
+    ("::ffff:10.1.2.3:5555", ("network", "10.1.2.0/24")),
+    ("/run/mqttd.sock", None),
+    (None, None),
+])
+def test_network_identity_is_the_ipv4_24_or_ipv6_48(peer, key):
+    """The network identity groups what one site can easily get new addresses from."""
+    assert network_identity(peer) == key
 
 
 @pytest.mark.parametrize("peer, key", [
@@ -230,9 +270,11 @@ def held_fraction(attack, seconds=60, reconnect_every=6.0, **config):
     return paused / ticks, broker
 
 
-def never_reads(client_id, clean=True, level=4, properties=Properties()):
+def never_reads(client_id, clean=True, level=4, properties=Properties(),
+                peer="192.0.2.66:%d"):
     def attack(broker, clock, n):
-        c = FakeClient(broker, clock, level=level, peer="192.0.2.66:%d" % (40000 + n))
+        c = FakeClient(broker, clock, level=level,
+                       peer=peer % (40000 + n) if peer.count("%d") == 1 else peer % (n, n))
         c.connect(client_id % n if "%d" in client_id else client_id, clean=clean,
                   properties=properties)
         c.subscribe("t", qos=1)
@@ -247,7 +289,10 @@ def never_reads(client_id, clean=True, level=4, properties=Properties()):
     never_reads("att", clean=False),                         # the same persistent session
     never_reads("att", clean=False, level=5,
                 properties=Properties(session_expiry_interval=60)),
-], ids=["new-client-ids", "same-id-clean", "same-id-persistent", "v5-persistent"])
+    never_reads("att%d", peer="10.%d.%d.66:1"),              # a new /24 each time (S10 S2)
+    never_reads("att%d", peer="[2001:db8:%x:%x::66]:1"),     # a new IPv6 /48 each time
+], ids=["new-client-ids", "same-id-clean", "same-id-persistent", "v5-persistent",
+        "new-network-each-time", "new-ipv6-48-each-time"])
 def test_reconnecting_subscriber_holds_publishers_once_per_recovery_period(attack):
     """A never-reading subscriber reconnecting every 6 s holds the publisher <= 5 s per 35 s."""
     fraction, broker = held_fraction(attack, seconds=60)
@@ -279,7 +324,7 @@ def test_demotion_of_many_holders_under_one_address_is_iterative(log_events):
              and e.get("log_level").name == "warn"]
     assert len(lines) == 2          # the one that ran out, and one for the others under it
     assert lines[1]["count"] == 1499
-    assert len(g.ledger) == 1501    # 1,500 client ids and the address
+    assert len(g.ledger) == 1503    # 1,500 client ids, the address, its network, anonymous
 
 
 class AcceptAll:
@@ -289,10 +334,12 @@ class AcceptAll:
         return True
 
 
-@pytest.mark.parametrize("authenticator, second_holds", [(AcceptAll(), False), (None, True)])
+@pytest.mark.parametrize("authenticator, spent, unspent", [
+    (AcceptAll(), ("user", "alice"), ANONYMOUS),
+    (None, ANONYMOUS, ("user", "alice"))])
 def test_broker_uses_the_user_name_only_when_its_authenticator_checked_it(authenticator,
-                                                                         second_holds):
-    """Through the broker: a checked user name is one identity across addresses, a claimed one is not."""
+                                                                         spent, unspent):
+    """Through the broker: a checked user name is one identity across networks; a claimed one is anonymous."""
     from mqttd.broker import Broker, BrokerConfig
     from mqttd.codec.packets import Connect
     clock = Clock()
@@ -321,5 +368,8 @@ def test_broker_uses_the_user_name_only_when_its_authenticator_checked_it(authen
     clock.advance(5)                         # demoted: client id, address (and checked user) spent
     clock.advance(0)
     first.drop()
-    stuck("two", "192.0.2.99:1")             # another address, same user name
-    assert flood() is second_holds
+    stuck("two", "198.51.100.99:1")          # another network, same user name
+    assert not flood()
+    now = clock.seconds()
+    assert broker.flow.ledger.spent([spent], now) == spent
+    assert broker.flow.ledger.spent([unspent], now) is None

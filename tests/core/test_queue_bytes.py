@@ -72,10 +72,12 @@ def test_properties_count_against_max_queued_bytes_total():
     pub = v5_publisher(broker, clock)
     for i in range(20):
         pub.publish("t/x", b"1", qos=1, packet_id=i + 1, properties=HEAVY_USER)
-    total = sum(s.queued_bytes for s in broker.sessions.values())
-    assert broker.stats.queued_bytes == total
-    assert total <= 300_000 + message_size(broker.sessions["s0"].queue[0].message)
-    assert broker.stats.dropped["queued-bytes-total"] > 60
+    held = {id(r.message): message_size(r.message)
+            for s in broker.sessions.values() for r in s.queue}
+    assert broker.stats.queued_bytes == sum(held.values())       # each message once
+    assert sum(held.values()) <= 300_000 + message_size(broker.sessions["s0"].queue[0].message)
+    assert len(broker.sessions["s0"].queue) == 5                 # 5 x 50 KB fit, not 6
+    assert broker.stats.dropped["queued-bytes-total"] == 4 * (20 - 5)
 
 
 def test_property_heavy_messages_congest_an_online_subscriber_by_bytes():
@@ -230,3 +232,15 @@ def test_v5_publish_to_v3_subscriber_is_still_counted_with_its_properties():
     got = FakeClient(broker, clock)
     got.connect("v3", clean=False)
     assert len([p for p in got.received() if isinstance(p, Publish)]) == 1
+
+
+def test_removing_queued_messages_gives_back_their_properties_too():
+    """remove_queued (an ACL reload's re-check) subtracts what enqueue added, properties included."""
+    ledger = QueueLedger()
+    session = Session("s", ledger=ledger)
+    records = [OutboundRecord(i, Message("t/x", b"1", 1, properties=HEAVY_USER), 1)
+               for i in range(3)]
+    for record in records:
+        assert session.enqueue(record, QueueLimits()) is None
+    session.remove_queued(records[:2])
+    assert session.queued_bytes == ledger.queued_bytes == message_size(records[2].message)

@@ -89,3 +89,97 @@ def test_cheap_packets_are_handled_in_the_read_that_brought_them():
     pub.send_bytes(_tiny_publishes(3000))
     assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3000
     assert not pub.conn.input_blocked
+
+
+def test_a_few_very_costly_packets_yield_after_the_first():
+    """PUBLISHes of 15 ms each: the read yields after the first, not after 16 (240 ms), and
+    another client is served after one or two of them (REVIEW-S10 S8)."""
+    broker, clock = make_broker()
+    _costly(broker, clock, seconds=0.015)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("t")
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    other = FakeClient(broker, clock)
+    other.connect("other")
+    handled = []
+    broker.on("published", lambda **_fields: handled.append(1))
+    pub.send_bytes(_tiny_publishes(40))
+    assert len(handled) == 1 and pub.conn.input_blocked
+    served_after = []
+
+    def ping():                                                 # another socket's read
+        other.send(Pingreq())
+        served_after.append(len(handled))
+    clock.callLater(0, ping)
+    for _ in range(100):                                        # bounded
+        clock.advance(0)
+        if len(handled) == 40:
+            break
+    assert other.received() == [Pingresp()]
+    assert served_after[0] <= 2
+    assert len(handled) == 40 and not pub.conn.input_blocked
+
+
+def test_overlapping_filters_are_merged_once_per_topic(monkeypatch):
+    """10,000 overlapping filters of one subscriber: the merge is remembered, not redone per PUBLISH (REVIEW-S10 S8)."""
+    import mqttd.routing
+    calls = []
+    real = mqttd.routing.merge_matches
+
+    def counting(matches, origin):
+        calls.append(len(matches))
+        return real(matches, origin)
+    monkeypatch.setattr(mqttd.routing, "merge_matches", counting)
+    broker, clock = make_broker()
+    levels = "abcdefghijklmn"
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    filters = ["/".join("+" if mask >> k & 1 else levels[k] for k in range(14))
+               for mask in range(10000)]
+    for n in range(10):
+        sub.subscribe(*filters[n * 1000:(n + 1) * 1000], packet_id=n + 1)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    for _ in range(50):
+        pub.publish("/".join(levels), b"x")
+    assert len([p for p in sub.received() if isinstance(p, Publish)]) == 50
+    assert calls == [10000]
+    # a changed subscription is seen at once: QoS 1 on one of the filters
+    sub.subscribe(filters[7], qos=1, packet_id=99)
+    pub.publish("/".join(levels), b"y", qos=1, packet_id=5)
+    (delivered,) = [p for p in sub.received() if isinstance(p, Publish)]
+    assert delivered.qos == 1 and len(calls) == 2
+
+
+def test_cached_merge_keeps_no_local_per_publisher():
+    """A merge that depended on No Local is not reused for another publisher [MQTT-3.8.3-3]."""
+    broker, clock = make_broker()
+    me = FakeClient(broker, clock, level=5)
+    me.connect("me")
+    me.subscribe("t/+", packet_id=1, no_local=True)
+    me.subscribe("+/x", packet_id=2, no_local=True)
+    other = FakeClient(broker, clock, level=5)
+    other.connect("other")
+    for _ in range(3):
+        me.publish("t/x", b"mine")
+        assert not [p for p in me.received() if isinstance(p, Publish)]
+        other.publish("t/x", b"theirs")
+        assert len([p for p in me.received() if isinstance(p, Publish)]) == 1
+
+
+def test_cached_merge_with_an_in_process_subscriber():
+    """In-process subscribers among overlapping matches are merged and cached like clients."""
+    broker, clock = make_broker()
+    got = []
+    broker.subscribe_local("t/#", got.append)
+    sub = FakeClient(broker, clock)
+    sub.connect("sub")
+    sub.subscribe("t/+", "+/x", packet_id=1)
+    pub = FakeClient(broker, clock)
+    pub.connect("pub")
+    for _ in range(3):
+        pub.publish("t/x", b"m")
+    assert len(got) == 3
+    assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3

@@ -177,3 +177,43 @@ def test_max_keepalive_refuses_mosquitto_sub_v311_keepalive_above(mqttd_broker_f
     ok = subprocess.run(base + ["-V", "mqttv5"], capture_output=True, text=True, timeout=20)
     # accepted: it waits for a message and times out (-W 2), rather than being refused
     assert "refused" not in (ok.stderr + ok.stdout).lower()
+
+
+def test_max_inflight_bytes_holds_a_non_acknowledging_subscriber_to_its_byte_window(
+        mqttd_broker_factory):
+    """--max-inflight-bytes 5000: a subscriber that does not acknowledge gets 4 of 10
+    1,003-byte QoS 1 messages, the rest after its PUBACKs, in order."""
+    from mqttd.blockingclient import BlockingClient
+    from mqttd.codec.packets import Pingreq, Pingresp, Puback, Publish as Pub, Subscribe, \
+        Subscription
+    broker = mqttd_broker_factory(extra_args=["--max-inflight-bytes", "5000"])
+    topic = unique("ib")
+    sub = BlockingClient(broker.port, unique("ibsub"), timeout=WAIT)
+    sub.send(Subscribe(1, (Subscription(topic, 1),)))
+    assert isinstance(sub.next_packet(WAIT), Suback)
+    pub = BlockingClient(broker.port, unique("ibpub"), timeout=WAIT)
+    pub.send(*[Pub(topic, b"%03d" % i + b"p" * (1000 - len(topic)), 1, packet_id=i + 1)
+               for i in range(10)])
+    for _ in range(10):                  # every PUBLISH routed once all are PUBACKed
+        assert pub.next_packet(WAIT).__class__.__name__ == "Puback"
+
+    def until_pingresp():
+        sub.send(Pingreq())
+        got = []
+        for _ in range(20):
+            packet = sub.next_packet(WAIT)
+            if isinstance(packet, Pingresp):
+                return got
+            got.append(packet)
+        raise AssertionError("no PINGRESP")
+    first = until_pingresp()
+    assert [p.payload[:3] for p in first] == [b"000", b"001", b"002", b"003"]
+    received = list(first)
+    for _ in range(10):
+        if len(received) == 10:
+            break
+        sub.send(*[Puback(p.packet_id) for p in received[-4:] if p.packet_id])
+        received.extend(until_pingresp())
+    assert [p.payload[:3] for p in received] == [b"%03d" % i for i in range(10)]
+    sub.close()
+    pub.close()

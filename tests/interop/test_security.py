@@ -362,3 +362,53 @@ def test_admin_user_logs_in_with_the_password_file(mqttd_broker_factory, passwor
     _wait_for(lambda: "Refused admin-login" in _log(broker), what="the refusal line")
     log = _log(broker)
     assert "AttributeError" not in log and "wonderland" not in log and "builder" not in log
+
+
+def test_one_user_that_took_every_session_does_not_lock_out_another(mqttd_broker_factory,
+                                                                      password_file):
+    """REVIEW-S9 R10 with --max-sessions-per-user >= --max-sessions: alice's throwaway
+    sessions fill the cap; bob's new persistent session still gets CONNACK 0 (it was 0x03),
+    one of alice's offline sessions makes room, and the start-up log warned."""
+    broker = mqttd_broker_factory(extra_args=[
+        "--password-file", str(password_file),
+        "--max-sessions", "4", "--max-sessions-per-user", "10"])
+    for i in range(6):                   # 2 more than the cap: alice evicts her own
+        BlockingClient(broker.port, f"alice-junk-{i}", clean=False, username="alice",
+                       password=b"wonderland", timeout=WAIT).close()
+    bob = BlockingClient(broker.port, "bob-device", clean=False, username="bob",
+                         password=b"builder", timeout=WAIT)
+    assert bob.connack.reason_code == 0 and not bob.connack.session_present
+    bob.close()
+    _wait_for(lambda: "fair share" in _log(broker), what="the eviction line")
+    log = _log(broker)
+    assert "--max-sessions-per-user 10 is not below --max-sessions 4" in log
+    assert "Evicting session alice-junk-2 of 'alice'" in log
+    # bob's session is there: it resumes
+    again = BlockingClient(broker.port, "bob-device", clean=False, username="bob",
+                           password=b"builder", timeout=WAIT)
+    assert again.connack.session_present
+    again.close()
+
+
+def test_an_anonymous_flood_does_not_cost_another_client_its_queued_message(
+        mqttd_broker_factory):
+    """REVIEW-S10 S6 on loopback (every anonymous client one address): 20 throwaway
+    persistent sessions under --max-sessions-per-user 5 evict their own empty sessions;
+    the offline subscriber's queued QoS 1 message is still delivered when it returns."""
+    broker = mqttd_broker_factory(extra_args=["--max-sessions-per-user", "5"])
+    victim = BlockingClient(broker.port, "victim", clean=False, timeout=WAIT)
+    victim.send(Subscribe(1, (Subscription("s6/#", 1),)))
+    assert isinstance(victim.next_packet(WAIT), Suback)
+    victim.close()
+    publisher = BlockingClient(broker.port, "s6-pub", timeout=WAIT)
+    publisher.send(Publish("s6/x", b"kept", 1, packet_id=1))
+    assert publisher.next_packet(WAIT).__class__.__name__ == "Puback"
+    publisher.close()
+    for i in range(20):
+        BlockingClient(broker.port, f"s6-junk-{i}", clean=False, timeout=WAIT).close()
+    back = BlockingClient(broker.port, "victim", clean=False, timeout=WAIT)
+    assert back.connack.session_present
+    message = back.next_packet(WAIT)
+    assert isinstance(message, Publish) and message.payload == b"kept"
+    back.close()
+    _wait_for(lambda: "anonymous@127.0.0.1" in _log(broker), what="the eviction lines")

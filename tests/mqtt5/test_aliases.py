@@ -213,3 +213,20 @@ def test_a_publish_too_large_for_the_client_does_not_bind_an_alias():
     broker.publish_message("big", b"y")
     (p,) = publishes(sub.received())
     assert (p.topic, p.payload, p.properties.topic_alias) == ("big", b"y", 1)
+
+
+def test_long_topic_names_are_sent_whole_and_never_take_an_alias():
+    """A name over CACHED_NAME_LIMIT goes out without an alias; the table keeps short ones only (REVIEW-S10 S14)."""
+    from mqttd.topics import CACHED_NAME_LIMIT
+    broker, clock = make_broker()
+    sub = FakeClient(broker, clock, level=5)
+    sub.connect("sub", properties=Properties(topic_alias_maximum=100))
+    sub.subscribe("#", qos=0)
+    long_names = ["l%d/" % n + "x" * 30000 for n in range(20)]
+    for topic in long_names + ["short"] + long_names[:2] + ["short"]:
+        broker.publish_message(topic, b"p")
+    got = publishes(sub.received())
+    assert [p.topic for p in got] == long_names + ["short"] + long_names[:2] + [""]
+    assert [p.properties.topic_alias for p in got] == [None] * 20 + [1, None, None, 1]
+    aliases = sub.conn._out_aliases._aliases
+    assert list(aliases) == ["short"] and all(len(t) <= CACHED_NAME_LIMIT for t in aliases)

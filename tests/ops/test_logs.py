@@ -128,6 +128,23 @@ def test_trace_logs_packets_of_a_traced_client_without_payload_bytes():
                if e.get("log_namespace") == "mqttd.trace")
 
 
+def test_trace_lines_are_bounded_per_second():
+    """20,000 PINGREQs of a traced client in one write: at most TRACE_LINES_PER_SECOND lines, then one summary (REVIEW-S10 S15)."""
+    broker, clock = make_broker(trace_clients={"tr"})
+    client = FakeClient(broker, clock)
+    client.connect("tr")
+    with capturedLogs() as events:
+        client.send_bytes(bytes((0xC0, 0)) * 20000)
+        for _ in range(200):                            # the turns of the held input, bounded
+            clock.advance(0)
+        clock.advance(1.5)
+        client.send_bytes(bytes((0xC0, 0)))
+    lines = [e for e in events if e.get("log_namespace") == "mqttd.trace"]
+    assert len(lines) <= 2 * trace.TRACE_LINES_PER_SECOND + 4
+    summary = [e for e in lines if "left out" in e["log_format"]]
+    assert summary and summary[0]["count"] >= 20000 * 2 - 2 * trace.TRACE_LINES_PER_SECOND
+
+
 def test_untraced_client_is_not_wrapped():
     """Clients not named by --trace-client pay nothing: reader and transport untouched."""
     broker, clock = make_broker(trace_clients={"someone-else"})

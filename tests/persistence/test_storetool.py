@@ -87,7 +87,8 @@ def test_dump_lists_sessions_messages_and_retained(durable_backend):
     status, text = run("dump", durable_backend.path, "--json")
     document = json.loads(text)
     assert [o["seq"] for o in document["sessions"]["c1"]["outbound"]] == [1, 2, 3]
-    assert document["counts"] == {"sessions": 1, "outbound": 3, "retained": 1}
+    assert document["counts"] == {"sessions": 1, "outbound": 3, "retained": 1,
+                                  "messages": 3, "message_bytes": 15}
 
 
 def test_store_subcommand_is_registered_and_refuses_a_non_store(tmp_path, capsys):
