@@ -263,6 +263,12 @@ class Routing:
             return True
         return bool(self._trie.match(topic))
 
+    def subscribed_here(self, topic: str) -> bool:
+        """Whether a subscription of this broker (a session's, a shared group's or
+        an in-process one) matches ``topic``: a remote router asks whether a
+        message it forwards was also delivered here."""
+        return bool(self._trie.match(topic))
+
     def add_remote_router(self, router) -> None:
         """Install the remote router (one at most): after a message's local
         checks, ``router.forward(message, cache) -> int`` sends it to the other

@@ -217,9 +217,10 @@ def encode_record(data: bytes, share: Optional[str], targets: str) -> bytes:
 
 
 #: the inbox's node takes each QoS 2 instance once (see the module docstring).
-#: KEYS inbox, seen  ARGV maxlen, window_ms, batch version byte, then pairs
-#: (instance, record): a record '' only records the instance (the publishing
-#: node's own subscribers got it).  -> the number of records added
+#: KEYS inbox, seen  ARGV maxlen, window_ms (0: do not trim the seen set this
+#: time -- the router trims each node's about once a second), batch version
+#: byte, then pairs (instance, record): a record '' only records the instance
+#: (the publishing node's own subscribers got it).  -> the number of records added
 PUT_ONCE = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -229,8 +230,10 @@ for i = 4, #ARGV, 2 do
     parts[#parts + 1] = ARGV[i + 1]
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if ARGV[2] ~= '0' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
 if #parts > 1 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'b', table.concat(parts))
 end
@@ -355,6 +358,8 @@ class Router:
         self._pending: List[Tuple[str, bytes, Optional[str], int, str,
                                   Optional[Tuple[str, int, str]]]] = []
         self.qos2_window_ms = int(qos2_window * 1000)
+        #: node -> when its seen set was last trimmed (and its TTL renewed)
+        self._trimmed: Dict[str, float] = {}
         #: the target nodes of the inbox entry being dispatched now (None: none is)
         self._dispatching: Optional[frozenset] = None
         #: ``observer(message, targets)`` for every inbox entry dispatched here
@@ -389,13 +394,15 @@ class Router:
         if not self._online or message.origin is SYS_ORIGIN:
             return 0     # fenced (clients are being closed) or $SYS (per node)
         once = None
+        marked = False
         if message.qos == 2:
             pid = cache.get(INBOUND_PACKET_ID)
             if pid is not None:
                 once = self._instance(message.origin, pid)
-                if once is not None:
+                if once is not None and self.broker.subscribed_here(message.topic):
                     # this node's subscribers get it now: recorded with the hand-off
                     self._pending.append((self.node_id, b"", None, 2, "", once))
+                    marked = True
         routes = self.routes
         # RouteTable.fresh() inline (the hot path): a stale cache is not trusted
         as_of = routes.fresh_as_of
@@ -419,7 +426,7 @@ class Router:
                 cache[SKIP_SHARES] = skip
             nodes = nodes | set(per_node)
         if not nodes:
-            if once is not None:      # the PUBREC waits for the record
+            if marked:                # the PUBREC waits for the record
                 self._queued += 1
                 self.broker.write_count += 1
                 self._schedule()
@@ -873,7 +880,12 @@ class Router:
 
     def _put_once(self, node: str, key: str, items) -> list:
         """One call of :data:`PUT_ONCE` for a run of QoS 2 instances to ``node``."""
-        args = [self.inbox_maxlen, self.qos2_window_ms, bytes((BATCH_VERSION,))]
+        now = self.clock.seconds()
+        window = 0
+        if now - self._trimmed.get(node, -1.0) >= 1.0:
+            self._trimmed[node] = now
+            window = self.qos2_window_ms
+        args = [self.inbox_maxlen, window, bytes((BATCH_VERSION,))]
         for data, share, targets, (client_id, packet_id, instance) in items:
             args.append(f"{client_id}\x00{packet_id}\x00{instance}")
             args.append(encode_record(data, share, targets) if data else b"")

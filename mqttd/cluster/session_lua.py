@@ -320,8 +320,6 @@ while i <= #ARGV do
     redis.call('SADD', KEYS[4], ARGV[i + 1])
   elseif op == 'J' then
     redis.call('SREM', KEYS[4], ARGV[i + 1])
-    local bare = string.match(ARGV[i + 1], '^(%d+)/')
-    if bare then redis.call('SREM', KEYS[4], bare) end
   elseif op == 'W' then
     redis.call('DEL', KEYS[5])
     redis.call('HSET', KEYS[5], 'kind', 'pending', 'm', ARGV[i + 1])
