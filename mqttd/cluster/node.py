@@ -163,6 +163,7 @@ class Node:
         self._call = None
         self._fence_call = None
         self._busy = False
+        self._looking = False
         self._stopped = False
         self._blocked_since: Optional[float] = None
         #: ``recover() -> Deferred``, run once after the first join of this
@@ -242,16 +243,42 @@ class Node:
         # delays neither the ticks nor the fence (its own timer)
         self._schedule(self.heartbeat)
         self._check_fence()
-        if self._busy:   # the previous round trip is still out (bounded by its timeout)
-            return
-        self._busy = True
-        d = self._join() if not self.joined else self._beat()
-        d.addErrback(self._failed)
-        d.addBoth(self._round_done)
+        if not self._busy:   # else the previous round trip is still out (bounded)
+            self._busy = True
+            d = self._join() if not self.joined else self._beat()
+            d.addErrback(self._failed)
+            d.addBoth(self._round_done)
+        self._look()
 
     def _round_done(self, _):
         self._busy = False
         self._check_fence()
+
+    def _look(self) -> None:
+        """Look at the other nodes, apart from the heartbeat: the look reads
+        keys of every node, which under Redis Cluster live on every master,
+        and one hung master must not hold back this node's own heartbeat
+        (REVIEW-S9-CLUSTER C3: nodes whose keys were all on healthy masters
+        fenced themselves, then were reaped).  One look at a time."""
+        if self._looking or not self.joined or self._stopped:
+            return
+        self._looking = True
+        d = self._look_at_peers()
+
+        def failed(failure):
+            if not failure.check(BackendError):
+                log.failure("Looking at the other cluster nodes failed", failure)
+                return None
+            self.log_limiter.emit(
+                log.warn, "peers", "Node {node_id} cannot look at the other nodes: {error} "
+                "(its own heartbeat goes on; their state is kept as last seen)",
+                node_id=self.node_id, error=str(failure.value))
+            return None
+
+        def done(_):
+            self._looking = False
+        d.addErrback(failed)
+        d.addBoth(done)
 
     # --- joining --------------------------------------------------------------------
 
@@ -306,7 +333,7 @@ class Node:
         if self._rejoining is not None:
             old, self._rejoining = self._rejoining, None
             self._tell("rejoined", old, self.boot_id)
-        yield self._look_at_peers()
+        self._look()
 
     # --- heartbeat ------------------------------------------------------------------
 
@@ -339,7 +366,6 @@ class Node:
             yield self._join()
             return
         self._ok(sent)
-        yield self._look_at_peers()
 
     def _ok(self, sent: float) -> None:
         """Redis acknowledged the heartbeat (or join) call sent at ``sent``."""
@@ -447,9 +473,17 @@ class Node:
             self.log_limiter.emit(
                 log.warn, "membership", "Node {node_id} was missing from {key} while alive; "
                 "added it back", node_id=self.node_id, key=self.keys.nodes())
-        boots = yield self.backend.pipeline([("GET", self.keys.alive(n)) for n in names])
-        alive = {n: b for n, b in zip(names, boots) if b is not None}
+        # each master answers for the keys it holds: a peer whose alive key
+        # is on a master that hangs or is down is kept as last seen (not
+        # dead: nobody knows), the others are learned now
+        boots = yield self.backend.pipeline_each([("GET", self.keys.alive(n)) for n in names])
+        unknown = [n for n, b in zip(names, boots) if isinstance(b, BaseException)]
+        alive = {n: b for n, b in zip(names, boots)
+                 if b is not None and not isinstance(b, BaseException)}
         before = self.peers
+        for name in unknown:
+            if name in before:
+                alive[name] = before[name]
         self.peers = alive
         for name, boot in before.items():
             if alive.get(name) != boot:
@@ -457,15 +491,24 @@ class Node:
         for name, boot in alive.items():
             if before.get(name) != boot:
                 self._tell("peer_up", name, boot)
+        if unknown:
+            error = next(b for b in boots if isinstance(b, BaseException))
+            self.log_limiter.emit(
+                log.warn, "peers-unknown", "Cannot read whether nodes {nodes} are alive: "
+                "{error}; they are kept as last seen", nodes=", ".join(unknown),
+                error=str(error))
 
     def dead_members(self) -> defer.Deferred:
-        """Fires with the member node ids whose alive key is gone (for the reaper)."""
+        """Fires with the member node ids whose alive key is gone (for the
+        reaper); a node whose key cannot be read (its master hangs or is
+        down) is not among them."""
         d = self.backend.execute("SMEMBERS", self.keys.nodes())
 
         def check(members):
             names = sorted(_text(m) for m in members if _text(m) != self.node_id)
-            p = self.backend.pipeline([("EXISTS", self.keys.alive(n)) for n in names])
-            p.addCallback(lambda found: [n for n, e in zip(names, found) if not e])
+            p = self.backend.pipeline_each([("EXISTS", self.keys.alive(n)) for n in names])
+            p.addCallback(lambda found: [n for n, e in zip(names, found)
+                                         if not isinstance(e, BaseException) and not e])
             return p
         d.addCallback(check)
         return d

@@ -154,6 +154,34 @@ def test_peers_coming_and_going_are_reported():
     assert a.peers == {}
 
 
+def test_a_peer_on_a_hung_master_neither_fences_this_node_nor_counts_as_dead():
+    """Redis Cluster, the master holding b's alive key hangs (REVIEW-S9-CLUSTER C3): a's
+    heartbeat (its key elsewhere) goes on, so a never fences; b is kept as last seen --
+    neither reported down (the reaper would take it over) nor among the dead members."""
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    a, _, _, events = make("a", backend=backend, clock=clock)
+    b, *_ = make("b", backend=backend, clock=clock)
+    a.start()
+    b.start()
+    clock.advance(0)
+    clock.advance(1.0)
+    assert ("peer_up", "b", b.boot_id.encode()) in events
+    backend.hung_keys.add(Keys().alive("b"))
+    clock.pump([0.5] * 20)                 # 10 s: 2.5 fence delays of a
+    assert not a.fenced and a.joined
+    assert a.stats["heartbeats"] >= 10
+    assert [e for e in events if e[0] in ("fenced", "peer_down")] == []
+    assert a.peers == {"b": b.boot_id.encode()}
+    dead = []
+    a.dead_members().addCallback(dead.append)
+    clock.pump([0.5] * 10)                 # the look at b's key times out: not dead
+    assert dead == [[]]
+    backend.resume()                       # the master answers again
+    clock.pump([0.5] * 4)
+    assert not a.fenced and [e for e in events if e[0] == "fenced"] == []
+
+
 def test_leaving_deletes_the_heartbeat_so_the_others_see_it_at_once():
     """A clean stop must not leave the others waiting a TTL."""
     node, backend, clock, _ = make()
@@ -201,8 +229,9 @@ def test_a_node_whose_redis_link_hangs_fences_itself_on_time():
     assert not node.fenced
     clock.advance(0.5)                     # t = 4: ttl - heartbeat after the last ack (t=0)
     assert node.fenced and "no heartbeat acknowledged" in node.fence_reason
-    clock.pump([1.0] * 8)                  # ticks go on; one call out, none doubled
-    assert len(backend.hung) == 1
+    clock.pump([1.0] * 8)                  # ticks go on; none doubled: one heartbeat
+    assert len(backend.hung) == 2          # call out and one look at the other nodes
+    assert [call[0] for call in backend.calls].count("node-beat") == 1
 
 
 def test_a_late_answer_after_a_hang_does_not_unfence_and_a_fresh_one_does_for_good():
