@@ -114,7 +114,7 @@ def test_a_hung_master_fences_only_the_node_whose_heartbeat_lives_there(
     b = cluster_node_factory(cluster.url, node_id=ids[1], extra_args=FAST)
     c = cluster_node_factory(cluster.url, node_id=cut, extra_args=FAST)
     session = "mqttd:{c:%s}:s"
-    ok_ids = _pick(cluster, "hm-ok-%d", lambda i: session % i, healthy, count=5)
+    ok_ids = _pick(cluster, "hm-ok-%d", lambda i: session % i, healthy, count=6)
     down_id = _pick(cluster, "hm-down-%d", lambda i: session % i, [victim])[0]
     sub = Client(b.port, ok_ids[0])
     sub.subscribe("hm/#", 1)
@@ -136,6 +136,14 @@ def test_a_hung_master_fences_only_the_node_whose_heartbeat_lives_there(
             assert [m.payload for m in sub.collect(1, timeout=10)] == [payload]
             received += 1
             time.sleep(0.2)
+        # a new subscription gets its SUBACK: a node that cannot tell whether it applied
+        # the route (its keys are on the hung master) is waited for, then given up on
+        late = Client(b.port, ok_ids[5])
+        assert late.subscribe("hm/new", 1).reason_codes == (1,), b.log_tail(60)
+        late.subscribe("probe/route")
+        wait_routed(pub, late)
+        assert pub.publish("hm/new", b"new", qos=1).reason_code == 0
+        assert [m.payload for m in late.collect(1, timeout=10)] == [b"new"]
         # a session on the hung master cannot be claimed: refused, not hung forever
         assert _connack_within(a.port, down_id, timeout=15) == 0x88, a.log_tail(60)
     finally:
