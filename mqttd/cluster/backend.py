@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -34,7 +35,18 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mqttd.ratelimit import LogRateLimiter
+
 log = Logger(namespace="mqttd.cluster.backend")
+
+
+class _MonotonicClock:
+    """``seconds()`` of the monotonic clock (the rate limiter's clock when no
+    reactor clock is given)."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.monotonic()
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -483,10 +495,12 @@ class Backend:
         hangs (packets dropped, Redis stopped) fails calls in time instead of
         leaving them pending for as long as the kernel keeps the socket.
     :param client: an already built ``redis.asyncio`` client (tests).
+    :param clock: ``IReactorTime`` of the rate limiter of this backend's own
+        log lines (default: the monotonic clock).
     """
 
     def __init__(self, url, socket_timeout: float = 5.0, client=None,
-                 name: str = "mqttd"):
+                 name: str = "mqttd", clock=None):
         self.url = url if isinstance(url, RedisURL) else parse_url(url)
         self.socket_timeout = float(dict(self.url.options).get("socket_timeout",
                                                                socket_timeout))
@@ -496,6 +510,11 @@ class Backend:
         #: Sentinel: the primary named at the last follow_primary()
         self._primary: Optional[Tuple[str, int]] = None
         self._scripts: Dict[str, Script] = {}
+        #: one line per kind per 10 s at most (a Sentinel failover closes stale
+        #: connections at every heartbeat for as long as it lasts:
+        #: REVIEW-S9-CLUSTER C8), with the count of the lines suppressed
+        self.log_limiter = LogRateLimiter(clock or _MonotonicClock(), interval=10.0,
+                                          burst=1, reason_burst=None)
 
     @property
     def is_cluster(self) -> bool:
@@ -605,14 +624,16 @@ class Backend:
         if stale:
             await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
         if old is not None and new != tuple(old):
-            log.warn("Redis primary of {service} is now {new} (was {old}): reconnected",
-                     service=self.url.service, new=f"{new[0]}:{new[1]}",
-                     old=f"{old[0]}:{old[1]}")
+            self.log_limiter.emit(
+                log.warn, (new, "primary-moved"), "Redis primary of {service} is now {new} (was "
+                "{old}): reconnected", service=self.url.service, new=f"{new[0]}:{new[1]}",
+                old=f"{old[0]}:{old[1]}")
         elif stale:
-            log.info("Closed {count} connections to {servers}, not the Redis primary "
-                     "{new} of {service}", count=len(stale),
-                     servers=", ".join(sorted({f"{c.host}:{c.port}" for c in stale})),
-                     new=f"{new[0]}:{new[1]}", service=self.url.service)
+            self.log_limiter.emit(
+                log.info, "stale-connections", "Closed {count} connections to {servers}, "
+                "not the Redis primary {new} of {service}", count=len(stale),
+                servers=", ".join(sorted({f"{c.host}:{c.port}" for c in stale})),
+                new=f"{new[0]}:{new[1]}", service=self.url.service)
         return new
 
     def close(self) -> defer.Deferred:

@@ -233,3 +233,64 @@ def test_redis_without_aof_or_with_eviction_is_warned_about(redis_server, aio):
             "appendonly", "maxmemory-policy"]
         await wait(backend.close())
     aio(run)
+
+
+class _StaleConnection:
+    """A pooled connection of redis-py's Sentinel pool, to ``host:port``."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+        self.is_connected = True
+
+    async def disconnect(self):
+        self.is_connected = False
+
+
+class _SentinelPool:
+    """redis-py's Sentinel pool as ``follow_primary`` sees it: the Sentinels name
+    ``primary``; a connection to the old primary shows up again before every look
+    (as during a failover, while some Sentinels still name the old one)."""
+
+    def __init__(self, primary):
+        self.primary = primary
+        self.master_address = primary
+        self._available_connections = []
+        self._in_use_connections = set()
+
+    async def get_master_address(self):
+        return self.primary
+
+
+def test_a_sentinel_failover_writes_a_bounded_number_of_lines(aio):
+    """REVIEW-S9-CLUSTER C8: 'Closed N connections to <old primary>' came at every
+    heartbeat (each second) for as long as a failover lasted; now one line per 10 s
+    window, the next one saying how many were suppressed; a primary change is still
+    logged once per new primary."""
+    from twisted.internet import task
+    from twisted.logger import globalLogPublisher
+
+    clock = task.Clock()
+    backend = Backend("redis+sentinel://127.0.0.1:1/mm", clock=clock)
+    pool = _SentinelPool(("127.0.0.1", 2))
+    events = []
+
+    async def run():
+        backend._primary = ("127.0.0.1", 1)        # the primary before the failover
+        for second in range(15):
+            pool._available_connections.append(_StaleConnection("127.0.0.1", 1))
+            await backend._follow_primary(pool)
+            clock.advance(1.0)
+        assert not any(c.is_connected for c in pool._available_connections)
+
+    globalLogPublisher.addObserver(events.append)
+    try:
+        aio(run)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    mine = [e for e in events if e.get("log_namespace") == "mqttd.cluster.backend"]
+    moved = [e for e in mine if "is now" in e["log_format"]]
+    closed = [e for e in mine if e["log_format"].startswith("Closed")]
+    assert len(moved) == 1
+    # t = 1 and t = 11: two lines for 14 looks that closed a stale connection
+    assert len(closed) == 2, [e["log_format"] for e in closed]
+    assert closed[1]["suppressed"] == 9
