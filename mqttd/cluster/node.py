@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mqttd.cluster.backend import BackendError
 from mqttd.cluster.keys import Keys
@@ -164,6 +165,7 @@ class Node:
         self._fence_call = None
         self._busy = False
         self._looking = False
+        self._following: Optional[defer.Deferred] = None
         self._stopped = False
         self._blocked_since: Optional[float] = None
         #: ``recover() -> Deferred``, run once after the first join of this
@@ -340,14 +342,9 @@ class Node:
     @defer.inlineCallbacks
     def _beat(self):
         sent = self.clock.seconds()
-        follow = self.backend.follow_primary()   # Sentinel: the primary may have moved
-        if follow is not None:
-            try:
-                yield follow
-            except BackendError as error:
-                # no Sentinel answers: go on with the primary we know
-                self.log_limiter.emit(log.warn, "sentinel", "Cannot ask the Redis Sentinels "
-                                      "for the primary: {error}", error=str(error))
+        following = self._follow()   # Sentinel: the primary may have moved
+        if following is not None:
+            yield following
         reply = yield self.backend.run("node-beat", [self.keys.alive(self.node_id)],
                                        [self.boot_id, self._ttl_ms()])
         if reply != 1:
@@ -366,6 +363,46 @@ class Node:
             yield self._join()
             return
         self._ok(sent)
+
+    def _follow(self) -> Optional[defer.Deferred]:
+        """Sentinel: ask which server is the primary now, so that this beat
+        goes to it; None when there is nothing to wait for (not Sentinel, or
+        answered at once).  Waited for at most half a heartbeat, never
+        failing: the Sentinels are not this node's heartbeat, and one that
+        hangs (each is asked, at once) must not hold the beat back until the
+        node fences itself (the kind of REVIEW-S9-CLUSTER C3).  The question
+        stays out meanwhile (one at a time); the next beat follows its answer."""
+        if self._following is None:
+            d = self.backend.follow_primary()
+            if d is None:
+                return None
+            self._following = d
+
+            def done(result):
+                self._following = None
+                if isinstance(result, Failure):
+                    if result.check(BackendError):
+                        # no Sentinel answers: go on with the primary we know
+                        self.log_limiter.emit(
+                            log.warn, "sentinel", "Cannot ask the Redis Sentinels for the "
+                            "primary: {error}", error=str(result.value))
+                    else:
+                        log.failure("Asking the Redis Sentinels for the primary failed",
+                                    result)
+                return None
+            d.addBoth(done)
+            if self._following is None:     # answered at once
+                return None
+        waiter = defer.Deferred()
+
+        def release(_=None):
+            if timer.active():
+                timer.cancel()
+            if not waiter.called:
+                waiter.callback(None)
+        timer = self.clock.callLater(self.heartbeat / 2, release)
+        self._following.addBoth(lambda result: (release(), result)[1])
+        return waiter
 
     def _ok(self, sent: float) -> None:
         """Redis acknowledged the heartbeat (or join) call sent at ``sent``."""

@@ -182,6 +182,35 @@ def test_a_peer_on_a_hung_master_neither_fences_this_node_nor_counts_as_dead():
     assert not a.fenced and [e for e in events if e[0] == "fenced"] == []
 
 
+def test_a_hung_sentinel_does_not_hold_the_heartbeat_back():
+    """Sentinel: one Sentinel that never answers (each is asked at every beat, at once)
+    must not delay the heartbeat until the node fences itself -- the beat waits for the
+    question half a heartbeat at most, one question is out at a time, and the next beat
+    asks again once it was answered."""
+    from twisted.internet import defer
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    asked = []
+
+    def follow_primary():
+        asked.append(defer.Deferred())
+        return asked[-1]
+    backend.follow_primary = follow_primary
+    node, _, _, events = make("a", backend=backend, clock=clock)
+    node.start()
+    clock.advance(0)
+    clock.pump([0.5] * 20)                 # 10 s with the Sentinels' answer hanging
+    assert not node.fenced and [e[0] for e in events] == ["unfenced"]
+    assert len(asked) == 1                 # not one more question per beat
+    assert node.stats["heartbeats"] >= 9
+    asked[0].callback(("127.0.0.1", 2))
+    clock.pump([0.5] * 2)
+    assert len(asked) == 2                 # answered: the next beat asks again
+    asked[1].callback(("127.0.0.1", 2))
+    clock.pump([0.5] * 2)
+    assert len(asked) == 3 and not node.fenced
+
+
 def test_leaving_deletes_the_heartbeat_so_the_others_see_it_at_once():
     """A clean stop must not leave the others waiting a TTL."""
     node, backend, clock, _ = make()
