@@ -276,10 +276,13 @@ def _epoch_sentinel_class():
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     class EpochSentinel(Sentinel):
+        #: seconds the answers of the other Sentinels are waited for once one
+        #: answered: a Sentinel that hangs (partitioned, stopped) must not make
+        #: every new connection wait for its socket timeout
+        grace = 0.5
+
         async def discover_master(self, service_name: str):
-            replies = await _asyncio.gather(
-                *(sentinel.sentinel_masters() for sentinel in self.sentinels),
-                return_exceptions=True)
+            replies = await self._ask_all()
             best = None
             errors = []
             for sentinel, reply in zip(self.sentinels, replies):
@@ -302,6 +305,37 @@ def _epoch_sentinel_class():
                 raise MasterNotFoundError(f"No master found for {service_name!r}"
                                           + (f" : {', '.join(errors)}" if errors else ""))
             return best[1]
+
+        async def _ask_all(self) -> list:
+            """Every Sentinel's ``SENTINEL MASTERS`` (at once): its reply, or
+            the exception it failed with; those that did not answer within
+            :attr:`grace` of the first good answer count as timed out."""
+            loop = _asyncio.get_running_loop()
+            tasks = [_asyncio.ensure_future(sentinel.sentinel_masters())
+                     for sentinel in self.sentinels]
+            pending = set(tasks)
+            first = None
+            try:
+                while pending:
+                    timeout = None if first is None else max(0.0, first + self.grace
+                                                              - loop.time())
+                    done, pending = await _asyncio.wait(
+                        pending, timeout=timeout, return_when=_asyncio.FIRST_COMPLETED)
+                    if not done:
+                        break
+                    if first is None and any(t.exception() is None for t in done):
+                        first = loop.time()
+            finally:
+                for task in pending:
+                    task.cancel()
+            replies = []
+            for task in tasks:
+                if task in pending:
+                    replies.append(RedisTimeoutError(
+                        f"no answer within {self.grace:g} s of the other Sentinels"))
+                else:
+                    replies.append(task.exception() or task.result())
+            return replies
 
     return EpochSentinel
 

@@ -294,3 +294,42 @@ def test_a_sentinel_failover_writes_a_bounded_number_of_lines(aio):
     # t = 1 and t = 11: two lines for 14 looks that closed a stale connection
     assert len(closed) == 2, [e["log_format"] for e in closed]
     assert closed[1]["suppressed"] == 9
+
+
+class _FakeSentinel:
+    """A Sentinel's ``SENTINEL MASTERS``: ``reply``, or no answer at all (``None``)."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.cancelled = False
+
+    async def sentinel_masters(self):
+        if self.reply is None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        return self.reply
+
+
+def test_a_hung_sentinel_does_not_hold_back_finding_the_primary(aio):
+    """A Sentinel that hangs (partitioned, SIGSTOPped) must not make every new connection
+    wait for its socket timeout: the primary is chosen (highest config epoch) among the
+    Sentinels that answered within a grace period of the first answer, the hung one's
+    question abandoned (the same kind as REVIEW-S9-CLUSTER C3)."""
+    from mqttd.cluster.backend import _epoch_sentinel_class
+
+    def state(port, epoch):
+        return {"mm": {"ip": "127.0.0.1", "port": port, "config-epoch": epoch,
+                       "is_master": True, "is_sdown": False, "is_odown": False,
+                       "num-other-sentinels": 1}}
+
+    async def run():
+        sentinel = _epoch_sentinel_class()([("127.0.0.1", 1)])
+        hung = _FakeSentinel(None)
+        sentinel.sentinels = [hung, _FakeSentinel(state(2, 3)), _FakeSentinel(state(4, 5))]
+        found = await asyncio.wait_for(sentinel.discover_master("mm"), 5)
+        assert found == ("127.0.0.1", 4)
+        assert hung.cancelled
+    aio(run)
