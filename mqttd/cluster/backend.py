@@ -376,14 +376,23 @@ def _primary_connection_class(tls: bool):
     return PrimaryOnlyConnection
 
 
+#: options of XREAD/XREADGROUP before STREAMS, and how many values each takes
+_STREAM_OPTIONS = {"GROUP": 2, "COUNT": 1, "BLOCK": 1, "NOACK": 0, "CLAIM": 1}
+
+
 def _stream_keys(args: Sequence) -> List:
     """The keys of ``XREAD``/``XREADGROUP`` arguments (after ``STREAMS``:
-    the first half of what follows)."""
-    for i, arg in enumerate(args):
-        word = arg.decode("ascii", "replace") if isinstance(arg, bytes) else str(arg)
-        if word.upper() == "STREAMS":
+    the first half of what follows); [] if they do not parse."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        word = (arg.decode("ascii", "replace") if isinstance(arg, bytes) else str(arg)).upper()
+        if word == "STREAMS":
             rest = list(args[i + 1:])
-            return rest[:len(rest) // 2]
+            return rest[:len(rest) // 2] if rest and len(rest) % 2 == 0 else []
+        if word not in _STREAM_OPTIONS:
+            return []
+        i += 1 + _STREAM_OPTIONS[word]
     return []
 
 

@@ -333,3 +333,30 @@ def test_a_hung_sentinel_does_not_hold_back_finding_the_primary(aio):
         assert found == ("127.0.0.1", 4)
         assert hung.cancelled
     aio(run)
+
+
+def test_stream_read_keys_are_found_in_the_arguments():
+    """XREAD/XREADGROUP keys come from the arguments (redis-py would ask one fixed master
+    with COMMAND GETKEYS, REVIEW-S9-CLUSTER C3), a consumer named STREAMS included; what
+    does not parse is left to redis-py."""
+    from mqttd.cluster.backend import _stream_keys
+    assert _stream_keys(("GROUP", "mqttd", "STREAMS", "COUNT", 10, "BLOCK", 500,
+                         "STREAMS", "{n:a}:inbox", ">")) == ["{n:a}:inbox"]
+    assert _stream_keys(("COUNT", 100, "STREAMS", "a", "b", "0-0", "0-0")) == ["a", "b"]
+    assert _stream_keys((b"STREAMS", b"k", b"$")) == [b"k"]
+    assert _stream_keys(("COUNT", 1, "STREAMS", "k")) == []
+    assert _stream_keys(("WHAT", "STREAMS", "k", "0")) == []
+
+
+def test_the_redis_cluster_client_routes_stream_reads_without_asking_a_server(aio):
+    """The slot of an XREADGROUP is computed locally: no COMMAND GETKEYS to a master that
+    may hang (nothing is listening on the seed address here)."""
+    from redis.crc import key_slot
+
+    async def run():
+        client = Backend("redis+cluster://127.0.0.1:1").client
+        slot = await client._determine_slot(
+            "XREADGROUP", "GROUP", "mqttd", "n1", "COUNT", 10, "BLOCK", 500, "STREAMS",
+            "mqttd:{n:n1}:inbox", ">")
+        assert slot == key_slot(b"mqttd:{n:n1}:inbox")
+    aio(run)
