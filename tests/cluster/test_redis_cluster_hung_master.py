@@ -48,6 +48,14 @@ def _connack_within(port: int, client_id: str, timeout: float) -> int:
     raise TimeoutError("no CONNACK")
 
 
+def _accepted(port: int, client_id: str) -> bool:
+    """Whether a fresh v5 CONNECT is accepted now (a refusal or a closed socket: not yet)."""
+    try:
+        return connack_code(port, 5, client_id) == 0
+    except (ConnectionError, OSError, TimeoutError):
+        return False
+
+
 def test_the_redis_cluster_client_waits_on_a_hung_master_only_for_its_own_slots(
         partial_cluster, aio):
     """Backend level: with the master redis-py asks for stream keys (``COMMAND GETKEYS``)
@@ -148,14 +156,14 @@ def test_a_hung_master_fences_only_the_node_whose_heartbeat_lives_there(
         assert _connack_within(a.port, down_id, timeout=15) == 0x88, a.log_tail(60)
     finally:
         victim.resume()
-    assert acked == received and acked >= 10
+    assert acked == received and acked >= 5
     cluster.wait_ok()
     # the node cut off from its own heartbeat fenced itself (only it) ...
     assert "fences itself" in c.log_tail(400), c.log_tail(100)
     # ... and serves again on its own
-    wait_for(lambda: connack_code(c.port, 5, ok_ids[4]) == 0, timeout=60,
+    wait_for(lambda: _accepted(c.port, ok_ids[4]), timeout=60,
              what="the cut-off node serving again after SIGCONT")
-    wait_for(lambda: connack_code(a.port, 5, down_id) == 0, timeout=30,
+    wait_for(lambda: _accepted(a.port, down_id), timeout=30,
              what="the session on the resumed master")
     time.sleep(1.0)
     for node in (a, b):
