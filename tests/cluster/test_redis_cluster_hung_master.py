@@ -26,6 +26,7 @@ from .conftest import wait_joined
 from .mqttc import Client, wait_routed
 from .test_redis_cluster_partial import _pick, partial_cluster  # noqa: F401  (fixture)
 from .test_redis_trouble import connack_code, wait_for
+from .test_sys import latest
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
@@ -118,11 +119,16 @@ def test_a_hung_master_fences_only_the_node_whose_heartbeat_lives_there(
     alive = "mqttd:{n:%s}:alive"
     ids = _pick(cluster, "hm-%d", lambda n: alive % n, healthy, count=2)
     cut = _pick(cluster, "hm-cut-%d", lambda n: alive % n, [victim])[0]
-    a = cluster_node_factory(cluster.url, node_id=ids[0], extra_args=FAST)
-    b = cluster_node_factory(cluster.url, node_id=ids[1], extra_args=FAST)
-    c = cluster_node_factory(cluster.url, node_id=cut, extra_args=FAST)
+    a = cluster_node_factory(cluster.url, node_id=ids[0],
+                             extra_args=FAST + ["--sys-interval", "0.5"])
+    b = cluster_node_factory(cluster.url, node_id=ids[1],
+                             extra_args=FAST + ["--sys-interval", "0.5"])
+    c = cluster_node_factory(cluster.url, node_id=cut,
+                             extra_args=FAST + ["--sys-interval", "0.5"])
     session = "mqttd:{c:%s}:s"
-    ok_ids = _pick(cluster, "hm-ok-%d", lambda i: session % i, healthy, count=6)
+    ok_ids = _pick(cluster, "hm-ok-%d", lambda i: session % i, healthy, count=7)
+    watcher = Client(a.port, ok_ids[6])
+    watcher.subscribe(f"$SYS/broker/cluster/members/{ids[1]}/messages/sent")
     down_id = _pick(cluster, "hm-down-%d", lambda i: session % i, [victim])[0]
     sub = Client(b.port, ok_ids[0])
     sub.subscribe("hm/#", 1)
@@ -152,6 +158,14 @@ def test_a_hung_master_fences_only_the_node_whose_heartbeat_lives_there(
         wait_routed(pub, late)
         assert pub.publish("hm/new", b"new", qos=1).reason_code == 0
         assert [m.payload for m in late.collect(1, timeout=10)] == [b"new"]
+        # the cluster-wide $SYS of a still counts b, whose figures are on a healthy
+        # master (c's, on the hung one, count as last seen)
+        topic = f"$SYS/broker/cluster/members/{ids[1]}/messages/sent"
+        before = int(latest(watcher, topic, lambda v: True))
+        for i in range(3):
+            assert pub.publish("hm/x", b"sys-%d" % i, qos=1).reason_code == 0
+        sub.collect(3, timeout=10)
+        latest(watcher, topic, lambda v: int(v) >= before + 3)
         # a session on the hung master cannot be claimed: refused, not hung forever
         assert _connack_within(a.port, down_id, timeout=15) == 0x88, a.log_tail(60)
     finally:
