@@ -250,19 +250,21 @@ class Node:
             d = self._join() if not self.joined else self._beat()
             d.addErrback(self._failed)
             d.addBoth(self._round_done)
-        self._look()
 
     def _round_done(self, _):
         self._busy = False
         self._check_fence()
 
     def _look(self) -> None:
-        """Look at the other nodes, apart from the heartbeat: the look reads
-        keys of every node, which under Redis Cluster live on every master,
-        and one hung master must not hold back this node's own heartbeat
+        """Look at the other nodes, started right after an acknowledged
+        heartbeat (or join) but not waited for by it: the look reads keys of
+        every node, which under Redis Cluster live on every master, and one
+        hung master must not hold back this node's own heartbeat
         (REVIEW-S9-CLUSTER C3: nodes whose keys were all on healthy masters
-        fenced themselves, then were reaped).  One look at a time."""
-        if self._looking or not self.joined or self._stopped:
+        fenced themselves, then were reaped).  One look at a time; none while
+        fenced (a node that may be cut off reaps no one, so the change is
+        seen -- and acted on -- at the first look after the fence)."""
+        if self._looking or not self.joined or self.fenced or self._stopped:
             return
         self._looking = True
         d = self._look_at_peers()
@@ -363,6 +365,7 @@ class Node:
             yield self._join()
             return
         self._ok(sent)
+        self._look()
 
     def _follow(self) -> Optional[defer.Deferred]:
         """Sentinel: ask which server is the primary now, so that this beat

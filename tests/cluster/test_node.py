@@ -258,9 +258,8 @@ def test_a_node_whose_redis_link_hangs_fences_itself_on_time():
     assert not node.fenced
     clock.advance(0.5)                     # t = 4: ttl - heartbeat after the last ack (t=0)
     assert node.fenced and "no heartbeat acknowledged" in node.fence_reason
-    clock.pump([1.0] * 8)                  # ticks go on; none doubled: one heartbeat
-    assert len(backend.hung) == 2          # call out and one look at the other nodes
-    assert [call[0] for call in backend.calls].count("node-beat") == 1
+    clock.pump([1.0] * 8)                  # ticks go on; one call out, none doubled
+    assert len(backend.hung) == 1
 
 
 def test_a_late_answer_after_a_hang_does_not_unfence_and_a_fresh_one_does_for_good():
