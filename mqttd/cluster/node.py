@@ -24,8 +24,12 @@ id if its key survived (a short hiccup), else as a new incarnation (new boot
 id) -- once no reaper is taking over its previous incarnation (the join
 waits while ``<prefix>{n:<id>}:reaper`` is held) -- telling its listeners to
 re-publish what the others may have reaped (routes, inbox consumer group).
-Every heartbeat also checks its membership in ``mqttd:nodes`` and adds itself
-back if it is missing, so the set heals whatever removed it.
+Every acknowledged heartbeat also starts a look at the other nodes (not
+waited for: their keys live on every master of a Redis Cluster, and one hung
+master must not delay this node's own heartbeat into a fence), which checks
+its membership in ``mqttd:nodes`` and adds itself back if it is missing, so
+the set heals whatever removed it; a peer whose alive key cannot be read is
+kept as last seen (neither down nor dead).
 
 Timing: the key of the last acknowledged heartbeat sent at ``t`` lives until
 at least ``t + ttl`` (Redis renewed it on receipt, after ``t``); the node
