@@ -106,6 +106,50 @@ def test_the_redis_cluster_client_waits_on_a_hung_master_only_for_its_own_slots(
     aio(run, timeout=60)
 
 
+def test_commands_do_not_wait_for_a_slot_map_refresh_through_a_hung_master(
+        partial_cluster, aio):
+    """After redis-py's own timeout on the hung master it wants a new slot map; the
+    commands for healthy masters go on with the map they have while it is fetched in
+    the background -- not inline, where ``CLUSTER SLOTS`` sent to the hung master (here
+    the only startup node, so the old inline refresh always tried it) failed them."""
+    from mqttd.cluster.backend import Backend, RedisUnavailable
+
+    from .conftest import wait
+    cluster = partial_cluster
+
+    async def run():
+        backend = Backend(cluster.url, socket_timeout=1.0)
+        try:
+            await wait(backend.connect())
+            manager = backend.client.nodes_manager
+            if not hasattr(manager, "_dynamic_startup_nodes"):   # pragma: no cover
+                pytest.skip("redis-py without dynamic startup nodes")
+            shared = {cluster.server_of("mqttd:nodes"), cluster.server_of("mqttd:routefeed")}
+            victim = next(s for s in cluster.servers if s not in shared)
+            healthy = [s for s in cluster.servers if s is not victim]
+            name = f"127.0.0.1:{victim.port}"
+            manager.startup_nodes = {name: manager.nodes_cache[name]}
+            manager._dynamic_startup_nodes = False
+            # redis-py's socket timeout (1 s) fires before the backend's bound
+            backend.socket_timeout = 3.0
+            hung_key = _pick(cluster, "rk-%d", lambda k: k, [victim])[0]
+            ok_key = _pick(cluster, "ok-%d", lambda k: k, healthy)[0]
+            await wait(backend.execute("SET", ok_key, b"v"))
+            victim.pause()
+            try:
+                for _round in range(3):
+                    with pytest.raises(RedisUnavailable):
+                        await wait(backend.execute("GET", hung_key))
+                    assert await wait(backend.execute("GET", ok_key)) == b"v"
+            finally:
+                victim.resume()
+            cluster.wait_ok()
+            assert await wait(backend.execute("GET", hung_key), 15) is None
+        finally:
+            await wait(backend.close())
+    aio(run, timeout=60)
+
+
 def test_a_hung_master_fences_only_the_node_whose_heartbeat_lives_there(
         partial_cluster, cluster_node_factory):
     """Nodes whose keys live on healthy masters neither fence nor get reaped while
