@@ -129,6 +129,13 @@ class ClusterStats:
             key = keys.stats(cluster.node_id)
             yield cluster.backend.pipeline([("HSET", key, *flat), ("PEXPIRE", key, ttl_ms)])
             peers = sorted(cluster.node.peers)
+            # the retained count at the same time: a round waits for one
+            # socket timeout at most when a master hangs, not one per read
+            retained = getattr(cluster, "retained", None)
+            counting = None
+            if retained is not None:
+                counting = defer.maybeDeferred(retained.refresh_count)
+                counting.addErrback(self._count_failed, retained)
             # per master (Redis Cluster): a peer whose figures are on a master
             # that hangs or is down counts as last seen, the others are read
             # now -- one hung master no longer stops every node's cluster-wide
@@ -159,22 +166,22 @@ class ClusterStats:
                 "messages/sent": str(totals["messages_sent"]),
                 "subscriptions/count": str(totals["subscriptions"]),
             })
-            retained = getattr(cluster, "retained", None)
-            if retained is not None:
-                try:
-                    count = yield retained.refresh_count()
-                except BackendError as error:
-                    # the index root's master does not answer: the count as last
-                    # read, and the rest of this round still goes out
-                    count = retained.client_count()
-                    self.cluster.node.log_limiter.emit(
-                        log.warn, "stats-retained", "Cluster retained count not read: "
-                        "{error}; publishing the last one", error=str(error))
+            if counting is not None:
+                count = yield counting
                 values["retained/count"] = str(count)
             values.update(self._member_values(members))
         for suffix, payload in values.items():
             self.broker.publish_volatile(Message(PREFIX + suffix, payload.encode("utf-8"), 0,
                                                  True, origin=SYS_ORIGIN))
+
+    def _count_failed(self, failure, retained) -> int:
+        """The index root's master does not answer: the count as last read
+        (the rest of the round still goes out)."""
+        failure.trap(BackendError)
+        self.cluster.node.log_limiter.emit(
+            log.warn, "stats-retained", "Cluster retained count not read: {error}; "
+            "publishing the last one", error=str(failure.value))
+        return retained.client_count()
 
     def _member_values(self, members: Dict[str, Dict[str, int]]) -> Dict[str, str]:
         """``members/<id>/<name>`` for every live node; the retained values of
