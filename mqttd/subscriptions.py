@@ -313,7 +313,15 @@ class Subscriptions:
             def deliver(messages):
                 for message in messages:
                     self._call_local(local, message)
-            found.addCallback(deliver).addErrback(
+            def failed(failure):
+                # the store kept elsewhere (a cluster's, in Redis) did not
+                # answer: an outage, not a bug -- one rate-limited WARN, as
+                # for a client's replay (REVIEW-S9-CLUSTER C8)
+                self.log_limiter.warn(
+                    log, ("retained-lookup-local",), "Retained messages of {filter} not "
+                    "sent to an in-process subscriber: the retained store failed ({error})",
+                    filter=topic_filter, error=failure.getErrorMessage())
+            found.addCallbacks(deliver, failed).addErrback(
                 lambda failure: log.failure("Retained messages of {filter} not sent to an "
                                             "in-process subscriber", failure,
                                             filter=topic_filter))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -34,7 +35,18 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mqttd.ratelimit import LogRateLimiter
+
 log = Logger(namespace="mqttd.cluster.backend")
+
+
+class _MonotonicClock:
+    """``seconds()`` of the monotonic clock (the rate limiter's clock when no
+    reactor clock is given)."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.monotonic()
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -264,10 +276,13 @@ def _epoch_sentinel_class():
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     class EpochSentinel(Sentinel):
+        #: seconds the answers of the other Sentinels are waited for once one
+        #: answered: a Sentinel that hangs (partitioned, stopped) must not make
+        #: every new connection wait for its socket timeout
+        grace = 0.5
+
         async def discover_master(self, service_name: str):
-            replies = await _asyncio.gather(
-                *(sentinel.sentinel_masters() for sentinel in self.sentinels),
-                return_exceptions=True)
+            replies = await self._ask_all()
             best = None
             errors = []
             for sentinel, reply in zip(self.sentinels, replies):
@@ -290,6 +305,37 @@ def _epoch_sentinel_class():
                 raise MasterNotFoundError(f"No master found for {service_name!r}"
                                           + (f" : {', '.join(errors)}" if errors else ""))
             return best[1]
+
+        async def _ask_all(self) -> list:
+            """Every Sentinel's ``SENTINEL MASTERS`` (at once): its reply, or
+            the exception it failed with; those that did not answer within
+            :attr:`grace` of the first good answer count as timed out."""
+            loop = _asyncio.get_running_loop()
+            tasks = [_asyncio.ensure_future(sentinel.sentinel_masters())
+                     for sentinel in self.sentinels]
+            pending = set(tasks)
+            first = None
+            try:
+                while pending:
+                    timeout = None if first is None else max(0.0, first + self.grace
+                                                              - loop.time())
+                    done, pending = await _asyncio.wait(
+                        pending, timeout=timeout, return_when=_asyncio.FIRST_COMPLETED)
+                    if not done:
+                        break
+                    if first is None and any(t.exception() is None for t in done):
+                        first = loop.time()
+            finally:
+                for task in pending:
+                    task.cancel()
+            replies = []
+            for task in tasks:
+                if task in pending:
+                    replies.append(RedisTimeoutError(
+                        f"no answer within {self.grace:g} s of the other Sentinels"))
+                else:
+                    replies.append(task.exception() or task.result())
+            return replies
 
     return EpochSentinel
 
@@ -328,6 +374,119 @@ def _primary_connection_class(tls: bool):
                                            f"the primary (a failover is going on)")
 
     return PrimaryOnlyConnection
+
+
+#: options of XREAD/XREADGROUP before STREAMS, and how many values each takes
+_STREAM_OPTIONS = {"GROUP": 2, "COUNT": 1, "BLOCK": 1, "NOACK": 0, "CLAIM": 1}
+
+
+def _stream_keys(args: Sequence) -> List:
+    """The keys of ``XREAD``/``XREADGROUP`` arguments (after ``STREAMS``:
+    the first half of what follows); [] if they do not parse."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        word = (arg.decode("ascii", "replace") if isinstance(arg, bytes) else str(arg)).upper()
+        if word == "STREAMS":
+            rest = list(args[i + 1:])
+            return rest[:len(rest) // 2] if rest and len(rest) % 2 == 0 else []
+        if word not in _STREAM_OPTIONS:
+            return []
+        i += 1 + _STREAM_OPTIONS[word]
+    return []
+
+
+_CLUSTER_CLASS = None
+
+
+def _partition_tolerant_cluster_class():
+    """redis-py's ``RedisCluster``, made so that one master that *hangs* (a
+    partition, a stopped process, a long fsync: its connections stay open and
+    its answers never come) holds back only the commands sent to it
+    (REVIEW-S9-CLUSTER C3; a *dead* master refuses at once and never had
+    this problem).  Two things of redis-py stalled every command for the
+    socket timeout:
+
+    * After a connection error or timeout on any master, redis-py refreshes
+      the slot map *inline*: the next command, for whatever slot, waits
+      under one lock while ``CLUSTER SLOTS`` (and ``COMMAND``) go to startup
+      nodes in random order -- the hung master among them.  Here, once a
+      slot map is known, the refresh runs in the background (one at a time,
+      bounded by ``refresh_timeout``) and commands go on with the map they
+      have; a command whose slot moved meanwhile is redirected (``MOVED``)
+      as usual.  With no usable map (first start, after redis-py closed
+      everything on ``CLUSTERDOWN``) the refresh is inline, as before.
+    * redis-py asks the server for the keys of commands whose keys move
+      (``COMMAND GETKEYS`` on one fixed master: ``XREAD``, ``XREADGROUP``),
+      so a hung master made every node's inbox and route feed reads time
+      out.  Their keys are read from the arguments here (after
+      ``STREAMS``), as redis-py already does for ``EVAL``/``EVALSHA``.
+    """
+    global _CLUSTER_CLASS
+    if _CLUSTER_CLASS is not None:
+        return _CLUSTER_CLASS
+    import inspect
+
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException
+
+    class PartitionTolerantCluster(RedisCluster):
+        refresh_timeout = 16.0
+        _refreshing = None
+        #: slot-map refreshes run in the background, and how many failed
+        background_refreshes = 0
+        failed_refreshes = 0
+
+        async def initialize(self, *args, **kwargs):
+            manager = getattr(self, "nodes_manager", None)
+            if (self._initialize and manager is not None
+                    and getattr(manager, "default_node", None) is not None
+                    and getattr(manager, "slots_cache", None)):
+                self._initialize = False
+                self._refresh_later(kwargs.get("last_failed_node_name"))
+                return self
+            return await super().initialize(*args, **kwargs)
+
+        def _refresh_later(self, failed) -> None:
+            if self._refreshing is not None and not self._refreshing.done():
+                return
+            self.background_refreshes += 1
+            self._refreshing = asyncio.ensure_future(self._refresh(failed))
+
+        async def _refresh(self, failed) -> None:
+            manager = self.nodes_manager
+            kwargs = {}
+            if failed is not None and "last_failed_node_name" in \
+                    inspect.signature(manager.initialize).parameters:
+                kwargs["last_failed_node_name"] = failed
+            try:
+                await asyncio.wait_for(manager.initialize(**kwargs), self.refresh_timeout)
+            except Exception as error:
+                # the next failing command asks again
+                self.failed_refreshes += 1
+                log.debug("Refreshing the Redis Cluster slot map failed: {error}",
+                          error=f"{type(error).__name__}: {error}")
+
+        async def _determine_slot(self, command, *args):
+            name = command.decode() if isinstance(command, bytes) else str(command)
+            if name.upper() in ("XREAD", "XREADGROUP"):
+                keys = _stream_keys(args)
+                if keys:
+                    slots = {self.keyslot(key) for key in keys}
+                    if len(slots) != 1:
+                        raise RedisClusterException(
+                            f"{name} - all keys must map to the same key slot")
+                    return slots.pop()
+            return await super()._determine_slot(command, *args)
+
+        async def aclose(self, *args, **kwargs):
+            refreshing, self._refreshing = self._refreshing, None
+            if refreshing is not None and not refreshing.done():
+                refreshing.cancel()
+            return await super().aclose(*args, **kwargs)
+
+    _CLUSTER_CLASS = PartitionTolerantCluster
+    return _CLUSTER_CLASS
 
 
 def _first_key(command: Sequence):
@@ -379,10 +538,12 @@ class Backend:
         hangs (packets dropped, Redis stopped) fails calls in time instead of
         leaving them pending for as long as the kernel keeps the socket.
     :param client: an already built ``redis.asyncio`` client (tests).
+    :param clock: ``IReactorTime`` of the rate limiter of this backend's own
+        log lines (default: the monotonic clock).
     """
 
     def __init__(self, url, socket_timeout: float = 5.0, client=None,
-                 name: str = "mqttd"):
+                 name: str = "mqttd", clock=None):
         self.url = url if isinstance(url, RedisURL) else parse_url(url)
         self.socket_timeout = float(dict(self.url.options).get("socket_timeout",
                                                                socket_timeout))
@@ -392,6 +553,11 @@ class Backend:
         #: Sentinel: the primary named at the last follow_primary()
         self._primary: Optional[Tuple[str, int]] = None
         self._scripts: Dict[str, Script] = {}
+        #: one line per kind per 10 s at most (a Sentinel failover closes stale
+        #: connections at every heartbeat for as long as it lasts:
+        #: REVIEW-S9-CLUSTER C8), with the count of the lines suppressed
+        self.log_limiter = LogRateLimiter(clock or _MonotonicClock(), interval=10.0,
+                                          burst=1, reason_burst=None)
 
     @property
     def is_cluster(self) -> bool:
@@ -437,10 +603,13 @@ class Backend:
                                       db=self.url.db, **kwargs)
             return self._sentinel.master_for(
                 self.url.service, connection_class=_primary_connection_class(self.url.tls))
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.cluster import ClusterNode
         kwargs.pop("client_name", None)
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.url.hosts],
-                            **kwargs)
+        RedisCluster = _partition_tolerant_cluster_class()
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.url.hosts],
+                              **kwargs)
+        client.refresh_timeout = 3 * self.socket_timeout + 1.0
+        return client
 
     @property
     def client(self):
@@ -498,14 +667,16 @@ class Backend:
         if stale:
             await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
         if old is not None and new != tuple(old):
-            log.warn("Redis primary of {service} is now {new} (was {old}): reconnected",
-                     service=self.url.service, new=f"{new[0]}:{new[1]}",
-                     old=f"{old[0]}:{old[1]}")
+            self.log_limiter.emit(
+                log.warn, (new, "primary-moved"), "Redis primary of {service} is now {new} (was "
+                "{old}): reconnected", service=self.url.service, new=f"{new[0]}:{new[1]}",
+                old=f"{old[0]}:{old[1]}")
         elif stale:
-            log.info("Closed {count} connections to {servers}, not the Redis primary "
-                     "{new} of {service}", count=len(stale),
-                     servers=", ".join(sorted({f"{c.host}:{c.port}" for c in stale})),
-                     new=f"{new[0]}:{new[1]}", service=self.url.service)
+            self.log_limiter.emit(
+                log.info, "stale-connections", "Closed {count} connections to {servers}, "
+                "not the Redis primary {new} of {service}", count=len(stale),
+                servers=", ".join(sorted({f"{c.host}:{c.port}" for c in stale})),
+                new=f"{new[0]}:{new[1]}", service=self.url.service)
         return new
 
     def close(self) -> defer.Deferred:
@@ -576,6 +747,48 @@ class Backend:
             _check_replicas(replies[-1:], wait_replicas, wait_timeout)
             replies = replies[:-1]
         return replies
+
+    def pipeline_each(self, commands: Sequence[Sequence]) -> defer.Deferred:
+        """Several commands in one round trip per server, each server's share
+        bounded on its own (``socket_timeout``).  Fires with one entry per
+        command: its reply, or the :class:`BackendError` that failed it (a
+        server's share fails as a whole); never fails as a whole.
+
+        Under Redis Cluster a master that hangs or is down fails only the
+        commands for its slots: a look at keys spread over every master (the
+        other nodes' alive keys) learns what the healthy ones hold instead of
+        waiting for the hung one (REVIEW-S9-CLUSTER C3).  Standalone and
+        Sentinel: one server, one share."""
+        return as_deferred(self._pipeline_each(list(commands)))
+
+    async def _pipeline_each(self, commands):
+        if not commands:
+            return []
+        if self.is_cluster:
+            client = self.client
+            if getattr(client, "_initialize", False):
+                await _bounded(client.initialize(), self.socket_timeout)
+            shares: Dict[str, List[int]] = {}
+            for i, command in enumerate(commands):
+                node = client.get_node_from_key(_first_key(command))
+                shares.setdefault(node.name, []).append(i)
+            groups = list(shares.values())
+        else:
+            groups = [list(range(len(commands)))]
+
+        async def share(group):
+            try:
+                return await _bounded(self._pipeline([commands[i] for i in group]),
+                                      self.socket_timeout)
+            except Exception as error:   # asyncio.CancelledError is not one
+                return translate(error)
+
+        results = await asyncio.gather(*(share(group) for group in groups))
+        out: List[Any] = [None] * len(commands)
+        for group, result in zip(groups, results):
+            for k, i in enumerate(group):
+                out[i] = result if isinstance(result, BaseException) else result[k]
+        return out
 
     async def _cluster_pipeline_wait(self, commands, wait_replicas, wait_timeout):
         """Redis Cluster: each command sent to the primary of its key's slot,

@@ -24,8 +24,12 @@ id if its key survived (a short hiccup), else as a new incarnation (new boot
 id) -- once no reaper is taking over its previous incarnation (the join
 waits while ``<prefix>{n:<id>}:reaper`` is held) -- telling its listeners to
 re-publish what the others may have reaped (routes, inbox consumer group).
-Every heartbeat also checks its membership in ``mqttd:nodes`` and adds itself
-back if it is missing, so the set heals whatever removed it.
+Every acknowledged heartbeat also starts a look at the other nodes (not
+waited for: their keys live on every master of a Redis Cluster, and one hung
+master must not delay this node's own heartbeat into a fence), which checks
+its membership in ``mqttd:nodes`` and adds itself back if it is missing, so
+the set heals whatever removed it; a peer whose alive key cannot be read is
+kept as last seen (neither down nor dead).
 
 Timing: the key of the last acknowledged heartbeat sent at ``t`` lives until
 at least ``t + ttl`` (Redis renewed it on receipt, after ``t``); the node
@@ -43,6 +47,7 @@ from typing import Callable, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mqttd.cluster.backend import BackendError
 from mqttd.cluster.keys import Keys
@@ -163,6 +168,8 @@ class Node:
         self._call = None
         self._fence_call = None
         self._busy = False
+        self._looking = False
+        self._following: Optional[defer.Deferred] = None
         self._stopped = False
         self._blocked_since: Optional[float] = None
         #: ``recover() -> Deferred``, run once after the first join of this
@@ -242,16 +249,44 @@ class Node:
         # delays neither the ticks nor the fence (its own timer)
         self._schedule(self.heartbeat)
         self._check_fence()
-        if self._busy:   # the previous round trip is still out (bounded by its timeout)
-            return
-        self._busy = True
-        d = self._join() if not self.joined else self._beat()
-        d.addErrback(self._failed)
-        d.addBoth(self._round_done)
+        if not self._busy:   # else the previous round trip is still out (bounded)
+            self._busy = True
+            d = self._join() if not self.joined else self._beat()
+            d.addErrback(self._failed)
+            d.addBoth(self._round_done)
 
     def _round_done(self, _):
         self._busy = False
         self._check_fence()
+
+    def _look(self) -> None:
+        """Look at the other nodes, started right after an acknowledged
+        heartbeat (or join) but not waited for by it: the look reads keys of
+        every node, which under Redis Cluster live on every master, and one
+        hung master must not hold back this node's own heartbeat
+        (REVIEW-S9-CLUSTER C3: nodes whose keys were all on healthy masters
+        fenced themselves, then were reaped).  One look at a time; none while
+        fenced (a node that may be cut off reaps no one, so the change is
+        seen -- and acted on -- at the first look after the fence)."""
+        if self._looking or not self.joined or self.fenced or self._stopped:
+            return
+        self._looking = True
+        d = self._look_at_peers()
+
+        def failed(failure):
+            if not failure.check(BackendError):
+                log.failure("Looking at the other cluster nodes failed", failure)
+                return None
+            self.log_limiter.emit(
+                log.warn, "peers", "Node {node_id} cannot look at the other nodes: {error} "
+                "(its own heartbeat goes on; their state is kept as last seen)",
+                node_id=self.node_id, error=str(failure.value))
+            return None
+
+        def done(_):
+            self._looking = False
+        d.addErrback(failed)
+        d.addBoth(done)
 
     # --- joining --------------------------------------------------------------------
 
@@ -306,21 +341,16 @@ class Node:
         if self._rejoining is not None:
             old, self._rejoining = self._rejoining, None
             self._tell("rejoined", old, self.boot_id)
-        yield self._look_at_peers()
+        self._look()
 
     # --- heartbeat ------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def _beat(self):
         sent = self.clock.seconds()
-        follow = self.backend.follow_primary()   # Sentinel: the primary may have moved
-        if follow is not None:
-            try:
-                yield follow
-            except BackendError as error:
-                # no Sentinel answers: go on with the primary we know
-                self.log_limiter.emit(log.warn, "sentinel", "Cannot ask the Redis Sentinels "
-                                      "for the primary: {error}", error=str(error))
+        following = self._follow()   # Sentinel: the primary may have moved
+        if following is not None:
+            yield following
         reply = yield self.backend.run("node-beat", [self.keys.alive(self.node_id)],
                                        [self.boot_id, self._ttl_ms()])
         if reply != 1:
@@ -339,7 +369,47 @@ class Node:
             yield self._join()
             return
         self._ok(sent)
-        yield self._look_at_peers()
+        self._look()
+
+    def _follow(self) -> Optional[defer.Deferred]:
+        """Sentinel: ask which server is the primary now, so that this beat
+        goes to it; None when there is nothing to wait for (not Sentinel, or
+        answered at once).  Waited for at most half a heartbeat, never
+        failing: the Sentinels are not this node's heartbeat, and one that
+        hangs (each is asked, at once) must not hold the beat back until the
+        node fences itself (the kind of REVIEW-S9-CLUSTER C3).  The question
+        stays out meanwhile (one at a time); the next beat follows its answer."""
+        if self._following is None:
+            d = self.backend.follow_primary()
+            if d is None:
+                return None
+            self._following = d
+
+            def done(result):
+                self._following = None
+                if isinstance(result, Failure):
+                    if result.check(BackendError):
+                        # no Sentinel answers: go on with the primary we know
+                        self.log_limiter.emit(
+                            log.warn, "sentinel", "Cannot ask the Redis Sentinels for the "
+                            "primary: {error}", error=str(result.value))
+                    else:
+                        log.failure("Asking the Redis Sentinels for the primary failed",
+                                    result)
+                return None
+            d.addBoth(done)
+            if self._following is None:     # answered at once
+                return None
+        waiter = defer.Deferred()
+
+        def release(_=None):
+            if timer.active():
+                timer.cancel()
+            if not waiter.called:
+                waiter.callback(None)
+        timer = self.clock.callLater(self.heartbeat / 2, release)
+        self._following.addBoth(lambda result: (release(), result)[1])
+        return waiter
 
     def _ok(self, sent: float) -> None:
         """Redis acknowledged the heartbeat (or join) call sent at ``sent``."""
@@ -447,9 +517,17 @@ class Node:
             self.log_limiter.emit(
                 log.warn, "membership", "Node {node_id} was missing from {key} while alive; "
                 "added it back", node_id=self.node_id, key=self.keys.nodes())
-        boots = yield self.backend.pipeline([("GET", self.keys.alive(n)) for n in names])
-        alive = {n: b for n, b in zip(names, boots) if b is not None}
+        # each master answers for the keys it holds: a peer whose alive key
+        # is on a master that hangs or is down is kept as last seen (not
+        # dead: nobody knows), the others are learned now
+        boots = yield self.backend.pipeline_each([("GET", self.keys.alive(n)) for n in names])
+        unknown = [n for n, b in zip(names, boots) if isinstance(b, BaseException)]
+        alive = {n: b for n, b in zip(names, boots)
+                 if b is not None and not isinstance(b, BaseException)}
         before = self.peers
+        for name in unknown:
+            if name in before:
+                alive[name] = before[name]
         self.peers = alive
         for name, boot in before.items():
             if alive.get(name) != boot:
@@ -457,15 +535,24 @@ class Node:
         for name, boot in alive.items():
             if before.get(name) != boot:
                 self._tell("peer_up", name, boot)
+        if unknown:
+            error = next(b for b in boots if isinstance(b, BaseException))
+            self.log_limiter.emit(
+                log.warn, "peers-unknown", "Cannot read whether nodes {nodes} are alive: "
+                "{error}; they are kept as last seen", nodes=", ".join(unknown),
+                error=str(error))
 
     def dead_members(self) -> defer.Deferred:
-        """Fires with the member node ids whose alive key is gone (for the reaper)."""
+        """Fires with the member node ids whose alive key is gone (for the
+        reaper); a node whose key cannot be read (its master hangs or is
+        down) is not among them."""
         d = self.backend.execute("SMEMBERS", self.keys.nodes())
 
         def check(members):
             names = sorted(_text(m) for m in members if _text(m) != self.node_id)
-            p = self.backend.pipeline([("EXISTS", self.keys.alive(n)) for n in names])
-            p.addCallback(lambda found: [n for n, e in zip(names, found) if not e])
+            p = self.backend.pipeline_each([("EXISTS", self.keys.alive(n)) for n in names])
+            p.addCallback(lambda found: [n for n, e in zip(names, found)
+                                         if not isinstance(e, BaseException) and not e])
             return p
         d.addCallback(check)
         return d

@@ -417,11 +417,21 @@ class RouteTable:
                 for name in names:
                     commands.append(("GET", self.keys.alive(name)))
                     commands.append(("GET", self.keys.route_applied(name)))
-                replies = yield self.backend.pipeline(commands)
+                # per master (Redis Cluster): a node whose keys are on a master
+                # that hangs or is down is not known to have applied the change
+                # -- waited for like a laggard, then given up on with a WARN
+                # (it fences itself meanwhile: its heartbeat is there too) --
+                # instead of failing every SUBACK while that master hangs
+                # (REVIEW-S9-CLUSTER C3)
+                replies = yield self.backend.pipeline_each(commands)
             positions = {}
+            unknown = (0, 0)
             for i, name in enumerate(names):
-                if replies[2 * i] is not None:     # alive: it may publish
-                    positions[name] = stream_id(replies[2 * i + 1])
+                alive, applied = replies[2 * i], replies[2 * i + 1]
+                if isinstance(alive, BaseException) or isinstance(applied, BaseException):
+                    positions[name] = unknown
+                elif alive is not None:     # alive: it may publish
+                    positions[name] = stream_id(applied)
             self._poll_error = None
 
             def behind(eid):

@@ -263,7 +263,8 @@ def from_options(service, options) -> Optional[ClusterService]:
     if not url:
         return None
     node_id = options.get("node-id") or default_node_id()
-    backend = Backend(url, name=f"mqttd-{node_id}")
+    backend = Backend(url, name=f"mqttd-{node_id}",
+                      clock=getattr(service.broker, "clock", None))
     heartbeat = options.get("cluster-heartbeat") or 1.0
     ttl = options.get("cluster-node-ttl") or 5.0
     sys_interval = options.get("sys-interval")

@@ -29,6 +29,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mqttd.cluster.backend import BackendError
 from mqttd.messages import SYS_ORIGIN, Message
 
 log = Logger(namespace="mqttd.cluster.stats")
@@ -58,6 +59,9 @@ class ClusterStats:
         self.nodes_alive = 1
         #: node ids whose members/<id>/ values this node published
         self._members: set = set()
+        #: each peer's figures as last read (a peer whose master does not
+        #: answer counts as last seen, as the membership keeps it)
+        self._last: Dict[str, Dict[str, int]] = {}
         self._loop = None
         self._busy = False
 
@@ -125,18 +129,33 @@ class ClusterStats:
             key = keys.stats(cluster.node_id)
             yield cluster.backend.pipeline([("HSET", key, *flat), ("PEXPIRE", key, ttl_ms)])
             peers = sorted(cluster.node.peers)
-            replies = yield cluster.backend.pipeline(
+            # the retained count at the same time: a round waits for one
+            # socket timeout at most when a master hangs, not one per read
+            retained = getattr(cluster, "retained", None)
+            counting = None
+            if retained is not None:
+                counting = defer.maybeDeferred(retained.refresh_count)
+                counting.addErrback(self._count_failed, retained)
+            # per master (Redis Cluster): a peer whose figures are on a master
+            # that hangs or is down counts as last seen, the others are read
+            # now -- one hung master no longer stops every node's cluster-wide
+            # $SYS (REVIEW-S9-CLUSTER C3)
+            replies = yield cluster.backend.pipeline_each(
                 [("HMGET", keys.stats(n), *SUMMED) for n in peers])
             totals = dict(mine)
             members = {cluster.node_id: mine}
+            last = {}
             for peer, reply in zip(peers, replies):
-                figures = {}
-                for name, value in zip(SUMMED, reply):
-                    if value is not None:
-                        figures[name] = int(value)
-                        totals[name] = totals.get(name, 0) + int(value)
+                if isinstance(reply, BaseException):
+                    figures = self._last.get(peer, {})
+                else:
+                    figures = {name: int(value) for name, value in zip(SUMMED, reply)
+                               if value is not None}
+                for name, value in figures.items():
+                    totals[name] = totals.get(name, 0) + value
                 if figures:
-                    members[peer] = figures
+                    members[peer] = last[peer] = figures
+            self._last = last
             self.totals = totals
             self.nodes_alive = 1 + len(peers)
             values.update({
@@ -147,14 +166,22 @@ class ClusterStats:
                 "messages/sent": str(totals["messages_sent"]),
                 "subscriptions/count": str(totals["subscriptions"]),
             })
-            retained = getattr(cluster, "retained", None)
-            if retained is not None:
-                count = yield retained.refresh_count()
+            if counting is not None:
+                count = yield counting
                 values["retained/count"] = str(count)
             values.update(self._member_values(members))
         for suffix, payload in values.items():
             self.broker.publish_volatile(Message(PREFIX + suffix, payload.encode("utf-8"), 0,
                                                  True, origin=SYS_ORIGIN))
+
+    def _count_failed(self, failure, retained) -> int:
+        """The index root's master does not answer: the count as last read
+        (the rest of the round still goes out)."""
+        failure.trap(BackendError)
+        self.cluster.node.log_limiter.emit(
+            log.warn, "stats-retained", "Cluster retained count not read: {error}; "
+            "publishing the last one", error=str(failure.value))
+        return retained.client_count()
 
     def _member_values(self, members: Dict[str, Dict[str, int]]) -> Dict[str, str]:
         """``members/<id>/<name>`` for every live node; the retained values of

@@ -20,6 +20,11 @@ class FakeBackend:
         #: them then, as it would the bytes that waited in the network)
         self.hang = False
         self.hung = []
+        #: keys on a hung Redis Cluster master: calls touching one get no
+        #: answer until :meth:`resume` (a pipeline waits for its slowest key)
+        self.hung_keys = set()
+        #: seconds after which a call on a hung key fails
+        self.timeout = 5.0
         self.scripts = {}
         self.calls = []
 
@@ -33,7 +38,14 @@ class FakeBackend:
             self.expiry.pop(key, None)
         return self.data.get(key)
 
-    def _reply(self, fn):
+    def _reply(self, fn, keys=()):
+        if self.hung_keys.intersection(keys):
+            # bounded, as every call of the real backend (socket_timeout)
+            d = defer.Deferred()
+            self.hung.append((d, fn))
+            self.clock.callLater(self.timeout, lambda: d.called or d.errback(
+                RedisUnavailable(f"no answer from Redis within {self.timeout:g} s")))
+            return d
         if self.down:
             return defer.fail(RedisUnavailable("ConnectionError: connection refused"))
         if self.hang == "replies":    # Redis ran it; the answer hangs on the way back
@@ -51,13 +63,17 @@ class FakeBackend:
         """The link answers again: every hung call runs now, in order (``hang_again``:
         the calls their answers trigger hang in turn)."""
         self.hang = hang_again
+        self.hung_keys = set()
         hung, self.hung = self.hung, []
         for d, fn in hung:
-            d.callback(fn())
+            value = fn()           # Redis runs it, whether or not anyone still waits
+            if not d.called:
+                d.callback(value)
 
     def run(self, name, keys=(), args=()):
         self.calls.append((name, list(keys), list(args)))
-        return self._reply(lambda: getattr(self, "_" + name.replace("-", "_"))(keys, args))
+        return self._reply(lambda: getattr(self, "_" + name.replace("-", "_"))(keys, args),
+                           keys)
 
     def _node_join(self, keys, args):
         cur = self._get(keys[0])
@@ -115,10 +131,17 @@ class FakeBackend:
         raise NotImplementedError(name)
 
     def execute(self, *args):
-        return self._reply(lambda: self._command(*args))
+        return self._reply(lambda: self._command(*args), args[1:2])
 
     def pipeline(self, commands, wait_replicas=0, wait_timeout=1000):
-        return self._reply(lambda: [self._command(*c) for c in commands])
+        return self._reply(lambda: [self._command(*c) for c in commands],
+                           [c[1] for c in commands])
+
+    def pipeline_each(self, commands):
+        """As the real one: each command on its own (a hung key holds back only itself)."""
+        calls = [self._reply(lambda c=c: self._command(*c), c[1:2]) for c in commands]
+        d = defer.gatherResults([c.addErrback(lambda f: f.value) for c in calls])
+        return d
 
     def follow_primary(self):
         return None   # not Sentinel

@@ -233,3 +233,130 @@ def test_redis_without_aof_or_with_eviction_is_warned_about(redis_server, aio):
             "appendonly", "maxmemory-policy"]
         await wait(backend.close())
     aio(run)
+
+
+class _StaleConnection:
+    """A pooled connection of redis-py's Sentinel pool, to ``host:port``."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+        self.is_connected = True
+
+    async def disconnect(self):
+        self.is_connected = False
+
+
+class _SentinelPool:
+    """redis-py's Sentinel pool as ``follow_primary`` sees it: the Sentinels name
+    ``primary``; a connection to the old primary shows up again before every look
+    (as during a failover, while some Sentinels still name the old one)."""
+
+    def __init__(self, primary):
+        self.primary = primary
+        self.master_address = primary
+        self._available_connections = []
+        self._in_use_connections = set()
+
+    async def get_master_address(self):
+        return self.primary
+
+
+def test_a_sentinel_failover_writes_a_bounded_number_of_lines(aio):
+    """REVIEW-S9-CLUSTER C8: 'Closed N connections to <old primary>' came at every
+    heartbeat (each second) for as long as a failover lasted; now one line per 10 s
+    window, the next one saying how many were suppressed; a primary change is still
+    logged once per new primary."""
+    from twisted.internet import task
+    from twisted.logger import globalLogPublisher
+
+    clock = task.Clock()
+    backend = Backend("redis+sentinel://127.0.0.1:1/mm", clock=clock)
+    pool = _SentinelPool(("127.0.0.1", 2))
+    events = []
+
+    async def run():
+        backend._primary = ("127.0.0.1", 1)        # the primary before the failover
+        for second in range(15):
+            pool._available_connections.append(_StaleConnection("127.0.0.1", 1))
+            await backend._follow_primary(pool)
+            clock.advance(1.0)
+        assert not any(c.is_connected for c in pool._available_connections)
+
+    globalLogPublisher.addObserver(events.append)
+    try:
+        aio(run)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    mine = [e for e in events if e.get("log_namespace") == "mqttd.cluster.backend"]
+    moved = [e for e in mine if "is now" in e["log_format"]]
+    closed = [e for e in mine if e["log_format"].startswith("Closed")]
+    assert len(moved) == 1
+    # t = 1 and t = 11: two lines for 14 looks that closed a stale connection
+    assert len(closed) == 2, [e["log_format"] for e in closed]
+    assert closed[1]["suppressed"] == 9
+
+
+class _FakeSentinel:
+    """A Sentinel's ``SENTINEL MASTERS``: ``reply``, or no answer at all (``None``)."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.cancelled = False
+
+    async def sentinel_masters(self):
+        if self.reply is None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        return self.reply
+
+
+def test_a_hung_sentinel_does_not_hold_back_finding_the_primary(aio):
+    """A Sentinel that hangs (partitioned, SIGSTOPped) must not make every new connection
+    wait for its socket timeout: the primary is chosen (highest config epoch) among the
+    Sentinels that answered within a grace period of the first answer, the hung one's
+    question abandoned (the same kind as REVIEW-S9-CLUSTER C3)."""
+    from mqttd.cluster.backend import _epoch_sentinel_class
+
+    def state(port, epoch):
+        return {"mm": {"ip": "127.0.0.1", "port": port, "config-epoch": epoch,
+                       "is_master": True, "is_sdown": False, "is_odown": False,
+                       "num-other-sentinels": 1}}
+
+    async def run():
+        sentinel = _epoch_sentinel_class()([("127.0.0.1", 1)])
+        hung = _FakeSentinel(None)
+        sentinel.sentinels = [hung, _FakeSentinel(state(2, 3)), _FakeSentinel(state(4, 5))]
+        found = await asyncio.wait_for(sentinel.discover_master("mm"), 5)
+        assert found == ("127.0.0.1", 4)
+        assert hung.cancelled
+    aio(run)
+
+
+def test_stream_read_keys_are_found_in_the_arguments():
+    """XREAD/XREADGROUP keys come from the arguments (redis-py would ask one fixed master
+    with COMMAND GETKEYS, REVIEW-S9-CLUSTER C3), a consumer named STREAMS included; what
+    does not parse is left to redis-py."""
+    from mqttd.cluster.backend import _stream_keys
+    assert _stream_keys(("GROUP", "mqttd", "STREAMS", "COUNT", 10, "BLOCK", 500,
+                         "STREAMS", "{n:a}:inbox", ">")) == ["{n:a}:inbox"]
+    assert _stream_keys(("COUNT", 100, "STREAMS", "a", "b", "0-0", "0-0")) == ["a", "b"]
+    assert _stream_keys((b"STREAMS", b"k", b"$")) == [b"k"]
+    assert _stream_keys(("COUNT", 1, "STREAMS", "k")) == []
+    assert _stream_keys(("WHAT", "STREAMS", "k", "0")) == []
+
+
+def test_the_redis_cluster_client_routes_stream_reads_without_asking_a_server(aio):
+    """The slot of an XREADGROUP is computed locally: no COMMAND GETKEYS to a master that
+    may hang (nothing is listening on the seed address here)."""
+    from redis.crc import key_slot
+
+    async def run():
+        client = Backend("redis+cluster://127.0.0.1:1").client
+        slot = await client._determine_slot(
+            "XREADGROUP", "GROUP", "mqttd", "n1", "COUNT", 10, "BLOCK", 500, "STREAMS",
+            "mqttd:{n:n1}:inbox", ">")
+        assert slot == key_slot(b"mqttd:{n:n1}:inbox")
+    aio(run)

@@ -154,6 +154,63 @@ def test_peers_coming_and_going_are_reported():
     assert a.peers == {}
 
 
+def test_a_peer_on_a_hung_master_neither_fences_this_node_nor_counts_as_dead():
+    """Redis Cluster, the master holding b's alive key hangs (REVIEW-S9-CLUSTER C3): a's
+    heartbeat (its key elsewhere) goes on, so a never fences; b is kept as last seen --
+    neither reported down (the reaper would take it over) nor among the dead members."""
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    a, _, _, events = make("a", backend=backend, clock=clock)
+    b, *_ = make("b", backend=backend, clock=clock)
+    a.start()
+    b.start()
+    clock.advance(0)
+    clock.advance(1.0)
+    assert ("peer_up", "b", b.boot_id.encode()) in events
+    backend.hung_keys.add(Keys().alive("b"))
+    clock.pump([0.5] * 20)                 # 10 s: 2.5 fence delays of a
+    assert not a.fenced and a.joined
+    assert a.stats["heartbeats"] >= 10
+    assert [e for e in events if e[0] in ("fenced", "peer_down")] == []
+    assert a.peers == {"b": b.boot_id.encode()}
+    dead = []
+    a.dead_members().addCallback(dead.append)
+    clock.pump([0.5] * 10)                 # the look at b's key times out: not dead
+    assert dead == [[]]
+    backend.resume()                       # the master answers again
+    clock.pump([0.5] * 4)
+    assert not a.fenced and [e for e in events if e[0] == "fenced"] == []
+
+
+def test_a_hung_sentinel_does_not_hold_the_heartbeat_back():
+    """Sentinel: one Sentinel that never answers (each is asked at every beat, at once)
+    must not delay the heartbeat until the node fences itself -- the beat waits for the
+    question half a heartbeat at most, one question is out at a time, and the next beat
+    asks again once it was answered."""
+    from twisted.internet import defer
+    clock = task.Clock()
+    backend = FakeBackend(clock)
+    asked = []
+
+    def follow_primary():
+        asked.append(defer.Deferred())
+        return asked[-1]
+    backend.follow_primary = follow_primary
+    node, _, _, events = make("a", backend=backend, clock=clock)
+    node.start()
+    clock.advance(0)
+    clock.pump([0.5] * 20)                 # 10 s with the Sentinels' answer hanging
+    assert not node.fenced and [e[0] for e in events] == ["unfenced"]
+    assert len(asked) == 1                 # not one more question per beat
+    assert node.stats["heartbeats"] >= 9
+    asked[0].callback(("127.0.0.1", 2))
+    clock.pump([0.5] * 2)
+    assert len(asked) == 2                 # answered: the next beat asks again
+    asked[1].callback(("127.0.0.1", 2))
+    clock.pump([0.5] * 2)
+    assert len(asked) == 3 and not node.fenced
+
+
 def test_leaving_deletes_the_heartbeat_so_the_others_see_it_at_once():
     """A clean stop must not leave the others waiting a TTL."""
     node, backend, clock, _ = make()

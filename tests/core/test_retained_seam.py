@@ -251,3 +251,31 @@ def test_in_memory_store_stays_synchronous():
     broker, clock = make_broker()
     broker.publish_message("a", b"x", retain=True)
     assert len(broker.pending_writes) == 0
+
+
+def test_a_failed_lookup_for_an_in_process_subscriber_is_one_rate_limited_warning():
+    """REVIEW-S9-CLUSTER C8: a retained store in Redis timing out is an outage, not a bug --
+    a rate-limited WARN per window, never a CRITICAL with a traceback per subscription."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    broker, clock, store = _async_store_broker(("a", b"A"))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for i in range(20):
+            broker.subscribe_local("a", lambda message: None)
+            store.fire("lookup", fail=RuntimeError("no answer from Redis within 5 s"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if "in-process subscriber" in e.get("log_format", "")]
+    assert lines and all(e["log_level"] == LogLevel.warn for e in lines)
+    assert len(lines) <= broker.log_limiter.burst
+    assert "no answer from Redis" in lines[0]["error"]
+    clock.advance(broker.log_limiter.interval)
+    globalLogPublisher.addObserver(events.append)
+    try:
+        broker.subscribe_local("a", lambda message: None)
+        store.fire("lookup", fail=RuntimeError("no answer from Redis within 5 s"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    last = [e for e in events if "in-process subscriber" in e.get("log_format", "")][-1]
+    assert last["suppressed"] == 20 - len(lines)
