@@ -77,6 +77,27 @@ def _name(names: dict, client_id: str) -> bytes:
     return data
 
 
+def _append_message(append, message) -> None:
+    """Append the compact form of ``message`` (no properties): topic, payload,
+    flags, origin, expiry -- the same bytes for a plain outbound record and
+    for the first holder of a shared one."""
+    topic = message.topic.encode("utf-8")
+    origin = message.origin
+    append(_U16.pack(len(topic)))
+    append(topic)
+    append(_U32.pack(len(message.payload)))
+    append(message.payload)
+    append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
+                           0 if origin is None else 1))
+    if origin is not None:
+        append(_str(origin))
+    if message.expires_at is None:
+        append(b"\x00")
+    else:
+        append(b"\x01")
+        append(_F64.pack(message.expires_at))
+
+
 def encode(ops) -> Optional[bytes]:
     """``ops`` (a list of store operations) in this form, or None when a pickle must
     carry them (an operation or field this form does not express).  An entry may
@@ -111,21 +132,7 @@ def encode(ops) -> Optional[bytes]:
                                                    record.packet_id or 0, record.stage))
                 if not new:
                     continue
-                topic = message.topic.encode("utf-8")
-                origin = message.origin
-                append(_U16.pack(len(topic)))
-                append(topic)
-                append(_U32.pack(len(message.payload)))
-                append(message.payload)
-                append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
-                                       0 if origin is None else 1))
-                if origin is not None:
-                    append(_str(origin))
-                if message.expires_at is None:
-                    append(b"\x00")
-                else:
-                    append(b"\x01")
-                    append(_F64.pack(message.expires_at))
+                _append_message(append, message)
             elif cls is PutOutbound:
                 record = op.record
                 message = record.message
@@ -133,25 +140,11 @@ def encode(ops) -> Optional[bytes]:
                         or message.__class__ is not Message):
                     return None
                 cid = (names.get(op.client_id) or _name(names, op.client_id))
-                topic = message.topic.encode("utf-8")
-                origin = message.origin
                 append(_TAG_STR.pack(_PUT, len(cid)))
                 append(cid)
                 append(_SEQ_QOS_PID_STAGE.pack(record.seq, record.qos, record.packet_id or 0,
                                                record.stage))
-                append(_U16.pack(len(topic)))
-                append(topic)
-                append(_U32.pack(len(message.payload)))
-                append(message.payload)
-                append(_MSG_FLAGS.pack(message.qos, 1 if message.retain else 0,
-                                       0 if origin is None else 1))
-                if origin is not None:
-                    append(_str(origin))
-                if message.expires_at is None:
-                    append(b"\x00")
-                else:
-                    append(b"\x01")
-                    append(_F64.pack(message.expires_at))
+                _append_message(append, message)
             elif cls is PutOutboundRef:
                 if op.share is not None:
                     return None
